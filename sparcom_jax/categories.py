@@ -1,0 +1,45 @@
+"""The six SPARCOM instruction categories and their accepted names."""
+
+from __future__ import annotations
+
+import difflib
+
+CATEGORIES: tuple[str, ...] = (
+    "classification",
+    "code",
+    "general_qa",
+    "generation",
+    "math",
+    "summarization",
+)
+SHORT_NAMES: dict[str, str] = {
+    "classification": "CLS",
+    "code": "CODE",
+    "general_qa": "QA",
+    "generation": "GEN",
+    "math": "MATH",
+    "summarization": "SUM",
+}
+_ALIASES: dict[str, str] = {
+    **{c: c for c in CATEGORIES},
+    **{s.lower(): c for c, s in SHORT_NAMES.items()},
+    "general-qa": "general_qa",
+    "generalqa": "general_qa",
+    "qa": "general_qa",
+    "summarisation": "summarization",
+}
+
+
+def normalize_category(name: str) -> str:
+    """Return the canonical category name for `name` (long or short, any case).
+
+    Raises:
+      ValueError: naming the closest valid category when `name` is unknown.
+    """
+    key = str(name).strip().lower()
+    if key in _ALIASES:
+        return _ALIASES[key]
+    close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.4)
+    hint = f"; did you mean {_ALIASES[close[0]]!r}?" if close else ""
+    valid = ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
+    raise ValueError(f"unknown category {name!r}{hint} Valid categories: {valid}")

@@ -1,0 +1,344 @@
+"""One frozen dataclass describes every supported model family.
+
+Families differ only in a handful of mechanisms (q/k/v biases, q/k norms, MoE
+routing, shared experts, RoPE scaling), so one config with explicit switches
+replaces per-family classes. `from_hf_config` reads a Hugging Face
+``config.json`` dict (old ``rope_theta``/``rope_scaling`` keys and the newer
+``rope_parameters`` both work); `to_hf_config` writes one back that
+transformers loads unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = DENSE_TYPES + MOE_TYPES
+SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+class ConfigError(ValueError):
+    """A config.json that sparcom_jax cannot use; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer (dense or Mixture-of-Experts).
+
+    Axis letters: V vocab, D model width, L layers, H query heads, K kv heads,
+    Dh head width, F dense FFN neurons, E experts, G expert FFN neurons,
+    S shared-expert FFN neurons.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int = 0
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    qk_norm: str | None = None  # None | "head" (Qwen3: per head) | "full" (OLMoE: whole projection)
+    clip_qkv: float | None = None
+    tie_word_embeddings: bool = False
+    # Mixture-of-Experts
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    # Token ids, kept for the round trip to config.json
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
+    pad_token_id: int | None = None
+
+    # ---- derived values -------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def has_dense_ffn(self) -> bool:
+        return not self.is_moe
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.is_moe and self.shared_expert_intermediate_size > 0
+
+    @property
+    def neuron_width(self) -> int:
+        """Width F of the per-layer neuron count array (dense FFN or shared expert), 0 if none."""
+        if self.has_dense_ffn:
+            return self.intermediate_size
+        return self.shared_expert_intermediate_size
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def param_count(self) -> int:
+        """Number of parameters, computed from the config alone."""
+        D, L = self.hidden_size, self.num_layers
+        attn = D * self.q_width + 2 * D * self.kv_width + self.q_width * D
+        if self.attention_bias:
+            attn += self.q_width + 2 * self.kv_width
+        if self.qk_norm == "head":
+            attn += 2 * self.head_dim
+        elif self.qk_norm == "full":
+            attn += self.q_width + self.kv_width
+        if self.is_moe:
+            ffn = D * self.num_experts + self.num_experts * 3 * D * self.moe_intermediate_size
+            if self.has_shared_expert:
+                ffn += 3 * D * self.shared_expert_intermediate_size + D
+        else:
+            ffn = 3 * D * self.intermediate_size
+        per_layer = attn + ffn + 2 * D
+        head = 0 if self.tie_word_embeddings else self.vocab_size * D
+        return self.vocab_size * D + L * per_layer + D + head
+
+    def validate(self) -> "ModelConfig":
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.model_type in SUPPORTED_MODEL_TYPES,
+             f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        need(self.hidden_act in SUPPORTED_ACTIVATIONS,
+             f"hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary embeddings")
+        need(self.rope_type in ("default", "linear", "llama3"),
+             f"rope type {self.rope_type!r} is not supported; supported: default, linear, llama3")
+        if self.is_moe:
+            need(0 < self.top_k <= self.num_experts,
+                 f"num_experts_per_tok={self.top_k} must be in 1..num_experts={self.num_experts}")
+            need(self.moe_intermediate_size > 0, "MoE config has no expert FFN width (moe_intermediate_size)")
+        else:
+            need(self.intermediate_size > 0, "dense config has no intermediate_size")
+        return self
+
+    # ---- Hugging Face round trip ---------------------------------------
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build a config from a Hugging Face config dict.
+
+        Raises:
+          ConfigError: naming `source` and the offending field.
+        """
+        mt = hf.get("model_type")
+        if mt is None:
+            raise ConfigError(f"{source}: no 'model_type' field; is this a Hugging Face causal-LM config.json?")
+        if hf.get("auto_map") and mt not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: model_type {mt!r} needs trust_remote_code (custom code in 'auto_map'); "
+                f"sparcom_jax runs no remote code. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {mt!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+        def get(key, default=None, *alts):
+            for k in (key, *alts):
+                if hf.get(k) is not None:
+                    return hf[k]
+            return default
+
+        try:
+            D = int(get("hidden_size"))
+            H = int(get("num_attention_heads"))
+            K = int(get("num_key_value_heads", H))
+            Dh = int(get("head_dim", D // H))
+            rope = dict(get("rope_parameters", {}) or {})
+            scaling = dict(get("rope_scaling", {}) or {})
+            rope.update({k: v for k, v in scaling.items() if k not in rope})
+            rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+            theta = float(rope.get("rope_theta", get("rope_theta", 10000.0)))
+            max_pos = int(get("max_position_embeddings", 4096))
+            sliding = get("sliding_window")
+            if mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not hf.get("use_sliding_window", False):
+                sliding = None
+            if not sliding:
+                sliding = None
+            moe = mt in MOE_TYPES
+            qk_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(mt)
+            attention_bias = bool(get("attention_bias", False))
+            if mt in ("qwen2", "qwen2_moe"):
+                attention_bias = bool(hf.get("qkv_bias", True))
+            if hf.get("mlp_bias"):
+                raise ConfigError(f"{source}: mlp_bias=true is not supported (no supported family uses it)")
+            if moe:
+                sparse_step = int(hf.get("decoder_sparse_step", 1) or 1)
+                dense_layers = list(hf.get("mlp_only_layers", []) or [])
+                if sparse_step != 1 or dense_layers:
+                    raise ConfigError(
+                        f"{source}: mixed dense/MoE layer stacks (decoder_sparse_step={sparse_step}, "
+                        f"mlp_only_layers={dense_layers}) are not supported; every layer must be MoE")
+            cfg = cls(
+                model_type=mt,
+                vocab_size=int(get("vocab_size")),
+                hidden_size=D,
+                num_layers=int(get("num_hidden_layers")),
+                num_heads=H,
+                num_kv_heads=K,
+                head_dim=Dh,
+                intermediate_size=int(get("intermediate_size", 0)) if (not moe or mt in ("mixtral", "olmoe")) else 0,
+                hidden_act=str(get("hidden_act", "silu")),
+                rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_type=str(rope_type),
+                rope_factor=float(rope.get("factor", 1.0)),
+                rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                rope_original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
+                max_position_embeddings=max_pos,
+                sliding_window=int(sliding) if sliding else None,
+                attention_bias=attention_bias,
+                qk_norm=qk_norm,
+                clip_qkv=float(hf["clip_qkv"]) if hf.get("clip_qkv") is not None else None,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                num_experts=int(get("num_local_experts", 0, "num_experts")) if moe else 0,
+                top_k=int(get("num_experts_per_tok", 0)) if moe else 0,
+                moe_intermediate_size=(int(get("intermediate_size")) if mt in ("mixtral", "olmoe")
+                                       else int(get("moe_intermediate_size", 0))) if moe else 0,
+                norm_topk_prob=(True if mt == "mixtral" else bool(hf.get("norm_topk_prob", False))),
+                shared_expert_intermediate_size=int(get("shared_expert_intermediate_size", 0))
+                if mt == "qwen2_moe" else 0,
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=(tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list)
+                              else hf.get("eos_token_id")),
+                pad_token_id=hf.get("pad_token_id"),
+            )
+        except (TypeError, KeyError) as e:  # a required field missing or null
+            raise ConfigError(f"{source}: missing or invalid field ({e}); compare with the model's published config.json") from e
+        if mt in ("mixtral", "olmoe"):
+            cfg = dataclasses.replace(cfg, intermediate_size=0)
+        try:
+            return cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not p.exists():
+            raise ConfigError(f"{p}: not found; a Hugging Face model directory needs config.json")
+        try:
+            hf = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        return cls.from_hf_config(hf, source=str(p))
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A config.json dict that transformers' AutoConfig reads back to the same model."""
+        mt = self.model_type
+        hf: dict[str, Any] = {
+            "architectures": [_ARCHITECTURES[mt]],
+            "model_type": mt,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+        }
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type != "default":
+            rope["factor"] = self.rope_factor
+        if self.rope_type == "llama3":
+            rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_max_position)
+        hf["rope_parameters"] = rope
+        if self.rope_type != "default":
+            hf["rope_scaling"] = dict(rope)
+        if mt in ("llama", "qwen3", "olmoe", "qwen3_moe"):
+            hf["attention_bias"] = self.attention_bias
+        if mt in ("qwen2", "qwen2_moe"):
+            hf["qkv_bias"] = self.attention_bias
+        if self.sliding_window:
+            hf["sliding_window"] = self.sliding_window
+            if mt.startswith("qwen"):
+                hf["use_sliding_window"] = True
+        elif mt in ("mistral", "mixtral"):
+            hf["sliding_window"] = None
+        if mt == "olmoe":
+            hf["clip_qkv"] = self.clip_qkv
+        if self.is_moe:
+            hf["num_experts_per_tok"] = self.top_k
+            if mt == "mixtral":
+                hf["num_local_experts"] = self.num_experts
+            else:
+                hf["num_experts"] = self.num_experts
+                hf["norm_topk_prob"] = self.norm_topk_prob
+            if mt in ("mixtral", "olmoe"):
+                hf["intermediate_size"] = self.moe_intermediate_size
+            else:
+                hf["moe_intermediate_size"] = self.moe_intermediate_size
+                hf["intermediate_size"] = max(self.shared_expert_intermediate_size, self.moe_intermediate_size)
+                hf["decoder_sparse_step"] = 1
+                hf["mlp_only_layers"] = []
+            if mt == "qwen2_moe":
+                hf["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
+        else:
+            hf["intermediate_size"] = self.intermediate_size
+        return hf
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse RoPE frequencies [Dh/2] in float64 numpy, as transformers computes them."""
+    import numpy as np
+
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    inv = inv.astype(np.float32)
+    if cfg.rope_type == "linear":
+        return inv  # positions are divided by the factor instead
+    if cfg.rope_type == "llama3":
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_position
+        low_wl, high_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        inv_l = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(medium, smoothed, inv_l).astype(np.float32)
+    return inv

@@ -1,0 +1,160 @@
+"""Building blocks shared by every family: norms, rotary embeddings, attention, gated FFN.
+
+Axis letters: B batch, T tokens, D model width, H query heads, K kv heads,
+Dh head width (written ``d`` in einsum strings), F FFN neurons.
+
+Each layer takes only the config fields it needs. Layers hold ``nnx.Param``
+values in ``param_dtype`` and compute in ``dtype``; norms and softmax run in
+float32 as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparcom_jax.models.config import ModelConfig, rope_inv_freq
+
+_INIT_STD = 0.02
+
+
+def activation(name: str):
+    """The FFN activation `act` of METHOD.md by its Hugging Face name."""
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def normal_param(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(param_dtype) * _INIT_STD)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm as transformers computes it: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, width: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((width,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rotary_tables(cfg: ModelConfig, T: int):
+    """cos, sin tables [T, Dh] (float32) for positions 0..T-1 (right padding)."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    pos = jnp.arange(T, dtype=jnp.float32)
+    if cfg.rope_type == "linear":
+        pos = pos / cfg.rope_factor
+    freqs = pos[:, None] * inv[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x_BTHd, cos_Td, sin_Td):
+    half = x_BTHd.shape[-1] // 2
+    rot = jnp.concatenate([-x_BTHd[..., half:], x_BTHd[..., :half]], axis=-1)
+    cos, sin = cos_Td[None, :, None, :], sin_Td[None, :, None, :]
+    out = x_BTHd.astype(jnp.float32) * cos + rot.astype(jnp.float32) * sin
+    return out.astype(x_BTHd.dtype)
+
+
+def causal_mask(valid_BT, sliding_window: int | None):
+    """Boolean [B, 1, T, T] mask: causal, keys must be real tokens, optional sliding window."""
+    T = valid_BT.shape[1]
+    q = jnp.arange(T)[:, None]
+    k = jnp.arange(T)[None, :]
+    allowed = k <= q
+    if sliding_window:
+        allowed = allowed & (q - k < sliding_window)
+    return allowed[None, None] & valid_BT[:, None, None, :]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with optional q/k/v biases, q/k RMSNorm and qkv clipping."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = normal_param(rngs, (D, H, Dh), param_dtype)
+        self.k_proj = normal_param(rngs, (D, K, Dh), param_dtype)
+        self.v_proj = normal_param(rngs, (D, K, Dh), param_dtype)
+        self.o_proj = normal_param(rngs, (H, Dh, D), param_dtype)
+        if cfg.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((H, Dh), param_dtype))
+            self.k_bias = nnx.Param(jnp.zeros((K, Dh), param_dtype))
+            self.v_bias = nnx.Param(jnp.zeros((K, Dh), param_dtype))
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm = nnx.Param(jnp.ones((Dh,), param_dtype))
+            self.k_norm = nnx.Param(jnp.ones((Dh,), param_dtype))
+        elif cfg.qk_norm == "full":
+            self.q_norm = nnx.Param(jnp.ones((H * Dh,), param_dtype))
+            self.k_norm = nnx.Param(jnp.ones((K * Dh,), param_dtype))
+        self.has_bias = cfg.attention_bias
+        self.eps = cfg.rms_norm_eps
+        self.clip_qkv = cfg.clip_qkv
+        self.dtype = dtype
+
+    def __call__(self, x_BTD, cos_Td, sin_Td, mask_B1TT):
+        dt = self.dtype
+        q = jnp.einsum("BTD,DHd->BTHd", x_BTD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BTD,DKd->BTKd", x_BTD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BTD,DKd->BTKd", x_BTD, self.v_proj[...].astype(dt))
+        if self.has_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if self.qk_norm == "head":
+            q = rms_norm(q, self.q_norm[...], self.eps)
+            k = rms_norm(k, self.k_norm[...], self.eps)
+        elif self.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
+            B, T = q.shape[:2]
+            q = rms_norm(q.reshape(B, T, -1), self.q_norm[...], self.eps).reshape(q.shape)
+            k = rms_norm(k.reshape(B, T, -1), self.k_norm[...], self.eps).reshape(k.shape)
+        if self.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = apply_rotary(q, cos_Td, sin_Td)
+        k = apply_rotary(k, cos_Td, sin_Td)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask_B1TT)
+        return jnp.einsum("BTHd,HdD->BTD", out, self.o_proj[...].astype(dt))
+
+
+class GatedFFN(nnx.Module):
+    """SwiGLU/GeGLU FFN: down(act(gate(x)) * up(x)). Its neurons are the F columns of gate.
+
+    Returns the output and, when `count_mask_BT` is given, the per-sequence count of
+    tokens on which each neuron is active (A = act(gate(x)) > 0), int32 [B, F].
+    `keep_F` (float, 1 keep / 0 off) forces switched-off neurons' activation to 0.
+    """
+
+    def __init__(self, D: int, F: int, act: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.gate_proj = normal_param(rngs, (D, F), param_dtype)
+        self.up_proj = normal_param(rngs, (D, F), param_dtype)
+        self.down_proj = normal_param(rngs, (F, D), param_dtype)
+        self.act = act
+        self.dtype = dtype
+
+    def __call__(self, x_BTD, count_mask_BT=None, keep_F=None):
+        dt = self.dtype
+        a_BTF = activation(self.act)(jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...].astype(dt)))
+        counts_BF = None
+        if count_mask_BT is not None:
+            active = (a_BTF > 0) & count_mask_BT[..., None]
+            counts_BF = jnp.sum(active, axis=1, dtype=jnp.int32)
+        if keep_F is not None:
+            a_BTF = a_BTF * keep_F.astype(dt)
+        h_BTF = a_BTF * jnp.einsum("BTD,DF->BTF", x_BTD, self.up_proj[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", h_BTF, self.down_proj[...].astype(dt)), counts_BF

@@ -1,0 +1,118 @@
+"""Mixture-of-Experts FFN with sorted token dispatch (no expert runs on tokens it was not given).
+
+Axis letters: B batch, T tokens, N = B*T flattened tokens, D model width,
+E experts, k routed experts per token, M = N*k token-expert assignments,
+G expert FFN neurons, S shared-expert neurons.
+
+Routing follows the reference exactly: router logits in the compute dtype,
+softmax over all experts in float32, top-k, optional renormalisation of the
+chosen k weights. Assignments are sorted by (expert, sequence) so every expert
+sees one contiguous group; `jax.lax.ragged_dot` multiplies each group by its
+own expert's weights, and the same order makes per-(sequence, expert) neuron
+counts a sorted segment sum.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparcom_jax.models.config import ModelConfig
+from sparcom_jax.models.layers import GatedFFN, activation, normal_param
+
+
+def route(logits_NE, k: int, norm_topk_prob: bool, drop_E=None):
+    """Top-k routing: (weights [N, k] float32, experts [N, k] int32).
+
+    `drop_E` (bool [E], True = removed) takes experts out of the softmax, so the
+    remaining experts are renormalised as the router would over a smaller pool.
+    """
+    logits = logits_NE.astype(jnp.float32)
+    if drop_E is not None:
+        logits = jnp.where(drop_E[None, :], -jnp.inf, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    w, idx = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return w, idx.astype(jnp.int32)
+
+
+class MoEFFN(nnx.Module):
+    """Routed experts, plus a sigmoid-gated shared expert when the config has one (Qwen-MoE)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        D, E, G = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.router = normal_param(rngs, (D, E), param_dtype)
+        self.gate_proj = normal_param(rngs, (E, D, G), param_dtype)
+        self.up_proj = normal_param(rngs, (E, D, G), param_dtype)
+        self.down_proj = normal_param(rngs, (E, G, D), param_dtype)
+        if cfg.has_shared_expert:
+            self.shared_expert = GatedFFN(D, cfg.shared_expert_intermediate_size, cfg.hidden_act, rngs=rngs,
+                                          dtype=dtype, param_dtype=param_dtype)
+            self.shared_expert_gate = normal_param(rngs, (D, 1), param_dtype)
+        self.has_shared = cfg.has_shared_expert
+        self.top_k = cfg.top_k
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.act = cfg.hidden_act
+        self.dtype = dtype
+
+    def __call__(self, x_BTD, count_mask_BT=None, ablate=None):
+        """Returns (out [B, T, D], stats dict or None).
+
+        Args:
+          x_BTD: FFN input (after the pre-norm).
+          count_mask_BT: bool, tokens to count; None skips all counting.
+          ablate: optional dict with "expert_drop" bool [E], "expert_neuron_keep"
+            float [E, G], "neuron_keep" float [S] (shared expert).
+        Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
+        int32 [B, E, G] and, with a shared expert, "neuron_active" int32 [B, S].
+        """
+        ablate = ablate or {}
+        dt = self.dtype
+        B, T, D = x_BTD.shape
+        E = self.router.shape[-1]
+        k = self.top_k
+        x_ND = x_BTD.reshape(B * T, D)
+        logits_NE = x_ND @ self.router[...].astype(dt)
+        w_Nk, e_Nk = route(logits_NE, k, self.norm_topk_prob, ablate.get("expert_drop"))
+
+        # Sort assignments by (expert, sequence): contiguous expert groups for ragged_dot,
+        # and sorted segment ids (expert * B + sequence) for the counts.
+        e_M = e_Nk.reshape(-1)
+        tok_M = jnp.repeat(jnp.arange(B * T, dtype=jnp.int32), k)
+        seg_M = e_M * B + tok_M // T
+        order = jnp.argsort(seg_M, stable=True)
+        e_sorted, tok_sorted, seg_sorted = e_M[order], tok_M[order], seg_M[order]
+        group_sizes = jnp.bincount(e_M, length=E).astype(jnp.int32)
+
+        xs_MD = x_ND[tok_sorted]
+        gate_MG = jax.lax.ragged_dot(xs_MD, self.gate_proj[...].astype(dt), group_sizes)
+        a_MG = activation(self.act)(gate_MG)
+        stats = None
+        if count_mask_BT is not None:
+            cm_M = count_mask_BT.reshape(-1)[tok_sorted]
+            active = ((a_MG > 0) & cm_M[:, None]).astype(jnp.int32)
+            ena = jax.ops.segment_sum(active, seg_sorted, num_segments=E * B, indices_are_sorted=True)
+            routed = jax.nn.one_hot(e_Nk, E, dtype=jnp.int32).sum(1) * count_mask_BT.reshape(-1, 1)
+            stats = {
+                "expert_routed": routed.reshape(B, T, E).sum(1),
+                "expert_neuron_active": ena.reshape(E, B, -1).transpose(1, 0, 2),
+            }
+        if "expert_neuron_keep" in ablate:
+            a_MG = a_MG * ablate["expert_neuron_keep"].astype(dt)[e_sorted]
+        h_MG = a_MG * jax.lax.ragged_dot(xs_MD, self.up_proj[...].astype(dt), group_sizes)
+        y_MD = jax.lax.ragged_dot(h_MG, self.down_proj[...].astype(dt), group_sizes)
+        # Back to (token, k) order, weight and sum over the k experts of each token.
+        inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        y_NkD = y_MD[inv].reshape(B * T, k, D)
+        out_ND = jnp.einsum("NkD,Nk->ND", y_NkD.astype(jnp.float32), w_Nk).astype(dt)
+        out_BTD = out_ND.reshape(B, T, D)
+
+        if self.has_shared:
+            sh, sh_counts = self.shared_expert(x_BTD, count_mask_BT, ablate.get("neuron_keep"))
+            g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(dt)))
+            out_BTD = out_BTD + g * sh
+            if stats is not None:
+                stats["neuron_active"] = sh_counts
+        return out_BTD, stats

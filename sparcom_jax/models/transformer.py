@@ -1,0 +1,153 @@
+"""The decoder: embeddings, a scanned stack of identical blocks, final norm, LM head.
+
+Axis letters: B batch, T tokens, D model width, V vocab, L layers, F FFN neurons,
+E experts, G expert neurons.
+
+Blocks are created with `nnx.vmap` (every parameter gains a leading L axis)
+and run with `nnx.scan`, so compile time does not grow with depth. Counting is
+an explicit, config-gated output of each block (reduced over T inside the
+block); the scan stacks it to [L, B, ...], never [B, T, L, F].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparcom_jax.models.config import ModelConfig
+from sparcom_jax.models.layers import Attention, GatedFFN, RMSNorm, causal_mask, normal_param, rotary_tables
+from sparcom_jax.models.moe import MoEFFN
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        D = cfg.hidden_size
+        self.input_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
+        if cfg.is_moe:
+            self.ffn = MoEFFN(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.ffn = GatedFFN(D, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dtype,
+                                param_dtype=param_dtype)
+        self.is_moe = cfg.is_moe
+
+    def __call__(self, x_BTD, cos, sin, mask, count_mask_BT, ablate):
+        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, mask)
+        h = self.post_attn_norm(x_BTD)
+        if self.is_moe:
+            y, stats = self.ffn(h, count_mask_BT, ablate)
+        else:
+            y, counts = self.ffn(h, count_mask_BT, (ablate or {}).get("neuron_keep"))
+            stats = None if counts is None else {"neuron_active": counts}
+        return x_BTD + y, stats
+
+
+class ModelOutput(NamedTuple):
+    logits: Any  # float32 [B, T, V] or None
+    hidden: Any  # final normed hidden states [B, T, D]
+    stats: Any  # dict of int32 arrays [B, L, ...] or None
+
+
+class CausalLM(nnx.Module):
+    """A causal language model of any supported family.
+
+    Call it like a Hugging Face model: ``model(input_ids [B, T], attention_mask [B, T])``
+    returns float32 logits [B, T, V]. Right padding; mask 1 marks real tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype="float32",
+                 param_dtype=None):
+        rngs = rngs or nnx.Rngs(0)
+        dtype = resolve_dtype(dtype)
+        param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
+        self.config = cfg
+        self.dtype = dtype
+        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(r):
+            return Block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
+
+    def forward(self, input_ids, attention_mask=None, *, count_mask=None, ablate=None,
+                with_logits: bool = True) -> ModelOutput:
+        """Full forward with optional in-graph counting and ablation.
+
+        Args:
+          input_ids: int [B, T].
+          attention_mask: 0/1 or bool [B, T]; None means all tokens are real.
+          count_mask: bool [B, T] tokens to count (already restricted to real tokens
+            by the caller or here); None switches counting off.
+          ablate: optional dict of arrays with a leading L axis: "neuron_keep" [L, F]
+            (dense FFN or shared expert), "expert_drop" bool [L, E],
+            "expert_neuron_keep" [L, E, G].
+          with_logits: skip the LM head when only counts are wanted.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        valid = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))
+        if count_mask is not None:
+            count_mask = count_mask.astype(bool) & valid
+        x = self.embed[...].astype(self.dtype)[input_ids]
+        cos, sin = rotary_tables(cfg, T)
+        mask = causal_mask(valid, cfg.sliding_window)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None), out_axes=(nnx.Carry, 0))
+        def run(block, x, abl):
+            return block(x, cos, sin, mask, count_mask, abl)
+
+        x, stats = run(self.blocks, x, ablate)
+        h = self.final_norm(x)
+        logits = None
+        if with_logits:
+            w = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+            logits = jnp.einsum("BTD,DV->BTV", h, w.astype(self.dtype)).astype(jnp.float32)
+        if stats is not None:
+            stats = {k: jnp.moveaxis(v, 0, 1) for k, v in stats.items()}  # [L, B, ...] -> [B, L, ...]
+        return ModelOutput(logits, h, stats)
+
+    def __call__(self, input_ids, attention_mask=None):
+        ids = jnp.asarray(input_ids)
+        am = None if attention_mask is None else jnp.asarray(attention_mask)
+        return jitted_logits(nnx.graphdef(self), nnx.state(self), ids, am)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jitted_logits(graphdef, state, input_ids, attention_mask):
+    return nnx.merge(graphdef, state).forward(input_ids, attention_mask).logits
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=None) -> CausalLM:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
+    return CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+
+
+def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None) -> CausalLM:
+    """The model with ShapeDtypeStruct leaves (`jax.eval_shape`): no memory, no compute."""
+    return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+
+
+def param_count(model: CausalLM) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
