@@ -1,0 +1,186 @@
+"""Length-bucketed batching: little padding, few distinct shapes.
+
+Every jitted forward compiles once per input shape, so sequences are padded up to
+one of a few bucket lengths fixed in advance (`default_buckets`), not to the
+longest sequence of each batch. Within a bucket sequences are sorted by length,
+so each batch holds similar lengths. Padding is on the right; the mask marks real
+tokens (ARCHITECTURE.md).
+
+`BatchPlan.padding_fraction` is padded slots / all slots over the planned
+batches. Without `pad_rows` a batch has only its member rows (the last batch of a
+bucket may be short, which adds one shape for that bucket); with `pad_rows=True`
+every batch is meant to be padded to `batch_size` rows (one shape per bucket) and
+the empty rows count as padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch of the plan.
+
+    Attributes:
+      indices: int [R] positions of the member sequences in the input.
+      length: the bucket length every member is padded to (>= each member's length).
+      rows: rows the batch is padded to (R, or batch_size with pad_rows=True).
+    """
+
+    indices: np.ndarray
+    length: int
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, length) of the padded batch."""
+        return (self.rows, self.length)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Batches covering every sequence exactly once.
+
+    Attributes:
+      batches: ordered by bucket length, then by member length.
+      buckets: the bucket lengths used.
+      n_tokens: real tokens over all batches.
+      n_slots: slots over all padded batches (sum of rows * length).
+    """
+
+    batches: list[Batch]
+    buckets: tuple[int, ...]
+    n_tokens: int
+    n_slots: int
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padded slots / all slots (0 when there is nothing to pad)."""
+        return 0.0 if self.n_slots == 0 else 1.0 - self.n_tokens / self.n_slots
+
+    @property
+    def shapes(self) -> set[tuple[int, int]]:
+        """The distinct (rows, length) shapes; one compilation each."""
+        return {b.shape for b in self.batches}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def default_buckets(max_len: int, min_len: int = 16, steps_per_octave: int = 2) -> tuple[int, ...]:
+    """Bucket lengths fixed in advance: a geometric ladder up to `max_len`.
+
+    With two steps per octave the ladder is 16, 24, 32, 48, 64, 96, 128, 192, ...
+    (multiples of 8), so a sequence is padded by less than a third of its bucket,
+    and the number of shapes grows with log(max_len). `max_len` itself is the
+    last bucket.
+
+    Args:
+      max_len: the longest sequence length to allow.
+      min_len: the shortest bucket.
+      steps_per_octave: buckets per doubling of length.
+
+    Returns:
+      Increasing bucket lengths, the last one equal to max_len.
+    """
+    if max_len < 1 or min_len < 1 or steps_per_octave < 1:
+        raise ValueError("max_len, min_len and steps_per_octave must be >= 1")
+    out: list[int] = []
+    base = min_len
+    while base < max_len:
+        for k in range(steps_per_octave):
+            v = base + (base * k) // steps_per_octave
+            if v >= 8:  # round up to a multiple of 8, friendlier to accelerators
+                v = -(-v // 8) * 8
+            if v < max_len and (not out or v > out[-1]):
+                out.append(v)
+        base *= 2
+    out.append(max_len)
+    return tuple(out)
+
+
+def plan_batches(
+    lengths: Sequence[int] | np.ndarray,
+    batch_size: int,
+    buckets: Sequence[int] | None = None,
+    pad_rows: bool = False,
+) -> BatchPlan:
+    """Group sequences into length buckets and cut each bucket into batches.
+
+    Args:
+      lengths: int [N] sequence lengths (each >= 1).
+      batch_size: the most rows per batch.
+      buckets: increasing bucket lengths; default `default_buckets(max(lengths))`.
+      pad_rows: plan every batch as padded to `batch_size` rows.
+
+    Returns:
+      The plan; each index 0..N-1 is in exactly one batch.
+
+    Raises:
+      ValueError: a length is < 1 or longer than the largest bucket.
+    """
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if lens.size and lens.min() < 1:
+        raise ValueError("every sequence needs at least one token")
+    if buckets is None:
+        buckets = default_buckets(int(lens.max())) if lens.size else (1,)
+    bks = np.asarray(sorted(set(int(b) for b in buckets)), dtype=np.int64)
+    if lens.size and lens.max() > bks[-1]:
+        raise ValueError(
+            f"a sequence has {int(lens.max())} tokens, more than the largest bucket "
+            f"({int(bks[-1])}); truncate the sequences (max_length=) or add a bucket"
+        )
+    which = np.searchsorted(bks, lens, side="left")  # smallest bucket >= length
+    # Sort by (bucket, length, index): stable and deterministic.
+    order = np.lexsort((np.arange(lens.size), lens, which))
+    batches: list[Batch] = []
+    n_slots = 0
+    for b in np.unique(which):
+        members = order[which[order] == b]
+        for start in range(0, members.size, batch_size):
+            idx = members[start:start + batch_size]
+            rows = batch_size if pad_rows else idx.size
+            batches.append(Batch(indices=idx, length=int(bks[b]), rows=rows))
+            n_slots += rows * int(bks[b])
+    return BatchPlan(batches=batches, buckets=tuple(int(x) for x in bks),
+                     n_tokens=int(lens.sum()), n_slots=n_slots)
+
+
+def pad_batch(
+    seqs: Sequence[np.ndarray],
+    length: int,
+    pad_id: int = 0,
+    rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad sequences into one array.
+
+    Args:
+      seqs: R 1-D arrays, each at most `length` long (ids or bool scopes).
+      length: T, the padded length.
+      pad_id: fill value for padded slots.
+      rows: pad to this many rows (B >= R); the extra rows are all padding.
+
+    Returns:
+      ids int32 [B, T] (same dtype as a bool input) and mask bool [B, T], True on
+      real tokens.
+    """
+    n = len(seqs)
+    b = n if rows is None else rows
+    if b < n:
+        raise ValueError(f"rows={rows} is smaller than the {n} sequences given")
+    dtype = np.bool_ if n and np.asarray(seqs[0]).dtype == np.bool_ else np.int32
+    out = np.full((b, length), pad_id, dtype=dtype)
+    mask = np.zeros((b, length), dtype=np.bool_)
+    for i, s in enumerate(seqs):
+        s = np.asarray(s)
+        if s.shape[0] > length:
+            raise ValueError(f"sequence {i} has {s.shape[0]} tokens, more than length={length}")
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return out, mask

@@ -1,0 +1,394 @@
+"""Load instruction records from the shipped set or from local files.
+
+Files are read with the `datasets` library (JSON, JSON Lines, CSV/TSV, Parquet,
+or a directory written by `Dataset.save_to_disk`). Before that, JSON text is
+checked with `json.loads` so a syntax error can be reported with its line
+number; `datasets` itself does the reading. Every row then goes through the
+shared validation in `records.py`, optionally after an adapter from
+`adapters.py`.
+
+Positions in messages: JSON Lines and CSV report the line number
+(`file.jsonl:12: ...`), a JSON array the item (`file.json:item 3: ...`),
+Parquet and `datasets` directories the row (`file.parquet:row 3: ...`,
+`dir:train row 3: ...`), all counted from 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from sparcom_jax.categories import normalize_category
+from sparcom_jax.data.adapters import Adapter, detect_adapter, get_adapter
+from sparcom_jax.data.records import (
+    REQUIRED_FIELDS,
+    DataWarning,
+    Excluded,
+    LoadReport,
+    Problem,
+    Record,
+    validate_row,
+)
+from sparcom_jax.data.sampling import sample_balanced
+
+#: The balanced six-category set shipped with the package (see docs/data.md).
+SHIPPED_PATH = Path(__file__).resolve().parent / "shipped" / "hexa_mini.jsonl"
+
+_JSON_SUFFIXES = {".json"}
+_JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+_CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+_PARQUET_SUFFIXES = {".parquet", ".pq"}
+
+
+class _Table:
+    """Rows read from one file, with their positions and any unreadable rows."""
+
+    def __init__(self, file: str, rows: list[dict[str, Any]], where: list[str],
+                 columns: list[str], problems: list[Problem]):
+        self.file = file
+        self.rows = rows
+        self.where = where
+        self.columns = columns
+        self.problems = problems
+
+
+def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list[str]]:
+    import datasets  # heavy import, only when files are read
+
+    datasets.disable_progress_bars()
+    # A private cache per call: no stale results when a file is edited in place,
+    # and nothing left behind in the user's home cache.
+    with tempfile.TemporaryDirectory(prefix="sparcom_data_") as cache:
+        try:
+            ds = datasets.load_dataset(
+                builder, data_files=str(file), split="train", cache_dir=cache,
+                keep_in_memory=True, **kwargs,
+            )
+        except Exception as err:  # datasets raises many types; add the file name
+            raise ValueError(
+                f"{file}: could not be read as {builder}: {err}; check the file format"
+            ) from err
+        return ds.to_list(), list(ds.column_names)
+
+
+def _json_error(file: Path, line: int, err: json.JSONDecodeError) -> Problem:
+    return Problem(
+        str(file), str(line), f"malformed JSON ({err.msg} at column {err.colno})",
+        "fix the JSON syntax on this line",
+    )
+
+
+def _read_json_lines(file: Path, text: str) -> _Table:
+    problems: list[Problem] = []
+    good_lines: list[str] = []
+    where: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(_json_error(file, lineno, err))
+            continue
+        if not isinstance(obj, dict):
+            problems.append(Problem(
+                str(file), str(lineno), f"expected a JSON object, got {type(obj).__name__}",
+                'write one object per line, like {"id": ..., "instruction": ...}',
+            ))
+            continue
+        good_lines.append(line)
+        where.append(str(lineno))
+    # The readable lines are loaded even in strict mode, so the error can count
+    # every problem in the file.
+    rows, columns = _load_json_subset(file, good_lines, all_good=not problems)
+    return _Table(str(file), rows, where, columns, problems)
+
+
+def _load_json_subset(file: Path, lines: list[str], all_good: bool):
+    if not lines:
+        return [], []
+    if all_good:
+        return _datasets_load("json", file)
+    # Lenient mode with unreadable lines: hand datasets only the readable ones.
+    with tempfile.TemporaryDirectory(prefix="sparcom_data_") as tmp:
+        part = Path(tmp) / (file.stem + ".jsonl")
+        part.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return _datasets_load("json", part)
+
+
+def _read_json(file: Path) -> _Table:
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() in _JSONL_SUFFIXES:
+        return _read_json_lines(file, text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        # A .json file may hold JSON Lines; accept it when every line is an object.
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines):
+            return _read_json_lines(file, text)
+        raise ValueError(str(_json_error(file, err.lineno, err))) from err
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{file}:1: expected a JSON list of records, got {type(data).__name__}; "
+            "write [{...}, {...}] or one object per line (JSON Lines)"
+        )
+    problems, keep, where = [], [], []
+    for i, obj in enumerate(data, start=1):
+        if isinstance(obj, dict):
+            keep.append(json.dumps(obj, ensure_ascii=False))
+            where.append(f"item {i}")
+        else:
+            problems.append(Problem(
+                str(file), f"item {i}", f"expected a JSON object, got {type(obj).__name__}",
+                "make every list item an object with the record fields",
+            ))
+    if not problems:
+        rows, columns = _datasets_load("json", file)
+    else:
+        rows, columns = _load_json_subset(file, keep, all_good=False)
+    return _Table(str(file), rows, where, columns, problems)
+
+
+def _csv_lines(file: Path, sep: str) -> list[int]:
+    """The line each CSV data row starts on (1-based), skipping blank lines as pandas does."""
+    starts = []
+    with open(file, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=sep)
+        prev = 0
+        for row in reader:
+            if row:
+                starts.append(prev + 1)
+            prev = reader.line_num
+    return starts[1:]  # drop the header
+
+
+def _read_csv(file: Path, sep: str) -> _Table:
+    # Empty cells stay "" (an empty optional input, or an empty instruction that
+    # validation names as such) instead of becoming NaN.
+    rows, columns = _datasets_load("csv", file, sep=sep, na_filter=False)
+    try:
+        lines = _csv_lines(file, sep)
+    except (csv.Error, UnicodeDecodeError):
+        lines = []
+    if len(lines) == len(rows):
+        where = [str(n) for n in lines]
+    else:  # unusual quoting: fall back to row numbers rather than guess lines
+        where = [f"row {i}" for i in range(1, len(rows) + 1)]
+    return _Table(str(file), rows, where, columns, [])
+
+
+def _read_parquet(file: Path) -> _Table:
+    rows, columns = _datasets_load("parquet", file)
+    return _Table(str(file), rows, [f"row {i}" for i in range(1, len(rows) + 1)], columns, [])
+
+
+def _read_saved(directory: Path) -> _Table:
+    import datasets
+
+    try:
+        obj = datasets.load_from_disk(str(directory), keep_in_memory=True)
+    except Exception as err:
+        raise ValueError(
+            f"{directory}: not a directory written by datasets' save_to_disk ({err}); "
+            "pass a data file, or save the dataset with Dataset.save_to_disk"
+        ) from err
+    parts = obj.items() if isinstance(obj, datasets.DatasetDict) else [(None, obj)]
+    rows, where, columns = [], [], []
+    for split, ds in parts:
+        for c in ds.column_names:
+            if c not in columns:
+                columns.append(c)
+        part = ds.to_list()
+        rows.extend(part)
+        label = f"{split} row" if split is not None else "row"
+        where.extend(f"{label} {i}" for i in range(1, len(part) + 1))
+    return _Table(str(directory), rows, where, columns, [])
+
+
+def read_table(path: str | os.PathLike) -> _Table:
+    """Read one file or `datasets` directory into raw rows with their positions."""
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no such file or directory")
+    if file.is_dir():
+        return _read_saved(file)
+    suffix = file.suffix.lower()
+    if suffix in _JSON_SUFFIXES | _JSONL_SUFFIXES:
+        return _read_json(file)
+    if suffix in _CSV_SUFFIXES:
+        return _read_csv(file, _CSV_SUFFIXES[suffix])
+    if suffix in _PARQUET_SUFFIXES:
+        return _read_parquet(file)
+    raise ValueError(
+        f"{file}: unsupported file type {suffix!r}; use .json, .jsonl, .csv, .tsv, "
+        ".parquet or a datasets save_to_disk directory"
+    )
+
+
+def _apply_fields(table: _Table, fields: Mapping[str, str]) -> None:
+    """Copy each mapped column into the name the record (or adapter) expects."""
+    for ours, theirs in fields.items():
+        if theirs not in table.columns:
+            raise ValueError(
+                f"{table.file}: fields maps {ours!r} to column {theirs!r}, which the file "
+                f"does not have (columns: {table.columns}); fix the mapping"
+            )
+    for row in table.rows:
+        for ours, theirs in fields.items():
+            row[ours] = row.get(theirs)
+    table.columns = list(dict.fromkeys(list(table.columns) + list(fields)))
+
+
+def _check_columns(table: _Table, required: Sequence[str], what: str) -> None:
+    if not table.rows:  # an empty file has no columns to check
+        return
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{table.file}: missing required column(s) {missing} for {what} "
+            f"(columns found: {table.columns}); add them, or map the columns that hold "
+            f"them with fields={{{missing[0]!r}: '<column>'}}"
+        )
+
+
+def _as_paths(path) -> list[Path]:
+    if path is None:
+        return [SHIPPED_PATH]
+    if isinstance(path, (str, os.PathLike)):
+        return [Path(path)]
+    return [Path(p) for p in path]
+
+
+def load_instructions(
+    path: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+    *,
+    fields: Mapping[str, str] | None = None,
+    adapter: str | None = None,
+    lenient: bool = False,
+    n_per_category: int | None = None,
+    seed: int = 0,
+    categories: Iterable[str] | None = None,
+    category_map: Mapping[str, str] | None = None,
+    return_report: bool = False,
+) -> list[Record] | tuple[list[Record], LoadReport]:
+    """Load instruction records.
+
+    Args:
+      path: a file (.json, .jsonl, .csv, .tsv, .parquet), a `datasets`
+        save_to_disk directory, or a list of them; None loads the shipped set.
+      fields: expected column -> column in the file, e.g.
+        {"instruction": "prompt", "output": "completion"}. Expected columns are
+        the record fields, or the adapter's columns when `adapter` is set.
+      adapter: None for files already in the record format; one of "dolly",
+        "alpaca", "gsm8k", "mbpp", "humaneval", "codealpaca"; or "auto" to guess
+        from the column names.
+      lenient: skip invalid records instead of raising; one `DataWarning` lists
+        every skipped record (file, line/row, reason) and the report keeps them.
+      n_per_category: if set, return a balanced sample of this many per category
+        (see `sample_balanced`).
+      seed: seed of the balanced sample.
+      categories: keep only these categories (any accepted name); the others are
+        recorded in the report as excluded.
+      category_map: raw category label -> category name, applied before the
+        labels are checked (e.g. {"brainstorm": "generation"}).
+      return_report: also return the `LoadReport`.
+
+    Returns:
+      The records in file order (or sampled), and the report if asked for.
+
+    Raises:
+      ValueError: on malformed JSON, an unknown category, an empty instruction, a
+        missing required field, a duplicate id, ...; the message starts with
+        "<file>:<line or row>: <what is wrong>; <how to fix>". In lenient mode only
+        file-level problems raise (an unreadable file, a missing column).
+    """
+    report = LoadReport()
+    keep_cats = None if categories is None else {normalize_category(c) for c in categories}
+    problems: list[Problem] = []
+    adapter_excluded: list[Excluded] = []
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    for file in _as_paths(path):
+        table = read_table(file)
+        report.files.append(table.file)
+        report.n_rows += len(table.rows) + len(table.problems)
+        problems.extend(table.problems)
+        if fields:
+            _apply_fields(table, fields)
+        name = detect_adapter(table.columns) if adapter == "auto" else adapter
+        ad: Adapter | None = get_adapter(name) if name else None
+        if ad is None:
+            _check_columns(table, REQUIRED_FIELDS, "the record format")
+        else:
+            _check_columns(table, ad.required, f"the {ad.name} adapter")
+        columns = dict(ad.columns) if ad else {}
+        if fields:  # name the user's own columns in messages
+            columns.update({k: fields.get(v, v) for k, v in columns.items()})
+            columns.update({k: v for k, v in fields.items() if k not in columns})
+        stem = Path(table.file).stem
+        for n, (row, where) in enumerate(zip(table.rows, table.where), start=1):
+            if ad is not None:
+                row = ad.convert(row, n, stem)
+                if isinstance(row, str):
+                    ex = Excluded(table.file, where, row)
+                    adapter_excluded.append(ex)
+                    report.excluded.append(ex)
+                    continue
+            rec = validate_row(row, table.file, where, category_map, columns)
+            if isinstance(rec, Problem):
+                problems.append(rec)
+                continue
+            if rec.id in seen:
+                problems.append(Problem(
+                    table.file, where, f"duplicate id {rec.id!r} (first seen at {seen[rec.id]})",
+                    "give each record a unique id",
+                ))
+                continue
+            seen[rec.id] = f"{table.file}:{where}"
+            if keep_cats is not None and rec.category not in keep_cats:
+                report.excluded.append(
+                    Excluded(table.file, where, f"category {rec.category!r} not in categories=")
+                )
+                continue
+            records.append(rec)
+
+    if problems and not lenient:
+        more = ""
+        if len(problems) > 1:
+            more = (f"\n({len(problems) - 1} more invalid record(s); pass lenient=True to "
+                    "skip them all with a report)")
+        raise ValueError(str(problems[0]) + more)
+    if problems:
+        report.skipped = problems
+        warnings.warn(
+            f"skipped {len(problems)} invalid record(s):\n" + "\n".join(map(str, problems)),
+            DataWarning, stacklevel=2,
+        )
+    if adapter_excluded:
+        reasons: dict[str, int] = {}
+        for ex in adapter_excluded:
+            reasons[ex.reason] = reasons.get(ex.reason, 0) + 1
+        detail = "; ".join(f"{r}: {k}" for r, k in reasons.items())
+        warnings.warn(
+            f"excluded {len(adapter_excluded)} record(s) outside the six categories ({detail}); "
+            "the report lists each one", DataWarning, stacklevel=2,
+        )
+    if n_per_category is not None:
+        records = sample_balanced(records, n_per_category, seed=seed, categories=keep_cats)
+    report.n_loaded = len(records)
+    return (records, report) if return_report else records
+
+
+def load_shipped(**kwargs) -> list[Record]:
+    """The shipped balanced set (`load_instructions(None, **kwargs)`)."""
+    return load_instructions(None, **kwargs)
+
+
+__all__ = ["DataWarning", "SHIPPED_PATH", "load_instructions", "load_shipped",
+           "read_table"]

@@ -1,0 +1,208 @@
+"""The instruction record and the validation every loader shares.
+
+A record follows HexaInst's layout: one instruction of one of the six SPARCOM
+categories, an optional input (context the instruction refers to) and the
+reference response. Validation turns a raw row (a dict from any file format or
+adapter) into a `Record`, or into a `Problem` that says where the row is and how
+to fix it, so strict and lenient loading share one set of rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from sparcom_jax.categories import SHORT_NAMES, normalize_category
+
+#: Fields a row must carry (after field mapping / adapters).
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "category", "instruction", "output")
+#: Fields a row may carry; missing or null means "".
+OPTIONAL_FIELDS: tuple[str, ...] = ("input", "source")
+RECORD_FIELDS: tuple[str, ...] = ("id", "category", "instruction", "input", "output", "source")
+
+
+class DataWarning(UserWarning):
+    """Warnings about records skipped, excluded or truncated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One instruction.
+
+    Attributes:
+      id: unique identifier within a loaded set.
+      category: canonical category name (see `sparcom_jax.categories.CATEGORIES`).
+      instruction: the instruction text; never empty.
+      input: optional context the instruction refers to ("" when absent).
+      output: the reference response (used under teacher forcing).
+      source: where the record comes from (e.g. "human", "generated", "dolly").
+    """
+
+    id: str
+    category: str
+    instruction: str
+    input: str = ""
+    output: str = ""
+    source: str = ""
+
+    def __post_init__(self):
+        # Records built in code get the same guarantees as loaded ones.
+        object.__setattr__(self, "category", normalize_category(self.category))
+        if not str(self.instruction).strip():
+            raise ValueError(f"record {self.id!r}: empty instruction")
+
+    @property
+    def short_category(self) -> str:
+        """The short category name (CLS, CODE, QA, GEN, MATH, SUM)."""
+        return SHORT_NAMES[self.category]
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Why one row was rejected.
+
+    Attributes:
+      file: the file (or directory) the row comes from.
+      where: its position, e.g. "12" (a line) or "row 3".
+      what: what is wrong.
+      fix: how to fix it.
+    """
+
+    file: str
+    where: str
+    what: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.where}: {self.what}; {self.fix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Excluded:
+    """A valid row deliberately left out (e.g. a Dolly category outside the six)."""
+
+    file: str
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.where}: {self.reason}"
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What `load_instructions` read, kept, skipped and excluded.
+
+    Attributes:
+      files: the files read, in order.
+      n_rows: rows read over all files.
+      skipped: invalid rows skipped in lenient mode (empty in strict mode).
+      excluded: valid rows left out on purpose (categories outside the six,
+        or outside `categories=`), with the reason.
+      n_loaded: records returned (after any balanced sampling).
+    """
+
+    files: list[str] = dataclasses.field(default_factory=list)
+    n_rows: int = 0
+    skipped: list[Problem] = dataclasses.field(default_factory=list)
+    excluded: list[Excluded] = dataclasses.field(default_factory=list)
+    n_loaded: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"read {self.n_rows} rows from {len(self.files)} file(s): "
+            f"{self.n_loaded} loaded, {len(self.skipped)} skipped as invalid, "
+            f"{len(self.excluded)} excluded"
+        )
+
+
+def _is_missing(value: Any) -> bool:
+    # CSV readers turn empty cells into NaN; treat them like null.
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_text(value: Any) -> str | None:
+    """Scalars become text (CSV ids are numbers); containers are rejected (None)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
+        return str(value)
+    return None
+
+
+def validate_row(
+    row: Mapping[str, Any],
+    file: str,
+    where: str,
+    category_map: Mapping[str, str] | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> Record | Problem:
+    """Turn a raw row into a Record, or say what is wrong with it.
+
+    Args:
+      row: a mapping with at least the required fields (already renamed to the
+        record's field names).
+      file: the file name, for messages.
+      where: the row's position in the file ("12" for line 12, "row 3", ...).
+      category_map: optional raw label -> category name mapping applied before
+        `normalize_category` (e.g. {"open_qa": "general_qa"}).
+      columns: optional record field -> file column names, so messages name the
+        column the user sees in the file (e.g. {"instruction": "question"}).
+
+    Returns:
+      The Record, or a Problem naming the file, the position and the fix.
+    """
+    columns = columns or {}
+
+    def name(field: str) -> str:
+        col = columns.get(field, field)
+        return repr(field) if col == field else f"{field!r} (column {col!r})"
+
+    values: dict[str, str] = {}
+    for field in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+        raw = row.get(field)
+        if _is_missing(raw):
+            if field in REQUIRED_FIELDS:
+                col = columns.get(field, field)
+                fix = (f"add a {field!r} value, or map the column that holds it with "
+                       f"fields={{{field!r}: '<column>'}}" if col == field
+                       else f"add a {col!r} value to this record")
+                return Problem(file, where, f"missing required field {name(field)}", fix)
+            values[field] = ""
+            continue
+        text = _as_text(raw)
+        if text is None:
+            return Problem(
+                file, where, f"field {name(field)} must be text, got {type(raw).__name__}",
+                "store it as a string",
+            )
+        values[field] = text
+    if not values["id"].strip():
+        return Problem(file, where, f"empty {name('id')}", "give every record a non-empty unique id")
+    if not values["instruction"].strip():
+        return Problem(
+            file, where, f"empty {name('instruction')}",
+            "write the instruction text or remove the record",
+        )
+    label = values["category"].strip()
+    if category_map and label in category_map:
+        label = category_map[label]
+    try:
+        values["category"] = normalize_category(label)
+    except ValueError as err:
+        return Problem(
+            file, where, str(err).rstrip("."),
+            "use one of the valid category names (or pass category_map= to map your labels)",
+        )
+    values["id"] = values["id"].strip()
+    return Record(**values)

@@ -1,0 +1,247 @@
+"""Format records for a model, tokenize them and mark the token scope.
+
+Every sequence is the formatted prompt followed by the reference response
+(teacher forcing), so one set of ids serves every scope; the scope mask picks
+the tokens that count (METHOD.md, "Token scope"):
+
+- "prompt" (default, as in the paper): the prompt tokens, template included;
+- "response": the response tokens, including the end-of-response token(s);
+- "all": every token.
+
+Plain template (for base models)::
+
+    <bos>### Instruction:
+    {instruction}
+
+    ### Input:
+    {input}
+
+    ### Response:
+    {output}<eos>
+
+The "### Input:" block is left out when the input is empty. BOS/EOS are added
+when the tokenizer defines them. The prompt (up to and including
+"### Response:\\n") and the response are tokenized separately, so the boundary
+never falls inside a token.
+
+Chat template (for chat models): the tokenizer's own template, through
+`apply_chat_template`, on [user: instruction (+ "\\n\\n" + input), assistant:
+output]. The prompt is the user turn rendered with `add_generation_prompt=True`;
+it must be a prefix of the full conversation (checked on the ids, then on the
+text), otherwise a ValueError explains that the template cannot be split.
+
+Truncation keeps the first `max_length` tokens (the response is cut first) and is
+never silent: `encode_record` warns for its record, `encode_records` warns once
+with the count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Literal, Sequence
+
+import numpy as np
+
+from sparcom_jax.data.records import DataWarning, Record
+
+Template = Literal["plain", "chat"]
+Scope = Literal["prompt", "response", "all"]
+TEMPLATES: tuple[str, ...] = ("plain", "chat")
+SCOPES: tuple[str, ...] = ("prompt", "response", "all")
+
+PLAIN_INSTRUCTION = "### Instruction:\n{instruction}\n\n"
+PLAIN_INPUT = "### Input:\n{input}\n\n"
+PLAIN_RESPONSE = "### Response:\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One tokenized record.
+
+    Attributes:
+      ids: int32 [T] prompt then response token ids.
+      scope: bool [T] tokens in the requested scope.
+      prompt_len: number of prompt tokens (ids[:prompt_len] is the prompt).
+      truncated: whether the sequence was cut to max_length.
+    """
+
+    ids: np.ndarray
+    scope: np.ndarray
+    prompt_len: int
+    truncated: bool
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclasses.dataclass
+class EncodedSet:
+    """Tokenized records, in input order.
+
+    Attributes:
+      ids: N int32 arrays [T_n].
+      scopes: N bool arrays [T_n], aligned with `ids`.
+      prompt_lens: int [N] prompt tokens per sequence.
+      record_ids: N record ids.
+      categories: N canonical categories.
+      n_truncated: sequences cut to max_length.
+      truncated_ids: the ids of those records.
+      template, scope: how the set was made.
+    """
+
+    ids: list[np.ndarray]
+    scopes: list[np.ndarray]
+    prompt_lens: np.ndarray
+    record_ids: list[str]
+    categories: list[str]
+    n_truncated: int
+    truncated_ids: list[str]
+    template: str
+    scope: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int [N] sequence lengths."""
+        return np.array([len(x) for x in self.ids], dtype=np.int32)
+
+
+def user_message(record: Record) -> str:
+    """The user turn of the chat template: the instruction, then the input if any."""
+    return f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
+
+
+def format_plain(record: Record) -> tuple[str, str]:
+    """The plain template's prompt and response text (without BOS/EOS)."""
+    prompt = PLAIN_INSTRUCTION.format(instruction=record.instruction)
+    if record.input:
+        prompt += PLAIN_INPUT.format(input=record.input)
+    return prompt + PLAIN_RESPONSE, record.output
+
+
+def _tok(tokenizer, text: str) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _plain_ids(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+    prompt, response = format_plain(record)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return bos + _tok(tokenizer, prompt), _tok(tokenizer, response) + eos
+
+
+def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+            "use template='plain' or a tokenizer with a chat template"
+        )
+    user = {"role": "user", "content": user_message(record)}
+    full_msgs = [user, {"role": "assistant", "content": record.output}]
+    prompt_text = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(full_msgs, tokenize=False)
+    # The templated text already holds BOS etc.; tokenizing it must not add more.
+    prompt_ids, full_ids = _tok(tokenizer, prompt_text), _tok(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids):]
+    if full_text.startswith(prompt_text):
+        # A merge across the boundary: tokenize the two halves apart instead.
+        return prompt_ids, _tok(tokenizer, full_text[len(prompt_text):])
+    raise ValueError(
+        f"record {record.id!r}: the chat template renders the prompt (with "
+        "add_generation_prompt=True) differently from the start of the full conversation, "
+        "so prompt and response tokens cannot be told apart; use template='plain' or a "
+        "chat template whose generation prompt matches the assistant turn"
+    )
+
+
+def _encode(record: Record, tokenizer, template: str, scope: str,
+            max_length: int | None) -> Encoded:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; use one of {TEMPLATES}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; use one of {SCOPES}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    prompt, response = (_plain_ids if template == "plain" else _chat_ids)(record, tokenizer)
+    ids = np.asarray(prompt + response, dtype=np.int32)
+    prompt_len = len(prompt)
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length]
+        prompt_len = min(prompt_len, max_length)
+    pos = np.arange(len(ids))
+    if scope == "prompt":
+        mask = pos < prompt_len
+    elif scope == "response":
+        mask = pos >= prompt_len
+    else:
+        mask = np.ones(len(ids), dtype=np.bool_)
+    return Encoded(ids=ids, scope=mask.astype(np.bool_), prompt_len=prompt_len, truncated=truncated)
+
+
+def encode_record(
+    record: Record,
+    tokenizer,
+    *,
+    template: Template = "plain",
+    scope: Scope = "prompt",
+    max_length: int | None = None,
+) -> Encoded:
+    """Tokenize one record as prompt + reference response and mark the scope.
+
+    Args:
+      record: the instruction.
+      tokenizer: a transformers tokenizer.
+      template: "plain" (base models) or "chat" (the tokenizer's chat template).
+      scope: which tokens count: "prompt", "response" or "all".
+      max_length: cut sequences longer than this (with a warning).
+
+    Returns:
+      Encoded with ids int32 [T] and scope bool [T].
+    """
+    enc = _encode(record, tokenizer, template, scope, max_length)
+    if enc.truncated:
+        warnings.warn(f"record {record.id!r} truncated to max_length={max_length}",
+                      DataWarning, stacklevel=2)
+    return enc
+
+
+def encode_records(
+    records: Sequence[Record],
+    tokenizer,
+    *,
+    template: Template = "plain",
+    scope: Scope = "prompt",
+    max_length: int | None = None,
+) -> EncodedSet:
+    """Tokenize many records; one DataWarning reports how many were truncated.
+
+    Returns:
+      EncodedSet with N id arrays int32 [T_n] and N aligned scope masks bool [T_n].
+    """
+    encs = [_encode(r, tokenizer, template, scope, max_length) for r in records]
+    cut = [r.id for r, e in zip(records, encs) if e.truncated]
+    if cut:
+        shown = ", ".join(map(repr, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        warnings.warn(
+            f"truncated {len(cut)} of {len(records)} sequences to max_length={max_length} "
+            f"({shown}); raise max_length to keep them whole",
+            DataWarning, stacklevel=2,
+        )
+    return EncodedSet(
+        ids=[e.ids for e in encs],
+        scopes=[e.scope for e in encs],
+        prompt_lens=np.array([e.prompt_len for e in encs], dtype=np.int32),
+        record_ids=[r.id for r in records],
+        categories=[r.category for r in records],
+        n_truncated=len(cut),
+        truncated_ids=cut,
+        template=template,
+        scope=scope,
+    )

@@ -1,0 +1,80 @@
+"""Length-bucketed batching: invariants, padding fraction, padding helper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparcom_jax.data import default_buckets, pad_batch, plan_batches
+
+
+def test_default_buckets():
+    assert default_buckets(300) == (16, 24, 32, 48, 64, 96, 128, 192, 256, 300)
+    assert default_buckets(64) == (16, 24, 32, 48, 64)
+    assert default_buckets(10) == (10,)
+    assert default_buckets(100, min_len=32, steps_per_octave=1) == (32, 64, 100)
+
+
+@pytest.mark.parametrize("batch_size,pad_rows", [(1, False), (4, False), (7, True)])
+def test_plan_invariants(batch_size, pad_rows):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=103)
+    plan = plan_batches(lengths, batch_size, pad_rows=pad_rows)
+    all_idx = np.concatenate([b.indices for b in plan.batches])
+    assert sorted(all_idx.tolist()) == list(range(103))  # each index exactly once
+    for b in plan.batches:
+        assert 1 <= len(b.indices) <= batch_size
+        assert b.length in plan.buckets
+        assert lengths[b.indices].max() <= b.length
+        # The smallest bucket that fits: no member would fit the next smaller one.
+        smaller = [x for x in plan.buckets if x < b.length]
+        if smaller:
+            assert lengths[b.indices].min() > max(smaller)
+        assert np.all(np.diff(lengths[b.indices]) >= 0)  # sorted by length
+        assert b.rows == (batch_size if pad_rows else len(b.indices))
+    # At most one short batch per bucket, so at most two shapes per bucket.
+    assert len(plan.shapes) <= 2 * len(plan.buckets)
+    if pad_rows:
+        assert {r for r, _ in plan.shapes} == {batch_size}
+    slots = sum(b.rows * b.length for b in plan.batches)
+    assert plan.padding_fraction == pytest.approx(1 - lengths.sum() / slots)
+
+
+def test_padding_fraction_known_values():
+    plan = plan_batches([16, 16, 10, 20], batch_size=2, buckets=[16, 32])
+    # bucket 16: [10, 16] and [16]; bucket 32: [20]  -> 4 rows, slots 16*2 + 16 + 32 = 80
+    assert [b.indices.tolist() for b in plan.batches] == [[2, 0], [1], [3]]
+    assert plan.shapes == {(2, 16), (1, 16), (1, 32)}
+    assert plan.padding_fraction == pytest.approx(1 - 62 / 80)
+    full = plan_batches([16, 16, 10, 20], batch_size=2, buckets=[16, 32], pad_rows=True)
+    assert full.padding_fraction == pytest.approx(1 - 62 / 128)  # 2x16 + 2x16 + 2x32
+    assert full.shapes == {(2, 16), (2, 32)}
+
+
+def test_bucketing_pads_less_than_one_shape():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(8, 512, size=400)
+    bucketed = plan_batches(lengths, 16)
+    one_shape = plan_batches(lengths, 16, buckets=[int(lengths.max())])
+    assert bucketed.padding_fraction < 0.2 < one_shape.padding_fraction
+    assert len(bucketed.shapes) <= 2 * len(bucketed.buckets)
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="more than the largest bucket"):
+        plan_batches([5, 40], 2, buckets=[16, 32])
+    with pytest.raises(ValueError, match="at least one token"):
+        plan_batches([0, 3], 2)
+    assert len(plan_batches([], 4)) == 0
+
+
+def test_pad_batch():
+    seqs = [np.array([5, 6, 7], np.int32), np.array([8], np.int32)]
+    ids, mask = pad_batch(seqs, 4, pad_id=0, rows=3)
+    assert ids.dtype == np.int32 and ids.shape == (3, 4)
+    np.testing.assert_array_equal(ids, [[5, 6, 7, 0], [8, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    scopes, _ = pad_batch([np.array([True, False, True])], 4)
+    assert scopes.dtype == np.bool_ and scopes.tolist() == [[True, False, True, False]]
+    with pytest.raises(ValueError, match="more than length=2"):
+        pad_batch(seqs, 2)

@@ -1,0 +1,318 @@
+"""Loaders: every file format, field mapping, bad input, lenient mode, sampling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+
+from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.data import (
+    DataWarning,
+    LoadReport,
+    Record,
+    load_instructions,
+    sample_balanced,
+)
+
+ROWS = [
+    {"id": "r1", "category": "math", "instruction": "Add 2 and 3.", "input": "", "output": "5", "source": "human"},
+    {"id": "r2", "category": "CODE", "instruction": "Reverse a string in Python.", "input": "s = 'abc'", "output": "s[::-1]", "source": "human"},
+    {"id": "r3", "category": "QA", "instruction": "What is the capital of France?", "input": "", "output": "Paris.", "source": "generated"},
+]
+EXPECTED = [
+    Record("r1", "math", "Add 2 and 3.", "", "5", "human"),
+    Record("r2", "code", "Reverse a string in Python.", "s = 'abc'", "s[::-1]", "human"),
+    Record("r3", "general_qa", "What is the capital of France?", "", "Paris.", "generated"),
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path, rows, fieldnames=None):
+    fieldnames = fieldnames or list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+# --- formats -----------------------------------------------------------------
+
+
+def test_jsonl(tmp_path):
+    assert load_instructions(write_jsonl(tmp_path / "a.jsonl", ROWS)) == EXPECTED
+
+
+def test_json_array(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(ROWS, indent=1), encoding="utf-8")
+    assert load_instructions(p) == EXPECTED
+
+
+def test_json_file_holding_json_lines(tmp_path):
+    assert load_instructions(write_jsonl(tmp_path / "a.json", ROWS)) == EXPECTED
+
+
+def test_csv_with_numeric_ids_empty_cells_and_multiline(tmp_path):
+    rows = [dict(r, id=str(i)) for i, r in enumerate(ROWS, start=1)]
+    rows[0]["instruction"] = "Add 2 and 3.\nShow your work."
+    recs = load_instructions(write_csv(tmp_path / "a.csv", rows))
+    assert [r.id for r in recs] == ["1", "2", "3"]
+    assert recs[0].instruction == "Add 2 and 3.\nShow your work."
+    assert recs[0].input == ""  # empty cell, not "nan"
+    assert recs[1].input == "s = 'abc'"
+
+
+def test_tsv(tmp_path):
+    p = tmp_path / "a.tsv"
+    p.write_text("id\tcategory\tinstruction\toutput\nx\tSUM\tSummarize this.\tShort.\n", encoding="utf-8")
+    assert load_instructions(p) == [Record("x", "summarization", "Summarize this.", "", "Short.")]
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), p)
+    assert load_instructions(p) == EXPECTED
+
+
+def test_datasets_dir_and_dataset_dict(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    assert load_instructions(tmp_path / "ds") == EXPECTED
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(ROWS[:2]),
+        "test": datasets.Dataset.from_list([dict(ROWS[2], id="r3", category="")]),
+    })
+    dd.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"dd:test row 1: unknown category ''"):
+        load_instructions(tmp_path / "dd")
+
+
+def test_several_files_and_missing_optional_columns(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS[:1])
+    b = write_jsonl(tmp_path / "b.jsonl", [{k: v for k, v in ROWS[1].items() if k not in ("input", "source")}])
+    recs = load_instructions([a, b])
+    assert [r.id for r in recs] == ["r1", "r2"]
+    assert recs[1].input == "" and recs[1].source == ""
+
+
+def test_field_mapping(tmp_path):
+    rows = [{"uid": r["id"], "type": r["category"], "prompt": r["instruction"], "input": r["input"],
+             "completion": r["output"], "source": r["source"]} for r in ROWS]
+    p = write_jsonl(tmp_path / "m.jsonl", rows)
+    fields = {"id": "uid", "category": "type", "instruction": "prompt", "output": "completion"}
+    assert load_instructions(p, fields=fields) == EXPECTED
+    with pytest.raises(ValueError, match=r"m\.jsonl: fields maps 'output' to column 'answer'"):
+        load_instructions(p, fields={**fields, "output": "answer"})
+
+
+def test_category_map_and_filter(tmp_path):
+    rows = [dict(ROWS[0], category="arith"), ROWS[1], ROWS[2]]
+    p = write_jsonl(tmp_path / "c.jsonl", rows)
+    recs, report = load_instructions(p, category_map={"arith": "math"}, categories=["MATH", "qa"],
+                                     return_report=True)
+    assert [r.id for r in recs] == ["r1", "r3"]
+    assert [e.where for e in report.excluded] == ["2"]
+    assert "code" in report.excluded[0].reason
+
+
+# --- bad input: strict errors name file, line and fix --------------------------
+
+
+def _error(tmp_path, lines: list[str], name="bad.jsonl", **kw) -> str:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        load_instructions(p, **kw)
+    return str(info.value)
+
+
+def test_malformed_json_line(tmp_path):
+    msg = _error(tmp_path, [json.dumps(ROWS[0]), '{"id": "r2", "category": "math" "instruction": "x"}'])
+    assert re.match(r".*bad\.jsonl:2: malformed JSON \(.*column \d+\); fix the JSON syntax", msg)
+
+
+def test_malformed_json_array(tmp_path):
+    msg = _error(tmp_path, ["[", json.dumps(ROWS[0]) + ",", '{"id": }', "]"], name="bad.json")
+    assert re.match(r".*bad\.json:3: malformed JSON .*; fix the JSON syntax", msg)
+
+
+def test_unknown_category_suggests_closest(tmp_path):
+    msg = _error(tmp_path, [json.dumps(ROWS[0]), json.dumps(dict(ROWS[1], category="sumarization"))])
+    assert re.match(r".*bad\.jsonl:2: unknown category 'sumarization'.*did you mean 'summarization'", msg)
+    assert "use one of the valid category names" in msg
+
+
+def test_empty_instruction(tmp_path):
+    msg = _error(tmp_path, [json.dumps(dict(ROWS[0], instruction="   "))])
+    assert re.match(r".*bad\.jsonl:1: empty 'instruction'; write the instruction text", msg)
+
+
+def test_missing_required_field_in_one_row(tmp_path):
+    row = {k: v for k, v in ROWS[1].items() if k != "output"}
+    msg = _error(tmp_path, [json.dumps(ROWS[0]), "", json.dumps(row)])
+    # The blank line still counts: the row is on line 3.
+    assert re.match(r".*bad\.jsonl:3: missing required field 'output'; add a 'output' value, "
+                    r"or map the column .* fields=\{'output'", msg)
+
+
+def test_missing_required_column(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "category"} for r in ROWS]
+    msg = _error(tmp_path, [json.dumps(r) for r in rows])
+    assert "bad.jsonl: missing required column(s) ['category']" in msg
+    assert "fields={'category': '<column>'}" in msg
+
+
+def test_missing_required_column_csv(tmp_path):
+    p = write_csv(tmp_path / "bad.csv", [{k: v for k, v in r.items() if k != "output"} for r in ROWS])
+    with pytest.raises(ValueError, match=r"bad\.csv: missing required column\(s\) \['output'\]"):
+        load_instructions(p)
+
+
+def test_duplicate_id(tmp_path):
+    msg = _error(tmp_path, [json.dumps(r) for r in (ROWS[0], ROWS[1], dict(ROWS[2], id="r1"))])
+    assert re.match(r".*bad\.jsonl:3: duplicate id 'r1' \(first seen at .*bad\.jsonl:1\); "
+                    r"give each record a unique id", msg)
+
+
+def test_duplicate_id_across_files(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    b = write_jsonl(tmp_path / "b.jsonl", [ROWS[1]])
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: duplicate id 'r2' \(first seen at .*a\.jsonl:2\)"):
+        load_instructions([a, b])
+
+
+def test_csv_error_names_the_line(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[0]["instruction"] = "two\nlines"  # row 1 spans lines 2-3, so row 2 starts on line 4
+    rows[1]["category"] = "cod"
+    p = write_csv(tmp_path / "bad.csv", rows)
+    with pytest.raises(ValueError, match=r"bad\.csv:4: unknown category 'cod'.*did you mean 'code'"):
+        load_instructions(p)
+
+
+def test_parquet_error_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([ROWS[0], dict(ROWS[1], instruction="")]), p)
+    with pytest.raises(ValueError, match=r"bad\.parquet:row 2: empty 'instruction'"):
+        load_instructions(p)
+
+
+def test_non_text_field(tmp_path):
+    msg = _error(tmp_path, [json.dumps(dict(ROWS[0], instruction=["a", "b"]))])
+    assert re.match(r".*bad\.jsonl:1: field 'instruction' must be text, got list; store it as a string", msg)
+
+
+def test_strict_error_counts_the_rest(tmp_path):
+    msg = _error(tmp_path, ["{oops", json.dumps(dict(ROWS[0], category="x")), json.dumps(ROWS[1])])
+    assert msg.splitlines()[0].endswith("fix the JSON syntax on this line")
+    assert "1 more invalid record(s); pass lenient=True" in msg
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("hello")
+    with pytest.raises(ValueError, match=r"a\.txt: unsupported file type '\.txt'"):
+        load_instructions(p)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_instructions(tmp_path / "nope.jsonl")
+
+
+# --- lenient mode --------------------------------------------------------------
+
+
+def test_lenient_reports_every_skipped_record(tmp_path):
+    lines = [
+        json.dumps(ROWS[0]),                                   # 1 ok
+        "{not json",                                           # 2 malformed
+        json.dumps(dict(ROWS[1], category="mathh")),           # 3 unknown category
+        json.dumps(dict(ROWS[1], instruction="")),             # 4 empty instruction
+        json.dumps({k: v for k, v in ROWS[1].items() if k != "output"}),  # 5 missing output
+        json.dumps(ROWS[1]),                                   # 6 ok
+        json.dumps(dict(ROWS[2], id="r1")),                    # 7 duplicate id
+        "[1, 2]",                                              # 8 not an object
+    ]
+    p = tmp_path / "mixed.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.warns(DataWarning) as rec:
+        records, report = load_instructions(p, lenient=True, return_report=True)
+    assert [r.id for r in records] == ["r1", "r2"]
+    assert isinstance(report, LoadReport)
+    assert sorted(int(s.where) for s in report.skipped) == [2, 3, 4, 5, 7, 8]
+    assert report.n_rows == 8 and report.n_loaded == 2
+    text = "\n".join(str(w.message) for w in rec)
+    assert "skipped 6 invalid record(s)" in text
+    for line, reason in [(2, "malformed JSON"), (3, "unknown category 'mathh'"), (4, "empty 'instruction'"),
+                         (5, "missing required field 'output'"), (7, "duplicate id 'r1'"),
+                         (8, "expected a JSON object")]:
+        assert re.search(rf"mixed\.jsonl:{line}: {re.escape(reason)}", text), (line, text)
+
+
+def test_lenient_json_array(tmp_path):
+    p = tmp_path / "arr.json"
+    p.write_text(json.dumps([ROWS[0], "oops", dict(ROWS[1], category="??")]), encoding="utf-8")
+    with pytest.warns(DataWarning, match=r"arr\.json:item 2: expected a JSON object"):
+        records, report = load_instructions(p, lenient=True, return_report=True)
+    assert [r.id for r in records] == ["r1"]
+    assert [s.where for s in report.skipped] == ["item 2", "item 3"]
+
+
+# --- balanced sampling --------------------------------------------------------
+
+
+def _pool(counts: dict[str, int]) -> list[Record]:
+    return [Record(f"{c}-{i}", c, f"do {c} {i}", output="ok") for c, n in counts.items() for i in range(n)]
+
+
+def test_sample_balanced_is_balanced_and_deterministic():
+    pool = _pool({c: 10 + k for k, c in enumerate(CATEGORIES)})
+    a = sample_balanced(pool, 4, seed=1)
+    assert len(a) == 24 and len({r.id for r in a}) == 24
+    assert [r.category for r in a] == [c for c in CATEGORIES for _ in range(4)]
+    assert a == sample_balanced(pool, 4, seed=1)
+    assert a != sample_balanced(pool, 4, seed=2)
+    # A category's draw does not depend on the others being sampled.
+    only_math = sample_balanced(pool, 4, seed=1, categories=["MATH"])
+    assert only_math == [r for r in a if r.category == "math"]
+
+
+def test_sample_balanced_shortage_names_the_category():
+    pool = _pool({"math": 5, "code": 2, "generation": 9})
+    with pytest.raises(ValueError, match=r"CODE \(code\) has 2; lower n_per_category"):
+        sample_balanced(pool, 3)
+    with pytest.raises(ValueError, match=r"SUM \(summarization\) has 0"):
+        sample_balanced(pool, 2, categories=["math", "SUM"])
+
+
+def test_load_with_n_per_category(tmp_path):
+    rows = [{"id": f"{c}{i}", "category": c, "instruction": f"q {i}", "output": "a"}
+            for c in ("math", "code") for i in range(5)]
+    p = write_jsonl(tmp_path / "s.jsonl", rows)
+    recs = load_instructions(p, n_per_category=3, seed=0)
+    assert [r.category for r in recs] == ["code"] * 3 + ["math"] * 3
+    assert recs == load_instructions(p, n_per_category=3, seed=0)
+    with pytest.raises(ValueError, match="MATH"):
+        load_instructions(p, n_per_category=6)
+
+
+def test_record_built_in_code_is_checked():
+    assert Record("x", "SUM", "Summarize.").category == "summarization"
+    assert Record("x", "SUM", "Summarize.").short_category == "SUM"
+    with pytest.raises(ValueError, match="did you mean 'code'"):
+        Record("x", "cod", "Write code.")
+    with pytest.raises(ValueError, match="empty instruction"):
+        Record("x", "math", "  ")

@@ -1,0 +1,142 @@
+"""Templates, token scopes and truncation, with the shipped tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+from sparcom_jax.data import (
+    DataWarning,
+    Record,
+    default_tokenizer,
+    encode_record,
+    encode_records,
+    format_plain,
+)
+
+WITH_INPUT = Record("a", "summarization", "Summarize the passage in one sentence.",
+                    "The river rose after three days of rain, and the town closed the bridge.",
+                    "Heavy rain flooded the river and shut the bridge.")
+NO_INPUT = Record("b", "math", "What is 12 times 7?", "", "12 times 7 is 84.")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+def dec(tok, ids):
+    return tok.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+
+def test_plain_template_text():
+    prompt, response = format_plain(WITH_INPUT)
+    assert prompt == ("### Instruction:\nSummarize the passage in one sentence.\n\n"
+                      "### Input:\nThe river rose after three days of rain, and the town closed the bridge.\n\n"
+                      "### Response:\n")
+    assert response == WITH_INPUT.output
+    assert format_plain(NO_INPUT)[0] == "### Instruction:\nWhat is 12 times 7?\n\n### Response:\n"
+
+
+@pytest.mark.parametrize("record", [WITH_INPUT, NO_INPUT], ids=["input", "no-input"])
+def test_plain_scopes_line_up_with_ids(tok, record):
+    prompt, response = format_plain(record)
+    encs = {s: encode_record(record, tok, template="plain", scope=s) for s in ("prompt", "response", "all")}
+    ids = encs["prompt"].ids
+    assert ids.dtype == np.int32 and ids.ndim == 1
+    for e in encs.values():  # the same ids serve every scope
+        np.testing.assert_array_equal(e.ids, ids)
+        assert e.scope.dtype == np.bool_ and e.scope.shape == ids.shape
+    assert dec(tok, ids[encs["prompt"].scope]) == tok.bos_token + prompt
+    assert dec(tok, ids[encs["response"].scope]) == response + tok.eos_token
+    assert dec(tok, ids[encs["all"].scope]) == tok.bos_token + prompt + response + tok.eos_token
+    # prompt and response masks partition the sequence at prompt_len
+    np.testing.assert_array_equal(encs["prompt"].scope, ~encs["response"].scope)
+    assert encs["prompt"].scope.sum() == encs["prompt"].prompt_len > 0
+
+
+@pytest.mark.parametrize("record", [WITH_INPUT, NO_INPUT], ids=["input", "no-input"])
+def test_chat_scopes_line_up_with_ids(tok, record):
+    user = record.instruction + (f"\n\n{record.input}" if record.input else "")
+    prompt_text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                          add_generation_prompt=True)
+    assert prompt_text == f"<s><|user|>\n{user}\n<|assistant|>\n"
+    p = encode_record(record, tok, template="chat", scope="prompt")
+    r = encode_record(record, tok, template="chat", scope="response")
+    np.testing.assert_array_equal(p.ids, r.ids)
+    assert dec(tok, p.ids[p.scope]) == prompt_text
+    assert dec(tok, r.ids[r.scope]) == record.output + tok.eos_token
+    assert p.scope.sum() == p.prompt_len and r.scope.sum() == len(r) - p.prompt_len
+
+
+def test_chat_template_boundary_merge_falls_back_to_text_split(tok):
+    t = copy.deepcopy(tok)
+    # The generation prompt ends in a space that the response's first word would absorb.
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+                       "{% else %}{{ 'A: ' + m['content'] }}{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+    rec = Record("c", "general_qa", "Why is the sky blue?", output="The air scatters blue light most.")
+    prompt = "Q: Why is the sky blue?\nA: "
+    full_ids = t(prompt + rec.output, add_special_tokens=False)["input_ids"]
+    prompt_ids = t(prompt, add_special_tokens=False)["input_ids"]
+    assert full_ids[: len(prompt_ids)] != prompt_ids  # the case the fallback is for
+    e = encode_record(rec, t, template="chat", scope="response")
+    assert dec(t, e.ids[: e.prompt_len]) == prompt
+    assert dec(t, e.ids[e.scope]) == rec.output
+
+
+def test_chat_template_that_cannot_be_split(tok):
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    with pytest.raises(ValueError, match=r"record 'b': the chat template renders the prompt .* template='plain'"):
+        encode_record(NO_INPUT, t, template="chat")
+    t.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template; use template='plain'"):
+        encode_record(NO_INPUT, t, template="chat")
+
+
+def test_bad_arguments(tok):
+    with pytest.raises(ValueError, match="unknown scope 'prompts'"):
+        encode_record(NO_INPUT, tok, scope="prompts")
+    with pytest.raises(ValueError, match="unknown template 'alpaca'"):
+        encode_record(NO_INPUT, tok, template="alpaca")
+
+
+def test_truncation_is_counted_and_never_silent(tok):
+    long = Record("long", "generation", "Write a story. " * 40, "", "Once upon a time. " * 40)
+    full = encode_record(long, tok, scope="response")
+    p_len = full.prompt_len
+    # long2's prompt is longer than long's, so it is cut as well.
+    recs = [NO_INPUT, long, Record("long2", "code", long.instruction + " And more.", output="It adds.")]
+    max_len = p_len - 3  # shorter than the long prompt: cuts inside it, no response left
+    assert len(encode_record(NO_INPUT, tok)) < max_len
+    with pytest.warns(DataWarning) as rec:
+        s = encode_records(recs, tok, scope="response", max_length=max_len)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, DataWarning)]
+    assert len(msgs) == 1 and msgs[0].startswith(f"truncated 2 of 3 sequences to max_length={max_len}")
+    assert s.n_truncated == 2 and s.truncated_ids == ["long", "long2"]
+    assert s.lengths.tolist()[1:] == [max_len, max_len]
+    np.testing.assert_array_equal(s.ids[1], full.ids[:max_len])
+    assert s.prompt_lens[1] == max_len and not s.scopes[1].any()  # response fully cut
+    assert s.record_ids == ["b", "long", "long2"] and s.categories == ["math", "generation", "code"]
+    # Cutting inside the response keeps the prompt and the start of the response.
+    with pytest.warns(DataWarning, match="record 'long' truncated to max_length"):
+        cut = encode_record(long, tok, scope="response", max_length=p_len + 5)
+    assert cut.truncated and cut.prompt_len == p_len and int(cut.scope.sum()) == 5
+    # No truncation, no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = encode_records(recs[:1], tok, max_length=512)
+    assert s.n_truncated == 0
+
+
+def test_encode_records_matches_encode_record(tok):
+    s = encode_records([WITH_INPUT, NO_INPUT], tok, template="chat", scope="all")
+    for rec, ids, scope in zip([WITH_INPUT, NO_INPUT], s.ids, s.scopes):
+        e = encode_record(rec, tok, template="chat", scope="all")
+        np.testing.assert_array_equal(ids, e.ids)
+        assert scope.all()
