@@ -167,7 +167,8 @@ def _expert_stack(name_fn, transpose: bool):
 
 
 def _moe_prefix(cfg: ModelConfig, r: TensorReader | None) -> str:
-    if cfg.model_type == "mixtral" and r is not None and r.has("model.layers.0.block_sparse_moe.gate.weight"):
+    """Mixtral checkpoints (and transformers' save_pretrained) use the legacy ``block_sparse_moe``."""
+    if cfg.model_type == "mixtral" and (r is None or r.has("model.layers.0.block_sparse_moe.gate.weight")):
         return "block_sparse_moe"
     return "mlp"
 

@@ -1,0 +1,173 @@
+"""`collect_counts`: per-instruction neuron and expert activation counts, reduced in-graph.
+
+What leaves the device per batch is at most [B, L, F] (or [B, L, E, G]) int32:
+the model's blocks reduce over tokens inside the jitted forward, and the LM
+head is skipped. Definitions are METHOD.md's step 1.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparcom_jax.stats.counts import Counts
+from sparcom_jax.stats.runner import BatchRunner, validate_sequences
+from sparcom_jax.stats.store import CountStore, open_counts
+
+
+def count_fields(cfg) -> dict[str, tuple[int, ...]]:
+    """Per-sequence shapes of the count arrays this model produces."""
+    L = cfg.num_layers
+    out: dict[str, tuple[int, ...]] = {}
+    if cfg.neuron_width:
+        out["neuron_active"] = (L, cfg.neuron_width)
+    if cfg.is_moe:
+        out["expert_routed"] = (L, cfg.num_experts)
+        out["expert_neuron_active"] = (L, cfg.num_experts, cfg.moe_intermediate_size)
+    return out
+
+
+def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT):
+    model = nnx.merge(graphdef, state)
+    count_BT = scope_BT & valid_BT
+    out = model.forward(ids_BT, valid_BT, count_mask=count_BT, with_logits=False)
+    stats = dict(out.stats)
+    stats["tokens"] = jnp.sum(count_BT, axis=1, dtype=jnp.int32)
+    return stats
+
+
+class _Progress:
+    """A tqdm bar in tokens with tokens/s, shown on process 0 only."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.done = 0
+        if enabled and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+
+    def __call__(self, n: int):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self, padding_fraction: float):
+        if self.bar is not None:
+            self.bar.set_postfix(padding=f"{padding_fraction:.1%}")
+            self.bar.close()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.done / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, batch_size: int = 8, *,
+                   mesh=None, buckets: Sequence[int] | None = None, progress: bool = True,
+                   out: str | Path | None = None, chunk_rows: int = 256, ids: Sequence[str] | None = None,
+                   categories: Sequence[str] | None = None, meta: dict | None = None,
+                   _stop_after_chunks: int | None = None) -> Counts:
+    """Count, per sequence, how often each neuron is active and each expert is chosen.
+
+    Args:
+      model: a `CausalLM` (from `load_model` or `init_model`).
+      sequences: N 1-D int arrays of token ids.
+      scopes: optional N 1-D bool arrays (same lengths); only True tokens count.
+        Default: every real token.
+      batch_size: rows per batch (per process); batches are length-bucketed.
+      mesh: optional ("data", "model") mesh. In a multi-process run every process
+        passes its own share of the sequences and gets back the counts of those.
+      buckets: fixed bucket lengths (compilations = number of buckets used).
+      progress: show a progress bar with tokens/s.
+      out: a directory for a tensorstore count store; rows are streamed to it in
+        chunks of `chunk_rows` and an interrupted run resumes where it stopped.
+        In a multi-process run each process writes ``out/process_<k>``.
+      ids, categories, meta: stored with the counts.
+
+    Returns:
+      Counts with tokens [N], neuron_active [N, L, F] (dense FFN or shared expert),
+      expert_routed [N, L, E] and expert_neuron_active [N, L, E, G] (MoE); lazily
+      read arrays when `out` is given.
+    """
+    cfg = model.config
+    seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
+    n = len(seqs)
+    for name, v in (("ids", ids), ("categories", categories)):
+        if v is not None and len(v) != n:
+            raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
+    fields = count_fields(cfg)
+    shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
+    meta = dict(meta or {})
+    meta.setdefault("model", getattr(model, "source_path", None))
+    meta.setdefault("model_type", cfg.model_type)
+
+    runner = BatchRunner(model, _count_step, batch_size, mesh=mesh, buckets=buckets)
+    bar = _Progress(sum(len(s) for s in seqs), progress, "collect")
+    if out is not None:
+        out = Path(out)
+        if jax.process_count() > 1:
+            out = out / f"process_{jax.process_index()}"
+        store = CountStore(out, shapes, ids=ids, categories=categories, meta=meta, chunk_rows=chunk_rows)
+        chunk = store.chunk_rows
+        start = store.done_chunks
+        # Tokens of chunks already done count as progress.
+        bar(sum(len(s) for s in seqs[:start * chunk]))
+    else:
+        chunk, start, store = max(n, 1), 0, None
+        result = {k: np.zeros(s, np.int32) for k, s in shapes.items()}
+
+    n_chunks = -(-n // chunk) if n else 0
+    pads = []
+    for k in range(start, n_chunks):
+        if _stop_after_chunks is not None and k - start >= _stop_after_chunks:
+            raise KeyboardInterrupt(f"stopped after {_stop_after_chunks} chunk(s) (test hook)")
+        lo, hi = k * chunk, min((k + 1) * chunk, n)
+        rows = {key: np.zeros((hi - lo,) + s[1:], np.int32) for key, s in shapes.items()}
+        for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
+            for key in rows:
+                rows[key][idx] = res[key]
+        pads.append(runner.padding_fraction)
+        if store is not None:
+            store.write_chunk(k, rows)
+        else:
+            for key in rows:
+                result[key][lo:hi] = rows[key]
+    padding = float(np.mean(pads)) if pads else 0.0
+    bar.close(padding)
+    if store is not None:
+        counts = open_counts(out)
+    else:
+        counts = Counts(tokens=result.pop("tokens"), ids=list(ids) if ids is not None else None,
+                        categories=list(categories) if categories is not None else None, meta=meta, **result)
+    counts.meta.update(padding_fraction=padding, tokens_per_s=bar.tokens_per_s)
+    return counts
+
+
+def collect_instructions(model, records, tokenizer=None, *, template: str = "plain", scope: str = "prompt",
+                         batch_size: int = 8, max_length: int | None = 512, out: str | Path | None = None,
+                         mesh=None, progress: bool = True, **kwargs) -> Counts:
+    """Encode instruction records and collect their counts (ids and categories attached).
+
+    Args:
+      model: a `CausalLM`.
+      records: `Record`s (e.g. from `load_instructions`).
+      tokenizer: defaults to the model directory's tokenizer, else the shipped one.
+      template: "plain" or "chat"; scope: "prompt" (default, as in the paper),
+        "response" (teacher forcing) or "all".
+      Other arguments as in `collect_counts`.
+    """
+    from sparcom_jax.data import default_tokenizer, encode_records
+
+    tok = tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
+    enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length)
+    meta = {"model": getattr(model, "source_path", None), "template": template, "scope": scope,
+            "max_length": max_length, "n_truncated": int(enc.n_truncated)}
+    return collect_counts(model, enc.ids, enc.scopes, batch_size, mesh=mesh, progress=progress, out=out,
+                          ids=enc.record_ids, categories=enc.categories, meta=meta, **kwargs)

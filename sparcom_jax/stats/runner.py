@@ -1,0 +1,139 @@
+"""Feeding length-bucketed batches through a jitted, sharded function, on one or many processes.
+
+The runner owns what collection and loss evaluation share: the mesh, putting
+each padded batch on the devices (each process contributes its own rows with
+`jax.make_array_from_process_local_data`), agreeing on a common schedule of
+batch shapes across processes, and bringing per-row results back to the host
+of the process that owns the rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sparcom_jax.data.batching import pad_batch, plan_batches
+from sparcom_jax.parallel.sharding import state_shardings
+
+
+def validate_sequences(sequences, scopes, vocab_size: int):
+    """Check and normalise inputs: 1-D int sequences, matching bool scopes, ids < vocab.
+
+    Raises:
+      ValueError: naming the sequence index and what is wrong.
+    """
+    seqs = []
+    for i, s in enumerate(sequences):
+        a = np.asarray(s)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"sequence {i}: expected a non-empty 1-D array of token ids, got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"sequence {i}: token ids must be integers, got dtype {a.dtype}")
+        if a.min() < 0 or a.max() >= vocab_size:
+            raise ValueError(f"sequence {i}: token id {int(a.max() if a.max() >= vocab_size else a.min())} is "
+                             f"outside the model's vocabulary [0, {vocab_size}); was it tokenised with another "
+                             "tokenizer?")
+        seqs.append(a.astype(np.int32))
+    if scopes is None:
+        return seqs, None
+    if len(scopes) != len(seqs):
+        raise ValueError(f"scopes has {len(scopes)} entries but sequences has {len(seqs)}; give one mask per sequence")
+    out = []
+    for i, (s, m) in enumerate(zip(seqs, scopes)):
+        m = np.asarray(m)
+        if m.shape != s.shape:
+            raise ValueError(f"scope {i}: shape {m.shape} does not match its sequence's {s.shape}")
+        out.append(m.astype(bool))
+    return seqs, out
+
+
+class BatchRunner:
+    """Runs `step(state, ids, valid, scope) -> dict of [B, ...] arrays` over bucketed batches.
+
+    Args:
+      model: the nnx model whose state is passed to `step`.
+      step: a pure function (graphdef-closed) of (state, ids [B,T], valid [B,T], scope [B,T]).
+      batch_size: rows per process per batch (rounded up to a multiple of the local data shards).
+      mesh: optional ("data", "model") mesh; None runs on the default device.
+      buckets: fixed bucket lengths (None: the data module's default ladder).
+    """
+
+    def __init__(self, model, step: Callable, batch_size: int, mesh=None, buckets: Sequence[int] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.mesh = mesh
+        self.buckets = tuple(buckets) if buckets is not None else None
+        graphdef, state = nnx.split(model)
+        if mesh is not None:
+            shards = state_shardings(state, mesh)
+            state = jax.device_put(state, shards)
+            local_data = max(1, mesh.shape["data"] // jax.process_count())
+            self.rows = int(math.ceil(batch_size / local_data) * local_data)
+            self.batch_sharding = NamedSharding(mesh, P("data"))
+            self._fn = jax.jit(lambda st, *a: step(graphdef, st, *a),
+                               in_shardings=(shards, self.batch_sharding, self.batch_sharding, self.batch_sharding),
+                               out_shardings=self.batch_sharding)
+        else:
+            self.rows = batch_size
+            self.batch_sharding = None
+            self._fn = jax.jit(lambda st, *a: step(graphdef, st, *a))
+        self.state = state
+        self.padding_fraction = 0.0
+
+    def _schedule(self, lengths: np.ndarray):
+        plan = plan_batches(lengths, self.rows, self.buckets, pad_rows=True) if len(lengths) else None
+        sched = [(b.indices, b.length) for b in plan.batches] if plan else []
+        if jax.process_count() > 1:
+            # Every process must run the same sequence of shapes (SPMD): agree on the
+            # number of steps and take the longest bucket of each step.
+            from jax.experimental import multihost_utils
+
+            n = int(np.max(multihost_utils.process_allgather(np.array([len(sched)]))))
+            local = np.array([t for _, t in sched] + [0] * (n - len(sched)), np.int64)
+            lens = np.max(multihost_utils.process_allgather(local).reshape(jax.process_count(), n), axis=0)
+            sched = sched + [(np.zeros(0, np.int64), 0)] * (n - len(sched))
+            sched = [(idx, int(max(t, 1))) for (idx, _), t in zip(sched, lens)]
+        slots = sum(self.rows * t for _, t in sched)
+        self.padding_fraction = 1.0 - float(np.sum(lengths)) / slots if slots else 0.0
+        return sched
+
+    def _put(self, a: np.ndarray):
+        if self.mesh is None:
+            return a
+        return jax.make_array_from_process_local_data(self.batch_sharding, a)
+
+    def _get(self, tree):
+        if self.mesh is None or jax.process_count() == 1:
+            return jax.tree.map(np.asarray, tree)
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, self.mesh, P("data")))
+
+    def run(self, seqs: list[np.ndarray], scopes: list[np.ndarray] | None, on_batch=None):
+        """Yield (row indices, result dict of numpy [R, ...]) for every batch, in schedule order."""
+        lengths = np.array([len(s) for s in seqs], np.int64)
+        pending = None
+        for idx, T in self._schedule(lengths):
+            ids, valid = pad_batch([seqs[i] for i in idx], T, rows=self.rows)
+            if scopes is None:
+                scope = valid
+            else:
+                scope, _ = pad_batch([scopes[i] for i in idx], T, rows=self.rows)
+            out = self._fn(self.state, self._put(ids), self._put(valid), self._put(scope))
+            # One-step lag: the next batch is dispatched before this one's results are fetched.
+            if pending is not None:
+                yield self._finish(*pending, on_batch)
+            pending = (idx, out, int(valid.sum()))
+        if pending is not None:
+            yield self._finish(*pending, on_batch)
+
+    def _finish(self, idx, out, n_tokens, on_batch):
+        res = self._get(out)
+        if on_batch is not None:
+            on_batch(n_tokens)
+        return idx, {k: v[: len(idx)] for k, v in res.items()}

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hf_fixtures import write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: hf_checkpoint(variant, fused=False) -> directory, cached for the session."""
+    cache = {}
+
+    def get(name: str, fused: bool = False):
+        key = (name, fused)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"hf_{name}{'_fused' if fused else ''}")
+            cache[key] = write_checkpoint(name, d, fused=fused)
+        return cache[key]
+
+    return get

@@ -1,0 +1,232 @@
+"""The statistics engine against a plain PyTorch-hooks computation, invariances, stores, devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hf_fixtures import DENSE, MOE, VARIANTS, make_torch_model
+from torch_reference import torch_counts
+
+import sparcom_jax as sj
+
+
+def make_inputs(n=7, vocab=96, seed=3, with_scopes=True):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(3, vocab, size=int(rng.integers(2, 21))) for _ in range(n)]
+    scopes = None
+    if with_scopes:
+        scopes = [rng.random(len(s)) < 0.6 for s in seqs]
+        scopes[0][:] = False  # a sequence with nothing in scope counts zero tokens
+    return seqs, scopes
+
+
+def assert_counts_equal(ours, ref, tol_fraction=1e-3):
+    np.testing.assert_array_equal(np.asarray(ours.tokens), ref["tokens"])
+    for field in ("neuron_active", "expert_routed", "expert_neuron_active"):
+        a, b = getattr(ours, field), ref[field]
+        if b is None:
+            assert a is None, field
+            continue
+        a = np.asarray(a[:])
+        assert a.shape == b.shape, (field, a.shape, b.shape)
+        bad = np.mean(a != b)
+        # Exact up to rare sign ties of activations within float rounding of zero.
+        assert bad <= tol_fraction, f"{field}: {bad:.2%} of entries differ"
+        assert a.sum() > 0, f"{field}: nothing counted; the test would prove nothing"
+
+
+@pytest.mark.parametrize("with_scopes", [True, False])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_counts_match_pytorch_hooks(variant, with_scopes, hf_checkpoint):
+    seqs, scopes = make_inputs(with_scopes=with_scopes)
+    ref = torch_counts(make_torch_model(variant), seqs, scopes)
+    ours = sj.collect_counts(sj.load_model(hf_checkpoint(variant)), seqs, scopes, batch_size=3, progress=False)
+    assert_counts_equal(ours, ref)
+    cfg = sj.ModelConfig.from_pretrained(hf_checkpoint(variant))
+    if variant in DENSE:
+        assert ours.expert_routed is None and ours.expert_neuron_active is None
+    else:
+        # every counted token is routed to exactly k experts
+        np.testing.assert_array_equal(ours.expert_routed.sum(-1),
+                                      np.broadcast_to(ours.tokens[:, None] * cfg.top_k, ours.expert_routed.shape[:2]))
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_moe"])
+def test_counts_do_not_depend_on_batching_buckets_or_order(variant, hf_checkpoint):
+    model = sj.load_model(hf_checkpoint(variant))
+    seqs, scopes = make_inputs(n=9)
+    base = sj.collect_counts(model, seqs, scopes, batch_size=4, progress=False)
+    variants = [
+        sj.collect_counts(model, seqs, scopes, batch_size=1, progress=False),
+        sj.collect_counts(model, seqs, scopes, batch_size=9, buckets=[32], progress=False),
+        sj.collect_counts(model, seqs, scopes, batch_size=2, buckets=[8, 12, 16, 24], progress=False),
+    ]
+    perm = np.random.default_rng(0).permutation(len(seqs))
+    shuffled = sj.collect_counts(model, [seqs[i] for i in perm], [scopes[i] for i in perm], batch_size=4,
+                                 progress=False)
+    for field, arr in base.arrays().items():
+        for other in variants:
+            np.testing.assert_array_equal(getattr(other, field), arr)
+        np.testing.assert_array_equal(getattr(shuffled, field), arr[perm])
+
+
+def test_store_streams_and_reads_back_lazily(hf_checkpoint, tmp_path):
+    model = sj.load_model(hf_checkpoint("mixtral"))
+    seqs, scopes = make_inputs(n=11)
+    ids = [f"r{i}" for i in range(11)]
+    cats = [sj.CATEGORIES[i % 6] for i in range(11)]
+    mem = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False)
+    stored = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False, out=tmp_path / "s",
+                               chunk_rows=4, ids=ids, categories=cats)
+    from sparcom_jax.stats.store import LazyArray
+
+    assert isinstance(stored.expert_neuron_active, LazyArray)
+    assert stored.ids == ids and stored.categories == cats
+    again = sj.open_counts(tmp_path / "s")
+    for field, arr in mem.arrays().items():
+        np.testing.assert_array_equal(getattr(again, field)[:], arr)
+        np.testing.assert_array_equal(getattr(again, field)[4:9], arr[4:9])
+
+
+def test_interrupted_collection_resumes_to_the_same_result(hf_checkpoint, tmp_path):
+    model = sj.load_model(hf_checkpoint("qwen2_moe"))
+    seqs, scopes = make_inputs(n=10)
+    full = sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False)
+    out = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=out, chunk_rows=3,
+                          _stop_after_chunks=2)
+    assert json.loads((out / "progress.json").read_text())["done_chunks"] == 2
+    with pytest.raises(ValueError, match="has not finished"):
+        sj.open_counts(out)
+    resumed = sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=out, chunk_rows=3)
+    for field, arr in full.arrays().items():
+        np.testing.assert_array_equal(getattr(resumed, field)[:], arr)
+    # a store made for other inputs is never silently mixed in
+    with pytest.raises(ValueError, match="different inputs"):
+        sj.collect_counts(model, seqs[:5], None, out=out, chunk_rows=3, progress=False)
+
+
+def test_bad_inputs_are_named(hf_checkpoint):
+    model = sj.load_model(hf_checkpoint("llama"))
+    with pytest.raises(ValueError, match=r"sequence 1: token id 500 is outside"):
+        sj.collect_counts(model, [np.array([1, 2]), np.array([3, 500])], progress=False)
+    with pytest.raises(ValueError, match=r"scope 0: shape \(3,\) does not match"):
+        sj.collect_counts(model, [np.array([1, 2])], [np.ones(3, bool)], progress=False)
+    with pytest.raises(ValueError, match="sequence 0: expected a non-empty"):
+        sj.collect_counts(model, [np.array([], np.int32)], progress=False)
+
+
+def test_collect_instructions_attaches_ids_categories_and_scope(hf_checkpoint):
+    from sparcom_jax.data import default_tokenizer, load_instructions, sample_balanced
+
+    tok = default_tokenizer()
+    records = sample_balanced(load_instructions(), 2, seed=0)
+    from sparcom_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=32,
+                                          intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2))
+    model = sj.init_model(cfg, seed=0)
+    prompt = sj.collect_instructions(model, records, tok, scope="prompt", progress=False)
+    allc = sj.collect_instructions(model, records, tok, scope="all", progress=False)
+    assert prompt.ids == [r.id for r in records]
+    assert prompt.categories == [r.category for r in records]
+    assert prompt.meta["scope"] == "prompt"
+    assert np.all(prompt.tokens < allc.tokens) and np.all(prompt.tokens > 0)
+    assert np.all(prompt.neuron_active <= allc.neuron_active)
+
+
+# ---------------------------------------------------------------- devices and processes
+EIGHT_DEVICES = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import numpy as np, jax
+    import sparcom_jax as sj
+    path, inp, out = sys.argv[1:4]
+    d = np.load(inp, allow_pickle=True)
+    seqs, scopes = list(d["seqs"]), list(d["scopes"])
+    mesh = sj.make_mesh(data=4, model=2)
+    c = sj.collect_counts(sj.load_model(path, mesh=mesh), seqs, scopes, batch_size=3, mesh=mesh, progress=False)
+    np.savez(out, tokens=c.tokens, **c.arrays())
+""")
+
+
+def _clean_env():
+    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+
+
+def _save_inputs(path, seqs, scopes):
+    arr = np.empty(len(seqs), object)
+    arr[:] = seqs
+    sc = np.empty(len(scopes), object)
+    sc[:] = scopes
+    np.savez(path, seqs=arr, scopes=sc)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe", "llama"])
+def test_eight_simulated_devices_match_one(variant, hf_checkpoint, tmp_path):
+    path = hf_checkpoint(variant)
+    seqs, scopes = make_inputs(n=10)
+    _save_inputs(tmp_path / "in.npz", seqs, scopes)
+    (tmp_path / "run.py").write_text(EIGHT_DEVICES)
+    subprocess.run([sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], check=True, env=_clean_env(), timeout=300)
+    got = np.load(tmp_path / "out.npz")
+    one = sj.collect_counts(sj.load_model(path), seqs, scopes, batch_size=4, progress=False)
+    np.testing.assert_array_equal(got["tokens"], one.tokens)
+    for field, arr in one.arrays().items():
+        np.testing.assert_array_equal(got[field], arr)
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import numpy as np, jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    pid, port, path, inp, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import sparcom_jax as sj
+    assert jax.process_count() == 2 and len(jax.devices()) == 4
+    d = np.load(inp, allow_pickle=True)
+    seqs, scopes = list(d["seqs"]), list(d["scopes"])
+    # each process feeds its own share (uneven on purpose)
+    mine = slice(0, 4) if pid == 0 else slice(4, None)
+    mesh = sj.make_mesh(data=2, model=2)
+    c = sj.collect_counts(sj.load_model(path, mesh=mesh), seqs[mine], scopes[mine], batch_size=2, mesh=mesh,
+                          progress=False)
+    np.savez(out, tokens=c.tokens, **c.arrays())
+    jax.distributed.shutdown()
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe"])
+def test_two_process_distributed_run_matches_single_process(variant, hf_checkpoint, tmp_path):
+    path = hf_checkpoint(variant)
+    seqs, scopes = make_inputs(n=11)
+    _save_inputs(tmp_path / "in.npz", seqs, scopes)
+    (tmp_path / "run.py").write_text(TWO_PROCESSES)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(path),
+                               str(tmp_path / "in.npz"), str(tmp_path / f"out{i}.npz")], env=_clean_env())
+             for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    parts = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
+    one = sj.collect_counts(sj.load_model(path), seqs, scopes, batch_size=4, progress=False)
+    np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), one.tokens)
+    for field, arr in one.arrays().items():
+        np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), arr)

@@ -1,0 +1,295 @@
+"""Model families against transformers (PyTorch) on tiny random checkpoints, loading, saving, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hf_fixtures import DENSE, MOE, VARIANTS, batch_with_padding, make_torch_model
+
+import sparcom_jax as sj
+from sparcom_jax.checkpoints.hf import CheckpointError
+from sparcom_jax.models.config import ConfigError, ModelConfig
+
+
+def torch_logits(path, ids, mask):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def assert_logits_close(ref, ours, mask):
+    m = mask.astype(bool)[..., None]
+    scale = np.abs(ref[np.broadcast_to(m, ref.shape)]).max()
+    err = np.abs(np.where(m, ref - ours, 0.0)).max()
+    assert err <= 1e-4 * scale, f"max abs diff {err:.3g} vs logit scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(variant, hf_checkpoint):
+    path = hf_checkpoint(variant)
+    ids, mask = batch_with_padding()
+    ours = np.asarray(sj.load_model(path)(ids, mask))
+    assert ours.shape == (3, 9, 96)
+    assert_logits_close(torch_logits(path, ids, mask), ours, mask)
+
+
+@pytest.mark.parametrize("variant", MOE)
+def test_chosen_experts_match_transformers(variant, hf_checkpoint):
+    """Per token and layer, the top-k expert set equals the reference router's."""
+    path = hf_checkpoint(variant)
+    ids, mask = batch_with_padding()
+    tm = make_torch_model(variant)
+    chosen = {}
+
+    def hook(layer):
+        def fn(module, inputs, output):
+            chosen[layer] = output[2].reshape(ids.shape[0], ids.shape[1], -1).numpy()
+        return fn
+
+    for li, layer in enumerate(tm.model.layers):
+        layer.mlp.gate.register_forward_hook(hook(li))
+    with torch.no_grad():
+        tm(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    # One copy of each sequence per real token, counting only that token: expert_routed
+    # then holds exactly that token's chosen set.
+    model = sj.load_model(path)
+    seqs, scopes, where = [], [], []
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        for t in range(n):
+            sc = np.zeros(n, bool)
+            sc[t] = True
+            seqs.append(ids[b, :n])
+            scopes.append(sc)
+            where.append((b, t))
+    counts = sj.collect_counts(model, seqs, scopes, batch_size=5, progress=False)
+    E = model.config.num_experts
+    for row, (b, t) in enumerate(where):
+        for li in range(model.config.num_layers):
+            ref = np.zeros(E, np.int32)
+            ref[chosen[li][b, t]] = 1
+            np.testing.assert_array_equal(counts.expert_routed[row, li], ref, err_msg=f"token {b},{t} layer {li}")
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe"])
+def test_fused_and_per_expert_layouts_load_identically(variant, hf_checkpoint):
+    a = sj.load_model(hf_checkpoint(variant))
+    b = sj.load_model(hf_checkpoint(variant, fused=True))
+    for (ka, va), (kb, vb) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))):
+        assert ka == kb
+        np.testing.assert_array_equal(np.asarray(va.value), np.asarray(vb.value), err_msg=str(ka))
+
+
+@pytest.mark.parametrize("variant", ["llama_tied", "qwen2_moe_norm", "mixtral", "qwen3"])
+def test_save_roundtrip_through_transformers(variant, hf_checkpoint, tmp_path):
+    model = sj.load_model(hf_checkpoint(variant))
+    out = sj.save_model(model, tmp_path / "saved")
+    ids, mask = batch_with_padding()
+    ours = np.asarray(model(ids, mask))
+    assert_logits_close(torch_logits(out, ids, mask), ours, mask)
+    again = np.asarray(sj.load_model(out)(ids, mask))
+    np.testing.assert_allclose(again, ours, rtol=0, atol=1e-6)
+    assert not list(tmp_path.glob(".saved.tmp*")), "temporary directory left behind"
+
+
+def test_padding_never_influences_real_tokens(hf_checkpoint):
+    model = sj.load_model(hf_checkpoint("qwen2_moe"))
+    ids, mask = batch_with_padding()
+    other = ids.copy()
+    other[mask == 0] = 7  # different pad ids
+    a, b = np.asarray(model(ids, mask)), np.asarray(model(other, mask))
+    m = mask.astype(bool)
+    np.testing.assert_array_equal(a[m], b[m])
+    # and a sequence alone gives the same logits as inside the padded batch
+    alone = np.asarray(model(ids[2:3, :3], mask[2:3, :3]))
+    np.testing.assert_allclose(alone[0], a[2, :3], atol=1e-5)
+
+
+def test_jit_and_eager_forward_agree(hf_checkpoint):
+    model = sj.load_model(hf_checkpoint("mixtral"))
+    ids, mask = batch_with_padding()
+    eager = np.asarray(model.forward(jnp.asarray(ids), jnp.asarray(mask)).logits)
+    np.testing.assert_allclose(eager, np.asarray(model(ids, mask)), atol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32(hf_checkpoint):
+    path = hf_checkpoint("llama")
+    ids, mask = batch_with_padding()
+    f32 = np.asarray(sj.load_model(path)(ids, mask))
+    m16 = sj.load_model(path, dtype="bfloat16")
+    leaves = jax.tree.leaves(nnx.state(m16, nnx.Param))
+    assert all(x.dtype == jnp.bfloat16 for x in leaves)
+    b16 = np.asarray(m16(ids, mask))
+    m = mask.astype(bool)
+    rel = np.abs(b16[m] - f32[m]).max() / np.abs(f32[m]).max()
+    assert rel < 0.05, rel
+    # bf16 params with f32 master weights also works
+    mixed = sj.load_model(path, dtype="bfloat16", param_dtype="float32")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(mixed, nnx.Param)))
+
+
+def test_sharded_index_checkpoint_loads(hf_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = hf_checkpoint("qwen3")
+    m = AutoModelForCausalLM.from_pretrained(str(src))
+    m.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids, mask = batch_with_padding()
+    np.testing.assert_allclose(np.asarray(sj.load_model(tmp_path)(ids, mask)),
+                               np.asarray(sj.load_model(src)(ids, mask)), atol=1e-6)
+
+
+# ---------------------------------------------------------------- full-size shapes
+PUBLISHED = {
+    # name: (config.json fields, published parameter count)
+    "Llama-2-7B": (dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32), 6_738_415_616),
+    "Llama-3-8B": (dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        rope_theta=500000.0), 8_030_261_248),
+    "Mistral-7B": (dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        sliding_window=4096), 7_241_732_096),
+    "Qwen2.5-7B": (dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                        tie_word_embeddings=False), 7_615_616_512),
+    "Mixtral-8x7B": (dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                          num_local_experts=8, num_experts_per_tok=2), 46_702_792_704),
+    "Qwen1.5-MoE-A2.7B": (dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048,
+                               intermediate_size=5632, moe_intermediate_size=1408,
+                               shared_expert_intermediate_size=5632, num_hidden_layers=24,
+                               num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+                               num_experts_per_tok=4), 14_315_784_192),
+    "OLMoE-1B-7B": (dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                         num_experts=64, num_experts_per_tok=8), 6_919_161_856),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_full_size_parameter_counts_with_eval_shape(name):
+    hf, published = PUBLISHED[name]
+    cfg = ModelConfig.from_hf_config(hf)
+    abstract = sj.abstract_model(cfg, dtype="bfloat16")
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    n = sum(int(np.prod(x.shape)) for x in leaves)
+    assert n == published, f"{name}: {n:,} != {published:,}"
+    assert cfg.param_count() == n
+
+
+# ---------------------------------------------------------------- errors
+def test_unsupported_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    with pytest.raises(ConfigError, match=r"config.json.*'gpt2'.*supported: llama"):
+        sj.load_model(tmp_path)
+
+
+def test_remote_code_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "deepseek_v9", "auto_map": {"AutoModelForCausalLM": "modeling_x.Model"}}))
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        sj.load_model(tmp_path)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy(hf_checkpoint("llama"), tmp_path / "ck")
+    t = load_file(str(d / "model.safetensors"))
+    t.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        sj.load_model(d)
+
+
+def test_unexpected_tensor_is_named(hf_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy(hf_checkpoint("llama"), tmp_path / "ck")
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.5.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.5\.mlp\.up_proj\.weight"):
+        sj.load_model(d)
+
+
+def test_config_disagreeing_with_weights_names_tensor_and_shape(hf_checkpoint, tmp_path):
+    d = _copy(hf_checkpoint("llama"), tmp_path / "ck")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*gate_proj\.weight.*shape \(48, 32\).*\(64, 32\)"):
+        sj.load_model(d)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(VARIANTS_CONFIG_LLAMA))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*never loaded.*safetensors"):
+        sj.load_model(tmp_path)
+
+
+VARIANTS_CONFIG_LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_bad_json_config_names_line(tmp_path):
+    (tmp_path / "config.json").write_text('{\n "model_type": "llama",\n oops\n}')
+    with pytest.raises(ConfigError, match=r"config\.json:3"):
+        sj.load_model(tmp_path)
+
+
+# ---------------------------------------------------------------- sharded load
+SHARDED_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import numpy as np, jax
+    import sparcom_jax as sj
+    path, out = sys.argv[1], sys.argv[2]
+    assert len(jax.devices()) == 8
+    mesh = sj.make_mesh(data=2, model=4)
+    model = sj.load_model(path, mesh=mesh)
+    assert tuple(model.blocks.ffn.gate_proj.value.sharding.spec)[1] == "model"  # experts over model
+    sh = model.blocks.ffn.shared_expert.gate_proj.value.sharding
+    assert tuple(sh.spec)[-1] == "model", sh.spec  # shared-expert neurons over model
+    assert len(model.blocks.ffn.gate_proj.value.addressable_shards) == 8
+    ids = np.load(out + ".ids.npy"); mask = np.load(out + ".mask.npy")
+    np.save(out, np.asarray(model(ids, mask)))
+""")
+
+
+def test_sharded_load_on_8_devices_matches_one_device(hf_checkpoint, tmp_path):
+    path = hf_checkpoint("qwen2_moe")
+    ids, mask = batch_with_padding()
+    out = str(tmp_path / "logits.npy")
+    np.save(out + ".ids.npy", ids)
+    np.save(out + ".mask.npy", mask)
+    script = tmp_path / "run.py"
+    script.write_text(SHARDED_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, str(script), str(path), out], check=True, env=env, timeout=300)
+    np.testing.assert_allclose(np.load(out), np.asarray(sj.load_model(path)(ids, mask)), atol=2e-5)
