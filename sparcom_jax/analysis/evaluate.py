@@ -1,0 +1,231 @@
+"""Step 2 of SPARCOM: generality, uniqueness, overlaps and layer profiles.
+
+Inputs are category sets bool [C, *U] (rows in CATEGORIES order, U = (L, ...))
+and, for instruction-level overlap, an `Identification` holding S(I).
+Undefined ratios (0/0, e.g. the Jaccard of two empty sets) are NaN, never 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sparcom_jax.analysis.common import C, nan_mean, one_hot, safe_div
+from sparcom_jax.analysis.identify import Identification
+
+
+def set_sizes(sets: np.ndarray) -> np.ndarray:
+    """int [C] |S(c)| of bool [C, *U] sets."""
+    return sets.reshape(sets.shape[0], -1).sum(1)
+
+
+def category_overlap(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise overlap of category sets.
+
+    Args:
+      sets: bool [C, *U].
+
+    Returns:
+      (jaccard [C, C] = |A∩B| / |A∪B|, overlap coefficient [C, C] =
+      |A∩B| / min(|A|, |B|)); NaN where the denominator is 0.
+    """
+    x = sets.reshape(sets.shape[0], -1).astype(np.float64)
+    inter = x @ x.T  # exact: integer sums far below 2**53
+    size = np.diag(inter)
+    union = size[:, None] + size[None, :] - inter
+    return safe_div(inter, union), safe_div(inter, np.minimum(size[:, None], size[None, :]))
+
+
+def _block_rows(n_units: int, budget_bytes: int) -> int:
+    return max(1, budget_bytes // (4 * max(n_units, 1)))
+
+
+def instruction_jaccard(ident: Identification, *, budget_bytes: int = 1 << 27) -> np.ndarray:
+    """Jaccard of every pair of instruction sets.
+
+    |A∩B| = X X^T over float32 blocks of rows (exact: counts < 2**24), |A∪B| =
+    |A| + |B| - |A∩B|, so no [N, N, U] tensor is formed; each block holds at most
+    `budget_bytes` of float32 rows.
+
+    Args:
+      ident: an Identification with instruction sets kept.
+      budget_bytes: memory for one block of float32 rows.
+
+    Returns:
+      float32 [N, N] in the instructions' original order; NaN where both sets
+      are empty; 1 on the diagonal for non-empty sets.
+    """
+    n, u = ident.n, ident.n_units
+    if u >= 1 << 24:
+        raise ValueError(f"{u} units exceed exact float32 counting; split the field")
+    size = ident.instruction_size.astype(np.float64)
+    out = np.empty((n, n), np.float32)
+    b = _block_rows(u, budget_bytes)
+    for i0 in range(0, n, b):
+        xi = ident.instruction_rows(i0, min(i0 + b, n)).astype(np.float32)
+        for j0 in range(i0, n, b):
+            xj = xi if j0 == i0 else ident.instruction_rows(j0, min(j0 + b, n)).astype(np.float32)
+            inter = (xi @ xj.T).astype(np.float64)
+            union = size[i0:i0 + xi.shape[0], None] + size[None, j0:j0 + xj.shape[0]] - inter
+            jac = safe_div(inter, union).astype(np.float32)
+            out[i0:i0 + xi.shape[0], j0:j0 + xj.shape[0]] = jac
+            out[j0:j0 + xj.shape[0], i0:i0 + xi.shape[0]] = jac.T
+    return out
+
+
+def category_block_means(
+    pair: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mean of an instruction x instruction matrix within category blocks.
+
+    Self-pairs (the diagonal) are excluded, so the diagonal block of c is the
+    mean over ordered pairs I != I' in c; NaN entries (undefined Jaccard) are
+    skipped.
+
+    Args:
+      pair: float [N, N], symmetric.
+      labels: int [N] category indices.
+      weights: optional float [N] multiplicities (bootstrap resamples), or
+        [B, N] for B weightings at once.
+
+    Returns:
+      float [C, C], or [B, C, C] for 2-D weights; NaN for blocks with no pair.
+    """
+    valid = np.isfinite(pair)
+    np.fill_diagonal(valid, False)
+    vals = np.where(valid, pair, 0.0).astype(np.float64)
+    valid = valid.astype(np.float64)
+    y = one_hot(labels)
+    if weights is None:
+        return safe_div(y.T @ vals @ y, y.T @ valid @ y)
+    w = np.atleast_2d(weights).astype(np.float64)           # [B, N]
+    yw = w[:, :, None] * y[None]                              # [B, N, C]
+    sums = np.einsum("bnc,nm,bmd->bcd", yw, vals, yw, optimize=True)
+    cnts = np.einsum("bnc,nm,bmd->bcd", yw, valid, yw, optimize=True)
+    out = safe_div(sums, cnts)
+    return out if np.ndim(weights) == 2 else out[0]
+
+
+def diagonal_dominance(block: np.ndarray) -> float:
+    """Mean of the diagonal minus mean of the off-diagonal of a [C, C] matrix (finite entries)."""
+    block = np.asarray(block, dtype=np.float64)
+    off = ~np.eye(block.shape[0], dtype=bool)
+    return nan_mean(np.diag(block)) - nan_mean(block[off])
+
+
+def category_order(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Instruction order grouped by category (stable) and the block boundaries.
+
+    Returns:
+      (order int [N], bounds int [C + 1]): instructions of category c are
+      order[bounds[c]:bounds[c + 1]].
+    """
+    order = np.argsort(labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=C))])
+    return order, bounds
+
+
+def generality(sets: np.ndarray) -> dict:
+    """Units shared by every category.
+
+    Args:
+      sets: bool [C, *U].
+
+    Returns:
+      dict with `general` (units in all C sets), `union` (units in any set),
+      `general_share` (general / union, NaN if the union is empty),
+      `breadth_histogram` int [C]: entry k-1 counts units in exactly k sets, and
+      `general_mask` bool [*U].
+    """
+    breadth = sets.reshape(sets.shape[0], -1).sum(0)
+    n_sets = sets.shape[0]
+    general = int((breadth == n_sets).sum())
+    union = int((breadth > 0).sum())
+    return {
+        "general": general,
+        "union": union,
+        "general_share": float(safe_div(general, union)),
+        "breadth_histogram": np.bincount(breadth, minlength=n_sets + 1)[1:],
+        "general_mask": (breadth == n_sets).reshape(sets.shape[1:]),
+    }
+
+
+def uniqueness(sets: np.ndarray) -> dict:
+    """U(c) = S(c) minus the union of the other categories' sets.
+
+    Args:
+      sets: bool [C, *U].
+
+    Returns:
+      dict with `unique` int [C] = |U(c)|, `unique_ratio` float [C] =
+      |U(c)| / |S(c)| (NaN for empty S(c)), `unique_sets` bool [C, *U].
+    """
+    breadth = sets.sum(0)
+    uniq = sets & (breadth == 1)[None]
+    n_uniq = set_sizes(uniq)
+    return {"unique": n_uniq, "unique_ratio": safe_div(n_uniq, set_sizes(sets)), "unique_sets": uniq}
+
+
+def layer_distribution(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Selected units per layer.
+
+    Args:
+      sets: bool [C, L, ...] (layer is the first unit axis).
+
+    Returns:
+      (count int [C, L], share float [C, L] = count / units per layer).
+    """
+    count = sets.reshape(sets.shape[0], sets.shape[1], -1).sum(2)
+    width = int(np.prod(sets.shape[2:]))
+    return count, count / width
+
+
+def locate_phases(profile) -> dict:
+    """Split a per-layer profile into early, middle and late phases.
+
+    Rule: the two boundaries 1 <= b1 < b2 <= L-1 that best fit the profile by
+    three constant segments [0, b1), [b1, b2), [b2, L) in least squares
+    (exhaustive search, O(L^2) with prefix sums; ties go to the earliest
+    boundaries). This finds where the profile steps down or up without assuming
+    the phases are thirds. `explained` = 1 - residual / total sum of squares
+    tells how step-like the profile is (NaN for a flat profile, where any split
+    fits). `early_dominant` is the paper's pattern: the early phase has more
+    units per layer than both the middle and the late phase.
+
+    Args:
+      profile: float [L] units per layer.
+
+    Returns:
+      dict with `boundaries` [b1, b2] (first layer of middle and late; 0-based),
+      per-phase `layers` [first, last] and `mean`, `explained`, `early_dominant`;
+      for L < 3 the boundaries and phases are None.
+    """
+    y = np.asarray(profile, dtype=np.float64)
+    n_layers = y.shape[0]
+    if n_layers < 3:
+        return {"rule": "three-segment least squares", "boundaries": None, "early": None,
+                "middle": None, "late": None, "explained": None, "early_dominant": None}
+    s1 = np.concatenate([[0.0], np.cumsum(y)])
+    s2 = np.concatenate([[0.0], np.cumsum(y * y)])
+
+    def sse(a, b):  # residual of the constant fit on y[a:b]
+        return s2[b] - s2[a] - (s1[b] - s1[a]) ** 2 / (b - a)
+
+    total = sse(0, n_layers)
+    best, best_cost = (1, 2), np.inf
+    tol = 1e-9 * max(1.0, total)
+    for b1 in range(1, n_layers - 1):
+        for b2 in range(b1 + 1, n_layers):
+            cost = sse(0, b1) + sse(b1, b2) + sse(b2, n_layers)
+            if cost < best_cost - tol:
+                best, best_cost = (b1, b2), cost
+    b1, b2 = best
+    spans = {"early": (0, b1), "middle": (b1, b2), "late": (b2, n_layers)}
+    phases = {k: {"layers": [a, b - 1], "mean": float(y[a:b].mean())} for k, (a, b) in spans.items()}
+    means = {k: v["mean"] for k, v in phases.items()}
+    return {
+        "rule": "three-segment least squares",
+        "boundaries": [b1, b2],
+        **phases,
+        "explained": float(1.0 - best_cost / total) if total > 0 else None,
+        "early_dominant": bool(means["early"] > means["middle"] and means["early"] > means["late"]),
+    }

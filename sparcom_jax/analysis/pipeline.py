@@ -1,0 +1,387 @@
+"""From counts to the summary: analyse models, compare them, assemble summary.json.
+
+    cfg = IdentifyConfig()
+    base = analyze_model(counts_base, cfg, name="base")
+    tuned = analyze_model(counts_tuned, cfg, name="tuned")
+    comparison = compare_models(base, tuned)
+    summary = build_summary({"base": base, "tuned": tuned}, config=cfg,
+                            comparison=comparison, ablation=ablation_result)
+
+Every section is JSON-safe (NaN -> None); categories are always in CATEGORIES order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from sparcom_jax.analysis import compare as cmp
+from sparcom_jax.analysis import evaluate as ev
+from sparcom_jax.analysis.ablate import AblationResult
+from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable
+from sparcom_jax.analysis.identify import IdentifyConfig, Identification, identify
+from sparcom_jax.analysis.uncertainty import bootstrap, permutation_test
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+from sparcom_jax.stats.counts import Counts
+
+SUMMARY_VERSION = 1
+# Bit-pack S(I) when the bool [N, *U] sets would exceed 1 GiB (MoE expert neurons).
+_PACK_ABOVE = 1 << 30
+
+
+@dataclasses.dataclass
+class FieldAnalysis:
+    """One count field of one model.
+
+    Attributes:
+      ident: the identification (S(I) dropped unless asked to keep them).
+      instruction_matrix: float32 [N, N] instruction Jaccard in original order,
+        or None when instruction-level analysis was skipped.
+      summary: the JSON-safe `models.<name>.<section>` dict.
+    """
+
+    ident: Identification
+    instruction_matrix: np.ndarray | None
+    summary: dict
+
+
+@dataclasses.dataclass
+class ModelAnalysis:
+    """All analysed fields of one model, keyed by section ("isn", "ise", "expert_neurons")."""
+
+    name: str
+    config: IdentifyConfig
+    fields: dict[str, FieldAnalysis]
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, section: str) -> FieldAnalysis:
+        return self.fields[section]
+
+    def summary(self) -> dict:
+        """The `models.<name>` dict: {"meta": ..., "<section>": ...}."""
+        return jsonable({"meta": self.meta, **{k: v.summary for k, v in self.fields.items()}})
+
+
+def _phases(count_cl: np.ndarray, union_l: np.ndarray) -> dict:
+    out = {c: ev.locate_phases(count_cl[i]) for i, c in enumerate(CATEGORIES)}
+    out["union"] = ev.locate_phases(union_l)
+    return out
+
+
+def field_summary(ident: Identification, instruction_matrix: np.ndarray | None = None) -> dict:
+    """The point estimates of one field (everything but bootstrap and permutation).
+
+    Args:
+      ident: identification.
+      instruction_matrix: optional float [N, N] instruction Jaccard.
+
+    Returns:
+      JSON-safe dict; see docs/analysis.md for each key.
+    """
+    sets = ident.category_sets
+    jac, coef = ev.category_overlap(sets)
+    gen = ev.generality(sets)
+    uniq = ev.uniqueness(sets)
+    count, share = ev.layer_distribution(sets)
+    union_l = sets.any(0).reshape(sets.shape[1], -1).sum(1)
+    sizes_i = ident.instruction_size
+    mean_size = [float(sizes_i[ident.labels == c].mean()) if ident.n_per_category[c] else None
+                 for c in range(C)]
+    s: dict[str, Any] = {
+        "field": ident.field,
+        "units": list(UNIT_AXES[ident.field]),
+        "unit_shape": list(ident.unit_shape),
+        "n_instructions": ident.n,
+        "n_per_category": by_category(ident.n_per_category),
+        "per_category_count": by_category(ev.set_sizes(sets)),
+        "unique": by_category(uniq["unique"]),
+        "unique_ratio": by_category(uniq["unique_ratio"]),
+        "general": gen["general"],
+        "union": gen["union"],
+        "general_share": gen["general_share"],
+        "breadth_histogram": {str(k + 1): v for k, v in enumerate(gen["breadth_histogram"])},
+        "overlap_jaccard": jac,
+        "overlap_coefficient": coef,
+        "per_layer": by_category(count),
+        "per_layer_share": by_category(share),
+        "union_per_layer": union_l,
+        "general_per_layer": gen["general_mask"].reshape(sets.shape[1], -1).sum(1),
+        "phases": _phases(count, union_l),
+        "mean_instruction_set_size": by_category(mean_size),
+        "mean_frequency": by_category(ident.category_mean.reshape(C, -1).mean(1)),
+        "instruction_overlap": None,
+        "diagonal_dominance": None,
+    }
+    if instruction_matrix is not None:
+        block = ev.category_block_means(instruction_matrix, ident.labels)
+        s["instruction_overlap"] = block
+        s["diagonal_dominance"] = ev.diagonal_dominance(block)
+    if ident.field == "expert_routed":
+        s["category_mean_frequency"] = by_category(ident.category_mean)
+    if ident.field == "expert_neuron_active":
+        s["per_expert"] = by_category(sets.sum(-1))
+    return jsonable(s)
+
+
+def analyze_field(
+    counts: Counts, field: str, cfg: IdentifyConfig, *,
+    n_boot: int = 100, n_perm: int = 999, seed: int = 0, ci: float = 0.95,
+    instruction_level: bool = True, keep_instruction_sets: bool = False, packed: bool | None = None,
+) -> FieldAnalysis:
+    """Identify and evaluate one count field (see analyze_model for the arguments)."""
+    need_sets = instruction_level or keep_instruction_sets or (
+        n_boot > 0 and cfg.aggregation == "consensus")
+    if packed is None:
+        shape = getattr(counts, field).shape
+        packed = int(np.prod(shape, dtype=np.int64)) > _PACK_ABOVE
+    ident = identify(counts, field, cfg, keep_instruction_sets=need_sets, packed=packed)
+    jmat = ev.instruction_jaccard(ident) if instruction_level else None
+    summary = field_summary(ident, jmat)
+    summary["bootstrap"] = summary["permutation"] = None
+    if n_boot > 0:
+        summary["bootstrap"] = jsonable(bootstrap(
+            ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci))
+    if n_perm > 0 and jmat is not None:
+        summary["permutation"] = jsonable(permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed))
+    if not keep_instruction_sets:
+        ident.drop_instruction_sets()
+    return FieldAnalysis(ident=ident, instruction_matrix=jmat, summary=summary)
+
+
+def analyze_model(
+    counts: Counts, cfg: IdentifyConfig | None = None, *, name: str = "model",
+    fields: Sequence[str] | None = None, n_boot: int = 100, n_perm: int = 999, seed: int = 0,
+    ci: float = 0.95, instruction_level: bool | Sequence[str] = True,
+    keep_instruction_sets: bool = False, packed: bool | None = None,
+) -> ModelAnalysis:
+    """Identification and evaluation of every count field a model has.
+
+    Args:
+      counts: the model's counts (numpy or lazily-read arrays) with categories.
+      cfg: identification rule (default IdentifyConfig()).
+      name: model name used in the summary.
+      fields: count fields to analyse (default: all present).
+      n_boot: bootstrap replicates (0 = none).
+      n_perm: permutations for the diagonal test (0 = none).
+      seed: seed of bootstrap and permutations.
+      ci: bootstrap interval coverage.
+      instruction_level: compute the N x N instruction Jaccard (True, False, or
+        the fields to do it for; expert neurons of big MoE models are costly).
+      keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
+      packed: hold S(I) bit-packed while analysing (8x less memory); None packs
+        when the unpacked sets would exceed 1 GiB.
+
+    Returns:
+      A ModelAnalysis; `.summary()` gives `models.<name>`.
+    """
+    cfg = cfg or IdentifyConfig()
+    fields = list(fields) if fields is not None else list(counts.arrays())
+    out = {}
+    for f in fields:
+        inst = instruction_level if isinstance(instruction_level, bool) else f in instruction_level
+        out[SECTIONS[f]] = analyze_field(
+            counts, f, cfg, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci,
+            instruction_level=inst, keep_instruction_sets=keep_instruction_sets, packed=packed)
+    return ModelAnalysis(name=name, config=cfg, fields=out, meta=dict(counts.meta or {}))
+
+
+def _as_analysis(x, cfg, name, kw) -> ModelAnalysis:
+    if isinstance(x, ModelAnalysis):
+        return x
+    return analyze_model(x, cfg, name=name, **kw)
+
+
+def _ba(before, after) -> dict:
+    delta = None if before is None or after is None else after - before
+    return {"before": before, "after": after, "delta": delta}
+
+
+def _moves(sb: dict, sa: dict) -> dict:
+    """How the model-level figures of one section move from before to after."""
+    def mat_delta(key):
+        if sb.get(key) is None or sa.get(key) is None:
+            return None
+        return np.asarray(sa[key], float) - np.asarray(sb[key], float)
+
+    nan = lambda v: np.nan if v is None else v  # noqa: E731
+    return {
+        "general": _ba(sb["general"], sa["general"]),
+        "union": _ba(sb["union"], sa["union"]),
+        "general_share": _ba(nan(sb["general_share"]), nan(sa["general_share"])),
+        "diagonal_dominance": _ba(nan(sb["diagonal_dominance"]), nan(sa["diagonal_dominance"])),
+        "per_category_count": {c: _ba(sb["per_category_count"][c], sa["per_category_count"][c])
+                               for c in CATEGORIES},
+        "unique": {c: _ba(sb["unique"][c], sa["unique"][c]) for c in CATEGORIES},
+        "unique_ratio": {c: _ba(nan(sb["unique_ratio"][c]), nan(sa["unique_ratio"][c]))
+                         for c in CATEGORIES},
+        "per_layer_delta": {c: np.asarray(sa["per_layer"][c]) - np.asarray(sb["per_layer"][c])
+                            for c in CATEGORIES},
+        "phases": {k: {"before": sb["phases"][k]["boundaries"], "after": sa["phases"][k]["boundaries"]}
+                   for k in sb["phases"]},
+        "overlap_jaccard_delta": mat_delta("overlap_jaccard"),
+        "instruction_overlap_delta": mat_delta("instruction_overlap"),
+    }
+
+
+def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
+    """({category: comparison}, model-level moves) for one section of two models."""
+    ib, ia = fb.ident, fa.ident
+    sets = cmp.compare_sets(ib.category_sets, ia.category_sets)
+    shift = cmp.frequency_shift(ib.category_mean, ia.category_mean, ib.category_sets, ia.category_sets)
+    per_cat = {}
+    for i, c in enumerate(CATEGORIES):
+        per_cat[c] = {
+            **{k: sets[k][i] for k in ("size_before", "size_after", "retained", "gained", "lost", "jaccard")},
+            "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
+            "frequency_shift": {k: v[i] for k, v in shift.items()},
+        }
+    return jsonable(per_cat), jsonable(_moves(fb.summary, fa.summary))
+
+
+def compare_models(
+    before: ModelAnalysis | Counts, after: ModelAnalysis | Counts, cfg: IdentifyConfig | None = None,
+    *, names: tuple[str, str] = ("before", "after"), **analyze_kw,
+) -> dict:
+    """Before/after comparison of every section both models have.
+
+    Args:
+      before, after: ModelAnalysis, or Counts to analyse with `cfg`.
+      cfg: rule used when Counts are given.
+      names: model names used when Counts are given.
+      **analyze_kw: passed to analyze_model for Counts.
+
+    Returns:
+      The `comparison` dict: before, after (names), "<section>": {category:
+      {size_before, size_after, retained, gained, lost, jaccard, per_layer,
+      frequency_shift}}, and "moves": {"<section>": model-level changes}.
+    """
+    mb = _as_analysis(before, cfg, names[0], analyze_kw)
+    ma = _as_analysis(after, cfg, names[1], analyze_kw)
+    if mb.config != ma.config:
+        raise ValueError("the two models were identified with different rules")
+    out: dict[str, Any] = {"before": mb.name, "after": ma.name, "moves": {}}
+    for sec in mb.fields:
+        if sec in ma.fields:
+            out[sec], out["moves"][sec] = compare_fields(mb[sec], ma[sec])
+    return out
+
+
+def compare_series(
+    items: Iterable[tuple[str, ModelAnalysis | Counts]], cfg: IdentifyConfig | None = None,
+    **analyze_kw,
+) -> dict:
+    """The comparison figures along a series of checkpoints (first = base).
+
+    Args:
+      items: (name, ModelAnalysis or Counts) in training order.
+      cfg: rule used when Counts are given.
+      **analyze_kw: passed to analyze_model for Counts.
+
+    Returns:
+      {"names": [S], "<section>": trends}, where each trend is a list over the
+      series (per category where it applies): per_category_count, unique,
+      unique_ratio, general, general_share, union, diagonal_dominance,
+      mean_frequency, per_layer ([S][L] per category), phases (boundaries),
+      and vs_base / vs_previous {retained, gained, lost, jaccard} (the first
+      entry of vs_previous is None).
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("an empty series")
+    analyses = [_as_analysis(x, cfg, n, analyze_kw) for n, x in items]
+    if len({a.config for a in analyses}) > 1:
+        raise ValueError("the checkpoints were identified with different rules")
+    out: dict[str, Any] = {"names": [n for n, _ in items]}
+    sections = [s for s in analyses[0].fields if all(s in a.fields for a in analyses)]
+    keys = ("retained", "gained", "lost", "jaccard")
+    for sec in sections:
+        sums = [a[sec].summary for a in analyses]
+        t: dict[str, Any] = {}
+        for k in ("per_category_count", "unique", "unique_ratio", "mean_frequency", "per_layer"):
+            t[k] = {c: [s[k][c] for s in sums] for c in CATEGORIES}
+        for k in ("general", "general_share", "union", "diagonal_dominance"):
+            t[k] = [s[k] for s in sums]
+        t["phases"] = {c: [s["phases"][c]["boundaries"] for s in sums] for c in (*CATEGORIES, "union")}
+        base = analyses[0][sec].ident.category_sets
+        vs_base = {k: {c: [] for c in CATEGORIES} for k in keys}
+        vs_prev = {k: {c: [None] for c in CATEGORIES} for k in keys}
+        for j, a in enumerate(analyses):
+            cur = a[sec].ident.category_sets
+            refs = [(base, vs_base)]
+            if j > 0:
+                refs.append((analyses[j - 1][sec].ident.category_sets, vs_prev))
+            for ref, dst in refs:
+                r = cmp.compare_sets(ref, cur)
+                for k in keys:
+                    for i, c in enumerate(CATEGORIES):
+                        dst[k][c].append(r[k][i])
+        t["vs_base"], t["vs_previous"] = vs_base, vs_prev
+        out[sec] = t
+    return jsonable(out)
+
+
+def build_summary(
+    models: Mapping[str, ModelAnalysis] | Sequence[ModelAnalysis], *,
+    config: IdentifyConfig | None = None,
+    comparison: dict | None = None,
+    series: dict | None = None,
+    ablation: AblationResult | None = None,
+    ablation_experts: AblationResult | None = None,
+    model_paths: Mapping[str, str] | None = None,
+    data: Any = None,
+    scope: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Assemble summary.json.
+
+    Args:
+      models: analysed models (a mapping name -> analysis, or a list).
+      config: the identification rule (default: the models' rule).
+      comparison: compare_models output.
+      series: compare_series output.
+      ablation: neuron ablation result (-> ablation.isn, ablation.random).
+      ablation_experts: expert ablation result (-> ablation.ise, ablation.ise_random).
+      model_paths: {name: checkpoint path}.
+      data: description of the instruction data (path, counts, source...).
+      scope: token scope ("prompt", "response", "all").
+      extra: more top-level keys.
+
+    Returns:
+      JSON-safe dict.
+    """
+    if not isinstance(models, Mapping):
+        models = {m.name: m for m in models}
+    configs = {m.config for m in models.values()}
+    if config is None:
+        if len(configs) != 1:
+            raise ValueError("models were identified with different rules; pass config=")
+        config = configs.pop()
+    elif configs and configs != {config}:
+        raise ValueError("config differs from the rule the models were identified with")
+    out: dict[str, Any] = {
+        "summary_version": SUMMARY_VERSION,
+        "categories": list(CATEGORIES),
+        "short_names": dict(SHORT_NAMES),
+        "identification": config.to_dict(),
+        "model_paths": dict(model_paths or {}),
+        "data": data,
+        "scope": scope,
+        "models": {name: m.summary() for name, m in models.items()},
+    }
+    if comparison is not None:
+        out["comparison"] = comparison
+    if series is not None:
+        out["series"] = series
+    if ablation is not None or ablation_experts is not None:
+        ab: dict[str, Any] = {}
+        if ablation is not None:
+            d = ablation.to_dict()
+            ab.update({"isn": d["isn"], "random": d["random"], "neurons": d})
+        if ablation_experts is not None:
+            d = ablation_experts.to_dict()
+            ab.update({"ise": d["isn"], "ise_random": d["random"], "experts": d})
+        out["ablation"] = ab
+    out.update(extra or {})
+    return jsonable(out)

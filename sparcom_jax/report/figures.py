@@ -1,0 +1,291 @@
+"""Report figures, one function per figure; each returns a matplotlib Figure.
+
+Figures are built with matplotlib's object API and the Agg canvas (no pyplot,
+no global backend state), so they render headless and from several threads.
+Inputs are plain arrays or summary.json sections; categories in CATEGORIES order.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+
+_SHORT = [SHORT_NAMES[c] for c in CATEGORIES]
+
+
+def _fig(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def to_png(fig: Figure, dpi: int = 100) -> bytes:
+    """Render a figure to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _arr(x) -> np.ndarray:
+    """Nested lists from JSON (None = undefined) -> float array with NaN."""
+    return np.array(x, dtype=float)
+
+
+def _heatmap(ax, m: np.ndarray, title: str, vmin=None, vmax=None, cmap="viridis", fmt="{:.2f}"):
+    im = ax.imshow(np.ma.masked_invalid(m), vmin=vmin, vmax=vmax, cmap=cmap)
+    ax.set_xticks(range(len(_SHORT)), _SHORT, rotation=45)
+    ax.set_yticks(range(len(_SHORT)), _SHORT)
+    ax.set_title(title, fontsize=10)
+    if m.shape[0] <= 8:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if np.isfinite(m[i, j]):
+                    r, g, b, _ = im.cmap(im.norm(m[i, j]))
+                    # Dark text on light cells and vice versa, whatever the colour map.
+                    light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+                    ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="black" if light else "white")
+    return im
+
+
+def overlap_heatmaps(mats: Mapping[str, Sequence], title: str, *, label: str = "Jaccard") -> Figure:
+    """6x6 overlap heatmaps side by side (one per model, shared colour scale).
+
+    Args:
+      mats: {model name: [C, C] matrix (lists may hold None)}.
+      title: figure title.
+      label: colour bar label.
+    """
+    arrs = {k: _arr(v) for k, v in mats.items()}
+    vmax = max([np.nanmax(a) for a in arrs.values() if np.isfinite(a).any()] or [1.0])
+    fig = _fig(3.6 * len(arrs) + 0.8, 3.6)
+    axes = fig.subplots(1, len(arrs), squeeze=False)[0]
+    im = None
+    for ax, (name, a) in zip(axes, arrs.items()):
+        im = _heatmap(ax, a, name, vmin=0, vmax=vmax)
+    fig.colorbar(im, ax=list(axes), label=label, shrink=0.8)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def instruction_heatmap(matrix: np.ndarray, labels: np.ndarray, title: str) -> Figure:
+    """Instruction x instruction Jaccard, ordered by category, blocks outlined.
+
+    Args:
+      matrix: float [N, N] in the instructions' original order.
+      labels: int [N] category indices.
+      title: figure title.
+    """
+    order = np.argsort(labels, kind="stable")
+    m = np.asarray(matrix, dtype=float)[np.ix_(order, order)]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=len(CATEGORIES)))])
+    off = ~np.eye(m.shape[0], dtype=bool)
+    # Scale to the off-diagonal range: the diagonal's 1s would wash the blocks out.
+    vmax = np.nanmax(m[off]) if off.any() and np.isfinite(m[off]).any() else 1.0
+    fig = _fig(6.0, 5.2)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(m), vmin=0, vmax=vmax, cmap="magma", interpolation="nearest")
+    for b in bounds[1:-1]:
+        ax.axhline(b - 0.5, color="white", lw=0.8)
+        ax.axvline(b - 0.5, color="white", lw=0.8)
+    centres = [(bounds[i] + bounds[i + 1] - 1) / 2 for i in range(len(CATEGORIES))]
+    keep = [i for i in range(len(CATEGORIES)) if bounds[i + 1] > bounds[i]]
+    ax.set_xticks([centres[i] for i in keep], [_SHORT[i] for i in keep], rotation=45)
+    ax.set_yticks([centres[i] for i in keep], [_SHORT[i] for i in keep])
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="Jaccard of S(I), S(I')")
+    return fig
+
+
+def layer_distribution(
+    per_layer: Mapping[str, Mapping[str, Sequence[float]]], title: str, *,
+    phases: Mapping[str, Mapping[str, dict]] | None = None, ylabel: str = "units in S(c)",
+) -> Figure:
+    """|S(c)| per layer, one panel per category, one line per model.
+
+    Args:
+      per_layer: {model: {category: [L]}}.
+      title: figure title.
+      phases: optional {model: {category: locate_phases dict}}; boundaries are
+        drawn as dashed lines in the model's colour.
+      ylabel: y axis label.
+    """
+    fig = _fig(11, 6)
+    axes = fig.subplots(2, 3, sharex=True).ravel()
+    for k, (name, prof) in enumerate(per_layer.items()):
+        colour = f"C{k}"
+        for ax, cat in zip(axes, CATEGORIES):
+            y = _arr(prof[cat])
+            ax.plot(np.arange(y.shape[0]), y, color=colour, label=name, marker=".", ms=3)
+            ph = (phases or {}).get(name, {}).get(cat)
+            for b in (ph or {}).get("boundaries") or []:
+                ax.axvline(b - 0.5, color=colour, ls="--", lw=0.8)
+    for ax, cat in zip(axes, CATEGORIES):
+        ax.set_title(cat, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def generality_uniqueness(sections: Mapping[str, dict], title: str) -> Figure:
+    """Set sizes with their unique part, unique ratios and breadth histograms.
+
+    Args:
+      sections: {model: summary section (models.<name>.<section>)}.
+      title: figure title.
+    """
+    fig = _fig(13, 4)
+    ax_size, ax_ratio, ax_breadth = fig.subplots(1, 3)
+    n = len(sections)
+    width = 0.8 / max(n, 1)
+    x = np.arange(len(CATEGORIES))
+    for k, (name, s) in enumerate(sections.items()):
+        pos = x - 0.4 + width * (k + 0.5)
+        size = _arr([s["per_category_count"][c] for c in CATEGORIES])
+        uniq = _arr([s["unique"][c] for c in CATEGORIES])
+        ax_size.bar(pos, size, width, color=f"C{k}", alpha=0.45, label=f"{name} |S(c)|")
+        ax_size.bar(pos, uniq, width, color=f"C{k}", label=f"{name} |U(c)|")
+        ax_ratio.bar(pos, _arr([s["unique_ratio"][c] for c in CATEGORIES]), width, color=f"C{k}", label=name)
+        hist = s["breadth_histogram"]
+        ks = sorted(hist, key=int)
+        share = "n/a" if s["general_share"] is None else f"{s['general_share']:.1%}"
+        ax_breadth.bar(np.arange(len(ks)) - 0.4 + width * (k + 0.5), [hist[b] for b in ks], width,
+                       color=f"C{k}", label=f"{name}: general {s['general']} ({share} of union)")
+        ax_breadth.set_xticks(range(len(ks)), ks)
+    for ax in (ax_size, ax_ratio):
+        ax.set_xticks(x, _SHORT)
+    ax_size.set_title("set size (light) and unique part (dark)", fontsize=10)
+    ax_ratio.set_title("uniqueness |U(c)| / |S(c)|", fontsize=10)
+    ax_breadth.set_title("breadth: in how many categories", fontsize=10)
+    ax_breadth.set_xlabel("categories")
+    for ax in (ax_size, ax_ratio, ax_breadth):
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def comparison_bars(section: Mapping[str, dict], title: str, before: str, after: str) -> Figure:
+    """Retained / lost / gained units per category, with Jaccard(before, after).
+
+    Args:
+      section: comparison.<section> ({category: {retained, gained, lost, jaccard, ...}}).
+      title: figure title.
+      before, after: model names.
+    """
+    fig = _fig(8, 4)
+    ax = fig.add_subplot()
+    x = np.arange(len(CATEGORIES))
+    ret = _arr([section[c]["retained"] for c in CATEGORIES])
+    lost = _arr([section[c]["lost"] for c in CATEGORIES])
+    gain = _arr([section[c]["gained"] for c in CATEGORIES])
+    ax.bar(x - 0.2, ret, 0.4, color="C0", label="retained")
+    ax.bar(x - 0.2, lost, 0.4, bottom=ret, color="C3", label=f"lost (in {before} only)")
+    ax.bar(x + 0.2, ret, 0.4, color="C0")
+    ax.bar(x + 0.2, gain, 0.4, bottom=ret, color="C2", label=f"gained (in {after} only)")
+    for i, c in enumerate(CATEGORIES):
+        j = section[c]["jaccard"]
+        top = np.nansum([ret[i], max(lost[i], gain[i])])
+        ax.text(i, top, "J=n/a" if j is None else f"J={j:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, _SHORT)
+    ax.set_ylabel("units (left bar: before, right bar: after)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=11)
+    return fig
+
+
+def ablation_matrices(isn, random, title: str) -> Figure:
+    """Loss increase when ablating each category's set, vs random sets, and their difference.
+
+    Args:
+      isn: [C, C] loss increase, rows ablated category, columns evaluated category.
+      random: [C, C] the same for random sets with equal per-layer counts.
+      title: figure title.
+    """
+    a, r = _arr(isn), _arr(random)
+    d = a - r
+    fig = _fig(12, 4)
+    axes = fig.subplots(1, 3)
+    vmax = np.nanmax(np.abs(np.concatenate([a.ravel(), r.ravel()]))) if np.isfinite(a).any() else 1.0
+    vmax = vmax or 1.0
+    for ax, m, t in ((axes[0], a, "instruction-specific set"), (axes[1], r, "random sets (mean)")):
+        im = _heatmap(ax, m, t, vmin=-vmax, vmax=vmax, cmap="RdBu_r", fmt="{:.3f}")
+    fig.colorbar(im, ax=list(axes[:2]), label="loss increase", shrink=0.8)
+    dmax = np.nanmax(np.abs(d)) if np.isfinite(d).any() else 1.0
+    im = _heatmap(axes[2], d, "specific minus random", vmin=-(dmax or 1), vmax=dmax or 1,
+                  cmap="RdBu_r", fmt="{:.3f}")
+    fig.colorbar(im, ax=axes[2], shrink=0.8)
+    for ax in axes:
+        ax.set_xlabel("evaluated category")
+        ax.set_ylabel("ablated category")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def expert_heatmaps(per_category: Mapping[str, Sequence], title: str, *, label: str) -> Figure:
+    """A [L, E] heatmap per category (routing frequency or unit counts).
+
+    Args:
+      per_category: {category: [L][E]}.
+      title: figure title.
+      label: colour bar label.
+    """
+    arrs = {c: _arr(per_category[c]) for c in CATEGORIES}
+    vmax = max(np.nanmax(a) for a in arrs.values()) or 1.0
+    fig = _fig(12, 6.5)
+    axes = fig.subplots(2, 3).ravel()
+    im = None
+    for ax, c in zip(axes, CATEGORIES):
+        im = ax.imshow(arrs[c], vmin=0, vmax=vmax, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(c, fontsize=10)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(im, ax=list(axes), label=label, shrink=0.8)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
+    """The comparison figures along a checkpoint series.
+
+    Args:
+      names: checkpoint names, in order.
+      trends: series.<section> from compare_series.
+      title: figure title.
+    """
+    fig = _fig(13, 7)
+    axes = fig.subplots(2, 3).ravel()
+    x = np.arange(len(names))
+    panels = [
+        ("per_category_count", "|S(c)|"),
+        ("unique_ratio", "|U(c)| / |S(c)|"),
+        (("vs_base", "jaccard"), "Jaccard vs first"),
+        (("vs_previous", "jaccard"), "Jaccard vs previous"),
+    ]
+    for ax, (key, lab) in zip(axes, panels):
+        d = trends[key[0]][key[1]] if isinstance(key, tuple) else trends[key]
+        for k, c in enumerate(CATEGORIES):
+            ax.plot(x, _arr(d[c]), marker=".", color=f"C{k}", label=SHORT_NAMES[c])
+        ax.set_title(lab, fontsize=10)
+    ax = axes[4]
+    ax.plot(x, _arr(trends["general_share"]), marker=".", label="general share of union")
+    ax.set_title("generality", fontsize=10)
+    ax = axes[5]
+    ax.plot(x, _arr(trends["diagonal_dominance"]), marker=".", color="k")
+    ax.set_title("instruction-level diagonal dominance", fontsize=10)
+    for ax in axes:
+        ax.set_xticks(x, names, rotation=30, fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return fig

@@ -1,0 +1,326 @@
+"""Identification, evaluation and comparison on hand-built counts with known answers.
+
+The hand case: 12 instructions (2 per category), 2 layers x 5 neurons = 10 units,
+unit u = layer * 5 + neuron. Each instruction fires 3 chosen units on every
+token (p = 1) and every other unit on 2 of 10 tokens (p = 0.2). With eps = 0.3
+(k = 3) S(I) is exactly the 3 chosen units; with q = 0.5 and two instructions
+per category S(c) is their union.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from sparcom_jax.analysis import (
+    IdentifyConfig, analyze_model, category_overlap, category_sets, compare_models,
+    compare_series, generality, identify, instruction_jaccard, instruction_sets,
+    layer_distribution, locate_phases, select_units, uniqueness,
+)
+from sparcom_jax.analysis.evaluate import category_block_means, diagonal_dominance
+from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.stats.counts import Counts
+
+L, F = 2, 5
+# S(I) of the two instructions of each category, in CATEGORIES order.
+HAND = {
+    "classification": [{0, 1, 5}, {0, 1, 6}],
+    "code": [{0, 2, 7}, {0, 2, 7}],
+    "general_qa": [{0, 1, 8}, {0, 3, 8}],
+    "generation": [{0, 3, 9}, {0, 3, 9}],
+    "math": [{0, 2, 4}, {0, 4, 5}],
+    "summarization": [{0, 9, 6}, {0, 6, 9}],
+}
+# Worked out by hand from HAND (union of the two instructions).
+CAT_SETS = {
+    "classification": {0, 1, 5, 6},
+    "code": {0, 2, 7},
+    "general_qa": {0, 1, 3, 8},
+    "generation": {0, 3, 9},
+    "math": {0, 2, 4, 5},
+    "summarization": {0, 6, 9},
+}
+CFG = IdentifyConfig(eps=0.3, q=0.5)
+
+
+def hand_counts(hand=HAND, tokens=10):
+    rows, cats = [], []
+    for cat, sets in hand.items():
+        for s in sets:
+            c = np.full(L * F, 2 * tokens // 10, np.int32)
+            c[list(s)] = tokens
+            rows.append(c.reshape(L, F))
+            cats.append(cat)
+    n = len(rows)
+    return Counts(tokens=np.full(n, tokens, np.int32), neuron_active=np.stack(rows),
+                  categories=cats, ids=[f"r{i}" for i in range(n)])
+
+
+def as_set(mask):
+    return set(np.flatnonzero(np.asarray(mask).ravel()).tolist())
+
+
+# ---------------------------------------------------------------- identification
+
+def test_instruction_sets_hand_case():
+    s = instruction_sets(hand_counts(), "neuron_active", CFG)
+    assert s.shape == (12, L, F) and s.dtype == bool
+    expected = [x for sets in HAND.values() for x in sets]
+    assert [as_set(r) for r in s] == expected
+
+
+def test_category_sets_consensus_union_and_intersection():
+    sets = category_sets(hand_counts(), "neuron_active", CFG)
+    assert list(sets) == list(CATEGORIES)
+    assert {c: as_set(m) for c, m in sets.items()} == CAT_SETS
+    # q = 1: a unit must be in both instructions' sets -> the intersection.
+    strict = category_sets(hand_counts(), "neuron_active", IdentifyConfig(eps=0.3, q=1.0))
+    assert as_set(strict["classification"]) == {0, 1}
+    assert as_set(strict["code"]) == {0, 2, 7}
+    assert as_set(strict["math"]) == {0, 4}
+
+
+def test_top_rule_includes_ties_and_never_zero():
+    cfg = IdentifyConfig(eps=0.2)  # k = ceil(0.2 * 10) = 2
+    row = np.array([[9, 7, 7, 3, 0, 1, 2, 0, 0, 0]], np.float32) / 10
+    assert as_set(select_units(row, cfg)) == {0, 1, 2}  # 2nd largest is 7: both 7s kept
+    sparse = np.array([[0, 0, 5, 0, 0, 0, 0, 0, 0, 0]], np.float32) / 10
+    assert as_set(select_units(sparse, cfg)) == {2}  # the k-th largest is 0: zeros stay out
+    assert not select_units(np.zeros((1, 10), np.float32), cfg).any()
+
+
+def test_top_k_float_guard():
+    # 0.07 * 100 = 7.000000000000001 in floating point; k must be 7.
+    row = np.arange(100, dtype=np.float32)[None] + 1
+    assert select_units(row, IdentifyConfig(eps=0.07)).sum() == 7
+
+
+def test_absolute_rule():
+    cfg = IdentifyConfig(rule="absolute", threshold=0.5)
+    row = np.array([[9, 6, 5, 4, 0, 1, 2, 0, 0, 0]], np.float32) / 10
+    assert as_set(select_units(row, cfg)) == {0, 1, 2}  # >= 0.5, boundary included
+    assert not select_units(np.zeros((1, 10)), IdentifyConfig(rule="absolute", threshold=0.0)).any()
+
+
+def test_frequencies_divide_by_each_instructions_tokens():
+    # The instruction with T=4 has p = 1 on unit 3 (4/4) and 0.5 on unit 5 (2/4);
+    # the others, T=20, have 0.2 and 0.3: the order flips with T.
+    na = np.zeros((12, 1, 10), np.int32)
+    na[:, 0, 3] = 4
+    na[:, 0, 5] = 6
+    na[0, 0, 5] = 2
+    tokens = np.full(12, 20, np.int32)
+    tokens[0] = 4
+    c = Counts(tokens=tokens, neuron_active=na, categories=[CATEGORIES[i // 2] for i in range(12)])
+    ident = identify(c, "neuron_active", IdentifyConfig(eps=0.1))
+    assert ident.category_mean[0, 0, 3] == pytest.approx((1.0 + 0.2) / 2)
+    assert as_set(ident.instruction_sets()[0]) == {3}
+    assert as_set(ident.instruction_sets()[1]) == {5}
+
+
+def test_consensus_vs_pooled_differ():
+    # I1 top-2 = {a, b}, I2 top-2 = {a, c}; d is third in both, so its mean (0.5)
+    # beats b and c (0.3 each): pooled picks {a, d}, consensus never sees d.
+    a, b, c, d = 0, 1, 2, 3
+    hand_rows = [{a: 10, b: 6, d: 5}, {a: 10, c: 6, d: 5}]
+    na = np.zeros((12, 1, 10), np.int32)
+    for i in range(12):
+        for u, v in hand_rows[i % 2].items():
+            na[i, 0, u] = v
+    counts = Counts(tokens=np.full(12, 10), neuron_active=na,
+                    categories=[CATEGORIES[i // 2] for i in range(12)])
+    cons = category_sets(counts, "neuron_active", IdentifyConfig(eps=0.2, q=1.0))
+    half = category_sets(counts, "neuron_active", IdentifyConfig(eps=0.2, q=0.5))
+    pooled = category_sets(counts, "neuron_active", IdentifyConfig(eps=0.2, aggregation="pooled"))
+    assert as_set(cons["code"]) == {a}
+    assert as_set(half["code"]) == {a, b, c}
+    assert as_set(pooled["code"]) == {a, d}
+
+
+def test_expert_fields():
+    # ISEs: top share over (layer, expert); expert neurons over (layer, expert, neuron).
+    n = 6
+    er = np.zeros((n, 2, 4), np.int32)
+    er[:, 1, 2] = 8
+    er[:, 0, 1] = 5
+    er[:, 0, 0] = 1
+    ena = np.zeros((n, 2, 4, 3), np.int32)
+    ena[:, 1, 2, 0] = 7
+    ena[:, 0, 1, 2] = 4
+    counts = Counts(tokens=np.full(n, 10), expert_routed=er, expert_neuron_active=ena,
+                    categories=list(CATEGORIES))
+    cfg = IdentifyConfig(eps=0.1, eps_experts=0.25)  # ISE k = 2 of 8; neuron k = 3 of 24
+    ise = identify(counts, "expert_routed", cfg)
+    assert as_set(ise.category_sets[0]) == {1 * 4 + 2, 0 * 4 + 1}
+    en = identify(counts, "expert_neuron_active", cfg)
+    assert as_set(en.category_sets[0]) == {(1 * 4 + 2) * 3 + 0, (0 * 4 + 1) * 3 + 2}
+    assert en.category_mean[0, 1, 2, 0] == pytest.approx(0.7)
+    # Without eps_experts ISEs use eps: k = 1 of 8.
+    assert as_set(identify(counts, "expert_routed", IdentifyConfig(eps=0.1)).category_sets[0]) == {6}
+
+
+def test_config_validation_and_dict():
+    with pytest.raises(ValueError):
+        IdentifyConfig(rule="median")
+    with pytest.raises(ValueError):
+        IdentifyConfig(q=0.0)
+    with pytest.raises(ValueError):
+        IdentifyConfig(aggregation="vote")
+    d = IdentifyConfig(eps=0.05, aggregation="pooled").to_dict()
+    assert d["eps"] == 0.05 and d["aggregation"] == "pooled" and "chunk" not in d
+    assert IdentifyConfig.from_dict(d) == IdentifyConfig(eps=0.05, aggregation="pooled")
+
+
+def test_missing_categories_raise():
+    c = hand_counts()
+    c.categories = None
+    with pytest.raises(ValueError, match="categories"):
+        identify(c, "neuron_active", CFG)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _sets_array():
+    return identify(hand_counts(), "neuron_active", CFG).category_sets
+
+
+def test_category_overlap_hand_values():
+    jac, coef = category_overlap(_sets_array())
+    i = {c: k for k, c in enumerate(CATEGORIES)}
+    cls, code, qa, gen, math_, summ = (i[c] for c in CATEGORIES)
+    expected = {
+        (cls, code): 1 / 6, (cls, qa): 1 / 3, (cls, gen): 1 / 6, (cls, math_): 1 / 3, (cls, summ): 2 / 5,
+        (code, qa): 1 / 6, (code, gen): 1 / 5, (code, math_): 2 / 5, (code, summ): 1 / 5,
+        (qa, gen): 2 / 5, (qa, math_): 1 / 7, (qa, summ): 1 / 6,
+        (gen, math_): 1 / 6, (gen, summ): 1 / 2, (math_, summ): 1 / 6,
+    }
+    for (a, b), v in expected.items():
+        assert jac[a, b] == pytest.approx(v) and jac[b, a] == pytest.approx(v)
+    assert np.allclose(np.diag(jac), 1.0)
+    assert coef[cls, qa] == pytest.approx(2 / 4)
+    assert coef[gen, summ] == pytest.approx(2 / 3)
+    assert coef[code, math_] == pytest.approx(2 / 3)
+
+
+def test_generality_and_uniqueness_hand_values():
+    sets = _sets_array()
+    g = generality(sets)
+    assert g["general"] == 1 and g["union"] == 10 and g["general_share"] == pytest.approx(0.1)
+    assert g["breadth_histogram"].tolist() == [3, 6, 0, 0, 0, 1]
+    assert as_set(g["general_mask"]) == {0}
+    u = uniqueness(sets)
+    assert u["unique"].tolist() == [0, 1, 1, 0, 1, 0]
+    assert np.allclose(u["unique_ratio"], [0, 1 / 3, 1 / 4, 0, 1 / 4, 0])
+    assert as_set(u["unique_sets"][CATEGORIES.index("code")]) == {7}
+
+
+def test_empty_sets_give_nan_not_zero():
+    sets = np.zeros((6, 2, 5), bool)
+    jac, coef = category_overlap(sets)
+    assert np.isnan(jac).all() and np.isnan(coef).all()
+    assert math.isnan(generality(sets)["general_share"])
+    assert np.isnan(uniqueness(sets)["unique_ratio"]).all()
+
+
+def test_layer_distribution_hand_values():
+    count, share = layer_distribution(_sets_array())
+    assert count.tolist() == [[2, 2], [2, 1], [3, 1], [2, 1], [3, 1], [1, 2]]
+    assert np.allclose(share, count / 5)
+
+
+def test_instruction_overlap_hand_values():
+    ident = identify(hand_counts(), "neuron_active", CFG)
+    j = instruction_jaccard(ident)
+    assert j.shape == (12, 12)
+    assert j[0, 1] == pytest.approx(0.5)          # {0,1,5} vs {0,1,6}
+    assert j[0, 2] == pytest.approx(1 / 5)        # {0,1,5} vs {0,2,7}
+    assert np.allclose(np.diag(j), 1.0)
+    block = category_block_means(j, ident.labels)
+    # Diagonal (self-pairs excluded): CLS 0.5, CODE 1, QA 0.5, GEN 1, MATH 0.5, SUM 1.
+    assert np.allclose(np.diag(block), [0.5, 1, 0.5, 1, 0.5, 1])
+    assert block[0, 1] == pytest.approx(0.2)
+    # CLS x QA: (0.5 + 0.2 + 0.5 + 0.2) / 4.
+    assert block[0, 2] == pytest.approx(0.35)
+    assert np.allclose(block, block.T)
+    off = block[~np.eye(6, dtype=bool)].mean()
+    assert diagonal_dominance(block) == pytest.approx(np.diag(block).mean() - off)
+
+
+def test_locate_phases():
+    step = locate_phases([10, 10, 10, 4, 4, 4, 1, 1])
+    assert step["boundaries"] == [3, 6]
+    assert [step[p]["mean"] for p in ("early", "middle", "late")] == [10, 4, 1]
+    assert step["early"]["layers"] == [0, 2] and step["late"]["layers"] == [6, 7]
+    assert step["explained"] == pytest.approx(1.0) and step["early_dominant"] is True
+    # Phases are located, not assumed to be thirds.
+    uneven = locate_phases([8, 8, 2, 2, 2, 2, 2, 5])
+    assert uneven["boundaries"] == [2, 7] and uneven["late"]["mean"] == 5
+    flat = locate_phases([3, 3, 3, 3])
+    assert flat["explained"] is None and flat["early_dominant"] is False
+    assert locate_phases([1, 2])["boundaries"] is None
+
+
+# ---------------------------------------------------------------- pipeline / comparison
+
+AFTER = dict(HAND, classification=[{0, 1, 5}, {0, 1, 7}])  # CLS: loses 6, gains 7
+
+
+def test_analyze_model_summary_hand_values():
+    ma = analyze_model(hand_counts(), CFG, name="base", n_boot=0, n_perm=0)
+    s = ma.summary()["isn"]
+    assert s["per_category_count"] == {c: len(v) for c, v in CAT_SETS.items()}
+    assert s["unique"] == dict(zip(CATEGORIES, [0, 1, 1, 0, 1, 0]))
+    assert s["per_layer"]["general_qa"] == [3, 1]
+    assert s["general"] == 1 and s["union"] == 10
+    assert s["breadth_histogram"] == {"1": 3, "2": 6, "3": 0, "4": 0, "5": 0, "6": 1}
+    assert s["overlap_jaccard"][3][5] == pytest.approx(0.5)
+    assert s["instruction_overlap"][1][1] == pytest.approx(1.0)
+    assert s["mean_instruction_set_size"]["code"] == 3.0
+    assert s["bootstrap"] is None and s["permutation"] is None
+    assert "ise" not in ma.fields
+
+
+def test_compare_models_hand_values():
+    cmp = compare_models(hand_counts(), hand_counts(AFTER), CFG, n_boot=0, n_perm=0)
+    cls = cmp["isn"]["classification"]
+    assert (cls["size_before"], cls["size_after"]) == (4, 4)
+    assert (cls["retained"], cls["gained"], cls["lost"]) == (3, 1, 1)
+    assert cls["jaccard"] == pytest.approx(3 / 5)
+    assert cls["per_layer"]["retained"] == [2, 1]
+    assert cls["per_layer"]["gained"] == [0, 1] and cls["per_layer"]["lost"] == [0, 1]
+    assert cls["per_layer"]["jaccard"] == pytest.approx([1.0, 1 / 3])
+    assert cmp["isn"]["code"]["jaccard"] == pytest.approx(1.0)
+    fs = cls["frequency_shift"]
+    # CLS mean p before: units 0,1 -> 1, units 5,6 -> 0.6, six others 0.2 -> 4.4 / 10.
+    assert fs["mean_before"] == pytest.approx(0.44) and fs["delta"] == pytest.approx(0.0, abs=1e-7)
+    # Over S_before = {0,1,5,6}: before (1+1+.6+.6)/4, after (1+1+.6+.2)/4.
+    assert fs["on_before_set_before"] == pytest.approx(0.8)
+    assert fs["on_before_set_after"] == pytest.approx(0.7)
+    assert fs["per_layer_delta"] == pytest.approx([0.0, 0.0], abs=1e-7)
+    mv = cmp["moves"]["isn"]
+    # 7 moves from CODE-only to CODE+CLS; 6 from CLS+SUM to SUM-only.
+    assert mv["unique"]["code"] == {"before": 1, "after": 0, "delta": -1}
+    assert mv["unique"]["summarization"] == {"before": 0, "after": 1, "delta": 1}
+    assert mv["general"] == {"before": 1, "after": 1, "delta": 0}
+    assert mv["per_layer_delta"]["classification"] == [0, 0]
+
+
+def test_compare_rejects_different_shapes():
+    other = hand_counts()
+    other.neuron_active = np.concatenate([other.neuron_active] * 2, axis=1)
+    with pytest.raises(ValueError, match="differ in units"):
+        compare_models(hand_counts(), other, CFG, n_boot=0, n_perm=0)
+
+
+def test_compare_series_trends():
+    kw = dict(n_boot=0, n_perm=0)
+    ser = compare_series([("base", hand_counts()), ("mid", hand_counts(AFTER)),
+                          ("final", hand_counts())], CFG, **kw)
+    t = ser["isn"]
+    assert ser["names"] == ["base", "mid", "final"]
+    assert t["vs_base"]["jaccard"]["classification"] == pytest.approx([1.0, 0.6, 1.0])
+    assert t["vs_previous"]["jaccard"]["classification"][0] is None
+    assert t["vs_previous"]["gained"]["classification"][1:] == [1, 1]
+    assert t["unique"]["code"] == [1, 0, 1]
+    assert t["general"] == [1, 1, 1]
+    assert t["per_layer"]["classification"] == [[2, 2], [2, 2], [2, 2]]

@@ -1,0 +1,128 @@
+"""Bootstrap intervals and the permutation test for diagonal dominance."""
+
+import numpy as np
+import pytest
+
+from sparcom_jax.analysis import IdentifyConfig, bootstrap, identify, instruction_jaccard, permutation_test
+from sparcom_jax.analysis.uncertainty import resample_weights
+from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.stats.counts import Counts
+
+
+def block_counts(per_cat=4, noise=0.0, seed=0, n_units=60):
+    """Category c fires units [10c, 10c+3) and unit 59 on every token; optional noise units."""
+    rng = np.random.default_rng(seed)
+    n = 6 * per_cat
+    na = np.zeros((n, 2, n_units // 2), np.int32)
+    flat = na.reshape(n, -1)
+    cats = []
+    for i in range(n):
+        c = i // per_cat
+        cats.append(CATEGORIES[c])
+        flat[i, 10 * c:10 * c + 3] = 10
+        flat[i, 59] = 10
+        if noise:
+            extra = rng.choice(n_units - 1, size=3, replace=False)
+            flat[i, extra] = np.maximum(flat[i, extra], 10)
+        flat[i][flat[i] == 0] = 1
+    return Counts(tokens=np.full(n, 10), neuron_active=na, categories=cats)
+
+
+CFG = IdentifyConfig(eps=4 / 60, q=0.5)
+
+
+def test_resample_weights_stratified_and_seeded():
+    labels = np.repeat(np.arange(6), 3)
+    w = resample_weights(labels, 5, seed=1)
+    assert w.shape == (5, 18)
+    for c in range(6):
+        assert np.all(w[:, labels == c].sum(1) == 3)  # each category keeps its size
+    assert np.array_equal(w, resample_weights(labels, 5, seed=1))
+    assert not np.array_equal(w, resample_weights(labels, 5, seed=2))
+
+
+def test_bootstrap_clean_case_collapses_on_estimate():
+    # Identical instructions within a category: every resample rebuilds the same sets.
+    ident = identify(block_counts(), "neuron_active", CFG)
+    j = instruction_jaccard(ident)
+    b = bootstrap(ident, instruction_matrix=j, n_boot=20, seed=0)
+    size = ident.category_sets.reshape(6, -1).sum(1)
+    assert size.tolist() == [4] * 6
+    assert np.array_equal(b["per_category_count"]["low"], size)
+    assert np.array_equal(b["per_category_count"]["high"], size)
+    assert b["general"]["low"] == b["general"]["high"] == 1
+    assert np.allclose(b["overlap_jaccard"]["low"][0, 1], 1 / 7)  # {0,1,2,59} vs {10,11,12,59}
+    assert np.allclose(np.diag(b["instruction_overlap"]["high"]), 1.0)
+
+
+def test_bootstrap_noisy_case_contains_estimate_and_is_seeded():
+    counts = block_counts(per_cat=6, noise=1.0, seed=3)
+    ident = identify(counts, "neuron_active", CFG)
+    b1 = bootstrap(ident, n_boot=60, seed=7)
+    b2 = bootstrap(ident, n_boot=60, seed=7)
+    b3 = bootstrap(ident, n_boot=60, seed=8)
+    for k in ("per_category_count", "overlap_jaccard", "unique"):
+        assert np.array_equal(b1[k]["low"], b2[k]["low"], equal_nan=True)
+        assert np.array_equal(b1[k]["high"], b2[k]["high"], equal_nan=True)
+    assert any(not np.array_equal(b1[k]["high"], b3[k]["high"], equal_nan=True)
+               or not np.array_equal(b1[k]["low"], b3[k]["low"], equal_nan=True)
+               for k in ("per_category_count", "overlap_jaccard", "unique", "general_share"))
+    size = ident.category_sets.reshape(6, -1).sum(1)
+    lo, hi = b1["per_category_count"]["low"], b1["per_category_count"]["high"]
+    assert np.all(lo <= hi)
+    assert np.any(lo < hi)  # noise makes the sets vary
+    # The core units (3 + the shared one) survive every resample.
+    assert np.all(lo >= 4)
+    assert np.all((lo <= size) & (size <= hi))
+
+
+def test_bootstrap_batches_do_not_change_results():
+    ident = identify(block_counts(per_cat=5, noise=1.0, seed=4), "neuron_active", CFG)
+    big = bootstrap(ident, n_boot=12, seed=2)
+    small = bootstrap(ident, n_boot=12, seed=2, budget_bytes=4 * 6 * 60 * 5)  # 5 replicates per batch
+    for k in ("per_category_count", "overlap_coefficient", "general"):
+        assert np.array_equal(big[k]["low"], small[k]["low"], equal_nan=True)
+        assert np.array_equal(big[k]["high"], small[k]["high"], equal_nan=True)
+
+
+def test_bootstrap_pooled_rereads_counts():
+    counts = block_counts()
+    cfg = IdentifyConfig(eps=4 / 60, aggregation="pooled")
+    ident = identify(counts, "neuron_active", cfg, keep_instruction_sets=False)
+    with pytest.raises(ValueError, match="counts="):
+        bootstrap(ident, n_boot=3)
+    b = bootstrap(ident, counts=counts, n_boot=5)
+    assert b["per_category_count"]["low"].tolist() == [4] * 6
+
+
+def _jaccard_matrix(labels, within, between, rng, jitter):
+    n = labels.shape[0]
+    m = np.where(labels[:, None] == labels[None], within, between) + rng.uniform(-jitter, jitter, (n, n))
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 1.0)
+    return m
+
+
+def test_permutation_test_block_diagonal_is_significant():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 8)
+    m = _jaccard_matrix(labels, 0.6, 0.1, rng, 0.05)
+    r = permutation_test(m, labels, n_perm=199, seed=0)
+    assert r["statistic"] == pytest.approx(0.5, abs=0.02)
+    assert r["p_value"] == pytest.approx(1 / 200)
+    assert abs(r["null_mean"]) < 0.05
+
+
+def test_permutation_test_random_is_not_significant():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(6), 8)
+    m = _jaccard_matrix(labels, 0.3, 0.3, rng, 0.2)
+    r = permutation_test(m, labels, n_perm=199, seed=0)
+    assert r["p_value"] > 0.1
+    assert r == permutation_test(m, labels, n_perm=199, seed=0)
+
+
+def test_permutation_test_on_identified_sets():
+    ident = identify(block_counts(per_cat=5, noise=1.0, seed=5), "neuron_active", CFG)
+    r = permutation_test(instruction_jaccard(ident), ident.labels, n_perm=99, seed=0)
+    assert r["p_value"] == pytest.approx(0.01)

@@ -1,0 +1,184 @@
+"""The report directory: summary.json, CSV tables, PNG figures, self-contained index.html."""
+
+import base64
+import csv
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from sparcom_jax.analysis import (
+    IdentifyConfig, ablation_matrix, analyze_model, build_summary, compare_models, compare_series,
+    identify,
+)
+from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.report import atomic_write, export_sets, write_report
+from sparcom_jax.report import io as rio
+from sparcom_jax.stats.counts import Counts
+
+N_PER, L, F, E, G = 3, 3, 12, 4, 5
+
+
+def moe_counts(seed):
+    """A small MoE: shared-expert neurons, routing and expert neurons; category c prefers units of c."""
+    rng = np.random.default_rng(seed)
+    n = 6 * N_PER
+    t = rng.integers(8, 20, n)
+    cats = [CATEGORIES[i // N_PER] for i in range(n)]
+    shape_t = t[:, None, None]
+    p = rng.random((n, L, F)) * 0.4
+    er = rng.integers(0, 4, (n, L, E))
+    for i in range(n):
+        c = i // N_PER
+        p[i, :, 2 * c:2 * c + 2] += 0.6
+        er[i, :, c % E] += 10
+    er = np.minimum(er, shape_t)
+    ena = (rng.random((n, L, E, G)) * er[..., None]).astype(np.int32)
+    return Counts(tokens=t, neuron_active=(p * shape_t).astype(np.int32), expert_routed=er,
+                  expert_neuron_active=ena, categories=cats, meta={"model_path": f"/ckpt/{seed}"})
+
+
+def fake_loss(sets):
+    def loss_fn(mask):
+        return {c: 2.0 + (0.0 if mask is None else 0.3 * (mask & sets[c]).sum() + 0.01 * mask.sum())
+                for c in CATEGORIES}
+    return loss_fn
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    cfg = IdentifyConfig(eps=0.1, eps_experts=0.2)
+    kw = dict(n_boot=10, n_perm=19, instruction_level=("neuron_active", "expert_routed"))
+    base = analyze_model(moe_counts(0), cfg, name="base", **kw)
+    tuned = analyze_model(moe_counts(1), cfg, name="tuned", **kw)
+    comp = compare_models(base, tuned)
+    series = compare_series([("base", base), ("step1", tuned), ("tuned", tuned)])
+    isn_sets = base["isn"].ident.sets()
+    ise_sets = base["ise"].ident.sets()
+    summary = build_summary(
+        {"base": base, "tuned": tuned}, comparison=comp, series=series,
+        ablation=ablation_matrix(isn_sets, fake_loss(isn_sets), n_random=2),
+        ablation_experts=ablation_matrix(ise_sets, fake_loss(ise_sets), n_random=2, kind="experts"),
+        model_paths={"base": "/ckpt/0", "tuned": "/ckpt/1"}, data={"path": "hexainst.jsonl", "n": 18},
+        scope="prompt")
+    out = tmp_path_factory.mktemp("report")
+    written = write_report(out, summary, analyses={"base": base, "tuned": tuned}, dpi=40)
+    return out, summary, written
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = list(csv.reader(line for line in f if not line.startswith("#")))
+    return rows[0], rows[1:]
+
+
+def test_summary_schema(report):
+    out, summary, _ = report
+    with open(out / "summary.json") as f:
+        loaded = json.load(f, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert loaded == summary
+    assert loaded["identification"] == IdentifyConfig(eps=0.1, eps_experts=0.2).to_dict()
+    assert loaded["model_paths"]["tuned"] == "/ckpt/1" and loaded["scope"] == "prompt"
+    assert loaded["data"]["n"] == 18
+    for model in ("base", "tuned"):
+        for sec in ("isn", "ise", "expert_neurons"):
+            s = loaded["models"][model][sec]
+            assert list(s["per_category_count"]) == list(CATEGORIES)
+            assert list(s["per_layer"]) == list(CATEGORIES)
+            assert all(len(v) == L for v in s["per_layer"].values())
+            assert len(s["overlap_jaccard"]) == 6 and all(len(r) == 6 for r in s["overlap_jaccard"])
+            assert isinstance(s["general"], int) and set(s["unique"]) == set(CATEGORIES)
+        assert len(loaded["models"][model]["isn"]["instruction_overlap"]) == 6
+        assert loaded["models"][model]["isn"]["permutation"]["n_perm"] == 19
+        assert loaded["models"][model]["expert_neurons"]["instruction_overlap"] is None
+    for sec in ("isn", "ise"):
+        for c in CATEGORIES:
+            e = loaded["comparison"][sec][c]
+            assert e["retained"] + e["lost"] == e["size_before"]
+            assert e["retained"] + e["gained"] == e["size_after"]
+    ab = loaded["ablation"]
+    for k in ("isn", "random", "ise", "ise_random"):
+        assert np.asarray(ab[k], dtype=float).shape == (6, 6)
+    assert loaded["series"]["names"] == ["base", "step1", "tuned"]
+
+
+def test_files_and_html_embed_every_figure(report):
+    out, summary, written = report
+    figs = sorted(os.listdir(out / "figures"))
+    expected = {"overlap_isn.png", "instruction_overlap_isn.png", "instruction_matrix_base_isn.png",
+                "instruction_matrix_tuned_isn.png", "layers_isn.png", "generality_isn.png",
+                "comparison_isn.png", "series_isn.png", "overlap_ise.png", "layers_ise.png",
+                "expert_frequency_base.png", "expert_frequency_tuned.png", "expert_neurons_base.png",
+                "ablation_neurons.png", "ablation_experts.png", "overlap_expert_neurons.png"}
+    assert expected <= set(figs)
+    assert "instruction_matrix_base_expert_neurons.png" not in figs  # instruction level skipped there
+    html = (out / "index.html").read_text()
+    for name in figs:
+        png = (out / "figures" / name).read_bytes()
+        assert png.startswith(b"\x89PNG")
+        assert base64.b64encode(png).decode() in html, name
+    # Self-contained: every image is a data URI, nothing is fetched.
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) == len(figs) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "href=" not in html
+    assert html.count("<figcaption>") == len(figs)
+    assert sorted(os.path.basename(p) for p in written["figures"]) == figs
+    leftovers = [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_csv_tables_match_summary(report):
+    out, summary, _ = report
+    header, rows = read_csv(out / "tables" / "comparison_isn.csv")
+    assert header[:7] == ["category", "size_before", "size_after", "retained", "gained", "lost", "jaccard"]
+    assert [r[0] for r in rows] == list(CATEGORIES)
+    for r in rows:
+        e = summary["comparison"]["isn"][r[0]]
+        assert [int(x) for x in r[1:6]] == [e[k] for k in ("size_before", "size_after", "retained",
+                                                            "gained", "lost")]
+    header, rows = read_csv(out / "tables" / "ablation_neurons_isn.csv")
+    assert np.allclose(np.array([r[1:] for r in rows], float), summary["ablation"]["isn"], atol=1e-5)
+    header, rows = read_csv(out / "tables" / "base_isn_per_layer.csv")
+    assert len(rows) == L
+    assert [int(r[1]) for r in rows] == summary["models"]["base"]["isn"]["per_layer"]["classification"]
+    with open(out / "tables" / "base_isn_categories.csv") as f:
+        assert f.readline().startswith("# identification: rule=top eps=0.1")
+
+
+def test_export_sets_hand_case(tmp_path):
+    # CLS fires units (0,1),(1,3); CODE fires (0,1),(1,0); the rest fire nothing.
+    na = np.zeros((6, 2, 4), np.int32)
+    na[0, 0, 1] = na[0, 1, 3] = 10
+    na[1, 0, 1] = na[1, 1, 0] = 5
+    counts = Counts(tokens=np.full(6, 10), neuron_active=na, categories=list(CATEGORIES))
+    ident = identify(counts, "neuron_active", IdentifyConfig(eps=0.25))
+    csv_path, json_path = export_sets(tmp_path, ident, prefix="m_")
+    header, rows = read_csv(csv_path)
+    assert header == ["category", "layer", "index", "frequency", "categories", "unique"]
+    assert rows == [
+        ["classification", "0", "1", "1", "CLS;CODE", "0"],
+        ["classification", "1", "3", "1", "CLS", "1"],
+        ["code", "0", "1", "0.5", "CLS;CODE", "0"],
+        ["code", "1", "0", "0.5", "CODE", "1"],
+    ]
+    d = json.loads(open(json_path).read())
+    assert d["identification"]["eps"] == 0.25 and d["units"] == ["layer", "neuron"]
+    assert d["sets"]["code"][1] == {"layer": 1, "index": 0, "frequency": 0.5,
+                                    "categories": ["code"], "unique": True}
+    assert d["sets"]["math"] == []
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "a.txt"
+    atomic_write(p, "old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rio.os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write(p, "new")
+    assert p.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
