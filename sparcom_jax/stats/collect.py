@@ -33,7 +33,7 @@ def count_fields(cfg) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT):
+def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None):
     model = nnx.merge(graphdef, state)
     count_BT = scope_BT & valid_BT
     out = model.forward(ids_BT, valid_BT, count_mask=count_BT, with_logits=False)

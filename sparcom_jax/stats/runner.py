@@ -53,11 +53,12 @@ def validate_sequences(sequences, scopes, vocab_size: int):
 
 
 class BatchRunner:
-    """Runs `step(state, ids, valid, scope) -> dict of [B, ...] arrays` over bucketed batches.
+    """Runs `step(graphdef, state, ids, valid, scope, extra) -> dict of [B, ...] arrays` over bucketed batches.
 
     Args:
       model: the nnx model whose state is passed to `step`.
-      step: a pure function (graphdef-closed) of (state, ids [B,T], valid [B,T], scope [B,T]).
+      step: a pure function of (graphdef, state, ids [B,T], valid [B,T], scope [B,T], extra), where
+        `extra` is a replicated pytree (or None) passed to `run`, e.g. ablation masks.
       batch_size: rows per process per batch (rounded up to a multiple of the local data shards).
       mesh: optional ("data", "model") mesh; None runs on the default device.
       buckets: fixed bucket lengths (None: the data module's default ladder).
@@ -75,12 +76,13 @@ class BatchRunner:
             local_data = max(1, mesh.shape["data"] // jax.process_count())
             self.rows = int(math.ceil(batch_size / local_data) * local_data)
             self.batch_sharding = NamedSharding(mesh, P("data"))
+            self.replicated = NamedSharding(mesh, P())
+            bs = self.batch_sharding
             self._fn = jax.jit(lambda st, *a: step(graphdef, st, *a),
-                               in_shardings=(shards, self.batch_sharding, self.batch_sharding, self.batch_sharding),
-                               out_shardings=self.batch_sharding)
+                               in_shardings=(shards, bs, bs, bs, self.replicated), out_shardings=bs)
         else:
             self.rows = batch_size
-            self.batch_sharding = None
+            self.batch_sharding = self.replicated = None
             self._fn = jax.jit(lambda st, *a: step(graphdef, st, *a))
         self.state = state
         self.padding_fraction = 0.0
@@ -114,8 +116,10 @@ class BatchRunner:
 
         return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, self.mesh, P("data")))
 
-    def run(self, seqs: list[np.ndarray], scopes: list[np.ndarray] | None, on_batch=None):
+    def run(self, seqs: list[np.ndarray], scopes: list[np.ndarray] | None, on_batch=None, extra=None):
         """Yield (row indices, result dict of numpy [R, ...]) for every batch, in schedule order."""
+        if extra is not None and self.mesh is not None:
+            extra = jax.device_put(extra, self.replicated)
         lengths = np.array([len(s) for s in seqs], np.int64)
         pending = None
         for idx, T in self._schedule(lengths):
@@ -124,7 +128,7 @@ class BatchRunner:
                 scope = valid
             else:
                 scope, _ = pad_batch([scopes[i] for i in idx], T, rows=self.rows)
-            out = self._fn(self.state, self._put(ids), self._put(valid), self._put(scope))
+            out = self._fn(self.state, self._put(ids), self._put(valid), self._put(scope), extra)
             # One-step lag: the next batch is dispatched before this one's results are fetched.
             if pending is not None:
                 yield self._finish(*pending, on_batch)
