@@ -370,7 +370,7 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None, rules=None,
-               with_tokenizer: bool = True) -> CausalLM:
+               with_tokenizer: bool = True, moe_impl: str = "auto") -> CausalLM:
     """Load a Hugging Face causal-LM directory into a Flax model.
 
     Args:
@@ -381,6 +381,7 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
         created already sharded by the sharding rules.
       param_dtype: storage dtype of parameters (default: `dtype`).
       rules: optional logical-axis rules overriding the defaults.
+      moe_impl: expert dispatch ("auto", "ragged", "tiled"); see `CausalLM`.
 
     Returns:
       CausalLM; ``model.tokenizer`` is the directory's tokenizer or None and
@@ -390,7 +391,7 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors)")
     cfg = ModelConfig.from_pretrained(p)
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
     load_params(model, p, mesh=mesh, rules=rules)
     model.tokenizer = load_tokenizer(p) if with_tokenizer else None
     model.source_path = str(p)

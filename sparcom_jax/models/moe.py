@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.layers import GatedFFN, activation, normal_param
+
+# "auto": ragged_dot on GPU/TPU, tiles on CPU (decided when the forward is traced).
+MOE_IMPLS = ("auto", "ragged", "tiled")
 
 
 def route(logits_NE, k: int, norm_topk_prob: bool, drop_E=None):
@@ -41,7 +45,10 @@ def route(logits_NE, k: int, norm_topk_prob: bool, drop_E=None):
 class MoEFFN(nnx.Module):
     """Routed experts, plus a sigmoid-gated shared expert when the config has one (Qwen-MoE)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 impl: str = "auto"):
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl {impl!r} is not one of {MOE_IMPLS}")
         D, E, G = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.router = normal_param(rngs, (D, E), param_dtype)
         self.gate_proj = normal_param(rngs, (E, D, G), param_dtype)
@@ -56,6 +63,53 @@ class MoEFFN(nnx.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.act = cfg.hidden_act
         self.dtype = dtype
+        self.impl = impl
+
+    def _experts_ragged(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
+        """Grouped matmuls with `jax.lax.ragged_dot` (efficient grouped GEMMs on GPU/TPU)."""
+        dt = self.dtype
+        a_MG = activation(self.act)(jax.lax.ragged_dot(xs_MD, self.gate_proj[...].astype(dt), group_sizes))
+        active_MG = None if cm_M is None else (a_MG > 0) & cm_M[:, None]
+        if keep_EG is not None:
+            a_MG = a_MG * keep_EG.astype(dt)[e_sorted]
+        h_MG = a_MG * jax.lax.ragged_dot(xs_MD, self.up_proj[...].astype(dt), group_sizes)
+        return jax.lax.ragged_dot(h_MG, self.down_proj[...].astype(dt), group_sizes), active_MG
+
+    def _experts_tiled(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
+        """Expert MLPs over fixed-size tiles, each tile holding rows of one expert only.
+
+        Each expert's group is padded to a multiple of the tile size `tb`, so the
+        padded buffer has a static bound of M + E*(tb-1) rows; a scan over tiles runs
+        the gate/up/down matmuls with that tile's expert weights. On CPU this is
+        several times faster than `ragged_dot`, which XLA's CPU backend lowers densely.
+        """
+        dt = self.dtype
+        M, D = xs_MD.shape
+        E = group_sizes.shape[0]
+        tb = int(min(64, max(8, 2 ** int(np.log2(max(M // E, 1))))))
+        n_tiles = (M + E * (tb - 1)) // tb + 1
+        padded = (group_sizes + tb - 1) // tb * tb
+        ends = jnp.cumsum(padded)
+        rank = jnp.arange(M) - (jnp.cumsum(group_sizes) - group_sizes)[e_sorted]
+        pos = (ends - padded)[e_sorted] + rank  # row of each sorted assignment in the padded buffer
+        tile_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles) * tb, side="right"), E - 1)
+        x_tiles = jnp.zeros((n_tiles * tb, D), dt).at[pos].set(xs_MD).reshape(n_tiles, tb, D)
+        wg, wu, wd = (w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        keep = None if keep_EG is None else keep_EG.astype(dt)
+        act = activation(self.act)
+
+        def tile(_, inp):
+            x_tD, e = inp
+            a_tG = act(x_tD @ wg[e])
+            pos_tG = a_tG > 0
+            if keep is not None:
+                a_tG = a_tG * keep[e]
+            return None, ((a_tG * (x_tD @ wu[e])) @ wd[e], pos_tG)
+
+        _, (y, pos_act) = jax.lax.scan(tile, None, (x_tiles, tile_e))
+        y_MD = y.reshape(n_tiles * tb, D)[pos]
+        active_MG = None if cm_M is None else pos_act.reshape(n_tiles * tb, -1)[pos] & cm_M[:, None]
+        return y_MD, active_MG
 
     def __call__(self, x_BTD, count_mask_BT=None, ablate=None):
         """Returns (out [B, T, D], stats dict or None).
@@ -87,22 +141,22 @@ class MoEFFN(nnx.Module):
         group_sizes = jnp.bincount(e_M, length=E).astype(jnp.int32)
 
         xs_MD = x_ND[tok_sorted]
-        gate_MG = jax.lax.ragged_dot(xs_MD, self.gate_proj[...].astype(dt), group_sizes)
-        a_MG = activation(self.act)(gate_MG)
+        cm_M = None if count_mask_BT is None else count_mask_BT.reshape(-1)[tok_sorted]
+        keep_EG = ablate.get("expert_neuron_keep")
+        impl = self.impl if self.impl != "auto" else ("tiled" if jax.default_backend() == "cpu" else "ragged")
+        if impl == "ragged":
+            y_MD, active_MG = self._experts_ragged(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
+        else:
+            y_MD, active_MG = self._experts_tiled(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         stats = None
         if count_mask_BT is not None:
-            cm_M = count_mask_BT.reshape(-1)[tok_sorted]
-            active = ((a_MG > 0) & cm_M[:, None]).astype(jnp.int32)
-            ena = jax.ops.segment_sum(active, seg_sorted, num_segments=E * B, indices_are_sorted=True)
+            ena = jax.ops.segment_sum(active_MG.astype(jnp.int32), seg_sorted, num_segments=E * B,
+                                      indices_are_sorted=True)
             routed = jax.nn.one_hot(e_Nk, E, dtype=jnp.int32).sum(1) * count_mask_BT.reshape(-1, 1)
             stats = {
                 "expert_routed": routed.reshape(B, T, E).sum(1),
                 "expert_neuron_active": ena.reshape(E, B, -1).transpose(1, 0, 2),
             }
-        if "expert_neuron_keep" in ablate:
-            a_MG = a_MG * ablate["expert_neuron_keep"].astype(dt)[e_sorted]
-        h_MG = a_MG * jax.lax.ragged_dot(xs_MD, self.up_proj[...].astype(dt), group_sizes)
-        y_MD = jax.lax.ragged_dot(h_MG, self.down_proj[...].astype(dt), group_sizes)
         # Back to (token, k) order, weight and sum over the k experts of each token.
         inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         y_NkD = y_MD[inv].reshape(B * T, k, D)

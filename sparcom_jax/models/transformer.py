@@ -36,13 +36,13 @@ def resolve_dtype(dtype) -> Any:
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, moe_impl: str = "auto"):
         D = cfg.hidden_size
         self.input_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.is_moe:
-            self.ffn = MoEFFN(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.ffn = MoEFFN(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=moe_impl)
         else:
             self.ffn = GatedFFN(D, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dtype,
                                 param_dtype=param_dtype)
@@ -70,10 +70,17 @@ class CausalLM(nnx.Module):
 
     Call it like a Hugging Face model: ``model(input_ids [B, T], attention_mask [B, T])``
     returns float32 logits [B, T, V]. Right padding; mask 1 marks real tokens.
+
+    Args:
+      cfg: the architecture.
+      rngs: initialisation randomness (weights are replaced when loading).
+      dtype: compute dtype; param_dtype: storage dtype (default: dtype).
+      moe_impl: expert dispatch, "auto" (ragged_dot on GPU/TPU, tiles on CPU),
+        "ragged" or "tiled"; all give the same result.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype="float32",
-                 param_dtype=None):
+                 param_dtype=None, moe_impl: str = "auto"):
         rngs = rngs or nnx.Rngs(0)
         dtype = resolve_dtype(dtype)
         param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
@@ -84,7 +91,7 @@ class CausalLM(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(r):
-            return Block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype)
+            return Block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -139,14 +146,16 @@ def jitted_logits(graphdef, state, input_ids, attention_mask):
     return nnx.merge(graphdef, state).forward(input_ids, attention_mask).logits
 
 
-def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=None) -> CausalLM:
+def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=None,
+               moe_impl: str = "auto") -> CausalLM:
     """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
-    return CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+    return CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
 
 
-def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None) -> CausalLM:
+def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None, moe_impl: str = "auto") -> CausalLM:
     """The model with ShapeDtypeStruct leaves (`jax.eval_shape`): no memory, no compute."""
-    return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                           moe_impl=moe_impl))
 
 
 def param_count(model: CausalLM) -> int:

@@ -9,6 +9,7 @@ of the process that owns the rows.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -52,6 +53,12 @@ def validate_sequences(sequences, scopes, vocab_size: int):
     return seqs, out
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, step: Callable, out_sharding):
+    """One jitted function per (model structure, step, output sharding), reused across calls."""
+    return jax.jit(functools.partial(step, graphdef), out_shardings=out_sharding)
+
+
 class BatchRunner:
     """Runs `step(graphdef, state, ids, valid, scope, extra) -> dict of [B, ...] arrays` over bucketed batches.
 
@@ -71,19 +78,17 @@ class BatchRunner:
         self.buckets = tuple(buckets) if buckets is not None else None
         graphdef, state = nnx.split(model)
         if mesh is not None:
-            shards = state_shardings(state, mesh)
-            state = jax.device_put(state, shards)
+            # Inputs arrive committed to their shardings (state here, batches in `_put`),
+            # so jit takes them as they are; outputs stay split over the data axis.
+            state = jax.device_put(state, state_shardings(state, mesh))
             local_data = max(1, mesh.shape["data"] // jax.process_count())
             self.rows = int(math.ceil(batch_size / local_data) * local_data)
             self.batch_sharding = NamedSharding(mesh, P("data"))
             self.replicated = NamedSharding(mesh, P())
-            bs = self.batch_sharding
-            self._fn = jax.jit(lambda st, *a: step(graphdef, st, *a),
-                               in_shardings=(shards, bs, bs, bs, self.replicated), out_shardings=bs)
         else:
             self.rows = batch_size
             self.batch_sharding = self.replicated = None
-            self._fn = jax.jit(lambda st, *a: step(graphdef, st, *a))
+        self._fn = _compiled(graphdef, step, self.batch_sharding)
         self.state = state
         self.padding_fraction = 0.0
 
