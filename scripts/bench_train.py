@@ -1,0 +1,245 @@
+"""Benchmark fine-tuning throughput: training tokens/s and model FLOP utilisation (MFU).
+
+    python scripts/bench_train.py                     # small Llama, this machine's default backend
+    python scripts/bench_train.py --hidden 512 --layers 8 --steps 20 --no-write
+
+Two measurements, both on one Llama built from the shipped tokenizer's vocabulary:
+
+1. The jitted train step alone on full-length random sequences (no padding):
+   tokens/s and MFU = flops_per_token * tokens/s / peak, with
+   flops_per_token = 6 * N + 12 * L * T * H * Dh (PaLM, appendix B: N is the
+   matmul parameter count, i.e. without the embedding lookup table; the second
+   term is attention's scores and weighted sum). `peak` is measured here: the
+   best rate of a large jitted matmul in the compute dtype on the same device,
+   so MFU is relative to what this machine actually reaches, not a datasheet.
+2. `finetune` end to end on the shipped instruction records (length buckets,
+   padding, host batching, metrics), as real (non-padding) tokens/s from its
+   metrics file, after the compile steps.
+
+Writes (or replaces) the section between ``<!-- train:start -->`` and
+``<!-- train:end -->`` in docs/benchmarks.md; other sections are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- train:start -->", "<!-- train:end -->"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return f"CPU: {cpu_name()}, {os.cpu_count()} logical cores visible"
+    return f"{d.platform.upper()}: {d.device_kind} x{jax.device_count()}"
+
+
+def peak_flops(dtype, n: int, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def flops_per_token(cfg, T: int) -> float:
+    embed = cfg.vocab_size * cfg.hidden_size
+    n_matmul = cfg.param_count() - embed if not cfg.tie_word_embeddings else cfg.param_count()
+    return 6 * n_matmul + 12 * cfg.num_layers * T * cfg.num_heads * cfg.head_dim
+
+
+def bench_step(model_cfg, args, dtype: str) -> dict:
+    """Time the train step on full-length random sequences."""
+    import jax
+
+    from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.train import TrainConfig, make_optimizer
+    from sparcom_jax.train.step import (compute_graphdef, init_state, make_shardings, make_train_step,
+                                        pure_params, put_batch)
+
+    cfg = TrainConfig(batch_size=args.batch, grad_accum=1, total_steps=1000, warmup_steps=10, compute_dtype=dtype,
+                      max_length=args.seq)
+    mesh = make_mesh()
+    cfg.check_mesh(int(mesh.shape["data"]))
+    tx, sched = make_optimizer(cfg, cfg.total_steps)
+    sh = make_shardings(model_cfg, tx, mesh)
+    state = init_state(pure_params(init_model(model_cfg, seed=0)), tx, sh)
+    step = make_train_step(compute_graphdef(model_cfg, dtype), tx, sh, sched)
+    rng = np.random.default_rng(0)
+    shape = (1, args.batch, args.seq)
+    ids = put_batch(rng.integers(3, model_cfg.vocab_size, shape).astype(np.int32), sh.batch_ABT)
+    mask = put_batch(np.ones(shape, bool), sh.batch_ABT)
+    tgt_np = np.ones(shape, bool)
+    tgt_np[..., -1] = False
+    tgt = put_batch(tgt_np, sh.batch_ABT)
+    t = time.perf_counter()
+    state, m = step(state, ids, mask, tgt)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        state, m = step(state, ids, mask, tgt)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    tokens = args.batch * args.seq
+    return {"step_s": med, "tokens_per_s": tokens / med, "compile_s": compile_s, "tokens_per_step": tokens}
+
+
+def bench_finetune(model_cfg, args, dtype: str) -> dict:
+    """End-to-end finetune on the shipped records with the default length buckets.
+
+    Real (non-padding) tokens/s over the steps that did not compile: the first
+    step of each bucket length compiles, and is reported separately.
+    """
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.train import TrainConfig, finetune, read_metrics
+
+    tok = default_tokenizer()
+    cfg = TrainConfig(batch_size=args.batch, grad_accum=1, total_steps=args.ft_steps, warmup_steps=1,
+                      compute_dtype=dtype, max_length=args.seq, save_every=10 ** 6, keep_last=1)
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        res = finetune(init_model(model_cfg, seed=0), load_instructions(), tok, cfg, Path(d) / "run",
+                       eval_records=load_instructions(n_per_category=1), progress=False)
+        wall = time.perf_counter() - t
+        rows = read_metrics(res.metrics_path)
+    seen, timed = set(), []
+    for r in rows:
+        if r["slots"] in seen:
+            timed.append(r)
+        seen.add(r["slots"])
+    tokens, slots = sum(r["tokens"] for r in timed), sum(r["slots"] for r in timed)
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    return {"tokens_per_s": tokens / seconds, "padding": 1 - tokens / slots, "shapes": len(seen),
+            "steps": len(rows), "timed_steps": len(timed), "wall_s": wall,
+            "all_tokens_per_s": sum(r["tokens"] for r in rows) / wall}
+
+
+def _load_note(result: dict) -> str:
+    la = result.get("load_average")
+    if la is None or not result["device"].startswith("CPU"):
+        return ""
+    return (f"The machine was shared (1-minute load average {la:.1f} at the end of the run), so CPU numbers "
+            "can vary by 2x between runs.\n")
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the train section of docs/benchmarks.md (create the file if needed), atomically."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{body.rstrip()}\n{END}"
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="timed train steps on full-length sequences")
+    p.add_argument("--ft-steps", type=int, default=40, help="finetune steps on the shipped records")
+    p.add_argument("--dtype", default=None, help="compute dtype; default float32 on CPU, bfloat16 otherwise")
+    p.add_argument("--matmul", type=int, default=None, help="peak-FLOP matmul size (default 2048 CPU, 8192 else)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from sparcom_jax.data import default_tokenizer
+    from sparcom_jax.models.config import ModelConfig
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    tok = default_tokenizer()
+    model_cfg = ModelConfig.from_hf_config(dict(
+        model_type="llama", vocab_size=len(tok), hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seq, 512)))
+    peak = peak_flops(jnp.float32 if dtype == "float32" else jnp.bfloat16, args.matmul or (2048 if on_cpu else 8192))
+    step = bench_step(model_cfg, args, dtype)
+    fpt = flops_per_token(model_cfg, args.seq)
+    mfu = fpt * step["tokens_per_s"] / peak
+    ft = bench_finetune(model_cfg, args, dtype)
+    result = {"device": device_name(), "dtype": dtype, "params": model_cfg.param_count(),
+              "peak_tflops": peak / 1e12, "step": step, "mfu": mfu, "finetune": ft,
+              "model": f"llama D={args.hidden} L={args.layers} H={args.heads} F={model_cfg.intermediate_size} "
+                       f"V={model_cfg.vocab_size}", "batch": f"{args.batch} x {args.seq}",
+              "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+              "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    print(json.dumps(result, indent=2))
+    if not args.no_write:
+        body = f"""## Training (`scripts/bench_train.py`)
+
+Fine-tuning throughput of `sparcom_jax.train` on {result['device']} ({result['date']}, jax {result['jax']}).
+Model: {result['model']} ({result['params'] / 1e6:.2f} M parameters), compute {dtype}, float32 master weights,
+AdamW; batch {result['batch']} tokens, one device.
+
+| measurement | value |
+|---|---|
+| train step, full-length sequences | {step['tokens_per_s']:,.0f} tokens/s ({step['step_s'] * 1e3:.0f} ms/step, first step incl. compile {step['compile_s']:.1f} s) |
+| model FLOPs per token (6N + 12·L·T·H·Dh) | {fpt / 1e6:.1f} MFLOP |
+| measured peak ({dtype} matmul) | {peak / 1e9:,.1f} GFLOP/s |
+| **MFU** (model FLOP/s ÷ measured peak) | **{mfu:.1%}** |
+| `finetune` on the shipped records, steps that did not compile | {ft['tokens_per_s']:,.0f} real tokens/s ({ft['padding']:.0%} of slots are padding, {ft['shapes']} bucket shapes) |
+| `finetune` wall clock, {ft['steps']} steps incl. compiles, evals, checkpoints | {ft['all_tokens_per_s']:,.0f} real tokens/s ({ft['wall_s']:.0f} s) |
+
+{_load_note(result)}Re-run with `python scripts/bench_train.py` (options: `--hidden --layers --batch --seq --dtype`); on a GPU the
+default compute dtype is bfloat16 and the peak is a bfloat16 matmul. MFU here is relative to the matmul rate this
+machine reaches, so it measures overheads (attention, norms, optimizer, dispatch), not the hardware's datasheet.
+"""
+        write_section(Path(args.out), body)
+        print(f"wrote the train section of {args.out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Train checkpoints with orbax, and their export to Hugging Face directories.
+
+A run directory (the `out_dir` of `finetune`) holds::
+
+    run.json            model config (HF dict), train config, total steps, data fingerprint
+    tokenizer/          the tokenizer the run used (HF format)
+    checkpoints/<step>/ orbax: params (float32), opt_state, meta (JSON)
+    metrics.jsonl       one JSON object per line (train steps, evals, checkpoints)
+
+Checkpoints are written at step 0 (the base model, "before"), every
+`save_every` steps and at the last step ("after"). The latest `keep_last` are
+kept, and step 0 and the last step are never deleted. With
+`async_checkpointing` the device-to-host copy happens in `save` and the file
+writing in a background thread, so training continues while a checkpoint is
+written; a checkpoint appears on disk only once complete (orbax writes to a
+temporary directory and renames it), so a killed run never leaves a half
+checkpoint that a resume would read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from sparcom_jax.models.config import ModelConfig
+from sparcom_jax.train.step import TrainState, abstract_params, merge_params
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file + rename, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """The run description written by `finetune` (run.json)."""
+    p = Path(run_dir) / RUN_FILE
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: not found; {run_dir} is not a fine-tuning run directory "
+                                "(finetune(..., out_dir) writes it)")
+    return json.loads(p.read_text())
+
+
+class TrainCheckpointer:
+    """An orbax CheckpointManager for the train state, with the keep rules of this project.
+
+    Args:
+      run_dir: the run directory; checkpoints go to ``run_dir/checkpoints``.
+      save_every: save when the step is a multiple of this.
+      keep_last: keep this many latest checkpoints.
+      final_step: the run's last step, always saved and kept (with step 0).
+      async_save: write in a background thread.
+    """
+
+    def __init__(self, run_dir: str | Path, *, save_every: int, keep_last: int, final_step: int,
+                 async_save: bool = True):
+        self.directory = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
+        keep = ocm.AnyPreservationPolicy([ocm.LatestN(keep_last), ocm.CustomSteps([0, final_step])])
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every,
+            save_on_steps=[0, final_step],
+            preservation_policy=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # a killed run can leave an unfinished (never read) temp dir
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def save(self, state: TrainState, meta: dict) -> bool:
+        """Save `state` at ``meta["step"]`` if the policy says so; returns whether it did."""
+        step = int(meta["step"])
+        return self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+        ))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
+        """Restore the state at `step` into `target`'s shapes and shardings (any mesh)."""
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target.params),
+            opt_state=ocp.args.StandardRestore(target.opt_state),
+            meta=ocp.args.JsonRestore(),
+        ))
+        step_arr = jax.device_put(jax.numpy.asarray(int(r.meta["step"]), jax.numpy.int32), target.step.sharding)
+        return TrainState(step_arr, r.params, r.opt_state), dict(r.meta)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------- #
+# Export
+# --------------------------------------------------------------------------- #
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """The steps with a complete checkpoint in a run directory."""
+    d = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
+    if not d.exists():
+        return []
+    mngr = ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    try:
+        return sorted(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def load_checkpoint_model(run_dir: str | Path, step: int, *, dtype: str = "float32"):
+    """The CausalLM of checkpoint `step` (float32 parameters on the default device)."""
+    from sparcom_jax.models.transformer import abstract_model
+    from flax import nnx
+
+    run = read_run(run_dir)
+    cfg = ModelConfig.from_hf_config(run["model_config"], source=str(Path(run_dir) / RUN_FILE))
+    d = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
+    mngr = ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    try:
+        if step not in mngr.all_steps():
+            raise FileNotFoundError(f"{d}: no checkpoint for step {step}; available: {sorted(mngr.all_steps())}")
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), abstract_params(cfg))
+        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    finally:
+        mngr.close()
+    return merge_params(nnx.graphdef(abstract_model(cfg, dtype=dtype, param_dtype="float32")), params)
+
+
+def _run_tokenizer(run_dir: Path):
+    from sparcom_jax.checkpoints.hf import load_tokenizer
+
+    p = run_dir / TOKENIZER_SUBDIR
+    return load_tokenizer(p) if p.exists() else None
+
+
+def export_hf(run_dir: str | Path, step: int, out_dir: str | Path, *, tokenizer=None,
+              dtype: str | None = None) -> Path:
+    """Write checkpoint `step` of a run as a Hugging Face directory.
+
+    transformers (``AutoModelForCausalLM.from_pretrained``) and
+    `sparcom_jax.load_model` both read the result.
+
+    Args:
+      run_dir: the run directory (`finetune`'s out_dir).
+      step: a checkpoint step (see `checkpoint_steps`).
+      out_dir: the HF directory to write (replaced atomically if it exists).
+      tokenizer: saved alongside; default: the tokenizer the run saved.
+      dtype: storage dtype of the weights ("float32" default, or "bfloat16").
+
+    Returns:
+      out_dir.
+    """
+    from sparcom_jax.checkpoints.hf import save_model
+
+    run_dir = Path(run_dir)
+    model = load_checkpoint_model(run_dir, step)
+    tok = tokenizer if tokenizer is not None else _run_tokenizer(run_dir)
+    return save_model(model, out_dir, tokenizer=tok, dtype=dtype)
+
+
+def series_name(step: int, final_step: int) -> str:
+    """"before" for step 0, "after" for the last step, else "step_000123"."""
+    if step == 0:
+        return "before"
+    if step == final_step:
+        return "after"
+    return f"step_{step:06d}"
+
+
+def export_series(run_dir: str | Path, out_dir: str | Path, *, steps: Sequence[int] | None = None,
+                  tokenizer=None, dtype: str | None = None) -> list[tuple[str, Path]]:
+    """Export a run's checkpoints (before, intermediate, after) as HF directories.
+
+    Writes ``out_dir/<name>/`` for each checkpoint, with names from `series_name`,
+    and ``out_dir/series.json`` listing name, step and path in step order: the
+    input of a series comparison.
+
+    Args:
+      run_dir: the run directory.
+      out_dir: where the HF directories go.
+      steps: which checkpoints (default: all that exist).
+      tokenizer: default: the run's tokenizer.
+      dtype: storage dtype of the weights.
+
+    Returns:
+      [(name, path)] in step order.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    final = int(read_run(run_dir)["total_steps"])
+    have = checkpoint_steps(run_dir)
+    steps = have if steps is None else sorted(int(s) for s in steps)
+    missing = [s for s in steps if s not in have]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint for step(s) {missing}; available: {have}")
+    tok = tokenizer if tokenizer is not None else _run_tokenizer(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = []
+    for s in steps:
+        name = series_name(s, final)
+        path = export_hf(run_dir, s, out_dir / name, tokenizer=tok, dtype=dtype)
+        series.append((name, path))
+        log.info("exported step %d to %s", s, path)
+    write_json_atomic(out_dir / "series.json",
+                      [{"name": n, "step": s, "path": str(p)} for (n, p), s in zip(series, steps)])
+    return series

@@ -1,0 +1,347 @@
+"""Supervised instruction fine-tuning: the loop that turns a base model into its tuned self.
+
+    result = finetune(model, records, tokenizer, TrainConfig(total_steps=200), "runs/demo")
+    export_series("runs/demo", "runs/demo/hf")   # before, step_..., after
+
+Everything that can be wrong with the settings (batch split over devices,
+optimizer name, lengths against the model, a run directory that belongs to
+another run) is checked before tokenizing or touching a device. The data order,
+the optimizer and the compiled step depend only on the config and the data, so
+the same seed gives the same losses, and a run resumed from a checkpoint
+continues with exactly the losses it would have had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from sparcom_jax.models.transformer import CausalLM
+from sparcom_jax.parallel.mesh import make_mesh
+from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
+from sparcom_jax.train.checkpointing import (RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer, read_run,
+                                             write_json_atomic)
+from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
+from sparcom_jax.train.optim import make_optimizer
+from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
+                                    make_train_step, pure_params, put_batch)
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What `finetune` returns.
+
+    Attributes:
+      model: the fine-tuned model (float32 parameters, the input model's compute dtype).
+      run_dir: the run directory.
+      checkpoint_steps: the steps with a checkpoint on disk (0 is "before", final_step "after").
+      metrics_path: the JSONL metrics file.
+      final_step: the last optimizer step (total_steps).
+      losses: {step: train loss} for the steps this call ran.
+    """
+
+    model: CausalLM
+    run_dir: Path
+    checkpoint_steps: list[int]
+    metrics_path: Path
+    final_step: int
+    losses: dict[int, float]
+
+
+def read_metrics(path: str | Path, kind: str | None = "train") -> list[dict]:
+    """The lines of a metrics JSONL file, optionally only those of one type ("train", "eval", ...)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            if kind is None or d.get("type") == kind:
+                out.append(d)
+    return out
+
+
+class MetricsWriter:
+    """Append-only JSONL; each line is flushed so a killed run loses at most the line being written."""
+
+    def __init__(self, path: Path, *, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():
+            # Steps after the restored checkpoint will be run again; drop their old lines so the
+            # file reads as one uninterrupted run.
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and _line_step(ln) is not None and _line_step(ln) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
+        elif resume_step is None and path.exists():
+            path.unlink()
+        self.f = open(path, "a")
+
+    def write(self, **row: Any) -> None:
+        if self.enabled:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step"))
+    except (ValueError, TypeError, json.JSONDecodeError):
+        return None  # a line cut by a kill
+
+
+def _resolve_mesh(cfg: TrainConfig, mesh: Mesh | None) -> Mesh:
+    if mesh is not None:
+        if "data" not in mesh.shape:
+            raise TrainConfigError(f"mesh axes {tuple(mesh.shape)} have no 'data' axis; build it with "
+                                   "sparcom_jax.make_mesh(data=..., model=...)")
+        return mesh
+    try:
+        return make_mesh(cfg.mesh_data, cfg.mesh_model)
+    except ValueError as e:
+        raise TrainConfigError(f"mesh_data={cfg.mesh_data}, mesh_model={cfg.mesh_model}: {e}") from None
+
+
+def _check_resume(run_dir: Path, cfg: TrainConfig, model_hf: dict, resume: bool) -> dict | None:
+    """The previous run's description if this call continues it; raises if it cannot."""
+    has_run = (run_dir / RUN_FILE).exists()
+    ckpts = run_dir / "checkpoints"
+    has_ckpts = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+    if not resume:
+        if has_run or has_ckpts:
+            raise TrainConfigError(f"out_dir={run_dir} already holds a fine-tuning run; pass resume=True to "
+                                   "continue it, or choose a new out_dir")
+        return None
+    if not has_run:
+        return None
+    prev = read_run(run_dir)
+    old = TrainConfig.from_dict(prev["train_config"])
+    diff = [f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in cfg.to_dict()
+            if k not in _NON_NUMERIC_FIELDS and getattr(old, k) != getattr(cfg, k)]
+    if diff:
+        raise TrainConfigError(f"out_dir={run_dir} holds a run with other settings ({'; '.join(diff)}); resuming "
+                               "it would not continue the same run. Use the same TrainConfig, or a new out_dir")
+    if prev["model_config"] != model_hf:
+        raise TrainConfigError(f"out_dir={run_dir} holds a run of another model architecture; use the run's base "
+                               "model or a new out_dir")
+    return prev
+
+
+def _check_inputs(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, mesh: Mesh) -> None:
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model must be a sparcom_jax CausalLM, got {type(model).__name__}")
+    if not records:
+        raise ValueError("records is empty; pass the instruction records to fine-tune on")
+    cfg.check_mesh(int(mesh.shape["data"]))
+    cfg.check_model(model.config.max_position_embeddings)
+    if len(tokenizer) > model.config.vocab_size:
+        raise TrainConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                               f"{model.config.vocab_size}; use the model's own tokenizer")
+
+
+def _evaluate(eval_step, params, batches, categories: list[str], sh) -> dict[str, Any]:
+    """Mean response-token loss per category (token-weighted) and overall."""
+    loss_sum: dict[str, float] = defaultdict(float)
+    n_sum: dict[str, float] = defaultdict(float)
+    for b in batches:
+        l_B, n_B = eval_step(params, put_batch(b.ids_BT, sh.batch_BT), put_batch(b.mask_BT, sh.batch_BT),
+                             put_batch(b.targets_BT, sh.batch_BT))
+        l_B, n_B = np.asarray(l_B, np.float64), np.asarray(n_B, np.float64)
+        for r, l, n in zip(b.rows, l_B, n_B):
+            if r >= 0:
+                loss_sum[categories[r]] += l
+                n_sum[categories[r]] += n
+    per = {c: loss_sum[c] / n_sum[c] for c in sorted(n_sum) if n_sum[c] > 0}
+    total_n = sum(n_sum.values())
+    return {"loss": per, "mean": sum(loss_sum.values()) / max(total_n, 1.0),
+            "tokens": {c: int(n_sum[c]) for c in sorted(n_sum)}}
+
+
+# Cadence fields do not enter the compiled programs; normalising them lets those be reused.
+_CADENCE = {k: TrainConfig.__dataclass_fields__[k].default for k in _NON_NUMERIC_FIELDS}
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(model_cfg, cfg: TrainConfig, total_steps: int, mesh: Mesh):
+    """Optimizer, shardings and the jitted steps, reused by later calls with the same settings.
+
+    A new jit-wrapped closure would compile again; caching them lets a resumed or
+    repeated run in the same process (a notebook, the resume test) skip compilation.
+    """
+    tx, sched = make_optimizer(cfg, total_steps)
+    sh = make_shardings(model_cfg, tx, mesh)
+    graphdef = compute_graphdef(model_cfg, cfg.compute_dtype)
+    return tx, sh, make_train_step(graphdef, tx, sh, sched), make_eval_step(graphdef, sh)
+
+
+def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, out_dir: str | Path, *,
+             mesh: Mesh | None = None, eval_records: Sequence | None = None, resume: bool = True,
+             progress: bool = True, callback: Callable[[int, dict], Any] | None = None) -> FinetuneResult:
+    """Fine-tune `model` on instruction records, saving orbax checkpoints before, during and after.
+
+    Args:
+      model: the base model (its parameters are copied, never changed). Ignored
+        when the run resumes: the state comes from the latest checkpoint.
+      records: training `Record`s (instruction, input, output, category).
+      tokenizer: the model's tokenizer (saved into the run directory).
+      cfg: the settings; see `TrainConfig`.
+      out_dir: the run directory (see `sparcom_jax.train.checkpointing`).
+      mesh: a ("data", "model") mesh; default ``make_mesh(cfg.mesh_data, cfg.mesh_model)``.
+      eval_records: records for the per-category eval loss at each checkpoint;
+        default: the training records.
+      resume: continue from the latest checkpoint in out_dir if there is one;
+        with False, out_dir must not hold a run.
+      progress: show a tqdm bar with loss, tokens/s and ETA.
+      callback: called as ``callback(step, metrics)`` after every step; a truthy
+        return stops training after that step (the checkpoints written so far stay).
+
+    Returns:
+      FinetuneResult.
+
+    Raises:
+      TrainConfigError: a setting that cannot work, before any compute.
+    """
+    from sparcom_jax.data import encode_records
+
+    run_dir = Path(out_dir)
+    lead = jax.process_index() == 0
+    # ---- checks: nothing below compiles or allocates on a device until they pass ----
+    cfg.validate()
+    mesh = _resolve_mesh(cfg, mesh)
+    _check_inputs(model, records, tokenizer, cfg, mesh)
+    model_hf = model.config.to_hf_config()
+    prev = _check_resume(run_dir, cfg, model_hf, resume)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="truncated .* sequences")  # reported once below instead
+        enc = encode_records(records, tokenizer, template=cfg.template, scope="response", max_length=cfg.max_length)
+        ev_enc = enc if eval_records is None else encode_records(eval_records, tokenizer, template=cfg.template,
+                                                                 scope="response", max_length=cfg.max_length)
+    if enc.n_truncated:
+        log.warning("%d of %d training sequences were cut to max_length=%d", enc.n_truncated, len(enc),
+                    cfg.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    buckets = resolve_buckets(np.concatenate([enc.lengths, ev_enc.lengths]), cfg.max_length, cfg.buckets)
+    data = TrainBatches(enc.ids, enc.scopes, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                        buckets=buckets, seed=cfg.seed, pad_id=pad_id)
+    total_steps = cfg.total_steps or cfg.epochs * data.steps_per_epoch
+    if cfg.warmup_steps >= total_steps:
+        raise TrainConfigError(f"warmup_steps={cfg.warmup_steps} must be smaller than the {total_steps} steps "
+                               "of the run; lower warmup_steps or raise total_steps/epochs")
+    fingerprint = data.fingerprint()
+    if prev is not None and prev.get("data_fingerprint") != fingerprint:
+        raise TrainConfigError(f"out_dir={run_dir} holds a run on other data (or another tokenizer/template); "
+                               "resume it with the same records, or use a new out_dir")
+    ev_batches = eval_batches(ev_enc.ids, ev_enc.scopes, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+                              buckets=buckets, pad_id=pad_id)
+
+    # ---- run directory ----
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if prev is None:
+            write_json_atomic(run_dir / RUN_FILE, {
+                "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
+                "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets), "data_fingerprint": fingerprint,
+                "n_records": len(enc), "mesh": dict(mesh.shape)})
+            tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
+
+    # ---- state ----
+    tx, sh, train_step, eval_step = _programs(model.config, dataclasses.replace(cfg, **_CADENCE), total_steps, mesh)
+    ckpt = TrainCheckpointer(run_dir, save_every=cfg.save_every, keep_last=cfg.keep_last, final_step=total_steps,
+                             async_save=cfg.async_checkpointing)
+    start = ckpt.latest_step() if resume else None
+    if start is not None:
+        state, meta = ckpt.restore(start, abstract_state(model.config, tx, sh))
+        if meta.get("data_fingerprint") != fingerprint or meta.get("train_fingerprint") != cfg.fingerprint():
+            raise TrainConfigError(f"checkpoint {start} in {run_dir} was written by another run configuration")
+        tokens_seen = int(meta["tokens_seen"])
+        log.info("resuming %s from step %d", run_dir, start)
+    else:
+        state, tokens_seen = init_state(pure_params(model), tx, sh), 0
+    metrics = MetricsWriter(run_dir / METRICS_FILE, resume_step=start, enabled=lead)
+    if start is not None:
+        metrics.write(type="resume", step=start)
+
+    def checkpoint(step: int) -> None:
+        if not ckpt.should_save(step):
+            return
+        ev = _evaluate(eval_step, state.params, ev_batches, ev_enc.categories, sh)
+        metrics.write(type="eval", step=step, **ev)
+        ckpt.save(state, {"step": step, "epoch": step // data.steps_per_epoch, "tokens_seen": tokens_seen,
+                          "data_fingerprint": fingerprint, "train_fingerprint": cfg.fingerprint()})
+        metrics.write(type="checkpoint", step=step)
+
+    from tqdm.auto import tqdm
+
+    first = start or 0
+    bar = tqdm(total=total_steps, initial=first, disable=not progress or not lead, unit="step", dynamic_ncols=True)
+    losses: dict[int, float] = {}
+    try:
+        if start is None:
+            checkpoint(0)  # the base model: "before"
+        batch = data.batch(first) if first < total_steps else None
+        t_last = time.perf_counter()
+        tok_since, steps_since = 0, 0
+        for s in range(first, total_steps):
+            state, m = train_step(state, *(put_batch(x, sh.batch_ABT)
+                                           for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
+            cur = batch
+            # Prepare the next batch on the host while the device runs this step.
+            batch = data.batch(s + 1) if s + 1 < total_steps else None
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            step = s + 1
+            tokens_seen += cur.tokens
+            tok_since += cur.tokens
+            steps_since += 1
+            losses[step] = m["loss"]
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(f"step {step}: loss is {m['loss']}; lower learning_rate or clip_norm")
+            now = time.perf_counter()
+            row = {"step": step, "epoch": cur.epoch, "loss": m["loss"], "lr": m["lr"],
+                   "grad_norm": m["grad_norm"], "tokens": cur.tokens, "slots": int(cur.ids_ABT.size),
+                   "target_tokens": int(m["targets"]),
+                   "tokens_per_s": tok_since / max(now - t_last, 1e-9), "tokens_seen": tokens_seen}
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics.write(type="train", **row)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                tok_since, t_last = 0, now
+            stop = bool(callback(step, row)) if callback is not None else False
+            if ckpt.should_save(step):
+                checkpoint(step)
+                t_last, tok_since = time.perf_counter(), 0  # eval and save time are not training time
+            if stop:
+                break
+    finally:
+        bar.close()
+        ckpt.wait()  # async writes must land before the caller reads (or the process exits)
+        kept = ckpt.all_steps()
+        ckpt.close()
+        metrics.close()
+
+    gd, _, rest = nnx.split(model, nnx.Param, ...)
+    tuned = nnx.merge(gd, nnx.State(state.params), rest)
+    return FinetuneResult(tuned, run_dir, kept, run_dir / METRICS_FILE, total_steps, losses)

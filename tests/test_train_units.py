@@ -1,0 +1,152 @@
+"""Fast checks of the fine-tuning pieces: config validation, data order, loss targets, decay mask, schedule."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparcom_jax.models.config import ModelConfig
+from sparcom_jax.models.transformer import abstract_model
+from sparcom_jax.train import TrainConfig, TrainConfigError, decay_mask, lr_schedule
+from sparcom_jax.train.batches import TrainBatches, eval_batches, target_mask
+from sparcom_jax.train.loop import MetricsWriter, read_metrics
+
+
+def test_unknown_optimizer_names_field_and_choices():
+    with pytest.raises(TrainConfigError, match=r"optimizer='adam_typo'.*adamw, lion, sgd"):
+        TrainConfig(optimizer="adam_typo")
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(batch_size=10, grad_accum=4), r"batch_size=10 is not divisible by grad_accum=4"),
+    (dict(compute_dtype="float16"), r"compute_dtype='float16'.*float32, bfloat16"),
+    (dict(template="alpaca"), r"template='alpaca'"),
+    (dict(total_steps=5, warmup_steps=5), r"warmup_steps=5 must be smaller than total_steps=5"),
+    (dict(max_length=256, buckets=(64, 128)), r"largest bucket must be >= max_length=256"),
+    (dict(learning_rate=0.0), r"learning_rate=0.0 must be > 0"),
+])
+def test_bad_config_is_rejected_on_construction(kwargs, pattern):
+    with pytest.raises(TrainConfigError, match=pattern):
+        TrainConfig(**kwargs)
+
+
+def test_batch_split_over_devices_is_checked():
+    cfg = TrainConfig(batch_size=12, grad_accum=2)  # 6 rows per micro-batch
+    cfg.check_mesh(3)
+    with pytest.raises(TrainConfigError, match=r"6 rows per micro-batch is not divisible by the 4 devices.*"
+                                               r"multiple of grad_accum \* 4 = 8"):
+        cfg.check_mesh(4)
+
+
+def test_fingerprint_ignores_cadence_but_not_numbers():
+    a = TrainConfig(save_every=10, log_every=1)
+    assert a.fingerprint() == TrainConfig(save_every=7, log_every=5, keep_last=9).fingerprint()
+    assert a.fingerprint() != TrainConfig(learning_rate=1e-3).fingerprint()
+    assert TrainConfig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    with pytest.raises(TrainConfigError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"lr": 1.0})
+
+
+def test_target_mask_is_response_shifted_left_and_real_only():
+    scope = np.array([[0, 0, 1, 1, 1, 0]], bool)  # response tokens at 2..4, position 5 is padding
+    mask = np.array([[1, 1, 1, 1, 0, 0]], bool)   # ... and token 4 is padding too
+    # position t is a target when token t+1 is a real response token: t=1 (->2) and t=2 (->3)
+    np.testing.assert_array_equal(target_mask(scope, mask), [[0, 1, 1, 0, 0, 0]])
+
+
+def _toy(n=23, seed=0):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(3, 40, n)
+    ids = [rng.integers(3, 50, k).astype(np.int32) for k in lens]
+    scopes = [np.arange(k) >= k // 2 for k in lens]
+    return ids, scopes
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    ids, scopes = _toy()
+    kw = dict(batch_size=4, grad_accum=2, buckets=(16, 32, 40), pad_id=0)
+    a, b = TrainBatches(ids, scopes, seed=1, **kw), TrainBatches(ids, scopes, seed=1, **kw)
+    c = TrainBatches(ids, scopes, seed=2, **kw)
+    n = a.steps_per_epoch
+    # Out-of-order access (as after a resume) gives the same batches as in-order access.
+    for s in [2 * n + 1, 0, n + 3, 1]:
+        np.testing.assert_array_equal(a.batch(s).ids_ABT, b.batch(s).ids_ABT)
+    assert any(not np.array_equal(a.batch(s).ids_ABT, c.batch(s).ids_ABT) for s in range(n))
+    # Epochs are reshuffled, yet every sequence appears exactly once per epoch.
+    assert any(not np.array_equal(a.batch(s).ids_ABT, a.batch(s + n).ids_ABT) for s in range(n))
+    for epoch in range(2):
+        seen = np.concatenate([idx for _, idx in a.epoch_plan(epoch)])
+        assert sorted(seen.tolist()) == list(range(len(ids)))
+    # Fixed shapes: [A, B/A, T] with T a bucket; tokens counted from the mask.
+    for s in range(n):
+        bt = a.batch(s)
+        assert bt.ids_ABT.shape[:2] == (2, 2) and bt.ids_ABT.shape[2] in (16, 32, 40)
+        assert bt.tokens == int(bt.mask_ABT.sum())
+        assert not bt.targets_ABT[..., -1].any()
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_eval_batches_cover_every_sequence_once():
+    ids, scopes = _toy(n=11)
+    bs = eval_batches(ids, scopes, batch_size=4, buckets=(16, 40))
+    rows = np.concatenate([b.rows for b in bs])
+    assert sorted(rows[rows >= 0].tolist()) == list(range(11))
+    for b in bs:
+        for r, m in zip(b.rows, b.mask_BT):
+            assert m.sum() == (len(ids[r]) if r >= 0 else 0)
+
+
+def test_weight_decay_mask_spares_norms_and_biases():
+    cfg = ModelConfig.from_hf_config(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): v
+            for p, v in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+    assert flat["blocks/attn/q_bias"] is False and flat["blocks/attn/k_bias"] is False
+    assert flat["blocks/input_norm/weight"] is False and flat["final_norm/weight"] is False
+    assert flat["blocks/attn/q_proj"] is True and flat["blocks/ffn/down_proj"] is True
+    assert flat["embed"] is True and flat["lm_head"] is True
+
+
+def test_schedule_warms_up_then_decays_to_end_fraction():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=4, total_steps=20, end_lr_fraction=0.1)
+    s = lr_schedule(cfg, 20)
+    assert float(s(0)) == 0.0
+    np.testing.assert_allclose(float(s(2)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(s(4)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(s(20)), 1e-4, rtol=1e-5)
+    assert float(s(10)) > float(s(15)) > float(s(19))
+
+
+def test_metrics_writer_drops_steps_after_the_resume_point(tmp_path):
+    p = tmp_path / "m.jsonl"
+    w = MetricsWriter(p, resume_step=None)
+    for s in range(1, 6):
+        w.write(type="train", step=s, loss=float(s))
+    w.close()
+    with open(p, "a") as f:
+        f.write('{"type": "train", "st')  # a line cut by a kill
+    w = MetricsWriter(p, resume_step=3)
+    w.write(type="train", step=4, loss=40.0)
+    w.close()
+    assert [(d["step"], d["loss"]) for d in read_metrics(p)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_bench_writes_only_its_own_section(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_train", Path(__file__).resolve().parent.parent / "scripts" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- collect:start -->\nother rows\n<!-- collect:end -->\n")
+    bench.write_section(doc, "## Training\nfirst")
+    bench.write_section(doc, "## Training\nsecond")
+    text = doc.read_text()
+    assert "other rows" in text and "second" in text and "first" not in text
+    assert text.count(bench.START) == 1 and text.count(bench.END) == 1
