@@ -1,0 +1,239 @@
+"""The `sparcom` command: one subcommand per stage, each a thin call into `sparcom_jax.pipeline`.
+
+    sparcom demo --out runs/demo
+    sparcom run --config configs/llama2_7b.yaml --dry-run --devices 8
+    sparcom collect --config configs/olmoe_1b_7b.yaml data.n_per_category=50 --out runs/olmoe
+
+Bad input (a config, data file or checkpoint that cannot be used) is reported
+as one line, ``sparcom: error: ...``, with exit status 2; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import traceback
+from pathlib import Path
+
+# Errors that mean "the input is wrong" (configs, data, checkpoints all raise
+# ValueError subclasses); anything else is a bug and keeps its traceback.
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+
+STAGE_HELP = {
+    "finetune": ("instruction-fine-tune the base model, saving intermediate and final checkpoints",
+                 "sparcom finetune --config configs/llama2_7b.yaml finetuned=null train.total_steps=1000 "
+                 "--out runs/llama2-sft"),
+    "collect": ("count neuron activations and expert routing per instruction (all models)",
+                "sparcom collect --config configs/llama2_7b.yaml collect.batch_size=32 --out runs/llama2"),
+    "identify": ("identify instruction-specific neurons / experts and export their lists",
+                 "sparcom identify --config configs/llama2_7b.yaml identify.eps=0.02 --out runs/llama2"),
+    "evaluate": ("generality, uniqueness, overlaps and layer profiles of every model",
+                 "sparcom evaluate --config configs/mixtral_8x7b.yaml identify.n_boot=200 --out runs/mixtral"),
+    "compare": ("compare the models before and after fine-tuning (and along the series)",
+                "sparcom compare --config configs/qwen25_7b.yaml --out runs/qwen25"),
+    "ablate": ("causal check: switch off each category's units, measure every category's loss",
+               "sparcom ablate --config configs/olmoe_1b_7b.yaml ablation.n_random=5 --out runs/olmoe"),
+    "report": ("write the report (index.html, summary.json, figures, tables)",
+               "sparcom report --config configs/llama2_7b.yaml --out runs/llama2"),
+    "run": ("run every stage from one config (finetune when no fine-tuned model is given)",
+            "sparcom run --config configs/mistral_7b.yaml --out runs/mistral"),
+}
+
+COMMON_EPILOG = """
+Overrides: any config key as dotted KEY=VALUE (values are YAML), anywhere on the line,
+e.g. identify.eps=0.02 data.n_per_category=50 mesh.model=4 'series=[{path: /ckpt}]'.
+--dry-run validates the config, resolves the mesh for --devices N and prints the
+memory plan without reading weights. The resolved config is saved as OUT/config.yaml.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", required=config_required,
+                   help="YAML experiment config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. identify.eps=0.02")
+    p.add_argument("--out", "-o", metavar="DIR", help="output directory (default: the config's out_dir)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, resolve the mesh and print the memory plan; read no weights, write nothing")
+    p.add_argument("--devices", type=int, metavar="N", help="device count to plan the mesh for (dry runs)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host; same as mesh.distributed=true)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `sparcom` (one subparser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="sparcom", formatter_class=_Formatter,
+        description="SPARCOM in JAX: instruction-specific neurons and experts, before and after "
+                    "instruction fine-tuning.",
+        epilog="Start with:  sparcom demo --out runs/demo\n"
+               "Real pairs:   sparcom run --config configs/llama2_7b.yaml --dry-run --devices 8\n"
+               "Each command has --help with an example.")
+    from sparcom_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"sparcom_jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", formatter_class=_Formatter,
+                       help="end-to-end demo on tiny models (offline, ~10 min on 2 CPU cores)",
+                       description="Pretrain and instruction-tune a tiny Llama and a tiny Mixtral-style MoE, "
+                                   "then collect, identify, evaluate, compare, ablate and write the report.",
+                       epilog="example:\n  sparcom demo --out runs/demo\n  sparcom demo --out /tmp/d --fast\n"
+                              "  sparcom demo --config configs/demo.yaml finetune.total_steps=120 --out runs/demo\n"
+                              + COMMON_EPILOG)
+    _add_common(p, config_required=False)
+    p.add_argument("--fast", action="store_true", help="a much smaller demo (about a minute; used by tests)")
+
+    p = sub.add_parser("selfcheck", formatter_class=_Formatter,
+                       help="load a model (or a tiny random one), run a forward and check it",
+                       description="Forward a Hugging Face directory (or a tiny random model), check the logits' "
+                                   "shape and finiteness and, when torch + transformers are installed, compare "
+                                   "them with transformers'.",
+                       epilog="example:\n  sparcom selfcheck\n  sparcom selfcheck --model /data/models/Llama-2-7b-hf "
+                              "--dtype bfloat16\n  sparcom selfcheck --model-type mixtral --out runs/check")
+    p.add_argument("--model", metavar="DIR", help="Hugging Face model directory (default: a tiny random model)")
+    p.add_argument("--model-type", default="llama", choices=["llama", "mixtral"],
+                   help="family of the tiny random model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison with transformers")
+    p.add_argument("--out", "-o", metavar="DIR", help="write selfcheck.json here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    for name, (summary, example) in STAGE_HELP.items():
+        p = sub.add_parser(name, formatter_class=_Formatter, help=summary, description=summary[0].upper() + summary[1:]
+                           + ".", epilog=f"example:\n  {example}\n  {example.split(' --out')[0]} --dry-run "
+                                         f"--devices 8\n" + COMMON_EPILOG)
+        _add_common(p)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse argv; KEY=VALUE overrides may appear anywhere after the command."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not _OVERRIDE.match(a)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", None) or []) + extra
+    return args
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or e.__class__.__name__
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return " | ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def _print_outputs(res: dict, out: Path) -> None:
+    print()
+    print(f"outputs: {out}")
+    for k, v in res.items():
+        print(f"  {k:<12} {v}")
+
+
+def cmd_demo(args) -> int:
+    from sparcom_jax import pipeline
+    from sparcom_jax.config import DemoConfig, apply_overrides, load_config
+
+    if args.config:
+        cfg = load_config(args.config, [], cls=DemoConfig)
+        if args.fast:
+            cfg = apply_overrides(cfg, ["fast=true", *pipeline.FAST_OVERRIDES])
+        cfg = apply_overrides(cfg, args.overrides)
+    else:
+        cfg = pipeline.demo_config(args.fast, args.overrides)
+    out = pipeline.out_dir(cfg, args.out)
+    if args.dry_run:
+        import yaml
+
+        from sparcom_jax.config import to_dict
+
+        print("dry run: sparcom demo — config valid, nothing trained or written")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"outputs would go to {out} (report: {out / 'report' / 'index.html'})")
+        return 0
+    res = pipeline.run_demo(out, cfg=cfg)
+    _print_outputs(res, out)
+    print(f"\nopen the report: {res['report']}")
+    return 0
+
+
+def cmd_selfcheck(args) -> int:
+    from sparcom_jax import pipeline
+
+    res = pipeline.selfcheck(args.model, model_type=args.model_type, dtype=args.dtype, compare=not args.no_compare)
+    print(f"model        {res['model']} ({res['params']:,} parameters)")
+    print(f"logits       shape {res['shape']} ({'ok' if res['shape_ok'] else 'WRONG'}), "
+          f"{'finite' if res['finite'] else 'NOT FINITE'}")
+    diff = res["max_abs_diff"]
+    print(f"reference    {res['reference'] or 'not compared'}"
+          + ("" if diff is None else f", max |logits - transformers| = {diff:.3g}"))
+    print(f"selfcheck    {'PASSED' if res['ok'] else 'FAILED'}")
+    if args.out:
+        from sparcom_jax.report.io import write_json
+
+        path = write_json(Path(args.out) / "selfcheck.json", res)
+        print(f"\noutputs: {path}")
+    else:
+        print("\noutputs: none written (pass --out DIR to save selfcheck.json)")
+    return 0 if res["ok"] else 1
+
+
+def cmd_stage(args) -> int:
+    from sparcom_jax import pipeline
+    from sparcom_jax.config import apply_overrides, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.distributed and not cfg.mesh.distributed:
+        cfg = apply_overrides(cfg, ["mesh.distributed=true"])
+    out = pipeline.out_dir(cfg, args.out)
+    if args.dry_run:
+        plan = pipeline.memory_plan(cfg, args.command, devices=args.devices)
+        print(pipeline.format_plan(plan))
+        if plan["mesh"]["distributed"]:
+            print("\n  multi-host: each process would call jax.distributed.initialize() first")
+        print(f"\noutputs would go to {out} (dry run: nothing written)")
+        return 0
+    pipeline.init_distributed(cfg.mesh)
+    res = pipeline.run_stage(args.command, cfg, out)
+    _print_outputs(res, out)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sparcom` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("sparcom: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `sparcom run --dry-run ... | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except BAD_INPUT as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"sparcom: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,659 @@
+"""Typed experiment configs loaded from YAML, with ``key=value`` overrides.
+
+    cfg = load_config("configs/llama2_7b.yaml", ["identify.eps=0.02", "mesh.devices=16"])
+    dump_config(cfg, "runs/llama2_7b/config.yaml")
+
+The schema is the dataclasses below; loading walks their fields with
+`typing.get_type_hints`, so an unknown key or a value of the wrong type is an
+error (`ConfigError`, a ValueError) that names the full dotted key, the file
+and, for typos, the closest valid key. Loading a config reads no weights and
+starts no device. The training section is `sparcom_jax.train.TrainConfig` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from sparcom_jax.train.config import TrainConfig
+
+
+class ConfigError(ValueError):
+    """An experiment config that cannot be used; the message names the key and the file."""
+
+
+# --------------------------------------------------------------------------- #
+# Schema
+# --------------------------------------------------------------------------- #
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model of the comparison.
+
+    Attributes:
+      name: short name used in outputs (default: the directory name of `path`).
+      path: local Hugging Face directory (config.json + *.safetensors).
+      hub_id: where to download it from (documentation; nothing is downloaded).
+      template: prompt template for this model ("plain" or "chat"); None = data.template.
+      init: HF-style config dict of a randomly initialised model (tests, demo);
+        used when `path` is not set.
+      seed: seed of the random initialisation.
+    """
+
+    name: str | None = None
+    path: str | None = None
+    hub_id: str | None = None
+    template: Literal["plain", "chat"] | None = None
+    init: dict[str, Any] | None = None
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        """The name used in outputs."""
+        if self.name:
+            return self.name
+        if self.path:
+            return Path(self.path).name
+        return "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Instruction data (see `sparcom_jax.data.load_instructions`).
+
+    Attributes:
+      path: instruction file(s) or a `datasets` directory; None = the shipped set.
+      adapter: None (record format), a named adapter or "auto".
+      fields: expected column -> column in the file.
+      n_per_category: balanced sample size per category; None = all records.
+      seed: seed of the balanced sample.
+      lenient: skip invalid records (with a report) instead of failing.
+      template: default prompt template ("plain" or "chat").
+      scope: counted tokens: "prompt", "response" or "all".
+      max_length: sequences are cut to this many tokens.
+    """
+
+    path: str | list[str] | None = None
+    adapter: str | None = None
+    fields: dict[str, str] | None = None
+    n_per_category: int | None = None
+    seed: int = 0
+    lenient: bool = False
+    template: Literal["plain", "chat"] = "plain"
+    scope: Literal["prompt", "response", "all"] = "prompt"
+    max_length: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentifySpec:
+    """Identification rule (mirrors `sparcom_jax.analysis.identify.IdentifyConfig`) and analysis options.
+
+    Attributes:
+      rule: "top" (top `eps` share per instruction) or "absolute" (frequency >= threshold).
+      eps: top share for rule="top".
+      threshold: frequency threshold for rule="absolute".
+      aggregation: "consensus" or "pooled" category sets.
+      q: consensus fraction.
+      eps_experts: top share for ISEs; None = eps.
+      chunk: instructions read at a time (memory only).
+      n_boot: bootstrap replicates (0 = none).
+      n_perm: permutations of the diagonal test (0 = none).
+      instruction_level: instruction x instruction overlap for all fields (true),
+        none (false) or the listed count fields.
+    """
+
+    rule: Literal["top", "absolute"] = "top"
+    eps: float = 0.01
+    threshold: float = 0.5
+    aggregation: Literal["consensus", "pooled"] = "consensus"
+    q: float = 0.5
+    eps_experts: float | None = None
+    chunk: int = 64
+    n_boot: int = 100
+    n_perm: int = 999
+    instruction_level: bool | list[str] = True
+
+    def __post_init__(self):
+        if not 0.0 < self.eps <= 1.0:
+            raise ConfigError(f"eps must be in (0, 1], got {self.eps}")
+        if self.eps_experts is not None and not 0.0 < self.eps_experts <= 1.0:
+            raise ConfigError(f"eps_experts must be in (0, 1], got {self.eps_experts}")
+        if not 0.0 < self.q <= 1.0:
+            raise ConfigError(f"q must be in (0, 1], got {self.q}")
+        if self.n_boot < 0 or self.n_perm < 0 or self.chunk < 1:
+            raise ConfigError("n_boot and n_perm must be >= 0 and chunk >= 1")
+
+    def rule_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of IdentifyConfig."""
+        return {k: getattr(self, k) for k in
+                ("rule", "eps", "threshold", "aggregation", "q", "eps_experts", "chunk")}
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectSpec:
+    """Count collection.
+
+    Attributes:
+      batch_size: sequences per forward (global, over the data axis).
+      dtype: compute dtype ("float32" or "bfloat16").
+      store: directory of the on-disk count stores; None = <out>/counts.
+      buckets: padded sequence lengths (one compilation each); None = a geometric
+        ladder up to data.max_length.
+    """
+
+    batch_size: int = 8
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    store: str | None = None
+    buckets: list[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """Devices and processes.
+
+    Attributes:
+      devices: device count the plan is made for (dry runs); None = the real count.
+      data: size of the data (batch) axis; None = devices / model.
+      model: size of the model axis (neurons, experts, heads).
+      num_processes: host processes of a multi-host run.
+      coordinator: "host:port" of process 0 (None: auto-detected on TPU VMs).
+      distributed: call `jax.distributed.initialize()` before anything else.
+    """
+
+    devices: int | None = None
+    data: int | None = None
+    model: int = 1
+    num_processes: int = 1
+    coordinator: str | None = None
+    distributed: bool = False
+
+    def __post_init__(self):
+        for k in ("devices", "data"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"{k} must be >= 1, got {v}")
+        if self.model < 1 or self.num_processes < 1:
+            raise ConfigError("model and num_processes must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationSpec:
+    """Causal check.
+
+    Attributes:
+      enabled: run it (it needs the weights).
+      n_random: random control sets per category.
+      max_records: reference responses per category used for the loss; None = all.
+      batch_size: sequences per forward.
+      kinds: "neurons" and/or "experts" (experts only for MoE models).
+      model: which model to ablate: "base", "finetuned" or "both".
+    """
+
+    enabled: bool = True
+    n_random: int = 3
+    max_records: int | None = 20
+    batch_size: int = 8
+    kinds: list[Literal["neurons", "experts"]] = dataclasses.field(
+        default_factory=lambda: ["neurons", "experts"])
+    model: Literal["base", "finetuned", "both"] = "finetuned"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSpec:
+    """The report directory.
+
+    Attributes:
+      title: page title (default: the experiment name).
+      dpi: figure resolution.
+    """
+
+    title: str | None = None
+    dpi: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One comparison: a base model, its fine-tuned model and optional checkpoints between.
+
+    Attributes:
+      name: experiment name.
+      out_dir: output directory ("--out" overrides it).
+      base: the model before fine-tuning.
+      finetuned: the model after fine-tuning (None: only the base is analysed,
+        or `finetune` produces it).
+      series: intermediate checkpoints in training order (between base and finetuned).
+      architecture: the published config.json fields of the pair; used when the
+        weights are not there (dry runs, memory plans) and checked against them
+        when they are.
+      data: the instructions analysed.
+      train_data: the fine-tuning records (None: every record of `data`, unsampled).
+      identify, collect, mesh, train, ablation, report: the stages' settings.
+      seed: global seed.
+    """
+
+    name: str
+    out_dir: str | None = None
+    base: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    finetuned: ModelSpec | None = None
+    series: list[ModelSpec] = dataclasses.field(default_factory=list)
+    architecture: dict[str, Any] | None = None
+    data: DataSpec = dataclasses.field(default_factory=DataSpec)
+    train_data: DataSpec | None = None
+    identify: IdentifySpec = dataclasses.field(default_factory=IdentifySpec)
+    collect: CollectSpec = dataclasses.field(default_factory=CollectSpec)
+    mesh: MeshSpec = dataclasses.field(default_factory=MeshSpec)
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(template="chat"))
+    ablation: AblationSpec = dataclasses.field(default_factory=AblationSpec)
+    report: ReportSpec = dataclasses.field(default_factory=ReportSpec)
+    seed: int = 0
+
+    def models(self) -> list[ModelSpec]:
+        """Every model in order: base, series..., finetuned."""
+        return [self.base, *self.series] + ([self.finetuned] if self.finetuned else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPair:
+    """One tiny model pair of the demo.
+
+    Attributes:
+      name: prefix of its checkpoints ("<name>-base", "<name>-step<k>", "<name>-chat").
+      architecture: HF-style config dict; vocab_size null = the shipped tokenizer's size.
+    """
+
+    name: str
+    architecture: dict[str, Any]
+
+
+def _demo_pairs() -> list[DemoPair]:
+    common = dict(vocab_size=None, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, hidden_act="silu", max_position_embeddings=512,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    return [
+        DemoPair("llama", dict(model_type="llama", intermediate_size=384, **common)),
+        DemoPair("mixtral", dict(model_type="mixtral", intermediate_size=192, num_local_experts=8,
+                                 num_experts_per_tok=2, **common)),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """The embedded end-to-end demo (`sparcom demo`): tiny models, shipped data.
+
+    Attributes:
+      out_dir: output directory.
+      pairs: the model pairs (default: a tiny Llama and a tiny Mixtral-style MoE).
+      pretrain: the brief plain-text pre-training that makes the "before" model.
+      finetune: the instruction fine-tuning that makes the "after" model.
+      data: the instructions analysed (the shipped set).
+      identify, collect, ablation, report: as in ExperimentConfig.
+      fast: shrink everything (tests): a few steps, few instructions.
+      seed: global seed.
+    """
+
+    out_dir: str | None = "runs/demo"
+    pairs: list[DemoPair] = dataclasses.field(default_factory=_demo_pairs)
+    pretrain: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        total_steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=15, max_length=128,
+        buckets=(128,), template="plain", save_every=150, keep_last=1, async_checkpointing=False))
+    finetune: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        total_steps=90, batch_size=16, learning_rate=1e-3, warmup_steps=10, max_length=128,
+        buckets=(128,), template="chat", save_every=30, keep_last=10, async_checkpointing=False))
+    data: DataSpec = dataclasses.field(default_factory=lambda: DataSpec(
+        n_per_category=16, max_length=128))
+    identify: IdentifySpec = dataclasses.field(default_factory=lambda: IdentifySpec(
+        eps=0.05, eps_experts=0.1, n_boot=20, n_perm=199))
+    collect: CollectSpec = dataclasses.field(default_factory=lambda: CollectSpec(batch_size=16, buckets=[128]))
+    ablation: AblationSpec = dataclasses.field(default_factory=lambda: AblationSpec(
+        n_random=2, max_records=8, batch_size=16))
+    report: ReportSpec = dataclasses.field(default_factory=lambda: ReportSpec(title="sparcom demo"))
+    fast: bool = False
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- #
+# Generic typed loading
+# --------------------------------------------------------------------------- #
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+                "dict": "mapping", "list": "list"}.get(tp.__name__, tp.__name__)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if tp is Any:
+        return "anything"
+    return str(tp)
+
+
+def _join(key: str, sub: Any) -> str:
+    return f"{key}.{sub}" if key else str(sub)
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dataclasses built)."""
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error is the precise one
+            return _coerce(value, options[0], key, src)
+        for a in options:
+            try:
+                return _coerce(value, a, key, src)
+            except ConfigError:
+                pass
+        raise _type_error(key, tp, value, src)
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}"
+                          + _suggest(value, [a for a in args if isinstance(a, str)]))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value, src)
+        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value, src)
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]", src) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, tp, value, src)
+        vt = args[1] if args else Any
+        return {str(k): _coerce(v, vt, _join(key, k), src) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _type_error(key, tp, value, src)
+        return _build(tp, value, key, src)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value, src)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value, src)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(key, tp, value, src)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, tp, value, src)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _type_error(key, tp, value, src)
+
+
+def _type_error(key: str, tp: Any, value: Any, src: str) -> ConfigError:
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {shown} "
+                       f"({type(value).__name__})")
+
+
+def _build(cls: type, data: dict, prefix: str, src: str):
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            raise ConfigError(f"{src}: unknown key {_join(prefix, k)!r}{_suggest(k, fields)}; "
+                              f"valid keys{' of ' + repr(prefix) if prefix else ''}: "
+                              f"{', '.join(fields)}")
+        default = _default(fields[k])
+        if isinstance(v, dict) and dataclasses.is_dataclass(default):
+            v = _merge(to_dict(default), v)  # a partial section keeps the other defaults
+        kwargs[k] = _coerce(v, hints[k], _join(prefix, k), src)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{src}: missing required key {_join(prefix, name)!r}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ checks name the field first
+        err = ConfigError(f"{src}: {prefix + '.' if prefix else ''}{e}")
+        err.cross_field = True  # may be fixed by a later override
+        raise err from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _merge(base: dict, new: dict) -> dict:
+    """`new` over `base`, recursing where both hold a mapping."""
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(cls: type, data: dict, source: str = "config") -> Any:
+    """Build the dataclass `cls` from a plain mapping (as YAML gives it).
+
+    Raises:
+      ConfigError: on an unknown key, a missing required key or a wrong type,
+        naming the dotted key and `source`.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return _build(cls, data, "", source)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe dict of a config dataclass (nested)."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- #
+# Overrides
+# --------------------------------------------------------------------------- #
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split "a.b.c=value" into (["a", "b", "c"], value parsed with yaml.safe_load)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. identify.eps=0.02")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key; write dotted keys like data.max_length=256")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.__class__.__name__})") from None
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 5e5 (no dot) as a string
+    return key.split("."), value
+
+
+def _set_path(d: Any, path: list[str], value: Any, text: str) -> None:
+    for i, part in enumerate(path[:-1]):
+        if isinstance(d, list):
+            d = d[_index(part, d, path, i, text)]
+            continue
+        nxt = d.get(part) if isinstance(d, dict) else None
+        if nxt is None:
+            if not isinstance(d, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[:i])!r} is not a mapping")
+            nxt = d[part] = {}
+        d = nxt
+    last = path[-1]
+    if isinstance(d, list):
+        d[_index(last, d, path, len(path) - 1, text)] = value
+    elif isinstance(d, dict):
+        d[last] = value
+    else:
+        raise ConfigError(f"override {text!r}: {'.'.join(path[:-1])!r} is not a mapping")
+
+
+def _index(part: str, seq: list, path: list[str], i: int, text: str) -> int:
+    try:
+        j = int(part)
+        seq[j]
+        return j
+    except (ValueError, IndexError):
+        raise ConfigError(f"override {text!r}: {'.'.join(path[:i])!r} has {len(seq)} item(s); "
+                          f"index {part!r} is not one of them (set the whole list instead)") from None
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Apply "a.b=value" overrides to a config; each is type-checked like the file.
+
+    Checks that relate several fields (e.g. warmup_steps < total_steps) run once
+    all overrides are applied, so their order does not matter.
+    """
+    if not overrides:
+        return cfg
+    cls = type(cfg)
+    d = to_dict(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(d, path, value, text)
+        try:
+            d = to_dict(from_dict(cls, d, source=f"override {text!r}"))
+        except ConfigError as e:
+            if not getattr(e, "cross_field", False):
+                raise
+    shown = " ".join(overrides)
+    return from_dict(cls, d, source=f"overrides {shown!r}" if len(overrides) > 1 else f"override {shown!r}")
+
+
+# --------------------------------------------------------------------------- #
+# Files
+# --------------------------------------------------------------------------- #
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found" + (
+            "; the shipped configs are in configs/" if not p.is_absolute() else ""))
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}{where}: invalid YAML ({problem})") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = ExperimentConfig) -> Any:
+    """Load a config file (or the defaults of `cls` when `path` is None) and apply overrides.
+
+    Args:
+      path: YAML file.
+      overrides: "dotted.key=value" strings; values are parsed as YAML.
+      cls: the schema (ExperimentConfig or DemoConfig).
+
+    Returns:
+      A frozen `cls` instance.
+
+    Raises:
+      ConfigError: unknown key, wrong type or invalid value, naming the key and source.
+    """
+    if path is None:
+        try:
+            cfg = cls()
+        except TypeError:
+            raise ConfigError(f"{cls.__name__} needs a config file (--config FILE)") from None
+    else:
+        raw = read_yaml(path)
+        if cls is ExperimentConfig and isinstance(raw, dict) and "pairs" in raw and "name" not in raw:
+            raise ConfigError(f"{path}: this is a demo config; run it with `sparcom demo --config {path}`")
+        cfg = from_dict(cls, raw, source=str(path))
+    cfg = apply_overrides(cfg, overrides)
+    source = str(path) if path else "config"
+    check_architecture(cfg, source=source + (" with overrides" if overrides else ""))
+    return cfg
+
+
+def check_architecture(cfg: Any, source: str = "config") -> None:
+    """Validate embedded HF-style architecture dicts against ModelConfig."""
+    from sparcom_jax.models.config import ModelConfig
+
+    archs = []
+    if isinstance(cfg, ExperimentConfig):
+        if cfg.architecture is not None:
+            archs.append(("architecture", cfg.architecture))
+        for m in cfg.models():
+            if m.init is not None:  # vocab_size null: the shipped tokenizer's size
+                archs.append((f"{m.label}.init", {**m.init, "vocab_size": m.init.get("vocab_size") or 1}))
+    elif isinstance(cfg, DemoConfig):
+        archs += [(f"pairs.{p.name}.architecture",
+                   {**p.architecture, "vocab_size": p.architecture.get("vocab_size") or 1}) for p in cfg.pairs]
+    for key, arch in archs:
+        try:
+            ModelConfig.from_hf_config(arch, source=f"{source}: {key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (temp file in the same directory, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+__all__ = [
+    "AblationSpec", "CollectSpec", "ConfigError", "DataSpec", "DemoConfig", "DemoPair",
+    "ExperimentConfig", "IdentifySpec", "MeshSpec", "ModelSpec", "ReportSpec", "TrainConfig",
+    "apply_overrides", "check_architecture", "dump_config", "from_dict", "load_config",
+    "parse_override", "read_yaml", "to_dict",
+]

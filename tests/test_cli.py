@@ -1,0 +1,213 @@
+"""The `sparcom` command: help texts, dry runs of every real config, errors, stages, self-check."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from sparcom_jax.cli import STAGE_HELP, build_parser, main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+COMMANDS = ["demo", "selfcheck", *STAGE_HELP]
+
+# name -> (parameter count printed by the plan, published size in billions)
+REAL = {
+    "llama2_7b": 6.74, "mistral_7b": 7.24, "qwen25_7b": 7.62,
+    "mixtral_8x7b": 46.7, "qwen15_moe_a27b": 14.3, "olmoe_1b_7b": 6.92,
+}
+
+TINY = """\
+name: tiny
+base:
+  name: base
+  init:
+    model_type: llama
+    hidden_size: 32
+    intermediate_size: 64
+    num_hidden_layers: 2
+    num_attention_heads: 2
+    num_key_value_heads: 1
+    max_position_embeddings: 64
+data: {n_per_category: 2, max_length: 48}
+train_data: {n_per_category: 2}
+train: {total_steps: 2, save_every: 1, batch_size: 4, warmup_steps: 0, max_length: 48, buckets: [48],
+        async_checkpointing: false}
+identify: {eps: 0.05, n_boot: 0, n_perm: 0}
+collect: {batch_size: 12, buckets: [48]}
+ablation: {enabled: false}
+"""
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_console_script_is_declared():
+    eps = [e for e in metadata.entry_points(group="console_scripts") if e.name == "sparcom"]
+    assert eps and eps[0].value == "sparcom_jax.cli:main"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "example:" in out and f"sparcom {command}" in out.split("example:")[1]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for c in COMMANDS:
+        assert re.search(rf"^\s+{c}\b", out, re.M), c
+    assert "sparcom demo --out" in out
+
+
+def test_overrides_may_appear_anywhere():
+    a = parse_args(["collect", "identify.eps=0.1", "--config", "x.yaml", "mesh.model=2", "--dry-run", "data.seed=3"])
+    assert a.config == "x.yaml" and a.dry_run
+    assert sorted(a.overrides) == ["data.seed=3", "identify.eps=0.1", "mesh.model=2"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["collect"])  # --config is required
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_dry_run_of_every_real_config(name, capsys):
+    code, out, _ = run_cli(capsys, "run", "--config", str(CONFIGS / f"{name}.yaml"), "--dry-run")
+    assert code == 0
+    m = re.search(r"parameters\s+([\d,]+) \(", out)
+    assert m, out
+    n = int(m.group(1).replace(",", ""))
+    assert abs(n / (REAL[name] * 1e9) - 1) < 0.01
+    assert "weights not present" in out and "no weights read" in out
+    assert re.search(r"mesh\s+\d+ devices = data \d+ x model \d+", out)
+    assert "count store" in out and "per device" in out
+    assert "training state" not in out  # the pair is given: `run` does not fine-tune
+    assert "nothing written" in out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["llama2_7b", "olmoe_1b_7b"])
+def test_dry_run_of_finetuning_checks_the_batch_split(name, capsys):
+    cfg = str(CONFIGS / f"{name}.yaml")
+    code, out, _ = run_cli(capsys, "finetune", "--config", cfg, "--dry-run", "finetuned=null", "--devices", "8")
+    assert code == 0 and "training state (f32 params+grads+2 adamw moments, FSDP)" in out
+    assert "embed->data" in out  # FSDP rules split the model width over the data axis
+    code, out, err = run_cli(capsys, "finetune", "--config", cfg, "--dry-run", "--devices", "16", "mesh.model=1")
+    assert code == 2 and "not divisible by the 16 devices of the mesh's data axis" in err and err.count("\n") == 1
+
+
+def test_dry_run_resolves_the_mesh_for_a_device_count(capsys):
+    cfg = str(CONFIGS / "mixtral_8x7b.yaml")
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "--devices", "32", "mesh.model=8")
+    assert code == 0 and "32 devices = data 4 x model 8" in out
+    assert "experts->model" in out
+    # per-device parameter bytes shrink with the model axis
+    per = re.search(r"parameters \(analysis, bfloat16\)\s+\S+\s+([\d.]+) GiB\s+([\d.]+) GiB", out)
+    assert per and float(per.group(2)) < float(per.group(1)) / 7
+    assert "expert_neuron_active   N x 32 x 8 x 14336" in out
+    assert "training state" not in out  # collect only
+
+    code, out, err = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "--devices", "12", "mesh.model=8")
+    assert code == 2 and out == ""
+    assert err.startswith("sparcom: error: mesh.model=8 does not divide the 12 devices") and err.count("\n") == 1
+
+
+def test_dry_run_reads_no_weights_even_when_paths_are_missing(capsys, tmp_path):
+    cfg = str(CONFIGS / "qwen15_moe_a27b.yaml")
+    code, out, _ = run_cli(capsys, "ablate", "--config", cfg, "--dry-run", f"base.path={tmp_path / 'nope'}",
+                           "--out", str(tmp_path / "o"))
+    assert code == 0 and "qwen2_moe" in out and "shared" not in out.lower() or "neuron_active" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncollect:\n  batch_sise: 4\n")
+    r = subprocess.run([sys.executable, "-m", "sparcom_jax.cli", "collect", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("sparcom: error: ") and "'collect.batch_sise'" in lines[0]
+    assert "did you mean 'batch_size'" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nidentify: {eps: high}\n")
+    code, _, err = run_cli(capsys, "identify", "--config", str(bad), "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("sparcom: error:")
+    cfg = str(CONFIGS / "llama2_7b.yaml")
+    code, _, err = run_cli(capsys, "identify", "--config", cfg, "identify.eps=0.1", "data.scope=nope")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("sparcom: error: override 'data.scope=nope': data.scope: expected one of")
+
+
+def test_missing_weights_error_says_how_to_download(tmp_path, capsys):
+    cfg = str(CONFIGS / "llama2_7b.yaml")
+    code, _, err = run_cli(capsys, "collect", "--config", cfg, "--out", str(tmp_path),
+                           f"base.path={tmp_path / 'absent'}", "data.n_per_category=1")
+    assert code == 2 and err.count("\n") == 1
+    assert "does not exist" in err and "huggingface-cli download meta-llama/Llama-2-7b-hf" in err
+
+
+def test_stages_on_a_tiny_random_model(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "run"
+    code, so, _ = run_cli(capsys, "finetune", "--config", str(cfg), "--out", str(out))
+    assert code == 0 and f"outputs: {out}" in so
+    series = json.loads((out / "checkpoints" / "series.json").read_text())
+    assert [n for n, _ in series] == ["base-ft-step1", "base-ft"]
+    assert (out / "checkpoints" / "base-ft" / "hf" / "config.json").is_file()
+
+    code, so, _ = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
+    assert code == 0 and f"outputs: {out}" in so
+    for name in ("base", "base-ft-step1", "base-ft"):
+        assert (out / "counts" / name / "meta.json").is_file()
+    saved = (out / "config.yaml").read_text()
+    assert "name: tiny" in saved and "batch_size: 12" in saved
+
+    code, so, _ = run_cli(capsys, "identify", "--config", str(cfg), "--out", str(out), "identify.eps=0.1")
+    assert code == 0 and (out / "identify" / "base-ft" / "isn.csv").is_file()
+    assert "eps: 0.1" in (out / "config.yaml").read_text()  # the resolved config of this command
+
+    code, so, _ = run_cli(capsys, "compare", "--config", str(cfg), "--out", str(out))
+    comp = json.loads((out / "compare" / "comparison.json").read_text())
+    assert code == 0 and comp["before"] == "base" and comp["after"] == "base-ft" and "isn" in comp
+    assert json.loads((out / "compare" / "series.json").read_text())["names"] == ["base", "base-ft-step1", "base-ft"]
+    assert "comparison" in so
+
+    code, so, _ = run_cli(capsys, "evaluate", "--config", str(cfg), "--out", str(out))
+    ev = json.loads((out / "evaluate" / "base-ft.json").read_text())
+    assert code == 0 and set(ev["isn"]["per_category_count"]) >= {"code", "math"}
+
+
+def test_selfcheck_tiny_random_model_against_transformers(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "selfcheck", "--out", str(tmp_path))
+    assert code == 0, out
+    assert "PASSED" in out and "transformers" in out
+    res = json.loads((tmp_path / "selfcheck.json").read_text())
+    assert res["ok"] and res["finite"] and res["shape"] == [2, 16, 256] and res["max_abs_diff"] < 1e-3
+    assert f"outputs: {tmp_path / 'selfcheck.json'}" in out
+
+
+def test_selfcheck_of_a_transformers_written_moe_directory(hf_checkpoint, capsys):
+    path = hf_checkpoint("olmoe")
+    code, out, _ = run_cli(capsys, "selfcheck", "--model", str(path))
+    assert code == 0, out
+    assert "PASSED" in out and str(path) in out
+    diff = float(re.search(r"max \|logits - transformers\| = (\S+)", out).group(1))
+    assert diff < 1e-3

@@ -1,0 +1,176 @@
+"""Typed experiment configs: YAML loading, errors that name the key, overrides, dumps."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparcom_jax.config import (
+    ConfigError, DemoConfig, ExperimentConfig, apply_overrides, dump_config, from_dict, load_config,
+    parse_override,
+)
+from sparcom_jax.models.config import ModelConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Published parameter counts of the real pairs (model cards / papers).
+PUBLISHED = {
+    "llama2_7b": 6.74e9,
+    "mistral_7b": 7.24e9,
+    "qwen25_7b": 7.62e9,
+    "mixtral_8x7b": 46.7e9,
+    "qwen15_moe_a27b": 14.3e9,
+    "olmoe_1b_7b": 6.92e9,
+}
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_real_configs_load_and_match_published_sizes(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.name == name
+    assert cfg.base.path and cfg.finetuned.path and cfg.base.hub_id and cfg.finetuned.hub_id
+    assert cfg.base.template == "plain" and cfg.finetuned.template == "chat"
+    n = ModelConfig.from_hf_config(cfg.architecture).param_count()
+    assert abs(n / PUBLISHED[name] - 1) < 0.01, (name, n)
+
+
+def test_real_architectures_have_the_published_shapes():
+    arch = {n: ModelConfig.from_hf_config(load_config(CONFIGS / f"{n}.yaml").architecture) for n in PUBLISHED}
+    m = arch["mixtral_8x7b"]
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads) == (4096, 32, 32, 8)
+    assert (m.num_experts, m.top_k, m.moe_intermediate_size, m.rope_theta) == (8, 2, 14336, 1e6)
+    q = arch["qwen15_moe_a27b"]
+    assert (q.num_experts, q.top_k, q.moe_intermediate_size, q.shared_expert_intermediate_size) == (60, 4, 1408, 5632)
+    assert q.attention_bias and q.vocab_size == 151936
+    o = arch["olmoe_1b_7b"]
+    assert (o.num_experts, o.top_k, o.moe_intermediate_size, o.qk_norm, o.vocab_size) == (64, 8, 1024, "full", 50304)
+    assert arch["mistral_7b"].sliding_window == 4096 and arch["mistral_7b"].num_kv_heads == 8
+    q2 = arch["qwen25_7b"]
+    assert (q2.hidden_size, q2.num_layers, q2.num_heads, q2.num_kv_heads) == (3584, 28, 28, 4)
+    assert (q2.intermediate_size, q2.vocab_size) == (18944, 152064)
+    assert q2.attention_bias and not q2.tie_word_embeddings and q2.sliding_window is None
+    ll = arch["llama2_7b"]
+    assert (ll.hidden_size, ll.num_layers, ll.num_heads, ll.num_kv_heads) == (4096, 32, 32, 32)
+    assert (ll.intermediate_size, ll.vocab_size) == (11008, 32000)
+
+
+def test_demo_yaml_is_the_builtin_default():
+    assert load_config(CONFIGS / "demo.yaml", cls=DemoConfig) == DemoConfig()
+
+
+def test_unknown_key_names_dotted_key_file_and_suggestion(tmp_path):
+    p = write(tmp_path, "name: x\nidentify:\n  epz: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "'identify.epz'" in msg and "did you mean 'eps'" in msg
+
+
+def test_unknown_key_in_a_list_item(tmp_path):
+    p = write(tmp_path, "name: x\nseries:\n  - path: /a\n    pth: /b\n")
+    with pytest.raises(ConfigError, match=r"'series\[0\]\.pth'.*did you mean 'path'"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("name: x\ncollect:\n  batch_size: eight\n", "collect.batch_size", "expected integer, got 'eight'"),
+    ("name: x\ncollect:\n  batch_size: true\n", "collect.batch_size", "expected integer, got True"),
+    ("name: x\nidentify:\n  eps: [1]\n", "identify.eps", "expected number"),
+    ("name: x\ndata:\n  scope: prompts\n", "data.scope", "did you mean 'prompt'"),
+    ("name: x\nmesh: 8\n", "mesh", "expected MeshSpec, got 8"),
+    ("name: x\ntrain:\n  learning_rate: fast\n", "train.learning_rate", "expected number, got 'fast'"),
+    ("name: [a]\n", "name", "expected string"),
+])
+def test_wrong_type_names_key_type_and_value(tmp_path, text, key, expected):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert f"{key}:" in msg and expected in msg and str(p) in msg
+
+
+def test_value_checks_name_the_section(tmp_path):
+    p = write(tmp_path, "name: x\ntrain:\n  optimizer: adam\n")
+    with pytest.raises(ConfigError, match=r"train\.optimizer='adam' is not supported"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"identify\.eps must be in \(0, 1\]"):
+        load_config(write(tmp_path, "name: x\nidentify: {eps: 2}\n"))
+
+
+def test_missing_required_key_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'name'"):
+        load_config(write(tmp_path, "out_dir: /x\n"))
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: invalid YAML"):
+        load_config(write(tmp_path, "name: x\n\tbase: 1\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_demo_config_given_to_a_stage_says_so():
+    with pytest.raises(ConfigError, match="this is a demo config; run it with `sparcom demo --config"):
+        load_config(CONFIGS / "demo.yaml")
+
+
+def test_bad_architecture_block_is_an_error(tmp_path):
+    p = write(tmp_path, "name: x\narchitecture:\n  model_type: gpt2\n  hidden_size: 8\n")
+    with pytest.raises(ConfigError, match=r"architecture: model_type 'gpt2' is not supported"):
+        load_config(p)
+
+
+def test_overrides_nested_values_lists_and_floats():
+    cfg = load_config(CONFIGS / "llama2_7b.yaml", [
+        "identify.eps=0.02", "mesh.devices=16", "mesh.model=2", "architecture.rope_theta=5e5",
+        "series=[{path: /ckpt/a}, {path: /ckpt/b}]", "series.1.name=mid", "data.path=null",
+        "identify.instruction_level=[expert_routed]",
+    ])
+    assert cfg.identify.eps == 0.02 and cfg.mesh.devices == 16 and cfg.mesh.model == 2
+    assert cfg.architecture["rope_theta"] == 5e5
+    assert [s.path for s in cfg.series] == ["/ckpt/a", "/ckpt/b"] and cfg.series[1].label == "mid"
+    assert cfg.identify.instruction_level == ["expert_routed"]
+    assert [m.label for m in cfg.models()] == ["llama2-7b", "a", "mid", "llama2-7b-chat"]
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"override 'identify\.epz=0\.1': unknown key 'identify\.epz'"):
+        load_config(CONFIGS / "llama2_7b.yaml", ["identify.epz=0.1"])
+    with pytest.raises(ConfigError, match=r"override 'collect\.batch_size=x': collect\.batch_size: expected integer"):
+        load_config(CONFIGS / "llama2_7b.yaml", ["collect.batch_size=x"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("identify.eps")
+    with pytest.raises(ConfigError, match="'series' has 0 item"):
+        load_config(CONFIGS / "llama2_7b.yaml", ["series.0.path=/x"])
+
+
+def test_override_order_does_not_matter_for_cross_field_checks():
+    cfg = ExperimentConfig(name="x")
+    a = apply_overrides(cfg, ["train.total_steps=5", "train.warmup_steps=1"])
+    b = apply_overrides(cfg, ["train.warmup_steps=1", "train.total_steps=5"])
+    assert a == b and a.train.total_steps == 5
+    with pytest.raises(ConfigError, match="warmup_steps=10 must be smaller than total_steps=5"):
+        apply_overrides(cfg, ["train.total_steps=5"])
+
+
+def test_partial_section_keeps_the_other_defaults():
+    cfg = from_dict(DemoConfig, {"finetune": {"total_steps": 60}})
+    assert cfg.finetune.total_steps == 60
+    assert cfg.finetune.template == "chat" and cfg.finetune.save_every == DemoConfig().finetune.save_every
+
+
+def test_dump_config_round_trips_atomically(tmp_path):
+    cfg = load_config(CONFIGS / "mixtral_8x7b.yaml", ["identify.eps=0.03", "series=[{path: /s}]"])
+    p = dump_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(p) == cfg
+    assert sorted(x.name for x in p.parent.iterdir()) == ["config.yaml"]  # no temp files left
+    d = yaml.safe_load(p.read_text())
+    assert d["identify"]["eps"] == 0.03 and d["architecture"]["num_local_experts"] == 8
+    demo = dataclasses.replace(DemoConfig(), fast=True)
+    assert load_config(dump_config(demo, tmp_path / "demo.yaml"), cls=DemoConfig) == demo
