@@ -78,3 +78,23 @@ def test_pad_batch():
     assert scopes.dtype == np.bool_ and scopes.tolist() == [[True, False, True, False]]
     with pytest.raises(ValueError, match="more than length=2"):
         pad_batch(seqs, 2)
+
+
+def test_sorted_grouping_fills_batches_and_rounds_lengths_up():
+    from sparcom_jax.data.batching import default_buckets, plan_batches
+
+    rng = np.random.default_rng(1)
+    lens = rng.integers(5, 300, 101)
+    buckets = default_buckets(300, steps_per_octave=4)
+    plan = plan_batches(lens, 8, buckets, pad_rows=True, group="sorted")
+    seen = np.concatenate([b.indices for b in plan.batches])
+    assert sorted(seen.tolist()) == list(range(101))
+    assert [b.indices.size for b in plan.batches[:-1]] == [8] * 12 and plan.batches[-1].indices.size == 5
+    for b in plan.batches:
+        longest = lens[b.indices].max()
+        assert b.length in buckets and b.length >= longest
+        assert b.length == min(x for x in buckets if x >= longest)
+    by_bucket = plan_batches(lens, 8, buckets, pad_rows=True, group="bucket")
+    assert plan.padding_fraction < by_bucket.padding_fraction
+    with pytest.raises(ValueError, match="group must be"):
+        plan_batches(lens, 8, buckets, group="random")

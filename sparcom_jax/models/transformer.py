@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
-from sparcom_jax.models.layers import Attention, GatedFFN, RMSNorm, causal_mask, normal_param, rotary_tables
+from sparcom_jax.models.layers import Attention, GatedFFN, RMSNorm, attention_bias, normal_param, rotary_tables
 from sparcom_jax.models.moe import MoEFFN
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,8 +48,8 @@ class Block(nnx.Module):
                                 param_dtype=param_dtype)
         self.is_moe = cfg.is_moe
 
-    def __call__(self, x_BTD, cos, sin, mask, count_mask_BT, ablate):
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, mask)
+    def __call__(self, x_BTD, cos, sin, bias, count_mask_BT, ablate):
+        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, bias)
         h = self.post_attn_norm(x_BTD)
         if self.is_moe:
             y, stats = self.ffn(h, count_mask_BT, ablate)
@@ -119,11 +119,11 @@ class CausalLM(nnx.Module):
             count_mask = count_mask.astype(bool) & valid
         x = self.embed[...].astype(self.dtype)[input_ids]
         cos, sin = rotary_tables(cfg, T)
-        mask = causal_mask(valid, cfg.sliding_window)
+        bias = attention_bias(valid, cfg.sliding_window)
 
         @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None), out_axes=(nnx.Carry, 0))
         def run(block, x, abl):
-            return block(x, cos, sin, mask, count_mask, abl)
+            return block(x, cos, sin, bias, count_mask, abl)
 
         x, stats = run(self.blocks, x, ablate)
         h = self.final_norm(x)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparcom_jax.data.batching import pad_batch, plan_batches
+from sparcom_jax.data.batching import default_buckets, pad_batch, plan_batches
 from sparcom_jax.parallel.sharding import state_shardings
 
 
@@ -53,6 +53,9 @@ def validate_sequences(sequences, scopes, vocab_size: int):
     return seqs, out
 
 
+BUCKETS_PER_OCTAVE = 4
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, step: Callable, out_sharding):
     """One jitted function per (model structure, step, output sharding), reused across calls."""
@@ -68,7 +71,8 @@ class BatchRunner:
         `extra` is a replicated pytree (or None) passed to `run`, e.g. ablation masks.
       batch_size: rows per process per batch (rounded up to a multiple of the local data shards).
       mesh: optional ("data", "model") mesh; None runs on the default device.
-      buckets: fixed bucket lengths (None: the data module's default ladder).
+      buckets: fixed bucket lengths (None: the data module's geometric ladder with
+        `BUCKETS_PER_OCTAVE` steps per doubling, up to the longest sequence).
     """
 
     def __init__(self, model, step: Callable, batch_size: int, mesh=None, buckets: Sequence[int] | None = None):
@@ -93,7 +97,14 @@ class BatchRunner:
         self.padding_fraction = 0.0
 
     def _schedule(self, lengths: np.ndarray):
-        plan = plan_batches(lengths, self.rows, self.buckets, pad_rows=True) if len(lengths) else None
+        buckets = self.buckets
+        if buckets is None and len(lengths):
+            # Length-sorted batches rounded up to a ladder of four buckets per octave:
+            # full batches, little padding, and a small known set of compiled shapes
+            # (each compiled once per process and cached across calls).
+            buckets = default_buckets(int(lengths.max()), steps_per_octave=BUCKETS_PER_OCTAVE)
+        plan = (plan_batches(lengths, self.rows, buckets, pad_rows=True, group="sorted")
+                if len(lengths) else None)
         sched = [(b.indices, b.length) for b in plan.batches] if plan else []
         if jax.process_count() > 1:
             # Every process must run the same sequence of shapes (SPMD): agree on the
