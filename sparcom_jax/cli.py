@@ -144,15 +144,10 @@ def _print_outputs(res: dict, out: Path) -> None:
 
 def cmd_demo(args) -> int:
     from sparcom_jax import pipeline
-    from sparcom_jax.config import DemoConfig, apply_overrides, load_config
+    from sparcom_jax.config import DemoConfig, load_config
 
-    if args.config:
-        cfg = load_config(args.config, [], cls=DemoConfig)
-        if args.fast:
-            cfg = apply_overrides(cfg, ["fast=true", *pipeline.FAST_OVERRIDES])
-        cfg = apply_overrides(cfg, args.overrides)
-    else:
-        cfg = pipeline.demo_config(args.fast, args.overrides)
+    base = load_config(args.config, [], cls=DemoConfig) if args.config else None
+    cfg = pipeline.demo_config(args.fast, args.overrides, base=base)
     out = pipeline.out_dir(cfg, args.out)
     if args.dry_run:
         import yaml

@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -123,14 +122,14 @@ class IdentifySpec:
     instruction_level: bool | list[str] = True
 
     def __post_init__(self):
-        if not 0.0 < self.eps <= 1.0:
-            raise ConfigError(f"eps must be in (0, 1], got {self.eps}")
-        if self.eps_experts is not None and not 0.0 < self.eps_experts <= 1.0:
-            raise ConfigError(f"eps_experts must be in (0, 1], got {self.eps_experts}")
-        if not 0.0 < self.q <= 1.0:
-            raise ConfigError(f"q must be in (0, 1], got {self.q}")
-        if self.n_boot < 0 or self.n_perm < 0 or self.chunk < 1:
-            raise ConfigError("n_boot and n_perm must be >= 0 and chunk >= 1")
+        from sparcom_jax.analysis.identify import IdentifyConfig
+
+        try:  # the rule's own checks, so the two never disagree
+            IdentifyConfig(**self.rule_kwargs())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.n_boot < 0 or self.n_perm < 0:
+            raise ConfigError("n_boot and n_perm must be >= 0")
 
     def rule_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of IdentifyConfig."""
@@ -614,6 +613,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
+def _any_vocab(arch: dict[str, Any]) -> dict[str, Any]:
+    """vocab_size null means the shipped tokenizer's size (known at load time); any size checks the rest."""
+    return {**arch, "vocab_size": arch.get("vocab_size") or 1}
+
+
 def check_architecture(cfg: Any, source: str = "config") -> None:
     """Validate embedded HF-style architecture dicts against ModelConfig."""
     from sparcom_jax.models.config import ModelConfig
@@ -622,12 +626,9 @@ def check_architecture(cfg: Any, source: str = "config") -> None:
     if isinstance(cfg, ExperimentConfig):
         if cfg.architecture is not None:
             archs.append(("architecture", cfg.architecture))
-        for m in cfg.models():
-            if m.init is not None:  # vocab_size null: the shipped tokenizer's size
-                archs.append((f"{m.label}.init", {**m.init, "vocab_size": m.init.get("vocab_size") or 1}))
+        archs += [(f"{m.label}.init", _any_vocab(m.init)) for m in cfg.models() if m.init is not None]
     elif isinstance(cfg, DemoConfig):
-        archs += [(f"pairs.{p.name}.architecture",
-                   {**p.architecture, "vocab_size": p.architecture.get("vocab_size") or 1}) for p in cfg.pairs]
+        archs += [(f"pairs.{p.name}.architecture", _any_vocab(p.architecture)) for p in cfg.pairs]
     for key, arch in archs:
         try:
             ModelConfig.from_hf_config(arch, source=f"{source}: {key}")
@@ -637,17 +638,10 @@ def check_architecture(cfg: Any, source: str = "config") -> None:
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (temp file in the same directory, then rename)."""
+    from sparcom_jax.report.io import atomic_write
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(p, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False))
     return p
 
 

@@ -9,6 +9,35 @@ import pytest
 
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.cli import main
+from sparcom_jax.pipeline import merge_pair_summaries
+
+
+def is_6x6(m) -> bool:
+    return isinstance(m, list) and len(m) == 6 and all(isinstance(r, list) and len(r) == 6 for r in m)
+
+
+def test_merge_pair_summaries_unites_models_and_merges_sections_key_by_key():
+    dense = {"summary_version": 1, "identification": {"eps": 0.05}, "scope": "prompt", "data": {"path": "shipped"},
+             "model_paths": {"d-base": "/d0", "d-chat": "/d1"}, "models": {"d-base": {"isn": 1}, "d-chat": {"isn": 2}},
+             "comparison": {"before": "d-base", "after": "d-chat", "isn": {"code": 1}, "moves": {"isn": 3}},
+             "series": {"names": ["d-base", "d-chat"], "isn": [1]},
+             "ablation": {"isn": [[0]], "random": [[1]], "neurons": {}}, "experiment": "demo-d"}
+    moe = {"summary_version": 1, "identification": {"eps": 0.05}, "scope": "prompt", "data": {"path": "shipped"},
+           "model_paths": {"m-base": "/m0"}, "models": {"m-base": {"ise": 4}},
+           "comparison": {"before": "m-base", "after": "m-chat", "ise": {"code": 5}, "moves": {"ise": 6}},
+           "ablation": {"ise": [[2]], "ise_random": [[3]], "experts": {}}, "experiment": "demo-m"}
+    before = json.dumps([dense, moe])
+    m = merge_pair_summaries({"dense": dense, "moe": moe})
+    assert json.dumps([dense, moe]) == before  # inputs untouched
+    assert list(m["models"]) == ["d-base", "d-chat", "m-base"] and m["model_paths"]["m-base"] == "/m0"
+    assert m["comparison"]["isn"] == {"code": 1} and m["comparison"]["ise"] == {"code": 5}
+    assert m["comparison"]["moves"] == {"isn": 3, "ise": 6}  # no key in common: united
+    assert m["comparison"]["before"] == "d-base" and m["series"]["names"] == ["d-base", "d-chat"]
+    assert set(m["ablation"]) == {"isn", "random", "neurons", "ise", "ise_random", "experts"}
+    assert m["identification"] == {"eps": 0.05} and m["scope"] == "prompt" and m["experiment"] == "demo-d"
+    assert m["merged_from"] == {"comparison.before": "dense", "comparison.after": "dense", "experiment": "dense"}
+    assert m["pairs"] == {"dense": dense, "moe": moe}
+    assert merge_pair_summaries({})["merged_from"] == {}
 
 
 @pytest.mark.slow
@@ -42,6 +71,32 @@ def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
             assert len(s["series"][sec]["general"]) == 3
     assert len(llama["ablation"]["isn"]) == 6 and len(moe["ablation"]["ise"]) == 6
     assert summary["pairs"]["llama"]["identification"]["eps"] == 0.05
+
+    # the top level holds both pairs merged (the analysis issue's summary.json keys)
+    names = [f"{p}-{n}" for p in ("llama", "mixtral") for n in ("base", "step2", "chat")]
+    assert list(summary["models"]) == names and set(summary["model_paths"]) == set(names)
+    for name in names:
+        sections = ["isn"] if name.startswith("llama") else ["ise", "expert_neurons"]
+        for sec in sections:
+            s = summary["models"][name][sec]
+            for key in ("per_category_count", "unique", "per_layer"):
+                assert set(s[key]) == set(CATEGORIES), (name, sec, key)
+            assert isinstance(s["general"], int)
+            for key in ("overlap_jaccard", "instruction_overlap"):
+                assert is_6x6(s[key]), (name, sec, key)
+    for sec in ("isn", "ise", "expert_neurons"):
+        assert set(summary["comparison"][sec]) == set(CATEGORIES)
+        for c in CATEGORIES:
+            assert set(summary["comparison"][sec][c]) >= {"retained", "gained", "lost", "jaccard"}
+        assert len(summary["series"][sec]["general"]) == 3
+    assert set(summary["comparison"]["moves"]) == {"isn", "ise", "expert_neurons"}
+    for key in ("isn", "random", "ise", "ise_random"):
+        assert is_6x6(summary["ablation"][key]), key
+    assert summary["ablation"]["neurons"]["kind"] == "neurons" and summary["ablation"]["experts"]["kind"] == "experts"
+    assert summary["identification"]["eps"] == 0.05 and summary["identification"]["rule"] == "top"
+    assert summary["data"]["n_per_category"] == 4 and summary["scope"] == "prompt"
+    assert summary["comparison"]["before"] == "llama-base" and summary["merged_from"]["comparison.before"] == "llama"
+    assert summary["merged_from"]["series.names"] == "llama" and "identification" not in summary["merged_from"]
 
     html = (out / "report" / "index.html").read_text()
     assert 'id="llama"' in html and 'id="mixtral"' in html

@@ -87,3 +87,17 @@ def test_bad_mask_shape_is_named(hf_checkpoint):
         ours(np.zeros((2, 5), bool))
     with pytest.raises(ValueError, match="ablation kind"):
         CategoryLoss(sj.load_model(hf_checkpoint("llama")), encoded_set(), kind="heads")
+
+
+def test_fixed_buckets_do_not_change_the_losses(hf_checkpoint):
+    enc = encoded_set()
+    model = sj.load_model(hf_checkpoint("llama"))
+    default = CategoryLoss(model, enc, kind="neurons", batch_size=3)
+    fixed = CategoryLoss(model, enc, kind="neurons", batch_size=3, buckets=[32])
+    assert fixed.runner.buckets == (32,) and default.runner.buckets is None
+    mask = np.random.default_rng(1).random((2, 48)) < 0.3
+    for m in (None, mask):
+        a, b = default(m), fixed(m)
+        assert set(a) == set(b) and len(a) == 3
+        for c in a:
+            assert b[c] == pytest.approx(a[c], rel=1e-5)

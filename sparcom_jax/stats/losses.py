@@ -7,7 +7,7 @@ and gets back the mean response-token loss of every category.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,15 +67,19 @@ class CategoryLoss:
       encoded: an `EncodedSet` made with scope="response" (its scopes mark the targets).
       kind: what masks passed to `__call__` switch off (see `ablation_arrays`).
       batch_size, mesh: as for collection.
+      buckets: fixed padded lengths (one compilation each; e.g. the collection's
+        `buckets`); None = the data module's default ladder. Padding is masked, so
+        the losses do not depend on them.
     """
 
-    def __init__(self, model, encoded, *, kind: str = "neurons", batch_size: int = 8, mesh=None):
+    def __init__(self, model, encoded, *, kind: str = "neurons", batch_size: int = 8, mesh=None,
+                 buckets: Sequence[int] | None = None):
         if kind not in ABLATION_KINDS:
             raise ValueError(f"ablation kind {kind!r} is not one of {ABLATION_KINDS}")
         self.model = model
         self.kind = kind
         self.encoded = encoded
-        self.runner = BatchRunner(model, _loss_step, batch_size, mesh=mesh)
+        self.runner = BatchRunner(model, _loss_step, batch_size, mesh=mesh, buckets=buckets)
 
     def __call__(self, mask: np.ndarray | None = None) -> dict[str, float]:
         ablate = ablation_arrays(self.model, mask, self.kind)
@@ -90,18 +94,22 @@ class CategoryLoss:
 
 
 def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", template: str = "plain",
-                 batch_size: int = 8, max_length: int | None = 512, mesh=None) -> Callable[[np.ndarray | None],
-                                                                                       Mapping[str, float]]:
-    """The `loss_fn` for `ablation_matrix`: mask (or None) -> {category: mean response loss}."""
+                 batch_size: int = 8, max_length: int | None = 512, mesh=None,
+                 buckets: Sequence[int] | None = None) -> Callable[[np.ndarray | None], Mapping[str, float]]:
+    """The `loss_fn` for `ablation_matrix`: mask (or None) -> {category: mean response loss}.
+
+    `buckets`: fixed padded lengths (see `CategoryLoss`).
+    """
     from sparcom_jax.data import default_tokenizer, encode_records
 
     tok = tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
     enc = encode_records(records, tok, template=template, scope="response", max_length=max_length)
-    return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh)
+    return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets)
 
 
 def category_losses(model, records, tokenizer=None, *, template: str = "plain", ablate_mask=None,
-                    kind: str = "neurons", batch_size: int = 8, max_length: int | None = 512) -> dict[str, float]:
+                    kind: str = "neurons", batch_size: int = 8, max_length: int | None = 512,
+                    buckets: Sequence[int] | None = None) -> dict[str, float]:
     """Mean response-token loss per category (optionally with a mask switched off)."""
     return make_loss_fn(model, records, tokenizer, kind=kind, template=template, batch_size=batch_size,
-                        max_length=max_length)(ablate_mask)
+                        max_length=max_length, buckets=buckets)(ablate_mask)

@@ -1,0 +1,289 @@
+"""What every stage shares: logging, the output directory, the mesh, models, records.
+
+Nothing here reads weights or starts a device at import; JAX and the heavier
+library modules are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config
+
+STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
+
+_T0 = time.perf_counter()
+
+
+# --------------------------------------------------------------------------- #
+# Progress and formatting
+# --------------------------------------------------------------------------- #
+
+def log(msg: str) -> None:
+    """A progress line on stderr (stdout stays for results), stamped with the elapsed time."""
+    el = time.perf_counter() - _T0
+    print(f"[sparcom {int(el // 60):d}:{el % 60:04.1f}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def timed(what: str) -> Iterator[None]:
+    """Log "<what> ..." on entry and "<what>: done in N s" when the block succeeds."""
+    t = time.perf_counter()
+    log(f"{what} ...")
+    yield
+    log(f"{what}: done in {time.perf_counter() - t:.1f} s")
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable bytes (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def fmt_count(n: float) -> str:
+    """Parameter counts as 6.74B / 124.4M / 12.3K."""
+    for div, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{s}"
+    return str(int(n))
+
+
+def safe(name: str) -> str:
+    """`name` as a file name (the report's rule)."""
+    from sparcom_jax.report.tables import safe_name
+
+    return safe_name(name)
+
+
+# --------------------------------------------------------------------------- #
+# Processes, output directory, mesh
+# --------------------------------------------------------------------------- #
+
+def is_primary() -> bool:
+    """Whether this process writes shared outputs (process 0 of a multi-host run)."""
+    if "jax" not in sys.modules:
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def out_dir(cfg: ExperimentConfig | DemoConfig, out: str | os.PathLike | None) -> Path:
+    """The output directory: --out, else the config's out_dir, else runs/<name>."""
+    if out is not None:
+        return Path(out)
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path("runs") / getattr(cfg, "name", "demo")
+
+
+def save_resolved(cfg: Any, out: Path) -> Path:
+    """Write the resolved config next to the outputs (OUT/config.yaml)."""
+    if not is_primary():
+        return out / "config.yaml"
+    return dump_config(cfg, out / "config.yaml")
+
+
+def init_distributed(mesh: MeshSpec) -> bool:
+    """Call `jax.distributed.initialize` for a multi-process run (before any other JAX call).
+
+    On TPU VMs every argument is detected; elsewhere `mesh.coordinator`,
+    `mesh.num_processes` and the SPARCOM_PROCESS_ID (or JAX_PROCESS_ID)
+    environment variable give them.
+
+    Returns:
+      True when it initialised.
+    """
+    if not (mesh.distributed or mesh.num_processes > 1):
+        return False
+    import jax
+
+    kwargs: dict[str, Any] = {}
+    if mesh.coordinator:
+        kwargs["coordinator_address"] = mesh.coordinator
+        kwargs["num_processes"] = mesh.num_processes
+        pid = os.environ.get("SPARCOM_PROCESS_ID", os.environ.get("JAX_PROCESS_ID"))
+        if pid is None:
+            raise ConfigError("mesh.coordinator is set but this process has no id; set SPARCOM_PROCESS_ID")
+        kwargs["process_id"] = int(pid)
+    jax.distributed.initialize(**kwargs)
+    log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.device_count()} devices")
+    return True
+
+
+def resolve_mesh(mesh: MeshSpec, devices: int | None = None) -> tuple[int, int, int]:
+    """(devices, data, model) of the mesh, by arithmetic only (no devices needed).
+
+    Args:
+      mesh: the config's mesh settings.
+      devices: device count to plan for; default mesh.devices, else data * model
+        when data is set, else the devices JAX sees.
+
+    Raises:
+      ConfigError: when the axes do not factor the device count.
+    """
+    n = devices or mesh.devices or (mesh.data * mesh.model if mesh.data else None)
+    if n is None:
+        import jax
+
+        n = jax.device_count()
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    if n % mesh.model:
+        raise ConfigError(f"mesh.model={mesh.model} does not divide the {n} devices; "
+                          f"choose one of {divisors}")
+    data = mesh.data if mesh.data is not None else n // mesh.model
+    if data * mesh.model != n:
+        raise ConfigError(f"mesh.data={data} x mesh.model={mesh.model} = {data * mesh.model}, "
+                          f"but there are {n} devices; set mesh.data={n // mesh.model} or leave it null")
+    if n % mesh.num_processes:
+        raise ConfigError(f"mesh.num_processes={mesh.num_processes} does not divide the {n} devices")
+    return n, data, mesh.model
+
+
+def make_mesh(mesh: MeshSpec):
+    """A real ("data", "model") Mesh over the visible devices, or None for one device."""
+    import jax
+
+    from sparcom_jax.parallel.mesh import make_mesh as _make
+
+    n, data, model = resolve_mesh(dataclasses.replace(mesh, devices=None), jax.device_count())
+    if n == 1:
+        return None
+    return _make(data=data, model=model)
+
+
+# --------------------------------------------------------------------------- #
+# Models
+# --------------------------------------------------------------------------- #
+
+def with_vocab(arch: dict[str, Any], tokenizer=None) -> dict[str, Any]:
+    """A copy of an HF-style architecture dict; vocab_size null = the tokenizer's size
+    (default: the shipped tokenizer)."""
+    arch = dict(arch)
+    if arch.get("vocab_size") is None:
+        if tokenizer is None:
+            from sparcom_jax.data import default_tokenizer
+
+            tokenizer = default_tokenizer()
+        arch["vocab_size"] = len(tokenizer)
+    return arch
+
+
+def _init_config(spec: ModelSpec, tokenizer=None):
+    from sparcom_jax.models.config import ModelConfig
+
+    return ModelConfig.from_hf_config(with_vocab(spec.init, tokenizer), source=f"{spec.label}.init")
+
+
+def model_config(spec: ModelSpec, cfg: ExperimentConfig | None = None):
+    """The ModelConfig of a model: its config.json, else its `init` dict, else `architecture`.
+
+    Raises:
+      ConfigError: when none of them is available.
+    """
+    from sparcom_jax.models.config import ModelConfig
+
+    if spec.path and (Path(spec.path) / "config.json").is_file():
+        return ModelConfig.from_pretrained(spec.path), f"{spec.path}/config.json"
+    if spec.init is not None:
+        return _init_config(spec), f"{spec.label}.init (random)"
+    if cfg is not None and cfg.architecture is not None:
+        return ModelConfig.from_hf_config(cfg.architecture, source="architecture"), "architecture (config)"
+    where = f"no config.json in {spec.path}" if spec.path else "no path"
+    raise ConfigError(f"model {spec.label!r}: {where} and no `architecture:` block in the config; "
+                      "download the weights or add the published config.json fields under architecture:")
+
+
+def require_models(specs: Sequence[ModelSpec]) -> None:
+    """Fail before any work when a model directory is missing (or a spec has neither path nor init)."""
+    for spec in specs:
+        if spec.path and not (Path(spec.path) / "config.json").is_file():
+            raise ConfigError(
+                f"model {spec.label!r}: {spec.path} " + ("has no config.json" if Path(spec.path).is_dir()
+                                                          else "does not exist") + "; download it first"
+                + (f" (huggingface-cli download {spec.hub_id} --local-dir {spec.path})" if spec.hub_id else ""))
+        if not spec.path and spec.init is None:
+            raise ConfigError(f"model {spec.label!r}: set path (a Hugging Face directory) or init")
+
+
+def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None):
+    """Load a model from its HF directory, or build it from `init` (random weights)."""
+    from sparcom_jax.checkpoints.hf import load_model
+
+    require_models([spec])
+    if spec.path:
+        return load_model(spec.path, dtype=dtype, mesh=mesh)
+    from sparcom_jax.data import default_tokenizer
+    from sparcom_jax.models.transformer import init_model
+
+    tok = default_tokenizer()
+    model = init_model(_init_config(spec, tok), seed=spec.seed, dtype=dtype)
+    model.tokenizer = tok
+    model.source_path = None
+    return model
+
+
+def model_tokenizer(model):
+    """The model directory's tokenizer, else the shipped one."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        return tok
+    from sparcom_jax.data import default_tokenizer
+
+    return default_tokenizer()
+
+
+def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
+    """Base, series and fine-tuned models; a `finetune` run's checkpoints fill in when
+    the config names no fine-tuned model."""
+    if cfg.finetuned is not None:
+        return cfg.models()
+    manifest = out / "checkpoints" / "series.json"
+    if manifest.is_file():
+        items = json.loads(manifest.read_text())
+        return [cfg.base] + [ModelSpec(name=n, path=p, template=cfg.train.template) for n, p in items]
+    return [cfg.base]
+
+
+def template_for(spec: ModelSpec, cfg: ExperimentConfig) -> str:
+    """The prompt template of a model: its own, else data.template."""
+    return spec.template or cfg.data.template
+
+
+def counts_root(cfg: ExperimentConfig, out: Path) -> Path:
+    """Where the count stores live: collect.store, else OUT/counts."""
+    return Path(cfg.collect.store) if cfg.collect.store else out / "counts"
+
+
+# --------------------------------------------------------------------------- #
+# Records and the identification rule
+# --------------------------------------------------------------------------- #
+
+def load_records(cfg: ExperimentConfig, n_per_category: int | None = -1, seed: int | None = None, *,
+                 data=None):
+    """The instruction records of `data` (default cfg.data; n_per_category=-1: its own value)."""
+    from sparcom_jax.data import load_instructions
+
+    d = data or cfg.data
+    return load_instructions(
+        d.path, fields=d.fields, adapter=d.adapter, lenient=d.lenient,
+        n_per_category=d.n_per_category if n_per_category == -1 else n_per_category,
+        seed=d.seed if seed is None else seed)
+
+
+def identify_config(cfg: ExperimentConfig):
+    """The analysis IdentifyConfig of `cfg.identify`."""
+    from sparcom_jax.analysis import IdentifyConfig
+
+    return IdentifyConfig(**cfg.identify.rule_kwargs())

@@ -1,0 +1,243 @@
+"""The embedded end-to-end demo (`sparcom demo`): tiny Llama and Mixtral-style pairs,
+pretrained briefly, instruction-tuned, then analysed by the stages of `run_all`.
+
+    DIR/checkpoints/<pair>-base|-step<k>|-chat/hf   the series of each pair
+    DIR/pairs/<pair>/                               each pair's stage outputs
+    DIR/report/index.html, summary.json             both pairs on one page
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec
+from sparcom_jax.pipeline.common import fmt_count, log, save_resolved, timed, with_vocab
+from sparcom_jax.pipeline.stages import export_checkpoints, run_all
+
+# One padded length everywhere (one compilation per step function), a few steps, few records.
+FAST_OVERRIDES = (
+    "pretrain.total_steps=6", "pretrain.batch_size=8", "pretrain.warmup_steps=1", "pretrain.max_length=64",
+    "pretrain.buckets=[64]", "pretrain.save_every=6",
+    "finetune.total_steps=4", "finetune.batch_size=8", "finetune.warmup_steps=1", "finetune.save_every=2",
+    "finetune.max_length=64", "finetune.buckets=[64]", "data.n_per_category=4", "data.max_length=64",
+    "collect.buckets=[64]", "identify.n_boot=5", "identify.n_perm=19", "ablation.n_random=1",
+    "ablation.max_records=2", "ablation.batch_size=12", "collect.batch_size=8", "report.dpi=60",
+)
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str | os.PathLike):
+    """Share compiled step functions between runs with the same shapes (JAX's persistent
+    cache) inside the block, unless the user configured a cache already; restored after."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+        try:
+            from jax.experimental.compilation_cache import compilation_cache as cc
+
+            cc.reset_cache()
+        except (ImportError, AttributeError):
+            pass
+
+
+def demo_config(fast: bool = False, overrides: Sequence[str] = (), base: DemoConfig | None = None) -> DemoConfig:
+    """`base` (default: the demo's defaults), shrunk by FAST_OVERRIDES when `fast`, then `overrides`."""
+    from sparcom_jax.config import apply_overrides
+
+    cfg = base if base is not None else DemoConfig()
+    if fast:
+        cfg = apply_overrides(cfg, ["fast=true", *FAST_OVERRIDES])
+    return apply_overrides(cfg, list(overrides))
+
+
+def _pair_experiment(demo: DemoConfig, pair_name: str, ckpts: list[tuple[str, str]]) -> ExperimentConfig:
+    base, *mid, last = ckpts
+    return ExperimentConfig(
+        name=f"demo-{pair_name}",
+        base=ModelSpec(name=base[0], path=base[1], template=demo.data.template),
+        series=[ModelSpec(name=n, path=p, template=demo.finetune.template) for n, p in mid],
+        finetuned=ModelSpec(name=last[0], path=last[1], template=demo.finetune.template),
+        data=demo.data, identify=demo.identify, collect=demo.collect, ablation=demo.ablation,
+        report=dataclasses.replace(demo.report, title=f"{demo.report.title or 'sparcom demo'}: {pair_name}"),
+        seed=demo.seed,
+    )
+
+
+def plain_text_records(records) -> list:
+    """Records whose response is the plain text of the original (instruction, input, output):
+    fine-tuning on them is language modelling on plain text (after a fixed short prompt)."""
+    from sparcom_jax.data import Record
+
+    return [Record(id=f"text-{r.id}", category=r.category, instruction="Text:",
+                   output="\n\n".join(x for x in (r.instruction, r.input, r.output) if x))
+            for r in records]
+
+
+def _train_pair(demo: DemoConfig, pair, out: Path, tok, records) -> list[tuple[str, str]]:
+    """Pretrain a tiny model briefly on plain text ("before"), instruction-tune it and
+    export step 0, the intermediate and the final checkpoints. Returns [(name, hf dir)]."""
+    from sparcom_jax import train as T
+    from sparcom_jax.data import sample_balanced
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.models.transformer import init_model
+
+    arch = with_vocab(pair.architecture, tok)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        arch.setdefault(k, getattr(tok, k))
+    mcfg = ModelConfig.from_hf_config(arch, source=f"demo pair {pair.name}")
+    model = init_model(mcfg, seed=demo.seed)
+    held_out = sample_balanced(records, 2, seed=demo.seed + 7)
+    with timed(f"demo {pair.name}: pretraining {fmt_count(mcfg.param_count())} parameters on plain text"):
+        res = T.finetune(model, plain_text_records(records), tok, demo.pretrain,
+                         out / "train" / f"{pair.name}-pretrain", eval_records=plain_text_records(held_out),
+                         progress=True)
+    with timed(f"demo {pair.name}: instruction fine-tuning"):
+        T.finetune(res.model, records, tok, demo.finetune, out / "train" / f"{pair.name}-sft",
+                   eval_records=held_out, progress=True)
+    names = lambda s, f: f"{pair.name}-base" if s == 0 else (  # noqa: E731
+        f"{pair.name}-chat" if s == f else f"{pair.name}-step{s}")
+    return export_checkpoints(out / "train" / f"{pair.name}-sft", out / "checkpoints", names, tok)
+
+
+def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None = None) -> dict[str, Any]:
+    """The embedded end-to-end demo: tiny Llama and Mixtral-style pairs, trained and analysed.
+
+    1. builds each tiny model with the shipped tokenizer, pretrains it briefly on
+       plain text from the shipped data and saves the "before" checkpoint;
+    2. instruction-fine-tunes it, saving intermediate and "after" checkpoints as
+       HF directories under OUT/checkpoints/<name>/hf;
+    3. collects, identifies, evaluates, compares (with the series) and runs the
+       causal check for each pair (OUT/pairs/<pair>/);
+    4. writes the report: OUT/report/index.html (both pairs), summary.json and
+       figures (OUT/report/<pair>/figures).
+
+    Args:
+      out: output directory.
+      fast: shrink everything (a minute on 2 cores; tests).
+      cfg: a DemoConfig (default: `demo_config(fast)`).
+
+    Returns:
+      {"report": index.html, "summary": summary.json, "checkpoints": dir, "out": dir}.
+    """
+    from sparcom_jax.data import default_tokenizer, load_instructions
+
+    cfg = cfg or demo_config(fast)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    t0 = time.perf_counter()
+    tok = default_tokenizer()
+    records = load_instructions(None)
+    summaries, pages = {}, {}
+    with compilation_cache(Path(os.environ.get("SPARCOM_JAX_CACHE", out / ".jax_cache"))):
+        for pair in cfg.pairs:
+            ckpts = _train_pair(cfg, pair, out, tok, records)
+            exp = _pair_experiment(cfg, pair.name, ckpts)
+            pout = out / "pairs" / pair.name
+            pout.mkdir(parents=True, exist_ok=True)
+            save_resolved(exp, pout)
+            res = run_all(exp, pout)
+            summaries[pair.name] = json.loads(Path(res["summary"]).read_text())
+            pages[pair.name] = Path(res["report"])
+    report = write_demo_report(out / "report", summaries, pages, title=cfg.report.title or "sparcom demo")
+    log(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return {"report": str(report), "summary": str(out / "report" / "summary.json"),
+            "checkpoints": str(out / "checkpoints"), "out": str(out)}
+
+
+def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, Path], title: str) -> Path:
+    """One page for every pair: each pair's full report (figures and tables) under its heading.
+
+    Copies each pair's report directory to rdir/<pair>/ and writes rdir/index.html
+    and rdir/summary.json (`merge_pair_summaries`: the pairs merged at the top level,
+    and each pair's own summary under "pairs").
+    """
+    import re
+    import shutil
+
+    from sparcom_jax.report.io import atomic_write, write_json
+
+    rdir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    head = None
+    for name, page in pages.items():
+        dst = rdir / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(page.parent, dst)
+        html = page.read_text()
+        if head is None:
+            head = html[:html.index("<body>") + len("<body>")]
+        body = html[html.index("<body>") + len("<body>"):html.rindex("</body>")]
+        body = re.sub(r"<h1>(.*?)</h1>", rf'<h1 id="{name}">\1</h1>', body, count=1)
+        body = body.replace('<figure id="', f'<figure id="{name}-')
+        parts.append(f'<section class="pair">{body}<p><a href="{name}/index.html">{name} report alone</a>'
+                     f" · files in <code>{name}/</code></p></section>")
+    toc = "".join(f'<li><a href="#{n}">{n}</a></li>' for n in pages)
+    head = re.sub(r"<title>.*?</title>", f"<title>{title}</title>", head or "<html><body>")
+    doc = f"{head}<h1>{title}</h1><p>Model pairs:</p><ul>{toc}</ul>{''.join(parts)}</body></html>"
+    atomic_write(rdir / "index.html", doc)
+    write_json(rdir / "summary.json", merge_pair_summaries(summaries))
+    return rdir / "index.html"
+
+
+# Summary sections whose entries are merged key by key across pairs (model names are unique).
+_MERGED_BY_KEY = ("model_paths", "models", "comparison", "series", "ablation")
+
+
+def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
+    """One summary.json for several pairs: theirs merged at the top level, theirs kept under "pairs".
+
+    "models" and "model_paths" become the union of the pairs'; "comparison", "series"
+    and "ablation" are merged key by key (a dense pair brings comparison.isn,
+    ablation.isn and ablation.random; an MoE pair comparison.ise, ablation.ise, ...);
+    every other key (identification, data, scope, ...) is taken from the first pair
+    that has it. Where pairs give one key different values, the first pair's value
+    is kept (two mappings with no key in common, e.g. comparison.moves, are united)
+    and "merged_from" maps the dotted key to the pair it was kept from.
+
+    Args:
+      summaries: {pair name: that pair's summary.json dict}, in pair order.
+
+    Returns:
+      A new dict; the inputs are not modified.
+    """
+    merged: dict[str, Any] = {}
+    merged_from: dict[str, str] = {}
+    owner: dict[str, str] = {}
+
+    def put(dst: dict, key: str, value: Any, pair: str, dotted: str) -> None:
+        if key not in dst:
+            dst[key], owner[dotted] = value, pair
+        elif isinstance(dst[key], Mapping) and isinstance(value, Mapping) and not set(dst[key]) & set(value):
+            dst[key] = {**dst[key], **value}
+        elif dst[key] != value:
+            merged_from[dotted] = owner[dotted]
+
+    for pair, summary in summaries.items():
+        for key, value in summary.items():
+            if key in _MERGED_BY_KEY:
+                section = merged.setdefault(key, {})
+                for k, v in (value or {}).items():
+                    put(section, k, v, pair, f"{key}.{k}")
+            else:
+                put(merged, key, value, pair, key)
+    merged["merged_from"] = merged_from
+    merged["pairs"] = dict(summaries)
+    return merged
