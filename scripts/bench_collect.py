@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path

@@ -638,7 +638,7 @@ def check_architecture(cfg: Any, source: str = "config") -> None:
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (temp file in the same directory, then rename)."""
-    from sparcom_jax.report.io import atomic_write
+    from sparcom_jax.fileio import atomic_write
 
     p = Path(path)
     atomic_write(p, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False))

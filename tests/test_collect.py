@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from hf_fixtures import DENSE, MOE, VARIANTS, make_torch_model
+from hf_fixtures import DENSE, VARIANTS, make_torch_model
 from torch_reference import torch_counts
 
 import sparcom_jax as sj

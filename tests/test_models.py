@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_fixtures import DENSE, MOE, VARIANTS, batch_with_padding, make_torch_model
+from hf_fixtures import MOE, VARIANTS, batch_with_padding, make_torch_model
 
 import sparcom_jax as sj
 from sparcom_jax.checkpoints.hf import CheckpointError

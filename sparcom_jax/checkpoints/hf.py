@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from sparcom_jax.models.config import ConfigError, ModelConfig
+from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.transformer import CausalLM, abstract_model, resolve_dtype
 
 # Harmless buffers some exporters write; they are recomputed, never loaded.
@@ -408,7 +408,7 @@ def hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
     sources = parameter_sources(cfg, None)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out: dict[str, np.ndarray] = {}
-    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
 
     for key, var in flat.items():
         key_t = tuple(str(k) for k in key)

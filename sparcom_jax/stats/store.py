@@ -16,31 +16,16 @@ each, so an interrupted collection resumes from the last completed chunk.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
+from sparcom_jax.fileio import atomic_write
 from sparcom_jax.stats.counts import Counts
 
 STORE_VERSION = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary sibling and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _spec(path: Path) -> dict:
@@ -98,8 +83,8 @@ class CountStore:
                 chunk = (min(self.chunk_rows, max(n, 1)),) + tuple(shape[1:])
                 ts.open(_spec(self.path / name), create=True, delete_existing=True, dtype=ts.int32,
                         shape=list(shape), chunk_layout=ts.ChunkLayout(chunk_shape=list(chunk))).result()
-            atomic_write_text(self.path / "progress.json", json.dumps({"done_chunks": 0}))
-            atomic_write_text(meta_path, json.dumps(header))
+            atomic_write(self.path / "progress.json", json.dumps({"done_chunks": 0}))
+            atomic_write(meta_path, json.dumps(header))
             self.done_chunks = 0
         self._arrays = {name: ts.open(_spec(self.path / name), open=True).result() for name in shapes}
 
@@ -117,7 +102,7 @@ class CountStore:
         for f in futures:
             f.result()
         self.done_chunks = k + 1
-        atomic_write_text(self.path / "progress.json", json.dumps({"done_chunks": self.done_chunks}))
+        atomic_write(self.path / "progress.json", json.dumps({"done_chunks": self.done_chunks}))
 
 
 def is_complete(path: str | Path) -> bool:

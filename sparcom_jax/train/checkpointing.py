@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from sparcom_jax.fileio import atomic_write
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.train.step import TrainState, abstract_params, merge_params
 
@@ -42,11 +41,7 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file + rename, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def read_run(run_dir: str | Path) -> dict:
