@@ -69,7 +69,8 @@ def bench_jax(hf: dict, seqs, batch_size: int, repeats: int):
     from flax import nnx
 
     import sparcom_jax as sj
-    from sparcom_jax.data.batching import pad_batch, plan_batches
+    from sparcom_jax.data.batching import default_buckets, pad_batch, plan_batches
+    from sparcom_jax.stats.runner import BUCKETS_PER_OCTAVE
 
     cfg = sj.ModelConfig.from_hf_config(hf)
     model = sj.init_model(cfg, seed=0)
@@ -78,7 +79,11 @@ def bench_jax(hf: dict, seqs, batch_size: int, repeats: int):
     def collect():
         sj.collect_counts(model, seqs, batch_size=batch_size, progress=False)
 
-    plan = plan_batches([len(s) for s in seqs], batch_size, pad_rows=True)
+    # The plain forward runs exactly the batches collect_counts plans, so the
+    # difference is the counting itself (plus collect's host-side work).
+    lengths = [len(s) for s in seqs]
+    plan = plan_batches(lengths, batch_size, default_buckets(max(lengths), steps_per_octave=BUCKETS_PER_OCTAVE),
+                        pad_rows=True, group="sorted")
     batches = [pad_batch([seqs[i] for i in b.indices], b.length, rows=b.rows) for b in plan.batches]
     graphdef, state = nnx.split(model)
 
@@ -99,7 +104,8 @@ def bench_jax(hf: dict, seqs, batch_size: int, repeats: int):
     t_collect = time_best(collect, repeats)
     t_hidden = time_best(run(fwd_hidden), repeats)
     t_logits = time_best(run(fwd_logits), repeats)
-    return cfg, n_tok, {"collect": t_collect, "forward_no_head": t_hidden, "forward_logits": t_logits}
+    return cfg, n_tok, plan.padding_fraction, {"collect": t_collect, "forward_no_head": t_hidden,
+                                               "forward_logits": t_logits}
 
 
 def bench_torch(hf: dict, seqs, batch_size: int, repeats: int):
@@ -203,14 +209,14 @@ def main():
     rows = []
     results = {}
     for name, hf in (("Llama 33M (8L, D512, F1536)", LLAMA), ("Mixtral-style MoE (8L, D512, 8x768, top-2)", MIXTRAL)):
-        cfg, n_tok, t = bench_jax(hf, seqs, 8, repeats)
+        cfg, n_tok, padding, t = bench_jax(hf, seqs, 8, repeats)
         t_torch = bench_torch(hf, seqs, 8, repeats)
         tps = {k: n_tok / v for k, v in t.items()}
         tps["torch_hooks"] = n_tok / t_torch
         flops = forward_flops(cfg, n_tok, with_head=False)
-        results[name] = dict(tokens=n_tok, tokens_per_s=tps, flops_per_s=flops / t["collect"])
+        results[name] = dict(tokens=n_tok, tokens_per_s=tps, flops_per_s=flops / t["collect"], padding=padding)
         rows.append(
-            f"| {name} | {n_tok} | {tps['collect']:,.0f} | {tps['forward_no_head']:,.0f} | "
+            f"| {name} | {n_tok} ({padding:.0%} padding) | {tps['collect']:,.0f} | {tps['forward_no_head']:,.0f} | "
             f"{tps['forward_logits']:,.0f} | {t['collect'] / t['forward_no_head'] - 1:+.1%} | "
             f"{tps['torch_hooks']:,.0f} | {tps['collect'] / tps['torch_hooks']:.2f}x | "
             f"{flops / t['collect'] / 1e9:,.1f} ({flops / t['collect'] / peak:.0%}) |")

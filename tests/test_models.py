@@ -297,16 +297,17 @@ def test_sharded_load_on_8_devices_matches_one_device(hf_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
 def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
-    """ragged_dot grouping and the CPU tile scan give the same logits and counts."""
+    """ragged_dot grouping, the CPU tile scan and the CPU expert loop give the same logits and counts."""
     path = hf_checkpoint(variant)
     ids, mask = batch_with_padding()
     ragged = sj.load_model(path, moe_impl="ragged")
-    tiled = sj.load_model(path, moe_impl="tiled")
-    np.testing.assert_allclose(np.asarray(ragged(ids, mask)), np.asarray(tiled(ids, mask)), atol=1e-5)
     seqs = [ids[b, : int(mask[b].sum())] for b in range(3)]
-    a = sj.collect_counts(ragged, seqs, progress=False)
-    b = sj.collect_counts(tiled, seqs, progress=False)
-    for field, arr in a.arrays().items():
-        np.testing.assert_array_equal(getattr(b, field), arr)
+    ref = sj.collect_counts(ragged, seqs, progress=False)
+    for impl in ("tiled", "looped"):
+        other = sj.load_model(path, moe_impl=impl)
+        np.testing.assert_allclose(np.asarray(ragged(ids, mask)), np.asarray(other(ids, mask)), atol=1e-5)
+        got = sj.collect_counts(other, seqs, progress=False)
+        for field, arr in ref.arrays().items():
+            np.testing.assert_array_equal(getattr(got, field), arr, err_msg=f"{impl} {field}")
     with pytest.raises(ValueError, match="moe_impl"):
         sj.load_model(path, moe_impl="dense")

@@ -36,10 +36,14 @@ def normal_param(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
     return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(param_dtype) * _INIT_STD)
 
 
-def rms_norm(x, weight, eps: float):
-    """RMSNorm as transformers computes it: normalise in float32, cast back, then scale."""
+def rms_norm(x, weight, eps: float, axis=-1):
+    """RMSNorm as transformers computes it: normalise in float32, cast back, then scale.
+
+    `axis` may name several axes (OLMoE normalises a whole projection spread over
+    heads); `weight` must then already broadcast against `x`.
+    """
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
@@ -63,12 +67,12 @@ def rotary_tables(cfg: ModelConfig, T: int):
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rotary(x_BTHd, cos_Td, sin_Td):
-    half = x_BTHd.shape[-1] // 2
-    rot = jnp.concatenate([-x_BTHd[..., half:], x_BTHd[..., :half]], axis=-1)
-    cos, sin = cos_Td[None, :, None, :], sin_Td[None, :, None, :]
-    out = x_BTHd.astype(jnp.float32) * cos + rot.astype(jnp.float32) * sin
-    return out.astype(x_BTHd.dtype)
+def apply_rotary(x_BHTd, cos_Td, sin_Td):
+    """Rotate-half RoPE (transformers' convention) on heads-major [B, H, T, Dh] inputs."""
+    half = x_BHTd.shape[-1] // 2
+    rot = jnp.concatenate([-x_BHTd[..., half:], x_BHTd[..., :half]], axis=-1)
+    out = x_BHTd.astype(jnp.float32) * cos_Td + rot.astype(jnp.float32) * sin_Td
+    return out.astype(x_BHTd.dtype)
 
 
 def attention_bias(valid_BT, sliding_window: int | None):
@@ -87,23 +91,23 @@ def attention_bias(valid_BT, sliding_window: int | None):
     return jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
 
 
-def attend(q_BTHd, k_BSKd, v_BSKd, bias_B1TS):
+def attend(q_BHTd, k_BKSd, v_BKSd, bias_B1TS):
     """Softmax attention with grouped kv heads; normalisation deferred past the PV product.
 
-    Dividing the [B, T, H, d] output by the row sums, instead of normalising the
-    [B, H, T, S] probabilities, saves a full pass over the score tensor (about 40%
-    of attention time on CPU); the result is mathematically the same softmax.
-    Scores and the softmax run in float32.
+    Heads-major layouts ([B, H, T, Dh]) make both products plain batched matmuls
+    (no transposes), and dividing the [B, H, T, Dh] output by the row sums, instead
+    of normalising the [B, H, T, S] probabilities, saves a pass over the score
+    tensor; the result is the same softmax. Scores and the softmax run in float32.
     """
-    B, T, H, d = q_BTHd.shape
-    K = k_BSKd.shape[2]
-    q = q_BTHd.reshape(B, T, K, H // K, d)
-    s = jnp.einsum("BTKGd,BSKd->BKGTS", q, k_BSKd, preferred_element_type=jnp.float32) * (d ** -0.5)
+    B, H, T, d = q_BHTd.shape
+    K = k_BKSd.shape[1]
+    q = q_BHTd.reshape(B, K, H // K, T, d)
+    s = jnp.einsum("BKGTd,BKSd->BKGTS", q, k_BKSd, preferred_element_type=jnp.float32) * (d ** -0.5)
     s = s + bias_B1TS[:, :, None]
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    o = jnp.einsum("BKGTS,BSKd->BTKGd", p.astype(v_BSKd.dtype), v_BSKd, preferred_element_type=jnp.float32)
-    o = o / jnp.einsum("BKGTS->BTKG", p)[..., None]
-    return o.reshape(B, T, H, d).astype(q_BTHd.dtype)
+    o = jnp.einsum("BKGTS,BKSd->BKGTd", p.astype(v_BKSd.dtype), v_BKSd, preferred_element_type=jnp.float32)
+    o = o / jnp.sum(p, axis=-1)[..., None]
+    return o.reshape(B, H, T, d).astype(q_BHTd.dtype)
 
 
 class Attention(nnx.Module):
@@ -133,26 +137,26 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, cos_Td, sin_Td, bias_B1TT):
         dt = self.dtype
-        q = jnp.einsum("BTD,DHd->BTHd", x_BTD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BTD,DKd->BTKd", x_BTD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BTD,DKd->BTKd", x_BTD, self.v_proj[...].astype(dt))
+        # Projections write heads-major [B, H, T, Dh] directly, the layout attention wants.
+        q = jnp.einsum("BTD,DHd->BHTd", x_BTD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BTD,DKd->BKTd", x_BTD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BTD,DKd->BKTd", x_BTD, self.v_proj[...].astype(dt))
         if self.has_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+            q = q + self.q_bias[...].astype(dt)[:, None]
+            k = k + self.k_bias[...].astype(dt)[:, None]
+            v = v + self.v_bias[...].astype(dt)[:, None]
         if self.qk_norm == "head":
             q = rms_norm(q, self.q_norm[...], self.eps)
             k = rms_norm(k, self.k_norm[...], self.eps)
-        elif self.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
-            B, T = q.shape[:2]
-            q = rms_norm(q.reshape(B, T, -1), self.q_norm[...], self.eps).reshape(q.shape)
-            k = rms_norm(k.reshape(B, T, -1), self.k_norm[...], self.eps).reshape(k.shape)
+        elif self.qk_norm == "full":  # OLMoE normalises the whole projection (all heads) at once
+            q = rms_norm(q, self.q_norm[...].reshape(q.shape[1], 1, -1), self.eps, axis=(1, 3))
+            k = rms_norm(k, self.k_norm[...].reshape(k.shape[1], 1, -1), self.eps, axis=(1, 3))
         if self.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = apply_rotary(q, cos_Td, sin_Td)
         k = apply_rotary(k, cos_Td, sin_Td)
         out = attend(q, k, v, bias_B1TT)
-        return jnp.einsum("BTHd,HdD->BTD", out, self.o_proj[...].astype(dt))
+        return jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt))
 
 
 class GatedFFN(nnx.Module):

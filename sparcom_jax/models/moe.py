@@ -23,7 +23,10 @@ from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.layers import GatedFFN, activation, normal_param
 
 # "auto": ragged_dot on GPU/TPU, tiles on CPU (decided when the forward is traced).
-MOE_IMPLS = ("auto", "ragged", "tiled")
+MOE_IMPLS = ("auto", "ragged", "tiled", "looped")
+# Largest tile of the CPU path: bigger tiles copy each expert's weights fewer times but pad more rows.
+MAX_TILE = 64
+LOOP_TILE = 128
 
 
 def route(logits_NE, k: int, norm_topk_prob: bool, drop_E=None):
@@ -86,7 +89,7 @@ class MoEFFN(nnx.Module):
         dt = self.dtype
         M, D = xs_MD.shape
         E = group_sizes.shape[0]
-        tb = int(min(64, max(8, 2 ** int(np.log2(max(M // E, 1))))))
+        tb = int(min(MAX_TILE, max(8, 2 ** int(np.log2(max(M // E, 1))))))
         n_tiles = (M + E * (tb - 1)) // tb + 1
         padded = (group_sizes + tb - 1) // tb * tb
         ends = jnp.cumsum(padded)
@@ -110,6 +113,50 @@ class MoEFFN(nnx.Module):
         y_MD = y.reshape(n_tiles * tb, D)[pos]
         active_MG = None if cm_M is None else pos_act.reshape(n_tiles * tb, -1)[pos] & cm_M[:, None]
         return y_MD, active_MG
+
+    def _experts_looped(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
+        """Inference-only CPU path: a loop over experts, and inside it over that expert's tiles.
+
+        Each expert's weights are sliced once (the tile scan slices them once per
+        tile), and each expert runs only as many tiles as it has rows. The inner
+        loop has a data-dependent trip count, so this path has no reverse-mode
+        gradient; it is used for counting, never for training.
+        """
+        dt = self.dtype
+        M, D = xs_MD.shape
+        E = group_sizes.shape[0]
+        tb = int(min(LOOP_TILE, max(8, 2 ** int(np.log2(max(M // E, 1))))))
+        n_rows = (M // tb + E + 1) * tb
+        padded = (group_sizes + tb - 1) // tb * tb
+        starts = jnp.cumsum(padded) - padded
+        rank = jnp.arange(M) - (jnp.cumsum(group_sizes) - group_sizes)[e_sorted]
+        pos = starts[e_sorted] + rank
+        x_buf = jnp.zeros((n_rows, D), dt).at[pos].set(xs_MD)
+        G = self.gate_proj.shape[-1]
+        act = activation(self.act)
+
+        def expert(e, carry):
+            wg, wu, wd = (jax.lax.dynamic_index_in_dim(w[...], e, keepdims=False).astype(dt)
+                          for w in (self.gate_proj, self.up_proj, self.down_proj))
+            keep = None if keep_EG is None else keep_EG[e].astype(dt)
+
+            def tile(j, carry):
+                y_buf, a_buf = carry
+                start = starts[e] + j * tb
+                x_tD = jax.lax.dynamic_slice_in_dim(x_buf, start, tb)
+                a_tG = act(x_tD @ wg)
+                a_buf = jax.lax.dynamic_update_slice_in_dim(a_buf, a_tG > 0, start, 0)
+                if keep is not None:
+                    a_tG = a_tG * keep
+                y = (a_tG * (x_tD @ wu)) @ wd
+                return jax.lax.dynamic_update_slice_in_dim(y_buf, y, start, 0), a_buf
+
+            return jax.lax.fori_loop(0, padded[e] // tb, tile, carry)
+
+        init = (jnp.zeros((n_rows, D), dt), jnp.zeros((n_rows, G), bool))
+        y_buf, a_buf = jax.lax.fori_loop(0, E, expert, init)
+        active_MG = None if cm_M is None else a_buf[pos] & cm_M[:, None]
+        return y_buf[pos], active_MG
 
     def __call__(self, x_BTD, count_mask_BT=None, ablate=None):
         """Returns (out [B, T, D], stats dict or None).
@@ -143,8 +190,14 @@ class MoEFFN(nnx.Module):
         xs_MD = x_ND[tok_sorted]
         cm_M = None if count_mask_BT is None else count_mask_BT.reshape(-1)[tok_sorted]
         keep_EG = ablate.get("expert_neuron_keep")
-        impl = self.impl if self.impl != "auto" else ("tiled" if jax.default_backend() == "cpu" else "ragged")
-        if impl == "ragged":
+        impl = self.impl
+        if impl == "auto":
+            # Counting is inference: the faster, non-differentiable loop is fine there.
+            cpu = ("looped" if count_mask_BT is not None else "tiled")
+            impl = cpu if jax.default_backend() == "cpu" else "ragged"
+        if impl == "looped":
+            y_MD, active_MG = self._experts_looped(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
+        elif impl == "ragged":
             y_MD, active_MG = self._experts_ragged(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         else:
             y_MD, active_MG = self._experts_tiled(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
