@@ -16,44 +16,10 @@
 # A 7B pair needs ~15 GiB per model in bfloat16; Mixtral-8x7B (~87 GiB) does not fit one GPU.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# ---- helpers: run CMD... runs it, or with DRY_RUN=1 prints it (shell-quoted, after "+ ") ----
-
-_q() {
-  local s=$1
-  if [[ $s =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local first=1 a
-  for a in "$@"; do
-    [ $first = 1 ] || printf ' '
-    first=0
-    _q "$a"
-  done
-}
-
-run() {
-  if [ "${DRY_RUN:-0}" = 1 ]; then
-    printf '+ %s\n' "$(quote_all "$@")"
-  else
-    printf '+ %s\n' "$(quote_all "$@")" >&2
-    "$@"
-  fi
-}
-
-die() {
-  echo "$(basename "$0"): error: $*" >&2
-  exit 2
-}
-# ---- end of helpers ----
+source "$HERE/_common.sh"
 
 ROOT="$(cd "$HERE/.." && pwd)"
 CONFIG="" COMMAND="run" OUT="" VENV="$ROOT/.venv-cuda" PY="python3" DRY_RUN=0 OVERRIDES=()
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) CONFIG="${2:?}"; shift 2 ;;

@@ -15,43 +15,10 @@
 # (the same local path on each, or a shared disk / bucket mount); process 0 writes the report.
 # With --dry-run the gcloud command is printed, not run.
 set -euo pipefail
-# ---- helpers: run CMD... runs it, or with DRY_RUN=1 prints it (shell-quoted, after "+ ") ----
-
-_q() {
-  local s=$1
-  if [[ $s =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local first=1 a
-  for a in "$@"; do
-    [ $first = 1 ] || printf ' '
-    first=0
-    _q "$a"
-  done
-}
-
-run() {
-  if [ "${DRY_RUN:-0}" = 1 ]; then
-    printf '+ %s\n' "$(quote_all "$@")"
-  else
-    printf '+ %s\n' "$(quote_all "$@")" >&2
-    "$@"
-  fi
-}
-
-die() {
-  echo "$(basename "$0"): error: $*" >&2
-  exit 2
-}
-# ---- end of helpers ----
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/_common.sh"
 
 NAME="" ZONE="" PROJECT="" WORKDIR="sparcom_jax" LOG="" DRY_RUN=0
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) NAME="${2:?}"; shift 2 ;;
