@@ -37,6 +37,17 @@ _EXPORTS = {
     "sample_balanced": "sparcom_jax.data",
     "encode_records": "sparcom_jax.data",
     "default_tokenizer": "sparcom_jax.data",
+    "IdentifyConfig": "sparcom_jax.analysis",
+    "analyze_model": "sparcom_jax.analysis",
+    "compare_models": "sparcom_jax.analysis",
+    "compare_series": "sparcom_jax.analysis",
+    "ablation_matrix": "sparcom_jax.analysis",
+    "build_summary": "sparcom_jax.analysis",
+    "write_report": "sparcom_jax.report",
+    "make_loss_fn": "sparcom_jax.stats.losses",
+    "TrainConfig": "sparcom_jax.train",
+    "finetune": "sparcom_jax.train",
+    "export_series": "sparcom_jax.train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -311,3 +311,10 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
             np.testing.assert_array_equal(getattr(got, field), arr, err_msg=f"{impl} {field}")
     with pytest.raises(ValueError, match="moe_impl"):
         sj.load_model(path, moe_impl="dense")
+
+
+def test_every_public_name_resolves():
+    for name in sj.__all__:
+        assert getattr(sj, name) is not None, name
+    with pytest.raises(AttributeError):
+        sj.not_a_name  # noqa: B018
