@@ -318,3 +318,26 @@ def test_every_public_name_resolves():
         assert getattr(sj, name) is not None, name
     with pytest.raises(AttributeError):
         sj.not_a_name  # noqa: B018
+
+
+def test_loading_stages_one_layer_slice_at_a_time(tmp_path):
+    """Host staging memory of a load stays flat in model size (one layer's slice at a time)."""
+    import tracemalloc
+
+    def staged_peak(layers: int) -> tuple[int, int]:
+        cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=64,
+                                              intermediate_size=512, num_hidden_layers=layers,
+                                              num_attention_heads=4, num_key_value_heads=4))
+        path = sj.save_model(sj.init_model(cfg), tmp_path / f"m{layers}")
+        sj.load_model(path, with_tokenizer=False)  # warm caches (jit of the layer setter)
+        tracemalloc.start()
+        sj.load_model(path, with_tokenizer=False)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return peak, cfg.param_count() * 4
+
+    small, small_total = staged_peak(8)
+    big, big_total = staged_peak(32)
+    assert big_total > 3.9 * small_total
+    assert big < 1.25 * small, f"staging grew with depth: {small:,} -> {big:,} bytes"
+    assert big < big_total / 10, f"staged {big:,} bytes for a {big_total:,}-byte model"
