@@ -142,6 +142,11 @@ def test_collect_instructions_attaches_ids_categories_and_scope(hf_checkpoint):
     assert prompt.meta["scope"] == "prompt"
     assert np.all(prompt.tokens < allc.tokens) and np.all(prompt.tokens > 0)
     assert np.all(prompt.neuron_active <= allc.neuron_active)
+    # straight from an instruction file
+    from sparcom_jax.data import SHIPPED_PATH
+
+    from_file = sj.collect_instructions(model, SHIPPED_PATH, tok, scope="prompt", progress=False, max_length=64)
+    assert len(from_file.ids) == 360 and from_file.categories.count("math") == 60
 
 
 # ---------------------------------------------------------------- devices and processes

@@ -157,14 +157,17 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
 
     Args:
       model: a `CausalLM`.
-      records: `Record`s (e.g. from `load_instructions`).
+      records: `Record`s (e.g. from `load_instructions`), or a path to an instruction
+        file / `datasets` directory, read with `load_instructions(records)`.
       tokenizer: defaults to the model directory's tokenizer, else the shipped one.
       template: "plain" or "chat"; scope: "prompt" (default, as in the paper),
         "response" (teacher forcing) or "all".
       Other arguments as in `collect_counts`.
     """
-    from sparcom_jax.data import default_tokenizer, encode_records
+    from sparcom_jax.data import default_tokenizer, encode_records, load_instructions
 
+    if isinstance(records, (str, Path)):
+        records = load_instructions(records)
     tok = tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
     enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length)
     meta = {"model": getattr(model, "source_path", None), "template": template, "scope": scope,
