@@ -69,6 +69,22 @@ def safe(name: str) -> str:
 # Processes, output directory, mesh
 # --------------------------------------------------------------------------- #
 
+def barrier(name: str) -> None:
+    """Wait until every process of a multi-host run gets here (no-op on one process).
+
+    Used after process 0 writes shared outputs (exported checkpoints) that the
+    other processes read next.
+    """
+    if "jax" not in sys.modules:
+        return
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_primary() -> bool:
     """Whether this process writes shared outputs (process 0 of a multi-host run)."""
     if "jax" not in sys.modules:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, MeshSpec, ModelSpec
 from sparcom_jax.pipeline.common import (
-    counts_root, identify_config, is_primary, load_records, load_spec_model, log, make_mesh, model_list,
+    barrier, counts_root, identify_config, is_primary, load_records, load_spec_model, log, make_mesh, model_list,
     model_tokenizer, require_models, safe, save_resolved, template_for, timed,
 )
 
@@ -55,6 +55,7 @@ def export_checkpoints(run_dir: Path, ck_dir: Path, names: Callable[[int, int], 
         if is_primary():
             export_hf(run_dir, step, dest, tokenizer=tokenizer)
         items.append((name, str(dest)))
+    barrier("sparcom:checkpoints-exported")  # every process reads these directories next
     return items
 
 
