@@ -341,3 +341,14 @@ def test_loading_stages_one_layer_slice_at_a_time(tmp_path):
     assert big_total > 3.9 * small_total
     assert big < 1.25 * small, f"staging grew with depth: {small:,} -> {big:,} bytes"
     assert big < big_total / 10, f"staged {big:,} bytes for a {big_total:,}-byte model"
+
+
+def test_two_checkpoints_of_one_architecture_share_compilations(hf_checkpoint, tmp_path):
+    """Tokenizer and source path live outside the graph, so the graphdefs (jit cache keys) are equal."""
+    from flax import nnx as _nnx
+
+    a = sj.load_model(hf_checkpoint("llama"))
+    b = sj.load_model(sj.save_model(a, tmp_path / "copy"))
+    assert a.source_path != b.source_path
+    assert _nnx.graphdef(a) == _nnx.graphdef(b)
+    assert hash(_nnx.graphdef(a)) == hash(_nnx.graphdef(b))

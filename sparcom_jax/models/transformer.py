@@ -12,6 +12,7 @@ block); the scan stacks it to [L, B, ...], never [B, T, L, F].
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -59,6 +60,22 @@ class Block(nnx.Module):
         return x_BTD + y, stats
 
 
+# Host-side companions of a model (its tokenizer, the directory it came from). Kept
+# outside the module so they are not part of its graphdef: two checkpoints of one
+# architecture then share every compiled function.
+_COMPANIONS: "weakref.WeakKeyDictionary[CausalLM, dict]" = weakref.WeakKeyDictionary()
+
+
+def _companion(name: str, doc: str):
+    def get(self):
+        return _COMPANIONS.get(self, {}).get(name)
+
+    def put(self, value):
+        _COMPANIONS.setdefault(self, {})[name] = value
+
+    return property(get, put, doc=doc)
+
+
 class ModelOutput(NamedTuple):
     logits: Any  # float32 [B, T, V] or None
     hidden: Any  # final normed hidden states [B, T, D]
@@ -97,6 +114,9 @@ class CausalLM(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
+
+    tokenizer = _companion("tokenizer", "The checkpoint directory's tokenizer (or None); not part of the graph.")
+    source_path = _companion("source_path", "The directory the weights came from (or None); not part of the graph.")
 
     def forward(self, input_ids, attention_mask=None, *, count_mask=None, ablate=None,
                 with_logits: bool = True) -> ModelOutput:
