@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -36,43 +34,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- train:start -->", "<!-- train:end -->"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def device_name() -> str:
-    import jax
-
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"CPU: {cpu_name()}, {os.cpu_count()} logical cores visible"
-    return f"{d.platform.upper()}: {d.device_kind} x{jax.device_count()}"
-
-
-def peak_flops(dtype, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n x n matmul on the default device."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_common import device_name, matmul_peak_flops, replace_section  # noqa: E402
 
 
 def flops_per_token(cfg, T: int) -> float:
@@ -154,7 +117,7 @@ def bench_finetune(model_cfg, args, dtype: str) -> dict:
 
 def _load_note(result: dict) -> str:
     la = result.get("load_average")
-    if la is None or not result["device"].startswith("CPU"):
+    if la is None or result.get("backend") != "cpu":
         return ""
     return (f"The machine was shared (1-minute load average {la:.1f} at the end of the run), so CPU numbers "
             "can vary by 2x between runs.\n")
@@ -162,17 +125,7 @@ def _load_note(result: dict) -> str:
 
 def write_section(path: Path, body: str) -> None:
     """Replace the train section of docs/benchmarks.md (create the file if needed), atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_section(path, "train", body)
 
 
 def main(argv=None) -> dict:
@@ -204,12 +157,13 @@ def main(argv=None) -> dict:
         intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         max_position_embeddings=max(args.seq, 512)))
-    peak = peak_flops(jnp.float32 if dtype == "float32" else jnp.bfloat16, args.matmul or (2048 if on_cpu else 8192))
+    peak = matmul_peak_flops(args.matmul or (2048 if on_cpu else 8192),
+                             dtype=jnp.float32 if dtype == "float32" else jnp.bfloat16)
     step = bench_step(model_cfg, args, dtype)
     fpt = flops_per_token(model_cfg, args.seq)
     mfu = fpt * step["tokens_per_s"] / peak
     ft = bench_finetune(model_cfg, args, dtype)
-    result = {"device": device_name(), "dtype": dtype, "params": model_cfg.param_count(),
+    result = {"device": device_name(), "backend": jax.default_backend(), "dtype": dtype, "params": model_cfg.param_count(),
               "peak_tflops": peak / 1e12, "step": step, "mfu": mfu, "finetune": ft,
               "model": f"llama D={args.hidden} L={args.layers} H={args.heads} F={model_cfg.intermediate_size} "
                        f"V={model_cfg.vocab_size}", "batch": f"{args.batch} x {args.seq}",

@@ -148,4 +148,4 @@ def test_bench_writes_only_its_own_section(tmp_path):
     bench.write_section(doc, "## Training\nsecond")
     text = doc.read_text()
     assert "other rows" in text and "second" in text and "first" not in text
-    assert text.count(bench.START) == 1 and text.count(bench.END) == 1
+    assert text.count("<!-- train:start -->") == 1 and text.count("<!-- train:end -->") == 1
