@@ -19,13 +19,13 @@ from sparcom_jax.data.templates import (
     format_plain,
     user_message,
 )
-from sparcom_jax.data.tokenizer import TOKENIZER_DIR, default_tokenizer
+from sparcom_jax.data.tokenizer import TOKENIZER_DIR, default_tokenizer, resolve_tokenizer
 
 __all__ = [
     "ADAPTERS", "DOLLY_CATEGORIES", "SCOPES", "SHIPPED_PATH", "TEMPLATES", "TOKENIZER_DIR",
     "Batch", "BatchPlan", "DataWarning", "Encoded", "EncodedSet", "Excluded", "LoadReport",
     "Problem", "Record", "count_by_category", "default_buckets", "default_tokenizer",
     "detect_adapter", "encode_record", "encode_records", "format_plain", "load_instructions",
-    "load_shipped", "pad_batch", "plan_batches", "read_table", "sample_balanced",
+    "load_shipped", "pad_batch", "plan_batches", "read_table", "resolve_tokenizer", "sample_balanced",
     "user_message", "validate_row",
 ]

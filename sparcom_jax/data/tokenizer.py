@@ -60,6 +60,12 @@ def default_tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
 
 
+def resolve_tokenizer(model=None, tokenizer=None):
+    """The tokenizer to use with `model`: `tokenizer` if given, else the model
+    directory's (``model.tokenizer``), else the shipped one."""
+    return tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
+
+
 def training_texts(records: Iterable[Record]) -> Iterator[str]:
     """The texts the tokenizer learns from: every record's fields, plus the plain
     template's fixed headers so they become single tokens."""

@@ -252,12 +252,9 @@ def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None):
 
 def model_tokenizer(model):
     """The model directory's tokenizer, else the shipped one."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None:
-        return tok
-    from sparcom_jax.data import default_tokenizer
+    from sparcom_jax.data import resolve_tokenizer
 
-    return default_tokenizer()
+    return resolve_tokenizer(model)
 
 
 def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:

@@ -164,13 +164,12 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
         "response" (teacher forcing) or "all".
       Other arguments as in `collect_counts`.
     """
-    from sparcom_jax.data import default_tokenizer, encode_records, load_instructions
+    from sparcom_jax.data import encode_records, load_instructions, resolve_tokenizer
 
     if isinstance(records, (str, Path)):
         records = load_instructions(records)
-    tok = tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
+    tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length)
-    meta = {"model": getattr(model, "source_path", None), "template": template, "scope": scope,
-            "max_length": max_length, "n_truncated": int(enc.n_truncated)}
+    meta = {"template": template, "scope": scope, "max_length": max_length, "n_truncated": int(enc.n_truncated)}
     return collect_counts(model, enc.ids, enc.scopes, batch_size, mesh=mesh, progress=progress, out=out,
                           ids=enc.record_ids, categories=enc.categories, meta=meta, **kwargs)

@@ -100,9 +100,9 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
 
     `buckets`: fixed padded lengths (see `CategoryLoss`).
     """
-    from sparcom_jax.data import default_tokenizer, encode_records
+    from sparcom_jax.data import encode_records, resolve_tokenizer
 
-    tok = tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
+    tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope="response", max_length=max_length)
     return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets)
 
