@@ -22,9 +22,10 @@ from flax import nnx
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.layers import GatedFFN, activation, normal_param
 
-# "auto": ragged_dot on GPU/TPU, tiles on CPU (decided when the forward is traced).
+# "auto": ragged_dot on GPU/TPU; on CPU the expert loop when counting (inference) and the
+# differentiable tile scan otherwise (decided when the forward is traced).
 MOE_IMPLS = ("auto", "ragged", "tiled", "looped")
-# Largest tile of the CPU path: bigger tiles copy each expert's weights fewer times but pad more rows.
+# Largest tiles of the CPU paths (tile scan, expert loop): measured best on a 2-core CPU.
 MAX_TILE = 64
 LOOP_TILE = 128
 
@@ -43,6 +44,23 @@ def route(logits_NE, k: int, norm_topk_prob: bool, drop_E=None):
     if norm_topk_prob:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
     return w, idx.astype(jnp.int32)
+
+
+def padded_layout(e_sorted_M, group_sizes_E, max_tile: int):
+    """Place expert-sorted rows in a buffer where each expert's group starts on a tile boundary.
+
+    Returns (tb, padded [E], starts [E], pos [M]): the tile size (a power of two near
+    M/E, at most `max_tile`), each group's size rounded up to a multiple of tb,
+    where each group starts in the buffer, and the buffer row of each sorted row.
+    The buffer needs at most M + E*(tb-1) rows, a static bound.
+    """
+    M = e_sorted_M.shape[0]
+    E = group_sizes_E.shape[0]
+    tb = int(min(max_tile, max(8, 2 ** int(np.log2(max(M // E, 1))))))
+    padded = (group_sizes_E + tb - 1) // tb * tb
+    starts = jnp.cumsum(padded) - padded
+    rank = jnp.arange(M) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[e_sorted_M]
+    return tb, padded, starts, starts[e_sorted_M] + rank
 
 
 class MoEFFN(nnx.Module):
@@ -89,13 +107,9 @@ class MoEFFN(nnx.Module):
         dt = self.dtype
         M, D = xs_MD.shape
         E = group_sizes.shape[0]
-        tb = int(min(MAX_TILE, max(8, 2 ** int(np.log2(max(M // E, 1))))))
+        tb, padded, starts, pos = padded_layout(e_sorted, group_sizes, MAX_TILE)
         n_tiles = (M + E * (tb - 1)) // tb + 1
-        padded = (group_sizes + tb - 1) // tb * tb
-        ends = jnp.cumsum(padded)
-        rank = jnp.arange(M) - (jnp.cumsum(group_sizes) - group_sizes)[e_sorted]
-        pos = (ends - padded)[e_sorted] + rank  # row of each sorted assignment in the padded buffer
-        tile_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles) * tb, side="right"), E - 1)
+        tile_e = jnp.minimum(jnp.searchsorted(starts + padded, jnp.arange(n_tiles) * tb, side="right"), E - 1)
         x_tiles = jnp.zeros((n_tiles * tb, D), dt).at[pos].set(xs_MD).reshape(n_tiles, tb, D)
         wg, wu, wd = (w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
         keep = None if keep_EG is None else keep_EG.astype(dt)
@@ -125,12 +139,8 @@ class MoEFFN(nnx.Module):
         dt = self.dtype
         M, D = xs_MD.shape
         E = group_sizes.shape[0]
-        tb = int(min(LOOP_TILE, max(8, 2 ** int(np.log2(max(M // E, 1))))))
+        tb, padded, starts, pos = padded_layout(e_sorted, group_sizes, LOOP_TILE)
         n_rows = (M // tb + E + 1) * tb
-        padded = (group_sizes + tb - 1) // tb * tb
-        starts = jnp.cumsum(padded) - padded
-        rank = jnp.arange(M) - (jnp.cumsum(group_sizes) - group_sizes)[e_sorted]
-        pos = starts[e_sorted] + rank
         x_buf = jnp.zeros((n_rows, D), dt).at[pos].set(xs_MD)
         G = self.gate_proj.shape[-1]
         act = activation(self.act)
