@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sparcom_jax.data.batching import default_buckets
+from sparcom_jax.data.batching import default_buckets, pad_batch, plan_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +65,8 @@ def target_mask(scope_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
 def pad_rows(seqs: Sequence[np.ndarray], scopes: Sequence[np.ndarray], rows: int, length: int,
              pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids int32 [rows, length], mask bool, targets bool; missing rows are empty."""
-    ids = np.full((rows, length), pad_id, np.int32)
-    mask = np.zeros((rows, length), bool)
-    scope = np.zeros((rows, length), bool)
-    for i, (s, sc) in enumerate(zip(seqs, scopes)):
-        n = len(s)
-        ids[i, :n] = s
-        mask[i, :n] = True
-        scope[i, :n] = sc
+    ids, mask = pad_batch(seqs, length, pad_id, rows=rows)
+    scope, _ = pad_batch([np.asarray(sc, bool) for sc in scopes], length, rows=rows)
     return ids, mask, target_mask(scope, mask)
 
 
@@ -168,16 +162,12 @@ class EvalBatch:
 
 def eval_batches(ids: Sequence[np.ndarray], scopes: Sequence[np.ndarray], *, batch_size: int,
                  buckets: Sequence[int], pad_id: int = 0) -> list[EvalBatch]:
-    """Fixed-shape eval batches in a fixed order (bucket, then input order)."""
-    lens = np.array([len(x) for x in ids])
-    which = np.searchsorted(np.asarray(buckets), lens, side="left")
+    """Fixed-shape eval batches in a fixed order (bucket, then length)."""
     out = []
-    for b in np.unique(which):
-        members = np.flatnonzero(which == b)
-        for start in range(0, members.size, batch_size):
-            idx = members[start:start + batch_size]
-            i, m, t = pad_rows([ids[k] for k in idx], [scopes[k] for k in idx], batch_size, buckets[b], pad_id)
-            rows = np.full(batch_size, -1, np.int64)
-            rows[:idx.size] = idx
-            out.append(EvalBatch(i, m, t, rows))
+    for b in plan_batches([len(x) for x in ids], batch_size, buckets, pad_rows=True).batches:
+        i, m, t = pad_rows([ids[k] for k in b.indices], [scopes[k] for k in b.indices], batch_size, b.length,
+                           pad_id)
+        rows = np.full(batch_size, -1, np.int64)
+        rows[:b.indices.size] = b.indices
+        out.append(EvalBatch(i, m, t, rows))
     return out
