@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
@@ -31,3 +33,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> str:
+    """Atomically write JSON (strict: NaN is rejected, convert it to None first)."""
+    return atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

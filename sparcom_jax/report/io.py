@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from typing import Any, Iterable, Sequence
 
-from sparcom_jax.fileio import atomic_write  # noqa: F401  (re-exported)
+from sparcom_jax.fileio import atomic_write, write_json
 
-
-def write_json(path: str | os.PathLike, obj: Any) -> str:
-    """Atomically write JSON (strict: NaN is rejected, convert it to None first)."""
-    return atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+__all__ = ["atomic_write", "write_csv", "write_json"]
 
 
 def write_csv(

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from sparcom_jax.fileio import atomic_write
+from sparcom_jax.fileio import write_json
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.train.step import TrainState, abstract_params, merge_params
 
@@ -37,11 +37,6 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 TOKENIZER_SUBDIR = "tokenizer"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file + rename, so readers never see half a file."""
-    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -223,6 +218,6 @@ def export_series(run_dir: str | Path, out_dir: str | Path, *, steps: Sequence[i
         path = export_hf(run_dir, s, out_dir / name, tokenizer=tok, dtype=dtype)
         series.append((name, path))
         log.info("exported step %d to %s", s, path)
-    write_json_atomic(out_dir / "series.json",
+    write_json(out_dir / "series.json",
                       [{"name": n, "step": s, "path": str(p)} for (n, p), s in zip(series, steps)])
     return series

@@ -32,8 +32,8 @@ from jax.sharding import Mesh
 from sparcom_jax.models.transformer import CausalLM
 from sparcom_jax.parallel.mesh import make_mesh
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
-from sparcom_jax.train.checkpointing import (RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer, read_run,
-                                             write_json_atomic)
+from sparcom_jax.fileio import write_json
+from sparcom_jax.train.checkpointing import RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer, read_run
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
@@ -261,7 +261,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         if prev is None:
-            write_json_atomic(run_dir / RUN_FILE, {
+            write_json(run_dir / RUN_FILE, {
                 "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
                 "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets), "data_fingerprint": fingerprint,
                 "n_records": len(enc), "mesh": dict(mesh.shape)})
