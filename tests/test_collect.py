@@ -124,6 +124,39 @@ def test_bad_inputs_are_named(hf_checkpoint):
         sj.collect_counts(model, [np.array([], np.int32)], progress=False)
 
 
+@pytest.mark.parametrize("method", ["segment", "matmul"])
+def test_expert_neuron_count_methods_match_brute_force(method):
+    # Both in-graph reductions (segment sum for CPU, one-hot matmul for accelerators)
+    # against a plain loop, on random routing with repeated experts across sequences.
+    import jax.numpy as jnp
+
+    from sparcom_jax.models.moe import expert_neuron_counts
+
+    rng = np.random.default_rng(3)
+    B, T, k, E, G = 3, 7, 2, 5, 11
+    e_Nk = np.stack([rng.choice(E, k, replace=False) for _ in range(B * T)]).astype(np.int32)
+    e_M = e_Nk.reshape(-1)
+    tok_M = np.repeat(np.arange(B * T), k)
+    seg_M = e_M * B + tok_M // T
+    order = np.argsort(seg_M, kind="stable")
+    inv = np.argsort(order)
+    active_M = rng.random((B * T * k, G)) < 0.4  # in token order
+    want = np.zeros((B, E, G), np.int64)
+    for m in range(B * T * k):
+        want[tok_M[m] // T, e_M[m]] += active_M[m]
+    got = expert_neuron_counts(jnp.asarray(active_M[order]), jnp.asarray(seg_M[order]), jnp.asarray(inv),
+                               jnp.asarray(e_Nk), B, E, method=method)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_counts_leave_the_device_in_the_narrowest_dtype_that_holds_them():
+    from sparcom_jax.stats.collect import transfer_dtype
+
+    assert [np.dtype(transfer_dtype(T)).name for T in (1, 255, 256, 65535, 65536)] == \
+        ["uint8", "uint8", "uint16", "uint16", "int32"]
+
+
 def test_collect_instructions_attaches_ids_categories_and_scope(hf_checkpoint):
     from sparcom_jax.data import default_tokenizer, load_instructions, sample_balanced
 

@@ -98,3 +98,35 @@ def test_sorted_grouping_fills_batches_and_rounds_lengths_up():
     assert plan.padding_fraction < by_bucket.padding_fraction
     with pytest.raises(ValueError, match="group must be"):
         plan_batches(lens, 8, buckets, group="random")
+
+
+def test_fitted_buckets_are_the_least_padding_choice():
+    # The dynamic programme against trying every subset of the batches' needs.
+    import itertools
+
+    from sparcom_jax.data.batching import fit_buckets
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, bs, k, align = int(rng.integers(1, 50)), int(rng.integers(1, 6)), int(rng.integers(1, 5)), \
+            int(rng.choice([1, 8]))
+        lens = rng.integers(1, 200, n)
+        got = fit_buckets(lens, bs, k, align)
+        assert len(got) <= k and got[-1] >= lens.max() and all(b % align == 0 for b in got)
+        srt = np.sort(lens)
+        need = -(-srt[np.minimum(np.arange(bs, n + bs, bs), n) - 1] // align) * align
+        values = np.unique(need)
+        best = min(plan_batches(lens, bs, tuple(c) + (values[-1],), pad_rows=True, group="sorted").n_slots
+                   for r in range(k) for c in itertools.combinations(values[:-1], r))
+        assert plan_batches(lens, bs, got, pad_rows=True, group="sorted").n_slots == best
+
+
+def test_fitted_buckets_bound_the_shapes_of_long_varied_inputs():
+    from sparcom_jax.data.batching import fit_buckets
+
+    lens = np.random.default_rng(1).integers(1, 8192, 20000)
+    got = fit_buckets(lens, 8, max_buckets=8, align=1)
+    plan = plan_batches(lens, 8, got, pad_rows=True, group="sorted")
+    assert len(plan.shapes) <= 8 and got[-1] >= lens.max()
+    ladder = plan_batches(lens, 8, None, pad_rows=True, group="sorted")  # 2-per-octave ladder
+    assert plan.padding_fraction < ladder.padding_fraction

@@ -296,14 +296,21 @@ def test_sharded_load_on_8_devices_matches_one_device(hf_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
-def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
-    """ragged_dot grouping, the CPU tile scan and the CPU expert loop give the same logits and counts."""
+def test_moe_dispatch_implementations_agree(variant, hf_checkpoint, monkeypatch):
+    """ragged_dot grouping, the tile scan, the expert loop and the capacity buffer (in its
+    batched-matmul branch and in its ragged_dot fallback) give the same logits and counts."""
+    from sparcom_jax.models import moe
+
     path = hf_checkpoint(variant)
     ids, mask = batch_with_padding()
     ragged = sj.load_model(path, moe_impl="ragged")
     seqs = [ids[b, : int(mask[b].sum())] for b in range(3)]
     ref = sj.collect_counts(ragged, seqs, progress=False)
-    for impl in ("tiled", "looped"):
+    # Capacity factor E holds any group (always the matmul branch); 0.01 holds none (always
+    # the fallback); the defaults decide per layer.
+    for impl, factors in (("tiled", None), ("looped", None), ("capacity", None), ("capacity", (64.0,)),
+                          ("capacity", (0.01,))):
+        monkeypatch.setattr(moe, "CAPACITY_FACTORS", factors or moe.CAPACITY_FACTORS)
         other = sj.load_model(path, moe_impl=impl)
         np.testing.assert_allclose(np.asarray(ragged(ids, mask)), np.asarray(other(ids, mask)), atol=1e-5)
         got = sj.collect_counts(other, seqs, progress=False)

@@ -103,6 +103,66 @@ def default_buckets(max_len: int, min_len: int = 16, steps_per_octave: int = 2) 
     return tuple(out)
 
 
+def fit_buckets(lengths: Sequence[int] | np.ndarray, batch_size: int, max_buckets: int = 8,
+                align: int = 1) -> tuple[int, ...]:
+    """At most `max_buckets` bucket lengths that minimise padding for length-sorted batches.
+
+    The sequences are known before anything runs, so the buckets can be fitted to
+    them instead of taken from a fixed ladder: with the "sorted" grouping of
+    `plan_batches` (consecutive runs of `batch_size` in length order, every batch
+    `batch_size` rows), batch j needs a bucket of at least its longest member m_j,
+    and the best buckets are a subset of the m_j (rounded up to `align`). An exact
+    dynamic programme over the distinct m_j picks the subset with the fewest padded
+    slots. The number of compiled shapes stays bounded by `max_buckets`, known in
+    advance, however long or varied the sequences are.
+
+    Args:
+      lengths: sequence lengths (each >= 1).
+      batch_size: rows per batch.
+      max_buckets: the most distinct bucket lengths (compilations).
+      align: round buckets up to a multiple of this (e.g. 8 on accelerators).
+
+    Returns:
+      Increasing bucket lengths; the last one holds the longest sequence.
+    """
+    if batch_size < 1 or max_buckets < 1 or align < 1:
+        raise ValueError("batch_size, max_buckets and align must be >= 1")
+    lens = np.sort(np.asarray(lengths, dtype=np.int64).reshape(-1))
+    if lens.size == 0:
+        return (align,)
+    ends = np.minimum(np.arange(batch_size, lens.size + batch_size, batch_size), lens.size) - 1
+    while True:
+        need = -(-lens[ends] // align) * align  # each batch's smallest admissible bucket, nondecreasing
+        values, counts = np.unique(need, return_counts=True)
+        if values.size <= 1024:  # keeps the [D, D] tables of the programme small
+            break
+        align *= 2
+    D = values.size
+    if D <= max_buckets:
+        return tuple(int(v) for v in values)
+    # f[d]: fewest slots per row covering every batch with need <= values[d], top bucket values[d],
+    # using at most k buckets; parents[k][d]: the next bucket down (-1: the k-1 solution is kept).
+    cum = np.cumsum(counts)
+    f = values * cum
+    above = cum[None, :] - cum[:, None]  # [e, d]: batches with need in (values[e], values[d]]
+    lower = np.tril(np.ones((D, D), bool))  # e >= d is not a bucket below d
+    parents = []
+    for _ in range(max_buckets - 1):
+        cand = np.where(lower, np.inf, f[:, None] + values[None, :] * above)
+        e_best = np.argmin(cand, axis=0)
+        v = cand[e_best, np.arange(D)]
+        take = v < f
+        parents.append(np.where(take, e_best, -1))
+        f = np.where(take, v, f)
+    d = D - 1
+    out = [int(values[d])]
+    for par in reversed(parents):
+        if par[d] >= 0:
+            d = int(par[d])
+            out.append(int(values[d]))
+    return tuple(sorted(out))
+
+
 def plan_batches(
     lengths: Sequence[int] | np.ndarray,
     batch_size: int,

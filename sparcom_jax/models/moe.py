@@ -22,9 +22,13 @@ from flax import nnx
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.layers import GatedFFN, activation, normal_param
 
-# "auto": ragged_dot on GPU/TPU; on CPU the expert loop when counting (inference) and the
-# differentiable tile scan otherwise (decided when the forward is traced).
-MOE_IMPLS = ("auto", "ragged", "tiled", "looped")
+# "auto" (decided when the forward is traced): on CPU the expert loop when counting
+# (inference) and the differentiable tile scan otherwise; on GPU the capacity-buffer
+# batched matmul; on TPU (and anything else) ragged_dot.
+MOE_IMPLS = ("auto", "ragged", "tiled", "looped", "capacity")
+# Per-expert capacities of the "capacity" path, as multiples of the mean group size M/E:
+# the smallest one that holds the largest group is used; past the last, ragged_dot.
+CAPACITY_FACTORS = (1.25, 2.0)
 # Largest tiles of the CPU paths (tile scan, expert loop): measured best on a 2-core CPU.
 MAX_TILE = 64
 LOOP_TILE = 128
@@ -63,6 +67,30 @@ def padded_layout(e_sorted_M, group_sizes_E, max_tile: int):
     return tb, padded, starts, starts[e_sorted_M] + rank
 
 
+def expert_neuron_counts(active_MG, seg_sorted_M, inv_M, e_Nk, B: int, E: int, method: str = "auto"):
+    """Per-(sequence, expert) active-neuron counts, int32 [B, E, G], from expert-sorted rows.
+
+    "segment": a sorted segment sum over (expert, sequence) segments (cheapest on CPU).
+    "matmul": back in token order, a one-hot [E, T*k] x [T*k, G] product per sequence,
+    exact (0/1 operands, float32 accumulation, sums far below 2**24) and a plain
+    batched matmul on GPU/TPU, where a scatter-add over B*E segments is slow.
+    "auto" picks "segment" on CPU and "matmul" elsewhere (decided at trace time).
+    """
+    if method == "auto":
+        method = "segment" if jax.default_backend() == "cpu" else "matmul"
+    G = active_MG.shape[-1]
+    if method == "segment":
+        ena = jax.ops.segment_sum(active_MG.astype(jnp.int32), seg_sorted_M, num_segments=E * B,
+                                  indices_are_sorted=True)
+        return ena.reshape(E, B, G).transpose(1, 0, 2)
+    if method != "matmul":
+        raise ValueError(f"unknown count method {method!r}")
+    act_BMG = active_MG[inv_M].reshape(B, -1, G).astype(jnp.bfloat16)
+    onehot_BME = jax.nn.one_hot(e_Nk.reshape(B, -1), E, dtype=jnp.bfloat16)
+    ena = jnp.einsum("BME,BMG->BEG", onehot_BME, act_BMG, preferred_element_type=jnp.float32)
+    return ena.astype(jnp.int32)
+
+
 class MoEFFN(nnx.Module):
     """Routed experts, plus a sigmoid-gated shared expert when the config has one (Qwen-MoE)."""
 
@@ -85,6 +113,7 @@ class MoEFFN(nnx.Module):
         self.act = cfg.hidden_act
         self.dtype = dtype
         self.impl = impl
+        self.capacity_factors = tuple(float(f) for f in CAPACITY_FACTORS)
 
     def _experts_ragged(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
         """Grouped matmuls with `jax.lax.ragged_dot` (efficient grouped GEMMs on GPU/TPU)."""
@@ -95,6 +124,48 @@ class MoEFFN(nnx.Module):
             a_MG = a_MG * keep_EG.astype(dt)[e_sorted]
         h_MG = a_MG * jax.lax.ragged_dot(xs_MD, self.up_proj[...].astype(dt), group_sizes)
         return jax.lax.ragged_dot(h_MG, self.down_proj[...].astype(dt), group_sizes), active_MG
+
+    def _experts_capacity(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
+        """Experts as one batched matmul over an [E, C, D] buffer with a static capacity C.
+
+        Expert e's rows (contiguous after the sort) fill the first group_size[e] slots of
+        its C-row slab, and the gate/up/down products are plain batched matmuls (what
+        GPUs do best, where `ragged_dot` may be rewritten into a dense product over all
+        experts). C is chosen at run time from a few compiled capacities (multiples of
+        the mean group size M/E): the smallest that holds the largest group. If none
+        does, the layer falls back to `ragged_dot`, so no token is ever dropped and the
+        result is exactly that of the other paths.
+        """
+        dt = self.dtype
+        M, D = xs_MD.shape
+        E = group_sizes.shape[0]
+        starts = jnp.cumsum(group_sizes) - group_sizes
+        rank = jnp.arange(M, dtype=jnp.int32) - starts[e_sorted]
+        wg, wu, wd = (w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        keep = None if keep_EG is None else keep_EG.astype(dt)
+        act = activation(self.act)
+
+        def with_capacity(C):
+            def run(xs_MD):
+                c = jnp.arange(C, dtype=jnp.int32)
+                valid_EC = c[None, :] < group_sizes[:, None]
+                x_ECD = jnp.where(valid_EC[..., None], xs_MD[jnp.minimum(starts[:, None] + c, M - 1)], 0)
+                a_ECG = act(jnp.einsum("ECD,EDG->ECG", x_ECD, wg))
+                pos_ECG = a_ECG > 0
+                if keep is not None:
+                    a_ECG = a_ECG * keep[:, None, :]
+                y_ECD = jnp.einsum("ECG,EGD->ECD", a_ECG * jnp.einsum("ECD,EDG->ECG", x_ECD, wu), wd)
+                slot = e_sorted * C + jnp.minimum(rank, C - 1)
+                return y_ECD.reshape(E * C, D)[slot], pos_ECG.reshape(E * C, -1)[slot]
+            return run
+
+        def ragged(xs_MD):
+            return self._experts_ragged(xs_MD, e_sorted, group_sizes, jnp.ones((M,), bool), keep_EG)
+
+        caps = sorted({min(M, -(-int(np.ceil(f * M / E)) // 8) * 8) for f in self.capacity_factors})
+        branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.max(group_sizes))
+        y_MD, pos_MG = jax.lax.switch(branch, [with_capacity(C) for C in caps] + [ragged], xs_MD)
+        return y_MD, None if cm_M is None else pos_MG & cm_M[:, None]
 
     def _experts_tiled(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
         """Expert MLPs over fixed-size tiles, each tile holding rows of one expert only.
@@ -203,25 +274,26 @@ class MoEFFN(nnx.Module):
         impl = self.impl
         if impl == "auto":
             # Counting is inference: the faster, non-differentiable loop is fine there.
-            cpu = ("looped" if count_mask_BT is not None else "tiled")
-            impl = cpu if jax.default_backend() == "cpu" else "ragged"
-        if impl == "looped":
+            backend = jax.default_backend()
+            impl = (("looped" if count_mask_BT is not None else "tiled") if backend == "cpu"
+                    else "capacity" if backend == "gpu" else "ragged")
+        if impl == "capacity":
+            y_MD, active_MG = self._experts_capacity(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
+        elif impl == "looped":
             y_MD, active_MG = self._experts_looped(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         elif impl == "ragged":
             y_MD, active_MG = self._experts_ragged(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         else:
             y_MD, active_MG = self._experts_tiled(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
+        # Back to (token, k) order, weight and sum over the k experts of each token.
+        inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         stats = None
         if count_mask_BT is not None:
-            ena = jax.ops.segment_sum(active_MG.astype(jnp.int32), seg_sorted, num_segments=E * B,
-                                      indices_are_sorted=True)
             routed = jax.nn.one_hot(e_Nk, E, dtype=jnp.int32).sum(1) * count_mask_BT.reshape(-1, 1)
             stats = {
                 "expert_routed": routed.reshape(B, T, E).sum(1),
-                "expert_neuron_active": ena.reshape(E, B, -1).transpose(1, 0, 2),
+                "expert_neuron_active": expert_neuron_counts(active_MG, seg_sorted, inv, e_Nk, B, E),
             }
-        # Back to (token, k) order, weight and sum over the k experts of each token.
-        inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         y_NkD = y_MD[inv].reshape(B * T, k, D)
         out_ND = jnp.einsum("NkD,Nk->ND", y_NkD.astype(jnp.float32), w_Nk).astype(dt)
         out_BTD = out_ND.reshape(B, T, D)

@@ -132,7 +132,18 @@ class CausalLM(nnx.Module):
             (dense FFN or shared expert), "expert_drop" bool [L, E],
             "expert_neuron_keep" [L, E, G].
           with_logits: skip the LM head when only counts are wanted.
+
+        With float32 compute every matmul runs in full float32 on every backend
+        (GPUs would otherwise use TF32 and TPUs bfloat16 passes, moving counts near
+        the sign boundary away from the float32 reference); bfloat16 compute keeps
+        the backend's default precision.
         """
+        if self.dtype == jnp.float32:
+            with jax.default_matmul_precision("highest"):
+                return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits)
+        return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits)
+
+    def _forward(self, input_ids, attention_mask, count_mask, ablate, with_logits) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
         valid = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))

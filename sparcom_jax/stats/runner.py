@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sparcom_jax.data.batching import default_buckets, pad_batch, plan_batches
+from sparcom_jax.data.batching import fit_buckets, pad_batch, plan_batches
 from sparcom_jax.parallel.sharding import state_shardings
 
 
@@ -53,7 +53,14 @@ def validate_sequences(sequences, scopes, vocab_size: int):
     return seqs, out
 
 
-BUCKETS_PER_OCTAVE = 4
+# The most distinct padded lengths (compilations) per run when no buckets are given.
+MAX_BUCKETS = 8
+
+
+def fitted_buckets(lengths, rows: int) -> tuple[int, ...]:
+    """The buckets a run uses by default: fitted to its lengths (`fit_buckets`), at most
+    `MAX_BUCKETS` of them, multiples of 8 on accelerators."""
+    return fit_buckets(lengths, rows, MAX_BUCKETS, align=1 if jax.default_backend() == "cpu" else 8)
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,8 +78,8 @@ class BatchRunner:
         `extra` is a replicated pytree (or None) passed to `run`, e.g. ablation masks.
       batch_size: rows per process per batch (rounded up to a multiple of the local data shards).
       mesh: optional ("data", "model") mesh; None runs on the default device.
-      buckets: fixed bucket lengths (None: the data module's geometric ladder with
-        `BUCKETS_PER_OCTAVE` steps per doubling, up to the longest sequence).
+      buckets: fixed bucket lengths (None: at most `MAX_BUCKETS` lengths fitted to the
+        sequences of each run for the least padding, see `fitted_buckets`).
     """
 
     def __init__(self, model, step: Callable, batch_size: int, mesh=None, buckets: Sequence[int] | None = None):
@@ -96,21 +103,43 @@ class BatchRunner:
         self.state = state
         self.padding_fraction = 0.0
 
+    def fit_to(self, lengths) -> tuple[int, ...] | None:
+        """Fix the buckets of every later `run` (unless given) by fitting them to these lengths.
+
+        Call it once with all the lengths a series of runs will see (e.g. every chunk of
+        a collection), so that all runs share one small set of compiled shapes. In a
+        multi-process run every process must call it; the buckets are fitted to the
+        lengths of all processes, so every process gets the same ones.
+        """
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        if self.buckets is None:
+            every = lengths
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                n = int(np.max(multihost_utils.process_allgather(np.array([len(lengths)]))))
+                padded = np.zeros(n, np.int64)
+                padded[: len(lengths)] = lengths
+                every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
+                every = every[every > 0]
+            if len(every):
+                self.buckets = fitted_buckets(every, self.rows)
+        return self.buckets
+
     def _schedule(self, lengths: np.ndarray):
-        buckets = self.buckets
-        if buckets is None and len(lengths):
-            # Length-sorted batches rounded up to a ladder of four buckets per octave:
-            # full batches, little padding, and a small known set of compiled shapes
-            # (each compiled once per process and cached across calls).
-            buckets = default_buckets(int(lengths.max()), steps_per_octave=BUCKETS_PER_OCTAVE)
+        multi = jax.process_count() > 1
+        # Length-sorted batches padded to at most MAX_BUCKETS lengths fitted to the data:
+        # full batches, little padding, and a small known number of compiled shapes (each
+        # compiled once per process and cached across calls with the same buckets).
+        buckets = self.fit_to(lengths)
         plan = (plan_batches(lengths, self.rows, buckets, pad_rows=True, group="sorted")
                 if len(lengths) else None)
         sched = [(b.indices, b.length) for b in plan.batches] if plan else []
-        if jax.process_count() > 1:
-            # Every process must run the same sequence of shapes (SPMD): agree on the
-            # number of steps and take the longest bucket of each step.
+        if multi:
             from jax.experimental import multihost_utils
 
+            # Every process must run the same sequence of shapes (SPMD): agree on the
+            # number of steps and take the longest bucket of each step.
             n = int(np.max(multihost_utils.process_allgather(np.array([len(sched)]))))
             local = np.array([t for _, t in sched] + [0] * (n - len(sched)), np.int64)
             lens = np.max(multihost_utils.process_allgather(local).reshape(jax.process_count(), n), axis=0)
