@@ -11,7 +11,13 @@ Measured in one run on one machine:
   3. achieved FLOP/s against a large matmul on the same machine;
   4. peak host memory vs number of instructions (store mode, flat).
 
-Usage: python scripts/bench_collect.py [--quick] [--out docs/benchmarks.md]
+Both transformers baselines are timed: `model(...)` as users call it (logits
+included) and the decoder stack alone. On accelerators the default also covers a
+~1B dense Llama and a 2B Mixtral-style MoE in bfloat16 (batches of 32), and MoE
+models are timed with both the default expert path and `ragged_dot`.
+
+Usage: python scripts/bench_collect.py [--quick] [--models small|large|all] [--no-torch]
+                                       [--no-memory] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -221,6 +227,19 @@ def bench_memory(ns):
     return out
 
 
+READING = (
+    "Reading the table: the plain forward runs exactly the batches `collect_counts` plans, so the "
+    "overhead column is the counting plus collect's host work (moving the counts off the device into "
+    "the N-row result). The transformers baseline (forward hooks on `act_fn` accumulating `(act > 0)` "
+    "on the device; for the MoE the experts' loop patched to count per expert, LAPE-style) is timed as "
+    "users call it, `model(input_ids, attention_mask)` with logits, and as the decoder stack alone "
+    "(`model.model`, the stricter baseline); the speed-up column gives both. On CPU the MoE forward "
+    "column is the differentiable tile scan (the training path) while counting uses the inference-only "
+    "expert loop, hence a negative overhead. On GPU each MoE model has a second row with "
+    "`moe_impl=ragged`: the default capacity-buffer path against XLA's `ragged_dot` on the same card."
+)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sequences and repeats (smoke run)")
@@ -299,6 +318,8 @@ def main():
         *rows,
         "",
         f"Large-matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s ({dtype}, {peak_n}x{peak_n}x{peak_n}).",
+        "",
+        READING,
     ]
     if mem:
         body += [

@@ -145,8 +145,8 @@ class CollectSpec:
       batch_size: sequences per forward (global, over the data axis).
       dtype: compute dtype ("float32" or "bfloat16").
       store: directory of the on-disk count stores; None = <out>/counts.
-      buckets: padded sequence lengths (one compilation each); None = a geometric
-        ladder up to data.max_length.
+      buckets: padded sequence lengths (one compilation each); None = at most 8
+        lengths fitted to the records' lengths for the least padding.
     """
 
     batch_size: int = 8

@@ -7,9 +7,12 @@ G expert FFN neurons, S shared-expert neurons.
 Routing follows the reference exactly: router logits in the compute dtype,
 softmax over all experts in float32, top-k, optional renormalisation of the
 chosen k weights. Assignments are sorted by (expert, sequence) so every expert
-sees one contiguous group; `jax.lax.ragged_dot` multiplies each group by its
-own expert's weights, and the same order makes per-(sequence, expert) neuron
-counts a sorted segment sum.
+sees one contiguous group, which each backend multiplies by its own expert's
+weights in its best way: `jax.lax.ragged_dot` (TPU), a batched matmul over a
+per-expert capacity buffer with an exact ragged_dot fallback (GPU, where
+ragged_dot can be rewritten into a dense product over all experts), or
+expert-pure tiles (CPU). The same order makes per-(sequence, expert) neuron
+counts a sorted segment sum (CPU) or a one-hot batched matmul (accelerators).
 """
 
 from __future__ import annotations

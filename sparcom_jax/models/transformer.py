@@ -92,9 +92,10 @@ class CausalLM(nnx.Module):
       cfg: the architecture.
       rngs: initialisation randomness (weights are replaced when loading).
       dtype: compute dtype; param_dtype: storage dtype (default: dtype).
-      moe_impl: expert dispatch: "auto" (ragged_dot on GPU/TPU; on CPU an expert loop
-        when counting, else a differentiable tile scan), "ragged", "tiled" or
-        "looped" (inference only); all give the same result.
+      moe_impl: expert dispatch: "auto" (on GPU the capacity-buffer batched matmul, on
+        TPU ragged_dot, on CPU an expert loop when counting, else a differentiable tile
+        scan), "capacity", "ragged", "tiled" or "looped" (inference only); all give the
+        same result.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype="float32",
