@@ -8,6 +8,7 @@ head is skipped. Definitions are METHOD.md's step 1.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -48,6 +49,11 @@ def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None):
     # (a quarter or half of the int32 traffic); the host accumulates them as int32.
     dt = transfer_dtype(ids_BT.shape[1])
     return {k: v.astype(dt) for k, v in stats.items()}
+
+
+def _scatter_rows(rows: dict, idx, res: dict) -> None:
+    for key, arr in rows.items():
+        arr[idx] = res[key]
 
 
 class _Progress:
@@ -134,19 +140,26 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
 
     n_chunks = -(-n // chunk) if n else 0
     pads = []
-    for k in range(start, n_chunks):
-        if _stop_after_chunks is not None and k - start >= _stop_after_chunks:
-            raise KeyboardInterrupt(f"stopped after {_stop_after_chunks} chunk(s) (test hook)")
-        lo, hi = k * chunk, min((k + 1) * chunk, n)
-        # In memory the batches land straight in the result (one chunk); a store gets chunk buffers.
-        rows = ({key: np.zeros((hi - lo,) + s[1:], np.int32) for key, s in shapes.items()} if store is not None
-                else {key: result[key][lo:hi] for key in shapes})
-        for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
-            for key in rows:
-                rows[key][idx] = res[key]
-        pads.append(runner.padding_fraction)
-        if store is not None:
-            store.write_chunk(k, rows)
+    with ThreadPoolExecutor(1, thread_name_prefix="sparcom-collect-writer") as writer:
+        for k in range(start, n_chunks):
+            if _stop_after_chunks is not None and k - start >= _stop_after_chunks:
+                raise KeyboardInterrupt(f"stopped after {_stop_after_chunks} chunk(s) (test hook)")
+            lo, hi = k * chunk, min((k + 1) * chunk, n)
+            # In memory the batches land straight in the result (one chunk); a store gets chunk buffers.
+            rows = ({key: np.zeros((hi - lo,) + s[1:], np.int32) for key, s in shapes.items()}
+                    if store is not None else {key: result[key][lo:hi] for key in shapes})
+            # Rows are scattered into place on a writer thread (numpy copies release the GIL),
+            # so the dispatch loop gets back to the device while the host copies counts out.
+            pending: list = []
+            for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
+                pending.append(writer.submit(_scatter_rows, rows, idx, res))
+                if len(pending) > 2:  # bounds the results waiting on the host
+                    pending.pop(0).result()
+            for f in pending:
+                f.result()
+            pads.append(runner.padding_fraction)
+            if store is not None:
+                store.write_chunk(k, rows)
     padding = float(np.mean(pads)) if pads else 0.0
     bar.close(padding)
     if store is not None:

@@ -9,6 +9,7 @@ of the process that owns the rows.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Callable, Sequence
@@ -53,6 +54,8 @@ def validate_sequences(sequences, scopes, vocab_size: int):
     return seqs, out
 
 
+# Batches in flight on the device while the host fetches the oldest one's results.
+PIPELINE_DEPTH = 2
 # The most distinct padded lengths (compilations) per run when no buckets are given.
 MAX_BUCKETS = 8
 
@@ -166,7 +169,7 @@ class BatchRunner:
         if extra is not None and self.mesh is not None:
             extra = jax.device_put(extra, self.replicated)
         lengths = np.array([len(s) for s in seqs], np.int64)
-        pending = None
+        pending: collections.deque = collections.deque()
         for idx, T in self._schedule(lengths):
             ids, valid = pad_batch([seqs[i] for i in idx], T, rows=self.rows)
             if scopes is None:
@@ -174,12 +177,13 @@ class BatchRunner:
             else:
                 scope, _ = pad_batch([scopes[i] for i in idx], T, rows=self.rows)
             out = self._fn(self.state, self._put(ids), self._put(valid), self._put(scope), extra)
-            # One-step lag: the next batch is dispatched before this one's results are fetched.
-            if pending is not None:
-                yield self._finish(*pending, on_batch)
-            pending = (idx, out, int(valid.sum()))
-        if pending is not None:
-            yield self._finish(*pending, on_batch)
+            pending.append((idx, out, int(valid.sum())))
+            # Results are fetched PIPELINE_DEPTH batches behind the dispatch, so the device
+            # always has queued work while the host copies counts out and prepares batches.
+            if len(pending) > PIPELINE_DEPTH:
+                yield self._finish(*pending.popleft(), on_batch)
+        while pending:
+            yield self._finish(*pending.popleft(), on_batch)
 
     def _finish(self, idx, out, n_tokens, on_batch):
         res = self._get(out)
