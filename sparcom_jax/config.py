@@ -147,12 +147,15 @@ class CollectSpec:
       store: directory of the on-disk count stores; None = <out>/counts.
       buckets: padded sequence lengths (one compilation each); None = at most 8
         lengths fitted to the records' lengths for the least padding.
+      moe_impl: expert dispatch of MoE models ("auto": capacity buffer on GPU,
+        ragged_dot on TPU, expert loop on CPU); every choice gives the same counts.
     """
 
     batch_size: int = 8
     dtype: Literal["float32", "bfloat16"] = "float32"
     store: str | None = None
     buckets: list[int] | None = None
+    moe_impl: Literal["auto", "capacity", "ragged", "tiled", "looped"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

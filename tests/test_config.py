@@ -86,6 +86,7 @@ def test_unknown_key_in_a_list_item(tmp_path):
     ("name: x\ncollect:\n  batch_size: true\n", "collect.batch_size", "expected integer, got True"),
     ("name: x\nidentify:\n  eps: [1]\n", "identify.eps", "expected number"),
     ("name: x\ndata:\n  scope: prompts\n", "data.scope", "did you mean 'prompt'"),
+    ("name: x\ncollect:\n  moe_impl: raged\n", "collect.moe_impl", "did you mean 'ragged'"),
     ("name: x\nmesh: 8\n", "mesh", "expected MeshSpec, got 8"),
     ("name: x\ntrain:\n  learning_rate: fast\n", "train.learning_rate", "expected number, got 'fast'"),
     ("name: [a]\n", "name", "expected string"),
@@ -174,3 +175,17 @@ def test_dump_config_round_trips_atomically(tmp_path):
     assert d["identify"]["eps"] == 0.03 and d["architecture"]["num_local_experts"] == 8
     demo = dataclasses.replace(DemoConfig(), fast=True)
     assert load_config(dump_config(demo, tmp_path / "demo.yaml"), cls=DemoConfig) == demo
+
+
+@pytest.mark.parametrize("impl", ["capacity", "ragged"])
+def test_collect_moe_impl_reaches_the_loaded_model(impl, hf_checkpoint):
+    # The config's collect.moe_impl is what the pipeline's models dispatch with, for
+    # checkpoint directories and for `init` (random) models alike.
+    from sparcom_jax.config import ModelSpec
+    from sparcom_jax.pipeline.common import load_spec_model
+
+    init = dict(model_type="mixtral", hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    for spec in (ModelSpec(name="m", init=init), ModelSpec(name="m", path=str(hf_checkpoint("mixtral")))):
+        model = load_spec_model(spec, moe_impl=impl)
+        assert model.blocks.ffn.impl == impl

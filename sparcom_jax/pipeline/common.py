@@ -233,18 +233,18 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
             raise ConfigError(f"model {spec.label!r}: set path (a Hugging Face directory) or init")
 
 
-def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None):
+def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl: str = "auto"):
     """Load a model from its HF directory, or build it from `init` (random weights)."""
     from sparcom_jax.checkpoints.hf import load_model
 
     require_models([spec])
     if spec.path:
-        return load_model(spec.path, dtype=dtype, mesh=mesh)
+        return load_model(spec.path, dtype=dtype, mesh=mesh, moe_impl=moe_impl)
     from sparcom_jax.data import default_tokenizer
     from sparcom_jax.models.transformer import init_model
 
     tok = default_tokenizer()
-    model = init_model(_init_config(spec, tok), seed=spec.seed, dtype=dtype)
+    model = init_model(_init_config(spec, tok), seed=spec.seed, dtype=dtype, moe_impl=moe_impl)
     model.tokenizer = tok
     model.source_path = None
     return model

@@ -122,7 +122,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True,
             log(f"collect [{i}/{len(specs)}] {spec.label}: already complete in {dest}")
             continue
         with timed(f"collect [{i}/{len(specs)}] {spec.label}: {len(records)} instructions"):
-            model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh)
+            model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
             collect_instructions(model, records, model_tokenizer(model), template=template_for(spec, cfg),
                                  scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                  max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
@@ -253,7 +253,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses=None) -> dict[str
     written: dict[str, Any] = {"_results": {}}
     for spec in ablation_models(cfg, out):
         ma = analyses[spec.label]
-        model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh)
+        model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
         tok = model_tokenizer(model)
         for kind, section in (("neurons", "isn"), ("experts", "ise")):
             if kind not in a.kinds or section not in ma.fields:
