@@ -188,11 +188,12 @@ EIGHT_DEVICES = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import numpy as np, jax
     import sparcom_jax as sj
-    path, inp, out = sys.argv[1:4]
+    path, inp, out, impl = sys.argv[1:5]
     d = np.load(inp, allow_pickle=True)
     seqs, scopes = list(d["seqs"]), list(d["scopes"])
     mesh = sj.make_mesh(data=4, model=2)
-    c = sj.collect_counts(sj.load_model(path, mesh=mesh), seqs, scopes, batch_size=3, mesh=mesh, progress=False)
+    model = sj.load_model(path, mesh=mesh, moe_impl=impl)
+    c = sj.collect_counts(model, seqs, scopes, batch_size=3, mesh=mesh, progress=False)
     np.savez(out, tokens=c.tokens, **c.arrays())
 """)
 
@@ -209,14 +210,15 @@ def _save_inputs(path, seqs, scopes):
     np.savez(path, seqs=arr, scopes=sc)
 
 
-@pytest.mark.parametrize("variant", ["qwen2_moe", "llama"])
-def test_eight_simulated_devices_match_one(variant, hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("variant, impl", [("qwen2_moe", "auto"), ("qwen2_moe", "capacity"), ("llama", "auto")])
+def test_eight_simulated_devices_match_one(variant, impl, hf_checkpoint, tmp_path):
+    # Experts sharded over the model axis: the CPU expert loop and the GPU capacity path.
     path = hf_checkpoint(variant)
     seqs, scopes = make_inputs(n=10)
     _save_inputs(tmp_path / "in.npz", seqs, scopes)
     (tmp_path / "run.py").write_text(EIGHT_DEVICES)
     subprocess.run([sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "in.npz"),
-                    str(tmp_path / "out.npz")], check=True, env=_clean_env(), timeout=300)
+                    str(tmp_path / "out.npz"), impl], check=True, env=_clean_env(), timeout=300)
     got = np.load(tmp_path / "out.npz")
     one = sj.collect_counts(sj.load_model(path), seqs, scopes, batch_size=4, progress=False)
     np.testing.assert_array_equal(got["tokens"], one.tokens)
