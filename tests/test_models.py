@@ -359,3 +359,33 @@ def test_two_checkpoints_of_one_architecture_share_compilations(hf_checkpoint, t
     assert a.source_path != b.source_path
     assert _nnx.graphdef(a) == _nnx.graphdef(b)
     assert hash(_nnx.graphdef(a)) == hash(_nnx.graphdef(b))
+
+
+@pytest.mark.parametrize("factors", [None, (0.01,)])
+def test_capacity_path_gradients_match_the_tile_scan(factors, hf_checkpoint, monkeypatch):
+    """Training on GPU goes through the capacity path: its gradients (both the batched-matmul
+    branch and the ragged_dot fallback) equal those of the differentiable tile scan."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sparcom_jax.models import moe
+
+    if factors:
+        monkeypatch.setattr(moe, "CAPACITY_FACTORS", factors)
+    path = hf_checkpoint("mixtral")
+    ids, mask = batch_with_padding()
+    grads = {}
+    for impl in ("tiled", "capacity"):
+        g, state = nnx.split(sj.load_model(path, moe_impl=impl))
+
+        def loss(state):
+            logits = nnx.merge(g, state).forward(jnp.asarray(ids), jnp.asarray(mask)).logits
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 5] * mask)
+
+        grads[impl] = jax.grad(loss)(state)
+    flat_t = jax.tree.leaves(grads["tiled"])
+    flat_c = jax.tree.leaves(grads["capacity"])
+    assert len(flat_t) == len(flat_c)
+    for a, b in zip(flat_t, flat_c):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
