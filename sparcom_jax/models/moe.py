@@ -31,7 +31,10 @@ from sparcom_jax.models.layers import GatedFFN, activation, normal_param
 MOE_IMPLS = ("auto", "ragged", "tiled", "looped", "capacity")
 # Per-expert capacities of the "capacity" path, as multiples of the mean group size M/E:
 # the smallest one that holds the largest group is used; past the last, ragged_dot.
-CAPACITY_FACTORS = (1.25, 2.0)
+# Trained routers are uneven per batch (fine-grained MoEs such as OLMoE or Qwen3-MoE
+# more so), hence the 4x branch: a capacity buffer of 4M rows still beats a ragged_dot
+# that the backend rewrites into a dense product over all E experts. Set before loading.
+CAPACITY_FACTORS = (1.25, 2.0, 4.0)
 # Largest tiles of the CPU paths (tile scan, expert loop): measured best on a 2-core CPU.
 MAX_TILE = 64
 LOOP_TILE = 128
