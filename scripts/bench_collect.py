@@ -266,7 +266,8 @@ def main():
     which = args.models or ("small" if on_cpu else "all")
     models = MODELS["large"] + MODELS["small"] if which == "all" else MODELS[which]
     seqs = make_sequences(n, 64, 256, 8000)
-    peak = matmul_peak_flops(2048 if on_cpu else 8192, dtype=jnp.dtype(dtype))
+    peak_n = 2048 if on_cpu else 8192
+    peak = matmul_peak_flops(peak_n, dtype=jnp.dtype(dtype))
     rows = []
     results = {}
     for name, hf in models:
@@ -304,7 +305,6 @@ def main():
             print(rows[-1], flush=True)
     mem = {} if args.no_memory else bench_memory([64, 256, 1024] if not args.quick else [32, 128])
     label = args.label or device_name()
-    peak_n = 2048 if on_cpu else 8192
     body = [
         f"Machine: {label}; jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPU threads; "
         f"compute {dtype}; run {time.strftime('%Y-%m-%d')}; {n} random sequences of 64-256 tokens per model, "

@@ -308,9 +308,10 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint, monkeypatch)
     ref = sj.collect_counts(ragged, seqs, progress=False)
     # Capacity factor E holds any group (always the matmul branch); 0.01 holds none (always
     # the fallback); the defaults decide per layer.
+    default = moe.CAPACITY_FACTORS
     for impl, factors in (("tiled", None), ("looped", None), ("capacity", None), ("capacity", (64.0,)),
                           ("capacity", (0.01,))):
-        monkeypatch.setattr(moe, "CAPACITY_FACTORS", factors or moe.CAPACITY_FACTORS)
+        monkeypatch.setattr(moe, "CAPACITY_FACTORS", factors or default)
         other = sj.load_model(path, moe_impl=impl)
         np.testing.assert_allclose(np.asarray(ragged(ids, mask)), np.asarray(other(ids, mask)), atol=1e-5)
         got = sj.collect_counts(other, seqs, progress=False)

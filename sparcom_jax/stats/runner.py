@@ -66,6 +66,16 @@ def fitted_buckets(lengths, rows: int) -> tuple[int, ...]:
     return fit_buckets(lengths, rows, MAX_BUCKETS, align=1 if jax.default_backend() == "cpu" else 8)
 
 
+def _allgather_ragged(a: np.ndarray) -> np.ndarray:
+    """Every process's 1-D int array, zero-padded to the longest: [processes, longest]."""
+    from jax.experimental import multihost_utils
+
+    n = int(np.max(multihost_utils.process_allgather(np.array([len(a)]))))
+    padded = np.zeros(n, np.int64)
+    padded[: len(a)] = a
+    return np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), n)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, step: Callable, out_sharding):
     """One jitted function per (model structure, step, output sharding), reused across calls."""
@@ -114,23 +124,16 @@ class BatchRunner:
         multi-process run every process must call it; the buckets are fitted to the
         lengths of all processes, so every process gets the same ones.
         """
-        lengths = np.asarray(lengths, np.int64).reshape(-1)
         if self.buckets is None:
-            every = lengths
+            every = np.asarray(lengths, np.int64).reshape(-1)
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                n = int(np.max(multihost_utils.process_allgather(np.array([len(lengths)]))))
-                padded = np.zeros(n, np.int64)
-                padded[: len(lengths)] = lengths
-                every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
+                every = _allgather_ragged(every).reshape(-1)
                 every = every[every > 0]
             if len(every):
                 self.buckets = fitted_buckets(every, self.rows)
         return self.buckets
 
     def _schedule(self, lengths: np.ndarray):
-        multi = jax.process_count() > 1
         # Length-sorted batches padded to at most MAX_BUCKETS lengths fitted to the data:
         # full batches, little padding, and a small known number of compiled shapes (each
         # compiled once per process and cached across calls with the same buckets).
@@ -138,15 +141,11 @@ class BatchRunner:
         plan = (plan_batches(lengths, self.rows, buckets, pad_rows=True, group="sorted")
                 if len(lengths) else None)
         sched = [(b.indices, b.length) for b in plan.batches] if plan else []
-        if multi:
-            from jax.experimental import multihost_utils
-
+        if jax.process_count() > 1:
             # Every process must run the same sequence of shapes (SPMD): agree on the
             # number of steps and take the longest bucket of each step.
-            n = int(np.max(multihost_utils.process_allgather(np.array([len(sched)]))))
-            local = np.array([t for _, t in sched] + [0] * (n - len(sched)), np.int64)
-            lens = np.max(multihost_utils.process_allgather(local).reshape(jax.process_count(), n), axis=0)
-            sched = sched + [(np.zeros(0, np.int64), 0)] * (n - len(sched))
+            lens = np.max(_allgather_ragged(np.array([t for _, t in sched], np.int64)), axis=0)
+            sched = sched + [(np.zeros(0, np.int64), 0)] * (len(lens) - len(sched))
             sched = [(idx, int(max(t, 1))) for (idx, _), t in zip(sched, lens)]
         slots = sum(self.rows * t for _, t in sched)
         self.padding_fraction = 1.0 - float(np.sum(lengths)) / slots if slots else 0.0
