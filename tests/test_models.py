@@ -46,6 +46,61 @@ def test_logits_match_transformers(variant, hf_checkpoint):
     assert_logits_close(torch_logits(path, ids, mask), ours, mask)
 
 
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3", "mixtral"])
+def test_long_batch_logits_match_transformers(variant, hf_checkpoint):
+    """120 tokens: attention runs in query blocks (causal, sliding window, padding)."""
+    from sparcom_jax.models.layers import ATTN_BLOCK
+
+    rng = np.random.default_rng(3)
+    T = 120
+    assert T > ATTN_BLOCK
+    ids = rng.integers(3, 96, size=(2, T)).astype(np.int64)
+    mask = np.ones((2, T), np.int64)
+    mask[1, 70:] = 0
+    ids[mask == 0] = 0
+    path = hf_checkpoint(variant)
+    assert_logits_close(torch_logits(path, ids, mask), np.asarray(sj.load_model(path)(ids, mask)), mask)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_blocked_attention_equals_plain_softmax_attention(window, monkeypatch):
+    """Query blocks against a plain numpy softmax over the whole masked score matrix."""
+    from sparcom_jax.models import layers
+
+    monkeypatch.setattr(layers, "ATTN_BLOCK", 7)  # many uneven blocks (capped at ATTN_MAX_BLOCKS)
+    rng = np.random.default_rng(0)
+    B, H, K, T, d = 2, 4, 2, 45, 8
+    q = rng.standard_normal((B, H, T, d)).astype(np.float32)
+    k, v = (rng.standard_normal((B, K, T, d)).astype(np.float32) for _ in range(2))
+    valid = np.ones((B, T), bool)
+    valid[1, 30:] = False
+    bias = layers.attention_bias(jnp.asarray(valid), window)
+    got = np.asarray(layers.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias))
+    kk, vv = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
+    s = np.einsum("bhtd,bhsd->bhts", q, kk) / np.sqrt(d)
+    t, u = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = (u <= t) & ((t - u < window) if window else True)
+    s = np.where(allowed[None, None] & valid[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bhts,bhsd->bhtd", p / p.sum(-1, keepdims=True), vv)
+    # Padding queries past the window see no real key (NaN here); they feed nothing.
+    real = np.broadcast_to(valid[:, None, :, None], got.shape)
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_moe"])
+def test_counts_only_forward_skips_nothing_that_is_counted(variant, hf_checkpoint):
+    """with_hidden=False (the last block's FFN output skipped) gives the same counts."""
+    model = sj.load_model(hf_checkpoint(variant))
+    ids, mask = (jnp.asarray(a) for a in batch_with_padding())
+    full = model.forward(ids, mask, count_mask=mask, with_logits=False)
+    lean = model.forward(ids, mask, count_mask=mask, with_logits=False, with_hidden=False)
+    assert full.hidden is not None and lean.hidden is None
+    assert set(full.stats) == set(lean.stats)
+    for key in full.stats:
+        np.testing.assert_array_equal(np.asarray(lean.stats[key]), np.asarray(full.stats[key]), err_msg=key)
+
+
 @pytest.mark.parametrize("variant", MOE)
 def test_chosen_experts_match_transformers(variant, hf_checkpoint):
     """Per token and layer, the top-k expert set equals the reference router's."""
@@ -308,10 +363,15 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint, monkeypatch)
     ref = sj.collect_counts(ragged, seqs, progress=False)
     # Capacity factor E holds any group (always the matmul branch); 0.01 holds none (always
     # the fallback); the defaults decide per layer.
-    default = moe.CAPACITY_FACTORS
-    for impl, factors in (("tiled", None), ("looped", None), ("capacity", None), ("capacity", (64.0,)),
-                          ("capacity", (0.01,))):
+    default, default_tiles = moe.CAPACITY_FACTORS, (moe.LOOP_TILE, moe.LOOP_TAIL)
+    # The expert loop with its real tiles (only tail tiles here) and with tiny ones (full
+    # tiles and tail tiles both run).
+    for impl, factors, tiles in (("tiled", None, None), ("looped", None, None), ("looped", None, (4, 2)),
+                                 ("capacity", None, None), ("capacity", (64.0,), None),
+                                 ("capacity", (0.01,), None)):
         monkeypatch.setattr(moe, "CAPACITY_FACTORS", factors or default)
+        monkeypatch.setattr(moe, "LOOP_TILE", (tiles or default_tiles)[0])
+        monkeypatch.setattr(moe, "LOOP_TAIL", (tiles or default_tiles)[1])
         other = sj.load_model(path, moe_impl=impl)
         np.testing.assert_allclose(np.asarray(ragged(ids, mask)), np.asarray(other(ids, mask)), atol=1e-5)
         got = sj.collect_counts(other, seqs, progress=False)

@@ -37,7 +37,9 @@ MOE_IMPLS = ("auto", "ragged", "tiled", "looped", "capacity")
 CAPACITY_FACTORS = (1.25, 2.0, 4.0)
 # Largest tiles of the CPU paths (tile scan, expert loop): measured best on a 2-core CPU.
 MAX_TILE = 64
-LOOP_TILE = 128
+LOOP_TILE = 256
+# Tail tiles of the expert loop: at most LOOP_TAIL - 1 wasted rows per expert.
+LOOP_TAIL = 16
 
 
 def route(logits_NE, k: int, norm_topk_prob: bool, drop_E=None):
@@ -120,6 +122,9 @@ class MoEFFN(nnx.Module):
         self.dtype = dtype
         self.impl = impl
         self.capacity_factors = tuple(float(f) for f in CAPACITY_FACTORS)
+        if LOOP_TILE % LOOP_TAIL:
+            raise ValueError(f"LOOP_TILE ({LOOP_TILE}) must be a multiple of LOOP_TAIL ({LOOP_TAIL})")
+        self.loop_tiles = (int(LOOP_TILE), int(LOOP_TAIL))
 
     def _experts_ragged(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
         """Grouped matmuls with `jax.lax.ragged_dot` (efficient grouped GEMMs on GPU/TPU)."""
@@ -205,47 +210,78 @@ class MoEFFN(nnx.Module):
         active_MG = None if cm_M is None else pos_act.reshape(n_tiles * tb, -1)[pos] & cm_M[:, None]
         return y_MD, active_MG
 
-    def _experts_looped(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG):
+    def _experts_looped(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG, seq_M, B: int, out_needed):
         """Inference-only CPU path: a loop over experts, and inside it over that expert's tiles.
 
-        Each expert's weights are sliced once (the tile scan slices them once per
-        tile), and each expert runs only as many tiles as it has rows. The inner
-        loop has a data-dependent trip count, so this path has no reverse-mode
-        gradient; it is used for counting, never for training.
+        Each expert's weights are sliced once, and its group runs as full tiles of
+        `LOOP_TILE` rows followed by tail tiles of `LOOP_TAIL` rows, so at most
+        LOOP_TAIL - 1 padding rows per expert are computed (both sizes are fixed when
+        the model is built, as part of its graph). Counting happens in the
+        tile: a one-hot [tile, B] x [tile, G] product adds each row's active neurons
+        to its sequence (exact: 0/1 operands, float32 sums). With `out_needed` False
+        only the gate products run. The inner loops have data-dependent trip counts,
+        so this path has no reverse-mode gradient; it is used for counting only.
+
+        Returns (y [M, D], counts int32 [B, E, G] or None).
         """
         dt = self.dtype
         M, D = xs_MD.shape
         E = group_sizes.shape[0]
-        tb, padded, starts, pos = padded_layout(e_sorted, group_sizes, LOOP_TILE)
-        n_rows = (M // tb + E + 1) * tb
-        x_buf = jnp.zeros((n_rows, D), dt).at[pos].set(xs_MD)
         G = self.gate_proj.shape[-1]
+        tb, ts = self.loop_tiles
+        padded = (group_sizes + ts - 1) // ts * ts
+        starts = jnp.cumsum(padded) - padded
+        pos = starts[e_sorted] + jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[e_sorted]
+        n_rows = max(-(-(M + E * (ts - 1)) // ts) * ts, tb)
+        x_buf = jnp.zeros((n_rows, D), dt).at[pos].set(xs_MD)
+        counting = cm_M is not None
+        if counting:
+            s_buf = jnp.full((n_rows,), B, jnp.int32).at[pos].set(jnp.where(cm_M, seq_M, B))
         act = activation(self.act)
 
-        def expert(e, carry):
-            wg, wu, wd = (jax.lax.dynamic_index_in_dim(w[...], e, keepdims=False).astype(dt)
-                          for w in (self.gate_proj, self.up_proj, self.down_proj))
-            keep = None if keep_EG is None else keep_EG[e].astype(dt)
+        def loop(with_y: bool):
+            def expert(e, carry):
+                wg, wu, wd = (jax.lax.dynamic_index_in_dim(w[...], e, keepdims=False).astype(dt)
+                              for w in (self.gate_proj, self.up_proj, self.down_proj))
+                keep = None if keep_EG is None else keep_EG[e].astype(dt)
 
-            def tile(j, carry):
-                y_buf, a_buf = carry
-                start = starts[e] + j * tb
-                x_tD = jax.lax.dynamic_slice_in_dim(x_buf, start, tb)
-                a_tG = act(x_tD @ wg)
-                a_buf = jax.lax.dynamic_update_slice_in_dim(a_buf, a_tG > 0, start, 0)
-                if keep is not None:
-                    a_tG = a_tG * keep
-                y = (a_tG * (x_tD @ wu)) @ wd
-                return jax.lax.dynamic_update_slice_in_dim(y_buf, y, start, 0), a_buf
+                def tiles(size, base):
+                    def tile(j, carry):
+                        y_buf, cnt_BG = carry
+                        start = base + j * size
+                        x_tD = jax.lax.dynamic_slice_in_dim(x_buf, start, size)
+                        a_tG = act(x_tD @ wg)
+                        if counting:
+                            seq_t = jax.lax.dynamic_slice_in_dim(s_buf, start, size)
+                            onehot_tB = (seq_t[:, None] == jnp.arange(B, dtype=jnp.int32)).astype(dt)
+                            cnt_BG = cnt_BG + jnp.einsum("tB,tG->BG", onehot_tB, (a_tG > 0).astype(dt),
+                                                         preferred_element_type=jnp.float32)
+                        if with_y:
+                            if keep is not None:
+                                a_tG = a_tG * keep
+                            y_tD = (a_tG * (x_tD @ wu)) @ wd
+                            y_buf = jax.lax.dynamic_update_slice_in_dim(y_buf, y_tD, start, 0)
+                        return y_buf, cnt_BG
+                    return tile
 
-            return jax.lax.fori_loop(0, padded[e] // tb, tile, carry)
+                y_buf, cnt_EBG = carry
+                n_full = group_sizes[e] // tb
+                inner = (y_buf, jnp.zeros((B, G), jnp.float32))
+                inner = jax.lax.fori_loop(0, n_full, tiles(tb, starts[e]), inner)
+                n_tail = (padded[e] - n_full * tb) // ts
+                y_buf, cnt_BG = jax.lax.fori_loop(0, n_tail, tiles(ts, starts[e] + n_full * tb), inner)
+                return y_buf, jax.lax.dynamic_update_index_in_dim(cnt_EBG, cnt_BG, e, 0)
 
-        init = (jnp.zeros((n_rows, D), dt), jnp.zeros((n_rows, G), bool))
-        y_buf, a_buf = jax.lax.fori_loop(0, E, expert, init)
-        active_MG = None if cm_M is None else a_buf[pos] & cm_M[:, None]
-        return y_buf[pos], active_MG
+            def run():
+                init = (jnp.zeros((n_rows, D), dt), jnp.zeros((E, B, G), jnp.float32))
+                return jax.lax.fori_loop(0, E, expert, init)
+            return run
 
-    def __call__(self, x_BTD, count_mask_BT=None, ablate=None):
+        y_buf, cnt_EBG = loop(True)() if out_needed is None else jax.lax.cond(out_needed, loop(True), loop(False))
+        counts = cnt_EBG.astype(jnp.int32).transpose(1, 0, 2) if counting else None
+        return y_buf[pos], counts
+
+    def __call__(self, x_BTD, count_mask_BT=None, ablate=None, out_needed=None):
         """Returns (out [B, T, D], stats dict or None).
 
         Args:
@@ -255,6 +291,8 @@ class MoEFFN(nnx.Module):
             float [E, G], "neuron_keep" float [S] (shared expert).
         Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
         int32 [B, E, G] and, with a shared expert, "neuron_active" int32 [B, S].
+        `out_needed` (traced bool; None means True): False lets the expert loop skip
+        the up and down products (counts-only last layer; other paths compute them).
         """
         ablate = ablate or {}
         dt = self.dtype
@@ -283,10 +321,12 @@ class MoEFFN(nnx.Module):
             backend = jax.default_backend()
             impl = (("looped" if count_mask_BT is not None else "tiled") if backend == "cpu"
                     else "capacity" if backend == "gpu" else "ragged")
+        counts_BEG = None
         if impl == "capacity":
             y_MD, active_MG = self._experts_capacity(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         elif impl == "looped":
-            y_MD, active_MG = self._experts_looped(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
+            y_MD, counts_BEG = self._experts_looped(xs_MD, e_sorted, group_sizes, cm_M, keep_EG,
+                                                    seg_sorted % B, B, out_needed)
         elif impl == "ragged":
             y_MD, active_MG = self._experts_ragged(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         else:
@@ -298,14 +338,15 @@ class MoEFFN(nnx.Module):
             routed = jax.nn.one_hot(e_Nk, E, dtype=jnp.int32).sum(1) * count_mask_BT.reshape(-1, 1)
             stats = {
                 "expert_routed": routed.reshape(B, T, E).sum(1),
-                "expert_neuron_active": expert_neuron_counts(active_MG, seg_sorted, inv, e_Nk, B, E),
+                "expert_neuron_active": (counts_BEG if counts_BEG is not None else
+                                         expert_neuron_counts(active_MG, seg_sorted, inv, e_Nk, B, E)),
             }
         y_NkD = y_MD[inv].reshape(B * T, k, D)
         out_ND = jnp.einsum("NkD,Nk->ND", y_NkD.astype(jnp.float32), w_Nk).astype(dt)
         out_BTD = out_ND.reshape(B, T, D)
 
         if self.has_shared:
-            sh, sh_counts = self.shared_expert(x_BTD, count_mask_BT, ablate.get("neuron_keep"))
+            sh, sh_counts = self.shared_expert(x_BTD, count_mask_BT, ablate.get("neuron_keep"), out_needed)
             g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(dt)))
             out_BTD = out_BTD + g * sh
             if stats is not None:

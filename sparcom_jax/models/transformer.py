@@ -49,13 +49,15 @@ class Block(nnx.Module):
                                 param_dtype=param_dtype)
         self.is_moe = cfg.is_moe
 
-    def __call__(self, x_BTD, cos, sin, bias, count_mask_BT, ablate):
+    def __call__(self, x_BTD, cos, sin, bias, count_mask_BT, ablate, out_needed=None):
+        """`out_needed` (traced bool, or None for True): False skips the FFN's output
+        (the up and down products) when only this block's counts are wanted."""
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, bias)
         h = self.post_attn_norm(x_BTD)
         if self.is_moe:
-            y, stats = self.ffn(h, count_mask_BT, ablate)
+            y, stats = self.ffn(h, count_mask_BT, ablate, out_needed=out_needed)
         else:
-            y, counts = self.ffn(h, count_mask_BT, (ablate or {}).get("neuron_keep"))
+            y, counts = self.ffn(h, count_mask_BT, (ablate or {}).get("neuron_keep"), out_needed=out_needed)
             stats = None if counts is None else {"neuron_active": counts}
         return x_BTD + y, stats
 
@@ -121,7 +123,7 @@ class CausalLM(nnx.Module):
     source_path = _companion("source_path", "The directory the weights came from (or None); not part of the graph.")
 
     def forward(self, input_ids, attention_mask=None, *, count_mask=None, ablate=None,
-                with_logits: bool = True) -> ModelOutput:
+                with_logits: bool = True, with_hidden: bool = True) -> ModelOutput:
         """Full forward with optional in-graph counting and ablation.
 
         Args:
@@ -133,6 +135,9 @@ class CausalLM(nnx.Module):
             (dense FFN or shared expert), "expert_drop" bool [L, E],
             "expert_neuron_keep" [L, E, G].
           with_logits: skip the LM head when only counts are wanted.
+          with_hidden: False (with `with_logits=False`) when only the counts are
+            wanted: `hidden` is then None and, on CPU, the last block's up and down
+            products (which feed nothing) are skipped.
 
         With float32 compute every matmul runs in full float32 on every backend
         (GPUs would otherwise use TF32 and TPUs bfloat16 passes, moving counts near
@@ -141,10 +146,10 @@ class CausalLM(nnx.Module):
         """
         if self.dtype == jnp.float32:
             with jax.default_matmul_precision("highest"):
-                return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits)
-        return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits)
+                return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits, with_hidden)
+        return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits, with_hidden)
 
-    def _forward(self, input_ids, attention_mask, count_mask, ablate, with_logits) -> ModelOutput:
+    def _forward(self, input_ids, attention_mask, count_mask, ablate, with_logits, with_hidden) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
         valid = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))
@@ -154,12 +159,19 @@ class CausalLM(nnx.Module):
         cos, sin = rotary_tables(cfg, T)
         bias = attention_bias(valid, cfg.sliding_window)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None), out_axes=(nnx.Carry, 0))
-        def run(block, x, abl):
-            return block(x, cos, sin, bias, count_mask, abl)
+        # Counts only: the last block's FFN output is dead, so skip its up/down products
+        # (through a conditional in the scanned block: on CPU, where it was measured; GPU
+        # conditionals may synchronise with the host, so there the products just run).
+        skip_last = not (with_logits or with_hidden) and jax.default_backend() == "cpu"
+        out_needed = jnp.arange(cfg.num_layers) < cfg.num_layers - 1 if skip_last else None
 
-        x, stats = run(self.blocks, x, ablate)
-        h = self.final_norm(x)
+        @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None, 0 if out_needed is not None else None),
+                  out_axes=(nnx.Carry, 0))
+        def run(block, x, abl, need):
+            return block(x, cos, sin, bias, count_mask, abl, need)
+
+        x, stats = run(self.blocks, x, ablate, out_needed)
+        h = self.final_norm(x) if with_logits or with_hidden else None
         logits = None
         if with_logits:
             w = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]

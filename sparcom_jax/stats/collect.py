@@ -42,7 +42,7 @@ def transfer_dtype(T: int):
 def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None):
     model = nnx.merge(graphdef, state)
     count_BT = scope_BT & valid_BT
-    out = model.forward(ids_BT, valid_BT, count_mask=count_BT, with_logits=False)
+    out = model.forward(ids_BT, valid_BT, count_mask=count_BT, with_logits=False, with_hidden=False)
     stats = dict(out.stats)
     stats["tokens"] = jnp.sum(count_BT, axis=1, dtype=jnp.int32)
     # Counts never exceed the padded length T, so they leave the device in 1 or 2 bytes
