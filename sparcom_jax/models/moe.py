@@ -210,7 +210,8 @@ class MoEFFN(nnx.Module):
         active_MG = None if cm_M is None else pos_act.reshape(n_tiles * tb, -1)[pos] & cm_M[:, None]
         return y_MD, active_MG
 
-    def _experts_looped(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG, seq_M, B: int, out_needed):
+    def _experts_looped(self, xs_MD, e_sorted, group_sizes, cm_M, keep_EG, seq_M, B: int, out_needed,
+                        real_M=None):
         """Inference-only CPU path: a loop over experts, and inside it over that expert's tiles.
 
         Each expert's weights are sliced once, and its group runs as full tiles of
@@ -222,6 +223,9 @@ class MoEFFN(nnx.Module):
         only the gate products run. The inner loops have data-dependent trip counts,
         so this path has no reverse-mode gradient; it is used for counting only.
 
+        Rows with `real_M` False (padding tokens, sorted after every group) are left
+        out: they land on a spare buffer row that no tile reads, and their output is 0.
+
         Returns (y [M, D], counts int32 [B, E, G] or None).
         """
         dt = self.dtype
@@ -232,7 +236,10 @@ class MoEFFN(nnx.Module):
         padded = (group_sizes + ts - 1) // ts * ts
         starts = jnp.cumsum(padded) - padded
         pos = starts[e_sorted] + jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[e_sorted]
-        n_rows = max(-(-(M + E * (ts - 1)) // ts) * ts, tb)
+        # Groups fill at most M + E*(ts-1) rows; one spare tile past that takes left-out rows.
+        n_rows = max(-(-(M + E * (ts - 1)) // ts) * ts + ts, tb)
+        if real_M is not None:
+            pos = jnp.where(real_M, pos, n_rows - 1)
         x_buf = jnp.zeros((n_rows, D), dt).at[pos].set(xs_MD)
         counting = cm_M is not None
         if counting:
@@ -281,7 +288,7 @@ class MoEFFN(nnx.Module):
         counts = cnt_EBG.astype(jnp.int32).transpose(1, 0, 2) if counting else None
         return y_buf[pos], counts
 
-    def __call__(self, x_BTD, count_mask_BT=None, ablate=None, out_needed=None):
+    def __call__(self, x_BTD, count_mask_BT=None, ablate=None, out_needed=None, valid_BT=None):
         """Returns (out [B, T, D], stats dict or None).
 
         Args:
@@ -293,6 +300,8 @@ class MoEFFN(nnx.Module):
         int32 [B, E, G] and, with a shared expert, "neuron_active" int32 [B, S].
         `out_needed` (traced bool; None means True): False lets the expert loop skip
         the up and down products (counts-only last layer; other paths compute them).
+        `valid_BT` (bool; None = every token real): the expert loop leaves padding
+        tokens out (their output is 0; no real token ever attends to them).
         """
         ablate = ablate or {}
         dt = self.dtype
@@ -303,30 +312,36 @@ class MoEFFN(nnx.Module):
         logits_NE = x_ND @ self.router[...].astype(dt)
         w_Nk, e_Nk = route(logits_NE, k, self.norm_topk_prob, ablate.get("expert_drop"))
 
-        # Sort assignments by (expert, sequence): contiguous expert groups for ragged_dot,
-        # and sorted segment ids (expert * B + sequence) for the counts.
-        e_M = e_Nk.reshape(-1)
-        tok_M = jnp.repeat(jnp.arange(B * T, dtype=jnp.int32), k)
-        seg_M = e_M * B + tok_M // T
-        order = jnp.argsort(seg_M, stable=True)
-        e_sorted, tok_sorted, seg_sorted = e_M[order], tok_M[order], seg_M[order]
-        group_sizes = jnp.bincount(e_M, length=E).astype(jnp.int32)
-
-        xs_MD = x_ND[tok_sorted]
-        cm_M = None if count_mask_BT is None else count_mask_BT.reshape(-1)[tok_sorted]
-        keep_EG = ablate.get("expert_neuron_keep")
         impl = self.impl
         if impl == "auto":
             # Counting is inference: the faster, non-differentiable loop is fine there.
             backend = jax.default_backend()
             impl = (("looped" if count_mask_BT is not None else "tiled") if backend == "cpu"
                     else "capacity" if backend == "gpu" else "ragged")
+        # Sort assignments by (expert, sequence): contiguous expert groups for ragged_dot,
+        # and sorted segment ids (expert * B + sequence) for the counts. The expert loop
+        # also moves padding tokens past every group (segment E * B), out of the work.
+        e_M = e_Nk.reshape(-1)
+        tok_M = jnp.repeat(jnp.arange(B * T, dtype=jnp.int32), k)
+        seg_M = e_M * B + tok_M // T
+        real_M = None if valid_BT is None or impl != "looped" else valid_BT.reshape(-1)[tok_M]
+        if real_M is not None:
+            seg_M = jnp.where(real_M, seg_M, E * B)
+        order = jnp.argsort(seg_M, stable=True)
+        e_sorted, tok_sorted, seg_sorted = e_M[order], tok_M[order], seg_M[order]
+        group_sizes = jnp.bincount(e_M if real_M is None else jnp.where(real_M, e_M, E),
+                                   length=E + 1)[:E].astype(jnp.int32)
+
+        xs_MD = x_ND[tok_sorted]
+        cm_M = None if count_mask_BT is None else count_mask_BT.reshape(-1)[tok_sorted]
+        keep_EG = ablate.get("expert_neuron_keep")
         counts_BEG = None
         if impl == "capacity":
             y_MD, active_MG = self._experts_capacity(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         elif impl == "looped":
             y_MD, counts_BEG = self._experts_looped(xs_MD, e_sorted, group_sizes, cm_M, keep_EG,
-                                                    seg_sorted % B, B, out_needed)
+                                                    seg_sorted % B, B, out_needed,
+                                                    None if real_M is None else real_M[order])
         elif impl == "ragged":
             y_MD, active_MG = self._experts_ragged(xs_MD, e_sorted, group_sizes, cm_M, keep_EG)
         else:

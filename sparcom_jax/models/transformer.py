@@ -49,13 +49,14 @@ class Block(nnx.Module):
                                 param_dtype=param_dtype)
         self.is_moe = cfg.is_moe
 
-    def __call__(self, x_BTD, cos, sin, bias, count_mask_BT, ablate, out_needed=None):
+    def __call__(self, x_BTD, cos, sin, bias, count_mask_BT, ablate, out_needed=None, valid_BT=None):
         """`out_needed` (traced bool, or None for True): False skips the FFN's output
-        (the up and down products) when only this block's counts are wanted."""
+        (the up and down products) when only this block's counts are wanted.
+        `valid_BT` (bool, None = all real) lets the MoE expert loop skip padding tokens."""
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, bias)
         h = self.post_attn_norm(x_BTD)
         if self.is_moe:
-            y, stats = self.ffn(h, count_mask_BT, ablate, out_needed=out_needed)
+            y, stats = self.ffn(h, count_mask_BT, ablate, out_needed=out_needed, valid_BT=valid_BT)
         else:
             y, counts = self.ffn(h, count_mask_BT, (ablate or {}).get("neuron_keep"), out_needed=out_needed)
             stats = None if counts is None else {"neuron_active": counts}
@@ -168,7 +169,7 @@ class CausalLM(nnx.Module):
         @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None, 0 if out_needed is not None else None),
                   out_axes=(nnx.Carry, 0))
         def run(block, x, abl, need):
-            return block(x, cos, sin, bias, count_mask, abl, need)
+            return block(x, cos, sin, bias, count_mask, abl, need, None if attention_mask is None else valid)
 
         x, stats = run(self.blocks, x, ablate, out_needed)
         h = self.final_norm(x) if with_logits or with_hidden else None
