@@ -239,10 +239,13 @@ READING = (
     "users call it, `model(input_ids, attention_mask)` with logits, and as the decoder stack alone "
     "(`model.model`, the stricter baseline); the speed-up column gives both. On CPU `collect_counts` "
     "also leaves out the last block's up and down products (they feed nothing when only counts are "
-    "wanted; the plain forward computes them), and the MoE forward column is the differentiable tile "
+    "wanted; the plain forward computes them: about 6% of these 8-layer models' matmul FLOPs), and the "
+    "MoE forward column is the differentiable tile "
     "scan (the training path) while counting uses the inference-only expert loop: both make the CPU "
     "overhead column read low, even negative. On GPU each MoE model has a second row with "
-    "`moe_impl=ragged`: the default capacity-buffer path against XLA's `ragged_dot` on the same card."
+    "`moe_impl=ragged`: the default capacity-buffer path against XLA's `ragged_dot` on the same card. "
+    "On a shared machine whole runs of one version can differ by several percent (on the 2-core CPU "
+    "up to about 7%; best-of-N within a run does not remove slow drifts), so compare rows of one run."
 )
 
 
