@@ -33,7 +33,7 @@ if [ "$MODE" != "--bench-only" ]; then
   # multi-process tests simulate CPU devices and are left to the CPU suite.
   timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-4}" \
     tests/test_models.py tests/test_collect.py tests/test_losses.py \
-    -k "${TEST_FILTER:-logits_match or chosen_experts or counts_match or dispatch_implementations or capacity_path or expert_neuron_count or padding_never or bfloat16 or do_not_depend or ablat}" \
+    -k "${TEST_FILTER:-logits_match or chosen_experts or counts_match or dispatch_implementations or capacity_path or expert_neuron_count or padding_never or bfloat16 or do_not_depend or ablat or blocked_attention or counts_only}" \
     2>&1 | tee "$OUT/tests.log" | tail -25
   echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 fi
