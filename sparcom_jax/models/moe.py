@@ -12,7 +12,8 @@ weights in its best way: `jax.lax.ragged_dot` (TPU), a batched matmul over a
 per-expert capacity buffer with an exact ragged_dot fallback (GPU, where
 ragged_dot can be rewritten into a dense product over all experts), or
 expert-pure tiles (CPU). The same order makes per-(sequence, expert) neuron
-counts a sorted segment sum (CPU) or a one-hot batched matmul (accelerators).
+counts a one-hot product inside each tile (the CPU expert loop), a sorted segment
+sum (other paths on CPU) or a one-hot batched matmul (accelerators).
 """
 
 from __future__ import annotations
@@ -58,21 +59,29 @@ def route(logits_NE, k: int, norm_topk_prob: bool, drop_E=None):
     return w, idx.astype(jnp.int32)
 
 
-def padded_layout(e_sorted_M, group_sizes_E, max_tile: int):
-    """Place expert-sorted rows in a buffer where each expert's group starts on a tile boundary.
+def group_layout(e_sorted_M, group_sizes_E, tile: int):
+    """Place expert-sorted rows in a buffer where each expert's group starts on a `tile` boundary.
 
-    Returns (tb, padded [E], starts [E], pos [M]): the tile size (a power of two near
-    M/E, at most `max_tile`), each group's size rounded up to a multiple of tb,
-    where each group starts in the buffer, and the buffer row of each sorted row.
-    The buffer needs at most M + E*(tb-1) rows, a static bound.
+    Returns (padded [E], starts [E], pos [M]): each group's size rounded up to a
+    multiple of `tile`, where each group starts in the buffer, and the buffer row of
+    each sorted row. The groups fill at most M + E*(tile-1) rows, a static bound.
+    """
+    M = e_sorted_M.shape[0]
+    padded = (group_sizes_E + tile - 1) // tile * tile
+    starts = jnp.cumsum(padded) - padded
+    rank = jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[e_sorted_M]
+    return padded, starts, starts[e_sorted_M] + rank
+
+
+def padded_layout(e_sorted_M, group_sizes_E, max_tile: int):
+    """`group_layout` with a tile size tb chosen from the mean group: (tb, padded, starts, pos).
+
+    tb is a power of two near M/E, at least 8 and at most `max_tile`.
     """
     M = e_sorted_M.shape[0]
     E = group_sizes_E.shape[0]
     tb = int(min(max_tile, max(8, 2 ** int(np.log2(max(M // E, 1))))))
-    padded = (group_sizes_E + tb - 1) // tb * tb
-    starts = jnp.cumsum(padded) - padded
-    rank = jnp.arange(M) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[e_sorted_M]
-    return tb, padded, starts, starts[e_sorted_M] + rank
+    return (tb, *group_layout(e_sorted_M, group_sizes_E, tb))
 
 
 def expert_neuron_counts(active_MG, seg_sorted_M, inv_M, e_Nk, B: int, E: int, method: str = "auto"):
@@ -233,9 +242,7 @@ class MoEFFN(nnx.Module):
         E = group_sizes.shape[0]
         G = self.gate_proj.shape[-1]
         tb, ts = self.loop_tiles
-        padded = (group_sizes + ts - 1) // ts * ts
-        starts = jnp.cumsum(padded) - padded
-        pos = starts[e_sorted] + jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[e_sorted]
+        padded, starts, pos = group_layout(e_sorted, group_sizes, ts)
         # Groups fill at most M + E*(ts-1) rows; one spare tile past that takes left-out rows.
         n_rows = max(-(-(M + E * (ts - 1)) // ts) * ts + ts, tb)
         if real_M is not None:

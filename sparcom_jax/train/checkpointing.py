@@ -219,5 +219,5 @@ def export_series(run_dir: str | Path, out_dir: str | Path, *, steps: Sequence[i
         series.append((name, path))
         log.info("exported step %d to %s", s, path)
     write_json(out_dir / "series.json",
-                      [{"name": n, "step": s, "path": str(p)} for (n, p), s in zip(series, steps)])
+               [{"name": n, "step": s, "path": str(p)} for (n, p), s in zip(series, steps)])
     return series
