@@ -1,7 +1,7 @@
 """Count containers: what the statistics engine hands to the analysis.
 
-Axis letters (used across the project): N instructions, L layers, F FFN neurons
-(dense FFN or shared expert), E experts, G expert neurons (F_e in METHOD.md).
+Axis letters: see `sparcom_jax.axes` (N instructions, L layers, F dense or
+shared-expert FFN neurons, E experts, G expert neurons).
 
 Arrays are numpy arrays or lazily-read array-likes (a tensorstore view) that
 support ``shape``, ``dtype`` and ``__getitem__`` with a slice over N; the
@@ -30,6 +30,16 @@ class Counts:
       ids: record ids, length N (optional).
       categories: canonical category names, length N (optional).
       meta: free-form provenance (model path, scope, template, ...).
+      sources: record sources, length N (optional; e.g. "human-written", "template-varied").
+      neuron_act_sum: float [N, L, F] sum of A over the counted tokens on which the
+        neuron is active (so mean activation on active tokens = sum / count), or None.
+      expert_weight_sum: float [N, L, E] sum of the router probability of the expert
+        over the counted tokens routed to it, or None.
+      expert_neuron_act_sum: float [N, L, E, G] like neuron_act_sum for expert
+        neurons (routed tokens only), or None.
+
+    The three sums are optional (``collect_counts(..., sums=True)``); they carry the
+    strength of a unit beside its frequency (tie-breaks of the exact-k rule).
     """
 
     tokens: Any
@@ -39,8 +49,15 @@ class Counts:
     ids: list[str] | None = None
     categories: list[str] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    sources: list[str] | None = None
+    neuron_act_sum: Any = None
+    expert_weight_sum: Any = None
+    expert_neuron_act_sum: Any = None
 
     ARRAY_FIELDS = ("neuron_active", "expert_routed", "expert_neuron_active")
+    # The float sum that goes with each count field (same shape).
+    SUM_FIELDS = {"neuron_active": "neuron_act_sum", "expert_routed": "expert_weight_sum",
+                  "expert_neuron_active": "expert_neuron_act_sum"}
 
     @property
     def n(self) -> int:
@@ -49,6 +66,22 @@ class Counts:
     def arrays(self) -> dict[str, Any]:
         """The non-None count arrays by name."""
         return {k: getattr(self, k) for k in self.ARRAY_FIELDS if getattr(self, k) is not None}
+
+    def sums(self) -> dict[str, Any]:
+        """The non-None float sum arrays by name."""
+        return {v: getattr(self, v) for v in self.SUM_FIELDS.values() if getattr(self, v) is not None}
+
+    def mean_active(self, field: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Mean of A on the tokens where the unit is active (or of the router probability
+        on routed tokens, for experts) for rows [start, stop) of `field`; 0 where the unit
+        never fired; None when the sums were not collected."""
+        sums = getattr(self, self.SUM_FIELDS[field])
+        if sums is None:
+            return None
+        stop = self.n if stop is None else stop
+        c = np.asarray(getattr(self, field)[start:stop], dtype=np.float64)
+        s = np.asarray(sums[start:stop], dtype=np.float64)
+        return np.divide(s, c, out=np.zeros_like(s), where=c > 0).astype(np.float32)
 
     def frequencies(self, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Activation frequencies p = count / T for rows [start, stop) of `field`.
@@ -74,5 +107,5 @@ class Counts:
         return dataclasses.replace(
             self,
             tokens=np.asarray(self.tokens[:]),
-            **{k: np.asarray(v[:]) for k, v in self.arrays().items()},
+            **{k: np.asarray(v[:]) for k, v in {**self.arrays(), **self.sums()}.items()},
         )
