@@ -1,11 +1,18 @@
-"""Atomic file writes: a reader never sees a half-written output file."""
+"""Atomic file writes and directory locks: a reader never sees a half-written output
+file, and two runs never write one output at once."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
+from pathlib import Path
 from typing import Any
+
+from sparcom_jax.errors import LockedError
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
@@ -38,3 +45,93 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
 def write_json(path: str | os.PathLike, obj: Any) -> str:
     """Atomically write JSON (strict: NaN is rejected, convert it to None first)."""
     return atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+LOCK_NAME = ".sparcom.lock"
+# Locks this process holds (a lock file naming this pid but not listed here was left by
+# an earlier, crashed call in the same process, e.g. a notebook cell that was interrupted).
+_HELD: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class DirLock:
+    """An exclusive lock on an output directory: ``<dir>/.sparcom.lock`` holding pid and host.
+
+    Taking it fails with `LockedError` (naming the holder and the fix) while another live
+    process holds it. A lock left by a process that no longer runs on this host is taken
+    over (`stale_taken` says so); a lock from another host is never taken over, since
+    its process cannot be checked from here.
+
+        with DirLock(store_dir, what="count store"):
+            ...write...
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str = "output directory"):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.what = what
+        self.stale_taken: dict | None = None
+
+    def _read(self) -> dict | None:
+        for _ in range(20):  # the holder may be between creating and writing the file
+            try:
+                return json.loads(self.path.read_text() or "null")
+            except FileNotFoundError:
+                return None
+            except (json.JSONDecodeError, OSError):
+                time.sleep(0.05)
+        return {}
+
+    def acquire(self) -> "DirLock":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+              "command": " ".join(sys.argv[:3])}
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                held = self._read()
+                if held is None:
+                    continue  # released meanwhile: try again
+                pid, host = held.get("pid"), held.get("host")
+                ours = host == me["host"] and pid == me["pid"] and str(self.path) not in _HELD
+                dead = host == me["host"] and isinstance(pid, int) and not _pid_alive(pid)
+                if ours or dead:
+                    self.stale_taken = held
+                    try:
+                        os.unlink(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+                raise LockedError(
+                    f"{self.directory}: another run is writing this {self.what} (pid {pid} on host {host}, "
+                    f"since {since}: {held.get('command', '?')}); wait for it to finish or choose another "
+                    f"output directory. If that run is gone, delete {self.path}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            _HELD.add(str(self.path))
+            return self
+
+    def release(self) -> None:
+        if str(self.path) in _HELD:
+            _HELD.discard(str(self.path))
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

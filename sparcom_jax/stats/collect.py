@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
@@ -87,7 +88,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                    mesh=None, buckets: Sequence[int] | None = None, progress: bool = True,
                    out: str | Path | None = None, chunk_rows: int = 256, ids: Sequence[str] | None = None,
                    categories: Sequence[str] | None = None, meta: dict | None = None,
-                   _stop_after_chunks: int | None = None) -> Counts:
+                   sources: Sequence[str] | None = None, fingerprint: dict | None = None,
+                   overwrite: bool = False, _stop_after_chunks: int | None = None) -> Counts:
     """Count, per sequence, how often each neuron is active and each expert is chosen.
 
     Args:
@@ -103,7 +105,11 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       out: a directory for a tensorstore count store; rows are streamed to it in
         chunks of `chunk_rows` and an interrupted run resumes where it stopped.
         In a multi-process run each process writes ``out/process_<k>``.
-      ids, categories, meta: stored with the counts.
+      ids, categories, sources, meta: stored with the counts.
+      fingerprint: components that identify the inputs (`sparcom_jax.fingerprint`);
+        merged over the ones computed here (model, dtype, tokens). A store is
+        resumed or reused only for the same fingerprint.
+      overwrite: replace a store made for other inputs instead of refusing.
 
     Returns:
       Counts with tokens [N], neuron_active [N, L, F] (dense FFN or shared expert),
@@ -113,7 +119,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     cfg = model.config
     seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
     n = len(seqs)
-    for name, v in (("ids", ids), ("categories", categories)):
+    for name, v in (("ids", ids), ("categories", categories), ("sources", sources)):
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
     fields = count_fields(cfg)
@@ -129,7 +135,10 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         out = Path(out)
         if jax.process_count() > 1:
             out = out / f"process_{jax.process_index()}"
-        store = CountStore(out, shapes, ids=ids, categories=categories, meta=meta, chunk_rows=chunk_rows)
+        fp = {"model": model_fingerprint(model), "dtype": jnp.dtype(model.dtype).name,
+              "tokens": digest_arrays(seqs, scps), **(fingerprint or {})}
+        store = CountStore(out, shapes, ids=ids, categories=categories, sources=sources, meta=meta,
+                           chunk_rows=chunk_rows, fingerprint=fp, overwrite=overwrite)
         chunk = store.chunk_rows
         start = store.done_chunks
         # Tokens of chunks already done count as progress.
@@ -140,33 +149,38 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
 
     n_chunks = -(-n // chunk) if n else 0
     pads = []
-    with ThreadPoolExecutor(1, thread_name_prefix="sparcom-collect-writer") as writer:
-        for k in range(start, n_chunks):
-            if _stop_after_chunks is not None and k - start >= _stop_after_chunks:
-                raise KeyboardInterrupt(f"stopped after {_stop_after_chunks} chunk(s) (test hook)")
-            lo, hi = k * chunk, min((k + 1) * chunk, n)
-            # In memory the batches land straight in the result (one chunk); a store gets chunk buffers.
-            rows = ({key: np.zeros((hi - lo,) + s[1:], np.int32) for key, s in shapes.items()}
-                    if store is not None else {key: result[key][lo:hi] for key in shapes})
-            # Rows are scattered into place on a writer thread (numpy copies release the GIL),
-            # so the dispatch loop gets back to the device while the host copies counts out.
-            pending: list = []
-            for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
-                pending.append(writer.submit(_scatter_rows, rows, idx, res))
-                if len(pending) > 2:  # bounds the results waiting on the host
-                    pending.pop(0).result()
-            for f in pending:
-                f.result()
-            pads.append(runner.padding_fraction)
-            if store is not None:
-                store.write_chunk(k, rows)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="sparcom-collect-writer") as writer:
+            for k in range(start, n_chunks):
+                if _stop_after_chunks is not None and k - start >= _stop_after_chunks:
+                    raise KeyboardInterrupt(f"stopped after {_stop_after_chunks} chunk(s) (test hook)")
+                lo, hi = k * chunk, min((k + 1) * chunk, n)
+                # In memory the batches land straight in the result (one chunk); a store gets chunk buffers.
+                rows = ({key: np.zeros((hi - lo,) + s[1:], np.int32) for key, s in shapes.items()}
+                        if store is not None else {key: result[key][lo:hi] for key in shapes})
+                # Rows are scattered into place on a writer thread (numpy copies release the GIL),
+                # so the dispatch loop gets back to the device while the host copies counts out.
+                pending: list = []
+                for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
+                    pending.append(writer.submit(_scatter_rows, rows, idx, res))
+                    if len(pending) > 2:  # bounds the results waiting on the host
+                        pending.pop(0).result()
+                for f in pending:
+                    f.result()
+                pads.append(runner.padding_fraction)
+                if store is not None:
+                    store.write_chunk(k, rows)
+    finally:
+        if store is not None:
+            store.close()  # the lock; an interrupted store stays resumable
     padding = float(np.mean(pads)) if pads else 0.0
     bar.close(padding)
     if store is not None:
         counts = open_counts(out)
     else:
         counts = Counts(tokens=result.pop("tokens"), ids=list(ids) if ids is not None else None,
-                        categories=list(categories) if categories is not None else None, meta=meta, **result)
+                        categories=list(categories) if categories is not None else None,
+                        sources=list(sources) if sources is not None else None, meta=meta, **result)
     counts.meta.update(padding_fraction=padding, tokens_per_s=bar.tokens_per_s)
     return counts
 
@@ -192,5 +206,9 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length)
     meta = {"template": template, "scope": scope, "max_length": max_length, "n_truncated": int(enc.n_truncated)}
+    # The settings by name, so a store made with others says which one differs.
+    fingerprint = {"records": digest(enc.record_ids), "template": template, "scope": scope,
+                   "max_length": max_length, **(kwargs.pop("fingerprint", None) or {})}
     return collect_counts(model, enc.ids, enc.scopes, batch_size, mesh=mesh, progress=progress, out=out,
-                          ids=enc.record_ids, categories=enc.categories, meta=meta, **kwargs)
+                          ids=enc.record_ids, categories=enc.categories, sources=[r.source for r in records],
+                          meta=meta, fingerprint=fingerprint, **kwargs)

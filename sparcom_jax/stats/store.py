@@ -2,27 +2,35 @@
 
 Layout of a store directory::
 
-    meta.json          n, fields and shapes, record ids, categories, provenance
+    meta.json          n, fields and shapes, record ids, categories, provenance and the
+                       fingerprint of the inputs (model, records, tokens, settings)
     progress.json      {"done_chunks": k}: rows [0, k * chunk_rows) are complete
+    .sparcom.lock      while a collection writes the store: its pid and host
     tokens/            zarr3 int32 [N]
     neuron_active/     zarr3 int32 [N, L, F]          (when present)
     expert_routed/     zarr3 int32 [N, L, E]          (when present)
     expert_neuron_active/ zarr3 int32 [N, L, E, G]    (when present)
 
 Chunks are written in order and `progress.json` is replaced atomically after
-each, so an interrupted collection resumes from the last completed chunk.
+each, so an interrupted collection resumes from the last completed chunk, and only
+when the resuming run has the same fingerprint: a half-finished store is never
+completed with counts of other inputs or settings. One writer at a time holds the
+store's lock.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import tensorstore as ts
 
-from sparcom_jax.fileio import atomic_write
+from sparcom_jax.errors import StaleResultError
+from sparcom_jax.fileio import DirLock, atomic_write
+from sparcom_jax.fingerprint import describe, difference
 from sparcom_jax.stats.counts import Counts
 
 STORE_VERSION = 1
@@ -53,17 +61,45 @@ class LazyArray:
 
 
 class CountStore:
-    """Writer for a count store; `open_counts` reads it."""
+    """Writer for a count store; `open_counts` reads it.
+
+    Args:
+      path: the store directory.
+      shapes: {field: shape} of every array, "tokens" [N] included.
+      ids, categories, sources: per-row record ids, categories and sources (or None).
+      meta: provenance stored in meta.json.
+      chunk_rows: rows per chunk (the unit of progress and resumption).
+      fingerprint: components of the inputs' fingerprint (`sparcom_jax.fingerprint`);
+        an existing store is resumed only when it has the same fingerprint.
+      overwrite: replace an existing store made for other inputs instead of refusing.
+      dtypes: {field: numpy dtype} where it is not int32 (the float sums).
+
+    Raises:
+      StaleResultError: the directory holds a store made for other inputs (and not `overwrite`).
+      LockedError: another live process is writing this store.
+    """
 
     def __init__(self, path: str | Path, shapes: dict[str, tuple[int, ...]], *, ids, categories, meta: dict,
-                 chunk_rows: int):
+                 chunk_rows: int, sources=None, fingerprint: Mapping[str, Any] | None = None,
+                 overwrite: bool = False, dtypes: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self.chunk_rows = int(chunk_rows)
+        self.lock = DirLock(self.path, "count store").acquire()
+        try:
+            self._open(shapes, ids, categories, sources, meta, dict(fingerprint or {}), overwrite, dict(dtypes or {}))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, shapes, ids, categories, sources, meta, fingerprint, overwrite, dtypes):
         n = shapes["tokens"][0]
         header = {"version": STORE_VERSION, "n": n, "chunk_rows": self.chunk_rows,
                   "shapes": {k: list(v) for k, v in shapes.items()},
+                  "dtypes": {k: np.dtype(dtypes.get(k, np.int32)).name for k in shapes},
                   "ids": list(ids) if ids is not None else None,
                   "categories": list(categories) if categories is not None else None,
+                  "sources": list(sources) if sources is not None else None,
+                  "fingerprint": fingerprint,
                   "meta": meta}
         meta_path = self.path / "meta.json"
         if meta_path.exists():
@@ -72,21 +108,48 @@ class CountStore:
             old_model = (old.get("meta") or {}).get("model")
             if old_model != meta.get("model"):
                 mismatch.append("meta.model")
-            if mismatch:
-                raise ValueError(
-                    f"{meta_path}: this store was made for different inputs ({', '.join(mismatch)} differ), "
-                    "so it cannot be resumed; choose a new output directory or delete this one")
-            self.done_chunks = self._read_progress()
-        else:
+            changed = difference(old.get("fingerprint"), fingerprint)
+            if mismatch or changed:
+                if not overwrite:
+                    what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint)]
+                                                 if changed else []))
+                    raise StaleResultError(
+                        f"{meta_path}: this store was made for different inputs ({what}), so it cannot be "
+                        "resumed or reused; choose a new output directory, or overwrite it (overwrite=True, "
+                        "or --overwrite on the command line)")
+                self._clear()
+            else:
+                self.done_chunks = self._read_progress()
+        if not meta_path.exists():
             self.path.mkdir(parents=True, exist_ok=True)
             for name, shape in shapes.items():
                 chunk = (min(self.chunk_rows, max(n, 1)),) + tuple(shape[1:])
-                ts.open(_spec(self.path / name), create=True, delete_existing=True, dtype=ts.int32,
+                ts.open(_spec(self.path / name), create=True, delete_existing=True,
+                        dtype=ts.dtype(header["dtypes"][name]),
                         shape=list(shape), chunk_layout=ts.ChunkLayout(chunk_shape=list(chunk))).result()
             atomic_write(self.path / "progress.json", json.dumps({"done_chunks": 0}))
             atomic_write(meta_path, json.dumps(header))
             self.done_chunks = 0
+        self.dtypes = {name: np.dtype(header["dtypes"][name]) for name in shapes}
         self._arrays = {name: ts.open(_spec(self.path / name), open=True).result() for name in shapes}
+
+    def _clear(self) -> None:
+        """Remove the store's files (not its lock): meta first, so a crash leaves no store."""
+        (self.path / "meta.json").unlink(missing_ok=True)
+        (self.path / "progress.json").unlink(missing_ok=True)
+        for child in self.path.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+
+    def close(self) -> None:
+        """Release the store's lock (the files stay)."""
+        self.lock.release()
+
+    def __enter__(self) -> "CountStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _read_progress(self) -> int:
         p = self.path / "progress.json"
@@ -97,7 +160,7 @@ class CountStore:
         if k != self.done_chunks:
             raise RuntimeError(f"chunks must be written in order: expected {self.done_chunks}, got {k}")
         start = k * self.chunk_rows
-        futures = [self._arrays[name][start:start + len(v)].write(np.asarray(v, np.int32))
+        futures = [self._arrays[name][start:start + len(v)].write(np.asarray(v, self.dtypes[name]))
                    for name, v in rows.items()]
         for f in futures:
             f.result()
@@ -105,13 +168,20 @@ class CountStore:
         atomic_write(self.path / "progress.json", json.dumps({"done_chunks": self.done_chunks}))
 
 
+def read_header(path: str | Path) -> dict | None:
+    """The store's meta.json (n, shapes, ids, fingerprint, meta, ...), or None when there is no store."""
+    p = Path(path) / "meta.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
 def is_complete(path: str | Path) -> bool:
+    """Whether `path` holds a store whose every chunk is written."""
     p = Path(path)
-    if not (p / "meta.json").exists():
+    header = read_header(p)
+    if header is None or not (p / "progress.json").exists():
         return False
-    meta = json.loads((p / "meta.json").read_text())
     done = json.loads((p / "progress.json").read_text())["done_chunks"]
-    return done * meta["chunk_rows"] >= meta["n"]
+    return done * header["chunk_rows"] >= header["n"]
 
 
 def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
@@ -133,7 +203,8 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
         tokens=arrays.pop("tokens"),
         ids=meta.get("ids"),
         categories=meta.get("categories"),
-        meta=dict(meta.get("meta") or {}, store=str(p)),
+        sources=meta.get("sources"),
+        meta=dict(meta.get("meta") or {}, store=str(p), fingerprint=meta.get("fingerprint") or {}),
         **arrays,
     )
     return counts.to_numpy() if in_memory else counts

@@ -1,0 +1,25 @@
+"""The error types of sparcom_jax: every "your input cannot be used" error is a ValueError.
+
+The `sparcom` command prints any of them as one line (``sparcom: error: ...``,
+exit status 2); the message names the file, key or field and says how to fix it.
+
+- `ConfigError`: a setting (experiment YAML, config.json, training settings) that
+  cannot work.
+- `StaleResultError`: a stage found earlier outputs made with other inputs or
+  settings; it names what differs and the flag that recomputes them.
+- `LockedError`: another run is writing the same output right now.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key, the file and the fix."""
+
+
+class StaleResultError(ConfigError):
+    """Earlier outputs were made with other inputs or settings than the current run's."""
+
+
+class LockedError(ValueError):
+    """Another live process holds the lock of an output directory."""
