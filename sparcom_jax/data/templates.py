@@ -5,8 +5,17 @@ Every sequence is the formatted prompt followed by the reference response
 the tokens that count (METHOD.md, "Token scope"):
 
 - "prompt" (default, as in the paper): the prompt tokens, template included;
+- "content": only the tokens of the instruction and the input text: no BOS, role
+  markers, system prompt or template text. The same record has the same content
+  under any template, so a before/after comparison across templates counts the
+  same text (the default of experiment configs);
 - "response": the response tokens, including the end-of-response token(s);
 - "all": every token.
+
+Content tokens are found by character offsets: the prompt is tokenized as one text
+(as the model sees it in use), and a token is content when its characters overlap
+the instruction or the input (a token that merges a template character with the
+first content character counts as content). This needs a fast tokenizer.
 
 Plain template (for base models)::
 
@@ -46,9 +55,9 @@ import numpy as np
 from sparcom_jax.data.records import DataWarning, Record
 
 Template = Literal["plain", "chat"]
-Scope = Literal["prompt", "response", "all"]
+Scope = Literal["prompt", "content", "response", "all"]
 TEMPLATES: tuple[str, ...] = ("plain", "chat")
-SCOPES: tuple[str, ...] = ("prompt", "response", "all")
+SCOPES: tuple[str, ...] = ("prompt", "content", "response", "all")
 
 PLAIN_INSTRUCTION = "### Instruction:\n{instruction}\n\n"
 PLAIN_INPUT = "### Input:\n{input}\n\n"
@@ -128,14 +137,30 @@ def _tok(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _plain_ids(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+def content_spans(record: Record, prompt_text: str, user_start: int) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the instruction and the input in `prompt_text`,
+    where the user message (`user_message(record)`) starts at `user_start`."""
+    spans = [(user_start, user_start + len(record.instruction))]
+    if record.input:
+        start = user_start + len(record.instruction) + 2  # the "\n\n" between them
+        if prompt_text[start:start + len(record.input)] != record.input:
+            start = prompt_text.index(record.input, spans[0][1])
+        spans.append((start, start + len(record.input)))
+    return spans
+
+
+def _plain_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, list, int]:
     prompt, response = format_plain(record)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return bos + _tok(tokenizer, prompt), _tok(tokenizer, response) + eos
+    spans = [(len("### Instruction:\n"), len("### Instruction:\n") + len(record.instruction))]
+    if record.input:
+        start = prompt.index(PLAIN_INPUT.format(input=record.input)) + len("### Input:\n")
+        spans.append((start, start + len(record.input)))
+    return bos + _tok(tokenizer, prompt), _tok(tokenizer, response) + eos, prompt, spans, len(bos)
 
 
-def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, list, int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
@@ -147,11 +172,15 @@ def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int]]:
     full_text = tokenizer.apply_chat_template(full_msgs, tokenize=False)
     # The templated text already holds BOS etc.; tokenizing it must not add more.
     prompt_ids, full_ids = _tok(tokenizer, prompt_text), _tok(tokenizer, full_text)
+    # The user message is the last copy of its text in the prompt (a system prompt
+    # before it may quote it); templates that alter the text have none.
+    user_start = prompt_text.rfind(user["content"])
+    spans = content_spans(record, prompt_text, user_start) if user_start >= 0 else None
     if full_ids[: len(prompt_ids)] == prompt_ids:
-        return prompt_ids, full_ids[len(prompt_ids):]
+        return prompt_ids, full_ids[len(prompt_ids):], prompt_text, spans, 0
     if full_text.startswith(prompt_text):
         # A merge across the boundary: tokenize the two halves apart instead.
-        return prompt_ids, _tok(tokenizer, full_text[len(prompt_text):])
+        return prompt_ids, _tok(tokenizer, full_text[len(prompt_text):]), prompt_text, spans, 0
     raise ValueError(
         f"record {record.id!r}: the chat template renders the prompt (with "
         "add_generation_prompt=True) differently from the start of the full conversation, "
@@ -168,7 +197,8 @@ def _encode(record: Record, tokenizer, template: str, scope: str,
         raise ValueError(f"unknown scope {scope!r}; use one of {SCOPES}")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    prompt, response = (_plain_ids if template == "plain" else _chat_ids)(record, tokenizer)
+    prompt, response, prompt_text, spans, offset = (_plain_ids if template == "plain" else _chat_ids)(
+        record, tokenizer)
     ids = np.asarray(prompt + response, dtype=np.int32)
     prompt_len = len(prompt)
     truncated = max_length is not None and len(ids) > max_length
@@ -178,11 +208,33 @@ def _encode(record: Record, tokenizer, template: str, scope: str,
     pos = np.arange(len(ids))
     if scope == "prompt":
         mask = pos < prompt_len
+    elif scope == "content":
+        mask = np.zeros(len(ids), dtype=np.bool_)
+        inside = _content_tokens(record, tokenizer, prompt_text, spans, prompt[offset:])
+        mask[offset:offset + len(inside)] = inside[: max(0, len(ids) - offset)]
     elif scope == "response":
         mask = pos >= prompt_len
     else:
         mask = np.ones(len(ids), dtype=np.bool_)
     return Encoded(ids=ids, scope=mask.astype(np.bool_), prompt_len=prompt_len, truncated=truncated)
+
+
+def _content_tokens(record: Record, tokenizer, text: str, spans, ids: list[int]) -> np.ndarray:
+    """bool [len(ids)]: which tokens of the tokenized `text` overlap a content span."""
+    if spans is None:
+        raise ValueError(
+            f"record {record.id!r}: the chat template changes the user message's text, so its "
+            "instruction tokens cannot be located; use scope='prompt' or another template")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("scope='content' needs a fast tokenizer (character offsets); load the "
+                         "tokenizer with use_fast=True or use scope='prompt'")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(ids):
+        raise ValueError(f"record {record.id!r}: the prompt's tokens changed between two tokenizations")
+    inside = np.zeros(len(ids), dtype=np.bool_)
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        inside[i] = b > a and any(a < e and s < b for s, e in spans)
+    return inside
 
 
 def encode_record(
@@ -199,7 +251,8 @@ def encode_record(
       record: the instruction.
       tokenizer: a transformers tokenizer.
       template: "plain" (base models) or "chat" (the tokenizer's chat template).
-      scope: which tokens count: "prompt", "response" or "all".
+      scope: which tokens count: "prompt", "content" (instruction and input text
+        only), "response" or "all".
       max_length: cut sequences longer than this (with a warning).
 
     Returns:
