@@ -48,6 +48,8 @@ Overrides: any config key as dotted KEY=VALUE (values are YAML), anywhere on the
 e.g. identify.eps=0.02 data.n_per_category=50 mesh.model=4 'series=[{path: /ckpt}]'.
 --dry-run validates the config, resolves the mesh for --devices N and prints the
 memory plan without reading weights. The resolved config is saved as OUT/config.yaml.
+Finished work in OUT is reused only when it was made with the same inputs and settings;
+otherwise the command stops and names what differs (--overwrite recomputes it).
 """
 
 
@@ -65,6 +67,9 @@ def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> Non
     p.add_argument("--devices", type=int, metavar="N", help="device count to plan the mesh for (dry runs)")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; same as mesh.distributed=true)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute earlier outputs in --out that were made with other inputs or settings "
+                        "(without it such outputs stop the run with a message naming what differs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -158,7 +163,7 @@ def cmd_demo(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"outputs would go to {out} (report: {out / 'report' / 'index.html'})")
         return 0
-    res = pipeline.run_demo(out, cfg=cfg)
+    res = pipeline.run_demo(out, cfg=cfg, overwrite=args.overwrite)
     _print_outputs(res, out)
     print(f"\nopen the report: {res['report']}")
     return 0
@@ -201,7 +206,7 @@ def cmd_stage(args) -> int:
         print(f"\noutputs would go to {out} (dry run: nothing written)")
         return 0
     pipeline.init_distributed(cfg.mesh)
-    res = pipeline.run_stage(args.command, cfg, out)
+    res = pipeline.run_stage(args.command, cfg, out, overwrite=args.overwrite)
     _print_outputs(res, out)
     return 0
 

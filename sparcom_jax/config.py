@@ -23,11 +23,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from sparcom_jax.analysis.identify import IdentifyConfig
+from sparcom_jax.errors import ConfigError
 from sparcom_jax.train.config import TrainConfig
-
-
-class ConfigError(ValueError):
-    """An experiment config that cannot be used; the message names the key and the file."""
 
 
 # --------------------------------------------------------------------------- #
@@ -77,8 +75,19 @@ class DataSpec:
       seed: seed of the balanced sample.
       lenient: skip invalid records (with a report) instead of failing.
       template: default prompt template ("plain" or "chat").
-      scope: counted tokens: "prompt", "response" or "all".
+      scope: counted tokens: "content" (default: the instruction and input text only,
+        the same tokens under any template, so base and tuned models are counted on the
+        same text), "prompt" (the formatted prompt, template tokens included, as in the
+        paper), "response" or "all".
       max_length: sequences are cut to this many tokens.
+      split: shares of the disjoint parts the records are cut into (stratified by
+        category, near-duplicates kept together; see `sparcom_jax.data.splits`):
+        "train" (fine-tuning, when the run fine-tunes on these records), "identify"
+        (counts and identification; `n_per_category` samples from it) and "ablate"
+        (the causal check's loss). The parts are the same whichever stage runs; a pair
+        of published models needs no train part (e.g. {identify: 0.8, ablate: 0.2}).
+        None: no split (every stage uses every record; the report says so).
+      split_seed: seed of the split.
     """
 
     path: str | list[str] | None = None
@@ -88,53 +97,50 @@ class DataSpec:
     seed: int = 0
     lenient: bool = False
     template: Literal["plain", "chat"] = "plain"
-    scope: Literal["prompt", "response", "all"] = "prompt"
+    scope: Literal["content", "prompt", "response", "all"] = "content"
     max_length: int = 512
+    split: dict[str, float] | None = dataclasses.field(
+        default_factory=lambda: {"train": 0.5, "identify": 0.3, "ablate": 0.2})
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if self.split is not None:
+            unknown = sorted(set(self.split) - {"train", "identify", "ablate"})
+            if unknown:
+                raise ConfigError(f"split: unknown part(s) {unknown}; the parts are train, identify, ablate")
+            if "identify" not in self.split:
+                raise ConfigError("split: needs an 'identify' share")
+            if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1.0) > 1e-6:
+                raise ConfigError(f"split: shares {self.split} must be > 0 and sum to 1")
 
 
 @dataclasses.dataclass(frozen=True)
-class IdentifySpec:
-    """Identification rule (mirrors `sparcom_jax.analysis.identify.IdentifyConfig`) and analysis options.
+class IdentifySpec(IdentifyConfig):
+    """The identification rule (every field of `sparcom_jax.analysis.IdentifyConfig`,
+    declared there once) and the analysis options below.
 
     Attributes:
-      rule: "top" (top `eps` share per instruction) or "absolute" (frequency >= threshold).
-      eps: top share for rule="top".
-      threshold: frequency threshold for rule="absolute".
-      aggregation: "consensus" or "pooled" category sets.
-      q: consensus fraction.
-      eps_experts: top share for ISEs; None = eps.
-      chunk: instructions read at a time (memory only).
       n_boot: bootstrap replicates (0 = none).
       n_perm: permutations of the diagonal test (0 = none).
       instruction_level: instruction x instruction overlap for all fields (true),
         none (false) or the listed count fields.
     """
 
-    rule: Literal["top", "absolute"] = "top"
-    eps: float = 0.01
-    threshold: float = 0.5
-    aggregation: Literal["consensus", "pooled"] = "consensus"
-    q: float = 0.5
-    eps_experts: float | None = None
-    chunk: int = 64
     n_boot: int = 100
     n_perm: int = 999
     instruction_level: bool | list[str] = True
 
     def __post_init__(self):
-        from sparcom_jax.analysis.identify import IdentifyConfig
-
-        try:  # the rule's own checks, so the two never disagree
-            IdentifyConfig(**self.rule_kwargs())
+        try:  # the rule's own checks
+            super().__post_init__()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.n_boot < 0 or self.n_perm < 0:
             raise ConfigError("n_boot and n_perm must be >= 0")
 
-    def rule_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of IdentifyConfig."""
-        return {k: getattr(self, k) for k in
-                ("rule", "eps", "threshold", "aggregation", "q", "eps_experts", "chunk")}
+    def to_rule(self) -> IdentifyConfig:
+        """The identification rule alone (what outputs record)."""
+        return IdentifyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(IdentifyConfig)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +155,9 @@ class CollectSpec:
         lengths fitted to the records' lengths for the least padding.
       moe_impl: expert dispatch of MoE models ("auto": capacity buffer on GPU,
         ragged_dot on TPU, expert loop on CPU); every choice gives the same counts.
+      template_control: when the tuned model's template differs from the base
+        model's, also count the tuned model under the base model's template (the
+        same-template control: what changes with the weights alone).
     """
 
     batch_size: int = 8
@@ -156,6 +165,7 @@ class CollectSpec:
     store: str | None = None
     buckets: list[int] | None = None
     moe_impl: Literal["auto", "capacity", "ragged", "tiled", "looped"] = "auto"
+    template_control: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,19 +203,22 @@ class AblationSpec:
 
     Attributes:
       enabled: run it (it needs the weights).
-      n_random: random control sets per category.
-      max_records: reference responses per category used for the loss; None = all.
+      n_random: random control sets per category (matched per layer on count and on
+        activation-frequency bins, excluding the tested set); their spread is reported.
+      max_records: reference responses per category used for the loss (from the
+        "ablate" part of data.split); None = all of that part.
       batch_size: sequences per forward.
-      kinds: "neurons" and/or "experts" (experts only for MoE models).
+      kinds: "neurons" (dense or shared-expert neurons), "experts" (routed experts) and
+        "expert_neurons" (neurons of routed experts); each where the model has them.
       model: which model to ablate: "base", "finetuned" or "both".
     """
 
     enabled: bool = True
-    n_random: int = 3
+    n_random: int = 10
     max_records: int | None = 20
     batch_size: int = 8
-    kinds: list[Literal["neurons", "experts"]] = dataclasses.field(
-        default_factory=lambda: ["neurons", "experts"])
+    kinds: list[Literal["neurons", "experts", "expert_neurons"]] = dataclasses.field(
+        default_factory=lambda: ["neurons", "experts", "expert_neurons"])
     model: Literal["base", "finetuned", "both"] = "finetuned"
 
 
@@ -257,6 +270,11 @@ class ExperimentConfig:
     ablation: AblationSpec = dataclasses.field(default_factory=AblationSpec)
     report: ReportSpec = dataclasses.field(default_factory=ReportSpec)
     seed: int = 0
+
+    def __post_init__(self):
+        if self.train.mesh_data is not None or self.train.mesh_model != 1:
+            raise ConfigError("train.mesh_data / train.mesh_model: the mesh is set once, in the mesh: section "
+                              "(mesh.data, mesh.model), for every stage; remove them from train:")
 
     def models(self) -> list[ModelSpec]:
         """Every model in order: base, series..., finetuned."""

@@ -170,7 +170,7 @@ def test_stages_on_a_tiny_random_model(tmp_path, capsys):
     code, so, _ = run_cli(capsys, "finetune", "--config", str(cfg), "--out", str(out))
     assert code == 0 and f"outputs: {out}" in so
     series = json.loads((out / "checkpoints" / "series.json").read_text())
-    assert [n for n, _ in series] == ["base-ft-step1", "base-ft"]
+    assert [d["name"] for d in series] == ["base-ft-step1", "base-ft"]
     assert (out / "checkpoints" / "base-ft" / "hf" / "config.json").is_file()
 
     code, so, _ = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))

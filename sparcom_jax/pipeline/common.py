@@ -149,22 +149,15 @@ def resolve_mesh(mesh: MeshSpec, devices: int | None = None) -> tuple[int, int, 
     Raises:
       ConfigError: when the axes do not factor the device count.
     """
+    from sparcom_jax.parallel.mesh import mesh_shape
+
     n = devices or mesh.devices or (mesh.data * mesh.model if mesh.data else None)
     if n is None:
         import jax
 
         n = jax.device_count()
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    if n % mesh.model:
-        raise ConfigError(f"mesh.model={mesh.model} does not divide the {n} devices; "
-                          f"choose one of {divisors}")
-    data = mesh.data if mesh.data is not None else n // mesh.model
-    if data * mesh.model != n:
-        raise ConfigError(f"mesh.data={data} x mesh.model={mesh.model} = {data * mesh.model}, "
-                          f"but there are {n} devices; set mesh.data={n // mesh.model} or leave it null")
-    if n % mesh.num_processes:
-        raise ConfigError(f"mesh.num_processes={mesh.num_processes} does not divide the {n} devices")
-    return n, data, mesh.model
+    data, model = mesh_shape(n, mesh.data, mesh.model, mesh.num_processes)
+    return n, data, model
 
 
 def make_mesh(mesh: MeshSpec):
@@ -173,10 +166,9 @@ def make_mesh(mesh: MeshSpec):
 
     from sparcom_jax.parallel.mesh import make_mesh as _make
 
-    n, data, model = resolve_mesh(dataclasses.replace(mesh, devices=None), jax.device_count())
-    if n == 1:
+    if jax.device_count() == 1:
         return None
-    return _make(data=data, model=model)
+    return _make(data=mesh.data, model=mesh.model)
 
 
 # --------------------------------------------------------------------------- #
@@ -265,7 +257,7 @@ def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
     manifest = out / "checkpoints" / "series.json"
     if manifest.is_file():
         items = json.loads(manifest.read_text())
-        return [cfg.base] + [ModelSpec(name=n, path=p, template=cfg.train.template) for n, p in items]
+        return [cfg.base] + [ModelSpec(name=d["name"], path=d["path"], template=cfg.train.template) for d in items]
     return [cfg.base]
 
 
@@ -283,20 +275,109 @@ def counts_root(cfg: ExperimentConfig, out: Path) -> Path:
 # Records and the identification rule
 # --------------------------------------------------------------------------- #
 
-def load_records(cfg: ExperimentConfig, n_per_category: int | None = -1, seed: int | None = None, *,
-                 data=None):
-    """The instruction records of `data` (default cfg.data; n_per_category=-1: its own value)."""
+_PARTS_CACHE: dict[str, tuple[dict, dict]] = {}
+
+
+def _load(d):
     from sparcom_jax.data import load_instructions
 
-    d = data or cfg.data
-    return load_instructions(
-        d.path, fields=d.fields, adapter=d.adapter, lenient=d.lenient,
-        n_per_category=d.n_per_category if n_per_category == -1 else n_per_category,
-        seed=d.seed if seed is None else seed)
+    return load_instructions(d.path, fields=d.fields, adapter=d.adapter, lenient=d.lenient)
+
+
+def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]]:
+    """The records of `cfg.data` cut into its disjoint parts, and what to report about them.
+
+    Returns:
+      ({"train", "identify", "ablate": records} — the same list three times when
+      data.split is None), {"split", "seed", "grouped_by", "counts"} for summary.json.
+    """
+    from sparcom_jax.config import to_dict
+    from sparcom_jax.data.splits import split_records, split_summary
+
+    d = cfg.data
+    key = json.dumps(to_dict(d), sort_keys=True, default=str)
+    if key not in _PARTS_CACHE:
+        records = _load(d)
+        if d.split is None:
+            parts = {"train": records, "identify": records, "ablate": records}
+            info = {"split": None, "note": "no split: fine-tuning, identification and the causal check "
+                                           "use the same records"}
+        else:
+            parts = split_records(records, d.split, d.split_seed)
+            info = {"split": dict(d.split), "seed": d.split_seed, "grouped_by": "instruction text",
+                    "counts": split_summary(parts)}
+        _PARTS_CACHE.clear()  # one config at a time
+        _PARTS_CACHE[key] = (parts, info)
+    return _PARTS_CACHE[key]
+
+
+def _part(cfg: ExperimentConfig, name: str) -> list:
+    parts, _ = record_parts(cfg)
+    if name not in parts:
+        raise ConfigError(f"data.split {dict(cfg.data.split)} has no {name!r} part; add one "
+                          f"(e.g. data.split={{train: 0.5, identify: 0.3, ablate: 0.2}})")
+    return parts[name]
+
+
+def identify_records(cfg: ExperimentConfig) -> list:
+    """The records counted and identified on: the "identify" part, sampled to
+    data.n_per_category per category (seed data.seed)."""
+    from sparcom_jax.data import sample_balanced
+
+    recs = _part(cfg, "identify")
+    n = cfg.data.n_per_category
+    if n is None:
+        return recs
+    try:
+        return sample_balanced(recs, n, seed=cfg.data.seed)
+    except ValueError as e:
+        raise ConfigError(f"data.n_per_category={n}: the identify part of data.split has too few records "
+                          f"({e}); lower n_per_category or give identify a larger share") from None
+
+
+def ablate_records(cfg: ExperimentConfig) -> list:
+    """The causal check's evaluation records: the "ablate" part, at most
+    ablation.max_records per category (seed data.seed + 1)."""
+    from sparcom_jax.data import count_by_category, sample_balanced
+
+    recs = _part(cfg, "ablate")
+    m = cfg.ablation.max_records
+    if m is None:
+        return recs
+    n = min([m, *count_by_category(recs).values()])
+    return sample_balanced(recs, n, seed=cfg.data.seed + 1)
+
+
+def train_records(cfg: ExperimentConfig) -> list:
+    """The fine-tuning records: the "train" part of data.split (sampled to
+    train_data.n_per_category when train_data reads the same files as data), or the
+    records of train_data's own files, checked disjoint from the identify and ablate
+    parts by instruction text."""
+    from sparcom_jax.data import sample_balanced
+    from sparcom_jax.data.splits import group_key
+
+    t, d = cfg.train_data, cfg.data
+    same_source = t is None or (t.path, t.adapter, t.fields) == (d.path, d.adapter, d.fields)
+    if same_source:
+        recs = _part(cfg, "train")
+    else:
+        recs = _load(t)
+        parts, _ = record_parts(cfg)
+        held = {group_key(r) for name in ("identify", "ablate") for r in parts[name]}
+        shared = [r.id for r in recs if group_key(r) in held]
+        if shared and d.split is not None:
+            raise ConfigError(
+                f"train_data shares {len(shared)} instruction(s) with the records analysed (e.g. "
+                f"{', '.join(shared[:3])}); fine-tuning and identification records must be disjoint: remove "
+                "them from train_data, or set data.split=null to allow it")
+    if t is not None and t.n_per_category:
+        try:
+            recs = sample_balanced(recs, t.n_per_category, seed=t.seed)
+        except ValueError as e:
+            raise ConfigError(f"train_data.n_per_category={t.n_per_category}: {e}") from None
+    return recs
 
 
 def identify_config(cfg: ExperimentConfig):
-    """The analysis IdentifyConfig of `cfg.identify`."""
-    from sparcom_jax.analysis import IdentifyConfig
-
-    return IdentifyConfig(**cfg.identify.rule_kwargs())
+    """The analysis IdentifyConfig of `cfg.identify` (the rule alone)."""
+    return cfg.identify.to_rule()

@@ -66,13 +66,13 @@ def demo_config(fast: bool = False, overrides: Sequence[str] = (), base: DemoCon
     return apply_overrides(cfg, list(overrides))
 
 
-def _pair_experiment(demo: DemoConfig, pair_name: str, ckpts: list[tuple[str, str]]) -> ExperimentConfig:
+def _pair_experiment(demo: DemoConfig, pair_name: str, ckpts: list[dict[str, Any]]) -> ExperimentConfig:
     base, *mid, last = ckpts
     return ExperimentConfig(
         name=f"demo-{pair_name}",
-        base=ModelSpec(name=base[0], path=base[1], template=demo.data.template),
-        series=[ModelSpec(name=n, path=p, template=demo.finetune.template) for n, p in mid],
-        finetuned=ModelSpec(name=last[0], path=last[1], template=demo.finetune.template),
+        base=ModelSpec(name=base["name"], path=base["path"], template=demo.data.template),
+        series=[ModelSpec(name=d["name"], path=d["path"], template=demo.finetune.template) for d in mid],
+        finetuned=ModelSpec(name=last["name"], path=last["path"], template=demo.finetune.template),
         data=demo.data, identify=demo.identify, collect=demo.collect, ablation=demo.ablation,
         report=dataclasses.replace(demo.report, title=f"{demo.report.title or 'sparcom demo'}: {pair_name}"),
         seed=demo.seed,
@@ -89,73 +89,90 @@ def plain_text_records(records) -> list:
             for r in records]
 
 
-def _train_pair(demo: DemoConfig, pair, out: Path, tok, records) -> list[tuple[str, str]]:
+def _train_pair(demo: DemoConfig, pair, out: Path, tok, records, held_out, overwrite: bool) -> list[dict[str, Any]]:
     """Pretrain a tiny model briefly on plain text ("before"), instruction-tune it and
-    export step 0, the intermediate and the final checkpoints. Returns [(name, hf dir)]."""
+    export step 0, the intermediate and the final checkpoints.
+
+    Both runs train on `records` (the train part of the demo's split) and report their
+    eval loss on `held_out` (records of the ablate part, never trained on). Returns the
+    series entries [{"name", "step", "path"}]."""
     from sparcom_jax import train as T
-    from sparcom_jax.data import sample_balanced
+    from sparcom_jax.fingerprint import digest
     from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.pipeline.stages import guard_dir, train_fingerprint
 
     arch = with_vocab(pair.architecture, tok)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         arch.setdefault(k, getattr(tok, k))
+    # One fingerprint for the pair's whole training chain: a changed pretraining must not
+    # leave an instruction-tuned model of the old base in place.
+    fp = {"pretrain": train_fingerprint(digest({"init": arch, "seed": demo.seed}), demo.pretrain,
+                                        plain_text_records(records), tok),
+          "finetune": train_fingerprint("pretrained", demo.finetune, records, tok)}
+    run = out / "train" / pair.name
+    guard_dir(run, "demo-train", fp, overwrite=overwrite, extra=list((out / "checkpoints").glob(f"{pair.name}-*")))
     mcfg = ModelConfig.from_hf_config(arch, source=f"demo pair {pair.name}")
     model = init_model(mcfg, seed=demo.seed)
-    held_out = sample_balanced(records, 2, seed=demo.seed + 7)
-    with timed(f"demo {pair.name}: pretraining {fmt_count(mcfg.param_count())} parameters on plain text"):
-        res = T.finetune(model, plain_text_records(records), tok, demo.pretrain,
-                         out / "train" / f"{pair.name}-pretrain", eval_records=plain_text_records(held_out),
-                         progress=True)
-    with timed(f"demo {pair.name}: instruction fine-tuning"):
-        T.finetune(res.model, records, tok, demo.finetune, out / "train" / f"{pair.name}-sft",
-                   eval_records=held_out, progress=True)
-    names = lambda s, f: f"{pair.name}-base" if s == 0 else (  # noqa: E731
-        f"{pair.name}-chat" if s == f else f"{pair.name}-step{s}")
-    return export_checkpoints(out / "train" / f"{pair.name}-sft", out / "checkpoints", names, tok)
+    with timed(f"demo {pair.name}: pretraining {fmt_count(mcfg.param_count())} parameters on plain text "
+               f"({len(records)} records)"):
+        res = T.finetune(model, plain_text_records(records), tok, demo.pretrain, run / "pretrain",
+                         eval_records=plain_text_records(held_out), progress=True)
+    with timed(f"demo {pair.name}: instruction fine-tuning ({len(records)} records)"):
+        T.finetune(res.model, records, tok, demo.finetune, run / "sft", eval_records=held_out, progress=True)
+    names = lambda s, f: T.series_name(s, f, before=f"{pair.name}-base", after=f"{pair.name}-chat",  # noqa: E731
+                                       middle=f"{pair.name}-step{{step}}")
+    return export_checkpoints(run / "sft", out / "checkpoints", names, tok)
 
 
-def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None = None) -> dict[str, Any]:
+def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None = None, *,
+             overwrite: bool = False) -> dict[str, Any]:
     """The embedded end-to-end demo: tiny Llama and Mixtral-style pairs, trained and analysed.
 
-    1. builds each tiny model with the shipped tokenizer, pretrains it briefly on
-       plain text from the shipped data and saves the "before" checkpoint;
-    2. instruction-fine-tunes it, saving intermediate and "after" checkpoints as
-       HF directories under OUT/checkpoints/<name>/hf;
-    3. collects, identifies, evaluates, compares (with the series) and runs the
-       causal check for each pair (OUT/pairs/<pair>/);
-    4. writes the report: OUT/report/index.html (both pairs), summary.json and
+    1. splits the shipped records into disjoint train / identify / ablate parts
+       (data.split; stratified by category, near-duplicates together);
+    2. builds each tiny model with the shipped tokenizer, pretrains it briefly on
+       plain text of the train part and saves the "before" checkpoint;
+    3. instruction-fine-tunes it on the train part, saving intermediate and "after"
+       checkpoints as HF directories under OUT/checkpoints/<name>/hf;
+    4. collects (on the identify part), identifies, evaluates, compares (with the
+       series and the same-template control) and runs the causal check (on the
+       ablate part) for each pair (OUT/pairs/<pair>/);
+    5. writes the report: OUT/report/index.html (both pairs), summary.json and
        figures (OUT/report/<pair>/figures).
 
     Args:
       out: output directory.
       fast: shrink everything (a minute on 2 cores; tests).
       cfg: a DemoConfig (default: `demo_config(fast)`).
+      overwrite: recompute outputs made with other settings instead of stopping.
 
     Returns:
       {"report": index.html, "summary": summary.json, "checkpoints": dir, "out": dir}.
     """
-    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.data import default_tokenizer, sample_balanced
+    from sparcom_jax.fileio import DirLock
+    from sparcom_jax.pipeline.common import record_parts
 
     cfg = cfg or demo_config(fast)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out)
     t0 = time.perf_counter()
-    tok = default_tokenizer()
-    records = load_instructions(None)
-    summaries, pages = {}, {}
-    with compilation_cache(Path(os.environ.get("SPARCOM_JAX_CACHE", out / ".jax_cache"))):
+    with DirLock(out, "demo output directory"):
+        tok = default_tokenizer()
+        parts, _ = record_parts(ExperimentConfig(name="demo", data=cfg.data))
+        held_out = sample_balanced(parts["ablate"], 2, seed=cfg.seed + 7)
+        save_resolved(cfg, out)
+        summaries, pages = {}, {}
         for pair in cfg.pairs:
-            ckpts = _train_pair(cfg, pair, out, tok, records)
+            ckpts = _train_pair(cfg, pair, out, tok, parts["train"], held_out, overwrite)
             exp = _pair_experiment(cfg, pair.name, ckpts)
             pout = out / "pairs" / pair.name
             pout.mkdir(parents=True, exist_ok=True)
             save_resolved(exp, pout)
-            res = run_all(exp, pout)
+            res = run_all(exp, pout, overwrite=overwrite)
             summaries[pair.name] = json.loads(Path(res["summary"]).read_text())
             pages[pair.name] = Path(res["report"])
-    report = write_demo_report(out / "report", summaries, pages, title=cfg.report.title or "sparcom demo")
+        report = write_demo_report(out / "report", summaries, pages, title=cfg.report.title or "sparcom demo")
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return {"report": str(report), "summary": str(out / "report" / "summary.json"),
             "checkpoints": str(out / "checkpoints"), "out": str(out)}

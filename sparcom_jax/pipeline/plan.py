@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sparcom_jax.config import ConfigError, ExperimentConfig
-from sparcom_jax.pipeline.common import STAGES, fmt_bytes, fmt_count, load_records, model_config, resolve_mesh
+from sparcom_jax.pipeline.common import STAGES, fmt_bytes, fmt_count, identify_records, model_config, resolve_mesh
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4}
 
@@ -72,10 +72,7 @@ def _n_instructions(cfg: ExperimentConfig) -> int | None:
         return cfg.data.n_per_category * len(CATEGORIES)
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
     if all(p is None or Path(p).exists() for p in paths):
-        try:
-            return len(load_records(cfg))
-        except Exception:  # the plan still works without N
-            return None
+        return len(identify_records(cfg))  # a data file that cannot be used fails the dry run too
     return None
 
 

@@ -3,25 +3,37 @@
 Every stage takes a resolved `ExperimentConfig` and the output directory, calls
 the library, writes its files under the directory and returns ``{label: path}``
 of what it wrote (keys starting with "_" carry in-memory results to later stages).
+Finished work is reused only when its fingerprint matches the current inputs and
+settings (`sparcom_jax.pipeline.provenance`); otherwise the stage stops and names
+what changed, or recomputes with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, MeshSpec, ModelSpec
+from sparcom_jax.fileio import DirLock
+from sparcom_jax.fingerprint import digest, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    barrier, counts_root, identify_config, is_primary, load_records, load_spec_model, log, make_mesh, model_list,
-    model_tokenizer, require_models, safe, save_resolved, template_for, timed,
+    ablate_records, barrier, counts_root, identify_config, identify_records, is_primary, load_spec_model, log,
+    make_mesh, model_list, model_tokenizer, record_parts, require_models, safe, save_resolved, template_for,
+    timed, train_records,
 )
+from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, stale
 
 # --------------------------------------------------------------------------- #
 # finetune
 # --------------------------------------------------------------------------- #
+
+# Training settings that change neither the weights nor which checkpoints exist.
+_TRAIN_NOT_IN_FINGERPRINT = ("log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model")
 
 
 def train_config(cfg: ExperimentConfig, mesh_spec: MeshSpec | None = None):
@@ -30,122 +42,226 @@ def train_config(cfg: ExperimentConfig, mesh_spec: MeshSpec | None = None):
     return dataclasses.replace(cfg.train, mesh_data=mesh_spec.data, mesh_model=mesh_spec.model)
 
 
+def train_fingerprint(base: str, tcfg, records, tokenizer) -> dict[str, Any]:
+    """Fingerprint of a fine-tuning run: base model digest, settings, records and their tokens."""
+    from sparcom_jax.data import encode_records
+    from sparcom_jax.fingerprint import digest_arrays
+
+    enc = encode_records(records, tokenizer, template=tcfg.template, scope="response", max_length=tcfg.max_length)
+    settings = {k: v for k, v in tcfg.to_dict().items() if k not in _TRAIN_NOT_IN_FINGERPRINT}
+    return {"base": base, "train": settings, "records": digest(enc.record_ids),
+            "tokens": digest_arrays(enc.ids, enc.scopes)}
+
+
+def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
+              extra: Sequence[Path] = ()) -> None:
+    """Make `directory` safe to (re)use for work with fingerprint `components`.
+
+    A directory with the same fingerprint is kept (its work resumes or is reused); one
+    with another fingerprint, or with files but no fingerprint, stops the run (or with
+    `overwrite` is removed, with `extra` paths that derive from it). The fingerprint is
+    then written before any work, so an interrupted run is checked when resumed.
+    """
+    from sparcom_jax.pipeline.provenance import stale as _stale
+
+    stored = read_fingerprint(directory)
+    has_files = directory.is_dir() and any(p.name != ".sparcom.lock" for p in directory.iterdir())
+    if stored is None and not has_files:
+        pass
+    elif _stale(directory, stored, components, overwrite=overwrite):
+        for p in (directory, *extra):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    if is_primary():
+        directory.mkdir(parents=True, exist_ok=True)
+        write_fingerprint(directory, stage, components)
+
+
 def export_checkpoints(run_dir: Path, ck_dir: Path, names: Callable[[int, int], str | None],
-                       tokenizer=None) -> list[tuple[str, str]]:
-    """Export a training run's checkpoints as OUT/checkpoints/<name>/hf.
+                       tokenizer=None) -> list[dict[str, Any]]:
+    """Export a training run's checkpoints as <ck_dir>/<name>/hf (skipping ones already exported).
 
     Args:
       run_dir: the `finetune` run directory.
-      ck_dir: OUT/checkpoints.
+      ck_dir: where the exports go.
       names: (step, final_step) -> checkpoint name, or None to skip that step.
 
     Returns:
-      [(name, hf dir)] in step order.
+      [{"name", "step", "path"}] in step order (the series.json format).
     """
+    from sparcom_jax.fileio import write_json
     from sparcom_jax.train import checkpoint_steps, export_hf, read_run
 
-    final = int(read_run(run_dir)["total_steps"])
+    run = read_run(run_dir)
+    final = int(run["total_steps"])
     items = []
-    log(f"exporting checkpoints of {run_dir} to {ck_dir}")
     for step in checkpoint_steps(run_dir):
         name = names(step, final)
         if name is None:
             continue
         dest = ck_dir / name / "hf"
+        mark, want = ck_dir / name / "export.json", {"run": digest(run), "step": step}
         if is_primary():
-            export_hf(run_dir, step, dest, tokenizer=tokenizer)
-        items.append((name, str(dest)))
+            done = mark.is_file() and json.loads(mark.read_text()) == want and (dest / "config.json").is_file()
+            if not done:
+                log(f"exporting step {step} of {run_dir} to {dest}")
+                export_hf(run_dir, step, dest, tokenizer=tokenizer)
+                write_json(mark, want)
+        items.append({"name": name, "step": step, "path": str(dest)})
     barrier("sparcom:checkpoints-exported")  # every process reads these directories next
     return items
 
 
-def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Instruction-fine-tune the base model; export every saved checkpoint as an HF directory.
+def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, overwrite: bool = False
+                   ) -> dict[str, Any]:
+    """Instruction-fine-tune the base model on the train part; export every saved checkpoint.
 
-    Writes OUT/train (orbax checkpoints, metrics.jsonl), OUT/checkpoints/<name>/hf
-    (intermediate "<name>-step<k>" and the final "<name>") and OUT/checkpoints/series.json.
+    Writes OUT/train (orbax checkpoints, metrics.jsonl, fingerprint.json),
+    OUT/checkpoints/<name>/hf (intermediate "<name>-step<k>" and the final "<name>")
+    and OUT/checkpoints/series.json.
     """
     from sparcom_jax import train as T
     from sparcom_jax.data import sample_balanced
+    from sparcom_jax.pipeline.provenance import spec_tokenizer
+    from sparcom_jax.report.io import write_json
 
     require_models([cfg.base])
-    mesh = make_mesh(cfg.mesh)
+    records = train_records(cfg)
     tcfg = train_config(cfg)
+    name = cfg.finetuned.label if cfg.finetuned else f"{cfg.base.label}-ft"
+    fp = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, spec_tokenizer(cfg.base))
+    guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"])
+    mesh = make_mesh(cfg.mesh)
     with timed(f"finetune: loading {cfg.base.label}"):
         model = load_spec_model(cfg.base, dtype="float32", mesh=mesh)
     tok = model_tokenizer(model)
-    records = load_records(cfg, data=cfg.train_data) if cfg.train_data else load_records(cfg, n_per_category=None)
-    eval_records = sample_balanced(records, 4, seed=cfg.seed) if len(records) >= 24 else None
-    name = cfg.finetuned.label if cfg.finetuned else f"{cfg.base.label}-ft"
+    held_out = ablate_records(cfg) if cfg.data.split is not None else records
+    eval_records = sample_balanced(held_out, 2, seed=cfg.seed) if len(held_out) >= 12 else None
     steps = f"{tcfg.total_steps} steps" if tcfg.total_steps else f"{tcfg.epochs} epoch(s)"
-    with timed(f"finetune: {cfg.base.label} -> {name}, {steps}"):
+    with timed(f"finetune: {cfg.base.label} -> {name}, {steps} on {len(records)} records"):
         T.finetune(model, records, tok, tcfg, out / "train", mesh=mesh, eval_records=eval_records,
                    progress=progress)
-    items = export_checkpoints(out / "train", out / "checkpoints",
-                               lambda s, f: None if s == 0 else (name if s == f else f"{name}-step{s}"), tok)
+    items = export_checkpoints(
+        out / "train", out / "checkpoints",
+        lambda s, f: T.series_name(s, f, before=None, after=name, middle=f"{name}-step{{step}}"), tok)
     if is_primary():
-        from sparcom_jax.report.io import write_json
-
         write_json(out / "checkpoints" / "series.json", items)
-    return {"checkpoints": str(out / "checkpoints"), **{n: p for n, p in items}}
+    return {"checkpoints": str(out / "checkpoints"), **{d["name"]: d["path"] for d in items}}
 
 
 # --------------------------------------------------------------------------- #
 # collect and the analyses built on the counts
 # --------------------------------------------------------------------------- #
 
-def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True,
-                  models: Sequence[ModelSpec] | None = None) -> dict[str, Any]:
-    """Count neuron activations and expert routing of every model on the instructions.
+class CountJob(NamedTuple):
+    """One model counted under one template; `label` names its store."""
 
-    Stores go to `collect.store` or OUT/counts/<model>; a finished store is kept
-    (re-running resumes an interrupted one).
+    spec: ModelSpec
+    template: str
+    label: str
+    control: bool = False
+
+
+def count_jobs(cfg: ExperimentConfig, out: Path) -> list[CountJob]:
+    """Every model under its own template and, when the tuned model's template differs from
+    the base model's, the tuned model under the base model's template (the same-template
+    control, stored as "<tuned>@<template>")."""
+    specs = model_list(cfg, out)
+    jobs = [CountJob(s, template_for(s, cfg), s.label) for s in specs]
+    if cfg.collect.template_control and len(specs) > 1:
+        base_t, last = jobs[0].template, specs[-1]
+        if template_for(last, cfg) != base_t:
+            jobs.append(CountJob(last, base_t, f"{last.label}@{base_t}", control=True))
+    return jobs
+
+
+def _process_share(records):
+    import jax
+
+    if jax.process_count() > 1:  # each process counts its share; stores are per process
+        return records[jax.process_index()::jax.process_count()]
+    return records
+
+
+def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, overwrite: bool = False,
+                  models: Sequence[ModelSpec] | None = None) -> dict[str, Any]:
+    """Count neuron activations and expert routing of every model on the identify records.
+
+    Stores go to `collect.store` or OUT/counts/<label>. A complete store made with the
+    same fingerprint is kept, a partial one resumed; one made with other settings
+    stops the run unless `overwrite`.
     """
     import jax
 
     from sparcom_jax.stats.collect import collect_instructions
-    from sparcom_jax.stats.store import is_complete
+    from sparcom_jax.stats.store import is_complete, read_header
 
-    specs = list(models or model_list(cfg, out))
-    require_models(specs)
+    jobs = count_jobs(cfg, out)
+    if models is not None:
+        jobs = [CountJob(s, template_for(s, cfg), s.label) for s in models]
+    require_models([j.spec for j in jobs])
+    records = _process_share(identify_records(cfg))
     mesh = make_mesh(cfg.mesh)
-    records = load_records(cfg)
-    if jax.process_count() > 1:  # each process counts its share; stores are per process
-        records = records[jax.process_index()::jax.process_count()]
     root = counts_root(cfg, out)
     written = {}
-    for i, spec in enumerate(specs, 1):
-        dest = root / safe(spec.label)
-        written[spec.label] = str(dest)
+    for i, job in enumerate(jobs, 1):
+        dest = root / safe(job.label)
+        written[job.label] = str(dest)
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
-        if is_complete(mine):
-            log(f"collect [{i}/{len(specs)}] {spec.label}: already complete in {dest}")
+        fp, _ = collect_fingerprint(cfg, job.spec, records, job.template)
+        header = read_header(mine)
+        if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite) \
+                and is_complete(mine):
+            log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
             continue
-        with timed(f"collect [{i}/{len(specs)}] {spec.label}: {len(records)} instructions"):
-            model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
-            collect_instructions(model, records, model_tokenizer(model), template=template_for(spec, cfg),
+        with timed(f"collect [{i}/{len(jobs)}] {job.label}: {len(records)} instructions, "
+                   f"template {job.template}, scope {cfg.data.scope}"):
+            model = load_spec_model(job.spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
+            collect_instructions(model, records, model_tokenizer(model), template=job.template,
                                  scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                  max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
-                                 buckets=cfg.collect.buckets)
+                                 buckets=cfg.collect.buckets, fingerprint=fp, overwrite=overwrite)
             del model
     return written
 
 
-def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec):
-    """The counts of one model (merging per-process stores of a multi-host run)."""
+def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, template: str | None = None,
+                      label: str | None = None):
+    """The counts of one model (merging per-process stores of a multi-host run), after checking
+    that they were collected with the current settings.
+
+    Raises:
+      StaleResultError: the stored counts were made with other inputs or settings.
+      ValueError: there are no (complete) counts.
+    """
     import numpy as np
 
     from sparcom_jax.stats.counts import Counts
-    from sparcom_jax.stats.store import open_counts
+    from sparcom_jax.stats.store import open_counts, read_header
 
-    root = counts_root(cfg, out) / safe(spec.label)
+    label = label or spec.label
+    template = template or template_for(spec, cfg)
+    root = counts_root(cfg, out) / safe(label)
     parts = sorted(root.glob("process_*"), key=lambda p: int(p.name.split("_")[1]))
+    records = identify_records(cfg)
+    shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
+    for part, recs in zip(parts or [root], shares):
+        header = read_header(part)
+        if header is None:
+            raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
+        fp, _ = collect_fingerprint(cfg, spec, recs, template)
+        stale(part, header.get("fingerprint"), fp, overwrite=False,
+              fix="run `sparcom collect --overwrite` first, or choose another --out")
     if not parts:
         return open_counts(root)
     cs = [open_counts(p, in_memory=True) for p in parts]
-    merged = {k: np.concatenate([getattr(c, k) for c in cs]) for k in ("tokens", *cs[0].arrays())}
+    merged = {k: np.concatenate([getattr(c, k) for c in cs]) for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
     return Counts(ids=sum((c.ids or [] for c in cs), []), categories=sum((c.categories or [] for c in cs), []),
-                  meta=dict(cs[0].meta, store=str(root)), **merged)
+                  sources=sum((c.sources or [] for c in cs), []),
+                  meta=dict(cs[0].meta, store=str(root), fingerprint={f"process_{k}": c.meta.get("fingerprint")
+                                                                     for k, c in enumerate(cs)}), **merged)
 
 
 def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
@@ -155,66 +271,97 @@ def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
     return dict(n_boot=s.n_boot, n_perm=s.n_perm, instruction_level=s.instruction_level, seed=cfg.seed)
 
 
-def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> dict[str, Any]:
-    """{model label: ModelAnalysis} of every model with counts."""
+class Analyses(NamedTuple):
+    """The analysed models in series order, and the controls ({"same_template": analysis})."""
+
+    models: dict[str, Any]
+    controls: dict[str, Any]
+
+
+def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analyses:
+    """ModelAnalysis of every model with counts (and of the same-template control)."""
     from sparcom_jax.analysis import analyze_model
 
     icfg = identify_config(cfg)
-    res = {}
-    specs = model_list(cfg, out)
-    for i, spec in enumerate(specs, 1):
-        with timed(f"analyse [{i}/{len(specs)}] {spec.label}"):
-            counts = open_model_counts(cfg, out, spec)
-            res[spec.label] = analyze_model(counts, icfg, name=spec.label, **_analysis_kwargs(cfg, full))
-    return res
+    models, controls = {}, {}
+    jobs = count_jobs(cfg, out)
+    for i, job in enumerate(jobs, 1):
+        with timed(f"analyse [{i}/{len(jobs)}] {job.label}"):
+            counts = open_model_counts(cfg, out, job.spec, job.template, job.label)
+            ma = analyze_model(counts, icfg, name=job.label, **_analysis_kwargs(cfg, full and not job.control))
+            ma.meta["template"] = job.template
+        (controls.__setitem__("same_template", ma) if job.control else models.__setitem__(job.label, ma))
+    return Analyses(models, controls)
 
 
-def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses=None) -> dict[str, Any]:
+def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> dict[str, Any]:
+    every = {**an.models, **{f"control:{k}": v for k, v in an.controls.items()}}
+    return {"identify": identify_config(cfg).to_dict(), "analysis": _analysis_kwargs(cfg, full),
+            "counts": {name: digest(ma.meta.get("fingerprint")) for name, ma in every.items()}}
+
+
+def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Identify ISNs / ISEs of every model and export the lists (OUT/identify/<model>/)."""
     from sparcom_jax.report.export import export_sets
 
     analyses = analyses or analyze_all(cfg, out, full=False)
     written = {}
-    for name, ma in analyses.items():
+    for name, ma in analyses.models.items():
         d = out / "identify" / safe(name)
         for fa in ma.fields.values():
             export_sets(d, fa.ident)
         written[name] = str(d)
+    if is_primary():
+        write_fingerprint(out / "identify", "identify", _analysis_fingerprint(cfg, analyses, False))
     return written
 
 
-def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses=None) -> dict[str, Any]:
+def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Generality, uniqueness, overlaps and layer profiles of every model (OUT/evaluate/<model>.json)."""
     from sparcom_jax.report.io import write_json
 
     analyses = analyses or analyze_all(cfg, out, full=True)
     written = {}
-    for name, ma in analyses.items():
+    for name, ma in analyses.models.items():
         written[name] = write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
+    if is_primary():
+        write_fingerprint(out / "evaluate", "evaluate", _analysis_fingerprint(cfg, analyses, True))
     return written
 
 
-def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses=None) -> dict[str, Any]:
-    """Before/after comparison, and the series along every checkpoint (OUT/compare/)."""
+def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
+    """Before/after comparison, the series along every checkpoint, and the same-template
+    control (OUT/compare/)."""
     from sparcom_jax.analysis import compare_models, compare_series
     from sparcom_jax.report.io import write_json
 
     analyses = analyses or analyze_all(cfg, out, full=True)
-    names = list(analyses)
+    models = analyses.models
+    names = list(models)
     if len(names) < 2:
         raise ConfigError("compare needs two models: set finetuned (and optionally series), "
                           "or run `sparcom finetune` first")
-    comparison = compare_models(analyses[names[0]], analyses[names[-1]])
+    comparison = compare_models(models[names[0]], models[names[-1]])
     written = {"comparison": write_json(out / "compare" / "comparison.json", comparison)}
-    series = compare_series([(n, analyses[n]) for n in names]) if len(names) > 2 else None
+    series = compare_series([(n, models[n]) for n in names]) if len(names) > 2 else None
     if series is not None:
         written["series"] = write_json(out / "compare" / "series.json", series)
-    return {**written, "_comparison": comparison, "_series": series}
+    controls = {}
+    if "same_template" in analyses.controls:
+        controls["same_template"] = compare_models(models[names[0]], analyses.controls["same_template"])
+        written["same_template"] = write_json(out / "compare" / "same_template.json", controls["same_template"])
+    if is_primary():
+        write_fingerprint(out / "compare", "compare", _analysis_fingerprint(cfg, analyses, True))
+    return {**written, "_comparison": comparison, "_series": series, "_controls": controls}
 
 
 # --------------------------------------------------------------------------- #
 # ablate
 # --------------------------------------------------------------------------- #
+
+# Ablation kind -> the analysis section whose category sets it switches off.
+ABLATION_SECTIONS = {"neurons": "isn", "experts": "ise", "expert_neurons": "expert_neurons"}
+
 
 def ablation_models(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
     """The models the causal check runs on (`ablation.model`)."""
@@ -231,12 +378,24 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
     return out / "ablate" / f"{safe(label)}_{kind}.json"
 
 
-def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses=None) -> dict[str, Any]:
-    """Causal check: switch off each category's ISNs (ISEs) and measure every category's loss.
+def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
+    """What one causal-check result depends on."""
+    a = cfg.ablation
+    return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp), "identify": identify_config(cfg).to_dict(),
+            "ablation": {"kind": kind, "n_random": a.n_random, "seed": cfg.seed},
+            "records": digest([r.id for r in records]), "template": template_for(spec, cfg),
+            "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype}
 
-    Writes OUT/ablate/<model>_<kind>.json; returns the AblationResults too.
+
+def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, overwrite: bool = False,
+                 **_) -> dict[str, Any]:
+    """Causal check: switch off each category's ISNs (ISEs, expert neurons) and measure every
+    category's loss on the held-out "ablate" records.
+
+    Writes OUT/ablate/<model>_<kind>.json (with its fingerprint); a result with the same
+    fingerprint is reused. Returns the AblationResults too.
     """
-    from sparcom_jax.analysis import ablation_matrix
+    from sparcom_jax.analysis import AblationResult, ablation_matrix
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.report.io import write_json
     from sparcom_jax.stats.losses import make_loss_fn
@@ -247,19 +406,31 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses=None) -> dict[str
         return {}
     require_models(ablation_models(cfg, out))
     analyses = analyses or analyze_all(cfg, out, full=False)
-    records = load_records(cfg, n_per_category=a.max_records, seed=cfg.data.seed + 1) \
-        if a.max_records else load_records(cfg)
-    mesh = make_mesh(cfg.mesh)
+    records = ablate_records(cfg)
+    mesh = None
     written: dict[str, Any] = {"_results": {}}
     for spec in ablation_models(cfg, out):
-        ma = analyses[spec.label]
-        model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
-        tok = model_tokenizer(model)
-        for kind, section in (("neurons", "isn"), ("experts", "ise")):
+        ma = analyses.models[spec.label]
+        model = tok = None
+        for kind, section in ABLATION_SECTIONS.items():
             if kind not in a.kinds or section not in ma.fields:
                 continue
+            f = _ablation_file(out, spec.label, kind)
+            fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            if f.is_file():
+                stored = json.loads(f.read_text())
+                if not stale(f, stored.get("fingerprint"), fp, overwrite=overwrite):
+                    log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
+                    written[f"{spec.label}_{kind}"] = str(f)
+                    written["_results"][(spec.label, kind)] = _ablation_from_json(AblationResult, stored)
+                    continue
+            if model is None:
+                mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+                model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
+                tok = model_tokenizer(model)
             sets = ma[section].ident.category_sets
-            with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs)"):
+            with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs, "
+                       f"{len(records)} held-out records)"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
                 loss_fn = make_loss_fn(model, records, tok, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
@@ -274,10 +445,22 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses=None) -> dict[str
                         raise
                     log(f"ablate {spec.label}: experts skipped: {e}")
                     continue
-            written[f"{spec.label}_{kind}"] = write_json(_ablation_file(out, spec.label, kind), res.to_dict())
+            written[f"{spec.label}_{kind}"] = write_json(f, {**res.to_dict(), "fingerprint": fp})
             written["_results"][(spec.label, kind)] = res
         del model
     return written
+
+
+def _ablation_from_json(cls, d: dict):
+    import numpy as np
+
+    from sparcom_jax.categories import CATEGORIES
+
+    arr = lambda v: np.asarray([[np.nan if x is None else x for x in r] for r in v], float)  # noqa: E731
+    draws = np.asarray([arr(m) for m in d["random_draws"]]) if d["random_draws"] else np.zeros((0, 6, 6))
+    return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
+               random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
+               n_random=d["n_random"], seed=d["seed"])
 
 
 class _counting:
@@ -303,56 +486,75 @@ class _counting:
         self.bar.close()
 
 
-def _ablation_from_json(cls, d: dict):
-    import numpy as np
+def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict:
+    """The causal-check results of earlier `sparcom ablate` runs, each checked against the
+    current settings (a result made with others stops the report)."""
+    from sparcom_jax.analysis import AblationResult
 
-    from sparcom_jax.categories import CATEGORIES
-
-    arr = lambda v: np.asarray([[np.nan if x is None else x for x in r] for r in v], float)  # noqa: E731
-    draws = np.asarray([arr(m) for m in d["random_draws"]]) if d["random_draws"] else np.zeros((0, 6, 6))
-    return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
-               random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
-               n_random=d["n_random"], seed=d["seed"])
+    found = {}
+    if not cfg.ablation.enabled:
+        return found
+    records = None
+    for spec in ablation_models(cfg, out):
+        ma = analyses.models.get(spec.label)
+        for kind in ABLATION_SECTIONS:
+            f = _ablation_file(out, spec.label, kind)
+            if ma is None or not f.is_file():
+                continue
+            records = records if records is not None else ablate_records(cfg)
+            stored = json.loads(f.read_text())
+            stale(f, stored.get("fingerprint"), ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")),
+                  overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
+            found[(spec.label, kind)] = _ablation_from_json(AblationResult, stored)
+    return found
 
 
 # --------------------------------------------------------------------------- #
 # report
 # --------------------------------------------------------------------------- #
 
-def report_stage(cfg: ExperimentConfig, out: Path, *, analyses=None, comparison=None, series=None,
-                 ablation: dict | None = None) -> dict[str, Any]:
+def data_description(cfg: ExperimentConfig, analyses: Analyses) -> dict[str, Any]:
+    """The summary's "data" section: where the records come from, how they were split,
+    and the template each model was counted with."""
+    _, split = record_parts(cfg)
+    return {"path": cfg.data.path or "shipped", "n_per_category": cfg.data.n_per_category,
+            "template": cfg.data.template, "max_length": cfg.data.max_length, "scope": cfg.data.scope,
+            "templates": {name: ma.meta.get("template") for name, ma in
+                          {**analyses.models, **{f"control:{k}": v for k, v in analyses.controls.items()}}.items()},
+            "splits": split, "fine_tuning_records": "train_data" if cfg.train_data else "train part"}
+
+
+def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, comparison=None,
+                 series=None, controls: dict | None = None, ablation: dict | None = None, **_) -> dict[str, Any]:
     """Assemble summary.json and write the report directory (OUT/report/)."""
-    from sparcom_jax.analysis import AblationResult, build_summary
+    from sparcom_jax.analysis import build_summary
     from sparcom_jax.report import write_report
 
     analyses = analyses or analyze_all(cfg, out, full=True)
-    if comparison is None and len(analyses) >= 2:
+    if comparison is None and len(analyses.models) >= 2:
         c = compare_stage(cfg, out, analyses=analyses)
-        comparison, series = c["_comparison"], c["_series"]
+        comparison, series, controls = c["_comparison"], c["_series"], c["_controls"]
     if ablation is None:  # from earlier `sparcom ablate` files
-        ablation = {}
-        for spec in ablation_models(cfg, out):
-            for kind in ("neurons", "experts"):
-                f = _ablation_file(out, spec.label, kind)
-                if f.is_file():
-                    ablation[(spec.label, kind)] = _ablation_from_json(AblationResult, json.loads(f.read_text()))
+        ablation = load_ablations(cfg, out, analyses)
     # The summary holds one model's causal check: the fine-tuned model's when there are several.
-    names = list(analyses)
+    names = list(analyses.models)
     abl_model = next((n for n in reversed(names) if any(k[0] == n for k in ablation)), None)
     specs = model_list(cfg, out)
     summary = build_summary(
-        analyses, config=identify_config(cfg), comparison=comparison, series=series,
+        analyses.models, config=identify_config(cfg), comparison=comparison, series=series,
         ablation=ablation.get((abl_model, "neurons")), ablation_experts=ablation.get((abl_model, "experts")),
         model_paths={s.label: s.path or "random init" for s in specs},
-        data={"path": cfg.data.path or "shipped", "n_per_category": cfg.data.n_per_category,
-              "template": cfg.data.template, "max_length": cfg.data.max_length},
+        data=data_description(cfg, analyses),
         scope=cfg.data.scope,
-        extra={"experiment": cfg.name, "ablation_model": abl_model},
+        extra={"experiment": cfg.name, "ablation_model": abl_model, "controls": controls or {},
+               "ablation_expert_neurons": (ablation[(abl_model, "expert_neurons")].to_dict()
+                                           if (abl_model, "expert_neurons") in ablation else None),
+               "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
     )
     rdir = out / "report"
     if is_primary():
         with timed(f"report: writing {rdir}"):
-            write_report(rdir, summary, analyses=analyses, title=cfg.report.title or f"SPARCOM: {cfg.name}",
+            write_report(rdir, summary, analyses=analyses.models, title=cfg.report.title or f"SPARCOM: {cfg.name}",
                          dpi=cfg.report.dpi)
     return {"report": str(rdir / "index.html"), "summary": str(rdir / "summary.json"), "_summary": summary}
 
@@ -361,22 +563,26 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses=None, comparison=
 # All stages, one stage
 # --------------------------------------------------------------------------- #
 
-def run_all(cfg: ExperimentConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
+def fine_tunes(cfg: ExperimentConfig) -> bool:
+    """Whether `run` fine-tunes the base model itself (no fine-tuned model given)."""
+    return cfg.finetuned is None and bool(cfg.train.total_steps)
+
+
+def run_all(cfg: ExperimentConfig, out: Path, *, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Every stage in order: (finetune when no fine-tuned model is given), collect,
     identify, evaluate, compare, ablate, report."""
-    written: dict[str, Any] = {}
-    if cfg.finetuned is None and cfg.train.total_steps:
-        written.update(finetune_stage(cfg, out, progress=progress))
-    written.update(collect_stage(cfg, out, progress=progress))
+    if fine_tunes(cfg):
+        finetune_stage(cfg, out, progress=progress, overwrite=overwrite)
+    collect_stage(cfg, out, progress=progress, overwrite=overwrite)
     analyses = analyze_all(cfg, out, full=True)
     identify_stage(cfg, out, analyses=analyses)
     evaluate_stage(cfg, out, analyses=analyses)
-    comparison = series = None
-    if len(analyses) >= 2:
+    comparison = series = controls = None
+    if len(analyses.models) >= 2:
         c = compare_stage(cfg, out, analyses=analyses)
-        comparison, series = c["_comparison"], c["_series"]
-    abl = ablate_stage(cfg, out, analyses=analyses) if cfg.ablation.enabled else {}
-    r = report_stage(cfg, out, analyses=analyses, comparison=comparison, series=series,
+        comparison, series, controls = c["_comparison"], c["_series"], c["_controls"]
+    abl = ablate_stage(cfg, out, analyses=analyses, overwrite=overwrite) if cfg.ablation.enabled else {}
+    r = report_stage(cfg, out, analyses=analyses, comparison=comparison, series=series, controls=controls,
                      ablation=abl.get("_results", {}))
     return {"report": r["report"], "summary": r["summary"], "out": str(out)}
 
@@ -388,14 +594,31 @@ STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 }
 
 
-def run_stage(stage: str, cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
-    """Run one stage (or "run" for all), saving the resolved config first.
+def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
+    """The checks every stage makes before any work or output: the models it needs exist
+    and the records load, split and sample."""
+    if stage in ("finetune", "run") and (stage == "finetune" or fine_tunes(cfg)):
+        require_models([cfg.base])
+        train_records(cfg)
+    if stage != "finetune":
+        require_models(model_list(cfg, out))
+        identify_records(cfg)
+    if stage in ("ablate", "run") and cfg.ablation.enabled:
+        ablate_records(cfg)
+
+
+def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run one stage (or "run" for all) under the output directory's lock.
+
+    The resolved config is saved as OUT/config.yaml once the stage's up-front checks pass.
 
     Returns:
       {label: path} of the outputs (internal objects dropped).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out)
-    res = STAGE_FUNCS[stage](cfg, out)
+    lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
+    with lock:
+        preflight(stage, cfg, out)
+        save_resolved(cfg, out)
+        res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
     return {"config": str(out / "config.yaml"),
             **{k: v for k, v in res.items() if not str(k).startswith("_")}}

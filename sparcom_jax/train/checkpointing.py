@@ -176,13 +176,20 @@ def export_hf(run_dir: str | Path, step: int, out_dir: str | Path, *, tokenizer=
     return save_model(model, out_dir, tokenizer=tok, dtype=dtype)
 
 
-def series_name(step: int, final_step: int) -> str:
-    """"before" for step 0, "after" for the last step, else "step_000123"."""
+def series_name(step: int, final_step: int, *, before: str | None = "before", after: str = "after",
+                middle: str = "step_{step:06d}") -> str | None:
+    """The name of checkpoint `step` in a series: the one naming rule of the project.
+
+    `before` for step 0 (None leaves step 0 out: a pipeline's base model already has
+    its name), `after` for the last step, else `middle` formatted with the step.
+    Defaults: "before", "step_000123", "after". The pipeline names a run's checkpoints
+    "<name>-step<k>" and "<name>", the demo "<pair>-base", "<pair>-step<k>", "<pair>-chat".
+    """
     if step == 0:
-        return "before"
+        return before
     if step == final_step:
-        return "after"
-    return f"step_{step:06d}"
+        return after
+    return middle.format(step=step)
 
 
 def export_series(run_dir: str | Path, out_dir: str | Path, *, steps: Sequence[int] | None = None,

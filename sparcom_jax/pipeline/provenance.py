@@ -1,0 +1,94 @@
+"""What each stage's outputs were made from, and the one rule for reusing them.
+
+The rule (docs/cli.md, "Reusing finished work"): a stage reuses earlier outputs only
+when their fingerprint equals the fingerprint of the current inputs and settings.
+When they differ, the stage stops with a one-line error that names what differs and
+the flag that recomputes them (``--overwrite``); with that flag it recomputes and
+logs why. A resumed run whose settings still match resumes as before.
+
+Fingerprints (`sparcom_jax.fingerprint`) per stage:
+
+- finetune: base model (weights files), training settings, fine-tuning records and
+  their tokens -> OUT/train/fingerprint.json; each exported checkpoint records its
+  run and step (OUT/checkpoints/<name>/export.json).
+- collect: model, records, template, scope, max_length, dtype and the tokenized
+  sequences -> the count store's meta.json (checked again on resume).
+- identify, evaluate, compare, report: they recompute from the counts every time,
+  after checking that the counts' fingerprints match the current settings; each
+  writes the fingerprint of what it used beside its outputs.
+- ablate: the model, its counts, the rule, the ablation settings and records -> in
+  each OUT/ablate/<model>_<kind>.json; `report` checks it before using the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from sparcom_jax.config import ExperimentConfig, ModelSpec
+from sparcom_jax.errors import StaleResultError
+from sparcom_jax.fingerprint import describe, difference, digest, digest_arrays, model_files_fingerprint
+from sparcom_jax.pipeline.common import log
+
+# Component names -> what the user calls them (config keys), for messages.
+LABELS = {
+    "model": "model weights", "records": "records (data.path, data.split, data.n_per_category, data.seed)",
+    "template": "template", "scope": "data.scope", "max_length": "data.max_length", "dtype": "collect.dtype",
+    "tokens": "tokenized text (tokenizer or record text)", "train": "train settings", "base": "base model weights",
+    "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
+    "sums": "collect.sums",
+}
+
+
+def spec_model_fingerprint(spec: ModelSpec) -> str:
+    """Digest of a model of the config without loading it: its files, or its random init."""
+    if spec.path:
+        return model_files_fingerprint(spec.path)
+    return digest({"init": spec.init, "seed": spec.seed})
+
+
+def spec_tokenizer(spec: ModelSpec):
+    """The tokenizer a model is used with (its directory's, else the shipped one), without its weights."""
+    from sparcom_jax.data import default_tokenizer
+
+    if spec.path:
+        from sparcom_jax.checkpoints.hf import load_tokenizer
+
+        tok = load_tokenizer(spec.path)
+        if tok is not None:
+            return tok
+    return default_tokenizer()
+
+
+def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, template: str,
+                        tokenizer=None) -> tuple[dict[str, Any], Any]:
+    """(fingerprint components, EncodedSet) of one model's counts on `records`."""
+    import warnings
+
+    from sparcom_jax.data import encode_records
+
+    tok = tokenizer or spec_tokenizer(spec)
+    with warnings.catch_warnings():  # the collection itself reports truncation once
+        warnings.simplefilter("ignore")
+        enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length)
+    return {"model": spec_model_fingerprint(spec), "dtype": cfg.collect.dtype, "records": digest(enc.record_ids),
+            "template": template, "scope": cfg.data.scope, "max_length": cfg.data.max_length,
+            "tokens": digest_arrays(enc.ids, enc.scopes)}, enc
+
+
+def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[str, Any],
+          *, overwrite: bool, fix: str = "re-run with --overwrite to recompute it, or choose another --out") -> bool:
+    """Whether outputs with fingerprint `stored` must be recomputed for `current`.
+
+    Returns False when they match (reuse them). When they differ: raises
+    StaleResultError naming the difference and `fix`, unless `overwrite`, in which
+    case it logs why and returns True.
+    """
+    keys = difference(stored, current)
+    if not keys:
+        return False
+    what = describe(keys, stored, current, LABELS)
+    if not overwrite:
+        raise StaleResultError(f"{where}: made with other inputs or settings ({what}); {fix}")
+    log(f"{where}: recomputing (--overwrite): {what}")
+    return True
