@@ -17,6 +17,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from sparcom_jax.fileio import prepare_out_dir
+
 # Errors that mean "the input is wrong" (configs, data, checkpoints all raise
 # ValueError subclasses); anything else is a bug and keeps its traceback.
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -163,6 +165,7 @@ def cmd_demo(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"outputs would go to {out} (report: {out / 'report' / 'index.html'})")
         return 0
+    prepare_out_dir(out)
     res = pipeline.run_demo(out, cfg=cfg, overwrite=args.overwrite)
     _print_outputs(res, out)
     print(f"\nopen the report: {res['report']}")
@@ -172,6 +175,8 @@ def cmd_demo(args) -> int:
 def cmd_selfcheck(args) -> int:
     from sparcom_jax import pipeline
 
+    if args.out:
+        prepare_out_dir(args.out)
     res = pipeline.selfcheck(args.model, model_type=args.model_type, dtype=args.dtype, compare=not args.no_compare)
     print(f"model        {res['model']} ({res['params']:,} parameters)")
     print(f"logits       shape {res['shape']} ({'ok' if res['shape_ok'] else 'WRONG'}), "
@@ -205,6 +210,7 @@ def cmd_stage(args) -> int:
             print("\n  multi-host: each process would call jax.distributed.initialize() first")
         print(f"\noutputs would go to {out} (dry run: nothing written)")
         return 0
+    prepare_out_dir(out)
     pipeline.init_distributed(cfg.mesh)
     res = pipeline.run_stage(args.command, cfg, out, overwrite=args.overwrite)
     _print_outputs(res, out)

@@ -32,6 +32,18 @@ from sparcom_jax.train.config import TrainConfig
 # Schema
 # --------------------------------------------------------------------------- #
 
+def _check_min(spec: Any, minimum: int, *keys: str) -> None:
+    """Refuse a value below `minimum` (None, where the type allows it, means "unset").
+
+    Loading prefixes the section, so the message names the dotted key
+    ("c.yaml: data.max_length must be >= 1, got 0"); dry runs fail on it too.
+    """
+    for k in keys:
+        v = getattr(spec, k)
+        if v is not None and v < minimum:
+            raise ConfigError(f"{k} must be >= {minimum}, got {v}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """One model of the comparison.
@@ -113,6 +125,9 @@ class DataSpec:
             if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1.0) > 1e-6:
                 raise ConfigError(f"split: shares {self.split} must be > 0 and sum to 1")
 
+    def __post_init__(self):
+        _check_min(self, 1, "n_per_category", "max_length")
+
 
 @dataclasses.dataclass(frozen=True)
 class IdentifySpec(IdentifyConfig):
@@ -167,6 +182,11 @@ class CollectSpec:
     moe_impl: Literal["auto", "capacity", "ragged", "tiled", "looped"] = "auto"
     template_control: bool = True
 
+    def __post_init__(self):
+        _check_min(self, 1, "batch_size")
+        if self.buckets is not None and (not self.buckets or min(self.buckets) < 1):
+            raise ConfigError(f"buckets must be null or a non-empty list of lengths >= 1, got {self.buckets}")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
@@ -189,12 +209,7 @@ class MeshSpec:
     distributed: bool = False
 
     def __post_init__(self):
-        for k in ("devices", "data"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                raise ConfigError(f"{k} must be >= 1, got {v}")
-        if self.model < 1 or self.num_processes < 1:
-            raise ConfigError("model and num_processes must be >= 1")
+        _check_min(self, 1, "devices", "data", "model", "num_processes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +235,10 @@ class AblationSpec:
     kinds: list[Literal["neurons", "experts", "expert_neurons"]] = dataclasses.field(
         default_factory=lambda: ["neurons", "experts", "expert_neurons"])
     model: Literal["base", "finetuned", "both"] = "finetuned"
+
+    def __post_init__(self):
+        _check_min(self, 0, "n_random")
+        _check_min(self, 1, "max_records", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,7 +535,7 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split "a.b.c=value" into (["a", "b", "c"], value parsed with yaml.safe_load)."""
+    """Split "a.b.c=value" into (["a", "b", "c"], value parsed as YAML, duplicate keys refused)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. identify.eps=0.02")
     key, raw = text.split("=", 1)
@@ -524,7 +543,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key; write dotted keys like data.max_length=256")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.__class__.__name__})") from None
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
@@ -588,14 +607,49 @@ def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...] = ()) -> An
 # Files
 # --------------------------------------------------------------------------- #
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping that names one key twice (plain YAML would keep the last silently)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses duplicate keys in a mapping (merge keys `<<` may
+    still be overridden, as YAML defines)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise _DuplicateKey(
+                            None, None, f"duplicate key {key!r} (lines {first[key]} and {line})",
+                            key_node.start_mark)
+                    first[key] = line
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    """Parse a YAML file; errors name the file and line."""
+    """Parse a YAML file; errors name the file and line, and a key given twice in one
+    mapping is an error naming both lines."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found" + (
             "; the shipped configs are in configs/" if not p.is_absolute() else ""))
     try:
-        return yaml.safe_load(p.read_text())
+        return _load_yaml(p.read_text())
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}:{e.problem_mark.line + 1}: {e.problem}; YAML would keep only the "
+                          "last value silently, so delete or rename one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -631,6 +685,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     cfg = apply_overrides(cfg, overrides)
     source = str(path) if path else "config"
     check_architecture(cfg, source=source + (" with overrides" if overrides else ""))
+    if isinstance(cfg, ExperimentConfig) and cfg.base.path is None and cfg.base.init is None:
+        raise ConfigError(
+            f"{source}: no base model; add a `base:` section with `path:` (the local Hugging Face "
+            "directory of the model before fine-tuning), or set it on the command line: base.path=DIR")
     return cfg
 
 

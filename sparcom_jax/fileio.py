@@ -1,5 +1,5 @@
-"""Atomic file writes and directory locks: a reader never sees a half-written output
-file, and two runs never write one output at once."""
+"""Atomic file writes, the output directory check and directory locks: a reader never
+sees a half-written output file, and two runs never write one output at once."""
 
 from __future__ import annotations
 
@@ -135,3 +135,36 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def prepare_out_dir(path: str | os.PathLike) -> str:
+    """Create the output directory, or fail at once with one clear line (naming the path
+    and the fix) rather than with a traceback once the work has started.
+
+    Args:
+      path: the output directory (--out); created with its parents.
+
+    Returns:
+      `path` as a string.
+
+    Raises:
+      ValueError: when `path` or a parent is a file, or the directory cannot be
+        created or written.
+    """
+    path = os.fspath(path)
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):  # the nearest existing ancestor decides
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"is under {probe}, which is a file"
+        raise ValueError(f"output directory {path} {where}; choose another --out")
+    # access() also answers False for a read-only file system, which mode bits do not show.
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"output directory {path}: {probe} is not writable; "
+                         "choose another --out or fix its permissions")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"output directory {path} cannot be created ({err.strerror}); "
+                         "choose another --out or fix its permissions") from None
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,75 @@ def test_collect_moe_impl_reaches_the_loaded_model(impl, hf_checkpoint):
     for spec in (ModelSpec(name="m", init=init), ModelSpec(name="m", path=str(hf_checkpoint("mixtral")))):
         model = load_spec_model(spec, moe_impl=impl)
         assert model.blocks.ffn.impl == impl
+
+
+# --- values the real run would reject only after loading the model ---------------
+
+BASE = "name: x\nbase: {path: /m}\n"
+
+
+@pytest.mark.parametrize("section, key, value, minimum", [
+    ("data", "max_length", 0, 1),
+    ("data", "n_per_category", 0, 1),
+    ("data", "n_per_category", -3, 1),
+    ("train_data", "max_length", -1, 1),
+    ("collect", "batch_size", 0, 1),
+    ("collect", "batch_size", -8, 1),
+    ("ablation", "batch_size", 0, 1),
+    ("ablation", "max_records", 0, 1),
+    ("ablation", "n_random", -1, 0),
+    ("mesh", "num_processes", 0, 1),
+])
+def test_out_of_range_values_name_the_dotted_key(tmp_path, section, key, value, minimum):
+    p = write(tmp_path, BASE + f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: {section}.{key} must be >= {minimum}, got {value}"
+    # the same check on the command line (so `--dry-run` fails too)
+    with pytest.raises(ConfigError, match=re.escape(f"{section}.{key} must be >= {minimum}, got {value}")):
+        load_config(write(tmp_path, BASE, "ok.yaml"), [f"{section}.{key}={value}"])
+
+
+def test_the_smallest_valid_values_load(tmp_path):
+    p = write(tmp_path, BASE + "data: {max_length: 1, n_per_category: 1}\ncollect: {batch_size: 1, buckets: [1]}\n"
+                               "ablation: {n_random: 0, max_records: 1, batch_size: 1}\n")
+    cfg = load_config(p)
+    assert (cfg.data.max_length, cfg.collect.batch_size, cfg.ablation.n_random) == (1, 1, 0)
+    assert load_config(p, ["data.n_per_category=null", "ablation.max_records=null"]).data.n_per_category is None
+
+
+@pytest.mark.parametrize("buckets", ["[]", "[16, 0]"])
+def test_collect_buckets_must_be_positive_lengths(tmp_path, buckets):
+    with pytest.raises(ConfigError, match=r"collect\.buckets must be null or a non-empty list of lengths >= 1"):
+        load_config(write(tmp_path, BASE + f"collect: {{buckets: {buckets}}}\n"))
+
+
+# --- duplicate keys, a missing base ------------------------------------------------
+
+
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path):
+    p = write(tmp_path, BASE + "identify:\n  eps: 0.1\n  q: 0.5\n  eps: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}:6: duplicate key 'eps' (lines 4 and 6); YAML would keep only the last")
+    p = write(tmp_path, "name: x\nbase: {path: /m}\nname: y\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{p}:3: duplicate key 'name' (lines 1 and 3)")):
+        load_config(p)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    from sparcom_jax.config import read_yaml
+
+    p = write(tmp_path, "a: &d {x: 1, y: 2}\nb:\n  <<: *d\n  y: 3\n")
+    assert read_yaml(p) == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
+
+
+def test_a_config_without_base_says_to_add_it(tmp_path):
+    p = write(tmp_path, "name: x\nfinetuned: {path: /ft}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: no base model; add a `base:` section with `path:`")
+    assert load_config(p, ["base.path=/m"]).base.path == "/m"
+    init = ("{model_type: llama, hidden_size: 8, intermediate_size: 16, num_hidden_layers: 1, "
+            "num_attention_heads: 2, num_key_value_heads: 1}")
+    assert load_config(write(tmp_path, f"name: x\nbase: {{init: {init}}}\n", "i.yaml")).base.init

@@ -10,12 +10,19 @@ shared validation in `records.py`, optionally after an adapter from
 Positions in messages: JSON Lines and CSV report the line number
 (`file.jsonl:12: ...`), a JSON array the item (`file.json:item 3: ...`),
 Parquet and `datasets` directories the row (`file.parquet:row 3: ...`,
-`dir:train row 3: ...`), all counted from 1.
+`dir:train row 3: ...`), all counted from 1. A file without an `id` column
+gets ids made of the file stem and that position (`file:12`, `file:item 3`,
+`file:row 3`, `dir:train row 3`).
+
+Text files (JSON, JSON Lines, CSV, TSV) must be UTF-8: they are decoded here
+first, so a stray Latin-1 byte is reported with its line instead of as a
+decoding error deep inside `datasets`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -76,6 +83,27 @@ def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list
         return ds.to_list(), list(ds.column_names)
 
 
+def _read_text(file: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is an error naming its line."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{file}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`, or "
+            "encoding='utf-8' when writing it)"
+        ) from None
+
+
+def _empty_file(file: Path, what: str) -> ValueError:
+    return ValueError(
+        f"{file}: no records ({what}); add records to it, or load the right file"
+    )
+
+
 def _json_error(file: Path, line: int, err: json.JSONDecodeError) -> Problem:
     return Problem(
         str(file), str(line), f"malformed JSON ({err.msg} at column {err.colno})",
@@ -122,7 +150,9 @@ def _load_json_subset(file: Path, lines: list[str], all_good: bool):
 
 
 def _read_json(file: Path) -> _Table:
-    text = file.read_text(encoding="utf-8")
+    text = _read_text(file)
+    if not text.strip():
+        raise _empty_file(file, "the file is empty" if not text else "the file has only blank lines")
     if file.suffix.lower() in _JSONL_SUFFIXES:
         return _read_json_lines(file, text)
     try:
@@ -138,6 +168,8 @@ def _read_json(file: Path) -> _Table:
             f"{file}:1: expected a JSON list of records, got {type(data).__name__}; "
             "write [{...}, {...}] or one object per line (JSON Lines)"
         )
+    if not data:
+        raise _empty_file(file, "an empty JSON list")
     problems, keep, where = [], [], []
     for i, obj in enumerate(data, start=1):
         if isinstance(obj, dict):
@@ -155,27 +187,34 @@ def _read_json(file: Path) -> _Table:
     return _Table(str(file), rows, where, columns, problems)
 
 
-def _csv_lines(file: Path, sep: str) -> list[int]:
-    """The line each CSV data row starts on (1-based), skipping blank lines as pandas does."""
-    starts = []
-    with open(file, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=sep)
-        prev = 0
-        for row in reader:
-            if row:
-                starts.append(prev + 1)
-            prev = reader.line_num
-    return starts[1:]  # drop the header
+def _csv_lines(text: str, sep: str) -> tuple[list[int], list[str]]:
+    """The line each CSV data row starts on (1-based), skipping blank lines as pandas
+    does, and the header's column names."""
+    starts, header = [], []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    prev = 0
+    for row in reader:
+        if row:
+            starts.append(prev + 1)
+            header = header or row
+        prev = reader.line_num
+    return starts[1:], header  # the first row is the header
 
 
 def _read_csv(file: Path, sep: str) -> _Table:
+    text = _read_text(file)
+    if not text.strip():
+        raise _empty_file(file, "the file is empty" if not text else "the file has only blank lines")
+    try:
+        lines, header = _csv_lines(text, sep)
+    except csv.Error:
+        lines, header = None, []
+    if lines == []:  # datasets cannot read a header without rows; say what is wrong instead
+        raise _empty_file(file, f"only the header line, columns {header}")
     # Empty cells stay "" (an empty optional input, or an empty instruction that
     # validation names as such) instead of becoming NaN.
     rows, columns = _datasets_load("csv", file, sep=sep, na_filter=False)
-    try:
-        lines = _csv_lines(file, sep)
-    except (csv.Error, UnicodeDecodeError):
-        lines = []
+    lines = lines or []
     if len(lines) == len(rows):
         where = [str(n) for n in lines]
     else:  # unusual quoting: fall back to row numbers rather than guess lines
@@ -184,6 +223,14 @@ def _read_csv(file: Path, sep: str) -> _Table:
 
 
 def _read_parquet(file: Path) -> _Table:
+    import pyarrow.parquet as pq  # datasets' own dependency
+
+    try:
+        n_rows = pq.ParquetFile(file).metadata.num_rows
+    except Exception:  # pyarrow raises several types; datasets names the file below
+        n_rows = None
+    if n_rows == 0:
+        raise _empty_file(file, "a Parquet file with 0 rows")
     rows, columns = _datasets_load("parquet", file)
     return _Table(str(file), rows, [f"row {i}" for i in range(1, len(rows) + 1)], columns, [])
 
@@ -208,6 +255,8 @@ def _read_saved(directory: Path) -> _Table:
         rows.extend(part)
         label = f"{split} row" if split is not None else "row"
         where.extend(f"{label} {i}" for i in range(1, len(part) + 1))
+    if not rows:
+        raise _empty_file(directory, "a datasets directory with 0 rows")
     return _Table(str(directory), rows, where, columns, [])
 
 
@@ -257,6 +306,25 @@ def _check_columns(table: _Table, required: Sequence[str], what: str) -> None:
         )
 
 
+def _id_stem(table: _Table) -> str:
+    """The prefix of derived ids: the file name without its suffix (a directory's name)."""
+    p = Path(table.file)
+    return p.name if p.is_dir() else p.stem
+
+
+def _no_records(report: LoadReport, problems: Sequence[Problem]) -> ValueError:
+    counts = [f"{report.n_rows} row(s) read"]
+    fixes = []
+    if problems:
+        counts.append(f"{len(problems)} invalid")
+        fixes.append(f"fix the invalid records (first: {problems[0]})")
+    if report.excluded:
+        counts.append(f"{len(report.excluded)} excluded")
+        fixes.append(f"check categories= and the adapter (first excluded: {report.excluded[0]})")
+    return ValueError(f"{', '.join(report.files)}: no usable records ({', '.join(counts)}); "
+                      + ("; ".join(fixes) or "add records"))
+
+
 def _as_paths(path) -> list[Path]:
     if path is None:
         return [SHIPPED_PATH]
@@ -278,6 +346,14 @@ def load_instructions(
     return_report: bool = False,
 ) -> list[Record] | tuple[list[Record], LoadReport]:
     """Load instruction records.
+
+    Ids: a file with an `id` column (after `fields=`) must give every record a
+    non-empty id, unique over everything loaded together. A file without an
+    `id` column gets stable ids from the file stem and the record's position,
+    the same on every run and whatever is sampled: "<stem>:<line>" for JSON
+    Lines and CSV/TSV, "<stem>:item <n>" for a JSON list, "<stem>:row <n>" for
+    Parquet and "<dir>:<split> row <n>" (or "<dir>:row <n>") for `datasets`
+    directories. Adapters make their own ids (see `adapters.py`).
 
     Args:
       path: a file (.json, .jsonl, .csv, .tsv, .parquet), a `datasets`
@@ -306,14 +382,16 @@ def load_instructions(
       ValueError: on malformed JSON, an unknown category, an empty instruction, a
         missing required field, a duplicate id, ...; the message starts with
         "<file>:<line or row>: <what is wrong>; <how to fix>". In lenient mode only
-        file-level problems raise (an unreadable file, a missing column).
+        file-level problems raise: an unreadable or non-UTF-8 file, a missing
+        column, a file with no records (empty, blank lines only, a header only),
+        and a load left with no usable record at all.
     """
     report = LoadReport()
     keep_cats = None if categories is None else {normalize_category(c) for c in categories}
     problems: list[Problem] = []
     adapter_excluded: list[Excluded] = []
     records: list[Record] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, bool]] = {}  # id -> (where first seen, derived)
     for file in _as_paths(path):
         table = read_table(file)
         report.files.append(table.file)
@@ -323,16 +401,20 @@ def load_instructions(
             _apply_fields(table, fields)
         name = detect_adapter(table.columns) if adapter == "auto" else adapter
         ad: Adapter | None = get_adapter(name) if name else None
+        derive_ids = ad is None and "id" not in table.columns
         if ad is None:
-            _check_columns(table, REQUIRED_FIELDS, "the record format")
+            _check_columns(table, [f for f in REQUIRED_FIELDS if f != "id" or not derive_ids],
+                           "the record format")
         else:
             _check_columns(table, ad.required, f"the {ad.name} adapter")
         columns = dict(ad.columns) if ad else {}
         if fields:  # name the user's own columns in messages
             columns.update({k: fields.get(v, v) for k, v in columns.items()})
             columns.update({k: v for k, v in fields.items() if k not in columns})
-        stem = Path(table.file).stem
+        stem = _id_stem(table)
         for n, (row, where) in enumerate(zip(table.rows, table.where), start=1):
+            if derive_ids:
+                row = {**row, "id": f"{stem}:{where}"}
             if ad is not None:
                 row = ad.convert(row, n, stem)
                 if isinstance(row, str):
@@ -345,12 +427,15 @@ def load_instructions(
                 problems.append(rec)
                 continue
             if rec.id in seen:
+                first, first_derived = seen[rec.id]
+                fix = ("ids made from the file name collide: rename one of the files, or give "
+                       "the records an 'id' column" if derive_ids or first_derived
+                       else "give each record a unique id")
                 problems.append(Problem(
-                    table.file, where, f"duplicate id {rec.id!r} (first seen at {seen[rec.id]})",
-                    "give each record a unique id",
+                    table.file, where, f"duplicate id {rec.id!r} (first seen at {first})", fix,
                 ))
                 continue
-            seen[rec.id] = f"{table.file}:{where}"
+            seen[rec.id] = (f"{table.file}:{where}", derive_ids)
             if keep_cats is not None and rec.category not in keep_cats:
                 report.excluded.append(
                     Excluded(table.file, where, f"category {rec.category!r} not in categories=")
@@ -379,6 +464,8 @@ def load_instructions(
             f"excluded {len(adapter_excluded)} record(s) outside the six categories ({detail}); "
             "the report lists each one", DataWarning, stacklevel=2,
         )
+    if not records:
+        raise _no_records(report, problems)
     if n_per_category is not None:
         records = sample_balanced(records, n_per_category, seed=seed, categories=keep_cats)
     report.n_loaded = len(records)

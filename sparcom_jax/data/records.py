@@ -31,7 +31,8 @@ class Record:
     """One instruction.
 
     Attributes:
-      id: unique identifier within a loaded set.
+      id: unique identifier within a loaded set (derived from the file name and
+        position when the file has no id column; see `load_instructions`).
       category: canonical category name (see `sparcom_jax.categories.CATEGORIES`).
       instruction: the instruction text; never empty.
       input: optional context the instruction refers to ("" when absent).
@@ -174,9 +175,14 @@ def validate_row(
         if _is_missing(raw):
             if field in REQUIRED_FIELDS:
                 col = columns.get(field, field)
-                fix = (f"add a {field!r} value, or map the column that holds it with "
-                       f"fields={{{field!r}: '<column>'}}" if col == field
-                       else f"add a {col!r} value to this record")
+                if col != field:
+                    fix = f"add a {col!r} value to this record"
+                elif field == "id":  # ids are derived only for a whole file without them
+                    fix = ("give this record an 'id', or leave 'id' out of every record of the "
+                           "file to get ids made from the file name and line")
+                else:
+                    fix = (f"add a {field!r} value, or map the column that holds it with "
+                           f"fields={{{field!r}: '<column>'}}")
                 return Problem(file, where, f"missing required field {name(field)}", fix)
             values[field] = ""
             continue

@@ -151,11 +151,11 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
       {"report": index.html, "summary": summary.json, "checkpoints": dir, "out": dir}.
     """
     from sparcom_jax.data import default_tokenizer, sample_balanced
-    from sparcom_jax.fileio import DirLock
+    from sparcom_jax.fileio import DirLock, prepare_out_dir
     from sparcom_jax.pipeline.common import record_parts
 
     cfg = cfg or demo_config(fast)
-    out = Path(out)
+    out = Path(prepare_out_dir(out))
     t0 = time.perf_counter()
     with DirLock(out, "demo output directory"):
         tok = default_tokenizer()

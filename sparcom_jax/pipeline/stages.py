@@ -615,6 +615,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     Returns:
       {label: path} of the outputs (internal objects dropped).
     """
+    from sparcom_jax.fileio import prepare_out_dir
+
+    prepare_out_dir(out)
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
         preflight(stage, cfg, out)

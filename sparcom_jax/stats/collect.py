@@ -84,6 +84,14 @@ class _Progress:
         return self.done / max(time.perf_counter() - self.t0, 1e-9)
 
 
+def check_batch_size(batch_size) -> None:
+    """Refuse a batch size that is not an integer (2.5, "8", True) by name, before it
+    becomes an obscure indexing error deep in the batching (the runner checks >= 1)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size must be a positive integer, got {batch_size!r} "
+                        f"({type(batch_size).__name__})")
+
+
 def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, batch_size: int = 8, *,
                    mesh=None, buckets: Sequence[int] | None = None, progress: bool = True,
                    out: str | Path | None = None, chunk_rows: int = 256, ids: Sequence[str] | None = None,
@@ -116,6 +124,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       expert_routed [N, L, E] and expert_neuron_active [N, L, E, G] (MoE); lazily
       read arrays when `out` is given.
     """
+    check_batch_size(batch_size)
     cfg = model.config
     seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
     n = len(seqs)
@@ -185,6 +194,58 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     return counts
 
 
+def check_scope_coverage(enc, max_length: int | None) -> dict[str, int]:
+    """Count the records with no token in scope, per category; warn about them and refuse
+    a category left with none.
+
+    Such a record (e.g. scope="response" when the prompt fills max_length) is counted
+    as an all-zero row; it is kept so rows stay aligned with the records, but it
+    weighs on consensus sets like a record that activated nothing, so it is never silent.
+
+    Args:
+      enc: an `EncodedSet` (N scope masks bool [T_n], categories, record ids).
+      max_length: the cut the sequences were encoded with (for the message).
+
+    Returns:
+      {category: records with no token in scope}, for every category of `enc`,
+      in canonical order.
+
+    Raises:
+      ValueError: when `enc` is empty, or a category has no record with a token in
+        scope (naming the categories and the fix).
+    """
+    import warnings
+
+    from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+    from sparcom_jax.data import DataWarning
+
+    if len(enc) == 0:
+        raise ValueError("no records to collect counts for; load at least one record per category")
+    total = {c: 0 for c in CATEGORIES}
+    empty = {c: 0 for c in CATEGORIES}
+    empty_ids = []
+    for rid, cat, scope_T in zip(enc.record_ids, enc.categories, enc.scopes):
+        total[cat] += 1
+        if not np.any(scope_T):
+            empty[cat] += 1
+            empty_ids.append(rid)
+    present = [c for c in CATEGORIES if total[c]]
+    fix = (f"raise max_length (data.max_length, now {max_length}) or change the scope "
+           f"(data.scope, now {enc.scope!r})")
+    dead = [c for c in present if empty[c] == total[c]]
+    if dead:
+        names = ", ".join(f"{SHORT_NAMES[c]} ({c}, {total[c]} record(s))" for c in dead)
+        raise ValueError(f"no record of {names} has a token in scope={enc.scope!r} with "
+                         f"max_length={max_length}, so nothing of that category would be counted; {fix}")
+    if empty_ids:
+        per = ", ".join(f"{SHORT_NAMES[c]} {empty[c]} of {total[c]}" for c in present if empty[c])
+        shown = ", ".join(map(repr, empty_ids[:5])) + (", ..." if len(empty_ids) > 5 else "")
+        warnings.warn(f"{len(empty_ids)} of {len(enc)} record(s) have no token in scope={enc.scope!r} "
+                      f"with max_length={max_length} and count as empty rows ({per}; first: {shown}); {fix}",
+                      DataWarning, stacklevel=3)
+    return {c: empty[c] for c in present}
+
+
 def collect_instructions(model, records, tokenizer=None, *, template: str = "plain", scope: str = "prompt",
                          batch_size: int = 8, max_length: int | None = 512, out: str | Path | None = None,
                          mesh=None, progress: bool = True, **kwargs) -> Counts:
@@ -198,6 +259,10 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
       template: "plain" or "chat"; scope: "prompt" (default, as in the paper),
         "response" (teacher forcing) or "all".
       Other arguments as in `collect_counts`.
+
+    Records with no token in scope are reported per category (a `DataWarning`,
+    and meta["n_empty_scope"] = {category: count}); a category with no record
+    in scope is a ValueError before the model runs (see `check_scope_coverage`).
     """
     from sparcom_jax.data import encode_records, load_instructions, resolve_tokenizer
 
@@ -205,7 +270,9 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
         records = load_instructions(records)
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length)
-    meta = {"template": template, "scope": scope, "max_length": max_length, "n_truncated": int(enc.n_truncated)}
+    n_empty = check_scope_coverage(enc, max_length)
+    meta = {"template": template, "scope": scope, "max_length": max_length, "n_truncated": int(enc.n_truncated),
+            "n_empty_scope": n_empty}
     # The settings by name, so a store made with others says which one differs.
     fingerprint = {"records": digest(enc.record_ids), "template": template, "scope": scope,
                    "max_length": max_length, **(kwargs.pop("fingerprint", None) or {})}

@@ -1,0 +1,64 @@
+"""collect_instructions / collect_counts on unusable input: nothing in scope, a bad batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sparcom_jax as sj
+from sparcom_jax.data import DataWarning, Record, default_tokenizer, encode_record, load_instructions, sample_balanced
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    from sparcom_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=16,
+                                          intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1))
+    return sj.init_model(cfg, seed=0)
+
+
+def test_a_category_with_nothing_in_scope_is_refused_before_the_model_runs(tok):
+    records = sample_balanced(load_instructions(), 1, seed=0)
+    # model=None: the refusal must come before any forward pass.
+    with pytest.raises(ValueError) as e:
+        sj.collect_instructions(None, records, tok, scope="response", max_length=8, progress=False)
+    msg = str(e.value)
+    assert msg.startswith("no record of CLS (classification, 1 record(s)), CODE (code, 1 record(s)), ")
+    assert "SUM (summarization, 1 record(s)) has a token in scope='response' with max_length=8" in msg
+    assert msg.endswith("raise max_length (data.max_length, now 8) or change the scope (data.scope, now 'response')")
+    with pytest.raises(ValueError, match="no records to collect counts for"):
+        sj.collect_instructions(None, [], tok, progress=False)
+
+
+def test_records_with_nothing_in_scope_are_reported_per_category(tok, tiny):
+    short_math = Record("m-short", "math", "Add 2 and 3.", output="It is 5.")
+    long_math = Record("m-long", "math", "Add these numbers and explain each step: " + "1 + " * 30 + "1.",
+                       output="31")
+    code = Record("c-short", "code", "Reverse s.", output="s[::-1]")
+    # Cut exactly at the long prompt's end: it keeps no response token, the short ones keep theirs.
+    cut = encode_record(long_math, tok).prompt_len
+    assert encode_record(short_math, tok).prompt_len < cut - 2 and encode_record(code, tok).prompt_len < cut - 2
+    with pytest.warns(DataWarning) as caught:
+        counts = sj.collect_instructions(tiny, [short_math, long_math, code], tok, scope="response",
+                                         max_length=cut, progress=False)
+    text = "\n".join(str(w.message) for w in caught)
+    assert (f"1 of 3 record(s) have no token in scope='response' with max_length={cut} and count as empty "
+            "rows (MATH 1 of 2; first: 'm-long')") in text
+    assert counts.meta["n_empty_scope"] == {"code": 0, "math": 1}
+    assert np.asarray(counts.tokens).tolist()[1] == 0 and min(np.asarray(counts.tokens)[[0, 2]]) > 0
+
+
+def test_a_batch_size_that_is_not_an_integer_is_named(tiny):
+    seqs = [np.array([3, 4, 5]), np.array([6, 7])]
+    for bad in (2.5, "8", True):
+        with pytest.raises(TypeError, match=f"batch_size must be a positive integer, got {bad!r}"):
+            sj.collect_counts(tiny, seqs, batch_size=bad, progress=False)
+    ok = sj.collect_counts(tiny, seqs, batch_size=np.int64(2), progress=False)
+    assert np.asarray(ok.tokens).tolist() == [3, 2]
