@@ -353,7 +353,7 @@ class DemoConfig:
         eps=0.05, eps_experts=0.1, n_boot=20, n_perm=199))
     collect: CollectSpec = dataclasses.field(default_factory=lambda: CollectSpec(batch_size=16, buckets=[128]))
     ablation: AblationSpec = dataclasses.field(default_factory=lambda: AblationSpec(
-        n_random=2, max_records=8, batch_size=16))
+        n_random=10, max_records=8, batch_size=16))
     report: ReportSpec = dataclasses.field(default_factory=lambda: ReportSpec(title="sparcom demo"))
     fast: bool = False
     seed: int = 0

@@ -26,7 +26,7 @@ FAST_OVERRIDES = (
     "pretrain.buckets=[64]", "pretrain.save_every=6",
     "finetune.total_steps=4", "finetune.batch_size=8", "finetune.warmup_steps=1", "finetune.save_every=2",
     "finetune.max_length=64", "finetune.buckets=[64]", "data.n_per_category=4", "data.max_length=64",
-    "collect.buckets=[64]", "identify.n_boot=5", "identify.n_perm=19", "ablation.n_random=1",
+    "collect.buckets=[64]", "identify.n_boot=5", "identify.n_perm=19", "ablation.n_random=2",
     "ablation.max_records=2", "ablation.batch_size=12", "collect.batch_size=8", "report.dpi=60",
 )
 
