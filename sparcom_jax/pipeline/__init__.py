@@ -9,7 +9,7 @@ under the directory and returns ``{label: path}`` of what it wrote. Layout:
     OUT/checkpoints/series.json          [{"name", "step", "path"}] of the fine-tuning run
     OUT/train/                           the fine-tuning run (orbax), with fingerprint.json
     OUT/counts/<model>/                  per-instruction count stores (tensorstore)
-    OUT/counts/<model>@<template>/       the same-template control of the tuned model
+    OUT/counts/<tuned>_under_<t>_template/  the same-template control of the tuned model
     OUT/identify/<model>/                ISN / ISE lists (CSV + JSON)
     OUT/evaluate/<model>.json            generality, uniqueness, overlaps, layers
     OUT/compare/comparison.json, series.json, same_template.json

@@ -167,13 +167,13 @@ class CountJob(NamedTuple):
 def count_jobs(cfg: ExperimentConfig, out: Path) -> list[CountJob]:
     """Every model under its own template and, when the tuned model's template differs from
     the base model's, the tuned model under the base model's template (the same-template
-    control, stored as "<tuned>@<template>")."""
+    control, stored as "<tuned>_under_<template>_template")."""
     specs = model_list(cfg, out)
     jobs = [CountJob(s, template_for(s, cfg), s.label) for s in specs]
     if cfg.collect.template_control and len(specs) > 1:
         base_t, last = jobs[0].template, specs[-1]
         if template_for(last, cfg) != base_t:
-            jobs.append(CountJob(last, base_t, f"{last.label}@{base_t}", control=True))
+            jobs.append(CountJob(last, base_t, f"{last.label} under {base_t} template", control=True))
     return jobs
 
 

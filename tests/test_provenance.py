@@ -1,0 +1,230 @@
+"""Finished work is reused only when it was made with the same inputs and settings.
+
+Every stage that reuses outputs is run once, then asked again with one setting changed:
+it must stop with an error naming that setting (before loading any weights), recompute
+with overwrite=True, and reuse the outputs when nothing changed.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparcom_jax.config import apply_overrides, from_dict
+from sparcom_jax.config import ExperimentConfig
+from sparcom_jax.errors import LockedError, StaleResultError
+from sparcom_jax.fileio import LOCK_NAME, DirLock
+from sparcom_jax.pipeline import stages
+from sparcom_jax.pipeline.stages import run_stage
+
+TINY_ARCH = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+EXP = {
+    "name": "prov",
+    "base": {"name": "base", "init": TINY_ARCH, "seed": 0, "template": "plain"},
+    "finetuned": {"name": "tuned", "init": TINY_ARCH, "seed": 1, "template": "chat"},
+    "data": {"n_per_category": 2, "max_length": 48},
+    "identify": {"eps": 0.05, "n_boot": 0, "n_perm": 0},
+    "collect": {"batch_size": 12, "buckets": [48]},
+    "ablation": {"n_random": 1, "max_records": 1, "batch_size": 12, "kinds": ["neurons"]},
+}
+
+
+def exp(*overrides):
+    return apply_overrides(from_dict(ExperimentConfig, json.loads(json.dumps(EXP)), "test"), list(overrides))
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """An output directory where collect, ablate and report ran with EXP."""
+    out = tmp_path_factory.mktemp("prov") / "out"
+    run_stage("run", exp(), out)
+    return out
+
+
+def no_weights(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("weights were loaded")
+    monkeypatch.setattr(stages, "load_spec_model", fail)
+
+
+# (override, the name the error must give for it)
+CHANGES = [
+    ("data.scope=prompt", "data.scope: 'content' -> 'prompt'"),
+    ("data.max_length=40", "data.max_length: 48 -> 40"),
+    ("collect.dtype=bfloat16", "collect.dtype: 'float32' -> 'bfloat16'"),
+    ("data.n_per_category=1", "records"),
+    ("data.seed=5", "records"),
+    ("data.split_seed=3", "records"),
+    ("base.template=chat", "template: 'plain' -> 'chat'"),
+    ("base.seed=7", "model weights changed"),
+]
+
+
+@pytest.mark.parametrize("override,named", CHANGES)
+def test_collect_refuses_counts_made_with_other_settings(done, override, named, monkeypatch):
+    no_weights(monkeypatch)
+    with pytest.raises(StaleResultError) as e:
+        run_stage("collect", exp(override), done)
+    msg = str(e.value)
+    assert named in msg and "--overwrite" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("stage", ["identify", "evaluate", "compare", "report", "ablate"])
+def test_analysis_stages_refuse_counts_that_no_longer_match(done, stage, monkeypatch):
+    no_weights(monkeypatch)
+    with pytest.raises(StaleResultError, match=r"data.scope: 'content' -> 'all'.*sparcom collect --overwrite"):
+        run_stage(stage, exp("data.scope=all"), done)
+
+
+def test_unchanged_settings_reuse_everything_without_loading_weights(done, monkeypatch):
+    no_weights(monkeypatch)
+    before = {p: p.stat().st_mtime_ns for p in (done / "counts").rglob("meta.json")}
+    # batch size, buckets and dispatch do not change counts: they are not in the fingerprint
+    res = run_stage("run", exp("collect.batch_size=5", "collect.buckets=null", "collect.moe_impl=tiled"), done)
+    assert {p: p.stat().st_mtime_ns for p in (done / "counts").rglob("meta.json")} == before
+    assert json.loads((done / "report" / "summary.json").read_text())["ablation"]["isn"] is not None
+    assert res["report"].endswith("index.html")
+
+
+def test_same_template_control_is_counted_and_compared(done):
+    assert (done / "counts" / "tuned_under_plain_template" / "meta.json").is_file()
+    ctrl = json.loads((done / "compare" / "same_template.json").read_text())
+    assert ctrl["before"] == "base" and ctrl["after"] == "tuned under plain template"
+    summary = json.loads((done / "report" / "summary.json").read_text())
+    assert summary["data"]["templates"] == {"base": "plain", "tuned": "chat", "control:same_template": "plain"}
+    assert summary["controls"]["same_template"]["after"] == "tuned under plain template"
+
+
+def test_ablation_results_are_checked_before_reuse_and_before_the_report(done, monkeypatch):
+    no_weights(monkeypatch)
+    # identify.eps changes the sets: the stored causal check no longer belongs to them
+    with pytest.raises(StaleResultError, match=r"ablate/tuned_neurons.json.*identify settings changed"):
+        run_stage("ablate", exp("identify.eps=0.1"), done)
+    with pytest.raises(StaleResultError, match=r"identify settings changed.*sparcom ablate --overwrite"):
+        run_stage("report", exp("identify.eps=0.1"), done)
+    with pytest.raises(StaleResultError, match=r"ablation settings changed"):
+        run_stage("ablate", exp("ablation.n_random=2"), done)
+    # the cheap stages recompute from the (still matching) counts and record what they used
+    run_stage("evaluate", exp("identify.eps=0.1"), done)
+    fp = json.loads((done / "evaluate" / "fingerprint.json").read_text())["components"]
+    assert fp["identify"]["eps"] == 0.1 and set(fp["counts"]) == {"base", "tuned", "control:same_template"}
+
+
+def test_overwrite_recomputes_with_the_new_settings(tmp_path):
+    out = tmp_path / "o"
+    run_stage("collect", exp(), out)
+    with pytest.raises(StaleResultError):
+        run_stage("collect", exp("data.max_length=40"), out)
+    run_stage("collect", exp("data.max_length=40"), out, overwrite=True)
+    meta = json.loads((out / "counts" / "base" / "meta.json").read_text())
+    assert meta["fingerprint"]["max_length"] == 40 and meta["meta"]["max_length"] == 40
+    run_stage("collect", exp("data.max_length=40"), out)  # now it matches: reused
+
+
+def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
+    import sparcom_jax as sj
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.pipeline.common import with_vocab
+
+    tok = sj.default_tokenizer()
+    model = sj.init_model(ModelConfig.from_hf_config(with_vocab(TINY_ARCH, tok)), seed=0)
+    model.tokenizer = tok
+    recs = sj.load_instructions(n_per_category=2)
+    out = tmp_path / "store"
+    kw = dict(template="plain", max_length=48, batch_size=4, chunk_rows=4, progress=False, out=out)
+    with pytest.raises(KeyboardInterrupt):
+        sj.collect_instructions(model, recs, scope="prompt", _stop_after_chunks=1, **kw)
+    assert json.loads((out / "progress.json").read_text())["done_chunks"] == 1
+    with pytest.raises(StaleResultError, match=r"scope: 'prompt' -> 'all'"):
+        sj.collect_instructions(model, recs, scope="all", **kw)
+    assert not (out / LOCK_NAME).exists()  # a refused run leaves no lock behind
+    # overwrite: every row is recounted with the new scope (no mixture of the two)
+    redone = sj.collect_instructions(model, recs, scope="all", overwrite=True, **kw)
+    fresh = sj.collect_instructions(model, recs, scope="all", template="plain", max_length=48, batch_size=4,
+                                    progress=False)
+    np.testing.assert_array_equal(redone.neuron_active[:], fresh.neuron_active)
+    np.testing.assert_array_equal(redone.tokens[:], fresh.tokens)
+    assert redone.meta["scope"] == "all" and redone.meta["fingerprint"]["scope"] == "all"
+
+
+@pytest.fixture
+def live_pid():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+def _hold(directory, pid, host=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                                   "started": 0, "command": "sparcom collect"}))
+
+
+def test_a_store_being_written_by_another_live_process_is_refused(tmp_path, live_pid):
+    out = tmp_path / "o"
+    _hold(out / "counts" / "base", live_pid)
+    with pytest.raises(LockedError, match=rf"pid {live_pid} on host {socket.gethostname()}.*choose another"):
+        run_stage("collect", exp(), out)
+    assert not (out / "counts" / "base" / "meta.json").exists()
+
+
+def test_the_output_directory_is_locked_while_a_stage_runs(tmp_path, live_pid):
+    _hold(tmp_path / "o", live_pid)
+    with pytest.raises(LockedError, match="output directory"):
+        run_stage("identify", exp(), tmp_path / "o")
+
+
+def test_lock_left_by_a_dead_process_or_another_host(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _hold(tmp_path / "a", int(dead.stdout))
+    with DirLock(tmp_path / "a") as lock:  # a dead holder on this host: taken over
+        assert lock.stale_taken["pid"] == int(dead.stdout)
+        assert json.loads((tmp_path / "a" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "a" / LOCK_NAME).exists()
+    _hold(tmp_path / "b", int(dead.stdout), host="another-host")
+    with pytest.raises(LockedError, match="another-host"):  # cannot be checked from here: never taken
+        DirLock(tmp_path / "b").acquire()
+    with DirLock(tmp_path / "c"):
+        with pytest.raises(LockedError):  # held by this very process
+            DirLock(tmp_path / "c").acquire()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """An output directory where `finetune` ran."""
+    out = tmp_path_factory.mktemp("ft") / "out"
+    cfg = {**EXP, "finetuned": None, "train_data": {"n_per_category": 2},
+           "train": {"total_steps": 2, "save_every": 1, "batch_size": 4, "warmup_steps": 0, "max_length": 48,
+                     "buckets": [48], "async_checkpointing": False}}
+    run_stage("finetune", from_dict(ExperimentConfig, cfg, "test"), out)
+    return out, cfg
+
+
+@pytest.mark.parametrize("override,named", [
+    ("train.learning_rate=0.01", "train settings changed"),
+    ("train_data.n_per_category=1", "records"),
+    ("data.split_seed=4", "records"),
+    ("base.seed=3", "base model weights changed"),
+])
+def test_finetune_refuses_a_run_made_with_other_settings(tuned, override, named, monkeypatch):
+    out, cfg = tuned
+    no_weights(monkeypatch)
+    with pytest.raises(StaleResultError) as e:
+        run_stage("finetune", apply_overrides(from_dict(ExperimentConfig, cfg, "t"), [override]), out)
+    assert named in str(e.value) and "--overwrite" in str(e.value)
+
+
+def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned):
+    out, cfg = tuned
+    weights = out / "checkpoints" / "base-ft" / "hf" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    run_stage("finetune", from_dict(ExperimentConfig, cfg, "t"), out)
+    assert weights.stat().st_mtime_ns == before  # not re-exported: collect's fingerprint stays valid
+    series = json.loads((out / "checkpoints" / "series.json").read_text())
+    assert [(d["name"], d["step"]) for d in series] == [("base-ft-step1", 1), ("base-ft", 2)]
