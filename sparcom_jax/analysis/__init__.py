@@ -1,6 +1,8 @@
 """Analysis: identify instruction-specific units, evaluate, compare, ablate (METHOD.md)."""
 
-from sparcom_jax.analysis.ablate import AblationResult, ablation_matrix, random_like
+from sparcom_jax.analysis.ablate import (
+    AblationResult, ablate_identification, ablation_matrix, frequency_bins, matched_random, random_like,
+)
 from sparcom_jax.analysis.compare import compare_sets, frequency_shift
 from sparcom_jax.analysis.evaluate import (
     category_block_means, category_order, category_overlap, diagonal_dominance, generality,
