@@ -63,7 +63,8 @@ def test_short_bins_borrow_from_the_nearest_then_from_the_set():
 
 
 class Model:
-    """loss_e(mask) = 1 + 0.5 |mask ∩ S(e)| + 0.01 |mask|; exposes last_dropped_mass = 0.1 |mask|."""
+    """loss_e(mask) = 1 + 0.5 |mask ∩ S(e)| + 0.01 |mask|; exposes last_dropped_mass =
+    0.1 |mask| + 0.01 (units of the mask in the first index column)."""
 
     def __init__(self, sets, mass=True):
         self.sets, self.mass, self.masks = sets, mass, []
@@ -71,7 +72,8 @@ class Model:
     def __call__(self, mask):
         self.masks.append(None if mask is None else mask.copy())
         if self.mass:
-            self.last_dropped_mass = 0.0 if mask is None else 0.1 * float(mask.sum())
+            self.last_dropped_mass = 0.0 if mask is None else 0.1 * float(mask.sum()) + 0.01 * float(
+                mask[..., 0].sum())
         return {c: 1.0 + (0.0 if mask is None else 0.5 * (mask & self.sets[c]).sum() + 0.01 * mask.sum())
                 for c in CATEGORIES}
 
@@ -110,8 +112,14 @@ def test_ablation_matrix_matches_bins_per_layer_and_records_spread_and_mass():
     assert np.allclose(sp["random_ge_fraction"], (r.random_draws >= r.isn[None]).mean(0))
     assert np.allclose(np.diag(r.isn), 0.5 * 6 + 0.06)
     assert np.allclose(np.diag(sp["random_ge_fraction"]), 0.0)
-    # Dropped routing mass: 0.1 per unit, for the set and every same-size draw.
-    assert np.allclose(r.dropped_mass, 0.6) and np.allclose(r.random_dropped_mass, 0.6)
+    # Dropped routing mass: what the model reported after each call.
+    assert np.allclose(r.dropped_mass, [0.63] + [0.6] * 5)  # CLS holds neuron 0 of 3 layers
+    for a in range(6):
+        for d, m in enumerate(model.masks[2 + a * 11:1 + (a + 1) * 11]):
+            assert r.random_dropped_mass[d, a] == pytest.approx(0.1 * m.sum() + 0.01 * m[:, 0].sum())
+    # CODE's set (neurons 2, 3) shares bin 0 with neurons 0, 1 only: every draw takes neuron 0.
+    assert np.allclose(r.random_dropped_mass[:, 1], 0.63)
+    assert np.allclose(r.random_dropped_mass[:, 0], 0.6)
     d = r.to_dict()
     assert d["dropped_mass"]["code"] == pytest.approx(0.6)
     assert np.allclose(np.array(d["excess_std"], float), sp["std"])
@@ -146,6 +154,13 @@ def test_expert_neurons_match_per_layer_and_expert():
         ablation_matrix(sets, model, kind="heads")
 
 
+def test_few_units_per_group_get_fewer_bins():
+    sets = {c: np.eye(2, 8, k=i % 6, dtype=bool) for i, c in enumerate(CATEGORIES)}  # [L, E] = [2, 8]
+    r = ablation_matrix(sets, Model(sets), n_random=2, kind="experts", frequency=np.tile(np.arange(8.0), (2, 1)))
+    assert r.matching["frequency_bins"] == 2  # 8 experts: one bin per 4 units
+    assert r.in_set.sum() == 0
+
+
 def test_frequency_shape_checked():
     sets = layered_sets()
     with pytest.raises(ValueError, match="frequency has shape"):
@@ -161,6 +176,9 @@ def test_to_dict_from_dict_round_trip_and_old_files():
               "off_bin", "in_set"):
         assert np.allclose(getattr(back, k), getattr(r, k)), k
     assert back.matching == r.matching and back.to_dict() == d
+    r.off_bin[1, 2], r.in_set[2, 4] = 3, 5  # as a poorly matched control would record them
+    again = AblationResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert again.off_bin[1, 2] == 3 and again.in_set[2, 4] == 5 and again.in_set[1, 2] == 0
     old = {k: d[k] for k in ("kind", "baseline", "isn", "random", "random_draws", "set_sizes", "n_random", "seed")}
     old["isn"][0][1] = None
     legacy = AblationResult.from_dict(old)

@@ -95,6 +95,23 @@ def test_permutation_within_sources_that_fix_the_labels():
         permutation_test(m, labels, n_perm=3, strata=sources[:-1])
 
 
+def test_per_category_p_values_brute_force():
+    # Only CLS has a strong block; the per-category nulls are each category's own.
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(6), 5)
+    m = np.where((labels[:, None] == 0) & (labels[None] == 0), 0.8, 0.2) + rng.uniform(-0.15, 0.15, (30, 30))
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 1.0)
+    r = permutation_test(m, labels, n_perm=40, seed=9, batch=7)
+    draw = np.random.default_rng(9)
+    null = np.stack([per_category_dominance(category_block_means(m, draw.permutation(labels)))
+                     for _ in range(40)])
+    obs = per_category_dominance(category_block_means(m, labels))
+    expect = [(1 + np.sum(null[:, c] >= obs[c] - 1e-12)) / 41 for c in range(6)]
+    assert r["per_category_p_value"] == pytest.approx(expect)
+    assert r["per_category_p_value"][0] == pytest.approx(1 / 41) and max(r["per_category_p_value"][1:]) > 0.2
+
+
 def duplicated_matrix():
     """Templated records are near-duplicates within their category (Jaccard 0.9); human
     records share nothing special with their own category (0.2 everywhere)."""
@@ -123,6 +140,9 @@ def test_human_subset_removes_the_duplicates_diagonal():
     assert t["n"] == 18 and t["diagonal_dominance"] == pytest.approx(0.7)
     assert t["permutation"] is None
     assert subset_diagonal(m, labels, sources, "expert") is None
+    # A prefix, not a substring: "not human-written" stays out.
+    relabelled = ["not human-written" if i == 0 else x for i, x in enumerate(sources)]
+    assert subset_diagonal(m, labels, relabelled, "human", n_perm=0)["n"] == 17
 
 
 def test_analyze_model_stratifies_and_reports_the_human_subset():
@@ -211,6 +231,16 @@ def test_listed_units_cap_and_tie_order():
         members = np.flatnonzero(ident.category_sets[c].ravel())
         brute = sorted(members, key=lambda x: (-mean[c, x], x))[:2]
         assert u.tolist() == brute
+
+
+def test_listed_units_break_mean_ties_by_index():
+    na = np.zeros((12, 1, 6), np.int32)
+    na[:2, 0, [1, 3, 4]] = 10
+    na[:2, 0, 0] = 5
+    counts = Counts(tokens=np.full(12, 10), neuron_active=na, categories=[CATEGORIES[i // 2] for i in range(12)])
+    ident = identify(counts, "neuron_active", IdentifyConfig(eps=4 / 6))
+    assert set(np.flatnonzero(ident.category_sets[0].ravel())) == {0, 1, 3, 4}
+    assert listed_units(ident, 2)[0].tolist() == [1, 3]
 
 
 def test_summary_top_instructions_key():

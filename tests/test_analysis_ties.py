@@ -128,6 +128,15 @@ def test_pooled_break_uses_category_mean_strength():
     b = bootstrap(ident, counts=counts, n_boot=8, seed=0)
     assert np.all(b["per_category_count"]["high"] <= 2)
     assert b["per_category_count"]["low"][0] == 2
+    # Identical CLS instructions tie units 1 and 2 in every resample; the category mean
+    # strength (1.0 vs 0.5) must pick unit 2, as CODE's set {0, 2} does: Jaccard 1 always.
+    na[1], sums[1] = na[0], sums[0]
+    na[0:2, 0, 1], sums[0:2, 0, 1] = 5, 2.5             # p 0.5, mean A 0.5 on unit 1 (unit 2: 0.5, 1.0)
+    na[2:4, 0, 2], sums[2:4, 0, 2] = 9, 9.0             # CODE: units 0 and 2
+    ident = identify(counts, "neuron_active", cfg)
+    assert as_set(ident.category_sets[0]) == {0, 2} and as_set(ident.category_sets[1]) == {0, 2}
+    b = bootstrap(ident, counts=counts, n_boot=6, seed=1)
+    assert b["overlap_jaccard"]["low"][0, 1] == 1.0
 
 
 def test_ties_config_validation():
@@ -213,6 +222,14 @@ def test_contrast_rule_can_change_the_number():
     assert cmp["rules"]["contrast"]["identification"]["rule"] == "absolute"
     ser = compare_series([("b", before), ("t", after)])
     assert ser["isn"]["contrast_per_category_count"]["math"] == [3, 7]
+
+
+def test_contrast_sizes_are_means_over_instructions():
+    counts = grow_counts(0)
+    counts.neuron_active[1, 0, 3:5] = 6  # CLS: 3 units >= 0.5 in one instruction, 5 in the other
+    s = analyze_model(counts, IdentifyConfig(eps=0.3), n_boot=0, n_perm=0, top_units=0).summary()["isn"]
+    assert s["contrast"]["mean_instruction_set_size"]["classification"] == 4.0
+    assert s["contrast"]["per_category_count"]["classification"] == 5  # consensus q = 0.5: 1 of 2 suffices
 
 
 def test_contrast_off_and_one_pass():

@@ -30,6 +30,8 @@ _TIES = ("keep", "break")
 # Float guard for k = ceil(eps * U) and the consensus vote count: 0.07 * 100 is
 # 7.000000000000001 in binary floating point and must give k = 7, not 8.
 _TOL = 1e-9
+# Rows per mean_active call when reading tie-break strengths (bounds its float64 temporaries).
+_STRENGTH_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,12 +195,13 @@ def select_units(
         else:
             if strength is None:
                 raise ValueError("ties='break' needs the tie-break strength (activation sums)")
-            # NaN strength (a corrupt sum) ranks below every real value.
-            neg = -np.nan_to_num(np.asarray(strength, np.float64).reshape(n, -1), nan=-np.inf)
+            strength = np.asarray(strength).reshape(n, -1)
             sel = flat > kth[:, None]  # fewer than k units lie strictly above the k-th value
             for r in np.flatnonzero(kth > 0):
                 tied = np.flatnonzero(flat[r] == kth[r])
-                order = np.lexsort((tied, neg[r, tied]))  # strength descending, then index
+                # NaN strength (a corrupt sum) ranks below every real value.
+                neg = -np.nan_to_num(strength[r, tied].astype(np.float64), nan=-np.inf)
+                order = np.lexsort((tied, neg))  # strength descending, then index
                 sel[r, tied[order[:k - int(sel[r].sum())]]] = True
     sel &= flat > 0
     return sel.reshape(freq.shape)
@@ -302,6 +305,14 @@ def _check_strength(counts: Counts, field: str, cfgs: Sequence[IdentifyConfig]) 
     return True
 
 
+def _strength(counts: Counts, field: str, start: int, stop: int) -> np.ndarray:
+    """float32 [n, U_flat] mean activation on active tokens of rows [start, stop), read a
+    few rows at a time: Counts.mean_active works in float64 (three [rows, U] arrays)."""
+    rows = [counts.mean_active(field, s, min(s + _STRENGTH_ROWS, stop))
+            for s in range(start, stop, _STRENGTH_ROWS)]
+    return np.concatenate([r.reshape(r.shape[0], -1) for r in rows])
+
+
 def instruction_sets(
     counts: Counts, field: str = "neuron_active", cfg: IdentifyConfig | None = None,
     *, packed: bool = False,
@@ -325,8 +336,7 @@ def instruction_sets(
            else np.zeros((counts.n,) + shape, bool))
     for s, freq in counts.iter_frequencies(field, cfg.chunk):
         n = freq.shape[0]
-        sel = select_units(freq, cfg, field,
-                           counts.mean_active(field, s, s + n) if strength else None)
+        sel = select_units(freq, cfg, field, _strength(counts, field, s, s + n) if strength else None)
         out[s:s + n] = np.packbits(sel.reshape(n, -1), axis=1) if packed else sel
     return out
 
@@ -394,7 +404,7 @@ def identify_all(
     for s, freq in counts.iter_frequencies(field, cfgs[0].chunk):
         n = freq.shape[0]
         flat = freq.reshape(n, -1)
-        strength = counts.mean_active(field, s, s + n).reshape(n, -1) if need_strength else None
+        strength = _strength(counts, field, s, s + n) if need_strength else None
         lab = labels[s:s + n]
         rows = {c: lab == c for c in np.unique(lab)}
         for c, m in rows.items():

@@ -22,7 +22,7 @@ from sparcom_jax.analysis.common import C, safe_div
 from sparcom_jax.analysis.evaluate import (
     category_block_means, category_overlap, diagonal_dominance, per_category_dominance, set_sizes,
 )
-from sparcom_jax.analysis.identify import _TOL, Identification, select_units
+from sparcom_jax.analysis.identify import _TOL, Identification, _strength, select_units
 from sparcom_jax.stats.counts import Counts
 
 
@@ -76,8 +76,7 @@ def _row_source(ident: Identification, counts: Counts | None, chunk: int):
             raise ValueError("the pooled rule re-reads frequencies: pass counts=")
         for s, f in counts.iter_frequencies(ident.field, chunk):
             n = f.shape[0]
-            st = (counts.mean_active(ident.field, s, s + n).reshape(n, -1)
-                  if cfg.needs_strength else None)
+            st = _strength(counts, ident.field, s, s + n) if cfg.needs_strength else None
             yield s, f.reshape(n, -1), st
 
 

@@ -90,8 +90,9 @@ def _bootstrap_text(s: dict) -> str:
     if s.get("diagonal_dominance") is not None:
         parts.append(f"Instruction-level diagonal dominance: {s['diagonal_dominance']:.4f}")
     if perm.get("p_value") is not None:
+        within = " within each record source" if perm.get("stratified_by") == "source" else ""
         parts.append(f"permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of the "
-                     "category labels)")
+                     f"category labels{within})")
     b = s.get("bootstrap")
     if b:
         parts.append(f"{b['ci']:.0%} bootstrap intervals over instructions ({b['n_boot']} resamples) "
@@ -134,10 +135,15 @@ def _template_text(summary: dict, comp: dict) -> str | None:
     return txt
 
 
-def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None) -> TableBlock:
-    """retained/gained/lost per category of a comparison section (or its `key` sub-entry)."""
+def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
+               shift: bool = False) -> TableBlock:
+    """retained/gained/lost per category of a comparison section (or its `key` sub-entry),
+    with the mean frequency over all units before and after when `shift`."""
     get = (lambda c: entry[c]) if key is None else (lambda c: entry[c].get(key) or {})
-    return TableBlock(title, ["category", *SET_KEYS], [[c, *[get(c).get(k) for k in SET_KEYS]] for c in CATEGORIES])
+    fs = ("mean_before", "mean_after")
+    return TableBlock(title, ["category", *SET_KEYS, *(["mean p before", "mean p after"] if shift else [])],
+                      [[c, *[get(c).get(k) for k in SET_KEYS],
+                        *([entry[c]["frequency_shift"][k] for k in fs] if shift else [])] for c in CATEGORIES])
 
 
 def _category_table(name: str, section: str, s: dict) -> TableBlock:
@@ -283,8 +289,9 @@ def write_report(
             blocks.append(_set_table(f"{b} → {a}: {units} per category ({main_rule}, main rule)", comp[sec]))
             if rules.get("contrast") and any(comp[sec][c].get("contrast") for c in CATEGORIES):
                 crule = rules["contrast"]["identification"]["rule"]
-                blocks.append(_set_table(f"{b} → {a}: {units} per category ({crule}, contrast rule)",
-                                         comp[sec], "contrast"))
+                blocks.append(_set_table(f"{b} → {a}: {units} per category ({crule}, contrast rule; mean "
+                                         "p = mean frequency over all units)", comp[sec], "contrast",
+                                         shift=True))
                 blocks.append(TextBlock(f"Main rule ({main_rule}): {rules['main']['supports']} "
                                         f"Contrast rule ({crule}): {rules['contrast']['supports']}"))
             for cname, ctrl in controls.items():
