@@ -1,25 +1,32 @@
 """Analysis: identify instruction-specific units, evaluate, compare, ablate (METHOD.md)."""
 
-from sparcom_jax.analysis.ablate import AblationResult, ablation_matrix, random_like
+from sparcom_jax.analysis.ablate import (
+    AblationResult, ablate_identification, ablation_matrix, frequency_bins, matched_random, random_like,
+)
 from sparcom_jax.analysis.compare import compare_sets, frequency_shift
 from sparcom_jax.analysis.evaluate import (
     category_block_means, category_order, category_overlap, diagonal_dominance, generality,
-    instruction_jaccard, layer_distribution, locate_phases, uniqueness,
+    instruction_jaccard, layer_distribution, locate_phases, per_category_dominance, size_vs_length,
+    spearman, uniqueness,
 )
+from sparcom_jax.analysis.examples import top_instructions
 from sparcom_jax.analysis.identify import (
-    IdentifyConfig, Identification, category_sets, identify, instruction_sets, select_units,
+    RULE_SUPPORT, IdentifyConfig, Identification, category_sets, contrast_config, identify, identify_all,
+    instruction_sets, select_units,
 )
 from sparcom_jax.analysis.pipeline import (
     FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, build_summary, compare_models,
-    compare_series,
+    compare_series, subset_diagonal,
 )
 from sparcom_jax.analysis.uncertainty import bootstrap, permutation_test
 
 __all__ = [
-    "AblationResult", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis",
-    "ablation_matrix", "analyze_field", "analyze_model", "bootstrap", "build_summary",
-    "category_block_means", "category_order", "category_overlap", "category_sets", "compare_models",
-    "compare_series", "compare_sets", "diagonal_dominance", "frequency_shift", "generality",
-    "identify", "instruction_jaccard", "instruction_sets", "layer_distribution", "locate_phases",
-    "permutation_test", "random_like", "select_units", "uniqueness",
+    "AblationResult", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis", "RULE_SUPPORT",
+    "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "bootstrap",
+    "build_summary", "category_block_means", "category_order", "category_overlap", "category_sets",
+    "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",
+    "frequency_bins", "frequency_shift", "generality", "identify", "identify_all", "instruction_jaccard",
+    "instruction_sets", "layer_distribution", "locate_phases", "matched_random", "per_category_dominance",
+    "permutation_test", "random_like", "select_units", "size_vs_length", "spearman", "subset_diagonal",
+    "top_instructions", "uniqueness",
 ]

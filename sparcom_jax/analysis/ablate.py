@@ -1,10 +1,19 @@
-"""Causal check: switch off a category's ISNs (or ISEs) and measure every category's loss.
+"""Causal check: switch off a category's ISNs (ISEs, expert neurons) and measure every category's loss.
+
+Axis letters: see `sparcom_jax.axes`.
 
 The model execution lives elsewhere; this module orchestrates it through a
 callback ``loss_fn(mask) -> {category: mean loss on its reference responses}``
-where `mask` is bool [L, F] (neurons: True = activation forced to 0) or [L, E]
-(experts: True = removed from routing, the remaining experts renormalised as
-the model does), and None means no ablation (the baseline).
+where `mask` is bool [L, F] (neurons: True = activation forced to 0), [L, E]
+(experts: True = removed from routing, as the model side implements it) or
+[L, E, G] (expert neurons), and None means no ablation (the baseline). After
+each call the callback may expose the routing mass the mask dropped as a float
+attribute ``loss_fn.last_dropped_mass``; it is recorded when present.
+
+Random controls: for each category set and draw, a random set with the same
+number of units in every matching group (a layer; a (layer, expert) pair for
+expert neurons) and, when the units' frequencies are given, the same number in
+every activation-frequency bin of the group, drawn outside the tested set.
 """
 
 from __future__ import annotations
@@ -15,9 +24,17 @@ from typing import Callable, Mapping
 import numpy as np
 
 from sparcom_jax.analysis.common import C, by_category, jsonable
+from sparcom_jax.analysis.identify import Identification
 from sparcom_jax.categories import CATEGORIES, normalize_category
 
 LossFn = Callable[[np.ndarray | None], Mapping[str, float]]
+
+# Leading mask axes that form one matching group, per kind.
+KIND_LEAD: dict[str, int] = {"neurons": 1, "experts": 1, "expert_neurons": 2}
+FIELD_KIND: dict[str, str] = {"neuron_active": "neurons", "expert_routed": "experts",
+                              "expert_neuron_active": "expert_neurons"}
+# Percentiles of the per-draw excess reported in to_dict().
+EXCESS_PERCENTILES = (5, 50, 95)
 
 
 @dataclasses.dataclass
@@ -25,15 +42,22 @@ class AblationResult:
     """Loss increases; rows = ablated category, columns = evaluated category.
 
     Attributes:
-      kind: "neurons" or "experts".
+      kind: "neurons", "experts" or "expert_neurons".
       baseline: {category: loss without ablation}.
       isn: float [C, C] loss(ablate S(a)) on b minus baseline on b.
-      random: float [C, C] mean over draws of the same for random sets with the
-        same per-layer counts as S(a).
+      random: float [C, C] mean over draws of the same for the matched random sets.
       random_draws: float [D, C, C] per draw.
       set_sizes: int [C] |S(a)|.
       n_random: D.
       seed: RNG seed of the random draws.
+      dropped_mass: float [C] routing mass dropped when S(a) is ablated (from
+        ``loss_fn.last_dropped_mass``), or None when the callback gives none.
+      random_dropped_mass: float [D, C] the same for the random draws, or None.
+      off_bin: int [D, C] units of a draw that had to come from another
+        frequency bin of their group (the bin had too few units outside S(a)).
+      in_set: int [D, C] units of a draw taken from S(a) itself (the group had
+        too few units outside S(a)); 0 when the control is clean.
+      matching: how the random sets were matched (JSON-safe dict).
     """
 
     kind: str
@@ -44,14 +68,41 @@ class AblationResult:
     set_sizes: np.ndarray
     n_random: int
     seed: int
+    dropped_mass: np.ndarray | None = None
+    random_dropped_mass: np.ndarray | None = None
+    off_bin: np.ndarray | None = None
+    in_set: np.ndarray | None = None
+    matching: dict = dataclasses.field(default_factory=dict)
 
     @property
     def excess(self) -> np.ndarray:
-        """float [C, C] loss increase beyond the random control."""
+        """float [C, C] loss increase beyond the random control (mean over draws)."""
         return self.isn - self.random
+
+    def excess_spread(self) -> dict[str, np.ndarray]:
+        """Spread of the per-draw excess isn - random_draws[d] over the D draws.
+
+        Returns:
+          dict of float [C, C]: `std` (population sd over draws), `p<q>` for q in
+          EXCESS_PERCENTILES, and `random_ge_fraction`: the share of draws whose
+          loss increase is >= the specific set's (small = the specific set hurts
+          more than almost every matched random set). NaN without draws.
+        """
+        d = np.asarray(self.random_draws, dtype=np.float64)
+        nan = np.full((C, C), np.nan)
+        if d.shape[0] == 0:
+            return {"std": nan, **{f"p{q}": nan for q in EXCESS_PERCENTILES}, "random_ge_fraction": nan}
+        ex = self.isn[None] - d
+        ok = np.isfinite(ex).all(0)
+        out = {"std": np.where(ok, ex.std(0), np.nan)}
+        for q in EXCESS_PERCENTILES:
+            out[f"p{q}"] = np.where(ok, np.percentile(np.where(ok, ex, 0.0), q, axis=0), np.nan)
+        out["random_ge_fraction"] = np.where(ok, (d >= self.isn[None]).mean(0), np.nan)
+        return out
 
     def to_dict(self) -> dict:
         """JSON-safe dict (NaN -> None); matrices as nested lists in CATEGORIES order."""
+        spread = self.excess_spread()
         return jsonable({
             "kind": self.kind,
             "categories": list(CATEGORIES),
@@ -59,15 +110,131 @@ class AblationResult:
             "isn": self.isn,
             "random": self.random,
             "excess": self.excess,
+            "excess_std": spread["std"],
+            "excess_percentiles": {str(q): spread[f"p{q}"] for q in EXCESS_PERCENTILES},
+            "random_ge_fraction": spread["random_ge_fraction"],
             "random_draws": self.random_draws,
             "set_sizes": by_category(self.set_sizes),
             "n_random": self.n_random,
             "seed": self.seed,
+            "dropped_mass": None if self.dropped_mass is None else by_category(self.dropped_mass),
+            "random_dropped_mass": self.random_dropped_mass,
+            "off_bin": self.off_bin,
+            "in_set": self.in_set,
+            "matching": self.matching,
         })
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "AblationResult":
+        """Inverse of to_dict (None -> NaN); older files without the new keys load too."""
+        def nan(v):
+            return [nan(x) for x in v] if isinstance(v, list) else (np.nan if v is None else v)
 
-def random_like(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random mask with the same number of True per layer, uniform within each layer.
+        def arr(v, dtype=float):
+            return None if v is None else np.asarray(nan(v), dtype=dtype)
+
+        draws = arr(d["random_draws"]) if d["random_draws"] else np.zeros((0, C, C))
+        dm = d.get("dropped_mass")
+        return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
+                   random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
+                   n_random=d["n_random"], seed=d["seed"],
+                   dropped_mass=None if dm is None else arr([dm[c] for c in CATEGORIES]),
+                   random_dropped_mass=arr(d.get("random_dropped_mass")),
+                   off_bin=arr(d.get("off_bin"), np.int64), in_set=arr(d.get("in_set"), np.int64),
+                   matching=d.get("matching") or {})
+
+
+def frequency_bins(freq: np.ndarray, n_bins: int, lead: int = 1) -> np.ndarray:
+    """Quantile bins of unit frequencies within each matching group.
+
+    Bin edges are the 1/n_bins, ..., (n_bins-1)/n_bins quantiles of the group's
+    frequencies; unit u goes to the number of edges strictly below its
+    frequency, so equal frequencies always share a bin (never-firing units
+    form their own bin when they fill at least one quantile) and bins can be
+    fewer than n_bins when many units tie.
+
+    Args:
+      freq: float [*G, W] unit frequencies, the first `lead` axes the group
+        (e.g. [L, F] with lead=1, [L, E, G] with lead=2).
+      n_bins: bins per group (1 = count matching only).
+      lead: leading axes forming a group.
+
+    Returns:
+      int [*G, W] bin index per unit.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    freq = np.asarray(freq, dtype=np.float64)
+    rows = freq.reshape(int(np.prod(freq.shape[:lead])), -1)
+    qs = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    out = np.zeros(rows.shape, np.int64)
+    for g, row in enumerate(rows):
+        out[g] = np.searchsorted(np.quantile(row, qs), row, side="left")
+    return out.reshape(freq.shape)
+
+
+def _draw_group(members: np.ndarray, bins: np.ndarray, exclude: bool,
+                rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
+    """One group's random set: bool [W], units drawn off their bin, units drawn from the set."""
+    out = np.zeros_like(members)
+    free = ~members if exclude else np.ones_like(members)
+    off = inside = 0
+    need = np.bincount(bins[members], minlength=int(bins.max()) + 1)
+    short = {}
+    for b in np.flatnonzero(need):
+        cand = np.flatnonzero(free & ~out & (bins == b))
+        take = min(int(need[b]), cand.size)
+        out[rng.choice(cand, size=take, replace=False)] = True
+        if take < need[b]:
+            short[b] = int(need[b]) - take
+    # A bin without enough units outside the set borrows from the nearest bins.
+    for b, k in short.items():
+        pool = np.flatnonzero(free & ~out)
+        if pool.size:
+            key = np.abs(bins[pool] - b) + rng.random(pool.size)  # nearest first, random within
+            pick = pool[np.argsort(key, kind="stable")[:k]]
+            out[pick] = True
+            off += pick.size
+            k -= pick.size
+        if k:  # only the tested set itself is left
+            pool = np.flatnonzero(~out)
+            out[rng.choice(pool, size=k, replace=False)] = True
+            inside += k
+    return out, off, inside
+
+
+def matched_random(
+    mask: np.ndarray, rng: np.random.Generator, bins: np.ndarray | None = None, *,
+    exclude: bool = True, lead: int = 1,
+) -> tuple[np.ndarray, int, int]:
+    """A random set matching `mask` per group (and per frequency bin when given).
+
+    Args:
+      mask: bool [*G, W] the tested set; the first `lead` axes form a group.
+      rng: generator (draw order: group, then bin).
+      bins: int [*G, W] frequency bin of each unit (frequency_bins), or None
+        (one bin: count matching only).
+      exclude: draw outside the tested set (a unit of the set is used only when
+        the group has too few others).
+      lead: leading axes forming a group.
+
+    Returns:
+      (bool [*G, W] random set, units drawn outside their bin, units drawn from the set).
+    """
+    rows = mask.reshape(int(np.prod(mask.shape[:lead])), -1)
+    b = np.zeros(rows.shape, np.int64) if bins is None else np.asarray(bins).reshape(rows.shape)
+    out = np.zeros_like(rows)
+    off = inside = 0
+    for g in np.flatnonzero(rows.any(1)):
+        out[g], o, i = _draw_group(rows[g], b[g], exclude, rng)
+        off, inside = off + o, inside + i
+    return out.reshape(mask.shape), off, inside
+
+
+def random_like(mask: np.ndarray, rng: np.random.Generator, bins: np.ndarray | None = None, *,
+                exclude: bool = False, lead: int = 1) -> np.ndarray:
+    """A random mask with the same number of True per layer (group), uniform within each
+    layer by default; see matched_random for `bins`, `exclude` and `lead`.
 
     Args:
       mask: bool [L, ...].
@@ -76,13 +243,7 @@ def random_like(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Returns:
       bool [L, ...].
     """
-    n_layers = mask.shape[0]
-    flat = mask.reshape(n_layers, -1)
-    out = np.zeros_like(flat)
-    for layer, k in enumerate(flat.sum(1)):
-        if k:
-            out[layer, rng.choice(flat.shape[1], size=int(k), replace=False)] = True
-    return out.reshape(mask.shape)
+    return matched_random(mask, rng, bins, exclude=exclude, lead=lead)[0]
 
 
 def _row(losses: Mapping[str, float], baseline: dict[str, float]) -> np.ndarray:
@@ -90,36 +251,66 @@ def _row(losses: Mapping[str, float], baseline: dict[str, float]) -> np.ndarray:
     return np.array([losses.get(c, np.nan) - baseline.get(c, np.nan) for c in CATEGORIES])
 
 
+def _dropped(loss_fn) -> float:
+    v = getattr(loss_fn, "last_dropped_mass", None)
+    return np.nan if v is None else float(v)
+
+
 def ablation_matrix(
     category_sets: Mapping[str, np.ndarray],
     loss_fn: LossFn,
     *,
-    n_random: int = 3,
+    n_random: int = 10,
     seed: int = 0,
     kind: str = "neurons",
+    frequency: np.ndarray | None = None,
+    n_bins: int = 10,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
     Args:
-      category_sets: {category: bool [L, F] (neurons) or [L, E] (experts)};
-        missing categories give NaN rows.
-      loss_fn: mask (True = off) or None -> {category: mean loss}.
-      n_random: random control draws per category.
-      seed: RNG seed (draw order: category, then draw, then layer).
-      kind: "neurons" or "experts" (for experts a layer may not lose all its
-        experts, since routing then has nothing to renormalise over).
+      category_sets: {category: bool [L, F] (neurons), [L, E] (experts) or
+        [L, E, G] (expert neurons)}; missing categories give NaN rows.
+      loss_fn: mask (True = off) or None -> {category: mean loss}; may expose
+        `last_dropped_mass` after each call.
+      n_random: random control draws per category (default 10).
+      seed: RNG seed (draw order: category, then draw, then group, then bin).
+      kind: "neurons", "experts" or "expert_neurons" (matched per layer, per
+        layer, per (layer, expert)); for experts a layer may not lose all its
+        experts, since routing then has nothing left.
+      frequency: float, the mask's shape: each unit's activation frequency in the
+        ablated model (e.g. `Identification.unit_frequency()`); random sets then
+        also match the set's count in each of `n_bins` quantile bins of it
+        within every group. None matches counts per group only.
+      n_bins: frequency bins per group (at most one per 4 units of a group).
 
     Returns:
-      An AblationResult. An empty set ablates nothing: its rows are 0 without
-      calling the model.
+      An AblationResult. Random sets are always drawn outside the tested set
+      (AblationResult.in_set counts the exceptions). An empty set ablates
+      nothing: its rows are 0 without calling the model.
     """
-    if kind not in ("neurons", "experts"):
-        raise ValueError(f"kind must be 'neurons' or 'experts', got {kind!r}")
+    if kind not in KIND_LEAD:
+        raise ValueError(f"kind must be one of {tuple(KIND_LEAD)}, got {kind!r}")
+    lead = KIND_LEAD[kind]
     sets = {normalize_category(k): np.asarray(v, dtype=bool) for k, v in category_sets.items()}
+    bins = None
+    if frequency is not None:
+        shapes = {v.shape for v in sets.values()}
+        if shapes and shapes != {np.shape(frequency)}:
+            raise ValueError(f"frequency has shape {np.shape(frequency)}, the sets {sorted(shapes)}")
+        # At least 4 units per bin, so that a bin keeps units outside the tested set
+        # (8 experts per layer get 2 bins, 11,008 neurons get n_bins).
+        width = int(np.prod(np.shape(frequency)[lead:]))
+        n_bins = min(n_bins, max(1, width // 4))
+        bins = frequency_bins(frequency, n_bins, lead)
     baseline = {normalize_category(k): float(v) for k, v in loss_fn(None).items()}
     isn = np.full((C, C), np.nan)
     draws = np.full((n_random, C, C), np.nan)
     sizes = np.zeros(C, np.int64)
+    dropped = np.full(C, np.nan)
+    rdropped = np.full((n_random, C), np.nan)
+    off_bin = np.zeros((n_random, C), np.int64)
+    in_set = np.zeros((n_random, C), np.int64)
     rng = np.random.default_rng(seed)
     for a, cat in enumerate(CATEGORIES):
         if cat not in sets:
@@ -134,10 +325,33 @@ def ablation_matrix(
         sizes[a] = mask.sum()
         if not sizes[a]:
             isn[a] = draws[:, a] = 0.0
+            dropped[a] = rdropped[:, a] = 0.0
             continue
         isn[a] = _row(loss_fn(mask), baseline)
+        dropped[a] = _dropped(loss_fn)
         for d in range(n_random):
-            draws[d, a] = _row(loss_fn(random_like(mask, rng)), baseline)
+            rmask, off_bin[d, a], in_set[d, a] = matched_random(mask, rng, bins, exclude=True, lead=lead)
+            draws[d, a] = _row(loss_fn(rmask), baseline)
+            rdropped[d, a] = _dropped(loss_fn)
     rand = draws.mean(0) if n_random else np.full((C, C), np.nan)
-    return AblationResult(kind=kind, baseline=baseline, isn=isn, random=rand,
-                          random_draws=draws, set_sizes=sizes, n_random=n_random, seed=seed)
+    has_mass = np.isfinite(dropped[sizes > 0]).any()
+    return AblationResult(
+        kind=kind, baseline=baseline, isn=isn, random=rand, random_draws=draws, set_sizes=sizes,
+        n_random=n_random, seed=seed, dropped_mass=dropped if has_mass else None,
+        random_dropped_mass=rdropped if has_mass else None, off_bin=off_bin, in_set=in_set,
+        matching={"group": "layer, expert" if lead == 2 else "layer",
+                  "frequency_bins": None if bins is None else n_bins,
+                  "exclude_tested_set": True})
+
+
+def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> AblationResult:
+    """ablation_matrix on an identification's category sets, random sets matched on the
+    units' mean frequency over all instructions (kind from the count field).
+
+    Args:
+      ident: the ablated model's identification.
+      loss_fn: see ablation_matrix.
+      **kw: n_random, seed, n_bins (see ablation_matrix).
+    """
+    return ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
+                           frequency=ident.unit_frequency(), **kw)

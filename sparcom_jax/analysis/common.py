@@ -1,7 +1,6 @@
 """Small helpers shared by the analysis modules.
 
-Axis letters: N instructions, L layers, F neurons, E experts, G expert neurons,
-C categories (always in `CATEGORIES` order), U the flattened units of one field.
+Axis letters: see `sparcom_jax.axes` (categories always in `CATEGORIES` order).
 """
 
 from __future__ import annotations

@@ -112,6 +112,74 @@ def diagonal_dominance(block: np.ndarray) -> float:
     return nan_mean(np.diag(block)) - nan_mean(block[off])
 
 
+def per_category_dominance(block: np.ndarray) -> np.ndarray:
+    """Diagonal dominance of each category of a [C, C] block-mean matrix.
+
+    dominance_c = block[c, c] - (unweighted mean of the finite block[c, b], b != c):
+    the mean same-category pairwise Jaccard minus the plain average of c's five
+    cross-category block means (each block mean is itself a mean over its
+    instruction pairs; blocks are not weighted by their number of pairs, so
+    every other category counts once, whatever its size). `block` is symmetric,
+    so row and column give the same value.
+
+    Args:
+      block: float [..., C, C] (e.g. [P, C, C] for bootstrap replicates).
+
+    Returns:
+      float [..., C]; NaN where the diagonal or every cross block is undefined.
+    """
+    block = np.asarray(block, dtype=np.float64)
+    c = block.shape[-1]
+    off = ~np.eye(c, dtype=bool)
+    cross = np.where(off & np.isfinite(block), block, 0.0)
+    n_cross = (off & np.isfinite(block)).sum(-1)
+    cross_mean = safe_div(cross.sum(-1), n_cross)
+    return np.diagonal(block, axis1=-2, axis2=-1) - cross_mean
+
+
+def average_ranks(x) -> np.ndarray:
+    """1-based ranks of x, ties given the mean of the ranks they span (float64 [n])."""
+    _, inv, cnt = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
+    ends = np.cumsum(cnt)
+    return ((ends - cnt + 1 + ends) / 2.0)[inv.ravel()]
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN when
+    fewer than 3 pairs or either variable is constant."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape[0] < 3:
+        return float("nan")
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def size_vs_length(sizes: np.ndarray, tokens: np.ndarray, labels: np.ndarray) -> dict:
+    """|S(I)| against prompt length T(I).
+
+    Args:
+      sizes: int [N] |S(I)|.
+      tokens: int [N] T(I).
+      labels: int [N] category indices.
+
+    Returns:
+      dict: `spearman` (all instructions), `per_category` {c: {n, mean_tokens,
+      mean_set_size, spearman}} (index c into CATEGORIES), and the per-instruction
+      `tokens`, `set_size`, `category` (index) lists for a scatter plot.
+    """
+    per = {}
+    for c in range(C):
+        m = labels == c
+        per[c] = {"n": int(m.sum()),
+                  "mean_tokens": float(tokens[m].mean()) if m.any() else float("nan"),
+                  "mean_set_size": float(sizes[m].mean()) if m.any() else float("nan"),
+                  "spearman": spearman(sizes[m], tokens[m])}
+    return {"spearman": spearman(sizes, tokens), "per_category": per,
+            "tokens": np.asarray(tokens), "set_size": np.asarray(sizes), "category": np.asarray(labels)}
+
+
 def category_order(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Instruction order grouped by category (stable) and the block boundaries.
 

@@ -7,14 +7,16 @@ neurons of MoE models use the same dense rule), one (layer, expert) pair for ISE
 
 Counts are read in chunks of instructions: the per-instruction threshold depends
 on that instruction's row only, so chunking is exact, and host memory stays at
-one chunk of float32 frequencies plus the boolean results.
+one chunk of float32 frequencies plus the boolean results. Several rules can be
+applied in one pass over the counts (`identify_all`: the main rule and its
+contrast rule).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -24,9 +26,12 @@ from sparcom_jax.stats.counts import Counts
 
 _RULES = ("top", "absolute")
 _AGGREGATIONS = ("consensus", "pooled")
+_TIES = ("keep", "break")
 # Float guard for k = ceil(eps * U) and the consensus vote count: 0.07 * 100 is
 # 7.000000000000001 in binary floating point and must give k = 7, not 8.
 _TOL = 1e-9
+# Rows per mean_active call when reading tie-break strengths (bounds its float64 temporaries).
+_STRENGTH_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,29 +40,47 @@ class IdentifyConfig:
 
     Attributes:
       rule: "top" keeps, per instruction, the top `eps` share of all units of the
-        model (all layers together), ties included; "absolute" keeps units with
-        frequency >= `threshold`.
+        model (all layers together); "absolute" keeps units with frequency >=
+        `threshold`.
       eps: the top share for rule="top". Default 0.01 (1 %): sparse enough that a
         unit is specific to what the instruction asks (gate>0 fires on a large
         share of tokens for most SwiGLU neurons, so low thresholds select most
         of the model), large enough (~3.5k neurons per instruction in a 7B
         model) for stable overlap statistics.
-      threshold: the frequency threshold for rule="absolute".
+      threshold: the frequency threshold for rule="absolute", and of the
+        absolute contrast rule reported beside rule="top" (`contrast_config`).
+        Default 0.5: a unit is counted when it is active on at least half of the
+        instruction's tokens. The value is a share of tokens, so it means the
+        same for short and long prompts, and it is fixed before looking at any
+        model, so the number of units above it can grow or shrink with
+        fine-tuning (under rule="top" the number is fixed by construction).
       aggregation: "consensus" puts a unit in S(c) when it is in S(I) for at least
         a fraction `q` of c's instructions; "pooled" applies the rule to the
         category's mean frequency.
       q: the consensus fraction, in (0, 1].
       eps_experts: top share for ISEs (``expert_routed``) when it should differ
         from `eps` (models with few experts per layer); None = `eps`.
+      ties: what rule="top" does with units tied at the cut. "keep" (default,
+        the paper's rule) keeps every unit whose frequency equals the k-th
+        largest, so |S(I)| can exceed k: frequencies of a T-token prompt take
+        only T + 1 values, and short prompts tie often. "break" keeps exactly
+        k = ceil(eps * U) units (fewer only when fewer than k units fired),
+        breaking ties at the cut by the mean activation on active tokens
+        (router probability on routed tokens for ISEs), then by the lower unit
+        index; the counts must carry the activation sums. With
+        aggregation="pooled" the category set is cut the same way on the
+        category mean frequency, ties broken by the category mean of that
+        strength.
       chunk: instructions read at a time (memory only; results do not depend on it).
     """
 
-    rule: str = "top"
+    rule: Literal["top", "absolute"] = "top"
     eps: float = 0.01
     threshold: float = 0.5
-    aggregation: str = "consensus"
+    aggregation: Literal["consensus", "pooled"] = "consensus"
     q: float = 0.5
     eps_experts: float | None = None
+    ties: Literal["keep", "break"] = "keep"
     chunk: int = 64
 
     def __post_init__(self):
@@ -67,6 +90,11 @@ class IdentifyConfig:
             raise ValueError(
                 f"aggregation must be one of {_AGGREGATIONS}, got {self.aggregation!r}"
             )
+        if self.ties not in _TIES:
+            raise ValueError(f"ties must be one of {_TIES}, got {self.ties!r}")
+        if self.ties == "break" and self.rule != "top":
+            raise ValueError("ties='break' applies to rule='top' only (an absolute threshold has "
+                             "no cut to break ties at); use ties='keep'")
         for name in ("eps", "eps_experts"):
             v = getattr(self, name)
             if v is not None and not 0.0 < v <= 1.0:
@@ -82,6 +110,11 @@ class IdentifyConfig:
             return self.eps_experts
         return self.eps
 
+    @property
+    def needs_strength(self) -> bool:
+        """Whether the rule reads the activation sums (exact-k tie-break)."""
+        return self.rule == "top" and self.ties == "break"
+
     def to_dict(self) -> dict[str, Any]:
         """The rule and its parameters, JSON-safe (chunk is left out: no effect)."""
         d = dataclasses.asdict(self)
@@ -95,25 +128,57 @@ class IdentifyConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# What each rule's set sizes can and cannot show; repeated in summary.json and the report.
+RULE_SUPPORT: dict[str, str] = {
+    "top": ("Top-eps (rule='top') gives every instruction about the same number of units, "
+            "k = ceil(eps x units), so it shows WHICH units are specific and how the sets overlap "
+            "(within vs across categories; retained, gained and lost between models). It cannot show "
+            "that fine-tuning changes the NUMBER of specific units: eps sets that number, not the model."),
+    "absolute": ("An absolute threshold (rule='absolute') counts the units active on at least a fixed "
+                 "share of an instruction's tokens, so the count can grow or shrink: it can show whether "
+                 "MORE units pass a fixed frequency after fine-tuning. Read it beside the shift of the "
+                 "mean frequency over all units (comparison frequency_shift): when every unit fires more "
+                 "often, the count grows without any unit becoming more specific."),
+}
+
+
+def contrast_config(cfg: IdentifyConfig) -> IdentifyConfig:
+    """The rule reported beside `cfg`: absolute (at `cfg.threshold`) beside top-eps, and
+    top-eps (at `cfg.eps`, ties kept) beside absolute; aggregation, q and eps_experts stay."""
+    return dataclasses.replace(cfg, rule="absolute" if cfg.rule == "top" else "top", ties="keep")
+
+
 def top_k(eps: float, n_units: int) -> int:
     """k = ceil(eps * n_units), at least 1 and at most n_units."""
     return min(n_units, max(1, math.ceil(eps * n_units - _TOL)))
 
 
-def select_units(freq: np.ndarray, cfg: IdentifyConfig, field: str = "neuron_active") -> np.ndarray:
+def select_units(
+    freq: np.ndarray, cfg: IdentifyConfig, field: str = "neuron_active",
+    strength: np.ndarray | None = None,
+) -> np.ndarray:
     """Apply the identification rule row by row.
 
     Args:
       freq: float [n, *U] frequencies, one row per instruction (or category).
       cfg: the rule.
       field: count field (picks `eps_experts` for ISEs).
+      strength: float [n, *U] tie-break values (mean activation on active
+        tokens); read only by rule="top" with ties="break".
 
     Returns:
-      bool [n, *U]. With rule="top", row r keeps every unit whose value is >= the
-      k-th largest value of the row (so ties at the cut are all kept and a row
-      may hold more than k units). Units with frequency 0 are never selected: a
-      unit that never fired cannot be specific to the instruction (this also
-      keeps empty rows, e.g. instructions with no counted tokens, empty).
+      bool [n, *U]. With rule="top" and ties="keep", row r keeps every unit whose
+      value is >= the k-th largest value of the row (so ties at the cut are all
+      kept and a row may hold more than k units). With ties="break" it keeps
+      the units above the k-th largest value and fills up to exactly k from
+      the units equal to it, by larger strength, then lower flat unit index.
+      Units with frequency 0 are never selected: a unit that never fired cannot
+      be specific to the instruction (this also keeps empty rows, e.g.
+      instructions with no counted tokens, empty, and leaves fewer than k units
+      when fewer than k fired).
+
+    Raises:
+      ValueError: ties="break" without `strength`.
     """
     freq = np.asarray(freq)
     n = freq.shape[0]
@@ -125,7 +190,19 @@ def select_units(freq: np.ndarray, cfg: IdentifyConfig, field: str = "neuron_act
         k = top_k(cfg.eps_for(field), u)
         # np.partition is O(U) per row where a sort would be O(U log U).
         kth = np.partition(flat, u - k, axis=1)[:, u - k]
-        sel = flat >= kth[:, None]
+        if cfg.ties == "keep":
+            sel = flat >= kth[:, None]
+        else:
+            if strength is None:
+                raise ValueError("ties='break' needs the tie-break strength (activation sums)")
+            strength = np.asarray(strength).reshape(n, -1)
+            sel = flat > kth[:, None]  # fewer than k units lie strictly above the k-th value
+            for r in np.flatnonzero(kth > 0):
+                tied = np.flatnonzero(flat[r] == kth[r])
+                # NaN strength (a corrupt sum) ranks below every real value.
+                neg = -np.nan_to_num(strength[r, tied].astype(np.float64), nan=-np.inf)
+                order = np.lexsort((tied, neg))  # strength descending, then index
+                sel[r, tied[order[:k - int(sel[r].sum())]]] = True
     sel &= flat > 0
     return sel.reshape(freq.shape)
 
@@ -147,6 +224,8 @@ class Identification:
         None once dropped to save memory.
       packed: whether instruction_bits is np.packbits-packed along flattened U.
       ids: record ids (optional).
+      tokens: int [N] counted tokens T(I), or None.
+      sources: record sources, length N (optional).
     """
 
     field: str
@@ -160,6 +239,8 @@ class Identification:
     instruction_bits: np.ndarray | None = None
     packed: bool = False
     ids: list[str] | None = None
+    tokens: np.ndarray | None = None
+    sources: list[str] | None = None
 
     @property
     def n(self) -> int:
@@ -176,6 +257,12 @@ class Identification:
     def sets(self) -> dict[str, np.ndarray]:
         """{category: bool [*U]} in CATEGORIES order."""
         return {c: self.category_sets[i] for i, c in enumerate(CATEGORIES)}
+
+    def unit_frequency(self) -> np.ndarray:
+        """float64 [*U] mean frequency of each unit over all N instructions."""
+        n_c = self.n_per_category.astype(np.float64)
+        mean = self.category_mean.reshape(C, -1).astype(np.float64)
+        return (n_c @ mean / max(self.n, 1)).reshape(self.unit_shape)
 
     def instruction_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """bool [n, U_flat] instruction sets of rows [start, stop), unpacked."""
@@ -205,6 +292,27 @@ def _field_array(counts: Counts, field: str):
     return arr
 
 
+def _check_strength(counts: Counts, field: str, cfgs: Sequence[IdentifyConfig]) -> bool:
+    """Whether any rule needs the activation sums; raises when they are missing."""
+    if not any(c.needs_strength for c in cfgs):
+        return False
+    name = Counts.SUM_FIELDS[field]
+    if getattr(counts, name, None) is None:
+        raise ValueError(
+            f"ties='break' breaks ties at the top-eps cut by the mean activation on active tokens, "
+            f"but these counts carry no {name!r}: collect the counts with activation sums "
+            "(collect_counts(..., sums=True)), or identify with ties='keep'")
+    return True
+
+
+def _strength(counts: Counts, field: str, start: int, stop: int) -> np.ndarray:
+    """float32 [n, U_flat] mean activation on active tokens of rows [start, stop), read a
+    few rows at a time: Counts.mean_active works in float64 (three [rows, U] arrays)."""
+    rows = [counts.mean_active(field, s, min(s + _STRENGTH_ROWS, stop))
+            for s in range(start, stop, _STRENGTH_ROWS)]
+    return np.concatenate([r.reshape(r.shape[0], -1) for r in rows])
+
+
 def instruction_sets(
     counts: Counts, field: str = "neuron_active", cfg: IdentifyConfig | None = None,
     *, packed: bool = False,
@@ -223,11 +331,13 @@ def instruction_sets(
     cfg = cfg or IdentifyConfig()
     shape = tuple(_field_array(counts, field).shape[1:])
     n_units = int(np.prod(shape))
+    strength = _check_strength(counts, field, [cfg])
     out = (np.zeros((counts.n, (n_units + 7) // 8), np.uint8) if packed
            else np.zeros((counts.n,) + shape, bool))
     for s, freq in counts.iter_frequencies(field, cfg.chunk):
-        sel = select_units(freq, cfg, field)
-        out[s:s + sel.shape[0]] = np.packbits(sel.reshape(sel.shape[0], -1), axis=1) if packed else sel
+        n = freq.shape[0]
+        sel = select_units(freq, cfg, field, _strength(counts, field, s, s + n) if strength else None)
+        out[s:s + n] = np.packbits(sel.reshape(n, -1), axis=1) if packed else sel
     return out
 
 
@@ -248,46 +358,87 @@ def identify(
     Returns:
       An Identification.
     """
-    cfg = cfg or IdentifyConfig()
+    return identify_all(counts, field, [cfg or IdentifyConfig()],
+                        keep_instruction_sets=keep_instruction_sets, packed=packed)[0]
+
+
+def identify_all(
+    counts: Counts, field: str, cfgs: Sequence[IdentifyConfig], *,
+    keep_instruction_sets: bool | Sequence[bool] = True, packed: bool = False,
+) -> list[Identification]:
+    """Identify with several rules in one pass over the counts (e.g. a rule and its contrast).
+
+    Args:
+      counts: the counts, with per-instruction `categories`.
+      field: count field.
+      cfgs: the rules; the first one's `chunk` sets the reading chunk.
+      keep_instruction_sets: keep S(I), for all rules or per rule.
+      packed: keep S(I) bit-packed.
+
+    Returns:
+      One Identification per rule, in order.
+    """
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError("identify_all needs at least one rule")
+    keep = ([keep_instruction_sets] * len(cfgs) if isinstance(keep_instruction_sets, bool)
+            else list(keep_instruction_sets))
     arr = _field_array(counts, field)
     shape = tuple(arr.shape[1:])
     n_units = int(np.prod(shape))
     labels = category_labels(counts.categories)
     if labels.shape[0] != counts.n:
         raise ValueError(f"{labels.shape[0]} categories for {counts.n} instructions")
+    if counts.sources is not None and len(counts.sources) != counts.n:
+        raise ValueError(f"{len(counts.sources)} sources for {counts.n} instructions")
+    need_strength = _check_strength(counts, field, cfgs)
+    pooled_strength = any(c.needs_strength and c.aggregation == "pooled" for c in cfgs)
 
-    bits = None
-    if keep_instruction_sets:
-        bits = (np.zeros((counts.n, (n_units + 7) // 8), np.uint8) if packed
-                else np.zeros((counts.n,) + shape, bool))
-    votes = np.zeros((C, n_units), np.int64)      # instructions of c selecting the unit
+    bits = [None if not k else (np.zeros((counts.n, (n_units + 7) // 8), np.uint8) if packed
+                                else np.zeros((counts.n,) + shape, bool)) for k in keep]
+    # Instructions of c selecting the unit (consensus rules only).
+    votes = [np.zeros((C, n_units), np.int64) if c.aggregation == "consensus" else None for c in cfgs]
+    sizes = [np.zeros(counts.n, np.int64) for _ in cfgs]
     freq_sum = np.zeros((C, n_units), np.float64)  # float64: sums over up to N rows
-    sizes = np.zeros(counts.n, np.int64)
-    for s, freq in counts.iter_frequencies(field, cfg.chunk):
+    strength_sum = np.zeros((C, n_units), np.float64) if pooled_strength else None
+    for s, freq in counts.iter_frequencies(field, cfgs[0].chunk):
         n = freq.shape[0]
         flat = freq.reshape(n, -1)
-        sel = select_units(flat, cfg, field)
-        sizes[s:s + n] = sel.sum(1)
+        strength = _strength(counts, field, s, s + n) if need_strength else None
         lab = labels[s:s + n]
-        for c in np.unique(lab):
-            rows = lab == c
-            votes[c] += sel[rows].sum(0)
-            freq_sum[c] += flat[rows].sum(0, dtype=np.float64)
-        if bits is not None:
-            bits[s:s + n] = np.packbits(sel, axis=1) if packed else sel.reshape((n,) + shape)
+        rows = {c: lab == c for c in np.unique(lab)}
+        for c, m in rows.items():
+            freq_sum[c] += flat[m].sum(0, dtype=np.float64)
+            if strength_sum is not None:
+                strength_sum[c] += strength[m].sum(0, dtype=np.float64)
+        for i, cfg in enumerate(cfgs):
+            sel = select_units(flat, cfg, field, strength)
+            sizes[i][s:s + n] = sel.sum(1)
+            if votes[i] is not None:
+                for c, m in rows.items():
+                    votes[i][c] += sel[m].sum(0)
+            if bits[i] is not None:
+                bits[i][s:s + n] = np.packbits(sel, axis=1) if packed else sel.reshape((n,) + shape)
 
     n_c = np.bincount(labels, minlength=C)
-    mean = (freq_sum / np.maximum(n_c, 1)[:, None]).astype(np.float32)
-    if cfg.aggregation == "consensus":
-        sets = (votes >= cfg.q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
-    else:
-        sets = select_units(mean, cfg, field)  # all-zero rows (empty categories) stay empty
-    return Identification(
-        field=field, config=cfg, unit_shape=shape, labels=labels,
-        category_sets=sets.reshape((C,) + shape), category_mean=mean.reshape((C,) + shape),
-        n_per_category=n_c, instruction_size=sizes, instruction_bits=bits, packed=packed,
-        ids=None if counts.ids is None else list(counts.ids),
-    )
+    denom = np.maximum(n_c, 1)[:, None]
+    mean = (freq_sum / denom).astype(np.float32)
+    mean_strength = None if strength_sum is None else (strength_sum / denom).astype(np.float32)
+    tokens = np.asarray(counts.tokens[:]).astype(np.int64)
+    out = []
+    for i, cfg in enumerate(cfgs):
+        if cfg.aggregation == "consensus":
+            sets = (votes[i] >= cfg.q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
+        else:  # all-zero rows (empty categories) stay empty
+            sets = select_units(mean, cfg, field, mean_strength)
+        out.append(Identification(
+            field=field, config=cfg, unit_shape=shape, labels=labels,
+            category_sets=sets.reshape((C,) + shape), category_mean=mean.reshape((C,) + shape),
+            n_per_category=n_c, instruction_size=sizes[i], instruction_bits=bits[i], packed=packed,
+            ids=None if counts.ids is None else list(counts.ids), tokens=tokens,
+            sources=None if counts.sources is None else list(counts.sources),
+        ))
+    return out
 
 
 def category_sets(

@@ -5,7 +5,9 @@
     tuned = analyze_model(counts_tuned, cfg, name="tuned")
     comparison = compare_models(base, tuned)
     summary = build_summary({"base": base, "tuned": tuned}, config=cfg,
-                            comparison=comparison, ablation=ablation_result)
+                            comparison=comparison, ablation=ablation_result,
+                            templates={"base": "plain", "tuned": "chat"},
+                            controls={"same_template": compare_models(base, tuned_plain)})
 
 Every section is JSON-safe (NaN -> None); categories are always in CATEGORIES order.
 """
@@ -13,7 +15,7 @@ Every section is JSON-safe (NaN -> None); categories are always in CATEGORIES or
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -21,7 +23,10 @@ from sparcom_jax.analysis import compare as cmp
 from sparcom_jax.analysis import evaluate as ev
 from sparcom_jax.analysis.ablate import AblationResult
 from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable
-from sparcom_jax.analysis.identify import IdentifyConfig, Identification, identify
+from sparcom_jax.analysis.examples import top_instructions
+from sparcom_jax.analysis.identify import (
+    RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
+)
 from sparcom_jax.analysis.uncertainty import bootstrap, permutation_test
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.stats.counts import Counts
@@ -40,11 +45,14 @@ class FieldAnalysis:
       instruction_matrix: float32 [N, N] instruction Jaccard in original order,
         or None when instruction-level analysis was skipped.
       summary: the JSON-safe `models.<name>.<section>` dict.
+      contrast: the identification under the contrast rule (`contrast_config`),
+        category level only, or None when it was not run.
     """
 
     ident: Identification
     instruction_matrix: np.ndarray | None
     summary: dict
+    contrast: Identification | None = None
 
 
 @dataclasses.dataclass
@@ -111,13 +119,16 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "phases": _phases(count, union_l),
         "mean_instruction_set_size": by_category(mean_size),
         "mean_frequency": by_category(ident.category_mean.reshape(C, -1).mean(1)),
+        "set_size_vs_length": _size_vs_length(ident, pairs=True),
         "instruction_overlap": None,
         "diagonal_dominance": None,
+        "per_category_dominance": None,
     }
     if instruction_matrix is not None:
         block = ev.category_block_means(instruction_matrix, ident.labels)
         s["instruction_overlap"] = block
         s["diagonal_dominance"] = ev.diagonal_dominance(block)
+        s["per_category_dominance"] = by_category(ev.per_category_dominance(block))
     if ident.field == "expert_routed":
         s["category_mean_frequency"] = by_category(ident.category_mean)
     if ident.field == "expert_neuron_active":
@@ -125,10 +136,93 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
     return jsonable(s)
 
 
+def _size_vs_length(ident: Identification, pairs: bool) -> dict | None:
+    """|S(I)| against T(I) (ev.size_vs_length) keyed by category name; the
+    per-instruction pairs only when `pairs`."""
+    if ident.tokens is None:
+        return None
+    r = ev.size_vs_length(ident.instruction_size, ident.tokens, ident.labels)
+    out = {"spearman": r["spearman"], "per_category": by_category([r["per_category"][c] for c in range(C)])}
+    if pairs:
+        out.update(tokens=r["tokens"], set_size=r["set_size"],
+                   category=[CATEGORIES[c] for c in r["category"]])
+    return jsonable(out)
+
+
+def contrast_summary(ident: Identification) -> dict:
+    """The `contrast` entry of a section: set sizes under the contrast rule (no
+    instruction-level overlap, no bootstrap: the contrast rule is for counting)."""
+    sets = ident.category_sets
+    gen = ev.generality(sets)
+    uniq = ev.uniqueness(sets)
+    count, _ = ev.layer_distribution(sets)
+    sizes_i = ident.instruction_size
+    return jsonable({
+        "identification": ident.config.to_dict(),
+        "supports": RULE_SUPPORT[ident.config.rule],
+        "per_category_count": by_category(ev.set_sizes(sets)),
+        "mean_instruction_set_size": by_category(
+            [float(sizes_i[ident.labels == c].mean()) if ident.n_per_category[c] else None
+             for c in range(C)]),
+        "unique": by_category(uniq["unique"]),
+        "unique_ratio": by_category(uniq["unique_ratio"]),
+        "general": gen["general"],
+        "union": gen["union"],
+        "per_layer": by_category(count),
+        "overlap_jaccard": ev.category_overlap(sets)[0],
+        "set_size_vs_length": _size_vs_length(ident, pairs=False),
+    })
+
+
+def _source_predicate(human: str | Callable[[str], bool]) -> tuple[Callable[[str], bool], str]:
+    if callable(human):
+        return human, getattr(human, "__name__", "custom predicate")
+    return (lambda src: str(src).startswith(human)), f"source starts with {human!r}"
+
+
+def subset_diagonal(
+    instruction_matrix: np.ndarray, labels: np.ndarray, sources: Sequence[str],
+    keep: str | Callable[[str], bool] = "human", *, n_perm: int = 999, seed: int = 0,
+) -> dict | None:
+    """The instruction-level diagonal on a subset of the records (e.g. human-written).
+
+    Args:
+      instruction_matrix: float [N, N] instruction Jaccard.
+      labels: int [N] category indices.
+      sources: length-N record sources.
+      keep: a source prefix ("human" keeps sources starting with "human") or a
+        predicate on the source string.
+      n_perm: permutations of the subset's diagonal test (within its sources).
+      seed: RNG seed.
+
+    Returns:
+      dict with rule, n, n_per_category, instruction_overlap [C, C],
+      diagonal_dominance, per_category_dominance, permutation; None when no
+      record passes.
+    """
+    pred, rule = _source_predicate(keep)
+    idx = np.flatnonzero([pred(src) for src in sources])
+    if idx.size == 0:
+        return None
+    sub, lab = instruction_matrix[np.ix_(idx, idx)], labels[idx]
+    block = ev.category_block_means(sub, lab)
+    perm = None
+    if n_perm > 0:
+        perm = permutation_test(sub, lab, n_perm=n_perm, seed=seed, strata=[sources[i] for i in idx])
+        perm["stratified_by"] = "source"
+    return jsonable({
+        "rule": rule, "n": int(idx.size), "n_per_category": by_category(np.bincount(lab, minlength=C)),
+        "instruction_overlap": block, "diagonal_dominance": ev.diagonal_dominance(block),
+        "per_category_dominance": by_category(ev.per_category_dominance(block)), "permutation": perm,
+    })
+
+
 def analyze_field(
     counts: Counts, field: str, cfg: IdentifyConfig, *,
     n_boot: int = 100, n_perm: int = 999, seed: int = 0, ci: float = 0.95,
     instruction_level: bool = True, keep_instruction_sets: bool = False, packed: bool | None = None,
+    contrast: bool = True, human: str | Callable[[str], bool] | None = "human",
+    top_units: int = 20, top_per_unit: int = 5,
 ) -> FieldAnalysis:
     """Identify and evaluate one count field (see analyze_model for the arguments)."""
     need_sets = instruction_level or keep_instruction_sets or (
@@ -136,18 +230,30 @@ def analyze_field(
     if packed is None:
         shape = getattr(counts, field).shape
         packed = int(np.prod(shape, dtype=np.int64)) > _PACK_ABOVE
-    ident = identify(counts, field, cfg, keep_instruction_sets=need_sets, packed=packed)
+    cfgs = [cfg, contrast_config(cfg)] if contrast else [cfg]
+    idents = identify_all(counts, field, cfgs, keep_instruction_sets=[need_sets, False][:len(cfgs)],
+                          packed=packed)
+    ident = idents[0]
     jmat = ev.instruction_jaccard(ident) if instruction_level else None
     summary = field_summary(ident, jmat)
-    summary["bootstrap"] = summary["permutation"] = None
+    summary["contrast"] = contrast_summary(idents[1]) if contrast else None
+    summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = None
     if n_boot > 0:
         summary["bootstrap"] = jsonable(bootstrap(
             ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci))
     if n_perm > 0 and jmat is not None:
-        summary["permutation"] = jsonable(permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed))
+        perm = permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed, strata=ident.sources)
+        perm["stratified_by"] = None if ident.sources is None else "source"
+        summary["permutation"] = jsonable(perm)
+    if jmat is not None and ident.sources is not None and human is not None:
+        summary["human_subset"] = subset_diagonal(jmat, ident.labels, ident.sources, human,
+                                                  n_perm=n_perm, seed=seed)
+    summary["top_instructions"] = (jsonable(top_instructions(
+        counts, ident, units_per_category=top_units, top=top_per_unit)) if top_units > 0 else None)
     if not keep_instruction_sets:
         ident.drop_instruction_sets()
-    return FieldAnalysis(ident=ident, instruction_matrix=jmat, summary=summary)
+    return FieldAnalysis(ident=ident, instruction_matrix=jmat, summary=summary,
+                         contrast=idents[1] if contrast else None)
 
 
 def analyze_model(
@@ -155,6 +261,8 @@ def analyze_model(
     fields: Sequence[str] | None = None, n_boot: int = 100, n_perm: int = 999, seed: int = 0,
     ci: float = 0.95, instruction_level: bool | Sequence[str] = True,
     keep_instruction_sets: bool = False, packed: bool | None = None,
+    contrast: bool = True, human: str | Callable[[str], bool] | None = "human",
+    top_units: int = 20, top_per_unit: int = 5,
 ) -> ModelAnalysis:
     """Identification and evaluation of every count field a model has.
 
@@ -172,6 +280,13 @@ def analyze_model(
       keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
       packed: hold S(I) bit-packed while analysing (8x less memory); None packs
         when the unpacked sets would exceed 1 GiB.
+      contrast: also identify with the contrast rule (`contrast_config(cfg)`:
+        absolute threshold beside top-eps) in the same pass over the counts.
+      human: the subset whose diagonal is reported beside the full set when the
+        counts carry sources: a source prefix ("human": sources starting with
+        "human"), a predicate on the source, or None for no subset.
+      top_units: units listed per category with their top instructions (0 = none).
+      top_per_unit: instructions listed per unit.
 
     Returns:
       A ModelAnalysis; `.summary()` gives `models.<name>`.
@@ -183,7 +298,8 @@ def analyze_model(
         inst = instruction_level if isinstance(instruction_level, bool) else f in instruction_level
         out[SECTIONS[f]] = analyze_field(
             counts, f, cfg, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci,
-            instruction_level=inst, keep_instruction_sets=keep_instruction_sets, packed=packed)
+            instruction_level=inst, keep_instruction_sets=keep_instruction_sets, packed=packed,
+            contrast=contrast, human=human, top_units=top_units, top_per_unit=top_per_unit)
     return ModelAnalysis(name=name, config=cfg, fields=out, meta=dict(counts.meta or {}))
 
 
@@ -191,6 +307,9 @@ def _as_analysis(x, cfg, name, kw) -> ModelAnalysis:
     if isinstance(x, ModelAnalysis):
         return x
     return analyze_model(x, cfg, name=name, **kw)
+
+
+_SET_KEYS = ("size_before", "size_after", "retained", "gained", "lost", "jaccard")
 
 
 def _ba(before, after) -> dict:
@@ -230,14 +349,27 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
     ib, ia = fb.ident, fa.ident
     sets = cmp.compare_sets(ib.category_sets, ia.category_sets)
     shift = cmp.frequency_shift(ib.category_mean, ia.category_mean, ib.category_sets, ia.category_sets)
+    both = fb.contrast is not None and fa.contrast is not None
+    csets = cmp.compare_sets(fb.contrast.category_sets, fa.contrast.category_sets) if both else None
     per_cat = {}
     for i, c in enumerate(CATEGORIES):
         per_cat[c] = {
-            **{k: sets[k][i] for k in ("size_before", "size_after", "retained", "gained", "lost", "jaccard")},
+            **{k: sets[k][i] for k in _SET_KEYS},
             "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
             "frequency_shift": {k: v[i] for k, v in shift.items()},
+            "contrast": {k: csets[k][i] for k in _SET_KEYS} if both else None,
         }
     return jsonable(per_cat), jsonable(_moves(fb.summary, fa.summary))
+
+
+def rules_entry(cfg: IdentifyConfig, contrast: bool = True) -> dict:
+    """What the main and the contrast rule are and which finding each supports."""
+    out = {"main": {"identification": cfg.to_dict(), "supports": RULE_SUPPORT[cfg.rule]},
+           "contrast": None}
+    if contrast:
+        c = contrast_config(cfg)
+        out["contrast"] = {"identification": c.to_dict(), "supports": RULE_SUPPORT[c.rule]}
+    return out
 
 
 def compare_models(
@@ -255,13 +387,17 @@ def compare_models(
     Returns:
       The `comparison` dict: before, after (names), "<section>": {category:
       {size_before, size_after, retained, gained, lost, jaccard, per_layer,
-      frequency_shift}}, and "moves": {"<section>": model-level changes}.
+      frequency_shift, contrast: {size_before, size_after, retained, gained,
+      lost, jaccard} under the contrast rule (None when not run)}}, "moves":
+      {"<section>": model-level changes}, and "rules" (rules_entry).
     """
     mb = _as_analysis(before, cfg, names[0], analyze_kw)
     ma = _as_analysis(after, cfg, names[1], analyze_kw)
     if mb.config != ma.config:
         raise ValueError("the two models were identified with different rules")
-    out: dict[str, Any] = {"before": mb.name, "after": ma.name, "moves": {}}
+    has_contrast = any(f.contrast is not None for f in mb.fields.values())
+    out: dict[str, Any] = {"before": mb.name, "after": ma.name, "moves": {},
+                           "rules": rules_entry(mb.config, has_contrast)}
     for sec in mb.fields:
         if sec in ma.fields:
             out[sec], out["moves"][sec] = compare_fields(mb[sec], ma[sec])
@@ -284,8 +420,10 @@ def compare_series(
       series (per category where it applies): per_category_count, unique,
       unique_ratio, general, general_share, union, diagonal_dominance,
       mean_frequency, per_layer ([S][L] per category), phases (boundaries),
-      and vs_base / vs_previous {retained, gained, lost, jaccard} (the first
-      entry of vs_previous is None).
+      vs_base / vs_previous {retained, gained, lost, jaccard} (the first
+      entry of vs_previous is None), and contrast_per_category_count /
+      contrast_mean_instruction_set_size (the contrast rule's sizes; None
+      when a checkpoint has no contrast identification).
     """
     items = list(items)
     if not items:
@@ -318,6 +456,9 @@ def compare_series(
                     for i, c in enumerate(CATEGORIES):
                         dst[k][c].append(r[k][i])
         t["vs_base"], t["vs_previous"] = vs_base, vs_prev
+        for k in ("per_category_count", "mean_instruction_set_size"):
+            t[f"contrast_{k}"] = (None if any(s.get("contrast") is None for s in sums)
+                                  else {c: [s["contrast"][k][c] for s in sums] for c in CATEGORIES})
         out[sec] = t
     return jsonable(out)
 
@@ -329,9 +470,13 @@ def build_summary(
     series: dict | None = None,
     ablation: AblationResult | None = None,
     ablation_experts: AblationResult | None = None,
+    ablation_expert_neurons: AblationResult | None = None,
     model_paths: Mapping[str, str] | None = None,
     data: Any = None,
     scope: str | None = None,
+    templates: Mapping[str, str | None] | None = None,
+    controls: Mapping[str, dict] | None = None,
+    precision: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict:
     """Assemble summary.json.
@@ -343,9 +488,16 @@ def build_summary(
       series: compare_series output.
       ablation: neuron ablation result (-> ablation.isn, ablation.random).
       ablation_experts: expert ablation result (-> ablation.ise, ablation.ise_random).
+      ablation_expert_neurons: expert-neuron ablation result (-> ablation.expert_neurons).
       model_paths: {name: checkpoint path}.
       data: description of the instruction data (path, counts, source...).
-      scope: token scope ("prompt", "response", "all").
+      scope: token scope ("prompt", "response", "all", ...).
+      templates: {model name: prompt template it was counted with}.
+      controls: extra comparisons shown beside the main one, each a
+        compare_models output; "same_template" = the tuned model counted under
+        the base model's template, compared with the base.
+      precision: {label: {category: set Jaccard of bfloat16 vs float32 counts}}
+        (e.g. label "isn", "ise"); other values (a note) are kept as they are.
       extra: more top-level keys.
 
     Returns:
@@ -368,13 +520,19 @@ def build_summary(
         "model_paths": dict(model_paths or {}),
         "data": data,
         "scope": scope,
+        "templates": dict(templates or {}),
+        "rule_support": dict(RULE_SUPPORT),
         "models": {name: m.summary() for name, m in models.items()},
     }
+    if controls:
+        out["controls"] = dict(controls)
+    if precision:
+        out["precision"] = dict(precision)
     if comparison is not None:
         out["comparison"] = comparison
     if series is not None:
         out["series"] = series
-    if ablation is not None or ablation_experts is not None:
+    if ablation is not None or ablation_experts is not None or ablation_expert_neurons is not None:
         ab: dict[str, Any] = {}
         if ablation is not None:
             d = ablation.to_dict()
@@ -382,6 +540,8 @@ def build_summary(
         if ablation_experts is not None:
             d = ablation_experts.to_dict()
             ab.update({"ise": d["isn"], "ise_random": d["random"], "experts": d})
+        if ablation_expert_neurons is not None:
+            ab["expert_neurons"] = ablation_expert_neurons.to_dict()
         out["ablation"] = ab
     out.update(extra or {})
     return jsonable(out)

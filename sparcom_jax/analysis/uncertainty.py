@@ -6,19 +6,23 @@ percentile intervals. A resample is a vector of multiplicities w [N], so the
 category aggregate (votes for consensus, summed frequencies for pooled) of B
 resamples at once is one matrix product W [B, N] @ V [N, U] per chunk of rows.
 
-Permutation test: shuffle the category labels over instructions (sizes kept)
-and recompute diag-minus-off-diagonal of the instruction-level 6x6 overlap.
+Permutation test: shuffle the category labels over instructions (sizes kept;
+within each source stratum when sources are given) and recompute
+diag-minus-off-diagonal of the instruction-level 6x6 overlap, overall and per
+category.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
 from sparcom_jax.analysis.common import C, safe_div
 from sparcom_jax.analysis.evaluate import (
-    category_block_means, category_overlap, diagonal_dominance, set_sizes,
+    category_block_means, category_overlap, diagonal_dominance, per_category_dominance, set_sizes,
 )
-from sparcom_jax.analysis.identify import _TOL, Identification, select_units
+from sparcom_jax.analysis.identify import _TOL, Identification, _strength, select_units
 from sparcom_jax.stats.counts import Counts
 
 
@@ -61,15 +65,19 @@ def _replicate_stats(sets: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _row_source(ident: Identification, counts: Counts | None, chunk: int):
-    """Yield (start, float32 [n, U]) rows that the category aggregate sums."""
-    if ident.config.aggregation == "consensus":
+    """Yield (start, float32 [n, U] rows that the category aggregate sums, float32
+    [n, U] tie-break strengths or None)."""
+    cfg = ident.config
+    if cfg.aggregation == "consensus":
         for s in range(0, ident.n, chunk):
-            yield s, ident.instruction_rows(s, min(s + chunk, ident.n)).astype(np.float32)
+            yield s, ident.instruction_rows(s, min(s + chunk, ident.n)).astype(np.float32), None
     else:
         if counts is None:
             raise ValueError("the pooled rule re-reads frequencies: pass counts=")
         for s, f in counts.iter_frequencies(ident.field, chunk):
-            yield s, f.reshape(f.shape[0], -1)
+            n = f.shape[0]
+            st = _strength(counts, ident.field, s, s + n) if cfg.needs_strength else None
+            yield s, f.reshape(n, -1), st
 
 
 def bootstrap(
@@ -96,33 +104,43 @@ def bootstrap(
 
     Returns:
       dict: n_boot, seed, ci, and for each figure (per_category_count, unique,
-      general, general_share, overlap_jaccard, overlap_coefficient,
-      [instruction_overlap]) {"low": ..., "high": ...} with the figure's shape.
+      general, general_share, overlap_jaccard, overlap_coefficient, and with
+      the instruction matrix instruction_overlap, diagonal_dominance and
+      per_category_dominance) {"low": ..., "high": ...} with the figure's shape.
     """
     cfg = ident.config
     u = ident.n_units
     w_all = resample_weights(ident.labels, n_boot, seed)
     n_c = ident.n_per_category.astype(np.float64)
-    batch = max(1, budget_bytes // (4 * C * max(u, 1)))
+    n_agg = 2 if cfg.aggregation == "pooled" and cfg.needs_strength else 1
+    batch = max(1, budget_bytes // (4 * n_agg * C * max(u, 1)))
     reps: dict[str, list] = {}
     for b0 in range(0, n_boot, batch):
         w = w_all[b0:b0 + batch]
         agg = np.zeros((w.shape[0], C, u), np.float32)
-        for s, rows in _row_source(ident, counts, cfg.chunk):
+        agg_strength = np.zeros_like(agg) if n_agg == 2 else None
+        for s, rows, strength in _row_source(ident, counts, cfg.chunk):
             lab = ident.labels[s:s + rows.shape[0]]
             for c in np.unique(lab):
                 m = lab == c
-                agg[:, c] += w[:, s:s + rows.shape[0]][:, m] @ rows[m]
+                wc = w[:, s:s + rows.shape[0]][:, m]
+                agg[:, c] += wc @ rows[m]
+                if agg_strength is not None:
+                    agg_strength[:, c] += wc @ strength[m]
+        denom = np.maximum(n_c, 1)[:, None]
         for r in range(w.shape[0]):
             if cfg.aggregation == "consensus":
                 sets = (agg[r] >= cfg.q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
             else:
-                sets = select_units(agg[r] / np.maximum(n_c, 1)[:, None], cfg, ident.field)
+                sets = select_units(agg[r] / denom, cfg, ident.field,
+                                    None if agg_strength is None else agg_strength[r] / denom)
             for k, v in _replicate_stats(sets).items():
                 reps.setdefault(k, []).append(v)
     if instruction_matrix is not None:
-        reps["instruction_overlap"] = list(
-            category_block_means(instruction_matrix, ident.labels, w_all))
+        blocks = category_block_means(instruction_matrix, ident.labels, w_all)
+        reps["instruction_overlap"] = list(blocks)
+        reps["diagonal_dominance"] = [np.asarray(diagonal_dominance(b)) for b in blocks]
+        reps["per_category_dominance"] = list(per_category_dominance(blocks))
     lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     out = {"n_boot": n_boot, "seed": seed, "ci": ci}
     for k, v in reps.items():
@@ -140,15 +158,29 @@ def _nanpercentile(a: np.ndarray, q: float) -> np.ndarray:
     return out
 
 
+def _shuffle(labels: np.ndarray, strata: list[np.ndarray] | None, rng: np.random.Generator) -> np.ndarray:
+    """The labels shuffled over all instructions, or within each stratum."""
+    if strata is None:
+        return rng.permutation(labels)
+    out = labels.copy()
+    for idx in strata:
+        out[idx] = labels[idx][rng.permutation(idx.size)]
+    return out
+
+
 def permutation_test(
     instruction_matrix: np.ndarray, labels: np.ndarray, *, n_perm: int = 999, seed: int = 0,
-    batch: int = 64,
+    batch: int = 64, strata: Sequence | None = None,
 ) -> dict:
     """Is the diagonal of the instruction-level overlap larger than chance?
 
     Statistic: mean diagonal minus mean off-diagonal of the 6x6 mean pairwise
-    Jaccard (self-pairs excluded). Null: the same with category labels shuffled
-    over instructions. p = (1 + #{null >= observed}) / (1 + n_perm).
+    Jaccard (self-pairs excluded), and per category `per_category_dominance`.
+    Null: the same with category labels shuffled over instructions, or within
+    each stratum (e.g. record source) when `strata` is given, so the null keeps
+    every stratum's category mix. p = (1 + #{null >= observed}) / (1 + n_perm),
+    one-sided, for the overall statistic and for each category separately (six
+    tests: compare them with 0.05 / 6 for a family-wise level of 0.05).
 
     Args:
       instruction_matrix: float [N, N] instruction Jaccard.
@@ -156,38 +188,60 @@ def permutation_test(
       n_perm: permutations.
       seed: RNG seed.
       batch: permutations evaluated per matrix product.
+      strata: optional length-N stratum of each instruction (any hashable values).
 
     Returns:
-      dict with statistic, p_value, n_perm, seed, null_mean, null_std.
+      dict with statistic, p_value, n_perm, seed, null_mean, null_std,
+      per_category_statistic [C], per_category_p_value [C] and n_strata (None
+      when not stratified).
     """
-    obs = diagonal_dominance(category_block_means(instruction_matrix, labels))
+    obs_block = category_block_means(instruction_matrix, labels)
+    obs = diagonal_dominance(obs_block)
+    obs_c = per_category_dominance(obs_block)
     valid = np.isfinite(instruction_matrix)
     np.fill_diagonal(valid, False)
     vals = np.where(valid, instruction_matrix, 0.0).astype(np.float64)
     valid = valid.astype(np.float64)
     rng = np.random.default_rng(seed)
     n = labels.shape[0]
-    null = []
+    groups = None
+    if strata is not None:
+        strata = np.asarray(strata, dtype=object)
+        if strata.shape[0] != n:
+            raise ValueError(f"{strata.shape[0]} strata for {n} instructions")
+        groups = [np.flatnonzero(strata == v) for v in dict.fromkeys(strata.tolist())]
+    null, null_c = [], []
     for p0 in range(0, n_perm, batch):
-        perms = np.stack([rng.permutation(labels) for _ in range(min(batch, n_perm - p0))])
+        perms = np.stack([_shuffle(labels, groups, rng) for _ in range(min(batch, n_perm - p0))])
         y = np.zeros((n, perms.shape[0], C))                      # [N, P, C] one-hot
         y[np.arange(n)[:, None], np.arange(perms.shape[0])[None], perms.T] = 1.0
         flat = y.reshape(n, -1)
         # One [N, N] @ [N, P*C] product per batch instead of P small ones.
         sums = np.einsum("npc,npd->pcd", y, (vals @ flat).reshape(y.shape))
         cnts = np.einsum("npc,npd->pcd", y, (valid @ flat).reshape(y.shape))
-        null.extend(diagonal_dominance(m) for m in safe_div(sums, cnts))
+        blocks = safe_div(sums, cnts)
+        null.extend(diagonal_dominance(m) for m in blocks)
+        null_c.extend(per_category_dominance(blocks))
     null = np.asarray(null, dtype=np.float64)
+    null_c = np.asarray(null_c, dtype=np.float64).reshape(-1, C)
     fin = null[np.isfinite(null)]
     return {
         "statistic": obs,
-        # A tolerance so that a shuffle reproducing the observed labels counts despite
-        # a different summation order; undefined null values count as exceeding
-        # (conservative); no p-value when the statistic itself is undefined.
-        "p_value": (float((1 + np.sum(~np.isfinite(null) | (null >= obs - 1e-12))) / (1 + n_perm))
-                    if n_perm and np.isfinite(obs) else None),
+        "p_value": _p_value(null, obs, n_perm),
         "n_perm": n_perm,
         "seed": seed,
         "null_mean": float(fin.mean()) if fin.size else None,
         "null_std": float(fin.std()) if fin.size else None,
+        "per_category_statistic": obs_c.tolist(),
+        "per_category_p_value": [_p_value(null_c[:, c], obs_c[c], n_perm) for c in range(C)],
+        "n_strata": None if groups is None else len(groups),
     }
+
+
+def _p_value(null: np.ndarray, obs: float, n_perm: int) -> float | None:
+    # A tolerance so that a shuffle reproducing the observed labels counts despite
+    # a different summation order; undefined null values count as exceeding
+    # (conservative); no p-value when the statistic itself is undefined.
+    if not n_perm or not np.isfinite(obs):
+        return None
+    return float((1 + np.sum(~np.isfinite(null) | (null >= obs - 1e-12))) / (1 + n_perm))

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from typing import Any, Iterator
 
+from sparcom_jax.analysis.common import SECTIONS
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 
 _SHORT = [SHORT_NAMES[c] for c in CATEGORIES]
@@ -65,6 +66,18 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
            ["permutation_p_value", perm.get("p_value")], ["permutation_n", perm.get("n_perm")]]
     gen += [[f"breadth_{k}", v] for k, v in s["breadth_histogram"].items()]
     yield Table(f"{p}_generality", ["metric", "value"], gen)
+    yield from _dominance_table(p, s)
+    yield from _length_tables(p, s)
+    c = s.get("contrast")
+    if c:
+        yield Table(f"{p}_contrast",
+                    ["category", "size", "contrast_size", "mean_instruction_set_size",
+                     "contrast_mean_instruction_set_size", "contrast_unique"],
+                    [[k, s["per_category_count"][k], c["per_category_count"][k],
+                      s["mean_instruction_set_size"][k], c["mean_instruction_set_size"][k], c["unique"][k]]
+                     for k in CATEGORIES])
+    if s.get("top_instructions"):
+        yield Table(f"{p}_top_instructions", TOP_HEADER, top_instruction_rows(s["top_instructions"]))
     yield Table(f"{p}_phases",
                 ["profile", "middle_starts", "late_starts", "early_mean", "middle_mean", "late_mean",
                  "explained", "early_dominant"],
@@ -73,30 +86,140 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
                   ph["explained"], ph["early_dominant"]] for k, ph in s["phases"].items()])
 
 
-def comparison_tables(section: str, comp: dict) -> Iterator[Table]:
-    """Tables of comparison.<section>."""
-    keys = ["size_before", "size_after", "retained", "gained", "lost", "jaccard"]
-    yield Table(f"comparison_{section}",
-                ["category", *keys, "mean_p_before", "mean_p_after", "mean_p_delta"],
+def _dominance_table(p: str, s: dict) -> Iterator[Table]:
+    rows = dominance_rows(s)
+    if rows is not None:
+        yield Table(f"{p}_dominance", DOMINANCE_HEADER, rows)
+
+
+def dominance_rows(s: dict) -> list[list] | None:
+    """Rows of DOMINANCE_HEADER (per category, then "overall"), or None without the
+    instruction-level overlap."""
+    if s.get("per_category_dominance") is None:
+        return None
+    boot = s.get("bootstrap") or {}
+    perm = s.get("permutation") or {}
+    hum = s.get("human_subset") or {}
+    hperm = hum.get("permutation") or {}
+
+    def ci(key, i, bound):
+        v = boot.get(key)
+        return None if v is None else (v[bound] if i is None else v[bound][i])
+
+    def at(seq, i):
+        return None if seq is None else seq[i]
+
+    rows = [[c, s["per_category_dominance"][c], ci("per_category_dominance", i, "low"),
+             ci("per_category_dominance", i, "high"), at(perm.get("per_category_p_value"), i),
+             (hum.get("per_category_dominance") or {}).get(c), at(hperm.get("per_category_p_value"), i)]
+            for i, c in enumerate(CATEGORIES)]
+    rows.append(["overall", s["diagonal_dominance"], ci("diagonal_dominance", None, "low"),
+                 ci("diagonal_dominance", None, "high"), perm.get("p_value"), hum.get("diagonal_dominance"),
+                 hperm.get("p_value")])
+    return rows
+
+
+DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
+                    "human_permutation_p"]
+
+
+def _length_tables(p: str, s: dict) -> Iterator[Table]:
+    v = s.get("set_size_vs_length")
+    if not v:
+        return
+    yield Table(f"{p}_set_size_vs_length", LENGTH_HEADER, length_rows(v))
+    if v.get("tokens") is not None:
+        yield Table(f"{p}_set_size_vs_length_instructions", ["instruction", "category", "tokens", "set_size"],
+                    [[i, c, t, z] for i, (c, t, z) in enumerate(zip(v["category"], v["tokens"], v["set_size"]))])
+
+
+LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman"]
+
+
+def length_rows(v: dict) -> list[list]:
+    """Rows of LENGTH_HEADER for a set_size_vs_length entry, plus an "all" row."""
+    per = v["per_category"]
+    return ([[c, per[c]["n"], per[c]["mean_tokens"], per[c]["mean_set_size"], per[c]["spearman"]]
+             for c in CATEGORIES] + [["all", sum(per[c]["n"] for c in CATEGORIES), None, None, v["spearman"]]])
+
+
+TOP_HEADER = ["category", "unit", "category_frequency", "rank", "instruction_id", "instruction_category",
+              "frequency", "tokens"]
+
+
+def unit_label(u: dict) -> str:
+    """"L3/E1/N7"-style label of a unit entry of top_instructions."""
+    return "/".join(f"{k[0].upper()}{u[k]}" for k in ("layer", "expert", "neuron") if k in u)
+
+
+def top_instruction_rows(top: dict) -> list[list]:
+    """Rows of TOP_HEADER: one per (category, listed unit, ranked instruction)."""
+    rows = []
+    for c in CATEGORIES:
+        for u in top.get(c) or []:
+            for r, inst in enumerate(u["instructions"], 1):
+                rows.append([c, unit_label(u), u["category_frequency"], r, inst["id"], inst["category"],
+                             inst["frequency"], inst["tokens"]])
+    return rows
+
+
+SET_KEYS = ["size_before", "size_after", "retained", "gained", "lost", "jaccard"]
+
+
+def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> Iterator[Table]:
+    """Tables of comparison.<section> (or of a control comparison, with its prefix)."""
+    keys = SET_KEYS
+
+    def contrast(c, k):
+        return (comp[c].get("contrast") or {}).get(k)
+
+    yield Table(f"{prefix}_{section}",
+                ["category", *keys, "mean_p_before", "mean_p_after", "mean_p_delta",
+                 *[f"contrast_{k}" for k in keys]],
                 [[c, *[comp[c][k] for k in keys],
-                  *[comp[c]["frequency_shift"][k] for k in ("mean_before", "mean_after", "delta")]]
+                  *[comp[c]["frequency_shift"][k] for k in ("mean_before", "mean_after", "delta")],
+                  *[contrast(c, k) for k in keys]]
                  for c in CATEGORIES])
     rows = []
     for c in CATEGORIES:
         pl = comp[c]["per_layer"]
         for j in range(len(pl["size_before"])):
             rows.append([c, j, *[pl[k][j] for k in keys], comp[c]["frequency_shift"]["per_layer_delta"][j]])
-    yield Table(f"comparison_{section}_per_layer", ["category", "layer", *keys, "mean_p_delta"], rows)
+    yield Table(f"{prefix}_{section}_per_layer", ["category", "layer", *keys, "mean_p_delta"], rows)
 
 
 def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
     """Tables of one ablation result dict (AblationResult.to_dict())."""
-    for k in ("isn", "random", "excess"):
+    for k in ("isn", "random", "excess", "excess_std", "random_ge_fraction"):
+        if d.get(k) is None:
+            continue
         t = _matrix(f"ablation_{kind}_{k}", d[k])
         t.header[0] = "ablated \\ evaluated"
         yield t
-    yield Table(f"ablation_{kind}_baseline", ["category", "baseline_loss", "set_size"],
-                [[c, d["baseline"].get(c), d["set_sizes"][c]] for c in CATEGORIES])
+    yield Table(f"ablation_{kind}_baseline", ABLATION_HEADER, ablation_rows(d))
+
+
+ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
+                   "random_ge_fraction_own", "dropped_mass", "random_dropped_mass_mean",
+                   "off_bin_mean", "in_set_mean"]
+
+
+def ablation_rows(d: dict) -> list[list]:
+    """Per ablated category: baseline, size, the own-category excess and its spread,
+    dropped routing mass and how well the random controls matched."""
+    def own(key, i):
+        m = d.get(key)
+        return None if m is None else m[i][i]
+
+    def col_mean(key, i):
+        m = d.get(key)
+        vals = [r[i] for r in m or [] if r[i] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return [[c, d["baseline"].get(c), d["set_sizes"][c], own("excess", i), own("excess_std", i),
+             own("random_ge_fraction", i), (d.get("dropped_mass") or {}).get(c),
+             col_mean("random_dropped_mass", i), col_mean("off_bin", i), col_mean("in_set", i)]
+            for i, c in enumerate(CATEGORIES)]
 
 
 def series_tables(section: str, names: list[str], t: dict) -> Iterator[Table]:
@@ -125,14 +248,29 @@ def all_tables(summary: dict) -> Iterator[Table]:
             if sec != "meta":
                 yield from model_tables(m, sec, s)
     comp = summary.get("comparison") or {}
-    for sec, v in comp.items():
-        if sec not in ("before", "after", "moves"):
-            yield from comparison_tables(sec, v)
-    for kind in ("neurons", "experts"):
+    for sec in SECTIONS.values():
+        if sec in comp:
+            yield from comparison_tables(sec, comp[sec])
+    for name, ctrl in (summary.get("controls") or {}).items():
+        for sec in SECTIONS.values():
+            if sec in ctrl:
+                yield from comparison_tables(sec, ctrl[sec], prefix=f"control_{safe_name(name)}")
+    for kind in ("neurons", "experts", "expert_neurons"):
         d = (summary.get("ablation") or {}).get(kind)
         if d:
             yield from ablation_tables(kind, d)
+    prec = precision_table(summary.get("precision"))
+    if prec is not None:
+        yield prec
     series = summary.get("series") or {}
     for sec, t in series.items():
         if sec != "names":
             yield from series_tables(sec, series["names"], t)
+
+
+def precision_table(precision: dict | None) -> Table | None:
+    """Category x label table of the bf16-vs-float32 set Jaccards (mapping entries only)."""
+    cols = {k: v for k, v in (precision or {}).items() if isinstance(v, dict)}
+    if not cols:
+        return None
+    return Table("precision", ["category", *cols], [[c, *[v.get(c) for v in cols.values()]] for c in CATEGORIES])

@@ -22,7 +22,10 @@ from sparcom_jax.report import figures as F
 from sparcom_jax.report.export import export_sets
 from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_html
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
-from sparcom_jax.report.tables import all_tables, safe_name
+from sparcom_jax.report.tables import (
+    ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, SET_KEYS, TOP_HEADER, ablation_rows, all_tables,
+    dominance_rows, length_rows, precision_table, safe_name, top_instruction_rows,
+)
 
 SECTION_TITLES = {
     "isn": "Instruction-specific neurons (ISNs)",
@@ -62,10 +65,23 @@ CAPTIONS = {
               "dominance (mean diagonal minus mean off-diagonal).",
     "ablation": "Causal check ({kind}): cell (a, b) is the increase of the mean loss on category b's "
                 "reference responses when category a's set is switched off. Left: the instruction-"
-                "specific set; middle: random sets with the same per-layer counts (mean of {n} draws); "
+                "specific set; middle: random sets matched to it ({matching}; mean of {n} draws); "
                 "right: their difference. A red diagonal on the right means each category's set matters "
-                "most for its own category, beyond what removing as many random units does.",
+                "most for its own category, beyond what removing as many comparable units does.",
+    "size_vs_length": "Instruction set size |S(I)| against the number of counted tokens T(I), one point "
+                      "per instruction, coloured by category. Frequencies of a T-token prompt take only "
+                      "T + 1 values, so with ties kept at the top-eps cut short prompts can get larger "
+                      "sets; a rising or falling cloud means set sizes (and the Jaccards built on them) "
+                      "follow prompt length, not only the kind of instruction.",
 }
+
+SAME_TEMPLATE_TEXT = (
+    "Same-template control: the tuned model counted under the base model's template, compared with "
+    "the base. Both sides then see identical prompts, so this comparison holds only what the weights "
+    "changed. Read it against the main comparison above: where the control retains about as much "
+    "(similar Jaccard, similar gained/lost), the main result is a weight effect; where the main "
+    "comparison gains or loses many more units than the control, that extra part comes from the "
+    "prompt format, not from fine-tuning.")
 
 
 def _bootstrap_text(s: dict) -> str:
@@ -74,13 +90,60 @@ def _bootstrap_text(s: dict) -> str:
     if s.get("diagonal_dominance") is not None:
         parts.append(f"Instruction-level diagonal dominance: {s['diagonal_dominance']:.4f}")
     if perm.get("p_value") is not None:
+        within = " within each record source" if perm.get("stratified_by") == "source" else ""
         parts.append(f"permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of the "
-                     "category labels)")
+                     f"category labels{within})")
     b = s.get("bootstrap")
     if b:
         parts.append(f"{b['ci']:.0%} bootstrap intervals over instructions ({b['n_boot']} resamples) "
                      "are in summary.json and the categories table")
     return "; ".join(parts) + "." if parts else ""
+
+
+def _matching_text(d: dict) -> str:
+    m = d.get("matching") or {}
+    if not m:
+        return "the same number of units per layer"
+    bins = m.get("frequency_bins")
+    txt = f"the same number of units per {m.get('group', 'layer')}"
+    if bins:
+        txt += f" and per activation-frequency bin ({bins} quantile bins)"
+    if m.get("exclude_tested_set"):
+        txt += ", drawn outside the tested set"
+    return txt
+
+
+def _rule_blocks(summary: dict) -> list:
+    support = summary.get("rule_support") or {}
+    main = summary["identification"]
+    rows = [[f"{main['rule']} (main)", support.get(main["rule"])]]
+    rows += [[f"{r} (contrast)", t] for r, t in support.items() if r != main["rule"]]
+    return [TableBlock("Which finding each identification rule can support", ["rule", "what it can show"], rows)]
+
+
+def _template_text(summary: dict, comp: dict) -> str | None:
+    t = summary.get("templates") or {}
+    if not t:
+        return None
+    txt = "Templates used: " + ", ".join(f"{m}: {v}" for m, v in t.items()) + "."
+    b, a = comp.get("before"), comp.get("after")
+    if b in t and a in t and t[b] != t[a]:
+        txt += (f" {b} and {a} were counted with different templates, so the main comparison mixes "
+                "template and weight effects" + ("; see the same-template control." if
+                                                  "same_template" in (summary.get("controls") or {})
+                                                  else " and no same-template control was given."))
+    return txt
+
+
+def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
+               shift: bool = False) -> TableBlock:
+    """retained/gained/lost per category of a comparison section (or its `key` sub-entry),
+    with the mean frequency over all units before and after when `shift`."""
+    get = (lambda c: entry[c]) if key is None else (lambda c: entry[c].get(key) or {})
+    fs = ("mean_before", "mean_after")
+    return TableBlock(title, ["category", *SET_KEYS, *(["mean p before", "mean p after"] if shift else [])],
+                      [[c, *[get(c).get(k) for k in SET_KEYS],
+                        *([entry[c]["frequency_shift"][k] for k in fs] if shift else [])] for c in CATEGORIES])
 
 
 def _category_table(name: str, section: str, s: dict) -> TableBlock:
@@ -90,6 +153,35 @@ def _category_table(name: str, section: str, s: dict) -> TableBlock:
         [[c, s["n_per_category"][c], s["per_category_count"][c], s["unique"][c], s["unique_ratio"][c],
           s["mean_instruction_set_size"][c]] for c in CATEGORIES]
         + [["general (all six)", None, s["general"], None, s["general_share"], None]])
+
+
+def _model_blocks(name: str, section: str, s: dict) -> list:
+    """Per-category diagonal, contrast-rule sizes, set size vs length and top instructions."""
+    out: list = []
+    units = UNIT_WORD[section]
+    dom = dominance_rows(s)
+    if dom is not None:
+        out.append(TableBlock(f"{name}: instruction-level diagonal dominance per category (mean same-category "
+                              "Jaccard minus the mean of its five cross-category blocks; bootstrap interval, "
+                              "one-sided permutation p; the same on the human-written subset)",
+                              DOMINANCE_HEADER, dom))
+    c = s.get("contrast")
+    if c:
+        out.append(TableBlock(
+            f"{name}: {units} per category under the main and the contrast rule "
+            f"({c['identification']['rule']}, threshold {c['identification']['threshold']})",
+            ["category", "|S(c)| main", "|S(c)| contrast", "mean |S(I)| main", "mean |S(I)| contrast"],
+            [[k, s["per_category_count"][k], c["per_category_count"][k], s["mean_instruction_set_size"][k],
+              c["mean_instruction_set_size"][k]] for k in CATEGORIES]))
+    v = s.get("set_size_vs_length")
+    if v:
+        out.append(TableBlock(f"{name}: instruction set size vs prompt length (Spearman correlation of |S(I)| "
+                              "with T(I))", LENGTH_HEADER, length_rows(v)))
+    if s.get("top_instructions"):
+        out.append(TableBlock(f"{name}: the instructions that activate each listed {units[:-1]} most "
+                              "(units: the highest category mean frequency in each set)",
+                              TOP_HEADER, top_instruction_rows(s["top_instructions"])))
+    return out
 
 
 def write_report(
@@ -139,12 +231,17 @@ def write_report(
     models = summary["models"]
     blocks.append(TextBlock("Set-up", heading=True))
     blocks.append(TextBlock(json.dumps({k: summary.get(k) for k in (
-        "identification", "model_paths", "data", "scope")}, indent=2), pre=True))
+        "identification", "model_paths", "data", "scope", "templates")}, indent=2), pre=True))
     blocks.append(TextBlock("Categories: " + ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
                             + ". Layers are numbered from 0."))
+    comp = summary.get("comparison") or {}
+    controls = summary.get("controls") or {}
+    tmpl = _template_text(summary, comp)
+    if tmpl:
+        blocks.append(TextBlock(tmpl))
+    blocks.extend(_rule_blocks(summary))
 
     sections = [s for s in SECTION_TITLES if any(s in m for m in models.values())]
-    comp = summary.get("comparison") or {}
     series = summary.get("series") or {}
     for sec in sections:
         units = UNIT_WORD[sec]
@@ -155,6 +252,12 @@ def write_report(
             txt = _bootstrap_text(s)
             if txt:
                 blocks.append(TextBlock(f"{n}: {txt}"))
+            blocks.extend(_model_blocks(n, sec, s))
+        pairs = {n: s["set_size_vs_length"] for n, s in have.items()
+                 if (s.get("set_size_vs_length") or {}).get("tokens") is not None}
+        if pairs:
+            add(F.size_vs_length(pairs, f"{SECTION_TITLES[sec]}: set size vs prompt length"),
+                f"set_size_vs_length_{sec}.png", "Set size vs prompt length", CAPTIONS["size_vs_length"])
         add(F.overlap_heatmaps({n: s["overlap_jaccard"] for n, s in have.items()},
                                f"{SECTION_TITLES[sec]}: category overlap"),
             f"overlap_{sec}.png", "Category overlap", CAPTIONS["overlap"].format(units=units))
@@ -181,9 +284,22 @@ def write_report(
             add(F.comparison_bars(comp[sec], f"{SECTION_TITLES[sec]}: {b} → {a}", b, a),
                 f"comparison_{sec}.png", f"Comparison {b} → {a}",
                 CAPTIONS["comparison"].format(before=b, after=a))
-            keys = ["size_before", "size_after", "retained", "gained", "lost", "jaccard"]
-            blocks.append(TableBlock(f"{b} → {a}: {units} per category", ["category", *keys],
-                                     [[c, *[comp[sec][c][k] for k in keys]] for c in CATEGORIES]))
+            rules = comp.get("rules") or {}
+            main_rule = (rules.get("main") or {}).get("identification", {}).get("rule", "main rule")
+            blocks.append(_set_table(f"{b} → {a}: {units} per category ({main_rule}, main rule)", comp[sec]))
+            if rules.get("contrast") and any(comp[sec][c].get("contrast") for c in CATEGORIES):
+                crule = rules["contrast"]["identification"]["rule"]
+                blocks.append(_set_table(f"{b} → {a}: {units} per category ({crule}, contrast rule; mean "
+                                         "p = mean frequency over all units)", comp[sec], "contrast",
+                                         shift=True))
+                blocks.append(TextBlock(f"Main rule ({main_rule}): {rules['main']['supports']} "
+                                        f"Contrast rule ({crule}): {rules['contrast']['supports']}"))
+            for cname, ctrl in controls.items():
+                if sec in ctrl:
+                    blocks.append(_set_table(f"Control '{cname}' ({ctrl.get('before')} → {ctrl.get('after')}): "
+                                             f"{units} per category", ctrl[sec]))
+                    if cname == "same_template":
+                        blocks.append(TextBlock(SAME_TEMPLATE_TEXT))
         for n, s in have.items():
             if sec == "ise" and s.get("category_mean_frequency"):
                 add(F.expert_heatmaps(s["category_mean_frequency"], f"{n}: expert routing frequency",
@@ -200,17 +316,38 @@ def write_report(
                 f"series_{sec}.png", "Checkpoint series", CAPTIONS["series"])
 
     ablation = summary.get("ablation") or {}
-    for kind in ("neurons", "experts"):
+    for kind in ("neurons", "experts", "expert_neurons"):
         d = ablation.get(kind)
         if not d:
             continue
-        blocks.append(TextBlock(f"Causal check: ablating {kind}", heading=True))
-        add(F.ablation_matrices(d["isn"], d["random"], f"Loss increase when {kind} are switched off"),
-            f"ablation_{kind}.png", f"Ablation ({kind})",
-            CAPTIONS["ablation"].format(kind=kind, n=d["n_random"]))
-        blocks.append(TableBlock(f"Ablation ({kind}): loss increase, ablated (rows) x evaluated",
+        word = kind.replace("_", " ")
+        blocks.append(TextBlock(f"Causal check: ablating {word}", heading=True))
+        add(F.ablation_matrices(d["isn"], d["random"], f"Loss increase when {word} are switched off"),
+            f"ablation_{kind}.png", f"Ablation ({word})",
+            CAPTIONS["ablation"].format(kind=word, n=d["n_random"], matching=_matching_text(d)))
+        blocks.append(TableBlock(f"Ablation ({word}): loss increase, ablated (rows) x evaluated",
                                  ["ablated \\ evaluated", *[SHORT_NAMES[c] for c in CATEGORIES]],
                                  [[c, *row] for c, row in zip(CATEGORIES, d["isn"])]))
+        blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['n_random']} matched "
+                                 "random draws, dropped routing mass and control quality",
+                                 ABLATION_HEADER, ablation_rows(d)))
+        blocks.append(TextBlock(
+            "excess_own = loss increase on the ablated category itself minus the mean of the random "
+            "draws; excess_own_std = its spread over draws; random_ge_fraction_own = the share of random "
+            "draws that hurt at least as much as the specific set (the smallest possible value is 0; "
+            f"with {d['n_random']} draws it resolves steps of {1 / max(d['n_random'], 1):.2g}). off_bin / "
+            "in_set count units a draw had to take from another frequency bin or from the tested set "
+            "(0 = a clean control). dropped_mass = routing probability mass removed by the ablation "
+            "(experts only, when the model reports it)."))
+
+    prec = precision_table(summary.get("precision"))
+    if prec is not None:
+        blocks.append(TextBlock("Precision: bfloat16 vs float32", heading=True))
+        blocks.append(TableBlock("Set Jaccard between bfloat16 and float32 counts", prec.header, prec.rows))
+        notes = [f"{k}: {v}" for k, v in summary["precision"].items() if not isinstance(v, dict)]
+        blocks.append(TextBlock(
+            "1 = identical sets. Claims that rest on sets whose Jaccard is well below 1 here depend on "
+            "the precision the counts were collected in." + (" " + "; ".join(notes) if notes else "")))
 
     blocks.append(TextBlock("Files", heading=True))
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731

@@ -1,0 +1,153 @@
+"""The controls in summary.json and the report: templates, the same-template control, the
+contrast rule, per-category diagonal, set size vs length, top instructions, matched ablation
+controls and precision."""
+
+import csv
+import html as htmllib
+import json
+
+import numpy as np
+import pytest
+
+from sparcom_jax.analysis import (
+    IdentifyConfig, ablate_identification, analyze_model, build_summary, compare_models,
+)
+from sparcom_jax.analysis.identify import RULE_SUPPORT
+from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.report import write_report
+from sparcom_jax.report.writer import SAME_TEMPLATE_TEXT
+from sparcom_jax.stats.counts import Counts
+
+N_PER, L, F = 4, 2, 10
+
+
+def dense_counts(seed, shift=0.0):
+    """Category c prefers neurons 2c, 2c+1; half the records human-written; ids r<i>."""
+    rng = np.random.default_rng(seed)
+    n = 6 * N_PER
+    t = rng.integers(4, 16, n)
+    p = rng.random((n, L, F)) * 0.4 + shift
+    for i in range(n):
+        c = i // N_PER
+        p[i, :, 2 * c:2 * c + 2] += 0.55
+    c = np.minimum((p * t[:, None, None]).astype(np.int32), t[:, None, None])
+    return Counts(tokens=t, neuron_active=c, neuron_act_sum=c * rng.random((n, L, F)).astype(np.float32),
+                  categories=[CATEGORIES[i // N_PER] for i in range(n)], ids=[f"r{i}" for i in range(n)],
+                  sources=["human-written" if i % 2 else "template-varied" for i in range(n)])
+
+
+def loss_fn(sets):
+    def fn(mask):
+        fn.last_dropped_mass = None if mask is None else 0.01 * float(mask.sum())
+        return {c: 2.0 + (0.0 if mask is None else 0.3 * (mask & sets[c]).sum() + 0.01 * mask.sum())
+                for c in CATEGORIES}
+    return fn
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    cfg = IdentifyConfig(eps=0.1, ties="break")
+    kw = dict(n_boot=8, n_perm=19, top_units=3, top_per_unit=2)
+    base = analyze_model(dense_counts(0), cfg, name="base", **kw)
+    tuned = analyze_model(dense_counts(1, shift=0.2), cfg, name="tuned", **kw)
+    tuned_plain = analyze_model(dense_counts(2, shift=0.2), cfg, name="tuned@plain", **kw)
+    comp = compare_models(base, tuned)
+    control = compare_models(base, tuned_plain)
+    abl = ablate_identification(base["isn"].ident, loss_fn(base["isn"].ident.sets()), n_random=3, n_bins=2)
+    precision = {"isn": {c: 0.9 + 0.01 * i for i, c in enumerate(CATEGORIES)}, "note": "demo models, CPU"}
+    summary = build_summary({"base": base, "tuned": tuned}, comparison=comp, ablation=abl,
+                            templates={"base": "plain", "tuned": "chat"},
+                            controls={"same_template": control, "other_seed": control}, precision=precision,
+                            scope="content")
+    out = tmp_path_factory.mktemp("report_controls")
+    write_report(out, summary, analyses={"base": base, "tuned": tuned}, dpi=30)
+    return out, summary
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = list(csv.reader(line for line in f if not line.startswith("#")))
+    return rows[0], rows[1:]
+
+
+def test_summary_carries_the_controls(report):
+    out, summary = report
+    loaded = json.loads((out / "summary.json").read_text())
+    assert loaded == summary
+    assert loaded["templates"] == {"base": "plain", "tuned": "chat"}
+    assert loaded["rule_support"] == RULE_SUPPORT
+    assert loaded["identification"]["ties"] == "break"
+    assert loaded["controls"]["same_template"]["after"] == "tuned@plain"
+    assert loaded["precision"]["note"] == "demo models, CPU"
+    s = loaded["models"]["base"]["isn"]
+    assert s["contrast"]["identification"]["rule"] == "absolute"
+    assert set(s["per_category_dominance"]) == set(CATEGORIES)
+    assert s["human_subset"]["n"] == 12 and s["permutation"]["stratified_by"] == "source"
+    assert len(s["set_size_vs_length"]["tokens"]) == 6 * N_PER
+    # Exact-k: every instruction has k = 2 units (all fired: p > 0 on the preferred neurons).
+    assert s["set_size_vs_length"]["set_size"] == [2] * (6 * N_PER)
+    assert all(len(s["top_instructions"][c]) <= 3 for c in CATEGORIES)
+    e = loaded["comparison"]["isn"]["code"]["contrast"]
+    assert e["retained"] + e["gained"] == e["size_after"]
+    ab = loaded["ablation"]["neurons"]
+    assert ab["matching"]["frequency_bins"] == 2 and ab["n_random"] == 3
+    sizes = ab["set_sizes"]
+    assert ab["dropped_mass"] == {c: pytest.approx(0.01 * sizes[c]) for c in CATEGORIES}
+
+
+def test_html_shows_and_explains_the_controls(report):
+    out, summary = report
+    page = htmllib.unescape((out / "index.html").read_text())
+    assert page.count(SAME_TEMPLATE_TEXT) == 1  # said once, under the same-template control only
+    assert "Control 'other_seed' (base → tuned@plain)" in page
+    assert "base and tuned were counted with different templates" in page
+    assert RULE_SUPPORT["top"] in page and RULE_SUPPORT["absolute"] in page
+    assert "Control 'same_template' (base → tuned@plain)" in page
+    assert "(absolute, contrast rule; mean p = mean frequency over all units)" in page
+    assert "within each record source" in page
+    assert "Set Jaccard between bfloat16 and float32 counts" in page and "note: demo models, CPU" in page
+    assert "<td>0.93</td>" in page  # precision of GEN
+    assert "diagonal dominance per category" in page
+    first = summary["models"]["base"]["isn"]["top_instructions"]["code"][0]["instructions"][0]
+    assert f"<td>{first['id']}</td>" in page
+    assert "set_size_vs_length_isn.png" in {p.name for p in (out / "figures").iterdir()}
+    assert "same number of units per layer and per activation-frequency bin (2 quantile bins)" in page
+
+
+def test_csv_tables_of_the_controls(report):
+    out, summary = report
+    header, rows = read_csv(out / "tables" / "control_same_template_isn.csv")
+    ctrl = summary["controls"]["same_template"]["isn"]
+    for r in rows:
+        assert [int(x) for x in r[1:6]] == [ctrl[r[0]][k] for k in
+                                           ("size_before", "size_after", "retained", "gained", "lost")]
+    header, rows = read_csv(out / "tables" / "comparison_isn.csv")
+    col = header.index("contrast_gained")
+    assert [int(r[col]) for r in rows] == [summary["comparison"]["isn"][c]["contrast"]["gained"]
+                                           for c in CATEGORIES]
+    header, rows = read_csv(out / "tables" / "base_isn_dominance.csv")
+    s = summary["models"]["base"]["isn"]
+    assert [r[0] for r in rows] == [*CATEGORIES, "overall"]
+    assert np.allclose([float(r[1]) for r in rows[:6]], [s["per_category_dominance"][c] for c in CATEGORIES],
+                       atol=1e-5)
+    assert float(rows[6][4]) == pytest.approx(s["permutation"]["p_value"])
+    assert float(rows[6][2]) == pytest.approx(s["bootstrap"]["diagonal_dominance"]["low"], abs=1e-5)
+    assert float(rows[6][3]) == pytest.approx(s["bootstrap"]["diagonal_dominance"]["high"], abs=1e-5)
+    assert float(rows[0][2]) == pytest.approx(s["bootstrap"]["per_category_dominance"]["low"][0], abs=1e-5)
+    assert float(rows[0][5]) == pytest.approx(s["human_subset"]["per_category_dominance"]["classification"],
+                                              abs=1e-5)
+    header, rows = read_csv(out / "tables" / "precision.csv")
+    assert header == ["category", "isn"] and float(rows[3][1]) == pytest.approx(0.93)
+    header, rows = read_csv(out / "tables" / "ablation_neurons_baseline.csv")
+    ab = summary["ablation"]["neurons"]
+    assert float(rows[1][header.index("dropped_mass")]) == pytest.approx(ab["dropped_mass"]["code"])
+    assert float(rows[1][header.index("excess_own_std")]) == pytest.approx(ab["excess_std"][1][1], abs=1e-5)
+    header, rows = read_csv(out / "tables" / "base_isn_top_instructions.csv")
+    top = s["top_instructions"]["classification"][0]
+    assert rows[0][:5] == ["classification", f"L{top['layer']}/N{top['neuron']}",
+                           f"{top['category_frequency']:.6g}", "1", top["instructions"][0]["id"]]
+    header, rows = read_csv(out / "tables" / "base_isn_set_size_vs_length.csv")
+    # Exact-k sets are all of size 2: no rank correlation with length (undefined -> empty cell).
+    assert s["set_size_vs_length"]["spearman"] is None
+    assert rows[-1][0] == "all" and rows[-1][1] == str(6 * N_PER) and rows[-1][4] == ""
+    assert float(rows[0][3]) == pytest.approx(2.0)
