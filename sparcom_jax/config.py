@@ -139,19 +139,30 @@ class IdentifySpec(IdentifyConfig):
       n_perm: permutations of the diagonal test (0 = none).
       instruction_level: instruction x instruction overlap for all fields (true),
         none (false) or the listed count fields.
+      contrast: also identify with the contrast rule (absolute `threshold` beside
+        top-eps, or the reverse), under which the number of units can change.
+      human: source prefix of the subset whose diagonal is reported beside the full
+        set (near-duplicates are templated, not human-written); null = none.
+      top_units: units listed per category with the instructions that activate them
+        most (0 = none).
+      top_per_unit: instructions listed per unit.
     """
 
     n_boot: int = 100
     n_perm: int = 999
     instruction_level: bool | list[str] = True
+    contrast: bool = True
+    human: str | None = "human"
+    top_units: int = 20
+    top_per_unit: int = 5
 
     def __post_init__(self):
         try:  # the rule's own checks
             super().__post_init__()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.n_boot < 0 or self.n_perm < 0:
-            raise ConfigError("n_boot and n_perm must be >= 0")
+        if min(self.n_boot, self.n_perm, self.top_units, self.top_per_unit) < 0:
+            raise ConfigError("n_boot, n_perm, top_units and top_per_unit must be >= 0")
 
     def to_rule(self) -> IdentifyConfig:
         """The identification rule alone (what outputs record)."""
@@ -226,6 +237,7 @@ class AblationSpec:
       kinds: "neurons" (dense or shared-expert neurons), "experts" (routed experts) and
         "expert_neurons" (neurons of routed experts); each where the model has them.
       model: which model to ablate: "base", "finetuned" or "both".
+      n_bins: activation-frequency bins per layer that the random controls match.
     """
 
     enabled: bool = True
@@ -235,10 +247,11 @@ class AblationSpec:
     kinds: list[Literal["neurons", "experts", "expert_neurons"]] = dataclasses.field(
         default_factory=lambda: ["neurons", "experts", "expert_neurons"])
     model: Literal["base", "finetuned", "both"] = "finetuned"
+    n_bins: int = 10
 
     def __post_init__(self):
         _check_min(self, 0, "n_random")
-        _check_min(self, 1, "max_records", "batch_size")
+        _check_min(self, 1, "max_records", "batch_size", "n_bins")
 
 
 @dataclasses.dataclass(frozen=True)

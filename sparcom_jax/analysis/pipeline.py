@@ -372,6 +372,36 @@ def rules_entry(cfg: IdentifyConfig, contrast: bool = True) -> dict:
     return out
 
 
+# What two compared models must share: a difference here changes counts by itself.
+_COMPARABLE = ("scope", "max_length")
+
+
+def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
+    """Refuse to compare models counted on different records, token scopes or max lengths.
+
+    Templates may differ (that is what a base-vs-chat comparison does; the report
+    names them and shows the same-template control beside it).
+
+    Raises:
+      ValueError: naming the two models, what differs and the fix.
+    """
+    first = analyses[0]
+    ids0 = next((f.ident.ids for f in first.fields.values()), None)
+    for other in analyses[1:]:
+        for key in _COMPARABLE:
+            a, b = first.meta.get(key), other.meta.get(key)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"{first.name!r} and {other.name!r} were counted with different {key} "
+                                 f"({a!r} vs {b!r}); compare models counted with the same {key} "
+                                 "(collect one of them again)")
+        ids = next((f.ident.ids for f in other.fields.values()), None)
+        if ids0 is not None and ids is not None and list(ids0) != list(ids):
+            n = len(set(ids0) ^ set(ids))
+            raise ValueError(f"{first.name!r} and {other.name!r} were counted on different records "
+                             f"({len(ids0)} vs {len(ids)} records, {n} not in both, or in another order); "
+                             "compare models counted on the same records (collect one of them again)")
+
+
 def compare_models(
     before: ModelAnalysis | Counts, after: ModelAnalysis | Counts, cfg: IdentifyConfig | None = None,
     *, names: tuple[str, str] = ("before", "after"), **analyze_kw,
@@ -395,6 +425,7 @@ def compare_models(
     ma = _as_analysis(after, cfg, names[1], analyze_kw)
     if mb.config != ma.config:
         raise ValueError("the two models were identified with different rules")
+    check_comparable([mb, ma])
     has_contrast = any(f.contrast is not None for f in mb.fields.values())
     out: dict[str, Any] = {"before": mb.name, "after": ma.name, "moves": {},
                            "rules": rules_entry(mb.config, has_contrast)}
@@ -431,6 +462,7 @@ def compare_series(
     analyses = [_as_analysis(x, cfg, n, analyze_kw) for n, x in items]
     if len({a.config for a in analyses}) > 1:
         raise ValueError("the checkpoints were identified with different rules")
+    check_comparable(analyses)
     out: dict[str, Any] = {"names": [n for n, _ in items]}
     sections = [s for s in analyses[0].fields if all(s in a.fields for a in analyses)]
     keys = ("retained", "gained", "lost", "jaccard")

@@ -214,17 +214,19 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
     return rdir / "index.html"
 
 
-# Summary sections whose entries are merged key by key across pairs (model names are unique).
-_MERGED_BY_KEY = ("model_paths", "models", "comparison", "series", "ablation")
+# Summary sections whose entries are merged key by key across pairs (model names are unique),
+# and those merged one level deeper (controls.same_template.isn from one pair, .ise from another).
+_MERGED_BY_KEY = ("model_paths", "models", "templates", "comparison", "series", "ablation")
+_MERGED_TWO_DEEP = ("controls",)
 
 
 def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
     """One summary.json for several pairs: theirs merged at the top level, theirs kept under "pairs".
 
-    "models" and "model_paths" become the union of the pairs'; "comparison", "series"
-    and "ablation" are merged key by key (a dense pair brings comparison.isn,
-    ablation.isn and ablation.random; an MoE pair comparison.ise, ablation.ise, ...);
-    every other key (identification, data, scope, ...) is taken from the first pair
+    "models", "model_paths" and "templates" become the union of the pairs'; "comparison",
+    "series" and "ablation" are merged key by key (a dense pair brings comparison.isn,
+    ablation.isn and ablation.random; an MoE pair comparison.ise, ablation.ise, ...),
+    "controls" one level deeper (controls.same_template.isn, .ise, ...); every other key (identification, data, scope, ...) is taken from the first pair
     that has it. Where pairs give one key different values, the first pair's value
     is kept (two mappings with no key in common, e.g. comparison.moves, are united)
     and "merged_from" maps the dotted key to the pair it was kept from.
@@ -253,6 +255,12 @@ def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
                 section = merged.setdefault(key, {})
                 for k, v in (value or {}).items():
                     put(section, k, v, pair, f"{key}.{k}")
+            elif key in _MERGED_TWO_DEEP:
+                section = merged.setdefault(key, {})
+                for k, sub in (value or {}).items():
+                    inner = section.setdefault(k, {})
+                    for k2, v in (sub or {}).items():
+                        put(inner, k2, v, pair, f"{key}.{k}.{k2}")
             else:
                 put(merged, key, value, pair, key)
     merged["merged_from"] = merged_from

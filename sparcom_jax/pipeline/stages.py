@@ -266,9 +266,11 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
 
 def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
     s = cfg.identify
-    if not full:
-        return dict(n_boot=0, n_perm=0, instruction_level=False, seed=cfg.seed)
-    return dict(n_boot=s.n_boot, n_perm=s.n_perm, instruction_level=s.instruction_level, seed=cfg.seed)
+    common = dict(seed=cfg.seed, contrast=s.contrast, human=s.human, top_per_unit=s.top_per_unit)
+    if not full:  # the sets alone (identify, ablate): no uncertainty, no instruction-level pass
+        return dict(n_boot=0, n_perm=0, instruction_level=False, top_units=0, **common)
+    return dict(n_boot=s.n_boot, n_perm=s.n_perm, instruction_level=s.instruction_level, top_units=s.top_units,
+                **common)
 
 
 class Analyses(NamedTuple):
@@ -382,7 +384,7 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
     """What one causal-check result depends on."""
     a = cfg.ablation
     return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp), "identify": identify_config(cfg).to_dict(),
-            "ablation": {"kind": kind, "n_random": a.n_random, "seed": cfg.seed},
+            "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed},
             "records": digest([r.id for r in records]), "template": template_for(spec, cfg),
             "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype}
 
@@ -395,7 +397,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     Writes OUT/ablate/<model>_<kind>.json (with its fingerprint); a result with the same
     fingerprint is reused. Returns the AblationResults too.
     """
-    from sparcom_jax.analysis import AblationResult, ablation_matrix
+    from sparcom_jax.analysis import AblationResult
+    from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.report.io import write_json
     from sparcom_jax.stats.losses import make_loss_fn
@@ -422,7 +425,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 if not stale(f, stored.get("fingerprint"), fp, overwrite=overwrite):
                     log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
                     written[f"{spec.label}_{kind}"] = str(f)
-                    written["_results"][(spec.label, kind)] = _ablation_from_json(AblationResult, stored)
+                    written["_results"][(spec.label, kind)] = AblationResult.from_dict(stored)
                     continue
             if model is None:
                 mesh = make_mesh(cfg.mesh) if mesh is None else mesh
@@ -437,9 +440,9 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                        buckets=cfg.collect.buckets or None)
                 total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * (1 + a.n_random)
                 try:
-                    with _counting(loss_fn, total, f"ablate {kind}") as fn:
-                        res = ablation_matrix({c: sets[i] for i, c in enumerate(CATEGORIES)}, fn,
-                                              n_random=a.n_random, seed=cfg.seed, kind=kind)
+                    with _Counting(loss_fn, total, f"ablate {kind}") as fn:
+                        res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
+                                                    n_bins=a.n_bins)
                 except ValueError as e:  # e.g. a category's ISEs cover every expert of a layer
                     if kind != "experts":
                         raise
@@ -451,36 +454,28 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     return written
 
 
-def _ablation_from_json(cls, d: dict):
-    import numpy as np
-
-    from sparcom_jax.categories import CATEGORIES
-
-    arr = lambda v: np.asarray([[np.nan if x is None else x for x in r] for r in v], float)  # noqa: E731
-    draws = np.asarray([arr(m) for m in d["random_draws"]]) if d["random_draws"] else np.zeros((0, 6, 6))
-    return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
-               random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
-               n_random=d["n_random"], seed=d["seed"])
-
-
-class _counting:
-    """Wrap a loss_fn with a progress bar over its calls (each is a pass over the records)."""
+class _Counting:
+    """A loss_fn with a progress bar over its calls (each is a pass over the records); it
+    passes on the dropped routing mass of the last call (`last_dropped_mass`)."""
 
     def __init__(self, fn, total: int, desc: str):
         self.fn, self.total, self.desc = fn, total, desc
 
-    def __enter__(self):
+    def __enter__(self) -> "_Counting":
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.total, desc=self.desc, unit="pass", file=sys.stderr)
+        return self
 
-        def call(mask):
-            try:
-                return self.fn(mask)
-            finally:
-                self.bar.update(1)
+    def __call__(self, mask):
+        try:
+            return self.fn(mask)
+        finally:
+            self.bar.update(1)
 
-        return call
+    @property
+    def last_dropped_mass(self):
+        return getattr(self.fn, "last_dropped_mass", None)
 
     def __exit__(self, *exc):
         self.bar.close()
@@ -505,7 +500,7 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
             stored = json.loads(f.read_text())
             stale(f, stored.get("fingerprint"), ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")),
                   overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
-            found[(spec.label, kind)] = _ablation_from_json(AblationResult, stored)
+            found[(spec.label, kind)] = AblationResult.from_dict(stored)
     return found
 
 
@@ -513,14 +508,11 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
 # report
 # --------------------------------------------------------------------------- #
 
-def data_description(cfg: ExperimentConfig, analyses: Analyses) -> dict[str, Any]:
-    """The summary's "data" section: where the records come from, how they were split,
-    and the template each model was counted with."""
+def data_description(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The summary's "data" section: where the records come from and how they were split."""
     _, split = record_parts(cfg)
     return {"path": cfg.data.path or "shipped", "n_per_category": cfg.data.n_per_category,
             "template": cfg.data.template, "max_length": cfg.data.max_length, "scope": cfg.data.scope,
-            "templates": {name: ma.meta.get("template") for name, ma in
-                          {**analyses.models, **{f"control:{k}": v for k, v in analyses.controls.items()}}.items()},
             "splits": split, "fine_tuning_records": "train_data" if cfg.train_data else "train part"}
 
 
@@ -543,12 +535,13 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     summary = build_summary(
         analyses.models, config=identify_config(cfg), comparison=comparison, series=series,
         ablation=ablation.get((abl_model, "neurons")), ablation_experts=ablation.get((abl_model, "experts")),
+        ablation_expert_neurons=ablation.get((abl_model, "expert_neurons")),
         model_paths={s.label: s.path or "random init" for s in specs},
-        data=data_description(cfg, analyses),
-        scope=cfg.data.scope,
-        extra={"experiment": cfg.name, "ablation_model": abl_model, "controls": controls or {},
-               "ablation_expert_neurons": (ablation[(abl_model, "expert_neurons")].to_dict()
-                                           if (abl_model, "expert_neurons") in ablation else None),
+        data=data_description(cfg), scope=cfg.data.scope,
+        templates={name: ma.meta.get("template") for name, ma in
+                   {**analyses.models, **{f"control:{k}": v for k, v in analyses.controls.items()}}.items()},
+        controls=controls or None,
+        extra={"experiment": cfg.name, "ablation_model": abl_model,
                "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
     )
     rdir = out / "report"
