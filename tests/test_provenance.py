@@ -96,7 +96,7 @@ def test_same_template_control_is_counted_and_compared(done):
     ctrl = json.loads((done / "compare" / "same_template.json").read_text())
     assert ctrl["before"] == "base" and ctrl["after"] == "tuned under plain template"
     summary = json.loads((done / "report" / "summary.json").read_text())
-    assert summary["templates"] == {"base": "plain", "tuned": "chat", "control:same_template": "plain"}
+    assert summary["templates"] == {"base": "plain", "tuned": "chat", "tuned under plain template": "plain"}
     assert summary["controls"]["same_template"]["after"] == "tuned under plain template"
 
 

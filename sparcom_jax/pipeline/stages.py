@@ -538,8 +538,8 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
         ablation_expert_neurons=ablation.get((abl_model, "expert_neurons")),
         model_paths={s.label: s.path or "random init" for s in specs},
         data=data_description(cfg), scope=cfg.data.scope,
-        templates={name: ma.meta.get("template") for name, ma in
-                   {**analyses.models, **{f"control:{k}": v for k, v in analyses.controls.items()}}.items()},
+        templates={ma.name: ma.meta.get("template") for ma in (*analyses.models.values(),
+                                                               *analyses.controls.values())},
         controls=controls or None,
         extra={"experiment": cfg.name, "ablation_model": abl_model,
                "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
