@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sparcom` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
+        from sparcom_jax.runtime import ensure_compilation_cache
+
+        ensure_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -8,7 +8,6 @@ pretrained briefly, instruction-tuned, then analysed by the stages of `run_all`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec
 from sparcom_jax.pipeline.common import fmt_count, log, save_resolved, timed, with_vocab
 from sparcom_jax.pipeline.stages import export_checkpoints, run_all
+from sparcom_jax.runtime import ensure_compilation_cache
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.
 FAST_OVERRIDES = (
@@ -29,31 +29,6 @@ FAST_OVERRIDES = (
     "collect.buckets=[64]", "identify.n_boot=5", "identify.n_perm=19", "ablation.n_random=1",
     "ablation.max_records=2", "ablation.batch_size=12", "collect.batch_size=8", "report.dpi=60",
 )
-
-
-@contextlib.contextmanager
-def compilation_cache(path: str | os.PathLike):
-    """Share compiled step functions between runs with the same shapes (JAX's persistent
-    cache) inside the block, unless the user configured a cache already; restored after."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        yield
-        return
-    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-        try:
-            from jax.experimental.compilation_cache import compilation_cache as cc
-
-            cc.reset_cache()
-        except (ImportError, AttributeError):
-            pass
 
 
 def demo_config(fast: bool = False, overrides: Sequence[str] = (), base: DemoConfig | None = None) -> DemoConfig:
@@ -145,16 +120,16 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
     tok = default_tokenizer()
     records = load_instructions(None)
     summaries, pages = {}, {}
-    with compilation_cache(Path(os.environ.get("SPARCOM_JAX_CACHE", out / ".jax_cache"))):
-        for pair in cfg.pairs:
-            ckpts = _train_pair(cfg, pair, out, tok, records)
-            exp = _pair_experiment(cfg, pair.name, ckpts)
-            pout = out / "pairs" / pair.name
-            pout.mkdir(parents=True, exist_ok=True)
-            save_resolved(exp, pout)
-            res = run_all(exp, pout)
-            summaries[pair.name] = json.loads(Path(res["summary"]).read_text())
-            pages[pair.name] = Path(res["report"])
+    ensure_compilation_cache()  # compiled steps are shared with later runs (sparcom_jax.runtime)
+    for pair in cfg.pairs:
+        ckpts = _train_pair(cfg, pair, out, tok, records)
+        exp = _pair_experiment(cfg, pair.name, ckpts)
+        pout = out / "pairs" / pair.name
+        pout.mkdir(parents=True, exist_ok=True)
+        save_resolved(exp, pout)
+        res = run_all(exp, pout)
+        summaries[pair.name] = json.loads(Path(res["summary"]).read_text())
+        pages[pair.name] = Path(res["report"])
     report = write_demo_report(out / "report", summaries, pages, title=cfg.report.title or "sparcom demo")
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return {"report": str(report), "summary": str(out / "report" / "summary.json"),

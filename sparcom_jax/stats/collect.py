@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparcom_jax.runtime import ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
@@ -110,6 +111,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       expert_routed [N, L, E] and expert_neuron_active [N, L, E, G] (MoE); lazily
       read arrays when `out` is given.
     """
+    ensure_compilation_cache()
     cfg = model.config
     seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
     n = len(seqs)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from sparcom_jax.models.transformer import CausalLM
 from sparcom_jax.parallel.mesh import make_mesh
-from sparcom_jax.runtime import put_batch
+from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
 from sparcom_jax.fileio import write_json
 from sparcom_jax.train.checkpointing import RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer, read_run
@@ -226,6 +226,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     """
     from sparcom_jax.data import encode_records
 
+    ensure_compilation_cache()
     run_dir = Path(out_dir)
     lead = jax.process_index() == 0
     # ---- checks: nothing below compiles or allocates on a device until they pass ----
