@@ -137,7 +137,8 @@ def test_cache_off_and_the_users_own_dir(cold_and_warm, tmp_path):
     default = tmp_path / "xdg" / "sparcom_jax" / f"jax-{jax.__version__}"
     assert r["dir"] == str(default) and _entries(default)
     # A jax_compilation_cache_dir the user set wins, with jax's own threshold left alone.
-    r = _count_once(tmp, ckpt, SPARCOM_JAX_CACHE=str(tmp_path / "ours"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "user"))
+    r = _count_once(tmp, ckpt, SPARCOM_JAX_CACHE=str(tmp_path / "ours"),
+                    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "user"))
     assert r["dir"] == str(tmp_path / "user") and r["min_secs"] == 1.0 and not (tmp_path / "ours").exists()
 
 
