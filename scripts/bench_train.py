@@ -51,8 +51,8 @@ def bench_step(model_cfg, args, dtype: str) -> dict:
     from sparcom_jax.models.transformer import init_model
     from sparcom_jax.parallel.mesh import make_mesh
     from sparcom_jax.train import TrainConfig, make_optimizer
-    from sparcom_jax.train.step import (compute_graphdef, init_state, make_shardings, make_train_step,
-                                        pure_params, put_batch)
+    from sparcom_jax.runtime import put_batch
+    from sparcom_jax.train.step import compute_graphdef, init_state, make_shardings, make_train_step, pure_params
 
     cfg = TrainConfig(batch_size=args.batch, grad_accum=1, total_steps=1000, warmup_steps=10, compute_dtype=dtype,
                       max_length=args.seq)
@@ -64,11 +64,11 @@ def bench_step(model_cfg, args, dtype: str) -> dict:
     step = make_train_step(compute_graphdef(model_cfg, dtype), tx, sh, sched)
     rng = np.random.default_rng(0)
     shape = (1, args.batch, args.seq)
-    ids = put_batch(rng.integers(3, model_cfg.vocab_size, shape).astype(np.int32), sh.batch_ABT)
-    mask = put_batch(np.ones(shape, bool), sh.batch_ABT)
+    ids = put_batch(rng.integers(3, model_cfg.vocab_size, shape).astype(np.int32), sh.batch_ABT, global_batch=True)
+    mask = put_batch(np.ones(shape, bool), sh.batch_ABT, global_batch=True)
     tgt_np = np.ones(shape, bool)
     tgt_np[..., -1] = False
-    tgt = put_batch(tgt_np, sh.batch_ABT)
+    tgt = put_batch(tgt_np, sh.batch_ABT, global_batch=True)
     t = time.perf_counter()
     state, m = step(state, ids, mask, tgt)
     jax.block_until_ready(m)

@@ -143,10 +143,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def _print_outputs(res: dict, out: Path) -> None:
+    from sparcom_jax.runtime import compile_stats
+
     print()
     print(f"outputs: {out}")
     for k, v in res.items():
         print(f"  {k:<12} {v}")
+    c = compile_stats()
+    print(f"compiled {c['compilations']} program(s), loaded {c['cache_hits']} from the compilation cache "
+          f"({c['compile_seconds']:.1f} s)")
 
 
 def cmd_demo(args) -> int:
@@ -224,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sparcom` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
+        from sparcom_jax.runtime import ensure_compilation_cache
+
+        ensure_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

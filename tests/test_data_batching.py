@@ -130,3 +130,29 @@ def test_fitted_buckets_bound_the_shapes_of_long_varied_inputs():
     assert len(plan.shapes) <= 8 and got[-1] >= lens.max()
     ladder = plan_batches(lens, 8, None, pad_rows=True, group="sorted")  # 2-per-octave ladder
     assert plan.padding_fraction < ladder.padding_fraction
+
+
+def test_shuffled_bucket_plan_follows_the_documented_draws():
+    # Training's data order (and so every resumed run) depends on these exact draws:
+    # per bucket (ascending), its members in input order permuted by rng.permutation,
+    # cut into batches; then all batches permuted by one more rng.permutation.
+    rng = np.random.default_rng(3)
+    lens = rng.integers(1, 60, 37)
+    buckets = (16, 32, 60)
+    plan = plan_batches(lens, 4, buckets, pad_rows=True, rng=np.random.default_rng((7, 2)))
+    draw = np.random.default_rng((7, 2))
+    which = np.searchsorted(buckets, lens)
+    want = []
+    for b in range(len(buckets)):
+        members = np.flatnonzero(which == b)
+        members = members[draw.permutation(members.size)]
+        want += [(buckets[b], members[s:s + 4]) for s in range(0, members.size, 4)]
+    want = [want[i] for i in draw.permutation(len(want))]
+    assert [(b.length, b.indices.tolist()) for b in plan.batches] == [(t, m.tolist()) for t, m in want]
+    assert all(b.rows == 4 for b in plan.batches)
+    # The same batches as the unshuffled plan, in another order and with other members.
+    fixed = plan_batches(lens, 4, buckets, pad_rows=True)
+    assert sorted(b.length for b in fixed.batches) == sorted(b.length for b in plan.batches)
+    assert [b.indices.tolist() for b in fixed.batches] != [b.indices.tolist() for b in plan.batches]
+    with pytest.raises(ValueError, match="rng shuffles only the 'bucket' grouping"):
+        plan_batches(lens, 4, buckets, group="sorted", rng=np.random.default_rng(0))

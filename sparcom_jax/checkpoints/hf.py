@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.transformer import CausalLM, abstract_model, resolve_dtype
+from sparcom_jax.runtime import ensure_compilation_cache
 
 # Harmless buffers some exporters write; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -387,6 +388,7 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
       CausalLM; ``model.tokenizer`` is the directory's tokenizer or None and
       ``model.source_path`` the directory.
     """
+    ensure_compilation_cache()
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors)")

@@ -46,7 +46,8 @@ class BatchPlan:
     """Batches covering every sequence exactly once.
 
     Attributes:
-      batches: ordered by bucket length, then by member length.
+      batches: ordered by bucket length, then by member length (or shuffled, see
+        `plan_batches`).
       buckets: the bucket lengths used.
       n_tokens: real tokens over all batches.
       n_slots: slots over all padded batches (sum of rows * length).
@@ -169,6 +170,7 @@ def plan_batches(
     buckets: Sequence[int] | None = None,
     pad_rows: bool = False,
     group: str = "bucket",
+    rng: np.random.Generator | None = None,
 ) -> BatchPlan:
     """Cut sequences into batches whose padded lengths come from fixed buckets.
 
@@ -180,12 +182,19 @@ def plan_batches(
         longest member. Only the very last batch can be short, so with
         `pad_rows=True` far fewer empty rows are padded when there are many buckets.
 
+    With `rng` (only for "bucket"), the order is random instead of by length: each
+    bucket's members, taken in input order, are permuted by `rng` before they are
+    cut, then the batches of all buckets are permuted together. The plan is then a
+    function of the generator's state alone (training's data order: a generator
+    seeded with (seed, epoch) gives the same batches in every process and run).
+
     Args:
       lengths: int [N] sequence lengths (each >= 1).
       batch_size: the most rows per batch.
       buckets: increasing bucket lengths; default `default_buckets(max(lengths))`.
       pad_rows: plan every batch as padded to `batch_size` rows.
       group: "bucket" or "sorted".
+      rng: shuffle the "bucket" plan with this generator (see above).
 
     Returns:
       The plan; each index 0..N-1 is in exactly one batch.
@@ -195,6 +204,8 @@ def plan_batches(
     """
     if group not in ("bucket", "sorted"):
         raise ValueError(f"group must be 'bucket' or 'sorted', got {group!r}")
+    if rng is not None and group != "bucket":
+        raise ValueError("rng shuffles only the 'bucket' grouping; 'sorted' is ordered by length")
     lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -213,11 +224,16 @@ def plan_batches(
         order = np.lexsort((np.arange(lens.size), lens))
         runs = [order[s:s + batch_size] for s in range(0, order.size, batch_size)]
     else:
-        # Sort by (bucket, length, index): stable and deterministic.
-        order = np.lexsort((np.arange(lens.size), lens, which))
-        runs = [members[s:s + batch_size]
-                for b in np.unique(which) for members in [order[which[order] == b]]
-                for s in range(0, members.size, batch_size)]
+        runs = []
+        for b in np.unique(which):
+            members = np.flatnonzero(which == b)  # input order
+            if rng is None:  # by (length, index): stable and deterministic
+                members = members[np.lexsort((members, lens[members]))]
+            else:
+                members = members[rng.permutation(members.size)]
+            runs += [members[s:s + batch_size] for s in range(0, members.size, batch_size)]
+        if rng is not None:
+            runs = [runs[i] for i in rng.permutation(len(runs))]
     batches: list[Batch] = []
     n_slots = 0
     for idx in runs:

@@ -34,7 +34,7 @@ from sparcom_jax.pipeline.common import (
     require_models, resolve_mesh, save_resolved, train_records,
 )
 from sparcom_jax.pipeline.demo import (
-    FAST_OVERRIDES, compilation_cache, demo_config, merge_pair_summaries, plain_text_records, run_demo,
+    FAST_OVERRIDES, demo_config, merge_pair_summaries, plain_text_records, run_demo,
     write_demo_report,
 )
 from sparcom_jax.pipeline.plan import format_plan, memory_plan, param_plan
@@ -47,7 +47,7 @@ from sparcom_jax.pipeline.stages import (
 
 __all__ = [
     "FAST_OVERRIDES", "STAGES", "STAGE_FUNCS", "TINY_ARCHS", "ablate_records", "ablate_stage", "ablation_models",
-    "analyze_all", "collect_stage", "compare_stage", "compilation_cache", "count_jobs", "demo_config",
+    "analyze_all", "collect_stage", "compare_stage", "count_jobs", "demo_config",
     "evaluate_stage", "export_checkpoints", "finetune_stage", "fmt_bytes", "fmt_count", "format_plan",
     "identify_config", "identify_records", "identify_stage", "init_distributed", "is_primary", "load_spec_model",
     "log", "make_mesh", "memory_plan", "merge_pair_summaries", "model_config", "model_list", "model_tokenizer",

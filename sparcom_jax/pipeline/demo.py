@@ -8,7 +8,6 @@ pretrained briefly, instruction-tuned, then analysed by the stages of `run_all`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -29,31 +28,6 @@ FAST_OVERRIDES = (
     "collect.buckets=[64]", "identify.n_boot=5", "identify.n_perm=19", "ablation.n_random=2",
     "ablation.max_records=2", "ablation.batch_size=12", "collect.batch_size=8", "report.dpi=60",
 )
-
-
-@contextlib.contextmanager
-def compilation_cache(path: str | os.PathLike):
-    """Share compiled step functions between runs with the same shapes (JAX's persistent
-    cache) inside the block, unless the user configured a cache already; restored after."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        yield
-        return
-    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-        try:
-            from jax.experimental.compilation_cache import compilation_cache as cc
-
-            cc.reset_cache()
-        except (ImportError, AttributeError):
-            pass
 
 
 def demo_config(fast: bool = False, overrides: Sequence[str] = (), base: DemoConfig | None = None) -> DemoConfig:
@@ -153,11 +127,13 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
     from sparcom_jax.data import default_tokenizer, sample_balanced
     from sparcom_jax.fileio import DirLock, prepare_out_dir
     from sparcom_jax.pipeline.common import record_parts
+    from sparcom_jax.runtime import ensure_compilation_cache
 
     cfg = cfg or demo_config(fast)
     out = Path(prepare_out_dir(out))
     t0 = time.perf_counter()
     with DirLock(out, "demo output directory"):
+        ensure_compilation_cache()  # compiled steps are shared with later runs (sparcom_jax.runtime)
         tok = default_tokenizer()
         parts, _ = record_parts(ExperimentConfig(name="demo", data=cfg.data))
         held_out = sample_balanced(parts["ablate"], 2, seed=cfg.seed + 7)

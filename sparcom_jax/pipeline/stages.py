@@ -219,10 +219,13 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         with timed(f"collect [{i}/{len(jobs)}] {job.label}: {len(records)} instructions, "
                    f"template {job.template}, scope {cfg.data.scope}"):
             model = load_spec_model(job.spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
-            collect_instructions(model, records, model_tokenizer(model), template=job.template,
-                                 scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
-                                 max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
-                                 buckets=cfg.collect.buckets, fingerprint=fp, overwrite=overwrite)
+            counts = collect_instructions(model, records, model_tokenizer(model), template=job.template,
+                                          scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
+                                          max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
+                                          buckets=cfg.collect.buckets, fingerprint=fp, overwrite=overwrite)
+            c = counts.meta["compilations"]
+            log(f"collect {job.label}: {counts.meta['tokens_per_s']:,.0f} tok/s, {c['compilations']} compilation(s), "
+                f"{c['cache_hits']} loaded from the cache ({c['compile_seconds']:.1f} s)")
             del model
     return written
 

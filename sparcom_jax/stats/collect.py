@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
+from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
@@ -125,6 +126,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       read arrays when `out` is given.
     """
     check_batch_size(batch_size)
+    ensure_compilation_cache()
+    compiled_before = compile_stats()
     cfg = model.config
     seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
     n = len(seqs)
@@ -190,7 +193,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         counts = Counts(tokens=result.pop("tokens"), ids=list(ids) if ids is not None else None,
                         categories=list(categories) if categories is not None else None,
                         sources=list(sources) if sources is not None else None, meta=meta, **result)
-    counts.meta.update(padding_fraction=padding, tokens_per_s=bar.tokens_per_s)
+    counts.meta.update(padding_fraction=padding, tokens_per_s=bar.tokens_per_s,
+                       compilations=compile_stats(since=compiled_before))
     return counts
 
 

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparcom_jax.next_token import next_token_loss, target_mask
 from sparcom_jax.stats.runner import BatchRunner
 
 ABLATION_KINDS = ("neurons", "experts", "expert_neurons")
 
 
 def _loss_step(graphdef, state, ids_BT, valid_BT, target_BT, ablate=None):
-    """Summed next-token cross-entropy over target tokens, per sequence: (sum [B], count [B])."""
-    model = nnx.merge(graphdef, state)
-    logits = model.forward(ids_BT, valid_BT, ablate=ablate).logits[:, :-1]
-    labels = ids_BT[:, 1:]
-    tgt = target_BT[:, 1:] & valid_BT[:, 1:]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    return {"loss_sum": jnp.sum(jnp.where(tgt, nll, 0.0), axis=1),
-            "n_targets": jnp.sum(tgt, axis=1, dtype=jnp.int32)}
+    """Summed next-token loss per sequence over the tokens `target_BT` marks (on the token itself).
+
+    Returns {"loss_sum": float32 [B], "n_targets": float32 [B]} (`next_token_loss`).
+    """
+    logits_BTV = nnx.merge(graphdef, state).forward(ids_BT, valid_BT, ablate=ablate).logits
+    loss_B, n_B = next_token_loss(logits_BTV, ids_BT, target_mask(target_BT, valid_BT))
+    return {"loss_sum": loss_B, "n_targets": n_B}
 
 
 def ablation_arrays(model, mask: np.ndarray | None, kind: str) -> dict | None:

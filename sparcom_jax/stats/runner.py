@@ -1,8 +1,8 @@
 """Feeding length-bucketed batches through a jitted, sharded function, on one or many processes.
 
 The runner owns what collection and loss evaluation share: the mesh, putting
-each padded batch on the devices (each process contributes its own rows with
-`jax.make_array_from_process_local_data`), agreeing on a common schedule of
+each padded batch on the devices (each process contributes its own rows,
+`sparcom_jax.runtime.put_batch`), agreeing on a common schedule of
 batch shapes across processes, and bringing per-row results back to the host
 of the process that owns the rows.
 """
@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparcom_jax.data.batching import fit_buckets, pad_batch, plan_batches
 from sparcom_jax.parallel.sharding import state_shardings
+from sparcom_jax.runtime import put_batch
 
 
 def validate_sequences(sequences, scopes, vocab_size: int):
@@ -102,7 +103,7 @@ class BatchRunner:
         self.buckets = tuple(buckets) if buckets is not None else None
         graphdef, state = nnx.split(model)
         if mesh is not None:
-            # Inputs arrive committed to their shardings (state here, batches in `_put`),
+            # Inputs arrive committed to their shardings (state here, batches in `run`),
             # so jit takes them as they are; outputs stay split over the data axis.
             state = jax.device_put(state, state_shardings(state, mesh))
             local_data = max(1, mesh.shape["data"] // jax.process_count())
@@ -151,11 +152,6 @@ class BatchRunner:
         self.padding_fraction = 1.0 - float(np.sum(lengths)) / slots if slots else 0.0
         return sched
 
-    def _put(self, a: np.ndarray):
-        if self.mesh is None:
-            return a
-        return jax.make_array_from_process_local_data(self.batch_sharding, a)
-
     def _get(self, tree):
         if self.mesh is None or jax.process_count() == 1:
             return jax.tree.map(np.asarray, tree)
@@ -175,7 +171,8 @@ class BatchRunner:
                 scope = valid
             else:
                 scope, _ = pad_batch([scopes[i] for i in idx], T, rows=self.rows)
-            out = self._fn(self.state, self._put(ids), self._put(valid), self._put(scope), extra)
+            out = self._fn(self.state, *(put_batch(x, self.batch_sharding, global_batch=False)
+                                         for x in (ids, valid, scope)), extra)
             pending.append((idx, out, int(valid.sum())))
             # Results are fetched PIPELINE_DEPTH batches behind the dispatch, so the device
             # always has queued work while the host copies counts out and prepares batches.

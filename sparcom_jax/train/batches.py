@@ -13,7 +13,7 @@ within a row is limited by bucketing: a sequence is padded only up to the
 smallest bucket that holds it. (Packing several records into one row would need
 per-segment attention masks, which the model does not take.)
 
-Axis letters: A micro-batches per step, B rows, T tokens.
+Axis letters: see `sparcom_jax.axes`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from sparcom_jax.data.batching import default_buckets, pad_batch, plan_batches
+from sparcom_jax.next_token import target_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,17 +50,6 @@ class StepBatch:
     @property
     def n_targets(self) -> int:
         return int(self.targets_ABT.sum())
-
-
-def target_mask(scope_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
-    """bool [B, T]: True at t when token t+1 is a real token inside the scope.
-
-    The logits at position t predict token t+1, so the response-token mask is
-    shifted left by one; the last position predicts nothing.
-    """
-    out = np.zeros_like(mask_BT, dtype=bool)
-    out[:, :-1] = scope_BT[:, 1:] & mask_BT[:, 1:]
-    return out
 
 
 def pad_rows(seqs: Sequence[np.ndarray], scopes: Sequence[np.ndarray], rows: int, length: int,
@@ -103,11 +93,12 @@ class TrainBatches:
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.buckets = tuple(buckets)
         self.seed, self.pad_id = seed, pad_id
-        lens = np.array([len(x) for x in self.ids])
-        which = np.searchsorted(np.asarray(self.buckets), lens, side="left")
-        # Buckets never change between epochs, so neither does the number of steps per epoch.
-        self._members = {int(b): np.flatnonzero(which == b) for b in np.unique(which)}
-        self.steps_per_epoch = sum(-(-m.size // batch_size) for m in self._members.values())
+        self._lengths = np.array([len(x) for x in self.ids])
+        # Shuffling moves sequences only within their bucket, so the batches per bucket (the
+        # steps per epoch and the shapes) are the same in every epoch.
+        fixed = plan_batches(self._lengths, batch_size, self.buckets, pad_rows=True)
+        self.steps_per_epoch = len(fixed)
+        self._lengths_used = sorted({b.length for b in fixed.batches})
         self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
 
     def fingerprint(self) -> str:
@@ -123,19 +114,15 @@ class TrainBatches:
     def shapes(self) -> list[tuple[int, int, int]]:
         """The distinct [A, B/A, T] batch shapes (one compilation each)."""
         a = self.grad_accum
-        return [(a, self.batch_size // a, self.buckets[b]) for b in sorted(self._members)]
+        return [(a, self.batch_size // a, t) for t in self._lengths_used]
 
     def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """(bucket length, member indices) for every step of `epoch`, in order."""
+        """(bucket length, member indices) for every step of `epoch`, in order (`plan_batches`
+        shuffled by ``default_rng((seed, epoch))``)."""
         if epoch not in self._cache:
-            rng = np.random.default_rng((self.seed, epoch))
-            plan = []
-            for b, members in sorted(self._members.items()):
-                perm = members[rng.permutation(members.size)]
-                for start in range(0, perm.size, self.batch_size):
-                    plan.append((self.buckets[b], perm[start:start + self.batch_size]))
-            order = rng.permutation(len(plan))
-            self._cache = {epoch: [plan[i] for i in order]}  # keep only one epoch in memory
+            plan = plan_batches(self._lengths, self.batch_size, self.buckets, pad_rows=True,
+                                rng=np.random.default_rng((self.seed, epoch)))
+            self._cache = {epoch: [(b.length, b.indices) for b in plan.batches]}  # one epoch in memory
         return self._cache[epoch]
 
     def batch(self, step: int) -> StepBatch:

@@ -31,13 +31,14 @@ from jax.sharding import Mesh
 
 from sparcom_jax.models.transformer import CausalLM
 from sparcom_jax.parallel.mesh import make_mesh
+from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
 from sparcom_jax.fileio import write_json
 from sparcom_jax.train.checkpointing import RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer, read_run
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
-                                    make_train_step, pure_params, put_batch)
+                                    make_train_step, pure_params)
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ def _evaluate(eval_step, params, batches, categories: list[str], sh) -> dict[str
     loss_sum: dict[str, float] = defaultdict(float)
     n_sum: dict[str, float] = defaultdict(float)
     for b in batches:
-        l_B, n_B = eval_step(params, put_batch(b.ids_BT, sh.batch_BT), put_batch(b.mask_BT, sh.batch_BT),
-                             put_batch(b.targets_BT, sh.batch_BT))
+        l_B, n_B = eval_step(params, *(put_batch(x, sh.batch_BT, global_batch=True)
+                                       for x in (b.ids_BT, b.mask_BT, b.targets_BT)))
         l_B, n_B = np.asarray(l_B, np.float64), np.asarray(n_B, np.float64)
         for r, l, n in zip(b.rows, l_B, n_B):
             if r >= 0:
@@ -225,6 +226,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     """
     from sparcom_jax.data import encode_records
 
+    ensure_compilation_cache()
     run_dir = Path(out_dir)
     lead = jax.process_index() == 0
     # ---- checks: nothing below compiles or allocates on a device until they pass ----
@@ -305,7 +307,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
         t_last = time.perf_counter()
         tok_since, steps_since = 0, 0
         for s in range(first, total_steps):
-            state, m = train_step(state, *(put_batch(x, sh.batch_ABT)
+            state, m = train_step(state, *(put_batch(x, sh.batch_ABT, global_batch=True)
                                            for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
             cur = batch
             # Prepare the next batch on the host while the device runs this step.

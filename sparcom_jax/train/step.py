@@ -1,6 +1,6 @@
 """The jitted train and eval steps, with explicit shardings and a donated train state.
 
-Axis letters: A micro-batches per step, B rows, T tokens, V vocab.
+Axis letters: see `sparcom_jax.axes`.
 
 Parameters are a plain nested dict (``nnx.to_pure_dict``) of float32 master
 weights. The forward runs through a graph definition built for the compute
@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.transformer import CausalLM, abstract_model
+from sparcom_jax.next_token import next_token_loss
 from sparcom_jax.parallel.sharding import FSDP_RULES, param_shardings
 
 
@@ -122,16 +123,16 @@ def init_state(params: dict, tx: optax.GradientTransformation, sh: Shardings) ->
 
 
 def token_losses(graphdef, params: dict, ids_BT, mask_BT, targets_BT):
-    """Per-row response-token loss sums and target counts.
+    """Per-row loss sums and target counts of the model `graphdef` with `params` (`next_token_loss`).
+
+    Args:
+      targets_BT: bool [B, T] prediction positions (`sparcom_jax.next_token.target_mask`).
 
     Returns:
-      loss_B float32 [B]: sum over targets of -log p(token t+1 | tokens <= t).
-      n_B float32 [B]: targets per row.
+      loss_B float32 [B] and n_B float32 [B], as `next_token_loss`.
     """
     logits_BTV = merge_params(graphdef, params).forward(ids_BT, mask_BT).logits
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1], ids_BT[:, 1:])
-    w_BT = targets_BT[:, :-1].astype(jnp.float32)
-    return (nll_BT * w_BT).sum(-1), w_BT.sum(-1)
+    return next_token_loss(logits_BTV, ids_BT, targets_BT)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, sh: Shardings,
@@ -187,7 +188,3 @@ def make_eval_step(graphdef, sh: Shardings) -> Callable:
     return jax.jit(eval_step, in_shardings=(sh.state.params, sh.batch_BT, sh.batch_BT, sh.batch_BT),
                    out_shardings=(sh.replicated, sh.replicated))
 
-
-def put_batch(x, sharding: NamedSharding):
-    """Host array -> global device array; each process fills only its own shards (multi-host safe)."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

@@ -1,0 +1,168 @@
+"""How this process uses JAX: the persistent compilation cache, compile counting, and host batches onto devices.
+
+Compilation cache. Every jitted step compiles once per shape, which on a big model
+takes tens of seconds. JAX can keep compiled programs on disk, so that a second
+process running the same model on the same shapes loads them instead.
+`ensure_compilation_cache` turns that on; the CLI and the library's entry points
+(`load_model`, `collect_counts`, `finetune`) call it, so it is on by default:
+
+- in ``$SPARCOM_JAX_CACHE`` if set, else ``$XDG_CACHE_HOME/sparcom_jax/jax-<version>``
+  (``~/.cache/...`` without XDG_CACHE_HOME);
+- off with ``SPARCOM_JAX_CACHE=off`` (or ``0``, ``false``, ``no``);
+- a ``jax_compilation_cache_dir`` the user set (``JAX_COMPILATION_CACHE_DIR`` or
+  ``jax.config.update``) always wins, with the user's other cache settings.
+
+JAX keys each entry by the program, the devices, the compile options and the
+jax/jaxlib versions, so a stale entry is never used for another program. The
+cache is trusted code: keep it in a directory only you can write.
+
+Compile counting. `compile_stats` reports how many XLA programs this process
+compiled, how many it loaded from the cache and the time spent on both, from
+JAX's monitoring events (counting starts with the first `ensure_compilation_cache`
+or `track_compilations` call).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Sharding
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SPARCOM_JAX_CACHE"
+_OFF = {"off", "0", "false", "no", "none"}
+# JAX's default (1 s) would leave small steps, and every step on a fast accelerator,
+# uncached; loading any program from disk is faster than compiling it again.
+MIN_COMPILE_SECS = 0.0
+
+# JAX monitoring events (jax/_src/dispatch.py and compiler.py). The backend-compile
+# event wraps both a real compilation and a load from the persistent cache.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+_lock = threading.Lock()
+_ours: str | None = None  # the cache directory this module configured (None: not ours)
+_tracking = False
+_programs = 0
+_hits = 0
+_seconds = 0.0
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sparcom_jax/jax-<jax version>`` (``~/.cache`` without XDG_CACHE_HOME)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparcom_jax" / f"jax-{jax.__version__}"
+
+
+def _reset_jax_cache() -> None:
+    # JAX decides once per process, at the first compilation, whether the cache is in use;
+    # resetting makes it decide again with the directory set now.
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    cc.reset_cache()
+
+
+def ensure_compilation_cache() -> Path | None:
+    """Turn JAX's persistent compilation cache on, as configured (see the module docstring).
+
+    Idempotent and cheap: call it at the top of every entry point. It also starts
+    `compile_stats` counting. A cache directory that cannot be created gives a
+    warning and no cache, never an error.
+
+    Returns:
+      The cache directory in use (the user's own one if set), or None when off.
+    """
+    global _ours
+    track_compilations()
+    current = jax.config.jax_compilation_cache_dir
+    if current and current != _ours:
+        return Path(current)  # the user's own setting wins
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in _OFF:
+        if _ours is not None:  # switched off after we turned it on in this process
+            jax.config.update("jax_compilation_cache_dir", None)
+            _ours = None
+            _reset_jax_cache()
+        return None
+    path = Path(setting).expanduser() if setting else default_cache_dir()
+    if _ours == str(path):
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache off: cannot create %s (%s); set %s to a writable directory or 'off'",
+                    path, e, CACHE_ENV)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+    _ours = str(path)
+    _reset_jax_cache()
+    return path
+
+
+def _on_event(event: str, **_) -> None:
+    global _hits
+    if event == CACHE_HIT_EVENT:
+        with _lock:
+            _hits += 1
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    global _programs, _seconds
+    if event == BACKEND_COMPILE_EVENT:
+        with _lock:
+            _programs += 1
+            _seconds += duration
+
+
+def track_compilations() -> None:
+    """Start counting compilations and cache hits in this process (idempotent)."""
+    global _tracking
+    with _lock:
+        if _tracking:
+            return
+        _tracking = True
+    jax.monitoring.register_event_listener(_on_event)
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_stats(since: dict | None = None) -> dict:
+    """XLA programs this process compiled or loaded since counting began (or since `since`).
+
+    Args:
+      since: an earlier return value; the result is then the difference (one run's share).
+
+    Returns:
+      {"compilations": programs compiled by XLA, "cache_hits": programs loaded from
+      the persistent cache instead, "compile_seconds": wall time spent on both}.
+      Tracing and lowering are not included.
+    """
+    with _lock:
+        now = {"compilations": _programs - _hits, "cache_hits": _hits, "compile_seconds": _seconds}
+    if since is not None:
+        now = {k: v - since[k] for k, v in now.items()}
+    return now
+
+
+def put_batch(x: np.ndarray, sharding: Sharding | None, *, global_batch: bool) -> jax.Array | np.ndarray:
+    """Host array -> one global device array; each process copies only the shards of its own devices.
+
+    Args:
+      x: the host array; its leading axis holds rows.
+      sharding: the target sharding; None leaves `x` on the host (jit moves it to
+        the default device).
+      global_batch: True when `x` is the whole batch, identical on every process
+        (training: a step's batch is a function of the step alone); False when it
+        holds only this process's rows (collection: each process brings its own
+        share), the global batch being the processes' rows in process order. With
+        one process both read the same.
+    """
+    if sharding is None:
+        return x
+    return jax.make_array_from_process_local_data(sharding, x, x.shape if global_batch else None)

@@ -1,0 +1,223 @@
+"""sparcom_jax.runtime: the persistent compilation cache, compile counting, host batches onto devices.
+
+Each case runs in fresh processes: the cache is process-wide JAX state, and "a second
+process starts faster" is the claim under test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PUT_TWO_PROCESSES = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import numpy as np, jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.runtime import put_batch
+
+    sharding = NamedSharding(make_mesh(data=4, model=1), P("data"))
+    whole = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)  # the same on both processes
+    g = put_batch(whole, sharding, global_batch=True)
+    mine = whole[4 * pid:4 * pid + 4] + 100  # this process's rows only
+    l = put_batch(mine, sharding, global_batch=False)
+    np.savez(out, g_shape=g.shape, l_shape=l.shape,
+             g=multihost_utils.process_allgather(g, tiled=True), l=multihost_utils.process_allgather(l, tiled=True))
+    jax.distributed.shutdown()
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_put_batch_whole_batch_and_own_rows_on_two_processes(tmp_path):
+    """Training gives every process the whole batch, collection each its own rows: both
+    must assemble the same global [8, 3] array (one process alone cannot tell them apart)."""
+    (tmp_path / "run.py").write_text(PUT_TWO_PROCESSES)
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(tmp_path / f"{i}.npz")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    whole = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    for i in range(2):
+        r = np.load(tmp_path / f"{i}.npz")
+        assert tuple(r["g_shape"]) == (8, 3) and tuple(r["l_shape"]) == (8, 3)
+        np.testing.assert_array_equal(r["g"], whole)
+        np.testing.assert_array_equal(r["l"], whole + 100)
+
+
+# A fresh process: load a tiny checkpoint and count one batch through the library's entry
+# points (neither turns the cache on explicitly: they must do it by default).
+COUNT_ONE_BATCH = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax
+    import sparcom_jax as sj
+    from sparcom_jax.runtime import compile_stats
+
+    jax.numpy.arange(3).block_until_ready()  # the user compiled something first: the cache must still start
+    model = sj.load_model(sys.argv[1], with_tokenizer=False)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 96, 12) for _ in range(2)]
+    c = sj.collect_counts(model, seqs, batch_size=2, buckets=[16], progress=False)
+    assert int(c.tokens.sum()) == 24
+    print("RESULT", json.dumps({"dir": jax.config.jax_compilation_cache_dir,
+                                "min_secs": jax.config.jax_persistent_cache_min_compile_time_secs,
+                                **compile_stats()}))
+""")
+
+
+def _count_once(tmp_path, ckpt, **env):
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_ONE_BATCH)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("XLA_FLAGS", "SPARCOM_JAX_CACHE", "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME")}
+    r = subprocess.run([sys.executable, str(script), str(ckpt)], env={**base, **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+
+
+def _entries(d: Path) -> set[str]:
+    return {p.name for p in d.rglob("*") if p.is_file()} if d.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def cold_and_warm(hf_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    ckpt = hf_checkpoint("llama")
+    cache = tmp / "jax_cache"
+    cold = _count_once(tmp, ckpt, SPARCOM_JAX_CACHE=str(cache))
+    written = _entries(cache)
+    warm = _count_once(tmp, ckpt, SPARCOM_JAX_CACHE=str(cache))
+    return dict(tmp=tmp, ckpt=ckpt, cache=cache, cold=cold, warm=warm, written=written)
+
+
+def test_second_process_loads_the_compiled_steps_from_the_cache(cold_and_warm):
+    cold, warm, cache = cold_and_warm["cold"], cold_and_warm["warm"], cold_and_warm["cache"]
+    assert cold["dir"] == warm["dir"] == str(cache) and cold["min_secs"] == 0.0
+    # The cold process compiled everything it ran and wrote it to the cache.
+    assert cold["compilations"] >= 1 and cold["cache_hits"] == 0 and cold["compile_seconds"] > 0
+    assert len(cold_and_warm["written"]) >= cold["compilations"]
+    # The second process found every program there: nothing compiled again.
+    assert warm["cache_hits"] == cold["compilations"] and warm["compilations"] == 0
+    assert _entries(cache) == cold_and_warm["written"]
+
+
+def test_cache_off_and_the_users_own_dir(cold_and_warm, tmp_path):
+    tmp, ckpt = cold_and_warm["tmp"], cold_and_warm["ckpt"]
+    for off in ("off", "0"):
+        r = _count_once(tmp, ckpt, SPARCOM_JAX_CACHE=off, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+        assert r["dir"] is None and r["cache_hits"] == 0 and r["compilations"] == cold_and_warm["cold"]["compilations"]
+    assert not (tmp_path / "xdg").exists()
+    # Default: the user's cache directory, per jax version.
+    r = _count_once(tmp, ckpt, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    import jax
+
+    default = tmp_path / "xdg" / "sparcom_jax" / f"jax-{jax.__version__}"
+    assert r["dir"] == str(default) and _entries(default)
+    # A jax_compilation_cache_dir the user set wins, with jax's own threshold left alone.
+    r = _count_once(tmp, ckpt, SPARCOM_JAX_CACHE=str(tmp_path / "ours"),
+                    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "user"))
+    assert r["dir"] == str(tmp_path / "user") and r["min_secs"] == 1.0 and not (tmp_path / "ours").exists()
+
+
+def test_compile_stats_since_counts_one_new_program():
+    import time
+
+    import jax
+
+    from sparcom_jax.runtime import compile_stats, track_compilations
+
+    track_compilations()
+    k = time.time_ns() % 1_000_003  # a constant no earlier run compiled: never a cache hit
+    before = compile_stats()
+    f = jax.jit(lambda x: x * k + 1)
+    f(np.arange(3))
+    f(np.arange(3))  # the same shape again: no new program
+    d = compile_stats(since=before)
+    assert d["compilations"] == 1 and d["cache_hits"] == 0 and d["compile_seconds"] > 0
+    f(np.arange(4))  # a new shape is a new program
+    assert compile_stats(since=before)["compilations"] == 2
+
+
+# Each entry point, called first in a fresh process (with input it rejects, so nothing
+# else runs), turns the cache on before it does anything.
+ENTRY_POINT = textwrap.dedent("""
+    import sys, jax
+    which = sys.argv[1]
+    try:
+        if which == "load_model":
+            from sparcom_jax import load_model
+            load_model("/nonexistent/model")
+        elif which == "collect_counts":
+            from sparcom_jax import collect_counts
+            collect_counts(None, [])
+        elif which == "finetune":
+            from sparcom_jax.train import TrainConfig, finetune
+            finetune(None, [], None, TrainConfig(), "/nonexistent/run")
+        elif which == "cli":
+            from sparcom_jax.cli import main
+            main(["collect", "--config", "/nonexistent/config.yaml"])  # exits 2 before loading any model
+    except Exception:
+        pass
+    print("DIR", jax.config.jax_compilation_cache_dir)
+""")
+
+
+@pytest.mark.parametrize("entry", ["load_model", "collect_counts", "finetune", "cli"])
+def test_every_entry_point_turns_the_cache_on(entry, tmp_path):
+    (tmp_path / "entry.py").write_text(ENTRY_POINT)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME")}
+    env["SPARCOM_JAX_CACHE"] = str(tmp_path / "c")
+    r = subprocess.run([sys.executable, str(tmp_path / "entry.py"), entry], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"DIR {tmp_path / 'c'}" in r.stdout.splitlines(), r.stdout + r.stderr[-2000:]
+
+
+# In one process: the cache follows SPARCOM_JAX_CACHE when it changes (as between tests or
+# notebook cells), including after JAX has opened the first directory, and "off" stops it.
+SWITCH = textwrap.dedent("""
+    import os, sys, jax
+    from sparcom_jax.runtime import ensure_compilation_cache
+    a, b = sys.argv[1:3]
+    for i, setting in enumerate([a, b, "off"]):
+        os.environ["SPARCOM_JAX_CACHE"] = setting
+        ensure_compilation_cache()
+        jax.jit(lambda x: x * (i + 7) - 3)(jax.numpy.arange(5)).block_until_ready()
+        print("FILES", i, len(os.listdir(a)) if os.path.isdir(a) else 0, len(os.listdir(b)) if os.path.isdir(b) else 0)
+""")
+
+
+def test_cache_follows_the_setting_within_one_process(tmp_path):
+    (tmp_path / "switch.py").write_text(SWITCH)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
+    r = subprocess.run([sys.executable, str(tmp_path / "switch.py"), str(tmp_path / "a"), str(tmp_path / "b")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = [tuple(int(x) for x in ln.split()[2:]) for ln in r.stdout.splitlines() if ln.startswith("FILES")]
+    (a0, b0), (a1, b1), (a2, b2) = files
+    assert a0 >= 1 and b0 == 0  # the first program went to a
+    assert a1 == a0 and b1 >= 1  # the second to b, none to a
+    assert (a2, b2) == (a1, b1)  # off: nothing written anywhere
