@@ -8,6 +8,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled programs of the test models go to a cache of the checkout's own (shared by the
+# workers and kept between runs), not into the user's ~/.cache.
+os.environ.setdefault("SPARCOM_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 
 from hf_fixtures import write_checkpoint  # noqa: E402
 
