@@ -9,7 +9,7 @@ import pytest
 from sparcom_jax.analysis import IdentifyConfig, analyze_model, bootstrap, identify, instruction_jaccard
 from sparcom_jax.analysis.evaluate import category_block_means, per_category_dominance
 from sparcom_jax.analysis.examples import listed_units, top_instructions
-from sparcom_jax.analysis.pipeline import subset_diagonal
+from sparcom_jax.analysis.study import subset_diagonal
 from sparcom_jax.analysis.uncertainty import _shuffle, permutation_test, resample_weights
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.stats.counts import Counts

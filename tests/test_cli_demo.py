@@ -94,7 +94,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
         assert is_6x6(summary["ablation"][key]), key
     assert summary["ablation"]["neurons"]["kind"] == "neurons" and summary["ablation"]["experts"]["kind"] == "experts"
     assert summary["identification"]["eps"] == 0.05 and summary["identification"]["rule"] == "top"
-    assert summary["data"]["n_per_category"] == 4 and summary["scope"] == "prompt"
+    assert summary["data"]["n_per_category"] == 4 and summary["scope"] == "content"
     assert summary["comparison"]["before"] == "llama-base" and summary["merged_from"]["comparison.before"] == "llama"
     assert summary["merged_from"]["series.names"] == "llama" and "identification" not in summary["merged_from"]
 

@@ -14,7 +14,7 @@ from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, category_sets, contrast_config, identify, identify_all,
     instruction_sets, select_units,
 )
-from sparcom_jax.analysis.pipeline import (
+from sparcom_jax.analysis.study import (
     FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, build_summary, compare_models,
     compare_series, subset_diagonal,
 )

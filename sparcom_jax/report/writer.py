@@ -16,7 +16,7 @@ import json
 import os
 from typing import Mapping
 
-from sparcom_jax.analysis.pipeline import ModelAnalysis
+from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report import figures as F
 from sparcom_jax.report.export import export_sets
