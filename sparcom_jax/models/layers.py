@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig, rope_inv_freq
-
-_INIT_STD = 0.02
+from sparcom_jax.models.params import HFLayout, ParamDecl, bias, create, linear, norm_scale
 
 
 def activation(name: str):
@@ -32,10 +31,6 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
-def normal_param(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
-    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(param_dtype) * _INIT_STD)
-
-
 def rms_norm(x, weight, eps: float, axis=-1):
     """RMSNorm as transformers computes it: normalise in float32, cast back, then scale.
 
@@ -48,8 +43,10 @@ def rms_norm(x, weight, eps: float, axis=-1):
 
 
 class RMSNorm(nnx.Module):
+    PARAMS = {"weight": norm_scale("weight")}
+
     def __init__(self, width: int, eps: float, *, param_dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((width,), param_dtype))
+        create(self, ["weight"], None, {"norm": width}, param_dtype)
         self.eps = eps
 
     def __call__(self, x):
@@ -132,27 +129,42 @@ def _attend(q_BHTd, k_BKSd, v_BKSd, bias_B1TS):
     return o.reshape(B, H, T, d).astype(q_BHTd.dtype)
 
 
+def _heads_in(name: str) -> HFLayout:
+    """Our [D, heads, Dh] from a torch Linear weight [heads*Dh, D] (heads may be sharded, Dh not)."""
+    return HFLayout(name, ((1, 2), (0,)))
+
+
 class Attention(nnx.Module):
-    """Grouped-query self-attention with optional q/k/v biases, q/k RMSNorm and qkv clipping."""
+    """Grouped-query self-attention with optional q/k/v(/o) biases, q/k RMSNorm and qkv clipping."""
+
+    PARAMS = {
+        "q_proj": ParamDecl(("embed", "heads", "head_dim"), (_heads_in("q_proj.weight"),)),
+        "k_proj": ParamDecl(("embed", "kv_heads", "head_dim"), (_heads_in("k_proj.weight"),)),
+        "v_proj": ParamDecl(("embed", "kv_heads", "head_dim"), (_heads_in("v_proj.weight"),)),
+        "o_proj": ParamDecl(("heads", "head_dim", "embed"), (HFLayout("o_proj.weight", ((2,), (0, 1))),)),
+        "q_bias": bias("q_proj.bias", ("heads", "head_dim")),
+        "k_bias": bias("k_proj.bias", ("kv_heads", "head_dim")),
+        "v_bias": bias("v_proj.bias", ("kv_heads", "head_dim")),
+        "o_bias": bias("o_proj.bias", ("embed",)),
+        "q_norm": norm_scale("q_norm.weight"),
+        "k_norm": norm_scale("k_norm.weight"),
+    }
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = normal_param(rngs, (D, H, Dh), param_dtype)
-        self.k_proj = normal_param(rngs, (D, K, Dh), param_dtype)
-        self.v_proj = normal_param(rngs, (D, K, Dh), param_dtype)
-        self.o_proj = normal_param(rngs, (H, Dh, D), param_dtype)
+        sizes = {"embed": D, "heads": H, "kv_heads": K, "head_dim": Dh}
+        create(self, ["q_proj", "k_proj", "v_proj", "o_proj"], rngs, sizes, param_dtype)
         if cfg.attention_bias:
-            self.q_bias = nnx.Param(jnp.zeros((H, Dh), param_dtype))
-            self.k_bias = nnx.Param(jnp.zeros((K, Dh), param_dtype))
-            self.v_bias = nnx.Param(jnp.zeros((K, Dh), param_dtype))
+            create(self, ["q_bias", "k_bias", "v_bias"], rngs, sizes, param_dtype)
+        if cfg.attention_out_bias:
+            create(self, ["o_bias"], rngs, sizes, param_dtype)
         self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm == "head":
-            self.q_norm = nnx.Param(jnp.ones((Dh,), param_dtype))
-            self.k_norm = nnx.Param(jnp.ones((Dh,), param_dtype))
-        elif cfg.qk_norm == "full":
-            self.q_norm = nnx.Param(jnp.ones((H * Dh,), param_dtype))
-            self.k_norm = nnx.Param(jnp.ones((K * Dh,), param_dtype))
+        if cfg.qk_norm:  # per head (Qwen3) or over the whole projection (OLMoE)
+            full = cfg.qk_norm == "full"
+            create(self, ["q_norm"], rngs, {"norm": Dh * (H if full else 1)}, param_dtype)
+            create(self, ["k_norm"], rngs, {"norm": Dh * (K if full else 1)}, param_dtype)
         self.has_bias = cfg.attention_bias
+        self.has_out_bias = cfg.attention_out_bias
         self.eps = cfg.rms_norm_eps
         self.clip_qkv = cfg.clip_qkv
         self.dtype = dtype
@@ -178,7 +190,8 @@ class Attention(nnx.Module):
         q = apply_rotary(q, cos_Td, sin_Td)
         k = apply_rotary(k, cos_Td, sin_Td)
         out = attend(q, k, v, bias_B1TT)
-        return jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt))
+        y_BTD = jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt))
+        return y_BTD + self.o_bias[...].astype(dt) if self.has_out_bias else y_BTD
 
 
 class GatedFFN(nnx.Module):
@@ -191,11 +204,15 @@ class GatedFFN(nnx.Module):
     output, skipping the up and down products (counts-only last layer).
     """
 
+    PARAMS = {
+        "gate_proj": ParamDecl(("embed", "mlp"), (linear("gate_proj.weight"),)),
+        "up_proj": ParamDecl(("embed", "mlp"), (linear("up_proj.weight"),)),
+        "down_proj": ParamDecl(("mlp", "embed"), (linear("down_proj.weight"),)),
+    }
+
     def __init__(self, D: int, F: int, act: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
-        self.gate_proj = normal_param(rngs, (D, F), param_dtype)
-        self.up_proj = normal_param(rngs, (D, F), param_dtype)
-        self.down_proj = normal_param(rngs, (F, D), param_dtype)
+        create(self, ["gate_proj", "up_proj", "down_proj"], rngs, {"embed": D, "mlp": F}, param_dtype)
         self.act = act
         self.dtype = dtype
 

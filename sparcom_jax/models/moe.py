@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
-from sparcom_jax.models.layers import GatedFFN, activation, normal_param
+from sparcom_jax.models.layers import GatedFFN, activation
+from sparcom_jax.models.params import HFLayout, ParamDecl, create, linear
 
 # "auto" (decided when the forward is traced): on CPU the expert loop when counting
 # (inference) and the differentiable tile scan otherwise; on GPU the capacity-buffer
@@ -108,22 +109,41 @@ def expert_neuron_counts(active_MG, seg_sorted_M, inv_M, e_Nk, B: int, E: int, m
     return ena.astype(jnp.int32)
 
 
+def _expert_in(name: str, part: int) -> tuple[HFLayout, ...]:
+    """Our [E, D, G] gate or up projection: per-expert torch Linears [G, D], or block `part`
+    of the fused ``experts.gate_up_proj`` [E, 2G, D] (or its transpose [E, D, 2G])."""
+    return (HFLayout(f"experts.{{e}}.{name}.weight", ((2,), (1,)), split=0),
+            HFLayout("experts.gate_up_proj", ((0,), (2,), (1,)), part=(1, part, 2)),
+            HFLayout("experts.gate_up_proj", ((0,), (1,), (2,)), part=(2, part, 2)))
+
+
 class MoEFFN(nnx.Module):
     """Routed experts, plus a sigmoid-gated shared expert when the config has one (Qwen-MoE)."""
+
+    PARAMS = {
+        # The router's expert axis stays whole on every device: each token's top-k needs all logits.
+        "router": ParamDecl(("embed", "route"), (linear("gate.weight"),)),
+        "gate_proj": ParamDecl(("experts", "embed", "expert_mlp"), _expert_in("gate_proj", 0)),
+        "up_proj": ParamDecl(("experts", "embed", "expert_mlp"), _expert_in("up_proj", 1)),
+        "down_proj": ParamDecl(("experts", "expert_mlp", "embed"), (
+            HFLayout("experts.{e}.down_proj.weight", ((2,), (1,)), split=0),
+            HFLayout("experts.down_proj", ((0,), (2,), (1,))),  # fused [E, D, G]
+            HFLayout("experts.down_proj", ((0,), (1,), (2,))))),  # fused, transposed [E, G, D]
+        "shared_expert_gate": ParamDecl(("embed", "unit"), (linear("shared_expert_gate.weight"),)),
+    }
+    CHILDREN = {"shared_expert": ("shared_expert", GatedFFN)}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  impl: str = "auto"):
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl {impl!r} is not one of {MOE_IMPLS}")
         D, E, G = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-        self.router = normal_param(rngs, (D, E), param_dtype)
-        self.gate_proj = normal_param(rngs, (E, D, G), param_dtype)
-        self.up_proj = normal_param(rngs, (E, D, G), param_dtype)
-        self.down_proj = normal_param(rngs, (E, G, D), param_dtype)
+        sizes = {"embed": D, "route": E, "experts": E, "expert_mlp": G, "unit": 1}
+        create(self, ["router", "gate_proj", "up_proj", "down_proj"], rngs, sizes, param_dtype)
         if cfg.has_shared_expert:
             self.shared_expert = GatedFFN(D, cfg.shared_expert_intermediate_size, cfg.hidden_act, rngs=rngs,
                                           dtype=dtype, param_dtype=param_dtype)
-            self.shared_expert_gate = normal_param(rngs, (D, 1), param_dtype)
+            create(self, ["shared_expert_gate"], rngs, sizes, param_dtype)
         self.has_shared = cfg.has_shared_expert
         self.top_k = cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
-from sparcom_jax.models.layers import Attention, GatedFFN, RMSNorm, attention_bias, normal_param, rotary_tables
+from sparcom_jax.models.layers import Attention, GatedFFN, RMSNorm, attention_bias, rotary_tables
 from sparcom_jax.models.moe import MoEFFN
+from sparcom_jax.models.params import ParamDecl, create, linear, same
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -36,6 +37,10 @@ def resolve_dtype(dtype) -> Any:
 
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    PARAMS: dict = {}
+    CHILDREN = {"input_norm": ("input_layernorm", RMSNorm), "attn": ("self_attn", Attention),
+                "post_attn_norm": ("post_attention_layernorm", RMSNorm), "ffn": ("mlp", GatedFFN, MoEFFN)}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, moe_impl: str = "auto"):
         D = cfg.hidden_size
@@ -101,6 +106,10 @@ class CausalLM(nnx.Module):
         same result.
     """
 
+    PARAMS = {"embed": ParamDecl(("vocab", "embed"), (same("model.embed_tokens.weight", 2),)),
+              "lm_head": ParamDecl(("embed", "vocab"), (linear("lm_head.weight"),))}
+    CHILDREN = {"blocks": ("model.layers.{l}", Block), "final_norm": ("model.norm", RMSNorm)}
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype="float32",
                  param_dtype=None, moe_impl: str = "auto"):
         rngs = rngs or nnx.Rngs(0)
@@ -108,17 +117,18 @@ class CausalLM(nnx.Module):
         param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
         self.config = cfg
         self.dtype = dtype
-        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype)
+        sizes = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size}
+        create(self, ["embed"], rngs, sizes, param_dtype)
 
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
             return Block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
+            create(self, ["lm_head"], rngs, sizes, param_dtype)
 
     tokenizer = _companion("tokenizer", "The checkpoint directory's tokenizer (or None); not part of the graph.")
     source_path = _companion("source_path", "The directory the weights came from (or None); not part of the graph.")
