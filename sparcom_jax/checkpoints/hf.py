@@ -238,7 +238,7 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None, rules=None,
-               with_tokenizer: bool = True, moe_impl: str = "auto") -> CausalLM:
+               with_tokenizer: bool = True, moe_impl="auto") -> CausalLM:
     """Load a Hugging Face causal-LM directory into a Flax model.
 
     Args:
@@ -249,7 +249,8 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
         created already sharded by the sharding rules.
       param_dtype: storage dtype of parameters (default: `dtype`).
       rules: optional logical-axis rules overriding the defaults.
-      moe_impl: expert dispatch ("auto", "capacity", "ragged", "tiled", "looped"); see `CausalLM`.
+      moe_impl: expert dispatch ("auto", "capacity", "ragged", "tiled", "looped", or a
+        `Dispatch` with tuned constants); see `CausalLM`.
 
     Returns:
       CausalLM; ``model.tokenizer`` is the directory's tokenizer or None and
