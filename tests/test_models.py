@@ -46,6 +46,17 @@ def test_logits_match_transformers(variant, hf_checkpoint):
     assert_logits_close(torch_logits(path, ids, mask), ours, mask)
 
 
+@pytest.mark.parametrize("variant", MOE)
+def test_fused_expert_layout_logits_match_transformers(variant, hf_checkpoint):
+    """Checkpoints in the fused layout (experts.gate_up_proj / experts.down_proj) against the
+    in-memory reference model: a gate/up mix-up in reading the fused halves changes the logits."""
+    ids, mask = batch_with_padding()
+    ours = np.asarray(sj.load_model(hf_checkpoint(variant, fused=True))(ids, mask))
+    with torch.no_grad():
+        ref = make_torch_model(variant)(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert_logits_close(ref, ours, mask)
+
+
 @pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3", "mixtral"])
 def test_long_batch_logits_match_transformers(variant, hf_checkpoint):
     """120 tokens: attention runs in query blocks (causal, sliding window, padding)."""
