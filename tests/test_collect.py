@@ -310,3 +310,18 @@ def test_activations_of_exactly_zero_are_not_counted(variant, tmp_path):
         assert_counts_equal(ours, ref)
         for field, layer, unit in zeroed:
             assert unit_counts(getattr(ours, field), layer, unit).sum() == 0, (impl, tuning, field, layer, unit)
+
+
+def test_store_records_what_the_moe_ran(tmp_path):
+    from sparcom_jax.models.dispatch import Dispatch
+
+    cfg = sj.ModelConfig.from_hf_config(dict(model_type="mixtral", vocab_size=96, hidden_size=16, intermediate_size=8,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                             num_local_experts=4, num_experts_per_tok=2))
+    seqs, _ = make_inputs(n=3, with_scopes=False)
+    for impl in ("auto", "ragged"):
+        model = sj.init_model(cfg, moe_impl=Dispatch.choose(impl, backend="cpu"))
+        sj.collect_counts(model, seqs, progress=False, out=tmp_path / impl)
+        assert sj.open_counts(tmp_path / impl).meta["moe_dispatch"] == str(model.dispatch)
+    assert "looped when counting, tiled otherwise" in sj.open_counts(tmp_path / "auto").meta["moe_dispatch"]
+    assert sj.open_counts(tmp_path / "ragged").meta["moe_dispatch"].startswith("moe ragged;")

@@ -20,6 +20,7 @@ class Dispatch:
     """The forward's backend-dependent choices and measured constants.
 
     Attributes:
+      impl: the requested ``moe_impl`` ("auto" or a strategy).
       moe_counting: MoE strategy of counting forwards ("ragged", "capacity", "tiled" or
         "looped"); moe_forward: of every other forward (needs a reverse-mode gradient
         unless forced to "looped").
@@ -41,6 +42,7 @@ class Dispatch:
         attn_max_blocks blocks (on CPU 1.4-2.8x faster attention for 100-1024 tokens).
     """
 
+    impl: str
     moe_counting: str
     moe_forward: str
     count_method: str
@@ -72,7 +74,7 @@ class Dispatch:
             counting, forward = ("looped", "tiled") if cpu else ("capacity",) * 2 if backend == "gpu" else ("ragged",) * 2
         else:
             counting = forward = moe_impl
-        d = cls(counting, forward, "segment" if cpu else "matmul", cpu, **tuning)
+        d = cls(moe_impl, counting, forward, "segment" if cpu else "matmul", cpu, **tuning)
         if d.loop_tile % d.loop_tail:
             raise ValueError(f"loop_tile ({d.loop_tile}) must be a multiple of loop_tail ({d.loop_tail})")
         return dataclasses.replace(d, capacity_factors=tuple(float(f) for f in d.capacity_factors))

@@ -134,6 +134,11 @@ class MoEFFN(nnx.Module):
         self.precision = precision_of(dtype)
         self.dispatch = dispatch
 
+    @property
+    def impl(self) -> str:
+        """The requested dispatch ("auto" or a strategy name); `dispatch` says what runs."""
+        return self.dispatch.impl
+
     def _weights(self):
         return tuple(w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
 

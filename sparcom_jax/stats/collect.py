@@ -121,6 +121,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     meta = dict(meta or {})
     meta.setdefault("model", getattr(model, "source_path", None))
     meta.setdefault("model_type", cfg.model_type)
+    meta.setdefault("moe_dispatch", model.moe_dispatch)
 
     runner = BatchRunner(model, _count_step, batch_size, mesh=mesh, buckets=buckets)
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
