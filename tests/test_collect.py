@@ -325,3 +325,24 @@ def test_store_records_what_the_moe_ran(tmp_path):
         assert sj.open_counts(tmp_path / impl).meta["moe_dispatch"] == str(model.dispatch)
     assert "looped when counting, tiled otherwise" in sj.open_counts(tmp_path / "auto").meta["moe_dispatch"]
     assert sj.open_counts(tmp_path / "ragged").meta["moe_dispatch"].startswith("moe ragged;")
+
+
+@pytest.mark.parametrize("variant, param, where, layer", [
+    ("llama", ("ffn", "gate_proj"), (1, 3, 5), 1),  # the counted activations of the last layer
+    ("llama", ("ffn", "down_proj"), (0, 5, 3), 0),  # only the block's output (then every later layer)
+    ("qwen2_moe", ("ffn", "gate_proj"), (1, 2, 3, 4), 1),  # one expert's weight
+    ("qwen2_moe", ("attn", "o_proj"), (1, 0, 0, 0), 1),
+])
+def test_a_nan_weight_stops_collection_naming_the_layer(variant, param, where, layer, hf_checkpoint, tmp_path):
+    import jax.numpy as jnp
+
+    from sparcom_jax.models.dispatch import Dispatch
+
+    seqs, scopes = make_inputs(n=5)
+    for impl in ("auto", "ragged") if variant != "llama" else ("auto",):
+        model = sj.load_model(hf_checkpoint(variant), moe_impl=Dispatch.choose(impl))
+        var = getattr(getattr(model.blocks, param[0]), param[1])
+        var.value = var.value.at[where].set(jnp.nan)
+        with pytest.raises(ValueError, match=rf"{hf_checkpoint(variant)}: non-finite activations .* in layer {layer} "):
+            sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=tmp_path / impl, chunk_rows=2)
+        assert json.loads((tmp_path / impl / "progress.json").read_text())["done_chunks"] == 0

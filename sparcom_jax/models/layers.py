@@ -230,10 +230,20 @@ class Attention(nnx.Module):
 
 
 def neuron_stats(a_BTF, valid_BT, count_mask_BT) -> dict:
-    """Per-sequence statistics of FFN neurons from their activations A [B, T, F]:
-    "neuron_active" int32 [B, F], the counted tokens with A > 0."""
+    """Per-sequence statistics of FFN neurons from their activations A [B, T, F].
+
+    "neuron_active" int32 [B, F]: counted tokens with A > 0; "nonfinite" bool [B]: a
+    non-finite A on a real token (NaN is never > 0, so it would silently count as off).
+    """
     active = (a_BTF > 0) & count_mask_BT[..., None]
-    return {"neuron_active": jnp.sum(active, axis=1, dtype=jnp.int32)}
+    return {"neuron_active": jnp.sum(active, axis=1, dtype=jnp.int32),
+            "nonfinite": nonfinite_rows(a_BTF, valid_BT)}
+
+
+def nonfinite_rows(x_BT_, valid_BT):
+    """bool [B]: some real token of the row has a non-finite value in `x_BT_` [B, T, ...]."""
+    bad_BT = jnp.any(~jnp.isfinite(x_BT_.reshape(x_BT_.shape[:2] + (-1,))), axis=-1)
+    return jnp.any(bad_BT & valid_BT, axis=1)
 
 
 class GatedFFN(nnx.Module):

@@ -280,7 +280,8 @@ class MoEFFN(nnx.Module):
             and down products (counts-only last layer; other strategies compute them).
 
         Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
-        int32 [B, E, G] and, with a shared expert, its `neuron_stats`.
+        int32 [B, E, G], "nonfinite" bool [B] (a non-finite expert activation on a real
+        token) and, with a shared expert, its `neuron_stats`.
         """
         ablate = ablate or {}
         dt = self.dtype
@@ -322,6 +323,8 @@ class MoEFFN(nnx.Module):
             onehot_XkE = jax.nn.one_hot(e_Xk, E, dtype=jnp.int32) * cm_X[:, None, None]
             stats["expert_routed"] = onehot_XkE.sum(1).reshape(B, T, E).sum(1)
             stats["expert_neuron_active"] = reduce(active_MG)
+            bad_M = jnp.any(~jnp.isfinite(a_MG), axis=-1)[inv] & real_M
+            stats["nonfinite"] = jnp.any(bad_M.reshape(B, T * k), axis=1)
         y_XkD = y_MD[inv].reshape(B * T, k, D)
         out_XD = jnp.einsum("XkD,Xk->XD", y_XkD.astype(jnp.float32), w_Xk, precision=self.precision)
         out_BTD = out_XD.astype(dt).reshape(B, T, D)
@@ -332,5 +335,5 @@ class MoEFFN(nnx.Module):
                                           precision=self.precision))
             out_BTD = out_BTD + g * sh
             if counting:
-                stats.update(sh_stats)
+                stats.update(sh_stats, nonfinite=stats["nonfinite"] | sh_stats["nonfinite"])
         return out_BTD, stats or None

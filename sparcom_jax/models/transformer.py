@@ -20,7 +20,8 @@ from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.dispatch import Dispatch
-from sparcom_jax.models.layers import Attention, GatedFFN, RMSNorm, attention_bias, precision_of, rotary_tables
+from sparcom_jax.models.layers import (Attention, GatedFFN, RMSNorm, attention_bias, nonfinite_rows, precision_of,
+                                      rotary_tables)
 from sparcom_jax.models.moe import MoEFFN
 from sparcom_jax.models.params import ParamDecl, create, linear, same
 
@@ -68,7 +69,12 @@ class Block(nnx.Module):
             y, stats = self.ffn(h, valid_BT, count_mask_BT, ablate, out_needed)
         else:
             y, stats = self.ffn(h, valid_BT, count_mask_BT, (ablate or {}).get("neuron_keep"), out_needed)
-        return x_BTD + y, stats
+        x_BTD = x_BTD + y
+        if count_mask_BT is not None:
+            # Besides the FFN activations, the block output: a NaN from this block's
+            # attention or down products shows here, not one layer later.
+            stats["nonfinite"] = stats["nonfinite"] | nonfinite_rows(x_BTD, valid_BT)
+        return x_BTD, stats
 
 
 # Host-side companions of a model (its tokenizer, the directory it came from). Kept
@@ -90,7 +96,7 @@ def _companion(name: str, doc: str):
 class ModelOutput(NamedTuple):
     logits: Any  # float32 [B, T, V] or None
     hidden: Any  # final normed hidden states [B, T, D]
-    stats: Any  # dict of int32 arrays [B, L, ...] or None
+    stats: Any  # dict of arrays [B, L, ...] or None (counts, sums, "nonfinite" bool [B, L])
 
 
 class CausalLM(nnx.Module):
