@@ -270,3 +270,79 @@ def test_two_process_distributed_run_matches_single_process(variant, hf_checkpoi
     np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), one.tokens)
     for field, arr in one.arrays().items():
         np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), arr)
+
+
+# ---------------------------------------------------------------- exact zeros
+ZEROED = {"llama": [("mlp.gate_proj.weight", 0, 5), ("mlp.gate_proj.weight", 1, 17)],
+          "qwen2_moe": [("mlp.experts.gate_up_proj", 0, (2, 3)), ("mlp.experts.gate_up_proj", 1, (1, 9)),
+                        ("mlp.shared_expert.gate_proj.weight", 1, 7)]}
+STRATEGIES = [("auto", {}), ("ragged", {}), ("capacity", {}), ("capacity", {"capacity_factors": (64.0,)}),
+              ("capacity", {"capacity_factors": (0.01,)}), ("tiled", {}), ("looped", {}),
+              ("looped", {"loop_tile": 4, "loop_tail": 2})]
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_moe"])
+def test_activations_of_exactly_zero_are_not_counted(variant, tmp_path):
+    """A zeroed gate row makes that neuron's activation exactly 0 on every token: active
+    means A > 0, so it is never counted, by every dispatch strategy (A >= 0 would count it)."""
+    import torch
+
+    from sparcom_jax.models.dispatch import Dispatch
+
+    tm = make_torch_model(variant)
+    zeroed = []
+    with torch.no_grad():
+        for name, layer, row in ZEROED[variant]:
+            w = tm.model.layers[layer].get_parameter(name)
+            w[row] = 0.0  # a tuple is (expert, neuron): a row of the gate half of the fused rows
+            zeroed.append(("expert_neuron_active" if isinstance(row, tuple) else "neuron_active", layer, row))
+    tm.save_pretrained(str(tmp_path / "ck"))
+    seqs, scopes = make_inputs()
+    ref = torch_counts(tm, seqs, scopes)
+
+    def unit_counts(arr, layer, unit):
+        return np.asarray(arr)[(slice(None), layer) + tuple(np.atleast_1d(unit))]
+
+    assert all(unit_counts(ref[field], layer, unit).sum() == 0 for field, layer, unit in zeroed)
+    for impl, tuning in (STRATEGIES if variant != "llama" else STRATEGIES[:1]):
+        model = sj.load_model(tmp_path / "ck", moe_impl=Dispatch.choose(impl, **tuning))
+        ours = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False)
+        assert_counts_equal(ours, ref)
+        for field, layer, unit in zeroed:
+            assert unit_counts(getattr(ours, field), layer, unit).sum() == 0, (impl, tuning, field, layer, unit)
+
+
+def test_store_records_what_the_moe_ran(tmp_path):
+    from sparcom_jax.models.dispatch import Dispatch
+
+    cfg = sj.ModelConfig.from_hf_config(dict(model_type="mixtral", vocab_size=96, hidden_size=16, intermediate_size=8,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                             num_local_experts=4, num_experts_per_tok=2))
+    seqs, _ = make_inputs(n=3, with_scopes=False)
+    for impl in ("auto", "ragged"):
+        model = sj.init_model(cfg, moe_impl=Dispatch.choose(impl, backend="cpu"))
+        sj.collect_counts(model, seqs, progress=False, out=tmp_path / impl)
+        assert sj.open_counts(tmp_path / impl).meta["moe_dispatch"] == str(model.dispatch)
+    assert "looped when counting, tiled otherwise" in sj.open_counts(tmp_path / "auto").meta["moe_dispatch"]
+    assert sj.open_counts(tmp_path / "ragged").meta["moe_dispatch"].startswith("moe ragged;")
+
+
+@pytest.mark.parametrize("variant, param, where, layer", [
+    ("llama", ("ffn", "gate_proj"), (1, 3, 5), 1),  # the counted activations of the last layer
+    ("llama", ("ffn", "down_proj"), (0, 5, 3), 0),  # only the block's output (then every later layer)
+    ("qwen2_moe", ("ffn", "gate_proj"), (1, 2, 3, 4), 1),  # one expert's weight
+    ("qwen2_moe", ("attn", "o_proj"), (1, 0, 0, 0), 1),
+])
+def test_a_nan_weight_stops_collection_naming_the_layer(variant, param, where, layer, hf_checkpoint, tmp_path):
+    import jax.numpy as jnp
+
+    from sparcom_jax.models.dispatch import Dispatch
+
+    seqs, scopes = make_inputs(n=5)
+    for impl in ("auto", "ragged") if variant != "llama" else ("auto",):
+        model = sj.load_model(hf_checkpoint(variant), moe_impl=Dispatch.choose(impl))
+        var = getattr(getattr(model.blocks, param[0]), param[1])
+        var.value = var.value.at[where].set(jnp.nan)
+        with pytest.raises(ValueError, match=rf"{hf_checkpoint(variant)}: non-finite activations .* in layer {layer} "):
+            sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=tmp_path / impl, chunk_rows=2)
+        assert json.loads((tmp_path / impl / "progress.json").read_text())["done_chunks"] == 0

@@ -46,14 +46,25 @@ def test_logits_match_transformers(variant, hf_checkpoint):
     assert_logits_close(torch_logits(path, ids, mask), ours, mask)
 
 
+@pytest.mark.parametrize("variant", MOE)
+def test_fused_expert_layout_logits_match_transformers(variant, hf_checkpoint):
+    """Checkpoints in the fused layout (experts.gate_up_proj / experts.down_proj) against the
+    in-memory reference model: a gate/up mix-up in reading the fused halves changes the logits."""
+    ids, mask = batch_with_padding()
+    ours = np.asarray(sj.load_model(hf_checkpoint(variant, fused=True))(ids, mask))
+    with torch.no_grad():
+        ref = make_torch_model(variant)(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert_logits_close(ref, ours, mask)
+
+
 @pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3", "mixtral"])
 def test_long_batch_logits_match_transformers(variant, hf_checkpoint):
     """120 tokens: attention runs in query blocks (causal, sliding window, padding)."""
-    from sparcom_jax.models.layers import ATTN_BLOCK
+    from sparcom_jax.models.dispatch import Dispatch
 
     rng = np.random.default_rng(3)
     T = 120
-    assert T > ATTN_BLOCK
+    assert T > Dispatch.attn_block
     ids = rng.integers(3, 96, size=(2, T)).astype(np.int64)
     mask = np.ones((2, T), np.int64)
     mask[1, 70:] = 0
@@ -63,11 +74,9 @@ def test_long_batch_logits_match_transformers(variant, hf_checkpoint):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_blocked_attention_equals_plain_softmax_attention(window, monkeypatch):
+def test_blocked_attention_equals_plain_softmax_attention(window):
     """Query blocks against a plain numpy softmax over the whole masked score matrix."""
     from sparcom_jax.models import layers
-
-    monkeypatch.setattr(layers, "ATTN_BLOCK", 7)  # many uneven blocks (capped at ATTN_MAX_BLOCKS)
     rng = np.random.default_rng(0)
     B, H, K, T, d = 2, 4, 2, 45, 8
     q = rng.standard_normal((B, H, T, d)).astype(np.float32)
@@ -75,7 +84,8 @@ def test_blocked_attention_equals_plain_softmax_attention(window, monkeypatch):
     valid = np.ones((B, T), bool)
     valid[1, 30:] = False
     bias = layers.attention_bias(jnp.asarray(valid), window)
-    got = np.asarray(layers.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias))
+    # many uneven blocks (capped at max_blocks)
+    got = np.asarray(layers.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias, block=7, max_blocks=8))
     kk, vv = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
     s = np.einsum("bhtd,bhsd->bhts", q, kk) / np.sqrt(d)
     t, u = np.arange(T)[:, None], np.arange(T)[None, :]
@@ -351,10 +361,10 @@ def test_sharded_load_on_8_devices_matches_one_device(hf_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
-def test_moe_dispatch_implementations_agree(variant, hf_checkpoint, monkeypatch):
+def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
     """ragged_dot grouping, the tile scan, the expert loop and the capacity buffer (in its
     batched-matmul branch and in its ragged_dot fallback) give the same logits and counts."""
-    from sparcom_jax.models import moe
+    from sparcom_jax.models.dispatch import Dispatch
 
     path = hf_checkpoint(variant)
     ids, mask = batch_with_padding()
@@ -363,16 +373,15 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint, monkeypatch)
     ref = sj.collect_counts(ragged, seqs, progress=False)
     # Capacity factor E holds any group (always the matmul branch); 0.01 holds none (always
     # the fallback); the defaults decide per layer.
-    default, default_tiles = moe.CAPACITY_FACTORS, (moe.LOOP_TILE, moe.LOOP_TAIL)
+    default, default_tiles = Dispatch.capacity_factors, (Dispatch.loop_tile, Dispatch.loop_tail)
     # The expert loop with its real tiles (only tail tiles here) and with tiny ones (full
     # tiles and tail tiles both run).
     for impl, factors, tiles in (("tiled", None, None), ("looped", None, None), ("looped", None, (4, 2)),
                                  ("capacity", None, None), ("capacity", (64.0,), None),
                                  ("capacity", (0.01,), None)):
-        monkeypatch.setattr(moe, "CAPACITY_FACTORS", factors or default)
-        monkeypatch.setattr(moe, "LOOP_TILE", (tiles or default_tiles)[0])
-        monkeypatch.setattr(moe, "LOOP_TAIL", (tiles or default_tiles)[1])
-        other = sj.load_model(path, moe_impl=impl)
+        other = sj.load_model(path, moe_impl=Dispatch.choose(impl, capacity_factors=factors or default,
+                                                             loop_tile=(tiles or default_tiles)[0],
+                                                             loop_tail=(tiles or default_tiles)[1]))
         real = mask.astype(bool)  # padding positions are undefined (the expert loop skips them)
         np.testing.assert_allclose(np.asarray(ragged(ids, mask))[real], np.asarray(other(ids, mask))[real],
                                    atol=1e-5)
@@ -425,22 +434,21 @@ def test_two_checkpoints_of_one_architecture_share_compilations(hf_checkpoint, t
 
 
 @pytest.mark.parametrize("factors", [None, (0.01,)])
-def test_capacity_path_gradients_match_the_tile_scan(factors, hf_checkpoint, monkeypatch):
+def test_capacity_path_gradients_match_the_tile_scan(factors, hf_checkpoint):
     """Training on GPU goes through the capacity path: its gradients (both the batched-matmul
     branch and the ragged_dot fallback) equal those of the differentiable tile scan."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from sparcom_jax.models import moe
+    from sparcom_jax.models.dispatch import Dispatch
 
-    if factors:
-        monkeypatch.setattr(moe, "CAPACITY_FACTORS", factors)
     path = hf_checkpoint("mixtral")
     ids, mask = batch_with_padding()
     grads = {}
     for impl in ("tiled", "capacity"):
-        g, state = nnx.split(sj.load_model(path, moe_impl=impl))
+        g, state = nnx.split(sj.load_model(path, moe_impl=Dispatch.choose(impl, **({"capacity_factors": factors}
+                                                                                    if factors else {}))))
 
         def loss(state):
             logits = nnx.merge(g, state).forward(jnp.asarray(ids), jnp.asarray(mask)).logits

@@ -2,10 +2,11 @@
 
 Families differ only in a handful of mechanisms (q/k/v biases, q/k norms, MoE
 routing, shared experts, RoPE scaling), so one config with explicit switches
-replaces per-family classes. `from_hf_config` reads a Hugging Face
-``config.json`` dict (old ``rope_theta``/``rope_scaling`` keys and the newer
-``rope_parameters`` both work); `to_hf_config` writes one back that
-transformers loads unchanged.
+replaces per-family classes, and what sets the switches for each ``model_type`` is
+one row of data in `FAMILIES`: adding a family that differs only in data is a new
+row plus its parity test. `from_hf_config` reads a Hugging Face ``config.json``
+dict (old ``rope_theta``/``rope_scaling`` keys and the newer ``rope_parameters``
+both work); `to_hf_config` writes one back that transformers loads unchanged.
 """
 
 from __future__ import annotations
@@ -16,20 +17,63 @@ import math
 from pathlib import Path
 from typing import Any
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
-SUPPORTED_MODEL_TYPES = DENSE_TYPES + MOE_TYPES
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one ``model_type`` differs from the others, as data (one row of `FAMILIES`).
+
+    Attributes:
+      architecture: the transformers class written to config.json.
+      moe: every layer's FFN is a routed MoE.
+      qk_norm: None, "head" (RMSNorm per head, Qwen3) or "full" (over the whole
+        projection, OLMoE).
+      bias_key: config.json key switching the attention biases on (None: the family
+        has none); bias_default: its value when absent.
+      bias_out: the switch also gives o_proj a bias (Llama style), not only q/k/v (Qwen2).
+      sliding_flag: a sliding window applies only with ``use_sliding_window`` (Qwen).
+      experts_key / expert_width_key: config.json keys of the expert count and width
+        (written; reading also accepts ``num_local_experts`` and ``num_experts``).
+      norm_topk_prob: fixed by the family (Mixtral always renormalises), None = read it.
+      shared_expert: a sigmoid-gated shared expert beside the routed ones (Qwen-MoE).
+      hf_aliases: alternative tensor namings, each a tuple of (canonical substring,
+        replacement) pairs; loading tries them in order, then the canonical names, and
+        saving writes the first (Mixtral checkpoints use ``block_sparse_moe``/``w1..w3``).
+    """
+
+    architecture: str
+    moe: bool = False
+    qk_norm: str | None = None
+    bias_key: str | None = "attention_bias"
+    bias_default: bool = False
+    bias_out: bool = True
+    sliding_flag: bool = False
+    experts_key: str = "num_experts"
+    expert_width_key: str = "moe_intermediate_size"
+    norm_topk_prob: bool | None = None
+    shared_expert: bool = False
+    hf_aliases: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+
+_MIXTRAL_NAMES = (("mlp.gate.", "block_sparse_moe.gate."), ("mlp.experts.", "block_sparse_moe.experts."),
+                  (".gate_proj.", ".w1."), (".up_proj.", ".w3."), (".down_proj.", ".w2."))
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM"),
+    "mistral": Family("MistralForCausalLM", bias_key=None),
+    "qwen2": Family("Qwen2ForCausalLM", bias_key="qkv_bias", bias_default=True, bias_out=False, sliding_flag=True),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm="head", sliding_flag=True),
+    "mixtral": Family("MixtralForCausalLM", moe=True, bias_key=None, experts_key="num_local_experts",
+                      expert_width_key="intermediate_size", norm_topk_prob=True, hf_aliases=(_MIXTRAL_NAMES,)),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", moe=True, bias_key="qkv_bias", bias_default=True, bias_out=False,
+                        sliding_flag=True, shared_expert=True),
+    "olmoe": Family("OlmoeForCausalLM", moe=True, qk_norm="full", expert_width_key="intermediate_size"),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", moe=True, qk_norm="head", sliding_flag=True),
 }
+
+
+def _supported() -> str:
+    return ", ".join(FAMILIES)
 
 
 class ConfigError(ValueError):
@@ -40,9 +84,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of a decoder-only transformer (dense or Mixture-of-Experts).
 
-    Axis letters: V vocab, D model width, L layers, H query heads, K kv heads,
-    Dh head width, F dense FFN neurons, E experts, G expert FFN neurons,
-    S shared-expert FFN neurons.
+    Axis letters: see `sparcom_jax.axes`. Family-specific facts live in `FAMILIES`.
     """
 
     model_type: str
@@ -63,7 +105,8 @@ class ModelConfig:
     rope_original_max_position: int = 8192
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v
+    attention_out_bias: bool = False  # and on o_proj (Llama-style families with attention_bias)
     qk_norm: str | None = None  # None | "head" (Qwen3: per head) | "full" (OLMoE: whole projection)
     clip_qkv: float | None = None
     tie_word_embeddings: bool = False
@@ -112,6 +155,8 @@ class ModelConfig:
         attn = D * self.q_width + 2 * D * self.kv_width + self.q_width * D
         if self.attention_bias:
             attn += self.q_width + 2 * self.kv_width
+        if self.attention_out_bias:
+            attn += D
         if self.qk_norm == "head":
             attn += 2 * self.head_dim
         elif self.qk_norm == "full":
@@ -131,8 +176,8 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.model_type in SUPPORTED_MODEL_TYPES,
-             f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        need(self.model_type in FAMILIES,
+             f"model_type {self.model_type!r} is not supported; supported: {_supported()}")
         need(self.hidden_act in SUPPORTED_ACTIVATIONS,
              f"hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -151,7 +196,7 @@ class ModelConfig:
     # ---- Hugging Face round trip ---------------------------------------
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Build a config from a Hugging Face config dict.
+        """Build a config from a Hugging Face config dict (its family's row says how to read it).
 
         Raises:
           ConfigError: naming `source` and the offending field.
@@ -159,13 +204,13 @@ class ModelConfig:
         mt = hf.get("model_type")
         if mt is None:
             raise ConfigError(f"{source}: no 'model_type' field; is this a Hugging Face causal-LM config.json?")
-        if hf.get("auto_map") and mt not in SUPPORTED_MODEL_TYPES:
+        if hf.get("auto_map") and mt not in FAMILIES:
             raise ConfigError(
                 f"{source}: model_type {mt!r} needs trust_remote_code (custom code in 'auto_map'); "
-                f"sparcom_jax runs no remote code. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: model_type {mt!r} is not supported; supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"sparcom_jax runs no remote code. Supported: {_supported()}")
+        if mt not in FAMILIES:
+            raise ConfigError(f"{source}: model_type {mt!r} is not supported; supported: {_supported()}")
+        fam = FAMILIES[mt]
 
         def get(key, default=None, *alts):
             for k in (key, *alts):
@@ -176,27 +221,17 @@ class ModelConfig:
         try:
             D = int(get("hidden_size"))
             H = int(get("num_attention_heads"))
-            K = int(get("num_key_value_heads", H))
-            Dh = int(get("head_dim", D // H))
             rope = dict(get("rope_parameters", {}) or {})
             scaling = dict(get("rope_scaling", {}) or {})
             rope.update({k: v for k, v in scaling.items() if k not in rope})
-            rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-            theta = float(rope.get("rope_theta", get("rope_theta", 10000.0)))
             max_pos = int(get("max_position_embeddings", 4096))
             sliding = get("sliding_window")
-            if mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not hf.get("use_sliding_window", False):
+            if not sliding or (fam.sliding_flag and not hf.get("use_sliding_window", False)):
                 sliding = None
-            if not sliding:
-                sliding = None
-            moe = mt in MOE_TYPES
-            qk_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(mt)
-            attention_bias = bool(get("attention_bias", False))
-            if mt in ("qwen2", "qwen2_moe"):
-                attention_bias = bool(hf.get("qkv_bias", True))
+            bias = bool(hf.get(fam.bias_key, fam.bias_default)) if fam.bias_key else False
             if hf.get("mlp_bias"):
                 raise ConfigError(f"{source}: mlp_bias=true is not supported (no supported family uses it)")
-            if moe:
+            if fam.moe:
                 sparse_step = int(hf.get("decoder_sparse_step", 1) or 1)
                 dense_layers = list(hf.get("mlp_only_layers", []) or [])
                 if sparse_step != 1 or dense_layers:
@@ -209,30 +244,31 @@ class ModelConfig:
                 hidden_size=D,
                 num_layers=int(get("num_hidden_layers")),
                 num_heads=H,
-                num_kv_heads=K,
-                head_dim=Dh,
-                intermediate_size=int(get("intermediate_size", 0)) if (not moe or mt in ("mixtral", "olmoe")) else 0,
+                num_kv_heads=int(get("num_key_value_heads", H)),
+                head_dim=int(get("head_dim", D // H)),
+                intermediate_size=0 if fam.moe else int(get("intermediate_size", 0)),
                 hidden_act=str(get("hidden_act", "silu")),
                 rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_type=str(rope_type),
+                rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
+                rope_type=str(rope.get("rope_type", rope.get("type", "default")) or "default"),
                 rope_factor=float(rope.get("factor", 1.0)),
                 rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
                 rope_original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
                 max_position_embeddings=max_pos,
                 sliding_window=int(sliding) if sliding else None,
-                attention_bias=attention_bias,
-                qk_norm=qk_norm,
+                attention_bias=bias,
+                attention_out_bias=bias and fam.bias_out,
+                qk_norm=fam.qk_norm,
                 clip_qkv=float(hf["clip_qkv"]) if hf.get("clip_qkv") is not None else None,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                num_experts=int(get("num_local_experts", 0, "num_experts")) if moe else 0,
-                top_k=int(get("num_experts_per_tok", 0)) if moe else 0,
-                moe_intermediate_size=(int(get("intermediate_size")) if mt in ("mixtral", "olmoe")
-                                       else int(get("moe_intermediate_size", 0))) if moe else 0,
-                norm_topk_prob=(True if mt == "mixtral" else bool(hf.get("norm_topk_prob", False))),
-                shared_expert_intermediate_size=int(get("shared_expert_intermediate_size", 0))
-                if mt == "qwen2_moe" else 0,
+                num_experts=int(get(fam.experts_key, 0, "num_local_experts", "num_experts")) if fam.moe else 0,
+                top_k=int(get("num_experts_per_tok", 0)) if fam.moe else 0,
+                moe_intermediate_size=int(get(fam.expert_width_key, 0)) if fam.moe else 0,
+                norm_topk_prob=(fam.norm_topk_prob if fam.norm_topk_prob is not None
+                                else bool(hf.get("norm_topk_prob", False))),
+                shared_expert_intermediate_size=(int(get("shared_expert_intermediate_size", 0))
+                                                 if fam.shared_expert else 0),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=(tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list)
                               else hf.get("eos_token_id")),
@@ -240,8 +276,6 @@ class ModelConfig:
             )
         except (TypeError, KeyError) as e:  # a required field missing or null
             raise ConfigError(f"{source}: missing or invalid field ({e}); compare with the model's published config.json") from e
-        if mt in ("mixtral", "olmoe"):
-            cfg = dataclasses.replace(cfg, intermediate_size=0)
         try:
             return cfg.validate()
         except ConfigError as e:
@@ -260,10 +294,10 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A config.json dict that transformers' AutoConfig reads back to the same model."""
-        mt = self.model_type
+        fam = FAMILIES[self.model_type]
         hf: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[mt]],
-            "model_type": mt,
+            "architectures": [fam.architecture],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -279,6 +313,8 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
+            # Written even when unset: Mistral's own default is a 4096-token window.
+            "sliding_window": self.sliding_window,
         }
         rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_type != "default":
@@ -289,36 +325,26 @@ class ModelConfig:
         hf["rope_parameters"] = rope
         if self.rope_type != "default":
             hf["rope_scaling"] = dict(rope)
-        if mt in ("llama", "qwen3", "olmoe", "qwen3_moe"):
-            hf["attention_bias"] = self.attention_bias
-        if mt in ("qwen2", "qwen2_moe"):
-            hf["qkv_bias"] = self.attention_bias
-        if self.sliding_window:
-            hf["sliding_window"] = self.sliding_window
-            if mt.startswith("qwen"):
-                hf["use_sliding_window"] = True
-        elif mt in ("mistral", "mixtral"):
-            hf["sliding_window"] = None
-        if mt == "olmoe":
+        if fam.bias_key:
+            hf[fam.bias_key] = self.attention_bias
+        if self.sliding_window and fam.sliding_flag:
+            hf["use_sliding_window"] = True
+        if self.clip_qkv is not None:
             hf["clip_qkv"] = self.clip_qkv
-        if self.is_moe:
-            hf["num_experts_per_tok"] = self.top_k
-            if mt == "mixtral":
-                hf["num_local_experts"] = self.num_experts
-            else:
-                hf["num_experts"] = self.num_experts
-                hf["norm_topk_prob"] = self.norm_topk_prob
-            if mt in ("mixtral", "olmoe"):
-                hf["intermediate_size"] = self.moe_intermediate_size
-            else:
-                hf["moe_intermediate_size"] = self.moe_intermediate_size
-                hf["intermediate_size"] = max(self.shared_expert_intermediate_size, self.moe_intermediate_size)
-                hf["decoder_sparse_step"] = 1
-                hf["mlp_only_layers"] = []
-            if mt == "qwen2_moe":
-                hf["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
-        else:
+        if not self.is_moe:
             hf["intermediate_size"] = self.intermediate_size
+            return hf
+        hf["num_experts_per_tok"] = self.top_k
+        hf[fam.experts_key] = self.num_experts
+        hf[fam.expert_width_key] = self.moe_intermediate_size
+        if fam.norm_topk_prob is None:
+            hf["norm_topk_prob"] = self.norm_topk_prob
+        if fam.expert_width_key != "intermediate_size":
+            hf["intermediate_size"] = max(self.shared_expert_intermediate_size, self.moe_intermediate_size)
+            hf["decoder_sparse_step"] = 1
+            hf["mlp_only_layers"] = []
+        if fam.shared_expert:
+            hf["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         return hf
 
 

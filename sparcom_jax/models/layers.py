@@ -1,22 +1,23 @@
 """Building blocks shared by every family: norms, rotary embeddings, attention, gated FFN.
 
-Axis letters: B batch, T tokens, D model width, H query heads, K kv heads,
-Dh head width (written ``d`` in einsum strings), F FFN neurons.
+Axis letters: see `sparcom_jax.axes`.
 
 Each layer takes only the config fields it needs. Layers hold ``nnx.Param``
 values in ``param_dtype`` and compute in ``dtype``; norms and softmax run in
-float32 as in the reference implementation.
+float32 as in the reference implementation. Every product carries the model's
+precision explicitly (`precision_of`), so a direct call computes as the model does.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig, rope_inv_freq
-
-_INIT_STD = 0.02
+from sparcom_jax.models.params import HFLayout, ParamDecl, bias, create, linear, norm_scale
 
 
 def activation(name: str):
@@ -32,8 +33,38 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
-def normal_param(rngs: nnx.Rngs, shape, param_dtype) -> nnx.Param:
-    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(param_dtype) * _INIT_STD)
+def precision_of(dtype) -> jax.lax.Precision:
+    """The precision every product of a model computing in `dtype` carries.
+
+    HIGHEST for float32: full float32 on every backend (GPUs would otherwise use TF32
+    and TPUs bfloat16 passes, moving counts near the sign boundary away from the
+    float32 reference); DEFAULT (the backend's own) for bfloat16 and float16.
+    """
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def expert_mlp(x, wg, wu, wd, *, act, dot, keep=None, with_out: bool = True):
+    """The gated FFN body, down(act(gate(x)) * up(x)), on rows of one expert or a dense FFN.
+
+    Every dense FFN, shared expert and MoE dispatch strategy runs this one body.
+
+    Args:
+      x: rows [..., D]; wg, wu: [..., D, G]; wd: [..., G, D] (leading axes broadcast
+        as `dot` broadcasts them).
+      act: the activation; dot: the product (`jnp.matmul` or a grouped `ragged_dot`,
+        with the model's precision).
+      keep: optional float mask broadcasting against the activations (1 keep, 0 off).
+      with_out: False computes only the gate product (counts-only work).
+
+    Returns:
+      (y [..., D] or None without `with_out`, A [..., G]): the output and the
+      activations before `keep` (what is counted).
+    """
+    a = act(dot(x, wg))
+    if not with_out:
+        return None, a
+    h = a if keep is None else a * keep
+    return dot(h * dot(x, wu), wd), a
 
 
 def rms_norm(x, weight, eps: float, axis=-1):
@@ -48,8 +79,10 @@ def rms_norm(x, weight, eps: float, axis=-1):
 
 
 class RMSNorm(nnx.Module):
+    PARAMS = {"weight": norm_scale("weight")}
+
     def __init__(self, width: int, eps: float, *, param_dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((width,), param_dtype))
+        create(self, ["weight"], None, {"norm": width}, param_dtype)
         self.eps = eps
 
     def __call__(self, x):
@@ -91,29 +124,23 @@ def attention_bias(valid_BT, sliding_window: int | None):
     return jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
 
 
-# Causal attention runs in query blocks of about this many rows, each against only the
-# keys up to its last row: the masked upper triangle is mostly never computed (measured
-# on CPU: 1.4-2.8x faster attention for 100-1024 tokens), at most ATTN_MAX_BLOCKS blocks.
-ATTN_BLOCK = 96
-ATTN_MAX_BLOCKS = 8
-
-
-def attend(q_BHTd, k_BKTd, v_BKTd, bias_B1TT):
-    """Causal softmax attention with grouped kv heads, in query blocks (see ATTN_BLOCK).
+def attend(q_BHTd, k_BKTd, v_BKTd, bias_B1TT, *, block: int, max_blocks: int, precision=None):
+    """Causal softmax attention with grouped kv heads, in query blocks of about `block` rows.
 
     Query block [a, b) meets only keys [0, b): the keys after b are masked for every
-    query in it, so leaving them out changes no softmax (their weight is exactly 0).
+    query in it, so leaving them out changes no softmax (their weight is exactly 0);
+    most of the masked upper triangle is never computed. At most `max_blocks` blocks.
+    `precision` defaults to `precision_of` the inputs' dtype.
     """
+    precision = precision_of(q_BHTd.dtype) if precision is None else precision
     T = q_BHTd.shape[2]
-    n = min(ATTN_MAX_BLOCKS, max(1, -(-T // ATTN_BLOCK)))
-    if n == 1:
-        return _attend(q_BHTd, k_BKTd, v_BKTd, bias_B1TT)
+    n = min(max_blocks, max(1, -(-T // block)))
     edges = [round(i * T / n) for i in range(n + 1)]
-    return jnp.concatenate([_attend(q_BHTd[:, :, a:b], k_BKTd[:, :, :b], v_BKTd[:, :, :b], bias_B1TT[:, :, a:b, :b])
-                            for a, b in zip(edges[:-1], edges[1:])], axis=2)
+    return jnp.concatenate([_attend(q_BHTd[:, :, a:b], k_BKTd[:, :, :b], v_BKTd[:, :, :b], bias_B1TT[:, :, a:b, :b],
+                                    precision) for a, b in zip(edges[:-1], edges[1:])], axis=2)
 
 
-def _attend(q_BHTd, k_BKSd, v_BKSd, bias_B1TS):
+def _attend(q_BHTd, k_BKSd, v_BKSd, bias_B1TS, precision):
     """Softmax attention with grouped kv heads; normalisation deferred past the PV product.
 
     Heads-major layouts ([B, H, T, Dh]) make both products plain batched matmuls
@@ -124,45 +151,65 @@ def _attend(q_BHTd, k_BKSd, v_BKSd, bias_B1TS):
     B, H, T, d = q_BHTd.shape
     K = k_BKSd.shape[1]
     q = q_BHTd.reshape(B, K, H // K, T, d)
-    s = jnp.einsum("BKGTd,BKSd->BKGTS", q, k_BKSd, preferred_element_type=jnp.float32) * (d ** -0.5)
+    s = jnp.einsum("BKRTd,BKSd->BKRTS", q, k_BKSd, preferred_element_type=jnp.float32,
+                   precision=precision) * (d ** -0.5)
     s = s + bias_B1TS[:, :, None]
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    o = jnp.einsum("BKGTS,BKSd->BKGTd", p.astype(v_BKSd.dtype), v_BKSd, preferred_element_type=jnp.float32)
+    o = jnp.einsum("BKRTS,BKSd->BKRTd", p.astype(v_BKSd.dtype), v_BKSd, preferred_element_type=jnp.float32,
+                   precision=precision)
     o = o / jnp.sum(p, axis=-1)[..., None]
     return o.reshape(B, H, T, d).astype(q_BHTd.dtype)
 
 
-class Attention(nnx.Module):
-    """Grouped-query self-attention with optional q/k/v biases, q/k RMSNorm and qkv clipping."""
+def _heads_in(name: str) -> HFLayout:
+    """Our [D, heads, Dh] from a torch Linear weight [heads*Dh, D] (heads may be sharded, Dh not)."""
+    return HFLayout(name, ((1, 2), (0,)))
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with optional q/k/v(/o) biases, q/k RMSNorm and qkv clipping."""
+
+    PARAMS = {
+        "q_proj": ParamDecl(("embed", "heads", "head_dim"), (_heads_in("q_proj.weight"),)),
+        "k_proj": ParamDecl(("embed", "kv_heads", "head_dim"), (_heads_in("k_proj.weight"),)),
+        "v_proj": ParamDecl(("embed", "kv_heads", "head_dim"), (_heads_in("v_proj.weight"),)),
+        "o_proj": ParamDecl(("heads", "head_dim", "embed"), (HFLayout("o_proj.weight", ((2,), (0, 1))),)),
+        "q_bias": bias("q_proj.bias", ("heads", "head_dim")),
+        "k_bias": bias("k_proj.bias", ("kv_heads", "head_dim")),
+        "v_bias": bias("v_proj.bias", ("kv_heads", "head_dim")),
+        "o_bias": bias("o_proj.bias", ("embed",)),
+        "q_norm": norm_scale("q_norm.weight"),
+        "k_norm": norm_scale("k_norm.weight"),
+    }
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 block: int, max_blocks: int):
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = normal_param(rngs, (D, H, Dh), param_dtype)
-        self.k_proj = normal_param(rngs, (D, K, Dh), param_dtype)
-        self.v_proj = normal_param(rngs, (D, K, Dh), param_dtype)
-        self.o_proj = normal_param(rngs, (H, Dh, D), param_dtype)
+        sizes = {"embed": D, "heads": H, "kv_heads": K, "head_dim": Dh}
+        create(self, ["q_proj", "k_proj", "v_proj", "o_proj"], rngs, sizes, param_dtype)
         if cfg.attention_bias:
-            self.q_bias = nnx.Param(jnp.zeros((H, Dh), param_dtype))
-            self.k_bias = nnx.Param(jnp.zeros((K, Dh), param_dtype))
-            self.v_bias = nnx.Param(jnp.zeros((K, Dh), param_dtype))
+            create(self, ["q_bias", "k_bias", "v_bias"], rngs, sizes, param_dtype)
+        if cfg.attention_out_bias:
+            create(self, ["o_bias"], rngs, sizes, param_dtype)
         self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm == "head":
-            self.q_norm = nnx.Param(jnp.ones((Dh,), param_dtype))
-            self.k_norm = nnx.Param(jnp.ones((Dh,), param_dtype))
-        elif cfg.qk_norm == "full":
-            self.q_norm = nnx.Param(jnp.ones((H * Dh,), param_dtype))
-            self.k_norm = nnx.Param(jnp.ones((K * Dh,), param_dtype))
+        if cfg.qk_norm:  # per head (Qwen3) or over the whole projection (OLMoE)
+            full = cfg.qk_norm == "full"
+            create(self, ["q_norm"], rngs, {"norm": Dh * (H if full else 1)}, param_dtype)
+            create(self, ["k_norm"], rngs, {"norm": Dh * (K if full else 1)}, param_dtype)
         self.has_bias = cfg.attention_bias
+        self.has_out_bias = cfg.attention_out_bias
         self.eps = cfg.rms_norm_eps
         self.clip_qkv = cfg.clip_qkv
         self.dtype = dtype
+        self.precision = precision_of(dtype)
+        self.blocks = (block, max_blocks)
 
     def __call__(self, x_BTD, cos_Td, sin_Td, bias_B1TT):
-        dt = self.dtype
+        dt, prec = self.dtype, self.precision
         # Projections write heads-major [B, H, T, Dh] directly, the layout attention wants.
-        q = jnp.einsum("BTD,DHd->BHTd", x_BTD, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BTD,DKd->BKTd", x_BTD, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BTD,DKd->BKTd", x_BTD, self.v_proj[...].astype(dt))
+        q = jnp.einsum("BTD,DHd->BHTd", x_BTD, self.q_proj[...].astype(dt), precision=prec)
+        k = jnp.einsum("BTD,DKd->BKTd", x_BTD, self.k_proj[...].astype(dt), precision=prec)
+        v = jnp.einsum("BTD,DKd->BKTd", x_BTD, self.v_proj[...].astype(dt), precision=prec)
         if self.has_bias:
             q = q + self.q_bias[...].astype(dt)[:, None]
             k = k + self.k_bias[...].astype(dt)[:, None]
@@ -177,47 +224,62 @@ class Attention(nnx.Module):
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = apply_rotary(q, cos_Td, sin_Td)
         k = apply_rotary(k, cos_Td, sin_Td)
-        out = attend(q, k, v, bias_B1TT)
-        return jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt))
+        out = attend(q, k, v, bias_B1TT, block=self.blocks[0], max_blocks=self.blocks[1], precision=prec)
+        y_BTD = jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt), precision=prec)
+        return y_BTD + self.o_bias[...].astype(dt) if self.has_out_bias else y_BTD
+
+
+def neuron_stats(a_BTF, valid_BT, count_mask_BT) -> dict:
+    """Per-sequence statistics of FFN neurons from their activations A [B, T, F].
+
+    "neuron_active" int32 [B, F]: counted tokens with A > 0; "nonfinite" bool [B]: a
+    non-finite A on a real token (NaN is never > 0, so it would silently count as off).
+    """
+    active = (a_BTF > 0) & count_mask_BT[..., None]
+    return {"neuron_active": jnp.sum(active, axis=1, dtype=jnp.int32),
+            "nonfinite": nonfinite_rows(a_BTF, valid_BT)}
+
+
+def nonfinite_rows(x_BT_, valid_BT):
+    """bool [B]: some real token of the row has a non-finite value in `x_BT_` [B, T, ...]."""
+    bad_BT = jnp.any(~jnp.isfinite(x_BT_.reshape(x_BT_.shape[:2] + (-1,))), axis=-1)
+    return jnp.any(bad_BT & valid_BT, axis=1)
 
 
 class GatedFFN(nnx.Module):
-    """SwiGLU/GeGLU FFN: down(act(gate(x)) * up(x)). Its neurons are the F columns of gate.
+    """SwiGLU/GeGLU FFN: down(act(gate(x)) * up(x)). Its neurons are the F columns of gate."""
 
-    Returns the output and, when `count_mask_BT` is given, the per-sequence count of
-    tokens on which each neuron is active (A = act(gate(x)) > 0), int32 [B, F].
-    `keep_F` (float, 1 keep / 0 off) forces switched-off neurons' activation to 0.
-    `out_needed` (traced bool; None means True): False returns zeros instead of the
-    output, skipping the up and down products (counts-only last layer).
-    """
+    PARAMS = {
+        "gate_proj": ParamDecl(("embed", "mlp"), (linear("gate_proj.weight"),)),
+        "up_proj": ParamDecl(("embed", "mlp"), (linear("up_proj.weight"),)),
+        "down_proj": ParamDecl(("mlp", "embed"), (linear("down_proj.weight"),)),
+    }
 
     def __init__(self, D: int, F: int, act: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
-        self.gate_proj = normal_param(rngs, (D, F), param_dtype)
-        self.up_proj = normal_param(rngs, (D, F), param_dtype)
-        self.down_proj = normal_param(rngs, (F, D), param_dtype)
+        create(self, ["gate_proj", "up_proj", "down_proj"], rngs, {"embed": D, "mlp": F}, param_dtype)
         self.act = act
         self.dtype = dtype
+        self.precision = precision_of(dtype)
 
-    def __call__(self, x_BTD, count_mask_BT=None, keep_F=None, out_needed=None):
+    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, keep_F=None, out_needed=None):
+        """Returns (out [B, T, D], `neuron_stats` when `count_mask_BT` is given, else None).
+
+        `keep_F` (float, 1 keep / 0 off) forces switched-off neurons' activation to 0.
+        `out_needed` (traced bool; None means True): False returns zeros instead of the
+        output, skipping the up and down products (counts-only last layer).
+        """
         dt = self.dtype
-        a_BTF = activation(self.act)(jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...].astype(dt)))
-        counts_BF = None
-        if count_mask_BT is not None:
-            active = (a_BTF > 0) & count_mask_BT[..., None]
-            counts_BF = jnp.sum(active, axis=1, dtype=jnp.int32)
-        if keep_F is not None:
-            a_BTF = a_BTF * keep_F.astype(dt)
+        weights = tuple(w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        dot = functools.partial(jnp.matmul, precision=self.precision)
+        keep = None if keep_F is None else keep_F.astype(dt)
 
-        def output():
-            h_BTF = a_BTF * jnp.einsum("BTD,DF->BTF", x_BTD, self.up_proj[...].astype(dt))
-            return jnp.einsum("BTF,FD->BTD", h_BTF, self.down_proj[...].astype(dt))
+        def run(with_out: bool):
+            def body():
+                y, a = expert_mlp(x_BTD, *weights, act=activation(self.act), dot=dot, keep=keep, with_out=with_out)
+                return (y if with_out else jnp.zeros_like(x_BTD)), a
+            return body
 
-        return when_needed(out_needed, output, x_BTD), counts_BF
-
-
-def when_needed(out_needed, output, like):
-    """`output()`, or zeros shaped like `like` where the traced `out_needed` is False."""
-    if out_needed is None:
-        return output()
-    return jax.lax.cond(out_needed, output, lambda: jnp.zeros_like(like))
+        y_BTD, a_BTF = run(True)() if out_needed is None else jax.lax.cond(out_needed, run(True), run(False))
+        stats = None if count_mask_BT is None else neuron_stats(a_BTF, valid_BT, count_mask_BT)
+        return y_BTD, stats

@@ -1,7 +1,6 @@
 """The decoder: embeddings, a scanned stack of identical blocks, final norm, LM head.
 
-Axis letters: B batch, T tokens, D model width, V vocab, L layers, F FFN neurons,
-E experts, G expert neurons.
+Axis letters: see `sparcom_jax.axes`.
 
 Blocks are created with `nnx.vmap` (every parameter gains a leading L axis)
 and run with `nnx.scan`, so compile time does not grow with depth. Counting is
@@ -20,8 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
-from sparcom_jax.models.layers import Attention, GatedFFN, RMSNorm, attention_bias, normal_param, rotary_tables
+from sparcom_jax.models.dispatch import Dispatch
+from sparcom_jax.models.layers import (Attention, GatedFFN, RMSNorm, attention_bias, nonfinite_rows, precision_of,
+                                      rotary_tables)
 from sparcom_jax.models.moe import MoEFFN
+from sparcom_jax.models.params import ParamDecl, create, linear, same
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -37,30 +39,42 @@ def resolve_dtype(dtype) -> Any:
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, moe_impl: str = "auto"):
+    PARAMS: dict = {}
+    CHILDREN = {"input_norm": ("input_layernorm", RMSNorm), "attn": ("self_attn", Attention),
+                "post_attn_norm": ("post_attention_layernorm", RMSNorm), "ffn": ("mlp", GatedFFN, MoEFFN)}
+
+    def __init__(self, cfg: ModelConfig, dispatch: Dispatch, *, rngs: nnx.Rngs, dtype, param_dtype):
         D = cfg.hidden_size
         self.input_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, block=dispatch.attn_block,
+                              max_blocks=dispatch.attn_max_blocks)
         self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.is_moe:
-            self.ffn = MoEFFN(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=moe_impl)
+            self.ffn = MoEFFN(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         else:
             self.ffn = GatedFFN(D, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dtype,
                                 param_dtype=param_dtype)
         self.is_moe = cfg.is_moe
 
-    def __call__(self, x_BTD, cos, sin, bias, count_mask_BT, ablate, out_needed=None, valid_BT=None):
-        """`out_needed` (traced bool, or None for True): False skips the FFN's output
-        (the up and down products) when only this block's counts are wanted.
-        `valid_BT` (bool, None = all real) lets the MoE expert loop skip padding tokens."""
+    def __call__(self, x_BTD, cos, sin, bias, valid_BT, count_mask_BT, ablate, out_needed=None):
+        """One block; returns (x [B, T, D], stats dict or None).
+
+        `valid_BT`: real tokens (the MoE expert loop skips padding). `out_needed`
+        (traced bool, or None for True): False skips the FFN's output (the up and down
+        products) when only this block's counts are wanted.
+        """
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, bias)
         h = self.post_attn_norm(x_BTD)
         if self.is_moe:
-            y, stats = self.ffn(h, count_mask_BT, ablate, out_needed=out_needed, valid_BT=valid_BT)
+            y, stats = self.ffn(h, valid_BT, count_mask_BT, ablate, out_needed)
         else:
-            y, counts = self.ffn(h, count_mask_BT, (ablate or {}).get("neuron_keep"), out_needed=out_needed)
-            stats = None if counts is None else {"neuron_active": counts}
-        return x_BTD + y, stats
+            y, stats = self.ffn(h, valid_BT, count_mask_BT, (ablate or {}).get("neuron_keep"), out_needed)
+        x_BTD = x_BTD + y
+        if count_mask_BT is not None:
+            # Besides the FFN activations, the block output: a NaN from this block's
+            # attention or down products shows here, not one layer later.
+            stats["nonfinite"] = stats["nonfinite"] | nonfinite_rows(x_BTD, valid_BT)
+        return x_BTD, stats
 
 
 # Host-side companions of a model (its tokenizer, the directory it came from). Kept
@@ -82,7 +96,7 @@ def _companion(name: str, doc: str):
 class ModelOutput(NamedTuple):
     logits: Any  # float32 [B, T, V] or None
     hidden: Any  # final normed hidden states [B, T, D]
-    stats: Any  # dict of int32 arrays [B, L, ...] or None
+    stats: Any  # dict of arrays [B, L, ...] or None (counts, sums, "nonfinite" bool [B, L])
 
 
 class CausalLM(nnx.Module):
@@ -95,33 +109,47 @@ class CausalLM(nnx.Module):
       cfg: the architecture.
       rngs: initialisation randomness (weights are replaced when loading).
       dtype: compute dtype; param_dtype: storage dtype (default: dtype).
-      moe_impl: expert dispatch: "auto" (on GPU the capacity-buffer batched matmul, on
-        TPU ragged_dot, on CPU an expert loop when counting, else a differentiable tile
-        scan), "capacity", "ragged", "tiled" or "looped" (inference only); all give the
-        same result.
+      moe_impl: a `Dispatch`, or the MoE strategy for `Dispatch.choose`: "auto" (on GPU
+        the capacity-buffer batched matmul, on TPU ragged_dot, on CPU an expert loop
+        when counting, else a differentiable tile scan), "capacity", "ragged", "tiled"
+        or "looped" (inference only); all give the same result. Resolved here, once:
+        ``model.dispatch`` (shown in the repr) says what runs.
     """
 
+    PARAMS = {"embed": ParamDecl(("vocab", "embed"), (same("model.embed_tokens.weight", 2),)),
+              "lm_head": ParamDecl(("embed", "vocab"), (linear("lm_head.weight"),))}
+    CHILDREN = {"blocks": ("model.layers.{l}", Block), "final_norm": ("model.norm", RMSNorm)}
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype="float32",
-                 param_dtype=None, moe_impl: str = "auto"):
+                 param_dtype=None, moe_impl: str | Dispatch = "auto"):
         rngs = rngs or nnx.Rngs(0)
         dtype = resolve_dtype(dtype)
         param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
+        dispatch = moe_impl if isinstance(moe_impl, Dispatch) else Dispatch.choose(moe_impl)
         self.config = cfg
         self.dtype = dtype
-        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype)
+        self.precision = precision_of(dtype)
+        self.dispatch = dispatch
+        sizes = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size}
+        create(self, ["embed"], rngs, sizes, param_dtype)
 
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
-            return Block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
+            return Block(cfg, dispatch, rngs=r, dtype=dtype, param_dtype=param_dtype)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
+            create(self, ["lm_head"], rngs, sizes, param_dtype)
 
     tokenizer = _companion("tokenizer", "The checkpoint directory's tokenizer (or None); not part of the graph.")
     source_path = _companion("source_path", "The directory the weights came from (or None); not part of the graph.")
+
+    @property
+    def moe_dispatch(self) -> str | None:
+        """What the MoE layers run (strategy and count reducer, see `Dispatch`); None for dense models."""
+        return str(self.dispatch) if self.config.is_moe else None
 
     def forward(self, input_ids, attention_mask=None, *, count_mask=None, ablate=None,
                 with_logits: bool = True, with_hidden: bool = True) -> ModelOutput:
@@ -137,20 +165,12 @@ class CausalLM(nnx.Module):
             "expert_neuron_keep" [L, E, G].
           with_logits: skip the LM head when only counts are wanted.
           with_hidden: False (with `with_logits=False`) when only the counts are
-            wanted: `hidden` is then None and, on CPU, the last block's up and down
-            products (which feed nothing) are skipped.
+            wanted: `hidden` is then None and, where `Dispatch.skip_dead_ffn` (CPU), the
+            last block's up and down products (which feed nothing) are skipped.
 
-        With float32 compute every matmul runs in full float32 on every backend
-        (GPUs would otherwise use TF32 and TPUs bfloat16 passes, moving counts near
-        the sign boundary away from the float32 reference); bfloat16 compute keeps
-        the backend's default precision.
+        With float32 compute every product runs in full float32 on every backend, and
+        bfloat16 compute keeps the backend's default (see `precision_of`).
         """
-        if self.dtype == jnp.float32:
-            with jax.default_matmul_precision("highest"):
-                return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits, with_hidden)
-        return self._forward(input_ids, attention_mask, count_mask, ablate, with_logits, with_hidden)
-
-    def _forward(self, input_ids, attention_mask, count_mask, ablate, with_logits, with_hidden) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
         valid = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))
@@ -160,23 +180,21 @@ class CausalLM(nnx.Module):
         cos, sin = rotary_tables(cfg, T)
         bias = attention_bias(valid, cfg.sliding_window)
 
-        # Counts only: the last block's FFN output is dead, so skip its up/down products
-        # (through a conditional in the scanned block: on CPU, where it was measured; GPU
-        # conditionals may synchronise with the host, so there the products just run).
-        skip_last = not (with_logits or with_hidden) and jax.default_backend() == "cpu"
+        # Counts only: the last block's FFN output is dead, so skip its up/down products.
+        skip_last = not (with_logits or with_hidden) and self.dispatch.skip_dead_ffn
         out_needed = jnp.arange(cfg.num_layers) < cfg.num_layers - 1 if skip_last else None
 
         @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None, 0 if out_needed is not None else None),
                   out_axes=(nnx.Carry, 0))
         def run(block, x, abl, need):
-            return block(x, cos, sin, bias, count_mask, abl, need, None if attention_mask is None else valid)
+            return block(x, cos, sin, bias, valid, count_mask, abl, need)
 
         x, stats = run(self.blocks, x, ablate, out_needed)
         h = self.final_norm(x) if with_logits or with_hidden else None
         logits = None
         if with_logits:
             w = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-            logits = jnp.einsum("BTD,DV->BTV", h, w.astype(self.dtype)).astype(jnp.float32)
+            logits = jnp.einsum("BTD,DV->BTV", h, w.astype(self.dtype), precision=self.precision).astype(jnp.float32)
         if stats is not None:
             stats = {k: jnp.moveaxis(v, 0, 1) for k, v in stats.items()}  # [L, B, ...] -> [B, L, ...]
         return ModelOutput(logits, h, stats)
@@ -193,12 +211,13 @@ def jitted_logits(graphdef, state, input_ids, attention_mask):
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=None,
-               moe_impl: str = "auto") -> CausalLM:
+               moe_impl: str | Dispatch = "auto") -> CausalLM:
     """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
     return CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
 
 
-def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None, moe_impl: str = "auto") -> CausalLM:
+def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None,
+                   moe_impl: str | Dispatch = "auto") -> CausalLM:
     """The model with ShapeDtypeStruct leaves (`jax.eval_shape`): no memory, no compute."""
     return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                            moe_impl=moe_impl))

@@ -48,7 +48,7 @@ def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis")
     for key, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
         size = math.prod(var.shape)
         n += size
-        axes = logical_axes(key, len(var.shape))
+        axes = logical_axes(key, var)
         spec = spec_for(axes, var.shape, mesh, table)
         split = 1
         for name, ax in zip(axes, spec, strict=True):

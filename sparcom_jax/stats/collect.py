@@ -46,11 +46,30 @@ def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None):
     count_BT = scope_BT & valid_BT
     out = model.forward(ids_BT, valid_BT, count_mask=count_BT, with_logits=False, with_hidden=False)
     stats = dict(out.stats)
+    nonfinite = stats.pop("nonfinite")
     stats["tokens"] = jnp.sum(count_BT, axis=1, dtype=jnp.int32)
     # Counts never exceed the padded length T, so they leave the device in 1 or 2 bytes
     # (a quarter or half of the int32 traffic); the host accumulates them as int32.
     dt = transfer_dtype(ids_BT.shape[1])
-    return {k: v.astype(dt) for k, v in stats.items()}
+    return {**{k: v.astype(dt) for k, v in stats.items()}, "nonfinite": nonfinite}
+
+
+def _check_finite(model, res: dict, idx) -> None:
+    """Stop before counts computed from non-finite activations are kept (`res["nonfinite"]` [R, L]).
+
+    A NaN is never > 0, so one NaN weight would silently zero every later layer's counts.
+    """
+    bad = np.asarray(res.pop("nonfinite"), bool)
+    if bad.any():
+        rows, layers = np.nonzero(bad)
+        layer = int(layers.min())
+        seq = int(np.asarray(idx)[rows[layers == layer][0]])
+        where = getattr(model, "source_path", None) or "the model"
+        raise ValueError(
+            f"{where}: non-finite activations (NaN or Inf) in layer {layer} (first of "
+            f"{sorted(set(layers.tolist()))}), e.g. on sequence {seq}; counts from them would be wrong, so none "
+            f"are kept. Check the weights of layer {layer} (a corrupted or badly converted checkpoint) or, in "
+            "bfloat16/float16, collect in float32 (an overflow)")
 
 
 def _scatter_rows(rows: dict, idx, res: dict) -> None:
@@ -120,6 +139,10 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         resumed or reused only for the same fingerprint.
       overwrite: replace a store made for other inputs instead of refusing.
 
+    Raises:
+      ValueError: when a layer produced non-finite activations on a real token (naming
+        the first such layer); the chunk holding it is not written.
+
     Returns:
       Counts with tokens [N], neuron_active [N, L, F] (dense FFN or shared expert),
       expert_routed [N, L, E] and expert_neuron_active [N, L, E, G] (MoE); lazily
@@ -139,6 +162,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     meta = dict(meta or {})
     meta.setdefault("model", getattr(model, "source_path", None))
     meta.setdefault("model_type", cfg.model_type)
+    meta.setdefault("moe_dispatch", model.moe_dispatch)
 
     runner = BatchRunner(model, _count_step, batch_size, mesh=mesh, buckets=buckets)
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
@@ -174,6 +198,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                 # so the dispatch loop gets back to the device while the host copies counts out.
                 pending: list = []
                 for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
+                    _check_finite(model, res, lo + np.asarray(idx))
                     pending.append(writer.submit(_scatter_rows, rows, idx, res))
                     if len(pending) > 2:  # bounds the results waiting on the host
                         pending.pop(0).result()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from sparcom_jax.models.params import declaration
+from sparcom_jax.models.transformer import CausalLM
 from sparcom_jax.train.config import TrainConfig
 
 
@@ -12,20 +14,13 @@ def _path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def is_decayed(path_names: list[str]) -> bool:
-    """Whether weight decay applies to the parameter at this path.
-
-    Norm scales and biases are left alone: decaying a norm's scale towards 0
-    (instead of towards its initial 1) shrinks the layer's output, and biases are
-    offsets, not capacities; every codebase from BERT on exempts both.
-    """
-    leaf = path_names[-1]
-    return not (any("norm" in n for n in path_names) or leaf.endswith("bias"))
-
-
 def decay_mask(params):
-    """bool pytree like `params`: True where weight decay applies (see `is_decayed`)."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: is_decayed(_path_names(p)), params)
+    """bool pytree like `params` (a CausalLM's): True where its declaration says weight decay applies.
+
+    Raises:
+      KeyError: for a parameter no module declares.
+    """
+    return jax.tree_util.tree_map_with_path(lambda p, _: declaration(CausalLM, _path_names(p)).decay, params)
 
 
 def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:

@@ -1,0 +1,85 @@
+"""How a model's forward maps onto the backend, decided once when the model is built.
+
+The MoE strategies (see `sparcom_jax.models.moe`), the count reducer, whether a
+counts-only forward skips dead work, and the measured tile sizes are fixed here from
+the requested ``moe_impl`` and `jax.default_backend()` at construction, never at trace
+time: the model's repr and the count store's metadata say what ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+MOE_IMPLS = ("auto", "ragged", "capacity", "tiled", "looped")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """The forward's backend-dependent choices and measured constants.
+
+    Attributes:
+      impl: the requested ``moe_impl`` ("auto" or a strategy).
+      moe_counting: MoE strategy of counting forwards ("ragged", "capacity", "tiled" or
+        "looped"); moe_forward: of every other forward (needs a reverse-mode gradient
+        unless forced to "looped").
+      count_method: the count reducer's method, "segment" (sorted segment sums, cheapest
+        on CPU) or "matmul" (one-hot batched matmuls, as accelerators prefer).
+      skip_dead_ffn: counts-only forwards leave out the last block's up and down
+        products through a conditional (CPU, where measured; GPU conditionals may
+        synchronise with the host, so there the products just run).
+      capacity_factors: per-expert capacities of "capacity", as multiples of the mean
+        group size M/E; the smallest that holds the largest group runs, past the last
+        `ragged_dot`. Trained routers are uneven per batch (fine-grained MoEs such as
+        OLMoE or Qwen3-MoE more so), hence the 4x branch: a 4M-row buffer still beats a
+        `ragged_dot` rewritten into a dense product over all E experts.
+      scan_tile: largest tile of "tiled" (measured best on a 2-core CPU).
+      loop_tile, loop_tail: full and tail tiles of "looped" (at most loop_tail - 1
+        padding rows per expert); loop_tile must be a multiple of loop_tail.
+      attn_block, attn_max_blocks: causal attention runs in query blocks of about
+        attn_block rows, each against only the keys up to its last row, in at most
+        attn_max_blocks blocks (on CPU 1.4-2.8x faster attention for 100-1024 tokens).
+    """
+
+    impl: str
+    moe_counting: str
+    moe_forward: str
+    count_method: str
+    skip_dead_ffn: bool
+    capacity_factors: tuple[float, ...] = (1.25, 2.0, 4.0)
+    scan_tile: int = 64
+    loop_tile: int = 256
+    loop_tail: int = 16
+    attn_block: int = 96
+    attn_max_blocks: int = 8
+
+    @classmethod
+    def choose(cls, moe_impl: str = "auto", backend: str | None = None, **tuning) -> "Dispatch":
+        """Resolve `moe_impl` for `backend` (default: `jax.default_backend()`).
+
+        "auto": on CPU the expert loop when counting and the differentiable tile scan
+        otherwise; on GPU the capacity buffer; on TPU (and anything else) ragged_dot.
+        Any other strategy name is used for every forward. `tuning` overrides the
+        measured constants (field names of this class).
+
+        Raises:
+          ValueError: for an unknown strategy or inconsistent tile sizes.
+        """
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl {moe_impl!r} is not one of {MOE_IMPLS}")
+        backend = backend or jax.default_backend()
+        cpu = backend == "cpu"
+        if moe_impl == "auto":
+            counting, forward = ("looped", "tiled") if cpu else ("capacity",) * 2 if backend == "gpu" else ("ragged",) * 2
+        else:
+            counting = forward = moe_impl
+        d = cls(moe_impl, counting, forward, "segment" if cpu else "matmul", cpu, **tuning)
+        if d.loop_tile % d.loop_tail:
+            raise ValueError(f"loop_tile ({d.loop_tile}) must be a multiple of loop_tail ({d.loop_tail})")
+        return dataclasses.replace(d, capacity_factors=tuple(float(f) for f in d.capacity_factors))
+
+    def __str__(self) -> str:
+        moe = (self.moe_counting if self.moe_counting == self.moe_forward
+               else f"{self.moe_counting} when counting, {self.moe_forward} otherwise")
+        return f"moe {moe}; {self.count_method} counts"
