@@ -14,6 +14,8 @@ import hashlib
 import json
 from typing import Any
 
+from sparcom_jax.errors import ConfigError
+
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "sgd")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 TEMPLATES: tuple[str, ...] = ("plain", "chat")
@@ -23,7 +25,7 @@ _NON_NUMERIC_FIELDS = ("save_every", "keep_last", "log_every", "eval_batch_size"
                        "mesh_data", "mesh_model")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A fine-tuning setting that cannot work; the message names the field and the fix."""
 
 
