@@ -385,9 +385,10 @@ HEAD = ("| model | MoE strategy | tokens, batch, buckets | collect_counts tok/s 
 READING = (
     "Reading the table: tok/s count real (non-padding) tokens; best of the repeats after a warm-up call. The "
     "first strategy of a model, its plain forward and the transformers baselines are timed in alternation; "
-    "further strategies are timed after them, each alone. TFLOP/s are the useful matmul FLOPs of the forward without the LM head "
-    "(2 x matmul parameters touched per token; attention scores, capacity-buffer padding and the router's softmax "
-    "not counted), over the large-matmul peak measured on the same device in the same dtype. The jitted plain "
+    "further strategies are timed after them, each alone. TFLOP/s are the useful matmul FLOPs of the forward "
+    "without the LM head (2 x matmul parameters touched per token; attention scores, capacity-buffer padding and "
+    "the router's softmax not counted), over the large-matmul peak measured on the same device (below). The "
+    "jitted plain "
     "forward runs exactly the batches `collect_counts` plans, so its column is the cost of counting plus "
     "collect's host work. transformers runs the same sequences in length-sorted batches padded only to each "
     "batch's longest member: `model.model(...)` (the decoder, no LM head), plain (its default attention and, for "

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
             "included; `n/a` where the backend keeps no memory statistics (CPU).",
         ]
         replace_section(Path(args.out), f"mixtral-full:{machine}", "\n".join(body),
-                        title=f"The paper's largest model on one device (`scripts/bench_mixtral_full.py`) — {machine}")
+                        title="The paper's largest model on one device (`scripts/bench_mixtral_full.py`) — "
+                              f"{machine}")
 
     def targets() -> list[dict]:
         col = res.get("collect")
@@ -176,8 +177,8 @@ def main(argv=None) -> int:
 
     seqs = make_sequences(args.n, args.min_len, args.max_len, cfg.vocab_size)
     lengths = [len(s) for s in seqs]
-    buckets = (None if args.max_buckets is None
-               else fit_buckets(lengths, args.batch, args.max_buckets, align=1 if jax.default_backend() == "cpu" else 8))
+    align = 1 if jax.default_backend() == "cpu" else 8
+    buckets = None if args.max_buckets is None else fit_buckets(lengths, args.batch, args.max_buckets, align=align)
     t0 = time.perf_counter()
     try:
         counts = sj.collect_counts(model, seqs, batch_size=args.batch, mesh=mesh, buckets=buckets, progress=False)
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
     write()
     for t in res["targets"]:
         print(f"TARGET {met_word(t['met'])}: {t['target']} = {t['value']} (goal {t['goal']})")
-    print(f"{label}: {n_tok:,} tokens in {wall:.1f} s, peak {gib(res['peak_bytes'])}, plan {gib(res.get('plan_bytes'))}")
+    print(f"{label}: {n_tok:,} tokens in {wall:.1f} s, peak {gib(res['peak_bytes'])}, "
+          f"plan {gib(res.get('plan_bytes'))}")
     return 0
 
 

@@ -179,15 +179,16 @@ if [ -n "$TESTS_PID" ]; then
 fi
 
 run_step 3 "dense row (Llama 1B)" "$(cap 75)" "$LOG" "$PY" scripts/bench_collect.py "${TINY[@]}" --models llama1b \
-  "${DENSE[@]}" --baselines plain,hooks --no-memory --section gpu-dense "${PEAK_ARG[@]}" --out "$OUT/benchmarks.md" "${R[@]}"
+  "${DENSE[@]}" --baselines plain,hooks --no-memory --section gpu-dense "${PEAK_ARG[@]}" --out "$OUT/benchmarks.md" \
+  "${R[@]}"
 run_step 4a "MoE row (OLMoE, 4 layers)" "$(cap 75)" "$LOG" "$PY" scripts/bench_collect.py "${TINY[@]}" \
   --models olmoe4 "${MOE[@]}" --baselines plain --no-forward --no-memory --section gpu-moe-olmoe "${PEAK_ARG[@]}" \
   --out "$OUT/benchmarks.md" "${R[@]}"
 run_step 4b "MoE row (Mixtral, 4 layers)" "$(cap 70)" "$LOG" "$PY" scripts/bench_collect.py "${TINY[@]}" \
-  --models mixtral4 "${MOE_MIX[@]}" --baselines plain --no-forward --no-memory --section gpu-moe-mixtral "${PEAK_ARG[@]}" \
-  --out "$OUT/benchmarks.md" "${R[@]}"
+  --models mixtral4 "${MOE_MIX[@]}" --baselines plain --no-forward --no-memory --section gpu-moe-mixtral \
+  "${PEAK_ARG[@]}" --out "$OUT/benchmarks.md" "${R[@]}"
 run_step 5 "first result, cold vs warm" "$(cap 80)" "$LOG" "$PY" scripts/bench_startup.py "${TINY[@]}" \
-  --models llama1b --repeats 1 --no-off "${START_ARGS[@]}" --child-timeout 60 --doc "$OUT/benchmarks.md" "${R[@]}"
+  --models llama1b --repeats 1 --no-off "${START_ARGS[@]}" --child-timeout 45 --doc "$OUT/benchmarks.md" "${R[@]}"
 run_step 7 "training step (Llama 1B)" "$(cap 60)" "$LOG" "$PY" scripts/bench_train.py --shape llama1b "${TINY[@]}" \
   "${TRAIN_ARGS[@]}" --no-finetune "${PEAK_ARG[@]}" --out "$OUT/benchmarks.md" "${R[@]}"
 run_step 8 "precision (f32 vs bf16 sets)" "$(cap 60)" "$LOG" "$PY" scripts/bench_precision.py --shapes llama1b,olmoe4 \

@@ -102,6 +102,7 @@ def section(doc: str, key: str) -> str:
     return doc[doc.index(start):doc.index(end)]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_and_writes_every_table(tmp_path):
     import json
     import sys
