@@ -2,10 +2,13 @@
 
     python scripts/bench_train.py                     # small Llama, this machine's default backend
     python scripts/bench_train.py --hidden 512 --layers 8 --steps 20 --no-write
+    python scripts/bench_train.py --shape llama1b --batch 16 --seq 1024 --no-finetune   # accelerators
 
 Two measurements, both on one Llama built from the shipped tokenizer's vocabulary:
 
-1. The jitted train step alone on full-length random sequences (no padding):
+1. The jitted train step alone on full-length random sequences (no padding), on a Llama
+   of the shipped tokenizer's vocabulary (--hidden/--layers/--heads) or a shape of
+   bench_common.SHAPES (--shape, e.g. llama1b):
    tokens/s and MFU = flops_per_token * tokens/s / peak, with
    flops_per_token = 6 * N + 12 * L * T * H * Dh (PaLM, appendix B: N is the
    matmul parameter count, i.e. without the embedding lookup table; the second
@@ -14,10 +17,13 @@ Two measurements, both on one Llama built from the shipped tokenizer's vocabular
    so MFU is relative to what this machine actually reaches, not a datasheet.
 2. `finetune` end to end on the shipped instruction records (length buckets,
    padding, host batching, metrics), as real (non-padding) tokens/s from its
-   metrics file, after the compile steps.
+   metrics file, after the compile steps (left out with --no-finetune: reading the
+   shipped records needs the `datasets` package).
 
-Writes (or replaces) the section between ``<!-- train:start -->`` and
-``<!-- train:end -->`` in docs/benchmarks.md; other sections are left alone.
+Target (issue 15): MFU >= 40% for the 1B Llama shape in bfloat16 on an accelerator.
+
+Writes (or replaces) the section between ``<!-- train:MACHINE:start -->`` and
+``<!-- train:MACHINE:end -->`` in docs/benchmarks.md; other sections are left alone.
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_common import device_name, matmul_peak_flops, replace_section  # noqa: E402
+from bench_common import (  # noqa: E402
+    device_name, met_word, peak_flops, replace_section, shape, stamp, target, update_results,
+)
+
+MFU_TARGET = 0.40
 
 
 def flops_per_token(cfg, T: int) -> float:
@@ -123,11 +133,6 @@ def _load_note(result: dict) -> str:
             "can vary by 2x between runs.\n")
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the train section of docs/benchmarks.md (create the file if needed), atomically."""
-    replace_section(path, "train", body)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
@@ -138,59 +143,74 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=8, help="timed train steps on full-length sequences")
     p.add_argument("--ft-steps", type=int, default=40, help="finetune steps on the shipped records")
     p.add_argument("--dtype", default=None, help="compute dtype; default float32 on CPU, bfloat16 otherwise")
-    p.add_argument("--matmul", type=int, default=None, help="peak-FLOP matmul size (default 2048 CPU, 8192 else)")
+    p.add_argument("--shape", default=None, help="a shape of bench_common.SHAPES (e.g. llama1b) instead of "
+                                                 "--hidden/--layers/--heads")
+    p.add_argument("--tiny", action="store_true", help="with --shape: shrink it to toy size (CPU dry runs)")
+    p.add_argument("--no-finetune", action="store_true", help="skip finetune on the shipped records (needs datasets)")
+    p.add_argument("--peak-flops", type=float, default=None, help="matmul peak to use (default: measured here)")
+    p.add_argument("--json", default=None, help="results JSON to update (key 'train')")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
 
-    from sparcom_jax.data import default_tokenizer
     from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.runtime import ensure_compilation_cache
 
+    ensure_compilation_cache()  # as `finetune` does: the step's programs are cached too
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
-    tok = default_tokenizer()
-    model_cfg = ModelConfig.from_hf_config(dict(
-        model_type="llama", vocab_size=len(tok), hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.seq, 512)))
-    peak = matmul_peak_flops(args.matmul or (2048 if on_cpu else 8192),
-                             dtype=jnp.float32 if dtype == "float32" else jnp.bfloat16)
+    if args.shape:
+        name, hf = shape(args.shape, args.tiny)
+        hf["max_position_embeddings"] = max(hf["max_position_embeddings"], args.seq)
+    else:
+        from sparcom_jax.data import default_tokenizer
+
+        hf = dict(model_type="llama", vocab_size=len(default_tokenizer()), hidden_size=args.hidden,
+                  intermediate_size=int(args.hidden * 8 / 3) // 8 * 8, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                  max_position_embeddings=max(args.seq, 512))
+        name = None
+    model_cfg = ModelConfig.from_hf_config(hf)
+    peak = peak_flops(args.peak_flops, dtype)
     step = bench_step(model_cfg, args, dtype)
     fpt = flops_per_token(model_cfg, args.seq)
     mfu = fpt * step["tokens_per_s"] / peak
-    ft = bench_finetune(model_cfg, args, dtype)
-    result = {"device": device_name(), "backend": jax.default_backend(), "dtype": dtype, "params": model_cfg.param_count(),
-              "peak_tflops": peak / 1e12, "step": step, "mfu": mfu, "finetune": ft,
-              "model": f"llama D={args.hidden} L={args.layers} H={args.heads} F={model_cfg.intermediate_size} "
-                       f"V={model_cfg.vocab_size}", "batch": f"{args.batch} x {args.seq}",
-              "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-              "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    ft = None if args.no_finetune else bench_finetune(model_cfg, args, dtype)
+    c = model_cfg
+    model = (f"{name}: " if name else "") + (f"llama D={c.hidden_size} L={c.num_layers} H={c.num_heads}/"
+                                            f"{c.num_kv_heads} F={c.intermediate_size} V={c.vocab_size}")
+    tgt = target(f"train step MFU, {model}, {dtype}", f"{mfu:.1%}", f">= {MFU_TARGET:.0%}", mfu >= MFU_TARGET)
+    result = {"device": device_name(), "backend": jax.default_backend(), "dtype": dtype, "params": c.param_count(),
+              "peak_tflops": peak / 1e12, "step": step, "mfu": mfu, "finetune": ft, "model": model,
+              "batch": f"{args.batch} x {args.seq}", "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+              "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "targets": [tgt]}
     print(json.dumps(result, indent=2))
+    update_results(args.json, "train", result)
     if not args.no_write:
-        body = f"""## Training (`scripts/bench_train.py`)
-
-Fine-tuning throughput of `sparcom_jax.train` on {result['device']} ({result['date']}, jax {result['jax']}).
-Model: {result['model']} ({result['params'] / 1e6:.2f} M parameters), compute {dtype}, float32 master weights,
+        ft_rows = "" if ft is None else (
+            f"| `finetune` on the shipped records, steps that did not compile | {ft['tokens_per_s']:,.0f} real "
+            f"tokens/s ({ft['padding']:.0%} of slots are padding, {ft['shapes']} bucket shapes) |\n"
+            f"| `finetune` wall clock, {ft['steps']} steps incl. compiles, evals, checkpoints | "
+            f"{ft['all_tokens_per_s']:,.0f} real tokens/s ({ft['wall_s']:.0f} s) |\n")
+        body = f"""{stamp()}.
+Model: {model} ({result['params'] / 1e6:,.2f} M parameters), compute {dtype}, float32 master weights,
 AdamW; batch {result['batch']} tokens, one device.
 
 | measurement | value |
 |---|---|
 | train step, full-length sequences | {step['tokens_per_s']:,.0f} tokens/s ({step['step_s'] * 1e3:.0f} ms/step, first step incl. compile {step['compile_s']:.1f} s) |
-| model FLOPs per token (6N + 12·L·T·H·Dh) | {fpt / 1e6:.1f} MFLOP |
+| model FLOPs per token (6N + 12·L·T·H·Dh) | {fpt / 1e6:,.1f} MFLOP |
 | measured peak ({dtype} matmul) | {peak / 1e9:,.1f} GFLOP/s |
-| **MFU** (model FLOP/s ÷ measured peak) | **{mfu:.1%}** |
-| `finetune` on the shipped records, steps that did not compile | {ft['tokens_per_s']:,.0f} real tokens/s ({ft['padding']:.0%} of slots are padding, {ft['shapes']} bucket shapes) |
-| `finetune` wall clock, {ft['steps']} steps incl. compiles, evals, checkpoints | {ft['all_tokens_per_s']:,.0f} real tokens/s ({ft['wall_s']:.0f} s) |
-
-{_load_note(result)}Re-run with `python scripts/bench_train.py` (options: `--hidden --layers --batch --seq --dtype`); on a GPU the
-default compute dtype is bfloat16 and the peak is a bfloat16 matmul. MFU here is relative to the matmul rate this
-machine reaches, so it measures overheads (attention, norms, optimizer, dispatch), not the hardware's datasheet.
+| **MFU** (model FLOP/s ÷ measured peak) | **{mfu:.1%}** (target >= {MFU_TARGET:.0%} for the 1B shape in bfloat16 on an accelerator: **{met_word(tgt['met'])}**) |
+{ft_rows}
+{_load_note(result)}Re-run with `python scripts/bench_train.py` (options: `--shape --hidden --layers --batch --seq --dtype`); on a
+GPU the default compute dtype is bfloat16 and the peak is a bfloat16 matmul. MFU here is relative to the matmul rate
+this machine reaches, so it measures overheads (attention, norms, optimizer, dispatch), not the hardware's datasheet.
 """
-        write_section(Path(args.out), body)
+        replace_section(Path(args.out), f"train:{result['device']}", body,
+                        title=f"Training (`scripts/bench_train.py`) — {result['device']}")
         print(f"wrote the train section of {args.out}", file=sys.stderr)
     return result
 

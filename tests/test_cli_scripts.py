@@ -82,3 +82,94 @@ def test_gpu_single_dry_run_installs_cuda_checks_plans_and_runs(tmp_path):
 def test_scripts_have_help(script):
     r = bash(script, "--help")
     assert r.returncode == 0 and "Usage:" in r.stdout and "Example:" in r.stdout and "--dry-run" in r.stdout
+
+
+GPU_STEPS = ["1", "2", "3", "4a", "4b", "5", "6", "7", "8"]
+
+
+def gpu_check(out, timeout: int, **env_extra) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = dict(os.environ, PYTHON=sys.executable, **env_extra)
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run", str(out)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def section(doc: str, key: str) -> str:
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    assert start in doc and end in doc, f"section {key!r} was not written"
+    return doc[doc.index(start):doc.index(end)]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_and_writes_every_table(tmp_path):
+    import json
+    import sys
+
+    docs = SCRIPTS.parent / "docs" / "benchmarks.md"
+    before = docs.read_bytes()
+    out = tmp_path / "out"
+    r = gpu_check(out, 900, GPU_CHECK_WORK=str(tmp_path / "work"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert docs.read_bytes() == before  # the run writes a copy under OUT only
+    # What comes back from the device machine: at most 8 plain files, none in sub-folders.
+    assert sorted(p.name for p in out.iterdir()) == ["bench.log", "benchmarks.md", "env.txt", "results.json",
+                                                     "summary.md", "tests.log"]
+    res = json.loads((out / "results.json").read_text())
+    assert {s["n"]: s["status"] for s in res["steps"]} == {n: "ok" for n in GPU_STEPS}
+    assert res["tests"]["passed"] == 1 and res["tests"]["failed"] == 0 and res["tests"]["not_run"] == 0
+    m = res["env"]["machine"]
+    doc = (out / "benchmarks.md").read_text()
+    assert section(doc, "collect:NVIDIA H200 (gpu)") in before.decode()  # earlier tables are kept
+    summary = section(doc, f"gpu-check:{m}")
+    assert all(f"| {n}. " in summary for n in GPU_STEPS) and "DRY RUN" in summary
+    dense = section(doc, f"gpu-dense:{m}")
+    row = next(ln for ln in dense.splitlines() if ln.startswith("| Llama 1B (16L"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "default" and cells[3].replace(",", "").isdigit()  # tok/s measured
+    assert "x)" in cells[6] and "x)" in cells[7]  # speed-ups vs transformers plain and + hooks
+    olmoe = section(doc, f"gpu-moe-olmoe:{m}")
+    assert sum(ln.startswith("| OLMoE shape") for ln in olmoe.splitlines()) == 3  # auto, capacity, tokamax
+    assert "| capacity | " in olmoe
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_common import moe_strategies
+
+    if "tokamax" not in moe_strategies():  # a strategy this version lacks is a row that says so
+        assert "| tokamax | not available in this version |" in olmoe
+    assert "| Mixtral shape, 4 layers" in section(doc, f"gpu-moe-mixtral:{m}")
+    startup = section(doc, f"startup:{m}")
+    assert "| Llama 1B (16L" in startup and "warm second process to its first counted batch" in startup
+    full = section(doc, f"mixtral-full:{m}")
+    assert "| Mixtral-8x7B (32L" in full and "| yes |" in full  # every token and routed assignment counted
+    assert "step 2's tests" in full
+    assert "**MFU**" in section(doc, f"train:{m}")
+    prec = section(doc, f"precision:{m}")
+    assert "| Llama 1B (16L, D2048, F5632, GQA 16/4) [tiny: 2L, D64] | bfloat16 | " in prec
+    assert "| OLMoE shape, 4 layers (D2048, 64 x 1024, top-8, MHA 16/16) [tiny: 2L, D64] | bfloat16 | " in prec
+    assert "ISE" in prec and "expert neurons" in prec
+    # The summary printed last names every target with its verdict.
+    assert "| target | measured | goal | result |" in r.stdout and "(dry run)**" in r.stdout
+    assert not (tmp_path / "work").joinpath("site").exists()  # no wheels installed in a dry run
+
+
+def test_gpu_check_skips_every_step_when_no_budget_is_left(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    r = gpu_check(out, 120, TOTAL_BUDGET="5", MIN_STEP="5")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    statuses = {s["n"]: s["status"] for s in res["steps"]}
+    assert sorted(statuses) == GPU_STEPS and all(s.startswith("skipped") for s in statuses.values())
+    doc = (out / "benchmarks.md").read_text()
+    assert "<!-- gpu-dense:" not in doc and "(no benchmark finished)" in (out / "summary.md").read_text()
+
+
+def test_gpu_check_help_and_bad_arguments():
+    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Usage:" in r.stdout and "Example:" in r.stdout and "--dry-run" in r.stdout
+    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "a", "b"], capture_output=True, text=True)
+    assert r.returncode == 2 and "one OUT_DIR only" in r.stderr
