@@ -38,8 +38,9 @@ from sparcom_jax.models.params import HFLayout, ParamDecl, create, linear
 
 
 def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None):
-    """Top-k routing: (weights [X, k] float32, experts [X, k] int32).
+    """Top-k routing: (weights [X, k] float32, experts [X, k] int32, probs [X, k] float32).
 
+    `probs` are the chosen experts' softmax probabilities before any renormalisation.
     `drop_E` (bool [E], True = removed) takes experts out of the softmax, so the
     remaining experts are renormalised as the router would over a smaller pool.
     """
@@ -47,10 +48,9 @@ def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None):
     if drop_E is not None:
         logits = jnp.where(drop_E[None, :], -jnp.inf, logits)
     probs = jax.nn.softmax(logits, axis=-1)
-    w, idx = jax.lax.top_k(probs, k)
-    if norm_topk_prob:
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
-    return w, idx.astype(jnp.int32)
+    p, idx = jax.lax.top_k(probs, k)
+    w = p / jnp.sum(p, axis=-1, keepdims=True) if norm_topk_prob else p
+    return w, idx.astype(jnp.int32), p
 
 
 def group_layout(e_sorted_M, group_sizes_E, tile: int):
@@ -267,7 +267,7 @@ class MoEFFN(nnx.Module):
         y_buf, a_buf = loop(True)() if out_needed is None else jax.lax.cond(out_needed, loop(True), loop(False))
         return y_buf[pos], a_buf[pos] if counting else None
 
-    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None):
+    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None, sums: bool = False):
         """Returns (out [B, T, D], stats dict or None).
 
         Args:
@@ -278,10 +278,14 @@ class MoEFFN(nnx.Module):
             float [E, G], "neuron_keep" float [F] (shared expert).
           out_needed: traced bool (None means True): False lets "looped" skip the up
             and down products (counts-only last layer; other strategies compute them).
+          sums: also return the activation and router-probability sums.
 
         Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
         int32 [B, E, G], "nonfinite" bool [B] (a non-finite expert activation on a real
-        token) and, with a shared expert, its `neuron_stats`.
+        token) and, with a shared expert, its `neuron_stats`; with `sums` also
+        "expert_weight_sum" float32 [B, E] (router probabilities, before any
+        renormalisation, over counted routed tokens) and "expert_neuron_act_sum"
+        float32 [B, E, G] (A over counted routed tokens where A > 0).
         """
         ablate = ablate or {}
         dt = self.dtype
@@ -291,7 +295,7 @@ class MoEFFN(nnx.Module):
         impl = self.dispatch.moe_counting if counting else self.dispatch.moe_forward
         x_XD = x_BTD.reshape(B * T, D)
         logits_XE = jnp.matmul(x_XD, self.router[...].astype(dt), precision=self.precision)
-        w_Xk, e_Xk = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"))
+        w_Xk, e_Xk, p_Xk = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"))
 
         # Sort assignments by (expert, sequence): contiguous expert groups, and sorted segment
         # ids (expert * B + sequence) for the counts. "looped" also moves padding tokens past
@@ -323,6 +327,9 @@ class MoEFFN(nnx.Module):
             onehot_XkE = jax.nn.one_hot(e_Xk, E, dtype=jnp.int32) * cm_X[:, None, None]
             stats["expert_routed"] = onehot_XkE.sum(1).reshape(B, T, E).sum(1)
             stats["expert_neuron_active"] = reduce(active_MG)
+            if sums:
+                stats["expert_weight_sum"] = (onehot_XkE * p_Xk[..., None]).sum(1).reshape(B, T, E).sum(1)
+                stats["expert_neuron_act_sum"] = reduce(jnp.where(active_MG, a_MG, 0).astype(jnp.float32))
             bad_M = jnp.any(~jnp.isfinite(a_MG), axis=-1)[inv] & real_M
             stats["nonfinite"] = jnp.any(bad_M.reshape(B, T * k), axis=1)
         y_XkD = y_MD[inv].reshape(B * T, k, D)
@@ -330,7 +337,8 @@ class MoEFFN(nnx.Module):
         out_BTD = out_XD.astype(dt).reshape(B, T, D)
 
         if self.has_shared:
-            sh, sh_stats = self.shared_expert(x_BTD, valid_BT, count_mask_BT, ablate.get("neuron_keep"), out_needed)
+            sh, sh_stats = self.shared_expert(x_BTD, valid_BT, count_mask_BT, ablate.get("neuron_keep"), out_needed,
+                                              sums)
             g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(dt),
                                           precision=self.precision))
             out_BTD = out_BTD + g * sh
