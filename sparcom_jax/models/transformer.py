@@ -161,8 +161,10 @@ class CausalLM(nnx.Module):
           count_mask: bool [B, T] tokens to count (already restricted to real tokens
             by the caller or here); None switches counting off.
           ablate: optional dict of arrays with a leading L axis: "neuron_keep" [L, F]
-            (dense FFN or shared expert), "expert_drop" bool [L, E],
-            "expert_neuron_keep" [L, E, G].
+            (dense FFN or shared expert), "expert_drop" bool [L, E] with
+            "expert_drop_pre" bool [L] (see `sparcom_jax.models.moe.route`),
+            "expert_neuron_keep" [L, E, G]. Dropping experts adds "dropped_mass"
+            float32 [B, L, T] to the stats.
           with_logits: skip the LM head when only counts are wanted.
           with_hidden: False (with `with_logits=False`) when only the counts are
             wanted: `hidden` is then None and, where `Dispatch.skip_dead_ffn` (CPU), the
