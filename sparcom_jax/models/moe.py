@@ -173,7 +173,7 @@ class MoEFFN(nnx.Module):
         return y_MD, a_MG if counting else None
 
     def _capacity(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
-        """GPU: one batched matmul over an [E, C, D] buffer; `ragged_dot` past the largest capacity.
+        """GPU: batched matmuls over an [E, C, D] buffer (ragged_dot ran 2.5x slower on an H200).
 
         Expert e's rows (contiguous after the sort) fill the first group_size[e] slots
         of its C-row slab (plain batched matmuls, what GPUs do best). C is chosen at run
@@ -206,7 +206,7 @@ class MoEFFN(nnx.Module):
         return jax.lax.switch(branch, [with_capacity(C) for C in caps] + [ragged], xs_MD)
 
     def _tiled(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
-        """CPU training: a differentiable scan over fixed-size tiles, each holding rows of one expert.
+        """CPU training: a differentiable scan over expert-pure tiles (ragged_dot is dense on CPU).
 
         Each group is padded to a multiple of the tile size `tb` (a power of two near
         the mean group, at most `scan_tile`), so the buffer has a static bound of
@@ -232,7 +232,7 @@ class MoEFFN(nnx.Module):
         return y.reshape(n_tiles * tb, D)[pos], a.reshape(n_tiles * tb, -1)[pos] if counting else None
 
     def _looped(self, xs_MD, e_sorted, group_sizes, keep_EG, counting, real_M, out_needed):
-        """CPU counting: a loop over experts, and inside it over that expert's tiles.
+        """CPU counting: a loop over experts and their tiles (fastest on CPU; no gradient).
 
         Each expert's weights are sliced once, and its group runs as full tiles of
         `loop_tile` rows followed by tail tiles of `loop_tail` rows. With `out_needed`

@@ -39,7 +39,6 @@ def resolve_dtype(dtype) -> Any:
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    PARAMS: dict = {}
     CHILDREN = {"input_norm": ("input_layernorm", RMSNorm), "attn": ("self_attn", Attention),
                 "post_attn_norm": ("post_attention_layernorm", RMSNorm), "ffn": ("mlp", GatedFFN, MoEFFN)}
 
