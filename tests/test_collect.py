@@ -346,3 +346,29 @@ def test_a_nan_weight_stops_collection_naming_the_layer(variant, param, where, l
         with pytest.raises(ValueError, match=rf"{hf_checkpoint(variant)}: non-finite activations .* in layer {layer} "):
             sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=tmp_path / impl, chunk_rows=2)
         assert json.loads((tmp_path / impl / "progress.json").read_text())["done_chunks"] == 0
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_moe", "mixtral"])
+def test_activation_sums_match_pytorch_hooks(variant, hf_checkpoint, tmp_path):
+    """sums=True: A summed over counted tokens where A > 0 (neurons, expert neurons) and the
+    router's softmax probability (before renormalisation) over counted routed tokens."""
+    seqs, scopes = make_inputs()
+    ref = torch_counts(make_torch_model(variant), seqs, scopes, sums=True)
+    model = sj.load_model(hf_checkpoint(variant))
+    ours = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False, sums=True)
+    stored = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False, sums=True, out=tmp_path / "s",
+                               chunk_rows=4)
+    assert_counts_equal(ours, ref)
+    names = set(sj.Counts.SUM_FIELDS.values())
+    assert set(ours.sums()) == {k for k in names if ref[k] is not None}
+    for field, arr in ours.sums().items():
+        assert arr.dtype == np.float32 and stored.sums()[field].dtype == np.float32
+        # other chunks give other batch shapes: float sums equal up to rounding
+        np.testing.assert_allclose(stored.sums()[field][:], arr, rtol=1e-5, atol=1e-6)
+        want = ref[field]
+        assert np.abs(want).max() > 0.1, f"{field}: nothing summed; the test would prove nothing"
+        np.testing.assert_allclose(arr, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=field)
+    if model.config.is_moe:  # the sums of the probabilities of one token's chosen experts are <= 1
+        assert np.all(ours.expert_weight_sum.sum(-1) <= ours.tokens[:, None] + 1e-4)
+    plain = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False)
+    assert plain.sums() == {}

@@ -101,3 +101,103 @@ def test_fixed_buckets_do_not_change_the_losses(hf_checkpoint):
         assert set(a) == set(b) and len(a) == 3
         for c in a:
             assert b[c] == pytest.approx(a[c], rel=1e-5)
+
+
+def _np_route(logits, k, norm, drop, pre):
+    """Routing with experts removed, written out in numpy (float64)."""
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    full = softmax(logits)
+    probs = softmax(np.where(drop, -np.inf, logits)) if pre else np.where(drop, 0.0, full)
+    idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    p = np.take_along_axis(probs, idx, -1)
+    w = p / p.sum(-1, keepdims=True) if norm else p
+    return w, idx, p, full[:, drop].sum(-1)
+
+
+def test_routing_with_removed_experts_matches_numpy():
+    from sparcom_jax.models.moe import route
+
+    logits = np.array([[2.0, 1.0, 0.5, -1.0], [0.1, 3.0, 0.2, 0.3], [-0.5, 0.0, 2.5, 1.5]], np.float32)
+    drop = np.array([False, True, False, False])
+    got = {}
+    for norm in (False, True):
+        for pre in (False, True):
+            w, idx, p, dropped = (np.asarray(a) for a in route(logits, 2, norm, drop, np.bool_(pre)))
+            ww, ii, pp, dd = _np_route(logits.astype(np.float64), 2, norm, drop, pre)
+            np.testing.assert_array_equal(idx, ii)
+            np.testing.assert_allclose(w, ww, rtol=1e-6)
+            np.testing.assert_allclose(p, pp, rtol=1e-6)
+            np.testing.assert_allclose(dropped, dd, rtol=1e-6)
+            got[norm, pre] = w
+    # Post-softmax without renormalisation: token 2 never used expert 1, so keeps its weights.
+    plain = np.asarray(route(logits, 2, False)[0])
+    np.testing.assert_allclose(got[False, False][2], plain[2], rtol=1e-6)
+    assert not np.allclose(got[False, True][2], plain[2])  # pre-softmax rescales it
+    # With the model's own renormalisation the two variants coincide.
+    np.testing.assert_allclose(got[True, False], got[True, True], rtol=1e-6)
+    assert np.asarray(route(logits, 2, False, drop)[3]).min() > 0.01  # the default is post
+
+
+@pytest.mark.parametrize("mode", ["post", "pre"])
+def test_expert_ablation_modes_and_dropped_mass_match_hooked_transformers(mode, hf_checkpoint):
+    """qwen2_moe with norm_topk_prob=False, where the two modes differ."""
+    enc = encoded_set()
+    ours = CategoryLoss(sj.load_model(hf_checkpoint("qwen2_moe")), enc, kind="experts", batch_size=4,
+                        expert_mode=mode)
+    tm = make_torch_model("qwen2_moe")
+    drop = np.zeros((2, 4), bool)
+    drop[0, 1] = drop[1, 3] = drop[1, 0] = True
+    masses = []
+
+    def reroute(l):
+        def fn(module, inputs, output):
+            full = torch.softmax(output[0].float(), dim=-1)
+            masses.append((l, full[:, torch.tensor(drop[l])].sum(-1)))
+            if mode == "pre":
+                logits = output[0].clone()
+                logits[:, torch.tensor(drop[l])] = -torch.inf
+                probs = torch.softmax(logits.float(), dim=-1)
+            else:
+                probs = full.clone()
+                probs[:, torch.tensor(drop[l])] = 0.0
+            w, idx = torch.topk(probs, module.top_k, dim=-1)  # norm_topk_prob=False: no renormalisation
+            return output[0], w.to(output[1].dtype), idx
+        return fn
+
+    for l, layer in enumerate(tm.model.layers):
+        layer.mlp.gate.register_forward_hook(reroute(l))
+    mass, n_mass = 0.0, 0
+    sums, counts = {}, {}
+    with torch.no_grad():
+        for ids, sc, c in zip(enc.ids, enc.scopes, enc.categories):
+            masses.clear()
+            logits = tm(torch.tensor(ids[None].astype(np.int64))).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:].astype(np.int64)), reduction="none")
+            tgt = torch.tensor(sc[1:])
+            sums[c] = sums.get(c, 0.0) + float(nll[tgt].sum())
+            counts[c] = counts.get(c, 0) + int(tgt.sum())
+            mass += float(sum(m[:-1][tgt].sum() for _, m in masses))  # positions whose next token is a target
+            n_mass += int(tgt.sum()) * len(masses)
+    got = ours(drop)
+    for c in sums:
+        assert got[c] == pytest.approx(sums[c] / counts[c], rel=1e-5)
+    assert ours.last_dropped_mass == pytest.approx(mass / n_mass, rel=1e-5)
+    assert 0.05 < ours.last_dropped_mass < 0.95
+    base = ours(None)
+    assert ours.last_dropped_mass is None
+    assert any(abs(got[c] - base[c]) > 1e-4 for c in got)
+
+
+def test_pre_and_post_expert_ablation_differ_without_renormalisation(hf_checkpoint):
+    enc = encoded_set()
+    model = sj.load_model(hf_checkpoint("qwen2_moe"))
+    drop = np.zeros((2, 4), bool)
+    drop[0, 2] = True
+    post = CategoryLoss(model, enc, kind="experts", batch_size=4)(drop)
+    pre = CategoryLoss(model, enc, kind="experts", batch_size=4, expert_mode="pre")(drop)
+    assert any(abs(post[c] - pre[c]) > 1e-4 for c in post)
+    with pytest.raises(ValueError, match="expert_mode 'mid'"):
+        CategoryLoss(model, enc, kind="experts", expert_mode="mid")

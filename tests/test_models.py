@@ -460,3 +460,21 @@ def test_capacity_path_gradients_match_the_tile_scan(factors, hf_checkpoint):
     assert len(flat_t) == len(flat_c)
     for a, b in zip(flat_t, flat_c):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_truncated_safetensors_file_is_named_with_the_fix(sharded, hf_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    if sharded:  # with an index, the files are opened only when read
+        AutoModelForCausalLM.from_pretrained(str(hf_checkpoint("llama"))).save_pretrained(
+            str(tmp_path / "ck"), max_shard_size="20KB")
+        d = tmp_path / "ck"
+    else:
+        d = _copy(hf_checkpoint("llama"), tmp_path / "ck")
+    victim = sorted(d.glob("*.safetensors"))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{victim}: not a readable safetensors file .*truncated or "
+                                              r"corrupted.*Download it again, or re-save"):
+        sj.load_model(d)

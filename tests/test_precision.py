@@ -22,7 +22,7 @@ from hf_fixtures import COMMON, VARIANTS
 import sparcom_jax as sj
 from sparcom_jax.models.dispatch import Dispatch
 from sparcom_jax.models.layers import attend, attention_bias
-from sparcom_jax.stats.collect import _count_step
+from sparcom_jax.stats.collect import _count_step, _count_sums_step
 from sparcom_jax.stats.losses import _loss_step, ablation_arrays
 
 PRODUCTS = ("dot_general", "ragged_dot_general")
@@ -58,10 +58,10 @@ def assert_all(closed, want, min_count=1) -> collections.Counter:
     return collections.Counter(name for _, _, inside in found for name in inside)
 
 
-def _model(variant, impl="auto", dtype="float32"):
+def _model(variant, impl="auto", dtype="float32", backend="cpu"):
     mt, extra = VARIANTS[variant]
     cfg = sj.ModelConfig.from_hf_config(dict(model_type=mt, **COMMON, **extra))
-    return sj.init_model(cfg, dtype=dtype, moe_impl=Dispatch.choose(impl, backend="cpu"))
+    return sj.init_model(cfg, dtype=dtype, moe_impl=Dispatch.choose(impl, backend=backend))
 
 
 def _batch(B=2, T=11):
@@ -78,10 +78,13 @@ def test_direct_attention_call_is_full_precision():
     assert_all(closed, HIGHEST, min_count=8)  # 4 query blocks x 2 products
 
 
-@pytest.mark.parametrize("variant, impl", [("llama", "auto"), ("qwen2_moe", "ragged"), ("qwen2_moe", "capacity"),
-                                           ("qwen2_moe", "tiled"), ("qwen2_moe", "looped"), ("mixtral", "auto")])
-def test_forward_and_counting_carry_highest_precision(variant, impl):
-    model = _model(variant, impl)
+@pytest.mark.parametrize("variant, impl, backend", [
+    ("llama", "auto", "cpu"), ("qwen2_moe", "ragged", "cpu"), ("qwen2_moe", "capacity", "cpu"),
+    ("qwen2_moe", "tiled", "cpu"), ("qwen2_moe", "looped", "cpu"), ("mixtral", "auto", "cpu"),
+    ("qwen2_moe", "auto", "gpu"),  # traced here with the accelerators' one-hot matmul count reducer
+])
+def test_forward_and_counting_carry_highest_precision(variant, impl, backend):
+    model = _model(variant, impl, backend=backend)
     graphdef, state = nnx.split(model)
     ids, valid = _batch()
 
@@ -90,7 +93,7 @@ def test_forward_and_counting_carry_highest_precision(variant, impl):
 
     inside = assert_all(jax.make_jaxpr(logits)(state), HIGHEST, min_count=10)
     assert inside["scan"] > 0  # the layer scan was walked into
-    count = jax.make_jaxpr(lambda s: _count_step(graphdef, s, ids, valid, valid))(state)
+    count = jax.make_jaxpr(lambda s: _count_sums_step(graphdef, s, ids, valid, valid))(state)
     inside = assert_all(count, HIGHEST, min_count=8)
     if impl == "looped":
         assert inside["while"] > 0  # the expert loop's products were seen

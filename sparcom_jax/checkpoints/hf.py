@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from sparcom_jax.models.config import FAMILIES, ModelConfig
 from sparcom_jax.models.params import Entry, HFLayout, entries
@@ -46,6 +46,15 @@ class CheckpointError(ValueError):
 def _norm(idx: tuple, shape: tuple) -> tuple[slice, ...]:
     idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
     return tuple(slice(*s.indices(n)) for s, n in zip(idx, shape))
+
+
+def _open(p: Path):
+    try:
+        return safe_open(p, framework="np")
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{p}: not a readable safetensors file ({e}); it is truncated or corrupted (an interrupted "
+            "download or copy?). Download it again, or re-save the checkpoint from an intact copy") from None
 
 
 class TensorReader:
@@ -73,7 +82,7 @@ class TensorReader:
                 self.where[name] = p
         else:
             for p in files:
-                with safe_open(p, framework="np") as f:
+                with _open(p) as f:
                     for name in f.keys():
                         self.where[name] = p
         self._handles: dict[Path, object] = {}
@@ -81,7 +90,7 @@ class TensorReader:
 
     def _handle(self, p: Path):
         if p not in self._handles:
-            self._handles[p] = safe_open(p, framework="np")
+            self._handles[p] = _open(p)
         return self._handles[p]
 
     def has(self, name: str) -> bool:

@@ -150,26 +150,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def param_count(self) -> int:
-        """Number of parameters, computed from the config alone."""
-        D, L = self.hidden_size, self.num_layers
-        attn = D * self.q_width + 2 * D * self.kv_width + self.q_width * D
-        if self.attention_bias:
-            attn += self.q_width + 2 * self.kv_width
-        if self.attention_out_bias:
-            attn += D
-        if self.qk_norm == "head":
-            attn += 2 * self.head_dim
-        elif self.qk_norm == "full":
-            attn += self.q_width + self.kv_width
-        if self.is_moe:
-            ffn = D * self.num_experts + self.num_experts * 3 * D * self.moe_intermediate_size
-            if self.has_shared_expert:
-                ffn += 3 * D * self.shared_expert_intermediate_size + D
-        else:
-            ffn = 3 * D * self.intermediate_size
-        per_layer = attn + ffn + 2 * D
-        head = 0 if self.tie_word_embeddings else self.vocab_size * D
-        return self.vocab_size * D + L * per_layer + D + head
+        """Number of parameters, from the declared shapes (an abstract model: no memory, no compute)."""
+        from sparcom_jax.models.transformer import abstract_model, param_count
+
+        return param_count(abstract_model(self))
 
     def validate(self) -> "ModelConfig":
         def need(cond: bool, msg: str):

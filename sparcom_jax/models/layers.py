@@ -229,15 +229,20 @@ class Attention(nnx.Module):
         return y_BTD + self.o_bias[...].astype(dt) if self.has_out_bias else y_BTD
 
 
-def neuron_stats(a_BTF, valid_BT, count_mask_BT) -> dict:
+def neuron_stats(a_BTF, valid_BT, count_mask_BT, sums: bool = False) -> dict:
     """Per-sequence statistics of FFN neurons from their activations A [B, T, F].
 
     "neuron_active" int32 [B, F]: counted tokens with A > 0; "nonfinite" bool [B]: a
-    non-finite A on a real token (NaN is never > 0, so it would silently count as off).
+    non-finite A on a real token (NaN is never > 0, so it would silently count as off);
+    with `sums`, "neuron_act_sum" float32 [B, F]: the sum of A over the counted tokens
+    where A > 0.
     """
     active = (a_BTF > 0) & count_mask_BT[..., None]
-    return {"neuron_active": jnp.sum(active, axis=1, dtype=jnp.int32),
-            "nonfinite": nonfinite_rows(a_BTF, valid_BT)}
+    stats = {"neuron_active": jnp.sum(active, axis=1, dtype=jnp.int32),
+             "nonfinite": nonfinite_rows(a_BTF, valid_BT)}
+    if sums:
+        stats["neuron_act_sum"] = jnp.sum(jnp.where(active, a_BTF, 0), axis=1, dtype=jnp.float32)
+    return stats
 
 
 def nonfinite_rows(x_BT_, valid_BT):
@@ -262,7 +267,7 @@ class GatedFFN(nnx.Module):
         self.dtype = dtype
         self.precision = precision_of(dtype)
 
-    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, keep_F=None, out_needed=None):
+    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, keep_F=None, out_needed=None, sums: bool = False):
         """Returns (out [B, T, D], `neuron_stats` when `count_mask_BT` is given, else None).
 
         `keep_F` (float, 1 keep / 0 off) forces switched-off neurons' activation to 0.
@@ -281,5 +286,5 @@ class GatedFFN(nnx.Module):
             return body
 
         y_BTD, a_BTF = run(True)() if out_needed is None else jax.lax.cond(out_needed, run(True), run(False))
-        stats = None if count_mask_BT is None else neuron_stats(a_BTF, valid_BT, count_mask_BT)
+        stats = None if count_mask_BT is None else neuron_stats(a_BTF, valid_BT, count_mask_BT, sums)
         return y_BTD, stats

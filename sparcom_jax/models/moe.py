@@ -37,20 +37,37 @@ from sparcom_jax.models.layers import GatedFFN, activation, expert_mlp, precisio
 from sparcom_jax.models.params import HFLayout, ParamDecl, create, linear
 
 
-def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None):
-    """Top-k routing: (weights [X, k] float32, experts [X, k] int32).
+def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None, drop_pre=None):
+    """Top-k routing, optionally with experts removed.
 
-    `drop_E` (bool [E], True = removed) takes experts out of the softmax, so the
-    remaining experts are renormalised as the router would over a smaller pool.
+    Args:
+      logits_XE: router logits.
+      k: experts per token.
+      norm_topk_prob: renormalise the chosen k weights to sum to 1 (the model's own rule).
+      drop_E: bool [E], True = expert removed (ablation), or None.
+      drop_pre: bool scalar (may be traced). False or None (default, post-softmax): the
+        removed experts' probabilities are zeroed and the top-k taken from the rest,
+        with no renormalisation beyond `norm_topk_prob`, so tokens that did not use a
+        removed expert keep their weights. True (pre-softmax): the removed experts
+        leave the softmax, which renormalises every token's weights over the smaller
+        pool. With `norm_topk_prob` the two coincide.
+
+    Returns:
+      weights [X, k] float32, experts [X, k] int32, probs [X, k] float32 (the softmax
+      probability of each chosen expert, before any renormalisation) and dropped [X]
+      float32 (the softmax mass the removed experts had; zeros without `drop_E`).
     """
     logits = logits_XE.astype(jnp.float32)
-    if drop_E is not None:
-        logits = jnp.where(drop_E[None, :], -jnp.inf, logits)
     probs = jax.nn.softmax(logits, axis=-1)
-    w, idx = jax.lax.top_k(probs, k)
-    if norm_topk_prob:
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
-    return w, idx.astype(jnp.int32)
+    dropped = jnp.zeros(probs.shape[:1], jnp.float32)
+    if drop_E is not None:
+        dropped = jnp.sum(jnp.where(drop_E, probs, 0.0), axis=-1)
+        if drop_pre is not None:
+            probs = jnp.where(drop_pre, jax.nn.softmax(jnp.where(drop_E, -jnp.inf, logits), axis=-1), probs)
+        probs = jnp.where(drop_E, 0.0, probs)
+    p, idx = jax.lax.top_k(probs, k)
+    w = p / jnp.sum(p, axis=-1, keepdims=True) if norm_topk_prob else p
+    return w, idx.astype(jnp.int32), p, dropped
 
 
 def group_layout(e_sorted_M, group_sizes_E, tile: int):
@@ -156,7 +173,7 @@ class MoEFFN(nnx.Module):
         return y_MD, a_MG if counting else None
 
     def _capacity(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
-        """GPU: one batched matmul over an [E, C, D] buffer; `ragged_dot` past the largest capacity.
+        """GPU: batched matmuls over an [E, C, D] buffer (ragged_dot ran 2.5x slower on an H200).
 
         Expert e's rows (contiguous after the sort) fill the first group_size[e] slots
         of its C-row slab (plain batched matmuls, what GPUs do best). C is chosen at run
@@ -189,7 +206,7 @@ class MoEFFN(nnx.Module):
         return jax.lax.switch(branch, [with_capacity(C) for C in caps] + [ragged], xs_MD)
 
     def _tiled(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
-        """CPU training: a differentiable scan over fixed-size tiles, each holding rows of one expert.
+        """CPU training: a differentiable scan over expert-pure tiles (ragged_dot is dense on CPU).
 
         Each group is padded to a multiple of the tile size `tb` (a power of two near
         the mean group, at most `scan_tile`), so the buffer has a static bound of
@@ -215,7 +232,7 @@ class MoEFFN(nnx.Module):
         return y.reshape(n_tiles * tb, D)[pos], a.reshape(n_tiles * tb, -1)[pos] if counting else None
 
     def _looped(self, xs_MD, e_sorted, group_sizes, keep_EG, counting, real_M, out_needed):
-        """CPU counting: a loop over experts, and inside it over that expert's tiles.
+        """CPU counting: a loop over experts and their tiles (fastest on CPU; no gradient).
 
         Each expert's weights are sliced once, and its group runs as full tiles of
         `loop_tile` rows followed by tail tiles of `loop_tail` rows. With `out_needed`
@@ -267,21 +284,27 @@ class MoEFFN(nnx.Module):
         y_buf, a_buf = loop(True)() if out_needed is None else jax.lax.cond(out_needed, loop(True), loop(False))
         return y_buf[pos], a_buf[pos] if counting else None
 
-    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None):
+    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None, sums: bool = False):
         """Returns (out [B, T, D], stats dict or None).
 
         Args:
           x_BTD: FFN input (after the pre-norm).
           valid_BT: bool, real tokens.
           count_mask_BT: bool, tokens to count; None skips all counting.
-          ablate: optional dict with "expert_drop" bool [E], "expert_neuron_keep"
-            float [E, G], "neuron_keep" float [F] (shared expert).
+          ablate: optional dict with "expert_drop" bool [E] and "expert_drop_pre" bool []
+            (see `route`), "expert_neuron_keep" float [E, G], "neuron_keep" float [F]
+            (shared expert).
           out_needed: traced bool (None means True): False lets "looped" skip the up
             and down products (counts-only last layer; other strategies compute them).
+          sums: also return the activation and router-probability sums.
 
         Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
         int32 [B, E, G], "nonfinite" bool [B] (a non-finite expert activation on a real
-        token) and, with a shared expert, its `neuron_stats`.
+        token) and, with a shared expert, its `neuron_stats`; with `sums` also
+        "expert_weight_sum" float32 [B, E] (router probabilities, before any
+        renormalisation, over counted routed tokens) and "expert_neuron_act_sum"
+        float32 [B, E, G] (A over counted routed tokens where A > 0).
+        With "expert_drop": "dropped_mass" float32 [B, T], the removed experts' softmax mass.
         """
         ablate = ablate or {}
         dt = self.dtype
@@ -291,7 +314,8 @@ class MoEFFN(nnx.Module):
         impl = self.dispatch.moe_counting if counting else self.dispatch.moe_forward
         x_XD = x_BTD.reshape(B * T, D)
         logits_XE = jnp.matmul(x_XD, self.router[...].astype(dt), precision=self.precision)
-        w_Xk, e_Xk = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"))
+        w_Xk, e_Xk, p_Xk, dropped_X = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"),
+                                            ablate.get("expert_drop_pre"))
 
         # Sort assignments by (expert, sequence): contiguous expert groups, and sorted segment
         # ids (expert * B + sequence) for the counts. "looped" also moves padding tokens past
@@ -323,14 +347,20 @@ class MoEFFN(nnx.Module):
             onehot_XkE = jax.nn.one_hot(e_Xk, E, dtype=jnp.int32) * cm_X[:, None, None]
             stats["expert_routed"] = onehot_XkE.sum(1).reshape(B, T, E).sum(1)
             stats["expert_neuron_active"] = reduce(active_MG)
+            if sums:
+                stats["expert_weight_sum"] = (onehot_XkE * p_Xk[..., None]).sum(1).reshape(B, T, E).sum(1)
+                stats["expert_neuron_act_sum"] = reduce(jnp.where(active_MG, a_MG, 0).astype(jnp.float32))
             bad_M = jnp.any(~jnp.isfinite(a_MG), axis=-1)[inv] & real_M
             stats["nonfinite"] = jnp.any(bad_M.reshape(B, T * k), axis=1)
+        if "expert_drop" in ablate:
+            stats["dropped_mass"] = dropped_X.reshape(B, T)
         y_XkD = y_MD[inv].reshape(B * T, k, D)
         out_XD = jnp.einsum("XkD,Xk->XD", y_XkD.astype(jnp.float32), w_Xk, precision=self.precision)
         out_BTD = out_XD.astype(dt).reshape(B, T, D)
 
         if self.has_shared:
-            sh, sh_stats = self.shared_expert(x_BTD, valid_BT, count_mask_BT, ablate.get("neuron_keep"), out_needed)
+            sh, sh_stats = self.shared_expert(x_BTD, valid_BT, count_mask_BT, ablate.get("neuron_keep"), out_needed,
+                                              sums)
             g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(dt),
                                           precision=self.precision))
             out_BTD = out_BTD + g * sh

@@ -39,7 +39,6 @@ def resolve_dtype(dtype) -> Any:
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    PARAMS: dict = {}
     CHILDREN = {"input_norm": ("input_layernorm", RMSNorm), "attn": ("self_attn", Attention),
                 "post_attn_norm": ("post_attention_layernorm", RMSNorm), "ffn": ("mlp", GatedFFN, MoEFFN)}
 
@@ -56,19 +55,19 @@ class Block(nnx.Module):
                                 param_dtype=param_dtype)
         self.is_moe = cfg.is_moe
 
-    def __call__(self, x_BTD, cos, sin, bias, valid_BT, count_mask_BT, ablate, out_needed=None):
+    def __call__(self, x_BTD, cos, sin, bias, valid_BT, count_mask_BT, ablate, out_needed=None, sums=False):
         """One block; returns (x [B, T, D], stats dict or None).
 
         `valid_BT`: real tokens (the MoE expert loop skips padding). `out_needed`
         (traced bool, or None for True): False skips the FFN's output (the up and down
-        products) when only this block's counts are wanted.
+        products) when only this block's counts are wanted. `sums`: also the activation sums.
         """
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, bias)
         h = self.post_attn_norm(x_BTD)
         if self.is_moe:
-            y, stats = self.ffn(h, valid_BT, count_mask_BT, ablate, out_needed)
+            y, stats = self.ffn(h, valid_BT, count_mask_BT, ablate, out_needed, sums)
         else:
-            y, stats = self.ffn(h, valid_BT, count_mask_BT, (ablate or {}).get("neuron_keep"), out_needed)
+            y, stats = self.ffn(h, valid_BT, count_mask_BT, (ablate or {}).get("neuron_keep"), out_needed, sums)
         x_BTD = x_BTD + y
         if count_mask_BT is not None:
             # Besides the FFN activations, the block output: a NaN from this block's
@@ -152,7 +151,7 @@ class CausalLM(nnx.Module):
         return str(self.dispatch) if self.config.is_moe else None
 
     def forward(self, input_ids, attention_mask=None, *, count_mask=None, ablate=None,
-                with_logits: bool = True, with_hidden: bool = True) -> ModelOutput:
+                with_logits: bool = True, with_hidden: bool = True, sums: bool = False) -> ModelOutput:
         """Full forward with optional in-graph counting and ablation.
 
         Args:
@@ -161,12 +160,16 @@ class CausalLM(nnx.Module):
           count_mask: bool [B, T] tokens to count (already restricted to real tokens
             by the caller or here); None switches counting off.
           ablate: optional dict of arrays with a leading L axis: "neuron_keep" [L, F]
-            (dense FFN or shared expert), "expert_drop" bool [L, E],
-            "expert_neuron_keep" [L, E, G].
+            (dense FFN or shared expert), "expert_drop" bool [L, E] with
+            "expert_drop_pre" bool [L] (see `sparcom_jax.models.moe.route`),
+            "expert_neuron_keep" [L, E, G]. Dropping experts adds "dropped_mass"
+            float32 [B, L, T] to the stats.
           with_logits: skip the LM head when only counts are wanted.
           with_hidden: False (with `with_logits=False`) when only the counts are
             wanted: `hidden` is then None and, where `Dispatch.skip_dead_ffn` (CPU), the
             last block's up and down products (which feed nothing) are skipped.
+          sums: with `count_mask`, the stats also hold the float32 sums beside the
+            counts (``neuron_act_sum``, ``expert_weight_sum``, ``expert_neuron_act_sum``).
 
         With float32 compute every product runs in full float32 on every backend, and
         bfloat16 compute keeps the backend's default (see `precision_of`).
@@ -187,7 +190,7 @@ class CausalLM(nnx.Module):
         @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None, 0 if out_needed is not None else None),
                   out_axes=(nnx.Carry, 0))
         def run(block, x, abl, need):
-            return block(x, cos, sin, bias, valid, count_mask, abl, need)
+            return block(x, cos, sin, bias, valid, count_mask, abl, need, sums)
 
         x, stats = run(self.blocks, x, ablate, out_needed)
         h = self.final_norm(x) if with_logits or with_hidden else None

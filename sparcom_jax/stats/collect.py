@@ -7,6 +7,7 @@ head is skipped. Definitions are METHOD.md's step 1.
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,8 +25,9 @@ from sparcom_jax.stats.runner import BatchRunner, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
 
 
-def count_fields(cfg) -> dict[str, tuple[int, ...]]:
-    """Per-sequence shapes of the count arrays this model produces."""
+def count_fields(cfg, sums: bool = False) -> dict[str, tuple[int, ...]]:
+    """Per-sequence shapes of the count arrays this model produces (and, with `sums`, of the
+    float sums beside them, `Counts.SUM_FIELDS`)."""
     L = cfg.num_layers
     out: dict[str, tuple[int, ...]] = {}
     if cfg.neuron_width:
@@ -33,7 +35,13 @@ def count_fields(cfg) -> dict[str, tuple[int, ...]]:
     if cfg.is_moe:
         out["expert_routed"] = (L, cfg.num_experts)
         out["expert_neuron_active"] = (L, cfg.num_experts, cfg.moe_intermediate_size)
+    if sums:
+        out.update({Counts.SUM_FIELDS[k]: shape for k, shape in out.items()})
     return out
+
+
+def _field_dtype(name: str):
+    return np.float32 if name in Counts.SUM_FIELDS.values() else np.int32
 
 
 def transfer_dtype(T: int):
@@ -41,17 +49,21 @@ def transfer_dtype(T: int):
     return jnp.uint8 if T < 2 ** 8 else jnp.uint16 if T < 2 ** 16 else jnp.int32
 
 
-def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None):
+def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None, sums: bool = False):
     model = nnx.merge(graphdef, state)
     count_BT = scope_BT & valid_BT
-    out = model.forward(ids_BT, valid_BT, count_mask=count_BT, with_logits=False, with_hidden=False)
+    out = model.forward(ids_BT, valid_BT, count_mask=count_BT, with_logits=False, with_hidden=False, sums=sums)
     stats = dict(out.stats)
-    nonfinite = stats.pop("nonfinite")
     stats["tokens"] = jnp.sum(count_BT, axis=1, dtype=jnp.int32)
     # Counts never exceed the padded length T, so they leave the device in 1 or 2 bytes
     # (a quarter or half of the int32 traffic); the host accumulates them as int32.
     dt = transfer_dtype(ids_BT.shape[1])
-    return {**{k: v.astype(dt) for k, v in stats.items()}, "nonfinite": nonfinite}
+    as_is = ("nonfinite", *Counts.SUM_FIELDS.values())
+    return {k: v if k in as_is else v.astype(dt) for k, v in stats.items()}
+
+
+# A second module-level step (not a fresh partial per call) keeps the compilation cache warm.
+_count_sums_step = functools.partial(_count_step, sums=True)
 
 
 def _check_finite(model, res: dict, idx) -> None:
@@ -117,7 +129,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                    out: str | Path | None = None, chunk_rows: int = 256, ids: Sequence[str] | None = None,
                    categories: Sequence[str] | None = None, meta: dict | None = None,
                    sources: Sequence[str] | None = None, fingerprint: dict | None = None,
-                   overwrite: bool = False, _stop_after_chunks: int | None = None) -> Counts:
+                   overwrite: bool = False, sums: bool = False, _stop_after_chunks: int | None = None) -> Counts:
     """Count, per sequence, how often each neuron is active and each expert is chosen.
 
     Args:
@@ -138,6 +150,9 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         merged over the ones computed here (model, dtype, tokens). A store is
         resumed or reused only for the same fingerprint.
       overwrite: replace a store made for other inputs instead of refusing.
+      sums: also collect, in-graph, the float32 sums beside the counts (`Counts`
+        ``neuron_act_sum``, ``expert_weight_sum``, ``expert_neuron_act_sum``): the
+        strength of a unit on the tokens where it fires, e.g. to break ties.
 
     Raises:
       ValueError: when a layer produced non-finite activations on a real token (naming
@@ -145,8 +160,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
 
     Returns:
       Counts with tokens [N], neuron_active [N, L, F] (dense FFN or shared expert),
-      expert_routed [N, L, E] and expert_neuron_active [N, L, E, G] (MoE); lazily
-      read arrays when `out` is given.
+      expert_routed [N, L, E] and expert_neuron_active [N, L, E, G] (MoE), and the
+      sums with `sums`; lazily read arrays when `out` is given.
     """
     check_batch_size(batch_size)
     ensure_compilation_cache()
@@ -157,14 +172,14 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     for name, v in (("ids", ids), ("categories", categories), ("sources", sources)):
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
-    fields = count_fields(cfg)
+    fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
     meta = dict(meta or {})
     meta.setdefault("model", getattr(model, "source_path", None))
     meta.setdefault("model_type", cfg.model_type)
     meta.setdefault("moe_dispatch", model.moe_dispatch)
 
-    runner = BatchRunner(model, _count_step, batch_size, mesh=mesh, buckets=buckets)
+    runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
     bar = _Progress(sum(len(s) for s in seqs), progress, "collect")
     if out is not None:
@@ -174,14 +189,15 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         fp = {"model": model_fingerprint(model), "dtype": jnp.dtype(model.dtype).name,
               "tokens": digest_arrays(seqs, scps), **(fingerprint or {})}
         store = CountStore(out, shapes, ids=ids, categories=categories, sources=sources, meta=meta,
-                           chunk_rows=chunk_rows, fingerprint=fp, overwrite=overwrite)
+                           chunk_rows=chunk_rows, fingerprint=fp, overwrite=overwrite,
+                           dtypes={k: _field_dtype(k) for k in shapes})
         chunk = store.chunk_rows
         start = store.done_chunks
         # Tokens of chunks already done count as progress.
         bar(sum(len(s) for s in seqs[:start * chunk]))
     else:
         chunk, start, store = max(n, 1), 0, None
-        result = {k: np.zeros(s, np.int32) for k, s in shapes.items()}
+        result = {k: np.zeros(s, _field_dtype(k)) for k, s in shapes.items()}
 
     n_chunks = -(-n // chunk) if n else 0
     pads = []
@@ -192,7 +208,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                     raise KeyboardInterrupt(f"stopped after {_stop_after_chunks} chunk(s) (test hook)")
                 lo, hi = k * chunk, min((k + 1) * chunk, n)
                 # In memory the batches land straight in the result (one chunk); a store gets chunk buffers.
-                rows = ({key: np.zeros((hi - lo,) + s[1:], np.int32) for key, s in shapes.items()}
+                rows = ({key: np.zeros((hi - lo,) + s[1:], _field_dtype(key)) for key, s in shapes.items()}
                         if store is not None else {key: result[key][lo:hi] for key in shapes})
                 # Rows are scattered into place on a writer thread (numpy copies release the GIL),
                 # so the dispatch loop gets back to the device while the host copies counts out.

@@ -3,6 +3,15 @@
 This is the model side of the causal check (METHOD.md, beyond the paper): the
 analysis' `ablation_matrix` calls `loss_fn(mask)` with a bool mask (True = off)
 and gets back the mean response-token loss of every category.
+
+Removing experts changes routing. By default (``expert_mode="post"``) the removed
+experts' probabilities are zeroed after the softmax and the top-k is taken from the
+rest, renormalised only as the model itself does (``norm_topk_prob``): tokens that
+never used a removed expert are untouched. ``"pre"`` removes them before the softmax,
+which with ``norm_topk_prob=False`` (Qwen1.5-MoE, OLMoE) rescales every token's
+weights; with ``norm_topk_prob=True`` the two coincide. The routing mass the removed
+experts had is reported (`CategoryLoss.last_dropped_mass`): a large effect from a
+small mass is specific, a large mass says the routing itself was disrupted.
 """
 
 from __future__ import annotations
@@ -17,24 +26,33 @@ from sparcom_jax.next_token import next_token_loss, target_mask
 from sparcom_jax.stats.runner import BatchRunner
 
 ABLATION_KINDS = ("neurons", "experts", "expert_neurons")
+EXPERT_MODES = ("post", "pre")
 
 
 def _loss_step(graphdef, state, ids_BT, valid_BT, target_BT, ablate=None):
     """Summed next-token loss per sequence over the tokens `target_BT` marks (on the token itself).
 
-    Returns {"loss_sum": float32 [B], "n_targets": float32 [B]} (`next_token_loss`).
+    Returns {"loss_sum": float32 [B], "n_targets": float32 [B]} (`next_token_loss`) and,
+    with experts removed, "dropped_mass_sum" float32 [B]: the removed experts' softmax
+    mass summed over layers and the scored prediction positions.
     """
-    logits_BTV = nnx.merge(graphdef, state).forward(ids_BT, valid_BT, ablate=ablate).logits
-    loss_B, n_B = next_token_loss(logits_BTV, ids_BT, target_mask(target_BT, valid_BT))
-    return {"loss_sum": loss_B, "n_targets": n_B}
+    out = nnx.merge(graphdef, state).forward(ids_BT, valid_BT, ablate=ablate)
+    targets_BT = target_mask(target_BT, valid_BT)
+    loss_B, n_B = next_token_loss(out.logits, ids_BT, targets_BT)
+    res = {"loss_sum": loss_B, "n_targets": n_B}
+    if out.stats is not None and "dropped_mass" in out.stats:
+        mass_BT = jnp.sum(out.stats["dropped_mass"], axis=1)  # [B, L, T] -> [B, T]
+        res["dropped_mass_sum"] = jnp.sum(jnp.where(targets_BT, mass_BT, 0.0), axis=1)
+    return res
 
 
-def ablation_arrays(model, mask: np.ndarray | None, kind: str) -> dict | None:
+def ablation_arrays(model, mask: np.ndarray | None, kind: str, expert_mode: str = "post") -> dict | None:
     """Turn a bool mask (True = switched off) into the forward's `ablate` arrays.
 
     kind "neurons": mask [L, F] over dense-FFN or shared-expert neurons (activation
-    forced to 0); "experts": [L, E] experts removed from routing; "expert_neurons":
-    [L, E, G] expert neurons forced to 0.
+    forced to 0); "experts": [L, E] experts removed from routing, after the softmax
+    (`expert_mode` "post", default) or before it ("pre"; see the module docstring);
+    "expert_neurons": [L, E, G] expert neurons forced to 0.
     """
     if mask is None:
         return None
@@ -45,12 +63,15 @@ def ablation_arrays(model, mask: np.ndarray | None, kind: str) -> dict | None:
                 "expert_neurons": (cfg.num_layers, cfg.num_experts, cfg.moe_intermediate_size)}
     if kind not in expected:
         raise ValueError(f"ablation kind {kind!r} is not one of {ABLATION_KINDS}")
+    if expert_mode not in EXPERT_MODES:
+        raise ValueError(f"expert_mode {expert_mode!r} is not one of {EXPERT_MODES}")
     if mask.shape != expected[kind]:
         raise ValueError(f"{kind} ablation mask has shape {mask.shape}, this model needs {expected[kind]}")
     if kind == "neurons":
         return {"neuron_keep": jnp.asarray(~mask, jnp.float32)}
     if kind == "experts":
-        return {"expert_drop": jnp.asarray(mask)}
+        return {"expert_drop": jnp.asarray(mask),
+                "expert_drop_pre": jnp.full((cfg.num_layers,), expert_mode == "pre")}
     return {"expert_neuron_keep": jnp.asarray(~mask, jnp.float32)}
 
 
@@ -68,46 +89,64 @@ class CategoryLoss:
       buckets: fixed padded lengths (one compilation each; e.g. the collection's
         `buckets`); None = the data module's default ladder. Padding is masked, so
         the losses do not depend on them.
+      expert_mode: how experts are removed, "post" (default) or "pre" softmax.
+
+    Attributes:
+      last_dropped_mass: after a call that removed experts, the softmax mass the
+        removed experts had, averaged over every target token (of all categories) and
+        the layers; None after any other call (read by `ablation_matrix`).
     """
 
     def __init__(self, model, encoded, *, kind: str = "neurons", batch_size: int = 8, mesh=None,
-                 buckets: Sequence[int] | None = None):
+                 buckets: Sequence[int] | None = None, expert_mode: str = "post"):
         if kind not in ABLATION_KINDS:
             raise ValueError(f"ablation kind {kind!r} is not one of {ABLATION_KINDS}")
+        if expert_mode not in EXPERT_MODES:
+            raise ValueError(f"expert_mode {expert_mode!r} is not one of {EXPERT_MODES}")
         self.model = model
         self.kind = kind
+        self.expert_mode = expert_mode
         self.encoded = encoded
         self.runner = BatchRunner(model, _loss_step, batch_size, mesh=mesh, buckets=buckets)
+        self.last_dropped_mass: float | None = None
 
     def __call__(self, mask: np.ndarray | None = None) -> dict[str, float]:
-        ablate = ablation_arrays(self.model, mask, self.kind)
+        ablate = ablation_arrays(self.model, mask, self.kind, self.expert_mode)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        mass = 0.0
         for idx, res in self.runner.run(self.encoded.ids, self.encoded.scopes, extra=ablate):
+            mass += float(np.sum(res.get("dropped_mass_sum", 0.0)))
             for i, s, n in zip(idx, res["loss_sum"], res["n_targets"]):
                 c = self.encoded.categories[i]
                 sums[c] = sums.get(c, 0.0) + float(s)
                 counts[c] = counts.get(c, 0) + int(n)
+        dropped = ablate is not None and "expert_drop" in ablate
+        n_targets = sum(counts.values()) * self.model.config.num_layers
+        self.last_dropped_mass = mass / n_targets if dropped and n_targets else None
         return {c: sums[c] / counts[c] for c in sums if counts[c] > 0}
 
 
 def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", template: str = "plain",
                  batch_size: int = 8, max_length: int | None = 512, mesh=None,
-                 buckets: Sequence[int] | None = None) -> Callable[[np.ndarray | None], Mapping[str, float]]:
+                 buckets: Sequence[int] | None = None,
+                 expert_mode: str = "post") -> Callable[[np.ndarray | None], Mapping[str, float]]:
     """The `loss_fn` for `ablation_matrix`: mask (or None) -> {category: mean response loss}.
 
-    `buckets`: fixed padded lengths (see `CategoryLoss`).
+    `buckets`: fixed padded lengths; `expert_mode`: see `CategoryLoss`. The returned
+    `CategoryLoss` also reports ``last_dropped_mass``.
     """
     from sparcom_jax.data import encode_records, resolve_tokenizer
 
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope="response", max_length=max_length)
-    return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets)
+    return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
+                        expert_mode=expert_mode)
 
 
 def category_losses(model, records, tokenizer=None, *, template: str = "plain", ablate_mask=None,
                     kind: str = "neurons", batch_size: int = 8, max_length: int | None = 512,
-                    buckets: Sequence[int] | None = None) -> dict[str, float]:
+                    buckets: Sequence[int] | None = None, expert_mode: str = "post") -> dict[str, float]:
     """Mean response-token loss per category (optionally with a mask switched off)."""
     return make_loss_fn(model, records, tokenizer, kind=kind, template=template, batch_size=batch_size,
-                        max_length=max_length, buckets=buckets)(ablate_mask)
+                        max_length=max_length, buckets=buckets, expert_mode=expert_mode)(ablate_mask)

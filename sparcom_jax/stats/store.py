@@ -10,6 +10,7 @@ Layout of a store directory::
     neuron_active/     zarr3 int32 [N, L, F]          (when present)
     expert_routed/     zarr3 int32 [N, L, E]          (when present)
     expert_neuron_active/ zarr3 int32 [N, L, E, G]    (when present)
+    *_sum/             zarr3 float32, like their counts (``collect_counts(sums=True)``)
 
 Chunks are written in order and `progress.json` is replaced atomically after
 each, so an interrupted collection resumes from the last completed chunk, and only
