@@ -134,6 +134,12 @@ class IdentifySpec(IdentifyConfig):
     """The identification rule (every field of `sparcom_jax.analysis.IdentifyConfig`,
     declared there once) and the analysis options below.
 
+    Experiment configs keep exactly k units per instruction by default (`ties: break`,
+    ties at the cut broken by mean activation on active tokens, which needs
+    `collect.sums`): with ties kept, a short prompt's frequencies take few values, so
+    its set grows past k and set sizes (and the overlaps built on them) follow prompt
+    length. `ties: keep` is the paper's rule.
+
     Attributes:
       n_boot: bootstrap replicates (0 = none).
       n_perm: permutations of the diagonal test (0 = none).
@@ -148,6 +154,7 @@ class IdentifySpec(IdentifyConfig):
       top_per_unit: instructions listed per unit.
     """
 
+    ties: Literal["keep", "break"] = "break"
     n_boot: int = 100
     n_perm: int = 999
     instruction_level: bool | list[str] = True
@@ -184,6 +191,10 @@ class CollectSpec:
       template_control: when the tuned model's template differs from the base
         model's, also count the tuned model under the base model's template (the
         same-template control: what changes with the weights alone).
+      sums: also collect the float32 activation sums beside the counts (the strength
+        of each unit: the tie-break of identify.ties=break and the report's strength
+        figures; about 1-2% slower on CPU, and float32 arrays the size of the counts
+        in the store).
     """
 
     batch_size: int = 8
@@ -192,6 +203,7 @@ class CollectSpec:
     buckets: list[int] | None = None
     moe_impl: Literal["auto", "capacity", "ragged", "tiled", "looped"] = "auto"
     template_control: bool = True
+    sums: bool = True
 
     def __post_init__(self):
         _check_min(self, 1, "batch_size")
@@ -238,6 +250,11 @@ class AblationSpec:
         "expert_neurons" (neurons of routed experts); each where the model has them.
       model: which model to ablate: "base", "finetuned" or "both".
       n_bins: activation-frequency bins per layer that the random controls match.
+      expert_mode: how experts are removed: "post" (default) zeroes their router
+        probabilities after the softmax and takes the top-k of the rest, renormalised
+        only as the model itself does, so tokens that never used them are untouched;
+        "pre" removes them before the softmax (every token's weights rescale when
+        the model does not renormalise, norm_topk_prob=false).
     """
 
     enabled: bool = True
@@ -248,6 +265,7 @@ class AblationSpec:
         default_factory=lambda: ["neurons", "experts", "expert_neurons"])
     model: Literal["base", "finetuned", "both"] = "finetuned"
     n_bins: int = 10
+    expert_mode: Literal["post", "pre"] = "post"
 
     def __post_init__(self):
         _check_min(self, 0, "n_random")
@@ -304,6 +322,9 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.identify.ties == "break" and not self.collect.sums:
+            raise ConfigError("identify.ties=break breaks ties by activation strength, which needs "
+                              "collect.sums=true; set it, or identify.ties=keep")
         if self.train.mesh_data is not None or self.train.mesh_model != 1:
             raise ConfigError("train.mesh_data / train.mesh_model: the mesh is set once, in the mesh: section "
                               "(mesh.data, mesh.model), for every stage; remove them from train:")

@@ -62,6 +62,7 @@ CHANGES = [
     ("data.split_seed=3", "records"),
     ("base.template=chat", "template: 'plain' -> 'chat'"),
     ("base.seed=7", "model weights changed"),
+    ("identify.ties=keep collect.sums=false", "collect.sums: True -> False"),
 ]
 
 
@@ -69,7 +70,7 @@ CHANGES = [
 def test_collect_refuses_counts_made_with_other_settings(done, override, named, monkeypatch):
     no_weights(monkeypatch)
     with pytest.raises(StaleResultError) as e:
-        run_stage("collect", exp(override), done)
+        run_stage("collect", exp(*override.split()), done)
     msg = str(e.value)
     assert named in msg and "--overwrite" in msg and "\n" not in msg
 

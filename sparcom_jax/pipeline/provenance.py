@@ -73,7 +73,7 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
         enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length)
     return {"model": spec_model_fingerprint(spec), "dtype": cfg.collect.dtype, "records": digest(enc.record_ids),
             "template": template, "scope": cfg.data.scope, "max_length": cfg.data.max_length,
-            "tokens": digest_arrays(enc.ids, enc.scopes)}, enc
+            "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}, enc
 
 
 def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[str, Any],

@@ -222,7 +222,8 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             counts = collect_instructions(model, records, model_tokenizer(model), template=job.template,
                                           scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                           max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
-                                          buckets=cfg.collect.buckets, fingerprint=fp, overwrite=overwrite)
+                                          buckets=cfg.collect.buckets, sums=cfg.collect.sums, fingerprint=fp,
+                                          overwrite=overwrite)
             c = counts.meta["compilations"]
             log(f"collect {job.label}: {counts.meta['tokens_per_s']:,.0f} tok/s, {c['compilations']} compilation(s), "
                 f"{c['cache_hits']} loaded from the cache ({c['compile_seconds']:.1f} s)")
@@ -387,7 +388,8 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
     """What one causal-check result depends on."""
     a = cfg.ablation
     return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp), "identify": identify_config(cfg).to_dict(),
-            "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed},
+            "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed,
+                         "expert_mode": a.expert_mode},
             "records": digest([r.id for r in records]), "template": template_for(spec, cfg),
             "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype}
 
@@ -440,7 +442,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
                 loss_fn = make_loss_fn(model, records, tok, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
-                                       buckets=cfg.collect.buckets or None)
+                                       buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode)
                 total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * (1 + a.n_random)
                 try:
                     with _Counting(loss_fn, total, f"ablate {kind}") as fn:

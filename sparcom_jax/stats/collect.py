@@ -187,7 +187,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if jax.process_count() > 1:
             out = out / f"process_{jax.process_index()}"
         fp = {"model": model_fingerprint(model), "dtype": jnp.dtype(model.dtype).name,
-              "tokens": digest_arrays(seqs, scps), **(fingerprint or {})}
+              "tokens": digest_arrays(seqs, scps), "sums": bool(sums), **(fingerprint or {})}
         store = CountStore(out, shapes, ids=ids, categories=categories, sources=sources, meta=meta,
                            chunk_rows=chunk_rows, fingerprint=fp, overwrite=overwrite,
                            dtypes={k: _field_dtype(k) for k in shapes})
