@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sparcom_jax.errors import ConfigError
+
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -74,10 +76,6 @@ FAMILIES: dict[str, Family] = {
 
 def _supported() -> str:
     return ", ".join(FAMILIES)
-
-
-class ConfigError(ValueError):
-    """A config.json that sparcom_jax cannot use; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
