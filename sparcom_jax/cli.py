@@ -191,7 +191,7 @@ def cmd_selfcheck(args) -> int:
           + ("" if diff is None else f", max |logits - transformers| = {diff:.3g}"))
     print(f"selfcheck    {'PASSED' if res['ok'] else 'FAILED'}")
     if args.out:
-        from sparcom_jax.report.io import write_json
+        from sparcom_jax.fileio import write_json
 
         path = write_json(Path(args.out) / "selfcheck.json", res)
         print(f"\noutputs: {path}")

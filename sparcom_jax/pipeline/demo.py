@@ -164,7 +164,7 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
     import re
     import shutil
 
-    from sparcom_jax.report.io import atomic_write, write_json
+    from sparcom_jax.fileio import atomic_write, write_json
 
     rdir.mkdir(parents=True, exist_ok=True)
     parts = []

@@ -125,7 +125,7 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     from sparcom_jax import train as T
     from sparcom_jax.data import sample_balanced
     from sparcom_jax.pipeline.provenance import spec_tokenizer
-    from sparcom_jax.report.io import write_json
+    from sparcom_jax.fileio import write_json
 
     require_models([cfg.base])
     records = train_records(cfg)
@@ -324,7 +324,7 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
 
 def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Generality, uniqueness, overlaps and layer profiles of every model (OUT/evaluate/<model>.json)."""
-    from sparcom_jax.report.io import write_json
+    from sparcom_jax.fileio import write_json
 
     analyses = analyses or analyze_all(cfg, out, full=True)
     written = {}
@@ -339,7 +339,7 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
     """Before/after comparison, the series along every checkpoint, and the same-template
     control (OUT/compare/)."""
     from sparcom_jax.analysis import compare_models, compare_series
-    from sparcom_jax.report.io import write_json
+    from sparcom_jax.fileio import write_json
 
     analyses = analyses or analyze_all(cfg, out, full=True)
     models = analyses.models
@@ -405,7 +405,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     from sparcom_jax.analysis import AblationResult
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
-    from sparcom_jax.report.io import write_json
+    from sparcom_jax.fileio import write_json
     from sparcom_jax.stats.losses import make_loss_fn
 
     a = cfg.ablation
