@@ -195,6 +195,11 @@ class CollectSpec:
         of each unit: the tie-break of identify.ties=break and the report's strength
         figures; about 1-2% slower on CPU, and float32 arrays the size of the counts
         in the store).
+      gate_dtype: "float32" computes the gate projections in float32 in a bfloat16
+        model (only their sign decides the counts); null = the compute dtype.
+      precision_check: also count the last model in the other precisions (float32,
+        bfloat16, bfloat16 with a float32 gate) and report how far each one's sets are
+        from the float32 sets: what the chosen precision can support.
     """
 
     batch_size: int = 8
@@ -204,6 +209,8 @@ class CollectSpec:
     moe_impl: Literal["auto", "capacity", "ragged", "tiled", "looped"] = "auto"
     template_control: bool = True
     sums: bool = True
+    gate_dtype: Literal["float32"] | None = None
+    precision_check: bool = False
 
     def __post_init__(self):
         _check_min(self, 1, "batch_size")

@@ -225,18 +225,23 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
             raise ConfigError(f"model {spec.label!r}: set path (a Hugging Face directory) or init")
 
 
-def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl: str = "auto"):
-    """Load a model from its HF directory, or build it from `init` (random weights)."""
+def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl: str = "auto",
+                    gate_dtype: str | None = None):
+    """Load a model from its HF directory, or build it from `init` (random weights).
+
+    `gate_dtype` ("float32" or None): compute the gate projections in float32 in a
+    bfloat16 model (only their sign decides the counts)."""
     from sparcom_jax.checkpoints.hf import load_model
 
     require_models([spec])
+    extra = {"gate_dtype": gate_dtype} if gate_dtype else {}
     if spec.path:
-        return load_model(spec.path, dtype=dtype, mesh=mesh, moe_impl=moe_impl)
+        return load_model(spec.path, dtype=dtype, mesh=mesh, moe_impl=moe_impl, **extra)
     from sparcom_jax.data import default_tokenizer
     from sparcom_jax.models.transformer import init_model
 
     tok = default_tokenizer()
-    model = init_model(_init_config(spec, tok), seed=spec.seed, dtype=dtype, moe_impl=moe_impl)
+    model = init_model(_init_config(spec, tok), seed=spec.seed, dtype=dtype, moe_impl=moe_impl, **extra)
     model.tokenizer = tok
     model.source_path = None
     return model

@@ -36,7 +36,7 @@ LABELS = {
     "template": "template", "scope": "data.scope", "max_length": "data.max_length", "dtype": "collect.dtype",
     "tokens": "tokenized text (tokenizer or record text)", "train": "train settings", "base": "base model weights",
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
-    "sums": "collect.sums",
+    "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
 }
 
 
@@ -60,9 +60,11 @@ def spec_tokenizer(spec: ModelSpec):
     return default_tokenizer()
 
 
-def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, template: str,
+def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, template: str, *,
+                        dtype: str | None = None, gate_dtype: str | None = None,
                         tokenizer=None) -> tuple[dict[str, Any], Any]:
-    """(fingerprint components, EncodedSet) of one model's counts on `records`."""
+    """(fingerprint components, EncodedSet) of one model's counts on `records`, in `dtype`
+    (default collect.dtype) with `gate_dtype`."""
     import warnings
 
     from sparcom_jax.data import encode_records
@@ -71,9 +73,12 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     with warnings.catch_warnings():  # the collection itself reports truncation once
         warnings.simplefilter("ignore")
         enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length)
-    return {"model": spec_model_fingerprint(spec), "dtype": cfg.collect.dtype, "records": digest(enc.record_ids),
-            "template": template, "scope": cfg.data.scope, "max_length": cfg.data.max_length,
-            "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}, enc
+    fp = {"model": spec_model_fingerprint(spec), "dtype": dtype or cfg.collect.dtype, "records": digest(enc.record_ids),
+          "template": template, "scope": cfg.data.scope, "max_length": cfg.data.max_length,
+          "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}
+    if gate_dtype:  # absent when unused, so counts made before the option existed still match
+        fp["gate_dtype"] = gate_dtype
+    return fp, enc
 
 
 def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[str, Any],

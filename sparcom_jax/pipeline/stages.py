@@ -156,25 +156,50 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
 # --------------------------------------------------------------------------- #
 
 class CountJob(NamedTuple):
-    """One model counted under one template; `label` names its store."""
+    """One model counted under one template and precision; `label` names its store.
+
+    `control` is None for the models of the study, else the control it serves:
+    "same_template" or "precision:<variant>".
+    """
 
     spec: ModelSpec
     template: str
     label: str
-    control: bool = False
+    dtype: str
+    gate_dtype: str | None = None
+    control: str | None = None
+
+
+# The precisions of the precision check: name -> (compute dtype, gate dtype).
+PRECISIONS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
+              "bfloat16 with float32 gate": ("bfloat16", "float32")}
 
 
 def count_jobs(cfg: ExperimentConfig, out: Path) -> list[CountJob]:
-    """Every model under its own template and, when the tuned model's template differs from
-    the base model's, the tuned model under the base model's template (the same-template
-    control, stored as "<tuned>_under_<template>_template")."""
+    """Every model under its own template; when the tuned model's template differs from the
+    base model's, the tuned model under the base model's template (the same-template
+    control, "<tuned> under <template> template"); with collect.precision_check, the last
+    model in every other precision ("<model> in <precision>")."""
+    c = cfg.collect
     specs = model_list(cfg, out)
-    jobs = [CountJob(s, template_for(s, cfg), s.label) for s in specs]
-    if cfg.collect.template_control and len(specs) > 1:
-        base_t, last = jobs[0].template, specs[-1]
-        if template_for(last, cfg) != base_t:
-            jobs.append(CountJob(last, base_t, f"{last.label} under {base_t} template", control=True))
+    jobs = [CountJob(s, template_for(s, cfg), s.label, c.dtype, c.gate_dtype) for s in specs]
+    last = jobs[-1]
+    if c.template_control and len(specs) > 1 and last.template != jobs[0].template:
+        t = jobs[0].template
+        jobs.append(CountJob(last.spec, t, f"{last.label} under {t} template", c.dtype, c.gate_dtype,
+                             "same_template"))
+    if c.precision_check:
+        for name, (dtype, gate) in PRECISIONS.items():
+            if (dtype, gate if dtype == "bfloat16" else None) != (c.dtype, c.gate_dtype if c.dtype == "bfloat16" else None):
+                jobs.append(CountJob(last.spec, last.template, f"{last.label} in {name}", dtype, gate,
+                                     f"precision:{name}"))
     return jobs
+
+
+def main_precision(cfg: ExperimentConfig) -> str:
+    """The name (in PRECISIONS) of the precision the study's counts are collected in."""
+    c = cfg.collect
+    return next(n for n, (d, g) in PRECISIONS.items() if d == c.dtype and (d == "float32" or g == c.gate_dtype))
 
 
 def _process_share(records):
@@ -200,7 +225,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
 
     jobs = count_jobs(cfg, out)
     if models is not None:
-        jobs = [CountJob(s, template_for(s, cfg), s.label) for s in models]
+        jobs = [CountJob(s, template_for(s, cfg), s.label, cfg.collect.dtype, cfg.collect.gate_dtype) for s in models]
     require_models([j.spec for j in jobs])
     records = _process_share(identify_records(cfg))
     mesh = make_mesh(cfg.mesh)
@@ -210,15 +235,16 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         dest = root / safe(job.label)
         written[job.label] = str(dest)
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
-        fp, _ = collect_fingerprint(cfg, job.spec, records, job.template)
+        fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype)
         header = read_header(mine)
         if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite) \
                 and is_complete(mine):
             log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
             continue
         with timed(f"collect [{i}/{len(jobs)}] {job.label}: {len(records)} instructions, "
-                   f"template {job.template}, scope {cfg.data.scope}"):
-            model = load_spec_model(job.spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
+                   f"template {job.template}, scope {cfg.data.scope}, {job.dtype}"):
+            model = load_spec_model(job.spec, dtype=job.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
+                                    gate_dtype=job.gate_dtype)
             counts = collect_instructions(model, records, model_tokenizer(model), template=job.template,
                                           scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                           max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
@@ -232,7 +258,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
 
 
 def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, template: str | None = None,
-                      label: str | None = None):
+                      label: str | None = None, dtype: str | None = None, gate_dtype: str | None = None):
     """The counts of one model (merging per-process stores of a multi-host run), after checking
     that they were collected with the current settings.
 
@@ -255,7 +281,8 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
-        fp, _ = collect_fingerprint(cfg, spec, recs, template)
+        fp, _ = collect_fingerprint(cfg, spec, recs, template, dtype=dtype or cfg.collect.dtype,
+                                    gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     if not parts:
@@ -278,7 +305,8 @@ def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
 
 
 class Analyses(NamedTuple):
-    """The analysed models in series order, and the controls ({"same_template": analysis})."""
+    """The analysed models in series order, and the controls ({"same_template": analysis,
+    "precision:<name>": analysis})."""
 
     models: dict[str, Any]
     controls: dict[str, Any]
@@ -293,10 +321,10 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
     jobs = count_jobs(cfg, out)
     for i, job in enumerate(jobs, 1):
         with timed(f"analyse [{i}/{len(jobs)}] {job.label}"):
-            counts = open_model_counts(cfg, out, job.spec, job.template, job.label)
+            counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype)
             ma = analyze_model(counts, icfg, name=job.label, **_analysis_kwargs(cfg, full and not job.control))
-            ma.meta["template"] = job.template
-        (controls.__setitem__("same_template", ma) if job.control else models.__setitem__(job.label, ma))
+            ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
+        (controls.__setitem__(job.control, ma) if job.control else models.__setitem__(job.label, ma))
     return Analyses(models, controls)
 
 
@@ -356,9 +384,41 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
     if "same_template" in analyses.controls:
         controls["same_template"] = compare_models(models[names[0]], analyses.controls["same_template"])
         written["same_template"] = write_json(out / "compare" / "same_template.json", controls["same_template"])
+    precision = precision_agreement(cfg, analyses)
+    if precision:
+        written["precision"] = write_json(out / "compare" / "precision.json", precision)
     if is_primary():
         write_fingerprint(out / "compare", "compare", _analysis_fingerprint(cfg, analyses, True))
-    return {**written, "_comparison": comparison, "_series": series, "_controls": controls}
+    return {**written, "_comparison": comparison, "_series": series, "_controls": controls,
+            "_precision": precision}
+
+
+def precision_agreement(cfg: ExperimentConfig, analyses: Analyses) -> dict[str, Any] | None:
+    """How far the last model's sets in each other precision are from its float32 sets.
+
+    Returns:
+      {"<section> <precision>": {category: Jaccard of the category sets vs float32}}
+      plus "reference" and "note" entries, or None without the precision check.
+    """
+    from sparcom_jax.analysis.common import safe_div
+    from sparcom_jax.categories import CATEGORIES
+
+    runs = {name[len("precision:"):]: ma for name, ma in analyses.controls.items() if name.startswith("precision:")}
+    if not runs:
+        return None
+    runs[main_precision(cfg)] = list(analyses.models.values())[-1]
+    ref = runs.pop("float32")
+    out: dict[str, Any] = {}
+    for name, ma in runs.items():
+        for sec, fa in ma.fields.items():
+            a = ref[sec].ident.category_sets.reshape(len(CATEGORIES), -1)
+            b = fa.ident.category_sets.reshape(len(CATEGORIES), -1)
+            jac = safe_div((a & b).sum(1), (a | b).sum(1))
+            out[f"{sec} {name}"] = {c: (None if jac[i] != jac[i] else float(jac[i])) for i, c in enumerate(CATEGORIES)}
+    out["reference"] = f"{ref.name} (float32, every product at full precision)"
+    out["note"] = ("Jaccard of each category set with the float32 set of the same model on the same records; "
+                   f"the study's counts are in {main_precision(cfg)}")
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -522,7 +582,8 @@ def data_description(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, comparison=None,
-                 series=None, controls: dict | None = None, ablation: dict | None = None, **_) -> dict[str, Any]:
+                 series=None, controls: dict | None = None, precision: dict | None = None,
+                 ablation: dict | None = None, **_) -> dict[str, Any]:
     """Assemble summary.json and write the report directory (OUT/report/)."""
     from sparcom_jax.analysis import build_summary
     from sparcom_jax.report import write_report
@@ -530,7 +591,9 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     analyses = analyses or analyze_all(cfg, out, full=True)
     if comparison is None and len(analyses.models) >= 2:
         c = compare_stage(cfg, out, analyses=analyses)
-        comparison, series, controls = c["_comparison"], c["_series"], c["_controls"]
+        comparison, series, controls, precision = c["_comparison"], c["_series"], c["_controls"], c["_precision"]
+    elif precision is None:
+        precision = precision_agreement(cfg, analyses)
     if ablation is None:  # from earlier `sparcom ablate` files
         ablation = load_ablations(cfg, out, analyses)
     # The summary holds one model's causal check: the fine-tuned model's when there are several.
@@ -545,7 +608,7 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
         data=data_description(cfg), scope=cfg.data.scope,
         templates={ma.name: ma.meta.get("template") for ma in (*analyses.models.values(),
                                                                *analyses.controls.values())},
-        controls=controls or None,
+        controls=controls or None, precision=precision,
         extra={"experiment": cfg.name, "ablation_model": abl_model,
                "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
     )
@@ -575,13 +638,13 @@ def run_all(cfg: ExperimentConfig, out: Path, *, progress: bool = True, overwrit
     analyses = analyze_all(cfg, out, full=True)
     identify_stage(cfg, out, analyses=analyses)
     evaluate_stage(cfg, out, analyses=analyses)
-    comparison = series = controls = None
+    comparison = series = controls = precision = None
     if len(analyses.models) >= 2:
         c = compare_stage(cfg, out, analyses=analyses)
-        comparison, series, controls = c["_comparison"], c["_series"], c["_controls"]
+        comparison, series, controls, precision = c["_comparison"], c["_series"], c["_controls"], c["_precision"]
     abl = ablate_stage(cfg, out, analyses=analyses, overwrite=overwrite) if cfg.ablation.enabled else {}
     r = report_stage(cfg, out, analyses=analyses, comparison=comparison, series=series, controls=controls,
-                     ablation=abl.get("_results", {}))
+                     precision=precision, ablation=abl.get("_results", {}))
     return {"report": r["report"], "summary": r["summary"], "out": str(out)}
 
 
