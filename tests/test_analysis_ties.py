@@ -184,6 +184,28 @@ def test_summary_reports_set_size_against_length():
     assert v["spearman"] == pytest.approx(spearman(ident.instruction_size, counts.tokens))
 
 
+def test_breaking_ties_reports_the_sizes_ties_would_have_given():
+    counts = tied_counts(n=12)
+    cfg = IdentifyConfig(eps=0.1, ties="break")
+    s = analyze_model(counts, cfg, n_boot=0, n_perm=0, top_units=0).summary()["isn"]["set_size_vs_length"]
+    kept = identify(counts, "neuron_active", dataclasses.replace(cfg, ties="keep")).instruction_size
+    broken = identify(counts, "neuron_active", cfg).instruction_size
+    assert not np.array_equal(kept, broken)  # the fixture has ties at the cut
+    assert s["set_size"] == broken.tolist()
+    assert s["ties_kept"]["spearman"] == pytest.approx(spearman(kept, counts.tokens))
+    cls = [i for i in range(12) if counts.categories[i] == "classification"]
+    assert s["ties_kept"]["per_category"]["classification"]["mean_set_size"] == pytest.approx(kept[cls].mean())
+    from sparcom_jax.report.tables import length_rows
+
+    rows = length_rows(s)  # the report's table carries both
+    assert rows[-1][4] == pytest.approx(spearman(broken, counts.tokens))
+    assert rows[-1][6] == pytest.approx(spearman(kept, counts.tokens))
+    assert rows[0][5] == pytest.approx(kept[cls].mean())
+    # with the paper's rule there is nothing to compare against
+    keep = analyze_model(counts, dataclasses.replace(cfg, ties="keep"), n_boot=0, n_perm=0, top_units=0)
+    assert "ties_kept" not in keep.summary()["isn"]["set_size_vs_length"]
+
+
 # ---------------------------------------------------------------- contrast rule
 
 def grow_counts(extra):

@@ -231,12 +231,16 @@ def analyze_field(
         shape = getattr(counts, field).shape
         packed = int(np.prod(shape, dtype=np.int64)) > _PACK_ABOVE
     cfgs = [cfg, contrast_config(cfg)] if contrast else [cfg]
-    idents = identify_all(counts, field, cfgs, keep_instruction_sets=[need_sets, False][:len(cfgs)],
+    if cfg.ties == "break":  # the same rule with ties kept: how much set sizes followed length without the break
+        cfgs.append(dataclasses.replace(cfg, ties="keep"))
+    idents = identify_all(counts, field, cfgs, keep_instruction_sets=[need_sets] + [False] * (len(cfgs) - 1),
                           packed=packed)
     ident = idents[0]
     jmat = ev.instruction_jaccard(ident) if instruction_level else None
     summary = field_summary(ident, jmat)
     summary["contrast"] = contrast_summary(idents[1]) if contrast else None
+    if cfg.ties == "break" and summary["set_size_vs_length"] is not None:
+        summary["set_size_vs_length"]["ties_kept"] = _size_vs_length(idents[-1], pairs=False)
     summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = None
     if n_boot > 0:
         summary["bootstrap"] = jsonable(bootstrap(

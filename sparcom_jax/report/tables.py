@@ -133,14 +133,19 @@ def _length_tables(p: str, s: dict) -> Iterator[Table]:
                     [[i, c, t, z] for i, (c, t, z) in enumerate(zip(v["category"], v["tokens"], v["set_size"]))])
 
 
-LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman"]
+LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",
+                 "spearman_ties_kept"]
 
 
 def length_rows(v: dict) -> list[list]:
-    """Rows of LENGTH_HEADER for a set_size_vs_length entry, plus an "all" row."""
-    per = v["per_category"]
-    return ([[c, per[c]["n"], per[c]["mean_tokens"], per[c]["mean_set_size"], per[c]["spearman"]]
-             for c in CATEGORIES] + [["all", sum(per[c]["n"] for c in CATEGORIES), None, None, v["spearman"]]])
+    """Rows of LENGTH_HEADER for a set_size_vs_length entry, plus an "all" row; the last two
+    columns (the same rule with ties at the cut kept) are empty unless ties were broken."""
+    per, kept = v["per_category"], v.get("ties_kept")
+    kper = kept["per_category"] if kept else {}
+    return ([[c, per[c]["n"], per[c]["mean_tokens"], per[c]["mean_set_size"], per[c]["spearman"],
+              kper.get(c, {}).get("mean_set_size"), kper.get(c, {}).get("spearman")] for c in CATEGORIES]
+            + [["all", sum(per[c]["n"] for c in CATEGORIES), None, None, v["spearman"], None,
+                kept["spearman"] if kept else None]])
 
 
 TOP_HEADER = ["category", "unit", "category_frequency", "rank", "instruction_id", "instruction_category",

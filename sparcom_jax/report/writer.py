@@ -176,7 +176,9 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
     v = s.get("set_size_vs_length")
     if v:
         out.append(TableBlock(f"{name}: instruction set size vs prompt length (Spearman correlation of |S(I)| "
-                              "with T(I))", LENGTH_HEADER, length_rows(v)))
+                              "with T(I); with ties broken, the columns 'ties kept' give the same rule "
+                              "keeping every unit tied at the cut, as the paper's rule does)",
+                              LENGTH_HEADER, length_rows(v)))
     if s.get("top_instructions"):
         out.append(TableBlock(f"{name}: the instructions that activate each listed {units[:-1]} most "
                               "(units: the highest category mean frequency in each set)",
