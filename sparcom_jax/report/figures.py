@@ -198,7 +198,8 @@ def comparison_bars(section: Mapping[str, dict], title: str, before: str, after:
         ax.text(i, top, "J=n/a" if j is None else f"J={j:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, _SHORT)
     ax.set_ylabel("units (left bar: before, right bar: after)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the J= labels
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     ax.set_title(title, fontsize=11)
     return fig
 
