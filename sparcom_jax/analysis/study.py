@@ -240,7 +240,8 @@ def analyze_field(
     summary = field_summary(ident, jmat)
     summary["contrast"] = contrast_summary(idents[1]) if contrast else None
     if cfg.ties == "break" and summary["set_size_vs_length"] is not None:
-        summary["set_size_vs_length"]["ties_kept"] = _size_vs_length(idents[-1], pairs=False)
+        kept = _size_vs_length(idents[-1], pairs=True)
+        summary["set_size_vs_length"]["ties_kept"] = {k: kept[k] for k in ("spearman", "per_category", "set_size")}
     summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = None
     if n_boot > 0:
         summary["bootstrap"] = jsonable(bootstrap(

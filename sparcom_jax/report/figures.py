@@ -295,22 +295,32 @@ def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
 def size_vs_length(pairs: Mapping[str, dict], title: str) -> Figure:
     """|S(I)| against prompt length T(I), one panel per model, points coloured by category.
 
+    With ties broken (exactly k units per instruction), the sizes the same rule gives
+    with ties kept are drawn too (grey rings): the dependence on length the break removes.
+
     Args:
       pairs: {model: set_size_vs_length entry with per-instruction `tokens`,
-        `set_size` and `category` lists and the overall `spearman`}.
+        `set_size` and `category` lists and the overall `spearman`, and optionally
+        `ties_kept` with its own `set_size` and `spearman`}.
       title: figure title.
     """
     fig = _fig(4.2 * len(pairs) + 0.6, 3.8)
     axes = fig.subplots(1, len(pairs), squeeze=False)[0]
     for ax, (name, v) in zip(axes, pairs.items()):
         t, z = _arr(v["tokens"]), _arr(v["set_size"])
+        kept = v.get("ties_kept") or {}
+        if kept.get("set_size") is not None:
+            ax.scatter(t, _arr(kept["set_size"]), s=14, facecolors="none", edgecolors="0.6", linewidths=0.7,
+                       label="ties kept")
         cats = list(v["category"])
         for k, c in enumerate(CATEGORIES):
             m = np.array([x == c for x in cats], dtype=bool)
             if m.any():
                 ax.scatter(t[m], z[m], s=10, color=f"C{k}", alpha=0.7, label=SHORT_NAMES[c])
         rho = v.get("spearman")
-        ax.set_title(f"{name} (Spearman {'n/a' if rho is None else f'{rho:.2f}'})", fontsize=10)
+        rho_kept = kept.get("spearman")
+        ax.set_title(f"{name} (Spearman {'n/a' if rho is None else f'{rho:.2f}'}"
+                     + (f"; ties kept {rho_kept:.2f}" if rho_kept is not None else "") + ")", fontsize=10)
         ax.set_xlabel("counted tokens T(I)")
         ax.set_ylabel("|S(I)|")
     axes[0].legend(fontsize=7)
