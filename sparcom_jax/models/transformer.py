@@ -214,9 +214,41 @@ def jitted_logits(graphdef, state, input_ids, attention_mask):
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=None,
-               moe_impl: str | Dispatch = "auto") -> CausalLM:
-    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
-    return CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
+               moe_impl: str | Dispatch = "auto", mesh=None, rules: dict | None = None) -> CausalLM:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).
+
+    Every parameter is created on the device directly in `param_dtype` by one compiled
+    program, and with `mesh` directly in its shards (the sharding rules applied to the
+    declared logical axes), so the device holds the weights plus at most one layer's
+    float32 sample of one parameter (`sparcom_jax.models.params.normal_sampler`) while
+    it runs. The values depend only on `seed` (not on the mesh) and equal those of
+    constructing ``CausalLM(cfg, rngs=nnx.Rngs(seed), ...)`` directly.
+
+    Args:
+      cfg: the architecture.
+      seed: the random seed.
+      dtype, param_dtype, moe_impl: as for `CausalLM`.
+      mesh: optional ("data", "model") `jax.sharding.Mesh`; None: the default device.
+      rules: logical-axis rules (default `sparcom_jax.parallel.sharding.ANALYSIS_RULES`).
+    """
+    dispatch = moe_impl if isinstance(moe_impl, Dispatch) else Dispatch.choose(moe_impl)
+    rule_items = None if rules is None else tuple(sorted(rules.items()))
+    graphdef, program = _init_program(cfg, dtype, param_dtype, dispatch, mesh, rule_items)
+    return nnx.merge(graphdef, program(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=32)
+def _init_program(cfg, dtype, param_dtype, dispatch, mesh, rule_items):
+    """(graphdef, jitted key -> state) of `init_model`, built once per architecture and placement."""
+    from sparcom_jax.parallel.sharding import state_shardings
+
+    def make(key):
+        return CausalLM(cfg, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=param_dtype, moe_impl=dispatch)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
+    shardings = None if mesh is None else state_shardings(abstract, mesh, None if rule_items is None
+                                                          else dict(rule_items))
+    return graphdef, jax.jit(lambda key: nnx.state(make(key)), out_shardings=shardings)
 
 
 def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None,
