@@ -96,7 +96,7 @@ def test_sharded_init_on_8_devices_equals_the_unsharded_one(tmp_path):
               moe_intermediate_size=16, shared_expert_intermediate_size=40)
     script = tmp_path / "run.py"
     script.write_text(SHARDED_INIT)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}  # 8 host devices
     r = subprocess.run([sys.executable, str(script), json.dumps(hf)], env=env, timeout=300, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -125,25 +125,30 @@ def test_plan_weight_bytes_are_the_initialised_weights():
     assert rows["parameters (float32)"][2] == 2 * held
 
 
-@pytest.mark.parametrize("hf, backend, B, T", [
-    (dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-          num_attention_heads=4, num_key_value_heads=2), "gpu", 8, 256),
-    (dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-          num_attention_heads=4, num_key_value_heads=2), "gpu", 2, 768),  # attention the larger
-    (dict(MIXTRAL, num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_local_experts=8), "gpu", 4, 512),
-    (dict(MIXTRAL, num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_local_experts=8), "cpu", 8, 64),
+LLAMA = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2)
+MOE = dict(MIXTRAL, num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_local_experts=8)
+
+
+@pytest.mark.parametrize("hf, backend, attention, B, T", [
+    (LLAMA, "gpu", "blocked", 8, 256),
+    (dict(LLAMA, hidden_size=64, intermediate_size=128), "gpu", "blocked", 2, 768),  # attention the larger
+    (dict(LLAMA, hidden_size=64, intermediate_size=128), "cpu", "xla", 4, 384),
+    (MOE, "gpu", "blocked", 4, 512),
+    (MOE, "cpu", "blocked", 8, 64),
 ])
-def test_plan_activations_agree_with_the_compiled_counting_step(hf, backend, B, T):
+def test_plan_activations_agree_with_the_compiled_counting_step(hf, backend, attention, B, T):
     """The plan's activation bytes against XLA's buffer assignment of the counting step itself
     (compiled here, float32: CPU computes bfloat16 through float32 copies of its own), with
-    the program structure of `backend` (the capacity buffer on GPU, the expert loop on CPU)."""
+    the program structure of `backend` (the capacity buffer on GPU, the expert loop on CPU)
+    and of the attention kernel (cuDNN's, with no score matrix, only on a GPU)."""
     import jax.numpy as jnp
 
     from sparcom_jax.pipeline.plan import count_activation_bytes
     from sparcom_jax.stats.collect import _count_step
 
     cfg = sj.ModelConfig.from_hf_config(hf)
-    dispatch = Dispatch.choose("auto", backend=backend)
+    dispatch = Dispatch.choose("auto", backend=backend, attention=attention)
     graphdef, state = nnx.split(sj.abstract_model(cfg, moe_impl=dispatch))
     ids, valid = jax.ShapeDtypeStruct((B, T), jnp.int32), jax.ShapeDtypeStruct((B, T), jnp.bool_)
     mem = jax.jit(_count_step, static_argnums=0).lower(graphdef, state, ids, valid, valid).compile().memory_analysis()

@@ -5,7 +5,9 @@ Axis letters: see `sparcom_jax.axes`.
 Each layer takes only the config fields it needs. Layers hold ``nnx.Param``
 values in ``param_dtype`` and compute in ``dtype``; norms and softmax run in
 float32 as in the reference implementation. Every product carries the model's
-precision explicitly (`precision_of`), so a direct call computes as the model does.
+precision explicitly (`precision_of`), so a direct call computes as the model does;
+the one exception is `jax.nn.dot_product_attention` (`attend_fused`), which takes no
+precision and is therefore never chosen for float32 compute off the CPU.
 """
 
 from __future__ import annotations
@@ -161,6 +163,33 @@ def _attend(q_BHTd, k_BKSd, v_BKSd, bias_B1TS, precision):
     return o.reshape(B, H, T, d).astype(q_BHTd.dtype)
 
 
+def attend_fused(q_BHTd, k_BKTd, v_BKTd, lengths_B, *, window: int | None, implementation: str):
+    """Causal attention through `jax.nn.dot_product_attention` ("cudnn" or "xla"): [B, T, H, Dh].
+
+    Our masking in its terms: causal (`is_causal`), right padding as per-row lengths
+    (keys and queries past a row's length are masked; an all-padding row keeps its
+    first key, so it stays finite as in `attend`), a sliding window of `window` keys
+    ending at the query (`local_window_size` (window - 1, 0); cuDNN's window of
+    `window` keys), grouped kv heads as they are. Softmax scale 1/sqrt(Dh).
+    """
+    def btnh(t):  # the layout the call takes
+        return t.transpose(0, 2, 1, 3)
+
+    return jax.nn.dot_product_attention(
+        btnh(q_BHTd), btnh(k_BKTd), btnh(v_BKTd), is_causal=True, query_seq_lengths=lengths_B,
+        key_value_seq_lengths=jnp.maximum(lengths_B, 1), local_window_size=(window - 1, 0) if window else None,
+        implementation=implementation)
+
+
+def attention_context(valid_BT, sliding_window: int | None, kernel: str):
+    """What `Attention` takes as its mask for `kernel`, built once per forward and shared
+    by every layer: the additive bias of `attention_bias` ("blocked"), else the int32 row
+    lengths [B] (right padding: mask 1 marks the real tokens, all at the start)."""
+    if kernel == "blocked":
+        return attention_bias(valid_BT, sliding_window)
+    return jnp.sum(valid_BT, axis=1, dtype=jnp.int32)
+
+
 def _heads_in(name: str) -> HFLayout:
     """Our [D, heads, Dh] from a torch Linear weight [heads*Dh, D] (heads may be sharded, Dh not)."""
     return HFLayout(name, ((1, 2), (0,)))
@@ -182,8 +211,7 @@ class Attention(nnx.Module):
         "k_norm": norm_scale("k_norm.weight"),
     }
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 block: int, max_blocks: int):
+    def __init__(self, cfg: ModelConfig, dispatch, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         sizes = {"embed": D, "heads": H, "kv_heads": K, "head_dim": Dh}
         create(self, ["q_proj", "k_proj", "v_proj", "o_proj"], rngs, sizes, param_dtype)
@@ -202,9 +230,12 @@ class Attention(nnx.Module):
         self.clip_qkv = cfg.clip_qkv
         self.dtype = dtype
         self.precision = precision_of(dtype)
-        self.blocks = (block, max_blocks)
+        self.kernel = dispatch.attention
+        self.blocks = (dispatch.attn_block, dispatch.attn_max_blocks)
+        self.window = cfg.sliding_window
 
-    def __call__(self, x_BTD, cos_Td, sin_Td, bias_B1TT):
+    def __call__(self, x_BTD, cos_Td, sin_Td, mask):
+        """Self-attention of x [B, T, D]; `mask` is `attention_context` for this layer's kernel."""
         dt, prec = self.dtype, self.precision
         # Projections write heads-major [B, H, T, Dh] directly, the layout attention wants.
         q = jnp.einsum("BTD,DHd->BHTd", x_BTD, self.q_proj[...].astype(dt), precision=prec)
@@ -224,8 +255,12 @@ class Attention(nnx.Module):
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = apply_rotary(q, cos_Td, sin_Td)
         k = apply_rotary(k, cos_Td, sin_Td)
-        out = attend(q, k, v, bias_B1TT, block=self.blocks[0], max_blocks=self.blocks[1], precision=prec)
-        y_BTD = jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt), precision=prec)
+        if self.kernel == "blocked":
+            out = attend(q, k, v, mask, block=self.blocks[0], max_blocks=self.blocks[1], precision=prec)
+            y_BTD = jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt), precision=prec)
+        else:
+            out = attend_fused(q, k, v, mask, window=self.window, implementation=self.kernel)
+            y_BTD = jnp.einsum("BTHd,HdD->BTD", out, self.o_proj[...].astype(dt), precision=prec)
         return y_BTD + self.o_bias[...].astype(dt) if self.has_out_bias else y_BTD
 
 

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
-from sparcom_jax.models.dispatch import Dispatch
-from sparcom_jax.models.layers import (Attention, GatedFFN, RMSNorm, attention_bias, nonfinite_rows, precision_of,
-                                      rotary_tables)
+from sparcom_jax.models.dispatch import Dispatch, dispatch_for
+from sparcom_jax.models.layers import (Attention, GatedFFN, RMSNorm, attention_context, nonfinite_rows,
+                                      precision_of, rotary_tables)
 from sparcom_jax.models.moe import MoEFFN
 from sparcom_jax.models.params import ParamDecl, create, linear, same
 
@@ -45,8 +45,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, dispatch: Dispatch, *, rngs: nnx.Rngs, dtype, param_dtype):
         D = cfg.hidden_size
         self.input_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, block=dispatch.attn_block,
-                              max_blocks=dispatch.attn_max_blocks)
+        self.attn = Attention(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.is_moe:
             self.ffn = MoEFFN(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -55,14 +54,15 @@ class Block(nnx.Module):
                                 param_dtype=param_dtype)
         self.is_moe = cfg.is_moe
 
-    def __call__(self, x_BTD, cos, sin, bias, valid_BT, count_mask_BT, ablate, out_needed=None, sums=False):
+    def __call__(self, x_BTD, cos, sin, mask, valid_BT, count_mask_BT, ablate, out_needed=None, sums=False):
         """One block; returns (x [B, T, D], stats dict or None).
 
-        `valid_BT`: real tokens (the MoE expert loop skips padding). `out_needed`
-        (traced bool, or None for True): False skips the FFN's output (the up and down
-        products) when only this block's counts are wanted. `sums`: also the activation sums.
+        `mask`: the attention's (`attention_context`). `valid_BT`: real tokens (the MoE
+        expert loop skips padding). `out_needed` (traced bool, or None for True): False
+        skips the FFN's output (the up and down products) when only this block's counts
+        are wanted. `sums`: also the activation sums.
         """
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, bias)
+        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, mask)
         h = self.post_attn_norm(x_BTD)
         if self.is_moe:
             y, stats = self.ffn(h, valid_BT, count_mask_BT, ablate, out_needed, sums)
@@ -111,8 +111,9 @@ class CausalLM(nnx.Module):
       moe_impl: a `Dispatch`, or the MoE strategy for `Dispatch.choose`: "auto" (on GPU
         the capacity-buffer batched matmul, on TPU ragged_dot, on CPU an expert loop
         when counting, else a differentiable tile scan), "capacity", "ragged", "tiled"
-        or "looped" (inference only); all give the same result. Resolved here, once:
-        ``model.dispatch`` (shown in the repr) says what runs.
+        or "looped" (inference only); all give the same result. Resolved here, once,
+        with the attention kernel for this dtype and backend (cuDNN on GPU in bfloat16,
+        else the blocked attention): ``model.dispatch`` (shown in the repr) says what runs.
     """
 
     PARAMS = {"embed": ParamDecl(("vocab", "embed"), (same("model.embed_tokens.weight", 2),)),
@@ -124,7 +125,7 @@ class CausalLM(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         dtype = resolve_dtype(dtype)
         param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
-        dispatch = moe_impl if isinstance(moe_impl, Dispatch) else Dispatch.choose(moe_impl)
+        dispatch = dispatch_for(moe_impl, dtype, cfg.head_dim)
         self.config = cfg
         self.dtype = dtype
         self.precision = precision_of(dtype)
@@ -181,7 +182,7 @@ class CausalLM(nnx.Module):
             count_mask = count_mask.astype(bool) & valid
         x = self.embed[...].astype(self.dtype)[input_ids]
         cos, sin = rotary_tables(cfg, T)
-        bias = attention_bias(valid, cfg.sliding_window)
+        mask = attention_context(valid, cfg.sliding_window, self.dispatch.attention)
 
         # Counts only: the last block's FFN output is dead, so skip its up/down products.
         skip_last = not (with_logits or with_hidden) and self.dispatch.skip_dead_ffn
@@ -190,7 +191,7 @@ class CausalLM(nnx.Module):
         @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None, 0 if out_needed is not None else None),
                   out_axes=(nnx.Carry, 0))
         def run(block, x, abl, need):
-            return block(x, cos, sin, bias, valid, count_mask, abl, need, sums)
+            return block(x, cos, sin, mask, valid, count_mask, abl, need, sums)
 
         x, stats = run(self.blocks, x, ablate, out_needed)
         h = self.final_norm(x) if with_logits or with_hidden else None
@@ -231,7 +232,7 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=
       mesh: optional ("data", "model") `jax.sharding.Mesh`; None: the default device.
       rules: logical-axis rules (default `sparcom_jax.parallel.sharding.ANALYSIS_RULES`).
     """
-    dispatch = moe_impl if isinstance(moe_impl, Dispatch) else Dispatch.choose(moe_impl)
+    dispatch = dispatch_for(moe_impl, resolve_dtype(dtype), cfg.head_dim)
     rule_items = None if rules is None else tuple(sorted(rules.items()))
     graphdef, program = _init_program(cfg, dtype, param_dtype, dispatch, mesh, rule_items)
     return nnx.merge(graphdef, program(jax.random.key(seed)))

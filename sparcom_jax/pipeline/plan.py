@@ -75,9 +75,10 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
     one scanned layer holds at its peak, the larger of its attention and its FFN, plus
     what lives through the whole forward: the residual stream, the attention mask (the
     blocked attention's additive bias), and one layer's weights (a scan step may copy its
-    slice of the stacked parameters). Sizes follow the strategy `dispatch` runs
-    ("capacity" at its largest capacity, which every batch's buffers are allocated for)
-    and the model axis (`model`) that splits heads, FFN neurons and experts. XLA fuses
+    slice of the stacked parameters). Sizes follow the attention kernel and MoE strategy
+    `dispatch` runs ("capacity" at its largest capacity, which every batch's buffers are
+    allocated for) and the model axis (`model`) that splits heads, FFN neurons and
+    experts. XLA fuses
     elementwise work differently per backend, so this is an estimate: on CPU within 30%
     of the compiled program's own memory analysis for float32 models (tests/test_memory.py).
 
@@ -89,14 +90,21 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
     D, d = mcfg.hidden_size, mcfg.head_dim
     H, K = max(1, mcfg.num_heads // model), max(1, mcfg.num_kv_heads // model)
     x = B * T * D * it
-    # Attention: q, k, v and the output, and the float32 scores of every query block
-    # against the keys up to its end (about half the T x T matrix for long T) with the
-    # probabilities of some of them (XLA's schedule; measured on CPU: about half).
-    n = min(dispatch.attn_max_blocks, max(1, -(-T // dispatch.attn_block)))
-    edges = [round(i * T / n) for i in range(n + 1)]
-    area = sum((b - a) * b for a, b in zip(edges[:-1], edges[1:]))
-    attention = x + B * T * (2 * H + 2 * K) * d * it + 1.5 * B * H * area * 4
-    mask = B * T * T * 4
+    # Attention: q, k, v and the output, and the float32 scores. The blocked attention
+    # scores every query block against the keys up to its end (about half the T x T
+    # matrix for long T) and holds the probabilities of some of them (XLA's schedule;
+    # measured on CPU: about half), with an additive float32 mask; XLA's fused call
+    # holds the whole matrix's scores, masked scores and probabilities; cuDNN's flash
+    # attention holds no scores.
+    scores, mask = 0, 0
+    if dispatch.attention == "blocked":
+        n = min(dispatch.attn_max_blocks, max(1, -(-T // dispatch.attn_block)))
+        edges = [round(i * T / n) for i in range(n + 1)]
+        scores = 1.5 * B * H * sum((b - a) * b for a, b in zip(edges[:-1], edges[1:])) * 4
+        mask = B * T * T * 4
+    elif dispatch.attention == "xla":
+        scores = 3 * B * H * T * T * 4
+    attention = x + B * T * (2 * H + 2 * K) * d * it + scores
     if mcfg.is_moe:
         E, G, k = mcfg.num_experts, mcfg.moe_intermediate_size, mcfg.top_k
         M = B * T * k
@@ -197,7 +205,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
 
         B = max(1, math.ceil(cfg.collect.batch_size / data))
         T = cfg.data.max_length
-        dispatch = Dispatch.choose(cfg.collect.moe_impl)
+        dispatch = Dispatch.choose(cfg.collect.moe_impl, dtype=cfg.collect.dtype, head_dim=mcfg.head_dim)
         act = count_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model)
         what = dispatch.moe_counting if mcfg.is_moe else "dense"
         rows.append((f"forward activations (counting, B={B}/device, T={T}, {what})", "", act * data, act))

@@ -178,6 +178,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     meta.setdefault("model", getattr(model, "source_path", None))
     meta.setdefault("model_type", cfg.model_type)
     meta.setdefault("moe_dispatch", model.moe_dispatch)
+    meta.setdefault("attention", model.dispatch.attention)
 
     runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
