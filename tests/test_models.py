@@ -456,7 +456,7 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
     # tiles and tail tiles both run).
     for impl, factors, tiles in (("tiled", None, None), ("looped", None, None), ("looped", None, (4, 2)),
                                  ("capacity", None, None), ("capacity", (64.0,), None),
-                                 ("capacity", (0.01,), None)):
+                                 ("capacity", (0.01,), None), ("grouped", None, None)):
         other = sj.load_model(path, moe_impl=Dispatch.choose(impl, capacity_factors=factors or default,
                                                              loop_tile=(tiles or default_tiles)[0],
                                                              loop_tail=(tiles or default_tiles)[1]))
@@ -468,6 +468,35 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
             np.testing.assert_array_equal(getattr(got, field), arr, err_msg=f"{impl} {field}")
     with pytest.raises(ValueError, match="moe_impl"):
         sj.load_model(path, moe_impl="dense")
+
+
+def test_grouped_strategy_runs_tokamax_when_importable(hf_checkpoint, monkeypatch):
+    """"grouped" resolves its kernel once, at construction: tokamax's `ragged_dot` when the
+    package imports (a stand-in here, counting its calls), `jax.lax.ragged_dot` otherwise;
+    the model's dispatch and the count store's metadata name it."""
+    import types
+
+    calls = []
+
+    def ragged_dot(lhs, rhs, group_sizes, precision=None, **kw):
+        calls.append(precision)
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision, **kw)
+
+    path = hf_checkpoint("mixtral")
+    ids, mask = batch_with_padding()
+    seqs = [ids[b, : int(mask[b].sum())] for b in range(3)]
+    monkeypatch.setitem(sys.modules, "tokamax", None)  # import fails
+    lax = sj.load_model(path, moe_impl="grouped")
+    assert lax.dispatch.grouped_dot == "lax" and lax.moe_dispatch.startswith("moe grouped (lax);")
+    ref = sj.collect_counts(lax, seqs, progress=False)
+    monkeypatch.setitem(sys.modules, "tokamax", types.SimpleNamespace(ragged_dot=ragged_dot))
+    model = sj.load_model(path, moe_impl="grouped")
+    assert model.dispatch.grouped_dot == "tokamax"
+    got = sj.collect_counts(model, seqs, progress=False)
+    assert got.meta["moe_dispatch"].startswith("moe grouped (tokamax);")
+    assert len(calls) >= 3 and set(calls) == {jax.lax.Precision.HIGHEST}  # gate, up, down, at full precision
+    for field, arr in ref.arrays().items():
+        np.testing.assert_array_equal(getattr(got, field), arr, err_msg=field)
 
 
 def test_every_public_name_resolves():

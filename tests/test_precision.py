@@ -80,7 +80,8 @@ def test_direct_attention_call_is_full_precision():
 
 @pytest.mark.parametrize("variant, impl, backend", [
     ("llama", "auto", "cpu"), ("qwen2_moe", "ragged", "cpu"), ("qwen2_moe", "capacity", "cpu"),
-    ("qwen2_moe", "tiled", "cpu"), ("qwen2_moe", "looped", "cpu"), ("mixtral", "auto", "cpu"),
+    ("qwen2_moe", "tiled", "cpu"), ("qwen2_moe", "looped", "cpu"), ("qwen2_moe", "grouped", "cpu"),
+    ("mixtral", "auto", "cpu"),
     ("qwen2_moe", "auto", "gpu"),  # traced here with the accelerators' one-hot matmul count reducer
 ])
 def test_forward_and_counting_carry_highest_precision(variant, impl, backend):

@@ -259,8 +259,8 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
         created already sharded by the sharding rules.
       param_dtype: storage dtype of parameters (default: `dtype`).
       rules: optional logical-axis rules overriding the defaults.
-      moe_impl: expert dispatch ("auto", "capacity", "ragged", "tiled", "looped", or a
-        `Dispatch` with tuned constants); see `CausalLM`.
+      moe_impl: expert dispatch ("auto", "capacity", "ragged", "grouped", "tiled",
+        "looped", or a `Dispatch` with tuned constants); see `CausalLM`.
 
     Returns:
       CausalLM; ``model.tokenizer`` is the directory's tokenizer or None and

@@ -20,6 +20,8 @@ strategies differ only in how rows reach the body; which one runs is fixed by
   ragged_dot fallback; ragged_dot may be rewritten into a dense product over all
   experts there (docs/benchmarks.md: 2.5x slower on an H200).
 - "ragged" (TPU): `jax.lax.ragged_dot`, lowered to grouped matmuls.
+- "grouped" (GPU, opt-in): the same grouped matmuls through tokamax's Pallas kernels
+  (`tokamax.ragged_dot`, the same API) when tokamax is installed, else exactly "ragged".
 """
 
 from __future__ import annotations
@@ -163,14 +165,19 @@ class MoEFFN(nnx.Module):
         return functools.partial(expert_mlp, act=activation(self.act), dot=dot, keep=keep, with_out=with_out)
 
     # ---- strategies: (xs [M, D] expert-sorted, ...) -> (y [M, D], activations [M, G] or None)
-    def _ragged(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
+    def _ragged(self, xs_MD, e_sorted, group_sizes, keep_EG, counting, ragged_dot=jax.lax.ragged_dot):
         """`jax.lax.ragged_dot` grouped matmuls: TPU (grouped GEMMs) and the capacity fallback."""
         def dot(x, w):
-            return jax.lax.ragged_dot(x, w, group_sizes, precision=self.precision)
+            return ragged_dot(x, w, group_sizes, precision=self.precision)
 
         keep = None if keep_EG is None else keep_EG.astype(self.dtype)[e_sorted]
         y_MD, a_MG = self._body(dot, keep)(xs_MD, *self._weights())
         return y_MD, a_MG if counting else None
+
+    def _grouped(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
+        """GPU: tokamax's grouped-matmul kernels (`Dispatch.grouped_dot`); on an H200 XLA
+        rewrote `ragged_dot` into a dense product over all experts (docs/benchmarks.md)."""
+        return self._ragged(xs_MD, e_sorted, group_sizes, keep_EG, counting, self.dispatch.ragged_dot())
 
     def _capacity(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
         """GPU: batched matmuls over an [E, C, D] buffer (ragged_dot ran 2.5x slower on an H200).

@@ -110,8 +110,9 @@ class CausalLM(nnx.Module):
       dtype: compute dtype; param_dtype: storage dtype (default: dtype).
       moe_impl: a `Dispatch`, or the MoE strategy for `Dispatch.choose`: "auto" (on GPU
         the capacity-buffer batched matmul, on TPU ragged_dot, on CPU an expert loop
-        when counting, else a differentiable tile scan), "capacity", "ragged", "tiled"
-        or "looped" (inference only); all give the same result. Resolved here, once,
+        when counting, else a differentiable tile scan), "capacity", "ragged", "grouped"
+        (tokamax's grouped matmul when installed), "tiled" or "looped" (inference only);
+        all give the same result. Resolved here, once,
         with the attention kernel for this dtype and backend (cuDNN on GPU in bfloat16,
         else the blocked attention): ``model.dispatch`` (shown in the repr) says what runs.
     """
