@@ -45,7 +45,7 @@ def precision_of(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def expert_mlp(x, wg, wu, wd, *, act, dot, keep=None, with_out: bool = True):
+def expert_mlp(x, wg, wu, wd, *, act, dot, keep=None, with_out: bool = True, gate_dtype=None):
     """The gated FFN body, down(act(gate(x)) * up(x)), on rows of one expert or a dense FFN.
 
     Every dense FFN, shared expert and MoE dispatch strategy runs this one body.
@@ -54,19 +54,25 @@ def expert_mlp(x, wg, wu, wd, *, act, dot, keep=None, with_out: bool = True):
       x: rows [..., D]; wg, wu: [..., D, G]; wd: [..., G, D] (leading axes broadcast
         as `dot` broadcasts them).
       act: the activation; dot: the product (`jnp.matmul` or a grouped `ragged_dot`,
-        with the model's precision).
+        with the model's precision; it takes a ``precision`` keyword overriding it).
       keep: optional float mask broadcasting against the activations (1 keep, 0 off).
       with_out: False computes only the gate product (counts-only work).
+      gate_dtype: None (the gate in x's dtype), or the dtype of the gate product: from
+        x cast to it and `wg` (already in it), at that dtype's precision; the rest stays
+        in x's dtype, the activations joining it after `act`.
 
     Returns:
       (y [..., D] or None without `with_out`, A [..., G]): the output and the
-      activations before `keep` (what is counted).
+      activations before `keep` (what is counted), in `gate_dtype` when given.
     """
-    a = act(dot(x, wg))
+    if gate_dtype is None:
+        a = act(dot(x, wg))
+    else:
+        a = act(dot(x.astype(gate_dtype), wg, precision=precision_of(gate_dtype)))
     if not with_out:
         return None, a
     h = a if keep is None else a * keep
-    return dot(h * dot(x, wu), wd), a
+    return dot(h.astype(x.dtype) * dot(x, wu), wd), a
 
 
 def rms_norm(x, weight, eps: float, axis=-1):
@@ -296,10 +302,11 @@ class GatedFFN(nnx.Module):
     }
 
     def __init__(self, D: int, F: int, act: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, gate_dtype=None):
         create(self, ["gate_proj", "up_proj", "down_proj"], rngs, {"embed": D, "mlp": F}, param_dtype)
         self.act = act
         self.dtype = dtype
+        self.gate_dtype = gate_dtype  # None: the gate computes in `dtype` (see `expert_mlp`)
         self.precision = precision_of(dtype)
 
     def __call__(self, x_BTD, valid_BT, count_mask_BT=None, keep_F=None, out_needed=None, sums: bool = False):
@@ -310,13 +317,15 @@ class GatedFFN(nnx.Module):
         output, skipping the up and down products (counts-only last layer).
         """
         dt = self.dtype
-        weights = tuple(w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        weights = (self.gate_proj[...].astype(self.gate_dtype or dt),
+                   *(w[...].astype(dt) for w in (self.up_proj, self.down_proj)))
         dot = functools.partial(jnp.matmul, precision=self.precision)
         keep = None if keep_F is None else keep_F.astype(dt)
 
         def run(with_out: bool):
             def body():
-                y, a = expert_mlp(x_BTD, *weights, act=activation(self.act), dot=dot, keep=keep, with_out=with_out)
+                y, a = expert_mlp(x_BTD, *weights, act=activation(self.act), dot=dot, keep=keep, with_out=with_out,
+                                  gate_dtype=self.gate_dtype)
                 return (y if with_out else jnp.zeros_like(x_BTD)), a
             return body
 

@@ -42,16 +42,16 @@ class Block(nnx.Module):
     CHILDREN = {"input_norm": ("input_layernorm", RMSNorm), "attn": ("self_attn", Attention),
                 "post_attn_norm": ("post_attention_layernorm", RMSNorm), "ffn": ("mlp", GatedFFN, MoEFFN)}
 
-    def __init__(self, cfg: ModelConfig, dispatch: Dispatch, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, dispatch: Dispatch, *, rngs: nnx.Rngs, dtype, param_dtype, gate_dtype=None):
         D = cfg.hidden_size
         self.input_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.attn = Attention(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.is_moe:
-            self.ffn = MoEFFN(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.ffn = MoEFFN(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype, gate_dtype=gate_dtype)
         else:
             self.ffn = GatedFFN(D, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dtype,
-                                param_dtype=param_dtype)
+                                param_dtype=param_dtype, gate_dtype=gate_dtype)
         self.is_moe = cfg.is_moe
 
     def __call__(self, x_BTD, cos, sin, mask, valid_BT, count_mask_BT, ablate, out_needed=None, sums=False):
@@ -108,6 +108,15 @@ class CausalLM(nnx.Module):
       cfg: the architecture.
       rngs: initialisation randomness (weights are replaced when loading).
       dtype: compute dtype; param_dtype: storage dtype (default: dtype).
+      gate_dtype: None (default: the compute dtype), or "float32" in a bfloat16/float16
+        model: every gate projection (dense FFN, shared expert, routed experts), whose
+        sign is what is counted, computes in float32 from float32 casts of its input and
+        weights; the rest stays in `dtype`. Shown in the repr as the effective dtype
+        (``model.gate_dtype``) and recorded in the count store. bfloat16 products already
+        accumulate in float32 on CPUs, GPUs and TPUs, so with weights stored in bfloat16
+        the float32 gate has the bfloat16 gate's sign (it differs by the output's
+        rounding, which later layers see); it recovers float32 counts that bfloat16
+        rounding of the gate weights flipped only with ``param_dtype="float32"``.
       moe_impl: a `Dispatch`, or the MoE strategy for `Dispatch.choose`: "auto" (on GPU
         the capacity-buffer batched matmul, on TPU ragged_dot, on CPU an expert loop
         when counting, else a differentiable tile scan), "capacity", "ragged", "grouped"
@@ -122,13 +131,19 @@ class CausalLM(nnx.Module):
     CHILDREN = {"blocks": ("model.layers.{l}", Block), "final_norm": ("model.norm", RMSNorm)}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype="float32",
-                 param_dtype=None, moe_impl: str | Dispatch = "auto"):
+                 param_dtype=None, moe_impl: str | Dispatch = "auto", gate_dtype=None):
         rngs = rngs or nnx.Rngs(0)
         dtype = resolve_dtype(dtype)
         param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
+        gate = resolve_dtype(gate_dtype) if gate_dtype is not None else dtype
+        if jnp.dtype(gate) not in (jnp.dtype(dtype), jnp.dtype(jnp.float32)):
+            raise ValueError(f"gate_dtype {jnp.dtype(gate).name!r} must be 'float32' or the compute dtype "
+                             f"{jnp.dtype(dtype).name!r}")
         dispatch = dispatch_for(moe_impl, dtype, cfg.head_dim)
         self.config = cfg
         self.dtype = dtype
+        self.gate_dtype = jnp.dtype(gate).name
+        layer_gate = None if jnp.dtype(gate) == jnp.dtype(dtype) else gate
         self.precision = precision_of(dtype)
         self.dispatch = dispatch
         sizes = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size}
@@ -137,7 +152,7 @@ class CausalLM(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
-            return Block(cfg, dispatch, rngs=r, dtype=dtype, param_dtype=param_dtype)
+            return Block(cfg, dispatch, rngs=r, dtype=dtype, param_dtype=param_dtype, gate_dtype=layer_gate)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -216,7 +231,7 @@ def jitted_logits(graphdef, state, input_ids, attention_mask):
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=None,
-               moe_impl: str | Dispatch = "auto", mesh=None, rules: dict | None = None) -> CausalLM:
+               moe_impl: str | Dispatch = "auto", gate_dtype=None, mesh=None, rules: dict | None = None) -> CausalLM:
     """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).
 
     Every parameter is created on the device directly in `param_dtype` by one compiled
@@ -229,23 +244,24 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=
     Args:
       cfg: the architecture.
       seed: the random seed.
-      dtype, param_dtype, moe_impl: as for `CausalLM`.
+      dtype, param_dtype, moe_impl, gate_dtype: as for `CausalLM`.
       mesh: optional ("data", "model") `jax.sharding.Mesh`; None: the default device.
       rules: logical-axis rules (default `sparcom_jax.parallel.sharding.ANALYSIS_RULES`).
     """
     dispatch = dispatch_for(moe_impl, resolve_dtype(dtype), cfg.head_dim)
     rule_items = None if rules is None else tuple(sorted(rules.items()))
-    graphdef, program = _init_program(cfg, dtype, param_dtype, dispatch, mesh, rule_items)
+    graphdef, program = _init_program(cfg, dtype, param_dtype, dispatch, gate_dtype, mesh, rule_items)
     return nnx.merge(graphdef, program(jax.random.key(seed)))
 
 
 @functools.lru_cache(maxsize=32)
-def _init_program(cfg, dtype, param_dtype, dispatch, mesh, rule_items):
+def _init_program(cfg, dtype, param_dtype, dispatch, gate_dtype, mesh, rule_items):
     """(graphdef, jitted key -> state) of `init_model`, built once per architecture and placement."""
     from sparcom_jax.parallel.sharding import state_shardings
 
     def make(key):
-        return CausalLM(cfg, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=param_dtype, moe_impl=dispatch)
+        return CausalLM(cfg, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=param_dtype, moe_impl=dispatch,
+                        gate_dtype=gate_dtype)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
     shardings = None if mesh is None else state_shardings(abstract, mesh, None if rule_items is None
@@ -254,10 +270,10 @@ def _init_program(cfg, dtype, param_dtype, dispatch, mesh, rule_items):
 
 
 def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None,
-                   moe_impl: str | Dispatch = "auto") -> CausalLM:
+                   moe_impl: str | Dispatch = "auto", gate_dtype=None) -> CausalLM:
     """The model with ShapeDtypeStruct leaves (`jax.eval_shape`): no memory, no compute."""
     return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                           moe_impl=moe_impl))
+                                           moe_impl=moe_impl, gate_dtype=gate_dtype))
 
 
 def param_count(model: CausalLM) -> int:
