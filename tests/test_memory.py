@@ -30,9 +30,9 @@ def test_init_peak_holds_no_float32_copy_of_a_stacked_expert_weight():
     """The init program's own buffers (XLA's buffer assignment: what the device holds while
     it runs, CPU has no allocator statistics) are the bfloat16 weights as outputs plus
     temporaries smaller than one float32 copy of one stacked expert weight. Drawing the
-    stack in one batched float32 sample (what init_model did) needs 8x that here."""
+    stack in one batched float32 sample needs 8x that here."""
     cfg = sj.ModelConfig.from_hf_config(MIXTRAL)
-    _, program = _init_program(cfg, "bfloat16", None, Dispatch.choose("auto"), None, None)
+    _, program = _init_program(cfg, "bfloat16", None, Dispatch.choose("auto", dtype="bfloat16"), None, None, None)
     mem = program.lower(jax.random.key(0)).compile().memory_analysis()
     L, E, D, G = 32, 4, 64, 512
     stacked_f32 = L * E * D * G * 4
