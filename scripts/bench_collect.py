@@ -3,8 +3,8 @@
 
 Measured in one run on one machine, per model (random weights, random token sequences):
   1. tokens/s of `collect_counts`, for MoE models once per dispatch strategy the library
-     offers for this backend (on GPU: "capacity", "ragged", and any newer one such as
-     "tokamax"; strategies that fail are reported as failed, not dropped);
+     offers for this backend (on GPU: "capacity", "ragged", "grouped" (tokamax's kernel where
+     installed) and any newer one; strategies that fail are reported as failed, not dropped);
   2. achieved TFLOP/s of collect_counts (matmul FLOPs of the useful work, no LM head;
      attention scores not counted) and its share of the measured matmul peak;
   3. the jitted plain forward of the same model on exactly the batches collect plans
@@ -91,7 +91,7 @@ def strategies_for(cfg, requested: str | None) -> tuple[list[str | None], list[s
     """(MoE strategies to time, requested ones this library version does not offer).
 
     Dense models: [None] (the library's default). Default request: "auto" on CPU; on
-    accelerators "capacity", "ragged", "tokamax" and any other strategy the library
+    accelerators "capacity", "ragged", "grouped" and any other strategy the library
     offers except "auto" and the CPU-only ones.
     """
     import sparcom_jax as sj
@@ -104,7 +104,7 @@ def strategies_for(cfg, requested: str | None) -> tuple[list[str | None], list[s
     elif on_cpu():
         want = ["auto"]
     else:
-        want = ["capacity", "ragged", "tokamax"]
+        want = ["capacity", "ragged", "grouped"]
         want += [s for s in offered if s not in want and s != "auto" and s not in CPU_ONLY_STRATEGIES]
     return [s for s in want if s in offered], [s for s in want if s not in offered]
 
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU, bfloat16 otherwise)")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes after the warm-up (default 3 CPU, 2)")
     ap.add_argument("--strategies", default=None, help="comma-separated MoE strategies (default: auto on CPU; "
-                                                       "capacity, ragged, tokamax and any newer one elsewhere)")
+                                                       "capacity, ragged, grouped and any newer one elsewhere)")
     ap.add_argument("--baselines", default="plain,hooks", help="transformers baselines: plain, hooks")
     ap.add_argument("--no-forward", action="store_true", help="skip the jitted plain forward (overhead column)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers baselines")

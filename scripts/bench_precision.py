@@ -9,9 +9,12 @@ For each model, counts are collected three times over the same sequences and wei
   - "float32": float32 compute (every matmul in full float32), the reference;
   - "bfloat16": the weights rounded to bfloat16, bfloat16 compute (what users run on
     accelerators);
-  - "bfloat16, float32 gate": as bfloat16, but the gate projection (whose sign is what
-    is counted) computed in float32, through the library's `gate_dtype="float32"`
-    (reported as not available where this version has no such option).
+  - "bfloat16, float32 gate and weights": bfloat16 compute, but the weights kept in
+    float32 (`param_dtype="float32"`) and the gate projection (whose sign is what is
+    counted) computed in float32 from them, through the library's `gate_dtype="float32"`
+    (reported as not available where this version has no such option). With the weights
+    in bfloat16 a float32 gate could not help: bfloat16 products already accumulate in
+    float32, so the gate's sign would be the bfloat16 gate's.
 Each variant's counts are identified with the default rule (`IdentifyConfig()`: top 1%
 per instruction, consensus q = 0.5), per count field: ISNs (`neuron_active`), ISEs
 (`expert_routed`) and expert neurons (`expert_neuron_active`). Reported against float32:
@@ -47,7 +50,7 @@ from bench_common import (  # noqa: E402
 
 FIELDS = {"neuron_active": "ISN", "expert_routed": "ISE", "expert_neuron_active": "expert neurons"}
 VARIANTS = (("float32", "float32", None), ("bfloat16", "bfloat16", None),
-            ("bfloat16, float32 gate", "bfloat16", "float32"))
+            ("bfloat16, float32 gate and weights", "bfloat16", "float32"))
 
 
 def demo_shapes() -> list[tuple[str, dict]]:
@@ -89,14 +92,14 @@ def gate_supported(*fns) -> bool:
 
 def cast_model(cfg, base, dtype: str, gate: str | None):
     """`base`'s float32 weights as a model of another compute dtype (rounded as loading an
-    float32 checkpoint in that dtype rounds them), optionally with a float32 gate."""
+    float32 checkpoint in that dtype rounds them), or with a float32 gate kept in float32."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import sparcom_jax as sj
 
-    kw = {"gate_dtype": gate} if gate else {}
+    kw = {"gate_dtype": gate, "param_dtype": "float32"} if gate else {}
     if accepts(sj.abstract_model, "gate_dtype") or not gate:
         model = sj.abstract_model(cfg, dtype=dtype, **kw)
     else:  # gate_dtype only on init_model: a throwaway random model, then our weights
@@ -242,10 +245,10 @@ def main(argv=None) -> int:
         body = [f"{stamp()}; {note}; default identification rule (top 1% per instruction, consensus q = 0.5); "
                 f"`scripts/bench_precision.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
                 *table(results), "",
-                "Float32 is the reference (every matmul in full float32). The bfloat16 variants use the float32 "
-                "weights rounded to bfloat16. A Jaccard of 1.00 means the same set; the category sets are "
-                "consensus sets (units in S(I) for at least half of the category's instructions); — marks a category "
-                "whose sets are empty in both variants. Random weights "
+                "Float32 is the reference (every matmul in full float32). The bfloat16 variant uses the float32 "
+                "weights rounded to bfloat16; the float32 gate's variant keeps them in float32. A Jaccard of 1.00 "
+                "means the same set; the category sets are consensus sets (units in S(I) for at least half of the "
+                "category's instructions); — marks a category whose sets are empty in both variants. Random weights "
                 "and random tokens are a stress test; real checkpoints on the shipped instructions are the "
                 "evidence for a precision default."]
         replace_section(Path(args.out), f"precision:{machine}", "\n".join(body),
@@ -260,7 +263,8 @@ def main(argv=None) -> int:
 
         for d in args.models:
             def make(dtype, gate, d=d):
-                return sj.load_model(d, dtype=dtype, with_tokenizer=False, **({"gate_dtype": gate} if gate else {}))
+                return sj.load_model(d, dtype=dtype, with_tokenizer=False,
+                                     **({"gate_dtype": gate, "param_dtype": "float32"} if gate else {}))
 
             tok = sj.load_tokenizer(d) or sj.default_tokenizer()  # as collect_instructions resolves it
             enc = encode_records(records, tok, template=args.template, scope="content", max_length=args.max_len)

@@ -128,7 +128,7 @@ if [ "$DRY" = 1 ]; then
 else
   TINY=() TEST_ARGS=(-n "${TEST_WORKERS:-4}" -k "${TEST_FILTER:-logits_match or chosen_experts or counts_match or \
 dispatch_implementations or capacity_path or expert_neuron_count or padding_never or bfloat16 or do_not_depend or \
-ablat or blocked_attention or counts_only or precision}")
+ablat or blocked_attention or fused_attention or attention_kernel or counts_only or precision or init_ or plan_}")
   DENSE=(--n 1024 --min-len 64 --max-len 511 --batch 32 --max-buckets 4 --repeats 2)
   MOE=(--n 1024 --min-len 64 --max-len 511 --batch 32 --max-buckets 3 --repeats 2)
   MOE_MIX=(--n 512 --min-len 64 --max-len 511 --batch 32 --max-buckets 3 --repeats 2)
@@ -152,7 +152,7 @@ PEAK_ARG=()  # one measured peak for every row (a dry run computes in float32: e
 # Mixtral row holds the card; neither's result depends on the other's timing. Only the
 # foreground writes results.json (the tests' status is recorded after both end).
 TEST_FILES=(tests/test_collect.py tests/test_models.py tests/test_losses.py)  # counts first: xdist hands out in order
-[ -f tests/test_precision.py ] && TEST_FILES+=(tests/test_precision.py)
+for f in tests/test_precision.py tests/test_memory.py; do [ -f "$f" ] && TEST_FILES+=("$f"); done
 TESTS_PID="" ALONGSIDE=()
 if wanted 2; then
   T2=$(limit_for "$(cap "$CAP_TESTS")")

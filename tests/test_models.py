@@ -98,6 +98,84 @@ def test_blocked_attention_equals_plain_softmax_attention(window):
     np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
 
 
+def _long_batch(T=120):
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 96, size=(3, T)).astype(np.int64)
+    mask = np.ones((3, T), np.int64)
+    mask[1, 70:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3", "mixtral"])
+def test_fused_attention_call_equals_blocked_attention(variant, hf_checkpoint):
+    """`jax.nn.dot_product_attention` (XLA's implementation of the call cuDNN runs on GPU),
+    with our masking mapped onto its arguments (causal, right padding as row lengths, the
+    sliding window, grouped kv heads, q/k norms before it), against the blocked attention:
+    the same logits within float32 rounding and identical counts, on 9 and on 120 tokens
+    (several query blocks; Mistral's window of 4 far shorter than the rows)."""
+    from sparcom_jax.models.dispatch import Dispatch
+
+    path = hf_checkpoint(variant)
+    blocked = sj.load_model(path)
+    fused = sj.load_model(path, moe_impl=Dispatch.choose(attention="xla"))
+    assert blocked.dispatch.attention == "blocked" and fused.dispatch.attention == "xla"
+    for ids, mask in (batch_with_padding(), _long_batch()):
+        real = mask.astype(bool)
+        want, got = np.asarray(blocked(ids, mask))[real], np.asarray(fused(ids, mask))[real]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        seqs = [ids[b, : int(mask[b].sum())] for b in range(len(ids))]
+        ref = sj.collect_counts(blocked, seqs, batch_size=4, progress=False)  # a fourth row of padding only
+        out = sj.collect_counts(fused, seqs, batch_size=4, progress=False)
+        assert out.meta["attention"] == "xla" and ref.meta["attention"] == "blocked"
+        for field, arr in ref.arrays().items():
+            np.testing.assert_array_equal(getattr(out, field), arr, err_msg=field)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen3", "mixtral"])
+def test_cudnn_fused_attention_close_to_blocked_attention_in_bfloat16(variant, hf_checkpoint):
+    """On GPU, bfloat16 models run cuDNN's flash attention by default: as close to the float32
+    reference as the blocked attention in bfloat16 is, and close to it."""
+    from sparcom_jax.models.dispatch import Dispatch
+
+    path = hf_checkpoint(variant)
+    ids, mask = _long_batch()
+    real = mask.astype(bool)
+    ref = np.asarray(sj.load_model(path)(ids, mask))[real]
+    cudnn = sj.load_model(path, dtype="bfloat16")
+    blocked = sj.load_model(path, dtype="bfloat16", moe_impl=Dispatch.choose(attention="blocked", dtype="bfloat16"))
+    assert cudnn.dispatch.attention == "cudnn"
+    scale = np.abs(ref).max()
+    a, b = np.asarray(cudnn(ids, mask))[real], np.asarray(blocked(ids, mask))[real]
+    assert np.abs(a - ref).max() < 0.05 * scale and np.abs(a - b).max() < 0.05 * scale
+
+
+def test_attention_kernel_is_chosen_once_for_the_dtype_and_backend():
+    from sparcom_jax.models.dispatch import Dispatch
+
+    choose = Dispatch.choose
+    assert choose(backend="gpu", dtype="bfloat16", head_dim=128).attention == "cudnn"
+    assert choose(backend="gpu", dtype="float16", head_dim=64).attention == "cudnn"
+    for backend, dtype, head_dim in (("gpu", "float32", 128), ("gpu", "bfloat16", 100), ("gpu", "bfloat16", 256),
+                                     ("cpu", "bfloat16", 128), ("tpu", "bfloat16", 128)):
+        assert choose(backend=backend, dtype=dtype, head_dim=head_dim).attention == "blocked", (backend, dtype)
+    assert choose(backend="cpu", attention="xla").attention == "xla"  # float32 at full precision on CPU only
+    with pytest.raises(ValueError, match="no float32 path"):
+        choose(backend="gpu", attention="cudnn", dtype="float32")
+    with pytest.raises(ValueError, match="TF32"):
+        choose(backend="gpu", attention="xla", dtype="float32")
+    with pytest.raises(ValueError, match="attention 'flash' is not one of"):
+        choose(attention="flash")
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=16,
+                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    gpu_bf16 = choose(backend="gpu", dtype="bfloat16", head_dim=cfg.head_dim)
+    with pytest.raises(ValueError, match="no float32 path"):  # a given Dispatch is checked against the dtype
+        sj.abstract_model(cfg, dtype="float32", moe_impl=gpu_bf16)
+    assert "attention='cudnn'" in repr(sj.abstract_model(cfg, dtype="bfloat16", moe_impl=gpu_bf16).dispatch)
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2_moe"])
 def test_counts_only_forward_skips_nothing_that_is_counted(variant, hf_checkpoint):
     """with_hidden=False (the last block's FFN output skipped) gives the same counts."""
@@ -378,7 +456,7 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
     # tiles and tail tiles both run).
     for impl, factors, tiles in (("tiled", None, None), ("looped", None, None), ("looped", None, (4, 2)),
                                  ("capacity", None, None), ("capacity", (64.0,), None),
-                                 ("capacity", (0.01,), None)):
+                                 ("capacity", (0.01,), None), ("grouped", None, None)):
         other = sj.load_model(path, moe_impl=Dispatch.choose(impl, capacity_factors=factors or default,
                                                              loop_tile=(tiles or default_tiles)[0],
                                                              loop_tail=(tiles or default_tiles)[1]))
@@ -390,6 +468,35 @@ def test_moe_dispatch_implementations_agree(variant, hf_checkpoint):
             np.testing.assert_array_equal(getattr(got, field), arr, err_msg=f"{impl} {field}")
     with pytest.raises(ValueError, match="moe_impl"):
         sj.load_model(path, moe_impl="dense")
+
+
+def test_grouped_strategy_runs_tokamax_when_importable(hf_checkpoint, monkeypatch):
+    """"grouped" resolves its kernel once, at construction: tokamax's `ragged_dot` when the
+    package imports (a stand-in here, counting its calls), `jax.lax.ragged_dot` otherwise;
+    the model's dispatch and the count store's metadata name it."""
+    import types
+
+    calls = []
+
+    def ragged_dot(lhs, rhs, group_sizes, precision=None, **kw):
+        calls.append(precision)
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision, **kw)
+
+    path = hf_checkpoint("mixtral")
+    ids, mask = batch_with_padding()
+    seqs = [ids[b, : int(mask[b].sum())] for b in range(3)]
+    monkeypatch.setitem(sys.modules, "tokamax", None)  # import fails
+    lax = sj.load_model(path, moe_impl="grouped")
+    assert lax.dispatch.grouped_dot == "lax" and lax.moe_dispatch.startswith("moe grouped (lax);")
+    ref = sj.collect_counts(lax, seqs, progress=False)
+    monkeypatch.setitem(sys.modules, "tokamax", types.SimpleNamespace(ragged_dot=ragged_dot))
+    model = sj.load_model(path, moe_impl="grouped")
+    assert model.dispatch.grouped_dot == "tokamax"
+    got = sj.collect_counts(model, seqs, progress=False)
+    assert got.meta["moe_dispatch"].startswith("moe grouped (tokamax);")
+    assert len(calls) >= 3 and set(calls) == {jax.lax.Precision.HIGHEST}  # gate, up, down, at full precision
+    for field, arr in ref.arrays().items():
+        np.testing.assert_array_equal(getattr(got, field), arr, err_msg=field)
 
 
 def test_every_public_name_resolves():

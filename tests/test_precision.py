@@ -80,7 +80,8 @@ def test_direct_attention_call_is_full_precision():
 
 @pytest.mark.parametrize("variant, impl, backend", [
     ("llama", "auto", "cpu"), ("qwen2_moe", "ragged", "cpu"), ("qwen2_moe", "capacity", "cpu"),
-    ("qwen2_moe", "tiled", "cpu"), ("qwen2_moe", "looped", "cpu"), ("mixtral", "auto", "cpu"),
+    ("qwen2_moe", "tiled", "cpu"), ("qwen2_moe", "looped", "cpu"), ("qwen2_moe", "grouped", "cpu"),
+    ("mixtral", "auto", "cpu"),
     ("qwen2_moe", "auto", "gpu"),  # traced here with the accelerators' one-hot matmul count reducer
 ])
 def test_forward_and_counting_carry_highest_precision(variant, impl, backend):
@@ -133,3 +134,132 @@ def test_bfloat16_model_keeps_the_default_precision_explicitly():
     ids, valid = _batch()
     closed = jax.make_jaxpr(lambda s: _count_step(graphdef, s, ids, valid, valid))(state)
     assert_all(closed, DEFAULT, min_count=8)
+
+
+# ---------------------------------------------------------------- the gate in float32
+def _gate_case(model_type: str, **extra):
+    """A one-layer model whose bfloat16 gate flips float32 signs, and its float32 weights.
+
+    Every FFN input row is exactly +-1 (embeddings +-1024, attention output 0, unit
+    norms), so float32 and bfloat16 forwards feed the gates the same values up to one
+    common positive factor. Each gate column is (1 + delta, -1, 0, ...) with |delta| <=
+    2**-10: the float32 gate is +-delta on rows with x0 = x1, exactly 0 after rounding the
+    weights to bfloat16, so every neuron flips on those rows. The router scores expert e
+    (e + 1) * x2 (integers: the same top-k in both precisions).
+    """
+    cfg = sj.ModelConfig.from_hf_config(dict(model_type=model_type, vocab_size=16, hidden_size=16,
+                                             intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=1, **extra))
+    model = sj.init_model(cfg, dtype="float32")
+    rng = np.random.default_rng(0)
+    embed = np.full((16, 16), 1024.0, np.float32)
+    for v in range(16):
+        embed[v, :3] = [1024.0 if v >> b & 1 else -1024.0 for b in range(3)]
+    model.embed.value = jnp.asarray(embed)
+    model.blocks.attn.o_proj.value = jnp.zeros_like(model.blocks.attn.o_proj.value)
+
+    def gate(shape):  # [..., D, G]: column j is (1 + delta_j, -1, 0, ...)
+        w = np.zeros(shape, np.float32)
+        G = shape[-1]
+        delta = rng.choice([-1, 1], size=shape[:-2] + (G,)) * rng.integers(1, 5, size=shape[:-2] + (G,)) * 2.0 ** -12
+        w[..., 0, :] = 1 + delta
+        w[..., 1, :] = -1
+        assert np.all(np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32)[..., 0, :] == 1)  # rounding removes delta
+        return jnp.asarray(w)
+
+    ffn = model.blocks.ffn
+    ffn.gate_proj.value = gate(ffn.gate_proj.value.shape)
+    if cfg.is_moe:
+        router = np.zeros(ffn.router.value.shape, np.float32)
+        router[:, 2, :] = np.arange(1, cfg.num_experts + 1)
+        ffn.router.value = jnp.asarray(router)
+        if cfg.has_shared_expert:
+            ffn.shared_expert.gate_proj.value = gate(ffn.shared_expert.gate_proj.value.shape)
+    return cfg, model
+
+
+def _as(cfg, reference, **kw):
+    model = sj.abstract_model(cfg, **kw)
+    nnx.update(model, jax.tree.map(lambda s, d: jnp.asarray(s, d.dtype), nnx.state(reference, nnx.Param),
+                                   nnx.state(model, nnx.Param)))
+    return model
+
+
+@pytest.mark.parametrize("variant, impls", [
+    ("llama", ("auto",)),
+    ("qwen2_moe", ("ragged", "grouped", "capacity", "tiled", "looped")),  # routed experts and a shared expert
+])
+def test_gate_dtype_float32_gives_float32_counts_where_bfloat16_flips_them(variant, impls):
+    extra = {} if variant == "llama" else dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                                               shared_expert_intermediate_size=8)
+    cfg, f32 = _gate_case(VARIANTS[variant][0], **extra)
+    seqs = [np.arange(8), np.arange(7, -1, -1), np.array([3, 0, 7, 4, 4, 0])]  # every sign pattern
+    ref = sj.collect_counts(f32, seqs, progress=False)
+    for impl in impls:
+        kw = dict(dtype="bfloat16", moe_impl=Dispatch.choose(impl, backend="cpu"))
+        plain = sj.collect_counts(_as(cfg, f32, param_dtype="float32", **kw), seqs, progress=False)
+        gated = _as(cfg, f32, param_dtype="float32", gate_dtype="float32", **kw)
+        assert gated.gate_dtype == "float32" and plain.meta["gate_dtype"] == "bfloat16"
+        got = sj.collect_counts(gated, seqs, progress=False)
+        assert got.meta["gate_dtype"] == "float32"
+        # bfloat16 weights: the rounding is done before any float32 gate sees them
+        rounded = sj.collect_counts(_as(cfg, f32, gate_dtype="float32", **kw), seqs, progress=False)
+        for field, want in ref.arrays().items():
+            np.testing.assert_array_equal(getattr(got, field), want, err_msg=f"{impl} {field}")
+            np.testing.assert_array_equal(getattr(rounded, field), getattr(plain, field), err_msg=f"{impl} {field}")
+            if field != "expert_routed":  # the flipped gates (routing is the same in both)
+                assert (getattr(plain, field) != want).mean() > 0.2, (impl, field)
+            else:
+                np.testing.assert_array_equal(plain.expert_routed, want)
+
+
+def test_gate_dtype_float32_products_are_float32_at_full_precision():
+    """In a bfloat16 model with a float32 gate, the gate products (one per dense FFN, per
+    capacity branch and fallback, per shared expert) take float32 operands at HIGHEST; every
+    other product is that of the plain bfloat16 model."""
+    def products_of(model):
+        graphdef, state = nnx.split(model)
+        ids, valid = _batch()
+        closed = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).forward(ids, valid).logits)(state)
+        found = collections.Counter()
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name in PRODUCTS:
+                    dtypes = tuple(sorted({str(v.aval.dtype) for v in eqn.invars[:2]}))
+                    found[(eqn.params["precision"], dtypes)] += 1
+                for value in eqn.params.values():
+                    for sub in _subjaxprs(value):
+                        walk(sub)
+
+        walk(closed.jaxpr)
+        return found
+
+    for variant, gates in (("llama", 1), ("qwen2_moe", 5)):  # qwen2_moe: 3 capacities + the fallback, shared
+        mt, extra = VARIANTS[variant]
+        cfg = sj.ModelConfig.from_hf_config(dict(model_type=mt, **COMMON, **extra))
+        kw = dict(dtype="bfloat16", moe_impl=Dispatch.choose("capacity", backend="cpu"))
+        plain = products_of(sj.init_model(cfg, **kw))
+        gated = products_of(sj.init_model(cfg, gate_dtype="float32", **kw))
+        gate32, bf16 = (HIGHEST, ("float32",)), (DEFAULT, ("bfloat16",))
+        assert plain[gate32] == 0 and gated[gate32] == gates, (plain, gated)
+        assert gated[bf16] == plain[bf16] - gates
+        assert all(gated[k] == n for k, n in plain.items() if k not in (gate32, bf16)), (plain, gated)
+    with pytest.raises(ValueError, match="gate_dtype 'bfloat16' must be 'float32' or the compute dtype"):
+        sj.abstract_model(cfg, dtype="float32", gate_dtype="bfloat16")
+
+
+def test_a_store_counted_with_a_bfloat16_gate_is_not_resumed_with_a_float32_gate(tmp_path):
+    """The gate's precision changes counts, so it is part of the store's fingerprint (a store
+    made with the compute dtype's gate keeps its old fingerprint: no gate_dtype entry)."""
+    from sparcom_jax.errors import StaleResultError
+
+    mt, extra = VARIANTS["llama"]
+    cfg = sj.ModelConfig.from_hf_config(dict(model_type=mt, **COMMON, **extra))
+    plain = sj.init_model(cfg, dtype="bfloat16")
+    seqs = [np.arange(3, 12)]
+    stored = sj.collect_counts(plain, seqs, progress=False, out=tmp_path / "s")
+    assert "gate_dtype" not in stored.meta["fingerprint"] and stored.meta["gate_dtype"] == "bfloat16"
+    with pytest.raises(StaleResultError, match="gate_dtype: unset -> 'float32'"):
+        sj.collect_counts(_as(cfg, plain, dtype="bfloat16", gate_dtype="float32"), seqs, progress=False,
+                          out=tmp_path / "s")

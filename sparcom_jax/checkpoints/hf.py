@@ -248,7 +248,7 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None, rules=None,
-               with_tokenizer: bool = True, moe_impl="auto") -> CausalLM:
+               with_tokenizer: bool = True, moe_impl="auto", gate_dtype=None) -> CausalLM:
     """Load a Hugging Face causal-LM directory into a Flax model.
 
     Args:
@@ -259,8 +259,11 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
         created already sharded by the sharding rules.
       param_dtype: storage dtype of parameters (default: `dtype`).
       rules: optional logical-axis rules overriding the defaults.
-      moe_impl: expert dispatch ("auto", "capacity", "ragged", "tiled", "looped", or a
-        `Dispatch` with tuned constants); see `CausalLM`.
+      moe_impl: expert dispatch ("auto", "capacity", "ragged", "grouped", "tiled",
+        "looped", or a `Dispatch` with tuned constants); see `CausalLM`.
+      gate_dtype: None, or "float32": the gate projections in float32 in a bfloat16
+        model; see `CausalLM` (with bfloat16 weights it cannot undo their rounding:
+        pass ``param_dtype="float32"`` for that).
 
     Returns:
       CausalLM; ``model.tokenizer`` is the directory's tokenizer or None and
@@ -271,7 +274,7 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors)")
     cfg = ModelConfig.from_pretrained(p)
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl, gate_dtype=gate_dtype)
     load_params(model, p, mesh=mesh, rules=rules)
     model.tokenizer = load_tokenizer(p) if with_tokenizer else None
     model.source_path = str(p)

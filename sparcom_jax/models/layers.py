@@ -5,7 +5,9 @@ Axis letters: see `sparcom_jax.axes`.
 Each layer takes only the config fields it needs. Layers hold ``nnx.Param``
 values in ``param_dtype`` and compute in ``dtype``; norms and softmax run in
 float32 as in the reference implementation. Every product carries the model's
-precision explicitly (`precision_of`), so a direct call computes as the model does.
+precision explicitly (`precision_of`), so a direct call computes as the model does;
+the one exception is `jax.nn.dot_product_attention` (`attend_fused`), which takes no
+precision and is therefore never chosen for float32 compute off the CPU.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def precision_of(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def expert_mlp(x, wg, wu, wd, *, act, dot, keep=None, with_out: bool = True):
+def expert_mlp(x, wg, wu, wd, *, act, dot, keep=None, with_out: bool = True, gate_dtype=None):
     """The gated FFN body, down(act(gate(x)) * up(x)), on rows of one expert or a dense FFN.
 
     Every dense FFN, shared expert and MoE dispatch strategy runs this one body.
@@ -52,19 +54,25 @@ def expert_mlp(x, wg, wu, wd, *, act, dot, keep=None, with_out: bool = True):
       x: rows [..., D]; wg, wu: [..., D, G]; wd: [..., G, D] (leading axes broadcast
         as `dot` broadcasts them).
       act: the activation; dot: the product (`jnp.matmul` or a grouped `ragged_dot`,
-        with the model's precision).
+        with the model's precision; it takes a ``precision`` keyword overriding it).
       keep: optional float mask broadcasting against the activations (1 keep, 0 off).
       with_out: False computes only the gate product (counts-only work).
+      gate_dtype: None (the gate in x's dtype), or the dtype of the gate product: from
+        x cast to it and `wg` (already in it), at that dtype's precision; the rest stays
+        in x's dtype, the activations joining it after `act`.
 
     Returns:
       (y [..., D] or None without `with_out`, A [..., G]): the output and the
-      activations before `keep` (what is counted).
+      activations before `keep` (what is counted), in `gate_dtype` when given.
     """
-    a = act(dot(x, wg))
+    if gate_dtype is None:
+        a = act(dot(x, wg))
+    else:
+        a = act(dot(x.astype(gate_dtype), wg, precision=precision_of(gate_dtype)))
     if not with_out:
         return None, a
     h = a if keep is None else a * keep
-    return dot(h * dot(x, wu), wd), a
+    return dot(h.astype(x.dtype) * dot(x, wu), wd), a
 
 
 def rms_norm(x, weight, eps: float, axis=-1):
@@ -161,6 +169,33 @@ def _attend(q_BHTd, k_BKSd, v_BKSd, bias_B1TS, precision):
     return o.reshape(B, H, T, d).astype(q_BHTd.dtype)
 
 
+def attend_fused(q_BHTd, k_BKTd, v_BKTd, lengths_B, *, window: int | None, implementation: str):
+    """Causal attention through `jax.nn.dot_product_attention` ("cudnn" or "xla"): [B, T, H, Dh].
+
+    Our masking in its terms: causal (`is_causal`), right padding as per-row lengths
+    (keys and queries past a row's length are masked; an all-padding row keeps its
+    first key, so it stays finite as in `attend`), a sliding window of `window` keys
+    ending at the query (`local_window_size` (window - 1, 0); cuDNN's window of
+    `window` keys), grouped kv heads as they are. Softmax scale 1/sqrt(Dh).
+    """
+    def btnh(t):  # the layout the call takes
+        return t.transpose(0, 2, 1, 3)
+
+    return jax.nn.dot_product_attention(
+        btnh(q_BHTd), btnh(k_BKTd), btnh(v_BKTd), is_causal=True, query_seq_lengths=lengths_B,
+        key_value_seq_lengths=jnp.maximum(lengths_B, 1), local_window_size=(window - 1, 0) if window else None,
+        implementation=implementation)
+
+
+def attention_context(valid_BT, sliding_window: int | None, kernel: str):
+    """What `Attention` takes as its mask for `kernel`, built once per forward and shared
+    by every layer: the additive bias of `attention_bias` ("blocked"), else the int32 row
+    lengths [B] (right padding: mask 1 marks the real tokens, all at the start)."""
+    if kernel == "blocked":
+        return attention_bias(valid_BT, sliding_window)
+    return jnp.sum(valid_BT, axis=1, dtype=jnp.int32)
+
+
 def _heads_in(name: str) -> HFLayout:
     """Our [D, heads, Dh] from a torch Linear weight [heads*Dh, D] (heads may be sharded, Dh not)."""
     return HFLayout(name, ((1, 2), (0,)))
@@ -182,8 +217,7 @@ class Attention(nnx.Module):
         "k_norm": norm_scale("k_norm.weight"),
     }
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 block: int, max_blocks: int):
+    def __init__(self, cfg: ModelConfig, dispatch, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         sizes = {"embed": D, "heads": H, "kv_heads": K, "head_dim": Dh}
         create(self, ["q_proj", "k_proj", "v_proj", "o_proj"], rngs, sizes, param_dtype)
@@ -202,9 +236,12 @@ class Attention(nnx.Module):
         self.clip_qkv = cfg.clip_qkv
         self.dtype = dtype
         self.precision = precision_of(dtype)
-        self.blocks = (block, max_blocks)
+        self.kernel = dispatch.attention
+        self.blocks = (dispatch.attn_block, dispatch.attn_max_blocks)
+        self.window = cfg.sliding_window
 
-    def __call__(self, x_BTD, cos_Td, sin_Td, bias_B1TT):
+    def __call__(self, x_BTD, cos_Td, sin_Td, mask):
+        """Self-attention of x [B, T, D]; `mask` is `attention_context` for this layer's kernel."""
         dt, prec = self.dtype, self.precision
         # Projections write heads-major [B, H, T, Dh] directly, the layout attention wants.
         q = jnp.einsum("BTD,DHd->BHTd", x_BTD, self.q_proj[...].astype(dt), precision=prec)
@@ -224,8 +261,12 @@ class Attention(nnx.Module):
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = apply_rotary(q, cos_Td, sin_Td)
         k = apply_rotary(k, cos_Td, sin_Td)
-        out = attend(q, k, v, bias_B1TT, block=self.blocks[0], max_blocks=self.blocks[1], precision=prec)
-        y_BTD = jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt), precision=prec)
+        if self.kernel == "blocked":
+            out = attend(q, k, v, mask, block=self.blocks[0], max_blocks=self.blocks[1], precision=prec)
+            y_BTD = jnp.einsum("BHTd,HdD->BTD", out, self.o_proj[...].astype(dt), precision=prec)
+        else:
+            out = attend_fused(q, k, v, mask, window=self.window, implementation=self.kernel)
+            y_BTD = jnp.einsum("BTHd,HdD->BTD", out, self.o_proj[...].astype(dt), precision=prec)
         return y_BTD + self.o_bias[...].astype(dt) if self.has_out_bias else y_BTD
 
 
@@ -261,10 +302,11 @@ class GatedFFN(nnx.Module):
     }
 
     def __init__(self, D: int, F: int, act: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, gate_dtype=None):
         create(self, ["gate_proj", "up_proj", "down_proj"], rngs, {"embed": D, "mlp": F}, param_dtype)
         self.act = act
         self.dtype = dtype
+        self.gate_dtype = gate_dtype  # None: the gate computes in `dtype` (see `expert_mlp`)
         self.precision = precision_of(dtype)
 
     def __call__(self, x_BTD, valid_BT, count_mask_BT=None, keep_F=None, out_needed=None, sums: bool = False):
@@ -275,13 +317,15 @@ class GatedFFN(nnx.Module):
         output, skipping the up and down products (counts-only last layer).
         """
         dt = self.dtype
-        weights = tuple(w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        weights = (self.gate_proj[...].astype(self.gate_dtype or dt),
+                   *(w[...].astype(dt) for w in (self.up_proj, self.down_proj)))
         dot = functools.partial(jnp.matmul, precision=self.precision)
         keep = None if keep_F is None else keep_F.astype(dt)
 
         def run(with_out: bool):
             def body():
-                y, a = expert_mlp(x_BTD, *weights, act=activation(self.act), dot=dot, keep=keep, with_out=with_out)
+                y, a = expert_mlp(x_BTD, *weights, act=activation(self.act), dot=dot, keep=keep, with_out=with_out,
+                                  gate_dtype=self.gate_dtype)
                 return (y if with_out else jnp.zeros_like(x_BTD)), a
             return body
 

@@ -20,6 +20,8 @@ strategies differ only in how rows reach the body; which one runs is fixed by
   ragged_dot fallback; ragged_dot may be rewritten into a dense product over all
   experts there (docs/benchmarks.md: 2.5x slower on an H200).
 - "ragged" (TPU): `jax.lax.ragged_dot`, lowered to grouped matmuls.
+- "grouped" (GPU, opt-in): the same grouped matmuls through tokamax's Pallas kernels
+  (`tokamax.ragged_dot`, the same API) when tokamax is installed, else exactly "ragged".
 """
 
 from __future__ import annotations
@@ -135,19 +137,20 @@ class MoEFFN(nnx.Module):
     CHILDREN = {"shared_expert": ("shared_expert", GatedFFN)}
 
     def __init__(self, cfg: ModelConfig, dispatch: Dispatch, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, gate_dtype=None):
         D, E, G = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         sizes = {"embed": D, "route": E, "experts": E, "expert_mlp": G, "unit": 1}
         create(self, ["router", "gate_proj", "up_proj", "down_proj"], rngs, sizes, param_dtype)
         if cfg.has_shared_expert:
             self.shared_expert = GatedFFN(D, cfg.shared_expert_intermediate_size, cfg.hidden_act, rngs=rngs,
-                                          dtype=dtype, param_dtype=param_dtype)
+                                          dtype=dtype, param_dtype=param_dtype, gate_dtype=gate_dtype)
             create(self, ["shared_expert_gate"], rngs, sizes, param_dtype)
         self.has_shared = cfg.has_shared_expert
         self.top_k = cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob
         self.act = cfg.hidden_act
         self.dtype = dtype
+        self.gate_dtype = gate_dtype  # None: the gates compute in `dtype` (see `expert_mlp`)
         self.precision = precision_of(dtype)
         self.dispatch = dispatch
 
@@ -156,21 +159,33 @@ class MoEFFN(nnx.Module):
         """The requested dispatch ("auto" or a strategy name); `dispatch` says what runs."""
         return self.dispatch.impl
 
-    def _weights(self):
-        return tuple(w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+    def _weights(self, index=None):
+        """(gate, up, down) weights in their compute dtypes; of expert `index` (traced) only if given."""
+        def get(w, dtype):
+            w = w[...] if index is None else jax.lax.dynamic_index_in_dim(w[...], index, keepdims=False)
+            return w.astype(dtype)
+
+        return (get(self.gate_proj, self.gate_dtype or self.dtype), get(self.up_proj, self.dtype),
+                get(self.down_proj, self.dtype))
 
     def _body(self, dot, keep=None, with_out=True):
-        return functools.partial(expert_mlp, act=activation(self.act), dot=dot, keep=keep, with_out=with_out)
+        return functools.partial(expert_mlp, act=activation(self.act), dot=dot, keep=keep, with_out=with_out,
+                                 gate_dtype=self.gate_dtype)
 
     # ---- strategies: (xs [M, D] expert-sorted, ...) -> (y [M, D], activations [M, G] or None)
-    def _ragged(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
+    def _ragged(self, xs_MD, e_sorted, group_sizes, keep_EG, counting, ragged_dot=jax.lax.ragged_dot):
         """`jax.lax.ragged_dot` grouped matmuls: TPU (grouped GEMMs) and the capacity fallback."""
-        def dot(x, w):
-            return jax.lax.ragged_dot(x, w, group_sizes, precision=self.precision)
+        def dot(x, w, precision=self.precision):
+            return ragged_dot(x, w, group_sizes, precision=precision)
 
         keep = None if keep_EG is None else keep_EG.astype(self.dtype)[e_sorted]
         y_MD, a_MG = self._body(dot, keep)(xs_MD, *self._weights())
         return y_MD, a_MG if counting else None
+
+    def _grouped(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
+        """GPU: tokamax's grouped-matmul kernels (`Dispatch.grouped_dot`); on an H200 XLA
+        rewrote `ragged_dot` into a dense product over all experts (docs/benchmarks.md)."""
+        return self._ragged(xs_MD, e_sorted, group_sizes, keep_EG, counting, self.dispatch.ragged_dot())
 
     def _capacity(self, xs_MD, e_sorted, group_sizes, keep_EG, counting):
         """GPU: batched matmuls over an [E, C, D] buffer (ragged_dot ran 2.5x slower on an H200).
@@ -253,10 +268,8 @@ class MoEFFN(nnx.Module):
 
         def loop(with_y: bool):
             def expert(e, bufs):
-                w = (jax.lax.dynamic_index_in_dim(w[...], e, keepdims=False).astype(self.dtype)
-                     for w in (self.gate_proj, self.up_proj, self.down_proj))
                 body = self._body(dot, None if keep_EG is None else keep_EG[e].astype(self.dtype), with_y)
-                wg, wu, wd = w
+                wg, wu, wd = self._weights(e)
 
                 def tiles(size, base):
                     def tile(j, bufs):
@@ -277,7 +290,7 @@ class MoEFFN(nnx.Module):
 
             def run():
                 init = (jnp.zeros((n_rows, D), self.dtype),
-                        jnp.zeros((n_rows, G), self.dtype) if counting else None)
+                        jnp.zeros((n_rows, G), self.gate_dtype or self.dtype) if counting else None)
                 return jax.lax.fori_loop(0, E, expert, init)
             return run
 

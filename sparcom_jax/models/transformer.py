@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
-from sparcom_jax.models.dispatch import Dispatch
-from sparcom_jax.models.layers import (Attention, GatedFFN, RMSNorm, attention_bias, nonfinite_rows, precision_of,
-                                      rotary_tables)
+from sparcom_jax.models.dispatch import Dispatch, dispatch_for
+from sparcom_jax.models.layers import (Attention, GatedFFN, RMSNorm, attention_context, nonfinite_rows,
+                                      precision_of, rotary_tables)
 from sparcom_jax.models.moe import MoEFFN
 from sparcom_jax.models.params import ParamDecl, create, linear, same
 
@@ -42,27 +42,27 @@ class Block(nnx.Module):
     CHILDREN = {"input_norm": ("input_layernorm", RMSNorm), "attn": ("self_attn", Attention),
                 "post_attn_norm": ("post_attention_layernorm", RMSNorm), "ffn": ("mlp", GatedFFN, MoEFFN)}
 
-    def __init__(self, cfg: ModelConfig, dispatch: Dispatch, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, dispatch: Dispatch, *, rngs: nnx.Rngs, dtype, param_dtype, gate_dtype=None):
         D = cfg.hidden_size
         self.input_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, block=dispatch.attn_block,
-                              max_blocks=dispatch.attn_max_blocks)
+        self.attn = Attention(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.is_moe:
-            self.ffn = MoEFFN(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.ffn = MoEFFN(cfg, dispatch, rngs=rngs, dtype=dtype, param_dtype=param_dtype, gate_dtype=gate_dtype)
         else:
             self.ffn = GatedFFN(D, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dtype,
-                                param_dtype=param_dtype)
+                                param_dtype=param_dtype, gate_dtype=gate_dtype)
         self.is_moe = cfg.is_moe
 
-    def __call__(self, x_BTD, cos, sin, bias, valid_BT, count_mask_BT, ablate, out_needed=None, sums=False):
+    def __call__(self, x_BTD, cos, sin, mask, valid_BT, count_mask_BT, ablate, out_needed=None, sums=False):
         """One block; returns (x [B, T, D], stats dict or None).
 
-        `valid_BT`: real tokens (the MoE expert loop skips padding). `out_needed`
-        (traced bool, or None for True): False skips the FFN's output (the up and down
-        products) when only this block's counts are wanted. `sums`: also the activation sums.
+        `mask`: the attention's (`attention_context`). `valid_BT`: real tokens (the MoE
+        expert loop skips padding). `out_needed` (traced bool, or None for True): False
+        skips the FFN's output (the up and down products) when only this block's counts
+        are wanted. `sums`: also the activation sums.
         """
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, bias)
+        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, mask)
         h = self.post_attn_norm(x_BTD)
         if self.is_moe:
             y, stats = self.ffn(h, valid_BT, count_mask_BT, ablate, out_needed, sums)
@@ -108,11 +108,22 @@ class CausalLM(nnx.Module):
       cfg: the architecture.
       rngs: initialisation randomness (weights are replaced when loading).
       dtype: compute dtype; param_dtype: storage dtype (default: dtype).
+      gate_dtype: None (default: the compute dtype), or "float32" in a bfloat16/float16
+        model: every gate projection (dense FFN, shared expert, routed experts), whose
+        sign is what is counted, computes in float32 from float32 casts of its input and
+        weights; the rest stays in `dtype`. Shown in the repr as the effective dtype
+        (``model.gate_dtype``) and recorded in the count store. bfloat16 products already
+        accumulate in float32 on CPUs, GPUs and TPUs, so with weights stored in bfloat16
+        the float32 gate has the bfloat16 gate's sign (it differs by the output's
+        rounding, which later layers see); it recovers float32 counts that bfloat16
+        rounding of the gate weights flipped only with ``param_dtype="float32"``.
       moe_impl: a `Dispatch`, or the MoE strategy for `Dispatch.choose`: "auto" (on GPU
         the capacity-buffer batched matmul, on TPU ragged_dot, on CPU an expert loop
-        when counting, else a differentiable tile scan), "capacity", "ragged", "tiled"
-        or "looped" (inference only); all give the same result. Resolved here, once:
-        ``model.dispatch`` (shown in the repr) says what runs.
+        when counting, else a differentiable tile scan), "capacity", "ragged", "grouped"
+        (tokamax's grouped matmul when installed), "tiled" or "looped" (inference only);
+        all give the same result. Resolved here, once,
+        with the attention kernel for this dtype and backend (cuDNN on GPU in bfloat16,
+        else the blocked attention): ``model.dispatch`` (shown in the repr) says what runs.
     """
 
     PARAMS = {"embed": ParamDecl(("vocab", "embed"), (same("model.embed_tokens.weight", 2),)),
@@ -120,13 +131,19 @@ class CausalLM(nnx.Module):
     CHILDREN = {"blocks": ("model.layers.{l}", Block), "final_norm": ("model.norm", RMSNorm)}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype="float32",
-                 param_dtype=None, moe_impl: str | Dispatch = "auto"):
+                 param_dtype=None, moe_impl: str | Dispatch = "auto", gate_dtype=None):
         rngs = rngs or nnx.Rngs(0)
         dtype = resolve_dtype(dtype)
         param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
-        dispatch = moe_impl if isinstance(moe_impl, Dispatch) else Dispatch.choose(moe_impl)
+        gate = resolve_dtype(gate_dtype) if gate_dtype is not None else dtype
+        if jnp.dtype(gate) not in (jnp.dtype(dtype), jnp.dtype(jnp.float32)):
+            raise ValueError(f"gate_dtype {jnp.dtype(gate).name!r} must be 'float32' or the compute dtype "
+                             f"{jnp.dtype(dtype).name!r}")
+        dispatch = dispatch_for(moe_impl, dtype, cfg.head_dim)
         self.config = cfg
         self.dtype = dtype
+        self.gate_dtype = jnp.dtype(gate).name
+        layer_gate = None if jnp.dtype(gate) == jnp.dtype(dtype) else gate
         self.precision = precision_of(dtype)
         self.dispatch = dispatch
         sizes = {"vocab": cfg.vocab_size, "embed": cfg.hidden_size}
@@ -135,7 +152,7 @@ class CausalLM(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
-            return Block(cfg, dispatch, rngs=r, dtype=dtype, param_dtype=param_dtype)
+            return Block(cfg, dispatch, rngs=r, dtype=dtype, param_dtype=param_dtype, gate_dtype=layer_gate)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -181,7 +198,7 @@ class CausalLM(nnx.Module):
             count_mask = count_mask.astype(bool) & valid
         x = self.embed[...].astype(self.dtype)[input_ids]
         cos, sin = rotary_tables(cfg, T)
-        bias = attention_bias(valid, cfg.sliding_window)
+        mask = attention_context(valid, cfg.sliding_window, self.dispatch.attention)
 
         # Counts only: the last block's FFN output is dead, so skip its up/down products.
         skip_last = not (with_logits or with_hidden) and self.dispatch.skip_dead_ffn
@@ -190,7 +207,7 @@ class CausalLM(nnx.Module):
         @nnx.scan(in_axes=(0, nnx.Carry, 0 if ablate is not None else None, 0 if out_needed is not None else None),
                   out_axes=(nnx.Carry, 0))
         def run(block, x, abl, need):
-            return block(x, cos, sin, bias, valid, count_mask, abl, need, sums)
+            return block(x, cos, sin, mask, valid, count_mask, abl, need, sums)
 
         x, stats = run(self.blocks, x, ablate, out_needed)
         h = self.final_norm(x) if with_logits or with_hidden else None
@@ -214,16 +231,49 @@ def jitted_logits(graphdef, state, input_ids, attention_mask):
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype="float32", param_dtype=None,
-               moe_impl: str | Dispatch = "auto") -> CausalLM:
-    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
-    return CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
+               moe_impl: str | Dispatch = "auto", gate_dtype=None, mesh=None, rules: dict | None = None) -> CausalLM:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).
+
+    Every parameter is created on the device directly in `param_dtype` by one compiled
+    program, and with `mesh` directly in its shards (the sharding rules applied to the
+    declared logical axes), so the device holds the weights plus at most one layer's
+    float32 sample of one parameter (`sparcom_jax.models.params.normal_sampler`) while
+    it runs. The values depend only on `seed` (not on the mesh) and equal those of
+    constructing ``CausalLM(cfg, rngs=nnx.Rngs(seed), ...)`` directly.
+
+    Args:
+      cfg: the architecture.
+      seed: the random seed.
+      dtype, param_dtype, moe_impl, gate_dtype: as for `CausalLM`.
+      mesh: optional ("data", "model") `jax.sharding.Mesh`; None: the default device.
+      rules: logical-axis rules (default `sparcom_jax.parallel.sharding.ANALYSIS_RULES`).
+    """
+    dispatch = dispatch_for(moe_impl, resolve_dtype(dtype), cfg.head_dim)
+    rule_items = None if rules is None else tuple(sorted(rules.items()))
+    graphdef, program = _init_program(cfg, dtype, param_dtype, dispatch, gate_dtype, mesh, rule_items)
+    return nnx.merge(graphdef, program(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=32)
+def _init_program(cfg, dtype, param_dtype, dispatch, gate_dtype, mesh, rule_items):
+    """(graphdef, jitted key -> state) of `init_model`, built once per architecture and placement."""
+    from sparcom_jax.parallel.sharding import state_shardings
+
+    def make(key):
+        return CausalLM(cfg, rngs=nnx.Rngs(key), dtype=dtype, param_dtype=param_dtype, moe_impl=dispatch,
+                        gate_dtype=gate_dtype)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
+    shardings = None if mesh is None else state_shardings(abstract, mesh, None if rule_items is None
+                                                          else dict(rule_items))
+    return graphdef, jax.jit(lambda key: nnx.state(make(key)), out_shardings=shardings)
 
 
 def abstract_model(cfg: ModelConfig, dtype="float32", param_dtype=None,
-                   moe_impl: str | Dispatch = "auto") -> CausalLM:
+                   moe_impl: str | Dispatch = "auto", gate_dtype=None) -> CausalLM:
     """The model with ShapeDtypeStruct leaves (`jax.eval_shape`): no memory, no compute."""
     return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                           moe_impl=moe_impl))
+                                           moe_impl=moe_impl, gate_dtype=gate_dtype))
 
 
 def param_count(model: CausalLM) -> int:

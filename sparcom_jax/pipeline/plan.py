@@ -29,7 +29,7 @@ def _abstract_mesh(data: int, model: int):
 
 
 def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis") -> dict[str, Any]:
-    """Parameter count, total bytes and bytes per device under the sharding rules.
+    """Parameter count, total bytes, and bytes per device (all, one layer's) under the sharding rules.
 
     Uses `abstract_model` (jax.eval_shape): shapes only, no memory.
     """
@@ -42,7 +42,7 @@ def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis")
     mesh = _abstract_mesh(data, model)
     shape = dict(mesh.shape)
     m = abstract_model(mcfg, dtype=dtype)
-    n = per_dev = 0
+    n = per_dev = layer_dev = 0
     sharded: set[str] = set()
     replicated: set[str] = set()
     for key, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
@@ -59,10 +59,78 @@ def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis")
             elif name and table.get(name) and shape.get(table[name], 1) > 1:
                 replicated.add(name)
         per_dev += size / split
+        if axes[0] == "layers":
+            layer_dev += size / split / mcfg.num_layers
     item = _ITEMSIZE[dtype]
     return {"params": n, "dtype": dtype, "bytes": n * item, "bytes_per_device": per_dev * item,
+            "layer_bytes_per_device": layer_dev * item,
             "params_per_device": per_dev, "sharded": sorted(sharded),
             "not_divisible": sorted(replicated - {s.split("->")[0] for s in sharded})}
+
+
+def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1) -> int:
+    """Estimated bytes of the counting forward's temporaries for one [B, T] batch on one device.
+
+    The weights and the per-layer counts (their own plan rows) are not included. What
+    one scanned layer holds at its peak, the larger of its attention and its FFN, plus
+    what lives through the whole forward: the residual stream, the attention mask (the
+    blocked attention's additive bias), and one layer's weights (a scan step may copy its
+    slice of the stacked parameters). Sizes follow the attention kernel and MoE strategy
+    `dispatch` runs ("capacity" at its largest capacity, which every batch's buffers are
+    allocated for) and the model axis (`model`) that splits heads, FFN neurons and
+    experts. XLA fuses
+    elementwise work differently per backend, so this is an estimate: on CPU within 30%
+    of the compiled program's own memory analysis for float32 models (tests/test_memory.py).
+
+    Args:
+      mcfg: the architecture; dispatch: the `Dispatch` the run uses; B: sequences per
+      device; T: the padded length; dtype: compute dtype; model: the model axis size.
+    """
+    it = _ITEMSIZE[dtype]
+    D, d = mcfg.hidden_size, mcfg.head_dim
+    H, K = max(1, mcfg.num_heads // model), max(1, mcfg.num_kv_heads // model)
+    x = B * T * D * it
+    # Attention: q, k, v and the output, and the float32 scores. The blocked attention
+    # scores every query block against the keys up to its end (about half the T x T
+    # matrix for long T) and holds the probabilities of some of them (XLA's schedule;
+    # measured on CPU: about half), with an additive float32 mask; XLA's fused call
+    # holds the whole matrix's scores, masked scores and probabilities; cuDNN's flash
+    # attention holds no scores.
+    scores, mask = 0, 0
+    if dispatch.attention == "blocked":
+        n = min(dispatch.attn_max_blocks, max(1, -(-T // dispatch.attn_block)))
+        edges = [round(i * T / n) for i in range(n + 1)]
+        scores = 1.5 * B * H * sum((b - a) * b for a, b in zip(edges[:-1], edges[1:])) * 4
+        mask = B * T * T * 4
+    elif dispatch.attention == "xla":
+        scores = 3 * B * H * T * T * 4
+    attention = x + B * T * (2 * H + 2 * K) * d * it + scores
+    if mcfg.is_moe:
+        E, G, k = mcfg.num_experts, mcfg.moe_intermediate_size, mcfg.top_k
+        M = B * T * k
+        strategy = dispatch.moe_counting
+        G_buf = 2 * G
+        if strategy == "capacity":
+            cap = max(min(M, -(-math.ceil(f * M / E) // 8) * 8) for f in dispatch.capacity_factors)
+            buf_rows = E // model * cap
+        elif strategy == "looped":  # its buffer holds the gate activations, not the up products
+            buf_rows = M + E * dispatch.loop_tail + dispatch.loop_tile
+            G_buf = G
+        elif strategy == "tiled":
+            buf_rows = M + E * dispatch.scan_tile
+        else:  # ragged_dot: the assignments themselves
+            buf_rows = M
+        # The routed rows in and out with their gate (and up) products, the rows in and
+        # out in assignment order and their activations gathered back (the expert loop
+        # works in place in its buffer), and the count reducer's operand.
+        gathered = 0 if strategy == "looped" else M * (2 * D + G) * it
+        ffn = x + buf_rows * (2 * D + G_buf) * it + gathered + M * G * (4 if dispatch.count_method == "segment" else 2)
+        if mcfg.has_shared_expert:
+            ffn += 3 * B * T * mcfg.shared_expert_intermediate_size // model * it
+    else:
+        ffn = x + 3 * B * T * mcfg.intermediate_size // model * it
+    layer_weights = param_plan(mcfg, dtype, 1, model)["layer_bytes_per_device"]
+    return int(x + mask + layer_weights + max(attention, ffn))
 
 
 def _n_instructions(cfg: ExperimentConfig) -> int | None:
@@ -133,18 +201,14 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         act = B * t.max_length * mcfg.hidden_size * _ITEMSIZE[t.compute_dtype] * L * 4
         rows.append(("saved activations ~4x[B,T,D] x L per device", "", act * data, act))
     if "collect" in stages:
+        from sparcom_jax.models.dispatch import Dispatch
+
         B = max(1, math.ceil(cfg.collect.batch_size / data))
         T = cfg.data.max_length
-        it = _ITEMSIZE[cfg.collect.dtype]
-        D, H = mcfg.hidden_size, mcfg.num_heads
-        attn = B * max(1, H // model) * T * T * 4 * 2
-        if mcfg.is_moe:
-            ffn = B * T * mcfg.top_k * mcfg.moe_intermediate_size * 4 * 3 + B * T * mcfg.num_experts * 4
-            ffn += B * T * mcfg.shared_expert_intermediate_size // model * it * 3
-        else:
-            ffn = B * T * mcfg.intermediate_size // model * it * 3
-        rows.append((f"forward activations (one layer, B={B}/device, T={T})", "",
-                     (B * T * D * it * 6 + attn + ffn) * data, B * T * D * it * 6 + attn + ffn))
+        dispatch = Dispatch.choose(cfg.collect.moe_impl, dtype=cfg.collect.dtype, head_dim=mcfg.head_dim)
+        act = count_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model)
+        what = dispatch.moe_counting if mcfg.is_moe else "dense"
+        rows.append((f"forward activations (counting, B={B}/device, T={T}, {what})", "", act * data, act))
         for name, shp in cnt.items():
             per = math.prod(shp) * 4
             rows.append((f"counts {name} [B,{','.join(_axis_names(name))}] int32", f"B={B}", per * B * data, per * B))

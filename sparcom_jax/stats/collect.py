@@ -178,6 +178,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     meta.setdefault("model", getattr(model, "source_path", None))
     meta.setdefault("model_type", cfg.model_type)
     meta.setdefault("moe_dispatch", model.moe_dispatch)
+    meta.setdefault("attention", model.dispatch.attention)
+    meta.setdefault("gate_dtype", model.gate_dtype)
 
     runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
@@ -187,7 +189,10 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if jax.process_count() > 1:
             out = out / f"process_{jax.process_index()}"
         fp = {"model": model_fingerprint(model), "dtype": jnp.dtype(model.dtype).name,
-              "tokens": digest_arrays(seqs, scps), "sums": bool(sums), **(fingerprint or {})}
+              "tokens": digest_arrays(seqs, scps), "sums": bool(sums)}
+        if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
+            fp["gate_dtype"] = model.gate_dtype
+        fp.update(fingerprint or {})
         store = CountStore(out, shapes, ids=ids, categories=categories, sources=sources, meta=meta,
                            chunk_rows=chunk_rows, fingerprint=fp, overwrite=overwrite,
                            dtypes={k: _field_dtype(k) for k in shapes})
