@@ -187,7 +187,8 @@ class CollectSpec:
       buckets: padded sequence lengths (one compilation each); None = at most 8
         lengths fitted to the records' lengths for the least padding.
       moe_impl: expert dispatch of MoE models ("auto": capacity buffer on GPU,
-        ragged_dot on TPU, expert loop on CPU); every choice gives the same counts.
+        ragged_dot on TPU, expert loop on CPU; "grouped": tokamax's grouped matmuls
+        when installed); every choice gives the same counts.
       template_control: when the tuned model's template differs from the base
         model's, also count the tuned model under the base model's template (the
         same-template control: what changes with the weights alone).
@@ -196,7 +197,9 @@ class CollectSpec:
         figures; about 1-2% slower on CPU, and float32 arrays the size of the counts
         in the store).
       gate_dtype: "float32" computes the gate projections in float32 in a bfloat16
-        model (only their sign decides the counts); null = the compute dtype.
+        model (only their sign decides the counts), with the weights kept in float32
+        (over bf16 weights a float32 gate gives the bf16 signs exactly); null = the
+        compute dtype. The rest of the forward (the residual stream) stays bfloat16.
       precision_check: also count the last model in the other precisions (float32,
         bfloat16, bfloat16 with a float32 gate) and report how far each one's sets are
         from the float32 sets: what the chosen precision can support.
@@ -206,7 +209,7 @@ class CollectSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"
     store: str | None = None
     buckets: list[int] | None = None
-    moe_impl: Literal["auto", "capacity", "ragged", "tiled", "looped"] = "auto"
+    moe_impl: Literal["auto", "capacity", "grouped", "ragged", "tiled", "looped"] = "auto"
     template_control: bool = True
     sums: bool = True
     gate_dtype: Literal["float32"] | None = None
@@ -392,7 +395,8 @@ class DemoConfig:
         n_per_category=16, max_length=128))
     identify: IdentifySpec = dataclasses.field(default_factory=lambda: IdentifySpec(
         eps=0.05, eps_experts=0.1, n_boot=20, n_perm=199))
-    collect: CollectSpec = dataclasses.field(default_factory=lambda: CollectSpec(batch_size=16, buckets=[128]))
+    collect: CollectSpec = dataclasses.field(default_factory=lambda: CollectSpec(
+        batch_size=16, buckets=[128], precision_check=True))
     ablation: AblationSpec = dataclasses.field(default_factory=lambda: AblationSpec(
         n_random=10, max_records=8, batch_size=16))
     report: ReportSpec = dataclasses.field(default_factory=lambda: ReportSpec(title="sparcom demo"))

@@ -229,3 +229,31 @@ def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned):
     assert weights.stat().st_mtime_ns == before  # not re-exported: collect's fingerprint stays valid
     series = json.loads((out / "checkpoints" / "series.json").read_text())
     assert [(d["name"], d["step"]) for d in series] == [("base-ft-step1", 1), ("base-ft", 2)]
+
+
+def test_precision_check_reports_each_precisions_set_agreement(tmp_path):
+    from sparcom_jax.analysis import identify
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.pipeline.stages import analyze_all, precision_agreement
+    from sparcom_jax.stats.store import open_counts
+
+    cfg = exp("collect.precision_check=true", "finetuned.template=plain")
+    out = tmp_path / "o"
+    run_stage("collect", cfg, out)
+    stores = sorted(p.name for p in (out / "counts").iterdir())
+    assert stores == ["base", "tuned", "tuned_in_bfloat16", "tuned_in_bfloat16_with_float32_gate_and_weights"]
+    meta = json.loads((out / "counts" / "tuned_in_bfloat16" / "meta.json").read_text())
+    assert meta["fingerprint"]["dtype"] == "bfloat16" and "gate_dtype" not in meta["fingerprint"]
+    gated = json.loads((out / "counts" / "tuned_in_bfloat16_with_float32_gate_and_weights" / "meta.json").read_text())
+    assert gated["fingerprint"]["gate_dtype"] == "float32" and gated["meta"]["gate_dtype"] == "float32"
+    an = analyze_all(cfg, out, full=False)
+    prec = precision_agreement(cfg, an)
+    rule = cfg.identify.to_rule()
+    ref = identify(open_counts(out / "counts" / "tuned"), "neuron_active", rule).category_sets
+    bf = identify(open_counts(out / "counts" / "tuned_in_bfloat16"), "neuron_active", rule).category_sets
+    for i, c in enumerate(CATEGORIES):  # brute force: |A & B| / |A | B| of the category sets
+        a, b = ref[i].ravel(), bf[i].ravel()
+        assert prec["isn bfloat16"][c] == pytest.approx((a & b).sum() / (a | b).sum())
+    assert set(prec) == {"isn bfloat16", "isn bfloat16 with float32 gate and weights", "reference", "note"}
+    # the study's own precision is the reference's, never compared with itself
+    assert "float32" in prec["reference"] and "isn float32" not in prec

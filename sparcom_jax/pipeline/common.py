@@ -230,11 +230,13 @@ def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl
     """Load a model from its HF directory, or build it from `init` (random weights).
 
     `gate_dtype` ("float32" or None): compute the gate projections in float32 in a
-    bfloat16 model (only their sign decides the counts)."""
+    bfloat16 model (only their sign decides the counts). The weights are then kept in
+    float32 too: bf16 products already accumulate in float32, so a float32 gate over
+    bf16 weights would give exactly the bf16 gate's signs."""
     from sparcom_jax.checkpoints.hf import load_model
 
     require_models([spec])
-    extra = {"gate_dtype": gate_dtype} if gate_dtype else {}
+    extra = {"gate_dtype": gate_dtype, "param_dtype": "float32"} if gate_dtype else {}
     if spec.path:
         return load_model(spec.path, dtype=dtype, mesh=mesh, moe_impl=moe_impl, **extra)
     from sparcom_jax.data import default_tokenizer

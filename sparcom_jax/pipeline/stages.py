@@ -172,7 +172,7 @@ class CountJob(NamedTuple):
 
 # The precisions of the precision check: name -> (compute dtype, gate dtype).
 PRECISIONS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
-              "bfloat16 with float32 gate": ("bfloat16", "float32")}
+              "bfloat16 with float32 gate and weights": ("bfloat16", "float32")}
 
 
 def count_jobs(cfg: ExperimentConfig, out: Path) -> list[CountJob]:
