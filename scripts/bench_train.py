@@ -133,6 +133,11 @@ def _load_note(result: dict) -> str:
             "can vary by 2x between runs.\n")
 
 
+def write_section(path: Path, body: str, device: str | None = None) -> None:
+    """Replace this benchmark's section of `path` (one per machine with `device`), keeping the rest."""
+    replace_section(Path(path), "train" if device is None else f"train:{device}", body)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
@@ -209,8 +214,8 @@ AdamW; batch {result['batch']} tokens, one device.
 GPU the default compute dtype is bfloat16 and the peak is a bfloat16 matmul. MFU here is relative to the matmul rate
 this machine reaches, so it measures overheads (attention, norms, optimizer, dispatch), not the hardware's datasheet.
 """
-        replace_section(Path(args.out), f"train:{result['device']}", body,
-                        title=f"Training (`scripts/bench_train.py`) — {result['device']}")
+        write_section(Path(args.out), f"## Training (`scripts/bench_train.py`) — {result['device']}\n\n{body}",
+                      result["device"])
         print(f"wrote the train section of {args.out}", file=sys.stderr)
     return result
 
