@@ -313,7 +313,7 @@ def bench_model(key: str, args, seqs, peak: float, emit) -> dict:
         comp = metas.get(name, {}).get("compilations", {}).get("compilations")
         e = {"tokens_per_s": tps, "tflops": flops / t_best / 1e12, "share_of_peak": share,
              "first_call_s": t_first, "compilations": comp}
-        cells = [f"{tps:,.0f}", f"{flops / t_best / 1e12:,.1f} ({share:.0%})"]
+        cells = [f"{tps:,.0f}", f"{flops / t_best / 1e12:.3g} ({share:.0%})"]
         if forward_s is not None:
             e["forward_tokens_per_s"] = n_tok / forward_s
             cells.append(f"{n_tok / forward_s:,.0f} ({t_best / forward_s - 1:+.1%})")
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
             f"model; best of {args.repeats} after a warm-up; `scripts/bench_collect.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
             "", HEAD, "|---|---|---|---|---|---|---|---|---|", *rows, "",
-            f"Large-matmul peak: {peak / 1e12:,.1f} TFLOP/s ("
+            f"Large-matmul peak: {peak / 1e12:.3g} TFLOP/s ("
             + ("given with --peak-flops: gpu_check's step 1, a bfloat16 matmul on this device"
                if args.peak_flops else f"measured by this script, {args.dtype}") + ").",
             "", *[f"- {t['target']}: {t['value']} (target {t['goal']}): **{met_word(t['met'])}**"
