@@ -33,7 +33,7 @@
 #   scripts/gpu_check.sh --dry-run /tmp/out           # anywhere, CPU
 #
 # Environment: PYTHON (python3), TOTAL_BUDGET, MIN_STEP, TEST_WORKERS (4), TEST_FILTER,
-# STEPS (e.g. "1 3 6": run only these). Wheels in ./.whl (missing packages) are installed
+# STEPS (e.g. "1 3 6": run only these). Wheels in ./.whl (scripts/gpu_wheels.sh fetches them) are installed
 # into GPU_CHECK_WORK/site first (not in a dry run). Needs no `datasets` and no network.
 set -u
 usage() { sed -n '2,/^set -u/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
