@@ -76,6 +76,11 @@ def summary(xs: list[float]) -> str:
     return f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
 
 
+def overlaps(a: list[float], b: list[float]) -> bool:
+    """Whether the ranges [min, max] of a and b share a point."""
+    return min(max(a), max(b)) >= max(min(a), min(b))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", required=True, help="git revision to compare the working tree with")
@@ -106,9 +111,8 @@ def main(argv=None) -> int:
                     got[name].append(run_child(trees[name], job))
                     print(f"{label}: round {r + 1} {name} {got[name][-1]:,.0f} tok/s", flush=True)
             ratio = statistics.median(got["tree"]) / statistics.median(got["ref"])
-            overlap = min(max(got["ref"]), max(got["tree"])) >= max(min(got["ref"]), min(got["tree"]))
             rows.append(f"| {label} | {summary(got['ref'])} | {summary(got['tree'])} | {ratio:.3f} | "
-                        f"{'yes' if overlap else 'no'} |")
+                        f"{'yes' if overlaps(got['ref'], got['tree']) else 'no'} |")
     body = "\n".join([
         f"{stamp()}; `scripts/bench_ab.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
         f"collect_counts on {args.n} random sequences of {args.min_len}-{args.max_len} tokens, batch {args.batch}, "

@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import bench_ab  # noqa: E402
 import bench_collect  # noqa: E402
 import bench_common  # noqa: E402
 import bench_precision  # noqa: E402
@@ -178,3 +179,33 @@ def test_planned_peak_counts_bfloat16_weights_activations_and_counts_not_float32
     assert rows[0][1] == 2 * sj.ModelConfig.from_hf_config(hf).param_count()  # 2 bytes per parameter
     assert any(n.startswith("forward activations") for n in names) and any("expert_neuron_active" in n for n in names)
     assert total == sum(r[1] for r in rows)
+
+
+def test_bench_ab_alternates_the_trees_and_reports_medians_ranges_and_overlap(tmp_path, monkeypatch):
+    calls = []
+    speeds = {"ref": iter([100.0, 300.0, 200.0]), "tree": iter([210.0, 190.0, 400.0])}
+
+    def fake_child(tree, job):
+        name = "tree" if tree == bench_ab.ROOT else "ref"
+        calls.append(name)
+        return next(speeds[name])
+
+    monkeypatch.setattr(bench_ab, "run_child", fake_child)
+    out = tmp_path / "b.md"
+    assert bench_ab.main(["--ref", "HEAD", "--models", "llama33m", "--rounds", "3", "--tiny", "--out", str(out)]) == 0
+    assert calls == ["ref", "tree", "tree", "ref", "ref", "tree"]
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| Llama"))
+    # ref median 200 (100-300), tree median 210 (190-400): ratio 1.05, ranges overlap.
+    assert row.endswith("| 200 (100-300) | 210 (190-400) | 1.050 | yes |")
+
+
+@pytest.mark.parametrize("a,b,expected", [([1, 3], [3, 5], True), ([1, 2], [2.5, 4], False),
+                                           ([5, 6], [1, 4.9], False), ([1, 9], [4, 5], True)])
+def test_bench_ab_overlap_of_ranges(a, b, expected):
+    assert bench_ab.overlaps(a, b) is expected
+    assert bench_ab.overlaps(b, a) is expected
+
+
+def test_bench_ab_names_a_revision_that_is_not_a_commit(tmp_path):
+    with pytest.raises(SystemExit, match="not-a-rev.*is not a commit"):
+        bench_ab.unpack("not-a-rev", tmp_path)
