@@ -8,6 +8,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Flags every child process with simulated devices starts from: on 2 busy cores, 8 device
+# threads can take longer than XLA's default 40 s to meet at a collective (it then aborts).
+os.environ.setdefault("SPARCOM_TEST_XLA_FLAGS", "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 # Compiled programs of the test models go to a cache of the checkout's own (shared by the
 # workers and kept between runs), not into the user's ~/.cache.
 os.environ.setdefault("SPARCOM_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))

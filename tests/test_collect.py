@@ -185,7 +185,7 @@ def test_collect_instructions_attaches_ids_categories_and_scope(hf_checkpoint):
 # ---------------------------------------------------------------- devices and processes
 EIGHT_DEVICES = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import numpy as np, jax
     import sparcom_jax as sj
     path, inp, out, impl = sys.argv[1:5]
@@ -228,7 +228,7 @@ def test_eight_simulated_devices_match_one(variant, impl, hf_checkpoint, tmp_pat
 
 TWO_PROCESSES = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     import numpy as np, jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     pid, port, path, inp, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]

@@ -58,7 +58,7 @@ def test_init_model_values_are_those_of_the_eager_constructor():
 
 SHARDED_INIT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import json
     import numpy as np, jax
     from flax import nnx

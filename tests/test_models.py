@@ -409,7 +409,7 @@ def test_bad_json_config_names_line(tmp_path):
 # ---------------------------------------------------------------- sharded load
 SHARDED_SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import numpy as np, jax
     import sparcom_jax as sj
     path, out = sys.argv[1], sys.argv[2]

@@ -20,7 +20,7 @@ import pytest
 
 PUT_TWO_PROCESSES = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     import numpy as np, jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]

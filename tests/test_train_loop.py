@@ -77,7 +77,7 @@ def _worker(args: dict) -> None:
 
 
 def _spawn(args: dict, devices: int = 1) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen([sys.executable, __file__, json.dumps(args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
