@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_common import PRESETS, replace_section, shape, stamp  # noqa: E402
+from bench_common import PRESETS, device_name, replace_section, shape, stamp  # noqa: E402
 
 # Runs inside the tree under test: only API both revisions share (ModelConfig, init_model, collect_counts).
 CHILD = r"""
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         "Reading the table: the two trees ran interleaved in one session, so drift of the machine between days "
         "(which moves whole tables by 10-20% on this shared CPU) affects both alike. Where the two trees' ranges "
         "overlap, the difference of the medians is within this machine's run-to-run spread."])
-    replace_section(Path(args.out), f"collect-ab:{stamp().split(';')[0].removeprefix('Machine: ')}", body,
+    replace_section(Path(args.out), f"collect-ab:{device_name()}", body,
                     title=f"Statistics engine, this tree vs {ref} (same session)")
     print(body)
     return 0
