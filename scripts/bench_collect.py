@@ -109,8 +109,10 @@ def strategies_for(cfg, requested: str | None) -> tuple[list[str | None], list[s
     return [s for s in want if s in offered], [s for s in want if s not in offered]
 
 
-def jax_runs(hf: dict, seqs, batch_size: int, dtype: str, buckets, strategies, with_forward: bool):
-    """Callables: collect_counts per strategy (sharing one set of weights), and the plain forward.
+def jax_runs(hf: dict, seqs, batch_size: int, dtype: str, buckets, strategies, with_forward: bool,
+             with_sums: bool = False):
+    """Callables: collect_counts per strategy (sharing one set of weights), the plain forward,
+    and with `with_sums` the first strategy's collect_counts(sums=True) (the tie-break strengths).
 
     Returns (cfg, padding fraction, {name: callable}, {strategy: error message}, {name: counts meta}).
     """
@@ -137,14 +139,16 @@ def jax_runs(hf: dict, seqs, batch_size: int, dtype: str, buckets, strategies, w
             continue
         name = f"collect@{strat or 'default'}"
 
-        def collect(model=model, name=name):
-            c = sj.collect_counts(model, seqs, batch_size=batch_size, buckets=buckets, progress=False)
+        def collect(model=model, name=name, sums=False):
+            c = sj.collect_counts(model, seqs, batch_size=batch_size, buckets=buckets, progress=False, sums=sums)
             metas.setdefault(name, c.meta)  # the first call's meta: its compilations
             n_counted = int(np.asarray(c.tokens).sum())
             if n_counted != sum(len(s) for s in seqs):
                 raise AssertionError(f"{name} counted {n_counted} tokens of {sum(len(s) for s in seqs)}")
 
         runs[name] = collect
+        if with_sums and len(runs) == 1:
+            runs[name + "+sums"] = lambda collect=collect, name=name: collect(name=name + "+sums", sums=True)
     if base is None:
         return cfg, 0.0, runs, errors, metas
     lengths = [len(s) for s in seqs]
@@ -296,7 +300,7 @@ def bench_model(key: str, args, seqs, peak: float, emit) -> dict:
     n_tok = sum(lengths)
     buckets = fit_buckets(lengths, args.batch, args.max_buckets, align=1 if on_cpu() else 8)
     cfg, padding, runs, errors, metas = jax_runs(hf, seqs, args.batch, args.dtype, buckets, strategies,
-                                                 with_forward=not args.no_forward)
+                                                 with_forward=not args.no_forward, with_sums=not args.no_sums)
     flops = forward_flops(cfg, n_tok)
     share_goal, speed_goal = TARGETS["moe" if moe else "dense"]
     entry = {"label": label, "tokens": n_tok, "padding": padding, "batch": args.batch, "buckets": list(buckets),
@@ -356,14 +360,17 @@ def bench_model(key: str, args, seqs, peak: float, emit) -> dict:
         done(rows[n0:])
     live = [s for s in strategies if s not in errors]
     if live:
-        group = {k: v for k, v in runs.items() if k in (f"collect@{live[0] or 'default'}", "forward")}
+        name = f"collect@{live[0] or 'default'}"
+        group = {k: v for k, v in runs.items() if k in (name, name + "+sums", "forward")}
         if not args.no_torch:
             truns, entry["experts_implementation_transformers"] = torch_runs(hf, seqs, args.batch, args.dtype,
                                                                              args.baselines)
             group.update(truns)
         best, first = time_interleaved(group, args.repeats)
         entry["torch_tokens_per_s"] = {k: n_tok / v for k, v in best.items() if k.startswith("torch")}
-        name = f"collect@{live[0] or 'default'}"
+        if name + "+sums" in best:
+            entry["sums"] = {"strategy": live[0] or "default", "tokens_per_s": n_tok / best[name + "+sums"],
+                             "time_vs_counts_only": best[name + "+sums"] / best[name] - 1}
         row(live[0], best[name], first[name], best.get("forward"))
         done(rows[-1:])
         for strat in live[1:]:
@@ -416,6 +423,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", default="plain,hooks", help="transformers baselines: plain, hooks")
     ap.add_argument("--no-forward", action="store_true", help="skip the jitted plain forward (overhead column)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--no-sums", action="store_true", help="skip timing collect_counts(sums=True) (tie-break "
+                                                           "strengths) against counts only")
     ap.add_argument("--no-memory", action="store_true", help="skip the host-memory measurement (CPU only anyway)")
     ap.add_argument("--peak-flops", type=float, default=None, help="matmul peak to use (default: measured here)")
     ap.add_argument("--section", default="collect", help="docs section key prefix (key = SECTION:MACHINE)")
@@ -453,6 +462,9 @@ def main(argv=None) -> int:
                if args.peak_flops else f"measured by this script, {args.dtype}") + ").",
             "", *[f"- {t['target']}: {t['value']} (target {t['goal']}): **{met_word(t['met'])}**"
                   for t in results["targets"]],
+            *[f"- {m['label']}: with the activation sums that break ties (`sums=True`, {m['sums']['strategy']}): "
+              f"{m['sums']['tokens_per_s']:,.0f} tok/s, {m['sums']['time_vs_counts_only']:+.1%} time vs counts only"
+              for m in results["models"].values() if "sums" in m],
             "", READING, *extra]
         replace_section(Path(args.out), f"{args.section}:{label}", "\n".join(body),
                         title=f"Statistics engine vs transformers ({args.section}) — {label}")

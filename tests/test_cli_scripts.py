@@ -129,6 +129,7 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_every_table(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "default" and cells[3].replace(",", "").isdigit()  # tok/s measured
     assert "x)" in cells[6] and "x)" in cells[7]  # speed-ups vs transformers plain and + hooks
+    assert "Llama 1B (16L, D2048, F5632, GQA 16/4) [tiny: 2L, D64]: with the activation sums that break ties" in dense
     olmoe = section(doc, f"gpu-moe-olmoe:{m}")
     assert sum(ln.startswith("| OLMoE shape") for ln in olmoe.splitlines()) == 3  # auto, capacity, tokamax
     assert "| capacity | " in olmoe
