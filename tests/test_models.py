@@ -525,7 +525,10 @@ def test_loading_stages_one_layer_slice_at_a_time(tmp_path):
     small, small_total = staged_peak(8)
     big, big_total = staged_peak(32)
     assert big_total > 3.9 * small_total
-    assert big < 1.25 * small, f"staging grew with depth: {small:,} -> {big:,} bytes"
+    # Python-side allocations move the peak by about 1.5 slices from run to run (measured: 32 layers
+    # at 0.9x-1.8x of 8); reading a whole stacked tensor at once would add 24 layers' slices (3 MB).
+    layer_slice = 64 * 512 * 4  # one layer's gate, up or down weights, float32
+    assert big - small < 8 * layer_slice, f"staging grew with depth: {small:,} -> {big:,} bytes"
     assert big < big_total / 10, f"staged {big:,} bytes for a {big_total:,}-byte model"
 
 
