@@ -182,18 +182,24 @@ def count_jobs(cfg: ExperimentConfig, out: Path) -> list[CountJob]:
     model in every other precision ("<model> in <precision>")."""
     c = cfg.collect
     specs = model_list(cfg, out)
-    jobs = [CountJob(s, template_for(s, cfg), s.label, c.dtype, c.gate_dtype) for s in specs]
+    jobs = study_jobs(cfg, specs)
     last = jobs[-1]
     if c.template_control and len(specs) > 1 and last.template != jobs[0].template:
         t = jobs[0].template
         jobs.append(CountJob(last.spec, t, f"{last.label} under {t} template", c.dtype, c.gate_dtype,
                              "same_template"))
     if c.precision_check:
+        main = main_precision(cfg)
         for name, (dtype, gate) in PRECISIONS.items():
-            if (dtype, gate if dtype == "bfloat16" else None) != (c.dtype, c.gate_dtype if c.dtype == "bfloat16" else None):
+            if name != main:
                 jobs.append(CountJob(last.spec, last.template, f"{last.label} in {name}", dtype, gate,
                                      f"precision:{name}"))
     return jobs
+
+
+def study_jobs(cfg: ExperimentConfig, specs: list[ModelSpec]) -> list[CountJob]:
+    """The models of the study, each under its own template, in collect's dtype and gate dtype."""
+    return [CountJob(s, template_for(s, cfg), s.label, cfg.collect.dtype, cfg.collect.gate_dtype) for s in specs]
 
 
 def main_precision(cfg: ExperimentConfig) -> str:
@@ -225,7 +231,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
 
     jobs = count_jobs(cfg, out)
     if models is not None:
-        jobs = [CountJob(s, template_for(s, cfg), s.label, cfg.collect.dtype, cfg.collect.gate_dtype) for s in models]
+        jobs = study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
     records = _process_share(identify_records(cfg))
     mesh = make_mesh(cfg.mesh)
