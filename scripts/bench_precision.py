@@ -35,6 +35,7 @@ Writes the section <!-- precision:MACHINE --> of --out and the key "precision" o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -70,9 +71,7 @@ def shipped_records(n_per_category: int):
     """The shipped instructions, balanced; read without `datasets` where it is not installed."""
     import sparcom_jax as sj
 
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("datasets") is None:
         from sparcom_jax.data.loaders import SHIPPED_PATH
         from sparcom_jax.data.records import Record, validate_row
         from sparcom_jax.data.sampling import sample_balanced

@@ -124,8 +124,6 @@ class DataSpec:
                 raise ConfigError("split: needs an 'identify' share")
             if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1.0) > 1e-6:
                 raise ConfigError(f"split: shares {self.split} must be > 0 and sum to 1")
-
-    def __post_init__(self):
         _check_min(self, 1, "n_per_category", "max_length")
 
 
@@ -524,7 +522,7 @@ def _build(cls: type, data: dict, prefix: str, src: str):
                               f"{', '.join(fields)}")
         default = _default(fields[k])
         if isinstance(v, dict) and dataclasses.is_dataclass(default):
-            v = _merge(to_dict(default), v)  # a partial section keeps the other defaults
+            v = _overlay(default, v)  # a partial section keeps the other defaults
         kwargs[k] = _coerce(v, hints[k], _join(prefix, k), src)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -545,11 +543,14 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
-def _merge(base: dict, new: dict) -> dict:
-    """`new` over `base`, recursing where both hold a mapping."""
-    out = dict(base)
+def _overlay(default: Any, new: dict) -> dict:
+    """`new` over the values of the dataclass `default`: a section (a dataclass field)
+    merges key by key, any other value is replaced whole, a mapping such as
+    `data.split` included (its default parts must not leak into the one given)."""
+    out = to_dict(default)
     for k, v in new.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        sub = getattr(default, k, None)
+        out[k] = _overlay(sub, v) if isinstance(v, dict) and dataclasses.is_dataclass(sub) else v
     return out
 
 

@@ -42,6 +42,17 @@ def test_real_configs_load_and_match_published_sizes(name):
     assert cfg.base.template == "plain" and cfg.finetuned.template == "chat"
     n = ModelConfig.from_hf_config(cfg.architecture).param_count()
     assert abs(n / PUBLISHED[name] - 1) < 0.01, (name, n)
+    # A mapping value is taken whole: the default split's train part must not leak in.
+    assert cfg.data.split == yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["split"]
+
+
+def test_partial_section_keeps_defaults_but_a_mapping_value_is_replaced(tmp_path):
+    cfg = load_config(write(tmp_path, "name: x\nbase: {path: /m}\ndata:\n  split: {identify: 0.7, ablate: 0.3}\n"))
+    assert cfg.data.split == {"identify": 0.7, "ablate": 0.3}
+    assert cfg.data.max_length == 512 and cfg.data.scope == "content"
+    demo = load_config(write(tmp_path, "finetune: {total_steps: 12}\n"), cls=DemoConfig)
+    assert demo.finetune.total_steps == 12
+    assert demo.finetune.save_every == DemoConfig().finetune.save_every == 30  # the section's own default
 
 
 def test_real_architectures_have_the_published_shapes():
@@ -106,6 +117,19 @@ def test_value_checks_name_the_section(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match=r"identify\.eps must be in \(0, 1\]"):
         load_config(write(tmp_path, "name: x\nidentify: {eps: 2}\n"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data: {split: {train: 0.5, tune: 0.5}}", r"data\.split: unknown part\(s\) \['tune'\]"),
+    ("data: {split: {train: 0.5, ablate: 0.5}}", r"data\.split: needs an 'identify' share"),
+    ("data: {split: {identify: 0.5, ablate: 0.6}}", r"data\.split: shares .* sum to 1"),
+    ("data: {split: {identify: 1.0, ablate: 0.0}}", r"data\.split: shares .* must be > 0"),
+    ("data: {max_length: 0}", r"data\.max_length must be >= 1, got 0"),
+])
+def test_data_section_checks_split_and_sizes(tmp_path, text, expected):
+    # Both checks of DataSpec run (a second __post_init__ once silently replaced the split's).
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, f"name: x\n{text}\n"))
 
 
 def test_missing_required_key_and_invalid_yaml(tmp_path):

@@ -7,7 +7,6 @@ library modules are imported inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
