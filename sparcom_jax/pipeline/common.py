@@ -131,7 +131,19 @@ def init_distributed(mesh: MeshSpec) -> bool:
         if pid is None:
             raise ConfigError("mesh.coordinator is set but this process has no id; set SPARCOM_PROCESS_ID")
         kwargs["process_id"] = int(pid)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        raise ConfigError(f"jax.distributed.initialize must come before any other JAX call ({e}); call "
+                          "init_distributed first thing in the process (the sparcom CLI does)") from None
+    except ValueError as e:
+        if mesh.coordinator:
+            raise
+        raise ConfigError(
+            f"mesh.distributed / mesh.num_processes={mesh.num_processes}: jax.distributed could not find the "
+            f"other processes on its own ({e}); that works on TPU VMs and under SLURM. Elsewhere set "
+            "mesh.coordinator=HOST:PORT (process 0) and SPARCOM_PROCESS_ID in each process, or run on "
+            "one host with mesh.distributed=false mesh.num_processes=1") from None
     log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
         f"{jax.device_count()} devices")
     return True

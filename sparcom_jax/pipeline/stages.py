@@ -582,9 +582,15 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
 def data_description(cfg: ExperimentConfig) -> dict[str, Any]:
     """The summary's "data" section: where the records come from and how they were split."""
     _, split = record_parts(cfg)
-    return {"path": cfg.data.path or "shipped", "n_per_category": cfg.data.n_per_category,
-            "template": cfg.data.template, "max_length": cfg.data.max_length, "scope": cfg.data.scope,
-            "splits": split, "fine_tuning_records": "train_data" if cfg.train_data else "train part"}
+    t, d = cfg.train_data, cfg.data
+    if cfg.finetuned is not None:
+        tuned_on = "none here: the fine-tuned model was given, not made by this run"
+    elif t is not None and (t.path, t.adapter, t.fields) != (d.path, d.adapter, d.fields):
+        tuned_on = "train_data (its own files, checked disjoint from the analysed records)"
+    else:
+        tuned_on = "every record (no split)" if d.split is None else "the train part of data.split"
+    return {"path": d.path or "shipped", "n_per_category": d.n_per_category, "template": d.template,
+            "max_length": d.max_length, "scope": d.scope, "splits": split, "fine_tuning_records": tuned_on}
 
 
 def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, comparison=None,
