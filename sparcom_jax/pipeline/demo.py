@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec
-from sparcom_jax.pipeline.common import fmt_count, log, save_resolved, timed, with_vocab
-from sparcom_jax.pipeline.stages import export_checkpoints, run_all
+from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec, apply_overrides
+from sparcom_jax.fileio import DirLock, atomic_write, prepare_out_dir, write_json
+from sparcom_jax.pipeline.common import fmt_count, log, record_parts, save_resolved, timed, with_vocab
+from sparcom_jax.pipeline.stages import export_checkpoints, guard_dir, run_all, train_fingerprint
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.
 FAST_OVERRIDES = (
@@ -32,8 +35,6 @@ FAST_OVERRIDES = (
 
 def demo_config(fast: bool = False, overrides: Sequence[str] = (), base: DemoConfig | None = None) -> DemoConfig:
     """`base` (default: the demo's defaults), shrunk by FAST_OVERRIDES when `fast`, then `overrides`."""
-    from sparcom_jax.config import apply_overrides
-
     cfg = base if base is not None else DemoConfig()
     if fast:
         cfg = apply_overrides(cfg, ["fast=true", *FAST_OVERRIDES])
@@ -74,7 +75,6 @@ def _train_pair(demo: DemoConfig, pair, out: Path, tok, records, held_out, overw
     from sparcom_jax.fingerprint import digest
     from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.models.transformer import init_model
-    from sparcom_jax.pipeline.stages import guard_dir, train_fingerprint
 
     arch = with_vocab(pair.architecture, tok)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -125,8 +125,6 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
       {"report": index.html, "summary": summary.json, "checkpoints": dir, "out": dir}.
     """
     from sparcom_jax.data import default_tokenizer, sample_balanced
-    from sparcom_jax.fileio import DirLock, prepare_out_dir
-    from sparcom_jax.pipeline.common import record_parts
     from sparcom_jax.runtime import ensure_compilation_cache
 
     cfg = cfg or demo_config(fast)
@@ -161,11 +159,6 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
     and rdir/summary.json (`merge_pair_summaries`: the pairs merged at the top level,
     and each pair's own summary under "pairs").
     """
-    import re
-    import shutil
-
-    from sparcom_jax.fileio import atomic_write, write_json
-
     rdir.mkdir(parents=True, exist_ok=True)
     parts = []
     head = None
@@ -175,9 +168,9 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
             shutil.rmtree(dst)
         shutil.copytree(page.parent, dst)
         html = page.read_text()
-        if head is None:
-            head = html[:html.index("<body>") + len("<body>")]
-        body = html[html.index("<body>") + len("<body>"):html.rindex("</body>")]
+        start = html.index("<body>") + len("<body>")
+        head = head or html[:start]
+        body = html[start:html.rindex("</body>")]
         body = re.sub(r"<h1>(.*?)</h1>", rf'<h1 id="{name}">\1</h1>', body, count=1)
         body = body.replace('<figure id="', f'<figure id="{name}-')
         parts.append(f'<section class="pair">{body}<p><a href="{name}/index.html">{name} report alone</a>'

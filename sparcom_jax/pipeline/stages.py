@@ -345,9 +345,8 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
 def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Generality, uniqueness, overlaps and layer profiles of every model (OUT/evaluate/<model>.json)."""
     analyses = analyses or analyze_all(cfg, out, full=True)
-    written = {}
-    for name, ma in analyses.models.items():
-        written[name] = write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
+    written = {name: write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
+               for name, ma in analyses.models.items()}
     if is_primary():
         write_fingerprint(out / "evaluate", "evaluate", _analysis_fingerprint(cfg, analyses, True))
     return written
@@ -451,7 +450,6 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     Writes OUT/ablate/<model>_<kind>.json (with its fingerprint); a result with the same
     fingerprint is reused. Returns the AblationResults too.
     """
-    from sparcom_jax.analysis import AblationResult
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.stats.losses import make_loss_fn
@@ -474,13 +472,12 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 continue
             f = _ablation_file(out, spec.label, kind)
             fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
-            if f.is_file():
-                stored = json.loads(f.read_text())
-                if not stale(f, stored.get("fingerprint"), fp, overwrite=overwrite):
-                    log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
-                    written[f"{spec.label}_{kind}"] = str(f)
-                    written["_results"][(spec.label, kind)] = AblationResult.from_dict(stored)
-                    continue
+            res = _stored_ablation(f, fp, overwrite=overwrite)
+            if res is not None:
+                log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
+                written[f"{spec.label}_{kind}"] = str(f)
+                written["_results"][(spec.label, kind)] = res
+                continue
             if model is None:
                 mesh = make_mesh(cfg.mesh) if mesh is None else mesh
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
@@ -535,11 +532,22 @@ class _Counting:
         self.bar.close()
 
 
+def _stored_ablation(f: Path, fp: dict[str, Any], *, overwrite: bool, **fix):
+    """The AblationResult stored in `f` when it was made with fingerprint `fp`; None when there
+    is no file, or `overwrite` recomputes it (made with other settings, without it: `stale` raises)."""
+    from sparcom_jax.analysis import AblationResult
+
+    if not f.is_file():
+        return None
+    stored = json.loads(f.read_text())
+    if stale(f, stored.get("fingerprint"), fp, overwrite=overwrite, **fix):
+        return None
+    return AblationResult.from_dict(stored)
+
+
 def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict:
     """The causal-check results of earlier `sparcom ablate` runs, each checked against the
     current settings (a result made with others stops the report)."""
-    from sparcom_jax.analysis import AblationResult
-
     found = {}
     if not cfg.ablation.enabled:
         return found
@@ -551,10 +559,9 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
             if ma is None or not f.is_file():
                 continue
             records = records if records is not None else ablate_records(cfg)
-            stored = json.loads(f.read_text())
-            stale(f, stored.get("fingerprint"), ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")),
-                  overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
-            found[(spec.label, kind)] = AblationResult.from_dict(stored)
+            fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            found[(spec.label, kind)] = _stored_ablation(
+                f, fp, overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
     return found
 
 
