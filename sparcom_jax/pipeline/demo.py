@@ -183,10 +183,10 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
     return rdir / "index.html"
 
 
-# Summary sections whose entries are merged key by key across pairs (model names are unique),
-# and those merged one level deeper (controls.same_template.isn from one pair, .ise from another).
-_MERGED_BY_KEY = ("model_paths", "models", "templates", "comparison", "series", "ablation")
-_MERGED_TWO_DEEP = ("controls",)
+# Summary sections merged key by key across pairs (model names are unique) -> how many levels
+# deep (controls.same_template.isn from one pair, .ise from another).
+_MERGE_DEPTH = {"model_paths": 1, "models": 1, "templates": 1, "comparison": 1, "series": 1, "ablation": 1,
+                "controls": 2}
 
 
 def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
@@ -218,18 +218,17 @@ def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
         elif dst[key] != value:
             merged_from[dotted] = owner[dotted]
 
+    def merge(dst: dict, value: Mapping | None, depth: int, pair: str, dotted: str) -> None:
+        for k, v in (value or {}).items():
+            if depth > 1:
+                merge(dst.setdefault(k, {}), v, depth - 1, pair, f"{dotted}.{k}")
+            else:
+                put(dst, k, v, pair, f"{dotted}.{k}")
+
     for pair, summary in summaries.items():
         for key, value in summary.items():
-            if key in _MERGED_BY_KEY:
-                section = merged.setdefault(key, {})
-                for k, v in (value or {}).items():
-                    put(section, k, v, pair, f"{key}.{k}")
-            elif key in _MERGED_TWO_DEEP:
-                section = merged.setdefault(key, {})
-                for k, sub in (value or {}).items():
-                    inner = section.setdefault(k, {})
-                    for k2, v in (sub or {}).items():
-                        put(inner, k2, v, pair, f"{key}.{k}.{k2}")
+            if key in _MERGE_DEPTH:
+                merge(merged.setdefault(key, {}), value, _MERGE_DEPTH[key], pair, key)
             else:
                 put(merged, key, value, pair, key)
     merged["merged_from"] = merged_from

@@ -23,8 +23,9 @@ from sparcom_jax.data import encode_records, resolve_tokenizer, sample_balanced
 from sparcom_jax.fileio import LOCK_NAME, DirLock, prepare_out_dir, write_json
 from sparcom_jax.fingerprint import digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh, model_list,
-    own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed, train_records,
+    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
+    model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
+    train_records,
 )
 from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
 
@@ -435,7 +436,8 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
     """What one causal-check result depends on."""
     a = cfg.ablation
-    return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp), "identify": cfg.identify.to_rule().to_dict(),
+    return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
+            "identify": cfg.identify.to_rule().to_dict(),
             "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed,
                          "expert_mode": a.expert_mode},
             "records": digest([r.id for r in records]), "template": template_for(spec, cfg),
