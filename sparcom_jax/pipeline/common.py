@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config, to_dict
+from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config
 
 STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
 
@@ -210,7 +210,7 @@ def has_weights(spec: ModelSpec) -> bool:
 
 
 def model_config(spec: ModelSpec, cfg: ExperimentConfig | None = None):
-    """The ModelConfig of a model: its config.json, else its `init` dict, else `architecture`.
+    """(ModelConfig, where it came from): its config.json, else its `init` dict, else `architecture`.
 
     Raises:
       ConfigError: when none of them is available.
@@ -306,6 +306,7 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
       ({"train", "identify", "ablate": records} — the same list three times when
       data.split is None), {"split", "seed", "grouped_by", "counts"} for summary.json.
     """
+    from sparcom_jax.config import to_dict
     from sparcom_jax.data.splits import split_records, split_summary
 
     d = cfg.data

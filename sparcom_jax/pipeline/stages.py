@@ -1,11 +1,8 @@
 """The stages: finetune, collect, identify, evaluate, compare, ablate, report (and `run_all`).
 
-Every stage takes a resolved `ExperimentConfig` and the output directory, calls
-the library, writes its files under the directory and returns ``{label: path}``
-of what it wrote (keys starting with "_" carry in-memory results to later stages).
-Finished work is reused only when its fingerprint matches the current inputs and
-settings (`sparcom_jax.pipeline.provenance`); otherwise the stage stops and names
-what changed, or recomputes with ``overwrite=True``.
+What every stage takes, writes and returns: `sparcom_jax.pipeline` (keys of the result
+starting with "_" carry in-memory results to later stages). When finished work is
+reused, and what a stage does when it is not: `sparcom_jax.pipeline.provenance`.
 """
 
 from __future__ import annotations
