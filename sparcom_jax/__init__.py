@@ -16,39 +16,22 @@ import importlib
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first use so `sparcom --help` stays fast.
-_EXPORTS = {
-    "ModelConfig": "sparcom_jax.models.config",
-    "CausalLM": "sparcom_jax.models.transformer",
-    "init_model": "sparcom_jax.models.transformer",
-    "abstract_model": "sparcom_jax.models.transformer",
-    "load_model": "sparcom_jax.checkpoints.hf",
-    "save_model": "sparcom_jax.checkpoints.hf",
-    "load_tokenizer": "sparcom_jax.checkpoints.hf",
-    "make_mesh": "sparcom_jax.parallel.mesh",
-    "Counts": "sparcom_jax.stats.counts",
-    "collect_counts": "sparcom_jax.stats.collect",
-    "collect_instructions": "sparcom_jax.stats.collect",
-    "open_counts": "sparcom_jax.stats.store",
-    "CATEGORIES": "sparcom_jax.categories",
-    "SHORT_NAMES": "sparcom_jax.categories",
-    "normalize_category": "sparcom_jax.categories",
-    "Record": "sparcom_jax.data",
-    "load_instructions": "sparcom_jax.data",
-    "sample_balanced": "sparcom_jax.data",
-    "encode_records": "sparcom_jax.data",
-    "default_tokenizer": "sparcom_jax.data",
-    "IdentifyConfig": "sparcom_jax.analysis",
-    "analyze_model": "sparcom_jax.analysis",
-    "compare_models": "sparcom_jax.analysis",
-    "compare_series": "sparcom_jax.analysis",
-    "ablation_matrix": "sparcom_jax.analysis",
-    "build_summary": "sparcom_jax.analysis",
-    "write_report": "sparcom_jax.report",
-    "make_loss_fn": "sparcom_jax.stats.losses",
-    "TrainConfig": "sparcom_jax.train",
-    "finetune": "sparcom_jax.train",
-    "export_series": "sparcom_jax.train",
-}
+_EXPORTS = {name: module for module, names in {
+    "sparcom_jax.models.config": ["ModelConfig"],
+    "sparcom_jax.models.transformer": ["CausalLM", "init_model", "abstract_model"],
+    "sparcom_jax.checkpoints.hf": ["load_model", "save_model", "load_tokenizer"],
+    "sparcom_jax.parallel.mesh": ["make_mesh"],
+    "sparcom_jax.stats.counts": ["Counts"],
+    "sparcom_jax.stats.collect": ["collect_counts", "collect_instructions"],
+    "sparcom_jax.stats.store": ["open_counts"],
+    "sparcom_jax.stats.losses": ["make_loss_fn"],
+    "sparcom_jax.categories": ["CATEGORIES", "SHORT_NAMES", "normalize_category"],
+    "sparcom_jax.data": ["Record", "load_instructions", "sample_balanced", "encode_records", "default_tokenizer"],
+    "sparcom_jax.analysis": ["IdentifyConfig", "analyze_model", "compare_models", "compare_series",
+                             "ablation_matrix", "build_summary"],
+    "sparcom_jax.report": ["write_report"],
+    "sparcom_jax.train": ["TrainConfig", "finetune", "export_series"],
+}.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
 

@@ -55,8 +55,7 @@ otherwise the command stops and names what differs (--overwrite recomputes it).
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
+_Formatter = argparse.RawDescriptionHelpFormatter
 
 
 def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -170,8 +169,7 @@ def cmd_demo(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"outputs would go to {out} (report: {out / 'report' / 'index.html'})")
         return 0
-    prepare_out_dir(out)
-    res = pipeline.run_demo(out, cfg=cfg, overwrite=args.overwrite)
+    res = pipeline.run_demo(out, cfg=cfg, overwrite=args.overwrite)  # it checks `out` first
     _print_outputs(res, out)
     print(f"\nopen the report: {res['report']}")
     return 0

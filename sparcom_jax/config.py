@@ -406,9 +406,6 @@ class DemoConfig:
 # Generic typed loading
 # --------------------------------------------------------------------------- #
 
-_MISSING = object()
-
-
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
@@ -460,15 +457,11 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             return value
         raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}"
                           + _suggest(value, [a for a in args if isinstance(a, str)]))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(key, tp, value, src)
-        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]", src) for i, v in enumerate(value)]
-    if origin is tuple:
+    if origin in (list, tuple):  # tuple[X, ...]: args[0] is X too
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, tp, value, src)
         inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{key}[{i}]", src) for i, v in enumerate(value))
+        return origin(_coerce(v, inner, f"{key}[{i}]", src) for i, v in enumerate(value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise _type_error(key, tp, value, src)
@@ -478,10 +471,6 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         if not isinstance(value, dict):
             raise _type_error(key, tp, value, src)
         return _build(tp, value, key, src)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value, src)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -495,11 +484,7 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             except ValueError:
                 pass
         raise _type_error(key, tp, value, src)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(key, tp, value, src)
-    if isinstance(tp, type) and isinstance(value, tp):
+    if isinstance(tp, type) and isinstance(value, tp):  # bool, str and other plain types
         return value
     raise _type_error(key, tp, value, src)
 

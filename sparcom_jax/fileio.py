@@ -3,6 +3,7 @@ sees a half-written output file, and two runs never write one output at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -107,10 +108,8 @@ class DirLock:
                 dead = host == me["host"] and isinstance(pid, int) and not _pid_alive(pid)
                 if ours or dead:
                     self.stale_taken = held
-                    try:
+                    with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.path)
-                    except FileNotFoundError:
-                        pass
                     continue
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
                 raise LockedError(
@@ -125,10 +124,8 @@ class DirLock:
     def release(self) -> None:
         if str(self.path) in _HELD:
             _HELD.discard(str(self.path))
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> "DirLock":
         return self.acquire()

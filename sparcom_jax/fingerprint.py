@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -100,17 +101,13 @@ def describe(keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, A
     for k in keys[:limit]:
         a, b = old.get(k, _MISSING), new.get(k, _MISSING)
         name = labels.get(k, k)
-        if _shown(a) == "…" or _shown(b) == "…" or (isinstance(b, str) and _is_digest(b)):
+        if _shown(a) == "…" or _shown(b) == "…" or (isinstance(b, str) and re.fullmatch("[0-9a-f]{16}", b)):
             parts.append(f"{name} changed")
         else:
             parts.append(f"{name}: {_shown(a)} -> {_shown(b)}")
     more = f" (and {len(keys) - limit} more: {', '.join(labels.get(k, k) for k in keys[limit:])})" \
         if len(keys) > limit else ""
     return "; ".join(parts) + more
-
-
-def _is_digest(v: str) -> bool:
-    return len(v) == 16 and all(c in "0123456789abcdef" for c in v)
 
 
 FINGERPRINT_FILE = "fingerprint.json"

@@ -20,7 +20,7 @@ Outputs are reused only when made with the same inputs and settings
 (`sparcom_jax.pipeline.provenance`).
 
 Modules:
-    common     logging, output directory, mesh, models, record parts, the identification rule
+    common     logging, output directory, mesh, models, record parts
     provenance fingerprints of each stage's inputs and the rule for reusing outputs
     stages     the stages, `run_all` and `run_stage`
     plan       the dry-run memory plan (`memory_plan`, `format_plan`)
@@ -29,13 +29,12 @@ Modules:
 """
 
 from sparcom_jax.pipeline.common import (
-    STAGES, ablate_records, fmt_bytes, fmt_count, identify_config, identify_records, init_distributed, is_primary,
-    load_spec_model, log, make_mesh, model_config, model_list, model_tokenizer, out_dir, record_parts,
-    require_models, resolve_mesh, save_resolved, train_records,
+    STAGES, ablate_records, fmt_bytes, fmt_count, identify_records, init_distributed, is_primary, load_spec_model,
+    log, make_mesh, model_config, model_list, out_dir, record_parts, require_models, resolve_mesh, save_resolved,
+    train_records,
 )
 from sparcom_jax.pipeline.demo import (
-    FAST_OVERRIDES, demo_config, merge_pair_summaries, plain_text_records, run_demo,
-    write_demo_report,
+    FAST_OVERRIDES, demo_config, merge_pair_summaries, plain_text_records, run_demo, write_demo_report,
 )
 from sparcom_jax.pipeline.plan import format_plan, memory_plan, param_plan
 from sparcom_jax.pipeline.check import TINY_ARCHS, selfcheck
@@ -47,11 +46,10 @@ from sparcom_jax.pipeline.stages import (
 
 __all__ = [
     "FAST_OVERRIDES", "STAGES", "STAGE_FUNCS", "TINY_ARCHS", "ablate_records", "ablate_stage", "ablation_models",
-    "analyze_all", "collect_stage", "compare_stage", "count_jobs", "demo_config",
-    "evaluate_stage", "export_checkpoints", "finetune_stage", "fmt_bytes", "fmt_count", "format_plan",
-    "identify_config", "identify_records", "identify_stage", "init_distributed", "is_primary", "load_spec_model",
-    "log", "make_mesh", "memory_plan", "merge_pair_summaries", "model_config", "model_list", "model_tokenizer",
-    "open_model_counts", "out_dir", "param_plan", "plain_text_records", "record_parts", "report_stage",
-    "require_models", "resolve_mesh", "run_all", "run_demo", "run_stage", "save_resolved", "selfcheck",
-    "train_config", "train_records", "write_demo_report",
+    "analyze_all", "collect_stage", "compare_stage", "count_jobs", "demo_config", "evaluate_stage",
+    "export_checkpoints", "finetune_stage", "fmt_bytes", "fmt_count", "format_plan", "identify_records",
+    "identify_stage", "init_distributed", "is_primary", "load_spec_model", "log", "make_mesh", "memory_plan",
+    "merge_pair_summaries", "model_config", "model_list", "open_model_counts", "out_dir", "param_plan",
+    "plain_text_records", "record_parts", "report_stage", "require_models", "resolve_mesh", "run_all",
+    "run_demo", "run_stage", "save_resolved", "selfcheck", "train_config", "train_records", "write_demo_report",
 ]

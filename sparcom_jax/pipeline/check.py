@@ -9,14 +9,12 @@ from typing import Any
 from sparcom_jax.config import ConfigError
 from sparcom_jax.pipeline.common import timed
 
+_TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
 TINY_ARCHS: dict[str, dict[str, Any]] = {
-    "llama": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "mixtral": dict(model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=96,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                    num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                    tie_word_embeddings=False),
+    "llama": dict(model_type="llama", intermediate_size=128, **_TINY),
+    "mixtral": dict(model_type="mixtral", intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                    **_TINY),
 }
 
 

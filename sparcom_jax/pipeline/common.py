@@ -46,7 +46,6 @@ def fmt_bytes(n: float) -> str:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def fmt_count(n: float) -> str:
@@ -205,15 +204,20 @@ def _init_config(spec: ModelSpec, tokenizer=None):
     return ModelConfig.from_hf_config(with_vocab(spec.init, tokenizer), source=f"{spec.label}.init")
 
 
+def has_weights(spec: ModelSpec) -> bool:
+    """Whether the model's directory is there (it has a config.json)."""
+    return bool(spec.path) and (Path(spec.path) / "config.json").is_file()
+
+
 def model_config(spec: ModelSpec, cfg: ExperimentConfig | None = None):
-    """The ModelConfig of a model: its config.json, else its `init` dict, else `architecture`.
+    """(ModelConfig, where it came from): its config.json, else its `init` dict, else `architecture`.
 
     Raises:
       ConfigError: when none of them is available.
     """
     from sparcom_jax.models.config import ModelConfig
 
-    if spec.path and (Path(spec.path) / "config.json").is_file():
+    if has_weights(spec):
         return ModelConfig.from_pretrained(spec.path), f"{spec.path}/config.json"
     if spec.init is not None:
         return _init_config(spec), f"{spec.label}.init (random)"
@@ -227,7 +231,7 @@ def model_config(spec: ModelSpec, cfg: ExperimentConfig | None = None):
 def require_models(specs: Sequence[ModelSpec]) -> None:
     """Fail before any work when a model directory is missing (or a spec has neither path nor init)."""
     for spec in specs:
-        if spec.path and not (Path(spec.path) / "config.json").is_file():
+        if spec.path and not has_weights(spec):
             raise ConfigError(
                 f"model {spec.label!r}: {spec.path} " + ("has no config.json" if Path(spec.path).is_dir()
                                                           else "does not exist") + "; download it first"
@@ -258,13 +262,6 @@ def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl
     model.tokenizer = tok
     model.source_path = None
     return model
-
-
-def model_tokenizer(model):
-    """The model directory's tokenizer, else the shipped one."""
-    from sparcom_jax.data import resolve_tokenizer
-
-    return resolve_tokenizer(model)
 
 
 def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
@@ -366,6 +363,12 @@ def ablate_records(cfg: ExperimentConfig) -> list:
     return sample_balanced(recs, n, seed=cfg.data.seed + 1)
 
 
+def own_train_files(cfg: ExperimentConfig) -> bool:
+    """Whether train_data reads files of its own (not the files of data, whose train part it samples)."""
+    t, d = cfg.train_data, cfg.data
+    return t is not None and (t.path, t.adapter, t.fields) != (d.path, d.adapter, d.fields)
+
+
 def train_records(cfg: ExperimentConfig) -> list:
     """The fine-tuning records: the "train" part of data.split (sampled to
     train_data.n_per_category when train_data reads the same files as data), or the
@@ -374,16 +377,15 @@ def train_records(cfg: ExperimentConfig) -> list:
     from sparcom_jax.data import sample_balanced
     from sparcom_jax.data.splits import group_key
 
-    t, d = cfg.train_data, cfg.data
-    same_source = t is None or (t.path, t.adapter, t.fields) == (d.path, d.adapter, d.fields)
-    if same_source:
+    t = cfg.train_data
+    if not own_train_files(cfg):
         recs = _part(cfg, "train")
     else:
         recs = _load(t)
         parts, _ = record_parts(cfg)
         held = {group_key(r) for name in ("identify", "ablate") for r in parts[name]}
         shared = [r.id for r in recs if group_key(r) in held]
-        if shared and d.split is not None:
+        if shared and cfg.data.split is not None:
             raise ConfigError(
                 f"train_data shares {len(shared)} instruction(s) with the records analysed (e.g. "
                 f"{', '.join(shared[:3])}); fine-tuning and identification records must be disjoint: remove "
@@ -394,8 +396,3 @@ def train_records(cfg: ExperimentConfig) -> list:
         except ValueError as e:
             raise ConfigError(f"train_data.n_per_category={t.n_per_category}: {e}") from None
     return recs
-
-
-def identify_config(cfg: ExperimentConfig):
-    """The analysis IdentifyConfig of `cfg.identify` (the rule alone)."""
-    return cfg.identify.to_rule()

@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec
-from sparcom_jax.pipeline.common import fmt_count, log, save_resolved, timed, with_vocab
-from sparcom_jax.pipeline.stages import export_checkpoints, run_all
+from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec, apply_overrides
+from sparcom_jax.fileio import DirLock, atomic_write, prepare_out_dir, write_json
+from sparcom_jax.pipeline.common import fmt_count, log, record_parts, save_resolved, timed, with_vocab
+from sparcom_jax.pipeline.stages import export_checkpoints, guard_dir, run_all, train_fingerprint
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.
 FAST_OVERRIDES = (
@@ -32,8 +35,6 @@ FAST_OVERRIDES = (
 
 def demo_config(fast: bool = False, overrides: Sequence[str] = (), base: DemoConfig | None = None) -> DemoConfig:
     """`base` (default: the demo's defaults), shrunk by FAST_OVERRIDES when `fast`, then `overrides`."""
-    from sparcom_jax.config import apply_overrides
-
     cfg = base if base is not None else DemoConfig()
     if fast:
         cfg = apply_overrides(cfg, ["fast=true", *FAST_OVERRIDES])
@@ -74,7 +75,6 @@ def _train_pair(demo: DemoConfig, pair, out: Path, tok, records, held_out, overw
     from sparcom_jax.fingerprint import digest
     from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.models.transformer import init_model
-    from sparcom_jax.pipeline.stages import guard_dir, train_fingerprint
 
     arch = with_vocab(pair.architecture, tok)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -125,8 +125,6 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
       {"report": index.html, "summary": summary.json, "checkpoints": dir, "out": dir}.
     """
     from sparcom_jax.data import default_tokenizer, sample_balanced
-    from sparcom_jax.fileio import DirLock, prepare_out_dir
-    from sparcom_jax.pipeline.common import record_parts
     from sparcom_jax.runtime import ensure_compilation_cache
 
     cfg = cfg or demo_config(fast)
@@ -161,11 +159,6 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
     and rdir/summary.json (`merge_pair_summaries`: the pairs merged at the top level,
     and each pair's own summary under "pairs").
     """
-    import re
-    import shutil
-
-    from sparcom_jax.fileio import atomic_write, write_json
-
     rdir.mkdir(parents=True, exist_ok=True)
     parts = []
     head = None
@@ -175,9 +168,9 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
             shutil.rmtree(dst)
         shutil.copytree(page.parent, dst)
         html = page.read_text()
-        if head is None:
-            head = html[:html.index("<body>") + len("<body>")]
-        body = html[html.index("<body>") + len("<body>"):html.rindex("</body>")]
+        start = html.index("<body>") + len("<body>")
+        head = head or html[:start]
+        body = html[start:html.rindex("</body>")]
         body = re.sub(r"<h1>(.*?)</h1>", rf'<h1 id="{name}">\1</h1>', body, count=1)
         body = body.replace('<figure id="', f'<figure id="{name}-')
         parts.append(f'<section class="pair">{body}<p><a href="{name}/index.html">{name} report alone</a>'
@@ -190,10 +183,10 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
     return rdir / "index.html"
 
 
-# Summary sections whose entries are merged key by key across pairs (model names are unique),
-# and those merged one level deeper (controls.same_template.isn from one pair, .ise from another).
-_MERGED_BY_KEY = ("model_paths", "models", "templates", "comparison", "series", "ablation")
-_MERGED_TWO_DEEP = ("controls",)
+# Summary sections merged key by key across pairs (model names are unique) -> how many levels
+# deep (controls.same_template.isn from one pair, .ise from another).
+_MERGE_DEPTH = {"model_paths": 1, "models": 1, "templates": 1, "comparison": 1, "series": 1, "ablation": 1,
+                "controls": 2}
 
 
 def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
@@ -225,18 +218,17 @@ def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
         elif dst[key] != value:
             merged_from[dotted] = owner[dotted]
 
+    def merge(dst: dict, value: Mapping | None, depth: int, pair: str, dotted: str) -> None:
+        for k, v in (value or {}).items():
+            if depth > 1:
+                merge(dst.setdefault(k, {}), v, depth - 1, pair, f"{dotted}.{k}")
+            else:
+                put(dst, k, v, pair, f"{dotted}.{k}")
+
     for pair, summary in summaries.items():
         for key, value in summary.items():
-            if key in _MERGED_BY_KEY:
-                section = merged.setdefault(key, {})
-                for k, v in (value or {}).items():
-                    put(section, k, v, pair, f"{key}.{k}")
-            elif key in _MERGED_TWO_DEEP:
-                section = merged.setdefault(key, {})
-                for k, sub in (value or {}).items():
-                    inner = section.setdefault(k, {})
-                    for k2, v in (sub or {}).items():
-                        put(inner, k2, v, pair, f"{key}.{k}.{k2}")
+            if key in _MERGE_DEPTH:
+                merge(merged.setdefault(key, {}), value, _MERGE_DEPTH[key], pair, key)
             else:
                 put(merged, key, value, pair, key)
     merged["merged_from"] = merged_from

@@ -7,25 +7,16 @@
 from __future__ import annotations
 
 import math
+import types
 from pathlib import Path
 from typing import Any
 
 from sparcom_jax.config import ConfigError, ExperimentConfig
-from sparcom_jax.pipeline.common import STAGES, fmt_bytes, fmt_count, identify_records, model_config, resolve_mesh
+from sparcom_jax.pipeline.common import (
+    STAGES, fmt_bytes, fmt_count, has_weights, identify_records, model_config, resolve_mesh,
+)
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4}
-
-
-def _abstract_mesh(data: int, model: int):
-    """Something with `.shape` for the sharding rules; no devices needed."""
-    try:
-        from jax.sharding import AbstractMesh
-
-        return AbstractMesh((data, model), ("data", "model"))
-    except Exception:  # older / newer signatures: plain arithmetic is all the rules need
-        import types
-
-        return types.SimpleNamespace(shape={"data": data, "model": model})
 
 
 def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis") -> dict[str, Any]:
@@ -39,8 +30,8 @@ def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis")
     from sparcom_jax.parallel.sharding import ANALYSIS_RULES, FSDP_RULES, logical_axes, spec_for
 
     table = FSDP_RULES if rules == "fsdp" else ANALYSIS_RULES
-    mesh = _abstract_mesh(data, model)
-    shape = dict(mesh.shape)
+    shape = {"data": data, "model": model}
+    mesh = types.SimpleNamespace(shape=shape)  # all the sharding rules read of a mesh; no devices needed
     m = abstract_model(mcfg, dtype=dtype)
     n = per_dev = layer_dev = 0
     sharded: set[str] = set()
@@ -166,7 +157,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
                 others.append(s.label)
         except ConfigError:
             pass
-    weights = {s.label: bool(s.path and (Path(s.path) / "config.json").is_file()) for s in specs}
+    weights = {s.label: has_weights(s) for s in specs}
     L = mcfg.num_layers
     plan: dict[str, Any] = {
         "stage": stage, "experiment": cfg.name, "model_type": mcfg.model_type, "architecture_source": source,
@@ -177,8 +168,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
     }
     stages = STAGES if stage == "run" else (stage,)
     rows = []
-    analysis = {"collect", "ablate"} & set(stages)
-    if analysis:
+    if {"collect", "ablate"} & set(stages):
         p = param_plan(mcfg, cfg.collect.dtype, data, model, "analysis")
         plan["params"] = p
         rows.append(("parameters (analysis, " + p["dtype"] + ")", f"{fmt_count(p['params'])}",
@@ -212,23 +202,18 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         for name, shp in cnt.items():
             per = math.prod(shp) * 4
             rows.append((f"counts {name} [B,{','.join(_axis_names(name))}] int32", f"B={B}", per * B * data, per * B))
-    store = None
     if {"collect", "identify", "evaluate", "compare", "report"} & set(stages):
         N = _n_instructions(cfg)
         per_instr = sum(math.prod(s) for s in cnt.values()) * 4 + 4
-        store = {"n_instructions": N, "bytes_per_instruction": per_instr,
-                 "fields": {k: list(v) for k, v in cnt.items()},
-                 "bytes_per_model": None if N is None else per_instr * N,
-                 "models": len(specs)}
-        plan["count_store"] = store
-    if {"identify", "evaluate", "compare", "report"} & set(stages):
-        N = store["n_instructions"] if store else None
+        plan["count_store"] = {"n_instructions": N, "bytes_per_instruction": per_instr,
+                               "fields": {k: list(v) for k, v in cnt.items()},
+                               "bytes_per_model": None if N is None else per_instr * N, "models": len(specs)}
+    if {"identify", "evaluate", "compare", "report"} & set(stages):  # N is set: these need the store too
         U = max(math.prod(s) for s in cnt.values())
-        chunk = cfg.identify.chunk
-        host = chunk * U * 4
-        sets = None if N is None else N * U  # bool S(I) while the instruction-level overlap is computed
-        jac = None if N is None else N * N * 4
-        plan["analysis_host"] = {"chunk_frequencies": host, "instruction_sets": sets, "instruction_matrix": jac}
+        plan["analysis_host"] = {"chunk_frequencies": cfg.identify.chunk * U * 4,
+                                 # bool S(I) while the instruction-level overlap is computed
+                                 "instruction_sets": None if N is None else N * U,
+                                 "instruction_matrix": None if N is None else N * N * 4}
     plan["rows"] = rows
     return plan
 

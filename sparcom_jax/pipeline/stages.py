@@ -1,11 +1,8 @@
 """The stages: finetune, collect, identify, evaluate, compare, ablate, report (and `run_all`).
 
-Every stage takes a resolved `ExperimentConfig` and the output directory, calls
-the library, writes its files under the directory and returns ``{label: path}``
-of what it wrote (keys starting with "_" carry in-memory results to later stages).
-Finished work is reused only when its fingerprint matches the current inputs and
-settings (`sparcom_jax.pipeline.provenance`); otherwise the stage stops and names
-what changed, or recomputes with ``overwrite=True``.
+What every stage takes, writes and returns: `sparcom_jax.pipeline` (keys of the result
+starting with "_" carry in-memory results to later stages). When finished work is
+reused, and what a stage does when it is not: `sparcom_jax.pipeline.provenance`.
 """
 
 from __future__ import annotations
@@ -18,15 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from sparcom_jax.config import ConfigError, ExperimentConfig, MeshSpec, ModelSpec
-from sparcom_jax.fileio import DirLock
-from sparcom_jax.fingerprint import digest, read_fingerprint, write_fingerprint
+from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
+from sparcom_jax.data import encode_records, resolve_tokenizer, sample_balanced
+from sparcom_jax.fileio import LOCK_NAME, DirLock, prepare_out_dir, write_json
+from sparcom_jax.fingerprint import digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, counts_root, identify_config, identify_records, is_primary, load_spec_model, log,
-    make_mesh, model_list, model_tokenizer, record_parts, require_models, safe, save_resolved, template_for,
-    timed, train_records,
+    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
+    model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
+    train_records,
 )
-from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, stale
+from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
 
 # --------------------------------------------------------------------------- #
 # finetune
@@ -36,17 +34,13 @@ from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fing
 _TRAIN_NOT_IN_FINGERPRINT = ("log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model")
 
 
-def train_config(cfg: ExperimentConfig, mesh_spec: MeshSpec | None = None):
+def train_config(cfg: ExperimentConfig):
     """The training TrainConfig of `cfg.train`, with the mesh axes of `cfg.mesh`."""
-    mesh_spec = mesh_spec or cfg.mesh
-    return dataclasses.replace(cfg.train, mesh_data=mesh_spec.data, mesh_model=mesh_spec.model)
+    return dataclasses.replace(cfg.train, mesh_data=cfg.mesh.data, mesh_model=cfg.mesh.model)
 
 
 def train_fingerprint(base: str, tcfg, records, tokenizer) -> dict[str, Any]:
     """Fingerprint of a fine-tuning run: base model digest, settings, records and their tokens."""
-    from sparcom_jax.data import encode_records
-    from sparcom_jax.fingerprint import digest_arrays
-
     enc = encode_records(records, tokenizer, template=tcfg.template, scope="response", max_length=tcfg.max_length)
     settings = {k: v for k, v in tcfg.to_dict().items() if k not in _TRAIN_NOT_IN_FINGERPRINT}
     return {"base": base, "train": settings, "records": digest(enc.record_ids),
@@ -62,13 +56,9 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     `overwrite` is removed, with `extra` paths that derive from it). The fingerprint is
     then written before any work, so an interrupted run is checked when resumed.
     """
-    from sparcom_jax.pipeline.provenance import stale as _stale
-
     stored = read_fingerprint(directory)
-    has_files = directory.is_dir() and any(p.name != ".sparcom.lock" for p in directory.iterdir())
-    if stored is None and not has_files:
-        pass
-    elif _stale(directory, stored, components, overwrite=overwrite):
+    has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
+    if (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite):
         for p in (directory, *extra):
             if p.is_dir():
                 shutil.rmtree(p)
@@ -91,7 +81,6 @@ def export_checkpoints(run_dir: Path, ck_dir: Path, names: Callable[[int, int], 
     Returns:
       [{"name", "step", "path"}] in step order (the series.json format).
     """
-    from sparcom_jax.fileio import write_json
     from sparcom_jax.train import checkpoint_steps, export_hf, read_run
 
     run = read_run(run_dir)
@@ -123,9 +112,6 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     and OUT/checkpoints/series.json.
     """
     from sparcom_jax import train as T
-    from sparcom_jax.data import sample_balanced
-    from sparcom_jax.pipeline.provenance import spec_tokenizer
-    from sparcom_jax.fileio import write_json
 
     require_models([cfg.base])
     records = train_records(cfg)
@@ -136,7 +122,7 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     mesh = make_mesh(cfg.mesh)
     with timed(f"finetune: loading {cfg.base.label}"):
         model = load_spec_model(cfg.base, dtype="float32", mesh=mesh)
-    tok = model_tokenizer(model)
+    tok = resolve_tokenizer(model)
     held_out = ablate_records(cfg) if cfg.data.split is not None else records
     eval_records = sample_balanced(held_out, 2, seed=cfg.seed) if len(held_out) >= 12 else None
     steps = f"{tcfg.total_steps} steps" if tcfg.total_steps else f"{tcfg.epochs} epoch(s)"
@@ -229,9 +215,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import is_complete, read_header
 
-    jobs = count_jobs(cfg, out)
-    if models is not None:
-        jobs = study_jobs(cfg, models)
+    jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
     records = _process_share(identify_records(cfg))
     mesh = make_mesh(cfg.mesh)
@@ -251,7 +235,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
                    f"template {job.template}, scope {cfg.data.scope}, {job.dtype}"):
             model = load_spec_model(job.spec, dtype=job.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
                                     gate_dtype=job.gate_dtype)
-            counts = collect_instructions(model, records, model_tokenizer(model), template=job.template,
+            counts = collect_instructions(model, records, resolve_tokenizer(model), template=job.template,
                                           scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                           max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
                                           buckets=cfg.collect.buckets, sums=cfg.collect.sums, fingerprint=fp,
@@ -322,7 +306,7 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
     """ModelAnalysis of every model with counts (and of the same-template control)."""
     from sparcom_jax.analysis import analyze_model
 
-    icfg = identify_config(cfg)
+    icfg = cfg.identify.to_rule()
     models, controls = {}, {}
     jobs = count_jobs(cfg, out)
     for i, job in enumerate(jobs, 1):
@@ -330,13 +314,13 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
             counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype)
             ma = analyze_model(counts, icfg, name=job.label, **_analysis_kwargs(cfg, full and not job.control))
             ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
-        (controls.__setitem__(job.control, ma) if job.control else models.__setitem__(job.label, ma))
+        (controls if job.control else models)[job.control or job.label] = ma
     return Analyses(models, controls)
 
 
 def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> dict[str, Any]:
     every = {**an.models, **{f"control:{k}": v for k, v in an.controls.items()}}
-    return {"identify": identify_config(cfg).to_dict(), "analysis": _analysis_kwargs(cfg, full),
+    return {"identify": cfg.identify.to_rule().to_dict(), "analysis": _analysis_kwargs(cfg, full),
             "counts": {name: digest(ma.meta.get("fingerprint")) for name, ma in every.items()}}
 
 
@@ -358,12 +342,9 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
 
 def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Generality, uniqueness, overlaps and layer profiles of every model (OUT/evaluate/<model>.json)."""
-    from sparcom_jax.fileio import write_json
-
     analyses = analyses or analyze_all(cfg, out, full=True)
-    written = {}
-    for name, ma in analyses.models.items():
-        written[name] = write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
+    written = {name: write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
+               for name, ma in analyses.models.items()}
     if is_primary():
         write_fingerprint(out / "evaluate", "evaluate", _analysis_fingerprint(cfg, analyses, True))
     return written
@@ -373,7 +354,6 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
     """Before/after comparison, the series along every checkpoint, and the same-template
     control (OUT/compare/)."""
     from sparcom_jax.analysis import compare_models, compare_series
-    from sparcom_jax.fileio import write_json
 
     analyses = analyses or analyze_all(cfg, out, full=True)
     models = analyses.models
@@ -453,7 +433,8 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
     """What one causal-check result depends on."""
     a = cfg.ablation
-    return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp), "identify": identify_config(cfg).to_dict(),
+    return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
+            "identify": cfg.identify.to_rule().to_dict(),
             "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed,
                          "expert_mode": a.expert_mode},
             "records": digest([r.id for r in records]), "template": template_for(spec, cfg),
@@ -468,22 +449,21 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     Writes OUT/ablate/<model>_<kind>.json (with its fingerprint); a result with the same
     fingerprint is reused. Returns the AblationResults too.
     """
-    from sparcom_jax.analysis import AblationResult
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
-    from sparcom_jax.fileio import write_json
     from sparcom_jax.stats.losses import make_loss_fn
 
     a = cfg.ablation
     if not a.enabled:
         log("ablate: disabled (ablation.enabled=false)")
         return {}
-    require_models(ablation_models(cfg, out))
+    specs = ablation_models(cfg, out)
+    require_models(specs)
     analyses = analyses or analyze_all(cfg, out, full=False)
     records = ablate_records(cfg)
     mesh = None
     written: dict[str, Any] = {"_results": {}}
-    for spec in ablation_models(cfg, out):
+    for spec in specs:
         ma = analyses.models[spec.label]
         model = tok = None
         for kind, section in ABLATION_SECTIONS.items():
@@ -491,17 +471,16 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 continue
             f = _ablation_file(out, spec.label, kind)
             fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
-            if f.is_file():
-                stored = json.loads(f.read_text())
-                if not stale(f, stored.get("fingerprint"), fp, overwrite=overwrite):
-                    log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
-                    written[f"{spec.label}_{kind}"] = str(f)
-                    written["_results"][(spec.label, kind)] = AblationResult.from_dict(stored)
-                    continue
+            res = _stored_ablation(f, fp, overwrite=overwrite)
+            if res is not None:
+                log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
+                written[f"{spec.label}_{kind}"] = str(f)
+                written["_results"][(spec.label, kind)] = res
+                continue
             if model is None:
                 mesh = make_mesh(cfg.mesh) if mesh is None else mesh
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
-                tok = model_tokenizer(model)
+                tok = resolve_tokenizer(model)
             sets = ma[section].ident.category_sets
             with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs, "
                        f"{len(records)} held-out records)"):
@@ -552,11 +531,22 @@ class _Counting:
         self.bar.close()
 
 
+def _stored_ablation(f: Path, fp: dict[str, Any], *, overwrite: bool, **fix):
+    """The AblationResult stored in `f` when it was made with fingerprint `fp`; None when there
+    is no file, or `overwrite` recomputes it (made with other settings, without it: `stale` raises)."""
+    from sparcom_jax.analysis import AblationResult
+
+    if not f.is_file():
+        return None
+    stored = json.loads(f.read_text())
+    if stale(f, stored.get("fingerprint"), fp, overwrite=overwrite, **fix):
+        return None
+    return AblationResult.from_dict(stored)
+
+
 def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict:
     """The causal-check results of earlier `sparcom ablate` runs, each checked against the
     current settings (a result made with others stops the report)."""
-    from sparcom_jax.analysis import AblationResult
-
     found = {}
     if not cfg.ablation.enabled:
         return found
@@ -568,10 +558,9 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
             if ma is None or not f.is_file():
                 continue
             records = records if records is not None else ablate_records(cfg)
-            stored = json.loads(f.read_text())
-            stale(f, stored.get("fingerprint"), ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")),
-                  overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
-            found[(spec.label, kind)] = AblationResult.from_dict(stored)
+            fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            found[(spec.label, kind)] = _stored_ablation(
+                f, fp, overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
     return found
 
 
@@ -582,10 +571,10 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
 def data_description(cfg: ExperimentConfig) -> dict[str, Any]:
     """The summary's "data" section: where the records come from and how they were split."""
     _, split = record_parts(cfg)
-    t, d = cfg.train_data, cfg.data
+    d = cfg.data
     if cfg.finetuned is not None:
         tuned_on = "none here: the fine-tuned model was given, not made by this run"
-    elif t is not None and (t.path, t.adapter, t.fields) != (d.path, d.adapter, d.fields):
+    elif own_train_files(cfg):
         tuned_on = "train_data (its own files, checked disjoint from the analysed records)"
     else:
         tuned_on = "every record (no split)" if d.split is None else "the train part of data.split"
@@ -593,19 +582,23 @@ def data_description(cfg: ExperimentConfig) -> dict[str, Any]:
             "max_length": d.max_length, "scope": d.scope, "splits": split, "fine_tuning_records": tuned_on}
 
 
-def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, comparison=None,
-                 series=None, controls: dict | None = None, precision: dict | None = None,
-                 ablation: dict | None = None, **_) -> dict[str, Any]:
-    """Assemble summary.json and write the report directory (OUT/report/)."""
+def _compared(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict[str, Any]:
+    """What report_stage takes from compare_stage (with one model, only the precision check)."""
+    if len(analyses.models) < 2:
+        return {"precision": precision_agreement(cfg, analyses)}
+    c = compare_stage(cfg, out, analyses=analyses)
+    return {k: c["_" + k] for k in ("comparison", "series", "controls", "precision")}
+
+
+def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None,
+                 compared: dict[str, Any] | None = None, ablation: dict | None = None, **_) -> dict[str, Any]:
+    """Assemble summary.json and write the report directory (OUT/report/); `compared` is
+    `_compared`'s result when compare already ran."""
     from sparcom_jax.analysis import build_summary
     from sparcom_jax.report import write_report
 
     analyses = analyses or analyze_all(cfg, out, full=True)
-    if comparison is None and len(analyses.models) >= 2:
-        c = compare_stage(cfg, out, analyses=analyses)
-        comparison, series, controls, precision = c["_comparison"], c["_series"], c["_controls"], c["_precision"]
-    elif precision is None:
-        precision = precision_agreement(cfg, analyses)
+    c = compared if compared is not None else _compared(cfg, out, analyses)
     if ablation is None:  # from earlier `sparcom ablate` files
         ablation = load_ablations(cfg, out, analyses)
     # The summary holds one model's causal check: the fine-tuned model's when there are several.
@@ -613,14 +606,14 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     abl_model = next((n for n in reversed(names) if any(k[0] == n for k in ablation)), None)
     specs = model_list(cfg, out)
     summary = build_summary(
-        analyses.models, config=identify_config(cfg), comparison=comparison, series=series,
+        analyses.models, config=cfg.identify.to_rule(), comparison=c.get("comparison"), series=c.get("series"),
         ablation=ablation.get((abl_model, "neurons")), ablation_experts=ablation.get((abl_model, "experts")),
         ablation_expert_neurons=ablation.get((abl_model, "expert_neurons")),
         model_paths={s.label: s.path or "random init" for s in specs},
         data=data_description(cfg), scope=cfg.data.scope,
         templates={ma.name: ma.meta.get("template") for ma in (*analyses.models.values(),
                                                                *analyses.controls.values())},
-        controls=controls or None, precision=precision,
+        controls=c.get("controls") or None, precision=c["precision"],
         extra={"experiment": cfg.name, "ablation_model": abl_model,
                "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
     )
@@ -650,13 +643,9 @@ def run_all(cfg: ExperimentConfig, out: Path, *, progress: bool = True, overwrit
     analyses = analyze_all(cfg, out, full=True)
     identify_stage(cfg, out, analyses=analyses)
     evaluate_stage(cfg, out, analyses=analyses)
-    comparison = series = controls = precision = None
-    if len(analyses.models) >= 2:
-        c = compare_stage(cfg, out, analyses=analyses)
-        comparison, series, controls, precision = c["_comparison"], c["_series"], c["_controls"], c["_precision"]
+    compared = _compared(cfg, out, analyses)
     abl = ablate_stage(cfg, out, analyses=analyses, overwrite=overwrite) if cfg.ablation.enabled else {}
-    r = report_stage(cfg, out, analyses=analyses, comparison=comparison, series=series, controls=controls,
-                     precision=precision, ablation=abl.get("_results", {}))
+    r = report_stage(cfg, out, analyses=analyses, compared=compared, ablation=abl.get("_results", {}))
     return {"report": r["report"], "summary": r["summary"], "out": str(out)}
 
 
@@ -670,7 +659,7 @@ STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     """The checks every stage makes before any work or output: the models it needs exist
     and the records load, split and sample."""
-    if stage in ("finetune", "run") and (stage == "finetune" or fine_tunes(cfg)):
+    if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
         train_records(cfg)
     if stage != "finetune":
@@ -688,8 +677,6 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     Returns:
       {label: path} of the outputs (internal objects dropped).
     """
-    from sparcom_jax.fileio import prepare_out_dir
-
     prepare_out_dir(out)
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
