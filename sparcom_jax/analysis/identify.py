@@ -285,11 +285,17 @@ class Identification:
         self.instruction_bits = None
 
 
-def _field_array(counts: Counts, field: str):
+def _unit_shape(counts: Counts, field: str) -> tuple[int, ...]:
     arr = getattr(counts, field, None)
     if arr is None:
         raise ValueError(f"these counts have no {field!r} (dense model or not collected)")
-    return arr
+    return tuple(arr.shape[1:])
+
+
+def consensus_sets(votes: np.ndarray, n_c: np.ndarray, q: float) -> np.ndarray:
+    """bool [C, U]: units that at least a fraction q of c's n_c [C] instructions select
+    (votes [C, U]: how many, or their resampled weight); empty categories stay empty."""
+    return (votes >= q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
 
 
 def _check_strength(counts: Counts, field: str, cfgs: Sequence[IdentifyConfig]) -> bool:
@@ -329,10 +335,9 @@ def instruction_sets(
       bool [N, *U], or uint8 [N, ceil(U/8)] when packed.
     """
     cfg = cfg or IdentifyConfig()
-    shape = tuple(_field_array(counts, field).shape[1:])
-    n_units = int(np.prod(shape))
+    shape = _unit_shape(counts, field)
     strength = _check_strength(counts, field, [cfg])
-    out = (np.zeros((counts.n, (n_units + 7) // 8), np.uint8) if packed
+    out = (np.zeros((counts.n, (int(np.prod(shape)) + 7) // 8), np.uint8) if packed
            else np.zeros((counts.n,) + shape, bool))
     for s, freq in counts.iter_frequencies(field, cfg.chunk):
         n = freq.shape[0]
@@ -383,8 +388,7 @@ def identify_all(
         raise ValueError("identify_all needs at least one rule")
     keep = ([keep_instruction_sets] * len(cfgs) if isinstance(keep_instruction_sets, bool)
             else list(keep_instruction_sets))
-    arr = _field_array(counts, field)
-    shape = tuple(arr.shape[1:])
+    shape = _unit_shape(counts, field)
     n_units = int(np.prod(shape))
     labels = category_labels(counts.categories)
     if labels.shape[0] != counts.n:
@@ -428,7 +432,7 @@ def identify_all(
     out = []
     for i, cfg in enumerate(cfgs):
         if cfg.aggregation == "consensus":
-            sets = (votes[i] >= cfg.q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
+            sets = consensus_sets(votes[i], n_c, cfg.q)
         else:  # all-zero rows (empty categories) stay empty
             sets = select_units(mean, cfg, field, mean_strength)
         out.append(Identification(
