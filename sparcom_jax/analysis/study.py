@@ -72,12 +72,6 @@ class ModelAnalysis:
         return jsonable({"meta": self.meta, **{k: v.summary for k, v in self.fields.items()}})
 
 
-def _phases(count_cl: np.ndarray, union_l: np.ndarray) -> dict:
-    out = {c: ev.locate_phases(count_cl[i]) for i, c in enumerate(CATEGORIES)}
-    out["union"] = ev.locate_phases(union_l)
-    return out
-
-
 def field_summary(ident: Identification, instruction_matrix: np.ndarray | None = None) -> dict:
     """The point estimates of one field (everything but bootstrap and permutation).
 
@@ -116,10 +110,10 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "per_layer_share": by_category(share),
         "union_per_layer": union_l,
         "general_per_layer": gen["general_mask"].reshape(sets.shape[1], -1).sum(1),
-        "phases": _phases(count, union_l),
+        "phases": {**by_category([ev.locate_phases(p) for p in count]), "union": ev.locate_phases(union_l)},
         "mean_instruction_set_size": by_category(mean_size),
         "mean_frequency": by_category(ident.category_mean.reshape(C, -1).mean(1)),
-        "set_size_vs_length": _size_vs_length(ident, pairs=True),
+        "set_size_vs_length": _size_vs_length(ident),
         "instruction_overlap": None,
         "diagonal_dominance": None,
         "per_category_dominance": None,
@@ -136,42 +130,33 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
     return jsonable(s)
 
 
-def _size_vs_length(ident: Identification, pairs: bool) -> dict | None:
-    """|S(I)| against T(I) (ev.size_vs_length) keyed by category name; the
-    per-instruction pairs only when `pairs`."""
+def _size_vs_length(ident: Identification) -> dict | None:
+    """|S(I)| against T(I) (ev.size_vs_length) keyed by category name."""
     if ident.tokens is None:
         return None
     r = ev.size_vs_length(ident.instruction_size, ident.tokens, ident.labels)
-    out = {"spearman": r["spearman"], "per_category": by_category([r["per_category"][c] for c in range(C)])}
-    if pairs:
-        out.update(tokens=r["tokens"], set_size=r["set_size"],
-                   category=[CATEGORIES[c] for c in r["category"]])
-    return jsonable(out)
+    return jsonable({"spearman": r["spearman"], "per_category": by_category(r["per_category"]),
+                     "tokens": r["tokens"], "set_size": r["set_size"],
+                     "category": [CATEGORIES[c] for c in r["category"]]})
+
+
+# The figures of field_summary that the `contrast` entry repeats for the contrast rule.
+_CONTRAST_KEYS = ("per_category_count", "mean_instruction_set_size", "unique", "unique_ratio", "general",
+                  "union", "per_layer", "overlap_jaccard")
+
+
+def _rule(cfg: IdentifyConfig) -> dict:
+    return {"identification": cfg.to_dict(), "supports": RULE_SUPPORT[cfg.rule]}
 
 
 def contrast_summary(ident: Identification) -> dict:
     """The `contrast` entry of a section: set sizes under the contrast rule (no
-    instruction-level overlap, no bootstrap: the contrast rule is for counting)."""
-    sets = ident.category_sets
-    gen = ev.generality(sets)
-    uniq = ev.uniqueness(sets)
-    count, _ = ev.layer_distribution(sets)
-    sizes_i = ident.instruction_size
-    return jsonable({
-        "identification": ident.config.to_dict(),
-        "supports": RULE_SUPPORT[ident.config.rule],
-        "per_category_count": by_category(ev.set_sizes(sets)),
-        "mean_instruction_set_size": by_category(
-            [float(sizes_i[ident.labels == c].mean()) if ident.n_per_category[c] else None
-             for c in range(C)]),
-        "unique": by_category(uniq["unique"]),
-        "unique_ratio": by_category(uniq["unique_ratio"]),
-        "general": gen["general"],
-        "union": gen["union"],
-        "per_layer": by_category(count),
-        "overlap_jaccard": ev.category_overlap(sets)[0],
-        "set_size_vs_length": _size_vs_length(ident, pairs=False),
-    })
+    instruction-level overlap, no bootstrap, no per-instruction pairs: the
+    contrast rule is for counting)."""
+    s = field_summary(ident)
+    svl = s["set_size_vs_length"]
+    return {**_rule(ident.config), **{k: s[k] for k in _CONTRAST_KEYS},
+            "set_size_vs_length": None if svl is None else {k: svl[k] for k in ("spearman", "per_category")}}
 
 
 def _source_predicate(human: str | Callable[[str], bool]) -> tuple[Callable[[str], bool], str]:
@@ -240,7 +225,7 @@ def analyze_field(
     summary = field_summary(ident, jmat)
     summary["contrast"] = contrast_summary(idents[1]) if contrast else None
     if cfg.ties == "break" and summary["set_size_vs_length"] is not None:
-        kept = _size_vs_length(idents[-1], pairs=True)
+        kept = _size_vs_length(idents[-1])
         summary["set_size_vs_length"]["ties_kept"] = {k: kept[k] for k in ("spearman", "per_category", "set_size")}
     summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = None
     if n_boot > 0:
@@ -369,12 +354,7 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
 
 def rules_entry(cfg: IdentifyConfig, contrast: bool = True) -> dict:
     """What the main and the contrast rule are and which finding each supports."""
-    out = {"main": {"identification": cfg.to_dict(), "supports": RULE_SUPPORT[cfg.rule]},
-           "contrast": None}
-    if contrast:
-        c = contrast_config(cfg)
-        out["contrast"] = {"identification": c.to_dict(), "supports": RULE_SUPPORT[c.rule]}
-    return out
+    return {"main": _rule(cfg), "contrast": _rule(contrast_config(cfg)) if contrast else None}
 
 
 # What two compared models must share: a difference here changes counts by itself.
@@ -479,20 +459,11 @@ def compare_series(
         for k in ("general", "general_share", "union", "diagonal_dominance"):
             t[k] = [s[k] for s in sums]
         t["phases"] = {c: [s["phases"][c]["boundaries"] for s in sums] for c in (*CATEGORIES, "union")}
-        base = analyses[0][sec].ident.category_sets
-        vs_base = {k: {c: [] for c in CATEGORIES} for k in keys}
-        vs_prev = {k: {c: [None] for c in CATEGORIES} for k in keys}
-        for j, a in enumerate(analyses):
-            cur = a[sec].ident.category_sets
-            refs = [(base, vs_base)]
-            if j > 0:
-                refs.append((analyses[j - 1][sec].ident.category_sets, vs_prev))
-            for ref, dst in refs:
-                r = cmp.compare_sets(ref, cur)
-                for k in keys:
-                    for i, c in enumerate(CATEGORIES):
-                        dst[k][c].append(r[k][i])
-        t["vs_base"], t["vs_previous"] = vs_base, vs_prev
+        sets = [a[sec].ident.category_sets for a in analyses]
+        for name, refs in (("vs_base", sets[:1] * len(sets)), ("vs_previous", [None, *sets[:-1]])):
+            r = [None if ref is None else cmp.compare_sets(ref, cur) for ref, cur in zip(refs, sets)]
+            t[name] = {k: {c: [None if x is None else x[k][i] for x in r] for i, c in enumerate(CATEGORIES)}
+                       for k in keys}
         for k in ("per_category_count", "mean_instruction_set_size"):
             t[f"contrast_{k}"] = (None if any(s.get("contrast") is None for s in sums)
                                   else {c: [s["contrast"][k][c] for s in sums] for c in CATEGORIES})
@@ -569,16 +540,15 @@ def build_summary(
         out["comparison"] = comparison
     if series is not None:
         out["series"] = series
-    if ablation is not None or ablation_experts is not None or ablation_expert_neurons is not None:
-        ab: dict[str, Any] = {}
-        if ablation is not None:
-            d = ablation.to_dict()
-            ab.update({"isn": d["isn"], "random": d["random"], "neurons": d})
-        if ablation_experts is not None:
-            d = ablation_experts.to_dict()
-            ab.update({"ise": d["isn"], "ise_random": d["random"], "experts": d})
-        if ablation_expert_neurons is not None:
-            ab["expert_neurons"] = ablation_expert_neurons.to_dict()
+    ab: dict[str, Any] = {}
+    for res, own, rand, kind in ((ablation, "isn", "random", "neurons"),
+                                 (ablation_experts, "ise", "ise_random", "experts")):
+        if res is not None:
+            d = res.to_dict()
+            ab.update({own: d["isn"], rand: d["random"], kind: d})
+    if ablation_expert_neurons is not None:
+        ab["expert_neurons"] = ablation_expert_neurons.to_dict()
+    if ab:
         out["ablation"] = ab
     out.update(extra or {})
     return jsonable(out)
