@@ -209,7 +209,28 @@ def analyze_field(
     contrast: bool = True, human: str | Callable[[str], bool] | None = "human",
     top_units: int = 20, top_per_unit: int = 5,
 ) -> FieldAnalysis:
-    """Identify and evaluate one count field (see analyze_model for the arguments)."""
+    """Identify and evaluate one count field.
+
+    Args:
+      counts: the model's counts (numpy or lazily-read arrays) with categories.
+      field: the count field.
+      cfg: identification rule.
+      n_boot: bootstrap replicates (0 = none).
+      n_perm: permutations for the diagonal test (0 = none).
+      seed: seed of bootstrap and permutations.
+      ci: bootstrap interval coverage.
+      instruction_level: compute the N x N instruction Jaccard.
+      keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
+      packed: hold S(I) bit-packed while analysing (8x less memory); None packs
+        when the unpacked sets would exceed 1 GiB.
+      contrast: also identify with the contrast rule (`contrast_config(cfg)`:
+        absolute threshold beside top-eps) in the same pass over the counts.
+      human: the subset whose diagonal is reported beside the full set when the
+        counts carry sources: a source prefix ("human": sources starting with
+        "human"), a predicate on the source, or None for no subset.
+      top_units: units listed per category with their top instructions (0 = none).
+      top_per_unit: instructions listed per unit.
+    """
     need_sets = instruction_level or keep_instruction_sets or (
         n_boot > 0 and cfg.aggregation == "consensus")
     if packed is None:
@@ -248,11 +269,7 @@ def analyze_field(
 
 def analyze_model(
     counts: Counts, cfg: IdentifyConfig | None = None, *, name: str = "model",
-    fields: Sequence[str] | None = None, n_boot: int = 100, n_perm: int = 999, seed: int = 0,
-    ci: float = 0.95, instruction_level: bool | Sequence[str] = True,
-    keep_instruction_sets: bool = False, packed: bool | None = None,
-    contrast: bool = True, human: str | Callable[[str], bool] | None = "human",
-    top_units: int = 20, top_per_unit: int = 5,
+    fields: Sequence[str] | None = None, instruction_level: bool | Sequence[str] = True, **field_kw,
 ) -> ModelAnalysis:
     """Identification and evaluation of every count field a model has.
 
@@ -261,22 +278,11 @@ def analyze_model(
       cfg: identification rule (default IdentifyConfig()).
       name: model name used in the summary.
       fields: count fields to analyse (default: all present).
-      n_boot: bootstrap replicates (0 = none).
-      n_perm: permutations for the diagonal test (0 = none).
-      seed: seed of bootstrap and permutations.
-      ci: bootstrap interval coverage.
       instruction_level: compute the N x N instruction Jaccard (True, False, or
         the fields to do it for; expert neurons of big MoE models are costly).
-      keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
-      packed: hold S(I) bit-packed while analysing (8x less memory); None packs
-        when the unpacked sets would exceed 1 GiB.
-      contrast: also identify with the contrast rule (`contrast_config(cfg)`:
-        absolute threshold beside top-eps) in the same pass over the counts.
-      human: the subset whose diagonal is reported beside the full set when the
-        counts carry sources: a source prefix ("human": sources starting with
-        "human"), a predicate on the source, or None for no subset.
-      top_units: units listed per category with their top instructions (0 = none).
-      top_per_unit: instructions listed per unit.
+      **field_kw: analyze_field's options, the same for every field (n_boot,
+        n_perm, seed, ci, keep_instruction_sets, packed, contrast, human,
+        top_units, top_per_unit).
 
     Returns:
       A ModelAnalysis; `.summary()` gives `models.<name>`.
@@ -286,10 +292,7 @@ def analyze_model(
     out = {}
     for f in fields:
         inst = instruction_level if isinstance(instruction_level, bool) else f in instruction_level
-        out[SECTIONS[f]] = analyze_field(
-            counts, f, cfg, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci,
-            instruction_level=inst, keep_instruction_sets=keep_instruction_sets, packed=packed,
-            contrast=contrast, human=human, top_units=top_units, top_per_unit=top_per_unit)
+        out[SECTIONS[f]] = analyze_field(counts, f, cfg, instruction_level=inst, **field_kw)
     return ModelAnalysis(name=name, config=cfg, fields=out, meta=dict(counts.meta or {}))
 
 
