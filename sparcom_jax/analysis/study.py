@@ -302,9 +302,6 @@ def _as_analysis(x, cfg, name, kw) -> ModelAnalysis:
     return analyze_model(x, cfg, name=name, **kw)
 
 
-_SET_KEYS = ("size_before", "size_after", "retained", "gained", "lost", "jaccard")
-
-
 def _ba(before, after) -> dict:
     delta = None if before is None or after is None else after - before
     return {"before": before, "after": after, "delta": delta}
@@ -347,10 +344,10 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
     per_cat = {}
     for i, c in enumerate(CATEGORIES):
         per_cat[c] = {
-            **{k: sets[k][i] for k in _SET_KEYS},
+            **{k: sets[k][i] for k in cmp.SET_KEYS},
             "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
             "frequency_shift": {k: v[i] for k, v in shift.items()},
-            "contrast": {k: csets[k][i] for k in _SET_KEYS} if both else None,
+            "contrast": {k: csets[k][i] for k in cmp.SET_KEYS} if both else None,
         }
     return jsonable(per_cat), jsonable(_moves(fb.summary, fa.summary))
 
