@@ -20,8 +20,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from sparcom_jax.analysis.common import C, SECTIONS, category_labels
-from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.analysis.common import C, SECTIONS, by_category, category_labels
 from sparcom_jax.stats.counts import Counts
 
 _RULES = ("top", "absolute")
@@ -256,7 +255,7 @@ class Identification:
 
     def sets(self) -> dict[str, np.ndarray]:
         """{category: bool [*U]} in CATEGORIES order."""
-        return {c: self.category_sets[i] for i, c in enumerate(CATEGORIES)}
+        return by_category(self.category_sets)
 
     def unit_frequency(self) -> np.ndarray:
         """float64 [*U] mean frequency of each unit over all N instructions."""

@@ -22,7 +22,7 @@ import numpy as np
 from sparcom_jax.analysis import compare as cmp
 from sparcom_jax.analysis import evaluate as ev
 from sparcom_jax.analysis.ablate import AblationResult
-from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable
+from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable, nan_mean
 from sparcom_jax.analysis.examples import top_instructions
 from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
@@ -88,9 +88,7 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
     uniq = ev.uniqueness(sets)
     count, share = ev.layer_distribution(sets)
     union_l = sets.any(0).reshape(sets.shape[1], -1).sum(1)
-    sizes_i = ident.instruction_size
-    mean_size = [float(sizes_i[ident.labels == c].mean()) if ident.n_per_category[c] else None
-                 for c in range(C)]
+    mean_size = [nan_mean(ident.instruction_size[ident.labels == c]) for c in range(C)]  # NaN -> None
     s: dict[str, Any] = {
         "field": ident.field,
         "units": list(UNIT_AXES[ident.field]),

@@ -60,11 +60,8 @@ def export_sets(out_dir: str | os.PathLike, ident: Identification, prefix: str =
         f"{ident.section} ({ident.field}); index = {axes[-1]}; 0-based",
         "identification: " + " ".join(f"{k}={v}" for k, v in rule.items()),
     ]
-    rows = []
-    for cat, rs in recs.items():
-        for r in rs:
-            rows.append([cat] + [r[c] for c in cols] + [
-                r["frequency"], ";".join(SHORT_NAMES[c] for c in r["categories"]), int(r["unique"])])
+    rows = [[cat, *[r[c] for c in cols], r["frequency"], ";".join(SHORT_NAMES[c] for c in r["categories"]),
+             int(r["unique"])] for cat, rs in recs.items() for r in rs]
     base = os.path.join(os.fspath(out_dir), f"{prefix}{ident.section}")
     csv_path = write_csv(base + ".csv", ["category", *cols, "frequency", "categories", "unique"],
                          rows, comments)

@@ -72,7 +72,12 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
     dom = dominance_rows(s)
     if dom is not None:
         yield Table(f"{p}_dominance", DOMINANCE_HEADER, dom)
-    yield from _length_tables(p, s)
+    v = s.get("set_size_vs_length")
+    if v:
+        yield Table(f"{p}_set_size_vs_length", LENGTH_HEADER, length_rows(v))
+        if v.get("tokens") is not None:
+            yield Table(f"{p}_set_size_vs_length_instructions", ["instruction", "category", "tokens", "set_size"],
+                        [[i, *r] for i, r in enumerate(zip(v["category"], v["tokens"], v["set_size"]))])
     c = s.get("contrast")
     if c:
         yield Table(f"{p}_contrast",
@@ -120,16 +125,6 @@ def dominance_rows(s: dict) -> list[list] | None:
 
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
                     "human_permutation_p"]
-
-
-def _length_tables(p: str, s: dict) -> Iterator[Table]:
-    v = s.get("set_size_vs_length")
-    if not v:
-        return
-    yield Table(f"{p}_set_size_vs_length", LENGTH_HEADER, length_rows(v))
-    if v.get("tokens") is not None:
-        yield Table(f"{p}_set_size_vs_length_instructions", ["instruction", "category", "tokens", "set_size"],
-                    [[i, c, t, z] for i, (c, t, z) in enumerate(zip(v["category"], v["tokens"], v["set_size"]))])
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",
