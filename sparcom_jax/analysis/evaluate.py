@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparcom_jax.analysis.common import C, nan_mean, one_hot, safe_div
+from sparcom_jax.analysis.common import C, nan_mean, safe_div
 from sparcom_jax.analysis.identify import Identification
 
 
@@ -95,7 +95,7 @@ def category_block_means(
       float [C, C], or [B, C, C] for 2-D weights; NaN for blocks with no pair.
     """
     vals, valid = pair_terms(pair)
-    y = one_hot(labels)
+    y = np.eye(C)[labels]  # [N, C] one-hot
     if weights is None:
         return safe_div(y.T @ vals @ y, y.T @ valid @ y)
     w = np.atleast_2d(weights).astype(np.float64)           # [B, N]

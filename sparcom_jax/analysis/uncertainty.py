@@ -209,8 +209,7 @@ def permutation_test(
     null, null_c = [], []
     for p0 in range(0, n_perm, batch):
         perms = np.stack([_shuffle(labels, groups, rng) for _ in range(min(batch, n_perm - p0))])
-        y = np.zeros((n, perms.shape[0], C))                      # [N, P, C] one-hot
-        y[np.arange(n)[:, None], np.arange(perms.shape[0])[None], perms.T] = 1.0
+        y = np.eye(C)[perms.T]                                    # [N, P, C] one-hot
         flat = y.reshape(n, -1)
         # One [N, N] @ [N, P*C] product per batch instead of P small ones.
         sums = np.einsum("npc,npd->pcd", y, (vals @ flat).reshape(y.shape))
