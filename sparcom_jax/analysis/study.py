@@ -300,29 +300,21 @@ def _as_analysis(x, cfg, name, kw) -> ModelAnalysis:
     return analyze_model(x, cfg, name=name, **kw)
 
 
-def _ba(before, after) -> dict:
-    delta = None if before is None or after is None else after - before
-    return {"before": before, "after": after, "delta": delta}
-
-
 def _moves(sb: dict, sa: dict) -> dict:
-    """How the model-level figures of one section move from before to after."""
+    """How the model-level figures of one section move from before to after (undefined = NaN)."""
+    def ba(before, after):
+        before, after = (np.nan if v is None else v for v in (before, after))
+        return {"before": before, "after": after, "delta": after - before}
+
     def mat_delta(key):
         if sb.get(key) is None or sa.get(key) is None:
             return None
         return np.asarray(sa[key], float) - np.asarray(sb[key], float)
 
-    nan = lambda v: np.nan if v is None else v  # noqa: E731
     return {
-        "general": _ba(sb["general"], sa["general"]),
-        "union": _ba(sb["union"], sa["union"]),
-        "general_share": _ba(nan(sb["general_share"]), nan(sa["general_share"])),
-        "diagonal_dominance": _ba(nan(sb["diagonal_dominance"]), nan(sa["diagonal_dominance"])),
-        "per_category_count": {c: _ba(sb["per_category_count"][c], sa["per_category_count"][c])
-                               for c in CATEGORIES},
-        "unique": {c: _ba(sb["unique"][c], sa["unique"][c]) for c in CATEGORIES},
-        "unique_ratio": {c: _ba(nan(sb["unique_ratio"][c]), nan(sa["unique_ratio"][c]))
-                         for c in CATEGORIES},
+        **{k: ba(sb[k], sa[k]) for k in ("general", "union", "general_share", "diagonal_dominance")},
+        **{k: {c: ba(sb[k][c], sa[k][c]) for c in CATEGORIES}
+           for k in ("per_category_count", "unique", "unique_ratio")},
         "per_layer_delta": {c: np.asarray(sa["per_layer"][c]) - np.asarray(sb["per_layer"][c])
                             for c in CATEGORIES},
         "phases": {k: {"before": sb["phases"][k]["boundaries"], "after": sa["phases"][k]["boundaries"]}
