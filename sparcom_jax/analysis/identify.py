@@ -83,14 +83,9 @@ class IdentifyConfig:
     chunk: int = 64
 
     def __post_init__(self):
-        if self.rule not in _RULES:
-            raise ValueError(f"rule must be one of {_RULES}, got {self.rule!r}")
-        if self.aggregation not in _AGGREGATIONS:
-            raise ValueError(
-                f"aggregation must be one of {_AGGREGATIONS}, got {self.aggregation!r}"
-            )
-        if self.ties not in _TIES:
-            raise ValueError(f"ties must be one of {_TIES}, got {self.ties!r}")
+        for name, allowed in (("rule", _RULES), ("aggregation", _AGGREGATIONS), ("ties", _TIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.ties == "break" and self.rule != "top":
             raise ValueError("ties='break' applies to rule='top' only (an absolute threshold has "
                              "no cut to break ties at); use ties='keep'")

@@ -216,11 +216,9 @@ def write_report(
         written["tables"].append(write_csv(os.path.join(out, "tables", t.name + ".csv"), t.header, t.rows,
                                            comments=[f"identification: {rule}"]))
 
-    if analyses:
-        for name, ma in analyses.items():
-            for fa in ma.fields.values():
-                written["sets"].extend(export_sets(os.path.join(out, "sets"), fa.ident,
-                                                   prefix=safe_name(name) + "_"))
+    for name, ma in (analyses or {}).items():
+        for fa in ma.fields.values():
+            written["sets"].extend(export_sets(os.path.join(out, "sets"), fa.ident, prefix=safe_name(name) + "_"))
 
     blocks: list = []
 
