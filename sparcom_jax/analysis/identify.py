@@ -142,11 +142,6 @@ def contrast_config(cfg: IdentifyConfig) -> IdentifyConfig:
     return dataclasses.replace(cfg, rule="absolute" if cfg.rule == "top" else "top", ties="keep")
 
 
-def top_k(eps: float, n_units: int) -> int:
-    """k = ceil(eps * n_units), at least 1 and at most n_units."""
-    return min(n_units, max(1, math.ceil(eps * n_units - _TOL)))
-
-
 def select_units(
     freq: np.ndarray, cfg: IdentifyConfig, field: str = "neuron_active",
     strength: np.ndarray | None = None,
@@ -181,7 +176,7 @@ def select_units(
         sel = flat >= cfg.threshold
     else:
         u = flat.shape[1]
-        k = top_k(cfg.eps_for(field), u)
+        k = min(u, max(1, math.ceil(cfg.eps_for(field) * u - _TOL)))  # ceil(eps * U), in [1, U]
         # np.partition is O(U) per row where a sort would be O(U log U).
         kth = np.partition(flat, u - k, axis=1)[:, u - k]
         if cfg.ties == "keep":
