@@ -48,13 +48,6 @@ def category_labels(categories: Sequence[str] | None) -> np.ndarray:
     )
 
 
-def one_hot(labels: np.ndarray, n_classes: int = C, dtype=np.float64) -> np.ndarray:
-    """[N] int labels -> [N, C] one-hot matrix."""
-    y = np.zeros((labels.shape[0], n_classes), dtype=dtype)
-    y[np.arange(labels.shape[0]), labels] = 1
-    return y
-
-
 def safe_div(num, den) -> np.ndarray:
     """num / den elementwise, NaN where den == 0 (an undefined ratio, not zero)."""
     num = np.asarray(num, dtype=np.float64)

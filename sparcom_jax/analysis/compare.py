@@ -10,6 +10,9 @@ import numpy as np
 
 from sparcom_jax.analysis.common import safe_div
 
+# The per-category figures of compare_sets, in the order tables list them.
+SET_KEYS = ("size_before", "size_after", "retained", "gained", "lost", "jaccard")
+
 
 def _check(before: np.ndarray, after: np.ndarray) -> None:
     if before.shape != after.shape:
@@ -50,9 +53,9 @@ def compare_sets(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarray]
     return out
 
 
-def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
-    n = mask.sum()
-    return float(x[mask].mean()) if n else float("nan")
+def _masked_means(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """float [C]: mean of x[c] over mask[c] (x, mask [C, U]), NaN where the mask is empty."""
+    return np.array([x[i][mask[i]].mean() if mask[i].any() else np.nan for i in range(x.shape[0])])
 
 
 def frequency_shift(
@@ -85,9 +88,9 @@ def frequency_shift(
         "mean_after": flat_a.mean(1),
         "delta": d.reshape(c, -1).mean(1),
         "mean_abs_delta": np.abs(d).reshape(c, -1).mean(1),
-        "on_before_set_before": np.array([_masked_mean(flat_b[i], sb[i]) for i in range(c)]),
-        "on_before_set_after": np.array([_masked_mean(flat_a[i], sb[i]) for i in range(c)]),
-        "on_after_set_before": np.array([_masked_mean(flat_b[i], sa[i]) for i in range(c)]),
-        "on_after_set_after": np.array([_masked_mean(flat_a[i], sa[i]) for i in range(c)]),
+        "on_before_set_before": _masked_means(flat_b, sb),
+        "on_before_set_after": _masked_means(flat_a, sb),
+        "on_after_set_before": _masked_means(flat_b, sa),
+        "on_after_set_after": _masked_means(flat_a, sa),
         "per_layer_delta": d.mean(2),
     }

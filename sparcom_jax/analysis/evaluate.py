@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparcom_jax.analysis.common import C, nan_mean, one_hot, safe_div
+from sparcom_jax.analysis.common import C, nan_mean, safe_div
 from sparcom_jax.analysis.identify import Identification
 
 
@@ -35,10 +35,6 @@ def category_overlap(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return safe_div(inter, union), safe_div(inter, np.minimum(size[:, None], size[None, :]))
 
 
-def _block_rows(n_units: int, budget_bytes: int) -> int:
-    return max(1, budget_bytes // (4 * max(n_units, 1)))
-
-
 def instruction_jaccard(ident: Identification, *, budget_bytes: int = 1 << 27) -> np.ndarray:
     """Jaccard of every pair of instruction sets.
 
@@ -59,7 +55,7 @@ def instruction_jaccard(ident: Identification, *, budget_bytes: int = 1 << 27) -
         raise ValueError(f"{u} units exceed exact float32 counting; split the field")
     size = ident.instruction_size.astype(np.float64)
     out = np.empty((n, n), np.float32)
-    b = _block_rows(u, budget_bytes)
+    b = max(1, budget_bytes // (4 * max(u, 1)))
     for i0 in range(0, n, b):
         xi = ident.instruction_rows(i0, min(i0 + b, n)).astype(np.float32)
         for j0 in range(i0, n, b):
@@ -70,6 +66,14 @@ def instruction_jaccard(ident: Identification, *, budget_bytes: int = 1 << 27) -
             out[i0:i0 + xi.shape[0], j0:j0 + xj.shape[0]] = jac
             out[j0:j0 + xj.shape[0], i0:i0 + xi.shape[0]] = jac.T
     return out
+
+
+def pair_terms(pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [N, N] values and 0/1 validity of the pairs a block mean averages:
+    self-pairs and NaN entries (undefined Jaccard) have value 0 and validity 0."""
+    valid = np.isfinite(pair)
+    np.fill_diagonal(valid, False)
+    return np.where(valid, pair, 0.0).astype(np.float64), valid.astype(np.float64)
 
 
 def category_block_means(
@@ -90,11 +94,8 @@ def category_block_means(
     Returns:
       float [C, C], or [B, C, C] for 2-D weights; NaN for blocks with no pair.
     """
-    valid = np.isfinite(pair)
-    np.fill_diagonal(valid, False)
-    vals = np.where(valid, pair, 0.0).astype(np.float64)
-    valid = valid.astype(np.float64)
-    y = one_hot(labels)
+    vals, valid = pair_terms(pair)
+    y = np.eye(C)[labels]  # [N, C] one-hot
     if weights is None:
         return safe_div(y.T @ vals @ y, y.T @ valid @ y)
     w = np.atleast_2d(weights).astype(np.float64)           # [B, N]
@@ -172,9 +173,7 @@ def size_vs_length(sizes: np.ndarray, tokens: np.ndarray, labels: np.ndarray) ->
     per = {}
     for c in range(C):
         m = labels == c
-        per[c] = {"n": int(m.sum()),
-                  "mean_tokens": float(tokens[m].mean()) if m.any() else float("nan"),
-                  "mean_set_size": float(sizes[m].mean()) if m.any() else float("nan"),
+        per[c] = {"n": int(m.sum()), "mean_tokens": nan_mean(tokens[m]), "mean_set_size": nan_mean(sizes[m]),
                   "spearman": spearman(sizes[m], tokens[m])}
     return {"spearman": spearman(sizes, tokens), "per_category": per,
             "tokens": np.asarray(tokens), "set_size": np.asarray(sizes), "category": np.asarray(labels)}

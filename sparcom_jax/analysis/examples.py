@@ -53,7 +53,7 @@ def top_instructions(
       instructions on which the unit never fired are not listed.
     """
     per_cat = listed_units(ident, units_per_category)
-    units = np.unique(np.concatenate(per_cat)) if per_cat else np.zeros(0, np.int64)
+    units = np.unique(np.concatenate(per_cat))
     tokens = np.asarray(counts.tokens[:], np.int64)
     best_f = np.full((units.size, 0), -np.inf)
     best_i = np.zeros((units.size, 0), np.int64)

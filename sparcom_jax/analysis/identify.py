@@ -20,8 +20,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from sparcom_jax.analysis.common import C, SECTIONS, category_labels
-from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.analysis.common import C, SECTIONS, by_category, category_labels
 from sparcom_jax.stats.counts import Counts
 
 _RULES = ("top", "absolute")
@@ -84,14 +83,9 @@ class IdentifyConfig:
     chunk: int = 64
 
     def __post_init__(self):
-        if self.rule not in _RULES:
-            raise ValueError(f"rule must be one of {_RULES}, got {self.rule!r}")
-        if self.aggregation not in _AGGREGATIONS:
-            raise ValueError(
-                f"aggregation must be one of {_AGGREGATIONS}, got {self.aggregation!r}"
-            )
-        if self.ties not in _TIES:
-            raise ValueError(f"ties must be one of {_TIES}, got {self.ties!r}")
+        for name, allowed in (("rule", _RULES), ("aggregation", _AGGREGATIONS), ("ties", _TIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.ties == "break" and self.rule != "top":
             raise ValueError("ties='break' applies to rule='top' only (an absolute threshold has "
                              "no cut to break ties at); use ties='keep'")
@@ -148,11 +142,6 @@ def contrast_config(cfg: IdentifyConfig) -> IdentifyConfig:
     return dataclasses.replace(cfg, rule="absolute" if cfg.rule == "top" else "top", ties="keep")
 
 
-def top_k(eps: float, n_units: int) -> int:
-    """k = ceil(eps * n_units), at least 1 and at most n_units."""
-    return min(n_units, max(1, math.ceil(eps * n_units - _TOL)))
-
-
 def select_units(
     freq: np.ndarray, cfg: IdentifyConfig, field: str = "neuron_active",
     strength: np.ndarray | None = None,
@@ -187,7 +176,7 @@ def select_units(
         sel = flat >= cfg.threshold
     else:
         u = flat.shape[1]
-        k = top_k(cfg.eps_for(field), u)
+        k = min(u, max(1, math.ceil(cfg.eps_for(field) * u - _TOL)))  # ceil(eps * U), in [1, U]
         # np.partition is O(U) per row where a sort would be O(U log U).
         kth = np.partition(flat, u - k, axis=1)[:, u - k]
         if cfg.ties == "keep":
@@ -256,7 +245,7 @@ class Identification:
 
     def sets(self) -> dict[str, np.ndarray]:
         """{category: bool [*U]} in CATEGORIES order."""
-        return {c: self.category_sets[i] for i, c in enumerate(CATEGORIES)}
+        return by_category(self.category_sets)
 
     def unit_frequency(self) -> np.ndarray:
         """float64 [*U] mean frequency of each unit over all N instructions."""
@@ -285,11 +274,17 @@ class Identification:
         self.instruction_bits = None
 
 
-def _field_array(counts: Counts, field: str):
+def _unit_shape(counts: Counts, field: str) -> tuple[int, ...]:
     arr = getattr(counts, field, None)
     if arr is None:
         raise ValueError(f"these counts have no {field!r} (dense model or not collected)")
-    return arr
+    return tuple(arr.shape[1:])
+
+
+def consensus_sets(votes: np.ndarray, n_c: np.ndarray, q: float) -> np.ndarray:
+    """bool [C, U]: units that at least a fraction q of c's n_c [C] instructions select
+    (votes [C, U]: how many, or their resampled weight); empty categories stay empty."""
+    return (votes >= q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
 
 
 def _check_strength(counts: Counts, field: str, cfgs: Sequence[IdentifyConfig]) -> bool:
@@ -329,10 +324,9 @@ def instruction_sets(
       bool [N, *U], or uint8 [N, ceil(U/8)] when packed.
     """
     cfg = cfg or IdentifyConfig()
-    shape = tuple(_field_array(counts, field).shape[1:])
-    n_units = int(np.prod(shape))
+    shape = _unit_shape(counts, field)
     strength = _check_strength(counts, field, [cfg])
-    out = (np.zeros((counts.n, (n_units + 7) // 8), np.uint8) if packed
+    out = (np.zeros((counts.n, (int(np.prod(shape)) + 7) // 8), np.uint8) if packed
            else np.zeros((counts.n,) + shape, bool))
     for s, freq in counts.iter_frequencies(field, cfg.chunk):
         n = freq.shape[0]
@@ -383,8 +377,7 @@ def identify_all(
         raise ValueError("identify_all needs at least one rule")
     keep = ([keep_instruction_sets] * len(cfgs) if isinstance(keep_instruction_sets, bool)
             else list(keep_instruction_sets))
-    arr = _field_array(counts, field)
-    shape = tuple(arr.shape[1:])
+    shape = _unit_shape(counts, field)
     n_units = int(np.prod(shape))
     labels = category_labels(counts.categories)
     if labels.shape[0] != counts.n:
@@ -428,7 +421,7 @@ def identify_all(
     out = []
     for i, cfg in enumerate(cfgs):
         if cfg.aggregation == "consensus":
-            sets = (votes[i] >= cfg.q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
+            sets = consensus_sets(votes[i], n_c, cfg.q)
         else:  # all-zero rows (empty categories) stay empty
             sets = select_units(mean, cfg, field, mean_strength)
         out.append(Identification(

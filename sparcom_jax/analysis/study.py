@@ -22,7 +22,7 @@ import numpy as np
 from sparcom_jax.analysis import compare as cmp
 from sparcom_jax.analysis import evaluate as ev
 from sparcom_jax.analysis.ablate import AblationResult
-from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable
+from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable, nan_mean
 from sparcom_jax.analysis.examples import top_instructions
 from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
@@ -72,12 +72,6 @@ class ModelAnalysis:
         return jsonable({"meta": self.meta, **{k: v.summary for k, v in self.fields.items()}})
 
 
-def _phases(count_cl: np.ndarray, union_l: np.ndarray) -> dict:
-    out = {c: ev.locate_phases(count_cl[i]) for i, c in enumerate(CATEGORIES)}
-    out["union"] = ev.locate_phases(union_l)
-    return out
-
-
 def field_summary(ident: Identification, instruction_matrix: np.ndarray | None = None) -> dict:
     """The point estimates of one field (everything but bootstrap and permutation).
 
@@ -94,9 +88,7 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
     uniq = ev.uniqueness(sets)
     count, share = ev.layer_distribution(sets)
     union_l = sets.any(0).reshape(sets.shape[1], -1).sum(1)
-    sizes_i = ident.instruction_size
-    mean_size = [float(sizes_i[ident.labels == c].mean()) if ident.n_per_category[c] else None
-                 for c in range(C)]
+    mean_size = [nan_mean(ident.instruction_size[ident.labels == c]) for c in range(C)]  # NaN -> None
     s: dict[str, Any] = {
         "field": ident.field,
         "units": list(UNIT_AXES[ident.field]),
@@ -116,10 +108,10 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "per_layer_share": by_category(share),
         "union_per_layer": union_l,
         "general_per_layer": gen["general_mask"].reshape(sets.shape[1], -1).sum(1),
-        "phases": _phases(count, union_l),
+        "phases": {**by_category([ev.locate_phases(p) for p in count]), "union": ev.locate_phases(union_l)},
         "mean_instruction_set_size": by_category(mean_size),
         "mean_frequency": by_category(ident.category_mean.reshape(C, -1).mean(1)),
-        "set_size_vs_length": _size_vs_length(ident, pairs=True),
+        "set_size_vs_length": _size_vs_length(ident),
         "instruction_overlap": None,
         "diagonal_dominance": None,
         "per_category_dominance": None,
@@ -136,42 +128,33 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
     return jsonable(s)
 
 
-def _size_vs_length(ident: Identification, pairs: bool) -> dict | None:
-    """|S(I)| against T(I) (ev.size_vs_length) keyed by category name; the
-    per-instruction pairs only when `pairs`."""
+def _size_vs_length(ident: Identification) -> dict | None:
+    """|S(I)| against T(I) (ev.size_vs_length) keyed by category name."""
     if ident.tokens is None:
         return None
     r = ev.size_vs_length(ident.instruction_size, ident.tokens, ident.labels)
-    out = {"spearman": r["spearman"], "per_category": by_category([r["per_category"][c] for c in range(C)])}
-    if pairs:
-        out.update(tokens=r["tokens"], set_size=r["set_size"],
-                   category=[CATEGORIES[c] for c in r["category"]])
-    return jsonable(out)
+    return jsonable({"spearman": r["spearman"], "per_category": by_category(r["per_category"]),
+                     "tokens": r["tokens"], "set_size": r["set_size"],
+                     "category": [CATEGORIES[c] for c in r["category"]]})
+
+
+# The figures of field_summary that the `contrast` entry repeats for the contrast rule.
+_CONTRAST_KEYS = ("per_category_count", "mean_instruction_set_size", "unique", "unique_ratio", "general",
+                  "union", "per_layer", "overlap_jaccard")
+
+
+def _rule(cfg: IdentifyConfig) -> dict:
+    return {"identification": cfg.to_dict(), "supports": RULE_SUPPORT[cfg.rule]}
 
 
 def contrast_summary(ident: Identification) -> dict:
     """The `contrast` entry of a section: set sizes under the contrast rule (no
-    instruction-level overlap, no bootstrap: the contrast rule is for counting)."""
-    sets = ident.category_sets
-    gen = ev.generality(sets)
-    uniq = ev.uniqueness(sets)
-    count, _ = ev.layer_distribution(sets)
-    sizes_i = ident.instruction_size
-    return jsonable({
-        "identification": ident.config.to_dict(),
-        "supports": RULE_SUPPORT[ident.config.rule],
-        "per_category_count": by_category(ev.set_sizes(sets)),
-        "mean_instruction_set_size": by_category(
-            [float(sizes_i[ident.labels == c].mean()) if ident.n_per_category[c] else None
-             for c in range(C)]),
-        "unique": by_category(uniq["unique"]),
-        "unique_ratio": by_category(uniq["unique_ratio"]),
-        "general": gen["general"],
-        "union": gen["union"],
-        "per_layer": by_category(count),
-        "overlap_jaccard": ev.category_overlap(sets)[0],
-        "set_size_vs_length": _size_vs_length(ident, pairs=False),
-    })
+    instruction-level overlap, no bootstrap, no per-instruction pairs: the
+    contrast rule is for counting)."""
+    s = field_summary(ident)
+    svl = s["set_size_vs_length"]
+    return {**_rule(ident.config), **{k: s[k] for k in _CONTRAST_KEYS},
+            "set_size_vs_length": None if svl is None else {k: svl[k] for k in ("spearman", "per_category")}}
 
 
 def _source_predicate(human: str | Callable[[str], bool]) -> tuple[Callable[[str], bool], str]:
@@ -224,7 +207,28 @@ def analyze_field(
     contrast: bool = True, human: str | Callable[[str], bool] | None = "human",
     top_units: int = 20, top_per_unit: int = 5,
 ) -> FieldAnalysis:
-    """Identify and evaluate one count field (see analyze_model for the arguments)."""
+    """Identify and evaluate one count field.
+
+    Args:
+      counts: the model's counts (numpy or lazily-read arrays) with categories.
+      field: the count field.
+      cfg: identification rule.
+      n_boot: bootstrap replicates (0 = none).
+      n_perm: permutations for the diagonal test (0 = none).
+      seed: seed of bootstrap and permutations.
+      ci: bootstrap interval coverage.
+      instruction_level: compute the N x N instruction Jaccard.
+      keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
+      packed: hold S(I) bit-packed while analysing (8x less memory); None packs
+        when the unpacked sets would exceed 1 GiB.
+      contrast: also identify with the contrast rule (`contrast_config(cfg)`:
+        absolute threshold beside top-eps) in the same pass over the counts.
+      human: the subset whose diagonal is reported beside the full set when the
+        counts carry sources: a source prefix ("human": sources starting with
+        "human"), a predicate on the source, or None for no subset.
+      top_units: units listed per category with their top instructions (0 = none).
+      top_per_unit: instructions listed per unit.
+    """
     need_sets = instruction_level or keep_instruction_sets or (
         n_boot > 0 and cfg.aggregation == "consensus")
     if packed is None:
@@ -240,7 +244,7 @@ def analyze_field(
     summary = field_summary(ident, jmat)
     summary["contrast"] = contrast_summary(idents[1]) if contrast else None
     if cfg.ties == "break" and summary["set_size_vs_length"] is not None:
-        kept = _size_vs_length(idents[-1], pairs=True)
+        kept = _size_vs_length(idents[-1])
         summary["set_size_vs_length"]["ties_kept"] = {k: kept[k] for k in ("spearman", "per_category", "set_size")}
     summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = None
     if n_boot > 0:
@@ -263,11 +267,7 @@ def analyze_field(
 
 def analyze_model(
     counts: Counts, cfg: IdentifyConfig | None = None, *, name: str = "model",
-    fields: Sequence[str] | None = None, n_boot: int = 100, n_perm: int = 999, seed: int = 0,
-    ci: float = 0.95, instruction_level: bool | Sequence[str] = True,
-    keep_instruction_sets: bool = False, packed: bool | None = None,
-    contrast: bool = True, human: str | Callable[[str], bool] | None = "human",
-    top_units: int = 20, top_per_unit: int = 5,
+    fields: Sequence[str] | None = None, instruction_level: bool | Sequence[str] = True, **field_kw,
 ) -> ModelAnalysis:
     """Identification and evaluation of every count field a model has.
 
@@ -276,22 +276,11 @@ def analyze_model(
       cfg: identification rule (default IdentifyConfig()).
       name: model name used in the summary.
       fields: count fields to analyse (default: all present).
-      n_boot: bootstrap replicates (0 = none).
-      n_perm: permutations for the diagonal test (0 = none).
-      seed: seed of bootstrap and permutations.
-      ci: bootstrap interval coverage.
       instruction_level: compute the N x N instruction Jaccard (True, False, or
         the fields to do it for; expert neurons of big MoE models are costly).
-      keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
-      packed: hold S(I) bit-packed while analysing (8x less memory); None packs
-        when the unpacked sets would exceed 1 GiB.
-      contrast: also identify with the contrast rule (`contrast_config(cfg)`:
-        absolute threshold beside top-eps) in the same pass over the counts.
-      human: the subset whose diagonal is reported beside the full set when the
-        counts carry sources: a source prefix ("human": sources starting with
-        "human"), a predicate on the source, or None for no subset.
-      top_units: units listed per category with their top instructions (0 = none).
-      top_per_unit: instructions listed per unit.
+      **field_kw: analyze_field's options, the same for every field (n_boot,
+        n_perm, seed, ci, keep_instruction_sets, packed, contrast, human,
+        top_units, top_per_unit).
 
     Returns:
       A ModelAnalysis; `.summary()` gives `models.<name>`.
@@ -301,10 +290,7 @@ def analyze_model(
     out = {}
     for f in fields:
         inst = instruction_level if isinstance(instruction_level, bool) else f in instruction_level
-        out[SECTIONS[f]] = analyze_field(
-            counts, f, cfg, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci,
-            instruction_level=inst, keep_instruction_sets=keep_instruction_sets, packed=packed,
-            contrast=contrast, human=human, top_units=top_units, top_per_unit=top_per_unit)
+        out[SECTIONS[f]] = analyze_field(counts, f, cfg, instruction_level=inst, **field_kw)
     return ModelAnalysis(name=name, config=cfg, fields=out, meta=dict(counts.meta or {}))
 
 
@@ -314,32 +300,21 @@ def _as_analysis(x, cfg, name, kw) -> ModelAnalysis:
     return analyze_model(x, cfg, name=name, **kw)
 
 
-_SET_KEYS = ("size_before", "size_after", "retained", "gained", "lost", "jaccard")
-
-
-def _ba(before, after) -> dict:
-    delta = None if before is None or after is None else after - before
-    return {"before": before, "after": after, "delta": delta}
-
-
 def _moves(sb: dict, sa: dict) -> dict:
-    """How the model-level figures of one section move from before to after."""
+    """How the model-level figures of one section move from before to after (undefined = NaN)."""
+    def ba(before, after):
+        before, after = (np.nan if v is None else v for v in (before, after))
+        return {"before": before, "after": after, "delta": after - before}
+
     def mat_delta(key):
         if sb.get(key) is None or sa.get(key) is None:
             return None
         return np.asarray(sa[key], float) - np.asarray(sb[key], float)
 
-    nan = lambda v: np.nan if v is None else v  # noqa: E731
     return {
-        "general": _ba(sb["general"], sa["general"]),
-        "union": _ba(sb["union"], sa["union"]),
-        "general_share": _ba(nan(sb["general_share"]), nan(sa["general_share"])),
-        "diagonal_dominance": _ba(nan(sb["diagonal_dominance"]), nan(sa["diagonal_dominance"])),
-        "per_category_count": {c: _ba(sb["per_category_count"][c], sa["per_category_count"][c])
-                               for c in CATEGORIES},
-        "unique": {c: _ba(sb["unique"][c], sa["unique"][c]) for c in CATEGORIES},
-        "unique_ratio": {c: _ba(nan(sb["unique_ratio"][c]), nan(sa["unique_ratio"][c]))
-                         for c in CATEGORIES},
+        **{k: ba(sb[k], sa[k]) for k in ("general", "union", "general_share", "diagonal_dominance")},
+        **{k: {c: ba(sb[k][c], sa[k][c]) for c in CATEGORIES}
+           for k in ("per_category_count", "unique", "unique_ratio")},
         "per_layer_delta": {c: np.asarray(sa["per_layer"][c]) - np.asarray(sb["per_layer"][c])
                             for c in CATEGORIES},
         "phases": {k: {"before": sb["phases"][k]["boundaries"], "after": sa["phases"][k]["boundaries"]}
@@ -359,22 +334,17 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
     per_cat = {}
     for i, c in enumerate(CATEGORIES):
         per_cat[c] = {
-            **{k: sets[k][i] for k in _SET_KEYS},
+            **{k: sets[k][i] for k in cmp.SET_KEYS},
             "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
             "frequency_shift": {k: v[i] for k, v in shift.items()},
-            "contrast": {k: csets[k][i] for k in _SET_KEYS} if both else None,
+            "contrast": {k: csets[k][i] for k in cmp.SET_KEYS} if both else None,
         }
     return jsonable(per_cat), jsonable(_moves(fb.summary, fa.summary))
 
 
 def rules_entry(cfg: IdentifyConfig, contrast: bool = True) -> dict:
     """What the main and the contrast rule are and which finding each supports."""
-    out = {"main": {"identification": cfg.to_dict(), "supports": RULE_SUPPORT[cfg.rule]},
-           "contrast": None}
-    if contrast:
-        c = contrast_config(cfg)
-        out["contrast"] = {"identification": c.to_dict(), "supports": RULE_SUPPORT[c.rule]}
-    return out
+    return {"main": _rule(cfg), "contrast": _rule(contrast_config(cfg)) if contrast else None}
 
 
 # What two compared models must share: a difference here changes counts by itself.
@@ -479,20 +449,11 @@ def compare_series(
         for k in ("general", "general_share", "union", "diagonal_dominance"):
             t[k] = [s[k] for s in sums]
         t["phases"] = {c: [s["phases"][c]["boundaries"] for s in sums] for c in (*CATEGORIES, "union")}
-        base = analyses[0][sec].ident.category_sets
-        vs_base = {k: {c: [] for c in CATEGORIES} for k in keys}
-        vs_prev = {k: {c: [None] for c in CATEGORIES} for k in keys}
-        for j, a in enumerate(analyses):
-            cur = a[sec].ident.category_sets
-            refs = [(base, vs_base)]
-            if j > 0:
-                refs.append((analyses[j - 1][sec].ident.category_sets, vs_prev))
-            for ref, dst in refs:
-                r = cmp.compare_sets(ref, cur)
-                for k in keys:
-                    for i, c in enumerate(CATEGORIES):
-                        dst[k][c].append(r[k][i])
-        t["vs_base"], t["vs_previous"] = vs_base, vs_prev
+        sets = [a[sec].ident.category_sets for a in analyses]
+        for name, refs in (("vs_base", sets[:1] * len(sets)), ("vs_previous", [None, *sets[:-1]])):
+            r = [None if ref is None else cmp.compare_sets(ref, cur) for ref, cur in zip(refs, sets)]
+            t[name] = {k: {c: [None if x is None else x[k][i] for x in r] for i, c in enumerate(CATEGORIES)}
+                       for k in keys}
         for k in ("per_category_count", "mean_instruction_set_size"):
             t[f"contrast_{k}"] = (None if any(s.get("contrast") is None for s in sums)
                                   else {c: [s["contrast"][k][c] for s in sums] for c in CATEGORIES})
@@ -569,16 +530,15 @@ def build_summary(
         out["comparison"] = comparison
     if series is not None:
         out["series"] = series
-    if ablation is not None or ablation_experts is not None or ablation_expert_neurons is not None:
-        ab: dict[str, Any] = {}
-        if ablation is not None:
-            d = ablation.to_dict()
-            ab.update({"isn": d["isn"], "random": d["random"], "neurons": d})
-        if ablation_experts is not None:
-            d = ablation_experts.to_dict()
-            ab.update({"ise": d["isn"], "ise_random": d["random"], "experts": d})
-        if ablation_expert_neurons is not None:
-            ab["expert_neurons"] = ablation_expert_neurons.to_dict()
+    ab: dict[str, Any] = {}
+    for res, own, rand, kind in ((ablation, "isn", "random", "neurons"),
+                                 (ablation_experts, "ise", "ise_random", "experts")):
+        if res is not None:
+            d = res.to_dict()
+            ab.update({own: d["isn"], rand: d["random"], kind: d})
+    if ablation_expert_neurons is not None:
+        ab["expert_neurons"] = ablation_expert_neurons.to_dict()
+    if ab:
         out["ablation"] = ab
     out.update(extra or {})
     return jsonable(out)

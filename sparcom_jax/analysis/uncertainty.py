@@ -20,9 +20,10 @@ import numpy as np
 
 from sparcom_jax.analysis.common import C, safe_div
 from sparcom_jax.analysis.evaluate import (
-    category_block_means, category_overlap, diagonal_dominance, per_category_dominance, set_sizes,
+    category_block_means, category_overlap, diagonal_dominance, generality, pair_terms,
+    per_category_dominance, set_sizes, uniqueness,
 )
-from sparcom_jax.analysis.identify import _TOL, Identification, _strength, select_units
+from sparcom_jax.analysis.identify import Identification, _strength, consensus_sets, select_units
 from sparcom_jax.stats.counts import Counts
 
 
@@ -51,14 +52,12 @@ def resample_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
 def _replicate_stats(sets: np.ndarray) -> dict[str, np.ndarray]:
     """Figures bootstrapped for one replicate's sets bool [C, U]."""
     jac, coef = category_overlap(sets)
-    breadth = sets.sum(0)
-    union = int((breadth > 0).sum())
-    general = int((breadth == C).sum())
+    gen = generality(sets)
     return {
         "per_category_count": set_sizes(sets),
-        "unique": (sets & (breadth == 1)[None]).sum(1),
-        "general": np.asarray(general),
-        "general_share": np.asarray(general / union if union else np.nan),
+        "unique": uniqueness(sets)["unique"],
+        "general": np.asarray(gen["general"]),
+        "general_share": np.asarray(gen["general_share"]),
         "overlap_jaccard": jac,
         "overlap_coefficient": coef,
     }
@@ -130,7 +129,7 @@ def bootstrap(
         denom = np.maximum(n_c, 1)[:, None]
         for r in range(w.shape[0]):
             if cfg.aggregation == "consensus":
-                sets = (agg[r] >= cfg.q * n_c[:, None] - _TOL) & (n_c[:, None] > 0)
+                sets = consensus_sets(agg[r], n_c, cfg.q)
             else:
                 sets = select_units(agg[r] / denom, cfg, ident.field,
                                     None if agg_strength is None else agg_strength[r] / denom)
@@ -198,10 +197,7 @@ def permutation_test(
     obs_block = category_block_means(instruction_matrix, labels)
     obs = diagonal_dominance(obs_block)
     obs_c = per_category_dominance(obs_block)
-    valid = np.isfinite(instruction_matrix)
-    np.fill_diagonal(valid, False)
-    vals = np.where(valid, instruction_matrix, 0.0).astype(np.float64)
-    valid = valid.astype(np.float64)
+    vals, valid = pair_terms(instruction_matrix)
     rng = np.random.default_rng(seed)
     n = labels.shape[0]
     groups = None
@@ -213,8 +209,7 @@ def permutation_test(
     null, null_c = [], []
     for p0 in range(0, n_perm, batch):
         perms = np.stack([_shuffle(labels, groups, rng) for _ in range(min(batch, n_perm - p0))])
-        y = np.zeros((n, perms.shape[0], C))                      # [N, P, C] one-hot
-        y[np.arange(n)[:, None], np.arange(perms.shape[0])[None], perms.T] = 1.0
+        y = np.eye(C)[perms.T]                                    # [N, P, C] one-hot
         flat = y.reshape(n, -1)
         # One [N, N] @ [N, P*C] product per batch instead of P small ones.
         sums = np.einsum("npc,npd->pcd", y, (vals @ flat).reshape(y.shape))

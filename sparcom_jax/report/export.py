@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from sparcom_jax.analysis.common import UNIT_AXES, jsonable
+from sparcom_jax.analysis.common import C, UNIT_AXES, jsonable
 from sparcom_jax.analysis.identify import Identification
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report.io import write_csv, write_json
@@ -24,13 +24,13 @@ def set_records(ident: Identification) -> dict[str, list[dict]]:
     Units are listed in (layer, [expert], index) order.
     """
     axes = UNIT_AXES[ident.field]
-    sets = ident.category_sets
-    member = sets.reshape(sets.shape[0], -1)
+    member = ident.category_sets.reshape(C, -1)
+    mean = ident.category_mean.reshape(C, -1)
     out = {}
     for ci, cat in enumerate(CATEGORIES):
         flat = np.flatnonzero(member[ci])
         coords = np.unravel_index(flat, ident.unit_shape)
-        freq = ident.category_mean.reshape(len(CATEGORIES), -1)[ci, flat]
+        freq = mean[ci, flat]
         rows = []
         for j, u in enumerate(flat):
             cats = [CATEGORIES[k] for k in np.flatnonzero(member[:, u])]
@@ -60,11 +60,8 @@ def export_sets(out_dir: str | os.PathLike, ident: Identification, prefix: str =
         f"{ident.section} ({ident.field}); index = {axes[-1]}; 0-based",
         "identification: " + " ".join(f"{k}={v}" for k, v in rule.items()),
     ]
-    rows = []
-    for cat, rs in recs.items():
-        for r in rs:
-            rows.append([cat] + [r[c] for c in cols] + [
-                r["frequency"], ";".join(SHORT_NAMES[c] for c in r["categories"]), int(r["unique"])])
+    rows = [[cat, *[r[c] for c in cols], r["frequency"], ";".join(SHORT_NAMES[c] for c in r["categories"]),
+             int(r["unique"])] for cat, rs in recs.items() for r in rs]
     base = os.path.join(os.fspath(out_dir), f"{prefix}{ident.section}")
     csv_path = write_csv(base + ".csv", ["category", *cols, "frequency", "categories", "unique"],
                          rows, comments)

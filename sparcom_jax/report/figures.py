@@ -15,9 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from sparcom_jax.analysis.evaluate import category_order
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
-
-_SHORT = [SHORT_NAMES[c] for c in CATEGORIES]
+from sparcom_jax.report.tables import SHORT
 
 
 def _fig(w: float, h: float) -> Figure:
@@ -40,8 +40,8 @@ def _arr(x) -> np.ndarray:
 
 def _heatmap(ax, m: np.ndarray, title: str, vmin=None, vmax=None, cmap="viridis", fmt="{:.2f}"):
     im = ax.imshow(np.ma.masked_invalid(m), vmin=vmin, vmax=vmax, cmap=cmap)
-    ax.set_xticks(range(len(_SHORT)), _SHORT, rotation=45)
-    ax.set_yticks(range(len(_SHORT)), _SHORT)
+    ax.set_xticks(range(len(SHORT)), SHORT, rotation=45)
+    ax.set_yticks(range(len(SHORT)), SHORT)
     ax.set_title(title, fontsize=10)
     if m.shape[0] <= 8:
         for i in range(m.shape[0]):
@@ -83,9 +83,8 @@ def instruction_heatmap(matrix: np.ndarray, labels: np.ndarray, title: str) -> F
       labels: int [N] category indices.
       title: figure title.
     """
-    order = np.argsort(labels, kind="stable")
+    order, bounds = category_order(labels)
     m = np.asarray(matrix, dtype=float)[np.ix_(order, order)]
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=len(CATEGORIES)))])
     off = ~np.eye(m.shape[0], dtype=bool)
     # Scale to the off-diagonal range: the diagonal's 1s would wash the blocks out.
     vmax = np.nanmax(m[off]) if off.any() and np.isfinite(m[off]).any() else 1.0
@@ -97,8 +96,8 @@ def instruction_heatmap(matrix: np.ndarray, labels: np.ndarray, title: str) -> F
         ax.axvline(b - 0.5, color="white", lw=0.8)
     centres = [(bounds[i] + bounds[i + 1] - 1) / 2 for i in range(len(CATEGORIES))]
     keep = [i for i in range(len(CATEGORIES)) if bounds[i + 1] > bounds[i]]
-    ax.set_xticks([centres[i] for i in keep], [_SHORT[i] for i in keep], rotation=45)
-    ax.set_yticks([centres[i] for i in keep], [_SHORT[i] for i in keep])
+    ax.set_xticks([centres[i] for i in keep], [SHORT[i] for i in keep], rotation=45)
+    ax.set_yticks([centres[i] for i in keep], [SHORT[i] for i in keep])
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="Jaccard of S(I), S(I')")
     return fig
@@ -163,7 +162,7 @@ def generality_uniqueness(sections: Mapping[str, dict], title: str) -> Figure:
                        color=f"C{k}", label=f"{name}: general {s['general']} ({share} of union)")
         ax_breadth.set_xticks(range(len(ks)), ks)
     for ax in (ax_size, ax_ratio):
-        ax.set_xticks(x, _SHORT)
+        ax.set_xticks(x, SHORT)
     ax_size.set_title("set size (light) and unique part (dark)", fontsize=10)
     ax_ratio.set_title("uniqueness |U(c)| / |S(c)|", fontsize=10)
     ax_breadth.set_title("breadth: in how many categories", fontsize=10)
@@ -196,7 +195,7 @@ def comparison_bars(section: Mapping[str, dict], title: str, before: str, after:
         j = section[c]["jaccard"]
         top = np.nansum([ret[i], max(lost[i], gain[i])])
         ax.text(i, top, "J=n/a" if j is None else f"J={j:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, _SHORT)
+    ax.set_xticks(x, SHORT)
     ax.set_ylabel("units (left bar: before, right bar: after)")
     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the J= labels
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them

@@ -30,12 +30,5 @@ def write_csv(
         buf.write(f"# {line}\n")
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    for r in rows:
-        w.writerow(["" if v is None else _fmt(v) for v in r])
+    w.writerows(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows)
     return atomic_write(path, buf.getvalue())
-
-
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v

@@ -7,9 +7,11 @@ import re
 from typing import Any, Iterator
 
 from sparcom_jax.analysis.common import SECTIONS
+from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 
-_SHORT = [SHORT_NAMES[c] for c in CATEGORIES]
+SHORT = [SHORT_NAMES[c] for c in CATEGORIES]
+ABLATION_CORNER = "ablated \\ evaluated"
 
 
 @dataclasses.dataclass
@@ -26,8 +28,9 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "model"
 
 
-def _matrix(name: str, m) -> Table:
-    return Table(name, ["category", *_SHORT], [[c, *row] for c, row in zip(CATEGORIES, m)])
+def matrix_table(name: str, m, corner: str = "category") -> Table:
+    """A [C, C] matrix with category rows and short-name columns."""
+    return Table(name, [corner, *SHORT], [[c, *row] for c, row in zip(CATEGORIES, m)])
 
 
 def _boot(s: dict, key: str, c: str, bound: str):
@@ -49,14 +52,14 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
                   s["unique"][c], _boot(s, "unique", c, "low"), _boot(s, "unique", c, "high"),
                   s["unique_ratio"][c], s["mean_instruction_set_size"][c], s["mean_frequency"][c]]
                  for c in CATEGORIES])
-    yield _matrix(f"{p}_overlap_jaccard", s["overlap_jaccard"])
-    yield _matrix(f"{p}_overlap_coefficient", s["overlap_coefficient"])
+    yield matrix_table(f"{p}_overlap_jaccard", s["overlap_jaccard"])
+    yield matrix_table(f"{p}_overlap_coefficient", s["overlap_coefficient"])
     if s.get("instruction_overlap") is not None:
-        yield _matrix(f"{p}_instruction_overlap", s["instruction_overlap"])
+        yield matrix_table(f"{p}_instruction_overlap", s["instruction_overlap"])
     n_layers = len(s["union_per_layer"])
     yield Table(f"{p}_per_layer",
-                ["layer", *[f"count_{x}" for x in _SHORT], "union", "general",
-                 *[f"share_{x}" for x in _SHORT]],
+                ["layer", *[f"count_{x}" for x in SHORT], "union", "general",
+                 *[f"share_{x}" for x in SHORT]],
                 [[j, *[s["per_layer"][c][j] for c in CATEGORIES], s["union_per_layer"][j],
                   s["general_per_layer"][j], *[s["per_layer_share"][c][j] for c in CATEGORIES]]
                  for j in range(n_layers)])
@@ -66,8 +69,15 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
            ["permutation_p_value", perm.get("p_value")], ["permutation_n", perm.get("n_perm")]]
     gen += [[f"breadth_{k}", v] for k, v in s["breadth_histogram"].items()]
     yield Table(f"{p}_generality", ["metric", "value"], gen)
-    yield from _dominance_table(p, s)
-    yield from _length_tables(p, s)
+    dom = dominance_rows(s)
+    if dom is not None:
+        yield Table(f"{p}_dominance", DOMINANCE_HEADER, dom)
+    v = s.get("set_size_vs_length")
+    if v:
+        yield Table(f"{p}_set_size_vs_length", LENGTH_HEADER, length_rows(v))
+        if v.get("tokens") is not None:
+            yield Table(f"{p}_set_size_vs_length_instructions", ["instruction", "category", "tokens", "set_size"],
+                        [[i, *r] for i, r in enumerate(zip(v["category"], v["tokens"], v["set_size"]))])
     c = s.get("contrast")
     if c:
         yield Table(f"{p}_contrast",
@@ -84,12 +94,6 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
                 [[k, *(ph["boundaries"] or [None, None]),
                   *[(ph[x] or {}).get("mean") for x in ("early", "middle", "late")],
                   ph["explained"], ph["early_dominant"]] for k, ph in s["phases"].items()])
-
-
-def _dominance_table(p: str, s: dict) -> Iterator[Table]:
-    rows = dominance_rows(s)
-    if rows is not None:
-        yield Table(f"{p}_dominance", DOMINANCE_HEADER, rows)
 
 
 def dominance_rows(s: dict) -> list[list] | None:
@@ -121,16 +125,6 @@ def dominance_rows(s: dict) -> list[list] | None:
 
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
                     "human_permutation_p"]
-
-
-def _length_tables(p: str, s: dict) -> Iterator[Table]:
-    v = s.get("set_size_vs_length")
-    if not v:
-        return
-    yield Table(f"{p}_set_size_vs_length", LENGTH_HEADER, length_rows(v))
-    if v.get("tokens") is not None:
-        yield Table(f"{p}_set_size_vs_length_instructions", ["instruction", "category", "tokens", "set_size"],
-                    [[i, c, t, z] for i, (c, t, z) in enumerate(zip(v["category"], v["tokens"], v["set_size"]))])
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",
@@ -168,29 +162,20 @@ def top_instruction_rows(top: dict) -> list[list]:
     return rows
 
 
-SET_KEYS = ["size_before", "size_after", "retained", "gained", "lost", "jaccard"]
-
-
 def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> Iterator[Table]:
     """Tables of comparison.<section> (or of a control comparison, with its prefix)."""
-    keys = SET_KEYS
-
-    def contrast(c, k):
-        return (comp[c].get("contrast") or {}).get(k)
-
     yield Table(f"{prefix}_{section}",
-                ["category", *keys, "mean_p_before", "mean_p_after", "mean_p_delta",
-                 *[f"contrast_{k}" for k in keys]],
-                [[c, *[comp[c][k] for k in keys],
+                ["category", *SET_KEYS, "mean_p_before", "mean_p_after", "mean_p_delta",
+                 *[f"contrast_{k}" for k in SET_KEYS]],
+                [[c, *[comp[c][k] for k in SET_KEYS],
                   *[comp[c]["frequency_shift"][k] for k in ("mean_before", "mean_after", "delta")],
-                  *[contrast(c, k) for k in keys]]
+                  *[(comp[c].get("contrast") or {}).get(k) for k in SET_KEYS]]
                  for c in CATEGORIES])
     rows = []
     for c in CATEGORIES:
-        pl = comp[c]["per_layer"]
-        for j in range(len(pl["size_before"])):
-            rows.append([c, j, *[pl[k][j] for k in keys], comp[c]["frequency_shift"]["per_layer_delta"][j]])
-    yield Table(f"{prefix}_{section}_per_layer", ["category", "layer", *keys, "mean_p_delta"], rows)
+        pl, delta = comp[c]["per_layer"], comp[c]["frequency_shift"]["per_layer_delta"]
+        rows += [[c, j, *[pl[k][j] for k in SET_KEYS], d] for j, d in enumerate(delta)]
+    yield Table(f"{prefix}_{section}_per_layer", ["category", "layer", *SET_KEYS, "mean_p_delta"], rows)
 
 
 def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
@@ -198,9 +183,7 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
     for k in ("isn", "random", "excess", "excess_std", "random_ge_fraction"):
         if d.get(k) is None:
             continue
-        t = _matrix(f"ablation_{kind}_{k}", d[k])
-        t.header[0] = "ablated \\ evaluated"
-        yield t
+        yield matrix_table(f"ablation_{kind}_{k}", d[k], corner=ABLATION_CORNER)
     yield Table(f"ablation_{kind}_baseline", ABLATION_HEADER, ablation_rows(d))
 
 

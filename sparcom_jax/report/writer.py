@@ -16,6 +16,7 @@ import json
 import os
 from typing import Mapping
 
+from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report import figures as F
@@ -23,8 +24,8 @@ from sparcom_jax.report.export import export_sets
 from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_html
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
-    ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, SET_KEYS, TOP_HEADER, ablation_rows, all_tables,
-    dominance_rows, length_rows, precision_table, safe_name, top_instruction_rows,
+    ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, TOP_HEADER, ablation_rows, all_tables,
+    dominance_rows, length_rows, matrix_table, precision_table, safe_name, top_instruction_rows,
 )
 
 SECTION_TITLES = {
@@ -102,8 +103,6 @@ def _bootstrap_text(s: dict) -> str:
 
 def _matching_text(d: dict) -> str:
     m = d.get("matching") or {}
-    if not m:
-        return "the same number of units per layer"
     bins = m.get("frequency_bins")
     txt = f"the same number of units per {m.get('group', 'layer')}"
     if bins:
@@ -217,11 +216,9 @@ def write_report(
         written["tables"].append(write_csv(os.path.join(out, "tables", t.name + ".csv"), t.header, t.rows,
                                            comments=[f"identification: {rule}"]))
 
-    if analyses:
-        for name, ma in analyses.items():
-            for fa in ma.fields.values():
-                written["sets"].extend(export_sets(os.path.join(out, "sets"), fa.ident,
-                                                   prefix=safe_name(name) + "_"))
+    for name, ma in (analyses or {}).items():
+        for fa in ma.fields.values():
+            written["sets"].extend(export_sets(os.path.join(out, "sets"), fa.ident, prefix=safe_name(name) + "_"))
 
     blocks: list = []
 
@@ -327,9 +324,9 @@ def write_report(
         add(F.ablation_matrices(d["isn"], d["random"], f"Loss increase when {word} are switched off"),
             f"ablation_{kind}.png", f"Ablation ({word})",
             CAPTIONS["ablation"].format(kind=word, n=d["n_random"], matching=_matching_text(d)))
+        isn = matrix_table("", d["isn"], corner=ABLATION_CORNER)
         blocks.append(TableBlock(f"Ablation ({word}): loss increase, ablated (rows) x evaluated",
-                                 ["ablated \\ evaluated", *[SHORT_NAMES[c] for c in CATEGORIES]],
-                                 [[c, *row] for c, row in zip(CATEGORIES, d["isn"])]))
+                                 isn.header, isn.rows))
         blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['n_random']} matched "
                                  "random draws, dropped routing mass and control quality",
                                  ABLATION_HEADER, ablation_rows(d)))
