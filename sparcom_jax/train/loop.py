@@ -33,8 +33,9 @@ from sparcom_jax.models.transformer import CausalLM
 from sparcom_jax.parallel.mesh import make_mesh
 from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
-from sparcom_jax.fileio import write_json
-from sparcom_jax.train.checkpointing import RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer, read_run
+from sparcom_jax.fileio import atomic_write, write_json
+from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer,
+                                             read_run)
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
@@ -68,13 +69,8 @@ class FinetuneResult:
 
 def read_metrics(path: str | Path, kind: str | None = "train") -> list[dict]:
     """The lines of a metrics JSONL file, optionally only those of one type ("train", "eval", ...)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            if kind is None or d.get("type") == kind:
-                out.append(d)
-    return out
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [d for d in rows if kind is None or d.get("type") == kind]
 
 
 class MetricsWriter:
@@ -88,10 +84,8 @@ class MetricsWriter:
             # Steps after the restored checkpoint will be run again; drop their old lines so the
             # file reads as one uninterrupted run.
             keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and _line_step(ln) is not None and _line_step(ln) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(path)
+                    if (step := _line_step(ln)) is not None and step <= resume_step]
+            atomic_write(path, "".join(ln + "\n" for ln in keep))
         elif resume_step is None and path.exists():
             path.unlink()
         self.f = open(path, "a")
@@ -128,7 +122,7 @@ def _resolve_mesh(cfg: TrainConfig, mesh: Mesh | None) -> Mesh:
 def _check_resume(run_dir: Path, cfg: TrainConfig, model_hf: dict, resume: bool) -> dict | None:
     """The previous run's description if this call continues it; raises if it cannot."""
     has_run = (run_dir / RUN_FILE).exists()
-    ckpts = run_dir / "checkpoints"
+    ckpts = run_dir / CHECKPOINT_SUBDIR
     has_ckpts = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
     if not resume:
         if has_run or has_ckpts:
