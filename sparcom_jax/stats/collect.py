@@ -169,17 +169,18 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     cfg = model.config
     seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
     n = len(seqs)
-    for name, v in (("ids", ids), ("categories", categories), ("sources", sources)):
+    labels = {"ids": ids, "categories": categories, "sources": sources}
+    for name, v in labels.items():
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
+    labels = {name: None if v is None else list(v) for name, v in labels.items()}
     fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
     meta = dict(meta or {})
-    meta.setdefault("model", getattr(model, "source_path", None))
-    meta.setdefault("model_type", cfg.model_type)
-    meta.setdefault("moe_dispatch", model.moe_dispatch)
-    meta.setdefault("attention", model.dispatch.attention)
-    meta.setdefault("gate_dtype", model.gate_dtype)
+    for key, value in (("model", getattr(model, "source_path", None)), ("model_type", cfg.model_type),
+                       ("moe_dispatch", model.moe_dispatch), ("attention", model.dispatch.attention),
+                       ("gate_dtype", model.gate_dtype)):
+        meta.setdefault(key, value)
 
     runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
@@ -193,9 +194,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
             fp["gate_dtype"] = model.gate_dtype
         fp.update(fingerprint or {})
-        store = CountStore(out, shapes, ids=ids, categories=categories, sources=sources, meta=meta,
-                           chunk_rows=chunk_rows, fingerprint=fp, overwrite=overwrite,
-                           dtypes={k: _field_dtype(k) for k in shapes})
+        store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
+                           overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes})
         chunk = store.chunk_rows
         start = store.done_chunks
         # Tokens of chunks already done count as progress.
@@ -236,9 +236,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     if store is not None:
         counts = open_counts(out)
     else:
-        counts = Counts(tokens=result.pop("tokens"), ids=list(ids) if ids is not None else None,
-                        categories=list(categories) if categories is not None else None,
-                        sources=list(sources) if sources is not None else None, meta=meta, **result)
+        counts = Counts(tokens=result.pop("tokens"), **labels, meta=meta, **result)
     counts.meta.update(padding_fraction=padding, tokens_per_s=bar.tokens_per_s,
                        compilations=compile_stats(since=compiled_before))
     return counts
