@@ -1,7 +1,5 @@
-"""Supervised instruction fine-tuning: the loop that turns a base model into its tuned self.
-
-    result = finetune(model, records, tokenizer, TrainConfig(total_steps=200), "runs/demo")
-    export_series("runs/demo", "runs/demo/hf")   # before, step_..., after
+"""Supervised instruction fine-tuning: the loop that turns a base model into its tuned self
+(usage: see `sparcom_jax.train`).
 
 Everything that can be wrong with the settings (batch split over devices,
 optimizer name, lengths against the model, a run directory that belongs to
@@ -299,7 +297,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             checkpoint(0)  # the base model: "before"
         batch = data.batch(first) if first < total_steps else None
         t_last = time.perf_counter()
-        tok_since, steps_since = 0, 0
+        tok_since = 0
         for s in range(first, total_steps):
             state, m = train_step(state, *(put_batch(x, sh.batch_ABT, global_batch=True)
                                            for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
@@ -310,7 +308,6 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             step = s + 1
             tokens_seen += cur.tokens
             tok_since += cur.tokens
-            steps_since += 1
             losses[step] = m["loss"]
             if not math.isfinite(m["loss"]):
                 raise FloatingPointError(f"step {step}: loss is {m['loss']}; lower learning_rate or clip_norm")
