@@ -57,9 +57,6 @@ class Record:
         """The short category name (CLS, CODE, QA, GEN, MATH, SUM)."""
         return SHORT_NAMES[self.category]
 
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
