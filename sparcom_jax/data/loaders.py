@@ -10,9 +10,8 @@ shared validation in `records.py`, optionally after an adapter from
 Positions in messages: JSON Lines and CSV report the line number
 (`file.jsonl:12: ...`), a JSON array the item (`file.json:item 3: ...`),
 Parquet and `datasets` directories the row (`file.parquet:row 3: ...`,
-`dir:train row 3: ...`), all counted from 1. A file without an `id` column
-gets ids made of the file stem and that position (`file:12`, `file:item 3`,
-`file:row 3`, `dir:train row 3`).
+`dir:train row 3: ...`), all counted from 1; ids derived from them: see
+`load_instructions`.
 
 Text files (JSON, JSON Lines, CSV, TSV) must be UTF-8: they are decoded here
 first, so a stray Latin-1 byte is reported with its line instead of as a

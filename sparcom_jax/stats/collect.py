@@ -7,6 +7,7 @@ head is skipped. Definitions are METHOD.md's step 1.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -269,14 +270,10 @@ def check_scope_coverage(enc, max_length: int | None) -> dict[str, int]:
 
     if len(enc) == 0:
         raise ValueError("no records to collect counts for; load at least one record per category")
-    total = {c: 0 for c in CATEGORIES}
-    empty = {c: 0 for c in CATEGORIES}
-    empty_ids = []
-    for rid, cat, scope_T in zip(enc.record_ids, enc.categories, enc.scopes):
-        total[cat] += 1
-        if not np.any(scope_T):
-            empty[cat] += 1
-            empty_ids.append(rid)
+    total = collections.Counter(enc.categories)
+    none_in_scope = [not np.any(scope_T) for scope_T in enc.scopes]
+    empty = collections.Counter(cat for cat, e in zip(enc.categories, none_in_scope) if e)
+    empty_ids = [rid for rid, e in zip(enc.record_ids, none_in_scope) if e]
     present = [c for c in CATEGORIES if total[c]]
     fix = (f"raise max_length (data.max_length, now {max_length}) or change the scope "
            f"(data.scope, now {enc.scope!r})")

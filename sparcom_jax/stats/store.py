@@ -97,9 +97,8 @@ class CountStore:
         header = {"version": STORE_VERSION, "n": n, "chunk_rows": self.chunk_rows,
                   "shapes": {k: list(v) for k, v in shapes.items()},
                   "dtypes": {k: np.dtype(dtypes.get(k, np.int32)).name for k in shapes},
-                  "ids": list(ids) if ids is not None else None,
-                  "categories": list(categories) if categories is not None else None,
-                  "sources": list(sources) if sources is not None else None,
+                  **{k: None if v is None else list(v)
+                     for k, v in (("ids", ids), ("categories", categories), ("sources", sources))},
                   "fingerprint": fingerprint,
                   "meta": meta}
         meta_path = self.path / "meta.json"
