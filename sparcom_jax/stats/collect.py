@@ -94,23 +94,20 @@ class _Progress:
     """A tqdm bar in tokens with tokens/s, shown on process 0 only."""
 
     def __init__(self, total: int, enabled: bool, desc: str):
-        self.bar = None
+        from tqdm.auto import tqdm
+
         self.t0 = time.perf_counter()
         self.done = 0
-        if enabled and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True,
+                        disable=not enabled or jax.process_index() != 0)
 
     def __call__(self, n: int):
         self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
+        self.bar.update(n)
 
     def close(self, padding_fraction: float):
-        if self.bar is not None:
-            self.bar.set_postfix(padding=f"{padding_fraction:.1%}")
-            self.bar.close()
+        self.bar.set_postfix(padding=f"{padding_fraction:.1%}")
+        self.bar.close()
 
     @property
     def tokens_per_s(self) -> float:
