@@ -6,7 +6,7 @@ function needs them, so `import sparcom_jax.data` stays cheap.
 
 from sparcom_jax.data.adapters import ADAPTERS, DOLLY_CATEGORIES, detect_adapter
 from sparcom_jax.data.batching import Batch, BatchPlan, default_buckets, fit_buckets, pad_batch, plan_batches
-from sparcom_jax.data.loaders import SHIPPED_PATH, load_instructions, load_shipped, read_table
+from sparcom_jax.data.loaders import SHIPPED_PATH, load_instructions, read_table
 from sparcom_jax.data.records import DataWarning, Excluded, LoadReport, Problem, Record, validate_row
 from sparcom_jax.data.sampling import count_by_category, sample_balanced
 from sparcom_jax.data.templates import (
@@ -26,6 +26,6 @@ __all__ = [
     "Batch", "BatchPlan", "DataWarning", "Encoded", "EncodedSet", "Excluded", "LoadReport",
     "Problem", "Record", "count_by_category", "default_buckets", "default_tokenizer", "fit_buckets",
     "detect_adapter", "encode_record", "encode_records", "format_plain", "load_instructions",
-    "load_shipped", "pad_batch", "plan_batches", "read_table", "resolve_tokenizer", "sample_balanced",
+    "pad_batch", "plan_batches", "read_table", "resolve_tokenizer", "sample_balanced",
     "user_message", "validate_row",
 ]

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+from sparcom_jax.data.records import REQUIRED_FIELDS
+
 #: Dolly-15k category -> SPARCOM category.
 DOLLY_CATEGORIES: dict[str, str] = {
     "classification": "classification",
@@ -186,18 +188,11 @@ def detect_adapter(columns: Sequence[str]) -> str | None:
       ValueError: when no format matches.
     """
     cols = set(columns)
-    if {"id", "category", "instruction", "output"} <= cols:
+    if set(REQUIRED_FIELDS) <= cols:
         return None
-    if {"instruction", "context", "response", "category"} <= cols:
-        return "dolly"
-    if {"question", "answer"} <= cols:
-        return "gsm8k"
-    if {"prompt", "canonical_solution"} <= cols:
-        return "humaneval"
-    if {"text", "code"} <= cols:
-        return "mbpp"
-    if {"instruction", "output", "category"} <= cols:
-        return "alpaca"
+    for name in ("dolly", "gsm8k", "humaneval", "mbpp", "alpaca"):  # the first match wins
+        if set(ADAPTERS[name].required) <= cols:
+            return name
     # instruction/output without a category (CodeAlpaca, plain Alpaca) is ambiguous:
     # labelling it all "code" could be wrong, so the user must say adapter="codealpaca".
     raise ValueError(

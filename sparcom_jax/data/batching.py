@@ -234,15 +234,10 @@ def plan_batches(
             runs += [members[s:s + batch_size] for s in range(0, members.size, batch_size)]
         if rng is not None:
             runs = [runs[i] for i in rng.permutation(len(runs))]
-    batches: list[Batch] = []
-    n_slots = 0
-    for idx in runs:
-        length = int(bks[which[idx].max()])
-        rows = batch_size if pad_rows else idx.size
-        batches.append(Batch(indices=idx, length=length, rows=rows))
-        n_slots += rows * length
-    return BatchPlan(batches=batches, buckets=tuple(int(x) for x in bks),
-                     n_tokens=int(lens.sum()), n_slots=n_slots)
+    batches = [Batch(indices=idx, length=int(bks[which[idx].max()]), rows=batch_size if pad_rows else idx.size)
+               for idx in runs]
+    return BatchPlan(batches=batches, buckets=tuple(int(x) for x in bks), n_tokens=int(lens.sum()),
+                     n_slots=sum(b.rows * b.length for b in batches))
 
 
 def pad_batch(

@@ -10,9 +10,8 @@ shared validation in `records.py`, optionally after an adapter from
 Positions in messages: JSON Lines and CSV report the line number
 (`file.jsonl:12: ...`), a JSON array the item (`file.json:item 3: ...`),
 Parquet and `datasets` directories the row (`file.parquet:row 3: ...`,
-`dir:train row 3: ...`), all counted from 1. A file without an `id` column
-gets ids made of the file stem and that position (`file:12`, `file:item 3`,
-`file:row 3`, `dir:train row 3`).
+`dir:train row 3: ...`), all counted from 1; ids derived from them: see
+`load_instructions`.
 
 Text files (JSON, JSON Lines, CSV, TSV) must be UTF-8: they are decoded here
 first, so a stray Latin-1 byte is reported with its line instead of as a
@@ -21,7 +20,9 @@ decoding error deep inside `datasets`.
 
 from __future__ import annotations
 
+import collections
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -52,16 +53,15 @@ _CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 
 
+@dataclasses.dataclass
 class _Table:
     """Rows read from one file, with their positions and any unreadable rows."""
 
-    def __init__(self, file: str, rows: list[dict[str, Any]], where: list[str],
-                 columns: list[str], problems: list[Problem]):
-        self.file = file
-        self.rows = rows
-        self.where = where
-        self.columns = columns
-        self.problems = problems
+    file: str
+    rows: list[dict[str, Any]]
+    where: list[str]
+    columns: list[str]
+    problems: list[Problem]
 
 
 def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list[str]]:
@@ -84,10 +84,10 @@ def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list
 
 
 def _read_text(file: Path) -> str:
-    """The file's text; a byte that is not UTF-8 is an error naming its line."""
+    """The file's text; a byte that is not UTF-8, or no text at all, is an error naming the file."""
     raw = file.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
@@ -96,6 +96,9 @@ def _read_text(file: Path) -> str:
             "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`, or "
             "encoding='utf-8' when writing it)"
         ) from None
+    if not text.strip():
+        raise _empty_file(file, "the file is empty" if not text else "the file has only blank lines")
+    return text
 
 
 def _empty_file(file: Path, what: str) -> ValueError:
@@ -151,8 +154,6 @@ def _load_json_subset(file: Path, lines: list[str], all_good: bool):
 
 def _read_json(file: Path) -> _Table:
     text = _read_text(file)
-    if not text.strip():
-        raise _empty_file(file, "the file is empty" if not text else "the file has only blank lines")
     if file.suffix.lower() in _JSONL_SUFFIXES:
         return _read_json_lines(file, text)
     try:
@@ -180,10 +181,7 @@ def _read_json(file: Path) -> _Table:
                 str(file), f"item {i}", f"expected a JSON object, got {type(obj).__name__}",
                 "make every list item an object with the record fields",
             ))
-    if not problems:
-        rows, columns = _datasets_load("json", file)
-    else:
-        rows, columns = _load_json_subset(file, keep, all_good=False)
+    rows, columns = _load_json_subset(file, keep, all_good=not problems)
     return _Table(str(file), rows, where, columns, problems)
 
 
@@ -203,8 +201,6 @@ def _csv_lines(text: str, sep: str) -> tuple[list[int], list[str]]:
 
 def _read_csv(file: Path, sep: str) -> _Table:
     text = _read_text(file)
-    if not text.strip():
-        raise _empty_file(file, "the file is empty" if not text else "the file has only blank lines")
     try:
         lines, header = _csv_lines(text, sep)
     except csv.Error:
@@ -246,11 +242,9 @@ def _read_saved(directory: Path) -> _Table:
             "pass a data file, or save the dataset with Dataset.save_to_disk"
         ) from err
     parts = obj.items() if isinstance(obj, datasets.DatasetDict) else [(None, obj)]
-    rows, where, columns = [], [], []
+    columns = list(dict.fromkeys(c for _, ds in parts for c in ds.column_names))
+    rows, where = [], []
     for split, ds in parts:
-        for c in ds.column_names:
-            if c not in columns:
-                columns.append(c)
         part = ds.to_list()
         rows.extend(part)
         label = f"{split} row" if split is not None else "row"
@@ -456,9 +450,7 @@ def load_instructions(
             DataWarning, stacklevel=2,
         )
     if adapter_excluded:
-        reasons: dict[str, int] = {}
-        for ex in adapter_excluded:
-            reasons[ex.reason] = reasons.get(ex.reason, 0) + 1
+        reasons = collections.Counter(ex.reason for ex in adapter_excluded)
         detail = "; ".join(f"{r}: {k}" for r, k in reasons.items())
         warnings.warn(
             f"excluded {len(adapter_excluded)} record(s) outside the six categories ({detail}); "
@@ -472,10 +464,4 @@ def load_instructions(
     return (records, report) if return_report else records
 
 
-def load_shipped(**kwargs) -> list[Record]:
-    """The shipped balanced set (`load_instructions(None, **kwargs)`)."""
-    return load_instructions(None, **kwargs)
-
-
-__all__ = ["DataWarning", "SHIPPED_PATH", "load_instructions", "load_shipped",
-           "read_table"]
+__all__ = ["DataWarning", "SHIPPED_PATH", "load_instructions", "read_table"]

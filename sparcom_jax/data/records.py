@@ -19,7 +19,6 @@ from sparcom_jax.categories import SHORT_NAMES, normalize_category
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "category", "instruction", "output")
 #: Fields a row may carry; missing or null means "".
 OPTIONAL_FIELDS: tuple[str, ...] = ("input", "source")
-RECORD_FIELDS: tuple[str, ...] = ("id", "category", "instruction", "input", "output", "source")
 
 
 class DataWarning(UserWarning):
@@ -57,9 +56,6 @@ class Record:
     def short_category(self) -> str:
         """The short category name (CLS, CODE, QA, GEN, MATH, SUM)."""
         return SHORT_NAMES[self.category]
-
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +130,8 @@ def _as_text(value: Any) -> str | None:
         return None
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
     if isinstance(value, float):
-        return str(value)
+        return str(int(value)) if value.is_integer() else str(value)
     return None
 
 

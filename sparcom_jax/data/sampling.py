@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -12,10 +13,8 @@ from sparcom_jax.data.records import Record
 
 def count_by_category(records: Iterable[Record]) -> dict[str, int]:
     """Records per category, in the canonical category order (absent ones omitted)."""
-    counts = {c: 0 for c in CATEGORIES}
-    for r in records:
-        counts[r.category] += 1
-    return {c: n for c, n in counts.items() if n}
+    counts = collections.Counter(r.category for r in records)
+    return {c: counts[c] for c in CATEGORIES if counts[c]}
 
 
 def sample_balanced(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 from sparcom_jax.data.records import Record
 
@@ -64,16 +64,6 @@ def resolve_tokenizer(model=None, tokenizer=None):
     """The tokenizer to use with `model`: `tokenizer` if given, else the model
     directory's (``model.tokenizer``), else the shipped one."""
     return tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
-
-
-def training_texts(records: Iterable[Record]) -> Iterator[str]:
-    """The texts the tokenizer learns from: every record's fields, plus the plain
-    template's fixed headers so they become single tokens."""
-    from sparcom_jax.data.templates import format_plain
-
-    for r in records:
-        prompt, response = format_plain(r)
-        yield prompt + response
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
@@ -141,5 +131,9 @@ def build_default_tokenizer(
     records: Sequence[Record], out_dir: str | os.PathLike = TOKENIZER_DIR,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> Path:
-    """Train on `records` and save to `out_dir` (the shipped location by default)."""
-    return save_hf_tokenizer(train_tokenizer(training_texts(records), vocab_size), out_dir)
+    """Train on `records` formatted with the plain template (so its fixed headers become
+    single tokens) and save to `out_dir` (the shipped location by default)."""
+    from sparcom_jax.data.templates import format_plain
+
+    texts = (prompt + response for prompt, response in map(format_plain, records))
+    return save_hf_tokenizer(train_tokenizer(texts, vocab_size), out_dir)

@@ -7,6 +7,7 @@ head is skipped. Definitions are METHOD.md's step 1.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,23 +94,20 @@ class _Progress:
     """A tqdm bar in tokens with tokens/s, shown on process 0 only."""
 
     def __init__(self, total: int, enabled: bool, desc: str):
-        self.bar = None
+        from tqdm.auto import tqdm
+
         self.t0 = time.perf_counter()
         self.done = 0
-        if enabled and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True,
+                        disable=not enabled or jax.process_index() != 0)
 
     def __call__(self, n: int):
         self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
+        self.bar.update(n)
 
     def close(self, padding_fraction: float):
-        if self.bar is not None:
-            self.bar.set_postfix(padding=f"{padding_fraction:.1%}")
-            self.bar.close()
+        self.bar.set_postfix(padding=f"{padding_fraction:.1%}")
+        self.bar.close()
 
     @property
     def tokens_per_s(self) -> float:
@@ -169,17 +167,18 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     cfg = model.config
     seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
     n = len(seqs)
-    for name, v in (("ids", ids), ("categories", categories), ("sources", sources)):
+    labels = {"ids": ids, "categories": categories, "sources": sources}
+    for name, v in labels.items():
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
+    labels = {name: None if v is None else list(v) for name, v in labels.items()}
     fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
     meta = dict(meta or {})
-    meta.setdefault("model", getattr(model, "source_path", None))
-    meta.setdefault("model_type", cfg.model_type)
-    meta.setdefault("moe_dispatch", model.moe_dispatch)
-    meta.setdefault("attention", model.dispatch.attention)
-    meta.setdefault("gate_dtype", model.gate_dtype)
+    for key, value in (("model", getattr(model, "source_path", None)), ("model_type", cfg.model_type),
+                       ("moe_dispatch", model.moe_dispatch), ("attention", model.dispatch.attention),
+                       ("gate_dtype", model.gate_dtype)):
+        meta.setdefault(key, value)
 
     runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
@@ -193,9 +192,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
             fp["gate_dtype"] = model.gate_dtype
         fp.update(fingerprint or {})
-        store = CountStore(out, shapes, ids=ids, categories=categories, sources=sources, meta=meta,
-                           chunk_rows=chunk_rows, fingerprint=fp, overwrite=overwrite,
-                           dtypes={k: _field_dtype(k) for k in shapes})
+        store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
+                           overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes})
         chunk = store.chunk_rows
         start = store.done_chunks
         # Tokens of chunks already done count as progress.
@@ -236,9 +234,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     if store is not None:
         counts = open_counts(out)
     else:
-        counts = Counts(tokens=result.pop("tokens"), ids=list(ids) if ids is not None else None,
-                        categories=list(categories) if categories is not None else None,
-                        sources=list(sources) if sources is not None else None, meta=meta, **result)
+        counts = Counts(tokens=result.pop("tokens"), **labels, meta=meta, **result)
     counts.meta.update(padding_fraction=padding, tokens_per_s=bar.tokens_per_s,
                        compilations=compile_stats(since=compiled_before))
     return counts
@@ -271,14 +267,10 @@ def check_scope_coverage(enc, max_length: int | None) -> dict[str, int]:
 
     if len(enc) == 0:
         raise ValueError("no records to collect counts for; load at least one record per category")
-    total = {c: 0 for c in CATEGORIES}
-    empty = {c: 0 for c in CATEGORIES}
-    empty_ids = []
-    for rid, cat, scope_T in zip(enc.record_ids, enc.categories, enc.scopes):
-        total[cat] += 1
-        if not np.any(scope_T):
-            empty[cat] += 1
-            empty_ids.append(rid)
+    total = collections.Counter(enc.categories)
+    none_in_scope = [not np.any(scope_T) for scope_T in enc.scopes]
+    empty = collections.Counter(cat for cat, e in zip(enc.categories, none_in_scope) if e)
+    empty_ids = [rid for rid, e in zip(enc.record_ids, none_in_scope) if e]
     present = [c for c in CATEGORIES if total[c]]
     fix = (f"raise max_length (data.max_length, now {max_length}) or change the scope "
            f"(data.scope, now {enc.scope!r})")

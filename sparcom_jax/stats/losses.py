@@ -16,6 +16,7 @@ small mass is specific, a large mass says the routing itself was disrupted.
 
 from __future__ import annotations
 
+import collections
 from typing import Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -46,6 +47,13 @@ def _loss_step(graphdef, state, ids_BT, valid_BT, target_BT, ablate=None):
     return res
 
 
+def _check_modes(kind: str, expert_mode: str) -> None:
+    if kind not in ABLATION_KINDS:
+        raise ValueError(f"ablation kind {kind!r} is not one of {ABLATION_KINDS}")
+    if expert_mode not in EXPERT_MODES:
+        raise ValueError(f"expert_mode {expert_mode!r} is not one of {EXPERT_MODES}")
+
+
 def ablation_arrays(model, mask: np.ndarray | None, kind: str, expert_mode: str = "post") -> dict | None:
     """Turn a bool mask (True = switched off) into the forward's `ablate` arrays.
 
@@ -56,15 +64,12 @@ def ablation_arrays(model, mask: np.ndarray | None, kind: str, expert_mode: str 
     """
     if mask is None:
         return None
+    _check_modes(kind, expert_mode)
     cfg = model.config
     mask = np.asarray(mask, bool)
     expected = {"neurons": (cfg.num_layers, cfg.neuron_width),
                 "experts": (cfg.num_layers, cfg.num_experts),
                 "expert_neurons": (cfg.num_layers, cfg.num_experts, cfg.moe_intermediate_size)}
-    if kind not in expected:
-        raise ValueError(f"ablation kind {kind!r} is not one of {ABLATION_KINDS}")
-    if expert_mode not in EXPERT_MODES:
-        raise ValueError(f"expert_mode {expert_mode!r} is not one of {EXPERT_MODES}")
     if mask.shape != expected[kind]:
         raise ValueError(f"{kind} ablation mask has shape {mask.shape}, this model needs {expected[kind]}")
     if kind == "neurons":
@@ -99,10 +104,7 @@ class CategoryLoss:
 
     def __init__(self, model, encoded, *, kind: str = "neurons", batch_size: int = 8, mesh=None,
                  buckets: Sequence[int] | None = None, expert_mode: str = "post"):
-        if kind not in ABLATION_KINDS:
-            raise ValueError(f"ablation kind {kind!r} is not one of {ABLATION_KINDS}")
-        if expert_mode not in EXPERT_MODES:
-            raise ValueError(f"expert_mode {expert_mode!r} is not one of {EXPERT_MODES}")
+        _check_modes(kind, expert_mode)
         self.model = model
         self.kind = kind
         self.expert_mode = expert_mode
@@ -112,15 +114,14 @@ class CategoryLoss:
 
     def __call__(self, mask: np.ndarray | None = None) -> dict[str, float]:
         ablate = ablation_arrays(self.model, mask, self.kind, self.expert_mode)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        sums: dict[str, float] = collections.defaultdict(float)
+        counts: dict[str, int] = collections.defaultdict(int)
         mass = 0.0
         for idx, res in self.runner.run(self.encoded.ids, self.encoded.scopes, extra=ablate):
             mass += float(np.sum(res.get("dropped_mass_sum", 0.0)))
             for i, s, n in zip(idx, res["loss_sum"], res["n_targets"]):
-                c = self.encoded.categories[i]
-                sums[c] = sums.get(c, 0.0) + float(s)
-                counts[c] = counts.get(c, 0) + int(n)
+                sums[self.encoded.categories[i]] += float(s)
+                counts[self.encoded.categories[i]] += int(n)
         dropped = ablate is not None and "expert_drop" in ablate
         n_targets = sum(counts.values()) * self.model.config.num_layers
         self.last_dropped_mass = mass / n_targets if dropped and n_targets else None
@@ -142,11 +143,3 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
     enc = encode_records(records, tok, template=template, scope="response", max_length=max_length)
     return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
                         expert_mode=expert_mode)
-
-
-def category_losses(model, records, tokenizer=None, *, template: str = "plain", ablate_mask=None,
-                    kind: str = "neurons", batch_size: int = 8, max_length: int | None = 512,
-                    buckets: Sequence[int] | None = None, expert_mode: str = "post") -> dict[str, float]:
-    """Mean response-token loss per category (optionally with a mask switched off)."""
-    return make_loss_fn(model, records, tokenizer, kind=kind, template=template, batch_size=batch_size,
-                        max_length=max_length, buckets=buckets, expert_mode=expert_mode)(ablate_mask)

@@ -167,10 +167,7 @@ class BatchRunner:
         pending: collections.deque = collections.deque()
         for idx, T in self._schedule(lengths):
             ids, valid = pad_batch([seqs[i] for i in idx], T, rows=self.rows)
-            if scopes is None:
-                scope = valid
-            else:
-                scope, _ = pad_batch([scopes[i] for i in idx], T, rows=self.rows)
+            scope = valid if scopes is None else pad_batch([scopes[i] for i in idx], T, rows=self.rows)[0]
             out = self._fn(self.state, *(put_batch(x, self.batch_sharding, global_batch=False)
                                          for x in (ids, valid, scope)), extra)
             pending.append((idx, out, int(valid.sum())))

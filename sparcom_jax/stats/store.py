@@ -97,9 +97,8 @@ class CountStore:
         header = {"version": STORE_VERSION, "n": n, "chunk_rows": self.chunk_rows,
                   "shapes": {k: list(v) for k, v in shapes.items()},
                   "dtypes": {k: np.dtype(dtypes.get(k, np.int32)).name for k in shapes},
-                  "ids": list(ids) if ids is not None else None,
-                  "categories": list(categories) if categories is not None else None,
-                  "sources": list(sources) if sources is not None else None,
+                  **{k: None if v is None else list(v)
+                     for k, v in (("ids", ids), ("categories", categories), ("sources", sources))},
                   "fingerprint": fingerprint,
                   "meta": meta}
         meta_path = self.path / "meta.json"
@@ -120,7 +119,7 @@ class CountStore:
                         "or --overwrite on the command line)")
                 self._clear()
             else:
-                self.done_chunks = self._read_progress()
+                self.done_chunks = _done_chunks(self.path) or 0
         if not meta_path.exists():
             self.path.mkdir(parents=True, exist_ok=True)
             for name, shape in shapes.items():
@@ -146,16 +145,6 @@ class CountStore:
         """Release the store's lock (the files stay)."""
         self.lock.release()
 
-    def __enter__(self) -> "CountStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _read_progress(self) -> int:
-        p = self.path / "progress.json"
-        return int(json.loads(p.read_text())["done_chunks"]) if p.exists() else 0
-
     def write_chunk(self, k: int, rows: dict[str, np.ndarray]) -> None:
         """Write chunk k (rows [k*chunk_rows, ...)) of every array, then mark it done."""
         if k != self.done_chunks:
@@ -169,6 +158,12 @@ class CountStore:
         atomic_write(self.path / "progress.json", json.dumps({"done_chunks": self.done_chunks}))
 
 
+def _done_chunks(path: Path) -> int | None:
+    """Chunks written so far (progress.json), or None when there is no progress file."""
+    p = path / "progress.json"
+    return int(json.loads(p.read_text())["done_chunks"]) if p.exists() else None
+
+
 def read_header(path: str | Path) -> dict | None:
     """The store's meta.json (n, shapes, ids, fingerprint, meta, ...), or None when there is no store."""
     p = Path(path) / "meta.json"
@@ -178,11 +173,8 @@ def read_header(path: str | Path) -> dict | None:
 def is_complete(path: str | Path) -> bool:
     """Whether `path` holds a store whose every chunk is written."""
     p = Path(path)
-    header = read_header(p)
-    if header is None or not (p / "progress.json").exists():
-        return False
-    done = json.loads((p / "progress.json").read_text())["done_chunks"]
-    return done * header["chunk_rows"] >= header["n"]
+    header, done = read_header(p), _done_chunks(p)
+    return header is not None and done is not None and done * header["chunk_rows"] >= header["n"]
 
 
 def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
@@ -192,9 +184,9 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
       ValueError: when the store is missing or incomplete (an interrupted run: resume it).
     """
     p = Path(path)
-    if not (p / "meta.json").exists():
+    meta = read_header(p)
+    if meta is None:
         raise ValueError(f"{p}: no count store here (meta.json missing); run `sparcom collect` first")
-    meta = json.loads((p / "meta.json").read_text())
     if not is_complete(p):
         raise ValueError(f"{p}: the collection that writes this store has not finished; "
                          "run the same collect command again to resume it")

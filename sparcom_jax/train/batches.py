@@ -98,7 +98,6 @@ class TrainBatches:
         # steps per epoch and the shapes) are the same in every epoch.
         fixed = plan_batches(self._lengths, batch_size, self.buckets, pad_rows=True)
         self.steps_per_epoch = len(fixed)
-        self._lengths_used = sorted({b.length for b in fixed.batches})
         self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
 
     def fingerprint(self) -> str:
@@ -109,12 +108,6 @@ class TrainBatches:
             h.update(np.packbits(s).tobytes())
         h.update(repr((self.batch_size, self.grad_accum, self.buckets, self.seed, self.pad_id)).encode())
         return h.hexdigest()[:16]
-
-    @property
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """The distinct [A, B/A, T] batch shapes (one compilation each)."""
-        a = self.grad_accum
-        return [(a, self.batch_size // a, t) for t in self._lengths_used]
 
     def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """(bucket length, member indices) for every step of `epoch`, in order (`plan_batches`

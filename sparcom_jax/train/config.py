@@ -14,11 +14,11 @@ import hashlib
 import json
 from typing import Any
 
+from sparcom_jax.data.templates import TEMPLATES
 from sparcom_jax.errors import ConfigError
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "sgd")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-TEMPLATES: tuple[str, ...] = ("plain", "chat")
 # Fields a resumed run may change: cadence, and the mesh (which changes only the order of
 # floating-point reductions, so losses agree within float tolerance rather than bit for bit).
 _NON_NUMERIC_FIELDS = ("save_every", "keep_last", "log_every", "eval_batch_size", "async_checkpointing",

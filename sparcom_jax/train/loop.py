@@ -1,7 +1,5 @@
-"""Supervised instruction fine-tuning: the loop that turns a base model into its tuned self.
-
-    result = finetune(model, records, tokenizer, TrainConfig(total_steps=200), "runs/demo")
-    export_series("runs/demo", "runs/demo/hf")   # before, step_..., after
+"""Supervised instruction fine-tuning: the loop that turns a base model into its tuned self
+(usage: see `sparcom_jax.train`).
 
 Everything that can be wrong with the settings (batch split over devices,
 optimizer name, lengths against the model, a run directory that belongs to
@@ -33,8 +31,9 @@ from sparcom_jax.models.transformer import CausalLM
 from sparcom_jax.parallel.mesh import make_mesh
 from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
-from sparcom_jax.fileio import write_json
-from sparcom_jax.train.checkpointing import RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer, read_run
+from sparcom_jax.fileio import atomic_write, write_json
+from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer,
+                                             read_run)
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
@@ -68,13 +67,8 @@ class FinetuneResult:
 
 def read_metrics(path: str | Path, kind: str | None = "train") -> list[dict]:
     """The lines of a metrics JSONL file, optionally only those of one type ("train", "eval", ...)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            if kind is None or d.get("type") == kind:
-                out.append(d)
-    return out
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [d for d in rows if kind is None or d.get("type") == kind]
 
 
 class MetricsWriter:
@@ -88,10 +82,8 @@ class MetricsWriter:
             # Steps after the restored checkpoint will be run again; drop their old lines so the
             # file reads as one uninterrupted run.
             keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and _line_step(ln) is not None and _line_step(ln) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(path)
+                    if (step := _line_step(ln)) is not None and step <= resume_step]
+            atomic_write(path, "".join(ln + "\n" for ln in keep))
         elif resume_step is None and path.exists():
             path.unlink()
         self.f = open(path, "a")
@@ -128,7 +120,7 @@ def _resolve_mesh(cfg: TrainConfig, mesh: Mesh | None) -> Mesh:
 def _check_resume(run_dir: Path, cfg: TrainConfig, model_hf: dict, resume: bool) -> dict | None:
     """The previous run's description if this call continues it; raises if it cannot."""
     has_run = (run_dir / RUN_FILE).exists()
-    ckpts = run_dir / "checkpoints"
+    ckpts = run_dir / CHECKPOINT_SUBDIR
     has_ckpts = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
     if not resume:
         if has_run or has_ckpts:
@@ -305,7 +297,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             checkpoint(0)  # the base model: "before"
         batch = data.batch(first) if first < total_steps else None
         t_last = time.perf_counter()
-        tok_since, steps_since = 0, 0
+        tok_since = 0
         for s in range(first, total_steps):
             state, m = train_step(state, *(put_batch(x, sh.batch_ABT, global_batch=True)
                                            for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
@@ -316,7 +308,6 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             step = s + 1
             tokens_seen += cur.tokens
             tok_since += cur.tokens
-            steps_since += 1
             losses[step] = m["loss"]
             if not math.isfinite(m["loss"]):
                 raise FloatingPointError(f"step {step}: loss is {m['loss']}; lower learning_rate or clip_norm")

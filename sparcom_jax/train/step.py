@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sparcom_jax.models.config import ModelConfig
@@ -43,16 +43,6 @@ class TrainState(NamedTuple):
     step: Any
     params: Any
     opt_state: Any
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        d = out
-        for k in key[:-1]:
-            d = d.setdefault(str(k), {})
-        d[str(key[-1])] = value
-    return out
 
 
 def pure_params(model: CausalLM) -> dict:
@@ -88,7 +78,8 @@ def make_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mes
     """Shardings for the train state on `mesh` (FSDP rules by default)."""
     rules = FSDP_RULES if rules is None else rules
     model = abstract_model(cfg, dtype="float32")
-    params_sh = _nest(param_shardings(nnx.state(model, nnx.Param), mesh, rules))
+    flat = param_shardings(nnx.state(model, nnx.Param), mesh, rules)
+    params_sh = traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
     replicated = NamedSharding(mesh, P())
     abs_params = abstract_params(cfg)
     abs_opt = jax.eval_shape(tx.init, abs_params)
