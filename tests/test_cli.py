@@ -46,6 +46,12 @@ ablation: {enabled: false}
 """
 
 
+def write_tiny(tmp_path: Path) -> Path:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    return cfg
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -169,8 +175,7 @@ def test_missing_weights_error_says_how_to_download(tmp_path, capsys):
 
 
 def test_stages_on_a_tiny_random_model(tmp_path, capsys):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = write_tiny(tmp_path)
     out = tmp_path / "run"
     code, so, _ = run_cli(capsys, "finetune", "--config", str(cfg), "--out", str(out))
     assert code == 0 and f"outputs: {out}" in so
@@ -219,8 +224,7 @@ def test_selfcheck_of_a_transformers_written_moe_directory(hf_checkpoint, capsys
 
 
 def test_out_naming_a_file_is_one_line(tmp_path, capsys):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = write_tiny(tmp_path)
     taken = tmp_path / "taken"
     taken.write_text("not a directory")
     for argv in (["collect", "--config", str(cfg)], ["demo", "--fast"], ["selfcheck"]):
@@ -237,8 +241,7 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
 def test_out_in_a_read_only_directory_is_one_line(tmp_path, capsys, monkeypatch):
     import os
 
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = write_tiny(tmp_path)
     locked = tmp_path / "locked"
     locked.mkdir()
     # Tests run as root, for whom permission bits do not deny writes; access() is what
@@ -254,8 +257,7 @@ def test_out_in_a_read_only_directory_is_one_line(tmp_path, capsys, monkeypatch)
 
 
 def test_empty_data_file_and_zero_values_fail_in_one_line(tmp_path, capsys):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = write_tiny(tmp_path)
     empty = tmp_path / "none.jsonl"
     empty.write_text("\n\n")
     code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(tmp_path / "o"),
@@ -326,12 +328,6 @@ def test_summary_says_which_records_tuned_the_model(tmp_path):
     assert data_description(no_split)["fine_tuning_records"] == "every record (no split)"
     own = apply_overrides(tiny, [f"train_data.path={tmp_path / 'own.jsonl'}"])
     assert data_description(own)["fine_tuning_records"].startswith("train_data")
-
-
-def write_tiny(tmp_path: Path) -> Path:
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
-    return cfg
 
 
 def test_multi_host_config_off_a_pod_says_how_to_run_it(tmp_path):
