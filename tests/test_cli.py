@@ -316,6 +316,35 @@ def test_real_config_runs_every_stage_on_tiny_stand_ins(name, tmp_path, capsys):
     assert (out / "report" / "index.html").is_file() and f"outputs: {out}" in so
 
 
+def test_checkpoints_tuned_on_another_train_part_are_refused(tmp_path):
+    # Adding one record to the data moves others between parts (the split deals records by
+    # category totals): checkpoints fine-tuned before must not be analysed on an identify part
+    # that now holds records they were tuned on.
+    from sparcom_jax.config import ConfigError, apply_overrides
+    from sparcom_jax.data import Record, load_instructions
+    from sparcom_jax.fingerprint import digest, write_fingerprint
+    from sparcom_jax.pipeline.common import model_list, record_parts, train_records
+
+    def with_data(records, name):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(vars(r)) + "\n" for r in records), encoding="utf-8")
+        return apply_overrides(load_config(write_tiny(tmp_path)), [f"data.path={path}", "train_data=null"])
+
+    records = load_instructions()
+    before = with_data(records, "v1.jsonl")
+    after = with_data(records + [Record("math-new", "math", "Add 40 and 2, then halve it.", "", "21")], "v2.jsonl")
+    tuned_on = {r.id for r in train_records(before)}
+    assert tuned_on & {r.id for r in record_parts(after)[0]["identify"]}  # the leak this check exists for
+    out = tmp_path / "run"
+    write_fingerprint(out / "train", "finetune", {"records": digest([r.id for r in train_records(before)])})
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "series.json").write_text(json.dumps([{"name": "base-ft", "step": 2, "path": "/ck"}]))
+    assert [s.label for s in model_list(before, out)] == ["base", "base-ft"]
+    with pytest.raises(ConfigError, match=r"checkpoints: fine-tuned on other records than the train part.*"
+                                          r"sparcom finetune --overwrite"):
+        model_list(after, out)
+
+
 def test_summary_says_which_records_tuned_the_model(tmp_path):
     from sparcom_jax.config import apply_overrides
     from sparcom_jax.pipeline.stages import data_description

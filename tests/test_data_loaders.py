@@ -70,6 +70,33 @@ def test_csv_with_numeric_ids_empty_cells_and_multiline(tmp_path):
     assert recs[1].input == "s = 'abc'"
 
 
+def test_csv_cells_are_read_as_the_text_they_hold(tmp_path):
+    # A column of numbers must not become ints or floats: "007" is not "7", a reference
+    # answer "0.10" is not "0.1", and a 20-digit number is not rounded.
+    p = tmp_path / "nums.csv"
+    p.write_text("id,category,instruction,input,output\n"
+                 "007,math,Add 0.05 and 0.05.,,0.10\n"
+                 "010,math,Write 12 with one decimal.,1e3,12.0\n"
+                 "011,math,Square 111111111.,,12345678987654321000\n"
+                 "012,classification,Is 7 prime?,,True\n", encoding="utf-8")
+    recs = load_instructions(p)
+    assert [(r.id, r.input, r.output) for r in recs] == [
+        ("007", "", "0.10"), ("010", "1e3", "12.0"), ("011", "", "12345678987654321000"), ("012", "", "True")]
+
+
+def test_csv_with_a_byte_order_mark_and_crlf(tmp_path):
+    p = tmp_path / "bom.csv"
+    p.write_bytes("\ufeffid,category,instruction,output\r\nx1,math,Add 1 and 1.,2\r\n".encode("utf-8"))
+    assert load_instructions(p) == [Record("x1", "math", "Add 1 and 1.", "", "2")]
+
+
+def test_csv_with_a_repeated_column_is_an_error(tmp_path):
+    p = tmp_path / "dup.csv"
+    p.write_text("id,category,instruction,input,input,output\nx1,math,Add.,1 and 1,ignored?,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dup\.csv:1: column\(s\) \['input'\] appear more than once"):
+        load_instructions(p)
+
+
 def test_tsv(tmp_path):
     p = tmp_path / "a.tsv"
     p.write_text("id\tcategory\tinstruction\toutput\nx\tSUM\tSummarize this.\tShort.\n", encoding="utf-8")

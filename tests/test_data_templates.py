@@ -72,6 +72,42 @@ def test_chat_scopes_line_up_with_ids(tok, record):
     assert p.scope.sum() == p.prompt_len and r.scope.sum() == len(r) - p.prompt_len
 
 
+def trimming_copy(tok):
+    """The shipped tokenizer with a ByteLevel post-processor that trims offsets (as some
+    public tokenizer.json files have): the same ids, but a token of spaces gets an empty
+    offset span at its end."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    t.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=True), t.post_processor])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                                   pad_token=tok.pad_token, chat_template=tok.chat_template,
+                                   additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
+
+
+SPACED = Record("s", "code", "Fix  this   function:", "def f():\n    return  1", "def f():\n    return 1")
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_content_scope_is_the_instruction_and_input_tokens(tok, template):
+    for record in (WITH_INPUT, NO_INPUT, SPACED):
+        e = encode_record(record, tok, template=template, scope="content")
+        # Every token from the first content token to the last is content, except the
+        # "\n\n" (plain: and "### Input:\n") between instruction and input.
+        between = "\n\n" if template == "chat" else "\n\n### Input:\n"
+        assert dec(tok, e.ids[e.scope]) == record.instruction + (
+            f"{record.input}" if record.input else "")
+        first, last = np.flatnonzero(e.scope)[[0, -1]]
+        assert dec(tok, e.ids[first:last + 1]) == record.instruction + (
+            between + record.input if record.input else "")
+    # Offsets trimmed of spaces: the tokens of spaces inside the content still count.
+    trimmed = trimming_copy(tok)
+    e, t = (encode_record(SPACED, k, template=template, scope="content") for k in (tok, trimmed))
+    np.testing.assert_array_equal(t.ids, e.ids)
+    np.testing.assert_array_equal(t.scope, e.scope)
+
+
 def test_chat_template_boundary_merge_falls_back_to_text_split(tok):
     t = copy.deepcopy(tok)
     # The generation prompt ends in a space that the response's first word would absorb.

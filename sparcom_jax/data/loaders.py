@@ -200,7 +200,8 @@ def _csv_lines(text: str, sep: str) -> tuple[list[int], list[str]]:
 
 
 def _read_csv(file: Path, sep: str) -> _Table:
-    text = _read_text(file)
+    # pandas drops a byte-order mark before the header; so must the header read here.
+    text = _read_text(file).removeprefix("\ufeff")
     try:
         lines, header = _csv_lines(text, sep)
     except csv.Error:
@@ -208,8 +209,17 @@ def _read_csv(file: Path, sep: str) -> _Table:
     if lines == []:  # datasets cannot read a header without rows; say what is wrong instead
         raise _empty_file(file, f"only the header line, columns {header}")
     # Empty cells stay "" (an empty optional input, or an empty instruction that
-    # validation names as such) instead of becoming NaN.
-    rows, columns = _datasets_load("csv", file, sep=sep, na_filter=False)
+    # validation names as such) instead of becoming NaN, and every cell is read as the
+    # text it is: pandas would otherwise turn a column of numbers into ints or floats
+    # ("007" -> 7, "0.10" -> 0.1, a 20-digit number rounded), changing ids and answers.
+    import datasets
+
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:  # pandas would rename the second copy ("input.1") and the record read the first
+        raise ValueError(f"{file}:1: column(s) {dup} appear more than once in the header; "
+                         "give every column its own name")
+    features = datasets.Features({c: datasets.Value("string") for c in header}) if header else None
+    rows, columns = _datasets_load("csv", file, sep=sep, na_filter=False, features=features)
     lines = lines or []
     if len(lines) == len(rows):
         where = [str(n) for n in lines]

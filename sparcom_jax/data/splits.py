@@ -7,8 +7,9 @@ from. `split_records` cuts one set into disjoint parts:
 - stratified by category, so every part keeps the categories balanced;
 - grouped by instruction text (case and spacing ignored), so templated near-duplicates
   that share an instruction never straddle two parts;
-- deterministic for a seed, and stable per record: a group's place depends only on the
-  seed and its own text, not on which other records are loaded.
+- deterministic for a seed and a record set. It is not stable per record: groups are
+  dealt out against category totals, so adding or removing records can move others to
+  another part (the pipeline refuses checkpoints tuned on another train part).
 
     parts = split_records(records, {"train": 0.5, "identify": 0.3, "ablate": 0.2}, seed=0)
 """

@@ -233,7 +233,12 @@ def _content_tokens(record: Record, tokenizer, text: str, spans, ids: list[int])
         raise ValueError(f"record {record.id!r}: the prompt's tokens changed between two tokenizations")
     inside = np.zeros(len(ids), dtype=np.bool_)
     for i, (a, b) in enumerate(enc["offset_mapping"]):
-        inside[i] = b > a and any(a < e and s < b for s, e in spans)
+        if b > a:
+            inside[i] = any(a < e and s < b for s, e in spans)
+        else:
+            # A tokenizer that trims offsets (ByteLevel trim_offsets=True) gives a token of
+            # spaces the empty span (b, b) at its end: it is content when its last character is.
+            inside[i] = any(s < b <= e for s, e in spans)
     return inside
 
 

@@ -268,9 +268,35 @@ def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
         return cfg.models()
     manifest = out / "checkpoints" / "series.json"
     if manifest.is_file():
+        check_tuned_on_train_part(cfg, out)
         items = json.loads(manifest.read_text())
         return [cfg.base] + [ModelSpec(name=d["name"], path=d["path"], template=cfg.train.template) for d in items]
     return [cfg.base]
+
+
+def check_tuned_on_train_part(cfg: ExperimentConfig, out: Path) -> None:
+    """Refuse this run's fine-tuned checkpoints when they were tuned on records other than
+    the current train part.
+
+    The split deals records out by category totals, so adding or removing records can move
+    others between parts: after the data changes, records the model was tuned on can sit in
+    the identify or ablate part. `finetune` stores the ids it was tuned on (digested) in
+    OUT/train/fingerprint.json; they must still be the train part.
+
+    Raises:
+      ConfigError: naming the directory and the fix.
+    """
+    from sparcom_jax.fingerprint import digest, read_fingerprint
+
+    stored = read_fingerprint(out / "train")
+    if cfg.data.split is None or not stored or "records" not in stored:
+        return
+    if stored["records"] != digest([r.id for r in train_records(cfg)]):
+        raise ConfigError(
+            f"{out / 'checkpoints'}: fine-tuned on other records than the train part of the current data "
+            "(the records, data.split or train_data changed since `sparcom finetune`), so the identify and "
+            "ablate parts may hold records the model was tuned on; re-run `sparcom finetune --overwrite`, "
+            "or restore the data it was tuned on")
 
 
 def template_for(spec: ModelSpec, cfg: ExperimentConfig) -> str:
