@@ -324,3 +324,25 @@ def test_compare_series_trends():
     assert t["unique"]["code"] == [1, 0, 1]
     assert t["general"] == [1, 1, 1]
     assert t["per_layer"]["classification"] == [[2, 2], [2, 2], [2, 2]]
+
+
+def test_frequency_shift_brute_force():
+    # Every figure of frequency_shift from plain numpy on random means and sets (the hand
+    # case above has delta 0, so it cannot tell |mean delta| from mean |delta|, nor which
+    # model's means the after-set figures read).
+    from sparcom_jax.analysis.compare import frequency_shift
+
+    rng = np.random.default_rng(0)
+    pb, pa = rng.random((2, 6, 3, 5))
+    sb, sa = rng.random((2, 6, 3, 5)) < 0.4
+    sb[0] = False  # an empty set: its set means are undefined
+    fs = frequency_shift(pb, pa, sb, sa)
+    for c in range(6):
+        d = pa[c] - pb[c]
+        assert fs["delta"][c] == pytest.approx(d.mean())
+        assert fs["mean_abs_delta"][c] == pytest.approx(np.abs(d).mean())
+        assert np.allclose(fs["per_layer_delta"][c], d.mean(1))
+        for key, p, s in (("on_before_set_before", pb, sb), ("on_before_set_after", pa, sb),
+                          ("on_after_set_before", pb, sa), ("on_after_set_after", pa, sa)):
+            want = p[c][s[c]].mean() if s[c].any() else np.nan
+            assert np.isclose(fs[key][c], want, equal_nan=True), key

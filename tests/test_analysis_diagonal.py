@@ -250,3 +250,21 @@ def test_summary_top_instructions_key():
     assert len(cls) == 1 and [i["id"] for i in cls[0]["instructions"]] == ["r0", "r1"]
     assert analyze_model(example_counts(), IdentifyConfig(eps=2 / 6), n_boot=0, n_perm=0,
                          top_units=0).summary()["isn"]["top_instructions"] is None
+
+
+def test_bootstrap_instruction_overlap_is_the_mean_over_the_resampled_pairs():
+    # One replicate per seed (n_boot=1: low = high = that replicate), against the explicit
+    # resample: every ordered pair of drawn positions, pairs of one instruction with itself
+    # (twice drawn) left out as documented. Catches a wrong multiplicity weighting.
+    ident = identify(block_counts(per_cat=3), "neuron_active", IdentifyConfig(eps=6 / 60))
+    j = instruction_jaccard(ident)
+    for seed in range(4):
+        pos = np.repeat(np.arange(ident.n), resample_weights(ident.labels, 1, seed)[0].astype(int))
+        lab = ident.labels[pos]
+        pairs = [[[j[p, q] for p, a in zip(pos, lab) for q, b in zip(pos, lab) if a == r and b == c and p != q]
+                  for c in range(6)] for r in range(6)]
+        # A category drawn as one instruction three times has no pair: NaN, as documented.
+        block = np.array([[np.mean(v) if v else np.nan for v in row] for row in pairs])
+        got = bootstrap(ident, instruction_matrix=j, n_boot=1, seed=seed)
+        assert np.allclose(got["instruction_overlap"]["low"], block, equal_nan=True)
+        assert np.allclose(got["per_category_dominance"]["high"], per_category_dominance(block), equal_nan=True)

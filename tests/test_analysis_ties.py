@@ -267,3 +267,20 @@ def test_contrast_off_and_one_pass():
     assert len(lazy.neuron_active.reads) == 3  # one pass for both rules
     assert b.instruction_bits is None and a.instruction_bits is not None
     assert b.instruction_size.tolist() == [5] * 12 and a.instruction_size.tolist() == [3] * 12
+
+
+def test_pooled_keeps_category_means_that_tie_exactly():
+    # Two instructions per category, T = 5: unit 0 fires 5 and 2 times, unit 1 4 and 3
+    # times, so both category means are exactly 0.7 (in float32, 5/5 + 2/5 and 4/5 + 3/5
+    # round apart). k = 1 of 10: ties kept -> both; ties broken -> the stronger unit 0.
+    na = np.ones((12, 1, 10), np.int32)
+    sums = na.astype(np.float32)
+    na[0::2, 0, :2], na[1::2, 0, :2] = [5, 4], [2, 3]
+    sums[:, 0, 0] = 2.0 * na[:, 0, 0]
+    cats = [CATEGORIES[i // 2] for i in range(12)]
+    counts = Counts(tokens=np.full(12, 5), neuron_active=na, neuron_act_sum=sums, categories=cats)
+    cfg = IdentifyConfig(eps=0.1, aggregation="pooled")
+    ident = identify(counts, "neuron_active", cfg)
+    assert [as_set(s) for s in ident.category_sets] == [{0, 1}] * 6
+    broken = identify(counts, "neuron_active", dataclasses.replace(cfg, ties="break"))
+    assert [as_set(s) for s in broken.category_sets] == [{0}] * 6

@@ -126,3 +126,28 @@ def test_permutation_test_on_identified_sets():
     ident = identify(block_counts(per_cat=5, noise=1.0, seed=5), "neuron_active", CFG)
     r = permutation_test(instruction_jaccard(ident), ident.labels, n_perm=99, seed=0)
     assert r["p_value"] == pytest.approx(0.01)
+
+
+def test_bootstrap_pooled_sizes_brute_force_with_exact_means():
+    # Equal-length prompts: category means of different units tie exactly and often. Each
+    # resample's pooled set (ties at the top-eps cut kept), from exact fractions; one
+    # replicate per seed (n_boot=1), so the interval is that replicate's value.
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    n, units, t = 18, 24, 10
+    na = rng.integers(0, t + 1, (n, 1, units)).astype(np.int32)
+    labels = np.arange(n) % 6
+    counts = Counts(tokens=np.full(n, t), neuron_active=na, categories=[CATEGORIES[c] for c in labels])
+    cfg = IdentifyConfig(eps=0.1, aggregation="pooled")  # k = 3 of 24
+    ident = identify(counts, "neuron_active", cfg, keep_instruction_sets=False)
+    for seed in range(8):
+        w = resample_weights(labels, 1, seed)[0].astype(int)
+        sizes = []
+        for c in range(6):
+            m = labels == c
+            mean = [Fraction(int((w[m] * na[m, 0, u]).sum()), t * int(m.sum())) for u in range(units)]
+            kth = sorted(mean, reverse=True)[2]
+            sizes.append(sum(1 for v in mean if v >= kth and v > 0))
+        b = bootstrap(ident, counts=counts, n_boot=1, seed=seed)
+        assert b["per_category_count"]["low"].tolist() == sizes, seed

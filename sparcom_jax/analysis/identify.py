@@ -281,6 +281,20 @@ def _unit_shape(counts: Counts, field: str) -> tuple[int, ...]:
     return tuple(arr.shape[1:])
 
 
+def exact_frequencies(freq: np.ndarray, tokens) -> np.ndarray:
+    """float64 [n, U] count / T, from float32 frequencies [n, U] and T [n].
+
+    Category means are sums of these. float32(c / T) rounds differently for different
+    counts, so sums of the float32 values split means that are exactly equal (common with
+    equal-length prompts) by rounding noise, and a top-eps cut on them would drop tied
+    units (or order them by that noise instead of the tie-break). The counts are
+    recovered exactly (c <= T, far below 2**23) and divided in float64; rounding the
+    mean to float32 once then keeps equal means equal.
+    """
+    t = np.asarray(tokens, np.float64).reshape(-1, 1)
+    return np.divide(np.rint(freq * t), t, out=np.zeros(freq.shape), where=t > 0)
+
+
 def consensus_sets(votes: np.ndarray, n_c: np.ndarray, q: float) -> np.ndarray:
     """bool [C, U]: units that at least a fraction q of c's n_c [C] instructions select
     (votes [C, U]: how many, or their resampled weight); empty categories stay empty."""
@@ -394,14 +408,16 @@ def identify_all(
     sizes = [np.zeros(counts.n, np.int64) for _ in cfgs]
     freq_sum = np.zeros((C, n_units), np.float64)  # float64: sums over up to N rows
     strength_sum = np.zeros((C, n_units), np.float64) if pooled_strength else None
+    tokens = np.asarray(counts.tokens[:]).astype(np.int64)
     for s, freq in counts.iter_frequencies(field, cfgs[0].chunk):
         n = freq.shape[0]
         flat = freq.reshape(n, -1)
         strength = _strength(counts, field, s, s + n) if need_strength else None
         lab = labels[s:s + n]
+        for r in range(n):  # one row at a time: float64 temporaries of one row only
+            freq_sum[lab[r]] += exact_frequencies(flat[r:r + 1], tokens[s + r:s + r + 1])[0]
         rows = {c: lab == c for c in np.unique(lab)}
         for c, m in rows.items():
-            freq_sum[c] += flat[m].sum(0, dtype=np.float64)
             if strength_sum is not None:
                 strength_sum[c] += strength[m].sum(0, dtype=np.float64)
         for i, cfg in enumerate(cfgs):
@@ -417,7 +433,6 @@ def identify_all(
     denom = np.maximum(n_c, 1)[:, None]
     mean = (freq_sum / denom).astype(np.float32)
     mean_strength = None if strength_sum is None else (strength_sum / denom).astype(np.float32)
-    tokens = np.asarray(counts.tokens[:]).astype(np.int64)
     out = []
     for i, cfg in enumerate(cfgs):
         if cfg.aggregation == "consensus":

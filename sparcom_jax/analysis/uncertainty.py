@@ -23,7 +23,9 @@ from sparcom_jax.analysis.evaluate import (
     category_block_means, category_overlap, diagonal_dominance, generality, pair_terms,
     per_category_dominance, set_sizes, uniqueness,
 )
-from sparcom_jax.analysis.identify import Identification, _strength, consensus_sets, select_units
+from sparcom_jax.analysis.identify import (
+    Identification, _strength, consensus_sets, exact_frequencies, select_units,
+)
 from sparcom_jax.stats.counts import Counts
 
 
@@ -64,8 +66,9 @@ def _replicate_stats(sets: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _row_source(ident: Identification, counts: Counts | None, chunk: int):
-    """Yield (start, float32 [n, U] rows that the category aggregate sums, float32
-    [n, U] tie-break strengths or None)."""
+    """Yield (start, [n, U] rows that the category aggregate sums: float32 S(I) for
+    consensus, float64 exact frequencies for pooled; float32 [n, U] tie-break strengths
+    or None)."""
     cfg = ident.config
     if cfg.aggregation == "consensus":
         for s in range(0, ident.n, chunk):
@@ -76,7 +79,7 @@ def _row_source(ident: Identification, counts: Counts | None, chunk: int):
         for s, f in counts.iter_frequencies(ident.field, chunk):
             n = f.shape[0]
             st = _strength(counts, ident.field, s, s + n) if cfg.needs_strength else None
-            yield s, f.reshape(n, -1), st
+            yield s, exact_frequencies(f.reshape(n, -1), counts.tokens[s:s + n]), st
 
 
 def bootstrap(
@@ -112,11 +115,14 @@ def bootstrap(
     w_all = resample_weights(ident.labels, n_boot, seed)
     n_c = ident.n_per_category.astype(np.float64)
     n_agg = 2 if cfg.aggregation == "pooled" and cfg.needs_strength else 1
-    batch = max(1, budget_bytes // (4 * n_agg * C * max(u, 1)))
+    # Pooled means are summed in float64 and rounded to float32 once, as identify does, so
+    # that exactly equal means stay tied (exact_frequencies); consensus votes are exact in float32.
+    dtype = np.float64 if cfg.aggregation == "pooled" else np.float32
+    batch = max(1, budget_bytes // (np.dtype(dtype).itemsize * n_agg * C * max(u, 1)))
     reps: dict[str, list] = {}
     for b0 in range(0, n_boot, batch):
-        w = w_all[b0:b0 + batch]
-        agg = np.zeros((w.shape[0], C, u), np.float32)
+        w = w_all[b0:b0 + batch].astype(dtype)
+        agg = np.zeros((w.shape[0], C, u), dtype)
         agg_strength = np.zeros_like(agg) if n_agg == 2 else None
         for s, rows, strength in _row_source(ident, counts, cfg.chunk):
             lab = ident.labels[s:s + rows.shape[0]]
@@ -131,8 +137,8 @@ def bootstrap(
             if cfg.aggregation == "consensus":
                 sets = consensus_sets(agg[r], n_c, cfg.q)
             else:
-                sets = select_units(agg[r] / denom, cfg, ident.field,
-                                    None if agg_strength is None else agg_strength[r] / denom)
+                sets = select_units((agg[r] / denom).astype(np.float32), cfg, ident.field,
+                                    None if agg_strength is None else (agg_strength[r] / denom).astype(np.float32))
             for k, v in _replicate_stats(sets).items():
                 reps.setdefault(k, []).append(v)
     if instruction_matrix is not None:
