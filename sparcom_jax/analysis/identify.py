@@ -292,7 +292,9 @@ def exact_frequencies(freq: np.ndarray, tokens) -> np.ndarray:
     mean to float32 once then keeps equal means equal.
     """
     t = np.asarray(tokens, np.float64).reshape(-1, 1)
-    return np.divide(np.rint(freq * t), t, out=np.zeros(freq.shape), where=t > 0)
+    out = np.asarray(freq, np.float64) * t  # in place from here: one float64 temporary
+    np.rint(out, out=out)
+    return np.divide(out, t, out=out, where=t > 0)  # T = 0: the frequencies are 0 already
 
 
 def consensus_sets(votes: np.ndarray, n_c: np.ndarray, q: float) -> np.ndarray:
@@ -399,6 +401,7 @@ def identify_all(
     if counts.sources is not None and len(counts.sources) != counts.n:
         raise ValueError(f"{len(counts.sources)} sources for {counts.n} instructions")
     need_strength = _check_strength(counts, field, cfgs)
+    pooled = any(c.aggregation == "pooled" for c in cfgs)  # rules that cut the category mean
     pooled_strength = any(c.needs_strength and c.aggregation == "pooled" for c in cfgs)
 
     bits = [None if not k else (np.zeros((counts.n, (n_units + 7) // 8), np.uint8) if packed
@@ -414,10 +417,13 @@ def identify_all(
         flat = freq.reshape(n, -1)
         strength = _strength(counts, field, s, s + n) if need_strength else None
         lab = labels[s:s + n]
-        for r in range(n):  # one row at a time: float64 temporaries of one row only
-            freq_sum[lab[r]] += exact_frequencies(flat[r:r + 1], tokens[s + r:s + r + 1])[0]
         rows = {c: lab == c for c in np.unique(lab)}
+        if pooled:  # exact means, a row at a time (one row of float64 temporaries)
+            for r in range(n):
+                freq_sum[lab[r]] += exact_frequencies(flat[r:r + 1], tokens[s + r:s + r + 1])[0]
         for c, m in rows.items():
+            if not pooled:  # the mean is reported, not cut: the plain float32 sum is enough
+                freq_sum[c] += flat[m].sum(0, dtype=np.float64)
             if strength_sum is not None:
                 strength_sum[c] += strength[m].sum(0, dtype=np.float64)
         for i, cfg in enumerate(cfgs):
