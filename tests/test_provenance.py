@@ -257,3 +257,20 @@ def test_precision_check_reports_each_precisions_set_agreement(tmp_path):
     assert set(prec) == {"isn bfloat16", "isn bfloat16 with float32 gate and weights", "reference", "note"}
     # the study's own precision is the reference's, never compared with itself
     assert "float32" in prec["reference"] and "isn float32" not in prec
+
+
+def test_collect_fingerprint_covers_the_record_labels():
+    """Relabelled records (same ids and text, another category or source) regroup the counts:
+    counts made under the old labels must not be reused."""
+    import dataclasses
+
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+
+    cfg = exp()
+    recs = load_instructions(n_per_category=1)
+    fp, _ = collect_fingerprint(cfg, cfg.base, recs, "plain")
+    swapped = [dataclasses.replace(r, category=recs[1 - i].category) for i, r in enumerate(recs[:2])] + recs[2:]
+    resourced = [dataclasses.replace(recs[0], source="generated-again"), *recs[1:]]
+    for relabelled in (swapped, resourced):
+        assert collect_fingerprint(cfg, cfg.base, relabelled, "plain")[0]["records"] != fp["records"]
