@@ -274,3 +274,21 @@ def test_collect_fingerprint_covers_the_record_labels():
     resourced = [dataclasses.replace(recs[0], source="generated-again"), *recs[1:]]
     for relabelled in (swapped, resourced):
         assert collect_fingerprint(cfg, cfg.base, relabelled, "plain")[0]["records"] != fp["records"]
+
+
+def test_ablation_fingerprint_covers_the_held_out_records_text_and_labels():
+    """The causal check's loss is measured on the held-out records' responses, per category:
+    an edited response or category under the same id must not reuse the stored result."""
+    import dataclasses
+
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import ablation_fingerprint
+
+    cfg = exp()
+    recs = load_instructions(n_per_category=1)
+    fp = ablation_fingerprint(cfg, cfg.finetuned, recs, "neurons", {})
+    edits = [dict(output="another reference response"), dict(instruction="another instruction"),
+             dict(input="another input"), dict(category=recs[1].category)]
+    for edit in edits:
+        changed = [dataclasses.replace(recs[0], **edit), *recs[1:]]
+        assert ablation_fingerprint(cfg, cfg.finetuned, changed, "neurons", {})["records"] != fp["records"], edit

@@ -437,7 +437,9 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
             "identify": cfg.identify.to_rule().to_dict(),
             "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed,
                          "expert_mode": a.expert_mode},
-            "records": digest([r.id for r in records]), "template": template_for(spec, cfg),
+            # The text and category of each record, not only its id: the loss is measured on them.
+            "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
+            "template": template_for(spec, cfg),
             "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype}
 
 
