@@ -292,3 +292,22 @@ def test_ablation_fingerprint_covers_the_held_out_records_text_and_labels():
     for edit in edits:
         changed = [dataclasses.replace(recs[0], **edit), *recs[1:]]
         assert ablation_fingerprint(cfg, cfg.finetuned, changed, "neurons", {})["records"] != fp["records"], edit
+
+
+def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):
+    """The records are cached between stages of one process (a notebook, `run`): an edit of
+    the file must reach the next stage, not the records (and fingerprints) of before."""
+    import dataclasses
+
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.common import identify_records
+
+    recs = load_instructions()
+    f = tmp_path / "records.jsonl"
+    f.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in recs))
+    cfg = exp(f"data.path={f}")
+    first = identify_records(cfg)[0]
+    f.write_text("".join(json.dumps(dataclasses.asdict(dataclasses.replace(r, output=r.output + " (edited)"))) + "\n"
+                         for r in recs))
+    again = identify_records(cfg)[0]
+    assert again.id == first.id and again.output == first.output + " (edited)"
