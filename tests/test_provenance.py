@@ -311,3 +311,19 @@ def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):
                          for r in recs))
     again = identify_records(cfg)[0]
     assert again.id == first.id and again.output == first.output + " (edited)"
+
+
+def test_a_new_run_in_a_removed_run_directory_exports_its_own_checkpoints(tuned, tmp_path):
+    """Removing OUT/train by hand and fine-tuning again (here from another base) writes a
+    run.json equal to the old one: the old exports must not pass for the new run's."""
+    import hashlib
+    import shutil
+
+    src, cfg = tuned
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "train")
+    weights = out / "checkpoints" / "base-ft" / "hf" / "model.safetensors"
+    old = hashlib.sha256(weights.read_bytes()).hexdigest()
+    run_stage("finetune", apply_overrides(from_dict(ExperimentConfig, cfg, "t"), ["base.seed=3"]), out)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() != old
