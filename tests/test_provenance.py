@@ -327,3 +327,22 @@ def test_a_new_run_in_a_removed_run_directory_exports_its_own_checkpoints(tuned,
     old = hashlib.sha256(weights.read_bytes()).hexdigest()
     run_stage("finetune", apply_overrides(from_dict(ExperimentConfig, cfg, "t"), ["base.seed=3"]), out)
     assert hashlib.sha256(weights.read_bytes()).hexdigest() != old
+
+
+def test_outputs_a_rerun_no_longer_makes_leave_the_stage_directory(done, tmp_path, monkeypatch):
+    """identify, evaluate, compare and report record the fingerprint of what they computed now:
+    files of an earlier run (a model or control left out since, made with other settings) must not stay."""
+    import shutil
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    assert (out / "compare" / "same_template.json").is_file() and (out / "evaluate" / "tuned.json").is_file()
+    run_stage("compare", exp("collect.template_control=false", "identify.eps=0.1"), out)
+    assert sorted(p.name for p in (out / "compare").iterdir()) == ["comparison.json", "fingerprint.json"]
+    assert any("tuned" in p.name for p in (out / "report").rglob("*"))
+    for stage in ("identify", "evaluate", "report"):
+        run_stage(stage, exp("finetuned=null"), out)
+    assert sorted(p.name for p in (out / "identify").iterdir()) == ["base", "fingerprint.json"]
+    assert sorted(p.name for p in (out / "evaluate").iterdir()) == ["base.json", "fingerprint.json"]
+    assert not [p for p in (out / "report").rglob("*") if "tuned" in p.name]
