@@ -257,3 +257,92 @@ def test_precision_check_reports_each_precisions_set_agreement(tmp_path):
     assert set(prec) == {"isn bfloat16", "isn bfloat16 with float32 gate and weights", "reference", "note"}
     # the study's own precision is the reference's, never compared with itself
     assert "float32" in prec["reference"] and "isn float32" not in prec
+
+
+def test_collect_fingerprint_covers_the_record_labels():
+    """Relabelled records (same ids and text, another category or source) regroup the counts:
+    counts made under the old labels must not be reused."""
+    import dataclasses
+
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+
+    cfg = exp()
+    recs = load_instructions(n_per_category=1)
+    fp, _ = collect_fingerprint(cfg, cfg.base, recs, "plain")
+    swapped = [dataclasses.replace(r, category=recs[1 - i].category) for i, r in enumerate(recs[:2])] + recs[2:]
+    resourced = [dataclasses.replace(recs[0], source="generated-again"), *recs[1:]]
+    for relabelled in (swapped, resourced):
+        assert collect_fingerprint(cfg, cfg.base, relabelled, "plain")[0]["records"] != fp["records"]
+
+
+def test_ablation_fingerprint_covers_the_held_out_records_text_and_labels():
+    """The causal check's loss is measured on the held-out records' responses, per category:
+    an edited response or category under the same id must not reuse the stored result."""
+    import dataclasses
+
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import ablation_fingerprint
+
+    cfg = exp()
+    recs = load_instructions(n_per_category=1)
+    fp = ablation_fingerprint(cfg, cfg.finetuned, recs, "neurons", {})
+    edits = [dict(output="another reference response"), dict(instruction="another instruction"),
+             dict(input="another input"), dict(category=recs[1].category)]
+    for edit in edits:
+        changed = [dataclasses.replace(recs[0], **edit), *recs[1:]]
+        assert ablation_fingerprint(cfg, cfg.finetuned, changed, "neurons", {})["records"] != fp["records"], edit
+
+
+def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):
+    """The records are cached between stages of one process (a notebook, `run`): an edit of
+    the file must reach the next stage, not the records (and fingerprints) of before."""
+    import dataclasses
+
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.common import identify_records
+
+    recs = load_instructions()
+    f = tmp_path / "records.jsonl"
+    f.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in recs))
+    cfg = exp(f"data.path={f}")
+    first = identify_records(cfg)[0]
+    f.write_text("".join(json.dumps(dataclasses.asdict(dataclasses.replace(r, output=r.output + " (edited)"))) + "\n"
+                         for r in recs))
+    again = identify_records(cfg)[0]
+    assert again.id == first.id and again.output == first.output + " (edited)"
+
+
+def test_a_new_run_in_a_removed_run_directory_exports_its_own_checkpoints(tuned, tmp_path):
+    """Removing OUT/train by hand and fine-tuning again (here from another base) writes a
+    run.json equal to the old one: the old exports must not pass for the new run's."""
+    import hashlib
+    import shutil
+
+    src, cfg = tuned
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "train")
+    weights = out / "checkpoints" / "base-ft" / "hf" / "model.safetensors"
+    old = hashlib.sha256(weights.read_bytes()).hexdigest()
+    run_stage("finetune", apply_overrides(from_dict(ExperimentConfig, cfg, "t"), ["base.seed=3"]), out)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() != old
+
+
+def test_outputs_a_rerun_no_longer_makes_leave_the_stage_directory(done, tmp_path, monkeypatch):
+    """identify, evaluate, compare and report record the fingerprint of what they computed now:
+    files of an earlier run (a model or control left out since, made with other settings) must not stay."""
+    import shutil
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    assert (out / "compare" / "same_template.json").is_file() and (out / "evaluate" / "tuned.json").is_file()
+    run_stage("compare", exp("collect.template_control=false", "identify.eps=0.1"), out)
+    assert sorted(p.name for p in (out / "compare").iterdir()) == ["comparison.json", "fingerprint.json"]
+    assert any("tuned" in p.name for p in (out / "report").rglob("*"))
+    for stage in ("identify", "evaluate", "report"):
+        run_stage(stage, exp("finetuned=null"), out)
+    assert sorted(p.name for p in (out / "identify").iterdir()) == ["base", "fingerprint.json"]
+    assert sorted(p.name for p in (out / "evaluate").iterdir()) == ["base.json", "fingerprint.json"]
+    assert not [p for p in (out / "report").rglob("*") if "tuned" in p.name]

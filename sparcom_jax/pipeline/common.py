@@ -316,6 +316,14 @@ def counts_root(cfg: ExperimentConfig, out: Path) -> Path:
 _PARTS_CACHE: dict[str, tuple[dict, dict]] = {}
 
 
+def _stamp(path) -> list:
+    """[file, size, modification time] of every data file (`path`: one, a list, or None for
+    the shipped set), so the cache below reads a file again once it is edited."""
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    files = [f for p in map(Path, paths) for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def _load(d):
     from sparcom_jax.data import load_instructions
 
@@ -333,7 +341,7 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
     from sparcom_jax.data.splits import split_records, split_summary
 
     d = cfg.data
-    key = json.dumps(to_dict(d), sort_keys=True, default=str)
+    key = json.dumps([to_dict(d), _stamp(d.path)], sort_keys=True, default=str)
     if key not in _PARTS_CACHE:
         records = _load(d)
         if d.split is None:

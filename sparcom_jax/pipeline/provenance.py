@@ -73,7 +73,9 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     with warnings.catch_warnings():  # the collection itself reports truncation once
         warnings.simplefilter("ignore")
         enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length)
-    fp = {"model": spec_model_fingerprint(spec), "dtype": dtype or cfg.collect.dtype, "records": digest(enc.record_ids),
+    # The records' labels too: the analyses group the counts by category and stratify by source.
+    fp = {"model": spec_model_fingerprint(spec), "dtype": dtype or cfg.collect.dtype,
+          "records": digest([[r.id, r.category, r.source] for r in records]),
           "template": template, "scope": cfg.data.scope, "max_length": cfg.data.max_length,
           "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}
     if gate_dtype:  # absent when unused, so counts made before the option existed still match

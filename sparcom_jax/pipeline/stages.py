@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import encode_records, resolve_tokenizer, sample_balanced
 from sparcom_jax.fileio import LOCK_NAME, DirLock, prepare_out_dir, write_json
-from sparcom_jax.fingerprint import digest, digest_arrays, read_fingerprint, write_fingerprint
+from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
     model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
@@ -324,6 +324,23 @@ def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> di
             "counts": {name: digest(ma.meta.get("fingerprint")) for name, ma in every.items()}}
 
 
+def _seal(directory: Path, stage: str, written: dict[str, Any], components: dict[str, Any]) -> None:
+    """Write `directory`'s fingerprint.json for the outputs `written` now, and remove the files an
+    earlier run left there that this one did not write (a model or control left out since): the
+    fingerprint would vouch for them. Hidden files (another process's temporary files) stay."""
+    if not is_primary():
+        return
+    keep = {Path(p).name for p in written.values()} | {FINGERPRINT_FILE}
+    for p in directory.iterdir() if directory.is_dir() else ():
+        if p.name in keep or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    write_fingerprint(directory, stage, components)
+
+
 def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Identify ISNs / ISEs of every model and export the lists (OUT/identify/<model>/)."""
     from sparcom_jax.report.export import export_sets
@@ -335,8 +352,7 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
         for fa in ma.fields.values():
             export_sets(d, fa.ident)
         written[name] = str(d)
-    if is_primary():
-        write_fingerprint(out / "identify", "identify", _analysis_fingerprint(cfg, analyses, False))
+    _seal(out / "identify", "identify", written, _analysis_fingerprint(cfg, analyses, False))
     return written
 
 
@@ -345,8 +361,7 @@ def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     analyses = analyses or analyze_all(cfg, out, full=True)
     written = {name: write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
                for name, ma in analyses.models.items()}
-    if is_primary():
-        write_fingerprint(out / "evaluate", "evaluate", _analysis_fingerprint(cfg, analyses, True))
+    _seal(out / "evaluate", "evaluate", written, _analysis_fingerprint(cfg, analyses, True))
     return written
 
 
@@ -373,8 +388,7 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
     precision = precision_agreement(cfg, analyses)
     if precision:
         written["precision"] = write_json(out / "compare" / "precision.json", precision)
-    if is_primary():
-        write_fingerprint(out / "compare", "compare", _analysis_fingerprint(cfg, analyses, True))
+    _seal(out / "compare", "compare", written, _analysis_fingerprint(cfg, analyses, True))
     return {**written, "_comparison": comparison, "_series": series, "_controls": controls,
             "_precision": precision}
 
@@ -437,7 +451,9 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
             "identify": cfg.identify.to_rule().to_dict(),
             "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed,
                          "expert_mode": a.expert_mode},
-            "records": digest([r.id for r in records]), "template": template_for(spec, cfg),
+            # The text and category of each record, not only its id: the loss is measured on them.
+            "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
+            "template": template_for(spec, cfg),
             "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype}
 
 
@@ -620,6 +636,8 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     rdir = out / "report"
     if is_primary():
         with timed(f"report: writing {rdir}"):
+            if rdir.is_dir():  # no table or set list of an earlier report may stay beside this one
+                shutil.rmtree(rdir)
             write_report(rdir, summary, analyses=analyses.models, title=cfg.report.title or f"SPARCOM: {cfg.name}",
                          dpi=cfg.report.dpi)
     return {"report": str(rdir / "index.html"), "summary": str(rdir / "summary.json"), "_summary": summary}

@@ -2,7 +2,7 @@
 
 A run directory (the `out_dir` of `finetune`) holds::
 
-    run.json            model config (HF dict), train config, total steps, data fingerprint
+    run.json            run id, model config (HF dict), train config, total steps, data fingerprint
     tokenizer/          the tokenizer the run used (HF format)
     checkpoints/<step>/ orbax: params (float32), opt_state, meta (JSON)
     metrics.jsonl       one JSON object per line (train steps, evals, checkpoints)

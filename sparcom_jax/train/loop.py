@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import uuid
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -256,7 +257,9 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
         run_dir.mkdir(parents=True, exist_ok=True)
         if prev is None:
             write_json(run_dir / RUN_FILE, {
-                "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
+                # Tells this run from an earlier one with the same settings in a removed directory
+                # (another base, or weights that differ run to run): exports record it.
+                "run_id": uuid.uuid4().hex, "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
                 "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets), "data_fingerprint": fingerprint,
                 "n_records": len(enc), "mesh": dict(mesh.shape)})
             tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
