@@ -176,3 +176,22 @@ def test_encode_records_matches_encode_record(tok):
         e = encode_record(rec, tok, template="chat", scope="all")
         np.testing.assert_array_equal(ids, e.ids)
         assert scope.all()
+
+
+def test_chat_content_is_found_at_the_user_turn_not_in_later_template_text(tok):
+    # "s" (and "ass") also occur in the "<|assistant|>" text after the user turn; the
+    # content is the user message itself.
+    for text in ("s", "ass", "assistant"):
+        e = encode_record(Record("x", "math", text, output="ok"), tok, template="chat", scope="content")
+        assert dec(tok, e.ids[e.scope]) == text
+    # A system prompt that quotes the message before the user turn: the user turn is still found.
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                       "{{ '<|system|>\\nAnswer: ' + m['content'] + '\\n<|user|>\\n' + m['content'] + '\\n' }}"
+                       "{% else %}{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    rec = Record("q", "math", "What is 2 plus 2?", output="4")
+    e = encode_record(rec, t, template="chat", scope="content")
+    first = np.flatnonzero(e.scope)[0]
+    assert dec(t, e.ids[e.scope]) == rec.instruction
+    assert dec(t, e.ids[:first]).endswith("<|user|>\n")

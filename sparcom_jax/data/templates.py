@@ -160,6 +160,30 @@ def _plain_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, li
     return bos + _tok(tokenizer, prompt), _tok(tokenizer, response) + eos, prompt, spans, len(bos)
 
 
+# Stands in for the user message when the chat template is rendered to locate it: private-use
+# characters that no template text contains.
+_SENTINEL = "\ue000sparcom user message\ue001"
+
+
+def _user_start(tokenizer, message: str, prompt_text: str) -> int | None:
+    """Where the user message starts in `prompt_text`, the chat prompt rendered with it; None
+    when the template alters the message's text.
+
+    Searching `prompt_text` for the message would find the wrong place when the message is
+    short and also part of template text after it (instruction "s" inside "<|assistant|>").
+    Instead the prompt is rendered again with a sentinel for the message: the text around the
+    sentinel is the template's, so the last sentinel (a system prompt before the user turn may
+    quote the message) gives the position, once the message put back in every sentinel's
+    place reproduces `prompt_text` exactly.
+    """
+    marked = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                           add_generation_prompt=True)
+    parts = marked.split(_SENTINEL)
+    if len(parts) < 2 or message.join(parts) != prompt_text:
+        return None
+    return len(message.join(parts[:-1]))
+
+
 def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, list, int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -172,10 +196,8 @@ def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, lis
     full_text = tokenizer.apply_chat_template(full_msgs, tokenize=False)
     # The templated text already holds BOS etc.; tokenizing it must not add more.
     prompt_ids, full_ids = _tok(tokenizer, prompt_text), _tok(tokenizer, full_text)
-    # The user message is the last copy of its text in the prompt (a system prompt
-    # before it may quote it); templates that alter the text have none.
-    user_start = prompt_text.rfind(user["content"])
-    spans = content_spans(record, prompt_text, user_start) if user_start >= 0 else None
+    user_start = _user_start(tokenizer, user["content"], prompt_text)
+    spans = content_spans(record, prompt_text, user_start) if user_start is not None else None
     if full_ids[: len(prompt_ids)] == prompt_ids:
         return prompt_ids, full_ids[len(prompt_ids):], prompt_text, spans, 0
     if full_text.startswith(prompt_text):
