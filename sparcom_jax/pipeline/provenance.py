@@ -11,8 +11,10 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 - finetune: base model (weights files), training settings, fine-tuning records and
   their tokens -> OUT/train/fingerprint.json; each exported checkpoint records its
   run and step (OUT/checkpoints/<name>/export.json).
-- collect: model, records, template, scope, max_length, dtype and the tokenized
-  sequences -> the count store's meta.json (checked again on resume).
+- collect: model, records, template, scope, max_length, dtype, the content caps
+  (scope "content": the content tokens counted per record, the same for every model
+  of the study) and the tokenized sequences -> the count store's meta.json (checked
+  again on resume).
 - identify, evaluate, compare, report: they recompute from the counts every time,
   after checking that the counts' fingerprints match the current settings; each
   writes the fingerprint of what it used beside its outputs.
@@ -37,6 +39,8 @@ LABELS = {
     "tokens": "tokenized text (tokenizer or record text)", "train": "train settings", "base": "base model weights",
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
     "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
+    "content_caps": "content caps (instruction/input tokens counted per record, the fewest that survive "
+                    "data.max_length under any model and template of the study)",
 }
 
 
@@ -62,9 +66,10 @@ def spec_tokenizer(spec: ModelSpec):
 
 def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, template: str, *,
                         dtype: str | None = None, gate_dtype: str | None = None,
-                        tokenizer=None) -> tuple[dict[str, Any], Any]:
+                        tokenizer=None, content_caps: Mapping[str, int] | None = None) -> tuple[dict[str, Any], Any]:
     """(fingerprint components, EncodedSet) of one model's counts on `records`, in `dtype`
-    (default collect.dtype) with `gate_dtype`."""
+    (default collect.dtype) with `gate_dtype`, under the study's `content_caps`
+    (scope "content"; `sparcom_jax.pipeline.stages.study_content_caps`)."""
     import warnings
 
     from sparcom_jax.data import encode_records
@@ -72,12 +77,15 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     tok = tokenizer or spec_tokenizer(spec)
     with warnings.catch_warnings():  # the collection itself reports truncation once
         warnings.simplefilter("ignore")
-        enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length)
+        enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length,
+                             content_caps=content_caps)
     fp = {"model": spec_model_fingerprint(spec), "dtype": dtype or cfg.collect.dtype, "records": digest(enc.record_ids),
           "template": template, "scope": cfg.data.scope, "max_length": cfg.data.max_length,
           "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}
     if gate_dtype:  # absent when unused, so counts made before the option existed still match
         fp["gate_dtype"] = gate_dtype
+    if content_caps is not None:
+        fp["content_caps"] = digest([content_caps[r] for r in enc.record_ids])
     return fp, enc
 
 
