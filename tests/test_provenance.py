@@ -257,3 +257,22 @@ def test_precision_check_reports_each_precisions_set_agreement(tmp_path):
     assert set(prec) == {"isn bfloat16", "isn bfloat16 with float32 gate and weights", "reference", "note"}
     # the study's own precision is the reference's, never compared with itself
     assert "float32" in prec["reference"] and "isn float32" not in prec
+
+
+def test_counts_made_with_other_content_caps_are_refused():
+    # The caps depend on every model and template of the study, not on this store's own
+    # settings: a store counted with other caps counted other tokens and must not be reused.
+    from sparcom_jax.pipeline.common import identify_records
+    from sparcom_jax.pipeline.provenance import collect_fingerprint, stale
+
+    cfg = exp()
+    records = identify_records(cfg)
+    caps = stages.study_content_caps(cfg, None)
+    assert set(caps) == {r.id for r in records}
+    fp, enc = collect_fingerprint(cfg, cfg.finetuned, records, "chat", content_caps=caps)
+    assert [int(s.sum()) for s in enc.scopes] == [caps[r.id] for r in records]
+    lower = dict(caps, **{records[0].id: caps[records[0].id] - 1})
+    other, _ = collect_fingerprint(cfg, cfg.finetuned, records, "chat", content_caps=lower)
+    with pytest.raises(StaleResultError, match=r"content caps \(instruction/input tokens counted per record"):
+        stale("store", fp, other, overwrite=False)
+    assert stages.study_content_caps(exp("data.scope=prompt"), None) is None

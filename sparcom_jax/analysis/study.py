@@ -391,7 +391,7 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
                     "the same text: max_length cut one template's content further (a longer header keeps "
                     "fewer content tokens), or the tokenizers split the text differently; collect both with "
                     "the same content caps (the pipeline's collect stage does; in Python pass "
-                    "content_caps=sparcom_jax.data.content_caps(records, [(tokenizer, template), ...], "
+                    "content_caps=sparcom_jax.content_caps(records, [(tokenizer, template), ...], "
                     "max_length=...) to collect_instructions) or raise max_length")
 
 
