@@ -220,11 +220,11 @@ def study_content_caps(cfg: ExperimentConfig, out: Path) -> dict[str, int] | Non
 def _log_content_cut(label: str, meta: dict, n: int, max_length) -> None:
     cut = (meta or {}).get("content_cut")
     if cut and cut["records"]:
+        capped = (f"; {cut['capped_records']} of these records lost {cut['capped_tokens']} of them only to count "
+                  "the same content tokens as the study's other models and templates" if cut["capped_records"] else "")
         log(f"collect {label}: {cut['records']} of {n} records have instruction/input tokens that are not counted "
             f"({cut['tokens']} tokens, at most {cut['max_tokens']} of one record), cut by data.max_length="
-            f"{max_length}; {cut['capped_records']} of these records lost {cut['capped_tokens']} token(s) only to "
-            "count the same content tokens as the study's other models and templates. Raise data.max_length "
-            "to count every record whole")
+            f"{max_length}{capped}. Raise data.max_length to count every record whole")
 
 
 def _process_share(records):
