@@ -275,4 +275,8 @@ def test_counts_made_with_other_content_caps_are_refused():
     other, _ = collect_fingerprint(cfg, cfg.finetuned, records, "chat", content_caps=lower)
     with pytest.raises(StaleResultError, match=r"content caps \(instruction/input tokens counted per record"):
         stale("store", fp, other, overwrite=False)
+    # Caps that cut nothing of a store (plain keeps the fewest content tokens here) leave its
+    # fingerprint as it was without caps: stores counted before caps existed are reused.
+    base, enc = collect_fingerprint(cfg, cfg.base, records, "plain", content_caps=caps)
+    assert not enc.capped.any() and base == collect_fingerprint(cfg, cfg.base, records, "plain")[0]
     assert stages.study_content_caps(exp("data.scope=prompt"), None) is None

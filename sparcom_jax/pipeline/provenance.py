@@ -13,8 +13,8 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
   run and step (OUT/checkpoints/<name>/export.json).
 - collect: model, records, template, scope, max_length, dtype, the content caps
   (scope "content": the content tokens counted per record, the same for every model
-  of the study) and the tokenized sequences -> the count store's meta.json (checked
-  again on resume).
+  of the study; present when they cut this store's content) and the tokenized
+  sequences -> the count store's meta.json (checked again on resume).
 - identify, evaluate, compare, report: they recompute from the counts every time,
   after checking that the counts' fingerprints match the current settings; each
   writes the fingerprint of what it used beside its outputs.
@@ -73,6 +73,7 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     import warnings
 
     from sparcom_jax.data import encode_records
+    from sparcom_jax.stats.collect import content_caps_fingerprint
 
     tok = tokenizer or spec_tokenizer(spec)
     with warnings.catch_warnings():  # the collection itself reports truncation once
@@ -84,8 +85,7 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
           "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}
     if gate_dtype:  # absent when unused, so counts made before the option existed still match
         fp["gate_dtype"] = gate_dtype
-    if content_caps is not None:
-        fp["content_caps"] = digest([content_caps[r] for r in enc.record_ids])
+    fp.update(content_caps_fingerprint(enc, content_caps))
     return fp, enc
 
 

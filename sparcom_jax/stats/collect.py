@@ -302,6 +302,16 @@ def content_cut_summary(enc) -> dict[str, int]:
             "capped_records": int((capped > 0).sum()), "capped_tokens": int(capped.sum())}
 
 
+def content_caps_fingerprint(enc, content_caps: Mapping[str, int] | None) -> dict[str, str]:
+    """The fingerprint component of the content caps an `EncodedSet` was made with:
+    {"content_caps": digest} when the caps left out a token of it, else {} (the counted
+    tokens are then those of no caps, so stores counted before caps existed, or with
+    caps that cut nothing here, are reused; the "tokens" digest covers the rest)."""
+    if content_caps is None or not np.asarray(enc.capped).any():
+        return {}
+    return {"content_caps": digest([int(content_caps[r]) for r in enc.record_ids])}
+
+
 def collect_instructions(model, records, tokenizer=None, *, template: str = "plain", scope: str = "prompt",
                          batch_size: int = 8, max_length: int | None = 512, out: str | Path | None = None,
                          mesh=None, progress: bool = True, content_caps: Mapping[str, int] | None = None,
@@ -342,10 +352,8 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
         meta["content_cut"] = content_cut_summary(enc)
     # The settings by name, so a store made with others says which one differs.
     fingerprint = {"records": digest(enc.record_ids), "template": template, "scope": scope,
-                   "max_length": max_length}
-    if content_caps is not None:
-        fingerprint["content_caps"] = digest([content_caps[r] for r in enc.record_ids])
-    fingerprint.update(kwargs.pop("fingerprint", None) or {})
+                   "max_length": max_length, **content_caps_fingerprint(enc, content_caps),
+                   **(kwargs.pop("fingerprint", None) or {})}
     return collect_counts(model, enc.ids, enc.scopes, batch_size, mesh=mesh, progress=progress, out=out,
                           ids=enc.record_ids, categories=enc.categories, sources=[r.source for r in records],
                           meta=meta, fingerprint=fingerprint, **kwargs)
