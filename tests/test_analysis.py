@@ -312,6 +312,28 @@ def test_compare_rejects_different_shapes():
         compare_models(hand_counts(), other, CFG, n_boot=0, n_perm=0)
 
 
+def test_compare_refuses_content_counts_of_different_token_numbers():
+    # Under scope "content" the two models must count the same instruction/input tokens of
+    # every record; a record truncated further under one template counts fewer.
+    def counted(scope, short=()):
+        c = hand_counts()
+        c.tokens = c.tokens.copy()
+        c.tokens[list(short)] -= 3
+        c.meta = {"scope": scope, "max_length": 64}
+        return c
+
+    kw = dict(n_boot=0, n_perm=0)
+    with pytest.raises(ValueError, match=r"'before' and 'after' counted different numbers of instruction/input "
+                                         r"tokens on 2 of 12 records .*content_caps"):
+        compare_models(counted("content"), counted("content", short=(3, 7)), CFG, **kw)
+    with pytest.raises(ValueError, match=r"'base' and 'final' .* on 1 of 12 records"):
+        compare_series([("base", counted("content")), ("mid", counted("content")),
+                        ("final", counted("content", short=(0,)))], CFG, **kw)
+    compare_models(counted("content"), counted("content"), CFG, **kw)
+    # Prompt scope counts template tokens too: the numbers differ between templates by design.
+    compare_models(counted("prompt"), counted("prompt", short=(3, 7)), CFG, **kw)
+
+
 def test_compare_series_trends():
     kw = dict(n_boot=0, n_perm=0)
     ser = compare_series([("base", hand_counts()), ("mid", hand_counts(AFTER)),

@@ -183,10 +183,21 @@ def test_stages_on_a_tiny_random_model(tmp_path, capsys):
     assert [d["name"] for d in series] == ["base-ft-step1", "base-ft"]
     assert (out / "checkpoints" / "base-ft" / "hf" / "config.json").is_file()
 
-    code, so, _ = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
+    code, so, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
     assert code == 0 and f"outputs: {out}" in so
     for name in ("base", "base-ft-step1", "base-ft"):
         assert (out / "counts" / name / "meta.json").is_file()
+    # Content scope: data.max_length=48 cuts plain's longer header further into the content than
+    # the chat prefix, yet every model and template (same-template control included) counts the
+    # same instruction/input tokens of every record, and the cut is logged.
+    from sparcom_jax.stats.store import open_counts
+
+    stores = {p.name: open_counts(p) for p in (out / "counts").iterdir()}
+    assert len(stores) == 4 and len({tuple(c.tokens[:].tolist()) for c in stores.values()}) == 1
+    cut = {name: c.meta["content_cut"] for name, c in stores.items()}
+    assert cut["base"]["capped_records"] == 0 < cut["base-ft"]["capped_records"]
+    assert cut["base"]["records"] == cut["base-ft"]["records"] > 0
+    assert f"collect base-ft: {cut['base-ft']['records']} of 12 records have instruction/input tokens" in err
     saved = (out / "config.yaml").read_text()
     assert "name: tiny" in saved and "batch_size: 12" in saved
 
@@ -368,3 +379,17 @@ def test_multi_host_config_off_a_pod_says_how_to_run_it(tmp_path):
     code, err = r.returncode, r.stderr
     assert code == 2 and err.count("\n") == 1 and err.startswith("sparcom: error: mesh.distributed"), err
     assert "mesh.coordinator=HOST:PORT" in err and "mesh.distributed=false mesh.num_processes=1" in err
+
+
+def test_summary_says_how_much_content_max_length_cut(tmp_path):
+    from types import SimpleNamespace
+
+    from sparcom_jax.config import apply_overrides
+    from sparcom_jax.pipeline.stages import Analyses, data_description
+
+    tiny = load_config(write_tiny(tmp_path))
+    cut = {"records": 2, "tokens": 9, "max_tokens": 6, "capped_records": 1, "capped_tokens": 2}
+    an = Analyses({"base": SimpleNamespace(name="base", meta={"content_cut": cut})},
+                  {"same_template": SimpleNamespace(name="base-ft under plain template", meta={"content_cut": None})})
+    assert data_description(tiny, an)["content_cut"] == {"base": cut, "base-ft under plain template": None}
+    assert "content_cut" not in data_description(apply_overrides(tiny, ["data.scope=prompt"]), an)

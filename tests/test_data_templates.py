@@ -176,3 +176,56 @@ def test_encode_records_matches_encode_record(tok):
         e = encode_record(rec, tok, template="chat", scope="all")
         np.testing.assert_array_equal(ids, e.ids)
         assert scope.all()
+
+
+def test_chat_content_is_found_at_the_user_turn_not_in_later_template_text(tok):
+    # "s" (and "ass") also occur in the "<|assistant|>" text after the user turn; the
+    # content is the user message itself.
+    for text in ("s", "ass", "assistant"):
+        e = encode_record(Record("x", "math", text, output="ok"), tok, template="chat", scope="content")
+        assert dec(tok, e.ids[e.scope]) == text
+    # A system prompt that quotes the message before the user turn: the user turn is still found.
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                       "{{ '<|system|>\\nAnswer: ' + m['content'] + '\\n<|user|>\\n' + m['content'] + '\\n' }}"
+                       "{% else %}{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    rec = Record("q", "math", "What is 2 plus 2?", output="4")
+    e = encode_record(rec, t, template="chat", scope="content")
+    first = np.flatnonzero(e.scope)[0]
+    assert dec(t, e.ids[e.scope]) == rec.instruction
+    assert dec(t, e.ids[:first]).endswith("<|user|>\n")
+
+
+def test_content_caps_make_templates_count_the_same_content_tokens(tok):
+    from sparcom_jax.data import content_caps
+
+    recs = [WITH_INPUT, NO_INPUT, SPACED]
+    full = {t: encode_records(recs, tok, template=t, scope="content") for t in ("plain", "chat")}
+    n_full = [int(s.sum()) for s in full["plain"].scopes]
+    assert n_full == [int(s.sum()) for s in full["chat"].scopes]  # whole records: the same content
+    # A cut inside WITH_INPUT's input under both templates; plain's longer header leaves fewer content tokens.
+    max_len = int(np.flatnonzero(full["chat"].scopes[0])[-1]) - 3
+    with pytest.warns(DataWarning, match=r"truncated \d of 3 .*; 1 of them lost instruction/input tokens"):
+        cut = {t: encode_records(recs, tok, template=t, scope="content", max_length=max_len)
+               for t in ("plain", "chat")}
+    kept = {t: [int(s.sum()) for s in cut[t].scopes] for t in cut}
+    assert kept["plain"][0] < kept["chat"][0] < n_full[0]  # without caps the templates differ
+    caps = content_caps(recs, [(tok, "plain"), (tok, "chat")], max_length=max_len)
+    assert caps == {"a": kept["plain"][0], "b": n_full[1], "s": n_full[2]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        capped = {t: encode_records(recs, tok, template=t, scope="content", max_length=max_len, content_caps=caps)
+                  for t in ("plain", "chat")}
+    for t in capped:
+        assert [int(s.sum()) for s in capped[t].scopes] == [caps[r.id] for r in recs]
+        assert capped[t].content_cut.tolist() == [n_full[0] - caps["a"], 0, 0]
+    # The cap keeps each template's first content tokens: the same text.
+    texts = {t: dec(tok, capped[t].ids[0][capped[t].scopes[0]]) for t in capped}
+    assert texts["plain"] == texts["chat"] and WITH_INPUT.instruction in texts["plain"]
+    assert capped["plain"].capped.tolist() == [0, 0, 0]
+    assert capped["chat"].capped.tolist() == [kept["chat"][0] - kept["plain"][0], 0, 0]
+    with pytest.raises(ValueError, match="scope='content' only"):
+        encode_records(recs, tok, scope="prompt", content_caps=caps)
+    with pytest.raises(ValueError, match=r"no cap >= 0 for 1 record\(s\) \(first: 's'\)"):
+        encode_records(recs, tok, scope="content", content_caps={"a": 1, "b": 2})

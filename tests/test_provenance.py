@@ -346,3 +346,26 @@ def test_outputs_a_rerun_no_longer_makes_leave_the_stage_directory(done, tmp_pat
     assert sorted(p.name for p in (out / "identify").iterdir()) == ["base", "fingerprint.json"]
     assert sorted(p.name for p in (out / "evaluate").iterdir()) == ["base.json", "fingerprint.json"]
     assert not [p for p in (out / "report").rglob("*") if "tuned" in p.name]
+
+
+def test_counts_made_with_other_content_caps_are_refused():
+    # The caps depend on every model and template of the study, not on this store's own
+    # settings: a store counted with other caps counted other tokens and must not be reused.
+    from sparcom_jax.pipeline.common import identify_records
+    from sparcom_jax.pipeline.provenance import collect_fingerprint, stale
+
+    cfg = exp()
+    records = identify_records(cfg)
+    caps = stages.study_content_caps(cfg, None)
+    assert set(caps) == {r.id for r in records}
+    fp, enc = collect_fingerprint(cfg, cfg.finetuned, records, "chat", content_caps=caps)
+    assert [int(s.sum()) for s in enc.scopes] == [caps[r.id] for r in records]
+    lower = dict(caps, **{records[0].id: caps[records[0].id] - 1})
+    other, _ = collect_fingerprint(cfg, cfg.finetuned, records, "chat", content_caps=lower)
+    with pytest.raises(StaleResultError, match=r"content caps \(instruction/input tokens counted per record"):
+        stale("store", fp, other, overwrite=False)
+    # Caps that cut nothing of a store (plain keeps the fewest content tokens here) leave its
+    # fingerprint as it was without caps: stores counted before caps existed are reused.
+    base, enc = collect_fingerprint(cfg, cfg.base, records, "plain", content_caps=caps)
+    assert not enc.capped.any() and base == collect_fingerprint(cfg, cfg.base, records, "plain")[0]
+    assert stages.study_content_caps(exp("data.scope=prompt"), None) is None

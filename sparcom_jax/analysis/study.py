@@ -352,16 +352,21 @@ _COMPARABLE = ("scope", "max_length")
 
 
 def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
-    """Refuse to compare models counted on different records, token scopes or max lengths.
+    """Refuse to compare models counted on different records, token scopes or max lengths,
+    or, under scope "content", on different numbers of content tokens of a record.
 
     Templates may differ (that is what a base-vs-chat comparison does; the report
-    names them and shows the same-template control beside it).
+    names them and shows the same-template control beside it). Under scope "content"
+    both models must count the same instruction/input tokens; the counted tokens T(I)
+    of a record differ when max_length cut a longer template's content further and the
+    counts were made without the study's content caps.
 
     Raises:
       ValueError: naming the two models, what differs and the fix.
     """
     first = analyses[0]
     ids0 = next((f.ident.ids for f in first.fields.values()), None)
+    tokens0 = next((f.ident.tokens for f in first.fields.values()), None)
     for other in analyses[1:]:
         for key in _COMPARABLE:
             a, b = first.meta.get(key), other.meta.get(key)
@@ -375,6 +380,19 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
             raise ValueError(f"{first.name!r} and {other.name!r} were counted on different records "
                              f"({len(ids0)} vs {len(ids)} records, {n} not in both, or in another order); "
                              "compare models counted on the same records (collect one of them again)")
+        tokens = next((f.ident.tokens for f in other.fields.values()), None)
+        content = first.meta.get("scope") == other.meta.get("scope") == "content"
+        if content and tokens0 is not None and tokens is not None and len(tokens0) == len(tokens):
+            differ = np.asarray(tokens0) != np.asarray(tokens)
+            if differ.any():
+                raise ValueError(
+                    f"{first.name!r} and {other.name!r} counted different numbers of instruction/input tokens "
+                    f"on {int(differ.sum())} of {len(differ)} records (scope 'content'), so they did not count "
+                    "the same text: max_length cut one template's content further (a longer header keeps "
+                    "fewer content tokens), or the tokenizers split the text differently; collect both with "
+                    "the same content caps (the pipeline's collect stage does; in Python pass "
+                    "content_caps=sparcom_jax.content_caps(records, [(tokenizer, template), ...], "
+                    "max_length=...) to collect_instructions) or raise max_length")
 
 
 def compare_models(

@@ -14,6 +14,7 @@ from sparcom_jax.data.templates import (
     TEMPLATES,
     Encoded,
     EncodedSet,
+    content_caps,
     encode_record,
     encode_records,
     format_plain,
@@ -24,7 +25,7 @@ from sparcom_jax.data.tokenizer import TOKENIZER_DIR, default_tokenizer, resolve
 __all__ = [
     "ADAPTERS", "DOLLY_CATEGORIES", "SCOPES", "SHIPPED_PATH", "TEMPLATES", "TOKENIZER_DIR",
     "Batch", "BatchPlan", "DataWarning", "Encoded", "EncodedSet", "Excluded", "LoadReport",
-    "Problem", "Record", "count_by_category", "default_buckets", "default_tokenizer", "fit_buckets",
+    "Problem", "Record", "content_caps", "count_by_category", "default_buckets", "default_tokenizer", "fit_buckets",
     "detect_adapter", "encode_record", "encode_records", "format_plain", "load_instructions",
     "pad_batch", "plan_batches", "read_table", "resolve_tokenizer", "sample_balanced",
     "user_message", "validate_row",

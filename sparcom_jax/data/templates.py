@@ -41,14 +41,23 @@ text), otherwise a ValueError explains that the template cannot be split.
 
 Truncation keeps the first `max_length` tokens (the response is cut first) and is
 never silent: `encode_record` warns for its record, `encode_records` warns once
-with the count.
+with the count (and, under scope "content", how many records lost content tokens).
+
+Truncation and templates: a prompt cut to `max_length` keeps fewer content tokens
+under a template with a longer header (plain's "### Instruction:" header is longer
+than the chat prefix), so two templates would count different parts of a long
+record. `content_caps` gives, per record, the fewest content tokens that survive
+under any of a study's (tokenizer, template) pairs; `encode_records(...,
+content_caps=...)` then counts only that many, the first ones, under every pair.
+Caps matter only when counts made under different templates or tokenizers are
+compared; the pipeline's collect stage computes them for every study.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -73,12 +82,17 @@ class Encoded:
       scope: bool [T] tokens in the requested scope.
       prompt_len: number of prompt tokens (ids[:prompt_len] is the prompt).
       truncated: whether the sequence was cut to max_length.
+      content_cut: content tokens of the record left out of the scope, by truncation or
+        by the content cap (0 unless scope="content").
+      capped: of those, the ones the content cap left out after truncation had kept them.
     """
 
     ids: np.ndarray
     scope: np.ndarray
     prompt_len: int
     truncated: bool
+    content_cut: int = 0
+    capped: int = 0
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -97,6 +111,8 @@ class EncodedSet:
       n_truncated: sequences cut to max_length.
       truncated_ids: the ids of those records.
       template, scope: how the set was made.
+      content_cut: int [N] content tokens of each record left out (see `Encoded`).
+      capped: int [N] of those, the ones left out by the content cap.
     """
 
     ids: list[np.ndarray]
@@ -108,6 +124,8 @@ class EncodedSet:
     truncated_ids: list[str]
     template: str
     scope: str
+    content_cut: np.ndarray
+    capped: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -160,6 +178,30 @@ def _plain_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, li
     return bos + _tok(tokenizer, prompt), _tok(tokenizer, response) + eos, prompt, spans, len(bos)
 
 
+# Stands in for the user message when the chat template is rendered to locate it: private-use
+# characters that no template text contains.
+_SENTINEL = "\ue000sparcom user message\ue001"
+
+
+def _user_start(tokenizer, message: str, prompt_text: str) -> int | None:
+    """Where the user message starts in `prompt_text`, the chat prompt rendered with it; None
+    when the template alters the message's text.
+
+    Searching `prompt_text` for the message would find the wrong place when the message is
+    short and also part of template text after it (instruction "s" inside "<|assistant|>").
+    Instead the prompt is rendered again with a sentinel for the message: the text around the
+    sentinel is the template's, so the last sentinel (a system prompt before the user turn may
+    quote the message) gives the position, once the message put back in every sentinel's
+    place reproduces `prompt_text` exactly.
+    """
+    marked = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                           add_generation_prompt=True)
+    parts = marked.split(_SENTINEL)
+    if len(parts) < 2 or message.join(parts) != prompt_text:
+        return None
+    return len(message.join(parts[:-1]))
+
+
 def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, list, int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -172,10 +214,8 @@ def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, lis
     full_text = tokenizer.apply_chat_template(full_msgs, tokenize=False)
     # The templated text already holds BOS etc.; tokenizing it must not add more.
     prompt_ids, full_ids = _tok(tokenizer, prompt_text), _tok(tokenizer, full_text)
-    # The user message is the last copy of its text in the prompt (a system prompt
-    # before it may quote it); templates that alter the text have none.
-    user_start = prompt_text.rfind(user["content"])
-    spans = content_spans(record, prompt_text, user_start) if user_start >= 0 else None
+    user_start = _user_start(tokenizer, user["content"], prompt_text)
+    spans = content_spans(record, prompt_text, user_start) if user_start is not None else None
     if full_ids[: len(prompt_ids)] == prompt_ids:
         return prompt_ids, full_ids[len(prompt_ids):], prompt_text, spans, 0
     if full_text.startswith(prompt_text):
@@ -190,7 +230,7 @@ def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, lis
 
 
 def _encode(record: Record, tokenizer, template: str, scope: str,
-            max_length: int | None) -> Encoded:
+            max_length: int | None, content_cap: int | None = None) -> Encoded:
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; use one of {TEMPLATES}")
     if scope not in SCOPES:
@@ -206,17 +246,24 @@ def _encode(record: Record, tokenizer, template: str, scope: str,
         ids = ids[:max_length]
         prompt_len = min(prompt_len, max_length)
     pos = np.arange(len(ids))
+    content_cut = capped = 0
     if scope == "prompt":
         mask = pos < prompt_len
     elif scope == "content":
         mask = np.zeros(len(ids), dtype=np.bool_)
         inside = _content_tokens(record, tokenizer, prompt_text, spans, prompt[offset:])
         mask[offset:offset + len(inside)] = inside[: max(0, len(ids) - offset)]
+        if content_cap is not None:
+            beyond = np.flatnonzero(mask)[content_cap:]
+            mask[beyond] = False
+            capped = len(beyond)
+        content_cut = int(inside.sum() - mask.sum())
     elif scope == "response":
         mask = pos >= prompt_len
     else:
         mask = np.ones(len(ids), dtype=np.bool_)
-    return Encoded(ids=ids, scope=mask.astype(np.bool_), prompt_len=prompt_len, truncated=truncated)
+    return Encoded(ids=ids, scope=mask.astype(np.bool_), prompt_len=prompt_len, truncated=truncated,
+                   content_cut=content_cut, capped=capped)
 
 
 def _content_tokens(record: Record, tokenizer, text: str, spans, ids: list[int]) -> np.ndarray:
@@ -277,19 +324,37 @@ def encode_records(
     template: Template = "plain",
     scope: Scope = "prompt",
     max_length: int | None = None,
+    content_caps: Mapping[str, int] | None = None,
 ) -> EncodedSet:
     """Tokenize many records; one DataWarning reports how many were truncated.
+
+    Args:
+      records, tokenizer, template, scope, max_length: as in `encode_record`.
+      content_caps: {record id: K} (from `content_caps`, scope="content" only): count
+        only the first K content tokens of each record, so that every template and
+        tokenizer of a study counts the same number of them.
 
     Returns:
       EncodedSet with N id arrays int32 [T_n] and N aligned scope masks bool [T_n].
     """
-    encs = [_encode(r, tokenizer, template, scope, max_length) for r in records]
+    if content_caps is not None:
+        if scope != "content":
+            raise ValueError(f"content_caps apply to scope='content' only, not scope={scope!r}")
+        bad = [r.id for r in records if not content_caps.get(r.id, -1) >= 0]
+        if bad:
+            raise ValueError(f"content_caps has no cap >= 0 for {len(bad)} record(s) (first: {bad[0]!r}); "
+                             "compute them with content_caps() on the same records")
+    encs = [_encode(r, tokenizer, template, scope, max_length,
+                    None if content_caps is None else int(content_caps[r.id])) for r in records]
     cut = [r.id for r, e in zip(records, encs) if e.truncated]
     if cut:
         shown = ", ".join(map(repr, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        lost = sum(e.content_cut > 0 for e in encs)
+        content = (f"; {lost} of them lost instruction/input tokens, which are not counted"
+                   if scope == "content" else "")
         warnings.warn(
             f"truncated {len(cut)} of {len(records)} sequences to max_length={max_length} "
-            f"({shown}); raise max_length to keep them whole",
+            f"({shown}){content}; raise max_length to keep them whole",
             DataWarning, stacklevel=2,
         )
     return EncodedSet(
@@ -302,4 +367,33 @@ def encode_records(
         truncated_ids=cut,
         template=template,
         scope=scope,
+        content_cut=np.array([e.content_cut for e in encs], dtype=np.int64),
+        capped=np.array([e.capped for e in encs], dtype=np.int64),
     )
+
+
+def content_caps(records: Sequence[Record], pairs: Iterable[tuple[object, str]], *,
+                 max_length: int | None) -> dict[str, int]:
+    """Per record, the fewest content tokens that survive truncation under any of `pairs`.
+
+    Passed to `encode_records(content_caps=...)` for every pair, they make every template
+    and tokenizer of a study count the same number of content tokens of each record,
+    the first ones (see the module docstring).
+
+    Args:
+      records: the records counted.
+      pairs: (tokenizer, template) of every model and template the counts are compared
+        across.
+      max_length: the truncation of the counts.
+
+    Returns:
+      {record id: K_r}, K_r >= 0.
+    """
+    caps: np.ndarray | None = None
+    for tokenizer, template in pairs:
+        kept = np.array([int(_encode(r, tokenizer, template, "content", max_length).scope.sum())
+                         for r in records], dtype=np.int64)
+        caps = kept if caps is None else np.minimum(caps, kept)
+    if caps is None:
+        raise ValueError("content_caps needs at least one (tokenizer, template) pair")
+    return {r.id: int(k) for r, k in zip(records, caps)}

@@ -11,7 +11,9 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 - finetune: base model (weights files), training settings, fine-tuning records and
   their tokens -> OUT/train/fingerprint.json; each exported checkpoint records its
   run and step (OUT/checkpoints/<name>/export.json).
-- collect: model, records, template, scope, max_length, dtype and the tokenized
+- collect: model, records, template, scope, max_length, dtype, the content caps
+  (scope "content": the content tokens counted per record, the same for every model
+  of the study; present when they cut this store's content) and the tokenized
   sequences -> the count store's meta.json (checked again on resume).
 - identify, evaluate, compare, report: they recompute from the counts every time,
   after checking that the counts' fingerprints match the current settings; each
@@ -37,6 +39,8 @@ LABELS = {
     "tokens": "tokenized text (tokenizer or record text)", "train": "train settings", "base": "base model weights",
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
     "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
+    "content_caps": "content caps (instruction/input tokens counted per record, the fewest that survive "
+                    "data.max_length under any model and template of the study)",
 }
 
 
@@ -62,17 +66,20 @@ def spec_tokenizer(spec: ModelSpec):
 
 def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, template: str, *,
                         dtype: str | None = None, gate_dtype: str | None = None,
-                        tokenizer=None) -> tuple[dict[str, Any], Any]:
+                        tokenizer=None, content_caps: Mapping[str, int] | None = None) -> tuple[dict[str, Any], Any]:
     """(fingerprint components, EncodedSet) of one model's counts on `records`, in `dtype`
-    (default collect.dtype) with `gate_dtype`."""
+    (default collect.dtype) with `gate_dtype`, under the study's `content_caps`
+    (scope "content"; `sparcom_jax.pipeline.stages.study_content_caps`)."""
     import warnings
 
     from sparcom_jax.data import encode_records
+    from sparcom_jax.stats.collect import content_caps_fingerprint
 
     tok = tokenizer or spec_tokenizer(spec)
     with warnings.catch_warnings():  # the collection itself reports truncation once
         warnings.simplefilter("ignore")
-        enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length)
+        enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length,
+                             content_caps=content_caps)
     # The records' labels too: the analyses group the counts by category and stratify by source.
     fp = {"model": spec_model_fingerprint(spec), "dtype": dtype or cfg.collect.dtype,
           "records": digest([[r.id, r.category, r.source] for r in records]),
@@ -80,6 +87,7 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
           "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}
     if gate_dtype:  # absent when unused, so counts made before the option existed still match
         fp["gate_dtype"] = gate_dtype
+    fp.update(content_caps_fingerprint(enc, content_caps))
     return fp, enc
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
-from sparcom_jax.data import encode_records, resolve_tokenizer, sample_balanced
+from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
 from sparcom_jax.fileio import LOCK_NAME, DirLock, prepare_out_dir, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
@@ -194,6 +194,39 @@ def main_precision(cfg: ExperimentConfig) -> str:
     return next(n for n, (d, g) in PRECISIONS.items() if d == c.dtype and (d == "float32" or g == c.gate_dtype))
 
 
+def study_content_caps(cfg: ExperimentConfig, out: Path) -> dict[str, int] | None:
+    """{record id: K_r}: with data.scope "content", the content tokens every count job of the
+    study counts of each record (None under other scopes).
+
+    K_r is the fewest content tokens of the record that survive data.max_length under any
+    (tokenizer, template) of `count_jobs` (a longer template header keeps fewer), so
+    every model and template, the same-template control included, counts the same
+    content tokens. The caps come from the whole study, whichever models one call
+    collects; they need the tokenizers only, not the weights.
+    """
+    if cfg.data.scope != "content":
+        return None
+    pairs: dict[Any, tuple[Any, str]] = {}
+    for job in count_jobs(cfg, out):
+        tok = spec_tokenizer(job.spec)
+        # Series checkpoints share one tokenizer in separate directories: encode it once.
+        backend = getattr(tok, "backend_tokenizer", None)
+        key = (job.template, digest([backend.to_str() if backend is not None else job.spec.path,
+                                     getattr(tok, "chat_template", None), tok.bos_token_id, tok.eos_token_id]))
+        pairs.setdefault(key, (tok, job.template))
+    return record_content_caps(identify_records(cfg), pairs.values(), max_length=cfg.data.max_length)
+
+
+def _log_content_cut(label: str, meta: dict, n: int, max_length) -> None:
+    cut = (meta or {}).get("content_cut")
+    if cut and cut["records"]:
+        capped = (f"; {cut['capped_records']} of these records lost {cut['capped_tokens']} of them only to count "
+                  "the same content tokens as the study's other models and templates" if cut["capped_records"] else "")
+        log(f"collect {label}: {cut['records']} of {n} records have instruction/input tokens that are not counted "
+            f"({cut['tokens']} tokens, at most {cut['max_tokens']} of one record), cut by data.max_length="
+            f"{max_length}{capped}. Raise data.max_length to count every record whole")
+
+
 def _process_share(records):
     import jax
 
@@ -217,6 +250,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
 
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
+    caps = study_content_caps(cfg, out)
     records = _process_share(identify_records(cfg))
     mesh = make_mesh(cfg.mesh)
     root = counts_root(cfg, out)
@@ -225,11 +259,13 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         dest = root / safe(job.label)
         written[job.label] = str(dest)
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
-        fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype)
+        fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
+                                    content_caps=caps)
         header = read_header(mine)
         if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite) \
                 and is_complete(mine):
             log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
+            _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
             continue
         with timed(f"collect [{i}/{len(jobs)}] {job.label}: {len(records)} instructions, "
                    f"template {job.template}, scope {cfg.data.scope}, {job.dtype}"):
@@ -239,18 +275,21 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
                                           scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                           max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
                                           buckets=cfg.collect.buckets, sums=cfg.collect.sums, fingerprint=fp,
-                                          overwrite=overwrite)
+                                          overwrite=overwrite, content_caps=caps)
             c = counts.meta["compilations"]
             log(f"collect {job.label}: {counts.meta['tokens_per_s']:,.0f} tok/s, {c['compilations']} compilation(s), "
                 f"{c['cache_hits']} loaded from the cache ({c['compile_seconds']:.1f} s)")
+            _log_content_cut(job.label, counts.meta, len(records), cfg.data.max_length)
             del model
     return written
 
 
 def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, template: str | None = None,
-                      label: str | None = None, dtype: str | None = None, gate_dtype: str | None = None):
+                      label: str | None = None, dtype: str | None = None, gate_dtype: str | None = None,
+                      content_caps: dict[str, int] | None = None):
     """The counts of one model (merging per-process stores of a multi-host run), after checking
-    that they were collected with the current settings.
+    that they were collected with the current settings (`content_caps`: the study's,
+    computed when not given).
 
     Raises:
       StaleResultError: the stored counts were made with other inputs or settings.
@@ -266,13 +305,14 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     root = counts_root(cfg, out) / safe(label)
     parts = sorted(root.glob("process_*"), key=lambda p: int(p.name.split("_")[1]))
     records = identify_records(cfg)
+    caps = content_caps if content_caps is not None else study_content_caps(cfg, out)
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
         fp, _ = collect_fingerprint(cfg, spec, recs, template, dtype=dtype or cfg.collect.dtype,
-                                    gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype)
+                                    gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype, content_caps=caps)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     if not parts:
@@ -309,9 +349,11 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
     icfg = cfg.identify.to_rule()
     models, controls = {}, {}
     jobs = count_jobs(cfg, out)
+    caps = study_content_caps(cfg, out)
     for i, job in enumerate(jobs, 1):
         with timed(f"analyse [{i}/{len(jobs)}] {job.label}"):
-            counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype)
+            counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype,
+                                       content_caps=caps)
             ma = analyze_model(counts, icfg, name=job.label, **_analysis_kwargs(cfg, full and not job.control))
             ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
         (controls if job.control else models)[job.control or job.label] = ma
@@ -584,8 +626,10 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
 # report
 # --------------------------------------------------------------------------- #
 
-def data_description(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The summary's "data" section: where the records come from and how they were split."""
+def data_description(cfg: ExperimentConfig, analyses: Analyses | None = None) -> dict[str, Any]:
+    """The summary's "data" section: where the records come from and how they were split,
+    and (scope "content", given the analyses) per counted model how much instruction/input
+    text max_length left out (`sparcom_jax.stats.collect.content_cut_summary`)."""
     _, split = record_parts(cfg)
     d = cfg.data
     if cfg.finetuned is not None:
@@ -594,8 +638,12 @@ def data_description(cfg: ExperimentConfig) -> dict[str, Any]:
         tuned_on = "train_data (its own files, checked disjoint from the analysed records)"
     else:
         tuned_on = "every record (no split)" if d.split is None else "the train part of data.split"
-    return {"path": d.path or "shipped", "n_per_category": d.n_per_category, "template": d.template,
-            "max_length": d.max_length, "scope": d.scope, "splits": split, "fine_tuning_records": tuned_on}
+    out = {"path": d.path or "shipped", "n_per_category": d.n_per_category, "template": d.template,
+           "max_length": d.max_length, "scope": d.scope, "splits": split, "fine_tuning_records": tuned_on}
+    if analyses is not None and d.scope == "content":
+        out["content_cut"] = {ma.name: ma.meta.get("content_cut")
+                              for ma in (*analyses.models.values(), *analyses.controls.values())}
+    return out
 
 
 def _compared(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict[str, Any]:
@@ -626,7 +674,7 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
         ablation=ablation.get((abl_model, "neurons")), ablation_experts=ablation.get((abl_model, "experts")),
         ablation_expert_neurons=ablation.get((abl_model, "expert_neurons")),
         model_paths={s.label: s.path or "random init" for s in specs},
-        data=data_description(cfg), scope=cfg.data.scope,
+        data=data_description(cfg, analyses), scope=cfg.data.scope,
         templates={ma.name: ma.meta.get("template") for ma in (*analyses.models.values(),
                                                                *analyses.controls.values())},
         controls=c.get("controls") or None, precision=c["precision"],

@@ -12,7 +12,7 @@ import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -288,9 +288,34 @@ def check_scope_coverage(enc, max_length: int | None) -> dict[str, int]:
     return {c: empty[c] for c in present}
 
 
+def content_cut_summary(enc) -> dict[str, int]:
+    """How much instruction/input text an `EncodedSet` made with scope="content" leaves out.
+
+    Returns:
+      {"records": records with content tokens left out, "tokens": those tokens in all,
+      "max_tokens": the most of one record, "capped_records"/"capped_tokens": the same
+      for the tokens left out only by the content caps (to match the study's other
+      templates; see `sparcom_jax.data.content_caps`)}.
+    """
+    cut, capped = np.asarray(enc.content_cut), np.asarray(enc.capped)
+    return {"records": int((cut > 0).sum()), "tokens": int(cut.sum()), "max_tokens": int(cut.max(initial=0)),
+            "capped_records": int((capped > 0).sum()), "capped_tokens": int(capped.sum())}
+
+
+def content_caps_fingerprint(enc, content_caps: Mapping[str, int] | None) -> dict[str, str]:
+    """The fingerprint component of the content caps an `EncodedSet` was made with:
+    {"content_caps": digest} when the caps left out a token of it, else {} (the counted
+    tokens are then those of no caps, so stores counted before caps existed, or with
+    caps that cut nothing here, are reused; the "tokens" digest covers the rest)."""
+    if content_caps is None or not np.asarray(enc.capped).any():
+        return {}
+    return {"content_caps": digest([int(content_caps[r]) for r in enc.record_ids])}
+
+
 def collect_instructions(model, records, tokenizer=None, *, template: str = "plain", scope: str = "prompt",
                          batch_size: int = 8, max_length: int | None = 512, out: str | Path | None = None,
-                         mesh=None, progress: bool = True, **kwargs) -> Counts:
+                         mesh=None, progress: bool = True, content_caps: Mapping[str, int] | None = None,
+                         **kwargs) -> Counts:
     """Encode instruction records and collect their counts (ids and categories attached).
 
     Args:
@@ -299,25 +324,36 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
         file / `datasets` directory, read with `load_instructions(records)`.
       tokenizer: defaults to the model directory's tokenizer, else the shipped one.
       template: "plain" or "chat"; scope: "prompt" (default, as in the paper),
-        "response" (teacher forcing) or "all".
+        "content" (instruction and input only), "response" (teacher forcing) or "all".
+      content_caps: {record id: K} with scope="content": count only the first K content
+        tokens of each record (`sparcom_jax.data.content_caps`). Needed only when counts
+        made under different templates or tokenizers are compared and `max_length` may
+        cut content: a longer template header keeps fewer content tokens. The pipeline
+        passes the caps of the whole study.
       Other arguments as in `collect_counts`.
 
     Records with no token in scope are reported per category (a `DataWarning`,
     and meta["n_empty_scope"] = {category: count}); a category with no record
     in scope is a ValueError before the model runs (see `check_scope_coverage`).
+    With scope="content", meta["content_cut"] says how much instruction/input text
+    truncation and the caps left out (`content_cut_summary`).
     """
     from sparcom_jax.data import encode_records, load_instructions, resolve_tokenizer
 
     if isinstance(records, (str, Path)):
         records = load_instructions(records)
     tok = resolve_tokenizer(model, tokenizer)
-    enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length)
+    enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length,
+                         content_caps=content_caps)
     n_empty = check_scope_coverage(enc, max_length)
     meta = {"template": template, "scope": scope, "max_length": max_length, "n_truncated": int(enc.n_truncated),
             "n_empty_scope": n_empty}
+    if scope == "content":
+        meta["content_cut"] = content_cut_summary(enc)
     # The settings by name, so a store made with others says which one differs.
     fingerprint = {"records": digest(enc.record_ids), "template": template, "scope": scope,
-                   "max_length": max_length, **(kwargs.pop("fingerprint", None) or {})}
+                   "max_length": max_length, **content_caps_fingerprint(enc, content_caps),
+                   **(kwargs.pop("fingerprint", None) or {})}
     return collect_counts(model, enc.ids, enc.scopes, batch_size, mesh=mesh, progress=progress, out=out,
                           ids=enc.record_ids, categories=enc.categories, sources=[r.source for r in records],
                           meta=meta, fingerprint=fingerprint, **kwargs)
