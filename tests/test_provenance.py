@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +347,26 @@ def test_outputs_a_rerun_no_longer_makes_leave_the_stage_directory(done, tmp_pat
     assert sorted(p.name for p in (out / "identify").iterdir()) == ["base", "fingerprint.json"]
     assert sorted(p.name for p in (out / "evaluate").iterdir()) == ["base.json", "fingerprint.json"]
     assert not [p for p in (out / "report").rglob("*") if "tuned" in p.name]
+
+
+def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(done, tmp_path, monkeypatch):
+    import shutil
+
+    import sparcom_jax.report as report
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    before = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
+    assert Path("index.html") in before
+
+    def interrupted(rdir, summary, **kw):  # e.g. Ctrl-C after the first file
+        report.write_json(Path(rdir) / "summary.json", {"partial": True})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("report", exp(), out)
+    after = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import encode_records, resolve_tokenizer, sample_balanced
-from sparcom_jax.fileio import LOCK_NAME, DirLock, prepare_out_dir, write_json
+from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
@@ -635,10 +635,10 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     )
     rdir = out / "report"
     if is_primary():
-        with timed(f"report: writing {rdir}"):
-            if rdir.is_dir():  # no table or set list of an earlier report may stay beside this one
-                shutil.rmtree(rdir)
-            write_report(rdir, summary, analyses=analyses.models, title=cfg.report.title or f"SPARCOM: {cfg.name}",
+        # Written aside and renamed in: no table or set list of an earlier report stays beside this
+        # one, and a failed or interrupted report leaves the earlier one, not a partial one.
+        with timed(f"report: writing {rdir}"), atomic_dir(rdir) as tmp:
+            write_report(tmp, summary, analyses=analyses.models, title=cfg.report.title or f"SPARCOM: {cfg.name}",
                          dpi=cfg.report.dpi)
     return {"report": str(rdir / "index.html"), "summary": str(rdir / "summary.json"), "_summary": summary}
 
