@@ -368,3 +368,15 @@ def test_multi_host_config_off_a_pod_says_how_to_run_it(tmp_path):
     code, err = r.returncode, r.stderr
     assert code == 2 and err.count("\n") == 1 and err.startswith("sparcom: error: mesh.distributed"), err
     assert "mesh.coordinator=HOST:PORT" in err and "mesh.distributed=false mesh.num_processes=1" in err
+
+
+def test_run_fine_tunes_when_no_tuned_model_is_given_whether_steps_or_epochs(tmp_path):
+    # `run` once fine-tuned only with train.total_steps set: an epoch-based config (the default,
+    # total_steps null) silently analysed the base model alone, while the dry-run plan showed training.
+    from sparcom_jax.config import apply_overrides
+    from sparcom_jax.pipeline.stages import fine_tunes
+
+    tiny = load_config(write_tiny(tmp_path))
+    assert tiny.finetuned is None and fine_tunes(tiny)
+    assert fine_tunes(apply_overrides(tiny, ["train.total_steps=null", "train.epochs=2"]))
+    assert not fine_tunes(apply_overrides(tiny, ["finetuned={path: /m}"]))

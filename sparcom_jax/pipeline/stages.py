@@ -649,7 +649,7 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
 
 def fine_tunes(cfg: ExperimentConfig) -> bool:
     """Whether `run` fine-tunes the base model itself (no fine-tuned model given)."""
-    return cfg.finetuned is None and bool(cfg.train.total_steps)
+    return cfg.finetuned is None
 
 
 def run_all(cfg: ExperimentConfig, out: Path, *, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
