@@ -380,3 +380,19 @@ def test_run_fine_tunes_when_no_tuned_model_is_given_whether_steps_or_epochs(tmp
     assert tiny.finetuned is None and fine_tunes(tiny)
     assert fine_tunes(apply_overrides(tiny, ["train.total_steps=null", "train.epochs=2"]))
     assert not fine_tunes(apply_overrides(tiny, ["finetuned={path: /m}"]))
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_configs_sample_what_their_data_holds(name, capsys):
+    # The real configs read the shipped set (data.path: null) and once asked for 160 per
+    # category of an identify part with 48: every run stopped in its checks, after a dry
+    # run that had passed. The dry run reads the records now, as the run does.
+    from sparcom_jax.pipeline.common import identify_records
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.data.path is None and len(identify_records(cfg)) >= 6 * 40
+    code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / f"{name}.yaml"), "--dry-run",
+                             "data.n_per_category=160")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("sparcom: error: data.n_per_category=160: the identify part of data.split has too few")
+    assert "(null takes the whole part)" in err

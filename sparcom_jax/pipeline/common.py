@@ -377,8 +377,10 @@ def identify_records(cfg: ExperimentConfig) -> list:
     try:
         return sample_balanced(recs, n, seed=cfg.data.seed)
     except ValueError as e:
+        short = str(e).split("; lower n_per_category")[0]  # its advice is restated for the config below
         raise ConfigError(f"data.n_per_category={n}: the identify part of data.split has too few records "
-                          f"({e}); lower n_per_category or give identify a larger share") from None
+                          f"({short}); lower n_per_category (null takes the whole part) or give identify a "
+                          "larger share") from None
 
 
 def ablate_records(cfg: ExperimentConfig) -> list:
