@@ -396,3 +396,35 @@ def test_real_configs_sample_what_their_data_holds(name, capsys):
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("sparcom: error: data.n_per_category=160: the identify part of data.split has too few")
     assert "(null takes the whole part)" in err
+
+
+@pytest.mark.parametrize("command", [*STAGE_HELP, "demo"])
+def test_help_says_what_each_command_reads_and_writes(command, capsys):
+    from sparcom_jax.cli import STAGE_FILES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    head = out.split("positional arguments:")[0]
+    reads = re.search(r"^reads:\s+(.+)$", head, re.M)
+    writes = re.search(r"^writes:\s+(.+)$", head, re.M)
+    assert reads and writes, head
+    if command in STAGE_FILES:
+        assert STAGE_FILES[command][1] in writes.group(1)
+    if command in ("report", "demo"):
+        assert "OUT/report/" in writes.group(1)
+
+
+def test_devices_outside_a_dry_run_and_demo_mesh_options_are_refused(tmp_path, capsys):
+    # --devices only plans a dry run's mesh: a real run silently ignored it, and the demo
+    # silently ignored --devices and --distributed (it plans no mesh).
+    cfg = write_tiny(tmp_path)
+    code, out, err = run_cli(capsys, "collect", "--config", str(cfg), "--devices", "8", "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("sparcom: error: --devices 8 plans a dry run's mesh and is used only with --dry-run")
+    assert not (tmp_path / "o").exists()
+    for flag in (["--devices", "8"], ["--distributed"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["demo", "--dry-run", *flag])
+        assert e.value.code == 2
+    assert "unrecognized arguments: --distributed" in capsys.readouterr().err
