@@ -428,3 +428,20 @@ def test_devices_outside_a_dry_run_and_demo_mesh_options_are_refused(tmp_path, c
             parse_args(["demo", "--dry-run", *flag])
         assert e.value.code == 2
     assert "unrecognized arguments: --distributed" in capsys.readouterr().err
+
+
+def test_a_model_path_that_is_a_file_or_holds_no_weights_says_which(tmp_path, capsys):
+    cfg = write_tiny(tmp_path)
+    code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(tmp_path / "o"), "base.init=null",
+                           f"base.path={cfg}")  # once reported as "does not exist"
+    assert code == 2 and err.count("\n") == 1
+    assert f"{cfg} is a file, not a Hugging Face model directory; point path at the model's directory" in err
+    empty = tmp_path / "model"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "vocab_size": 64,
+                                                   "intermediate_size": 64, "num_hidden_layers": 1,
+                                                   "num_attention_heads": 2}))
+    code, _, err = run_cli(capsys, "selfcheck", "--model", str(empty))
+    assert code == 2 and err.count("\n") == 1
+    assert err == (f"sparcom: error: {empty}: no *.safetensors files; the weights are missing (an unfinished "
+                   "download?): download the model again with its *.safetensors files\n")

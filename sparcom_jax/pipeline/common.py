@@ -229,9 +229,12 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
     """Fail before any work when a model directory is missing (or a spec has neither path nor init)."""
     for spec in specs:
         if spec.path and not has_weights(spec):
+            p = Path(spec.path)
+            what = ("has no config.json" if p.is_dir() else "is a file, not a Hugging Face model directory"
+                    if p.exists() else "does not exist")
             raise ConfigError(
-                f"model {spec.label!r}: {spec.path} " + ("has no config.json" if Path(spec.path).is_dir()
-                                                          else "does not exist") + "; download it first"
+                f"model {spec.label!r}: {spec.path} {what}; point path at the model's directory, or download "
+                "it first"
                 + (f" (huggingface-cli download {spec.hub_id} --local-dir {spec.path})" if spec.hub_id else ""))
         if not spec.path and spec.init is None:
             raise ConfigError(f"model {spec.label!r}: set path (a Hugging Face directory) or init")
