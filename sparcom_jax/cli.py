@@ -45,29 +45,52 @@ STAGE_HELP = {
             "sparcom run --config configs/mistral_7b.yaml --out runs/mistral"),
 }
 
-COMMON_EPILOG = """
+# What each stage reads and writes (OUT = --out); docs/cli.md has the full layout.
+STAGE_FILES = {
+    "finetune": ("the base model and the train part of the records",
+                 "OUT/train/ (orbax run), OUT/checkpoints/<name>/hf, OUT/checkpoints/series.json"),
+    "collect": ("every model (base, series, fine-tuned or OUT/checkpoints) and the identify part of the records",
+                "OUT/counts/<model>/ (resumable count stores)"),
+    "identify": ("OUT/counts/", "OUT/identify/<model>/{isn,ise,expert_neurons}.{csv,json}"),
+    "evaluate": ("OUT/counts/", "OUT/evaluate/<model>.json"),
+    "compare": ("OUT/counts/", "OUT/compare/comparison.json, series.json (with a series), same_template.json"),
+    "ablate": ("OUT/counts/, the models and the ablate part of the records", "OUT/ablate/<model>_<kind>.json"),
+    "report": ("OUT/counts/ and OUT/ablate/", "OUT/report/ (index.html, summary.json, figures/, tables/, sets/)"),
+    "run": ("the models and the records", "all of the above under OUT, then OUT/report/index.html"),
+}
+
+OVERRIDES_EPILOG = """
 Overrides: any config key as dotted KEY=VALUE (values are YAML), anywhere on the line,
-e.g. identify.eps=0.02 data.n_per_category=50 mesh.model=4 'series=[{path: /ckpt}]'.
---dry-run validates the config, resolves the mesh for --devices N and prints the
-memory plan without reading weights. The resolved config is saved as OUT/config.yaml.
+e.g. {}.
+"""
+REUSE_EPILOG = """The resolved config is saved as OUT/config.yaml.
 Finished work in OUT is reused only when it was made with the same inputs and settings;
 otherwise the command stops and names what differs (--overwrite recomputes it).
 """
+COMMON_EPILOG = OVERRIDES_EPILOG.format(
+    "identify.eps=0.02 data.n_per_category=50 mesh.model=4 'series=[{path: /ckpt}]'") + """--dry-run validates the config, resolves the mesh for --devices N and prints the
+memory plan without reading weights. """ + REUSE_EPILOG
 
 
 _Formatter = argparse.RawDescriptionHelpFormatter
 
 
-def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", required=config_required,
+def _add_common(p: argparse.ArgumentParser, stage: bool = True) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", required=stage,
                    help="YAML experiment config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. identify.eps=0.02")
-    p.add_argument("--out", "-o", metavar="DIR", help="output directory (default: the config's out_dir)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate, resolve the mesh and print the memory plan; read no weights, write nothing")
-    p.add_argument("--devices", type=int, metavar="N", help="device count to plan the mesh for (dry runs)")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host; same as mesh.distributed=true)")
+    p.add_argument("--out", "-o", metavar="DIR",
+                   help="output directory (default: the config's out_dir, else runs/<name>)")
+    if stage:  # the demo plans no mesh and runs on one process
+        p.add_argument("--dry-run", action="store_true",
+                       help="validate, resolve the mesh and print the memory plan; read no weights, write nothing")
+        p.add_argument("--devices", type=int, metavar="N",
+                       help="device count the dry run plans the mesh for (with --dry-run only; a run uses the "
+                            "visible devices)")
+        p.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-host; same as mesh.distributed=true)")
+    else:
+        p.add_argument("--dry-run", action="store_true", help="validate the config and print it; write nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute earlier outputs in --out that were made with other inputs or settings "
                         "(without it such outputs stop the run with a message naming what differs)")
@@ -90,13 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("demo", formatter_class=_Formatter,
-                       help="end-to-end demo on tiny models (offline, ~10 min on 2 CPU cores)",
+                       help="end-to-end demo on tiny models (offline, about 6 min on 2 CPU cores)",
                        description="Pretrain and instruction-tune a tiny Llama and a tiny Mixtral-style MoE, "
-                                   "then collect, identify, evaluate, compare, ablate and write the report.",
+                                   "then collect, identify, evaluate, compare, ablate and write the report.\n\n"
+                                   "reads:  the shipped records and tokenizer (nothing is downloaded)\n"
+                                   "writes: OUT/train/<pair>/, OUT/checkpoints/, OUT/pairs/<pair>/ (each pair's "
+                                   "stages), OUT/report/index.html and summary.json",
                        epilog="example:\n  sparcom demo --out runs/demo\n  sparcom demo --out /tmp/d --fast\n"
                               "  sparcom demo --config configs/demo.yaml finetune.total_steps=120 --out runs/demo\n"
-                              + COMMON_EPILOG)
-    _add_common(p, config_required=False)
+                              + OVERRIDES_EPILOG.format("identify.eps=0.02 finetune.total_steps=120 data.n_per_category=8")
+                              + "--dry-run validates the config and prints it. " + REUSE_EPILOG)
+    _add_common(p, stage=False)
     p.add_argument("--fast", action="store_true", help="a much smaller demo (about a minute; used by tests)")
 
     p = sub.add_parser("selfcheck", formatter_class=_Formatter,
@@ -115,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     for name, (summary, example) in STAGE_HELP.items():
+        reads, writes = STAGE_FILES[name]
         p = sub.add_parser(name, formatter_class=_Formatter, help=summary, description=summary[0].upper() + summary[1:]
-                           + ".", epilog=f"example:\n  {example}\n  {example.split(' --out')[0]} --dry-run "
-                                         f"--devices 8\n" + COMMON_EPILOG)
+                           + f".\n\nreads:  {reads}\nwrites: {writes}, and OUT/config.yaml",
+                           epilog=f"example:\n  {example}\n  {example.split(' --out')[0]} --dry-run "
+                                  f"--devices 8\n" + COMMON_EPILOG)
         _add_common(p)
     return parser
 
@@ -202,6 +231,9 @@ def cmd_stage(args) -> int:
     from sparcom_jax import pipeline
     from sparcom_jax.config import apply_overrides, load_config
 
+    if args.devices is not None and not args.dry_run:
+        raise ValueError(f"--devices {args.devices} plans a dry run's mesh and is used only with --dry-run; a run "
+                         "uses the devices it sees (set mesh.data / mesh.model to shape them)")
     cfg = load_config(args.config, args.overrides)
     if args.distributed and not cfg.mesh.distributed:
         cfg = apply_overrides(cfg, ["mesh.distributed=true"])

@@ -116,6 +116,13 @@ class DataSpec:
     split_seed: int = 0
 
     def __post_init__(self):
+        if self.adapter not in (None, "auto"):
+            from sparcom_jax.data.adapters import get_adapter
+
+            try:  # here, not when the records are read, so that a dry run refuses it too
+                get_adapter(self.adapter)
+            except ValueError as e:
+                raise ConfigError(f"adapter: {e}") from None
         if self.split is not None:
             unknown = sorted(set(self.split) - {"train", "identify", "ablate"})
             if unknown:
@@ -168,6 +175,14 @@ class IdentifySpec(IdentifyConfig):
             raise ConfigError(str(e)) from None
         if min(self.n_boot, self.n_perm, self.top_units, self.top_per_unit) < 0:
             raise ConfigError("n_boot, n_perm, top_units and top_per_unit must be >= 0")
+        if not isinstance(self.instruction_level, bool):
+            from sparcom_jax.analysis.common import SECTIONS
+
+            # A misspelt field would silently drop that field's N x N overlap.
+            unknown = [f for f in self.instruction_level if f not in SECTIONS]
+            if unknown:
+                raise ConfigError(f"instruction_level: unknown count field(s) {unknown}; use true, false or a "
+                                  f"list of {', '.join(SECTIONS)}")
 
     def to_rule(self) -> IdentifyConfig:
         """The identification rule alone (what outputs record)."""
@@ -291,6 +306,9 @@ class ReportSpec:
 
     title: str | None = None
     dpi: int = 100
+
+    def __post_init__(self):
+        _check_min(self, 1, "dpi")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -46,6 +47,38 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
 def write_json(path: str | os.PathLike, obj: Any) -> str:
     """Atomically write JSON (strict: NaN is rejected, convert it to None first)."""
     return atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Build a directory under a temporary sibling name; put it at `path` only when the block
+    succeeds (replacing what was there), and remove it when the block fails.
+
+        with atomic_dir(out / "report") as tmp:
+            ...write files under tmp...
+
+    A failed or interrupted write thus leaves the earlier directory (or none), never a
+    partial one. The old directory is moved aside before the new one is renamed in, so
+    `path` is missing only between two renames.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    if tmp.exists():  # left by an earlier, killed call of this process id
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
 
 
 LOCK_NAME = ".sparcom.lock"

@@ -393,3 +393,80 @@ def test_summary_says_how_much_content_max_length_cut(tmp_path):
                   {"same_template": SimpleNamespace(name="base-ft under plain template", meta={"content_cut": None})})
     assert data_description(tiny, an)["content_cut"] == {"base": cut, "base-ft under plain template": None}
     assert "content_cut" not in data_description(apply_overrides(tiny, ["data.scope=prompt"]), an)
+
+
+def test_run_fine_tunes_when_no_tuned_model_is_given_whether_steps_or_epochs(tmp_path):
+    # `run` once fine-tuned only with train.total_steps set: an epoch-based config (the default,
+    # total_steps null) silently analysed the base model alone, while the dry-run plan showed training.
+    from sparcom_jax.config import apply_overrides
+    from sparcom_jax.pipeline.stages import fine_tunes
+
+    tiny = load_config(write_tiny(tmp_path))
+    assert tiny.finetuned is None and fine_tunes(tiny)
+    assert fine_tunes(apply_overrides(tiny, ["train.total_steps=null", "train.epochs=2"]))
+    assert not fine_tunes(apply_overrides(tiny, ["finetuned={path: /m}"]))
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_configs_sample_what_their_data_holds(name, capsys):
+    # The real configs read the shipped set (data.path: null) and once asked for 160 per
+    # category of an identify part with 48: every run stopped in its checks, after a dry
+    # run that had passed. The dry run reads the records now, as the run does.
+    from sparcom_jax.pipeline.common import identify_records
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.data.path is None and len(identify_records(cfg)) >= 6 * 40
+    code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / f"{name}.yaml"), "--dry-run",
+                             "data.n_per_category=160")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("sparcom: error: data.n_per_category=160: the identify part of data.split has too few")
+    assert "(null takes the whole part)" in err
+
+
+@pytest.mark.parametrize("command", [*STAGE_HELP, "demo"])
+def test_help_says_what_each_command_reads_and_writes(command, capsys):
+    from sparcom_jax.cli import STAGE_FILES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    head = out.split("positional arguments:")[0]
+    reads = re.search(r"^reads:\s+(.+)$", head, re.M)
+    writes = re.search(r"^writes:\s+(.+)$", head, re.M)
+    assert reads and writes, head
+    if command in STAGE_FILES:
+        assert STAGE_FILES[command][1] in writes.group(1)
+    if command in ("report", "demo"):
+        assert "OUT/report/" in writes.group(1)
+
+
+def test_devices_outside_a_dry_run_and_demo_mesh_options_are_refused(tmp_path, capsys):
+    # --devices only plans a dry run's mesh: a real run silently ignored it, and the demo
+    # silently ignored --devices and --distributed (it plans no mesh).
+    cfg = write_tiny(tmp_path)
+    code, out, err = run_cli(capsys, "collect", "--config", str(cfg), "--devices", "8", "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("sparcom: error: --devices 8 plans a dry run's mesh and is used only with --dry-run")
+    assert not (tmp_path / "o").exists()
+    for flag in (["--devices", "8"], ["--distributed"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["demo", "--dry-run", *flag])
+        assert e.value.code == 2
+    assert "unrecognized arguments: --distributed" in capsys.readouterr().err
+
+
+def test_a_model_path_that_is_a_file_or_holds_no_weights_says_which(tmp_path, capsys):
+    cfg = write_tiny(tmp_path)
+    code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(tmp_path / "o"), "base.init=null",
+                           f"base.path={cfg}")  # once reported as "does not exist"
+    assert code == 2 and err.count("\n") == 1
+    assert f"{cfg} is a file, not a Hugging Face model directory; point path at the model's directory" in err
+    empty = tmp_path / "model"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "vocab_size": 64,
+                                                   "intermediate_size": 64, "num_hidden_layers": 1,
+                                                   "num_attention_heads": 2}))
+    code, _, err = run_cli(capsys, "selfcheck", "--model", str(empty))
+    assert code == 2 and err.count("\n") == 1
+    assert err == (f"sparcom: error: {empty}: no *.safetensors files; the weights are missing (an unfinished "
+                   "download?): download the model again with its *.safetensors files\n")

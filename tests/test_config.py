@@ -251,6 +251,32 @@ def test_the_smallest_valid_values_load(tmp_path):
     assert load_config(p, ["data.n_per_category=null", "ablation.max_records=null"]).data.n_per_category is None
 
 
+@pytest.mark.parametrize("override, message", [
+    # each was accepted before, then failed (or silently did the wrong thing) in a real run
+    ("report.dpi=0", "report.dpi must be >= 1, got 0"),  # matplotlib refused it after the whole analysis
+    ("identify.threshold=1.5", "identify.threshold must be in [0, 1], got 1.5"),  # no unit could reach it
+    ("identify.threshold=-0.5", "identify.threshold must be in [0, 1], got -0.5"),
+    # a misspelt field silently dropped that field's N x N overlap
+    ("identify.instruction_level=[neuron_active, expert_routd]",
+     "identify.instruction_level: unknown count field(s) ['expert_routd']; use true, false or a list of "
+     "neuron_active, expert_routed, expert_neuron_active"),
+    # refused only when the records were read, without naming the key
+    ("data.adapter=dolli", "data.adapter: unknown adapter 'dolli'; use one of"),
+    ("train_data.adapter=gsm8", "train_data.adapter: unknown adapter 'gsm8'"),
+])
+def test_values_a_run_would_refuse_late_are_refused_at_load(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, BASE), [override])
+
+
+def test_valid_adapters_thresholds_and_instruction_fields_load(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), [
+        "data.adapter=auto", "train_data.adapter=dolly", "identify.threshold=1", "report.dpi=1",
+        "identify.instruction_level=[neuron_active, expert_routed, expert_neuron_active]"])
+    assert cfg.data.adapter == "auto" and cfg.train_data.adapter == "dolly" and cfg.identify.threshold == 1
+    assert load_config(write(tmp_path, BASE), ["identify.threshold=0"]).identify.threshold == 0
+
+
 @pytest.mark.parametrize("buckets", ["[]", "[16, 0]"])
 def test_collect_buckets_must_be_positive_lengths(tmp_path, buckets):
     with pytest.raises(ConfigError, match=r"collect\.buckets must be null or a non-empty list of lengths >= 1"):

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,26 @@ def test_counts_made_with_other_content_caps_are_refused():
     base, enc = collect_fingerprint(cfg, cfg.base, records, "plain", content_caps=caps)
     assert not enc.capped.any() and base == collect_fingerprint(cfg, cfg.base, records, "plain")[0]
     assert stages.study_content_caps(exp("data.scope=prompt"), None) is None
+
+
+def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(done, tmp_path, monkeypatch):
+    import shutil
+
+    import sparcom_jax.report as report
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    before = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
+    assert Path("index.html") in before
+
+    def interrupted(rdir, summary, **kw):  # e.g. Ctrl-C after the first file
+        report.write_json(Path(rdir) / "summary.json", {"partial": True})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("report", exp(), out)
+    after = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []

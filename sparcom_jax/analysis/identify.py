@@ -95,6 +95,8 @@ class IdentifyConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
         if not 0.0 < self.q <= 1.0:
             raise ValueError(f"q must be in (0, 1], got {self.q}")
+        if not 0.0 <= self.threshold <= 1.0:  # a share of tokens: above 1 no unit could reach it
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
 

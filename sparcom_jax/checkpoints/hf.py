@@ -66,7 +66,9 @@ class TensorReader:
         if not files:
             bins = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
             hint = (f" (found {', '.join(bins)}: pickled weights are never loaded; convert them to safetensors, "
-                    "e.g. with transformers: model.save_pretrained(dir, safe_serialization=True))") if bins else ""
+                    "e.g. with transformers: model.save_pretrained(dir, safe_serialization=True))") if bins else (
+                "; the weights are missing (an unfinished download?): download the model again with its "
+                "*.safetensors files")
             raise CheckpointError(f"{self.path}: no *.safetensors files{hint}")
         index = self.path / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}

@@ -229,9 +229,12 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
     """Fail before any work when a model directory is missing (or a spec has neither path nor init)."""
     for spec in specs:
         if spec.path and not has_weights(spec):
+            p = Path(spec.path)
+            what = ("has no config.json" if p.is_dir() else "is a file, not a Hugging Face model directory"
+                    if p.exists() else "does not exist")
             raise ConfigError(
-                f"model {spec.label!r}: {spec.path} " + ("has no config.json" if Path(spec.path).is_dir()
-                                                          else "does not exist") + "; download it first"
+                f"model {spec.label!r}: {spec.path} {what}; point path at the model's directory, or download "
+                "it first"
                 + (f" (huggingface-cli download {spec.hub_id} --local-dir {spec.path})" if spec.hub_id else ""))
         if not spec.path and spec.init is None:
             raise ConfigError(f"model {spec.label!r}: set path (a Hugging Face directory) or init")
@@ -377,8 +380,10 @@ def identify_records(cfg: ExperimentConfig) -> list:
     try:
         return sample_balanced(recs, n, seed=cfg.data.seed)
     except ValueError as e:
+        short = str(e).split("; lower n_per_category")[0]  # its advice is restated for the config below
         raise ConfigError(f"data.n_per_category={n}: the identify part of data.split has too few records "
-                          f"({e}); lower n_per_category or give identify a larger share") from None
+                          f"({short}); lower n_per_category (null takes the whole part) or give identify a "
+                          "larger share") from None
 
 
 def ablate_records(cfg: ExperimentConfig) -> list:

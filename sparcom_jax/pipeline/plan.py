@@ -127,11 +127,13 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
 def _n_instructions(cfg: ExperimentConfig) -> int | None:
     from sparcom_jax.categories import CATEGORIES
 
-    if cfg.data.n_per_category is not None:
-        return cfg.data.n_per_category * len(CATEGORIES)
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
     if all(p is None or Path(p).exists() for p in paths):
-        return len(identify_records(cfg))  # a data file that cannot be used fails the dry run too
+        # Records are cheap to read: a data file that cannot be used, or an identify part too
+        # small for data.n_per_category, fails the dry run as it would fail the run.
+        return len(identify_records(cfg))
+    if cfg.data.n_per_category is not None:  # the data is not on this machine: plan for the sample
+        return cfg.data.n_per_category * len(CATEGORIES)
     return None
 
 

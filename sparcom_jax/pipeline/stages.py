@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
-from sparcom_jax.fileio import LOCK_NAME, DirLock, prepare_out_dir, write_json
+from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
@@ -683,10 +683,10 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     )
     rdir = out / "report"
     if is_primary():
-        with timed(f"report: writing {rdir}"):
-            if rdir.is_dir():  # no table or set list of an earlier report may stay beside this one
-                shutil.rmtree(rdir)
-            write_report(rdir, summary, analyses=analyses.models, title=cfg.report.title or f"SPARCOM: {cfg.name}",
+        # Written aside and renamed in: no table or set list of an earlier report stays beside this
+        # one, and a failed or interrupted report leaves the earlier one, not a partial one.
+        with timed(f"report: writing {rdir}"), atomic_dir(rdir) as tmp:
+            write_report(tmp, summary, analyses=analyses.models, title=cfg.report.title or f"SPARCOM: {cfg.name}",
                          dpi=cfg.report.dpi)
     return {"report": str(rdir / "index.html"), "summary": str(rdir / "summary.json"), "_summary": summary}
 
@@ -697,7 +697,7 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
 
 def fine_tunes(cfg: ExperimentConfig) -> bool:
     """Whether `run` fine-tunes the base model itself (no fine-tuned model given)."""
-    return cfg.finetuned is None and bool(cfg.train.total_steps)
+    return cfg.finetuned is None
 
 
 def run_all(cfg: ExperimentConfig, out: Path, *, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
