@@ -79,8 +79,11 @@ def test_collect_refuses_counts_made_with_other_settings(done, override, named, 
 @pytest.mark.parametrize("stage", ["identify", "evaluate", "compare", "report", "ablate"])
 def test_analysis_stages_refuse_counts_that_no_longer_match(done, stage, monkeypatch):
     no_weights(monkeypatch)
+    saved = (done / "config.yaml").read_text()
     with pytest.raises(StaleResultError, match=r"data.scope: 'content' -> 'all'.*sparcom collect --overwrite"):
         run_stage(stage, exp("data.scope=all"), done)
+    # OUT/config.yaml still describes the outputs there, not the refused settings
+    assert (done / "config.yaml").read_text() == saved and "scope: content" in saved
 
 
 def test_unchanged_settings_reuse_everything_without_loading_weights(done, monkeypatch):

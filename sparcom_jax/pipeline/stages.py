@@ -738,7 +738,9 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
 def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Run one stage (or "run" for all) under the output directory's lock.
 
-    The resolved config is saved as OUT/config.yaml once the stage's up-front checks pass.
+    The resolved config is saved as OUT/config.yaml once the stage has finished, so a stage
+    that stops (outputs made with other settings, an error, an interrupt) leaves the config
+    of the outputs that are there.
 
     Returns:
       {label: path} of the outputs (internal objects dropped).
@@ -747,7 +749,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
         preflight(stage, cfg, out)
-        save_resolved(cfg, out)
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
+        save_resolved(cfg, out)
     return {"config": str(out / "config.yaml"),
             **{k: v for k, v in res.items() if not str(k).startswith("_")}}
