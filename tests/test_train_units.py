@@ -149,3 +149,10 @@ def test_bench_writes_only_its_own_section(tmp_path):
     text = doc.read_text()
     assert "other rows" in text and "second" in text and "first" not in text
     assert text.count("<!-- train:start -->") == 1 and text.count("<!-- train:end -->") == 1
+
+
+def test_negative_seed_is_refused_before_a_run_starts():
+    """A negative seed passed validation, then numpy's default_rng((seed, epoch)) failed at the
+    first batch ("expected non-negative integer", no field named), after checkpoint 0 was written."""
+    with pytest.raises(TrainConfigError, match=r"seed=-1 must be >= 0"):
+        TrainConfig(seed=-1)

@@ -157,6 +157,9 @@ class TrainConfig:
              f"use a batch_size that is a multiple of {self.grad_accum}")
         need(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1={self.b1}, b2={self.b2} must be in [0, 1)")
         need(self.eps > 0, f"eps={self.eps} must be > 0")
+        # numpy's default_rng takes no negative seed; without this check a run would fail only
+        # at its first batch, after writing run.json and checkpoint 0 under the bad seed.
+        need(self.seed >= 0, f"seed={self.seed} must be >= 0 (it seeds the data order)")
         need(self.max_length >= 2, f"max_length={self.max_length} must be >= 2 (a prompt and a target)")
         if self.buckets is not None:
             need(len(self.buckets) > 0 and all(b >= 2 for b in self.buckets),
