@@ -63,7 +63,9 @@ class TrainConfig:
       buckets: padded lengths (one compilation each); None: a geometric ladder
         up to max_length (`sparcom_jax.data.default_buckets`).
       save_every: checkpoint every this many steps (plus step 0 and the last).
-      keep_last: keep this many latest checkpoints, besides step 0 and the last.
+      keep_last: keep this many latest checkpoints (once the run ends, the last step is one of
+        them: keep_last=2 keeps 0, the last save before the end and the last); step 0 and
+        the last step are never deleted.
       log_every: write a metrics line every this many steps.
       eval_batch_size: rows per eval batch; None uses the micro-batch size.
       mesh_data: data-axis size; None uses every device not on the model axis.
