@@ -153,3 +153,43 @@ def test_step_gradient_is_that_of_the_global_per_token_mean(hf_checkpoint):
                                    atol=1e-5 * scale, rtol=0, err_msg=jax.tree_util.keystr(k))
     norm = np.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in want.values()))
     np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+
+
+def test_eval_records_change_neither_the_training_batches_nor_the_run_identity(tmp_path, monkeypatch):
+    """The same training records with a held-out set that holds a longer sequence: the padded
+    training lengths and the data fingerprint are those of the training records alone. (When the
+    bucket ladder was cut from train + eval lengths, the longer eval record raised the top bucket:
+    training shapes, hence the float sums, changed, and resuming with another eval set was refused
+    as "a run on other data".) The eval batches still take the long record."""
+    import json
+
+    import pytest
+
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.data import default_tokenizer, encode_records, load_instructions
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.train import TrainConfig, finetune
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):  # everything up to here is host work; nothing compiles
+        raise Stop
+
+    monkeypatch.setattr(loop, "_programs", stop)
+    tok = default_tokenizer()
+    records = load_instructions()
+    lengths = encode_records(records, tok, scope="response", max_length=None).lengths
+    order = np.argsort(lengths)
+    train, short, long = [records[i] for i in order[:8]], [records[order[8]]], [records[order[-1]]]
+    assert lengths[order[-1]] > 2 * lengths[order[7]]
+    model = _random_model(ModelConfig.from_hf_config({**MODEL, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}))
+    cfg = TrainConfig(batch_size=4, max_length=256, total_steps=2, warmup_steps=1)
+    runs = {}
+    for name, ev in (("short", short), ("long", long)):
+        with pytest.raises(Stop):
+            finetune(model, train, tok, cfg, tmp_path / name, eval_records=ev, progress=False)
+        runs[name] = json.loads((tmp_path / name / "run.json").read_text())
+    assert runs["long"]["buckets"] == runs["short"]["buckets"]
+    assert max(runs["long"]["buckets"]) == int(lengths[order[7]])  # the longest training sequence
+    assert runs["long"]["data_fingerprint"] == runs["short"]["data_fingerprint"]
