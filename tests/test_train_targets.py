@@ -85,3 +85,111 @@ def test_first_step_scores_exactly_the_shifted_response_tokens(tmp_path, monkeyp
     assert len(seen) == ROWS and batch.n_targets == want_n == rows[1]["target_tokens"]
     # The step's reported loss (computed on the initial parameters) is the per-token mean.
     np.testing.assert_allclose(res.losses[1], want_sum / want_n, rtol=2e-5)
+
+
+def _plain_mean_token_loss(model, ids_BT, valid_BT, scope_BT):
+    """Reference: -mean over every (row, t) with t+1 a real scoped token of log p(ids[t+1]), written
+    out with jax.nn.log_softmax (not the package's loss), on the whole batch at once."""
+    import jax
+
+    def loss(params):
+        from flax import nnx
+
+        gd, _ = nnx.split(model, nnx.Param)
+        logits = nnx.merge(gd, params).forward(jnp.asarray(ids_BT), jnp.asarray(valid_BT)).logits
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.asarray(ids_BT[:, 1:])[..., None], axis=-1)[..., 0]
+        on = jnp.asarray(scope_BT[:, 1:] & valid_BT[:, 1:])
+        return -jnp.sum(jnp.where(on, picked, 0.0)) / on.sum()
+
+    return loss
+
+
+def test_step_gradient_is_that_of_the_global_per_token_mean(hf_checkpoint):
+    """One SGD step with lr 1 and nothing else moves the parameters by exactly minus the gradient
+    of the per-token mean loss over the whole batch. The two micro-batches hold 5 and 21 targets,
+    so accumulating micro-batch means (or not dividing the summed gradient by the target count)
+    gives another update; Adam and clipping in the end-to-end tests hide the gradient's scale."""
+    import jax
+    from flax import nnx
+
+    import sparcom_jax as sj
+    from sparcom_jax.next_token import target_mask
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.train import TrainConfig, make_optimizer
+    from sparcom_jax.train.step import (compute_graphdef, init_state, make_shardings, make_train_step,
+                                        pure_params)
+
+    model = sj.load_model(hf_checkpoint("llama"))
+    rng = np.random.default_rng(0)
+    A, R, T = 2, 2, 12
+    ids = rng.integers(3, 96, (A * R, T)).astype(np.int32)
+    valid = np.ones((A * R, T), bool)
+    valid[1, 8:] = False  # padding inside the scope: never a target
+    scope = np.zeros((A * R, T), bool)
+    scope[0, 10:], scope[1, 5:], scope[2, 2:], scope[3, 1:] = True, True, True, True
+    targets = target_mask(scope, valid)
+    assert [int(targets[:R].sum()), int(targets[R:].sum())] == [5, 21]
+
+    params0 = pure_params(model)
+    want_loss, want_grad = jax.value_and_grad(_plain_mean_token_loss(model, ids, valid, scope))(
+        nnx.state(model, nnx.Param))
+    want_grad = nnx.to_pure_dict(want_grad)
+
+    cfg = TrainConfig(optimizer="sgd", b1=0.0, weight_decay=0.0, clip_norm=None, learning_rate=1.0,
+                      warmup_steps=0, end_lr_fraction=1.0, total_steps=1, batch_size=A * R, grad_accum=A)
+    tx, sched = make_optimizer(cfg, 1)
+    sh = make_shardings(model.config, tx, make_mesh(1, 1))
+    step = make_train_step(compute_graphdef(model.config, "float32"), tx, sh, sched)
+    state, metrics = step(init_state(params0, tx, sh), *(x.reshape(A, R, T) for x in (ids, valid, targets)))
+
+    np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-6)
+    assert float(metrics["targets"]) == 26 and float(metrics["lr"]) == 1.0
+    flat = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))  # noqa: E731
+    got, before, want = flat(state.params), flat(params0), flat(want_grad)
+    for k in want:
+        scale = np.abs(np.asarray(want[k])).max()
+        np.testing.assert_allclose(np.asarray(before[k]) - np.asarray(got[k]), np.asarray(want[k]),
+                                   atol=1e-5 * scale, rtol=0, err_msg=jax.tree_util.keystr(k))
+    norm = np.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in want.values()))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+
+
+def test_eval_records_change_neither_the_training_batches_nor_the_run_identity(tmp_path, monkeypatch):
+    """The same training records with a held-out set that holds a longer sequence: the padded
+    training lengths and the data fingerprint are those of the training records alone. (When the
+    bucket ladder was cut from train + eval lengths, the longer eval record raised the top bucket:
+    training shapes, hence the float sums, changed, and resuming with another eval set was refused
+    as "a run on other data".) The eval batches still take the long record."""
+    import json
+
+    import pytest
+
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.data import default_tokenizer, encode_records, load_instructions
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.train import TrainConfig, finetune
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):  # everything up to here is host work; nothing compiles
+        raise Stop
+
+    monkeypatch.setattr(loop, "_programs", stop)
+    tok = default_tokenizer()
+    records = load_instructions()
+    lengths = encode_records(records, tok, scope="response", max_length=None).lengths
+    order = np.argsort(lengths)
+    train, short, long = [records[i] for i in order[:8]], [records[order[8]]], [records[order[-1]]]
+    assert lengths[order[-1]] > 2 * lengths[order[7]]
+    model = _random_model(ModelConfig.from_hf_config({**MODEL, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}))
+    cfg = TrainConfig(batch_size=4, max_length=256, total_steps=2, warmup_steps=1)
+    runs = {}
+    for name, ev in (("short", short), ("long", long)):
+        with pytest.raises(Stop):
+            finetune(model, train, tok, cfg, tmp_path / name, eval_records=ev, progress=False)
+        runs[name] = json.loads((tmp_path / name / "run.json").read_text())
+    assert runs["long"]["buckets"] == runs["short"]["buckets"]
+    assert max(runs["long"]["buckets"]) == int(lengths[order[7]])  # the longest training sequence
+    assert runs["long"]["data_fingerprint"] == runs["short"]["data_fingerprint"]

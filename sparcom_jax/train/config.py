@@ -63,7 +63,9 @@ class TrainConfig:
       buckets: padded lengths (one compilation each); None: a geometric ladder
         up to max_length (`sparcom_jax.data.default_buckets`).
       save_every: checkpoint every this many steps (plus step 0 and the last).
-      keep_last: keep this many latest checkpoints, besides step 0 and the last.
+      keep_last: keep this many latest checkpoints (once the run ends, the last step is one of
+        them: keep_last=2 keeps 0, the last save before the end and the last); step 0 and
+        the last step are never deleted.
       log_every: write a metrics line every this many steps.
       eval_batch_size: rows per eval batch; None uses the micro-batch size.
       mesh_data: data-axis size; None uses every device not on the model axis.
@@ -157,6 +159,9 @@ class TrainConfig:
              f"use a batch_size that is a multiple of {self.grad_accum}")
         need(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1={self.b1}, b2={self.b2} must be in [0, 1)")
         need(self.eps > 0, f"eps={self.eps} must be > 0")
+        # numpy's default_rng takes no negative seed; without this check a run would fail only
+        # at its first batch, after writing run.json and checkpoint 0 under the bad seed.
+        need(self.seed >= 0, f"seed={self.seed} must be >= 0 (it seeds the data order)")
         need(self.max_length >= 2, f"max_length={self.max_length} must be >= 2 (a prompt and a target)")
         if self.buckets is not None:
             need(len(self.buckets) > 0 and all(b >= 2 for b in self.buckets),

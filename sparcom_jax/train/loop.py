@@ -238,7 +238,10 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
         log.warning("%d of %d training sequences were cut to max_length=%d", enc.n_truncated, len(enc),
                     cfg.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    buckets = resolve_buckets(np.concatenate([enc.lengths, ev_enc.lengths]), cfg.max_length, cfg.buckets)
+    # The training ladder comes from the training sequences alone: eval records that reached it
+    # would change the padded shapes (hence the float sums and the data fingerprint), so a run
+    # with another held-out set would neither match nor resume this one.
+    buckets = resolve_buckets(enc.lengths, cfg.max_length, cfg.buckets)
     data = TrainBatches(enc.ids, enc.scopes, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                         buckets=buckets, seed=cfg.seed, pad_id=pad_id)
     total_steps = cfg.total_steps or cfg.epochs * data.steps_per_epoch
@@ -250,7 +253,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
         raise TrainConfigError(f"out_dir={run_dir} holds a run on other data (or another tokenizer/template); "
                                "resume it with the same records, or use a new out_dir")
     ev_batches = eval_batches(ev_enc.ids, ev_enc.scopes, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-                              buckets=buckets, pad_id=pad_id)
+                              buckets=resolve_buckets(ev_enc.lengths, cfg.max_length, cfg.buckets), pad_id=pad_id)
 
     # ---- run directory ----
     if lead:
