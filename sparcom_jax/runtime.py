@@ -14,7 +14,12 @@ process running the same model on the same shapes loads them instead.
 
 JAX keys each entry by the program, the devices, the compile options and the
 jax/jaxlib versions, so a stale entry is never used for another program. The
-cache is trusted code: keep it in a directory only you can write.
+cache is trusted code: keep it in a directory only you can write. Several processes
+may share it (the processes of a run on one host, two runs, test workers): JAX writes
+an entry in place, so a process reading it while another writes it could load a torn
+executable and abort. JAX takes a file lock around every read and write only when the
+cache has a size bound, so ours has one (`MAX_CACHE_BYTES`, least recently used entries
+evicted first; JAX's lock needs the `filelock` package, a dependency).
 
 Compile counting. `compile_stats` reports how many XLA programs this process
 compiled, how many it loaded from the cache and the time spent on both, from
@@ -40,6 +45,9 @@ _OFF = {"off", "0", "false", "no", "none"}
 # JAX's default (1 s) would leave small steps, and every step on a fast accelerator,
 # uncached; loading any program from disk is faster than compiling it again.
 MIN_COMPILE_SECS = 0.0
+# The bound that makes JAX lock the cache (see the module docstring); compiled programs
+# are megabytes, so this holds thousands of them.
+MAX_CACHE_BYTES = 8 * 2**30
 
 # JAX monitoring events (jax/_src/dispatch.py and compiler.py). The backend-compile
 # event wraps both a real compilation and a load from the persistent cache.
@@ -101,6 +109,13 @@ def ensure_compilation_cache() -> Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+    try:
+        import filelock  # noqa: F401  (JAX needs it to lock a bounded cache)
+    except ImportError:
+        log.warning("compilation cache %s without a lock (no filelock package): processes sharing it "
+                    "could read an entry while it is written", path)
+    else:
+        jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     _ours = str(path)
     _reset_jax_cache()
     return path

@@ -83,6 +83,7 @@ COUNT_ONE_BATCH = textwrap.dedent("""
     assert int(c.tokens.sum()) == 24
     print("RESULT", json.dumps({"dir": jax.config.jax_compilation_cache_dir,
                                 "min_secs": jax.config.jax_persistent_cache_min_compile_time_secs,
+                                "max_size": jax.config.jax_compilation_cache_max_size,
                                 **compile_stats()}))
 """)
 
@@ -116,6 +117,9 @@ def cold_and_warm(hf_checkpoint, tmp_path_factory):
 def test_second_process_loads_the_compiled_steps_from_the_cache(cold_and_warm):
     cold, warm, cache = cold_and_warm["cold"], cold_and_warm["warm"], cold_and_warm["cache"]
     assert cold["dir"] == warm["dir"] == str(cache) and cold["min_secs"] == 0.0
+    # A bounded cache, which JAX reads and writes under a file lock: processes sharing it never
+    # load an entry another one is still writing (an unbounded cache writes in place, unlocked).
+    assert cold["max_size"] > 0 and (cache / ".lockfile").is_file()
     # The cold process compiled everything it ran and wrote it to the cache.
     assert cold["compilations"] >= 1 and cold["cache_hits"] == 0 and cold["compile_seconds"] > 0
     assert len(cold_and_warm["written"]) >= cold["compilations"]
