@@ -29,6 +29,7 @@ or `track_compilations` call).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -109,9 +110,7 @@ def ensure_compilation_cache() -> Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
-    try:
-        import filelock  # noqa: F401  (JAX needs it to lock a bounded cache)
-    except ImportError:
+    if importlib.util.find_spec("filelock") is None:  # JAX needs it to lock a bounded cache
         log.warning("compilation cache %s without a lock (no filelock package): processes sharing it "
                     "could read an entry while it is written", path)
     else:
