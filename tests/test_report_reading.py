@@ -1,10 +1,131 @@
 """What a reader of the report sees: every headline with its interval and denominator, captions
 true in edge cases (empty sets), no empty figure, legends and titles that hide nothing."""
 
-import numpy as np
+import csv
+import html as htmllib
+import re
 
+import numpy as np
+import pytest
+
+from sparcom_jax.analysis import IdentifyConfig, analyze_model, build_summary
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.report import figures as F
+from sparcom_jax.report import write_report
+from sparcom_jax.stats.counts import Counts
+from test_report_controls import dense_counts
+
+MATH = CATEGORIES.index("math")
+
+
+def silenced(counts, cats=None):
+    """The counts with the instructions of `cats` (default: all) firing nothing."""
+    lab = np.array([CATEGORIES.index(c) for c in counts.categories])
+    na = counts.neuron_active.copy()
+    na[np.isin(lab, cats if cats is not None else range(len(CATEGORIES)))] = 0
+    return Counts(tokens=counts.tokens, neuron_active=na, categories=counts.categories, ids=counts.ids,
+                  sources=counts.sources)
+
+
+def page_of(out):
+    return htmllib.unescape((out / "index.html").read_text())
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = list(csv.reader(line for line in f if not line.startswith("#")))
+    return rows[0], rows[1:]
+
+
+@pytest.fixture(scope="module")
+def math_empty(tmp_path_factory):
+    """One model whose math instructions fire nothing: S(math) is empty."""
+    base = analyze_model(silenced(dense_counts(0), [MATH]), IdentifyConfig(eps=0.1), name="base",
+                         n_boot=8, n_perm=9)
+    summary = build_summary({"base": base})
+    out = tmp_path_factory.mktemp("math_empty")
+    write_report(out, summary, analyses={"base": base}, dpi=30)
+    return out, summary
+
+
+def test_overlap_caption_holds_when_a_category_set_is_empty(math_empty):
+    out, summary = math_empty
+    s = summary["models"]["base"]["isn"]
+    assert s["per_category_count"]["math"] == 0 and s["overlap_jaccard"][MATH][MATH] is None
+    cap = re.search(r'<figure id="overlap_isn.png">.*?<figcaption>(.*?)</figcaption>', page_of(out), re.S).group(1)
+    assert "1 by definition" not in cap
+    assert "Empty sets (blank row and column): base: MATH." in cap
+
+
+def test_category_table_shows_intervals_and_general_its_denominator(math_empty):
+    out, summary = math_empty
+    s = summary["models"]["base"]["isn"]
+    b = s["bootstrap"]
+    page = page_of(out)
+    table = re.search(r"<caption>base: neurons per category \(low / high: 95% bootstrap.*?</table>", page, re.S).group(0)
+    rows = [re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    assert [r[0] for r in rows] == list(CATEGORIES)  # no "general" row under the |U(c)|/|S(c)| column
+    i = CATEGORIES.index("code")
+    assert [float(x) for x in rows[i][2:8]] == pytest.approx(
+        [s["per_category_count"]["code"], b["per_category_count"]["low"][i], b["per_category_count"]["high"][i],
+         s["unique"]["code"], b["unique"]["low"][i], b["unique"]["high"][i]], rel=1e-3)
+    assert rows[MATH][8] == "–"  # |U|/|S| of an empty set: undefined, not 0
+    assert (f"base: {s['general']} neurons are in all six categories' sets (general), "
+            f"{s['general_share']:.1%} of the {s['union']} neurons in at least one set (the union); "
+            f"95% bootstrap interval {b['general']['low']:.4g} to {b['general']['high']:.4g} neurons") in page
+
+
+def test_headline_diagonal_with_interval_resolution_and_caveats(math_empty):
+    out, summary = math_empty
+    s = summary["models"]["base"]["isn"]
+    lo, hi = s["bootstrap"]["diagonal_dominance"]["low"], s["bootstrap"]["diagonal_dominance"]["high"]
+    page = page_of(out)
+    assert (f"Instruction-level diagonal dominance: {s['diagonal_dominance']:.4g} (95% bootstrap interval "
+            f"{lo:.4g} to {hi:.4g}); one-sided permutation test p = {s['permutation']['p_value']:.4g}") in page
+    assert "the smallest possible p is 0.1" in page  # 9 shuffles
+    assert "treat the records as independent draws" in page
+    assert "8 resamples are too few" in page
+
+
+def test_csv_tables_carry_the_intervals(math_empty):
+    out, summary = math_empty
+    s = summary["models"]["base"]["isn"]
+    for key in ("overlap_jaccard", "instruction_overlap"):
+        for bound in ("low", "high"):
+            _, rows = read_csv(out / "tables" / f"base_isn_{key}_{bound}.csv")
+            got = np.array([[np.nan if x == "" else float(x) for x in r[1:]] for r in rows])
+            want = np.array(s["bootstrap"][key][bound], dtype=float)
+            assert np.allclose(got, want, atol=1e-5, equal_nan=True), (key, bound)
+    _, rows = read_csv(out / "tables" / "base_isn_generality.csv")
+    d = dict((r[0], r[1]) for r in rows)
+    assert float(d["general_high"]) == pytest.approx(s["bootstrap"]["general"]["high"], abs=1e-5)
+    assert float(d["diagonal_dominance_low"]) == pytest.approx(s["bootstrap"]["diagonal_dominance"]["low"],
+                                                               abs=1e-5)
+    assert d["bootstrap_n"] == "8"
+    header, rows = read_csv(out / "tables" / "base_isn_dominance.csv")
+    hum = s["human_subset"]["n_per_category"]
+    assert [r[header.index("human_n")] for r in rows] == [str(hum[c]) for c in CATEGORIES] + [
+        str(s["human_subset"]["n"])]
+
+
+def test_no_bootstrap_is_said_not_left_out(tmp_path):
+    base = analyze_model(dense_counts(0), IdentifyConfig(eps=0.1), name="base", n_boot=0, n_perm=0)
+    write_report(tmp_path, build_summary({"base": base}), dpi=30)
+    page = page_of(tmp_path)
+    assert "no bootstrap was run (n_boot = 0)" in page and "no permutation test was run" in page
+
+
+def test_a_section_without_any_selected_unit_gets_text_not_empty_figures(tmp_path):
+    base = analyze_model(silenced(dense_counts(0)), IdentifyConfig(eps=0.1), name="base", n_boot=0, n_perm=0)
+    summary = build_summary({"base": base})
+    assert not any(summary["models"]["base"]["isn"]["per_category_count"].values())
+    written = write_report(tmp_path, summary, analyses={"base": base}, dpi=30)
+    names = {p.rsplit("/", 1)[-1] for p in written["figures"]}
+    assert not names & {"overlap_isn.png", "instruction_overlap_isn.png", "instruction_matrix_base_isn.png",
+                        "layers_isn.png", "generality_isn.png"}
+    assert ("base: no neurons were selected for any category (every S(c) is empty; e.g. a threshold above "
+            "every frequency), so the category overlap, layer distribution and generality figures are left "
+            "out.") in page_of(tmp_path)
 
 
 def drawn(fig):
