@@ -10,6 +10,7 @@ import pytest
 
 from sparcom_jax.analysis import IdentifyConfig, analyze_model, build_summary
 from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.pipeline.demo import DEMO_CAVEAT, write_demo_report
 from sparcom_jax.report import figures as F
 from sparcom_jax.report import write_report
 from sparcom_jax.stats.counts import Counts
@@ -171,3 +172,11 @@ def test_ablation_colour_bars_state_their_unit():
     fig = F.ablation_matrices(m, m, "ablation")
     labels = [ax.get_ylabel() for ax in fig.axes[3:]]  # the two colour bars
     assert labels == ["loss increase (nats per token)", "specific minus random (nats per token)"]
+
+
+def test_demo_page_says_what_tiny_models_cannot_show(tmp_path):
+    page = tmp_path / "pair" / "report" / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html><head><title>t</title></head><body><h1>pair</h1><p>x</p></body></html>")
+    doc = write_demo_report(tmp_path / "out", {"pair": {"models": {}}}, {"pair": page}, "demo").read_text()
+    assert DEMO_CAVEAT in doc and doc.index(DEMO_CAVEAT) < doc.index('id="pair"')
