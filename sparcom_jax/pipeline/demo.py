@@ -152,6 +152,13 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
             "checkpoints": str(out / "checkpoints"), "out": str(out)}
 
 
+# Said at the top of the demo page: readers publish what the tool shows.
+DEMO_CAVEAT = ("The demo trains tiny models briefly on a few hundred records: it shows that the pipeline runs "
+               "end to end and what its report holds. Its numbers say nothing about the instruction-specific "
+               "neurons or experts of real LLMs, and a demo result (significant or not) is no evidence for or "
+               "against the method's claims.")
+
+
 def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, Path], title: str) -> Path:
     """One page for every pair: each pair's full report (figures and tables) under its heading.
 
@@ -177,7 +184,7 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
                      f" · files in <code>{name}/</code></p></section>")
     toc = "".join(f'<li><a href="#{n}">{n}</a></li>' for n in pages)
     head = re.sub(r"<title>.*?</title>", f"<title>{title}</title>", head or "<html><body>")
-    doc = f"{head}<h1>{title}</h1><p>Model pairs:</p><ul>{toc}</ul>{''.join(parts)}</body></html>"
+    doc = f"{head}<h1>{title}</h1><p>{DEMO_CAVEAT}</p><p>Model pairs:</p><ul>{toc}</ul>{''.join(parts)}</body></html>"
     atomic_write(rdir / "index.html", doc)
     write_json(rdir / "summary.json", merge_pair_summaries(summaries))
     return rdir / "index.html"

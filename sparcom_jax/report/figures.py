@@ -8,6 +8,7 @@ Inputs are plain arrays or summary.json sections; categories in CATEGORIES order
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -24,6 +25,13 @@ def _fig(w: float, h: float) -> Figure:
     fig = Figure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _suptitle(fig: Figure, title: str, fontsize: float = 11) -> None:
+    """The figure title, wrapped to the figure's width (a one-panel figure is narrow)."""
+    # An average character is about 0.6 em wide; 72 points per inch.
+    per_line = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    fig.suptitle(textwrap.fill(title, per_line), fontsize=fontsize)
 
 
 def to_png(fig: Figure, dpi: int = 100) -> bytes:
@@ -71,7 +79,7 @@ def overlap_heatmaps(mats: Mapping[str, Sequence], title: str, *, label: str = "
     for ax, (name, a) in zip(axes, arrs.items()):
         im = _heatmap(ax, a, name, vmin=0, vmax=vmax)
     fig.colorbar(im, ax=list(axes), label=label, shrink=0.8)
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -132,16 +140,17 @@ def layer_distribution(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
-def generality_uniqueness(sections: Mapping[str, dict], title: str) -> Figure:
+def generality_uniqueness(sections: Mapping[str, dict], title: str, *, units: str = "units") -> Figure:
     """Set sizes with their unique part, unique ratios and breadth histograms.
 
     Args:
       sections: {model: summary section (models.<name>.<section>)}.
       title: figure title.
+      units: what the sets hold ("neurons", "experts", ...), for the axis labels.
     """
     fig = _fig(13, 4)
     ax_size, ax_ratio, ax_breadth = fig.subplots(1, 3)
@@ -167,9 +176,13 @@ def generality_uniqueness(sections: Mapping[str, dict], title: str) -> Figure:
     ax_ratio.set_title("uniqueness |U(c)| / |S(c)|", fontsize=10)
     ax_breadth.set_title("breadth: in how many categories", fontsize=10)
     ax_breadth.set_xlabel("categories")
+    ax_size.set_ylabel(units)
+    ax_ratio.set_ylabel("share of the category's set")
+    ax_breadth.set_ylabel(f"{units} in the union")
     for ax in (ax_size, ax_ratio, ax_breadth):
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=11)
+        # Below the panel, never over the bars.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    _suptitle(fig, title)
     return fig
 
 
@@ -219,15 +232,15 @@ def ablation_matrices(isn, random, title: str) -> Figure:
     vmax = vmax or 1.0
     for ax, m, t in ((axes[0], a, "instruction-specific set"), (axes[1], r, "random sets (mean)")):
         im = _heatmap(ax, m, t, vmin=-vmax, vmax=vmax, cmap="RdBu_r", fmt="{:.3f}")
-    fig.colorbar(im, ax=list(axes[:2]), label="loss increase", shrink=0.8)
+    fig.colorbar(im, ax=list(axes[:2]), label="loss increase (nats per token)", shrink=0.8)
     dmax = np.nanmax(np.abs(d)) if np.isfinite(d).any() else 1.0
     im = _heatmap(axes[2], d, "specific minus random", vmin=-(dmax or 1), vmax=dmax or 1,
                   cmap="RdBu_r", fmt="{:.3f}")
-    fig.colorbar(im, ax=axes[2], shrink=0.8)
+    fig.colorbar(im, ax=axes[2], label="specific minus random (nats per token)", shrink=0.8)
     for ax in axes:
         ax.set_xlabel("evaluated category")
         ax.set_ylabel("ablated category")
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -252,7 +265,7 @@ def expert_heatmaps(per_category: Mapping[str, Sequence], title: str, *, label: 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(im, ax=list(axes), label=label, shrink=0.8)
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -279,15 +292,15 @@ def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
             ax.plot(x, _arr(d[c]), marker=".", color=f"C{k}", label=SHORT_NAMES[c])
         ax.set_title(lab, fontsize=10)
     ax = axes[4]
-    ax.plot(x, _arr(trends["general_share"]), marker=".", label="general share of union")
-    ax.set_title("generality", fontsize=10)
+    ax.plot(x, _arr(trends["general_share"]), marker=".")
+    ax.set_title("generality: general share of the union", fontsize=10)
     ax = axes[5]
     ax.plot(x, _arr(trends["diagonal_dominance"]), marker=".", color="k")
     ax.set_title("instruction-level diagonal dominance", fontsize=10)
     for ax in axes:
         ax.set_xticks(x, names, rotation=30, fontsize=7)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=11)
+    _suptitle(fig, title)
     return fig
 
 
@@ -321,7 +334,11 @@ def size_vs_length(pairs: Mapping[str, dict], title: str) -> Figure:
         ax.set_title(f"{name} (Spearman {'n/a' if rho is None else f'{rho:.2f}'}"
                      + (f"; ties kept {rho_kept:.2f}" if rho_kept is not None else "") + ")", fontsize=10)
         ax.set_xlabel("counted tokens T(I)")
-        ax.set_ylabel("|S(I)|")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=11)
+        ax.set_ylabel("|S(I)| (units)")
+    handles: dict = {}  # one legend for all panels, beside them, never over the points
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="outside right upper")
+    _suptitle(fig, title)
     return fig

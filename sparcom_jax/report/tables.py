@@ -33,11 +33,13 @@ def matrix_table(name: str, m, corner: str = "category") -> Table:
     return Table(name, [corner, *SHORT], [[c, *row] for c, row in zip(CATEGORIES, m)])
 
 
-def _boot(s: dict, key: str, c: str, bound: str):
-    b = s.get("bootstrap") or {}
-    if key not in b:
-        return None
-    return b[key][bound][CATEGORIES.index(c)]
+def interval(s: dict, key: str, i: int | None = None) -> list:
+    """[low, high] of the bootstrap interval of a section's figure `key` (its entry i for a
+    per-category figure), or [None, None] without a bootstrap."""
+    b = (s.get("bootstrap") or {}).get(key)
+    if b is None:
+        return [None, None]
+    return [b["low"], b["high"]] if i is None else [b["low"][i], b["high"][i]]
 
 
 def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
@@ -48,14 +50,16 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
                  "unique_low", "unique_high", "unique_ratio", "mean_instruction_set_size",
                  "mean_frequency"],
                 [[c, SHORT_NAMES[c], s["n_per_category"][c], s["per_category_count"][c],
-                  _boot(s, "per_category_count", c, "low"), _boot(s, "per_category_count", c, "high"),
-                  s["unique"][c], _boot(s, "unique", c, "low"), _boot(s, "unique", c, "high"),
+                  *interval(s, "per_category_count", i), s["unique"][c], *interval(s, "unique", i),
                   s["unique_ratio"][c], s["mean_instruction_set_size"][c], s["mean_frequency"][c]]
-                 for c in CATEGORIES])
-    yield matrix_table(f"{p}_overlap_jaccard", s["overlap_jaccard"])
-    yield matrix_table(f"{p}_overlap_coefficient", s["overlap_coefficient"])
-    if s.get("instruction_overlap") is not None:
-        yield matrix_table(f"{p}_instruction_overlap", s["instruction_overlap"])
+                 for i, c in enumerate(CATEGORIES)])
+    boot = s.get("bootstrap") or {}
+    for key in ("overlap_jaccard", "overlap_coefficient", "instruction_overlap"):
+        if s.get(key) is None:
+            continue
+        yield matrix_table(f"{p}_{key}", s[key])
+        for bound in ("low", "high") if key in boot else ():  # the bootstrap interval of each cell
+            yield matrix_table(f"{p}_{key}_{bound}", boot[key][bound])
     n_layers = len(s["union_per_layer"])
     yield Table(f"{p}_per_layer",
                 ["layer", *[f"count_{x}" for x in SHORT], "union", "general",
@@ -67,6 +71,9 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
     gen = [["general", s["general"]], ["union", s["union"]], ["general_share", s["general_share"]],
            ["diagonal_dominance", s["diagonal_dominance"]],
            ["permutation_p_value", perm.get("p_value")], ["permutation_n", perm.get("n_perm")]]
+    gen += [[f"{k}_{bound}", v] for k in ("general", "general_share", "diagonal_dominance")
+            for bound, v in zip(("low", "high"), interval(s, k))]
+    gen += [["bootstrap_n", boot.get("n_boot")], ["bootstrap_ci", boot.get("ci")]]
     gen += [[f"breadth_{k}", v] for k, v in s["breadth_histogram"].items()]
     yield Table(f"{p}_generality", ["metric", "value"], gen)
     dom = dominance_rows(s)
@@ -115,16 +122,17 @@ def dominance_rows(s: dict) -> list[list] | None:
 
     rows = [[c, s["per_category_dominance"][c], ci("per_category_dominance", i, "low"),
              ci("per_category_dominance", i, "high"), at(perm.get("per_category_p_value"), i),
-             (hum.get("per_category_dominance") or {}).get(c), at(hperm.get("per_category_p_value"), i)]
+             (hum.get("per_category_dominance") or {}).get(c), at(hperm.get("per_category_p_value"), i),
+             (hum.get("n_per_category") or {}).get(c)]
             for i, c in enumerate(CATEGORIES)]
     rows.append(["overall", s["diagonal_dominance"], ci("diagonal_dominance", None, "low"),
                  ci("diagonal_dominance", None, "high"), perm.get("p_value"), hum.get("diagonal_dominance"),
-                 hperm.get("p_value")])
+                 hperm.get("p_value"), hum.get("n")])
     return rows
 
 
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
-                    "human_permutation_p"]
+                    "human_permutation_p", "human_n"]
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",

@@ -16,6 +16,8 @@ import json
 import os
 from typing import Mapping
 
+import numpy as np
+
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
@@ -25,7 +27,7 @@ from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_h
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
     ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, TOP_HEADER, ablation_rows, all_tables,
-    dominance_rows, length_rows, matrix_table, precision_table, safe_name, top_instruction_rows,
+    dominance_rows, interval, length_rows, matrix_table, precision_table, safe_name, top_instruction_rows,
 )
 
 SECTION_TITLES = {
@@ -38,7 +40,9 @@ UNIT_WORD = {"isn": "neurons", "ise": "experts", "expert_neurons": "expert neuro
 CAPTIONS = {
     "overlap": "Category-level overlap: cell (a, b) is the Jaccard index |S(a)∩S(b)| / |S(a)∪S(b)| "
                "of the two categories' {units}, one panel per model. Bright off-diagonal cells mean two "
-               "kinds of instruction share {units}; the diagonal is 1 by definition.",
+               "kinds of instruction share {units}; the diagonal is 1 for every non-empty set, and a blank "
+               "cell is undefined (both sets empty). Overlap shows which {units} the categories select "
+               "together, not that a category needs them (the causal check asks that).",
     "instruction_overlap": "Instruction-level overlap: cell (a, b) is the mean Jaccard of S(I), S(I') over "
                            "instructions I in a and I' in b (self-pairs excluded on the diagonal). A "
                            "diagonal brighter than its row means instructions of the same type share more "
@@ -64,11 +68,13 @@ CAPTIONS = {
     "series": "The same figures along the checkpoint series: set sizes, uniqueness, Jaccard with the "
               "first and the previous checkpoint, generality and the instruction-level diagonal "
               "dominance (mean diagonal minus mean off-diagonal).",
-    "ablation": "Causal check ({kind}): cell (a, b) is the increase of the mean loss on category b's "
-                "reference responses when category a's set is switched off. Left: the instruction-"
-                "specific set; middle: random sets matched to it ({matching}; mean of {n} draws); "
-                "right: their difference. A red diagonal on the right means each category's set matters "
-                "most for its own category, beyond what removing as many comparable units does.",
+    "ablation": "Causal check ({kind}): cell (a, b) is the increase of the mean next-token loss (nats per "
+                "response token) on category b's held-out reference responses when category a's set is "
+                "switched off. Left: the instruction-specific set; middle: random sets matched to it "
+                "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
+                "means each category's set hurts its own category more than removing as many comparable "
+                "units does, in this model and on these responses; the colours are not a test: read them "
+                "with the spread over draws and random_ge_fraction_own in the table below.",
     "size_vs_length": "Instruction set size |S(I)| against the number of counted tokens T(I), one point "
                       "per instruction, coloured by category. Frequencies of a T-token prompt take only "
                       "T + 1 values, so with ties kept at the top-eps cut short prompts can get larger "
@@ -86,19 +92,39 @@ SAME_TEMPLATE_TEXT = (
 
 
 def _bootstrap_text(s: dict) -> str:
+    """The diagonal's headline with its interval and test, and what the uncertainty rests on."""
     perm = s.get("permutation") or {}
+    b = s.get("bootstrap")
     parts = []
     if s.get("diagonal_dominance") is not None:
-        parts.append(f"Instruction-level diagonal dominance: {s['diagonal_dominance']:.4f}")
-    if perm.get("p_value") is not None:
-        within = " within each record source" if perm.get("stratified_by") == "source" else ""
-        parts.append(f"permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of the "
-                     f"category labels{within})")
-    b = s.get("bootstrap")
+        txt = f"Instruction-level diagonal dominance: {s['diagonal_dominance']:.4g}"
+        lo, hi = interval(s, "diagonal_dominance")
+        if lo is not None:
+            txt += f" ({b['ci']:.0%} bootstrap interval {lo:.4g} to {hi:.4g})"
+        parts.append(txt)
+        if perm.get("p_value") is not None:
+            within = " within each record source" if perm.get("stratified_by") == "source" else ""
+            parts.append(f"one-sided permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of "
+                         f"the category labels{within}; the smallest possible p is "
+                         f"{1 / (perm['n_perm'] + 1):.2g})")
+        else:
+            parts.append("no permutation test was run (n_perm = 0)")
     if b:
-        parts.append(f"{b['ci']:.0%} bootstrap intervals over instructions ({b['n_boot']} resamples) "
-                     "are in summary.json and the categories table")
-    return "; ".join(parts) + "." if parts else ""
+        txt = (f"{b['ci']:.0%} percentile bootstrap intervals over instructions ({b['n_boot']} resamples, "
+               "drawn within each category) are in the tables above and in summary.json; they treat the "
+               "records as independent draws, so near-duplicate records (e.g. templated variants of one "
+               "instruction) make them too narrow")
+        if b["n_boot"] < 100:
+            txt += f"; {b['n_boot']} resamples are too few to place the tails of a {b['ci']:.0%} interval"
+        parts.append(txt)
+    else:
+        parts.append("no bootstrap was run (n_boot = 0): the counts above carry no interval")
+    return "; ".join(parts) + "."
+
+
+def _has_value(m) -> bool:
+    """Whether a nested list (None = undefined) holds any number."""
+    return m is not None and any(v is not None for row in m for v in row)
 
 
 def _matching_text(d: dict) -> str:
@@ -146,12 +172,29 @@ def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
 
 
 def _category_table(name: str, section: str, s: dict) -> TableBlock:
+    ci = f"{(s.get('bootstrap') or {}).get('ci', 0.95):.0%}"
     return TableBlock(
-        f"{name}: {UNIT_WORD[section]} per category",
-        ["category", "instructions", "|S(c)|", "|U(c)|", "|U(c)|/|S(c)|", "mean |S(I)|"],
-        [[c, s["n_per_category"][c], s["per_category_count"][c], s["unique"][c], s["unique_ratio"][c],
-          s["mean_instruction_set_size"][c]] for c in CATEGORIES]
-        + [["general (all six)", None, s["general"], None, s["general_share"], None]])
+        f"{name}: {UNIT_WORD[section]} per category (low / high: {ci} bootstrap interval over instructions; "
+        "– = not computed or undefined)",
+        ["category", "instructions", "|S(c)|", "low", "high", "|U(c)|", "low", "high", "|U(c)|/|S(c)|",
+         "mean |S(I)|"],
+        [[c, s["n_per_category"][c], s["per_category_count"][c], *interval(s, "per_category_count", i),
+          s["unique"][c], *interval(s, "unique", i), s["unique_ratio"][c], s["mean_instruction_set_size"][c]]
+         for i, c in enumerate(CATEGORIES)])
+
+
+def _general_text(name: str, section: str, s: dict) -> TextBlock:
+    """The general set as a count and a share of the union, each with its interval."""
+    units = UNIT_WORD[section]
+    share = "undefined (no unit is in any set)" if s["general_share"] is None else f"{s['general_share']:.1%}"
+    txt = (f"{name}: {s['general']} {units} are in all six categories' sets (general), {share} of the "
+           f"{s['union']} {units} in at least one set (the union)")
+    (lo, hi), (slo, shi) = interval(s, "general"), interval(s, "general_share")
+    if lo is not None:
+        txt += f"; {s['bootstrap']['ci']:.0%} bootstrap interval {lo:.4g} to {hi:.4g} {units}"
+        if slo is not None:
+            txt += f", share {slo:.1%} to {shi:.1%}"
+    return TextBlock(txt + ".")
 
 
 def _model_blocks(name: str, section: str, s: dict) -> list:
@@ -160,9 +203,11 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
     units = UNIT_WORD[section]
     dom = dominance_rows(s)
     if dom is not None:
-        out.append(TableBlock(f"{name}: instruction-level diagonal dominance per category (mean same-category "
-                              "Jaccard minus the mean of its five cross-category blocks; bootstrap interval, "
-                              "one-sided permutation p; the same on the human-written subset)",
+        out.append(TableBlock(f"{name}: instruction-level diagonal dominance per category ({units}; mean "
+                              "same-category Jaccard minus the mean of its five cross-category blocks; bootstrap "
+                              "interval, one-sided permutation p; the same on the human-written subset of "
+                              "human_n records; – = undefined, e.g. fewer than two records of the category in "
+                              "the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
     if c:
@@ -248,6 +293,7 @@ def write_report(
         blocks.append(TextBlock(SECTION_TITLES[sec], heading=True))
         for n, s in have.items():
             blocks.append(_category_table(n, sec, s))
+            blocks.append(_general_text(n, sec, s))
             txt = _bootstrap_text(s)
             if txt:
                 blocks.append(TextBlock(f"{n}: {txt}"))
@@ -257,10 +303,22 @@ def write_report(
         if pairs:
             add(F.size_vs_length(pairs, f"{SECTION_TITLES[sec]}: set size vs prompt length"),
                 f"set_size_vs_length_{sec}.png", "Set size vs prompt length", CAPTIONS["size_vs_length"])
-        add(F.overlap_heatmaps({n: s["overlap_jaccard"] for n, s in have.items()},
-                               f"{SECTION_TITLES[sec]}: category overlap"),
-            f"overlap_{sec}.png", "Category overlap", CAPTIONS["overlap"].format(units=units))
-        inst = {n: s["instruction_overlap"] for n, s in have.items() if s.get("instruction_overlap")}
+        # A model whose every S(c) is empty has no category-level figure to draw: say so instead.
+        chosen = {n: s for n, s in have.items() if any(s["per_category_count"].values())}
+        if len(chosen) < len(have):
+            blocks.append(TextBlock(
+                f"{', '.join(n for n in have if n not in chosen)}: no {units} were selected for any category "
+                "(every S(c) is empty; e.g. a threshold above every frequency), so the category overlap, layer "
+                "distribution and generality figures " + ("show only the other models." if chosen else
+                                                          "are left out.")))
+        if chosen:
+            blanks = "; ".join(f"{n}: {', '.join(SHORT_NAMES[c] for c in CATEGORIES if not s['per_category_count'][c])}"
+                               for n, s in chosen.items() if not all(s["per_category_count"].values()))
+            add(F.overlap_heatmaps({n: s["overlap_jaccard"] for n, s in chosen.items()},
+                                   f"{SECTION_TITLES[sec]}: category overlap"),
+                f"overlap_{sec}.png", "Category overlap", CAPTIONS["overlap"].format(units=units)
+                + (f" Empty sets (blank row and column): {blanks}." if blanks else ""))
+        inst = {n: s["instruction_overlap"] for n, s in have.items() if _has_value(s.get("instruction_overlap"))}
         if inst:
             add(F.overlap_heatmaps(inst, f"{SECTION_TITLES[sec]}: instruction-level overlap",
                                    label="mean pairwise Jaccard"),
@@ -268,21 +326,23 @@ def write_report(
                 CAPTIONS["instruction_overlap"].format(units=units))
         for n, ma in (analyses or {}).items():
             fa = ma.fields.get(sec)
-            if fa is not None and fa.instruction_matrix is not None:
+            if fa is not None and fa.instruction_matrix is not None and np.isfinite(fa.instruction_matrix).any():
                 add(F.instruction_heatmap(fa.instruction_matrix, fa.ident.labels, f"{n}: {units}"),
                     f"instruction_matrix_{safe_name(n)}_{sec}.png", f"Instruction x instruction ({n})",
                     CAPTIONS["instruction_matrix"].format(units=units))
-        add(F.layer_distribution({n: s["per_layer"] for n, s in have.items()},
-                                 f"{SECTION_TITLES[sec]}: layer distribution",
-                                 phases={n: s["phases"] for n, s in have.items()}, ylabel=f"{units}"),
-            f"layers_{sec}.png", "Layer distribution", CAPTIONS["layers"].format(units=units))
-        add(F.generality_uniqueness(have, f"{SECTION_TITLES[sec]}: generality and uniqueness"),
-            f"generality_{sec}.png", "Generality and uniqueness", CAPTIONS["generality"])
+        if chosen:
+            add(F.layer_distribution({n: s["per_layer"] for n, s in chosen.items()},
+                                     f"{SECTION_TITLES[sec]}: layer distribution",
+                                     phases={n: s["phases"] for n, s in chosen.items()}, ylabel=f"{units}"),
+                f"layers_{sec}.png", "Layer distribution", CAPTIONS["layers"].format(units=units))
+            add(F.generality_uniqueness(chosen, f"{SECTION_TITLES[sec]}: generality and uniqueness", units=units),
+                f"generality_{sec}.png", "Generality and uniqueness", CAPTIONS["generality"])
         if sec in comp:
             b, a = comp["before"], comp["after"]
-            add(F.comparison_bars(comp[sec], f"{SECTION_TITLES[sec]}: {b} → {a}", b, a),
-                f"comparison_{sec}.png", f"Comparison {b} → {a}",
-                CAPTIONS["comparison"].format(before=b, after=a))
+            if any(comp[sec][c]["size_before"] or comp[sec][c]["size_after"] for c in CATEGORIES):
+                add(F.comparison_bars(comp[sec], f"{SECTION_TITLES[sec]}: {b} → {a}", b, a),
+                    f"comparison_{sec}.png", f"Comparison {b} → {a}",
+                    CAPTIONS["comparison"].format(before=b, after=a))
             rules = comp.get("rules") or {}
             main_rule = (rules.get("main") or {}).get("identification", {}).get("rule", "main rule")
             blocks.append(_set_table(f"{b} → {a}: {units} per category ({main_rule}, main rule)", comp[sec]))
@@ -325,7 +385,8 @@ def write_report(
             f"ablation_{kind}.png", f"Ablation ({word})",
             CAPTIONS["ablation"].format(kind=word, n=d["n_random"], matching=_matching_text(d)))
         isn = matrix_table("", d["isn"], corner=ABLATION_CORNER)
-        blocks.append(TableBlock(f"Ablation ({word}): loss increase, ablated (rows) x evaluated",
+        blocks.append(TableBlock(f"Ablation ({word}): loss increase (nats per response token), ablated (rows) "
+                                 "x evaluated",
                                  isn.header, isn.rows))
         blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['n_random']} matched "
                                  "random draws, dropped routing mass and control quality",
