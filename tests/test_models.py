@@ -104,6 +104,23 @@ def test_sliding_window_on_the_layers_transformers_gives_it(variant, tmp_path, m
         assert_logits_close(torch_logits(sj.save_model(model, tmp_path / "saved"), ids, mask), ours, mask)
 
 
+OPTIONS = {  # options no fixture variant sets: old-style linear rope scaling, one kv head, clipped q/k/v
+    "llama_linear_rope_one_kv_head": ("llama", dict(rope_scaling={"type": "linear", "factor": 4.0},
+                                                     num_key_value_heads=1)),
+    "olmoe_clip_qkv": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.3)),
+}
+
+
+@pytest.mark.parametrize("variant", list(OPTIONS))
+def test_rarer_options_match_transformers(variant, tmp_path, monkeypatch):
+    from hf_fixtures import write_checkpoint
+
+    monkeypatch.setitem(VARIANTS, variant, OPTIONS[variant])
+    path = write_checkpoint(variant, tmp_path / "ck")
+    ids, mask = batch_with_padding()
+    assert_logits_close(torch_logits(path, ids, mask), np.asarray(sj.load_model(path)(ids, mask)), mask)
+
+
 @pytest.mark.parametrize("extra", [dict(max_window_layers=1), dict(layer_types=["full_attention", "sliding_attention"]),
                                    dict(_MOE_SMALL, model_type="qwen2_moe")])  # even layers below max_window_layers
 def test_a_window_on_some_layers_only_is_refused(extra):
