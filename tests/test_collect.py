@@ -272,6 +272,35 @@ def test_two_process_distributed_run_matches_single_process(variant, hf_checkpoi
         np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), arr)
 
 
+@pytest.mark.parametrize("n, processes", [(7, 2), (5, 3), (2, 3)])
+def test_per_process_stores_merge_back_in_the_records_order(n, processes, monkeypatch):
+    """Process k of a multi-process collection counts the records k, k+P, ... (its share);
+    the merged counts hold every record's row where a one-process run has it."""
+    import jax
+
+    from sparcom_jax.pipeline.stages import _process_share, merge_shares
+
+    rng = np.random.default_rng(0)
+    records = [f"r{i}" for i in range(n)]
+    whole = sj.Counts(tokens=np.arange(n) + 1, neuron_active=rng.integers(0, 9, (n, 2, 3)), ids=records,
+                      categories=[sj.CATEGORIES[i % 6] for i in range(n)], sources=[f"s{i}" for i in range(n)],
+                      neuron_act_sum=rng.random((n, 2, 3)).astype(np.float32))
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    parts = []
+    for k in range(processes):
+        monkeypatch.setattr(jax, "process_index", lambda k=k: k)
+        rows = [records.index(r) for r in _process_share(records)]
+        parts.append(sj.Counts(tokens=whole.tokens[rows], neuron_active=whole.neuron_active[rows],
+                               neuron_act_sum=whole.neuron_act_sum[rows], ids=[whole.ids[i] for i in rows],
+                               categories=[whole.categories[i] for i in rows],
+                               sources=[whole.sources[i] for i in rows], meta={"fingerprint": k}))
+    merged = merge_shares(parts, "root")
+    assert (merged.ids, merged.categories, merged.sources) == (whole.ids, whole.categories, whole.sources)
+    for field in ("tokens", "neuron_active", "neuron_act_sum"):
+        np.testing.assert_array_equal(getattr(merged, field), getattr(whole, field))
+    assert merged.meta["fingerprint"] == {f"process_{k}": k for k in range(processes)}
+
+
 # ---------------------------------------------------------------- exact zeros
 ZEROED = {"llama": [("mlp.gate_proj.weight", 0, 5), ("mlp.gate_proj.weight", 1, 17)],
           "qwen2_moe": [("mlp.experts.gate_up_proj", 0, (2, 3)), ("mlp.experts.gate_up_proj", 1, (1, 9)),
