@@ -341,6 +341,32 @@ def test_activations_of_exactly_zero_are_not_counted(variant, tmp_path):
             assert unit_counts(getattr(ours, field), layer, unit).sum() == 0, (impl, tuning, field, layer, unit)
 
 
+def test_strategies_agree_when_two_experts_take_every_token(hf_checkpoint):
+    """A zero router ties every expert, so top-2 sends every token to experts 0 and 1 and none
+    to 2 and 3: groups of twice the mean (past the smallest capacity, or every capacity,
+    which falls back) and empty ones. Counts are equal and the activation sums equal to
+    rounding across strategies."""
+    from sparcom_jax.models.dispatch import Dispatch
+
+    seqs, scopes = make_inputs(n=5)
+    runs = {}
+    for impl, tuning in (("ragged", {}), ("looped", {"loop_tile": 4, "loop_tail": 2}), ("capacity", {}),
+                         ("capacity", {"capacity_factors": (1.25,)})):
+        model = sj.load_model(hf_checkpoint("mixtral"), moe_impl=Dispatch.choose(impl, **tuning))
+        model.blocks.ffn.router[...] = 0.0
+        runs[impl, str(tuning)] = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False, sums=True)
+    ref = runs.pop(("ragged", "{}"))
+    per_expert = ref.expert_routed.sum((0, 1))
+    every = ref.tokens.sum() * ref.expert_routed.shape[1]  # each counted token of each layer
+    assert per_expert[0] == per_expert[1] == every and per_expert[2:].sum() == 0
+    assert ref.expert_neuron_active[:, :, :2].sum() > 0
+    for name, c in runs.items():
+        for field, arr in ref.arrays().items():
+            np.testing.assert_array_equal(getattr(c, field), arr, err_msg=f"{name} {field}")
+        for field, arr in ref.sums().items():
+            np.testing.assert_allclose(getattr(c, field), arr, rtol=1e-5, atol=1e-6, err_msg=f"{name} {field}")
+
+
 def test_store_records_what_the_moe_ran(tmp_path):
     from sparcom_jax.models.dispatch import Dispatch
 
