@@ -272,6 +272,35 @@ def test_two_process_distributed_run_matches_single_process(variant, hf_checkpoi
         np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), arr)
 
 
+@pytest.mark.parametrize("n, processes", [(7, 2), (5, 3), (2, 3)])
+def test_per_process_stores_merge_back_in_the_records_order(n, processes, monkeypatch):
+    """Process k of a multi-process collection counts the records k, k+P, ... (its share);
+    the merged counts hold every record's row where a one-process run has it."""
+    import jax
+
+    from sparcom_jax.pipeline.stages import _process_share, merge_shares
+
+    rng = np.random.default_rng(0)
+    records = [f"r{i}" for i in range(n)]
+    whole = sj.Counts(tokens=np.arange(n) + 1, neuron_active=rng.integers(0, 9, (n, 2, 3)), ids=records,
+                      categories=[sj.CATEGORIES[i % 6] for i in range(n)], sources=[f"s{i}" for i in range(n)],
+                      neuron_act_sum=rng.random((n, 2, 3)).astype(np.float32))
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    parts = []
+    for k in range(processes):
+        monkeypatch.setattr(jax, "process_index", lambda k=k: k)
+        rows = [records.index(r) for r in _process_share(records)]
+        parts.append(sj.Counts(tokens=whole.tokens[rows], neuron_active=whole.neuron_active[rows],
+                               neuron_act_sum=whole.neuron_act_sum[rows], ids=[whole.ids[i] for i in rows],
+                               categories=[whole.categories[i] for i in rows],
+                               sources=[whole.sources[i] for i in rows], meta={"fingerprint": k}))
+    merged = merge_shares(parts, "root")
+    assert (merged.ids, merged.categories, merged.sources) == (whole.ids, whole.categories, whole.sources)
+    for field in ("tokens", "neuron_active", "neuron_act_sum"):
+        np.testing.assert_array_equal(getattr(merged, field), getattr(whole, field))
+    assert merged.meta["fingerprint"] == {f"process_{k}": k for k in range(processes)}
+
+
 # ---------------------------------------------------------------- exact zeros
 ZEROED = {"llama": [("mlp.gate_proj.weight", 0, 5), ("mlp.gate_proj.weight", 1, 17)],
           "qwen2_moe": [("mlp.experts.gate_up_proj", 0, (2, 3)), ("mlp.experts.gate_up_proj", 1, (1, 9)),
@@ -310,6 +339,32 @@ def test_activations_of_exactly_zero_are_not_counted(variant, tmp_path):
         assert_counts_equal(ours, ref)
         for field, layer, unit in zeroed:
             assert unit_counts(getattr(ours, field), layer, unit).sum() == 0, (impl, tuning, field, layer, unit)
+
+
+def test_strategies_agree_when_two_experts_take_every_token(hf_checkpoint):
+    """A zero router ties every expert, so top-2 sends every token to experts 0 and 1 and none
+    to 2 and 3: groups of twice the mean (past the smallest capacity, or every capacity,
+    which falls back) and empty ones. Counts are equal and the activation sums equal to
+    rounding across strategies."""
+    from sparcom_jax.models.dispatch import Dispatch
+
+    seqs, scopes = make_inputs(n=5)
+    runs = {}
+    for impl, tuning in (("ragged", {}), ("looped", {"loop_tile": 4, "loop_tail": 2}), ("capacity", {}),
+                         ("capacity", {"capacity_factors": (1.25,)})):
+        model = sj.load_model(hf_checkpoint("mixtral"), moe_impl=Dispatch.choose(impl, **tuning))
+        model.blocks.ffn.router[...] = 0.0
+        runs[impl, str(tuning)] = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False, sums=True)
+    ref = runs.pop(("ragged", "{}"))
+    per_expert = ref.expert_routed.sum((0, 1))
+    every = ref.tokens.sum() * ref.expert_routed.shape[1]  # each counted token of each layer
+    assert per_expert[0] == per_expert[1] == every and per_expert[2:].sum() == 0
+    assert ref.expert_neuron_active[:, :, :2].sum() > 0
+    for name, c in runs.items():
+        for field, arr in ref.arrays().items():
+            np.testing.assert_array_equal(getattr(c, field), arr, err_msg=f"{name} {field}")
+        for field, arr in ref.sums().items():
+            np.testing.assert_allclose(getattr(c, field), arr, rtol=1e-5, atol=1e-6, err_msg=f"{name} {field}")
 
 
 def test_store_records_what_the_moe_ran(tmp_path):

@@ -73,6 +73,62 @@ def test_long_batch_logits_match_transformers(variant, hf_checkpoint):
     assert_logits_close(torch_logits(path, ids, mask), np.asarray(sj.load_model(path)(ids, mask)), mask)
 
 
+_MOE_SMALL = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=40)
+# transformers gives a sliding window to the layers its layer_types (or max_window_layers) pick.
+SLIDING = {
+    "qwen2_all_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
+    "qwen2_no_layer": ("qwen2", dict(use_sliding_window=True, sliding_window=4)),  # max_window_layers 28 > 2
+    "qwen2_moe_all_layers": ("qwen2_moe", dict(_MOE_SMALL, use_sliding_window=True, sliding_window=4,
+                                               layer_types=["sliding_attention"] * 2)),
+    "llama_ignores_it": ("llama", dict(sliding_window=4)),
+}
+
+
+@pytest.mark.parametrize("variant", list(SLIDING))
+def test_sliding_window_on_the_layers_transformers_gives_it(variant, tmp_path, monkeypatch):
+    """12 tokens against a window of 4: a window on layers transformers leaves unwindowed
+    (or missing where it windows) changes the logits; saving keeps the layers it applies to."""
+    from hf_fixtures import write_checkpoint
+
+    monkeypatch.setitem(VARIANTS, variant, SLIDING[variant])
+    path = write_checkpoint(variant, tmp_path / "ck")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 96, size=(2, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    model = sj.load_model(path)
+    assert (model.config.sliding_window is None) == (variant.endswith(("no_layer", "ignores_it")))
+    ours = np.asarray(model(ids, mask))
+    assert_logits_close(torch_logits(path, ids, mask), ours, mask)
+    if model.config.sliding_window:
+        assert_logits_close(torch_logits(sj.save_model(model, tmp_path / "saved"), ids, mask), ours, mask)
+
+
+OPTIONS = {  # options no fixture variant sets: old-style linear rope scaling, one kv head, clipped q/k/v
+    "llama_linear_rope_one_kv_head": ("llama", dict(rope_scaling={"type": "linear", "factor": 4.0},
+                                                     num_key_value_heads=1)),
+    "olmoe_clip_qkv": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.3)),
+}
+
+
+@pytest.mark.parametrize("variant", list(OPTIONS))
+def test_rarer_options_match_transformers(variant, tmp_path, monkeypatch):
+    from hf_fixtures import write_checkpoint
+
+    monkeypatch.setitem(VARIANTS, variant, OPTIONS[variant])
+    path = write_checkpoint(variant, tmp_path / "ck")
+    ids, mask = batch_with_padding()
+    assert_logits_close(torch_logits(path, ids, mask), np.asarray(sj.load_model(path)(ids, mask)), mask)
+
+
+@pytest.mark.parametrize("extra", [dict(max_window_layers=1), dict(layer_types=["full_attention", "sliding_attention"]),
+                                   dict(_MOE_SMALL, model_type="qwen2_moe")])  # even layers below max_window_layers
+def test_a_window_on_some_layers_only_is_refused(extra):
+    hf = {**VARIANTS_CONFIG_LLAMA, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, **extra}
+    with pytest.raises(ConfigError, match=r"sliding window on some layers only \(layers \[\d\] of 2"):
+        ModelConfig.from_hf_config(hf)
+
+
 @pytest.mark.parametrize("window", [None, 5])
 def test_blocked_attention_equals_plain_softmax_attention(window):
     """Query blocks against a plain numpy softmax over the whole masked score matrix."""

@@ -35,6 +35,10 @@ class Family:
         has none); bias_default: its value when absent.
       bias_out: the switch also gives o_proj a bias (Llama style), not only q/k/v (Qwen2).
       sliding_flag: a sliding window applies only with ``use_sliding_window`` (Qwen).
+      window_layers: which layers transformers gives the ``sliding_window``: None (none;
+        the family ignores the key), "all", "from" (layers >= ``max_window_layers``,
+        Qwen2/Qwen3) or "alternate" (even layers < ``max_window_layers``, Qwen2-MoE);
+        an explicit ``layer_types`` list overrides the last two, as in transformers.
       experts_key / expert_width_key: config.json keys of the expert count and width
         (written; reading also accepts ``num_local_experts`` and ``num_experts``).
       norm_topk_prob: fixed by the family (Mixtral always renormalises), None = read it.
@@ -51,6 +55,7 @@ class Family:
     bias_default: bool = False
     bias_out: bool = True
     sliding_flag: bool = False
+    window_layers: str | None = "all"
     experts_key: str = "num_experts"
     expert_width_key: str = "moe_intermediate_size"
     norm_topk_prob: bool | None = None
@@ -61,21 +66,54 @@ class Family:
 _MIXTRAL_NAMES = (("mlp.gate.", "block_sparse_moe.gate."), ("mlp.experts.", "block_sparse_moe.experts."),
                   (".gate_proj.", ".w1."), (".up_proj.", ".w3."), (".down_proj.", ".w2."))
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM"),
+    "llama": Family("LlamaForCausalLM", window_layers=None),
     "mistral": Family("MistralForCausalLM", bias_key=None),
-    "qwen2": Family("Qwen2ForCausalLM", bias_key="qkv_bias", bias_default=True, bias_out=False, sliding_flag=True),
-    "qwen3": Family("Qwen3ForCausalLM", qk_norm="head", sliding_flag=True),
+    "qwen2": Family("Qwen2ForCausalLM", bias_key="qkv_bias", bias_default=True, bias_out=False, sliding_flag=True,
+                    window_layers="from"),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm="head", sliding_flag=True, window_layers="from"),
     "mixtral": Family("MixtralForCausalLM", moe=True, bias_key=None, experts_key="num_local_experts",
                       expert_width_key="intermediate_size", norm_topk_prob=True, hf_aliases=(_MIXTRAL_NAMES,)),
     "qwen2_moe": Family("Qwen2MoeForCausalLM", moe=True, bias_key="qkv_bias", bias_default=True, bias_out=False,
-                        sliding_flag=True, shared_expert=True),
-    "olmoe": Family("OlmoeForCausalLM", moe=True, qk_norm="full", expert_width_key="intermediate_size"),
+                        sliding_flag=True, window_layers="alternate", shared_expert=True),
+    "olmoe": Family("OlmoeForCausalLM", moe=True, qk_norm="full", expert_width_key="intermediate_size",
+                    window_layers=None),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", moe=True, qk_norm="head", sliding_flag=True),
 }
 
 
 def _supported() -> str:
     return ", ".join(FAMILIES)
+
+
+# transformers' default of ``max_window_layers`` (Qwen2, Qwen3, Qwen2-MoE).
+_MAX_WINDOW_LAYERS = 28
+
+
+def _sliding_window(hf: dict[str, Any], fam: Family, n_layers: int, source: str) -> int | None:
+    """The sliding window every layer attends within, as transformers applies it, or None.
+
+    Raises:
+      ConfigError: when transformers would give the window to some layers only.
+    """
+    window = hf.get("sliding_window")
+    if not window or fam.window_layers is None or (fam.sliding_flag and not hf.get("use_sliding_window", False)):
+        return None
+    if fam.window_layers == "all":
+        return int(window)
+    types = hf.get("layer_types")
+    if types is None:
+        first = int(hf.get("max_window_layers", _MAX_WINDOW_LAYERS))
+        types = ["sliding_attention" if (i >= first if fam.window_layers == "from" else i < first and i % 2 == 0)
+                 else "full_attention" for i in range(n_layers)]
+    slides = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not slides:
+        return None
+    if len(slides) < n_layers:
+        raise ConfigError(
+            f"{source}: a sliding window on some layers only (layers {slides} of {n_layers}, from "
+            f"{'layer_types' if 'layer_types' in hf else 'max_window_layers'}) is not supported; every layer "
+            "must attend alike (use_sliding_window=false, or a window on every layer)")
+    return int(window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +203,8 @@ class ModelConfig:
         need(self.num_heads % self.num_kv_heads == 0,
              f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
         need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary embeddings")
+        need(self.sliding_window is None or FAMILIES[self.model_type].window_layers is not None,
+             f"model_type {self.model_type!r} has no sliding-window attention; set sliding_window=None")
         need(self.rope_type in ("default", "linear", "llama3"),
              f"rope type {self.rope_type!r} is not supported; supported: default, linear, llama3")
         if self.is_moe:
@@ -207,9 +247,7 @@ class ModelConfig:
             scaling = dict(get("rope_scaling", {}) or {})
             rope.update({k: v for k, v in scaling.items() if k not in rope})
             max_pos = int(get("max_position_embeddings", 4096))
-            sliding = get("sliding_window")
-            if not sliding or (fam.sliding_flag and not hf.get("use_sliding_window", False)):
-                sliding = None
+            sliding = _sliding_window(hf, fam, int(get("num_hidden_layers")), source)
             bias = bool(hf.get(fam.bias_key, fam.bias_default)) if fam.bias_key else False
             if hf.get("mlp_bias"):
                 raise ConfigError(f"{source}: mlp_bias=true is not supported (no supported family uses it)")
@@ -311,6 +349,8 @@ class ModelConfig:
             hf[fam.bias_key] = self.attention_bias
         if self.sliding_window and fam.sliding_flag:
             hf["use_sliding_window"] = True
+        if self.sliding_window and fam.window_layers not in (None, "all"):
+            hf["layer_types"] = ["sliding_attention"] * self.num_layers  # else transformers slides only some
         if self.clip_qkv is not None:
             hf["clip_qkv"] = self.clip_qkv
         if not self.is_moe:

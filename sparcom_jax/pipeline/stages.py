@@ -295,9 +295,6 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
       StaleResultError: the stored counts were made with other inputs or settings.
       ValueError: there are no (complete) counts.
     """
-    import numpy as np
-
-    from sparcom_jax.stats.counts import Counts
     from sparcom_jax.stats.store import open_counts, read_header
 
     label = label or spec.label
@@ -317,10 +314,25 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     if not parts:
         return open_counts(root)
-    cs = [open_counts(p, in_memory=True) for p in parts]
-    merged = {k: np.concatenate([getattr(c, k) for c in cs]) for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
-    return Counts(ids=sum((c.ids or [] for c in cs), []), categories=sum((c.categories or [] for c in cs), []),
-                  sources=sum((c.sources or [] for c in cs), []),
+    return merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+
+
+def merge_shares(cs, root):
+    """The counts of every process's `_process_share` (process k counted records k, k+P, ...)
+    as one `Counts`, its rows back in the records' order: a multi-process run then hands
+    the analysis (its bootstrap and permutation draws over rows) what one process would."""
+    import numpy as np
+
+    from sparcom_jax.stats.counts import Counts
+
+    n = sum(c.n for c in cs)
+    # The record behind each row of the process stores laid end to end, and the rows that put them in order.
+    order = np.argsort(np.concatenate([np.arange(k, n, len(cs)) for k in range(len(cs))]), kind="stable")
+    merged = {k: np.concatenate([getattr(c, k) for c in cs])[order]
+              for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
+    labels = {k: None if getattr(cs[0], k) is None else [x for c in cs for x in getattr(c, k)]
+              for k in ("ids", "categories", "sources")}
+    return Counts(**{k: v and [v[i] for i in order] for k, v in labels.items()},
                   meta=dict(cs[0].meta, store=str(root), fingerprint={f"process_{k}": c.meta.get("fingerprint")
                                                                      for k, c in enumerate(cs)}), **merged)
 
