@@ -175,10 +175,7 @@ def bootstrap(
         arr = np.asarray(v, dtype=np.float64)
         e = np.asarray(est[k], dtype=np.float64)
         low, high = _nan_reduce(arr, np.nanpercentile, lo), _nan_reduce(arr, np.nanpercentile, hi)
-        # A tolerance so that a replicate equal to the estimate up to summation order (the
-        # weighted block means) does not count as outside; NaN bounds compare False.
-        tol = 1e-9 * np.maximum(1.0, np.abs(np.nan_to_num(e)))
-        outside = np.isfinite(e) & ((e < low - tol) | (e > high + tol))
+        outside = np.isfinite(e) & ((e < low) | (e > high))  # NaN bounds compare False
         out[k] = {"low": low, "high": high, "bias": _nan_reduce(arr, np.nanmean) - e, "outside": outside}
         n_outside[k] = int(outside.sum())
     out["n_outside"] = n_outside
