@@ -151,3 +151,56 @@ def test_bootstrap_pooled_sizes_brute_force_with_exact_means():
             sizes.append(sum(1 for v in mean if v >= kth and v > 0))
         b = bootstrap(ident, counts=counts, n_boot=1, seed=seed)
         assert b["per_category_count"]["low"].tolist() == sizes, seed
+
+
+def test_bootstrap_bias_and_outside_brute_force():
+    # Explicit resamples (lists of drawn instructions), each category's consensus set rebuilt by
+    # counting the drawn instructions that select a unit, and the instruction-level block means
+    # over pairs of draws of different instructions; the bias is mean replicate minus estimate.
+    counts = block_counts(per_cat=6, noise=1.0, seed=3)
+    ident = identify(counts, "neuron_active", CFG)
+    j = instruction_jaccard(ident)
+    s_i = ident.instruction_rows(0, ident.n).astype(bool)
+    j64 = j.astype(np.float64)
+    labels = ident.labels
+    n_boot, seed = 40, 7
+
+    def figures(drawn):
+        sets = np.array([s_i[drawn[labels[drawn] == c]].sum(0) * 2 >= (labels == c).sum() for c in range(6)])
+        breadth = sets.sum(0)
+        block = np.zeros((6, 6))
+        for a in range(6):
+            for b in range(6):
+                da, db = drawn[labels[drawn] == a], drawn[labels[drawn] == b]
+                block[a, b] = np.mean([j64[x, y] for x in da for y in db if x != y])
+        off = ~np.eye(6, dtype=bool)
+        return {"per_category_count": sets.sum(1), "general": (breadth == 6).sum(),
+                "general_share": (breadth == 6).sum() / (breadth > 0).sum(),
+                "unique": (sets & (breadth == 1)).sum(1),
+                "diagonal_dominance": np.diag(block).mean() - block[off].mean(),
+                "per_category_dominance": np.diag(block) - np.where(off, block, 0).sum(1) / 5}
+
+    est = figures(np.arange(ident.n))
+    w = resample_weights(labels, n_boot, seed).astype(int)
+    reps = [figures(np.repeat(np.arange(ident.n), w[b])) for b in range(n_boot)]
+    got = bootstrap(ident, instruction_matrix=j, n_boot=n_boot, seed=seed)
+    for k, e in est.items():
+        r = np.array([x[k] for x in reps], float)
+        assert np.allclose(got[k]["bias"], r.mean(0) - e, atol=1e-9), k
+        lo, hi = np.percentile(r, [2.5, 97.5], axis=0)
+        assert np.array_equal(got[k]["outside"], (e < lo) | (e > hi)), k
+        assert got["n_outside"][k] == int(np.sum(got[k]["outside"])), k
+    # The noise units just below q = 1/2 join the consensus sets in resamples, so the sets grow
+    # and the general share (one unit of a growing union) falls below its own interval.
+    assert np.all(got["per_category_count"]["bias"] > 0)
+    assert got["general_share"]["bias"] < 0 and got["general_share"]["outside"]
+    assert got["general"]["bias"] == 0 and not got["general"]["outside"]
+
+
+def test_bootstrap_outside_is_false_where_replicates_equal_the_estimate():
+    # Identical instructions per category: every replicate equals the estimate, so no bias and
+    # nothing outside.
+    ident = identify(block_counts(), "neuron_active", CFG)
+    b = bootstrap(ident, instruction_matrix=instruction_jaccard(ident), n_boot=10, seed=0)
+    assert sum(b["n_outside"].values()) == 0
+    assert np.allclose(b["per_category_count"]["bias"], 0) and np.allclose(b["diagonal_dominance"]["bias"], 0)

@@ -180,3 +180,34 @@ def test_demo_page_says_what_tiny_models_cannot_show(tmp_path):
     page.write_text("<html><head><title>t</title></head><body><h1>pair</h1><p>x</p></body></html>")
     doc = write_demo_report(tmp_path / "out", {"pair": {"models": {}}}, {"pair": page}, "demo").read_text()
     assert DEMO_CAVEAT in doc and doc.index(DEMO_CAVEAT) < doc.index('id="pair"')
+
+
+def test_an_estimate_outside_its_interval_is_flagged_with_its_bias(tmp_path):
+    # Noise units just below the consensus cut join the sets in resamples: the union grows and the
+    # general share falls below its own interval (see test_analysis_uncertainty).
+    from test_analysis_uncertainty import CFG, block_counts
+
+    base = analyze_model(block_counts(per_cat=6, noise=1.0, seed=3), CFG, name="base", n_boot=40, n_perm=0)
+    summary = build_summary({"base": base})
+    b = summary["models"]["base"]["isn"]["bootstrap"]
+    assert b["general_share"]["outside"] and not b["general"]["outside"]
+    assert b["n_outside"]["general_share"] == 1
+    write_report(tmp_path / "biased", summary, dpi=30)
+    page = page_of(tmp_path / "biased")
+    sb = b["general_share"]["bias"]
+    assert f"share {100 * sb:+.2g} percentage points (outside its interval: the share falls when" in page
+    assert (f"The estimate lies outside its own 95% interval for the general share (bias {100 * sb:+.2g} "
+            "percentage points)") in page
+    assert "not a range that covers its true value" in page
+    _, rows = read_csv(tmp_path / "biased" / "tables" / "base_isn_generality.csv")
+    d = dict((r[0], r[1]) for r in rows)
+    assert d["general_share_outside"] == "True" and d["general_outside"] == "False"
+    assert float(d["general_share_bias"]) == pytest.approx(sb, abs=1e-6)
+    header, rows = read_csv(tmp_path / "biased" / "tables" / "base_isn_categories.csv")
+    assert [float(r[header.index("size_bias")]) for r in rows] == pytest.approx(b["per_category_count"]["bias"],
+                                                                                 abs=1e-5)
+    # Identical instructions per category: every resample equals the estimate, nothing is flagged.
+    clean = analyze_model(block_counts(), CFG, name="base", n_boot=10, n_perm=0)
+    write_report(tmp_path / "clean", build_summary({"base": clean}), dpi=30)
+    assert "The estimate lies outside its own" not in page_of(tmp_path / "clean")
+    assert "(outside its interval:" not in page_of(tmp_path / "clean")

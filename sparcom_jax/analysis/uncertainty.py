@@ -6,6 +6,17 @@ percentile intervals. A resample is a vector of multiplicities w [N], so the
 category aggregate (votes for consensus, summed frequencies for pooled) of B
 resamples at once is one matrix product W [B, N] @ V [N, U] per chunk of rows.
 
+The set figures are built from thresholded sets (a unit is in S(c) only past a
+cut), so resampling moves the units near the cut in or out and a figure can
+shrink or grow on average (the general set, an intersection of six noisy sets,
+often shrinks; a consensus set with many units just below q grows). Each figure
+therefore also carries its bootstrap bias (mean replicate minus estimate) and
+whether its estimate lies outside its own interval: there the interval shows
+the spread of the figure over resampled studies, not coverage of the true
+value. A bias-corrected (BC) percentile interval does not help on these
+discrete figures: it degenerates to a point exactly where every replicate falls
+on one side of the estimate.
+
 Permutation test: shuffle the category labels over instructions (sizes kept;
 within each source stratum when sources are given) and recompute
 diag-minus-off-diagonal of the instruction-level 6x6 overlap, overall and per
@@ -49,6 +60,12 @@ def resample_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
             if idx.size:
                 w[b] += np.bincount(rng.choice(idx, size=idx.size, replace=True), minlength=n)
     return w
+
+
+def _instruction_stats(block: np.ndarray) -> dict[str, np.ndarray]:
+    """Figures bootstrapped from one [C, C] instruction-level block-mean matrix."""
+    return {"instruction_overlap": block, "diagonal_dominance": np.asarray(diagonal_dominance(block)),
+            "per_category_dominance": per_category_dominance(block)}
 
 
 def _replicate_stats(sets: np.ndarray) -> dict[str, np.ndarray]:
@@ -105,10 +122,14 @@ def bootstrap(
       budget_bytes: memory for the float32 aggregates of one batch of replicates.
 
     Returns:
-      dict: n_boot, seed, ci, and for each figure (per_category_count, unique,
+      dict: n_boot, seed, ci; for each figure (per_category_count, unique,
       general, general_share, overlap_jaccard, overlap_coefficient, and with
       the instruction matrix instruction_overlap, diagonal_dominance and
-      per_category_dominance) {"low": ..., "high": ...} with the figure's shape.
+      per_category_dominance) {"low", "high", "bias", "outside"}, each with the
+      figure's shape: the percentile interval, the bootstrap bias (mean of the
+      replicates where the figure is defined, minus the estimate; NaN where
+      either is undefined) and whether the estimate lies outside [low, high];
+      and n_outside {figure: number of its entries outside their interval}.
     """
     cfg = ident.config
     u = ident.n_units
@@ -141,25 +162,33 @@ def bootstrap(
                                     None if agg_strength is None else (agg_strength[r] / denom).astype(np.float32))
             for k, v in _replicate_stats(sets).items():
                 reps.setdefault(k, []).append(v)
+    est = _replicate_stats(ident.category_sets.reshape(C, -1))
     if instruction_matrix is not None:
-        blocks = category_block_means(instruction_matrix, ident.labels, w_all)
-        reps["instruction_overlap"] = list(blocks)
-        reps["diagonal_dominance"] = [np.asarray(diagonal_dominance(b)) for b in blocks]
-        reps["per_category_dominance"] = list(per_category_dominance(blocks))
+        est.update(_instruction_stats(category_block_means(instruction_matrix, ident.labels)))
+        for block in category_block_means(instruction_matrix, ident.labels, w_all):
+            for k, v in _instruction_stats(block).items():
+                reps.setdefault(k, []).append(v)
     lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
     out = {"n_boot": n_boot, "seed": seed, "ci": ci}
+    n_outside = {}
     for k, v in reps.items():
         arr = np.asarray(v, dtype=np.float64)
-        out[k] = {"low": _nanpercentile(arr, lo), "high": _nanpercentile(arr, hi)}
+        e = np.asarray(est[k], dtype=np.float64)
+        low, high = _nan_reduce(arr, np.nanpercentile, lo), _nan_reduce(arr, np.nanpercentile, hi)
+        outside = np.isfinite(e) & ((e < low) | (e > high))  # NaN bounds compare False
+        out[k] = {"low": low, "high": high, "bias": _nan_reduce(arr, np.nanmean) - e, "outside": outside}
+        n_outside[k] = int(outside.sum())
+    out["n_outside"] = n_outside
     return out
 
 
-def _nanpercentile(a: np.ndarray, q: float) -> np.ndarray:
-    """np.nanpercentile over axis 0, NaN (without a warning) where all are NaN."""
+def _nan_reduce(a: np.ndarray, fn, *args) -> np.ndarray:
+    """fn(a[:, ok], *args, axis=0) over the finite replicates of each entry (np.nanpercentile,
+    np.nanmean); NaN (without a warning) where all replicates are NaN."""
     ok = np.isfinite(a).any(0)
     out = np.full(a.shape[1:], np.nan)
     if np.any(ok):
-        out[ok] = np.nanpercentile(a[:, ok], q, axis=0)
+        out[ok] = fn(a[:, ok], *args, axis=0)
     return out
 
 

@@ -12,6 +12,9 @@ from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 
 SHORT = [SHORT_NAMES[c] for c in CATEGORIES]
 ABLATION_CORNER = "ablated \\ evaluated"
+# What the bootstrap gives per figure: the percentile interval, the bias (mean replicate minus
+# the estimate) and whether the estimate lies outside its interval.
+BOOT_PARTS = ("low", "high", "bias", "outside")
 
 
 @dataclasses.dataclass
@@ -36,10 +39,15 @@ def matrix_table(name: str, m, corner: str = "category") -> Table:
 def interval(s: dict, key: str, i: int | None = None) -> list:
     """[low, high] of the bootstrap interval of a section's figure `key` (its entry i for a
     per-category figure), or [None, None] without a bootstrap."""
-    b = (s.get("bootstrap") or {}).get(key)
-    if b is None:
-        return [None, None]
-    return [b["low"], b["high"]] if i is None else [b["low"][i], b["high"][i]]
+    return boot_values(s, key, ("low", "high"), i)
+
+
+def boot_values(s: dict, key: str, parts=BOOT_PARTS, i: int | None = None) -> list:
+    """The bootstrap `parts` (low, high, bias, outside) of a section's figure `key` (its
+    entry i for a per-category figure); None for each without a bootstrap or for a part a
+    summary written before that part existed lacks."""
+    b = (s.get("bootstrap") or {}).get(key) or {}
+    return [b.get(p) if i is None or b.get(p) is None else b[p][i] for p in parts]
 
 
 def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
@@ -48,18 +56,21 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
     yield Table(f"{p}_categories",
                 ["category", "short", "n_instructions", "size", "size_low", "size_high", "unique",
                  "unique_low", "unique_high", "unique_ratio", "mean_instruction_set_size",
-                 "mean_frequency"],
+                 "mean_frequency", "size_bias", "size_outside", "unique_bias", "unique_outside"],
                 [[c, SHORT_NAMES[c], s["n_per_category"][c], s["per_category_count"][c],
                   *interval(s, "per_category_count", i), s["unique"][c], *interval(s, "unique", i),
-                  s["unique_ratio"][c], s["mean_instruction_set_size"][c], s["mean_frequency"][c]]
+                  s["unique_ratio"][c], s["mean_instruction_set_size"][c], s["mean_frequency"][c],
+                  *boot_values(s, "per_category_count", ("bias", "outside"), i),
+                  *boot_values(s, "unique", ("bias", "outside"), i)]
                  for i, c in enumerate(CATEGORIES)])
     boot = s.get("bootstrap") or {}
     for key in ("overlap_jaccard", "overlap_coefficient", "instruction_overlap"):
         if s.get(key) is None:
             continue
         yield matrix_table(f"{p}_{key}", s[key])
-        for bound in ("low", "high") if key in boot else ():  # the bootstrap interval of each cell
-            yield matrix_table(f"{p}_{key}_{bound}", boot[key][bound])
+        for part in BOOT_PARTS:  # the bootstrap interval, bias and outside flag of each cell
+            if (boot.get(key) or {}).get(part) is not None:
+                yield matrix_table(f"{p}_{key}_{part}", boot[key][part])
     n_layers = len(s["union_per_layer"])
     yield Table(f"{p}_per_layer",
                 ["layer", *[f"count_{x}" for x in SHORT], "union", "general",
@@ -71,8 +82,8 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
     gen = [["general", s["general"]], ["union", s["union"]], ["general_share", s["general_share"]],
            ["diagonal_dominance", s["diagonal_dominance"]],
            ["permutation_p_value", perm.get("p_value")], ["permutation_n", perm.get("n_perm")]]
-    gen += [[f"{k}_{bound}", v] for k in ("general", "general_share", "diagonal_dominance")
-            for bound, v in zip(("low", "high"), interval(s, k))]
+    gen += [[f"{k}_{part}", v] for k in ("general", "general_share", "diagonal_dominance")
+            for part, v in zip(BOOT_PARTS, boot_values(s, k))]
     gen += [["bootstrap_n", boot.get("n_boot")], ["bootstrap_ci", boot.get("ci")]]
     gen += [[f"breadth_{k}", v] for k, v in s["breadth_histogram"].items()]
     yield Table(f"{p}_generality", ["metric", "value"], gen)
@@ -108,31 +119,27 @@ def dominance_rows(s: dict) -> list[list] | None:
     instruction-level overlap."""
     if s.get("per_category_dominance") is None:
         return None
-    boot = s.get("bootstrap") or {}
     perm = s.get("permutation") or {}
     hum = s.get("human_subset") or {}
     hperm = hum.get("permutation") or {}
 
-    def ci(key, i, bound):
-        v = boot.get(key)
-        return None if v is None else (v[bound] if i is None else v[bound][i])
-
     def at(seq, i):
         return None if seq is None else seq[i]
 
-    rows = [[c, s["per_category_dominance"][c], ci("per_category_dominance", i, "low"),
-             ci("per_category_dominance", i, "high"), at(perm.get("per_category_p_value"), i),
+    rows = [[c, s["per_category_dominance"][c], *interval(s, "per_category_dominance", i),
+             at(perm.get("per_category_p_value"), i),
              (hum.get("per_category_dominance") or {}).get(c), at(hperm.get("per_category_p_value"), i),
-             (hum.get("n_per_category") or {}).get(c)]
+             (hum.get("n_per_category") or {}).get(c), *boot_values(s, "per_category_dominance", ("bias", "outside"), i)]
             for i, c in enumerate(CATEGORIES)]
-    rows.append(["overall", s["diagonal_dominance"], ci("diagonal_dominance", None, "low"),
-                 ci("diagonal_dominance", None, "high"), perm.get("p_value"), hum.get("diagonal_dominance"),
-                 hperm.get("p_value"), hum.get("n")])
+    rows.append(["overall", s["diagonal_dominance"], *interval(s, "diagonal_dominance"), perm.get("p_value"),
+                 hum.get("diagonal_dominance"), hperm.get("p_value"), hum.get("n"),
+                 *boot_values(s, "diagonal_dominance", ("bias", "outside"))])
     return rows
 
 
+# bias / outside: the bootstrap bias and whether the estimate lies outside [low, high].
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
-                    "human_permutation_p", "human_n"]
+                    "human_permutation_p", "human_n", "bias", "outside"]
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",

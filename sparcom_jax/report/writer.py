@@ -27,7 +27,8 @@ from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_h
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
     ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, TOP_HEADER, ablation_rows, all_tables,
-    dominance_rows, interval, length_rows, matrix_table, precision_table, safe_name, top_instruction_rows,
+    boot_values, dominance_rows, interval, length_rows, matrix_table, precision_table, safe_name,
+    top_instruction_rows,
 )
 
 SECTION_TITLES = {
@@ -36,6 +37,14 @@ SECTION_TITLES = {
     "expert_neurons": "Instruction-specific expert neurons (MoE)",
 }
 UNIT_WORD = {"isn": "neurons", "ise": "experts", "expert_neurons": "expert neurons"}
+# How the report names each bootstrapped figure; per-category figures list their categories,
+# matrix figures their number of cells.
+FIGURE_NAMES = {
+    "per_category_count": "|S(c)| of", "unique": "|U(c)| of", "general": "the general count",
+    "general_share": "the general share", "overlap_jaccard": "category-overlap (Jaccard) cells",
+    "overlap_coefficient": "overlap-coefficient cells", "instruction_overlap": "instruction-level overlap cells",
+    "diagonal_dominance": "the overall diagonal dominance", "per_category_dominance": "the diagonal dominance of",
+}
 
 CAPTIONS = {
     "overlap": "Category-level overlap: cell (a, b) is the Jaccard index |S(a)∩S(b)| / |S(a)∪S(b)| "
@@ -117,9 +126,47 @@ def _bootstrap_text(s: dict) -> str:
         if b["n_boot"] < 100:
             txt += f"; {b['n_boot']} resamples are too few to place the tails of a {b['ci']:.0%} interval"
         parts.append(txt)
+        outside = _outside_text(s)
+        if outside:
+            parts.append(outside)
     else:
         parts.append("no bootstrap was run (n_boot = 0): the counts above carry no interval")
     return "; ".join(parts) + "."
+
+
+def _outside_text(s: dict) -> str:
+    """Which figures' estimates lie outside their own interval, with their bootstrap bias, and
+    what such an interval can show; "" when none does (or the summary predates the flag)."""
+    b = s.get("bootstrap") or {}
+    found = []
+    for key, name in FIGURE_NAMES.items():
+        lo, bias, out = boot_values(s, key, ("low", "bias", "outside"))
+        if out is None or not np.any(out):
+            continue
+        if np.ndim(out) == 0:
+            found.append(f"{name} (bias {_fmt_bias(key, bias)})")
+        elif np.ndim(out) == 1:
+            found.append(f"{name} " + ", ".join(f"{CATEGORIES[i]} (bias {_fmt_bias(key, bias[i])})"
+                                                for i in np.flatnonzero(out)))
+        else:
+            n_def = int(np.sum([v is not None for row in lo for v in row]))
+            found.append(f"{int(np.sum(out))} of {n_def} {name}")
+    if not found:
+        return ""
+    return (f"The estimate lies outside its own {b['ci']:.0%} interval for {'; '.join(found)}. The set figures "
+            "are built from thresholded sets (a unit is in S(c) only past a cut), so resampling the "
+            "instructions moves the units near the cut in or out and a figure shrinks or grows on average "
+            "(bias = mean over resamples minus the estimate; every figure's bias is in summary.json and in the "
+            "bias columns of the tables); where the estimate lies outside, the interval shows the spread of "
+            "the figure over resampled studies, not a range that covers its true value, and with few "
+            "resamples chance alone also puts estimates outside")
+
+
+def _fmt_bias(key: str, v) -> str:
+    """A bias for the text: percentage points for the general share."""
+    if v is None:
+        return "undefined"
+    return f"{100 * v:+.2g} percentage points" if key == "general_share" else f"{v:+.3g}"
 
 
 def _has_value(m) -> bool:
@@ -175,11 +222,12 @@ def _category_table(name: str, section: str, s: dict) -> TableBlock:
     ci = f"{(s.get('bootstrap') or {}).get('ci', 0.95):.0%}"
     return TableBlock(
         f"{name}: {UNIT_WORD[section]} per category (low / high: {ci} bootstrap interval over instructions; "
-        "– = not computed or undefined)",
+        "bias: mean over resamples minus the estimate; – = not computed or undefined)",
         ["category", "instructions", "|S(c)|", "low", "high", "|U(c)|", "low", "high", "|U(c)|/|S(c)|",
-         "mean |S(I)|"],
+         "mean |S(I)|", "|S(c)| bias", "|U(c)| bias"],
         [[c, s["n_per_category"][c], s["per_category_count"][c], *interval(s, "per_category_count", i),
-          s["unique"][c], *interval(s, "unique", i), s["unique_ratio"][c], s["mean_instruction_set_size"][c]]
+          s["unique"][c], *interval(s, "unique", i), s["unique_ratio"][c], s["mean_instruction_set_size"][c],
+          *boot_values(s, "per_category_count", ("bias",), i), *boot_values(s, "unique", ("bias",), i)]
          for i, c in enumerate(CATEGORIES)])
 
 
@@ -189,11 +237,20 @@ def _general_text(name: str, section: str, s: dict) -> TextBlock:
     share = "undefined (no unit is in any set)" if s["general_share"] is None else f"{s['general_share']:.1%}"
     txt = (f"{name}: {s['general']} {units} are in all six categories' sets (general), {share} of the "
            f"{s['union']} {units} in at least one set (the union)")
-    (lo, hi), (slo, shi) = interval(s, "general"), interval(s, "general_share")
+    (lo, hi, bias, out), (slo, shi, sbias, sout) = boot_values(s, "general"), boot_values(s, "general_share")
     if lo is not None:
         txt += f"; {s['bootstrap']['ci']:.0%} bootstrap interval {lo:.4g} to {hi:.4g} {units}"
         if slo is not None:
             txt += f", share {slo:.1%} to {shi:.1%}"
+        if bias is not None:
+            txt += f"; bootstrap bias {_fmt_bias('general', bias)} {units}"
+            if sbias is not None:
+                txt += f", share {_fmt_bias('general_share', sbias)}"
+        moved = [f"the {what} {down if v < 0 else up}" for what, o, v, down, up in (
+            ("count", out, bias, "shrinks", "grows"), ("share", sout, sbias, "falls", "rises")) if o]
+        if moved:
+            txt += (f" (outside its interval: {' and '.join(moved)} when the instructions are resampled, "
+                    "see the bootstrap note below)")
     return TextBlock(txt + ".")
 
 
@@ -206,7 +263,8 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
         out.append(TableBlock(f"{name}: instruction-level diagonal dominance per category ({units}; mean "
                               "same-category Jaccard minus the mean of its five cross-category blocks; bootstrap "
                               "interval, one-sided permutation p; the same on the human-written subset of "
-                              "human_n records; – = undefined, e.g. fewer than two records of the category in "
+                              "human_n records; bootstrap bias and whether the estimate lies outside its "
+                              "interval; – = undefined, e.g. fewer than two records of the category in "
                               "the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
