@@ -396,3 +396,25 @@ def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(done, tmp_pa
     after = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []
+
+
+TINY_MOE = dict(TINY_ARCH, model_type="mixtral", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+
+
+def test_an_expert_ablation_skipped_on_overwrite_leaves_no_stale_result(tmp_path):
+    """When the new sets cover every expert of a layer the expert ablation is skipped; the result
+    an earlier run stored must go with it, or `sparcom report` refuses it and asks for the very
+    `sparcom ablate --overwrite` that just ran (and left it there)."""
+    moe = json.dumps(TINY_MOE)
+    over = [f"base.init={moe}", f"finetuned.init={moe}", "ablation.kinds=[experts]", "ablation.n_random=0",
+            "collect.template_control=false"]
+    out = tmp_path / "out"
+    run_stage("collect", exp(*over), out)
+    f = out / "ablate" / "tuned_experts.json"
+    assert "tuned_experts" in run_stage("ablate", exp(*over, "identify.eps_experts=0.1"), out)
+    assert f.is_file()
+    # eps_experts=1 selects every expert of a layer: routing would have nothing left, the kind is skipped
+    assert "tuned_experts" not in run_stage("ablate", exp(*over, "identify.eps_experts=1"), out, overwrite=True)
+    assert not f.exists()
+    run_stage("report", exp(*over, "identify.eps_experts=1"), out)
+    assert "ablation" not in json.loads((out / "report" / "summary.json").read_text())

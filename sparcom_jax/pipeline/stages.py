@@ -567,6 +567,10 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if kind != "experts":
                         raise
                     log(f"ablate {spec.label}: experts skipped: {e}")
+                    # A result an earlier run stored here belongs to other sets: left in place, the
+                    # report would refuse it and ask for this very run again.
+                    if is_primary():
+                        f.unlink(missing_ok=True)
                     continue
             written[f"{spec.label}_{kind}"] = write_json(f, {**res.to_dict(), "fingerprint": fp})
             written["_results"][(spec.label, kind)] = res
