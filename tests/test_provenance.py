@@ -418,3 +418,45 @@ def test_an_expert_ablation_skipped_on_overwrite_leaves_no_stale_result(tmp_path
     assert not f.exists()
     run_stage("report", exp(*over, "identify.eps_experts=1"), out)
     assert "ablation" not in json.loads((out / "report" / "summary.json").read_text())
+
+
+def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(done, tmp_path, monkeypatch):
+    """With ablation.model=both each model gets the masks of its own identification (in the
+    order ablation_matrix asks for them, so with the configured seed and bins), its own template,
+    the "ablate" part of the records (disjoint from the identified ones) and the expert mode."""
+    import shutil
+
+    import sparcom_jax.stats.losses as losses
+    from sparcom_jax.analysis.ablate import ablate_identification
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.pipeline.common import ablate_records, identify_records
+
+    def recorder(masks):
+        def loss(mask):
+            masks.append(None if mask is None else np.array(mask))
+            return {c: 1.0 for c in CATEGORIES}
+        return loss
+
+    calls = []
+
+    def make_loss_fn(model, records, tok=None, **kw):
+        calls.append(([r.id for r in records], kw, []))
+        return recorder(calls[-1][2])
+
+    monkeypatch.setattr(losses, "make_loss_fn", make_loss_fn)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg = exp("ablation.model=both", "ablation.expert_mode=pre", "seed=3", "ablation.n_random=2", "ablation.n_bins=2")
+    run_stage("ablate", cfg, out, overwrite=True)
+    held = [r.id for r in ablate_records(cfg)]
+    assert not set(held) & {r.id for r in identify_records(cfg)}
+    assert [c[1]["template"] for c in calls] == ["plain", "chat"]
+    models = stages.analyze_all(cfg, out, full=False).models
+    for (ids, kw, masks), name in zip(calls, ["base", "tuned"], strict=True):
+        assert ids == held and kw["kind"] == "neurons" and kw["expert_mode"] == "pre"
+        expected = []
+        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, n_bins=2)
+        assert masks[0] is None and len(masks) == len(expected) > 3
+        assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))
+    # the two models' sets differ, so a swap would show
+    assert not np.array_equal(calls[0][2][1], calls[1][2][1])
