@@ -460,3 +460,10 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
         assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))
     # the two models' sets differ, so a swap would show
     assert not np.array_equal(calls[0][2][1], calls[1][2][1])
+    # The page holds one model's check: it names it, and says where the other one is.
+    run_stage("report", cfg, out)
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert (summary["ablation_model"], summary["ablation_not_shown"]) == ("tuned", ["base"])
+    page = (out / "report" / "index.html").read_text()
+    assert "Causal check: ablating neurons of tuned" in page
+    assert "This is the causal check of model tuned; that of base (ablation.model=both)" in page

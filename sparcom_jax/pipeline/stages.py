@@ -695,6 +695,7 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                                                *analyses.controls.values())},
         controls=c.get("controls") or None, precision=c["precision"],
         extra={"experiment": cfg.name, "ablation_model": abl_model,
+               "ablation_not_shown": sorted({k[0] for k in ablation} - {abl_model}),
                "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
     )
     rdir = out / "report"
