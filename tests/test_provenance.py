@@ -396,3 +396,74 @@ def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(done, tmp_pa
     after = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []
+
+
+TINY_MOE = dict(TINY_ARCH, model_type="mixtral", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+
+
+def test_an_expert_ablation_skipped_on_overwrite_leaves_no_stale_result(tmp_path):
+    """When the new sets cover every expert of a layer the expert ablation is skipped; the result
+    an earlier run stored must go with it, or `sparcom report` refuses it and asks for the very
+    `sparcom ablate --overwrite` that just ran (and left it there)."""
+    moe = json.dumps(TINY_MOE)
+    over = [f"base.init={moe}", f"finetuned.init={moe}", "ablation.kinds=[experts]", "ablation.n_random=0",
+            "collect.template_control=false"]
+    out = tmp_path / "out"
+    run_stage("collect", exp(*over), out)
+    f = out / "ablate" / "tuned_experts.json"
+    assert "tuned_experts" in run_stage("ablate", exp(*over, "identify.eps_experts=0.1"), out)
+    assert f.is_file()
+    # eps_experts=1 selects every expert of a layer: routing would have nothing left, the kind is skipped
+    assert "tuned_experts" not in run_stage("ablate", exp(*over, "identify.eps_experts=1"), out, overwrite=True)
+    assert not f.exists()
+    run_stage("report", exp(*over, "identify.eps_experts=1"), out)
+    assert "ablation" not in json.loads((out / "report" / "summary.json").read_text())
+
+
+def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(done, tmp_path, monkeypatch):
+    """With ablation.model=both each model gets the masks of its own identification (in the
+    order ablation_matrix asks for them, so with the configured seed and bins), its own template,
+    the "ablate" part of the records (disjoint from the identified ones) and the expert mode."""
+    import shutil
+
+    import sparcom_jax.stats.losses as losses
+    from sparcom_jax.analysis.ablate import ablate_identification
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.pipeline.common import ablate_records, identify_records
+
+    def recorder(masks):
+        def loss(mask):
+            masks.append(None if mask is None else np.array(mask))
+            return {c: 1.0 for c in CATEGORIES}
+        return loss
+
+    calls = []
+
+    def make_loss_fn(model, records, tok=None, **kw):
+        calls.append(([r.id for r in records], kw, []))
+        return recorder(calls[-1][2])
+
+    monkeypatch.setattr(losses, "make_loss_fn", make_loss_fn)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg = exp("ablation.model=both", "ablation.expert_mode=pre", "seed=3", "ablation.n_random=2", "ablation.n_bins=2")
+    run_stage("ablate", cfg, out, overwrite=True)
+    held = [r.id for r in ablate_records(cfg)]
+    assert not set(held) & {r.id for r in identify_records(cfg)}
+    assert [c[1]["template"] for c in calls] == ["plain", "chat"]
+    models = stages.analyze_all(cfg, out, full=False).models
+    for (ids, kw, masks), name in zip(calls, ["base", "tuned"], strict=True):
+        assert ids == held and kw["kind"] == "neurons" and kw["expert_mode"] == "pre"
+        expected = []
+        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, n_bins=2)
+        assert masks[0] is None and len(masks) == len(expected) > 3
+        assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))
+    # the two models' sets differ, so a swap would show
+    assert not np.array_equal(calls[0][2][1], calls[1][2][1])
+    # The page holds one model's check: it names it, and says where the other one is.
+    run_stage("report", cfg, out)
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert (summary["ablation_model"], summary["ablation_not_shown"]) == ("tuned", ["base"])
+    page = (out / "report" / "index.html").read_text()
+    assert "Causal check: ablating neurons of tuned" in page
+    assert "This is the causal check of model tuned; that of base (ablation.model=both)" in page

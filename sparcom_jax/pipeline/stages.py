@@ -567,6 +567,10 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if kind != "experts":
                         raise
                     log(f"ablate {spec.label}: experts skipped: {e}")
+                    # A result an earlier run stored here belongs to other sets: left in place, the
+                    # report would refuse it and ask for this very run again.
+                    if is_primary():
+                        f.unlink(missing_ok=True)
                     continue
             written[f"{spec.label}_{kind}"] = write_json(f, {**res.to_dict(), "fingerprint": fp})
             written["_results"][(spec.label, kind)] = res
@@ -691,6 +695,7 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                                                *analyses.controls.values())},
         controls=c.get("controls") or None, precision=c["precision"],
         extra={"experiment": cfg.name, "ablation_model": abl_model,
+               "ablation_not_shown": sorted({k[0] for k in ablation} - {abl_model}),
                "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
     )
     rdir = out / "report"

@@ -433,12 +433,19 @@ def write_report(
                 f"series_{sec}.png", "Checkpoint series", CAPTIONS["series"])
 
     ablation = summary.get("ablation") or {}
+    # Base and tuned sets and losses differ: the page names the model whose check it shows.
+    abl_model = summary.get("ablation_model")
+    of_model = f" of {abl_model}" if abl_model else ""
     for kind in ("neurons", "experts", "expert_neurons"):
         d = ablation.get(kind)
         if not d:
             continue
         word = kind.replace("_", " ")
-        blocks.append(TextBlock(f"Causal check: ablating {word}", heading=True))
+        blocks.append(TextBlock(f"Causal check: ablating {word}{of_model}", heading=True))
+        if summary.get("ablation_not_shown"):
+            blocks.append(TextBlock(
+                f"This is the causal check of model {abl_model}; that of {', '.join(summary['ablation_not_shown'])} "
+                "(ablation.model=both) is in OUT/ablate/<model>_<kind>.json, not on this page."))
         add(F.ablation_matrices(d["isn"], d["random"], f"Loss increase when {word} are switched off"),
             f"ablation_{kind}.png", f"Ablation ({word})",
             CAPTIONS["ablation"].format(kind=word, n=d["n_random"], matching=_matching_text(d)))
