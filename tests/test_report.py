@@ -182,3 +182,16 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write(p, "new")
     assert p.read_text() == "old"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_ablation_without_random_controls_says_it_has_none(tmp_path):
+    # n_random=0: the page must not describe draws it never made ("mean of 0 draws", "steps of 1")
+    # and must say the losses cannot be set against removing as many other units.
+    base = analyze_model(moe_counts(0), IdentifyConfig(eps=0.1, eps_experts=0.2), name="base", n_boot=0, n_perm=0)
+    sets = base["isn"].ident.sets()
+    summary = build_summary({"base": base}, ablation=ablation_matrix(sets, fake_loss(sets), n_random=0),
+                            scope="prompt")
+    write_report(tmp_path, summary, analyses={"base": base}, dpi=30)
+    page = (tmp_path / "index.html").read_text()
+    assert "No random control sets were drawn (ablation.n_random=0)" in page
+    assert "0 draws" not in page and "steps of" not in page

@@ -448,7 +448,9 @@ def write_report(
                 "(ablation.model=both) is in OUT/ablate/<model>_<kind>.json, not on this page."))
         add(F.ablation_matrices(d["isn"], d["random"], f"Loss increase when {word} are switched off"),
             f"ablation_{kind}.png", f"Ablation ({word})",
-            CAPTIONS["ablation"].format(kind=word, n=d["n_random"], matching=_matching_text(d)))
+            CAPTIONS["ablation"].format(kind=word, n=d["n_random"], matching=_matching_text(d)) if d["n_random"]
+            else CAPTIONS["ablation"].split(" Left:")[0] + " No random control sets were drawn, so only the "
+            "instruction-specific sets' losses are shown.")
         isn = matrix_table("", d["isn"], corner=ABLATION_CORNER)
         blocks.append(TableBlock(f"Ablation ({word}): loss increase (nats per response token), ablated (rows) "
                                  "x evaluated",
@@ -456,14 +458,20 @@ def write_report(
         blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['n_random']} matched "
                                  "random draws, dropped routing mass and control quality",
                                  ABLATION_HEADER, ablation_rows(d)))
-        blocks.append(TextBlock(
-            "excess_own = loss increase on the ablated category itself minus the mean of the random "
-            "draws; excess_own_std = its spread over draws; random_ge_fraction_own = the share of random "
-            "draws that hurt at least as much as the specific set (the smallest possible value is 0; "
-            f"with {d['n_random']} draws it resolves steps of {1 / max(d['n_random'], 1):.2g}). off_bin / "
-            "in_set count units a draw had to take from another frequency bin or from the tested set "
-            "(0 = a clean control). dropped_mass = routing probability mass removed by the ablation "
-            "(experts only, when the model reports it)."))
+        if not d["n_random"]:
+            blocks.append(TextBlock(
+                "No random control sets were drawn (ablation.n_random=0): the loss increases above cannot "
+                "be set against removing as many other units, so they say nothing about whether these "
+                "sets matter more than any others; the random and excess columns are empty."))
+        else:
+            blocks.append(TextBlock(
+                "excess_own = loss increase on the ablated category itself minus the mean of the random "
+                "draws; excess_own_std = its spread over draws; random_ge_fraction_own = the share of random "
+                "draws that hurt at least as much as the specific set (the smallest possible value is 0; "
+                f"with {d['n_random']} draws it resolves steps of {1 / d['n_random']:.2g}). off_bin / "
+                "in_set count units a draw had to take from another frequency bin or from the tested set "
+                "(0 = a clean control). dropped_mass = routing probability mass removed by the ablation "
+                "(experts only, when the model reports it)."))
 
     prec = precision_table(summary.get("precision"))
     if prec is not None:
