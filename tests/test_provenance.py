@@ -396,3 +396,23 @@ def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(done, tmp_pa
     after = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (("base.name=null", "finetuned.name=null"), r"base \('model'\) and finetuned \('model'\)"),
+    # Two exports laid out as <name>/hf (as `finetune` and the demo write them) are both "hf".
+    (("base.name=null", "base.path=/m/a/hf", "finetuned.name=null", "finetuned.path=/m/b/hf"),
+     r"base \('hf'\) and finetuned \('hf'\)"),
+    (("finetuned.name=base tuned", "series=[{name: base_tuned, init: {}}]"),
+     r"series\[0\] \('base_tuned'\) and finetuned \('base tuned'\) .* 'base_tuned'"),
+])
+def test_models_stored_under_one_name_are_refused_before_any_work(tmp_path, overrides, named, monkeypatch):
+    # Counts, sets and results live under each model's (file-safe) label: two models with one
+    # label would share a count store, each collect overwriting the other's, and the
+    # analysis would then ask for `collect --overwrite` again and again.
+    no_weights(monkeypatch)
+    out = tmp_path / "o"
+    for stage in ("collect", "compare", "ablate"):
+        with pytest.raises(stages.ConfigError, match=named + r".*give each a distinct name \(\w+\.name="):
+            run_stage(stage, exp(*overrides), out)
+    assert not (out / "counts").exists()
