@@ -368,3 +368,35 @@ def test_frequency_shift_brute_force():
                           ("on_after_set_before", pb, sa), ("on_after_set_after", pa, sa)):
             want = p[c][s[c]].mean() if s[c].any() else np.nan
             assert np.isclose(fs[key][c], want, equal_nan=True), key
+
+
+def test_compare_series_against_brute_force_sets_in_the_given_order():
+    # Three different checkpoints (the trend test above has base == final, so it cannot tell
+    # "vs the first" from "vs the last"); names kept in training order, never sorted as
+    # strings (step10 after step9).
+    rng = np.random.default_rng(3)
+
+    def rand_counts():
+        c = hand_counts()
+        c.neuron_active = rng.integers(0, 11, c.neuron_active.shape).astype(np.int32)
+        return c
+
+    names = ["base", "step9", "step10"]
+    ms = [analyze_model(rand_counts(), CFG, name=n, n_boot=0, n_perm=0) for n in names]
+    ser = compare_series(list(zip(names, ms)))
+    assert ser["names"] == names
+    sets = [m["isn"].ident.category_sets for m in ms]
+    assert not np.array_equal(sets[0], sets[2])
+    t = ser["isn"]
+    for i, c in enumerate(CATEGORIES):
+        for k, ref in (("vs_base", [sets[0]] * 3), ("vs_previous", [None, sets[0], sets[1]])):
+            for j in range(3):
+                if ref[j] is None:
+                    assert t[k]["jaccard"][c][j] is None
+                    continue
+                b, a = as_set(ref[j][i]), as_set(sets[j][i])
+                assert (t[k]["retained"][c][j], t[k]["gained"][c][j], t[k]["lost"][c][j]) == (
+                    len(b & a), len(a - b), len(b - a)), (k, c, j)
+                want = len(b & a) / len(b | a) if b | a else None
+                assert t[k]["jaccard"][c][j] == (want if want is None else pytest.approx(want))
+        assert t["per_category_count"][c] == [len(as_set(s[i])) for s in sets]

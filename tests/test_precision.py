@@ -263,3 +263,26 @@ def test_a_store_counted_with_a_bfloat16_gate_is_not_resumed_with_a_float32_gate
     with pytest.raises(StaleResultError, match="gate_dtype: unset -> 'float32'"):
         sj.collect_counts(_as(cfg, plain, dtype="bfloat16", gate_dtype="float32"), seqs, progress=False,
                           out=tmp_path / "s")
+
+
+def test_compare_refuses_models_counted_in_different_precisions():
+    # bfloat16 flips the gates of this case (see above): a float32 base compared with a bfloat16
+    # tuned model would report those flips as units fine-tuning gained and lost.
+    from sparcom_jax.analysis import IdentifyConfig, compare_models
+    from sparcom_jax.categories import CATEGORIES
+
+    cfg, f32 = _gate_case(VARIANTS["llama"][0])
+    seqs = [np.roll(np.arange(8), k) for k in range(6)]
+    kw = dict(categories=list(CATEGORIES), ids=[f"r{k}" for k in range(6)], progress=False)
+    ref = sj.collect_counts(f32, seqs, **kw)
+    bf = sj.collect_counts(_as(cfg, f32, dtype="bfloat16", param_dtype="float32"), seqs, **kw)
+    gated = sj.collect_counts(_as(cfg, f32, dtype="bfloat16", param_dtype="float32", gate_dtype="float32"), seqs,
+                              **kw)
+    assert (ref.meta["dtype"], bf.meta["dtype"], gated.meta["dtype"]) == ("float32", "bfloat16", "bfloat16")
+    rule, an = IdentifyConfig(eps=0.2), dict(n_boot=0, n_perm=0, top_units=0)
+    with pytest.raises(ValueError, match=r"'before' and 'after' were counted with different dtype \('float32' vs "
+                                         r"'bfloat16'\); compare models counted with the same dtype"):
+        compare_models(ref, bf, rule, **an)
+    with pytest.raises(ValueError, match=r"different gate_dtype \('bfloat16' vs 'float32'\)"):
+        compare_models(bf, gated, rule, **an)
+    assert compare_models(ref, ref, rule, **an)["isn"]["code"]["jaccard"] == 1.0

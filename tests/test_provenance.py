@@ -467,3 +467,23 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
     page = (out / "report" / "index.html").read_text()
     assert "Causal check: ablating neurons of tuned" in page
     assert "This is the causal check of model tuned; that of base (ablation.model=both)" in page
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (("base.name=null", "finetuned.name=null"), r"base \('model'\) and finetuned \('model'\)"),
+    # Two exports laid out as <name>/hf (as `finetune` and the demo write them) are both "hf".
+    (("base.name=null", "base.path=/m/a/hf", "finetuned.name=null", "finetuned.path=/m/b/hf"),
+     r"base \('hf'\) and finetuned \('hf'\)"),
+    (("finetuned.name=base tuned", "series=[{name: base_tuned, init: {}}]"),
+     r"series\[0\] \('base_tuned'\) and finetuned \('base tuned'\) .* 'base_tuned'"),
+])
+def test_models_stored_under_one_name_are_refused_before_any_work(tmp_path, overrides, named, monkeypatch):
+    # Counts, sets and results live under each model's (file-safe) label: two models with one
+    # label would share a count store, each collect overwriting the other's, and the
+    # analysis would then ask for `collect --overwrite` again and again.
+    no_weights(monkeypatch)
+    out = tmp_path / "o"
+    for stage in ("collect", "compare", "ablate"):
+        with pytest.raises(stages.ConfigError, match=named + r".*give each a distinct name \(\w+\.name="):
+            run_stage(stage, exp(*overrides), out)
+    assert not (out / "counts").exists()

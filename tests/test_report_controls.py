@@ -151,3 +151,28 @@ def test_csv_tables_of_the_controls(report):
     assert s["set_size_vs_length"]["spearman"] is None
     assert rows[-1][0] == "all" and rows[-1][1] == str(6 * N_PER) and rows[-1][4] == ""
     assert float(rows[0][3]) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("templates,said", [
+    ({"base": "plain", "mid": "chat", "tuned": "chat"}, "(plain: base; chat: mid, tuned)"),
+    ({"base": "chat", "mid": "chat", "tuned": "chat"}, None),
+])
+def test_series_caption_says_when_its_checkpoints_used_different_templates(tmp_path, templates, said):
+    # A fine-tuning run counts the base under its own template and every checkpoint under the
+    # training template: the series' Jaccard with the first checkpoint then holds the template
+    # change as well, which the main comparison's template note does not say of the series.
+    from sparcom_jax.analysis import compare_series
+
+    cfg, kw = IdentifyConfig(eps=0.1), dict(n_boot=0, n_perm=0, top_units=0)
+    ms = {n: analyze_model(dense_counts(i, shift=0.1 * i), cfg, name=n, **kw)
+          for i, n in enumerate(("base", "mid", "tuned"))}
+    summary = build_summary(ms, comparison=compare_models(ms["base"], ms["tuned"]),
+                            series=compare_series(list(ms.items())), templates=templates)
+    write_report(tmp_path, summary, dpi=20)
+    page = htmllib.unescape((tmp_path / "index.html").read_text())
+    note = "The checkpoints were counted under different templates"
+    if said is None:
+        assert note not in page and "series_isn.png" in page
+    else:
+        assert f"{note} {said}, so a change between two checkpoints of different templates" in page
+        assert page.count(note) == 1

@@ -347,13 +347,15 @@ def rules_entry(cfg: IdentifyConfig, contrast: bool = True) -> dict:
     return {"main": _rule(cfg), "contrast": _rule(contrast_config(cfg)) if contrast else None}
 
 
-# What two compared models must share: a difference here changes counts by itself.
-_COMPARABLE = ("scope", "max_length")
+# What two compared models must share: a difference here changes counts by itself (bfloat16
+# flips gate signs near 0, so a float32 base against a bfloat16 tuned model mixes in precision).
+_COMPARABLE = ("scope", "max_length", "dtype", "gate_dtype")
 
 
 def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
-    """Refuse to compare models counted on different records, token scopes or max lengths,
-    or, under scope "content", on different numbers of content tokens of a record.
+    """Refuse to compare models counted on different records, token scopes, max lengths or
+    precisions (compute and gate dtype), or, under scope "content", on different numbers of
+    content tokens of a record.
 
     Templates may differ (that is what a base-vs-chat comparison does; the report
     names them and shows the same-template control beside it). Under scope "content"

@@ -268,13 +268,35 @@ def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
     """Base, series and fine-tuned models; a `finetune` run's checkpoints fill in when
     the config names no fine-tuned model."""
     if cfg.finetuned is not None:
-        return cfg.models()
+        specs = cfg.models()
+        _check_distinct_labels(specs, ["base", *[f"series[{i}]" for i in range(len(cfg.series))], "finetuned"])
+        return specs
     manifest = out / "checkpoints" / "series.json"
     if manifest.is_file():
         check_tuned_on_train_part(cfg, out)
         items = json.loads(manifest.read_text())
         return [cfg.base] + [ModelSpec(name=d["name"], path=d["path"], template=cfg.train.template) for d in items]
     return [cfg.base]
+
+
+def _check_distinct_labels(specs: Sequence[ModelSpec], fields: Sequence[str]) -> None:
+    """Refuse two models whose labels give one file name: their counts, sets and results
+    would share one store, each model's collect overwriting the other's (a directory
+    path ending in the same name, e.g. two .../hf exports, gives the same label).
+
+    Raises:
+      ConfigError: naming both config entries and the fix.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for spec, field in zip(specs, fields):
+        key = safe(spec.label)
+        if key in seen:
+            first, label = seen[key]
+            raise ConfigError(
+                f"{first} ({label!r}) and {field} ({spec.label!r}) would be stored under one name, {key!r} (a "
+                "model's name, else the last part of its path), so one model's counts and results would "
+                f"overwrite the other's; give each a distinct name ({field}.name=...)")
+        seen[key] = (field, spec.label)
 
 
 def check_tuned_on_train_part(cfg: ExperimentConfig, out: Path) -> None:

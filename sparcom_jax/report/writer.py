@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -205,6 +205,20 @@ def _template_text(summary: dict, comp: dict) -> str | None:
                                                   "same_template" in (summary.get("controls") or {})
                                                   else " and no same-template control was given."))
     return txt
+
+
+def _series_template_text(summary: dict, names: Sequence[str]) -> str | None:
+    """Where the checkpoints of a series were counted under different templates, what that mixes in."""
+    t = summary.get("templates") or {}
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(str(t.get(n)), []).append(n)
+    if len(groups) < 2 or "None" in groups:
+        return None
+    return ("The checkpoints were counted under different templates (" + "; ".join(
+        f"{tmpl}: {', '.join(ns)}" for tmpl, ns in groups.items()) + "), so a change between two "
+        "checkpoints of different templates (a Jaccard with the first checkpoint included) mixes template "
+        "and weight effects; the same-template control, where given, covers the last checkpoint only.")
 
 
 def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
@@ -430,7 +444,8 @@ def write_report(
                     CAPTIONS["expert_neurons_count"].format(model=n))
         if sec in series:
             add(F.series_trends(series["names"], series[sec], f"{SECTION_TITLES[sec]}: along the series"),
-                f"series_{sec}.png", "Checkpoint series", CAPTIONS["series"])
+                f"series_{sec}.png", "Checkpoint series",
+                " ".join(filter(None, (CAPTIONS["series"], _series_template_text(summary, series["names"])))))
 
     ablation = summary.get("ablation") or {}
     # Base and tuned sets and losses differ: the page names the model whose check it shows.

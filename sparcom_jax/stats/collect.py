@@ -177,7 +177,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     meta = dict(meta or {})
     for key, value in (("model", getattr(model, "source_path", None)), ("model_type", cfg.model_type),
                        ("moe_dispatch", model.moe_dispatch), ("attention", model.dispatch.attention),
-                       ("gate_dtype", model.gate_dtype)):
+                       ("dtype", jnp.dtype(model.dtype).name), ("gate_dtype", model.gate_dtype)):
         meta.setdefault(key, value)
 
     runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
