@@ -14,12 +14,13 @@ process running the same model on the same shapes loads them instead.
 
 JAX keys each entry by the program, the devices, the compile options and the
 jax/jaxlib versions, so a stale entry is never used for another program. The
-cache is trusted code: keep it in a directory only you can write. Several processes
-may share it (the processes of a run on one host, two runs, test workers): JAX writes
-an entry in place, so a process reading it while another writes it could load a torn
-executable and abort. JAX takes a file lock around every read and write only when the
-cache has a size bound, so ours has one (`MAX_CACHE_BYTES`, least recently used entries
-evicted first; JAX's lock needs the `filelock` package, a dependency).
+cache is trusted code: keep it in a directory only you can write. It is bounded
+(`MAX_CACHE_BYTES`, least recently used entries evicted first), so it does not grow
+without limit in the user's cache directory; with a bound JAX also takes a file lock
+around every read and write (the `filelock` package, a dependency), so processes that
+share the cache (the processes of a run on one host, two runs, test workers) do not
+write or evict one entry at once. (A partly written entry is not a danger either way:
+entries are compressed, so a truncated one fails to decompress and JAX compiles again.)
 
 Compile counting. `compile_stats` reports how many XLA programs this process
 compiled, how many it loaded from the cache and the time spent on both, from
@@ -46,8 +47,8 @@ _OFF = {"off", "0", "false", "no", "none"}
 # JAX's default (1 s) would leave small steps, and every step on a fast accelerator,
 # uncached; loading any program from disk is faster than compiling it again.
 MIN_COMPILE_SECS = 0.0
-# The bound that makes JAX lock the cache (see the module docstring); compiled programs
-# are megabytes, so this holds thousands of them.
+# The cache's size bound (see the module docstring); compiled programs are megabytes,
+# so this holds thousands of them.
 MAX_CACHE_BYTES = 8 * 2**30
 
 # JAX monitoring events (jax/_src/dispatch.py and compiler.py). The backend-compile
@@ -110,9 +111,8 @@ def ensure_compilation_cache() -> Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
-    if importlib.util.find_spec("filelock") is None:  # JAX needs it to lock a bounded cache
-        log.warning("compilation cache %s without a lock (no filelock package): processes sharing it "
-                    "could read an entry while it is written", path)
+    if importlib.util.find_spec("filelock") is None:  # JAX needs it for a bounded cache
+        log.warning("compilation cache %s unbounded and unlocked (no filelock package)", path)
     else:
         jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     _ours = str(path)

@@ -117,8 +117,8 @@ def cold_and_warm(hf_checkpoint, tmp_path_factory):
 def test_second_process_loads_the_compiled_steps_from_the_cache(cold_and_warm):
     cold, warm, cache = cold_and_warm["cold"], cold_and_warm["warm"], cold_and_warm["cache"]
     assert cold["dir"] == warm["dir"] == str(cache) and cold["min_secs"] == 0.0
-    # A bounded cache, which JAX reads and writes under a file lock: processes sharing it never
-    # load an entry another one is still writing (an unbounded cache writes in place, unlocked).
+    # A bounded cache (it cannot fill the user's disk), which JAX reads and writes under a file
+    # lock, so processes sharing it do not write or evict one entry at once.
     assert cold["max_size"] > 0 and (cache / ".lockfile").is_file()
     # The cold process compiled everything it ran and wrote it to the cache.
     assert cold["compilations"] >= 1 and cold["cache_hits"] == 0 and cold["compile_seconds"] > 0
