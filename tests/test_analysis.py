@@ -312,6 +312,20 @@ def test_compare_rejects_different_shapes():
         compare_models(hand_counts(), other, CFG, n_boot=0, n_perm=0)
 
 
+def test_compare_refuses_other_records_without_ids_and_models_with_no_common_units():
+    kw = dict(n_boot=0, n_perm=0)
+    fewer = dict(HAND, math=HAND["math"][:1])
+    no_ids, no_ids_fewer = hand_counts(), hand_counts(fewer)
+    no_ids.ids = no_ids_fewer.ids = None
+    with pytest.raises(ValueError, match=r"'before' and 'after' were counted on different records \(12 vs 11"):
+        compare_models(no_ids, no_ids_fewer, CFG, **kw)
+    compare_models(no_ids, hand_counts(), CFG, **kw)  # one set of ids missing, same records: compared
+    experts = hand_counts()
+    experts.expert_routed, experts.neuron_active = experts.neuron_active, None
+    with pytest.raises(ValueError, match=r"'before' \(isn\) and 'after' \(ise\) have no kind of unit in common"):
+        compare_models(hand_counts(), experts, CFG, **kw)
+
+
 def test_compare_refuses_content_counts_of_different_token_numbers():
     # Under scope "content" the two models must count the same instruction/input tokens of
     # every record; a record truncated further under one template counts fewer.

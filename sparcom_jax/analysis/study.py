@@ -353,9 +353,10 @@ _COMPARABLE = ("scope", "max_length", "dtype", "gate_dtype")
 
 
 def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
-    """Refuse to compare models counted on different records, token scopes, max lengths or
-    precisions (compute and gate dtype), or, under scope "content", on different numbers of
-    content tokens of a record.
+    """Refuse to compare models counted on different records (by id, or by number where ids
+    are missing), token scopes, max lengths or precisions (compute and gate dtype), models
+    with no kind of unit in common, or, under scope "content", models that counted
+    different numbers of content tokens of a record.
 
     Templates may differ (that is what a base-vs-chat comparison does; the report
     names them and shows the same-template control beside it). Under scope "content"
@@ -376,13 +377,23 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
                 raise ValueError(f"{first.name!r} and {other.name!r} were counted with different {key} "
                                  f"({a!r} vs {b!r}); compare models counted with the same {key} "
                                  "(collect one of them again)")
+        if not set(first.fields) & set(other.fields):
+            raise ValueError(f"{first.name!r} ({', '.join(first.fields)}) and {other.name!r} "
+                             f"({', '.join(other.fields)}) have no kind of unit in common, so there is "
+                             "nothing to compare; compare models of one architecture family (dense with "
+                             "dense, MoE with MoE)")
         ids = next((f.ident.ids for f in other.fields.values()), None)
+        tokens = next((f.ident.tokens for f in other.fields.values()), None)
+        if (ids0 is None or ids is None) and tokens0 is not None and tokens is not None \
+                and len(tokens0) != len(tokens):  # without record ids, the record count still tells
+            raise ValueError(f"{first.name!r} and {other.name!r} were counted on different records "
+                             f"({len(tokens0)} vs {len(tokens)} records); compare models counted on the same "
+                             "records (collect one of them again)")
         if ids0 is not None and ids is not None and list(ids0) != list(ids):
             n = len(set(ids0) ^ set(ids))
             raise ValueError(f"{first.name!r} and {other.name!r} were counted on different records "
                              f"({len(ids0)} vs {len(ids)} records, {n} not in both, or in another order); "
                              "compare models counted on the same records (collect one of them again)")
-        tokens = next((f.ident.tokens for f in other.fields.values()), None)
         content = first.meta.get("scope") == other.meta.get("scope") == "content"
         if content and tokens0 is not None and tokens is not None and len(tokens0) == len(tokens):
             differ = np.asarray(tokens0) != np.asarray(tokens)
