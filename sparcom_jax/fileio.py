@@ -62,19 +62,17 @@ def atomic_dir(path: str | os.PathLike):
     `path` is missing only between two renames.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    if tmp.exists():  # left by an earlier, killed call of this process id
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
     try:
         yield tmp
+        old = tmp.with_name(f"{tmp.name}.old")  # unique, as tmp's name is
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
     if old.is_dir():
         shutil.rmtree(old)
     elif old.exists():

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -28,6 +25,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from sparcom_jax.fileio import atomic_dir
 from sparcom_jax.models.config import FAMILIES, ModelConfig
 from sparcom_jax.models.params import Entry, HFLayout, entries
 from sparcom_jax.models.transformer import CausalLM, abstract_model, resolve_dtype
@@ -309,9 +307,7 @@ def save_model(model: CausalLM, path: str | Path, *, tokenizer=None, dtype: str 
     from safetensors.numpy import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         tensors = hf_state_dict(model)
         if dtype is not None:
             target = np.dtype(resolve_dtype(dtype))
@@ -324,17 +320,5 @@ def save_model(model: CausalLM, path: str | Path, *, tokenizer=None, dtype: str 
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if tok is not None:
             tok.save_pretrained(str(tmp))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
