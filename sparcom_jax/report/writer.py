@@ -79,11 +79,12 @@ CAPTIONS = {
               "dominance (mean diagonal minus mean off-diagonal).",
     "ablation": "Causal check ({kind}): cell (a, b) is the increase of the mean next-token loss (nats per "
                 "response token) on category b's held-out reference responses when category a's set is "
-                "switched off. Left: the instruction-specific set; middle: random sets matched to it "
-                "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
-                "means each category's set hurts its own category more than removing as many comparable "
-                "units does, in this model and on these responses; the colours are not a test: read them "
-                "with the spread over draws and random_ge_fraction_own in the table below.",
+                "switched off.",
+    "ablation_controls": " Left: the instruction-specific set; middle: random sets matched to it "
+                         "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
+                         "means each category's set hurts its own category more than removing as many comparable "
+                         "units does, in this model and on these responses; the colours are not a test: read them "
+                         "with the spread over draws and random_ge_fraction_own in the table below.",
     "size_vs_length": "Instruction set size |S(I)| against the number of counted tokens T(I), one point "
                       "per instruction, coloured by category. Frequencies of a T-token prompt take only "
                       "T + 1 values, so with ties kept at the top-eps cut short prompts can get larger "
@@ -463,9 +464,9 @@ def write_report(
                 "(ablation.model=both) is in OUT/ablate/<model>_<kind>.json, not on this page."))
         add(F.ablation_matrices(d["isn"], d["random"], f"Loss increase when {word} are switched off"),
             f"ablation_{kind}.png", f"Ablation ({word})",
-            CAPTIONS["ablation"].format(kind=word, n=d["n_random"], matching=_matching_text(d)) if d["n_random"]
-            else CAPTIONS["ablation"].split(" Left:")[0] + " No random control sets were drawn, so only the "
-            "instruction-specific sets' losses are shown.")
+            CAPTIONS["ablation"].format(kind=word) + (
+                CAPTIONS["ablation_controls"].format(n=d["n_random"], matching=_matching_text(d)) if d["n_random"]
+                else " No random control sets were drawn, so only the instruction-specific sets' losses are shown."))
         isn = matrix_table("", d["isn"], corner=ABLATION_CORNER)
         blocks.append(TableBlock(f"Ablation ({word}): loss increase (nats per response token), ablated (rows) "
                                  "x evaluated",
