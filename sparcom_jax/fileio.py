@@ -73,10 +73,16 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+    remove_path(old)
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file or a directory tree at `path`; nothing when there is none."""
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
 
 
 LOCK_NAME = ".sparcom.lock"

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
-from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, write_json
+from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
@@ -60,10 +59,7 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
     if (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite):
         for p in (directory, *extra):
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            remove_path(p)
     if is_primary():
         directory.mkdir(parents=True, exist_ok=True)
         write_fingerprint(directory, stage, components)
@@ -386,12 +382,8 @@ def _seal(directory: Path, stage: str, written: dict[str, Any], components: dict
         return
     keep = {Path(p).name for p in written.values()} | {FINGERPRINT_FILE}
     for p in directory.iterdir() if directory.is_dir() else ():
-        if p.name in keep or p.name.startswith("."):
-            continue
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        if p.name not in keep and not p.name.startswith("."):
+            remove_path(p)
     write_fingerprint(directory, stage, components)
 
 
