@@ -213,6 +213,7 @@ class CollectSpec:
         model (only their sign decides the counts), with the weights kept in float32
         (over bf16 weights a float32 gate gives the bf16 signs exactly); null = the
         compute dtype. The rest of the forward (the residual stream) stays bfloat16.
+        The causal check runs the model with the same dtype and gate dtype.
       precision_check: also count the last model in the other precisions (float32,
         bfloat16, bfloat16 with a float32 gate) and report how far each one's sets are
         from the float32 sets: what the chosen precision can support.

@@ -487,3 +487,30 @@ def test_models_stored_under_one_name_are_refused_before_any_work(tmp_path, over
         with pytest.raises(stages.ConfigError, match=named + r".*give each a distinct name \(\w+\.name="):
             run_stage(stage, exp(*overrides), out)
     assert not (out / "counts").exists()
+
+
+def test_ablation_runs_the_model_in_the_counting_precision(done, tmp_path, monkeypatch):
+    """The ablated sets were chosen from counts made with collect.dtype and collect.gate_dtype;
+    the loss is measured on the same numerics (a bfloat16 gate flips signs a float32 one keeps),
+    and a result made in other numerics is not reused."""
+    import sparcom_jax.stats.losses as losses
+    from sparcom_jax.categories import CATEGORIES
+
+    seen = []
+
+    def make_loss_fn(model, records, tok=None, **kw):
+        seen.append((np.dtype(model.dtype).name, model.gate_dtype))
+        return lambda mask: {c: 1.0 for c in CATEGORIES}
+
+    monkeypatch.setattr(losses, "make_loss_fn", make_loss_fn)
+    analyses = stages.analyze_all(exp(), done, full=False)
+    mixed = exp("collect.dtype=bfloat16", "collect.gate_dtype=float32", "ablation.n_random=0")
+    stages.ablate_stage(mixed, tmp_path, analyses=analyses)
+    assert seen == [("bfloat16", "float32")]
+    stored = json.loads((tmp_path / "ablate" / "tuned_neurons.json").read_text())["fingerprint"]
+    assert stored["gate_dtype"] == "float32"
+    # the same sets measured with a bfloat16 gate are another result
+    with pytest.raises(StaleResultError, match=r"collect.gate_dtype: 'float32' -> unset"):
+        stages.ablate_stage(exp("collect.dtype=bfloat16", "ablation.n_random=0"), tmp_path, analyses=analyses)
+    # absent when unused: results made before gate_dtype was fingerprinted still match
+    assert "gate_dtype" not in stages.ablation_fingerprint(exp(), exp().finetuned, [], "neurons", {})

@@ -18,8 +18,10 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 - identify, evaluate, compare, report: they recompute from the counts every time,
   after checking that the counts' fingerprints match the current settings; each
   writes the fingerprint of what it used beside its outputs.
-- ablate: the model, its counts, the rule, the ablation settings and records -> in
-  each OUT/ablate/<model>_<kind>.json; `report` checks it before using the file.
+- ablate: the model, its counts, the rule, the ablation settings and records, and the
+  numerics the model runs in (collect.dtype and collect.gate_dtype, those of the counts
+  that chose the sets) -> in each OUT/ablate/<model>_<kind>.json; `report` checks it
+  before using the file.
 """
 
 from __future__ import annotations

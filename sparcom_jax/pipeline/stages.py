@@ -500,7 +500,9 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
             # The text and category of each record, not only its id: the loss is measured on them.
             "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
             "template": template_for(spec, cfg),
-            "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype}
+            "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype,
+            # absent when unused, so results made before it was fingerprinted still match
+            **({"gate_dtype": cfg.collect.gate_dtype} if cfg.collect.gate_dtype else {})}
 
 
 def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, overwrite: bool = False,
@@ -541,7 +543,9 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 continue
             if model is None:
                 mesh = make_mesh(cfg.mesh) if mesh is None else mesh
-                model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl)
+                # The counting numerics (dtype and gate dtype) chose the sets: the loss is measured in them.
+                model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
+                                        gate_dtype=cfg.collect.gate_dtype)
                 tok = resolve_tokenizer(model)
             sets = ma[section].ident.category_sets
             with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs, "
