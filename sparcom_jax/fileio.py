@@ -1,5 +1,6 @@
 """Atomic file writes, the output directory check and directory locks: a reader never
-sees a half-written output file, and two runs never write one output at once."""
+sees a half-written output file, and two runs never write one output at once. And where
+sparcom_jax keeps its caches (`cache_root`, `cache_setting`)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,25 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+_OFF = {"off", "0", "false", "no", "none"}
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/sparcom_jax`` (``~/.cache`` without XDG_CACHE_HOME): where sparcom_jax
+    keeps what it can always make again (compiled programs, weights digests)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparcom_jax"
+
+
+def cache_setting(env: str, default: Path) -> Path | None:
+    """The directory environment variable `env` names for a cache: `default` when unset or
+    empty, None when it says off (``off``, ``0``, ``false``, ``no``, ``none``)."""
+    setting = os.environ.get(env, "").strip()
+    if setting.lower() in _OFF:
+        return None
+    return Path(setting).expanduser() if setting else default
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -40,10 +39,11 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
+from sparcom_jax.fileio import cache_root, cache_setting
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SPARCOM_JAX_CACHE"
-_OFF = {"off", "0", "false", "no", "none"}
 # JAX's default (1 s) would leave small steps, and every step on a fast accelerator,
 # uncached; loading any program from disk is faster than compiling it again.
 MIN_COMPILE_SECS = 0.0
@@ -66,8 +66,7 @@ _seconds = 0.0
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/sparcom_jax/jax-<jax version>`` (``~/.cache`` without XDG_CACHE_HOME)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sparcom_jax" / f"jax-{jax.__version__}"
+    return cache_root() / f"jax-{jax.__version__}"
 
 
 def _reset_jax_cache() -> None:
@@ -93,14 +92,13 @@ def ensure_compilation_cache() -> Path | None:
     current = jax.config.jax_compilation_cache_dir
     if current and current != _ours:
         return Path(current)  # the user's own setting wins
-    setting = os.environ.get(CACHE_ENV, "").strip()
-    if setting.lower() in _OFF:
+    path = cache_setting(CACHE_ENV, default_cache_dir())
+    if path is None:
         if _ours is not None:  # switched off after we turned it on in this process
             jax.config.update("jax_compilation_cache_dir", None)
             _ours = None
             _reset_jax_cache()
         return None
-    path = Path(setting).expanduser() if setting else default_cache_dir()
     if _ours == str(path):
         return path
     try:

@@ -15,21 +15,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config
+from sparcom_jax.console import log
 
 STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
-
-_T0 = time.perf_counter()
 
 
 # --------------------------------------------------------------------------- #
 # Progress and formatting
 # --------------------------------------------------------------------------- #
-
-def log(msg: str) -> None:
-    """A progress line on stderr (stdout stays for results), stamped with the elapsed time."""
-    el = time.perf_counter() - _T0
-    print(f"[sparcom {int(el // 60):d}:{el % 60:04.1f}] {msg}", file=sys.stderr, flush=True)
-
 
 @contextlib.contextmanager
 def timed(what: str) -> Iterator[None]:
