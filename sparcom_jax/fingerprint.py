@@ -3,25 +3,44 @@
 A fingerprint is a flat mapping of named components: settings that change the
 result (``"scope": "prompt"``) and digests of inputs too large to store
 (``"records"``: the record ids, ``"tokens"``: the tokenized sequences, ``"model"``:
-the weights files' sizes and modification times). Outputs carry the fingerprint
-of their inputs beside them; before reusing an output, a stage compares it with
-the fingerprint of the current inputs, and `difference` names what changed.
+the content of the weights files). Outputs carry the fingerprint of their inputs
+beside them; before reusing an output, a stage compares it with the fingerprint of
+the current inputs, and `difference` names what changed.
 
-    fp = {"model": model_fingerprint(path), "scope": "prompt", "tokens": digest_arrays(ids)}
+    fp = {"model": model_files_fingerprint(path), "scope": "prompt", "tokens": digest_arrays(ids)}
     keys = difference(stored, fp)        # ["scope"] when only the scope changed
     describe(keys, stored, fp)           # "scope: 'prompt' -> 'all'"
+
+Model weights are fingerprinted by content: the SHA-256 of config.json, the
+safetensors index and every ``*.safetensors`` file, by name, without the directory's
+path (a moved or copied checkpoint is the same model; weights rewritten in place are
+another, whatever their size and times). Hashing reads every byte once; the digest
+of each file is then cached (`file_digests`) under the user's cache directory
+(``$SPARCOM_JAX_DIGEST_CACHE``, default ``~/.cache/sparcom_jax/weights-sha256``, ``off``
+to hash every time), keyed by the file's resolved path and its size, modification
+and change times, inode and device. The change time (ctime) is set by the kernel on
+every write and cannot be set back, so a rewritten file is hashed again even when
+its size and mtime were restored. The tokenizer is not in it: the stages fingerprint
+the tokens it produced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from sparcom_jax.console import log as say
+
+log = logging.getLogger(__name__)
 
 # Files of a Hugging Face directory whose change changes the model's outputs.
 _MODEL_FILES = ("config.json", "model.safetensors.index.json")
@@ -45,14 +64,113 @@ def digest_arrays(*groups: Iterable[np.ndarray] | None) -> str:
     return h.hexdigest()[:16]
 
 
+# Prefix of a content digest of model files; older outputs carry a bare digest of the
+# files' path, sizes and times (`describe` says so when it meets one).
+WEIGHTS_DIGEST = "content:"
+DIGEST_CACHE_ENV = "SPARCOM_JAX_DIGEST_CACHE"
+# A file changed this recently is hashed but its digest is not cached: on a filesystem
+# with coarse timestamps, a rewrite within one tick would keep every stat field.
+SETTLE_NS = 2_000_000_000
+# Hashing more than this many bytes is announced (and timed): it can take minutes.
+ANNOUNCE_BYTES = 2**30
+_CHUNK = 16 * 2**20
+_warned: set[str] = set()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (hashlib releases the GIL while it hashes)."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _digest_cache() -> Path | None:
+    from sparcom_jax.fileio import cache_root, cache_setting  # not runtime: it imports jax
+
+    return cache_setting(DIGEST_CACHE_ENV, cache_root() / "weights-sha256")
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _entry(cache: Path, real: Path) -> Path:
+    return cache / (hashlib.sha256(str(real).encode()).hexdigest()[:32] + ".json")
+
+
+def _cached(cache: Path | None, real: Path, key: list[int]) -> str | None:
+    """The cached digest of `real` when its entry is for these stat fields; None on a miss or a
+    damaged entry (hashed again, never an error)."""
+    if cache is None:
+        return None
+    try:
+        e = json.loads(_entry(cache, real).read_text())
+        if e["stat"] == key and re.fullmatch("[0-9a-f]{64}", e["sha256"]):
+            return e["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _hash_and_cache(cache: Path | None, real: Path, key: list[int]) -> str:
+    start = time.time_ns()
+    sha = file_sha256(real)
+    # Cached only when the file did not change while it was read, nor just before (see SETTLE_NS).
+    if cache is not None and _stat_key(real.stat()) == key and max(key[1], key[2]) < start - SETTLE_NS:
+        from sparcom_jax.fileio import write_json
+
+        try:  # one entry per file, replaced atomically: concurrent writers at worst both hash
+            write_json(_entry(cache, real), {"path": str(real), "stat": key, "sha256": sha})
+        except OSError as e:
+            if str(cache) not in _warned:
+                _warned.add(str(cache))
+                log.warning("weights digests not cached: cannot write %s (%s); set %s to a writable "
+                            "directory or 'off'", cache, e, DIGEST_CACHE_ENV)
+    return sha
+
+
+def file_digests(files: Sequence[str | os.PathLike], where: str | os.PathLike | None = None) -> list[str]:
+    """SHA-256 of each file, from the digest cache where the file is unchanged since it was
+    hashed, else hashed (in threads, one file each) and cached.
+
+    Hashing more than `ANNOUNCE_BYTES` logs one line before and one after (how many GB,
+    how long), naming `where` (default: the first file's directory).
+
+    Returns:
+      Hex digests in the order of `files`.
+    """
+    cache = _digest_cache()
+    reals = [Path(f).resolve() for f in files]
+    keys = [_stat_key(r.stat()) for r in reals]
+    out = [_cached(cache, r, k) for r, k in zip(reals, keys)]
+    todo = [i for i, d in enumerate(out) if d is None]
+    size = sum(keys[i][0] for i in todo)
+    if size > ANNOUNCE_BYTES:
+        where = where or Path(files[todo[0]]).parent
+        say(f"hashing {size / 1e9:.1f} GB of model weights in {where} (once: the digests are cached"
+            + (f" in {cache})" if cache is not None else "; the cache is off)"))
+    t = time.perf_counter()
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1, 8)) as pool:
+            for i, sha in zip(todo, pool.map(lambda i: _hash_and_cache(cache, reals[i], keys[i]), todo)):
+                out[i] = sha
+    if size > ANNOUNCE_BYTES:
+        sec = time.perf_counter() - t
+        say(f"hashed {size / 1e9:.1f} GB in {sec:.1f} s ({size / 1e9 / max(sec, 1e-9):.2f} GB/s)")
+    return out
+
+
 def model_files_fingerprint(path: str | os.PathLike) -> str:
-    """Digest of a model directory: its absolute path, and the size and modification time
-    of config.json and every weights file (not their bytes: hashing 100 GB of weights
-    would take longer than most runs)."""
-    p = Path(path).resolve()
-    files = sorted(f for f in p.glob("*.safetensors")) + [p / n for n in _MODEL_FILES if (p / n).exists()]
-    stats = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-    return digest({"path": str(p), "files": stats})
+    """Content digest of a model directory: the SHA-256 of config.json, the safetensors index
+    and every weights file, by file name (the directory's path is not in it, so a moved or
+    copied checkpoint gives the same digest). Returns ``"content:<16 hex>"``."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) + [p / n for n in _MODEL_FILES if (p / n).exists()]
+    return WEIGHTS_DIGEST + digest(dict(zip((f.name for f in files), file_digests(files, where=p))))
 
 
 def model_fingerprint(model) -> str:
@@ -81,6 +199,10 @@ def difference(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[st
 _MISSING = object()
 
 
+def _is_digest(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(f"({WEIGHTS_DIGEST})?[0-9a-f]{{16}}", v) is not None
+
+
 def _shown(v: Any) -> str:
     if v is _MISSING or v is None:
         return "unset"
@@ -101,7 +223,10 @@ def describe(keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, A
     for k in keys[:limit]:
         a, b = old.get(k, _MISSING), new.get(k, _MISSING)
         name = labels.get(k, k)
-        if _shown(a) == "…" or _shown(b) == "…" or (isinstance(b, str) and re.fullmatch("[0-9a-f]{16}", b)):
+        if _is_digest(b) and _is_digest(a) and b.startswith(WEIGHTS_DIGEST) and not a.startswith(WEIGHTS_DIGEST):
+            parts.append(f"{name} changed, or were fingerprinted by an older sparcom_jax (by their path, "
+                         "sizes and times, now by their content), so whether they changed cannot be told")
+        elif _shown(a) == "…" or _shown(b) == "…" or _is_digest(b):
             parts.append(f"{name} changed")
         else:
             parts.append(f"{name}: {_shown(a)} -> {_shown(b)}")

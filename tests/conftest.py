@@ -14,6 +14,8 @@ os.environ.setdefault("SPARCOM_TEST_XLA_FLAGS", "--xla_cpu_collective_call_termi
 # Compiled programs of the test models go to a cache of the checkout's own (shared by the
 # workers and kept between runs), not into the user's ~/.cache.
 os.environ.setdefault("SPARCOM_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+# Likewise the digests of the test checkpoints' weights files.
+os.environ.setdefault("SPARCOM_JAX_DIGEST_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "digests"))
 
 from hf_fixtures import write_checkpoint  # noqa: E402
 

@@ -1,0 +1,186 @@
+"""Model weights are fingerprinted by content: a rewrite is another model whatever its size and
+times, a moved or copied directory is the same model, and the per-file digests are cached by
+the files' stat fields (ctime included) without ever failing on a damaged cache."""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from sparcom_jax import fingerprint as F
+from sparcom_jax.pipeline.provenance import LABELS, stale
+from sparcom_jax.errors import StaleResultError
+
+
+def model_dir(path, seed=0, shards=1, size=4096):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    for k in range(shards):
+        (path / f"model-{k:05d}.safetensors").write_bytes(os.urandom(size) if seed is None
+                                                          else bytes((seed + k + i) % 251 for i in range(size)))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "digests"
+    monkeypatch.setenv(F.DIGEST_CACHE_ENV, str(d))
+    return d
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The files file_sha256 read, in order."""
+    calls = []
+    real = F.file_sha256
+
+    def counting(path):
+        calls.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(F, "file_sha256", counting)
+    return calls
+
+
+def rewrite_keeping_size_and_mtime(f):
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with open(f, "r+b") as fh:  # in place: same inode
+        fh.write(data)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_weights_rewritten_at_one_size_with_the_mtime_restored_are_another_model(tmp_path, cache):
+    d = model_dir(tmp_path / "m")
+    before = F.model_files_fingerprint(d)
+    rewrite_keeping_size_and_mtime(d / "model-00000.safetensors")
+    assert F.model_files_fingerprint(d) != before
+
+
+def test_a_cached_digest_is_not_reused_after_a_rewrite_that_restores_size_and_mtime(tmp_path, cache, hashed,
+                                                                                     monkeypatch):
+    # The digest is cached (files old enough), then the file is rewritten: only its ctime says so.
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    d = model_dir(tmp_path / "m")
+    time.sleep(0.05)  # past the filesystem's timestamp tick
+    before = F.model_files_fingerprint(d)
+    assert F.model_files_fingerprint(d) == before and len(hashed) == 2  # the second call was a cache hit
+    time.sleep(0.05)
+    rewrite_keeping_size_and_mtime(d / "model-00000.safetensors")
+    assert F.model_files_fingerprint(d) != before
+    assert hashed[2:] == ["model-00000.safetensors"]
+
+
+def test_a_moved_or_copied_checkpoint_is_the_same_model(tmp_path, cache):
+    d = model_dir(tmp_path / "a" / "hf", shards=2)
+    fp = F.model_files_fingerprint(d)
+    shutil.copytree(d, tmp_path / "b" / "copy")
+    assert F.model_files_fingerprint(tmp_path / "b" / "copy") == fp
+    os.rename(d, tmp_path / "moved")
+    assert F.model_files_fingerprint(tmp_path / "moved") == fp
+    # ...but not another model's weights, nor another config, nor a shard renamed
+    assert F.model_files_fingerprint(model_dir(tmp_path / "c", seed=1, shards=2)) != fp
+    (tmp_path / "moved" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert F.model_files_fingerprint(tmp_path / "moved") != fp
+    os.rename(tmp_path / "b" / "copy" / "model-00001.safetensors", tmp_path / "b" / "copy" / "x.safetensors")
+    assert F.model_files_fingerprint(tmp_path / "b" / "copy") != fp
+
+
+def test_a_cache_hit_does_not_read_the_file(tmp_path, cache, hashed, monkeypatch):
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    d = model_dir(tmp_path / "m", shards=3)
+    time.sleep(0.05)
+    fp = F.model_files_fingerprint(d)
+    assert sorted(hashed) == sorted(p.name for p in d.iterdir())
+    hashed.clear()
+    assert F.model_files_fingerprint(d) == fp and hashed == []
+    # the cache is keyed by the resolved path: a copy is hashed once, then hit
+    shutil.copytree(d, tmp_path / "copy")
+    time.sleep(0.05)
+    assert F.model_files_fingerprint(tmp_path / "copy") == fp and len(hashed) == 4
+    assert F.model_files_fingerprint(tmp_path / "copy") == fp and len(hashed) == 4
+
+
+def test_a_file_changed_just_before_hashing_is_not_cached(tmp_path, cache, hashed):
+    # On a filesystem with coarse timestamps a rewrite in the same tick keeps every stat field.
+    d = model_dir(tmp_path / "m")
+    F.model_files_fingerprint(d)
+    F.model_files_fingerprint(d)
+    assert len(hashed) == 4 and not cache.exists()
+
+
+def test_a_file_written_while_it_is_hashed_is_not_cached(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    d = model_dir(tmp_path / "m")
+    time.sleep(0.05)
+    real, calls = F.file_sha256, []
+
+    def racing(path):
+        calls.append(path)
+        sha = real(path)  # what was read...
+        if len(calls) == 1:
+            time.sleep(0.05)
+            rewrite_keeping_size_and_mtime(d / "model-00000.safetensors")  # ...is already stale
+        return sha
+
+    monkeypatch.setattr(F, "file_sha256", racing)
+    F.file_digests([d / "model-00000.safetensors"])
+    assert not cache.exists()
+    assert F.file_digests([d / "model-00000.safetensors"]) == [real(d / "model-00000.safetensors")]
+
+
+def test_a_damaged_or_unwritable_cache_is_hashed_around_never_an_error(tmp_path, cache, hashed, monkeypatch):
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    d = model_dir(tmp_path / "m")
+    time.sleep(0.05)
+    fp = F.model_files_fingerprint(d)
+    entries = sorted(cache.iterdir())
+    assert len(entries) == 2
+    entries[0].write_text("{not json")
+    # the right stat fields, a cut digest (a hand-edited or foreign entry)
+    entries[1].write_text(json.dumps(dict(json.loads(entries[1].read_text()), sha256="abc")))
+    hashed.clear()
+    assert F.model_files_fingerprint(d) == fp and len(hashed) == 2
+    # repaired by that run: hits again
+    assert F.model_files_fingerprint(d) == fp and len(hashed) == 2
+    # a cache that cannot be written: a warning, the digest all the same
+    shutil.rmtree(cache)
+    cache.write_text("a file, not a directory")
+    assert F.model_files_fingerprint(d) == fp
+
+
+def test_digests_are_sha256_of_each_files_bytes_in_order(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(F, "_CHUNK", 1000)  # several reads per file, the last one short
+    d = model_dir(tmp_path / "m", seed=None, shards=4, size=4321)
+    files = sorted(d.iterdir())
+    assert F.file_digests(files) == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+
+
+def test_hashing_a_large_directory_is_announced_once_with_size_and_time(tmp_path, cache, monkeypatch, capsys):
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    monkeypatch.setattr(F, "ANNOUNCE_BYTES", 5000)
+    d = model_dir(tmp_path / "m", shards=2, size=3000)
+    time.sleep(0.05)
+    F.model_files_fingerprint(d)
+    err = capsys.readouterr().err
+    assert f"hashing 0.0 GB of model weights in {d} (" in err and str(cache) in err
+    assert "hashed 0.0 GB in " in err and "GB/s" in err
+    F.model_files_fingerprint(d)  # cache hits: nothing to announce
+    assert capsys.readouterr().err == ""
+
+
+def test_an_output_fingerprinted_by_file_times_says_the_format_changed():
+    old = {"model": "0123456789abcdef", "scope": "prompt"}
+    new = {"model": F.WEIGHTS_DIGEST + "fedcba9876543210", "scope": "prompt"}
+    with pytest.raises(StaleResultError) as e:
+        stale("OUT/counts/m", old, new, overwrite=False)
+    msg = str(e.value)
+    assert "model weights changed, or were fingerprinted by an older sparcom_jax" in msg and "--overwrite" in msg
+    # two content digests that differ: the weights changed, nothing more to say
+    other = {"model": F.WEIGHTS_DIGEST + "0000000000000000", "scope": "prompt"}
+    assert F.describe(["model"], other, new, LABELS) == "model weights changed"
