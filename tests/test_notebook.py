@@ -3,6 +3,9 @@ first calls, and how the main result objects display."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -124,3 +127,21 @@ def test_encoded_records_display_a_summary_not_every_token():
                          f"scope 'prompt', {n.min()}-{n.max()} tokens (mean {n.mean():.0f}), "
                          f"{enc.n_truncated} truncated")
     assert enc.n_truncated > 0 and n.max() == 64
+
+
+IMPORTS = textwrap.dedent("""
+    import sys
+    import sparcom_jax as sj
+    for name in sj.__all__:
+        getattr(sj, name)
+    from sparcom_jax.report import export_sets, write_json  # writing the sets draws nothing
+    print("LOADED:" + ",".join(m for m in ("torch", "matplotlib") if m in sys.modules))
+""")
+
+
+def test_the_public_names_import_neither_torch_nor_matplotlib(tmp_path):
+    # torch is a test-only reference; matplotlib is needed only to draw a report.
+    (tmp_path / "imports.py").write_text(IMPORTS)
+    r = subprocess.run([sys.executable, str(tmp_path / "imports.py")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LOADED:" in r.stdout.splitlines(), r.stdout
