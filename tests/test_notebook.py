@@ -145,3 +145,16 @@ def test_the_public_names_import_neither_torch_nor_matplotlib(tmp_path):
     r = subprocess.run([sys.executable, str(tmp_path / "imports.py")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LOADED:" in r.stdout.splitlines(), r.stdout
+
+
+def test_loading_records_leaves_the_callers_datasets_progress_bars_as_they_were():
+    import datasets
+
+    before = datasets.is_progress_bar_enabled()
+    try:
+        for setting in (True, False):
+            (datasets.enable_progress_bars if setting else datasets.disable_progress_bars)()
+            assert len(sj.load_instructions(n_per_category=1)) == 6
+            assert datasets.is_progress_bar_enabled() is setting
+    finally:
+        (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
