@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any, Mapping, Sequence
 
 CATEGORIES: tuple[str, ...] = (
     "classification",
@@ -43,3 +44,11 @@ def normalize_category(name: str) -> str:
     hint = f"; did you mean {_ALIASES[close[0]]!r}?" if close else ""
     valid = ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
     raise ValueError(f"unknown category {name!r}{hint} Valid categories: {valid}")
+
+
+def per_category_text(values: Mapping[str, Any] | Sequence[Any]) -> str:
+    """"CLS 2, CODE 3, ..." for per-category values (a {category: value} mapping, where
+    absent categories are left out, or a sequence in CATEGORIES order); for reprs."""
+    if not isinstance(values, Mapping):
+        values = dict(zip(CATEGORIES, values))
+    return ", ".join(f"{SHORT_NAMES[c]} {values[c]}" for c in CATEGORIES if c in values)

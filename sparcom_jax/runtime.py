@@ -21,6 +21,9 @@ around every read and write (the `filelock` package, a dependency), so processes
 share the cache (the processes of a run on one host, two runs, test workers) do not
 write or evict one entry at once. (A partly written entry is not a danger either way:
 entries are compressed, so a truncated one fails to decompress and JAX compiles again.)
+Entries an unbounded cache left in the directory (an earlier sparcom_jax, a process
+without filelock, the user's own JAX settings) get the access time the bounded cache
+needs (`adopt_unbounded_entries`); without it every later write would fail.
 
 Compile counting. `compile_stats` reports how many XLA programs this process
 compiled, how many it loaded from the cache and the time spent on both, from
@@ -113,9 +116,42 @@ def ensure_compilation_cache() -> Path | None:
         log.warning("compilation cache %s unbounded and unlocked (no filelock package)", path)
     else:
         jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
+        adopt_unbounded_entries(path)
     _ours = str(path)
     _reset_jax_cache()
     return path
+
+
+# JAX's bounded cache (jax/_src/lru_cache.py) keeps each entry as <key>-cache with its last
+# access time, int nanoseconds little-endian, in <key>-atime.
+_ENTRY_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"
+
+
+def adopt_unbounded_entries(path: Path) -> int:
+    """Give every cache entry in `path` that lacks one an access-time file (its modification time).
+
+    JAX's bounded cache reads the access time of every entry whenever it makes room for a
+    new one; an entry written by an unbounded cache has none, so every later write fails
+    with a warning ("Error writing persistent compilation cache entry ... -atime") and
+    nothing new is cached. Runs under JAX's lock on the directory; on a lock timeout
+    it leaves the entries as they are (a warning).
+
+    Returns:
+      The number of entries adopted.
+    """
+    import filelock
+
+    try:
+        with filelock.FileLock(path / ".lockfile", timeout=10):
+            entries = {e.name[:-len(_ENTRY_SUFFIX)]: e for e in os.scandir(path) if e.name.endswith(_ENTRY_SUFFIX)}
+            missing = [key for key in entries if not (path / (key + _ATIME_SUFFIX)).exists()]
+            for key in missing:
+                (path / (key + _ATIME_SUFFIX)).write_bytes(entries[key].stat().st_mtime_ns.to_bytes(8, "little"))
+    except filelock.Timeout:
+        log.warning("compilation cache %s: locked by another process; entries without an access time "
+                    "were left as they are, and writes may fail until they have one", path)
+        return 0
+    return len(missing)
 
 
 def _on_event(event: str, **_) -> None:

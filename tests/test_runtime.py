@@ -225,3 +225,33 @@ def test_cache_follows_the_setting_within_one_process(tmp_path):
     assert a0 >= 1 and b0 == 0  # the first program went to a
     assert a1 == a0 and b1 >= 1  # the second to b, none to a
     assert (a2, b2) == (a1, b1)  # off: nothing written anywhere
+
+
+# A cache directory that an unbounded cache wrote to (an earlier sparcom_jax, a process
+# without filelock) holds entries without the access-time file JAX's bounded cache reads
+# for every entry when it makes room: each later write failed with a warning, nothing new
+# was cached.
+UNBOUNDED_LEFTOVER = textwrap.dedent("""
+    import sys, warnings, jax
+    warnings.filterwarnings("error", message=".*persistent compilation cache")  # how JAX reports a failed write
+    from sparcom_jax.runtime import ensure_compilation_cache
+    ensure_compilation_cache()
+    jax.jit(lambda x: x * 5 - 2)(jax.numpy.arange(3)).block_until_ready()
+""")
+
+
+def test_entries_an_unbounded_cache_left_do_not_stop_new_writes(tmp_path):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "jit_old-0123-cache").write_bytes(b"x")  # as an unbounded cache writes it: no -atime
+    (tmp_path / "leftover.py").write_text(UNBOUNDED_LEFTOVER)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
+    r = subprocess.run([sys.executable, str(tmp_path / "leftover.py")], env={**env, "SPARCOM_JAX_CACHE": str(cache)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = _entries(cache)
+    assert "jit_old-0123-atime" in names  # adopted, with its modification time
+    assert int.from_bytes((cache / "jit_old-0123-atime").read_bytes(), "little") == \
+        (cache / "jit_old-0123-cache").stat().st_mtime_ns
+    new = {n for n in names if n.endswith("-cache")} - {"jit_old-0123-cache"}
+    assert new and all(n[:-len("-cache")] + "-atime" in names for n in new)  # the program was cached

@@ -25,7 +25,7 @@ import numpy as np
 
 from sparcom_jax.analysis.common import C, by_category, jsonable
 from sparcom_jax.analysis.identify import Identification
-from sparcom_jax.categories import CATEGORIES, normalize_category
+from sparcom_jax.categories import CATEGORIES, normalize_category, per_category_text
 
 LossFn = Callable[[np.ndarray | None], Mapping[str, float]]
 
@@ -37,7 +37,7 @@ FIELD_KIND: dict[str, str] = {"neuron_active": "neurons", "expert_routed": "expe
 EXCESS_PERCENTILES = (5, 50, 95)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class AblationResult:
     """Loss increases; rows = ablated category, columns = evaluated category.
 
@@ -73,6 +73,16 @@ class AblationResult:
     off_bin: np.ndarray | None = None
     in_set: np.ndarray | None = None
     matching: dict = dataclasses.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        own = np.diag(self.excess)
+        sd = np.diag(self.excess_spread()["std"])
+        return "\n".join([
+            f"AblationResult: {self.kind}, {self.n_random} matched random draws (seed {self.seed})",
+            f"  set sizes         {per_category_text(self.set_sizes)}",
+            "  own-category loss increase beyond random, mean ± sd over draws (nats per response token):",
+            "    " + per_category_text([f"{e:+.3g} ± {d:.2g}" for e, d in zip(own, sd)]),
+        ])
 
     @property
     def excess(self) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from sparcom_jax.analysis.common import C, SECTIONS, by_category, category_labels
+from sparcom_jax.categories import per_category_text
 from sparcom_jax.stats.counts import Counts
 
 _RULES = ("top", "absolute")
@@ -123,6 +124,15 @@ class IdentifyConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def describe(self) -> str:
+        """The rule in one line, e.g. "top eps=0.01 (ties keep), consensus q=0.5"."""
+        if self.rule == "top":
+            experts = "" if self.eps_experts is None else f" (experts {self.eps_experts:g})"
+            rule = f"top eps={self.eps:g}{experts} (ties {self.ties})"
+        else:
+            rule = f"absolute threshold={self.threshold:g}"
+        return rule + (f", consensus q={self.q:g}" if self.aggregation == "consensus" else ", pooled")
+
 
 # What each rule's set sizes can and cannot show; repeated in summary.json and the report.
 RULE_SUPPORT: dict[str, str] = {
@@ -198,7 +208,7 @@ def select_units(
     return sel.reshape(freq.shape)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Identification:
     """Instruction and category sets of one count field.
 
@@ -244,6 +254,17 @@ class Identification:
     @property
     def section(self) -> str:
         return SECTIONS[self.field]
+
+    def __repr__(self) -> str:
+        shape = ", ".join(map(str, self.unit_shape))
+        kept = ("dropped" if self.instruction_bits is None
+                else f"kept [{self.n}, {self.n_units}]" + (" bit-packed" if self.packed else ""))
+        return "\n".join([
+            f"Identification: {self.field}, units [{shape}] ({self.n_units:,} in all), {self.n} instructions",
+            f"  rule              {self.config.describe()}",
+            f"  |S(c)|            {per_category_text(self.category_sets.reshape(C, -1).sum(1))}",
+            f"  instruction sets  {kept}",
+        ])
 
     def sets(self) -> dict[str, np.ndarray]:
         """{category: bool [*U]} in CATEGORIES order."""

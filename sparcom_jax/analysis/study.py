@@ -28,7 +28,7 @@ from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import bootstrap, permutation_test
-from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
 
 SUMMARY_VERSION = 1
@@ -36,7 +36,11 @@ SUMMARY_VERSION = 1
 _PACK_ABOVE = 1 << 30
 
 
-@dataclasses.dataclass
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+@dataclasses.dataclass(repr=False)
 class FieldAnalysis:
     """One count field of one model.
 
@@ -54,8 +58,32 @@ class FieldAnalysis:
     summary: dict
     contrast: Identification | None = None
 
+    def __repr__(self) -> str:
+        return "FieldAnalysis " + "\n".join(self._lines())
 
-@dataclasses.dataclass
+    def _lines(self) -> list[str]:
+        """The headline figures, one per line (the first names the section)."""
+        s = self.summary
+        rows = [("|S(c)|", per_category_text(s["per_category_count"])),
+                ("unique", per_category_text(s["unique"])),
+                ("general / union", f"{s['general']} / {s['union']}")]
+        if s.get("diagonal_dominance") is not None:
+            diag = _num(s["diagonal_dominance"])
+            boot = (s.get("bootstrap") or {}).get("diagonal_dominance")
+            if boot:
+                diag += f" [{_num(boot['low'])}, {_num(boot['high'])}] ({s['bootstrap']['ci']:.0%} bootstrap)"
+            if s.get("permutation"):
+                diag += f", permutation p {_num(s['permutation']['p_value'])}"
+            rows.append(("diagonal", diag))
+        if s.get("contrast"):
+            rule = IdentifyConfig.from_dict(s["contrast"]["identification"]).describe()
+            rows.append(("|S(c)| contrast", f"{per_category_text(s['contrast']['per_category_count'])} ({rule})"))
+        head = (f"{self.ident.section}: {self.ident.field} [{', '.join(map(str, self.ident.unit_shape))}], "
+                f"{self.ident.n} instructions")
+        return [head] + [f"  {label:<17} {text}" for label, text in rows]
+
+
+@dataclasses.dataclass(repr=False)
 class ModelAnalysis:
     """All analysed fields of one model, keyed by section ("isn", "ise", "expert_neurons")."""
 
@@ -66,6 +94,15 @@ class ModelAnalysis:
 
     def __getitem__(self, section: str) -> FieldAnalysis:
         return self.fields[section]
+
+    def __repr__(self) -> str:
+        made = ", ".join(f"{k} {self.meta[k]!r}" for k in ("model", "dtype", "scope", "template")
+                         if self.meta.get(k) is not None)
+        lines = [f"ModelAnalysis {self.name!r}: {self.config.describe()}" + (f"; {made}" if made else "")]
+        for fa in self.fields.values():
+            lines += ["  " + line for line in fa._lines()]
+        lines.append("  every figure: .summary() (keys in docs/analysis.md)")
+        return "\n".join(lines)
 
     def summary(self) -> dict:
         """The `models.<name>` dict: {"meta": ..., "<section>": ...}."""

@@ -213,7 +213,7 @@ def load_params(model: CausalLM, path: str | Path, *, mesh=None, rules=None) -> 
             return lambda idx: np.asarray(t.read(r, layer, _norm(idx, shape)), dtype=dtype)
 
         if not t.entry.stacked:
-            var.value = jax.make_array_from_callback(t.shape, sh, reader(0, t.shape))
+            var.set_value(jax.make_array_from_callback(t.shape, sh, reader(0, t.shape)))
             continue
         # One layer at a time: host staging memory stays one layer's slice, whatever the depth.
         layer_sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:])) \
@@ -222,7 +222,7 @@ def load_params(model: CausalLM, path: str | Path, *, mesh=None, rules=None) -> 
         setter = _layer_setter(sh)
         for l in t.layers:
             stacked = setter(stacked, jax.make_array_from_callback(t.shape, layer_sh, reader(l, t.shape)), l)
-        var.value = stacked
+        var.set_value(stacked)
     nnx.update(model, nnx.from_flat_state(flat))
 
 
@@ -291,7 +291,7 @@ def hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out: dict[str, np.ndarray] = {}
     for t in parameter_tensors(model, None):
-        value = np.asarray(jax.device_get(flat[t.entry.key].value))
+        value = np.asarray(jax.device_get(flat[t.entry.key].get_value()))
         for l in t.layers:
             out.update(zip(t.names(l), t.layout.to_hf(value[l] if t.entry.stacked else value)))
     return out

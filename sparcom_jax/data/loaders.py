@@ -67,20 +67,27 @@ class _Table:
 def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list[str]]:
     import datasets  # heavy import, only when files are read
 
+    # No bars for our small reads, and the caller's own setting back afterwards (it is
+    # process-wide: a notebook's later load_dataset calls would lose theirs).
+    bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     # A private cache per call: no stale results when a file is edited in place,
     # and nothing left behind in the user's home cache.
-    with tempfile.TemporaryDirectory(prefix="sparcom_data_") as cache:
-        try:
-            ds = datasets.load_dataset(
-                builder, data_files=str(file), split="train", cache_dir=cache,
-                keep_in_memory=True, **kwargs,
-            )
-        except Exception as err:  # datasets raises many types; add the file name
-            raise ValueError(
-                f"{file}: could not be read as {builder}: {err}; check the file format"
-            ) from err
-        return ds.to_list(), list(ds.column_names)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sparcom_data_") as cache:
+            try:
+                ds = datasets.load_dataset(
+                    builder, data_files=str(file), split="train", cache_dir=cache,
+                    keep_in_memory=True, **kwargs,
+                )
+            except Exception as err:  # datasets raises many types; add the file name
+                raise ValueError(
+                    f"{file}: could not be read as {builder}: {err}; check the file format"
+                ) from err
+            return ds.to_list(), list(ds.column_names)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _read_text(file: Path) -> str:

@@ -55,12 +55,14 @@ compared; the pipeline's collect stage computes them for every study.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from sparcom_jax.categories import per_category_text
 from sparcom_jax.data.records import DataWarning, Record
 
 Template = Literal["plain", "chat"]
@@ -98,7 +100,7 @@ class Encoded:
         return int(self.ids.shape[0])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class EncodedSet:
     """Tokenized records, in input order.
 
@@ -129,6 +131,12 @@ class EncodedSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __repr__(self) -> str:
+        n = np.asarray(self.lengths)
+        lengths = f"{n.min()}-{n.max()} tokens (mean {n.mean():.0f})" if n.size else "no sequences"
+        return (f"EncodedSet: {len(self)} records ({per_category_text(collections.Counter(self.categories))}), "
+                f"template {self.template!r}, scope {self.scope!r}, {lengths}, {self.n_truncated} truncated")
 
     @property
     def lengths(self) -> np.ndarray:

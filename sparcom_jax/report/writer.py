@@ -21,7 +21,6 @@ import numpy as np
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
-from sparcom_jax.report import figures as F
 from sparcom_jax.report.export import export_sets
 from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_html
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
@@ -325,6 +324,10 @@ def write_report(
     Returns:
       {"summary": [...], "tables": [...], "figures": [...], "sets": [...], "html": [...]} paths.
     """
+    # matplotlib is imported when a report is drawn, not with sparcom_jax.report (the sets and
+    # tables are written without it).
+    from sparcom_jax.report import figures as F
+
     out = os.fspath(out_dir)
     written: dict[str, list[str]] = {k: [] for k in ("summary", "tables", "figures", "sets", "html")}
     written["summary"].append(write_json(os.path.join(out, "summary.json"), summary))

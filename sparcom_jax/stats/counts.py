@@ -10,13 +10,21 @@ analysis reads them in chunks along N so host memory stays bounded.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Iterator
 
 import numpy as np
 
+from sparcom_jax.categories import per_category_text
 
-@dataclasses.dataclass
+
+def array_text(a) -> str:
+    """"int32 [12, 2, 64]" for an array or a lazily-read array-like, without reading it."""
+    return f"{np.dtype(a.dtype).name} [{', '.join(str(int(d)) for d in a.shape)}]"
+
+
+@dataclasses.dataclass(repr=False)
 class Counts:
     """Per-instruction activation counts (METHOD.md, step 1).
 
@@ -62,6 +70,22 @@ class Counts:
     @property
     def n(self) -> int:
         return int(self.tokens.shape[0])
+
+    def __repr__(self) -> str:
+        # What a notebook shows: the shapes and how the counts were made, never the arrays,
+        # the record lists or the whole meta (thousands of entries for a real study).
+        cats = "" if self.categories is None else f" ({per_category_text(collections.Counter(self.categories))})"
+        lines = [f"Counts: {self.n} records{cats}"]
+        lines += [f"  {k:<22} {array_text(v)}" for k, v in {"tokens": self.tokens, **self.arrays(),
+                                                             **self.sums()}.items()]
+        m = self.meta or {}
+        made = ", ".join(f"{k} {m[k]!r}" for k in ("model", "dtype", "scope", "template", "max_length")
+                         if m.get(k) is not None)
+        if made:
+            lines.append(f"  {made}")
+        lazy = not isinstance(self.tokens, np.ndarray)
+        lines.append(f"  read lazily from {m.get('store', 'disk')}" if lazy else "  in memory")
+        return "\n".join(lines)
 
     def arrays(self) -> dict[str, Any]:
         """The non-None count arrays by name."""

@@ -32,7 +32,7 @@ import tensorstore as ts
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import DirLock, atomic_write
 from sparcom_jax.fingerprint import describe, difference
-from sparcom_jax.stats.counts import Counts
+from sparcom_jax.stats.counts import Counts, array_text
 
 STORE_VERSION = 1
 
@@ -55,6 +55,9 @@ class LazyArray:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyArray({array_text(self)}, on disk)"
 
     def __array__(self, dtype=None, copy=None):
         a = self[...]

@@ -1,0 +1,218 @@
+"""The docs say what the code does: README.md and docs/*.md checked against the package.
+
+- Every Python block parses, names only functions that exist and calls them with
+  arguments their signatures take. A block whose first line is ``# Illustration...``
+  needs a real model or the reader's files and is only checked; every other block runs,
+  in page order, in one namespace per page (as a notebook would), in a scratch directory.
+- Every JSON record example loads as a record.
+- Every ``sparcom ...`` command line parses (commands, flags) and its KEY=VALUE overrides
+  name real config keys of the config it points at.
+- The config schema in docs/cli.md and the TrainConfig table in docs/training.md state
+  the code's defaults.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+ILLUSTRATION = "# Illustration"
+
+
+def blocks(lang: str) -> list[tuple[str, int, str]]:
+    """(page, line, code) of every fenced block of language `lang` ("" for unmarked)."""
+    out = []
+    for page in PAGES:
+        text = page.read_text()
+        for m in FENCE.finditer(text):
+            if m.group(1) == lang:
+                out.append((page.name, text.count("\n", 0, m.start()) + 1, m.group(2)))
+    return out
+
+
+PYTHON = blocks("python")
+
+
+def _resolve(dotted: str):
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)  # AttributeError names what is missing
+        return obj
+    raise ImportError(dotted)
+
+
+class _ApiCheck(ast.NodeVisitor):
+    """Collects the problems of one block: sparcom_jax names that do not exist, and calls
+    of sparcom_jax callables whose arguments their signatures do not take."""
+
+    def __init__(self):
+        self.bound: dict[str, object] = {}  # local name -> sparcom_jax object
+        self.problems: list[str] = []
+
+    def _bind(self, local: str, dotted: str, line: int):
+        try:
+            self.bound[local] = _resolve(dotted)
+        except (ImportError, AttributeError) as e:
+            self.problems.append(f"line {line}: {dotted}: {e}")
+
+    def visit_Import(self, node):
+        for a in node.names:
+            if a.name.split(".")[0] == "sparcom_jax":
+                self._bind(a.asname or a.name.split(".")[0], a.name if a.asname else "sparcom_jax", node.lineno)
+
+    def visit_ImportFrom(self, node):
+        if (node.module or "").split(".")[0] == "sparcom_jax":
+            for a in node.names:
+                self._bind(a.asname or a.name, f"{node.module}.{a.name}", node.lineno)
+
+    def _target(self, node):
+        """The sparcom_jax object an expression names (sj.f, f, sj.sub.f), or None."""
+        if isinstance(node, ast.Name):
+            return self.bound.get(node.id)
+        if isinstance(node, ast.Attribute):
+            base = self._target(node.value)
+            if inspect.ismodule(base):
+                if not hasattr(base, node.attr):
+                    self.problems.append(f"line {node.lineno}: {base.__name__} has no {node.attr!r}")
+                    return None
+                return getattr(base, node.attr)
+        return None
+
+    def visit_Attribute(self, node):
+        self._target(node)
+        self.generic_visit(node)
+
+    def visit_Call(self, node):
+        fn = self._target(node.func)
+        starred = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
+        if callable(fn) and not starred:
+            try:
+                inspect.signature(fn).bind(*node.args, **{k.arg: k.value for k in node.keywords})
+            except TypeError as e:
+                self.problems.append(f"line {node.lineno}: {getattr(fn, '__name__', fn)}(...): {e}")
+        for a in node.args:
+            self.visit(a)
+        for k in node.keywords:
+            self.visit(k.value)
+        if not isinstance(node.func, ast.Name):
+            self.visit(node.func.value if isinstance(node.func, ast.Attribute) else node.func)
+
+
+@pytest.mark.parametrize("page,line,code", PYTHON, ids=[f"{p}:{n}" for p, n, _ in PYTHON])
+def test_python_blocks_name_the_real_api(page, line, code):
+    check = _ApiCheck()
+    check.visit(ast.parse(code, filename=f"{page}:{line}"))
+    assert check.problems == [], f"{page}, block at line {line}"
+
+
+def test_python_blocks_that_are_not_illustrations_run(tmp_path, monkeypatch):
+    runnable = [(p, n, c) for p, n, c in PYTHON if not c.startswith(ILLUSTRATION)]
+    assert runnable, "no runnable block left: the docs test would check nothing by running"
+    monkeypatch.chdir(tmp_path)
+    namespaces: dict[str, dict] = {}
+    for page, line, code in runnable:
+        exec(compile(code, f"{page}:{line}", "exec"), namespaces.setdefault(page, {}))
+
+
+def test_json_record_examples_load(tmp_path):
+    import sparcom_jax as sj
+
+    examples = [c for _, _, c in blocks("json")]
+    assert examples
+    for i, code in enumerate(examples):
+        path = tmp_path / f"example{i}.jsonl"
+        path.write_text(code)
+        records = sj.load_instructions(path)
+        assert [r.id for r in records] == [json.loads(ln)["id"] for ln in code.splitlines() if ln.strip()]
+
+
+def _command_lines() -> list[tuple[str, str]]:
+    """(where, command line) of every `sparcom ...` line in unmarked and bash blocks."""
+    out = []
+    for page, line, code in blocks("") + blocks("bash"):
+        joined = code.replace("\\\n", " ")
+        for ln in joined.splitlines():
+            ln = ln.strip().removeprefix("$ ")
+            if ln.startswith("sparcom "):
+                out.append((f"{page}:{line}", ln.split("#")[0].strip()))
+    return out
+
+
+COMMANDS = _command_lines()
+
+
+@pytest.mark.parametrize("where,cmd", COMMANDS, ids=[c for _, c in COMMANDS])
+def test_command_lines_parse_with_real_flags_and_keys(where, cmd):
+    from sparcom_jax.cli import parse_args
+    from sparcom_jax.config import DemoConfig, ExperimentConfig, load_config
+
+    argv = shlex.split(cmd)[1:]
+    args = parse_args(argv)  # an unknown command or flag exits (SystemExit)
+    config = getattr(args, "config", None)
+    if config and (ROOT / config).is_file():
+        cls = DemoConfig if args.command == "demo" else ExperimentConfig
+        load_config(ROOT / config, getattr(args, "overrides", None) or [], cls=cls)  # unknown keys raise
+    else:
+        assert not getattr(args, "overrides", None) or config is None, f"{where}: {config} is not in the repository"
+
+
+def test_the_config_schema_states_the_defaults():
+    from sparcom_jax.config import ExperimentConfig
+
+    (schema,) = [c for p, _, c in blocks("yaml") if p == "cli.md"]
+    documented = yaml.safe_load(schema)
+    # Example values (no default exists, or the default is "the data section's").
+    examples = {"name", "out_dir", "base.name", "base.path", "base.hub_id", "base.template"}
+    code = ExperimentConfig(name="x")
+    placeholders = []
+
+    def walk(doc: dict, obj, prefix: str):
+        fields = {f.name for f in dataclasses.fields(obj)}
+        assert set(doc) == fields, f"{prefix or 'top level'}: documented {sorted(doc)} != code {sorted(fields)}"
+        for key, value in doc.items():
+            here, default = prefix + key, getattr(obj, key)
+            if value == {"...": None}:  # "{...}": see elsewhere
+                placeholders.append(here)
+            elif isinstance(value, dict) and dataclasses.is_dataclass(default):
+                walk(value, default, here + ".")
+            elif here not in examples:
+                default = list(default) if isinstance(default, tuple) else default
+                assert value == default, f"{here}: documented {value!r}, code {default!r}"
+
+    walk(documented, code, "")
+    assert placeholders == ["finetuned", "architecture", "train"]
+
+
+def test_the_trainconfig_table_states_the_defaults():
+    from sparcom_jax.train import TrainConfig
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text[text.index("## Options (`TrainConfig`)"):]
+    defaults = dataclasses.asdict(TrainConfig())
+    seen = set()
+    for row in re.findall(r"^\| (`.*?) \| (.*?) \|", table, re.M):
+        names = re.findall(r"`(\w+)`", row[0])
+        values = [v.strip().strip("`") for v in re.split(r" / |, ", row[1])]
+        assert len(values) == len(names), row
+        for name, value in zip(names, values):
+            parsed = ast.literal_eval(value)
+            assert parsed == defaults[name], f"TrainConfig.{name}: documented {value}, code {defaults[name]!r}"
+            seen.add(name)
+    assert seen == set(defaults), f"undocumented: {sorted(set(defaults) - seen)}"

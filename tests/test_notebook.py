@@ -1,0 +1,160 @@
+"""What a notebook user meets first: what `import sparcom_jax` pulls in, warnings on the
+first calls, and how the main result objects display."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import sparcom_jax as sj
+
+
+def test_loading_and_saving_a_model_use_no_deprecated_flax_api(hf_checkpoint, tmp_path):
+    # flax 0.12 deprecated Variable.value (read and write); it warned once per tensor and will go away.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = sj.load_model(hf_checkpoint("llama"), with_tokenizer=False)
+        saved = sj.save_model(model, tmp_path / "m")
+    deprecated = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert deprecated == []
+    assert (saved / "model.safetensors").is_file()
+
+
+def _study_counts(n_per_category: int = 20, L: int = 4, F: int = 256):
+    """Counts of a study-sized record list (ids, sources, meta) over a small model, in memory."""
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.stats.counts import Counts
+
+    rng = np.random.default_rng(0)
+    n = n_per_category * len(CATEGORIES)
+    tokens = rng.integers(20, 60, n).astype(np.int32)
+    active = np.minimum(rng.poisson(8.0, (n, L, F)), tokens[:, None, None]).astype(np.int32)
+    return Counts(tokens=tokens, neuron_active=active, categories=[CATEGORIES[i % 6] for i in range(n)],
+                  ids=[f"record-with-a-long-id-{i:05d}" for i in range(n)],
+                  sources=["human-written" if i % 2 else "template-varied" for i in range(n)],
+                  meta={"model": "/models/tiny", "dtype": "float32", "scope": "content", "template": "plain",
+                        "fingerprint": {"tokens": "f" * 16}, "n_empty_scope": {c: 0 for c in CATEGORIES}})
+
+
+def test_counts_display_their_shapes_and_provenance_not_their_contents(tmp_path):
+    from sparcom_jax.stats.store import CountStore, open_counts
+
+    counts = _study_counts()
+    text = repr(counts)
+    assert text.splitlines() == [
+        "Counts: 120 records (CLS 20, CODE 20, QA 20, GEN 20, MATH 20, SUM 20)",
+        "  tokens                 int32 [120]",
+        "  neuron_active          int32 [120, 4, 256]",
+        "  model '/models/tiny', dtype 'float32', scope 'content', template 'plain'",
+        "  in memory",
+    ]
+    # The same counts in a store: read lazily, and shown without reading them.
+    shapes = {"tokens": (120,), "neuron_active": (120, 4, 256)}
+    store = CountStore(tmp_path / "store", shapes, ids=counts.ids, categories=counts.categories,
+                       sources=counts.sources, meta=counts.meta, chunk_rows=120)
+    store.write_chunk(0, {"tokens": counts.tokens, "neuron_active": counts.neuron_active})
+    store.close()
+    lazy = open_counts(tmp_path / "store")
+    assert repr(lazy).splitlines()[:4] == text.splitlines()[:4]
+    assert repr(lazy).splitlines()[4] == f"  read lazily from {tmp_path / 'store'}"
+    assert repr(lazy.neuron_active) == "LazyArray(int32 [120, 4, 256], on disk)"
+
+
+def test_analysis_results_display_their_headline_figures(tmp_path):
+    from sparcom_jax.analysis import IdentifyConfig, ablate_identification, analyze_model
+    from sparcom_jax.categories import CATEGORIES
+
+    analysis = analyze_model(_study_counts(), IdentifyConfig(eps=0.02), name="base", n_boot=3, n_perm=9)
+    s = analysis["isn"].summary
+
+    def per_cat(values):
+        return ", ".join(f"{short} {values[c]}" for c, short in zip(CATEGORIES, ("CLS", "CODE", "QA", "GEN", "MATH", "SUM")))
+
+    boot, p = s["bootstrap"]["diagonal_dominance"], s["permutation"]["p_value"]
+    field = [
+        "isn: neuron_active [4, 256], 120 instructions",
+        f"  |S(c)|            {per_cat(s['per_category_count'])}",
+        f"  unique            {per_cat(s['unique'])}",
+        f"  general / union   {s['general']} / {s['union']}",
+        f"  diagonal          {s['diagonal_dominance']:.3g} [{boot['low']:.3g}, {boot['high']:.3g}] (95% bootstrap), "
+        f"permutation p {p:.3g}",
+        f"  |S(c)| contrast   {per_cat(s['contrast']['per_category_count'])} "
+        "(absolute threshold=0.5, consensus q=0.5)",
+    ]
+    assert repr(analysis).splitlines() == [
+        "ModelAnalysis 'base': top eps=0.02 (ties keep), consensus q=0.5; model '/models/tiny', dtype 'float32', "
+        "scope 'content', template 'plain'",
+        *("  " + line for line in field),
+        "  every figure: .summary() (keys in docs/analysis.md)",
+    ]
+    assert repr(analysis["isn"]).splitlines() == ["FieldAnalysis " + field[0], *field[1:]]
+    ident = analysis["isn"].ident
+    assert repr(ident).splitlines() == [
+        "Identification: neuron_active, units [4, 256] (1,024 in all), 120 instructions",
+        "  rule              top eps=0.02 (ties keep), consensus q=0.5",
+        f"  |S(c)|            {per_cat(s['per_category_count'])}",
+        "  instruction sets  dropped",
+    ]
+
+    def loss_fn(mask):  # each category's loss grows with the units switched off in its own first layer
+        return {c: 1.0 + (0.0 if mask is None else 0.01 * (i + 1) * float(mask[0].sum()))
+                for i, c in enumerate(CATEGORIES)}
+
+    ablation = ablate_identification(ident, loss_fn, n_random=4, seed=3)
+    own, sd = np.diag(ablation.excess), np.diag(ablation.excess_spread()["std"])
+    assert repr(ablation).splitlines() == [
+        "AblationResult: neurons, 4 matched random draws (seed 3)",
+        f"  set sizes         {per_cat(dict(zip(CATEGORIES, ablation.set_sizes)))}",
+        "  own-category loss increase beyond random, mean ± sd over draws (nats per response token):",
+        "    " + ", ".join(f"{short} {e:+.3g} ± {d:.2g}"
+                           for short, e, d in zip(("CLS", "CODE", "QA", "GEN", "MATH", "SUM"), own, sd)),
+    ]
+
+
+def test_encoded_records_display_a_summary_not_every_token():
+    from sparcom_jax.data import DataWarning
+
+    records = sj.load_instructions(n_per_category=2, seed=0)
+    with pytest.warns(DataWarning, match="truncated"):
+        enc = sj.encode_records(records, sj.default_tokenizer(), template="plain", scope="prompt", max_length=64)
+    n = enc.lengths
+    assert repr(enc) == (f"EncodedSet: 12 records (CLS 2, CODE 2, QA 2, GEN 2, MATH 2, SUM 2), template 'plain', "
+                         f"scope 'prompt', {n.min()}-{n.max()} tokens (mean {n.mean():.0f}), "
+                         f"{enc.n_truncated} truncated")
+    assert enc.n_truncated > 0 and n.max() == 64
+
+
+IMPORTS = textwrap.dedent("""
+    import sys
+    import sparcom_jax as sj
+    for name in sj.__all__:
+        getattr(sj, name)
+    from sparcom_jax.report import export_sets, write_json  # writing the sets draws nothing
+    print("LOADED:" + ",".join(m for m in ("torch", "matplotlib") if m in sys.modules))
+""")
+
+
+def test_the_public_names_import_neither_torch_nor_matplotlib(tmp_path):
+    # torch is a test-only reference; matplotlib is needed only to draw a report.
+    (tmp_path / "imports.py").write_text(IMPORTS)
+    r = subprocess.run([sys.executable, str(tmp_path / "imports.py")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LOADED:" in r.stdout.splitlines(), r.stdout
+
+
+def test_loading_records_leaves_the_callers_datasets_progress_bars_as_they_were():
+    import datasets
+
+    before = datasets.is_progress_bar_enabled()
+    try:
+        for setting in (True, False):
+            (datasets.enable_progress_bars if setting else datasets.disable_progress_bars)()
+            assert len(sj.load_instructions(n_per_category=1)) == 6
+            assert datasets.is_progress_bar_enabled() is setting
+    finally:
+        (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
