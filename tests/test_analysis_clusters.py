@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparcom_jax.analysis import (
-    IdentifyConfig, bootstrap, cluster_index, identify, permutation_test, resample_weights,
+    IdentifyConfig, between_groups, bootstrap, cluster_index, identify, permutation_test, resample_weights,
 )
 from sparcom_jax.analysis.uncertainty import _cluster_strata
 from sparcom_jax.categories import CATEGORIES
@@ -34,7 +34,7 @@ def grouped_counts(seed=0, units=30, t=10):
     base = rng.integers(0, t + 1, (cl.max() + 1, units))
     na = np.clip(base[cl] + rng.integers(-1, 2, (labels.size, units)), 0, t).astype(np.int32)
     return Counts(tokens=np.full(labels.size, t), neuron_active=na[:, None, :],
-                  categories=[CATEGORIES[c] for c in labels]), labels, groups
+                  categories=[CATEGORIES[c] for c in labels], groups=groups), labels, groups
 
 
 def test_cluster_index_numbers_clusters_by_first_record_and_splits_keys_across_categories():
@@ -159,9 +159,15 @@ def test_duplicated_templates_fool_the_record_test_not_the_group_test():
     assert rec["p_value"] == pytest.approx(1 / 200)
     assert grp["p_value"] > 0.2 and grp["unit"] == "group" and grp["n_units"] == 18
     assert max(grp["per_category_p_value"]) > 0.2
+    # Without the within-group pairs nothing is left on the diagonal.
+    bg = between_groups(m, labels, groups, n_perm=199, seed=0)
+    assert abs(bg["diagonal_dominance"]) < 0.02 and bg["permutation"]["p_value"] > 0.2
     # A real category structure beyond the templates is still found at the group level.
     m, labels, groups = duplicated_templates(structure=0.2)
     assert permutation_test(m, labels, n_perm=199, seed=0, groups=groups)["p_value"] == pytest.approx(1 / 200)
+    bg = between_groups(m, labels, groups, n_perm=199, seed=0)
+    assert bg["diagonal_dominance"] == pytest.approx(0.2, abs=0.02)
+    assert bg["permutation"]["p_value"] == pytest.approx(1 / 200)
 
 
 def test_group_shuffles_move_whole_groups_and_keep_their_number_per_category():
@@ -191,3 +197,55 @@ def test_mixed_source_groups_form_their_own_stratum():
     m, labels, groups = duplicated_templates(structure=0.3)
     src = [f"s{c}" for c in labels]
     assert permutation_test(m, labels, n_perm=19, seed=0, groups=groups, strata=src)["p_value"] == 1.0
+
+
+def test_between_groups_brute_force():
+    rng = np.random.default_rng(1)
+    labels, groups = grouped_records()
+    n = labels.size
+    m = rng.uniform(0, 1, (n, n))
+    m = (m + m.T) / 2
+    m[0, 2] = m[2, 0] = np.nan  # an undefined pair stays out
+    np.fill_diagonal(m, 1.0)
+    cl = cluster_index(labels, groups)
+    r = between_groups(m, labels, groups, n_perm=0)
+    for c in range(6):
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if cl[i] == cl[j] and labels[i] == c]
+        assert r["within_group_pairs"][CATEGORIES[c]] == len(pairs)
+        vals = [m[i, j] for i, j in pairs if np.isfinite(m[i, j])]
+        assert r["within_group_jaccard"][CATEGORIES[c]] == pytest.approx(np.mean(vals))
+    block = np.array([[np.nanmean([m[i, j] for i in range(n) for j in range(n)
+                                   if labels[i] == a and labels[j] == b and cl[i] != cl[j]])
+                       for b in range(6)] for a in range(6)])
+    assert np.allclose(np.asarray(r["instruction_overlap"], float), block)
+    assert r["permutation"] is None and r["n_groups"]["classification"] == 4
+    assert between_groups(m, labels, [f"r{i}" for i in range(n)]) is None  # no two records share a group
+
+
+def test_summary_records_the_resampling_unit_and_the_groups():
+    from sparcom_jax.analysis import analyze_model
+
+    counts, labels, groups = grouped_counts()
+    counts.sources = ["human-written" if g.startswith("c") else "template-varied" for g in groups]
+    cfg = IdentifyConfig(eps=0.2, q=0.6)
+    kw = dict(n_boot=6, n_perm=9, top_units=0, contrast=False)
+    s = analyze_model(counts, cfg, **kw).summary()["isn"]
+    n_groups = [len(row) for row in SIZES]
+    assert list(s["n_groups_per_category"].values()) == n_groups
+    assert s["bootstrap"]["unit"] == "group" and s["bootstrap"]["n_units"] == n_groups
+    assert (s["permutation"]["unit"], s["permutation"]["n_units"]) == ("group", sum(n_groups))
+    assert s["human_subset"]["permutation"]["unit"] == "group"
+    bg = s["between_groups"]
+    assert list(bg["within_group_pairs"].values()) == [sum(k * (k - 1) // 2 for k in row) for row in SIZES]
+    assert bg["permutation"]["unit"] == "group"
+    # resample="record": records on their own (the between-groups entry still moves groups).
+    r = analyze_model(counts, cfg, resample="record", **kw).summary()["isn"]
+    assert r["bootstrap"]["unit"] == r["permutation"]["unit"] == "record"
+    assert r["bootstrap"]["n_units"] == [sum(row) for row in SIZES]
+    assert r["between_groups"] == bg
+    # Counts without group keys: records, said so; nothing to leave out.
+    counts.groups = None
+    n = analyze_model(counts, cfg, **kw).summary()["isn"]
+    assert n["bootstrap"]["unit"] == "record" and n["n_groups_per_category"] is None and n["between_groups"] is None
+    with pytest.raises(ValueError, match="resample"):
+        analyze_model(counts, cfg, resample="groups", **kw)

@@ -15,14 +15,14 @@ from sparcom_jax.analysis.identify import (
     instruction_sets, select_units,
 )
 from sparcom_jax.analysis.study import (
-    FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, build_summary, compare_models,
+    FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, between_groups, build_summary, compare_models,
     compare_series, subset_diagonal,
 )
 from sparcom_jax.analysis.uncertainty import bootstrap, cluster_index, permutation_test, resample_weights
 
 __all__ = [
     "AblationResult", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis", "RULE_SUPPORT",
-    "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "bootstrap",
+    "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "between_groups", "bootstrap",
     "build_summary", "category_block_means", "category_order", "category_overlap", "category_sets",
     "cluster_index", "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",
     "frequency_bins", "frequency_shift", "generality", "identify", "identify_all", "instruction_jaccard",
