@@ -491,8 +491,8 @@ def test_models_stored_under_one_name_are_refused_before_any_work(tmp_path, over
 
 def test_the_analysis_moves_records_sharing_an_instruction_together(done, tmp_path, monkeypatch):
     """collect stores each record's group key; a store written before group keys were kept gets
-    them from the records it was counted on (checked by its fingerprint); evaluate resamples
-    groups and records that it did."""
+    them from the records it was counted on (checked by its fingerprint), one whose keys are not
+    the records' is refused; evaluate resamples groups and records that it did."""
     import shutil
 
     from sparcom_jax.categories import CATEGORIES
@@ -507,6 +507,9 @@ def test_the_analysis_moves_records_sharing_an_instruction_together(done, tmp_pa
     meta = counts_root(cfg, out) / "base" / "meta.json"
     header = json.loads(meta.read_text())
     assert header["ids"] == [r.id for r in records] and header["groups"] == group_ids(records)
+    meta.write_text(json.dumps(dict(header, groups=header["groups"][::-1])))
+    with pytest.raises(StaleResultError, match=r"counts/base: the count store's group keys .* differ"):
+        stages.open_model_counts(cfg, out, cfg.base)
     del header["groups"]  # as a store written before group keys were kept
     meta.write_text(json.dumps(header))
     assert stages.open_model_counts(cfg, out, cfg.base).groups == group_ids(records)

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
+from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
@@ -288,7 +289,8 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     computed when not given).
 
     Raises:
-      StaleResultError: the stored counts were made with other inputs or settings.
+      StaleResultError: the stored counts were made with other inputs or settings, or their
+        group keys are not the records'.
       ValueError: there are no (complete) counts.
     """
     from sparcom_jax.data.splits import group_ids
@@ -310,8 +312,18 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     counts = open_counts(root) if not parts else merge_shares([open_counts(p, in_memory=True) for p in parts], root)
-    if counts.groups is None:  # a store written before group keys were kept: the same records, checked above
-        counts = dataclasses.replace(counts, groups=group_ids(records))
+    # The analysis draws records sharing an instruction text together: their group keys must be the
+    # records'. A store written before keys were kept gets them here (its records were checked above);
+    # keys that differ mean text changed beyond the counted tokens (cut by max_length).
+    groups = group_ids(records)
+    if counts.groups is None:
+        counts = dataclasses.replace(counts, groups=groups)
+    elif list(counts.groups) != groups:
+        raise StaleResultError(
+            f"{root}: the count store's group keys (which records share an instruction text) differ from the "
+            f"current records' ({sum(a != b for a, b in zip(counts.groups, groups))} records): their instruction "
+            "text changed where no counted token did; run `sparcom collect --overwrite` first, or choose "
+            "another --out")
     return counts
 
 
