@@ -222,8 +222,10 @@ def test_between_groups_brute_force():
     assert between_groups(m, labels, [f"r{i}" for i in range(n)]) is None  # no two records share a group
 
 
-def test_summary_records_the_resampling_unit_and_the_groups():
+def test_summary_records_the_unit_and_the_report_says_what_was_resampled():
     from sparcom_jax.analysis import analyze_model
+    from sparcom_jax.report.tables import DOMINANCE_HEADER, dominance_rows
+    from sparcom_jax.report.writer import _bootstrap_text
 
     counts, labels, groups = grouped_counts()
     counts.sources = ["human-written" if g.startswith("c") else "template-varied" for g in groups]
@@ -238,10 +240,19 @@ def test_summary_records_the_resampling_unit_and_the_groups():
     bg = s["between_groups"]
     assert list(bg["within_group_pairs"].values()) == [sum(k * (k - 1) // 2 for k in row) for row in SIZES]
     assert bg["permutation"]["unit"] == "group"
+    text = _bootstrap_text(s)
+    assert f"labels within each record source over {sum(n_groups)} instruction groups, the records" in text
+    assert "bootstrap intervals over instruction groups (6 resamples; within each category its groups" in text
+    assert f"leaving out the {sum(bg['within_group_pairs'].values())} pairs of records that share" in text
+    assert "treat the records as independent draws" not in text
+    row = dict(zip(DOMINANCE_HEADER, dominance_rows(s)[-1]))
+    assert row["between_groups_dominance"] == bg["diagonal_dominance"]
+    assert row["between_groups_permutation_p"] == bg["permutation"]["p_value"]
     # resample="record": records on their own (the between-groups entry still moves groups).
     r = analyze_model(counts, cfg, resample="record", **kw).summary()["isn"]
     assert r["bootstrap"]["unit"] == r["permutation"]["unit"] == "record"
     assert r["bootstrap"]["n_units"] == [sum(row) for row in SIZES]
+    assert "treat the records as independent draws" in _bootstrap_text(r)
     assert r["between_groups"] == bg
     # Counts without group keys: records, said so; nothing to leave out.
     counts.groups = None
