@@ -148,6 +148,11 @@ class IdentifySpec(IdentifyConfig):
     Attributes:
       n_boot: bootstrap replicates (0 = none).
       n_perm: permutations of the diagonal test (0 = none).
+      resample: what the bootstrap draws and the permutation test shuffles: "group"
+        (records of a category sharing an instruction text move together; the
+        records' group keys come from the count store or the records) or "record"
+        (every record independent, which understates the spread and overstates the
+        diagonal's significance when near-duplicates share a category).
       instruction_level: instruction x instruction overlap for all fields (true),
         none (false) or the listed count fields.
       contrast: also identify with the contrast rule (absolute `threshold` beside
@@ -162,6 +167,7 @@ class IdentifySpec(IdentifyConfig):
     ties: Literal["keep", "break"] = "break"
     n_boot: int = 100
     n_perm: int = 999
+    resample: Literal["group", "record"] = "group"
     instruction_level: bool | list[str] = True
     contrast: bool = True
     human: str | None = "human"

@@ -514,3 +514,36 @@ def test_ablation_runs_the_model_in_the_counting_precision(done, tmp_path, monke
         stages.ablate_stage(exp("collect.dtype=bfloat16", "ablation.n_random=0"), tmp_path, analyses=analyses)
     # absent when unused: results made before gate_dtype was fingerprinted still match
     assert "gate_dtype" not in stages.ablation_fingerprint(exp(), exp().finetuned, [], "neurons", {})
+
+
+def test_the_analysis_moves_records_sharing_an_instruction_together(done, tmp_path, monkeypatch):
+    """collect stores each record's group key; a store written before group keys were kept gets
+    them from the records it was counted on (checked by its fingerprint), one whose keys are not
+    the records' is refused; evaluate resamples groups and records that it did."""
+    import shutil
+
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.data.splits import group_ids
+    from sparcom_jax.pipeline.common import counts_root, identify_records
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg = exp("identify.n_boot=2", "identify.n_perm=3")
+    records = identify_records(cfg)
+    meta = counts_root(cfg, out) / "base" / "meta.json"
+    header = json.loads(meta.read_text())
+    assert header["ids"] == [r.id for r in records] and header["groups"] == group_ids(records)
+    meta.write_text(json.dumps(dict(header, groups=header["groups"][::-1])))
+    with pytest.raises(StaleResultError, match=r"counts/base: the count store's group keys .* differ"):
+        stages.open_model_counts(cfg, out, cfg.base)
+    del header["groups"]  # as a store written before group keys were kept
+    meta.write_text(json.dumps(header))
+    assert stages.open_model_counts(cfg, out, cfg.base).groups == group_ids(records)
+    run_stage("evaluate", cfg, out)
+    s = json.loads((out / "evaluate" / "base.json").read_text())["isn"]
+    assert s["bootstrap"]["unit"] == s["permutation"]["unit"] == "group"
+    assert s["n_groups_per_category"] == {
+        c: len({g for r, g in zip(records, group_ids(records)) if r.category == c}) for c in CATEGORIES}
+    fp = json.loads((out / "evaluate" / "fingerprint.json").read_text())["components"]
+    assert fp["analysis"]["resample"] == "group" and set(fp["groups"]) == set(fp["counts"])

@@ -15,18 +15,18 @@ from sparcom_jax.analysis.identify import (
     instruction_sets, select_units,
 )
 from sparcom_jax.analysis.study import (
-    FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, build_summary, compare_models,
+    FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, between_groups, build_summary, compare_models,
     compare_series, subset_diagonal,
 )
-from sparcom_jax.analysis.uncertainty import bootstrap, permutation_test
+from sparcom_jax.analysis.uncertainty import bootstrap, cluster_index, permutation_test, resample_weights
 
 __all__ = [
     "AblationResult", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis", "RULE_SUPPORT",
-    "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "bootstrap",
+    "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "between_groups", "bootstrap",
     "build_summary", "category_block_means", "category_order", "category_overlap", "category_sets",
-    "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",
+    "cluster_index", "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",
     "frequency_bins", "frequency_shift", "generality", "identify", "identify_all", "instruction_jaccard",
     "instruction_sets", "layer_distribution", "locate_phases", "matched_random", "per_category_dominance",
-    "permutation_test", "random_like", "select_units", "size_vs_length", "spearman", "subset_diagonal",
-    "top_instructions", "uniqueness",
+    "permutation_test", "random_like", "resample_weights", "select_units", "size_vs_length", "spearman",
+    "subset_diagonal", "top_instructions", "uniqueness",
 ]

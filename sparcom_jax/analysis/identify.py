@@ -227,6 +227,7 @@ class Identification:
       ids: record ids (optional).
       tokens: int [N] counted tokens T(I), or None.
       sources: record sources, length N (optional).
+      groups: record group keys, length N (optional; `Counts.groups`).
     """
 
     field: str
@@ -242,6 +243,7 @@ class Identification:
     ids: list[str] | None = None
     tokens: np.ndarray | None = None
     sources: list[str] | None = None
+    groups: list[str] | None = None
 
     @property
     def n(self) -> int:
@@ -421,8 +423,10 @@ def identify_all(
     labels = category_labels(counts.categories)
     if labels.shape[0] != counts.n:
         raise ValueError(f"{labels.shape[0]} categories for {counts.n} instructions")
-    if counts.sources is not None and len(counts.sources) != counts.n:
-        raise ValueError(f"{len(counts.sources)} sources for {counts.n} instructions")
+    for name in ("sources", "groups"):
+        v = getattr(counts, name)
+        if v is not None and len(v) != counts.n:
+            raise ValueError(f"{len(v)} {name} for {counts.n} instructions")
     need_strength = _check_strength(counts, field, cfgs)
     pooled = any(c.aggregation == "pooled" for c in cfgs)  # rules that cut the category mean
     pooled_strength = any(c.needs_strength and c.aggregation == "pooled" for c in cfgs)
@@ -474,6 +478,7 @@ def identify_all(
             n_per_category=n_c, instruction_size=sizes[i], instruction_bits=bits[i], packed=packed,
             ids=None if counts.ids is None else list(counts.ids), tokens=tokens,
             sources=None if counts.sources is None else list(counts.sources),
+            groups=None if counts.groups is None else list(counts.groups),
         ))
     return out
 

@@ -27,7 +27,7 @@ from sparcom_jax.analysis.examples import top_instructions
 from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
-from sparcom_jax.analysis.uncertainty import bootstrap, permutation_test
+from sparcom_jax.analysis.uncertainty import bootstrap, cluster_index, permutation_test, units_per_category
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
 
@@ -132,6 +132,8 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "unit_shape": list(ident.unit_shape),
         "n_instructions": ident.n,
         "n_per_category": by_category(ident.n_per_category),
+        "n_groups_per_category": (None if ident.groups is None
+                                  else by_category(units_per_category(ident.labels, ident.groups))),
         "per_category_count": by_category(ev.set_sizes(sets)),
         "unique": by_category(uniq["unique"]),
         "unique_ratio": by_category(uniq["unique_ratio"]),
@@ -203,6 +205,7 @@ def _source_predicate(human: str | Callable[[str], bool]) -> tuple[Callable[[str
 def subset_diagonal(
     instruction_matrix: np.ndarray, labels: np.ndarray, sources: Sequence[str],
     keep: str | Callable[[str], bool] = "human", *, n_perm: int = 999, seed: int = 0,
+    groups: Sequence | None = None,
 ) -> dict | None:
     """The instruction-level diagonal on a subset of the records (e.g. human-written).
 
@@ -214,6 +217,7 @@ def subset_diagonal(
         predicate on the source string.
       n_perm: permutations of the subset's diagonal test (within its sources).
       seed: RNG seed.
+      groups: optional length-N group keys: the test shuffles clusters (`permutation_test`).
 
     Returns:
       dict with rule, n, n_per_category, instruction_overlap [C, C],
@@ -228,7 +232,8 @@ def subset_diagonal(
     block = ev.category_block_means(sub, lab)
     perm = None
     if n_perm > 0:
-        perm = permutation_test(sub, lab, n_perm=n_perm, seed=seed, strata=[sources[i] for i in idx])
+        perm = permutation_test(sub, lab, n_perm=n_perm, seed=seed, strata=[sources[i] for i in idx],
+                                groups=None if groups is None else [groups[i] for i in idx])
         perm["stratified_by"] = "source"
     return jsonable({
         "rule": rule, "n": int(idx.size), "n_per_category": by_category(np.bincount(lab, minlength=C)),
@@ -237,9 +242,61 @@ def subset_diagonal(
     })
 
 
+def between_groups(
+    instruction_matrix: np.ndarray, labels: np.ndarray, groups: Sequence, *, n_perm: int = 999, seed: int = 0,
+    strata: Sequence | None = None,
+) -> dict | None:
+    """The instruction-level diagonal without the pairs of records that share an instruction.
+
+    Records of one category with one group key (templated variants of one
+    instruction) share most of their tokens, so their pairs raise the diagonal
+    through shared text alone. Here those within-group pairs are left out of
+    every block mean, and the permutation test shuffles whole groups (within
+    `strata`), so its statistic and its null both compare distinct groups only:
+    the question is whether different instructions of one category share more
+    units than instructions of different categories.
+
+    Args:
+      instruction_matrix: float [N, N] instruction Jaccard.
+      labels: int [N] category indices.
+      groups: length-N group keys (`cluster_index`).
+      n_perm: permutations (0 = none).
+      seed: RNG seed.
+      strata: optional length-N strata of the test (record sources).
+
+    Returns:
+      dict with n_groups and within_group_pairs (per category: unordered pairs of
+      records sharing a group), within_group_jaccard (per category: their mean
+      Jaccard), instruction_overlap [C, C], diagonal_dominance,
+      per_category_dominance and permutation; None when no two records share a group.
+    """
+    clusters = cluster_index(labels, groups)
+    same = clusters[:, None] == clusters[None]
+    np.fill_diagonal(same, False)
+    if not same.any():
+        return None
+    m = np.array(instruction_matrix, dtype=np.float64)
+    rows, cols = np.nonzero(np.triu(same))
+    pair_cat = labels[rows]
+    within = m[rows, cols]
+    m[same] = np.nan  # a NaN pair is left out of every block mean (pair_terms)
+    block = ev.category_block_means(m, labels)
+    perm = None
+    if n_perm > 0:
+        perm = permutation_test(m, labels, n_perm=n_perm, seed=seed, strata=strata, groups=groups)
+        perm["stratified_by"] = None if strata is None else "source"
+    return jsonable({
+        "n_groups": by_category(units_per_category(labels, groups)),
+        "within_group_pairs": by_category(np.bincount(pair_cat, minlength=C)),
+        "within_group_jaccard": by_category([nan_mean(within[pair_cat == c]) for c in range(C)]),
+        "instruction_overlap": block, "diagonal_dominance": ev.diagonal_dominance(block),
+        "per_category_dominance": by_category(ev.per_category_dominance(block)), "permutation": perm,
+    })
+
+
 def analyze_field(
     counts: Counts, field: str, cfg: IdentifyConfig, *,
-    n_boot: int = 100, n_perm: int = 999, seed: int = 0, ci: float = 0.95,
+    n_boot: int = 100, n_perm: int = 999, seed: int = 0, ci: float = 0.95, resample: str = "group",
     instruction_level: bool = True, keep_instruction_sets: bool = False, packed: bool | None = None,
     contrast: bool = True, human: str | Callable[[str], bool] | None = "human",
     top_units: int = 20, top_per_unit: int = 5,
@@ -254,6 +311,10 @@ def analyze_field(
       n_perm: permutations for the diagonal test (0 = none).
       seed: seed of bootstrap and permutations.
       ci: bootstrap interval coverage.
+      resample: "group": the bootstrap draws, and the permutation tests shuffle,
+        clusters of records sharing a group key (`Counts.groups`; records when the
+        counts carry none, and the summary says "record"); "record": every record
+        on its own. The `between_groups` entry always moves whole groups.
       instruction_level: compute the N x N instruction Jaccard.
       keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
       packed: hold S(I) bit-packed while analysing (8x less memory); None packs
@@ -266,6 +327,9 @@ def analyze_field(
       top_units: units listed per category with their top instructions (0 = none).
       top_per_unit: instructions listed per unit.
     """
+    if resample not in ("group", "record"):
+        raise ValueError(f"resample={resample!r}: use 'group' (records sharing an instruction move together) "
+                         "or 'record'")
     need_sets = instruction_level or keep_instruction_sets or (
         n_boot > 0 and cfg.aggregation == "consensus")
     if packed is None:
@@ -283,17 +347,21 @@ def analyze_field(
     if cfg.ties == "break" and summary["set_size_vs_length"] is not None:
         kept = _size_vs_length(idents[-1])
         summary["set_size_vs_length"]["ties_kept"] = {k: kept[k] for k in ("spearman", "per_category", "set_size")}
-    summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = None
+    summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = summary["between_groups"] = None
+    groups = ident.groups if resample == "group" else None
     if n_boot > 0:
         summary["bootstrap"] = jsonable(bootstrap(
-            ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci))
+            ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci, groups=groups))
     if n_perm > 0 and jmat is not None:
-        perm = permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed, strata=ident.sources)
+        perm = permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed, strata=ident.sources, groups=groups)
         perm["stratified_by"] = None if ident.sources is None else "source"
         summary["permutation"] = jsonable(perm)
     if jmat is not None and ident.sources is not None and human is not None:
         summary["human_subset"] = subset_diagonal(jmat, ident.labels, ident.sources, human,
-                                                  n_perm=n_perm, seed=seed)
+                                                  n_perm=n_perm, seed=seed, groups=groups)
+    if jmat is not None and ident.groups is not None:
+        summary["between_groups"] = between_groups(jmat, ident.labels, ident.groups, n_perm=n_perm, seed=seed,
+                                                   strata=ident.sources)
     summary["top_instructions"] = (jsonable(top_instructions(
         counts, ident, units_per_category=top_units, top=top_per_unit)) if top_units > 0 else None)
     if not keep_instruction_sets:
@@ -316,7 +384,7 @@ def analyze_model(
       instruction_level: compute the N x N instruction Jaccard (True, False, or
         the fields to do it for; expert neurons of big MoE models are costly).
       **field_kw: analyze_field's options, the same for every field (n_boot,
-        n_perm, seed, ci, keep_instruction_sets, packed, contrast, human,
+        n_perm, seed, ci, resample, keep_instruction_sets, packed, contrast, human,
         top_units, top_per_unit).
 
     Returns:

@@ -1,10 +1,21 @@
 """Uncertainty: bootstrap intervals over instructions and a permutation test.
 
-Bootstrap: within each category, draw n_c instructions with replacement,
-rebuild the category sets with the same rule, recompute the figures, and take
-percentile intervals. A resample is a vector of multiplicities w [N], so the
-category aggregate (votes for consensus, summed frequencies for pooled) of B
-resamples at once is one matrix product W [B, N] @ V [N, U] per chunk of rows.
+The unit of both is a cluster of records (`cluster_index`): the records of one
+category that share a group key (`sparcom_jax.data.splits.group_ids`: the same
+instruction text, case and spacing ignored) are near-duplicates that share most
+of their tokens, so they are drawn and shuffled together, never as independent
+records. Without group keys every record is its own cluster and both reduce
+exactly (same draws for the same seed) to the record-level procedures.
+
+Bootstrap: within each category, draw its g_c clusters with replacement (the
+cluster bootstrap), rebuild the category sets with the same rule, recompute the
+figures, and take percentile intervals. A resample is a vector of multiplicities
+w [N] (a record's weight is how often its cluster was drawn), so the category
+aggregate (votes for consensus, summed frequencies for pooled) of B resamples at
+once is one matrix product W [B, N] @ V [N, U] per chunk of rows. With clusters
+of unequal size a replicate's category size (its weight sum) varies, and the
+consensus cut (a fraction q of the category's instructions) and the pooled mean
+use each replicate's own size.
 
 The set figures are built from thresholded sets (a unit is in S(c) only past a
 cut), so resampling moves the units near the cut in or out and a figure can
@@ -17,10 +28,13 @@ value. A bias-corrected (BC) percentile interval does not help on these
 discrete figures: it degenerates to a point exactly where every replicate falls
 on one side of the estimate.
 
-Permutation test: shuffle the category labels over instructions (sizes kept;
-within each source stratum when sources are given) and recompute
-diag-minus-off-diagonal of the instruction-level 6x6 overlap, overall and per
-category.
+Permutation test: shuffle the category labels over clusters (every category
+keeps its number of clusters; within each source stratum when sources are
+given) and recompute diag-minus-off-diagonal of the instruction-level 6x6
+overlap, overall and per category. With clusters of unequal size the
+categories' record counts vary between permutations; the statistic is a mean of
+pair terms within blocks, so it stays defined (a block with no pair is NaN and
+a NaN null value counts as exceeding the observed one).
 """
 
 from __future__ import annotations
@@ -40,25 +54,70 @@ from sparcom_jax.analysis.identify import (
 from sparcom_jax.stats.counts import Counts
 
 
-def resample_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Multiplicities of B stratified resamples.
+def cluster_index(labels: np.ndarray, groups: Sequence | None = None) -> np.ndarray:
+    """The resampling unit of each record.
+
+    Records of one category with the same group key form one cluster; a key that
+    occurs in two categories gives one cluster per category (a cluster carries one
+    label, which the permutation test moves as a whole). Clusters are numbered in
+    the order of their first record, so without groups, or with all keys distinct,
+    cluster i is record i.
+
+    Args:
+      labels: int [N] category indices.
+      groups: optional length-N group keys (any hashable values).
+
+    Returns:
+      int [N] cluster of each record, numbered 0..K-1.
+    """
+    n = labels.shape[0]
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group keys for {n} instructions")
+    ids: dict = {}
+    return np.asarray([ids.setdefault((int(c), g), len(ids)) for c, g in zip(labels, groups)], np.int64)
+
+
+def _cluster_labels(labels: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """int [K] category of each cluster (clusters numbered by first record)."""
+    return labels[np.unique(clusters, return_index=True)[1]]
+
+
+def units_per_category(labels: np.ndarray, groups: Sequence | None = None) -> np.ndarray:
+    """int [C] clusters (resampling units) per category."""
+    return np.bincount(_cluster_labels(labels, cluster_index(labels, groups)), minlength=C)
+
+
+def resample_weights(labels: np.ndarray, n_boot: int, seed: int, groups: Sequence | None = None) -> np.ndarray:
+    """Multiplicities of B stratified (cluster) resamples.
+
+    Within each category its g_c clusters are drawn g_c times with replacement;
+    every record of a cluster gets the number of times its cluster was drawn.
 
     Args:
       labels: int [N] category indices.
       n_boot: B.
-      seed: RNG seed (draw order: replicate, then category).
+      seed: RNG seed (draw order: replicate, then category). Without groups (or
+        with all keys distinct) the draws are those of a record bootstrap.
+      groups: optional length-N group keys (`cluster_index`).
 
     Returns:
-      float32 [B, N]; each category's weights sum to its size n_c.
+      float32 [B, N]; each category's weights sum to its size n_c without
+      groups, and to the size of the drawn clusters with them.
     """
     rng = np.random.default_rng(seed)
-    n = labels.shape[0]
-    groups = [np.flatnonzero(labels == c) for c in range(C)]
-    w = np.zeros((n_boot, n), np.float32)
+    clusters = cluster_index(labels, groups)
+    k = int(clusters.max()) + 1 if clusters.size else 0
+    cl_labels = _cluster_labels(labels, clusters)
+    members = [np.flatnonzero(cl_labels == c) for c in range(C)]
+    w = np.zeros((n_boot, labels.shape[0]), np.float32)
     for b in range(n_boot):
-        for idx in groups:
+        drawn = np.zeros(k)
+        for idx in members:
             if idx.size:
-                w[b] += np.bincount(rng.choice(idx, size=idx.size, replace=True), minlength=n)
+                drawn += np.bincount(rng.choice(idx, size=idx.size, replace=True), minlength=k)
+        w[b] = drawn[clusters]
     return w
 
 
@@ -108,8 +167,9 @@ def bootstrap(
     seed: int = 0,
     ci: float = 0.95,
     budget_bytes: int = 1 << 28,
+    groups: Sequence | None = None,
 ) -> dict:
-    """Percentile bootstrap intervals over instructions.
+    """Percentile bootstrap intervals over instruction clusters (or instructions).
 
     Args:
       ident: identification; with the consensus rule it must keep S(I).
@@ -120,9 +180,12 @@ def bootstrap(
       seed: RNG seed.
       ci: interval coverage.
       budget_bytes: memory for the float32 aggregates of one batch of replicates.
+      groups: length-N group keys (e.g. `ident.groups`): clusters of records are
+        resampled (`resample_weights`); None resamples records.
 
     Returns:
-      dict: n_boot, seed, ci; for each figure (per_category_count, unique,
+      dict: n_boot, seed, ci; unit ("group" or "record": what was resampled)
+      and n_units (int [C] clusters drawn from per category); for each figure (per_category_count, unique,
       general, general_share, overlap_jaccard, overlap_coefficient, and with
       the instruction matrix instruction_overlap, diagonal_dominance and
       per_category_dominance) {"low", "high", "bias", "outside"}, each with the
@@ -133,8 +196,10 @@ def bootstrap(
     """
     cfg = ident.config
     u = ident.n_units
-    w_all = resample_weights(ident.labels, n_boot, seed)
-    n_c = ident.n_per_category.astype(np.float64)
+    w_all = resample_weights(ident.labels, n_boot, seed, groups)
+    # Each replicate's category sizes (weight sums, [B, C]): with clusters of unequal size they
+    # vary, and the consensus cut and the pooled mean are over the replicate's own instructions.
+    n_rep = w_all.astype(np.float64) @ np.eye(C)[ident.labels]
     n_agg = 2 if cfg.aggregation == "pooled" and cfg.needs_strength else 1
     # Pooled means are summed in float64 and rounded to float32 once, as identify does, so
     # that exactly equal means stay tied (exact_frequencies); consensus votes are exact in float32.
@@ -153,10 +218,11 @@ def bootstrap(
                 agg[:, c] += wc @ rows[m]
                 if agg_strength is not None:
                     agg_strength[:, c] += wc @ strength[m]
-        denom = np.maximum(n_c, 1)[:, None]
         for r in range(w.shape[0]):
+            n_r = n_rep[b0 + r]
+            denom = np.maximum(n_r, 1)[:, None]
             if cfg.aggregation == "consensus":
-                sets = consensus_sets(agg[r], n_c, cfg.q)
+                sets = consensus_sets(agg[r], n_r, cfg.q)
             else:
                 sets = select_units((agg[r] / denom).astype(np.float32), cfg, ident.field,
                                     None if agg_strength is None else (agg_strength[r] / denom).astype(np.float32))
@@ -169,7 +235,8 @@ def bootstrap(
             for k, v in _instruction_stats(block).items():
                 reps.setdefault(k, []).append(v)
     lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
-    out = {"n_boot": n_boot, "seed": seed, "ci": ci}
+    out = {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "record" if groups is None else "group",
+           "n_units": units_per_category(ident.labels, groups)}
     n_outside = {}
     for k, v in reps.items():
         arr = np.asarray(v, dtype=np.float64)
@@ -193,7 +260,7 @@ def _nan_reduce(a: np.ndarray, fn, *args) -> np.ndarray:
 
 
 def _shuffle(labels: np.ndarray, strata: list[np.ndarray] | None, rng: np.random.Generator) -> np.ndarray:
-    """The labels shuffled over all instructions, or within each stratum."""
+    """The labels shuffled over all units, or within each stratum."""
     if strata is None:
         return rng.permutation(labels)
     out = labels.copy()
@@ -202,32 +269,55 @@ def _shuffle(labels: np.ndarray, strata: list[np.ndarray] | None, rng: np.random
     return out
 
 
+def _cluster_strata(strata: Sequence, clusters: np.ndarray, k: int) -> list[np.ndarray]:
+    """The clusters of each stratum (strata in order of first appearance, clusters ascending).
+
+    A cluster whose records all come from one stratum belongs to it; a cluster that mixes
+    strata forms a stratum with the clusters of the same mix, so that a shuffle within
+    strata never exchanges records of different sources."""
+    mixes: list[dict] = [{} for _ in range(k)]
+    for c, v in zip(clusters, strata):
+        mixes[c][v] = None
+    where: dict = {}
+    for c, m in enumerate(mixes):
+        key = next(iter(m)) if len(m) == 1 else tuple(sorted(m, key=repr))
+        where.setdefault(key, []).append(c)
+    return [np.asarray(v, np.int64) for v in where.values()]
+
+
 def permutation_test(
     instruction_matrix: np.ndarray, labels: np.ndarray, *, n_perm: int = 999, seed: int = 0,
-    batch: int = 64, strata: Sequence | None = None,
+    batch: int = 64, strata: Sequence | None = None, groups: Sequence | None = None,
 ) -> dict:
     """Is the diagonal of the instruction-level overlap larger than chance?
 
     Statistic: mean diagonal minus mean off-diagonal of the 6x6 mean pairwise
     Jaccard (self-pairs excluded), and per category `per_category_dominance`.
-    Null: the same with category labels shuffled over instructions, or within
-    each stratum (e.g. record source) when `strata` is given, so the null keeps
-    every stratum's category mix. p = (1 + #{null >= observed}) / (1 + n_perm),
-    one-sided, for the overall statistic and for each category separately (six
-    tests: compare them with 0.05 / 6 for a family-wise level of 0.05).
+    Null: the same with category labels shuffled over clusters of records
+    (`cluster_index`: records of a category sharing a group key move together),
+    or over records without groups; within each stratum (e.g. record source)
+    when `strata` is given, so the null keeps every stratum's category mix.
+    Every category keeps its number of clusters; with clusters of unequal size
+    its number of records varies between permutations (the block means stay
+    defined). p = (1 + #{null >= observed}) / (1 + n_perm), one-sided, for the
+    overall statistic and for each category separately (six tests: compare them
+    with 0.05 / 6 for a family-wise level of 0.05).
 
     Args:
-      instruction_matrix: float [N, N] instruction Jaccard.
+      instruction_matrix: float [N, N] instruction Jaccard (NaN pairs are left out).
       labels: int [N] category indices.
       n_perm: permutations.
-      seed: RNG seed.
+      seed: RNG seed. Without groups (or with all keys distinct) the shuffles
+        are those of the record-level test.
       batch: permutations evaluated per matrix product.
       strata: optional length-N stratum of each instruction (any hashable values).
+      groups: optional length-N group keys; None shuffles records.
 
     Returns:
       dict with statistic, p_value, n_perm, seed, null_mean, null_std,
-      per_category_statistic [C], per_category_p_value [C] and n_strata (None
-      when not stratified).
+      per_category_statistic [C], per_category_p_value [C], n_strata (None
+      when not stratified), unit ("group" or "record": what was shuffled) and
+      n_units (the number of shuffled clusters).
     """
     obs_block = category_block_means(instruction_matrix, labels)
     obs = diagonal_dominance(obs_block)
@@ -235,15 +325,17 @@ def permutation_test(
     vals, valid = pair_terms(instruction_matrix)
     rng = np.random.default_rng(seed)
     n = labels.shape[0]
-    groups = None
+    clusters = cluster_index(labels, groups)
+    k = int(clusters.max()) + 1 if n else 0
+    cl_labels = _cluster_labels(labels, clusters)
+    cl_strata = None
     if strata is not None:
-        strata = np.asarray(strata, dtype=object)
-        if strata.shape[0] != n:
-            raise ValueError(f"{strata.shape[0]} strata for {n} instructions")
-        groups = [np.flatnonzero(strata == v) for v in dict.fromkeys(strata.tolist())]
+        if len(strata) != n:
+            raise ValueError(f"{len(strata)} strata for {n} instructions")
+        cl_strata = _cluster_strata(strata, clusters, k)
     null, null_c = [], []
     for p0 in range(0, n_perm, batch):
-        perms = np.stack([_shuffle(labels, groups, rng) for _ in range(min(batch, n_perm - p0))])
+        perms = np.stack([_shuffle(cl_labels, cl_strata, rng)[clusters] for _ in range(min(batch, n_perm - p0))])
         y = np.eye(C)[perms.T]                                    # [N, P, C] one-hot
         flat = y.reshape(n, -1)
         # One [N, N] @ [N, P*C] product per batch instead of P small ones.
@@ -264,7 +356,9 @@ def permutation_test(
         "null_std": float(fin.std()) if fin.size else None,
         "per_category_statistic": obs_c.tolist(),
         "per_category_p_value": [_p_value(null_c[:, c], obs_c[c], n_perm) for c in range(C)],
-        "n_strata": None if groups is None else len(groups),
+        "n_strata": None if cl_strata is None else len(cl_strata),
+        "unit": "record" if groups is None else "group",
+        "n_units": k,
     }
 
 

@@ -22,12 +22,20 @@ from typing import Mapping, Sequence
 
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.data.records import Record
+from sparcom_jax.fingerprint import digest
 
 
 def group_key(record: Record) -> str:
     """The text that makes two records near-duplicates: the instruction, lower-cased,
     whitespace collapsed."""
     return re.sub(r"\s+", " ", record.instruction.strip().lower())
+
+
+def group_ids(records: Sequence[Record]) -> list[str]:
+    """A short digest of each record's `group_key`: what count stores keep per record, so
+    that the analysis resamples near-duplicates together (records of one category with
+    one id form one cluster, `sparcom_jax.analysis.uncertainty.cluster_index`)."""
+    return [digest(group_key(r)) for r in records]
 
 
 def _rank(seed: int, category: str, key: str) -> str:

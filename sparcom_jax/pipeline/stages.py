@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
+from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
@@ -288,9 +289,11 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     computed when not given).
 
     Raises:
-      StaleResultError: the stored counts were made with other inputs or settings.
+      StaleResultError: the stored counts were made with other inputs or settings, or their
+        group keys are not the records'.
       ValueError: there are no (complete) counts.
     """
+    from sparcom_jax.data.splits import group_ids
     from sparcom_jax.stats.store import open_counts, read_header
 
     label = label or spec.label
@@ -308,9 +311,20 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
                                     gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype, content_caps=caps)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
-    if not parts:
-        return open_counts(root)
-    return merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+    counts = open_counts(root) if not parts else merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+    # The analysis draws records sharing an instruction text together: their group keys must be the
+    # records'. A store written before keys were kept gets them here (its records were checked above);
+    # keys that differ mean text changed beyond the counted tokens (cut by max_length).
+    groups = group_ids(records)
+    if counts.groups is None:
+        counts = dataclasses.replace(counts, groups=groups)
+    elif list(counts.groups) != groups:
+        raise StaleResultError(
+            f"{root}: the count store's group keys (which records share an instruction text) differ from the "
+            f"current records' ({sum(a != b for a, b in zip(counts.groups, groups))} records): their instruction "
+            "text changed where no counted token did; run `sparcom collect --overwrite` first, or choose "
+            "another --out")
+    return counts
 
 
 def merge_shares(cs, root):
@@ -327,7 +341,7 @@ def merge_shares(cs, root):
     merged = {k: np.concatenate([getattr(c, k) for c in cs])[order]
               for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
     labels = {k: None if getattr(cs[0], k) is None else [x for c in cs for x in getattr(c, k)]
-              for k in ("ids", "categories", "sources")}
+              for k in ("ids", "categories", "sources", "groups")}
     return Counts(**{k: v and [v[i] for i in order] for k, v in labels.items()},
                   meta=dict(cs[0].meta, store=str(root), fingerprint={f"process_{k}": c.meta.get("fingerprint")
                                                                      for k, c in enumerate(cs)}), **merged)
@@ -338,8 +352,8 @@ def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
     common = dict(seed=cfg.seed, contrast=s.contrast, human=s.human, top_per_unit=s.top_per_unit)
     if not full:  # the sets alone (identify, ablate): no uncertainty, no instruction-level pass
         return dict(n_boot=0, n_perm=0, instruction_level=False, top_units=0, **common)
-    return dict(n_boot=s.n_boot, n_perm=s.n_perm, instruction_level=s.instruction_level, top_units=s.top_units,
-                **common)
+    return dict(n_boot=s.n_boot, n_perm=s.n_perm, resample=s.resample, instruction_level=s.instruction_level,
+                top_units=s.top_units, **common)
 
 
 class Analyses(NamedTuple):
@@ -370,8 +384,12 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
 
 def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> dict[str, Any]:
     every = {**an.models, **{f"control:{k}": v for k, v in an.controls.items()}}
-    return {"identify": cfg.identify.to_rule().to_dict(), "analysis": _analysis_kwargs(cfg, full),
-            "counts": {name: digest(ma.meta.get("fingerprint")) for name, ma in every.items()}}
+    out = {"identify": cfg.identify.to_rule().to_dict(), "analysis": _analysis_kwargs(cfg, full),
+           "counts": {name: digest(ma.meta.get("fingerprint")) for name, ma in every.items()}}
+    if full:  # the clusters the bootstrap and permutation test moved together
+        out["groups"] = {name: digest(next(iter(ma.fields.values())).ident.groups) for name, ma in every.items()
+                         if ma.fields}
+    return out
 
 
 def _seal(directory: Path, stage: str, written: dict[str, Any], components: dict[str, Any]) -> None:

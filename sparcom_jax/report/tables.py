@@ -84,7 +84,8 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
            ["permutation_p_value", perm.get("p_value")], ["permutation_n", perm.get("n_perm")]]
     gen += [[f"{k}_{part}", v] for k in ("general", "general_share", "diagonal_dominance")
             for part, v in zip(BOOT_PARTS, boot_values(s, k))]
-    gen += [["bootstrap_n", boot.get("n_boot")], ["bootstrap_ci", boot.get("ci")]]
+    gen += [["bootstrap_n", boot.get("n_boot")], ["bootstrap_ci", boot.get("ci")],
+            ["bootstrap_unit", boot.get("unit")], ["permutation_unit", perm.get("unit")]]
     gen += [[f"breadth_{k}", v] for k, v in s["breadth_histogram"].items()]
     yield Table(f"{p}_generality", ["metric", "value"], gen)
     dom = dominance_rows(s)
@@ -122,6 +123,8 @@ def dominance_rows(s: dict) -> list[list] | None:
     perm = s.get("permutation") or {}
     hum = s.get("human_subset") or {}
     hperm = hum.get("permutation") or {}
+    bg = s.get("between_groups") or {}
+    bperm = bg.get("permutation") or {}
 
     def at(seq, i):
         return None if seq is None else seq[i]
@@ -129,17 +132,25 @@ def dominance_rows(s: dict) -> list[list] | None:
     rows = [[c, s["per_category_dominance"][c], *interval(s, "per_category_dominance", i),
              at(perm.get("per_category_p_value"), i),
              (hum.get("per_category_dominance") or {}).get(c), at(hperm.get("per_category_p_value"), i),
-             (hum.get("n_per_category") or {}).get(c), *boot_values(s, "per_category_dominance", ("bias", "outside"), i)]
+             (hum.get("n_per_category") or {}).get(c),
+             *boot_values(s, "per_category_dominance", ("bias", "outside"), i),
+             (bg.get("per_category_dominance") or {}).get(c), at(bperm.get("per_category_p_value"), i),
+             (bg.get("within_group_pairs") or {}).get(c)]
             for i, c in enumerate(CATEGORIES)]
     rows.append(["overall", s["diagonal_dominance"], *interval(s, "diagonal_dominance"), perm.get("p_value"),
                  hum.get("diagonal_dominance"), hperm.get("p_value"), hum.get("n"),
-                 *boot_values(s, "diagonal_dominance", ("bias", "outside"))])
+                 *boot_values(s, "diagonal_dominance", ("bias", "outside")),
+                 bg.get("diagonal_dominance"), bperm.get("p_value"),
+                 sum(bg["within_group_pairs"].values()) if bg else None])
     return rows
 
 
 # bias / outside: the bootstrap bias and whether the estimate lies outside [low, high].
+# between_groups_*: the same without the pairs of records that share an instruction text
+# (within_group_pairs of them), tested by shuffling whole groups.
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
-                    "human_permutation_p", "human_n", "bias", "outside"]
+                    "human_permutation_p", "human_n", "bias", "outside", "between_groups_dominance",
+                    "between_groups_permutation_p", "within_group_pairs"]
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",

@@ -113,16 +113,29 @@ def _bootstrap_text(s: dict) -> str:
         parts.append(txt)
         if perm.get("p_value") is not None:
             within = " within each record source" if perm.get("stratified_by") == "source" else ""
+            over = (f" over {perm['n_units']} instruction groups, the records that share an instruction text "
+                    "keeping one label" if perm.get("unit") == "group" else "")
             parts.append(f"one-sided permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of "
-                         f"the category labels{within}; the smallest possible p is "
+                         f"the category labels{within}{over}; the smallest possible p is "
                          f"{1 / (perm['n_perm'] + 1):.2g})")
         else:
             parts.append("no permutation test was run (n_perm = 0)")
+        between = _between_groups_text(s)
+        if between:
+            parts.append(between)
     if b:
-        txt = (f"{b['ci']:.0%} percentile bootstrap intervals over instructions ({b['n_boot']} resamples, "
-               "drawn within each category) are in the tables above and in summary.json; they treat the "
-               "records as independent draws, so near-duplicate records (e.g. templated variants of one "
-               "instruction) make them too narrow")
+        if b.get("unit") == "group":
+            txt = (f"{b['ci']:.0%} percentile bootstrap intervals over instruction groups ({b['n_boot']} "
+                   f"resamples; within each category its groups are drawn with replacement, {sum(b['n_units'])} "
+                   f"groups of {s['n_instructions']} records in all, and records that share an instruction text "
+                   "are drawn together, so templated variants of one instruction count once) are in the tables "
+                   "above and in summary.json; near-duplicates whose instruction texts differ (paraphrases) "
+                   "still count as separate draws")
+        else:
+            txt = (f"{b['ci']:.0%} percentile bootstrap intervals over instructions ({b['n_boot']} resamples, "
+                   "drawn within each category) are in the tables above and in summary.json; they treat the "
+                   "records as independent draws, so near-duplicate records (e.g. templated variants of one "
+                   "instruction) make them too narrow")
         if b["n_boot"] < 100:
             txt += f"; {b['n_boot']} resamples are too few to place the tails of a {b['ci']:.0%} interval"
         parts.append(txt)
@@ -132,6 +145,29 @@ def _bootstrap_text(s: dict) -> str:
     else:
         parts.append("no bootstrap was run (n_boot = 0): the counts above carry no interval")
     return "; ".join(parts) + "."
+
+
+def _between_groups_text(s: dict) -> str:
+    """How much of the diagonal rests on records that share an instruction text; "" when no two
+    records do (or the summary predates the entry)."""
+    bg = s.get("between_groups")
+    if not bg or bg.get("diagonal_dominance") is None:
+        return ""
+    pairs = {c: n for c, n in bg["within_group_pairs"].items() if n}
+    where = ", ".join(f"{SHORT_NAMES[c]} {n}" for c, n in pairs.items())
+    jac = [f"{SHORT_NAMES[c]} {bg['within_group_jaccard'][c]:.3g}" for c in pairs
+           if bg["within_group_jaccard"][c] is not None]
+    txt = (f"leaving out the {sum(pairs.values())} pairs of records that share an instruction text ({where}; "
+           f"their mean Jaccard {', '.join(jac) or 'undefined'}), the diagonal dominance is "
+           f"{bg['diagonal_dominance']:.4g}")
+    p = (bg.get("permutation") or {}).get("p_value")
+    if p is not None:
+        txt += f" (permutation test over whole groups p = {p:.4g})"
+    return (txt + ": the difference from the full diagonal is what shared instruction text alone gives. A small "
+            "group-level p says that instructions of one category share more units than instructions of "
+            "different categories beyond shared instruction text; it cannot say which property of a category "
+            "(its task, or its length, format or wording) the units respond to, nor discount near-duplicates "
+            "whose instruction texts differ (paraphrases)")
 
 
 def _outside_text(s: dict) -> str:
@@ -234,8 +270,9 @@ def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
 
 def _category_table(name: str, section: str, s: dict) -> TableBlock:
     ci = f"{(s.get('bootstrap') or {}).get('ci', 0.95):.0%}"
+    over = "instruction groups" if (s.get("bootstrap") or {}).get("unit") == "group" else "instructions"
     return TableBlock(
-        f"{name}: {UNIT_WORD[section]} per category (low / high: {ci} bootstrap interval over instructions; "
+        f"{name}: {UNIT_WORD[section]} per category (low / high: {ci} bootstrap interval over {over}; "
         "bias: mean over resamples minus the estimate; – = not computed or undefined)",
         ["category", "instructions", "|S(c)|", "low", "high", "|U(c)|", "low", "high", "|U(c)|/|S(c)|",
          "mean |S(I)|", "|S(c)| bias", "|U(c)| bias"],
@@ -278,8 +315,9 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
                               "same-category Jaccard minus the mean of its five cross-category blocks; bootstrap "
                               "interval, one-sided permutation p; the same on the human-written subset of "
                               "human_n records; bootstrap bias and whether the estimate lies outside its "
-                              "interval; – = undefined, e.g. fewer than two records of the category in "
-                              "the subset, or not computed)",
+                              "interval; the same without the within_group_pairs pairs of records that share "
+                              "an instruction text, tested by shuffling whole groups; – = undefined, e.g. "
+                              "fewer than two records of the category in the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
     if c:

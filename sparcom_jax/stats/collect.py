@@ -126,7 +126,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                    mesh=None, buckets: Sequence[int] | None = None, progress: bool = True,
                    out: str | Path | None = None, chunk_rows: int = 256, ids: Sequence[str] | None = None,
                    categories: Sequence[str] | None = None, meta: dict | None = None,
-                   sources: Sequence[str] | None = None, fingerprint: dict | None = None,
+                   sources: Sequence[str] | None = None, groups: Sequence[str] | None = None,
+                   fingerprint: dict | None = None,
                    overwrite: bool = False, sums: bool = False, _stop_after_chunks: int | None = None) -> Counts:
     """Count, per sequence, how often each neuron is active and each expert is chosen.
 
@@ -143,7 +144,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       out: a directory for a tensorstore count store; rows are streamed to it in
         chunks of `chunk_rows` and an interrupted run resumes where it stopped.
         In a multi-process run each process writes ``out/process_<k>``.
-      ids, categories, sources, meta: stored with the counts.
+      ids, categories, sources, groups, meta: stored with the counts.
       fingerprint: components that identify the inputs (`sparcom_jax.fingerprint`);
         merged over the ones computed here (model, dtype, tokens). A store is
         resumed or reused only for the same fingerprint.
@@ -167,7 +168,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     cfg = model.config
     seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
     n = len(seqs)
-    labels = {"ids": ids, "categories": categories, "sources": sources}
+    labels = {"ids": ids, "categories": categories, "sources": sources, "groups": groups}
     for name, v in labels.items():
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
@@ -339,6 +340,7 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
     truncation and the caps left out (`content_cut_summary`).
     """
     from sparcom_jax.data import encode_records, load_instructions, resolve_tokenizer
+    from sparcom_jax.data.splits import group_ids
 
     if isinstance(records, (str, Path)):
         records = load_instructions(records)
@@ -356,4 +358,4 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
                    **(kwargs.pop("fingerprint", None) or {})}
     return collect_counts(model, enc.ids, enc.scopes, batch_size, mesh=mesh, progress=progress, out=out,
                           ids=enc.record_ids, categories=enc.categories, sources=[r.source for r in records],
-                          meta=meta, fingerprint=fingerprint, **kwargs)
+                          groups=group_ids(records), meta=meta, fingerprint=fingerprint, **kwargs)

@@ -45,6 +45,9 @@ class Counts:
         over the counted tokens routed to it, or None.
       expert_neuron_act_sum: float [N, L, E, G] like neuron_act_sum for expert
         neurons (routed tokens only), or None.
+      groups: group keys, length N (optional; `sparcom_jax.data.splits.group_id`):
+        records with one key share an instruction text, and the bootstrap and the
+        permutation test resample them together.
 
     The three sums are optional (``collect_counts(..., sums=True)``); they carry the
     strength of a unit beside its frequency (tie-breaks of the exact-k rule).
@@ -61,6 +64,7 @@ class Counts:
     neuron_act_sum: Any = None
     expert_weight_sum: Any = None
     expert_neuron_act_sum: Any = None
+    groups: list[str] | None = None
 
     ARRAY_FIELDS = ("neuron_active", "expert_routed", "expert_neuron_active")
     # The float sum that goes with each count field (same shape).

@@ -2,7 +2,8 @@
 
 Layout of a store directory::
 
-    meta.json          n, fields and shapes, record ids, categories, provenance and the
+    meta.json          n, fields and shapes, record ids, categories, sources and group keys
+                       (absent in stores written before they were kept), provenance and the
                        fingerprint of the inputs (model, records, tokens, settings)
     progress.json      {"done_chunks": k}: rows [0, k * chunk_rows) are complete
     .sparcom.lock      while a collection writes the store: its pid and host
@@ -70,7 +71,8 @@ class CountStore:
     Args:
       path: the store directory.
       shapes: {field: shape} of every array, "tokens" [N] included.
-      ids, categories, sources: per-row record ids, categories and sources (or None).
+      ids, categories, sources, groups: per-row record ids, categories, sources and group
+        keys (or None; stores written before group keys existed have none).
       meta: provenance stored in meta.json.
       chunk_rows: rows per chunk (the unit of progress and resumption).
       fingerprint: components of the inputs' fingerprint (`sparcom_jax.fingerprint`);
@@ -84,24 +86,24 @@ class CountStore:
     """
 
     def __init__(self, path: str | Path, shapes: dict[str, tuple[int, ...]], *, ids, categories, meta: dict,
-                 chunk_rows: int, sources=None, fingerprint: Mapping[str, Any] | None = None,
+                 chunk_rows: int, sources=None, groups=None, fingerprint: Mapping[str, Any] | None = None,
                  overwrite: bool = False, dtypes: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self.chunk_rows = int(chunk_rows)
         self.lock = DirLock(self.path, "count store").acquire()
         try:
-            self._open(shapes, ids, categories, sources, meta, dict(fingerprint or {}), overwrite, dict(dtypes or {}))
+            self._open(shapes, dict(ids=ids, categories=categories, sources=sources, groups=groups), meta,
+                       dict(fingerprint or {}), overwrite, dict(dtypes or {}))
         except BaseException:
             self.lock.release()
             raise
 
-    def _open(self, shapes, ids, categories, sources, meta, fingerprint, overwrite, dtypes):
+    def _open(self, shapes, labels, meta, fingerprint, overwrite, dtypes):
         n = shapes["tokens"][0]
         header = {"version": STORE_VERSION, "n": n, "chunk_rows": self.chunk_rows,
                   "shapes": {k: list(v) for k, v in shapes.items()},
                   "dtypes": {k: np.dtype(dtypes.get(k, np.int32)).name for k in shapes},
-                  **{k: None if v is None else list(v)
-                     for k, v in (("ids", ids), ("categories", categories), ("sources", sources))},
+                  **{k: None if v is None else list(v) for k, v in labels.items()},
                   "fingerprint": fingerprint,
                   "meta": meta}
         meta_path = self.path / "meta.json"
@@ -200,6 +202,7 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
         ids=meta.get("ids"),
         categories=meta.get("categories"),
         sources=meta.get("sources"),
+        groups=meta.get("groups"),
         meta=dict(meta.get("meta") or {}, store=str(p), fingerprint=meta.get("fingerprint") or {}),
         **arrays,
     )
