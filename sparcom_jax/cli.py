@@ -4,14 +4,16 @@
     sparcom run --config configs/llama2_7b.yaml --dry-run --devices 8
     sparcom collect --config configs/olmoe_1b_7b.yaml data.n_per_category=50 --out runs/olmoe
 
-Bad input (a config, data file or checkpoint that cannot be used) is reported
-as one line, ``sparcom: error: ...``, with exit status 2; ``--debug`` shows the
-traceback.
+Bad input (a config, data file or checkpoint that cannot be used) and a machine
+that cannot take the outputs (a full disk, a read-only file system, no permission)
+are reported as one line, ``sparcom: error: ...``, with exit status 2; ``--debug``
+shows the traceback. Ctrl-C says how to resume (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 import traceback
@@ -22,6 +24,18 @@ from sparcom_jax.fileio import prepare_out_dir
 # Errors that mean "the input is wrong" (configs, data, checkpoints all raise
 # ValueError subclasses); anything else is a bug and keeps its traceback.
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+# Errors of the machine rather than of the program (a full disk, a read-only file system, a
+# file this user may not read or write): one line naming the file and what to do.
+_MACHINE_ERRORS = {
+    errno.ENOSPC: "free space on that file system, or choose another --out",
+    errno.EDQUOT: "free space within your disk quota, or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.EACCES: "fix its permissions, or choose another path",
+    errno.EPERM: "fix its permissions, or choose another path",
+}
+INTERRUPTED = ("sparcom: interrupted; finished work in the output directory is kept: run the same command "
+               "again to resume (counts and training continue from their last saved chunk or checkpoint)")
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
@@ -167,7 +181,14 @@ def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or e.__class__.__name__
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
         msg = f"{e.filename}: {msg}"
+    if "No space left on device" in msg:  # tensorstore and orbax report a full disk as a ValueError
+        msg += f"; {_MACHINE_ERRORS[errno.ENOSPC]}"
     return " | ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def _machine_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; {_MACHINE_ERRORS[e.errno]}"
 
 
 def _print_outputs(res: dict, out: Path) -> None:
@@ -266,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("sparcom: interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `sparcom run --dry-run ... | head`
         import os
@@ -277,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"sparcom: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _MACHINE_ERRORS:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"sparcom: error: {_machine_error(e)}", file=sys.stderr)
         return 2
 
 

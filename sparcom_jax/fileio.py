@@ -25,6 +25,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
 
     Returns:
       The path written.
+
+    Raises:
+      OSError: the write failed (e.g. a full disk), naming `path`; nothing is left behind.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -37,9 +40,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name the output
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     return path
 

@@ -267,6 +267,28 @@ def test_out_in_a_read_only_directory_is_one_line(tmp_path, capsys, monkeypatch)
     assert not (locked / "run").exists()
 
 
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    def full(fd):  # a full disk often shows first when the data is flushed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, _, err = run_cli(capsys, "selfcheck", "--no-compare", "--out", str(tmp_path))
+    assert code == 2
+    assert err.splitlines()[-1] == (f"sparcom: error: {tmp_path / 'selfcheck.json'}: No space left on device; "
+                                    "free space on that file system, or choose another --out")
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither selfcheck.json nor its temporary file
+    # tensorstore (count stores) and orbax (training checkpoints) raise a full disk as a ValueError
+    from sparcom_jax.cli import _one_line
+
+    seen = ('RESOURCE_EXHAUSTED: Error writing local file "/o/counts/b/neuron_active/c/0/0/0": Failed to write '
+            "65536 bytes to file 4: No space left on device [os_error_code='28']")
+    assert _one_line(ValueError(seen)) == seen + "; free space on that file system, or choose another --out"
+
+
 def test_empty_data_file_and_zero_values_fail_in_one_line(tmp_path, capsys):
     cfg = write_tiny(tmp_path)
     empty = tmp_path / "none.jsonl"
