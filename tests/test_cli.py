@@ -289,6 +289,18 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(tmp_
     assert _one_line(ValueError(seen)) == seen + "; free space on that file system, or choose another --out"
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from sparcom_jax import pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_stage", interrupted)
+    code, _, err = run_cli(capsys, "collect", "--config", str(write_tiny(tmp_path)), "--out", str(tmp_path / "o"))
+    assert code == 130 and err.count("\n") == 1 and err.startswith("sparcom: interrupted; ")
+    assert "finished work in the output directory is kept: run the same command again to resume" in err
+
+
 def test_empty_data_file_and_zero_values_fail_in_one_line(tmp_path, capsys):
     cfg = write_tiny(tmp_path)
     empty = tmp_path / "none.jsonl"

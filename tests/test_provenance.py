@@ -131,6 +131,27 @@ def test_overwrite_recomputes_with_the_new_settings(tmp_path):
     run_stage("collect", exp("data.max_length=40"), out)  # now it matches: reused
 
 
+def test_a_resumed_collection_says_so(tmp_path, capfd):
+    out = tmp_path / "o"
+    run_stage("collect", exp(), out)
+    store = out / "counts" / "tuned"
+    # as a run stopped (Ctrl-C, kill) before the store's only chunk was written leaves it
+    (store / "progress.json").write_text('{"done_chunks": 0}')
+    with pytest.raises(ValueError, match=r"counts/tuned: the collection that writes this store has not finished"):
+        run_stage("identify", exp(), out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _hold(out, int(dead.stdout))  # a killed run leaves its lock
+    capfd.readouterr()
+    run_stage("collect", exp(), out)
+    err = capfd.readouterr().err
+    assert f"{out}: an earlier run (pid {int(dead.stdout)}, started " in err
+    assert "stopped without finishing; its finished work is checked and reused, the rest is resumed or redone" in err
+    assert "collect [1/3] base: already complete with the same settings" in err
+    assert (f"collect [2/3] tuned: an earlier collection into {store} stopped before it finished (0 of 12 records "
+            "counted); resuming it with the same settings") in err
+    assert json.loads((store / "progress.json").read_text())["done_chunks"] == 1
+
+
 def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
     import sparcom_jax as sj
     from sparcom_jax.models.config import ModelConfig

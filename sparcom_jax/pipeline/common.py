@@ -31,6 +31,16 @@ def log(msg: str) -> None:
     print(f"[sparcom {int(el // 60):d}:{el % 60:04.1f}] {msg}", file=sys.stderr, flush=True)
 
 
+def log_stale_lock(lock: Any) -> None:
+    """Say so when taking `lock` (a `DirLock`) took over the lock of a run whose process is
+    gone (killed, or its machine restarted): that run's work may be unfinished."""
+    held = getattr(lock, "stale_taken", None)
+    if held:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+        log(f"{lock.directory}: an earlier run (pid {held.get('pid')}, started {since}) stopped without finishing; "
+            "its finished work is checked and reused, the rest is resumed or redone")
+
+
 @contextlib.contextmanager
 def timed(what: str) -> Iterator[None]:
     """Log "<what> ..." on entry and "<what>: done in N s" when the block succeeds."""

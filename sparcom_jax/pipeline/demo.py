@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec, apply_overrides
 from sparcom_jax.fileio import DirLock, atomic_write, prepare_out_dir, write_json
-from sparcom_jax.pipeline.common import fmt_count, log, record_parts, save_resolved, timed, with_vocab
+from sparcom_jax.pipeline.common import fmt_count, log, log_stale_lock, record_parts, save_resolved, timed, with_vocab
 from sparcom_jax.pipeline.stages import export_checkpoints, guard_dir, run_all, train_fingerprint
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.
@@ -130,7 +130,8 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
     cfg = cfg or demo_config(fast)
     out = Path(prepare_out_dir(out))
     t0 = time.perf_counter()
-    with DirLock(out, "demo output directory"):
+    with DirLock(out, "demo output directory") as lock:
+        log_stale_lock(lock)
         ensure_compilation_cache()  # compiled steps are shared with later runs (sparcom_jax.runtime)
         tok = default_tokenizer()
         parts, _ = record_parts(ExperimentConfig(name="demo", data=cfg.data))

@@ -19,8 +19,8 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
-    model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
+    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, log_stale_lock,
+    make_mesh, model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
     train_records,
 )
 from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
@@ -242,7 +242,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     import jax
 
     from sparcom_jax.stats.collect import collect_instructions
-    from sparcom_jax.stats.store import is_complete, read_header
+    from sparcom_jax.stats.store import is_complete, read_header, rows_done
 
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
@@ -258,11 +258,13 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
                                     content_caps=caps)
         header = read_header(mine)
-        if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite) \
-                and is_complete(mine):
-            log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
-            _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
-            continue
+        if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite):
+            if is_complete(mine):
+                log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
+                _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
+                continue
+            log(f"collect [{i}/{len(jobs)}] {job.label}: an earlier collection into {dest} stopped before it "
+                f"finished ({rows_done(mine)} of {header['n']} records counted); resuming it with the same settings")
         with timed(f"collect [{i}/{len(jobs)}] {job.label}: {len(records)} instructions, "
                    f"template {job.template}, scope {cfg.data.scope}, {job.dtype}"):
             model = load_spec_model(job.spec, dtype=job.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
@@ -757,6 +759,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     prepare_out_dir(out)
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
+        log_stale_lock(lock)
         preflight(stage, cfg, out)
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)
