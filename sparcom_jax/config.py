@@ -754,7 +754,8 @@ def check_architecture(cfg: Any, source: str = "config") -> None:
     if isinstance(cfg, ExperimentConfig):
         if cfg.architecture is not None:
             archs.append(("architecture", cfg.architecture))
-        archs += [(f"{m.label}.init", _any_vocab(m.init)) for m in cfg.models() if m.init is not None]
+        keys = ["base", *[f"series[{i}]" for i in range(len(cfg.series))], "finetuned"]  # cfg.models() order
+        archs += [(f"{k}.init", _any_vocab(m.init)) for k, m in zip(keys, cfg.models()) if m.init is not None]
     elif isinstance(cfg, DemoConfig):
         archs += [(f"pairs.{p.name}.architecture", _any_vocab(p.architecture)) for p in cfg.pairs]
     for key, arch in archs:

@@ -152,6 +152,16 @@ def test_bad_architecture_block_is_an_error(tmp_path):
         load_config(p)
 
 
+def test_a_bad_init_block_is_named_by_its_config_key(tmp_path):
+    # not by the model's label ("x.init" for a base at path x, "model.init" without one)
+    arch = "{model_type: llama, num_attention_heads: 2, num_hidden_layers: 1}"
+    for text, key in ((f"name: x\nbase: {{path: /m/x, init: {arch}}}\n", "base.init"),
+                      (f"name: x\nbase: {{path: /m/x}}\nseries: [{{path: /m/y}}, {{init: {arch}}}]\n", "series[1].init"),
+                      (f"name: x\nbase: {{path: /m/x}}\nfinetuned: {{name: t, init: {arch}}}\n", "finetuned.init")):
+        with pytest.raises(ConfigError, match=rf"c\.yaml: {re.escape(key)}: required field 'hidden_size' is missing"):
+            load_config(write(tmp_path, text))
+
+
 def test_overrides_nested_values_lists_and_floats():
     cfg = load_config(CONFIGS / "llama2_7b.yaml", [
         "identify.eps=0.02", "mesh.devices=16", "mesh.model=2", "architecture.rope_theta=5e5",
