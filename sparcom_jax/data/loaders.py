@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from sparcom_jax.categories import normalize_category
 from sparcom_jax.data.adapters import Adapter, detect_adapter, get_adapter
 from sparcom_jax.data.records import (
+    OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
     DataWarning,
     Excluded,
@@ -85,7 +87,7 @@ def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list
 
 def _read_text(file: Path) -> str:
     """The file's text; a byte that is not UTF-8, or no text at all, is an error naming the file."""
-    raw = file.read_bytes()
+    raw = file.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (Notepad's "UTF-8 with BOM")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -200,8 +202,7 @@ def _csv_lines(text: str, sep: str) -> tuple[list[int], list[str]]:
 
 
 def _read_csv(file: Path, sep: str) -> _Table:
-    # pandas drops a byte-order mark before the header; so must the header read here.
-    text = _read_text(file).removeprefix("\ufeff")
+    text = _read_text(file)
     try:
         lines, header = _csv_lines(text, sep)
     except csv.Error:
@@ -278,8 +279,10 @@ def read_table(path: str | os.PathLike) -> _Table:
         return _read_csv(file, _CSV_SUFFIXES[suffix])
     if suffix in _PARQUET_SUFFIXES:
         return _read_parquet(file)
+    packed = ("; decompress it first (e.g. `gunzip -k`, `unzip`)"
+              if suffix in (".gz", ".zip", ".bz2", ".xz", ".zst") else "")
     raise ValueError(
-        f"{file}: unsupported file type {suffix!r}; use .json, .jsonl, .csv, .tsv, "
+        f"{file}: unsupported file type {suffix!r}{packed}; use .json, .jsonl, .csv, .tsv, "
         ".parquet or a datasets save_to_disk directory"
     )
 
@@ -308,6 +311,35 @@ def _check_columns(table: _Table, required: Sequence[str], what: str) -> None:
             f"(columns found: {table.columns}); add them, or map the columns that hold "
             f"them with fields={{{missing[0]!r}: '<column>'}}"
         )
+
+
+# Column names that usually hold a record field under another name (Dolly's context and
+# response, prompt/completion pairs, ...): the warning about unread columns suggests the mapping.
+_LIKELY_FIELD = {"context": "input", "inputs": "input", "response": "output", "answer": "output",
+                 "completion": "output", "target": "output", "prompt": "instruction", "question": "instruction",
+                 "label": "category", "type": "category", "task": "category"}
+
+
+def _warn_unread(table: _Table, fields: Mapping[str, str]) -> None:
+    """Warn about the columns of a record-format file that no record field reads: a column
+    holding the input under another name (e.g. Dolly's `context`) would otherwise be
+    dropped from every record without a word."""
+    used = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS) | set(fields.values())
+    unread = [c for c in table.columns if c not in used]
+    if not table.rows or not unread:
+        return
+    names = REQUIRED_FIELDS + OPTIONAL_FIELDS
+    hints = {}
+    for c in unread:  # a usual alias, or a misspelt field name
+        close = difflib.get_close_matches(c.lower(), names, n=1, cutoff=0.8)
+        if c.lower() in _LIKELY_FIELD or close:
+            hints[c] = _LIKELY_FIELD.get(c.lower()) or close[0]
+    fix = (f"; if {'it holds' if len(hints) == 1 else 'they hold'} a record field, map "
+           f"{'it' if len(hints) == 1 else 'them'}: fields={ {f: c for c, f in hints.items()} } (data.fields "
+           "in a config)" if hints else "")
+    warnings.warn(
+        f"{table.file}: column(s) {unread} are not read: records take only the fields "
+        f"{', '.join(names)}{fix}", DataWarning, stacklevel=3)
 
 
 def _id_stem(table: _Table) -> str:
@@ -409,6 +441,7 @@ def load_instructions(
         if ad is None:
             _check_columns(table, [f for f in REQUIRED_FIELDS if f != "id" or not derive_ids],
                            "the record format")
+            _warn_unread(table, fields or {})
         else:
             _check_columns(table, ad.required, f"the {ad.name} adapter")
         columns = dict(ad.columns) if ad else {}
