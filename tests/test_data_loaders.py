@@ -214,6 +214,13 @@ def test_a_compressed_file_says_to_decompress_it(tmp_path):
         load_instructions(p)
 
 
+def test_a_missing_relative_path_says_what_it_is_relative_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"data/mine.jsonl: no such file or directory (relative to the current directory, {tmp_path})")):
+        load_instructions("data/mine.jsonl")
+
+
 def test_unknown_category_without_a_close_name(tmp_path):
     msg = _error(tmp_path, [json.dumps(ROWS[0]), json.dumps(dict(ROWS[1], category=3))])
     assert "bad.jsonl:2: unknown category '3'; Valid categories: classification (CLS)," in msg

@@ -45,6 +45,7 @@ from sparcom_jax.data.records import (
     validate_row,
 )
 from sparcom_jax.data.sampling import sample_balanced
+from sparcom_jax.fileio import read_utf8, relative_note
 
 #: The balanced six-category set shipped with the package (see docs/data.md).
 SHIPPED_PATH = Path(__file__).resolve().parent / "shipped" / "hexa_mini.jsonl"
@@ -87,17 +88,7 @@ def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list
 
 def _read_text(file: Path) -> str:
     """The file's text; a byte that is not UTF-8, or no text at all, is an error naming the file."""
-    raw = file.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (Notepad's "UTF-8 with BOM")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise ValueError(
-            f"{file}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
-            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`, or "
-            "encoding='utf-8' when writing it)"
-        ) from None
+    text = read_utf8(file)
     if not text.strip():
         raise _empty_file(file, "the file is empty" if not text else "the file has only blank lines")
     return text
@@ -269,7 +260,7 @@ def read_table(path: str | os.PathLike) -> _Table:
     """Read one file or `datasets` directory into raw rows with their positions."""
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"{file}: no such file or directory")
+        raise FileNotFoundError(f"{file}: no such file or directory{relative_note(file)}")
     if file.is_dir():
         return _read_saved(file)
     suffix = file.suffix.lower()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config
+from sparcom_jax.fileio import relative_note
 
 STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
 
@@ -241,7 +242,7 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
         if spec.path and not has_weights(spec):
             p = Path(spec.path)
             what = ("has no config.json" if p.is_dir() else "is a file, not a Hugging Face model directory"
-                    if p.exists() else "does not exist")
+                    if p.exists() else f"does not exist{relative_note(p)}")
             raise ConfigError(
                 f"model {spec.label!r}: {spec.path} {what}; point path at the model's directory, or download "
                 "it first"
