@@ -143,6 +143,22 @@ def test_dry_run_reads_no_weights_even_when_paths_are_missing(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_dry_run_refuses_what_the_run_would_refuse_and_says_what_data_it_checked(tmp_path, capsys):
+    cfg = str(CONFIGS / "llama2_7b.yaml")
+    # two exports named .../hf: one store for both models. The dry run said "config valid" here.
+    code, out, err = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "base.name=null", "finetuned.name=null",
+                             f"base.path={tmp_path / 'a' / 'hf'}", f"finetuned.path={tmp_path / 'b' / 'hf'}")
+    assert code == 2 and "config valid" not in out
+    assert err.startswith("sparcom: error: base ('hf') and finetuned ('hf') would be stored under one name, 'hf'")
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", f"data.path={tmp_path / 'mine.jsonl'}",
+                           "data.n_per_category=50")
+    assert code == 0
+    assert f"  data              {tmp_path / 'mine.jsonl'} (not on this machine: not checked; planned for 300 " \
+           "records, data.n_per_category x 6)" in out
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "data.path=null", "data.n_per_category=2")
+    assert code == 0 and "  data              the shipped set (read and checked: 12 records to count)" in out
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ncollect:\n  batch_sise: 4\n")

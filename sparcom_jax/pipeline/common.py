@@ -279,9 +279,8 @@ def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
     """Base, series and fine-tuned models; a `finetune` run's checkpoints fill in when
     the config names no fine-tuned model."""
     if cfg.finetuned is not None:
-        specs = cfg.models()
-        _check_distinct_labels(specs, ["base", *[f"series[{i}]" for i in range(len(cfg.series))], "finetuned"])
-        return specs
+        check_model_names(cfg)
+        return cfg.models()
     manifest = out / "checkpoints" / "series.json"
     if manifest.is_file():
         check_tuned_on_train_part(cfg, out)
@@ -290,16 +289,18 @@ def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
     return [cfg.base]
 
 
-def _check_distinct_labels(specs: Sequence[ModelSpec], fields: Sequence[str]) -> None:
-    """Refuse two models whose labels give one file name: their counts, sets and results
-    would share one store, each model's collect overwriting the other's (a directory
-    path ending in the same name, e.g. two .../hf exports, gives the same label).
+def check_model_names(cfg: ExperimentConfig) -> None:
+    """Refuse two models of the config whose labels give one file name: their counts, sets
+    and results would share one store, each model's collect overwriting the other's (a
+    directory path ending in the same name, e.g. two .../hf exports, gives the same label).
+    Dry runs check it too.
 
     Raises:
       ConfigError: naming both config entries and the fix.
     """
+    fields = ["base", *[f"series[{i}]" for i in range(len(cfg.series))], "finetuned"]  # cfg.models() order
     seen: dict[str, tuple[str, str]] = {}
-    for spec, field in zip(specs, fields):
+    for spec, field in zip(cfg.models(), fields):
         key = safe(spec.label)
         if key in seen:
             first, label = seen[key]
