@@ -419,6 +419,39 @@ def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(done, tmp_pa
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []
 
 
+@pytest.mark.parametrize("stage, module, writer", [("identify", "sparcom_jax.report.export", "export_sets"),
+                                                   ("evaluate", "sparcom_jax.pipeline.stages", "write_json"),
+                                                   ("compare", "sparcom_jax.pipeline.stages", "write_json")])
+def test_an_analysis_stage_stopped_midway_leaves_no_fingerprint_vouching_for_its_files(
+        done, tmp_path, monkeypatch, stage, module, writer):
+    # Rewritten with identify.eps=0.1 and stopped after the first file (Ctrl-C, a full disk): that
+    # file is new, the others are old, and the old fingerprint (eps 0.05) vouched for all of them.
+    import importlib
+    import shutil
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    assert (out / stage / "fingerprint.json").is_file()
+    mod = importlib.import_module(module)
+    real, calls = getattr(mod, writer), []
+
+    def stopped(*a, **k):
+        if calls:
+            raise OSError(28, "No space left on device")
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, writer, stopped)
+    with pytest.raises(OSError):
+        run_stage(stage, exp("identify.eps=0.1"), out)
+    assert calls and not (out / stage / "fingerprint.json").exists()
+    monkeypatch.setattr(mod, writer, real)
+    run_stage(stage, exp("identify.eps=0.1"), out)  # a complete run seals it again
+    fp = json.loads((out / stage / "fingerprint.json").read_text())["components"]
+    assert fp["identify"]["eps"] == 0.1
+
+
 TINY_MOE = dict(TINY_ARCH, model_type="mixtral", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
 
 

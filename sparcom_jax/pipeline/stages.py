@@ -376,6 +376,14 @@ def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> di
             "counts": {name: digest(ma.meta.get("fingerprint")) for name, ma in every.items()}}
 
 
+def _unseal(directory: Path) -> None:
+    """Remove `directory`'s fingerprint.json before its outputs are rewritten: a write that
+    fails or is interrupted midway leaves new files beside old ones, and the old fingerprint
+    would vouch for all of them. `_seal` writes the new one when every output is written."""
+    if is_primary():
+        (directory / FINGERPRINT_FILE).unlink(missing_ok=True)
+
+
 def _seal(directory: Path, stage: str, written: dict[str, Any], components: dict[str, Any]) -> None:
     """Write `directory`'s fingerprint.json for the outputs `written` now, and remove the files an
     earlier run left there that this one did not write (a model or control left out since): the
@@ -394,6 +402,7 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     from sparcom_jax.report.export import export_sets
 
     analyses = analyses or analyze_all(cfg, out, full=False)
+    _unseal(out / "identify")
     written = {}
     for name, ma in analyses.models.items():
         d = out / "identify" / safe(name)
@@ -407,6 +416,7 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
 def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Generality, uniqueness, overlaps and layer profiles of every model (OUT/evaluate/<model>.json)."""
     analyses = analyses or analyze_all(cfg, out, full=True)
+    _unseal(out / "evaluate")
     written = {name: write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
                for name, ma in analyses.models.items()}
     _seal(out / "evaluate", "evaluate", written, _analysis_fingerprint(cfg, analyses, True))
@@ -425,6 +435,7 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
         raise ConfigError("compare needs two models: set finetuned (and optionally series), "
                           "or run `sparcom finetune` first")
     comparison = compare_models(models[names[0]], models[names[-1]])
+    _unseal(out / "compare")
     written = {"comparison": write_json(out / "compare" / "comparison.json", comparison)}
     series = compare_series([(n, models[n]) for n in names]) if len(names) > 2 else None
     if series is not None:
