@@ -157,6 +157,12 @@ class DataSpec:
                 get_adapter(self.adapter)
             except ValueError as e:
                 raise ConfigError(f"adapter: {e}") from None
+        from sparcom_jax.data.loaders import check_fields
+
+        try:  # here too, so that a dry run without the data refuses it
+            check_fields(self.fields, self.adapter)
+        except ValueError as e:
+            raise ConfigError(f"fields: {e}") from None
         if self.split is not None:
             unknown = sorted(set(self.split) - {"train", "identify", "ablate"})
             if unknown:

@@ -156,6 +156,15 @@ def test_a_config_that_is_not_utf8_a_directory_or_not_here_is_named(tmp_path, mo
     assert load_config("bom.yaml").name == "x"
 
 
+def test_a_data_fields_key_that_is_not_a_record_field_fails_the_config(tmp_path):
+    # checked on load, so a dry run on a machine without the data refuses it too
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.fields: 'inptu' is not a record field \(did you mean "
+                                          r"'input'\?\)"):
+        load_config(write(tmp_path, "name: x\nbase: {path: /m}\ndata: {path: /absent.jsonl, fields: {inptu: ctx}}\n"))
+    ok = load_config(write(tmp_path, "name: x\nbase: {path: /m}\ndata: {adapter: dolly, fields: {context: ctx}}\n"))
+    assert ok.data.fields == {"context": "ctx"}  # an adapter's own column names are its keys
+
+
 def test_paths_expand_home_and_environment_variables(tmp_path, monkeypatch):
     # A shell expands them on the command line; written in a config, `~/runs` became a directory "~"
     monkeypatch.setenv("HOME", "/home/u")

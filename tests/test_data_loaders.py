@@ -205,6 +205,14 @@ def test_unknown_category_suggests_closest(tmp_path):
     assert "use one of the valid category names" in msg
 
 
+def test_a_fields_key_that_is_not_a_record_field_is_refused(tmp_path):
+    # fields={'inptu': 'context'} mapped the column to a field no record reads: inputs dropped
+    p = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    with pytest.raises(ValueError, match=r"fields: 'inptu' is not a record field \(did you mean 'input'\?\)"):
+        load_instructions(p, fields={"inptu": "input"})
+    assert load_instructions(p, fields={"input": "input"}) == EXPECTED
+
+
 def test_a_compressed_file_says_to_decompress_it(tmp_path):
     import gzip
 

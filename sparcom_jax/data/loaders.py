@@ -333,6 +333,24 @@ def _warn_unread(table: _Table, fields: Mapping[str, str]) -> None:
         f"{', '.join(names)}{fix}", DataWarning, stacklevel=3)
 
 
+def check_fields(fields: Mapping[str, str] | None, adapter: str | None = None) -> None:
+    """Refuse a `fields=` key that is not a record field (without an adapter): the column
+    it maps would go to a field no record reads, dropped without a word.
+
+    Raises:
+      ValueError: naming the key, the closest field and the valid ones.
+    """
+    if not fields or adapter is not None:  # an adapter's expected columns are its own
+        return
+    names = REQUIRED_FIELDS + OPTIONAL_FIELDS
+    for key in fields:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            raise ValueError(f"{key!r} is not a record field{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"the keys are record fields ({', '.join(names)}), the values your file's columns, "
+                             "e.g. {input: context}")
+
+
 def _id_stem(table: _Table) -> str:
     """The prefix of derived ids: the file name without its suffix (a directory's name)."""
     p = Path(table.file)
@@ -414,6 +432,10 @@ def load_instructions(
         and a load left with no usable record at all.
     """
     report = LoadReport()
+    try:
+        check_fields(fields, adapter)
+    except ValueError as e:
+        raise ValueError(f"fields: {e}") from None
     keep_cats = None if categories is None else {normalize_category(c) for c in categories}
     problems: list[Problem] = []
     adapter_excluded: list[Excluded] = []
@@ -498,4 +520,4 @@ def load_instructions(
     return (records, report) if return_report else records
 
 
-__all__ = ["DataWarning", "SHIPPED_PATH", "load_instructions", "read_table"]
+__all__ = ["DataWarning", "SHIPPED_PATH", "check_fields", "load_instructions", "read_table"]
