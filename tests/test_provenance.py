@@ -152,6 +152,26 @@ def test_a_resumed_collection_says_so(tmp_path, capfd):
     assert json.loads((store / "progress.json").read_text())["done_chunks"] == 1
 
 
+def test_stages_refuse_to_analyse_the_base_alone_while_fine_tuning_is_unfinished(tmp_path, monkeypatch):
+    # `sparcom finetune` stopped before it wrote checkpoints/series.json: `sparcom collect` counted
+    # the base model alone (1 of 1) and identify/evaluate went on with it, without a word.
+    from sparcom_jax.config import ConfigError
+    from sparcom_jax.fingerprint import write_fingerprint
+    from sparcom_jax.pipeline.common import model_list
+
+    no_weights(monkeypatch)
+    out = tmp_path / "o"
+    write_fingerprint(out / "train", "finetune", {"train": "settings"})  # what finetune writes before any step
+    cfg = exp("finetuned=null")
+    for stage in ("collect", "identify"):
+        with pytest.raises(ConfigError, match=r"o/train: the fine-tuning run here has not finished \(no .*"
+                                              r"checkpoints/series\.json.*run `sparcom finetune` with the same"):
+            run_stage(stage, cfg, out)
+    assert not (out / "counts").exists()
+    # `sparcom run` fine-tunes first: for it the unfinished run is the one it resumes
+    assert [s.label for s in model_list(cfg, out, finetune_pending=True)] == ["base"]
+
+
 def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
     import sparcom_jax as sj
     from sparcom_jax.models.config import ModelConfig

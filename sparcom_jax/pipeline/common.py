@@ -275,9 +275,20 @@ def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl
     return model
 
 
-def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
+def model_list(cfg: ExperimentConfig, out: Path, *, finetune_pending: bool = False) -> list[ModelSpec]:
     """Base, series and fine-tuned models; a `finetune` run's checkpoints fill in when
-    the config names no fine-tuned model."""
+    the config names no fine-tuned model.
+
+    Args:
+      finetune_pending: this command fine-tunes before it reads the models (`run`), so an
+        unfinished fine-tuning run in OUT is what it will finish.
+
+    Raises:
+      ConfigError: OUT holds a fine-tuning run that has not finished (without
+        `finetune_pending`): the stage would analyse the base model alone.
+    """
+    from sparcom_jax.fingerprint import FINGERPRINT_FILE
+
     if cfg.finetuned is not None:
         check_model_names(cfg)
         return cfg.models()
@@ -286,6 +297,11 @@ def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
         check_tuned_on_train_part(cfg, out)
         items = json.loads(manifest.read_text())
         return [cfg.base] + [ModelSpec(name=d["name"], path=d["path"], template=cfg.train.template) for d in items]
+    if (out / "train" / FINGERPRINT_FILE).is_file() and not finetune_pending:
+        raise ConfigError(
+            f"{out / 'train'}: the fine-tuning run here has not finished (no {manifest}: stopped, or still "
+            "running), so this stage would analyse the base model alone; run `sparcom finetune` with the same "
+            "config and --out again to finish it, or set finetuned: to the model to compare with")
     return [cfg.base]
 
 

@@ -751,7 +751,7 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         require_models([cfg.base])
         train_records(cfg)
     if stage != "finetune":
-        require_models(model_list(cfg, out))
+        require_models(model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg)))
         identify_records(cfg)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
