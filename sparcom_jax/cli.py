@@ -13,9 +13,12 @@ shows the traceback. Ctrl-C says how to resume (exit status 130).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -273,6 +276,26 @@ def cmd_stage(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _interrupt_held():
+    """Hold Ctrl-C until the block ends, then raise it: an interrupt while jax's native
+    modules initialise aborted the process (a C++ terminate, a core dump and a 60-line
+    traceback) instead of raising KeyboardInterrupt."""
+    got: list[int] = []
+    old = signal.getsignal(signal.SIGINT)
+    # An ignored Ctrl-C (a background job) stays ignored; off the main thread nothing can be held.
+    hold = old not in (signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: got.append(1))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+
+
 COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}
 
 
@@ -280,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sparcom` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
-        from sparcom_jax.runtime import ensure_compilation_cache
-
-        ensure_compilation_cache()
     try:
+        if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
+            with _interrupt_held():
+                from sparcom_jax.runtime import ensure_compilation_cache  # imports jax
+
+                ensure_compilation_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)

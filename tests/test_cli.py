@@ -317,6 +317,29 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, capsys, monkeypatc
     assert "finished work in the output directory is kept: run the same command again to resume" in err
 
 
+def test_ctrl_c_while_jax_starts_up_is_held_then_one_line(tmp_path, capsys, monkeypatch):
+    # An interrupt inside jax's native start-up aborted the process (a C++ terminate, a core
+    # dump, a 60-line traceback): it is held until the start-up is done, then reported.
+    import os
+    import signal
+    import time
+
+    import sparcom_jax.runtime as runtime
+
+    finished = []
+
+    def start_up():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # a handler that raises would interrupt this
+        finished.append(True)
+
+    monkeypatch.setattr(runtime, "ensure_compilation_cache", start_up)
+    handler = signal.getsignal(signal.SIGINT)
+    code, _, err = run_cli(capsys, "collect", "--config", str(write_tiny(tmp_path)), "--out", str(tmp_path / "o"))
+    assert finished == [True] and code == 130 and err.startswith("sparcom: interrupted; ")
+    assert signal.getsignal(signal.SIGINT) is handler and not (tmp_path / "o").exists()
+
+
 def test_empty_data_file_and_zero_values_fail_in_one_line(tmp_path, capsys):
     cfg = write_tiny(tmp_path)
     empty = tmp_path / "none.jsonl"
