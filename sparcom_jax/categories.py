@@ -43,7 +43,7 @@ def normalize_category(name: str) -> str:
     close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.4)
     hint = f"; did you mean {_ALIASES[close[0]]!r}?" if close else ""
     valid = ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
-    raise ValueError(f"unknown category {name!r}{hint} Valid categories: {valid}")
+    raise ValueError(f"unknown category {name!r}{hint or ';'} Valid categories: {valid}")
 
 
 def per_category_text(values: Mapping[str, Any] | Sequence[Any]) -> str:

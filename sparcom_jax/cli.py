@@ -4,16 +4,21 @@
     sparcom run --config configs/llama2_7b.yaml --dry-run --devices 8
     sparcom collect --config configs/olmoe_1b_7b.yaml data.n_per_category=50 --out runs/olmoe
 
-Bad input (a config, data file or checkpoint that cannot be used) is reported
-as one line, ``sparcom: error: ...``, with exit status 2; ``--debug`` shows the
-traceback.
+Bad input (a config, data file or checkpoint that cannot be used) and a machine
+that cannot take the outputs (a full disk, a read-only file system, no permission)
+are reported as one line, ``sparcom: error: ...``, with exit status 2; ``--debug``
+shows the traceback. Ctrl-C says how to resume (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -22,6 +27,18 @@ from sparcom_jax.fileio import prepare_out_dir
 # Errors that mean "the input is wrong" (configs, data, checkpoints all raise
 # ValueError subclasses); anything else is a bug and keeps its traceback.
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+# Errors of the machine rather than of the program (a full disk, a read-only file system, a
+# file this user may not read or write): one line naming the file and what to do.
+_MACHINE_ERRORS = {
+    errno.ENOSPC: "free space on that file system, or choose another --out",
+    errno.EDQUOT: "free space within your disk quota, or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.EACCES: "fix its permissions, or choose another path",
+    errno.EPERM: "fix its permissions, or choose another path",
+}
+INTERRUPTED = ("sparcom: interrupted; finished work in the output directory is kept: run the same command "
+               "again to resume (counts and training continue from their last saved chunk or checkpoint)")
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
@@ -167,7 +184,14 @@ def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or e.__class__.__name__
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
         msg = f"{e.filename}: {msg}"
+    if "No space left on device" in msg:  # tensorstore and orbax report a full disk as a ValueError
+        msg += f"; {_MACHINE_ERRORS[errno.ENOSPC]}"
     return " | ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def _machine_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; {_MACHINE_ERRORS[e.errno]}"
 
 
 def _print_outputs(res: dict, out: Path) -> None:
@@ -252,6 +276,26 @@ def cmd_stage(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _interrupt_held():
+    """Hold Ctrl-C until the block ends, then raise it: an interrupt while jax's native
+    modules initialise aborted the process (a C++ terminate, a core dump and a 60-line
+    traceback) instead of raising KeyboardInterrupt."""
+    got: list[int] = []
+    old = signal.getsignal(signal.SIGINT)
+    # An ignored Ctrl-C (a background job) stays ignored; off the main thread nothing can be held.
+    hold = old not in (signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: got.append(1))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+
+
 COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}
 
 
@@ -259,14 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sparcom` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
-        from sparcom_jax.runtime import ensure_compilation_cache
-
-        ensure_compilation_cache()
     try:
+        if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
+            with _interrupt_held():
+                from sparcom_jax.runtime import ensure_compilation_cache  # imports jax
+
+                ensure_compilation_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("sparcom: interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `sparcom run --dry-run ... | head`
         import os
@@ -277,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"sparcom: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _MACHINE_ERRORS:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"sparcom: error: {_machine_error(e)}", file=sys.stderr)
         return 2
 
 

@@ -44,6 +44,36 @@ def _check_min(spec: Any, minimum: int, *keys: str) -> None:
             raise ConfigError(f"{k} must be >= {minimum}, got {v}")
 
 
+_UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def _expand_paths(spec: Any, *keys: str) -> None:
+    """Expand `~` and environment variables ($VAR, ${VAR}) in the path fields `keys` of a
+    frozen dataclass, as a shell would on the command line: written literally, `~/runs`
+    became a directory named "~" under the current one. Relative paths stay relative to
+    the current directory (not to the config file), as paths on the command line are.
+
+    Raises:
+      ConfigError: a variable is not set (naming the field and the variable).
+    """
+    for k in keys:
+        value = getattr(spec, k)
+        if value is None:
+            continue
+        expanded = []
+        for v in value if isinstance(value, list) else [value]:
+            if not isinstance(v, str):  # a wrong type: the loader names it
+                expanded.append(v)
+                continue
+            out = os.path.expandvars(os.path.expanduser(v))
+            unset = _UNSET_VAR.search(out)
+            if unset:
+                raise ConfigError(f"{k}: environment variable {unset.group(0)} in {v!r} is not set; set it "
+                                  "(export NAME=...) or write the path out")
+            expanded.append(out)
+        object.__setattr__(spec, k, expanded if isinstance(value, list) else expanded[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """One model of the comparison.
@@ -64,6 +94,9 @@ class ModelSpec:
     template: Literal["plain", "chat"] | None = None
     init: dict[str, Any] | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        _expand_paths(self, "path")
 
     @property
     def label(self) -> str:
@@ -116,6 +149,7 @@ class DataSpec:
     split_seed: int = 0
 
     def __post_init__(self):
+        _expand_paths(self, "path")
         if self.adapter not in (None, "auto"):
             from sparcom_jax.data.adapters import get_adapter
 
@@ -123,6 +157,12 @@ class DataSpec:
                 get_adapter(self.adapter)
             except ValueError as e:
                 raise ConfigError(f"adapter: {e}") from None
+        from sparcom_jax.data.loaders import check_fields
+
+        try:  # here too, so that a dry run without the data refuses it
+            check_fields(self.fields, self.adapter)
+        except ValueError as e:
+            raise ConfigError(f"fields: {e}") from None
         if self.split is not None:
             unknown = sorted(set(self.split) - {"train", "identify", "ablate"})
             if unknown:
@@ -236,6 +276,7 @@ class CollectSpec:
     precision_check: bool = False
 
     def __post_init__(self):
+        _expand_paths(self, "store")
         _check_min(self, 1, "batch_size")
         if self.buckets is not None and (not self.buckets or min(self.buckets) < 1):
             raise ConfigError(f"buckets must be null or a non-empty list of lengths >= 1, got {self.buckets}")
@@ -355,6 +396,7 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _expand_paths(self, "out_dir")
         if self.identify.ties == "break" and not self.collect.sums:
             raise ConfigError("identify.ties=break breaks ties by activation strength, which needs "
                               "collect.sums=true; set it, or identify.ties=keep")
@@ -425,6 +467,9 @@ class DemoConfig:
     report: ReportSpec = dataclasses.field(default_factory=lambda: ReportSpec(title="sparcom demo"))
     fast: bool = False
     seed: int = 0
+
+    def __post_init__(self):
+        _expand_paths(self, "out_dir")
 
 
 # --------------------------------------------------------------------------- #
@@ -697,12 +742,20 @@ def _load_yaml(text: str) -> Any:
 def read_yaml(path: str | os.PathLike) -> Any:
     """Parse a YAML file; errors name the file and line, and a key given twice in one
     mapping is an error naming both lines."""
+    from sparcom_jax.fileio import read_utf8, relative_note
+
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; pass the YAML config file itself (e.g. {p / 'config.yaml'})")
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found" + (
-            "; the shipped configs are in configs/" if not p.is_absolute() else ""))
+        raise ConfigError(f"{p}: config file not found{relative_note(p)}"
+                          + ("; the shipped configs are in configs/" if not p.is_absolute() else ""))
     try:
-        return _load_yaml(p.read_text())
+        text = read_utf8(p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _load_yaml(text)
     except _DuplicateKey as e:
         raise ConfigError(f"{p}:{e.problem_mark.line + 1}: {e.problem}; YAML would keep only the "
                           "last value silently, so delete or rename one of them") from None
@@ -761,7 +814,8 @@ def check_architecture(cfg: Any, source: str = "config") -> None:
     if isinstance(cfg, ExperimentConfig):
         if cfg.architecture is not None:
             archs.append(("architecture", cfg.architecture))
-        archs += [(f"{m.label}.init", _any_vocab(m.init)) for m in cfg.models() if m.init is not None]
+        keys = ["base", *[f"series[{i}]" for i in range(len(cfg.series))], "finetuned"]  # cfg.models() order
+        archs += [(f"{k}.init", _any_vocab(m.init)) for k, m in zip(keys, cfg.models()) if m.init is not None]
     elif isinstance(cfg, DemoConfig):
         archs += [(f"pairs.{p.name}.architecture", _any_vocab(p.architecture)) for p in cfg.pairs]
     for key, arch in archs:

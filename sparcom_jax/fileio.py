@@ -26,6 +26,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
 
     Returns:
       The path written.
+
+    Raises:
+      OSError: the write failed (e.g. a full disk), naming `path`; nothing is left behind.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -38,9 +41,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name the output
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     return path
 
@@ -62,6 +67,32 @@ def cache_setting(env: str, default: Path) -> Path | None:
     if setting.lower() in _OFF:
         return None
     return Path(setting).expanduser() if setting else default
+
+
+def relative_note(path: str | os.PathLike) -> str:
+    """" (relative to the current directory, <cwd>)" for a relative path, else "": said
+    beside a path that is not there, since relative paths in a config are taken from the
+    directory sparcom runs in, not from the config file's."""
+    return "" if os.path.isabs(path) else f" (relative to the current directory, {os.getcwd()})"
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped).
+
+    Raises:
+      ValueError: a byte that is not UTF-8, naming the file, line and column and the fix.
+    """
+    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")  # Notepad's "UTF-8 with BOM"
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`, or "
+            "encoding='utf-8' when writing it)"
+        ) from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:

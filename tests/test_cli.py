@@ -143,6 +143,22 @@ def test_dry_run_reads_no_weights_even_when_paths_are_missing(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_dry_run_refuses_what_the_run_would_refuse_and_says_what_data_it_checked(tmp_path, capsys):
+    cfg = str(CONFIGS / "llama2_7b.yaml")
+    # two exports named .../hf: one store for both models. The dry run said "config valid" here.
+    code, out, err = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "base.name=null", "finetuned.name=null",
+                             f"base.path={tmp_path / 'a' / 'hf'}", f"finetuned.path={tmp_path / 'b' / 'hf'}")
+    assert code == 2 and "config valid" not in out
+    assert err.startswith("sparcom: error: base ('hf') and finetuned ('hf') would be stored under one name, 'hf'")
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", f"data.path={tmp_path / 'mine.jsonl'}",
+                           "data.n_per_category=50")
+    assert code == 0
+    assert f"  data              {tmp_path / 'mine.jsonl'} (not on this machine: not checked; planned for 300 " \
+           "records, data.n_per_category x 6)" in out
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "data.path=null", "data.n_per_category=2")
+    assert code == 0 and "  data              the shipped set (read and checked: 12 records to count)" in out
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ncollect:\n  batch_sise: 4\n")
@@ -265,6 +281,63 @@ def test_out_in_a_read_only_directory_is_one_line(tmp_path, capsys, monkeypatch)
     assert err == (f"sparcom: error: output directory {locked / 'run'}: {locked} is not writable; "
                    "choose another --out or fix its permissions\n")
     assert not (locked / "run").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    def full(fd):  # a full disk often shows first when the data is flushed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, _, err = run_cli(capsys, "selfcheck", "--no-compare", "--out", str(tmp_path))
+    assert code == 2
+    assert err.splitlines()[-1] == (f"sparcom: error: {tmp_path / 'selfcheck.json'}: No space left on device; "
+                                    "free space on that file system, or choose another --out")
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither selfcheck.json nor its temporary file
+    # tensorstore (count stores) and orbax (training checkpoints) raise a full disk as a ValueError
+    from sparcom_jax.cli import _one_line
+
+    seen = ('RESOURCE_EXHAUSTED: Error writing local file "/o/counts/b/neuron_active/c/0/0/0": Failed to write '
+            "65536 bytes to file 4: No space left on device [os_error_code='28']")
+    assert _one_line(ValueError(seen)) == seen + "; free space on that file system, or choose another --out"
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from sparcom_jax import pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_stage", interrupted)
+    code, _, err = run_cli(capsys, "collect", "--config", str(write_tiny(tmp_path)), "--out", str(tmp_path / "o"))
+    assert code == 130 and err.count("\n") == 1 and err.startswith("sparcom: interrupted; ")
+    assert "finished work in the output directory is kept: run the same command again to resume" in err
+
+
+def test_ctrl_c_while_jax_starts_up_is_held_then_one_line(tmp_path, capsys, monkeypatch):
+    # An interrupt inside jax's native start-up aborted the process (a C++ terminate, a core
+    # dump, a 60-line traceback): it is held until the start-up is done, then reported.
+    import os
+    import signal
+    import time
+
+    import sparcom_jax.runtime as runtime
+
+    finished = []
+
+    def start_up():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # a handler that raises would interrupt this
+        finished.append(True)
+
+    monkeypatch.setattr(runtime, "ensure_compilation_cache", start_up)
+    handler = signal.getsignal(signal.SIGINT)
+    code, _, err = run_cli(capsys, "collect", "--config", str(write_tiny(tmp_path)), "--out", str(tmp_path / "o"))
+    assert finished == [True] and code == 130 and err.startswith("sparcom: interrupted; ")
+    assert signal.getsignal(signal.SIGINT) is handler and not (tmp_path / "o").exists()
 
 
 def test_empty_data_file_and_zero_values_fail_in_one_line(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,56 @@ def test_merge_pair_summaries_unites_models_and_merges_sections_key_by_key():
     assert m["merged_from"] == {"comparison.before": "dense", "comparison.after": "dense", "experiment": "dense"}
     assert m["pairs"] == {"dense": dense, "moe": moe}
     assert merge_pair_summaries({})["merged_from"] == {}
+
+
+def test_a_demo_stopped_before_it_finishes_leaves_the_config_of_the_outputs_there(tmp_path, monkeypatch):
+    # e.g. `sparcom demo --fast --out d finetune.total_steps=5` into a finished demo: refused
+    from sparcom_jax.errors import StaleResultError
+    from sparcom_jax.pipeline import demo
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "config.yaml").write_text("the config of the outputs that are here\n")
+
+    def refused(*a, **k):
+        raise StaleResultError(f"{out}/train/llama: made with other inputs or settings (finetune changed)")
+
+    monkeypatch.setattr(demo, "_train_pair", refused)
+    with pytest.raises(StaleResultError):
+        demo.run_demo(out, cfg=demo.demo_config(True, ["finetune.total_steps=5"]))
+    assert (out / "config.yaml").read_text() == "the config of the outputs that are here\n"
+
+
+def test_an_interrupted_demo_report_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    import shutil
+
+    from sparcom_jax.pipeline import demo
+
+    pages = {}
+    for pair in ("llama", "mixtral"):
+        page = tmp_path / "pairs" / pair / "report" / "index.html"
+        page.parent.mkdir(parents=True)
+        page.write_text(f"<html><head><title>t</title></head><body><h1>{pair} v1</h1></body></html>")
+        pages[pair] = page
+    summaries = {"llama": {"models": {"a": 1}}, "mixtral": {"models": {"b": 2}}}
+    rdir = tmp_path / "report"
+    demo.write_demo_report(rdir, summaries, pages, title="demo")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in rdir.rglob("*") if p.is_file()}
+    for page in pages.values():
+        page.write_text(page.read_text().replace("v1", "v2"))
+    copy = shutil.copytree
+
+    def interrupted(src, dst, *a, **k):  # Ctrl-C while the second pair's report is copied
+        if "mixtral" in str(src):
+            raise KeyboardInterrupt
+        return copy(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copytree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.write_demo_report(rdir, summaries, pages, title="demo")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.glob("report*/**/*") if p.is_file()}
+    assert after == before and b"llama v1" in before[Path("report/llama/index.html")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs", "report"]  # nothing left aside
 
 
 @pytest.mark.slow

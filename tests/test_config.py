@@ -141,6 +141,51 @@ def test_missing_required_key_and_invalid_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_config_that_is_not_utf8_a_directory_or_not_here_is_named(tmp_path, monkeypatch):
+    (tmp_path / "latin.yaml").write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin\.yaml:1: not UTF-8 text \(byte 0xe9 at column 10\); save the file "
+                                          "as UTF-8"):
+        load_config(tmp_path / "latin.yaml")
+    with pytest.raises(ConfigError, match=r": is a directory; pass the YAML config file itself"):
+        load_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"nope.yaml: config file not found (relative to the current "
+                                                    f"directory, {tmp_path})")):
+        load_config("nope.yaml")
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfname: x\r\nbase: {path: /m}\r\n")
+    assert load_config("bom.yaml").name == "x"
+
+
+def test_a_data_fields_key_that_is_not_a_record_field_fails_the_config(tmp_path):
+    # checked on load, so a dry run on a machine without the data refuses it too
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.fields: 'inptu' is not a record field \(did you mean "
+                                          r"'input'\?\)"):
+        load_config(write(tmp_path, "name: x\nbase: {path: /m}\ndata: {path: /absent.jsonl, fields: {inptu: ctx}}\n"))
+    ok = load_config(write(tmp_path, "name: x\nbase: {path: /m}\ndata: {adapter: dolly, fields: {context: ctx}}\n"))
+    assert ok.data.fields == {"context": "ctx"}  # an adapter's own column names are its keys
+
+
+def test_paths_expand_home_and_environment_variables(tmp_path, monkeypatch):
+    # A shell expands them on the command line; written in a config, `~/runs` became a directory "~"
+    monkeypatch.setenv("HOME", "/home/u")
+    monkeypatch.setenv("MODELS", "/data/models")
+    monkeypatch.delenv("NOPE", raising=False)
+    cfg = load_config(write(tmp_path, "name: x\nout_dir: ~/runs/x\nbase: {path: $MODELS/base}\n"
+                                      "finetuned: {path: '${MODELS}/chat'}\nseries: [{path: ~/ck/1}]\n"
+                                      "data: {path: [~/a.jsonl, $MODELS/b.csv]}\ncollect: {store: ~/store}\n"),
+                      ["train_data={path: $MODELS/train.jsonl}"])
+    assert (cfg.out_dir, cfg.base.path, cfg.finetuned.path, cfg.series[0].path) == (
+        "/home/u/runs/x", "/data/models/base", "/data/models/chat", "/home/u/ck/1")
+    assert cfg.data.path == ["/home/u/a.jsonl", "/data/models/b.csv"] and cfg.collect.store == "/home/u/store"
+    assert cfg.train_data.path == "/data/models/train.jsonl"
+    assert load_config(write(tmp_path, "out_dir: ~/d\n", "d.yaml"), cls=DemoConfig).out_dir == "/home/u/d"
+    with pytest.raises(ConfigError, match=re.escape("c.yaml: base.path: environment variable $NOPE in '$NOPE/m' is "
+                                                    "not set; set it")):
+        load_config(write(tmp_path, "name: x\nbase: {path: $NOPE/m}\n"))
+    rel = load_config(write(tmp_path, "name: x\nbase: {path: models/b}\n"))
+    assert rel.base.path == "models/b"  # relative: to the current directory, as on the command line
+
+
 def test_demo_config_given_to_a_stage_says_so():
     with pytest.raises(ConfigError, match="this is a demo config; run it with `sparcom demo --config"):
         load_config(CONFIGS / "demo.yaml")
@@ -150,6 +195,16 @@ def test_bad_architecture_block_is_an_error(tmp_path):
     p = write(tmp_path, "name: x\narchitecture:\n  model_type: gpt2\n  hidden_size: 8\n")
     with pytest.raises(ConfigError, match=r"architecture: model_type 'gpt2' is not supported"):
         load_config(p)
+
+
+def test_a_bad_init_block_is_named_by_its_config_key(tmp_path):
+    # not by the model's label ("x.init" for a base at path x, "model.init" without one)
+    arch = "{model_type: llama, num_attention_heads: 2, num_hidden_layers: 1}"
+    for text, key in ((f"name: x\nbase: {{path: /m/x, init: {arch}}}\n", "base.init"),
+                      (f"name: x\nbase: {{path: /m/x}}\nseries: [{{path: /m/y}}, {{init: {arch}}}]\n", "series[1].init"),
+                      (f"name: x\nbase: {{path: /m/x}}\nfinetuned: {{name: t, init: {arch}}}\n", "finetuned.init")):
+        with pytest.raises(ConfigError, match=rf"c\.yaml: {re.escape(key)}: required field 'hidden_size' is missing"):
+            load_config(write(tmp_path, text))
 
 
 def test_overrides_nested_values_lists_and_floats():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 
 import pytest
 
@@ -88,6 +89,29 @@ def test_csv_with_a_byte_order_mark_and_crlf(tmp_path):
     p = tmp_path / "bom.csv"
     p.write_bytes("\ufeffid,category,instruction,output\r\nx1,math,Add 1 and 1.,2\r\n".encode("utf-8"))
     assert load_instructions(p) == [Record("x1", "math", "Add 1 and 1.", "", "2")]
+
+
+def test_json_lines_and_json_with_a_byte_order_mark_and_crlf(tmp_path):
+    # as Windows Notepad saves "UTF-8 with BOM": the BOM was read as a JSON syntax error on line 1
+    for name, text in (("bom.jsonl", "".join(json.dumps(r) + "\r\n" for r in ROWS)),
+                       ("bom.json", json.dumps(ROWS, indent=1).replace("\n", "\r\n"))):
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert load_instructions(p) == EXPECTED, name
+
+
+def test_columns_no_record_field_reads_are_named(tmp_path):
+    # Dolly's layout without the adapter: 'context' held every record's input, dropped without a word
+    rows = [{k if k != "input" else "context": v for k, v in r.items()} for r in ROWS]
+    p = write_jsonl(tmp_path / "ctx.jsonl", [dict(r, url="http://x") for r in rows])
+    with pytest.warns(DataWarning, match=re.escape(
+            "ctx.jsonl: column(s) ['context', 'url'] are not read: records take only the fields id, category, "
+            "instruction, output, input, source; if it holds a record field, map it: fields={'input': 'context'}")):
+        assert [r.input for r in load_instructions(p)] == ["", "", ""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_jsonl(p, rows)
+        assert load_instructions(p, fields={"input": "context"}) == EXPECTED  # mapped: read, no warning
 
 
 def test_csv_with_a_repeated_column_is_an_error(tmp_path):
@@ -179,6 +203,35 @@ def test_unknown_category_suggests_closest(tmp_path):
     msg = _error(tmp_path, [json.dumps(ROWS[0]), json.dumps(dict(ROWS[1], category="sumarization"))])
     assert re.match(r".*bad\.jsonl:2: unknown category 'sumarization'.*did you mean 'summarization'", msg)
     assert "use one of the valid category names" in msg
+
+
+def test_a_fields_key_that_is_not_a_record_field_is_refused(tmp_path):
+    # fields={'inptu': 'context'} mapped the column to a field no record reads: inputs dropped
+    p = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    with pytest.raises(ValueError, match=r"fields: 'inptu' is not a record field \(did you mean 'input'\?\)"):
+        load_instructions(p, fields={"inptu": "input"})
+    assert load_instructions(p, fields={"input": "input"}) == EXPECTED
+
+
+def test_a_compressed_file_says_to_decompress_it(tmp_path):
+    import gzip
+
+    p = tmp_path / "a.jsonl.gz"
+    p.write_bytes(gzip.compress(b'{"id": "x"}\n'))
+    with pytest.raises(ValueError, match=r"a\.jsonl\.gz: unsupported file type '\.gz'; decompress it first"):
+        load_instructions(p)
+
+
+def test_a_missing_relative_path_says_what_it_is_relative_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"data/mine.jsonl: no such file or directory (relative to the current directory, {tmp_path})")):
+        load_instructions("data/mine.jsonl")
+
+
+def test_unknown_category_without_a_close_name(tmp_path):
+    msg = _error(tmp_path, [json.dumps(ROWS[0]), json.dumps(dict(ROWS[1], category=3))])
+    assert "bad.jsonl:2: unknown category '3'; Valid categories: classification (CLS)," in msg
 
 
 def test_empty_instruction(tmp_path):

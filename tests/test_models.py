@@ -456,6 +456,55 @@ VARIANTS_CONFIG_LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, 
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": None}, r"config\.json: required field 'hidden_size' is missing \(or null\)"),
+    ({"num_hidden_layers": "two"}, r"config\.json: field 'num_hidden_layers' must be an integer, got 'two'"),
+    ({"quantization_config": {"quant_method": "fp8"}}, r"config\.json: a quantized checkpoint \(quantization_config: "
+                                                       r"fp8\).*Use the model's unquantized release"),
+])
+def test_an_unusable_config_field_is_named(tmp_path, change, message):
+    cfg = {k: v for k, v in {**VARIANTS_CONFIG_LLAMA, **change}.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        sj.load_model(tmp_path)
+
+
+def test_numbers_written_as_text_still_read():
+    # YAML 1.1 reads 1e-5 (no dot) as text: an `architecture:` block may hold it so
+    cfg = ModelConfig.from_hf_config({**VARIANTS_CONFIG_LLAMA, "rms_norm_eps": "1e-5", "hidden_size": "32"})
+    assert cfg.rms_norm_eps == 1e-5 and cfg.hidden_size == 32
+
+
+def test_quantized_weights_are_refused_naming_the_tensor(hf_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy(hf_checkpoint("llama"), tmp_path / "ck")
+    t = load_file(str(d / "model.safetensors"))
+    # int8 values (a quantized export without its quantization_config) were cast to float and loaded
+    t["model.layers.0.mlp.up_proj.weight"] = (t["model.layers.0.mlp.up_proj.weight"] * 100).astype(np.int8)
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' "
+                                              r"is stored as I8, not as floating point"):
+        sj.load_model(d)
+
+
+def test_a_model_directory_without_a_tokenizer_is_refused(hf_checkpoint):
+    # The shipped tokenizer used to stand in for it silently: its ids mean other tokens to the model.
+    from sparcom_jax.config import ModelSpec
+    from sparcom_jax.data import resolve_tokenizer
+    from sparcom_jax.pipeline.provenance import spec_tokenizer
+
+    path = hf_checkpoint("llama")
+    model = sj.load_model(path)
+    assert model.tokenizer is None
+    for get in (lambda: resolve_tokenizer(model), lambda: spec_tokenizer(ModelSpec(path=str(path)))):
+        with pytest.raises(ValueError, match=rf"{path}: no tokenizer beside the weights .*download the model's "
+                                             "tokenizer files"):
+            get()
+    tok = sj.default_tokenizer()
+    assert resolve_tokenizer(model, tok) is tok  # one given explicitly is the caller's choice
+
+
 def test_bad_json_config_names_line(tmp_path):
     (tmp_path / "config.json").write_text('{\n "model_type": "llama",\n oops\n}')
     with pytest.raises(ConfigError, match=r"config\.json:3"):

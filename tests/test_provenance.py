@@ -131,6 +131,47 @@ def test_overwrite_recomputes_with_the_new_settings(tmp_path):
     run_stage("collect", exp("data.max_length=40"), out)  # now it matches: reused
 
 
+def test_a_resumed_collection_says_so(tmp_path, capfd):
+    out = tmp_path / "o"
+    run_stage("collect", exp(), out)
+    store = out / "counts" / "tuned"
+    # as a run stopped (Ctrl-C, kill) before the store's only chunk was written leaves it
+    (store / "progress.json").write_text('{"done_chunks": 0}')
+    with pytest.raises(ValueError, match=r"counts/tuned: the collection that writes this store has not finished"):
+        run_stage("identify", exp(), out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _hold(out, int(dead.stdout))  # a killed run leaves its lock
+    capfd.readouterr()
+    run_stage("collect", exp(), out)
+    err = capfd.readouterr().err
+    assert f"{out}: an earlier run (pid {int(dead.stdout)}, started " in err
+    assert "stopped without finishing; its finished work is checked and reused, the rest is resumed or redone" in err
+    assert "collect [1/3] base: already complete with the same settings" in err
+    assert (f"collect [2/3] tuned: an earlier collection into {store} stopped before it finished (0 of 12 records "
+            "counted); resuming it with the same settings") in err
+    assert json.loads((store / "progress.json").read_text())["done_chunks"] == 1
+
+
+def test_stages_refuse_to_analyse_the_base_alone_while_fine_tuning_is_unfinished(tmp_path, monkeypatch):
+    # `sparcom finetune` stopped before it wrote checkpoints/series.json: `sparcom collect` counted
+    # the base model alone (1 of 1) and identify/evaluate went on with it, without a word.
+    from sparcom_jax.config import ConfigError
+    from sparcom_jax.fingerprint import write_fingerprint
+    from sparcom_jax.pipeline.common import model_list
+
+    no_weights(monkeypatch)
+    out = tmp_path / "o"
+    write_fingerprint(out / "train", "finetune", {"train": "settings"})  # what finetune writes before any step
+    cfg = exp("finetuned=null")
+    for stage in ("collect", "identify"):
+        with pytest.raises(ConfigError, match=r"o/train: the fine-tuning run here has not finished \(no .*"
+                                              r"checkpoints/series\.json.*run `sparcom finetune` with the same"):
+            run_stage(stage, cfg, out)
+    assert not (out / "counts").exists()
+    # `sparcom run` fine-tunes first: for it the unfinished run is the one it resumes
+    assert [s.label for s in model_list(cfg, out, finetune_pending=True)] == ["base"]
+
+
 def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
     import sparcom_jax as sj
     from sparcom_jax.models.config import ModelConfig
@@ -396,6 +437,39 @@ def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(done, tmp_pa
     after = {p.relative_to(out / "report"): p.read_bytes() for p in (out / "report").rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []
+
+
+@pytest.mark.parametrize("stage, module, writer", [("identify", "sparcom_jax.report.export", "export_sets"),
+                                                   ("evaluate", "sparcom_jax.pipeline.stages", "write_json"),
+                                                   ("compare", "sparcom_jax.pipeline.stages", "write_json")])
+def test_an_analysis_stage_stopped_midway_leaves_no_fingerprint_vouching_for_its_files(
+        done, tmp_path, monkeypatch, stage, module, writer):
+    # Rewritten with identify.eps=0.1 and stopped after the first file (Ctrl-C, a full disk): that
+    # file is new, the others are old, and the old fingerprint (eps 0.05) vouched for all of them.
+    import importlib
+    import shutil
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    assert (out / stage / "fingerprint.json").is_file()
+    mod = importlib.import_module(module)
+    real, calls = getattr(mod, writer), []
+
+    def stopped(*a, **k):
+        if calls:
+            raise OSError(28, "No space left on device")
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, writer, stopped)
+    with pytest.raises(OSError):
+        run_stage(stage, exp("identify.eps=0.1"), out)
+    assert calls and not (out / stage / "fingerprint.json").exists()
+    monkeypatch.setattr(mod, writer, real)
+    run_stage(stage, exp("identify.eps=0.1"), out)  # a complete run seals it again
+    fp = json.loads((out / stage / "fingerprint.json").read_text())["components"]
+    assert fp["identify"]["eps"] == 0.1
 
 
 TINY_MOE = dict(TINY_ARCH, model_type="mixtral", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)

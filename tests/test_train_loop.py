@@ -320,3 +320,25 @@ def test_kill_and_resume_continues_exactly(runs):
 
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]))
+
+
+def test_a_resumed_run_says_where_it_resumed(tmp_path, capfd):
+    """A run stopped after step 1 (checkpoint 1), then run again: the user is told it resumes
+    there rather than seeing a progress bar that starts part-way; a finished run says it is reused."""
+    from sparcom_jax.data import default_tokenizer, sample_balanced
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.train import finetune, TrainConfig
+
+    tok = default_tokenizer()
+    model = _random_model(ModelConfig.from_hf_config({**MODEL, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}))
+    records = sample_balanced(_records(), 1, seed=0)
+    cfg = TrainConfig(batch_size=6, max_length=64, buckets=(64,), total_steps=2, warmup_steps=1, save_every=1)
+    run = tmp_path / "run"
+    finetune(model, records, tok, cfg, run, progress=False, callback=lambda step, row: step == 1)
+    capfd.readouterr()
+    res = finetune(model, records, tok, cfg, run, progress=True)
+    assert sorted(res.losses) == [2]
+    err = capfd.readouterr().err
+    assert f"{run}: an earlier run with the same settings stopped after step 1 of 2; resuming" in err
+    finetune(model, records, tok, cfg, run, progress=True)
+    assert f"{run}: already trained to step 2 with the same settings; reusing it" in capfd.readouterr().err

@@ -31,6 +31,8 @@ from sparcom_jax.models.params import Entry, HFLayout, entries
 from sparcom_jax.models.transformer import CausalLM, abstract_model, resolve_dtype
 from sparcom_jax.runtime import ensure_compilation_cache
 
+# Stored dtypes read as weights: quantized integers or float8 need scales we do not apply.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Harmless buffers some exporters write; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -98,6 +100,10 @@ class TensorReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.where[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype of tensor `name`, as safetensors names it ("F32", "BF16", "I8", ...)."""
+        return self._handle(self.where[name]).get_slice(name).get_dtype()
 
     def read(self, name: str, idx: tuple[slice, ...]) -> np.ndarray:
         """Read only `idx` of tensor `name` (in its on-disk layout)."""
@@ -177,6 +183,11 @@ def _check_tensors(cfg: ModelConfig, tensors: list[Tensors], r: TensorReader, co
                         f"{r.path}: tensor {name!r} is missing (needed for {'.'.join(t.entry.key)} of a "
                         f"{cfg.model_type} model as described by {config_path}); the checkpoint is incomplete "
                         "or config.json belongs to another model")
+                if r.dtype(name) not in _FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{r.file_of(name)}: tensor {name!r} is stored as {r.dtype(name)}, not as floating point "
+                        "(a quantized checkpoint?); its values are not the weights, and neurons counted on them "
+                        "would mean nothing. Use the model's float16 / bfloat16 / float32 release")
                 got = r.shape(name)
                 if tuple(got) != shape:
                     raise CheckpointError(

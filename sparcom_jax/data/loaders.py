@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from sparcom_jax.categories import normalize_category
 from sparcom_jax.data.adapters import Adapter, detect_adapter, get_adapter
 from sparcom_jax.data.records import (
+    OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
     DataWarning,
     Excluded,
@@ -43,6 +45,7 @@ from sparcom_jax.data.records import (
     validate_row,
 )
 from sparcom_jax.data.sampling import sample_balanced
+from sparcom_jax.fileio import read_utf8, relative_note
 
 #: The balanced six-category set shipped with the package (see docs/data.md).
 SHIPPED_PATH = Path(__file__).resolve().parent / "shipped" / "hexa_mini.jsonl"
@@ -92,17 +95,7 @@ def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list
 
 def _read_text(file: Path) -> str:
     """The file's text; a byte that is not UTF-8, or no text at all, is an error naming the file."""
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise ValueError(
-            f"{file}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
-            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`, or "
-            "encoding='utf-8' when writing it)"
-        ) from None
+    text = read_utf8(file)
     if not text.strip():
         raise _empty_file(file, "the file is empty" if not text else "the file has only blank lines")
     return text
@@ -207,8 +200,7 @@ def _csv_lines(text: str, sep: str) -> tuple[list[int], list[str]]:
 
 
 def _read_csv(file: Path, sep: str) -> _Table:
-    # pandas drops a byte-order mark before the header; so must the header read here.
-    text = _read_text(file).removeprefix("\ufeff")
+    text = _read_text(file)
     try:
         lines, header = _csv_lines(text, sep)
     except csv.Error:
@@ -275,7 +267,7 @@ def read_table(path: str | os.PathLike) -> _Table:
     """Read one file or `datasets` directory into raw rows with their positions."""
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"{file}: no such file or directory")
+        raise FileNotFoundError(f"{file}: no such file or directory{relative_note(file)}")
     if file.is_dir():
         return _read_saved(file)
     suffix = file.suffix.lower()
@@ -285,8 +277,10 @@ def read_table(path: str | os.PathLike) -> _Table:
         return _read_csv(file, _CSV_SUFFIXES[suffix])
     if suffix in _PARQUET_SUFFIXES:
         return _read_parquet(file)
+    packed = ("; decompress it first (e.g. `gunzip -k`, `unzip`)"
+              if suffix in (".gz", ".zip", ".bz2", ".xz", ".zst") else "")
     raise ValueError(
-        f"{file}: unsupported file type {suffix!r}; use .json, .jsonl, .csv, .tsv, "
+        f"{file}: unsupported file type {suffix!r}{packed}; use .json, .jsonl, .csv, .tsv, "
         ".parquet or a datasets save_to_disk directory"
     )
 
@@ -315,6 +309,53 @@ def _check_columns(table: _Table, required: Sequence[str], what: str) -> None:
             f"(columns found: {table.columns}); add them, or map the columns that hold "
             f"them with fields={{{missing[0]!r}: '<column>'}}"
         )
+
+
+# Column names that usually hold a record field under another name (Dolly's context and
+# response, prompt/completion pairs, ...): the warning about unread columns suggests the mapping.
+_LIKELY_FIELD = {"context": "input", "inputs": "input", "response": "output", "answer": "output",
+                 "completion": "output", "target": "output", "prompt": "instruction", "question": "instruction",
+                 "label": "category", "type": "category", "task": "category"}
+
+
+def _warn_unread(table: _Table, fields: Mapping[str, str]) -> None:
+    """Warn about the columns of a record-format file that no record field reads: a column
+    holding the input under another name (e.g. Dolly's `context`) would otherwise be
+    dropped from every record without a word."""
+    used = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS) | set(fields.values())
+    unread = [c for c in table.columns if c not in used]
+    if not table.rows or not unread:
+        return
+    names = REQUIRED_FIELDS + OPTIONAL_FIELDS
+    hints = {}
+    for c in unread:  # a usual alias, or a misspelt field name
+        close = difflib.get_close_matches(c.lower(), names, n=1, cutoff=0.8)
+        if c.lower() in _LIKELY_FIELD or close:
+            hints[c] = _LIKELY_FIELD.get(c.lower()) or close[0]
+    fix = (f"; if {'it holds' if len(hints) == 1 else 'they hold'} a record field, map "
+           f"{'it' if len(hints) == 1 else 'them'}: fields={ {f: c for c, f in hints.items()} } (data.fields "
+           "in a config)" if hints else "")
+    warnings.warn(
+        f"{table.file}: column(s) {unread} are not read: records take only the fields "
+        f"{', '.join(names)}{fix}", DataWarning, stacklevel=3)
+
+
+def check_fields(fields: Mapping[str, str] | None, adapter: str | None = None) -> None:
+    """Refuse a `fields=` key that is not a record field (without an adapter): the column
+    it maps would go to a field no record reads, dropped without a word.
+
+    Raises:
+      ValueError: naming the key, the closest field and the valid ones.
+    """
+    if not fields or adapter is not None:  # an adapter's expected columns are its own
+        return
+    names = REQUIRED_FIELDS + OPTIONAL_FIELDS
+    for key in fields:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            raise ValueError(f"{key!r} is not a record field{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                             f"the keys are record fields ({', '.join(names)}), the values your file's columns, "
+                             "e.g. {input: context}")
 
 
 def _id_stem(table: _Table) -> str:
@@ -398,6 +439,10 @@ def load_instructions(
         and a load left with no usable record at all.
     """
     report = LoadReport()
+    try:
+        check_fields(fields, adapter)
+    except ValueError as e:
+        raise ValueError(f"fields: {e}") from None
     keep_cats = None if categories is None else {normalize_category(c) for c in categories}
     problems: list[Problem] = []
     adapter_excluded: list[Excluded] = []
@@ -416,6 +461,7 @@ def load_instructions(
         if ad is None:
             _check_columns(table, [f for f in REQUIRED_FIELDS if f != "id" or not derive_ids],
                            "the record format")
+            _warn_unread(table, fields or {})
         else:
             _check_columns(table, ad.required, f"the {ad.name} adapter")
         columns = dict(ad.columns) if ad else {}
@@ -481,4 +527,4 @@ def load_instructions(
     return (records, report) if return_report else records
 
 
-__all__ = ["DataWarning", "SHIPPED_PATH", "load_instructions", "read_table"]
+__all__ = ["DataWarning", "SHIPPED_PATH", "check_fields", "load_instructions", "read_table"]

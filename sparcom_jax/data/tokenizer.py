@@ -62,8 +62,26 @@ def default_tokenizer():
 
 def resolve_tokenizer(model=None, tokenizer=None):
     """The tokenizer to use with `model`: `tokenizer` if given, else the model
-    directory's (``model.tokenizer``), else the shipped one."""
-    return tokenizer or getattr(model, "tokenizer", None) or default_tokenizer()
+    directory's (``model.tokenizer``), else, for a model not loaded from a directory
+    (a random one), the shipped one.
+
+    Raises:
+      ValueError: `model` was loaded from a directory that holds no tokenizer.
+    """
+    found = tokenizer or getattr(model, "tokenizer", None)
+    if found is not None:
+        return found
+    if getattr(model, "source_path", None):
+        raise missing_tokenizer(model.source_path)
+    return default_tokenizer()
+
+
+def missing_tokenizer(path: str | os.PathLike) -> ValueError:
+    """The error for a model directory without tokenizer files."""
+    return ValueError(
+        f"{path}: no tokenizer beside the weights (tokenizer.json, tokenizer.model or vocab.json); download the "
+        "model's tokenizer files into it too (or copy those of the model it was fine-tuned from). Another "
+        "tokenizer would give the model token ids that mean something else, and its counts would mean nothing")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE):

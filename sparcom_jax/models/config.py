@@ -89,6 +89,9 @@ def _supported() -> str:
 _MAX_WINDOW_LAYERS = 28
 
 
+_REQUIRED = object()  # `num`'s default: the field must be given
+
+
 def _sliding_window(hf: dict[str, Any], fam: Family, n_layers: int, source: str) -> int | None:
     """The sliding window every layer attends within, as transformers applies it, or None.
 
@@ -232,6 +235,11 @@ class ModelConfig:
                 f"sparcom_jax runs no remote code. Supported: {_supported()}")
         if mt not in FAMILIES:
             raise ConfigError(f"{source}: model_type {mt!r} is not supported; supported: {_supported()}")
+        quant = hf.get("quantization_config")
+        if quant:  # GPTQ, AWQ, bitsandbytes, FP8, ...: the stored tensors need scales we do not apply
+            method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else quant
+            raise ConfigError(f"{source}: a quantized checkpoint (quantization_config: {method}); sparcom_jax reads "
+                              "float16 / bfloat16 / float32 weights only. Use the model's unquantized release")
         fam = FAMILIES[mt]
 
         def get(key, default=None, *alts):
@@ -240,14 +248,29 @@ class ModelConfig:
                     return hf[k]
             return default
 
+        def num(key, cast=int, default=_REQUIRED, *alts):
+            """Field `key` (else the first of `alts` given) as a number; the error names it."""
+            v = get(key, None, *alts)
+            if v is None:
+                if default is _REQUIRED:
+                    raise ConfigError(f"{source}: required field {key!r} is missing (or null); copy it from the "
+                                      "model's published config.json")
+                return default
+            try:
+                return cast(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source}: field {key!r} must be {'an integer' if cast is int else 'a number'}, "
+                                  f"got {v!r}; compare with the model's published config.json") from None
+
         try:
-            D = int(get("hidden_size"))
-            H = int(get("num_attention_heads"))
+            D = num("hidden_size")
+            H = num("num_attention_heads")
+            L = num("num_hidden_layers")
             rope = dict(get("rope_parameters", {}) or {})
             scaling = dict(get("rope_scaling", {}) or {})
             rope.update({k: v for k, v in scaling.items() if k not in rope})
-            max_pos = int(get("max_position_embeddings", 4096))
-            sliding = _sliding_window(hf, fam, int(get("num_hidden_layers")), source)
+            max_pos = num("max_position_embeddings", int, 4096)
+            sliding = _sliding_window(hf, fam, L, source)
             bias = bool(hf.get(fam.bias_key, fam.bias_default)) if fam.bias_key else False
             if hf.get("mlp_bias"):
                 raise ConfigError(f"{source}: mlp_bias=true is not supported (no supported family uses it)")
@@ -260,15 +283,15 @@ class ModelConfig:
                         f"mlp_only_layers={dense_layers}) are not supported; every layer must be MoE")
             cfg = cls(
                 model_type=mt,
-                vocab_size=int(get("vocab_size")),
+                vocab_size=num("vocab_size"),
                 hidden_size=D,
-                num_layers=int(get("num_hidden_layers")),
+                num_layers=L,
                 num_heads=H,
-                num_kv_heads=int(get("num_key_value_heads", H)),
-                head_dim=int(get("head_dim", D // H)),
-                intermediate_size=0 if fam.moe else int(get("intermediate_size", 0)),
+                num_kv_heads=num("num_key_value_heads", int, H),
+                head_dim=num("head_dim", int, D // H if H else 0),
+                intermediate_size=0 if fam.moe else num("intermediate_size", int, 0),
                 hidden_act=str(get("hidden_act", "silu")),
-                rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+                rms_norm_eps=num("rms_norm_eps", float, 1e-6),
                 rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
                 rope_type=str(rope.get("rope_type", rope.get("type", "default")) or "default"),
                 rope_factor=float(rope.get("factor", 1.0)),
@@ -282,20 +305,22 @@ class ModelConfig:
                 qk_norm=fam.qk_norm,
                 clip_qkv=float(hf["clip_qkv"]) if hf.get("clip_qkv") is not None else None,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                num_experts=int(get(fam.experts_key, 0, "num_local_experts", "num_experts")) if fam.moe else 0,
-                top_k=int(get("num_experts_per_tok", 0)) if fam.moe else 0,
-                moe_intermediate_size=int(get(fam.expert_width_key, 0)) if fam.moe else 0,
+                num_experts=num(fam.experts_key, int, 0, "num_local_experts", "num_experts") if fam.moe else 0,
+                top_k=num("num_experts_per_tok", int, 0) if fam.moe else 0,
+                moe_intermediate_size=num(fam.expert_width_key, int, 0) if fam.moe else 0,
                 norm_topk_prob=(fam.norm_topk_prob if fam.norm_topk_prob is not None
                                 else bool(hf.get("norm_topk_prob", False))),
-                shared_expert_intermediate_size=(int(get("shared_expert_intermediate_size", 0))
+                shared_expert_intermediate_size=(num("shared_expert_intermediate_size", int, 0)
                                                  if fam.shared_expert else 0),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=(tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list)
                               else hf.get("eos_token_id")),
                 pad_token_id=hf.get("pad_token_id"),
             )
-        except (TypeError, KeyError) as e:  # a required field missing or null
-            raise ConfigError(f"{source}: missing or invalid field ({e}); compare with the model's published config.json") from e
+        except ConfigError:
+            raise
+        except (TypeError, KeyError, ValueError) as e:  # e.g. a rope_scaling entry that is not a number
+            raise ConfigError(f"{source}: invalid field ({e}); compare with the model's published config.json") from e
         try:
             return cfg.validate()
         except ConfigError as e:

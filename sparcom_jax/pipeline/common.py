@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config
 from sparcom_jax.console import log
+from sparcom_jax.fileio import relative_note
 
 STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
 
@@ -23,6 +24,16 @@ STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "r
 # --------------------------------------------------------------------------- #
 # Progress and formatting
 # --------------------------------------------------------------------------- #
+
+def log_stale_lock(lock: Any) -> None:
+    """Say so when taking `lock` (a `DirLock`) took over the lock of a run whose process is
+    gone (killed, or its machine restarted): that run's work may be unfinished."""
+    held = getattr(lock, "stale_taken", None)
+    if held:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+        log(f"{lock.directory}: an earlier run (pid {held.get('pid')}, started {since}) stopped without finishing; "
+            "its finished work is checked and reused, the rest is resumed or redone")
+
 
 @contextlib.contextmanager
 def timed(what: str) -> Iterator[None]:
@@ -224,7 +235,7 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
         if spec.path and not has_weights(spec):
             p = Path(spec.path)
             what = ("has no config.json" if p.is_dir() else "is a file, not a Hugging Face model directory"
-                    if p.exists() else "does not exist")
+                    if p.exists() else f"does not exist{relative_note(p)}")
             raise ConfigError(
                 f"model {spec.label!r}: {spec.path} {what}; point path at the model's directory, or download "
                 "it first"
@@ -257,31 +268,48 @@ def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl
     return model
 
 
-def model_list(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
+def model_list(cfg: ExperimentConfig, out: Path, *, finetune_pending: bool = False) -> list[ModelSpec]:
     """Base, series and fine-tuned models; a `finetune` run's checkpoints fill in when
-    the config names no fine-tuned model."""
+    the config names no fine-tuned model.
+
+    Args:
+      finetune_pending: this command fine-tunes before it reads the models (`run`), so an
+        unfinished fine-tuning run in OUT is what it will finish.
+
+    Raises:
+      ConfigError: OUT holds a fine-tuning run that has not finished (without
+        `finetune_pending`): the stage would analyse the base model alone.
+    """
+    from sparcom_jax.fingerprint import FINGERPRINT_FILE
+
     if cfg.finetuned is not None:
-        specs = cfg.models()
-        _check_distinct_labels(specs, ["base", *[f"series[{i}]" for i in range(len(cfg.series))], "finetuned"])
-        return specs
+        check_model_names(cfg)
+        return cfg.models()
     manifest = out / "checkpoints" / "series.json"
     if manifest.is_file():
         check_tuned_on_train_part(cfg, out)
         items = json.loads(manifest.read_text())
         return [cfg.base] + [ModelSpec(name=d["name"], path=d["path"], template=cfg.train.template) for d in items]
+    if (out / "train" / FINGERPRINT_FILE).is_file() and not finetune_pending:
+        raise ConfigError(
+            f"{out / 'train'}: the fine-tuning run here has not finished (no {manifest}: stopped, or still "
+            "running), so this stage would analyse the base model alone; run `sparcom finetune` with the same "
+            "config and --out again to finish it, or set finetuned: to the model to compare with")
     return [cfg.base]
 
 
-def _check_distinct_labels(specs: Sequence[ModelSpec], fields: Sequence[str]) -> None:
-    """Refuse two models whose labels give one file name: their counts, sets and results
-    would share one store, each model's collect overwriting the other's (a directory
-    path ending in the same name, e.g. two .../hf exports, gives the same label).
+def check_model_names(cfg: ExperimentConfig) -> None:
+    """Refuse two models of the config whose labels give one file name: their counts, sets
+    and results would share one store, each model's collect overwriting the other's (a
+    directory path ending in the same name, e.g. two .../hf exports, gives the same label).
+    Dry runs check it too.
 
     Raises:
       ConfigError: naming both config entries and the fix.
     """
+    fields = ["base", *[f"series[{i}]" for i in range(len(cfg.series))], "finetuned"]  # cfg.models() order
     seen: dict[str, tuple[str, str]] = {}
-    for spec, field in zip(specs, fields):
+    for spec, field in zip(cfg.models(), fields):
         key = safe(spec.label)
         if key in seen:
             first, label = seen[key]

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec, apply_overrides
-from sparcom_jax.fileio import DirLock, atomic_write, prepare_out_dir, write_json
-from sparcom_jax.pipeline.common import fmt_count, log, record_parts, save_resolved, timed, with_vocab
+from sparcom_jax.fileio import DirLock, atomic_dir, atomic_write, prepare_out_dir, write_json
+from sparcom_jax.pipeline.common import fmt_count, log, log_stale_lock, record_parts, save_resolved, timed, with_vocab
 from sparcom_jax.pipeline.stages import export_checkpoints, guard_dir, run_all, train_fingerprint
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.
@@ -130,23 +130,26 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
     cfg = cfg or demo_config(fast)
     out = Path(prepare_out_dir(out))
     t0 = time.perf_counter()
-    with DirLock(out, "demo output directory"):
+    with DirLock(out, "demo output directory") as lock:
+        log_stale_lock(lock)
         ensure_compilation_cache()  # compiled steps are shared with later runs (sparcom_jax.runtime)
         tok = default_tokenizer()
         parts, _ = record_parts(ExperimentConfig(name="demo", data=cfg.data))
         held_out = sample_balanced(parts["ablate"], 2, seed=cfg.seed + 7)
-        save_resolved(cfg, out)
         summaries, pages = {}, {}
         for pair in cfg.pairs:
             ckpts = _train_pair(cfg, pair, out, tok, parts["train"], held_out, overwrite)
             exp = _pair_experiment(cfg, pair.name, ckpts)
             pout = out / "pairs" / pair.name
             pout.mkdir(parents=True, exist_ok=True)
-            save_resolved(exp, pout)
             res = run_all(exp, pout, overwrite=overwrite)
+            save_resolved(exp, pout)
             summaries[pair.name] = json.loads(Path(res["summary"]).read_text())
             pages[pair.name] = Path(res["report"])
         report = write_demo_report(out / "report", summaries, pages, title=cfg.report.title or "sparcom demo")
+        # Last, as the stages do: a demo stopped by outputs made with other settings (or an error,
+        # or Ctrl-C) leaves the config of the outputs that are there.
+        save_resolved(cfg, out)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return {"report": str(report), "summary": str(out / "report" / "summary.json"),
             "checkpoints": str(out / "checkpoints"), "out": str(out)}
@@ -164,16 +167,19 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
 
     Copies each pair's report directory to rdir/<pair>/ and writes rdir/index.html
     and rdir/summary.json (`merge_pair_summaries`: the pairs merged at the top level,
-    and each pair's own summary under "pairs").
+    and each pair's own summary under "pairs"). The directory is built aside and renamed
+    in (`atomic_dir`): a failed or interrupted write leaves the earlier report whole.
     """
-    rdir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(rdir) as tmp:
+        _write_demo_report(tmp, summaries, pages, title)
+    return rdir / "index.html"
+
+
+def _write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, Path], title: str) -> None:
     parts = []
     head = None
     for name, page in pages.items():
-        dst = rdir / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(page.parent, dst)
+        shutil.copytree(page.parent, rdir / name)
         html = page.read_text()
         start = html.index("<body>") + len("<body>")
         head = head or html[:start]
@@ -187,7 +193,6 @@ def write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, P
     doc = f"{head}<h1>{title}</h1><p>{DEMO_CAVEAT}</p><p>Model pairs:</p><ul>{toc}</ul>{''.join(parts)}</body></html>"
     atomic_write(rdir / "index.html", doc)
     write_json(rdir / "summary.json", merge_pair_summaries(summaries))
-    return rdir / "index.html"
 
 
 # Summary sections merged key by key across pairs (model names are unique) -> how many levels

@@ -13,7 +13,7 @@ from typing import Any
 
 from sparcom_jax.config import ConfigError, ExperimentConfig
 from sparcom_jax.pipeline.common import (
-    STAGES, fmt_bytes, fmt_count, has_weights, identify_records, model_config, resolve_mesh,
+    STAGES, check_model_names, fmt_bytes, fmt_count, has_weights, identify_records, model_config, resolve_mesh,
 )
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4}
@@ -124,17 +124,22 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
     return int(x + mask + layer_weights + max(attention, ffn))
 
 
-def _n_instructions(cfg: ExperimentConfig) -> int | None:
+def _n_instructions(cfg: ExperimentConfig) -> tuple[int | None, str]:
+    """(identify records the counts will hold, or None when unknown; where that came from)."""
     from sparcom_jax.categories import CATEGORIES
 
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
     if all(p is None or Path(p).exists() for p in paths):
         # Records are cheap to read: a data file that cannot be used, or an identify part too
         # small for data.n_per_category, fails the dry run as it would fail the run.
-        return len(identify_records(cfg))
-    if cfg.data.n_per_category is not None:  # the data is not on this machine: plan for the sample
-        return cfg.data.n_per_category * len(CATEGORIES)
-    return None
+        n = len(identify_records(cfg))
+        return n, f"{cfg.data.path or 'the shipped set'} (read and checked: {n} records to count)"
+    absent = ", ".join(str(p) for p in paths if not Path(p).exists())
+    note = f"{cfg.data.path} ({absent + ' ' if len(paths) > 1 else ''}not on this machine: not checked"
+    if cfg.data.n_per_category is not None:  # plan for the sample
+        n = cfg.data.n_per_category * len(CATEGORIES)
+        return n, f"{note}; planned for {n} records, data.n_per_category x 6)"
+    return None, f"{note}; record count unknown)"
 
 
 def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None = None) -> dict[str, Any]:
@@ -148,6 +153,8 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
     from sparcom_jax.stats.collect import count_fields
 
     n_dev, data, model = resolve_mesh(cfg.mesh, devices)
+    if cfg.finetuned is not None:  # as the run checks them
+        check_model_names(cfg)
     specs = cfg.models()
     mcfg, source = model_config(specs[0], cfg)
     cnt = count_fields(mcfg)
@@ -205,7 +212,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
             per = math.prod(shp) * 4
             rows.append((f"counts {name} [B,{','.join(_axis_names(name))}] int32", f"B={B}", per * B * data, per * B))
     if {"collect", "identify", "evaluate", "compare", "report"} & set(stages):
-        N = _n_instructions(cfg)
+        N, plan["data"] = _n_instructions(cfg)
         per_instr = sum(math.prod(s) for s in cnt.values()) * 4 + 4
         plan["count_store"] = {"n_instructions": N, "bytes_per_instruction": per_instr,
                                "fields": {k: list(v) for k, v in cnt.items()},
@@ -239,6 +246,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         + (f", {m['num_processes']} processes" if m["num_processes"] > 1 else "")
         + (" (jax.distributed.initialize)" if m["distributed"] else ""),
     ]
+    if plan.get("data"):
+        lines.append(f"  data              {plan['data']}")
     if plan["architecture_differs"]:
         lines.append(f"  note              architecture differs for {', '.join(plan['architecture_differs'])}")
     p = plan.get("params") or plan.get("train_params")

@@ -54,15 +54,22 @@ def spec_model_fingerprint(spec: ModelSpec) -> str:
 
 
 def spec_tokenizer(spec: ModelSpec):
-    """The tokenizer a model is used with (its directory's, else the shipped one), without its weights."""
+    """The tokenizer a model is used with (its directory's; the shipped one for a random
+    `init` model), without its weights.
+
+    Raises:
+      ValueError: the model's directory holds no tokenizer.
+    """
     from sparcom_jax.data import default_tokenizer
 
     if spec.path:
         from sparcom_jax.checkpoints.hf import load_tokenizer
+        from sparcom_jax.data.tokenizer import missing_tokenizer
 
         tok = load_tokenizer(spec.path)
-        if tok is not None:
-            return tok
+        if tok is None:
+            raise missing_tokenizer(spec.path)
+        return tok
     return default_tokenizer()
 
 

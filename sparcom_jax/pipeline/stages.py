@@ -20,8 +20,8 @@ from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, make_mesh,
-    model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
+    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, log_stale_lock,
+    make_mesh, model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
     train_records,
 )
 from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
@@ -243,7 +243,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     import jax
 
     from sparcom_jax.stats.collect import collect_instructions
-    from sparcom_jax.stats.store import is_complete, read_header
+    from sparcom_jax.stats.store import is_complete, read_header, rows_done
 
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
@@ -259,11 +259,13 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
                                     content_caps=caps)
         header = read_header(mine)
-        if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite) \
-                and is_complete(mine):
-            log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
-            _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
-            continue
+        if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite):
+            if is_complete(mine):
+                log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
+                _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
+                continue
+            log(f"collect [{i}/{len(jobs)}] {job.label}: an earlier collection into {dest} stopped before it "
+                f"finished ({rows_done(mine)} of {header['n']} records counted); resuming it with the same settings")
         with timed(f"collect [{i}/{len(jobs)}] {job.label}: {len(records)} instructions, "
                    f"template {job.template}, scope {cfg.data.scope}, {job.dtype}"):
             model = load_spec_model(job.spec, dtype=job.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
@@ -392,6 +394,14 @@ def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> di
     return out
 
 
+def _unseal(directory: Path) -> None:
+    """Remove `directory`'s fingerprint.json before its outputs are rewritten: a write that
+    fails or is interrupted midway leaves new files beside old ones, and the old fingerprint
+    would vouch for all of them. `_seal` writes the new one when every output is written."""
+    if is_primary():
+        (directory / FINGERPRINT_FILE).unlink(missing_ok=True)
+
+
 def _seal(directory: Path, stage: str, written: dict[str, Any], components: dict[str, Any]) -> None:
     """Write `directory`'s fingerprint.json for the outputs `written` now, and remove the files an
     earlier run left there that this one did not write (a model or control left out since): the
@@ -410,6 +420,7 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     from sparcom_jax.report.export import export_sets
 
     analyses = analyses or analyze_all(cfg, out, full=False)
+    _unseal(out / "identify")
     written = {}
     for name, ma in analyses.models.items():
         d = out / "identify" / safe(name)
@@ -423,6 +434,7 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
 def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Generality, uniqueness, overlaps and layer profiles of every model (OUT/evaluate/<model>.json)."""
     analyses = analyses or analyze_all(cfg, out, full=True)
+    _unseal(out / "evaluate")
     written = {name: write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
                for name, ma in analyses.models.items()}
     _seal(out / "evaluate", "evaluate", written, _analysis_fingerprint(cfg, analyses, True))
@@ -441,6 +453,7 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
         raise ConfigError("compare needs two models: set finetuned (and optionally series), "
                           "or run `sparcom finetune` first")
     comparison = compare_models(models[names[0]], models[names[-1]])
+    _unseal(out / "compare")
     written = {"comparison": write_json(out / "compare" / "comparison.json", comparison)}
     series = compare_series([(n, models[n]) for n in names]) if len(names) > 2 else None
     if series is not None:
@@ -760,7 +773,7 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         require_models([cfg.base])
         train_records(cfg)
     if stage != "finetune":
-        require_models(model_list(cfg, out))
+        require_models(model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg)))
         identify_records(cfg)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
@@ -779,6 +792,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     prepare_out_dir(out)
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
+        log_stale_lock(lock)
         preflight(stage, cfg, out)
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)

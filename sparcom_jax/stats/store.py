@@ -175,6 +175,13 @@ def read_header(path: str | Path) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def rows_done(path: str | Path) -> int:
+    """Rows of the store at `path` written so far (0 when there is no store)."""
+    p = Path(path)
+    header, done = read_header(p), _done_chunks(p)
+    return 0 if header is None or done is None else min(done * header["chunk_rows"], header["n"])
+
+
 def is_complete(path: str | Path) -> bool:
     """Whether `path` holds a store whose every chunk is written."""
     p = Path(path)

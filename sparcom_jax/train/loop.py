@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 import warnings
@@ -278,6 +279,12 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             raise TrainConfigError(f"checkpoint {start} in {run_dir} was written by another run configuration")
         tokens_seen = int(meta["tokens_seen"])
         log.info("resuming %s from step %d", run_dir, start)
+        if progress and lead:  # say so: a resumed run runs only the steps after its last checkpoint
+            print(f"{run_dir}: " + (f"already trained to step {total_steps} with the same settings; reusing it"
+                                    if start >= total_steps else
+                                    f"an earlier run with the same settings stopped after step {start} of "
+                                    f"{total_steps}; resuming from its checkpoint there"),
+                  file=sys.stderr, flush=True)
     else:
         state, tokens_seen = init_state(pure_params(model), tx, sh), 0
     metrics = MetricsWriter(run_dir / METRICS_FILE, resume_step=start, enabled=lead)
