@@ -1,16 +1,22 @@
-"""Edges of identification the hand cases do not reach (found by mutation testing).
+"""Edges of identification, evaluation and comparison the hand cases do not reach (found by
+mutation testing).
 
 Each test says which wrong line it catches. Expected values are worked out by hand or
 by plain numpy, never read back from the code under test.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
 from sparcom_jax.analysis import (
-    IdentifyConfig, contrast_config, identify, identify_all, instruction_sets, select_units,
+    IdentifyConfig, category_order, contrast_config, generality, identify, identify_all, instruction_jaccard,
+    instruction_sets, locate_phases, select_units,
 )
-from sparcom_jax.analysis.identify import consensus_sets
+from sparcom_jax.analysis.common import jsonable, nan_mean, safe_div
+from sparcom_jax.analysis.compare import compare_sets, frequency_shift
+from sparcom_jax.analysis.identify import Identification, consensus_sets
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.stats.counts import Counts
 
@@ -207,3 +213,171 @@ def test_pooled_break_beside_its_contrast_rule_reads_the_category_strength():
     main, contrast = identify_all(exact_tie_counts(), "neuron_active", [cfg, contrast_config(cfg)])
     assert [as_set(s) for s in main.category_sets] == [{0}] * 6
     assert [as_set(s) for s in contrast.category_sets] == [{0, 1}] * 6  # mean 0.7 >= 0.5
+
+
+# ---------------------------------------------------------------- instruction_jaccard
+
+def brute_jaccard(rows):
+    n = rows.shape[0]
+    out = np.full((n, n), np.nan)
+    for i in range(n):
+        for j in range(n):
+            union = (rows[i] | rows[j]).sum()
+            if union:
+                out[i, j] = (rows[i] & rows[j]).sum() / union
+    return out
+
+
+def test_instruction_jaccard_blocks_hold_at_most_the_budget():
+    # budget 3 rows of 10 float32 units: blocks [0, 3), [3, 6), [6, 7); every pair still exact.
+    counts = small_counts(n=7, shape=(2, 5), seed=4)
+    ident = identify(counts, "neuron_active", IdentifyConfig(eps=0.3))
+    rows = ident.instruction_rows()
+    reads = []
+    full_rows = ident.instruction_rows
+
+    def recording(start=0, stop=None):
+        out = full_rows(start, stop)
+        reads.append((start, start + out.shape[0]))
+        return out
+
+    ident.instruction_rows = recording
+    got = instruction_jaccard(ident, budget_bytes=4 * 10 * 3)
+    assert sorted(set(reads)) == [(0, 3), (3, 6), (6, 7)]
+    np.testing.assert_allclose(got, brute_jaccard(rows), rtol=1e-6)
+    # A budget below one row still reads one row at a time.
+    reads.clear()
+    np.testing.assert_allclose(instruction_jaccard(ident, budget_bytes=1), brute_jaccard(rows), rtol=1e-6)
+    assert sorted(set(reads)) == [(i, i + 1) for i in range(7)]
+
+
+def unit_heavy_ident(units):
+    """One instruction over `units` units, its set packed (the unit count is all that matters)."""
+    bits = np.zeros((1, (units + 7) // 8), np.uint8)
+    bits[0, 0] = 0b11000000  # units 0 and 1
+    return Identification(
+        field="neuron_active", config=IdentifyConfig(), unit_shape=(units,), labels=np.zeros(1, np.int64),
+        category_sets=np.zeros((6, 1), bool), category_mean=np.zeros((6, 1), np.float32),
+        n_per_category=np.array([1, 0, 0, 0, 0, 0]), instruction_size=np.array([2]),
+        instruction_bits=bits, packed=True)
+
+
+def test_instruction_jaccard_refuses_unit_counts_float32_cannot_count():
+    # The documented guard: from 2**24 units on, float32 intersection counts may stop being
+    # exact and the call is refused; 2**23 units are counted (here one pair of 2 units).
+    with pytest.raises(ValueError, match="exceed exact float32"):
+        instruction_jaccard(unit_heavy_ident(1 << 24))
+    assert instruction_jaccard(unit_heavy_ident(1 << 23)).tolist() == [[1.0]]
+
+
+# ---------------------------------------------------------------- evaluation helpers
+
+def test_breadth_histogram_has_one_entry_per_category_count_when_no_unit_is_general():
+    # Units in 1, 2 and 2 of the six sets, none in all: the histogram still has six entries
+    # (entry k-1 = units in exactly k sets).
+    sets = np.zeros((6, 4), bool)
+    sets[0, 0] = True
+    sets[[1, 2], 1] = True
+    sets[[3, 5], 2] = True
+    g = generality(sets)
+    assert g["breadth_histogram"].tolist() == [1, 2, 0, 0, 0, 0]
+    assert (g["general"], g["union"]) == (0, 3)
+
+
+def test_category_order_groups_stably_and_bounds_every_category():
+    labels = np.array([2, 0, 2, 1, 0, 5])
+    order, bounds = category_order(labels)
+    assert order.tolist() == [1, 4, 3, 0, 2, 5]  # input order kept within a category
+    assert bounds.tolist() == [0, 2, 3, 5, 5, 5, 6]  # empty categories 3 and 4: empty spans
+
+
+def brute_phases(y):
+    """Every split 1 <= b1 < b2 <= L-1 scored by the plain residual of three means; the
+    smallest wins, the earliest among those within a relative 1e-9 of it."""
+    y = np.asarray(y, np.float64)
+    n = len(y)
+
+    def sse(seg):
+        return float(((seg - seg.mean()) ** 2).sum())
+
+    cost = {(b1, b2): sse(y[:b1]) + sse(y[b1:b2]) + sse(y[b2:])
+            for b1 in range(1, n - 1) for b2 in range(b1 + 1, n)}
+    total = sse(y)
+    low = min(cost.values())
+    b1, b2 = min(k for k, v in cost.items() if v <= low + 1e-9 * max(1.0, total))
+    means = [y[:b1].mean(), y[b1:b2].mean(), y[b2:].mean()]
+    return [b1, b2], means, (1 - cost[b1, b2] / total if total > 0 else None)
+
+
+def test_locate_phases_matches_brute_force_on_random_profiles():
+    rng = np.random.default_rng(5)
+    for n in (3, 4, 5, 7, 9):
+        for scale in (1.0, 300.0):  # per-layer shares and per-layer counts
+            y = rng.random(n) * scale
+            got = locate_phases(y)
+            bounds, means, explained = brute_phases(y)
+            assert got["boundaries"] == bounds, y
+            assert [got[p]["mean"] for p in ("early", "middle", "late")] == pytest.approx(means)
+            assert got["early"]["layers"] == [0, bounds[0] - 1] and got["late"]["layers"] == [bounds[1], n - 1]
+            assert got["explained"] == pytest.approx(explained)
+            assert got["early_dominant"] == (means[0] > means[1] and means[0] > means[2])
+
+
+def test_locate_phases_ties_and_equal_phase_means():
+    # Splits that tie exactly go to the earliest boundaries, also where float rounding
+    # makes a later tie look better by less than the relative tolerance.
+    assert locate_phases([2.0, 2.0, 2.0, 2.0])["boundaries"] == [1, 2]
+    assert locate_phases([0.1, 0.1, 0.1, 0.7])["boundaries"] == [1, 3]
+    assert locate_phases([81345.7, 81345.7, 81345.7, 91284.28])["boundaries"] == [1, 3]
+    # Early dominates only when strictly above both other phases.
+    three = locate_phases([1.0, 1.0, 0.0])  # three layers: one per phase
+    assert three["boundaries"] == [1, 2] and three["early_dominant"] is False  # early == middle
+    assert locate_phases([1.0, 0.0, 0.0, 1.0])["early_dominant"] is False  # early == late
+
+
+# ---------------------------------------------------------------- comparison
+
+def test_compare_sets_matches_brute_force_per_category_and_layer():
+    rng = np.random.default_rng(6)
+    before, after = rng.random((2, 6, 3, 4)) < 0.4  # L = 3 layers of 4 units (L != F)
+    got = compare_sets(before, after)
+    for c in range(6):
+        # (key prefix, index into the result, the two sets): the category, then each layer.
+        cases = [("", (c,), before[c], after[c])]
+        cases += [("per_layer_", (c, li), before[c, li], after[c, li]) for li in range(3)]
+        for prefix, idx, b, a in cases:
+            want = {"size_before": b.sum(), "size_after": a.sum(), "retained": (b & a).sum(),
+                    "gained": (a & ~b).sum(), "lost": (b & ~a).sum(),
+                    "jaccard": (b & a).sum() / (b | a).sum() if (b | a).any() else np.nan}
+            for k, v in want.items():
+                assert np.isclose(got[prefix + k][idx], v, equal_nan=True), (prefix + k, idx)
+    assert got["per_layer_size_before"].shape == got["per_layer_size_after"].shape == (6, 3)
+
+
+def test_frequency_shift_means_over_all_units_and_shape_check():
+    rng = np.random.default_rng(7)
+    pb, pa = rng.random((2, 6, 2, 5))
+    sets = rng.random((6, 2, 5)) < 0.5
+    fs = frequency_shift(pb, pa, sets, sets)
+    np.testing.assert_allclose(fs["mean_before"], pb.reshape(6, -1).mean(1))
+    np.testing.assert_allclose(fs["mean_after"], pa.reshape(6, -1).mean(1))
+    with pytest.raises(ValueError, match="differ in units"):
+        frequency_shift(pb, pa[:, :1], sets, sets[:, :1])
+
+
+# ---------------------------------------------------------------- common helpers
+
+def test_safe_div_and_nan_mean():
+    # Array-likes too; only a zero denominator gives NaN (a denominator of 1 divides).
+    np.testing.assert_array_equal(safe_div([1, 2, 3], [0, 1, 4]), [np.nan, 2.0, 0.75])
+    assert nan_mean([1.0, np.nan, 3.0, np.inf]) == 2.0  # non-finite entries skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "no warning" for an all-NaN input
+        assert np.isnan(nan_mean([np.nan])) and np.isnan(nan_mean([]))
+
+
+def test_jsonable_gives_plain_python():
+    out = jsonable({1: np.int64(3), "f": np.float32(0.5), "nan": np.float64("nan"), "b": np.bool_(True),
+                    "t": (np.arange(2), [np.inf])})
+    assert out == {"1": 3, "f": 0.5, "nan": None, "b": True, "t": [[0, 1], [None]]}
+    assert type(out["1"]) is int and type(out["f"]) is float and type(out["b"]) is bool
