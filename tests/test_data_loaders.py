@@ -14,6 +14,7 @@ from sparcom_jax.data import (
     DataWarning,
     LoadReport,
     Record,
+    count_by_category,
     load_instructions,
     sample_balanced,
 )
@@ -376,6 +377,19 @@ def test_sample_balanced_shortage_names_the_category():
         sample_balanced(pool, 3)
     with pytest.raises(ValueError, match=r"SUM \(summarization\) has 0"):
         sample_balanced(pool, 2, categories=["math", "SUM"])
+
+
+def test_sample_balanced_bounds_default_seed_and_counts():
+    pool = _pool({"math": 3, "code": 5})
+    # A category with exactly n_per_category records gives all of them; n must be >= 1.
+    assert [r.id for r in sample_balanced(pool, 3) if r.category == "math"] == ["math-0", "math-1", "math-2"]
+    assert len(sample_balanced(pool, 1)) == 2
+    with pytest.raises(ValueError, match="n_per_category must be >= 1"):
+        sample_balanced(pool, 0)
+    assert sample_balanced(pool, 2) == sample_balanced(pool, 2, seed=0)  # the documented default seed
+    # Canonical category order (code before math), categories without records left out.
+    assert count_by_category(pool + _pool({"summarization": 1})) == {"code": 5, "math": 3, "summarization": 1}
+    assert list(count_by_category(pool)) == ["code", "math"]
 
 
 def test_load_with_n_per_category(tmp_path):

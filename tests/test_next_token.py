@@ -57,3 +57,13 @@ def test_a_non_finite_logit_outside_the_targets_does_not_reach_the_loss():
     loss, n = next_token_loss(jnp.asarray(logits), jnp.asarray([[1, 2, 3, 4]]), jnp.asarray(targets))
     np.testing.assert_allclose(np.asarray(loss), [2 * np.log(5)], rtol=1e-6)
     assert float(n[0]) == 2
+
+
+def test_target_mask_inside_jit_stays_a_jax_array():
+    # The jitted train and loss steps build the mask from traced arrays: numpy cannot.
+    import jax
+
+    scope = jnp.asarray([[False, True, True, False]])
+    got = jax.jit(target_mask)(scope, jnp.ones((1, 4), bool))
+    assert isinstance(got, jax.Array)
+    np.testing.assert_array_equal(np.asarray(got), [[True, True, False, False]])
