@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
+from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
@@ -241,6 +242,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     """
     import jax
 
+    from sparcom_jax.parallel.processes import gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import is_complete, read_header
 
@@ -257,9 +259,15 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
         fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
                                     content_caps=caps)
-        header = read_header(mine)
-        if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite) \
-                and is_complete(mine):
+        header, error, done = read_header(mine), None, False
+        try:
+            done = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite) \
+                and is_complete(mine)
+        except StaleResultError as e:
+            error = e
+        # Decided by all processes together: each collection is one program over all of them.
+        raise_together(error, f"collect {job.label}")
+        if gather(done).all():
             log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
             _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
             continue
@@ -319,6 +327,7 @@ def merge_shares(cs, root):
     the analysis (its bootstrap and permutation draws over rows) what one process would."""
     import numpy as np
 
+    from sparcom_jax.stats.collect import merge_meta
     from sparcom_jax.stats.counts import Counts
 
     n = sum(c.n for c in cs)
@@ -329,8 +338,9 @@ def merge_shares(cs, root):
     labels = {k: None if getattr(cs[0], k) is None else [x for c in cs for x in getattr(c, k)]
               for k in ("ids", "categories", "sources")}
     return Counts(**{k: v and [v[i] for i in order] for k, v in labels.items()},
-                  meta=dict(cs[0].meta, store=str(root), fingerprint={f"process_{k}": c.meta.get("fingerprint")
-                                                                     for k, c in enumerate(cs)}), **merged)
+                  meta=dict(merge_meta([c.meta for c in cs]), store=str(root),
+                            fingerprint={f"process_{k}": c.meta.get("fingerprint") for k, c in enumerate(cs)}),
+                  **merged)
 
 
 def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
