@@ -495,7 +495,7 @@ def test_scope_coverage_is_decided_on_the_records_of_every_process(here, other, 
             collect.check_scope_coverage(enc, 24)
 
 
-def test_merged_shares_count_the_records_of_every_share(hf_checkpoint):
+def test_merged_shares_count_the_records_of_every_share():
     """The record counts in the meta (truncated records, instruction/input tokens cut, records with
     nothing in scope) of merged per-process shares are those of one collection of every record:
     the report prints them."""
