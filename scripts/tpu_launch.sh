@@ -7,12 +7,16 @@
 #
 # Example:
 #   scripts/tpu_launch.sh --name sparcom-v4 --zone us-central2-b -- run --config configs/mixtral_8x7b.yaml \
-#       --out runs/mixtral mesh.devices=16
+#       --out /mnt/nfs/runs/mixtral
 #
 # Every worker runs `sparcom COMMAND ... --distributed`, so each process calls
 # jax.distributed.initialize() (coordinator, process ids and devices are detected on TPU VMs)
-# before any other JAX call. Checkpoints and outputs must be on a path every worker sees
-# (the same local path on each, or a shared disk / bucket mount); process 0 writes the report.
+# before any other JAX call. Model checkpoints may be copies at the same local path on every
+# worker; the output directory (--out, else the config's out_dir) must be one directory every
+# worker mounts (NFS, e.g. Filestore): each worker counts its share of the records into it and
+# process 0 merges them and writes the analyses and the report. A per-worker local directory
+# is refused at the start. The status is the command's (a failure on any worker fails it).
+# Each worker's output is also appended to ~/WORKDIR/LOG on that worker.
 # With --dry-run the gcloud command is printed, not run.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,7 +44,8 @@ STAGE="$1"
 LOG="${LOG:-logs/sparcom-$STAGE.log}"
 
 SPARCOM="$(quote_all .venv/bin/sparcom "$@" --distributed)"
-REMOTE="cd ~/$WORKDIR && mkdir -p $(dirname "$LOG") && $SPARCOM 2>&1 | tee -a $LOG"
+# pipefail: the status is sparcom's, not tee's (a failed run would otherwise report success).
+REMOTE="set -o pipefail && cd ~/$WORKDIR && mkdir -p $(dirname "$LOG") && $SPARCOM 2>&1 | tee -a $LOG"
 CMD=(gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE")
 [ -n "$PROJECT" ] && CMD+=(--project "$PROJECT")
 CMD+=(--worker=all --command "$REMOTE")

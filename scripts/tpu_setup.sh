@@ -2,23 +2,30 @@
 # Create a Cloud TPU VM (single- or multi-host) and install sparcom_jax with the `tpu` extra on every worker.
 #
 # Usage:
-#   scripts/tpu_setup.sh --name NAME --zone ZONE [--accelerator-type v4-32] [--version tpu-ubuntu2204-base]
-#                        [--project PROJECT] [--spot] [--src DIR] [--workdir DIR] [--skip-create] [--dry-run]
+#   scripts/tpu_setup.sh --name NAME --zone ZONE [--accelerator-type v4-32] [--version RUNTIME]
+#                        [--project PROJECT] [--spot] [--src DIR] [--workdir DIR] [--python 3.12]
+#                        [--skip-create] [--dry-run]
 #
 # Example:
 #   scripts/tpu_setup.sh --name sparcom-v4 --zone us-central2-b --accelerator-type v4-32 --dry-run
 #
 # Steps (each printed with --dry-run instead of run):
 #   1. gcloud compute tpus tpu-vm create NAME ...          (skipped with --skip-create)
+#      The runtime (--version) defaults by accelerator type, as in Google's "Run JAX code on
+#      TPU Pod slices": tpu-ubuntu2204-base for v2/v3/v4, v2-alpha-tpuv5 for v5p,
+#      v2-alpha-tpuv5-lite for v5e (v5litepod); other types need --version.
 #   2. pack the source tree (no .git, .venv, runs) and gcloud compute tpus tpu-vm scp it to every worker
-#   3. on every worker: python3 -m venv, pip install -e '.[tpu]', check jax.device_count()
-# Then download the weights on every worker (or mount a shared disk) and launch with scripts/tpu_launch.sh.
+#   3. on every worker: a virtual environment with Python --python (default 3.12; jax >= 0.7
+#      needs 3.11+, the images' python3 is Ubuntu 22.04's 3.10) made by uv (pip-installed for the
+#      user, it fetches that Python), pip install -e '.[tpu]', check jax.device_count()
+# Then put the weights on every worker (the same path on each) and an NFS share (e.g. Filestore)
+# for the outputs, mounted at the same path on every worker, and launch with scripts/tpu_launch.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/_common.sh"
 
-NAME="" ZONE="" TYPE="v4-8" VERSION="tpu-ubuntu2204-base" PROJECT="" SPOT=0 SKIP_CREATE=0
-SRC="$(cd "$HERE/.." && pwd)" WORKDIR="sparcom_jax" DRY_RUN=0
+NAME="" ZONE="" TYPE="v4-8" VERSION="" PROJECT="" SPOT=0 SKIP_CREATE=0
+SRC="$(cd "$HERE/.." && pwd)" WORKDIR="sparcom_jax" PYVER="3.12" DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) NAME="${2:?}"; shift 2 ;;
@@ -29,6 +36,7 @@ while [ $# -gt 0 ]; do
     --spot) SPOT=1; shift ;;
     --src) SRC="${2:?}"; shift 2 ;;
     --workdir) WORKDIR="${2:?}"; shift 2 ;;
+    --python) PYVER="${2:?}"; shift 2 ;;
     --skip-create) SKIP_CREATE=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -38,6 +46,14 @@ done
 [ -n "$NAME" ] || { usage >&2; die "--name is required"; }
 [ -n "$ZONE" ] || { usage >&2; die "--zone is required"; }
 export DRY_RUN
+if [ -z "$VERSION" ]; then
+  case "$TYPE" in
+    v2-*|v3-*|v4-*) VERSION="tpu-ubuntu2204-base" ;;
+    v5p-*) VERSION="v2-alpha-tpuv5" ;;
+    v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+    *) die "no default runtime for --accelerator-type $TYPE; pass --version (gcloud compute tpus tpu-vm versions list)" ;;
+  esac
+fi
 
 GC=(gcloud compute tpus tpu-vm)
 WHERE=(--zone "$ZONE")
@@ -49,9 +65,12 @@ if [ "$SKIP_CREATE" = 0 ]; then
   run "${CREATE[@]}"
 fi
 TARBALL="${TMPDIR:-/tmp}/sparcom_jax-src.tar.gz"
-run tar -C "$SRC" -czf "$TARBALL" --exclude=./.git --exclude='./.venv*' --exclude=./runs --exclude=./logs .
+run tar -C "$SRC" -czf "$TARBALL" --exclude=./.git --exclude='./.venv*' --exclude=./runs --exclude=./logs \
+    --exclude=./.pytest_cache --exclude=./.whl .
 run "${GC[@]}" scp "$TARBALL" "$NAME:sparcom_jax-src.tar.gz" "${WHERE[@]}" --worker=all
-INSTALL="mkdir -p ~/$WORKDIR && tar -C ~/$WORKDIR -xzf ~/sparcom_jax-src.tar.gz && cd ~/$WORKDIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[tpu]' && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
+# The runtime images' python3 is 3.10, too old for jax >= 0.7: uv makes the venv with a newer Python.
+VENV="python3 -m pip install -q --user uv && rm -rf .venv && ~/.local/bin/uv venv -q --seed --python $PYVER .venv"
+INSTALL="mkdir -p ~/$WORKDIR && tar -C ~/$WORKDIR -xzf ~/sparcom_jax-src.tar.gz && cd ~/$WORKDIR && $VENV && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[tpu]' && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
 run "${GC[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command "$INSTALL"
 if [ "$DRY_RUN" = 1 ]; then
   echo "dry run: nothing was created or installed"

@@ -8,6 +8,8 @@ exit status 2); the message names the file, key or field and says how to fix it.
 - `StaleResultError`: a stage found earlier outputs made with other inputs or
   settings; it names what differs and the flag that recomputes them.
 - `LockedError`: another run is writing the same output right now.
+- `OtherProcessError`: in a multi-host run, another process stopped with an error
+  (its log names it); this one stops with it instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -23,3 +25,7 @@ class StaleResultError(ConfigError):
 
 class LockedError(ValueError):
     """Another live process holds the lock of an output directory."""
+
+
+class OtherProcessError(ValueError):
+    """Another process of a multi-host run stopped with an error; this one stops with it."""

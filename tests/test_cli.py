@@ -131,6 +131,73 @@ def test_dry_run_resolves_the_mesh_for_a_device_count(capsys):
     assert err.startswith("sparcom: error: mesh.model=8 does not divide the 12 devices") and err.count("\n") == 1
 
 
+def test_dry_run_refuses_a_model_axis_over_hosts_for_collection_only(capsys):
+    # Each host counts its own records, so a batch row cannot lie on two hosts; training
+    # gives every host the whole batch and may split the model over hosts.
+    cfg = str(CONFIGS / "mixtral_8x7b.yaml")  # 4 processes
+    code, out, err = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "--devices", "16", "mesh.model=8")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("sparcom: error: mesh.model=8 spans processes (4 processes of 4 devices)")
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "--devices", "16")
+    assert code == 0 and "16 devices = data 4 x model 4, 4 processes" in out  # the config as shipped
+    code, out, err = run_cli(capsys, "finetune", "--config", cfg, "--dry-run", "--devices", "16", "mesh.model=8",
+                             "finetuned=null", "train.batch_size=16")
+    assert code == 0, err
+
+
+def test_collect_replaces_the_stores_another_number_of_processes_left(tmp_path, capsys):
+    # A count directory holds one store (one process) or process_0..process_<P-1>. Stores of
+    # other shares left beside it were what the analysis read (and refused, asking for the
+    # very collect that had just said "already complete").
+    import shutil
+
+    cfg = write_tiny(tmp_path)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
+    assert code == 0, err
+    store = out / "counts" / "base"
+    for k in range(2):  # what a two-process run left
+        shutil.copytree(store, store / f"process_{k}", ignore=shutil.ignore_patterns("process_*", ".*"))
+    code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
+    assert code == 0 and "removing process_0, left by a collection with another number of processes" in err
+    assert not list(store.glob("process_*")) and (store / "meta.json").is_file()
+    code, _, err = run_cli(capsys, "evaluate", "--config", str(cfg), "--out", str(out))
+    assert code == 0, err
+
+
+def test_only_process_0_writes_shared_outputs_and_every_process_waits_for_it(tmp_path, capsys, monkeypatch):
+    # Another process of a multi-host run computes the same analyses: it writes none of them,
+    # removes nothing (processes deleting one tree at once fail on each other's deletions), and
+    # ends each stage at a barrier (one that exits first has jax.distributed's shutdown stop
+    # process 0 while it still writes the report).
+    from sparcom_jax.pipeline import common, stages
+
+    cfg_path = write_tiny(tmp_path)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "collect", "--config", str(cfg_path), "--out", str(out))
+    assert code == 0, err
+    stale_dir = tmp_path / "stale"
+    stale_dir.mkdir()
+    (stale_dir / "old.txt").write_text("made by an earlier run")
+    waits = []
+    monkeypatch.setattr(stages, "barrier", waits.append)
+    for where in (common, stages):
+        monkeypatch.setattr(where, "is_primary", lambda: False)
+    cfg = load_config(cfg_path)
+    for stage in ("identify", "evaluate"):
+        stages.run_stage(stage, cfg, out)
+        assert not (out / stage).exists(), stage
+        assert waits[-1] == "sparcom:stage-done"
+    stages.guard_dir(stale_dir, "x", {"a": 1}, overwrite=True)
+    assert (stale_dir / "old.txt").is_file() and waits[-1] == "sparcom:guard-dir-cleared"
+    for where in (common, stages):
+        monkeypatch.setattr(where, "is_primary", lambda: True)
+    stages.run_stage("evaluate", cfg, out)
+    assert (out / "evaluate" / "base.json").is_file()
+    stages.guard_dir(stale_dir, "x", {"a": 1}, overwrite=True)
+    assert not (stale_dir / "old.txt").exists()
+
+
 def test_dry_run_reads_no_weights_even_when_paths_are_missing(capsys, tmp_path):
     cfg = str(CONFIGS / "qwen15_moe_a27b.yaml")
     code, out, _ = run_cli(capsys, "ablate", "--config", cfg, "--dry-run", f"base.path={tmp_path / 'nope'}",

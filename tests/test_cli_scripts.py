@@ -58,6 +58,40 @@ def test_tpu_launch_dry_run_runs_sparcom_distributed_on_all_workers():
     assert "tee -a logs/sparcom-run.log" in remote
 
 
+@pytest.mark.parametrize("accelerator, runtime", [("v4-32", "tpu-ubuntu2204-base"), ("v5p-32", "v2-alpha-tpuv5"),
+                                                   ("v5litepod-16", "v2-alpha-tpuv5-lite")])
+def test_tpu_setup_picks_the_runtime_and_a_python_jax_supports(accelerator, runtime):
+    # jax >= 0.7 needs Python 3.11+; the runtimes' python3 is Ubuntu 22.04's 3.10, so a venv
+    # made with it cannot install jax[tpu]. A v5p does not run the v4 runtime.
+    r = bash("tpu_setup.sh", "--name", "n", "--zone", "z", "--accelerator-type", accelerator, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    create, _, _, ssh = commands(r.stdout)
+    assert create[create.index("--version") + 1] == runtime
+    remote = ssh[ssh.index("--command") + 1]
+    venv = remote.index("uv venv -q --seed --python 3.12 .venv")
+    assert "python3 -m venv" not in remote and venv < remote.index("pip install -q -e '.[tpu]'")
+    r = bash("tpu_setup.sh", "--name", "n", "--zone", "z", "--accelerator-type", "v9x-8", "--dry-run")
+    assert r.returncode == 2 and "pass --version" in r.stderr
+
+
+def test_tpu_launch_fails_when_sparcom_fails_on_a_worker(tmp_path):
+    # The remote command pipes sparcom into tee for the log: without pipefail its status was
+    # tee's, and a run that failed on every worker reported success.
+    r = bash("tpu_launch.sh", "--name", "n", "--zone", "z", "--dry-run", "--", "collect", "--config", "c.yaml")
+    (ssh,) = commands(r.stdout)
+    remote = ssh[ssh.index("--command") + 1]
+    fake = tmp_path / "sparcom_jax" / ".venv" / "bin" / "sparcom"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho \"sparcom: error: no weights\"\nexit 2\n")
+    fake.chmod(0o755)
+    import os
+
+    done = subprocess.run(["bash", "-c", remote], env=dict(os.environ, HOME=str(tmp_path)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "no weights" in (tmp_path / "sparcom_jax" / "logs" / "sparcom-collect.log").read_text()
+
+
 def test_tpu_launch_needs_a_command():
     r = bash("tpu_launch.sh", "--name", "n", "--zone", "z", "--dry-run")
     assert r.returncode == 2 and "no sparcom command" in r.stderr

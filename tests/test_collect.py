@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -270,6 +271,257 @@ def test_two_process_distributed_run_matches_single_process(variant, hf_checkpoi
     np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), one.tokens)
     for field, arr in one.arrays().items():
         np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), arr)
+
+
+POD_CONFIG = """\
+name: pod
+base:
+  name: moe
+  init: {model_type: mixtral, hidden_size: 32, intermediate_size: 16, num_hidden_layers: 2, num_attention_heads: 2,
+         num_key_value_heads: 1, max_position_embeddings: 32, num_local_experts: 4, num_experts_per_tok: 2}
+data: {n_per_category: 1, max_length: 24}
+collect: {batch_size: 4, buckets: [24], template_control: false}
+"""
+
+# Two processes of 2 devices: the cases where processes have different amounts of work.
+TWO_PROCESS_CASES = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    from pathlib import Path
+    import numpy as np, jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    pid, port, cfg_path, inp, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5])
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from jax.experimental.multihost_utils import sync_global_devices
+    import sparcom_jax as sj
+    from sparcom_jax.config import load_config
+    from sparcom_jax.errors import ConfigError
+    from sparcom_jax.pipeline import collect_stage, load_spec_model
+    from sparcom_jax.pipeline.common import check_shared
+
+    def interrupt(store):  # process 1's store as if it stopped before its first chunk; process 0's is complete
+        sync_global_devices("before")
+        if pid == 1:
+            (store / "progress.json").write_text(json.dumps({"done_chunks": 0}))
+        sync_global_devices("after")
+
+    def error(run):  # what stops this process, if anything
+        try:
+            run()
+            return None
+        except ValueError as e:
+            return f"{type(e).__name__}: {e}"
+
+    cfg = load_config(cfg_path)
+    mesh = sj.make_mesh(data=4, model=1)
+    model = load_spec_model(cfg.base, mesh=mesh)
+    d = np.load(inp, allow_pickle=True)
+    seqs, scopes = list(d["seqs"])[pid::2], list(d["scopes"])[pid::2]  # shares of 3 and 2 sequences
+    kw = dict(batch_size=4, mesh=mesh, progress=False, buckets=[24])
+    res = {}
+    # chunks of 2 rows: process 0 has two chunks, process 1 one
+    sj.collect_counts(model, seqs, scopes, out=tmp / "a", chunk_rows=2, **kw)
+    interrupt(tmp / "a" / f"process_{pid}")
+    c = sj.collect_counts(model, seqs, scopes, out=tmp / "a", chunk_rows=2, **kw)
+    res["a"] = {"tokens": c.tokens[:], **{k: v[:] for k, v in c.arrays().items()}}
+    res["programs"] = sum(c.meta["compilations"][k] for k in ("compilations", "cache_hits"))
+    # the same seen by collect_counts: process 1's store made for other inputs
+    res["store"] = error(lambda: sj.collect_counts(model, seqs, scopes, out=tmp / "a", chunk_rows=2,
+                                                   fingerprint={"template": "other"} if pid else None, **kw))
+    c = sj.collect_counts(model, seqs[:1] if pid == 0 else [], scopes[:1] if pid == 0 else [], **kw)  # 1 has none
+    res["one"] = {"tokens": c.tokens, **c.arrays()}
+    try:  # a model axis over both processes' devices: one batch row on two processes
+        sj.collect_counts(model, seqs, scopes, **dict(kw, mesh=sj.make_mesh(data=1, model=4)))
+        res["spanning"] = "counted"
+    except ConfigError as e:
+        res["spanning"] = str(e)
+    shared = {}
+    for name, where in (("own", tmp / f"own{pid}"), ("shared", tmp)):
+        where.mkdir(exist_ok=True)
+        try:
+            check_shared(where)
+            shared[name] = "ok"
+        except ConfigError as e:
+            shared[name] = str(e)
+    res["shared"] = shared
+    collect_stage(cfg, tmp / "run", progress=False)
+    interrupt(tmp / "run" / "counts" / "moe" / f"process_{pid}")
+    collect_stage(cfg, tmp / "run", progress=False)
+
+    sync_global_devices("stale")
+    meta = tmp / "run" / "counts" / "moe" / "process_1" / "meta.json"
+    kept = meta.read_text()
+    if pid == 1:  # process 1's store made with other settings: the processes stop together
+        header = json.loads(kept)
+        header["fingerprint"]["max_length"] = 99
+        meta.write_text(json.dumps(header))
+    sync_global_devices("stale written")
+    res["stale"] = error(lambda: collect_stage(cfg, tmp / "run", progress=False))
+    sync_global_devices("stale checked")
+    if pid == 1:
+        meta.write_text(kept)
+    # an infinite embedding of a token only process 1's share has: its counts are refused on both
+    every = list(d["seqs"])
+    token = next(int(t) for t in every[1] if all(t not in s for s in every[0::2]))
+    model.embed.value = model.embed.value.at[token].set(np.inf)  # (NaN != NaN: device_put would refuse it)
+    res["nan"] = error(lambda: sj.collect_counts(model, seqs, scopes, **kw))
+    np.save(tmp / f"res{pid}.npy", res, allow_pickle=True)
+    jax.distributed.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_counts(tmp_path):
+    """Every chunk and every batch is a step of one program over all processes: a process with
+    fewer chunks (uneven shares), none (no records), or fewer left to do (its store resumed
+    further) must still take part, and decisions (a complete store, a usable mesh, a shared
+    output directory) are taken by all together. Each of these hung, or counted wrongly,
+    when a process decided alone."""
+    from sparcom_jax.config import load_config
+    from sparcom_jax.pipeline import collect_stage, load_spec_model, open_model_counts
+
+    (tmp_path / "pod.yaml").write_text(POD_CONFIG)
+    cfg = load_config(tmp_path / "pod.yaml")
+    model = load_spec_model(cfg.base)
+    seqs, scopes = make_inputs(n=5, vocab=model.config.vocab_size)
+    seqs = [s[:24] for s in seqs]
+    scopes = [m[:24] for m in scopes]
+    _save_inputs(tmp_path / "in.npz", seqs, scopes)
+    # what runs with three processes, and with one, left in the count directory
+    left = tmp_path / "run" / "counts" / "moe"
+    (left / "process_2").mkdir(parents=True)
+    (left / "meta.json").write_text("{}")
+    (tmp_path / "run.py").write_text(TWO_PROCESS_CASES)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(tmp_path / "pod.yaml"),
+                               str(tmp_path / "in.npz"), str(tmp_path)], env=_clean_env()) for i in range(2)]
+    try:
+        for p in procs:
+            assert p.wait(timeout=300) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    res = [np.load(tmp_path / f"res{i}.npy", allow_pickle=True).item() for i in range(2)]
+    one = sj.collect_counts(model, seqs, scopes, batch_size=4, progress=False, buckets=[24])
+    whole = {"tokens": one.tokens, **one.arrays()}
+    for field, arr in whole.items():
+        merged = np.empty_like(arr)
+        merged[0::2], merged[1::2] = res[0]["a"][field], res[1]["a"][field]
+        np.testing.assert_array_equal(merged, arr, err_msg=field)
+        np.testing.assert_array_equal(res[0]["one"][field], arr[:1], err_msg=field)
+        assert len(res[1]["one"][field]) == 0
+    assert whole["tokens"].sum() > 0 and all(v.sum() > 0 for v in one.arrays().values())
+    for r in res:
+        # process 0's first padding-only steps (resumed) run the program it already has: the same on every process
+        assert r["programs"] == 0
+        assert r["spanning"].startswith("mesh.model=4 spans processes (2 processes of 2 devices)"), r["spanning"]
+        assert r["shared"]["shared"] == "ok"
+        assert "process(es) 1 of 2 do not see the files process 0 writes there" in r["shared"]["own"]
+    assert not list(tmp_path.glob(".sparcom-shared-*"))  # the probe is removed
+    other = "OtherProcessError: {}: process 1 of 2 stopped with an error (its log says why)"
+    assert res[1]["store"].startswith("StaleResultError: ") and "template" in res[1]["store"], res[1]["store"]
+    opening = f"collect: opening the count store {tmp_path / 'a' / 'process_0'}"
+    assert res[0]["store"].startswith(other.format(opening)), res[0]["store"]
+    assert res[1]["stale"].startswith("StaleResultError: ") and "data.max_length" in res[1]["stale"]
+    assert res[0]["stale"].startswith(other.format("collect moe")), res[0]["stale"]
+    assert res[1]["nan"].startswith("ValueError: the model: non-finite activations"), res[1]["nan"]
+    assert res[0]["nan"].startswith(other.format("collect: non-finite activations")), res[0]["nan"]
+    collect_stage(cfg, tmp_path / "single", progress=False)
+    ref = open_model_counts(cfg, tmp_path / "single", cfg.base)
+    got = open_model_counts(cfg, tmp_path / "run", cfg.base)  # the two processes' stores, merged
+    assert sorted(p.name for p in (tmp_path / "run" / "counts" / "moe").iterdir()) == ["process_0", "process_1"]
+    assert got.ids == ref.ids and got.n == 6
+    for field in ("tokens", *ref.arrays()):
+        np.testing.assert_array_equal(getattr(got, field), np.asarray(getattr(ref, field)[:]), err_msg=field)
+
+
+def test_each_process_devices_fill_whole_rows_of_the_data_axis():
+    """Whatever order the platform lists devices in (TPU ids follow the chips' coordinates, not
+    the hosts), make_mesh's rows lie within one process when the model axis divides a
+    process's device count: each process fills its rows with its own records."""
+    import types
+
+    from sparcom_jax.errors import ConfigError
+    from sparcom_jax.parallel.mesh import check_process_rows, process_order
+
+    owners = [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]  # a 4x4 grid of 4 hosts' 2x2 blocks, by id
+    devices = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate(owners)]
+    for model in (1, 2, 4):
+        rows = np.asarray(process_order(devices)).reshape(-1, model)
+        assert all(len({d.process_index for d in row}) == 1 for row in rows), model
+    assert [d.id for d in process_order(devices)][:4] == [0, 1, 4, 5]  # in platform order within a process
+    check_process_rows(16, 4, 4)
+    check_process_rows(16, 8, 1)  # one process: any model axis
+    with pytest.raises(ConfigError, match=r"mesh.model=8 spans processes .*one of \[1, 2, 4\]"):
+        check_process_rows(16, 8, 4)
+
+
+class _Encoded:
+    """What `check_scope_coverage` reads of an EncodedSet: one token per record, in scope or not."""
+
+    def __init__(self, categories, in_scope):
+        self.categories, self.scope = list(categories), "response"
+        self.scopes = [np.array([x]) for x in in_scope]
+        self.record_ids = [f"r{i}" for i in range(len(self.categories))]
+
+    def __len__(self):
+        return len(self.categories)
+
+
+@pytest.mark.parametrize("here, other, error", [
+    ((["math", "code"], [False, True]), (["math"], [True]), None),  # math in scope on the other process
+    (([], []), (["math", "code"], [True, True]), None),  # this process has no records; the other has
+    ((["math", "code"], [False, True]), (["math"], [False]), r"no record of MATH \(math, 2 record\(s\)\)"),
+    (([], []), ([], []), "no records to collect counts for"),
+])
+def test_scope_coverage_is_decided_on_the_records_of_every_process(here, other, error, monkeypatch):
+    """Each process checks its own share; a refusal on one process alone would leave the others
+    waiting, and a category may have its in-scope records in another process's share."""
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.stats import collect
+
+    theirs = _Encoded(*other)
+    per = [[theirs.categories.count(c) for c in CATEGORIES],
+           [sum(1 for k, s in zip(theirs.categories, theirs.scopes) if k == c and not s.any()) for c in CATEGORIES]]
+    monkeypatch.setattr(collect, "gather", lambda mine: np.stack([np.asarray(mine), np.asarray(per)]))
+    enc = _Encoded(*here)
+    if error is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = collect.check_scope_coverage(enc, 24)
+        assert got == {c: n for c, n in (("code", 0), ("math", 1)) if c in enc.categories}
+    else:
+        with pytest.raises(ValueError, match=error):
+            collect.check_scope_coverage(enc, 24)
+
+
+def test_merged_shares_count_the_records_of_every_share():
+    """The record counts in the meta (truncated records, instruction/input tokens cut, records with
+    nothing in scope) of merged per-process shares are those of one collection of every record:
+    the report prints them."""
+    from sparcom_jax.data import default_tokenizer, load_instructions, sample_balanced
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.pipeline.stages import merge_shares
+    from sparcom_jax.stats.collect import merge_meta
+
+    tok = default_tokenizer()
+    records = sample_balanced(load_instructions(), 3, seed=0)
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=16,
+                                          intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1))
+    model = sj.init_model(cfg, seed=0)
+    kw = dict(scope="content", max_length=24, progress=False, buckets=[24])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = sj.collect_instructions(model, records, tok, **kw)
+        parts = [sj.collect_instructions(model, records[k::2], tok, **kw) for k in range(2)]
+    merged = merge_shares(parts, "root").meta
+    assert whole.meta["content_cut"]["records"] > max(p.meta["content_cut"]["records"] for p in parts)
+    for key in ("n_truncated", "content_cut", "n_empty_scope", "template", "scope", "max_length"):
+        assert merged[key] == whole.meta[key], key
+    # records with nothing in scope add up per category, over the categories of any share
+    metas = [{"n_empty_scope": {"code": 1, "math": 0}}, {"n_empty_scope": {"math": 2, "summarization": 0}}]
+    assert merge_meta(metas)["n_empty_scope"] == {"code": 1, "math": 2, "summarization": 0}
 
 
 @pytest.mark.parametrize("n, processes", [(7, 2), (5, 3), (2, 3)])

@@ -42,13 +42,66 @@ def mesh_shape(devices: int, data: int | None = None, model: int = 1, num_proces
     return data, model
 
 
+def check_process_rows(devices: int, model: int, num_processes: int, prefix: str = "mesh.") -> None:
+    """Refuse, by arithmetic, a model axis that would span processes in a collection.
+
+    Collection and the causal check feed every process's own rows into the batch
+    (`sparcom_jax.runtime.put_batch`), so each row of the data axis must lie on the
+    devices of one process: the model axis must divide the devices of one process.
+    Training gives every process the whole batch and has no such limit.
+
+    Raises:
+      ConfigError: naming the model-axis sizes that fit.
+    """
+    if num_processes <= 1:
+        return
+    local = devices // num_processes
+    if local % model:
+        fits = [d for d in range(1, local + 1) if local % d == 0]
+        raise ConfigError(
+            f"{prefix}model={model} spans processes ({num_processes} processes of {local} devices): every process "
+            f"counts its own records, so the model axis must lie within one process's devices; set "
+            f"{prefix}model to one of {fits} (and {prefix}data=null)")
+
+
+def process_order(devices) -> list:
+    """`devices` with each process's devices together, in process order (stable within a process).
+
+    Reshaped row-major into (data, model), every data row then lies within one process
+    whenever the model axis divides a process's device count, whatever order the
+    platform lists its devices in.
+    """
+    return sorted(devices, key=lambda d: d.process_index)
+
+
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     """A ("data", "model") mesh over `devices` (default: all devices of all processes).
+
+    The devices of each process fill whole rows of the data axis when `model` divides
+    a process's device count (`process_order`).
 
     Args:
       data: size of the data axis; None uses every device not taken by `model`.
       model: size of the model axis.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    devices = process_order(jax.devices() if devices is None else devices)
     data, model = mesh_shape(len(devices), data, model, prefix="mesh ")
     return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
+
+
+def check_rows_in_one_process(mesh: Mesh) -> None:
+    """Refuse a mesh with a data row on devices of more than one process (see `check_process_rows`).
+
+    Such a row would hold the same batch rows on two processes, each filling it with its
+    own records: the model would mix the two processes' records, silently.
+
+    Raises:
+      ConfigError: naming the model-axis sizes that fit.
+    """
+    if jax.process_count() == 1:
+        return
+    owners = np.vectorize(lambda d: d.process_index)(mesh.devices)  # [data, model]
+    if any(len(set(row)) > 1 for row in owners.reshape(owners.shape[0], -1).tolist()):
+        check_process_rows(mesh.devices.size, int(mesh.shape["model"]), jax.process_count(), prefix="mesh.")
+        raise ConfigError("mesh: a row of the data axis lies on devices of more than one process; build the "
+                          "mesh with sparcom_jax.make_mesh, which keeps each process's devices together")

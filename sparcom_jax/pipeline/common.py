@@ -96,6 +96,46 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def check_shared(out: Path) -> None:
+    """Refuse an output directory that the processes of a multi-host run do not all see.
+
+    Process 0 merges every process's count store, reads the checkpoints it exported and
+    writes the report, all under `out`; a directory local to each host (the default
+    runs/<name> on each TPU VM worker) would leave it with its own share only. Process 0
+    writes a probe file that every process must then find. No-op on one process.
+
+    Raises:
+      ConfigError: naming the processes that do not see it, on every process.
+    """
+    if "jax" not in sys.modules:
+        return
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from sparcom_jax.parallel.processes import gather
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    probe = out / f".sparcom-shared-{token:08x}"
+    if is_primary():
+        probe.write_text("written by process 0 to check that every process sees this directory\n")
+    barrier("sparcom:shared-probe-written")
+    seen = gather(probe.is_file()).reshape(-1)  # every process has looked once this returns
+    if is_primary():
+        probe.unlink(missing_ok=True)
+    if not seen.all():
+        blind = ", ".join(str(k) for k in np.flatnonzero(~seen.astype(bool)))
+        raise ConfigError(
+            f"output directory {out}: process(es) {blind} of {jax.process_count()} do not see the files process 0 "
+            "writes there; a multi-host run needs --out on a file system every host mounts (NFS, e.g. Filestore), "
+            "since process 0 reads every process's counts from it")
+
+
 def out_dir(cfg: ExperimentConfig | DemoConfig, out: str | os.PathLike | None) -> Path:
     """The output directory: --out, else the config's out_dir, else runs/<name>."""
     if out is not None:

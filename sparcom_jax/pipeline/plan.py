@@ -178,6 +178,9 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
     stages = STAGES if stage == "run" else (stage,)
     rows = []
     if {"collect", "ablate"} & set(stages):
+        from sparcom_jax.parallel.mesh import check_process_rows
+
+        check_process_rows(n_dev, model, cfg.mesh.num_processes)
         p = param_plan(mcfg, cfg.collect.dtype, data, model, "analysis")
         plan["params"] = p
         rows.append(("parameters (analysis, " + p["dtype"] + ")", f"{fmt_count(p['params'])}",

@@ -20,8 +20,9 @@ from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, counts_root, identify_records, is_primary, load_spec_model, log, log_stale_lock,
-    make_mesh, model_list, own_train_files, record_parts, require_models, safe, save_resolved, template_for, timed,
+    ablate_records, barrier, check_shared, counts_root, identify_records, is_primary, load_spec_model, log,
+    log_stale_lock, make_mesh, model_list, own_train_files, record_parts, require_models, safe, save_resolved,
+    template_for, timed,
     train_records,
 )
 from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
@@ -58,12 +59,19 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     """
     stored = read_fingerprint(directory)
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
-    if (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite):
+    if (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite) \
+            and is_primary():  # one remover: processes removing one tree at once fail on each other's deletions
         for p in (directory, *extra):
             remove_path(p)
+    barrier("sparcom:guard-dir-cleared")
     if is_primary():
         directory.mkdir(parents=True, exist_ok=True)
         write_fingerprint(directory, stage, components)
+
+
+def _shared_json(path: Path, obj: Any) -> str:
+    """Write an output every process computed alike: process 0 writes it, every process gets its path."""
+    return write_json(path, obj) if is_primary() else str(path)
 
 
 def export_checkpoints(run_dir: Path, ck_dir: Path, names: Callable[[int, int], str | None],
@@ -242,6 +250,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     """
     import jax
 
+    from sparcom_jax.parallel.processes import gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import is_complete, read_header, rows_done
 
@@ -255,15 +264,25 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     for i, job in enumerate(jobs, 1):
         dest = root / safe(job.label)
         written[job.label] = str(dest)
+        if is_primary():
+            _clear_other_layout(dest, jax.process_count())
+        barrier("sparcom:count-layout-cleared")
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
         fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
                                     content_caps=caps)
-        header = read_header(mine)
-        if header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite):
-            if is_complete(mine):
-                log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
-                _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
-                continue
+        header, error, done, resume = read_header(mine), None, False, False
+        try:
+            resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite)
+            done = resume and is_complete(mine)
+        except StaleResultError as e:
+            error = e
+        # Decided by all processes together: each collection is one program over all of them.
+        raise_together(error, f"collect {job.label}")
+        if gather(done).all():
+            log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
+            _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
+            continue
+        if resume and not done:
             log(f"collect [{i}/{len(jobs)}] {job.label}: an earlier collection into {dest} stopped before it "
                 f"finished ({rows_done(mine)} of {header['n']} records counted); resuming it with the same settings")
         with timed(f"collect [{i}/{len(jobs)}] {job.label}: {len(records)} instructions, "
@@ -281,6 +300,25 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             _log_content_cut(job.label, counts.meta, len(records), cfg.data.max_length)
             del model
     return written
+
+
+def _clear_other_layout(dest: Path, processes: int) -> None:
+    """Remove what a collection with another number of processes left in a model's count directory.
+
+    The directory holds one store (one process) or the stores process_0 .. process_<P-1>
+    (P processes, each counting its `_process_share`). Another run's layout can be
+    neither resumed nor merged with this one's (its shares are other records), and left
+    beside it, it is what the analysis would read; so the current layout replaces it.
+    """
+    if not dest.is_dir():
+        return
+    ours = {f"process_{k}" for k in range(processes)} if processes > 1 else set()
+    for p in sorted(dest.iterdir()):
+        part = p.name.startswith("process_")
+        other = (not part or p.name not in ours) if processes > 1 else part
+        if other and not p.name.startswith("."):  # hidden: the store's lock, another process's temporary files
+            log(f"{dest}: removing {p.name}, left by a collection with another number of processes")
+            remove_path(p)
 
 
 def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, template: str | None = None,
@@ -335,6 +373,7 @@ def merge_shares(cs, root):
     the analysis (its bootstrap and permutation draws over rows) what one process would."""
     import numpy as np
 
+    from sparcom_jax.stats.collect import merge_meta
     from sparcom_jax.stats.counts import Counts
 
     n = sum(c.n for c in cs)
@@ -345,8 +384,9 @@ def merge_shares(cs, root):
     labels = {k: None if getattr(cs[0], k) is None else [x for c in cs for x in getattr(c, k)]
               for k in ("ids", "categories", "sources", "groups")}
     return Counts(**{k: v and [v[i] for i in order] for k, v in labels.items()},
-                  meta=dict(cs[0].meta, store=str(root), fingerprint={f"process_{k}": c.meta.get("fingerprint")
-                                                                     for k, c in enumerate(cs)}), **merged)
+                  meta=dict(merge_meta([c.meta for c in cs]), store=str(root),
+                            fingerprint={f"process_{k}": c.meta.get("fingerprint") for k, c in enumerate(cs)}),
+                  **merged)
 
 
 def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
@@ -424,7 +464,7 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     written = {}
     for name, ma in analyses.models.items():
         d = out / "identify" / safe(name)
-        for fa in ma.fields.values():
+        for fa in ma.fields.values() if is_primary() else ():
             export_sets(d, fa.ident)
         written[name] = str(d)
     _seal(out / "identify", "identify", written, _analysis_fingerprint(cfg, analyses, False))
@@ -435,7 +475,7 @@ def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     """Generality, uniqueness, overlaps and layer profiles of every model (OUT/evaluate/<model>.json)."""
     analyses = analyses or analyze_all(cfg, out, full=True)
     _unseal(out / "evaluate")
-    written = {name: write_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
+    written = {name: _shared_json(out / "evaluate" / f"{safe(name)}.json", ma.summary())
                for name, ma in analyses.models.items()}
     _seal(out / "evaluate", "evaluate", written, _analysis_fingerprint(cfg, analyses, True))
     return written
@@ -454,17 +494,18 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
                           "or run `sparcom finetune` first")
     comparison = compare_models(models[names[0]], models[names[-1]])
     _unseal(out / "compare")
-    written = {"comparison": write_json(out / "compare" / "comparison.json", comparison)}
+    written = {"comparison": _shared_json(out / "compare" / "comparison.json", comparison)}
     series = compare_series([(n, models[n]) for n in names]) if len(names) > 2 else None
     if series is not None:
-        written["series"] = write_json(out / "compare" / "series.json", series)
+        written["series"] = _shared_json(out / "compare" / "series.json", series)
     controls = {}
     if "same_template" in analyses.controls:
         controls["same_template"] = compare_models(models[names[0]], analyses.controls["same_template"])
-        written["same_template"] = write_json(out / "compare" / "same_template.json", controls["same_template"])
+        written["same_template"] = _shared_json(out / "compare" / "same_template.json",
+                                                controls["same_template"])
     precision = precision_agreement(cfg, analyses)
     if precision:
-        written["precision"] = write_json(out / "compare" / "precision.json", precision)
+        written["precision"] = _shared_json(out / "compare" / "precision.json", precision)
     _seal(out / "compare", "compare", written, _analysis_fingerprint(cfg, analyses, True))
     return {**written, "_comparison": comparison, "_series": series, "_controls": controls,
             "_precision": precision}
@@ -599,7 +640,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if is_primary():
                         f.unlink(missing_ok=True)
                     continue
-            written[f"{spec.label}_{kind}"] = write_json(f, {**res.to_dict(), "fingerprint": fp})
+            written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp})
             written["_results"][(spec.label, kind)] = res
         del model
     return written
@@ -790,11 +831,15 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
       {label: path} of the outputs (internal objects dropped).
     """
     prepare_out_dir(out)
+    check_shared(out)
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
         log_stale_lock(lock)
         preflight(stage, cfg, out)
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)
+        # The others wait for process 0's last writes (the report): a process that exits first would
+        # have jax.distributed's shutdown give up on process 0 after its timeout, and stop it.
+        barrier("sparcom:stage-done")
     return {"config": str(out / "config.yaml"),
             **{k: v for k, v in res.items() if not str(k).startswith("_")}}

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
+from sparcom_jax.parallel.processes import gather, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, validate_sequences
@@ -67,8 +68,9 @@ def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None, sums: b
 _count_sums_step = functools.partial(_count_step, sums=True)
 
 
-def _check_finite(model, res: dict, idx) -> None:
-    """Stop before counts computed from non-finite activations are kept (`res["nonfinite"]` [R, L]).
+def _check_finite(model, res: dict, idx) -> ValueError | None:
+    """The error that stops counts computed from non-finite activations from being kept
+    (`res["nonfinite"]` [R, L]), or None when every activation is finite.
 
     A NaN is never > 0, so one NaN weight would silently zero every later layer's counts.
     """
@@ -78,11 +80,28 @@ def _check_finite(model, res: dict, idx) -> None:
         layer = int(layers.min())
         seq = int(np.asarray(idx)[rows[layers == layer][0]])
         where = getattr(model, "source_path", None) or "the model"
-        raise ValueError(
+        return ValueError(
             f"{where}: non-finite activations (NaN or Inf) in layer {layer} (first of "
             f"{sorted(set(layers.tolist()))}), e.g. on sequence {seq}; counts from them would be wrong, so none "
             f"are kept. Check the weights of layer {layer} (a corrupted or badly converted checkpoint) or, in "
             "bfloat16/float16, collect in float32 (an overflow)")
+    return None
+
+
+def _agreed_chunks(start: int, n_chunks: int) -> tuple[int, int]:
+    """The chunks [first, last) every process runs: from the earliest chunk any process still has
+    to count to the last chunk any process has.
+
+    Each process counts its own share, so shares of different sizes, or stores resumed after
+    an interruption that left them at different chunks, give the processes different chunks
+    to run; but each chunk's batches are steps of one program over every process's devices,
+    which all must take. A process without rows in a chunk runs its steps on padding rows.
+    """
+    spans = gather([start, n_chunks])
+    todo = spans[spans[:, 0] < spans[:, 1]]
+    if not len(todo):
+        return 0, 0
+    return int(todo[:, 0].min()), int(todo[:, 1].max())
 
 
 def _scatter_rows(rows: dict, idx, res: dict) -> None:
@@ -193,8 +212,13 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
             fp["gate_dtype"] = model.gate_dtype
         fp.update(fingerprint or {})
-        store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
-                           overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes})
+        store = error = None
+        try:
+            store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
+                               overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes})
+        except Exception as e:  # e.g. made for other inputs: every process stops, not this one alone
+            error = e
+        raise_together(error, f"collect: opening the count store {out}")
         chunk = store.chunk_rows
         start = store.done_chunks
         # Tokens of chunks already done count as progress.
@@ -204,29 +228,39 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         result = {k: np.zeros(s, _field_dtype(k)) for k, s in shapes.items()}
 
     n_chunks = -(-n // chunk) if n else 0
+    first, last = _agreed_chunks(start, n_chunks)
     pads = []
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="sparcom-collect-writer") as writer:
-            for k in range(start, n_chunks):
-                if _stop_after_chunks is not None and k - start >= _stop_after_chunks:
+            for k in range(first, last):
+                if _stop_after_chunks is not None and k - first >= _stop_after_chunks:
                     raise KeyboardInterrupt(f"stopped after {_stop_after_chunks} chunk(s) (test hook)")
-                lo, hi = k * chunk, min((k + 1) * chunk, n)
+                # A chunk this process has no rows of (done before, or beyond its share): it runs the
+                # chunk's steps with padding rows only, which are never counted.
+                mine = start <= k < n_chunks
+                lo, hi = (k * chunk, min((k + 1) * chunk, n)) if mine else (0, 0)
                 # In memory the batches land straight in the result (one chunk); a store gets chunk buffers.
                 rows = ({key: np.zeros((hi - lo,) + s[1:], _field_dtype(key)) for key, s in shapes.items()}
                         if store is not None else {key: result[key][lo:hi] for key in shapes})
                 # Rows are scattered into place on a writer thread (numpy copies release the GIL),
                 # so the dispatch loop gets back to the device while the host copies counts out.
                 pending: list = []
+                bad = None
                 for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
-                    _check_finite(model, res, lo + np.asarray(idx))
-                    pending.append(writer.submit(_scatter_rows, rows, idx, res))
+                    if bad is None:
+                        bad = _check_finite(model, res, lo + np.asarray(idx))
+                    if bad is None:
+                        pending.append(writer.submit(_scatter_rows, rows, idx, res))
                     if len(pending) > 2:  # bounds the results waiting on the host
                         pending.pop(0).result()
                 for f in pending:
                     f.result()
-                pads.append(runner.padding_fraction)
-                if store is not None:
-                    store.write_chunk(k, rows)
+                # The chunk's steps are all run (other processes take part in each) before any stops.
+                raise_together(bad, "collect: non-finite activations")
+                if mine:
+                    pads.append(runner.padding_fraction)
+                    if store is not None:
+                        store.write_chunk(k, rows)
     finally:
         if store is not None:
             store.close()  # the lock; an interrupted store stays resumable
@@ -249,35 +283,41 @@ def check_scope_coverage(enc, max_length: int | None) -> dict[str, int]:
     as an all-zero row; it is kept so rows stay aligned with the records, but it
     weighs on consensus sets like a record that activated nothing, so it is never silent.
 
+    In a multi-process run `enc` is this process's share; the refusals are decided on the
+    records of all processes together (a category may lie in one process's share only),
+    so every process stops or none does.
+
     Args:
       enc: an `EncodedSet` (N scope masks bool [T_n], categories, record ids).
       max_length: the cut the sequences were encoded with (for the message).
 
     Returns:
-      {category: records with no token in scope}, for every category of `enc`,
-      in canonical order.
+      {category: records of `enc` with no token in scope}, for every category of
+      `enc`, in canonical order.
 
     Raises:
-      ValueError: when `enc` is empty, or a category has no record with a token in
-        scope (naming the categories and the fix).
+      ValueError: when there are no records, or a category has no record with a token
+        in scope (naming the categories and the fix).
     """
     import warnings
 
     from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
     from sparcom_jax.data import DataWarning
 
-    if len(enc) == 0:
-        raise ValueError("no records to collect counts for; load at least one record per category")
     total = collections.Counter(enc.categories)
     none_in_scope = [not np.any(scope_T) for scope_T in enc.scopes]
     empty = collections.Counter(cat for cat, e in zip(enc.categories, none_in_scope) if e)
     empty_ids = [rid for rid, e in zip(enc.record_ids, none_in_scope) if e]
     present = [c for c in CATEGORIES if total[c]]
+    # [2, C]: records and records with none in scope, per category, over every process.
+    every = gather([[total[c] for c in CATEGORIES], [empty[c] for c in CATEGORIES]]).sum(axis=0)
+    if not every[0].any():
+        raise ValueError("no records to collect counts for; load at least one record per category")
     fix = (f"raise max_length (data.max_length, now {max_length}) or change the scope "
            f"(data.scope, now {enc.scope!r})")
-    dead = [c for c in present if empty[c] == total[c]]
+    dead = [(c, int(n)) for c, n, e in zip(CATEGORIES, *every) if n and e == n]
     if dead:
-        names = ", ".join(f"{SHORT_NAMES[c]} ({c}, {total[c]} record(s))" for c in dead)
+        names = ", ".join(f"{SHORT_NAMES[c]} ({c}, {n} record(s))" for c, n in dead)
         raise ValueError(f"no record of {names} has a token in scope={enc.scope!r} with "
                          f"max_length={max_length}, so nothing of that category would be counted; {fix}")
     if empty_ids:
@@ -301,6 +341,27 @@ def content_cut_summary(enc) -> dict[str, int]:
     cut, capped = np.asarray(enc.content_cut), np.asarray(enc.capped)
     return {"records": int((cut > 0).sum()), "tokens": int(cut.sum()), "max_tokens": int(cut.max(initial=0)),
             "capped_records": int((capped > 0).sum()), "capped_tokens": int(capped.sum())}
+
+
+def merge_meta(metas: Sequence[Mapping]) -> dict:
+    """The meta of counts collected in parts (a multi-process run's shares) as one collection's.
+
+    The counts of records add up over the parts (`collect_instructions`' "n_truncated",
+    "n_empty_scope" per category, "content_cut"; its "max_tokens" is the largest); every
+    other entry is a setting, the same in every part, and is taken from the first.
+    """
+    from sparcom_jax.categories import CATEGORIES
+
+    out = dict(metas[0])
+    if all("n_truncated" in m for m in metas):
+        out["n_truncated"] = sum(int(m["n_truncated"]) for m in metas)
+    if all("n_empty_scope" in m for m in metas):
+        out["n_empty_scope"] = {c: sum(int(m["n_empty_scope"].get(c, 0)) for m in metas) for c in CATEGORIES
+                                if any(c in m["n_empty_scope"] for m in metas)}
+    if all(m.get("content_cut") for m in metas):
+        cuts = [m["content_cut"] for m in metas]
+        out["content_cut"] = {k: (max if k == "max_tokens" else sum)(int(c[k]) for c in cuts) for k in cuts[0]}
+    return out
 
 
 def content_caps_fingerprint(enc, content_caps: Mapping[str, int] | None) -> dict[str, str]:

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparcom_jax.data.batching import fit_buckets, pad_batch, plan_batches
+from sparcom_jax.parallel.mesh import check_rows_in_one_process
 from sparcom_jax.parallel.sharding import state_shardings
 from sparcom_jax.runtime import put_batch
 
@@ -103,6 +104,7 @@ class BatchRunner:
         self.buckets = tuple(buckets) if buckets is not None else None
         graphdef, state = nnx.split(model)
         if mesh is not None:
+            check_rows_in_one_process(mesh)  # each process brings its own rows
             # Inputs arrive committed to their shardings (state here, batches in `run`),
             # so jit takes them as they are; outputs stay split over the data axis.
             state = jax.device_put(state, state_shardings(state, mesh))
@@ -167,7 +169,9 @@ class BatchRunner:
         pending: collections.deque = collections.deque()
         for idx, T in self._schedule(lengths):
             ids, valid = pad_batch([seqs[i] for i in idx], T, rows=self.rows)
-            scope = valid if scopes is None else pad_batch([scopes[i] for i in idx], T, rows=self.rows)[0]
+            # bool even for a padding-only step (no scope to take the dtype from): every process
+            # runs the same program.
+            scope = valid if scopes is None else pad_batch([scopes[i] for i in idx], T, rows=self.rows)[0] > 0
             out = self._fn(self.state, *(put_batch(x, self.batch_sharding, global_batch=False)
                                          for x in (ids, valid, scope)), extra)
             pending.append((idx, out, int(valid.sum())))

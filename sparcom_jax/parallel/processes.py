@@ -1,0 +1,57 @@
+"""What the processes of a multi-host run decide together.
+
+The processes run one SPMD program: every collective (a jitted step over the global
+mesh, an allgather, a barrier) must be reached by all of them, in the same order.
+A process that decides on its own to skip a step, to stop early or to raise an error
+leaves the others waiting at their next collective until the distributed runtime
+gives up on them, minutes later and with a message that does not name the cause.
+So decisions that can differ between processes (how many chunks each has to count,
+whether its store is complete, whether its input is usable) are gathered first and
+taken together. With one process every function here is a plain local answer.
+
+Every process must call these functions at the same point of the program.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+
+from sparcom_jax.errors import OtherProcessError
+
+
+def gather(values) -> np.ndarray:
+    """Every process's integers, in process order.
+
+    Args:
+      values: an int, or an int array of the same shape on every process.
+
+    Returns:
+      int64 [processes, *shape] (one process: [1, *shape]).
+    """
+    a = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return a[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(a)).reshape(jax.process_count(), *a.shape)
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+    """Raise on every process when any process has an error.
+
+    Args:
+      error: this process's error, or None.
+      what: what the processes were doing, for the message of the others.
+
+    Raises:
+      `error` on the process that has it; `OtherProcessError`, naming the first failed
+      process, on the others.
+    """
+    failed = gather(error is not None).reshape(-1)
+    if error is not None:
+        raise error
+    if failed.any():
+        k = int(np.flatnonzero(failed)[0])
+        raise OtherProcessError(f"{what}: process {k} of {jax.process_count()} stopped with an error (its log "
+                                "says why); every process stops with it")
