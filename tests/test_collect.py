@@ -158,17 +158,21 @@ def test_counts_leave_the_device_in_the_narrowest_dtype_that_holds_them():
         ["uint8", "uint8", "uint16", "uint16", "int32"]
 
 
-def test_collect_instructions_attaches_ids_categories_and_scope(hf_checkpoint):
+def _tiny_llama_and_records(per_category, *, hidden, ffn, layers, heads, kv_heads):
+    """The shipped tokenizer, `per_category` shipped records of each category, and a random tiny Llama."""
     from sparcom_jax.data import default_tokenizer, load_instructions, sample_balanced
-
-    tok = default_tokenizer()
-    records = sample_balanced(load_instructions(), 2, seed=0)
     from sparcom_jax.models.config import ModelConfig
 
-    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=32,
-                                          intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2))
-    model = sj.init_model(cfg, seed=0)
+    tok = default_tokenizer()
+    records = sample_balanced(load_instructions(), per_category, seed=0)
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=hidden,
+                                          intermediate_size=ffn, num_hidden_layers=layers,
+                                          num_attention_heads=heads, num_key_value_heads=kv_heads))
+    return tok, records, sj.init_model(cfg, seed=0)
+
+
+def test_collect_instructions_attaches_ids_categories_and_scope(hf_checkpoint):
+    tok, records, model = _tiny_llama_and_records(2, hidden=32, ffn=48, layers=2, heads=4, kv_heads=2)
     prompt = sj.collect_instructions(model, records, tok, scope="prompt", progress=False)
     allc = sj.collect_instructions(model, records, tok, scope="all", progress=False)
     assert prompt.ids == [r.id for r in records]
@@ -499,17 +503,10 @@ def test_merged_shares_count_the_records_of_every_share():
     """The record counts in the meta (truncated records, instruction/input tokens cut, records with
     nothing in scope) of merged per-process shares are those of one collection of every record:
     the report prints them."""
-    from sparcom_jax.data import default_tokenizer, load_instructions, sample_balanced
-    from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.pipeline.stages import merge_shares
     from sparcom_jax.stats.collect import merge_meta
 
-    tok = default_tokenizer()
-    records = sample_balanced(load_instructions(), 3, seed=0)
-    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=16,
-                                          intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                          num_key_value_heads=1))
-    model = sj.init_model(cfg, seed=0)
+    tok, records, model = _tiny_llama_and_records(3, hidden=16, ffn=24, layers=1, heads=2, kv_heads=1)
     kw = dict(scope="content", max_length=24, progress=False, buckets=[24])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
