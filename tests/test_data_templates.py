@@ -229,3 +229,113 @@ def test_content_caps_make_templates_count_the_same_content_tokens(tok):
         encode_records(recs, tok, scope="prompt", content_caps=caps)
     with pytest.raises(ValueError, match=r"no cap >= 0 for 1 record\(s\) \(first: 's'\)"):
         encode_records(recs, tok, scope="content", content_caps={"a": 1, "b": 2})
+
+
+# --- edges found by mutation testing --------------------------------------------
+
+
+def _chat_with(tok, user_turn):
+    """A copy of `tok` whose chat template renders the user turn as `user_turn` (a Jinja
+    expression over m['content'])."""
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ " + user_turn + " }}"
+                       "{% else %}{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    return t
+
+
+def test_content_token_merged_with_template_text_after_it_counts(tok):
+    # The template appends "s" to the message: " island" + "s" is one token (" islands"), which
+    # overlaps the instruction, so it is content.
+    t = _chat_with(tok, "'<|user|>\\n' + m['content'] + 's\\n'")
+    e = encode_record(Record("i", "general_qa", "Name the island", output="Crete"), t, template="chat",
+                      scope="content")
+    assert dec(t, e.ids[e.scope]) == "Name the islands"
+
+
+def test_trimmed_space_token_at_the_end_of_the_content_counts(tok):
+    # Trailing spaces of the instruction: with offsets trimmed, their token has the empty span
+    # at its end, which is the end of the instruction; it is content as without trimming.
+    rec = Record("t", "code", "Fix this   ", output="Fixed.")
+    e, t = (encode_record(rec, k, template="plain", scope="content") for k in (tok, trimming_copy(tok)))
+    assert dec(tok, e.ids[e.scope]) == rec.instruction
+    np.testing.assert_array_equal(t.scope, e.scope)
+
+
+def test_templates_that_alter_or_drop_the_message_are_refused_for_content(tok):
+    altered = _chat_with(tok, "'<|user|>\\n' + m['content'] | replace('\\n\\n', ' ') + '\\n'")
+    dropped = _chat_with(tok, "'<|user|>\\n(the question)\\n'")
+    for t in (altered, dropped):
+        assert encode_record(WITH_INPUT, t, template="chat", scope="prompt").scope.any()  # prompt scope works
+        with pytest.raises(ValueError, match="changes the user message's text"):
+            encode_record(WITH_INPUT, t, template="chat", scope="content")
+
+
+class _Proxy:
+    """A tokenizer stand-in: `tok` with attributes overridden and, optionally, other ids on
+    the call that asks for character offsets."""
+
+    def __init__(self, tok, shift_offset_ids=False, **attrs):
+        self._tok, self._shift, self._attrs = tok, shift_offset_ids, attrs
+
+    def __getattr__(self, name):
+        return self._attrs[name] if name in self._attrs else getattr(self._tok, name)
+
+    def __call__(self, text, **kw):
+        out = dict(self._tok(text, **kw))
+        if self._shift and kw.get("return_offsets_mapping"):
+            out["input_ids"] = [i + 1 for i in out["input_ids"]]
+        return out
+
+
+def test_content_scope_needs_a_fast_and_stable_tokenizer(tok):
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        encode_record(NO_INPUT, _Proxy(tok, is_fast=False), scope="content")
+    with pytest.raises(ValueError, match="tokens changed between two tokenizations"):
+        encode_record(NO_INPUT, _Proxy(tok, shift_offset_ids=True), scope="content")
+
+
+def test_tokenizer_without_bos_or_eos(tok):
+    # Many tokenizers define no BOS (or no EOS): nothing is added in their place.
+    bare = _Proxy(tok, bos_token_id=None, eos_token_id=None)
+    prompt, response = format_plain(NO_INPUT)
+    e = encode_record(NO_INPUT, bare, template="plain", scope="prompt")
+    assert dec(tok, e.ids) == prompt + response
+    assert dec(tok, e.ids[e.scope]) == prompt
+
+
+def test_content_scope_after_a_boundary_merge(tok):
+    # The text-split path (see test_chat_template_boundary_merge_falls_back_to_text_split)
+    # adds no BOS: content starts at the instruction's first token, " Why" (the template's
+    # space merged with the first content word counts as content).
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+                       "{% else %}{{ 'A: ' + m['content'] }}{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+    rec = Record("c", "general_qa", "Why is the sky blue?", output="The air scatters blue light most.")
+    e = encode_record(rec, t, template="chat", scope="content")
+    assert dec(t, e.ids[e.scope]) == " " + rec.instruction
+
+
+def test_max_length_bounds_and_untruncated_records(tok):
+    n = len(encode_record(NO_INPUT, tok))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly max_length tokens: not truncated, no warning
+        e = encode_record(NO_INPUT, tok, max_length=n)
+        assert not e.truncated and len(e) == n
+        assert (e.content_cut, e.capped) == (0, 0)  # only scope="content" leaves content out
+    with pytest.warns(DataWarning):
+        one = encode_record(NO_INPUT, tok, max_length=1, scope="content")
+    assert one.truncated and len(one) == 1 and not one.scope.any()  # BOS only
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
+        encode_record(NO_INPUT, tok, max_length=0)
+
+
+def test_encoded_set_length_and_content_cap_of_zero(tok):
+    from sparcom_jax.data import content_caps
+
+    s = encode_records([WITH_INPUT, NO_INPUT], tok, scope="content", content_caps={"a": 0, "b": 2})
+    assert len(s) == 2
+    assert [int(m.sum()) for m in s.scopes] == [0, 2]  # a cap of 0 counts no content token
+    with pytest.raises(ValueError, match="at least one"):
+        content_caps([NO_INPUT], [], max_length=None)

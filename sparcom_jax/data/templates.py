@@ -163,14 +163,13 @@ def _tok(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def content_spans(record: Record, prompt_text: str, user_start: int) -> list[tuple[int, int]]:
-    """Character spans [start, end) of the instruction and the input in `prompt_text`,
-    where the user message (`user_message(record)`) starts at `user_start`."""
+def content_spans(record: Record, user_start: int) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the instruction and the input in the chat prompt,
+    where the user message (`user_message(record)`) starts, unaltered, at `user_start`
+    (`_user_start` checks that it does)."""
     spans = [(user_start, user_start + len(record.instruction))]
     if record.input:
         start = user_start + len(record.instruction) + 2  # the "\n\n" between them
-        if prompt_text[start:start + len(record.input)] != record.input:
-            start = prompt_text.index(record.input, spans[0][1])
         spans.append((start, start + len(record.input)))
     return spans
 
@@ -223,7 +222,7 @@ def _chat_ids(record: Record, tokenizer) -> tuple[list[int], list[int], str, lis
     # The templated text already holds BOS etc.; tokenizing it must not add more.
     prompt_ids, full_ids = _tok(tokenizer, prompt_text), _tok(tokenizer, full_text)
     user_start = _user_start(tokenizer, user["content"], prompt_text)
-    spans = content_spans(record, prompt_text, user_start) if user_start is not None else None
+    spans = content_spans(record, user_start) if user_start is not None else None
     if full_ids[: len(prompt_ids)] == prompt_ids:
         return prompt_ids, full_ids[len(prompt_ids):], prompt_text, spans, 0
     if full_text.startswith(prompt_text):
