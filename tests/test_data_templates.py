@@ -108,12 +108,16 @@ def test_content_scope_is_the_instruction_and_input_tokens(tok, template):
     np.testing.assert_array_equal(t.scope, e.scope)
 
 
+# A chat template rendering "Q: {instruction}\nA: {response}".
+QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+               "{% else %}{{ 'A: ' + m['content'] }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+
+
 def test_chat_template_boundary_merge_falls_back_to_text_split(tok):
     t = copy.deepcopy(tok)
     # The generation prompt ends in a space that the response's first word would absorb.
-    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                       "{% else %}{{ 'A: ' + m['content'] }}{% endif %}{% endfor %}"
-                       "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+    t.chat_template = QA_TEMPLATE
     rec = Record("c", "general_qa", "Why is the sky blue?", output="The air scatters blue light most.")
     prompt = "Q: Why is the sky blue?\nA: "
     full_ids = t(prompt + rec.output, add_special_tokens=False)["input_ids"]
@@ -309,9 +313,7 @@ def test_content_scope_after_a_boundary_merge(tok):
     # adds no BOS: content starts at the instruction's first token, " Why" (the template's
     # space merged with the first content word counts as content).
     t = copy.deepcopy(tok)
-    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                       "{% else %}{{ 'A: ' + m['content'] }}{% endif %}{% endfor %}"
-                       "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+    t.chat_template = QA_TEMPLATE
     rec = Record("c", "general_qa", "Why is the sky blue?", output="The air scatters blue light most.")
     e = encode_record(rec, t, template="chat", scope="content")
     assert dec(t, e.ids[e.scope]) == " " + rec.instruction

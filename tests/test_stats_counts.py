@@ -48,3 +48,80 @@ def test_sums_and_to_numpy_read_every_array():
         got = getattr(eager, k)
         assert isinstance(got, np.ndarray) and np.array_equal(got, v), k
     assert eager.expert_neuron_active is None and eager.expert_neuron_act_sum is None
+
+
+# ---------------------------------------------------------------- collection helpers (no model)
+
+def test_count_fields_per_model_kind():
+    from types import SimpleNamespace
+
+    from sparcom_jax.stats.collect import _field_dtype, count_fields
+
+    dense = SimpleNamespace(num_layers=2, neuron_width=5, is_moe=False)
+    assert count_fields(dense) == {"neuron_active": (2, 5)}
+    moe = SimpleNamespace(num_layers=3, neuron_width=0, is_moe=True, num_experts=4, moe_intermediate_size=6)
+    assert count_fields(moe) == {"expert_routed": (3, 4), "expert_neuron_active": (3, 4, 6)}
+    shared = SimpleNamespace(num_layers=3, neuron_width=7, is_moe=True, num_experts=4, moe_intermediate_size=6)
+    assert count_fields(shared, sums=True) == {
+        "neuron_active": (3, 7), "expert_routed": (3, 4), "expert_neuron_active": (3, 4, 6),
+        "neuron_act_sum": (3, 7), "expert_weight_sum": (3, 4), "expert_neuron_act_sum": (3, 4, 6)}
+    assert _field_dtype("neuron_act_sum") == np.float32
+    assert _field_dtype("neuron_active") == _field_dtype("tokens") == np.int32
+
+
+def test_nonfinite_activations_name_the_first_layer_and_a_sequence():
+    from types import SimpleNamespace
+
+    from sparcom_jax.stats.collect import _check_finite
+
+    # Rows are sequences 7 and 3; sequence 7 is bad in layer 2, sequence 3 in layers 1 and 2.
+    res = {"nonfinite": np.array([[False, False, True], [False, True, True]]), "tokens": np.array([4, 5])}
+    with pytest.raises(ValueError, match=r"^ckpt: non-finite activations \(NaN or Inf\) in layer 1 "
+                                         r"\(first of \[1, 2\]\), e\.g\. on sequence 3; "):
+        _check_finite(SimpleNamespace(source_path="ckpt"), res, np.array([7, 3]))
+    res = {"nonfinite": np.array([[False, True, False]])}
+    with pytest.raises(ValueError, match=r"^the model: .* in layer 1 "):
+        _check_finite(SimpleNamespace(), res, np.array([0]))
+    res = {"nonfinite": np.zeros((2, 3), bool), "tokens": np.array([4, 5])}
+    _check_finite(SimpleNamespace(), res, np.array([0, 1]))  # all finite: nothing raised,
+    assert list(res) == ["tokens"]  # and the flag is taken out of the results
+
+
+def _encoded(scopes, categories, content_cut=None, capped=None):
+    from sparcom_jax.data.templates import EncodedSet
+
+    n = len(scopes)
+    zeros = np.zeros(n, np.int64)
+    return EncodedSet(ids=[np.zeros(len(s), np.int32) for s in scopes], scopes=[np.asarray(s, bool) for s in scopes],
+                      prompt_lens=zeros, record_ids=[f"r{i}" for i in range(n)], categories=categories,
+                      n_truncated=0, truncated_ids=[], template="plain", scope="content",
+                      content_cut=zeros if content_cut is None else np.asarray(content_cut),
+                      capped=zeros if capped is None else np.asarray(capped))
+
+
+def test_scope_coverage_is_silent_when_every_record_has_a_token_in_scope():
+    import warnings
+
+    from sparcom_jax.stats.collect import check_scope_coverage
+
+    enc = _encoded([[True, False], [False, True]], ["math", "code"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_scope_coverage(enc, 8) == {"code": 0, "math": 0}
+
+
+def test_content_cut_summary_and_caps_fingerprint():
+    from sparcom_jax.stats.collect import content_caps_fingerprint, content_cut_summary
+
+    enc = _encoded([[True]] * 4, ["math"] * 4, content_cut=[0, 3, 1, 5], capped=[0, 2, 0, 1])
+    assert content_cut_summary(enc) == {"records": 3, "tokens": 9, "max_tokens": 5,
+                                        "capped_records": 2, "capped_tokens": 3}
+    assert content_cut_summary(_encoded([], [])) == {"records": 0, "tokens": 0, "max_tokens": 0,
+                                                     "capped_records": 0, "capped_tokens": 0}
+    caps = {"r0": 4, "r1": 2, "r2": 9, "r3": 7}
+    fp = content_caps_fingerprint(enc, caps)
+    assert list(fp) == ["content_caps"]
+    assert content_caps_fingerprint(enc, dict(caps)) == fp != content_caps_fingerprint(enc, dict(caps, r3=6))
+    # No caps, or caps that left out no token here: nothing to tell the counts apart by.
+    assert content_caps_fingerprint(enc, None) == {}
+    assert content_caps_fingerprint(_encoded([[True]] * 4, ["math"] * 4), caps) == {}
