@@ -410,3 +410,37 @@ def test_record_built_in_code_is_checked():
         Record("x", "cod", "Write code.")
     with pytest.raises(ValueError, match="empty instruction"):
         Record("x", "math", "  ")
+
+
+def test_records_in_memory_load_with_the_checks_of_a_file():
+    # A notebook holds its records as dicts or a DataFrame; they pass the same checks as a file.
+    import pandas as pd
+
+    rows = [dict(r) for r in ROWS]
+    assert load_instructions(rows) == EXPECTED
+    assert load_instructions(pd.DataFrame(rows)) == EXPECTED
+    assert load_instructions(r for r in rows) == EXPECTED
+    assert load_instructions(EXPECTED) == EXPECTED
+    renamed = [{("prompt" if k == "instruction" else k): v for k, v in r.items()} for r in rows]
+    assert load_instructions(renamed, fields={"instruction": "prompt"}) == EXPECTED
+    assert "instruction" not in renamed[0]  # the caller's dicts are left as they were
+    no_ids = load_instructions([{k: v for k, v in r.items() if k != "id"} for r in rows])
+    assert [r.id for r in no_ids] == ["records:item 1", "records:item 2", "records:item 3"]
+    with pytest.raises(ValueError, match=r"^records:item 2: duplicate id 'r1' \(first seen at records:item 1\)"):
+        load_instructions([rows[0], rows[0]])
+    with pytest.raises(ValueError, match=r"^records:item 2: unknown category 'poetry'"):
+        load_instructions([rows[0], {**rows[1], "category": "poetry"}])
+    with pytest.raises(ValueError, match=r"^records:item 2: expected a dict or Record, got str"):
+        load_instructions([rows[0], "Add 2 and 3."])
+    with pytest.raises(ValueError, match=r"^records: no records \(an empty list\)"):
+        load_instructions([])
+
+
+def test_as_records_passes_records_through_and_reads_anything_else(tmp_path):
+    from sparcom_jax.data import as_records
+
+    assert all(a is b for a, b in zip(as_records(EXPECTED), EXPECTED))
+    assert as_records([dict(r) for r in ROWS]) == EXPECTED
+    assert as_records(write_jsonl(tmp_path / "r.jsonl", ROWS)) == EXPECTED
+    with pytest.raises(ValueError, match="duplicate id"):
+        as_records([ROWS[0], ROWS[0]])

@@ -158,3 +158,21 @@ def test_loading_records_leaves_the_callers_datasets_progress_bars_as_they_were(
             assert datasets.is_progress_bar_enabled() is setting
     finally:
         (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
+
+
+def test_collection_and_the_loss_take_records_as_dicts(monkeypatch):
+    # A notebook's own records are dicts; they are checked and encoded like a file's.
+    import sparcom_jax.stats.collect as collect
+    import sparcom_jax.stats.losses as losses
+
+    rows = [{"id": f"{c}-1", "category": c.upper()[:4], "instruction": f"A {c} task.", "output": "Done."}
+            for c in ("code", "math")]
+    seen = {}
+    monkeypatch.setattr(collect, "collect_counts", lambda model, seqs, scopes, batch_size, **kw: seen.update(kw))
+    monkeypatch.setattr(collect, "check_scope_coverage", lambda enc, max_length: {})
+    collect.collect_instructions(None, rows, sj.default_tokenizer())
+    assert seen["ids"] == ["code-1", "math-1"] and seen["categories"] == ["code", "math"]
+    monkeypatch.setattr(losses, "CategoryLoss", lambda model, enc, **kw: enc)
+    assert losses.make_loss_fn(None, rows, sj.default_tokenizer()).categories == ["code", "math"]
+    with pytest.raises(ValueError, match="records:item 2: duplicate id 'code-1'"):
+        collect.collect_instructions(None, [rows[0], rows[0]], sj.default_tokenizer())

@@ -6,7 +6,7 @@ function needs them, so `import sparcom_jax.data` stays cheap.
 
 from sparcom_jax.data.adapters import ADAPTERS, DOLLY_CATEGORIES, detect_adapter
 from sparcom_jax.data.batching import Batch, BatchPlan, default_buckets, fit_buckets, pad_batch, plan_batches
-from sparcom_jax.data.loaders import SHIPPED_PATH, load_instructions, read_table
+from sparcom_jax.data.loaders import SHIPPED_PATH, as_records, load_instructions, read_table
 from sparcom_jax.data.records import DataWarning, Excluded, LoadReport, Problem, Record, validate_row
 from sparcom_jax.data.sampling import count_by_category, sample_balanced
 from sparcom_jax.data.templates import (
@@ -23,7 +23,7 @@ from sparcom_jax.data.templates import (
 from sparcom_jax.data.tokenizer import TOKENIZER_DIR, default_tokenizer, resolve_tokenizer
 
 __all__ = [
-    "ADAPTERS", "DOLLY_CATEGORIES", "SCOPES", "SHIPPED_PATH", "TEMPLATES", "TOKENIZER_DIR",
+    "ADAPTERS", "DOLLY_CATEGORIES", "SCOPES", "SHIPPED_PATH", "TEMPLATES", "TOKENIZER_DIR", "as_records",
     "Batch", "BatchPlan", "DataWarning", "Encoded", "EncodedSet", "Excluded", "LoadReport",
     "Problem", "Record", "content_caps", "count_by_category", "default_buckets", "default_tokenizer", "fit_buckets",
     "detect_adapter", "encode_record", "encode_records", "format_plain", "load_instructions",

@@ -11,7 +11,9 @@ Positions in messages: JSON Lines and CSV report the line number
 (`file.jsonl:12: ...`), a JSON array the item (`file.json:item 3: ...`),
 Parquet and `datasets` directories the row (`file.parquet:row 3: ...`,
 `dir:train row 3: ...`), all counted from 1; ids derived from them: see
-`load_instructions`.
+`load_instructions`. Records given in memory (dicts, `Record`s, a pandas DataFrame,
+as a notebook has them) go through the same validation, as the file `records` with
+the item counted from 1 (`records:item 3: ...`).
 
 Text files (JSON, JSON Lines, CSV, TSV) must be UTF-8: they are decoded here
 first, so a stray Latin-1 byte is reported with its line instead of as a
@@ -65,6 +67,7 @@ class _Table:
     where: list[str]
     columns: list[str]
     problems: list[Problem]
+    in_memory: bool = False
 
 
 def _datasets_load(builder: str, file: Path, **kwargs) -> tuple[list[dict], list[str]]:
@@ -285,6 +288,50 @@ def read_table(path: str | os.PathLike) -> _Table:
     )
 
 
+IN_MEMORY = "records"  # the "file" named in messages about records given in memory
+
+
+def _rows_table(rows: Any) -> _Table:
+    """Records given in memory as one table: a pandas DataFrame, or a sequence of dicts and
+    `Record`s (positions "item 1", "item 2", ...)."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a DataFrame, without importing pandas
+        rows = rows.to_dict("records")
+    items, where, problems = [], [], []
+    for i, obj in enumerate(rows, start=1):
+        if isinstance(obj, Record):
+            obj = dataclasses.asdict(obj)
+        if isinstance(obj, Mapping):
+            items.append(dict(obj))
+            where.append(f"item {i}")
+        else:
+            problems.append(Problem(
+                IN_MEMORY, f"item {i}", f"expected a dict or Record, got {type(obj).__name__}",
+                "make every item a dict with the record fields, e.g. {'id': ..., 'category': ..., "
+                "'instruction': ...}"))
+    if not items and not problems:
+        raise ValueError(f"{IN_MEMORY}: no records (an empty list); pass at least one record")
+    columns = list(dict.fromkeys(k for row in items for k in row))
+    return _Table(IN_MEMORY, items, where, columns, problems, in_memory=True)
+
+
+def _is_rows(source: Any) -> bool:
+    """Whether `load_instructions` was given records in memory rather than file names."""
+    if source is None or isinstance(source, (str, os.PathLike)):
+        return False
+    if hasattr(source, "to_dict") and hasattr(source, "columns"):
+        return True
+    return isinstance(source, Sequence) and (not source or any(isinstance(r, (Mapping, Record)) for r in source))
+
+
+def as_records(records: Any) -> list[Record]:
+    """`records` as a list of `Record`s: a list of Records as it is, anything else (a file,
+    a list of files, dicts, a DataFrame) read with `load_instructions`."""
+    if isinstance(records, Sequence) and not isinstance(records, str) and records \
+            and all(isinstance(r, Record) for r in records):
+        return list(records)
+    return load_instructions(records)
+
+
 def _apply_fields(table: _Table, fields: Mapping[str, str]) -> None:
     """Copy each mapped column into the name the record (or adapter) expects."""
     for ours, theirs in fields.items():
@@ -360,6 +407,8 @@ def check_fields(fields: Mapping[str, str] | None, adapter: str | None = None) -
 
 def _id_stem(table: _Table) -> str:
     """The prefix of derived ids: the file name without its suffix (a directory's name)."""
+    if table.in_memory:
+        return IN_MEMORY
     p = Path(table.file)
     return p.name if p.is_dir() else p.stem
 
@@ -386,7 +435,7 @@ def _as_paths(path) -> list[Path]:
 
 
 def load_instructions(
-    path: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+    path: str | os.PathLike | Iterable[str | os.PathLike] | Sequence[Mapping | Record] | Any | None = None,
     *,
     fields: Mapping[str, str] | None = None,
     adapter: str | None = None,
@@ -409,7 +458,10 @@ def load_instructions(
 
     Args:
       path: a file (.json, .jsonl, .csv, .tsv, .parquet), a `datasets`
-        save_to_disk directory, or a list of them; None loads the shipped set.
+        save_to_disk directory, or a list of them; None loads the shipped set. Or the
+        records themselves: a list of dicts (or `Record`s), or a pandas DataFrame, with
+        the same columns and checks as a file (named `records` in messages, items
+        counted from 1; without an `id` column the ids are "records:item <n>").
       fields: expected column -> column in the file, e.g.
         {"instruction": "prompt", "output": "completion"}. Expected columns are
         the record fields, or the adapter's columns when `adapter` is set.
@@ -448,8 +500,10 @@ def load_instructions(
     adapter_excluded: list[Excluded] = []
     records: list[Record] = []
     seen: dict[str, tuple[str, bool]] = {}  # id -> (where first seen, derived)
-    for file in _as_paths(path):
-        table = read_table(file)
+    if isinstance(path, Iterable) and not isinstance(path, (str, os.PathLike)) and not hasattr(path, "columns"):
+        path = list(path)  # a generator (or a `datasets.Dataset`) is read once
+    tables = [_rows_table(path)] if _is_rows(path) else map(read_table, _as_paths(path))
+    for table in tables:
         report.files.append(table.file)
         report.n_rows += len(table.rows) + len(table.problems)
         problems.extend(table.problems)
@@ -527,4 +581,4 @@ def load_instructions(
     return (records, report) if return_report else records
 
 
-__all__ = ["DataWarning", "SHIPPED_PATH", "check_fields", "load_instructions", "read_table"]
+__all__ = ["DataWarning", "SHIPPED_PATH", "as_records", "check_fields", "load_instructions", "read_table"]

@@ -382,8 +382,9 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
 
     Args:
       model: a `CausalLM`.
-      records: `Record`s (e.g. from `load_instructions`), or a path to an instruction
-        file / `datasets` directory, read with `load_instructions(records)`.
+      records: `Record`s (e.g. from `load_instructions`), or anything `load_instructions`
+        reads (a path to an instruction file / `datasets` directory, a list of dicts, a
+        pandas DataFrame), read and checked with `load_instructions(records)`.
       tokenizer: defaults to the model directory's tokenizer, else the shipped one.
       template: "plain" or "chat"; scope: "prompt" (default, as in the paper),
         "content" (instruction and input only), "response" (teacher forcing) or "all".
@@ -400,11 +401,10 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
     With scope="content", meta["content_cut"] says how much instruction/input text
     truncation and the caps left out (`content_cut_summary`).
     """
-    from sparcom_jax.data import encode_records, load_instructions, resolve_tokenizer
+    from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
     from sparcom_jax.data.splits import group_ids
 
-    if isinstance(records, (str, Path)):
-        records = load_instructions(records)
+    records = as_records(records)
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length,
                          content_caps=content_caps)

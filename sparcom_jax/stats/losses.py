@@ -134,12 +134,13 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
                  expert_mode: str = "post") -> Callable[[np.ndarray | None], Mapping[str, float]]:
     """The `loss_fn` for `ablation_matrix`: mask (or None) -> {category: mean response loss}.
 
+    `records`: as in `collect_instructions` (Records, a file, dicts, a DataFrame);
     `buckets`: fixed padded lengths; `expert_mode`: see `CategoryLoss`. The returned
     `CategoryLoss` also reports ``last_dropped_mass``.
     """
-    from sparcom_jax.data import encode_records, resolve_tokenizer
+    from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
 
     tok = resolve_tokenizer(model, tokenizer)
-    enc = encode_records(records, tok, template=template, scope="response", max_length=max_length)
+    enc = encode_records(as_records(records), tok, template=template, scope="response", max_length=max_length)
     return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
                         expert_mode=expert_mode)
