@@ -414,11 +414,13 @@ def test_record_built_in_code_is_checked():
 
 def test_records_in_memory_load_with_the_checks_of_a_file():
     # A notebook holds its records as dicts or a DataFrame; they pass the same checks as a file.
+    import datasets
     import pandas as pd
 
     rows = [dict(r) for r in ROWS]
     assert load_instructions(rows) == EXPECTED
     assert load_instructions(pd.DataFrame(rows)) == EXPECTED
+    assert load_instructions(datasets.Dataset.from_list(rows)) == EXPECTED
     assert load_instructions(r for r in rows) == EXPECTED
     assert load_instructions(EXPECTED) == EXPECTED
     renamed = [{("prompt" if k == "instruction" else k): v for k, v in r.items()} for r in rows]
