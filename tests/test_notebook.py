@@ -176,3 +176,12 @@ def test_collection_and_the_loss_take_records_as_dicts(monkeypatch):
     assert losses.make_loss_fn(None, rows, sj.default_tokenizer()).categories == ["code", "math"]
     with pytest.raises(ValueError, match="records:item 2: duplicate id 'code-1'"):
         collect.collect_instructions(None, [rows[0], rows[0]], sj.default_tokenizer())
+
+
+def test_analysing_counts_without_categories_says_how_to_give_them():
+    # collect_counts over bare token ids is the README's low-level entry point; its counts
+    # cannot be analysed by category, and the error names the two ways to give categories.
+    counts = sj.Counts(tokens=np.array([4, 4], np.int32), neuron_active=np.ones((2, 1, 8), np.int32))
+    with pytest.raises(ValueError, match=r"no per-instruction categories.*collect_instructions\(model, records\).*"
+                                         r"categories=\[one category per sequence\] to collect_counts"):
+        sj.analyze_model(counts)

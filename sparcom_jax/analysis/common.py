@@ -41,7 +41,9 @@ def category_labels(categories: Sequence[str] | None) -> np.ndarray:
     """
     if categories is None:
         raise ValueError(
-            "these counts carry no per-instruction categories; category sets need them"
+            "these counts carry no per-instruction categories; category sets need them. Collect with "
+            "collect_instructions(model, records) (records carry their categories), or pass "
+            "categories=[one category per sequence] to collect_counts"
         )
     return np.asarray(
         [CATEGORIES.index(normalize_category(c)) for c in categories], dtype=np.int64
