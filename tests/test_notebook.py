@@ -185,3 +185,40 @@ def test_analysing_counts_without_categories_says_how_to_give_them():
     with pytest.raises(ValueError, match=r"no per-instruction categories.*collect_instructions\(model, records\).*"
                                          r"categories=\[one category per sequence\] to collect_counts"):
         sj.analyze_model(counts)
+
+
+def test_a_comparison_displays_its_headline_figures_and_stays_a_plain_dict():
+    import dataclasses
+    import json
+
+    from sparcom_jax.analysis import IdentifyConfig, compare_models
+
+    before = _study_counts()
+    moved = before.neuron_active.copy()
+    moved[:, 0] = np.roll(moved[:, 0], 7, axis=-1)  # layer 0's neurons change, the others stay
+    after = dataclasses.replace(before, neuron_active=moved)
+    cfg = IdentifyConfig(eps=0.02, aggregation="pooled", threshold=0.25)
+    comparison = compare_models(before, after, cfg, names=("base", "tuned"), n_boot=3, n_perm=9)
+    isn, diag = comparison["isn"], comparison["moves"]["isn"]["diagonal_dominance"]
+
+    def per_cat(key, fmt=str):
+        return ", ".join(f"{short} {fmt(isn[c][key])}"
+                         for c, short in zip(sj.CATEGORIES, ("CLS", "CODE", "QA", "GEN", "MATH", "SUM")))
+
+    contrast = ", ".join(f"{short} {isn[c]['contrast']['size_before']}->{isn[c]['contrast']['size_after']}"
+                         for c, short in zip(sj.CATEGORIES, ("CLS", "CODE", "QA", "GEN", "MATH", "SUM")))
+    assert repr(comparison).splitlines() == [
+        "Comparison 'base' -> 'tuned': top eps=0.02 (ties keep), pooled",
+        "  isn",
+        f"    |S(c)| before     {per_cat('size_before')}",
+        f"    |S(c)| after      {per_cat('size_after')}",
+        f"    retained          {per_cat('retained')}",
+        f"    gained            {per_cat('gained')}",
+        f"    lost              {per_cat('lost')}",
+        f"    jaccard           {per_cat('jaccard', lambda v: 'n/a' if v is None else f'{v:.3g}')}",
+        f"    diagonal          {diag['before']:.3g} -> {diag['after']:.3g}",
+        f"    |S(c)| contrast   {contrast} (absolute threshold=0.25, pooled)",
+        "  every number: the dict's keys (docs/analysis.md)",
+    ]
+    assert 0 < isn["code"]["retained"] < isn["code"]["size_before"] == isn["code"]["retained"] + isn["code"]["lost"]
+    assert isinstance(comparison, dict) and json.loads(json.dumps(comparison)) == comparison

@@ -15,13 +15,13 @@ from sparcom_jax.analysis.identify import (
     instruction_sets, select_units,
 )
 from sparcom_jax.analysis.study import (
-    FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, between_groups, build_summary, compare_models,
+    Comparison, FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, between_groups, build_summary, compare_models,
     compare_series, subset_diagonal,
 )
 from sparcom_jax.analysis.uncertainty import bootstrap, cluster_index, permutation_test, resample_weights
 
 __all__ = [
-    "AblationResult", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis", "RULE_SUPPORT",
+    "AblationResult", "Comparison", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis", "RULE_SUPPORT",
     "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "between_groups", "bootstrap",
     "build_summary", "category_block_means", "category_order", "category_overlap", "category_sets",
     "cluster_index", "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",

@@ -513,6 +513,37 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
                     "max_length=...) to collect_instructions) or raise max_length")
 
 
+class Comparison(dict):
+    """The `compare_models` dict (keys in its docstring), displayed as its headline figures.
+
+    A plain dict in every other way (JSON-safe, `build_summary(comparison=...)`); only its
+    repr differs, because a notebook cell would otherwise print every per-layer list (about
+    9,000 characters for a 2-layer model).
+    """
+
+    def __repr__(self) -> str:
+        rule = IdentifyConfig.from_dict(self["rules"]["main"]["identification"]).describe()
+        lines = [f"Comparison {self['before']!r} -> {self['after']!r}: {rule}"]
+        rows = (("size_before", "|S(c)| before"), ("size_after", "|S(c)| after"), ("retained", "retained"),
+                ("gained", "gained"), ("lost", "lost"))
+        for sec, moves in self["moves"].items():
+            per = self[sec]
+            lines.append(f"  {sec}")
+            lines += [f"    {label:<17} {per_category_text({c: per[c][key] for c in CATEGORIES})}"
+                      for key, label in rows]
+            lines.append(f"    {'jaccard':<17} {per_category_text({c: _num(per[c]['jaccard']) for c in CATEGORIES})}")
+            diag = moves["diagonal_dominance"]
+            if diag["before"] is not None or diag["after"] is not None:
+                lines.append(f"    {'diagonal':<17} {_num(diag['before'])} -> {_num(diag['after'])}")
+            if all(per[c].get("contrast") for c in CATEGORIES):
+                sizes = {c: f"{per[c]['contrast']['size_before']}->{per[c]['contrast']['size_after']}"
+                         for c in CATEGORIES}
+                contrast = IdentifyConfig.from_dict(self["rules"]["contrast"]["identification"]).describe()
+                lines.append(f"    {'|S(c)| contrast':<17} {per_category_text(sizes)} ({contrast})")
+        lines.append("  every number: the dict's keys (docs/analysis.md)")
+        return "\n".join(lines)
+
+
 def compare_models(
     before: ModelAnalysis | Counts, after: ModelAnalysis | Counts, cfg: IdentifyConfig | None = None,
     *, names: tuple[str, str] = ("before", "after"), **analyze_kw,
@@ -526,7 +557,7 @@ def compare_models(
       **analyze_kw: passed to analyze_model for Counts.
 
     Returns:
-      The `comparison` dict: before, after (names), "<section>": {category:
+      The `comparison` dict (a `Comparison`, which displays its headline figures): before, after (names), "<section>": {category:
       {size_before, size_after, retained, gained, lost, jaccard, per_layer,
       frequency_shift, contrast: {size_before, size_after, retained, gained,
       lost, jaccard} under the contrast rule (None when not run)}}, "moves":
@@ -538,8 +569,8 @@ def compare_models(
         raise ValueError("the two models were identified with different rules")
     check_comparable([mb, ma])
     has_contrast = any(f.contrast is not None for f in mb.fields.values())
-    out: dict[str, Any] = {"before": mb.name, "after": ma.name, "moves": {},
-                           "rules": rules_entry(mb.config, has_contrast)}
+    out = Comparison({"before": mb.name, "after": ma.name, "moves": {},
+                      "rules": rules_entry(mb.config, has_contrast)})
     for sec in mb.fields:
         if sec in ma.fields:
             out[sec], out["moves"][sec] = compare_fields(mb[sec], ma[sec])
