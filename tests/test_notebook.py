@@ -222,3 +222,16 @@ def test_a_comparison_displays_its_headline_figures_and_stays_a_plain_dict():
     ]
     assert 0 < isn["code"]["retained"] < isn["code"]["size_before"] == isn["code"]["retained"] + isn["code"]["lost"]
     assert isinstance(comparison, dict) and json.loads(json.dumps(comparison)) == comparison
+
+
+def test_a_figure_shows_inline_in_a_notebook_without_pyplot():
+    # IPython shows a Figure by its _repr_png_ unless pyplot's inline backend registered a
+    # formatter; the report's figures never import pyplot, so they carry their own.
+    import struct
+
+    from sparcom_jax.report import figures
+
+    fig = figures.overlap_heatmaps({"base": np.eye(6).tolist(), "tuned": np.eye(6).tolist()}, "overlap")
+    png = fig._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == tuple(round(v * 100) for v in fig.get_size_inches())

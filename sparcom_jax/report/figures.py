@@ -21,8 +21,21 @@ from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report.tables import SHORT
 
 
+class NotebookFigure(Figure):
+    """A matplotlib Figure that a Jupyter notebook shows inline as it is.
+
+    IPython draws a plain Figure only once the inline backend has registered its formatter,
+    which happens when pyplot is imported; these figures never touch pyplot, so without
+    `_repr_png_` a cell ending in one printed "<Figure size ... with 4 Axes>". Where the
+    backend's formatter is registered IPython uses it instead (one image either way).
+    """
+
+    def _repr_png_(self) -> bytes:
+        return to_png(self)
+
+
 def _fig(w: float, h: float) -> Figure:
-    fig = Figure(figsize=(w, h), layout="constrained")
+    fig = NotebookFigure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
