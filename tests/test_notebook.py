@@ -235,3 +235,37 @@ def test_a_figure_shows_inline_in_a_notebook_without_pyplot():
     png = fig._repr_png_()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png[16:24]) == tuple(round(v * 100) for v in fig.get_size_inches())
+
+
+def test_a_model_displays_its_counted_widths_and_how_it_runs(hf_checkpoint):
+    # flax's own repr is the tree of every weight (about 100 lines) with the config on one line.
+    import json
+
+    from sparcom_jax.models.config import ModelConfig
+
+    path = hf_checkpoint("llama")
+    model = sj.load_model(path, with_tokenizer=False)
+    assert str(model).splitlines() == repr(model).splitlines() == [
+        f"CausalLM llama: 2 layers, hidden 32, vocab 96; {_n_params('llama'):,} parameters (float32)",
+        "  FFN               48 neurons per layer (silu)",
+        "  runs              compute float32, gate float32; attention blocked on cpu",
+        f"  from              {path}; no tokenizer (pass tokenizer= to collect)",
+        "  every weight: nnx.display(model); the architecture: model.config",
+    ]
+    hf = json.loads((hf_checkpoint("qwen2_moe") / "config.json").read_text())
+    moe = sj.abstract_model(ModelConfig.from_hf_config(hf), dtype="bfloat16", gate_dtype="float32")
+    assert repr(moe).splitlines() == [
+        f"CausalLM qwen2_moe: 2 layers, hidden 32, vocab 96; {_n_params('qwen2_moe'):,} parameters (bfloat16)",
+        "  experts           4 per layer, top-2 (not renormalised), 16 neurons each",
+        "  shared expert     40 neurons per layer (silu)",
+        f"  runs              compute bfloat16, gate float32; attention blocked on cpu; {moe.moe_dispatch}",
+        "  from              no directory (abstract, no weights); the shipped tokenizer",
+        "  every weight: nnx.display(model); the architecture: model.config",
+    ]
+
+
+def _n_params(variant: str) -> int:
+    """The parameters of a tiny test checkpoint, counted by transformers (an independent count)."""
+    from hf_fixtures import make_torch_model
+
+    return sum(p.numel() for p in make_torch_model(variant).parameters())

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparcom_jax.models.config import ModelConfig
@@ -161,6 +162,36 @@ class CausalLM(nnx.Module):
 
     tokenizer = _companion("tokenizer", "The checkpoint directory's tokenizer (or None); not part of the graph.")
     source_path = _companion("source_path", "The directory the weights came from (or None); not part of the graph.")
+
+    def __repr__(self) -> str:
+        # What a notebook cell shows: the architecture's counted widths and how the model runs,
+        # not flax's tree of every weight (about 100 lines, the config on one line near the end).
+        cfg = self.config
+        params = jax.tree.leaves(nnx.state(self, nnx.Param))
+        n = sum(int(np.prod(x.shape)) for x in params)
+        lines = [f"CausalLM {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
+                 f"{cfg.vocab_size:,}; {n:,} parameters ({jnp.dtype(params[0].dtype).name})"]
+        if cfg.is_moe:
+            norm = "renormalised" if cfg.norm_topk_prob else "not renormalised"
+            lines.append(f"  experts           {cfg.num_experts} per layer, top-{cfg.top_k} ({norm}), "
+                         f"{cfg.moe_intermediate_size:,} neurons each")
+        if cfg.neuron_width:
+            what = "shared expert" if cfg.is_moe else "FFN"
+            lines.append(f"  {what:<17} {cfg.neuron_width:,} neurons per layer ({cfg.hidden_act})")
+        runs = f"compute {jnp.dtype(self.dtype).name}, gate {self.gate_dtype}; attention {self.dispatch.attention}"
+        lines.append(f"  runs              {runs} on {self.dispatch.backend}"
+                     + (f"; {self.moe_dispatch}" if cfg.is_moe else ""))
+        if self.source_path:
+            tok = "its tokenizer" if self.tokenizer is not None else "no tokenizer (pass tokenizer= to collect)"
+            source = f"{self.source_path}; {tok}"
+        else:  # resolve_tokenizer falls back to the shipped tokenizer only for such a model
+            weights = "random weights" if isinstance(params[0], jax.Array) else "abstract, no weights"
+            source = f"no directory ({weights}); the shipped tokenizer"
+        lines.append(f"  from              {source}")
+        lines.append("  every weight: nnx.display(model); the architecture: model.config")
+        return "\n".join(lines)
+
+    __str__ = __repr__  # flax's Object prints its tree for str() too
 
     @property
     def moe_dispatch(self) -> str | None:
