@@ -269,3 +269,13 @@ def _n_params(variant: str) -> int:
     from hf_fixtures import make_torch_model
 
     return sum(p.numel() for p in make_torch_model(variant).parameters())
+
+
+def test_counts_say_what_their_collection_compiled():
+    # A notebook user re-running a cell wants to see whether it compiled again.
+    counts = _study_counts()
+    counts.meta.update(tokens_per_s=1234.5, compilations={"compilations": 3, "cache_hits": 1, "compile_seconds": 2.04})
+    assert repr(counts).splitlines()[4:] == [
+        "  collected at 1,234 tokens/s; 3 XLA program(s) compiled, 1 loaded from the on-disk cache (2.0 s)",
+        "  in memory",
+    ]

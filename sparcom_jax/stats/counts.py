@@ -87,6 +87,10 @@ class Counts:
                          if m.get(k) is not None)
         if made:
             lines.append(f"  {made}")
+        c = m.get("compilations")
+        if isinstance(c, dict) and m.get("tokens_per_s") is not None:  # did a re-run cell compile again?
+            lines.append(f"  collected at {m['tokens_per_s']:,.0f} tokens/s; {c['compilations']} XLA program(s) "
+                         f"compiled, {c['cache_hits']} loaded from the on-disk cache ({c['compile_seconds']:.1f} s)")
         lazy = not isinstance(self.tokens, np.ndarray)
         lines.append(f"  read lazily from {m.get('store', 'disk')}" if lazy else "  in memory")
         return "\n".join(lines)
