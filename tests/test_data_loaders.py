@@ -446,3 +446,6 @@ def test_as_records_passes_records_through_and_reads_anything_else(tmp_path):
     assert as_records(write_jsonl(tmp_path / "r.jsonl", ROWS)) == EXPECTED
     with pytest.raises(ValueError, match="duplicate id"):
         as_records([ROWS[0], ROWS[0]])
+    # Records built in code are checked too: ids key the counts, the content caps and the splits.
+    with pytest.raises(ValueError, match=r"^records:item 3: duplicate id 'r1' \(first seen at records:item 1\)"):
+        as_records([EXPECTED[0], EXPECTED[1], EXPECTED[0]])

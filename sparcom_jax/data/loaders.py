@@ -324,10 +324,17 @@ def _is_rows(source: Any) -> bool:
 
 
 def as_records(records: Any) -> list[Record]:
-    """`records` as a list of `Record`s: a list of Records as it is, anything else (a file,
-    a list of files, dicts, a DataFrame) read with `load_instructions`."""
+    """`records` as a list of `Record`s: a list of Records as it is (after checking that their
+    ids are unique, as a file's must be), anything else (a file, a list of files, dicts, a
+    DataFrame) read with `load_instructions`."""
     if isinstance(records, Sequence) and not isinstance(records, str) and records \
             and all(isinstance(r, Record) for r in records):
+        first: dict[str, int] = {}
+        for i, r in enumerate(records, start=1):
+            if r.id in first:
+                raise ValueError(f"{IN_MEMORY}:item {i}: duplicate id {r.id!r} (first seen at "
+                                 f"{IN_MEMORY}:item {first[r.id]}); give each record a unique id")
+            first[r.id] = i
         return list(records)
     return load_instructions(records)
 
