@@ -327,8 +327,8 @@ def as_records(records: Any) -> list[Record]:
     """`records` as a list of `Record`s: a list of Records as it is (after checking that their
     ids are unique, as a file's must be), anything else (a file, a list of files, dicts, a
     DataFrame) read with `load_instructions`."""
-    if isinstance(records, Sequence) and not isinstance(records, str) and records \
-            and all(isinstance(r, Record) for r in records):
+    if isinstance(records, Sequence) and not isinstance(records, str) \
+            and all(isinstance(r, Record) for r in records):  # an empty list too: the caller says what is missing
         first: dict[str, int] = {}
         for i, r in enumerate(records, start=1):
             if r.id in first:
