@@ -62,3 +62,36 @@ def test_a_batch_size_that_is_not_an_integer_is_named(tiny):
             sj.collect_counts(tiny, seqs, batch_size=bad, progress=False)
     ok = sj.collect_counts(tiny, seqs, batch_size=np.int64(2), progress=False)
     assert np.asarray(ok.tokens).tolist() == [3, 2]
+
+
+def test_a_tokenizers_padded_output_is_counted_without_its_padding():
+    # tokenizer(texts, padding=True) is how a notebook gets token ids (README "Using it from
+    # Python"); its padding, on either side, must not count as tokens.
+    from sparcom_jax.stats.runner import unpad
+
+    tok = default_tokenizer()  # its own: the padding side is changed below
+
+    texts = ["Sort 3, 1, 2.", "Write a long poem about the sea and the wind tonight."]
+    plain = [np.asarray(tok(t)["input_ids"]) for t in texts]
+    for side in ("right", "left"):
+        tok.padding_side = side
+        batch = tok(texts, padding=True, return_tensors="np")
+        assert batch["input_ids"].shape[1] == len(plain[1]) > len(plain[0])
+        rows = unpad(batch)
+        assert [r.tolist() for r in rows] == [p.tolist() for p in plain]
+    assert unpad(plain) is plain
+
+
+def test_one_padded_array_is_refused_with_the_fix_before_the_model_runs(tok):
+    from sparcom_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=16,
+                                          intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1))
+    model = sj.abstract_model(cfg)  # no weights: the refusal must come before any forward pass
+    batch = tok(["Sort 3, 1, 2.", "Write a long poem about the sea."], padding=True, return_tensors="np")
+    with pytest.raises(ValueError, match=r"one \[2, \d+\] array; if it is padded, the padding would be counted.*"
+                                         r"attention_mask"):
+        sj.collect_counts(model, batch["input_ids"], progress=False)
+    with pytest.raises(ValueError, match="without an attention_mask"):
+        sj.collect_counts(model, {"input_ids": batch["input_ids"]}, progress=False)

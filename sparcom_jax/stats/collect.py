@@ -23,7 +23,7 @@ from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
 from sparcom_jax.parallel.processes import gather, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
-from sparcom_jax.stats.runner import BatchRunner, validate_sequences
+from sparcom_jax.stats.runner import BatchRunner, unpad, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
 
 
@@ -152,7 +152,9 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
 
     Args:
       model: a `CausalLM` (from `load_model` or `init_model`).
-      sequences: N 1-D int arrays of token ids.
+      sequences: N 1-D int arrays of token ids, or a tokenizer's padded output (a mapping
+        with input_ids and attention_mask [N, T]; each row is taken without its padding).
+        One [N, T] array is refused: its padding would be counted as tokens.
       scopes: optional N 1-D bool arrays (same lengths); only True tokens count.
         Default: every real token.
       batch_size: rows per batch (per process); batches are length-bucketed.
@@ -185,7 +187,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     ensure_compilation_cache()
     compiled_before = compile_stats()
     cfg = model.config
-    seqs, scps = validate_sequences(sequences, scopes, cfg.vocab_size)
+    seqs, scps = validate_sequences(unpad(sequences), scopes, cfg.vocab_size)
     n = len(seqs)
     labels = {"ids": ids, "categories": categories, "sources": sources, "groups": groups}
     for name, v in labels.items():

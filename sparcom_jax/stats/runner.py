@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -23,6 +23,36 @@ from sparcom_jax.data.batching import fit_buckets, pad_batch, plan_batches
 from sparcom_jax.parallel.mesh import check_rows_in_one_process
 from sparcom_jax.parallel.sharding import state_shardings
 from sparcom_jax.runtime import put_batch
+
+
+def unpad(sequences):
+    """The sequences of a tokenizer's padded output (a mapping with ``input_ids`` and
+    ``attention_mask`` [B, T], e.g. a `BatchEncoding`): each row without its padding, on
+    either side. Anything else is returned as it is.
+
+    Raises:
+      ValueError: for one padded [B, T] array without its mask: its padding would be
+        counted as tokens (and, padded on the left, seen by every real token).
+    """
+    if isinstance(sequences, Mapping) and "input_ids" in sequences:
+        ids = np.asarray(sequences["input_ids"])
+        if "attention_mask" not in sequences:
+            if ids.ndim == 2:
+                raise ValueError("sequences: input_ids [B, T] without an attention_mask; pass the tokenizer's "
+                                 "whole output (input_ids and attention_mask), or a list of unpadded 1-D arrays")
+            return [ids] if ids.ndim == 1 else ids
+        mask = np.asarray(sequences["attention_mask"]).astype(bool)
+        if mask.shape != ids.shape or ids.ndim not in (1, 2):
+            raise ValueError(f"sequences: input_ids {ids.shape} and attention_mask {mask.shape} must be one "
+                             "[B, T] shape")
+        return [ids[mask]] if ids.ndim == 1 else [row[keep] for row, keep in zip(ids, mask)]
+    if getattr(sequences, "ndim", None) == 2:
+        raise ValueError(
+            f"sequences: one {list(sequences.shape)} array; if it is padded, the padding would be counted as "
+            "tokens. Pass the tokenizer's output itself (input_ids with its attention_mask, e.g. "
+            "tokenizer(texts, padding=True, return_tensors='np')), or a list of unpadded 1-D arrays "
+            "(list(array) when no row is padded)")
+    return sequences
 
 
 def validate_sequences(sequences, scopes, vocab_size: int):
