@@ -279,3 +279,17 @@ def test_counts_say_what_their_collection_compiled():
         "  collected at 1,234 tokens/s; 3 XLA program(s) compiled, 1 loaded from the on-disk cache (2.0 s)",
         "  in memory",
     ]
+
+
+def test_the_progress_bar_says_a_first_batch_may_be_compiling():
+    # A notebook's first collection sits at 0 % while XLA compiles; the bar says why until a batch is done.
+    from sparcom_jax.stats.collect import _Progress
+
+    bar = _Progress(100, True, "collect")
+    assert bar.bar.postfix == "first batch: compiling the forward for new shapes"
+    assert "first batch: compiling" in str(bar.bar)
+    bar(0)  # a batch with no counted tokens leaves the note
+    assert bar.bar.postfix == "first batch: compiling the forward for new shapes"
+    bar(40)
+    assert not bar.bar.postfix and "compiling" not in str(bar.bar) and "40.0/100" in str(bar.bar)
+    bar.close(0.1)

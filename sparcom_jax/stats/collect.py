@@ -119,8 +119,14 @@ class _Progress:
         self.done = 0
         self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True,
                         disable=not enabled or jax.process_index() != 0)
+        # A first call sits at 0 % while XLA compiles (seconds to minutes): say why.
+        self.bar.set_postfix_str(self.WAITING)
+
+    WAITING = "first batch: compiling the forward for new shapes"
 
     def __call__(self, n: int):
+        if not self.done and n:
+            self.bar.set_postfix_str("", refresh=False)
         self.done += n
         self.bar.update(n)
 
