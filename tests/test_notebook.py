@@ -293,3 +293,13 @@ def test_the_progress_bar_says_a_first_batch_may_be_compiling():
     bar(40)
     assert not bar.bar.postfix and "compiling" not in str(bar.bar) and "40.0/100" in str(bar.bar)
     bar.close(0.1)
+
+
+def test_a_missing_section_names_the_ones_there_are():
+    # A dense model has no "ise" (a Mixtral no "isn"); a bare KeyError('ise') said nothing.
+    analysis = sj.analyze_model(_study_counts(n_per_category=2), name="base", n_boot=2, n_perm=9)
+    with pytest.raises(KeyError, match=r"'base' has no section 'ise'; it has \['isn'\]\. Sections: 'isn' "
+                                       r"\(neuron_active\), 'ise' \(expert_routed\), 'expert_neurons' "
+                                       r"\(expert_neuron_active\)"):
+        analysis["ise"]
+    assert analysis["isn"] is analysis.fields["isn"]

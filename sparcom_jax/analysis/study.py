@@ -93,6 +93,11 @@ class ModelAnalysis:
     meta: dict = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, section: str) -> FieldAnalysis:
+        if section not in self.fields:  # e.g. "isn" of a Mixtral, which has no dense or shared-expert neurons
+            known = ", ".join(f"{sec!r} ({field})" for field, sec in SECTIONS.items())
+            raise KeyError(f"{self.name!r} has no section {section!r}; it has {sorted(self.fields)}. Sections: "
+                           f"{known}, each present when the counts have that field and analyze_model(fields=...) "
+                           "kept it")
         return self.fields[section]
 
     def __repr__(self) -> str:
