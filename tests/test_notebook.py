@@ -303,3 +303,31 @@ def test_a_missing_section_names_the_ones_there_are():
                                        r"\(expert_neuron_active\)"):
         analysis["ise"]
     assert analysis["isn"] is analysis.fields["isn"]
+
+
+def test_a_series_displays_its_trends_and_stays_a_plain_dict():
+    import dataclasses
+    import json
+
+    from sparcom_jax.analysis import IdentifyConfig, compare_series
+
+    first = _study_counts(n_per_category=4)
+    moved = first.neuron_active.copy()
+    moved[:, 0] = np.roll(moved[:, 0], 7, axis=-1)
+    items = [("step0", first), ("step1", first), ("final", dataclasses.replace(first, neuron_active=moved))]
+    series = compare_series(items, IdentifyConfig(eps=0.02, aggregation="pooled"), n_boot=2, n_perm=9)
+    t = series["isn"]
+    shorts = ("CLS", "CODE", "QA", "GEN", "MATH", "SUM")
+    sizes = ", ".join(f"{s} {'->'.join(map(str, t['per_category_count'][c]))}" for c, s in zip(sj.CATEGORIES, shorts))
+    jac = ", ".join(f"{s} {'->'.join(f'{v:.3g}' for v in t['vs_base']['jaccard'][c])}"
+                    for c, s in zip(sj.CATEGORIES, shorts))
+    assert repr(series).splitlines() == [
+        "SeriesComparison over 3 checkpoints: step0, step1, final",
+        "  isn",
+        f"    |S(c)|            {sizes}",
+        f"    jaccard vs first  {jac}",
+        f"    diagonal          {'->'.join(f'{v:.3g}' for v in t['diagonal_dominance'])}",
+        "  every number: the dict's keys (docs/analysis.md)",
+    ]
+    assert t["vs_base"]["jaccard"]["code"][:2] == [1.0, 1.0] and t["vs_base"]["jaccard"]["code"][2] < 1
+    assert isinstance(series, dict) and json.loads(json.dumps(series)) == series

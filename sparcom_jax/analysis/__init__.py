@@ -15,13 +15,14 @@ from sparcom_jax.analysis.identify import (
     instruction_sets, select_units,
 )
 from sparcom_jax.analysis.study import (
-    Comparison, FieldAnalysis, ModelAnalysis, analyze_field, analyze_model, between_groups, build_summary, compare_models,
-    compare_series, subset_diagonal,
+    Comparison, FieldAnalysis, ModelAnalysis, SeriesComparison, analyze_field, analyze_model, between_groups,
+    build_summary, compare_models, compare_series, subset_diagonal,
 )
 from sparcom_jax.analysis.uncertainty import bootstrap, cluster_index, permutation_test, resample_weights
 
 __all__ = [
-    "AblationResult", "Comparison", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis", "RULE_SUPPORT",
+    "AblationResult", "Comparison", "FieldAnalysis", "IdentifyConfig", "Identification", "ModelAnalysis",
+    "RULE_SUPPORT", "SeriesComparison",
     "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "between_groups", "bootstrap",
     "build_summary", "category_block_means", "category_order", "category_overlap", "category_sets",
     "cluster_index", "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",

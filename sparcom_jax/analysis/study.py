@@ -582,6 +582,29 @@ def compare_models(
     return out
 
 
+class SeriesComparison(dict):
+    """The `compare_series` dict (keys in its docstring), displayed as its trends: per section
+    |S(c)|, the Jaccard with the first checkpoint and the diagonal along the checkpoints.
+    Otherwise a plain dict, like `Comparison`."""
+
+    def __repr__(self) -> str:
+        def path(values) -> str:
+            return "->".join(str(v) if isinstance(v, int) else _num(v) for v in values)  # None: n/a
+
+        names = self["names"]
+        lines = [f"SeriesComparison over {len(names)} checkpoints: {', '.join(names)}"]
+        for sec, t in self.items():
+            if sec == "names":
+                continue
+            lines += [f"  {sec}",
+                      f"    {'|S(c)|':<17} {per_category_text({c: path(v) for c, v in t['per_category_count'].items()})}",
+                      f"    {'jaccard vs first':<17} "
+                      f"{per_category_text({c: path(v) for c, v in t['vs_base']['jaccard'].items()})}",
+                      f"    {'diagonal':<17} {path(t['diagonal_dominance'])}"]
+        lines.append("  every number: the dict's keys (docs/analysis.md)")
+        return "\n".join(lines)
+
+
 def compare_series(
     items: Iterable[tuple[str, ModelAnalysis | Counts]], cfg: IdentifyConfig | None = None,
     **analyze_kw,
@@ -594,8 +617,9 @@ def compare_series(
       **analyze_kw: passed to analyze_model for Counts.
 
     Returns:
-      {"names": [S], "<section>": trends}, where each trend is a list over the
-      series (per category where it applies): per_category_count, unique,
+      A `SeriesComparison` (a dict that displays its trends): {"names": [S],
+      "<section>": trends}, where each trend is a list over the series (per
+      category where it applies): per_category_count, unique,
       unique_ratio, general, general_share, union, diagonal_dominance,
       mean_frequency, per_layer ([S][L] per category), phases (boundaries),
       vs_base / vs_previous {retained, gained, lost, jaccard} (the first
@@ -630,7 +654,7 @@ def compare_series(
             t[f"contrast_{k}"] = (None if any(s.get("contrast") is None for s in sums)
                                   else {c: [s["contrast"][k][c] for s in sums] for c in CATEGORIES})
         out[sec] = t
-    return jsonable(out)
+    return SeriesComparison(jsonable(out))
 
 
 def build_summary(
