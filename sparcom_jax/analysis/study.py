@@ -562,10 +562,11 @@ def compare_models(
       **analyze_kw: passed to analyze_model for Counts.
 
     Returns:
-      The `comparison` dict (a `Comparison`, which displays its headline figures): before, after (names), "<section>": {category:
-      {size_before, size_after, retained, gained, lost, jaccard, per_layer,
-      frequency_shift, contrast: {size_before, size_after, retained, gained,
-      lost, jaccard} under the contrast rule (None when not run)}}, "moves":
+      The `comparison` dict (a `Comparison`, which displays its headline figures):
+      before, after (names), "<section>": {category: {size_before, size_after,
+      retained, gained, lost, jaccard, per_layer, frequency_shift, contrast:
+      {size_before, size_after, retained, gained, lost, jaccard} under the
+      contrast rule (None when not run)}}, "moves":
       {"<section>": model-level changes}, and "rules" (rules_entry).
     """
     mb = _as_analysis(before, cfg, names[0], analyze_kw)

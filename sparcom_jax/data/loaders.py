@@ -442,7 +442,7 @@ def _as_paths(path) -> list[Path]:
 
 
 def load_instructions(
-    path: str | os.PathLike | Iterable[str | os.PathLike] | Sequence[Mapping | Record] | Any | None = None,
+    path: str | os.PathLike | Iterable[str | os.PathLike | Mapping | Record] | None = None,
     *,
     fields: Mapping[str, str] | None = None,
     adapter: str | None = None,
@@ -466,8 +466,8 @@ def load_instructions(
     Args:
       path: a file (.json, .jsonl, .csv, .tsv, .parquet), a `datasets`
         save_to_disk directory, or a list of them; None loads the shipped set. Or the
-        records themselves: a list of dicts (or `Record`s), or a pandas DataFrame, with
-        the same columns and checks as a file (named `records` in messages, items
+        records themselves: a list of dicts (or `Record`s), a pandas DataFrame or a
+        `datasets.Dataset`, with the same columns and checks as a file (named `records` in messages, items
         counted from 1; without an `id` column the ids are "records:item <n>").
       fields: expected column -> column in the file, e.g.
         {"instruction": "prompt", "output": "completion"}. Expected columns are
