@@ -128,3 +128,24 @@ def test_content_cut_summary_and_caps_fingerprint():
     # No caps, or caps that left out no token here: nothing to tell the counts apart by.
     assert content_caps_fingerprint(enc, None) == {}
     assert content_caps_fingerprint(_encoded([[True]] * 4, ["math"] * 4), caps) == {}
+
+
+def test_a_store_is_not_reused_for_records_with_other_group_keys(tmp_path):
+    """collect_counts reuses a complete store made with the same fingerprint; group keys are not in
+    it, so a store of records since regrouped came back with its old keys, and the analysis drew
+    clusters of the old texts without a word. A store written before keys were kept still opens."""
+    from sparcom_jax.errors import StaleResultError
+    from sparcom_jax.stats.store import CountStore, read_header
+
+    def store(groups, **kw):
+        s = CountStore(tmp_path, {"tokens": (2,)}, ids=["a", "b"], categories=["code", "math"], groups=groups,
+                       meta={}, chunk_rows=2, **kw)
+        s.close()
+        return s
+
+    store(["g1", "g2"])
+    with pytest.raises(StaleResultError, match="made for different inputs \\(groups\\)"):
+        store(["g1", "g1"])
+    assert store(None).done_chunks == 0 and read_header(tmp_path)["groups"] == ["g1", "g2"]
+    store(["g1", "g1"], overwrite=True)
+    assert read_header(tmp_path)["groups"] == ["g1", "g1"]

@@ -110,6 +110,8 @@ class CountStore:
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             mismatch = [k for k in ("n", "chunk_rows", "shapes", "ids", "categories") if old.get(k) != header[k]]
+            if None not in (old.get("groups"), header["groups"]) and old["groups"] != header["groups"]:
+                mismatch.append("groups")  # a store written before group keys were kept has none to compare
             old_model = (old.get("meta") or {}).get("model")
             if old_model != meta.get("model"):
                 mismatch.append("meta.model")
