@@ -676,3 +676,23 @@ def test_activation_sums_match_pytorch_hooks(variant, hf_checkpoint, tmp_path):
         assert np.all(ours.expert_weight_sum.sum(-1) <= ours.tokens[:, None] + 1e-4)
     plain = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False)
     assert plain.sums() == {}
+
+
+def test_a_store_opened_while_another_process_fails_to_open_its_own_is_released(tmp_path, monkeypatch):
+    """When another process cannot open its count store, every process stops together; one whose
+    store had opened kept its lock (the pid of a process now gone), and its next collection
+    into that store, in the same session or from another host, was refused as 'being written'."""
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.fileio import LOCK_NAME
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.parallel import processes
+
+    model = sj.init_model(ModelConfig.from_hf_config(dict(
+        model_type="llama", vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)), seed=0)
+    seqs, scopes = make_inputs(n=3)
+    # what two processes gather when the other one (process 1) failed to open its store
+    monkeypatch.setattr(processes, "gather", lambda failed: np.array([int(failed), 1]))
+    with pytest.raises(OtherProcessError, match="opening the count store"):
+        sj.collect_counts(model, seqs, scopes, out=tmp_path / "store", progress=False, buckets=[24])
+    assert (tmp_path / "store" / "meta.json").is_file() and not (tmp_path / "store" / LOCK_NAME).exists()

@@ -218,7 +218,12 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                                overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes})
         except Exception as e:  # e.g. made for other inputs: every process stops, not this one alone
             error = e
-        raise_together(error, f"collect: opening the count store {out}")
+        try:
+            raise_together(error, f"collect: opening the count store {out}")
+        except BaseException:
+            if store is not None:  # opened here while another process failed: its lock must not outlive this
+                store.close()
+            raise
         chunk = store.chunk_rows
         start = store.done_chunks
         # Tokens of chunks already done count as progress.
