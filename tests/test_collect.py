@@ -550,6 +550,19 @@ def test_per_process_stores_merge_back_in_the_records_order(n, processes, monkey
     assert merged.meta["fingerprint"] == {f"process_{k}": k for k in range(processes)}
 
 
+def test_shares_of_which_one_has_no_group_keys_merge_without_them():
+    """A store resumed from before group keys were kept has none, while another process's store,
+    new, has them: the merge iterated the missing list (TypeError). Without keys in every share
+    the merged counts carry none, and open_model_counts takes them from the records."""
+    from sparcom_jax.pipeline.stages import merge_shares
+
+    parts = [sj.Counts(tokens=np.array([1, 2][k:k + 1]), ids=[f"r{k}"], categories=["code"], sources=None,
+                       groups=[f"g{k}"] if k == 0 else None, meta={}) for k in range(2)]
+    merged = merge_shares(parts, "root")
+    assert merged.groups is None and merged.ids == ["r0", "r1"]
+    assert merge_shares(parts[:1] * 2, "root").groups == ["g0", "g0"]
+
+
 # ---------------------------------------------------------------- exact zeros
 ZEROED = {"llama": [("mlp.gate_proj.weight", 0, 5), ("mlp.gate_proj.weight", 1, 17)],
           "qwen2_moe": [("mlp.experts.gate_up_proj", 0, (2, 3)), ("mlp.experts.gate_up_proj", 1, (1, 9)),

@@ -387,7 +387,9 @@ def merge_shares(cs, root):
     order = np.argsort(np.concatenate([np.arange(k, n, len(cs)) for k in range(len(cs))]), kind="stable")
     merged = {k: np.concatenate([getattr(c, k) for c in cs])[order]
               for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
-    labels = {k: None if getattr(cs[0], k) is None else [x for c in cs for x in getattr(c, k)]
+    # A label some share lacks is left out (a store resumed from before group keys were kept has none;
+    # open_model_counts then takes them from the records).
+    labels = {k: None if any(getattr(c, k) is None for c in cs) else [x for c in cs for x in getattr(c, k)]
               for k in ("ids", "categories", "sources", "groups")}
     return Counts(**{k: v and [v[i] for i in order] for k, v in labels.items()},
                   meta=dict(merge_meta([c.meta for c in cs]), store=str(root),
