@@ -110,8 +110,10 @@ class CountStore:
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             mismatch = [k for k in ("n", "chunk_rows", "shapes", "ids", "categories") if old.get(k) != header[k]]
-            if None not in (old.get("groups"), header["groups"]) and old["groups"] != header["groups"]:
-                mismatch.append("groups")  # a store written before group keys were kept has none to compare
+            # Labels that are not in every fingerprint (collect_instructions' has the ids only); a label
+            # the store or the caller lacks (written before group keys were kept) has none to compare.
+            mismatch += [k for k in ("sources", "groups")
+                         if None not in (old.get(k), header[k]) and old[k] != header[k]]
             old_model = (old.get("meta") or {}).get("model")
             if old_model != meta.get("model"):
                 mismatch.append("meta.model")
