@@ -550,6 +550,42 @@ def test_per_process_stores_merge_back_in_the_records_order(n, processes, monkey
     assert merged.meta["fingerprint"] == {f"process_{k}": k for k in range(processes)}
 
 
+def test_a_multi_host_run_checks_that_every_host_sees_collect_store(tmp_path, monkeypatch):
+    """With collect.store outside OUT, each host wrote its share into its own directory; process 0
+    merged the one share it saw and, after the whole collection, refused it as 'records changed;
+    run sparcom collect --overwrite', which changed nothing. The store directory is probed at the
+    start like --out, and the refusal names the setting."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from sparcom_jax.config import ConfigError, apply_overrides, load_config
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline import common, stages
+
+    (tmp_path / "pod.yaml").write_text(POD_CONFIG)
+    cfg = apply_overrides(load_config(tmp_path / "pod.yaml"), [f"collect.store={tmp_path / 'store'}"])
+    probed = []
+
+    def stop(*args):
+        raise ConfigError("stopped")
+
+    with monkeypatch.context() as m:
+        m.setattr(stages, "check_shared", lambda d, what="--out": probed.append((d, what)))
+        m.setattr(stages, "preflight", stop)  # once the directories are checked
+        with pytest.raises(ConfigError, match="stopped"):
+            stages.run_stage("collect", cfg, tmp_path / "out")
+    assert probed == [(tmp_path / "out", "--out"), (tmp_path / "store", "collect.store")]
+    # process 0 of two, process 1 not seeing its probe file
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+    monkeypatch.setattr(common, "barrier", lambda name: None)
+    monkeypatch.setattr(processes, "gather", lambda seen: np.array([[int(seen)], [0]]))
+    with pytest.raises(ConfigError, match=r"^collect.store .*/new: process\(es\) 1 of 2 do not see the files .* "
+                                          r"needs collect.store on a file system every host mounts"):
+        common.check_shared(tmp_path / "new", "collect.store")
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # made, and the probe removed
+
+
 def test_shares_of_which_one_has_no_group_keys_merge_without_them():
     """A store resumed from before group keys were kept has none, while another process's store,
     new, has them: the merge iterated the missing list (TypeError). Without keys in every share

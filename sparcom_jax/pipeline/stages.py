@@ -840,6 +840,8 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     """
     prepare_out_dir(out)
     check_shared(out)
+    if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
+        check_shared(Path(cfg.collect.store), "collect.store")
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
         log_stale_lock(lock)
