@@ -701,6 +701,33 @@ def test_a_nan_weight_stops_collection_naming_the_layer(variant, param, where, l
         assert json.loads((tmp_path / impl / "progress.json").read_text())["done_chunks"] == 0
 
 
+def test_one_process_stops_at_the_first_batch_with_non_finite_activations(monkeypatch):
+    """The multi-host merge runs a chunk's remaining steps before a non-finite error is raised
+    (the other processes take part in each); one process has nobody to wait for, yet it ran
+    them all: an in-memory collection (one chunk) counted every record of a broken model first."""
+    import jax.numpy as jnp
+
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.stats import runner
+
+    model = sj.init_model(ModelConfig.from_hf_config(dict(
+        model_type="llama", vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)), seed=0)
+    model.blocks.ffn.gate_proj[0, 3, 5] = jnp.nan
+    seqs, scopes = make_inputs(n=24)
+    batches, run = [], runner.BatchRunner.run
+
+    def counted(self, *args, **kw):
+        for item in run(self, *args, **kw):
+            batches.append(item[0])
+            yield item
+
+    monkeypatch.setattr(runner.BatchRunner, "run", counted)
+    with pytest.raises(ValueError, match="non-finite activations .* in layer 0"):
+        sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, buckets=[24])
+    assert len(batches) == 1  # of 12
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2_moe", "mixtral"])
 def test_activation_sums_match_pytorch_hooks(variant, hf_checkpoint, tmp_path):
     """sums=True: A summed over counted tokens where A > 0 (neurons, expert neurons) and the

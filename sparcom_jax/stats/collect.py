@@ -256,6 +256,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                         bad = _check_finite(model, res, lo + np.asarray(idx))
                     if bad is None:
                         pending.append(writer.submit(_scatter_rows, rows, idx, res))
+                    elif jax.process_count() == 1:
+                        break  # no other process waits for this one in the chunk's remaining steps
                     if len(pending) > 2:  # bounds the results waiting on the host
                         pending.pop(0).result()
                 for f in pending:
