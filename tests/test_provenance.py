@@ -393,6 +393,21 @@ def test_outputs_a_rerun_no_longer_makes_leave_the_stage_directory(done, tmp_pat
     assert not [p for p in (out / "report").rglob("*") if "tuned" in p.name]
 
 
+def test_identify_leaves_no_set_list_of_an_earlier_run_in_a_models_directory(done, tmp_path, monkeypatch):
+    """identify writes one directory per model: the lists of a section an earlier run made there (the
+    ISEs of an MoE model since replaced under the same name) stayed beside the new ones, under a
+    fingerprint that vouched for them."""
+    import shutil
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    made = sorted(p.name for p in (out / "identify" / "base").iterdir())
+    (out / "identify" / "base" / "ise.json").write_text("{}")
+    run_stage("identify", exp(), out)
+    assert sorted(p.name for p in (out / "identify" / "base").iterdir()) == made
+
+
 def test_counts_made_with_other_content_caps_are_refused():
     # The caps depend on every model and template of the study, not on this store's own
     # settings: a store counted with other caps counted other tokens and must not be reused.

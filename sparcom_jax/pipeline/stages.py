@@ -472,6 +472,8 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     written = {}
     for name, ma in analyses.models.items():
         d = out / "identify" / safe(name)
+        if is_primary():  # a section an earlier run listed here (another model of this name) must not stay
+            remove_path(d)
         for fa in ma.fields.values() if is_primary() else ():
             export_sets(d, fa.ident)
         written[name] = str(d)
