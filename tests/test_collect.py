@@ -28,6 +28,13 @@ def make_inputs(n=7, vocab=96, seed=3, with_scopes=True):
     return seqs, scopes
 
 
+def _tiny_llama():
+    """A random one-layer Llama for `make_inputs`' vocabulary, for what needs a model, not its numbers."""
+    return sj.init_model(sj.ModelConfig.from_hf_config(dict(
+        model_type="llama", vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)), seed=0)
+
+
 def assert_counts_equal(ours, ref, tol_fraction=1e-3):
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref["tokens"])
     for field in ("neuron_active", "expert_routed", "expert_neuron_active"):
@@ -707,12 +714,9 @@ def test_one_process_stops_at_the_first_batch_with_non_finite_activations(monkey
     them all: an in-memory collection (one chunk) counted every record of a broken model first."""
     import jax.numpy as jnp
 
-    from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.stats import runner
 
-    model = sj.init_model(ModelConfig.from_hf_config(dict(
-        model_type="llama", vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1)), seed=0)
+    model = _tiny_llama()
     model.blocks.ffn.gate_proj[0, 3, 5] = jnp.nan
     seqs, scopes = make_inputs(n=24)
     batches, run = [], runner.BatchRunner.run
@@ -760,12 +764,9 @@ def test_a_store_opened_while_another_process_fails_to_open_its_own_is_released(
     into that store, in the same session or from another host, was refused as 'being written'."""
     from sparcom_jax.errors import OtherProcessError
     from sparcom_jax.fileio import LOCK_NAME
-    from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.parallel import processes
 
-    model = sj.init_model(ModelConfig.from_hf_config(dict(
-        model_type="llama", vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1)), seed=0)
+    model = _tiny_llama()
     seqs, scopes = make_inputs(n=3)
     # what two processes gather when the other one (process 1) failed to open its store
     monkeypatch.setattr(processes, "gather", lambda failed: np.array([int(failed), 1]))

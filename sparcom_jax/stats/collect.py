@@ -166,7 +166,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       ids, categories, sources, groups, meta: stored with the counts.
       fingerprint: components that identify the inputs (`sparcom_jax.fingerprint`);
         merged over the ones computed here (model, dtype, tokens). A store is
-        resumed or reused only for the same fingerprint.
+        resumed or reused only for the same fingerprint and labels (`CountStore`).
       overwrite: replace a store made for other inputs instead of refusing.
       sums: also collect, in-graph, the float32 sums beside the counts (`Counts`
         ``neuron_act_sum``, ``expert_weight_sum``, ``expert_neuron_act_sum``): the

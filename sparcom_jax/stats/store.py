@@ -76,7 +76,8 @@ class CountStore:
       meta: provenance stored in meta.json.
       chunk_rows: rows per chunk (the unit of progress and resumption).
       fingerprint: components of the inputs' fingerprint (`sparcom_jax.fingerprint`);
-        an existing store is resumed only when it has the same fingerprint.
+        an existing store is resumed only when it has the same fingerprint, and the same
+        record ids and categories, and sources and group keys where both sides have them.
       overwrite: replace an existing store made for other inputs instead of refusing.
       dtypes: {field: numpy dtype} where it is not int32 (the float sums).
 
