@@ -708,6 +708,23 @@ def test_a_nan_weight_stops_collection_naming_the_layer(variant, param, where, l
         assert json.loads((tmp_path / impl / "progress.json").read_text())["done_chunks"] == 0
 
 
+def test_a_given_model_digest_is_not_computed_again(tmp_path, monkeypatch):
+    """The pipeline passes the digest of the model's files in the fingerprint; collect_counts hashed
+    the weights again for its own and dropped it, so with the digest cache off every collection read
+    all the weights twice."""
+    from sparcom_jax import fingerprint
+
+    monkeypatch.setenv(fingerprint.DIGEST_CACHE_ENV, "off")
+    sj.save_model(_tiny_llama(), tmp_path / "m")
+    model = sj.load_model(tmp_path / "m", with_tokenizer=False)
+    hashed, sha256 = [], fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: hashed.append(path) or sha256(path))
+    c = sj.collect_counts(model, [], None, out=tmp_path / "given", progress=False, fingerprint={"model": "given"})
+    assert hashed == [] and c.meta["fingerprint"]["model"] == "given"
+    c = sj.collect_counts(model, [], None, out=tmp_path / "own", progress=False)  # none given: its files'
+    assert len(hashed) == 2 and c.meta["fingerprint"]["model"] == fingerprint.model_files_fingerprint(tmp_path / "m")
+
+
 def test_one_process_stops_at_the_first_batch_with_non_finite_activations(monkeypatch):
     """The multi-host merge runs a chunk's remaining steps before a non-finite error is raised
     (the other processes take part in each); one process has nobody to wait for, yet it ran

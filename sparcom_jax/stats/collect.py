@@ -207,11 +207,14 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         out = Path(out)
         if jax.process_count() > 1:
             out = out / f"process_{jax.process_index()}"
-        fp = {"model": model_fingerprint(model), "dtype": jnp.dtype(model.dtype).name,
-              "tokens": digest_arrays(seqs, scps), "sums": bool(sums)}
+        given = dict(fingerprint or {})
+        # A caller's model digest (the pipeline's, of the model's files) stands; computing it again
+        # here read every byte of the weights a second time when the digest cache is off.
+        fp = {"model": given["model"] if "model" in given else model_fingerprint(model),
+              "dtype": jnp.dtype(model.dtype).name, "tokens": digest_arrays(seqs, scps), "sums": bool(sums)}
         if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
             fp["gate_dtype"] = model.gate_dtype
-        fp.update(fingerprint or {})
+        fp.update(given)
         store = error = None
         try:
             store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
