@@ -28,6 +28,13 @@ def make_inputs(n=7, vocab=96, seed=3, with_scopes=True):
     return seqs, scopes
 
 
+def _tiny_llama():
+    """A random one-layer Llama for `make_inputs`' vocabulary, for what needs a model, not its numbers."""
+    return sj.init_model(sj.ModelConfig.from_hf_config(dict(
+        model_type="llama", vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)), seed=0)
+
+
 def assert_counts_equal(ours, ref, tol_fraction=1e-3):
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref["tokens"])
     for field in ("neuron_active", "expert_routed", "expert_neuron_active"):
@@ -550,6 +557,55 @@ def test_per_process_stores_merge_back_in_the_records_order(n, processes, monkey
     assert merged.meta["fingerprint"] == {f"process_{k}": k for k in range(processes)}
 
 
+def test_a_multi_host_run_checks_that_every_host_sees_collect_store(tmp_path, monkeypatch):
+    """With collect.store outside OUT, each host wrote its share into its own directory; process 0
+    merged the one share it saw and, after the whole collection, refused it as 'records changed;
+    run sparcom collect --overwrite', which changed nothing. The store directory is probed at the
+    start like --out, and the refusal names the setting."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from sparcom_jax.config import ConfigError, apply_overrides, load_config
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline import common, stages
+
+    (tmp_path / "pod.yaml").write_text(POD_CONFIG)
+    cfg = apply_overrides(load_config(tmp_path / "pod.yaml"), [f"collect.store={tmp_path / 'store'}"])
+    probed = []
+
+    def stop(*args):
+        raise ConfigError("stopped")
+
+    with monkeypatch.context() as m:
+        m.setattr(stages, "check_shared", lambda d, what="--out": probed.append((d, what)))
+        m.setattr(stages, "preflight", stop)  # once the directories are checked
+        with pytest.raises(ConfigError, match="stopped"):
+            stages.run_stage("collect", cfg, tmp_path / "out")
+    assert probed == [(tmp_path / "out", "--out"), (tmp_path / "store", "collect.store")]
+    # process 0 of two, process 1 not seeing its probe file
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+    monkeypatch.setattr(common, "barrier", lambda name: None)
+    monkeypatch.setattr(processes, "gather", lambda seen: np.array([[int(seen)], [0]]))
+    with pytest.raises(ConfigError, match=r"^collect.store .*/new: process\(es\) 1 of 2 do not see the files .* "
+                                          r"needs collect.store on a file system every host mounts"):
+        common.check_shared(tmp_path / "new", "collect.store")
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # made, and the probe removed
+
+
+def test_shares_of_which_one_has_no_group_keys_merge_without_them():
+    """A store resumed from before group keys were kept has none, while another process's store,
+    new, has them: the merge iterated the missing list (TypeError). Without keys in every share
+    the merged counts carry none, and open_model_counts takes them from the records."""
+    from sparcom_jax.pipeline.stages import merge_shares
+
+    parts = [sj.Counts(tokens=np.array([1, 2][k:k + 1]), ids=[f"r{k}"], categories=["code"], sources=None,
+                       groups=[f"g{k}"] if k == 0 else None, meta={}) for k in range(2)]
+    merged = merge_shares(parts, "root")
+    assert merged.groups is None and merged.ids == ["r0", "r1"]
+    assert merge_shares(parts[:1] * 2, "root").groups == ["g0", "g0"]
+
+
 # ---------------------------------------------------------------- exact zeros
 ZEROED = {"llama": [("mlp.gate_proj.weight", 0, 5), ("mlp.gate_proj.weight", 1, 17)],
           "qwen2_moe": [("mlp.experts.gate_up_proj", 0, (2, 3)), ("mlp.experts.gate_up_proj", 1, (1, 9)),
@@ -652,6 +708,47 @@ def test_a_nan_weight_stops_collection_naming_the_layer(variant, param, where, l
         assert json.loads((tmp_path / impl / "progress.json").read_text())["done_chunks"] == 0
 
 
+def test_a_given_model_digest_is_not_computed_again(tmp_path, monkeypatch):
+    """The pipeline passes the digest of the model's files in the fingerprint; collect_counts hashed
+    the weights again for its own and dropped it, so with the digest cache off every collection read
+    all the weights twice."""
+    from sparcom_jax import fingerprint
+
+    monkeypatch.setenv(fingerprint.DIGEST_CACHE_ENV, "off")
+    sj.save_model(_tiny_llama(), tmp_path / "m")
+    model = sj.load_model(tmp_path / "m", with_tokenizer=False)
+    hashed, sha256 = [], fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: hashed.append(path) or sha256(path))
+    c = sj.collect_counts(model, [], None, out=tmp_path / "given", progress=False, fingerprint={"model": "given"})
+    assert hashed == [] and c.meta["fingerprint"]["model"] == "given"
+    c = sj.collect_counts(model, [], None, out=tmp_path / "own", progress=False)  # none given: its files'
+    assert len(hashed) == 2 and c.meta["fingerprint"]["model"] == fingerprint.model_files_fingerprint(tmp_path / "m")
+
+
+def test_one_process_stops_at_the_first_batch_with_non_finite_activations(monkeypatch):
+    """The multi-host merge runs a chunk's remaining steps before a non-finite error is raised
+    (the other processes take part in each); one process has nobody to wait for, yet it ran
+    them all: an in-memory collection (one chunk) counted every record of a broken model first."""
+    import jax.numpy as jnp
+
+    from sparcom_jax.stats import runner
+
+    model = _tiny_llama()
+    model.blocks.ffn.gate_proj[0, 3, 5] = jnp.nan
+    seqs, scopes = make_inputs(n=24)
+    batches, run = [], runner.BatchRunner.run
+
+    def counted(self, *args, **kw):
+        for item in run(self, *args, **kw):
+            batches.append(item[0])
+            yield item
+
+    monkeypatch.setattr(runner.BatchRunner, "run", counted)
+    with pytest.raises(ValueError, match="non-finite activations .* in layer 0"):
+        sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, buckets=[24])
+    assert len(batches) == 1  # of 12
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2_moe", "mixtral"])
 def test_activation_sums_match_pytorch_hooks(variant, hf_checkpoint, tmp_path):
     """sums=True: A summed over counted tokens where A > 0 (neurons, expert neurons) and the
@@ -676,3 +773,20 @@ def test_activation_sums_match_pytorch_hooks(variant, hf_checkpoint, tmp_path):
         assert np.all(ours.expert_weight_sum.sum(-1) <= ours.tokens[:, None] + 1e-4)
     plain = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False)
     assert plain.sums() == {}
+
+
+def test_a_store_opened_while_another_process_fails_to_open_its_own_is_released(tmp_path, monkeypatch):
+    """When another process cannot open its count store, every process stops together; one whose
+    store had opened kept its lock (the pid of a process now gone), and its next collection
+    into that store, in the same session or from another host, was refused as 'being written'."""
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.fileio import LOCK_NAME
+    from sparcom_jax.parallel import processes
+
+    model = _tiny_llama()
+    seqs, scopes = make_inputs(n=3)
+    # what two processes gather when the other one (process 1) failed to open its store
+    monkeypatch.setattr(processes, "gather", lambda failed: np.array([int(failed), 1]))
+    with pytest.raises(OtherProcessError, match="opening the count store"):
+        sj.collect_counts(model, seqs, scopes, out=tmp_path / "store", progress=False, buckets=[24])
+    assert (tmp_path / "store" / "meta.json").is_file() and not (tmp_path / "store" / LOCK_NAME).exists()

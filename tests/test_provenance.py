@@ -393,6 +393,21 @@ def test_outputs_a_rerun_no_longer_makes_leave_the_stage_directory(done, tmp_pat
     assert not [p for p in (out / "report").rglob("*") if "tuned" in p.name]
 
 
+def test_identify_leaves_no_set_list_of_an_earlier_run_in_a_models_directory(done, tmp_path, monkeypatch):
+    """identify writes one directory per model: the lists of a section an earlier run made there (the
+    ISEs of an MoE model since replaced under the same name) stayed beside the new ones, under a
+    fingerprint that vouched for them."""
+    import shutil
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    made = sorted(p.name for p in (out / "identify" / "base").iterdir())
+    (out / "identify" / "base" / "ise.json").write_text("{}")
+    run_stage("identify", exp(), out)
+    assert sorted(p.name for p in (out / "identify" / "base").iterdir()) == made
+
+
 def test_counts_made_with_other_content_caps_are_refused():
     # The caps depend on every model and template of the study, not on this store's own
     # settings: a store counted with other caps counted other tokens and must not be reused.
@@ -621,3 +636,27 @@ def test_the_analysis_moves_records_sharing_an_instruction_together(done, tmp_pa
         c: len({g for r, g in zip(records, group_ids(records)) if r.category == c}) for c in CATEGORIES}
     fp = json.loads((out / "evaluate" / "fingerprint.json").read_text())["components"]
     assert fp["analysis"]["resample"] == "group" and set(fp["groups"]) == set(fp["counts"])
+
+
+def test_collect_overwrite_recounts_a_store_whose_group_keys_are_not_the_records(done, tmp_path, monkeypatch):
+    """The analysis refuses counts whose group keys are not the records' (instruction text changed
+    where no counted token did) and says to run `sparcom collect --overwrite`. The keys are not in
+    the fingerprint, so collect called the store "already complete with the same settings" and
+    --overwrite kept it: the fix the error named changed nothing."""
+    import shutil
+
+    from sparcom_jax.pipeline.common import counts_root
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg = exp()
+    meta = counts_root(cfg, out) / "base" / "meta.json"
+    header = json.loads(meta.read_text())
+    meta.write_text(json.dumps(dict(header, groups=header["groups"][::-1])))
+    with monkeypatch.context() as m:
+        no_weights(m)
+        with pytest.raises(StaleResultError, match=r"counts/base: made with .*group keys.*--overwrite"):
+            run_stage("collect", cfg, out)
+    run_stage("collect", cfg, out, overwrite=True)
+    assert json.loads(meta.read_text())["groups"] == header["groups"]
+    assert stages.open_model_counts(cfg, out, cfg.base).groups == header["groups"]

@@ -128,3 +128,26 @@ def test_content_cut_summary_and_caps_fingerprint():
     # No caps, or caps that left out no token here: nothing to tell the counts apart by.
     assert content_caps_fingerprint(enc, None) == {}
     assert content_caps_fingerprint(_encoded([[True]] * 4, ["math"] * 4), caps) == {}
+
+
+@pytest.mark.parametrize("label", ["groups", "sources"])
+def test_a_store_is_not_reused_for_records_with_other_labels(label, tmp_path):
+    """collect_counts reuses a complete store made with the same fingerprint; group keys are in no
+    fingerprint and sources not in collect_instructions', so a store of records since regrouped or
+    relabelled came back with its old labels, which the analysis clustered and stratified by without
+    a word. A store written before group keys were kept (none stored) still opens."""
+    from sparcom_jax.errors import StaleResultError
+    from sparcom_jax.stats.store import CountStore, read_header
+
+    def store(labels, **kw):
+        s = CountStore(tmp_path, {"tokens": (2,)}, ids=["a", "b"], categories=["code", "math"],
+                       **{label: labels}, meta={}, chunk_rows=2, **kw)
+        s.close()
+        return s
+
+    store(["g1", "g2"])
+    with pytest.raises(StaleResultError, match=f"made for different inputs \\({label}\\)"):
+        store(["g1", "g1"])
+    assert store(None).done_chunks == 0 and read_header(tmp_path)[label] == ["g1", "g2"]
+    store(["g1", "g1"], overwrite=True)
+    assert read_header(tmp_path)[label] == ["g1", "g1"]

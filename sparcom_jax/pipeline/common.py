@@ -96,13 +96,17 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def check_shared(out: Path) -> None:
+def check_shared(out: Path, what: str = "--out") -> None:
     """Refuse an output directory that the processes of a multi-host run do not all see.
 
     Process 0 merges every process's count store, reads the checkpoints it exported and
     writes the report, all under `out`; a directory local to each host (the default
     runs/<name> on each TPU VM worker) would leave it with its own share only. Process 0
     writes a probe file that every process must then find. No-op on one process.
+
+    Args:
+      out: the directory (created when missing).
+      what: the setting that names it, for the message ("--out", "collect.store").
 
     Raises:
       ConfigError: naming the processes that do not see it, on every process.
@@ -121,6 +125,8 @@ def check_shared(out: Path) -> None:
     from sparcom_jax.parallel.processes import gather
 
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     probe = out / f".sparcom-shared-{token:08x}"
     if is_primary():
         probe.write_text("written by process 0 to check that every process sees this directory\n")
@@ -131,9 +137,10 @@ def check_shared(out: Path) -> None:
     if not seen.all():
         blind = ", ".join(str(k) for k in np.flatnonzero(~seen.astype(bool)))
         raise ConfigError(
-            f"output directory {out}: process(es) {blind} of {jax.process_count()} do not see the files process 0 "
-            "writes there; a multi-host run needs --out on a file system every host mounts (NFS, e.g. Filestore), "
-            "since process 0 reads every process's counts from it")
+            f"{'output directory' if what == '--out' else what} {out}: process(es) {blind} of "
+            f"{jax.process_count()} do not see the files process 0 writes there; a multi-host run needs {what} on a "
+            "file system every host mounts (NFS, e.g. Filestore), since process 0 reads every process's counts "
+            "from it")
 
 
 def out_dir(cfg: ExperimentConfig | DemoConfig, out: str | os.PathLike | None) -> Path:

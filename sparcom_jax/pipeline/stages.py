@@ -250,6 +250,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     """
     import jax
 
+    from sparcom_jax.data.splits import group_ids
     from sparcom_jax.parallel.processes import gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import is_complete, read_header, rows_done
@@ -273,6 +274,11 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         header, error, done, resume = read_header(mine), None, False, False
         try:
             resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite)
+            # Group keys are not in the fingerprint (stores written before they were kept still match), but
+            # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
+            if resume and header.get("groups") is not None:
+                resume = not stale(mine, {"groups": digest(header["groups"])}, {"groups": digest(group_ids(records))},
+                                   overwrite=overwrite)
             done = resume and is_complete(mine)
         except StaleResultError as e:
             error = e
@@ -381,7 +387,9 @@ def merge_shares(cs, root):
     order = np.argsort(np.concatenate([np.arange(k, n, len(cs)) for k in range(len(cs))]), kind="stable")
     merged = {k: np.concatenate([getattr(c, k) for c in cs])[order]
               for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
-    labels = {k: None if getattr(cs[0], k) is None else [x for c in cs for x in getattr(c, k)]
+    # A label some share lacks is left out (a store resumed from before group keys were kept has none;
+    # open_model_counts then takes them from the records).
+    labels = {k: None if any(getattr(c, k) is None for c in cs) else [x for c in cs for x in getattr(c, k)]
               for k in ("ids", "categories", "sources", "groups")}
     return Counts(**{k: v and [v[i] for i in order] for k, v in labels.items()},
                   meta=dict(merge_meta([c.meta for c in cs]), store=str(root),
@@ -464,6 +472,8 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     written = {}
     for name, ma in analyses.models.items():
         d = out / "identify" / safe(name)
+        if is_primary():  # a section an earlier run listed here (another model of this name) must not stay
+            remove_path(d)
         for fa in ma.fields.values() if is_primary() else ():
             export_sets(d, fa.ident)
         written[name] = str(d)
@@ -832,6 +842,8 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     """
     prepare_out_dir(out)
     check_shared(out)
+    if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
+        check_shared(Path(cfg.collect.store), "collect.store")
     lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
     with lock:
         log_stale_lock(lock)

@@ -174,7 +174,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       ids, categories, sources, groups, meta: stored with the counts.
       fingerprint: components that identify the inputs (`sparcom_jax.fingerprint`);
         merged over the ones computed here (model, dtype, tokens). A store is
-        resumed or reused only for the same fingerprint.
+        resumed or reused only for the same fingerprint and labels (`CountStore`).
       overwrite: replace a store made for other inputs instead of refusing.
       sums: also collect, in-graph, the float32 sums beside the counts (`Counts`
         ``neuron_act_sum``, ``expert_weight_sum``, ``expert_neuron_act_sum``): the
@@ -215,18 +215,26 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         out = Path(out)
         if jax.process_count() > 1:
             out = out / f"process_{jax.process_index()}"
-        fp = {"model": model_fingerprint(model), "dtype": jnp.dtype(model.dtype).name,
-              "tokens": digest_arrays(seqs, scps), "sums": bool(sums)}
+        given = dict(fingerprint or {})
+        # A caller's model digest (the pipeline's, of the model's files) stands; computing it again
+        # here read every byte of the weights a second time when the digest cache is off.
+        fp = {"model": given["model"] if "model" in given else model_fingerprint(model),
+              "dtype": jnp.dtype(model.dtype).name, "tokens": digest_arrays(seqs, scps), "sums": bool(sums)}
         if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
             fp["gate_dtype"] = model.gate_dtype
-        fp.update(fingerprint or {})
+        fp.update(given)
         store = error = None
         try:
             store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
                                overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes})
         except Exception as e:  # e.g. made for other inputs: every process stops, not this one alone
             error = e
-        raise_together(error, f"collect: opening the count store {out}")
+        try:
+            raise_together(error, f"collect: opening the count store {out}")
+        except BaseException:
+            if store is not None:  # opened here while another process failed: its lock must not outlive this
+                store.close()
+            raise
         chunk = store.chunk_rows
         start = store.done_chunks
         # Tokens of chunks already done count as progress.
@@ -259,6 +267,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                         bad = _check_finite(model, res, lo + np.asarray(idx))
                     if bad is None:
                         pending.append(writer.submit(_scatter_rows, rows, idx, res))
+                    elif jax.process_count() == 1:
+                        break  # no other process waits for this one in the chunk's remaining steps
                     if len(pending) > 2:  # bounds the results waiting on the host
                         pending.pop(0).result()
                 for f in pending:

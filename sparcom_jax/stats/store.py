@@ -76,7 +76,8 @@ class CountStore:
       meta: provenance stored in meta.json.
       chunk_rows: rows per chunk (the unit of progress and resumption).
       fingerprint: components of the inputs' fingerprint (`sparcom_jax.fingerprint`);
-        an existing store is resumed only when it has the same fingerprint.
+        an existing store is resumed only when it has the same fingerprint, and the same
+        record ids and categories, and sources and group keys where both sides have them.
       overwrite: replace an existing store made for other inputs instead of refusing.
       dtypes: {field: numpy dtype} where it is not int32 (the float sums).
 
@@ -110,6 +111,10 @@ class CountStore:
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             mismatch = [k for k in ("n", "chunk_rows", "shapes", "ids", "categories") if old.get(k) != header[k]]
+            # Labels that are not in every fingerprint (collect_instructions' has the ids only); a label
+            # the store or the caller lacks (written before group keys were kept) has none to compare.
+            mismatch += [k for k in ("sources", "groups")
+                         if None not in (old.get(k), header[k]) and old[k] != header[k]]
             old_model = (old.get("meta") or {}).get("model")
             if old_model != meta.get("model"):
                 mismatch.append("meta.model")
