@@ -160,9 +160,19 @@ def _between_groups_text(s: dict) -> str:
     txt = (f"leaving out the {sum(pairs.values())} pairs of records that share an instruction text ({where}; "
            f"their mean Jaccard {', '.join(jac) or 'undefined'}), the diagonal dominance is "
            f"{bg['diagonal_dominance']:.4g}")
+    said = []
+    lo, hi, bias, out = boot_values(bg, "diagonal_dominance")
+    if lo is not None:
+        b = bg["bootstrap"]
+        said.append(f"{b['ci']:.0%} bootstrap interval {lo:.4g} to {hi:.4g} over {b['n_boot']} resamples of whole "
+                    "groups, the pairs within a drawn group left out")
+        if out:
+            said.append(f"the estimate lies outside it, bootstrap bias {_fmt_bias('diagonal_dominance', bias)}")
     p = (bg.get("permutation") or {}).get("p_value")
     if p is not None:
-        txt += f" (permutation test over whole groups p = {p:.4g})"
+        said.append(f"permutation test over whole groups p = {p:.4g}")
+    if said:
+        txt += f" ({'; '.join(said)})"
     return (txt + ": the difference from the full diagonal is what shared instruction text alone gives. A small "
             "group-level p says that instructions of one category share more units than instructions of "
             "different categories beyond shared instruction text; it cannot say which property of a category "
@@ -316,7 +326,8 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
                               "interval, one-sided permutation p; the same on the human-written subset of "
                               "human_n records; bootstrap bias and whether the estimate lies outside its "
                               "interval; the same without the within_group_pairs pairs of records that share "
-                              "an instruction text, tested by shuffling whole groups; – = undefined, e.g. "
+                              "an instruction text, tested by shuffling whole groups, with its interval, bias "
+                              "and outside flag from drawing whole groups; – = undefined, e.g. "
                               "fewer than two records of the category in the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
