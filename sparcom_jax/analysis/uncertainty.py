@@ -1,10 +1,10 @@
 """Uncertainty: bootstrap intervals over instructions and a permutation test.
 
 The unit of both is a cluster of records (`cluster_index`): the records of one
-category that share a group key (`sparcom_jax.data.splits.group_ids`: the same
-instruction text, case and spacing ignored) are near-duplicates that share most
-of their tokens, so they are drawn and shuffled together, never as independent
-records. Without group keys every record is its own cluster and both reduce
+category that share a group key (`sparcom_jax.data.splits.group_ids`: by
+default instructions whose word sets overlap by a Jaccard >= 0.6, chained; or
+identical text) are near-duplicates that share most of their tokens, so they are
+drawn and shuffled together, never as independent records. Without group keys every record is its own cluster and both reduce
 exactly (same draws for the same seed) to the record-level procedures.
 
 Bootstrap: within each category, draw its g_c clusters with replacement (the

@@ -148,7 +148,7 @@ def dominance_rows(s: dict) -> list[list] | None:
 
 
 # bias / outside: the bootstrap bias and whether the estimate lies outside [low, high].
-# between_groups_*: the same without the pairs of records that share an instruction text
+# between_groups_*: the same without the pairs of records of one group (near-duplicate instructions)
 # (within_group_pairs of them), tested by shuffling whole groups, with its interval, bias and
 # outside flag from a bootstrap over groups.
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
