@@ -160,3 +160,17 @@ def test_the_data_section_and_page_report_the_groups():
     assert f"grouped by identical instruction text only (data.group_by: text), {g['text_groups']['total']}" in off
     assert f"the near-duplicate rule would give {g['near_groups']['total']} groups" in off
     assert _grouping_text(None) == ""
+
+
+def test_a_train_file_with_a_near_duplicate_of_an_analysed_record_is_refused(tmp_path):
+    import dataclasses
+
+    from sparcom_jax.pipeline.common import record_parts, train_records
+
+    held = record_parts(_cfg())[0]["identify"][0]
+    variant = dataclasses.replace(held, id="variant", instruction=held.instruction.rstrip(".?!") + " please.")
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(vars(variant)) + "\n", encoding="utf-8")
+    assert [r.id for r in train_records(_cfg(f"train_data.path={path}", "data.group_by=text"))] == ["variant"]
+    with pytest.raises(ConfigError, match=r"train_data shares 1 instruction\(s\) \(or near-duplicates.*e\.g\. variant"):
+        train_records(_cfg(f"train_data.path={path}"))

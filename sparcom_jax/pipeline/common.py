@@ -381,9 +381,8 @@ def check_tuned_on_train_part(cfg: ExperimentConfig, out: Path) -> None:
         raise ConfigError(
             f"{out / 'checkpoints'}: fine-tuned on other records than the train part of the current data "
             "(the records, data.split, data.group_by or train_data changed since `sparcom finetune`), so the "
-            "identify and "
-            "ablate parts may hold records the model was tuned on; re-run `sparcom finetune --overwrite`, "
-            "or restore the data it was tuned on")
+            "identify and ablate parts may hold records the model was tuned on; re-run `sparcom finetune "
+            "--overwrite`, or restore the data it was tuned on")
 
 
 def template_for(spec: ModelSpec, cfg: ExperimentConfig) -> str:
@@ -508,7 +507,7 @@ def train_records(cfg: ExperimentConfig) -> list:
     """The fine-tuning records: the "train" part of data.split (sampled to
     train_data.n_per_category when train_data reads the same files as data), or the
     records of train_data's own files, checked disjoint from the identify and ablate
-    parts by instruction text."""
+    parts by instruction text and (`data.group_by: near`) near-duplicates."""
     from sparcom_jax.data import sample_balanced
     from sparcom_jax.data.splits import group_key, group_keys
 
@@ -526,8 +525,7 @@ def train_records(cfg: ExperimentConfig) -> list:
         if shared and cfg.data.split is not None:
             raise ConfigError(
                 f"train_data shares {len(shared)} instruction(s) (or near-duplicates, data.group_by) with the "
-                f"records analysed (e.g. "
-                f"{', '.join(shared[:3])}); fine-tuning and identification records must be disjoint: remove "
+                f"records analysed (e.g. {', '.join(shared[:3])}); fine-tuning and identification records must be disjoint: remove "
                 "them from train_data, or set data.split=null to allow it")
     if t is not None and t.n_per_category:
         try:
