@@ -174,3 +174,18 @@ def test_a_train_file_with_a_near_duplicate_of_an_analysed_record_is_refused(tmp
     assert [r.id for r in train_records(_cfg(f"train_data.path={path}", "data.group_by=text"))] == ["variant"]
     with pytest.raises(ConfigError, match=r"train_data shares 1 instruction\(s\) \(or near-duplicates.*e\.g\. variant"):
         train_records(_cfg(f"train_data.path={path}"))
+
+
+def test_the_report_page_says_how_the_records_group(tmp_path):
+    import html
+
+    from test_report_controls import dense_counts
+
+    from sparcom_jax.analysis import IdentifyConfig, analyze_model, build_summary
+    from sparcom_jax.report import write_report
+
+    base = analyze_model(dense_counts(0), IdentifyConfig(eps=0.1), name="base", n_boot=0, n_perm=0)
+    g = grouping_summary(records(), "near", 0.6)
+    write_report(tmp_path, build_summary({"base": base}, data={"grouping": g}), dpi=30)
+    page = html.unescape((tmp_path / "index.html").read_text())
+    assert "Near-duplicates: the 9 analysed records form 9 groups of identical instruction text and 5 groups" in page
