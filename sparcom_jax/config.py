@@ -133,6 +133,15 @@ class DataSpec:
         of published models needs no train part (e.g. {identify: 0.8, ablate: 0.2}).
         None: no split (every stage uses every record; the report says so).
       split_seed: seed of the split.
+      group_by: which records are one group of near-duplicates, kept in one split part,
+        drawn and shuffled together by the analysis (`sparcom_jax.data.splits.group_keys`):
+        "near" (records of one category whose instructions' word sets, numbers alike,
+        have a Jaccard >= group_threshold, joined through chains) or "text" (identical
+        instruction text only, which leaves templated variants such as "... the mean
+        ..." / "... the median ..." as independent records). Changing it changes the
+        split: checkpoints tuned on another train part and counts grouped otherwise
+        are refused.
+      group_threshold: the "near" rule's Jaccard, in (0, 1].
     """
 
     path: str | list[str] | None = None
@@ -147,6 +156,8 @@ class DataSpec:
     split: dict[str, float] | None = dataclasses.field(
         default_factory=lambda: {"train": 0.5, "identify": 0.3, "ablate": 0.2})
     split_seed: int = 0
+    group_by: Literal["near", "text"] = "near"
+    group_threshold: float = 0.6
 
     def __post_init__(self):
         _expand_paths(self, "path")
@@ -172,6 +183,9 @@ class DataSpec:
             if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1.0) > 1e-6:
                 raise ConfigError(f"split: shares {self.split} must be > 0 and sum to 1")
         _check_min(self, 1, "n_per_category", "max_length")
+        if not 0 < self.group_threshold <= 1:
+            raise ConfigError(f"group_threshold: {self.group_threshold} is not a Jaccard in (0, 1]; the near-duplicate "
+                              "rule joins records whose instructions' word sets overlap at least this much (e.g. 0.6)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -260,3 +260,82 @@ def test_summary_records_the_unit_and_the_report_says_what_was_resampled():
     assert n["bootstrap"]["unit"] == "record" and n["n_groups_per_category"] is None and n["between_groups"] is None
     with pytest.raises(ValueError, match="resample"):
         analyze_model(counts, cfg, resample="groups", **kw)
+
+
+def _between_replicate(m, labels, cl, w):
+    """Brute force: the drawn records laid out one position per copy; ordered pairs of positions
+    from different groups only (two copies of one group, or two records of it, are left out)."""
+    pos = np.repeat(np.arange(labels.size), w.astype(int))
+    sums, cnts = np.zeros((6, 6)), np.zeros((6, 6))
+    for p in range(pos.size):
+        for q in range(pos.size):
+            i, j = pos[p], pos[q]
+            if p != q and cl[i] != cl[j] and np.isfinite(m[i, j]):
+                sums[labels[i], labels[j]] += m[i, j]
+                cnts[labels[i], labels[j]] += 1
+    block = np.where(cnts > 0, sums / np.maximum(cnts, 1), np.nan)
+    diag, off = np.diag(block), block[~np.eye(6, dtype=bool)]
+    per = [block[c, c] - np.nanmean(np.delete(block[c], c)) for c in range(6)]
+    return np.nanmean(diag) - np.nanmean(off), per
+
+
+def test_between_groups_interval_brute_force_and_the_main_bootstrap_s_draws():
+    labels, groups = grouped_records()
+    n, cl = labels.size, cluster_index(labels, groups)
+    rng = np.random.default_rng(5)
+    m = rng.uniform(0, 0.4, (n, n)) + 0.3 * (labels[:, None] == labels[None])
+    m[cl[:, None] == cl[None]] = 0.95  # near-duplicates: any within-group pair in a replicate shows
+    m = (m + m.T) / 2
+    m[1, 40] = m[40, 1] = np.nan
+    np.fill_diagonal(m, 1.0)
+    n_boot, seed = 40, 3
+    r = between_groups(m, labels, groups, n_perm=0, seed=seed, n_boot=n_boot, ci=0.9)
+    b = r["bootstrap"]
+    w = resample_weights(labels, n_boot, seed, groups)
+    reps = [_between_replicate(m, labels, cl, wb) for wb in w]
+    dom = np.array([d for d, _ in reps])
+    per = np.array([p for _, p in reps])
+    assert b["diagonal_dominance"]["low"] == pytest.approx(np.percentile(dom, 5))
+    assert b["diagonal_dominance"]["high"] == pytest.approx(np.percentile(dom, 95))
+    assert b["diagonal_dominance"]["bias"] == pytest.approx(dom.mean() - r["diagonal_dominance"])
+    assert np.allclose(b["per_category_dominance"]["low"], np.nanpercentile(per, 5, axis=0))
+    assert np.allclose(b["per_category_dominance"]["high"], np.nanpercentile(per, 95, axis=0))
+    est = np.array(list(r["per_category_dominance"].values()))
+    out = (est < np.nanpercentile(per, 5, axis=0)) | (est > np.nanpercentile(per, 95, axis=0))
+    assert b["per_category_dominance"]["outside"] == out.tolist()
+    assert (b["unit"], b["n_units"], b["ci"]) == ("group", [len(row) for row in SIZES], 0.9)
+    assert between_groups(m, labels, groups, n_perm=0)["bootstrap"] is None  # n_boot = 0: none
+    # Its draws are the main group bootstrap's for the same seed: on the full matrix, the same interval.
+    from sparcom_jax.analysis.uncertainty import instruction_bootstrap
+
+    counts, _, _ = grouped_counts()
+    ident = identify(counts, "neuron_active", IdentifyConfig(eps=0.2, q=0.6))
+    main = bootstrap(ident, instruction_matrix=m, n_boot=n_boot, seed=seed, ci=0.9, groups=groups)
+    alone = instruction_bootstrap(m, labels, groups, n_boot=n_boot, seed=seed, ci=0.9)
+    for k in ("instruction_overlap", "diagonal_dominance", "per_category_dominance"):
+        for part in ("low", "high", "bias", "outside"):
+            assert np.array_equal(alone[k][part], main[k][part], equal_nan=True), (k, part)
+
+
+def test_between_groups_interval_reaches_summary_table_and_page():
+    from sparcom_jax.analysis import analyze_model
+    from sparcom_jax.report.tables import DOMINANCE_HEADER, dominance_rows
+    from sparcom_jax.report.writer import _bootstrap_text
+
+    counts, _, _ = grouped_counts()
+    kw = dict(n_boot=6, n_perm=0, top_units=0, contrast=False, ci=0.8)
+    s = analyze_model(counts, IdentifyConfig(eps=0.2, q=0.6), **kw).summary()["isn"]
+    bb = s["between_groups"]["bootstrap"]
+    assert (bb["n_boot"], bb["ci"], bb["unit"]) == (6, 0.8, "group")
+    d = bb["diagonal_dominance"]
+    rows = dominance_rows(s)
+    overall = dict(zip(DOMINANCE_HEADER, rows[-1]))
+    assert [overall[f"between_groups_{p}"] for p in ("low", "high", "bias", "outside")] == \
+        [d["low"], d["high"], d["bias"], d["outside"]]
+    first = dict(zip(DOMINANCE_HEADER, rows[0]))
+    assert first["between_groups_high"] == bb["per_category_dominance"]["high"][0]
+    assert f"80% bootstrap interval {d['low']:.4g} to {d['high']:.4g} over 6 resamples of whole groups" \
+        in _bootstrap_text(s)
+    # The record-level main bootstrap leaves the between-groups interval on whole groups.
+    r = analyze_model(counts, IdentifyConfig(eps=0.2, q=0.6), resample="record", **kw).summary()["isn"]
+    assert r["between_groups"]["bootstrap"] == bb

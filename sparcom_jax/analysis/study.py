@@ -27,7 +27,9 @@ from sparcom_jax.analysis.examples import top_instructions
 from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
-from sparcom_jax.analysis.uncertainty import bootstrap, cluster_index, permutation_test, units_per_category
+from sparcom_jax.analysis.uncertainty import (
+    bootstrap, cluster_index, instruction_bootstrap, permutation_test, units_per_category,
+)
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
 
@@ -249,7 +251,7 @@ def subset_diagonal(
 
 def between_groups(
     instruction_matrix: np.ndarray, labels: np.ndarray, groups: Sequence, *, n_perm: int = 999, seed: int = 0,
-    strata: Sequence | None = None,
+    strata: Sequence | None = None, n_boot: int = 0, ci: float = 0.95,
 ) -> dict | None:
     """The instruction-level diagonal without the pairs of records that share an instruction.
 
@@ -259,7 +261,11 @@ def between_groups(
     every block mean, and the permutation test shuffles whole groups (within
     `strata`), so its statistic and its null both compare distinct groups only:
     the question is whether different instructions of one category share more
-    units than instructions of different categories.
+    units than instructions of different categories. The bootstrap draws whole
+    groups (`instruction_bootstrap`: the draws of the main bootstrap for the same
+    seed when it resamples groups), and a replicate's block means leave out
+    every pair of records of one group, the pairs between two drawn copies of a
+    group included.
 
     Args:
       instruction_matrix: float [N, N] instruction Jaccard.
@@ -268,12 +274,17 @@ def between_groups(
       n_perm: permutations (0 = none).
       seed: RNG seed.
       strata: optional length-N strata of the test (record sources).
+      n_boot: bootstrap replicates (0 = none).
+      ci: bootstrap interval coverage.
 
     Returns:
       dict with n_groups and within_group_pairs (per category: unordered pairs of
       records sharing a group), within_group_jaccard (per category: their mean
       Jaccard), instruction_overlap [C, C], diagonal_dominance,
-      per_category_dominance and permutation; None when no two records share a group.
+      per_category_dominance, permutation and bootstrap (intervals, bias and
+      outside flags of instruction_overlap, diagonal_dominance and
+      per_category_dominance, as in `bootstrap`; None without replicates); None
+      when no two records share a group.
     """
     clusters = cluster_index(labels, groups)
     same = clusters[:, None] == clusters[None]
@@ -290,12 +301,14 @@ def between_groups(
     if n_perm > 0:
         perm = permutation_test(m, labels, n_perm=n_perm, seed=seed, strata=strata, groups=groups)
         perm["stratified_by"] = None if strata is None else "source"
+    boot = instruction_bootstrap(m, labels, groups, n_boot=n_boot, seed=seed, ci=ci) if n_boot > 0 else None
     return jsonable({
         "n_groups": by_category(units_per_category(labels, groups)),
         "within_group_pairs": by_category(np.bincount(pair_cat, minlength=C)),
         "within_group_jaccard": by_category([nan_mean(within[pair_cat == c]) for c in range(C)]),
         "instruction_overlap": block, "diagonal_dominance": ev.diagonal_dominance(block),
         "per_category_dominance": by_category(ev.per_category_dominance(block)), "permutation": perm,
+        "bootstrap": boot,
     })
 
 
@@ -319,7 +332,7 @@ def analyze_field(
       resample: "group": the bootstrap draws, and the permutation tests shuffle,
         clusters of records sharing a group key (`Counts.groups`; records when the
         counts carry none, and the summary says "record"); "record": every record
-        on its own. The `between_groups` entry always moves whole groups.
+        on its own. The `between_groups` entry always draws and shuffles whole groups.
       instruction_level: compute the N x N instruction Jaccard.
       keep_instruction_sets: keep S(I) after the analysis (memory: N x U bools).
       packed: hold S(I) bit-packed while analysing (8x less memory); None packs
@@ -366,7 +379,7 @@ def analyze_field(
                                                   n_perm=n_perm, seed=seed, groups=groups)
     if jmat is not None and ident.groups is not None:
         summary["between_groups"] = between_groups(jmat, ident.labels, ident.groups, n_perm=n_perm, seed=seed,
-                                                   strata=ident.sources)
+                                                   strata=ident.sources, n_boot=n_boot, ci=ci)
     summary["top_instructions"] = (jsonable(top_instructions(
         counts, ident, units_per_category=top_units, top=top_per_unit)) if top_units > 0 else None)
     if not keep_instruction_sets:

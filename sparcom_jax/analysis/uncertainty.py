@@ -1,10 +1,10 @@
 """Uncertainty: bootstrap intervals over instructions and a permutation test.
 
 The unit of both is a cluster of records (`cluster_index`): the records of one
-category that share a group key (`sparcom_jax.data.splits.group_ids`: the same
-instruction text, case and spacing ignored) are near-duplicates that share most
-of their tokens, so they are drawn and shuffled together, never as independent
-records. Without group keys every record is its own cluster and both reduce
+category that share a group key (`sparcom_jax.data.splits.group_ids`: by
+default instructions whose word sets overlap by a Jaccard >= 0.6, chained; or
+identical text) are near-duplicates that share most of their tokens, so they are
+drawn and shuffled together, never as independent records. Without group keys every record is its own cluster and both reduce
 exactly (same draws for the same seed) to the record-level procedures.
 
 Bootstrap: within each category, draw its g_c clusters with replacement (the
@@ -234,9 +234,58 @@ def bootstrap(
         for block in category_block_means(instruction_matrix, ident.labels, w_all):
             for k, v in _instruction_stats(block).items():
                 reps.setdefault(k, []).append(v)
+    return {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "record" if groups is None else "group",
+            "n_units": units_per_category(ident.labels, groups), **percentile_intervals(reps, est, ci)}
+
+
+def instruction_bootstrap(instruction_matrix: np.ndarray, labels: np.ndarray, groups: Sequence, *,
+                          n_boot: int, seed: int, ci: float = 0.95) -> dict:
+    """Cluster-bootstrap intervals of the instruction-level figures alone (instruction_overlap,
+    diagonal_dominance, per_category_dominance), e.g. for a matrix whose within-group pairs
+    are NaN (`sparcom_jax.analysis.study.between_groups`).
+
+    The draws are `resample_weights(labels, n_boot, seed, groups)`: the same as those of
+    `bootstrap` with the same seed and groups, so both intervals rest on one set of resamples.
+    NaN pairs stay out of every replicate's block means, whichever copies of their records
+    were drawn.
+
+    Args:
+      instruction_matrix: float [N, N] instruction Jaccard (NaN pairs are left out).
+      labels: int [N] category indices.
+      groups: length-N group keys.
+      n_boot: replicates.
+      seed: RNG seed.
+      ci: interval coverage.
+
+    Returns:
+      dict: n_boot, seed, ci, unit ("group"), n_units (int [C] groups drawn from per
+      category), the three figures as in `bootstrap`, and n_outside.
+    """
+    w = resample_weights(labels, n_boot, seed, groups)
+    reps: dict[str, list] = {}
+    for block in category_block_means(instruction_matrix, labels, w):
+        for k, v in _instruction_stats(block).items():
+            reps.setdefault(k, []).append(v)
+    est = _instruction_stats(category_block_means(instruction_matrix, labels))
+    return {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "group", "n_units": units_per_category(labels, groups),
+            **percentile_intervals(reps, est, ci)}
+
+
+def percentile_intervals(reps: dict[str, list], est: dict[str, np.ndarray], ci: float) -> dict:
+    """Percentile interval, bootstrap bias and outside flag of every replicated figure.
+
+    Args:
+      reps: {figure: B replicate values, each of the figure's shape}.
+      est: {figure: the estimate} for every figure of `reps`.
+      ci: interval coverage.
+
+    Returns:
+      {figure: {"low", "high", "bias", "outside"}} (NaN bias where the estimate or every
+      replicate is undefined; outside: the estimate lies outside [low, high]) and
+      "n_outside": {figure: entries outside}.
+    """
     lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
-    out = {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "record" if groups is None else "group",
-           "n_units": units_per_category(ident.labels, groups)}
+    out: dict = {}
     n_outside = {}
     for k, v in reps.items():
         arr = np.asarray(v, dtype=np.float64)

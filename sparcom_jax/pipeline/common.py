@@ -387,9 +387,9 @@ def check_tuned_on_train_part(cfg: ExperimentConfig, out: Path) -> None:
     if stored["records"] != digest([r.id for r in train_records(cfg)]):
         raise ConfigError(
             f"{out / 'checkpoints'}: fine-tuned on other records than the train part of the current data "
-            "(the records, data.split or train_data changed since `sparcom finetune`), so the identify and "
-            "ablate parts may hold records the model was tuned on; re-run `sparcom finetune --overwrite`, "
-            "or restore the data it was tuned on")
+            "(the records, data.split, data.group_by or train_data changed since `sparcom finetune`), so the "
+            "identify and ablate parts may hold records the model was tuned on; re-run `sparcom finetune "
+            "--overwrite`, or restore the data it was tuned on")
 
 
 def template_for(spec: ModelSpec, cfg: ExperimentConfig) -> str:
@@ -429,6 +429,7 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
     Returns:
       ({"train", "identify", "ablate": records} — the same list three times when
       data.split is None), {"split", "seed", "grouped_by", "counts"} for summary.json.
+      Near-duplicates (`data.group_by`, `group_records`) stay in one part.
     """
     from sparcom_jax.config import to_dict
     from sparcom_jax.data.splits import split_records, split_summary
@@ -442,12 +443,26 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
             info = {"split": None, "note": "no split: fine-tuning, identification and the causal check "
                                            "use the same records"}
         else:
-            parts = split_records(records, d.split, d.split_seed)
-            info = {"split": dict(d.split), "seed": d.split_seed, "grouped_by": "instruction text",
+            parts = split_records(records, d.split, d.split_seed, by=d.group_by, threshold=d.group_threshold)
+            info = {"split": dict(d.split), "seed": d.split_seed, "grouped_by": grouping_rule(d),
                     "counts": split_summary(parts)}
         _PARTS_CACHE.clear()  # one config at a time
         _PARTS_CACHE[key] = (parts, info)
     return _PARTS_CACHE[key]
+
+
+def grouping_rule(d) -> str:
+    """The grouping of `d` (a DataSpec) in words, for summary.json."""
+    if d.group_by == "text":
+        return "identical instruction text"
+    return f"near-duplicate instructions (word Jaccard >= {d.group_threshold}, numbers alike, chained)"
+
+
+def group_records(cfg: ExperimentConfig, records) -> list[str]:
+    """The group ids of `records` under `data.group_by` (`sparcom_jax.data.splits.group_ids`)."""
+    from sparcom_jax.data.splits import group_ids
+
+    return group_ids(records, cfg.data.group_by, cfg.data.group_threshold)
 
 
 def _part(cfg: ExperimentConfig, name: str) -> list:
@@ -499,9 +514,9 @@ def train_records(cfg: ExperimentConfig) -> list:
     """The fine-tuning records: the "train" part of data.split (sampled to
     train_data.n_per_category when train_data reads the same files as data), or the
     records of train_data's own files, checked disjoint from the identify and ablate
-    parts by instruction text."""
+    parts by instruction text and (`data.group_by: near`) near-duplicates."""
     from sparcom_jax.data import sample_balanced
-    from sparcom_jax.data.splits import group_key
+    from sparcom_jax.data.splits import group_key, group_keys
 
     t = cfg.train_data
     if not own_train_files(cfg):
@@ -509,12 +524,15 @@ def train_records(cfg: ExperimentConfig) -> list:
     else:
         recs = _load(t)
         parts, _ = record_parts(cfg)
-        held = {group_key(r) for name in ("identify", "ablate") for r in parts[name]}
-        shared = [r.id for r in recs if group_key(r) in held]
+        held = [r for name in ("identify", "ablate") for r in parts[name]]
+        # Identical text in any category, and (group_by: near) a near-duplicate of one category.
+        keys = group_keys(held + list(recs), cfg.data.group_by, cfg.data.group_threshold)
+        held_keys = {group_key(r) for r in held} | set(keys[:len(held)])
+        shared = [r.id for r, k in zip(recs, keys[len(held):]) if group_key(r) in held_keys or k in held_keys]
         if shared and cfg.data.split is not None:
             raise ConfigError(
-                f"train_data shares {len(shared)} instruction(s) with the records analysed (e.g. "
-                f"{', '.join(shared[:3])}); fine-tuning and identification records must be disjoint: remove "
+                f"train_data shares {len(shared)} instruction(s) (or near-duplicates, data.group_by) with the "
+                f"records analysed (e.g. {', '.join(shared[:3])}); fine-tuning and identification records must be disjoint: remove "
                 "them from train_data, or set data.split=null to allow it")
     if t is not None and t.n_per_category:
         try:

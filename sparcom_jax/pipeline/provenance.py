@@ -42,6 +42,7 @@ LABELS = {
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
     "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
     "groups": "group keys (records sharing an instruction text; the text changed where no counted token did)",
+    "grouping": "near-duplicate groups kept with the counts (data.group_by, data.group_threshold)",
     "content_caps": "content caps (instruction/input tokens counted per record, the fewest that survive "
                     "data.max_length under any model and template of the study)",
 }
@@ -97,6 +98,8 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
           "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}
     if gate_dtype:  # absent when unused, so counts made before the option existed still match
         fp["gate_dtype"] = gate_dtype
+    if cfg.data.group_by != "text":  # absent for identical-text groups, the rule of stores made before
+        fp["grouping"] = f"{cfg.data.group_by} >= {cfg.data.group_threshold}"
     fp.update(content_caps_fingerprint(enc, content_caps))
     return fp, enc
 

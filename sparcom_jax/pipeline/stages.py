@@ -20,10 +20,9 @@ from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, check_shared, counts_root, identify_records, is_primary, load_spec_model, log,
-    log_stale_lock, make_mesh, model_list, own_train_files, record_parts, require_models, safe, save_resolved,
-    template_for, timed,
-    train_records,
+    ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
+    load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, record_parts, require_models,
+    safe, save_resolved, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
 
@@ -258,7 +257,9 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
     caps = study_content_caps(cfg, out)
-    records = _process_share(identify_records(cfg))
+    every = identify_records(cfg)
+    # Near-duplicate groups are found over all records counted, not over one process's share.
+    records, groups = _process_share(every), _process_share(group_records(cfg, every))
     mesh = make_mesh(cfg.mesh)
     root = counts_root(cfg, out)
     written = {}
@@ -299,7 +300,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
                                           scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                           max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
                                           buckets=cfg.collect.buckets, sums=cfg.collect.sums, fingerprint=fp,
-                                          overwrite=overwrite, content_caps=caps)
+                                          overwrite=overwrite, content_caps=caps, groups=groups)
             c = counts.meta["compilations"]
             log(f"collect {job.label}: {counts.meta['tokens_per_s']:,.0f} tok/s, {c['compilations']} compilation(s), "
                 f"{c['cache_hits']} loaded from the cache ({c['compile_seconds']:.1f} s)")
@@ -339,7 +340,6 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         group keys are not the records'.
       ValueError: there are no (complete) counts.
     """
-    from sparcom_jax.data.splits import group_ids
     from sparcom_jax.stats.store import open_counts, read_header
 
     label = label or spec.label
@@ -358,18 +358,19 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     counts = open_counts(root) if not parts else merge_shares([open_counts(p, in_memory=True) for p in parts], root)
-    # The analysis draws records sharing an instruction text together: their group keys must be the
-    # records'. A store written before keys were kept gets them here (its records were checked above);
-    # keys that differ mean text changed beyond the counted tokens (cut by max_length).
-    groups = group_ids(records)
+    # The analysis draws near-duplicate records together: their group keys must be the records' under
+    # data.group_by. A store written before keys were kept gets them here (its records were checked
+    # above); keys that differ mean text changed beyond the counted tokens (cut by max_length).
+    groups = group_records(cfg, records)
     if counts.groups is None:
         counts = dataclasses.replace(counts, groups=groups)
     elif list(counts.groups) != groups:
         raise StaleResultError(
-            f"{root}: the count store's group keys (which records share an instruction text) differ from the "
-            f"current records' ({sum(a != b for a, b in zip(counts.groups, groups))} records): their instruction "
-            "text changed where no counted token did; run `sparcom collect --overwrite` first, or choose "
-            "another --out")
+            f"{root}: the count store's group keys (which records are near-duplicates) differ from the "
+            f"current records' under data.group_by={cfg.data.group_by!r} "
+            f"({sum(a != b for a, b in zip(counts.groups, groups))} records): their instruction text, or the "
+            "grouping rule, changed where no counted token did; run `sparcom collect --overwrite` first, or "
+            "choose another --out")
     return counts
 
 
@@ -722,8 +723,11 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
 
 def data_description(cfg: ExperimentConfig, analyses: Analyses | None = None) -> dict[str, Any]:
     """The summary's "data" section: where the records come from and how they were split,
-    and (scope "content", given the analyses) per counted model how much instruction/input
+    how the analysed records group into near-duplicates (`grouping_summary`), and (scope
+    "content", given the analyses) per counted model how much instruction/input
     text max_length left out (`sparcom_jax.stats.collect.content_cut_summary`)."""
+    from sparcom_jax.data.splits import grouping_summary
+
     _, split = record_parts(cfg)
     d = cfg.data
     if cfg.finetuned is not None:
@@ -733,7 +737,8 @@ def data_description(cfg: ExperimentConfig, analyses: Analyses | None = None) ->
     else:
         tuned_on = "every record (no split)" if d.split is None else "the train part of data.split"
     out = {"path": d.path or "shipped", "n_per_category": d.n_per_category, "template": d.template,
-           "max_length": d.max_length, "scope": d.scope, "splits": split, "fine_tuning_records": tuned_on}
+           "max_length": d.max_length, "scope": d.scope, "splits": split, "fine_tuning_records": tuned_on,
+           "grouping": grouping_summary(identify_records(cfg), d.group_by, d.group_threshold)}
     if analyses is not None and d.scope == "content":
         out["content_cut"] = {ma.name: ma.meta.get("content_cut")
                               for ma in (*analyses.models.values(), *analyses.controls.values())}

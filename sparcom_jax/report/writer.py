@@ -113,8 +113,8 @@ def _bootstrap_text(s: dict) -> str:
         parts.append(txt)
         if perm.get("p_value") is not None:
             within = " within each record source" if perm.get("stratified_by") == "source" else ""
-            over = (f" over {perm['n_units']} instruction groups, the records that share an instruction text "
-                    "keeping one label" if perm.get("unit") == "group" else "")
+            over = (f" over {perm['n_units']} instruction groups, the records of a group (near-duplicate "
+                    "instructions, data.group_by) keeping one label" if perm.get("unit") == "group" else "")
             parts.append(f"one-sided permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of "
                          f"the category labels{within}{over}; the smallest possible p is "
                          f"{1 / (perm['n_perm'] + 1):.2g})")
@@ -127,10 +127,10 @@ def _bootstrap_text(s: dict) -> str:
         if b.get("unit") == "group":
             txt = (f"{b['ci']:.0%} percentile bootstrap intervals over instruction groups ({b['n_boot']} "
                    f"resamples; within each category its groups are drawn with replacement, {sum(b['n_units'])} "
-                   f"groups of {s['n_instructions']} records in all, and records that share an instruction text "
-                   "are drawn together, so templated variants of one instruction count once) are in the tables "
-                   "above and in summary.json; near-duplicates whose instruction texts differ (paraphrases) "
-                   "still count as separate draws")
+                   f"groups of {s['n_instructions']} records in all, and the records of a group (an instruction "
+                   "and its templated near-duplicates, data.group_by) are drawn together, so they count once) are "
+                   "in the tables above and in summary.json; paraphrases that share few words (or, with "
+                   "data.group_by: text, any differently worded variants) still count as separate draws")
         else:
             txt = (f"{b['ci']:.0%} percentile bootstrap intervals over instructions ({b['n_boot']} resamples, "
                    "drawn within each category) are in the tables above and in summary.json; they treat the "
@@ -147,8 +147,26 @@ def _bootstrap_text(s: dict) -> str:
     return "; ".join(parts) + "."
 
 
+def _grouping_text(g: dict | None) -> str:
+    """How the analysed records group into near-duplicates (data.grouping); "" without it."""
+    if not g:
+        return ""
+    t, n = g["text_groups"]["total"], g["near_groups"]["total"]
+    near = (f"{n} groups of near-duplicates (records of one category whose instructions' word sets, numbers "
+            f"alike, have a Jaccard of at least {g['threshold']}, joined through chains; {g['near_pairs']} pairs "
+            f"of differently worded records joined directly, the largest group {g['largest_near_group']} records)")
+    if g["group_by"] == "near":
+        return (f"Near-duplicates: the {g['records']} analysed records form {t} groups of identical instruction "
+                f"text and {near}. Groups are the unit of the split, the bootstrap and the permutation tests "
+                "(data.group_by: near), so templated variants of one instruction count once.")
+    return (f"Near-duplicates: the {g['records']} analysed records are grouped by identical instruction text "
+            f"only (data.group_by: text), {t} groups; the near-duplicate rule would give {near}. Templated "
+            "variants whose texts differ count as independent records here, which makes intervals too narrow "
+            "and p-values too small when they share a category.")
+
+
 def _between_groups_text(s: dict) -> str:
-    """How much of the diagonal rests on records that share an instruction text; "" when no two
+    """How much of the diagonal rests on near-duplicate records (one group); "" when no two
     records do (or the summary predates the entry)."""
     bg = s.get("between_groups")
     if not bg or bg.get("diagonal_dominance") is None:
@@ -157,17 +175,28 @@ def _between_groups_text(s: dict) -> str:
     where = ", ".join(f"{SHORT_NAMES[c]} {n}" for c, n in pairs.items())
     jac = [f"{SHORT_NAMES[c]} {bg['within_group_jaccard'][c]:.3g}" for c in pairs
            if bg["within_group_jaccard"][c] is not None]
-    txt = (f"leaving out the {sum(pairs.values())} pairs of records that share an instruction text ({where}; "
+    txt = (f"leaving out the {sum(pairs.values())} pairs of records that share an instruction group (identical "
+           f"or near-duplicate instructions: {where}; "
            f"their mean Jaccard {', '.join(jac) or 'undefined'}), the diagonal dominance is "
            f"{bg['diagonal_dominance']:.4g}")
+    said = []
+    lo, hi, bias, out = boot_values(bg, "diagonal_dominance")
+    if lo is not None:
+        b = bg["bootstrap"]
+        said.append(f"{b['ci']:.0%} bootstrap interval {lo:.4g} to {hi:.4g} over {b['n_boot']} resamples of whole "
+                    "groups, the pairs within a drawn group left out")
+        if out:
+            said.append(f"the estimate lies outside it, bootstrap bias {_fmt_bias('diagonal_dominance', bias)}")
     p = (bg.get("permutation") or {}).get("p_value")
     if p is not None:
-        txt += f" (permutation test over whole groups p = {p:.4g})"
-    return (txt + ": the difference from the full diagonal is what shared instruction text alone gives. A small "
-            "group-level p says that instructions of one category share more units than instructions of "
-            "different categories beyond shared instruction text; it cannot say which property of a category "
-            "(its task, or its length, format or wording) the units respond to, nor discount near-duplicates "
-            "whose instruction texts differ (paraphrases)")
+        said.append(f"permutation test over whole groups p = {p:.4g}")
+    if said:
+        txt += f" ({'; '.join(said)})"
+    return (txt + ": the difference from the full diagonal is what near-duplicate instructions alone give. A "
+            "small group-level p says that instructions of one category share more units than instructions of "
+            "different categories beyond near-duplicate wording; it cannot say which property of a category "
+            "(its task, or its length, format or wording) the units respond to, nor discount paraphrases that "
+            "share few words")
 
 
 def _outside_text(s: dict) -> str:
@@ -315,8 +344,9 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
                               "same-category Jaccard minus the mean of its five cross-category blocks; bootstrap "
                               "interval, one-sided permutation p; the same on the human-written subset of "
                               "human_n records; bootstrap bias and whether the estimate lies outside its "
-                              "interval; the same without the within_group_pairs pairs of records that share "
-                              "an instruction text, tested by shuffling whole groups; – = undefined, e.g. "
+                              "interval; the same without the within_group_pairs pairs of records of one "
+                              "instruction group, tested by shuffling whole groups, with its interval, bias "
+                              "and outside flag from drawing whole groups; – = undefined, e.g. "
                               "fewer than two records of the category in the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
@@ -392,6 +422,9 @@ def write_report(
         "identification", "model_paths", "data", "scope", "templates")}, indent=2), pre=True))
     blocks.append(TextBlock("Categories: " + ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
                             + ". Layers are numbered from 0."))
+    grouping = _grouping_text((summary.get("data") or {}).get("grouping"))
+    if grouping:
+        blocks.append(TextBlock(grouping))
     comp = summary.get("comparison") or {}
     controls = summary.get("controls") or {}
     tmpl = _template_text(summary, comp)

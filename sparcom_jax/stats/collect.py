@@ -395,7 +395,7 @@ def content_caps_fingerprint(enc, content_caps: Mapping[str, int] | None) -> dic
 def collect_instructions(model, records, tokenizer=None, *, template: str = "plain", scope: str = "prompt",
                          batch_size: int = 8, max_length: int | None = 512, out: str | Path | None = None,
                          mesh=None, progress: bool = True, content_caps: Mapping[str, int] | None = None,
-                         **kwargs) -> Counts:
+                         groups: Sequence[str] | None = None, **kwargs) -> Counts:
     """Encode instruction records and collect their counts (ids and categories attached).
 
     Args:
@@ -411,6 +411,11 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
         made under different templates or tokenizers are compared and `max_length` may
         cut content: a longer template header keeps fewer content tokens. The pipeline
         passes the caps of the whole study.
+      groups: the records' group keys, kept with the counts for the analysis (default
+        `group_ids(records, DEFAULT_GROUP_BY)` of `sparcom_jax.data.splits`: near-duplicate
+        instructions). Pass
+        them when `records` is a share of a larger set: near-duplicate groups are found
+        over the whole set.
       Other arguments as in `collect_counts`.
 
     Records with no token in scope are reported per category (a `DataWarning`,
@@ -420,7 +425,7 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
     truncation and the caps left out (`content_cut_summary`).
     """
     from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
-    from sparcom_jax.data.splits import group_ids
+    from sparcom_jax.data.splits import DEFAULT_GROUP_BY, group_ids
 
     records = as_records(records)
     tok = resolve_tokenizer(model, tokenizer)
@@ -437,4 +442,5 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
                    **(kwargs.pop("fingerprint", None) or {})}
     return collect_counts(model, enc.ids, enc.scopes, batch_size, mesh=mesh, progress=progress, out=out,
                           ids=enc.record_ids, categories=enc.categories, sources=[r.source for r in records],
-                          groups=group_ids(records), meta=meta, fingerprint=fingerprint, **kwargs)
+                          groups=group_ids(records, DEFAULT_GROUP_BY) if groups is None else list(groups),
+                          meta=meta, fingerprint=fingerprint, **kwargs)

@@ -1,0 +1,191 @@
+"""Near-duplicate groups (data.group_by: near): brute-force pairs, chained groups, the split,
+the configuration and what runs made under another grouping are told."""
+
+import json
+
+import pytest
+
+from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.config import ConfigError, DataSpec, ExperimentConfig, apply_overrides, from_dict
+from sparcom_jax.data import Record
+from sparcom_jax.data.splits import (
+    group_ids, group_key, group_keys, grouping_summary, near_pairs, near_words, split_records,
+)
+
+CLS, MATH = "classification", "math"
+
+
+def rec(i, cat, text):
+    return Record(id=f"r{i}", category=cat, instruction=text)
+
+
+# Word sets (numbers alike): 0-1 differ by one word (Jaccard 5/7), 1-2 by a number (6/7), 2-3
+# share 6 of 10 words (exactly 0.6; 1-3 6/9, 0-3 5/10); 4 shares nothing; 5 is 0's text in MATH;
+# 6 and 7 have no words (different texts); 8 is 2 with another number, case and spacing.
+TEXTS = [(CLS, "Find the mean of the data set."), (CLS, "Find the median of the data set."),
+         (CLS, "Find the median of the data set 12."), (CLS, "Find the median of data set, cats dogs birds."),
+         (CLS, "Is this review positive?"), (MATH, "Find the mean of the data set."),
+         (CLS, "?!"), (CLS, "..."), (CLS, "Find the MEDIAN of  the data set 3.5.")]
+
+
+def records():
+    return [rec(i, c, t) for i, (c, t) in enumerate(TEXTS)]
+
+
+def brute_pairs(recs, threshold):
+    out = []
+    for i in range(len(recs)):
+        for j in range(i + 1, len(recs)):
+            a, b = near_words(recs[i]), near_words(recs[j])
+            if recs[i].category == recs[j].category and (a | b) and len(a & b) >= threshold * len(a | b) - 1e-12:
+                out.append((i, j))
+    return out
+
+
+def test_near_words_lower_case_and_numbers_alike():
+    assert near_words(rec(0, CLS, "Calculate 12% of 450.")) == near_words(rec(1, CLS, "calculate 3.25%  of 7"))
+    assert near_words(rec(0, CLS, "Solve 3x")) == {"solve", "3x"}  # a number inside a word stays
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.6, 0.5, 0.3])
+@pytest.mark.parametrize("chunk", [2, 1024])
+def test_near_pairs_brute_force(threshold, chunk):
+    recs = records()
+    assert near_pairs(recs, threshold, chunk=chunk) == brute_pairs(recs, threshold)
+    if threshold == 0.6:  # the pair at exactly 0.6 is in; the other category's copy and word-less texts are not
+        assert (2, 3) in brute_pairs(recs, 0.6) and (0, 5) not in brute_pairs(recs, 0.0) and (6, 7) not in \
+            near_pairs(recs, 0.01)
+
+
+def test_near_groups_chain_and_keep_their_first_record_s_text():
+    recs = records()
+    near = group_keys(recs, "near", 0.6)
+    assert near[:4] == [group_key(recs[0])] * 4 and near[8] == near[0]  # 0-1-2-3 chained, 8 = 2 in words
+    assert near[4] == group_key(recs[4]) and near[5] == group_key(recs[5])  # alone; MATH keeps its own group
+    assert near[6] != near[7]
+    assert group_keys(recs, "near", 0.7)[3] == group_key(recs[3])  # 2-3 at 0.6 only
+    text = group_keys(recs)  # the functions' default: identical text (case and spacing ignored)
+    assert text == [group_key(r) for r in recs] and len(set(text)) == len(recs) - 1  # 0 and 5: one text
+    assert group_ids(recs, "near", 0.6)[1] == group_ids(recs, "near", 0.6)[3] != group_ids(recs)[1]
+    with pytest.raises(ValueError, match="group_by='words'"):
+        group_keys(recs, "words")
+    with pytest.raises(ValueError, match=r"group_threshold=0: a Jaccard in \(0, 1\]"):
+        group_keys(recs, "near", 0)
+
+
+def test_the_near_split_keeps_templated_variants_in_one_part():
+    # Per category: five variants of one template (differing by a word or a number) and five
+    # distinct instructions. Grouped by text, the variants are dealt out one by one.
+    words = ["mean", "median", "mode", "range", "sum"]
+    recs = []
+    for c in CATEGORIES:
+        recs += [Record(f"{c}-t{i}", c, f"Find the {w} of the {10 + i} numbers below.") for i, w in enumerate(words)]
+        recs += [Record(f"{c}-d{i}", c, t) for i, t in enumerate(
+            ["Name a colour.", "Why is the sky blue?", "Translate 'cat' into French.", "Sort these words.",
+             "Write a limerick about tea."])]
+    fractions = {"a": 0.5, "b": 0.5}
+    for c in CATEGORIES:
+        near = split_records(recs, fractions, seed=0, by="near", threshold=0.6)
+        parts = {name for name, part in near.items() for r in part if r.id.startswith(f"{c}-t")}
+        assert len(parts) == 1, c
+    by_text = split_records(recs, fractions, seed=0)
+    assert any(len({n for n, part in by_text.items() for r in part if r.id.startswith(f"{c}-t")}) == 2
+               for c in CATEGORIES)
+    s = grouping_summary(recs, "near", 0.6)
+    assert s["text_groups"]["total"] == 60 and s["near_groups"] == {**dict.fromkeys(CATEGORIES, 6), "total": 36}
+    assert (s["near_pairs"], s["largest_near_group"], s["records"], s["group_by"]) == (60, 5, 60, "near")
+
+
+def test_config_validates_the_grouping_at_load():
+    assert (DataSpec().group_by, DataSpec().group_threshold) == ("near", 0.6)
+    for bad in ({"group_threshold": 0}, {"group_threshold": 1.5}):
+        with pytest.raises(ConfigError, match="group_threshold"):
+            from_dict(DataSpec, bad)
+    with pytest.raises(ConfigError, match="group_by"):
+        from_dict(DataSpec, {"group_by": "words"})
+
+
+def _cfg(*overrides):
+    tiny = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return apply_overrides(from_dict(ExperimentConfig, {"name": "g", "base": {"name": "base", "init": tiny}}),
+                           list(overrides))
+
+
+def test_runs_made_under_another_grouping_are_refused(tmp_path):
+    from sparcom_jax.fingerprint import digest, write_fingerprint
+    from sparcom_jax.pipeline.common import model_list, record_parts, train_records
+    from sparcom_jax.pipeline.provenance import collect_fingerprint, stale
+
+    near, text = _cfg(), _cfg("data.group_by=text")
+    assert record_parts(near)[1]["grouped_by"].startswith("near-duplicate instructions (word Jaccard >= 0.6")
+    assert record_parts(text)[1]["grouped_by"] == "identical instruction text"
+    # A checkpoint tuned on the text-grouped train part is refused under near grouping.
+    assert {r.id for r in train_records(text)} != {r.id for r in train_records(near)}
+    out = tmp_path / "run"
+    write_fingerprint(out / "train", "finetune", {"records": digest([r.id for r in train_records(text)])})
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "series.json").write_text(json.dumps([{"name": "ft", "step": 1, "path": "/ck"}]))
+    assert [s.label for s in model_list(text, out)] == ["base", "ft"]
+    with pytest.raises(ConfigError, match=r"fine-tuned on other records than the train part .*data\.group_by"):
+        model_list(near, out)
+    # Counts collected under identical-text groups (no "grouping" in their fingerprint, as every store
+    # made before the option) are refused under near grouping, naming the setting.
+    recs = record_parts(near)[0]["identify"][:6]
+    old, _ = collect_fingerprint(text, text.base, recs, "plain")
+    new, _ = collect_fingerprint(near, near.base, recs, "plain")
+    assert "grouping" not in old
+    from sparcom_jax.errors import StaleResultError
+
+    with pytest.raises(StaleResultError, match=r"data\.group_by, data\.group_threshold\): unset -> 'near >= 0.6'"):
+        stale("counts/base", old, new, overwrite=False)
+    assert collect_fingerprint(_cfg("data.group_threshold=0.7"), near.base, recs, "plain")[0]["grouping"] \
+        == "near >= 0.7"
+
+
+def test_the_data_section_and_page_report_the_groups():
+    from sparcom_jax.pipeline.common import identify_records
+    from sparcom_jax.pipeline.stages import data_description
+    from sparcom_jax.report.writer import _grouping_text
+
+    cfg = _cfg("data.n_per_category=null")
+    g = data_description(cfg)["grouping"]
+    assert g == grouping_summary(identify_records(cfg), "near", 0.6)
+    assert g["near_groups"]["total"] < g["text_groups"]["total"] <= g["records"]
+    page = _grouping_text(g)
+    assert page.startswith(f"Near-duplicates: the {g['records']} analysed records form {g['text_groups']['total']} "
+                           f"groups of identical instruction text and {g['near_groups']['total']} groups of")
+    assert "(data.group_by: near)" in page
+    off = _grouping_text(grouping_summary(identify_records(cfg), "text", 0.6))
+    assert f"grouped by identical instruction text only (data.group_by: text), {g['text_groups']['total']}" in off
+    assert f"the near-duplicate rule would give {g['near_groups']['total']} groups" in off
+    assert _grouping_text(None) == ""
+
+
+def test_a_train_file_with_a_near_duplicate_of_an_analysed_record_is_refused(tmp_path):
+    import dataclasses
+
+    from sparcom_jax.pipeline.common import record_parts, train_records
+
+    held = record_parts(_cfg())[0]["identify"][0]
+    variant = dataclasses.replace(held, id="variant", instruction=held.instruction.rstrip(".?!") + " please.")
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(vars(variant)) + "\n", encoding="utf-8")
+    assert [r.id for r in train_records(_cfg(f"train_data.path={path}", "data.group_by=text"))] == ["variant"]
+    with pytest.raises(ConfigError, match=r"train_data shares 1 instruction\(s\) \(or near-duplicates.*e\.g\. variant"):
+        train_records(_cfg(f"train_data.path={path}"))
+
+
+def test_the_report_page_says_how_the_records_group(tmp_path):
+    import html
+
+    from test_report_controls import dense_counts
+
+    from sparcom_jax.analysis import IdentifyConfig, analyze_model, build_summary
+    from sparcom_jax.report import write_report
+
+    base = analyze_model(dense_counts(0), IdentifyConfig(eps=0.1), name="base", n_boot=0, n_perm=0)
+    g = grouping_summary(records(), "near", 0.6)
+    write_report(tmp_path, build_summary({"base": base}, data={"grouping": g}), dpi=30)
+    page = html.unescape((tmp_path / "index.html").read_text())
+    assert "Near-duplicates: the 9 analysed records form 9 groups of identical instruction text and 5 groups" in page
