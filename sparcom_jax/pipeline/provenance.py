@@ -41,7 +41,7 @@ LABELS = {
     "tokens": "tokenized text (tokenizer or record text)", "train": "train settings", "base": "base model weights",
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
     "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
-    "groups": "group keys (records sharing an instruction text; the text changed where no counted token did)",
+    "groups": "group keys (near-duplicate groups under data.group_by; the text changed where no counted token did)",
     "grouping": "near-duplicate groups kept with the counts (data.group_by, data.group_threshold)",
     "content_caps": "content caps (instruction/input tokens counted per record, the fewest that survive "
                     "data.max_length under any model and template of the study)",

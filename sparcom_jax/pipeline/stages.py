@@ -249,7 +249,6 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     """
     import jax
 
-    from sparcom_jax.data.splits import group_ids
     from sparcom_jax.parallel.processes import gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import is_complete, read_header, rows_done
@@ -278,7 +277,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             # Group keys are not in the fingerprint (stores written before they were kept still match), but
             # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
             if resume and header.get("groups") is not None:
-                resume = not stale(mine, {"groups": digest(header["groups"])}, {"groups": digest(group_ids(records))},
+                resume = not stale(mine, {"groups": digest(header["groups"])}, {"groups": digest(groups)},
                                    overwrite=overwrite)
             done = resume and is_complete(mine)
         except StaleResultError as e:
