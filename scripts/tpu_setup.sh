@@ -11,9 +11,11 @@
 #
 # Steps (each printed with --dry-run instead of run):
 #   1. gcloud compute tpus tpu-vm create NAME ...          (skipped with --skip-create)
-#      The runtime (--version) defaults by accelerator type, as in Google's "Run JAX code on
-#      TPU Pod slices": tpu-ubuntu2204-base for v2/v3/v4, v2-alpha-tpuv5 for v5p,
-#      v2-alpha-tpuv5-lite for v5e (v5litepod); other types need --version.
+#      The runtime (--version) defaults by accelerator type, as Google's "TPU software versions"
+#      table for JAX gives them (https://cloud.google.com/tpu/docs/runtimes): tpu-ubuntu2204-base
+#      for v2/v3/v4, v2-alpha-tpuv5 for v5p, v2-alpha-tpuv5-lite for v5e (v5litepod),
+#      v2-alpha-tpuv6e for v6e (Trillium); other types need --version. TPU7x (Ironwood) is not
+#      offered as a TPU VM, only through GKE (https://cloud.google.com/tpu/docs/tpu7x).
 #   2. pack the source tree (no .git, .venv, runs) and gcloud compute tpus tpu-vm scp it to every worker
 #   3. on every worker: a virtual environment with Python --python (default 3.12; jax >= 0.7
 #      needs 3.11+, the images' python3 is Ubuntu 22.04's 3.10) made by uv (pip-installed for the
@@ -51,6 +53,8 @@ if [ -z "$VERSION" ]; then
     v2-*|v3-*|v4-*) VERSION="tpu-ubuntu2204-base" ;;
     v5p-*) VERSION="v2-alpha-tpuv5" ;;
     v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+    v6e-*) VERSION="v2-alpha-tpuv6e" ;;
+    tpu7x-*|v7*) die "TPU7x (Ironwood) is offered only through GKE, not as a TPU VM this script creates (https://cloud.google.com/tpu/docs/tpu7x)" ;;
     *) die "no default runtime for --accelerator-type $TYPE; pass --version (gcloud compute tpus tpu-vm versions list)" ;;
   esac
 fi

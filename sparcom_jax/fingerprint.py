@@ -20,16 +20,20 @@ of each file is then cached (`file_digests`) under the user's cache directory
 to hash every time), keyed by the file's resolved path and its size, modification
 and change times, inode and device. The change time (ctime) is set by the kernel on
 every write and cannot be set back, so a rewritten file is hashed again even when
-its size and mtime were restored. The tokenizer is not in it: the stages fingerprint
-the tokens it produced.
+its size and mtime were restored. A call that hashed something prunes the cache
+(`prune_digest_cache`): entries of files that are gone or changed go (some hundred
+checked per call), then the least recently used beyond `MAX_ENTRIES`.
+The tokenizer is not in it: the stages fingerprint the tokens it produced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +79,16 @@ SETTLE_NS = 2_000_000_000
 ANNOUNCE_BYTES = 2**30
 _CHUNK = 16 * 2**20
 _warned: set[str] = set()
+# A call that hashed something (the cache grows only then) checks this many entries, picked at
+# random, for files gone or changed: bounded work whatever the cache's size (a run of cache hits
+# checks none), and over calls every entry is checked.
+PRUNE_SAMPLE = 256
+# Entries kept (each a ~250-byte file, one disk block): some hundred checkpoints of 30 shards.
+MAX_ENTRIES = 4096
+# A writer's temporary file lives for milliseconds; one this old was left by a killed process.
+STALE_TEMP_S = 3600
+_ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.json")
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.json\..*\.tmp")  # atomic_write's temporary names
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -107,13 +121,35 @@ def _cached(cache: Path | None, real: Path, key: list[int]) -> str | None:
     damaged entry (hashed again, never an error)."""
     if cache is None:
         return None
+    entry = _entry(cache, real)
     try:
-        e = json.loads(_entry(cache, real).read_text())
+        e = json.loads(entry.read_text())
         if e["stat"] == key and re.fullmatch("[0-9a-f]{64}", e["sha256"]):
+            with contextlib.suppress(OSError):  # its mtime is its last use (pruning keeps the recent)
+                os.utime(entry)
             return e["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
+
+
+def _current(entry: str) -> bool:
+    """Whether a cache entry names a file that is there with the stat fields it was hashed at
+    (False for a damaged entry)."""
+    try:
+        e = json.loads(Path(entry).read_text())
+        return _stat_key(os.stat(e["path"])) == e["stat"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove_unless_replaced(entry: str, inode: int) -> None:
+    # Another process may have put a new entry (a new file: atomic_write renames one in) at this
+    # name since it was judged; that one stays. (Between this check and the unlink a replacement
+    # can still be lost: the file is then hashed once more, the cache is never wrong.)
+    with contextlib.suppress(OSError):
+        if os.stat(entry).st_ino == inode:
+            os.unlink(entry)
 
 
 def _hash_and_cache(cache: Path | None, real: Path, key: list[int]) -> str:
@@ -131,6 +167,49 @@ def _hash_and_cache(cache: Path | None, real: Path, key: list[int]) -> str:
                 log.warning("weights digests not cached: cannot write %s (%s); set %s to a writable "
                             "directory or 'off'", cache, e, DIGEST_CACHE_ENV)
     return sha
+
+
+def prune_digest_cache(cache: Path, everything: bool = False) -> None:
+    """Remove the entries of files that are gone or changed since they were hashed (and damaged
+    ones), checking `PRUNE_SAMPLE` entries picked at random (all of them when `everything`),
+    then, beyond `MAX_ENTRIES`, the least recently used (down to 90% of it). Never an error: a cache that cannot be
+    pruned is left as it is.
+
+    Safe beside processes that use the cache: an entry written while this runs is kept, a
+    writer's temporary file is removed only when it is older than `STALE_TEMP_S` (left by a
+    killed process), and files in `cache` that are not entries are never touched.
+    """
+    try:
+        with os.scandir(cache) as listing:
+            names = list(listing)
+    except OSError:
+        return
+    now = time.time()
+    for e in names:
+        if _TEMP_NAME.fullmatch(e.name):
+            with contextlib.suppress(OSError):
+                if now - e.stat().st_mtime > STALE_TEMP_S:
+                    os.unlink(e.path)
+    entries = [e for e in names if _ENTRY_NAME.fullmatch(e.name)]
+    check = entries if everything or len(entries) <= PRUNE_SAMPLE else random.sample(entries, PRUNE_SAMPLE)
+    gone = set()
+    for e in check:
+        with contextlib.suppress(OSError):
+            inode = os.stat(e.path).st_ino  # of the entry judged below (not scandir's: overlayfs differs)
+            if not _current(e.path):
+                _remove_unless_replaced(e.path, inode)
+                gone.add(e.name)
+    entries = [e for e in entries if e.name not in gone]
+    if len(entries) > MAX_ENTRIES:
+        used = []
+        for e in entries:
+            with contextlib.suppress(OSError):
+                st = os.stat(e.path)
+                used.append((st.st_mtime_ns, e.path, st.st_ino))
+        used.sort(reverse=True)
+        # down to 90% of the bound, so that the stat of every entry is not redone on each new one
+        for _, path, inode in used[MAX_ENTRIES - MAX_ENTRIES // 10:]:
+            _remove_unless_replaced(path, inode)
 
 
 def file_digests(files: Sequence[str | os.PathLike], where: str | os.PathLike | None = None) -> list[str]:
@@ -158,6 +237,8 @@ def file_digests(files: Sequence[str | os.PathLike], where: str | os.PathLike | 
         with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1, 8)) as pool:
             for i, sha in zip(todo, pool.map(lambda i: _hash_and_cache(cache, reals[i], keys[i]), todo)):
                 out[i] = sha
+        if cache is not None:
+            prune_digest_cache(cache)
     if size > ANNOUNCE_BYTES:
         sec = time.perf_counter() - t
         say(f"hashed {size / 1e9:.1f} GB in {sec:.1f} s ({size / 1e9 / max(sec, 1e-9):.2f} GB/s)")

@@ -610,3 +610,35 @@ def test_a_model_path_that_is_a_file_or_holds_no_weights_says_which(tmp_path, ca
     assert code == 2 and err.count("\n") == 1
     assert err == (f"sparcom: error: {empty}: no *.safetensors files; the weights are missing (an unfinished "
                    "download?): download the model again with its *.safetensors files\n")
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_our_one_line_without_orbax_logs_before_it(tmp_path, capfd,
+                                                                                              monkeypatch):
+    # orbax's writer threads log each failure with its traceback (some hundred lines for a real
+    # full disk) before the save raises it; the user should see the one line that says what to do.
+    import errno
+    import logging
+    import os
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
+
+    async def full(self, x, directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+
+    monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", full)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("async_checkpointing: false", "async_checkpointing: true"))
+    # Outside pytest, absl's first log call gives the root logger a stderr handler (basicConfig)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    logging.getLogger().addHandler(console)
+    try:
+        code = main(["finetune", "--config", str(cfg), "--out", str(tmp_path / "o"), "train.total_steps=1"])
+    finally:
+        logging.getLogger().removeHandler(console)
+    err = capfd.readouterr().err
+    assert code == 2
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("sparcom: error: ") and "No space left on device" in last, err[-2000:]
+    assert "free space on that file system, or choose another --out" in last
+    assert "ERROR:absl" not in err and "Traceback" not in err, err[:3000]

@@ -208,3 +208,13 @@ def test_gpu_check_help_and_bad_arguments():
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
     r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "a", "b"], capture_output=True, text=True)
     assert r.returncode == 2 and "one OUT_DIR only" in r.stderr
+
+
+def test_tpu_setup_gives_a_v6e_its_runtime_and_refuses_a_tpu7x():
+    # Runtime names from https://cloud.google.com/tpu/docs/runtimes; TPU7x is GKE-only.
+    r = bash("tpu_setup.sh", "--name", "n", "--zone", "z", "--accelerator-type", "v6e-8", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    create = commands(r.stdout)[0]
+    assert create[create.index("--version") + 1] == "v2-alpha-tpuv6e"
+    r = bash("tpu_setup.sh", "--name", "n", "--zone", "z", "--accelerator-type", "tpu7x-8", "--dry-run")
+    assert r.returncode == 2 and "only through GKE" in r.stderr

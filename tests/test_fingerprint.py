@@ -184,3 +184,122 @@ def test_an_output_fingerprinted_by_file_times_says_the_format_changed():
     # two content digests that differ: the weights changed, nothing more to say
     other = {"model": F.WEIGHTS_DIGEST + "0000000000000000", "scope": "prompt"}
     assert F.describe(["model"], other, new, LABELS) == "model weights changed"
+
+
+def entry_names(cache):
+    return sorted(p.name for p in cache.iterdir() if F._ENTRY_NAME.fullmatch(p.name))
+
+
+def test_pruning_drops_the_entries_of_deleted_or_changed_files_and_keeps_the_rest(tmp_path, cache, hashed,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    d = model_dir(tmp_path / "m", shards=3)
+    time.sleep(0.05)
+    F.model_files_fingerprint(d)  # 4 entries (and a prune: nothing to drop)
+    entry = {n: F._entry(cache, (d / n).resolve()).name for n in ("model-00000.safetensors",
+                                                                    "model-00001.safetensors")}
+    assert len(entry_names(cache)) == 4
+    (cache / "notes.json").write_text("{}")  # not an entry: never touched
+    old_tmp, new_tmp = cache / f".{'a' * 32}.json.x1.tmp", cache / f".{'b' * 32}.json.x2.tmp"
+    for t in (old_tmp, new_tmp):
+        t.write_text("{")
+    os.utime(old_tmp, (time.time() - 2 * F.STALE_TEMP_S,) * 2)  # left by a killed writer
+    (d / "model-00000.safetensors").unlink()
+    time.sleep(0.05)
+    rewrite_keeping_size_and_mtime(d / "model-00001.safetensors")
+    checked = []
+    real = F._current
+    monkeypatch.setattr(F, "_current", lambda e: checked.append(e) or real(e))
+    monkeypatch.setattr(F, "PRUNE_SAMPLE", 1)
+    F.prune_digest_cache(cache)  # bounded: one entry read
+    assert len(checked) == 1 and len(entry_names(cache)) >= 3
+    F.prune_digest_cache(cache, everything=True)
+    left = entry_names(cache)
+    assert len(left) == 2 and entry["model-00000.safetensors"] not in left
+    assert entry["model-00001.safetensors"] not in left
+    assert (cache / "notes.json").exists() and new_tmp.exists() and not old_tmp.exists()
+    hashed.clear()  # the kept entries still hit
+    F.file_digests([d / "config.json", d / "model-00002.safetensors"])
+    assert hashed == []
+
+
+def test_the_cache_keeps_its_most_recently_used_entries_up_to_its_bound(tmp_path, cache, hashed, monkeypatch):
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    monkeypatch.setattr(F, "MAX_ENTRIES", 2)
+    files = {}
+    for n in "abc":
+        files[n] = tmp_path / n
+        files[n].write_text(n)
+    time.sleep(0.05)
+    for n in "aba":  # b hashed after a, then a used again
+        F.file_digests([files[n]])
+        time.sleep(0.02)
+    F.file_digests([files["c"]])  # a third entry: b, the least recently used, goes
+    assert len(entry_names(cache)) == 2
+    hashed.clear()
+    F.file_digests([files[n] for n in "acb"])
+    assert hashed == ["b"]
+
+
+_CONCURRENT_WRITER = """
+import os, sys, time
+from pathlib import Path
+from sparcom_jax import fingerprint as F
+F.SETTLE_NS = 0
+root, shared = Path(sys.argv[1]), sorted(Path(sys.argv[2]).iterdir())
+for r in range(8):  # each round: new files hashed (entries written), last round's deleted (pruned)
+    d = root / f"r{r}"
+    d.mkdir(parents=True)
+    for k in range(15):
+        (d / f"f{k}").write_bytes(os.urandom(64))
+    time.sleep(0.02)
+    F.file_digests(sorted(d.iterdir()) + shared)
+    if r:
+        for f in (root / f"r{r - 1}").iterdir():
+            f.unlink()
+"""
+
+
+def test_two_processes_hashing_and_pruning_at_once_lose_no_current_entry(tmp_path, cache, hashed, monkeypatch):
+    import subprocess
+    import sys
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for k in range(5):
+        (shared / f"s{k}").write_bytes(os.urandom(64))
+    roots = [tmp_path / f"p{k}" for k in range(2)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_WRITER, str(r), str(shared)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in roots]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert outs == [("", "")] * 2 and [p.returncode for p in procs] == [0, 0]  # no "not cached" warning
+    files = [f for r in roots for f in sorted((r / "r7").iterdir())] + sorted(shared.iterdir())
+    hashed.clear()
+    assert F.file_digests(files) == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert hashed == []  # every current file's entry survived the other process's prunes
+    F.prune_digest_cache(cache, everything=True)
+    assert len(entry_names(cache)) == len(files)  # and the deleted files' entries are gone
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_entry_another_process_rewrites_while_it_is_pruned_stays(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(F, "SETTLE_NS", 0)
+    f = tmp_path / "w"
+    f.write_text("old")
+    time.sleep(0.05)
+    F.file_digests([f])
+    entry = F._entry(cache, f.resolve())
+    f.write_text("new")  # the entry is stale...
+    time.sleep(0.05)
+    real = F._current
+
+    def judged_then_replaced(path):
+        stale = real(path)
+        real_f = f.resolve()  # ...and another writer replaces it before the prune removes it
+        F._hash_and_cache(cache, real_f, F._stat_key(real_f.stat()))
+        return stale
+
+    monkeypatch.setattr(F, "_current", judged_then_replaced)
+    F.prune_digest_cache(cache, everything=True)
+    assert json.loads(entry.read_text())["sha256"] == hashlib.sha256(b"new").hexdigest()

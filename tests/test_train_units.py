@@ -203,3 +203,62 @@ def test_gradient_is_clipped_by_global_norm_before_the_optimizer():
         u, _ = tx.update(g, tx.init(params), params)
         np.testing.assert_allclose(np.asarray(u["embed"][0, :2]), want, rtol=1e-6)
         assert not any(np.asarray(x).any() for x in jax.tree.leaves({k: x for k, x in u.items() if k != "embed"}))
+
+
+def test_orbax_errors_are_held_until_the_block_ends_and_warnings_pass_at_once(caplog):
+    import logging
+    import os
+
+    from sparcom_jax.train.checkpointing import orbax_errors_held
+
+    def record(level, msg, where="/site-packages/orbax/checkpoint/_src/futures/future.py"):
+        return logging.makeLogRecord({"name": "absl", "levelno": level, "levelname": logging.getLevelName(level),
+                                      "pathname": where.replace("/", os.sep), "msg": msg})
+
+    absl_log = logging.getLogger("absl")
+    with caplog.at_level(logging.INFO):
+        with orbax_errors_held():
+            absl_log.handle(record(logging.WARNING, "a real orbax warning"))
+            absl_log.handle(record(logging.ERROR, "an error of another library", where="/x/tensorstore/y.py"))
+            assert [r.getMessage() for r in caplog.records] == ["a real orbax warning",
+                                                                "an error of another library"]
+            absl_log.handle(record(logging.ERROR, "thread failed"))
+            assert len(caplog.records) == 2  # held...
+        assert caplog.records[-1].getMessage() == "thread failed"  # ...and logged when nothing was raised
+        caplog.clear()
+        with pytest.raises(OSError) as e:
+            with orbax_errors_held():
+                absl_log.handle(record(logging.ERROR, "thread failed: No space left on device"))
+                raise OSError(28, "No space left on device")
+        assert caplog.records == [] and "  thread failed: No space left on device" in e.value.__notes__[0]
+        absl_log.handle(record(logging.ERROR, "after the block"))  # the filter is gone
+        assert [r.getMessage() for r in caplog.records] == ["after the block"]
+
+
+def test_callbacks_into_closed_event_loops_are_held_with_the_orbax_errors(monkeypatch, capsys):
+    # After a failed save orbax closes its event loops and tensorstore's callbacks into them fail
+    # ("Event loop is closed", printed by sys.unraisablehook) ahead of the error the save raises.
+    import sys
+    import types
+
+    from sparcom_jax.train.checkpointing import orbax_errors_held
+
+    def unraisable(exc):
+        return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None, err_msg=None,
+                                     object="callback")
+
+    passed = []
+    monkeypatch.setattr(sys, "unraisablehook", passed.append)
+    with pytest.raises(OSError) as e:
+        with orbax_errors_held():
+            sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+            other = unraisable(ValueError("another library's"))
+            sys.unraisablehook(other)
+            raise OSError(28, "No space left on device")
+    assert passed == [other] and sys.unraisablehook == passed.append  # the others at once; the hook restored
+    assert "1 callbacks into event loops orbax had closed" in e.value.__notes__[0]
+    assert capsys.readouterr().err == ""
+    with orbax_errors_held():  # nothing raised: reported when the block ends
+        sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+        assert capsys.readouterr().err == ""
+    assert "RuntimeError: Event loop is closed" in capsys.readouterr().err

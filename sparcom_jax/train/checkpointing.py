@@ -19,8 +19,12 @@ checkpoint that a resume would read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +50,62 @@ def read_run(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{p}: not found; {run_dir} is not a fine-tuning run directory "
                                 "(finetune(..., out_dir) writes it)")
     return json.loads(p.read_text())
+
+
+@contextlib.contextmanager
+def orbax_errors_held():
+    """Hold the errors orbax reports while the block runs, so that they do not come before the
+    error the block raises.
+
+    When a write fails (a full disk), orbax's writer threads log each failure with its traceback
+    (through absl) before the save raises it, and tensorstore's callbacks into the event loops
+    orbax then closes fail as "Event loop is closed" (printed by `sys.unraisablehook`): some
+    hundred lines ahead of the CLI's one-line error. Both are held: when the block raises, they
+    become a note on the exception (shown by ``--debug``'s traceback, and by that of any error
+    that is not one line); when it ends normally they are reported then, so nothing is lost.
+    Warnings and lesser records pass as they come.
+    """
+    held: list[logging.LogRecord] = []
+    closed_loop: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            # As text: a held traceback keeps the failed save's frames (and their futures) alive.
+            record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+            held.append(record)
+            return False
+        return True
+
+    default_hook = sys.unraisablehook
+
+    def hold_unraisable(u) -> None:
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            closed_loop.append(f"{u.err_msg or 'Exception ignored in'}: {u.object!r}\n" + "".join(
+                traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
+        else:
+            default_hook(u)
+
+    absl_log = logging.getLogger("absl")  # orbax logs through absl.logging, which logs to this logger
+    absl_log.addFilter(hold)
+    sys.unraisablehook = hold_unraisable
+    try:
+        yield
+    except BaseException as e:
+        if held or closed_loop:
+            e.add_note("orbax reported, while checkpoints were written:\n" + "\n".join(
+                [f"  {r.getMessage()}" for r in held]
+                + ([f"  {len(closed_loop)} callbacks into event loops orbax had closed"] if closed_loop else [])))
+        raise
+    finally:
+        absl_log.removeFilter(hold)
+        sys.unraisablehook = default_hook
+    for r in held:
+        absl_log.handle(r)
+    for text in closed_loop:
+        print(text, end="", file=sys.stderr)
 
 
 class TrainCheckpointer:

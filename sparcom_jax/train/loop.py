@@ -35,7 +35,7 @@ from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
 from sparcom_jax.fileio import atomic_write, write_json
 from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer,
-                                             read_run)
+                                             orbax_errors_held, read_run)
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
@@ -305,48 +305,51 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     first = start or 0
     bar = tqdm(total=total_steps, initial=first, disable=not progress or not lead, unit="step", dynamic_ncols=True)
     losses: dict[int, float] = {}
-    try:
-        if start is None:
-            checkpoint(0)  # the base model: "before"
-        batch = data.batch(first) if first < total_steps else None
-        t_last = time.perf_counter()
-        tok_since = 0
-        for s in range(first, total_steps):
-            state, m = train_step(state, *(put_batch(x, sh.batch_ABT, global_batch=True)
-                                           for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
-            cur = batch
-            # Prepare the next batch on the host while the device runs this step.
-            batch = data.batch(s + 1) if s + 1 < total_steps else None
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            step = s + 1
-            tokens_seen += cur.tokens
-            tok_since += cur.tokens
-            losses[step] = m["loss"]
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"step {step}: loss is {m['loss']}; lower learning_rate or clip_norm")
-            now = time.perf_counter()
-            row = {"step": step, "epoch": cur.epoch, "loss": m["loss"], "lr": m["lr"],
-                   "grad_norm": m["grad_norm"], "tokens": cur.tokens, "slots": int(cur.ids_ABT.size),
-                   "target_tokens": int(m["targets"]),
-                   "tokens_per_s": tok_since / max(now - t_last, 1e-9), "tokens_seen": tokens_seen}
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.write(type="train", **row)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                tok_since, t_last = 0, now
-            stop = bool(callback(step, row)) if callback is not None else False
-            if ckpt.should_save(step):
-                checkpoint(step)
-                t_last, tok_since = time.perf_counter(), 0  # eval and save time are not training time
-            if stop:
-                break
-    finally:
-        bar.close()
-        ckpt.wait()  # async writes must land before the caller reads (or the process exits)
-        kept = ckpt.all_steps()
-        ckpt.close()
-        metrics.close()
+    # orbax's threads log a failed write (a full disk) at length before the save raises it: held,
+    # so that the one-line error comes first (and alone)
+    with orbax_errors_held():
+        try:
+            if start is None:
+                checkpoint(0)  # the base model: "before"
+            batch = data.batch(first) if first < total_steps else None
+            t_last = time.perf_counter()
+            tok_since = 0
+            for s in range(first, total_steps):
+                state, m = train_step(state, *(put_batch(x, sh.batch_ABT, global_batch=True)
+                                               for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
+                cur = batch
+                # Prepare the next batch on the host while the device runs this step.
+                batch = data.batch(s + 1) if s + 1 < total_steps else None
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                step = s + 1
+                tokens_seen += cur.tokens
+                tok_since += cur.tokens
+                losses[step] = m["loss"]
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"step {step}: loss is {m['loss']}; lower learning_rate or clip_norm")
+                now = time.perf_counter()
+                row = {"step": step, "epoch": cur.epoch, "loss": m["loss"], "lr": m["lr"],
+                       "grad_norm": m["grad_norm"], "tokens": cur.tokens, "slots": int(cur.ids_ABT.size),
+                       "target_tokens": int(m["targets"]),
+                       "tokens_per_s": tok_since / max(now - t_last, 1e-9), "tokens_seen": tokens_seen}
+                if step % cfg.log_every == 0 or step == total_steps:
+                    metrics.write(type="train", **row)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    tok_since, t_last = 0, now
+                stop = bool(callback(step, row)) if callback is not None else False
+                if ckpt.should_save(step):
+                    checkpoint(step)
+                    t_last, tok_since = time.perf_counter(), 0  # eval and save time are not training time
+                if stop:
+                    break
+        finally:
+            bar.close()
+            ckpt.wait()  # async writes must land before the caller reads (or the process exits)
+            kept = ckpt.all_steps()
+            ckpt.close()
+            metrics.close()
 
     gd, _, rest = nnx.split(model, nnx.Param, ...)
     tuned = nnx.merge(gd, nnx.State(state.params), rest)
