@@ -7,4 +7,6 @@ source "$ROOT/scripts/setup_env.sh" test
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 WORKERS="${SPARCOM_TEST_WORKERS:-2}"
-exec python -m pytest -q -n "$WORKERS" --dist loadfile "$@"
+# The 20 slowest tests close every run: CI must stay under 30 minutes on 2 cores, and a
+# test that grows shows up in the log of the run that made it grow.
+exec python -m pytest -q -n "$WORKERS" --dist loadfile --durations=20 "$@"
