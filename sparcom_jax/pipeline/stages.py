@@ -343,15 +343,24 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     records = identify_records(cfg)
     caps = content_caps if content_caps is not None else study_content_caps(cfg, out)
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
+    settings = dict(dtype=dtype or cfg.collect.dtype, gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype,
+                    content_caps=caps)
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
-        fp, _ = collect_fingerprint(cfg, spec, recs, template, dtype=dtype or cfg.collect.dtype,
-                                    gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype, content_caps=caps)
+        fp, _ = collect_fingerprint(cfg, spec, recs, template, **settings)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
-    counts = open_counts(root) if not parts else merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+    if parts:
+        counts = merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+        # What the later stages fingerprint the counts by: that of one store of every record, which the
+        # merged counts equal (each share was checked against its own above). Results made from counts
+        # of one process count stay valid for those of another, and change with whatever changes counts.
+        whole, _ = collect_fingerprint(cfg, spec, records, template, **settings)
+        counts = dataclasses.replace(counts, meta={**counts.meta, "fingerprint": whole})
+    else:
+        counts = open_counts(root)
     # The analysis draws records sharing an instruction text together: their group keys must be the
     # records'. A store written before keys were kept gets them here (its records were checked above);
     # keys that differ mean text changed beyond the counted tokens (cut by max_length).
