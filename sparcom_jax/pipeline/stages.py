@@ -594,6 +594,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     Writes OUT/ablate/<model>_<kind>.json (with its fingerprint); a result with the same
     fingerprint is reused. Returns the AblationResults too.
     """
+    import jax
+
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.stats.losses import make_loss_fn
@@ -623,7 +625,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 written["_results"][(spec.label, kind)] = res
                 continue
             if model is None:
-                mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+                # Each process runs its share of the passes alone, on its own devices (`_passes_shared`).
+                mesh = make_mesh(cfg.mesh, local=True) if mesh is None else mesh
                 # The counting numerics (dtype and gate dtype) chose the sets: the loss is measured in them.
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
                                         gate_dtype=cfg.collect.gate_dtype)
@@ -636,10 +639,11 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode)
                 total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * (1 + a.n_random)
+                mine = len(range(jax.process_index(), total, jax.process_count()))
                 try:
-                    with _Counting(loss_fn, total, f"ablate {kind}") as fn:
+                    with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
                         res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                    n_bins=a.n_bins)
+                                                    n_bins=a.n_bins, run=_passes_shared)
                 except ValueError as e:  # e.g. a category's ISEs cover every expert of a layer
                     if kind != "experts":
                         raise
@@ -653,6 +657,27 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             written["_results"][(spec.label, kind)] = res
         del model
     return written
+
+
+def _passes_shared(loss_fn, masks) -> list[tuple[dict[str, float], float]]:
+    """The causal check's `MaskRunner` over processes: process k runs the passes k, k+P, ...
+    (each over every held-out record, on its own devices: `make_mesh(local=True)`), and every
+    process gets every pass's losses as the process that ran it has them. A pass is the same
+    program on every process's devices, so the result is the one process's, in 1/P of the time."""
+    import numpy as np
+
+    from sparcom_jax.analysis.ablate import dropped_mass
+    from sparcom_jax.categories import CATEGORIES, normalize_category
+    from sparcom_jax.parallel.processes import share_map
+
+    def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none)]
+        losses = {normalize_category(k): float(v) for k, v in loss_fn(masks[i]).items()}
+        return ([losses.get(c, np.nan) for c in CATEGORIES] + [c in losses for c in CATEGORIES]
+                + [dropped_mass(loss_fn)])
+
+    n = len(CATEGORIES)
+    rows = share_map(one, len(masks), 2 * n + 1, "ablate")
+    return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n])) for r in rows]
 
 
 class _Counting:
