@@ -366,8 +366,8 @@ jax.distributed.shutdown()
 
 
 def _two_steps(out):
-    """Two steps of a tiny Llama on 12 shipped records, batch 4 (the same global batch however many
-    processes): (the base model, the FinetuneResult)."""
+    """Two steps of a tiny Llama on 12 shipped records (long enough to keep their responses), batch 4
+    (the same global batch however many processes): (the base model, the FinetuneResult)."""
     import sparcom_jax as sj
     from sparcom_jax.data import default_tokenizer, sample_balanced
     from sparcom_jax.models.config import ModelConfig
@@ -377,8 +377,8 @@ def _two_steps(out):
     cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
     records = sample_balanced(_records(), 2, seed=0)
-    tc = TrainConfig(learning_rate=1e-2, warmup_steps=1, total_steps=2, batch_size=4, grad_accum=1, max_length=32,
-                     buckets=(32,), save_every=100, async_checkpointing=False, seed=3)
+    tc = TrainConfig(learning_rate=1e-2, warmup_steps=1, total_steps=2, batch_size=4, grad_accum=1, max_length=128,
+                     buckets=(128,), save_every=100, async_checkpointing=False, seed=3)
     base = sj.init_model(cfg, seed=0)
     return base, finetune(base, records, tok, tc, out, progress=False, eval_records=records[:6])
 
