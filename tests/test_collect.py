@@ -292,10 +292,43 @@ base:
          num_key_value_heads: 1, max_position_embeddings: 32, num_local_experts: 4, num_experts_per_tok: 2}
 data: {n_per_category: 1, max_length: 24}
 collect: {batch_size: 4, buckets: [24], template_control: false}
+ablation: {n_random: 1, max_records: 2, batch_size: 4, kinds: [experts]}
 """
 
+# The causal check's passes (calls of CategoryLoss) and their seconds, the first of each (compiling) apart.
+TIMED_PASSES = """
+def timed_ablation(cfg, out):
+    import time
+    from sparcom_jax.pipeline import ablate_stage
+    from sparcom_jax.stats import losses
+    seconds, real = [], losses.CategoryLoss.__call__
+    def call(self, mask=None):
+        start = time.perf_counter()
+        try:
+            return real(self, mask)
+        finally:
+            seconds.append(time.perf_counter() - start)
+    losses.CategoryLoss.__call__ = call
+    start = time.perf_counter()
+    ablate_stage(cfg, out)
+    return {"passes": len(seconds), "seconds": time.perf_counter() - start, "first": seconds[0],
+            "rest": sum(seconds[1:])}
+"""
+
+# One process of 2 devices: the causal check every process of TWO_PROCESS_CASES runs a share of.
+ONE_PROCESS_ABLATION = TIMED_PASSES + textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    from pathlib import Path
+    from sparcom_jax.config import load_config
+    from sparcom_jax.pipeline import collect_stage
+    cfg, out = load_config(sys.argv[1]), Path(sys.argv[2])
+    collect_stage(cfg, out, progress=False)
+    (out / "passes.json").write_text(json.dumps(timed_ablation(cfg, out)))
+""")
+
 # Two processes of 2 devices: the cases where processes have different amounts of work.
-TWO_PROCESS_CASES = textwrap.dedent("""
+TWO_PROCESS_CASES = TIMED_PASSES + textwrap.dedent("""
     import os, sys, json
     os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     from pathlib import Path
@@ -371,6 +404,8 @@ TWO_PROCESS_CASES = textwrap.dedent("""
     sync_global_devices("stale checked")
     if pid == 1:
         meta.write_text(kept)
+    sync_global_devices("restored")
+    res["ablation"] = timed_ablation(cfg, tmp / "run")  # the processes share its passes
     # an infinite embedding of a token only process 1's share has: its counts are refused on both
     every = list(d["seqs"])
     token = next(int(t) for t in every[1] if all(t not in s for s in every[0::2]))
@@ -389,7 +424,7 @@ def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_co
     output directory) are taken by all together. Each of these hung, or counted wrongly,
     when a process decided alone."""
     from sparcom_jax.config import load_config
-    from sparcom_jax.pipeline import collect_stage, load_spec_model, open_model_counts
+    from sparcom_jax.pipeline import load_spec_model, open_model_counts
 
     (tmp_path / "pod.yaml").write_text(POD_CONFIG)
     cfg = load_config(tmp_path / "pod.yaml")
@@ -437,7 +472,22 @@ def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_co
     assert res[0]["stale"].startswith(other.format("collect moe")), res[0]["stale"]
     assert res[1]["nan"].startswith("ValueError: the model: non-finite activations"), res[1]["nan"]
     assert res[0]["nan"].startswith(other.format("collect: non-finite activations")), res[0]["nan"]
-    collect_stage(cfg, tmp_path / "single", progress=False)
+    # One process (of 2 devices, as each of the two has) counts every record and runs every pass of the
+    # causal check; the two shared the passes: the same numbers and the same fingerprint (that of the
+    # counts does not depend on how many processes counted them).
+    (tmp_path / "one.py").write_text(ONE_PROCESS_ABLATION)
+    subprocess.run([sys.executable, str(tmp_path / "one.py"), str(tmp_path / "pod.yaml"), str(tmp_path / "single")],
+                   check=True, env=_clean_env(), timeout=300)
+    made = sorted(p.name for p in (tmp_path / "run" / "ablate").iterdir())
+    assert made == sorted(p.name for p in (tmp_path / "single" / "ablate").iterdir()) == ["moe_experts.json"]
+    for name in made:
+        assert (tmp_path / "run" / "ablate" / name).read_text() == (tmp_path / "single" / "ablate" / name).read_text()
+    alone = json.loads((tmp_path / "single" / "passes.json").read_text())
+    two = [r["ablation"] for r in res]
+    assert sorted(t["passes"] for t in two) == [alone["passes"] // 2, alone["passes"] - alone["passes"] // 2]
+    print(f"causal check, {alone['passes']} passes: one process {alone['seconds']:.1f} s "
+          f"(first pass {alone['first']:.1f} s, the others {alone['rest']:.1f} s); two processes "
+          + ", ".join(f"{t['seconds']:.1f} s ({t['first']:.1f} s, {t['rest']:.1f} s)" for t in two))
     ref = open_model_counts(cfg, tmp_path / "single", cfg.base)
     got = open_model_counts(cfg, tmp_path / "run", cfg.base)  # the two processes' stores, merged
     assert sorted(p.name for p in (tmp_path / "run" / "counts" / "moe").iterdir()) == ["process_0", "process_1"]

@@ -105,6 +105,43 @@ def test_same_template_control_is_counted_and_compared(done):
     assert summary["controls"]["same_template"]["after"] == "tuned under plain template"
 
 
+def test_counts_of_another_process_count_keep_the_causal_check_valid(done, tmp_path, monkeypatch):
+    """A collection on P processes leaves one store per process (process k: records k, k+P, ...);
+    merged, they are the counts one process counts, so the stages after collect fingerprint
+    them alike: a causal check made from one layout is reused with the other."""
+    import shutil
+
+    from sparcom_jax.data import resolve_tokenizer
+    from sparcom_jax.pipeline.common import counts_root, identify_records
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+    from sparcom_jax.stats.collect import collect_instructions
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg = exp()
+    spec = cfg.finetuned  # the ablated model
+    one = stages.open_model_counts(cfg, out, spec)
+    active = np.asarray(one.neuron_active[:])  # read before its store goes
+    root = counts_root(cfg, out) / "tuned"
+    shutil.rmtree(root)
+    model = stages.load_spec_model(spec)
+    records, caps = identify_records(cfg), stages.study_content_caps(cfg, out)
+    for k in range(2):  # what collect_stage on two processes writes
+        share = records[k::2]
+        fp, _ = collect_fingerprint(cfg, spec, share, "chat", content_caps=caps)
+        collect_instructions(model, share, resolve_tokenizer(model), template="chat", scope=cfg.data.scope,
+                             max_length=cfg.data.max_length, out=root / f"process_{k}", progress=False,
+                             buckets=[48], sums=cfg.collect.sums, fingerprint=fp, content_caps=caps)
+    merged = stages.open_model_counts(cfg, out, spec)
+    assert merged.ids == one.ids and merged.meta["fingerprint"] == one.meta["fingerprint"]
+    np.testing.assert_array_equal(merged.neuron_active, active)
+    no_weights(monkeypatch)
+    kept = (out / "ablate" / "tuned_neurons.json").read_text()
+    run_stage("ablate", cfg, out)
+    run_stage("report", cfg, out)
+    assert (out / "ablate" / "tuned_neurons.json").read_text() == kept
+
+
 def test_ablation_results_are_checked_before_reuse_and_before_the_report(done, monkeypatch):
     no_weights(monkeypatch)
     # identify.eps changes the sets: the stored causal check no longer belongs to them

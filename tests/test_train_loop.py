@@ -342,3 +342,77 @@ def test_a_resumed_run_says_where_it_resumed(tmp_path, capfd):
     assert f"{run}: an earlier run with the same settings stopped after step 1 of 2; resuming" in err
     finetune(model, records, tok, cfg, run, progress=True)
     assert f"{run}: already trained to step 2 with the same settings; reusing it" in capfd.readouterr().err
+
+
+# One process of a two-process fine-tuning run (1 CPU device each): the run of _two_steps.
+TWO_PROCESS_STEPS = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+sys.path.insert(0, sys.argv[4])
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from test_train_loop import _two_steps
+_, res = _two_steps(out)
+params = nnx.state(res.model, nnx.Param)
+whole = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+if pid == 0:
+    np.savez(out + ".npz", *jax.tree.leaves(whole))
+jax.distributed.shutdown()
+"""
+
+
+def _two_steps(out):
+    """Two steps of a tiny Llama on 12 shipped records (long enough to keep their responses), batch 4
+    (the same global batch however many processes): (the base model, the FinetuneResult)."""
+    import sparcom_jax as sj
+    from sparcom_jax.data import default_tokenizer, sample_balanced
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.train import TrainConfig, finetune
+
+    tok = default_tokenizer()
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    records = sample_balanced(_records(), 2, seed=0)
+    tc = TrainConfig(learning_rate=1e-2, warmup_steps=1, total_steps=2, batch_size=4, grad_accum=1, max_length=128,
+                     buckets=(128,), save_every=100, async_checkpointing=False, seed=3)
+    base = sj.init_model(cfg, seed=0)
+    return base, finetune(base, records, tok, tc, out, progress=False, eval_records=records[:6])
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one(tmp_path):
+    """Two processes (one device each, the batch and the FSDP-sharded state split over both,
+    orbax writing their checkpoints together) take the steps one process takes on the
+    same global batch: the same parameters, to float rounding (one device sums the
+    gradient in another order)."""
+    import socket
+
+    import jax
+    from flax import nnx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / "run.py").write_text(TWO_PROCESS_STEPS)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(tmp_path / "two"),
+                               str(Path(__file__).parent)], env=env) for i in range(2)]
+    try:
+        for p in procs:
+            assert p.wait(timeout=300) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    base, one = _two_steps(tmp_path / "one")
+    leaves = [[np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))] for m in (base, one.model)]
+    got = np.load(tmp_path / "two.npz")
+    assert len(got.files) == len(leaves[1])
+    for i, (b, r) in enumerate(zip(*leaves)):
+        assert np.abs(r - b).max() > 1e-3  # two steps move every parameter far beyond the tolerance
+        np.testing.assert_allclose(got[f"arr_{i}"], r, atol=1e-5, rtol=0, err_msg=f"parameter {i}")
+    assert sorted(json.loads((tmp_path / "two" / "run.json").read_text())["mesh"].items()) == [("data", 2), ("model", 1)]
+    assert {p.name for p in (tmp_path / "two" / "checkpoints").iterdir()} >= {"0", "2"}

@@ -19,7 +19,7 @@ every activation-frequency bin of the group, drawn outside the tested set.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,6 +28,8 @@ from sparcom_jax.analysis.identify import Identification
 from sparcom_jax.categories import CATEGORIES, normalize_category, per_category_text
 
 LossFn = Callable[[np.ndarray | None], Mapping[str, float]]
+# (loss_fn, masks) -> [(losses, dropped mass or NaN)] of every mask, in order.
+MaskRunner = Callable[[LossFn, Sequence[np.ndarray | None]], list[tuple[Mapping[str, float], float]]]
 
 # Leading mask axes that form one matching group, per kind.
 KIND_LEAD: dict[str, int] = {"neurons": 1, "experts": 1, "expert_neurons": 2}
@@ -261,9 +263,15 @@ def _row(losses: Mapping[str, float], baseline: dict[str, float]) -> np.ndarray:
     return np.array([losses.get(c, np.nan) - baseline.get(c, np.nan) for c in CATEGORIES])
 
 
-def _dropped(loss_fn) -> float:
+def dropped_mass(loss_fn) -> float:
+    """The routing mass the last call of `loss_fn` dropped (`last_dropped_mass`), NaN when it gives none."""
     v = getattr(loss_fn, "last_dropped_mass", None)
     return np.nan if v is None else float(v)
+
+
+def run_in_order(loss_fn: LossFn, masks: Sequence[np.ndarray | None]) -> list[tuple[Mapping[str, float], float]]:
+    """The default `MaskRunner`: `loss_fn` on each mask in turn, with the mass each call dropped."""
+    return [(loss_fn(m), dropped_mass(loss_fn)) for m in masks]
 
 
 def ablation_matrix(
@@ -275,6 +283,7 @@ def ablation_matrix(
     kind: str = "neurons",
     frequency: np.ndarray | None = None,
     n_bins: int = 10,
+    run: MaskRunner = run_in_order,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
@@ -293,6 +302,10 @@ def ablation_matrix(
         also match the set's count in each of `n_bins` quantile bins of it
         within every group. None matches counts per group only.
       n_bins: frequency bins per group (at most one per 4 units of a group).
+      run: evaluates the masks, all drawn first (baseline None, then per category
+        its set and its draws): `run_in_order` by default; the pipeline passes one
+        that shares them among processes. The draws do not depend on the losses, so
+        the result is the same whichever runs them.
 
     Returns:
       An AblationResult. Random sets are always drawn outside the tested set
@@ -313,7 +326,6 @@ def ablation_matrix(
         width = int(np.prod(np.shape(frequency)[lead:]))
         n_bins = min(n_bins, max(1, width // 4))
         bins = frequency_bins(frequency, n_bins, lead)
-    baseline = {normalize_category(k): float(v) for k, v in loss_fn(None).items()}
     isn = np.full((C, C), np.nan)
     draws = np.full((n_random, C, C), np.nan)
     sizes = np.zeros(C, np.int64)
@@ -322,6 +334,8 @@ def ablation_matrix(
     off_bin = np.zeros((n_random, C), np.int64)
     in_set = np.zeros((n_random, C), np.int64)
     rng = np.random.default_rng(seed)
+    masks: list[np.ndarray | None] = [None]  # the baseline first
+    slots: list[tuple[int, int | None]] = []  # (ablated category, draw or None for its set) of masks[1:]
     for a, cat in enumerate(CATEGORIES):
         if cat not in sets:
             continue
@@ -337,12 +351,19 @@ def ablation_matrix(
             isn[a] = draws[:, a] = 0.0
             dropped[a] = rdropped[:, a] = 0.0
             continue
-        isn[a] = _row(loss_fn(mask), baseline)
-        dropped[a] = _dropped(loss_fn)
+        masks.append(mask)
+        slots.append((a, None))
         for d in range(n_random):
             rmask, off_bin[d, a], in_set[d, a] = matched_random(mask, rng, bins, exclude=True, lead=lead)
-            draws[d, a] = _row(loss_fn(rmask), baseline)
-            rdropped[d, a] = _dropped(loss_fn)
+            masks.append(rmask)
+            slots.append((a, d))
+    (base, _), *results = run(loss_fn, masks)
+    baseline = {normalize_category(k): float(v) for k, v in base.items()}
+    for (a, d), (losses, mass) in zip(slots, results, strict=True):
+        if d is None:
+            isn[a], dropped[a] = _row(losses, baseline), mass
+        else:
+            draws[d, a], rdropped[d, a] = _row(losses, baseline), mass
     rand = draws.mean(0) if n_random else np.full((C, C), np.nan)
     has_mass = np.isfinite(dropped[sizes > 0]).any()
     return AblationResult(

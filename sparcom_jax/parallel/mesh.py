@@ -45,10 +45,11 @@ def mesh_shape(devices: int, data: int | None = None, model: int = 1, num_proces
 def check_process_rows(devices: int, model: int, num_processes: int, prefix: str = "mesh.") -> None:
     """Refuse, by arithmetic, a model axis that would span processes in a collection.
 
-    Collection and the causal check feed every process's own rows into the batch
+    Collection feeds every process's own rows into the batch
     (`sparcom_jax.runtime.put_batch`), so each row of the data axis must lie on the
-    devices of one process: the model axis must divide the devices of one process.
-    Training gives every process the whole batch and has no such limit.
+    devices of one process, and the causal check runs each process's passes on a model
+    copy on its own devices: either way the model axis must divide the devices of one
+    process. Training gives every process the whole batch and has no such limit.
 
     Raises:
       ConfigError: naming the model-axis sizes that fit.

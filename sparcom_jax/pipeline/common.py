@@ -218,15 +218,22 @@ def resolve_mesh(mesh: MeshSpec, devices: int | None = None) -> tuple[int, int, 
     return n, data, model
 
 
-def make_mesh(mesh: MeshSpec):
-    """A real ("data", "model") Mesh over the visible devices, or None for one device."""
+def make_mesh(mesh: MeshSpec, *, local: bool = False):
+    """A real ("data", "model") Mesh over the visible devices, or None for one device.
+
+    `local`: over this process's devices only (its 1/P of the data axis), for work each
+    process does alone (the causal check); the same as the whole mesh with one process.
+    """
     import jax
 
     from sparcom_jax.parallel.mesh import make_mesh as _make
 
-    if jax.device_count() == 1:
+    if not local or jax.process_count() == 1:
+        return None if jax.device_count() == 1 else _make(data=mesh.data, model=mesh.model)
+    if jax.local_device_count() == 1:
         return None
-    return _make(data=mesh.data, model=mesh.model)
+    data = None if mesh.data is None else mesh.data // jax.process_count()
+    return _make(data=data, model=mesh.model, devices=jax.local_devices())
 
 
 # --------------------------------------------------------------------------- #

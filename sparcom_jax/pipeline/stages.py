@@ -348,15 +348,24 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     records = identify_records(cfg)
     caps = content_caps if content_caps is not None else study_content_caps(cfg, out)
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
+    settings = dict(dtype=dtype or cfg.collect.dtype, gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype,
+                    content_caps=caps)
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
-        fp, _ = collect_fingerprint(cfg, spec, recs, template, dtype=dtype or cfg.collect.dtype,
-                                    gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype, content_caps=caps)
+        fp, _ = collect_fingerprint(cfg, spec, recs, template, **settings)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
-    counts = open_counts(root) if not parts else merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+    if parts:
+        counts = merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+        # What the later stages fingerprint the counts by: that of one store of every record, which the
+        # merged counts equal (each share was checked against its own above). Results made from counts
+        # of one process count stay valid for those of another, and change with whatever changes counts.
+        whole, _ = collect_fingerprint(cfg, spec, records, template, **settings)
+        counts = dataclasses.replace(counts, meta={**counts.meta, "fingerprint": whole})
+    else:
+        counts = open_counts(root)
     # The analysis draws near-duplicate records together: their group keys must be the records' under
     # data.group_by. A store written before keys were kept gets them here (its records were checked
     # above); keys that differ mean text changed beyond the counted tokens (cut by max_length).
@@ -595,6 +604,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     Writes OUT/ablate/<model>_<kind>.json (with its fingerprint); a result with the same
     fingerprint is reused. Returns the AblationResults too.
     """
+    import jax
+
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.stats.losses import make_loss_fn
@@ -624,7 +635,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 written["_results"][(spec.label, kind)] = res
                 continue
             if model is None:
-                mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+                # Each process runs its share of the passes alone, on its own devices (`_passes_shared`).
+                mesh = make_mesh(cfg.mesh, local=True) if mesh is None else mesh
                 # The counting numerics (dtype and gate dtype) chose the sets: the loss is measured in them.
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
                                         gate_dtype=cfg.collect.gate_dtype)
@@ -637,10 +649,11 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode)
                 total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * (1 + a.n_random)
+                mine = len(range(jax.process_index(), total, jax.process_count()))
                 try:
-                    with _Counting(loss_fn, total, f"ablate {kind}") as fn:
+                    with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
                         res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                    n_bins=a.n_bins)
+                                                    n_bins=a.n_bins, run=_passes_shared)
                 except ValueError as e:  # e.g. a category's ISEs cover every expert of a layer
                     if kind != "experts":
                         raise
@@ -654,6 +667,27 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             written["_results"][(spec.label, kind)] = res
         del model
     return written
+
+
+def _passes_shared(loss_fn, masks) -> list[tuple[dict[str, float], float]]:
+    """The causal check's `MaskRunner` over processes: process k runs the passes k, k+P, ...
+    (each over every held-out record, on its own devices: `make_mesh(local=True)`), and every
+    process gets every pass's losses as the process that ran it has them. A pass is the same
+    program on every process's devices, so the result is the one process's, in 1/P of the time."""
+    import numpy as np
+
+    from sparcom_jax.analysis.ablate import dropped_mass
+    from sparcom_jax.categories import CATEGORIES, normalize_category
+    from sparcom_jax.parallel.processes import share_map
+
+    def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none)]
+        losses = {normalize_category(k): float(v) for k, v in loss_fn(masks[i]).items()}
+        return ([losses.get(c, np.nan) for c in CATEGORIES] + [c in losses for c in CATEGORIES]
+                + [dropped_mass(loss_fn)])
+
+    n = len(CATEGORIES)
+    rows = share_map(one, len(masks), 2 * n + 1, "ablate")
+    return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n])) for r in rows]
 
 
 class _Counting:

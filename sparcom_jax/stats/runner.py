@@ -133,12 +133,16 @@ class BatchRunner:
         self.mesh = mesh
         self.buckets = tuple(buckets) if buckets is not None else None
         graphdef, state = nnx.split(model)
+        # A mesh over several processes' devices makes every run one program of all of them
+        # (they agree on its shapes); on one process's devices, the process runs alone.
+        processes = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
+        self.shared = processes > 1
         if mesh is not None:
             check_rows_in_one_process(mesh)  # each process brings its own rows
             # Inputs arrive committed to their shardings (state here, batches in `run`),
             # so jit takes them as they are; outputs stay split over the data axis.
             state = jax.device_put(state, state_shardings(state, mesh))
-            local_data = max(1, mesh.shape["data"] // jax.process_count())
+            local_data = max(1, mesh.shape["data"] // processes)
             self.rows = int(math.ceil(batch_size / local_data) * local_data)
             self.batch_sharding = NamedSharding(mesh, P("data"))
             self.replicated = NamedSharding(mesh, P())
@@ -159,7 +163,7 @@ class BatchRunner:
         """
         if self.buckets is None:
             every = np.asarray(lengths, np.int64).reshape(-1)
-            if jax.process_count() > 1:
+            if self.shared:
                 every = _allgather_ragged(every).reshape(-1)
                 every = every[every > 0]
             if len(every):
@@ -174,7 +178,7 @@ class BatchRunner:
         plan = (plan_batches(lengths, self.rows, buckets, pad_rows=True, group="sorted")
                 if len(lengths) else None)
         sched = [(b.indices, b.length) for b in plan.batches] if plan else []
-        if jax.process_count() > 1:
+        if self.shared:
             # Every process must run the same sequence of shapes (SPMD): agree on the
             # number of steps and take the longest bucket of each step.
             lens = np.max(_allgather_ragged(np.array([t for _, t in sched], np.int64)), axis=0)
@@ -185,7 +189,7 @@ class BatchRunner:
         return sched
 
     def _get(self, tree):
-        if self.mesh is None or jax.process_count() == 1:
+        if not self.shared:
             return jax.tree.map(np.asarray, tree)
         from jax.experimental import multihost_utils
 
