@@ -749,6 +749,18 @@ def test_one_process_stops_at_the_first_batch_with_non_finite_activations(monkey
     assert len(batches) == 1  # of 12
 
 
+def test_a_non_finite_error_names_the_record_id_and_category():
+    """A process's sequences are its share of the records (here process 1 of 2's: records 1, 3, 5):
+    the error named the row within the share, not the record the user can look up."""
+    model = _tiny_llama()
+    seqs, scopes = make_inputs(n=3)
+    token = next(int(t) for t in seqs[1] if all(t not in s for s in (seqs[0], seqs[2])))
+    model.embed.value = model.embed.value.at[token].set(np.inf)  # only sequence 1 meets it
+    with pytest.raises(ValueError, match=r"e\.g\. on record 'rec-3' \(category 'code'\); "):
+        sj.collect_counts(model, seqs, scopes, batch_size=4, progress=False, buckets=[24],
+                          ids=["rec-1", "rec-3", "rec-5"], categories=["math", "code", "math"])
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2_moe", "mixtral"])
 def test_activation_sums_match_pytorch_hooks(variant, hf_checkpoint, tmp_path):
     """sums=True: A summed over counted tokens where A > 0 (neurons, expert neurons) and the
