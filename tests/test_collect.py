@@ -506,6 +506,22 @@ def test_scope_coverage_is_decided_on_the_records_of_every_process(here, other, 
             collect.check_scope_coverage(enc, 24)
 
 
+def test_the_content_cut_log_counts_the_records_of_every_share(monkeypatch, capsys):
+    """Each process's store summarises its own share: the collect log said "X of N records" with
+    N (and X) one process's, and each host's log said something else."""
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline.stages import _log_content_cut
+
+    theirs = [4, 1, 2, 5, 4, 1, 1]  # process 1: 4 records, 2 cut (5 tokens, at most 4), 1 capped (1 token)
+    monkeypatch.setattr(processes, "gather", lambda mine: np.stack([np.asarray(mine), np.asarray(theirs)]))
+    cut = {"records": 1, "tokens": 3, "max_tokens": 3, "capped_records": 1, "capped_tokens": 2}
+    _log_content_cut("m", {"content_cut": cut}, 3, 24)
+    assert ("collect m: 3 of 7 records have instruction/input tokens that are not counted (8 tokens, at most 4 "
+            "of one record), cut by data.max_length=24; 2 of these records lost 3 of them only") in capsys.readouterr().err
+    _log_content_cut("m", {}, 3, 24)  # a share without its summary: the whole count is not known
+    assert capsys.readouterr().err == ""
+
+
 def test_merged_shares_count_the_records_of_every_share():
     """The record counts in the meta (truncated records, instruction/input tokens cut, records with
     nothing in scope) of merged per-process shares are those of one collection of every record:

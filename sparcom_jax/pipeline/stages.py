@@ -221,8 +221,25 @@ def study_content_caps(cfg: ExperimentConfig, out: Path) -> dict[str, int] | Non
     return record_content_caps(identify_records(cfg), pairs.values(), max_length=cfg.data.max_length)
 
 
+_CUT_KEYS = ("records", "tokens", "max_tokens", "capped_records", "capped_tokens")  # content_cut_summary's
+
+
 def _log_content_cut(label: str, meta: dict, n: int, max_length) -> None:
-    cut = (meta or {}).get("content_cut")
+    """Log how much instruction/input text data.max_length cut from the counted records, over every
+    process's share (`meta`: this process's store's, `n`: its records). Every process takes part.
+
+    Each process's summary is of its share alone: "X of N records" from it undercounted both by
+    the number of processes, and each host's log said something else.
+    """
+    from sparcom_jax.parallel.processes import gather
+    from sparcom_jax.stats.collect import merge_meta
+
+    mine = (meta or {}).get("content_cut")
+    every = gather([n, mine is not None, *(int(mine[k]) if mine else 0 for k in _CUT_KEYS)])
+    n = int(every[:, 0].sum())
+    # None unless every share has its summary (a store from before the summary was kept has none).
+    cut = merge_meta([{"content_cut": dict(zip(_CUT_KEYS, row[2:].tolist())) if row[1] else None}
+                      for row in every])["content_cut"] if every[:, 1].all() else None
     if cut and cut["records"]:
         capped = (f"; {cut['capped_records']} of these records lost {cut['capped_tokens']} of them only to count "
                   "the same content tokens as the study's other models and templates" if cut["capped_records"] else "")
