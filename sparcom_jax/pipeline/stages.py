@@ -365,12 +365,16 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     records = identify_records(cfg)
     caps = content_caps if content_caps is not None else study_content_caps(cfg, out)
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
+    # One model digest and tokenizer for every process's store: the digest read all the weights
+    # once per store when the digest cache is off or cannot be written.
+    model, tok = spec_model_fingerprint(spec), spec_tokenizer(spec)
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
         fp, _ = collect_fingerprint(cfg, spec, recs, template, dtype=dtype or cfg.collect.dtype,
-                                    gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype, content_caps=caps)
+                                    gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype, content_caps=caps,
+                                    tokenizer=tok, model_digest=model)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     counts = open_counts(root) if not parts else merge_shares([open_counts(p, in_memory=True) for p in parts], root)
