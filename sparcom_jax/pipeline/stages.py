@@ -228,8 +228,8 @@ def _log_content_cut(label: str, meta: dict, n: int, max_length) -> None:
     """Log how much instruction/input text data.max_length cut from the counted records, over every
     process's share (`meta`: this process's store's, `n`: its records). Every process takes part.
 
-    Each process's summary is of its share alone: "X of N records" from it undercounted both by
-    the number of processes, and each host's log said something else.
+    Each process's summary is of its share alone: "X of N records" from it gave X and N of one
+    share (about 1/P of the run's), and each host's log said something else.
     """
     from sparcom_jax.parallel.processes import gather
     from sparcom_jax.stats.collect import merge_meta
@@ -367,14 +367,14 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
     # One model digest and tokenizer for every process's store: the digest read all the weights
     # once per store when the digest cache is off or cannot be written.
-    model, tok = spec_model_fingerprint(spec), spec_tokenizer(spec)
+    weights, tok = spec_model_fingerprint(spec), spec_tokenizer(spec)
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
         fp, _ = collect_fingerprint(cfg, spec, recs, template, dtype=dtype or cfg.collect.dtype,
                                     gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype, content_caps=caps,
-                                    tokenizer=tok, model_digest=model)
+                                    tokenizer=tok, model_digest=weights)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     counts = open_counts(root) if not parts else merge_shares([open_counts(p, in_memory=True) for p in parts], root)
