@@ -556,6 +556,22 @@ def test_scope_coverage_is_decided_on_the_records_of_every_process(here, other, 
             collect.check_scope_coverage(enc, 24)
 
 
+def test_the_content_cut_log_counts_the_records_of_every_share(monkeypatch, capsys):
+    """Each process's store summarises its own share: the collect log said "X of N records" with
+    N (and X) one process's, and each host's log said something else."""
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline.stages import _log_content_cut
+
+    theirs = [4, 1, 2, 5, 4, 1, 1]  # process 1: 4 records, 2 cut (5 tokens, at most 4), 1 capped (1 token)
+    monkeypatch.setattr(processes, "gather", lambda mine: np.stack([np.asarray(mine), np.asarray(theirs)]))
+    cut = {"records": 1, "tokens": 3, "max_tokens": 3, "capped_records": 1, "capped_tokens": 2}
+    _log_content_cut("m", {"content_cut": cut}, 3, 24)
+    assert ("collect m: 3 of 7 records have instruction/input tokens that are not counted (8 tokens, at most 4 "
+            "of one record), cut by data.max_length=24; 2 of these records lost 3 of them only") in capsys.readouterr().err
+    _log_content_cut("m", {}, 3, 24)  # a share without its summary: the whole count is not known
+    assert capsys.readouterr().err == ""
+
+
 def test_merged_shares_count_the_records_of_every_share():
     """The record counts in the meta (truncated records, instruction/input tokens cut, records with
     nothing in scope) of merged per-process shares are those of one collection of every record:
@@ -797,6 +813,18 @@ def test_one_process_stops_at_the_first_batch_with_non_finite_activations(monkey
     with pytest.raises(ValueError, match="non-finite activations .* in layer 0"):
         sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, buckets=[24])
     assert len(batches) == 1  # of 12
+
+
+def test_a_non_finite_error_names_the_record_id_and_category():
+    """A process's sequences are its share of the records (here process 1 of 2's: records 1, 3, 5):
+    the error named the row within the share, not the record the user can look up."""
+    model = _tiny_llama()
+    seqs, scopes = make_inputs(n=3)
+    token = next(int(t) for t in seqs[1] if all(t not in s for s in (seqs[0], seqs[2])))
+    model.embed.value = model.embed.value.at[token].set(np.inf)  # only sequence 1 meets it
+    with pytest.raises(ValueError, match=r"e\.g\. on record 'rec-3' \(category 'code'\); "):
+        sj.collect_counts(model, seqs, scopes, batch_size=4, progress=False, buckets=[24],
+                          ids=["rec-1", "rec-3", "rec-5"], categories=["math", "code", "math"])
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2_moe", "mixtral"])

@@ -358,6 +358,35 @@ def test_collect_fingerprint_covers_the_record_labels():
         assert collect_fingerprint(cfg, cfg.base, relabelled, "plain")[0]["records"] != fp["records"]
 
 
+def test_the_stores_of_a_multi_process_run_hash_the_weights_once(tmp_path, monkeypatch):
+    """open_model_counts checks each process's store against its share's fingerprint; each check
+    hashed every weights file again: with the digest cache off (or unwritable), P times per model,
+    on every process."""
+    import sparcom_jax as sj
+    from sparcom_jax import fingerprint
+    from sparcom_jax.data import default_tokenizer
+    from sparcom_jax.pipeline.common import counts_root, group_records, identify_records
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+
+    monkeypatch.setenv(fingerprint.DIGEST_CACHE_ENV, "off")
+    model = stages.load_spec_model(exp().base)
+    sj.save_model(model, tmp_path / "m", tokenizer=default_tokenizer())
+    cfg = exp(f"base={{name: base, path: {tmp_path / 'm'}, template: plain}}", "finetuned=null")
+    records, out = identify_records(cfg), tmp_path / "out"
+    caps, groups = stages.study_content_caps(cfg, out), group_records(cfg, records)
+    for k in range(2):  # what process k of 2 writes (collect_stage): its share of the records, in process_<k>
+        fp, _ = collect_fingerprint(cfg, cfg.base, records[k::2], "plain", content_caps=caps)
+        sj.collect_instructions(model, records[k::2], default_tokenizer(), template="plain", scope=cfg.data.scope,
+                                max_length=cfg.data.max_length, out=counts_root(cfg, out) / "base" / f"process_{k}",
+                                progress=False, buckets=cfg.collect.buckets, sums=cfg.collect.sums, fingerprint=fp,
+                                content_caps=caps, groups=groups[k::2])
+    hashed, sha256 = [], fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: hashed.append(Path(path).name) or sha256(path))
+    counts = stages.open_model_counts(cfg, out, cfg.base, content_caps=caps)
+    assert sorted(hashed) == ["config.json", "model.safetensors"]
+    assert counts.ids == [r.id for r in records]
+
+
 def test_ablation_fingerprint_covers_the_held_out_records_text_and_labels():
     """The causal check's loss is measured on the held-out records' responses, per category:
     an edited response or category under the same id must not reuse the stored result."""

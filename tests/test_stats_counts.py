@@ -90,6 +90,18 @@ def test_nonfinite_activations_name_the_first_layer_and_a_sequence():
     assert list(res) == ["tokens"]  # and the flag is taken out of the results
 
 
+def test_nonfinite_activations_name_the_record_not_its_row_in_a_process_share():
+    # With P processes a sequence's index is within the process's share (records k, k+P, ...):
+    # "sequence 1" on process 1 of 2 is the run's fourth record, which the user cannot find.
+    from types import SimpleNamespace
+
+    from sparcom_jax.stats.collect import _check_finite
+
+    res = {"nonfinite": np.array([[False], [True]])}
+    err = _check_finite(SimpleNamespace(), res, np.array([0, 1]), ["r1", "r3"], ["math", "code"])
+    assert "e.g. on record 'r3' (category 'code'); " in str(err) and "sequence" not in str(err)
+
+
 def _encoded(scopes, categories, content_cut=None, capped=None):
     from sparcom_jax.data.templates import EncodedSet
 

@@ -77,10 +77,13 @@ def spec_tokenizer(spec: ModelSpec):
 
 def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, template: str, *,
                         dtype: str | None = None, gate_dtype: str | None = None,
-                        tokenizer=None, content_caps: Mapping[str, int] | None = None) -> tuple[dict[str, Any], Any]:
+                        tokenizer=None, content_caps: Mapping[str, int] | None = None,
+                        model_digest: str | None = None) -> tuple[dict[str, Any], Any]:
     """(fingerprint components, EncodedSet) of one model's counts on `records`, in `dtype`
     (default collect.dtype) with `gate_dtype`, under the study's `content_caps`
-    (scope "content"; `sparcom_jax.pipeline.stages.study_content_caps`)."""
+    (scope "content"; `sparcom_jax.pipeline.stages.study_content_caps`). `model_digest`:
+    the model's `spec_model_fingerprint` when the caller has it (computing it may read every
+    byte of the weights)."""
     import warnings
 
     from sparcom_jax.data import encode_records
@@ -92,7 +95,7 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
         enc = encode_records(records, tok, template=template, scope=cfg.data.scope, max_length=cfg.data.max_length,
                              content_caps=content_caps)
     # The records' labels too: the analyses group the counts by category and stratify by source.
-    fp = {"model": spec_model_fingerprint(spec), "dtype": dtype or cfg.collect.dtype,
+    fp = {"model": model_digest or spec_model_fingerprint(spec), "dtype": dtype or cfg.collect.dtype,
           "records": digest([[r.id, r.category, r.source] for r in records]),
           "template": template, "scope": cfg.data.scope, "max_length": cfg.data.max_length,
           "tokens": digest_arrays(enc.ids, enc.scopes), "sums": cfg.collect.sums}

@@ -221,8 +221,25 @@ def study_content_caps(cfg: ExperimentConfig, out: Path) -> dict[str, int] | Non
     return record_content_caps(identify_records(cfg), pairs.values(), max_length=cfg.data.max_length)
 
 
+_CUT_KEYS = ("records", "tokens", "max_tokens", "capped_records", "capped_tokens")  # content_cut_summary's
+
+
 def _log_content_cut(label: str, meta: dict, n: int, max_length) -> None:
-    cut = (meta or {}).get("content_cut")
+    """Log how much instruction/input text data.max_length cut from the counted records, over every
+    process's share (`meta`: this process's store's, `n`: its records). Every process takes part.
+
+    Each process's summary is of its share alone: "X of N records" from it gave X and N of one
+    share (about 1/P of the run's), and each host's log said something else.
+    """
+    from sparcom_jax.parallel.processes import gather
+    from sparcom_jax.stats.collect import merge_meta
+
+    mine = (meta or {}).get("content_cut")
+    every = gather([n, mine is not None, *(int(mine[k]) if mine else 0 for k in _CUT_KEYS)])
+    n = int(every[:, 0].sum())
+    # None unless every share has its summary (a store from before the summary was kept has none).
+    cut = merge_meta([{"content_cut": dict(zip(_CUT_KEYS, row[2:].tolist())) if row[1] else None}
+                      for row in every])["content_cut"] if every[:, 1].all() else None
     if cut and cut["records"]:
         capped = (f"; {cut['capped_records']} of these records lost {cut['capped_tokens']} of them only to count "
                   "the same content tokens as the study's other models and templates" if cut["capped_records"] else "")
@@ -348,8 +365,10 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     records = identify_records(cfg)
     caps = content_caps if content_caps is not None else study_content_caps(cfg, out)
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
+    # One model digest and tokenizer for every process's store: the digest read all the weights
+    # once per store when the digest cache is off or cannot be written.
     settings = dict(dtype=dtype or cfg.collect.dtype, gate_dtype=gate_dtype if dtype else cfg.collect.gate_dtype,
-                    content_caps=caps)
+                    content_caps=caps, tokenizer=spec_tokenizer(spec), model_digest=spec_model_fingerprint(spec))
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:

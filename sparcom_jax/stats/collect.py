@@ -68,11 +68,15 @@ def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None, sums: b
 _count_sums_step = functools.partial(_count_step, sums=True)
 
 
-def _check_finite(model, res: dict, idx) -> ValueError | None:
+def _check_finite(model, res: dict, idx, ids=None, categories=None) -> ValueError | None:
     """The error that stops counts computed from non-finite activations from being kept
-    (`res["nonfinite"]` [R, L]), or None when every activation is finite.
+    (`res["nonfinite"]` [R, L]; `idx` [R]: the rows' sequences), or None when every
+    activation is finite.
 
     A NaN is never > 0, so one NaN weight would silently zero every later layer's counts.
+    The error names the record (`ids`, `categories`: per sequence, when given): in a
+    multi-process run a sequence's index is within the process's share (records k, k+P,
+    ...), which the user cannot look up.
     """
     bad = np.asarray(res.pop("nonfinite"), bool)
     if bad.any():
@@ -80,9 +84,12 @@ def _check_finite(model, res: dict, idx) -> ValueError | None:
         layer = int(layers.min())
         seq = int(np.asarray(idx)[rows[layers == layer][0]])
         where = getattr(model, "source_path", None) or "the model"
+        on = f"sequence {seq}" if ids is None else f"record {ids[seq]!r}"
+        if categories is not None:
+            on += f" (category {categories[seq]!r})"
         return ValueError(
             f"{where}: non-finite activations (NaN or Inf) in layer {layer} (first of "
-            f"{sorted(set(layers.tolist()))}), e.g. on sequence {seq}; counts from them would be wrong, so none "
+            f"{sorted(set(layers.tolist()))}), e.g. on {on}; counts from them would be wrong, so none "
             f"are kept. Check the weights of layer {layer} (a corrupted or badly converted checkpoint) or, in "
             "bfloat16/float16, collect in float32 (an overflow)")
     return None
@@ -171,7 +178,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       out: a directory for a tensorstore count store; rows are streamed to it in
         chunks of `chunk_rows` and an interrupted run resumes where it stopped.
         In a multi-process run each process writes ``out/process_<k>``.
-      ids, categories, sources, groups, meta: stored with the counts.
+      ids, categories, sources, groups, meta: stored with the counts (a non-finite
+        error names a record by its id and category).
       fingerprint: components that identify the inputs (`sparcom_jax.fingerprint`);
         merged over the ones computed here (model, dtype, tokens). A store is
         resumed or reused only for the same fingerprint and labels (`CountStore`).
@@ -182,7 +190,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
 
     Raises:
       ValueError: when a layer produced non-finite activations on a real token (naming
-        the first such layer); the chunk holding it is not written.
+        the first such layer and a record); the chunk holding it is not written.
 
     Returns:
       Counts with tokens [N], neuron_active [N, L, F] (dense FFN or shared expert),
@@ -264,7 +272,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                 bad = None
                 for idx, res in runner.run(seqs[lo:hi], None if scps is None else scps[lo:hi], on_batch=bar):
                     if bad is None:
-                        bad = _check_finite(model, res, lo + np.asarray(idx))
+                        bad = _check_finite(model, res, lo + np.asarray(idx), labels["ids"], labels["categories"])
                     if bad is None:
                         pending.append(writer.submit(_scatter_rows, rows, idx, res))
                     elif jax.process_count() == 1:
