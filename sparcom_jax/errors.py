@@ -8,6 +8,8 @@ exit status 2); the message names the file, key or field and says how to fix it.
 - `StaleResultError`: a stage found earlier outputs made with other inputs or
   settings; it names what differs and the flag that recomputes them.
 - `LockedError`: another run is writing the same output right now.
+- `HostMemoryError`: a result would not fit in this machine's available memory; the
+  message says its size, what is available, and how to keep it on disk or shrink it.
 - `OtherProcessError`: in a multi-host run, another process stopped with an error
   (its log names it); this one stops with it instead of waiting for it.
 """
@@ -29,3 +31,7 @@ class LockedError(ValueError):
 
 class OtherProcessError(ValueError):
     """Another process of a multi-host run stopped with an error; this one stops with it."""
+
+
+class HostMemoryError(ValueError):
+    """A result would not fit in the available host memory; the message gives both sizes and the fix."""

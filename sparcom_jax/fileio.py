@@ -53,6 +53,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
 _OFF = {"off", "0", "false", "no", "none"}
 
 
+def env_off(env: str) -> bool:
+    """Whether environment variable `env` says off (``off``, ``0``, ``false``, ``no``, ``none``)."""
+    return os.environ.get(env, "").strip().lower() in _OFF
+
+
 def cache_root() -> Path:
     """``$XDG_CACHE_HOME/sparcom_jax`` (``~/.cache`` without XDG_CACHE_HOME): where sparcom_jax
     keeps what it can always make again (compiled programs, weights digests)."""
@@ -63,9 +68,9 @@ def cache_root() -> Path:
 def cache_setting(env: str, default: Path) -> Path | None:
     """The directory environment variable `env` names for a cache: `default` when unset or
     empty, None when it says off (``off``, ``0``, ``false``, ``no``, ``none``)."""
-    setting = os.environ.get(env, "").strip()
-    if setting.lower() in _OFF:
+    if env_off(env):
         return None
+    setting = os.environ.get(env, "").strip()
     return Path(setting).expanduser() if setting else default
 
 

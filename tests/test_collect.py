@@ -16,6 +16,7 @@ from hf_fixtures import DENSE, VARIANTS, make_torch_model
 from torch_reference import torch_counts
 
 import sparcom_jax as sj
+from sparcom_jax.errors import HostMemoryError
 
 
 def make_inputs(n=7, vocab=96, seed=3, with_scopes=True):
@@ -868,3 +869,63 @@ def test_a_store_opened_while_another_process_fails_to_open_its_own_is_released(
     with pytest.raises(OtherProcessError, match="opening the count store"):
         sj.collect_counts(model, seqs, scopes, out=tmp_path / "store", progress=False, buckets=[24])
     assert (tmp_path / "store" / "meta.json").is_file() and not (tmp_path / "store" / LOCK_NAME).exists()
+
+
+_TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=96, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("moe, sums", [(False, False), (True, True)])
+def test_the_memory_estimate_is_the_size_of_the_in_memory_result(moe, sums):
+    from sparcom_jax.stats.collect import result_nbytes
+
+    model = sj.init_model(sj.ModelConfig.from_hf_config(_TINY_MIXTRAL), seed=0) if moe else _tiny_llama()
+    seqs, scopes = make_inputs(n=3)
+    c = sj.collect_counts(model, seqs, scopes, progress=False, sums=sums)
+    held = c.tokens.nbytes + sum(a.nbytes for a in {**c.arrays(), **c.sums()}.values())
+    assert len(c.arrays()) == (2 if moe else 1) and len(c.sums()) == (2 if sums else 0)
+    assert result_nbytes(model.config, 3, sums) == held
+
+
+def _refused_before_the_model_runs(monkeypatch, sums):
+    """collect_counts' error and the number of batches it ran, with 'available' memory just
+    under what the result needs."""
+    from sparcom_jax.stats import collect, runner
+
+    model = _tiny_llama()
+    need = collect.result_nbytes(model.config, 5, sums)
+    monkeypatch.setattr(collect, "available_memory", lambda: int(need / collect.MEMORY_FRACTION) - 1)
+    ran = []
+    monkeypatch.setattr(runner.BatchRunner, "run", lambda self, *a, **k: ran.append(1) or iter(()))
+    with pytest.raises(HostMemoryError) as e:
+        collect.collect_counts(model, make_inputs(n=5)[0], progress=False, sums=sums)
+    return str(e.value), ran
+
+
+@pytest.mark.parametrize("sums", [False, True])
+def test_an_in_memory_result_too_large_for_the_host_is_refused_before_the_model_runs(monkeypatch, sums):
+    msg, ran = _refused_before_the_model_runs(monkeypatch, sums)
+    assert not ran
+    assert "out=<dir>" in msg and "SPARCOM_JAX_MEMORY_CHECK=off" in msg and "check_memory=False" in msg
+    assert ("sums=False" in msg) == sums
+
+
+def test_the_memory_check_can_be_turned_off_and_notes_a_large_result(monkeypatch, caplog):
+    from sparcom_jax.stats import collect
+
+    monkeypatch.setattr(collect, "available_memory", lambda: 1000)
+    assert isinstance(collect.check_result_memory(801, 5, False), HostMemoryError)
+    assert collect.check_result_memory(800, 5, False) is None  # fits with margin
+    monkeypatch.setenv(collect.MEMORY_CHECK_ENV, "off")
+    assert collect.check_result_memory(10**9, 5, False) is None
+    monkeypatch.delenv(collect.MEMORY_CHECK_ENV)
+    with caplog.at_level("WARNING", logger=collect.__name__):
+        caplog.clear()
+        assert collect.check_result_memory(250, 5, False) is None
+        assert not caplog.records  # a quarter of the memory is not worth a note
+        assert collect.check_result_memory(600, 5, False) is None
+    assert "600 B, 60% of the 1000 B" in caplog.text and "out=<dir>" in caplog.text
+    monkeypatch.setattr(collect, "available_memory", lambda: 1)
+    seqs, scopes = make_inputs(n=3)
+    c = sj.collect_counts(_tiny_llama(), seqs, scopes, progress=False, check_memory=False)
+    assert c.neuron_active.shape == (3, 1, 24)

@@ -154,3 +154,17 @@ def test_plan_activations_agree_with_the_compiled_counting_step(hf, backend, att
     mem = jax.jit(_count_step, static_argnums=0).lower(graphdef, state, ids, valid, valid).compile().memory_analysis()
     planned = count_activation_bytes(cfg, dispatch, B, T, "float32")
     assert 0.7 <= mem.temp_size_in_bytes / planned <= 1.3, (mem.temp_size_in_bytes, planned)
+
+
+def test_plan_count_store_holds_the_sums_beside_the_counts():
+    """collect.sums (on by default) stores a float32 sum beside each count: the plan's store
+    is twice the counts, and is what an in-memory collection is checked against."""
+    from sparcom_jax.pipeline.plan import memory_plan
+
+    hf = dict(MIXTRAL, num_hidden_layers=2)  # L=2, E=4, G=512, no shared expert
+    cfg = _plan_config(hf, 4, 32, "float32")
+    assert cfg.collect.sums
+    store = memory_plan(cfg, "collect", devices=1)["count_store"]
+    assert store["bytes_per_instruction"] == 4 + 2 * 4 * (2 * 4 + 2 * 4 * 512)  # tokens + (counts + sums)
+    assert set(store["fields"]) == {"expert_routed", "expert_neuron_active", "expert_weight_sum",
+                                    "expert_neuron_act_sum"}

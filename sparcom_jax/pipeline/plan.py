@@ -150,7 +150,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
       stage: a stage name or "run".
       devices: device count to plan for (default mesh.devices, else the visible devices).
     """
-    from sparcom_jax.stats.collect import count_fields
+    from sparcom_jax.stats.collect import count_fields, result_nbytes
 
     n_dev, data, model = resolve_mesh(cfg.mesh, devices)
     if cfg.finetuned is not None:  # as the run checks them
@@ -216,9 +216,10 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
             rows.append((f"counts {name} [B,{','.join(_axis_names(name))}] int32", f"B={B}", per * B * data, per * B))
     if {"collect", "identify", "evaluate", "compare", "report"} & set(stages):
         N, plan["data"] = _n_instructions(cfg)
-        per_instr = sum(math.prod(s) for s in cnt.values()) * 4 + 4
+        # The store holds the float32 sums beside the counts when collect.sums is on.
+        per_instr = result_nbytes(mcfg, 1, cfg.collect.sums)
         plan["count_store"] = {"n_instructions": N, "bytes_per_instruction": per_instr,
-                               "fields": {k: list(v) for k, v in cnt.items()},
+                               "fields": {k: list(v) for k, v in count_fields(mcfg, cfg.collect.sums).items()},
                                "bytes_per_model": None if N is None else per_instr * N, "models": len(specs)}
     if {"identify", "evaluate", "compare", "report"} & set(stages):  # N is set: these need the store too
         U = max(math.prod(s) for s in cnt.values())
@@ -266,7 +267,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     s = plan.get("count_store")
     if s:
         n = s["n_instructions"]
-        lines += ["", "  count store (per model, int32; N instructions)"]
+        lines += ["", "  count store (per model, int32 counts, float32 sums; N instructions)"]
         for k, shp in s["fields"].items():
             lines.append(f"    {k:<22} N x {' x '.join(map(str, shp))}"
                          f"  = {fmt_bytes(math.prod(shp) * 4)} per instruction")

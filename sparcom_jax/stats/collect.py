@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
+import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,12 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparcom_jax.errors import HostMemoryError
 from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
 from sparcom_jax.parallel.processes import gather, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, unpad, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
+
+log = logging.getLogger(__name__)
 
 
 def count_fields(cfg, sums: bool = False) -> dict[str, tuple[int, ...]]:
@@ -44,6 +50,66 @@ def count_fields(cfg, sums: bool = False) -> dict[str, tuple[int, ...]]:
 
 def _field_dtype(name: str):
     return np.float32 if name in Counts.SUM_FIELDS.values() else np.int32
+
+
+def result_nbytes(cfg, n: int, sums: bool = False) -> int:
+    """Bytes of the arrays `collect_counts` returns in memory for `n` sequences: tokens [N]
+    int32 and each `count_fields` array [N, ...] (int32 counts, float32 sums). A count store
+    on disk holds the same arrays, so this is also its size."""
+    per_row = 4 + sum(math.prod(s) * np.dtype(_field_dtype(k)).itemsize for k, s in count_fields(cfg, sums).items())
+    return n * per_row
+
+
+MEMORY_CHECK_ENV = "SPARCOM_JAX_MEMORY_CHECK"
+# An in-memory result may take at most this share of the available memory: the process
+# needs room besides it (the model's weights on a CPU backend, the analysis' float32
+# frequency chunks). A result over NOTE_FRACTION of it is logged.
+MEMORY_FRACTION = 0.8
+NOTE_FRACTION = 0.25
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation without swapping (Linux
+    MemAvailable), else the free physical pages (`os.sysconf`); None when neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_result_memory(nbytes: int, n: int, sums: bool) -> HostMemoryError | None:
+    """The error that stops an in-memory collection whose result (`result_nbytes`) would not
+    fit in the available host memory with margin (`MEMORY_FRACTION`), or None; logs a note
+    when it fits but is large. Numpy allocates the result's pages as rows are written, so
+    without this check a collection too large for the machine fails (or swaps) only late
+    in the run. Off with ``SPARCOM_JAX_MEMORY_CHECK=off``."""
+    from sparcom_jax.fileio import env_off
+    from sparcom_jax.pipeline.common import fmt_bytes
+
+    if env_off(MEMORY_CHECK_ENV):
+        return None
+    avail = available_memory()
+    if avail is None:
+        return None
+    what = f"the in-memory counts of {n} sequence(s) take {fmt_bytes(nbytes)}"
+    if nbytes > MEMORY_FRACTION * avail:
+        shrink = "; or collect fewer sequences" + (", or without sums (sums=False halves it)" if sums else "")
+        return HostMemoryError(
+            f"collect: {what}, more than {MEMORY_FRACTION:.0%} of the {fmt_bytes(avail)} of host memory available "
+            f"now. Pass out=<dir> to keep them in a count store on disk (read back in chunks; the `sparcom` "
+            f"command does this){shrink}. To collect in memory anyway, pass check_memory=False or set "
+            f"{MEMORY_CHECK_ENV}=off")
+    if nbytes > NOTE_FRACTION * avail:
+        log.warning("%s, %.0f%% of the %s of host memory available now; out=<dir> keeps them on disk",
+                    what, 100 * nbytes / avail, fmt_bytes(avail))
+    return None
 
 
 def transfer_dtype(T: int):
@@ -160,7 +226,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
                    categories: Sequence[str] | None = None, meta: dict | None = None,
                    sources: Sequence[str] | None = None, groups: Sequence[str] | None = None,
                    fingerprint: dict | None = None,
-                   overwrite: bool = False, sums: bool = False, _stop_after_chunks: int | None = None) -> Counts:
+                   overwrite: bool = False, sums: bool = False, check_memory: bool = True,
+                   _stop_after_chunks: int | None = None) -> Counts:
     """Count, per sequence, how often each neuron is active and each expert is chosen.
 
     Args:
@@ -187,10 +254,14 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
       sums: also collect, in-graph, the float32 sums beside the counts (`Counts`
         ``neuron_act_sum``, ``expert_weight_sum``, ``expert_neuron_act_sum``): the
         strength of a unit on the tokens where it fires, e.g. to break ties.
+      check_memory: without `out`, refuse before the model runs when the result
+        (`result_nbytes`) would not fit in the available host memory with margin
+        (`check_result_memory`; also off with ``SPARCOM_JAX_MEMORY_CHECK=off``).
 
     Raises:
       ValueError: when a layer produced non-finite activations on a real token (naming
         the first such layer and a record); the chunk holding it is not written.
+      HostMemoryError: without `out`, when the result would not fit in host memory.
 
     Returns:
       Counts with tokens [N], neuron_active [N, L, F] (dense FFN or shared expert),
@@ -210,6 +281,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     labels = {name: None if v is None else list(v) for name, v in labels.items()}
     fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
+    if out is None and check_memory:  # before any model work: the result's pages fill late in the run
+        raise_together(check_result_memory(result_nbytes(cfg, n, sums), n, sums), "collect: checking host memory")
     meta = dict(meta or {})
     for key, value in (("model", getattr(model, "source_path", None)), ("model_type", cfg.model_type),
                        ("moe_dispatch", model.moe_dispatch), ("attention", model.dispatch.attention),
