@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 from hf_fixtures import DENSE, VARIANTS, make_torch_model
+from launch import clean_env, run_processes
 from torch_reference import torch_counts
 
 import sparcom_jax as sj
@@ -211,10 +210,6 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
-def _clean_env():
-    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-
-
 def _save_inputs(path, seqs, scopes):
     arr = np.empty(len(seqs), object)
     arr[:] = seqs
@@ -231,7 +226,7 @@ def test_eight_simulated_devices_match_one(variant, impl, hf_checkpoint, tmp_pat
     _save_inputs(tmp_path / "in.npz", seqs, scopes)
     (tmp_path / "run.py").write_text(EIGHT_DEVICES)
     subprocess.run([sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "in.npz"),
-                    str(tmp_path / "out.npz"), impl], check=True, env=_clean_env(), timeout=300)
+                    str(tmp_path / "out.npz"), impl], check=True, env=clean_env(), timeout=300)
     got = np.load(tmp_path / "out.npz")
     one = sj.collect_counts(sj.load_model(path), seqs, scopes, batch_size=4, progress=False)
     np.testing.assert_array_equal(got["tokens"], one.tokens)
@@ -260,24 +255,14 @@ TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("variant", ["qwen2_moe"])
 def test_two_process_distributed_run_matches_single_process(variant, hf_checkpoint, tmp_path):
     path = hf_checkpoint(variant)
     seqs, scopes = make_inputs(n=11)
     _save_inputs(tmp_path / "in.npz", seqs, scopes)
     (tmp_path / "run.py").write_text(TWO_PROCESSES)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(path),
-                               str(tmp_path / "in.npz"), str(tmp_path / f"out{i}.npz")], env=_clean_env())
-             for i in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0
+    run_processes(lambda i, port: [str(tmp_path / "run.py"), str(i), port, str(path), str(tmp_path / "in.npz"),
+                                   str(tmp_path / f"out{i}.npz")])
     parts = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
     one = sj.collect_counts(sj.load_model(path), seqs, scopes, batch_size=4, progress=False)
     np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), one.tokens)
@@ -439,15 +424,8 @@ def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_co
     (left / "process_2").mkdir(parents=True)
     (left / "meta.json").write_text("{}")
     (tmp_path / "run.py").write_text(TWO_PROCESS_CASES)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(tmp_path / "pod.yaml"),
-                               str(tmp_path / "in.npz"), str(tmp_path)], env=_clean_env()) for i in range(2)]
-    try:
-        for p in procs:
-            assert p.wait(timeout=300) == 0
-    finally:
-        for p in procs:
-            p.kill()
+    run_processes(lambda i, port: [str(tmp_path / "run.py"), str(i), port, str(tmp_path / "pod.yaml"),
+                                   str(tmp_path / "in.npz"), str(tmp_path)])
     res = [np.load(tmp_path / f"res{i}.npy", allow_pickle=True).item() for i in range(2)]
     one = sj.collect_counts(model, seqs, scopes, batch_size=4, progress=False, buckets=[24])
     whole = {"tokens": one.tokens, **one.arrays()}
@@ -478,7 +456,7 @@ def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_co
     # counts does not depend on how many processes counted them).
     (tmp_path / "one.py").write_text(ONE_PROCESS_ABLATION)
     subprocess.run([sys.executable, str(tmp_path / "one.py"), str(tmp_path / "pod.yaml"), str(tmp_path / "single")],
-                   check=True, env=_clean_env(), timeout=300)
+                   check=True, env=clean_env(), timeout=300)
     made = sorted(p.name for p in (tmp_path / "run" / "ablate").iterdir())
     assert made == sorted(p.name for p in (tmp_path / "single" / "ablate").iterdir()) == ["moe_experts.json"]
     for name in made:

@@ -7,7 +7,6 @@ process starts faster" is the claim under test.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import run_processes
 
 PUT_TWO_PROCESSES = textwrap.dedent("""
     import os, sys
@@ -41,24 +41,11 @@ PUT_TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_put_batch_whole_batch_and_own_rows_on_two_processes(tmp_path):
     """Training gives every process the whole batch, collection each its own rows: both
     must assemble the same global [8, 3] array (one process alone cannot tell them apart)."""
     (tmp_path / "run.py").write_text(PUT_TWO_PROCESSES)
-    port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(tmp_path / f"{i}.npz")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+    run_processes(lambda i, port: [str(tmp_path / "run.py"), str(i), port, str(tmp_path / f"{i}.npz")])
     whole = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
     for i in range(2):
         r = np.load(tmp_path / f"{i}.npz")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import run_processes
 
 N_STEPS = 8
 KILL_AFTER = 7
@@ -389,24 +390,13 @@ def test_two_processes_train_as_one(tmp_path):
     orbax writing their checkpoints together) take the steps one process takes on the
     same global batch: the same parameters, to float rounding (one device sums the
     gradient in another order)."""
-    import socket
 
     import jax
     from flax import nnx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     (tmp_path / "run.py").write_text(TWO_PROCESS_STEPS)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), port, str(tmp_path / "two"),
-                               str(Path(__file__).parent)], env=env) for i in range(2)]
-    try:
-        for p in procs:
-            assert p.wait(timeout=300) == 0
-    finally:
-        for p in procs:
-            p.kill()
+    run_processes(lambda i, port: [str(tmp_path / "run.py"), str(i), port, str(tmp_path / "two"),
+                                   str(Path(__file__).parent)])
     base, one = _two_steps(tmp_path / "one")
     leaves = [[np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))] for m in (base, one.model)]
     got = np.load(tmp_path / "two.npz")

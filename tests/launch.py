@@ -1,0 +1,35 @@
+"""Launching the processes of a multi-process (`jax.distributed`, 127.0.0.1) test run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Callable
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without XLA_FLAGS: each process sets up its own devices."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(argv: Callable[[int, str], list[str]], n: int = 2, timeout: float = 300) -> None:
+    """Run `python *argv(i, port)` for processes i = 0..n-1 on one free coordinator port and
+    assert that every one exits 0 (its output's tail in the failure); all are killed on the way out."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, *argv(i, port)], env=clean_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    try:
+        for i, p in enumerate(procs):
+            out, _ = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
+    finally:
+        for p in procs:
+            p.kill()
