@@ -740,3 +740,5 @@ def test_a_rerun_reuses_counts_whose_records_group_into_near_duplicates(tmp_path
     run_stage("collect", cfg, tmp_path)
     no_weights(monkeypatch)
     run_stage("collect", cfg, tmp_path)
+    # and the analysis reads them with the near-duplicate keys, which the store kept
+    assert stages.open_model_counts(cfg, tmp_path, cfg.base).groups == group_records(cfg, records)
