@@ -189,3 +189,24 @@ def test_the_report_page_says_how_the_records_group(tmp_path):
     write_report(tmp_path, build_summary({"base": base}, data={"grouping": g}), dpi=30)
     page = html.unescape((tmp_path / "index.html").read_text())
     assert "Near-duplicates: the 9 analysed records form 9 groups of identical instruction text and 5 groups" in page
+
+
+def test_the_pair_search_runs_once_per_record_texts_and_threshold(monkeypatch):
+    """A run groups one record set many times (split, each model's counts, the report): the
+    quadratic search runs once for the same texts, categories and threshold, and again when
+    any of them changes."""
+    from sparcom_jax.data import splits
+
+    calls = []
+    monkeypatch.setattr(splits, "_PAIRS_CACHE", {})
+    monkeypatch.setattr(splits, "near_pairs", lambda recs, t: calls.append(t) or brute_pairs(recs, t))
+    recs = records()
+    keys = group_keys(recs, "near")
+    assert group_ids(recs, "near") == group_ids(recs, "near") and grouping_summary(recs)["records"] == len(recs)
+    assert calls == [0.6] and group_keys(recs, "near") == keys
+    group_keys(recs, "near", 0.5)
+    edited = [*recs[:-1], rec(8, CLS, "Translate this sentence into French.")]
+    assert group_keys(edited, "near") != keys  # the edited text is a group of its own now
+    relabelled = [*recs[:-1], rec(8, MATH, TEXTS[8][1])]
+    group_keys(relabelled, "near")
+    assert calls == [0.6, 0.5, 0.6, 0.6]

@@ -93,6 +93,23 @@ def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
     return sorted(out)
 
 
+# The last few `near_pairs` results, by the records' (category, `group_key`) and the threshold:
+# a run groups one record set many times (its split, every model's counts, the report's data
+# section), and the search is quadratic in the records of a category.
+_PAIRS_CACHE: dict[tuple[str, float], tuple[tuple[int, int], ...]] = {}
+_PAIRS_CACHE_SIZE = 4
+
+
+def _near_pairs_once(records: Sequence[Record], threshold: float) -> tuple[tuple[int, int], ...]:
+    """`near_pairs(records, threshold)`, computed once for the same records' texts and categories."""
+    key = (digest([[r.category, group_key(r)] for r in records]), float(threshold))
+    if key not in _PAIRS_CACHE:
+        while len(_PAIRS_CACHE) >= _PAIRS_CACHE_SIZE:
+            _PAIRS_CACHE.pop(next(iter(_PAIRS_CACHE)))
+        _PAIRS_CACHE[key] = tuple(near_pairs(records, threshold))
+    return _PAIRS_CACHE[key]
+
+
 def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float = NEAR_THRESHOLD) -> list[str]:
     """The group of each record: records of one category with one key are near-duplicates.
 
@@ -129,7 +146,7 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
 
     first: dict[tuple[str, str], int] = {}
     same_text = [(first.setdefault((r.category, k), i), i) for i, (r, k) in enumerate(zip(records, keys))]
-    for i, j in same_text + near_pairs(records, threshold):
+    for i, j in [*same_text, *_near_pairs_once(records, threshold)]:
         a, b = root(i), root(j)
         parent[max(a, b)] = min(a, b)  # the root stays the earliest record of its group
     return [keys[root(i)] for i in range(len(records))]
@@ -163,7 +180,8 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
     sizes = Counter((r.category, k) for r, k in zip(records, near))
     return {"group_by": by, "threshold": threshold, "records": len(records),
             "text_groups": per_cat(text), "near_groups": per_cat(near),
-            "near_pairs": sum(group_key(records[i]) != group_key(records[j]) for i, j in near_pairs(records, threshold)),
+            "near_pairs": sum(group_key(records[i]) != group_key(records[j])
+                              for i, j in _near_pairs_once(records, threshold)),
             "largest_near_group": max(sizes.values(), default=0)}
 
 
