@@ -172,8 +172,8 @@ def _hash_and_cache(cache: Path | None, real: Path, key: list[int]) -> str:
 def prune_digest_cache(cache: Path, everything: bool = False) -> None:
     """Remove the entries of files that are gone or changed since they were hashed (and damaged
     ones), checking `PRUNE_SAMPLE` entries picked at random (all of them when `everything`),
-    then, beyond `MAX_ENTRIES`, the least recently used (down to 90% of it). Never an error: a cache that cannot be
-    pruned is left as it is.
+    then, beyond `MAX_ENTRIES`, the least recently used (down to 90% of it). Never an
+    error: a cache that cannot be pruned is left as it is.
 
     Safe beside processes that use the cache: an entry written while this runs is kept, a
     writer's temporary file is removed only when it is older than `STALE_TEMP_S` (left by a

@@ -4,7 +4,8 @@ The unit of both is a cluster of records (`cluster_index`): the records of one
 category that share a group key (`sparcom_jax.data.splits.group_ids`: by
 default instructions whose word sets overlap by a Jaccard >= 0.6, chained; or
 identical text) are near-duplicates that share most of their tokens, so they are
-drawn and shuffled together, never as independent records. Without group keys every record is its own cluster and both reduce
+drawn and shuffled together, never as independent records. Without group keys
+every record is its own cluster and both reduce
 exactly (same draws for the same seed) to the record-level procedures.
 
 Bootstrap: within each category, draw its g_c clusters with replacement (the
@@ -230,10 +231,9 @@ def bootstrap(
                 reps.setdefault(k, []).append(v)
     est = _replicate_stats(ident.category_sets.reshape(C, -1))
     if instruction_matrix is not None:
-        est.update(_instruction_stats(category_block_means(instruction_matrix, ident.labels)))
-        for block in category_block_means(instruction_matrix, ident.labels, w_all):
-            for k, v in _instruction_stats(block).items():
-                reps.setdefault(k, []).append(v)
+        ins_est, ins_reps = _instruction_replicates(instruction_matrix, ident.labels, w_all)
+        est.update(ins_est)
+        reps.update(ins_reps)
     return {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "record" if groups is None else "group",
             "n_units": units_per_category(ident.labels, groups), **percentile_intervals(reps, est, ci)}
 
@@ -261,14 +261,20 @@ def instruction_bootstrap(instruction_matrix: np.ndarray, labels: np.ndarray, gr
       dict: n_boot, seed, ci, unit ("group"), n_units (int [C] groups drawn from per
       category), the three figures as in `bootstrap`, and n_outside.
     """
-    w = resample_weights(labels, n_boot, seed, groups)
+    est, reps = _instruction_replicates(instruction_matrix, labels, resample_weights(labels, n_boot, seed, groups))
+    return {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "group", "n_units": units_per_category(labels, groups),
+            **percentile_intervals(reps, est, ci)}
+
+
+def _instruction_replicates(instruction_matrix: np.ndarray, labels: np.ndarray,
+                            w: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """(estimate, replicates) of the instruction-level figures (`_instruction_stats`): of the
+    unweighted block means, and of those under each row of the weights `w` [B, N]."""
     reps: dict[str, list] = {}
     for block in category_block_means(instruction_matrix, labels, w):
         for k, v in _instruction_stats(block).items():
             reps.setdefault(k, []).append(v)
-    est = _instruction_stats(category_block_means(instruction_matrix, labels))
-    return {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "group", "n_units": units_per_category(labels, groups),
-            **percentile_intervals(reps, est, ci)}
+    return _instruction_stats(category_block_means(instruction_matrix, labels)), reps
 
 
 def percentile_intervals(reps: dict[str, list], est: dict[str, np.ndarray], ci: float) -> dict:

@@ -291,10 +291,15 @@ def read_table(path: str | os.PathLike) -> _Table:
 IN_MEMORY = "records"  # the "file" named in messages about records given in memory
 
 
+def _is_frame(obj: Any) -> bool:
+    """Whether `obj` is a pandas DataFrame (told without importing pandas)."""
+    return hasattr(obj, "to_dict") and hasattr(obj, "columns")
+
+
 def _rows_table(rows: Any) -> _Table:
     """Records given in memory as one table: a pandas DataFrame, or a sequence of dicts and
     `Record`s (positions "item 1", "item 2", ...)."""
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a DataFrame, without importing pandas
+    if _is_frame(rows):
         rows = rows.to_dict("records")
     items, where, problems = [], [], []
     for i, obj in enumerate(rows, start=1):
@@ -318,7 +323,7 @@ def _is_rows(source: Any) -> bool:
     """Whether `load_instructions` was given records in memory rather than file names."""
     if source is None or isinstance(source, (str, os.PathLike)):
         return False
-    if hasattr(source, "to_dict") and hasattr(source, "columns"):
+    if _is_frame(source):
         return True
     return isinstance(source, Sequence) and (not source or any(isinstance(r, (Mapping, Record)) for r in source))
 

@@ -494,9 +494,8 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
         passes the caps of the whole study.
       groups: the records' group keys, kept with the counts for the analysis (default
         `group_ids(records, DEFAULT_GROUP_BY)` of `sparcom_jax.data.splits`: near-duplicate
-        instructions). Pass
-        them when `records` is a share of a larger set: near-duplicate groups are found
-        over the whole set.
+        instructions). Pass them when `records` is a share of a larger set: near-duplicate
+        groups are found over the whole set.
       Other arguments as in `collect_counts`.
 
     Records with no token in scope are reported per category (a `DataWarning`,
