@@ -210,7 +210,7 @@ def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> I
 
 def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
     """Tables of one ablation result dict (AblationResult.to_dict())."""
-    for k in ("isn", "random", "excess", "excess_std", "random_ge_fraction"):
+    for k in ("isn", "random", "excess", "excess_std", "random_ge_fraction", "p_value"):
         if d.get(k) is None:
             continue
         yield matrix_table(f"ablation_{kind}_{k}", d[k], corner=ABLATION_CORNER)
@@ -219,12 +219,13 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
                    "random_ge_fraction_own", "dropped_mass", "random_dropped_mass_mean",
-                   "off_bin_mean", "in_set_mean"]
+                   "off_bin_mean", "in_set_mean", "p_own", "set_frequency", "random_frequency_mean"]
 
 
 def ablation_rows(d: dict) -> list[list]:
     """Per ablated category: baseline, size, the own-category excess and its spread,
-    dropped routing mass and how well the random controls matched."""
+    dropped routing mass, how well the random controls matched (units off their bin or
+    from the set; the mean frequency of the set and of the draws), and the Monte-Carlo p."""
     def own(key, i):
         m = d.get(key)
         return None if m is None else m[i][i]
@@ -236,7 +237,8 @@ def ablation_rows(d: dict) -> list[list]:
 
     return [[c, d["baseline"].get(c), d["set_sizes"][c], own("excess", i), own("excess_std", i),
              own("random_ge_fraction", i), (d.get("dropped_mass") or {}).get(c),
-             col_mean("random_dropped_mass", i), col_mean("off_bin", i), col_mean("in_set", i)]
+             col_mean("random_dropped_mass", i), col_mean("off_bin", i), col_mean("in_set", i),
+             own("p_value", i), (d.get("set_frequency") or {}).get(c), col_mean("random_frequency", i)]
             for i, c in enumerate(CATEGORIES)]
 
 

@@ -83,7 +83,7 @@ CAPTIONS = {
                          "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
                          "means each category's set hurts its own category more than removing as many comparable "
                          "units does, in this model and on these responses; the colours are not a test: read them "
-                         "with the spread over draws and random_ge_fraction_own in the table below.",
+                         "with the spread over draws, random_ge_fraction_own and p_own in the table below.",
     "size_vs_length": "Instruction set size |S(I)| against the number of counted tokens T(I), one point "
                       "per instruction, coloured by category. Frequencies of a T-token prompt take only "
                       "T + 1 values, so with ties kept at the top-eps cut short prompts can get larger "
@@ -557,11 +557,19 @@ def write_report(
             blocks.append(TextBlock(
                 "excess_own = loss increase on the ablated category itself minus the mean of the random "
                 "draws; excess_own_std = its spread over draws; random_ge_fraction_own = the share of random "
-                "draws that hurt at least as much as the specific set (the smallest possible value is 0; "
-                f"with {d['n_random']} draws it resolves steps of {1 / d['n_random']:.2g}). off_bin / "
+                "draws that hurt at least as much as the specific set, and p_own = (1 + their number) / "
+                f"(1 + {d['n_random']}), the Monte-Carlo p-value of 'the set hurts its category more than "
+                f"matched random sets': with {d['n_random']} draws its smallest value is "
+                f"{1 / (d['n_random'] + 1):.2g}, reached when no draw hurts as much (a fraction of 0 is not "
+                "p = 0), and the six categories are six tests (compare with 0.05 / 6 for a family-wise 5 % "
+                "level, which 1 / (1 + D) reaches from D = 119 draws on). off_bin / "
                 "in_set count units a draw had to take from another frequency bin or from the tested set "
-                "(0 = a clean control). dropped_mass = routing probability mass removed by the ablation "
-                "(experts only, when the model reports it)."))
+                "(0 = a clean control). set_frequency and random_frequency_mean = the mean activation "
+                "frequency of the set's units and of the draws' units: bins match only as finely as they "
+                "are wide, and a set chosen for frequent firing fills the top of its layer's range, so where "
+                "the draws fire clearly less than the set, part of the excess can come from removing more "
+                "active units, not from what the set is specific to. dropped_mass = routing probability mass "
+                "removed by the ablation (experts only, when the model reports it)."))
 
     prec = precision_table(summary.get("precision"))
     if prec is not None:
