@@ -355,8 +355,8 @@ def permutation_test(
     Every category keeps its number of clusters; with clusters of unequal size
     its number of records varies between permutations (the block means stay
     defined). p = (1 + #{null >= observed}) / (1 + n_perm), one-sided, for the
-    overall statistic and for each category separately (six tests: compare them
-    with 0.05 / 6 for a family-wise level of 0.05).
+    overall statistic and for each category separately (six tests: their Holm
+    adjustment, `per_category_p_holm`, holds the family-wise level).
 
     Args:
       instruction_matrix: float [N, N] instruction Jaccard (NaN pairs are left out).
@@ -370,7 +370,9 @@ def permutation_test(
 
     Returns:
       dict with statistic, p_value, n_perm, seed, null_mean, null_std,
-      per_category_statistic [C], per_category_p_value [C], n_strata (None
+      per_category_statistic [C], per_category_p_value [C],
+      per_category_p_holm [C] (`holm`: reject where <= alpha for a family-wise
+      level alpha over the six categories), n_strata (None
       when not stratified), unit ("group" or "record": what was shuffled) and
       n_units (the number of shuffled clusters).
     """
@@ -402,6 +404,7 @@ def permutation_test(
     null = np.asarray(null, dtype=np.float64)
     null_c = np.asarray(null_c, dtype=np.float64).reshape(-1, C)
     fin = null[np.isfinite(null)]
+    p_c = [_p_value(null_c[:, c], obs_c[c], n_perm) for c in range(C)]
     return {
         "statistic": obs,
         "p_value": _p_value(null, obs, n_perm),
@@ -410,11 +413,34 @@ def permutation_test(
         "null_mean": float(fin.mean()) if fin.size else None,
         "null_std": float(fin.std()) if fin.size else None,
         "per_category_statistic": obs_c.tolist(),
-        "per_category_p_value": [_p_value(null_c[:, c], obs_c[c], n_perm) for c in range(C)],
+        "per_category_p_value": p_c,
+        "per_category_p_holm": holm(p_c),
         "n_strata": None if cl_strata is None else len(cl_strata),
         "unit": "record" if groups is None else "group",
         "n_units": k,
     }
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm step-down adjusted p-values (family-wise error control over the defined ones).
+
+    With the m defined p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted
+    value of p_(i) is max over j <= i of min(1, (m - j + 1) p_(j)); rejecting where it is
+    <= alpha keeps the chance of any false rejection among the m tests <= alpha.
+
+    Args:
+      p_values: length-K p-values; None where a test is undefined (left out of m).
+
+    Returns:
+      length-K adjusted p-values, None where the input is None.
+    """
+    idx = [i for i, p in enumerate(p_values) if p is not None]
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (len(idx) - rank) * p_values[i]))
+        out[i] = running
+    return out
 
 
 def _p_value(null: np.ndarray, obs: float, n_perm: int) -> float | None:

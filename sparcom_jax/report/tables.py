@@ -136,25 +136,28 @@ def dominance_rows(s: dict) -> list[list] | None:
              *boot_values(s, "per_category_dominance", ("bias", "outside"), i),
              (bg.get("per_category_dominance") or {}).get(c), at(bperm.get("per_category_p_value"), i),
              (bg.get("within_group_pairs") or {}).get(c),
-             *boot_values(bg, "per_category_dominance", BOOT_PARTS, i)]
+             *boot_values(bg, "per_category_dominance", BOOT_PARTS, i),
+             at(perm.get("per_category_p_holm"), i)]
             for i, c in enumerate(CATEGORIES)]
     rows.append(["overall", s["diagonal_dominance"], *interval(s, "diagonal_dominance"), perm.get("p_value"),
                  hum.get("diagonal_dominance"), hperm.get("p_value"), hum.get("n"),
                  *boot_values(s, "diagonal_dominance", ("bias", "outside")),
                  bg.get("diagonal_dominance"), bperm.get("p_value"),
                  sum(bg["within_group_pairs"].values()) if bg else None,
-                 *boot_values(bg, "diagonal_dominance")])
+                 *boot_values(bg, "diagonal_dominance"), None])
     return rows
 
 
 # bias / outside: the bootstrap bias and whether the estimate lies outside [low, high].
 # between_groups_*: the same without the pairs of records of one group (near-duplicate instructions)
 # (within_group_pairs of them), tested by shuffling whole groups, with its interval, bias and
-# outside flag from a bootstrap over groups.
+# outside flag from a bootstrap over groups. permutation_p_holm: the six per-category
+# permutation p-values Holm-adjusted (family-wise over the categories; empty on "overall").
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
                     "human_permutation_p", "human_n", "bias", "outside", "between_groups_dominance",
                     "between_groups_permutation_p", "within_group_pairs", "between_groups_low",
-                    "between_groups_high", "between_groups_bias", "between_groups_outside"]
+                    "between_groups_high", "between_groups_bias", "between_groups_outside",
+                    "permutation_p_holm"]
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",

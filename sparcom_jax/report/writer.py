@@ -117,7 +117,12 @@ def _bootstrap_text(s: dict) -> str:
                     "instructions, data.group_by) keeping one label" if perm.get("unit") == "group" else "")
             parts.append(f"one-sided permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of "
                          f"the category labels{within}{over}; the smallest possible p is "
-                         f"{1 / (perm['n_perm'] + 1):.2g})")
+                         f"{1 / (perm['n_perm'] + 1):.2g}). The test is about the labels: a small p says "
+                         "that instructions given one category label share more units than instructions "
+                         "given different labels, more than a random relabelling gives. It cannot say that "
+                         "these units matter for the category (the causal check asks that), nor which "
+                         "property of a category (its task, or its length, format or wording) the overlap "
+                         "follows")
         else:
             parts.append("no permutation test was run (n_perm = 0)")
         between = _between_groups_text(s)
@@ -346,7 +351,9 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
                               "human_n records; bootstrap bias and whether the estimate lies outside its "
                               "interval; the same without the within_group_pairs pairs of records of one "
                               "instruction group, tested by shuffling whole groups, with its interval, bias "
-                              "and outside flag from drawing whole groups; – = undefined, e.g. "
+                              "and outside flag from drawing whole groups; permutation_p_holm: the six "
+                              "per-category p-values Holm-adjusted, to be read against 0.05 when the claim is "
+                              "about any of the six categories; – = undefined, e.g. "
                               "fewer than two records of the category in the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
