@@ -28,7 +28,7 @@ from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import (
-    bootstrap, cluster_index, instruction_bootstrap, permutation_test, units_per_category,
+    bootstrap, cluster_index, instruction_bootstrap, paired_set_intervals, permutation_test, units_per_category,
 )
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
@@ -53,12 +53,18 @@ class FieldAnalysis:
       summary: the JSON-safe `models.<name>.<section>` dict.
       contrast: the identification under the contrast rule (`contrast_config`),
         category level only, or None when it was not run.
+      replicate_sets: uint8 [B, C, ceil(U/8)] each bootstrap replicate's category
+        sets, bit-packed, or None without a bootstrap: a comparison with another
+        model resampled with the same draws pairs them (`compare_fields`).
+      boot_weights: float32 [B, N] those draws, or None.
     """
 
     ident: Identification
     instruction_matrix: np.ndarray | None
     summary: dict
     contrast: Identification | None = None
+    replicate_sets: np.ndarray | None = None
+    boot_weights: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return "FieldAnalysis " + "\n".join(self._lines())
@@ -367,9 +373,12 @@ def analyze_field(
         summary["set_size_vs_length"]["ties_kept"] = {k: kept[k] for k in ("spearman", "per_category", "set_size")}
     summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = summary["between_groups"] = None
     groups = ident.groups if resample == "group" else None
+    rep_sets = weights = None
     if n_boot > 0:
-        summary["bootstrap"] = jsonable(bootstrap(
-            ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci, groups=groups))
+        boot = bootstrap(ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci,
+                         groups=groups, keep_sets=True)
+        rep_sets, weights = boot.pop("replicate_sets"), boot.pop("weights")
+        summary["bootstrap"] = jsonable(boot)
     if n_perm > 0 and jmat is not None:
         perm = permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed, strata=ident.sources, groups=groups)
         perm["stratified_by"] = None if ident.sources is None else "source"
@@ -385,7 +394,7 @@ def analyze_field(
     if not keep_instruction_sets:
         ident.drop_instruction_sets()
     return FieldAnalysis(ident=ident, instruction_matrix=jmat, summary=summary,
-                         contrast=idents[1] if contrast else None)
+                         contrast=idents[1] if contrast else None, replicate_sets=rep_sets, boot_weights=weights)
 
 
 def analyze_model(
@@ -447,10 +456,26 @@ def _moves(sb: dict, sa: dict) -> dict:
     }
 
 
+def _paired_bootstrap(fb: FieldAnalysis, fa: FieldAnalysis) -> dict | None:
+    """Intervals of retained / gained / lost / Jaccard from the two models' replicates, paired
+    by draw; None unless both were bootstrapped with the same draws (same records, n_boot,
+    seed and resampling unit)."""
+    if fb.replicate_sets is None or fa.replicate_sets is None or fb.boot_weights is None \
+            or fa.boot_weights is None or fb.boot_weights.shape != fa.boot_weights.shape \
+            or not np.array_equal(fb.boot_weights, fa.boot_weights):
+        return None
+    b = fb.summary["bootstrap"]
+    r = paired_set_intervals(fb.ident.category_sets, fa.ident.category_sets, fb.replicate_sets,
+                             fa.replicate_sets, b["ci"])
+    return {"n_boot": b["n_boot"], "seed": b["seed"], "ci": b["ci"], "unit": b["unit"], "paired": True,
+            **{k: r[k] for k in cmp.SET_KEYS}}
+
+
 def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
     """({category: comparison}, model-level moves) for one section of two models."""
     ib, ia = fb.ident, fa.ident
     sets = cmp.compare_sets(ib.category_sets, ia.category_sets)
+    boot = _paired_bootstrap(fb, fa)
     shift = cmp.frequency_shift(ib.category_mean, ia.category_mean, ib.category_sets, ia.category_sets)
     both = fb.contrast is not None and fa.contrast is not None
     csets = cmp.compare_sets(fb.contrast.category_sets, fa.contrast.category_sets) if both else None
@@ -461,6 +486,9 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
             "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
             "frequency_shift": {k: v[i] for k, v in shift.items()},
             "contrast": {k: csets[k][i] for k in cmp.SET_KEYS} if both else None,
+            "bootstrap": None if boot is None else {
+                **{k: boot[k] for k in ("n_boot", "seed", "ci", "unit", "paired")},
+                **{k: {part: v[i] for part, v in boot[k].items()} for k in cmp.SET_KEYS}},
         }
     return jsonable(per_cat), jsonable(_moves(fb.summary, fa.summary))
 
@@ -579,7 +607,9 @@ def compare_models(
       before, after (names), "<section>": {category: {size_before, size_after,
       retained, gained, lost, jaccard, per_layer, frequency_shift, contrast:
       {size_before, size_after, retained, gained, lost, jaccard} under the
-      contrast rule (None when not run)}}, "moves":
+      contrast rule (None when not run), bootstrap: paired intervals of those six
+      figures (`_paired_bootstrap`; None unless both models were resampled with the
+      same draws)}}, "moves":
       {"<section>": model-level changes}, and "rules" (rules_entry).
     """
     mb = _as_analysis(before, cfg, names[0], analyze_kw)

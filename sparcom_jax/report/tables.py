@@ -195,14 +195,19 @@ def top_instruction_rows(top: dict) -> list[list]:
     return rows
 
 
+# Comparison figures with a paired bootstrap interval in the comparison table (`<key>_low`, `_high`).
+_PAIRED = ("retained", "gained", "lost", "jaccard")
+
+
 def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> Iterator[Table]:
     """Tables of comparison.<section> (or of a control comparison, with its prefix)."""
     yield Table(f"{prefix}_{section}",
                 ["category", *SET_KEYS, "mean_p_before", "mean_p_after", "mean_p_delta",
-                 *[f"contrast_{k}" for k in SET_KEYS]],
+                 *[f"contrast_{k}" for k in SET_KEYS], *[f"{k}_{b}" for k in _PAIRED for b in ("low", "high")]],
                 [[c, *[comp[c][k] for k in SET_KEYS],
                   *[comp[c]["frequency_shift"][k] for k in ("mean_before", "mean_after", "delta")],
-                  *[(comp[c].get("contrast") or {}).get(k) for k in SET_KEYS]]
+                  *[(comp[c].get("contrast") or {}).get(k) for k in SET_KEYS],
+                  *[((comp[c].get("bootstrap") or {}).get(k) or {}).get(b) for k in _PAIRED for b in ("low", "high")]]
                  for c in CATEGORIES])
     rows = []
     for c in CATEGORIES:

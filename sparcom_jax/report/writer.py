@@ -67,7 +67,11 @@ CAPTIONS = {
                   "legend).",
     "comparison": "How each category's set changed from {before} to {after}: the left bar is the set "
                   "before (retained + lost), the right bar the set after (retained + gained); J is the "
-                  "Jaccard of before and after.",
+                  "Jaccard of before and after. Where both models were bootstrapped with the same "
+                  "instruction draws, the table gives the Jaccard's paired interval: how much it varies "
+                  "with the instructions drawn. A Jaccard below 1 says the two models select different "
+                  "units on these instructions; it does not say how far apart two models with the same "
+                  "weights would come out (the same-template and precision controls bear on that).",
     "ise_frequency": "Mean routing frequency of every (layer, expert) pair over each category's "
                      "instructions (model {model}). Rows are layers, columns experts; bright cells are "
                      "experts the category routes to often.",
@@ -294,12 +298,20 @@ def _series_template_text(summary: dict, names: Sequence[str]) -> str | None:
 def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
                shift: bool = False) -> TableBlock:
     """retained/gained/lost per category of a comparison section (or its `key` sub-entry),
-    with the mean frequency over all units before and after when `shift`."""
+    with the mean frequency over all units before and after when `shift`, and the paired
+    bootstrap interval of the Jaccard where the main comparison has one."""
     get = (lambda c: entry[c]) if key is None else (lambda c: entry[c].get(key) or {})
     fs = ("mean_before", "mean_after")
-    return TableBlock(title, ["category", *SET_KEYS, *(["mean p before", "mean p after"] if shift else [])],
+    boot = key is None and any(entry[c].get("bootstrap") for c in CATEGORIES)
+
+    def jac(c):
+        return (entry[c].get("bootstrap") or {}).get("jaccard") or {}
+
+    return TableBlock(title, ["category", *SET_KEYS, *(["mean p before", "mean p after"] if shift else []),
+                              *(["jaccard low", "jaccard high"] if boot else [])],
                       [[c, *[get(c).get(k) for k in SET_KEYS],
-                        *([entry[c]["frequency_shift"][k] for k in fs] if shift else [])] for c in CATEGORIES])
+                        *([entry[c]["frequency_shift"][k] for k in fs] if shift else []),
+                        *([jac(c).get("low"), jac(c).get("high")] if boot else [])] for c in CATEGORIES])
 
 
 def _category_table(name: str, section: str, s: dict) -> TableBlock:
