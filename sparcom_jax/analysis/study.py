@@ -122,12 +122,15 @@ class ModelAnalysis:
         return jsonable({"meta": self.meta, **{k: v.summary for k, v in self.fields.items()}})
 
 
-def field_summary(ident: Identification, instruction_matrix: np.ndarray | None = None) -> dict:
-    """The point estimates of one field (everything but bootstrap and permutation).
+def field_summary(ident: Identification, instruction_matrix: np.ndarray | None = None, *,
+                  n_perm: int = 0, seed: int = 0) -> dict:
+    """The point estimates of one field (everything but bootstrap and the diagonal's permutation test).
 
     Args:
       ident: identification.
       instruction_matrix: optional float [N, N] instruction Jaccard.
+      n_perm: layer-order shuffles of each phase fit (`locate_phases`; 0 = none).
+      seed: their RNG seed.
 
     Returns:
       JSON-safe dict; see docs/analysis.md for each key.
@@ -160,7 +163,8 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "per_layer_share": by_category(share),
         "union_per_layer": union_l,
         "general_per_layer": gen["general_mask"].reshape(sets.shape[1], -1).sum(1),
-        "phases": {**by_category([ev.locate_phases(p) for p in count]), "union": ev.locate_phases(union_l)},
+        "phases": {**by_category([ev.locate_phases(p, n_perm, seed) for p in count]),
+                   "union": ev.locate_phases(union_l, n_perm, seed)},
         "mean_instruction_set_size": by_category(mean_size),
         "mean_frequency": by_category(ident.category_mean.reshape(C, -1).mean(1)),
         "set_size_vs_length": _size_vs_length(ident),
@@ -332,7 +336,7 @@ def analyze_field(
       field: the count field.
       cfg: identification rule.
       n_boot: bootstrap replicates (0 = none).
-      n_perm: permutations for the diagonal test (0 = none).
+      n_perm: permutations for the diagonal test, and layer-order shuffles of the phase fits (0 = none).
       seed: seed of bootstrap and permutations.
       ci: bootstrap interval coverage.
       resample: "group": the bootstrap draws, and the permutation tests shuffle,
@@ -366,7 +370,7 @@ def analyze_field(
                           packed=packed)
     ident = idents[0]
     jmat = ev.instruction_jaccard(ident) if instruction_level else None
-    summary = field_summary(ident, jmat)
+    summary = field_summary(ident, jmat, n_perm=n_perm, seed=seed)
     summary["contrast"] = contrast_summary(idents[1]) if contrast else None
     if cfg.ties == "break" and summary["set_size_vs_length"] is not None:
         kept = _size_vs_length(idents[-1])

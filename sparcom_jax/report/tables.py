@@ -109,10 +109,10 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
         yield Table(f"{p}_top_instructions", TOP_HEADER, top_instruction_rows(s["top_instructions"]))
     yield Table(f"{p}_phases",
                 ["profile", "middle_starts", "late_starts", "early_mean", "middle_mean", "late_mean",
-                 "explained", "early_dominant"],
+                 "explained", "early_dominant", "explained_p"],
                 [[k, *(ph["boundaries"] or [None, None]),
                   *[(ph[x] or {}).get("mean") for x in ("early", "middle", "late")],
-                  ph["explained"], ph["early_dominant"]] for k, ph in s["phases"].items()])
+                  ph["explained"], ph["early_dominant"], ph.get("explained_p")] for k, ph in s["phases"].items()])
 
 
 def dominance_rows(s: dict) -> list[list] | None:

@@ -60,7 +60,10 @@ CAPTIONS = {
                           "blocks mean same-type instructions use the same {units}.",
     "layers": "Number of {units} of each category per layer (0-based), one line per model. Dashed lines "
               "mark where the three phases (early, middle, late) start for each model, found by the "
-              "best three-step fit of the profile.",
+              "best three-step fit of the profile. The best of many fits explains much of any profile, a "
+              "flat noisy one too: the phases table gives explained_p, how often the layers in random "
+              "order fit as well; a small value says the profile changes along depth, not that it has "
+              "three phases.",
     "generality": "Left: set size |S(c)| (light) and its unique part |U(c)| (dark). Middle: the share "
                   "of each set that no other category has. Right: in how many categories each selected "
                   "unit appears; the bar at 6 is the general set (count and share of the union in the "
