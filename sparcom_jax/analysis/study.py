@@ -322,6 +322,45 @@ def between_groups(
     })
 
 
+# Prompt-length bins of the length-matched permutation test: quintiles of T(I).
+LENGTH_BINS = 5
+
+
+def length_bins(tokens: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
+    """int [N] quantile bin of each record's counted tokens T(I), numbered 0, 1, ... from
+    the shortest; equal lengths always share a bin (edges are the 1/n_bins, ... quantiles,
+    a record goes above every edge it is not below), so with many ties there are fewer."""
+    t = np.asarray(tokens, np.float64)
+    if t.size == 0:
+        return np.zeros(0, np.int64)
+    edges = np.quantile(t, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
+    return np.unique(np.searchsorted(edges, t, side="right"), return_inverse=True)[1].ravel()
+
+
+def length_matched(instruction_matrix: np.ndarray, labels: np.ndarray, tokens: np.ndarray, *,
+                   n_perm: int = 999, seed: int = 0, sources: Sequence | None = None,
+                   groups: Sequence | None = None) -> dict:
+    """The diagonal's permutation test with labels shuffled only among records of similar
+    prompt length (`length_bins`, within sources when given; groups move whole).
+
+    Categories differ in prompt length (a summary's input is long, a question short) and
+    records of similar length can share units through length alone, so a free shuffle's
+    null lacks that part of the diagonal. Here the null keeps each length bin's category
+    mix: a null mean above the free test's is what length alone gives.
+
+    Returns:
+      `permutation_test`'s dict plus stratified_by, n_bins and per_bin (per length bin
+      {category: records}: where categories barely share a bin the test has little room).
+    """
+    bins = length_bins(tokens)
+    strata = bins.tolist() if sources is None else list(zip(sources, bins.tolist()))
+    perm = permutation_test(instruction_matrix, labels, n_perm=n_perm, seed=seed, strata=strata, groups=groups)
+    perm["stratified_by"] = "prompt length" + ("" if sources is None else " and source")
+    perm["n_bins"] = int(bins.max()) + 1 if bins.size else 0
+    perm["per_bin"] = [by_category(np.bincount(labels[bins == b], minlength=C)) for b in range(perm["n_bins"])]
+    return jsonable(perm)
+
+
 def analyze_field(
     counts: Counts, field: str, cfg: IdentifyConfig, *,
     n_boot: int = 100, n_perm: int = 999, seed: int = 0, ci: float = 0.95, resample: str = "group",
@@ -376,6 +415,7 @@ def analyze_field(
         kept = _size_vs_length(idents[-1])
         summary["set_size_vs_length"]["ties_kept"] = {k: kept[k] for k in ("spearman", "per_category", "set_size")}
     summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = summary["between_groups"] = None
+    summary["length_matched"] = None
     groups = ident.groups if resample == "group" else None
     rep_sets = weights = None
     if n_boot > 0:
@@ -387,6 +427,9 @@ def analyze_field(
         perm = permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed, strata=ident.sources, groups=groups)
         perm["stratified_by"] = None if ident.sources is None else "source"
         summary["permutation"] = jsonable(perm)
+    if n_perm > 0 and jmat is not None and ident.tokens is not None:
+        summary["length_matched"] = length_matched(jmat, ident.labels, ident.tokens, n_perm=n_perm, seed=seed,
+                                                   sources=ident.sources, groups=groups)
     if jmat is not None and ident.sources is not None and human is not None:
         summary["human_subset"] = subset_diagonal(jmat, ident.labels, ident.sources, human,
                                                   n_perm=n_perm, seed=seed, groups=groups)

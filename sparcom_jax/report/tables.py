@@ -125,6 +125,7 @@ def dominance_rows(s: dict) -> list[list] | None:
     hperm = hum.get("permutation") or {}
     bg = s.get("between_groups") or {}
     bperm = bg.get("permutation") or {}
+    lperm = s.get("length_matched") or {}
 
     def at(seq, i):
         return None if seq is None else seq[i]
@@ -137,14 +138,14 @@ def dominance_rows(s: dict) -> list[list] | None:
              (bg.get("per_category_dominance") or {}).get(c), at(bperm.get("per_category_p_value"), i),
              (bg.get("within_group_pairs") or {}).get(c),
              *boot_values(bg, "per_category_dominance", BOOT_PARTS, i),
-             at(perm.get("per_category_p_holm"), i)]
+             at(perm.get("per_category_p_holm"), i), at(lperm.get("per_category_p_value"), i), None]
             for i, c in enumerate(CATEGORIES)]
     rows.append(["overall", s["diagonal_dominance"], *interval(s, "diagonal_dominance"), perm.get("p_value"),
                  hum.get("diagonal_dominance"), hperm.get("p_value"), hum.get("n"),
                  *boot_values(s, "diagonal_dominance", ("bias", "outside")),
                  bg.get("diagonal_dominance"), bperm.get("p_value"),
                  sum(bg["within_group_pairs"].values()) if bg else None,
-                 *boot_values(bg, "diagonal_dominance"), None])
+                 *boot_values(bg, "diagonal_dominance"), None, lperm.get("p_value"), lperm.get("null_mean")])
     return rows
 
 
@@ -153,11 +154,13 @@ def dominance_rows(s: dict) -> list[list] | None:
 # (within_group_pairs of them), tested by shuffling whole groups, with its interval, bias and
 # outside flag from a bootstrap over groups. permutation_p_holm: the six per-category
 # permutation p-values Holm-adjusted (family-wise over the categories; empty on "overall").
+# length_matched_*: the test with labels shuffled among records of similar prompt length, and
+# (overall) its null mean: the part of the diagonal that length alone gives.
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
                     "human_permutation_p", "human_n", "bias", "outside", "between_groups_dominance",
                     "between_groups_permutation_p", "within_group_pairs", "between_groups_low",
                     "between_groups_high", "between_groups_bias", "between_groups_outside",
-                    "permutation_p_holm"]
+                    "permutation_p_holm", "length_matched_permutation_p", "length_matched_null_mean"]
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",

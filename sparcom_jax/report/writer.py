@@ -132,6 +132,13 @@ def _bootstrap_text(s: dict) -> str:
                          "follows")
         else:
             parts.append("no permutation test was run (n_perm = 0)")
+        lm = s.get("length_matched") or {}
+        if lm.get("p_value") is not None and lm.get("null_mean") is not None:
+            parts.append(f"shuffling the labels only among records of similar prompt length ({lm['n_bins']} "
+                         f"quantile bins of the counted tokens) gives a null mean of {lm['null_mean']:.4g} "
+                         f"and p = {lm['p_value']:.4g}: about that much of the diagonal can come from "
+                         "categories differing in prompt length alone; length differences within a bin "
+                         "remain, so this p can still be too small where the diagonal follows length")
         between = _between_groups_text(s)
         if between:
             parts.append(between)
@@ -368,7 +375,9 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
                               "instruction group, tested by shuffling whole groups, with its interval, bias "
                               "and outside flag from drawing whole groups; permutation_p_holm: the six "
                               "per-category p-values Holm-adjusted, to be read against 0.05 when the claim is "
-                              "about any of the six categories; – = undefined, e.g. "
+                              "about any of the six categories; length_matched: the test with labels "
+                              "shuffled among records of similar prompt length, and its null mean; "
+                              "– = undefined, e.g. "
                               "fewer than two records of the category in the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
