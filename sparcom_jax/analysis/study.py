@@ -348,6 +348,15 @@ def length_matched(instruction_matrix: np.ndarray, labels: np.ndarray, tokens: n
     null lacks that part of the diagonal. Here the null keeps each length bin's category
     mix: a null mean above the free test's is what length alone gives.
 
+    Args:
+      instruction_matrix: float [N, N] instruction Jaccard.
+      labels: int [N] category indices.
+      tokens: int [N] counted tokens T(I).
+      n_perm: permutations.
+      seed: RNG seed.
+      sources: optional length-N record sources (strata beside the length bins).
+      groups: optional length-N group keys (`permutation_test`).
+
     Returns:
       `permutation_test`'s dict plus stratified_by, n_bins and per_bin (per length bin
       {category: records}: where categories barely share a bin the test has little room).
