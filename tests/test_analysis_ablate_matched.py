@@ -207,3 +207,44 @@ def test_ablate_identification_bins_on_mean_frequency():
     for m in model.masks[2:4]:
         assert m.sum(1).tolist() == [1, 1]
         assert set(np.flatnonzero(m[0])) | set(np.flatnonzero(m[1])) <= {5, 6, 7, 8}
+
+
+def test_monte_carlo_p_value_has_a_floor_of_one_over_draws_plus_one():
+    # Hand case: set loss increases 1.0; draws 0.5, 1.0, 2.0, 0.2 on every cell -> 2 of 4
+    # draws reach the set, p = (1 + 2) / (1 + 4); a set that beats every draw gets 1 / 5, not 0.
+    r = AblationResult(kind="neurons", baseline={c: 1.0 for c in CATEGORIES}, isn=np.ones((6, 6)),
+                       random=np.zeros((6, 6)), random_draws=np.array([0.5, 1.0, 2.0, 0.2])[:, None, None]
+                       * np.ones((1, 6, 6)), set_sizes=np.ones(6, np.int64), n_random=4, seed=0)
+    r.isn[0, 0] = 3.0
+    sp = r.excess_spread()
+    assert sp["p_value"][1, 1] == pytest.approx(3 / 5) and sp["random_ge_fraction"][1, 1] == pytest.approx(0.5)
+    assert sp["p_value"][0, 0] == pytest.approx(1 / 5) and sp["random_ge_fraction"][0, 0] == 0.0
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["p_value"][0][0] == pytest.approx(0.2)
+    from sparcom_jax.report.tables import ABLATION_HEADER, ablation_rows
+    row = dict(zip(ABLATION_HEADER, ablation_rows(d)[0]))
+    assert row["p_own"] == pytest.approx(0.2) and row["random_ge_fraction_own"] == 0.0
+
+
+def test_frequency_match_of_the_draws_is_recorded():
+    # Frequencies u / 15 per layer, 4 quantile bins (units 0-3, 4-7, 8-11, 12-15). A set of the
+    # two most frequent units (14, 15) fills the top of the top bin: its draws can only take
+    # units 12 and 13, so they fire less (mean 12.5 / 15) than the set (14.5 / 15).
+    freq = np.tile(np.arange(16.0) / 15, (3, 1))
+    top = np.zeros((3, 16), bool)
+    top[:, 14:] = True
+    sets = {c: top for c in CATEGORIES}
+    model = Model(sets)
+    r = ablation_matrix(sets, model, n_random=3, seed=1, frequency=freq, n_bins=4)
+    assert np.allclose(r.set_frequency, 14.5 / 15)
+    assert np.allclose(r.random_frequency, 12.5 / 15)
+    for a in range(6):  # brute force over the masks the model saw
+        for d, m in enumerate(model.masks[2 + a * 4:1 + (a + 1) * 4]):
+            assert r.random_frequency[d, a] == pytest.approx(freq[m].mean())
+    d = json.loads(json.dumps(r.to_dict()))
+    back = AblationResult.from_dict(d)
+    assert np.allclose(back.set_frequency, r.set_frequency) and np.allclose(back.random_frequency, r.random_frequency)
+    from sparcom_jax.report.tables import ABLATION_HEADER, ablation_rows
+    row = dict(zip(ABLATION_HEADER, ablation_rows(d)[2]))
+    assert row["set_frequency"] == pytest.approx(14.5 / 15) and row["random_frequency_mean"] == pytest.approx(12.5 / 15)
+    assert ablation_matrix(sets, Model(sets), n_random=1).set_frequency is None  # counts-only matching

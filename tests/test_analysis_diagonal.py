@@ -268,3 +268,49 @@ def test_bootstrap_instruction_overlap_is_the_mean_over_the_resampled_pairs():
         got = bootstrap(ident, instruction_matrix=j, n_boot=1, seed=seed)
         assert np.allclose(got["instruction_overlap"]["low"], block, equal_nan=True)
         assert np.allclose(got["per_category_dominance"]["high"], per_category_dominance(block), equal_nan=True)
+
+
+def _holm_rejects(p, alpha):
+    """Holm's sequential procedure at level alpha: reject the smallest p while p_(j) <= alpha / (m - j + 1)."""
+    defined = sorted((v, i) for i, v in enumerate(p) if v is not None)
+    rejected = set()
+    for j, (v, i) in enumerate(defined):
+        if v > alpha / (len(defined) - j):
+            break
+        rejected.add(i)
+    return rejected
+
+
+def test_holm_adjusted_p_values_match_the_sequential_procedure():
+    from sparcom_jax.analysis.uncertainty import holm
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        p = [None if rng.random() < 0.2 else float(rng.choice([0.001, 0.004, 0.01, 0.02, 0.3, 0.9]))
+             for _ in range(6)]
+        adj = holm(p)
+        assert [a is None for a in adj] == [v is None for v in p]
+        for alpha in (0.005, 0.01, 0.02, 0.05, 0.1, 0.5):
+            # Brute force: a test is rejected at alpha exactly when its adjusted p is <= alpha.
+            assert {i for i, a in enumerate(adj) if a is not None and a <= alpha + 1e-12} == _holm_rejects(p, alpha)
+    assert holm([0.01, 0.04, None, 0.03, 0.5, 0.002, 0.02]) == pytest.approx([0.05, 0.09, None, 0.09, 0.5, 0.012, 0.08])
+
+
+def test_permutation_test_reports_holm_adjusted_per_category_p_values():
+    from sparcom_jax.analysis.uncertainty import holm
+    from sparcom_jax.report.tables import DOMINANCE_HEADER, dominance_rows
+    labels = np.repeat(np.arange(6), 4)
+    rng = np.random.default_rng(2)
+    m = np.where(labels[:, None] == labels[None], 0.6, 0.2) * rng.uniform(0.5, 1.5, (24, 24))
+    m = (m + m.T) / 2
+    r = permutation_test(m, labels, n_perm=30, seed=1)
+    assert r["per_category_p_holm"] == pytest.approx(holm(r["per_category_p_value"]))
+    # Every category beats all 30 shuffles: p = 1/31 = 0.03 each, below 0.05 one by one, but
+    # 6/31 = 0.19 for the family of six (30 permutations are too few for six tests).
+    assert r["per_category_p_value"] == pytest.approx([1 / 31] * 6)
+    assert r["per_category_p_holm"] == pytest.approx([6 / 31] * 6)
+    block = category_block_means(m, labels)
+    s = {"per_category_dominance": dict(zip(CATEGORIES, per_category_dominance(block))),
+         "diagonal_dominance": 0.0, "permutation": r}
+    rows = dominance_rows(s)
+    assert [dict(zip(DOMINANCE_HEADER, row))["permutation_p_holm"] for row in rows[:6]] == r["per_category_p_holm"]
+    assert dict(zip(DOMINANCE_HEADER, rows[-1]))["permutation_p_holm"] is None

@@ -381,3 +381,20 @@ def test_jsonable_gives_plain_python():
                     "t": (np.arange(2), [np.inf])})
     assert out == {"1": 3, "f": 0.5, "nan": None, "b": True, "t": [[0, 1], [None]]}
     assert type(out["1"]) is int and type(out["f"]) is float and type(out["b"]) is bool
+
+
+def test_phase_fit_p_value_matches_brute_force_over_the_same_shuffles():
+    rng = np.random.default_rng(8)
+    for y in (rng.poisson(100, 7).astype(float), np.array([9.0, 8, 9, 3, 2, 3, 1, 0]), rng.random(5)):
+        got = locate_phases(y, n_perm=40, seed=3)
+        draw = np.random.default_rng(3)
+        shuffled = [brute_phases(draw.permutation(y))[2] for _ in range(40)]
+        expect = (1 + sum(e >= got["explained"] - 1e-9 for e in shuffled)) / 41
+        assert got["explained_p"] == pytest.approx(expect) and got["n_perm"] == 40
+        assert locate_phases(y)["explained_p"] is None  # no shuffles, no test
+    # A clean step along depth beats almost every order; a flat noisy profile does not,
+    # although its best three-step fit explains most of its variance.
+    assert locate_phases([5.0, 5, 5, 2, 2, 2, 0, 0, 0], n_perm=99)["explained_p"] <= 0.05
+    flat = locate_phases([101.0, 93, 104, 98], n_perm=99)
+    assert flat["explained"] > 0.7 and flat["explained_p"] > 0.3
+    assert locate_phases([3.0, 3, 3, 3], n_perm=9)["explained_p"] is None

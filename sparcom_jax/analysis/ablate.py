@@ -60,6 +60,13 @@ class AblationResult:
       in_set: int [D, C] units of a draw taken from S(a) itself (the group had
         too few units outside S(a)); 0 when the control is clean.
       matching: how the random sets were matched (JSON-safe dict).
+      set_frequency: float [C] mean matching frequency of the units of S(a), or
+        None when the sets were matched on counts only.
+      random_frequency: float [D, C] the same for each random draw, or None. Bins
+        match the set only as finely as their width: a top-eps set fills the top
+        of its layer's frequency range, whose units outside the set fire less, so
+        the draws can fire markedly less than the set (a frequency effect that
+        the excess then carries).
     """
 
     kind: str
@@ -75,6 +82,8 @@ class AblationResult:
     off_bin: np.ndarray | None = None
     in_set: np.ndarray | None = None
     matching: dict = dataclasses.field(default_factory=dict)
+    set_frequency: np.ndarray | None = None
+    random_frequency: np.ndarray | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -98,18 +107,24 @@ class AblationResult:
           dict of float [C, C]: `std` (population sd over draws), `p<q>` for q in
           EXCESS_PERCENTILES, and `random_ge_fraction`: the share of draws whose
           loss increase is >= the specific set's (small = the specific set hurts
-          more than almost every matched random set). NaN without draws.
+          more than almost every matched random set), and `p_value`, the
+          Monte-Carlo p-value of that comparison, (1 + #{draws >= set}) / (1 + D):
+          its smallest value is 1 / (1 + D), so 10 draws can never give p < 0.05
+          (a fraction of 0 is p = 1/11, not p = 0). NaN without draws.
         """
         d = np.asarray(self.random_draws, dtype=np.float64)
         nan = np.full((C, C), np.nan)
         if d.shape[0] == 0:
-            return {"std": nan, **{f"p{q}": nan for q in EXCESS_PERCENTILES}, "random_ge_fraction": nan}
+            return {"std": nan, **{f"p{q}": nan for q in EXCESS_PERCENTILES}, "random_ge_fraction": nan,
+                    "p_value": nan}
         ex = self.isn[None] - d
         ok = np.isfinite(ex).all(0)
         out = {"std": np.where(ok, ex.std(0), np.nan)}
         for q in EXCESS_PERCENTILES:
             out[f"p{q}"] = np.where(ok, np.percentile(np.where(ok, ex, 0.0), q, axis=0), np.nan)
-        out["random_ge_fraction"] = np.where(ok, (d >= self.isn[None]).mean(0), np.nan)
+        n_ge = (d >= self.isn[None]).sum(0)
+        out["random_ge_fraction"] = np.where(ok, n_ge / d.shape[0], np.nan)
+        out["p_value"] = np.where(ok, (1 + n_ge) / (1 + d.shape[0]), np.nan)
         return out
 
     def to_dict(self) -> dict:
@@ -125,6 +140,7 @@ class AblationResult:
             "excess_std": spread["std"],
             "excess_percentiles": {str(q): spread[f"p{q}"] for q in EXCESS_PERCENTILES},
             "random_ge_fraction": spread["random_ge_fraction"],
+            "p_value": spread["p_value"],
             "random_draws": self.random_draws,
             "set_sizes": by_category(self.set_sizes),
             "n_random": self.n_random,
@@ -134,6 +150,8 @@ class AblationResult:
             "off_bin": self.off_bin,
             "in_set": self.in_set,
             "matching": self.matching,
+            "set_frequency": None if self.set_frequency is None else by_category(self.set_frequency),
+            "random_frequency": self.random_frequency,
         })
 
     @classmethod
@@ -147,13 +165,16 @@ class AblationResult:
 
         draws = arr(d["random_draws"]) if d["random_draws"] else np.zeros((0, C, C))
         dm = d.get("dropped_mass")
+        sf = d.get("set_frequency")
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
                    n_random=d["n_random"], seed=d["seed"],
                    dropped_mass=None if dm is None else arr([dm[c] for c in CATEGORIES]),
                    random_dropped_mass=arr(d.get("random_dropped_mass")),
                    off_bin=arr(d.get("off_bin"), np.int64), in_set=arr(d.get("in_set"), np.int64),
-                   matching=d.get("matching") or {})
+                   matching=d.get("matching") or {},
+                   set_frequency=None if sf is None else arr([sf[c] for c in CATEGORIES]),
+                   random_frequency=arr(d.get("random_frequency")))
 
 
 def frequency_bins(freq: np.ndarray, n_bins: int, lead: int = 1) -> np.ndarray:
@@ -333,6 +354,9 @@ def ablation_matrix(
     rdropped = np.full((n_random, C), np.nan)
     off_bin = np.zeros((n_random, C), np.int64)
     in_set = np.zeros((n_random, C), np.int64)
+    # The frequency match each draw achieved (bins match only as finely as they are wide).
+    set_freq = None if frequency is None else np.full(C, np.nan)
+    rand_freq = None if frequency is None else np.full((n_random, C), np.nan)
     rng = np.random.default_rng(seed)
     masks: list[np.ndarray | None] = [None]  # the baseline first
     slots: list[tuple[int, int | None]] = []  # (ablated category, draw or None for its set) of masks[1:]
@@ -353,8 +377,12 @@ def ablation_matrix(
             continue
         masks.append(mask)
         slots.append((a, None))
+        if frequency is not None:
+            set_freq[a] = np.asarray(frequency, np.float64)[mask].mean()
         for d in range(n_random):
             rmask, off_bin[d, a], in_set[d, a] = matched_random(mask, rng, bins, exclude=True, lead=lead)
+            if frequency is not None:
+                rand_freq[d, a] = np.asarray(frequency, np.float64)[rmask].mean()
             masks.append(rmask)
             slots.append((a, d))
     (base, _), *results = run(loss_fn, masks)
@@ -372,7 +400,8 @@ def ablation_matrix(
         random_dropped_mass=rdropped if has_mass else None, off_bin=off_bin, in_set=in_set,
         matching={"group": "layer, expert" if lead == 2 else "layer",
                   "frequency_bins": None if bins is None else n_bins,
-                  "exclude_tested_set": True})
+                  "exclude_tested_set": True},
+        set_frequency=set_freq, random_frequency=rand_freq)
 
 
 def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> AblationResult:

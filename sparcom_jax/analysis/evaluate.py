@@ -246,7 +246,24 @@ def layer_distribution(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return count, count / width
 
 
-def locate_phases(profile) -> dict:
+def _three_step_costs(y: np.ndarray) -> np.ndarray:
+    """float [P] least-squares residual of the best three-constant-piece fit of each row
+    of y [P, L] (L >= 3), over every pair of boundaries 1 <= b1 < b2 <= L-1 at once."""
+    p, n_layers = y.shape
+    zero = np.zeros((p, 1))
+    s1 = np.concatenate([zero, np.cumsum(y, 1)], 1)
+    s2 = np.concatenate([zero, np.cumsum(y * y, 1)], 1)
+    b1, b2 = np.triu_indices(n_layers, k=1)
+    keep = b1 >= 1
+    b1, b2 = b1[keep], b2[keep]
+
+    def sse(a, b):
+        return s2[:, b] - s2[:, a] - (s1[:, b] - s1[:, a]) ** 2 / (b - a)
+
+    return (sse(np.zeros_like(b1), b1) + sse(b1, b2) + sse(b2, np.full_like(b2, n_layers))).min(1)
+
+
+def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
     """Split a per-layer profile into early, middle and late phases.
 
     Rule: the two boundaries 1 <= b1 < b2 <= L-1 that best fit the profile by
@@ -258,19 +275,32 @@ def locate_phases(profile) -> dict:
     fits). `early_dominant` is the paper's pattern: the early phase has more
     units per layer than both the middle and the late phase.
 
+    The best of (L-1)(L-2)/2 fits explains much of any profile: on flat profiles
+    with Poisson noise (mean 100 per layer) `explained` averages 0.93 at L = 4, 0.66
+    at L = 8 and 0.27 at L = 32, and `early_dominant` holds for a quarter to a
+    third of them. `explained_p` therefore compares `explained` with the same fit
+    on the layers in random order: (1 + #{shuffled >= observed}) / (1 + n_perm). A
+    small value says the profile has more structure along depth than its values
+    in random order; it does not say the structure is three phases (a steady
+    decline also gives a small p) nor which phase is largest.
+
     Args:
       profile: float [L] units per layer.
+      n_perm: layer-order shuffles for `explained_p` (0 = no test).
+      seed: RNG seed of the shuffles.
 
     Returns:
       dict with `boundaries` [b1, b2] (first layer of middle and late; 0-based),
-      per-phase `layers` [first, last] and `mean`, `explained`, `early_dominant`;
+      per-phase `layers` [first, last] and `mean`, `explained`, `early_dominant`,
+      `explained_p` (None without shuffles or for a flat profile) and `n_perm`;
       for L < 3 the boundaries and phases are None.
     """
     y = np.asarray(profile, dtype=np.float64)
     n_layers = y.shape[0]
     if n_layers < 3:
         return {"rule": "three-segment least squares", "boundaries": None, "early": None,
-                "middle": None, "late": None, "explained": None, "early_dominant": None}
+                "middle": None, "late": None, "explained": None, "early_dominant": None,
+                "explained_p": None, "n_perm": n_perm}
     s1 = np.concatenate([[0.0], np.cumsum(y)])
     s2 = np.concatenate([[0.0], np.cumsum(y * y)])
 
@@ -289,10 +319,20 @@ def locate_phases(profile) -> dict:
     spans = {"early": (0, b1), "middle": (b1, b2), "late": (b2, n_layers)}
     phases = {k: {"layers": [a, b - 1], "mean": float(y[a:b].mean())} for k, (a, b) in spans.items()}
     means = {k: v["mean"] for k, v in phases.items()}
+    explained_p = None
+    if n_perm > 0 and total > 0:
+        rng = np.random.default_rng(seed)
+        shuffled = np.stack([rng.permutation(y) for _ in range(n_perm)])
+        # Residuals compared directly (the total is the same for every order); the tolerance
+        # lets an order that reproduces the observed fit count despite another summation order.
+        n_ge = int((_three_step_costs(shuffled) <= best_cost + tol).sum())
+        explained_p = (1 + n_ge) / (1 + n_perm)
     return {
         "rule": "three-segment least squares",
         "boundaries": [b1, b2],
         **phases,
         "explained": float(1.0 - best_cost / total) if total > 0 else None,
         "early_dominant": bool(means["early"] > means["middle"] and means["early"] > means["late"]),
+        "explained_p": explained_p,
+        "n_perm": n_perm,
     }

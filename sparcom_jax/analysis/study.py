@@ -28,7 +28,7 @@ from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import (
-    bootstrap, cluster_index, instruction_bootstrap, permutation_test, units_per_category,
+    bootstrap, cluster_index, instruction_bootstrap, paired_set_intervals, permutation_test, units_per_category,
 )
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
@@ -53,12 +53,18 @@ class FieldAnalysis:
       summary: the JSON-safe `models.<name>.<section>` dict.
       contrast: the identification under the contrast rule (`contrast_config`),
         category level only, or None when it was not run.
+      replicate_sets: uint8 [B, C, ceil(U/8)] each bootstrap replicate's category
+        sets, bit-packed, or None without a bootstrap: a comparison with another
+        model resampled with the same draws pairs them (`compare_fields`).
+      boot_weights: float32 [B, N] those draws, or None.
     """
 
     ident: Identification
     instruction_matrix: np.ndarray | None
     summary: dict
     contrast: Identification | None = None
+    replicate_sets: np.ndarray | None = None
+    boot_weights: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return "FieldAnalysis " + "\n".join(self._lines())
@@ -116,12 +122,15 @@ class ModelAnalysis:
         return jsonable({"meta": self.meta, **{k: v.summary for k, v in self.fields.items()}})
 
 
-def field_summary(ident: Identification, instruction_matrix: np.ndarray | None = None) -> dict:
-    """The point estimates of one field (everything but bootstrap and permutation).
+def field_summary(ident: Identification, instruction_matrix: np.ndarray | None = None, *,
+                  n_perm: int = 0, seed: int = 0) -> dict:
+    """The point estimates of one field (everything but bootstrap and the diagonal's permutation test).
 
     Args:
       ident: identification.
       instruction_matrix: optional float [N, N] instruction Jaccard.
+      n_perm: layer-order shuffles of each phase fit (`locate_phases`; 0 = none).
+      seed: their RNG seed.
 
     Returns:
       JSON-safe dict; see docs/analysis.md for each key.
@@ -154,7 +163,8 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "per_layer_share": by_category(share),
         "union_per_layer": union_l,
         "general_per_layer": gen["general_mask"].reshape(sets.shape[1], -1).sum(1),
-        "phases": {**by_category([ev.locate_phases(p) for p in count]), "union": ev.locate_phases(union_l)},
+        "phases": {**by_category([ev.locate_phases(p, n_perm, seed) for p in count]),
+                   "union": ev.locate_phases(union_l, n_perm, seed)},
         "mean_instruction_set_size": by_category(mean_size),
         "mean_frequency": by_category(ident.category_mean.reshape(C, -1).mean(1)),
         "set_size_vs_length": _size_vs_length(ident),
@@ -312,6 +322,54 @@ def between_groups(
     })
 
 
+# Prompt-length bins of the length-matched permutation test: quintiles of T(I).
+LENGTH_BINS = 5
+
+
+def length_bins(tokens: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
+    """int [N] quantile bin of each record's counted tokens T(I), numbered 0, 1, ... from
+    the shortest; equal lengths always share a bin (edges are the 1/n_bins, ... quantiles,
+    a record goes above every edge it is not below), so with many ties there are fewer."""
+    t = np.asarray(tokens, np.float64)
+    if t.size == 0:
+        return np.zeros(0, np.int64)
+    edges = np.quantile(t, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
+    return np.unique(np.searchsorted(edges, t, side="right"), return_inverse=True)[1].ravel()
+
+
+def length_matched(instruction_matrix: np.ndarray, labels: np.ndarray, tokens: np.ndarray, *,
+                   n_perm: int = 999, seed: int = 0, sources: Sequence | None = None,
+                   groups: Sequence | None = None) -> dict:
+    """The diagonal's permutation test with labels shuffled only among records of similar
+    prompt length (`length_bins`, within sources when given; groups move whole).
+
+    Categories differ in prompt length (a summary's input is long, a question short) and
+    records of similar length can share units through length alone, so a free shuffle's
+    null lacks that part of the diagonal. Here the null keeps each length bin's category
+    mix: a null mean above the free test's is what length alone gives.
+
+    Args:
+      instruction_matrix: float [N, N] instruction Jaccard.
+      labels: int [N] category indices.
+      tokens: int [N] counted tokens T(I).
+      n_perm: permutations.
+      seed: RNG seed.
+      sources: optional length-N record sources (strata beside the length bins).
+      groups: optional length-N group keys (`permutation_test`).
+
+    Returns:
+      `permutation_test`'s dict plus stratified_by, n_bins and per_bin (per length bin
+      {category: records}: where categories barely share a bin the test has little room).
+    """
+    bins = length_bins(tokens)
+    strata = bins.tolist() if sources is None else list(zip(sources, bins.tolist()))
+    perm = permutation_test(instruction_matrix, labels, n_perm=n_perm, seed=seed, strata=strata, groups=groups)
+    perm["stratified_by"] = "prompt length" + ("" if sources is None else " and source")
+    perm["n_bins"] = int(bins.max()) + 1 if bins.size else 0
+    perm["per_bin"] = [by_category(np.bincount(labels[bins == b], minlength=C)) for b in range(perm["n_bins"])]
+    return jsonable(perm)
+
+
 def analyze_field(
     counts: Counts, field: str, cfg: IdentifyConfig, *,
     n_boot: int = 100, n_perm: int = 999, seed: int = 0, ci: float = 0.95, resample: str = "group",
@@ -326,7 +384,7 @@ def analyze_field(
       field: the count field.
       cfg: identification rule.
       n_boot: bootstrap replicates (0 = none).
-      n_perm: permutations for the diagonal test (0 = none).
+      n_perm: permutations for the diagonal test, and layer-order shuffles of the phase fits (0 = none).
       seed: seed of bootstrap and permutations.
       ci: bootstrap interval coverage.
       resample: "group": the bootstrap draws, and the permutation tests shuffle,
@@ -360,20 +418,27 @@ def analyze_field(
                           packed=packed)
     ident = idents[0]
     jmat = ev.instruction_jaccard(ident) if instruction_level else None
-    summary = field_summary(ident, jmat)
+    summary = field_summary(ident, jmat, n_perm=n_perm, seed=seed)
     summary["contrast"] = contrast_summary(idents[1]) if contrast else None
     if cfg.ties == "break" and summary["set_size_vs_length"] is not None:
         kept = _size_vs_length(idents[-1])
         summary["set_size_vs_length"]["ties_kept"] = {k: kept[k] for k in ("spearman", "per_category", "set_size")}
     summary["bootstrap"] = summary["permutation"] = summary["human_subset"] = summary["between_groups"] = None
+    summary["length_matched"] = None
     groups = ident.groups if resample == "group" else None
+    rep_sets = weights = None
     if n_boot > 0:
-        summary["bootstrap"] = jsonable(bootstrap(
-            ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci, groups=groups))
+        boot = bootstrap(ident, counts=counts, instruction_matrix=jmat, n_boot=n_boot, seed=seed, ci=ci,
+                         groups=groups, keep_sets=True)
+        rep_sets, weights = boot.pop("replicate_sets"), boot.pop("weights")
+        summary["bootstrap"] = jsonable(boot)
     if n_perm > 0 and jmat is not None:
         perm = permutation_test(jmat, ident.labels, n_perm=n_perm, seed=seed, strata=ident.sources, groups=groups)
         perm["stratified_by"] = None if ident.sources is None else "source"
         summary["permutation"] = jsonable(perm)
+    if n_perm > 0 and jmat is not None and ident.tokens is not None:
+        summary["length_matched"] = length_matched(jmat, ident.labels, ident.tokens, n_perm=n_perm, seed=seed,
+                                                   sources=ident.sources, groups=groups)
     if jmat is not None and ident.sources is not None and human is not None:
         summary["human_subset"] = subset_diagonal(jmat, ident.labels, ident.sources, human,
                                                   n_perm=n_perm, seed=seed, groups=groups)
@@ -385,7 +450,7 @@ def analyze_field(
     if not keep_instruction_sets:
         ident.drop_instruction_sets()
     return FieldAnalysis(ident=ident, instruction_matrix=jmat, summary=summary,
-                         contrast=idents[1] if contrast else None)
+                         contrast=idents[1] if contrast else None, replicate_sets=rep_sets, boot_weights=weights)
 
 
 def analyze_model(
@@ -447,10 +512,26 @@ def _moves(sb: dict, sa: dict) -> dict:
     }
 
 
+def _paired_bootstrap(fb: FieldAnalysis, fa: FieldAnalysis) -> dict | None:
+    """Intervals of retained / gained / lost / Jaccard from the two models' replicates, paired
+    by draw; None unless both were bootstrapped with the same draws (same records, n_boot,
+    seed and resampling unit)."""
+    if fb.replicate_sets is None or fa.replicate_sets is None or fb.boot_weights is None \
+            or fa.boot_weights is None or fb.boot_weights.shape != fa.boot_weights.shape \
+            or not np.array_equal(fb.boot_weights, fa.boot_weights):
+        return None
+    b = fb.summary["bootstrap"]
+    r = paired_set_intervals(fb.ident.category_sets, fa.ident.category_sets, fb.replicate_sets,
+                             fa.replicate_sets, b["ci"])
+    return {"n_boot": b["n_boot"], "seed": b["seed"], "ci": b["ci"], "unit": b["unit"], "paired": True,
+            **{k: r[k] for k in cmp.SET_KEYS}}
+
+
 def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
     """({category: comparison}, model-level moves) for one section of two models."""
     ib, ia = fb.ident, fa.ident
     sets = cmp.compare_sets(ib.category_sets, ia.category_sets)
+    boot = _paired_bootstrap(fb, fa)
     shift = cmp.frequency_shift(ib.category_mean, ia.category_mean, ib.category_sets, ia.category_sets)
     both = fb.contrast is not None and fa.contrast is not None
     csets = cmp.compare_sets(fb.contrast.category_sets, fa.contrast.category_sets) if both else None
@@ -461,6 +542,9 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
             "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
             "frequency_shift": {k: v[i] for k, v in shift.items()},
             "contrast": {k: csets[k][i] for k in cmp.SET_KEYS} if both else None,
+            "bootstrap": None if boot is None else {
+                **{k: boot[k] for k in ("n_boot", "seed", "ci", "unit", "paired")},
+                **{k: {part: v[i] for part, v in boot[k].items()} for k in cmp.SET_KEYS}},
         }
     return jsonable(per_cat), jsonable(_moves(fb.summary, fa.summary))
 
@@ -579,7 +663,9 @@ def compare_models(
       before, after (names), "<section>": {category: {size_before, size_after,
       retained, gained, lost, jaccard, per_layer, frequency_shift, contrast:
       {size_before, size_after, retained, gained, lost, jaccard} under the
-      contrast rule (None when not run)}}, "moves":
+      contrast rule (None when not run), bootstrap: paired intervals of those six
+      figures (`_paired_bootstrap`; None unless both models were resampled with the
+      same draws)}}, "moves":
       {"<section>": model-level changes}, and "rules" (rules_entry).
     """
     mb = _as_analysis(before, cfg, names[0], analyze_kw)

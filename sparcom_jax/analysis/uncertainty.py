@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from sparcom_jax.analysis.common import C, safe_div
+from sparcom_jax.analysis.compare import SET_KEYS, compare_sets
 from sparcom_jax.analysis.evaluate import (
     category_block_means, category_overlap, diagonal_dominance, generality, pair_terms,
     per_category_dominance, set_sizes, uniqueness,
@@ -169,6 +170,7 @@ def bootstrap(
     ci: float = 0.95,
     budget_bytes: int = 1 << 28,
     groups: Sequence | None = None,
+    keep_sets: bool = False,
 ) -> dict:
     """Percentile bootstrap intervals over instruction clusters (or instructions).
 
@@ -183,6 +185,8 @@ def bootstrap(
       budget_bytes: memory for the float32 aggregates of one batch of replicates.
       groups: length-N group keys (e.g. `ident.groups`): clusters of records are
         resampled (`resample_weights`); None resamples records.
+      keep_sets: also return each replicate's category sets and the draws, for a
+        paired bootstrap of a comparison between models (`paired_set_intervals`).
 
     Returns:
       dict: n_boot, seed, ci; unit ("group" or "record": what was resampled)
@@ -193,7 +197,10 @@ def bootstrap(
       figure's shape: the percentile interval, the bootstrap bias (mean of the
       replicates where the figure is defined, minus the estimate; NaN where
       either is undefined) and whether the estimate lies outside [low, high];
-      and n_outside {figure: number of its entries outside their interval}.
+      and n_outside {figure: number of its entries outside their interval}. With
+      keep_sets, also "replicate_sets" (uint8 [B, C, ceil(U/8)], np.packbits of each
+      replicate's flattened sets) and "weights" (float32 [B, N], the draws); neither
+      is JSON-safe, so pop them before storing the dict.
     """
     cfg = ident.config
     u = ident.n_units
@@ -207,6 +214,7 @@ def bootstrap(
     dtype = np.float64 if cfg.aggregation == "pooled" else np.float32
     batch = max(1, budget_bytes // (np.dtype(dtype).itemsize * n_agg * C * max(u, 1)))
     reps: dict[str, list] = {}
+    kept: list[np.ndarray] = []
     for b0 in range(0, n_boot, batch):
         w = w_all[b0:b0 + batch].astype(dtype)
         agg = np.zeros((w.shape[0], C, u), dtype)
@@ -229,13 +237,55 @@ def bootstrap(
                                     None if agg_strength is None else (agg_strength[r] / denom).astype(np.float32))
             for k, v in _replicate_stats(sets).items():
                 reps.setdefault(k, []).append(v)
+            if keep_sets:
+                kept.append(np.packbits(sets, axis=1))
     est = _replicate_stats(ident.category_sets.reshape(C, -1))
     if instruction_matrix is not None:
         ins_est, ins_reps = _instruction_replicates(instruction_matrix, ident.labels, w_all)
         est.update(ins_est)
         reps.update(ins_reps)
-    return {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "record" if groups is None else "group",
-            "n_units": units_per_category(ident.labels, groups), **percentile_intervals(reps, est, ci)}
+    out = {"n_boot": n_boot, "seed": seed, "ci": ci, "unit": "record" if groups is None else "group",
+           "n_units": units_per_category(ident.labels, groups), **percentile_intervals(reps, est, ci)}
+    if keep_sets:
+        out["replicate_sets"] = np.stack(kept) if kept else np.zeros((0, C, (u + 7) // 8), np.uint8)
+        out["weights"] = w_all
+    return out
+
+
+def paired_set_intervals(before: np.ndarray, after: np.ndarray, reps_before: np.ndarray,
+                         reps_after: np.ndarray, ci: float = 0.95) -> dict:
+    """Bootstrap intervals of a before/after comparison of category sets, paired by draw.
+
+    Both models were identified on the same records and resampled with the same draws
+    (the same instructions in every replicate), so replicate r of one model is compared
+    with replicate r of the other: the intervals show how retained, gained, lost and
+    the Jaccard vary with the instructions drawn. They do not say how much two models
+    with the same weights would differ (the precision and same-template controls
+    bear on that).
+
+    Args:
+      before, after: bool [C, *U] the two models' category sets (the estimates).
+      reps_before, reps_after: uint8 [B, C, ceil(U/8)] packed replicate sets
+        (`bootstrap(keep_sets=True)`), drawn with the same weights.
+      ci: interval coverage.
+
+    Returns:
+      {figure: {"low", "high", "bias", "outside"} (float [C] each)} for the figures of
+      `compare.SET_KEYS`, and "n_outside" (`percentile_intervals`).
+    """
+    c = before.shape[0]
+    u = int(np.prod(before.shape[1:]))
+
+    def figures(b, a):
+        r = compare_sets(b.reshape(c, 1, u), a.reshape(c, 1, u))
+        return {k: r[k] for k in SET_KEYS}
+
+    reps: dict[str, list] = {}
+    for rb, ra in zip(reps_before, reps_after, strict=True):
+        b, a = (np.unpackbits(x, axis=1, count=u).astype(bool) for x in (rb, ra))
+        for k, v in figures(b, a).items():
+            reps.setdefault(k, []).append(v)
+    return percentile_intervals(reps, figures(before, after), ci)
 
 
 def instruction_bootstrap(instruction_matrix: np.ndarray, labels: np.ndarray, groups: Sequence, *,
@@ -355,8 +405,8 @@ def permutation_test(
     Every category keeps its number of clusters; with clusters of unequal size
     its number of records varies between permutations (the block means stay
     defined). p = (1 + #{null >= observed}) / (1 + n_perm), one-sided, for the
-    overall statistic and for each category separately (six tests: compare them
-    with 0.05 / 6 for a family-wise level of 0.05).
+    overall statistic and for each category separately (six tests: their Holm
+    adjustment, `per_category_p_holm`, holds the family-wise level).
 
     Args:
       instruction_matrix: float [N, N] instruction Jaccard (NaN pairs are left out).
@@ -370,7 +420,9 @@ def permutation_test(
 
     Returns:
       dict with statistic, p_value, n_perm, seed, null_mean, null_std,
-      per_category_statistic [C], per_category_p_value [C], n_strata (None
+      per_category_statistic [C], per_category_p_value [C],
+      per_category_p_holm [C] (`holm`: reject where <= alpha for a family-wise
+      level alpha over the six categories), n_strata (None
       when not stratified), unit ("group" or "record": what was shuffled) and
       n_units (the number of shuffled clusters).
     """
@@ -402,6 +454,7 @@ def permutation_test(
     null = np.asarray(null, dtype=np.float64)
     null_c = np.asarray(null_c, dtype=np.float64).reshape(-1, C)
     fin = null[np.isfinite(null)]
+    p_c = [_p_value(null_c[:, c], obs_c[c], n_perm) for c in range(C)]
     return {
         "statistic": obs,
         "p_value": _p_value(null, obs, n_perm),
@@ -410,11 +463,34 @@ def permutation_test(
         "null_mean": float(fin.mean()) if fin.size else None,
         "null_std": float(fin.std()) if fin.size else None,
         "per_category_statistic": obs_c.tolist(),
-        "per_category_p_value": [_p_value(null_c[:, c], obs_c[c], n_perm) for c in range(C)],
+        "per_category_p_value": p_c,
+        "per_category_p_holm": holm(p_c),
         "n_strata": None if cl_strata is None else len(cl_strata),
         "unit": "record" if groups is None else "group",
         "n_units": k,
     }
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm step-down adjusted p-values (family-wise error control over the defined ones).
+
+    With the m defined p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted
+    value of p_(i) is max over j <= i of min(1, (m - j + 1) p_(j)); rejecting where it is
+    <= alpha keeps the chance of any false rejection among the m tests <= alpha.
+
+    Args:
+      p_values: length-K p-values; None where a test is undefined (left out of m).
+
+    Returns:
+      length-K adjusted p-values, None where the input is None.
+    """
+    idx = [i for i, p in enumerate(p_values) if p is not None]
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (len(idx) - rank) * p_values[i]))
+        out[i] = running
+    return out
 
 
 def _p_value(null: np.ndarray, obs: float, n_perm: int) -> float | None:

@@ -109,10 +109,10 @@ def model_tables(model: str, section: str, s: dict) -> Iterator[Table]:
         yield Table(f"{p}_top_instructions", TOP_HEADER, top_instruction_rows(s["top_instructions"]))
     yield Table(f"{p}_phases",
                 ["profile", "middle_starts", "late_starts", "early_mean", "middle_mean", "late_mean",
-                 "explained", "early_dominant"],
+                 "explained", "early_dominant", "explained_p"],
                 [[k, *(ph["boundaries"] or [None, None]),
                   *[(ph[x] or {}).get("mean") for x in ("early", "middle", "late")],
-                  ph["explained"], ph["early_dominant"]] for k, ph in s["phases"].items()])
+                  ph["explained"], ph["early_dominant"], ph.get("explained_p")] for k, ph in s["phases"].items()])
 
 
 def dominance_rows(s: dict) -> list[list] | None:
@@ -125,6 +125,7 @@ def dominance_rows(s: dict) -> list[list] | None:
     hperm = hum.get("permutation") or {}
     bg = s.get("between_groups") or {}
     bperm = bg.get("permutation") or {}
+    lperm = s.get("length_matched") or {}
 
     def at(seq, i):
         return None if seq is None else seq[i]
@@ -136,25 +137,30 @@ def dominance_rows(s: dict) -> list[list] | None:
              *boot_values(s, "per_category_dominance", ("bias", "outside"), i),
              (bg.get("per_category_dominance") or {}).get(c), at(bperm.get("per_category_p_value"), i),
              (bg.get("within_group_pairs") or {}).get(c),
-             *boot_values(bg, "per_category_dominance", BOOT_PARTS, i)]
+             *boot_values(bg, "per_category_dominance", BOOT_PARTS, i),
+             at(perm.get("per_category_p_holm"), i), at(lperm.get("per_category_p_value"), i), None]
             for i, c in enumerate(CATEGORIES)]
     rows.append(["overall", s["diagonal_dominance"], *interval(s, "diagonal_dominance"), perm.get("p_value"),
                  hum.get("diagonal_dominance"), hperm.get("p_value"), hum.get("n"),
                  *boot_values(s, "diagonal_dominance", ("bias", "outside")),
                  bg.get("diagonal_dominance"), bperm.get("p_value"),
                  sum(bg["within_group_pairs"].values()) if bg else None,
-                 *boot_values(bg, "diagonal_dominance")])
+                 *boot_values(bg, "diagonal_dominance"), None, lperm.get("p_value"), lperm.get("null_mean")])
     return rows
 
 
 # bias / outside: the bootstrap bias and whether the estimate lies outside [low, high].
 # between_groups_*: the same without the pairs of records of one group (near-duplicate instructions)
 # (within_group_pairs of them), tested by shuffling whole groups, with its interval, bias and
-# outside flag from a bootstrap over groups.
+# outside flag from a bootstrap over groups. permutation_p_holm: the six per-category
+# permutation p-values Holm-adjusted (family-wise over the categories; empty on "overall").
+# length_matched_*: the test with labels shuffled among records of similar prompt length, and
+# (overall) its null mean: the part of the diagonal that length alone gives.
 DOMINANCE_HEADER = ["category", "dominance", "low", "high", "permutation_p", "human_dominance",
                     "human_permutation_p", "human_n", "bias", "outside", "between_groups_dominance",
                     "between_groups_permutation_p", "within_group_pairs", "between_groups_low",
-                    "between_groups_high", "between_groups_bias", "between_groups_outside"]
+                    "between_groups_high", "between_groups_bias", "between_groups_outside",
+                    "permutation_p_holm", "length_matched_permutation_p", "length_matched_null_mean"]
 
 
 LENGTH_HEADER = ["category", "n", "mean_tokens", "mean_set_size", "spearman", "mean_set_size_ties_kept",
@@ -192,14 +198,19 @@ def top_instruction_rows(top: dict) -> list[list]:
     return rows
 
 
+# Comparison figures with a paired bootstrap interval in the comparison table (`<key>_low`, `_high`).
+_PAIRED = ("retained", "gained", "lost", "jaccard")
+
+
 def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> Iterator[Table]:
     """Tables of comparison.<section> (or of a control comparison, with its prefix)."""
     yield Table(f"{prefix}_{section}",
                 ["category", *SET_KEYS, "mean_p_before", "mean_p_after", "mean_p_delta",
-                 *[f"contrast_{k}" for k in SET_KEYS]],
+                 *[f"contrast_{k}" for k in SET_KEYS], *[f"{k}_{b}" for k in _PAIRED for b in ("low", "high")]],
                 [[c, *[comp[c][k] for k in SET_KEYS],
                   *[comp[c]["frequency_shift"][k] for k in ("mean_before", "mean_after", "delta")],
-                  *[(comp[c].get("contrast") or {}).get(k) for k in SET_KEYS]]
+                  *[(comp[c].get("contrast") or {}).get(k) for k in SET_KEYS],
+                  *[((comp[c].get("bootstrap") or {}).get(k) or {}).get(b) for k in _PAIRED for b in ("low", "high")]]
                  for c in CATEGORIES])
     rows = []
     for c in CATEGORIES:
@@ -210,7 +221,7 @@ def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> I
 
 def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
     """Tables of one ablation result dict (AblationResult.to_dict())."""
-    for k in ("isn", "random", "excess", "excess_std", "random_ge_fraction"):
+    for k in ("isn", "random", "excess", "excess_std", "random_ge_fraction", "p_value"):
         if d.get(k) is None:
             continue
         yield matrix_table(f"ablation_{kind}_{k}", d[k], corner=ABLATION_CORNER)
@@ -219,12 +230,13 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
                    "random_ge_fraction_own", "dropped_mass", "random_dropped_mass_mean",
-                   "off_bin_mean", "in_set_mean"]
+                   "off_bin_mean", "in_set_mean", "p_own", "set_frequency", "random_frequency_mean"]
 
 
 def ablation_rows(d: dict) -> list[list]:
     """Per ablated category: baseline, size, the own-category excess and its spread,
-    dropped routing mass and how well the random controls matched."""
+    dropped routing mass, how well the random controls matched (units off their bin or
+    from the set; the mean frequency of the set and of the draws), and the Monte-Carlo p."""
     def own(key, i):
         m = d.get(key)
         return None if m is None else m[i][i]
@@ -236,7 +248,8 @@ def ablation_rows(d: dict) -> list[list]:
 
     return [[c, d["baseline"].get(c), d["set_sizes"][c], own("excess", i), own("excess_std", i),
              own("random_ge_fraction", i), (d.get("dropped_mass") or {}).get(c),
-             col_mean("random_dropped_mass", i), col_mean("off_bin", i), col_mean("in_set", i)]
+             col_mean("random_dropped_mass", i), col_mean("off_bin", i), col_mean("in_set", i),
+             own("p_value", i), (d.get("set_frequency") or {}).get(c), col_mean("random_frequency", i)]
             for i, c in enumerate(CATEGORIES)]
 
 

@@ -60,14 +60,21 @@ CAPTIONS = {
                           "blocks mean same-type instructions use the same {units}.",
     "layers": "Number of {units} of each category per layer (0-based), one line per model. Dashed lines "
               "mark where the three phases (early, middle, late) start for each model, found by the "
-              "best three-step fit of the profile.",
+              "best three-step fit of the profile. The best of many fits explains much of any profile, a "
+              "flat noisy one too: the phases table gives explained_p, how often the layers in random "
+              "order fit as well; a small value says the profile changes along depth, not that it has "
+              "three phases.",
     "generality": "Left: set size |S(c)| (light) and its unique part |U(c)| (dark). Middle: the share "
                   "of each set that no other category has. Right: in how many categories each selected "
                   "unit appears; the bar at 6 is the general set (count and share of the union in the "
                   "legend).",
     "comparison": "How each category's set changed from {before} to {after}: the left bar is the set "
                   "before (retained + lost), the right bar the set after (retained + gained); J is the "
-                  "Jaccard of before and after.",
+                  "Jaccard of before and after. Where both models were bootstrapped with the same "
+                  "instruction draws, the table gives the Jaccard's paired interval: how much it varies "
+                  "with the instructions drawn. A Jaccard below 1 says the two models select different "
+                  "units on these instructions; it does not say how far apart two models with the same "
+                  "weights would come out (the same-template and precision controls bear on that).",
     "ise_frequency": "Mean routing frequency of every (layer, expert) pair over each category's "
                      "instructions (model {model}). Rows are layers, columns experts; bright cells are "
                      "experts the category routes to often.",
@@ -83,7 +90,7 @@ CAPTIONS = {
                          "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
                          "means each category's set hurts its own category more than removing as many comparable "
                          "units does, in this model and on these responses; the colours are not a test: read them "
-                         "with the spread over draws and random_ge_fraction_own in the table below.",
+                         "with the spread over draws, random_ge_fraction_own and p_own in the table below.",
     "size_vs_length": "Instruction set size |S(I)| against the number of counted tokens T(I), one point "
                       "per instruction, coloured by category. Frequencies of a T-token prompt take only "
                       "T + 1 values, so with ties kept at the top-eps cut short prompts can get larger "
@@ -117,9 +124,21 @@ def _bootstrap_text(s: dict) -> str:
                     "instructions, data.group_by) keeping one label" if perm.get("unit") == "group" else "")
             parts.append(f"one-sided permutation test p = {perm['p_value']:.4g} ({perm['n_perm']} shuffles of "
                          f"the category labels{within}{over}; the smallest possible p is "
-                         f"{1 / (perm['n_perm'] + 1):.2g})")
+                         f"{1 / (perm['n_perm'] + 1):.2g}). The test is about the labels: a small p says "
+                         "that instructions given one category label share more units than instructions "
+                         "given different labels, more than a random relabelling gives. It cannot say that "
+                         "these units matter for the category (the causal check asks that), nor which "
+                         "property of a category (its task, or its length, format or wording) the overlap "
+                         "follows")
         else:
             parts.append("no permutation test was run (n_perm = 0)")
+        lm = s.get("length_matched") or {}
+        if lm.get("p_value") is not None and lm.get("null_mean") is not None:
+            parts.append(f"shuffling the labels only among records of similar prompt length ({lm['n_bins']} "
+                         f"quantile bins of the counted tokens) gives a null mean of {lm['null_mean']:.4g} "
+                         f"and p = {lm['p_value']:.4g}: about that much of the diagonal can come from "
+                         "categories differing in prompt length alone; length differences within a bin "
+                         "remain, so this p can still be too small where the diagonal follows length")
         between = _between_groups_text(s)
         if between:
             parts.append(between)
@@ -289,12 +308,20 @@ def _series_template_text(summary: dict, names: Sequence[str]) -> str | None:
 def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
                shift: bool = False) -> TableBlock:
     """retained/gained/lost per category of a comparison section (or its `key` sub-entry),
-    with the mean frequency over all units before and after when `shift`."""
+    with the mean frequency over all units before and after when `shift`, and the paired
+    bootstrap interval of the Jaccard where the main comparison has one."""
     get = (lambda c: entry[c]) if key is None else (lambda c: entry[c].get(key) or {})
     fs = ("mean_before", "mean_after")
-    return TableBlock(title, ["category", *SET_KEYS, *(["mean p before", "mean p after"] if shift else [])],
+    boot = key is None and any(entry[c].get("bootstrap") for c in CATEGORIES)
+
+    def jac(c):
+        return (entry[c].get("bootstrap") or {}).get("jaccard") or {}
+
+    return TableBlock(title, ["category", *SET_KEYS, *(["mean p before", "mean p after"] if shift else []),
+                              *(["jaccard low", "jaccard high"] if boot else [])],
                       [[c, *[get(c).get(k) for k in SET_KEYS],
-                        *([entry[c]["frequency_shift"][k] for k in fs] if shift else [])] for c in CATEGORIES])
+                        *([entry[c]["frequency_shift"][k] for k in fs] if shift else []),
+                        *([jac(c).get("low"), jac(c).get("high")] if boot else [])] for c in CATEGORIES])
 
 
 def _category_table(name: str, section: str, s: dict) -> TableBlock:
@@ -346,7 +373,11 @@ def _model_blocks(name: str, section: str, s: dict) -> list:
                               "human_n records; bootstrap bias and whether the estimate lies outside its "
                               "interval; the same without the within_group_pairs pairs of records of one "
                               "instruction group, tested by shuffling whole groups, with its interval, bias "
-                              "and outside flag from drawing whole groups; – = undefined, e.g. "
+                              "and outside flag from drawing whole groups; permutation_p_holm: the six "
+                              "per-category p-values Holm-adjusted, to be read against 0.05 when the claim is "
+                              "about any of the six categories; length_matched: the test with labels "
+                              "shuffled among records of similar prompt length, and its null mean; "
+                              "– = undefined, e.g. "
                               "fewer than two records of the category in the subset, or not computed)",
                               DOMINANCE_HEADER, dom))
     c = s.get("contrast")
@@ -557,11 +588,19 @@ def write_report(
             blocks.append(TextBlock(
                 "excess_own = loss increase on the ablated category itself minus the mean of the random "
                 "draws; excess_own_std = its spread over draws; random_ge_fraction_own = the share of random "
-                "draws that hurt at least as much as the specific set (the smallest possible value is 0; "
-                f"with {d['n_random']} draws it resolves steps of {1 / d['n_random']:.2g}). off_bin / "
+                "draws that hurt at least as much as the specific set, and p_own = (1 + their number) / "
+                f"(1 + {d['n_random']}), the Monte-Carlo p-value of 'the set hurts its category more than "
+                f"matched random sets': with {d['n_random']} draws its smallest value is "
+                f"{1 / (d['n_random'] + 1):.2g}, reached when no draw hurts as much (a fraction of 0 is not "
+                "p = 0), and the six categories are six tests (compare with 0.05 / 6 for a family-wise 5 % "
+                "level, which 1 / (1 + D) reaches from D = 119 draws on). off_bin / "
                 "in_set count units a draw had to take from another frequency bin or from the tested set "
-                "(0 = a clean control). dropped_mass = routing probability mass removed by the ablation "
-                "(experts only, when the model reports it)."))
+                "(0 = a clean control). set_frequency and random_frequency_mean = the mean activation "
+                "frequency of the set's units and of the draws' units: bins match only as finely as they "
+                "are wide, and a set chosen for frequent firing fills the top of its layer's range, so where "
+                "the draws fire clearly less than the set, part of the excess can come from removing more "
+                "active units, not from what the set is specific to. dropped_mass = routing probability mass "
+                "removed by the ablation (experts only, when the model reports it)."))
 
     prec = precision_table(summary.get("precision"))
     if prec is not None:
