@@ -888,6 +888,22 @@ def test_an_in_memory_result_too_large_for_the_host_is_refused_before_the_model_
     assert ("sums=False" in msg) == sums
 
 
+def test_the_memory_check_counts_the_results_of_every_process_on_this_host(monkeypatch):
+    """Processes on one host (one per GPU) allocate their results from the same memory: each
+    result alone fitting is not enough. Processes on other hosts do not count."""
+    from sparcom_jax.stats import collect
+
+    mib, me = 1 << 20, collect.key_id(collect.host_key())
+    # this process (0), process 1 on this host with 4 MiB, process 2 on another host with 50 MiB
+    monkeypatch.setattr(collect, "gather", lambda v: np.array([v, [me, 4], [me + 1, 50]]))
+    monkeypatch.setattr(collect, "available_memory", lambda: 10 * mib)  # 8 MiB may be taken
+    assert collect.host_results(3 * mib) == (7 * mib, 2)
+    assert collect.check_result_memory(3 * mib, 5, False) is None
+    e = collect.check_result_memory(5 * mib, 5, False)  # 5 MiB alone would fit
+    assert isinstance(e, HostMemoryError)
+    assert "take 5.00 MiB here and 9.00 MiB with those of the other 1 process(es) on this host" in str(e), str(e)
+
+
 def test_the_memory_check_can_be_turned_off_and_notes_a_large_result(monkeypatch, caplog):
     from sparcom_jax.stats import collect
 

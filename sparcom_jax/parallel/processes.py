@@ -39,6 +39,20 @@ def gather(values) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(a)).reshape(jax.process_count(), *a.shape)
 
 
+def key_id(key) -> int:
+    """`key` (JSON-able) as a 28-bit digest: equal keys give equal ids, different keys differ but for a
+    1 in 2**28 chance. Integers of up to 31 bits cross processes intact (`gather`: the
+    allgather holds 32-bit numbers)."""
+    from sparcom_jax.fingerprint import digest
+
+    return int(digest(key)[:7], 16)
+
+
+def gather_keys(key) -> np.ndarray:
+    """Every process's `key` as its `key_id`, in process order: int64 [processes]."""
+    return gather(key_id(key)).reshape(-1)
+
+
 def raise_together(error: BaseException | None, what: str) -> None:
     """Raise on every process when any process has an error.
 
