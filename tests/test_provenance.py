@@ -742,3 +742,31 @@ def test_a_rerun_reuses_counts_whose_records_group_into_near_duplicates(tmp_path
     run_stage("collect", cfg, tmp_path)
     # and the analysis reads them with the near-duplicate keys, which the store kept
     assert stages.open_model_counts(cfg, tmp_path, cfg.base).groups == group_records(cfg, records)
+
+
+@pytest.mark.parametrize("stage, nth, named", [
+    ("collect", 0, "the command (stage, --out, --overwrite) or config"),
+    ("collect", 1, "the records (data.path as each host reads it)"),
+    ("collect", 2, "collect base: the model files"),
+    ("ablate", 1, "ablate tuned: neurons: the model files, held-out records or counts"),
+])
+def test_processes_that_read_another_config_records_or_model_stop_together(done, stage, nth, named, monkeypatch):
+    """Each process of a multi-host run reads its own config, records and weights (its host's
+    files) and counts or evaluates its share with them; results merged from processes that
+    read different ones would look like one run's. Here process 1 of 2 reads something else
+    at the `nth` comparison: every process stops, naming it, before any weights are read."""
+    from sparcom_jax.errors import ConfigError
+    from sparcom_jax.parallel import processes
+
+    no_weights(monkeypatch)
+    calls = []
+
+    def gather_keys(key):  # as two processes would gather, process 1's key other at the nth call
+        k = processes.key_id(key)
+        calls.append(key)
+        return np.array([k, k + 1 if len(calls) == nth + 1 else k])
+
+    monkeypatch.setattr(processes, "gather_keys", gather_keys)
+    with pytest.raises(ConfigError) as e:
+        run_stage(stage, exp(), done)
+    assert str(e.value).startswith(f"{named} of process(es) 1 of 2 differ from process 0's; "), str(e.value)

@@ -266,7 +266,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     """
     import jax
 
-    from sparcom_jax.parallel.processes import gather, raise_together
+    from sparcom_jax.parallel.processes import check_same, gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import is_complete, read_header, rows_done
 
@@ -274,6 +274,9 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     require_models([j.spec for j in jobs])
     caps = study_content_caps(cfg, out)
     every = identify_records(cfg)
+    # Each process takes its share of the records it read itself: they must be the same records.
+    check_same(digest([[r.id, r.category, r.source, r.instruction, r.input, r.output] for r in every]),
+               "the records (data.path as each host reads it)", "give every host the same data files")
     # Near-duplicate groups are found over all records counted, not over one process's share.
     records, groups = _process_share(every), _process_share(group_records(cfg, every))
     mesh = make_mesh(cfg.mesh)
@@ -288,6 +291,8 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
         fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
                                     content_caps=caps)
+        check_same(fp["model"], f"collect {job.label}: the model files",
+                   "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
         try:
             resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite)
@@ -627,6 +632,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
 
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.parallel.processes import check_same
     from sparcom_jax.stats.losses import make_loss_fn
 
     a = cfg.ablation
@@ -647,6 +653,9 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 continue
             f = _ablation_file(out, spec.label, kind)
             fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            # Each process runs a share of the passes on the model and records it read itself.
+            check_same(fp, f"ablate {spec.label}: {kind}: the model files, held-out records or counts",
+                       "give every host the same model and data files")
             res = _stored_ablation(f, fp, overwrite=overwrite)
             if res is not None:
                 log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
@@ -897,7 +906,12 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     Returns:
       {label: path} of the outputs (internal objects dropped).
     """
+    from sparcom_jax.config import to_dict
+    from sparcom_jax.parallel.processes import check_same
+
     prepare_out_dir(out)
+    check_same([stage, str(out), bool(overwrite), to_dict(cfg)], "the command (stage, --out, --overwrite) or config",
+               "start every process with the same command line and config file")
     check_shared(out)
     if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
         check_shared(Path(cfg.collect.store), "collect.store")
