@@ -602,6 +602,26 @@ def test_per_process_stores_merge_back_in_the_records_order(n, processes, monkey
     assert merged.meta["fingerprint"] == {f"process_{k}": k for k in range(processes)}
 
 
+def test_merging_the_shares_holds_one_copy_of_the_counts():
+    """Every process merges every process's share for the analysis (on a GPU host, one process
+    per GPU): concatenating the shares and then reordering them held two copies of the counts
+    beside the shares; each share now lands in its rows k, k+P, ... of the one merged copy."""
+    import tracemalloc
+
+    from sparcom_jax.pipeline.stages import merge_shares
+
+    parts = [sj.Counts(tokens=np.full(32, k + 1, np.int32), neuron_active=np.full((32, 4, 1024), k, np.int32), meta={})
+             for k in range(2)]
+    tracemalloc.start()
+    try:
+        merged = merge_shares(parts, "root")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert merged.tokens.tolist() == [1, 2] * 32 and (merged.neuron_active[1::2] == 1).all()
+    assert peak < 1.2 * (merged.tokens.nbytes + merged.neuron_active.nbytes), peak
+
+
 def test_a_multi_host_run_checks_that_every_host_sees_collect_store(tmp_path, monkeypatch):
     """With collect.store outside OUT, each host wrote its share into its own directory; process 0
     merged the one share it saw and, after the whole collection, refused it as 'records changed;

@@ -382,7 +382,7 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     if parts:
-        counts = merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+        counts = merge_shares([open_counts(p) for p in parts], root)
         # What the later stages fingerprint the counts by: that of one store of every record, which the
         # merged counts equal (each share was checked against its own above). Results made from counts
         # of one process count stay valid for those of another, and change with whatever changes counts.
@@ -415,11 +415,17 @@ def merge_shares(cs, root):
     from sparcom_jax.stats.collect import merge_meta
     from sparcom_jax.stats.counts import Counts
 
-    n = sum(c.n for c in cs)
+    n, p = sum(c.n for c in cs), len(cs)
     # The record behind each row of the process stores laid end to end, and the rows that put them in order.
-    order = np.argsort(np.concatenate([np.arange(k, n, len(cs)) for k in range(len(cs))]), kind="stable")
-    merged = {k: np.concatenate([getattr(c, k) for c in cs])[order]
-              for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
+    order = np.argsort(np.concatenate([np.arange(k, n, p) for k in range(p)]), kind="stable")
+    merged = {}
+    for key in ("tokens", *cs[0].arrays(), *cs[0].sums()):
+        # Each share is read (from its store, when lazy) straight into its rows k, k+P, ...: the merged
+        # array is the one copy. Concatenating and then reordering held three (every process merges).
+        parts = [getattr(c, key) for c in cs]
+        merged[key] = np.empty((n, *parts[0].shape[1:]), parts[0].dtype)
+        for k, part in enumerate(parts):
+            merged[key][k::p] = part[:]
     # A label some share lacks is left out (a store resumed from before group keys were kept has none;
     # open_model_counts then takes them from the records).
     labels = {k: None if any(getattr(c, k) is None for c in cs) else [x for c in cs for x in getattr(c, k)]
