@@ -770,3 +770,22 @@ def test_processes_that_read_another_config_records_or_model_stop_together(done,
     with pytest.raises(ConfigError) as e:
         run_stage(stage, exp(), done)
     assert str(e.value).startswith(f"{named} of process(es) 1 of 2 differ from process 0's; "), str(e.value)
+
+
+def test_a_process_waiting_for_process_0s_lock_stops_with_its_error(tmp_path, monkeypatch):
+    """Process 0 alone takes the output directory's lock; when another run holds it, process 0
+    stopped alone and the others went on into the stage, to wait for it at their next step.
+    Seen from process 1 (process 0 reports an error when the processes meet): it stops too,
+    naming process 0, before any work of the stage."""
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.parallel import processes
+
+    def gather(values):  # two processes: process 0 failed, keys compared alike
+        return np.array([True, values]) if isinstance(values, bool) else np.array([values, values])
+
+    monkeypatch.setattr(processes, "gather", gather)
+    monkeypatch.setattr(stages, "is_primary", lambda: False)
+    monkeypatch.setitem(stages.STAGE_FUNCS, "identify", lambda *a, **k: pytest.fail("the stage ran"))
+    with pytest.raises(OtherProcessError, match=r"^identify: locking the output directory, checking the models and "
+                                                r"records: process 0 of \d stopped with an error"):
+        run_stage("identify", exp(), tmp_path / "out")

@@ -913,7 +913,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
       {label: path} of the outputs (internal objects dropped).
     """
     from sparcom_jax.config import to_dict
-    from sparcom_jax.parallel.processes import check_same
+    from sparcom_jax.parallel.processes import check_same, raise_together
 
     prepare_out_dir(out)
     check_same([stage, str(out), bool(overwrite), to_dict(cfg)], "the command (stage, --out, --overwrite) or config",
@@ -921,10 +921,15 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     check_shared(out)
     if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
         check_shared(Path(cfg.collect.store), "collect.store")
-    lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
-    with lock:
-        log_stale_lock(lock)
-        preflight(stage, cfg, out)
+    with contextlib.ExitStack() as held:
+        error = None
+        try:
+            if is_primary():
+                log_stale_lock(held.enter_context(DirLock(out, "output directory")))
+            preflight(stage, cfg, out)
+        except Exception as e:  # another run's lock, or one host's files: every process stops with it
+            error = e
+        raise_together(error, f"{stage}: locking the output directory, checking the models and records")
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)
         # The others wait for process 0's last writes (the report): a process that exits first would
