@@ -745,7 +745,7 @@ def test_a_rerun_reuses_counts_whose_records_group_into_near_duplicates(tmp_path
 
 
 @pytest.mark.parametrize("stage, nth, named", [
-    ("collect", 0, "the command (stage, --out, --overwrite) or config"),
+    ("collect", 0, "the command (stage, --overwrite) or config"),
     ("collect", 1, "the records (data.path as each host reads it)"),
     ("collect", 2, "collect base: the model files"),
     ("ablate", 1, "ablate tuned: neurons: the model files, held-out records or counts"),
@@ -789,3 +789,13 @@ def test_a_process_waiting_for_process_0s_lock_stops_with_its_error(tmp_path, mo
     with pytest.raises(OtherProcessError, match=r"^identify: locking the output directory, checking the models and "
                                                 r"records: process 0 of \d stopped with an error"):
         run_stage("identify", exp(), tmp_path / "out")
+
+
+def test_processes_agree_on_the_config_but_not_on_where_each_host_mounts_its_files():
+    """Hosts may mount the same model, data and output directory at different paths: those are
+    compared by what they hold (digests, the shared-directory probe), not by name."""
+    key = lambda *over, stage="collect", overwrite=False: stages.run_key(stage, exp(*over), overwrite)  # noqa: E731
+    assert key("collect.store=/mnt/a/counts", "out_dir=/mnt/a/out", "data.path=/mnt/a/data") == \
+        key("collect.store=/nfs/counts", "out_dir=/nfs/out", "data.path=/nfs/data")
+    assert key() != key("identify.eps=0.1")
+    assert key() != key(stage="identify") and key() != key(overwrite=True)
