@@ -610,8 +610,8 @@ def test_merging_the_shares_holds_one_copy_of_the_counts():
 
     from sparcom_jax.pipeline.stages import merge_shares
 
-    parts = [sj.Counts(tokens=np.full(32, k + 1, np.int32), neuron_active=np.full((32, 4, 1024), k, np.int32), meta={})
-             for k in range(2)]
+    parts = [sj.Counts(tokens=np.full(32, k + 1, np.int32), neuron_active=np.full((32, 32, 1024), k, np.int32),
+                       meta={}) for k in range(2)]
     tracemalloc.start()
     try:
         merged = merge_shares(parts, "root")
@@ -619,7 +619,8 @@ def test_merging_the_shares_holds_one_copy_of_the_counts():
     finally:
         tracemalloc.stop()
     assert merged.tokens.tolist() == [1, 2] * 32 and (merged.neuron_active[1::2] == 1).all()
-    assert peak < 1.2 * (merged.tokens.nbytes + merged.neuron_active.nbytes), peak
+    # (the margin: allocations of other threads while it runs; two copies would be 2x)
+    assert peak < 1.5 * (merged.tokens.nbytes + merged.neuron_active.nbytes), peak
 
 
 def test_a_multi_host_run_checks_that_every_host_sees_collect_store(tmp_path, monkeypatch):

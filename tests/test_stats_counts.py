@@ -42,7 +42,7 @@ def test_frequencies_of_every_row_take_one_float32_array_of_their_size():
     second float32 array of the field's size doubled the peak next to the counts."""
     import tracemalloc
 
-    count = np.ones((64, 4, 1024), np.int32)
+    count = np.ones((64, 32, 1024), np.int32)
     c = Counts(tokens=np.full(64, 2), neuron_active=count)
     tracemalloc.start()
     try:
@@ -51,7 +51,7 @@ def test_frequencies_of_every_row_take_one_float32_array_of_their_size():
     finally:
         tracemalloc.stop()
     assert np.all(freq == 0.5)
-    assert peak < 1.1 * freq.nbytes, (peak, freq.nbytes)
+    assert peak < 1.5 * freq.nbytes, (peak, freq.nbytes)  # (the margin: other threads' allocations)
 
 
 def test_sums_and_to_numpy_read_every_array():
