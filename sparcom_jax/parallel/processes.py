@@ -58,8 +58,8 @@ def check_same(key, what: str, fix: str) -> None:
     value: the config, a digest of the records or of the weights).
 
     Each process reads its own config, records and weights (its host's files); a process
-    whose differ counts or evaluates other inputs, and its results would be merged with
-    the others' as if they were one run's.
+    whose files differ counts or evaluates other inputs, and its results would be merged
+    with the others' as if they were one run's.
 
     Raises:
       ConfigError: naming the processes whose `key` differs from process 0's.

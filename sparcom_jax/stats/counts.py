@@ -128,7 +128,7 @@ class Counts:
         # quotient doubled the peak).
         c = np.array(arr[start:stop], dtype=np.float32)
         t = np.asarray(self.tokens[start:stop], dtype=np.float32)
-        np.divide(c, t.reshape((-1,) + (1,) * (c.ndim - 1)), out=c, where=(t > 0).reshape((-1,) + (1,) * (c.ndim - 1)))
+        np.divide(c, np.where(t > 0, t, 1).reshape((-1,) + (1,) * (c.ndim - 1)), out=c)
         c[t == 0] = 0
         return c
 
