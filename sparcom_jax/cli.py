@@ -299,8 +299,48 @@ def _interrupt_held():
 COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}
 
 
+def _other_processes() -> bool:
+    """Whether this process is one of several of a `jax.distributed` run."""
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _leave_at_once(status: int) -> None:
+    """End a process of a multi-process run that stops with an error, without jax.distributed's
+    shutdown. That shutdown is a barrier of every process: the others, still waiting for this
+    one in a collective, never reach it, so both sides waited its 5-minute timeout and then
+    crashed with a barrier error that does not name the cause. Gone at once, this process
+    fails the others' next collective (on CPU at once, else at the heartbeat timeout)."""
+    import os
+
+    import jax
+
+    print(f"sparcom: process {jax.process_index()} of {jax.process_count()} stops here (exit status {status}) "
+          "without waiting for the others; they stop at their next step with this process", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `sparcom` console script; returns the exit status."""
+    """Entry point of the `sparcom` console script; returns the exit status (in a multi-process
+    run, a process that stops with an error exits at once: `_leave_at_once`)."""
+    try:
+        status = _main(argv)
+    except BaseException:
+        if not _other_processes():
+            raise
+        traceback.print_exc()
+        status = 1
+    if status and _other_processes():
+        _leave_at_once(status)
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:

@@ -20,16 +20,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(argv: Callable[[int, str], list[str]], n: int = 2, timeout: float = 300) -> None:
+def run_processes(argv: Callable[[int, str], list[str]], n: int = 2, timeout: float = 300,
+                  status: Callable[[int], bool] = lambda code: code == 0) -> list[str]:
     """Run `python *argv(i, port)` for processes i = 0..n-1 on one free coordinator port and
-    assert that every one exits 0 (its output's tail in the failure); all are killed on the way out."""
+    assert that every one exits within `timeout` seconds with a status `status` accepts (0 by
+    default; its output's tail in the failure); all are killed on the way out.
+
+    Returns:
+      Each process's output (stdout and stderr).
+    """
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, *argv(i, port)], env=clean_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    outs = []
     try:
         for i, p in enumerate(procs):
             out, _ = p.communicate(timeout=timeout)
-            assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
+            assert status(p.returncode), f"process {i} exited {p.returncode}:\n{out[-3000:]}"
+            outs.append(out)
     finally:
         for p in procs:
             p.kill()
+    return outs

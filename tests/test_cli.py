@@ -642,3 +642,46 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_our_one_line_without_orbax
     assert last.startswith("sparcom: error: ") and "No space left on device" in last, err[-2000:]
     assert "free space on that file system, or choose another --out" in last
     assert "ERROR:absl" not in err and "Traceback" not in err, err[:3000]
+
+
+# A stage that fails on process 1 while process 0 waits for it in a collective (a host without the
+# model's files, say), run through `sparcom ablate --distributed`.
+ONE_PROCESS_FAILS = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+pid, port, config, out = sys.argv[1:]
+os.environ["SPARCOM_PROCESS_ID"] = pid
+from sparcom_jax import cli, pipeline
+
+def run_stage(stage, cfg, out, overwrite=False):
+    import jax
+    from sparcom_jax.parallel.processes import gather
+    assert stage == "ablate" and jax.process_count() == 2, (stage, jax.process_count())
+    gather(0)  # (as the stage's first checks do) the processes have met once
+    if jax.process_index() == 1:
+        raise ValueError("process 1 cannot read the weights")
+    gather(0)  # waits for process 1
+
+pipeline.run_stage = run_stage
+sys.exit(cli.main(["ablate", "--config", config, "--distributed", f"mesh.coordinator=127.0.0.1:{port}",
+                   "mesh.num_processes=2", "--out", out]))
+"""
+
+
+def test_a_process_failing_alone_in_a_distributed_run_stops_every_process_at_once(tmp_path):
+    """A process that raised went on to jax.distributed's shutdown barrier, which the others,
+    waiting for it in a collective, never reach: both waited the 5-minute shutdown timeout and
+    then crashed with a barrier error. Now the failing process leaves at once, saying why."""
+    import time
+
+    from launch import run_processes
+
+    (tmp_path / "run.py").write_text(ONE_PROCESS_FAILS)
+    (tmp_path / "exp.yaml").write_text("name: x\nbase: {path: /no/such/model}\n")
+    start = time.perf_counter()
+    outs = run_processes(lambda i, port: [str(tmp_path / "run.py"), str(i), port, str(tmp_path / "exp.yaml"),
+                                          str(tmp_path / "out")], timeout=150, status=lambda code: code != 0)
+    assert time.perf_counter() - start < 60  # without leaving at once: 300 s, then a crash
+    assert "sparcom: error: process 1 cannot read the weights" in outs[1], outs[1][-2000:]
+    for i, out in enumerate(outs):
+        assert f"sparcom: process {i} of 2 stops here" in out, out[-2000:]

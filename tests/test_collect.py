@@ -602,6 +602,27 @@ def test_per_process_stores_merge_back_in_the_records_order(n, processes, monkey
     assert merged.meta["fingerprint"] == {f"process_{k}": k for k in range(processes)}
 
 
+def test_merging_the_shares_holds_one_copy_of_the_counts():
+    """Every process merges every process's share for the analysis (on a GPU host, one process
+    per GPU): concatenating the shares and then reordering them held two copies of the counts
+    beside the shares; each share now lands in its rows k, k+P, ... of the one merged copy."""
+    import tracemalloc
+
+    from sparcom_jax.pipeline.stages import merge_shares
+
+    parts = [sj.Counts(tokens=np.full(32, k + 1, np.int32), neuron_active=np.full((32, 32, 1024), k, np.int32),
+                       meta={}) for k in range(2)]
+    tracemalloc.start()
+    try:
+        merged = merge_shares(parts, "root")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert merged.tokens.tolist() == [1, 2] * 32 and (merged.neuron_active[1::2] == 1).all()
+    # (the margin: allocations of other threads while it runs; two copies would be 2x)
+    assert peak < 1.5 * (merged.tokens.nbytes + merged.neuron_active.nbytes), peak
+
+
 def test_a_multi_host_run_checks_that_every_host_sees_collect_store(tmp_path, monkeypatch):
     """With collect.store outside OUT, each host wrote its share into its own directory; process 0
     merged the one share it saw and, after the whole collection, refused it as 'records changed;
@@ -886,6 +907,22 @@ def test_an_in_memory_result_too_large_for_the_host_is_refused_before_the_model_
     assert not ran
     assert "out=<dir>" in msg and "SPARCOM_JAX_MEMORY_CHECK=off" in msg and "check_memory=False" in msg
     assert ("sums=False" in msg) == sums
+
+
+def test_the_memory_check_counts_the_results_of_every_process_on_this_host(monkeypatch):
+    """Processes on one host (one per GPU) allocate their results from the same memory: each
+    result alone fitting is not enough. Processes on other hosts do not count."""
+    from sparcom_jax.stats import collect
+
+    mib, me = 1 << 20, collect.key_id(collect.host_key())
+    # this process (0), process 1 on this host with 4 MiB, process 2 on another host with 50 MiB
+    monkeypatch.setattr(collect, "gather", lambda v: np.array([v, [me, 4], [me + 1, 50]]))
+    monkeypatch.setattr(collect, "available_memory", lambda: 10 * mib)  # 8 MiB may be taken
+    assert collect.host_results(3 * mib) == (7 * mib, 2)
+    assert collect.check_result_memory(3 * mib, 5, False) is None
+    e = collect.check_result_memory(5 * mib, 5, False)  # 5 MiB alone would fit
+    assert isinstance(e, HostMemoryError)
+    assert "take 5.00 MiB here and 9.00 MiB with those of the other 1 process(es) on this host" in str(e), str(e)
 
 
 def test_the_memory_check_can_be_turned_off_and_notes_a_large_result(monkeypatch, caplog):

@@ -742,3 +742,60 @@ def test_a_rerun_reuses_counts_whose_records_group_into_near_duplicates(tmp_path
     run_stage("collect", cfg, tmp_path)
     # and the analysis reads them with the near-duplicate keys, which the store kept
     assert stages.open_model_counts(cfg, tmp_path, cfg.base).groups == group_records(cfg, records)
+
+
+@pytest.mark.parametrize("stage, nth, named", [
+    ("collect", 0, "the command (stage, --overwrite) or config"),
+    ("collect", 1, "the records (data.path as each host reads it)"),
+    ("collect", 2, "collect base: the model files"),
+    ("ablate", 1, "ablate tuned: neurons: the model files, held-out records or counts"),
+])
+def test_processes_that_read_another_config_records_or_model_stop_together(done, stage, nth, named, monkeypatch):
+    """Each process of a multi-host run reads its own config, records and weights (its host's
+    files) and counts or evaluates its share with them; results merged from processes that
+    read different ones would look like one run's. Here process 1 of 2 reads something else
+    at the `nth` comparison: every process stops, naming it, before any weights are read."""
+    from sparcom_jax.errors import ConfigError
+    from sparcom_jax.parallel import processes
+
+    no_weights(monkeypatch)
+    calls = []
+
+    def gather_keys(key):  # as two processes would gather, process 1's key other at the nth call
+        k = processes.key_id(key)
+        calls.append(key)
+        return np.array([k, k + 1 if len(calls) == nth + 1 else k])
+
+    monkeypatch.setattr(processes, "gather_keys", gather_keys)
+    with pytest.raises(ConfigError) as e:
+        run_stage(stage, exp(), done)
+    assert str(e.value).startswith(f"{named} of process(es) 1 of 2 differ from process 0's; "), str(e.value)
+
+
+def test_a_process_waiting_for_process_0s_lock_stops_with_its_error(tmp_path, monkeypatch):
+    """Process 0 alone takes the output directory's lock; when another run holds it, process 0
+    stopped alone and the others went on into the stage, to wait for it at their next step.
+    Seen from process 1 (process 0 reports an error when the processes meet): it stops too,
+    naming process 0, before any work of the stage."""
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.parallel import processes
+
+    def gather(values):  # two processes: process 0 failed, keys compared alike
+        return np.array([True, values]) if isinstance(values, bool) else np.array([values, values])
+
+    monkeypatch.setattr(processes, "gather", gather)
+    monkeypatch.setattr(stages, "is_primary", lambda: False)
+    monkeypatch.setitem(stages.STAGE_FUNCS, "identify", lambda *a, **k: pytest.fail("the stage ran"))
+    with pytest.raises(OtherProcessError, match=r"^identify: locking the output directory, checking the models and "
+                                                r"records: process 0 of \d stopped with an error"):
+        run_stage("identify", exp(), tmp_path / "out")
+
+
+def test_processes_agree_on_the_config_but_not_on_where_each_host_mounts_its_files():
+    """Hosts may mount the same model, data and output directory at different paths: those are
+    compared by what they hold (digests, the shared-directory probe), not by name."""
+    key = lambda *over, stage="collect", overwrite=False: stages.run_key(stage, exp(*over), overwrite)  # noqa: E731
+    assert key("collect.store=/mnt/a/counts", "out_dir=/mnt/a/out", "data.path=/mnt/a/data") == \
+        key("collect.store=/nfs/counts", "out_dir=/nfs/out", "data.path=/nfs/data")
+    assert key() != key("identify.eps=0.1")
+    assert key() != key(stage="identify") and key() != key(overwrite=True)

@@ -37,6 +37,23 @@ def test_frequencies_per_row_and_missing_field():
         c.frequencies("expert_routed")
 
 
+def test_frequencies_of_every_row_take_one_float32_array_of_their_size():
+    """`frequencies(field)` over all N rows (the notebook's call) holds the quotient only: a
+    second float32 array of the field's size doubled the peak next to the counts."""
+    import tracemalloc
+
+    count = np.ones((64, 32, 1024), np.int32)
+    c = Counts(tokens=np.full(64, 2), neuron_active=count)
+    tracemalloc.start()
+    try:
+        freq = c.frequencies("neuron_active")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.all(freq == 0.5)
+    assert peak < 1.5 * freq.nbytes, (peak, freq.nbytes)  # (the margin: other threads' allocations)
+
+
 def test_sums_and_to_numpy_read_every_array():
     rng = np.random.default_rng(0)
     arrays = dict(neuron_active=rng.integers(0, 5, (3, 2, 4)), expert_routed=rng.integers(0, 5, (3, 2, 2)),

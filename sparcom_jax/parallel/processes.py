@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import jax
 
-from sparcom_jax.errors import OtherProcessError
+from sparcom_jax.errors import ConfigError, OtherProcessError
 
 
 def gather(values) -> np.ndarray:
@@ -37,6 +37,38 @@ def gather(values) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(a)).reshape(jax.process_count(), *a.shape)
+
+
+def key_id(key) -> int:
+    """`key` (JSON-able) as a 28-bit digest: equal keys give equal ids, different keys differ but for a
+    1 in 2**28 chance. Integers of up to 31 bits cross processes intact (`gather`: the
+    allgather holds 32-bit numbers)."""
+    from sparcom_jax.fingerprint import digest
+
+    return int(digest(key)[:7], 16)
+
+
+def gather_keys(key) -> np.ndarray:
+    """Every process's `key` as its `key_id`, in process order: int64 [processes]."""
+    return gather(key_id(key)).reshape(-1)
+
+
+def check_same(key, what: str, fix: str) -> None:
+    """Refuse, on every process, a run whose processes hold different `key`s (a JSON-able
+    value: the config, a digest of the records or of the weights).
+
+    Each process reads its own config, records and weights (its host's files); a process
+    whose files differ counts or evaluates other inputs, and its results would be merged
+    with the others' as if they were one run's.
+
+    Raises:
+      ConfigError: naming the processes whose `key` differs from process 0's.
+    """
+    keys = gather_keys(key)
+    differ = np.flatnonzero(keys != keys[0])
+    if len(differ):
+        raise ConfigError(f"{what} of process(es) {', '.join(map(str, differ))} of {len(keys)} differ from "
+                          f"process 0's; {fix}")
 
 
 def raise_together(error: BaseException | None, what: str) -> None:

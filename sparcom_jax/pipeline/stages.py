@@ -266,7 +266,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     """
     import jax
 
-    from sparcom_jax.parallel.processes import gather, raise_together
+    from sparcom_jax.parallel.processes import check_same, gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import is_complete, read_header, rows_done
 
@@ -274,6 +274,9 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     require_models([j.spec for j in jobs])
     caps = study_content_caps(cfg, out)
     every = identify_records(cfg)
+    # Each process takes its share of the records it read itself: they must be the same records.
+    check_same(digest([[r.id, r.category, r.source, r.instruction, r.input, r.output] for r in every]),
+               "the records (data.path as each host reads it)", "give every host the same data files")
     # Near-duplicate groups are found over all records counted, not over one process's share.
     records, groups = _process_share(every), _process_share(group_records(cfg, every))
     mesh = make_mesh(cfg.mesh)
@@ -288,6 +291,8 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
         fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
                                     content_caps=caps)
+        check_same(fp["model"], f"collect {job.label}: the model files",
+                   "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
         try:
             resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite)
@@ -377,7 +382,7 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         stale(part, header.get("fingerprint"), fp, overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out")
     if parts:
-        counts = merge_shares([open_counts(p, in_memory=True) for p in parts], root)
+        counts = merge_shares([open_counts(p) for p in parts], root)
         # What the later stages fingerprint the counts by: that of one store of every record, which the
         # merged counts equal (each share was checked against its own above). Results made from counts
         # of one process count stay valid for those of another, and change with whatever changes counts.
@@ -410,11 +415,17 @@ def merge_shares(cs, root):
     from sparcom_jax.stats.collect import merge_meta
     from sparcom_jax.stats.counts import Counts
 
-    n = sum(c.n for c in cs)
+    n, p = sum(c.n for c in cs), len(cs)
     # The record behind each row of the process stores laid end to end, and the rows that put them in order.
-    order = np.argsort(np.concatenate([np.arange(k, n, len(cs)) for k in range(len(cs))]), kind="stable")
-    merged = {k: np.concatenate([getattr(c, k) for c in cs])[order]
-              for k in ("tokens", *cs[0].arrays(), *cs[0].sums())}
+    order = np.argsort(np.concatenate([np.arange(k, n, p) for k in range(p)]), kind="stable")
+    merged = {}
+    for key in ("tokens", *cs[0].arrays(), *cs[0].sums()):
+        # Each share is read (from its store, when lazy) straight into its rows k, k+P, ...: the merged
+        # array is the one copy. Concatenating and then reordering held three (every process merges).
+        parts = [getattr(c, key) for c in cs]
+        merged[key] = np.empty((n, *parts[0].shape[1:]), parts[0].dtype)
+        for k, part in enumerate(parts):
+            merged[key][k::p] = part[:]
     # A label some share lacks is left out (a store resumed from before group keys were kept has none;
     # open_model_counts then takes them from the records).
     labels = {k: None if any(getattr(c, k) is None for c in cs) else [x for c in cs for x in getattr(c, k)]
@@ -627,6 +638,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
 
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.parallel.processes import check_same
     from sparcom_jax.stats.losses import make_loss_fn
 
     a = cfg.ablation
@@ -647,6 +659,9 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 continue
             f = _ablation_file(out, spec.label, kind)
             fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            # Each process runs a share of the passes on the model and records it read itself.
+            check_same(fp, f"ablate {spec.label}: {kind}: the model files, held-out records or counts",
+                       "give every host the same model and data files")
             res = _stored_ablation(f, fp, overwrite=overwrite)
             if res is not None:
                 log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
@@ -887,6 +902,25 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         ablate_records(cfg)
 
 
+# Config fields naming files or directories: each host may mount them at its own path.
+_PATH_FIELDS = ("path", "store", "out_dir")
+
+
+def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> list:
+    """What every process of a multi-host run must agree on before a stage: the stage,
+    --overwrite and the config, without its paths (`_PATH_FIELDS`). What the paths hold is
+    compared where it is used (the records and model digests by `collect`, the ablated model
+    and records by `ablate`), and the output directory is probed (`check_shared`)."""
+    from sparcom_jax.config import to_dict
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: None if k in _PATH_FIELDS else strip(x) for k, x in v.items()}
+        return [strip(x) for x in v] if isinstance(v, list) else v
+
+    return [stage, bool(overwrite), strip(to_dict(cfg))]
+
+
 def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Run one stage (or "run" for all) under the output directory's lock.
 
@@ -897,14 +931,23 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     Returns:
       {label: path} of the outputs (internal objects dropped).
     """
+    from sparcom_jax.parallel.processes import check_same, raise_together
+
     prepare_out_dir(out)
+    check_same(run_key(stage, cfg, overwrite), "the command (stage, --overwrite) or config",
+               "start every process with the same command line and config file")
     check_shared(out)
     if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
         check_shared(Path(cfg.collect.store), "collect.store")
-    lock = DirLock(out, "output directory") if is_primary() else contextlib.nullcontext()
-    with lock:
-        log_stale_lock(lock)
-        preflight(stage, cfg, out)
+    with contextlib.ExitStack() as held:
+        error = None
+        try:
+            if is_primary():
+                log_stale_lock(held.enter_context(DirLock(out, "output directory")))
+            preflight(stage, cfg, out)
+        except Exception as e:  # another run's lock, or one host's files: every process stops with it
+            error = e
+        raise_together(error, f"{stage}: locking the output directory, checking the models and records")
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)
         # The others wait for process 0's last writes (the report): a process that exits first would

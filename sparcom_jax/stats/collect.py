@@ -24,7 +24,7 @@ from flax import nnx
 
 from sparcom_jax.errors import HostMemoryError
 from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
-from sparcom_jax.parallel.processes import gather, raise_together
+from sparcom_jax.parallel.processes import gather, key_id, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, unpad, validate_sequences
@@ -61,9 +61,10 @@ def result_nbytes(cfg, n: int, sums: bool = False) -> int:
 
 
 MEMORY_CHECK_ENV = "SPARCOM_JAX_MEMORY_CHECK"
-# An in-memory result may take at most this share of the available memory: the process
-# needs room besides it (the model's weights on a CPU backend, the analysis' float32
-# frequency chunks). A result over NOTE_FRACTION of it is logged.
+# The in-memory results of the processes on one host may take at most this share of its
+# available memory: each process needs room besides its result (the model's weights on a
+# CPU backend, the forward's batches, the compiled programs). What the analysis takes
+# afterwards is not in it: see `check_result_memory`. A result over NOTE_FRACTION of it is logged.
 MEMORY_FRACTION = 0.8
 NOTE_FRACTION = 0.25
 
@@ -84,31 +85,70 @@ def available_memory() -> int | None:
         return None
 
 
+def host_key() -> str:
+    """What names the memory this process allocates from: the running kernel's boot id
+    (Linux; one per machine, the same in every container on it), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return "boot " + f.read().strip()
+    except OSError:
+        import socket
+
+        return "host " + socket.gethostname()
+
+
+def host_results(nbytes: int) -> tuple[int, int]:
+    """(bytes, processes): the in-memory results of every process on this host together,
+    `nbytes` being this process's, and how many processes hold them.
+
+    Several processes often share a host (one per GPU; the tests' processes on 127.0.0.1):
+    each allocates its result from the same memory. Every process must call this at the
+    same point (a collective); with one process it returns (nbytes, 1). The other processes'
+    results are counted in whole MiB (rounded up): an allgather carries 32-bit integers.
+    """
+    mib = 1 << 20
+    every = gather([key_id(host_key()), -(-nbytes // mib)])  # [P, 2]
+    here = every[:, 0] == every[jax.process_index(), 0]
+    here[jax.process_index()] = False
+    return nbytes + int(every[here, 1].sum()) * mib, 1 + int(here.sum())
+
+
 def check_result_memory(nbytes: int, n: int, sums: bool) -> HostMemoryError | None:
-    """The error that stops an in-memory collection whose result (`result_nbytes`) would not
-    fit in the available host memory with margin (`MEMORY_FRACTION`), or None; logs a note
-    when it fits but is large. Numpy allocates the result's pages as rows are written, so
-    without this check a collection too large for the machine fails (or swaps) only late
-    in the run. Off with ``SPARCOM_JAX_MEMORY_CHECK=off``."""
+    """The error that stops an in-memory collection whose result (`result_nbytes`), with those
+    of the other processes on this host (`host_results`), would not fit in the host memory
+    available now with margin (`MEMORY_FRACTION`), or None; logs a note when it fits but
+    is large. Numpy allocates the result's pages as rows are written, so without this check
+    a collection too large for the machine fails (or swaps) only late in the run. Off with
+    ``SPARCOM_JAX_MEMORY_CHECK=off``. Every process calls it at the same point.
+
+    Only the collection is checked. An analysis of the result in memory (`analyze_model`)
+    holds, besides it, per field the instruction sets S(I) (N x U bools, a quarter of the
+    int32 counts) while the instruction-level overlap is computed, float32 frequencies of
+    `IdentifyConfig.chunk` rows at a time, and [N, N] matrices; `Counts.frequencies(field)`
+    of every row at once is a float32 array as large as the field's counts.
+    """
     from sparcom_jax.fileio import env_off
     from sparcom_jax.pipeline.common import fmt_bytes
 
+    host, procs = host_results(nbytes)
     if env_off(MEMORY_CHECK_ENV):
         return None
     avail = available_memory()
     if avail is None:
         return None
     what = f"the in-memory counts of {n} sequence(s) take {fmt_bytes(nbytes)}"
-    if nbytes > MEMORY_FRACTION * avail:
+    if procs > 1:
+        what += f" here and {fmt_bytes(host)} with those of the other {procs - 1} process(es) on this host"
+    if host > MEMORY_FRACTION * avail:
         shrink = "; or collect fewer sequences" + (", or without sums (sums=False halves it)" if sums else "")
         return HostMemoryError(
             f"collect: {what}, more than {MEMORY_FRACTION:.0%} of the {fmt_bytes(avail)} of host memory available "
             f"now. Pass out=<dir> to keep them in a count store on disk (read back in chunks; the `sparcom` "
             f"command does this){shrink}. To collect in memory anyway, pass check_memory=False or set "
             f"{MEMORY_CHECK_ENV}=off")
-    if nbytes > NOTE_FRACTION * avail:
+    if host > NOTE_FRACTION * avail:
         log.warning("%s, %.0f%% of the %s of host memory available now; out=<dir> keeps them on disk",
-                    what, 100 * nbytes / avail, fmt_bytes(avail))
+                    what, 100 * host / avail, fmt_bytes(avail))
     return None
 
 

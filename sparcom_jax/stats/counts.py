@@ -124,10 +124,13 @@ class Counts:
         if arr is None:
             raise ValueError(f"these counts have no {field!r} (dense model or not collected)")
         stop = self.n if stop is None else stop
-        c = np.asarray(arr[start:stop], dtype=np.float32)
+        # Divided in place: one float32 array as large as the rows' counts (a second one for the
+        # quotient doubled the peak).
+        c = np.array(arr[start:stop], dtype=np.float32)
         t = np.asarray(self.tokens[start:stop], dtype=np.float32)
-        t = t.reshape((-1,) + (1,) * (c.ndim - 1))
-        return np.divide(c, t, out=np.zeros_like(c), where=t > 0)
+        np.divide(c, np.where(t > 0, t, 1).reshape((-1,) + (1,) * (c.ndim - 1)), out=c)
+        c[t == 0] = 0
+        return c
 
     def iter_frequencies(self, field: str, chunk: int = 64) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, frequencies of rows [start, start+chunk)) over all N rows."""
