@@ -461,3 +461,18 @@ def test_validate_row_reads_numbers_as_text_and_refuses_a_blank_id():
     assert isinstance(got, Record) and (got.id, got.output) == ("3", "2.5")
     blank = validate_row(dict(row, id="  "), "f.csv", "5")
     assert isinstance(blank, Problem) and str(blank).startswith("f.csv:5: empty 'id'")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reading_a_file_leaves_the_datasets_progress_bar_setting_as_it_was(tmp_path, enabled):
+    # The setting is process-wide: a notebook's own load_dataset calls keep theirs.
+    import datasets
+
+    write_jsonl(tmp_path / "d.jsonl", ROWS)
+    before = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        load_instructions(tmp_path / "d.jsonl")
+        assert datasets.is_progress_bar_enabled() == enabled
+    finally:
+        (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
