@@ -132,6 +132,36 @@ def test_replicate_sets_use_the_replicate_s_own_category_size(cfg):
     assert differs >= 3  # the fixture tells the two cuts apart
 
 
+@pytest.mark.parametrize("cfg", [IdentifyConfig(eps=0.2, q=0.6),
+                                 IdentifyConfig(rule="absolute", threshold=0.5, aggregation="pooled")],
+                         ids=["consensus", "pooled"])
+def test_each_replicate_of_a_batched_bootstrap_uses_its_own_category_size(cfg):
+    # As above, but six replicates in one call, two per batch (a small budget_bytes): replicate
+    # b's sets must use replicate b's drawn size, also in the batches after the first. The
+    # intervals are the percentiles of the six brute-force counts.
+    counts, labels, groups = grouped_counts(seed=2)
+    na, t, n_boot = counts.neuron_active[:, 0].astype(int), 10, 6
+    ident = identify(counts, "neuron_active", cfg)
+    s_i = ident.instruction_rows(0, ident.n).astype(int) if cfg.aggregation == "consensus" else None
+    w = resample_weights(labels, n_boot, 5, groups).astype(int)
+    reps = []
+    for b in range(n_boot):
+        row = []
+        for c in range(6):
+            drawn = np.repeat(np.flatnonzero(labels == c), w[b, labels == c])
+            if s_i is not None:
+                sel = 5 * s_i[drawn].sum(0) >= 3 * drawn.size
+            else:
+                sel = (2 * na[drawn].sum(0) >= t * drawn.size) & (na[drawn].sum(0) > 0)
+            row.append(int(sel.sum()))
+        reps.append(row)
+    per_replicate = 6 * 30 * (4 if s_i is not None else 8)  # one replicate's category aggregate
+    got = bootstrap(ident, counts=counts, n_boot=n_boot, seed=5, groups=groups, budget_bytes=2 * per_replicate)
+    low, high = np.percentile(np.array(reps, float), [2.5, 97.5], axis=0)
+    assert np.allclose(got["per_category_count"]["low"], low) and np.allclose(got["per_category_count"]["high"], high)
+    assert len({tuple(r) for r in reps}) > 1  # the replicates differ
+
+
 def duplicated_templates(structure: float, seed=0):
     """Six categories of three groups of three records. Records of one group are near-duplicates
     (Jaccard 0.8); distinct groups of one category have Jaccard 0.2 + `structure`, groups of

@@ -204,3 +204,97 @@ def test_bootstrap_outside_is_false_where_replicates_equal_the_estimate():
     b = bootstrap(ident, instruction_matrix=instruction_jaccard(ident), n_boot=10, seed=0)
     assert sum(b["n_outside"].values()) == 0
     assert np.allclose(b["per_category_count"]["bias"], 0) and np.allclose(b["diagonal_dominance"]["bias"], 0)
+
+
+def test_bootstrap_pooled_ties_survive_a_sum_over_chunks():
+    # Units 0 and 1 count (1, 5, 3) and (1, 3, 5) of T = 10 tokens in the three records of a
+    # category: their means tie exactly. Summed one record at a time (chunk=1) in float32 they
+    # would not (0.1 + 0.5 + 0.3 -> 0.90000004, 0.1 + 0.3 + 0.5 -> 0.9) and the tie at the
+    # top-1 cut would drop one. Sizes per replicate from exact fractions, as above.
+    from fractions import Fraction
+
+    t = 10
+    per = np.array([[1, 1, 0], [5, 3, 0], [3, 5, 0]])              # [record, unit]
+    na = np.tile(per, (6, 1))[:, None, :].astype(np.int32)         # 6 categories x 3 records
+    labels = np.repeat(np.arange(6), 3)
+    counts = Counts(tokens=np.full(18, t), neuron_active=na, categories=[CATEGORIES[c] for c in labels])
+    cfg = IdentifyConfig(eps=1 / 3, aggregation="pooled", chunk=1)  # k = 1 of 3, ties kept
+    ident = identify(counts, "neuron_active", cfg, keep_instruction_sets=False)
+    assert ident.category_sets.reshape(6, -1).sum(1).tolist() == [2] * 6
+    seen_tie = False
+    for seed in range(6):
+        w = resample_weights(labels, 1, seed)[0].astype(int)
+        sizes = []
+        for c in range(6):
+            m = labels == c
+            mean = [Fraction(int((w[m] * na[m, 0, u]).sum()), t * 3) for u in range(3)]
+            sizes.append(sum(1 for v in mean if v >= max(mean) and v > 0))
+            seen_tie |= w[m].tolist() == [1, 1, 1]
+        b = bootstrap(ident, counts=counts, n_boot=1, seed=seed)
+        assert b["per_category_count"]["low"].tolist() == sizes, seed
+    assert seen_tie  # a replicate that draws every record once: the float32 order would break it
+
+
+def test_p_value_counts_undefined_null_values_against_the_statistic():
+    # p = (1 + #{null >= obs, or undefined}) / (1 + n_perm); none when the statistic is undefined
+    # or no permutation was run.
+    from sparcom_jax.analysis.uncertainty import _p_value
+
+    null = np.array([np.nan, 0.5, 0.1, 0.3])
+    assert _p_value(null, 0.3, 4) == pytest.approx((1 + 3) / 5)
+    assert _p_value(null, 0.6, 4) == pytest.approx((1 + 1) / 5)
+    assert _p_value(null, float("nan"), 4) is None
+    assert _p_value(np.zeros(0), 0.3, 0) is None
+
+
+def test_permutation_test_without_permutations_or_pairs_gives_no_p_value():
+    # One record in MATH: its diagonal block has no pair, so its statistic and p are undefined.
+    rng = np.random.default_rng(2)
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5])
+    m = _jaccard_matrix(labels, 0.6, 0.1, rng, 0.05)
+    r = permutation_test(m, labels, n_perm=9, seed=0)
+    assert np.isnan(r["per_category_statistic"][5]) and r["per_category_p_value"][5] is None
+    assert all(p is not None for p in r["per_category_p_value"][:5]) and r["p_value"] is not None
+    r0 = permutation_test(m, labels, n_perm=0)
+    assert r0["p_value"] is None and r0["per_category_p_value"] == [None] * 6
+    assert r0["null_mean"] is None and r0["null_std"] is None
+    assert (r0["unit"], r0["n_units"]) == ("record", 11)
+
+
+def test_permutation_null_mean_and_std_brute_force():
+    from sparcom_jax.analysis.evaluate import category_block_means, diagonal_dominance
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(6), 3)
+    m = _jaccard_matrix(labels, 0.5, 0.2, rng, 0.1)
+    r = permutation_test(m, labels, n_perm=30, seed=5, batch=4)
+    draw = np.random.default_rng(5)
+    null = np.array([diagonal_dominance(category_block_means(m, draw.permutation(labels))) for _ in range(30)])
+    assert (r["null_mean"], r["null_std"]) == pytest.approx((null.mean(), null.std()))
+    assert r["p_value"] == pytest.approx((1 + np.sum(null >= r["statistic"] - 1e-12)) / 31)
+
+
+def test_the_python_api_resamples_as_often_as_a_run_by_default():
+    # docs/analysis.md states one default per setting (n_boot 100, n_perm 999): the functions'
+    # defaults are the config's, so an API call is as precise as a `sparcom` run.
+    import inspect
+
+    from sparcom_jax.config import IdentifySpec
+
+    spec = IdentifySpec()
+    assert inspect.signature(bootstrap).parameters["n_boot"].default == spec.n_boot
+    assert inspect.signature(permutation_test).parameters["n_perm"].default == spec.n_perm
+
+
+def test_pooled_bootstrap_of_a_one_record_and_an_empty_category():
+    # MATH has one record: every replicate draws it once, so its pooled mean is that record's
+    # frequency and its interval is its own set (frequency >= 0.5); SUM has no record: empty.
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4])
+    t = 10
+    na = np.random.default_rng(0).integers(0, t + 1, (labels.size, 1, 8)).astype(np.int32)
+    counts = Counts(tokens=np.full(labels.size, t), neuron_active=na, categories=[CATEGORIES[c] for c in labels])
+    ident = identify(counts, "neuron_active", IdentifyConfig(rule="absolute", threshold=0.5, aggregation="pooled"))
+    b = bootstrap(ident, counts=counts, n_boot=4, seed=0)
+    own = int((2 * na[8, 0] >= t).sum())
+    assert 0 < own < 8
+    assert b["per_category_count"]["low"][4:].tolist() == b["per_category_count"]["high"][4:].tolist() == [own, 0]

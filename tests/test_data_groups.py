@@ -73,6 +73,19 @@ def test_near_groups_chain_and_keep_their_first_record_s_text():
         group_keys(recs, "near", 0)
 
 
+def test_a_near_threshold_of_one_joins_equal_word_sets_only_even_of_one_word():
+    # (0, 1] includes 1: records 2 and 8 have one word set (numbers alike), 1 and 2 differ by one.
+    recs = records()
+    near = group_keys(recs, "near", 1.0)
+    assert near[8] == near[2] == group_key(recs[2]) and near[1] == group_key(recs[1])
+    with pytest.raises(ValueError, match=r"group_threshold=1.01: a Jaccard in \(0, 1\]"):
+        group_keys(recs, "near", 1.01)
+    # one-word instructions: a union of one word is a pair when the word is shared
+    one_word = [rec(0, CLS, "Summarize."), rec(1, CLS, "summarize"), rec(2, CLS, "Translate.")]
+    assert near_pairs(one_word, 1.0) == [(0, 1)]
+    assert grouping_summary([])["largest_near_group"] == 0
+
+
 def test_the_near_split_keeps_templated_variants_in_one_part():
     # Per category: five variants of one template (differing by a word or a number) and five
     # distinct instructions. Grouped by text, the variants are dealt out one by one.

@@ -449,3 +449,30 @@ def test_as_records_passes_records_through_and_reads_anything_else(tmp_path):
     # Records built in code are checked too: ids key the counts, the content caps and the splits.
     with pytest.raises(ValueError, match=r"^records:item 3: duplicate id 'r1' \(first seen at records:item 1\)"):
         as_records([EXPECTED[0], EXPECTED[1], EXPECTED[0]])
+
+
+def test_validate_row_reads_numbers_as_text_and_refuses_a_blank_id():
+    # Numeric cells (a CSV column with a gap is read as floats): 3.0 is the id "3", 2.5 stays
+    # "2.5"; a blank id is a Problem naming the row, not a record.
+    from sparcom_jax.data.records import Problem, Record, validate_row
+
+    row = {"id": 3.0, "category": "math", "instruction": "Add 1 and 1.5.", "output": 2.5}
+    got = validate_row(row, "f.csv", "4")
+    assert isinstance(got, Record) and (got.id, got.output) == ("3", "2.5")
+    blank = validate_row(dict(row, id="  "), "f.csv", "5")
+    assert isinstance(blank, Problem) and str(blank).startswith("f.csv:5: empty 'id'")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reading_a_file_leaves_the_datasets_progress_bar_setting_as_it_was(tmp_path, enabled):
+    # The setting is process-wide: a notebook's own load_dataset calls keep theirs.
+    import datasets
+
+    write_jsonl(tmp_path / "d.jsonl", ROWS)
+    before = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        load_instructions(tmp_path / "d.jsonl")
+        assert datasets.is_progress_bar_enabled() == enabled
+    finally:
+        (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()

@@ -799,3 +799,113 @@ def test_processes_agree_on_the_config_but_not_on_where_each_host_mounts_its_fil
         key("collect.store=/nfs/counts", "out_dir=/nfs/out", "data.path=/nfs/data")
     assert key() != key("identify.eps=0.1")
     assert key() != key(stage="identify") and key() != key(overwrite=True)
+
+
+# Each fingerprint component and a setting that only it records: changing the setting must
+# change that component, and only the components that depend on it.
+COLLECT_FIELDS = [
+    (("collect.dtype=bfloat16",), {}, {"dtype"}),
+    (("collect.sums=false", "identify.ties=keep"), {}, {"sums"}),
+    (("base.seed=7",), {}, {"model"}),
+    (("data.scope=prompt",), {}, {"scope", "tokens"}),
+    (("data.max_length=12",), {}, {"max_length", "tokens"}),
+    (("data.group_threshold=0.7",), {}, {"grouping"}),
+    (("data.group_by=text",), {}, {"grouping"}),
+    ((), {"template": "chat"}, {"template", "tokens"}),
+    ((), {"gate_dtype": "float32"}, {"gate_dtype"}),
+]
+
+
+def test_collect_fingerprint_records_each_setting_in_its_component():
+    import dataclasses
+
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+
+    def fp(cfg, records=recs, template="plain", **kw):
+        return collect_fingerprint(cfg, cfg.base, records, template, **kw)[0]
+
+    base = fp(exp())
+    # absent when unused: stores counted before these options existed still match
+    assert not {"gate_dtype", "content_caps"} & set(base) and "grouping" not in fp(exp("data.group_by=text"))
+    for overrides, kwargs, changed in COLLECT_FIELDS:
+        assert set(difference(base, fp(exp(*overrides), **kwargs))) == changed, (overrides, kwargs)
+    # the records: their ids and labels, and (through the tokens) their text
+    assert difference(base, fp(exp(), [dataclasses.replace(recs[0], id="another"), *recs[1:]])) == ["records"]
+    edited = [dataclasses.replace(recs[0], instruction="Another instruction."), *recs[1:]]
+    assert difference(base, fp(exp(), edited)) == ["tokens"]
+
+
+def test_ablation_fingerprint_records_each_setting_in_its_component():
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import ablation_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+
+    def fp(*overrides, kind="neurons", counts_fp=None, records=recs):
+        cfg = exp(*overrides)
+        return ablation_fingerprint(cfg, cfg.finetuned, records, kind, counts_fp or {})
+
+    base = fp()
+    assert "gate_dtype" not in base  # absent when unused: results made before it existed still match
+    for overrides, key in [(("ablation.n_random=2",), "ablation"), (("ablation.n_bins=3",), "ablation"),
+                           (("seed=4",), "ablation"), (("ablation.expert_mode=pre",), "ablation"),
+                           (("identify.eps=0.1",), "identify"), (("data.max_length=40",), "max_length"),
+                           (("collect.dtype=bfloat16",), "dtype"), (("collect.gate_dtype=float32",), "gate_dtype"),
+                           (("finetuned.template=plain",), "template"), (("finetuned.seed=3",), "model")]:
+        assert difference(base, fp(*overrides)) == [key], overrides
+    assert difference(base, fp(kind="experts")) == ["ablation"]
+    assert difference(base, fp(counts_fp={"tokens": "0" * 16})) == ["counts"]
+    assert difference(base, fp(records=recs[1:])) == ["records"]
+    # how the check is batched does not change its result
+    assert difference(base, fp("ablation.batch_size=5")) == []
+
+
+def test_train_fingerprint_records_each_setting_in_its_component():
+    import dataclasses
+
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import train_config, train_fingerprint
+
+    recs, tok = load_instructions(n_per_category=1), default_tokenizer()
+    tcfg = train_config(exp())
+    base = train_fingerprint("b", tcfg, recs, tok)
+    assert difference(base, train_fingerprint("b2", tcfg, recs, tok)) == ["base"]
+    faster = dataclasses.replace(tcfg, learning_rate=0.1)
+    assert difference(base, train_fingerprint("b", faster, recs, tok)) == ["train"]
+    assert difference(base, train_fingerprint("b", tcfg, recs[1:], tok)) == ["records", "tokens"]
+    edited = [dataclasses.replace(recs[0], output="Another response."), *recs[1:]]
+    assert difference(base, train_fingerprint("b", tcfg, edited, tok)) == ["tokens"]
+    # logging, evaluation batches, checkpoint writing and the mesh do not change the weights
+    quiet = dataclasses.replace(tcfg, log_every=7, eval_batch_size=3, async_checkpointing=not tcfg.async_checkpointing,
+                                mesh_data=1, mesh_model=1)
+    assert difference(base, train_fingerprint("b", quiet, recs, tok)) == []
+
+
+def test_analysis_fingerprint_records_the_rule_the_settings_the_counts_and_the_groups():
+    from types import SimpleNamespace
+
+    from sparcom_jax.fingerprint import difference
+
+    def analyses(counts_fp="a", groups=("g1", "g2")):
+        ma = SimpleNamespace(meta={"fingerprint": {"tokens": counts_fp}},
+                             fields={"isn": SimpleNamespace(ident=SimpleNamespace(groups=list(groups)))})
+        return stages.Analyses({"base": ma}, {"same_template": ma})
+
+    def fp(*overrides, full=True, **kw):
+        return stages._analysis_fingerprint(exp(*overrides), analyses(**kw), full)
+
+    base = fp()
+    assert set(base["counts"]) == {"base", "control:same_template"} and set(base["groups"]) == set(base["counts"])
+    assert difference(base, fp("identify.eps=0.1")) == ["identify"]
+    assert difference(base, fp("identify.n_boot=7")) == ["analysis"]
+    assert difference(base, fp(counts_fp="b")) == ["counts"]
+    assert difference(base, fp(groups=("g1", "g1"))) == ["groups"]
+    # identify and ablate use the sets alone: no resampling settings, no groups
+    sets_only = fp(full=False)
+    assert "groups" not in sets_only and difference(sets_only, fp("identify.n_boot=7", full=False)) == []
