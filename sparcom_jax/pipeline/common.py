@@ -477,7 +477,40 @@ def _part(cfg: ExperimentConfig, name: str) -> list:
     if name not in parts:
         raise ConfigError(f"data.split {dict(cfg.data.split)} has no {name!r} part; add one "
                           f"(e.g. data.split={{train: 0.5, identify: 0.3, ablate: 0.2}})")
+    if cfg.data.split is not None:
+        _check_part_categories(cfg, parts, name)
     return parts[name]
+
+
+def _check_part_categories(cfg: ExperimentConfig, parts: dict[str, list], name: str) -> None:
+    """Refuse a split whose part `name` has no record of a category the records have.
+
+    Groups of near-duplicates are dealt to the parts whole, so a small or heavily templated
+    category can land in one part entirely; the stage using the other part would then count
+    or evaluate nothing of it (a causal check over no held-out record, or no counts at all).
+
+    Raises:
+      ConfigError: naming the part, the categories, their records and groups, and the fixes.
+    """
+    from sparcom_jax.categories import CATEGORIES
+
+    every = [r for part in parts.values() for r in part]
+    there = {r.category for r in parts[name]}
+    missing = [c for c in CATEGORIES if c not in there and any(r.category == c for r in every)]
+    if not missing:
+        return
+    groups = dict(zip((r.id for r in every), group_records(cfg, every)))
+    said = []
+    for c in missing:
+        recs = [r for r in every if r.category == c]
+        where = ", ".join(f"{p} {sum(r.category == c for r in part)}" for p, part in parts.items())
+        said.append(f"{c}: {len(recs)} record(s) in {len({groups[r.id] for r in recs})} group(s) ({where})")
+    less = "" if cfg.data.group_by == "text" else ", or group less (a higher data.group_threshold, or data.group_by: text)"
+    raise ConfigError(
+        f"{cfg.data.path or 'the shipped set'}: data.split {dict(cfg.data.split)} leaves the {name!r} part "
+        f"without a record of {len(missing)} categor{'y' if len(missing) == 1 else 'ies'} (records go to the "
+        f"parts in whole groups of {grouping_rule(cfg.data)}): {'; '.join(said)}. Add records of "
+        f"{'that category' if len(missing) == 1 else 'those categories'}, {'' if less else 'or '}give {name!r} a larger share{less}")
 
 
 def identify_records(cfg: ExperimentConfig) -> list:
