@@ -116,6 +116,8 @@ class DataSpec:
       path: instruction file(s) or a `datasets` directory; None = the shipped set.
       adapter: None (record format), a named adapter or "auto".
       fields: expected column -> column in the file.
+      category_map: a label in the file -> the category it stands for (a name or short
+        name of the six), for files that label categories their own way.
       n_per_category: balanced sample size per category; None = all records.
       seed: seed of the balanced sample.
       lenient: skip invalid records (with a report) instead of failing.
@@ -147,6 +149,7 @@ class DataSpec:
     path: str | list[str] | None = None
     adapter: str | None = None
     fields: dict[str, str] | None = None
+    category_map: dict[str, str] | None = None
     n_per_category: int | None = None
     seed: int = 0
     lenient: bool = False
@@ -174,6 +177,13 @@ class DataSpec:
             check_fields(self.fields, self.adapter)
         except ValueError as e:
             raise ConfigError(f"fields: {e}") from None
+        from sparcom_jax.categories import normalize_category
+
+        for label, category in (self.category_map or {}).items():
+            try:  # here too: a dry run refuses it before any record is read
+                normalize_category(category)
+            except ValueError as e:
+                raise ConfigError(f"category_map: {label!r} -> {e}") from None
         if self.split is not None:
             unknown = sorted(set(self.split) - {"train", "identify", "ablate"})
             if unknown:

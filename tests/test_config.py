@@ -367,3 +367,25 @@ def test_a_config_without_base_says_to_add_it(tmp_path):
     init = ("{model_type: llama, hidden_size: 8, intermediate_size: 16, num_hidden_layers: 1, "
             "num_attention_heads: 2, num_key_value_heads: 1}")
     assert load_config(write(tmp_path, f"name: x\nbase: {{init: {init}}}\n", "i.yaml")).base.init
+
+
+def test_data_category_map_maps_a_file_s_own_labels(tmp_path):
+    # A file labelling a category its own way was refused with "pass category_map= to map
+    # your labels", a Python argument no config key could give.
+    import json
+
+    from sparcom_jax.pipeline.common import record_parts
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"id": f"r{i}", "category": c, "instruction": f"Do {c} {i}.", "output": "ok"})
+                         + "\n" for i, c in enumerate(["qa_open", "MATH", "qa_open"])))
+    base = f"name: x\nbase: {{path: /m}}\ndata: {{path: {f}, split: null"
+    with pytest.raises(ValueError, match=r"(?s)unknown category 'qa_open'.*category_map= \(data\.category_map in a "
+                                         r"config\).*lenient=True \(data\.lenient in a config\)"):
+        record_parts(load_config(write(tmp_path, base + "}\n")))
+    cfg = load_config(write(tmp_path, base + ", category_map: {qa_open: general_qa}}\n"))
+    assert [r.category for r in record_parts(cfg)[0]["identify"]] == ["general_qa", "math", "general_qa"]
+    assert load_config(write(tmp_path, base + ", category_map: {qa_open: QA}}\n")).data.category_map == {
+        "qa_open": "QA"}  # a short name is a category too
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.category_map: 'qa_open' -> unknown category 'quiz'"):
+        load_config(write(tmp_path, base + ", category_map: {qa_open: quiz}}\n"))

@@ -427,7 +427,8 @@ def _stamp(path) -> list:
 def _load(d):
     from sparcom_jax.data import load_instructions
 
-    return load_instructions(d.path, fields=d.fields, adapter=d.adapter, lenient=d.lenient)
+    return load_instructions(d.path, fields=d.fields, adapter=d.adapter, lenient=d.lenient,
+                             category_map=d.category_map)
 
 
 def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]]:
