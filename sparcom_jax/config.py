@@ -596,9 +596,11 @@ def _build(cls: type, data: dict, prefix: str, src: str):
     kwargs = {}
     for k, v in data.items():
         if k not in fields:
-            raise ConfigError(f"{src}: unknown key {_join(prefix, k)!r}{_suggest(k, fields)}; "
+            err = ConfigError(f"{src}: unknown key {_join(prefix, k)!r}{_suggest(k, fields)}; "
                               f"valid keys{' of ' + repr(prefix) if prefix else ''}: "
                               f"{', '.join(fields)}")
+            err.unknown = (prefix, k)  # from_dict adds the section the key belongs to, if any
+            raise err
         default = _default(fields[k])
         if isinstance(v, dict) and dataclasses.is_dataclass(default):
             v = _overlay(default, v)  # a partial section keeps the other defaults
@@ -644,7 +646,28 @@ def from_dict(cls: type, data: dict, source: str = "config") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return _build(cls, data, "", source)
+    try:
+        return _build(cls, data, "", source)
+    except ConfigError as e:
+        homes = _homes(cls, *getattr(e, "unknown", ("", None)))
+        if not homes:
+            raise
+        raise ConfigError(str(e).replace("; valid keys", f" (did you mean {' or '.join(homes)}?); valid keys", 1)) from None
+
+
+def _homes(cls: type, prefix: str, key: str | None) -> list[str]:
+    """The dotted names `key` has in the other sections of `cls` (and at its top level): a
+    key written in the wrong section (`ablation.n_boot` for `identify.n_boot`) is named there."""
+    if key is None:
+        return []
+    hints = typing.get_type_hints(cls)
+    found = [key] if prefix and key in hints else []
+    for name, tp in hints.items():
+        union = typing.get_origin(tp) in (Union, types.UnionType)  # an optional section, not a list of them
+        sec = next((t for t in (tp, *(typing.get_args(tp) if union else ())) if dataclasses.is_dataclass(t)), None)
+        if sec is not None and name != prefix and key in {f.name for f in dataclasses.fields(sec)}:
+            found.append(f"{name}.{key}")
+    return [repr(h) for h in found]
 
 
 def to_dict(cfg: Any) -> dict:

@@ -389,3 +389,20 @@ def test_data_category_map_maps_a_file_s_own_labels(tmp_path):
         "qa_open": "QA"}  # a short name is a category too
     with pytest.raises(ConfigError, match=r"c\.yaml: data\.category_map: 'qa_open' -> unknown category 'quiz'"):
         load_config(write(tmp_path, base + ", category_map: {qa_open: quiz}}\n"))
+
+
+def test_a_key_in_the_wrong_section_names_the_section_that_has_it(tmp_path):
+    # n_boot copied under ablation: (it belongs to identify) was only "unknown" with the
+    # ablation keys listed, leaving the user to search the schema for it.
+    with pytest.raises(ConfigError, match=r"unknown key 'ablation\.n_boot' \(did you mean 'identify\.n_boot'\?\); "
+                                          r"valid keys of 'ablation': enabled,"):
+        load_config(write(tmp_path, "name: x\nbase: {path: /m}\nablation:\n  n_boot: 3\n"))
+    base = load_config(write(tmp_path, "name: x\nbase: {path: /m}\n"))
+    with pytest.raises(ConfigError, match=r"'data\.out_dir' \(did you mean 'out_dir'\?\)"):
+        apply_overrides(base, ["data.out_dir=runs/x"])
+    with pytest.raises(ConfigError, match=r"'identify\.batch_size' \(did you mean 'collect\.batch_size' or "
+                                          r"'train\.batch_size' or 'ablation\.batch_size'\?\)"):
+        apply_overrides(base, ["identify.batch_size=4"])
+    with pytest.raises(ConfigError) as e:  # a key no section has gets no such hint
+        apply_overrides(base, ["collect.nonsense=1"])
+    assert "did you mean" not in str(e.value)
