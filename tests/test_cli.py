@@ -642,3 +642,24 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_our_one_line_without_orbax
     assert last.startswith("sparcom: error: ") and "No space left on device" in last, err[-2000:]
     assert "free space on that file system, or choose another --out" in last
     assert "ERROR:absl" not in err and "Traceback" not in err, err[:3000]
+
+
+def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
+    # A downloaded model directory without tokenizer files passed the dry run ("weights found")
+    # and stopped the run at its first model; stages that read no tokenizer still plan.
+    model = tmp_path / "llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)))
+    cfg = str(CONFIGS / "llama2_7b.yaml")
+    args = ("--dry-run", f"base.path={model}", f"finetuned.path={tmp_path / 'absent'}", "data.max_length=128")
+    for command in ("collect", "ablate", "run"):
+        code, out, err = run_cli(capsys, command, "--config", cfg, *args)
+        assert code == 2 and "config valid" not in out, command
+        assert err.startswith(f"sparcom: error: model 'llama2-7b': {model}: no tokenizer beside the weights"), err
+    code, out, _ = run_cli(capsys, "identify", "--config", cfg, *args)
+    assert code == 0 and "llama2-7b (weights found)" in out
+    (model / "tokenizer.json").write_text("{}")
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, *args)
+    assert code == 0 and "llama2-7b (weights found)" in out

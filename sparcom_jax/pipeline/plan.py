@@ -171,6 +171,13 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         except ConfigError:
             pass
     weights = {s.label: has_weights(s) for s in specs}
+    if {"collect", "ablate", "finetune"} & set(STAGES if stage == "run" else (stage,)):
+        from sparcom_jax.checkpoints.hf import has_tokenizer
+        from sparcom_jax.data.tokenizer import missing_tokenizer
+
+        for s in specs:  # weights here without their tokenizer: the run would stop at its first model
+            if weights[s.label] and not has_tokenizer(s.path):
+                raise ConfigError(f"model {s.label!r}: {missing_tokenizer(s.path)}")
     L = mcfg.num_layers
     plan: dict[str, Any] = {
         "stage": stage, "experiment": cfg.name, "model_type": mcfg.model_type, "architecture_source": source,
