@@ -28,7 +28,7 @@ from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import (
-    bootstrap, cluster_index, instruction_bootstrap, permutation_test, units_per_category,
+    bootstrap, cluster_index, instruction_bootstrap, one_unit_note, permutation_test, units_per_category,
 )
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
@@ -77,6 +77,9 @@ class FieldAnalysis:
             if s.get("permutation"):
                 diag += f", permutation p {_num(s['permutation']['p_value'])}"
             rows.append(("diagonal", diag))
+        note = one_unit_note(s.get("bootstrap"))
+        if note:
+            rows.append(("bootstrap", note))
         if s.get("contrast"):
             rule = IdentifyConfig.from_dict(s["contrast"]["identification"]).describe()
             rows.append(("|S(c)| contrast", f"{per_category_text(s['contrast']['per_category_count'])} ({rule})"))
