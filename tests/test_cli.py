@@ -663,3 +663,26 @@ def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
     (model / "tokenizer.json").write_text("{}")
     code, out, _ = run_cli(capsys, "collect", "--config", cfg, *args)
     assert code == 0 and "llama2-7b (weights found)" in out
+
+
+def test_data_warnings_are_one_plain_line(tmp_path, capsys):
+    # A data file's warning came as Python prints it: the library's file and line, then a line
+    # of its code ("  return load_instructions(d.path, ..."), before the message that matters.
+    data = tmp_path / "ctx.jsonl"
+    data.write_text("".join(json.dumps({"id": f"{c}{k}", "category": c, "instruction": f"Task {k} of {c}.",
+                                        "output": "ok", "context": "x"}) + "\n"
+                            for c in ("classification", "code", "general_qa", "generation", "math", "summarization")
+                            for k in range(5)))
+    args = ("collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run", f"data.path={data}",
+            "data.group_by=text")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0
+    assert err == (f"sparcom: warning: {data}: column(s) ['context'] are not read: records take only the fields id, "
+                   "category, instruction, output, input, source; if it holds a record field, map it: "
+                   "fields={'input': 'context'} (data.fields in a config)\n")
+    data.write_text(data.read_text() + "\n")  # read again (the records are cached by file and time)
+    from sparcom_jax.data import DataWarning
+
+    with pytest.warns(DataWarning, match=r"\['context'\] are not read"):  # --debug: Python's own form, with its source
+        code, _, err = run_cli(capsys, *args, "--debug")
+    assert code == 0 and "sparcom: warning" not in err
