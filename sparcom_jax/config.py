@@ -837,6 +837,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         raw = read_yaml(path)
         if cls is ExperimentConfig and isinstance(raw, dict) and "pairs" in raw and "name" not in raw:
             raise ConfigError(f"{path}: this is a demo config; run it with `sparcom demo --config {path}`")
+        if cls is DemoConfig and isinstance(raw, dict) and "base" in raw and "pairs" not in raw:
+            raise ConfigError(f"{path}: this is an experiment config (it names a base model), not a demo config; "
+                              f"run it with `sparcom run --config {path}` (or one stage: collect, identify, ...)")
         cfg = from_dict(cls, raw, source=str(path))
     cfg = apply_overrides(cfg, overrides)
     source = str(path) if path else "config"

@@ -191,6 +191,14 @@ def test_demo_config_given_to_a_stage_says_so():
         load_config(CONFIGS / "demo.yaml")
 
 
+def test_experiment_config_given_to_the_demo_says_so():
+    # `sparcom demo --config configs/qwen25_7b.yaml` said only "unknown key 'name'".
+    path = CONFIGS / "qwen25_7b.yaml"
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: this is an experiment config \(it names a base "
+                                          rf"model\), not a demo config; run it with `sparcom run --config {re.escape(str(path))}`"):
+        load_config(path, cls=DemoConfig)
+
+
 def test_bad_architecture_block_is_an_error(tmp_path):
     p = write(tmp_path, "name: x\narchitecture:\n  model_type: gpt2\n  hidden_size: 8\n")
     with pytest.raises(ConfigError, match=r"architecture: model_type 'gpt2' is not supported"):
