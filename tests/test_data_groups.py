@@ -2,6 +2,7 @@
 the configuration and what runs made under another grouping are told."""
 
 import json
+import warnings
 
 import pytest
 
@@ -240,3 +241,27 @@ def test_a_split_that_leaves_a_part_without_a_category_is_refused(tmp_path):
     # Grouped by identical text, every category has 4 + 1 records in the two parts.
     text = apply_overrides(near, ["data.group_by=text"])
     assert {r.category for r in ablate_records(text)} == set(CATEGORIES) and len(identify_records(text)) == 24
+
+
+def test_a_category_with_no_record_is_said_once_when_the_records_are_read(tmp_path):
+    # Under data.lenient, a file whose QA label was misspelt lost every QA record to the
+    # skipped list, and the study went on with five categories: QA's rows stayed empty without
+    # a word before the report.
+    from sparcom_jax.data import DataWarning
+    from sparcom_jax.pipeline.common import identify_records
+
+    path = tmp_path / "five.jsonl"
+    rows = [{"id": f"{c}{k}", "category": c, "output": "ok", "instruction": f"Item {k} of {c} {'x' * k}."}
+            for c in CATEGORIES for k in range(5)]
+    path.write_text("".join(json.dumps(dict(r, category="qa_open") if r["category"] == "general_qa" else r) + "\n"
+                            for r in rows))
+    cfg = _cfg(f"data.path={path}", "data.lenient=true", "data.group_by=text", "data.split=null")
+    with pytest.warns(DataWarning) as got:
+        assert len(identify_records(cfg)) == 25
+    said = [str(w.message) for w in got if "no record of" in str(w.message)]
+    assert said == [f"{path}: no record of QA (general_qa): the study covers 5 of the 6 categories, and the sets, "
+                    "rows and columns of QA stay empty"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # every category: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert len(identify_records(cfg)) == 30

@@ -446,6 +446,7 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
     key = json.dumps([to_dict(d), _stamp(d.path)], sort_keys=True, default=str)
     if key not in _PARTS_CACHE:
         records = _load(d)
+        _warn_absent_categories(d, records)
         if d.split is None:
             parts = {"train": records, "identify": records, "ablate": records}
             info = {"split": None, "note": "no split: fine-tuning, identification and the causal check "
@@ -457,6 +458,24 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
         _PARTS_CACHE.clear()  # one config at a time
         _PARTS_CACHE[key] = (parts, info)
     return _PARTS_CACHE[key]
+
+
+def _warn_absent_categories(d, records) -> None:
+    """A category without a record makes a study of fewer categories: its sets, rows and
+    columns stay empty. Said once per load, as invalid records skipped under data.lenient
+    (or a file that never had them) leave no other trace of it before the report."""
+    import warnings
+
+    from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+    from sparcom_jax.data import DataWarning
+
+    there = {r.category for r in records}
+    absent = [c for c in CATEGORIES if c not in there]
+    if absent:
+        warnings.warn(f"{d.path or 'the shipped set'}: no record of {', '.join(f'{SHORT_NAMES[c]} ({c})' for c in absent)}: "
+                      f"the study covers {len(CATEGORIES) - len(absent)} of the {len(CATEGORIES)} categories, and the "
+                      f"sets, rows and columns of {', '.join(SHORT_NAMES[c] for c in absent)} stay empty",
+                      DataWarning, stacklevel=2)
 
 
 def grouping_rule(d) -> str:
