@@ -391,8 +391,11 @@ def test_data_category_map_maps_a_file_s_own_labels(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)unknown category 'qa_open'.*category_map= \(data\.category_map in a "
                                          r"config\).*lenient=True \(data\.lenient in a config\)"):
         record_parts(load_config(write(tmp_path, base + "}\n")))
+    from sparcom_jax.data import DataWarning
+
     cfg = load_config(write(tmp_path, base + ", category_map: {qa_open: general_qa}}\n"))
-    assert [r.category for r in record_parts(cfg)[0]["identify"]] == ["general_qa", "math", "general_qa"]
+    with pytest.warns(DataWarning, match="the study covers 2 of the 6 categories"):
+        assert [r.category for r in record_parts(cfg)[0]["identify"]] == ["general_qa", "math", "general_qa"]
     assert load_config(write(tmp_path, base + ", category_map: {qa_open: QA}}\n")).data.category_map == {
         "qa_open": "QA"}  # a short name is a category too
     with pytest.raises(ConfigError, match=r"c\.yaml: data\.category_map: 'qa_open' -> unknown category 'quiz'"):
