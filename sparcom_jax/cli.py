@@ -343,6 +343,32 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    with _plain_data_warnings(args.debug):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _plain_data_warnings(debug: bool):
+    """Print the warnings about the user's data (`DataWarning`) as one `sparcom: warning:`
+    line each, like the errors: Python's form adds the warning's source file and code line,
+    which say nothing to someone fixing a data file. `--debug` keeps Python's form."""
+    import warnings
+
+    from sparcom_jax.data.records import DataWarning
+
+    with warnings.catch_warnings():  # restores showwarning (tests call main in-process)
+        python_form = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if debug or not issubclass(category, DataWarning):
+                return python_form(message, category, filename, lineno, file, line)
+            print(f"sparcom: warning: {message}", file=file or sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
+def _run(args) -> int:
     try:
         if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
             with _interrupt_held():

@@ -116,6 +116,8 @@ class DataSpec:
       path: instruction file(s) or a `datasets` directory; None = the shipped set.
       adapter: None (record format), a named adapter or "auto".
       fields: expected column -> column in the file.
+      category_map: a label in the file -> the category it stands for (a name or short
+        name of the six), for files that label categories their own way.
       n_per_category: balanced sample size per category; None = all records.
       seed: seed of the balanced sample.
       lenient: skip invalid records (with a report) instead of failing.
@@ -147,6 +149,7 @@ class DataSpec:
     path: str | list[str] | None = None
     adapter: str | None = None
     fields: dict[str, str] | None = None
+    category_map: dict[str, str] | None = None
     n_per_category: int | None = None
     seed: int = 0
     lenient: bool = False
@@ -174,6 +177,13 @@ class DataSpec:
             check_fields(self.fields, self.adapter)
         except ValueError as e:
             raise ConfigError(f"fields: {e}") from None
+        from sparcom_jax.categories import normalize_category
+
+        for label, category in (self.category_map or {}).items():
+            try:  # here too: a dry run refuses it before any record is read
+                normalize_category(category)
+            except ValueError as e:
+                raise ConfigError(f"category_map: {label!r} -> {e}") from None
         if self.split is not None:
             unknown = sorted(set(self.split) - {"train", "identify", "ablate"})
             if unknown:
@@ -589,9 +599,11 @@ def _build(cls: type, data: dict, prefix: str, src: str):
     kwargs = {}
     for k, v in data.items():
         if k not in fields:
-            raise ConfigError(f"{src}: unknown key {_join(prefix, k)!r}{_suggest(k, fields)}; "
+            err = ConfigError(f"{src}: unknown key {_join(prefix, k)!r}{_suggest(k, fields)}; "
                               f"valid keys{' of ' + repr(prefix) if prefix else ''}: "
                               f"{', '.join(fields)}")
+            err.unknown = (prefix, k)  # from_dict adds the section the key belongs to, if any
+            raise err
         default = _default(fields[k])
         if isinstance(v, dict) and dataclasses.is_dataclass(default):
             v = _overlay(default, v)  # a partial section keeps the other defaults
@@ -637,7 +649,28 @@ def from_dict(cls: type, data: dict, source: str = "config") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return _build(cls, data, "", source)
+    try:
+        return _build(cls, data, "", source)
+    except ConfigError as e:
+        homes = _homes(cls, *getattr(e, "unknown", ("", None)))
+        if not homes:
+            raise
+        raise ConfigError(str(e).replace("; valid keys", f" (did you mean {' or '.join(homes)}?); valid keys", 1)) from None
+
+
+def _homes(cls: type, prefix: str, key: str | None) -> list[str]:
+    """The dotted names `key` has in the other sections of `cls` (and at its top level): a
+    key written in the wrong section (`ablation.n_boot` for `identify.n_boot`) is named there."""
+    if key is None:
+        return []
+    hints = typing.get_type_hints(cls)
+    found = [key] if prefix and key in hints else []
+    for name, tp in hints.items():
+        union = typing.get_origin(tp) in (Union, types.UnionType)  # an optional section, not a list of them
+        sec = next((t for t in (tp, *(typing.get_args(tp) if union else ())) if dataclasses.is_dataclass(t)), None)
+        if sec is not None and name != prefix and key in {f.name for f in dataclasses.fields(sec)}:
+            found.append(f"{name}.{key}")
+    return [repr(h) for h in found]
 
 
 def to_dict(cfg: Any) -> dict:
@@ -807,6 +840,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         raw = read_yaml(path)
         if cls is ExperimentConfig and isinstance(raw, dict) and "pairs" in raw and "name" not in raw:
             raise ConfigError(f"{path}: this is a demo config; run it with `sparcom demo --config {path}`")
+        if cls is DemoConfig and isinstance(raw, dict) and "base" in raw and "pairs" not in raw:
+            raise ConfigError(f"{path}: this is an experiment config (it names a base model), not a demo config; "
+                              f"run it with `sparcom run --config {path}` (or one stage: collect, identify, ...)")
         cfg = from_dict(cls, raw, source=str(path))
     cfg = apply_overrides(cfg, overrides)
     source = str(path) if path else "config"

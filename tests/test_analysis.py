@@ -7,6 +7,7 @@ token (p = 1) and every other unit on 2 of 10 tokens (p = 0.2). With eps = 0.3
 per category S(c) is their union.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -414,3 +415,19 @@ def test_compare_series_against_brute_force_sets_in_the_given_order():
                 want = len(b & a) / len(b | a) if b | a else None
                 assert t[k]["jaccard"][c][j] == (want if want is None else pytest.approx(want))
         assert t["per_category_count"][c] == [len(as_set(s[i])) for s in sets]
+
+
+def test_compare_names_the_rule_that_differs_and_ignores_the_chunk():
+    # A notebook user analysing one model in smaller chunks (memory only) had the comparison
+    # refused as "identified with different rules"; a real difference did not say which.
+    kw = dict(n_boot=0, n_perm=0)
+    before = analyze_model(hand_counts(), CFG, name="before", **kw)
+    after = analyze_model(hand_counts(AFTER), dataclasses.replace(CFG, chunk=2), name="after", **kw)
+    assert compare_models(before, after)["isn"]["classification"]["jaccard"] == pytest.approx(3 / 5)
+    assert compare_series([("a", before), ("b", after)])["names"] == ["a", "b"]
+    other = analyze_model(hand_counts(AFTER), dataclasses.replace(CFG, eps=0.2, q=0.6), name="after", **kw)
+    rule = r"identified with different rules \(eps 0\.3 vs 0\.2, q 0\.5 vs 0\.6\); analyse them with one IdentifyConfig"
+    with pytest.raises(ValueError, match=rf"'before' and 'after' were {rule}"):
+        compare_models(before, other)
+    with pytest.raises(ValueError, match=rf"'before' and 'after' were {rule}"):
+        compare_series([("a", before), ("b", other)])

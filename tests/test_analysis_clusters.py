@@ -369,3 +369,37 @@ def test_between_groups_interval_reaches_summary_table_and_page():
     # The record-level main bootstrap leaves the between-groups interval on whole groups.
     r = analyze_model(counts, IdentifyConfig(eps=0.2, q=0.6), resample="record", **kw).summary()["isn"]
     assert r["between_groups"]["bootstrap"] == bb
+
+
+def test_a_category_of_one_group_is_said_to_have_zero_width_intervals():
+    # A notebook user's templated records (each category one near-duplicate group) showed
+    # "diagonal 0.0822 [0.0822, 0.0822] (95% bootstrap)": an interval of no width, read as certainty.
+    from sparcom_jax.analysis import analyze_model
+    from sparcom_jax.analysis.uncertainty import one_unit_note
+    from sparcom_jax.report.writer import _bootstrap_text
+
+    sizes = [[4], [3, 3, 1], [1, 1, 1, 1, 2], [5, 1], [6], [2, 2, 2]]  # CLS and MATH: one group
+    labels, groups = grouped_records(sizes)
+    rng = np.random.default_rng(0)
+    na = rng.integers(0, 11, (labels.size, 1, 30)).astype(np.int32)
+    counts = Counts(tokens=np.full(labels.size, 10), neuron_active=na, categories=[CATEGORIES[c] for c in labels],
+                    groups=groups)
+    kw = dict(n_boot=8, n_perm=0, top_units=0, contrast=False)
+    ma = analyze_model(counts, IdentifyConfig(eps=0.2, q=0.6), **kw)
+    s = ma.summary()["isn"]
+    count_ci = s["bootstrap"]["per_category_count"]
+    assert count_ci["low"][0] == count_ci["high"][0] and count_ci["low"][4] == count_ci["high"][4]  # what it says
+    note = ("CLS, MATH have a single instruction group each: every resample repeats it, so the intervals resting "
+            "on it have zero width and measure no uncertainty (they do not show certainty)")
+    assert f"    bootstrap         {note}\n" in repr(ma)
+    assert f"; {note}" in _bootstrap_text(s)
+    # One record of one category, resampled by record: said of the record.
+    one = analyze_model(counts, IdentifyConfig(eps=0.2, q=0.6), resample="record", **kw).summary()["isn"]
+    assert one_unit_note(one["bootstrap"]) is None
+    assert one_unit_note({"unit": "record", "n_units": [1, 2, 2, 2, 2, 0]}).startswith(
+        "CLS has a single instruction: every resample")
+    # Two or more groups in every category (and none in an absent one): nothing to say.
+    assert one_unit_note({"unit": "group", "n_units": [2, 3, 5, 2, 3, 0]}) is None
+    assert one_unit_note(None) is None
+    several = analyze_model(grouped_counts()[0], IdentifyConfig(eps=0.2, q=0.6), **kw)
+    assert "bootstrap  " not in repr(several) and "single instruction" not in _bootstrap_text(several.summary()["isn"])

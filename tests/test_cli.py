@@ -685,3 +685,47 @@ def test_a_process_failing_alone_in_a_distributed_run_stops_every_process_at_onc
     assert "sparcom: error: process 1 cannot read the weights" in outs[1], outs[1][-2000:]
     for i, out in enumerate(outs):
         assert f"sparcom: process {i} of 2 stops here" in out, out[-2000:]
+
+
+def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
+    # A downloaded model directory without tokenizer files passed the dry run ("weights found")
+    # and stopped the run at its first model; stages that read no tokenizer still plan.
+    model = tmp_path / "llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)))
+    cfg = str(CONFIGS / "llama2_7b.yaml")
+    args = ("--dry-run", f"base.path={model}", f"finetuned.path={tmp_path / 'absent'}", "data.max_length=128")
+    for command in ("collect", "ablate", "run"):
+        code, out, err = run_cli(capsys, command, "--config", cfg, *args)
+        assert code == 2 and "config valid" not in out, command
+        assert err.startswith(f"sparcom: error: model 'llama2-7b': {model}: no tokenizer beside the weights"), err
+    code, out, _ = run_cli(capsys, "identify", "--config", cfg, *args)
+    assert code == 0 and "llama2-7b (weights found)" in out
+    (model / "tokenizer.json").write_text("{}")
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, *args)
+    assert code == 0 and "llama2-7b (weights found)" in out
+
+
+def test_data_warnings_are_one_plain_line(tmp_path, capsys):
+    # A data file's warning came as Python prints it: the library's file and line, then a line
+    # of its code ("  return load_instructions(d.path, ..."), before the message that matters.
+    data = tmp_path / "ctx.jsonl"
+    data.write_text("".join(json.dumps({"id": f"{c}{k}", "category": c, "instruction": f"Task {k} of {c}.",
+                                        "output": "ok", "context": "x"}) + "\n"
+                            for c in ("classification", "code", "general_qa", "generation", "math", "summarization")
+                            for k in range(5)))
+    args = ("collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run", f"data.path={data}",
+            "data.group_by=text")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0
+    assert err == (f"sparcom: warning: {data}: column(s) ['context'] are not read: records take only the fields id, "
+                   "category, instruction, output, input, source; if it holds a record field, map it: "
+                   "fields={'input': 'context'} (data.fields in a config)\n")
+    data.write_text(data.read_text() + "\n")  # read again (the records are cached by file and time)
+    from sparcom_jax.data import DataWarning
+
+    with pytest.warns(DataWarning, match=r"\['context'\] are not read"):  # --debug: Python's own form, with its source
+        code, _, err = run_cli(capsys, *args, "--debug")
+    assert code == 0 and "sparcom: warning" not in err

@@ -191,6 +191,14 @@ def test_demo_config_given_to_a_stage_says_so():
         load_config(CONFIGS / "demo.yaml")
 
 
+def test_experiment_config_given_to_the_demo_says_so():
+    # `sparcom demo --config configs/qwen25_7b.yaml` said only "unknown key 'name'".
+    path = CONFIGS / "qwen25_7b.yaml"
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: this is an experiment config \(it names a base "
+                                          rf"model\), not a demo config; run it with `sparcom run --config {re.escape(str(path))}`"):
+        load_config(path, cls=DemoConfig)
+
+
 def test_bad_architecture_block_is_an_error(tmp_path):
     p = write(tmp_path, "name: x\narchitecture:\n  model_type: gpt2\n  hidden_size: 8\n")
     with pytest.raises(ConfigError, match=r"architecture: model_type 'gpt2' is not supported"):
@@ -367,3 +375,45 @@ def test_a_config_without_base_says_to_add_it(tmp_path):
     init = ("{model_type: llama, hidden_size: 8, intermediate_size: 16, num_hidden_layers: 1, "
             "num_attention_heads: 2, num_key_value_heads: 1}")
     assert load_config(write(tmp_path, f"name: x\nbase: {{init: {init}}}\n", "i.yaml")).base.init
+
+
+def test_data_category_map_maps_a_file_s_own_labels(tmp_path):
+    # A file labelling a category its own way was refused with "pass category_map= to map
+    # your labels", a Python argument no config key could give.
+    import json
+
+    from sparcom_jax.pipeline.common import record_parts
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"id": f"r{i}", "category": c, "instruction": f"Do {c} {i}.", "output": "ok"})
+                         + "\n" for i, c in enumerate(["qa_open", "MATH", "qa_open"])))
+    base = f"name: x\nbase: {{path: /m}}\ndata: {{path: {f}, split: null"
+    with pytest.raises(ValueError, match=r"(?s)unknown category 'qa_open'.*category_map= \(data\.category_map in a "
+                                         r"config\).*lenient=True \(data\.lenient in a config\)"):
+        record_parts(load_config(write(tmp_path, base + "}\n")))
+    from sparcom_jax.data import DataWarning
+
+    cfg = load_config(write(tmp_path, base + ", category_map: {qa_open: general_qa}}\n"))
+    with pytest.warns(DataWarning, match="the study covers 2 of the 6 categories"):
+        assert [r.category for r in record_parts(cfg)[0]["identify"]] == ["general_qa", "math", "general_qa"]
+    assert load_config(write(tmp_path, base + ", category_map: {qa_open: QA}}\n")).data.category_map == {
+        "qa_open": "QA"}  # a short name is a category too
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.category_map: 'qa_open' -> unknown category 'quiz'"):
+        load_config(write(tmp_path, base + ", category_map: {qa_open: quiz}}\n"))
+
+
+def test_a_key_in_the_wrong_section_names_the_section_that_has_it(tmp_path):
+    # n_boot copied under ablation: (it belongs to identify) was only "unknown" with the
+    # ablation keys listed, leaving the user to search the schema for it.
+    with pytest.raises(ConfigError, match=r"unknown key 'ablation\.n_boot' \(did you mean 'identify\.n_boot'\?\); "
+                                          r"valid keys of 'ablation': enabled,"):
+        load_config(write(tmp_path, "name: x\nbase: {path: /m}\nablation:\n  n_boot: 3\n"))
+    base = load_config(write(tmp_path, "name: x\nbase: {path: /m}\n"))
+    with pytest.raises(ConfigError, match=r"'data\.out_dir' \(did you mean 'out_dir'\?\)"):
+        apply_overrides(base, ["data.out_dir=runs/x"])
+    with pytest.raises(ConfigError, match=r"'identify\.batch_size' \(did you mean 'collect\.batch_size' or "
+                                          r"'train\.batch_size' or 'ablation\.batch_size'\?\)"):
+        apply_overrides(base, ["identify.batch_size=4"])
+    with pytest.raises(ConfigError) as e:  # a key no section has gets no such hint
+        apply_overrides(base, ["collect.nonsense=1"])
+    assert "did you mean" not in str(e.value)

@@ -2,6 +2,7 @@
 the configuration and what runs made under another grouping are told."""
 
 import json
+import warnings
 
 import pytest
 
@@ -223,3 +224,57 @@ def test_the_pair_search_runs_once_per_record_texts_and_threshold(monkeypatch):
     relabelled = [*recs[:-1], rec(8, MATH, TEXTS[8][1])]
     group_keys(relabelled, "near")
     assert calls == [0.6, 0.5, 0.6, 0.6]
+
+
+def test_a_split_that_leaves_a_part_without_a_category_is_refused(tmp_path):
+    # A user's templated JSONL (each category one near-duplicate group) once went whole into
+    # the identify part: `sparcom run` then ran the causal check over 0 held-out records and
+    # wrote a matrix of None and 0.0 without a word; with the shares swapped, collect said
+    # "no records to collect counts for; load at least one record per category".
+    from sparcom_jax.pipeline.common import ablate_records, identify_records
+    from sparcom_jax.pipeline.plan import memory_plan
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"id": f"{c}{k}", "category": c, "output": "ok",
+                                        "instruction": f"Please do {c} task number {k} with alpha beta"}) + "\n"
+                            for c in CATEGORIES for k in range(5)))
+    near = _cfg(f"data.path={path}", "data.split={identify: 0.8, ablate: 0.2}", "data.max_length=64")
+    assert len(identify_records(near)) == 30
+    msg = (r"mine\.jsonl: data\.split \{'identify': 0\.8, 'ablate': 0\.2\} leaves the 'ablate' part without a "
+           r"record of 6 categories .*classification: 5 record\(s\) in 1 group\(s\) \(identify 5, ablate 0\).* "
+           r"or group less \(a higher data\.group_threshold, or data\.group_by: text\)")
+    with pytest.raises(ConfigError, match=msg):
+        ablate_records(near)
+    with pytest.raises(ConfigError, match=msg):  # the dry run stops as the run would
+        memory_plan(near, "ablate")
+    memory_plan(apply_overrides(near, ["ablation.enabled=false"]), "ablate")  # no causal check, no ablate part needed
+    swapped = apply_overrides(near, ["data.split={ablate: 0.8, identify: 0.2}"])
+    with pytest.raises(ConfigError, match="leaves the 'identify' part without a record of 6 categories"):
+        identify_records(swapped)
+    # Grouped by identical text, every category has 4 + 1 records in the two parts.
+    text = apply_overrides(near, ["data.group_by=text"])
+    assert {r.category for r in ablate_records(text)} == set(CATEGORIES) and len(identify_records(text)) == 24
+
+
+def test_a_category_with_no_record_is_said_once_when_the_records_are_read(tmp_path):
+    # Under data.lenient, a file whose QA label was misspelt lost every QA record to the
+    # skipped list, and the study went on with five categories: QA's rows stayed empty without
+    # a word before the report.
+    from sparcom_jax.data import DataWarning
+    from sparcom_jax.pipeline.common import identify_records
+
+    path = tmp_path / "five.jsonl"
+    rows = [{"id": f"{c}{k}", "category": c, "output": "ok", "instruction": f"Item {k} of {c} {'x' * k}."}
+            for c in CATEGORIES for k in range(5)]
+    path.write_text("".join(json.dumps(dict(r, category="qa_open") if r["category"] == "general_qa" else r) + "\n"
+                            for r in rows))
+    cfg = _cfg(f"data.path={path}", "data.lenient=true", "data.group_by=text", "data.split=null")
+    with pytest.warns(DataWarning) as got:
+        assert len(identify_records(cfg)) == 25
+    said = [str(w.message) for w in got if "no record of" in str(w.message)]
+    assert said == [f"{path}: no record of QA (general_qa): the study covers 5 of the 6 categories, and the sets, "
+                    "rows and columns of QA stay empty"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # every category: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert len(identify_records(cfg)) == 30

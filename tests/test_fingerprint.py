@@ -303,3 +303,13 @@ def test_an_entry_another_process_rewrites_while_it_is_pruned_stays(tmp_path, ca
     monkeypatch.setattr(F, "_current", judged_then_replaced)
     F.prune_digest_cache(cache, everything=True)
     assert json.loads(entry.read_text())["sha256"] == hashlib.sha256(b"new").hexdigest()
+
+
+def test_a_changed_settings_section_names_the_keys_that_changed():
+    # `sparcom ablate` after identify.eps=0.02 said only "identify settings changed".
+    old = {"identify": {"eps": 0.01, "q": 0.5, "rule": "top"}, "ablation": {"n_random": 2, "n_bins": 10}}
+    new = {"identify": {"eps": 0.02, "q": 0.6, "rule": "top", "ties": "break"}, "ablation": dict(old["ablation"])}
+    assert F.describe(["identify"], old, new, LABELS) == (
+        "identify settings changed (eps: 0.01 -> 0.02, q: 0.5 -> 0.6, ties: unset -> 'break')")
+    assert F.describe(["identify"], old, new, LABELS, limit=1) == "identify settings changed (eps: 0.01 -> 0.02, and 2 more)"
+    assert F.difference(old, new) == ["identify"]

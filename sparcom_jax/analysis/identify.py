@@ -81,7 +81,8 @@ class IdentifyConfig:
     q: float = 0.5
     eps_experts: float | None = None
     ties: Literal["keep", "break"] = "keep"
-    chunk: int = 64
+    # Memory only: two analyses read in other chunks are the same rule (compared, hashed).
+    chunk: int = dataclasses.field(default=64, compare=False)
 
     def __post_init__(self):
         for name, allowed in (("rule", _RULES), ("aggregation", _AGGREGATIONS), ("ties", _TIES)):

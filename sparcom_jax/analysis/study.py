@@ -28,7 +28,8 @@ from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import (
-    bootstrap, cluster_index, instruction_bootstrap, paired_set_intervals, permutation_test, units_per_category,
+    bootstrap, cluster_index, instruction_bootstrap, one_unit_note, paired_set_intervals, permutation_test,
+    units_per_category,
 )
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
@@ -83,6 +84,9 @@ class FieldAnalysis:
             if s.get("permutation"):
                 diag += f", permutation p {_num(s['permutation']['p_value'])}"
             rows.append(("diagonal", diag))
+        note = one_unit_note(s.get("bootstrap"))
+        if note:
+            rows.append(("bootstrap", note))
         if s.get("contrast"):
             rule = IdentifyConfig.from_dict(s["contrast"]["identification"]).describe()
             rows.append(("|S(c)| contrast", f"{per_category_text(s['contrast']['per_category_count'])} ({rule})"))
@@ -560,10 +564,11 @@ _COMPARABLE = ("scope", "max_length", "dtype", "gate_dtype")
 
 
 def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
-    """Refuse to compare models counted on different records (by id, or by number where ids
-    are missing), token scopes, max lengths or precisions (compute and gate dtype), models
-    with no kind of unit in common, or, under scope "content", models that counted
-    different numbers of content tokens of a record.
+    """Refuse to compare models identified with different rules (`IdentifyConfig`, all but
+    its chunk), counted on different records (by id, or by number where ids are missing),
+    token scopes, max lengths or precisions (compute and gate dtype), models with no kind
+    of unit in common, or, under scope "content", models that counted different numbers
+    of content tokens of a record.
 
     Templates may differ (that is what a base-vs-chat comparison does; the report
     names them and shows the same-template control beside it). Under scope "content"
@@ -575,6 +580,12 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
       ValueError: naming the two models, what differs and the fix.
     """
     first = analyses[0]
+    for other in analyses[1:]:
+        if other.config != first.config:
+            a, b = first.config.to_dict(), other.config.to_dict()
+            differ = ", ".join(f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k])
+            raise ValueError(f"{first.name!r} and {other.name!r} were identified with different rules ({differ}); "
+                             "analyse them with one IdentifyConfig")
     ids0 = next((f.ident.ids for f in first.fields.values()), None)
     tokens0 = next((f.ident.tokens for f in first.fields.values()), None)
     for other in analyses[1:]:
@@ -670,8 +681,6 @@ def compare_models(
     """
     mb = _as_analysis(before, cfg, names[0], analyze_kw)
     ma = _as_analysis(after, cfg, names[1], analyze_kw)
-    if mb.config != ma.config:
-        raise ValueError("the two models were identified with different rules")
     check_comparable([mb, ma])
     has_contrast = any(f.contrast is not None for f in mb.fields.values())
     out = Comparison({"before": mb.name, "after": ma.name, "moves": {},
@@ -731,8 +740,6 @@ def compare_series(
     if not items:
         raise ValueError("an empty series")
     analyses = [_as_analysis(x, cfg, n, analyze_kw) for n, x in items]
-    if len({a.config for a in analyses}) > 1:
-        raise ValueError("the checkpoints were identified with different rules")
     check_comparable(analyses)
     out: dict[str, Any] = {"names": [n for n, _ in items]}
     sections = [s for s in analyses[0].fields if all(s in a.fields for a in analyses)]

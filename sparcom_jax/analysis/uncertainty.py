@@ -53,6 +53,7 @@ from sparcom_jax.analysis.evaluate import (
 from sparcom_jax.analysis.identify import (
     Identification, _strength, consensus_sets, exact_frequencies, select_units,
 )
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.stats.counts import Counts
 
 
@@ -89,6 +90,26 @@ def _cluster_labels(labels: np.ndarray, clusters: np.ndarray) -> np.ndarray:
 def units_per_category(labels: np.ndarray, groups: Sequence | None = None) -> np.ndarray:
     """int [C] clusters (resampling units) per category."""
     return np.bincount(_cluster_labels(labels, cluster_index(labels, groups)), minlength=C)
+
+
+def one_unit_note(boot: dict | None) -> str | None:
+    """What to say when a category of a bootstrap result has a single resampling unit: every
+    draw within it is that unit again, so the intervals resting on it have no width (they
+    measure no variation, which is not certainty). None when every category with records
+    has two or more units.
+
+    Args:
+      boot: a `bootstrap` / `instruction_bootstrap` result (or its JSON form), or None.
+    """
+    if not boot:
+        return None
+    one = [SHORT_NAMES[c] for c, n in zip(CATEGORIES, boot["n_units"]) if n == 1]
+    if not one:
+        return None
+    unit = "instruction group" if boot.get("unit") == "group" else "instruction"
+    each = "has a single" if len(one) == 1 else "have a single"
+    return (f"{', '.join(one)} {each} {unit}{'' if len(one) == 1 else ' each'}: every resample repeats it, so the "
+            "intervals resting on it have zero width and measure no uncertainty (they do not show certainty)")
 
 
 def resample_weights(labels: np.ndarray, n_boot: int, seed: int, groups: Sequence | None = None) -> np.ndarray:

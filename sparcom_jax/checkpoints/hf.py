@@ -248,10 +248,15 @@ def _layer_setter(sharding):
     return _SETTERS[sharding]
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether the directory holds tokenizer files AutoTokenizer can load."""
+    return any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def load_tokenizer(path: str | Path):
     """The directory's tokenizer through transformers' AutoTokenizer (offline), or None if it has none."""
     p = Path(path)
-    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not has_tokenizer(p):
         return None
     from transformers import AutoTokenizer
 

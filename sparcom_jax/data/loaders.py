@@ -366,7 +366,7 @@ def _check_columns(table: _Table, required: Sequence[str], what: str) -> None:
         raise ValueError(
             f"{table.file}: missing required column(s) {missing} for {what} "
             f"(columns found: {table.columns}); add them, or map the columns that hold "
-            f"them with fields={{{missing[0]!r}: '<column>'}}"
+            f"them with fields={{{missing[0]!r}: '<column>'}} (data.fields in a config)"
         )
 
 
@@ -569,8 +569,8 @@ def load_instructions(
     if problems and not lenient:
         more = ""
         if len(problems) > 1:
-            more = (f"\n({len(problems) - 1} more invalid record(s); pass lenient=True to "
-                    "skip them all with a report)")
+            more = (f"\n({len(problems) - 1} more invalid record(s); pass lenient=True (data.lenient in "
+                    "a config) to skip them all with a report)")
         raise ValueError(str(problems[0]) + more)
     if problems:
         report.skipped = problems

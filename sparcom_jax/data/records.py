@@ -176,7 +176,7 @@ def validate_row(
                            "file to get ids made from the file name and line")
                 else:
                     fix = (f"add a {field!r} value, or map the column that holds it with "
-                           f"fields={{{field!r}: '<column>'}}")
+                           f"fields={{{field!r}: '<column>'}} (data.fields in a config)")
                 return Problem(file, where, f"missing required field {name(field)}", fix)
             values[field] = ""
             continue
@@ -202,7 +202,8 @@ def validate_row(
     except ValueError as err:
         return Problem(
             file, where, str(err).rstrip("."),
-            "use one of the valid category names (or pass category_map= to map your labels)",
+            "use one of the valid category names, or map your labels with category_map= (data.category_map in "
+            "a config)",
         )
     values["id"] = values["id"].strip()
     return Record(**values)

@@ -427,7 +427,8 @@ def _stamp(path) -> list:
 def _load(d):
     from sparcom_jax.data import load_instructions
 
-    return load_instructions(d.path, fields=d.fields, adapter=d.adapter, lenient=d.lenient)
+    return load_instructions(d.path, fields=d.fields, adapter=d.adapter, lenient=d.lenient,
+                             category_map=d.category_map)
 
 
 def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]]:
@@ -445,6 +446,7 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
     key = json.dumps([to_dict(d), _stamp(d.path)], sort_keys=True, default=str)
     if key not in _PARTS_CACHE:
         records = _load(d)
+        _warn_absent_categories(d, records)
         if d.split is None:
             parts = {"train": records, "identify": records, "ablate": records}
             info = {"split": None, "note": "no split: fine-tuning, identification and the causal check "
@@ -456,6 +458,24 @@ def record_parts(cfg: ExperimentConfig) -> tuple[dict[str, list], dict[str, Any]
         _PARTS_CACHE.clear()  # one config at a time
         _PARTS_CACHE[key] = (parts, info)
     return _PARTS_CACHE[key]
+
+
+def _warn_absent_categories(d, records) -> None:
+    """A category without a record makes a study of fewer categories: its sets, rows and
+    columns stay empty. Said once per load, as invalid records skipped under data.lenient
+    (or a file that never had them) leave no other trace of it before the report."""
+    import warnings
+
+    from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+    from sparcom_jax.data import DataWarning
+
+    there = {r.category for r in records}
+    absent = [c for c in CATEGORIES if c not in there]
+    if absent:
+        warnings.warn(f"{d.path or 'the shipped set'}: no record of {', '.join(f'{SHORT_NAMES[c]} ({c})' for c in absent)}: "
+                      f"the study covers {len(CATEGORIES) - len(absent)} of the {len(CATEGORIES)} categories, and the "
+                      f"sets, rows and columns of {', '.join(SHORT_NAMES[c] for c in absent)} stay empty",
+                      DataWarning, stacklevel=2)
 
 
 def grouping_rule(d) -> str:
@@ -477,7 +497,40 @@ def _part(cfg: ExperimentConfig, name: str) -> list:
     if name not in parts:
         raise ConfigError(f"data.split {dict(cfg.data.split)} has no {name!r} part; add one "
                           f"(e.g. data.split={{train: 0.5, identify: 0.3, ablate: 0.2}})")
+    if cfg.data.split is not None:
+        _check_part_categories(cfg, parts, name)
     return parts[name]
+
+
+def _check_part_categories(cfg: ExperimentConfig, parts: dict[str, list], name: str) -> None:
+    """Refuse a split whose part `name` has no record of a category the records have.
+
+    Groups of near-duplicates are dealt to the parts whole, so a small or heavily templated
+    category can land in one part entirely; the stage using the other part would then count
+    or evaluate nothing of it (a causal check over no held-out record, or no counts at all).
+
+    Raises:
+      ConfigError: naming the part, the categories, their records and groups, and the fixes.
+    """
+    from sparcom_jax.categories import CATEGORIES
+
+    every = [r for part in parts.values() for r in part]
+    there = {r.category for r in parts[name]}
+    missing = [c for c in CATEGORIES if c not in there and any(r.category == c for r in every)]
+    if not missing:
+        return
+    groups = dict(zip((r.id for r in every), group_records(cfg, every)))
+    said = []
+    for c in missing:
+        recs = [r for r in every if r.category == c]
+        where = ", ".join(f"{p} {sum(r.category == c for r in part)}" for p, part in parts.items())
+        said.append(f"{c}: {len(recs)} record(s) in {len({groups[r.id] for r in recs})} group(s) ({where})")
+    less = "" if cfg.data.group_by == "text" else ", or group less (a higher data.group_threshold, or data.group_by: text)"
+    raise ConfigError(
+        f"{cfg.data.path or 'the shipped set'}: data.split {dict(cfg.data.split)} leaves the {name!r} part "
+        f"without a record of {len(missing)} categor{'y' if len(missing) == 1 else 'ies'} (records go to the "
+        f"parts in whole groups of {grouping_rule(cfg.data)}): {'; '.join(said)}. Add records of "
+        f"{'that category' if len(missing) == 1 else 'those categories'}, {'' if less else 'or '}give {name!r} a larger share{less}")
 
 
 def identify_records(cfg: ExperimentConfig) -> list:

@@ -13,7 +13,8 @@ from typing import Any
 
 from sparcom_jax.config import ConfigError, ExperimentConfig
 from sparcom_jax.pipeline.common import (
-    STAGES, check_model_names, fmt_bytes, fmt_count, has_weights, identify_records, model_config, resolve_mesh,
+    STAGES, ablate_records, check_model_names, fmt_bytes, fmt_count, has_weights, identify_records, model_config,
+    resolve_mesh,
 )
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4}
@@ -124,8 +125,9 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
     return int(x + mask + layer_weights + max(attention, ffn))
 
 
-def _n_instructions(cfg: ExperimentConfig) -> tuple[int | None, str]:
-    """(identify records the counts will hold, or None when unknown; where that came from)."""
+def _n_instructions(cfg: ExperimentConfig, ablates: bool = False) -> tuple[int | None, str]:
+    """(identify records the counts will hold, or None when unknown; where that came from).
+    `ablates`: the stage runs the causal check, so its held-out part is checked too."""
     from sparcom_jax.categories import CATEGORIES
 
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
@@ -133,6 +135,8 @@ def _n_instructions(cfg: ExperimentConfig) -> tuple[int | None, str]:
         # Records are cheap to read: a data file that cannot be used, or an identify part too
         # small for data.n_per_category, fails the dry run as it would fail the run.
         n = len(identify_records(cfg))
+        if ablates:
+            ablate_records(cfg)
         return n, f"{cfg.data.path or 'the shipped set'} (read and checked: {n} records to count)"
     absent = ", ".join(str(p) for p in paths if not Path(p).exists())
     note = f"{cfg.data.path} ({absent + ' ' if len(paths) > 1 else ''}not on this machine: not checked"
@@ -167,6 +171,13 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         except ConfigError:
             pass
     weights = {s.label: has_weights(s) for s in specs}
+    if {"collect", "ablate", "finetune"} & set(STAGES if stage == "run" else (stage,)):
+        from sparcom_jax.checkpoints.hf import has_tokenizer
+        from sparcom_jax.data.tokenizer import missing_tokenizer
+
+        for s in specs:  # weights here without their tokenizer: the run would stop at its first model
+            if weights[s.label] and not has_tokenizer(s.path):
+                raise ConfigError(f"model {s.label!r}: {missing_tokenizer(s.path)}")
     L = mcfg.num_layers
     plan: dict[str, Any] = {
         "stage": stage, "experiment": cfg.name, "model_type": mcfg.model_type, "architecture_source": source,
@@ -214,8 +225,8 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         for name, shp in cnt.items():
             per = math.prod(shp) * 4
             rows.append((f"counts {name} [B,{','.join(_axis_names(name))}] int32", f"B={B}", per * B * data, per * B))
-    if {"collect", "identify", "evaluate", "compare", "report"} & set(stages):
-        N, plan["data"] = _n_instructions(cfg)
+    if {"collect", "identify", "evaluate", "compare", "ablate", "report"} & set(stages):
+        N, plan["data"] = _n_instructions(cfg, ablates="ablate" in stages and cfg.ablation.enabled)
         # The store holds the float32 sums beside the counts when collect.sums is on.
         per_instr = result_nbytes(mcfg, 1, cfg.collect.sums)
         plan["count_store"] = {"n_instructions": N, "bytes_per_instruction": per_instr,

@@ -20,6 +20,7 @@ import numpy as np
 
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
+from sparcom_jax.analysis.uncertainty import one_unit_note
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report.export import export_sets
 from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_html
@@ -157,6 +158,9 @@ def _bootstrap_text(s: dict) -> str:
                    "instruction) make them too narrow")
         if b["n_boot"] < 100:
             txt += f"; {b['n_boot']} resamples are too few to place the tails of a {b['ci']:.0%} interval"
+        note = one_unit_note(b)
+        if note:
+            txt += f"; {note}"
         parts.append(txt)
         outside = _outside_text(s)
         if outside:

@@ -137,10 +137,22 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
     `records`: as in `collect_instructions` (Records, a file, dicts, a DataFrame);
     `buckets`: fixed padded lengths; `expert_mode`: see `CategoryLoss`. The returned
     `CategoryLoss` also reports ``last_dropped_mass``.
+
+    Raises:
+      ValueError: a category of `records` has no response token within `max_length` (its
+        prompts fill it), so its losses would be missing from every pass.
     """
+    from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
     from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
 
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(as_records(records), tok, template=template, scope="response", max_length=max_length)
+    scored = {c for c, scope_T in zip(enc.categories, enc.scopes) if np.any(scope_T)}
+    unscored = [c for c in CATEGORIES if c in set(enc.categories) and c not in scored]
+    if unscored:
+        raise ValueError(
+            f"no held-out record of {', '.join(f'{SHORT_NAMES[c]} ({c})' for c in unscored)} keeps a response token "
+            f"within max_length={max_length}: the prompts fill it, so the causal check would score nothing there; "
+            "raise max_length (data.max_length)")
     return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
                         expert_mode=expert_mode)
