@@ -195,3 +195,34 @@ def test_ablation_without_random_controls_says_it_has_none(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "No random control sets were drawn (ablation.n_random=0)" in page
     assert "0 draws" not in page and "steps of" not in page
+
+
+def test_series_intervals_in_summary_tables_and_page(report):
+    """series.<section>.bootstrap: per-checkpoint intervals and the first-to-last change; the last
+    checkpoint's Jaccard with the first has the paired interval of the base/tuned comparison, the
+    tables and the page carry the same numbers."""
+    out, summary, _ = report
+    ser, comp = summary["series"]["isn"], summary["comparison"]["isn"]
+    b = ser["bootstrap"]
+    assert b["paired"] and b["n_boot"] == 10
+    for c in CATEGORIES:
+        last = {k: b["per_checkpoint"]["vs_base_jaccard"][k][c][-1] for k in ("low", "high")}
+        assert last == pytest.approx({k: comp[c]["bootstrap"]["jaccard"][k] for k in ("low", "high")})
+        size = ser["per_category_count"][c]
+        assert b["change"]["per_category_count"]["estimate"][c] == size[-1] - size[0]
+        assert len(b["per_checkpoint"]["per_category_count"]["low"][c]) == 3
+    # step1 and tuned are one analysis: every replicate's change between them is 0, so their intervals agree.
+    assert b["per_checkpoint"]["general_share"]["low"][1] == b["per_checkpoint"]["general_share"]["low"][2]
+    header, rows = read_csv(out / "tables" / "series_isn_change.csv")
+    row = next(r for r in rows if r[:2] == ["per_category_count", "math"])
+    e = b["change"]["per_category_count"]
+    assert [float(x) for x in row[2:5]] == pytest.approx([e[k]["math"] for k in ("estimate", "low", "high")])
+    row = next(r for r in rows if r[0] == "diagonal_dominance")
+    assert float(row[3]) == pytest.approx(b["change"]["diagonal_dominance"]["low"], abs=1e-6)
+    header, rows = read_csv(out / "tables" / "series_isn.csv")
+    row = rows[2 * len(CATEGORIES) + CATEGORIES.index("code")]
+    assert float(row[header.index("jaccard_vs_first_high")]) == pytest.approx(comp["code"]["bootstrap"]["jaccard"]["high"])
+    page = (out / "index.html").read_text()
+    lo, hi = e["low"]["classification"], e["high"]["classification"]
+    assert (f"Change from base to tuned, with 95% paired bootstrap intervals over 10 resamples" in page
+            and f"|S(c)| CLS {e['estimate']['classification']:+.4g} [{lo:+.4g}, {hi:+.4g}]" in page)

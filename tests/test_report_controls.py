@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sparcom_jax.analysis import (
-    IdentifyConfig, ablate_identification, analyze_model, build_summary, compare_models,
+    IdentifyConfig, ablate_identification, analyze_model, build_summary, compare_models, same_template_control,
 )
 from sparcom_jax.analysis.identify import RULE_SUPPORT
 from sparcom_jax.categories import CATEGORIES
@@ -52,7 +52,7 @@ def report(tmp_path_factory):
     tuned = analyze_model(dense_counts(1, shift=0.2), cfg, name="tuned", **kw)
     tuned_plain = analyze_model(dense_counts(2, shift=0.2), cfg, name="tuned@plain", **kw)
     comp = compare_models(base, tuned)
-    control = compare_models(base, tuned_plain)
+    control = same_template_control(base, tuned, tuned_plain)
     abl = ablate_identification(base["isn"].ident, loss_fn(base["isn"].ident.sets()), n_random=3, n_bins=2)
     precision = {"isn": {c: 0.9 + 0.01 * i for i, c in enumerate(CATEGORIES)}, "note": "demo models, CPU"}
     summary = build_summary({"base": base, "tuned": tuned}, comparison=comp, ablation=abl,
@@ -176,3 +176,23 @@ def test_series_caption_says_when_its_checkpoints_used_different_templates(tmp_p
     else:
         assert f"{note} {said}, so a change between two checkpoints of different templates" in page
         assert page.count(note) == 1
+
+
+def test_template_effect_in_table_and_page(report):
+    """The control's table and the page carry main-minus-control with its paired interval, the
+    same numbers as summary.json, whose estimate is the two comparisons' difference."""
+    out, summary = report
+    ctrl, main = summary["controls"]["same_template"]["isn"], summary["comparison"]["isn"]
+    header, rows = read_csv(out / "tables" / "control_same_template_isn.csv")
+    page = htmllib.unescape((out / "index.html").read_text())
+    for r in rows:
+        eff = ctrl[r[0]]["template_effect"]["jaccard"]
+        assert eff["estimate"] == pytest.approx(main[r[0]]["jaccard"] - ctrl[r[0]]["jaccard"])
+        got = [float(r[header.index(f"template_effect_jaccard{b}")]) for b in ("", "_low", "_high")]
+        assert got == pytest.approx([eff["estimate"], eff["low"], eff["high"]], abs=1e-6)
+        assert eff["low"] <= eff["high"]
+    code = ctrl["code"]["template_effect"]["jaccard"]
+    assert (f"Template effect on the Jaccard (main comparison minus this control): CLS"
+            in page and f"CODE {code['estimate']:+.3g} [{code['low']:+.3g}, {code['high']:+.3g}]" in page)
+    assert "with 95% paired bootstrap intervals over 8 resamples" in page
+    assert "template_effect_jaccard" not in read_csv(out / "tables" / "comparison_isn.csv")[0]
