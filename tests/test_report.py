@@ -221,8 +221,9 @@ def test_series_intervals_in_summary_tables_and_page(report):
     assert float(row[3]) == pytest.approx(b["change"]["diagonal_dominance"]["low"], abs=1e-6)
     header, rows = read_csv(out / "tables" / "series_isn.csv")
     row = rows[2 * len(CATEGORIES) + CATEGORIES.index("code")]
-    assert float(row[header.index("jaccard_vs_first_high")]) == pytest.approx(comp["code"]["bootstrap"]["jaccard"]["high"])
+    high = comp["code"]["bootstrap"]["jaccard"]["high"]
+    assert float(row[header.index("jaccard_vs_first_high")]) == pytest.approx(high)
     page = (out / "index.html").read_text()
     lo, hi = e["low"]["classification"], e["high"]["classification"]
-    assert (f"Change from base to tuned, with 95% paired bootstrap intervals over 10 resamples" in page
+    assert ("Change from base to tuned, with 95% paired bootstrap intervals over 10 resamples" in page
             and f"|S(c)| CLS {e['estimate']['classification']:+.4g} [{lo:+.4g}, {hi:+.4g}]" in page)

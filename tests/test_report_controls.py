@@ -192,7 +192,7 @@ def test_template_effect_in_table_and_page(report):
         assert got == pytest.approx([eff["estimate"], eff["low"], eff["high"]], abs=1e-6)
         assert eff["low"] <= eff["high"]
     code = ctrl["code"]["template_effect"]["jaccard"]
-    assert (f"Template effect on the Jaccard (main comparison minus this control): CLS"
+    assert ("Template effect on the Jaccard (main comparison minus this control): CLS"
             in page and f"CODE {code['estimate']:+.3g} [{code['low']:+.3g}, {code['high']:+.3g}]" in page)
     assert "with 95% paired bootstrap intervals over 8 resamples" in page
     assert "template_effect_jaccard" not in read_csv(out / "tables" / "comparison_isn.csv")[0]

@@ -821,7 +821,10 @@ def compare_series(
       vs_base / vs_previous {retained, gained, lost, jaccard} (the first
       entry of vs_previous is None), and contrast_per_category_count /
       contrast_mean_instruction_set_size (the contrast rule's sizes; None
-      when a checkpoint has no contrast identification).
+      when a checkpoint has no contrast identification), and bootstrap: the
+      paired intervals of the trends per checkpoint and of their change from
+      first to last (`_series_bootstrap`; None unless every checkpoint was
+      resampled with the same draws).
     """
     items = list(items)
     if not items:

@@ -443,7 +443,9 @@ class Analyses(NamedTuple):
 
 
 def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analyses:
-    """ModelAnalysis of every model with counts (and of the same-template control)."""
+    """ModelAnalysis of every model with counts (and of the controls). The same-template control
+    is bootstrapped with the models' draws (sets only), so its comparison and the template effect
+    get paired intervals (`same_template_control`)."""
     from sparcom_jax.analysis import analyze_model
 
     icfg = cfg.identify.to_rule()

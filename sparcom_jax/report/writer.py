@@ -255,8 +255,8 @@ def _interval_list(e: dict, fmt: str, per_category: bool) -> str:
 
     if not per_category:
         return one(e["estimate"], e.get("low"), e.get("high"))
-    return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], (e.get('low') or {}).get(c), (e.get('high') or {}).get(c))}"
-                     for c in CATEGORIES)
+    low, high = e.get("low") or {}, e.get("high") or {}
+    return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], low.get(c), high.get(c))}" for c in CATEGORIES)
 
 
 def _series_change_text(t: dict, names: Sequence[str]) -> str:
