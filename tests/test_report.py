@@ -227,3 +227,14 @@ def test_series_intervals_in_summary_tables_and_page(report):
     lo, hi = e["low"]["classification"], e["high"]["classification"]
     assert ("Change from base to tuned, with 95% paired bootstrap intervals over 10 resamples" in page
             and f"|S(c)| CLS {e['estimate']['classification']:+.4g} [{lo:+.4g}, {hi:+.4g}]" in page)
+
+
+def test_phase_table_carries_the_layer_order_p(report):
+    out, summary, _ = report
+    header, rows = read_csv(out / "tables" / "base_isn_phases.csv")
+    ph = summary["models"]["base"]["isn"]["phases"]
+    got = {r[0]: r[header.index("explained_p")] for r in rows}
+    assert {k: None if v == "" else float(v) for k, v in got.items()} == pytest.approx(
+        {k: v["explained_p"] for k, v in ph.items()})
+    tested = [v["explained_p"] for v in ph.values() if v["explained_p"] is not None]  # None: a flat profile
+    assert tested and all(abs(20 * p - round(20 * p)) < 1e-9 for p in tested)  # (1 + k) / (1 + 19 orders)

@@ -196,3 +196,31 @@ def test_template_effect_in_table_and_page(report):
             in page and f"CODE {code['estimate']:+.3g} [{code['low']:+.3g}, {code['high']:+.3g}]" in page)
     assert "with 95% paired bootstrap intervals over 8 resamples" in page
     assert "template_effect_jaccard" not in read_csv(out / "tables" / "comparison_isn.csv")[0]
+
+
+def test_holm_and_length_matched_columns_of_the_dominance_table(report):
+    """The per-category permutation p-values Holm-adjusted (against a brute-force Holm) and the
+    length-matched test reach the dominance table with the summary's values."""
+    out, summary = report
+    s = summary["models"]["base"]["isn"]
+    p = np.asarray(s["permutation"]["per_category_p_value"], float)
+    order = np.argsort(p, kind="stable")
+    holm = np.empty(6)
+    running = 0.0
+    for rank, i in enumerate(order):  # step-down: (m - rank) * p, kept monotone, capped at 1
+        running = max(running, min(1.0, (6 - rank) * p[i]))
+        holm[i] = running
+    header, rows = read_csv(out / "tables" / "base_isn_dominance.csv")
+    col = header.index("permutation_p_holm")
+    assert [float(r[col]) for r in rows[:6]] == pytest.approx(list(holm), abs=1e-6) and rows[6][col] == ""
+    lm = s["length_matched"]
+    assert float(rows[6][header.index("length_matched_permutation_p")]) == pytest.approx(lm["p_value"])
+    assert float(rows[6][header.index("length_matched_null_mean")]) == pytest.approx(lm["null_mean"], abs=1e-6)
+    assert float(rows[2][header.index("length_matched_permutation_p")]) == pytest.approx(
+        lm["per_category_p_value"][2])
+
+
+def test_series_text_says_when_the_trends_carry_no_interval():
+    from sparcom_jax.report.writer import _series_change_text
+
+    assert "carry no intervals" in _series_change_text({"bootstrap": None}, ["a", "b"])
