@@ -13,7 +13,7 @@ from sparcom_jax.analysis import (
     IdentifyConfig, ablation_matrix, analyze_model, build_summary, compare_models, compare_series,
     identify,
 )
-from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report import atomic_write, export_sets, write_report
 from sparcom_jax.report import io as rio
 from sparcom_jax.stats.counts import Counts
@@ -224,9 +224,12 @@ def test_series_intervals_in_summary_tables_and_page(report):
     high = comp["code"]["bootstrap"]["jaccard"]["high"]
     assert float(row[header.index("jaccard_vs_first_high")]) == pytest.approx(high)
     page = (out / "index.html").read_text()
-    lo, hi = e["low"]["classification"], e["high"]["classification"]
-    assert ("Change from base to tuned, with 95% paired bootstrap intervals over 10 resamples" in page
-            and f"|S(c)| CLS {e['estimate']['classification']:+.4g} [{lo:+.4g}, {hi:+.4g}]" in page)
+    assert "Change from base to tuned, with 95% paired bootstrap intervals over 10 resamples" in page
+    said = page[page.index("Change from base to tuned"):].split("; unique ratio")[0]
+    for c in CATEGORIES:
+        lo, hi = e["low"][c], e["high"][c]
+        assert f"{SHORT_NAMES[c]} {e['estimate'][c]:+.4g} [{lo:+.4g}, {hi:+.4g}]" in said
+    assert any(e["low"][c] < e["high"][c] for c in CATEGORIES)  # an interval whose order the text shows
 
 
 def test_phase_table_carries_the_layer_order_p(report):

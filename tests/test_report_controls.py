@@ -191,9 +191,12 @@ def test_template_effect_in_table_and_page(report):
         got = [float(r[header.index(f"template_effect_jaccard{b}")]) for b in ("", "_low", "_high")]
         assert got == pytest.approx([eff["estimate"], eff["low"], eff["high"]], abs=1e-6)
         assert eff["low"] <= eff["high"]
-    code = ctrl["code"]["template_effect"]["jaccard"]
-    assert ("Template effect on the Jaccard (main comparison minus this control): CLS"
-            in page and f"CODE {code['estimate']:+.3g} [{code['low']:+.3g}, {code['high']:+.3g}]" in page)
+    said = page[page.index("Template effect on the Jaccard (main comparison minus this control): CLS"):]
+    for c, short in zip(CATEGORIES, ("CLS", "CODE", "QA", "GEN", "MATH", "SUM")):
+        e = ctrl[c]["template_effect"]["jaccard"]
+        assert f"{short} {e['estimate']:+.3g} [{e['low']:+.3g}, {e['high']:+.3g}]" in said.split(", with")[0]
+    assert any(ctrl[c]["template_effect"]["jaccard"]["low"] < ctrl[c]["template_effect"]["jaccard"]["high"]
+               for c in CATEGORIES)
     assert "with 95% paired bootstrap intervals over 8 resamples" in page
     assert "template_effect_jaccard" not in read_csv(out / "tables" / "comparison_isn.csv")[0]
 
