@@ -241,3 +241,19 @@ def test_phase_table_carries_the_layer_order_p(report):
         {k: v["explained_p"] for k, v in ph.items()})
     tested = [v["explained_p"] for v in ph.values() if v["explained_p"] is not None]  # None: a flat profile
     assert tested and all(abs(20 * p - round(20 * p)) < 1e-9 for p in tested)  # (1 + k) / (1 + 19 orders)
+
+
+def test_series_figure_shades_the_paired_intervals(report):
+    from sparcom_jax.report import figures as F
+
+    _, summary, _ = report
+    t = summary["series"]["isn"]
+    fig = F.series_trends(summary["series"]["names"], t, "series")
+    axes = fig.axes
+    for ax, key in ((axes[4], "general_share"), (axes[5], "diagonal_dominance")):
+        (band,) = ax.collections
+        y = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+        per = t["bootstrap"]["per_checkpoint"][key]
+        assert y.min() == pytest.approx(min(per["low"])) and y.max() == pytest.approx(max(per["high"]))
+    no_boot = F.series_trends(summary["series"]["names"], {**t, "bootstrap": None}, "series")
+    assert not no_boot.axes[4].collections

@@ -82,7 +82,8 @@ CAPTIONS = {
                             "pair per category (model {model}).",
     "series": "The same figures along the checkpoint series: set sizes, uniqueness, Jaccard with the "
               "first and the previous checkpoint, generality and the instruction-level diagonal "
-              "dominance (mean diagonal minus mean off-diagonal).",
+              "dominance (mean diagonal minus mean off-diagonal); the shaded bands are paired bootstrap "
+              "intervals where the checkpoints were resampled with the same draws.",
     "ablation": "Causal check ({kind}): cell (a, b) is the increase of the mean next-token loss (nats per "
                 "response token) on category b's held-out reference responses when category a's set is "
                 "switched off.",
