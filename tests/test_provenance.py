@@ -909,3 +909,23 @@ def test_analysis_fingerprint_records_the_rule_the_settings_the_counts_and_the_g
     # identify and ablate use the sets alone: no resampling settings, no groups
     sets_only = fp(full=False)
     assert "groups" not in sets_only and difference(sets_only, fp("identify.n_boot=7", full=False)) == []
+
+
+def test_same_template_control_is_bootstrapped_with_the_models_draws(done, tmp_path, monkeypatch):
+    """compare bootstraps the same-template control with the draws of the models, so the control
+    and the template effect (main comparison minus control) carry paired intervals."""
+    import shutil
+
+    from sparcom_jax.categories import CATEGORIES
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    run_stage("compare", exp("identify.n_boot=3", "identify.n_perm=0"), out)
+    main = json.loads((out / "compare" / "comparison.json").read_text())["isn"]
+    ctrl = json.loads((out / "compare" / "same_template.json").read_text())["isn"]
+    for c in CATEGORIES:
+        eff = ctrl[c]["template_effect"]
+        assert eff["paired"] and eff["n_boot"] == 3 and ctrl[c]["bootstrap"]["paired"]
+        assert eff["lost"]["estimate"] == main[c]["lost"] - ctrl[c]["lost"]
+        assert eff["lost"]["low"] <= eff["lost"]["high"]

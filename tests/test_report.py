@@ -13,7 +13,7 @@ from sparcom_jax.analysis import (
     IdentifyConfig, ablation_matrix, analyze_model, build_summary, compare_models, compare_series,
     identify,
 )
-from sparcom_jax.categories import CATEGORIES
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report import atomic_write, export_sets, write_report
 from sparcom_jax.report import io as rio
 from sparcom_jax.stats.counts import Counts
@@ -195,3 +195,65 @@ def test_ablation_without_random_controls_says_it_has_none(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "No random control sets were drawn (ablation.n_random=0)" in page
     assert "0 draws" not in page and "steps of" not in page
+
+
+def test_series_intervals_in_summary_tables_and_page(report):
+    """series.<section>.bootstrap: per-checkpoint intervals and the first-to-last change; the last
+    checkpoint's Jaccard with the first has the paired interval of the base/tuned comparison, the
+    tables and the page carry the same numbers."""
+    out, summary, _ = report
+    ser, comp = summary["series"]["isn"], summary["comparison"]["isn"]
+    b = ser["bootstrap"]
+    assert b["paired"] and b["n_boot"] == 10
+    for c in CATEGORIES:
+        last = {k: b["per_checkpoint"]["vs_base_jaccard"][k][c][-1] for k in ("low", "high")}
+        assert last == pytest.approx({k: comp[c]["bootstrap"]["jaccard"][k] for k in ("low", "high")})
+        size = ser["per_category_count"][c]
+        assert b["change"]["per_category_count"]["estimate"][c] == size[-1] - size[0]
+        assert len(b["per_checkpoint"]["per_category_count"]["low"][c]) == 3
+    # step1 and tuned are one analysis: every replicate's change between them is 0, so their intervals agree.
+    assert b["per_checkpoint"]["general_share"]["low"][1] == b["per_checkpoint"]["general_share"]["low"][2]
+    header, rows = read_csv(out / "tables" / "series_isn_change.csv")
+    row = next(r for r in rows if r[:2] == ["per_category_count", "math"])
+    e = b["change"]["per_category_count"]
+    assert [float(x) for x in row[2:5]] == pytest.approx([e[k]["math"] for k in ("estimate", "low", "high")])
+    row = next(r for r in rows if r[0] == "diagonal_dominance")
+    assert float(row[3]) == pytest.approx(b["change"]["diagonal_dominance"]["low"], abs=1e-6)
+    header, rows = read_csv(out / "tables" / "series_isn.csv")
+    row = rows[2 * len(CATEGORIES) + CATEGORIES.index("code")]
+    high = comp["code"]["bootstrap"]["jaccard"]["high"]
+    assert float(row[header.index("jaccard_vs_first_high")]) == pytest.approx(high)
+    page = (out / "index.html").read_text()
+    assert "Change from base to tuned, with 95% paired bootstrap intervals over 10 resamples" in page
+    said = page[page.index("Change from base to tuned"):].split("; unique ratio")[0]
+    for c in CATEGORIES:
+        lo, hi = e["low"][c], e["high"][c]
+        assert f"{SHORT_NAMES[c]} {e['estimate'][c]:+.4g} [{lo:+.4g}, {hi:+.4g}]" in said
+    assert any(e["low"][c] < e["high"][c] for c in CATEGORIES)  # an interval whose order the text shows
+
+
+def test_phase_table_carries_the_layer_order_p(report):
+    out, summary, _ = report
+    header, rows = read_csv(out / "tables" / "base_isn_phases.csv")
+    ph = summary["models"]["base"]["isn"]["phases"]
+    got = {r[0]: r[header.index("explained_p")] for r in rows}
+    assert {k: None if v == "" else float(v) for k, v in got.items()} == pytest.approx(
+        {k: v["explained_p"] for k, v in ph.items()})
+    tested = [v["explained_p"] for v in ph.values() if v["explained_p"] is not None]  # None: a flat profile
+    assert tested and all(abs(20 * p - round(20 * p)) < 1e-9 for p in tested)  # (1 + k) / (1 + 19 orders)
+
+
+def test_series_figure_shades_the_paired_intervals(report):
+    from sparcom_jax.report import figures as F
+
+    _, summary, _ = report
+    t = summary["series"]["isn"]
+    fig = F.series_trends(summary["series"]["names"], t, "series")
+    axes = fig.axes
+    for ax, key in ((axes[4], "general_share"), (axes[5], "diagonal_dominance")):
+        (band,) = ax.collections
+        y = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+        per = t["bootstrap"]["per_checkpoint"][key]
+        assert y.min() == pytest.approx(min(per["low"])) and y.max() == pytest.approx(max(per["high"]))
+    no_boot = F.series_trends(summary["series"]["names"], {**t, "bootstrap": None}, "series")
+    assert not no_boot.axes[4].collections

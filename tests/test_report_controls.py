@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sparcom_jax.analysis import (
-    IdentifyConfig, ablate_identification, analyze_model, build_summary, compare_models,
+    IdentifyConfig, ablate_identification, analyze_model, build_summary, compare_models, same_template_control,
 )
 from sparcom_jax.analysis.identify import RULE_SUPPORT
 from sparcom_jax.categories import CATEGORIES
@@ -52,7 +52,7 @@ def report(tmp_path_factory):
     tuned = analyze_model(dense_counts(1, shift=0.2), cfg, name="tuned", **kw)
     tuned_plain = analyze_model(dense_counts(2, shift=0.2), cfg, name="tuned@plain", **kw)
     comp = compare_models(base, tuned)
-    control = compare_models(base, tuned_plain)
+    control = same_template_control(base, tuned, tuned_plain)
     abl = ablate_identification(base["isn"].ident, loss_fn(base["isn"].ident.sets()), n_random=3, n_bins=2)
     precision = {"isn": {c: 0.9 + 0.01 * i for i, c in enumerate(CATEGORIES)}, "note": "demo models, CPU"}
     summary = build_summary({"base": base, "tuned": tuned}, comparison=comp, ablation=abl,
@@ -176,3 +176,54 @@ def test_series_caption_says_when_its_checkpoints_used_different_templates(tmp_p
     else:
         assert f"{note} {said}, so a change between two checkpoints of different templates" in page
         assert page.count(note) == 1
+
+
+def test_template_effect_in_table_and_page(report):
+    """The control's table and the page carry main-minus-control with its paired interval, the
+    same numbers as summary.json, whose estimate is the two comparisons' difference."""
+    out, summary = report
+    ctrl, main = summary["controls"]["same_template"]["isn"], summary["comparison"]["isn"]
+    header, rows = read_csv(out / "tables" / "control_same_template_isn.csv")
+    page = htmllib.unescape((out / "index.html").read_text())
+    for r in rows:
+        eff = ctrl[r[0]]["template_effect"]["jaccard"]
+        assert eff["estimate"] == pytest.approx(main[r[0]]["jaccard"] - ctrl[r[0]]["jaccard"])
+        got = [float(r[header.index(f"template_effect_jaccard{b}")]) for b in ("", "_low", "_high")]
+        assert got == pytest.approx([eff["estimate"], eff["low"], eff["high"]], abs=1e-6)
+        assert eff["low"] <= eff["high"]
+    said = page[page.index("Template effect on the Jaccard (main comparison minus this control): CLS"):]
+    for c, short in zip(CATEGORIES, ("CLS", "CODE", "QA", "GEN", "MATH", "SUM")):
+        e = ctrl[c]["template_effect"]["jaccard"]
+        assert f"{short} {e['estimate']:+.3g} [{e['low']:+.3g}, {e['high']:+.3g}]" in said.split(", with")[0]
+    assert any(ctrl[c]["template_effect"]["jaccard"]["low"] < ctrl[c]["template_effect"]["jaccard"]["high"]
+               for c in CATEGORIES)
+    assert "with 95% paired bootstrap intervals over 8 resamples" in page
+    assert "template_effect_jaccard" not in read_csv(out / "tables" / "comparison_isn.csv")[0]
+
+
+def test_holm_and_length_matched_columns_of_the_dominance_table(report):
+    """The per-category permutation p-values Holm-adjusted (against a brute-force Holm) and the
+    length-matched test reach the dominance table with the summary's values."""
+    out, summary = report
+    s = summary["models"]["base"]["isn"]
+    p = np.asarray(s["permutation"]["per_category_p_value"], float)
+    order = np.argsort(p, kind="stable")
+    holm = np.empty(6)
+    running = 0.0
+    for rank, i in enumerate(order):  # step-down: (m - rank) * p, kept monotone, capped at 1
+        running = max(running, min(1.0, (6 - rank) * p[i]))
+        holm[i] = running
+    header, rows = read_csv(out / "tables" / "base_isn_dominance.csv")
+    col = header.index("permutation_p_holm")
+    assert [float(r[col]) for r in rows[:6]] == pytest.approx(list(holm), abs=1e-6) and rows[6][col] == ""
+    lm = s["length_matched"]
+    assert float(rows[6][header.index("length_matched_permutation_p")]) == pytest.approx(lm["p_value"])
+    assert float(rows[6][header.index("length_matched_null_mean")]) == pytest.approx(lm["null_mean"], abs=1e-6)
+    assert float(rows[2][header.index("length_matched_permutation_p")]) == pytest.approx(
+        lm["per_category_p_value"][2])
+
+
+def test_series_text_says_when_the_trends_carry_no_interval():
+    from sparcom_jax.report.writer import _series_change_text
+
+    assert "carry no intervals" in _series_change_text({"bootstrap": None}, ["a", "b"])

@@ -16,7 +16,7 @@ from sparcom_jax.analysis.identify import (
 )
 from sparcom_jax.analysis.study import (
     Comparison, FieldAnalysis, ModelAnalysis, SeriesComparison, analyze_field, analyze_model, between_groups,
-    build_summary, compare_models, compare_series, subset_diagonal,
+    build_summary, compare_models, compare_series, same_template_control, subset_diagonal,
 )
 from sparcom_jax.analysis.uncertainty import bootstrap, cluster_index, permutation_test, resample_weights
 
@@ -28,6 +28,6 @@ __all__ = [
     "cluster_index", "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",
     "frequency_bins", "frequency_shift", "generality", "identify", "identify_all", "instruction_jaccard",
     "instruction_sets", "layer_distribution", "locate_phases", "matched_random", "per_category_dominance",
-    "permutation_test", "random_like", "resample_weights", "select_units", "size_vs_length", "spearman",
-    "subset_diagonal", "top_instructions", "uniqueness",
+    "permutation_test", "random_like", "resample_weights", "same_template_control", "select_units",
+    "size_vs_length", "spearman", "subset_diagonal", "top_instructions", "uniqueness",
 ]

@@ -28,8 +28,8 @@ from sparcom_jax.analysis.identify import (
     RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import (
-    bootstrap, cluster_index, instruction_bootstrap, one_unit_note, paired_set_intervals, permutation_test,
-    units_per_category,
+    bootstrap, cluster_index, instruction_bootstrap, one_unit_note, paired_intervals, paired_set_intervals,
+    permutation_test, series_dominance, series_figures, set_figures, units_per_category,
 )
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
 from sparcom_jax.stats.counts import Counts
@@ -516,19 +516,64 @@ def _moves(sb: dict, sa: dict) -> dict:
     }
 
 
+def _same_draws(*fields: FieldAnalysis) -> bool:
+    """Whether every field was bootstrapped with the same draws (same records, n_boot, seed and
+    resampling unit), so that their replicates pair up."""
+    w = [f.boot_weights for f in fields]
+    return all(f.replicate_sets is not None and x is not None and x.shape == w[0].shape
+               and np.array_equal(x, w[0]) for f, x in zip(fields, w))
+
+
+def _draws_entry(f: FieldAnalysis) -> dict:
+    b = f.summary["bootstrap"]
+    return {"n_boot": b["n_boot"], "seed": b["seed"], "ci": b["ci"], "unit": b["unit"], "paired": True}
+
+
 def _paired_bootstrap(fb: FieldAnalysis, fa: FieldAnalysis) -> dict | None:
     """Intervals of retained / gained / lost / Jaccard from the two models' replicates, paired
-    by draw; None unless both were bootstrapped with the same draws (same records, n_boot,
-    seed and resampling unit)."""
-    if fb.replicate_sets is None or fa.replicate_sets is None or fb.boot_weights is None \
-            or fa.boot_weights is None or fb.boot_weights.shape != fa.boot_weights.shape \
-            or not np.array_equal(fb.boot_weights, fa.boot_weights):
+    by draw; None unless both were bootstrapped with the same draws."""
+    if not _same_draws(fb, fa):
         return None
-    b = fb.summary["bootstrap"]
     r = paired_set_intervals(fb.ident.category_sets, fa.ident.category_sets, fb.replicate_sets,
-                             fa.replicate_sets, b["ci"])
-    return {"n_boot": b["n_boot"], "seed": b["seed"], "ci": b["ci"], "unit": b["unit"], "paired": True,
-            **{k: r[k] for k in cmp.SET_KEYS}}
+                             fa.replicate_sets, fb.summary["bootstrap"]["ci"])
+    return {**_draws_entry(fb), **{k: r[k] for k in cmp.SET_KEYS}}
+
+
+def _series_bootstrap(fields: Sequence[FieldAnalysis]) -> dict | None:
+    """Paired intervals of a series' trends at every checkpoint and of their change from the first
+    to the last checkpoint (`series_figures`, `series_dominance`: replicate r of every checkpoint
+    rebuilt from one draw of instructions); None unless every checkpoint was bootstrapped with
+    the same draws."""
+    if not _same_draws(*fields):
+        return None
+    f0 = fields[0]
+    sets = [f.ident.category_sets for f in fields]
+    mats = [f.instruction_matrix for f in fields]
+    extra = series_dominance(mats, f0.ident.labels, f0.boot_weights) if all(m is not None for m in mats) else None
+    est = series_figures([x.reshape(C, -1) for x in sets])
+    est.update(extra[0] if extra else {})
+    r = paired_intervals(sets, [f.replicate_sets for f in fields], series_figures, f0.summary["bootstrap"]["ci"],
+                         extra)
+
+    def shaped(v, per_category: bool):
+        v = np.asarray(v)
+        if not per_category:
+            return v
+        return {c: v[..., i] for i, c in enumerate(CATEGORIES)}
+
+    out: dict[str, Any] = {**_draws_entry(f0), "per_checkpoint": {}, "change": {}}
+    for k, v in r.items():
+        if k == "n_outside":
+            continue
+        if k.startswith("change_"):
+            cat = np.ndim(est[k]) == 1
+            out["change"][k[len("change_"):]] = {"estimate": shaped(est[k], cat),
+                                                 **{p: shaped(x, cat) for p, x in v.items()}}
+        else:
+            out["per_checkpoint"][k] = {p: shaped(x, np.ndim(x) == 2)
+                                        for p, x in v.items()}
+    out["n_outside"] = r["n_outside"]
+    return out
 
 
 def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
@@ -691,6 +736,56 @@ def compare_models(
     return out
 
 
+# Figures whose difference between the main comparison and the same-template control is reported.
+TEMPLATE_EFFECT_KEYS = ("retained", "gained", "lost", "jaccard")
+
+
+def _template_effect(fb: FieldAnalysis, fm: FieldAnalysis, fs: FieldAnalysis) -> dict[str, dict]:
+    """{category: template_effect entry} for one section (`same_template_control`)."""
+    def figures(sets):
+        main, same = set_figures(sets[0], sets[1]), set_figures(sets[0], sets[2])
+        return {k: main[k] - same[k] for k in TEMPLATE_EFFECT_KEYS}
+
+    est = figures([f.ident.category_sets.reshape(C, -1) for f in (fb, fm, fs)])
+    paired = _same_draws(fb, fm, fs)
+    r = paired_intervals([f.ident.category_sets for f in (fb, fm, fs)], [f.replicate_sets for f in (fb, fm, fs)],
+                         figures, fb.summary["bootstrap"]["ci"]) if paired else {}
+    draws = _draws_entry(fb) if paired else {"n_boot": None, "seed": None, "ci": None, "unit": None,
+                                              "paired": False}
+    none = dict.fromkeys(("low", "high", "bias", "outside"))
+    return jsonable({c: {**draws, **{k: {"estimate": est[k][i], **({p: v[i] for p, v in r[k].items()} if paired
+                                                                   else none)}
+                                     for k in TEMPLATE_EFFECT_KEYS}}
+                     for i, c in enumerate(CATEGORIES)})
+
+
+def same_template_control(base: ModelAnalysis, tuned: ModelAnalysis, tuned_same: ModelAnalysis) -> dict:
+    """The same-template control: base against the tuned model counted under the base model's
+    template, and how far the main comparison (base against the tuned model under its own
+    template) lies from it.
+
+    Args:
+      base: the base model's analysis (its own template).
+      tuned: the tuned model under its own template (the main comparison's after).
+      tuned_same: the tuned model counted under the base model's template.
+
+    Returns:
+      `compare_models(base, tuned_same)` whose every category entry also has
+      `template_effect`: {n_boot, seed, ci, unit, paired, and per figure of
+      TEMPLATE_EFFECT_KEYS {estimate, low, high, bias, outside}}, the main comparison's
+      figure minus the control's (e.g. Jaccard(base, tuned) - Jaccard(base, tuned_same));
+      the interval is paired (replicate r of all three models from one draw of
+      instructions) when all three were bootstrapped with the same draws, else
+      low ... outside are None and paired is False.
+    """
+    out = compare_models(base, tuned_same)
+    for sec in out["moves"]:
+        if sec in tuned.fields:
+            for c, eff in _template_effect(base[sec], tuned[sec], tuned_same[sec]).items():
+                out[sec][c]["template_effect"] = eff
+    return out
+
+
 class SeriesComparison(dict):
     """The `compare_series` dict (keys in its docstring), displayed as its trends: per section
     |S(c)|, the Jaccard with the first checkpoint and the diagonal along the checkpoints.
@@ -734,7 +829,10 @@ def compare_series(
       vs_base / vs_previous {retained, gained, lost, jaccard} (the first
       entry of vs_previous is None), and contrast_per_category_count /
       contrast_mean_instruction_set_size (the contrast rule's sizes; None
-      when a checkpoint has no contrast identification).
+      when a checkpoint has no contrast identification), and bootstrap: the
+      paired intervals of the trends per checkpoint and of their change from
+      first to last (`_series_bootstrap`; None unless every checkpoint was
+      resampled with the same draws).
     """
     items = list(items)
     if not items:
@@ -760,6 +858,7 @@ def compare_series(
         for k in ("per_category_count", "mean_instruction_set_size"):
             t[f"contrast_{k}"] = (None if any(s.get("contrast") is None for s in sums)
                                   else {c: [s["contrast"][k][c] for s in sums] for c in CATEGORIES})
+        t["bootstrap"] = _series_bootstrap([a[sec] for a in analyses])
         out[sec] = t
     return SeriesComparison(jsonable(out))
 

@@ -273,14 +273,54 @@ def bootstrap(
     return out
 
 
+def paired_intervals(estimates: Sequence[np.ndarray], replicates: Sequence[np.ndarray], figures,
+                     ci: float = 0.95, extra: tuple[dict, dict] | None = None) -> dict:
+    """Bootstrap intervals of figures of several models' category sets, paired by draw.
+
+    Every model was identified on the same records and resampled with the same draws
+    (the same instructions in every replicate), so `figures` sees replicate r of every
+    model together: a difference between models is computed within one draw, and its
+    interval holds only the variation with the instructions drawn that the models do
+    not share.
+
+    Args:
+      estimates: M bool [C, *U] the models' category sets (the estimates).
+      replicates: M uint8 [B, C, ceil(U/8)] packed replicate sets
+        (`bootstrap(keep_sets=True)`), all drawn with the same weights.
+      figures: callable(list of M bool [C, U]) -> {figure: array}.
+      ci: interval coverage.
+      extra: optional (estimates, replicates) of more figures ({figure: value},
+        {figure: B values}) from the same draws, put through the same intervals.
+
+    Returns:
+      {figure: {"low", "high", "bias", "outside"}} and "n_outside" (`percentile_intervals`).
+    """
+    c = estimates[0].shape[0]
+    u = int(np.prod(estimates[0].shape[1:]))
+    reps: dict[str, list] = {}
+    for packed in zip(*replicates, strict=True):
+        for k, v in figures([np.unpackbits(x, axis=1, count=u).astype(bool) for x in packed]).items():
+            reps.setdefault(k, []).append(v)
+    est = figures([e.reshape(c, u) for e in estimates])
+    if extra is not None:
+        est.update(extra[0])
+        reps.update(extra[1])
+    return percentile_intervals(reps, est, ci)
+
+
+def set_figures(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarray]:
+    """{figure of `compare.SET_KEYS`: float [C]} of two models' sets bool [C, U]."""
+    r = compare_sets(before[:, None], after[:, None])
+    return {k: r[k] for k in SET_KEYS}
+
+
 def paired_set_intervals(before: np.ndarray, after: np.ndarray, reps_before: np.ndarray,
                          reps_after: np.ndarray, ci: float = 0.95) -> dict:
     """Bootstrap intervals of a before/after comparison of category sets, paired by draw.
 
-    Both models were identified on the same records and resampled with the same draws
-    (the same instructions in every replicate), so replicate r of one model is compared
-    with replicate r of the other: the intervals show how retained, gained, lost and
-    the Jaccard vary with the instructions drawn. They do not say how much two models
+    Replicate r of one model is compared with replicate r of the other
+    (`paired_intervals`): the intervals show how retained, gained, lost and the
+    Jaccard vary with the instructions drawn. They do not say how much two models
     with the same weights would differ (the precision and same-template controls
     bear on that).
 
@@ -294,19 +334,54 @@ def paired_set_intervals(before: np.ndarray, after: np.ndarray, reps_before: np.
       {figure: {"low", "high", "bias", "outside"} (float [C] each)} for the figures of
       `compare.SET_KEYS`, and "n_outside" (`percentile_intervals`).
     """
-    c = before.shape[0]
-    u = int(np.prod(before.shape[1:]))
+    return paired_intervals([before, after], [reps_before, reps_after], lambda s: set_figures(*s), ci)
 
-    def figures(b, a):
-        r = compare_sets(b.reshape(c, 1, u), a.reshape(c, 1, u))
-        return {k: r[k] for k in SET_KEYS}
 
-    reps: dict[str, list] = {}
-    for rb, ra in zip(reps_before, reps_after, strict=True):
-        b, a = (np.unpackbits(x, axis=1, count=u).astype(bool) for x in (rb, ra))
-        for k, v in figures(b, a).items():
-            reps.setdefault(k, []).append(v)
-    return percentile_intervals(reps, figures(before, after), ci)
+# Figures of a checkpoint series with a paired interval at every checkpoint; those of SERIES_CHANGE
+# also as the change from the first to the last checkpoint (`series_figures`).
+SERIES_CHANGE = ("per_category_count", "unique", "unique_ratio", "general", "general_share", "union")
+
+
+def series_figures(sets: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """The trends of a checkpoint series and their change from first to last.
+
+    Args:
+      sets: S bool [C, U] category sets, in series order.
+
+    Returns:
+      {figure: float [S, C] or [S]} for the figures of SERIES_CHANGE, "vs_base_jaccard" and
+      "vs_previous_jaccard" (NaN at the first checkpoint), and "change_<figure>" (float [C]
+      or scalar: last minus first) for those of SERIES_CHANGE.
+    """
+    per = [{**_replicate_stats(s), "unique_ratio": uniqueness(s)["unique_ratio"],
+            "union": np.asarray(generality(s)["union"])} for s in sets]
+    out = {k: np.stack([p[k] for p in per]).astype(np.float64) for k in SERIES_CHANGE}
+    out["vs_base_jaccard"] = np.stack([set_figures(sets[0], s)["jaccard"] for s in sets])
+    out["vs_previous_jaccard"] = np.stack([np.full(sets[0].shape[0], np.nan)]
+                                          + [set_figures(p, s)["jaccard"] for p, s in zip(sets, sets[1:])])
+    out.update({f"change_{k}": out[k][-1] - out[k][0] for k in SERIES_CHANGE})
+    return out
+
+
+def series_dominance(instruction_matrices: Sequence[np.ndarray], labels: np.ndarray,
+                     weights: np.ndarray) -> tuple[dict, dict]:
+    """(estimates, replicates) of the diagonal dominance along a series and of its change
+    from first to last, every checkpoint's block means taken under the same draws.
+
+    Args:
+      instruction_matrices: S float [N, N] instruction Jaccard of each checkpoint.
+      labels: int [N] category indices.
+      weights: float [B, N] the draws (`resample_weights`).
+
+    Returns:
+      ({"diagonal_dominance": float [S], "change_diagonal_dominance": float},
+       {the same two: B replicate values each}).
+    """
+    est = np.array([diagonal_dominance(category_block_means(m, labels)) for m in instruction_matrices])
+    reps = np.array([[diagonal_dominance(b) for b in category_block_means(m, labels, weights)]
+                     for m in instruction_matrices]).T  # [B, S]
+    return ({"diagonal_dominance": est, "change_diagonal_dominance": est[-1] - est[0]},
+            {"diagonal_dominance": list(reps), "change_diagonal_dominance": list(reps[:, -1] - reps[:, 0])})
 
 
 def instruction_bootstrap(instruction_matrix: np.ndarray, labels: np.ndarray, groups: Sequence, *,

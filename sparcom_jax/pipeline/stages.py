@@ -454,7 +454,9 @@ class Analyses(NamedTuple):
 
 
 def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analyses:
-    """ModelAnalysis of every model with counts (and of the same-template control)."""
+    """ModelAnalysis of every model with counts (and of the controls). The same-template control
+    is bootstrapped with the models' draws (sets only), so its comparison and the template effect
+    get paired intervals (`same_template_control`)."""
     from sparcom_jax.analysis import analyze_model
 
     icfg = cfg.identify.to_rule()
@@ -465,7 +467,10 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
         with timed(f"analyse [{i}/{len(jobs)}] {job.label}"):
             counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype,
                                        content_caps=caps)
-            ma = analyze_model(counts, icfg, name=job.label, **_analysis_kwargs(cfg, full and not job.control))
+            kw = _analysis_kwargs(cfg, full and not job.control)
+            if full and job.control == "same_template":  # the draws of the models, for paired intervals
+                kw.update(n_boot=cfg.identify.n_boot, resample=cfg.identify.resample)
+            ma = analyze_model(counts, icfg, name=job.label, **kw)
             ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
         (controls if job.control else models)[job.control or job.label] = ma
     return Analyses(models, controls)
@@ -533,7 +538,7 @@ def evaluate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
 def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
     """Before/after comparison, the series along every checkpoint, and the same-template
     control (OUT/compare/)."""
-    from sparcom_jax.analysis import compare_models, compare_series
+    from sparcom_jax.analysis import compare_models, compare_series, same_template_control
 
     analyses = analyses or analyze_all(cfg, out, full=True)
     models = analyses.models
@@ -549,7 +554,8 @@ def compare_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None
         written["series"] = _shared_json(out / "compare" / "series.json", series)
     controls = {}
     if "same_template" in analyses.controls:
-        controls["same_template"] = compare_models(models[names[0]], analyses.controls["same_template"])
+        controls["same_template"] = same_template_control(models[names[0]], models[names[-1]],
+                                                          analyses.controls["same_template"])
         written["same_template"] = _shared_json(out / "compare" / "same_template.json",
                                                 controls["same_template"])
     precision = precision_agreement(cfg, analyses)

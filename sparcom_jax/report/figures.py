@@ -304,12 +304,13 @@ def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
         for k, c in enumerate(CATEGORIES):
             ax.plot(x, _arr(d[c]), marker=".", color=f"C{k}", label=SHORT_NAMES[c])
         ax.set_title(lab, fontsize=10)
-    ax = axes[4]
-    ax.plot(x, _arr(trends["general_share"]), marker=".")
-    ax.set_title("generality: general share of the union", fontsize=10)
-    ax = axes[5]
-    ax.plot(x, _arr(trends["diagonal_dominance"]), marker=".", color="k")
-    ax.set_title("instruction-level diagonal dominance", fontsize=10)
+    per = (trends.get("bootstrap") or {}).get("per_checkpoint") or {}
+    for ax, key, title, color in ((axes[4], "general_share", "generality: general share of the union", "C0"),
+                                  (axes[5], "diagonal_dominance", "instruction-level diagonal dominance", "k")):
+        ax.plot(x, _arr(trends[key]), marker=".", color=color)
+        if key in per:  # the paired interval at each checkpoint
+            ax.fill_between(x, _arr(per[key]["low"]), _arr(per[key]["high"]), color=color, alpha=0.15, lw=0)
+        ax.set_title(title, fontsize=10)
     for ax in axes:
         ax.set_xticks(x, names, rotation=30, fontsize=7)
     axes[0].legend(fontsize=7)

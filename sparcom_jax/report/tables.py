@@ -204,13 +204,19 @@ _PAIRED = ("retained", "gained", "lost", "jaccard")
 
 def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> Iterator[Table]:
     """Tables of comparison.<section> (or of a control comparison, with its prefix)."""
+    effect = any(comp[c].get("template_effect") for c in CATEGORIES)  # a same-template control
+    parts = ("estimate", "low", "high")
     yield Table(f"{prefix}_{section}",
                 ["category", *SET_KEYS, "mean_p_before", "mean_p_after", "mean_p_delta",
-                 *[f"contrast_{k}" for k in SET_KEYS], *[f"{k}_{b}" for k in _PAIRED for b in ("low", "high")]],
+                 *[f"contrast_{k}" for k in SET_KEYS], *[f"{k}_{b}" for k in _PAIRED for b in ("low", "high")],
+                 *([f"template_effect_{k}{'' if b == 'estimate' else '_' + b}" for k in _PAIRED for b in parts]
+                   if effect else [])],
                 [[c, *[comp[c][k] for k in SET_KEYS],
                   *[comp[c]["frequency_shift"][k] for k in ("mean_before", "mean_after", "delta")],
                   *[(comp[c].get("contrast") or {}).get(k) for k in SET_KEYS],
-                  *[((comp[c].get("bootstrap") or {}).get(k) or {}).get(b) for k in _PAIRED for b in ("low", "high")]]
+                  *[((comp[c].get("bootstrap") or {}).get(k) or {}).get(b) for k in _PAIRED for b in ("low", "high")],
+                  *([((comp[c].get("template_effect") or {}).get(k) or {}).get(b) for k in _PAIRED for b in parts]
+                    if effect else [])]
                  for c in CATEGORIES])
     rows = []
     for c in CATEGORIES:
@@ -253,23 +259,48 @@ def ablation_rows(d: dict) -> list[list]:
             for i, c in enumerate(CATEGORIES)]
 
 
+# series.<section>.bootstrap.per_checkpoint figures with `<column>_low` / `_high` columns in the series tables.
+_SERIES_CATEGORY = (("size", "per_category_count"), ("unique_ratio", "unique_ratio"),
+                    ("jaccard_vs_first", "vs_base_jaccard"), ("jaccard_vs_previous", "vs_previous_jaccard"))
+_SERIES_MODEL = ("general_share", "diagonal_dominance")
+
+
 def series_tables(section: str, names: list[str], t: dict) -> Iterator[Table]:
-    """Tables of series.<section>."""
+    """Tables of series.<section>: the trends with their paired intervals (empty cells without a
+    bootstrap), and the change of each trend from the first to the last checkpoint."""
+    boot = t.get("bootstrap") or {}
+    per = boot.get("per_checkpoint") or {}
+
+    def bounds(fig, i, c=None):
+        e = per.get(fig) or {}
+        return [None if e.get(b) is None else (e[b] if c is None else e[b][c])[i] for b in ("low", "high")]
+
     rows = []
     for i, n in enumerate(names):
         for c in CATEGORIES:
             rows.append([n, c, t["per_category_count"][c][i], t["unique"][c][i], t["unique_ratio"][c][i],
                          t["vs_base"]["jaccard"][c][i], t["vs_previous"]["jaccard"][c][i],
                          t["vs_previous"]["retained"][c][i], t["vs_previous"]["gained"][c][i],
-                         t["vs_previous"]["lost"][c][i]])
+                         t["vs_previous"]["lost"][c][i], *[x for _, f in _SERIES_CATEGORY for x in bounds(f, i, c)]])
     yield Table(f"series_{section}",
                 ["checkpoint", "category", "size", "unique", "unique_ratio", "jaccard_vs_first",
-                 "jaccard_vs_previous", "retained_vs_previous", "gained_vs_previous", "lost_vs_previous"],
+                 "jaccard_vs_previous", "retained_vs_previous", "gained_vs_previous", "lost_vs_previous",
+                 *[f"{col}_{b}" for col, _ in _SERIES_CATEGORY for b in ("low", "high")]],
                 rows)
     yield Table(f"series_{section}_model", ["checkpoint", "general", "union", "general_share",
-                                            "diagonal_dominance"],
-                [[n, t["general"][i], t["union"][i], t["general_share"][i], t["diagonal_dominance"][i]]
+                                            "diagonal_dominance",
+                                            *[f"{f}_{b}" for f in _SERIES_MODEL for b in ("low", "high")]],
+                [[n, t["general"][i], t["union"][i], t["general_share"][i], t["diagonal_dominance"][i],
+                  *[x for f in _SERIES_MODEL for x in bounds(f, i)]]
                  for i, n in enumerate(names)])
+    if boot:
+        rows = []
+        for fig, e in boot["change"].items():
+            for c in (CATEGORIES if isinstance(e["estimate"], dict) else [None]):
+                rows.append([fig, c, *[e[k] if c is None else e[k][c] for k in ("estimate", "low", "high", "bias",
+                                                                                  "outside")]])
+        yield Table(f"series_{section}_change", ["figure", "category", "change", "low", "high", "bias", "outside"],
+                    rows)
 
 
 def all_tables(summary: dict) -> Iterator[Table]:

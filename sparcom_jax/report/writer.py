@@ -83,7 +83,8 @@ CAPTIONS = {
                             "pair per category (model {model}).",
     "series": "The same figures along the checkpoint series: set sizes, uniqueness, Jaccard with the "
               "first and the previous checkpoint, generality and the instruction-level diagonal "
-              "dominance (mean diagonal minus mean off-diagonal).",
+              "dominance (mean diagonal minus mean off-diagonal); the shaded bands are paired bootstrap "
+              "intervals where the checkpoints were resampled with the same draws.",
     "ablation": "Causal check ({kind}): cell (a, b) is the increase of the mean next-token loss (nats per "
                 "response token) on category b's held-out reference responses when category a's set is "
                 "switched off.",
@@ -248,6 +249,61 @@ def _outside_text(s: dict) -> str:
             "bias columns of the tables); where the estimate lies outside, the interval shows the spread of "
             "the figure over resampled studies, not a range that covers its true value, and with few "
             "resamples chance alone also puts estimates outside")
+
+
+def _interval_list(e: dict, fmt: str, per_category: bool) -> str:
+    """'CLS +3 [-1, 5], ...' (or one value) of an {estimate, low, high} entry."""
+    def one(est, lo, hi):
+        if est is None:
+            return "undefined"
+        return f"{est:{fmt}}" + ("" if lo is None else f" [{lo:{fmt}}, {hi:{fmt}}]")
+
+    if not per_category:
+        return one(e["estimate"], e.get("low"), e.get("high"))
+    low, high = e.get("low") or {}, e.get("high") or {}
+    return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], low.get(c), high.get(c))}" for c in CATEGORIES)
+
+
+def _series_change_text(t: dict, names: Sequence[str]) -> str:
+    """The change of the series' trends from the first to the last checkpoint with its paired
+    interval, and what it can show; without paired draws, that the trends carry no interval."""
+    b = t.get("bootstrap")
+    if not b:
+        return ("The trends carry no intervals (the checkpoints were not bootstrapped with the same draws of "
+                "instructions), so a rise or fall along the series cannot be told from the variation with the "
+                "instructions drawn.")
+    ch = b["change"]
+    unit = "groups of records" if b["unit"] == "group" else "instructions"
+    parts = [f"|S(c)| {_interval_list(ch['per_category_count'], '+.4g', True)}",
+             f"unique ratio {_interval_list(ch['unique_ratio'], '+.3g', True)}",
+             f"general share {_interval_list(ch['general_share'], '+.3g', False)}"]
+    if "diagonal_dominance" in ch:
+        parts.append(f"diagonal dominance {_interval_list(ch['diagonal_dominance'], '+.3g', False)}")
+    return (f"Change from {names[0]} to {names[-1]}, with {b['ci']:.0%} paired bootstrap intervals over "
+            f"{b['n_boot']} resamples of {unit} (the same draw at every checkpoint, so the change is computed "
+            f"within a draw): {'; '.join(parts)}. A change whose interval spans 0 is not told apart from the "
+            "variation with the instructions drawn; one that excludes 0 is a change on these records, not "
+            "evidence that it is monotone in between (the per-checkpoint intervals are in the series tables) "
+            "or larger than two runs of the same weights would differ.")
+
+
+def _template_effect_text(ctrl: Mapping[str, dict]) -> str | None:
+    """The main comparison's Jaccard minus the same-template control's, per category, with its
+    paired interval; None when the control has no template effect entry."""
+    if not all(ctrl[c].get("template_effect") for c in CATEGORIES):
+        return None
+    eff = {c: ctrl[c]["template_effect"] for c in CATEGORIES}
+    first = eff[CATEGORIES[0]]
+    jac = {k: {c: eff[c]["jaccard"][k] for c in CATEGORIES} for k in ("estimate", "low", "high")}
+    txt = f"Template effect on the Jaccard (main comparison minus this control): {_interval_list(jac, '+.3g', True)}"
+    if not first["paired"]:
+        return txt + (", without an interval (the three models were not bootstrapped with the same draws of "
+                      "instructions).")
+    unit = "groups of records" if first["unit"] == "group" else "instructions"
+    return (txt + f", with {first['ci']:.0%} paired bootstrap intervals over {first['n_boot']} resamples of {unit} "
+            "(the same draw for all three models). An interval that excludes 0 says the prompt template moved "
+            "the comparison beyond the variation with the instructions drawn; one that spans 0 does not separate "
+            "a template effect from that variation. Retained, gained and lost are in the control's table.")
 
 
 def _fmt_bias(key: str, v) -> str:
@@ -541,6 +597,9 @@ def write_report(
                                              f"{units} per category", ctrl[sec]))
                     if cname == "same_template":
                         blocks.append(TextBlock(SAME_TEMPLATE_TEXT))
+                        effect = _template_effect_text(ctrl[sec])
+                        if effect:
+                            blocks.append(TextBlock(effect))
         for n, s in have.items():
             if sec == "ise" and s.get("category_mean_frequency"):
                 add(F.expert_heatmaps(s["category_mean_frequency"], f"{n}: expert routing frequency",
@@ -556,6 +615,7 @@ def write_report(
             add(F.series_trends(series["names"], series[sec], f"{SECTION_TITLES[sec]}: along the series"),
                 f"series_{sec}.png", "Checkpoint series",
                 " ".join(filter(None, (CAPTIONS["series"], _series_template_text(summary, series["names"])))))
+            blocks.append(TextBlock(_series_change_text(series[sec], series["names"])))
 
     ablation = summary.get("ablation") or {}
     # Base and tuned sets and losses differ: the page names the model whose check it shows.
