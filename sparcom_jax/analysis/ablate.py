@@ -54,7 +54,9 @@ def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[
 
     Returns:
       The lines, in CATEGORIES order: a category is flagged when its scored records are
-      fewer than MIN_SCORED_RECORDS or below MIN_SCORED_FRACTION of its held-out records.
+      fewer than MIN_SCORED_RECORDS or below MIN_SCORED_FRACTION of its held-out records,
+      with the fix: a longer max_length when prompts cut records away, more held-out
+      records when none was cut.
     """
     lines = []
     for cat in CATEGORIES:
@@ -62,9 +64,12 @@ def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[
         if not cov or not cov["records"]:
             continue
         n, k, t = cov["records"], cov["scored_records"], cov["response_tokens"]
-        if k < MIN_SCORED_RECORDS or k < MIN_SCORED_FRACTION * n:
+        if k < MIN_SCORED_FRACTION * n or MIN_SCORED_RECORDS > k < n:
             lines.append(f"{cat}: its causal-check loss rests on {k} of {n} held-out records ({t} response "
                          f"tokens); the prompts of the rest fill max_length: raise data.max_length")
+        elif k < MIN_SCORED_RECORDS:  # nothing was cut: there are few held-out records
+            lines.append(f"{cat}: its causal-check loss rests on only {k} held-out records ({t} response "
+                         f"tokens): raise ablation.max_records or hold out more records (data.split)")
     return lines
 
 
