@@ -248,3 +248,43 @@ def test_frequency_match_of_the_draws_is_recorded():
     row = dict(zip(ABLATION_HEADER, ablation_rows(d)[2]))
     assert row["set_frequency"] == pytest.approx(14.5 / 15) and row["random_frequency_mean"] == pytest.approx(12.5 / 15)
     assert ablation_matrix(sets, Model(sets), n_random=1).set_frequency is None  # counts-only matching
+
+
+def test_the_records_each_categorys_loss_rests_on_are_recorded_and_thin_ones_flagged():
+    # The demo's held-out SUM records: long prompts cut 5 of 8 at max_length, so SUM's loss
+    # rested on 3 records without a word in the result.
+    from sparcom_jax.analysis.ablate import MIN_SCORED_FRACTION, MIN_SCORED_RECORDS, coverage_warnings
+
+    assert (MIN_SCORED_RECORDS, MIN_SCORED_FRACTION) == (5, 0.5)
+    cov = {c: {"records": 8, "scored_records": 8, "response_tokens": 80} for c in CATEGORIES}
+    cov["summarization"] = {"records": 8, "scored_records": 3, "response_tokens": 21}  # too few
+    cov["code"] = {"records": 12, "scored_records": 5, "response_tokens": 40}  # 5 >= 5 but 5 < 6
+    cov["math"] = {"records": 10, "scored_records": 5, "response_tokens": 30}  # 5 of 10: kept
+    cov["general_qa"] = {"records": 6, "scored_records": 4, "response_tokens": 30}  # 4 >= 3, but 4 < 5
+    sets = layered_sets()
+    model = Model(sets, mass=False)
+    model.coverage = cov
+    r = ablation_matrix(sets, model, n_random=1)
+    assert r.coverage == cov
+    want = ["code: its causal-check loss rests on 5 of 12 held-out records (40 response tokens); the prompts of "
+            "the rest fill max_length: raise data.max_length",
+            "general_qa: its causal-check loss rests on 4 of 6 held-out records (30 response tokens); the "
+            "prompts of the rest fill max_length: raise data.max_length",
+            "summarization: its causal-check loss rests on 3 of 8 held-out records (21 response tokens); the "
+            "prompts of the rest fill max_length: raise data.max_length"]
+    assert coverage_warnings(cov) == want
+    assert repr(r).splitlines()[-3:] == [f"  warning: {w}" for w in want]
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["coverage_warnings"] == want
+    assert AblationResult.from_dict(d).coverage == cov
+    from sparcom_jax.report.tables import ABLATION_HEADER, ablation_rows
+    row = dict(zip(ABLATION_HEADER, ablation_rows(d)[CATEGORIES.index("summarization")]))
+    assert (row["held_out_records"], row["scored_records"], row["response_tokens"]) == (8, 3, 21)
+    # Nothing cut, but few held-out records: the fix is more of them.
+    few = {"generation": {"records": 2, "scored_records": 2, "response_tokens": 9}}
+    assert coverage_warnings(few) == ["generation: its causal-check loss rests on only 2 held-out records (9 "
+                                      "response tokens): raise ablation.max_records or hold out more records "
+                                      "(data.split)"]
+    # A callback that does not say leaves the result silent about it.
+    bare = ablation_matrix(sets, Model(sets), n_random=1)
+    assert bare.coverage is None and bare.to_dict()["coverage_warnings"] == [] and "warning" not in repr(bare)

@@ -417,3 +417,20 @@ def test_a_key_in_the_wrong_section_names_the_section_that_has_it(tmp_path):
     with pytest.raises(ConfigError) as e:  # a key no section has gets no such hint
         apply_overrides(base, ["collect.nonsense=1"])
     assert "did you mean" not in str(e.value)
+
+
+def test_the_demos_held_out_records_all_keep_response_tokens_within_its_max_length():
+    # At data.max_length=128 five of the eight held-out SUM records of the demo kept no
+    # response token (their prompts run to ~190 tokens): SUM's causal-check loss rested on three.
+    from sparcom_jax.data import encode_records
+    from sparcom_jax.data.tokenizer import default_tokenizer
+    from sparcom_jax.pipeline.common import ablate_records
+
+    demo = DemoConfig()
+    recs = ablate_records(ExperimentConfig(name="d", data=demo.data, ablation=demo.ablation, seed=demo.seed))
+    assert len(recs) == 6 * demo.ablation.max_records
+    for template in {demo.data.template, demo.finetune.template}:
+        enc = encode_records(recs, default_tokenizer(), template=template, scope="response",
+                             max_length=demo.data.max_length)
+        assert all(s[1:].any() for s in enc.scopes), template
+        assert max(map(len, enc.ids)) <= max(demo.collect.buckets)

@@ -31,7 +31,7 @@ EXP = {
     "data": {"n_per_category": 2, "max_length": 48},
     "identify": {"eps": 0.05, "n_boot": 0, "n_perm": 0},
     "collect": {"batch_size": 12, "buckets": [48]},
-    "ablation": {"n_random": 1, "max_records": 1, "batch_size": 12, "kinds": ["neurons"]},
+    "ablation": {"n_random": 1, "max_records": 2, "batch_size": 12, "kinds": ["neurons"]},
 }
 
 

@@ -37,6 +37,40 @@ FIELD_KIND: dict[str, str] = {"neuron_active": "neurons", "expert_routed": "expe
                               "expert_neuron_active": "expert_neurons"}
 # Percentiles of the per-draw excess reported in to_dict().
 EXCESS_PERCENTILES = (5, 50, 95)
+# A category's loss resting on fewer scored held-out records than this, or on a smaller
+# share of its held-out records (the rest lost every response token to max_length), is
+# flagged: a handful of (short-prompt) records would stand for the whole category.
+MIN_SCORED_RECORDS = 5
+MIN_SCORED_FRACTION = 0.5
+
+
+def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[str]:
+    """One line per category whose loss rests on few held-out records.
+
+    Args:
+      coverage: {category: {"records": held-out records, "scored_records": those that
+        keep a response token within max_length, "response_tokens": scored tokens}}
+        (`CategoryLoss.coverage`), or None (nothing to check).
+
+    Returns:
+      The lines, in CATEGORIES order: a category is flagged when its scored records are
+      fewer than MIN_SCORED_RECORDS or below MIN_SCORED_FRACTION of its held-out records,
+      with the fix: a longer max_length when prompts cut records away, more held-out
+      records when none was cut.
+    """
+    lines = []
+    for cat in CATEGORIES:
+        cov = (coverage or {}).get(cat)
+        if not cov or not cov["records"]:
+            continue
+        n, k, t = cov["records"], cov["scored_records"], cov["response_tokens"]
+        if k < MIN_SCORED_FRACTION * n or MIN_SCORED_RECORDS > k < n:
+            lines.append(f"{cat}: its causal-check loss rests on {k} of {n} held-out records ({t} response "
+                         f"tokens); the prompts of the rest fill max_length: raise data.max_length")
+        elif k < MIN_SCORED_RECORDS:  # nothing was cut: there are few held-out records
+            lines.append(f"{cat}: its causal-check loss rests on only {k} held-out records ({t} response "
+                         f"tokens): raise ablation.max_records or hold out more records (data.split)")
+    return lines
 
 
 @dataclasses.dataclass(repr=False)
@@ -62,6 +96,10 @@ class AblationResult:
       matching: how the random sets were matched (JSON-safe dict).
       set_frequency: float [C] mean matching frequency of the units of S(a), or
         None when the sets were matched on counts only.
+      coverage: {category: {"records", "scored_records", "response_tokens"}}: the
+        held-out records and response tokens each category's loss rests on (from
+        ``loss_fn.coverage``), or None when the callback gives none; see
+        `coverage_warnings`.
       random_frequency: float [D, C] the same for each random draw, or None. Bins
         match the set only as finely as their width: a top-eps set fills the top
         of its layer's frequency range, whose units outside the set fire less, so
@@ -84,6 +122,7 @@ class AblationResult:
     matching: dict = dataclasses.field(default_factory=dict)
     set_frequency: np.ndarray | None = None
     random_frequency: np.ndarray | None = None
+    coverage: dict | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -93,6 +132,7 @@ class AblationResult:
             f"  set sizes         {per_category_text(self.set_sizes)}",
             "  own-category loss increase beyond random, mean ± sd over draws (nats per response token):",
             "    " + per_category_text([f"{e:+.3g} ± {d:.2g}" for e, d in zip(own, sd)]),
+            *(f"  warning: {w}" for w in coverage_warnings(self.coverage)),
         ])
 
     @property
@@ -152,6 +192,8 @@ class AblationResult:
             "matching": self.matching,
             "set_frequency": None if self.set_frequency is None else by_category(self.set_frequency),
             "random_frequency": self.random_frequency,
+            "coverage": self.coverage,
+            "coverage_warnings": coverage_warnings(self.coverage),
         })
 
     @classmethod
@@ -174,7 +216,7 @@ class AblationResult:
                    off_bin=arr(d.get("off_bin"), np.int64), in_set=arr(d.get("in_set"), np.int64),
                    matching=d.get("matching") or {},
                    set_frequency=None if sf is None else arr([sf[c] for c in CATEGORIES]),
-                   random_frequency=arr(d.get("random_frequency")))
+                   random_frequency=arr(d.get("random_frequency")), coverage=d.get("coverage"))
 
 
 def frequency_bins(freq: np.ndarray, n_bins: int, lead: int = 1) -> np.ndarray:
@@ -312,7 +354,7 @@ def ablation_matrix(
       category_sets: {category: bool [L, F] (neurons), [L, E] (experts) or
         [L, E, G] (expert neurons)}; missing categories give NaN rows.
       loss_fn: mask (True = off) or None -> {category: mean loss}; may expose
-        `last_dropped_mass` after each call.
+        `last_dropped_mass` after each call, and `coverage` (see AblationResult).
       n_random: random control draws per category (default 10).
       seed: RNG seed (draw order: category, then draw, then group, then bin).
       kind: "neurons", "experts" or "expert_neurons" (matched per layer, per
@@ -401,7 +443,7 @@ def ablation_matrix(
         matching={"group": "layer, expert" if lead == 2 else "layer",
                   "frequency_bins": None if bins is None else n_bins,
                   "exclude_tested_set": True},
-        set_frequency=set_freq, random_frequency=rand_freq)
+        set_frequency=set_freq, random_frequency=rand_freq, coverage=getattr(loss_fn, "coverage", None))
 
 
 def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> AblationResult:

@@ -642,7 +642,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     """
     import jax
 
-    from sparcom_jax.analysis.ablate import ablate_identification
+    from sparcom_jax.analysis.ablate import ablate_identification, coverage_warnings
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.parallel.processes import check_same
     from sparcom_jax.stats.losses import make_loss_fn
@@ -703,6 +703,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if is_primary():
                         f.unlink(missing_ok=True)
                     continue
+            for w in coverage_warnings(res.coverage):
+                log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp})
             written["_results"][(spec.label, kind)] = res
         del model
@@ -752,6 +754,10 @@ class _Counting:
     @property
     def last_dropped_mass(self):
         return getattr(self.fn, "last_dropped_mass", None)
+
+    @property
+    def coverage(self):
+        return getattr(self.fn, "coverage", None)
 
     def __exit__(self, *exc):
         self.bar.close()

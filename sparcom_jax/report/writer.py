@@ -643,6 +643,8 @@ def write_report(
         blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['n_random']} matched "
                                  "random draws, dropped routing mass and control quality",
                                  ABLATION_HEADER, ablation_rows(d)))
+        for w in d.get("coverage_warnings") or []:
+            blocks.append(TextBlock(f"Warning: {w}."))
         if not d["n_random"]:
             blocks.append(TextBlock(
                 "No random control sets were drawn (ablation.n_random=0): the loss increases above cannot "
@@ -664,7 +666,9 @@ def write_report(
                 "are wide, and a set chosen for frequent firing fills the top of its layer's range, so where "
                 "the draws fire clearly less than the set, part of the excess can come from removing more "
                 "active units, not from what the set is specific to. dropped_mass = routing probability mass "
-                "removed by the ablation (experts only, when the model reports it)."))
+                "removed by the ablation (experts only, when the model reports it). held_out_records / "
+                "scored_records / response_tokens = the category's held-out records, those that keep a "
+                "response token within data.max_length, and the tokens its loss averages over."))
 
     prec = precision_table(summary.get("precision"))
     if prec is not None:

@@ -100,6 +100,10 @@ class CategoryLoss:
       last_dropped_mass: after a call that removed experts, the softmax mass the
         removed experts had, averaged over every target token (of all categories) and
         the layers; None after any other call (read by `ablation_matrix`).
+      coverage: {category: {"records": its records in `encoded`, "scored_records":
+        those that keep a response token within the cut, "response_tokens": the
+        tokens its loss averages over}} (read by `ablation_matrix`, which flags
+        categories whose loss rests on few records).
     """
 
     def __init__(self, model, encoded, *, kind: str = "neurons", batch_size: int = 8, mesh=None,
@@ -111,6 +115,14 @@ class CategoryLoss:
         self.encoded = encoded
         self.runner = BatchRunner(model, _loss_step, batch_size, mesh=mesh, buckets=buckets)
         self.last_dropped_mass: float | None = None
+        self.coverage: dict[str, dict[str, int]] = {}
+        for cat, scope_T in zip(encoded.categories, encoded.scopes):
+            # The first token is never predicted: a target is a scope token at t >= 1 (`target_mask`).
+            n = int(np.sum(np.asarray(scope_T, bool)[1:]))
+            cov = self.coverage.setdefault(cat, {"records": 0, "scored_records": 0, "response_tokens": 0})
+            cov["records"] += 1
+            cov["scored_records"] += n > 0
+            cov["response_tokens"] += n
 
     def __call__(self, mask: np.ndarray | None = None) -> dict[str, float]:
         ablate = ablation_arrays(self.model, mask, self.kind, self.expert_mode)
