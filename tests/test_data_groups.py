@@ -253,3 +253,47 @@ def test_near_pairs_equal_brute_force_on_random_records(seed):
     recs += [rec(len(recs) + k, r.category, r.instruction) for k, r in enumerate(recs[:5])]  # duplicates
     for threshold in (1.0, 0.75, 0.7, 2 / 3, 0.6, 0.5, 0.4, 1 / 3, 0.1, 1e-10, float(rng.uniform(0.05, 1))):
         assert near_pairs(recs, threshold) == reference_pairs(recs, threshold), threshold
+
+
+def test_each_process_of_a_collection_keeps_the_groups_of_all_records(tmp_path, monkeypatch):
+    """Process k of P counts records k, k+P, ... (its share) and stores their group ids. A chain of
+    near-duplicates 0-1-2 (0 and 2 alone are not near) straddles the shares of two processes: found
+    over one share, 0 and 2 would be two groups in process 0, and 1 a third in process 1."""
+    import jax
+    import numpy as np
+
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline import stages
+    from sparcom_jax.pipeline.common import group_records
+    from sparcom_jax.stats import collect
+
+    chain = [TEXTS[0][1], TEXTS[1][1], TEXTS[3][1]]  # Jaccard 0-1 5/7, 1-2 6/9, 0-2 5/10
+    texts = [(CLS, t) for t in chain] + [(c, f"Name a {c} example.") for c in CATEGORIES[1:]]
+    every = [Record(f"r{i}", c, t) for i, (c, t) in enumerate(texts)]
+    cfg = _cfg("data.scope=prompt")  # prompt: no content caps to tokenize
+    whole = group_records(cfg, every)
+    assert whole[0] == whole[1] == whole[2] != group_records(cfg, every[0::2])[2]  # the case under test
+
+    class Counted(Exception):
+        pass
+
+    stored = {}
+
+    def collect_instructions(model, records, tokenizer, *, groups, **kwargs):
+        stored[jax.process_index()] = ([r.id for r in records], groups)
+        raise Counted
+
+    monkeypatch.setattr(collect, "collect_instructions", collect_instructions)
+    monkeypatch.setattr(stages, "load_spec_model", lambda *a, **k: None)  # no weights: nothing is counted
+    monkeypatch.setattr(stages, "identify_records", lambda cfg: every)
+    monkeypatch.setattr(stages, "collect_fingerprint", lambda *a, **k: ({}, None))  # no tokenizer to load
+    monkeypatch.setattr(stages, "resolve_tokenizer", lambda model: None)
+    monkeypatch.setattr(stages, "barrier", lambda name: None)
+    monkeypatch.setattr(processes, "gather", lambda x: np.stack([np.atleast_1d(x)] * 2))  # both processes alike
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for k in range(2):
+        monkeypatch.setattr(jax, "process_index", lambda k=k: k)
+        with pytest.raises(Counted):
+            stages.collect_stage(cfg, tmp_path / "out", progress=False)
+    for k in range(2):
+        assert stored[k] == ([f"r{i}" for i in range(k, len(texts), 2)], whole[k::2])
