@@ -235,6 +235,9 @@ def test_near_pairs_edge_cases_keep_their_rule():
     assert (0, 1) not in tiny and {(0, 2), (0, 5), (2, 5), (5, 6)} <= set(tiny) and tiny == reference_pairs(recs, 1e-10)
     assert near_pairs(recs, 1e-3) == [p for p in reference_pairs(recs, 1e-3)] and (0, 5) not in near_pairs(recs, 1e-3)
     assert near_pairs([], 0.6) == [] and near_pairs(recs[:1], 1e-10) == []
+    for bad in (0, 1.5, float("nan")):  # outside the rule's range: refused, not an empty list
+        with pytest.raises(ValueError, match=r"group_threshold=.*: a Jaccard in \(0, 1\]"):
+            near_pairs(recs, bad)
 
 
 @pytest.mark.parametrize("seed", range(6))

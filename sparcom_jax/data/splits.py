@@ -218,7 +218,7 @@ def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
 
 # The last few `near_pairs` results, by the records' (category, `group_key`) and the threshold:
 # a run groups one record set many times (its split, every model's counts, the report's data
-# section), and the search is quadratic in the records of a category.
+# section), and the search takes seconds for tens of thousands of records (docs/data.md).
 _PAIRS_CACHE: dict[tuple[str, float], tuple[tuple[int, int], ...]] = {}
 _PAIRS_CACHE_SIZE = 4
 
