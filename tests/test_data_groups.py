@@ -278,3 +278,93 @@ def test_a_category_with_no_record_is_said_once_when_the_records_are_read(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         assert len(identify_records(cfg)) == 30
+
+
+def reference_pairs(recs, threshold):
+    """Every pair of one category whose word sets have a union and an intersection of at least
+    threshold * union, with the 1e-9 slack the rule has always had (0.7 * 10 is 7.000000000000001)."""
+    words = [near_words(r) for r in recs]
+    return [(i, j) for i in range(len(recs)) for j in range(i + 1, len(recs))
+            if recs[i].category == recs[j].category and len(words[i] | words[j])
+            and len(words[i] & words[j]) >= threshold * len(words[i] | words[j]) - 1e-9]
+
+
+def test_near_pairs_edge_cases_keep_their_rule():
+    """Pinned on the all-pairs search before the similarity join replaced it: word-less texts never
+    pair with each other; a threshold of 1 pairs equal word sets only; 7 of 10 words is 0.7; and at a
+    threshold below 1e-9 / union the slack lets disjoint word sets (a word-less text too) pair."""
+    recs = [rec(0, CLS, "?!"), rec(1, CLS, "..."), rec(2, CLS, "a b"), rec(3, CLS, "B a 1"), rec(4, CLS, "b A 22"),
+            rec(5, CLS, "c"), rec(6, CLS, "a b c d e f g h i j"), rec(7, CLS, "a b c d e f g"),
+            rec(8, MATH, "a b")]
+    assert near_pairs(recs, 1.0) == [(3, 4)]
+    assert near_pairs(recs, 0.7) == [(3, 4), (6, 7)] == reference_pairs(recs, 0.7)
+    assert near_pairs(recs, 0.5) == [(2, 3), (2, 4), (3, 4), (6, 7)]
+    tiny = near_pairs(recs, 1e-10)
+    assert (0, 1) not in tiny and {(0, 2), (0, 5), (2, 5), (5, 6)} <= set(tiny) and tiny == reference_pairs(recs, 1e-10)
+    assert near_pairs(recs, 1e-3) == [p for p in reference_pairs(recs, 1e-3)] and (0, 5) not in near_pairs(recs, 1e-3)
+    assert near_pairs([], 0.6) == [] and near_pairs(recs[:1], 1e-10) == []
+    for bad in (0, 1.5, float("nan")):  # outside the rule's range: refused, not an empty list
+        with pytest.raises(ValueError, match=r"group_threshold=.*: a Jaccard in \(0, 1\]"):
+            near_pairs(recs, bad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_near_pairs_equal_brute_force_on_random_records(seed):
+    """Random record sets over small vocabularies: many ties in word frequency and set size,
+    repeated and word-less texts, thresholds at and between the fractions small sets make."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{k}" for k in range(int(rng.integers(3, 12)))] + ["7", "42"]  # numbers are one word
+    recs = []
+    for i in range(int(rng.integers(20, 60))):
+        n = int(rng.integers(0, 8))
+        text = " ".join(rng.choice(vocab, size=n).tolist()) or "?"  # no words: "?"
+        recs.append(rec(i, [CLS, MATH][int(rng.random() < 0.3)], text))
+    recs += [rec(len(recs) + k, r.category, r.instruction) for k, r in enumerate(recs[:5])]  # duplicates
+    for threshold in (1.0, 0.75, 0.7, 2 / 3, 0.6, 0.5, 0.4, 1 / 3, 0.1, 1e-10, float(rng.uniform(0.05, 1))):
+        assert near_pairs(recs, threshold) == reference_pairs(recs, threshold), threshold
+
+
+def test_each_process_of_a_collection_keeps_the_groups_of_all_records(tmp_path, monkeypatch):
+    """Process k of P counts records k, k+P, ... (its share) and stores their group ids. A chain of
+    near-duplicates 0-1-2 (0 and 2 alone are not near) straddles the shares of two processes: found
+    over one share, 0 and 2 would be two groups in process 0, and 1 a third in process 1."""
+    import jax
+    import numpy as np
+
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline import stages
+    from sparcom_jax.pipeline.common import group_records
+    from sparcom_jax.stats import collect
+
+    chain = [TEXTS[0][1], TEXTS[1][1], TEXTS[3][1]]  # Jaccard 0-1 5/7, 1-2 6/9, 0-2 5/10
+    texts = [(CLS, t) for t in chain] + [(c, f"Name a {c} example.") for c in CATEGORIES[1:]]
+    every = [Record(f"r{i}", c, t) for i, (c, t) in enumerate(texts)]
+    cfg = _cfg("data.scope=prompt")  # prompt: no content caps to tokenize
+    whole = group_records(cfg, every)
+    assert whole[0] == whole[1] == whole[2] != group_records(cfg, every[0::2])[2]  # the case under test
+
+    class Counted(Exception):
+        pass
+
+    stored = {}
+
+    def collect_instructions(model, records, tokenizer, *, groups, **kwargs):
+        stored[jax.process_index()] = ([r.id for r in records], groups)
+        raise Counted
+
+    monkeypatch.setattr(collect, "collect_instructions", collect_instructions)
+    monkeypatch.setattr(stages, "load_spec_model", lambda *a, **k: None)  # no weights: nothing is counted
+    monkeypatch.setattr(stages, "identify_records", lambda cfg: every)
+    monkeypatch.setattr(stages, "collect_fingerprint", lambda *a, **k: ({}, None))  # no tokenizer to load
+    monkeypatch.setattr(stages, "resolve_tokenizer", lambda model: None)
+    monkeypatch.setattr(stages, "barrier", lambda name: None)
+    monkeypatch.setattr(processes, "gather", lambda x: np.stack([np.atleast_1d(x)] * 2))  # both processes alike
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for k in range(2):
+        monkeypatch.setattr(jax, "process_index", lambda k=k: k)
+        with pytest.raises(Counted):
+            stages.collect_stage(cfg, tmp_path / "out", progress=False)
+    for k in range(2):
+        assert stored[k] == ([f"r{i}" for i in range(k, len(texts), 2)], whole[k::2])

@@ -53,49 +53,172 @@ def near_words(record: Record) -> frozenset[str]:
     return frozenset(_WORD.findall(_NUMBER.sub("0", group_key(record))))
 
 
-def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
-               chunk: int = 1024) -> list[tuple[int, int]]:
-    """Pairs of records of one category whose word sets (`near_words`) overlap by a Jaccard
-    of at least `threshold`.
+def _check_threshold(threshold: float) -> None:
+    if not 0 < threshold <= 1:
+        raise ValueError(f"group_threshold={threshold}: a Jaccard in (0, 1]")
 
-    Exact and pairwise: per category one [n_c, V] 0/1 matrix of the words that occur in two
-    or more of its records (the others enter the set sizes only), and its products with
-    itself in row chunks (the upper triangle), so time grows as n_c^2 V / 2 and memory as
-    n_c V + chunk n_c.
+
+# The rule's slack on the intersection: 0.7 * 10 is 7.000000000000001 in floating point.
+_SLACK = 1e-9
+# The filters' bounds are loosened by more than _SLACK, so that rounding never drops a pair the
+# rule joins (a looser bound only lets more candidates through to the exact check).
+_BOUND_SLACK = 1e-6
+
+
+def _joins(inter: np.ndarray, union: np.ndarray, threshold: float) -> np.ndarray:
+    """The near rule on float64 counts: a union, and an intersection of at least threshold * union."""
+    return (union > 0) & (inter >= threshold * union - _SLACK)
+
+
+def _least_overlap(size: np.ndarray, factor: float) -> np.ndarray:
+    """A lower bound on the words shared by a joined pair, from one side's size: ceil(factor * size),
+    loosened by _BOUND_SLACK, at least 0."""
+    return np.maximum(np.ceil(factor * size - _BOUND_SLACK), 0).astype(np.int64)
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """The distinct values of a 1-D int array, ascending (sorting: numpy 2.4's np.unique hashes,
+    about 50 times slower on millions of pair codes)."""
+    a = np.sort(a)
+    return a[np.concatenate([[True], a[1:] != a[:-1]])] if a.size else a
+
+
+def _overlaps(ptr: np.ndarray, tok: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|set y & set x| of each pair, int64 [P]: every word of y looked up among x's.
+
+    The sets are rows of a CSR (`ptr` [S + 1], `tok`: each row's word ids, ascending); rows
+    are laid end to end, so set * V + word is ascending over `tok` and one binary search
+    finds a word in a set.
+    """
+    v = int(tok.max()) + 1 if tok.size else 1
+    keys = np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(ptr)) * v + tok
+    ny = ptr[y + 1] - ptr[y]
+    pair = np.repeat(np.arange(y.size), ny)
+    at = np.arange(pair.size) - np.repeat(np.cumsum(ny) - ny, ny) + np.repeat(ptr[y], ny)
+    query = x[pair] * v + tok[at]
+    hit = keys[np.minimum(np.searchsorted(keys, query), keys.size - 1)] == query
+    return np.bincount(pair, hit, minlength=y.size).astype(np.int64)
+
+
+def _set_pairs(sets: list[frozenset[str]], threshold: float, chunk: int) -> np.ndarray:
+    """The pairs of distinct word sets that the near rule joins: int64 [P, 2] (u, v), u < v.
+
+    An exact similarity join (prefix filtering, as in AllPairs / PPJoin): words are numbered
+    rarest first and the sets ordered by size. A joined pair x, y (|y| <= |x|) shares at least
+    o >= t |x| and o >= 2t/(1+t) |y| words, so the first |x| - o + 1 words of x and the first
+    |y| - o + 1 words of y share one: each set is looked up by its first words (a probe prefix
+    for t |x|) among the earlier sets' first words (an index prefix for 2t/(1+t) |y|) of size
+    >= t |x|, and only those candidates are counted exactly. Pairs that share no word (possible
+    only when t * |x| is within the slack of 0, e.g. a set without words) are checked among
+    the sets that could have one, all against all.
+    """
+    if len(sets) < 2:
+        return np.zeros((0, 2), np.int64)
+    df = Counter(w for s in sets for w in s)
+    number = {w: k for k, w in enumerate(sorted(df, key=lambda w: (df[w], w)))}
+    size = np.asarray([len(s) for s in sets], np.int64)
+    order = np.argsort(size, kind="stable")  # set ids below are ranks in this order
+    size = size[order]
+    ptr = np.concatenate([[0], np.cumsum(size)])
+    n = size.size
+    owner = np.repeat(np.arange(n, dtype=np.int64), size)
+    # Each set's word numbers, ascending (rarest first), the sets laid end to end in size order.
+    tok = np.asarray([number[w] for i in order.tolist() for w in sets[i]], np.int64)
+    tok = tok[np.lexsort((tok, owner))]
+    pos = np.arange(tok.size) - ptr[owner]
+    probe_o = _least_overlap(size, threshold)
+    probe = pos < (size - np.maximum(probe_o, 1) + 1)[owner]
+    index = pos < (size - np.maximum(_least_overlap(size, 2 * threshold / (1 + threshold)), 1) + 1)[owner]
+    # Index prefixes by (word, set); with sets in size order, sizes ascend within a word too.
+    i_set, i_tok = owner[index], tok[index]
+    by = np.lexsort((i_set, i_tok))
+    i_set, i_tok = i_set[by], i_tok[by]
+    big = int(size[-1]) + 1
+    key_set, key_size = i_tok * n + i_set, i_tok * big + size[i_set]
+    # Per probe word of x: the earlier sets (rank < x) of size >= t |x| holding it in their index prefix.
+    p_set, p_tok = owner[probe], tok[probe]
+    lo = np.searchsorted(key_size, p_tok * big + probe_o[p_set])
+    count = np.maximum(np.searchsorted(key_set, p_tok * n + p_set) - lo, 0)
+
+    def joined(x, y):  # the exact check of candidate pairs (x, y)
+        inter = _overlaps(ptr, tok, y, x).astype(np.float64)
+        keep = _joins(inter, (size[x] + size[y]).astype(np.float64) - inter, threshold)
+        u, v = order[x[keep]], order[y[keep]]
+        return np.minimum(u, v) * n + np.maximum(u, v)
+
+    # Sets that may join a set sharing no word with them (the slack): all against all.
+    loose = np.flatnonzero(probe_o == 0)
+    ly, lx = np.triu_indices(loose.size, 1)
+    found = [joined(loose[lx], loose[ly])]
+    per_set = np.concatenate([[0], np.cumsum(np.bincount(p_set, count, minlength=n).astype(np.int64))])
+    start = 0
+    while start < n:  # chunks of whole sets, so that a pair found through two words is checked once
+        stop = max(int(np.searchsorted(per_set, per_set[start] + chunk, "right")) - 1, start + 1)
+        a, b = np.searchsorted(p_set, [start, stop])
+        c = count[a:b]
+        x = np.repeat(p_set[a:b], c)
+        y = i_set[np.repeat(lo[a:b], c) + np.arange(x.size) - np.repeat(np.cumsum(c) - c, c)]
+        cand = _distinct(x * n + y)
+        found.append(joined(cand // n, cand % n))
+        start = stop
+    codes = _distinct(np.concatenate(found))  # the loose sets' pairs may have been candidates too
+    return np.stack([codes // n, codes % n], 1)
+
+
+def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
+               chunk: int = 1 << 20) -> list[tuple[int, int]]:
+    """Pairs of records of one category whose word sets (`near_words`) overlap by a Jaccard
+    of at least `threshold` (intersection >= threshold * union - 1e-9).
+
+    Exact, without comparing all pairs: records with one word set are joined to each other
+    and, as one set, to the other sets by a prefix-filtered similarity join (`_set_pairs`),
+    which counts only the pairs of sets that share one of their rarest words. The time grows
+    with the candidates and the pairs found, not with n_c^2 (docs/data.md has measurements);
+    the result is the list of record pairs, so a template with k variants of one word set
+    alone gives k (k - 1) / 2 pairs.
 
     Args:
       records: the records.
       threshold: the smallest Jaccard that joins two records, in (0, 1].
-      chunk: rows per product.
+      chunk: candidate pairs generated and checked at a time (memory).
 
     Returns:
       (i, j) index pairs, i < j, sorted. Two records without words are never a pair.
+
+    Raises:
+      ValueError: on a threshold outside (0, 1].
     """
-    out: list[tuple[int, int]] = []
+    _check_threshold(threshold)
+    out = []
     for cat in CATEGORIES:
+        ids: dict[frozenset[str], int] = {}
+        of = np.asarray([ids.setdefault(near_words(r), len(ids)) for r in records if r.category == cat], np.int64)
         idx = np.asarray([i for i, r in enumerate(records) if r.category == cat], np.int64)
-        words = [near_words(records[i]) for i in idx]
-        df = Counter(w for ws in words for w in ws)
-        vocab = {w: k for k, w in enumerate(w for w, n in df.items() if n > 1)}
-        x = np.zeros((idx.size, len(vocab)), np.float32)  # counts below 2**24 are exact in float32
-        for row, ws in enumerate(words):
-            x[row, [vocab[w] for w in ws if w in vocab]] = 1.0
-        size = np.asarray([len(ws) for ws in words], np.float64)
-        for s in range(0, idx.size, chunk):
-            # Rows s.. against columns s.. only: the pairs (i, j > i) of this chunk.
-            inter = (x[s:s + chunk] @ x[s:].T).astype(np.float64)       # [chunk, n_c - s]
-            union = size[s:s + chunk, None] + size[None, s:] - inter
-            # A tolerance: 0.7 * 10 is 7.000000000000001 in floating point.
-            hit = (union > 0) & (inter >= threshold * union - 1e-9)
-            rows, cols = np.nonzero(hit)
-            keep = cols > rows
-            out += zip(idx[rows[keep] + s].tolist(), idx[cols[keep] + s].tolist())
-    return sorted(out)
+        # The records of each word set, laid end to end in set order (and record order within a set).
+        mem = idx[np.argsort(of, kind="stable")]
+        n_of = np.bincount(of, minlength=len(ids))
+        mem_ptr = np.concatenate([[0], np.cumsum(n_of)])
+        sets = list(ids)
+        # Records of one word set are joined when the set joins itself (it has words and t <= 1).
+        words = np.asarray([len(s) for s in sets], np.float64)
+        for s in np.flatnonzero((n_of > 1) & _joins(words, words, threshold)):
+            first, second = np.triu_indices(int(n_of[s]), 1)
+            m = mem[mem_ptr[s]:mem_ptr[s + 1]]
+            out.append(m[first] * len(records) + m[second])
+        u, v = _set_pairs(sets, threshold, chunk).T
+        # Every record of u with every record of v.
+        k = n_of[u] * n_of[v]
+        at = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+        a = mem[np.repeat(mem_ptr[u], k) + at // np.repeat(n_of[v], k)]
+        b = mem[np.repeat(mem_ptr[v], k) + at % np.repeat(n_of[v], k)]
+        out.append(np.minimum(a, b) * len(records) + np.maximum(a, b))
+    codes = np.sort(np.concatenate([np.zeros(0, np.int64), *out]))
+    return list(zip((codes // max(len(records), 1)).tolist(), (codes % max(len(records), 1)).tolist()))
 
 
 # The last few `near_pairs` results, by the records' (category, `group_key`) and the threshold:
 # a run groups one record set many times (its split, every model's counts, the report's data
-# section), and the search is quadratic in the records of a category.
+# section), and the search takes seconds for tens of thousands of records (docs/data.md).
 _PAIRS_CACHE: dict[tuple[str, float], tuple[tuple[int, int], ...]] = {}
 _PAIRS_CACHE_SIZE = 4
 
@@ -134,8 +257,7 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
         return keys
     if by != "near":
         raise ValueError(f"group_by={by!r}: use 'near' (near-duplicate instructions) or 'text' (identical text)")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"group_threshold={threshold}: a Jaccard in (0, 1]")
+    _check_threshold(threshold)
     parent = list(range(len(records)))
 
     def root(i: int) -> int:
