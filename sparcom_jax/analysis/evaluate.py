@@ -35,7 +35,11 @@ def category_overlap(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return safe_div(inter, union), safe_div(inter, np.minimum(size[:, None], size[None, :]))
 
 
-def instruction_jaccard(ident: Identification, *, budget_bytes: int = 1 << 27) -> np.ndarray:
+# Bytes of float32 instruction rows one block of `instruction_jaccard` holds (analysis.memory sizes from it).
+JACCARD_BLOCK_BYTES = 1 << 27
+
+
+def instruction_jaccard(ident: Identification, *, budget_bytes: int = JACCARD_BLOCK_BYTES) -> np.ndarray:
     """Jaccard of every pair of instruction sets.
 
     |A∩B| = X X^T over float32 blocks of rows (exact: counts < 2**24), |A∪B| =
