@@ -75,9 +75,10 @@ def field_bytes(n: int, u: int, *, n_boot: int = 100, n_perm: int = 999, instruc
     if instruction_level:
         b = min(n, max(1, JACCARD_BLOCK_BYTES // (4 * max(u, 1))))
         # float32 rows of one block (two blocks when N does not fit in one: xi, xj) beside the
-        # float32 [N, N] result, and per block pair the float64 intersections, unions, safe_div's
-        # float64 quotient (NaN-filled) and its float32 copy.
-        jaccard = idents + sets + 4 * u * b * (1 if b >= n else 2) + jmat + 28 * b * b
+        # float32 [N, N] result, and per block pair the intersections, unions, NaN-filled
+        # quotients (float32 while |A| + |B| < 2**24, else float64) and the union != 0 mask.
+        pair = 3 * (4 if 2 * u < 1 << 24 else 8) + 1
+        jaccard = idents + sets + 4 * u * b * (1 if b >= n else 2) + jmat + pair * b * b
     boot_keep = 0
     boot = 0
     if n_boot > 0:
@@ -88,7 +89,9 @@ def field_bytes(n: int, u: int, *, n_boot: int = 100, n_perm: int = 999, instruc
         agg = item * n_agg * batch * C * u
         # Summing a chunk: its float32 rows, and a [batch, u] product per category.
         summing = 4 * rows * u + item * batch * u
-        boot = idents + sets + jmat + boot_keep + agg + max(summing, _block_means(n, n_boot) if instruction_level else 0)
+        # The aggregates go after their batch; the last chunk's rows stay (a loop variable).
+        boot = idents + sets + jmat + boot_keep + max(
+            agg + summing, 4 * rows * u + (_block_means(n, n_boot) if instruction_level else 0))
     held = idents + sets + jmat + boot_keep
     perm = 0
     p = min(PERM_BATCH, n_perm)
@@ -99,9 +102,9 @@ def field_bytes(n: int, u: int, *, n_boot: int = 100, n_perm: int = 999, instruc
         perm = held + shuffles
     between = 0
     if instruction_level and groups:
-        # A float64 copy of the matrix with its within-group pairs NaN and the bool [N, N]
-        # same-group mask; pair_terms of float64 pairs holds the where() result and its copy.
-        between = held + 9 * n * n + max(17 * n * n, shuffles, _block_means(n, n_boot) if n_boot else 0)
+        # A float32 copy of the matrix with its within-group pairs NaN and the bool [N, N]
+        # same-group mask; pair_terms' float64 values and bool and float64 validity.
+        between = held + 5 * n * n + max(17 * n * n, shuffles, _block_means(n, n_boot) if n_boot else 0)
     steps = {"identify": identify, "jaccard": jaccard, "bootstrap": boot, "permutation": perm,
              "between_groups": between}
     return {"held": sets, **steps, "peak": max(steps.values()), "kept": idents + jmat + boot_keep}

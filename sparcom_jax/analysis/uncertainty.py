@@ -244,6 +244,9 @@ def bootstrap(
                 reps.setdefault(k, []).append(v)
             if keep_sets:
                 kept.append(np.packbits(sets, axis=1))
+        # The aggregates are not needed past their batch: held on, they sat beside the
+        # instruction-level replicates' [N, N] and [B, N, C] float64 arrays.
+        del agg, agg_strength
     est = _replicate_stats(ident.category_sets.reshape(C, -1))
     if instruction_matrix is not None:
         ins_est, ins_reps = _instruction_replicates(instruction_matrix, ident.labels, w_all)
