@@ -1,27 +1,19 @@
 """The analysis' host-memory estimate (sparcom_jax.analysis.memory) against tracemalloc."""
 
 import functools
+import sys
 import tracemalloc
-
-import numpy as np
+from pathlib import Path
 
 from sparcom_jax.analysis import IdentifyConfig, analyze_model
 from sparcom_jax.analysis import study
 from sparcom_jax.analysis.memory import analysis_bytes
-from sparcom_jax.categories import CATEGORIES
-from sparcom_jax.stats.counts import Counts
 
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+sys.path.insert(0, str(ROOT / "scripts"))
 
-def _counts(n: int, layers: int, width: int) -> Counts:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(8, 64, n).astype(np.int32)
-    labels = np.arange(n) % 6
-    p = rng.random((6, layers * width))[labels] * rng.random((n, 1))
-    act = rng.binomial(tokens[:, None], p).astype(np.int32).reshape(n, layers, width)
-    return Counts(tokens=tokens, neuron_active=act, neuron_act_sum=act.astype(np.float32) * rng.random(act.shape, dtype=np.float32),
-                  categories=[CATEGORIES[c] for c in labels], ids=[f"r{i}" for i in range(n)],
-                  sources=["human" if i % 2 else "generated" for i in range(n)],
-                  groups=[f"g{i // 12}-{i % 6}" for i in range(n)])  # pairs of one category share a key
+from bench_analysis_memory import random_counts  # noqa: E402
 
 
 def test_the_estimate_follows_each_step_of_the_analysis(monkeypatch):
@@ -30,10 +22,10 @@ def test_the_estimate_follows_each_step_of_the_analysis(monkeypatch):
     Dropping any term of 10% or more of its step fails here (measured: each step is within
     6%; the identify step's vote counts, 0.4 of 3.5 MB, are below that)."""
     n, layers, width, n_boot, n_perm = 400, 2, 1024, 50, 64
-    counts = _counts(n, layers, width)
+    counts = random_counts(n, layers, width)
     rule = IdentifyConfig(ties="break")
     # Once untraced first: the modules it imports on a first call would count (~1 MB).
-    analyze_model(_counts(24, layers, 64), rule, n_boot=2, n_perm=2, top_units=0)
+    analyze_model(random_counts(24, layers, 64), rule, n_boot=2, n_perm=2, top_units=0)
     peaks = {}
 
     def measured(name, step):
@@ -81,3 +73,77 @@ def _wrap_jaccard(peaks):
         peaks["jaccard"] = tracemalloc.get_traced_memory()[1]
         return out
     return wrapper
+
+
+def test_the_dry_run_plans_the_analysis_and_every_process_s_merged_counts(tmp_path):
+    """The plan's analysis is `analysis_bytes` of the config's fields and settings (the full
+    analysis for evaluate, identification alone for identify), and on several processes each
+    also holds one model's merged counts (`merge_shares`: the merged arrays, and one process's
+    share read into them), which the plan left out."""
+    from sparcom_jax.config import load_config
+    from sparcom_jax.pipeline import format_plan, memory_plan
+
+    over = [f"data.path={tmp_path / 'absent.jsonl'}", "data.n_per_category=200", "mesh.devices=8"]
+    cfg = load_config(CONFIGS / "llama2_7b.yaml", over)
+    evaluate = memory_plan(cfg, "evaluate")["analysis_host"]
+    identify = memory_plan(cfg, "identify")["analysis_host"]
+    assert evaluate["n_instructions"] == 1200 and evaluate["merged_counts"] == 0
+    fields = {"neuron_active": (32, 11008)}
+    s = cfg.identify
+    full = analysis_bytes(1200, fields, models=2, n_boot=s.n_boot, n_perm=s.n_perm)
+    assert evaluate["peak"] == evaluate["per_process"] == full["peak_all"] > 2 * 4 * 1200 ** 2
+    assert identify["peak"] == analysis_bytes(1200, fields, models=2, n_boot=0, n_perm=0,
+                                              instruction_level=False)["peak_all"] < evaluate["peak"]
+    two = memory_plan(load_config(CONFIGS / "llama2_7b.yaml", over + ["mesh.num_processes=2"]), "evaluate")
+    store = two["count_store"]["bytes_per_model"]
+    assert two["analysis_host"]["merged_counts"] == store + store // 2
+    assert two["analysis_host"]["per_process"] == evaluate["peak"] + store + store // 2
+    assert "merged counts" in format_plan(two)
+
+
+def test_between_groups_holds_its_copy_of_the_matrix_in_float32():
+    """Its copy of the float32 instruction matrix (within-group pairs set to NaN) was float64:
+    with pair_terms' float64 values and validity (17 N^2 bytes at their peak) it held 26 N^2,
+    now 22 N^2 (the copy, the bool same-group mask and pair_terms); the figures read the
+    copy in float64 either way, so they are unchanged (tests/test_analysis_clusters.py)."""
+    import numpy as np
+
+    n = 1000
+    rng = np.random.default_rng(0)
+    m = rng.random((n, n), dtype=np.float32)
+    m = (m + m.T) / 2
+    labels = np.arange(n) % 6
+    groups = [f"g{i // 12}-{i % 6}" for i in range(n)]
+    study.between_groups(m, labels, groups, n_perm=0)  # imports untraced
+    tracemalloc.start()
+    try:
+        r = study.between_groups(m, labels, groups, n_perm=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r["within_group_pairs"]["math"] > 0
+    assert 21 * n * n < peak < 24 * n * n, peak / n / n
+
+
+def test_instruction_jaccard_in_float32_equals_the_float64_quotient_rounded():
+    """The [b, b] intersections, unions and quotients are float32 now (13 bytes per pair
+    against 28): both integers are exact below 2**24 and float32 division rounds once, so
+    every entry must equal the float64 quotient rounded to float32, bit for bit (NaN where
+    both sets are empty)."""
+    import numpy as np
+
+    from sparcom_jax.analysis import identify
+    from sparcom_jax.analysis.evaluate import instruction_jaccard
+
+    counts = random_counts(300, 2, 500)
+    counts.neuron_active[:3] = 0  # empty sets: NaN against each other
+    ident = identify(counts, "neuron_active", IdentifyConfig(eps=0.2, ties="keep"))
+    x = ident.instruction_sets().reshape(300, -1).astype(np.float64)
+    inter = x @ x.T
+    union = x.sum(1)[:, None] + x.sum(1)[None] - inter
+    with np.errstate(invalid="ignore"):
+        want = (inter / union).astype(np.float32)
+    got = instruction_jaccard(ident)
+    assert np.isnan(got[0, 1]) and len(np.unique(want[np.isfinite(want)])) > 1000
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(instruction_jaccard(ident, budget_bytes=4 * 1000 * 7), want)  # 7-row blocks
