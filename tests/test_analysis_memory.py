@@ -5,6 +5,8 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from sparcom_jax.analysis import IdentifyConfig, analyze_model
 from sparcom_jax.analysis import study
 from sparcom_jax.analysis.memory import analysis_bytes
@@ -16,12 +18,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_analysis_memory import random_counts  # noqa: E402
 
 
-def test_the_estimate_follows_each_step_of_the_analysis(monkeypatch):
+@pytest.mark.parametrize("instruction_level", [True, False])
+def test_the_estimate_follows_each_step_of_the_analysis(monkeypatch, instruction_level):
     """Each step's tracemalloc peak (above the analysis' start) within 10% of its term, and
     the whole analysis' peak: the dry run printed 11 MB for an analysis that peaked at 71 MB.
     Dropping any term of 10% or more of its step fails here (measured: each step is within
-    6%; the identify step's vote counts, 0.4 of 3.5 MB, are below that)."""
-    n, layers, width, n_boot, n_perm = 400, 2, 1024, 50, 64
+    3%; what the earlier steps keep, 0.7 of 22 MB, is below that). Without the instruction
+    level the bootstrap's peak is its category aggregates, which the N x N replicates hide."""
+    n, layers, width, n_boot, n_perm = 800, 2, 2048, 50, 64
     counts = random_counts(n, layers, width)
     rule = IdentifyConfig(ties="break")
     # Once untraced first: the modules it imports on a first call would count (~1 MB).
@@ -46,13 +50,15 @@ def test_the_estimate_follows_each_step_of_the_analysis(monkeypatch):
     monkeypatch.setattr(study.ev, "instruction_jaccard", _wrap_jaccard(peaks))
     tracemalloc.start()
     try:
-        analyze_model(counts, rule, n_boot=n_boot, n_perm=n_perm, top_units=0)
+        analyze_model(counts, rule, n_boot=n_boot, n_perm=n_perm, top_units=0, instruction_level=instruction_level)
         _restart(peaks)
     finally:
         tracemalloc.stop()
-    est = analysis_bytes(n, {"neuron_active": (layers, width)}, n_boot=n_boot, n_perm=n_perm)
+    est = analysis_bytes(n, {"neuron_active": (layers, width)}, n_boot=n_boot, n_perm=n_perm,
+                         instruction_level=instruction_level)
     field = est["fields"]["neuron_active"]
     total = peaks.pop("total")
+    assert len(peaks) == (5 if instruction_level else 2), peaks
     for step, peak in peaks.items():
         assert abs(field[step] - peak) < 0.1 * peak, (step, field[step], peak)
     assert abs(est["peak"] - total) < 0.1 * total, (est["peak"], total)

@@ -66,11 +66,12 @@ def field_bytes(n: int, u: int, *, n_boot: int = 100, n_perm: int = 999, instruc
     need_sets = instruction_level or (n_boot > 0 and not pooled)
     sets = (n * -(-u // 8) if packed else n * u) if need_sets else 0
     jmat = 4 * n * n if instruction_level else 0
-    # Each rule's Identification: bool category sets and float32 category means [C, u].
+    # Each rule's Identification: bool category sets and float32 category means [C, u]
+    # (made once the chunks are read).
     idents = rules * 5 * C * u
     rows = min(chunk, n)
     # Per rule an int64 [C, u] vote count, and the float64 [C, u] frequency sum.
-    identify = idents + sets + _IDENTIFY_ROW_BYTES[strength] * rows * u + 8 * C * u * (rules + 1)
+    identify = sets + _IDENTIFY_ROW_BYTES[strength] * rows * u + 8 * C * u * (rules + 1)
     jaccard = 0
     if instruction_level:
         b = min(n, max(1, JACCARD_BLOCK_BYTES // (4 * max(u, 1))))
