@@ -88,11 +88,13 @@ def field_bytes(n: int, u: int, *, n_boot: int = 100, n_perm: int = 999, instruc
         # The float32 [B, N] draws and every replicate's bit-packed sets (kept for a paired comparison).
         boot_keep = 4 * n_boot * n + n_boot * C * -(-u // 8)
         agg = item * n_agg * batch * C * u
-        # Summing a chunk: its float32 rows, and a [batch, u] product per category.
-        summing = 4 * rows * u + item * batch * u
+        # A chunk's rows: float32 S(I) (consensus), or float32 frequencies, their float64 exact
+        # copy and float32 strengths (pooled; not measured in tests/test_analysis_memory.py).
+        chunk_rows = (4 if not pooled else 4 + 8 + 4 * strength) * rows * u
+        summing = chunk_rows + item * batch * u  # and a [batch, u] product per category
         # The aggregates go after their batch; the last chunk's rows stay (a loop variable).
         boot = idents + sets + jmat + boot_keep + max(
-            agg + summing, 4 * rows * u + (_block_means(n, n_boot) if instruction_level else 0))
+            agg + summing, chunk_rows + (_block_means(n, n_boot) if instruction_level else 0))
     held = idents + sets + jmat + boot_keep
     perm = 0
     p = min(PERM_BATCH, n_perm)
