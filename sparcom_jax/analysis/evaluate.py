@@ -35,7 +35,11 @@ def category_overlap(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return safe_div(inter, union), safe_div(inter, np.minimum(size[:, None], size[None, :]))
 
 
-def instruction_jaccard(ident: Identification, *, budget_bytes: int = 1 << 27) -> np.ndarray:
+# Bytes of float32 instruction rows one block of `instruction_jaccard` holds (analysis.memory sizes from it).
+JACCARD_BLOCK_BYTES = 1 << 27
+
+
+def instruction_jaccard(ident: Identification, *, budget_bytes: int = JACCARD_BLOCK_BYTES) -> np.ndarray:
     """Jaccard of every pair of instruction sets.
 
     |A∩B| = X X^T over float32 blocks of rows (exact: counts < 2**24), |A∪B| =
@@ -53,16 +57,21 @@ def instruction_jaccard(ident: Identification, *, budget_bytes: int = 1 << 27) -
     n, u = ident.n, ident.n_units
     if u >= 1 << 24:
         raise ValueError(f"{u} units exceed exact float32 counting; split the field")
-    size = ident.instruction_size.astype(np.float64)
+    # |A| + |B| is exact in float32 below 2**24, and so is the quotient of two exact integers
+    # (float32 division rounds once, like float64 division rounded to float32), at half the
+    # memory of float64 [b, b] intersections, unions and quotients.
+    dtype = np.float32 if 2 * u < 1 << 24 else np.float64
+    size = ident.instruction_size.astype(dtype)
     out = np.empty((n, n), np.float32)
     b = max(1, budget_bytes // (4 * max(u, 1)))
     for i0 in range(0, n, b):
         xi = ident.instruction_rows(i0, min(i0 + b, n)).astype(np.float32)
         for j0 in range(i0, n, b):
             xj = xi if j0 == i0 else ident.instruction_rows(j0, min(j0 + b, n)).astype(np.float32)
-            inter = (xi @ xj.T).astype(np.float64)
+            inter = (xi @ xj.T).astype(dtype, copy=False)
             union = size[i0:i0 + xi.shape[0], None] + size[None, j0:j0 + xj.shape[0]] - inter
-            jac = safe_div(inter, union).astype(np.float32)
+            jac = np.full(inter.shape, np.nan, dtype)
+            np.divide(inter, union, out=jac, where=union != 0)
             out[i0:i0 + xi.shape[0], j0:j0 + xj.shape[0]] = jac
             out[j0:j0 + xj.shape[0], i0:i0 + xi.shape[0]] = jac.T
     return out

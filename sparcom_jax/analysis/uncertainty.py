@@ -56,6 +56,11 @@ from sparcom_jax.analysis.identify import (
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.stats.counts import Counts
 
+# Bytes of the category aggregates of one batch of bootstrap replicates, and permutations per
+# matrix product of the permutation test (analysis.memory sizes the analysis from both).
+BOOT_BATCH_BYTES = 1 << 28
+PERM_BATCH = 64
+
 
 def cluster_index(labels: np.ndarray, groups: Sequence | None = None) -> np.ndarray:
     """The resampling unit of each record.
@@ -189,7 +194,7 @@ def bootstrap(
     n_boot: int = 100,
     seed: int = 0,
     ci: float = 0.95,
-    budget_bytes: int = 1 << 28,
+    budget_bytes: int = BOOT_BATCH_BYTES,
     groups: Sequence | None = None,
     keep_sets: bool = False,
 ) -> dict:
@@ -260,6 +265,9 @@ def bootstrap(
                 reps.setdefault(k, []).append(v)
             if keep_sets:
                 kept.append(np.packbits(sets, axis=1))
+        # The aggregates are not needed past their batch: held on, they sat beside the
+        # instruction-level replicates' [N, N] and [B, N, C] float64 arrays.
+        del agg, agg_strength
     est = _replicate_stats(ident.category_sets.reshape(C, -1))
     if instruction_matrix is not None:
         ins_est, ins_reps = _instruction_replicates(instruction_matrix, ident.labels, w_all)
@@ -488,7 +496,7 @@ def _cluster_strata(strata: Sequence, clusters: np.ndarray, k: int) -> list[np.n
 
 def permutation_test(
     instruction_matrix: np.ndarray, labels: np.ndarray, *, n_perm: int = 999, seed: int = 0,
-    batch: int = 64, strata: Sequence | None = None, groups: Sequence | None = None,
+    batch: int = PERM_BATCH, strata: Sequence | None = None, groups: Sequence | None = None,
 ) -> dict:
     """Is the diagonal of the instruction-level overlap larger than chance?
 

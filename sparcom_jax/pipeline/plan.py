@@ -232,14 +232,37 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         plan["count_store"] = {"n_instructions": N, "bytes_per_instruction": per_instr,
                                "fields": {k: list(v) for k, v in count_fields(mcfg, cfg.collect.sums).items()},
                                "bytes_per_model": None if N is None else per_instr * N, "models": len(specs)}
-    if {"identify", "evaluate", "compare", "report"} & set(stages):  # N is set: these need the store too
-        U = max(math.prod(s) for s in cnt.values())
-        plan["analysis_host"] = {"chunk_frequencies": cfg.identify.chunk * U * 4,
-                                 # bool S(I) while the instruction-level overlap is computed
-                                 "instruction_sets": None if N is None else N * U,
-                                 "instruction_matrix": None if N is None else N * N * 4}
+    if {"identify", "evaluate", "compare", "report"} & set(stages) and N is not None:
+        plan["analysis_host"] = analysis_plan(cfg, cnt, N, len(specs), stages, plan["count_store"])
     plan["rows"] = rows
     return plan
+
+
+def analysis_plan(cfg: ExperimentConfig, unit_shapes: dict[str, tuple[int, ...]], n: int, models: int,
+                  stages: tuple[str, ...], store: dict[str, Any]) -> dict[str, Any]:
+    """Host memory of the analysis stages (`sparcom_jax.analysis.memory`), per process.
+
+    The evaluate, compare and report stages analyse in full (bootstrap, permutations, the
+    N x N instruction overlap); identify and ablate only identify. Every model's analysis is
+    kept while the next one runs. In a multi-process run every process merges the counts of
+    the model it analyses into memory (`merge_shares`: the merged arrays, while one process's
+    share is read into them), beside the analysis.
+    """
+    from sparcom_jax.analysis.memory import analysis_bytes
+
+    s = cfg.identify
+    full = bool({"evaluate", "compare", "report"} & set(stages))
+    kw = dict(n_boot=s.n_boot, n_perm=s.n_perm, instruction_level=s.instruction_level) if full else \
+        dict(n_boot=0, n_perm=0, instruction_level=False)
+    est = analysis_bytes(n, unit_shapes, models=models, pooled=s.aggregation == "pooled",
+                         strength=s.needs_strength,
+                         rules=1 + s.contrast + (s.ties == "break"), chunk=s.chunk, **kw)
+    procs = cfg.mesh.num_processes
+    merged = 0 if procs == 1 else store["bytes_per_model"] + -(-store["bytes_per_model"] // procs)
+    return {"full": full, "n_instructions": n, "models": models,
+            "fields": {f: {k: v for k, v in fb.items() if k != "held"} for f, fb in est["fields"].items()},
+            "peak_per_model": est["peak"], "kept_per_model": est["kept"], "peak": est["peak_all"],
+            "merged_counts": merged, "processes": procs, "per_process": est["peak_all"] + merged}
 
 
 def _axis_names(field: str) -> tuple[str, ...]:
@@ -287,9 +310,15 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"    total                  {tot}")
     a = plan.get("analysis_host")
     if a:
-        lines += ["", "  analysis (host memory)",
-                  f"    frequency chunk        {fmt_bytes(a['chunk_frequencies'])}"]
-        if a["instruction_sets"] is not None:
-            lines.append(f"    instruction sets S(I)  {fmt_bytes(a['instruction_sets'])} (bool; /8 when packed)")
-            lines.append(f"    instruction matrix     {fmt_bytes(a['instruction_matrix'])} (N x N float32)")
+        what = "bootstrap, permutations, N x N overlap" if a["full"] else "identification only"
+        lines += ["", f"  analysis (host memory per process, N={a['n_instructions']}, {what})"]
+        for f, fb in a["fields"].items():
+            steps = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in fb.items() if k not in ("peak", "kept") and v)
+            lines.append(f"    {f:<22} peak {fmt_bytes(fb['peak'])} ({steps}); keeps {fmt_bytes(fb['kept'])}")
+        lines.append(f"    {a['models']} model(s)             peak {fmt_bytes(a['peak'])} "
+                     f"(one model's peak beside the others' kept results)")
+        if a["merged_counts"]:
+            lines.append(f"    merged counts          {fmt_bytes(a['merged_counts'])} (one model's counts, "
+                         f"every process; x the processes sharing a host)")
+        lines.append(f"    total                  {fmt_bytes(a['per_process'])} per process")
     return "\n".join(lines)

@@ -122,10 +122,9 @@ def check_result_memory(nbytes: int, n: int, sums: bool) -> HostMemoryError | No
     ``SPARCOM_JAX_MEMORY_CHECK=off``. Every process calls it at the same point.
 
     Only the collection is checked. An analysis of the result in memory (`analyze_model`)
-    holds, besides it, per field the instruction sets S(I) (N x U bools, a quarter of the
-    int32 counts) while the instruction-level overlap is computed, float32 frequencies of
-    `IdentifyConfig.chunk` rows at a time, and [N, N] matrices; `Counts.frequencies(field)`
-    of every row at once is a float32 array as large as the field's counts.
+    holds more beside it: `sparcom_jax.analysis.memory` sizes it step by step (the dry run
+    prints it); `Counts.frequencies(field)` of every row at once is a float32 array as large
+    as the field's counts.
     """
     from sparcom_jax.fileio import env_off
     from sparcom_jax.pipeline.common import fmt_bytes
