@@ -195,3 +195,21 @@ def test_ablation_without_random_controls_says_it_has_none(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "No random control sets were drawn (ablation.n_random=0)" in page
     assert "0 draws" not in page and "steps of" not in page
+
+
+def test_a_figure_is_drawn_once_into_the_png_savefig_writes(monkeypatch):
+    """savefig drew a laid-out figure twice (layout, then pixels); every report figure paid it."""
+    import io
+
+    from sparcom_jax.report import figures as F
+
+    m = np.arange(36.0).reshape(6, 6) / 36
+    buf = io.BytesIO()
+    # Two of the same figure: matplotlib lays out a figure drawn before a little differently.
+    F.overlap_heatmaps({"a": m, "b": m.T}, "a title").savefig(buf, format="png", dpi=40)
+    fig = F.overlap_heatmaps({"a": m, "b": m.T}, "a title")
+    draws = []
+    draw = fig.draw
+    monkeypatch.setattr(fig, "draw", lambda renderer: draws.append(renderer) or draw(renderer))
+    assert F.to_png(fig, dpi=40) == buf.getvalue()
+    assert len(draws) == 1 and fig.dpi == 100  # the dpi it is shown at (a notebook) is kept
