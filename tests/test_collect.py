@@ -706,7 +706,8 @@ def test_activations_of_exactly_zero_are_not_counted(variant, tmp_path):
     assert all(unit_counts(ref[field], layer, unit).sum() == 0 for field, layer, unit in zeroed)
     for impl, tuning in (STRATEGIES if variant != "llama" else STRATEGIES[:1]):
         model = sj.load_model(tmp_path / "ck", moe_impl=Dispatch.choose(impl, **tuning))
-        ours = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False)
+        # One bucket: one compiled program per strategy instead of three (bucketing has its own test).
+        ours = sj.collect_counts(model, seqs, scopes, batch_size=3, progress=False, buckets=[max(map(len, seqs))])
         assert_counts_equal(ours, ref)
         for field, layer, unit in zeroed:
             assert unit_counts(getattr(ours, field), layer, unit).sum() == 0, (impl, tuning, field, layer, unit)

@@ -257,3 +257,21 @@ def test_series_figure_shades_the_paired_intervals(report):
         assert y.min() == pytest.approx(min(per["low"])) and y.max() == pytest.approx(max(per["high"]))
     no_boot = F.series_trends(summary["series"]["names"], {**t, "bootstrap": None}, "series")
     assert not no_boot.axes[4].collections
+
+
+def test_a_figure_is_drawn_once_into_the_png_savefig_writes(monkeypatch):
+    """savefig drew a laid-out figure twice (layout, then pixels); every report figure paid it."""
+    import io
+
+    from sparcom_jax.report import figures as F
+
+    m = np.arange(36.0).reshape(6, 6) / 36
+    buf = io.BytesIO()
+    # Two of the same figure: matplotlib lays out a figure drawn before a little differently.
+    F.overlap_heatmaps({"a": m, "b": m.T}, "a title").savefig(buf, format="png", dpi=40)
+    fig = F.overlap_heatmaps({"a": m, "b": m.T}, "a title")
+    draws = []
+    draw = fig.draw
+    monkeypatch.setattr(fig, "draw", lambda renderer: draws.append(renderer) or draw(renderer))
+    assert F.to_png(fig, dpi=40) == buf.getvalue()
+    assert len(draws) == 1 and fig.dpi == 100  # the dpi it is shown at (a notebook) is kept
