@@ -64,7 +64,7 @@ def device_peak() -> int | None:
 
 
 def gib(n) -> str:
-    from sparcom_jax.pipeline.common import fmt_bytes
+    from sparcom_jax.console import fmt_bytes
 
     return "n/a" if n is None else fmt_bytes(n)
 

@@ -1,7 +1,8 @@
 """Progress lines on stderr, stamped with the time since the process started using sparcom_jax.
 
 The pipeline's stages and the library's long waits (hashing a model's weights the first
-time) share one format, ``[sparcom m:ss.s] message``; stdout stays for results.
+time) share one format, ``[sparcom m:ss.s] message``; stdout stays for results. The byte and
+count formats live here too, so every layer (stats, pipeline, scripts) can print sizes alike.
 """
 
 from __future__ import annotations
@@ -16,3 +17,19 @@ def log(msg: str) -> None:
     """A progress line on stderr (stdout stays for results), stamped with the elapsed time."""
     el = time.perf_counter() - _T0
     print(f"[sparcom {int(el // 60):d}:{el % 60:04.1f}] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable bytes (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def fmt_count(n: float) -> str:
+    """Parameter counts as 6.74B / 124.4M / 12.3K."""
+    for div, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{s}"
+    return str(int(n))

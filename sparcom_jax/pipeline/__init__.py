@@ -28,8 +28,9 @@ Modules:
     demo       the embedded demo (`run_demo`) and its merged summary
 """
 
+from sparcom_jax.console import fmt_bytes, fmt_count
 from sparcom_jax.pipeline.common import (
-    STAGES, ablate_records, fmt_bytes, fmt_count, identify_records, init_distributed, is_primary, load_spec_model,
+    STAGES, ablate_records, identify_records, init_distributed, is_primary, load_spec_model,
     log, make_mesh, model_config, model_list, out_dir, record_parts, require_models, resolve_mesh, save_resolved,
     train_records,
 )

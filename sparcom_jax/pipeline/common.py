@@ -44,22 +44,6 @@ def timed(what: str) -> Iterator[None]:
     log(f"{what}: done in {time.perf_counter() - t:.1f} s")
 
 
-def fmt_bytes(n: float) -> str:
-    """Human-readable bytes (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
-def fmt_count(n: float) -> str:
-    """Parameter counts as 6.74B / 124.4M / 12.3K."""
-    for div, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.2f}{s}"
-    return str(int(n))
-
-
 def safe(name: str) -> str:
     """`name` as a file name (the report's rule)."""
     from sparcom_jax.report.tables import safe_name

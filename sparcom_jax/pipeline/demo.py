@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sparcom_jax.config import DemoConfig, ExperimentConfig, ModelSpec, apply_overrides
+from sparcom_jax.console import fmt_count
 from sparcom_jax.fileio import DirLock, atomic_dir, atomic_write, prepare_out_dir, write_json
-from sparcom_jax.pipeline.common import fmt_count, log, log_stale_lock, record_parts, save_resolved, timed, with_vocab
+from sparcom_jax.pipeline.common import log, log_stale_lock, record_parts, save_resolved, timed, with_vocab
 from sparcom_jax.pipeline.stages import export_checkpoints, guard_dir, run_all, train_fingerprint
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sparcom_jax.config import ConfigError, ExperimentConfig
+from sparcom_jax.console import fmt_bytes, fmt_count
 from sparcom_jax.pipeline.common import (
-    STAGES, ablate_records, check_model_names, fmt_bytes, fmt_count, has_weights, identify_records, model_config,
+    STAGES, ablate_records, check_model_names, has_weights, identify_records, model_config,
     resolve_mesh,
 )
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparcom_jax.console import fmt_bytes
 from sparcom_jax.errors import HostMemoryError
 from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
 from sparcom_jax.parallel.processes import gather, key_id, raise_together
@@ -127,7 +128,6 @@ def check_result_memory(nbytes: int, n: int, sums: bool) -> HostMemoryError | No
     as the field's counts.
     """
     from sparcom_jax.fileio import env_off
-    from sparcom_jax.pipeline.common import fmt_bytes
 
     host, procs = host_results(nbytes)
     if env_off(MEMORY_CHECK_ENV):
