@@ -170,6 +170,28 @@ def test_export_sets_hand_case(tmp_path):
     assert d["sets"]["math"] == []
 
 
+def test_export_expert_neuron_sets_name_the_expert_file_and_rule(tmp_path):
+    # MATH's one unit: layer 1, expert 2, neuron 3 of a [2, 3, 4] grid; the other categories fire nothing.
+    ena = np.zeros((6, 2, 3, 4), np.int32)
+    ena[4, 1, 2, 3] = 6
+    er = np.zeros((6, 2, 3), np.int32)
+    er[4, 1, 2] = 8
+    counts = Counts(tokens=np.full(6, 10), expert_routed=er, expert_neuron_active=ena, categories=list(CATEGORIES))
+    ident = identify(counts, "expert_neuron_active", IdentifyConfig(eps=0.25))
+    csv_path, json_path = export_sets(tmp_path, ident, prefix="m_")
+    assert sorted(os.listdir(tmp_path)) == ["m_expert_neurons.csv", "m_expert_neurons.json"]
+    lines = open(csv_path).read().splitlines()
+    assert lines[0] == "# expert_neurons (expert_neuron_active); index = neuron; 0-based"
+    assert lines[1].startswith("# identification: rule=top eps=0.25")
+    header, rows = read_csv(csv_path)
+    assert header == ["category", "layer", "expert", "index", "frequency", "categories", "unique"]
+    assert [r[:4] + r[5:] for r in rows] == [["math", "1", "2", "3", "MATH", "1"]]
+    d = json.loads(open(json_path).read())
+    assert (d["section"], d["field"], d["units"], d["unit_shape"]) == (
+        "expert_neurons", "expert_neuron_active", ["layer", "expert", "neuron"], [2, 3, 4])
+    assert [(u["layer"], u["expert"], u["index"]) for u in d["sets"]["math"]] == [(1, 2, 3)]
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     p = tmp_path / "a.txt"
     atomic_write(p, "old")
