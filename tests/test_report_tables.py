@@ -166,7 +166,9 @@ def test_ablation_tables_own_category_figures_and_matched_controls():
          "random_dropped_mass": [[None if r == 0 and a == 1 else 2.0 * r + a for a in range(6)] for r in range(6)],
          "off_bin": [[0.5 * a + r for a in range(6)] for r in range(2)],
          "in_set": [[3.0 * a for a in range(6)] for _ in range(2)],
-         "random_frequency": [[0.25 + a + 2 * r for a in range(6)] for r in range(2)]}
+         "random_frequency": [[0.25 + a + 2 * r for a in range(6)] for r in range(2)],
+         "coverage": {c: {"records": 60 + a, "scored_records": 70 + a, "response_tokens": 80 + a}
+                      for a, c in enumerate(CATEGORIES)}}
     ts = {t.name: t for t in T.ablation_tables("neurons", d)}
     assert [r[1:] for r in ts["ablation_neurons_p_value"].rows] == matrix(500)
     assert ts["ablation_neurons_p_value"].header[0] == T.ABLATION_CORNER
@@ -174,7 +176,8 @@ def test_ablation_tables_own_category_figures_and_matched_controls():
     assert rows[1] == {"category": "code", "baseline_loss": 11, "set_size": 21, "excess_own": 211,
                        "excess_own_std": 311, "random_ge_fraction_own": 411, "dropped_mass": 31,
                        "random_dropped_mass_mean": (3 + 5 + 7 + 9 + 11) / 5, "off_bin_mean": 1.0, "in_set_mean": 3.0,
-                       "p_own": 511, "set_frequency": 41, "random_frequency_mean": 2.25}
+                       "p_own": 511, "set_frequency": 41, "random_frequency_mean": 2.25,
+                       "held_out_records": 61, "scored_records": 71, "response_tokens": 81}
 
 
 def test_series_precision_and_names_in_all_tables():
@@ -188,8 +191,8 @@ def test_series_precision_and_names_in_all_tables():
                "precision": {"note": "text", "bf16": per_cat(0)}}
     ts = {x.name: x for x in T.all_tables(summary)}
     assert {"control_same_template_isn", "ablation_expert_neurons_isn", "precision"} <= set(ts)
-    assert ts["series_isn"].rows[7] == ["b", "code", 101, 111, 121, 131, 141, 151, 161, 171]
-    assert ts["series_isn_model"].rows == [["a", 1, 3, 5, 7], ["b", 2, 4, 6, 8]]
+    assert ts["series_isn"].rows[7] == ["b", "code", 101, 111, 121, 131, 141, 151, 161, 171] + [None] * 8  # no bootstrap: empty bounds
+    assert ts["series_isn_model"].rows == [["a", 1, 3, 5, 7] + [None] * 4, ["b", 2, 4, 6, 8] + [None] * 4]
     assert ts["precision"].header == ["category", "bf16"] and ts["precision"].rows[2] == ["general_qa", 2]
     assert T.safe_name("__a b/c__") == "a_b_c" and T.safe_name("//") == "model"
 
