@@ -203,19 +203,26 @@ def test_pre_and_post_expert_ablation_differ_without_renormalisation(hf_checkpoi
         CategoryLoss(model, enc, kind="experts", expert_mode="mid")
 
 
+def cut_records():
+    """A one-layer model and three held-out records, two of whose responses a short max_length cuts.
+
+    Plain template: CLS's response is tokens 15..21 of 22, MATH's 38..44 of 45 and 40..46 of 47.
+    """
+    model = sj.init_model(sj.ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1,
+                                         num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16), seed=0)
+    long = "Please sort these words alphabetically: pear apple fig kiwi plum lime date."
+    return model, [{"id": "c1", "category": "CLS", "instruction": "Is it positive?", "output": "Yes, it is."},
+                   {"id": "m1", "category": "MATH", "instruction": long, "output": "apple date fig."},
+                   {"id": "m2", "category": "MATH", "instruction": long + " Now.", "output": "apple date fig."}]
+
+
 def test_held_out_records_whose_prompts_fill_max_length_are_refused():
     # data.max_length=12 cut every held-out response away: `sparcom run` wrote a causal-check
     # matrix of None (baseline {}) after only a truncation warning.
     from sparcom_jax.data import DataWarning
     from sparcom_jax.stats.losses import make_loss_fn
 
-    model = sj.init_model(sj.ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1,
-                                         num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16), seed=0)
-    long = "Please sort these words alphabetically: pear apple fig kiwi plum lime date."
-    recs = [{"id": "c1", "category": "CLS", "instruction": "Is it positive?", "output": "Yes, it is."},
-            {"id": "m1", "category": "MATH", "instruction": long, "output": "apple date fig."},
-            {"id": "m2", "category": "MATH", "instruction": long + " Now.", "output": "apple date fig."}]
-    # Plain template: CLS's response starts at token 15 of 22, MATH's at 38 of 45 and 40 of 47.
+    model, recs = cut_records()
     with pytest.warns(DataWarning, match="truncated 2 of 3"), \
             pytest.raises(ValueError, match=r"^no held-out record of MATH \(math\) keeps a response token within "
                                             r"max_length=24: .* raise max_length \(data\.max_length\)$"):
@@ -229,14 +236,8 @@ def test_loss_fn_counts_the_records_and_tokens_each_category_rests_on():
     from sparcom_jax.data import DataWarning
     from sparcom_jax.stats.losses import make_loss_fn
 
-    model = sj.init_model(sj.ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1,
-                                         num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=16), seed=0)
-    long = "Please sort these words alphabetically: pear apple fig kiwi plum lime date."
-    recs = [{"id": "c1", "category": "CLS", "instruction": "Is it positive?", "output": "Yes, it is."},
-            {"id": "m1", "category": "MATH", "instruction": long, "output": "apple date fig."},
-            {"id": "m2", "category": "MATH", "instruction": long + " Now.", "output": "apple date fig."}]
-    # Plain template: CLS's response is tokens 15..21 of 22, MATH's 38..44 of 45 and 40..46 of 47;
-    # cut at 40, m1 keeps tokens 38 and 39 and m2 none.
+    model, recs = cut_records()
+    # cut at 40, m1 keeps tokens 38 and 39 and m2 none
     with pytest.warns(DataWarning, match="truncated 2 of 3"):
         fn = make_loss_fn(model, recs, max_length=40)
     assert fn.coverage == {"classification": {"records": 1, "scored_records": 1, "response_tokens": 7},
