@@ -270,14 +270,16 @@ def test_two_process_distributed_run_matches_single_process(variant, hf_checkpoi
         np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), arr)
 
 
+# max_length 48: every held-out category keeps response tokens, so the causal check the
+# processes share scores real losses (at 24 every response was cut and both runs wrote None).
 POD_CONFIG = """\
 name: pod
 base:
   name: moe
   init: {model_type: mixtral, hidden_size: 32, intermediate_size: 16, num_hidden_layers: 2, num_attention_heads: 2,
-         num_key_value_heads: 1, max_position_embeddings: 32, num_local_experts: 4, num_experts_per_tok: 2}
-data: {n_per_category: 1, max_length: 24}
-collect: {batch_size: 4, buckets: [24], template_control: false}
+         num_key_value_heads: 1, max_position_embeddings: 48, num_local_experts: 4, num_experts_per_tok: 2}
+data: {n_per_category: 1, max_length: 48}
+collect: {batch_size: 4, buckets: [48], template_control: false}
 ablation: {n_random: 1, max_records: 2, batch_size: 4, kinds: [experts]}
 """
 
@@ -461,6 +463,8 @@ def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_co
     assert made == sorted(p.name for p in (tmp_path / "single" / "ablate").iterdir()) == ["moe_experts.json"]
     for name in made:
         assert (tmp_path / "run" / "ablate" / name).read_text() == (tmp_path / "single" / "ablate" / name).read_text()
+    scored = json.loads((tmp_path / "single" / "ablate" / "moe_experts.json").read_text())
+    assert all(isinstance(v, float) for v in scored["baseline"].values()) and len(scored["baseline"]) == 6  # not all None
     alone = json.loads((tmp_path / "single" / "passes.json").read_text())
     two = [r["ablation"] for r in res]
     assert sorted(t["passes"] for t in two) == [alone["passes"] // 2, alone["passes"] - alone["passes"] // 2]
