@@ -159,12 +159,12 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
 
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(as_records(records), tok, template=template, scope="response", max_length=max_length)
-    scored = {c for c, scope_T in zip(enc.categories, enc.scopes) if np.any(scope_T)}
-    unscored = [c for c in CATEGORIES if c in set(enc.categories) and c not in scored]
+    loss = CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
+                        expert_mode=expert_mode)
+    unscored = [c for c in CATEGORIES if c in loss.coverage and not loss.coverage[c]["scored_records"]]
     if unscored:
         raise ValueError(
             f"no held-out record of {', '.join(f'{SHORT_NAMES[c]} ({c})' for c in unscored)} keeps a response token "
             f"within max_length={max_length}: the prompts fill it, so the causal check would score nothing there; "
             "raise max_length (data.max_length)")
-    return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
-                        expert_mode=expert_mode)
+    return loss
