@@ -83,15 +83,14 @@ def _distinct(a: np.ndarray) -> np.ndarray:
     return a[np.concatenate([[True], a[1:] != a[:-1]])] if a.size else a
 
 
-def _overlaps(ptr: np.ndarray, tok: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _overlaps(keys: np.ndarray, v: int, ptr: np.ndarray, tok: np.ndarray, y: np.ndarray,
+              x: np.ndarray) -> np.ndarray:
     """|set y & set x| of each pair, int64 [P]: every word of y looked up among x's.
 
     The sets are rows of a CSR (`ptr` [S + 1], `tok`: each row's word ids, ascending); rows
-    are laid end to end, so set * V + word is ascending over `tok` and one binary search
-    finds a word in a set.
+    are laid end to end, so `keys` = set * `v` + word (`v` > every word id) is ascending over
+    `tok` and one binary search finds a word in a set.
     """
-    v = int(tok.max()) + 1 if tok.size else 1
-    keys = np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(ptr)) * v + tok
     ny = ptr[y + 1] - ptr[y]
     pair = np.repeat(np.arange(y.size), ny)
     at = np.arange(pair.size) - np.repeat(np.cumsum(ny) - ny, ny) + np.repeat(ptr[y], ny)
@@ -125,6 +124,8 @@ def _set_pairs(sets: list[frozenset[str]], threshold: float, chunk: int) -> np.n
     # Each set's word numbers, ascending (rarest first), the sets laid end to end in size order.
     tok = np.asarray([number[w] for i in order.tolist() for w in sets[i]], np.int64)
     tok = tok[np.lexsort((tok, owner))]
+    width = int(tok.max()) + 1 if tok.size else 1
+    keys = owner * width + tok  # (built once: `_overlaps` looks words up in it for every chunk)
     pos = np.arange(tok.size) - ptr[owner]
     probe_o = _least_overlap(size, threshold)
     probe = pos < (size - np.maximum(probe_o, 1) + 1)[owner]
@@ -141,7 +142,7 @@ def _set_pairs(sets: list[frozenset[str]], threshold: float, chunk: int) -> np.n
     count = np.maximum(np.searchsorted(key_set, p_tok * n + p_set) - lo, 0)
 
     def joined(x, y):  # the exact check of candidate pairs (x, y)
-        inter = _overlaps(ptr, tok, y, x).astype(np.float64)
+        inter = _overlaps(keys, width, ptr, tok, y, x).astype(np.float64)
         keep = _joins(inter, (size[x] + size[y]).astype(np.float64) - inter, threshold)
         u, v = order[x[keep]], order[y[keep]]
         return np.minimum(u, v) * n + np.maximum(u, v)
