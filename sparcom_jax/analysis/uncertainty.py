@@ -361,8 +361,12 @@ def series_figures(sets: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
       "vs_previous_jaccard" (NaN at the first checkpoint), and "change_<figure>" (float [C]
       or scalar: last minus first) for those of SERIES_CHANGE.
     """
-    per = [{**_replicate_stats(s), "unique_ratio": uniqueness(s)["unique_ratio"],
-            "union": np.asarray(generality(s)["union"])} for s in sets]
+    def figures(s):
+        u, g = uniqueness(s), generality(s)
+        return {"per_category_count": set_sizes(s), "unique": u["unique"], "unique_ratio": u["unique_ratio"],
+                **{k: np.asarray(g[k]) for k in ("general", "general_share", "union")}}
+
+    per = [figures(s) for s in sets]
     out = {k: np.stack([p[k] for p in per]).astype(np.float64) for k in SERIES_CHANGE}
     out["vs_base_jaccard"] = np.stack([set_figures(sets[0], s)["jaccard"] for s in sets])
     out["vs_previous_jaccard"] = np.stack([np.full(sets[0].shape[0], np.nan)]
