@@ -389,6 +389,7 @@ def ablation_matrix(
         width = int(np.prod(np.shape(frequency)[lead:]))
         n_bins = min(n_bins, max(1, width // 4))
         bins = frequency_bins(frequency, n_bins, lead)
+    freq64 = None if frequency is None else np.asarray(frequency, np.float64)  # (once, not per draw)
     isn = np.full((C, C), np.nan)
     draws = np.full((n_random, C, C), np.nan)
     sizes = np.zeros(C, np.int64)
@@ -420,11 +421,11 @@ def ablation_matrix(
         masks.append(mask)
         slots.append((a, None))
         if frequency is not None:
-            set_freq[a] = np.asarray(frequency, np.float64)[mask].mean()
+            set_freq[a] = freq64[mask].mean()
         for d in range(n_random):
             rmask, off_bin[d, a], in_set[d, a] = matched_random(mask, rng, bins, exclude=True, lead=lead)
             if frequency is not None:
-                rand_freq[d, a] = np.asarray(frequency, np.float64)[rmask].mean()
+                rand_freq[d, a] = freq64[rmask].mean()
             masks.append(rmask)
             slots.append((a, d))
     (base, _), *results = run(loss_fn, masks)
