@@ -50,11 +50,11 @@ def category_labels(categories: Sequence[str] | None) -> np.ndarray:
     )
 
 
-def safe_div(num, den) -> np.ndarray:
-    """num / den elementwise, NaN where den == 0 (an undefined ratio, not zero)."""
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.full(np.broadcast(num, den).shape, np.nan)
+def safe_div(num, den, dtype=np.float64) -> np.ndarray:
+    """num / den elementwise in `dtype`, NaN where den == 0 (an undefined ratio, not zero)."""
+    num = np.asarray(num, dtype=dtype)
+    den = np.asarray(den, dtype=dtype)
+    out = np.full(np.broadcast(num, den).shape, np.nan, dtype)
     np.divide(num, den, out=out, where=den != 0)
     return out
 

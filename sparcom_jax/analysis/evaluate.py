@@ -70,8 +70,7 @@ def instruction_jaccard(ident: Identification, *, budget_bytes: int = JACCARD_BL
             xj = xi if j0 == i0 else ident.instruction_rows(j0, min(j0 + b, n)).astype(np.float32)
             inter = (xi @ xj.T).astype(dtype, copy=False)
             union = size[i0:i0 + xi.shape[0], None] + size[None, j0:j0 + xj.shape[0]] - inter
-            jac = np.full(inter.shape, np.nan, dtype)
-            np.divide(inter, union, out=jac, where=union != 0)
+            jac = safe_div(inter, union, dtype)
             out[i0:i0 + xi.shape[0], j0:j0 + xj.shape[0]] = jac
             out[j0:j0 + xj.shape[0], i0:i0 + xi.shape[0]] = jac.T
     return out
