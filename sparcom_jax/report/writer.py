@@ -264,6 +264,12 @@ def _interval_list(e: dict, fmt: str, per_category: bool) -> str:
     return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], low.get(c), high.get(c))}" for c in CATEGORIES)
 
 
+
+def _resampled(boot: Mapping, groups: str = "groups of records") -> str:
+    """What a bootstrap entry resampled, in words: `groups` (whole groups) or instructions."""
+    return groups if boot.get("unit") == "group" else "instructions"
+
+
 def _series_change_text(t: dict, names: Sequence[str]) -> str:
     """The change of the series' trends from the first to the last checkpoint with its paired
     interval, and what it can show; without paired draws, that the trends carry no interval."""
@@ -273,7 +279,7 @@ def _series_change_text(t: dict, names: Sequence[str]) -> str:
                 "instructions), so a rise or fall along the series cannot be told from the variation with the "
                 "instructions drawn.")
     ch = b["change"]
-    unit = "groups of records" if b["unit"] == "group" else "instructions"
+    unit = _resampled(b)
     parts = [f"|S(c)| {_interval_list(ch['per_category_count'], '+.4g', True)}",
              f"unique ratio {_interval_list(ch['unique_ratio'], '+.3g', True)}",
              f"general share {_interval_list(ch['general_share'], '+.3g', False)}"]
@@ -299,7 +305,7 @@ def _template_effect_text(ctrl: Mapping[str, dict]) -> str | None:
     if not first["paired"]:
         return txt + (", without an interval (the three models were not bootstrapped with the same draws of "
                       "instructions).")
-    unit = "groups of records" if first["unit"] == "group" else "instructions"
+    unit = _resampled(first)
     return (txt + f", with {first['ci']:.0%} paired bootstrap intervals over {first['n_boot']} resamples of {unit} "
             "(the same draw for all three models). An interval that excludes 0 says the prompt template moved "
             "the comparison beyond the variation with the instructions drawn; one that spans 0 does not separate "
@@ -386,7 +392,7 @@ def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
 
 def _category_table(name: str, section: str, s: dict) -> TableBlock:
     ci = f"{(s.get('bootstrap') or {}).get('ci', 0.95):.0%}"
-    over = "instruction groups" if (s.get("bootstrap") or {}).get("unit") == "group" else "instructions"
+    over = _resampled(s.get("bootstrap") or {}, "instruction groups")
     return TableBlock(
         f"{name}: {UNIT_WORD[section]} per category (low / high: {ci} bootstrap interval over {over}; "
         "bias: mean over resamples minus the estimate; – = not computed or undefined)",
