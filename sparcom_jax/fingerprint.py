@@ -308,7 +308,7 @@ def describe(keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, A
             parts.append(f"{name} changed, or were fingerprinted by an older sparcom_jax (by their path, "
                          "sizes and times, now by their content), so whether they changed cannot be told")
         elif isinstance(a, Mapping) and isinstance(b, Mapping):  # a settings section: the keys that changed
-            subs = [s for s in sorted(set(a) | set(b), key=str) if a.get(s, _MISSING) != b.get(s, _MISSING)]
+            subs = sorted(difference(a, b), key=str)
             shown = [f"{s}: {_shown(a.get(s, _MISSING))} -> {_shown(b.get(s, _MISSING))}" for s in subs[:limit]]
             rest = f", and {len(subs) - limit} more" if len(subs) > limit else ""
             parts.append(f"{name} changed ({', '.join(shown)}{rest})")
