@@ -172,7 +172,8 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         except ConfigError:
             pass
     weights = {s.label: has_weights(s) for s in specs}
-    if {"collect", "ablate", "finetune"} & set(STAGES if stage == "run" else (stage,)):
+    stages = STAGES if stage == "run" else (stage,)
+    if {"collect", "ablate", "finetune"} & set(stages):
         from sparcom_jax.checkpoints.hf import has_tokenizer
         from sparcom_jax.data.tokenizer import missing_tokenizer
 
@@ -187,7 +188,6 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
                  "distributed": cfg.mesh.distributed or cfg.mesh.num_processes > 1},
         "param_count": mcfg.param_count(),
     }
-    stages = STAGES if stage == "run" else (stage,)
     rows = []
     if {"collect", "ablate"} & set(stages):
         from sparcom_jax.parallel.mesh import check_process_rows
