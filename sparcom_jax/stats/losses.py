@@ -115,14 +115,7 @@ class CategoryLoss:
         self.encoded = encoded
         self.runner = BatchRunner(model, _loss_step, batch_size, mesh=mesh, buckets=buckets)
         self.last_dropped_mass: float | None = None
-        self.coverage: dict[str, dict[str, int]] = {}
-        for cat, scope_T in zip(encoded.categories, encoded.scopes):
-            # The first token is never predicted: a target is a scope token at t >= 1 (`target_mask`).
-            n = int(np.sum(np.asarray(scope_T, bool)[1:]))
-            cov = self.coverage.setdefault(cat, {"records": 0, "scored_records": 0, "response_tokens": 0})
-            cov["records"] += 1
-            cov["scored_records"] += n > 0
-            cov["response_tokens"] += n
+        self.coverage = response_coverage(encoded)
 
     def __call__(self, mask: np.ndarray | None = None) -> dict[str, float]:
         ablate = ablation_arrays(self.model, mask, self.kind, self.expert_mode)
@@ -138,6 +131,20 @@ class CategoryLoss:
         n_targets = sum(counts.values()) * self.model.config.num_layers
         self.last_dropped_mass = mass / n_targets if dropped and n_targets else None
         return {c: sums[c] / counts[c] for c in sums if counts[c] > 0}
+
+
+def response_coverage(encoded) -> dict[str, dict[str, int]]:
+    """{category: {"records", "scored_records", "response_tokens"}} of an `EncodedSet`: its
+    records, those keeping a response token within the cut, and the tokens its loss averages."""
+    coverage: dict[str, dict[str, int]] = {}
+    for cat, scope_T in zip(encoded.categories, encoded.scopes):
+        # The first token is never predicted: a target is a scope token at t >= 1 (`target_mask`).
+        n = int(np.sum(np.asarray(scope_T, bool)[1:]))
+        cov = coverage.setdefault(cat, {"records": 0, "scored_records": 0, "response_tokens": 0})
+        cov["records"] += 1
+        cov["scored_records"] += n > 0
+        cov["response_tokens"] += n
+    return coverage
 
 
 def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", template: str = "plain",
@@ -159,12 +166,12 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
 
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(as_records(records), tok, template=template, scope="response", max_length=max_length)
-    loss = CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
-                        expert_mode=expert_mode)
-    unscored = [c for c in CATEGORIES if c in loss.coverage and not loss.coverage[c]["scored_records"]]
+    coverage = response_coverage(enc)
+    unscored = [c for c in CATEGORIES if c in coverage and not coverage[c]["scored_records"]]
     if unscored:
         raise ValueError(
             f"no held-out record of {', '.join(f'{SHORT_NAMES[c]} ({c})' for c in unscored)} keeps a response token "
             f"within max_length={max_length}: the prompts fill it, so the causal check would score nothing there; "
             "raise max_length (data.max_length)")
-    return loss
+    return CategoryLoss(model, enc, kind=kind, batch_size=batch_size, mesh=mesh, buckets=buckets,
+                        expert_mode=expert_mode)
