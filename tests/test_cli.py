@@ -687,14 +687,20 @@ def test_a_process_failing_alone_in_a_distributed_run_stops_every_process_at_onc
         assert f"sparcom: process {i} of 2 stops here" in out, out[-2000:]
 
 
-def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
-    # A downloaded model directory without tokenizer files passed the dry run ("weights found")
-    # and stopped the run at its first model; stages that read no tokenizer still plan.
+def config_only_model(tmp_path) -> Path:
+    """A model directory with its config.json alone: no weights files, no tokenizer."""
     model = tmp_path / "llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(dict(
         model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)))
+    return model
+
+
+def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
+    # A downloaded model directory without tokenizer files passed the dry run ("weights found")
+    # and stopped the run at its first model; stages that read no tokenizer still plan.
+    model = config_only_model(tmp_path)
     cfg = str(CONFIGS / "llama2_7b.yaml")
     args = ("--dry-run", f"base.path={model}", f"finetuned.path={tmp_path / 'absent'}", "data.max_length=128")
     for command in ("collect", "ablate", "run"):
@@ -706,6 +712,19 @@ def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
     (model / "tokenizer.json").write_text("{}")
     code, out, _ = run_cli(capsys, "collect", "--config", cfg, *args)
     assert code == 0 and "llama2-7b (weights found)" in out
+
+
+def test_a_run_refuses_weights_without_their_tokenizer_before_any_work(tmp_path, capsys):
+    # Only the dry run checked: a real run found out where it first tokenized with the model (collect
+    # under data.scope=prompt after counting the models before it), without the model's name.
+    model = config_only_model(tmp_path)
+    for command in ("collect", "ablate"):
+        out = tmp_path / f"out-{command}"
+        code, _, err = run_cli(capsys, command, "--config", str(CONFIGS / "llama2_7b.yaml"), f"base.path={model}",
+                               f"finetuned.path={model}", "--out", str(out))
+        assert code == 2, command
+        assert err.startswith(f"sparcom: error: model 'llama2-7b': {model}: no tokenizer beside the weights"), err
+        assert not (out / "counts").exists()
 
 
 def test_data_warnings_are_one_plain_line(tmp_path, capsys):

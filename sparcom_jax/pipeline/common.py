@@ -282,6 +282,24 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
             raise ConfigError(f"model {spec.label!r}: set path (a Hugging Face directory) or init")
 
 
+# The stages that tokenize records with each model's own tokenizer.
+TOKENIZING_STAGES = ("collect", "ablate", "finetune")
+
+
+def require_tokenizers(specs: Sequence[ModelSpec], stages: Sequence[str]) -> None:
+    """Fail before any work when one of `stages` tokenizes with a model whose directory is there
+    without its tokenizer files: the run would stop at that model, after the ones before it.
+    The dry run and every stage's preflight make this one check."""
+    if not set(TOKENIZING_STAGES) & set(stages):
+        return
+    from sparcom_jax.checkpoints.hf import has_tokenizer
+    from sparcom_jax.data.tokenizer import missing_tokenizer
+
+    for s in specs:
+        if has_weights(s) and not has_tokenizer(s.path):
+            raise ConfigError(f"model {s.label!r}: {missing_tokenizer(s.path)}")
+
+
 def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl: str = "auto",
                     gate_dtype: str | None = None):
     """Load a model from its HF directory, or build it from `init` (random weights).

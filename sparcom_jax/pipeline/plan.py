@@ -15,7 +15,7 @@ from sparcom_jax.config import ConfigError, ExperimentConfig
 from sparcom_jax.console import fmt_bytes, fmt_count
 from sparcom_jax.pipeline.common import (
     STAGES, ablate_records, check_model_names, has_weights, identify_records, model_config,
-    resolve_mesh,
+    require_tokenizers, resolve_mesh,
 )
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4}
@@ -173,13 +173,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
             pass
     weights = {s.label: has_weights(s) for s in specs}
     stages = STAGES if stage == "run" else (stage,)
-    if {"collect", "ablate", "finetune"} & set(stages):
-        from sparcom_jax.checkpoints.hf import has_tokenizer
-        from sparcom_jax.data.tokenizer import missing_tokenizer
-
-        for s in specs:  # weights here without their tokenizer: the run would stop at its first model
-            if weights[s.label] and not has_tokenizer(s.path):
-                raise ConfigError(f"model {s.label!r}: {missing_tokenizer(s.path)}")
+    require_tokenizers(specs, stages)
     L = mcfg.num_layers
     plan: dict[str, Any] = {
         "stage": stage, "experiment": cfg.name, "model_type": mcfg.model_type, "architecture_source": source,

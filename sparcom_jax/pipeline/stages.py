@@ -20,9 +20,9 @@ from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
+    STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
     load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, record_parts, require_models,
-    safe, save_resolved, template_for, timed, train_records,
+    require_tokenizers, safe, save_resolved, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
 
@@ -902,13 +902,17 @@ STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 
 
 def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
-    """The checks every stage makes before any work or output: the models it needs exist
-    and the records load, split and sample."""
+    """The checks every stage makes before any work or output: the models it needs exist (with
+    their tokenizers, where it tokenizes: `require_tokenizers`, as the dry run) and the records
+    load, split and sample."""
     if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
+        require_tokenizers([cfg.base], ("finetune",))
         train_records(cfg)
     if stage != "finetune":
-        require_models(model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg)))
+        specs = model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg))
+        require_models(specs)
+        require_tokenizers(specs, STAGES if stage == "run" else (stage,))
         identify_records(cfg)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
