@@ -51,15 +51,20 @@ def random_counts(n: int, layers: int, width: int, seed: int = 0):
                   groups=[f"g{i // 12}-{i % 6}" for i in range(n)])  # records i, i+6 share a key
 
 
+def estimate(n: int, u: int) -> dict:
+    """The dry run's estimate of the evaluate stage's analysis of N x U units (`analysis_bytes`)."""
+    from sparcom_jax.config import IdentifySpec
+
+    return IdentifySpec().analysis_memory(n, {"neuron_active": (LAYERS, u // LAYERS)}, full=True)
+
+
 def measure(n: int, u: int) -> dict:
     """Measured peak, the estimate (with its largest step) and seconds of one analysis."""
     from sparcom_jax.analysis import analyze_model
-    from sparcom_jax.analysis.memory import analysis_bytes
     from sparcom_jax.config import IdentifySpec
 
     s = IdentifySpec()
-    kw = dict(n_boot=s.n_boot, n_perm=s.n_perm, resample=s.resample, instruction_level=s.instruction_level,
-              contrast=s.contrast, human=s.human, top_units=s.top_units, top_per_unit=s.top_per_unit)
+    kw = s.analysis_options(full=True)  # as the evaluate stage runs it
     counts = random_counts(n, LAYERS, u // LAYERS)
     analyze_model(random_counts(24, LAYERS, 16), s.to_rule(), **{**kw, "n_boot": 2, "n_perm": 2})
     t0 = time.perf_counter()
@@ -69,9 +74,7 @@ def measure(n: int, u: int) -> dict:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    est = analysis_bytes(n, {"neuron_active": (LAYERS, u // LAYERS)}, n_boot=s.n_boot, n_perm=s.n_perm,
-                         instruction_level=s.instruction_level, rules=1 + s.contrast + (s.ties == "break"),
-                         strength=s.needs_strength, chunk=s.chunk)
+    est = estimate(n, u)
     steps = {k: v for k, v in est["fields"]["neuron_active"].items() if k not in ("held", "peak", "kept")}
     return {"n": n, "u": u, "peak": peak, "estimate": est["peak"], "step": max(steps, key=steps.get),
             "seconds": time.perf_counter() - t0}

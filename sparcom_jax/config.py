@@ -258,6 +258,38 @@ class IdentifySpec(IdentifyConfig):
         """The identification rule alone (what outputs record)."""
         return IdentifyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(IdentifyConfig)})
 
+    def analysis_options(self, full: bool) -> dict[str, Any]:
+        """`analyze_model`'s options (but its seed) under these settings.
+
+        Args:
+          full: the whole analysis (evaluate, compare, report); else the sets alone
+            (identify, ablate): no uncertainty, no instruction-level pass.
+        """
+        common = dict(contrast=self.contrast, human=self.human, top_per_unit=self.top_per_unit)
+        if not full:
+            return dict(n_boot=0, n_perm=0, instruction_level=False, top_units=0, **common)
+        return dict(n_boot=self.n_boot, n_perm=self.n_perm, resample=self.resample,
+                    instruction_level=self.instruction_level, top_units=self.top_units, **common)
+
+    def analysis_memory(self, n: int, unit_shapes: dict[str, tuple[int, ...]], full: bool,
+                        models: int = 1) -> dict:
+        """`sparcom_jax.analysis.memory.analysis_bytes` of `analyze_model` run with
+        `analysis_options(full)` on N instructions (the dry run's plan, the benchmark's estimate).
+
+        Args:
+          n: instructions N.
+          unit_shapes: {count field: unit shape}, in analysis order.
+          full: as `analysis_options`.
+          models: analyses held together.
+        """
+        from sparcom_jax.analysis.memory import analysis_bytes
+
+        kw = self.analysis_options(full)
+        return analysis_bytes(n, unit_shapes, models=models, n_boot=kw["n_boot"], n_perm=kw["n_perm"],
+                              instruction_level=kw["instruction_level"], pooled=self.aggregation == "pooled",
+                              strength=self.needs_strength, rules=1 + self.contrast + (self.ties == "break"),
+                              chunk=self.chunk)
+
 
 @dataclasses.dataclass(frozen=True)
 class CollectSpec:

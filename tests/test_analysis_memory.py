@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_analysis_memory import random_counts  # noqa: E402
+from bench_analysis_memory import estimate, random_counts  # noqa: E402
 
 
 @pytest.mark.parametrize("instruction_level", [True, False])
@@ -105,6 +105,18 @@ def test_the_dry_run_plans_the_analysis_and_every_process_s_merged_counts(tmp_pa
     assert two["analysis_host"]["merged_counts"] == store + store // 2
     assert two["analysis_host"]["per_process"] == evaluate["peak"] + store + store // 2
     assert "merged counts" in format_plan(two)
+
+
+def test_the_benchmark_estimates_what_the_dry_run_plans_for_the_evaluate_stage(tmp_path):
+    """The benchmark set the analysis up by hand (and the plan once more): its estimate is the
+    plan's for one model's full analysis of the same size, from the same settings."""
+    from sparcom_jax.config import load_config
+    from sparcom_jax.pipeline import memory_plan
+
+    over = [f"data.path={tmp_path / 'absent.jsonl'}", "data.n_per_category=200", "mesh.devices=8"]
+    plan = memory_plan(load_config(CONFIGS / "llama2_7b.yaml", over), "evaluate")["analysis_host"]
+    assert plan["full"] and plan["n_instructions"] == 1200
+    assert estimate(1200, 32 * 11008)["peak"] == plan["peak_per_model"]
 
 
 def test_between_groups_holds_its_copy_of_the_matrix_in_float32():

@@ -243,15 +243,8 @@ def analysis_plan(cfg: ExperimentConfig, unit_shapes: dict[str, tuple[int, ...]]
     the model it analyses into memory (`merge_shares`: the merged arrays, while one process's
     share is read into them), beside the analysis.
     """
-    from sparcom_jax.analysis.memory import analysis_bytes
-
-    s = cfg.identify
     full = bool({"evaluate", "compare", "report"} & set(stages))
-    kw = dict(n_boot=s.n_boot, n_perm=s.n_perm, instruction_level=s.instruction_level) if full else \
-        dict(n_boot=0, n_perm=0, instruction_level=False)
-    est = analysis_bytes(n, unit_shapes, models=models, pooled=s.aggregation == "pooled",
-                         strength=s.needs_strength,
-                         rules=1 + s.contrast + (s.ties == "break"), chunk=s.chunk, **kw)
+    est = cfg.identify.analysis_memory(n, unit_shapes, full, models)
     procs = cfg.mesh.num_processes
     merged = 0 if procs == 1 else store["bytes_per_model"] + -(-store["bytes_per_model"] // procs)
     return {"full": full, "n_instructions": n, "models": models,

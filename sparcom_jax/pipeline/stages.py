@@ -437,12 +437,7 @@ def merge_shares(cs, root):
 
 
 def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
-    s = cfg.identify
-    common = dict(seed=cfg.seed, contrast=s.contrast, human=s.human, top_per_unit=s.top_per_unit)
-    if not full:  # the sets alone (identify, ablate): no uncertainty, no instruction-level pass
-        return dict(n_boot=0, n_perm=0, instruction_level=False, top_units=0, **common)
-    return dict(n_boot=s.n_boot, n_perm=s.n_perm, resample=s.resample, instruction_level=s.instruction_level,
-                top_units=s.top_units, **common)
+    return dict(seed=cfg.seed, **cfg.identify.analysis_options(full))
 
 
 class Analyses(NamedTuple):
