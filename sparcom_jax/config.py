@@ -258,16 +258,19 @@ class IdentifySpec(IdentifyConfig):
         """The identification rule alone (what outputs record)."""
         return IdentifyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(IdentifyConfig)})
 
-    def analysis_options(self, full: bool) -> dict[str, Any]:
+    def analysis_options(self, full: bool, draws: bool = False) -> dict[str, Any]:
         """`analyze_model`'s options (but its seed) under these settings.
 
         Args:
           full: the whole analysis (evaluate, compare, report); else the sets alone
             (identify, ablate): no uncertainty, no instruction-level pass.
+          draws: the sets alone, bootstrapped with the whole analysis' draws (the
+            same-template control: its comparisons get intervals paired with the models').
         """
         common = dict(contrast=self.contrast, human=self.human, top_per_unit=self.top_per_unit)
         if not full:
-            return dict(n_boot=0, n_perm=0, instruction_level=False, top_units=0, **common)
+            boot = dict(n_boot=self.n_boot, resample=self.resample) if draws else dict(n_boot=0)
+            return dict(n_perm=0, instruction_level=False, top_units=0, **boot, **common)
         return dict(n_boot=self.n_boot, n_perm=self.n_perm, resample=self.resample,
                     instruction_level=self.instruction_level, top_units=self.top_units, **common)
 

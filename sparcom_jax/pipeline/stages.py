@@ -436,8 +436,8 @@ def merge_shares(cs, root):
                   **merged)
 
 
-def _analysis_kwargs(cfg: ExperimentConfig, full: bool) -> dict[str, Any]:
-    return dict(seed=cfg.seed, **cfg.identify.analysis_options(full))
+def _analysis_kwargs(cfg: ExperimentConfig, full: bool, draws: bool = False) -> dict[str, Any]:
+    return dict(seed=cfg.seed, **cfg.identify.analysis_options(full, draws))
 
 
 class Analyses(NamedTuple):
@@ -462,9 +462,7 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
         with timed(f"analyse [{i}/{len(jobs)}] {job.label}"):
             counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype,
                                        content_caps=caps)
-            kw = _analysis_kwargs(cfg, full and not job.control)
-            if full and job.control == "same_template":  # the draws of the models, for paired intervals
-                kw.update(n_boot=cfg.identify.n_boot, resample=cfg.identify.resample)
+            kw = _analysis_kwargs(cfg, full and not job.control, draws=full and job.control == "same_template")
             ma = analyze_model(counts, icfg, name=job.label, **kw)
             ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
         (controls if job.control else models)[job.control or job.label] = ma
