@@ -47,8 +47,15 @@ def _check_min(spec: Any, minimum: int, *keys: str) -> None:
 _UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 
-def _expand_paths(spec: Any, *keys: str) -> None:
-    """Expand `~` and environment variables ($VAR, ${VAR}) in the path fields `keys` of a
+def _path(default: str | None = None) -> Any:
+    """A field naming a file or directory (or a list of them). Loading expands it
+    (`_expand_paths`), and it is left out of what the processes of a multi-host run must
+    agree on (`to_dict(paths=False)`): each host may mount the files at its own path."""
+    return dataclasses.field(default=default, metadata={"path": True})
+
+
+def _expand_paths(spec: Any) -> None:
+    """Expand `~` and environment variables ($VAR, ${VAR}) in the path fields (`_path`) of a
     frozen dataclass, as a shell would on the command line: written literally, `~/runs`
     became a directory named "~" under the current one. Relative paths stay relative to
     the current directory (not to the config file), as paths on the command line are.
@@ -56,7 +63,7 @@ def _expand_paths(spec: Any, *keys: str) -> None:
     Raises:
       ConfigError: a variable is not set (naming the field and the variable).
     """
-    for k in keys:
+    for k in (f.name for f in dataclasses.fields(spec) if f.metadata.get("path")):
         value = getattr(spec, k)
         if value is None:
             continue
@@ -89,14 +96,14 @@ class ModelSpec:
     """
 
     name: str | None = None
-    path: str | None = None
+    path: str | None = _path()
     hub_id: str | None = None
     template: Literal["plain", "chat"] | None = None
     init: dict[str, Any] | None = None
     seed: int = 0
 
     def __post_init__(self):
-        _expand_paths(self, "path")
+        _expand_paths(self)
 
     @property
     def label(self) -> str:
@@ -146,7 +153,7 @@ class DataSpec:
       group_threshold: the "near" rule's Jaccard, in (0, 1].
     """
 
-    path: str | list[str] | None = None
+    path: str | list[str] | None = _path()
     adapter: str | None = None
     fields: dict[str, str] | None = None
     category_map: dict[str, str] | None = None
@@ -163,7 +170,7 @@ class DataSpec:
     group_threshold: float = 0.6
 
     def __post_init__(self):
-        _expand_paths(self, "path")
+        _expand_paths(self)
         if self.adapter not in (None, "auto"):
             from sparcom_jax.data.adapters import get_adapter
 
@@ -326,7 +333,7 @@ class CollectSpec:
 
     batch_size: int = 8
     dtype: Literal["float32", "bfloat16"] = "float32"
-    store: str | None = None
+    store: str | None = _path()
     buckets: list[int] | None = None
     moe_impl: Literal["auto", "capacity", "grouped", "ragged", "tiled", "looped"] = "auto"
     template_control: bool = True
@@ -335,7 +342,7 @@ class CollectSpec:
     precision_check: bool = False
 
     def __post_init__(self):
-        _expand_paths(self, "store")
+        _expand_paths(self)
         _check_min(self, 1, "batch_size")
         if self.buckets is not None and (not self.buckets or min(self.buckets) < 1):
             raise ConfigError(f"buckets must be null or a non-empty list of lengths >= 1, got {self.buckets}")
@@ -442,7 +449,7 @@ class ExperimentConfig:
     """
 
     name: str
-    out_dir: str | None = None
+    out_dir: str | None = _path()
     base: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     finetuned: ModelSpec | None = None
     series: list[ModelSpec] = dataclasses.field(default_factory=list)
@@ -458,7 +465,7 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _expand_paths(self, "out_dir")
+        _expand_paths(self)
         if self.identify.ties == "break" and not self.collect.sums:
             raise ConfigError("identify.ties=break breaks ties by activation strength, which needs "
                               "collect.sums=true; set it, or identify.ties=keep")
@@ -510,7 +517,7 @@ class DemoConfig:
       seed: global seed.
     """
 
-    out_dir: str | None = "runs/demo"
+    out_dir: str | None = _path("runs/demo")
     pairs: list[DemoPair] = dataclasses.field(default_factory=_demo_pairs)
     pretrain: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
         total_steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=15, max_length=128,
@@ -533,7 +540,7 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _expand_paths(self, "out_dir")
+        _expand_paths(self)
 
 
 # --------------------------------------------------------------------------- #
@@ -710,9 +717,25 @@ def _homes(cls: type, prefix: str, key: str | None) -> list[str]:
     return [repr(h) for h in found]
 
 
-def to_dict(cfg: Any) -> dict:
-    """A plain, YAML-safe dict of a config dataclass (nested)."""
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any, paths: bool = True) -> dict:
+    """A plain, YAML-safe dict of a config dataclass (nested); paths=False: with every path
+    field (`_path`) None."""
+    d = dataclasses.asdict(cfg)
+    if not paths:
+        _blank_paths(cfg, d)
+    return d
+
+
+def _blank_paths(cfg: Any, d: Any) -> None:
+    if isinstance(cfg, list):
+        for x, dx in zip(cfg, d):
+            _blank_paths(x, dx)
+    elif dataclasses.is_dataclass(cfg):
+        for f in dataclasses.fields(cfg):
+            if f.metadata.get("path"):
+                d[f.name] = None
+            else:
+                _blank_paths(getattr(cfg, f.name), d[f.name])
 
 
 # --------------------------------------------------------------------------- #

@@ -801,6 +801,37 @@ def test_processes_agree_on_the_config_but_not_on_where_each_host_mounts_its_fil
     assert key() != key(stage="identify") and key() != key(overwrite=True)
 
 
+def test_every_field_expanded_as_a_path_is_left_out_of_the_run_key():
+    """run_key kept its own list of path field names beside the fields config.py expands: a path
+    field added to one only would make hosts that mount it elsewhere be refused (or leave one
+    setting unchecked). Every string field of every section is tried: expanded <=> left out."""
+    import dataclasses
+    import typing
+
+    from sparcom_jax.errors import ConfigError
+
+    cfg = exp()
+    expanded, left_out = set(), set()
+    sections = [("", cfg)] + [(f.name + ".", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                              if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    for prefix, spec in sections:
+        for name, tp in typing.get_type_hints(type(spec)).items():
+            if str not in (tp, *typing.get_args(tp)):
+                continue
+            key = prefix + name
+            try:
+                a, b = exp(f"{key}=~/sparcom-a"), exp(f"{key}=~/sparcom-b")
+            except ConfigError:  # a string the field refuses (an unknown adapter name)
+                continue
+            value = getattr(getattr(a, prefix[:-1]) if prefix else a, name)
+            if value != "~/sparcom-a":
+                expanded.add(key)
+            if stages.run_key("collect", a, False) == stages.run_key("collect", b, False):
+                left_out.add(key)
+    assert {"out_dir", "base.path", "finetuned.path", "data.path", "collect.store"} <= expanded
+    assert expanded == left_out
+
+
 # Each fingerprint component and a setting that only it records: changing the setting must
 # change that component, and only the components that depend on it.
 COLLECT_FIELDS = [

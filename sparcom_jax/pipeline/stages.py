@@ -911,23 +911,15 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         ablate_records(cfg)
 
 
-# Config fields naming files or directories: each host may mount them at its own path.
-_PATH_FIELDS = ("path", "store", "out_dir")
-
-
 def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> list:
     """What every process of a multi-host run must agree on before a stage: the stage,
-    --overwrite and the config, without its paths (`_PATH_FIELDS`). What the paths hold is
-    compared where it is used (the records and model digests by `collect`, the ablated model
-    and records by `ablate`), and the output directory is probed (`check_shared`)."""
+    --overwrite and the config, without its paths (each host may mount the files at its own
+    path). What the paths hold is compared where it is used (the records and model digests by
+    `collect`, the ablated model and records by `ablate`), and the output directory is probed
+    (`check_shared`)."""
     from sparcom_jax.config import to_dict
 
-    def strip(v):
-        if isinstance(v, dict):
-            return {k: None if k in _PATH_FIELDS else strip(x) for k, x in v.items()}
-        return [strip(x) for x in v] if isinstance(v, list) else v
-
-    return [stage, bool(overwrite), strip(to_dict(cfg))]
+    return [stage, bool(overwrite), to_dict(cfg, paths=False)]
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
