@@ -323,6 +323,21 @@ def test_locate_phases_matches_brute_force_on_random_profiles():
             assert got["early_dominant"] == (means[0] > means[1] and means[0] > means[2])
 
 
+def test_locate_phases_matches_brute_force_on_random_profiles_with_ties():
+    # Few distinct values: many splits fit exactly alike, and the earliest must win (the observed
+    # fit and the shuffles' fits are the one vectorised search).
+    rng = np.random.default_rng(15)
+    for n in (3, 4, 6, 8, 11):
+        step = np.where(np.arange(n) < rng.integers(1, n), *rng.random(2) * 300)  # one step: zero-cost splits
+        for y in (rng.integers(0, 3, n).astype(float), rng.integers(0, 2, n) * 0.1, step):
+            got = locate_phases(y)
+            bounds, means, explained = brute_phases(y)
+            assert got["boundaries"] == bounds, y
+            assert [got[p]["mean"] for p in ("early", "middle", "late")] == pytest.approx(means)
+            assert (got["explained"] is None) == (explained is None), y
+            assert explained is None or got["explained"] == pytest.approx(explained)
+
+
 def test_locate_phases_ties_and_equal_phase_means():
     # Splits that tie exactly go to the earliest boundaries, also where float rounding
     # makes a later tie look better by less than the relative tolerance.

@@ -254,9 +254,15 @@ def layer_distribution(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return count, count / width
 
 
-def _three_step_costs(y: np.ndarray) -> np.ndarray:
-    """float [P] least-squares residual of the best three-constant-piece fit of each row
-    of y [P, L] (L >= 3), over every pair of boundaries 1 <= b1 < b2 <= L-1 at once."""
+def _three_step_costs(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares residuals of the three-constant-piece fits of each row of y [P, L]
+    (L >= 3), over every pair of boundaries 1 <= b1 < b2 <= L-1 at once (O(L^2) with
+    prefix sums).
+
+    Returns:
+      (cost float [P, K] of the K pairs, ordered by b1 then b2; b1 int [K]; b2 int [K];
+      total float [P], the residual of one constant over all layers).
+    """
     p, n_layers = y.shape
     zero = np.zeros((p, 1))
     s1 = np.concatenate([zero, np.cumsum(y, 1)], 1)
@@ -268,7 +274,8 @@ def _three_step_costs(y: np.ndarray) -> np.ndarray:
     def sse(a, b):
         return s2[:, b] - s2[:, a] - (s1[:, b] - s1[:, a]) ** 2 / (b - a)
 
-    return (sse(np.zeros_like(b1), b1) + sse(b1, b2) + sse(b2, np.full_like(b2, n_layers))).min(1)
+    cost = sse(np.zeros_like(b1), b1) + sse(b1, b2) + sse(b2, np.full_like(b2, n_layers))
+    return cost, b1, b2, sse(np.zeros(1, int), np.full(1, n_layers))[:, 0]
 
 
 def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
@@ -309,21 +316,13 @@ def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
         return {"rule": "three-segment least squares", "boundaries": None, "early": None,
                 "middle": None, "late": None, "explained": None, "early_dominant": None,
                 "explained_p": None, "n_perm": n_perm}
-    s1 = np.concatenate([[0.0], np.cumsum(y)])
-    s2 = np.concatenate([[0.0], np.cumsum(y * y)])
-
-    def sse(a, b):  # residual of the constant fit on y[a:b]
-        return s2[b] - s2[a] - (s1[b] - s1[a]) ** 2 / (b - a)
-
-    total = sse(0, n_layers)
-    best, best_cost = (1, 2), np.inf
+    cost, b1s, b2s, total = _three_step_costs(y[None])
+    cost, total = cost[0], float(total[0])
     tol = 1e-9 * max(1.0, total)
-    for b1 in range(1, n_layers - 1):
-        for b2 in range(b1 + 1, n_layers):
-            cost = sse(0, b1) + sse(b1, b2) + sse(b2, n_layers)
-            if cost < best_cost - tol:
-                best, best_cost = (b1, b2), cost
-    b1, b2 = best
+    # The earliest pair within the tolerance of the least residual: float rounding must not
+    # let a later split that ties exactly look better.
+    k = int(np.flatnonzero(cost <= cost.min() + tol)[0])
+    b1, b2, best_cost = int(b1s[k]), int(b2s[k]), float(cost[k])
     spans = {"early": (0, b1), "middle": (b1, b2), "late": (b2, n_layers)}
     phases = {k: {"layers": [a, b - 1], "mean": float(y[a:b].mean())} for k, (a, b) in spans.items()}
     means = {k: v["mean"] for k, v in phases.items()}
@@ -333,7 +332,7 @@ def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
         shuffled = np.stack([rng.permutation(y) for _ in range(n_perm)])
         # Residuals compared directly (the total is the same for every order); the tolerance
         # lets an order that reproduces the observed fit count despite another summation order.
-        n_ge = int((_three_step_costs(shuffled) <= best_cost + tol).sum())
+        n_ge = int((_three_step_costs(shuffled)[0].min(1) <= best_cost + tol).sum())
         explained_p = (1 + n_ge) / (1 + n_perm)
     return {
         "rule": "three-segment least squares",
