@@ -552,10 +552,8 @@ def _series_bootstrap(fields: Sequence[FieldAnalysis]) -> dict | None:
     sets = [f.ident.category_sets for f in fields]
     mats = [f.instruction_matrix for f in fields]
     extra = series_dominance(mats, f0.ident.labels, f0.boot_weights) if all(m is not None for m in mats) else None
-    est = series_figures([x.reshape(C, -1) for x in sets])
-    est.update(extra[0] if extra else {})
-    r = paired_intervals(sets, [f.replicate_sets for f in fields], series_figures, f0.summary["bootstrap"]["ci"],
-                         extra)
+    est, r = paired_intervals(sets, [f.replicate_sets for f in fields], series_figures,
+                              f0.summary["bootstrap"]["ci"], extra)
 
     def shaped(v, per_category: bool):
         v = np.asarray(v)
@@ -748,10 +746,13 @@ def _template_effect(fb: FieldAnalysis, fm: FieldAnalysis, fs: FieldAnalysis) ->
         main, same = set_figures(sets[0], sets[1]), set_figures(sets[0], sets[2])
         return {k: main[k] - same[k] for k in TEMPLATE_EFFECT_KEYS}
 
-    est = figures([f.ident.category_sets.reshape(C, -1) for f in (fb, fm, fs)])
+    estimates = [f.ident.category_sets for f in (fb, fm, fs)]
     paired = _same_draws(fb, fm, fs)
-    r = paired_intervals([f.ident.category_sets for f in (fb, fm, fs)], [f.replicate_sets for f in (fb, fm, fs)],
-                         figures, fb.summary["bootstrap"]["ci"]) if paired else {}
+    if paired:
+        est, r = paired_intervals(estimates, [f.replicate_sets for f in (fb, fm, fs)], figures,
+                                  fb.summary["bootstrap"]["ci"])
+    else:
+        est, r = figures([x.reshape(C, -1) for x in estimates]), {}
     draws = _draws_entry(fb) if paired else {"n_boot": None, "seed": None, "ci": None, "unit": None,
                                               "paired": False}
     none = dict.fromkeys(("low", "high", "bias", "outside"))

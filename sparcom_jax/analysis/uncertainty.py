@@ -282,7 +282,7 @@ def bootstrap(
 
 
 def paired_intervals(estimates: Sequence[np.ndarray], replicates: Sequence[np.ndarray], figures,
-                     ci: float = 0.95, extra: tuple[dict, dict] | None = None) -> dict:
+                     ci: float = 0.95, extra: tuple[dict, dict] | None = None) -> tuple[dict, dict]:
     """Bootstrap intervals of figures of several models' category sets, paired by draw.
 
     Every model was identified on the same records and resampled with the same draws
@@ -301,7 +301,8 @@ def paired_intervals(estimates: Sequence[np.ndarray], replicates: Sequence[np.nd
         {figure: B values}) from the same draws, put through the same intervals.
 
     Returns:
-      {figure: {"low", "high", "bias", "outside"}} and "n_outside" (`percentile_intervals`).
+      ({figure: the estimate} (`figures` of `estimates`, and extra's), the intervals:
+      {figure: {"low", "high", "bias", "outside"}} and "n_outside" (`percentile_intervals`)).
     """
     c = estimates[0].shape[0]
     u = int(np.prod(estimates[0].shape[1:]))
@@ -313,7 +314,7 @@ def paired_intervals(estimates: Sequence[np.ndarray], replicates: Sequence[np.nd
     if extra is not None:
         est.update(extra[0])
         reps.update(extra[1])
-    return percentile_intervals(reps, est, ci)
+    return est, percentile_intervals(reps, est, ci)
 
 
 def set_figures(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarray]:
@@ -342,7 +343,7 @@ def paired_set_intervals(before: np.ndarray, after: np.ndarray, reps_before: np.
       {figure: {"low", "high", "bias", "outside"} (float [C] each)} for the figures of
       `compare.SET_KEYS`, and "n_outside" (`percentile_intervals`).
     """
-    return paired_intervals([before, after], [reps_before, reps_after], lambda s: set_figures(*s), ci)
+    return paired_intervals([before, after], [reps_before, reps_after], lambda s: set_figures(*s), ci)[1]
 
 
 # Figures of a checkpoint series with a paired interval at every checkpoint; those of SERIES_CHANGE
