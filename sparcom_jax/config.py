@@ -643,11 +643,7 @@ def _build(cls: type, data: dict, prefix: str, src: str):
     kwargs = {}
     for k, v in data.items():
         if k not in fields:
-            err = ConfigError(f"{src}: unknown key {_join(prefix, k)!r}{_suggest(k, fields)}; "
-                              f"valid keys{' of ' + repr(prefix) if prefix else ''}: "
-                              f"{', '.join(fields)}")
-            err.unknown = (prefix, k)  # from_dict adds the section the key belongs to, if any
-            raise err
+            raise _unknown_key(src, prefix, k, list(fields))
         default = _default(fields[k])
         if isinstance(v, dict) and dataclasses.is_dataclass(default):
             v = _overlay(default, v)  # a partial section keeps the other defaults
@@ -661,6 +657,17 @@ def _build(cls: type, data: dict, prefix: str, src: str):
         err = ConfigError(f"{src}: {prefix + '.' if prefix else ''}{e}")
         err.cross_field = True  # may be fixed by a later override
         raise err from None
+
+
+def _unknown_key(src: str, prefix: str, key: str, valid: list[str], homes: list[str] | None = None) -> ConfigError:
+    """The error for `key` of section `prefix`, which has only the keys `valid`: with the closest
+    valid key and the sections of the whole schema that have `key` (`homes`, `_homes`). The
+    parts ride on the error (`unknown`): from_dict, which knows the schema, adds the homes."""
+    homes_hint = f" (did you mean {' or '.join(homes)}?)" if homes else ""
+    err = ConfigError(f"{src}: unknown key {_join(prefix, key)!r}{_suggest(key, valid)}{homes_hint}; "
+                      f"valid keys{' of ' + repr(prefix) if prefix else ''}: {', '.join(valid)}")
+    err.unknown = (src, prefix, key, valid)
+    return err
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -696,10 +703,11 @@ def from_dict(cls: type, data: dict, source: str = "config") -> Any:
     try:
         return _build(cls, data, "", source)
     except ConfigError as e:
-        homes = _homes(cls, *getattr(e, "unknown", ("", None)))
+        src, prefix, key, valid = getattr(e, "unknown", (None, "", None, None))
+        homes = _homes(cls, prefix, key)
         if not homes:
             raise
-        raise ConfigError(str(e).replace("; valid keys", f" (did you mean {' or '.join(homes)}?); valid keys", 1)) from None
+        raise _unknown_key(src, prefix, key, valid, homes) from None
 
 
 def _homes(cls: type, prefix: str, key: str | None) -> list[str]:

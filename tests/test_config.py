@@ -419,6 +419,18 @@ def test_a_key_in_the_wrong_section_names_the_section_that_has_it(tmp_path):
     assert "did you mean" not in str(e.value)
 
 
+def test_the_section_hint_goes_after_the_key_whatever_the_file_is_called(tmp_path):
+    # The hint was patched into the formatted message before its first "; valid keys", which a
+    # file's path can hold: the hint landed inside the path.
+    d = tmp_path / "x; valid keys"
+    d.mkdir()
+    path = write(d, "name: x\nbase: {path: /m}\nablation:\n  n_boot: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: unknown key 'ablation.n_boot' (did you mean 'identify.n_boot'?); "
+                                   "valid keys of 'ablation': enabled,")
+
+
 def test_the_demos_held_out_records_all_keep_response_tokens_within_its_max_length():
     # At data.max_length=128 five of the eight held-out SUM records of the demo kept no
     # response token (their prompts run to ~190 tokens): SUM's causal-check loss rested on three.
