@@ -236,28 +236,26 @@ def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
     return list(zip((codes // n).tolist(), (codes % n).tolist()))
 
 
-def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float,
-                chunk: int = _CHUNK) -> tuple[np.ndarray, int]:
+def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float) -> tuple[np.ndarray, int]:
     """What grouping needs of `near_pairs`, without listing its pairs.
 
     Args:
       records: the records.
       keys: their `group_key`s (the caller has them).
       threshold: the near rule's Jaccard, in (0, 1].
-      chunk: as in `near_pairs`.
 
     Returns:
       links: int64 [M, 2] record pairs whose chains join exactly the records that chains of
         `near_pairs` join: each record of a word set to the set's first record (the word-less
         set's records to the first of a set they join), and the first records of every joined
-        pair of sets. M < n + the set pairs, where `near_pairs` lists up to n^2 / 2.
+        pair of sets. M <= n + the set pairs, where `near_pairs` lists up to n^2 / 2.
       pairs: how many `near_pairs` join records of different texts (what `grouping_summary`
         reports), counted from the sets' sizes: n_u n_v per joined pair of sets (different
         word sets are different texts), and per joining set the pairs of its records less
         those of one text.
     """
     links, pairs = [np.zeros((0, 2), np.int64)], 0
-    for idx, of, self_join, u, v in _category_joins(records, threshold, chunk):
+    for idx, of, self_join, u, v in _category_joins(records, threshold, _CHUNK):
         first = idx[np.unique(of, return_index=True)[1]]  # each set's first record
         # The record each record of a set is linked to: the set's first when the set joins itself;
         # for the word-less set, which does not, the first of a set it joins (each of its records
