@@ -1,6 +1,6 @@
-"""Benchmark the near-duplicate pair search (`sparcom_jax.data.splits.near_pairs`) on synthetic records.
+"""Benchmark near-duplicate grouping (`sparcom_jax.data.splits.grouping_summary`) on synthetic records.
 
-    PYTHONPATH=. python scripts/bench_groups.py --per-category 1000 3000 10000 --data templated uniform
+    PYTHONPATH=. python scripts/bench_groups.py --per-category 1000 3000 10000 --data templated numbers uniform
     PYTHONPATH=/path/to/other/checkout python scripts/bench_groups.py ...   # another version, same records
 
 Record sets (seeded, the same for every version; six categories of `--per-category` records):
@@ -12,25 +12,35 @@ Record sets (seeded, the same for every version; six categories of `--per-catego
   each slot a number (written as 0 by `near_words`, so variants differ in text only), one
   of 50 fillers (countries, genres) or a Zipf word. The other 60% are free text of 3-60
   Zipf words (lognormal, median 12).
+- "numbers": `--per-category` variants of one template in one category (MATH) that differ
+  only in numbers ("Calculate 12% of 450."): one word set, every record pair a near pair.
 - "uniform": 5-25 words drawn uniformly from 20,000 (the case docs/data.md measured the
   all-pairs search on: most words shared by a few records, few pairs).
 - "shipped": the shipped 360 records (`--per-category` ignored).
 
-Prints, per set: records, the wall and CPU seconds of one `near_pairs` call (no cache; CPU
-seconds vary less on a shared machine), the pairs, the near groups, and a digest of the
-pairs, so two versions can be checked to find the same pairs.
+Each set is measured in a fresh process (an empty cache, and its own peak memory): one
+`grouping_summary` call, the work a run does to group records (the pair search once, the
+groups under both rules, the count of joined pairs). Prints, per set: records, the wall and
+CPU seconds of that call (CPU seconds vary less on a shared machine), the process's peak
+resident memory, the pairs of differently worded records joined directly (`near_pairs` of
+the summary), the near groups, and a digest of every record's near group key, so two
+versions can be checked to group alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.data import Record
-from sparcom_jax.data.splits import group_keys, near_pairs
+from sparcom_jax.data.splits import group_keys, grouping_summary
 from sparcom_jax.fingerprint import digest
 
 
@@ -67,29 +77,49 @@ def uniform(per_category: int, seed: int = 0) -> list[Record]:
             for cat in CATEGORIES for i in range(per_category)]
 
 
+def numbers(per_category: int, seed: int = 0) -> list[Record]:
+    rng = np.random.default_rng(seed)
+    return [Record(f"math-{i}", "math", f"Calculate {int(a)}% of {int(b)}.")
+            for i, (a, b) in enumerate(rng.integers(1, 1000, (per_category, 2)))]
+
+
 def shipped(per_category: int, seed: int = 0) -> list[Record]:
     from sparcom_jax.data import SHIPPED_PATH, load_instructions
 
     return load_instructions(SHIPPED_PATH)
 
 
+def measure(data: str, per_category: int, threshold: float) -> dict:
+    """One `grouping_summary` call on a record set, in this (fresh) process."""
+    records = globals()[data](per_category)
+    start, cpu = time.perf_counter(), time.process_time()
+    summary = grouping_summary(records, "near", threshold)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    keys = group_keys(records, "near", threshold)  # from the cache the summary filled: no second search
+    return {"records": len(records), "wall": seconds, "cpu": cpu, "pairs": summary["near_pairs"],
+            "groups": summary["near_groups"]["total"], "digest": digest(keys)[:16],
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-category", type=int, nargs="+", default=[1000, 3000, 10000])
-    ap.add_argument("--data", nargs="+", default=["shipped", "templated", "uniform"],
-                    choices=["shipped", "templated", "uniform"])
+    ap.add_argument("--data", nargs="+", default=["shipped", "templated", "numbers", "uniform"],
+                    choices=["shipped", "templated", "numbers", "uniform"])
     ap.add_argument("--threshold", type=float, default=0.6)
+    ap.add_argument("--one", nargs=2, metavar=("DATA", "PER_CATEGORY"), help=argparse.SUPPRESS)  # a child's set
     args = ap.parse_args()
-    print(f"{'data':<10} {'records':>8} {'wall s':>8} {'CPU s':>8} {'pairs':>9} {'groups':>8}  pairs digest")
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.threshold)))
+        return
+    print(f"{'data':<10} {'records':>8} {'wall s':>8} {'CPU s':>8} {'peak MB':>8} {'pairs':>10} {'groups':>8}  groups digest")
     for data in args.data:
         for n in args.per_category if data != "shipped" else [0]:
-            records = globals()[data](n)
-            start, cpu = time.perf_counter(), time.process_time()
-            pairs = near_pairs(records, args.threshold)
-            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            groups = len({(r.category, k) for r, k in zip(records, group_keys(records, "near", args.threshold))})
-            print(f"{data:<10} {len(records):>8} {seconds:>8.2f} {cpu:>8.2f} {len(pairs):>9} {groups:>8}  {digest(pairs)[:16]}",
-                  flush=True)
+            child = subprocess.run([sys.executable, __file__, "--one", data, str(n), "--threshold", str(args.threshold)],
+                                   capture_output=True, text=True, check=True)
+            m = json.loads(child.stdout.splitlines()[-1])
+            print(f"{data:<10} {m['records']:>8} {m['wall']:>8.2f} {m['cpu']:>8.2f} {m['peak_mb']:>8.0f} {m['pairs']:>10} "
+                  f"{m['groups']:>8}  {m['digest']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ def test_the_pair_search_runs_once_per_record_texts_and_threshold(monkeypatch):
 
     calls = []
     monkeypatch.setattr(splits, "_PAIRS_CACHE", {})
-    monkeypatch.setattr(splits, "near_pairs", lambda recs, t: calls.append(t) or brute_pairs(recs, t))
+    real = splits._near_links  # the search group_keys and grouping_summary run (near_pairs lists every pair)
+    monkeypatch.setattr(splits, "_near_links", lambda recs, keys, t: calls.append(t) or real(recs, keys, t))
     recs = records()
     keys = group_keys(recs, "near")
     assert group_ids(recs, "near") == group_ids(recs, "near") and grouping_summary(recs)["records"] == len(recs)
@@ -368,3 +369,63 @@ def test_each_process_of_a_collection_keeps_the_groups_of_all_records(tmp_path, 
             stages.collect_stage(cfg, tmp_path / "out", progress=False)
     for k in range(2):
         assert stored[k] == ([f"r{i}" for i in range(k, len(texts), 2)], whole[k::2])
+
+
+def reference_groups(recs, threshold):
+    """group_keys(recs, "near", threshold) by brute force: identical text and every `reference_pairs`
+    pair joined, each group keyed by the text of its earliest record."""
+    label = list(range(len(recs)))
+    edges = reference_pairs(recs, threshold) + [
+        (i, j) for i in range(len(recs)) for j in range(i + 1, len(recs))
+        if recs[i].category == recs[j].category and group_key(recs[i]) == group_key(recs[j])]
+    changed = True
+    while changed:  # label propagation to the smallest index of each component
+        changed = False
+        for i, j in edges:
+            if label[i] != label[j]:
+                label[i] = label[j] = min(label[i], label[j])
+                changed = True
+    return [group_key(recs[label[i]]) for i in range(len(recs))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_groups_and_pair_counts_equal_brute_force_with_many_repeated_word_sets(seed):
+    """Grouping chains distinct word sets instead of listing every record pair: the groups, and
+    the count of directly joined pairs of different texts, stay those of brute force when most
+    records share their word set with others (number variants, repeated texts, word-less texts)."""
+    import numpy as np
+
+    rng = np.random.default_rng(100 + seed)
+    vocab = [f"w{k}" for k in range(int(rng.integers(3, 8)))]
+    templates = [" ".join(rng.choice(vocab, size=int(rng.integers(0, 6))).tolist()) for _ in range(6)]
+    recs = []
+    for i in range(int(rng.integers(30, 70))):
+        # A template with a number or two (one word set, different texts), its bare text, or a word-less text.
+        text = templates[int(rng.integers(len(templates)))] + " " + " ".join(
+            str(int(x)) for x in rng.integers(0, 500, int(rng.integers(0, 3))))
+        recs.append(rec(i, [CLS, MATH][int(rng.random() < 0.4)], text.strip() or ["?!", "...", "-"][i % 3]))
+    recs += [rec(len(recs) + k, r.category, r.instruction.upper()) for k, r in enumerate(recs[:8])]  # same text
+    for threshold in (1.0, 0.7, 0.6, 0.5, 1 / 3, 1e-10):
+        assert group_keys(recs, "near", threshold) == reference_groups(recs, threshold), threshold
+        differ = sum(group_key(recs[i]) != group_key(recs[j]) for i, j in reference_pairs(recs, threshold))
+        assert grouping_summary(recs, "near", threshold)["near_pairs"] == differ, threshold
+
+
+def test_grouping_links_grow_with_the_records_not_their_pairs(monkeypatch):
+    """3,000 number variants of one template (one word set): 4.5 million record pairs, which the
+    grouping once listed (minutes and GBs at 10,000 variants); it needs one link per record."""
+    from sparcom_jax.data import splits
+
+    n = 3000
+    recs = [rec(i, MATH, f"Calculate {i}% of {3 * i + 7}.") for i in range(n)]
+    recs += [rec(n, MATH, "calculate 5%  of 22."), rec(n + 1, MATH, "Name a prime."), rec(n + 2, CLS, "?!")]
+    links = []
+    real = splits._near_links
+    monkeypatch.setattr(splits, "_PAIRS_CACHE", {})
+    monkeypatch.setattr(splits, "_near_links", lambda *a: links.append(len(real(*a)[0])) or real(*a))
+    keys = group_keys(recs, "near", 0.6)
+    assert keys == [group_key(recs[0])] * (n + 1) + [group_key(recs[n + 1]), group_key(recs[n + 2])]
+    s = grouping_summary(recs, "near", 0.6)
+    # Record n repeats record 5's text: the pairs of different texts are all pairs of n + 1 less one.
+    assert s["near_pairs"] == (n + 1) * n // 2 - 1 and s["largest_near_group"] == n + 1
+    assert links == [n]  # one link per record but the set's first; the search ran once

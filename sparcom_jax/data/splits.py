@@ -63,6 +63,8 @@ _SLACK = 1e-9
 # The filters' bounds are loosened by more than _SLACK, so that rounding never drops a pair the
 # rule joins (a looser bound only lets more candidates through to the exact check).
 _BOUND_SLACK = 1e-6
+# Candidate pairs of word sets generated and checked at a time by `_set_pairs` (memory).
+_CHUNK = 1 << 20
 
 
 def _joins(inter: np.ndarray, union: np.ndarray, threshold: float) -> np.ndarray:
@@ -166,17 +168,40 @@ def _set_pairs(sets: list[frozenset[str]], threshold: float, chunk: int) -> np.n
     return np.stack([codes // n, codes % n], 1)
 
 
-def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
-               chunk: int = 1 << 20) -> list[tuple[int, int]]:
-    """Pairs of records of one category whose word sets (`near_words`) overlap by a Jaccard
-    of at least `threshold` (intersection >= threshold * union - 1e-9).
+def _category_joins(records: Sequence[Record], threshold: float, chunk: int):
+    """The near rule per category, on distinct word sets: what `near_pairs` expands and
+    `_near_links` chains, so that records sharing one word set are handled once as a set.
 
-    Exact, without comparing all pairs: records with one word set are joined to each other
-    and, as one set, to the other sets by a prefix-filtered similarity join (`_set_pairs`),
-    which counts only the pairs of sets that share one of their rarest words. The time grows
-    with the candidates and the pairs found, not with n_c^2 (docs/data.md has measurements);
-    the result is the list of record pairs, so a template with k variants of one word set
-    alone gives k (k - 1) / 2 pairs.
+    Yields, per category with records:
+      idx: int64 [n_c], the category's record indices, ascending.
+      of: int64 [n_c], each of them's word set (`near_words`), numbered by first appearance.
+      self_join: bool [S], the sets whose records are all joined to each other (a set with
+        words; a word-less set joins nothing).
+      u, v: int64 [P], the pairs of distinct sets the rule joins (`_set_pairs`), u < v.
+    """
+    for cat in CATEGORIES:
+        idx = np.asarray([i for i, r in enumerate(records) if r.category == cat], np.int64)
+        if not idx.size:
+            continue
+        ids: dict[frozenset[str], int] = {}
+        of = np.asarray([ids.setdefault(near_words(records[i]), len(ids)) for i in idx.tolist()], np.int64)
+        sets = list(ids)
+        words = np.asarray([len(s) for s in sets], np.float64)
+        u, v = _set_pairs(sets, threshold, chunk).T
+        yield idx, of, _joins(words, words, threshold), u, v
+
+
+def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
+               chunk: int = _CHUNK) -> list[tuple[int, int]]:
+    """Every pair of records of one category whose word sets (`near_words`) overlap by a
+    Jaccard of at least `threshold` (intersection >= threshold * union - 1e-9).
+
+    For reading which records the rule joins; grouping does not call it (`group_keys` chains
+    the distinct word sets instead): the list has every record pair, so a template with k
+    variants of one word set alone gives k (k - 1) / 2 pairs (50 million for 10,000 variants).
+    The search itself is exact without comparing all pairs: a prefix-filtered similarity join
+    over the distinct word sets (`_set_pairs`), whose time grows with the candidates and the
+    set pairs found, not with n_c^2 (docs/data.md has measurements).
 
     Args:
       records: the records.
@@ -190,47 +215,80 @@ def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
       ValueError: on a threshold outside (0, 1].
     """
     _check_threshold(threshold)
-    out = []
-    for cat in CATEGORIES:
-        ids: dict[frozenset[str], int] = {}
-        of = np.asarray([ids.setdefault(near_words(r), len(ids)) for r in records if r.category == cat], np.int64)
-        idx = np.asarray([i for i, r in enumerate(records) if r.category == cat], np.int64)
+    n = max(len(records), 1)
+    out = [np.zeros(0, np.int64)]
+    for idx, of, self_join, u, v in _category_joins(records, threshold, chunk):
         # The records of each word set, laid end to end in set order (and record order within a set).
         mem = idx[np.argsort(of, kind="stable")]
-        n_of = np.bincount(of, minlength=len(ids))
+        n_of = np.bincount(of, minlength=self_join.size)
         mem_ptr = np.concatenate([[0], np.cumsum(n_of)])
-        sets = list(ids)
-        # Records of one word set are joined when the set joins itself (it has words and t <= 1).
-        words = np.asarray([len(s) for s in sets], np.float64)
-        for s in np.flatnonzero((n_of > 1) & _joins(words, words, threshold)):
+        for s in np.flatnonzero((n_of > 1) & self_join):
             first, second = np.triu_indices(int(n_of[s]), 1)
             m = mem[mem_ptr[s]:mem_ptr[s + 1]]
-            out.append(m[first] * len(records) + m[second])
-        u, v = _set_pairs(sets, threshold, chunk).T
+            out.append(m[first] * n + m[second])
         # Every record of u with every record of v.
         k = n_of[u] * n_of[v]
         at = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
         a = mem[np.repeat(mem_ptr[u], k) + at // np.repeat(n_of[v], k)]
         b = mem[np.repeat(mem_ptr[v], k) + at % np.repeat(n_of[v], k)]
-        out.append(np.minimum(a, b) * len(records) + np.maximum(a, b))
-    codes = np.sort(np.concatenate([np.zeros(0, np.int64), *out]))
-    return list(zip((codes // max(len(records), 1)).tolist(), (codes % max(len(records), 1)).tolist()))
+        out.append(np.minimum(a, b) * n + np.maximum(a, b))
+    codes = np.sort(np.concatenate(out))
+    return list(zip((codes // n).tolist(), (codes % n).tolist()))
 
 
-# The last few `near_pairs` results, by the records' (category, `group_key`) and the threshold:
+def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float) -> tuple[np.ndarray, int]:
+    """What grouping needs of `near_pairs`, without listing its pairs.
+
+    Args:
+      records: the records.
+      keys: their `group_key`s (the caller has them).
+      threshold: the near rule's Jaccard, in (0, 1].
+
+    Returns:
+      links: int64 [M, 2] record pairs whose chains join exactly the records that chains of
+        `near_pairs` join: each record of a word set to the set's first record (the word-less
+        set's records to the first of a set they join), and the first records of every joined
+        pair of sets. M <= n + the set pairs, where `near_pairs` lists up to n^2 / 2.
+      pairs: how many `near_pairs` join records of different texts (what `grouping_summary`
+        reports), counted from the sets' sizes: n_u n_v per joined pair of sets (different
+        word sets are different texts), and per joining set the pairs of its records less
+        those of one text.
+    """
+    links, pairs = [np.zeros((0, 2), np.int64)], 0
+    for idx, of, self_join, u, v in _category_joins(records, threshold, _CHUNK):
+        first = idx[np.unique(of, return_index=True)[1]]  # each set's first record
+        # The record each record of a set is linked to: the set's first when the set joins itself;
+        # for the word-less set, which does not, the first of a set it joins (each of its records
+        # joins every record of that set, at a threshold within the slack of 0); else none.
+        anchor = np.where(self_join, first, -1)
+        alone_u, alone_v = ~self_join[u], ~self_join[v]
+        anchor[u[alone_u]], anchor[v[alone_v]] = first[v[alone_u]], first[u[alone_v]]
+        to = anchor[of]
+        chained = (to >= 0) & (to != idx)
+        links += [np.stack([to[chained], idx[chained]], 1), np.stack([first[u], first[v]], 1)]
+        n_of = np.bincount(of, minlength=self_join.size)
+        n_text = np.asarray(list(Counter(keys[i] for i in idx[self_join[of]].tolist()).values()), np.int64)
+        pairs += int((n_of[u] * n_of[v]).sum() + (n_of * (n_of - 1) // 2)[self_join].sum()
+                     - (n_text * (n_text - 1) // 2).sum())
+    links = np.concatenate(links)
+    links.flags.writeable = False  # cached and shared by every caller
+    return links, pairs
+
+
+# The last few `_near_links` results, by the records' (category, `group_key`) and the threshold:
 # a run groups one record set many times (its split, every model's counts, the report's data
 # section), and the search takes seconds for tens of thousands of records (docs/data.md).
-_PAIRS_CACHE: dict[tuple[str, float], tuple[tuple[int, int], ...]] = {}
+_PAIRS_CACHE: dict[tuple[str, float], tuple[np.ndarray, int]] = {}
 _PAIRS_CACHE_SIZE = 4
 
 
-def _near_pairs_once(records: Sequence[Record], threshold: float) -> tuple[tuple[int, int], ...]:
-    """`near_pairs(records, threshold)`, computed once for the same records' texts and categories."""
-    key = (digest([[r.category, group_key(r)] for r in records]), float(threshold))
+def _near_links_once(records: Sequence[Record], keys: Sequence[str], threshold: float) -> tuple[np.ndarray, int]:
+    """`_near_links(records, keys, threshold)`, computed once for the same records' texts and categories."""
+    key = (digest([[r.category, k] for r, k in zip(records, keys)]), float(threshold))
     if key not in _PAIRS_CACHE:
         while len(_PAIRS_CACHE) >= _PAIRS_CACHE_SIZE:
             _PAIRS_CACHE.pop(next(iter(_PAIRS_CACHE)))
-        _PAIRS_CACHE[key] = tuple(near_pairs(records, threshold))
+        _PAIRS_CACHE[key] = _near_links(records, keys, threshold)
     return _PAIRS_CACHE[key]
 
 
@@ -269,7 +327,7 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
 
     first: dict[tuple[str, str], int] = {}
     same_text = [(first.setdefault((r.category, k), i), i) for i, (r, k) in enumerate(zip(records, keys))]
-    for i, j in [*same_text, *_near_pairs_once(records, threshold)]:
+    for i, j in [*same_text, *_near_links_once(records, keys, threshold)[0].tolist()]:
         a, b = root(i), root(j)
         parent[max(a, b)] = min(a, b)  # the root stays the earliest record of its group
     return [keys[root(i)] for i in range(len(records))]
@@ -303,8 +361,7 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
     sizes = Counter((r.category, k) for r, k in zip(records, near))
     return {"group_by": by, "threshold": threshold, "records": len(records),
             "text_groups": per_cat(text), "near_groups": per_cat(near),
-            "near_pairs": sum(group_key(records[i]) != group_key(records[j])
-                              for i, j in _near_pairs_once(records, threshold)),
+            "near_pairs": _near_links_once(records, text, threshold)[1],
             "largest_near_group": max(sizes.values(), default=0)}
 
 
