@@ -149,36 +149,48 @@ class AblationResult:
         ])
 
     def matching_warnings(self) -> list[str]:
-        """One line per category whose random draws fire clearly less often than its set.
+        """One line per category whose random draws are lighter than its set.
 
         Returns:
-          The lines, in CATEGORIES order: a category is flagged when the draws' mean
-          frequency is below (1 - FREQUENCY_GAP) x the set's. Each line gives both, the
-          closest the data allow (`closest_frequency`), the set's units that no unit
-          outside it matches (`above_others`) and, for experts, the routing mass the set
-          and the draws dropped: there the excess can partly be the effect of removing
-          busier units, whatever they are specific to.
+          The lines, in CATEGORIES order. A category is flagged when the draws' mean
+          frequency is below (1 - FREQUENCY_GAP) x the set's (the line gives both, the
+          closest match the data allow, `closest_frequency`, and the set's units that no
+          unit outside it matches, `above_others`): part of its excess can then be the
+          effect of removing busier units, whatever they are specific to. Experts are
+          also flagged when the set drops more routing mass than every draw: their
+          excess cannot then be told apart from a larger disruption of the routing.
+          Expert lines give the mass of the set and of the draws.
         """
-        if self.set_frequency is None or self.random_frequency is None or not self.n_random:
+        if not self.n_random:
             return []
         unit = self.kind.replace("_", " ")
         group = "expert" if self.kind == "expert_neurons" else "layer"
+        mass = self.kind == "experts" and self.dropped_mass is not None and self.random_dropped_mass is not None
         lines = []
         for a, cat in enumerate(CATEGORIES):
-            sf, rf = self.set_frequency[a], self.random_frequency[:, a]
-            if not (np.isfinite(sf) and np.isfinite(rf).all()) or rf.mean() >= (1 - FREQUENCY_GAP) * sf:
-                continue
-            line = f"{cat}: its matched random {unit} fire less often than its set ({rf.mean():.3g} against {sf:.3g}"
-            if self.closest_frequency is not None:
-                line += f"; each replaced by its nearest outside the set: {self.closest_frequency[a]:.3g}"
-            line += ")"
-            if self.above_others is not None and self.above_others[a]:
-                line += (f"; {self.above_others[a]} of its {self.set_sizes[a]} {unit} fire more often than every "
-                         f"one of their {group} outside the set, so no draw can match them")
-            if self.dropped_mass is not None and self.random_dropped_mass is not None:
-                line += (f"; routing mass dropped: {self.dropped_mass[a]:.3g} by the set, "
-                         f"{np.mean(self.random_dropped_mass[:, a]):.3g} by the draws")
-            lines.append(line + ": part of its excess can be the effect of removing busier units")
+            parts, why = [], []
+            if self.set_frequency is not None and self.random_frequency is not None:
+                sf, rf = self.set_frequency[a], self.random_frequency[:, a]
+                if np.isfinite(sf) and np.isfinite(rf).all() and rf.mean() < (1 - FREQUENCY_GAP) * sf:
+                    close = ("" if self.closest_frequency is None
+                             else f"; each replaced by its nearest outside the set: {self.closest_frequency[a]:.3g}")
+                    parts.append(f"its matched random {unit} fire less often than its set ({rf.mean():.3g} "
+                                 f"against {sf:.3g}{close})")
+                    if self.above_others is not None and self.above_others[a]:
+                        parts.append(f"{self.above_others[a]} of its {self.set_sizes[a]} {unit} fire more often "
+                                     f"than every one of their {group} outside the set, so no draw can match them")
+                    why.append("part of its excess can be the effect of removing busier units")
+            if mass:
+                dm, rdm = self.dropped_mass[a], self.random_dropped_mass[:, a]
+                heavier = bool(np.isfinite(dm) and np.isfinite(rdm).all() and dm > rdm.max())
+                if heavier:
+                    why.append("it drops more routing mass than every draw, so its excess cannot be told apart "
+                               "from a larger disruption of the routing")
+                if why:
+                    parts.append(f"routing mass dropped: {dm:.3g} by the set, {rdm.mean():.3g} by the draws "
+                                 f"(at most {rdm.max():.3g})")
+            if why:
+                lines.append(f"{cat}: " + "; ".join(parts) + ": " + "; and ".join(why))
         return lines
 
     @property
