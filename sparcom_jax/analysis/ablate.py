@@ -47,7 +47,7 @@ MIN_SCORED_FRACTION = 0.5
 # Each unit of a tested set is replaced by one of the NEIGHBOURS free units of its group
 # nearest in frequency: 1 makes every draw the same set (up to ties), more lets the draws
 # fire less than the closest match. On the demo's sets 2 came within 0.002 of the closest
-# match for neurons and 0.04 for experts, with 7-14 different expert sets in 19 draws
+# match for neurons and 0.05 for experts, with 7-14 different expert sets in 19 draws
 # (docs/analysis.md, "Random controls").
 NEIGHBOURS = 2
 # Draws firing on average less than (1 - FREQUENCY_GAP) x the set's mean frequency are
