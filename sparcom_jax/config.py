@@ -378,18 +378,20 @@ class AblationSpec:
 
     Attributes:
       enabled: run it (it needs the weights).
-      n_random: random control sets per category (matched per layer on count and on
-        activation-frequency bins, excluding the tested set); their spread is reported.
-        The smallest Monte-Carlo p-value of "the set hurts more than its controls" is
-        1 / (1 + n_random): 10 draws show the spread but can never reach p < 0.05 (19
-        can, for one category; 119 for six at 0.05 / 6).
+      n_random: random control sets per category (matched per layer on count and unit
+        by unit on activation frequency, excluding the tested set); their spread is
+        reported. The smallest Monte-Carlo p-value of "the set hurts more than its
+        controls" is 1 / (1 + n_random): 19 reaches 0.05 for one category (10 never
+        could); six categories at 0.05 / 6 need 119.
       max_records: reference responses per category used for the loss (from the
         "ablate" part of data.split); None = all of that part.
       batch_size: sequences per forward.
       kinds: "neurons" (dense or shared-expert neurons), "experts" (routed experts) and
         "expert_neurons" (neurons of routed experts); each where the model has them.
       model: which model to ablate: "base", "finetuned" or "both".
-      n_bins: activation-frequency bins per layer that the random controls match.
+      neighbours: each unit of a tested set is replaced in a random control by one of
+        the `neighbours` units of its layer (expert) nearest to it in activation
+        frequency, outside the set (1 = the nearest: every draw nearly the same set).
       expert_mode: how experts are removed: "post" (default) zeroes their router
         probabilities after the softmax and takes the top-k of the rest, renormalised
         only as the model itself does, so tokens that never used them are untouched;
@@ -398,18 +400,18 @@ class AblationSpec:
     """
 
     enabled: bool = True
-    n_random: int = 10
+    n_random: int = 19
     max_records: int | None = 20
     batch_size: int = 8
     kinds: list[Literal["neurons", "experts", "expert_neurons"]] = dataclasses.field(
         default_factory=lambda: ["neurons", "experts", "expert_neurons"])
     model: Literal["base", "finetuned", "both"] = "finetuned"
-    n_bins: int = 10
+    neighbours: int = 2
     expert_mode: Literal["post", "pre"] = "post"
 
     def __post_init__(self):
         _check_min(self, 0, "n_random")
-        _check_min(self, 1, "max_records", "batch_size", "n_bins")
+        _check_min(self, 1, "max_records", "batch_size", "neighbours")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -534,7 +536,7 @@ class DemoConfig:
     collect: CollectSpec = dataclasses.field(default_factory=lambda: CollectSpec(
         batch_size=16, buckets=[128, 256], precision_check=True))
     ablation: AblationSpec = dataclasses.field(default_factory=lambda: AblationSpec(
-        n_random=10, max_records=8, batch_size=16))
+        max_records=8, batch_size=16))
     report: ReportSpec = dataclasses.field(default_factory=lambda: ReportSpec(title="sparcom demo"))
     fast: bool = False
     seed: int = 0

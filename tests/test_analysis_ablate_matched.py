@@ -1,5 +1,5 @@
-"""Random controls matched on activation-frequency bins, their spread, expert neurons and
-the dropped routing mass."""
+"""Random controls matched unit by unit on activation frequency, their spread, expert neurons
+and the dropped routing mass."""
 
 import json
 
@@ -7,59 +7,90 @@ import numpy as np
 import pytest
 
 from sparcom_jax.analysis import (
-    AblationResult, IdentifyConfig, ablate_identification, ablation_matrix, frequency_bins, identify,
-    matched_random,
+    AblationResult, IdentifyConfig, ablate_identification, ablation_matrix, identify, matched_random,
 )
+from sparcom_jax.analysis.ablate import above_all_others
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.stats.counts import Counts
 
 
-def test_frequency_bins_hand_case():
-    # Quantiles at 1/4, 1/2, 3/4 of [0,0,0,0,1,2,3,4] are 0, 0.5, 2.25: zeros alone in bin 0.
-    f = np.array([[0, 0, 0, 0, 1, 2, 3, 4], [8, 7, 6, 5, 4, 3, 2, 1]], float)
-    b = frequency_bins(f, 4)
-    assert b[0].tolist() == [0, 0, 0, 0, 2, 2, 3, 3]
-    assert b[1].tolist() == [3, 3, 2, 2, 1, 1, 0, 0]  # per group (row), not over the whole array
-    assert frequency_bins(f, 1).max() == 0
-    g = frequency_bins(np.arange(16, dtype=float).reshape(2, 2, 4), 2, lead=2)
-    assert g.tolist() == [[[0, 0, 1, 1]] * 2] * 2
-    with pytest.raises(ValueError, match="n_bins"):
-        frequency_bins(f, 0)
+def reachable(members, freq, k):
+    """Brute force: every set one group's draw can be, with its probability, by walking every
+    sequence of choices (the set's units most frequent first, each replaced uniformly by one of
+    the k free units nearest to it in frequency, or tied with the k-th)."""
+    units = sorted(np.flatnonzero(members), key=lambda u: (-freq[u], u))
+    out = {}
+
+    def walk(i, taken, p):
+        if i == len(units):
+            out[taken] = out.get(taken, 0.0) + p
+            return
+        free = [c for c in range(len(freq)) if not members[c] and c not in taken]
+        dist = {c: abs(freq[c] - freq[units[i]]) for c in free}
+        cut = sorted(dist.values())[min(k, len(free)) - 1]
+        pool = [c for c in free if dist[c] <= cut]
+        for c in pool:
+            walk(i + 1, taken | {c}, p / len(pool))
+
+    walk(0, frozenset(), 1.0)
+    return out
 
 
-def test_matched_draws_keep_bin_counts_exclude_the_set_and_are_uniform():
+@pytest.mark.parametrize("k", [1, 2])
+def test_each_unit_is_replaced_by_one_of_its_nearest_free_units_brute_force(k):
+    # Group 0: the choice of the most frequent unit (90) changes what the next (50) can take.
+    # Group 1: ties; the never-firing unit 7 has two free never-firing neighbours.
+    freq = np.array([[90, 80, 70, 50, 45, 30, 20, 10, 5, 0],
+                     [90, 80, 80, 50, 44, 30, 10, 0, 0, 0]], float)
+    mask = np.zeros((2, 10), bool)
+    mask[0, [0, 3]] = True
+    mask[1, [0, 3, 7]] = True
+    want = [reachable(mask[g], freq[g], k) for g in range(2)]
+    if k == 2:  # hand check of the brute force itself: 90 takes 80 or 70; 50 then one of its two nearest
+        assert want[0] == pytest.approx({frozenset({1, 2}): 1 / 6, frozenset({1, 4}): 1 / 6, frozenset({1, 5}): 1 / 6,
+                                         frozenset({2, 4}): 1 / 4, frozenset({2, 5}): 1 / 4})
+        assert len(want[1]) == 8 and set().union(*want[1]) == {1, 2, 4, 5, 8, 9}
     rng = np.random.default_rng(0)
-    bins = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    n = 2000
+    seen = [dict(), dict()]
+    for _ in range(n):
+        r, inside = matched_random(mask, rng, freq, neighbours=k)
+        assert inside == 0 and not (r & mask).any()
+        for g in range(2):
+            key = frozenset(np.flatnonzero(r[g]).tolist())
+            seen[g][key] = seen[g].get(key, 0) + 1
+    for g in range(2):
+        assert set(seen[g]) == set(want[g])  # never a set the rule cannot draw, and every one it can
+        for key, p in want[g].items():
+            assert seen[g][key] / n == pytest.approx(p, abs=0.04)
+
+
+def test_without_frequency_draws_are_uniform_outside_the_set():
+    rng = np.random.default_rng(0)
     mask = np.zeros((1, 10), bool)
-    mask[0, [0, 4]] = True  # one unit in each bin
+    mask[0, [0, 4]] = True
     hits = np.zeros(10)
     for _ in range(3000):
-        r, off, inside = matched_random(mask, rng, bins)
-        assert (off, inside) == (0, 0)
-        assert not (r & mask).any()
-        assert np.bincount(bins[r], minlength=2).tolist() == [1, 1]
+        r, inside = matched_random(mask, rng)
+        assert inside == 0 and r.sum() == 2 and not (r & mask).any()
         hits += r[0]
-    # Bin 0 offers units 1..3, bin 1 units 5..9.
-    assert np.allclose(hits[1:4] / 3000, 1 / 3, atol=0.04)
-    assert np.allclose(hits[5:] / 3000, 1 / 5, atol=0.04)
+    assert np.allclose(np.delete(hits, [0, 4]) / 3000, 2 / 8, atol=0.04)
+    with pytest.raises(ValueError, match="neighbours"):
+        matched_random(mask, rng, np.zeros((1, 10)), neighbours=0)
 
 
-def test_short_bins_borrow_from_the_nearest_then_from_the_set():
+def test_a_group_without_enough_free_units_takes_the_rest_from_the_set():
     rng = np.random.default_rng(1)
-    bins = np.array([[0, 0, 1, 1, 2, 2, 3, 3]])
-    mask = np.zeros((1, 8), bool)
-    mask[0, [2, 3]] = True  # bin 1 has nothing outside the set
-    for _ in range(50):
-        r, off, inside = matched_random(mask, rng, bins)
-        assert (off, inside) == (2, 0)
-        assert set(np.flatnonzero(r[0])) <= {0, 1, 4, 5}  # distance 1 only
+    freq = np.arange(8.0)[None]
     full = np.ones((1, 8), bool)
     full[0, 7] = False
-    r, off, inside = matched_random(full, rng, bins)
-    assert r.sum() == 7 and r[0, 7] and (off, inside) == (0, 6)
-    # Without exclusion the set's own units are fair game in their bin.
-    r, off, inside = matched_random(mask, rng, bins, exclude=False)
-    assert r[0, 2] and r[0, 3] and (off, inside) == (0, 0)
+    r, inside = matched_random(full, rng, freq)
+    assert r.sum() == 7 and r[0, 7] and inside == 6
+    # Without exclusion a set's own unit is its nearest neighbour.
+    mask = np.zeros((1, 8), bool)
+    mask[0, [2, 5]] = True
+    r, inside = matched_random(mask, rng, freq, neighbours=1, exclude=False)
+    assert r[0, 2] and r[0, 5] and r.sum() == 2 and inside == 0
 
 
 class Model:
@@ -87,23 +118,33 @@ def layered_sets(shape=(3, 16)):
     return sets
 
 
-def test_ablation_matrix_matches_bins_per_layer_and_records_spread_and_mass():
+def test_ablation_matrix_matches_per_layer_and_records_spread_and_mass():
     sets = layered_sets()
     freq = np.tile(np.linspace(0.0, 1.0, 16), (3, 1))  # unit u: frequency u / 15 in every layer
     model = Model(sets)
-    r = ablation_matrix(sets, model, seed=3, frequency=freq, n_bins=4)
-    assert r.n_random == 10 and len(model.masks) == 1 + 6 * 11  # default: 10 draws
-    bins = frequency_bins(freq, 4)
+    r = ablation_matrix(sets, model, seed=3, frequency=freq)
+    # default: 19 draws, so that a set beating every draw gets p = 1 / 20 = 0.05
+    assert r.n_random == 19 and len(model.masks) == 1 + 6 * 20
+    rng = np.random.default_rng(3)  # the draws are the seed's, in order (category, then draw)
     for a, cat in enumerate(CATEGORIES):
-        block = model.masks[1 + a * 11:1 + (a + 1) * 11]
+        block = model.masks[1 + a * 20:1 + (a + 1) * 20]
         assert np.array_equal(block[0], sets[cat])
         for m in block[1:]:
-            assert not (m & sets[cat]).any()
-            for layer in range(3):
-                want = np.bincount(bins[layer][sets[cat][layer]], minlength=4)
-                assert np.bincount(bins[layer][m[layer]], minlength=4).tolist() == want.tolist()
-    assert r.in_set.sum() == 0 and r.off_bin.sum() == 0
-    assert r.matching == {"group": "layer", "frequency_bins": 4, "exclude_tested_set": True}
+            assert not (m & sets[cat]).any() and m.sum(1).tolist() == sets[cat].sum(1).tolist()
+            assert np.array_equal(m, matched_random(sets[cat], rng, freq, neighbours=2)[0])
+    assert r.in_set.sum() == 0
+    assert r.matching == {"group": "layer", "nearest_frequency": 2, "exclude_tested_set": True}
+    # With ties the closest match draws too, from its own stream: the draws stay the seed's.
+    tied, tied_model = np.floor(freq * 3), Model(sets)
+    ablation_matrix(sets, tied_model, seed=3, frequency=tied, n_random=2)
+    rng = np.random.default_rng(3)
+    for a, cat in enumerate(CATEGORIES):
+        for m in tied_model.masks[2 + a * 3:1 + (a + 1) * 3]:
+            assert np.array_equal(m, matched_random(sets[cat], rng, tied, neighbours=2)[0])
+    again = ablation_matrix(sets, Model(sets), seed=3, frequency=freq)
+    other = ablation_matrix(sets, Model(sets), seed=4, frequency=freq)
+    assert np.array_equal(again.random_frequency, r.random_frequency)
+    assert not np.array_equal(other.random_frequency, again.random_frequency)
     # The spread over draws, brute force.
     ex = r.isn[None] - r.random_draws
     sp = r.excess_spread()
@@ -115,11 +156,11 @@ def test_ablation_matrix_matches_bins_per_layer_and_records_spread_and_mass():
     # Dropped routing mass: what the model reported after each call.
     assert np.allclose(r.dropped_mass, [0.63] + [0.6] * 5)  # CLS holds neuron 0 of 3 layers
     for a in range(6):
-        for d, m in enumerate(model.masks[2 + a * 11:1 + (a + 1) * 11]):
+        for d, m in enumerate(model.masks[2 + a * 20:1 + (a + 1) * 20]):
             assert r.random_dropped_mass[d, a] == pytest.approx(0.1 * m.sum() + 0.01 * m[:, 0].sum())
-    # CODE's set (neurons 2, 3) shares bin 0 with neurons 0, 1 only: every draw takes neuron 0.
-    assert np.allclose(r.random_dropped_mass[:, 1], 0.63)
-    assert np.allclose(r.random_dropped_mass[:, 0], 0.6)
+    assert np.allclose(r.random_dropped_mass[:, 0], 0.6)  # CLS's draws cannot take its neuron 0
+    # CODE's set (neurons 2, 3) is replaced from neurons 0, 1, 4, 5: some draws take neuron 0.
+    assert r.random_dropped_mass[:, 1].max() > 0.605
     d = r.to_dict()
     assert d["dropped_mass"]["code"] == pytest.approx(0.6)
     assert np.allclose(np.array(d["excess_std"], float), sp["std"])
@@ -154,11 +195,44 @@ def test_expert_neurons_match_per_layer_and_expert():
         ablation_matrix(sets, model, kind="heads")
 
 
-def test_few_units_per_group_get_fewer_bins():
-    sets = {c: np.eye(2, 8, k=i % 6, dtype=bool) for i, c in enumerate(CATEGORIES)}  # [L, E] = [2, 8]
-    r = ablation_matrix(sets, Model(sets), n_random=2, kind="experts", frequency=np.tile(np.arange(8.0), (2, 1)))
-    assert r.matching["frequency_bins"] == 2  # 8 experts: one bin per 4 units
-    assert r.in_set.sum() == 0
+def test_experts_that_lead_their_layer_cannot_be_matched_and_say_so():
+    # The demo's ISEs: the busiest expert of a layer (routed 0.87) is in the set, the next
+    # fires 0.44. No draw outside the set fires as often; the warning gives the numbers.
+    freq = np.array([[0.87, 0.44, 0.22, 0.18, 0.14, 0.08, 0.06, 0.01],
+                     [0.30, 0.28, 0.27, 0.25, 0.24, 0.20, 0.19, 0.18]])
+    sets = {c: np.zeros((2, 8), bool) for c in CATEGORIES}
+    sets["code"][0, 0] = sets["code"][1, 3] = True  # the top expert of layer 0, a middle one of layer 1
+    sets["math"][1, 2] = True  # matched within 0.02 by experts 1 and 3
+    sets["generation"][1, 0] = True  # matched within 10 % (0.28, 0.27 for 0.30), but it holds the mass of expert 0
+    model = Model(sets)
+    r = ablation_matrix(sets, model, n_random=40, kind="experts", frequency=freq, seed=0)
+    code, math = CATEGORIES.index("code"), CATEGORIES.index("math")
+    assert r.set_frequency[code] == pytest.approx((0.87 + 0.25) / 2)
+    # Closest: 0.44 for the top expert, 0.24 for expert 3 (0.01 below it; 0.27 is 0.02 above).
+    assert r.closest_frequency[code] == pytest.approx((0.44 + 0.24) / 2)
+    assert r.above_others[code] == 1 and r.above_others[math] == 0
+    # A unit tied with one outside the set can be matched; two above every other cannot.
+    assert above_all_others(np.array([[True, False, False]]), np.array([[0.5, 0.5, 0.1]])) == 0
+    assert above_all_others(np.array([[True, True, False]]), np.array([[0.5, 0.4, 0.1]])) == 2
+    # Layer 0: expert 1 or 2 (0.44 or 0.22); layer 1: expert 2 or 4 (0.27 or 0.24).
+    assert set(np.round(r.random_frequency[:, code] * 2, 6)) == {0.68, 0.71, 0.46, 0.49}
+    assert r.random_frequency[:, math] == pytest.approx(np.where(r.random_frequency[:, math] > 0.27, 0.28, 0.25))
+    lines = r.matching_warnings()
+    assert len(lines) == 2 and lines[0] == (
+        f"code: its matched random experts fire less often than its set ({r.random_frequency[:, code].mean():.3g} "
+        f"against 0.56; each replaced by its nearest outside the set: 0.34); 1 of its 2 experts fire more often "
+        "than every one of their layer outside the set, so no draw can match them; routing mass dropped: 0.21 by "
+        "the set, 0.2 by the draws (at most 0.2): part of its excess can be the effect of removing busier units; "
+        "and it drops more routing mass than every draw, so its excess cannot be told apart from a larger "
+        "disruption of the routing")
+    # Model: mass = 0.1 per expert + 0.01 for expert 0 of a layer, which the set holds and no draw can take.
+    assert lines[1] == ("generation: routing mass dropped: 0.11 by the set, 0.1 by the draws (at most 0.1): it drops "
+                        "more routing mass than every draw, so its excess cannot be told apart from a larger "
+                        "disruption of the routing")
+    as_neurons = AblationResult(**{**r.__dict__, "kind": "neurons"})  # mass is the experts' measure
+    assert [w.split(":")[0] for w in as_neurons.matching_warnings()] == ["code"]
+    assert f"  warning: {lines[0]}" in repr(r).splitlines()
+    assert r.to_dict()["matching_warnings"] == lines and r.in_set.sum() == 0
 
 
 def test_frequency_shape_checked():
@@ -173,19 +247,20 @@ def test_to_dict_from_dict_round_trip_and_old_files():
     d = json.loads(json.dumps(r.to_dict()))
     back = AblationResult.from_dict(d)
     for k in ("isn", "random", "random_draws", "set_sizes", "dropped_mass", "random_dropped_mass",
-              "off_bin", "in_set"):
+              "in_set", "closest_frequency", "above_others"):
         assert np.allclose(getattr(back, k), getattr(r, k)), k
     assert back.matching == r.matching and back.to_dict() == d
-    r.off_bin[1, 2], r.in_set[2, 4] = 3, 5  # as a poorly matched control would record them
+    r.in_set[2, 4], r.above_others[3] = 5, 2  # as a poorly matched control would record them
     again = AblationResult.from_dict(json.loads(json.dumps(r.to_dict())))
-    assert again.off_bin[1, 2] == 3 and again.in_set[2, 4] == 5 and again.in_set[1, 2] == 0
+    assert again.in_set[2, 4] == 5 and again.in_set[1, 2] == 0 and again.above_others.tolist() == [0, 0, 0, 2, 0, 0]
     old = {k: d[k] for k in ("kind", "baseline", "isn", "random", "random_draws", "set_sizes", "n_random", "seed")}
     old["isn"][0][1] = None
     legacy = AblationResult.from_dict(old)
-    assert np.isnan(legacy.isn[0, 1]) and legacy.dropped_mass is None and legacy.off_bin is None
+    assert np.isnan(legacy.isn[0, 1]) and legacy.dropped_mass is None and legacy.closest_frequency is None
+    assert legacy.matching_warnings() == []
 
 
-def test_ablate_identification_bins_on_mean_frequency():
+def test_ablate_identification_matches_on_mean_frequency():
     # Unit frequencies over all instructions: neuron i of every layer fires on i of 10 tokens
     # in CLS and MATH and on none elsewhere -> unit_frequency = (2 * i / 10) / 12 * 2.
     n = 12
@@ -198,15 +273,15 @@ def test_ablate_identification_bins_on_mean_frequency():
     assert np.allclose(ident.unit_frequency(), np.tile(np.arange(10) / 10 * 4 / 12, (2, 1)))
     sets = ident.sets()
     model = Model(sets)
-    r = ablate_identification(ident, model, n_random=2, n_bins=2, seed=0)
-    assert r.kind == "neurons" and r.matching["frequency_bins"] == 2
-    # CLS's set is neuron 9 of both layers (k = 2, both at p = 0.9): draws come from the
-    # upper bin (neurons 5..9) of each layer, outside the set.
+    r = ablate_identification(ident, model, n_random=2, neighbours=2, seed=0)
+    assert r.kind == "neurons" and r.matching["nearest_frequency"] == 2
+    # CLS's set is neuron 9 of both layers (k = 2, both at p = 0.9): draws take one of its two
+    # nearest in frequency (neurons 8, 7) in each layer.
     assert np.array_equal(model.masks[1], sets["classification"])
     assert set(zip(*np.nonzero(sets["classification"]))) == {(0, 9), (1, 9)}
     for m in model.masks[2:4]:
         assert m.sum(1).tolist() == [1, 1]
-        assert set(np.flatnonzero(m[0])) | set(np.flatnonzero(m[1])) <= {5, 6, 7, 8}
+        assert set(np.flatnonzero(m[0])) | set(np.flatnonzero(m[1])) <= {7, 8}
 
 
 def test_monte_carlo_p_value_has_a_floor_of_one_over_draws_plus_one():
@@ -227,17 +302,18 @@ def test_monte_carlo_p_value_has_a_floor_of_one_over_draws_plus_one():
 
 
 def test_frequency_match_of_the_draws_is_recorded():
-    # Frequencies u / 15 per layer, 4 quantile bins (units 0-3, 4-7, 8-11, 12-15). A set of the
-    # two most frequent units (14, 15) fills the top of the top bin: its draws can only take
-    # units 12 and 13, so they fire less (mean 12.5 / 15) than the set (14.5 / 15).
+    # Frequencies u / 15 per layer. A set of the two most frequent units (14, 15) cannot be
+    # matched: the closest draw takes 13 for 15, then 12 for 14 (mean 12.5 / 15 against the
+    # set's 14.5 / 15); with 2 neighbours 15 takes 13 or 12, 14 one of the two next below.
     freq = np.tile(np.arange(16.0) / 15, (3, 1))
     top = np.zeros((3, 16), bool)
     top[:, 14:] = True
     sets = {c: top for c in CATEGORIES}
     model = Model(sets)
-    r = ablation_matrix(sets, model, n_random=3, seed=1, frequency=freq, n_bins=4)
-    assert np.allclose(r.set_frequency, 14.5 / 15)
-    assert np.allclose(r.random_frequency, 12.5 / 15)
+    r = ablation_matrix(sets, model, n_random=3, seed=1, frequency=freq)
+    assert np.allclose(r.set_frequency, 14.5 / 15) and np.allclose(r.closest_frequency, 12.5 / 15)
+    assert np.all(r.above_others == 6)  # both units of 3 layers
+    assert np.all((r.random_frequency >= 11.5 / 15 - 1e-12) & (r.random_frequency <= 12.5 / 15 + 1e-12))
     for a in range(6):  # brute force over the masks the model saw
         for d, m in enumerate(model.masks[2 + a * 4:1 + (a + 1) * 4]):
             assert r.random_frequency[d, a] == pytest.approx(freq[m].mean())
@@ -246,7 +322,9 @@ def test_frequency_match_of_the_draws_is_recorded():
     assert np.allclose(back.set_frequency, r.set_frequency) and np.allclose(back.random_frequency, r.random_frequency)
     from sparcom_jax.report.tables import ABLATION_HEADER, ablation_rows
     row = dict(zip(ABLATION_HEADER, ablation_rows(d)[2]))
-    assert row["set_frequency"] == pytest.approx(14.5 / 15) and row["random_frequency_mean"] == pytest.approx(12.5 / 15)
+    assert row["set_frequency"] == pytest.approx(14.5 / 15) and row["closest_frequency"] == pytest.approx(12.5 / 15)
+    assert row["random_frequency_mean"] == pytest.approx(r.random_frequency[:, 2].mean()) and row["above_others"] == 6
+    assert len(d["matching_warnings"]) == 6  # 11.5-12.5 / 15 is below 0.9 x 14.5 / 15: every category flagged
     assert ablation_matrix(sets, Model(sets), n_random=1).set_frequency is None  # counts-only matching
 
 

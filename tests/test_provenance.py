@@ -601,7 +601,7 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
     monkeypatch.setattr(losses, "make_loss_fn", make_loss_fn)
     out = tmp_path / "out"
     shutil.copytree(done, out)
-    cfg = exp("ablation.model=both", "ablation.expert_mode=pre", "seed=3", "ablation.n_random=2", "ablation.n_bins=2")
+    cfg = exp("ablation.model=both", "ablation.expert_mode=pre", "seed=3", "ablation.n_random=2", "ablation.neighbours=3")
     run_stage("ablate", cfg, out, overwrite=True)
     held = [r.id for r in ablate_records(cfg)]
     assert not set(held) & {r.id for r in identify_records(cfg)}
@@ -610,7 +610,7 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
     for (ids, kw, masks), name in zip(calls, ["base", "tuned"], strict=True):
         assert ids == held and kw["kind"] == "neurons" and kw["expert_mode"] == "pre"
         expected = []
-        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, n_bins=2)
+        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, neighbours=3)
         assert masks[0] is None and len(masks) == len(expected) > 3
         assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))
     # the two models' sets differ, so a swap would show
@@ -883,7 +883,7 @@ def test_ablation_fingerprint_records_each_setting_in_its_component():
 
     base = fp()
     assert "gate_dtype" not in base  # absent when unused: results made before it existed still match
-    for overrides, key in [(("ablation.n_random=2",), "ablation"), (("ablation.n_bins=3",), "ablation"),
+    for overrides, key in [(("ablation.n_random=2",), "ablation"), (("ablation.neighbours=3",), "ablation"),
                            (("seed=4",), "ablation"), (("ablation.expert_mode=pre",), "ablation"),
                            (("identify.eps=0.1",), "identify"), (("data.max_length=40",), "max_length"),
                            (("collect.dtype=bfloat16",), "dtype"), (("collect.gate_dtype=float32",), "gate_dtype"),

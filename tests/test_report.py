@@ -297,3 +297,17 @@ def test_a_figure_is_drawn_once_into_the_png_savefig_writes(monkeypatch):
     monkeypatch.setattr(fig, "draw", lambda renderer: draws.append(renderer) or draw(renderer))
     assert F.to_png(fig, dpi=40) == buf.getvalue()
     assert len(draws) == 1 and fig.dpi == 100  # the dpi it is shown at (a notebook) is kept
+
+
+def test_the_page_prints_the_matching_warnings(tmp_path):
+    # A set whose units all fire more often than any other unit cannot be matched: the
+    # page must say so beside the table, not only the JSON.
+    base = analyze_model(moe_counts(0), IdentifyConfig(eps=0.1, eps_experts=0.2), name="base", n_boot=0, n_perm=0)
+    every = base["isn"].ident.sets()
+    sets = {"code": every["code"]}
+    ablation = ablation_matrix(sets, fake_loss(every), n_random=1, frequency=np.where(sets["code"], 1.0, 0.1))
+    (line,) = ablation.matching_warnings()
+    assert line.startswith("code: its matched random neurons fire less often than its set (0.1 against 1")
+    write_report(tmp_path, build_summary({"base": base}, ablation=ablation, scope="prompt"),
+                 analyses={"base": base}, dpi=30)
+    assert f"Warning: {line}." in (tmp_path / "index.html").read_text()

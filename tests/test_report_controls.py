@@ -53,7 +53,7 @@ def report(tmp_path_factory):
     tuned_plain = analyze_model(dense_counts(2, shift=0.2), cfg, name="tuned@plain", **kw)
     comp = compare_models(base, tuned)
     control = same_template_control(base, tuned, tuned_plain)
-    abl = ablate_identification(base["isn"].ident, loss_fn(base["isn"].ident.sets()), n_random=3, n_bins=2)
+    abl = ablate_identification(base["isn"].ident, loss_fn(base["isn"].ident.sets()), n_random=3, neighbours=3)
     precision = {"isn": {c: 0.9 + 0.01 * i for i, c in enumerate(CATEGORIES)}, "note": "demo models, CPU"}
     summary = build_summary({"base": base, "tuned": tuned}, comparison=comp, ablation=abl,
                             templates={"base": "plain", "tuned": "chat"},
@@ -90,7 +90,7 @@ def test_summary_carries_the_controls(report):
     e = loaded["comparison"]["isn"]["code"]["contrast"]
     assert e["retained"] + e["gained"] == e["size_after"]
     ab = loaded["ablation"]["neurons"]
-    assert ab["matching"]["frequency_bins"] == 2 and ab["n_random"] == 3
+    assert ab["matching"]["nearest_frequency"] == 3 and ab["n_random"] == 3
     sizes = ab["set_sizes"]
     assert ab["dropped_mass"] == {c: pytest.approx(0.01 * sizes[c]) for c in CATEGORIES}
 
@@ -111,7 +111,8 @@ def test_html_shows_and_explains_the_controls(report):
     first = summary["models"]["base"]["isn"]["top_instructions"]["code"][0]["instructions"][0]
     assert f"<td>{first['id']}</td>" in page
     assert "set_size_vs_length_isn.png" in {p.name for p in (out / "figures").iterdir()}
-    assert "same number of units per layer and per activation-frequency bin (2 quantile bins)" in page
+    assert ("same number of units per layer, each unit of the set replaced by one of the 3 units nearest to it in "
+            "activation frequency") in page
 
 
 def test_csv_tables_of_the_controls(report):

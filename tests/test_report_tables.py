@@ -164,7 +164,7 @@ def test_ablation_tables_own_category_figures_and_matched_controls():
          "dropped_mass": per_cat(30), "set_frequency": per_cat(40),
          # [draw, category], one draw of code missing: the mean is over the draws that exist
          "random_dropped_mass": [[None if r == 0 and a == 1 else 2.0 * r + a for a in range(6)] for r in range(6)],
-         "off_bin": [[0.5 * a + r for a in range(6)] for r in range(2)],
+         "closest_frequency": per_cat(50), "above_others": per_cat(60),
          "in_set": [[3.0 * a for a in range(6)] for _ in range(2)],
          "random_frequency": [[0.25 + a + 2 * r for a in range(6)] for r in range(2)],
          "coverage": {c: {"records": 60 + a, "scored_records": 70 + a, "response_tokens": 80 + a}
@@ -175,8 +175,9 @@ def test_ablation_tables_own_category_figures_and_matched_controls():
     rows = [dict(zip(T.ABLATION_HEADER, r)) for r in ts["ablation_neurons_baseline"].rows]
     assert rows[1] == {"category": "code", "baseline_loss": 11, "set_size": 21, "excess_own": 211,
                        "excess_own_std": 311, "random_ge_fraction_own": 411, "dropped_mass": 31,
-                       "random_dropped_mass_mean": (3 + 5 + 7 + 9 + 11) / 5, "off_bin_mean": 1.0, "in_set_mean": 3.0,
-                       "p_own": 511, "set_frequency": 41, "random_frequency_mean": 2.25,
+                       "random_dropped_mass_mean": (3 + 5 + 7 + 9 + 11) / 5, "in_set_mean": 3.0,
+                       "p_own": 511, "set_frequency": 41, "random_frequency_mean": 2.25, "closest_frequency": 51,
+                       "above_others": 61,
                        "held_out_records": 61, "scored_records": 71, "response_tokens": 81}
 
 

@@ -1,7 +1,7 @@
 """Analysis: identify instruction-specific units, evaluate, compare, ablate (METHOD.md)."""
 
 from sparcom_jax.analysis.ablate import (
-    AblationResult, ablate_identification, ablation_matrix, frequency_bins, matched_random, random_like,
+    AblationResult, ablate_identification, ablation_matrix, matched_random, random_like,
 )
 from sparcom_jax.analysis.compare import compare_sets, frequency_shift
 from sparcom_jax.analysis.evaluate import (
@@ -26,7 +26,7 @@ __all__ = [
     "ablate_identification", "ablation_matrix", "analyze_field", "analyze_model", "between_groups", "bootstrap",
     "build_summary", "category_block_means", "category_order", "category_overlap", "category_sets",
     "cluster_index", "compare_models", "compare_series", "compare_sets", "contrast_config", "diagonal_dominance",
-    "frequency_bins", "frequency_shift", "generality", "identify", "identify_all", "instruction_jaccard",
+    "frequency_shift", "generality", "identify", "identify_all", "instruction_jaccard",
     "instruction_sets", "layer_distribution", "locate_phases", "matched_random", "per_category_dominance",
     "permutation_test", "random_like", "resample_weights", "same_template_control", "select_units",
     "size_vs_length", "spearman", "subset_diagonal", "top_instructions", "uniqueness",

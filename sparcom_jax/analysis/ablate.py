@@ -12,8 +12,10 @@ attribute ``loss_fn.last_dropped_mass``; it is recorded when present.
 
 Random controls: for each category set and draw, a random set with the same
 number of units in every matching group (a layer; a (layer, expert) pair for
-expert neurons) and, when the units' frequencies are given, the same number in
-every activation-frequency bin of the group, drawn outside the tested set.
+expert neurons), drawn outside the tested set and, when the units' frequencies
+are given, unit by unit among the units of the group nearest in frequency to each
+unit of the set. Where the set holds its group's most frequent units nothing
+outside it fires as often; the result records how close the draws came.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ EXCESS_PERCENTILES = (5, 50, 95)
 # flagged: a handful of (short-prompt) records would stand for the whole category.
 MIN_SCORED_RECORDS = 5
 MIN_SCORED_FRACTION = 0.5
+# Each unit of a tested set is replaced by one of the NEIGHBOURS free units of its group
+# nearest in frequency: 1 makes every draw the same set (up to ties), more lets the draws
+# fire less than the closest match. On the demo's sets 2 came within 0.002 of the closest
+# match for neurons and 0.05 for experts, with 7-14 different expert sets in 19 draws
+# (docs/analysis.md, "Random controls").
+NEIGHBOURS = 2
+# Draws firing on average less than (1 - FREQUENCY_GAP) x the set's mean frequency are
+# flagged (`matching_warnings`): the excess may then be partly the removal of busier units.
+FREQUENCY_GAP = 0.1
 
 
 def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[str]:
@@ -89,22 +100,23 @@ class AblationResult:
       dropped_mass: float [C] routing mass dropped when S(a) is ablated (from
         ``loss_fn.last_dropped_mass``), or None when the callback gives none.
       random_dropped_mass: float [D, C] the same for the random draws, or None.
-      off_bin: int [D, C] units of a draw that had to come from another
-        frequency bin of their group (the bin had too few units outside S(a)).
       in_set: int [D, C] units of a draw taken from S(a) itself (the group had
         too few units outside S(a)); 0 when the control is clean.
       matching: how the random sets were matched (JSON-safe dict).
       set_frequency: float [C] mean matching frequency of the units of S(a), or
         None when the sets were matched on counts only.
+      closest_frequency: float [C] the same for the closest draw the data allow (every
+        unit of S(a) replaced by its nearest free unit, `neighbours` = 1), or None.
+      above_others: int [C] units of S(a) firing more often than every unit of their
+        group outside S(a) (no draw can match them), or None.
       coverage: {category: {"records", "scored_records", "response_tokens"}}: the
         held-out records and response tokens each category's loss rests on (from
         ``loss_fn.coverage``), or None when the callback gives none; see
         `coverage_warnings`.
-      random_frequency: float [D, C] the same for each random draw, or None. Bins
-        match the set only as finely as their width: a top-eps set fills the top
-        of its layer's frequency range, whose units outside the set fire less, so
-        the draws can fire markedly less than the set (a frequency effect that
-        the excess then carries).
+      random_frequency: float [D, C] the same for each random draw, or None. A set
+        holding its layers' most frequent units cannot be matched exactly (nothing
+        outside it fires as often): the draws then fire less than the set, a
+        frequency effect that the excess carries (see `matching_warnings`).
     """
 
     kind: str
@@ -117,12 +129,13 @@ class AblationResult:
     seed: int
     dropped_mass: np.ndarray | None = None
     random_dropped_mass: np.ndarray | None = None
-    off_bin: np.ndarray | None = None
     in_set: np.ndarray | None = None
     matching: dict = dataclasses.field(default_factory=dict)
     set_frequency: np.ndarray | None = None
     random_frequency: np.ndarray | None = None
     coverage: dict | None = None
+    closest_frequency: np.ndarray | None = None
+    above_others: np.ndarray | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -132,8 +145,53 @@ class AblationResult:
             f"  set sizes         {per_category_text(self.set_sizes)}",
             "  own-category loss increase beyond random, mean ± sd over draws (nats per response token):",
             "    " + per_category_text([f"{e:+.3g} ± {d:.2g}" for e, d in zip(own, sd)]),
-            *(f"  warning: {w}" for w in coverage_warnings(self.coverage)),
+            *(f"  warning: {w}" for w in coverage_warnings(self.coverage) + self.matching_warnings()),
         ])
+
+    def matching_warnings(self) -> list[str]:
+        """One line per category whose random draws are lighter than its set.
+
+        Returns:
+          The lines, in CATEGORIES order. A category is flagged when the draws' mean
+          frequency is below (1 - FREQUENCY_GAP) x the set's (the line gives both, the
+          closest match the data allow, `closest_frequency`, and the set's units that no
+          unit outside it matches, `above_others`): part of its excess can then be the
+          effect of removing busier units, whatever they are specific to. Experts are
+          also flagged when the set drops more routing mass than every draw: their
+          excess cannot then be told apart from a larger disruption of the routing.
+          Expert lines give the mass of the set and of the draws.
+        """
+        if not self.n_random:
+            return []
+        unit = self.kind.replace("_", " ")
+        group = "expert" if self.kind == "expert_neurons" else "layer"
+        mass = self.kind == "experts" and self.dropped_mass is not None and self.random_dropped_mass is not None
+        lines = []
+        for a, cat in enumerate(CATEGORIES):
+            parts, why = [], []
+            if self.set_frequency is not None and self.random_frequency is not None:
+                sf, rf = self.set_frequency[a], self.random_frequency[:, a]
+                if np.isfinite(sf) and np.isfinite(rf).all() and rf.mean() < (1 - FREQUENCY_GAP) * sf:
+                    close = ("" if self.closest_frequency is None
+                             else f"; each replaced by its nearest outside the set: {self.closest_frequency[a]:.3g}")
+                    parts.append(f"its matched random {unit} fire less often than its set ({rf.mean():.3g} "
+                                 f"against {sf:.3g}{close})")
+                    if self.above_others is not None and self.above_others[a]:
+                        parts.append(f"{self.above_others[a]} of its {self.set_sizes[a]} {unit} fire more often "
+                                     f"than every one of their {group} outside the set, so no draw can match them")
+                    why.append("part of its excess can be the effect of removing busier units")
+            if mass:
+                dm, rdm = self.dropped_mass[a], self.random_dropped_mass[:, a]
+                heavier = bool(np.isfinite(dm) and np.isfinite(rdm).all() and dm > rdm.max())
+                if heavier:
+                    why.append("it drops more routing mass than every draw, so its excess cannot be told apart "
+                               "from a larger disruption of the routing")
+                if why:
+                    parts.append(f"routing mass dropped: {dm:.3g} by the set, {rdm.mean():.3g} by the draws "
+                                 f"(at most {rdm.max():.3g})")
+            if why:
+                lines.append(f"{cat}: " + "; ".join(parts) + ": " + "; and ".join(why))
+        return lines
 
     @property
     def excess(self) -> np.ndarray:
@@ -187,11 +245,13 @@ class AblationResult:
             "seed": self.seed,
             "dropped_mass": None if self.dropped_mass is None else by_category(self.dropped_mass),
             "random_dropped_mass": self.random_dropped_mass,
-            "off_bin": self.off_bin,
             "in_set": self.in_set,
             "matching": self.matching,
             "set_frequency": None if self.set_frequency is None else by_category(self.set_frequency),
             "random_frequency": self.random_frequency,
+            "closest_frequency": None if self.closest_frequency is None else by_category(self.closest_frequency),
+            "above_others": None if self.above_others is None else by_category(self.above_others),
+            "matching_warnings": self.matching_warnings(),
             "coverage": self.coverage,
             "coverage_warnings": coverage_warnings(self.coverage),
         })
@@ -206,110 +266,94 @@ class AblationResult:
             return None if v is None else np.asarray(nan(v), dtype=dtype)
 
         draws = arr(d["random_draws"]) if d["random_draws"] else np.zeros((0, C, C))
-        dm = d.get("dropped_mass")
-        sf = d.get("set_frequency")
+        def per_cat(key, dtype=float):
+            v = d.get(key)
+            return None if v is None else arr([v[c] for c in CATEGORIES], dtype)
+
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
                    n_random=d["n_random"], seed=d["seed"],
-                   dropped_mass=None if dm is None else arr([dm[c] for c in CATEGORIES]),
-                   random_dropped_mass=arr(d.get("random_dropped_mass")),
-                   off_bin=arr(d.get("off_bin"), np.int64), in_set=arr(d.get("in_set"), np.int64),
-                   matching=d.get("matching") or {},
-                   set_frequency=None if sf is None else arr([sf[c] for c in CATEGORIES]),
-                   random_frequency=arr(d.get("random_frequency")), coverage=d.get("coverage"))
+                   dropped_mass=per_cat("dropped_mass"), random_dropped_mass=arr(d.get("random_dropped_mass")),
+                   in_set=arr(d.get("in_set"), np.int64), matching=d.get("matching") or {},
+                   set_frequency=per_cat("set_frequency"), random_frequency=arr(d.get("random_frequency")),
+                   coverage=d.get("coverage"), closest_frequency=per_cat("closest_frequency"),
+                   above_others=per_cat("above_others", np.int64))
 
 
-def frequency_bins(freq: np.ndarray, n_bins: int, lead: int = 1) -> np.ndarray:
-    """Quantile bins of unit frequencies within each matching group.
+def _draw_group(members: np.ndarray, freq: np.ndarray | None, neighbours: int, exclude: bool,
+                rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """One group's random set: bool [W] and the number of its units taken from the set itself.
 
-    Bin edges are the 1/n_bins, ..., (n_bins-1)/n_bins quantiles of the group's
-    frequencies; unit u goes to the number of edges strictly below its
-    frequency, so equal frequencies always share a bin (never-firing units
-    form their own bin when they fill at least one quantile) and bins can be
-    fewer than n_bins when many units tie.
-
-    Args:
-      freq: float [*G, W] unit frequencies, the first `lead` axes the group
-        (e.g. [L, F] with lead=1, [L, E, G] with lead=2).
-      n_bins: bins per group (1 = count matching only).
-      lead: leading axes forming a group.
-
-    Returns:
-      int [*G, W] bin index per unit.
+    Each unit of the set, the most frequent first, gets a replacement drawn uniformly from
+    the `neighbours` units nearest to it in frequency (with every unit tied at the last
+    distance) among those still free; without `freq`, the replacements are uniform.
     """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    freq = np.asarray(freq, dtype=np.float64)
-    rows = freq.reshape(int(np.prod(freq.shape[:lead])), -1)
-    qs = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    out = np.zeros(rows.shape, np.int64)
-    for g, row in enumerate(rows):
-        out[g] = np.searchsorted(np.quantile(row, qs), row, side="left")
-    return out.reshape(freq.shape)
-
-
-def _draw_group(members: np.ndarray, bins: np.ndarray, exclude: bool,
-                rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
-    """One group's random set: bool [W], units drawn off their bin, units drawn from the set."""
     out = np.zeros_like(members)
     free = ~members if exclude else np.ones_like(members)
-    off = inside = 0
-    need = np.bincount(bins[members], minlength=int(bins.max()) + 1)
-    short = {}
-    for b in np.flatnonzero(need):
-        cand = np.flatnonzero(free & ~out & (bins == b))
-        take = min(int(need[b]), cand.size)
-        out[rng.choice(cand, size=take, replace=False)] = True
-        if take < need[b]:
-            short[b] = int(need[b]) - take
-    # A bin without enough units outside the set borrows from the nearest bins.
-    for b, k in short.items():
-        pool = np.flatnonzero(free & ~out)
-        if pool.size:
-            key = np.abs(bins[pool] - b) + rng.random(pool.size)  # nearest first, random within
-            pick = pool[np.argsort(key, kind="stable")[:k]]
-            out[pick] = True
-            off += pick.size
-            k -= pick.size
-        if k:  # only the tested set itself is left
-            pool = np.flatnonzero(~out)
-            out[rng.choice(pool, size=k, replace=False)] = True
-            inside += k
-    return out, off, inside
+    units = np.flatnonzero(members)
+    n = min(units.size, int(free.sum()))
+    if freq is None:
+        out[rng.choice(np.flatnonzero(free), size=n, replace=False)] = True
+    else:
+        # The most frequent units have the fewest comparable ones: they choose first, before
+        # the less frequent units of the set take them.
+        for u in units[np.argsort(-freq[units], kind="stable")][:n]:
+            cand = np.flatnonzero(free & ~out)
+            dist = np.abs(freq[cand] - freq[u])
+            k = min(neighbours, cand.size)
+            out[rng.choice(cand[dist <= np.partition(dist, k - 1)[k - 1]])] = True
+    inside = units.size - n
+    if inside:  # only the tested set itself is left
+        out[rng.choice(np.flatnonzero(~out), size=inside, replace=False)] = True
+    return out, inside
 
 
 def matched_random(
-    mask: np.ndarray, rng: np.random.Generator, bins: np.ndarray | None = None, *,
-    exclude: bool = True, lead: int = 1,
-) -> tuple[np.ndarray, int, int]:
-    """A random set matching `mask` per group (and per frequency bin when given).
+    mask: np.ndarray, rng: np.random.Generator, frequency: np.ndarray | None = None, *,
+    neighbours: int = NEIGHBOURS, exclude: bool = True, lead: int = 1,
+) -> tuple[np.ndarray, int]:
+    """A random set matching `mask` per group, each unit replaced by one of similar frequency.
 
     Args:
       mask: bool [*G, W] the tested set; the first `lead` axes form a group.
-      rng: generator (draw order: group, then bin).
-      bins: int [*G, W] frequency bin of each unit (frequency_bins), or None
-        (one bin: count matching only).
+      rng: generator (draw order: group, then the group's set units, most frequent first).
+      frequency: float [*G, W] each unit's activation frequency, or None (count matching
+        only: a uniform draw of as many units per group).
+      neighbours: each unit of the set is replaced by a unit drawn uniformly from the
+        `neighbours` free units of its group nearest to it in frequency (and every unit
+        tied with the farthest of them); 1 = the nearest unit (random only among ties).
       exclude: draw outside the tested set (a unit of the set is used only when
         the group has too few others).
       lead: leading axes forming a group.
 
     Returns:
-      (bool [*G, W] random set, units drawn outside their bin, units drawn from the set).
+      (bool [*G, W] random set, units drawn from the set).
     """
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be >= 1, got {neighbours}")
     rows = mask.reshape(int(np.prod(mask.shape[:lead])), -1)
-    b = np.zeros(rows.shape, np.int64) if bins is None else np.asarray(bins).reshape(rows.shape)
+    f = None if frequency is None else np.asarray(frequency, np.float64).reshape(rows.shape)
     out = np.zeros_like(rows)
-    off = inside = 0
+    inside = 0
     for g in np.flatnonzero(rows.any(1)):
-        out[g], o, i = _draw_group(rows[g], b[g], exclude, rng)
-        off, inside = off + o, inside + i
-    return out.reshape(mask.shape), off, inside
+        out[g], i = _draw_group(rows[g], None if f is None else f[g], neighbours, exclude, rng)
+        inside += i
+    return out.reshape(mask.shape), inside
 
 
-def random_like(mask: np.ndarray, rng: np.random.Generator, bins: np.ndarray | None = None, *,
-                exclude: bool = False, lead: int = 1) -> np.ndarray:
+def above_all_others(mask: np.ndarray, frequency: np.ndarray, lead: int = 1) -> int:
+    """Units of `mask` that fire more often than every unit of their group outside it: no
+    draw outside the set can match them (bool mask and float frequency [*G, W])."""
+    rows = mask.reshape(int(np.prod(mask.shape[:lead])), -1)
+    f = np.asarray(frequency, np.float64).reshape(rows.shape)
+    top_out = np.where(rows, -np.inf, f).max(1, keepdims=True)
+    return int((rows & (f > top_out)).sum())
+
+
+def random_like(mask: np.ndarray, rng: np.random.Generator, frequency: np.ndarray | None = None, *,
+                exclude: bool = False, lead: int = 1, neighbours: int = NEIGHBOURS) -> np.ndarray:
     """A random mask with the same number of True per layer (group), uniform within each
-    layer by default; see matched_random for `bins`, `exclude` and `lead`.
+    layer by default; see matched_random for `frequency`, `exclude`, `lead` and `neighbours`.
 
     Args:
       mask: bool [L, ...].
@@ -318,7 +362,7 @@ def random_like(mask: np.ndarray, rng: np.random.Generator, bins: np.ndarray | N
     Returns:
       bool [L, ...].
     """
-    return matched_random(mask, rng, bins, exclude=exclude, lead=lead)[0]
+    return matched_random(mask, rng, frequency, neighbours=neighbours, exclude=exclude, lead=lead)[0]
 
 
 def _row(losses: Mapping[str, float], baseline: dict[str, float]) -> np.ndarray:
@@ -341,11 +385,11 @@ def ablation_matrix(
     category_sets: Mapping[str, np.ndarray],
     loss_fn: LossFn,
     *,
-    n_random: int = 10,
+    n_random: int = 19,
     seed: int = 0,
     kind: str = "neurons",
     frequency: np.ndarray | None = None,
-    n_bins: int = 10,
+    neighbours: int = NEIGHBOURS,
     run: MaskRunner = run_in_order,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
@@ -355,16 +399,19 @@ def ablation_matrix(
         [L, E, G] (expert neurons)}; missing categories give NaN rows.
       loss_fn: mask (True = off) or None -> {category: mean loss}; may expose
         `last_dropped_mass` after each call, and `coverage` (see AblationResult).
-      n_random: random control draws per category (default 10).
-      seed: RNG seed (draw order: category, then draw, then group, then bin).
+      n_random: random control draws per category (default 19: the smallest
+        Monte-Carlo p-value is 1 / (1 + n_random), 0.05 at 19).
+      seed: RNG seed (draw order: category, then draw, then group, then unit).
       kind: "neurons", "experts" or "expert_neurons" (matched per layer, per
         layer, per (layer, expert)); for experts a layer may not lose all its
         experts, since routing then has nothing left.
       frequency: float, the mask's shape: each unit's activation frequency in the
-        ablated model (e.g. `Identification.unit_frequency()`); random sets then
-        also match the set's count in each of `n_bins` quantile bins of it
-        within every group. None matches counts per group only.
-      n_bins: frequency bins per group (at most one per 4 units of a group).
+        ablated model (e.g. `Identification.unit_frequency()`); each unit of a set
+        is then replaced by a unit of similar frequency (see `neighbours`). None
+        matches counts per group only.
+      neighbours: each unit of a set is replaced by one drawn among the
+        `neighbours` free units of its group nearest to it in frequency (see
+        `matched_random`).
       run: evaluates the masks, all drawn first (baseline None, then per category
         its set and its draws): `run_in_order` by default; the pipeline passes one
         that shares them among processes. The draws do not depend on the losses, so
@@ -379,28 +426,25 @@ def ablation_matrix(
         raise ValueError(f"kind must be one of {tuple(KIND_LEAD)}, got {kind!r}")
     lead = KIND_LEAD[kind]
     sets = {normalize_category(k): np.asarray(v, dtype=bool) for k, v in category_sets.items()}
-    bins = None
     if frequency is not None:
         shapes = {v.shape for v in sets.values()}
         if shapes and shapes != {np.shape(frequency)}:
             raise ValueError(f"frequency has shape {np.shape(frequency)}, the sets {sorted(shapes)}")
-        # At least 4 units per bin, so that a bin keeps units outside the tested set
-        # (8 experts per layer get 2 bins, 11,008 neurons get n_bins).
-        width = int(np.prod(np.shape(frequency)[lead:]))
-        n_bins = min(n_bins, max(1, width // 4))
-        bins = frequency_bins(frequency, n_bins, lead)
     freq64 = None if frequency is None else np.asarray(frequency, np.float64)  # (once, not per draw)
     isn = np.full((C, C), np.nan)
     draws = np.full((n_random, C, C), np.nan)
     sizes = np.zeros(C, np.int64)
     dropped = np.full(C, np.nan)
     rdropped = np.full((n_random, C), np.nan)
-    off_bin = np.zeros((n_random, C), np.int64)
     in_set = np.zeros((n_random, C), np.int64)
-    # The frequency match each draw achieved (bins match only as finely as they are wide).
+    # The frequency match each draw achieved, and the closest the data allow.
     set_freq = None if frequency is None else np.full(C, np.nan)
+    close_freq = None if frequency is None else np.full(C, np.nan)
     rand_freq = None if frequency is None else np.full((n_random, C), np.nan)
+    above = None if frequency is None else np.zeros(C, np.int64)
     rng = np.random.default_rng(seed)
+    # Its own stream: the draws stay those of the seed whether or not it is measured.
+    closest_rng = np.random.default_rng([seed, 1])
     masks: list[np.ndarray | None] = [None]  # the baseline first
     slots: list[tuple[int, int | None]] = []  # (ablated category, draw or None for its set) of masks[1:]
     for a, cat in enumerate(CATEGORIES):
@@ -422,8 +466,10 @@ def ablation_matrix(
         slots.append((a, None))
         if frequency is not None:
             set_freq[a] = freq64[mask].mean()
+            close_freq[a] = freq64[matched_random(mask, closest_rng, freq64, neighbours=1, lead=lead)[0]].mean()
+            above[a] = above_all_others(mask, freq64, lead)
         for d in range(n_random):
-            rmask, off_bin[d, a], in_set[d, a] = matched_random(mask, rng, bins, exclude=True, lead=lead)
+            rmask, in_set[d, a] = matched_random(mask, rng, freq64, neighbours=neighbours, exclude=True, lead=lead)
             if frequency is not None:
                 rand_freq[d, a] = freq64[rmask].mean()
             masks.append(rmask)
@@ -440,11 +486,12 @@ def ablation_matrix(
     return AblationResult(
         kind=kind, baseline=baseline, isn=isn, random=rand, random_draws=draws, set_sizes=sizes,
         n_random=n_random, seed=seed, dropped_mass=dropped if has_mass else None,
-        random_dropped_mass=rdropped if has_mass else None, off_bin=off_bin, in_set=in_set,
+        random_dropped_mass=rdropped if has_mass else None, in_set=in_set,
         matching={"group": "layer, expert" if lead == 2 else "layer",
-                  "frequency_bins": None if bins is None else n_bins,
+                  "nearest_frequency": None if frequency is None else neighbours,
                   "exclude_tested_set": True},
-        set_frequency=set_freq, random_frequency=rand_freq, coverage=getattr(loss_fn, "coverage", None))
+        set_frequency=set_freq, random_frequency=rand_freq, coverage=getattr(loss_fn, "coverage", None),
+        closest_frequency=close_freq, above_others=above)
 
 
 def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> AblationResult:
@@ -454,7 +501,7 @@ def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> Ablat
     Args:
       ident: the ablated model's identification.
       loss_fn: see ablation_matrix.
-      **kw: n_random, seed, n_bins (see ablation_matrix).
+      **kw: n_random, seed, neighbours, run (see ablation_matrix).
     """
     return ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
                            frequency=ident.unit_frequency(), **kw)

@@ -615,7 +615,7 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
     a = cfg.ablation
     return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
             "identify": cfg.identify.to_rule().to_dict(),
-            "ablation": {"kind": kind, "n_random": a.n_random, "n_bins": a.n_bins, "seed": cfg.seed,
+            "ablation": {"kind": kind, "n_random": a.n_random, "neighbours": a.neighbours, "seed": cfg.seed,
                          "expert_mode": a.expert_mode},
             # The text and category of each record, not only its id: the loss is measured on them.
             "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
@@ -686,7 +686,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 try:
                     with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
                         res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                    n_bins=a.n_bins, run=_passes_shared)
+                                                    neighbours=a.neighbours, run=_passes_shared)
                 except ValueError as e:  # e.g. a category's ISEs cover every expert of a layer
                     if kind != "experts":
                         raise
@@ -696,7 +696,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if is_primary():
                         f.unlink(missing_ok=True)
                     continue
-            for w in coverage_warnings(res.coverage):
+            for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp})
             written["_results"][(spec.label, kind)] = res

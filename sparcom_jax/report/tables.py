@@ -236,14 +236,15 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
                    "random_ge_fraction_own", "dropped_mass", "random_dropped_mass_mean",
-                   "off_bin_mean", "in_set_mean", "p_own", "set_frequency", "random_frequency_mean",
-                   "held_out_records", "scored_records", "response_tokens"]
+                   "in_set_mean", "p_own", "set_frequency", "random_frequency_mean", "closest_frequency",
+                   "above_others", "held_out_records", "scored_records", "response_tokens"]
 
 
 def ablation_rows(d: dict) -> list[list]:
     """Per ablated category: baseline, size, the own-category excess and its spread,
-    dropped routing mass, how well the random controls matched (units off their bin or
-    from the set; the mean frequency of the set and of the draws), the Monte-Carlo p, and
+    dropped routing mass, how well the random controls matched (units from the set; the mean
+    frequency of the set, of the draws and of the closest match the data allow; the set's
+    units that no unit outside it matches), the Monte-Carlo p, and
     the held-out records (all, those scored) and response tokens the category's loss rests on."""
     def own(key, i):
         m = d.get(key)
@@ -256,8 +257,9 @@ def ablation_rows(d: dict) -> list[list]:
 
     return [[c, d["baseline"].get(c), d["set_sizes"][c], own("excess", i), own("excess_std", i),
              own("random_ge_fraction", i), (d.get("dropped_mass") or {}).get(c),
-             col_mean("random_dropped_mass", i), col_mean("off_bin", i), col_mean("in_set", i),
-             own("p_value", i), (d.get("set_frequency") or {}).get(c), col_mean("random_frequency", i),
+             col_mean("random_dropped_mass", i), col_mean("in_set", i), own("p_value", i),
+             (d.get("set_frequency") or {}).get(c), col_mean("random_frequency", i),
+             (d.get("closest_frequency") or {}).get(c), (d.get("above_others") or {}).get(c),
              *(((d.get("coverage") or {}).get(c) or {}).get(k)
                for k in ("records", "scored_records", "response_tokens"))]
             for i, c in enumerate(CATEGORIES)]

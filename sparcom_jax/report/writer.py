@@ -326,10 +326,10 @@ def _has_value(m) -> bool:
 
 def _matching_text(d: dict) -> str:
     m = d.get("matching") or {}
-    bins = m.get("frequency_bins")
+    k = m.get("nearest_frequency")
     txt = f"the same number of units per {m.get('group', 'layer')}"
-    if bins:
-        txt += f" and per activation-frequency bin ({bins} quantile bins)"
+    if k:
+        txt += f", each unit of the set replaced by one of the {k} units nearest to it in activation frequency"
     if m.get("exclude_tested_set"):
         txt += ", drawn outside the tested set"
     return txt
@@ -649,7 +649,7 @@ def write_report(
         blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['n_random']} matched "
                                  "random draws, dropped routing mass and control quality",
                                  ABLATION_HEADER, ablation_rows(d)))
-        for w in d.get("coverage_warnings") or []:
+        for w in (d.get("coverage_warnings") or []) + (d.get("matching_warnings") or []):
             blocks.append(TextBlock(f"Warning: {w}."))
         if not d["n_random"]:
             blocks.append(TextBlock(
@@ -665,13 +665,15 @@ def write_report(
                 f"matched random sets': with {d['n_random']} draws its smallest value is "
                 f"{1 / (d['n_random'] + 1):.2g}, reached when no draw hurts as much (a fraction of 0 is not "
                 "p = 0), and the six categories are six tests (compare with 0.05 / 6 for a family-wise 5 % "
-                "level, which 1 / (1 + D) reaches from D = 119 draws on). off_bin / "
-                "in_set count units a draw had to take from another frequency bin or from the tested set "
-                "(0 = a clean control). set_frequency and random_frequency_mean = the mean activation "
-                "frequency of the set's units and of the draws' units: bins match only as finely as they "
-                "are wide, and a set chosen for frequent firing fills the top of its layer's range, so where "
-                "the draws fire clearly less than the set, part of the excess can come from removing more "
-                "active units, not from what the set is specific to. dropped_mass = routing probability mass "
+                "level, which 1 / (1 + D) reaches from D = 119 draws on). in_set counts units a draw had to take "
+                "from the tested set (0 = a clean control). set_frequency and random_frequency_mean = the mean "
+                "activation frequency of the set's units and of the draws' units; closest_frequency = that of "
+                "the closest match the data allow (each unit replaced by its nearest unit outside the set), "
+                "and above_others = the set's units that fire more often than every unit of their layer "
+                "(expert) outside the set. A set chosen for frequent firing can hold its layers' busiest "
+                "units, which no draw can match: where the draws fire clearly less than the set (a warning "
+                "above names the category), part of the excess can come from removing more active units, "
+                "not from what the set is specific to. dropped_mass = routing probability mass "
                 "removed by the ablation (experts only, when the model reports it). held_out_records / "
                 "scored_records / response_tokens = the category's held-out records, those that keep a "
                 "response token within data.max_length, and the tokens its loss averages over."))
