@@ -196,6 +196,32 @@ def test_only_process_0_writes_shared_outputs_and_every_process_waits_for_it(tmp
     assert (out / "evaluate" / "base.json").is_file()
     stages.guard_dir(stale_dir, "x", {"a": 1}, overwrite=True)
     assert not (stale_dir / "old.txt").exists()
+    # Process 0 failing alone while it writes (a full disk under the report): the others, seen
+    # from process 1 here, went on to their next collective (the stage's end) and met its exit
+    # there (on TPU / GPU after the heartbeat timeout). Each write now ends where every process
+    # learns of its error.
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.parallel import processes
+
+    real = processes.raise_together
+
+    def process_0_fails(at):
+        def raise_together(error, what):
+            if what.startswith(at):
+                raise OtherProcessError(f"{what}: process 0 of 2 stopped with an error")
+            real(error, what)
+        return raise_together
+
+    for where in (common, stages):
+        monkeypatch.setattr(where, "is_primary", lambda: False)
+    for stage, at in (("report", f"report: writing {out / 'report'}"), ("identify", "identify: writing "),
+                      ("evaluate", f"writing {out / 'evaluate' / 'base.json'}"),
+                      ("identify", f"writing {out / 'config.yaml'}")):
+        monkeypatch.setattr(processes, "raise_together", process_0_fails(at))
+        del waits[:]
+        with pytest.raises(OtherProcessError, match=f"^{re.escape(at)}"):
+            stages.run_stage(stage, cfg, out)
+        assert "sparcom:stage-done" not in waits, (stage, at)
 
 
 def test_dry_run_reads_no_weights_even_when_paths_are_missing(capsys, tmp_path):

@@ -80,6 +80,26 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+@contextlib.contextmanager
+def primary_writes(what: str) -> Iterator[bool]:
+    """A block of writes process 0 makes alone (shared outputs), left by every process together.
+
+    Yields whether this process writes (`is_primary`). An error in the block (a full disk
+    under the report) is raised on every process as the block ends (`raise_together`): the
+    others, which wrote nothing, stop there naming process 0's error. Without it they met
+    process 0's exit in their next collective, on CPU as a "connection closed" error that
+    did not name the cause, on TPU or GPU at jax.distributed's heartbeat timeout (100 s).
+    Every process must enter the block, and the block must hold no collective.
+
+    Args:
+      what: what process 0 writes, for the others' message.
+    """
+    from sparcom_jax.parallel.processes import together
+
+    with together(what):
+        yield is_primary()
+
+
 def check_shared(out: Path, what: str = "--out") -> None:
     """Refuse an output directory that the processes of a multi-host run do not all see.
 
@@ -106,14 +126,16 @@ def check_shared(out: Path, what: str = "--out") -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from sparcom_jax.parallel.processes import gather
+    from sparcom_jax.parallel.processes import gather, together
 
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with together(f"creating {what} {out}"):
+        out.mkdir(parents=True, exist_ok=True)
     probe = out / f".sparcom-shared-{token:08x}"
-    if is_primary():
-        probe.write_text("written by process 0 to check that every process sees this directory\n")
+    with primary_writes(f"writing a probe file in {out}") as writes:
+        if writes:
+            probe.write_text("written by process 0 to check that every process sees this directory\n")
     barrier("sparcom:shared-probe-written")
     seen = gather(probe.is_file()).reshape(-1)  # every process has looked once this returns
     if is_primary():
@@ -138,9 +160,10 @@ def out_dir(cfg: ExperimentConfig | DemoConfig, out: str | os.PathLike | None) -
 
 def save_resolved(cfg: Any, out: Path) -> Path:
     """Write the resolved config next to the outputs (OUT/config.yaml)."""
-    if not is_primary():
-        return out / "config.yaml"
-    return dump_config(cfg, out / "config.yaml")
+    with primary_writes(f"writing {out / 'config.yaml'}") as writes:
+        if writes:
+            dump_config(cfg, out / "config.yaml")
+    return out / "config.yaml"
 
 
 def init_distributed(mesh: MeshSpec) -> bool:
