@@ -269,7 +269,8 @@ def cmd_stage(args) -> int:
             print("\n  multi-host: each process would call jax.distributed.initialize() first")
         print(f"\noutputs would go to {out} (dry run: nothing written)")
         return 0
-    prepare_out_dir(out)
+    # run_stage checks `out` once every process has joined: a host failing alone before that left
+    # the others waiting for it at start-up (jax.distributed's initialization timeout).
     pipeline.init_distributed(cfg.mesh)
     res = pipeline.run_stage(args.command, cfg, out, overwrite=args.overwrite)
     _print_outputs(res, out)

@@ -173,6 +173,11 @@ def init_distributed(mesh: MeshSpec) -> bool:
     `mesh.num_processes` and the SPARCOM_PROCESS_ID (or JAX_PROCESS_ID)
     environment variable give them.
 
+    A process that stops before it joins (a config its host cannot read, a host where
+    the command never started) keeps the others waiting here: after `mesh.init_timeout`
+    seconds they stop with one line saying so and what to check (`_join_watch`), where
+    jax aborted them with a C++ stack trace that named no cause.
+
     Returns:
       True when it initialised.
     """
@@ -188,8 +193,11 @@ def init_distributed(mesh: MeshSpec) -> bool:
         if pid is None:
             raise ConfigError("mesh.coordinator is set but this process has no id; set SPARCOM_PROCESS_ID")
         kwargs["process_id"] = int(pid)
+    # jax's own deadline comes later than ours: at it, it aborts the process.
+    kwargs["initialization_timeout"] = mesh.init_timeout + _JAX_DEADLINE_AFTER
     try:
-        jax.distributed.initialize(**kwargs)
+        with _join_watch(mesh):
+            jax.distributed.initialize(**kwargs)
     except ValueError as e:  # no coordinator found (jax's RuntimeErrors, e.g. a timeout, say their own cause)
         if mesh.coordinator:
             raise
@@ -201,6 +209,37 @@ def init_distributed(mesh: MeshSpec) -> bool:
     log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
         f"{jax.device_count()} devices")
     return True
+
+
+_JAX_DEADLINE_AFTER = 30
+
+
+@contextlib.contextmanager
+def _join_watch(mesh: MeshSpec) -> Iterator[None]:
+    """Stop this process with a one-line error, exit status 2, when the block (joining the
+    other processes) has not ended after `mesh.init_timeout` seconds."""
+    import threading
+
+    joined = threading.Event()
+    n = f"not all {mesh.num_processes} processes" if mesh.num_processes > 1 else "not every process"
+
+    def watch():
+        if joined.wait(mesh.init_timeout):
+            return
+        where = f" at the coordinator {mesh.coordinator}" if mesh.coordinator else ""
+        print(f"sparcom: error: jax.distributed: {n} joined within {mesh.init_timeout} s"
+              f"{where} (mesh.init_timeout); check that every host started the same command with the same "
+              "mesh.coordinator and mesh.num_processes (and its own SPARCOM_PROCESS_ID), and read the log of each "
+              "host that did not join: a process that stopped before it joined (a config or file its host cannot "
+              "read) says why there", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    threading.Thread(target=watch, name="sparcom-join-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        joined.set()
 
 
 def resolve_mesh(mesh: MeshSpec, devices: int | None = None) -> tuple[int, int, int]:
