@@ -320,7 +320,7 @@ def _leave_at_once(status: int) -> None:
     import jax
 
     print(f"sparcom: process {jax.process_index()} of {jax.process_count()} stops here (exit status {status}) "
-          "without waiting for the others; they stop at their next step with this process", file=sys.stderr)
+          "without waiting for the others (those still running stop at their next step)", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -713,40 +713,41 @@ def test_a_process_failing_alone_in_a_distributed_run_stops_every_process_at_onc
         assert f"sparcom: process {i} of 2 stops here" in out, out[-2000:]
 
 
-# A real `sparcom identify --distributed` whose process 1 cannot write its --out (argv: pid, port,
-# config, out, the --out of process 1).
+# A real `sparcom identify --distributed` whose process 0 cannot write its --out (argv: pid, port,
+# config, out, the --out of process 0).
 ONE_HOST_CANNOT_WRITE = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-pid, port, config, out, out1 = sys.argv[1:]
+pid, port, config, out, out0 = sys.argv[1:]
 os.environ["SPARCOM_PROCESS_ID"] = pid
 from sparcom_jax import cli
 sys.exit(cli.main(["identify", "--config", config, "--distributed", f"mesh.coordinator=127.0.0.1:{port}",
-                   "mesh.num_processes=2", "mesh.init_timeout=40", "--out", out1 if pid == "1" else out]))
+                   "mesh.num_processes=2", "mesh.init_timeout=40", "--out", out0 if pid == "0" else out]))
 """
 
 
 def test_a_host_that_cannot_write_its_out_stops_every_process_naming_its_error(tmp_path):
-    """Process 1 refused its --out before jax.distributed started: process 0 waited for it at
+    """Process 0 refused its --out before jax.distributed started: process 1 waited for it at
     start-up until jax's 300-s timeout, then aborted with a C++ stack trace. Now --out is
-    checked once every process has joined, and process 0's error quotes process 1's."""
+    checked once every process has joined, and process 1's error quotes process 0's (read from
+    process 0's coordination service before process 0 leaves)."""
     import time
 
     from launch import run_processes
 
     (tmp_path / "afile").write_text("a file, not a directory")
     (tmp_path / "exp.yaml").write_text(TINY)
-    out1 = tmp_path / "afile" / "out"
+    out0 = tmp_path / "afile" / "out"
     start = time.perf_counter()
     outs = run_processes(lambda i, port: ["-c", ONE_HOST_CANNOT_WRITE, str(i), port, str(tmp_path / "exp.yaml"),
-                                          str(tmp_path / "out"), str(out1)],
+                                          str(tmp_path / "out"), str(out0)],
                          timeout=150, status=lambda code: code == 2)
     assert time.perf_counter() - start < 40  # mesh.init_timeout: the processes joined
-    refused = f"output directory {out1} is under {tmp_path / 'afile'}, which is a file; choose another --out"
-    assert f"sparcom: error: {refused}" in outs[1], outs[1][-2000:]
-    assert ("sparcom: error: identify: locking the output directory, checking the models and records: process 1 of 2 stopped "
-            f"with an error (its log says why): ValueError: {refused}; every process stops with it") in outs[0], \
-        outs[0][-2000:]
+    refused = f"output directory {out0} is under {tmp_path / 'afile'}, which is a file; choose another --out"
+    assert f"sparcom: error: {refused}" in outs[0], outs[0][-2000:]
+    assert ("sparcom: error: identify: locking the output directory, checking the models and records: process 0 "
+            f"of 2 stopped with an error (its log says why): ValueError: {refused}; every process stops with it") \
+        in outs[1], outs[1][-2000:]
 
 
 def test_a_process_whose_others_never_join_stops_after_the_stated_timeout(tmp_path):
@@ -758,9 +759,10 @@ def test_a_process_whose_others_never_join_stops_after_the_stated_timeout(tmp_pa
     from launch import run_processes
 
     (tmp_path / "exp.yaml").write_text(TINY)
+    out = str(tmp_path / "o")
     start = time.perf_counter()
     outs = run_processes(lambda i, port: ["-c", ONE_HOST_CANNOT_WRITE.replace("init_timeout=40", "init_timeout=2"),
-                                          "0", port, str(tmp_path / "exp.yaml"), str(tmp_path / "o"), "-"],
+                                          "0", port, str(tmp_path / "exp.yaml"), out, out],
                          n=1, timeout=60, status=lambda code: code == 2)
     assert time.perf_counter() - start < 30  # jax's own deadline is 30 s later
     last = outs[0].rstrip().splitlines()[-1]

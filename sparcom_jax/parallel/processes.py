@@ -110,13 +110,18 @@ def raise_together(error: BaseException | None, what: str) -> None:
     if error is not None and jax.process_count() > 1:
         _post(f"{key}/{jax.process_index()}", f"{type(error).__name__}: {error}")
     failed = gather(error is not None).reshape(-1)
+    if not failed.any():
+        return
+    k = int(np.flatnonzero(failed)[0])
+    said = None if error is not None else _fetch(f"{key}/{k}")
+    if jax.process_count() > 1:
+        # The failed process leaves once the others have read its message: process 0 holds the
+        # coordination service, which goes with it.
+        gather(0)
     if error is not None:
         raise error
-    if failed.any():
-        k = int(np.flatnonzero(failed)[0])
-        said = _fetch(f"{key}/{k}")
-        raise OtherProcessError(f"{what}: process {k} of {jax.process_count()} stopped with an error (its log "
-                                f"says why){': ' + said if said else ''}; every process stops with it")
+    raise OtherProcessError(f"{what}: process {k} of {jax.process_count()} stopped with an error (its log "
+                            f"says why){': ' + said if said else ''}; every process stops with it")
 
 
 def _coordination():
