@@ -269,7 +269,8 @@ def cmd_stage(args) -> int:
             print("\n  multi-host: each process would call jax.distributed.initialize() first")
         print(f"\noutputs would go to {out} (dry run: nothing written)")
         return 0
-    prepare_out_dir(out)
+    # run_stage checks `out` once every process has joined: a host failing alone before that left
+    # the others waiting for it at start-up (jax.distributed's initialization timeout).
     pipeline.init_distributed(cfg.mesh)
     res = pipeline.run_stage(args.command, cfg, out, overwrite=args.overwrite)
     _print_outputs(res, out)
@@ -319,7 +320,7 @@ def _leave_at_once(status: int) -> None:
     import jax
 
     print(f"sparcom: process {jax.process_index()} of {jax.process_count()} stops here (exit status {status}) "
-          "without waiting for the others; they stop at their next step with this process", file=sys.stderr)
+          "without waiting for the others (those still running stop at their next step)", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -359,6 +359,9 @@ class MeshSpec:
       num_processes: host processes of a multi-host run.
       coordinator: "host:port" of process 0 (None: auto-detected on TPU VMs).
       distributed: call `jax.distributed.initialize()` before anything else.
+      init_timeout: seconds every process waits for all of them to join
+        (`jax.distributed.initialize`); a process still missing then stops the others
+        with a message saying what to check.
     """
 
     devices: int | None = None
@@ -367,9 +370,10 @@ class MeshSpec:
     num_processes: int = 1
     coordinator: str | None = None
     distributed: bool = False
+    init_timeout: int = 300
 
     def __post_init__(self):
-        _check_min(self, 1, "devices", "data", "model", "num_processes")
+        _check_min(self, 1, "devices", "data", "model", "num_processes", "init_timeout")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,6 +196,32 @@ def test_only_process_0_writes_shared_outputs_and_every_process_waits_for_it(tmp
     assert (out / "evaluate" / "base.json").is_file()
     stages.guard_dir(stale_dir, "x", {"a": 1}, overwrite=True)
     assert not (stale_dir / "old.txt").exists()
+    # Process 0 failing alone while it writes (a full disk under the report): the others, seen
+    # from process 1 here, went on to their next collective (the stage's end) and met its exit
+    # there (on TPU / GPU after the heartbeat timeout). Each write now ends where every process
+    # learns of its error.
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.parallel import processes
+
+    real = processes.raise_together
+
+    def process_0_fails(at):
+        def raise_together(error, what):
+            if what.startswith(at):
+                raise OtherProcessError(f"{what}: process 0 of 2 stopped with an error")
+            real(error, what)
+        return raise_together
+
+    for where in (common, stages):
+        monkeypatch.setattr(where, "is_primary", lambda: False)
+    for stage, at in (("report", f"report: writing {out / 'report'}"), ("identify", "identify: writing "),
+                      ("evaluate", f"writing {out / 'evaluate' / 'base.json'}"),
+                      ("identify", f"writing {out / 'config.yaml'}")):
+        monkeypatch.setattr(processes, "raise_together", process_0_fails(at))
+        del waits[:]
+        with pytest.raises(OtherProcessError, match=f"^{re.escape(at)}"):
+            stages.run_stage(stage, cfg, out)
+        assert "sparcom:stage-done" not in waits, (stage, at)
 
 
 def test_dry_run_reads_no_weights_even_when_paths_are_missing(capsys, tmp_path):
@@ -685,6 +711,65 @@ def test_a_process_failing_alone_in_a_distributed_run_stops_every_process_at_onc
     assert "sparcom: error: process 1 cannot read the weights" in outs[1], outs[1][-2000:]
     for i, out in enumerate(outs):
         assert f"sparcom: process {i} of 2 stops here" in out, out[-2000:]
+
+
+# A real `sparcom identify --distributed` whose process 0 cannot write its --out (argv: pid, port,
+# config, out, the --out of process 0).
+ONE_HOST_CANNOT_WRITE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+pid, port, config, out, out0 = sys.argv[1:]
+os.environ["SPARCOM_PROCESS_ID"] = pid
+from sparcom_jax import cli
+sys.exit(cli.main(["identify", "--config", config, "--distributed", f"mesh.coordinator=127.0.0.1:{port}",
+                   "mesh.num_processes=2", "mesh.init_timeout=40", "--out", out0 if pid == "0" else out]))
+"""
+
+
+def test_a_host_that_cannot_write_its_out_stops_every_process_naming_its_error(tmp_path):
+    """Process 0 refused its --out before jax.distributed started: process 1 waited for it at
+    start-up until jax's 300-s timeout, then aborted with a C++ stack trace. Now --out is
+    checked once every process has joined, and process 1's error quotes process 0's (read from
+    process 0's coordination service before process 0 leaves)."""
+    import time
+
+    from launch import run_processes
+
+    (tmp_path / "afile").write_text("a file, not a directory")
+    (tmp_path / "exp.yaml").write_text(TINY)
+    out0 = tmp_path / "afile" / "out"
+    start = time.perf_counter()
+    outs = run_processes(lambda i, port: ["-c", ONE_HOST_CANNOT_WRITE, str(i), port, str(tmp_path / "exp.yaml"),
+                                          str(tmp_path / "out"), str(out0)],
+                         timeout=150, status=lambda code: code == 2)
+    assert time.perf_counter() - start < 40  # mesh.init_timeout: the processes joined
+    refused = f"output directory {out0} is under {tmp_path / 'afile'}, which is a file; choose another --out"
+    assert f"sparcom: error: {refused}" in outs[0], outs[0][-2000:]
+    assert ("sparcom: error: identify: locking the output directory, checking the models and records: process 0 "
+            f"of 2 stopped with an error (its log says why): ValueError: {refused}; every process stops with it") \
+        in outs[1], outs[1][-2000:]
+
+
+def test_a_process_whose_others_never_join_stops_after_the_stated_timeout(tmp_path):
+    """A process that stopped before joining (its host could not read the config) left the
+    others in jax.distributed.initialize for 300 s; then jax aborted them (SIGABRT, a C++
+    stack trace, no cause). Now they stop after mesh.init_timeout with one line saying what to check."""
+    import time
+
+    from launch import run_processes
+
+    (tmp_path / "exp.yaml").write_text(TINY)
+    out = str(tmp_path / "o")
+    start = time.perf_counter()
+    outs = run_processes(lambda i, port: ["-c", ONE_HOST_CANNOT_WRITE.replace("init_timeout=40", "init_timeout=2"),
+                                          "0", port, str(tmp_path / "exp.yaml"), out, out],
+                         n=1, timeout=60, status=lambda code: code == 2)
+    assert time.perf_counter() - start < 30  # jax's own deadline is 30 s later
+    last = outs[0].rstrip().splitlines()[-1]
+    assert last.startswith("sparcom: error: jax.distributed: not all 2 processes joined within 2 s at the "
+                           "coordinator 127.0.0.1:"), outs[0][-2000:]
+    assert "(mesh.init_timeout); check that every host started the same command" in last
+    assert "Check failure" not in outs[0]
 
 
 def config_only_model(tmp_path) -> Path:

@@ -949,3 +949,42 @@ def test_the_memory_check_can_be_turned_off_and_notes_a_large_result(monkeypatch
     seqs, scopes = make_inputs(n=3)
     c = sj.collect_counts(_tiny_llama(), seqs, scopes, progress=False, check_memory=False)
     assert c.neuron_active.shape == (3, 1, 24)
+
+
+def test_the_memory_check_takes_the_container_s_memory_limit(tmp_path, monkeypatch):
+    """A job in a 16 GB container on a 128 GB host passed the check on the host's MemAvailable
+    and was killed past 16 GB: the cgroup limit, less what the group uses, bounds it."""
+    from sparcom_jax.stats import collect
+
+    gib = 1 << 30
+
+    def group(d, limit, used, inactive=0, v1=False):
+        d.mkdir(parents=True, exist_ok=True)
+        names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if v1 else \
+            ("memory.max", "memory.current", "inactive_file")
+        (d / names[0]).write_text(f"{limit}\n")
+        (d / names[1]).write_text(f"{used}\n")
+        (d / "memory.stat").write_text(f"active_file 5\n{names[2]} {inactive}\n")
+
+    def free(membership, root):
+        (tmp_path / "cgroup").write_text(membership)
+        return collect.cgroup_memory(root, tmp_path / "cgroup")
+
+    v2 = tmp_path / "v2"
+    group(v2, 16 * gib, 6 * gib, inactive=gib)  # a container: its group is the mount's root
+    assert free("0::/\n", v2) == 11 * gib  # the inactive page cache is reclaimed before a kill
+    assert free("0::/docker/abc\n", v2) == 11 * gib  # a path the container's view does not have
+    group(v2 / "job" / "step", "max", 3 * gib)
+    assert free("0::/job/step\n", v2) == 11 * gib  # no limit of its own: the one above it
+    group(v2 / "job", 4 * gib, 3 * gib)
+    assert free("0::/job/step\n", v2) == gib  # the least over the groups above
+    v1 = tmp_path / "v1"
+    group(v1 / "memory" / "k8s", 2 * gib, gib // 2, v1=True)
+    assert free("9:name=systemd:/\n4:memory:/k8s\n0::/\n", v1) == 3 * gib // 2
+    group(v1 / "memory" / "k8s", 9223372036854771712, gib, v1=True)  # v1's "no limit"
+    assert free("4:cpu,memory:/k8s\n", v1) is None
+    assert free("0::/\n", tmp_path / "absent") is None
+    monkeypatch.setattr(collect, "cgroup_memory", lambda: 1000)
+    assert collect.available_memory() == 1000
+    monkeypatch.setattr(collect, "cgroup_memory", lambda: None)
+    assert collect.available_memory() > 1000  # the host's

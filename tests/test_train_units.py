@@ -134,6 +134,32 @@ def test_metrics_writer_drops_steps_after_the_resume_point(tmp_path):
     assert [(d["step"], d["loss"]) for d in read_metrics(p)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def test_a_metrics_line_process_0_fails_to_write_stops_every_process(tmp_path, monkeypatch):
+    """Process 0 alone writes metrics.jsonl; when a write failed (a full disk), the others went
+    on to their next training step and waited there for it (on TPU / GPU until the heartbeat
+    timeout). Seen from process 1 (it writes nothing): each write is where it learns of it."""
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.parallel import processes
+
+    p = tmp_path / "m.jsonl"
+    real, failing = processes.raise_together, []
+
+    def raise_together(error, what):  # process 0 fails at the calls listed in `failing`
+        if what in failing:
+            raise OtherProcessError(f"{what}: process 0 of 2 stopped with an error")
+        real(error, what)
+
+    monkeypatch.setattr(processes, "raise_together", raise_together)
+    w = MetricsWriter(p, resume_step=None, enabled=False)
+    w.write(type="train", step=1, loss=1.0)
+    failing.append(f"finetune: writing {p}")
+    with pytest.raises(OtherProcessError, match="^finetune: writing .*m.jsonl: process 0 of 2"):
+        w.write(type="train", step=2, loss=2.0)
+    with pytest.raises(OtherProcessError):
+        MetricsWriter(p, resume_step=None, enabled=False)
+    assert not p.exists()
+
+
 def test_bench_writes_only_its_own_section(tmp_path):
     import importlib.util
     from pathlib import Path

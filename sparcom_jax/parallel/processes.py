@@ -14,7 +14,9 @@ Every process must call these functions at the same point of the program.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import itertools
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import jax
@@ -71,8 +73,30 @@ def check_same(key, what: str, fix: str) -> None:
                           f"process 0's; {fix}")
 
 
+@contextlib.contextmanager
+def together(what: str) -> Iterator[None]:
+    """A block that every process runs, left by all of them together: an error in it on any
+    process is raised on every process as the block ends (`raise_together`). The block
+    must hold no collective (a process that raised would not reach it)."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # raised again below, on every process
+        error = e
+    raise_together(error, what)
+
+
+# The number of `raise_together` calls so far: the same on every process (they call it at the
+# same points), so it names one call's messages in the coordination service.
+_rounds = itertools.count()
+
+
 def raise_together(error: BaseException | None, what: str) -> None:
     """Raise on every process when any process has an error.
+
+    Each process has its own log (on a TPU pod, one per worker): the failed process
+    leaves its error's message with jax.distributed's coordination service, and the
+    others' error quotes it.
 
     Args:
       error: this process's error, or None.
@@ -80,15 +104,58 @@ def raise_together(error: BaseException | None, what: str) -> None:
 
     Raises:
       `error` on the process that has it; `OtherProcessError`, naming the first failed
-      process, on the others.
+      process and its error, on the others.
     """
+    key = f"sparcom/raise_together/{next(_rounds)}"
+    if error is not None and jax.process_count() > 1:
+        _post(f"{key}/{jax.process_index()}", f"{type(error).__name__}: {error}")
     failed = gather(error is not None).reshape(-1)
+    if not failed.any():
+        return
+    k = int(np.flatnonzero(failed)[0])
+    said = None if error is not None else _fetch(f"{key}/{k}")
+    if jax.process_count() > 1:
+        # The failed process leaves once the others have read its message: process 0 holds the
+        # coordination service, which goes with it.
+        gather(0)
     if error is not None:
         raise error
-    if failed.any():
-        k = int(np.flatnonzero(failed)[0])
-        raise OtherProcessError(f"{what}: process {k} of {jax.process_count()} stopped with an error (its log "
-                                "says why); every process stops with it")
+    raise OtherProcessError(f"{what}: process {k} of {jax.process_count()} stopped with an error (its log "
+                            f"says why){': ' + said if said else ''}; every process stops with it")
+
+
+def _coordination():
+    """jax.distributed's key-value client, or None (one process; a jax without it). JAX has no
+    public API for it: the private one is read defensively, and a message is only a courtesy."""
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
+def _post(key: str, message: str) -> None:
+    """Leave `message` (as one line, at most 500 characters) under `key` for the other processes."""
+    client = _coordination()
+    if client is not None:
+        line = " | ".join(part.strip() for part in message.splitlines() if part.strip())
+        try:
+            client.key_value_set(key, line[:500] + ("..." if len(line) > 500 else ""))
+        except Exception:  # the caller raises the error itself either way
+            pass
+
+
+def _fetch(key: str) -> str | None:
+    """The message another process left under `key` (`_post`); None when there is none. It was
+    posted before the gather that told this process of the error, so it is there at once."""
+    client = _coordination()
+    if client is None:
+        return None
+    try:
+        return client.blocking_key_value_get(key, 5_000)
+    except Exception:  # without it the message says "its log says why"
+        return None
 
 
 def share_map(fn: Callable[[int], Sequence[float]], n: int, width: int, what: str) -> np.ndarray:

@@ -80,6 +80,26 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+@contextlib.contextmanager
+def primary_writes(what: str) -> Iterator[bool]:
+    """A block of writes process 0 makes alone (shared outputs), left by every process together.
+
+    Yields whether this process writes (`is_primary`). An error in the block (a full disk
+    under the report) is raised on every process as the block ends (`raise_together`): the
+    others, which wrote nothing, stop there naming process 0's error. Without it they met
+    process 0's exit in their next collective, on CPU as a "connection closed" error that
+    did not name the cause, on TPU or GPU at jax.distributed's heartbeat timeout (100 s).
+    Every process must enter the block, and the block must hold no collective.
+
+    Args:
+      what: what process 0 writes, for the others' message.
+    """
+    from sparcom_jax.parallel.processes import together
+
+    with together(what):
+        yield is_primary()
+
+
 def check_shared(out: Path, what: str = "--out") -> None:
     """Refuse an output directory that the processes of a multi-host run do not all see.
 
@@ -106,14 +126,16 @@ def check_shared(out: Path, what: str = "--out") -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from sparcom_jax.parallel.processes import gather
+    from sparcom_jax.parallel.processes import gather, together
 
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with together(f"creating {what} {out}"):
+        out.mkdir(parents=True, exist_ok=True)
     probe = out / f".sparcom-shared-{token:08x}"
-    if is_primary():
-        probe.write_text("written by process 0 to check that every process sees this directory\n")
+    with primary_writes(f"writing a probe file in {out}") as writes:
+        if writes:
+            probe.write_text("written by process 0 to check that every process sees this directory\n")
     barrier("sparcom:shared-probe-written")
     seen = gather(probe.is_file()).reshape(-1)  # every process has looked once this returns
     if is_primary():
@@ -138,9 +160,10 @@ def out_dir(cfg: ExperimentConfig | DemoConfig, out: str | os.PathLike | None) -
 
 def save_resolved(cfg: Any, out: Path) -> Path:
     """Write the resolved config next to the outputs (OUT/config.yaml)."""
-    if not is_primary():
-        return out / "config.yaml"
-    return dump_config(cfg, out / "config.yaml")
+    with primary_writes(f"writing {out / 'config.yaml'}") as writes:
+        if writes:
+            dump_config(cfg, out / "config.yaml")
+    return out / "config.yaml"
 
 
 def init_distributed(mesh: MeshSpec) -> bool:
@@ -149,6 +172,11 @@ def init_distributed(mesh: MeshSpec) -> bool:
     On TPU VMs every argument is detected; elsewhere `mesh.coordinator`,
     `mesh.num_processes` and the SPARCOM_PROCESS_ID (or JAX_PROCESS_ID)
     environment variable give them.
+
+    A process that stops before it joins (a config its host cannot read, a host where
+    the command never started) keeps the others waiting here: after `mesh.init_timeout`
+    seconds they stop with one line saying so and what to check (`_join_watch`), where
+    jax aborted them with a C++ stack trace that named no cause.
 
     Returns:
       True when it initialised.
@@ -165,8 +193,11 @@ def init_distributed(mesh: MeshSpec) -> bool:
         if pid is None:
             raise ConfigError("mesh.coordinator is set but this process has no id; set SPARCOM_PROCESS_ID")
         kwargs["process_id"] = int(pid)
+    # jax's own deadline comes later than ours: at it, it aborts the process.
+    kwargs["initialization_timeout"] = mesh.init_timeout + _JAX_DEADLINE_AFTER
     try:
-        jax.distributed.initialize(**kwargs)
+        with _join_watch(mesh):
+            jax.distributed.initialize(**kwargs)
     except ValueError as e:  # no coordinator found (jax's RuntimeErrors, e.g. a timeout, say their own cause)
         if mesh.coordinator:
             raise
@@ -178,6 +209,37 @@ def init_distributed(mesh: MeshSpec) -> bool:
     log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
         f"{jax.device_count()} devices")
     return True
+
+
+_JAX_DEADLINE_AFTER = 30
+
+
+@contextlib.contextmanager
+def _join_watch(mesh: MeshSpec) -> Iterator[None]:
+    """Stop this process with a one-line error, exit status 2, when the block (joining the
+    other processes) has not ended after `mesh.init_timeout` seconds."""
+    import threading
+
+    joined = threading.Event()
+    n = f"not all {mesh.num_processes} processes" if mesh.num_processes > 1 else "not every process"
+
+    def watch():
+        if joined.wait(mesh.init_timeout):
+            return
+        where = f" at the coordinator {mesh.coordinator}" if mesh.coordinator else ""
+        print(f"sparcom: error: jax.distributed: {n} joined within {mesh.init_timeout} s"
+              f"{where} (mesh.init_timeout); check that every host started the same command with the same "
+              "mesh.coordinator and mesh.num_processes (and its own SPARCOM_PROCESS_ID), and read the log of each "
+              "host that did not join: a process that stopped before it joined (a config or file its host cannot "
+              "read) says why there", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    threading.Thread(target=watch, name="sparcom-join-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        joined.set()
 
 
 def resolve_mesh(mesh: MeshSpec, devices: int | None = None) -> tuple[int, int, int]:

@@ -21,8 +21,8 @@ from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, 
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
 from sparcom_jax.pipeline.common import (
     STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
-    load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, record_parts, require_models,
-    require_tokenizers, safe, save_resolved, template_for, timed, train_records,
+    load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, primary_writes, record_parts,
+    require_models, require_tokenizers, safe, save_resolved, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
 
@@ -58,19 +58,24 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     """
     stored = read_fingerprint(directory)
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
-    if (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite) \
-            and is_primary():  # one remover: processes removing one tree at once fail on each other's deletions
-        for p in (directory, *extra):
+    clear = (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite)
+    with primary_writes(f"{stage}: removing {directory}") as writes:
+        # one remover: processes removing one tree at once fail on each other's deletions
+        for p in (directory, *extra) if clear and writes else ():
             remove_path(p)
     barrier("sparcom:guard-dir-cleared")
-    if is_primary():
-        directory.mkdir(parents=True, exist_ok=True)
-        write_fingerprint(directory, stage, components)
+    with primary_writes(f"{stage}: writing {directory / FINGERPRINT_FILE}") as writes:
+        if writes:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_fingerprint(directory, stage, components)
 
 
 def _shared_json(path: Path, obj: Any) -> str:
     """Write an output every process computed alike: process 0 writes it, every process gets its path."""
-    return write_json(path, obj) if is_primary() else str(path)
+    with primary_writes(f"writing {path}") as writes:
+        if writes:
+            write_json(path, obj)
+    return str(path)
 
 
 def export_checkpoints(run_dir: Path, ck_dir: Path, names: Callable[[int, int], str | None],
@@ -90,19 +95,20 @@ def export_checkpoints(run_dir: Path, ck_dir: Path, names: Callable[[int, int], 
     run = read_run(run_dir)
     final = int(run["total_steps"])
     items = []
-    for step in checkpoint_steps(run_dir):
-        name = names(step, final)
-        if name is None:
-            continue
-        dest = ck_dir / name / "hf"
-        mark, want = ck_dir / name / "export.json", {"run": digest(run), "step": step}
-        if is_primary():
-            done = mark.is_file() and json.loads(mark.read_text()) == want and (dest / "config.json").is_file()
-            if not done:
-                log(f"exporting step {step} of {run_dir} to {dest}")
-                export_hf(run_dir, step, dest, tokenizer=tokenizer)
-                write_json(mark, want)
-        items.append({"name": name, "step": step, "path": str(dest)})
+    with primary_writes(f"exporting the checkpoints of {run_dir} to {ck_dir}") as writes:
+        for step in checkpoint_steps(run_dir):
+            name = names(step, final)
+            if name is None:
+                continue
+            dest = ck_dir / name / "hf"
+            mark, want = ck_dir / name / "export.json", {"run": digest(run), "step": step}
+            if writes:
+                done = mark.is_file() and json.loads(mark.read_text()) == want and (dest / "config.json").is_file()
+                if not done:
+                    log(f"exporting step {step} of {run_dir} to {dest}")
+                    export_hf(run_dir, step, dest, tokenizer=tokenizer)
+                    write_json(mark, want)
+            items.append({"name": name, "step": step, "path": str(dest)})
     barrier("sparcom:checkpoints-exported")  # every process reads these directories next
     return items
 
@@ -136,8 +142,7 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     items = export_checkpoints(
         out / "train", out / "checkpoints",
         lambda s, f: T.series_name(s, f, before=None, after=name, middle=f"{name}-step{{step}}"), tok)
-    if is_primary():
-        write_json(out / "checkpoints" / "series.json", items)
+    _shared_json(out / "checkpoints" / "series.json", items)
     return {"checkpoints": str(out / "checkpoints"), **{d["name"]: d["path"] for d in items}}
 
 
@@ -285,8 +290,9 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     for i, job in enumerate(jobs, 1):
         dest = root / safe(job.label)
         written[job.label] = str(dest)
-        if is_primary():
-            _clear_other_layout(dest, jax.process_count())
+        with primary_writes(f"collect {job.label}: clearing {dest}") as writes:
+            if writes:
+                _clear_other_layout(dest, jax.process_count())
         barrier("sparcom:count-layout-cleared")
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
         fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
@@ -483,21 +489,23 @@ def _unseal(directory: Path) -> None:
     """Remove `directory`'s fingerprint.json before its outputs are rewritten: a write that
     fails or is interrupted midway leaves new files beside old ones, and the old fingerprint
     would vouch for all of them. `_seal` writes the new one when every output is written."""
-    if is_primary():
-        (directory / FINGERPRINT_FILE).unlink(missing_ok=True)
+    with primary_writes(f"removing {directory / FINGERPRINT_FILE}") as writes:
+        if writes:
+            (directory / FINGERPRINT_FILE).unlink(missing_ok=True)
 
 
 def _seal(directory: Path, stage: str, written: dict[str, Any], components: dict[str, Any]) -> None:
     """Write `directory`'s fingerprint.json for the outputs `written` now, and remove the files an
     earlier run left there that this one did not write (a model or control left out since): the
     fingerprint would vouch for them. Hidden files (another process's temporary files) stay."""
-    if not is_primary():
-        return
-    keep = {Path(p).name for p in written.values()} | {FINGERPRINT_FILE}
-    for p in directory.iterdir() if directory.is_dir() else ():
-        if p.name not in keep and not p.name.startswith("."):
-            remove_path(p)
-    write_fingerprint(directory, stage, components)
+    with primary_writes(f"{stage}: sealing {directory}") as writes:
+        if not writes:
+            return
+        keep = {Path(p).name for p in written.values()} | {FINGERPRINT_FILE}
+        for p in directory.iterdir() if directory.is_dir() else ():
+            if p.name not in keep and not p.name.startswith("."):
+                remove_path(p)
+        write_fingerprint(directory, stage, components)
 
 
 def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, **_) -> dict[str, Any]:
@@ -509,10 +517,11 @@ def identify_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | Non
     written = {}
     for name, ma in analyses.models.items():
         d = out / "identify" / safe(name)
-        if is_primary():  # a section an earlier run listed here (another model of this name) must not stay
-            remove_path(d)
-        for fa in ma.fields.values() if is_primary() else ():
-            export_sets(d, fa.ident)
+        with primary_writes(f"identify: writing {d}") as writes:
+            if writes:  # a section an earlier run listed here (another model of this name) must not stay
+                remove_path(d)
+            for fa in ma.fields.values() if writes else ():
+                export_sets(d, fa.ident)
         written[name] = str(d)
     _seal(out / "identify", "identify", written, _analysis_fingerprint(cfg, analyses, False))
     return written
@@ -693,8 +702,9 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     log(f"ablate {spec.label}: experts skipped: {e}")
                     # A result an earlier run stored here belongs to other sets: left in place, the
                     # report would refuse it and ask for this very run again.
-                    if is_primary():
-                        f.unlink(missing_ok=True)
+                    with primary_writes(f"ablate: removing {f}") as writes:
+                        if writes:
+                            f.unlink(missing_ok=True)
                     continue
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
@@ -854,12 +864,13 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
     )
     rdir = out / "report"
-    if is_primary():
-        # Written aside and renamed in: no table or set list of an earlier report stays beside this
-        # one, and a failed or interrupted report leaves the earlier one, not a partial one.
-        with timed(f"report: writing {rdir}"), atomic_dir(rdir) as tmp:
-            write_report(tmp, summary, analyses=analyses.models, title=cfg.report.title or f"SPARCOM: {cfg.name}",
-                         dpi=cfg.report.dpi)
+    with primary_writes(f"report: writing {rdir}") as writes:
+        if writes:
+            # Written aside and renamed in: no table or set list of an earlier report stays beside this
+            # one, and a failed or interrupted report leaves the earlier one, not a partial one.
+            with timed(f"report: writing {rdir}"), atomic_dir(rdir) as tmp:
+                write_report(tmp, summary, analyses=analyses.models,
+                             title=cfg.report.title or f"SPARCOM: {cfg.name}", dpi=cfg.report.dpi)
     return {"report": str(rdir / "index.html"), "summary": str(rdir / "summary.json"), "_summary": summary}
 
 
@@ -934,21 +945,21 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     """
     from sparcom_jax.parallel.processes import check_same, raise_together
 
-    prepare_out_dir(out)
     check_same(run_key(stage, cfg, overwrite), "the command (stage, --overwrite) or config",
                "start every process with the same command line and config file")
-    check_shared(out)
-    if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
-        check_shared(Path(cfg.collect.store), "collect.store")
     with contextlib.ExitStack() as held:
         error = None
         try:
+            prepare_out_dir(out)
             if is_primary():
                 log_stale_lock(held.enter_context(DirLock(out, "output directory")))
             preflight(stage, cfg, out)
-        except Exception as e:  # another run's lock, or one host's files: every process stops with it
-            error = e
+        except Exception as e:  # a host that cannot write --out, another run's lock, or one host's files:
+            error = e  # every process stops with it
         raise_together(error, f"{stage}: locking the output directory, checking the models and records")
+        check_shared(out)
+        if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
+            check_shared(Path(cfg.collect.store), "collect.store")
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)
         # The others wait for process 0's last writes (the report): a process that exits first would

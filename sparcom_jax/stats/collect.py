@@ -68,22 +68,100 @@ MEMORY_CHECK_ENV = "SPARCOM_JAX_MEMORY_CHECK"
 # afterwards is not in it: see `check_result_memory`. A result over NOTE_FRACTION of it is logged.
 MEMORY_FRACTION = 0.8
 NOTE_FRACTION = 0.25
+_AVAILABLE = "memory available now (the host's, or a container's memory limit when lower)"
 
 
 def available_memory() -> int | None:
-    """Bytes of host memory available to a new allocation without swapping (Linux
-    MemAvailable), else the free physical pages (`os.sysconf`); None when neither is known."""
+    """Bytes of memory a new allocation can take without swapping or being killed: the
+    host's (Linux MemAvailable, else the free physical pages of `os.sysconf`), or less when
+    this process's control groups leave it less (`cgroup_memory`); None when nothing is known."""
+    host = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            host = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except (OSError, ValueError, IndexError):
         pass
+    if host is None:
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            pass
+    known = [b for b in (host, cgroup_memory()) if b is not None]
+    return min(known) if known else None
+
+
+# cgroup v2 and v1 (memory controller) files: the limit, the usage, and the memory.stat key of
+# the inactive file cache. v1 writes "no limit" as a number near 2**63, v2 as "max".
+_CGROUP_FILES = {"": ("memory.max", "memory.current", "inactive_file"),
+                 "memory": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+_NO_LIMIT = 1 << 60
+
+
+def cgroup_memory(root: str | os.PathLike = "/sys/fs/cgroup", membership: str | os.PathLike = "/proc/self/cgroup"
+                  ) -> int | None:
+    """Bytes the memory limits of this process's control groups still leave it: a job in a
+    16 GB container on a 128 GB host is killed past 16 GB while the host's MemAvailable says
+    128. The least, over its group and every group above it that sets a limit, of the limit
+    less what the group uses, its inactive file cache not counted (page cache the kernel
+    reclaims before it kills).
+
+    Args:
+      root: where the cgroup file systems are mounted: v2 at `root`, v1's memory controller
+        at `root`/memory.
+      membership: the process's groups, one `id:controllers:path` line each. In a container
+        its own group is the mount's root, whatever path the line names.
+
+    Returns:
+      The bytes, or None when no group sets a limit or none can be read.
+    """
+    root = Path(root)
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
         return None
+    least = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers = parts[1].split(",")
+        # cgroup v2 lists no controllers ("0::/path"); v1 lists its memory controller by name
+        version = "" if parts[0] == "0" and controllers == [""] else "memory" if "memory" in controllers else None
+        if version is None:
+            continue
+        mount = root / version
+        group = mount / parts[2].lstrip("/")
+        if not group.is_dir():  # a container's namespaced view: its group is the mount
+            group = mount
+        limit_file, usage_file, inactive_key = _CGROUP_FILES[version]
+        for d in (group, *group.parents):
+            limit = _cgroup_number(d / limit_file)
+            if limit is not None and limit < _NO_LIMIT:
+                used = (_cgroup_number(d / usage_file) or 0) - _cgroup_stat(d / "memory.stat", inactive_key)
+                least = min(least if least is not None else limit, max(limit - max(used, 0), 0))
+            if d == mount:
+                break
+    return least
+
+
+def _cgroup_number(path: Path) -> int | None:
+    """The integer in a cgroup file; None when it is missing, unreadable or "max"."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_stat(path: Path, key: str) -> int:
+    """The value of `key` in a cgroup memory.stat file (`key value` lines); 0 when absent."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def host_key() -> str:
@@ -141,13 +219,13 @@ def check_result_memory(nbytes: int, n: int, sums: bool) -> HostMemoryError | No
     if host > MEMORY_FRACTION * avail:
         shrink = "; or collect fewer sequences" + (", or without sums (sums=False halves it)" if sums else "")
         return HostMemoryError(
-            f"collect: {what}, more than {MEMORY_FRACTION:.0%} of the {fmt_bytes(avail)} of host memory available "
-            f"now. Pass out=<dir> to keep them in a count store on disk (read back in chunks; the `sparcom` "
+            f"collect: {what}, more than {MEMORY_FRACTION:.0%} of the {fmt_bytes(avail)} of {_AVAILABLE}. "
+            f"Pass out=<dir> to keep them in a count store on disk (read back in chunks; the `sparcom` "
             f"command does this){shrink}. To collect in memory anyway, pass check_memory=False or set "
             f"{MEMORY_CHECK_ENV}=off")
     if host > NOTE_FRACTION * avail:
-        log.warning("%s, %.0f%% of the %s of host memory available now; out=<dir> keeps them on disk",
-                    what, 100 * host / avail, fmt_bytes(avail))
+        log.warning("%s, %.0f%% of the %s of %s; out=<dir> keeps them on disk", what, 100 * host / avail,
+                    fmt_bytes(avail), _AVAILABLE)
     return None
 
 

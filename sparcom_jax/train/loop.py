@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from sparcom_jax.models.transformer import CausalLM
 from sparcom_jax.parallel.mesh import make_mesh
+from sparcom_jax.parallel.processes import together
 from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
 from sparcom_jax.fileio import atomic_write, write_json
@@ -74,26 +75,32 @@ def read_metrics(path: str | Path, kind: str | None = "train") -> list[dict]:
 
 
 class MetricsWriter:
-    """Append-only JSONL; each line is flushed so a killed run loses at most the line being written."""
+    """Append-only JSONL; each line is flushed so a killed run loses at most the line being written.
+
+    Only the process that is `enabled` (process 0) writes, but every process makes each call:
+    an error of the writer (a full disk) is raised on every process together (`together`),
+    where the others went on to their next training step and waited there for process 0."""
 
     def __init__(self, path: Path, *, resume_step: int | None, enabled: bool = True):
         self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        if resume_step is not None and path.exists():
-            # Steps after the restored checkpoint will be run again; drop their old lines so the
-            # file reads as one uninterrupted run.
-            keep = [ln for ln in path.read_text().splitlines()
-                    if (step := _line_step(ln)) is not None and step <= resume_step]
-            atomic_write(path, "".join(ln + "\n" for ln in keep))
-        elif resume_step is None and path.exists():
-            path.unlink()
-        self.f = open(path, "a")
+        with together(f"finetune: writing {path}"):
+            if not enabled:
+                return
+            if resume_step is not None and path.exists():
+                # Steps after the restored checkpoint will be run again; drop their old lines so the
+                # file reads as one uninterrupted run.
+                keep = [ln for ln in path.read_text().splitlines()
+                        if (step := _line_step(ln)) is not None and step <= resume_step]
+                atomic_write(path, "".join(ln + "\n" for ln in keep))
+            elif resume_step is None and path.exists():
+                path.unlink()
+            self.f = open(path, "a")
 
     def write(self, **row: Any) -> None:
-        if self.enabled:
-            self.f.write(json.dumps(row) + "\n")
-            self.f.flush()
+        with together(f"finetune: writing {self.path}"):
+            if self.enabled:
+                self.f.write(json.dumps(row) + "\n")
+                self.f.flush()
 
     def close(self) -> None:
         if self.enabled:
