@@ -86,6 +86,27 @@ def test_analysis_stages_refuse_counts_that_no_longer_match(done, stage, monkeyp
     assert (done / "config.yaml").read_text() == saved and "scope: content" in saved
 
 
+def test_counts_refused_for_an_edited_record_name_the_record(done, monkeypatch):
+    # The refusal said only "tokenized text (tokenizer or record text) changed".
+    import dataclasses
+
+    no_weights(monkeypatch)
+    cfg, real = exp(), stages.identify_records
+    r = real(cfg)[4]
+
+    def edited(cfg):
+        recs = list(real(cfg))
+        recs[4] = dataclasses.replace(r, instruction=r.instruction.replace(" ", "  ", 1) + "!")
+        return recs
+
+    monkeypatch.setattr(stages, "identify_records", edited)
+    named = rf"tokenized text \(tokenizer or record text\) changed \(1 of 12 records: '{r.id}' \({r.category}\)\)"
+    with pytest.raises(StaleResultError, match=named):
+        run_stage("collect", cfg, done)
+    with pytest.raises(StaleResultError, match=named):
+        stages.open_model_counts(cfg, done, cfg.base)
+
+
 def test_unchanged_settings_reuse_everything_without_loading_weights(done, monkeypatch):
     no_weights(monkeypatch)
     before = {p: p.stat().st_mtime_ns for p in (done / "counts").rglob("meta.json")}

@@ -24,7 +24,9 @@ from sparcom_jax.pipeline.common import (
     load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, record_parts, require_models,
     safe, save_resolved, template_for, timed, train_records,
 )
-from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
+from sparcom_jax.pipeline.provenance import (
+    collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale, token_changes,
+)
 
 # --------------------------------------------------------------------------- #
 # finetune
@@ -289,13 +291,14 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             _clear_other_layout(dest, jax.process_count())
         barrier("sparcom:count-layout-cleared")
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
-        fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
-                                    content_caps=caps)
+        fp, enc = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype,
+                                      gate_dtype=job.gate_dtype, content_caps=caps)
         check_same(fp["model"], f"collect {job.label}: the model files",
                    "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
         try:
-            resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite)
+            resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite,
+                                                      details=token_changes(header, enc))
             # Group keys are not in the fingerprint (stores written before they were kept still match), but
             # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
             if resume and header.get("groups") is not None:
@@ -378,9 +381,9 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
-        fp, _ = collect_fingerprint(cfg, spec, recs, template, **settings)
+        fp, enc = collect_fingerprint(cfg, spec, recs, template, **settings)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
-              fix="run `sparcom collect --overwrite` first, or choose another --out")
+              fix="run `sparcom collect --overwrite` first, or choose another --out", details=token_changes(header, enc))
     if parts:
         counts = merge_shares([open_counts(p) for p in parts], root)
         # What the later stages fingerprint the counts by: that of one store of every record, which the
