@@ -124,6 +124,10 @@ def test_same_template_control_is_counted_and_compared(done):
     summary = json.loads((done / "report" / "summary.json").read_text())
     assert summary["templates"] == {"base": "plain", "tuned": "chat", "tuned under plain template": "plain"}
     assert summary["controls"]["same_template"]["after"] == "tuned under plain template"
+    # the control's instruction-level figures are computed, not left null beside the main comparison's
+    moves = summary["controls"]["same_template"]["moves"]["isn"]
+    assert moves["diagonal_dominance"]["after"] is not None and moves["instruction_overlap_delta"] is not None
+    assert moves["diagonal_dominance"]["before"] == summary["comparison"]["moves"]["isn"]["diagonal_dominance"]["before"]
 
 
 def test_counts_of_another_process_count_keep_the_causal_check_valid(done, tmp_path, monkeypatch):

@@ -459,7 +459,8 @@ class Analyses(NamedTuple):
 def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analyses:
     """ModelAnalysis of every model with counts (and of the controls). The same-template control
     is bootstrapped with the models' draws (sets only), so its comparison and the template effect
-    get paired intervals (`same_template_control`)."""
+    get paired intervals (`same_template_control`), and gets its instruction-level overlap (its
+    diagonal dominance)."""
     from sparcom_jax.analysis import analyze_model
 
     icfg = cfg.identify.to_rule()
@@ -471,8 +472,11 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
             counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype,
                                        content_caps=caps)
             kw = _analysis_kwargs(cfg, full and not job.control)
-            if full and job.control == "same_template":  # the draws of the models, for paired intervals
-                kw.update(n_boot=cfg.identify.n_boot, resample=cfg.identify.resample)
+            if full and job.control == "same_template":
+                # The draws of the models, for paired intervals; and the instruction-level overlap, without
+                # which the control's diagonal dominance (and its move from the base) would be null.
+                kw.update(n_boot=cfg.identify.n_boot, resample=cfg.identify.resample,
+                          instruction_level=cfg.identify.instruction_level)
             ma = analyze_model(counts, icfg, name=job.label, **kw)
             ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
         (controls if job.control else models)[job.control or job.label] = ma
