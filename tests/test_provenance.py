@@ -328,6 +328,24 @@ def test_finetune_refuses_a_run_made_with_other_settings(tuned, override, named,
     assert named in str(e.value) and "--overwrite" in str(e.value)
 
 
+@pytest.mark.parametrize("override,named", [
+    ("train.learning_rate=0.01", "train settings changed (learning_rate: 0.0003 -> 0.01)"),
+    ("base.seed=3", "base model weights changed"),
+])
+def test_stages_refuse_checkpoints_fine_tuned_with_other_settings(tuned, override, named, monkeypatch):
+    # `sparcom collect` after a train setting or the base model changed analysed the checkpoints
+    # of the earlier fine-tuning (only their records were checked) and saved the new settings
+    # as OUT/config.yaml: "after" was not tuned from "before" as the config says.
+    out, cfg = tuned
+    no_weights(monkeypatch)
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(StaleResultError) as e:
+        run_stage("collect", apply_overrides(from_dict(ExperimentConfig, cfg, "t"), [override]), out)
+    assert named in str(e.value) and "sparcom finetune --overwrite" in str(e.value) and "\n" not in str(e.value)
+    assert (out / "config.yaml").read_text() == saved
+    stages.preflight("collect", from_dict(ExperimentConfig, cfg, "t"), out)  # unchanged: no refusal
+
+
 def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned):
     out, cfg = tuned
     weights = out / "checkpoints" / "base-ft" / "hf" / "model.safetensors"

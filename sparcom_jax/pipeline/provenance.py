@@ -10,7 +10,9 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 
 - finetune: base model (weights files), training settings, fine-tuning records and
   their tokens -> OUT/train/fingerprint.json; each exported checkpoint records its
-  run and step (OUT/checkpoints/<name>/export.json).
+  run and step (OUT/checkpoints/<name>/export.json). The later stages check that
+  fingerprint against the current config before they use the checkpoints
+  (`sparcom_jax.pipeline.stages.check_checkpoints_current`).
 - collect: model, records, template, scope, max_length, dtype, the content caps
   (scope "content": the content tokens counted per record, the same for every model
   of the study; present when they cut this store's content) and the tokenized

@@ -49,6 +49,28 @@ def train_fingerprint(base: str, tcfg, records, tokenizer) -> dict[str, Any]:
             "tokens": digest_arrays(enc.ids, enc.scopes)}
 
 
+def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
+    """Refuse the fine-tuned checkpoints in OUT/checkpoints when the `finetune` run that made
+    them had another fingerprint than the current config gives (base model, train settings,
+    records or their tokens): the stages would analyse a model not tuned as the config says,
+    and save that config as OUT/config.yaml. Nothing to check when the config names its
+    fine-tuned model, or no fine-tuning finished in OUT.
+
+    Raises:
+      StaleResultError: naming what differs; the stages after finetune cannot recompute it.
+    """
+    if cfg.finetuned is not None or not (out / "checkpoints" / "series.json").is_file():
+        return
+    stored = read_fingerprint(out / "train")
+    if stored is None:  # exports whose run directory was removed: finetune itself refuses them
+        return
+    current = train_fingerprint(spec_model_fingerprint(cfg.base), train_config(cfg), train_records(cfg),
+                                spec_tokenizer(cfg.base))
+    stale(out / "checkpoints", stored, current, overwrite=False,
+          fix="run `sparcom finetune --overwrite` first (it tunes and exports them again), or restore the "
+              "settings they were tuned with")
+
+
 def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
               extra: Sequence[Path] = ()) -> None:
     """Make `directory` safe to (re)use for work with fingerprint `components`.
@@ -909,14 +931,17 @@ STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 
 
 def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
-    """The checks every stage makes before any work or output: the models it needs exist
-    and the records load, split and sample."""
+    """The checks every stage makes before any work or output: the models it needs exist,
+    the records load, split and sample, and fine-tuned checkpoints in OUT were tuned as the
+    config says (`check_checkpoints_current`)."""
     if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
         train_records(cfg)
     if stage != "finetune":
         require_models(model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg)))
         identify_records(cfg)
+    if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
+        check_checkpoints_current(cfg, out)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
 
