@@ -182,6 +182,30 @@ def test_ablation_results_are_checked_before_reuse_and_before_the_report(done, m
     assert fp["identify"]["eps"] == 0.1 and set(fp["counts"]) == {"base", "tuned", "control:same_template"}
 
 
+def test_rule_parameters_the_ablated_sets_do_not_use_keep_the_causal_check(done, monkeypatch):
+    # identify.threshold (under rule "top" the contrast rule's) and identify.eps_experts (ISEs only)
+    # refused the neuron ablation and asked for --overwrite: a rerun that gives the same result.
+    from sparcom_jax.fingerprint import difference
+
+    no_weights(monkeypatch)
+    kept = (done / "ablate" / "tuned_neurons.json").read_text()
+    run_stage("ablate", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), done)
+    run_stage("report", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), done)
+    assert (done / "ablate" / "tuned_neurons.json").read_text() == kept
+
+    def changed(kind, old, new):
+        rule = {"rule": "top", "eps": 0.05, "eps_experts": None, "threshold": 0.5, "ties": "break", "q": 0.5}
+        fps = [stages._as_compared({"ablation": {"kind": kind}, "identify": {**rule, **d}}) for d in (old, new)]
+        return difference(*fps) == ["identify"]
+
+    # ... but the ISEs' share decides the experts' sets, and the threshold those of rule "absolute"
+    assert changed("experts", {}, {"eps_experts": 0.2}) and not changed("experts", {}, {"eps_experts": 0.05})
+    assert not changed("neurons", {}, {"eps_experts": 0.2}) and changed("neurons", {}, {"q": 0.6})
+    absolute = {"rule": "absolute", "ties": "keep"}
+    assert changed("neurons", absolute, {**absolute, "threshold": 0.3})
+    assert not changed("neurons", absolute, {**absolute, "eps": 0.3})
+
+
 def test_overwrite_recomputes_with_the_new_settings(tmp_path):
     out = tmp_path / "o"
     run_stage("collect", exp(), out)

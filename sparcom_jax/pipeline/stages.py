@@ -792,15 +792,32 @@ class _Counting:
         self.bar.close()
 
 
+def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An ablation fingerprint with its identify rule cut to the parameters the ablated sets
+    depend on: the main rule's share for the kind (eps, or eps_experts for ISEs), or its
+    threshold under rule "absolute" (under "top" the threshold is the contrast rule's). A
+    change of the others leaves the sets, and so the check, as they were."""
+    if not fp or not isinstance(fp.get("identify"), dict):
+        return fp
+    rule = dict(fp["identify"])
+    eps_experts = rule.pop("eps_experts", None)
+    if (fp.get("ablation") or {}).get("kind") == "experts" and eps_experts is not None:
+        rule["eps"] = eps_experts
+    for k in ("eps", "ties") if rule.get("rule") == "absolute" else ("threshold",):
+        rule.pop(k, None)
+    return {**fp, "identify": rule}
+
+
 def _stored_ablation(f: Path, fp: dict[str, Any], *, overwrite: bool, **fix):
-    """The AblationResult stored in `f` when it was made with fingerprint `fp`; None when there
-    is no file, or `overwrite` recomputes it (made with other settings, without it: `stale` raises)."""
+    """The AblationResult stored in `f` when it was made with fingerprint `fp` (compared
+    `_as_compared`); None when there is no file, or `overwrite` recomputes it (made with
+    other settings, without it: `stale` raises)."""
     from sparcom_jax.analysis import AblationResult
 
     if not f.is_file():
         return None
     stored = json.loads(f.read_text())
-    if stale(f, stored.get("fingerprint"), fp, overwrite=overwrite, **fix):
+    if stale(f, _as_compared(stored.get("fingerprint")), _as_compared(fp), overwrite=overwrite, **fix):
         return None
     return AblationResult.from_dict(stored)
 
