@@ -491,6 +491,25 @@ def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):
     assert again.id == first.id and again.output == first.output + " (edited)"
 
 
+def test_a_same_size_edit_with_its_time_restored_is_read_again_in_the_same_process(tmp_path):
+    # The cache was keyed by size and mtime: a category relabelled in place ("math" -> "code")
+    # by a tool that keeps times (tar, rsync -t, cp -p) kept the old records, and so the old
+    # fingerprints: collect called counts of the old labels current.
+    from sparcom_jax.pipeline.common import identify_records
+
+    f = tmp_path / "records.jsonl"
+    rows = [{"id": f"r{i}", "category": c, "instruction": f"Do thing {i}.", "output": "Done."}
+            for i, c in enumerate(["math", "code"] * 6)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = exp(f"data.path={f}", "data.split=null", "data.n_per_category=null")
+    assert identify_records(cfg)[0].category == "math"
+    st = f.stat()
+    f.write_text(f.read_text().replace('"math"', '"code"', 1))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert identify_records(cfg)[0].category == "code"
+
+
 def test_a_new_run_in_a_removed_run_directory_exports_its_own_checkpoints(tuned, tmp_path):
     """Removing OUT/train by hand and fine-tuning again (here from another base) writes a
     run.json equal to the old one: the old exports must not pass for the new run's."""
