@@ -397,21 +397,26 @@ def describe(keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, A
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def write_fingerprint(directory: str | os.PathLike, stage: str, components: Mapping[str, Any]) -> Path:
-    """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}) atomically."""
+def write_fingerprint(directory: str | os.PathLike, stage: str, components: Mapping[str, Any],
+                      token_digests: str | None = None) -> Path:
+    """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}, and the
+    records' `token_digests` when given) atomically."""
     from sparcom_jax.fileio import write_json
 
     path = Path(directory) / FINGERPRINT_FILE
-    write_json(path, {"stage": stage, "components": dict(components), "digest": digest(dict(components))})
+    beside = {"token_digests": token_digests} if token_digests else {}
+    write_json(path, {"stage": stage, "components": dict(components), "digest": digest(dict(components)), **beside})
     return path
 
 
-def read_fingerprint(directory: str | os.PathLike) -> dict | None:
-    """The components stored in ``<directory>/fingerprint.json``, or None when there is none."""
+def read_fingerprint(directory: str | os.PathLike, *, whole: bool = False) -> dict | None:
+    """The components stored in ``<directory>/fingerprint.json`` (with `whole`, everything the
+    file holds: {"components", "token_digests", ...}), or None when there is none."""
     path = Path(directory) / FINGERPRINT_FILE
     if not path.is_file():
         return None
     try:
-        return dict(json.loads(path.read_text())["components"])
+        stored = json.loads(path.read_text())
+        return dict(stored) if whole else dict(stored["components"])
     except (json.JSONDecodeError, KeyError, TypeError):
         return {}  # unreadable: differs from anything

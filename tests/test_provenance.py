@@ -370,6 +370,26 @@ def test_stages_refuse_checkpoints_fine_tuned_with_other_settings(tuned, overrid
     stages.preflight("collect", from_dict(ExperimentConfig, cfg, "t"), out)  # unchanged: no refusal
 
 
+def test_a_refused_fine_tuning_run_names_the_records_whose_text_changed(tuned, monkeypatch):
+    import dataclasses
+
+    out, cfg = tuned
+    no_weights(monkeypatch)
+    real = stages.train_records
+    r = real(from_dict(ExperimentConfig, cfg, "t"))[2]
+
+    def edited(c):
+        return [dataclasses.replace(x, instruction="Please: " + x.instruction) if x.id == r.id else x
+                for x in real(c)]
+
+    monkeypatch.setattr(stages, "train_records", edited)
+    n = len(real(from_dict(ExperimentConfig, cfg, "t")))
+    named = rf"tokenized text \(tokenizer or record text\) changed \(1 of {n} records: '{r.id}' \({r.category}\)\)"
+    for stage in ("finetune", "collect"):
+        with pytest.raises(StaleResultError, match=named):
+            run_stage(stage, from_dict(ExperimentConfig, cfg, "t"), out)
+
+
 def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned):
     out, cfg = tuned
     weights = out / "checkpoints" / "base-ft" / "hf" / "model.safetensors"

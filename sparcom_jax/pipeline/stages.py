@@ -18,7 +18,9 @@ from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
-from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
+from sparcom_jax.fingerprint import (
+    FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, write_fingerprint,
+)
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
     load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, record_parts, require_models,
@@ -41,12 +43,27 @@ def train_config(cfg: ExperimentConfig):
     return dataclasses.replace(cfg.train, mesh_data=cfg.mesh.data, mesh_model=cfg.mesh.model)
 
 
-def train_fingerprint(base: str, tcfg, records, tokenizer) -> dict[str, Any]:
-    """Fingerprint of a fine-tuning run: base model digest, settings, records and their tokens."""
-    enc = encode_records(records, tokenizer, template=tcfg.template, scope="response", max_length=tcfg.max_length)
+def train_encoding(tcfg, records, tokenizer):
+    """The `EncodedSet` of the fine-tuning records whose tokens a run's fingerprint holds."""
+    return encode_records(records, tokenizer, template=tcfg.template, scope="response", max_length=tcfg.max_length)
+
+
+def train_fingerprint(base: str, tcfg, records, tokenizer, *, enc=None) -> dict[str, Any]:
+    """Fingerprint of a fine-tuning run: base model digest, settings, records and their tokens
+    (`enc`: their `train_encoding` when the caller has it)."""
+    enc = enc if enc is not None else train_encoding(tcfg, records, tokenizer)
     settings = {k: v for k, v in tcfg.to_dict().items() if k not in _TRAIN_NOT_IN_FINGERPRINT}
     return {"base": base, "train": settings, "records": digest(enc.record_ids),
             "tokens": digest_arrays(enc.ids, enc.scopes)}
+
+
+def _run_token_changes(run_dir: Path, stored: dict | None, current: dict[str, Any], enc) -> dict[str, str | None]:
+    """`stale`'s details of a fine-tuning run's "tokens": the records whose tokens differ from
+    those its fingerprint.json keeps (in record order: comparable when the records are the same)."""
+    whole = read_fingerprint(run_dir, whole=True) or {}
+    if not stored or stored.get("records") != current["records"]:
+        return {}
+    return token_changes({"ids": enc.record_ids, "token_digests": whole.get("token_digests")}, enc)
 
 
 def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
@@ -64,32 +81,38 @@ def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
     stored = read_fingerprint(out / "train")
     if stored is None:  # exports whose run directory was removed: finetune itself refuses them
         return
-    current = train_fingerprint(spec_model_fingerprint(cfg.base), train_config(cfg), train_records(cfg),
-                                spec_tokenizer(cfg.base))
+    tcfg, records, tok = train_config(cfg), train_records(cfg), spec_tokenizer(cfg.base)
+    enc = train_encoding(tcfg, records, tok)
+    current = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, tok, enc=enc)
     stale(out / "checkpoints", stored, current, overwrite=False,
           fix="run `sparcom finetune --overwrite` first (it tunes and exports them again), or restore the "
-              "settings they were tuned with")
+              "settings they were tuned with", details=_run_token_changes(out / "train", stored, current, enc))
 
 
 def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
-              extra: Sequence[Path] = ()) -> None:
+              extra: Sequence[Path] = (), encoded=None) -> None:
     """Make `directory` safe to (re)use for work with fingerprint `components`.
 
     A directory with the same fingerprint is kept (its work resumes or is reused); one
     with another fingerprint, or with files but no fingerprint, stops the run (or with
     `overwrite` is removed, with `extra` paths that derive from it). The fingerprint is
-    then written before any work, so an interrupted run is checked when resumed.
+    then written before any work, so an interrupted run is checked when resumed; with
+    the digest of each record's tokens of `encoded` (the `EncodedSet` of its "tokens"),
+    so that a refusal names the records that changed.
     """
     stored = read_fingerprint(directory)
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
-    if (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite) \
+    details = _run_token_changes(directory, stored, components, encoded) if encoded is not None else None
+    if (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite,
+                                                   details=details) \
             and is_primary():  # one remover: processes removing one tree at once fail on each other's deletions
         for p in (directory, *extra):
             remove_path(p)
     barrier("sparcom:guard-dir-cleared")
     if is_primary():
         directory.mkdir(parents=True, exist_ok=True)
-        write_fingerprint(directory, stage, components)
+        write_fingerprint(directory, stage, components,
+                          record_digests(encoded.ids, encoded.scopes) if encoded is not None else None)
 
 
 def _shared_json(path: Path, obj: Any) -> str:
@@ -145,8 +168,10 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     records = train_records(cfg)
     tcfg = train_config(cfg)
     name = cfg.finetuned.label if cfg.finetuned else f"{cfg.base.label}-ft"
-    fp = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, spec_tokenizer(cfg.base))
-    guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"])
+    tok = spec_tokenizer(cfg.base)
+    enc = train_encoding(tcfg, records, tok)
+    fp = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, tok, enc=enc)
+    guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"], encoded=enc)
     mesh = make_mesh(cfg.mesh)
     with timed(f"finetune: loading {cfg.base.label}"):
         model = load_spec_model(cfg.base, dtype="float32", mesh=mesh)
