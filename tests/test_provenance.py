@@ -182,16 +182,20 @@ def test_ablation_results_are_checked_before_reuse_and_before_the_report(done, m
     assert fp["identify"]["eps"] == 0.1 and set(fp["counts"]) == {"base", "tuned", "control:same_template"}
 
 
-def test_rule_parameters_the_ablated_sets_do_not_use_keep_the_causal_check(done, monkeypatch):
+def test_rule_parameters_the_ablated_sets_do_not_use_keep_the_causal_check(done, tmp_path, monkeypatch):
     # identify.threshold (under rule "top" the contrast rule's) and identify.eps_experts (ISEs only)
     # refused the neuron ablation and asked for --overwrite: a rerun that gives the same result.
+    import shutil
+
     from sparcom_jax.fingerprint import difference
 
     no_weights(monkeypatch)
-    kept = (done / "ablate" / "tuned_neurons.json").read_text()
-    run_stage("ablate", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), done)
-    run_stage("report", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), done)
-    assert (done / "ablate" / "tuned_neurons.json").read_text() == kept
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    kept = (out / "ablate" / "tuned_neurons.json").read_text()
+    run_stage("ablate", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), out)
+    run_stage("report", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), out)
+    assert (out / "ablate" / "tuned_neurons.json").read_text() == kept
 
     def changed(kind, old, new):
         rule = {"rule": "top", "eps": 0.05, "eps_experts": None, "threshold": 0.5, "ties": "break", "q": 0.5}
