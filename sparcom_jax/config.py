@@ -271,13 +271,14 @@ class IdentifySpec(IdentifyConfig):
         Args:
           full: the whole analysis (evaluate, compare, report); else the sets alone
             (identify, ablate): no uncertainty, no instruction-level pass.
-          draws: the sets alone, bootstrapped with the whole analysis' draws (the
-            same-template control: its comparisons get intervals paired with the models').
+          draws: the sets alone, bootstrapped with the whole analysis' draws, with the
+            instruction-level overlap (the same-template control: its comparisons get intervals
+            paired with the models', and its diagonal dominance is a figure, not null).
         """
         common = dict(contrast=self.contrast, human=self.human, top_per_unit=self.top_per_unit)
         if not full:
             boot = dict(n_boot=self.n_boot, resample=self.resample) if draws else dict(n_boot=0)
-            return dict(n_perm=0, instruction_level=False, top_units=0, **boot, **common)
+            return dict(n_perm=0, instruction_level=draws and self.instruction_level, top_units=0, **boot, **common)
         return dict(n_boot=self.n_boot, n_perm=self.n_perm, resample=self.resample,
                     instruction_level=self.instruction_level, top_units=self.top_units, **common)
 

@@ -11,6 +11,9 @@ the current inputs, and `difference` names what changed.
     keys = difference(stored, fp)        # ["scope"] when only the scope changed
     describe(keys, stored, fp)           # "scope: 'prompt' -> 'all'"
 
+Beside a fingerprint, `record_digests` keeps a 4-byte digest of each record's tokens,
+from which `changed_records` names the records whose tokens changed.
+
 Model weights are fingerprinted by content: the SHA-256 of config.json, the
 safetensors index and every ``*.safetensors`` file, by name, without the directory's
 path (a moved or copied checkpoint is the same model; weights rewritten in place are
@@ -28,6 +31,7 @@ The tokenizer is not in it: the stages fingerprint the tokens it produced.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -66,6 +70,59 @@ def digest_arrays(*groups: Iterable[np.ndarray] | None) -> str:
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(a.tobytes())
     return h.hexdigest()[:16]
+
+
+# Bytes of one record's digest in `record_digests`: a collision (odds 2**-32 per changed
+# record) only leaves that record unnamed, since the digest of the whole set decides.
+RECORD_DIGEST_BYTES = 4
+
+
+def record_digests(ids: Sequence[np.ndarray], scopes: Sequence[np.ndarray] | None = None) -> str:
+    """One short digest per record of its token ids (and scope mask), as one base64 string.
+
+    Values, not dtypes, are hashed (ids as int64, scopes as bool), so the same tokens held
+    in another integer type give the same digest. Kept beside a fingerprint (about 5.3
+    bytes per record) so that `changed_records` can name the records whose tokens changed.
+
+    Args:
+      ids: N 1-D int arrays [T_n].
+      scopes: optional N 1-D bool arrays [T_n].
+
+    Returns:
+      base64 of N * RECORD_DIGEST_BYTES bytes, record n's at [n * RECORD_DIGEST_BYTES, ...).
+    """
+    out = bytearray()
+    for n, a in enumerate(ids):
+        h = hashlib.blake2b(np.ascontiguousarray(a, dtype="<i8").tobytes(), digest_size=RECORD_DIGEST_BYTES)
+        if scopes is not None:
+            h.update(b"|scope|" + np.ascontiguousarray(scopes[n], dtype=bool).tobytes())
+        out += h.digest()
+    return base64.b64encode(bytes(out)).decode()
+
+
+def changed_records(stored: Mapping[str, Any] | None, current: Mapping[str, Any], limit: int = 3) -> str | None:
+    """Which records' tokens changed, from two mappings with "ids", "categories" and
+    "token_digests" (`record_digests`), e.g. a count store's header: "2 of 12 records:
+    'a' (math), 'b' (code)". None when either lacks its digests (made before they were
+    kept) or no record held by both changed (the set or the order of records did)."""
+    old, new = dict(stored or {}), dict(current)
+    if not old.get("token_digests") or not new.get("token_digests") or not old.get("ids") or not new.get("ids"):
+        return None
+
+    def by_id(m):
+        raw = base64.b64decode(m["token_digests"])
+        k = RECORD_DIGEST_BYTES
+        return {i: raw[n * k:(n + 1) * k] for n, i in enumerate(m["ids"])}
+
+    before, after = by_id(old), by_id(new)
+    cats = dict(zip(new["ids"], new.get("categories") or ()))
+    changed = [i for i in new["ids"] if i in before and before[i] != after[i]]
+    if not changed:
+        return None
+    both = sum(i in before for i in new["ids"])
+    named = ", ".join(f"{i!r}" + (f" ({cats[i]})" if i in cats else "") for i in changed[:limit])
+    more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
+    return f"{len(changed)} of {both} records: {named}{more}"
 
 
 # Prefix of a content digest of model files; older outputs carry a bare digest of the
@@ -292,12 +349,15 @@ def _shown(v: Any) -> str:
 
 
 def describe(keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, Any],
-             labels: Mapping[str, str] | None = None, limit: int = 3) -> str:
+             labels: Mapping[str, str] | None = None, limit: int = 3,
+             details: Mapping[str, str | None] | None = None) -> str:
     """One phrase naming what changed: "data.scope: 'prompt' -> 'all'; records changed (and 1 more)".
 
-    Digests (and other long values) are reported as "changed"; `labels` maps component
+    Digests (and other long values) are reported as "changed", followed by `details` of
+    the component when there are some (e.g. `changed_records`); `labels` maps component
     names to the names the user knows (config keys).
     """
+    details = details or {}
     old = dict(old or {})
     labels = labels or {}
     parts = []
@@ -313,7 +373,7 @@ def describe(keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, A
             rest = f", and {len(subs) - limit} more" if len(subs) > limit else ""
             parts.append(f"{name} changed ({', '.join(shown)}{rest})")
         elif _shown(a) == "…" or _shown(b) == "…" or _is_digest(b):
-            parts.append(f"{name} changed")
+            parts.append(f"{name} changed" + (f" ({details[k]})" if details.get(k) else ""))
         else:
             parts.append(f"{name}: {_shown(a)} -> {_shown(b)}")
     more = f" (and {len(keys) - limit} more: {', '.join(labels.get(k, k) for k in keys[limit:])})" \
@@ -324,21 +384,26 @@ def describe(keys: list[str], old: Mapping[str, Any] | None, new: Mapping[str, A
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def write_fingerprint(directory: str | os.PathLike, stage: str, components: Mapping[str, Any]) -> Path:
-    """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}) atomically."""
+def write_fingerprint(directory: str | os.PathLike, stage: str, components: Mapping[str, Any],
+                      token_digests: str | None = None) -> Path:
+    """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}, and the
+    records' `token_digests` when given) atomically."""
     from sparcom_jax.fileio import write_json
 
     path = Path(directory) / FINGERPRINT_FILE
-    write_json(path, {"stage": stage, "components": dict(components), "digest": digest(dict(components))})
+    beside = {"token_digests": token_digests} if token_digests else {}
+    write_json(path, {"stage": stage, "components": dict(components), "digest": digest(dict(components)), **beside})
     return path
 
 
-def read_fingerprint(directory: str | os.PathLike) -> dict | None:
-    """The components stored in ``<directory>/fingerprint.json``, or None when there is none."""
+def read_fingerprint(directory: str | os.PathLike, *, whole: bool = False) -> dict | None:
+    """The components stored in ``<directory>/fingerprint.json`` (with `whole`, everything the
+    file holds: {"components", "token_digests", ...}), or None when there is none."""
     path = Path(directory) / FINGERPRINT_FILE
     if not path.is_file():
         return None
     try:
-        return dict(json.loads(path.read_text())["components"])
+        stored = json.loads(path.read_text())
+        return dict(stored) if whole else dict(stored["components"])
     except (json.JSONDecodeError, KeyError, TypeError):
         return {}  # unreadable: differs from anything

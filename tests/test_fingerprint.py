@@ -313,3 +313,39 @@ def test_a_changed_settings_section_names_the_keys_that_changed():
         "identify settings changed (eps: 0.01 -> 0.02, q: 0.5 -> 0.6, ties: unset -> 'break')")
     assert F.describe(["identify"], old, new, LABELS, limit=1) == "identify settings changed (eps: 0.01 -> 0.02, and 2 more)"
     assert F.difference(old, new) == ["identify"]
+
+
+def test_a_store_refused_for_changed_tokens_names_the_records_that_changed(tmp_path):
+    # The refusal said only "tokens changed": which of 1,200 records' text or tokens changed was
+    # left to the user to find.
+    import numpy as np
+
+    from sparcom_jax.stats.store import CountStore
+
+    ids = [np.array([5, 6, 7]), np.array([8, 9]), np.array([1, 2, 3, 4])]
+    scopes = [np.ones(len(a), bool) for a in ids]
+    labels = dict(ids=["a", "b", "c"], categories=["math", "code", "math"], meta={}, chunk_rows=2,
+                  shapes={"tokens": (3,)})
+
+    def store(seqs, masks):
+        return CountStore(tmp_path / "s", **labels, fingerprint={"tokens": F.digest_arrays(seqs, masks)},
+                          token_digests=F.record_digests(seqs, masks)).close()
+
+    store(ids, scopes)
+    # The same tokens in another integer type are the same record.
+    assert F.record_digests([a.astype(np.int32) for a in ids], scopes) == F.record_digests(ids, scopes)
+    # one token of "b", and the scope (not the ids) of "c"
+    edited = [ids[0], np.array([8, 10]), ids[2]]
+    masks = [*scopes[:2], np.array([True, True, False, True])]
+    with pytest.raises(StaleResultError, match=r"tokens changed \(2 of 3 records: 'b' \(code\), 'c' \(math\)\)"):
+        store(edited, masks)
+    many = [a + 1 for a in ids]
+    assert F.changed_records({"ids": ["a", "b", "c"], "token_digests": F.record_digests(ids)},
+                             {"ids": ["c", "a", "b"], "token_digests": F.record_digests([many[2], ids[0], many[1]])},
+                             limit=1) == "2 of 3 records: 'c', and 1 more"
+    # nothing to name: no digests kept (a store made before they were), or only the order changed
+    assert F.changed_records({"ids": ["a"]}, {"ids": ["a"], "token_digests": F.record_digests(ids[:1])}) is None
+    assert F.changed_records({"ids": ["a", "b"], "token_digests": F.record_digests(ids[:2])},
+                             {"ids": ["b", "a"], "token_digests": F.record_digests(ids[1::-1])}) is None
+    # 4 bytes per record, base64: the store's meta.json grows by about 5.3 bytes per record
+    assert len(F.record_digests(ids * 100)) == 1600  # 300 records

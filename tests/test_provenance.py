@@ -86,6 +86,27 @@ def test_analysis_stages_refuse_counts_that_no_longer_match(done, stage, monkeyp
     assert (done / "config.yaml").read_text() == saved and "scope: content" in saved
 
 
+def test_counts_refused_for_an_edited_record_name_the_record(done, monkeypatch):
+    # The refusal said only "tokenized text (tokenizer or record text) changed".
+    import dataclasses
+
+    no_weights(monkeypatch)
+    cfg, real = exp(), stages.identify_records
+    r = real(cfg)[4]
+
+    def edited(cfg):
+        recs = list(real(cfg))
+        recs[4] = dataclasses.replace(r, instruction=r.instruction.replace(" ", "  ", 1) + "!")
+        return recs
+
+    monkeypatch.setattr(stages, "identify_records", edited)
+    named = rf"tokenized text \(tokenizer or record text\) changed \(1 of 12 records: '{r.id}' \({r.category}\)\)"
+    with pytest.raises(StaleResultError, match=named):
+        run_stage("collect", cfg, done)
+    with pytest.raises(StaleResultError, match=named):
+        stages.open_model_counts(cfg, done, cfg.base)
+
+
 def test_unchanged_settings_reuse_everything_without_loading_weights(done, monkeypatch):
     no_weights(monkeypatch)
     before = {p: p.stat().st_mtime_ns for p in (done / "counts").rglob("meta.json")}
@@ -103,6 +124,10 @@ def test_same_template_control_is_counted_and_compared(done):
     summary = json.loads((done / "report" / "summary.json").read_text())
     assert summary["templates"] == {"base": "plain", "tuned": "chat", "tuned under plain template": "plain"}
     assert summary["controls"]["same_template"]["after"] == "tuned under plain template"
+    # the control's instruction-level figures are computed, not left null beside the main comparison's
+    moves = summary["controls"]["same_template"]["moves"]["isn"]
+    assert moves["diagonal_dominance"]["after"] is not None and moves["instruction_overlap_delta"] is not None
+    assert moves["diagonal_dominance"]["before"] == summary["comparison"]["moves"]["isn"]["diagonal_dominance"]["before"]
 
 
 def test_counts_of_another_process_count_keep_the_causal_check_valid(done, tmp_path, monkeypatch):
@@ -155,6 +180,34 @@ def test_ablation_results_are_checked_before_reuse_and_before_the_report(done, m
     run_stage("evaluate", exp("identify.eps=0.1"), done)
     fp = json.loads((done / "evaluate" / "fingerprint.json").read_text())["components"]
     assert fp["identify"]["eps"] == 0.1 and set(fp["counts"]) == {"base", "tuned", "control:same_template"}
+
+
+def test_rule_parameters_the_ablated_sets_do_not_use_keep_the_causal_check(done, tmp_path, monkeypatch):
+    # identify.threshold (under rule "top" the contrast rule's) and identify.eps_experts (ISEs only)
+    # refused the neuron ablation and asked for --overwrite: a rerun that gives the same result.
+    import shutil
+
+    from sparcom_jax.fingerprint import difference
+
+    no_weights(monkeypatch)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    kept = (out / "ablate" / "tuned_neurons.json").read_text()
+    run_stage("ablate", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), out)
+    run_stage("report", exp("identify.threshold=0.3", "identify.eps_experts=0.2"), out)
+    assert (out / "ablate" / "tuned_neurons.json").read_text() == kept
+
+    def changed(kind, old, new):
+        rule = {"rule": "top", "eps": 0.05, "eps_experts": None, "threshold": 0.5, "ties": "break", "q": 0.5}
+        fps = [stages._as_compared({"ablation": {"kind": kind}, "identify": {**rule, **d}}) for d in (old, new)]
+        return difference(*fps) == ["identify"]
+
+    # ... but the ISEs' share decides the experts' sets, and the threshold those of rule "absolute"
+    assert changed("experts", {}, {"eps_experts": 0.2}) and not changed("experts", {}, {"eps_experts": 0.05})
+    assert not changed("neurons", {}, {"eps_experts": 0.2}) and changed("neurons", {}, {"q": 0.6})
+    absolute = {"rule": "absolute", "ties": "keep"}
+    assert changed("neurons", absolute, {**absolute, "threshold": 0.3})
+    assert not changed("neurons", absolute, {**absolute, "eps": 0.3})
 
 
 def test_overwrite_recomputes_with_the_new_settings(tmp_path):
@@ -303,6 +356,44 @@ def test_finetune_refuses_a_run_made_with_other_settings(tuned, override, named,
     assert named in str(e.value) and "--overwrite" in str(e.value)
 
 
+@pytest.mark.parametrize("override,named", [
+    ("train.learning_rate=0.01", "train settings changed (learning_rate: 0.0003 -> 0.01)"),
+    ("base.seed=3", "base model weights changed"),
+])
+def test_stages_refuse_checkpoints_fine_tuned_with_other_settings(tuned, override, named, monkeypatch):
+    # `sparcom collect` after a train setting or the base model changed analysed the checkpoints
+    # of the earlier fine-tuning (only their records were checked) and saved the new settings
+    # as OUT/config.yaml: "after" was not tuned from "before" as the config says.
+    out, cfg = tuned
+    no_weights(monkeypatch)
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(StaleResultError) as e:
+        run_stage("collect", apply_overrides(from_dict(ExperimentConfig, cfg, "t"), [override]), out)
+    assert named in str(e.value) and "sparcom finetune --overwrite" in str(e.value) and "\n" not in str(e.value)
+    assert (out / "config.yaml").read_text() == saved
+    stages.preflight("collect", from_dict(ExperimentConfig, cfg, "t"), out)  # unchanged: no refusal
+
+
+def test_a_refused_fine_tuning_run_names_the_records_whose_text_changed(tuned, monkeypatch):
+    import dataclasses
+
+    out, cfg = tuned
+    no_weights(monkeypatch)
+    real = stages.train_records
+    r = real(from_dict(ExperimentConfig, cfg, "t"))[2]
+
+    def edited(c):
+        return [dataclasses.replace(x, instruction="Please: " + x.instruction) if x.id == r.id else x
+                for x in real(c)]
+
+    monkeypatch.setattr(stages, "train_records", edited)
+    n = len(real(from_dict(ExperimentConfig, cfg, "t")))
+    named = rf"tokenized text \(tokenizer or record text\) changed \(1 of {n} records: '{r.id}' \({r.category}\)\)"
+    for stage in ("finetune", "collect"):
+        with pytest.raises(StaleResultError, match=named):
+            run_stage(stage, from_dict(ExperimentConfig, cfg, "t"), out)
+
+
 def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned):
     out, cfg = tuned
     weights = out / "checkpoints" / "base-ft" / "hf" / "model.safetensors"
@@ -422,6 +513,25 @@ def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):
                          for r in recs))
     again = identify_records(cfg)[0]
     assert again.id == first.id and again.output == first.output + " (edited)"
+
+
+def test_a_same_size_edit_with_its_time_restored_is_read_again_in_the_same_process(tmp_path):
+    # The cache was keyed by size and mtime: a category relabelled in place ("math" -> "code")
+    # by a tool that keeps times (tar, rsync -t, cp -p) kept the old records, and so the old
+    # fingerprints: collect called counts of the old labels current.
+    from sparcom_jax.pipeline.common import identify_records
+
+    f = tmp_path / "records.jsonl"
+    rows = [{"id": f"r{i}", "category": c, "instruction": f"Do thing {i}.", "output": "Done."}
+            for i, c in enumerate(["math", "code"] * 6)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = exp(f"data.path={f}", "data.split=null", "data.n_per_category=null")
+    assert identify_records(cfg)[0].category == "math"
+    st = f.stat()
+    f.write_text(f.read_text().replace('"math"', '"code"', 1))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert identify_records(cfg)[0].category == "code"
 
 
 def test_a_new_run_in_a_removed_run_directory_exports_its_own_checkpoints(tuned, tmp_path):

@@ -10,7 +10,9 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 
 - finetune: base model (weights files), training settings, fine-tuning records and
   their tokens -> OUT/train/fingerprint.json; each exported checkpoint records its
-  run and step (OUT/checkpoints/<name>/export.json).
+  run and step (OUT/checkpoints/<name>/export.json). The later stages check that
+  fingerprint against the current config before they use the checkpoints
+  (`sparcom_jax.pipeline.stages.check_checkpoints_current`).
 - collect: model, records, template, scope, max_length, dtype, the content caps
   (scope "content": the content tokens counted per record, the same for every model
   of the study; present when they cut this store's content) and the tokenized
@@ -31,7 +33,9 @@ from typing import Any, Mapping
 
 from sparcom_jax.config import ExperimentConfig, ModelSpec
 from sparcom_jax.errors import StaleResultError
-from sparcom_jax.fingerprint import describe, difference, digest, digest_arrays, model_files_fingerprint
+from sparcom_jax.fingerprint import (
+    changed_records, describe, difference, digest, digest_arrays, model_files_fingerprint, record_digests,
+)
 from sparcom_jax.pipeline.common import log
 
 # Component names -> what the user calls them (config keys), for messages.
@@ -107,18 +111,28 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     return fp, enc
 
 
+def token_changes(header: Mapping[str, Any] | None, enc) -> dict[str, str | None]:
+    """`describe`'s details of the "tokens" component: the records of the `EncodedSet` `enc`
+    whose tokens differ from those a count store's `header` keeps (`changed_records`)."""
+    current = {"ids": enc.record_ids, "categories": enc.categories,
+               "token_digests": record_digests(enc.ids, enc.scopes)}
+    return {"tokens": changed_records(header, current)}
+
+
 def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[str, Any],
-          *, overwrite: bool, fix: str = "re-run with --overwrite to recompute it, or choose another --out") -> bool:
+          *, overwrite: bool, fix: str = "re-run with --overwrite to recompute it, or choose another --out",
+          details: Mapping[str, str | None] | None = None) -> bool:
     """Whether outputs with fingerprint `stored` must be recomputed for `current`.
 
     Returns False when they match (reuse them). When they differ: raises
-    StaleResultError naming the difference and `fix`, unless `overwrite`, in which
-    case it logs why and returns True.
+    StaleResultError naming the difference (with `details` of the components that have
+    them, `describe`) and `fix`, unless `overwrite`, in which case it logs why and
+    returns True.
     """
     keys = difference(stored, current)
     if not keys:
         return False
-    what = describe(keys, stored, current, LABELS)
+    what = describe(keys, stored, current, LABELS, details=details)
     if not overwrite:
         raise StaleResultError(f"{where}: made with other inputs or settings ({what}); {fix}")
     log(f"{where}: recomputing (--overwrite): {what}")

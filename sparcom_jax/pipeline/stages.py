@@ -18,13 +18,17 @@ from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
-from sparcom_jax.fingerprint import FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, write_fingerprint
+from sparcom_jax.fingerprint import (
+    FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, write_fingerprint,
+)
 from sparcom_jax.pipeline.common import (
     STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
     load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, primary_writes, record_parts,
     require_models, require_tokenizers, safe, save_resolved, template_for, timed, train_records,
 )
-from sparcom_jax.pipeline.provenance import collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale
+from sparcom_jax.pipeline.provenance import (
+    collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale, token_changes,
+)
 
 # --------------------------------------------------------------------------- #
 # finetune
@@ -39,26 +43,68 @@ def train_config(cfg: ExperimentConfig):
     return dataclasses.replace(cfg.train, mesh_data=cfg.mesh.data, mesh_model=cfg.mesh.model)
 
 
-def train_fingerprint(base: str, tcfg, records, tokenizer) -> dict[str, Any]:
-    """Fingerprint of a fine-tuning run: base model digest, settings, records and their tokens."""
-    enc = encode_records(records, tokenizer, template=tcfg.template, scope="response", max_length=tcfg.max_length)
+def train_encoding(tcfg, records, tokenizer):
+    """The `EncodedSet` of the fine-tuning records whose tokens a run's fingerprint holds."""
+    return encode_records(records, tokenizer, template=tcfg.template, scope="response", max_length=tcfg.max_length)
+
+
+def train_fingerprint(base: str, tcfg, records, tokenizer, *, enc=None) -> dict[str, Any]:
+    """Fingerprint of a fine-tuning run: base model digest, settings, records and their tokens
+    (`enc`: their `train_encoding` when the caller has it)."""
+    enc = enc if enc is not None else train_encoding(tcfg, records, tokenizer)
     settings = {k: v for k, v in tcfg.to_dict().items() if k not in _TRAIN_NOT_IN_FINGERPRINT}
     return {"base": base, "train": settings, "records": digest(enc.record_ids),
             "tokens": digest_arrays(enc.ids, enc.scopes)}
 
 
+def _run_token_changes(run_dir: Path, stored: dict | None, current: dict[str, Any], enc) -> dict[str, str | None]:
+    """`stale`'s details of a fine-tuning run's "tokens": the records whose tokens differ from
+    those its fingerprint.json keeps (in record order: comparable when the records are the same)."""
+    whole = read_fingerprint(run_dir, whole=True) or {}
+    if not stored or stored.get("records") != current["records"]:
+        return {}
+    return token_changes({"ids": enc.record_ids, "token_digests": whole.get("token_digests")}, enc)
+
+
+def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
+    """Refuse the fine-tuned checkpoints in OUT/checkpoints when the `finetune` run that made
+    them had another fingerprint than the current config gives (base model, train settings,
+    records or their tokens): the stages would analyse a model not tuned as the config says,
+    and save that config as OUT/config.yaml. Nothing to check when the config names its
+    fine-tuned model, or no fine-tuning finished in OUT.
+
+    Raises:
+      StaleResultError: naming what differs; the stages after finetune cannot recompute it.
+    """
+    if cfg.finetuned is not None or not (out / "checkpoints" / "series.json").is_file():
+        return
+    stored = read_fingerprint(out / "train")
+    if stored is None:  # exports whose run directory was removed: finetune itself refuses them
+        return
+    tcfg, records, tok = train_config(cfg), train_records(cfg), spec_tokenizer(cfg.base)
+    enc = train_encoding(tcfg, records, tok)
+    current = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, tok, enc=enc)
+    stale(out / "checkpoints", stored, current, overwrite=False,
+          fix="run `sparcom finetune --overwrite` first (it tunes and exports them again), or restore the "
+              "settings they were tuned with", details=_run_token_changes(out / "train", stored, current, enc))
+
+
 def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
-              extra: Sequence[Path] = ()) -> None:
+              extra: Sequence[Path] = (), encoded=None) -> None:
     """Make `directory` safe to (re)use for work with fingerprint `components`.
 
     A directory with the same fingerprint is kept (its work resumes or is reused); one
     with another fingerprint, or with files but no fingerprint, stops the run (or with
     `overwrite` is removed, with `extra` paths that derive from it). The fingerprint is
-    then written before any work, so an interrupted run is checked when resumed.
+    then written before any work, so an interrupted run is checked when resumed; with
+    the digest of each record's tokens of `encoded` (the `EncodedSet` of its "tokens"),
+    so that a refusal names the records that changed.
     """
     stored = read_fingerprint(directory)
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
-    clear = (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite)
+    details = _run_token_changes(directory, stored, components, encoded) if encoded is not None else None
+    clear = (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite,
+                                                        details=details)
     with primary_writes(f"{stage}: removing {directory}") as writes:
         # one remover: processes removing one tree at once fail on each other's deletions
         for p in (directory, *extra) if clear and writes else ():
@@ -67,7 +113,8 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     with primary_writes(f"{stage}: writing {directory / FINGERPRINT_FILE}") as writes:
         if writes:
             directory.mkdir(parents=True, exist_ok=True)
-            write_fingerprint(directory, stage, components)
+            write_fingerprint(directory, stage, components,
+                              record_digests(encoded.ids, encoded.scopes) if encoded is not None else None)
 
 
 def _shared_json(path: Path, obj: Any) -> str:
@@ -127,8 +174,10 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     records = train_records(cfg)
     tcfg = train_config(cfg)
     name = cfg.finetuned.label if cfg.finetuned else f"{cfg.base.label}-ft"
-    fp = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, spec_tokenizer(cfg.base))
-    guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"])
+    tok = spec_tokenizer(cfg.base)
+    enc = train_encoding(tcfg, records, tok)
+    fp = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, tok, enc=enc)
+    guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"], encoded=enc)
     mesh = make_mesh(cfg.mesh)
     with timed(f"finetune: loading {cfg.base.label}"):
         model = load_spec_model(cfg.base, dtype="float32", mesh=mesh)
@@ -295,13 +344,14 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
                 _clear_other_layout(dest, jax.process_count())
         barrier("sparcom:count-layout-cleared")
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
-        fp, _ = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype, gate_dtype=job.gate_dtype,
-                                    content_caps=caps)
+        fp, enc = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype,
+                                      gate_dtype=job.gate_dtype, content_caps=caps)
         check_same(fp["model"], f"collect {job.label}: the model files",
                    "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
         try:
-            resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite)
+            resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite,
+                                                      details=token_changes(header, enc))
             # Group keys are not in the fingerprint (stores written before they were kept still match), but
             # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
             if resume and header.get("groups") is not None:
@@ -384,9 +434,9 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         header = read_header(part)
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
-        fp, _ = collect_fingerprint(cfg, spec, recs, template, **settings)
+        fp, enc = collect_fingerprint(cfg, spec, recs, template, **settings)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
-              fix="run `sparcom collect --overwrite` first, or choose another --out")
+              fix="run `sparcom collect --overwrite` first, or choose another --out", details=token_changes(header, enc))
     if parts:
         counts = merge_shares([open_counts(p) for p in parts], root)
         # What the later stages fingerprint the counts by: that of one store of every record, which the
@@ -457,7 +507,8 @@ class Analyses(NamedTuple):
 def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analyses:
     """ModelAnalysis of every model with counts (and of the controls). The same-template control
     is bootstrapped with the models' draws (sets only), so its comparison and the template effect
-    get paired intervals (`same_template_control`)."""
+    get paired intervals (`same_template_control`), and gets its instruction-level overlap (its
+    diagonal dominance)."""
     from sparcom_jax.analysis import analyze_model
 
     icfg = cfg.identify.to_rule()
@@ -766,15 +817,32 @@ class _Counting:
         self.bar.close()
 
 
+def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An ablation fingerprint with its identify rule cut to the parameters the ablated sets
+    depend on: the main rule's share for the kind (eps, or eps_experts for ISEs), or its
+    threshold under rule "absolute" (under "top" the threshold is the contrast rule's). A
+    change of the others leaves the sets, and so the check, as they were."""
+    if not fp or not isinstance(fp.get("identify"), dict):
+        return fp
+    rule = dict(fp["identify"])
+    eps_experts = rule.pop("eps_experts", None)
+    if (fp.get("ablation") or {}).get("kind") == "experts" and eps_experts is not None:
+        rule["eps"] = eps_experts
+    for k in ("eps", "ties") if rule.get("rule") == "absolute" else ("threshold",):
+        rule.pop(k, None)
+    return {**fp, "identify": rule}
+
+
 def _stored_ablation(f: Path, fp: dict[str, Any], *, overwrite: bool, **fix):
-    """The AblationResult stored in `f` when it was made with fingerprint `fp`; None when there
-    is no file, or `overwrite` recomputes it (made with other settings, without it: `stale` raises)."""
+    """The AblationResult stored in `f` when it was made with fingerprint `fp` (compared
+    `_as_compared`); None when there is no file, or `overwrite` recomputes it (made with
+    other settings, without it: `stale` raises)."""
     from sparcom_jax.analysis import AblationResult
 
     if not f.is_file():
         return None
     stored = json.loads(f.read_text())
-    if stale(f, stored.get("fingerprint"), fp, overwrite=overwrite, **fix):
+    if stale(f, _as_compared(stored.get("fingerprint")), _as_compared(fp), overwrite=overwrite, **fix):
         return None
     return AblationResult.from_dict(stored)
 
@@ -907,8 +975,9 @@ STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 
 def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     """The checks every stage makes before any work or output: the models it needs exist (with
-    their tokenizers, where it tokenizes: `require_tokenizers`, as the dry run) and the records
-    load, split and sample."""
+    their tokenizers, where it tokenizes: `require_tokenizers`, as the dry run), the records
+    load, split and sample, and fine-tuned checkpoints in OUT were tuned as the config says
+    (`check_checkpoints_current`)."""
     if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
         require_tokenizers([cfg.base], ("finetune",))
@@ -918,6 +987,8 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         require_models(specs)
         require_tokenizers(specs, STAGES if stage == "run" else (stage,))
         identify_records(cfg)
+    if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
+        check_checkpoints_current(cfg, out)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
 

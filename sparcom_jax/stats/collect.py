@@ -24,7 +24,7 @@ from flax import nnx
 
 from sparcom_jax.console import fmt_bytes
 from sparcom_jax.errors import HostMemoryError
-from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint
+from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint, record_digests
 from sparcom_jax.parallel.processes import gather, key_id, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
@@ -424,7 +424,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         store = error = None
         try:
             store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
-                               overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes})
+                               overwrite=overwrite, dtypes={k: _field_dtype(k) for k in shapes},
+                               token_digests=record_digests(seqs, scps))
         except Exception as e:  # e.g. made for other inputs: every process stops, not this one alone
             error = e
         try:

@@ -3,8 +3,9 @@
 Layout of a store directory::
 
     meta.json          n, fields and shapes, record ids, categories, sources and group keys
-                       (absent in stores written before they were kept), provenance and the
-                       fingerprint of the inputs (model, records, tokens, settings)
+                       (absent in stores written before they were kept), provenance, the
+                       fingerprint of the inputs (model, records, tokens, settings) and a short
+                       digest of each record's tokens (names the records that changed)
     progress.json      {"done_chunks": k}: rows [0, k * chunk_rows) are complete
     .sparcom.lock      while a collection writes the store: its pid and host
     tokens/            zarr3 int32 [N]
@@ -32,7 +33,7 @@ import tensorstore as ts
 
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import DirLock, atomic_write
-from sparcom_jax.fingerprint import describe, difference
+from sparcom_jax.fingerprint import changed_records, describe, difference
 from sparcom_jax.stats.counts import Counts, array_text
 
 STORE_VERSION = 1
@@ -80,6 +81,8 @@ class CountStore:
         record ids and categories, and sources and group keys where both sides have them.
       overwrite: replace an existing store made for other inputs instead of refusing.
       dtypes: {field: numpy dtype} where it is not int32 (the float sums).
+      token_digests: `sparcom_jax.fingerprint.record_digests` of the rows' tokens, kept so
+        that a refusal can name the records whose tokens changed (`changed_records`).
 
     Raises:
       StaleResultError: the directory holds a store made for other inputs (and not `overwrite`).
@@ -88,24 +91,24 @@ class CountStore:
 
     def __init__(self, path: str | Path, shapes: dict[str, tuple[int, ...]], *, ids, categories, meta: dict,
                  chunk_rows: int, sources=None, groups=None, fingerprint: Mapping[str, Any] | None = None,
-                 overwrite: bool = False, dtypes: Mapping[str, Any] | None = None):
+                 overwrite: bool = False, dtypes: Mapping[str, Any] | None = None, token_digests: str | None = None):
         self.path = Path(path)
         self.chunk_rows = int(chunk_rows)
         self.lock = DirLock(self.path, "count store").acquire()
         try:
             self._open(shapes, dict(ids=ids, categories=categories, sources=sources, groups=groups), meta,
-                       dict(fingerprint or {}), overwrite, dict(dtypes or {}))
+                       dict(fingerprint or {}), overwrite, dict(dtypes or {}), token_digests)
         except BaseException:
             self.lock.release()
             raise
 
-    def _open(self, shapes, labels, meta, fingerprint, overwrite, dtypes):
+    def _open(self, shapes, labels, meta, fingerprint, overwrite, dtypes, token_digests):
         n = shapes["tokens"][0]
         header = {"version": STORE_VERSION, "n": n, "chunk_rows": self.chunk_rows,
                   "shapes": {k: list(v) for k, v in shapes.items()},
                   "dtypes": {k: np.dtype(dtypes.get(k, np.int32)).name for k in shapes},
                   **{k: None if v is None else list(v) for k, v in labels.items()},
-                  "fingerprint": fingerprint,
+                  "fingerprint": fingerprint, "token_digests": token_digests,
                   "meta": meta}
         meta_path = self.path / "meta.json"
         if meta_path.exists():
@@ -121,7 +124,8 @@ class CountStore:
             changed = difference(old.get("fingerprint"), fingerprint)
             if mismatch or changed:
                 if not overwrite:
-                    what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint)]
+                    what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint,
+                                                          details={"tokens": changed_records(old, header)})]
                                                  if changed else []))
                     raise StaleResultError(
                         f"{meta_path}: this store was made for different inputs ({what}), so it cannot be "
