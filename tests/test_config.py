@@ -450,10 +450,13 @@ def test_the_demos_held_out_records_all_keep_response_tokens_within_its_max_leng
 
 def test_the_same_template_control_is_identified_alone_with_the_models_draws():
     """The control's sets are bootstrapped with the draws of the models' full analysis (the same
-    replicates and clusters, for paired intervals) and nothing else of it is run."""
+    replicates and clusters, for paired intervals) and its instruction-level overlap (its diagonal
+    dominance); nothing else of the full analysis is run."""
     from sparcom_jax.config import IdentifySpec
 
     s = IdentifySpec(n_boot=7, n_perm=9, resample="record", top_units=3)
     full, sets, control = s.analysis_options(True), s.analysis_options(False), s.analysis_options(False, True)
     assert (full["n_boot"], full["n_perm"], full["top_units"]) == (7, 9, 3) and sets["n_boot"] == 0
-    assert control == {**sets, "n_boot": full["n_boot"], "resample": full["resample"]}
+    assert control == {**sets, "n_boot": full["n_boot"], "resample": full["resample"],
+                       "instruction_level": full["instruction_level"]}
+    assert not sets["instruction_level"] and full["instruction_level"]
