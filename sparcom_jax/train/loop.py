@@ -156,6 +156,39 @@ def _check_inputs(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfi
                                f"{model.config.vocab_size}; use the model's own tokenizer")
 
 
+def warn_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> None:
+    """Warn (a `DataWarning` naming the categories) about training records that `max_length`
+    cuts before their response begins.
+
+    Such a record has no loss target: it is trained on nothing, while the run still
+    lists it among its records. Prompts are longest in some categories (a summary
+    carries its text), so the records lost are mostly those of one category, and the
+    tuned model is barely tuned on it: a before/after change there would then say
+    little about instruction tuning.
+
+    Args:
+      enc: `records` encoded with `cfg.template`, scope "response" and `cfg.max_length`.
+    """
+    from sparcom_jax.data import DataWarning, encode_records
+
+    lost = [i for i, s in enumerate(enc.scopes) if not s[1:].any()]  # no position predicts a response token
+    if not lost:
+        return
+    whole = encode_records([records[i] for i in lost], tokenizer, template=cfg.template, scope="response",
+                           max_length=None)
+    cut, total = defaultdict(int), defaultdict(int)
+    for i in lost:
+        cut[enc.categories[i]] += 1
+    for c in enc.categories:
+        total[c] += 1
+    per = ", ".join(f"{c} {n} of {total[c]}" for c, n in sorted(cut.items()))
+    warnings.warn(
+        f"max_length={cfg.max_length} cuts {len(lost)} of {len(enc)} training records before their response "
+        f"begins ({per}; e.g. {', '.join(enc.record_ids[i] for i in lost[:3])}): they are trained on nothing, "
+        f"so those categories are under-tuned. Raise max_length to at least {int(whole.prompt_lens.max()) + 1} "
+        f"({int(whole.lengths.max())} keeps them whole), or leave those records out", DataWarning, stacklevel=3)
+
+
 def _evaluate(eval_step, params, batches, categories: list[str], sh) -> dict[str, Any]:
     """Mean response-token loss per category (token-weighted) and overall."""
     loss_sum: dict[str, float] = defaultdict(float)
@@ -235,6 +268,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
         enc = encode_records(records, tokenizer, template=cfg.template, scope="response", max_length=cfg.max_length)
         ev_enc = enc if eval_records is None else encode_records(eval_records, tokenizer, template=cfg.template,
                                                                  scope="response", max_length=cfg.max_length)
+    warn_responses_cut(enc, records, tokenizer, cfg)
     if enc.n_truncated:
         log.warning("%d of %d training sequences were cut to max_length=%d", enc.n_truncated, len(enc),
                     cfg.max_length)
