@@ -249,6 +249,28 @@ def test_bfloat16_compute_keeps_float32_master_weights(runs):
     assert len(moved) == len(leaves)  # every parameter was updated, in float32
 
 
+def test_a_run_is_not_resumed_from_another_base_model(runs, monkeypatch):
+    """The finished reference run called again with a model of the same architecture but other
+    weights: it was reused (its steps and its "before", step 0, descend from the first base),
+    and the caller's series silently started from a model it had not passed. Refused before any
+    step, leaving the run as it was. (The same base, reloaded from disk or on other devices,
+    resumes: test_kill_and_resume_continues_exactly, test_eight_devices_agree_with_one.)"""
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.train import TrainConfig, TrainConfigError, checkpoint_steps, finetune
+
+    def no_compute(*a, **k):
+        raise AssertionError("the run went on")
+
+    monkeypatch.setattr(loop, "_programs", no_compute)
+    ref = runs["ref"]
+    run_json = (ref.run_dir / "run.json").read_text()
+    other = _random_model(runs["base"].config, seed=5)
+    with pytest.raises(TrainConfigError, match=r"holds a run that started from another base model \(same "
+                                               r"architecture, other weights\)"):
+        finetune(other, _records(), runs["tok"], TrainConfig(**TRAIN), ref.run_dir, progress=False)
+    assert (ref.run_dir / "run.json").read_text() == run_json and checkpoint_steps(ref.run_dir) == [0, 6, 8]
+
+
 # The tests below wait for the subprocesses; they run last so the ones above overlap them.
 
 def test_eight_devices_agree_with_one(runs):

@@ -39,7 +39,7 @@ from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENI
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
-                                    make_train_step, pure_params)
+                                    make_train_step, params_checksum, pure_params)
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,9 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     """Fine-tune `model` on instruction records, saving orbax checkpoints before, during and after.
 
     Args:
-      model: the base model (its parameters are copied, never changed). Ignored
-        when the run resumes: the state comes from the latest checkpoint.
+      model: the base model (its parameters are copied, never changed). When the
+        run resumes, the state comes from the latest checkpoint, and `model` must
+        be the base the run started from (a checksum of its weights is compared).
       records: training `Record`s (instruction, input, output, category).
       tokenizer: the model's tokenizer (saved into the run directory).
       cfg: the settings; see `TrainConfig`.
@@ -289,6 +290,13 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                                "resume it with the same records, or use a new out_dir")
     ev_batches = eval_batches(ev_enc.ids, ev_enc.scopes, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
                               buckets=resolve_buckets(ev_enc.lengths, cfg.max_length, cfg.buckets), pad_id=pad_id)
+    # The run's checkpoints descend from the base it started with: resumed with another model
+    # of the same architecture, the series would still start ("before") at the first one.
+    base_checksum = params_checksum(pure_params(model))
+    if prev is not None and prev.get("base_checksum", base_checksum) != base_checksum:
+        raise TrainConfigError(f"out_dir={run_dir} holds a run that started from another base model (same "
+                               "architecture, other weights); resume it with its own base model, or use a new "
+                               "out_dir")
 
     # ---- run directory ----
     if lead:
@@ -297,7 +305,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             write_json(run_dir / RUN_FILE, {
                 # Tells this run from an earlier one with the same settings in a removed directory
                 # (another base, or weights that differ run to run): exports record it.
-                "run_id": uuid.uuid4().hex, "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
+                "run_id": uuid.uuid4().hex, "base_checksum": base_checksum, "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
                 "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets), "data_fingerprint": fingerprint,
                 "n_records": len(enc), "mesh": dict(mesh.shape)})
             tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
