@@ -15,6 +15,15 @@ from test_train_loop import MODEL, _random_model
 ROWS = 6
 
 
+class Stop(Exception):
+    pass
+
+
+def _stop(*a, **k):
+    """Stands in for the compiled programs: everything before them is host work."""
+    raise Stop
+
+
 def test_first_step_scores_exactly_the_shifted_response_tokens(tmp_path, monkeypatch):
     import sparcom_jax.train.loop as loop
     from sparcom_jax.data import default_tokenizer, encode_records, load_instructions
@@ -170,13 +179,7 @@ def test_eval_records_change_neither_the_training_batches_nor_the_run_identity(t
     from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.train import TrainConfig, finetune
 
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):  # everything up to here is host work; nothing compiles
-        raise Stop
-
-    monkeypatch.setattr(loop, "_programs", stop)
+    monkeypatch.setattr(loop, "_programs", _stop)
     tok = default_tokenizer()
     records = load_instructions()
     lengths = encode_records(records, tok, scope="response", max_length=None).lengths
@@ -210,13 +213,7 @@ def test_records_cut_before_their_response_are_reported_by_category(tmp_path, mo
     from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.train import TrainConfig, finetune
 
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):  # everything up to here is host work; nothing compiles
-        raise Stop
-
-    monkeypatch.setattr(loop, "_programs", stop)
+    monkeypatch.setattr(loop, "_programs", _stop)
     tok = default_tokenizer()
     records = load_instructions()
     enc = encode_records(records, tok, scope="response", max_length=None)
