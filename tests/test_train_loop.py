@@ -341,6 +341,25 @@ def test_kill_and_resume_continues_exactly(runs):
                  progress=False)
 
 
+def test_a_killed_and_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(runs):
+    """The losses above are those of the parameters before each update, so the run's last update
+    is not among them: the final weights ("after", and the checkpoint the series exports) must be
+    the reference's, bit for bit. (Run alone, this call resumes the killed run; after the test
+    above, it reuses the finished run.)"""
+    from sparcom_jax.train import TrainConfig, finetune, load_checkpoint_model
+
+    code, out = runs["pk"].result()
+    assert code == 17, out[-3000:]
+    killed = runs["tmp"] / "killed"
+    res = finetune(runs["base"], _records(), runs["tok"], TrainConfig(**TRAIN), killed,
+                   eval_records=_eval_records(), progress=False)
+    want = _flat(runs["ref"].model)
+    for got in (_flat(res.model), _flat(load_checkpoint_model(killed, N_STEPS))):
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+
+
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]))
 
