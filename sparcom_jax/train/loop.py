@@ -170,18 +170,15 @@ def warn_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> N
       enc: `records` encoded with `cfg.template`, scope "response" and `cfg.max_length`.
     """
     from sparcom_jax.data import DataWarning, encode_records
+    from sparcom_jax.stats.losses import response_coverage, response_targets
 
-    lost = [i for i, s in enumerate(enc.scopes) if not s[1:].any()]  # no position predicts a response token
+    lost = np.flatnonzero(response_targets(enc) == 0).tolist()
     if not lost:
         return
     whole = encode_records([records[i] for i in lost], tokenizer, template=cfg.template, scope="response",
                            max_length=None)
-    cut, total = defaultdict(int), defaultdict(int)
-    for i in lost:
-        cut[enc.categories[i]] += 1
-    for c in enc.categories:
-        total[c] += 1
-    per = ", ".join(f"{c} {n} of {total[c]}" for c, n in sorted(cut.items()))
+    per = ", ".join(f"{c} {v['records'] - v['scored_records']} of {v['records']}"
+                    for c, v in sorted(response_coverage(enc).items()) if v["scored_records"] < v["records"])
     warnings.warn(
         f"max_length={cfg.max_length} cuts {len(lost)} of {len(enc)} training records before their response "
         f"begins ({per}; e.g. {', '.join(enc.record_ids[i] for i in lost[:3])}): they are trained on nothing, "
