@@ -249,6 +249,28 @@ def test_bfloat16_compute_keeps_float32_master_weights(runs):
     assert len(moved) == len(leaves)  # every parameter was updated, in float32
 
 
+def test_a_run_is_not_resumed_from_another_base_model(runs, monkeypatch):
+    """The finished reference run called again with a model of the same architecture but other
+    weights: it was reused (its steps and its "before", step 0, descend from the first base),
+    and the caller's series silently started from a model it had not passed. Refused before any
+    step, leaving the run as it was. (The same base, reloaded from disk or on other devices,
+    resumes: test_kill_and_resume_continues_exactly, test_eight_devices_agree_with_one.)"""
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.train import TrainConfig, TrainConfigError, checkpoint_steps, finetune
+
+    def no_compute(*a, **k):
+        raise AssertionError("the run went on")
+
+    monkeypatch.setattr(loop, "_programs", no_compute)
+    ref = runs["ref"]
+    run_json = (ref.run_dir / "run.json").read_text()
+    other = _random_model(runs["base"].config, seed=5)
+    with pytest.raises(TrainConfigError, match=r"holds a run that started from another base model \(same "
+                                               r"architecture, other weights\)"):
+        finetune(other, _records(), runs["tok"], TrainConfig(**TRAIN), ref.run_dir, progress=False)
+    assert (ref.run_dir / "run.json").read_text() == run_json and checkpoint_steps(ref.run_dir) == [0, 6, 8]
+
+
 # The tests below wait for the subprocesses; they run last so the ones above overlap them.
 
 def test_eight_devices_agree_with_one(runs):
@@ -317,6 +339,25 @@ def test_kill_and_resume_continues_exactly(runs):
     with pytest.raises(ValueError, match=r"learning_rate: 0.01 -> 0.02"):
         finetune(runs["base"], _records(), runs["tok"], TrainConfig(**{**TRAIN, "learning_rate": 2e-2}), killed,
                  progress=False)
+
+
+def test_a_killed_and_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(runs):
+    """The losses above are those of the parameters before each update, so the run's last update
+    is not among them: the final weights ("after", and the checkpoint the series exports) must be
+    the reference's, bit for bit. (Run alone, this call resumes the killed run; after the test
+    above, it reuses the finished run.)"""
+    from sparcom_jax.train import TrainConfig, finetune, load_checkpoint_model
+
+    code, out = runs["pk"].result()
+    assert code == 17, out[-3000:]
+    killed = runs["tmp"] / "killed"
+    res = finetune(runs["base"], _records(), runs["tok"], TrainConfig(**TRAIN), killed,
+                   eval_records=_eval_records(), progress=False)
+    want = _flat(runs["ref"].model)
+    for got in (_flat(res.model), _flat(load_checkpoint_model(killed, N_STEPS))):
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
 
 
 if __name__ == "__main__":

@@ -288,3 +288,30 @@ def test_callbacks_into_closed_event_loops_are_held_with_the_orbax_errors(monkey
         sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
         assert capsys.readouterr().err == ""
     assert "RuntimeError: Event loop is closed" in capsys.readouterr().err
+
+
+def test_params_checksum_sees_one_bit_and_one_swap_but_not_the_storage():
+    """The base-model check of a resumed run: equal values give one checksum whatever their dtype or
+    placement; one ulp in one weight, or two weights swapped, give another. A checksum of plain sums
+    misses the swap; one of the bfloat16 bits would refuse a base loaded in bfloat16 the first time."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.train.step import params_checksum
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6)).astype(np.float32).astype(jax.numpy.bfloat16).astype(np.float32)
+    params = {"a": {"w": x}, "b": np.ones(3, np.float32)}
+    ref = params_checksum(params)
+    assert len(ref) == 16
+    as_bf16 = {"a": {"w": jax.numpy.asarray(x, jax.numpy.bfloat16)}, "b": params["b"]}
+    placed = jax.device_put(params, NamedSharding(make_mesh(1, 1), P()))
+    assert params_checksum(as_bf16) == params_checksum(placed) == ref
+    ulp = x.copy()
+    ulp[2, 3] = np.nextafter(ulp[2, 3], np.float32(np.inf))
+    swapped = x.copy()
+    swapped[0, 1], swapped[3, 2] = x[3, 2], x[0, 1]
+    assert x[0, 1] != x[3, 2]
+    renamed = {"a": {"v": x}, "b": params["b"]}
+    others = [params_checksum({"a": {"w": w}, "b": params["b"]}) for w in (ulp, swapped)] + [params_checksum(renamed)]
+    assert len({ref, *others}) == 4

@@ -24,6 +24,8 @@ from sparcom_jax.pipeline.common import log, log_stale_lock, record_parts, save_
 from sparcom_jax.pipeline.stages import export_checkpoints, guard_dir, run_all, train_fingerprint
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.
+# A smoke run, not a result: at 64 tokens most SUM training records lose their whole response
+# (finetune warns; the full demo fine-tunes at 256, which would cost the fast one a minute more).
 FAST_OVERRIDES = (
     "pretrain.total_steps=6", "pretrain.batch_size=8", "pretrain.warmup_steps=1", "pretrain.max_length=64",
     "pretrain.buckets=[64]", "pretrain.save_every=6",

@@ -133,13 +133,17 @@ class CategoryLoss:
         return {c: sums[c] / counts[c] for c in sums if counts[c] > 0}
 
 
+def response_targets(encoded) -> np.ndarray:
+    """int [N]: the loss targets of each record of an `EncodedSet` (0: its response was cut away)."""
+    # The first token is never predicted: a target is a scope token at t >= 1 (`target_mask`).
+    return np.array([int(np.sum(np.asarray(scope_T, bool)[1:])) for scope_T in encoded.scopes], np.int64)
+
+
 def response_coverage(encoded) -> dict[str, dict[str, int]]:
     """{category: {"records", "scored_records", "response_tokens"}} of an `EncodedSet`: its
     records, those keeping a response token within the cut, and the tokens its loss averages."""
     coverage: dict[str, dict[str, int]] = {}
-    for cat, scope_T in zip(encoded.categories, encoded.scopes):
-        # The first token is never predicted: a target is a scope token at t >= 1 (`target_mask`).
-        n = int(np.sum(np.asarray(scope_T, bool)[1:]))
+    for cat, n in zip(encoded.categories, response_targets(encoded).tolist()):
         cov = coverage.setdefault(cat, {"records": 0, "scored_records": 0, "response_tokens": 0})
         cov["records"] += 1
         cov["scored_records"] += n > 0

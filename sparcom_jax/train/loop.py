@@ -40,7 +40,7 @@ from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENI
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
-                                    make_train_step, pure_params)
+                                    make_train_step, params_checksum, pure_params)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,36 @@ def _check_inputs(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfi
                                f"{model.config.vocab_size}; use the model's own tokenizer")
 
 
+def warn_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> None:
+    """Warn (a `DataWarning` naming the categories) about training records that `max_length`
+    cuts before their response begins.
+
+    Such a record has no loss target: it is trained on nothing, while the run still
+    lists it among its records. Prompts are longest in some categories (a summary
+    carries its text), so the records lost are mostly those of one category, and the
+    tuned model is barely tuned on it: a before/after change there would then say
+    little about instruction tuning.
+
+    Args:
+      enc: `records` encoded with `cfg.template`, scope "response" and `cfg.max_length`.
+    """
+    from sparcom_jax.data import DataWarning, encode_records
+    from sparcom_jax.stats.losses import response_coverage, response_targets
+
+    lost = np.flatnonzero(response_targets(enc) == 0).tolist()
+    if not lost:
+        return
+    whole = encode_records([records[i] for i in lost], tokenizer, template=cfg.template, scope="response",
+                           max_length=None)
+    per = ", ".join(f"{c} {v['records'] - v['scored_records']} of {v['records']}"
+                    for c, v in sorted(response_coverage(enc).items()) if v["scored_records"] < v["records"])
+    warnings.warn(
+        f"max_length={cfg.max_length} cuts {len(lost)} of {len(enc)} training records before their response "
+        f"begins ({per}; e.g. {', '.join(enc.record_ids[i] for i in lost[:3])}): they are trained on nothing, "
+        f"so those categories are under-tuned. Raise max_length to at least {int(whole.prompt_lens.max()) + 1} "
+        f"({int(whole.lengths.max())} keeps them whole), or leave those records out", DataWarning, stacklevel=3)
+
+
 def _evaluate(eval_step, params, batches, categories: list[str], sh) -> dict[str, Any]:
     """Mean response-token loss per category (token-weighted) and overall."""
     loss_sum: dict[str, float] = defaultdict(float)
@@ -204,8 +234,9 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     """Fine-tune `model` on instruction records, saving orbax checkpoints before, during and after.
 
     Args:
-      model: the base model (its parameters are copied, never changed). Ignored
-        when the run resumes: the state comes from the latest checkpoint.
+      model: the base model (its parameters are copied, never changed). When the
+        run resumes, the state comes from the latest checkpoint, and `model` must
+        be the base the run started from (a checksum of its weights is compared).
       records: training `Record`s (instruction, input, output, category).
       tokenizer: the model's tokenizer (saved into the run directory).
       cfg: the settings; see `TrainConfig`.
@@ -242,6 +273,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
         enc = encode_records(records, tokenizer, template=cfg.template, scope="response", max_length=cfg.max_length)
         ev_enc = enc if eval_records is None else encode_records(eval_records, tokenizer, template=cfg.template,
                                                                  scope="response", max_length=cfg.max_length)
+    warn_responses_cut(enc, records, tokenizer, cfg)
     if enc.n_truncated:
         log.warning("%d of %d training sequences were cut to max_length=%d", enc.n_truncated, len(enc),
                     cfg.max_length)
@@ -262,6 +294,13 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                                "resume it with the same records, or use a new out_dir")
     ev_batches = eval_batches(ev_enc.ids, ev_enc.scopes, batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
                               buckets=resolve_buckets(ev_enc.lengths, cfg.max_length, cfg.buckets), pad_id=pad_id)
+    # The run's checkpoints descend from the base it started with: resumed with another model
+    # of the same architecture, the series would still start ("before") at the first one.
+    base_checksum = params_checksum(pure_params(model))
+    if prev is not None and prev.get("base_checksum", base_checksum) != base_checksum:
+        raise TrainConfigError(f"out_dir={run_dir} holds a run that started from another base model (same "
+                               "architecture, other weights); resume it with its own base model, or use a new "
+                               "out_dir")
 
     # ---- run directory ----
     if lead:
@@ -270,7 +309,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             write_json(run_dir / RUN_FILE, {
                 # Tells this run from an earlier one with the same settings in a removed directory
                 # (another base, or weights that differ run to run): exports record it.
-                "run_id": uuid.uuid4().hex, "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
+                "run_id": uuid.uuid4().hex, "base_checksum": base_checksum, "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
                 "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets), "data_fingerprint": fingerprint,
                 "n_records": len(enc), "mesh": dict(mesh.shape)})
             tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
