@@ -210,6 +210,53 @@ def test_rule_parameters_the_ablated_sets_do_not_use_keep_the_causal_check(done,
     assert not changed("neurons", absolute, {**absolute, "eps": 0.3})
 
 
+def test_a_tokenizer_change_touching_only_held_out_text_refuses_the_causal_check(done, tmp_path, monkeypatch):
+    """The counts hold the identify records' tokens, the causal check measures its loss on the
+    held-out records': a tokenizer edit that changes only held-out tokens (a word that only one
+    held-out record has becomes a vocabulary entry) leaves the counts valid and the check not."""
+    import shutil
+
+    import sparcom_jax.data as data
+    from sparcom_jax.pipeline.common import ablate_records, identify_records
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg, word = exp(), "Microplastics"
+    assert not any(word in r.instruction + r.input + r.output for r in identify_records(cfg))
+    held = [r for r in ablate_records(cfg) if word in r.instruction + r.input + r.output]
+    assert len(held) == 1
+    shipped = data.default_tokenizer
+
+    def edited():
+        tok = shipped()
+        tok.add_tokens([word])
+        return tok
+
+    monkeypatch.setattr(data, "default_tokenizer", edited)
+    no_weights(monkeypatch)
+    run_stage("identify", cfg, out)  # the counts' tokens did not change
+    named = rf"held-out records' tokenized text .*changed \(1 of 12 records: '{held[0].id}' \({held[0].category}\)\)"
+    for stage in ("ablate", "report"):
+        with pytest.raises(StaleResultError, match=named):
+            run_stage(stage, cfg, out)
+
+
+def test_a_causal_check_stored_without_its_held_out_tokens_is_refused(done, tmp_path, monkeypatch):
+    """Its fingerprint cannot tell whether the tokenizer changed since: the refusal says so."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    f = out / "ablate" / "tuned_neurons.json"
+    stored = json.loads(f.read_text())
+    del stored["fingerprint"]["held_out_tokens"], stored["held_out"]
+    f.write_text(json.dumps(stored))
+    no_weights(monkeypatch)
+    for stage in ("ablate", "report"):
+        with pytest.raises(StaleResultError, match="earlier sparcom_jax, which did not fingerprint the held-out tok"):
+            run_stage(stage, exp(), out)
+
+
 def test_overwrite_recomputes_with_the_new_settings(tmp_path):
     out = tmp_path / "o"
     run_stage("collect", exp(), out)

@@ -27,7 +27,8 @@ from sparcom_jax.pipeline.common import (
     require_models, require_tokenizers, safe, save_resolved, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
-    collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale, token_changes,
+    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
+    stale, token_changes,
 )
 
 # --------------------------------------------------------------------------- #
@@ -671,7 +672,8 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 
 
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
-    """What one causal-check result depends on."""
+    """What one causal-check result depends on, but for the tokens of its held-out records
+    (`held_out_fingerprint`, which needs the tokenizer: the stage adds them)."""
     a = cfg.ablation
     return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
             "identify": cfg.identify.to_rule().to_dict(),
@@ -712,16 +714,19 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     written: dict[str, Any] = {"_results": {}}
     for spec in specs:
         ma = analyses.models[spec.label]
-        model = tok = None
+        model = None
+        # The tokens fingerprinted are those the loss is measured on: one tokenizer for both.
+        tok = spec_tokenizer(spec)
+        tokens_fp, held_out = held_out_fingerprint(cfg, spec, records, tok)
         for kind, section in ABLATION_SECTIONS.items():
             if kind not in a.kinds or section not in ma.fields:
                 continue
             f = _ablation_file(out, spec.label, kind)
-            fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            fp = {**ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")), **tokens_fp}
             # Each process runs a share of the passes on the model and records it read itself.
             check_same(fp, f"ablate {spec.label}: {kind}: the model files, held-out records or counts",
                        "give every host the same model and data files")
-            res = _stored_ablation(f, fp, overwrite=overwrite)
+            res = _stored_ablation(f, fp, held_out, overwrite=overwrite)
             if res is not None:
                 log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
                 written[f"{spec.label}_{kind}"] = str(f)
@@ -733,7 +738,6 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 # The counting numerics (dtype and gate dtype) chose the sets: the loss is measured in them.
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
                                         gate_dtype=cfg.collect.gate_dtype)
-                tok = resolve_tokenizer(model)
             sets = ma[section].ident.category_sets
             with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs, "
                        f"{len(records)} held-out records)"):
@@ -759,7 +763,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     continue
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
-            written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp})
+            written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
+                                                               "held_out": held_out})
             written["_results"][(spec.label, kind)] = res
         del model
     return written
@@ -833,16 +838,22 @@ def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**fp, "identify": rule}
 
 
-def _stored_ablation(f: Path, fp: dict[str, Any], *, overwrite: bool, **fix):
+def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool, **fix):
     """The AblationResult stored in `f` when it was made with fingerprint `fp` (compared
     `_as_compared`); None when there is no file, or `overwrite` recomputes it (made with
-    other settings, without it: `stale` raises)."""
+    other settings, without it: `stale` raises, naming the held-out records whose tokens
+    changed from `held_out`, `held_out_fingerprint`'s digests)."""
     from sparcom_jax.analysis import AblationResult
+    from sparcom_jax.fingerprint import changed_records
 
     if not f.is_file():
         return None
     stored = json.loads(f.read_text())
-    if stale(f, _as_compared(stored.get("fingerprint")), _as_compared(fp), overwrite=overwrite, **fix):
+    old = stored.get("fingerprint") or {}
+    # A result stored before the held-out tokens were fingerprinted is refused once: comparing
+    # what it has would reuse it after a tokenizer change, the one change its fingerprint misses.
+    why = changed_records(stored.get("held_out"), held_out) if "held_out_tokens" in old else HELD_OUT_TOKENS_UNKNOWN
+    if stale(f, _as_compared(old), _as_compared(fp), overwrite=overwrite, details={"held_out_tokens": why}, **fix):
         return None
     return AblationResult.from_dict(stored)
 
@@ -856,14 +867,17 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
     records = None
     for spec in ablation_models(cfg, out):
         ma = analyses.models.get(spec.label)
+        held = None
         for kind in ABLATION_SECTIONS:
             f = _ablation_file(out, spec.label, kind)
             if ma is None or not f.is_file():
                 continue
             records = records if records is not None else ablate_records(cfg)
-            fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            held = held or held_out_fingerprint(cfg, spec, records)
+            fp = {**ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")), **held[0]}
             found[(spec.label, kind)] = _stored_ablation(
-                f, fp, overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
+                f, fp, held[1], overwrite=False,
+                fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
     return found
 
 
