@@ -72,6 +72,20 @@ def digest_arrays(*groups: Iterable[np.ndarray] | None) -> str:
     return h.hexdigest()[:16]
 
 
+# The version of what the stages compute from the same inputs and settings. Bump it when a
+# change alters what a stage computes (a fixed count, rule or statistic): every stage's
+# fingerprint then differs from those of results made before, which are refused, not reused.
+# Version 1 is left out of the fingerprints (`with_method`), so that results made before the
+# version existed, which are version 1, still match.
+METHOD_VERSION = 1
+
+
+def with_method(components: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's fingerprint `components` with the current `METHOD_VERSION` ("method"; absent
+    while it is 1)."""
+    return dict(components) if METHOD_VERSION == 1 else {**components, "method": METHOD_VERSION}
+
+
 # Bytes of one record's digest in `record_digests`: a collision (odds 2**-32 per changed
 # record) only leaves that record unnamed, since the digest of the whole set decides.
 RECORD_DIGEST_BYTES = 4

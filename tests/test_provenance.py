@@ -257,6 +257,53 @@ def test_a_causal_check_stored_without_its_held_out_tokens_is_refused(done, tmp_
             run_stage(stage, exp(), out)
 
 
+def test_collect_refuses_a_count_store_of_another_format_version(done, tmp_path, monkeypatch):
+    """Even with the same fingerprint: "already complete" would keep it, the analysis read it."""
+    import shutil
+
+    from sparcom_jax.stats.store import STORE_VERSION
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    meta = out / "counts" / "base" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": STORE_VERSION + 1}))
+    no_weights(monkeypatch)
+    both = f"format version {STORE_VERSION + 1}, written by another sparcom_jax; this one reads version {STORE_VERSION}"
+    with pytest.raises(StaleResultError, match=f"counts/base/meta.json: a count store of {both}; re-run with --overwr"):
+        run_stage("collect", exp(), out)
+    with pytest.raises(StaleResultError, match=f"{both}; count the records again"):
+        run_stage("identify", exp(), out)
+
+
+def test_results_of_another_method_version_are_refused(done, tmp_path, monkeypatch):
+    """A bump of METHOD_VERSION (a fix that changes what a stage computes) refuses every result
+    made before it; version 1 is absent from the fingerprints, so results made before it existed
+    (version 1) match the current code's."""
+    import shutil
+
+    from sparcom_jax import fingerprint
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg, recs = exp(), load_instructions(n_per_category=1)
+
+    def fingerprints():
+        return [collect_fingerprint(cfg, cfg.base, recs, "plain")[0],
+                stages.ablation_fingerprint(cfg, cfg.finetuned, recs, "neurons", {}),
+                stages.train_fingerprint("b", stages.train_config(cfg), recs, default_tokenizer()),
+                stages._analysis_fingerprint(cfg, stages.Analyses({}, {}), True)]
+
+    assert not any("method" in fp for fp in fingerprints())
+    monkeypatch.setattr(fingerprint, "METHOD_VERSION", 2)
+    assert [fp["method"] for fp in fingerprints()] == [2, 2, 2, 2]
+    no_weights(monkeypatch)
+    for stage in ("collect", "report"):
+        with pytest.raises(StaleResultError, match=r"method version \(sparcom_jax.fingerprint.METHOD_VERSION.*: unset -> 2"):
+            run_stage(stage, cfg, out)
+
+
 def test_overwrite_recomputes_with_the_new_settings(tmp_path):
     out = tmp_path / "o"
     run_stage("collect", exp(), out)

@@ -28,6 +28,9 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
   whose tokens changed; `report` checks it before using the file. A result stored
   without the held-out tokens (by an earlier version) is refused once: whether the
   tokenizer changed since cannot be told.
+
+Every stage's fingerprint also holds `sparcom_jax.fingerprint.METHOD_VERSION` (`with_method`; absent while it is
+1), so that results made before a change of what a stage computes are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sparcom_jax.config import ExperimentConfig, ModelSpec
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fingerprint import (
     changed_records, describe, difference, digest, digest_arrays, model_files_fingerprint, record_digests,
+    with_method,
 )
 from sparcom_jax.pipeline.common import log, template_for
 
@@ -50,6 +54,8 @@ LABELS = {
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
     "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
     "held_out_tokens": "held-out records' tokenized text (tokenizer or record text)",
+    "method": "method version (sparcom_jax.fingerprint.METHOD_VERSION, unset = 1: a later sparcom_jax computes "
+              "this stage differently)",
     "groups": "group keys (near-duplicate groups under data.group_by; the text changed where no counted token did)",
     "grouping": "near-duplicate groups kept with the counts (data.group_by, data.group_threshold)",
     "content_caps": "content caps (instruction/input tokens counted per record, the fewest that survive "
@@ -113,7 +119,7 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     if cfg.data.group_by != "text":  # absent for identical-text groups, the rule of stores made before
         fp["grouping"] = f"{cfg.data.group_by} >= {cfg.data.group_threshold}"
     fp.update(content_caps_fingerprint(enc, content_caps))
-    return fp, enc
+    return with_method(fp), enc
 
 
 # `describe`'s detail for a causal-check result stored without its held-out tokens.

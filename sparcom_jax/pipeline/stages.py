@@ -19,7 +19,7 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, write_fingerprint,
+    FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -54,8 +54,8 @@ def train_fingerprint(base: str, tcfg, records, tokenizer, *, enc=None) -> dict[
     (`enc`: their `train_encoding` when the caller has it)."""
     enc = enc if enc is not None else train_encoding(tcfg, records, tokenizer)
     settings = {k: v for k, v in tcfg.to_dict().items() if k not in _TRAIN_NOT_IN_FINGERPRINT}
-    return {"base": base, "train": settings, "records": digest(enc.record_ids),
-            "tokens": digest_arrays(enc.ids, enc.scopes)}
+    return with_method({"base": base, "train": settings, "records": digest(enc.record_ids),
+                        "tokens": digest_arrays(enc.ids, enc.scopes)})
 
 
 def _run_token_changes(run_dir: Path, stored: dict | None, current: dict[str, Any], enc) -> dict[str, str | None]:
@@ -323,7 +323,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
 
     from sparcom_jax.parallel.processes import check_same, gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
-    from sparcom_jax.stats.store import is_complete, read_header, rows_done
+    from sparcom_jax.stats.store import STORE_VERSION, check_version, is_complete, read_header, rows_done
 
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
@@ -351,8 +351,10 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
                    "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
         try:
-            resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite,
-                                                      details=token_changes(header, enc))
+            if header is not None and not overwrite:  # a store of another format is never resumed or reused
+                check_version(header, mine, "re-run with --overwrite to count again, or choose another --out")
+            resume = header is not None and header.get("version") == STORE_VERSION and not stale(
+                mine, header.get("fingerprint"), fp, overwrite=overwrite, details=token_changes(header, enc))
             # Group keys are not in the fingerprint (stores written before they were kept still match), but
             # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
             if resume and header.get("groups") is not None:
@@ -534,7 +536,7 @@ def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> di
     if full:  # the clusters the bootstrap and permutation test moved together
         out["groups"] = {name: digest(next(iter(ma.fields.values())).ident.groups) for name, ma in every.items()
                          if ma.fields}
-    return out
+    return with_method(out)
 
 
 def _unseal(directory: Path) -> None:
@@ -675,7 +677,7 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
     """What one causal-check result depends on, but for the tokens of its held-out records
     (`held_out_fingerprint`, which needs the tokenizer: the stage adds them)."""
     a = cfg.ablation
-    return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
+    return with_method({"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
             "identify": cfg.identify.to_rule().to_dict(),
             "ablation": {"kind": kind, "n_random": a.n_random, "neighbours": a.neighbours, "seed": cfg.seed,
                          "expert_mode": a.expert_mode},
@@ -684,7 +686,7 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
             "template": template_for(spec, cfg),
             "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype,
             # absent when unused, so results made before it was fingerprinted still match
-            **({"gate_dtype": cfg.collect.gate_dtype} if cfg.collect.gate_dtype else {})}
+            **({"gate_dtype": cfg.collect.gate_dtype} if cfg.collect.gate_dtype else {})})
 
 
 def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, overwrite: bool = False,
