@@ -350,6 +350,19 @@ def difference(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[st
 
 _MISSING = object()
 
+# Settings whose every effect shows in the tokens they make (the "tokens" component): beside
+# equal tokens they changed nothing (a max_length above every record's length).
+THROUGH_TOKENS = ("max_length",)
+
+
+def stale_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """The components by which outputs fingerprinted `old` are stale for `new`: `difference`,
+    less the settings of `THROUGH_TOKENS` when both sides hold the same "tokens"."""
+    keys = difference(old, new)
+    if "tokens" in new and "tokens" not in keys:
+        keys = [k for k in keys if k not in THROUGH_TOKENS]
+    return keys
+
 
 def _is_digest(v: Any) -> bool:
     return isinstance(v, str) and re.fullmatch(f"({WEIGHTS_DIGEST})?[0-9a-f]{{16}}", v) is not None

@@ -16,7 +16,8 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 - collect: model, records, template, scope, max_length, dtype, the content caps
   (scope "content": the content tokens counted per record, the same for every model
   of the study; present when they cut this store's content) and the tokenized
-  sequences -> the count store's meta.json (checked again on resume).
+  sequences -> the count store's meta.json (checked again on resume); max_length
+  counts only when the tokens differ (`sparcom_jax.fingerprint.stale_keys`).
 - identify, evaluate, compare, report: they recompute from the counts every time,
   after checking that the counts' fingerprints match the current settings; each
   writes the fingerprint of what it used beside its outputs.
@@ -41,7 +42,7 @@ from typing import Any, Mapping
 from sparcom_jax.config import ExperimentConfig, ModelSpec
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fingerprint import (
-    changed_records, describe, difference, digest, digest_arrays, model_files_fingerprint, record_digests,
+    changed_records, describe, digest, digest_arrays, model_files_fingerprint, record_digests, stale_keys,
     with_method,
 )
 from sparcom_jax.pipeline.common import log, template_for
@@ -168,7 +169,7 @@ def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[
     them, `describe`) and `fix`, unless `overwrite`, in which case it logs why and
     returns True.
     """
-    keys = difference(stored, current)
+    keys = stale_keys(stored, current)
     if not keys:
         return False
     what = describe(keys, stored, current, LABELS, details=details)

@@ -33,7 +33,7 @@ import tensorstore as ts
 
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import DirLock, atomic_write
-from sparcom_jax.fingerprint import changed_records, describe, difference
+from sparcom_jax.fingerprint import changed_records, describe, stale_keys
 from sparcom_jax.stats.counts import Counts, array_text
 
 # The layout of a store (meta.json's keys, the arrays and their meaning). Bump it when that
@@ -137,7 +137,7 @@ class CountStore:
             old_model = (old.get("meta") or {}).get("model")
             if old_model != meta.get("model"):
                 mismatch.append("meta.model")
-            changed = difference(old.get("fingerprint"), fingerprint)
+            changed = stale_keys(old.get("fingerprint"), fingerprint)
             if mismatch or changed:
                 if not overwrite:
                     what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint,
