@@ -72,6 +72,20 @@ def digest_arrays(*groups: Iterable[np.ndarray] | None) -> str:
     return h.hexdigest()[:16]
 
 
+# The version of what the stages compute from the same inputs and settings. Bump it when a
+# change alters what a stage computes (a fixed count, rule or statistic): every stage's
+# fingerprint then differs from those of results made before, which are refused, not reused.
+# Version 1 is left out of the fingerprints (`with_method`), so that results made before the
+# version existed, which are version 1, still match.
+METHOD_VERSION = 1
+
+
+def with_method(components: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's fingerprint `components` with the current `METHOD_VERSION` ("method"; absent
+    while it is 1)."""
+    return dict(components) if METHOD_VERSION == 1 else {**components, "method": METHOD_VERSION}
+
+
 # Bytes of one record's digest in `record_digests`: a collision (odds 2**-32 per changed
 # record) only leaves that record unnamed, since the digest of the whole set decides.
 RECORD_DIGEST_BYTES = 4
@@ -335,6 +349,19 @@ def difference(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[st
 
 
 _MISSING = object()
+
+# Settings whose every effect shows in the tokens they make (the "tokens" component): beside
+# equal tokens they changed nothing (a max_length above every record's length).
+THROUGH_TOKENS = ("max_length",)
+
+
+def stale_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """The components by which outputs fingerprinted `old` are stale for `new`: `difference`,
+    less the settings of `THROUGH_TOKENS` when both sides hold the same "tokens"."""
+    keys = difference(old, new)
+    if "tokens" in new and "tokens" not in keys:
+        keys = [k for k in keys if k not in THROUGH_TOKENS]
+    return keys
 
 
 def _is_digest(v: Any) -> bool:

@@ -349,3 +349,21 @@ def test_a_store_refused_for_changed_tokens_names_the_records_that_changed(tmp_p
                              {"ids": ["b", "a"], "token_digests": F.record_digests(ids[1::-1])}) is None
     # 4 bytes per record, base64: the store's meta.json grows by about 5.3 bytes per record
     assert len(F.record_digests(ids * 100)) == 1600  # 300 records
+
+
+def test_a_max_length_that_cut_nothing_more_leaves_counts_current(tmp_path):
+    # data.max_length 512 -> 1024 with no record longer than 512 refused the counts and asked for a
+    # recount that gives the same counts: the tokens, which hold every effect of max_length, matched.
+    from sparcom_jax.stats.store import CountStore
+
+    made = {"tokens": "a" * 16, "max_length": 512, "scope": "content"}
+    assert not stale(tmp_path, made, {**made, "max_length": 1024}, overwrite=False)
+    with pytest.raises(StaleResultError, match=r"data.max_length: 512 -> 256"):
+        stale(tmp_path, made, {**made, "max_length": 256, "tokens": "b" * 16}, overwrite=False)
+    with pytest.raises(StaleResultError, match=r"data.scope: 'content' -> 'all'"):  # only max_length goes
+        stale(tmp_path, made, {**made, "max_length": 1024, "scope": "all"}, overwrite=False)
+    labels = dict(ids=["a"], categories=["math"], meta={}, chunk_rows=1, shapes={"tokens": (1,)})
+    CountStore(tmp_path / "s", **labels, fingerprint=made).close()
+    CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 1024}).close()  # resumed, not refused
+    with pytest.raises(StaleResultError):
+        CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 256, "tokens": "b" * 16})

@@ -210,6 +210,100 @@ def test_rule_parameters_the_ablated_sets_do_not_use_keep_the_causal_check(done,
     assert not changed("neurons", absolute, {**absolute, "eps": 0.3})
 
 
+def test_a_tokenizer_change_touching_only_held_out_text_refuses_the_causal_check(done, tmp_path, monkeypatch):
+    """The counts hold the identify records' tokens, the causal check measures its loss on the
+    held-out records': a tokenizer edit that changes only held-out tokens (a word that only one
+    held-out record has becomes a vocabulary entry) leaves the counts valid and the check not."""
+    import shutil
+
+    import sparcom_jax.data as data
+    from sparcom_jax.pipeline.common import ablate_records, identify_records
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg, word = exp(), "Microplastics"
+    assert not any(word in r.instruction + r.input + r.output for r in identify_records(cfg))
+    held = [r for r in ablate_records(cfg) if word in r.instruction + r.input + r.output]
+    assert len(held) == 1
+    shipped = data.default_tokenizer
+
+    def edited():
+        tok = shipped()
+        tok.add_tokens([word])
+        return tok
+
+    monkeypatch.setattr(data, "default_tokenizer", edited)
+    no_weights(monkeypatch)
+    run_stage("identify", cfg, out)  # the counts' tokens did not change
+    named = rf"held-out records' tokenized text .*changed \(1 of 12 records: '{held[0].id}' \({held[0].category}\)\)"
+    for stage in ("ablate", "report"):
+        with pytest.raises(StaleResultError, match=named):
+            run_stage(stage, cfg, out)
+
+
+def test_a_causal_check_stored_without_its_held_out_tokens_is_refused(done, tmp_path, monkeypatch):
+    """Its fingerprint cannot tell whether the tokenizer changed since: the refusal says so."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    f = out / "ablate" / "tuned_neurons.json"
+    stored = json.loads(f.read_text())
+    del stored["fingerprint"]["held_out_tokens"], stored["held_out"]
+    f.write_text(json.dumps(stored))
+    no_weights(monkeypatch)
+    for stage in ("ablate", "report"):
+        with pytest.raises(StaleResultError, match="earlier sparcom_jax, which did not fingerprint the held-out tok"):
+            run_stage(stage, exp(), out)
+
+
+def test_collect_refuses_a_count_store_of_another_format_version(done, tmp_path, monkeypatch):
+    """Even with the same fingerprint: "already complete" would keep it, the analysis read it."""
+    import shutil
+
+    from sparcom_jax.stats.store import STORE_VERSION
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    meta = out / "counts" / "base" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": STORE_VERSION + 1}))
+    no_weights(monkeypatch)
+    both = f"format version {STORE_VERSION + 1}, written by another sparcom_jax; this one reads version {STORE_VERSION}"
+    with pytest.raises(StaleResultError, match=f"counts/base/meta.json: a count store of {both}; re-run with --overwr"):
+        run_stage("collect", exp(), out)
+    with pytest.raises(StaleResultError, match=f"{both}; count the records again"):
+        run_stage("identify", exp(), out)
+
+
+def test_results_of_another_method_version_are_refused(done, tmp_path, monkeypatch):
+    """A bump of METHOD_VERSION (a fix that changes what a stage computes) refuses every result
+    made before it; version 1 is absent from the fingerprints, so results made before it existed
+    (version 1) match the current code's."""
+    import shutil
+
+    from sparcom_jax import fingerprint
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg, recs = exp(), load_instructions(n_per_category=1)
+
+    def fingerprints():
+        return [collect_fingerprint(cfg, cfg.base, recs, "plain")[0],
+                stages.ablation_fingerprint(cfg, cfg.finetuned, recs, "neurons", {}),
+                stages.train_fingerprint("b", stages.train_config(cfg), recs, default_tokenizer()),
+                stages._analysis_fingerprint(cfg, stages.Analyses({}, {}), True)]
+
+    assert not any("method" in fp for fp in fingerprints())
+    monkeypatch.setattr(fingerprint, "METHOD_VERSION", 2)
+    assert [fp["method"] for fp in fingerprints()] == [2, 2, 2, 2]
+    no_weights(monkeypatch)
+    for stage in ("collect", "report"):
+        with pytest.raises(StaleResultError, match=r"method version \(sparcom_jax.fingerprint.METHOD_VERSION.*: unset -> 2"):
+            run_stage(stage, cfg, out)
+
+
 def test_overwrite_recomputes_with_the_new_settings(tmp_path):
     out = tmp_path / "o"
     run_stage("collect", exp(), out)

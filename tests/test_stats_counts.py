@@ -180,3 +180,31 @@ def test_a_store_is_not_reused_for_records_with_other_labels(label, tmp_path):
     assert store(None).done_chunks == 0 and read_header(tmp_path)[label] == ["g1", "g2"]
     store(["g1", "g1"], overwrite=True)
     assert read_header(tmp_path)[label] == ["g1", "g1"]
+
+
+def test_a_store_of_another_format_version_is_neither_resumed_nor_read(tmp_path):
+    """meta.json's version was written and never read: a store laid out by another sparcom_jax
+    would be resumed or read as this one's. Overwriting replaces it with this version's."""
+    import json
+
+    from sparcom_jax.errors import StaleResultError
+    from sparcom_jax.stats.store import STORE_VERSION, CountStore, open_counts, read_header
+
+    def store(**kw):
+        s = CountStore(tmp_path, {"tokens": (2,)}, ids=["a", "b"], categories=["code", "math"], meta={},
+                       chunk_rows=2, **kw)
+        s.write_chunk(0, {"tokens": np.array([3, 4])}) if s.done_chunks == 0 else None
+        s.close()
+
+    store()
+    assert open_counts(tmp_path).ids == ["a", "b"]
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": STORE_VERSION + 1}))
+    both = f"format version {STORE_VERSION + 1}, this sparcom_jax writes {STORE_VERSION}"
+    with pytest.raises(StaleResultError, match=f"{both}\\), so it cannot be resumed .*overwrite"):
+        store()
+    with pytest.raises(StaleResultError, match=f"format version {STORE_VERSION + 1}, .* reads version "
+                                               f"{STORE_VERSION}; count the records again .*--overwrite"):
+        open_counts(tmp_path)
+    store(overwrite=True)
+    assert read_header(tmp_path)["version"] == STORE_VERSION and open_counts(tmp_path).ids == ["a", "b"]

@@ -16,14 +16,22 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 - collect: model, records, template, scope, max_length, dtype, the content caps
   (scope "content": the content tokens counted per record, the same for every model
   of the study; present when they cut this store's content) and the tokenized
-  sequences -> the count store's meta.json (checked again on resume).
+  sequences -> the count store's meta.json (checked again on resume); max_length
+  counts only when the tokens differ (`sparcom_jax.fingerprint.stale_keys`).
 - identify, evaluate, compare, report: they recompute from the counts every time,
   after checking that the counts' fingerprints match the current settings; each
   writes the fingerprint of what it used beside its outputs.
-- ablate: the model, its counts, the rule, the ablation settings and records, and the
-  numerics the model runs in (collect.dtype and collect.gate_dtype, those of the counts
-  that chose the sets) -> in each OUT/ablate/<model>_<kind>.json; `report` checks it
-  before using the file.
+- ablate: the model, its counts, the rule, the ablation settings and records, the
+  held-out sequences the loss is measured on (their tokens: a tokenizer change that
+  touches only held-out text changes no count), and the numerics the model runs in
+  (collect.dtype and collect.gate_dtype, those of the counts that chose the sets) -> in
+  each OUT/ablate/<model>_<kind>.json, with a digest per held-out record to name those
+  whose tokens changed; `report` checks it before using the file. A result stored
+  without the held-out tokens (by an earlier version) is refused once: whether the
+  tokenizer changed since cannot be told.
+
+Every stage's fingerprint also holds `sparcom_jax.fingerprint.METHOD_VERSION` (`with_method`; absent while it is
+1), so that results made before a change of what a stage computes are refused.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ from typing import Any, Mapping
 from sparcom_jax.config import ExperimentConfig, ModelSpec
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fingerprint import (
-    changed_records, describe, difference, digest, digest_arrays, model_files_fingerprint, record_digests,
+    changed_records, describe, digest, digest_arrays, model_files_fingerprint, record_digests, stale_keys,
+    with_method,
 )
-from sparcom_jax.pipeline.common import log
+from sparcom_jax.pipeline.common import log, template_for
 
 # Component names -> what the user calls them (config keys), for messages.
 LABELS = {
@@ -45,6 +54,9 @@ LABELS = {
     "tokens": "tokenized text (tokenizer or record text)", "train": "train settings", "base": "base model weights",
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
     "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
+    "held_out_tokens": "held-out records' tokenized text (tokenizer or record text)",
+    "method": "method version (sparcom_jax.fingerprint.METHOD_VERSION, unset = 1: a later sparcom_jax computes "
+              "this stage differently)",
     "groups": "group keys (near-duplicate groups under data.group_by; the text changed where no counted token did)",
     "grouping": "near-duplicate groups kept with the counts (data.group_by, data.group_threshold)",
     "content_caps": "content caps (instruction/input tokens counted per record, the fewest that survive "
@@ -108,7 +120,35 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     if cfg.data.group_by != "text":  # absent for identical-text groups, the rule of stores made before
         fp["grouping"] = f"{cfg.data.group_by} >= {cfg.data.group_threshold}"
     fp.update(content_caps_fingerprint(enc, content_caps))
-    return fp, enc
+    return with_method(fp), enc
+
+
+# `describe`'s detail for a causal-check result stored without its held-out tokens.
+HELD_OUT_TOKENS_UNKNOWN = (
+    "or not: the result was stored by an earlier sparcom_jax, which did not fingerprint the held-out "
+    "tokens, so a tokenizer change since cannot be told; recompute it once")
+
+
+def held_out_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, tokenizer=None
+                         ) -> tuple[dict[str, str], dict[str, Any]]:
+    """The causal check's "held_out_tokens" component: a digest of the sequences its loss is
+    measured on (`sparcom_jax.stats.losses.encode_held_out`, under the model's template and
+    data.max_length, with `tokenizer`, default the model's), and what is kept beside it to
+    name changed records: {"ids", "categories", "token_digests"} (`record_digests`).
+
+    The settings and the record text are in `ablation_fingerprint` already; the tokenizer is
+    not, and a tokenizer change that touches only held-out text leaves the counts as they were.
+    """
+    import warnings
+
+    from sparcom_jax.stats.losses import encode_held_out
+
+    tok = tokenizer or spec_tokenizer(spec)
+    with warnings.catch_warnings():  # the causal check itself reports truncation
+        warnings.simplefilter("ignore")
+        enc = encode_held_out(records, tok, template=template_for(spec, cfg), max_length=cfg.data.max_length)
+    beside = {"ids": enc.record_ids, "categories": enc.categories, "token_digests": record_digests(enc.ids, enc.scopes)}
+    return {"held_out_tokens": digest_arrays(enc.ids, enc.scopes)}, beside
 
 
 def token_changes(header: Mapping[str, Any] | None, enc) -> dict[str, str | None]:
@@ -129,7 +169,7 @@ def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[
     them, `describe`) and `fix`, unless `overwrite`, in which case it logs why and
     returns True.
     """
-    keys = difference(stored, current)
+    keys = stale_keys(stored, current)
     if not keys:
         return False
     what = describe(keys, stored, current, LABELS, details=details)

@@ -19,7 +19,7 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, write_fingerprint,
+    FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -27,7 +27,8 @@ from sparcom_jax.pipeline.common import (
     require_models, require_tokenizers, safe, save_resolved, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
-    collect_fingerprint, spec_model_fingerprint, spec_tokenizer, stale, token_changes,
+    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
+    stale, token_changes,
 )
 
 # --------------------------------------------------------------------------- #
@@ -53,8 +54,8 @@ def train_fingerprint(base: str, tcfg, records, tokenizer, *, enc=None) -> dict[
     (`enc`: their `train_encoding` when the caller has it)."""
     enc = enc if enc is not None else train_encoding(tcfg, records, tokenizer)
     settings = {k: v for k, v in tcfg.to_dict().items() if k not in _TRAIN_NOT_IN_FINGERPRINT}
-    return {"base": base, "train": settings, "records": digest(enc.record_ids),
-            "tokens": digest_arrays(enc.ids, enc.scopes)}
+    return with_method({"base": base, "train": settings, "records": digest(enc.record_ids),
+                        "tokens": digest_arrays(enc.ids, enc.scopes)})
 
 
 def _run_token_changes(run_dir: Path, stored: dict | None, current: dict[str, Any], enc) -> dict[str, str | None]:
@@ -322,7 +323,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
 
     from sparcom_jax.parallel.processes import check_same, gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
-    from sparcom_jax.stats.store import is_complete, read_header, rows_done
+    from sparcom_jax.stats.store import STORE_VERSION, check_version, is_complete, read_header, rows_done
 
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
@@ -350,8 +351,10 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
                    "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
         try:
-            resume = header is not None and not stale(mine, header.get("fingerprint"), fp, overwrite=overwrite,
-                                                      details=token_changes(header, enc))
+            if header is not None and not overwrite:  # a store of another format is never resumed or reused
+                check_version(header, mine, "re-run with --overwrite to count again, or choose another --out")
+            resume = header is not None and header.get("version") == STORE_VERSION and not stale(
+                mine, header.get("fingerprint"), fp, overwrite=overwrite, details=token_changes(header, enc))
             # Group keys are not in the fingerprint (stores written before they were kept still match), but
             # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
             if resume and header.get("groups") is not None:
@@ -533,7 +536,7 @@ def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> di
     if full:  # the clusters the bootstrap and permutation test moved together
         out["groups"] = {name: digest(next(iter(ma.fields.values())).ident.groups) for name, ma in every.items()
                          if ma.fields}
-    return out
+    return with_method(out)
 
 
 def _unseal(directory: Path) -> None:
@@ -671,9 +674,10 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 
 
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
-    """What one causal-check result depends on."""
+    """What one causal-check result depends on, but for the tokens of its held-out records
+    (`held_out_fingerprint`, which needs the tokenizer: the stage adds them)."""
     a = cfg.ablation
-    return {"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
+    return with_method({"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
             "identify": cfg.identify.to_rule().to_dict(),
             "ablation": {"kind": kind, "n_random": a.n_random, "neighbours": a.neighbours, "seed": cfg.seed,
                          "expert_mode": a.expert_mode},
@@ -682,7 +686,7 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
             "template": template_for(spec, cfg),
             "max_length": cfg.data.max_length, "dtype": cfg.collect.dtype,
             # absent when unused, so results made before it was fingerprinted still match
-            **({"gate_dtype": cfg.collect.gate_dtype} if cfg.collect.gate_dtype else {})}
+            **({"gate_dtype": cfg.collect.gate_dtype} if cfg.collect.gate_dtype else {})})
 
 
 def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None, overwrite: bool = False,
@@ -712,16 +716,19 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     written: dict[str, Any] = {"_results": {}}
     for spec in specs:
         ma = analyses.models[spec.label]
-        model = tok = None
+        model = None
+        # The tokens fingerprinted are those the loss is measured on: one tokenizer for both.
+        tok = spec_tokenizer(spec)
+        tokens_fp, held_out = held_out_fingerprint(cfg, spec, records, tok)
         for kind, section in ABLATION_SECTIONS.items():
             if kind not in a.kinds or section not in ma.fields:
                 continue
             f = _ablation_file(out, spec.label, kind)
-            fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            fp = {**ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")), **tokens_fp}
             # Each process runs a share of the passes on the model and records it read itself.
             check_same(fp, f"ablate {spec.label}: {kind}: the model files, held-out records or counts",
                        "give every host the same model and data files")
-            res = _stored_ablation(f, fp, overwrite=overwrite)
+            res = _stored_ablation(f, fp, held_out, overwrite=overwrite)
             if res is not None:
                 log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
                 written[f"{spec.label}_{kind}"] = str(f)
@@ -733,7 +740,6 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 # The counting numerics (dtype and gate dtype) chose the sets: the loss is measured in them.
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
                                         gate_dtype=cfg.collect.gate_dtype)
-                tok = resolve_tokenizer(model)
             sets = ma[section].ident.category_sets
             with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs, "
                        f"{len(records)} held-out records)"):
@@ -759,7 +765,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     continue
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
-            written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp})
+            written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
+                                                               "held_out": held_out})
             written["_results"][(spec.label, kind)] = res
         del model
     return written
@@ -833,16 +840,22 @@ def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**fp, "identify": rule}
 
 
-def _stored_ablation(f: Path, fp: dict[str, Any], *, overwrite: bool, **fix):
+def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool, **fix):
     """The AblationResult stored in `f` when it was made with fingerprint `fp` (compared
     `_as_compared`); None when there is no file, or `overwrite` recomputes it (made with
-    other settings, without it: `stale` raises)."""
+    other settings, without it: `stale` raises, naming the held-out records whose tokens
+    changed from `held_out`, `held_out_fingerprint`'s digests)."""
     from sparcom_jax.analysis import AblationResult
+    from sparcom_jax.fingerprint import changed_records
 
     if not f.is_file():
         return None
     stored = json.loads(f.read_text())
-    if stale(f, _as_compared(stored.get("fingerprint")), _as_compared(fp), overwrite=overwrite, **fix):
+    old = stored.get("fingerprint") or {}
+    # A result stored before the held-out tokens were fingerprinted is refused once: comparing
+    # what it has would reuse it after a tokenizer change, the one change its fingerprint misses.
+    why = changed_records(stored.get("held_out"), held_out) if "held_out_tokens" in old else HELD_OUT_TOKENS_UNKNOWN
+    if stale(f, _as_compared(old), _as_compared(fp), overwrite=overwrite, details={"held_out_tokens": why}, **fix):
         return None
     return AblationResult.from_dict(stored)
 
@@ -856,14 +869,17 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
     records = None
     for spec in ablation_models(cfg, out):
         ma = analyses.models.get(spec.label)
+        held = None
         for kind in ABLATION_SECTIONS:
             f = _ablation_file(out, spec.label, kind)
             if ma is None or not f.is_file():
                 continue
             records = records if records is not None else ablate_records(cfg)
-            fp = ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint"))
+            held = held or held_out_fingerprint(cfg, spec, records)
+            fp = {**ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")), **held[0]}
             found[(spec.label, kind)] = _stored_ablation(
-                f, fp, overwrite=False, fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
+                f, fp, held[1], overwrite=False,
+                fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
     return found
 
 

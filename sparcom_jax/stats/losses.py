@@ -151,6 +151,20 @@ def response_coverage(encoded) -> dict[str, dict[str, int]]:
     return coverage
 
 
+def encode_held_out(records, tokenizer, *, template: str = "plain", max_length: int | None = 512):
+    """The sequences the causal check measures its loss on: each record's prompt and reference
+    response, the response tokens in scope (the targets). What `make_loss_fn` scores, and what
+    the pipeline fingerprints a stored causal check by.
+
+    Returns:
+      An `EncodedSet` with scope "response" (`records` as in `make_loss_fn`).
+    """
+    from sparcom_jax.data import as_records, encode_records
+
+    return encode_records(as_records(records), tokenizer, template=template, scope="response",
+                          max_length=max_length)
+
+
 def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", template: str = "plain",
                  batch_size: int = 8, max_length: int | None = 512, mesh=None,
                  buckets: Sequence[int] | None = None,
@@ -166,10 +180,9 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
         prompts fill it), so its losses would be missing from every pass.
     """
     from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
-    from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
+    from sparcom_jax.data import resolve_tokenizer
 
-    tok = resolve_tokenizer(model, tokenizer)
-    enc = encode_records(as_records(records), tok, template=template, scope="response", max_length=max_length)
+    enc = encode_held_out(records, resolve_tokenizer(model, tokenizer), template=template, max_length=max_length)
     coverage = response_coverage(enc)
     unscored = [c for c in CATEGORIES if c in coverage and not coverage[c]["scored_records"]]
     if unscored:

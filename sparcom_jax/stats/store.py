@@ -33,10 +33,24 @@ import tensorstore as ts
 
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import DirLock, atomic_write
-from sparcom_jax.fingerprint import changed_records, describe, difference
+from sparcom_jax.fingerprint import changed_records, describe, stale_keys
 from sparcom_jax.stats.counts import Counts, array_text
 
+# The layout of a store (meta.json's keys, the arrays and their meaning). Bump it when that
+# changes: a store of another version is refused (`check_version`), never read as this one.
 STORE_VERSION = 1
+
+
+def check_version(header: Mapping[str, Any], path: str | Path, fix: str) -> None:
+    """Refuse a store whose meta.json `header` has another format version than `STORE_VERSION`.
+
+    Raises:
+      StaleResultError: naming both versions and `fix`.
+    """
+    if header.get("version") != STORE_VERSION:
+        raise StaleResultError(
+            f"{Path(path) / 'meta.json'}: a count store of format version {header.get('version')}, written by "
+            f"another sparcom_jax; this one reads version {STORE_VERSION}; {fix}")
 
 
 def _spec(path: Path) -> dict:
@@ -114,6 +128,8 @@ class CountStore:
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             mismatch = [k for k in ("n", "chunk_rows", "shapes", "ids", "categories") if old.get(k) != header[k]]
+            if old.get("version") != STORE_VERSION:
+                mismatch.insert(0, f"format version {old.get('version')}, this sparcom_jax writes {STORE_VERSION}")
             # Labels that are not in every fingerprint (collect_instructions' has the ids only); a label
             # the store or the caller lacks (written before group keys were kept) has none to compare.
             mismatch += [k for k in ("sources", "groups")
@@ -121,7 +137,7 @@ class CountStore:
             old_model = (old.get("meta") or {}).get("model")
             if old_model != meta.get("model"):
                 mismatch.append("meta.model")
-            changed = difference(old.get("fingerprint"), fingerprint)
+            changed = stale_keys(old.get("fingerprint"), fingerprint)
             if mismatch or changed:
                 if not overwrite:
                     what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint,
@@ -203,6 +219,7 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
 
     Raises:
       ValueError: when the store is missing or incomplete (an interrupted run: resume it).
+      StaleResultError: the store has another format version (`check_version`).
     """
     p = Path(path)
     meta = read_header(p)
@@ -211,6 +228,8 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
     if not is_complete(p):
         raise ValueError(f"{p}: the collection that writes this store has not finished; "
                          "run the same collect command again to resume it")
+    check_version(meta, p, "count the records again (`sparcom collect --overwrite`, or collect_instructions "
+                           "with overwrite=True)")
     arrays: dict[str, Any] = {name: LazyArray(ts.open(_spec(p / name), open=True).result())
                               for name in meta["shapes"]}
     counts = Counts(
