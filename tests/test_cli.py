@@ -745,7 +745,7 @@ def test_a_host_that_cannot_write_its_out_stops_every_process_naming_its_error(t
     assert time.perf_counter() - start < 40  # mesh.init_timeout: the processes joined
     refused = f"output directory {out0} is under {tmp_path / 'afile'}, which is a file; choose another --out"
     assert f"sparcom: error: {refused}" in outs[0], outs[0][-2000:]
-    assert ("sparcom: error: identify: locking the output directory, checking the models and records: process 0 "
+    assert ("sparcom: error: identify: locking the output directory: process 0 "
             f"of 2 stopped with an error (its log says why): ValueError: {refused}; every process stops with it") \
         in outs[1], outs[1][-2000:]
 

@@ -990,8 +990,8 @@ def test_a_process_waiting_for_process_0s_lock_stops_with_its_error(tmp_path, mo
     monkeypatch.setattr(processes, "gather", gather)
     monkeypatch.setattr(stages, "is_primary", lambda: False)
     monkeypatch.setitem(stages.STAGE_FUNCS, "identify", lambda *a, **k: pytest.fail("the stage ran"))
-    with pytest.raises(OtherProcessError, match=r"^identify: locking the output directory, checking the models and "
-                                                r"records: process 0 of \d stopped with an error"):
+    with pytest.raises(OtherProcessError, match=r"^identify: locking the output directory: process 0 of \d "
+                                                r"stopped with an error"):
         run_stage("identify", exp(), tmp_path / "out")
 
 

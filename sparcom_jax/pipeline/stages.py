@@ -1040,13 +1040,19 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
             prepare_out_dir(out)
             if is_primary():
                 log_stale_lock(held.enter_context(DirLock(out, "output directory")))
-            preflight(stage, cfg, out)
-        except Exception as e:  # a host that cannot write --out, another run's lock, or one host's files:
-            error = e  # every process stops with it
-        raise_together(error, f"{stage}: locking the output directory, checking the models and records")
+        except Exception as e:  # a host that cannot write --out, or another run's lock: every process stops
+            error = e
+        raise_together(error, f"{stage}: locking the output directory")
+        # The directories every host must see are probed before the models and records are checked.
         check_shared(out)
         if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
             check_shared(Path(cfg.collect.store), "collect.store")
+        error = None
+        try:
+            preflight(stage, cfg, out)
+        except Exception as e:  # one host's files: every process stops with it
+            error = e
+        raise_together(error, f"{stage}: checking the models and records")
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)
         # The others wait for process 0's last writes (the report): a process that exits first would
