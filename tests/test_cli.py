@@ -699,15 +699,16 @@ def config_only_model(tmp_path) -> Path:
 
 def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
     # A downloaded model directory without tokenizer files passed the dry run ("weights found")
-    # and stopped the run at its first model; stages that read no tokenizer still plan.
+    # and stopped the run at its first model. Under data.scope content (the default) every stage
+    # reads the tokenizers (the content caps); under another scope those that read no tokenizer still plan.
     model = config_only_model(tmp_path)
     cfg = str(CONFIGS / "llama2_7b.yaml")
     args = ("--dry-run", f"base.path={model}", f"finetuned.path={tmp_path / 'absent'}", "data.max_length=128")
-    for command in ("collect", "ablate", "run"):
+    for command in ("collect", "ablate", "run", "identify", "report"):
         code, out, err = run_cli(capsys, command, "--config", cfg, *args)
         assert code == 2 and "config valid" not in out, command
         assert err.startswith(f"sparcom: error: model 'llama2-7b': {model}: no tokenizer beside the weights"), err
-    code, out, _ = run_cli(capsys, "identify", "--config", cfg, *args)
+    code, out, _ = run_cli(capsys, "identify", "--config", cfg, *args, "data.scope=prompt")
     assert code == 0 and "llama2-7b (weights found)" in out
     (model / "tokenizer.json").write_text("{}")
     code, out, _ = run_cli(capsys, "collect", "--config", cfg, *args)
@@ -717,8 +718,10 @@ def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
 def test_a_run_refuses_weights_without_their_tokenizer_before_any_work(tmp_path, capsys):
     # Only the dry run checked: a real run found out where it first tokenized with the model (collect
     # under data.scope=prompt after counting the models before it), without the model's name.
+    # identify, evaluate, compare and report read them too under data.scope content (the content caps),
+    # and stopped there without the model's name.
     model = config_only_model(tmp_path)
-    for command in ("collect", "ablate"):
+    for command in ("collect", "ablate", "report"):
         out = tmp_path / f"out-{command}"
         code, _, err = run_cli(capsys, command, "--config", str(CONFIGS / "llama2_7b.yaml"), f"base.path={model}",
                                f"finetuned.path={model}", "--out", str(out))

@@ -900,12 +900,12 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     load, split and sample."""
     if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
-        require_tokenizers([cfg.base], ("finetune",))
+        require_tokenizers(cfg, [cfg.base], ("finetune",))
         train_records(cfg)
     if stage != "finetune":
         specs = model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg))
         require_models(specs)
-        require_tokenizers(specs, STAGES if stage == "run" else (stage,))
+        require_tokenizers(cfg, specs, STAGES if stage == "run" else (stage,))
         identify_records(cfg)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
