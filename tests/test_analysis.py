@@ -281,6 +281,15 @@ def test_analyze_model_summary_hand_values():
     assert "ise" not in ma.fields
 
 
+def test_analyze_model_layer_profiles_and_mean_frequency_hand_values():
+    # union_per_layer / general_per_layer / mean_frequency were read by the report, never checked.
+    s = analyze_model(hand_counts(), CFG, name="base", n_boot=0, n_perm=0).summary()["isn"]
+    # The union of CAT_SETS is all 10 units (5 per layer); only unit 0 (layer 0) is in every set.
+    assert s["union_per_layer"] == [5, 5] and s["general_per_layer"] == [1, 0]
+    # Every instruction: 3 units at p = 1 and 7 at p = 0.2 -> mean p over the 10 units 4.4 / 10.
+    assert s["mean_frequency"] == pytest.approx(dict.fromkeys(CATEGORIES, 0.44))
+
+
 def test_compare_models_hand_values():
     cmp = compare_models(hand_counts(), hand_counts(AFTER), CFG, n_boot=0, n_perm=0)
     cls = cmp["isn"]["classification"]
