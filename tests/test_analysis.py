@@ -138,6 +138,26 @@ def test_consensus_vs_pooled_differ():
     assert as_set(pooled["code"]) == {a, d}
 
 
+def test_expert_field_summaries_per_expert_and_routing_means():
+    # The MoE-only keys of a section's summary (per_expert, category_mean_frequency) had no test.
+    from sparcom_jax.analysis.study import field_summary
+
+    n = 6
+    er = np.zeros((n, 2, 4), np.int32)
+    er[:, 1, 2], er[:, 0, 1], er[:, 0, 0] = 8, 5, 1
+    ena = np.zeros((n, 2, 4, 3), np.int32)
+    ena[:, 1, 2, 0], ena[:, 0, 1, 2] = 7, 4
+    counts = Counts(tokens=np.full(n, 10), expert_routed=er, expert_neuron_active=ena, categories=list(CATEGORIES))
+    cfg = IdentifyConfig(eps=0.1, eps_experts=0.25)  # as test_expert_fields: the same sets in every category
+    en = field_summary(identify(counts, "expert_neuron_active", cfg))
+    assert en["per_expert"] == dict.fromkeys(CATEGORIES, [[0, 1, 0, 0], [0, 0, 1, 0]])
+    assert "category_mean_frequency" not in en
+    ise = field_summary(identify(counts, "expert_routed", cfg))
+    assert "per_expert" not in ise
+    for c in CATEGORIES:  # f_ej = routed tokens / 10
+        np.testing.assert_allclose(ise["category_mean_frequency"][c], [[0.1, 0.5, 0, 0], [0, 0, 0.8, 0]])
+
+
 def test_expert_fields():
     # ISEs: top share over (layer, expert); expert neurons over (layer, expert, neuron).
     n = 6
