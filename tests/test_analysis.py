@@ -310,6 +310,24 @@ def test_analyze_model_layer_profiles_and_mean_frequency_hand_values():
     assert s["mean_frequency"] == pytest.approx(dict.fromkeys(CATEGORIES, 0.44))
 
 
+def test_analyze_model_phase_fits_use_its_seed_and_every_section_key_is_there():
+    # The phase fits' layer-order shuffles ran with seed 0 whatever seed was asked for would pass
+    # every other test (they use seed 0); so would a summary without a step's key.
+    from sparcom_jax.analysis import evaluate as ev
+    from sparcom_jax.analysis.common import jsonable
+
+    c = np.random.default_rng(0).integers(0, 11, (6, 6, 4)).astype(np.int32)  # 6 records x 6 layers x 4 neurons
+    counts = Counts(tokens=np.full(6, 10), neuron_active=c, categories=list(CATEGORIES))
+    kw = dict(n_boot=0, n_perm=19, contrast=False, top_units=0, instruction_level=False)
+    s3, s0 = (analyze_model(counts, IdentifyConfig(eps=0.25), seed=seed, **kw).summary()["isn"] for seed in (3, 0))
+    for cat in CATEGORIES:
+        assert s3["phases"][cat] == jsonable(ev.locate_phases(np.asarray(s3["per_layer"][cat]), 19, 3))
+    assert any(s3["phases"][cat]["explained_p"] != s0["phases"][cat]["explained_p"] for cat in CATEGORIES)
+    for key in ("bootstrap", "permutation", "length_matched", "human_subset", "between_groups", "contrast",
+                "top_instructions", "instruction_overlap", "diagonal_dominance"):
+        assert s3[key] is None, key
+
+
 def test_compare_models_hand_values():
     cmp = compare_models(hand_counts(), hand_counts(AFTER), CFG, n_boot=0, n_perm=0)
     cls = cmp["isn"]["classification"]
