@@ -328,6 +328,20 @@ def test_analyze_model_phase_fits_use_its_seed_and_every_section_key_is_there():
         assert s3[key] is None, key
 
 
+def test_analyze_model_bootstrap_is_the_bootstrap_of_its_identification_with_its_options():
+    # The pooled rule's replicates re-read the counts, and the interval's coverage is the caller's:
+    # the tests ran consensus at ci 0.95 only, where neither reached the bootstrap unnoticed.
+    from sparcom_jax.analysis import bootstrap
+    from sparcom_jax.analysis.common import jsonable
+
+    cfg = dataclasses.replace(CFG, aggregation="pooled")
+    kw = dict(n_boot=4, seed=2, ci=0.8)
+    s = analyze_model(hand_counts(AFTER), cfg, n_perm=0, contrast=False, top_units=0, instruction_level=False,
+                      **kw).summary()["isn"]["bootstrap"]
+    direct = bootstrap(identify(hand_counts(AFTER), "neuron_active", cfg), counts=hand_counts(AFTER), **kw)
+    assert s["ci"] == 0.8 and s == jsonable(direct)
+
+
 def test_compare_models_hand_values():
     cmp = compare_models(hand_counts(), hand_counts(AFTER), CFG, n_boot=0, n_perm=0)
     cls = cmp["isn"]["classification"]
