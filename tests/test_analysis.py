@@ -342,6 +342,15 @@ def test_analyze_model_bootstrap_is_the_bootstrap_of_its_identification_with_its
     assert s["ci"] == 0.8 and s == jsonable(direct)
 
 
+def test_analyze_model_runs_the_diagonal_tests_from_one_permutation_and_not_at_zero():
+    # n_perm is a count: 1 permutation is a (weak) test, 0 is none; the tests used 0, 19 and 99 only.
+    kw = dict(n_boot=0, contrast=False, top_units=0)
+    none = analyze_model(hand_counts(), CFG, n_perm=0, **kw).summary()["isn"]
+    assert none["permutation"] is None and none["length_matched"] is None
+    one = analyze_model(hand_counts(), CFG, n_perm=1, **kw).summary()["isn"]
+    assert one["permutation"]["n_perm"] == one["length_matched"]["n_perm"] == 1
+
+
 def test_compare_models_hand_values():
     cmp = compare_models(hand_counts(), hand_counts(AFTER), CFG, n_boot=0, n_perm=0)
     cls = cmp["isn"]["classification"]
