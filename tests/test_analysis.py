@@ -351,6 +351,23 @@ def test_analyze_model_runs_the_diagonal_tests_from_one_permutation_and_not_at_z
     assert one["permutation"]["n_perm"] == one["length_matched"]["n_perm"] == 1
 
 
+def test_a_comparison_or_series_with_one_side_lacking_a_step_leaves_that_step_out():
+    # The contrast rule ran for one model only, or one checkpoint has no instruction matrix: the
+    # comparison has no contrast entry, the series bootstrap no diagonal, rather than an error.
+    kw = dict(n_perm=0, top_units=0)
+    with_c = analyze_model(hand_counts(), CFG, name="a", n_boot=0, **kw)
+    without = analyze_model(hand_counts(AFTER), CFG, name="b", n_boot=0, contrast=False, **kw)
+    for pair in ((with_c, without), (without, with_c)):
+        assert all(v["contrast"] is None for v in compare_models(*pair)["isn"].values())
+    full = analyze_model(hand_counts(), CFG, name="a", n_boot=3, **kw)
+    bare = analyze_model(hand_counts(AFTER), CFG, name="b", n_boot=3, instruction_level=False, **kw)
+    for series in ((full, bare), (bare, full)):
+        boot = compare_series([(m.name, m) for m in series])["isn"]["bootstrap"]
+        assert boot is not None and "diagonal_dominance" not in boot["per_checkpoint"]
+    both = compare_series([("a", full), ("a2", full)])["isn"]["bootstrap"]
+    assert "diagonal_dominance" in both["per_checkpoint"]  # the key the test looks for is the right one
+
+
 def test_compare_models_hand_values():
     cmp = compare_models(hand_counts(), hand_counts(AFTER), CFG, n_boot=0, n_perm=0)
     cls = cmp["isn"]["classification"]
