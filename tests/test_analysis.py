@@ -414,6 +414,18 @@ def test_compare_refuses_other_records_without_ids_and_models_with_no_common_uni
         compare_models(hand_counts(), experts, CFG, **kw)
 
 
+def test_compare_refuses_records_with_other_ids_or_in_another_order():
+    # Only the id-less case (record numbers) was tested: the id check itself could go unnoticed.
+    kw = dict(n_boot=0, n_perm=0, top_units=0)
+    renamed, shuffled = hand_counts(), hand_counts()
+    renamed.ids = ["x0", *renamed.ids[1:]]
+    shuffled.ids = [shuffled.ids[1], shuffled.ids[0], *shuffled.ids[2:]]
+    for other, n in ((renamed, 2), (shuffled, 0)):
+        with pytest.raises(ValueError, match=rf"counted on different records \(12 vs 12 records, {n} not in both, or "
+                                             r"in another order\)"):
+            compare_models(hand_counts(), other, CFG, **kw)
+
+
 def test_compare_refuses_content_counts_of_different_token_numbers():
     # Under scope "content" the two models must count the same instruction/input tokens of
     # every record; a record truncated further under one template counts fewer.
