@@ -308,6 +308,27 @@ def test_selfcheck_tiny_random_model_against_transformers(tmp_path, capsys):
     assert f"outputs: {tmp_path / 'selfcheck.json'}" in out
 
 
+def test_selfcheck_forwards_a_right_padded_row(monkeypatch):
+    # Its padding check could go (every row real) and the selfcheck still passed: record the mask it uses.
+    from sparcom_jax.models import transformer
+    from sparcom_jax.pipeline import selfcheck
+
+    masks, build = [], transformer.init_model
+
+    class Recorded:
+        def __init__(self, model):
+            self.model, self.config = model, model.config
+
+        def __call__(self, ids, mask):
+            masks.append(mask.copy())
+            return self.model(ids, mask)
+
+    monkeypatch.setattr(transformer, "init_model", lambda *a, **k: Recorded(build(*a, **k)))
+    assert selfcheck(compare=False, seq_len=6)["ok"]
+    (mask,) = masks
+    assert mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+
+
 def test_selfcheck_of_a_transformers_written_moe_directory(hf_checkpoint, capsys):
     path = hf_checkpoint("olmoe")
     code, out, _ = run_cli(capsys, "selfcheck", "--model", str(path))
