@@ -329,6 +329,20 @@ def test_selfcheck_forwards_a_right_padded_row(monkeypatch):
     assert mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
 
 
+def test_selfcheck_fails_beyond_its_tolerance_and_removes_its_directory(tmp_path, monkeypatch):
+    # Every selfcheck test passed a correct model: `ok` could ignore the difference, the difference
+    # could be the smallest one, and the saved model could stay in the temporary directory.
+    import tempfile
+
+    from sparcom_jax.pipeline import selfcheck
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    res = selfcheck(seq_len=6, atol=0.0)  # float32 against transformers: never bit-equal everywhere
+    assert res["reference"] == "transformers" and res["max_abs_diff"] > 0
+    assert res["finite"] and res["shape_ok"] and not res["ok"]
+    assert list(tmp_path.glob("sparcom-selfcheck-*")) == []  # (torch keeps its own cache there)
+
+
 def test_selfcheck_of_a_transformers_written_moe_directory(hf_checkpoint, capsys):
     path = hf_checkpoint("olmoe")
     code, out, _ = run_cli(capsys, "selfcheck", "--model", str(path))
