@@ -330,8 +330,8 @@ def test_selfcheck_forwards_a_right_padded_row(monkeypatch):
 
 
 def test_selfcheck_fails_beyond_its_tolerance_and_removes_its_directory(tmp_path, monkeypatch):
-    # Every selfcheck test passed a correct model: `ok` could ignore the difference, the difference
-    # could be the smallest one, and the saved model could stay in the temporary directory.
+    # Every selfcheck test passed a correct model: `ok` could ignore the difference, and the difference
+    # could be the smallest one. (Its temporary model directory must not outlive the call either.)
     import tempfile
 
     from sparcom_jax.pipeline import selfcheck
