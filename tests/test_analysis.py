@@ -138,6 +138,26 @@ def test_consensus_vs_pooled_differ():
     assert as_set(pooled["code"]) == {a, d}
 
 
+def test_expert_field_summaries_per_expert_and_routing_means():
+    # The MoE-only keys of a section's summary (per_expert, category_mean_frequency) had no test.
+    from sparcom_jax.analysis.study import field_summary
+
+    n = 6
+    er = np.zeros((n, 2, 4), np.int32)
+    er[:, 1, 2], er[:, 0, 1], er[:, 0, 0] = 8, 5, 1
+    ena = np.zeros((n, 2, 4, 3), np.int32)
+    ena[:, 1, 2, 0], ena[:, 0, 1, 2] = 7, 4
+    counts = Counts(tokens=np.full(n, 10), expert_routed=er, expert_neuron_active=ena, categories=list(CATEGORIES))
+    cfg = IdentifyConfig(eps=0.1, eps_experts=0.25)  # as test_expert_fields: the same sets in every category
+    en = field_summary(identify(counts, "expert_neuron_active", cfg))
+    assert en["per_expert"] == dict.fromkeys(CATEGORIES, [[0, 1, 0, 0], [0, 0, 1, 0]])
+    assert "category_mean_frequency" not in en
+    ise = field_summary(identify(counts, "expert_routed", cfg))
+    assert "per_expert" not in ise
+    for c in CATEGORIES:  # f_ej = routed tokens / 10
+        np.testing.assert_allclose(ise["category_mean_frequency"][c], [[0.1, 0.5, 0, 0], [0, 0, 0.8, 0]])
+
+
 def test_expert_fields():
     # ISEs: top share over (layer, expert); expert neurons over (layer, expert, neuron).
     n = 6
@@ -281,6 +301,73 @@ def test_analyze_model_summary_hand_values():
     assert "ise" not in ma.fields
 
 
+def test_analyze_model_layer_profiles_and_mean_frequency_hand_values():
+    # union_per_layer / general_per_layer / mean_frequency were read by the report, never checked.
+    s = analyze_model(hand_counts(), CFG, name="base", n_boot=0, n_perm=0).summary()["isn"]
+    # The union of CAT_SETS is all 10 units (5 per layer); only unit 0 (layer 0) is in every set.
+    assert s["union_per_layer"] == [5, 5] and s["general_per_layer"] == [1, 0]
+    # Every instruction: 3 units at p = 1 and 7 at p = 0.2 -> mean p over the 10 units 4.4 / 10.
+    assert s["mean_frequency"] == pytest.approx(dict.fromkeys(CATEGORIES, 0.44))
+
+
+def test_analyze_model_phase_fits_use_its_seed_and_every_section_key_is_there():
+    # The phase fits' layer-order shuffles ran with seed 0 whatever seed was asked for would pass
+    # every other test (they use seed 0); so would a summary without a step's key.
+    from sparcom_jax.analysis import evaluate as ev
+    from sparcom_jax.analysis.common import jsonable
+
+    c = np.random.default_rng(0).integers(0, 11, (6, 6, 4)).astype(np.int32)  # 6 records x 6 layers x 4 neurons
+    counts = Counts(tokens=np.full(6, 10), neuron_active=c, categories=list(CATEGORIES))
+    kw = dict(n_boot=0, n_perm=19, contrast=False, top_units=0, instruction_level=False)
+    s3, s0 = (analyze_model(counts, IdentifyConfig(eps=0.25), seed=seed, **kw).summary()["isn"] for seed in (3, 0))
+    for cat in CATEGORIES:
+        assert s3["phases"][cat] == jsonable(ev.locate_phases(np.asarray(s3["per_layer"][cat]), 19, 3))
+    assert any(s3["phases"][cat]["explained_p"] != s0["phases"][cat]["explained_p"] for cat in CATEGORIES)
+    for key in ("bootstrap", "permutation", "length_matched", "human_subset", "between_groups", "contrast",
+                "top_instructions", "instruction_overlap", "diagonal_dominance"):
+        assert s3[key] is None, key
+
+
+def test_analyze_model_bootstrap_is_the_bootstrap_of_its_identification_with_its_options():
+    # The pooled rule's replicates re-read the counts, and the interval's coverage is the caller's:
+    # the tests ran consensus at ci 0.95 only, where neither reached the bootstrap unnoticed.
+    from sparcom_jax.analysis import bootstrap
+    from sparcom_jax.analysis.common import jsonable
+
+    cfg = dataclasses.replace(CFG, aggregation="pooled")
+    kw = dict(n_boot=4, seed=2, ci=0.8)
+    s = analyze_model(hand_counts(AFTER), cfg, n_perm=0, contrast=False, top_units=0, instruction_level=False,
+                      **kw).summary()["isn"]["bootstrap"]
+    direct = bootstrap(identify(hand_counts(AFTER), "neuron_active", cfg), counts=hand_counts(AFTER), **kw)
+    assert s["ci"] == 0.8 and s == jsonable(direct)
+
+
+def test_analyze_model_runs_the_diagonal_tests_from_one_permutation_and_not_at_zero():
+    # n_perm is a count: 1 permutation is a (weak) test, 0 is none; the tests used 0, 19 and 99 only.
+    kw = dict(n_boot=0, contrast=False, top_units=0)
+    none = analyze_model(hand_counts(), CFG, n_perm=0, **kw).summary()["isn"]
+    assert none["permutation"] is None and none["length_matched"] is None
+    one = analyze_model(hand_counts(), CFG, n_perm=1, **kw).summary()["isn"]
+    assert one["permutation"]["n_perm"] == one["length_matched"]["n_perm"] == 1
+
+
+def test_a_comparison_or_series_with_one_side_lacking_a_step_leaves_that_step_out():
+    # The contrast rule ran for one model only, or one checkpoint has no instruction matrix: the
+    # comparison has no contrast entry, the series bootstrap no diagonal, rather than an error.
+    kw = dict(n_perm=0, top_units=0)
+    with_c = analyze_model(hand_counts(), CFG, name="a", n_boot=0, **kw)
+    without = analyze_model(hand_counts(AFTER), CFG, name="b", n_boot=0, contrast=False, **kw)
+    for pair in ((with_c, without), (without, with_c)):
+        assert all(v["contrast"] is None for v in compare_models(*pair)["isn"].values())
+    full = analyze_model(hand_counts(), CFG, name="a", n_boot=3, **kw)
+    bare = analyze_model(hand_counts(AFTER), CFG, name="b", n_boot=3, instruction_level=False, **kw)
+    for series in ((full, bare), (bare, full)):
+        boot = compare_series([(m.name, m) for m in series])["isn"]["bootstrap"]
+        assert boot is not None and "diagonal_dominance" not in boot["per_checkpoint"]
+    both = compare_series([("a", full), ("a2", full)])["isn"]["bootstrap"]
+    assert "diagonal_dominance" in both["per_checkpoint"]  # the key the test looks for is the right one
+
+
 def test_compare_models_hand_values():
     cmp = compare_models(hand_counts(), hand_counts(AFTER), CFG, n_boot=0, n_perm=0)
     cls = cmp["isn"]["classification"]
@@ -325,6 +412,18 @@ def test_compare_refuses_other_records_without_ids_and_models_with_no_common_uni
     experts.expert_routed, experts.neuron_active = experts.neuron_active, None
     with pytest.raises(ValueError, match=r"'before' \(isn\) and 'after' \(ise\) have no kind of unit in common"):
         compare_models(hand_counts(), experts, CFG, **kw)
+
+
+def test_compare_refuses_records_with_other_ids_or_in_another_order():
+    # Only the id-less case (record numbers) was tested: the id check itself could go unnoticed.
+    kw = dict(n_boot=0, n_perm=0, top_units=0)
+    renamed, shuffled = hand_counts(), hand_counts()
+    renamed.ids = ["x0", *renamed.ids[1:]]
+    shuffled.ids = [shuffled.ids[1], shuffled.ids[0], *shuffled.ids[2:]]
+    for other, n in ((renamed, 2), (shuffled, 0)):
+        with pytest.raises(ValueError, match=rf"counted on different records \(12 vs 12 records, {n} not in both, or "
+                                             r"in another order\)"):
+            compare_models(hand_counts(), other, CFG, **kw)
 
 
 def test_compare_refuses_content_counts_of_different_token_numbers():

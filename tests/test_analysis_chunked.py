@@ -80,3 +80,16 @@ def test_analyze_model_lazy_equals_eager():
     lazy = analyze_model(Counts(tokens=t, neuron_active=LazyArray(c), categories=cats), cfg,
                          packed=True, **kw).summary()
     assert eager == lazy
+
+
+def test_analyze_field_packs_the_instruction_sets_above_the_size_limit(monkeypatch):
+    # packed=None decides by the field's N x U size (as the memory plan assumes); nothing checked that it packs.
+    from sparcom_jax.analysis import study
+
+    t, c, cats = random_counts(n=12, shape=(2, 5))  # 12 x 10 = 120 unit-records
+    counts = Counts(tokens=t, neuron_active=c, categories=cats)
+    kw = dict(n_boot=0, n_perm=0, keep_instruction_sets=True, contrast=False, top_units=0)
+    for limit, packed in ((119, True), (120, False)):
+        monkeypatch.setattr(study, "_PACK_ABOVE", limit)
+        ident = analyze_model(counts, IdentifyConfig(eps=0.1), **kw)["isn"].ident
+        assert ident.packed is packed and ident.instruction_bits.dtype == (np.uint8 if packed else bool)

@@ -165,6 +165,25 @@ def test_analyze_model_stratifies_and_reports_the_human_subset():
     assert s2["permutation"]["stratified_by"] is None and s2["human_subset"] is None
 
 
+def test_analyze_model_between_groups_is_stratified_by_source_as_the_main_test():
+    # Its permutation test shuffled groups across sources unnoticed (no test gave the counts both).
+    from sparcom_jax.analysis.study import between_groups
+
+    counts = block_counts(per_cat=4, seed=1)
+    counts.sources = ["human-written" if i % 4 < 2 else "template-varied" for i in range(counts.n)]
+    counts.groups = [f"g{i // 2}" for i in range(counts.n)]  # pairs within a category and a source
+    cfg = IdentifyConfig(eps=6 / 60)
+    s = analyze_model(counts, cfg, n_boot=3, n_perm=19, seed=4, ci=0.8, top_units=0).summary()["isn"][
+        "between_groups"]
+    ident = identify(counts, "neuron_active", cfg)
+    direct = between_groups(instruction_jaccard(ident), ident.labels, counts.groups, n_perm=19, seed=4,
+                            strata=counts.sources, n_boot=3, ci=0.8)
+    assert s["permutation"]["stratified_by"] == "source" and s == direct
+    # Without the instruction matrix there is no diagonal to take the group pairs out of.
+    alone = analyze_model(counts, cfg, n_boot=0, n_perm=0, top_units=0, instruction_level=False)
+    assert alone.summary()["isn"]["between_groups"] is None
+
+
 # ---------------------------------------------------------------- top instructions per unit
 
 def example_counts():

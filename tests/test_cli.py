@@ -334,6 +334,41 @@ def test_selfcheck_tiny_random_model_against_transformers(tmp_path, capsys):
     assert f"outputs: {tmp_path / 'selfcheck.json'}" in out
 
 
+def test_selfcheck_forwards_a_right_padded_row(monkeypatch):
+    # Its padding check could go (every row real) and the selfcheck still passed: record the mask it uses.
+    from sparcom_jax.models import transformer
+    from sparcom_jax.pipeline import selfcheck
+
+    masks, build = [], transformer.init_model
+
+    class Recorded:
+        def __init__(self, model):
+            self.model, self.config = model, model.config
+
+        def __call__(self, ids, mask):
+            masks.append(mask.copy())
+            return self.model(ids, mask)
+
+    monkeypatch.setattr(transformer, "init_model", lambda *a, **k: Recorded(build(*a, **k)))
+    assert selfcheck(compare=False, seq_len=6)["ok"]
+    (mask,) = masks
+    assert mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+
+
+def test_selfcheck_fails_beyond_its_tolerance_and_removes_its_directory(tmp_path, monkeypatch):
+    # Every selfcheck test passed a correct model: `ok` could ignore the difference, and the difference
+    # could be the smallest one. (Its temporary model directory must not outlive the call either.)
+    import tempfile
+
+    from sparcom_jax.pipeline import selfcheck
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    res = selfcheck(seq_len=6, atol=0.0)  # float32 against transformers: never bit-equal everywhere
+    assert res["reference"] == "transformers" and res["max_abs_diff"] > 0
+    assert res["finite"] and res["shape_ok"] and not res["ok"]
+    assert list(tmp_path.glob("sparcom-selfcheck-*")) == []  # (torch keeps its own cache there)
+
+
 def test_selfcheck_of_a_transformers_written_moe_directory(hf_checkpoint, capsys):
     path = hf_checkpoint("olmoe")
     code, out, _ = run_cli(capsys, "selfcheck", "--model", str(path))
@@ -784,15 +819,16 @@ def config_only_model(tmp_path) -> Path:
 
 def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
     # A downloaded model directory without tokenizer files passed the dry run ("weights found")
-    # and stopped the run at its first model; stages that read no tokenizer still plan.
+    # and stopped the run at its first model. Under data.scope content (the default) every stage
+    # reads the tokenizers (the content caps); under another scope those that read no tokenizer still plan.
     model = config_only_model(tmp_path)
     cfg = str(CONFIGS / "llama2_7b.yaml")
     args = ("--dry-run", f"base.path={model}", f"finetuned.path={tmp_path / 'absent'}", "data.max_length=128")
-    for command in ("collect", "ablate", "run"):
+    for command in ("collect", "ablate", "run", "identify", "report"):
         code, out, err = run_cli(capsys, command, "--config", cfg, *args)
         assert code == 2 and "config valid" not in out, command
         assert err.startswith(f"sparcom: error: model 'llama2-7b': {model}: no tokenizer beside the weights"), err
-    code, out, _ = run_cli(capsys, "identify", "--config", cfg, *args)
+    code, out, _ = run_cli(capsys, "identify", "--config", cfg, *args, "data.scope=prompt")
     assert code == 0 and "llama2-7b (weights found)" in out
     (model / "tokenizer.json").write_text("{}")
     code, out, _ = run_cli(capsys, "collect", "--config", cfg, *args)
@@ -802,8 +838,10 @@ def test_dry_run_refuses_weights_without_their_tokenizer(tmp_path, capsys):
 def test_a_run_refuses_weights_without_their_tokenizer_before_any_work(tmp_path, capsys):
     # Only the dry run checked: a real run found out where it first tokenized with the model (collect
     # under data.scope=prompt after counting the models before it), without the model's name.
+    # identify, evaluate, compare and report read them too under data.scope content (the content caps),
+    # and stopped there without the model's name.
     model = config_only_model(tmp_path)
-    for command in ("collect", "ablate"):
+    for command in ("collect", "ablate", "report"):
         out = tmp_path / f"out-{command}"
         code, _, err = run_cli(capsys, command, "--config", str(CONFIGS / "llama2_7b.yaml"), f"base.path={model}",
                                f"finetuned.path={model}", "--out", str(out))

@@ -216,3 +216,19 @@ def test_the_trainconfig_table_states_the_defaults():
             assert parsed == defaults[name], f"TrainConfig.{name}: documented {value}, code {defaults[name]!r}"
             seen.add(name)
     assert seen == set(defaults), f"undocumented: {sorted(set(defaults) - seen)}"
+
+
+def test_the_analyze_model_signature_states_the_defaults():
+    # docs/analysis.md writes analyze_model's options with their defaults; most are analyze_field's
+    # (passed through **field_kw), and nothing compared them: a changed default went unnoticed.
+    from sparcom_jax.analysis import analyze_field, analyze_model
+
+    text = (ROOT / "docs" / "analysis.md").read_text()
+    (sig,) = re.findall(r"`(analyze_model\(counts.*?\))`", text, re.S)
+    args = ast.parse(f"def {sig}: pass").body[0].args
+    documented = {a.arg: ast.literal_eval(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None}
+    model, field = (inspect.signature(f).parameters for f in (analyze_model, analyze_field))
+    code = {k: (model[k] if k in model else field[k]).default for k in documented}
+    assert documented == code
+    options = {k for k, p in field.items() if p.kind is p.KEYWORD_ONLY}
+    assert options == set(documented), f"undocumented: {sorted(options - set(documented))}"

@@ -11,6 +11,10 @@ def test_length_bins_hand_case():
     # Quintile edges of 1..10 are 2.8, 4.6, 6.4, 8.2; equal lengths share a bin.
     assert length_bins(np.arange(1, 11)).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert length_bins(np.array([5, 5, 5, 5, 9])).tolist() == [0, 0, 0, 0, 1]
+    # A length on an edge goes above it: the median of 1, 2, 3 is 2, so 2 joins 3, not 1.
+    assert length_bins(np.array([1, 2, 3]), 2).tolist() == [0, 1, 1]
+    empty = length_bins(np.array([], int))  # np.quantile refuses an empty array: no records, no bins
+    assert empty.shape == (0,) and empty.dtype == np.int64
 
 
 def length_only():

@@ -345,15 +345,20 @@ def require_models(specs: Sequence[ModelSpec]) -> None:
             raise ConfigError(f"model {spec.label!r}: set path (a Hugging Face directory) or init")
 
 
-# The stages that tokenize records with each model's own tokenizer.
-TOKENIZING_STAGES = ("collect", "ablate", "finetune")
+def tokenizing_stages(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The stages that read each model's tokenizer under `cfg`.
+
+    collect, ablate and finetune tokenize records under every scope. Under data.scope "content"
+    every stage that reads counts does too: the records' content caps come from every model's
+    tokenizer (`sparcom_jax.pipeline.stages.study_content_caps`), so then every stage does."""
+    return STAGES if cfg.data.scope == "content" else ("collect", "ablate", "finetune")
 
 
-def require_tokenizers(specs: Sequence[ModelSpec], stages: Sequence[str]) -> None:
-    """Fail before any work when one of `stages` tokenizes with a model whose directory is there
-    without its tokenizer files: the run would stop at that model, after the ones before it.
-    The dry run and every stage's preflight make this one check."""
-    if not set(TOKENIZING_STAGES) & set(stages):
+def require_tokenizers(cfg: ExperimentConfig, specs: Sequence[ModelSpec], stages: Sequence[str]) -> None:
+    """Fail before any work when one of `stages` reads the tokenizer (`tokenizing_stages`) of a
+    model whose directory is there without its tokenizer files: the run would stop at that model,
+    after the ones before it. The dry run and every stage's preflight make this one check."""
+    if not set(tokenizing_stages(cfg)) & set(stages):
         return
     from sparcom_jax.checkpoints.hf import has_tokenizer
     from sparcom_jax.data.tokenizer import missing_tokenizer

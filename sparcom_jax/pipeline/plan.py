@@ -173,7 +173,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
             pass
     weights = {s.label: has_weights(s) for s in specs}
     stages = STAGES if stage == "run" else (stage,)
-    require_tokenizers(specs, stages)
+    require_tokenizers(cfg, specs, stages)
     L = mcfg.num_layers
     plan: dict[str, Any] = {
         "stage": stage, "experiment": cfg.name, "model_type": mcfg.model_type, "architecture_source": source,

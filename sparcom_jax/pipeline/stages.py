@@ -996,12 +996,12 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     (`check_checkpoints_current`)."""
     if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
-        require_tokenizers([cfg.base], ("finetune",))
+        require_tokenizers(cfg, [cfg.base], ("finetune",))
         train_records(cfg)
     if stage != "finetune":
         specs = model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg))
         require_models(specs)
-        require_tokenizers(specs, STAGES if stage == "run" else (stage,))
+        require_tokenizers(cfg, specs, STAGES if stage == "run" else (stage,))
         identify_records(cfg)
     if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
         check_checkpoints_current(cfg, out)
