@@ -156,3 +156,19 @@ def test_shuffled_bucket_plan_follows_the_documented_draws():
     assert [b.indices.tolist() for b in fixed.batches] != [b.indices.tolist() for b in plan.batches]
     with pytest.raises(ValueError, match="rng shuffles only the 'bucket' grouping"):
         plan_batches(lens, 4, buckets, group="sorted", rng=np.random.default_rng(0))
+
+
+def test_bucket_ladders_are_strictly_increasing_and_bad_settings_are_refused():
+    # Rounding up to multiples of 8 maps several ladder steps to one length (8 + 2 and 8 + 4 both
+    # give 16): each length is one bucket, listed once.
+    from sparcom_jax.data.batching import fit_buckets
+
+    assert default_buckets(64, min_len=8, steps_per_octave=4) == (8, 16, 24, 32, 40, 48, 56, 64)
+    assert default_buckets(1) == (1,) and default_buckets(2, min_len=1, steps_per_octave=1) == (1, 2)  # 1 is valid
+    for bad in (dict(max_len=0), dict(max_len=8, min_len=0), dict(max_len=8, steps_per_octave=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            default_buckets(**bad)
+    for bad in (dict(batch_size=0), dict(batch_size=2, max_buckets=0), dict(batch_size=2, align=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            fit_buckets([3, 5], **bad)
+    assert fit_buckets([], 4, align=8) == (8,)  # nothing to fit: one bucket, a valid length
