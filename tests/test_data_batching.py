@@ -172,3 +172,20 @@ def test_bucket_ladders_are_strictly_increasing_and_bad_settings_are_refused():
         with pytest.raises(ValueError, match="must be >= 1"):
             fit_buckets([3, 5], **bad)
     assert fit_buckets([], 4, align=8) == (8,)  # nothing to fit: one bucket, a valid length
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        plan_batches([3], 0)
+
+
+def test_fitted_buckets_are_distinct_needs_of_the_batches():
+    # Each fitted bucket is the need of some batch (its longest member rounded up to `align`), listed
+    # once: a bucket walked twice in the programme's back-pointers would be a repeated length.
+    from sparcom_jax.data.batching import fit_buckets
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        n, bs, k, align = int(rng.integers(1, 40)), int(rng.integers(1, 5)), int(rng.integers(1, 4)), \
+            int(rng.choice([1, 4]))
+        lens = np.sort(rng.integers(1, 100, n))
+        needs = {int(-(-lens[min(e, n) - 1] // align) * align) for e in range(bs, n + bs, bs)}
+        got = fit_buckets(lens, bs, k, align)
+        assert list(got) == sorted(set(got)) and set(got) <= needs and max(got) == max(needs), (got, needs)
