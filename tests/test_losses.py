@@ -242,3 +242,15 @@ def test_loss_fn_counts_the_records_and_tokens_each_category_rests_on():
         fn = make_loss_fn(model, recs, max_length=40)
     assert fn.coverage == {"classification": {"records": 1, "scored_records": 1, "response_tokens": 7},
                            "math": {"records": 2, "scored_records": 1, "response_tokens": 2}}
+
+
+def test_response_coverage_counts_the_scored_targets_by_hand():
+    # A target is a scope token at t >= 1 (the first token is never predicted): a record whose
+    # scope is its first token only scores nothing, one with a single target at t = 1 is scored.
+    from sparcom_jax.stats.losses import response_coverage
+
+    enc = SimpleNamespace(categories=["math", "math", "code", "code"],
+                          scopes=[np.array([True, False, False]), np.array([False, True]),
+                                  np.array([True, True, True, False]), np.array([False, False, False])])
+    assert response_coverage(enc) == {"math": {"records": 2, "scored_records": 1, "response_tokens": 1},
+                                      "code": {"records": 2, "scored_records": 1, "response_tokens": 2}}
