@@ -196,3 +196,8 @@ def test_pad_batch_takes_a_sequence_of_exactly_the_length_and_refuses_too_few_ro
     assert ids.tolist() == [[4, 5, 6]] and mask.all()
     with pytest.raises(ValueError, match="rows=1 is smaller than the 2 sequences given"):
         pad_batch([np.array([1]), np.array([2])], 2, rows=1)
+
+
+def test_an_empty_plan_has_nothing_padded():
+    plan = plan_batches([], 4)
+    assert len(plan) == 0 and plan.n_slots == 0 and plan.padding_fraction == 0.0
