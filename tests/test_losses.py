@@ -254,3 +254,17 @@ def test_response_coverage_counts_the_scored_targets_by_hand():
                                   np.array([True, True, True, False]), np.array([False, False, False])])
     assert response_coverage(enc) == {"math": {"records": 2, "scored_records": 1, "response_tokens": 1},
                                       "code": {"records": 2, "scored_records": 1, "response_tokens": 2}}
+
+
+def test_a_category_without_targets_is_left_out_and_one_target_is_scored(hf_checkpoint):
+    # A category is in the result when it has a target token (the mean of one target is that
+    # token's loss), and absent, not a division by zero, when its records score nothing.
+    enc = encoded_set(n=3)
+    enc.scopes[1] = np.eye(len(enc.ids[1]), dtype=bool)[0]  # its first token only: never predicted
+    enc.scopes[2] = np.eye(len(enc.ids[2]), dtype=bool)[-1]  # one target, the last token
+    got = CategoryLoss(sj.load_model(hf_checkpoint("llama")), enc, kind="neurons", batch_size=3)(None)
+    ref = torch_category_loss(make_torch_model("llama"), SimpleNamespace(
+        ids=enc.ids[::2], scopes=enc.scopes[::2], categories=enc.categories[::2]))
+    assert set(got) == {enc.categories[0], enc.categories[2]} == set(ref)
+    for c in ref:
+        assert got[c] == pytest.approx(ref[c], rel=1e-5)
