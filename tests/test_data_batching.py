@@ -165,6 +165,8 @@ def test_bucket_ladders_are_strictly_increasing_and_bad_settings_are_refused():
 
     assert default_buckets(64, min_len=8, steps_per_octave=4) == (8, 16, 24, 32, 40, 48, 56, 64)
     assert default_buckets(1) == (1,) and default_buckets(2, min_len=1, steps_per_octave=1) == (1, 2)  # 1 is valid
+    assert default_buckets(48) == (16, 24, 32, 48)  # a step equal to max_len is the last bucket, once
+    assert default_buckets(16, min_len=7, steps_per_octave=1) == (7, 16)  # below 8: not rounded up
     for bad in (dict(max_len=0), dict(max_len=8, min_len=0), dict(max_len=8, steps_per_octave=0)):
         with pytest.raises(ValueError, match="must be >= 1"):
             default_buckets(**bad)
