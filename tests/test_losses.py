@@ -268,3 +268,21 @@ def test_a_category_without_targets_is_left_out_and_one_target_is_scored(hf_chec
     assert set(got) == {enc.categories[0], enc.categories[2]} == set(ref)
     for c in ref:
         assert got[c] == pytest.approx(ref[c], rel=1e-5)
+
+
+def test_expert_neuron_ablation_matches_transformers_with_their_output_weights_zeroed(hf_checkpoint):
+    # An expert neuron forced to 0 drops its term from the expert's output, as a zero column of the
+    # expert's down_proj does: an independent reference for kind="expert_neurons".
+    enc = encoded_set()
+    ours = CategoryLoss(sj.load_model(hf_checkpoint("qwen2_moe")), enc, kind="expert_neurons", batch_size=4)
+    mask = np.random.default_rng(2).random((2, 4, 16)) < 0.3  # [L, E, G]
+    tm = make_torch_model("qwen2_moe")
+    with torch.no_grad():
+        for l, layer in enumerate(tm.model.layers):
+            layer.mlp.experts.down_proj.mul_(torch.tensor(~mask[l], dtype=torch.float32)[:, None, :])
+    ref, base, abl = torch_category_loss(tm, enc), ours(None), ours(mask)
+    assert set(abl) == set(ref)
+    for c in ref:
+        assert abl[c] == pytest.approx(ref[c], rel=1e-5)
+    assert any(abs(abl[c] - base[c]) > 1e-3 for c in base), "ablation changed nothing; the test is blind"
+    assert ours(mask.astype(np.int64)) == abl  # a 0/1 mask means the same (not ~1 = -2 as a weight)
