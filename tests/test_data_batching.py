@@ -195,7 +195,7 @@ def test_fitted_buckets_are_distinct_needs_of_the_batches():
 
 def test_pad_batch_takes_a_sequence_of_exactly_the_length_and_refuses_too_few_rows():
     ids, mask = pad_batch([np.array([4, 5, 6], np.int32)], 3, pad_id=9)  # a bucket's longest member fits it
-    assert ids.tolist() == [[4, 5, 6]] and mask.all()
+    assert ids.tolist() == [[4, 5, 6]] and mask.all() and mask.dtype == np.bool_  # as documented
     with pytest.raises(ValueError, match="rows=1 is smaller than the 2 sequences given"):
         pad_batch([np.array([1]), np.array([2])], 2, rows=1)
 
