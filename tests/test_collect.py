@@ -989,3 +989,14 @@ def test_the_memory_check_takes_the_container_s_memory_limit(tmp_path, monkeypat
     assert collect.available_memory() == 1000
     monkeypatch.setattr(collect, "cgroup_memory", lambda: None)
     assert collect.available_memory() > 1000  # the host's
+
+
+def test_counts_above_255_leave_the_device_whole():
+    # Counts travel in the narrowest dtype for the padded length T (not for the B rows): one
+    # sequence of 600 tokens counts, over all of them, what its three thirds count apart.
+    seq = np.random.default_rng(4).integers(3, 96, 600)
+    third = np.arange(600) // 200
+    scopes = [np.ones(600, bool)] + [third == k for k in range(3)]
+    c = sj.collect_counts(_tiny_llama(), [seq] * 4, scopes, batch_size=4, progress=False)
+    assert c.tokens.tolist() == [600, 200, 200, 200] and c.neuron_active[0].max() > 255
+    np.testing.assert_array_equal(c.neuron_active[0], c.neuron_active[1:].sum(0))

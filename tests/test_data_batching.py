@@ -156,3 +156,50 @@ def test_shuffled_bucket_plan_follows_the_documented_draws():
     assert [b.indices.tolist() for b in fixed.batches] != [b.indices.tolist() for b in plan.batches]
     with pytest.raises(ValueError, match="rng shuffles only the 'bucket' grouping"):
         plan_batches(lens, 4, buckets, group="sorted", rng=np.random.default_rng(0))
+
+
+def test_bucket_ladders_are_strictly_increasing_and_bad_settings_are_refused():
+    # Rounding up to multiples of 8 maps several ladder steps to one length (8 + 2 and 8 + 4 both
+    # give 16): each length is one bucket, listed once.
+    from sparcom_jax.data.batching import fit_buckets
+
+    assert default_buckets(64, min_len=8, steps_per_octave=4) == (8, 16, 24, 32, 40, 48, 56, 64)
+    assert default_buckets(1) == (1,) and default_buckets(2, min_len=1, steps_per_octave=1) == (1, 2)  # 1 is valid
+    assert default_buckets(48) == (16, 24, 32, 48)  # a step equal to max_len is the last bucket, once
+    assert default_buckets(16, min_len=7, steps_per_octave=1) == (7, 16)  # below 8: not rounded up
+    for bad in (dict(max_len=0), dict(max_len=8, min_len=0), dict(max_len=8, steps_per_octave=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            default_buckets(**bad)
+    for bad in (dict(batch_size=0), dict(batch_size=2, max_buckets=0), dict(batch_size=2, align=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            fit_buckets([3, 5], **bad)
+    assert fit_buckets([], 4, align=8) == (8,)  # nothing to fit: one bucket, a valid length
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        plan_batches([3], 0)
+
+
+def test_fitted_buckets_are_distinct_needs_of_the_batches():
+    # Each fitted bucket is the need of some batch (its longest member rounded up to `align`), listed
+    # once: a bucket walked twice in the programme's back-pointers would be a repeated length.
+    from sparcom_jax.data.batching import fit_buckets
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        n, bs, k, align = int(rng.integers(1, 40)), int(rng.integers(1, 5)), int(rng.integers(1, 4)), \
+            int(rng.choice([1, 4]))
+        lens = np.sort(rng.integers(1, 100, n))
+        needs = {int(-(-lens[min(e, n) - 1] // align) * align) for e in range(bs, n + bs, bs)}
+        got = fit_buckets(lens, bs, k, align)
+        assert list(got) == sorted(set(got)) and set(got) <= needs and max(got) == max(needs), (got, needs)
+
+
+def test_pad_batch_takes_a_sequence_of_exactly_the_length_and_refuses_too_few_rows():
+    ids, mask = pad_batch([np.array([4, 5, 6], np.int32)], 3, pad_id=9)  # a bucket's longest member fits it
+    assert ids.tolist() == [[4, 5, 6]] and mask.all() and mask.dtype == np.bool_  # as documented
+    with pytest.raises(ValueError, match="rows=1 is smaller than the 2 sequences given"):
+        pad_batch([np.array([1]), np.array([2])], 2, rows=1)
+
+
+def test_an_empty_plan_has_nothing_padded():
+    plan = plan_batches([], 4)
+    assert len(plan) == 0 and plan.n_slots == 0 and plan.padding_fraction == 0.0

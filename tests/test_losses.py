@@ -242,3 +242,47 @@ def test_loss_fn_counts_the_records_and_tokens_each_category_rests_on():
         fn = make_loss_fn(model, recs, max_length=40)
     assert fn.coverage == {"classification": {"records": 1, "scored_records": 1, "response_tokens": 7},
                            "math": {"records": 2, "scored_records": 1, "response_tokens": 2}}
+
+
+def test_response_coverage_counts_the_scored_targets_by_hand():
+    # A target is a scope token at t >= 1 (the first token is never predicted): a record whose
+    # scope is its first token only scores nothing, one with a single target at t = 1 is scored.
+    from sparcom_jax.stats.losses import response_coverage
+
+    enc = SimpleNamespace(categories=["math", "math", "code", "code"],
+                          scopes=[np.array([True, False, False]), np.array([False, True]),
+                                  np.array([True, True, True, False]), np.array([False, False, False])])
+    assert response_coverage(enc) == {"math": {"records": 2, "scored_records": 1, "response_tokens": 1},
+                                      "code": {"records": 2, "scored_records": 1, "response_tokens": 2}}
+
+
+def test_a_category_without_targets_is_left_out_and_one_target_is_scored(hf_checkpoint):
+    # A category is in the result when it has a target token (the mean of one target is that
+    # token's loss), and absent, not a division by zero, when its records score nothing.
+    enc = encoded_set(n=3)
+    enc.scopes[1] = np.eye(len(enc.ids[1]), dtype=bool)[0]  # its first token only: never predicted
+    enc.scopes[2] = np.eye(len(enc.ids[2]), dtype=bool)[-1]  # one target, the last token
+    got = CategoryLoss(sj.load_model(hf_checkpoint("llama")), enc, kind="neurons", batch_size=3)(None)
+    ref = torch_category_loss(make_torch_model("llama"), SimpleNamespace(
+        ids=enc.ids[::2], scopes=enc.scopes[::2], categories=enc.categories[::2]))
+    assert set(got) == {enc.categories[0], enc.categories[2]} == set(ref)
+    for c in ref:
+        assert got[c] == pytest.approx(ref[c], rel=1e-5)
+
+
+def test_expert_neuron_ablation_matches_transformers_with_their_output_weights_zeroed(hf_checkpoint):
+    # An expert neuron forced to 0 drops its term from the expert's output, as a zero column of the
+    # expert's down_proj does: an independent reference for kind="expert_neurons".
+    enc = encoded_set()
+    ours = CategoryLoss(sj.load_model(hf_checkpoint("qwen2_moe")), enc, kind="expert_neurons", batch_size=4)
+    mask = np.random.default_rng(2).random((2, 4, 16)) < 0.3  # [L, E, G]
+    tm = make_torch_model("qwen2_moe")
+    with torch.no_grad():
+        for l, layer in enumerate(tm.model.layers):
+            layer.mlp.experts.down_proj.mul_(torch.tensor(~mask[l], dtype=torch.float32)[:, None, :])
+    ref, base, abl = torch_category_loss(tm, enc), ours(None), ours(mask)
+    assert set(abl) == set(ref)
+    for c in ref:
+        assert abl[c] == pytest.approx(ref[c], rel=1e-5)
+    assert any(abs(abl[c] - base[c]) > 1e-3 for c in base), "ablation changed nothing; the test is blind"
+    assert ours(mask.astype(np.int64)) == abl  # a 0/1 mask means the same (not ~1 = -2 as a weight)

@@ -37,6 +37,28 @@ def test_frequencies_per_row_and_missing_field():
         c.frequencies("expert_routed")
 
 
+def test_row_ranges_and_chunks_cover_exactly_the_rows_asked_for():
+    """The analysis reads counts in row ranges (`mean_active(field, s, stop)`) and chunks
+    (`iter_frequencies`); a range that ran past `stop`, or chunks that skipped or repeated a
+    row, would misalign frequencies with their records."""
+    rng = np.random.default_rng(2)
+    count = rng.integers(0, 6, (5, 2, 3)).astype(np.int32)  # [N=5, L=2, F=3]
+    tokens = np.array([5, 6, 0, 7, 5])
+    act = rng.random((5, 2, 3)).astype(np.float32)
+    c = Counts(tokens=Lazy(tokens), neuron_active=Lazy(count), neuron_act_sum=Lazy(act))
+    assert c.n == 5
+    want = np.zeros(count.shape, np.float64)  # brute force, row by row
+    for i in range(5):
+        if tokens[i]:
+            want[i] = count[i] / tokens[i]
+    np.testing.assert_allclose(c.frequencies("neuron_active", 1, 3), want[1:3], rtol=1e-6)
+    mean = np.where(count > 0, act / np.maximum(count, 1), 0)
+    np.testing.assert_allclose(c.mean_active("neuron_active", 1, 3), mean[1:3], rtol=1e-6)
+    chunks = list(c.iter_frequencies("neuron_active", chunk=2))
+    assert [s for s, _ in chunks] == [0, 2, 4] and [f.shape[0] for _, f in chunks] == [2, 2, 1]
+    np.testing.assert_allclose(np.concatenate([f for _, f in chunks]), want, rtol=1e-6)
+
+
 def test_frequencies_of_every_row_take_one_float32_array_of_their_size():
     """`frequencies(field)` over all N rows (the notebook's call) holds the quotient only: a
     second float32 array of the field's size doubled the peak next to the counts."""
