@@ -228,6 +228,9 @@ class AblationResult:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (NaN -> None); matrices as nested lists in CATEGORIES order."""
+        def per_cat(v):
+            return None if v is None else by_category(v)
+
         spread = self.excess_spread()
         return jsonable({
             "kind": self.kind,
@@ -244,14 +247,14 @@ class AblationResult:
             "set_sizes": by_category(self.set_sizes),
             "n_random": self.n_random,
             "seed": self.seed,
-            "dropped_mass": None if self.dropped_mass is None else by_category(self.dropped_mass),
+            "dropped_mass": per_cat(self.dropped_mass),
             "random_dropped_mass": self.random_dropped_mass,
             "in_set": self.in_set,
             "matching": self.matching,
-            "set_frequency": None if self.set_frequency is None else by_category(self.set_frequency),
+            "set_frequency": per_cat(self.set_frequency),
             "random_frequency": self.random_frequency,
-            "closest_frequency": None if self.closest_frequency is None else by_category(self.closest_frequency),
-            "above_others": None if self.above_others is None else by_category(self.above_others),
+            "closest_frequency": per_cat(self.closest_frequency),
+            "above_others": per_cat(self.above_others),
             "matching_warnings": self.matching_warnings(),
             "coverage": self.coverage,
             "coverage_warnings": coverage_warnings(self.coverage),
@@ -272,7 +275,7 @@ class AblationResult:
             return None if v is None else arr([v[c] for c in CATEGORIES], dtype)
 
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
-                   random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
+                   random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
                    n_random=d["n_random"], seed=d["seed"],
                    dropped_mass=per_cat("dropped_mass"), random_dropped_mass=arr(d.get("random_dropped_mass")),
                    in_set=arr(d.get("in_set"), np.int64), matching=d.get("matching") or {},
