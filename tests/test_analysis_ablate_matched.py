@@ -105,6 +105,18 @@ def test_draws_equal_a_scan_of_the_whole_group(k):
             np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, exclude {exclude}")
 
 
+def test_a_frequency_that_is_not_finite_is_refused():
+    # The sorted search has no nearest unit to a NaN: one clear error, not a silent draw.
+    mask = np.zeros((2, 6), bool)
+    mask[0, 1] = True
+    freq = np.arange(12.0).reshape(2, 6)
+    freq[1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"^frequency: 1 unit\(s\) have a NaN or infinite frequency"):
+        matched_random(mask, np.random.default_rng(0), freq)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ablation_matrix({CATEGORIES[0]: mask}, lambda m: {}, n_random=1, frequency=np.where(freq == 3, np.inf, 0))
+
+
 def test_without_frequency_draws_are_uniform_outside_the_set():
     rng = np.random.default_rng(0)
     mask = np.zeros((1, 10), bool)

@@ -344,8 +344,16 @@ def _draw_group(members: np.ndarray, freq: np.ndarray | None, order: np.ndarray 
 
 def frequency_order(frequency: np.ndarray, lead: int = 1) -> np.ndarray:
     """int [prod(G), W]: each group's units sorted by ascending frequency (float [*G, W]);
-    computed once and passed to every matched_random call on that frequency."""
+    computed once and passed to every matched_random call on that frequency.
+
+    Raises:
+      ValueError: a frequency is NaN or infinite (no unit is nearest to it).
+    """
     rows = np.asarray(frequency, np.float64).reshape(int(np.prod(np.shape(frequency)[:lead])), -1)
+    bad = int((~np.isfinite(rows)).sum())
+    if bad:
+        raise ValueError(f"frequency: {bad} unit(s) have a NaN or infinite frequency; give every unit a "
+                         "finite frequency (e.g. Identification.unit_frequency())")
     return np.argsort(rows, axis=1, kind="stable")
 
 
@@ -451,7 +459,7 @@ def ablation_matrix(
       kind: "neurons", "experts" or "expert_neurons" (matched per layer, per
         layer, per (layer, expert)); for experts a layer may not lose all its
         experts, since routing then has nothing left.
-      frequency: float, the mask's shape: each unit's activation frequency in the
+      frequency: float, the mask's shape: each unit's (finite) activation frequency in the
         ablated model (e.g. `Identification.unit_frequency()`); each unit of a set
         is then replaced by a unit of similar frequency (see `neighbours`). None
         matches counts per group only.
