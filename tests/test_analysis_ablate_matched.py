@@ -65,6 +65,58 @@ def test_each_unit_is_replaced_by_one_of_its_nearest_free_units_brute_force(k):
             assert seen[g][key] / n == pytest.approx(p, abs=0.04)
 
 
+def scan_draw(mask, rng, freq, k, exclude):
+    """Reference: matched_random as first written, a scan of the whole group for every unit
+    (rng.choice among the free units within the k-th distance, in index order)."""
+    out = np.zeros_like(mask)
+    for g in np.flatnonzero(mask.any(1)):
+        members, f = mask[g], freq[g]
+        free = ~members if exclude else np.ones_like(members)
+        units = np.flatnonzero(members)
+        n = min(units.size, int(free.sum()))
+        for u in units[np.argsort(-f[units], kind="stable")][:n]:
+            cand = np.flatnonzero(free & ~out[g])
+            dist = np.abs(f[cand] - f[u])
+            cut = np.sort(dist)[min(k, cand.size) - 1]
+            out[g, rng.choice(cand[dist <= cut])] = True
+        if units.size > n:
+            out[g, rng.choice(np.flatnonzero(~out[g]), size=units.size - n, replace=False)] = True
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_draws_equal_a_scan_of_the_whole_group(k):
+    # The fast search (sorted once, walk outward, bisect the ties) must draw exactly what a
+    # scan draws, RNG stream included: many ties (few distinct frequencies), sets of each
+    # group's top units (their neighbours are set members), random sets, full groups.
+    for seed in range(6):
+        gen = np.random.default_rng(seed)
+        freq = gen.integers(0, 6, (5, 40)) / 5.0
+        mask = gen.random((5, 40)) < 0.2
+        top = np.argsort(-freq[1], kind="stable")[:8]
+        mask[1] = False
+        mask[1, top] = True
+        mask[2] = True
+        mask[2, :3] = False  # more units in the set than free ones
+        mask[3] = False  # an empty group draws nothing
+        for exclude in (True, False):
+            want = scan_draw(mask, np.random.default_rng(seed), freq, k, exclude)
+            got, _ = matched_random(mask, np.random.default_rng(seed), freq, neighbours=k, exclude=exclude)
+            np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, exclude {exclude}")
+
+
+def test_a_frequency_that_is_not_finite_is_refused():
+    # The sorted search has no nearest unit to a NaN: one clear error, not a silent draw.
+    mask = np.zeros((2, 6), bool)
+    mask[0, 1] = True
+    freq = np.arange(12.0).reshape(2, 6)
+    freq[1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"^frequency: 1 unit\(s\) have a NaN or infinite frequency"):
+        matched_random(mask, np.random.default_rng(0), freq)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ablation_matrix({CATEGORIES[0]: mask}, lambda m: {}, n_random=1, frequency=np.where(freq == 3, np.inf, 0))
+
+
 def test_without_frequency_draws_are_uniform_outside_the_set():
     rng = np.random.default_rng(0)
     mask = np.zeros((1, 10), bool)

@@ -244,6 +244,24 @@ def test_loss_fn_counts_the_records_and_tokens_each_category_rests_on():
                            "math": {"records": 2, "scored_records": 1, "response_tokens": 2}}
 
 
+def test_loss_fn_scores_the_encoding_it_is_given_without_encoding_again():
+    # The pipeline fingerprints the held-out tokens and passes that very encoding: the loss
+    # is measured on it, not on a second encoding of the records (here max_length=24 would
+    # have cut every MATH response and been refused).
+    import warnings
+
+    from sparcom_jax.data import DataWarning
+    from sparcom_jax.stats.losses import encode_held_out, make_loss_fn
+
+    model, recs = cut_records()
+    with pytest.warns(DataWarning, match="truncated 2 of 3"):
+        enc = encode_held_out(recs, sj.default_tokenizer(), max_length=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second encoding, so no second truncation warning
+        fn = make_loss_fn(model, recs, max_length=24, encoded=enc)
+    assert fn.encoded is enc and fn.coverage["math"] == {"records": 2, "scored_records": 1, "response_tokens": 2}
+
+
 def test_response_coverage_counts_the_scored_targets_by_hand():
     # A target is a scope token at t >= 1 (the first token is never predicted): a record whose
     # scope is its first token only scores nothing, one with a single target at t = 1 is scored.

@@ -848,6 +848,24 @@ def test_models_stored_under_one_name_are_refused_before_any_work(tmp_path, over
     assert not (out / "counts").exists()
 
 
+def test_the_held_out_tokens_fingerprinted_are_the_ones_the_loss_is_given(done, tmp_path, monkeypatch):
+    # One encoding serves both: the stored digest is of the sequences the loss measures.
+    import sparcom_jax.stats.losses as losses
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.fingerprint import digest_arrays
+
+    given = []
+
+    def make_loss_fn(model, records, tok=None, **kw):
+        given.append(kw["encoded"])
+        return lambda mask: {c: 1.0 for c in CATEGORIES}
+
+    monkeypatch.setattr(losses, "make_loss_fn", make_loss_fn)
+    stages.ablate_stage(exp("ablation.n_random=0"), tmp_path, analyses=stages.analyze_all(exp(), done, full=False))
+    stored = json.loads((tmp_path / "ablate" / "tuned_neurons.json").read_text())["fingerprint"]
+    assert len(given) == 1 and stored["held_out_tokens"] == digest_arrays(given[0].ids, given[0].scopes)
+
+
 def test_ablation_runs_the_model_in_the_counting_precision(done, tmp_path, monkeypatch):
     """The ablated sets were chosen from counts made with collect.dtype and collect.gate_dtype;
     the loss is measured on the same numerics (a bfloat16 gate flips signs a float32 one keeps),

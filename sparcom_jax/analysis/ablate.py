@@ -20,6 +20,7 @@ outside it fires as often; the result records how close the draws came.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Callable, Mapping, Sequence
 
@@ -227,6 +228,9 @@ class AblationResult:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (NaN -> None); matrices as nested lists in CATEGORIES order."""
+        def per_cat(v):
+            return None if v is None else by_category(v)
+
         spread = self.excess_spread()
         return jsonable({
             "kind": self.kind,
@@ -243,14 +247,14 @@ class AblationResult:
             "set_sizes": by_category(self.set_sizes),
             "n_random": self.n_random,
             "seed": self.seed,
-            "dropped_mass": None if self.dropped_mass is None else by_category(self.dropped_mass),
+            "dropped_mass": per_cat(self.dropped_mass),
             "random_dropped_mass": self.random_dropped_mass,
             "in_set": self.in_set,
             "matching": self.matching,
-            "set_frequency": None if self.set_frequency is None else by_category(self.set_frequency),
+            "set_frequency": per_cat(self.set_frequency),
             "random_frequency": self.random_frequency,
-            "closest_frequency": None if self.closest_frequency is None else by_category(self.closest_frequency),
-            "above_others": None if self.above_others is None else by_category(self.above_others),
+            "closest_frequency": per_cat(self.closest_frequency),
+            "above_others": per_cat(self.above_others),
             "matching_warnings": self.matching_warnings(),
             "coverage": self.coverage,
             "coverage_warnings": coverage_warnings(self.coverage),
@@ -271,7 +275,7 @@ class AblationResult:
             return None if v is None else arr([v[c] for c in CATEGORIES], dtype)
 
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
-                   random_draws=draws, set_sizes=np.asarray([d["set_sizes"][c] for c in CATEGORIES]),
+                   random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
                    n_random=d["n_random"], seed=d["seed"],
                    dropped_mass=per_cat("dropped_mass"), random_dropped_mass=arr(d.get("random_dropped_mass")),
                    in_set=arr(d.get("in_set"), np.int64), matching=d.get("matching") or {},
@@ -280,13 +284,36 @@ class AblationResult:
                    above_others=per_cat("above_others", np.int64))
 
 
-def _draw_group(members: np.ndarray, freq: np.ndarray | None, neighbours: int, exclude: bool,
-                rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def _nearest(avail_f: list[float], x: float, k: int) -> tuple[int, int]:
+    """The slice [a, b) of the sorted `avail_f` within the k-th smallest |f - x| (ties included).
+
+    The distances fall on both sides of x's insertion point, so the k nearest are found by
+    walking outward, and the ties at the k-th distance by bisection: O(k + log W), not O(W).
+    """
+    mid = bisect.bisect_left(avail_f, x)
+    i, j = mid - 1, mid
+    for _ in range(k):  # merge the two sides, nearest first
+        if j == len(avail_f) or (i >= 0 and abs(avail_f[i] - x) <= abs(avail_f[j] - x)):
+            kth = abs(avail_f[i] - x)
+            i -= 1
+        else:
+            kth = abs(avail_f[j] - x)
+            j += 1
+    if i >= 0 and abs(avail_f[i] - x) <= kth:  # ties beyond the walk: bisect for their end
+        i = bisect.bisect_left(avail_f, True, 0, i, key=lambda v: abs(v - x) <= kth) - 1
+    if j < len(avail_f) and abs(avail_f[j] - x) <= kth:
+        j = bisect.bisect_left(avail_f, True, j, len(avail_f), key=lambda v: abs(v - x) > kth)
+    return i + 1, j
+
+
+def _draw_group(members: np.ndarray, freq: np.ndarray | None, order: np.ndarray | None, neighbours: int,
+                exclude: bool, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """One group's random set: bool [W] and the number of its units taken from the set itself.
 
     Each unit of the set, the most frequent first, gets a replacement drawn uniformly from
     the `neighbours` units nearest to it in frequency (with every unit tied at the last
     distance) among those still free; without `freq`, the replacements are uniform.
+    `order` (int [W]) sorts `freq` ascending.
     """
     out = np.zeros_like(members)
     free = ~members if exclude else np.ones_like(members)
@@ -295,22 +322,44 @@ def _draw_group(members: np.ndarray, freq: np.ndarray | None, neighbours: int, e
     if freq is None:
         out[rng.choice(np.flatnonzero(free), size=n, replace=False)] = True
     else:
+        # The free units sorted by frequency, shrinking as they are taken.
+        avail = order[free[order]]
+        avail_i, avail_f = avail.tolist(), freq[avail].tolist()
         # The most frequent units have the fewest comparable ones: they choose first, before
         # the less frequent units of the set take them.
-        for u in units[np.argsort(-freq[units], kind="stable")][:n]:
-            cand = np.flatnonzero(free & ~out)
-            dist = np.abs(freq[cand] - freq[u])
-            k = min(neighbours, cand.size)
-            out[rng.choice(cand[dist <= np.partition(dist, k - 1)[k - 1]])] = True
+        for x in np.sort(freq[units])[::-1][:n].tolist():
+            a, b = _nearest(avail_f, x, min(neighbours, len(avail_f)))
+            # In index order, as a scan of the group lists them (the draw depends on the
+            # order); integers(n) is the index rng.choice draws, without its overhead.
+            cand = sorted(avail_i[a:b])
+            pick = cand[rng.integers(len(cand))]
+            out[pick] = True
+            at = a + avail_i[a:b].index(pick)
+            del avail_i[at], avail_f[at]
     inside = units.size - n
     if inside:  # only the tested set itself is left
         out[rng.choice(np.flatnonzero(~out), size=inside, replace=False)] = True
     return out, inside
 
 
+def frequency_order(frequency: np.ndarray, lead: int = 1) -> np.ndarray:
+    """int [prod(G), W]: each group's units sorted by ascending frequency (float [*G, W]);
+    computed once and passed to every matched_random call on that frequency.
+
+    Raises:
+      ValueError: a frequency is NaN or infinite (no unit is nearest to it).
+    """
+    rows = np.asarray(frequency, np.float64).reshape(int(np.prod(np.shape(frequency)[:lead])), -1)
+    bad = int((~np.isfinite(rows)).sum())
+    if bad:
+        raise ValueError(f"frequency: {bad} unit(s) have a NaN or infinite frequency; give every unit a "
+                         "finite frequency (e.g. Identification.unit_frequency())")
+    return np.argsort(rows, axis=1, kind="stable")
+
+
 def matched_random(
     mask: np.ndarray, rng: np.random.Generator, frequency: np.ndarray | None = None, *,
-    neighbours: int = NEIGHBOURS, exclude: bool = True, lead: int = 1,
+    neighbours: int = NEIGHBOURS, exclude: bool = True, lead: int = 1, order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """A random set matching `mask` per group, each unit replaced by one of similar frequency.
 
@@ -325,6 +374,8 @@ def matched_random(
       exclude: draw outside the tested set (a unit of the set is used only when
         the group has too few others).
       lead: leading axes forming a group.
+      order: `frequency_order(frequency, lead)`, to sort once for many draws; computed
+        when None.
 
     Returns:
       (bool [*G, W] random set, units drawn from the set).
@@ -333,10 +384,13 @@ def matched_random(
         raise ValueError(f"neighbours must be >= 1, got {neighbours}")
     rows = mask.reshape(int(np.prod(mask.shape[:lead])), -1)
     f = None if frequency is None else np.asarray(frequency, np.float64).reshape(rows.shape)
+    if f is not None and order is None:
+        order = frequency_order(f)
     out = np.zeros_like(rows)
     inside = 0
     for g in np.flatnonzero(rows.any(1)):
-        out[g], i = _draw_group(rows[g], None if f is None else f[g], neighbours, exclude, rng)
+        out[g], i = _draw_group(rows[g], None if f is None else f[g], None if f is None else order[g],
+                                neighbours, exclude, rng)
         inside += i
     return out.reshape(mask.shape), inside
 
@@ -405,7 +459,7 @@ def ablation_matrix(
       kind: "neurons", "experts" or "expert_neurons" (matched per layer, per
         layer, per (layer, expert)); for experts a layer may not lose all its
         experts, since routing then has nothing left.
-      frequency: float, the mask's shape: each unit's activation frequency in the
+      frequency: float, the mask's shape: each unit's (finite) activation frequency in the
         ablated model (e.g. `Identification.unit_frequency()`); each unit of a set
         is then replaced by a unit of similar frequency (see `neighbours`). None
         matches counts per group only.
@@ -431,6 +485,7 @@ def ablation_matrix(
         if shapes and shapes != {np.shape(frequency)}:
             raise ValueError(f"frequency has shape {np.shape(frequency)}, the sets {sorted(shapes)}")
     freq64 = None if frequency is None else np.asarray(frequency, np.float64)  # (once, not per draw)
+    order = None if frequency is None else frequency_order(freq64, lead)
     isn = np.full((C, C), np.nan)
     draws = np.full((n_random, C, C), np.nan)
     sizes = np.zeros(C, np.int64)
@@ -466,10 +521,12 @@ def ablation_matrix(
         slots.append((a, None))
         if frequency is not None:
             set_freq[a] = freq64[mask].mean()
-            close_freq[a] = freq64[matched_random(mask, closest_rng, freq64, neighbours=1, lead=lead)[0]].mean()
+            close_freq[a] = freq64[matched_random(mask, closest_rng, freq64, neighbours=1, lead=lead,
+                                                     order=order)[0]].mean()
             above[a] = above_all_others(mask, freq64, lead)
         for d in range(n_random):
-            rmask, in_set[d, a] = matched_random(mask, rng, freq64, neighbours=neighbours, exclude=True, lead=lead)
+            rmask, in_set[d, a] = matched_random(mask, rng, freq64, neighbours=neighbours, exclude=True,
+                                                   lead=lead, order=order)
             if frequency is not None:
                 rand_freq[d, a] = freq64[rmask].mean()
             masks.append(rmask)

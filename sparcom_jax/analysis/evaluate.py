@@ -254,14 +254,13 @@ def layer_distribution(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return count, count / width
 
 
-def _three_step_costs(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _three_step_costs(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares residuals of the three-constant-piece fits of each row of y [P, L]
     (L >= 3), over every pair of boundaries 1 <= b1 < b2 <= L-1 at once (O(L^2) with
     prefix sums).
 
     Returns:
-      (cost float [P, K] of the K pairs, ordered by b1 then b2; b1 int [K]; b2 int [K];
-      total float [P], the residual of one constant over all layers).
+      (cost float [P, K] of the K pairs, ordered by b1 then b2; b1 int [K]; b2 int [K]).
     """
     p, n_layers = y.shape
     zero = np.zeros((p, 1))
@@ -275,7 +274,7 @@ def _three_step_costs(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
         return s2[:, b] - s2[:, a] - (s1[:, b] - s1[:, a]) ** 2 / (b - a)
 
     cost = sse(np.zeros_like(b1), b1) + sse(b1, b2) + sse(b2, np.full_like(b2, n_layers))
-    return cost, b1, b2, sse(np.zeros(1, int), np.full(1, n_layers))[:, 0]
+    return cost, b1, b2
 
 
 def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
@@ -316,8 +315,9 @@ def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
         return {"rule": "three-segment least squares", "boundaries": None, "early": None,
                 "middle": None, "late": None, "explained": None, "early_dominant": None,
                 "explained_p": None, "n_perm": n_perm}
-    cost, b1s, b2s, total = _three_step_costs(y[None])
-    cost, total = cost[0], float(total[0])
+    cost, b1s, b2s = _three_step_costs(y[None])
+    cost = cost[0]
+    total = float(y @ y - y.sum() ** 2 / n_layers)  # the residual of one constant over all layers
     tol = 1e-9 * max(1.0, total)
     # The earliest pair within the tolerance of the least residual: float rounding must not
     # let a later split that ties exactly look better.

@@ -129,12 +129,13 @@ HELD_OUT_TOKENS_UNKNOWN = (
     "tokens, so a tokenizer change since cannot be told; recompute it once")
 
 
-def held_out_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, tokenizer=None
+def held_out_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, tokenizer=None, *, encoded=None
                          ) -> tuple[dict[str, str], dict[str, Any]]:
     """The causal check's "held_out_tokens" component: a digest of the sequences its loss is
     measured on (`sparcom_jax.stats.losses.encode_held_out`, under the model's template and
-    data.max_length, with `tokenizer`, default the model's), and what is kept beside it to
-    name changed records: {"ids", "categories", "token_digests"} (`record_digests`).
+    data.max_length, with `tokenizer`, default the model's; or `encoded`, those sequences
+    made already), and what is kept beside it to name changed records: {"ids",
+    "categories", "token_digests"} (`record_digests`).
 
     The settings and the record text are in `ablation_fingerprint` already; the tokenizer is
     not, and a tokenizer change that touches only held-out text leaves the counts as they were.
@@ -143,10 +144,12 @@ def held_out_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, tokeni
 
     from sparcom_jax.stats.losses import encode_held_out
 
-    tok = tokenizer or spec_tokenizer(spec)
-    with warnings.catch_warnings():  # the causal check itself reports truncation
-        warnings.simplefilter("ignore")
-        enc = encode_held_out(records, tok, template=template_for(spec, cfg), max_length=cfg.data.max_length)
+    enc = encoded
+    if enc is None:
+        with warnings.catch_warnings():  # the causal check itself reports truncation
+            warnings.simplefilter("ignore")
+            enc = encode_held_out(records, tokenizer or spec_tokenizer(spec), template=template_for(spec, cfg),
+                                  max_length=cfg.data.max_length)
     beside = {"ids": enc.record_ids, "categories": enc.categories, "token_digests": record_digests(enc.ids, enc.scopes)}
     return {"held_out_tokens": digest_arrays(enc.ids, enc.scopes)}, beside
 

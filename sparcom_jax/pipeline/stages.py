@@ -702,7 +702,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     from sparcom_jax.analysis.ablate import ablate_identification, coverage_warnings
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.parallel.processes import check_same
-    from sparcom_jax.stats.losses import make_loss_fn
+    from sparcom_jax.stats.losses import encode_held_out, make_loss_fn
 
     a = cfg.ablation
     if not a.enabled:
@@ -717,9 +717,10 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     for spec in specs:
         ma = analyses.models[spec.label]
         model = None
-        # The tokens fingerprinted are those the loss is measured on: one tokenizer for both.
-        tok = spec_tokenizer(spec)
-        tokens_fp, held_out = held_out_fingerprint(cfg, spec, records, tok)
+        # The tokens fingerprinted are those the loss is measured on: encoded once, for both.
+        held_enc = encode_held_out(records, spec_tokenizer(spec), template=template_for(spec, cfg),
+                                   max_length=cfg.data.max_length)
+        tokens_fp, held_out = held_out_fingerprint(cfg, spec, records, encoded=held_enc)
         for kind, section in ABLATION_SECTIONS.items():
             if kind not in a.kinds or section not in ma.fields:
                 continue
@@ -744,9 +745,10 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs, "
                        f"{len(records)} held-out records)"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
-                loss_fn = make_loss_fn(model, records, tok, kind=kind, template=template_for(spec, cfg),
+                loss_fn = make_loss_fn(model, records, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
-                                       buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode)
+                                       buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
+                                       encoded=held_enc)
                 total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * (1 + a.n_random)
                 mine = len(range(jax.process_index(), total, jax.process_count()))
                 try:

@@ -255,13 +255,15 @@ def ablation_rows(d: dict) -> list[list]:
         vals = [r[i] for r in m or [] if r[i] is not None]
         return sum(vals) / len(vals) if vals else None
 
+    def of(key, c):  # a {category: value} entry, None where the file has none
+        return (d.get(key) or {}).get(c)
+
     return [[c, d["baseline"].get(c), d["set_sizes"][c], own("excess", i), own("excess_std", i),
-             own("random_ge_fraction", i), (d.get("dropped_mass") or {}).get(c),
+             own("random_ge_fraction", i), of("dropped_mass", c),
              col_mean("random_dropped_mass", i), col_mean("in_set", i), own("p_value", i),
-             (d.get("set_frequency") or {}).get(c), col_mean("random_frequency", i),
-             (d.get("closest_frequency") or {}).get(c), (d.get("above_others") or {}).get(c),
-             *(((d.get("coverage") or {}).get(c) or {}).get(k)
-               for k in ("records", "scored_records", "response_tokens"))]
+             of("set_frequency", c), col_mean("random_frequency", i),
+             of("closest_frequency", c), of("above_others", c),
+             *((of("coverage", c) or {}).get(k) for k in ("records", "scored_records", "response_tokens"))]
             for i, c in enumerate(CATEGORIES)]
 
 

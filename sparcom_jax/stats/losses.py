@@ -167,13 +167,15 @@ def encode_held_out(records, tokenizer, *, template: str = "plain", max_length: 
 
 def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", template: str = "plain",
                  batch_size: int = 8, max_length: int | None = 512, mesh=None,
-                 buckets: Sequence[int] | None = None,
-                 expert_mode: str = "post") -> Callable[[np.ndarray | None], Mapping[str, float]]:
+                 buckets: Sequence[int] | None = None, expert_mode: str = "post",
+                 encoded=None) -> Callable[[np.ndarray | None], Mapping[str, float]]:
     """The `loss_fn` for `ablation_matrix`: mask (or None) -> {category: mean response loss}.
 
     `records`: as in `collect_instructions` (Records, a file, dicts, a DataFrame);
-    `buckets`: fixed padded lengths; `expert_mode`: see `CategoryLoss`. The returned
-    `CategoryLoss` also reports ``last_dropped_mass``.
+    `buckets`: fixed padded lengths; `expert_mode`: see `CategoryLoss`; `encoded`: the
+    `EncodedSet` `encode_held_out` made of `records` (the pipeline fingerprints it), scored
+    as it is (`records`, `tokenizer`, `template` and `max_length` are then not read). The
+    returned `CategoryLoss` also reports ``last_dropped_mass``.
 
     Raises:
       ValueError: a category of `records` has no response token within `max_length` (its
@@ -182,7 +184,8 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
     from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
     from sparcom_jax.data import resolve_tokenizer
 
-    enc = encode_held_out(records, resolve_tokenizer(model, tokenizer), template=template, max_length=max_length)
+    enc = encoded if encoded is not None else encode_held_out(
+        records, resolve_tokenizer(model, tokenizer), template=template, max_length=max_length)
     coverage = response_coverage(enc)
     unscored = [c for c in CATEGORIES if c in coverage and not coverage[c]["scored_records"]]
     if unscored:
