@@ -278,6 +278,9 @@ def test_locate_phases():
     assert uneven["boundaries"] == [2, 7] and uneven["late"]["mean"] == 5
     flat = locate_phases([3, 3, 3, 3])
     assert flat["explained"] is None and flat["early_dominant"] is False
+    for v, n in ((7.3, 80), (0.1, 5)):  # float rounding left a residual total: explained 5.0 and 0.0
+        flat = locate_phases([v] * n, n_perm=3)
+        assert flat["explained"] is None and flat["explained_p"] is None, (v, n, flat["explained"])
     assert locate_phases([1, 2])["boundaries"] is None
 
 

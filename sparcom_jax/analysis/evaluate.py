@@ -285,7 +285,7 @@ def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
     (exhaustive search, O(L^2) with prefix sums; ties go to the earliest
     boundaries). This finds where the profile steps down or up without assuming
     the phases are thirds. `explained` = 1 - residual / total sum of squares
-    tells how step-like the profile is (NaN for a flat profile, where any split
+    tells how step-like the profile is (None for a flat profile, where any split
     fits). `early_dominant` is the paper's pattern: the early phase has more
     units per layer than both the middle and the late phase.
 
@@ -317,7 +317,10 @@ def locate_phases(profile, n_perm: int = 0, seed: int = 0) -> dict:
                 "explained_p": None, "n_perm": n_perm}
     cost, b1s, b2s = _three_step_costs(y[None])
     cost = cost[0]
-    total = float(y @ y - y.sum() ** 2 / n_layers)  # the residual of one constant over all layers
+    # The residual of one constant over all layers; exactly 0 for a flat profile, whose sum of
+    # squares minus squared sum leaves float rounding (+-1e-12 for 80 layers of 7.3) that gave
+    # `explained` values such as 5.0.
+    total = 0.0 if np.ptp(y) == 0 else float(y @ y - y.sum() ** 2 / n_layers)
     tol = 1e-9 * max(1.0, total)
     # The earliest pair within the tolerance of the least residual: float rounding must not
     # let a later split that ties exactly look better.
