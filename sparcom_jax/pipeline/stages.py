@@ -835,18 +835,16 @@ class _Counting:
 
 def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
     """An ablation fingerprint with its identify rule cut to the parameters the ablated sets
-    depend on: the main rule's share for the kind (eps, or eps_experts for ISEs), or its
-    threshold under rule "absolute" (under "top" the threshold is the contrast rule's). A
-    change of the others leaves the sets, and so the check, as they were."""
+    depend on (`IdentifyConfig.parameters_used` of the kind's count field): a change of the
+    others leaves the sets, and so the check, as they were."""
+    from sparcom_jax.analysis.ablate import FIELD_KIND
+    from sparcom_jax.analysis.identify import IdentifyConfig
+
     if not fp or not isinstance(fp.get("identify"), dict):
         return fp
-    rule = dict(fp["identify"])
-    eps_experts = rule.pop("eps_experts", None)
-    if (fp.get("ablation") or {}).get("kind") == "experts" and eps_experts is not None:
-        rule["eps"] = eps_experts
-    for k in ("eps", "ties") if rule.get("rule") == "absolute" else ("threshold",):
-        rule.pop(k, None)
-    return {**fp, "identify": rule}
+    kind = (fp.get("ablation") or {}).get("kind")
+    field = next((f for f, k in FIELD_KIND.items() if k == kind), None)
+    return {**fp, "identify": IdentifyConfig.parameters_used(fp["identify"], field)}
 
 
 def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool, **fix):
