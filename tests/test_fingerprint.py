@@ -367,3 +367,20 @@ def test_a_max_length_that_cut_nothing_more_leaves_counts_current(tmp_path):
     CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 1024}).close()  # resumed, not refused
     with pytest.raises(StaleResultError):
         CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 256, "tokens": "b" * 16})
+
+
+def test_details_given_as_a_function_are_computed_only_for_a_refusal(tmp_path):
+    # Naming changed records hashes every record's tokens: every stage checks every store, and
+    # computed before each check, the names cost that on runs where nothing changed.
+    calls = []
+
+    def details():
+        calls.append(1)
+        return {"tokens": "1 of 2 records: 'r1' (math)"}
+
+    made = {"tokens": "a" * 16, "scope": "content"}
+    assert not stale(tmp_path, made, dict(made), overwrite=False, details=details)
+    assert calls == []
+    with pytest.raises(StaleResultError, match=r"changed \(1 of 2 records: 'r1' \(math\)\)"):
+        stale(tmp_path, made, {**made, "tokens": "b" * 16}, overwrite=False, details=details)
+    assert calls == [1]

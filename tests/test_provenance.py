@@ -53,6 +53,21 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(stages, "load_spec_model", fail)
 
 
+def counted(monkeypatch, *names) -> list[str]:
+    """The names of the `stages` functions `names` in the order they are called from now on."""
+    calls = []
+
+    def wrap(name, real):
+        def f(*a, **k):
+            calls.append(name)
+            return real(*a, **k)
+        return f
+
+    for name in names:
+        monkeypatch.setattr(stages, name, wrap(name, getattr(stages, name)))
+    return calls
+
+
 # (override, the name the error must give for it)
 CHANGES = [
     ("data.scope=prompt", "data.scope: 'content' -> 'prompt'"),
@@ -109,12 +124,15 @@ def test_counts_refused_for_an_edited_record_name_the_record(done, monkeypatch):
 
 def test_unchanged_settings_reuse_everything_without_loading_weights(done, monkeypatch):
     no_weights(monkeypatch)
+    # which records' tokens changed is worked out only for a refusal (it hashes every record's tokens)
+    named = counted(monkeypatch, "token_changes", "changed_records")
     before = {p: p.stat().st_mtime_ns for p in (done / "counts").rglob("meta.json")}
     # batch size, buckets and dispatch do not change counts: they are not in the fingerprint
     res = run_stage("run", exp("collect.batch_size=5", "collect.buckets=null", "collect.moe_impl=tiled"), done)
     assert {p: p.stat().st_mtime_ns for p in (done / "counts").rglob("meta.json")} == before
     assert json.loads((done / "report" / "summary.json").read_text())["ablation"]["isn"] is not None
     assert res["report"].endswith("index.html")
+    assert named == []
 
 
 def test_same_template_control_is_counted_and_compared(done):
@@ -488,11 +506,14 @@ def test_a_refused_fine_tuning_run_names_the_records_whose_text_changed(tuned, m
             run_stage(stage, from_dict(ExperimentConfig, cfg, "t"), out)
 
 
-def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned):
+def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned, monkeypatch):
     out, cfg = tuned
     weights = out / "checkpoints" / "base-ft" / "hf" / "model.safetensors"
     before = weights.stat().st_mtime_ns
+    named = counted(monkeypatch, "_run_token_changes")  # looked for only when a run is refused
     run_stage("finetune", from_dict(ExperimentConfig, cfg, "t"), out)
+    stages.check_checkpoints_current(from_dict(ExperimentConfig, cfg, "t"), out)
+    assert named == []
     assert weights.stat().st_mtime_ns == before  # not re-exported: collect's fingerprint stays valid
     series = json.loads((out / "checkpoints" / "series.json").read_text())
     assert [(d["name"], d["step"]) for d in series] == [("base-ft-step1", 1), ("base-ft", 2)]

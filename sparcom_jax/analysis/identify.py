@@ -108,6 +108,21 @@ class IdentifyConfig:
             return self.eps_experts
         return self.eps
 
+    @staticmethod
+    def parameters_used(rule: dict[str, Any], field: str | None) -> dict[str, Any]:
+        """`rule` (a `to_dict`, of this or an earlier sparcom_jax) without the parameters the
+        sets of `field` do not depend on: the top share for the field (`eps_for`) is kept as
+        "eps", and under rule "absolute" the threshold replaces eps and ties (under "top" the
+        threshold is the contrast rule's). Other keys are kept as they are, so that a rule
+        stored by an earlier version compares as it did."""
+        used = dict(rule)
+        eps_experts = used.pop("eps_experts", None)
+        if field == "expert_routed" and eps_experts is not None:
+            used["eps"] = eps_experts
+        for k in ("eps", "ties") if used.get("rule") == "absolute" else ("threshold",):
+            used.pop(k, None)
+        return used
+
     @property
     def needs_strength(self) -> bool:
         """Whether the rule reads the activation sums (exact-k tie-break)."""

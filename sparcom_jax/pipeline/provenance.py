@@ -37,7 +37,7 @@ Every stage's fingerprint also holds `sparcom_jax.fingerprint.METHOD_VERSION` (`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from sparcom_jax.config import ExperimentConfig, ModelSpec
 from sparcom_jax.errors import StaleResultError
@@ -150,31 +150,40 @@ def held_out_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, tokeni
             warnings.simplefilter("ignore")
             enc = encode_held_out(records, tokenizer or spec_tokenizer(spec), template=template_for(spec, cfg),
                                   max_length=cfg.data.max_length)
-    beside = {"ids": enc.record_ids, "categories": enc.categories, "token_digests": record_digests(enc.ids, enc.scopes)}
-    return {"held_out_tokens": digest_arrays(enc.ids, enc.scopes)}, beside
+    return {"held_out_tokens": digest_arrays(enc.ids, enc.scopes)}, record_index(enc)
+
+
+def record_index(enc) -> dict[str, Any]:
+    """What is kept beside a fingerprint of the `EncodedSet` `enc`'s tokens to name the records
+    whose tokens changed (`changed_records`): {"ids", "categories", "token_digests"}."""
+    return {"ids": enc.record_ids, "categories": enc.categories, "token_digests": record_digests(enc.ids, enc.scopes)}
 
 
 def token_changes(header: Mapping[str, Any] | None, enc) -> dict[str, str | None]:
     """`describe`'s details of the "tokens" component: the records of the `EncodedSet` `enc`
     whose tokens differ from those a count store's `header` keeps (`changed_records`)."""
-    current = {"ids": enc.record_ids, "categories": enc.categories,
-               "token_digests": record_digests(enc.ids, enc.scopes)}
-    return {"tokens": changed_records(header, current)}
+    return {"tokens": changed_records(header, record_index(enc))}
+
+
+Details = Mapping[str, str | None]
 
 
 def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[str, Any],
           *, overwrite: bool, fix: str = "re-run with --overwrite to recompute it, or choose another --out",
-          details: Mapping[str, str | None] | None = None) -> bool:
+          details: Details | Callable[[], Details | None] | None = None) -> bool:
     """Whether outputs with fingerprint `stored` must be recomputed for `current`.
 
     Returns False when they match (reuse them). When they differ: raises
     StaleResultError naming the difference (with `details` of the components that have
     them, `describe`) and `fix`, unless `overwrite`, in which case it logs why and
-    returns True.
+    returns True. `details` may be a function returning them: it is called only when the
+    fingerprints differ (naming changed records hashes every record's tokens).
     """
     keys = stale_keys(stored, current)
     if not keys:
         return False
+    if callable(details):
+        details = details()
     what = describe(keys, stored, current, LABELS, details=details)
     if not overwrite:
         raise StaleResultError(f"{where}: made with other inputs or settings ({what}); {fix}")

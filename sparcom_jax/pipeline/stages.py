@@ -19,7 +19,8 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, with_method, write_fingerprint,
+    FINGERPRINT_FILE, changed_records, digest, digest_arrays, read_fingerprint, record_digests, with_method,
+    write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -58,12 +59,21 @@ def train_fingerprint(base: str, tcfg, records, tokenizer, *, enc=None) -> dict[
                         "tokens": digest_arrays(enc.ids, enc.scopes)})
 
 
+def base_train_fingerprint(cfg: ExperimentConfig, records, tokenizer) -> tuple[dict[str, Any], Any]:
+    """(`train_fingerprint`, `train_encoding`) of the config's fine-tuning run of its base model
+    on `records` (its `train_records`), tokenized by `tokenizer`."""
+    tcfg = train_config(cfg)
+    enc = train_encoding(tcfg, records, tokenizer)
+    return train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, tokenizer, enc=enc), enc
+
+
 def _run_token_changes(run_dir: Path, stored: dict | None, current: dict[str, Any], enc) -> dict[str, str | None]:
     """`stale`'s details of a fine-tuning run's "tokens": the records whose tokens differ from
-    those its fingerprint.json keeps (in record order: comparable when the records are the same)."""
-    whole = read_fingerprint(run_dir, whole=True) or {}
+    those its fingerprint.json keeps (in record order: comparable when the records are the same).
+    Called only on a refusal (`stale` calls its details lazily): the file's digests are read then."""
     if not stored or stored.get("records") != current["records"]:
         return {}
+    whole = read_fingerprint(run_dir, whole=True) or {}
     return token_changes({"ids": enc.record_ids, "token_digests": whole.get("token_digests")}, enc)
 
 
@@ -82,12 +92,11 @@ def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
     stored = read_fingerprint(out / "train")
     if stored is None:  # exports whose run directory was removed: finetune itself refuses them
         return
-    tcfg, records, tok = train_config(cfg), train_records(cfg), spec_tokenizer(cfg.base)
-    enc = train_encoding(tcfg, records, tok)
-    current = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, tok, enc=enc)
+    current, enc = base_train_fingerprint(cfg, train_records(cfg), spec_tokenizer(cfg.base))
     stale(out / "checkpoints", stored, current, overwrite=False,
           fix="run `sparcom finetune --overwrite` first (it tunes and exports them again), or restore the "
-              "settings they were tuned with", details=_run_token_changes(out / "train", stored, current, enc))
+              "settings they were tuned with",
+          details=lambda: _run_token_changes(out / "train", stored, current, enc))
 
 
 def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
@@ -103,7 +112,7 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     """
     stored = read_fingerprint(directory)
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
-    details = _run_token_changes(directory, stored, components, encoded) if encoded is not None else None
+    details = (lambda: _run_token_changes(directory, stored, components, encoded)) if encoded is not None else None
     clear = (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite,
                                                         details=details)
     with primary_writes(f"{stage}: removing {directory}") as writes:
@@ -175,14 +184,13 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     records = train_records(cfg)
     tcfg = train_config(cfg)
     name = cfg.finetuned.label if cfg.finetuned else f"{cfg.base.label}-ft"
+    # The tokens fingerprinted are those trained on: one tokenizer for both.
     tok = spec_tokenizer(cfg.base)
-    enc = train_encoding(tcfg, records, tok)
-    fp = train_fingerprint(spec_model_fingerprint(cfg.base), tcfg, records, tok, enc=enc)
+    fp, enc = base_train_fingerprint(cfg, records, tok)
     guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"], encoded=enc)
     mesh = make_mesh(cfg.mesh)
     with timed(f"finetune: loading {cfg.base.label}"):
         model = load_spec_model(cfg.base, dtype="float32", mesh=mesh)
-    tok = resolve_tokenizer(model)
     held_out = ablate_records(cfg) if cfg.data.split is not None else records
     eval_records = sample_balanced(held_out, 2, seed=cfg.seed) if len(held_out) >= 12 else None
     steps = f"{tcfg.total_steps} steps" if tcfg.total_steps else f"{tcfg.epochs} epoch(s)"
@@ -354,7 +362,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             if header is not None and not overwrite:  # a store of another format is never resumed or reused
                 check_version(header, mine, "re-run with --overwrite to count again, or choose another --out")
             resume = header is not None and header.get("version") == STORE_VERSION and not stale(
-                mine, header.get("fingerprint"), fp, overwrite=overwrite, details=token_changes(header, enc))
+                mine, header.get("fingerprint"), fp, overwrite=overwrite, details=lambda: token_changes(header, enc))
             # Group keys are not in the fingerprint (stores written before they were kept still match), but
             # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
             if resume and header.get("groups") is not None:
@@ -439,7 +447,8 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
         fp, enc = collect_fingerprint(cfg, spec, recs, template, **settings)
         stale(part, header.get("fingerprint"), fp, overwrite=False,
-              fix="run `sparcom collect --overwrite` first, or choose another --out", details=token_changes(header, enc))
+              fix="run `sparcom collect --overwrite` first, or choose another --out",
+              details=lambda: token_changes(header, enc))
     if parts:
         counts = merge_shares([open_counts(p) for p in parts], root)
         # What the later stages fingerprint the counts by: that of one store of every record, which the
@@ -828,18 +837,16 @@ class _Counting:
 
 def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
     """An ablation fingerprint with its identify rule cut to the parameters the ablated sets
-    depend on: the main rule's share for the kind (eps, or eps_experts for ISEs), or its
-    threshold under rule "absolute" (under "top" the threshold is the contrast rule's). A
-    change of the others leaves the sets, and so the check, as they were."""
+    depend on (`IdentifyConfig.parameters_used` of the kind's count field): a change of the
+    others leaves the sets, and so the check, as they were."""
+    from sparcom_jax.analysis.ablate import FIELD_KIND
+    from sparcom_jax.analysis.identify import IdentifyConfig
+
     if not fp or not isinstance(fp.get("identify"), dict):
         return fp
-    rule = dict(fp["identify"])
-    eps_experts = rule.pop("eps_experts", None)
-    if (fp.get("ablation") or {}).get("kind") == "experts" and eps_experts is not None:
-        rule["eps"] = eps_experts
-    for k in ("eps", "ties") if rule.get("rule") == "absolute" else ("threshold",):
-        rule.pop(k, None)
-    return {**fp, "identify": rule}
+    kind = (fp.get("ablation") or {}).get("kind")
+    field = next((f for f, k in FIELD_KIND.items() if k == kind), None)
+    return {**fp, "identify": IdentifyConfig.parameters_used(fp["identify"], field)}
 
 
 def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool, **fix):
@@ -848,7 +855,6 @@ def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, o
     other settings, without it: `stale` raises, naming the held-out records whose tokens
     changed from `held_out`, `held_out_fingerprint`'s digests)."""
     from sparcom_jax.analysis import AblationResult
-    from sparcom_jax.fingerprint import changed_records
 
     if not f.is_file():
         return None
@@ -856,8 +862,12 @@ def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, o
     old = stored.get("fingerprint") or {}
     # A result stored before the held-out tokens were fingerprinted is refused once: comparing
     # what it has would reuse it after a tokenizer change, the one change its fingerprint misses.
-    why = changed_records(stored.get("held_out"), held_out) if "held_out_tokens" in old else HELD_OUT_TOKENS_UNKNOWN
-    if stale(f, _as_compared(old), _as_compared(fp), overwrite=overwrite, details={"held_out_tokens": why}, **fix):
+    def why() -> dict[str, str | None]:
+        known = "held_out_tokens" in old
+        return {"held_out_tokens": changed_records(stored.get("held_out"), held_out) if known
+                else HELD_OUT_TOKENS_UNKNOWN}
+
+    if stale(f, _as_compared(old), _as_compared(fp), overwrite=overwrite, details=why, **fix):
         return None
     return AblationResult.from_dict(stored)
 
