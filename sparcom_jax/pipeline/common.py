@@ -90,7 +90,9 @@ def primary_writes(what: str) -> Iterator[bool]:
     others, which wrote nothing, stop there naming process 0's error. Without it they met
     process 0's exit in their next collective, on CPU as a "connection closed" error that
     did not name the cause, on TPU or GPU at jax.distributed's heartbeat timeout (100 s).
-    Every process must enter the block, and the block must hold no collective.
+    Every process must enter the block, and the block must hold no collective. No barrier
+    is needed after it: no process passes `raise_together`'s gather before process 0 has
+    left the block, so its writes are done once any process is past it.
 
     Args:
       what: what process 0 writes, for the others' message.
@@ -137,7 +139,6 @@ def check_shared(out: Path, what: str = "--out") -> None:
     with primary_writes(f"writing a probe file in {out}") as writes:
         if writes:
             probe.write_text("written by process 0 to check that every process sees this directory\n")
-    barrier("sparcom:shared-probe-written")
     seen = gather(probe.is_file()).reshape(-1)  # every process has looked once this returns
     if is_primary():
         probe.unlink(missing_ok=True)
