@@ -179,7 +179,9 @@ def _digest_cache() -> Path | None:
     return cache_setting(DIGEST_CACHE_ENV, cache_root() / "weights-sha256")
 
 
-def _stat_key(st: os.stat_result) -> list[int]:
+def stat_key(st: os.stat_result) -> list[int]:
+    """[size, modification time, change time, inode, device id] of a file's `os.stat`: a file
+    whose key is unchanged is taken to be unchanged (the change time cannot be set back)."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
@@ -209,7 +211,7 @@ def _current(entry: str) -> bool:
     (False for a damaged entry)."""
     try:
         e = json.loads(Path(entry).read_text())
-        return _stat_key(os.stat(e["path"])) == e["stat"]
+        return stat_key(os.stat(e["path"])) == e["stat"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -227,7 +229,7 @@ def _hash_and_cache(cache: Path | None, real: Path, key: list[int]) -> str:
     start = time.time_ns()
     sha = file_sha256(real)
     # Cached only when the file did not change while it was read, nor just before (see SETTLE_NS).
-    if cache is not None and _stat_key(real.stat()) == key and max(key[1], key[2]) < start - SETTLE_NS:
+    if cache is not None and stat_key(real.stat()) == key and max(key[1], key[2]) < start - SETTLE_NS:
         from sparcom_jax.fileio import write_json
 
         try:  # one entry per file, replaced atomically: concurrent writers at worst both hash
@@ -295,7 +297,7 @@ def file_digests(files: Sequence[str | os.PathLike], where: str | os.PathLike | 
     """
     cache = _digest_cache()
     reals = [Path(f).resolve() for f in files]
-    keys = [_stat_key(r.stat()) for r in reals]
+    keys = [stat_key(r.stat()) for r in reals]
     out = [_cached(cache, r, k) for r, k in zip(reals, keys)]
     todo = [i for i, d in enumerate(out) if d is None]
     size = sum(keys[i][0] for i in todo)

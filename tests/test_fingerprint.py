@@ -297,7 +297,7 @@ def test_an_entry_another_process_rewrites_while_it_is_pruned_stays(tmp_path, ca
     def judged_then_replaced(path):
         stale = real(path)
         real_f = f.resolve()  # ...and another writer replaces it before the prune removes it
-        F._hash_and_cache(cache, real_f, F._stat_key(real_f.stat()))
+        F._hash_and_cache(cache, real_f, F.stat_key(real_f.stat()))
         return stale
 
     monkeypatch.setattr(F, "_current", judged_then_replaced)

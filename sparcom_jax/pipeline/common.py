@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config
 from sparcom_jax.console import log
 from sparcom_jax.fileio import relative_note
-from sparcom_jax.fingerprint import _stat_key
+from sparcom_jax.fingerprint import stat_key
 
 STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
 
@@ -488,14 +488,14 @@ _PARTS_CACHE: dict[str, tuple[dict, dict]] = {}
 
 
 def _stamp(path) -> list:
-    """[file, size, modification and change times, inode] of every data file (`path`: one, a
+    """[file, size, modification and change times, inode, device id] of every data file (`path`: one, a
     list, or None for the shipped set), so the cache below reads a file again once it is
     edited. The change time is set by the kernel on every write and cannot be set back: an
     edit that keeps the size, by a tool that restores the modification time (tar, rsync -t,
     cp -p), still changes it."""
     paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     files = [f for p in map(Path, paths) for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
-    return [[str(f), *_stat_key(f.stat())] for f in files]
+    return [[str(f), *stat_key(f.stat())] for f in files]
 
 
 def _load(d):
