@@ -22,6 +22,11 @@ from sparcom_jax.fingerprint import stat_key
 STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
 
 
+def stages_run(stage: str) -> tuple[str, ...]:
+    """The stages a command runs: every stage for "run", else `stage` alone."""
+    return STAGES if stage == "run" else (stage,)
+
+
 # --------------------------------------------------------------------------- #
 # Progress and formatting
 # --------------------------------------------------------------------------- #

@@ -22,9 +22,9 @@ from sparcom_jax.fingerprint import (
     FINGERPRINT_FILE, digest, digest_arrays, read_fingerprint, record_digests, with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
-    STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
+    ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
     load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, primary_writes, record_parts,
-    require_models, require_tokenizers, safe, save_resolved, template_for, timed, train_records,
+    require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
     HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
@@ -999,7 +999,7 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     if stage != "finetune":
         specs = model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg))
         require_models(specs)
-        require_tokenizers(cfg, specs, STAGES if stage == "run" else (stage,))
+        require_tokenizers(cfg, specs, stages_run(stage))
         identify_records(cfg)
     if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
         check_checkpoints_current(cfg, out)
