@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -177,15 +177,15 @@ def warn_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> N
       enc: `records` encoded with `cfg.template`, scope "response" and `cfg.max_length`.
     """
     from sparcom_jax.data import DataWarning, encode_records
-    from sparcom_jax.stats.losses import response_coverage, response_targets
+    from sparcom_jax.stats.losses import response_targets
 
     lost = np.flatnonzero(response_targets(enc) == 0).tolist()
     if not lost:
         return
     whole = encode_records([records[i] for i in lost], tokenizer, template=cfg.template, scope="response",
                            max_length=None)
-    per = ", ".join(f"{c} {v['records'] - v['scored_records']} of {v['records']}"
-                    for c, v in sorted(response_coverage(enc).items()) if v["scored_records"] < v["records"])
+    cut, every = Counter(enc.categories[i] for i in lost), Counter(enc.categories)
+    per = ", ".join(f"{c} {cut[c]} of {every[c]}" for c in sorted(cut))
     warnings.warn(
         f"max_length={cfg.max_length} cuts {len(lost)} of {len(enc)} training records before their response "
         f"begins ({per}; e.g. {', '.join(enc.record_ids[i] for i in lost[:3])}): they are trained on nothing, "
