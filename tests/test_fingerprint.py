@@ -367,3 +367,33 @@ def test_a_max_length_that_cut_nothing_more_leaves_counts_current(tmp_path):
     CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 1024}).close()  # resumed, not refused
     with pytest.raises(StaleResultError):
         CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 256, "tokens": "b" * 16})
+
+
+def test_an_in_memory_model_with_two_weights_swapped_is_another_model():
+    """A model built in memory is fingerprinted by its parameters' values: two weights of one
+    matrix swapped make another model. Sums of the values (and of their magnitudes), the
+    checksum this had before, are the same for both (exactly, with these integer weights)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.models.transformer import abstract_model
+
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", hidden_size=8, intermediate_size=16,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=16, vocab_size=16))
+    abstract = abstract_model(cfg)
+    params = jax.tree.map(lambda s: (np.arange(s.size) % 7).reshape(s.shape).astype(np.float32),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+
+    def model(p):
+        return nnx.merge(nnx.graphdef(abstract), nnx.State(jax.tree.map(jax.numpy.asarray, p)))
+
+    w = jax.tree.leaves(params)[0]  # values 0, 1, 2, ...: elements 1 and 2 differ
+    ref = F.model_fingerprint(model(params))
+    assert F.model_fingerprint(model(params)) == ref
+    swapped = w.copy().reshape(-1)
+    swapped[[1, 2]] = swapped[[2, 1]]
+    w[...] = swapped.reshape(w.shape)
+    assert F.model_fingerprint(model(params)) != ref

@@ -35,12 +35,13 @@ from sparcom_jax.parallel.processes import together
 from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
 from sparcom_jax.fileio import atomic_write, write_json
+from sparcom_jax.fingerprint import params_checksum
 from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer,
                                              orbax_errors_held, read_run)
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
-                                    make_train_step, params_checksum, pure_params)
+                                    make_train_step, pure_params)
 
 log = logging.getLogger(__name__)
 
