@@ -321,7 +321,14 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
         return keys
     if by != "near":
         raise ValueError(f"group_by={by!r}: use 'near' (near-duplicate instructions) or 'text' (identical text)")
+    return _near_groups(records, keys, threshold)[0]
+
+
+def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: float) -> tuple[list[str], int]:
+    """`group_keys(records, "near", threshold)` from the records' `group_key`s `keys`, and the
+    count of near pairs joining different texts (`_near_links`)."""
     _check_threshold(threshold)
+    links, pairs = _near_links_once(records, keys, threshold)
     parent = list(range(len(records)))
 
     def root(i: int) -> int:
@@ -332,10 +339,10 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
 
     first: dict[tuple[str, str], int] = {}
     same_text = [(first.setdefault((r.category, k), i), i) for i, (r, k) in enumerate(zip(records, keys))]
-    for i, j in [*same_text, *_near_links_once(records, keys, threshold)[0].tolist()]:
+    for i, j in [*same_text, *links.tolist()]:
         a, b = root(i), root(j)
         parent[max(a, b)] = min(a, b)  # the root stays the earliest record of its group
-    return [keys[root(i)] for i in range(len(records))]
+    return [keys[root(i)] for i in range(len(records))], pairs
 
 
 def group_ids(records: Sequence[Record], by: GroupBy = "text", threshold: float = NEAR_THRESHOLD) -> list[str]:
@@ -357,7 +364,8 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
       (pairs of records with different texts that the near rule joins directly),
       "largest_near_group"}.
     """
-    text, near = group_keys(records, "text"), group_keys(records, "near", threshold)
+    text = group_keys(records, "text")
+    near, pairs = _near_groups(records, text, threshold)
 
     def per_cat(keys):
         got = {c: len({k for r, k in zip(records, keys) if r.category == c}) for c in CATEGORIES}
@@ -366,7 +374,7 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
     sizes = Counter((r.category, k) for r, k in zip(records, near))
     return {"group_by": by, "threshold": threshold, "records": len(records),
             "text_groups": per_cat(text), "near_groups": per_cat(near),
-            "near_pairs": _near_links_once(records, text, threshold)[1],
+            "near_pairs": pairs,
             "largest_near_group": max(sizes.values(), default=0)}
 
 
