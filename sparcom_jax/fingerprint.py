@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -346,6 +347,15 @@ def _bit_sums(x):
     return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
 
 
+@functools.cache
+def _bit_sums_of_tree():
+    """The jitted `_bit_sums` over a tree: one function, so that a tree checksummed again (a
+    resumed collection's model) reuses its program instead of compiling another."""
+    import jax
+
+    return jax.jit(lambda p: jax.tree.map(_bit_sums, p))
+
+
 def params_checksum(params: dict) -> str:
     """A checksum of parameter values (as float32), equal for equal values on any mesh.
 
@@ -360,7 +370,7 @@ def params_checksum(params: dict) -> str:
     """
     import jax
 
-    sums = jax.device_get(jax.jit(lambda p: jax.tree.map(_bit_sums, p))(params))
+    sums = jax.device_get(_bit_sums_of_tree()(params))
     h = hashlib.sha256()
     for path, v in sorted((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(sums)):
         h.update(path.encode())
