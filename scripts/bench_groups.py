@@ -116,7 +116,7 @@ def main() -> None:
     for data in args.data:
         for n in args.per_category if data != "shipped" else [0]:
             child = subprocess.run([sys.executable, __file__, "--one", data, str(n), "--threshold", str(args.threshold)],
-                                   capture_output=True, text=True, check=True)
+                                   stdout=subprocess.PIPE, text=True, check=True)  # its traceback shows
             m = json.loads(child.stdout.splitlines()[-1])
             print(f"{data:<10} {m['records']:>8} {m['wall']:>8.2f} {m['cpu']:>8.2f} {m['peak_mb']:>8.0f} {m['pairs']:>10} "
                   f"{m['groups']:>8}  {m['digest']}", flush=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -179,7 +180,9 @@ def _digest_cache() -> Path | None:
     return cache_setting(DIGEST_CACHE_ENV, cache_root() / "weights-sha256")
 
 
-def _stat_key(st: os.stat_result) -> list[int]:
+def stat_key(st: os.stat_result) -> list[int]:
+    """[size, modification time, change time, inode, device id] of a file's `os.stat`: a file
+    whose key is unchanged is taken to be unchanged (the change time cannot be set back)."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
@@ -209,7 +212,7 @@ def _current(entry: str) -> bool:
     (False for a damaged entry)."""
     try:
         e = json.loads(Path(entry).read_text())
-        return _stat_key(os.stat(e["path"])) == e["stat"]
+        return stat_key(os.stat(e["path"])) == e["stat"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -227,7 +230,7 @@ def _hash_and_cache(cache: Path | None, real: Path, key: list[int]) -> str:
     start = time.time_ns()
     sha = file_sha256(real)
     # Cached only when the file did not change while it was read, nor just before (see SETTLE_NS).
-    if cache is not None and _stat_key(real.stat()) == key and max(key[1], key[2]) < start - SETTLE_NS:
+    if cache is not None and stat_key(real.stat()) == key and max(key[1], key[2]) < start - SETTLE_NS:
         from sparcom_jax.fileio import write_json
 
         try:  # one entry per file, replaced atomically: concurrent writers at worst both hash
@@ -295,7 +298,7 @@ def file_digests(files: Sequence[str | os.PathLike], where: str | os.PathLike | 
     """
     cache = _digest_cache()
     reals = [Path(f).resolve() for f in files]
-    keys = [_stat_key(r.stat()) for r in reals]
+    keys = [stat_key(r.stat()) for r in reals]
     out = [_cached(cache, r, k) for r, k in zip(reals, keys)]
     todo = [i for i, d in enumerate(out) if d is None]
     size = sum(keys[i][0] for i in todo)
@@ -325,20 +328,66 @@ def model_files_fingerprint(path: str | os.PathLike) -> str:
     return WEIGHTS_DIGEST + digest(dict(zip((f.name for f in files), file_digests(files, where=p))))
 
 
+def _bit_sums(x):
+    """uint32 [2]: the float32 bit patterns of `x` summed plainly and weighted by position.
+
+    Integer sums wrap around and are exact in any order, so the result is the same on any
+    mesh or sharding; the weights (odd, one per element) tell a permutation apart.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    pos = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):  # the flat index, without reshaping a sharded array
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    weights = pos * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
+
+
+@functools.cache
+def _bit_sums_of_tree():
+    """The jitted `_bit_sums` over a tree: one function, so that a tree checksummed again (a
+    resumed collection's model) reuses its program instead of compiling another."""
+    import jax
+
+    return jax.jit(lambda p: jax.tree.map(_bit_sums, p))
+
+
+def params_checksum(params: dict) -> str:
+    """A checksum of parameter values (as float32), equal for equal values on any mesh.
+
+    One pass over the parameters on their devices, so that a run can tell its base model
+    from another of the same architecture without copying the weights to the host.
+
+    Args:
+      params: a nested dict of arrays (`sparcom_jax.train.step.pure_params`), any float dtype and sharding.
+
+    Returns:
+      16 hex digits.
+    """
+    import jax
+
+    sums = jax.device_get(_bit_sums_of_tree()(params))
+    h = hashlib.sha256()
+    for path, v in sorted((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(sums)):
+        h.update(path.encode())
+        h.update(np.asarray(v, np.uint32).tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_fingerprint(model) -> str:
     """Digest of a loaded model: its weights files when it came from a directory, else its
-    architecture and a checksum of every parameter (computed on the device)."""
+    architecture and `params_checksum` of its parameters (exact; computed on the device)."""
     source = getattr(model, "source_path", None)
     if source:
         return model_files_fingerprint(source)
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-    sums = [(float(jnp.sum(x.astype(jnp.float32))), float(jnp.sum(jnp.abs(x.astype(jnp.float32)))))
-            for x in leaves]
-    return digest({"config": model.config.to_hf_config(), "checksums": sums})
+    checksum = params_checksum(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return digest({"config": model.config.to_hf_config(), "checksum": checksum})
 
 
 def difference(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:

@@ -297,7 +297,7 @@ def test_an_entry_another_process_rewrites_while_it_is_pruned_stays(tmp_path, ca
     def judged_then_replaced(path):
         stale = real(path)
         real_f = f.resolve()  # ...and another writer replaces it before the prune removes it
-        F._hash_and_cache(cache, real_f, F._stat_key(real_f.stat()))
+        F._hash_and_cache(cache, real_f, F.stat_key(real_f.stat()))
         return stale
 
     monkeypatch.setattr(F, "_current", judged_then_replaced)
@@ -384,3 +384,33 @@ def test_details_given_as_a_function_are_computed_only_for_a_refusal(tmp_path):
     with pytest.raises(StaleResultError, match=r"changed \(1 of 2 records: 'r1' \(math\)\)"):
         stale(tmp_path, made, {**made, "tokens": "b" * 16}, overwrite=False, details=details)
     assert calls == [1]
+
+
+def test_an_in_memory_model_with_two_weights_swapped_is_another_model():
+    """A model built in memory is fingerprinted by its parameters' values: two weights of one
+    matrix swapped make another model. Sums of the values (and of their magnitudes), the
+    checksum this had before, are the same for both (exactly, with these integer weights)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.models.transformer import abstract_model
+
+    cfg = ModelConfig.from_hf_config(dict(model_type="llama", hidden_size=8, intermediate_size=16,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=16, vocab_size=16))
+    abstract = abstract_model(cfg)
+    params = jax.tree.map(lambda s: (np.arange(s.size) % 7).reshape(s.shape).astype(np.float32),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+
+    def model(p):
+        return nnx.merge(nnx.graphdef(abstract), nnx.State(jax.tree.map(jax.numpy.asarray, p)))
+
+    w = jax.tree.leaves(params)[0]  # values 0, 1, 2, ...: elements 1 and 2 differ
+    ref = F.model_fingerprint(model(params))
+    assert F.model_fingerprint(model(params)) == ref
+    swapped = w.copy().reshape(-1)
+    swapped[[1, 2]] = swapped[[2, 1]]
+    w[...] = swapped.reshape(w.shape)
+    assert F.model_fingerprint(model(params)) != ref

@@ -236,3 +236,31 @@ def test_records_cut_before_their_response_are_reported_by_category(tmp_path, mo
         warnings.simplefilter("error", DataWarning)
         with pytest.raises(Stop):
             finetune(model, [summary, short], tok, cfg, tmp_path / "kept", progress=False)
+
+
+def test_the_cut_warning_counts_each_category_of_every_record():
+    """Per category, the records cut out of that category's records in the set (not out of the
+    cut ones only): two summaries, one of which loses its response, read "1 of 2"."""
+    import warnings
+
+    import pytest
+
+    from sparcom_jax.data import DataWarning, default_tokenizer, encode_records, load_instructions
+    from sparcom_jax.train import TrainConfig
+    from sparcom_jax.train.loop import warn_responses_cut
+
+    tok = default_tokenizer()
+    records = load_instructions()
+    prompts = dict(zip([r.id for r in records], encode_records(records, tok, scope="response",
+                                                               max_length=None).prompt_lens.tolist()))
+    summaries = sorted((r for r in records if r.category == "summarization"), key=lambda r: prompts[r.id])
+    chosen = [summaries[-1], summaries[0]]
+    max_length = prompts[summaries[-1].id]
+    assert prompts[summaries[0].id] + 2 < max_length
+    cfg = TrainConfig(max_length=max_length)
+    with warnings.catch_warnings():  # the truncation notice, tested elsewhere
+        warnings.simplefilter("ignore", DataWarning)
+        enc = encode_records(chosen, tok, scope="response", max_length=max_length)
+    with pytest.warns(DataWarning, match=r"cuts 1 of 2 training records before their response begins "
+                                         r"\(summarization 1 of 2; "):
+        warn_responses_cut(enc, chosen, tok, cfg)

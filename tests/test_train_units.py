@@ -297,7 +297,7 @@ def test_params_checksum_sees_one_bit_and_one_swap_but_not_the_storage():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from sparcom_jax.parallel.mesh import make_mesh
-    from sparcom_jax.train.step import params_checksum
+    from sparcom_jax.fingerprint import params_checksum
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 6)).astype(np.float32).astype(jax.numpy.bfloat16).astype(np.float32)

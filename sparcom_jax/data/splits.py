@@ -175,6 +175,8 @@ def _category_joins(records: Sequence[Record], threshold: float, chunk: int):
     Yields, per category with records:
       idx: int64 [n_c], the category's record indices, ascending.
       of: int64 [n_c], each of them's word set (`near_words`), numbered by first appearance.
+      n_of: int64 [S], each set's number of records.
+      first: int64 [S], each set's first record (index into `records`).
       self_join: bool [S], the sets whose records are all joined to each other (a set with
         words; a word-less set joins nothing).
       u, v: int64 [P], the pairs of distinct sets the rule joins (`_set_pairs`), u < v.
@@ -184,11 +186,17 @@ def _category_joins(records: Sequence[Record], threshold: float, chunk: int):
         if not idx.size:
             continue
         ids: dict[frozenset[str], int] = {}
-        of = np.asarray([ids.setdefault(near_words(records[i]), len(ids)) for i in idx.tolist()], np.int64)
+        of, first = [], []
+        for i in idx.tolist():
+            of.append(ids.setdefault(near_words(records[i]), len(ids)))
+            if of[-1] == len(first):  # a new set
+                first.append(i)
+        of = np.asarray(of, np.int64)
         sets = list(ids)
         words = np.asarray([len(s) for s in sets], np.float64)
         u, v = _set_pairs(sets, threshold, chunk).T
-        yield idx, of, _joins(words, words, threshold), u, v
+        yield (idx, of, np.bincount(of, minlength=len(sets)), np.asarray(first, np.int64),
+               _joins(words, words, threshold), u, v)
 
 
 def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
@@ -217,10 +225,9 @@ def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
     _check_threshold(threshold)
     n = max(len(records), 1)
     out = [np.zeros(0, np.int64)]
-    for idx, of, self_join, u, v in _category_joins(records, threshold, chunk):
+    for idx, of, n_of, _, self_join, u, v in _category_joins(records, threshold, chunk):
         # The records of each word set, laid end to end in set order (and record order within a set).
         mem = idx[np.argsort(of, kind="stable")]
-        n_of = np.bincount(of, minlength=self_join.size)
         mem_ptr = np.concatenate([[0], np.cumsum(n_of)])
         for s in np.flatnonzero((n_of > 1) & self_join):
             first, second = np.triu_indices(int(n_of[s]), 1)
@@ -255,8 +262,7 @@ def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float
         those of one text.
     """
     links, pairs = [np.zeros((0, 2), np.int64)], 0
-    for idx, of, self_join, u, v in _category_joins(records, threshold, _CHUNK):
-        first = idx[np.unique(of, return_index=True)[1]]  # each set's first record
+    for idx, of, n_of, first, self_join, u, v in _category_joins(records, threshold, _CHUNK):
         # The record each record of a set is linked to: the set's first when the set joins itself;
         # for the word-less set, which does not, the first of a set it joins (each of its records
         # joins every record of that set, at a threshold within the slack of 0); else none.
@@ -266,7 +272,6 @@ def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float
         to = anchor[of]
         chained = (to >= 0) & (to != idx)
         links += [np.stack([to[chained], idx[chained]], 1), np.stack([first[u], first[v]], 1)]
-        n_of = np.bincount(of, minlength=self_join.size)
         n_text = np.asarray(list(Counter(keys[i] for i in idx[self_join[of]].tolist()).values()), np.int64)
         pairs += int((n_of[u] * n_of[v]).sum() + (n_of * (n_of - 1) // 2)[self_join].sum()
                      - (n_text * (n_text - 1) // 2).sum())
@@ -316,7 +321,14 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
         return keys
     if by != "near":
         raise ValueError(f"group_by={by!r}: use 'near' (near-duplicate instructions) or 'text' (identical text)")
+    return _near_groups(records, keys, threshold)[0]
+
+
+def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: float) -> tuple[list[str], int]:
+    """`group_keys(records, "near", threshold)` from the records' `group_key`s `keys`, and the
+    count of near pairs joining different texts (`_near_links`)."""
     _check_threshold(threshold)
+    links, pairs = _near_links_once(records, keys, threshold)
     parent = list(range(len(records)))
 
     def root(i: int) -> int:
@@ -327,10 +339,10 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
 
     first: dict[tuple[str, str], int] = {}
     same_text = [(first.setdefault((r.category, k), i), i) for i, (r, k) in enumerate(zip(records, keys))]
-    for i, j in [*same_text, *_near_links_once(records, keys, threshold)[0].tolist()]:
+    for i, j in [*same_text, *links.tolist()]:
         a, b = root(i), root(j)
         parent[max(a, b)] = min(a, b)  # the root stays the earliest record of its group
-    return [keys[root(i)] for i in range(len(records))]
+    return [keys[root(i)] for i in range(len(records))], pairs
 
 
 def group_ids(records: Sequence[Record], by: GroupBy = "text", threshold: float = NEAR_THRESHOLD) -> list[str]:
@@ -352,7 +364,8 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
       (pairs of records with different texts that the near rule joins directly),
       "largest_near_group"}.
     """
-    text, near = group_keys(records, "text"), group_keys(records, "near", threshold)
+    text = group_keys(records, "text")
+    near, pairs = _near_groups(records, text, threshold)
 
     def per_cat(keys):
         got = {c: len({k for r, k in zip(records, keys) if r.category == c}) for c in CATEGORIES}
@@ -361,7 +374,7 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
     sizes = Counter((r.category, k) for r, k in zip(records, near))
     return {"group_by": by, "threshold": threshold, "records": len(records),
             "text_groups": per_cat(text), "near_groups": per_cat(near),
-            "near_pairs": _near_links_once(records, text, threshold)[1],
+            "near_pairs": pairs,
             "largest_near_group": max(sizes.values(), default=0)}
 
 

@@ -182,13 +182,9 @@ def share_map(fn: Callable[[int], Sequence[float]], n: int, width: int, what: st
     mine = range(k, n, p)
     rows = -(-n // p)
     out = np.full((rows, width), np.nan)
-    error = None
-    try:
+    with together(what):
         for j, i in enumerate(mine):
             out[j] = fn(i)
-    except Exception as e:  # raised again below, on every process
-        error = e
-    raise_together(error, what)
     if p == 1:
         return out[:n]
     # Carried as int32 bit patterns: the allgather goes through JAX, which holds 32-bit numbers only.

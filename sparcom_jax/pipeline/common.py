@@ -17,9 +17,14 @@ from typing import Any, Iterator, Sequence
 from sparcom_jax.config import ConfigError, DemoConfig, ExperimentConfig, MeshSpec, ModelSpec, dump_config
 from sparcom_jax.console import log
 from sparcom_jax.fileio import relative_note
-from sparcom_jax.fingerprint import _stat_key
+from sparcom_jax.fingerprint import stat_key
 
 STAGES = ("finetune", "collect", "identify", "evaluate", "compare", "ablate", "report")
+
+
+def stages_run(stage: str) -> tuple[str, ...]:
+    """The stages a command runs: every stage for "run", else `stage` alone."""
+    return STAGES if stage == "run" else (stage,)
 
 
 # --------------------------------------------------------------------------- #
@@ -90,7 +95,9 @@ def primary_writes(what: str) -> Iterator[bool]:
     others, which wrote nothing, stop there naming process 0's error. Without it they met
     process 0's exit in their next collective, on CPU as a "connection closed" error that
     did not name the cause, on TPU or GPU at jax.distributed's heartbeat timeout (100 s).
-    Every process must enter the block, and the block must hold no collective.
+    Every process must enter the block, and the block must hold no collective. No barrier
+    is needed after it: no process passes `raise_together`'s gather before process 0 has
+    left the block, so its writes are done once any process is past it.
 
     Args:
       what: what process 0 writes, for the others' message.
@@ -137,7 +144,6 @@ def check_shared(out: Path, what: str = "--out") -> None:
     with primary_writes(f"writing a probe file in {out}") as writes:
         if writes:
             probe.write_text("written by process 0 to check that every process sees this directory\n")
-    barrier("sparcom:shared-probe-written")
     seen = gather(probe.is_file()).reshape(-1)  # every process has looked once this returns
     if is_primary():
         probe.unlink(missing_ok=True)
@@ -487,14 +493,14 @@ _PARTS_CACHE: dict[str, tuple[dict, dict]] = {}
 
 
 def _stamp(path) -> list:
-    """[file, size, modification and change times, inode] of every data file (`path`: one, a
+    """[file, size, modification and change times, inode, device id] of every data file (`path`: one, a
     list, or None for the shipped set), so the cache below reads a file again once it is
     edited. The change time is set by the kernel on every write and cannot be set back: an
     edit that keeps the size, by a tool that restores the modification time (tar, rsync -t,
     cp -p), still changes it."""
     paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     files = [f for p in map(Path, paths) for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
-    return [[str(f), *_stat_key(f.stat())] for f in files]
+    return [[str(f), *stat_key(f.stat())] for f in files]
 
 
 def _load(d):

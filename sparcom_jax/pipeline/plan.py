@@ -14,8 +14,8 @@ from typing import Any
 from sparcom_jax.config import ConfigError, ExperimentConfig
 from sparcom_jax.console import fmt_bytes, fmt_count
 from sparcom_jax.pipeline.common import (
-    STAGES, ablate_records, check_model_names, has_weights, identify_records, model_config,
-    require_tokenizers, resolve_mesh,
+    ablate_records, check_model_names, has_weights, identify_records, model_config,
+    require_tokenizers, resolve_mesh, stages_run,
 )
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4}
@@ -172,7 +172,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         except ConfigError:
             pass
     weights = {s.label: has_weights(s) for s in specs}
-    stages = STAGES if stage == "run" else (stage,)
+    stages = stages_run(stage)
     require_tokenizers(cfg, specs, stages)
     L = mcfg.num_layers
     plan: dict[str, Any] = {

@@ -23,9 +23,9 @@ from sparcom_jax.fingerprint import (
     write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
-    STAGES, ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
+    ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
     load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, primary_writes, record_parts,
-    require_models, require_tokenizers, safe, save_resolved, template_for, timed, train_records,
+    require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
     HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
@@ -166,7 +166,6 @@ def export_checkpoints(run_dir: Path, ck_dir: Path, names: Callable[[int, int], 
                     export_hf(run_dir, step, dest, tokenizer=tokenizer)
                     write_json(mark, want)
             items.append({"name": name, "step": step, "path": str(dest)})
-    barrier("sparcom:checkpoints-exported")  # every process reads these directories next
     return items
 
 
@@ -351,7 +350,6 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         with primary_writes(f"collect {job.label}: clearing {dest}") as writes:
             if writes:
                 _clear_other_layout(dest, jax.process_count())
-        barrier("sparcom:count-layout-cleared")
         mine = dest / f"process_{jax.process_index()}" if jax.process_count() > 1 else dest
         fp, enc = collect_fingerprint(cfg, job.spec, records, job.template, dtype=job.dtype,
                                       gate_dtype=job.gate_dtype, content_caps=caps)
@@ -1013,7 +1011,7 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     if stage != "finetune":
         specs = model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg))
         require_models(specs)
-        require_tokenizers(cfg, specs, STAGES if stage == "run" else (stage,))
+        require_tokenizers(cfg, specs, stages_run(stage))
         identify_records(cfg)
     if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
         check_checkpoints_current(cfg, out)
@@ -1042,29 +1040,22 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     Returns:
       {label: path} of the outputs (internal objects dropped).
     """
-    from sparcom_jax.parallel.processes import check_same, raise_together
+    from sparcom_jax.parallel.processes import check_same, together
 
     check_same(run_key(stage, cfg, overwrite), "the command (stage, --overwrite) or config",
                "start every process with the same command line and config file")
     with contextlib.ExitStack() as held:
-        error = None
-        try:
+        # A host that cannot write --out, or another run's lock: every process stops.
+        with together(f"{stage}: locking the output directory"):
             prepare_out_dir(out)
             if is_primary():
                 log_stale_lock(held.enter_context(DirLock(out, "output directory")))
-        except Exception as e:  # a host that cannot write --out, or another run's lock: every process stops
-            error = e
-        raise_together(error, f"{stage}: locking the output directory")
         # The directories every host must see are probed before the models and records are checked.
         check_shared(out)
         if cfg.collect.store and stage != "finetune":  # the count stores, when not under OUT
             check_shared(Path(cfg.collect.store), "collect.store")
-        error = None
-        try:
+        with together(f"{stage}: checking the models and records"):  # one host's files: every process stops
             preflight(stage, cfg, out)
-        except Exception as e:  # one host's files: every process stops with it
-            error = e
-        raise_together(error, f"{stage}: checking the models and records")
         res = STAGE_FUNCS[stage](cfg, out, overwrite=overwrite)
         save_resolved(cfg, out)
         # The others wait for process 0's last writes (the report): a process that exits first would

@@ -138,7 +138,8 @@ def cgroup_memory(root: str | os.PathLike = "/sys/fs/cgroup", membership: str | 
             limit = _cgroup_number(d / limit_file)
             if limit is not None and limit < _NO_LIMIT:
                 used = (_cgroup_number(d / usage_file) or 0) - _cgroup_stat(d / "memory.stat", inactive_key)
-                least = min(least if least is not None else limit, max(limit - max(used, 0), 0))
+                room = max(limit - max(used, 0), 0)
+                least = room if least is None else min(least, room)
             if d == mount:
                 break
     return least

@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,12 +35,13 @@ from sparcom_jax.parallel.processes import together
 from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
 from sparcom_jax.fileio import atomic_write, write_json
+from sparcom_jax.fingerprint import params_checksum
 from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer,
                                              orbax_errors_held, read_run)
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
-                                    make_train_step, params_checksum, pure_params)
+                                    make_train_step, pure_params)
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +178,15 @@ def warn_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> N
       enc: `records` encoded with `cfg.template`, scope "response" and `cfg.max_length`.
     """
     from sparcom_jax.data import DataWarning, encode_records
-    from sparcom_jax.stats.losses import response_coverage, response_targets
+    from sparcom_jax.stats.losses import response_targets
 
     lost = np.flatnonzero(response_targets(enc) == 0).tolist()
     if not lost:
         return
     whole = encode_records([records[i] for i in lost], tokenizer, template=cfg.template, scope="response",
                            max_length=None)
-    per = ", ".join(f"{c} {v['records'] - v['scored_records']} of {v['records']}"
-                    for c, v in sorted(response_coverage(enc).items()) if v["scored_records"] < v["records"])
+    cut, every = Counter(enc.categories[i] for i in lost), Counter(enc.categories)
+    per = ", ".join(f"{c} {cut[c]} of {every[c]}" for c in sorted(cut))
     warnings.warn(
         f"max_length={cfg.max_length} cuts {len(lost)} of {len(enc)} training records before their response "
         f"begins ({per}; e.g. {', '.join(enc.record_ids[i] for i in lost[:3])}): they are trained on nothing, "

@@ -17,12 +17,10 @@ single-device code.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -50,42 +48,6 @@ class TrainState(NamedTuple):
 def pure_params(model: CausalLM) -> dict:
     """The model's parameters as a nested dict of arrays (paths like ``blocks/attn/q_proj``)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def _bit_sums(x):
-    """uint32 [2]: the float32 bit patterns of `x` summed plainly and weighted by position.
-
-    Integer sums wrap around and are exact in any order, so the result is the same on any
-    mesh or sharding; the weights (odd, one per element) tell a permutation apart.
-    """
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    pos = jnp.zeros(x.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(x.ndim)):  # the flat index, without reshaping a sharded array
-        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= x.shape[axis]
-    weights = pos * jnp.uint32(2) + jnp.uint32(1)
-    return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
-
-
-def params_checksum(params: dict) -> str:
-    """A checksum of parameter values (as float32), equal for equal values on any mesh.
-
-    One pass over the parameters on their devices, so that a run can tell its base model
-    from another of the same architecture without copying the weights to the host.
-
-    Args:
-      params: a nested dict of arrays (`pure_params`), any float dtype and sharding.
-
-    Returns:
-      16 hex digits.
-    """
-    sums = jax.device_get(jax.jit(lambda p: jax.tree.map(_bit_sums, p))(params))
-    h = hashlib.sha256()
-    for path, v in sorted((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(sums)):
-        h.update(path.encode())
-        h.update(np.asarray(v, np.uint32).tobytes())
-    return h.hexdigest()[:16]
 
 
 def compute_graphdef(cfg: ModelConfig, compute_dtype: str):
