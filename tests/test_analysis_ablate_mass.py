@@ -167,6 +167,14 @@ def test_the_matching_warning_gives_the_mass_matched_outcome():
         f"set {r.set_category_mass[a]:.3g}) and gives an own-category excess of {r.mass_excess[a, a]:+.3g} "
         f"(p = {p:.2g})")
     assert r.to_dict()["matching_warnings"] == r.matching_warnings()
+    assert repr(r).splitlines()[4:6] == ["  own-category excess beyond the mass-matched expert draws:", "    " + (
+        ", ".join(f"{s} {e:+.3g}" for s, e in zip(("CLS", "CODE", "QA", "GEN", "MATH", "SUM"),
+                                                  np.diag(r.mass_excess))))]
+    # A category whose held-out tokens give no mass (none scored): no draw, NaN, and no outcome to give.
+    no_code = ablation_matrix(sets, MassModel(sets, mass), n_random=3, seed=0, kind="experts", frequency=freq,
+                              expert_mass={c: m for c, m in mass.items() if c != "code"})
+    assert np.isnan(no_code.mass_random_draws[:, a]).all() and np.isnan(no_code.mass_random_mass[:, a]).all()
+    assert next(w for w in no_code.matching_warnings() if w.startswith("code:")) == before
 
 
 def test_the_report_shows_the_mass_matched_control(tmp_path):

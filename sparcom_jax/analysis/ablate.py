@@ -165,6 +165,9 @@ class AblationResult:
             f"  set sizes         {per_category_text(self.set_sizes)}",
             "  own-category loss increase beyond random, mean ± sd over draws (nats per response token):",
             "    " + per_category_text([f"{e:+.3g} ± {d:.2g}" for e, d in zip(own, sd)]),
+            *([] if self.mass_random_draws is None else [
+                "  own-category excess beyond the mass-matched expert draws:",
+                "    " + per_category_text([f"{e:+.3g}" for e in np.diag(self.mass_excess)])]),
             *(f"  warning: {w}" for w in coverage_warnings(self.coverage) + self.matching_warnings()),
         ])
 
@@ -215,7 +218,8 @@ class AblationResult:
 
     def _mass_outcome(self, a: int) -> str:
         """Where the mass-matched control ran for category `a`: what it found, for a warning line."""
-        if self.mass_random_draws is None or not self.mass_random_draws.shape[0] or not self.set_sizes[a]:
+        if (self.mass_random_draws is None or not self.mass_random_draws.shape[0] or not self.set_sizes[a]
+                or not np.isfinite(self.mass_random_draws[:, a]).any()):  # (its held-out tokens: none scored)
             return ""
         d = self.mass_random_draws.shape[0]
         ex, p = self.mass_excess[a, a], self.excess_spread(self.mass_random_draws)["p_value"][a, a]

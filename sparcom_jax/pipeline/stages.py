@@ -751,7 +751,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
                                         gate_dtype=cfg.collect.gate_dtype)
             sets = ma[section].ident.category_sets
-            mass_matched = kind == "experts" and a.mass_matched
+            mass_matched = kind == "experts" and a.mass_matched and a.n_random > 0  # (no draws: no pass for it)
             per_set = 1 + a.n_random * (2 if mass_matched else 1)
             with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {per_set} runs, "
                        f"{len(records)} held-out records)"):
