@@ -408,8 +408,8 @@ class AblationSpec:
         experts). On by default: a frequency-matched draw cannot take the experts a set
         holds when they are their layers' busiest, so its excess mixes specificity with
         a larger disruption of the routing, and this control is the one that separates
-        them. It costs n_random + 1 more passes per category of experts only (the
-        neurons' checks are untouched); false leaves it out.
+        them. It costs n_random more passes per category and one baseline pass, for
+        experts only (the neurons' checks are untouched); false leaves it out.
     """
 
     enabled: bool = True
