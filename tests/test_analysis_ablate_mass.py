@@ -181,21 +181,26 @@ def test_the_report_shows_the_mass_matched_control(tmp_path):
     import csv
 
     from sparcom_jax.report import write_report
+    from sparcom_jax.report.tables import ABLATION_HEADER
 
     sets, mass = setup()
     r = ablation_matrix(sets, MassModel(sets, mass), n_random=2, seed=0, kind="experts", expert_mass=mass)
     d = json.loads(json.dumps(r.to_dict()))
     write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"experts": d}}, dpi=20)
-    with open(tmp_path / "tables" / "ablation_experts_baseline.csv") as fh:
+    with open(tmp_path / "tables" / "ablation_experts_mass_matched.csv") as fh:
         rows = [row for row in csv.reader(fh) if not row[0].startswith("#")]
     header, code = rows[0], rows[1 + CATEGORIES.index("code")]
     a = CATEGORIES.index("code")
-    assert float(code[header.index("mass_excess_own")]) == pytest.approx(r.mass_excess[a, a], abs=1e-5)
-    assert float(code[header.index("mass_p_own")]) == pytest.approx(1 / 3)
-    assert float(code[header.index("mass_set_own_tokens")]) == pytest.approx(r.set_category_mass[a], abs=1e-5)
-    assert float(code[header.index("mass_random_own_tokens_mean")]) == pytest.approx(
-        r.mass_random_mass[:, a].mean(), abs=1e-5)
-    assert float(code[header.index("mass_random_experts_mean")]) == pytest.approx(r.mass_random_sizes[:, a].mean())
+    assert float(code[header.index("excess_own")]) == pytest.approx(r.mass_excess[a, a], abs=1e-5)
+    assert float(code[header.index("p_own")]) == pytest.approx(1 / 3)
+    assert float(code[header.index("set_mass_own_tokens")]) == pytest.approx(r.set_category_mass[a], abs=1e-5)
+    for key, f in (("mean", np.mean), ("min", np.min), ("max", np.max)):
+        assert float(code[header.index(f"random_mass_own_tokens_{key}")]) == pytest.approx(
+            f(r.mass_random_mass[:, a]), abs=1e-5)
+    assert float(code[header.index("random_experts_mean")]) == pytest.approx(r.mass_random_sizes[:, a].mean())
+    with open(tmp_path / "tables" / "ablation_experts_baseline.csv") as fh:  # the frequency-matched table as it was
+        assert next(row for row in csv.reader(fh) if not row[0].startswith("#")) == ABLATION_HEADER
     assert (tmp_path / "tables" / "ablation_experts_mass_matched_p_value.csv").is_file()
     page = (tmp_path / "index.html").read_text()
     assert "Mass-matched control (2 draws per category" in page
+    assert "own-category excess over 2 mass-matched random draws" in page

@@ -231,18 +231,45 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
         if d.get(k) is None:
             continue
         yield matrix_table(f"ablation_{kind}_{k}", d[k], corner=ABLATION_CORNER)
-    for k in ("excess", "p_value"):  # the mass-matched control (experts), where it ran
-        if (d.get("mass_matched") or {}).get(k) is not None:
-            yield matrix_table(f"ablation_{kind}_mass_matched_{k}", d["mass_matched"][k], corner=ABLATION_CORNER)
     yield Table(f"ablation_{kind}_baseline", ABLATION_HEADER, ablation_rows(d))
+    mm = d.get("mass_matched")  # the mass-matched control (experts), where it ran
+    if mm:
+        for k in ("excess", "p_value"):
+            yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
+        yield Table(f"ablation_{kind}_mass_matched", MASS_HEADER, mass_rows(d))
 
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
                    "random_ge_fraction_own", "dropped_mass", "random_dropped_mass_mean",
                    "in_set_mean", "p_own", "set_frequency", "random_frequency_mean", "closest_frequency",
-                   "above_others", "held_out_records", "scored_records", "response_tokens",
-                   "mass_excess_own", "mass_excess_own_std", "mass_p_own", "mass_set_own_tokens",
-                   "mass_random_own_tokens_mean", "mass_random_experts_mean"]
+                   "above_others", "held_out_records", "scored_records", "response_tokens"]
+
+
+MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_ge_fraction_own", "p_own",
+               "set_mass_own_tokens", "random_mass_own_tokens_mean", "random_mass_own_tokens_min",
+               "random_mass_own_tokens_max", "random_experts_mean"]
+
+
+def mass_rows(d: dict) -> list[list]:
+    """Per ablated category, the mass-matched control (`d["mass_matched"]`): the own-category
+    excess, its spread, the share of draws as harmful and p; the routing mass the set and its
+    draws dropped on the category's own held-out tokens (mean, min, max over draws); the
+    draws' mean number of experts."""
+    mm = d["mass_matched"]
+
+    def col(key, i):
+        return [r[i] for r in mm[key] or [] if r[i] is not None]
+
+    def stat(f, vals):
+        return f(vals) if vals else None
+
+    def mean(vals):
+        return sum(vals) / len(vals)
+
+    return [[c, d["set_sizes"][c], *(mm[k][i][i] for k in ("excess", "excess_std", "random_ge_fraction", "p_value")),
+             mm["set_mass"].get(c), stat(mean, col("random_mass", i)), stat(min, col("random_mass", i)),
+             stat(max, col("random_mass", i)), stat(mean, col("random_sizes", i))]
+            for i, c in enumerate(CATEGORIES)]
 
 
 def ablation_rows(d: dict) -> list[list]:
@@ -250,18 +277,13 @@ def ablation_rows(d: dict) -> list[list]:
     dropped routing mass, how well the random controls matched (units from the set; the mean
     frequency of the set, of the draws and of the closest match the data allow; the set's
     units that no unit outside it matches), the Monte-Carlo p, and
-    the held-out records (all, those scored) and response tokens the category's loss rests on,
-    and the mass-matched control's own-category excess, its spread and p, the mass the set
-    and its draws dropped on the category's own tokens and the draws' experts (None where
-    it did not run)."""
-    mm = d.get("mass_matched") or {}
-
-    def own(key, i, of=d):
-        m = of.get(key)
+    the held-out records (all, those scored) and response tokens the category's loss rests on."""
+    def own(key, i):
+        m = d.get(key)
         return None if m is None else m[i][i]
 
-    def col_mean(key, i, of=d):
-        m = of.get(key)
+    def col_mean(key, i):
+        m = d.get(key)
         vals = [r[i] for r in m or [] if r[i] is not None]
         return sum(vals) / len(vals) if vals else None
 
@@ -273,9 +295,7 @@ def ablation_rows(d: dict) -> list[list]:
              col_mean("random_dropped_mass", i), col_mean("in_set", i), own("p_value", i),
              of("set_frequency", c), col_mean("random_frequency", i),
              of("closest_frequency", c), of("above_others", c),
-             *((of("coverage", c) or {}).get(k) for k in ("records", "scored_records", "response_tokens")),
-             own("excess", i, mm), own("excess_std", i, mm), own("p_value", i, mm), (mm.get("set_mass") or {}).get(c),
-             col_mean("random_mass", i, mm), col_mean("random_sizes", i, mm)]
+             *((of("coverage", c) or {}).get(k) for k in ("records", "scored_records", "response_tokens"))]
             for i, c in enumerate(CATEGORIES)]
 
 
