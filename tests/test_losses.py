@@ -304,3 +304,30 @@ def test_expert_neuron_ablation_matches_transformers_with_their_output_weights_z
         assert abl[c] == pytest.approx(ref[c], rel=1e-5)
     assert any(abs(abl[c] - base[c]) > 1e-3 for c in base), "ablation changed nothing; the test is blind"
     assert ours(mask.astype(np.int64)) == abl  # a 0/1 mask means the same (not ~1 = -2 as a weight)
+
+
+def test_mass_matched_expert_draws_drop_about_the_sets_measured_mass(hf_checkpoint):
+    """End to end on qwen2_moe (norm_topk_prob=False): each category's busiest expert per layer
+    (what top-eps ISEs hold), against random experts outside it carrying as much baseline mass."""
+    from sparcom_jax.analysis.ablate import ablation_matrix, baseline_expert_mass
+
+    enc = encoded_set()
+    loss = CategoryLoss(sj.load_model(hf_checkpoint("qwen2_moe")), enc, kind="experts", batch_size=4)
+    mass = baseline_expert_mass(loss)
+    assert loss.last_dropped_mass is None and loss.last_category_mass is None
+    for m in mass.values():  # a softmax per token and layer, over L = 2 layers
+        np.testing.assert_allclose(m.sum(1), 0.5, rtol=1e-5)
+    sets = {c: np.eye(4, dtype=bool)[m.argmax(1)] for c, m in mass.items()}
+    r = ablation_matrix(sets, loss, n_random=3, seed=0, kind="experts", expert_mass=mass)
+    for c, s in sets.items():
+        a = sj.CATEGORIES.index(c)
+        # The set's mass on its own tokens, as measured with it removed: layer 0 as the baseline had it.
+        assert r.set_category_mass[a] >= mass[c][0][s[0]].sum() > 0.1
+        assert (r.mass_random_sizes[:, a] >= 2).all()
+        got = r.mass_random_mass[:, a]
+        assert abs(got.mean() - r.set_category_mass[a]) < 0.25 * r.set_category_mass[a], (c, got, r.set_category_mass)
+    # The per-category masses weigh into the overall one by the categories' target tokens.
+    loss(sets["code"])
+    n = {c: sum(int(sc[1:].sum()) for sc, cc in zip(enc.scopes, enc.categories) if cc == c) for c in mass}
+    assert loss.last_dropped_mass == pytest.approx(
+        sum(loss.last_category_mass[c] * n[c] for c in n) / sum(n.values()), rel=1e-9)

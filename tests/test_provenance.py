@@ -611,6 +611,23 @@ def test_ablation_fingerprint_covers_the_held_out_records_text_and_labels():
         assert ablation_fingerprint(cfg, cfg.finetuned, changed, "neurons", {})["records"] != fp["records"], edit
 
 
+def test_the_mass_matched_control_is_fingerprinted_for_experts_only():
+    """An experts result stored without the mass-matched control lacks it: refused while it is
+    on (the default), reused when it is off; neurons' results do not depend on it."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import _as_compared, ablation_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+    on, off = exp(), exp("ablation.mass_matched=false")
+    assert on.ablation.mass_matched and not off.ablation.mass_matched
+    fp_on, fp_off = ({k: ablation_fingerprint(c, c.finetuned, recs, k, {}) for k in ("neurons", "experts")}
+                     for c in (on, off))
+    assert fp_on["experts"]["ablation"] == {**fp_off["experts"]["ablation"], "mass_matched": True}
+    assert _as_compared(fp_on["experts"]) != _as_compared(fp_off["experts"])
+    assert _as_compared(fp_on["neurons"]) == _as_compared(fp_off["neurons"])
+    assert "mass_matched" not in fp_on["neurons"]["ablation"]
+
+
 def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):
     """The records are cached between stages of one process (a notebook, `run`): an edit of
     the file must reach the next stage, not the records (and fingerprints) of before."""

@@ -8,7 +8,14 @@ where `mask` is bool [L, F] (neurons: True = activation forced to 0), [L, E]
 (experts: True = removed from routing, as the model side implements it) or
 [L, E, G] (expert neurons), and None means no ablation (the baseline). After
 each call the callback may expose the routing mass the mask dropped as a float
-attribute ``loss_fn.last_dropped_mass``; it is recorded when present.
+attribute ``loss_fn.last_dropped_mass``; it is recorded when present, and so is
+``loss_fn.last_category_mass`` ({category: the mass dropped on its tokens}).
+
+Mass-matched controls (experts only, `expert_mass`): random expert sets outside the
+tested set that drop, per layer, as much routing mass on the ablated category's tokens
+as the set (`mass_matched_random`), from each expert's mass in the baseline pass
+(`baseline_expert_mass`, from ``loss_fn.last_expert_mass``); what each draw actually
+dropped is recorded.
 
 Random controls: for each category set and draw, a random set with the same
 number of units in every matching group (a layer; a (layer, expert) pair for
@@ -31,8 +38,10 @@ from sparcom_jax.analysis.identify import Identification
 from sparcom_jax.categories import CATEGORIES, normalize_category, per_category_text
 
 LossFn = Callable[[np.ndarray | None], Mapping[str, float]]
-# (loss_fn, masks) -> [(losses, dropped mass or NaN)] of every mask, in order.
-MaskRunner = Callable[[LossFn, Sequence[np.ndarray | None]], list[tuple[Mapping[str, float], float]]]
+# (loss_fn, masks) -> [(losses, dropped mass or NaN, {category: mass dropped on its tokens} or None)]
+# of every mask, in order.
+PassResult = tuple[Mapping[str, float], float, Mapping[str, float] | None]
+MaskRunner = Callable[[LossFn, Sequence[np.ndarray | None]], list[PassResult]]
 
 # Leading mask axes that form one matching group, per kind.
 KIND_LEAD: dict[str, int] = {"neurons": 1, "experts": 1, "expert_neurons": 2}
@@ -118,6 +127,12 @@ class AblationResult:
         holding its layers' most frequent units cannot be matched exactly (nothing
         outside it fires as often): the draws then fire less than the set, a
         frequency effect that the excess carries (see `matching_warnings`).
+      mass_random_draws: float [M, C, C] loss increases of the mass-matched expert draws
+        (`mass_matched_random`), or None when that control was not run.
+      set_category_mass: float [C] routing mass S(a) dropped on category a's own
+        held-out tokens (measured), or None.
+      mass_random_mass: float [M, C] the same for each mass-matched draw (measured), or None.
+      mass_random_sizes: int [M, C] experts in each mass-matched draw, or None.
     """
 
     kind: str
@@ -137,6 +152,10 @@ class AblationResult:
     coverage: dict | None = None
     closest_frequency: np.ndarray | None = None
     above_others: np.ndarray | None = None
+    mass_random_draws: np.ndarray | None = None
+    set_category_mass: np.ndarray | None = None
+    mass_random_mass: np.ndarray | None = None
+    mass_random_sizes: np.ndarray | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -146,6 +165,9 @@ class AblationResult:
             f"  set sizes         {per_category_text(self.set_sizes)}",
             "  own-category loss increase beyond random, mean ± sd over draws (nats per response token):",
             "    " + per_category_text([f"{e:+.3g} ± {d:.2g}" for e, d in zip(own, sd)]),
+            *([] if self.mass_random_draws is None else [
+                "  own-category excess beyond the mass-matched expert draws:",
+                "    " + per_category_text([f"{e:+.3g}" for e in np.diag(self.mass_excess)])]),
             *(f"  warning: {w}" for w in coverage_warnings(self.coverage) + self.matching_warnings()),
         ])
 
@@ -191,16 +213,35 @@ class AblationResult:
                     parts.append(f"routing mass dropped: {dm:.3g} by the set, {rdm.mean():.3g} by the draws "
                                  f"(at most {rdm.max():.3g})")
             if why:
-                lines.append(f"{cat}: " + "; ".join(parts) + ": " + "; and ".join(why))
+                lines.append(f"{cat}: " + "; ".join(parts) + ": " + "; and ".join(why) + self._mass_outcome(a))
         return lines
+
+    def _mass_outcome(self, a: int) -> str:
+        """Where the mass-matched control ran for category `a`: what it found, for a warning line."""
+        if (self.mass_random_draws is None or not self.mass_random_draws.shape[0] or not self.set_sizes[a]
+                or not np.isfinite(self.mass_random_draws[:, a]).any()):  # (its held-out tokens: none scored)
+            return ""
+        d = self.mass_random_draws.shape[0]
+        ex, p = self.mass_excess[a, a], self.excess_spread(self.mass_random_draws)["p_value"][a, a]
+        sm, rm, n = self.set_category_mass[a], self.mass_random_mass[:, a], self.mass_random_sizes[:, a]
+        return (f"; the mass-matched control ({d} draws of {n.mean():.3g} experts outside the set, against its "
+                f"{self.set_sizes[a]}) dropped {np.mean(rm):.3g} of the routing mass on its own tokens (the set "
+                f"{sm:.3g}) and gives an own-category excess of {ex:+.3g} (p = {p:.2g})")
 
     @property
     def excess(self) -> np.ndarray:
         """float [C, C] loss increase beyond the random control (mean over draws)."""
         return self.isn - self.random
 
-    def excess_spread(self) -> dict[str, np.ndarray]:
-        """Spread of the per-draw excess isn - random_draws[d] over the D draws.
+    @property
+    def mass_excess(self) -> np.ndarray | None:
+        """float [C, C] loss increase beyond the mass-matched control (mean over its draws), or None."""
+        d = self.mass_random_draws
+        return None if d is None else self.isn - (d.mean(0) if d.shape[0] else np.nan)
+
+    def excess_spread(self, draws: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Spread of the per-draw excess isn - random_draws[d] over the D draws (or over
+        the float [D, C, C] `draws` given, e.g. `mass_random_draws`).
 
         Returns:
           dict of float [C, C]: `std` (population sd over draws), `p<q>` for q in
@@ -211,7 +252,7 @@ class AblationResult:
           its smallest value is 1 / (1 + D), so 10 draws can never give p < 0.05
           (a fraction of 0 is p = 1/11, not p = 0). NaN without draws.
         """
-        d = np.asarray(self.random_draws, dtype=np.float64)
+        d = np.asarray(self.random_draws if draws is None else draws, dtype=np.float64)
         nan = np.full((C, C), np.nan)
         if d.shape[0] == 0:
             return {"std": nan, **{f"p{q}": nan for q in EXCESS_PERCENTILES}, "random_ge_fraction": nan,
@@ -258,7 +299,20 @@ class AblationResult:
             "matching_warnings": self.matching_warnings(),
             "coverage": self.coverage,
             "coverage_warnings": coverage_warnings(self.coverage),
+            "mass_matched": self._mass_dict(),
         })
+
+    def _mass_dict(self) -> dict | None:
+        """The mass-matched control's part of to_dict(), or None when it was not run."""
+        if self.mass_random_draws is None:
+            return None
+        spread = self.excess_spread(self.mass_random_draws)
+        d = self.mass_random_draws
+        return {"n_random": int(d.shape[0]), "random": d.mean(0) if d.shape[0] else np.full((C, C), np.nan),
+                "excess": self.mass_excess, "excess_std": spread["std"],
+                "random_ge_fraction": spread["random_ge_fraction"], "p_value": spread["p_value"],
+                "random_draws": d, "set_mass": by_category(self.set_category_mass),
+                "random_mass": self.mass_random_mass, "random_sizes": self.mass_random_sizes}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AblationResult":
@@ -274,6 +328,12 @@ class AblationResult:
             v = d.get(key)
             return None if v is None else arr([v[c] for c in CATEGORIES], dtype)
 
+        mm = d.get("mass_matched")
+        mass = {} if mm is None else dict(
+            mass_random_draws=arr(mm["random_draws"]) if mm["random_draws"] else np.zeros((0, C, C)),
+            set_category_mass=arr([mm["set_mass"][c] for c in CATEGORIES]),
+            mass_random_mass=arr(mm["random_mass"]) if mm["random_mass"] else np.zeros((0, C)),
+            mass_random_sizes=arr(mm["random_sizes"], np.int64) if mm["random_sizes"] else np.zeros((0, C), np.int64))
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
                    n_random=d["n_random"], seed=d["seed"],
@@ -281,7 +341,7 @@ class AblationResult:
                    in_set=arr(d.get("in_set"), np.int64), matching=d.get("matching") or {},
                    set_frequency=per_cat("set_frequency"), random_frequency=arr(d.get("random_frequency")),
                    coverage=d.get("coverage"), closest_frequency=per_cat("closest_frequency"),
-                   above_others=per_cat("above_others", np.int64))
+                   above_others=per_cat("above_others", np.int64), **mass)
 
 
 def _nearest(avail_f: list[float], x: float, k: int) -> tuple[int, int]:
@@ -419,6 +479,54 @@ def random_like(mask: np.ndarray, rng: np.random.Generator, frequency: np.ndarra
     return matched_random(mask, rng, frequency, neighbours=neighbours, exclude=exclude, lead=lead)[0]
 
 
+def mass_prefix(mass_in_order: np.ndarray, target: float) -> int:
+    """How many units, taken in the given order, drop the mass closest to `target`.
+
+    Args:
+      mass_in_order: float [W] the candidate units' masses, in the order they are added.
+      target: the mass to reach.
+
+    Returns:
+      k in 1..W: the shortest prefix whose mass reaches `target`, or the shortest with
+      the mass just below it when that comes closer (never 0: a layer of the set always
+      loses an expert); the shortest with all their mass when even all of them fall
+      short. A tie goes to the prefix that reaches the target: the control then errs on
+      the side of dropping more.
+    """
+    cum = np.cumsum(mass_in_order)
+    up = int(np.searchsorted(cum, target, side="left"))  # index of the unit that reaches the target
+    # Units of no mass add nothing: each candidate is the shortest prefix with its mass.
+    if up == cum.size:
+        return int(np.searchsorted(cum, cum[-1], side="left")) + 1
+    if up and target - cum[up - 1] < cum[up] - target:
+        return int(np.searchsorted(cum, cum[up - 1], side="left")) + 1
+    return up + 1
+
+
+def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random expert set outside `mask` dropping, per layer, about the routing mass `mask` drops.
+
+    In every layer where the set has experts, the experts outside it are put in a uniformly
+    random order and taken until their mass reaches the set's (`mass_prefix`): the draw holds
+    as many experts as that takes, more than the set where the set holds its layer's busiest.
+
+    Args:
+      mask: bool [L, E] the tested set.
+      mass: float [L, E] each expert's estimated routing mass (e.g. its mean softmax
+        probability on the category's held-out tokens in the unablated model).
+      rng: generator (draw order: layer, then one permutation of its free experts).
+
+    Returns:
+      bool [L, E], never holding an expert of `mask`.
+    """
+    out = np.zeros_like(mask)
+    for l in np.flatnonzero(mask.any(1)):
+        free = rng.permutation(np.flatnonzero(~mask[l]))
+        if free.size:
+            out[l, free[:mass_prefix(mass[l, free], float(mass[l, mask[l]].sum()))]] = True
+    return out
+
+
 def _row(losses: Mapping[str, float], baseline: dict[str, float]) -> np.ndarray:
     losses = {normalize_category(k): float(v) for k, v in losses.items()}
     return np.array([losses.get(c, np.nan) - baseline.get(c, np.nan) for c in CATEGORIES])
@@ -430,9 +538,32 @@ def dropped_mass(loss_fn) -> float:
     return np.nan if v is None else float(v)
 
 
-def run_in_order(loss_fn: LossFn, masks: Sequence[np.ndarray | None]) -> list[tuple[Mapping[str, float], float]]:
+def baseline_expert_mass(loss_fn) -> dict[str, np.ndarray]:
+    """{category: float [L, E]} each expert's routing mass on the category's held-out tokens in
+    the unablated model: one baseline call of `loss_fn`, read from its `last_expert_mass` (as
+    `CategoryLoss` of kind "experts" reports it); the `expert_mass` of `ablation_matrix`.
+
+    Raises:
+      ValueError: `loss_fn` reports no per-expert mass.
+    """
+    loss_fn(None)
+    got = getattr(loss_fn, "last_expert_mass", None)
+    if got is None:
+        raise ValueError("the mass-matched control needs a loss_fn that reports each expert's routing mass after a "
+                         "call (`last_expert_mass`, as sparcom_jax.stats.losses.CategoryLoss of kind 'experts' does)")
+    return {normalize_category(k): np.asarray(v, np.float64) for k, v in got.items()}
+
+
+def category_mass(loss_fn) -> dict[str, float] | None:
+    """{category: routing mass the last call of `loss_fn` dropped on its tokens}
+    (`last_category_mass`), None when it gives none."""
+    v = getattr(loss_fn, "last_category_mass", None)
+    return None if v is None else {normalize_category(k): float(x) for k, x in v.items()}
+
+
+def run_in_order(loss_fn: LossFn, masks: Sequence[np.ndarray | None]) -> list[PassResult]:
     """The default `MaskRunner`: `loss_fn` on each mask in turn, with the mass each call dropped."""
-    return [(loss_fn(m), dropped_mass(loss_fn)) for m in masks]
+    return [(loss_fn(m), dropped_mass(loss_fn), category_mass(loss_fn)) for m in masks]
 
 
 def ablation_matrix(
@@ -445,6 +576,7 @@ def ablation_matrix(
     frequency: np.ndarray | None = None,
     neighbours: int = NEIGHBOURS,
     run: MaskRunner = run_in_order,
+    expert_mass: Mapping[str, np.ndarray] | None = None,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
@@ -470,6 +602,10 @@ def ablation_matrix(
         its set and its draws): `run_in_order` by default; the pipeline passes one
         that shares them among processes. The draws do not depend on the losses, so
         the result is the same whichever runs them.
+      expert_mass: experts only: {category: float [L, E] each expert's routing mass on
+        the category's held-out tokens} (`baseline_expert_mass`); when given, also
+        `n_random` mass-matched sets per category (`mass_matched_random`, on their own
+        random stream) from these estimates; a category without an entry gets NaN.
 
     Returns:
       An AblationResult. Random sets are always drawn outside the tested set
@@ -478,6 +614,9 @@ def ablation_matrix(
     """
     if kind not in KIND_LEAD:
         raise ValueError(f"kind must be one of {tuple(KIND_LEAD)}, got {kind!r}")
+    mass_matched = expert_mass is not None
+    if mass_matched and kind != "experts":
+        raise ValueError(f"expert_mass matches routing mass, which only experts have (kind {kind!r})")
     lead = KIND_LEAD[kind]
     sets = {normalize_category(k): np.asarray(v, dtype=bool) for k, v in category_sets.items()}
     if frequency is not None:
@@ -500,8 +639,18 @@ def ablation_matrix(
     rng = np.random.default_rng(seed)
     # Its own stream: the draws stay those of the seed whether or not it is measured.
     closest_rng = np.random.default_rng([seed, 1])
+    expert_mass = {normalize_category(k): np.asarray(v, np.float64) for k, v in (expert_mass or {}).items()}
+    mass_draws = mass_sizes = mass_mass = set_mass = None
+    if mass_matched:
+        mass_draws = np.full((n_random, C, C), np.nan)
+        mass_sizes = np.zeros((n_random, C), np.int64)
+        mass_mass = np.full((n_random, C), np.nan)
+        set_mass = np.full(C, np.nan)
+    # Its own stream too: the frequency-matched draws stay the seed's with or without it.
+    mass_rng = np.random.default_rng([seed, 2])
     masks: list[np.ndarray | None] = [None]  # the baseline first
-    slots: list[tuple[int, int | None]] = []  # (ablated category, draw or None for its set) of masks[1:]
+    # (ablated category, "set" / "random" / "mass", draw) of masks[1:]
+    slots: list[tuple[int, str, int]] = []
     for a, cat in enumerate(CATEGORIES):
         if cat not in sets:
             continue
@@ -516,9 +665,11 @@ def ablation_matrix(
         if not sizes[a]:
             isn[a] = draws[:, a] = 0.0
             dropped[a] = rdropped[:, a] = 0.0
+            if mass_matched:
+                mass_draws[:, a] = mass_mass[:, a] = set_mass[a] = 0.0
             continue
         masks.append(mask)
-        slots.append((a, None))
+        slots.append((a, "set", 0))
         if frequency is not None:
             set_freq[a] = freq64[mask].mean()
             close_freq[a] = freq64[matched_random(mask, closest_rng, freq64, neighbours=1, lead=lead,
@@ -530,14 +681,25 @@ def ablation_matrix(
             if frequency is not None:
                 rand_freq[d, a] = freq64[rmask].mean()
             masks.append(rmask)
-            slots.append((a, d))
-    (base, _), *results = run(loss_fn, masks)
+            slots.append((a, "random", d))
+        # A category none of whose held-out tokens is scored has no mass to match: NaN.
+        for d in range(n_random if cat in expert_mass else 0):
+            rmask = mass_matched_random(mask, expert_mass[cat], mass_rng)
+            mass_sizes[d, a] = rmask.sum()
+            masks.append(rmask)
+            slots.append((a, "mass", d))
+    (base, _, _), *results = run(loss_fn, masks)
     baseline = {normalize_category(k): float(v) for k, v in base.items()}
-    for (a, d), (losses, mass) in zip(slots, results, strict=True):
-        if d is None:
+    for (a, which, d), (losses, mass, by_cat) in zip(slots, results, strict=True):
+        own = np.nan if by_cat is None else by_cat.get(CATEGORIES[a], np.nan)  # on a's own tokens
+        if which == "set":
             isn[a], dropped[a] = _row(losses, baseline), mass
-        else:
+            if mass_matched:
+                set_mass[a] = own
+        elif which == "random":
             draws[d, a], rdropped[d, a] = _row(losses, baseline), mass
+        else:
+            mass_draws[d, a], mass_mass[d, a] = _row(losses, baseline), own
     rand = draws.mean(0) if n_random else np.full((C, C), np.nan)
     has_mass = np.isfinite(dropped[sizes > 0]).any()
     return AblationResult(
@@ -548,7 +710,8 @@ def ablation_matrix(
                   "nearest_frequency": None if frequency is None else neighbours,
                   "exclude_tested_set": True},
         set_frequency=set_freq, random_frequency=rand_freq, coverage=getattr(loss_fn, "coverage", None),
-        closest_frequency=close_freq, above_others=above)
+        closest_frequency=close_freq, above_others=above, mass_random_draws=mass_draws,
+        set_category_mass=set_mass, mass_random_mass=mass_mass, mass_random_sizes=mass_sizes)
 
 
 def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> AblationResult:
@@ -558,7 +721,7 @@ def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> Ablat
     Args:
       ident: the ablated model's identification.
       loss_fn: see ablation_matrix.
-      **kw: n_random, seed, neighbours, run (see ablation_matrix).
+      **kw: n_random, seed, neighbours, run, expert_mass (see ablation_matrix).
     """
     return ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
                            frequency=ident.unit_frequency(), **kw)

@@ -317,7 +317,9 @@ class MoEFFN(nnx.Module):
         "expert_weight_sum" float32 [B, E] (router probabilities, before any
         renormalisation, over counted routed tokens) and "expert_neuron_act_sum"
         float32 [B, E, G] (A over counted routed tokens where A > 0).
-        With "expert_drop": "dropped_mass" float32 [B, T], the removed experts' softmax mass.
+        With "expert_drop": "router_probs" float32 [B, T, E], every expert's softmax
+        probability before any is removed (the removed experts' sum is the routing mass
+        the ablation dropped; the kept ones' measure each expert's mass in the pass).
         """
         ablate = ablate or {}
         dt = self.dtype
@@ -327,7 +329,7 @@ class MoEFFN(nnx.Module):
         impl = self.dispatch.moe_counting if counting else self.dispatch.moe_forward
         x_XD = x_BTD.reshape(B * T, D)
         logits_XE = jnp.matmul(x_XD, self.router[...].astype(dt), precision=self.precision)
-        w_Xk, e_Xk, p_Xk, dropped_X = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"),
+        w_Xk, e_Xk, p_Xk, _ = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"),
                                             ablate.get("expert_drop_pre"))
 
         # Sort assignments by (expert, sequence): contiguous expert groups, and sorted segment
@@ -366,7 +368,7 @@ class MoEFFN(nnx.Module):
             bad_M = jnp.any(~jnp.isfinite(a_MG), axis=-1)[inv] & real_M
             stats["nonfinite"] = jnp.any(bad_M.reshape(B, T * k), axis=1)
         if "expert_drop" in ablate:
-            stats["dropped_mass"] = dropped_X.reshape(B, T)
+            stats["router_probs"] = jax.nn.softmax(logits_XE.astype(jnp.float32), axis=-1).reshape(B, T, E)
         y_XkD = y_MD[inv].reshape(B * T, k, D)
         out_XD = jnp.einsum("XkD,Xk->XD", y_XkD.astype(jnp.float32), w_Xk, precision=self.precision)
         out_BTD = out_XD.astype(dt).reshape(B, T, D)

@@ -210,8 +210,8 @@ class CausalLM(nnx.Module):
           ablate: optional dict of arrays with a leading L axis: "neuron_keep" [L, F]
             (dense FFN or shared expert), "expert_drop" bool [L, E] with
             "expert_drop_pre" bool [L] (see `sparcom_jax.models.moe.route`),
-            "expert_neuron_keep" [L, E, G]. Dropping experts adds "dropped_mass"
-            float32 [B, L, T] to the stats.
+            "expert_neuron_keep" [L, E, G]. Dropping experts adds "router_probs"
+            float32 [B, L, T, E] to the stats (every expert's softmax probability).
           with_logits: skip the LM head when only counts are wanted.
           with_hidden: False (with `with_logits=False`) when only the counts are
             wanted: `hidden` is then None and, where `Dispatch.skip_dead_ffn` (CPU), the

@@ -687,7 +687,9 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
     return with_method({"model": spec_model_fingerprint(spec), "counts": digest(counts_fp),
             "identify": cfg.identify.to_rule().to_dict(),
             "ablation": {"kind": kind, "n_random": a.n_random, "neighbours": a.neighbours, "seed": cfg.seed,
-                         "expert_mode": a.expert_mode},
+                         "expert_mode": a.expert_mode,
+                         # experts only, and absent when off: results made without it still match then
+                         **({"mass_matched": True} if kind == "experts" and a.mass_matched else {})},
             # The text and category of each record, not only its id: the loss is measured on them.
             "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
             "template": template_for(spec, cfg),
@@ -749,19 +751,24 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
                                         gate_dtype=cfg.collect.gate_dtype)
             sets = ma[section].ident.category_sets
-            with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {1 + a.n_random} runs, "
+            mass_matched = kind == "experts" and a.mass_matched and a.n_random > 0  # (no draws: no pass for it)
+            per_set = 1 + a.n_random * (2 if mass_matched else 1)
+            with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {per_set} runs, "
                        f"{len(records)} held-out records)"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
                 loss_fn = make_loss_fn(model, records, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
                                        encoded=held_enc)
-                total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * (1 + a.n_random)
-                mine = len(range(jax.process_index(), total, jax.process_count()))
+                total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * per_set
+                # + the baseline that measures each expert's mass, as pass number `total`
+                mine = len(range(jax.process_index(), total + mass_matched, jax.process_count()))
                 try:
                     with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
+                        mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts, total)
+                                if mass_matched else None)
                         res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                    neighbours=a.neighbours, run=_passes_shared)
+                                                    neighbours=a.neighbours, run=_passes_shared, expert_mass=mass)
                 except ValueError as e:  # e.g. a category's ISEs cover every expert of a layer
                     if kind != "experts":
                         raise
@@ -781,30 +788,59 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     return written
 
 
-def _passes_shared(loss_fn, masks) -> list[tuple[dict[str, float], float]]:
+def _passes_shared(loss_fn, masks) -> list[tuple[dict[str, float], float, dict[str, float] | None]]:
     """The causal check's `MaskRunner` over processes: process k runs the passes k, k+P, ...
     (each over every held-out record, on its own devices: `make_mesh(local=True)`), and every
     process gets every pass's losses as the process that ran it has them. A pass is the same
     program on every process's devices, so the result is the one process's, in 1/P of the time."""
     import numpy as np
 
-    from sparcom_jax.analysis.ablate import dropped_mass
+    from sparcom_jax.analysis.ablate import category_mass, dropped_mass
     from sparcom_jax.categories import CATEGORIES, normalize_category
     from sparcom_jax.parallel.processes import share_map
 
-    def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none)]
+    def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none),
+        # mass dropped on each category's tokens (NaN: none)]
         losses = {normalize_category(k): float(v) for k, v in loss_fn(masks[i]).items()}
+        by_cat = category_mass(loss_fn) or {}
         return ([losses.get(c, np.nan) for c in CATEGORIES] + [c in losses for c in CATEGORIES]
-                + [dropped_mass(loss_fn)])
+                + [dropped_mass(loss_fn)] + [by_cat.get(c, np.nan) for c in CATEGORIES])
 
     n = len(CATEGORIES)
-    rows = share_map(one, len(masks), 2 * n + 1, "ablate")
-    return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n])) for r in rows]
+    rows = share_map(one, len(masks), 3 * n + 1, "ablate")
+    return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n]),
+             {c: float(r[2 * n + 1 + j]) for j, c in enumerate(CATEGORIES) if np.isfinite(r[2 * n + 1 + j])}
+             or None) for r in rows]
+
+
+def _expert_mass_shared(loss_fn, L: int, E: int, total: int) -> dict[str, Any]:
+    """`baseline_expert_mass` (float [L, E] per category) run by one process and given to every
+    process bit for bit, so that every process draws the same mass-matched sets. It is the
+    pass after the `total` passes of `_passes_shared`, on the process that pass falls to
+    (`total` mod the processes), so the processes' shares stay within one pass of each other."""
+    import jax
+
+    import numpy as np
+
+    from sparcom_jax.analysis.ablate import baseline_expert_mass
+    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.parallel.processes import share_map
+
+    owner = total % jax.process_count()
+
+    def one(i):  # every category's [L, E] flattened, NaN where it has no scored token (or on no pass)
+        mass = baseline_expert_mass(loss_fn) if i == owner else {}
+        return np.concatenate([np.ravel(mass.get(c, np.full((L, E), np.nan))) for c in CATEGORIES])
+
+    row = share_map(one, owner + 1, len(CATEGORIES) * L * E, "ablate: expert mass")[owner]
+    row = row.reshape(len(CATEGORIES), L, E)
+    return {c: row[i] for i, c in enumerate(CATEGORIES) if np.isfinite(row[i]).all()}
 
 
 class _Counting:
     """A loss_fn with a progress bar over its calls (each is a pass over the records); it
-    passes on the dropped routing mass of the last call (`last_dropped_mass`)."""
+    passes on the routing masses of the last call (`last_dropped_mass`, `last_category_mass`,
+    `last_expert_mass`)."""
 
     def __init__(self, fn, total: int, desc: str):
         self.fn, self.total, self.desc = fn, total, desc
@@ -824,6 +860,14 @@ class _Counting:
     @property
     def last_dropped_mass(self):
         return getattr(self.fn, "last_dropped_mass", None)
+
+    @property
+    def last_category_mass(self):
+        return getattr(self.fn, "last_category_mass", None)
+
+    @property
+    def last_expert_mass(self):
+        return getattr(self.fn, "last_expert_mass", None)
 
     @property
     def coverage(self):

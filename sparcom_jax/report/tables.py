@@ -232,12 +232,44 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
             continue
         yield matrix_table(f"ablation_{kind}_{k}", d[k], corner=ABLATION_CORNER)
     yield Table(f"ablation_{kind}_baseline", ABLATION_HEADER, ablation_rows(d))
+    mm = d.get("mass_matched")  # the mass-matched control (experts), where it ran
+    if mm:
+        for k in ("excess", "p_value"):
+            yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
+        yield Table(f"ablation_{kind}_mass_matched", MASS_HEADER, mass_rows(d))
 
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
                    "random_ge_fraction_own", "dropped_mass", "random_dropped_mass_mean",
                    "in_set_mean", "p_own", "set_frequency", "random_frequency_mean", "closest_frequency",
                    "above_others", "held_out_records", "scored_records", "response_tokens"]
+
+
+MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_ge_fraction_own", "p_own",
+               "set_mass_own_tokens", "random_mass_own_tokens_mean", "random_mass_own_tokens_min",
+               "random_mass_own_tokens_max", "random_experts_mean"]
+
+
+def mass_rows(d: dict) -> list[list]:
+    """Per ablated category, the mass-matched control (`d["mass_matched"]`): the own-category
+    excess, its spread, the share of draws as harmful and p; the routing mass the set and its
+    draws dropped on the category's own held-out tokens (mean, min, max over draws); the
+    draws' mean number of experts."""
+    mm = d["mass_matched"]
+
+    def col(key, i):
+        return [r[i] for r in mm[key] or [] if r[i] is not None]
+
+    def stat(f, vals):
+        return f(vals) if vals else None
+
+    def mean(vals):
+        return sum(vals) / len(vals)
+
+    return [[c, d["set_sizes"][c], *(mm[k][i][i] for k in ("excess", "excess_std", "random_ge_fraction", "p_value")),
+             mm["set_mass"].get(c), stat(mean, col("random_mass", i)), stat(min, col("random_mass", i)),
+             stat(max, col("random_mass", i)), stat(mean, col("random_sizes", i))]
+            for i, c in enumerate(CATEGORIES)]
 
 
 def ablation_rows(d: dict) -> list[list]:

@@ -26,9 +26,9 @@ from sparcom_jax.report.export import export_sets
 from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_html
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
-    ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, TOP_HEADER, ablation_rows, all_tables,
-    boot_values, dominance_rows, interval, length_rows, matrix_table, precision_table, safe_name,
-    top_instruction_rows,
+    ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, MASS_HEADER, TOP_HEADER, ablation_rows,
+    all_tables, boot_values, dominance_rows, interval, length_rows, mass_rows, matrix_table, precision_table,
+    safe_name, top_instruction_rows,
 )
 
 SECTION_TITLES = {
@@ -88,6 +88,19 @@ CAPTIONS = {
     "ablation": "Causal check ({kind}): cell (a, b) is the increase of the mean next-token loss (nats per "
                 "response token) on category b's held-out reference responses when category a's set is "
                 "switched off.",
+    "ablation_mass": (
+        "Mass-matched control ({n} draws per category; the table above): random experts outside the set, "
+        "taken in each layer in random order until they carry as much routing mass on the category's own "
+        "held-out tokens as the set's experts, by each expert's mass in the unablated model (one expert fewer "
+        "when that comes closer; at least one per layer). It answers what the frequency-matched draws cannot "
+        "where the set holds its layers' busiest experts: does removing the set hurt more than removing as "
+        "much routing mass elsewhere? set_mass_own_tokens and random_mass_own_tokens_mean (min, max) are the "
+        "masses actually dropped (mean per token and layer; removing early experts moves the later routing, "
+        "so they can differ from the estimate); random_experts_mean is the draws' size: they usually "
+        "remove more, less busy experts than the set, so a set that still hurts more concentrates its effect "
+        "on fewer experts; one that does not is no more harmful than the mass it removes. The mass is "
+        "matched on average over tokens, not token by token, and only on the category's own tokens (the "
+        "other columns' tokens lose other masses)."),
     "ablation_controls": " Left: the instruction-specific set; middle: random sets matched to it "
                          "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
                          "means each category's set hurts its own category more than removing as many comparable "
@@ -651,6 +664,11 @@ def write_report(
                                  ABLATION_HEADER, ablation_rows(d)))
         for w in (d.get("coverage_warnings") or []) + (d.get("matching_warnings") or []):
             blocks.append(TextBlock(f"Warning: {w}."))
+        if d.get("mass_matched"):
+            blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['mass_matched']['n_random']} "
+                                     "mass-matched random draws and the routing mass they dropped",
+                                     MASS_HEADER, mass_rows(d)))
+            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"])))
         if not d["n_random"]:
             blocks.append(TextBlock(
                 "No random control sets were drawn (ablation.n_random=0): the loss increases above cannot "

@@ -34,16 +34,17 @@ def _loss_step(graphdef, state, ids_BT, valid_BT, target_BT, ablate=None):
     """Summed next-token loss per sequence over the tokens `target_BT` marks (on the token itself).
 
     Returns {"loss_sum": float32 [B], "n_targets": float32 [B]} (`next_token_loss`) and,
-    with experts removed, "dropped_mass_sum" float32 [B]: the removed experts' softmax
-    mass summed over layers and the scored prediction positions.
+    with an "expert_drop" mask (all False for a baseline), "expert_mass_sum" float32
+    [B, L, E]: each expert's softmax probability in this pass, summed over the scored
+    prediction positions (the removed experts' part is the routing mass dropped).
     """
     out = nnx.merge(graphdef, state).forward(ids_BT, valid_BT, ablate=ablate)
     targets_BT = target_mask(target_BT, valid_BT)
     loss_B, n_B = next_token_loss(out.logits, ids_BT, targets_BT)
     res = {"loss_sum": loss_B, "n_targets": n_B}
-    if out.stats is not None and "dropped_mass" in out.stats:
-        mass_BT = jnp.sum(out.stats["dropped_mass"], axis=1)  # [B, L, T] -> [B, T]
-        res["dropped_mass_sum"] = jnp.sum(jnp.where(targets_BT, mass_BT, 0.0), axis=1)
+    if out.stats is not None and "router_probs" in out.stats:
+        res["expert_mass_sum"] = jnp.einsum("BLTE,BT->BLE", out.stats["router_probs"],
+                                            targets_BT.astype(jnp.float32))
     return res
 
 
@@ -100,6 +101,12 @@ class CategoryLoss:
       last_dropped_mass: after a call that removed experts, the softmax mass the
         removed experts had, averaged over every target token (of all categories) and
         the layers; None after any other call (read by `ablation_matrix`).
+      last_category_mass: after a call that removed experts, {category: the same mass
+        over that category's target tokens only}; None after any other call.
+      last_expert_mass: after any call of kind "experts" (the baseline included),
+        {category: float [L, E] each expert's softmax probability in that pass, averaged
+        over the category's target tokens and divided by L}, so that a mask's entries
+        sum to the mass it drops (or would drop, from the baseline's); None otherwise.
       coverage: {category: {"records": its records in `encoded`, "scored_records":
         those that keep a response token within the cut, "response_tokens": the
         tokens its loss averages over}} (read by `ablation_matrix`, which flags
@@ -115,21 +122,37 @@ class CategoryLoss:
         self.encoded = encoded
         self.runner = BatchRunner(model, _loss_step, batch_size, mesh=mesh, buckets=buckets)
         self.last_dropped_mass: float | None = None
+        self.last_category_mass: dict[str, float] | None = None
+        self.last_expert_mass: dict[str, np.ndarray] | None = None
         self.coverage = response_coverage(encoded)
 
     def __call__(self, mask: np.ndarray | None = None) -> dict[str, float]:
-        ablate = ablation_arrays(self.model, mask, self.kind, self.expert_mode)
+        cfg = self.model.config
+        # A baseline of experts removes none: the same program as the ablated passes (one
+        # compilation), bit for bit the unablated forward, and it measures each expert's mass.
+        none = self.kind == "experts" and mask is None
+        ablate = ablation_arrays(self.model, np.zeros((cfg.num_layers, cfg.num_experts), bool) if none else mask,
+                                 self.kind, self.expert_mode)
         sums: dict[str, float] = collections.defaultdict(float)
         counts: dict[str, int] = collections.defaultdict(int)
-        mass = 0.0
+        mass: dict[str, np.ndarray] = {}
         for idx, res in self.runner.run(self.encoded.ids, self.encoded.scopes, extra=ablate):
-            mass += float(np.sum(res.get("dropped_mass_sum", 0.0)))
-            for i, s, n in zip(idx, res["loss_sum"], res["n_targets"]):
-                sums[self.encoded.categories[i]] += float(s)
-                counts[self.encoded.categories[i]] += int(n)
-        dropped = ablate is not None and "expert_drop" in ablate
-        n_targets = sum(counts.values()) * self.model.config.num_layers
-        self.last_dropped_mass = mass / n_targets if dropped and n_targets else None
+            for j, (i, s, n) in enumerate(zip(idx, res["loss_sum"], res["n_targets"])):
+                cat = self.encoded.categories[i]
+                sums[cat] += float(s)
+                counts[cat] += int(n)
+                if "expert_mass_sum" in res:
+                    mass[cat] = mass.get(cat, 0.0) + np.asarray(res["expert_mass_sum"][j], np.float64)
+        L = cfg.num_layers
+        # Per token and layer, so that a mask's mass is the sum of its experts' entries.
+        self.last_expert_mass = {c: m / (counts[c] * L) for c, m in mass.items() if counts[c]} or None
+        dropped = self.kind == "experts" and mask is not None and self.last_expert_mass is not None
+        drop = np.asarray(mask, bool) if dropped else None
+        self.last_category_mass = ({c: float(m[drop].sum()) for c, m in self.last_expert_mass.items()}
+                                   if dropped else None)
+        n_targets = sum(counts.values())
+        self.last_dropped_mass = (sum(float(m[drop].sum()) for m in mass.values()) / (n_targets * L)
+                                  if dropped and n_targets else None)
         return {c: sums[c] / counts[c] for c in sums if counts[c] > 0}
 
 

@@ -1,0 +1,206 @@
+"""The mass-matched expert control: random experts outside the set dropping as much routing mass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparcom_jax.analysis.ablate import AblationResult, ablation_matrix, mass_matched_random, mass_prefix
+from sparcom_jax.categories import CATEGORIES
+
+
+def brute_prefix(mass: np.ndarray, target: float) -> int:
+    """Every prefix length 1..W scored: closest mass to the target, then reaching it, then fewest units."""
+    cum = np.cumsum(mass)
+    return min(range(1, mass.size + 1), key=lambda k: (abs(cum[k - 1] - target), cum[k - 1] < target, k))
+
+
+def test_mass_prefix_is_the_closest_prefix_by_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        w = int(rng.integers(1, 7))
+        mass = rng.random(w) * (rng.random(w) > 0.3)  # zero-mass units too: they must not be taken for nothing
+        target = float(rng.random() * 1.5 * mass.sum() + (0.0 if rng.random() < 0.9 else mass.sum()))
+        assert mass_prefix(mass, target) == brute_prefix(mass, target), (mass, target)
+    # By hand: reaching 0.5 takes 0.3 + 0.3 (0.6, 0.1 above) rather than 0.3 (0.2 below) ...
+    assert mass_prefix(np.array([0.3, 0.3, 0.3]), 0.5) == 2
+    # ... but 0.3 + 0.4 (0.25 above) loses to 0.3 (0.15 below); never 0 units, even for 0.2 above.
+    assert mass_prefix(np.array([0.3, 0.4]), 0.45) == 1
+    assert mass_prefix(np.array([0.3, 0.4]), 0.1) == 1
+    assert mass_prefix(np.array([0.1, 0.0, 0.5]), 0.2) == 1  # the zero-mass unit adds nothing
+    assert mass_prefix(np.array([0.25, 0.25]), 0.375) == 2  # a tie (exact in binary): the one that reaches the target
+    assert mass_prefix(np.array([0.1, 0.1]), 5.0) == 2  # all of them fall short: all
+
+
+def brute_draw(mask, mass, seed):
+    rng = np.random.default_rng(seed)
+    out = np.zeros_like(mask)
+    for l in range(mask.shape[0]):
+        if mask[l].any():
+            free = rng.permutation(np.flatnonzero(~mask[l]))
+            out[l, free[:brute_prefix(mass[l, free], mass[l, mask[l]].sum())]] = True
+    return out
+
+
+def test_mass_matched_random_by_brute_force_outside_the_set_and_per_seed():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        L, E = int(rng.integers(1, 5)), int(rng.integers(2, 9))
+        mass = rng.dirichlet(np.ones(E), size=L) / L  # a softmax per layer, shared by the L layers
+        mask = rng.random((L, E)) < 0.3
+        mask[mask.all(1), 0] = False  # a layer keeps an expert
+        draw = mass_matched_random(mask, mass, np.random.default_rng(trial))
+        assert np.array_equal(draw, brute_draw(mask, mass, trial))
+        assert not (draw & mask).any()  # never an expert of the set
+        assert np.array_equal(draw.any(1), mask.any(1))  # the layers of the set, and only those
+        assert np.array_equal(draw, mass_matched_random(mask, mass, np.random.default_rng(trial)))
+        for l in np.flatnonzero(mask.any(1)):
+            target, got = mass[l, mask[l]].sum(), mass[l, draw[l]].sum()
+            # The mass is reached (or all outside experts taken) unless one expert fewer came closer.
+            assert got >= target - 1e-12 or draw[l].sum() == (~mask[l]).sum() or any(
+                abs(got + m - target) >= abs(got - target) for m in mass[l, ~mask[l] & ~draw[l]])
+    # The demo's case: the set holds its layer's busiest expert (0.4); the rest carry 0.2, 0.15, ...
+    mass = np.array([[0.4, 0.2, 0.15, 0.1, 0.1, 0.05]])
+    mask = np.array([[True, False, False, False, False, False]])
+    draws = [mass_matched_random(mask, mass, np.random.default_rng(s)) for s in range(50)]
+    assert all(d.sum() >= 2 for d in draws)  # more experts than the set: none outside comes within 0.2
+    # The two prefixes around 0.4 differ by one expert (at most 0.2): the closer is within 0.1.
+    assert all(abs(mass[d].sum() - 0.4) <= 0.1 + 1e-12 for d in draws)
+    assert len({d.tobytes() for d in draws}) > 1  # random, not the heaviest-first set
+
+
+class MassModel:
+    """loss_c(mask) = 1 + mass_c(mask) + 0.5 |mask ∩ S(c)|: the set hurts more than its mass.
+    Reports the mass a mask drops on each category (`last_category_mass`) and overall."""
+
+    def __init__(self, sets, mass):
+        self.sets, self.mass, self.masks = sets, mass, []
+
+    def __call__(self, mask):
+        self.masks.append(None if mask is None else mask.copy())
+        m = np.zeros_like(next(iter(self.sets.values()))) if mask is None else mask
+        by_cat = {c: float(self.mass[c][m].sum()) for c in CATEGORIES}
+        self.last_category_mass = None if mask is None else by_cat
+        self.last_dropped_mass = None if mask is None else float(np.mean(list(by_cat.values())))
+        return {c: 1.0 + by_cat[c] + 0.5 * float((m & self.sets[c]).sum()) for c in CATEGORIES}
+
+
+def setup(L=2, E=6):
+    rng = np.random.default_rng(4)
+    mass = {c: rng.dirichlet(np.ones(E), size=L) / L for c in CATEGORIES}
+    sets = {}
+    for c in CATEGORIES:  # each layer's busiest expert on the category, as top-eps ISEs are
+        s = np.zeros((L, E), bool)
+        s[np.arange(L), mass[c].argmax(1)] = True
+        sets[c] = s
+    sets["math"][:] = False  # an empty set: rows of 0, no draw
+    return sets, mass
+
+
+def test_ablation_matrix_runs_the_mass_matched_control_on_its_own_stream():
+    sets, mass = setup()
+    freq = np.tile(np.linspace(0.1, 0.9, 6), (2, 1))
+    plain_model = MassModel(sets, mass)
+    plain = ablation_matrix(sets, plain_model, n_random=4, seed=7, kind="experts", frequency=freq)
+    assert plain.mass_random_draws is None and plain.to_dict()["mass_matched"] is None
+    model = MassModel(sets, mass)
+    r = ablation_matrix(sets, model, n_random=4, seed=7, kind="experts", frequency=freq, expert_mass=mass)
+    # The frequency-matched draws stay the seed's: the mass-matched ones come after, from [seed, 2].
+    assert np.array_equal(r.random_draws, plain.random_draws)
+    rng = np.random.default_rng([7, 2])
+    per = 1 + 4 + 4
+    for a, cat in enumerate(CATEGORIES):
+        if cat == "math":
+            continue
+        k = [c for c in CATEGORIES if c != "math"].index(cat)
+        block = model.masks[1 + k * per:1 + (k + 1) * per]
+        assert np.array_equal(block[0], sets[cat])
+        assert all(np.array_equal(x, y) for x, y in zip(block[1:5], plain_model.masks[2 + k * 5:1 + (k + 1) * 5]))
+        for d, m in enumerate(block[5:]):
+            assert np.array_equal(m, mass_matched_random(sets[cat], mass[cat], rng))
+            assert r.mass_random_sizes[d, a] == m.sum()
+            assert r.mass_random_mass[d, a] == pytest.approx(mass[cat][m].sum())  # measured, on a's tokens
+            assert r.mass_random_draws[d, a] == pytest.approx(
+                [mass[b][m].sum() + 0.5 * (m & sets[b]).sum() for b in CATEGORIES])
+        assert r.set_category_mass[a] == pytest.approx(mass[cat][sets[cat]].sum())
+    assert len(model.masks) == 1 + 5 * per
+    m_ = CATEGORIES.index("math")
+    assert np.all(r.mass_random_draws[:, m_] == 0) and r.mass_random_sizes[:, m_].sum() == 0
+    # Excess and p-value against these draws, brute force.
+    ok = [a for a, c in enumerate(CATEGORIES) if c != "math"]
+    mean = r.mass_random_draws.mean(0)
+    assert np.allclose(r.mass_excess, r.isn - mean)
+    sp = r.excess_spread(r.mass_random_draws)
+    n_ge = (r.mass_random_draws >= r.isn[None]).sum(0)
+    assert np.allclose(sp["p_value"], (1 + n_ge) / 5)
+    assert np.allclose(np.diag(sp["p_value"])[ok], 0.2)  # each set hurts 0.5 per expert beyond its mass
+    # Round trip through JSON, and files without the control load as before.
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["mass_matched"]["n_random"] == 4
+    assert np.allclose(np.array(d["mass_matched"]["excess"], float), r.mass_excess, equal_nan=True)
+    back = AblationResult.from_dict(d)
+    for key in ("mass_random_draws", "mass_random_mass", "mass_random_sizes", "set_category_mass"):
+        assert np.array_equal(getattr(back, key), getattr(r, key), equal_nan=True), key
+    assert back.mass_random_sizes.dtype == np.int64
+    assert AblationResult.from_dict(json.loads(json.dumps(plain.to_dict()))).mass_random_draws is None
+    with pytest.raises(ValueError, match="only experts"):
+        ablation_matrix(sets, model, kind="neurons", expert_mass=mass)
+
+
+def test_the_matching_warning_gives_the_mass_matched_outcome():
+    sets, mass = setup()
+    freq = np.tile(np.linspace(0.1, 0.9, 6), (2, 1))
+    sets["code"][:] = False
+    sets["code"][:, 5] = True  # the busiest by frequency: no frequency-matched draw fires as often
+    r = ablation_matrix(sets, MassModel(sets, mass), n_random=3, seed=0, kind="experts", frequency=freq,
+                        expert_mass=mass)
+    plain = ablation_matrix(sets, MassModel(sets, mass), n_random=3, seed=0, kind="experts", frequency=freq)
+    a = CATEGORIES.index("code")
+    line = next(w for w in r.matching_warnings() if w.startswith("code:"))
+    before = next(w for w in plain.matching_warnings() if w.startswith("code:"))
+    p = r.excess_spread(r.mass_random_draws)["p_value"][a, a]
+    assert line == before + (
+        f"; the mass-matched control (3 draws of {r.mass_random_sizes[:, a].mean():.3g} experts outside the set, "
+        f"against its 2) dropped {r.mass_random_mass[:, a].mean():.3g} of the routing mass on its own tokens (the "
+        f"set {r.set_category_mass[a]:.3g}) and gives an own-category excess of {r.mass_excess[a, a]:+.3g} "
+        f"(p = {p:.2g})")
+    assert r.to_dict()["matching_warnings"] == r.matching_warnings()
+    assert repr(r).splitlines()[4:6] == ["  own-category excess beyond the mass-matched expert draws:", "    " + (
+        ", ".join(f"{s} {e:+.3g}" for s, e in zip(("CLS", "CODE", "QA", "GEN", "MATH", "SUM"),
+                                                  np.diag(r.mass_excess))))]
+    # A category whose held-out tokens give no mass (none scored): no draw, NaN, and no outcome to give.
+    no_code = ablation_matrix(sets, MassModel(sets, mass), n_random=3, seed=0, kind="experts", frequency=freq,
+                              expert_mass={c: m for c, m in mass.items() if c != "code"})
+    assert np.isnan(no_code.mass_random_draws[:, a]).all() and np.isnan(no_code.mass_random_mass[:, a]).all()
+    assert next(w for w in no_code.matching_warnings() if w.startswith("code:")) == before
+
+
+def test_the_report_shows_the_mass_matched_control(tmp_path):
+    import csv
+
+    from sparcom_jax.report import write_report
+    from sparcom_jax.report.tables import ABLATION_HEADER
+
+    sets, mass = setup()
+    r = ablation_matrix(sets, MassModel(sets, mass), n_random=2, seed=0, kind="experts", expert_mass=mass)
+    d = json.loads(json.dumps(r.to_dict()))
+    write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"experts": d}}, dpi=20)
+    with open(tmp_path / "tables" / "ablation_experts_mass_matched.csv") as fh:
+        rows = [row for row in csv.reader(fh) if not row[0].startswith("#")]
+    header, code = rows[0], rows[1 + CATEGORIES.index("code")]
+    a = CATEGORIES.index("code")
+    assert float(code[header.index("excess_own")]) == pytest.approx(r.mass_excess[a, a], abs=1e-5)
+    assert float(code[header.index("p_own")]) == pytest.approx(1 / 3)
+    assert float(code[header.index("set_mass_own_tokens")]) == pytest.approx(r.set_category_mass[a], abs=1e-5)
+    for key, f in (("mean", np.mean), ("min", np.min), ("max", np.max)):
+        assert float(code[header.index(f"random_mass_own_tokens_{key}")]) == pytest.approx(
+            f(r.mass_random_mass[:, a]), abs=1e-5)
+    assert float(code[header.index("random_experts_mean")]) == pytest.approx(r.mass_random_sizes[:, a].mean())
+    with open(tmp_path / "tables" / "ablation_experts_baseline.csv") as fh:  # the frequency-matched table as it was
+        assert next(row for row in csv.reader(fh) if not row[0].startswith("#")) == ABLATION_HEADER
+    assert (tmp_path / "tables" / "ablation_experts_mass_matched_p_value.csv").is_file()
+    page = (tmp_path / "index.html").read_text()
+    assert "Mass-matched control (2 draws per category" in page
+    assert "own-category excess over 2 mass-matched random draws" in page
