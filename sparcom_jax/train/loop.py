@@ -304,16 +304,20 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                                "out_dir")
 
     # ---- run directory ----
-    if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if prev is None:
-            write_json(run_dir / RUN_FILE, {
-                # Tells this run from an earlier one with the same settings in a removed directory
-                # (another base, or weights that differ run to run): exports record it.
-                "run_id": uuid.uuid4().hex, "base_checksum": base_checksum, "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
-                "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets), "data_fingerprint": fingerprint,
-                "n_records": len(enc), "mesh": dict(mesh.shape)})
-            tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
+    # Process 0 writes it alone; its error (a full disk) stops every process here, not the others
+    # at their first training step with an error that does not name it (`together`).
+    with together(f"finetune: writing {run_dir / RUN_FILE} and the tokenizer"):
+        if lead:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if prev is None:
+                write_json(run_dir / RUN_FILE, {
+                    # Tells this run from an earlier one with the same settings in a removed directory
+                    # (another base, or weights that differ run to run): exports record it.
+                    "run_id": uuid.uuid4().hex, "base_checksum": base_checksum, "model_config": model_hf,
+                    "train_config": cfg.to_dict(), "total_steps": total_steps,
+                    "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets),
+                    "data_fingerprint": fingerprint, "n_records": len(enc), "mesh": dict(mesh.shape)})
+                tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
 
     # ---- state ----
     tx, sh, train_step, eval_step = _programs(model.config, dataclasses.replace(cfg, **_CADENCE), total_steps, mesh)
