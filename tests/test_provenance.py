@@ -18,6 +18,7 @@ import pytest
 from sparcom_jax.config import apply_overrides, from_dict
 from sparcom_jax.config import ExperimentConfig
 from sparcom_jax.errors import LockedError, StaleResultError
+from sparcom_jax.train import TrainConfigError
 from sparcom_jax.fileio import LOCK_NAME, DirLock
 from sparcom_jax.pipeline import stages
 from sparcom_jax.pipeline.stages import run_stage
@@ -527,7 +528,7 @@ def tuned(tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "out"
     cfg = {**EXP, "finetuned": None, "train_data": {"n_per_category": 2},
            "train": {"total_steps": 2, "save_every": 1, "batch_size": 4, "warmup_steps": 0, "max_length": 48,
-                     "buckets": [48], "async_checkpointing": False}}
+                     "buckets": [48], "async_checkpointing": False, "allow_cut_responses": True}}
     run_stage("finetune", from_dict(ExperimentConfig, cfg, "test"), out)
     return out, cfg
 
@@ -582,6 +583,16 @@ def test_a_refused_fine_tuning_run_names_the_records_whose_text_changed(tuned, m
     for stage in ("finetune", "collect"):
         with pytest.raises(StaleResultError, match=named):
             run_stage(stage, from_dict(ExperimentConfig, cfg, "t"), out)
+
+
+def test_finetune_refuses_records_cut_before_their_response_before_writing_the_run(tmp_path, monkeypatch):
+    """Refused before OUT/train is written: a fingerprint written first would then have asked a
+    user who raised max_length, as the refusal says, for --overwrite."""
+    no_weights(monkeypatch)
+    cfg = {**EXP, "finetuned": None, "train_data": {"n_per_category": 2}, "train": {"max_length": 48}}
+    with pytest.raises(TrainConfigError, match=r"max_length=48 cuts 4 of 12 training records .*allow_cut_responses"):
+        run_stage("finetune", from_dict(ExperimentConfig, cfg, "test"), tmp_path / "out")
+    assert not (tmp_path / "out" / "train").exists()
 
 
 def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned, monkeypatch):

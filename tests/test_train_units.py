@@ -349,7 +349,7 @@ def test_process_0_failing_to_write_the_run_directory_stops_every_process(tmp_pa
     monkeypatch.setattr(processes, "raise_together", raise_together)
     monkeypatch.setattr(loop.jax, "process_index", lambda: 1)
     monkeypatch.setattr(loop, "_programs", no_training)
-    cfg = TrainConfig(batch_size=6, max_length=64, buckets=(64,), total_steps=2, warmup_steps=1)
+    cfg = TrainConfig(batch_size=6, max_length=256, buckets=(256,), total_steps=2, warmup_steps=1)
     with pytest.raises(OtherProcessError, match=f"^{re.escape(at)}"):
         finetune(model, load_instructions(n_per_category=1), tok, cfg, run, progress=False)
     assert not run.exists()

@@ -37,7 +37,8 @@ from sparcom_jax.pipeline.provenance import (
 # --------------------------------------------------------------------------- #
 
 # Training settings that change neither the weights nor which checkpoints exist.
-_TRAIN_NOT_IN_FINGERPRINT = ("log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model")
+_TRAIN_NOT_IN_FINGERPRINT = ("log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model",
+                             "allow_cut_responses")
 
 
 def train_config(cfg: ExperimentConfig):
@@ -186,6 +187,8 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     # The tokens fingerprinted are those trained on: one tokenizer for both.
     tok = spec_tokenizer(cfg.base)
     fp, enc = base_train_fingerprint(cfg, records, tok)
+    if not tcfg.allow_cut_responses:  # refused before the run directory is written (allowed: finetune warns)
+        T.check_responses_cut(enc, records, tok, tcfg)
     guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"], encoded=enc)
     mesh = make_mesh(cfg.mesh)
     with timed(f"finetune: loading {cfg.base.label}"):
