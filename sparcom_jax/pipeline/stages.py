@@ -466,7 +466,7 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         # merged counts equal (each share was checked against its own above). Results made from counts
         # of one process count stay valid for those of another, and change with whatever changes counts.
         whole, _ = collect_fingerprint(cfg, spec, records, template, **settings)
-        whole = served_by(whole, header.get("fingerprint"))
+        whole = served_by(whole, header.get("fingerprint"))  # the shares were counted together, alike
         counts = dataclasses.replace(counts, meta={**counts.meta, "fingerprint": whole})
     else:
         counts = dataclasses.replace(open_counts(root), **unasked)
