@@ -319,9 +319,10 @@ class CollectSpec:
         model's, also count the tuned model under the base model's template (the
         same-template control: what changes with the weights alone).
       sums: also collect the float32 activation sums beside the counts (the strength
-        of each unit: the tie-break of identify.ties=break and the report's strength
-        figures; about 1-2% slower on CPU, and float32 arrays the size of the counts
-        in the store).
+        of each unit: the tie-break of identify.ties=break, and `Counts.mean_active`
+        in Python; about 1-2% slower on CPU, and float32 arrays the size of the counts
+        in the store). Counts collected with them serve a run without them (reused,
+        read without the sums); not the other way.
       gate_dtype: "float32" computes the gate projections in float32 in a bfloat16
         model (only their sign decides the counts), with the weights kept in float32
         (over bf16 weights a float32 gate gives the bf16 signs exactly); null = the

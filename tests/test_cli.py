@@ -39,7 +39,7 @@ base:
 data: {n_per_category: 2, max_length: 48}
 train_data: {n_per_category: 2}
 train: {total_steps: 2, save_every: 1, batch_size: 4, warmup_steps: 0, max_length: 48, buckets: [48],
-        async_checkpointing: false}
+        async_checkpointing: false, allow_cut_responses: true}
 identify: {eps: 0.05, n_boot: 0, n_perm: 0}
 collect: {batch_size: 12, buckets: [48]}
 ablation: {enabled: false}

@@ -18,6 +18,7 @@ import pytest
 from sparcom_jax.config import apply_overrides, from_dict
 from sparcom_jax.config import ExperimentConfig
 from sparcom_jax.errors import LockedError, StaleResultError
+from sparcom_jax.train import TrainConfigError
 from sparcom_jax.fileio import LOCK_NAME, DirLock
 from sparcom_jax.pipeline import stages
 from sparcom_jax.pipeline.stages import run_stage
@@ -78,7 +79,6 @@ CHANGES = [
     ("data.split_seed=3", "records"),
     ("base.template=chat", "template: 'plain' -> 'chat'"),
     ("base.seed=7", "model weights changed"),
-    ("identify.ties=keep collect.sums=false", "collect.sums: True -> False"),
 ]
 
 
@@ -275,6 +275,85 @@ def test_a_causal_check_stored_without_its_held_out_tokens_is_refused(done, tmp_
             run_stage(stage, exp(), out)
 
 
+def test_counts_with_activation_sums_serve_a_run_without_them(done, tmp_path, monkeypatch):
+    """Counts collected with the sums hold what a run without them needs (the same counts of the same
+    records in the same order): they are reused, not counted again, and the analysis gets them without
+    the sums, as counts collected without them, fingerprinted as the store is (in either layout)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    no_weights(monkeypatch)
+    cfg = exp("identify.ties=keep", "collect.sums=false")  # ties=break reads the sums
+    before = {p: p.stat().st_mtime_ns for p in (out / "counts").rglob("meta.json")}
+    run_stage("collect", cfg, out)
+    run_stage("identify", cfg, out)
+    assert {p: p.stat().st_mtime_ns for p in (out / "counts").rglob("meta.json")} == before
+    plain, full = stages.open_model_counts(cfg, out, cfg.base), stages.open_model_counts(exp(), out, cfg.base)
+    assert plain.sums() == {} and set(full.sums()) == {"neuron_act_sum"}
+    assert plain.ids == full.ids and plain.meta["fingerprint"] == full.meta["fingerprint"]
+    np.testing.assert_array_equal(plain.neuron_active[:], full.neuron_active[:])
+
+
+def test_counts_without_activation_sums_are_refused_for_a_run_that_asks_for_them(done, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    meta = out / "counts" / "base" / "meta.json"
+    header = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**header, "fingerprint": {**header["fingerprint"], "sums": False}}))
+    no_weights(monkeypatch)
+    named = r"collect.sums \(the stored counts lack the activation sums\): False -> True"
+    with pytest.raises(StaleResultError, match=named):
+        run_stage("collect", exp(), out)
+    with pytest.raises(StaleResultError, match=named):
+        run_stage("identify", exp(), out)
+
+
+def test_an_unfinished_store_with_activation_sums_is_finished_with_them(done, tmp_path):
+    """A run without sums resumes a store begun with them as it was begun (a store of one kind of
+    rows), not refused nor started again."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    store = out / "counts" / "base"
+    sums = np.asarray(stages.open_model_counts(exp(), out, exp().base).neuron_act_sum[:])
+    (store / "progress.json").write_text(json.dumps({"done_chunks": 0}))
+    run_stage("collect", exp("identify.ties=keep", "collect.sums=false"), out)
+    again = stages.open_model_counts(exp(), out, exp().base)
+    np.testing.assert_allclose(again.neuron_act_sum[:], sums, rtol=1e-5)
+
+
+def test_counts_with_activation_sums_of_two_processes_serve_a_run_without_them(done, tmp_path):
+    """Merged, the stores of a two-process collection with the sums are fingerprinted as one store
+    of every record is (`test_counts_of_another_process_count_keep_the_causal_check_valid`), also
+    for a run without the sums."""
+    import shutil
+
+    from sparcom_jax.data import resolve_tokenizer
+    from sparcom_jax.pipeline.common import counts_root, identify_records
+    from sparcom_jax.pipeline.provenance import collect_fingerprint
+    from sparcom_jax.stats.collect import collect_instructions
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg, plain = exp(), exp("identify.ties=keep", "collect.sums=false")
+    one = stages.open_model_counts(plain, out, cfg.base)
+    root = counts_root(cfg, out) / "base"
+    shutil.rmtree(root)
+    model = stages.load_spec_model(cfg.base)
+    records, caps = identify_records(cfg), stages.study_content_caps(cfg, out)
+    for k in range(2):  # what collect_stage on two processes writes
+        fp, _ = collect_fingerprint(cfg, cfg.base, records[k::2], "plain", content_caps=caps)
+        collect_instructions(model, records[k::2], resolve_tokenizer(model), template="plain", scope=cfg.data.scope,
+                             max_length=cfg.data.max_length, out=root / f"process_{k}", progress=False,
+                             buckets=[48], sums=True, fingerprint=fp, content_caps=caps)
+    merged = stages.open_model_counts(plain, out, cfg.base)
+    assert merged.sums() == {} and merged.meta["fingerprint"] == one.meta["fingerprint"]
+
+
 def test_collect_refuses_a_count_store_of_another_format_version(done, tmp_path, monkeypatch):
     """Even with the same fingerprint: "already complete" would keep it, the analysis read it."""
     import shutil
@@ -449,7 +528,7 @@ def tuned(tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "out"
     cfg = {**EXP, "finetuned": None, "train_data": {"n_per_category": 2},
            "train": {"total_steps": 2, "save_every": 1, "batch_size": 4, "warmup_steps": 0, "max_length": 48,
-                     "buckets": [48], "async_checkpointing": False}}
+                     "buckets": [48], "async_checkpointing": False, "allow_cut_responses": True}}
     run_stage("finetune", from_dict(ExperimentConfig, cfg, "test"), out)
     return out, cfg
 
@@ -504,6 +583,16 @@ def test_a_refused_fine_tuning_run_names_the_records_whose_text_changed(tuned, m
     for stage in ("finetune", "collect"):
         with pytest.raises(StaleResultError, match=named):
             run_stage(stage, from_dict(ExperimentConfig, cfg, "t"), out)
+
+
+def test_finetune_refuses_records_cut_before_their_response_before_writing_the_run(tmp_path, monkeypatch):
+    """Refused before OUT/train is written: a fingerprint written first would then have asked a
+    user who raised max_length, as the refusal says, for --overwrite."""
+    no_weights(monkeypatch)
+    cfg = {**EXP, "finetuned": None, "train_data": {"n_per_category": 2}, "train": {"max_length": 48}}
+    with pytest.raises(TrainConfigError, match=r"max_length=48 cuts 4 of 12 training records .*allow_cut_responses"):
+        run_stage("finetune", from_dict(ExperimentConfig, cfg, "test"), tmp_path / "out")
+    assert not (tmp_path / "out" / "train").exists()
 
 
 def test_finetune_rerun_with_the_same_settings_keeps_the_exports(tuned, monkeypatch):

@@ -222,7 +222,7 @@ def test_a_store_of_another_format_version_is_neither_resumed_nor_read(tmp_path)
     assert open_counts(tmp_path).ids == ["a", "b"]
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": STORE_VERSION + 1}))
-    both = f"format version {STORE_VERSION + 1}, this sparcom_jax writes {STORE_VERSION}"
+    both = f"format version {STORE_VERSION + 1}, written by another sparcom_jax; this one reads version {STORE_VERSION}"
     with pytest.raises(StaleResultError, match=f"{both}\\), so it cannot be resumed .*overwrite"):
         store()
     with pytest.raises(StaleResultError, match=f"format version {STORE_VERSION + 1}, .* reads version "

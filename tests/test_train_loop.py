@@ -25,7 +25,8 @@ N_STEPS = 8
 KILL_AFTER = 7
 STOP_8 = 4  # the 8-device run is the slowest on a CPU; its first steps and two evals suffice
 TRAIN = dict(learning_rate=1e-2, warmup_steps=2, total_steps=N_STEPS, batch_size=16, grad_accum=2,
-             max_length=128, buckets=(128,), save_every=3, keep_last=2, eval_batch_size=48, seed=3)
+             max_length=128, buckets=(128,), save_every=3, keep_last=2, eval_batch_size=48, seed=3,
+             allow_cut_responses=True)
 MODEL = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
@@ -374,7 +375,8 @@ def test_a_resumed_run_says_where_it_resumed(tmp_path, capfd):
     tok = default_tokenizer()
     model = _random_model(ModelConfig.from_hf_config({**MODEL, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}))
     records = sample_balanced(_records(), 1, seed=0)
-    cfg = TrainConfig(batch_size=6, max_length=64, buckets=(64,), total_steps=2, warmup_steps=1, save_every=1)
+    cfg = TrainConfig(batch_size=6, max_length=64, buckets=(64,), total_steps=2, warmup_steps=1, save_every=1,
+                      allow_cut_responses=True)
     run = tmp_path / "run"
     finetune(model, records, tok, cfg, run, progress=False, callback=lambda step, row: step == 1)
     capfd.readouterr()
@@ -408,7 +410,7 @@ jax.distributed.shutdown()
 
 
 def _two_steps(out):
-    """Two steps of a tiny Llama on 12 shipped records (long enough to keep their responses), batch 4
+    """Two steps of a tiny Llama on 12 shipped records (max_length 128 cuts two before their response), batch 4
     (the same global batch however many processes): (the base model, the FinetuneResult)."""
     import sparcom_jax as sj
     from sparcom_jax.data import default_tokenizer, sample_balanced
@@ -420,7 +422,7 @@ def _two_steps(out):
                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
     records = sample_balanced(_records(), 2, seed=0)
     tc = TrainConfig(learning_rate=1e-2, warmup_steps=1, total_steps=2, batch_size=4, grad_accum=1, max_length=128,
-                     buckets=(128,), save_every=100, async_checkpointing=False, seed=3)
+                     buckets=(128,), save_every=100, async_checkpointing=False, seed=3, allow_cut_responses=True)
     base = sj.init_model(cfg, seed=0)
     return base, finetune(base, records, tok, tc, out, progress=False, eval_records=records[:6])
 

@@ -223,7 +223,8 @@ def test_records_cut_before_their_response_are_reported_by_category(tmp_path, mo
     model = _random_model(ModelConfig.from_hf_config({**MODEL, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}))
     max_length = prompts[summary.id]  # the prompt fits; its response does not begin
     assert prompts[short.id] + 2 < max_length
-    cfg = TrainConfig(batch_size=2, max_length=max_length, buckets=(max_length,), total_steps=2, warmup_steps=1)
+    cfg = TrainConfig(batch_size=2, max_length=max_length, buckets=(max_length,), total_steps=2, warmup_steps=1,
+                      allow_cut_responses=True)
     with pytest.warns(DataWarning, match=rf"max_length={max_length} cuts 1 of 2 training records before their "
                                          rf"response begins \(summarization 1 of 1; e\.g\. {summary.id}\).* at least "
                                          rf"{max_length + 1} "):
@@ -238,6 +239,35 @@ def test_records_cut_before_their_response_are_reported_by_category(tmp_path, mo
             finetune(model, [summary, short], tok, cfg, tmp_path / "kept", progress=False)
 
 
+def test_records_cut_before_their_response_are_refused_by_default(tmp_path, monkeypatch):
+    """Trained on nothing, they left a category under-tuned behind a warning that scrolls by (the
+    fast demo lost most SUM records so); without allow_cut_responses the run stops before any
+    compute or write, naming the category, the records and the fix."""
+    import pytest
+
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.data import default_tokenizer, encode_records, load_instructions
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.train import TrainConfig, TrainConfigError, finetune
+
+    monkeypatch.setattr(loop, "_programs", _stop)
+    tok = default_tokenizer()
+    records = [r for r in load_instructions() if r.category in ("summarization", "math")]
+    enc = encode_records(records, tok, scope="response", max_length=None)
+    prompts = {r.id: int(p) for r, p in zip(records, enc.prompt_lens)}
+    summary = max((r for r in records if r.category == "summarization"), key=lambda r: prompts[r.id])
+    short = min(records, key=lambda r: prompts[r.id])
+    model = _random_model(ModelConfig.from_hf_config({**MODEL, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}))
+    max_length = prompts[summary.id]
+    cfg = TrainConfig(batch_size=2, max_length=max_length, buckets=(max_length,), total_steps=2, warmup_steps=1)
+    with pytest.raises(TrainConfigError, match=rf"^max_length={max_length} cuts 1 of 2 training records before their "
+                                               rf"response begins \(summarization 1 of 1; e\.g\. {summary.id}\): they "
+                                               rf"would be trained on nothing.* at least {max_length + 1} .*; or set "
+                                               r"allow_cut_responses=true"):
+        finetune(model, [summary, short], tok, cfg, tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut").exists()
+
+
 def test_the_cut_warning_counts_each_category_of_every_record():
     """Per category, the records cut out of that category's records in the set (not out of the
     cut ones only): two summaries, one of which loses its response, read "1 of 2"."""
@@ -247,7 +277,7 @@ def test_the_cut_warning_counts_each_category_of_every_record():
 
     from sparcom_jax.data import DataWarning, default_tokenizer, encode_records, load_instructions
     from sparcom_jax.train import TrainConfig
-    from sparcom_jax.train.loop import warn_responses_cut
+    from sparcom_jax.train.loop import check_responses_cut
 
     tok = default_tokenizer()
     records = load_instructions()
@@ -257,10 +287,10 @@ def test_the_cut_warning_counts_each_category_of_every_record():
     chosen = [summaries[-1], summaries[0]]
     max_length = prompts[summaries[-1].id]
     assert prompts[summaries[0].id] + 2 < max_length
-    cfg = TrainConfig(max_length=max_length)
+    cfg = TrainConfig(max_length=max_length, allow_cut_responses=True)
     with warnings.catch_warnings():  # the truncation notice, tested elsewhere
         warnings.simplefilter("ignore", DataWarning)
         enc = encode_records(chosen, tok, scope="response", max_length=max_length)
     with pytest.warns(DataWarning, match=r"cuts 1 of 2 training records before their response begins "
                                          r"\(summarization 1 of 2; "):
-        warn_responses_cut(enc, chosen, tok, cfg)
+        check_responses_cut(enc, chosen, tok, cfg)

@@ -315,3 +315,41 @@ def test_params_checksum_sees_one_bit_and_one_swap_but_not_the_storage():
     renamed = {"a": {"v": x}, "b": params["b"]}
     others = [params_checksum({"a": {"w": w}, "b": params["b"]}) for w in (ulp, swapped)] + [params_checksum(renamed)]
     assert len({ref, *others}) == 4
+
+
+def test_process_0_failing_to_write_the_run_directory_stops_every_process(tmp_path, monkeypatch):
+    """Process 0 alone writes run.json and the tokenizer; when that failed (a full disk), the others
+    went on to their first training step and met its exit there, with an error that did not name
+    the cause. Seen from process 1 (it writes nothing): it stops there, naming process 0's write."""
+    import re
+
+    import sparcom_jax as sj
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.train import finetune
+
+    tok = default_tokenizer()
+    model = sj.init_model(ModelConfig.from_hf_config(dict(
+        model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)), seed=0)
+    run = tmp_path / "run"
+    at = f"finetune: writing {run / 'run.json'}"
+    real = processes.raise_together
+
+    def raise_together(error, what):  # process 0 fails in the block that writes the run directory
+        if what.startswith(at):
+            raise OtherProcessError(f"{what}: process 0 of 2 stopped with an error")
+        real(error, what)
+
+    def no_training(*a, **k):
+        raise AssertionError("process 1 went on to train without process 0")
+
+    monkeypatch.setattr(processes, "raise_together", raise_together)
+    monkeypatch.setattr(loop.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(loop, "_programs", no_training)
+    cfg = TrainConfig(batch_size=6, max_length=256, buckets=(256,), total_steps=2, warmup_steps=1)
+    with pytest.raises(OtherProcessError, match=f"^{re.escape(at)}"):
+        finetune(model, load_instructions(n_per_category=1), tok, cfg, run, progress=False)
+    assert not run.exists()

@@ -402,6 +402,11 @@ def _draw_group(members: np.ndarray, freq: np.ndarray | None, order: np.ndarray 
     return out, inside
 
 
+def _group_rows(frequency: np.ndarray, lead: int = 1) -> np.ndarray:
+    """float64 [prod(G), W]: the frequencies (float [*G, W]) one row per group of the first `lead` axes."""
+    return np.asarray(frequency, np.float64).reshape(int(np.prod(np.shape(frequency)[:lead])), -1)
+
+
 def frequency_order(frequency: np.ndarray, lead: int = 1) -> np.ndarray:
     """int [prod(G), W]: each group's units sorted by ascending frequency (float [*G, W]);
     computed once and passed to every matched_random call on that frequency.
@@ -409,7 +414,7 @@ def frequency_order(frequency: np.ndarray, lead: int = 1) -> np.ndarray:
     Raises:
       ValueError: a frequency is NaN or infinite (no unit is nearest to it).
     """
-    rows = np.asarray(frequency, np.float64).reshape(int(np.prod(np.shape(frequency)[:lead])), -1)
+    rows = _group_rows(frequency, lead)
     bad = int((~np.isfinite(rows)).sum())
     if bad:
         raise ValueError(f"frequency: {bad} unit(s) have a NaN or infinite frequency; give every unit a "
@@ -458,8 +463,8 @@ def matched_random(
 def above_all_others(mask: np.ndarray, frequency: np.ndarray, lead: int = 1) -> int:
     """Units of `mask` that fire more often than every unit of their group outside it: no
     draw outside the set can match them (bool mask and float frequency [*G, W])."""
-    rows = mask.reshape(int(np.prod(mask.shape[:lead])), -1)
-    f = np.asarray(frequency, np.float64).reshape(rows.shape)
+    f = _group_rows(frequency, lead)
+    rows = mask.reshape(f.shape)
     top_out = np.where(rows, -np.inf, f).max(1, keepdims=True)
     return int((rows & (f > top_out)).sum())
 

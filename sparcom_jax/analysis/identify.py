@@ -104,9 +104,12 @@ class IdentifyConfig:
 
     def eps_for(self, field: str) -> float:
         """The top share used for `field`."""
-        if field == "expert_routed" and self.eps_experts is not None:
-            return self.eps_experts
-        return self.eps
+        return self._share(self.eps, self.eps_experts, field)
+
+    @staticmethod
+    def _share(eps: Any, eps_experts: float | None, field: str | None) -> Any:
+        """The top share of `field` under `eps` and `eps_experts`: the latter for ISEs when set."""
+        return eps_experts if field == "expert_routed" and eps_experts is not None else eps
 
     @staticmethod
     def parameters_used(rule: dict[str, Any], field: str | None) -> dict[str, Any]:
@@ -116,9 +119,9 @@ class IdentifyConfig:
         threshold is the contrast rule's). Other keys are kept as they are, so that a rule
         stored by an earlier version compares as it did."""
         used = dict(rule)
-        eps_experts = used.pop("eps_experts", None)
-        if field == "expert_routed" and eps_experts is not None:
-            used["eps"] = eps_experts
+        eps = IdentifyConfig._share(used.get("eps"), used.pop("eps_experts", None), field)
+        if eps is not None:  # a rule without eps stays without
+            used["eps"] = eps
         for k in ("eps", "ties") if used.get("rule") == "absolute" else ("threshold",):
             used.pop(k, None)
         return used

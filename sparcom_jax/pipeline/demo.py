@@ -25,12 +25,14 @@ from sparcom_jax.pipeline.stages import export_checkpoints, guard_dir, run_all, 
 
 # One padded length everywhere (one compilation per step function), a few steps, few records.
 # A smoke run, not a result: at 64 tokens most SUM training records lose their whole response
-# (finetune warns; the full demo fine-tunes at 256, which would cost the fast one a minute more).
+# (allowed here, so finetune warns; the full demo fine-tunes at 256, which would cost the fast one
+# a minute more).
 FAST_OVERRIDES = (
     "pretrain.total_steps=6", "pretrain.batch_size=8", "pretrain.warmup_steps=1", "pretrain.max_length=64",
     "pretrain.buckets=[64]", "pretrain.save_every=6",
     "finetune.total_steps=4", "finetune.batch_size=8", "finetune.warmup_steps=1", "finetune.save_every=2",
-    "finetune.max_length=64", "finetune.buckets=[64]", "data.n_per_category=4", "data.max_length=64",
+    "finetune.max_length=64", "finetune.buckets=[64]", "finetune.allow_cut_responses=true",
+    "data.n_per_category=4", "data.max_length=64",
     "collect.buckets=[64]", "identify.n_boot=5", "identify.n_perm=19", "ablation.n_random=2",
     "ablation.max_records=2", "ablation.batch_size=12", "collect.batch_size=8", "report.dpi=60",
 )

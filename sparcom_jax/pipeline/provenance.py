@@ -53,7 +53,8 @@ LABELS = {
     "template": "template", "scope": "data.scope", "max_length": "data.max_length", "dtype": "collect.dtype",
     "tokens": "tokenized text (tokenizer or record text)", "train": "train settings", "base": "base model weights",
     "identify": "identify settings", "ablation": "ablation settings", "counts": "counts",
-    "sums": "collect.sums", "gate_dtype": "collect.gate_dtype",
+    "sums": "collect.sums (the stored counts lack the activation sums)",
+    "gate_dtype": "collect.gate_dtype",
     "held_out_tokens": "held-out records' tokenized text (tokenizer or record text)",
     "method": "method version (sparcom_jax.fingerprint.METHOD_VERSION, unset = 1: a later sparcom_jax computes "
               "this stage differently)",
@@ -121,6 +122,20 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
         fp["grouping"] = f"{cfg.data.group_by} >= {cfg.data.group_threshold}"
     fp.update(content_caps_fingerprint(enc, content_caps))
     return with_method(fp), enc
+
+
+def served_by(fp: dict[str, Any], stored: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`fp` (a `collect_fingerprint`) as counts stored with fingerprint `stored` serve it.
+
+    Counts collected with the activation sums (collect.sums) hold everything a run without
+    them needs: the same counts of the same records in the same order, the float sums
+    beside them. Such a store is reused, or an unfinished one completed, as it was made (with
+    the sums): `fp` gets "sums": True. The other way, a store without the sums stays stale
+    for a run that asks for them (they were never counted).
+    """
+    if fp.get("sums") is False and (stored or {}).get("sums") is True:
+        return {**fp, "sums": True}
+    return fp
 
 
 # `describe`'s detail for a causal-check result stored without its held-out tokens.

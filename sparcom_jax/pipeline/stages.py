@@ -28,8 +28,8 @@ from sparcom_jax.pipeline.common import (
     require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
-    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
-    stale, token_changes,
+    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, served_by, spec_model_fingerprint,
+    spec_tokenizer, stale, token_changes,
 )
 
 # --------------------------------------------------------------------------- #
@@ -37,7 +37,8 @@ from sparcom_jax.pipeline.provenance import (
 # --------------------------------------------------------------------------- #
 
 # Training settings that change neither the weights nor which checkpoints exist.
-_TRAIN_NOT_IN_FINGERPRINT = ("log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model")
+_TRAIN_NOT_IN_FINGERPRINT = ("log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model",
+                             "allow_cut_responses")
 
 
 def train_config(cfg: ExperimentConfig):
@@ -186,6 +187,8 @@ def finetune_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, o
     # The tokens fingerprinted are those trained on: one tokenizer for both.
     tok = spec_tokenizer(cfg.base)
     fp, enc = base_train_fingerprint(cfg, records, tok)
+    if not tcfg.allow_cut_responses:  # refused before the run directory is written (allowed: finetune warns)
+        T.check_responses_cut(enc, records, tok, tcfg)
     guard_dir(out / "train", "finetune", fp, overwrite=overwrite, extra=[out / "checkpoints"], encoded=enc)
     mesh = make_mesh(cfg.mesh)
     with timed(f"finetune: loading {cfg.base.label}"):
@@ -359,8 +362,12 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         try:
             if header is not None and not overwrite:  # a store of another format is never resumed or reused
                 check_version(header, mine, "re-run with --overwrite to count again, or choose another --out")
+            # A store with the activation sums serves a run without them (`served_by`): reused or finished as made.
+            served = served_by(fp, header and header.get("fingerprint"))
             resume = header is not None and header.get("version") == STORE_VERSION and not stale(
-                mine, header.get("fingerprint"), fp, overwrite=overwrite, details=lambda: token_changes(header, enc))
+                mine, header.get("fingerprint"), served, overwrite=overwrite,
+                details=lambda: token_changes(header, enc))
+            fp = served if resume else fp
             # Group keys are not in the fingerprint (stores written before they were kept still match), but
             # the analysis refuses keys that are not the records' and asks for --overwrite: that recounts.
             if resume and header.get("groups") is not None:
@@ -371,6 +378,8 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             error = e
         # Decided by all processes together: each collection is one program over all of them.
         raise_together(error, f"collect {job.label}")
+        # Whether the sums are counted chooses the program every process runs: one choice for all.
+        sums = bool(gather(fp["sums"]).any())
         if gather(done).all():
             log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
             _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
@@ -385,7 +394,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             counts = collect_instructions(model, records, resolve_tokenizer(model), template=job.template,
                                           scope=cfg.data.scope, batch_size=cfg.collect.batch_size,
                                           max_length=cfg.data.max_length, out=dest, mesh=mesh, progress=progress,
-                                          buckets=cfg.collect.buckets, sums=cfg.collect.sums, fingerprint=fp,
+                                          buckets=cfg.collect.buckets, sums=sums, fingerprint={**fp, "sums": sums},
                                           overwrite=overwrite, content_caps=caps, groups=groups)
             c = counts.meta["compilations"]
             log(f"collect {job.label}: {counts.meta['tokens_per_s']:,.0f} tok/s, {c['compilations']} compilation(s), "
@@ -426,6 +435,7 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         group keys are not the records'.
       ValueError: there are no (complete) counts.
     """
+    from sparcom_jax.stats.counts import Counts
     from sparcom_jax.stats.store import open_counts, read_header
 
     label = label or spec.label
@@ -444,18 +454,22 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
         if header is None:
             raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
         fp, enc = collect_fingerprint(cfg, spec, recs, template, **settings)
-        stale(part, header.get("fingerprint"), fp, overwrite=False,
+        stale(part, header.get("fingerprint"), served_by(fp, header.get("fingerprint")), overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out",
               details=lambda: token_changes(header, enc))
+    # Sums the run did not ask for (a store that has them serves it, `served_by`) are left out: the
+    # analysis then gets what counts collected without them give, and a merge does not copy them.
+    unasked = {} if cfg.collect.sums else dict.fromkeys(Counts.SUM_FIELDS.values())
     if parts:
-        counts = merge_shares([open_counts(p) for p in parts], root)
+        counts = merge_shares([dataclasses.replace(open_counts(p), **unasked) for p in parts], root)
         # What the later stages fingerprint the counts by: that of one store of every record, which the
         # merged counts equal (each share was checked against its own above). Results made from counts
         # of one process count stay valid for those of another, and change with whatever changes counts.
         whole, _ = collect_fingerprint(cfg, spec, records, template, **settings)
+        whole = served_by(whole, header.get("fingerprint"))  # the shares were counted together, alike
         counts = dataclasses.replace(counts, meta={**counts.meta, "fingerprint": whole})
     else:
-        counts = open_counts(root)
+        counts = dataclasses.replace(open_counts(root), **unasked)
     # The analysis draws near-duplicate records together: their group keys must be the records' under
     # data.group_by. A store written before keys were kept gets them here (its records were checked
     # above); keys that differ mean text changed beyond the counted tokens (cut by max_length).

@@ -197,8 +197,9 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
     `records`: as in `collect_instructions` (Records, a file, dicts, a DataFrame);
     `buckets`: fixed padded lengths; `expert_mode`: see `CategoryLoss`; `encoded`: the
     `EncodedSet` `encode_held_out` made of `records` (the pipeline fingerprints it), scored
-    as it is (`records`, `tokenizer`, `template` and `max_length` are then not read). The
-    returned `CategoryLoss` also reports ``last_dropped_mass``.
+    as it is (`records`, `tokenizer` and `template` are then not read; `max_length` only
+    names the cut in the error below: pass the one `encoded` was made with). The returned
+    `CategoryLoss` also reports ``last_dropped_mass``.
 
     Raises:
       ValueError: a category of `records` has no response token within `max_length` (its

@@ -48,9 +48,12 @@ def check_version(header: Mapping[str, Any], path: str | Path, fix: str) -> None
       StaleResultError: naming both versions and `fix`.
     """
     if header.get("version") != STORE_VERSION:
-        raise StaleResultError(
-            f"{Path(path) / 'meta.json'}: a count store of format version {header.get('version')}, written by "
-            f"another sparcom_jax; this one reads version {STORE_VERSION}; {fix}")
+        raise StaleResultError(f"{Path(path) / 'meta.json'}: a count store of {_other_version(header)}; {fix}")
+
+
+def _other_version(header: Mapping[str, Any]) -> str:
+    """How a refusal names the format version of a store (meta.json `header`) of another version."""
+    return f"format version {header.get('version')}, written by another sparcom_jax; this one reads version {STORE_VERSION}"
 
 
 def _spec(path: Path) -> dict:
@@ -129,7 +132,7 @@ class CountStore:
             old = json.loads(meta_path.read_text())
             mismatch = [k for k in ("n", "chunk_rows", "shapes", "ids", "categories") if old.get(k) != header[k]]
             if old.get("version") != STORE_VERSION:
-                mismatch.insert(0, f"format version {old.get('version')}, this sparcom_jax writes {STORE_VERSION}")
+                mismatch.insert(0, _other_version(old))
             # Labels that are not in every fingerprint (collect_instructions' has the ids only); a label
             # the store or the caller lacks (written before group keys were kept) has none to compare.
             mismatch += [k for k in ("sources", "groups")

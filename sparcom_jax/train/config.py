@@ -3,8 +3,9 @@
 Every field that changes the numbers (learning rate, batch, seed, ...) is part of
 `TrainConfig.fingerprint()`, which a resumed run must match; fields that only
 change logging or checkpoint cadence (`log_every`, `save_every`, `keep_last`,
-`eval_batch_size`, `async_checkpointing`) or the mesh (`mesh_data`, `mesh_model`)
-are not, so they may change between a run and its resumption.
+`eval_batch_size`, `async_checkpointing`), the mesh (`mesh_data`, `mesh_model`) or
+nothing a run computes (`allow_cut_responses`) are not, so they may change between a
+run and its resumption.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from sparcom_jax.errors import ConfigError
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "sgd")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-# Fields a resumed run may change: cadence, and the mesh (which changes only the order of
-# floating-point reductions, so losses agree within float tolerance rather than bit for bit).
+# Fields a resumed run may change: cadence, the mesh (which changes only the order of
+# floating-point reductions, so losses agree within float tolerance rather than bit for bit),
+# and a permission that changes nothing a run that runs computes.
 _NON_NUMERIC_FIELDS = ("save_every", "keep_last", "log_every", "eval_batch_size", "async_checkpointing",
-                       "mesh_data", "mesh_model")
+                       "mesh_data", "mesh_model", "allow_cut_responses")
 
 
 class TrainConfigError(ConfigError):
@@ -71,6 +73,10 @@ class TrainConfig:
       mesh_data: data-axis size; None uses every device not on the model axis.
       mesh_model: model-axis size (tensor parallelism over neurons and heads).
       async_checkpointing: write checkpoints in a background thread.
+      allow_cut_responses: train although `max_length` cuts some records before their
+        response begins (they are trained on nothing, so their categories are
+        under-tuned; a `DataWarning` names them). Default False: such a run is refused
+        before any compute, naming the categories and the max_length that keeps them.
     """
 
     learning_rate: float = 3e-4
@@ -98,6 +104,7 @@ class TrainConfig:
     mesh_data: int | None = None
     mesh_model: int = 1
     async_checkpointing: bool = True
+    allow_cut_responses: bool = False
 
     def __post_init__(self):
         if self.buckets is not None:

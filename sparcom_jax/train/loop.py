@@ -164,18 +164,21 @@ def _check_inputs(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfi
                                f"{model.config.vocab_size}; use the model's own tokenizer")
 
 
-def warn_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> None:
-    """Warn (a `DataWarning` naming the categories) about training records that `max_length`
-    cuts before their response begins.
+def check_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> None:
+    """Refuse training records that `max_length` cuts before their response begins, or with
+    `cfg.allow_cut_responses` warn about them (a `DataWarning`); either names the categories.
 
     Such a record has no loss target: it is trained on nothing, while the run still
     lists it among its records. Prompts are longest in some categories (a summary
     carries its text), so the records lost are mostly those of one category, and the
     tuned model is barely tuned on it: a before/after change there would then say
-    little about instruction tuning.
+    little about instruction tuning. Hence a refusal by default, before any compute.
 
     Args:
       enc: `records` encoded with `cfg.template`, scope "response" and `cfg.max_length`.
+
+    Raises:
+      TrainConfigError: some records keep no response token, and not `cfg.allow_cut_responses`.
     """
     from sparcom_jax.data import DataWarning, encode_records
     from sparcom_jax.stats.losses import response_targets
@@ -187,11 +190,16 @@ def warn_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> N
                            max_length=None)
     cut, every = Counter(enc.categories[i] for i in lost), Counter(enc.categories)
     per = ", ".join(f"{c} {cut[c]} of {every[c]}" for c in sorted(cut))
-    warnings.warn(
-        f"max_length={cfg.max_length} cuts {len(lost)} of {len(enc)} training records before their response "
-        f"begins ({per}; e.g. {', '.join(enc.record_ids[i] for i in lost[:3])}): they are trained on nothing, "
-        f"so those categories are under-tuned. Raise max_length to at least {int(whole.prompt_lens.max()) + 1} "
-        f"({int(whole.lengths.max())} keeps them whole), or leave those records out", DataWarning, stacklevel=3)
+    allowed = cfg.allow_cut_responses
+    msg = (f"max_length={cfg.max_length} cuts {len(lost)} of {len(enc)} training records before their response "
+           f"begins ({per}; e.g. {', '.join(enc.record_ids[i] for i in lost[:3])}): they "
+           f"{'are' if allowed else 'would be'} trained on nothing, so those categories "
+           f"{'are' if allowed else 'would be'} under-tuned. Raise max_length to at least "
+           f"{int(whole.prompt_lens.max()) + 1} ({int(whole.lengths.max())} keeps them whole), or leave those "
+           "records out")
+    if not allowed:
+        raise TrainConfigError(f"{msg}; or set allow_cut_responses=true to train on the other records anyway")
+    warnings.warn(msg, DataWarning, stacklevel=3)
 
 
 def _evaluate(eval_step, params, batches, categories: list[str], sh) -> dict[str, Any]:
@@ -274,7 +282,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
         enc = encode_records(records, tokenizer, template=cfg.template, scope="response", max_length=cfg.max_length)
         ev_enc = enc if eval_records is None else encode_records(eval_records, tokenizer, template=cfg.template,
                                                                  scope="response", max_length=cfg.max_length)
-    warn_responses_cut(enc, records, tokenizer, cfg)
+    check_responses_cut(enc, records, tokenizer, cfg)
     if enc.n_truncated:
         log.warning("%d of %d training sequences were cut to max_length=%d", enc.n_truncated, len(enc),
                     cfg.max_length)
@@ -304,16 +312,20 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                                "out_dir")
 
     # ---- run directory ----
-    if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if prev is None:
-            write_json(run_dir / RUN_FILE, {
-                # Tells this run from an earlier one with the same settings in a removed directory
-                # (another base, or weights that differ run to run): exports record it.
-                "run_id": uuid.uuid4().hex, "base_checksum": base_checksum, "model_config": model_hf, "train_config": cfg.to_dict(), "total_steps": total_steps,
-                "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets), "data_fingerprint": fingerprint,
-                "n_records": len(enc), "mesh": dict(mesh.shape)})
-            tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
+    # Process 0 writes it alone; its error (a full disk) stops every process here, not the others
+    # at their first training step with an error that does not name it (`together`).
+    with together(f"finetune: writing {run_dir / RUN_FILE} and the tokenizer"):
+        if lead:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if prev is None:
+                write_json(run_dir / RUN_FILE, {
+                    # Tells this run from an earlier one with the same settings in a removed directory
+                    # (another base, or weights that differ run to run): exports record it.
+                    "run_id": uuid.uuid4().hex, "base_checksum": base_checksum, "model_config": model_hf,
+                    "train_config": cfg.to_dict(), "total_steps": total_steps,
+                    "steps_per_epoch": data.steps_per_epoch, "buckets": list(buckets),
+                    "data_fingerprint": fingerprint, "n_records": len(enc), "mesh": dict(mesh.shape)})
+                tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
 
     # ---- state ----
     tx, sh, train_step, eval_step = _programs(model.config, dataclasses.replace(cfg, **_CADENCE), total_steps, mesh)
