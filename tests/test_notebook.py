@@ -331,3 +331,27 @@ def test_a_series_displays_its_trends_and_stays_a_plain_dict():
     ]
     assert t["vs_base"]["jaccard"]["code"][:2] == [1.0, 1.0] and t["vs_base"]["jaccard"]["code"][2] < 1
     assert isinstance(series, dict) and json.loads(json.dumps(series)) == series
+
+
+def test_arguments_in_the_wrong_place_are_refused_with_the_fix():
+    # The slips of a first session: two models' counts in one call, the rule's eps given bare or as a
+    # keyword, a section name for a count field. Each failed with an AttributeError from deep inside.
+    from sparcom_jax.analysis import identify
+
+    counts, other = _study_counts(n_per_category=2, L=2, F=16), _study_counts(n_per_category=2, L=2, F=16)
+    compare = "pass the two analyses to sj.compare_models"
+    with pytest.raises(TypeError, match=f"second argument is the rule .* got a second Counts; .*{compare}"):
+        sj.analyze_model(counts, other)
+    with pytest.raises(TypeError, match=f"counts must be one model's Counts .* got list; .*{compare}"):
+        sj.analyze_model([counts, other])
+    with pytest.raises(TypeError, match=r"got float 0.05; pass sj.IdentifyConfig\(eps=0.05\)"):
+        sj.analyze_model(counts, 0.05)
+    with pytest.raises(TypeError, match=r"'eps'; eps belong\(s\) to the rule: pass sj.IdentifyConfig\(eps=0.05\)"):
+        sj.analyze_model(counts, eps=0.05, n_boot=3)
+    with pytest.raises(ValueError, match="unknown count field 'isn' .*its field is 'neuron_active'.* have neuron_active"):
+        sj.analyze_model(counts, fields=["isn"])
+    with pytest.raises(TypeError, match=f"identify: got a second Counts where the count field goes; .*{compare}"):
+        identify(counts, other)
+    with pytest.raises(ValueError, match="no 'expert_routed' .*; they have neuron_active"):
+        identify(counts, "expert_routed")
+    assert sj.analyze_model(counts, None, n_boot=0, n_perm=0, fields=["neuron_active"])["isn"].ident.n == 12

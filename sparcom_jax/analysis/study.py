@@ -15,6 +15,7 @@ Every section is JSON-safe (NaN -> None); categories are always in CATEGORIES or
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ from sparcom_jax.analysis.ablate import AblationResult
 from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable, nan_mean
 from sparcom_jax.analysis.examples import top_instructions
 from sparcom_jax.analysis.identify import (
-    RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
+    RULE_SUPPORT, IdentifyConfig, Identification, check_field, check_inputs, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import (
     bootstrap, cluster_index, instruction_bootstrap, one_unit_note, paired_intervals, paired_set_intervals,
@@ -479,8 +480,18 @@ def analyze_model(
     Returns:
       A ModelAnalysis; `.summary()` gives `models.<name>`.
     """
+    check_inputs(counts, cfg, "analyze_model")
+    unknown = sorted(set(field_kw) - set(inspect.signature(analyze_field).parameters))
+    if unknown:
+        rule_keys = [k for k in unknown if k in {f.name for f in dataclasses.fields(IdentifyConfig)}]
+        fix = (f"{', '.join(rule_keys)} belong(s) to the rule: pass sj.IdentifyConfig("
+               f"{', '.join(f'{k}={field_kw[k]!r}' for k in rule_keys)}) as the second argument" if rule_keys
+               else "see help(sparcom_jax.analysis.analyze_field) for the options")
+        raise TypeError(f"analyze_model got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; {fix}")
     cfg = cfg or IdentifyConfig()
     fields = list(fields) if fields is not None else list(counts.arrays())
+    for f in fields:
+        check_field(counts, f, "analyze_model")
     out = {}
     for f in fields:
         inst = instruction_level if isinstance(instruction_level, bool) else f in instruction_level
