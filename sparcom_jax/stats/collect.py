@@ -28,7 +28,7 @@ from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint, re
 from sparcom_jax.parallel.processes import gather, key_id, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
-from sparcom_jax.stats.runner import BatchRunner, unpad, validate_sequences
+from sparcom_jax.stats.runner import BatchRunner, position_error, unpad, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
 
 log = logging.getLogger(__name__)
@@ -397,6 +397,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
     labels = {name: None if v is None else list(v) for name, v in labels.items()}
+    raise_together(position_error(cfg, [len(s) for s in seqs], labels["ids"]), "collect: checking lengths")
     fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
     if out is None and check_memory:  # before any model work: the result's pages fill late in the run
