@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 CATEGORIES: tuple[str, ...] = (
     "classification",
@@ -46,9 +46,11 @@ def normalize_category(name: str) -> str:
     raise ValueError(f"unknown category {name!r}{hint or ';'} Valid categories: {valid}")
 
 
-def per_category_text(values: Mapping[str, Any] | Sequence[Any]) -> str:
+def per_category_text(values: Mapping[str, Any] | Sequence[Any], unmeasured: Iterable[str] = ()) -> str:
     """"CLS 2, CODE 3, ..." for per-category values (a {category: value} mapping, where
-    absent categories are left out, or a sequence in CATEGORIES order); for reprs."""
+    absent categories are left out, or a sequence in CATEGORIES order); for reprs.
+    Categories in `unmeasured` (no instructions) show "-", not a value that reads as a finding."""
     if not isinstance(values, Mapping):
         values = dict(zip(CATEGORIES, values))
-    return ", ".join(f"{SHORT_NAMES[c]} {values[c]}" for c in CATEGORIES if c in values)
+    unmeasured = set(unmeasured)
+    return ", ".join(f"{SHORT_NAMES[c]} {'-' if c in unmeasured else values[c]}" for c in CATEGORIES if c in values)

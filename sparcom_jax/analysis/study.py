@@ -15,6 +15,7 @@ Every section is JSON-safe (NaN -> None); categories are always in CATEGORIES or
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -74,9 +75,13 @@ class FieldAnalysis:
     def _lines(self) -> list[str]:
         """The headline figures, one per line (the first names the section)."""
         s = self.summary
-        rows = [("|S(c)|", per_category_text(s["per_category_count"])),
-                ("unique", per_category_text(s["unique"])),
+        absent = [c for c in CATEGORIES if not s["n_per_category"][c]]
+        rows = [("|S(c)|", per_category_text(s["per_category_count"], absent)),
+                ("unique", per_category_text(s["unique"], absent)),
                 ("general / union", f"{s['general']} / {s['union']}")]
+        if absent:
+            rows.append(("no instructions", f"{', '.join(SHORT_NAMES[c] for c in absent)} (shown as -; general: in "
+                                            f"all {C - len(absent)} categories that have instructions)"))
         if s.get("diagonal_dominance") is not None:
             diag = _num(s["diagonal_dominance"])
             boot = (s.get("bootstrap") or {}).get("diagonal_dominance")
@@ -90,7 +95,7 @@ class FieldAnalysis:
             rows.append(("bootstrap", note))
         if s.get("contrast"):
             rule = IdentifyConfig.from_dict(s["contrast"]["identification"]).describe()
-            rows.append(("|S(c)| contrast", f"{per_category_text(s['contrast']['per_category_count'])} ({rule})"))
+            rows.append(("|S(c)| contrast", f"{per_category_text(s['contrast']['per_category_count'], absent)} ({rule})"))
         head = (f"{self.ident.section}: {self.ident.field} [{', '.join(map(str, self.ident.unit_shape))}], "
                 f"{self.ident.n} instructions")
         return [head] + [f"  {label:<17} {text}" for label, text in rows]
@@ -141,8 +146,9 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
       JSON-safe dict; see docs/analysis.md for each key.
     """
     sets = ident.category_sets
-    jac, coef = ev.category_overlap(sets)
-    gen = ev.generality(sets)
+    present = ident.n_per_category > 0
+    jac, coef = ev.category_overlap(sets, present)
+    gen = ev.generality(sets, present)
     uniq = ev.uniqueness(sets)
     count, share = ev.layer_distribution(sets)
     union_l = sets.any(0).reshape(sets.shape[1], -1).sum(1)
@@ -563,7 +569,8 @@ def _series_bootstrap(fields: Sequence[FieldAnalysis]) -> dict | None:
     sets = [f.ident.category_sets for f in fields]
     mats = [f.instruction_matrix for f in fields]
     extra = series_dominance(mats, f0.ident.labels, f0.boot_weights) if all(m is not None for m in mats) else None
-    est, r = paired_intervals(sets, [f.replicate_sets for f in fields], series_figures,
+    est, r = paired_intervals(sets, [f.replicate_sets for f in fields],
+                              functools.partial(series_figures, present=f0.ident.n_per_category > 0),
                               f0.summary["bootstrap"]["ci"], extra)
 
     def shaped(v, per_category: bool):
