@@ -355,3 +355,16 @@ def test_arguments_in_the_wrong_place_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="no 'expert_routed' .*; they have neuron_active"):
         identify(counts, "expert_routed")
     assert sj.analyze_model(counts, None, n_boot=0, n_perm=0, fields=["neuron_active"])["isn"].ident.n == 12
+
+
+def test_comparing_models_of_different_shapes_names_both_and_the_fix():
+    # A llama against a Qwen2-MoE (both have "isn": dense / shared-expert neurons) failed with
+    # "models differ in units: (6, 2, 48) vs (6, 2, 40)", the category axis mixed into the shapes.
+    small, wide = _study_counts(n_per_category=2, L=2, F=8), _study_counts(n_per_category=2, L=2, F=12)
+    wide.meta = {**wide.meta, "model_type": "qwen2_moe"}
+    rule = sj.IdentifyConfig(eps=0.1)
+    before = sj.analyze_model(small, rule, name="base", n_boot=0, n_perm=0)
+    after = sj.analyze_model(wide, rule, name="tuned", n_boot=0, n_perm=0)
+    with pytest.raises(ValueError, match=r"^'base' \(isn \[2, 8\]\) and 'tuned' \(qwen2_moe, isn \[2, 12\]\) have "
+                                         r"differently shaped units, .*the model it was fine-tuned from"):
+        sj.compare_models(before, after)

@@ -663,6 +663,15 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
                              f"({', '.join(other.fields)}) have no kind of unit in common, so there is "
                              "nothing to compare; compare models of one architecture family (dense with "
                              "dense, MoE with MoE)")
+        for sec in [sec for sec in first.fields if sec in other.fields]:
+            a, b = first[sec].ident.unit_shape, other[sec].ident.unit_shape
+            if a != b:
+                def arch(m, shape):
+                    kind = m.meta.get("model_type")
+                    return f"{m.name!r} ({kind + ', ' if kind else ''}{sec} [{', '.join(map(str, shape))}])"
+                raise ValueError(f"{arch(first, a)} and {arch(other, b)} have differently shaped units, so "
+                                 "no unit of one is a unit of the other; compare a fine-tuned model with the "
+                                 "model it was fine-tuned from (same family, layers and widths)")
         ids = next((f.ident.ids for f in other.fields.values()), None)
         tokens = next((f.ident.tokens for f in other.fields.values()), None)
         if (ids0 is None or ids is None) and tokens0 is not None and tokens is not None \
