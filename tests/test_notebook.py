@@ -368,3 +368,19 @@ def test_comparing_models_of_different_shapes_names_both_and_the_fix():
     with pytest.raises(ValueError, match=r"^'base' \(isn \[2, 8\]\) and 'tuned' \(qwen2_moe, isn \[2, 12\]\) have "
                                          r"differently shaped units, .*the model it was fine-tuned from"):
         sj.compare_models(before, after)
+
+
+def test_records_with_their_own_column_names_are_pointed_to_load_instructions():
+    # A DataFrame with its own column names passed straight to collect_instructions: the error said
+    # "map the columns ... with fields=", which collect_instructions does not take (fields= gave the same error).
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["Add 2 and 3."], "task": ["math"], "answer": ["5"]})
+    hint = (r"\(collect_instructions reads records with load_instructions' defaults; for fields=, category_map= "
+            r"or its other options call sj.load_instructions\(...\) first and pass the Records it returns\)$")
+    with pytest.raises(ValueError, match=r"^records: missing required column\(s\) .*fields=.*" + hint):
+        sj.collect_instructions(None, frame, sj.default_tokenizer())
+    with pytest.raises(ValueError, match=hint.replace("collect_instructions", "make_loss_fn")):
+        sj.make_loss_fn(None, frame, sj.default_tokenizer())
+    fields = {"instruction": "prompt", "category": "task", "output": "answer"}
+    assert sj.load_instructions(frame, fields=fields)[0].category == "math"  # the way the hint names

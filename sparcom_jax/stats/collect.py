@@ -627,7 +627,7 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
     from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
     from sparcom_jax.data.splits import DEFAULT_GROUP_BY, group_ids
 
-    records = as_records(records)
+    records = as_records(records, "collect_instructions")
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length,
                          content_caps=content_caps)

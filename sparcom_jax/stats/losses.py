@@ -164,7 +164,7 @@ def encode_held_out(records, tokenizer, *, template: str = "plain", max_length: 
     """
     from sparcom_jax.data import as_records, encode_records
 
-    return encode_records(as_records(records), tokenizer, template=template, scope="response",
+    return encode_records(as_records(records, "make_loss_fn"), tokenizer, template=template, scope="response",
                           max_length=max_length)
 
 
