@@ -384,3 +384,18 @@ def test_records_with_their_own_column_names_are_pointed_to_load_instructions():
         sj.make_loss_fn(None, frame, sj.default_tokenizer())
     fields = {"instruction": "prompt", "category": "task", "output": "answer"}
     assert sj.load_instructions(frame, fields=fields)[0].category == "math"  # the way the hint names
+
+
+def test_a_missing_or_unfinished_store_names_the_python_call_that_makes_it(tmp_path):
+    # open_counts told a notebook user to "run `sparcom collect` first", a command they never used.
+    from sparcom_jax.stats.store import CountStore
+
+    with pytest.raises(ValueError, match=r"no count store here \(meta.json missing\); make one with "
+                                         r"sj.collect_instructions\(model, records, out=...\) or `sparcom collect`"):
+        sj.open_counts(tmp_path)
+    counts = _study_counts(n_per_category=1, L=1, F=4)
+    CountStore(tmp_path / "s", {"tokens": (6,), "neuron_active": (6, 1, 4)}, ids=counts.ids,
+               categories=counts.categories, meta=counts.meta, chunk_rows=3).close()  # no chunk written
+    with pytest.raises(ValueError, match=r"has not finished; run the same sj.collect_instructions or collect_counts "
+                                         r"call \(same out=\) or `sparcom collect` command again to resume it"):
+        sj.open_counts(tmp_path / "s")

@@ -224,10 +224,12 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
     p = Path(path)
     meta = read_header(p)
     if meta is None:
-        raise ValueError(f"{p}: no count store here (meta.json missing); run `sparcom collect` first")
+        raise ValueError(f"{p}: no count store here (meta.json missing); make one with "
+                         "sj.collect_instructions(model, records, out=...) or `sparcom collect`")
     if not is_complete(p):
-        raise ValueError(f"{p}: the collection that writes this store has not finished; "
-                         "run the same collect command again to resume it")
+        raise ValueError(f"{p}: the collection that writes this store has not finished; run the same "
+                         "sj.collect_instructions or collect_counts call (same out=) or `sparcom collect` command again "
+                         "to resume it")
     check_version(meta, p, "count the records again (`sparcom collect --overwrite`, or collect_instructions "
                            "with overwrite=True)")
     arrays: dict[str, Any] = {name: LazyArray(ts.open(_spec(p / name), open=True).result())
