@@ -399,3 +399,24 @@ def test_a_missing_or_unfinished_store_names_the_python_call_that_makes_it(tmp_p
     with pytest.raises(ValueError, match=r"has not finished; run the same sj.collect_instructions or collect_counts "
                                          r"call \(same out=\) or `sparcom collect` command again to resume it"):
         sj.open_counts(tmp_path / "s")
+
+
+def test_the_causal_check_takes_a_section_of_an_analysis_and_names_it_for_a_whole_one():
+    # ablate_identification(analysis["isn"], ...) and (analysis, ...) failed with
+    # "AttributeError: 'FieldAnalysis' object has no attribute 'sets'".
+    from sparcom_jax.analysis import ablate_identification
+    from sparcom_jax.categories import CATEGORIES
+
+    analysis = sj.analyze_model(_study_counts(n_per_category=2, L=2, F=16), sj.IdentifyConfig(eps=0.1),
+                                n_boot=0, n_perm=0)
+
+    def loss_fn(mask):  # each category's loss grows with the units switched off in its own first layer
+        return {c: 1.0 + (0.0 if mask is None else 0.01 * (i + 1) * float(mask[0].sum()))
+                for i, c in enumerate(CATEGORIES)}
+
+    section = ablate_identification(analysis["isn"], loss_fn, n_random=2, seed=3)
+    np.testing.assert_array_equal(section.excess, ablate_identification(analysis["isn"].ident, loss_fn,
+                                                                        n_random=2, seed=3).excess)
+    with pytest.raises(TypeError, match=r"pass analysis\[section\].ident for one of the analysis' sections "
+                                        r"\('isn'\), e.g. analysis\['isn'\].ident; got ModelAnalysis"):
+        ablate_identification(analysis, loss_fn)
