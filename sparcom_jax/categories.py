@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 CATEGORIES: tuple[str, ...] = (
@@ -40,7 +41,12 @@ def normalize_category(name: str) -> str:
     key = str(name).strip().lower()
     if key in _ALIASES:
         return _ALIASES[key]
-    close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.4)
+    letters = re.sub(r"[^a-z]", "", key)
+    # Spelling slips only: fuzzy matching against the 2-3 letter short names, or at a low
+    # cutoff, offered another dataset's labels a wrong category ('closed_qa' -> classification,
+    # 'information_extraction' -> generation), a hint a user could accept without noticing.
+    close = [letters] if letters in _ALIASES else difflib.get_close_matches(
+        key, [a for a in _ALIASES if len(a) > 3], n=1, cutoff=0.5)
     hint = f"; did you mean {_ALIASES[close[0]]!r}?" if close else ""
     valid = ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
     raise ValueError(f"unknown category {name!r}{hint or ';'} Valid categories: {valid}")
