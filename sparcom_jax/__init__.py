@@ -23,7 +23,7 @@ _EXPORTS = {name: module for module, names in {
     "sparcom_jax.parallel.mesh": ["make_mesh"],
     "sparcom_jax.stats.counts": ["Counts"],
     "sparcom_jax.stats.collect": ["collect_counts", "collect_instructions"],
-    "sparcom_jax.stats.store": ["open_counts"],
+    "sparcom_jax.stats.store": ["open_counts", "save_counts"],
     "sparcom_jax.stats.losses": ["make_loss_fn"],
     "sparcom_jax.categories": ["CATEGORIES", "SHORT_NAMES", "normalize_category"],
     "sparcom_jax.data": ["Record", "load_instructions", "sample_balanced", "encode_record", "encode_records",

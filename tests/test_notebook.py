@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import sparcom_jax as sj
+from sparcom_jax.errors import StaleResultError
 
 
 def test_loading_and_saving_a_model_use_no_deprecated_flax_api(hf_checkpoint, tmp_path):
@@ -420,3 +421,23 @@ def test_the_causal_check_takes_a_section_of_an_analysis_and_names_it_for_a_whol
     with pytest.raises(TypeError, match=r"pass analysis\[section\].ident for one of the analysis' sections "
                                         r"\('isn'\), e.g. analysis\['isn'\].ident; got ModelAnalysis"):
         ablate_identification(analysis, loss_fn)
+
+
+def test_counts_collected_in_memory_can_be_saved_as_a_store_and_read_back(tmp_path):
+    # Without out= a collection's counts lived only in the notebook's memory: keeping them meant
+    # collecting again into a store.
+    counts = _study_counts(n_per_category=2, L=2, F=8)
+    counts.neuron_act_sum = np.random.default_rng(0).random(counts.neuron_active.shape).astype(np.float32)
+    path = sj.save_counts(counts, tmp_path / "saved")
+    back = sj.open_counts(path)
+    for field in ("tokens", "neuron_active", "neuron_act_sum"):
+        np.testing.assert_array_equal(getattr(back, field)[:], getattr(counts, field))
+        assert getattr(back, field)[:].dtype == getattr(counts, field).dtype
+    assert (back.ids, back.categories, back.sources) == (counts.ids, counts.categories, counts.sources)
+    assert {k: v for k, v in back.meta.items() if k != "store"} == counts.meta  # its fingerprint too
+    with pytest.raises(StaleResultError, match="a count store is already here; .*overwrite=True"):
+        sj.save_counts(counts, path)
+    half = _study_counts(n_per_category=1, L=2, F=8)
+    sj.save_counts(sj.open_counts(path), tmp_path / "copy")  # lazily read counts save too
+    sj.save_counts(half, path, overwrite=True)
+    assert sj.open_counts(path).n == 6
