@@ -441,3 +441,11 @@ def test_counts_collected_in_memory_can_be_saved_as_a_store_and_read_back(tmp_pa
     sj.save_counts(sj.open_counts(path), tmp_path / "copy")  # lazily read counts save too
     sj.save_counts(half, path, overwrite=True)
     assert sj.open_counts(path).n == 6
+
+
+def test_help_on_the_package_names_every_public_name():
+    # help(sparcom_jax) listed four functions: a first session could not find analyze_model there.
+    import re
+
+    documented = set(re.findall(r"[A-Za-z_]+", sj.__doc__))
+    assert [name for name in sj.__all__ if name not in documented] == []
