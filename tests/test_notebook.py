@@ -366,8 +366,8 @@ def test_comparing_models_of_different_shapes_names_both_and_the_fix():
     rule = sj.IdentifyConfig(eps=0.1)
     before = sj.analyze_model(small, rule, name="base", n_boot=0, n_perm=0)
     after = sj.analyze_model(wide, rule, name="tuned", n_boot=0, n_perm=0)
-    with pytest.raises(ValueError, match=r"^'base' \(isn \[2, 8\]\) and 'tuned' \(qwen2_moe, isn \[2, 12\]\) have "
-                                         r"differently shaped units, .*the model it was fine-tuned from"):
+    with pytest.raises(ValueError, match=r"^'base' \(isn \[2, 8\]\) and 'tuned' \(qwen2_moe, isn \[2, 12\]\) "
+                                         r"differ in units: .*the model it was fine-tuned from"):
         sj.compare_models(before, after)
 
 
@@ -449,3 +449,38 @@ def test_help_on_the_package_names_every_public_name():
 
     documented = set(re.findall(r"[A-Za-z_]+", sj.__doc__))
     assert [name for name in sj.__all__ if name not in documented] == []
+
+
+def test_a_comparison_of_some_categories_shows_the_missing_ones_as_missing():
+    # A comparison over three categories displayed "GEN 0" etc. for the three it had no records of,
+    # which reads as "no specific units before or after".
+    from sparcom_jax.stats.counts import Counts
+
+    rng = np.random.default_rng(0)
+    names = ["classification", "code", "general_qa"] * 2
+    rule = sj.IdentifyConfig(eps=0.2)
+    before, after = (sj.analyze_model(Counts(tokens=np.full(6, 10, np.int32), categories=names, ids=list("abcdef"),
+                                             neuron_active=rng.integers(0, 11, (6, 2, 8)).astype(np.int32)),
+                                      rule, name=name, n_boot=0, n_perm=0) for name in ("base", "tuned"))
+    comparison = sj.compare_models(before, after)
+    assert [comparison["isn"][c]["n_instructions"] for c in sj.CATEGORIES] == [2, 2, 2, 0, 0, 0]
+    lines = repr(comparison).splitlines()
+    size = comparison["isn"]["code"]["size_before"]
+    assert any(line.startswith("    |S(c)| before ") and f"CODE {size}, " in line
+               and line.endswith("GEN -, MATH -, SUM -") for line in lines)
+    assert "    no instructions   GEN, MATH, SUM (shown as -)" in lines
+
+
+def test_a_series_takes_analyses_under_their_names_and_refuses_repeated_names():
+    # compare_series([a, b]) failed with "KeyError: 'base' has no section 0" (the pair unpacking
+    # indexed the analysis).
+    rule = sj.IdentifyConfig(eps=0.1)
+    base, tuned = (sj.analyze_model(_study_counts(n_per_category=1, L=1, F=8), rule, name=name, n_boot=0, n_perm=0)
+                   for name in ("base", "tuned"))
+    series = sj.compare_series([base, tuned])
+    assert series["names"] == ["base", "tuned"]
+    assert series == sj.compare_series([("base", base), ("tuned", tuned)])
+    with pytest.raises(ValueError, match=r"checkpoint names repeat \(\['base', 'base'\]\); name each analysis"):
+        sj.compare_series([base, base])
+    with pytest.raises(TypeError, match="item 1 is a list; give each checkpoint as a ModelAnalysis"):
+        sj.compare_series([base, ["tuned", tuned]])

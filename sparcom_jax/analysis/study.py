@@ -605,6 +605,7 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
     per_cat = {}
     for i, c in enumerate(CATEGORIES):
         per_cat[c] = {
+            "n_instructions": int(ib.n_per_category[i]),  # 0: the category was not measured
             **{k: sets[k][i] for k in cmp.SET_KEYS},
             "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
             "frequency_shift": {k: v[i] for k, v in shift.items()},
@@ -669,9 +670,9 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
                 def arch(m, shape):
                     kind = m.meta.get("model_type")
                     return f"{m.name!r} ({kind + ', ' if kind else ''}{sec} [{', '.join(map(str, shape))}])"
-                raise ValueError(f"{arch(first, a)} and {arch(other, b)} have differently shaped units, so "
-                                 "no unit of one is a unit of the other; compare a fine-tuned model with the "
-                                 "model it was fine-tuned from (same family, layers and widths)")
+                raise ValueError(f"{arch(first, a)} and {arch(other, b)} differ in units: no unit of one "
+                                 "is a unit of the other; compare a fine-tuned model with the model it was "
+                                 "fine-tuned from (same family, layers and widths)")
         ids = next((f.ident.ids for f in other.fields.values()), None)
         tokens = next((f.ident.tokens for f in other.fields.values()), None)
         if (ids0 is None or ids is None) and tokens0 is not None and tokens is not None \
@@ -713,10 +714,14 @@ class Comparison(dict):
                 ("gained", "gained"), ("lost", "lost"))
         for sec, moves in self["moves"].items():
             per = self[sec]
+            absent = [c for c in CATEGORIES if per[c].get("n_instructions") == 0]
             lines.append(f"  {sec}")
-            lines += [f"    {label:<17} {per_category_text({c: per[c][key] for c in CATEGORIES})}"
+            lines += [f"    {label:<17} {per_category_text({c: per[c][key] for c in CATEGORIES}, absent)}"
                       for key, label in rows]
-            lines.append(f"    {'jaccard':<17} {per_category_text({c: _num(per[c]['jaccard']) for c in CATEGORIES})}")
+            lines.append(f"    {'jaccard':<17} "
+                         f"{per_category_text({c: _num(per[c]['jaccard']) for c in CATEGORIES}, absent)}")
+            if absent:
+                lines.append(f"    {'no instructions':<17} {', '.join(SHORT_NAMES[c] for c in absent)} (shown as -)")
             diag = moves["diagonal_dominance"]
             if diag["before"] is not None or diag["after"] is not None:
                 lines.append(f"    {'diagonal':<17} {_num(diag['before'])} -> {_num(diag['after'])}")
@@ -724,7 +729,7 @@ class Comparison(dict):
                 sizes = {c: f"{per[c]['contrast']['size_before']}->{per[c]['contrast']['size_after']}"
                          for c in CATEGORIES}
                 contrast = IdentifyConfig.from_dict(self["rules"]["contrast"]["identification"]).describe()
-                lines.append(f"    {'|S(c)| contrast':<17} {per_category_text(sizes)} ({contrast})")
+                lines.append(f"    {'|S(c)| contrast':<17} {per_category_text(sizes, absent)} ({contrast})")
         lines.append("  every number: the dict's keys (docs/analysis.md)")
         return "\n".join(lines)
 
@@ -743,8 +748,8 @@ def compare_models(
 
     Returns:
       The `comparison` dict (a `Comparison`, which displays its headline figures):
-      before, after (names), "<section>": {category: {size_before, size_after,
-      retained, gained, lost, jaccard, per_layer, frequency_shift, contrast:
+      before, after (names), "<section>": {category: {n_instructions (the same records
+      in both), size_before, size_after, retained, gained, lost, jaccard, per_layer, frequency_shift, contrast:
       {size_before, size_after, retained, gained, lost, jaccard} under the
       contrast rule (None when not run), bootstrap: paired intervals of those six
       figures (`_paired_bootstrap`; None unless both models were resampled with the
@@ -840,13 +845,14 @@ class SeriesComparison(dict):
 
 
 def compare_series(
-    items: Iterable[tuple[str, ModelAnalysis | Counts]], cfg: IdentifyConfig | None = None,
+    items: Iterable[ModelAnalysis | tuple[str, ModelAnalysis | Counts]], cfg: IdentifyConfig | None = None,
     **analyze_kw,
 ) -> dict:
     """The comparison figures along a series of checkpoints (first = base).
 
     Args:
-      items: (name, ModelAnalysis or Counts) in training order.
+      items: in training order, each a ModelAnalysis (under its name) or a (name,
+        ModelAnalysis or Counts) pair; names must differ.
       cfg: rule used when Counts are given.
       **analyze_kw: passed to analyze_model for Counts.
 
@@ -864,9 +870,18 @@ def compare_series(
       first to last (`_series_bootstrap`; None unless every checkpoint was
       resampled with the same draws).
     """
-    items = list(items)
+    items = [(x.name, x) if isinstance(x, ModelAnalysis) else x for x in items]
     if not items:
         raise ValueError("an empty series")
+    for i, x in enumerate(items):
+        if not (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)):
+            raise TypeError(f"compare_series: item {i} is a {type(x).__name__}; give each checkpoint as a "
+                            "ModelAnalysis (named by analyze_model(name=...)) or a (name, ModelAnalysis or "
+                            "Counts) pair, in training order")
+    names = [n for n, _ in items]
+    if len(set(names)) < len(names):
+        raise ValueError(f"compare_series: checkpoint names repeat ({names}); name each analysis "
+                         "(analyze_model(..., name='step500')) or pass (name, analysis) pairs")
     analyses = [_as_analysis(x, cfg, n, analyze_kw) for n, x in items]
     check_comparable(analyses)
     out: dict[str, Any] = {"names": [n for n, _ in items]}
