@@ -484,3 +484,17 @@ def test_a_series_takes_analyses_under_their_names_and_refuses_repeated_names():
         sj.compare_series([base, base])
     with pytest.raises(TypeError, match="item 1 is a list; give each checkpoint as a ModelAnalysis"):
         sj.compare_series([base, ["tuned", tuned]])
+
+
+def test_a_mesh_that_is_not_a_mesh_is_named_with_how_to_build_one(tmp_path):
+    # load_model(path, mesh="auto") failed with "AttributeError: 'str' object has no attribute 'shape'".
+    build = r"mesh must be a jax.sharding.Mesh .* sj.make_mesh\(data=..., model=...\), or None for one device; got "
+    with pytest.raises(TypeError, match=f"^load_model: {build}str 'auto'$"):
+        sj.load_model(tmp_path / "absent", mesh="auto")
+    cfg = sj.ModelConfig(model_type="llama", vocab_size=16, hidden_size=8, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=4, intermediate_size=8)
+    model = sj.init_model(cfg)
+    with pytest.raises(TypeError, match=f"^collect_counts / make_loss_fn: {build}int 8$"):
+        sj.collect_counts(model, [np.array([1, 2, 3])], mesh=8, progress=False)
+    with pytest.raises(TypeError, match=f"^finetune: {build}tuple"):
+        sj.finetune(model, [], None, sj.TrainConfig(), tmp_path / "run", mesh=(1, 1))

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparcom_jax.data.batching import fit_buckets, pad_batch, plan_batches
-from sparcom_jax.parallel.mesh import check_rows_in_one_process
+from sparcom_jax.parallel.mesh import check_mesh, check_rows_in_one_process
 from sparcom_jax.parallel.sharding import state_shardings
 from sparcom_jax.runtime import put_batch
 
@@ -160,6 +160,7 @@ class BatchRunner:
     def __init__(self, model, step: Callable, batch_size: int, mesh=None, buckets: Sequence[int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_mesh(mesh, "collect_counts / make_loss_fn")
         self.mesh = mesh
         self.buckets = tuple(buckets) if buckets is not None else None
         graphdef, state = nnx.split(model)

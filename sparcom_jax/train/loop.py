@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparcom_jax.models.transformer import CausalLM
-from sparcom_jax.parallel.mesh import make_mesh
+from sparcom_jax.parallel.mesh import check_mesh, make_mesh
 from sparcom_jax.parallel.processes import together
 from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
@@ -262,6 +262,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
 
     ensure_compilation_cache()
+    check_mesh(mesh, "finetune")
     records = as_records(records, "finetune")
     eval_records = None if eval_records is None else as_records(eval_records, "finetune")
     tokenizer = resolve_tokenizer(model, tokenizer)
