@@ -397,7 +397,9 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
     labels = {name: None if v is None else list(v) for name, v in labels.items()}
-    raise_together(position_error(cfg, [len(s) for s in seqs], labels["ids"]), "collect: checking lengths")
+    too_long = position_error(cfg, [len(s) for s in seqs], labels["ids"])
+    if too_long is not None:  # raised here, like validate_sequences' errors: before any collective
+        raise too_long
     fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
     if out is None and check_memory:  # before any model work: the result's pages fill late in the run

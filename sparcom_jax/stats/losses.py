@@ -24,7 +24,6 @@ import numpy as np
 from flax import nnx
 
 from sparcom_jax.next_token import next_token_loss, target_mask
-from sparcom_jax.parallel.processes import raise_together
 from sparcom_jax.stats.runner import BatchRunner, position_error
 
 ABLATION_KINDS = ("neurons", "experts", "expert_neurons")
@@ -110,8 +109,9 @@ class CategoryLoss:
     def __init__(self, model, encoded, *, kind: str = "neurons", batch_size: int = 8, mesh=None,
                  buckets: Sequence[int] | None = None, expert_mode: str = "post"):
         _check_modes(kind, expert_mode)
-        raise_together(position_error(model.config, [len(x) for x in encoded.ids],
-                                      getattr(encoded, "record_ids", None)), "loss: checking lengths")
+        too_long = position_error(model.config, [len(x) for x in encoded.ids], getattr(encoded, "record_ids", None))
+        if too_long is not None:
+            raise too_long
         self.model = model
         self.kind = kind
         self.expert_mode = expert_mode

@@ -100,7 +100,8 @@ def position_error(cfg, lengths, ids: Sequence[str] | None = None) -> ValueError
 
     Returns:
       None, or a ValueError naming how many sequences are too long, the longest (by id
-      when given), the model's limit and the fix (raised on every process by the caller).
+      when given), the model's limit and the fix (the caller raises it before any
+      collective, as it does validate_sequences' errors).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     limit = cfg.max_position_embeddings
