@@ -1,12 +1,25 @@
 """sparcom_jax: SPARCOM (instruction-specific neurons and experts) in JAX/Flax.
 
-Public API (stable names; see README.md):
+Public API (stable names; see README.md). A study from Python, cell by cell, is
+docs/notebook.md; every name below has its own help():
 
     import sparcom_jax as sj
-    model = sj.load_model(path, dtype="float32", mesh=None)
+    model = sj.load_model(path, dtype="float32", mesh=None)   # or init_model(ModelConfig(...))
     logits = model(input_ids, attention_mask)
-    counts = sj.collect_counts(model, sequences, scopes=None, batch_size=8)
-    records = sj.load_instructions()          # the shipped six-category set
+    records = sj.load_instructions()          # the shipped six-category set, or your file / dicts
+    counts = sj.collect_instructions(model, records, scope="content")   # collect_counts: token ids
+    sj.save_counts(counts, "runs/base/counts"); counts = sj.open_counts("runs/base/counts")
+    analysis = sj.analyze_model(counts, sj.IdentifyConfig(eps=0.01), name="base")
+    comparison = sj.compare_models(analysis_base, analysis_tuned)       # compare_series: a run
+    sj.write_report("out/report", sj.build_summary([analysis_base, analysis_tuned], comparison=comparison))
+
+Models: load_model, save_model, init_model, abstract_model, ModelConfig, CausalLM,
+load_tokenizer, default_tokenizer, make_mesh. Data: load_instructions, Record,
+sample_balanced, encode_record, encode_records, content_caps, CATEGORIES, SHORT_NAMES,
+normalize_category. Counts: collect_instructions, collect_counts, Counts, save_counts,
+open_counts. Analysis: IdentifyConfig, analyze_model, compare_models, compare_series,
+make_loss_fn, ablation_matrix, build_summary, write_report. Fine-tuning: TrainConfig,
+finetune, export_series.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ _EXPORTS = {name: module for module, names in {
     "sparcom_jax.parallel.mesh": ["make_mesh"],
     "sparcom_jax.stats.counts": ["Counts"],
     "sparcom_jax.stats.collect": ["collect_counts", "collect_instructions"],
-    "sparcom_jax.stats.store": ["open_counts"],
+    "sparcom_jax.stats.store": ["open_counts", "save_counts"],
     "sparcom_jax.stats.losses": ["make_loss_fn"],
     "sparcom_jax.categories": ["CATEGORIES", "SHORT_NAMES", "normalize_category"],
     "sparcom_jax.data": ["Record", "load_instructions", "sample_balanced", "encode_record", "encode_records",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping, Sequence
+import re
+from typing import Any, Iterable, Mapping, Sequence
 
 CATEGORIES: tuple[str, ...] = (
     "classification",
@@ -40,15 +41,22 @@ def normalize_category(name: str) -> str:
     key = str(name).strip().lower()
     if key in _ALIASES:
         return _ALIASES[key]
-    close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.4)
+    letters = re.sub(r"[^a-z]", "", key)
+    # Spelling slips only: fuzzy matching against the 2-3 letter short names, or at a low
+    # cutoff, offered another dataset's labels a wrong category ('closed_qa' -> classification,
+    # 'information_extraction' -> generation), a hint a user could accept without noticing.
+    close = [letters] if letters in _ALIASES else difflib.get_close_matches(
+        key, [a for a in _ALIASES if len(a) > 3], n=1, cutoff=0.5)
     hint = f"; did you mean {_ALIASES[close[0]]!r}?" if close else ""
     valid = ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
     raise ValueError(f"unknown category {name!r}{hint or ';'} Valid categories: {valid}")
 
 
-def per_category_text(values: Mapping[str, Any] | Sequence[Any]) -> str:
+def per_category_text(values: Mapping[str, Any] | Sequence[Any], unmeasured: Iterable[str] = ()) -> str:
     """"CLS 2, CODE 3, ..." for per-category values (a {category: value} mapping, where
-    absent categories are left out, or a sequence in CATEGORIES order); for reprs."""
+    absent categories are left out, or a sequence in CATEGORIES order); for reprs.
+    Categories in `unmeasured` (no instructions) show "-", not a value that reads as a finding."""
     if not isinstance(values, Mapping):
         values = dict(zip(CATEGORIES, values))
-    return ", ".join(f"{SHORT_NAMES[c]} {values[c]}" for c in CATEGORIES if c in values)
+    unmeasured = set(unmeasured)
+    return ", ".join(f"{SHORT_NAMES[c]} {'-' if c in unmeasured else values[c]}" for c in CATEGORIES if c in values)

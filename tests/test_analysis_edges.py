@@ -413,3 +413,36 @@ def test_phase_fit_p_value_matches_brute_force_over_the_same_shuffles():
     flat = locate_phases([101.0, 93, 104, 98], n_perm=99)
     assert flat["explained"] > 0.7 and flat["explained_p"] > 0.3
     assert locate_phases([3.0, 3, 3, 3], n_perm=9)["explained_p"] is None
+
+
+def test_a_study_of_some_categories_counts_general_units_over_those_it_has():
+    # A notebook study of three categories (load_instructions(categories=...)): the three absent
+    # categories' empty sets were counted among "every category", so `general` was 0 whatever the
+    # three shared, and absent categories overlapped present ones with Jaccard 0 (unmeasured, not disjoint).
+    from sparcom_jax.analysis import analyze_model, category_overlap
+    from sparcom_jax.analysis.uncertainty import series_figures
+
+    present_names = ["classification", "code", "general_qa"]
+    counts = small_counts(n=12, shape=(4, 8), categories=[present_names[i % 3] for i in range(12)])
+    analysis = analyze_model(counts, IdentifyConfig(eps=0.4), n_boot=4, n_perm=0)
+    sets = analysis["isn"].ident.category_sets.reshape(6, -1)
+    present = np.isin(CATEGORIES, present_names)
+    in_all_three = int(np.logical_and.reduce(sets[present]).sum())  # brute force
+    s = analysis["isn"].summary
+    assert in_all_three > 0 and s["general"] == in_all_three
+    assert s["general_share"] == pytest.approx(in_all_three / int(sets.any(0).sum()))
+    assert s["breadth_histogram"]["3"] == in_all_three and s["breadth_histogram"]["6"] == 0
+    assert s["general_per_layer"] == np.logical_and.reduce(sets[present]).reshape(4, 8).sum(1).tolist()
+    a, b = CATEGORIES.index("code"), CATEGORIES.index("math")
+    assert s["overlap_jaccard"][a][b] is None and s["overlap_coefficient"][b][a] is None
+    inter, union = (sets[0] & sets[a]).sum(), (sets[0] | sets[a]).sum()
+    assert s["overlap_jaccard"][0][a] == pytest.approx(inter / union)
+    assert category_overlap(sets)[0][a, b] == 0.0  # without `present`, as before: every category measured
+    # The bootstrap and a series' trends use the same rule.
+    assert s["bootstrap"]["general"]["high"] > 0  # replicates counted over the three categories too
+    assert series_figures([sets, sets], present)["general"].tolist() == [in_all_three] * 2
+    assert series_figures([sets, sets])["general"].tolist() == [0, 0]
+    text = repr(analysis)
+    assert "|S(c)|            CLS %d, CODE %d, QA %d, GEN -, MATH -, SUM -" % tuple(sets[:3].sum(1)) in text
+    assert f"general / union   {in_all_three} / {int(sets.any(0).sum())}" in text
+    assert "no instructions   GEN, MATH, SUM (shown as -; general: in all 3 categories that have instructions)" in text

@@ -95,3 +95,23 @@ def test_one_padded_array_is_refused_with_the_fix_before_the_model_runs(tok):
         sj.collect_counts(model, batch["input_ids"], progress=False)
     with pytest.raises(ValueError, match="without an attention_mask"):
         sj.collect_counts(model, {"input_ids": batch["input_ids"]}, progress=False)
+
+
+def test_sequences_longer_than_the_models_context_are_refused_before_the_model_runs(tok, tiny):
+    # A model computes at positions it was never trained on without complaint; these counts and
+    # losses went through silently (a 1,202-token record on a model of 128 positions).
+    import dataclasses
+
+    short = sj.init_model(dataclasses.replace(tiny.config, max_position_embeddings=12), seed=0)
+    fix = "cut the records to max_length=12 or less"
+    with pytest.raises(ValueError, match=r"1 of 2 sequences are longer than the model's context "
+                                         rf"\(max_position_embeddings=12 in its config; record 'b' has 13 tokens\).*{fix}"):
+        sj.collect_counts(short, [np.arange(3, 8), np.arange(3, 16)], ids=["a", "b"], progress=False)
+    long_record = Record("q-long", "general_qa", "Why? " * 20, output="Because.")
+    with pytest.raises(ValueError, match=f"record 'q-long' has .*{fix}"):
+        sj.collect_instructions(short, [long_record], tok, max_length=None, progress=False)
+    with pytest.raises(ValueError, match=f"record 'q-long' has .*{fix}"):
+        sj.make_loss_fn(short, [long_record], tok, max_length=None)
+    with pytest.warns(DataWarning, match="truncated"):  # the fix: cut at the model's context
+        counts = sj.collect_instructions(short, [long_record], tok, max_length=12, progress=False)
+    assert np.asarray(counts.tokens).tolist()[0] > 0

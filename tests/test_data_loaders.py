@@ -476,3 +476,17 @@ def test_reading_a_file_leaves_the_datasets_progress_bar_setting_as_it_was(tmp_p
         assert datasets.is_progress_bar_enabled() == enabled
     finally:
         (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
+
+
+def test_unknown_category_hints_are_spelling_slips_never_another_datasets_label():
+    # 'closed_qa' (Dolly) was offered 'classification' and 'information_extraction' 'generation'.
+    from sparcom_jax.categories import normalize_category
+
+    for label, meant in (("Maths", "math"), ("mathematics", "math"), ("classify", "classification"),
+                         ("Q&A", "general_qa"), ("cls.", "classification"), ("open_qa", "general_qa")):
+        with pytest.raises(ValueError, match=f"unknown category '{re.escape(label)}'; did you mean '{meant}'"):
+            normalize_category(label)
+    for label in ("closed_qa", "information_extraction", "brainstorming"):
+        with pytest.raises(ValueError) as e:
+            normalize_category(label)
+        assert "did you mean" not in str(e.value) and "Valid categories: classification (CLS)" in str(e.value)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import sparcom_jax as sj
+from sparcom_jax.errors import StaleResultError
 
 
 def test_loading_and_saving_a_model_use_no_deprecated_flax_api(hf_checkpoint, tmp_path):
@@ -331,3 +332,169 @@ def test_a_series_displays_its_trends_and_stays_a_plain_dict():
     ]
     assert t["vs_base"]["jaccard"]["code"][:2] == [1.0, 1.0] and t["vs_base"]["jaccard"]["code"][2] < 1
     assert isinstance(series, dict) and json.loads(json.dumps(series)) == series
+
+
+def test_arguments_in_the_wrong_place_are_refused_with_the_fix():
+    # The slips of a first session: two models' counts in one call, the rule's eps given bare or as a
+    # keyword, a section name for a count field. Each failed with an AttributeError from deep inside.
+    from sparcom_jax.analysis import identify
+
+    counts, other = _study_counts(n_per_category=2, L=2, F=16), _study_counts(n_per_category=2, L=2, F=16)
+    compare = "pass the two analyses to sj.compare_models"
+    with pytest.raises(TypeError, match=f"second argument is the rule .* got a second Counts; .*{compare}"):
+        sj.analyze_model(counts, other)
+    with pytest.raises(TypeError, match=f"counts must be one model's Counts .* got list; .*{compare}"):
+        sj.analyze_model([counts, other])
+    with pytest.raises(TypeError, match=r"got float 0.05; pass sj.IdentifyConfig\(eps=0.05\)"):
+        sj.analyze_model(counts, 0.05)
+    with pytest.raises(TypeError, match=r"'eps'; eps belong\(s\) to the rule: pass sj.IdentifyConfig\(eps=0.05\)"):
+        sj.analyze_model(counts, eps=0.05, n_boot=3)
+    with pytest.raises(ValueError, match="unknown count field 'isn' .*its field is 'neuron_active'.* have neuron_active"):
+        sj.analyze_model(counts, fields=["isn"])
+    with pytest.raises(TypeError, match=f"identify: got a second Counts where the count field goes; .*{compare}"):
+        identify(counts, other)
+    with pytest.raises(ValueError, match="no 'expert_routed' .*; they have neuron_active"):
+        identify(counts, "expert_routed")
+    assert sj.analyze_model(counts, None, n_boot=0, n_perm=0, fields=["neuron_active"])["isn"].ident.n == 12
+
+
+def test_comparing_models_of_different_shapes_names_both_and_the_fix():
+    # A llama against a Qwen2-MoE (both have "isn": dense / shared-expert neurons) failed with
+    # "models differ in units: (6, 2, 48) vs (6, 2, 40)", the category axis mixed into the shapes.
+    small, wide = _study_counts(n_per_category=2, L=2, F=8), _study_counts(n_per_category=2, L=2, F=12)
+    wide.meta = {**wide.meta, "model_type": "qwen2_moe"}
+    rule = sj.IdentifyConfig(eps=0.1)
+    before = sj.analyze_model(small, rule, name="base", n_boot=0, n_perm=0)
+    after = sj.analyze_model(wide, rule, name="tuned", n_boot=0, n_perm=0)
+    with pytest.raises(ValueError, match=r"^'base' \(isn \[2, 8\]\) and 'tuned' \(qwen2_moe, isn \[2, 12\]\) "
+                                         r"differ in units: .*the model it was fine-tuned from"):
+        sj.compare_models(before, after)
+
+
+def test_records_with_their_own_column_names_are_pointed_to_load_instructions():
+    # A DataFrame with its own column names passed straight to collect_instructions: the error said
+    # "map the columns ... with fields=", which collect_instructions does not take (fields= gave the same error).
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["Add 2 and 3."], "task": ["math"], "answer": ["5"]})
+    hint = (r"\(collect_instructions reads records with load_instructions' defaults; for fields=, category_map= "
+            r"or its other options call sj.load_instructions\(...\) first and pass the Records it returns\)$")
+    with pytest.raises(ValueError, match=r"^records: missing required column\(s\) .*fields=.*" + hint):
+        sj.collect_instructions(None, frame, sj.default_tokenizer())
+    with pytest.raises(ValueError, match=hint.replace("collect_instructions", "make_loss_fn")):
+        sj.make_loss_fn(None, frame, sj.default_tokenizer())
+    fields = {"instruction": "prompt", "category": "task", "output": "answer"}
+    assert sj.load_instructions(frame, fields=fields)[0].category == "math"  # the way the hint names
+
+
+def test_a_missing_or_unfinished_store_names_the_python_call_that_makes_it(tmp_path):
+    # open_counts told a notebook user to "run `sparcom collect` first", a command they never used.
+    from sparcom_jax.stats.store import CountStore
+
+    with pytest.raises(ValueError, match=r"no count store here \(meta.json missing\); make one with "
+                                         r"sj.collect_instructions\(model, records, out=...\) or `sparcom collect`"):
+        sj.open_counts(tmp_path)
+    counts = _study_counts(n_per_category=1, L=1, F=4)
+    CountStore(tmp_path / "s", {"tokens": (6,), "neuron_active": (6, 1, 4)}, ids=counts.ids,
+               categories=counts.categories, meta=counts.meta, chunk_rows=3).close()  # no chunk written
+    with pytest.raises(ValueError, match=r"has not finished; run the same sj.collect_instructions or collect_counts "
+                                         r"call \(same out=\) or `sparcom collect` command again to resume it"):
+        sj.open_counts(tmp_path / "s")
+
+
+def test_the_causal_check_takes_a_section_of_an_analysis_and_names_it_for_a_whole_one():
+    # ablate_identification(analysis["isn"], ...) and (analysis, ...) failed with
+    # "AttributeError: 'FieldAnalysis' object has no attribute 'sets'".
+    from sparcom_jax.analysis import ablate_identification
+    from sparcom_jax.categories import CATEGORIES
+
+    analysis = sj.analyze_model(_study_counts(n_per_category=2, L=2, F=16), sj.IdentifyConfig(eps=0.1),
+                                n_boot=0, n_perm=0)
+
+    def loss_fn(mask):  # each category's loss grows with the units switched off in its own first layer
+        return {c: 1.0 + (0.0 if mask is None else 0.01 * (i + 1) * float(mask[0].sum()))
+                for i, c in enumerate(CATEGORIES)}
+
+    section = ablate_identification(analysis["isn"], loss_fn, n_random=2, seed=3)
+    np.testing.assert_array_equal(section.excess, ablate_identification(analysis["isn"].ident, loss_fn,
+                                                                        n_random=2, seed=3).excess)
+    with pytest.raises(TypeError, match=r"pass analysis\[section\].ident for one of the analysis' sections "
+                                        r"\('isn'\), e.g. analysis\['isn'\].ident; got ModelAnalysis"):
+        ablate_identification(analysis, loss_fn)
+
+
+def test_counts_collected_in_memory_can_be_saved_as_a_store_and_read_back(tmp_path):
+    # Without out= a collection's counts lived only in the notebook's memory: keeping them meant
+    # collecting again into a store.
+    counts = _study_counts(n_per_category=2, L=2, F=8)
+    counts.neuron_act_sum = np.random.default_rng(0).random(counts.neuron_active.shape).astype(np.float32)
+    path = sj.save_counts(counts, tmp_path / "saved")
+    back = sj.open_counts(path)
+    for field in ("tokens", "neuron_active", "neuron_act_sum"):
+        np.testing.assert_array_equal(getattr(back, field)[:], getattr(counts, field))
+        assert getattr(back, field)[:].dtype == getattr(counts, field).dtype
+    assert (back.ids, back.categories, back.sources) == (counts.ids, counts.categories, counts.sources)
+    assert {k: v for k, v in back.meta.items() if k != "store"} == counts.meta  # its fingerprint too
+    with pytest.raises(StaleResultError, match="a count store is already here; .*overwrite=True"):
+        sj.save_counts(counts, path)
+    half = _study_counts(n_per_category=1, L=2, F=8)
+    sj.save_counts(sj.open_counts(path), tmp_path / "copy")  # lazily read counts save too
+    sj.save_counts(half, path, overwrite=True)
+    assert sj.open_counts(path).n == 6
+
+
+def test_help_on_the_package_names_every_public_name():
+    # help(sparcom_jax) listed four functions: a first session could not find analyze_model there.
+    import re
+
+    documented = set(re.findall(r"[A-Za-z_]+", sj.__doc__))
+    assert [name for name in sj.__all__ if name not in documented] == []
+
+
+def test_a_comparison_of_some_categories_shows_the_missing_ones_as_missing():
+    # A comparison over three categories displayed "GEN 0" etc. for the three it had no records of,
+    # which reads as "no specific units before or after".
+    from sparcom_jax.stats.counts import Counts
+
+    rng = np.random.default_rng(0)
+    names = ["classification", "code", "general_qa"] * 2
+    rule = sj.IdentifyConfig(eps=0.2)
+    before, after = (sj.analyze_model(Counts(tokens=np.full(6, 10, np.int32), categories=names, ids=list("abcdef"),
+                                             neuron_active=rng.integers(0, 11, (6, 2, 8)).astype(np.int32)),
+                                      rule, name=name, n_boot=0, n_perm=0) for name in ("base", "tuned"))
+    comparison = sj.compare_models(before, after)
+    assert [comparison["isn"][c]["n_instructions"] for c in sj.CATEGORIES] == [2, 2, 2, 0, 0, 0]
+    lines = repr(comparison).splitlines()
+    size = comparison["isn"]["code"]["size_before"]
+    assert any(line.startswith("    |S(c)| before ") and f"CODE {size}, " in line
+               and line.endswith("GEN -, MATH -, SUM -") for line in lines)
+    assert "    no instructions   GEN, MATH, SUM (shown as -)" in lines
+
+
+def test_a_series_takes_analyses_under_their_names_and_refuses_repeated_names():
+    # compare_series([a, b]) failed with "KeyError: 'base' has no section 0" (the pair unpacking
+    # indexed the analysis).
+    rule = sj.IdentifyConfig(eps=0.1)
+    base, tuned = (sj.analyze_model(_study_counts(n_per_category=1, L=1, F=8), rule, name=name, n_boot=0, n_perm=0)
+                   for name in ("base", "tuned"))
+    series = sj.compare_series([base, tuned])
+    assert series["names"] == ["base", "tuned"]
+    assert series == sj.compare_series([("base", base), ("tuned", tuned)])
+    with pytest.raises(ValueError, match=r"checkpoint names repeat \(\['base', 'base'\]\); name each analysis"):
+        sj.compare_series([base, base])
+    with pytest.raises(TypeError, match="item 1 is a list; give each checkpoint as a ModelAnalysis"):
+        sj.compare_series([base, ["tuned", tuned]])
+
+
+def test_a_mesh_that_is_not_a_mesh_is_named_with_how_to_build_one(tmp_path):
+    # load_model(path, mesh="auto") failed with "AttributeError: 'str' object has no attribute 'shape'".
+    build = r"mesh must be a jax.sharding.Mesh .* sj.make_mesh\(data=..., model=...\), or None for one device; got "
+    with pytest.raises(TypeError, match=f"^load_model: {build}str 'auto'$"):
+        sj.load_model(tmp_path / "absent", mesh="auto")
+    cfg = sj.ModelConfig(model_type="llama", vocab_size=16, hidden_size=8, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=4, intermediate_size=8)
+    model = sj.init_model(cfg)
+    with pytest.raises(TypeError, match=f"^collect_counts / make_loss_fn: {build}int 8$"):
+        sj.collect_counts(model, [np.array([1, 2, 3])], mesh=8, progress=False)
+    with pytest.raises(TypeError, match=f"^finetune: {build}tuple"):
+        sj.finetune(model, [], None, sj.TrainConfig(), tmp_path / "run", mesh=(1, 1))

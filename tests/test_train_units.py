@@ -353,3 +353,19 @@ def test_process_0_failing_to_write_the_run_directory_stops_every_process(tmp_pa
     with pytest.raises(OtherProcessError, match=f"^{re.escape(at)}"):
         finetune(model, load_instructions(n_per_category=1), tok, cfg, run, progress=False)
     assert not run.exists()
+
+
+def test_finetune_takes_records_and_tokenizer_as_collection_does(tmp_path):
+    # finetune(model, a_dataframe, None, ...) failed with pandas' "truth value of a DataFrame is
+    # ambiguous", and tokenizer=None with "object of type 'NoneType' has no len()", where
+    # collect_instructions reads both. The refusal below comes after both are resolved, before any compute.
+    import pandas as pd
+
+    import sparcom_jax as sj
+
+    model = sj.init_model(ModelConfig(model_type="llama", vocab_size=64, hidden_size=8, num_layers=1, num_heads=2,
+                                      num_kv_heads=1, head_dim=4, intermediate_size=8), seed=0)
+    frame = pd.DataFrame({"id": ["a"], "category": ["math"], "instruction": ["Add 2 and 3."], "output": ["5"]})
+    with pytest.raises(TrainConfigError, match="the tokenizer has 4096 tokens but the model's vocab_size is 64"):
+        sj.finetune(model, frame, None, TrainConfig(total_steps=1, warmup_steps=0, max_length=32), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

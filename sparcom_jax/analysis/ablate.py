@@ -719,14 +719,28 @@ def ablation_matrix(
         set_category_mass=set_mass, mass_random_mass=mass_mass, mass_random_sizes=mass_sizes)
 
 
-def ablate_identification(ident: Identification, loss_fn: LossFn, **kw) -> AblationResult:
+def ablate_identification(ident, loss_fn: LossFn, **kw) -> AblationResult:
     """ablation_matrix on an identification's category sets, random sets matched on the
     units' mean frequency over all instructions (kind from the count field).
 
     Args:
-      ident: the ablated model's identification.
+      ident: the ablated model's identification, or one section of its analysis
+        (`analysis["isn"]`, whose `.ident` it is).
       loss_fn: see ablation_matrix.
       **kw: n_random, seed, neighbours, run, expert_mass (see ablation_matrix).
+
+    Raises:
+      TypeError: a whole ModelAnalysis (which section to ablate is the caller's choice), or
+        anything else that is not an identification, naming the sections to pick from.
     """
+    from sparcom_jax.analysis.study import FieldAnalysis, ModelAnalysis  # study imports this module
+
+    if isinstance(ident, FieldAnalysis):
+        ident = ident.ident
+    if not isinstance(ident, Identification):
+        sections = f" ({', '.join(map(repr, ident.fields))})" if isinstance(ident, ModelAnalysis) else ""
+        raise TypeError(f"ablate_identification ablates one section's sets: pass analysis[section].ident "
+                        f"for one of the analysis' sections{sections}, e.g. analysis['isn'].ident; got "
+                        f"{type(ident).__name__}")
     return ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
                            frequency=ident.unit_frequency(), **kw)

@@ -18,21 +18,30 @@ def set_sizes(sets: np.ndarray) -> np.ndarray:
     return sets.reshape(sets.shape[0], -1).sum(1)
 
 
-def category_overlap(sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def category_overlap(sets: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairwise overlap of category sets.
 
     Args:
       sets: bool [C, *U].
+      present: optional bool [C], the categories that have instructions; an absent
+        category's empty set overlaps nothing because it was not measured, so its
+        rows and columns are NaN (default: every category present).
 
     Returns:
       (jaccard [C, C] = |A∩B| / |A∪B|, overlap coefficient [C, C] =
-      |A∩B| / min(|A|, |B|)); NaN where the denominator is 0.
+      |A∩B| / min(|A|, |B|)); NaN where the denominator is 0 or a category is absent.
     """
     x = sets.reshape(sets.shape[0], -1).astype(np.float64)
     inter = x @ x.T  # exact: integer sums far below 2**53
     size = np.diag(inter)
     union = size[:, None] + size[None, :] - inter
-    return safe_div(inter, union), safe_div(inter, np.minimum(size[:, None], size[None, :]))
+    jac, coef = safe_div(inter, union), safe_div(inter, np.minimum(size[:, None], size[None, :]))
+    if present is not None:
+        absent = ~np.asarray(present, bool)
+        for m in (jac, coef):
+            m[absent, :] = np.nan
+            m[:, absent] = np.nan
+    return jac, coef
 
 
 # Bytes of float32 instruction rows one block of `instruction_jaccard` holds (analysis.memory sizes from it).
@@ -199,28 +208,33 @@ def category_order(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, bounds
 
 
-def generality(sets: np.ndarray) -> dict:
-    """Units shared by every category.
+def generality(sets: np.ndarray, present: np.ndarray | None = None) -> dict:
+    """Units shared by every category that has instructions.
 
     Args:
       sets: bool [C, *U].
+      present: optional bool [C], the categories that have instructions (default: all).
+        A category without instructions has an empty set because it was not measured;
+        counted among "every category" it made `general` 0 whatever the others share.
 
     Returns:
-      dict with `general` (units in all C sets), `union` (units in any set),
-      `general_share` (general / union, NaN if the union is empty),
+      dict with `general` (units in all present categories' sets), `union` (units in
+      any set), `general_share` (general / union, NaN if the union is empty),
       `breadth_histogram` int [C]: entry k-1 counts units in exactly k sets, and
       `general_mask` bool [*U].
     """
-    breadth = sets.reshape(sets.shape[0], -1).sum(0)
-    n_sets = sets.shape[0]
-    general = int((breadth == n_sets).sum())
+    present = np.ones(sets.shape[0], bool) if present is None else np.asarray(present, bool)
+    breadth = sets[present].reshape(int(present.sum()), -1).sum(0)
+    n_sets = int(present.sum())
+    general_mask = (breadth == n_sets) & (n_sets > 0)
+    general = int(general_mask.sum())
     union = int((breadth > 0).sum())
     return {
         "general": general,
         "union": union,
         "general_share": float(safe_div(general, union)),
-        "breadth_histogram": np.bincount(breadth, minlength=n_sets + 1)[1:],
-        "general_mask": (breadth == n_sets).reshape(sets.shape[1:]),
+        "breadth_histogram": np.bincount(breadth, minlength=sets.shape[0] + 1)[1:],
+        "general_mask": general_mask.reshape(sets.shape[1:]),
     }
 
 

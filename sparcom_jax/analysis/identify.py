@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from sparcom_jax.analysis.common import C, SECTIONS, by_category, category_labels
-from sparcom_jax.categories import per_category_text
+from sparcom_jax.categories import CATEGORIES, per_category_text
 from sparcom_jax.stats.counts import Counts
 
 _RULES = ("top", "absolute")
@@ -278,12 +278,13 @@ class Identification:
 
     def __repr__(self) -> str:
         shape = ", ".join(map(str, self.unit_shape))
+        absent = [c for c, n in zip(CATEGORIES, self.n_per_category) if not n]
         kept = ("dropped" if self.instruction_bits is None
                 else f"kept [{self.n}, {self.n_units}]" + (" bit-packed" if self.packed else ""))
         return "\n".join([
             f"Identification: {self.field}, units [{shape}] ({self.n_units:,} in all), {self.n} instructions",
             f"  rule              {self.config.describe()}",
-            f"  |S(c)|            {per_category_text(self.category_sets.reshape(C, -1).sum(1))}",
+            f"  |S(c)|            {per_category_text(self.category_sets.reshape(C, -1).sum(1), absent)}",
             f"  instruction sets  {kept}",
         ])
 
@@ -318,10 +319,52 @@ class Identification:
         self.instruction_bits = None
 
 
-def _unit_shape(counts: Counts, field: str) -> tuple[int, ...]:
+_COMPARE_HINT = ("to compare two models, analyse each one (sj.analyze_model(counts, rule, name=...)) and "
+                 "pass the two analyses to sj.compare_models")
+
+
+def check_inputs(counts: Any, cfg: Any, where: str) -> None:
+    """Refuse arguments in the wrong place before any work, naming the fix.
+
+    The slips a notebook user makes: two models' counts in one call (identification is of
+    one model; comparing is `compare_models`), or a bare number where the rule goes.
+
+    Raises:
+      TypeError: `counts` is not one `Counts`, or `cfg` is neither None nor an IdentifyConfig.
+    """
+    if not isinstance(counts, Counts):
+        raise TypeError(f"{where}: counts must be one model's Counts (from sj.collect_instructions, "
+                        f"sj.collect_counts or sj.open_counts), got {type(counts).__name__}; {_COMPARE_HINT}")
+    if cfg is None or isinstance(cfg, IdentifyConfig):
+        return
+    if isinstance(cfg, Counts):
+        raise TypeError(f"{where}: the second argument is the rule (an IdentifyConfig), got a second Counts; "
+                        f"{_COMPARE_HINT}")
+    example = f"eps={cfg!r}" if isinstance(cfg, (int, float)) and not isinstance(cfg, bool) else "eps=0.01"
+    raise TypeError(f"{where}: the rule must be an IdentifyConfig or None, got {type(cfg).__name__} {cfg!r}; "
+                    f"pass sj.IdentifyConfig({example})")
+
+
+def check_field(counts: Counts, field: Any, where: str = "identify") -> tuple[int, ...]:
+    """The unit shape U of `field`, after refusing a field these counts do not have.
+
+    Raises:
+      TypeError: `field` is another Counts (two models in one call).
+      ValueError: an unknown field name (a section name is pointed to its field), or a
+        field these counts lack; naming the fields they have.
+    """
+    have = ", ".join(counts.arrays()) or "none"
+    if isinstance(field, Counts):
+        raise TypeError(f"{where}: got a second Counts where the count field goes; {_COMPARE_HINT}")
+    if not isinstance(field, str) or field not in SECTIONS:
+        section = {sec: f for f, sec in SECTIONS.items()}.get(field) if isinstance(field, str) else None
+        raise ValueError(f"{where}: unknown count field {field!r}"
+                         + (f" (a section name; its field is {section!r})" if section else "")
+                         + f"; the fields are {', '.join(SECTIONS)}, and these counts have {have}")
     arr = getattr(counts, field, None)
     if arr is None:
-        raise ValueError(f"these counts have no {field!r} (dense model or not collected)")
+        raise ValueError(f"{where}: these counts have no {field!r} (dense model or not collected); "
+                         f"they have {have}")
     return tuple(arr.shape[1:])
 
 
@@ -384,7 +427,7 @@ def instruction_sets(
       bool [N, *U], or uint8 [N, ceil(U/8)] when packed.
     """
     cfg = cfg or IdentifyConfig()
-    shape = _unit_shape(counts, field)
+    shape = check_field(counts, field)
     strength = _check_strength(counts, field, [cfg])
     out = (np.zeros((counts.n, (int(np.prod(shape)) + 7) // 8), np.uint8) if packed
            else np.zeros((counts.n,) + shape, bool))
@@ -435,9 +478,11 @@ def identify_all(
     cfgs = list(cfgs)
     if not cfgs:
         raise ValueError("identify_all needs at least one rule")
+    for c in cfgs:
+        check_inputs(counts, c, "identify")
     keep = ([keep_instruction_sets] * len(cfgs) if isinstance(keep_instruction_sets, bool)
             else list(keep_instruction_sets))
-    shape = _unit_shape(counts, field)
+    shape = check_field(counts, field)
     n_units = int(np.prod(shape))
     labels = category_labels(counts.categories)
     if labels.shape[0] != counts.n:

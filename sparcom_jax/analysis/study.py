@@ -15,6 +15,8 @@ Every section is JSON-safe (NaN -> None); categories are always in CATEGORIES or
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,7 +27,7 @@ from sparcom_jax.analysis.ablate import AblationResult
 from sparcom_jax.analysis.common import C, SECTIONS, UNIT_AXES, by_category, jsonable, nan_mean
 from sparcom_jax.analysis.examples import top_instructions
 from sparcom_jax.analysis.identify import (
-    RULE_SUPPORT, IdentifyConfig, Identification, contrast_config, identify_all,
+    RULE_SUPPORT, IdentifyConfig, Identification, check_field, check_inputs, contrast_config, identify_all,
 )
 from sparcom_jax.analysis.uncertainty import (
     bootstrap, cluster_index, instruction_bootstrap, one_unit_note, paired_intervals, paired_set_intervals,
@@ -73,9 +75,13 @@ class FieldAnalysis:
     def _lines(self) -> list[str]:
         """The headline figures, one per line (the first names the section)."""
         s = self.summary
-        rows = [("|S(c)|", per_category_text(s["per_category_count"])),
-                ("unique", per_category_text(s["unique"])),
+        absent = [c for c in CATEGORIES if not s["n_per_category"][c]]
+        rows = [("|S(c)|", per_category_text(s["per_category_count"], absent)),
+                ("unique", per_category_text(s["unique"], absent)),
                 ("general / union", f"{s['general']} / {s['union']}")]
+        if absent:
+            rows.append(("no instructions", f"{', '.join(SHORT_NAMES[c] for c in absent)} (shown as -; general: in "
+                                            f"all {C - len(absent)} categories that have instructions)"))
         if s.get("diagonal_dominance") is not None:
             diag = _num(s["diagonal_dominance"])
             boot = (s.get("bootstrap") or {}).get("diagonal_dominance")
@@ -89,7 +95,7 @@ class FieldAnalysis:
             rows.append(("bootstrap", note))
         if s.get("contrast"):
             rule = IdentifyConfig.from_dict(s["contrast"]["identification"]).describe()
-            rows.append(("|S(c)| contrast", f"{per_category_text(s['contrast']['per_category_count'])} ({rule})"))
+            rows.append(("|S(c)| contrast", f"{per_category_text(s['contrast']['per_category_count'], absent)} ({rule})"))
         head = (f"{self.ident.section}: {self.ident.field} [{', '.join(map(str, self.ident.unit_shape))}], "
                 f"{self.ident.n} instructions")
         return [head] + [f"  {label:<17} {text}" for label, text in rows]
@@ -140,8 +146,9 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
       JSON-safe dict; see docs/analysis.md for each key.
     """
     sets = ident.category_sets
-    jac, coef = ev.category_overlap(sets)
-    gen = ev.generality(sets)
+    present = ident.n_per_category > 0
+    jac, coef = ev.category_overlap(sets, present)
+    gen = ev.generality(sets, present)
     uniq = ev.uniqueness(sets)
     count, share = ev.layer_distribution(sets)
     union_l = sets.any(0).reshape(sets.shape[1], -1).sum(1)
@@ -479,8 +486,18 @@ def analyze_model(
     Returns:
       A ModelAnalysis; `.summary()` gives `models.<name>`.
     """
+    check_inputs(counts, cfg, "analyze_model")
+    unknown = sorted(set(field_kw) - set(inspect.signature(analyze_field).parameters))
+    if unknown:
+        rule_keys = [k for k in unknown if k in {f.name for f in dataclasses.fields(IdentifyConfig)}]
+        fix = (f"{', '.join(rule_keys)} belong(s) to the rule: pass sj.IdentifyConfig("
+               f"{', '.join(f'{k}={field_kw[k]!r}' for k in rule_keys)}) as the second argument" if rule_keys
+               else "see help(sparcom_jax.analysis.analyze_field) for the options")
+        raise TypeError(f"analyze_model got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; {fix}")
     cfg = cfg or IdentifyConfig()
     fields = list(fields) if fields is not None else list(counts.arrays())
+    for f in fields:
+        check_field(counts, f, "analyze_model")
     out = {}
     for f in fields:
         inst = instruction_level if isinstance(instruction_level, bool) else f in instruction_level
@@ -552,7 +569,8 @@ def _series_bootstrap(fields: Sequence[FieldAnalysis]) -> dict | None:
     sets = [f.ident.category_sets for f in fields]
     mats = [f.instruction_matrix for f in fields]
     extra = series_dominance(mats, f0.ident.labels, f0.boot_weights) if all(m is not None for m in mats) else None
-    est, r = paired_intervals(sets, [f.replicate_sets for f in fields], series_figures,
+    est, r = paired_intervals(sets, [f.replicate_sets for f in fields],
+                              functools.partial(series_figures, present=f0.ident.n_per_category > 0),
                               f0.summary["bootstrap"]["ci"], extra)
 
     def shaped(v, per_category: bool):
@@ -587,6 +605,7 @@ def compare_fields(fb: FieldAnalysis, fa: FieldAnalysis) -> tuple[dict, dict]:
     per_cat = {}
     for i, c in enumerate(CATEGORIES):
         per_cat[c] = {
+            "n_instructions": int(ib.n_per_category[i]),  # 0: the category was not measured
             **{k: sets[k][i] for k in cmp.SET_KEYS},
             "per_layer": {k[len("per_layer_"):]: v[i] for k, v in sets.items() if k.startswith("per_layer_")},
             "frequency_shift": {k: v[i] for k, v in shift.items()},
@@ -645,6 +664,15 @@ def check_comparable(analyses: Sequence[ModelAnalysis]) -> None:
                              f"({', '.join(other.fields)}) have no kind of unit in common, so there is "
                              "nothing to compare; compare models of one architecture family (dense with "
                              "dense, MoE with MoE)")
+        for sec in [sec for sec in first.fields if sec in other.fields]:
+            a, b = first[sec].ident.unit_shape, other[sec].ident.unit_shape
+            if a != b:
+                def arch(m, shape):
+                    kind = m.meta.get("model_type")
+                    return f"{m.name!r} ({kind + ', ' if kind else ''}{sec} [{', '.join(map(str, shape))}])"
+                raise ValueError(f"{arch(first, a)} and {arch(other, b)} differ in units: no unit of one "
+                                 "is a unit of the other; compare a fine-tuned model with the model it was "
+                                 "fine-tuned from (same family, layers and widths)")
         ids = next((f.ident.ids for f in other.fields.values()), None)
         tokens = next((f.ident.tokens for f in other.fields.values()), None)
         if (ids0 is None or ids is None) and tokens0 is not None and tokens is not None \
@@ -686,10 +714,14 @@ class Comparison(dict):
                 ("gained", "gained"), ("lost", "lost"))
         for sec, moves in self["moves"].items():
             per = self[sec]
+            absent = [c for c in CATEGORIES if per[c].get("n_instructions") == 0]
             lines.append(f"  {sec}")
-            lines += [f"    {label:<17} {per_category_text({c: per[c][key] for c in CATEGORIES})}"
+            lines += [f"    {label:<17} {per_category_text({c: per[c][key] for c in CATEGORIES}, absent)}"
                       for key, label in rows]
-            lines.append(f"    {'jaccard':<17} {per_category_text({c: _num(per[c]['jaccard']) for c in CATEGORIES})}")
+            lines.append(f"    {'jaccard':<17} "
+                         f"{per_category_text({c: _num(per[c]['jaccard']) for c in CATEGORIES}, absent)}")
+            if absent:
+                lines.append(f"    {'no instructions':<17} {', '.join(SHORT_NAMES[c] for c in absent)} (shown as -)")
             diag = moves["diagonal_dominance"]
             if diag["before"] is not None or diag["after"] is not None:
                 lines.append(f"    {'diagonal':<17} {_num(diag['before'])} -> {_num(diag['after'])}")
@@ -697,7 +729,7 @@ class Comparison(dict):
                 sizes = {c: f"{per[c]['contrast']['size_before']}->{per[c]['contrast']['size_after']}"
                          for c in CATEGORIES}
                 contrast = IdentifyConfig.from_dict(self["rules"]["contrast"]["identification"]).describe()
-                lines.append(f"    {'|S(c)| contrast':<17} {per_category_text(sizes)} ({contrast})")
+                lines.append(f"    {'|S(c)| contrast':<17} {per_category_text(sizes, absent)} ({contrast})")
         lines.append("  every number: the dict's keys (docs/analysis.md)")
         return "\n".join(lines)
 
@@ -716,8 +748,8 @@ def compare_models(
 
     Returns:
       The `comparison` dict (a `Comparison`, which displays its headline figures):
-      before, after (names), "<section>": {category: {size_before, size_after,
-      retained, gained, lost, jaccard, per_layer, frequency_shift, contrast:
+      before, after (names), "<section>": {category: {n_instructions (the same records
+      in both), size_before, size_after, retained, gained, lost, jaccard, per_layer, frequency_shift, contrast:
       {size_before, size_after, retained, gained, lost, jaccard} under the
       contrast rule (None when not run), bootstrap: paired intervals of those six
       figures (`_paired_bootstrap`; None unless both models were resampled with the
@@ -813,13 +845,14 @@ class SeriesComparison(dict):
 
 
 def compare_series(
-    items: Iterable[tuple[str, ModelAnalysis | Counts]], cfg: IdentifyConfig | None = None,
+    items: Iterable[ModelAnalysis | tuple[str, ModelAnalysis | Counts]], cfg: IdentifyConfig | None = None,
     **analyze_kw,
 ) -> dict:
     """The comparison figures along a series of checkpoints (first = base).
 
     Args:
-      items: (name, ModelAnalysis or Counts) in training order.
+      items: in training order, each a ModelAnalysis (under its name) or a (name,
+        ModelAnalysis or Counts) pair; names must differ.
       cfg: rule used when Counts are given.
       **analyze_kw: passed to analyze_model for Counts.
 
@@ -837,9 +870,18 @@ def compare_series(
       first to last (`_series_bootstrap`; None unless every checkpoint was
       resampled with the same draws).
     """
-    items = list(items)
+    items = [(x.name, x) if isinstance(x, ModelAnalysis) else x for x in items]
     if not items:
         raise ValueError("an empty series")
+    for i, x in enumerate(items):
+        if not (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)):
+            raise TypeError(f"compare_series: item {i} is a {type(x).__name__}; give each checkpoint as a "
+                            "ModelAnalysis (named by analyze_model(name=...)) or a (name, ModelAnalysis or "
+                            "Counts) pair, in training order")
+    names = [n for n, _ in items]
+    if len(set(names)) < len(names):
+        raise ValueError(f"compare_series: checkpoint names repeat ({names}); name each analysis "
+                         "(analyze_model(..., name='step500')) or pass (name, analysis) pairs")
     analyses = [_as_analysis(x, cfg, n, analyze_kw) for n, x in items]
     check_comparable(analyses)
     out: dict[str, Any] = {"names": [n for n, _ in items]}

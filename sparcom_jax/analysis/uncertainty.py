@@ -155,10 +155,11 @@ def _instruction_stats(block: np.ndarray) -> dict[str, np.ndarray]:
             "per_category_dominance": per_category_dominance(block)}
 
 
-def _replicate_stats(sets: np.ndarray) -> dict[str, np.ndarray]:
-    """Figures bootstrapped for one replicate's sets bool [C, U]."""
-    jac, coef = category_overlap(sets)
-    gen = generality(sets)
+def _replicate_stats(sets: np.ndarray, present: np.ndarray) -> dict[str, np.ndarray]:
+    """Figures bootstrapped for one replicate's sets bool [C, U] (`present`: bool [C], the
+    categories with instructions; a replicate draws within each category, so the same)."""
+    jac, coef = category_overlap(sets, present)
+    gen = generality(sets, present)
     return {
         "per_category_count": set_sizes(sets),
         "unique": uniqueness(sets)["unique"],
@@ -230,6 +231,7 @@ def bootstrap(
     """
     cfg = ident.config
     u = ident.n_units
+    present = ident.n_per_category > 0
     w_all = resample_weights(ident.labels, n_boot, seed, groups)
     # Each replicate's category sizes (weight sums, [B, C]): with clusters of unequal size they
     # vary, and the consensus cut and the pooled mean are over the replicate's own instructions.
@@ -261,14 +263,14 @@ def bootstrap(
             else:
                 sets = select_units((agg[r] / denom).astype(np.float32), cfg, ident.field,
                                     None if agg_strength is None else (agg_strength[r] / denom).astype(np.float32))
-            for k, v in _replicate_stats(sets).items():
+            for k, v in _replicate_stats(sets, present).items():
                 reps.setdefault(k, []).append(v)
             if keep_sets:
                 kept.append(np.packbits(sets, axis=1))
         # The aggregates are not needed past their batch: held on, they sat beside the
         # instruction-level replicates' [N, N] and [B, N, C] float64 arrays.
         del agg, agg_strength
-    est = _replicate_stats(ident.category_sets.reshape(C, -1))
+    est = _replicate_stats(ident.category_sets.reshape(C, -1), present)
     if instruction_matrix is not None:
         ins_est, ins_reps = _instruction_replicates(instruction_matrix, ident.labels, w_all)
         est.update(ins_est)
@@ -351,11 +353,12 @@ def paired_set_intervals(before: np.ndarray, after: np.ndarray, reps_before: np.
 SERIES_CHANGE = ("per_category_count", "unique", "unique_ratio", "general", "general_share", "union")
 
 
-def series_figures(sets: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def series_figures(sets: Sequence[np.ndarray], present: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The trends of a checkpoint series and their change from first to last.
 
     Args:
       sets: S bool [C, U] category sets, in series order.
+      present: optional bool [C], the categories with instructions (`generality`).
 
     Returns:
       {figure: float [S, C] or [S]} for the figures of SERIES_CHANGE, "vs_base_jaccard" and
@@ -363,7 +366,7 @@ def series_figures(sets: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
       or scalar: last minus first) for those of SERIES_CHANGE.
     """
     def figures(s):
-        u, g = uniqueness(s), generality(s)
+        u, g = uniqueness(s), generality(s, present)
         return {"per_category_count": set_sizes(s), "unique": u["unique"], "unique_ratio": u["unique_ratio"],
                 **{k: np.asarray(g[k]) for k in ("general", "general_share", "union")}}
 

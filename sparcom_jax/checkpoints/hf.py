@@ -29,6 +29,7 @@ from sparcom_jax.fileio import atomic_dir
 from sparcom_jax.models.config import FAMILIES, ModelConfig
 from sparcom_jax.models.params import Entry, HFLayout, entries
 from sparcom_jax.models.transformer import CausalLM, abstract_model, resolve_dtype
+from sparcom_jax.parallel.mesh import check_mesh
 from sparcom_jax.runtime import ensure_compilation_cache
 
 # Stored dtypes read as weights: quantized integers or float8 need scales we do not apply.
@@ -286,6 +287,7 @@ def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None
       ``model.source_path`` the directory.
     """
     ensure_compilation_cache()
+    check_mesh(mesh, "load_model")
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors)")

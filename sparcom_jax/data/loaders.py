@@ -328,10 +328,15 @@ def _is_rows(source: Any) -> bool:
     return isinstance(source, Sequence) and (not source or any(isinstance(r, (Mapping, Record)) for r in source))
 
 
-def as_records(records: Any) -> list[Record]:
+def as_records(records: Any, where: str = "this call") -> list[Record]:
     """`records` as a list of `Record`s: a list of Records as it is (after checking that their
     ids are unique, as a file's must be), anything else (a file, a list of files, dicts, a
-    DataFrame) read with `load_instructions`."""
+    DataFrame) read with `load_instructions`.
+
+    Raises:
+      ValueError: load_instructions' error, with the way to its options (`fields=`,
+        `category_map=`, ...), which `where` (the caller, e.g. collect_instructions) does not take.
+    """
     if isinstance(records, Sequence) and not isinstance(records, str) \
             and all(isinstance(r, Record) for r in records):  # an empty list too: the caller says what is missing
         first: dict[str, int] = {}
@@ -341,7 +346,12 @@ def as_records(records: Any) -> list[Record]:
                                  f"{IN_MEMORY}:item {first[r.id]}); give each record a unique id")
             first[r.id] = i
         return list(records)
-    return load_instructions(records)
+    try:
+        return load_instructions(records)
+    except ValueError as e:
+        raise ValueError(f"{e}. ({where} reads records with load_instructions' defaults; for fields=, "
+                         "category_map= or its other options call sj.load_instructions(...) first and pass "
+                         "the Records it returns)") from e
 
 
 def _apply_fields(table: _Table, fields: Mapping[str, str]) -> None:

@@ -75,6 +75,19 @@ def process_order(devices) -> list:
     return sorted(devices, key=lambda d: d.process_index)
 
 
+def check_mesh(mesh, where: str) -> None:
+    """Refuse a `mesh=` argument that is not a Mesh (e.g. "auto" or a device count), which
+    failed deep inside with "'str' object has no attribute 'shape'".
+
+    Raises:
+      TypeError: naming `where`, what was given and how to build a mesh.
+    """
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"{where}: mesh must be a jax.sharding.Mesh with axes ('data', 'model'), built with "
+                        f"sj.make_mesh(data=..., model=...), or None for one device; got {type(mesh).__name__} "
+                        f"{mesh!r}")
+
+
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     """A ("data", "model") mesh over `devices` (default: all devices of all processes).
 

@@ -28,7 +28,7 @@ from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint, re
 from sparcom_jax.parallel.processes import gather, key_id, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
-from sparcom_jax.stats.runner import BatchRunner, unpad, validate_sequences
+from sparcom_jax.stats.runner import BatchRunner, position_error, unpad, validate_sequences
 from sparcom_jax.stats.store import CountStore, open_counts
 
 log = logging.getLogger(__name__)
@@ -397,6 +397,9 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         if v is not None and len(v) != n:
             raise ValueError(f"{name} has {len(v)} entries but there are {n} sequences")
     labels = {name: None if v is None else list(v) for name, v in labels.items()}
+    too_long = position_error(cfg, [len(s) for s in seqs], labels["ids"])
+    if too_long is not None:  # raised here, like validate_sequences' errors: before any collective
+        raise too_long
     fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
     if out is None and check_memory:  # before any model work: the result's pages fill late in the run
@@ -626,7 +629,7 @@ def collect_instructions(model, records, tokenizer=None, *, template: str = "pla
     from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
     from sparcom_jax.data.splits import DEFAULT_GROUP_BY, group_ids
 
-    records = as_records(records)
+    records = as_records(records, "collect_instructions")
     tok = resolve_tokenizer(model, tokenizer)
     enc = encode_records(records, tok, template=template, scope=scope, max_length=max_length,
                          content_caps=content_caps)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sparcom_jax.next_token import next_token_loss, target_mask
-from sparcom_jax.stats.runner import BatchRunner
+from sparcom_jax.stats.runner import BatchRunner, position_error
 
 ABLATION_KINDS = ("neurons", "experts", "expert_neurons")
 EXPERT_MODES = ("post", "pre")
@@ -116,6 +116,9 @@ class CategoryLoss:
     def __init__(self, model, encoded, *, kind: str = "neurons", batch_size: int = 8, mesh=None,
                  buckets: Sequence[int] | None = None, expert_mode: str = "post"):
         _check_modes(kind, expert_mode)
+        too_long = position_error(model.config, [len(x) for x in encoded.ids], getattr(encoded, "record_ids", None))
+        if too_long is not None:
+            raise too_long
         self.model = model
         self.kind = kind
         self.expert_mode = expert_mode
@@ -184,7 +187,7 @@ def encode_held_out(records, tokenizer, *, template: str = "plain", max_length: 
     """
     from sparcom_jax.data import as_records, encode_records
 
-    return encode_records(as_records(records), tokenizer, template=template, scope="response",
+    return encode_records(as_records(records, "make_loss_fn"), tokenizer, template=template, scope="response",
                           max_length=max_length)
 
 

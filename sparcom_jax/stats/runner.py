@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparcom_jax.data.batching import fit_buckets, pad_batch, plan_batches
-from sparcom_jax.parallel.mesh import check_rows_in_one_process
+from sparcom_jax.parallel.mesh import check_mesh, check_rows_in_one_process
 from sparcom_jax.parallel.sharding import state_shardings
 from sparcom_jax.runtime import put_batch
 
@@ -86,6 +86,37 @@ def validate_sequences(sequences, scopes, vocab_size: int):
     return seqs, out
 
 
+def position_error(cfg, lengths, ids: Sequence[str] | None = None) -> ValueError | None:
+    """The error for sequences longer than the model's context (`max_position_embeddings`).
+
+    A model computes outputs at positions it was never trained on without complaint, so
+    counts or losses there would look normal and mean something else; fine-tuning refuses
+    such lengths too (`TrainConfig.check_model`).
+
+    Args:
+      cfg: the model's ModelConfig.
+      lengths: int [N] sequence lengths.
+      ids: optional record ids, to name the longest sequence.
+
+    Returns:
+      None, or a ValueError naming how many sequences are too long, the longest (by id
+      when given), the model's limit and the fix (the caller raises it before any
+      collective, as it does validate_sequences' errors).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    limit = cfg.max_position_embeddings
+    over = np.flatnonzero(lengths > limit)
+    if not over.size:
+        return None
+    i = int(over[np.argmax(lengths[over])])
+    name = f"record {ids[i]!r}" if ids is not None else f"sequence {i}"
+    return ValueError(f"{over.size} of {lengths.size} sequences are longer than the model's context "
+                      f"(max_position_embeddings={limit} in its config; {name} has {int(lengths[i])} "
+                      "tokens): the model was never trained on those positions, so what it computes there "
+                      f"means nothing; cut the records to max_length={limit} or less (collect_instructions "
+                      "and make_loss_fn take max_length=, a config data.max_length)")
+
+
 # Batches in flight on the device while the host fetches the oldest one's results.
 PIPELINE_DEPTH = 2
 # The most distinct padded lengths (compilations) per run when no buckets are given.
@@ -130,6 +161,7 @@ class BatchRunner:
     def __init__(self, model, step: Callable, batch_size: int, mesh=None, buckets: Sequence[int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_mesh(mesh, "collect_counts / make_loss_fn")
         self.mesh = mesh
         self.buckets = tuple(buckets) if buckets is not None else None
         graphdef, state = nnx.split(model)

@@ -227,10 +227,12 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
     p = Path(path)
     meta = read_header(p)
     if meta is None:
-        raise ValueError(f"{p}: no count store here (meta.json missing); run `sparcom collect` first")
+        raise ValueError(f"{p}: no count store here (meta.json missing); make one with "
+                         "sj.collect_instructions(model, records, out=...) or `sparcom collect`")
     if not is_complete(p):
-        raise ValueError(f"{p}: the collection that writes this store has not finished; "
-                         "run the same collect command again to resume it")
+        raise ValueError(f"{p}: the collection that writes this store has not finished; run the same "
+                         "sj.collect_instructions or collect_counts call (same out=) or `sparcom collect` command again "
+                         "to resume it")
     check_version(meta, p, "count the records again (`sparcom collect --overwrite`, or collect_instructions "
                            "with overwrite=True)")
     arrays: dict[str, Any] = {name: LazyArray(ts.open(_spec(p / name), open=True).result())
@@ -245,3 +247,41 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
         **arrays,
     )
     return counts.to_numpy() if in_memory else counts
+
+
+def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write counts held in memory (a collection made without `out=`) to a count store.
+
+    The store is the one `collect_instructions(..., out=path)` writes, read back with
+    `open_counts(path)`, so an hour of collection in a notebook need not be repeated to
+    keep it. It carries the counts' labels, meta and, for counts read from a store, that
+    store's input fingerprint; counts collected in memory have none (only a collection
+    with `out=` records its inputs), so a collection pointed at their store refuses to reuse it.
+
+    Args:
+      counts: any Counts (arrays in memory, or lazily read from another store).
+      path: the store directory; it must not hold a store already unless `overwrite`.
+      overwrite: replace a store there.
+
+    Returns:
+      The store directory.
+
+    Raises:
+      StaleResultError: `path` holds a store (and not `overwrite`).
+    """
+    p = Path(path)
+    if read_header(p) is not None and not overwrite:
+        raise StaleResultError(f"{p}: a count store is already here; choose a new directory, or pass "
+                               "overwrite=True to replace it")
+    arrays = {"tokens": counts.tokens, **counts.arrays(), **counts.sums()}
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    meta = {k: v for k, v in (counts.meta or {}).items() if k not in ("store", "fingerprint")}
+    store = CountStore(p, shapes, ids=counts.ids, categories=counts.categories, sources=counts.sources,
+                       groups=counts.groups, meta=meta, chunk_rows=max(counts.n, 1), overwrite=True,
+                       fingerprint=(counts.meta or {}).get("fingerprint"),
+                       dtypes={k: np.asarray(v[:0]).dtype for k, v in arrays.items()})
+    try:
+        store.write_chunk(0, {k: np.asarray(v[:]) for k, v in arrays.items()})
+    finally:
+        store.close()
+    return p

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparcom_jax.models.transformer import CausalLM
-from sparcom_jax.parallel.mesh import make_mesh
+from sparcom_jax.parallel.mesh import check_mesh, make_mesh
 from sparcom_jax.parallel.processes import together
 from sparcom_jax.runtime import ensure_compilation_cache, put_batch
 from sparcom_jax.train.batches import TrainBatches, eval_batches, resolve_buckets
@@ -246,8 +246,10 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
       model: the base model (its parameters are copied, never changed). When the
         run resumes, the state comes from the latest checkpoint, and `model` must
         be the base the run started from (a checksum of its weights is compared).
-      records: training `Record`s (instruction, input, output, category).
-      tokenizer: the model's tokenizer (saved into the run directory).
+      records: training `Record`s (instruction, input, output, category), or anything
+        `load_instructions` reads (a file, dicts, a DataFrame), read with its defaults.
+      tokenizer: the model's tokenizer (saved into the run directory); None: the model
+        directory's, or the shipped one for a model made in memory (`resolve_tokenizer`).
       cfg: the settings; see `TrainConfig`.
       out_dir: the run directory (see `sparcom_jax.train.checkpointing`).
       mesh: a ("data", "model") mesh; default ``make_mesh(cfg.mesh_data, cfg.mesh_model)``.
@@ -265,9 +267,13 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     Raises:
       TrainConfigError: a setting that cannot work, before any compute.
     """
-    from sparcom_jax.data import encode_records
+    from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
 
     ensure_compilation_cache()
+    check_mesh(mesh, "finetune")
+    records = as_records(records, "finetune")
+    eval_records = None if eval_records is None else as_records(eval_records, "finetune")
+    tokenizer = resolve_tokenizer(model, tokenizer)
     run_dir = Path(out_dir)
     lead = jax.process_index() == 0
     # ---- checks: nothing below compiles or allocates on a device until they pass ----
