@@ -133,17 +133,17 @@ def test_the_failed_process_s_message_reaches_the_others(monkeypatch):
 def test_a_short_message_is_posted_whole_and_no_error_posts_nothing(monkeypatch):
     client = Coordination()
     monkeypatch.setattr(processes, "_coordination", lambda: client)
-    as_process(monkeypatch, 2, 3)
+    as_process(monkeypatch, 1, 2)  # two processes: the failed one posts too
     monkeypatch.setattr(processes, "_rounds", itertools.count(0))
-    monkeypatch.setattr(processes, "gather", lambda v: np.array([0, 0, int(np.asarray(v))]))
+    monkeypatch.setattr(processes, "gather", lambda v: np.array([0, int(np.asarray(v))]))
     processes.raise_together(None, "fine")  # nobody failed: nothing posted, nothing raised
     assert client.values == {}
     with pytest.raises(RuntimeError):
         processes.raise_together(RuntimeError("x" * 500), "failing")
-    assert client.values == {"sparcom/raise_together/1/2": "RuntimeError: " + "x" * 486 + "..."}
+    assert client.values == {"sparcom/raise_together/1/1": "RuntimeError: " + "x" * 486 + "..."}
     with pytest.raises(RuntimeError):
         processes.raise_together(RuntimeError("y" * 486), "failing")  # 500 characters: whole
-    assert client.values["sparcom/raise_together/2/2"] == "RuntimeError: " + "y" * 486
+    assert client.values["sparcom/raise_together/2/1"] == "RuntimeError: " + "y" * 486
 
 
 def test_one_process_raises_its_own_error_and_posts_nothing(monkeypatch):
@@ -194,3 +194,33 @@ def test_gather_stacks_every_process_s_values(monkeypatch):
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda a: np.stack([a, a + 1, a + 2]))
     got = processes.gather([4, 5])
     np.testing.assert_array_equal(got, [[4, 5], [5, 6], [6, 7]])
+
+
+def test_a_coordination_service_that_fails_costs_only_the_quote(monkeypatch):
+    """Posting or fetching the message is a courtesy: when the service refuses, the failed
+    process still raises its own error and the others theirs, without the quote."""
+
+    class Broken:
+        def key_value_set(self, key, value):
+            raise RuntimeError("service gone")
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            raise TimeoutError("nothing there")
+
+    monkeypatch.setattr(processes, "_coordination", lambda: Broken())
+    monkeypatch.setattr(processes, "gather", lambda v: np.array([int(np.asarray(v)), 1]))
+    as_process(monkeypatch, 1, 2)
+    with pytest.raises(KeyError, match="mine"):
+        processes.raise_together(KeyError("mine"), "counting")
+    as_process(monkeypatch, 0, 2)
+    with pytest.raises(OtherProcessError, match=r"^counting: process 1 of 2 stopped with an error \(its log says "
+                                                r"why\); every process stops with it$"):
+        processes.raise_together(None, "counting")
+
+
+def test_the_coordination_client_is_jax_distributed_s(monkeypatch):
+    from jax._src import distributed
+
+    client = Coordination()
+    monkeypatch.setattr(distributed.global_state, "client", client)
+    assert processes._coordination() is client
