@@ -145,6 +145,8 @@ def test_without_random_draws_the_controls_are_nan_and_nothing_is_flagged():
     assert all(np.isnan(v).all() for v in r.excess_spread().values())
     assert r.matching_warnings() == [] and "0 matched random draws" in repr(r)
     assert r.to_dict()["p_value"] == [[None] * 6] * 6
+    back = type(r).from_dict(r.to_dict())
+    assert back.random_draws.shape == (0, 6, 6) and back.n_random == 0 and np.isnan(back.excess).all()
 
 
 def test_experts_covering_one_whole_layer_are_refused():

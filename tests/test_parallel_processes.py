@@ -135,15 +135,25 @@ def test_a_short_message_is_posted_whole_and_no_error_posts_nothing(monkeypatch)
     monkeypatch.setattr(processes, "_coordination", lambda: client)
     as_process(monkeypatch, 1, 2)  # two processes: the failed one posts too
     monkeypatch.setattr(processes, "_rounds", itertools.count(0))
-    monkeypatch.setattr(processes, "gather", lambda v: np.array([0, int(np.asarray(v))]))
+    calls = []
+
+    def gather(v):
+        calls.append(int(np.asarray(v)))
+        return np.array([0, calls[-1]])
+
+    monkeypatch.setattr(processes, "gather", gather)
     processes.raise_together(None, "fine")  # nobody failed: nothing posted, nothing raised
-    assert client.values == {}
+    assert client.values == {} and calls == [0]
     with pytest.raises(RuntimeError):
         processes.raise_together(RuntimeError("x" * 500), "failing")
+    assert calls == [0, 1, 0]  # it waited once more for the other process to read its message
     assert client.values == {"sparcom/raise_together/1/1": "RuntimeError: " + "x" * 486 + "..."}
     with pytest.raises(RuntimeError):
         processes.raise_together(RuntimeError("y" * 486), "failing")  # 500 characters: whole
     assert client.values["sparcom/raise_together/2/1"] == "RuntimeError: " + "y" * 486
+    with pytest.raises(RuntimeError):
+        processes.raise_together(RuntimeError("z" * 487), "failing")  # 501 characters: cut
+    assert client.values["sparcom/raise_together/3/1"] == "RuntimeError: " + "z" * 486 + "..."
 
 
 def test_one_process_raises_its_own_error_and_posts_nothing(monkeypatch):
@@ -190,10 +200,10 @@ def test_gather_stacks_every_process_s_values(monkeypatch):
     assert got.shape == (1, 1, 2) and got.dtype == np.int64
     from jax.experimental import multihost_utils
 
-    as_process(monkeypatch, 0, 3)
-    monkeypatch.setattr(multihost_utils, "process_allgather", lambda a: np.stack([a, a + 1, a + 2]))
-    got = processes.gather([4, 5])
-    np.testing.assert_array_equal(got, [[4, 5], [5, 6], [6, 7]])
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda a: np.stack([a + k for k in range(jax.process_count())]))
+    for p in (2, 3):
+        as_process(monkeypatch, 0, p)
+        np.testing.assert_array_equal(processes.gather([4, 5]), [[4 + k, 5 + k] for k in range(p)])
 
 
 def test_a_coordination_service_that_fails_costs_only_the_quote(monkeypatch):

@@ -254,6 +254,8 @@ def test_a_store_written_chunk_by_chunk_reports_its_progress_resumes_and_reads_b
         return {"tokens": tokens[rows], "neuron_active": active[rows], "neuron_act_sum": sums[rows]}
 
     assert rows_done(tmp_path) == 0 and not is_complete(tmp_path)  # no store yet
+    with pytest.raises(ValueError, match="no count store here"):
+        open_counts(tmp_path)
     s = store()
     assert (rows_done(tmp_path), is_complete(tmp_path)) == (0, False)
     bad = {**chunk(0), "neuron_active": np.zeros((2, 2, 4))}  # tensorstore reports this one when waited for
@@ -291,6 +293,9 @@ def test_a_store_written_chunk_by_chunk_reports_its_progress_resumes_and_reads_b
     s = store()  # complete: reopened as it is
     assert s.done_chunks == 3
     s.close()
+    with pytest.raises(StaleResultError, match=r"made for different inputs \(meta.model\)"):
+        CountStore(tmp_path, shapes, ids=list("abcde"), categories=["code"] * 5, meta={"model": "other"},
+                   chunk_rows=2, dtypes={"neuron_act_sum": np.float32})
     # Other shapes are other inputs: refused, or replaced from scratch when told to overwrite.
     del shapes["neuron_act_sum"]
     shapes["neuron_active"] = (5, 2, 4)
