@@ -102,3 +102,62 @@ def test_empty_and_missing_sets_and_experts_guard():
     full = {"code": np.ones((2, 4), bool)}
     with pytest.raises(ValueError, match="every expert"):
         ablation_matrix(full, lambda m: {c: 0.0 for c in CATEGORIES}, kind="experts")
+
+
+class MassModel(FakeModel):
+    """FakeModel that drops 0.1 routing mass per ablated unit and names categories short, in any case."""
+
+    def __call__(self, mask):
+        out = super().__call__(mask)
+        self.last_dropped_mass = 0.0 if mask is None else 0.1 * mask.sum()
+        return {name.upper() if e % 2 else name.lower(): out[cat]
+                for e, (cat, name) in enumerate(zip(CATEGORIES, ["cls", "code", "qa", "gen", "math", "sum"]))}
+
+
+def test_an_empty_set_runs_nothing_and_drops_no_mass_and_short_names_count():
+    """An empty set ablates nothing: the model is not called for it or its draws, and its rows,
+    routing mass included, are 0 (NaN would read as 'not measured'). A loss_fn naming the
+    categories by short name, in any case, gives the same matrix as one naming them in full."""
+    sets = make_sets()
+    sets["math"][:] = False
+    model = MassModel(make_sets())
+    r = ablation_matrix(sets, model, n_random=2, seed=0)
+    assert len(model.masks) == 1 + 5 * (1 + 2) and not any(m is not None and not m.any() for m in model.masks)
+    m = CATEGORIES.index("math")
+    assert r.dropped_mass[m] == 0 and (r.random_dropped_mass[:, m] == 0).all()
+    assert (r.isn[m] == 0).all() and (r.random_draws[:, m] == 0).all()
+    full = make_sets()  # by hand, as in test_isn_matrix_is_known
+    for a, cat in enumerate(CATEGORIES):
+        if cat != "math":
+            assert r.isn[a] == pytest.approx([0.5 * (sets[cat] & full[e]).sum() + 0.01 * sets[cat].sum()
+                                              for e in CATEGORIES])
+            assert r.dropped_mass[a] == pytest.approx(0.1 * sets[cat].sum())
+
+
+def test_without_random_draws_the_controls_are_nan_and_nothing_is_flagged():
+    sets = make_sets()
+    model = FakeModel(sets)
+    freq = np.linspace(0, 1, L * F).reshape(L, F)
+    r = ablation_matrix(sets, model, n_random=0, frequency=freq)
+    assert len(model.masks) == 1 + 6
+    assert r.random_draws.shape == (0, 6, 6) and np.isnan(r.random).all() and np.isnan(r.excess).all()
+    assert r.isn[1, 1] == pytest.approx(0.5 * 3 + 0.03)
+    assert all(np.isnan(v).all() for v in r.excess_spread().values())
+    assert r.matching_warnings() == [] and "0 matched random draws" in repr(r)
+    assert r.to_dict()["p_value"] == [[None] * 6] * 6
+    back = type(r).from_dict(r.to_dict())
+    assert back.random_draws.shape == (0, 6, 6) and back.n_random == 0 and np.isnan(back.excess).all()
+
+
+def test_experts_covering_one_whole_layer_are_refused():
+    """Routing has nothing left in a layer that loses every expert, even when no expert is
+    in the set in every layer."""
+    mask = np.zeros((3, 4), bool)
+    mask[1] = True
+    mask[0, 2] = True
+    with pytest.raises(ValueError, match=r"^code: its ISEs cover every expert of layer\(s\) \[1\]$"):
+        ablation_matrix({"code": mask}, lambda m: {c: 0.0 for c in CATEGORIES}, kind="experts")
+    mask[1, 3] = False  # one expert left in each layer: measured
+    r = ablation_matrix({"code": mask}, lambda m: {c: float(0 if m is None else m.sum()) for c in CATEGORIES},
+                        kind="experts", n_random=1)
+    assert r.isn[CATEGORIES.index("code")].tolist() == [4.0] * 6

@@ -418,3 +418,40 @@ def test_the_records_each_categorys_loss_rests_on_are_recorded_and_thin_ones_fla
     # A callback that does not say leaves the result silent about it.
     bare = ablation_matrix(sets, Model(sets), n_random=1)
     assert bare.coverage is None and bare.to_dict()["coverage_warnings"] == [] and "warning" not in repr(bare)
+
+
+def test_draws_firing_exactly_the_gap_below_their_set_are_not_flagged():
+    """Flagged: draws firing on average *less* than (1 - FREQUENCY_GAP) = 0.9 x the set's mean
+    frequency; exactly 0.9 x is within the tolerance."""
+    zeros = np.zeros((6, 6))
+    r = AblationResult(kind="neurons", baseline={}, isn=zeros, random=zeros, random_draws=np.zeros((2, 6, 6)),
+                       set_sizes=np.ones(6, np.int64), n_random=2, seed=0, set_frequency=np.ones(6),
+                       random_frequency=np.full((2, 6), 0.9))
+    assert r.matching_warnings() == []
+    r.random_frequency[:, 3] = [0.9, 0.88]
+    assert [w.split(":")[0] for w in r.matching_warnings()] == [CATEGORIES[3]]
+
+
+def test_the_least_frequent_free_unit_is_taken_when_it_is_the_nearest():
+    """Unit 1 (frequency 0.1) is nearest to unit 0 (0.0), not unit 2 (1.0): with one neighbour
+    every draw is unit 0, the lowest of the free units (the walk's left edge)."""
+    mask = np.array([[False, True, False]])
+    freq = np.array([[0.0, 0.1, 1.0]])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        assert matched_random(mask, rng, freq, neighbours=1)[0].tolist() == [[True, False, False]]
+    # and mirrored: the highest free unit, at the right edge
+    for _ in range(20):
+        assert matched_random(mask, rng, 1 - freq, neighbours=1)[0].tolist() == [[True, False, False]]
+
+
+def test_experts_are_flagged_only_when_their_set_drops_more_mass_than_every_draw():
+    zeros = np.zeros((6, 6))
+    r = AblationResult(kind="experts", baseline={}, isn=zeros, random=zeros, random_draws=np.zeros((2, 6, 6)),
+                       set_sizes=np.ones(6, np.int64), n_random=2, seed=0, dropped_mass=np.full(6, 0.3),
+                       random_dropped_mass=np.tile([[0.1], [0.5]], (1, 6)))
+    assert r.matching_warnings() == []  # a draw dropped more (0.5) than the set (0.3)
+    r.random_dropped_mass[1, 4] = 0.2
+    assert r.matching_warnings() == [f"{CATEGORIES[4]}: routing mass dropped: 0.3 by the set, 0.15 by the draws (at "
+                                     "most 0.2): it drops more routing mass than every draw, so its excess cannot be "
+                                     "told apart from a larger disruption of the routing"]

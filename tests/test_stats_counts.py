@@ -230,3 +230,91 @@ def test_a_store_of_another_format_version_is_neither_resumed_nor_read(tmp_path)
         open_counts(tmp_path)
     store(overwrite=True)
     assert read_header(tmp_path)["version"] == STORE_VERSION and open_counts(tmp_path).ids == ["a", "b"]
+
+
+def test_a_store_written_chunk_by_chunk_reports_its_progress_resumes_and_reads_back(tmp_path):
+    """5 rows in chunks of 2 (the last one short), without a model: progress after each chunk,
+    an interrupted store resumed where it stopped, chunks refused out of order, a half-written
+    store refused for reading, and the rows read back lazily as written."""
+    from sparcom_jax.errors import StaleResultError
+    from sparcom_jax.fileio import LOCK_NAME
+    from sparcom_jax.stats.store import CountStore, LazyArray, is_complete, open_counts, rows_done
+
+    tokens = np.array([3, 1, 4, 1, 5])
+    active = np.arange(5 * 2 * 3).reshape(5, 2, 3) % 7
+    sums = active * 0.5
+    shapes = {"tokens": (5,), "neuron_active": (5, 2, 3), "neuron_act_sum": (5, 2, 3)}
+
+    def store(**kw):
+        return CountStore(tmp_path, shapes, ids=list("abcde"), categories=["code"] * 5, meta={"model": "m"},
+                          chunk_rows=2, dtypes={"neuron_act_sum": np.float32}, **kw)
+
+    def chunk(k):
+        rows = slice(2 * k, 2 * k + 2)
+        return {"tokens": tokens[rows], "neuron_active": active[rows], "neuron_act_sum": sums[rows]}
+
+    assert rows_done(tmp_path) == 0 and not is_complete(tmp_path)  # no store yet
+    with pytest.raises(ValueError, match="no count store here"):
+        open_counts(tmp_path)
+    s = store()
+    assert (rows_done(tmp_path), is_complete(tmp_path)) == (0, False)
+    bad = {**chunk(0), "neuron_active": np.zeros((2, 2, 4))}  # tensorstore reports this one when waited for
+    with pytest.raises(ValueError, match="mismatch"):
+        s.write_chunk(0, bad)
+    assert s.done_chunks == 0 and rows_done(tmp_path) == 0  # a chunk that failed is not marked done
+    s.write_chunk(0, chunk(0))
+    with pytest.raises(RuntimeError, match="expected 1, got 2"):
+        s.write_chunk(2, chunk(2))
+    s.write_chunk(1, chunk(1))
+    s.close()
+    assert not (tmp_path / LOCK_NAME).exists()
+    assert (rows_done(tmp_path), is_complete(tmp_path)) == (4, False)
+    with pytest.raises(ValueError, match="has not finished"):
+        open_counts(tmp_path)
+    s = store()  # the same inputs: resumed after chunk 1
+    assert s.done_chunks == 2
+    with pytest.raises(RuntimeError, match="expected 2, got 0"):
+        s.write_chunk(0, chunk(0))
+    s.write_chunk(2, chunk(2))
+    s.close()
+    assert (rows_done(tmp_path), is_complete(tmp_path)) == (5, True)
+    got = open_counts(tmp_path)
+    assert isinstance(got.neuron_active, LazyArray) and len(got.neuron_active) == 5
+    assert got.neuron_active.shape == (5, 2, 3) and got.neuron_active.ndim == 3
+    assert repr(got.neuron_active) == "LazyArray(int32 [5, 2, 3], on disk)"
+    np.testing.assert_array_equal(got.neuron_active[1:4], active[1:4])
+    np.testing.assert_array_equal(np.asarray(got.tokens), tokens)
+    as_float = np.asarray(got.neuron_active, dtype=np.float64)
+    assert as_float.dtype == np.float64 and (as_float == active).all()
+    assert got.neuron_act_sum.dtype == np.float32 and (got.neuron_act_sum[...] == sums).all()
+    assert got.ids == list("abcde") and got.meta["model"] == "m" and got.meta["store"] == str(tmp_path)
+    mem = open_counts(tmp_path, in_memory=True)
+    assert isinstance(mem.neuron_active, np.ndarray) and (mem.neuron_active == active).all()
+    s = store()  # complete: reopened as it is
+    assert s.done_chunks == 3
+    s.close()
+    with pytest.raises(StaleResultError, match=r"made for different inputs \(meta.model\)"):
+        CountStore(tmp_path, shapes, ids=list("abcde"), categories=["code"] * 5, meta={"model": "other"},
+                   chunk_rows=2, dtypes={"neuron_act_sum": np.float32})
+    # Other shapes are other inputs: refused, or replaced from scratch when told to overwrite.
+    del shapes["neuron_act_sum"]
+    shapes["neuron_active"] = (5, 2, 4)
+    with pytest.raises(StaleResultError, match=r"made for different inputs \(shapes\)"):
+        store()
+    s = store(overwrite=True)
+    assert s.done_chunks == 0 and rows_done(tmp_path) == 0 and not is_complete(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["neuron_active", "tokens"]
+    s.close()
+    with pytest.raises(ValueError, match="has not finished"):
+        open_counts(tmp_path)
+
+
+def test_a_store_of_no_records_is_complete_and_reads_back_empty(tmp_path):
+    """A process whose share of the records is empty still writes (and merges) a store."""
+    from sparcom_jax.stats.store import CountStore, is_complete, open_counts, rows_done
+
+    CountStore(tmp_path, {"tokens": (0,), "neuron_active": (0, 2, 3)}, ids=[], categories=[], meta={},
+               chunk_rows=4).close()
+    assert rows_done(tmp_path) == 0 and is_complete(tmp_path)
+    got = open_counts(tmp_path, in_memory=True)
+    assert got.neuron_active.shape == (0, 2, 3) and got.tokens.shape == (0,)
