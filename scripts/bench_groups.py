@@ -83,29 +83,59 @@ def numbers(per_category: int, seed: int = 0) -> list[Record]:
             for i, (a, b) in enumerate(rng.integers(1, 1000, (per_category, 2)))]
 
 
+def slot(per_category: int, seed: int = 0) -> list[Record]:
+    return [Record(f"qa-{i}", "general_qa", f"What is the capital of x{i}?") for i in range(per_category)]
+
+
+def slots2(per_category: int, seed: int = 0) -> list[Record]:
+    side = int(np.ceil(np.sqrt(per_category)))
+    return [Record(f"gen-{i}", "generation", f"Write a poem about a{i // side} in the style of b{i % side}.")
+            for i in range(per_category)]
+
+
+def mixed(per_category: int, seed: int = 0) -> list[Record]:
+    rng = np.random.default_rng(seed + 1)
+    out = templated(per_category, seed)
+    for cat in CATEGORIES:
+        for t in range(5):  # five one-slot templates per category, each filled by distinct words
+            words = [f"w{int(k)}" for k in rng.integers(0, 300, int(rng.integers(5, 15)))]
+            at = int(rng.integers(len(words)))
+            for i in range(per_category // 10):
+                filled = [*words[:at], f"s{t}x{i}", *words[at:]]
+                out.append(Record(f"{cat}-s{t}-{i}", cat, " ".join(filled) + "."))
+    return out
+
+
 def shipped(per_category: int, seed: int = 0) -> list[Record]:
     from sparcom_jax.data import SHIPPED_PATH, load_instructions
 
     return load_instructions(SHIPPED_PATH)
 
 
-def measure(data: str, per_category: int, threshold: float) -> dict:
-    """One `grouping_summary` call on a record set, in this (fresh) process."""
+def measure(data: str, per_category: int, threshold: float, summary: bool) -> dict:
+    """In this (fresh) process: the near groups of a record set (`group_keys`, what a split and the
+    counts' group ids need), then, given `summary`, the rest of one `grouping_summary` call (the
+    count of joined pairs; the groups come from the cache the first call filled)."""
     records = globals()[data](per_category)
     start, cpu = time.perf_counter(), time.process_time()
-    summary = grouping_summary(records, "near", threshold)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    keys = group_keys(records, "near", threshold)  # from the cache the summary filled: no second search
-    return {"records": len(records), "wall": seconds, "cpu": cpu, "pairs": summary["near_pairs"],
-            "groups": summary["near_groups"]["total"], "digest": digest(keys)[:16],
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    keys = group_keys(records, "near", threshold)
+    out = {"records": len(records), "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+           "groups": len({(r.category, k) for r, k in zip(records, keys)}), "digest": digest(keys)[:16],
+           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if summary:
+        cpu = time.process_time()
+        got = grouping_summary(records, "near", threshold)
+        assert got["near_groups"]["total"] == out["groups"]
+        out.update(summary_cpu=time.process_time() - cpu, pairs=got["near_pairs"],
+                   summary_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-category", type=int, nargs="+", default=[1000, 3000, 10000])
     ap.add_argument("--data", nargs="+", default=["shipped", "templated", "numbers", "uniform"],
-                    choices=["shipped", "templated", "numbers", "uniform"])
+                    choices=["shipped", "templated", "numbers", "uniform", "slot", "slots2", "mixed"])
     ap.add_argument("--threshold", type=float, default=0.6)
     ap.add_argument("--one", nargs=2, metavar=("DATA", "PER_CATEGORY"), help=argparse.SUPPRESS)  # a child's set
     args = ap.parse_args()
