@@ -87,6 +87,13 @@ def slot(per_category: int, seed: int = 0) -> list[Record]:
     return [Record(f"qa-{i}", "general_qa", f"What is the capital of x{i}?") for i in range(per_category)]
 
 
+def phrases(per_category: int, seed: int = 0) -> list[Record]:
+    rng = np.random.default_rng(seed)
+    return [Record(f"gen-{i}", "generation", "Write a short poem for children about the "
+                   + " ".join(f"p{i}x{j}" for j in range(int(rng.integers(1, 4)))) + ".")
+            for i in range(per_category)]
+
+
 def slots2(per_category: int, seed: int = 0) -> list[Record]:
     side = int(np.ceil(np.sqrt(per_category)))
     return [Record(f"gen-{i}", "generation", f"Write a poem about a{i // side} in the style of b{i % side}.")
@@ -135,7 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-category", type=int, nargs="+", default=[1000, 3000, 10000])
     ap.add_argument("--data", nargs="+", default=["shipped", "templated", "numbers", "uniform"],
-                    choices=["shipped", "templated", "numbers", "uniform", "slot", "slots2", "mixed"])
+                    choices=["shipped", "templated", "numbers", "uniform", "slot", "phrases", "slots2", "mixed"])
     ap.add_argument("--threshold", type=float, default=0.6)
     ap.add_argument("--one", nargs=2, metavar=("DATA", "PER_CATEGORY"), help=argparse.SUPPRESS)  # a child's set
     args = ap.parse_args()

@@ -40,17 +40,23 @@ DEFAULT_GROUP_BY: GroupBy = "near"
 NEAR_THRESHOLD = 0.6
 _NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*\b")
 _WORD = re.compile(r"\w+")
+_SPACE = re.compile(r"\s+")
 
 
 def group_key(record: Record) -> str:
     """The instruction text that identical-text groups share: lower-cased, whitespace collapsed."""
-    return re.sub(r"\s+", " ", record.instruction.strip().lower())
+    return _SPACE.sub(" ", record.instruction.strip().lower())
 
 
 def near_words(record: Record) -> frozenset[str]:
     """The word set that near-duplicate grouping compares: the words of `group_key`, every
     number written as 0 (templates often vary a number: "Calculate 12% of 450.")."""
-    return frozenset(_WORD.findall(_NUMBER.sub("0", group_key(record))))
+    return _key_words(group_key(record))
+
+
+def _key_words(key: str) -> frozenset[str]:
+    """`near_words` of a record from its `group_key` (the searches have the keys already)."""
+    return frozenset(_WORD.findall(_NUMBER.sub("0", key)))
 
 
 def _check_threshold(threshold: float) -> None:
@@ -345,9 +351,10 @@ def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tup
     return (np.minimum(u, v), np.maximum(u, v)), checked
 
 
-def _category_sets(records: Sequence[Record], threshold: float):
+def _category_sets(records: Sequence[Record], keys: Sequence[str], threshold: float):
     """The records of each category by distinct word set: what `near_pairs`, `_near_links` and
-    `_near_pair_count` search, so that records sharing one word set are handled once as a set.
+    `_near_pair_count` search (`keys`: the records' `group_key`s), so that records sharing one word set are
+    handled once as a set.
 
     Yields, per category with records:
       idx: int64 [n_c], the category's record indices, ascending.
@@ -365,7 +372,7 @@ def _category_sets(records: Sequence[Record], threshold: float):
         ids: dict[frozenset[str], int] = {}
         of, first = [], []
         for i in idx.tolist():
-            of.append(ids.setdefault(near_words(records[i]), len(ids)))
+            of.append(ids.setdefault(_key_words(keys[i]), len(ids)))
             if of[-1] == len(first):  # a new set
                 first.append(i)
         of = np.asarray(of, np.int64)
@@ -401,7 +408,7 @@ def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
     _check_threshold(threshold)
     n = max(len(records), 1)
     out = [np.zeros(0, np.int64)]
-    for idx, of, n_of, _, self_join, sets in _category_sets(records, threshold):
+    for idx, of, n_of, _, self_join, sets in _category_sets(records, [group_key(r) for r in records], threshold):
         u, v = _set_pairs(sets, threshold, chunk).T
         # The records of each word set, laid end to end in set order (and record order within a set).
         mem = idx[np.argsort(of, kind="stable")]
@@ -437,7 +444,7 @@ def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float
       checked: the candidate pairs of word sets counted exactly (what the search cost).
     """
     links, checked = [np.zeros((0, 2), np.int64)], 0
-    for idx, of, n_of, first, self_join, sets in _category_sets(records, threshold):
+    for idx, of, n_of, first, self_join, sets in _category_sets(records, keys, threshold):
         (u, v), done = _set_forest(sets, threshold, _CHUNK)
         checked += done
         # The record each record of a set is linked to: the set's first when the set joins itself;
@@ -461,7 +468,7 @@ def _near_pair_count(records: Sequence[Record], keys: Sequence[str], threshold: 
     joining set the pairs of its records less those of one text. Its time grows with the joined
     pairs of distinct word sets: k (k - 1) / 2 for a free word slot filled by k words."""
     pairs = 0
-    for idx, of, n_of, _, self_join, sets in _category_sets(records, threshold):
+    for idx, of, n_of, _, self_join, sets in _category_sets(records, keys, threshold):
         for u, v in _joined_chunks(sets, threshold, _CHUNK):
             pairs += int((n_of[u] * n_of[v]).sum())
         n_text = np.asarray(list(Counter(keys[i] for i in idx[self_join[of]].tolist()).values()), np.int64)
