@@ -35,7 +35,7 @@ shared machine) and the process's peak resident memory, for the groups and, afte
 the summary; the pairs the summary counts, the near groups, and a digest of every record's
 near group key, so two versions can be checked to group alike. `--before` runs the groups of
 the same sets under another checkout too (in memory and time limits: `--limit-gb`,
-`--limit-s`, `--before-max`); `--md` writes the table into that file's "groups" section (`bench_common`).
+`--limit-s`, `--before-max`; the summary: `--summary-limit-s`); `--md` writes the table into that file's "groups" section (`bench_common`).
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.6)
     ap.add_argument("--no-summary", dest="summary", action="store_false", help="measure the groups only")
     ap.add_argument("--before", metavar="PATH", help="another checkout: its groups of the same sets beside")
-    ap.add_argument("--limit-s", type=float, default=600.0, help="seconds a child may run (this version's: its summary)")
+    ap.add_argument("--limit-s", type=float, default=600.0, help="seconds a --before child may run")
+    ap.add_argument("--summary-limit-s", type=float, default=600.0, help="seconds this version's child may run (its summary)")
     ap.add_argument("--limit-gb", type=float, default=8.0, help="memory a --before child may take")
     ap.add_argument("--before-max", type=int, default=100_000, help="records beyond which --before is not run")
     ap.add_argument("--md", metavar="PATH", help="write the table into this file's 'groups' section")
@@ -212,7 +213,7 @@ def main() -> None:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     print(" | ".join(head))
     for data, n in rows:
-        now = run_child(data, n, args.threshold, None, args.summary, args.limit_s, None)
+        now = run_child(data, n, args.threshold, None, args.summary, args.summary_limit_s, None)
         if "digest" not in now:
             raise SystemExit(f"{data} {n}: this version's child failed")
         cells = [data, f"{now['records']:,}"]
@@ -231,8 +232,8 @@ def main() -> None:
 
         body = (f"{device_name()}, one run of `scripts/bench_groups.py` (CPU seconds and peak resident memory of a "
                 f"fresh process, records and imports included; the summary column is the count after the groups, "
-                f"its memory the process peak by then; a child stopped at {args.limit_s:g} s or, before, "
-                f"{args.limit_gb:g} GB).\n\n" + "\n".join(lines))
+                f"its memory the process peak by then, stopped at {args.summary_limit_s:g} s; the version before, "
+                f"stopped at {args.limit_s:g} s or {args.limit_gb:g} GB of address space).\n\n" + "\n".join(lines))
         replace_section(args.md, "groups", body, title="Near-duplicate grouping (`scripts/bench_groups.py`)")
 
 
