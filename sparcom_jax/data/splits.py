@@ -130,15 +130,21 @@ class _PrefixIndex:
     """
 
     def __init__(self, sets: list[frozenset[str]], threshold: float):
-        df = Counter(w for s in sets for w in s)
-        number = {w: k for k, w in enumerate(sorted(df, key=lambda w: (df[w], w)))}
         size = np.asarray([len(s) for s in sets], np.int64)
         self.order = order = np.argsort(size, kind="stable")
         self.size = size = size[order]
         self.ptr = np.concatenate([[0], np.cumsum(size)])
         self.n = n = size.size
         owner = np.repeat(np.arange(n, dtype=np.int64), size)
-        tok = np.asarray([number[w] for i in order.tolist() for w in sets[i]], np.int64)
+        seen: dict[str, int] = {}  # each word's first appearance (one dict look-up per word, in C)
+        tok = np.asarray([seen.setdefault(w, len(seen)) for i in order.tolist() for w in sets[i]], np.int64)
+        # Renumbered rarest first, ties in word order (sorting the distinct words only).
+        words = list(seen)
+        alpha = np.empty(len(words), np.int64)
+        alpha[sorted(range(len(words)), key=words.__getitem__)] = np.arange(len(words))
+        number = np.empty(len(words), np.int64)
+        number[np.lexsort((alpha, np.bincount(tok, minlength=len(words))))] = np.arange(len(words))
+        tok = number[tok]
         self.tok = tok = tok[np.lexsort((tok, owner))]
         self.width = int(tok.max()) + 1 if tok.size else 1
         self.keys = owner * self.width + tok  # (built once: `_overlaps` looks words up in it for every chunk)
