@@ -441,7 +441,7 @@ def template_family_records(rng, n_templates):
         core = rng.choice(vocab, size=int(rng.integers(2, 10))).tolist()
         slots = sorted(rng.choice(len(core) + 1, size=int(rng.integers(1, 3))).tolist())
         cat = [CLS, MATH][t % 2]
-        for k in range(int(rng.integers(3, 25))):
+        for k in range(int(rng.integers(3, 16))):
             fill = [" ".join(f"f{t}x{k}y{s}z{j}" if rng.random() < 0.8 else str(rng.choice(vocab + ["7"]))
                              for j in range(int(rng.integers(1, 4)))) for s in slots]
             words = list(core)
@@ -470,7 +470,7 @@ def test_groups_of_free_slot_templates_equal_brute_force(seed, monkeypatch):
     if seed % 2:
         monkeypatch.setattr(splits, "_CHUNK", int(rng.integers(1, 40)))
         monkeypatch.setattr(splits, "_BATCH", int(rng.integers(1, 8)))
-    for threshold in (1.0, 0.75, 0.6, 0.5, 1 / 3, 0.1, 1e-10, float(rng.uniform(0.05, 1))):
+    for threshold in (1.0, 0.75, 0.6, 0.5, 1 / 3, 1e-10, float(rng.uniform(0.05, 1))):
         monkeypatch.setattr(splits, "_PAIRS_CACHE", {})
         reference = reference_pairs(recs, threshold)
         assert group_keys(recs, "near", threshold) == reference_groups(recs, threshold), threshold
@@ -503,3 +503,46 @@ def test_a_free_word_slot_costs_about_one_check_per_filler(monkeypatch):
     assert group_keys(recs, "near", 0.6) == [group_key(recs[0])] * k + [group_key(recs[k])] * k
     assert checked < 3 * k and sum(generated) < 3 * k, (checked, sum(generated))
     assert len(links) < 2 * k
+
+
+def test_the_forest_of_word_sets_connects_what_all_joined_pairs_connect(monkeypatch):
+    """`_set_forest` on many small families (templates with slots beside free sets of common words,
+    so that probe words find large components and a few sets outside them): its pairs are joined
+    pairs, and they connect exactly the sets that every joined pair connects (brute force)."""
+    import numpy as np
+
+    from sparcom_jax.data import splits
+
+    for seed in range(40):
+        rng = np.random.default_rng(500 + seed)
+        vocab = [f"w{k}" for k in range(int(rng.integers(4, 9)))]
+        sets = set()
+        for t in range(int(rng.integers(1, 4))):
+            core = set(rng.choice(vocab, size=int(rng.integers(2, 7))).tolist())
+            for k in range(int(rng.integers(5, 30))):
+                fill = {f"f{t}x{k}y{j}" if rng.random() < 0.7 else str(rng.choice(vocab))
+                        for j in range(int(rng.integers(1, 4)))}
+                sets.add(frozenset(core | fill))
+        sets |= {frozenset(rng.choice(vocab, size=int(rng.integers(0, 7))).tolist()) for _ in range(20)}
+        sets = sorted(sets, key=sorted)
+        monkeypatch.setattr(splits, "_BATCH", int(rng.integers(1, 64)))
+        for threshold in (0.75, 0.6, 0.5, 1 / 3, 0.2):
+            joined = {(i, j) for i in range(len(sets)) for j in range(i + 1, len(sets)) if len(sets[i] | sets[j])
+                      and len(sets[i] & sets[j]) >= threshold * len(sets[i] | sets[j]) - 1e-9}
+            (u, v), _ = splits._set_forest(sets, threshold, int(rng.integers(1, 200)))
+            assert set(zip(u.tolist(), v.tolist())) <= joined, (seed, threshold)
+
+            def parts(pairs):  # each set's smallest connected set (union-find)
+                parent = list(range(len(sets)))
+
+                def root(i):
+                    while parent[i] != i:
+                        i = parent[i]
+                    return i
+
+                for i, j in pairs:
+                    a, b = root(i), root(j)
+                    parent[max(a, b)] = min(a, b)
+                return [root(i) for i in range(len(sets))]
+
+            assert parts(list(zip(u.tolist(), v.tolist()))) == parts(sorted(joined)), (seed, threshold)
