@@ -290,9 +290,9 @@ def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tup
     The candidates of `_set_pairs` whose sets are already connected are skipped, not checked:
     first the pairs templates make likely (`_likely_joined`) are checked and joined; then each probe
     word takes its candidates either as `_set_pairs` does or, when fewer, from an index sorted by
-    those components, skipping the block of its own component in one step; and within a chunk the
-    candidates between two components are checked a few at a time (1, 2, 4, ...), stopping once
-    one joins. A pair is skipped only when its sets are connected already, so the components are
+    those components, skipping the block of its own component in one step; and in batches of
+    `_BATCH` candidates (joins found early skip later ones) the candidates between two components
+    are checked a few at a time (1, 2, 4, ...), stopping once one joins. A pair is skipped only when its sets are connected already, so the components are
     those of every joined pair. A template with a free word slot filled by k different words
     (k (k - 1) / 2 joined pairs) costs about k checks.
 
