@@ -232,8 +232,8 @@ def main() -> None:
 
         body = (f"{device_name()}, one run of `scripts/bench_groups.py` (CPU seconds and peak resident memory of a "
                 f"fresh process, records and imports included; the summary column is the count after the groups, "
-                f"its memory the process peak by then, stopped at {args.summary_limit_s:g} s; the version before, "
-                f"stopped at {args.limit_s:g} s or {args.limit_gb:g} GB of address space).\n\n" + "\n".join(lines))
+                f"its memory the process peak by then, stopped at {args.summary_limit_s:g} s of wall time; the version before, "
+                f"stopped at {args.limit_s:g} s of wall time or {args.limit_gb:g} GB of address space).\n\n" + "\n".join(lines))
         replace_section(args.md, "groups", body, title="Near-duplicate grouping (`scripts/bench_groups.py`)")
 
 
