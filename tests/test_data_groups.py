@@ -429,3 +429,120 @@ def test_grouping_links_grow_with_the_records_not_their_pairs(monkeypatch):
     # Record n repeats record 5's text: the pairs of different texts are all pairs of n + 1 less one.
     assert s["near_pairs"] == (n + 1) * n // 2 - 1 and s["largest_near_group"] == n + 1
     assert links == [n]  # one link per record but the set's first; the search ran once
+
+
+def template_family_records(rng, n_templates):
+    """Templates with free slots, as instruction sets have them: a core of common words and one
+    or two slots, each filled by different words or phrases (some fillers are core words, some
+    numbers), beside free texts and repeats over the same small vocabulary."""
+    vocab = [f"w{k}" for k in range(int(rng.integers(4, 12)))]
+    recs = []
+    for t in range(n_templates):
+        core = rng.choice(vocab, size=int(rng.integers(2, 10))).tolist()
+        slots = sorted(rng.choice(len(core) + 1, size=int(rng.integers(1, 3))).tolist())
+        cat = [CLS, MATH][t % 2]
+        for k in range(int(rng.integers(3, 16))):
+            fill = [" ".join(f"f{t}x{k}y{s}z{j}" if rng.random() < 0.8 else str(rng.choice(vocab + ["7"]))
+                             for j in range(int(rng.integers(1, 4)))) for s in slots]
+            words = list(core)
+            for s, f in sorted(zip(slots, fill), reverse=True):
+                words.insert(s, f)
+            recs.append(rec(len(recs), cat, " ".join(words)))
+    for _ in range(int(rng.integers(0, 15))):  # free texts (a word-less one too)
+        recs.append(rec(len(recs), [CLS, MATH][int(rng.random() < 0.5)],
+                        " ".join(rng.choice(vocab, size=int(rng.integers(0, 8))).tolist()) or "?!"))
+    order = rng.permutation(len(recs))
+    return [rec(i, recs[j].category, recs[j].instruction) for i, j in enumerate(order)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_groups_of_free_slot_templates_equal_brute_force(seed, monkeypatch):
+    """Grouping checks only enough joined pairs of word sets to connect them (a template with k
+    fillers of a free slot joins k (k - 1) / 2 pairs of distinct sets): the groups and the summary's
+    pair count stay those of brute force, at every threshold, with chunks and batches of a few
+    pairs (joins found in one batch skip later candidates) or of many."""
+    import numpy as np
+
+    from sparcom_jax.data import splits
+
+    rng = np.random.default_rng(300 + seed)
+    recs = template_family_records(rng, int(rng.integers(1, 5)))
+    if seed % 2:
+        monkeypatch.setattr(splits, "_CHUNK", int(rng.integers(1, 40)))
+        monkeypatch.setattr(splits, "_BATCH", int(rng.integers(1, 8)))
+    for threshold in (1.0, 0.75, 0.6, 0.5, 1 / 3, 1e-10, float(rng.uniform(0.05, 1))):
+        monkeypatch.setattr(splits, "_PAIRS_CACHE", {})
+        reference = reference_pairs(recs, threshold)
+        assert group_keys(recs, "near", threshold) == reference_groups(recs, threshold), threshold
+        differ = sum(group_key(recs[i]) != group_key(recs[j]) for i, j in reference)
+        assert grouping_summary(recs, "near", threshold)["near_pairs"] == differ, threshold
+        links, _ = splits._near_links(recs, group_keys(recs, "text"), threshold)
+        assert set(map(tuple, links.tolist())) <= {*reference, *((j, i) for i, j in reference)} | {
+            (i, j) for i in range(len(recs)) for j in range(len(recs))
+            if recs[i].category == recs[j].category and near_words(recs[i]) == near_words(recs[j])}  # real joins only
+
+
+def test_a_free_word_slot_costs_about_one_check_per_filler(monkeypatch):
+    """k fillers of one slot ("What is the capital of X?") are k distinct word sets, all k (k - 1) / 2
+    pairs joined; so are k phrases of 1 to 3 words in a slot of a longer template. Grouping checked
+    and generated every one of those pairs (minutes and 8 GB at k = 10,000); it needs about k."""
+    import numpy as np
+
+    from sparcom_jax.data import splits
+
+    k = 400
+    rng = np.random.default_rng(0)
+    recs = [rec(i, CLS, f"What is the capital of c{i}?") for i in range(k)]
+    recs += [rec(k + i, MATH, "Write a short poem for children about the "
+                 + " ".join(f"p{i}x{j}" for j in range(int(rng.integers(1, 4))))) for i in range(k)]
+    generated = []
+    expand = splits._PrefixIndex.expand
+    monkeypatch.setattr(splits._PrefixIndex, "expand", lambda self, *a: generated.append(a[2].sum()) or expand(self, *a))
+    monkeypatch.setattr(splits, "_PAIRS_CACHE", {})
+    links, checked = splits._near_links(recs, group_keys(recs, "text"), 0.6)
+    assert group_keys(recs, "near", 0.6) == [group_key(recs[0])] * k + [group_key(recs[k])] * k
+    assert checked < 3 * k and sum(generated) < 3 * k, (checked, sum(generated))
+    assert len(links) < 2 * k
+
+
+def test_the_forest_of_word_sets_connects_what_all_joined_pairs_connect(monkeypatch):
+    """`_set_forest` on many small families (templates with slots beside free sets of common words,
+    so that probe words find large components and a few sets outside them): its pairs are joined
+    pairs, and they connect exactly the sets that every joined pair connects (brute force)."""
+    import numpy as np
+
+    from sparcom_jax.data import splits
+
+    for seed in range(40):
+        rng = np.random.default_rng(500 + seed)
+        vocab = [f"w{k}" for k in range(int(rng.integers(4, 9)))]
+        sets = set()
+        for t in range(int(rng.integers(1, 4))):
+            core = set(rng.choice(vocab, size=int(rng.integers(2, 7))).tolist())
+            for k in range(int(rng.integers(5, 30))):
+                fill = {f"f{t}x{k}y{j}" if rng.random() < 0.7 else str(rng.choice(vocab))
+                        for j in range(int(rng.integers(1, 4)))}
+                sets.add(frozenset(core | fill))
+        sets |= {frozenset(rng.choice(vocab, size=int(rng.integers(0, 7))).tolist()) for _ in range(20)}
+        sets = sorted(sets, key=sorted)
+        monkeypatch.setattr(splits, "_BATCH", int(rng.integers(1, 64)))
+        for threshold in (0.75, 0.6, 0.5, 1 / 3, 0.2):
+            joined = {(i, j) for i in range(len(sets)) for j in range(i + 1, len(sets)) if len(sets[i] | sets[j])
+                      and len(sets[i] & sets[j]) >= threshold * len(sets[i] | sets[j]) - 1e-9}
+            (u, v), _ = splits._set_forest(sets, threshold, int(rng.integers(1, 200)))
+            assert set(zip(u.tolist(), v.tolist())) <= joined, (seed, threshold)
+
+            def parts(pairs):  # each set's smallest connected set (union-find)
+                parent = list(range(len(sets)))
+
+                def root(i):
+                    while parent[i] != i:
+                        i = parent[i]
+                    return i
+
+                for i, j in pairs:
+                    a, b = root(i), root(j)
+                    parent[max(a, b)] = min(a, b)
+                return [root(i) for i in range(len(sets))]
+
+            assert parts(list(zip(u.tolist(), v.tolist()))) == parts(sorted(joined)), (seed, threshold)

@@ -40,17 +40,23 @@ DEFAULT_GROUP_BY: GroupBy = "near"
 NEAR_THRESHOLD = 0.6
 _NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*\b")
 _WORD = re.compile(r"\w+")
+_SPACE = re.compile(r"\s+")
 
 
 def group_key(record: Record) -> str:
     """The instruction text that identical-text groups share: lower-cased, whitespace collapsed."""
-    return re.sub(r"\s+", " ", record.instruction.strip().lower())
+    return _SPACE.sub(" ", record.instruction.strip().lower())
 
 
 def near_words(record: Record) -> frozenset[str]:
     """The word set that near-duplicate grouping compares: the words of `group_key`, every
     number written as 0 (templates often vary a number: "Calculate 12% of 450.")."""
-    return frozenset(_WORD.findall(_NUMBER.sub("0", group_key(record))))
+    return _key_words(group_key(record))
+
+
+def _key_words(key: str) -> frozenset[str]:
+    """`near_words` of a record from its `group_key` (the searches have the keys already)."""
+    return frozenset(_WORD.findall(_NUMBER.sub("0", key)))
 
 
 def _check_threshold(threshold: float) -> None:
@@ -65,6 +71,9 @@ _SLACK = 1e-9
 _BOUND_SLACK = 1e-6
 # Candidate pairs of word sets generated and checked at a time by `_set_pairs` (memory).
 _CHUNK = 1 << 20
+# Candidate pairs `_set_forest` checks before joining what they found: the pairs of later batches
+# whose sets are connected by then are skipped.
+_BATCH = 1 << 14
 
 
 def _joins(inter: np.ndarray, union: np.ndarray, threshold: float) -> np.ndarray:
@@ -101,76 +110,257 @@ def _overlaps(keys: np.ndarray, v: int, ptr: np.ndarray, tok: np.ndarray, y: np.
     return np.bincount(pair, hit, minlength=y.size).astype(np.int64)
 
 
-def _set_pairs(sets: list[frozenset[str]], threshold: float, chunk: int) -> np.ndarray:
-    """The pairs of distinct word sets that the near rule joins: int64 [P, 2] (u, v), u < v.
+class _PrefixIndex:
+    """The prefix-filter index of a family of word sets, shared by `_set_pairs` and `_set_forest`.
 
-    An exact similarity join (prefix filtering, as in AllPairs / PPJoin): words are numbered
-    rarest first and the sets ordered by size. A joined pair x, y (|y| <= |x|) shares at least
-    o >= t |x| and o >= 2t/(1+t) |y| words, so the first |x| - o + 1 words of x and the first
-    |y| - o + 1 words of y share one: each set is looked up by its first words (a probe prefix
-    for t |x|) among the earlier sets' first words (an index prefix for 2t/(1+t) |y|) of size
-    >= t |x|, and only those candidates are counted exactly. Pairs that share no word (possible
-    only when t * |x| is within the slack of 0, e.g. a set without words) are checked among
-    the sets that could have one, all against all.
+    Words are numbered rarest first and the sets ordered by size; set ids below are ranks in that
+    order (`order` maps a rank back to the set). A joined pair x, y (|y| <= |x|) shares at least
+    o >= t |x| and o >= 2t/(1+t) |y| words, so the first |x| - o + 1 words of x (its probe prefix)
+    and the first |y| - o + 1 words of y (its index prefix) share one.
+
+    Attributes:
+      n: S, the sets. order: int64 [S], the set of each rank. size: int64 [S], each rank's word count.
+      ptr: int64 [S + 1], tok: int64 [W], keys, width: the sets' word numbers as a CSR, ascending
+        within a set (what `_overlaps` looks words up in).
+      probe_o: int64 [S], the least overlap a rank shares with a set it joins, from its own size.
+      p_set, p_tok: int64 [Q], the probe prefixes' words, by rank.
+      i_set, i_tok: int64 [I], the index prefixes' words, sorted by (word, rank).
+      lo, count: int64 [Q], per probe word, the index entries i_set[lo:lo + count]: the earlier
+        ranks (< p_set) of size >= probe_o[p_set] holding the word in their index prefix.
+    """
+
+    def __init__(self, sets: list[frozenset[str]], threshold: float):
+        size = np.asarray([len(s) for s in sets], np.int64)
+        self.order = order = np.argsort(size, kind="stable")
+        self.size = size = size[order]
+        self.ptr = np.concatenate([[0], np.cumsum(size)])
+        self.n = n = size.size
+        owner = np.repeat(np.arange(n, dtype=np.int64), size)
+        seen: dict[str, int] = {}  # each word's first appearance (one dict look-up per word, in C)
+        tok = np.asarray([seen.setdefault(w, len(seen)) for i in order.tolist() for w in sets[i]], np.int64)
+        # Renumbered rarest first, ties in word order (sorting the distinct words only).
+        words = list(seen)
+        alpha = np.empty(len(words), np.int64)
+        alpha[sorted(range(len(words)), key=words.__getitem__)] = np.arange(len(words))
+        number = np.empty(len(words), np.int64)
+        number[np.lexsort((alpha, np.bincount(tok, minlength=len(words))))] = np.arange(len(words))
+        tok = number[tok]
+        self.tok = tok = tok[np.lexsort((tok, owner))]
+        self.width = int(tok.max()) + 1 if tok.size else 1
+        self.keys = owner * self.width + tok  # (built once: `_overlaps` looks words up in it for every chunk)
+        pos = np.arange(tok.size) - self.ptr[owner]
+        self.probe_o = probe_o = _least_overlap(size, threshold)
+        probe = pos < (size - np.maximum(probe_o, 1) + 1)[owner]
+        index = pos < (size - np.maximum(_least_overlap(size, 2 * threshold / (1 + threshold)), 1) + 1)[owner]
+        # Index prefixes by (word, set); with sets in size order, sizes ascend within a word too.
+        i_set, i_tok = owner[index], tok[index]
+        by = np.lexsort((i_set, i_tok))
+        self.i_set, self.i_tok = i_set, i_tok = i_set[by], i_tok[by]
+        big = int(size[-1]) + 1 if n else 1
+        key_set, key_size = i_tok * n + i_set, i_tok * big + size[i_set]
+        self.p_set, self.p_tok = p_set, p_tok = owner[probe], tok[probe]
+        self.lo = np.searchsorted(key_size, p_tok * big + probe_o[p_set])
+        self.count = np.maximum(np.searchsorted(key_set, p_tok * n + p_set) - self.lo, 0)
+        self.threshold = threshold
+
+    def joined(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Which pairs of ranks (x, y) the near rule joins, bool [P]: their overlaps counted exactly."""
+        inter = _overlaps(self.keys, self.width, self.ptr, self.tok, y, x).astype(np.float64)
+        return _joins(inter, (self.size[x] + self.size[y]).astype(np.float64) - inter, self.threshold)
+
+    def loose(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair (x, y), y < x, of the ranks that may join a set sharing no word with them (t |x|
+        within the slack of 0: a set without words, or a tiny threshold): checked all against all."""
+        loose = np.flatnonzero(self.probe_o == 0)
+        ly, lx = np.triu_indices(loose.size, 1)
+        return loose[lx], loose[ly]
+
+    def expand(self, seg_x: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, src: np.ndarray):
+        """The candidate pairs (x, y) of segments: x = seg_x[k] with every y of src[seg_start[k]:][:seg_len[k]]."""
+        x = np.repeat(seg_x, seg_len)
+        at = np.repeat(seg_start, seg_len) + np.arange(x.size) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
+        return x, src[at]
+
+    def chunks(self, per_probe: np.ndarray, chunk: int):
+        """Slices [a, b) of the probe words (which are in rank order) holding about `chunk` candidates
+        each (`per_probe` per probe word), of whole sets, so that a pair found through two words is
+        in one chunk."""
+        n = self.n
+        per_set = np.concatenate([[0], np.cumsum(np.bincount(self.p_set, per_probe, minlength=n).astype(np.int64))])
+        start = 0
+        while start < n:
+            stop = max(int(np.searchsorted(per_set, per_set[start] + chunk, "right")) - 1, start + 1)
+            yield tuple(np.searchsorted(self.p_set, [start, stop]))
+            start = stop
+
+
+def _joined_chunks(sets: list[frozenset[str]], threshold: float, chunk: int):
+    """The pairs of distinct word sets that the near rule joins, a chunk at a time: yields int64
+    arrays u, v (set numbers), each joined pair once over all chunks.
+
+    An exact similarity join (prefix filtering, as in AllPairs / PPJoin, `_PrefixIndex`): each set
+    is looked up by its probe prefix among the earlier sets' index prefixes of size >= t |x|, and
+    only those candidates are counted exactly. Pairs that share no word are checked among the sets
+    that could have one, all against all, first.
     """
     if len(sets) < 2:
-        return np.zeros((0, 2), np.int64)
-    df = Counter(w for s in sets for w in s)
-    number = {w: k for k, w in enumerate(sorted(df, key=lambda w: (df[w], w)))}
-    size = np.asarray([len(s) for s in sets], np.int64)
-    order = np.argsort(size, kind="stable")  # set ids below are ranks in this order
-    size = size[order]
-    ptr = np.concatenate([[0], np.cumsum(size)])
-    n = size.size
-    owner = np.repeat(np.arange(n, dtype=np.int64), size)
-    # Each set's word numbers, ascending (rarest first), the sets laid end to end in size order.
-    tok = np.asarray([number[w] for i in order.tolist() for w in sets[i]], np.int64)
-    tok = tok[np.lexsort((tok, owner))]
-    width = int(tok.max()) + 1 if tok.size else 1
-    keys = owner * width + tok  # (built once: `_overlaps` looks words up in it for every chunk)
-    pos = np.arange(tok.size) - ptr[owner]
-    probe_o = _least_overlap(size, threshold)
-    probe = pos < (size - np.maximum(probe_o, 1) + 1)[owner]
-    index = pos < (size - np.maximum(_least_overlap(size, 2 * threshold / (1 + threshold)), 1) + 1)[owner]
-    # Index prefixes by (word, set); with sets in size order, sizes ascend within a word too.
-    i_set, i_tok = owner[index], tok[index]
-    by = np.lexsort((i_set, i_tok))
-    i_set, i_tok = i_set[by], i_tok[by]
-    big = int(size[-1]) + 1
-    key_set, key_size = i_tok * n + i_set, i_tok * big + size[i_set]
-    # Per probe word of x: the earlier sets (rank < x) of size >= t |x| holding it in their index prefix.
-    p_set, p_tok = owner[probe], tok[probe]
-    lo = np.searchsorted(key_size, p_tok * big + probe_o[p_set])
-    count = np.maximum(np.searchsorted(key_set, p_tok * n + p_set) - lo, 0)
+        return
+    ix = _PrefixIndex(sets, threshold)
+    n, order = ix.n, ix.order
+    loose = ix.probe_o == 0
 
-    def joined(x, y):  # the exact check of candidate pairs (x, y)
-        inter = _overlaps(keys, width, ptr, tok, y, x).astype(np.float64)
-        keep = _joins(inter, (size[x] + size[y]).astype(np.float64) - inter, threshold)
-        u, v = order[x[keep]], order[y[keep]]
-        return np.minimum(u, v) * n + np.maximum(u, v)
+    def joined(x, y):
+        keep = ix.joined(x, y)
+        return order[x[keep]], order[y[keep]]
 
-    # Sets that may join a set sharing no word with them (the slack): all against all.
-    loose = np.flatnonzero(probe_o == 0)
-    ly, lx = np.triu_indices(loose.size, 1)
-    found = [joined(loose[lx], loose[ly])]
-    per_set = np.concatenate([[0], np.cumsum(np.bincount(p_set, count, minlength=n).astype(np.int64))])
-    start = 0
-    while start < n:  # chunks of whole sets, so that a pair found through two words is checked once
-        stop = max(int(np.searchsorted(per_set, per_set[start] + chunk, "right")) - 1, start + 1)
-        a, b = np.searchsorted(p_set, [start, stop])
-        c = count[a:b]
-        x = np.repeat(p_set[a:b], c)
-        y = i_set[np.repeat(lo[a:b], c) + np.arange(x.size) - np.repeat(np.cumsum(c) - c, c)]
-        cand = _distinct(x * n + y)
-        found.append(joined(cand // n, cand % n))
-        start = stop
-    codes = _distinct(np.concatenate(found))  # the loose sets' pairs may have been candidates too
-    return np.stack([codes // n, codes % n], 1)
+    yield joined(*ix.loose())
+    for a, b in ix.chunks(ix.count, chunk):
+        x, y = ix.expand(ix.p_set[a:b], ix.lo[a:b], ix.count[a:b], ix.i_set)
+        cand = _distinct((x * n + y)[~(loose[x] & loose[y])])  # loose pairs were checked above
+        yield joined(cand // n, cand % n)
 
 
-def _category_joins(records: Sequence[Record], threshold: float, chunk: int):
-    """The near rule per category, on distinct word sets: what `near_pairs` expands and
-    `_near_links` chains, so that records sharing one word set are handled once as a set.
+def _set_pairs(sets: list[frozenset[str]], threshold: float, chunk: int) -> np.ndarray:
+    """Every pair of distinct word sets that the near rule joins (`_joined_chunks`): int64 [P, 2]
+    (u, v), u < v, sorted."""
+    n = len(sets)
+    codes = [np.minimum(u, v) * n + np.maximum(u, v) for u, v in _joined_chunks(sets, threshold, chunk)]
+    codes = np.sort(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    return np.stack([codes // max(n, 1), codes % max(n, 1)], 1)
+
+
+def _roots(label: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The component of each element of x: its root in `label` (parent pointers, each to a smaller
+    element or itself, so that following them ends)."""
+    r = label[x]
+    while True:
+        up = label[r]
+        if np.array_equal(up, r):
+            return r
+        r = up
+
+
+def _merge(label: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the components of a[k] and b[k] for every k, in place: the larger root points at the
+    smaller, so a component's root is its smallest element."""
+    while a.size:
+        ra, rb = _roots(label, a), _roots(label, b)
+        apart = ra != rb
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+        np.minimum.at(label, np.maximum(ra, rb), np.minimum(ra, rb))
+
+
+def _likely_joined(ix: _PrefixIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of ranks (first, other) that templates make likely to join, to be checked before the
+    prefix-filter candidates: sets that are equal after leaving out one of their words (one free
+    word slot: "What is the capital of X?") or their 2 or 3 rarest words (free slots filled with
+    phrases: the fillers are a template's rarest words), where what is left keeps at least t of
+    the set's words.
+
+    Found by hashing what is left (a random 64-bit code per word, summed): sets with one such key
+    are proposed against the key's first set, so k fillers of one slot give about k proposals
+    instead of k (k - 1) / 2 candidates. A proposal is only a candidate: `_PrefixIndex.joined`
+    decides (a hash collision only proposes a pair that it rejects).
+    """
+    size, ptr, tok = ix.size, ix.ptr, ix.tok
+    code = np.random.default_rng(0).integers(0, 2**63, ix.width, dtype=np.int64).astype(np.uint64)
+    run = np.concatenate([np.zeros(1, np.uint64), np.cumsum(code[tok], dtype=np.uint64)])  # wraps, as a hash may
+    whole = run[ptr[1:]] - run[ptr[:-1]]
+    owner = np.repeat(np.arange(ix.n, dtype=np.int64), size)
+    keys, members = [whole[owner] - code[tok]], [owner]  # each set less one of its words
+    for r in (2, 3):  # each set less its r rarest words
+        keys.append(whole - (run[np.minimum(ptr[:-1] + r, ptr[1:])] - run[ptr[:-1]]))
+        members.append(np.arange(ix.n, dtype=np.int64))
+    left = np.concatenate([size[owner] - 1, size - 2, size - 3])
+    member = np.concatenate(members)
+    keep = (left >= 1) & (left >= ix.threshold * size[member] - _BOUND_SLACK)
+    key, member = np.concatenate(keys)[keep], member[keep]
+    by = np.lexsort((member, key))
+    key, member = key[by], member[by]
+    head = np.concatenate([[True], key[1:] != key[:-1]]) if key.size else np.zeros(0, bool)
+    first = member[np.flatnonzero(head)[np.cumsum(head) - 1]]
+    other = ~head & (first != member)
+    return member[other], first[other]
+
+
+def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    """Pairs of distinct word sets that the near rule joins, enough to connect every component of
+    the joined pairs (`_set_pairs`): what grouping needs.
+
+    The candidates of `_set_pairs` whose sets are already connected are skipped, not checked:
+    first the pairs templates make likely (`_likely_joined`) are checked and joined; then each probe
+    word takes its candidates either as `_set_pairs` does or, when fewer, from an index sorted by
+    those components, skipping the block of its own component in one step; and in batches of
+    `_BATCH` candidates (joins found early skip later ones) the candidates between two components
+    are checked a few at a time (1, 2, 4, ...), stopping once one joins. A pair is skipped only when its sets are connected already, so the components are
+    those of every joined pair. A template with a free word slot filled by k different words
+    (k (k - 1) / 2 joined pairs) costs about k checks.
+
+    Returns:
+      (u, v): int64 [P] each, set numbers of joined pairs, u < v; P <= the candidates checked.
+      checked: the candidate pairs counted exactly.
+    """
+    none = np.zeros(0, np.int64)
+    if len(sets) < 2:
+        return (none, none), 0
+    ix = _PrefixIndex(sets, threshold)
+    n = ix.n
+    label = np.arange(n, dtype=np.int64)
+    edges, checked = [np.zeros((0, 2), np.int64)], 0
+
+    def check(x, y):  # candidates (x, y), any order or repeats: join components a few pairs at a time
+        nonlocal checked
+        quota = 1
+        while x.size:
+            lx, ly = _roots(label, x), _roots(label, y)
+            keep = lx != ly
+            x, y, lx, ly = x[keep], y[keep], lx[keep], ly[keep]
+            group = np.minimum(lx, ly) * n + np.maximum(lx, ly)
+            by = np.lexsort((y, x, group))  # deterministic: the same records give the same links
+            x, y, group = x[by], y[by], group[by]
+            head = np.concatenate([[True], group[1:] != group[:-1]]) if group.size else np.zeros(0, bool)
+            now = np.arange(group.size) - np.flatnonzero(head)[np.cumsum(head) - 1] < quota
+            ok = ix.joined(x[now], y[now])
+            checked += int(now.sum())
+            edges.append(np.stack([x[now][ok], y[now][ok]], 1))
+            _merge(label, x[now][ok], y[now][ok])
+            x, y, quota = x[~now], y[~now], quota * 2
+
+    def check_in_batches(x, y):  # joins found early in a chunk spare the checks of later candidates
+        for at in range(0, x.size, _BATCH):
+            check(x[at:at + _BATCH], y[at:at + _BATCH])
+        label[:] = _roots(label, np.arange(n))  # every pointer to its root: short walks from here on
+
+    check_in_batches(*_likely_joined(ix))
+    check_in_batches(*ix.loose())
+    # The index prefixes again, sorted by (word, component, rank): a probe word's entries outside its
+    # own component are two ranges, cheaper than its rank range when that component fills the word.
+    by = np.lexsort((ix.i_set, label[ix.i_set], ix.i_tok))
+    c_set = ix.i_set[by]
+    c_key = ix.i_tok[by] * n + label[c_set]
+    word_at, own_at = ix.p_tok * n, ix.p_tok * n + label[ix.p_set]
+    w_lo, w_hi = np.searchsorted(c_key, word_at), np.searchsorted(c_key, word_at + n)
+    o_lo, o_hi = np.searchsorted(c_key, own_at), np.searchsorted(c_key, own_at, "right")
+    by_comp = (w_hi - w_lo) - (o_hi - o_lo) < ix.count
+    src = np.concatenate([ix.i_set, c_set])
+    off = ix.i_set.size
+    for a, b in ix.chunks(np.where(by_comp, (w_hi - w_lo) - (o_hi - o_lo), ix.count), chunk):
+        p, bc = ix.p_set[a:b], by_comp[a:b]
+        seg_x = np.concatenate([p[~bc], p[bc], p[bc]])
+        seg_start = np.concatenate([ix.lo[a:b][~bc], off + w_lo[a:b][bc], off + o_hi[a:b][bc]])
+        seg_len = np.concatenate([ix.count[a:b][~bc], (o_lo - w_lo)[a:b][bc], (w_hi - o_hi)[a:b][bc]])
+        x, y = ix.expand(seg_x, seg_start, seg_len, src)
+        keep = (y < x) & (ix.size[y] >= ix.probe_o[x])  # the rank range (already so for `_set_pairs`' own)
+        check_in_batches(x[keep], y[keep])
+    found = np.concatenate(edges)
+    u, v = ix.order[found[:, 0]], ix.order[found[:, 1]]
+    return (np.minimum(u, v), np.maximum(u, v)), checked
+
+
+def _category_sets(records: Sequence[Record], keys: Sequence[str], threshold: float):
+    """The records of each category by distinct word set: what `near_pairs`, `_near_links` and
+    `_near_pair_count` search (`keys`: the records' `group_key`s), so that records sharing one word set are
+    handled once as a set.
 
     Yields, per category with records:
       idx: int64 [n_c], the category's record indices, ascending.
@@ -179,7 +369,7 @@ def _category_joins(records: Sequence[Record], threshold: float, chunk: int):
       first: int64 [S], each set's first record (index into `records`).
       self_join: bool [S], the sets whose records are all joined to each other (a set with
         words; a word-less set joins nothing).
-      u, v: int64 [P], the pairs of distinct sets the rule joins (`_set_pairs`), u < v.
+      sets: the S distinct word sets.
     """
     for cat in CATEGORIES:
         idx = np.asarray([i for i, r in enumerate(records) if r.category == cat], np.int64)
@@ -188,15 +378,14 @@ def _category_joins(records: Sequence[Record], threshold: float, chunk: int):
         ids: dict[frozenset[str], int] = {}
         of, first = [], []
         for i in idx.tolist():
-            of.append(ids.setdefault(near_words(records[i]), len(ids)))
+            of.append(ids.setdefault(_key_words(keys[i]), len(ids)))
             if of[-1] == len(first):  # a new set
                 first.append(i)
         of = np.asarray(of, np.int64)
         sets = list(ids)
         words = np.asarray([len(s) for s in sets], np.float64)
-        u, v = _set_pairs(sets, threshold, chunk).T
         yield (idx, of, np.bincount(of, minlength=len(sets)), np.asarray(first, np.int64),
-               _joins(words, words, threshold), u, v)
+               _joins(words, words, threshold), sets)
 
 
 def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
@@ -225,7 +414,8 @@ def near_pairs(records: Sequence[Record], threshold: float = NEAR_THRESHOLD,
     _check_threshold(threshold)
     n = max(len(records), 1)
     out = [np.zeros(0, np.int64)]
-    for idx, of, n_of, _, self_join, u, v in _category_joins(records, threshold, chunk):
+    for idx, of, n_of, _, self_join, sets in _category_sets(records, [group_key(r) for r in records], threshold):
+        u, v = _set_pairs(sets, threshold, chunk).T
         # The records of each word set, laid end to end in set order (and record order within a set).
         mem = idx[np.argsort(of, kind="stable")]
         mem_ptr = np.concatenate([[0], np.cumsum(n_of)])
@@ -254,15 +444,15 @@ def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float
     Returns:
       links: int64 [M, 2] record pairs whose chains join exactly the records that chains of
         `near_pairs` join: each record of a word set to the set's first record (the word-less
-        set's records to the first of a set they join), and the first records of every joined
-        pair of sets. M <= n + the set pairs, where `near_pairs` lists up to n^2 / 2.
-      pairs: how many `near_pairs` join records of different texts (what `grouping_summary`
-        reports), counted from the sets' sizes: n_u n_v per joined pair of sets (different
-        word sets are different texts), and per joining set the pairs of its records less
-        those of one text.
+        set's records to the first of a set they join), and the first records of enough joined
+        pairs of sets to connect them (`_set_forest`). M <= n + the candidate pairs checked,
+        where `near_pairs` lists up to n^2 / 2.
+      checked: the candidate pairs of word sets counted exactly (what the search cost).
     """
-    links, pairs = [np.zeros((0, 2), np.int64)], 0
-    for idx, of, n_of, first, self_join, u, v in _category_joins(records, threshold, _CHUNK):
+    links, checked = [np.zeros((0, 2), np.int64)], 0
+    for idx, of, n_of, first, self_join, sets in _category_sets(records, keys, threshold):
+        (u, v), done = _set_forest(sets, threshold, _CHUNK)
+        checked += done
         # The record each record of a set is linked to: the set's first when the set joins itself;
         # for the word-less set, which does not, the first of a set it joins (each of its records
         # joins every record of that set, at a threshold within the slack of 0); else none.
@@ -272,28 +462,42 @@ def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float
         to = anchor[of]
         chained = (to >= 0) & (to != idx)
         links += [np.stack([to[chained], idx[chained]], 1), np.stack([first[u], first[v]], 1)]
-        n_text = np.asarray(list(Counter(keys[i] for i in idx[self_join[of]].tolist()).values()), np.int64)
-        pairs += int((n_of[u] * n_of[v]).sum() + (n_of * (n_of - 1) // 2)[self_join].sum()
-                     - (n_text * (n_text - 1) // 2).sum())
     links = np.concatenate(links)
     links.flags.writeable = False  # cached and shared by every caller
-    return links, pairs
+    return links, checked
 
 
-# The last few `_near_links` results, by the records' (category, `group_key`) and the threshold:
-# a run groups one record set many times (its split, every model's counts, the report's data
-# section), and the search takes seconds for tens of thousands of records (docs/data.md).
-_PAIRS_CACHE: dict[tuple[str, float], tuple[np.ndarray, int]] = {}
-_PAIRS_CACHE_SIZE = 4
+def _near_pair_count(records: Sequence[Record], keys: Sequence[str], threshold: float) -> int:
+    """How many `near_pairs` join records of different texts (what `grouping_summary` reports),
+    counted from the sets' sizes without listing them: n_u n_v per joined pair of sets (different
+    word sets are different texts; `_joined_chunks`, every joined pair, a chunk at a time), and per
+    joining set the pairs of its records less those of one text. Its time grows with the joined
+    pairs of distinct word sets: k (k - 1) / 2 for a free word slot filled by k words."""
+    pairs = 0
+    for idx, of, n_of, _, self_join, sets in _category_sets(records, keys, threshold):
+        for u, v in _joined_chunks(sets, threshold, _CHUNK):
+            pairs += int((n_of[u] * n_of[v]).sum())
+        n_text = np.asarray(list(Counter(keys[i] for i in idx[self_join[of]].tolist()).values()), np.int64)
+        pairs += int((n_of * (n_of - 1) // 2)[self_join].sum() - (n_text * (n_text - 1) // 2).sum())
+    return pairs
 
 
-def _near_links_once(records: Sequence[Record], keys: Sequence[str], threshold: float) -> tuple[np.ndarray, int]:
-    """`_near_links(records, keys, threshold)`, computed once for the same records' texts and categories."""
-    key = (digest([[r.category, k] for r, k in zip(records, keys)]), float(threshold))
+# The last few `_near_links` and `_near_pair_count` results, by the records' (category,
+# `group_key`) and the threshold: a run groups one record set many times (its split, every
+# model's counts, the report's data section), and the search takes seconds for hundreds of
+# thousands of records (docs/data.md).
+_PAIRS_CACHE: dict[tuple[str, str, float], object] = {}
+_PAIRS_CACHE_SIZE = 8
+
+
+def _once(search, records: Sequence[Record], keys: Sequence[str], threshold: float):
+    """`search(records, keys, threshold)` (`_near_links` or `_near_pair_count`), computed once for the
+    same records' texts and categories."""
+    key = (search.__name__, digest([[r.category, k] for r, k in zip(records, keys)]), float(threshold))
     if key not in _PAIRS_CACHE:
         while len(_PAIRS_CACHE) >= _PAIRS_CACHE_SIZE:
             _PAIRS_CACHE.pop(next(iter(_PAIRS_CACHE)))
-        _PAIRS_CACHE[key] = _near_links(records, keys, threshold)
+        _PAIRS_CACHE[key] = search(records, keys, threshold)
     return _PAIRS_CACHE[key]
 
 
@@ -321,14 +525,13 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
         return keys
     if by != "near":
         raise ValueError(f"group_by={by!r}: use 'near' (near-duplicate instructions) or 'text' (identical text)")
-    return _near_groups(records, keys, threshold)[0]
+    return _near_groups(records, keys, threshold)
 
 
-def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: float) -> tuple[list[str], int]:
-    """`group_keys(records, "near", threshold)` from the records' `group_key`s `keys`, and the
-    count of near pairs joining different texts (`_near_links`)."""
+def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: float) -> list[str]:
+    """`group_keys(records, "near", threshold)` from the records' `group_key`s `keys`."""
     _check_threshold(threshold)
-    links, pairs = _near_links_once(records, keys, threshold)
+    links = _once(_near_links, records, keys, threshold)[0]
     parent = list(range(len(records)))
 
     def root(i: int) -> int:
@@ -342,7 +545,7 @@ def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: floa
     for i, j in [*same_text, *links.tolist()]:
         a, b = root(i), root(j)
         parent[max(a, b)] = min(a, b)  # the root stays the earliest record of its group
-    return [keys[root(i)] for i in range(len(records))], pairs
+    return [keys[root(i)] for i in range(len(records))]
 
 
 def group_ids(records: Sequence[Record], by: GroupBy = "text", threshold: float = NEAR_THRESHOLD) -> list[str]:
@@ -365,7 +568,8 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
       "largest_near_group"}.
     """
     text = group_keys(records, "text")
-    near, pairs = _near_groups(records, text, threshold)
+    near = _near_groups(records, text, threshold)
+    pairs = _once(_near_pair_count, records, text, threshold)
 
     def per_cat(keys):
         got = {c: len({k for r, k in zip(records, keys) if r.category == c}) for c in CATEGORIES}
