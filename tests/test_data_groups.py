@@ -358,7 +358,7 @@ def test_each_process_of_a_collection_keeps_the_groups_of_all_records(tmp_path, 
     monkeypatch.setattr(collect, "collect_instructions", collect_instructions)
     monkeypatch.setattr(stages, "load_spec_model", lambda *a, **k: None)  # no weights: nothing is counted
     monkeypatch.setattr(stages, "identify_records", lambda cfg: every)
-    monkeypatch.setattr(stages, "collect_fingerprint", lambda *a, **k: ({"model": "m"}, None))  # no tokenizer
+    monkeypatch.setattr(stages, "collect_fingerprint", lambda *a, **k: ({"model": "m", "sums": False}, None))  # no tokenizer
     monkeypatch.setattr(stages, "resolve_tokenizer", lambda model: None)
     monkeypatch.setattr(stages, "barrier", lambda name: None)
     monkeypatch.setattr(processes, "gather", lambda x: np.stack([np.atleast_1d(x)] * 2))  # both processes alike
