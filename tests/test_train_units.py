@@ -315,3 +315,36 @@ def test_params_checksum_sees_one_bit_and_one_swap_but_not_the_storage():
     renamed = {"a": {"v": x}, "b": params["b"]}
     others = [params_checksum({"a": {"w": w}, "b": params["b"]}) for w in (ulp, swapped)] + [params_checksum(renamed)]
     assert len({ref, *others}) == 4
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_schedule_matches_the_warmup_cosine_formula(warmup):
+    """lr(t) = peak * t / W during warm-up, then end + (peak - end) * (1 + cos(pi (t - W) / (N - W))) / 2,
+    written out here; W = 0 starts at the peak and W = 1 at 0 (a short warm-up is still a warm-up)."""
+    import math
+
+    peak, frac, n = 2e-3, 0.25, 9
+    s = lr_schedule(TrainConfig(learning_rate=peak, warmup_steps=warmup, total_steps=n, end_lr_fraction=frac), n)
+    end = peak * frac
+    for t in range(n + 2):
+        want = peak * t / warmup if t < warmup else \
+            end + (peak - end) * (1 + math.cos(math.pi * min(t - warmup, n - warmup) / (n - warmup))) / 2
+        np.testing.assert_allclose(float(s(t)), want, rtol=1e-5, atol=1e-9, err_msg=f"step {t}")
+
+
+def test_sgd_uses_b1_as_heavy_ball_momentum():
+    """b1 is SGD's momentum: with a constant gradient g and lr 1 the updates are -g, -(1 + b1) g,
+    -(1 + b1 + b1^2) g (the trace m_t = g + b1 m_{t-1}, written out); b1 = 0 is plain SGD."""
+    from sparcom_jax.train import make_optimizer
+
+    params = _tiny_params()
+    g = jax.tree.map(np.zeros_like, params)
+    g["embed"][0, :3] = [1.0, -2.0, 0.5]
+    for b1, factors in ((0.5, (1.0, 1.5, 1.75)), (0.0, (1.0, 1.0, 1.0))):
+        cfg = TrainConfig(optimizer="sgd", b1=b1, weight_decay=0.0, clip_norm=None, learning_rate=1.0,
+                          warmup_steps=0, end_lr_fraction=1.0, total_steps=3)
+        tx, _ = make_optimizer(cfg, 3)
+        state = tx.init(params)
+        for f in factors:
+            u, state = tx.update(g, state, params)
+            np.testing.assert_allclose(np.asarray(u["embed"]), -f * g["embed"], rtol=1e-6, err_msg=f"b1={b1}")
