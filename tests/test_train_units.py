@@ -348,3 +348,35 @@ def test_sgd_uses_b1_as_heavy_ball_momentum():
         for f in factors:
             u, state = tx.update(g, state, params)
             np.testing.assert_allclose(np.asarray(u["embed"]), -f * g["embed"], rtol=1e-6, err_msg=f"b1={b1}")
+
+
+def test_eval_loss_is_token_weighted_per_category_and_ignores_empty_rows():
+    """`_evaluate` against sums written out by hand: a fake eval step gives sequence k the loss v_k on
+    each of its targets, and garbage on padding rows (index -1). Category loss = sum_k v_k n_k / sum_k n_k
+    over its sequences (token-weighted, not a mean of row means), none for a category without targets; "mean" pools every token; "tokens" counts
+    the targets (t such that token t+1 is a response token)."""
+    import types
+
+    from sparcom_jax.train.loop import _evaluate
+
+    lens, starts = [5, 9, 3, 12, 7, 4], [2, 4, 1, 6, 3, 4]  # response = tokens start..len-1 (none in the last)
+    ids = [np.full(n, 10 + k, np.int32) for k, n in enumerate(lens)]  # the first token names the sequence
+    scopes = [np.arange(n) >= s for n, s in zip(lens, starts)]
+    cats = ["a", "b", "a", "a", "b", "c"]
+    v = {10 + k: float(k + 1) for k in range(6)}
+
+    def fake_step(params, ids_BT, mask_BT, targets_BT):
+        n_B = targets_BT.sum(1).astype(np.float32)
+        l_B = np.array([v[int(r[0])] * n if m.any() else 1e6 for r, m, n in zip(ids_BT, mask_BT, n_B)],
+                       np.float32)
+        return l_B, np.where(mask_BT.any(1), n_B, 7.0).astype(np.float32)
+
+    bs = eval_batches(ids, scopes, batch_size=4, buckets=(8, 16))
+    assert any((b.rows < 0).any() for b in bs)  # padding rows are present and must be skipped
+    out = _evaluate(fake_step, None, bs, cats, types.SimpleNamespace(batch_BT=None))
+    n = [n - s for n, s in zip(lens, starts)]  # targets per sequence: positions start-1 .. len-2
+    assert out["tokens"] == {"a": n[0] + n[2] + n[3], "b": n[1] + n[4], "c": 0} == {"a": 3 + 2 + 6, "b": 5 + 4, "c": 0}
+    assert sorted(out["loss"]) == ["a", "b"]  # a category without targets has no loss (not 0/0)
+    np.testing.assert_allclose(out["loss"]["a"], (1 * 3 + 3 * 2 + 4 * 6) / 11, rtol=1e-12)
+    np.testing.assert_allclose(out["loss"]["b"], (2 * 5 + 5 * 4) / 9, rtol=1e-12)
+    np.testing.assert_allclose(out["mean"], (1 * 3 + 3 * 2 + 4 * 6 + 2 * 5 + 5 * 4) / 20, rtol=1e-12)
