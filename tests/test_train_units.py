@@ -380,3 +380,42 @@ def test_eval_loss_is_token_weighted_per_category_and_ignores_empty_rows():
     np.testing.assert_allclose(out["loss"]["a"], (1 * 3 + 3 * 2 + 4 * 6) / 11, rtol=1e-12)
     np.testing.assert_allclose(out["loss"]["b"], (2 * 5 + 5 * 4) / 9, rtol=1e-12)
     np.testing.assert_allclose(out["mean"], (1 * 3 + 3 * 2 + 4 * 6 + 2 * 5 + 5 * 4) / 20, rtol=1e-12)
+
+
+def test_a_fresh_metrics_file_replaces_an_old_one(tmp_path):
+    """Without a resume step the file starts empty: lines of an earlier run left in it would read
+    as steps of this one."""
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"type": "train", "step": 9, "loss": 9.0}\n')
+    w = MetricsWriter(p, resume_step=None)
+    w.write(type="train", step=1, loss=1.0)
+    w.close()
+    assert [(d["step"], d["loss"]) for d in read_metrics(p)] == [(1, 1.0)]
+
+
+def test_bucket_ladder_reaches_the_longest_sequence_and_given_buckets_must_hold_it():
+    """Default: the documented ladder 16, 24, 32, 48, 64, 96, ... cut at the longest sequence (at least 16,
+    at most max_length). Given buckets are sorted and deduplicated, and one shorter than a sequence is
+    refused (a sequence of exactly the largest bucket fits)."""
+    from sparcom_jax.train.batches import resolve_buckets
+
+    assert resolve_buckets(np.array([5, 40]), 512, None) == (16, 24, 32, 40)
+    assert resolve_buckets(np.array([5, 9]), 512, None) == (16,)
+    assert resolve_buckets(np.array([5, 300]), 100, None) == (16, 24, 32, 48, 64, 96, 100)
+    assert resolve_buckets(np.array([5, 32]), 512, (32, 16, 16)) == (16, 32)
+    with pytest.raises(ValueError, match=r"a sequence has 33 tokens, more than the largest bucket 32"):
+        resolve_buckets(np.array([5, 33]), 512, (32, 16))
+
+
+def test_data_fingerprint_sees_one_token_and_one_target_flag():
+    """A resumed run is refused when its data differ: one token id, or one response flag, changed."""
+    ids, scopes = _toy(n=5)
+    kw = dict(batch_size=2, grad_accum=1, buckets=(40,), seed=0)
+    ref = TrainBatches(ids, scopes, **kw).fingerprint()
+    assert TrainBatches([x.copy() for x in ids], [s.copy() for s in scopes], **kw).fingerprint() == ref
+    tok = [x.copy() for x in ids]
+    tok[3][1] += 1
+    flag = [s.copy() for s in scopes]
+    flag[2][0] = not flag[2][0]
+    assert TrainBatches(tok, scopes, **kw).fingerprint() != ref
+    assert TrainBatches(ids, flag, **kw).fingerprint() != ref
