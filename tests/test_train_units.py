@@ -419,3 +419,34 @@ def test_data_fingerprint_sees_one_token_and_one_target_flag():
     flag[2][0] = not flag[2][0]
     assert TrainBatches(tok, scopes, **kw).fingerprint() != ref
     assert TrainBatches(ids, flag, **kw).fingerprint() != ref
+
+
+def test_checkpoints_are_kept_by_the_documented_rules_and_restore_what_was_saved(tmp_path):
+    """save_every=2, keep_last=2 over 5 steps: saves at 0 (before), 2, 4 and 5 (the last step, not a
+    multiple of 2); keeps 0 and 5 always plus the 2 latest (4, 5), so 2 is deleted. A restore gives
+    back the values and meta of its own step."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.train.checkpointing import TrainCheckpointer
+    from sparcom_jax.train.step import TrainState
+
+    ck = TrainCheckpointer(tmp_path, save_every=2, keep_last=2, final_step=5, async_save=False)
+    saved = []
+    for s in range(6):  # as finetune asks after each step
+        if ck.should_save(s):
+            state = TrainState(jnp.int32(s), {"w": jnp.full(3, float(s))}, {"m": jnp.full(2, 10.0 * s)})
+            assert ck.save(state, {"step": s, "tokens_seen": 7 * s})
+            saved.append(s)
+    ck.wait()
+    assert saved == [0, 2, 4, 5]
+    assert ck.all_steps() == [0, 4, 5] and ck.latest_step() == 5
+    rep = NamedSharding(make_mesh(1, 1), P())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          TrainState(jnp.int32(0), {"w": jnp.zeros(3)}, {"m": jnp.zeros(2)}))
+    state, meta = ck.restore(4, target)
+    ck.close()
+    assert int(state.step) == 4 and meta == {"step": 4, "tokens_seen": 28}
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), [4.0] * 3)
+    np.testing.assert_array_equal(np.asarray(state.opt_state["m"]), [40.0] * 2)
