@@ -450,3 +450,50 @@ def test_checkpoints_are_kept_by_the_documented_rules_and_restore_what_was_saved
     assert int(state.step) == 4 and meta == {"step": 4, "tokens_seen": 28}
     np.testing.assert_array_equal(np.asarray(state.params["w"]), [4.0] * 3)
     np.testing.assert_array_equal(np.asarray(state.opt_state["m"]), [40.0] * 2)
+
+
+# (settings at the edge of what is allowed, the same just past it); each bad one must name its field.
+_EDGES = [
+    (dict(learning_rate=1e-9), dict(learning_rate=-1e-9), "learning_rate"),
+    (dict(end_lr_fraction=0.0), dict(end_lr_fraction=-0.01), "end_lr_fraction"),
+    (dict(end_lr_fraction=1.0), dict(end_lr_fraction=1.01), "end_lr_fraction"),
+    (dict(weight_decay=0.0), dict(weight_decay=-0.01), "weight_decay"),
+    (dict(clip_norm=0.0), dict(clip_norm=-0.5), "clip_norm"),
+    (dict(warmup_steps=0), dict(warmup_steps=-1), "warmup_steps"),
+    (dict(warmup_steps=0, total_steps=1), dict(warmup_steps=0, total_steps=0), "total_steps"),
+    (dict(warmup_steps=2, total_steps=3), dict(warmup_steps=3, total_steps=3), "warmup_steps"),
+    (dict(epochs=1), dict(epochs=0), "epochs"),
+    (dict(batch_size=1), dict(batch_size=0), "batch_size"),
+    (dict(batch_size=6, grad_accum=6), dict(batch_size=6, grad_accum=0), "grad_accum"),
+    (dict(b1=0.0, b2=0.0), dict(b1=-0.1), "b1"),
+    (dict(b1=0.99, b2=0.99), dict(b2=1.0), "b1"),
+    (dict(eps=1e-12), dict(eps=0.0), "eps"),
+    (dict(seed=0), dict(seed=-1), "seed"),
+    (dict(max_length=2), dict(max_length=1), "max_length"),
+    (dict(max_length=8, buckets=(2, 8)), dict(max_length=8, buckets=(1, 8)), "buckets"),
+    (dict(max_length=8, buckets=(4, 8)), dict(max_length=8, buckets=(4, 7)), "buckets"),
+    (dict(save_every=1), dict(save_every=0), "save_every"),
+    (dict(keep_last=1), dict(keep_last=0), "keep_last"),
+    (dict(log_every=1), dict(log_every=0), "log_every"),
+    (dict(eval_batch_size=1), dict(eval_batch_size=0), "eval_batch_size"),
+    (dict(mesh_model=1, mesh_data=1), dict(mesh_model=0), "mesh_model"),
+    (dict(mesh_data=1), dict(mesh_data=0), "mesh_data"),
+]
+
+
+@pytest.mark.parametrize("good, bad, field", _EDGES, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(_EDGES)])
+def test_each_setting_is_accepted_up_to_its_limit_and_refused_past_it(good, bad, field):
+    cfg = TrainConfig(**good)
+    assert cfg.validate() is cfg  # validate() returns the config, so it can be chained
+    with pytest.raises(TrainConfigError, match=rf"^{field}="):
+        TrainConfig(**bad)
+
+
+def test_the_eval_batch_and_max_length_are_checked_against_the_mesh_and_the_model():
+    cfg = TrainConfig(batch_size=8, eval_batch_size=6, max_length=64)  # micro-batch 8, eval batch 6
+    cfg.check_mesh(2)
+    with pytest.raises(TrainConfigError, match=r"^eval_batch_size=6 is not divisible by the 4 devices"):
+        cfg.check_mesh(4)
+    cfg.check_model(64)
+    with pytest.raises(TrainConfigError, match=r"^max_length=64 is longer than the model's max_position_embeddings=63"):
+        cfg.check_model(63)
