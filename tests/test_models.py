@@ -436,6 +436,24 @@ def test_unexpected_tensor_is_named(hf_checkpoint, tmp_path):
         sj.load_model(d)
 
 
+def test_a_tied_checkpoint_may_carry_lm_head_but_no_other_stray_tensor(hf_checkpoint, tmp_path):
+    """Some exporters write lm_head.weight for a tied model: it is the embedding again and is ignored.
+    That exception is for lm_head.weight of a tied model alone: another stray tensor is still refused."""
+    from safetensors.numpy import load_file, save_file
+
+    src = hf_checkpoint("llama_tied")
+    d = _copy(src, tmp_path / "ck")
+    t = load_file(str(d / "model.safetensors"))
+    assert "lm_head.weight" not in t
+    t["lm_head.weight"] = np.full_like(t["model.embed_tokens.weight"], 7.0)
+    save_file(t, str(d / "model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(sj.load_model(d).embed.value), t["model.embed_tokens.weight"])
+    t["model.layers.0.mlp.extra.weight"] = np.zeros((2, 2), np.float32)
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 unexpected tensor\(s\).*model\.layers\.0\.mlp\.extra\.weight"):
+        sj.load_model(d)
+
+
 def test_config_disagreeing_with_weights_names_tensor_and_shape(hf_checkpoint, tmp_path):
     d = _copy(hf_checkpoint("llama"), tmp_path / "ck")
     cfg = json.loads((d / "config.json").read_text())

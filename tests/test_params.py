@@ -143,3 +143,29 @@ def test_family_rows_round_trip_their_configs():
     for name, (mt, extra) in VARIANTS.items():
         cfg = ModelConfig.from_hf_config(dict(model_type=mt, **COMMON, **extra))
         assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg, name
+
+
+def test_a_child_that_may_hold_two_classes_must_agree_on_decay():
+    """declaration() finds a parameter through every class a child may hold (a dense or an MoE FFN);
+    two candidates that disagree on weight decay are an error, agreeing ones give the declaration."""
+    from sparcom_jax.models.params import ParamDecl, declaration, linear
+
+    class Dense:
+        PARAMS = {"w": ParamDecl(("embed", "mlp"), (linear("w"),), decay=True)}
+
+    class Sparse:
+        PARAMS = {"w": ParamDecl(("embed", "mlp"), (linear("w2"),), decay=True),
+                  "b": ParamDecl(("mlp",), (linear("b"),), decay=False)}
+
+    class Odd:
+        PARAMS = {"w": ParamDecl(("embed", "mlp"), (linear("w"),), decay=False)}
+
+    class Root:
+        CHILDREN = {"ffn": ("mlp", Dense, Sparse), "odd": ("odd", Dense, Odd)}
+
+    assert declaration(Root, ("ffn", "w")).decay is True
+    assert declaration(Root, ("ffn", "b")).decay is False  # declared by one of the two only
+    with pytest.raises(KeyError, match=r"odd\.w: its possible declarations disagree on weight decay"):
+        declaration(Root, ("odd", "w"))
+    with pytest.raises(KeyError, match=r"no declaration for parameter ffn\.v"):
+        declaration(Root, ("ffn", "v"))

@@ -369,3 +369,185 @@ def test_finetune_takes_records_and_tokenizer_as_collection_does(tmp_path):
     with pytest.raises(TrainConfigError, match="the tokenizer has 4096 tokens but the model's vocab_size is 64"):
         sj.finetune(model, frame, None, TrainConfig(total_steps=1, warmup_steps=0, max_length=32), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_schedule_matches_the_warmup_cosine_formula(warmup):
+    """lr(t) = peak * t / W during warm-up, then end + (peak - end) * (1 + cos(pi (t - W) / (N - W))) / 2,
+    written out here; W = 0 starts at the peak and W = 1 at 0 (a short warm-up is still a warm-up)."""
+    import math
+
+    peak, frac, n = 2e-3, 0.25, 9
+    s = lr_schedule(TrainConfig(learning_rate=peak, warmup_steps=warmup, total_steps=n, end_lr_fraction=frac), n)
+    end = peak * frac
+    for t in range(n + 2):
+        want = peak * t / warmup if t < warmup else \
+            end + (peak - end) * (1 + math.cos(math.pi * min(t - warmup, n - warmup) / (n - warmup))) / 2
+        np.testing.assert_allclose(float(s(t)), want, rtol=1e-5, atol=1e-9, err_msg=f"step {t}")
+
+
+def test_sgd_uses_b1_as_heavy_ball_momentum():
+    """b1 is SGD's momentum: with a constant gradient g and lr 1 the updates are -g, -(1 + b1) g,
+    -(1 + b1 + b1^2) g (the trace m_t = g + b1 m_{t-1}, written out); b1 = 0 is plain SGD."""
+    from sparcom_jax.train import make_optimizer
+
+    params = _tiny_params()
+    g = jax.tree.map(np.zeros_like, params)
+    g["embed"][0, :3] = [1.0, -2.0, 0.5]
+    for b1, factors in ((0.5, (1.0, 1.5, 1.75)), (0.0, (1.0, 1.0, 1.0))):
+        cfg = TrainConfig(optimizer="sgd", b1=b1, weight_decay=0.0, clip_norm=None, learning_rate=1.0,
+                          warmup_steps=0, end_lr_fraction=1.0, total_steps=3)
+        tx, _ = make_optimizer(cfg, 3)
+        state = tx.init(params)
+        for f in factors:
+            u, state = tx.update(g, state, params)
+            np.testing.assert_allclose(np.asarray(u["embed"]), -f * g["embed"], rtol=1e-6, err_msg=f"b1={b1}")
+
+
+def test_eval_loss_is_token_weighted_per_category_and_ignores_empty_rows():
+    """`_evaluate` against sums written out by hand: a fake eval step gives sequence k the loss v_k on
+    each of its targets, and garbage on padding rows (index -1). Category loss = sum_k v_k n_k / sum_k n_k
+    over its sequences (token-weighted, not a mean of row means), none for a category without targets; "mean" pools every token; "tokens" counts
+    the targets (t such that token t+1 is a response token)."""
+    import types
+
+    from sparcom_jax.train.loop import _evaluate
+
+    lens, starts = [5, 9, 3, 12, 7, 4], [2, 4, 1, 6, 3, 4]  # response = tokens start..len-1 (none in the last)
+    ids = [np.full(n, 10 + k, np.int32) for k, n in enumerate(lens)]  # the first token names the sequence
+    scopes = [np.arange(n) >= s for n, s in zip(lens, starts)]
+    cats = ["a", "b", "a", "a", "b", "c"]
+    v = {10 + k: float(k + 1) for k in range(6)}
+
+    def fake_step(params, ids_BT, mask_BT, targets_BT):
+        n_B = targets_BT.sum(1).astype(np.float32)
+        l_B = np.array([v[int(r[0])] * n if m.any() else 1e6 for r, m, n in zip(ids_BT, mask_BT, n_B)],
+                       np.float32)
+        return l_B, np.where(mask_BT.any(1), n_B, 7.0).astype(np.float32)
+
+    bs = eval_batches(ids, scopes, batch_size=4, buckets=(8, 16))
+    assert any((b.rows < 0).any() for b in bs)  # padding rows are present and must be skipped
+    out = _evaluate(fake_step, None, bs, cats, types.SimpleNamespace(batch_BT=None))
+    n = [n - s for n, s in zip(lens, starts)]  # targets per sequence: positions start-1 .. len-2
+    assert out["tokens"] == {"a": n[0] + n[2] + n[3], "b": n[1] + n[4], "c": 0} == {"a": 3 + 2 + 6, "b": 5 + 4, "c": 0}
+    assert sorted(out["loss"]) == ["a", "b"]  # a category without targets has no loss (not 0/0)
+    np.testing.assert_allclose(out["loss"]["a"], (1 * 3 + 3 * 2 + 4 * 6) / 11, rtol=1e-12)
+    np.testing.assert_allclose(out["loss"]["b"], (2 * 5 + 5 * 4) / 9, rtol=1e-12)
+    np.testing.assert_allclose(out["mean"], (1 * 3 + 3 * 2 + 4 * 6 + 2 * 5 + 5 * 4) / 20, rtol=1e-12)
+
+
+def test_a_fresh_metrics_file_replaces_an_old_one(tmp_path):
+    """Without a resume step the file starts empty: lines of an earlier run left in it would read
+    as steps of this one."""
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"type": "train", "step": 9, "loss": 9.0}\n')
+    w = MetricsWriter(p, resume_step=None)
+    w.write(type="train", step=1, loss=1.0)
+    w.close()
+    assert [(d["step"], d["loss"]) for d in read_metrics(p)] == [(1, 1.0)]
+
+
+def test_bucket_ladder_reaches_the_longest_sequence_and_given_buckets_must_hold_it():
+    """Default: the documented ladder 16, 24, 32, 48, 64, 96, ... cut at the longest sequence (at least 16,
+    at most max_length). Given buckets are sorted and deduplicated, and one shorter than a sequence is
+    refused (a sequence of exactly the largest bucket fits)."""
+    from sparcom_jax.train.batches import resolve_buckets
+
+    assert resolve_buckets(np.array([5, 40]), 512, None) == (16, 24, 32, 40)
+    assert resolve_buckets(np.array([5, 9]), 512, None) == (16,)
+    assert resolve_buckets(np.array([5, 300]), 100, None) == (16, 24, 32, 48, 64, 96, 100)
+    assert resolve_buckets(np.array([5, 32]), 512, (32, 16, 16)) == (16, 32)
+    with pytest.raises(ValueError, match=r"a sequence has 33 tokens, more than the largest bucket 32"):
+        resolve_buckets(np.array([5, 33]), 512, (32, 16))
+
+
+def test_data_fingerprint_sees_one_token_and_one_target_flag():
+    """A resumed run is refused when its data differ: one token id, or one response flag, changed."""
+    ids, scopes = _toy(n=5)
+    kw = dict(batch_size=2, grad_accum=1, buckets=(40,), seed=0)
+    ref = TrainBatches(ids, scopes, **kw).fingerprint()
+    assert TrainBatches([x.copy() for x in ids], [s.copy() for s in scopes], **kw).fingerprint() == ref
+    tok = [x.copy() for x in ids]
+    tok[3][1] += 1
+    flag = [s.copy() for s in scopes]
+    flag[2][0] = not flag[2][0]
+    assert TrainBatches(tok, scopes, **kw).fingerprint() != ref
+    assert TrainBatches(ids, flag, **kw).fingerprint() != ref
+
+
+def test_checkpoints_are_kept_by_the_documented_rules_and_restore_what_was_saved(tmp_path):
+    """save_every=2, keep_last=2 over 5 steps: saves at 0 (before), 2, 4 and 5 (the last step, not a
+    multiple of 2); keeps 0 and 5 always plus the 2 latest (4, 5), so 2 is deleted. A restore gives
+    back the values and meta of its own step."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.train.checkpointing import TrainCheckpointer
+    from sparcom_jax.train.step import TrainState
+
+    ck = TrainCheckpointer(tmp_path, save_every=2, keep_last=2, final_step=5, async_save=False)
+    saved = []
+    for s in range(6):  # as finetune asks after each step
+        if ck.should_save(s):
+            state = TrainState(jnp.int32(s), {"w": jnp.full(3, float(s))}, {"m": jnp.full(2, 10.0 * s)})
+            assert ck.save(state, {"step": s, "tokens_seen": 7 * s})
+            saved.append(s)
+    ck.wait()
+    assert saved == [0, 2, 4, 5]
+    assert ck.all_steps() == [0, 4, 5] and ck.latest_step() == 5
+    rep = NamedSharding(make_mesh(1, 1), P())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          TrainState(jnp.int32(0), {"w": jnp.zeros(3)}, {"m": jnp.zeros(2)}))
+    state, meta = ck.restore(4, target)
+    ck.close()
+    assert int(state.step) == 4 and meta == {"step": 4, "tokens_seen": 28}
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), [4.0] * 3)
+    np.testing.assert_array_equal(np.asarray(state.opt_state["m"]), [40.0] * 2)
+
+
+# (settings at the edge of what is allowed, the same just past it); each bad one must name its field.
+_EDGES = [
+    (dict(learning_rate=1e-9), dict(learning_rate=-1e-9), "learning_rate"),
+    (dict(end_lr_fraction=0.0), dict(end_lr_fraction=-0.01), "end_lr_fraction"),
+    (dict(end_lr_fraction=1.0), dict(end_lr_fraction=1.01), "end_lr_fraction"),
+    (dict(weight_decay=0.0), dict(weight_decay=-0.01), "weight_decay"),
+    (dict(clip_norm=0.0), dict(clip_norm=-0.5), "clip_norm"),
+    (dict(warmup_steps=0), dict(warmup_steps=-1), "warmup_steps"),
+    (dict(warmup_steps=0, total_steps=1), dict(warmup_steps=0, total_steps=0), "total_steps"),
+    (dict(warmup_steps=2, total_steps=3), dict(warmup_steps=3, total_steps=3), "warmup_steps"),
+    (dict(epochs=1), dict(epochs=0), "epochs"),
+    (dict(batch_size=1), dict(batch_size=0), "batch_size"),
+    (dict(batch_size=6, grad_accum=6), dict(batch_size=6, grad_accum=0), "grad_accum"),
+    (dict(b1=0.0, b2=0.0), dict(b1=-0.1), "b1"),
+    (dict(b1=0.99, b2=0.99), dict(b2=1.0), "b1"),
+    (dict(eps=1e-12), dict(eps=0.0), "eps"),
+    (dict(seed=0), dict(seed=-1), "seed"),
+    (dict(max_length=2), dict(max_length=1), "max_length"),
+    (dict(max_length=8, buckets=(2, 8)), dict(max_length=8, buckets=(1, 8)), "buckets"),
+    (dict(max_length=8, buckets=(4, 8)), dict(max_length=8, buckets=(4, 7)), "buckets"),
+    (dict(save_every=1), dict(save_every=0), "save_every"),
+    (dict(keep_last=1), dict(keep_last=0), "keep_last"),
+    (dict(log_every=1), dict(log_every=0), "log_every"),
+    (dict(eval_batch_size=1), dict(eval_batch_size=0), "eval_batch_size"),
+    (dict(mesh_model=1, mesh_data=1), dict(mesh_model=0), "mesh_model"),
+    (dict(mesh_data=1), dict(mesh_data=0), "mesh_data"),
+]
+
+
+@pytest.mark.parametrize("good, bad, field", _EDGES, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(_EDGES)])
+def test_each_setting_is_accepted_up_to_its_limit_and_refused_past_it(good, bad, field):
+    cfg = TrainConfig(**good)
+    assert cfg.validate() is cfg  # validate() returns the config, so it can be chained
+    with pytest.raises(TrainConfigError, match=rf"^{field}="):
+        TrainConfig(**bad)
+
+
+def test_the_eval_batch_and_max_length_are_checked_against_the_mesh_and_the_model():
+    cfg = TrainConfig(batch_size=8, eval_batch_size=6, max_length=64)  # micro-batch 8, eval batch 6
+    cfg.check_mesh(2)
+    with pytest.raises(TrainConfigError, match=r"^eval_batch_size=6 is not divisible by the 4 devices"):
+        cfg.check_mesh(4)
+    cfg.check_model(64)
+    with pytest.raises(TrainConfigError, match=r"^max_length=64 is longer than the model's max_position_embeddings=63"):
+        cfg.check_model(63)
