@@ -313,7 +313,7 @@ def test_mass_matched_expert_draws_drop_about_the_sets_measured_mass(hf_checkpoi
 
     enc = encoded_set()
     loss = CategoryLoss(sj.load_model(hf_checkpoint("qwen2_moe")), enc, kind="experts", batch_size=4)
-    mass = baseline_expert_mass(loss)
+    _, mass = baseline_expert_mass(loss)
     assert loss.last_dropped_mass is None and loss.last_category_mass is None
     for m in mass.values():  # a softmax per token and layer, over L = 2 layers
         np.testing.assert_allclose(m.sum(1), 0.5, rtol=1e-5)
