@@ -1403,3 +1403,28 @@ def test_expert_ablation_runs_the_baseline_once_and_counts_only_the_passes_it_ru
     assert sum(m is None for m in calls) == 1
     assert ends == [(len(calls), len(calls))]
     assert res.baseline == {c: 1.0 for c in CATEGORIES if c != "code"}
+
+
+def test_collect_asks_the_processes_about_the_stores_sums_only_when_the_config_leaves_them_off(done, tmp_path,
+                                                                                               monkeypatch):
+    # With collect.sums every process counts them whatever its store holds: no collective for it.
+    import shutil
+
+    from sparcom_jax.parallel import processes
+
+    real, flags = processes.gather, []
+
+    def gather(values):
+        if isinstance(values, (bool, np.bool_)):
+            flags.append(values)
+        return real(values)
+
+    monkeypatch.setattr(processes, "gather", gather)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    asked = []
+    for cfg in (exp(), exp("identify.ties=keep", "collect.sums=false")):
+        del flags[:]
+        run_stage("collect", cfg, out)  # every store already complete (one with the sums serves both)
+        asked.append(len(flags))
+    assert asked[0] < asked[1], asked  # the same run else, one question fewer per store

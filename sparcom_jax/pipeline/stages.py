@@ -378,8 +378,9 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             error = e
         # Decided by all processes together: each collection is one program over all of them.
         raise_together(error, f"collect {job.label}")
-        # Whether the sums are counted chooses the program every process runs: one choice for all.
-        sums = bool(gather(fp["sums"]).any())
+        # Whether the sums are counted chooses the program every process runs: one choice for all
+        # (the config is the same on every process, `run_key`: only the stores' may differ).
+        sums = cfg.collect.sums or bool(gather(fp["sums"]).any())
         if gather(done).all():
             log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
             _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
