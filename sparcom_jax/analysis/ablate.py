@@ -678,7 +678,7 @@ def ablation_matrix(
     # Its own stream too: the frequency-matched draws stay the seed's with or without it.
     mass_rng = np.random.default_rng([seed, 2])
     masks: list[np.ndarray | None] = [None] if baseline is None else []  # the baseline first
-    # (ablated category, "set" / "random" / "mass", draw) of masks[1:]
+    # (ablated category, "set" / "random" / "mass", draw) of the masks after the baseline
     slots: list[tuple[int, str, int]] = []
     for a, cat in enumerate(CATEGORIES):
         if cat not in sets:

@@ -834,9 +834,10 @@ def _passes_shared(loss_fn, masks) -> list[tuple[dict[str, float], float, dict[s
 def _expert_mass_shared(loss_fn, L: int, E: int, total: int) -> tuple[dict[str, float], dict[str, Any]]:
     """`baseline_expert_mass` (the baseline losses and each category's float [L, E] masses) run
     by one process and given to every process bit for bit, so that every process draws the same
-    mass-matched sets. It is the pass after the `total` passes of `_passes_shared`, on the
-    process that pass falls to (`total` mod the processes), so the processes' shares stay
-    within one pass of each other."""
+    mass-matched sets; it is the check's baseline too (`ablation_matrix(baseline=)`). It runs
+    first but is numbered after the `total` passes of `_passes_shared`: on the process that
+    pass falls to (`total` mod the processes), so the processes' shares stay within one pass
+    of each other."""
     import jax
 
     import numpy as np
