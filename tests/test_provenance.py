@@ -1309,3 +1309,122 @@ def test_same_template_control_is_bootstrapped_with_the_models_draws(done, tmp_p
         assert eff["paired"] and eff["n_boot"] == 3 and ctrl[c]["bootstrap"]["paired"]
         assert eff["lost"]["estimate"] == main[c]["lost"] - ctrl[c]["lost"]
         assert eff["lost"]["low"] <= eff["lost"]["high"]
+
+
+@pytest.fixture(scope="module")
+def moe_done(tmp_path_factory):
+    """An output directory where collect ran on a tiny Mixtral (experts only, 2 random draws)."""
+    out = tmp_path_factory.mktemp("moe") / "out"
+    run_stage("collect", exp(*MOE_OVER), out)
+    return out
+
+
+MOE_OVER = [f"base.init={json.dumps(TINY_MOE)}", f"finetuned.init={json.dumps(TINY_MOE)}", "ablation.kinds=[experts]",
+            "ablation.n_random=2", "collect.template_control=false", "identify.eps_experts=0.1"]
+
+
+def fake_expert_loss(calls):
+    """A make_loss_fn whose loss records each mask and reports a uniform expert mass on the
+    categories that have scored held-out tokens (as CategoryLoss does)."""
+    from sparcom_jax.stats.losses import response_coverage
+
+    def make_loss_fn(model, records, tok=None, **kw):
+        L, E = model.config.num_layers, model.config.num_experts
+        scored = [c for c, v in response_coverage(kw["encoded"]).items() if v["response_tokens"]]
+
+        def loss(mask):
+            calls.append(mask)
+            loss.last_expert_mass = {c: np.full((L, E), 1.0 / E) for c in scored}
+            return {c: 1.0 + (0 if mask is None else float(np.sum(mask))) for c in scored}
+        return loss
+    return make_loss_fn
+
+
+def test_an_error_of_another_process_stops_the_expert_ablation_instead_of_skipping_it(moe_done, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """OtherProcessError is a ValueError: caught as "the sets cover a layer", one host's failed
+    pass (GPU OOM) made the others log "experts skipped" and wait at the next write for the
+    host that had quit. The layer check now runs before the passes, which are not caught."""
+    import shutil
+
+    import sparcom_jax.stats.losses as losses
+    from sparcom_jax.errors import OtherProcessError
+    from sparcom_jax.parallel import processes
+
+    real = processes.raise_together
+
+    def other_fails(error, what):
+        if what == "ablate: expert mass":  # the first pass of the experts' check
+            raise OtherProcessError(f"{what}: process 1 of 2 stopped with an error")
+        real(error, what)
+
+    monkeypatch.setattr(losses, "make_loss_fn", fake_expert_loss([]))
+    monkeypatch.setattr(processes, "raise_together", other_fails)
+    out = tmp_path / "out"
+    shutil.copytree(moe_done, out)
+    with pytest.raises(OtherProcessError, match="^ablate: expert mass: process 1 of 2"):
+        run_stage("ablate", exp(*MOE_OVER), out)
+    assert "skipped" not in capsys.readouterr().err
+
+
+def test_expert_ablation_runs_the_baseline_once_and_counts_only_the_passes_it_runs(moe_done, tmp_path,
+                                                                                   monkeypatch):
+    """The mass-matched control's baseline pass is the check's baseline (it ran twice), and a
+    category with a set but no scored held-out token gets no mass-matched draws: the count
+    (the progress bar's end, and which process runs the mass pass) leaves them out."""
+    import shutil
+
+    import sparcom_jax.stats.losses as losses
+    from sparcom_jax.categories import CATEGORIES
+
+    real_encode = losses.encode_held_out
+
+    def code_cut_away(*a, **k):  # every "code" record loses its response: no scored token
+        enc = real_encode(*a, **k)
+        for cat, scope in zip(enc.categories, enc.scopes):
+            if cat == "code":
+                scope[:] = False
+        return enc
+
+    class Counting(stages._Counting):
+        def __exit__(self, *exc):
+            ends.append((self.bar.n, self.total))
+            super().__exit__(*exc)
+
+    calls, ends = [], []
+    monkeypatch.setattr(losses, "make_loss_fn", fake_expert_loss(calls))
+    monkeypatch.setattr(losses, "encode_held_out", code_cut_away)
+    monkeypatch.setattr(stages, "_Counting", Counting)
+    out = tmp_path / "out"
+    shutil.copytree(moe_done, out)
+    res = stages.ablate_stage(exp(*MOE_OVER), out)["_results"][("tuned", "experts")]
+    a = CATEGORIES.index("code")
+    assert res.set_sizes[a] > 0 and np.isnan(res.mass_random_draws[:, a]).all()
+    assert sum(m is None for m in calls) == 1
+    assert ends == [(len(calls), len(calls))]
+    assert res.baseline == {c: 1.0 for c in CATEGORIES if c != "code"}
+
+
+def test_collect_asks_the_processes_about_the_stores_sums_only_when_the_config_leaves_them_off(done, tmp_path,
+                                                                                               monkeypatch):
+    # With collect.sums every process counts them whatever its store holds: no collective for it.
+    import shutil
+
+    from sparcom_jax.parallel import processes
+
+    real, flags = processes.gather, []
+
+    def gather(values):
+        if isinstance(values, (bool, np.bool_)):
+            flags.append(values)
+        return real(values)
+
+    monkeypatch.setattr(processes, "gather", gather)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    asked = []
+    for cfg in (exp(), exp("identify.ties=keep", "collect.sums=false")):
+        del flags[:]
+        run_stage("collect", cfg, out)  # every store already complete (one with the sums serves both)
+        asked.append(len(flags))
+    assert asked[0] < asked[1], asked  # the same run else, one question fewer per store

@@ -543,20 +543,22 @@ def dropped_mass(loss_fn) -> float:
     return np.nan if v is None else float(v)
 
 
-def baseline_expert_mass(loss_fn) -> dict[str, np.ndarray]:
-    """{category: float [L, E]} each expert's routing mass on the category's held-out tokens in
-    the unablated model: one baseline call of `loss_fn`, read from its `last_expert_mass` (as
-    `CategoryLoss` of kind "experts" reports it); the `expert_mass` of `ablation_matrix`.
+def baseline_expert_mass(loss_fn) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The unablated model's pass: ({category: mean loss}, {category: float [L, E]} each
+    expert's routing mass on the category's held-out tokens), from one baseline call of
+    `loss_fn` and its `last_expert_mass` (as `CategoryLoss` of kind "experts" reports it);
+    the `baseline` and `expert_mass` of `ablation_matrix`.
 
     Raises:
       ValueError: `loss_fn` reports no per-expert mass.
     """
-    loss_fn(None)
+    losses = loss_fn(None)
     got = getattr(loss_fn, "last_expert_mass", None)
     if got is None:
         raise ValueError("the mass-matched control needs a loss_fn that reports each expert's routing mass after a "
                          "call (`last_expert_mass`, as sparcom_jax.stats.losses.CategoryLoss of kind 'experts' does)")
-    return {normalize_category(k): np.asarray(v, np.float64) for k, v in got.items()}
+    return ({normalize_category(k): float(v) for k, v in losses.items()},
+            {normalize_category(k): np.asarray(v, np.float64) for k, v in got.items()})
 
 
 def category_mass(loss_fn) -> dict[str, float] | None:
@@ -571,6 +573,23 @@ def run_in_order(loss_fn: LossFn, masks: Sequence[np.ndarray | None]) -> list[Pa
     return [(loss_fn(m), dropped_mass(loss_fn), category_mass(loss_fn)) for m in masks]
 
 
+def full_layers(expert_sets: Mapping[str, np.ndarray]) -> str:
+    """Which categories' sets hold every expert of a layer, and which layers ("" when none).
+
+    Such a set cannot be ablated: routing would have no expert left in those layers
+    (`ablation_matrix` refuses it; the pipeline skips the expert check before any pass).
+
+    Args:
+      expert_sets: {category: bool [L, E]}.
+
+    Returns:
+      e.g. "code: its ISEs cover every expert of layer(s) [1]", one such part per category, "; "-joined.
+    """
+    full = {normalize_category(k): np.flatnonzero(np.asarray(v, bool).all(1)).tolist()
+            for k, v in expert_sets.items()}
+    return "; ".join(f"{c}: its ISEs cover every expert of layer(s) {ls}" for c, ls in full.items() if ls)
+
+
 def ablation_matrix(
     category_sets: Mapping[str, np.ndarray],
     loss_fn: LossFn,
@@ -582,6 +601,7 @@ def ablation_matrix(
     neighbours: int = NEIGHBOURS,
     run: MaskRunner = run_in_order,
     expert_mass: Mapping[str, np.ndarray] | None = None,
+    baseline: Mapping[str, float] | None = None,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
@@ -603,14 +623,16 @@ def ablation_matrix(
       neighbours: each unit of a set is replaced by one drawn among the
         `neighbours` free units of its group nearest to it in frequency (see
         `matched_random`).
-      run: evaluates the masks, all drawn first (baseline None, then per category
-        its set and its draws): `run_in_order` by default; the pipeline passes one
+      run: evaluates the masks, all drawn first (baseline None unless `baseline` is
+        given, then per category its set and its draws): `run_in_order` by default; the pipeline passes one
         that shares them among processes. The draws do not depend on the losses, so
         the result is the same whichever runs them.
       expert_mass: experts only: {category: float [L, E] each expert's routing mass on
         the category's held-out tokens} (`baseline_expert_mass`); when given, also
         `n_random` mass-matched sets per category (`mass_matched_random`, on their own
         random stream) from these estimates; a category without an entry gets NaN.
+      baseline: {category: mean loss} of the unablated model when already measured (the
+        pass `baseline_expert_mass` made); None: measured as the first pass.
 
     Returns:
       An AblationResult. Random sets are always drawn outside the tested set
@@ -624,6 +646,8 @@ def ablation_matrix(
         raise ValueError(f"expert_mass matches routing mass, which only experts have (kind {kind!r})")
     lead = KIND_LEAD[kind]
     sets = {normalize_category(k): np.asarray(v, dtype=bool) for k, v in category_sets.items()}
+    if kind == "experts" and (full := full_layers(sets)):
+        raise ValueError(full)
     if frequency is not None:
         shapes = {v.shape for v in sets.values()}
         if shapes and shapes != {np.shape(frequency)}:
@@ -653,19 +677,13 @@ def ablation_matrix(
         set_mass = np.full(C, np.nan)
     # Its own stream too: the frequency-matched draws stay the seed's with or without it.
     mass_rng = np.random.default_rng([seed, 2])
-    masks: list[np.ndarray | None] = [None]  # the baseline first
-    # (ablated category, "set" / "random" / "mass", draw) of masks[1:]
+    masks: list[np.ndarray | None] = [None] if baseline is None else []  # the baseline first
+    # (ablated category, "set" / "random" / "mass", draw) of the masks after the baseline
     slots: list[tuple[int, str, int]] = []
     for a, cat in enumerate(CATEGORIES):
         if cat not in sets:
             continue
         mask = sets[cat]
-        if kind == "experts":
-            full = mask.reshape(mask.shape[0], -1).all(1)
-            if full.any():
-                raise ValueError(
-                    f"{cat}: its ISEs cover every expert of layer(s) {np.flatnonzero(full).tolist()}"
-                )
         sizes[a] = mask.sum()
         if not sizes[a]:
             isn[a] = draws[:, a] = 0.0
@@ -693,8 +711,10 @@ def ablation_matrix(
             mass_sizes[d, a] = rmask.sum()
             masks.append(rmask)
             slots.append((a, "mass", d))
-    (base, _, _), *results = run(loss_fn, masks)
-    baseline = {normalize_category(k): float(v) for k, v in base.items()}
+    results = run(loss_fn, masks)
+    if baseline is None:
+        (baseline, _, _), *results = results
+    baseline = {normalize_category(k): float(v) for k, v in baseline.items()}
     for (a, which, d), (losses, mass, by_cat) in zip(slots, results, strict=True):
         own = np.nan if by_cat is None else by_cat.get(CATEGORIES[a], np.nan)  # on a's own tokens
         if which == "set":

@@ -56,20 +56,19 @@ def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None, drop_pre=None):
 
     Returns:
       weights [X, k] float32, experts [X, k] int32, probs [X, k] float32 (the softmax
-      probability of each chosen expert, before any renormalisation) and dropped [X]
-      float32 (the softmax mass the removed experts had; zeros without `drop_E`).
+      probability of each chosen expert, before any renormalisation) and full [X, E]
+      float32 (every expert's softmax probability before any is removed: the removed
+      experts' sum is the routing mass the ablation dropped).
     """
     logits = logits_XE.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    dropped = jnp.zeros(probs.shape[:1], jnp.float32)
+    full = probs = jax.nn.softmax(logits, axis=-1)
     if drop_E is not None:
-        dropped = jnp.sum(jnp.where(drop_E, probs, 0.0), axis=-1)
         if drop_pre is not None:
             probs = jnp.where(drop_pre, jax.nn.softmax(jnp.where(drop_E, -jnp.inf, logits), axis=-1), probs)
         probs = jnp.where(drop_E, 0.0, probs)
     p, idx = jax.lax.top_k(probs, k)
     w = p / jnp.sum(p, axis=-1, keepdims=True) if norm_topk_prob else p
-    return w, idx.astype(jnp.int32), p, dropped
+    return w, idx.astype(jnp.int32), p, full
 
 
 def group_layout(e_sorted_M, group_sizes_E, tile: int):
@@ -329,8 +328,8 @@ class MoEFFN(nnx.Module):
         impl = self.dispatch.moe_counting if counting else self.dispatch.moe_forward
         x_XD = x_BTD.reshape(B * T, D)
         logits_XE = jnp.matmul(x_XD, self.router[...].astype(dt), precision=self.precision)
-        w_Xk, e_Xk, p_Xk, _ = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"),
-                                            ablate.get("expert_drop_pre"))
+        w_Xk, e_Xk, p_Xk, probs_XE = route(logits_XE, k, self.norm_topk_prob, ablate.get("expert_drop"),
+                                           ablate.get("expert_drop_pre"))
 
         # Sort assignments by (expert, sequence): contiguous expert groups, and sorted segment
         # ids (expert * B + sequence) for the counts. "looped" also moves padding tokens past
@@ -368,7 +367,7 @@ class MoEFFN(nnx.Module):
             bad_M = jnp.any(~jnp.isfinite(a_MG), axis=-1)[inv] & real_M
             stats["nonfinite"] = jnp.any(bad_M.reshape(B, T * k), axis=1)
         if "expert_drop" in ablate:
-            stats["router_probs"] = jax.nn.softmax(logits_XE.astype(jnp.float32), axis=-1).reshape(B, T, E)
+            stats["router_probs"] = probs_XE.reshape(B, T, E)
         y_XkD = y_MD[inv].reshape(B * T, k, D)
         out_XD = jnp.einsum("XkD,Xk->XD", y_XkD.astype(jnp.float32), w_Xk, precision=self.precision)
         out_BTD = out_XD.astype(dt).reshape(B, T, D)

@@ -378,8 +378,9 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             error = e
         # Decided by all processes together: each collection is one program over all of them.
         raise_together(error, f"collect {job.label}")
-        # Whether the sums are counted chooses the program every process runs: one choice for all.
-        sums = bool(gather(fp["sums"]).any())
+        # Whether the sums are counted chooses the program every process runs: one choice for all
+        # (the config is the same on every process, `run_key`: only the stores' may differ).
+        sums = cfg.collect.sums or bool(gather(fp["sums"]).any())
         if gather(done).all():
             log(f"collect [{i}/{len(jobs)}] {job.label}: already complete with the same settings in {dest}")
             _log_content_cut(job.label, header.get("meta"), len(records), cfg.data.max_length)
@@ -722,10 +723,10 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     """
     import jax
 
-    from sparcom_jax.analysis.ablate import ablate_identification, coverage_warnings
-    from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.analysis.ablate import ablate_identification, coverage_warnings, full_layers
+    from sparcom_jax.categories import CATEGORIES, normalize_category
     from sparcom_jax.parallel.processes import check_same
-    from sparcom_jax.stats.losses import encode_held_out, make_loss_fn
+    from sparcom_jax.stats.losses import encode_held_out, make_loss_fn, response_coverage
 
     a = cfg.ablation
     if not a.enabled:
@@ -758,6 +759,16 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 written[f"{spec.label}_{kind}"] = str(f)
                 written["_results"][(spec.label, kind)] = res
                 continue
+            if kind == "experts" and (full := full_layers(ma[section].ident.sets())):
+                # Routing would have no expert left there. Checked before any pass: an error
+                # of a pass (here or another process's) must stop the run, not skip the kind.
+                log(f"ablate {spec.label}: experts skipped: {full}")
+                # A result an earlier run stored here belongs to other sets: left in place, the
+                # report would refuse it and ask for this very run again.
+                with primary_writes(f"ablate: removing {f}") as writes:
+                    if writes:
+                        f.unlink(missing_ok=True)
+                continue
             if model is None:
                 # Each process runs its share of the passes alone, on its own devices (`_passes_shared`).
                 mesh = make_mesh(cfg.mesh, local=True) if mesh is None else mesh
@@ -766,33 +777,26 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                         gate_dtype=cfg.collect.gate_dtype)
             sets = ma[section].ident.category_sets
             mass_matched = kind == "experts" and a.mass_matched and a.n_random > 0  # (no draws: no pass for it)
-            per_set = 1 + a.n_random * (2 if mass_matched else 1)
-            with timed(f"ablate {spec.label}: {kind} ({len(CATEGORIES)} categories x {per_set} runs, "
-                       f"{len(records)} held-out records)"):
+            # The baseline, then per category with a set: the set and its draws; the mass-matched
+            # draws only where the category has scored held-out tokens (else no mass to match).
+            scored = {normalize_category(c) for c, v in response_coverage(held_enc).items() if v["response_tokens"]}
+            with_set = {c for i, c in enumerate(CATEGORIES) if sets[i].any()}
+            total = 1 + len(with_set) * (1 + a.n_random) + (a.n_random * len(scored & with_set) if mass_matched else 0)
+            with timed(f"ablate {spec.label}: {kind} ({total} passes over {len(records)} held-out records)"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
                 loss_fn = make_loss_fn(model, records, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
                                        encoded=held_enc)
-                total = 1 + int(sum(sets[i].any() for i in range(len(CATEGORIES)))) * per_set
-                # + the baseline that measures each expert's mass, as pass number `total`
-                mine = len(range(jax.process_index(), total + mass_matched, jax.process_count()))
-                try:
-                    with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
-                        mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts, total)
-                                if mass_matched else None)
-                        res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                    neighbours=a.neighbours, run=_passes_shared, expert_mass=mass)
-                except ValueError as e:  # e.g. a category's ISEs cover every expert of a layer
-                    if kind != "experts":
-                        raise
-                    log(f"ablate {spec.label}: experts skipped: {e}")
-                    # A result an earlier run stored here belongs to other sets: left in place, the
-                    # report would refuse it and ask for this very run again.
-                    with primary_writes(f"ablate: removing {f}") as writes:
-                        if writes:
-                            f.unlink(missing_ok=True)
-                    continue
+                mine = len(range(jax.process_index(), total, jax.process_count()))
+                with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
+                    # With the mass-matched control the baseline is the pass that measures the masses,
+                    # the last in turn (`total - 1`); without, the first of `_passes_shared`.
+                    base, mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts,
+                                                      total - 1) if mass_matched else (None, None))
+                    res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
+                                                neighbours=a.neighbours, run=_passes_shared, expert_mass=mass,
+                                                baseline=base)
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
@@ -827,11 +831,13 @@ def _passes_shared(loss_fn, masks) -> list[tuple[dict[str, float], float, dict[s
              or None) for r in rows]
 
 
-def _expert_mass_shared(loss_fn, L: int, E: int, total: int) -> dict[str, Any]:
-    """`baseline_expert_mass` (float [L, E] per category) run by one process and given to every
-    process bit for bit, so that every process draws the same mass-matched sets. It is the
-    pass after the `total` passes of `_passes_shared`, on the process that pass falls to
-    (`total` mod the processes), so the processes' shares stay within one pass of each other."""
+def _expert_mass_shared(loss_fn, L: int, E: int, total: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """`baseline_expert_mass` (the baseline losses and each category's float [L, E] masses) run
+    by one process and given to every process bit for bit, so that every process draws the same
+    mass-matched sets; it is the check's baseline too (`ablation_matrix(baseline=)`). It runs
+    first but is numbered after the `total` passes of `_passes_shared`: on the process that
+    pass falls to (`total` mod the processes), so the processes' shares stay within one pass
+    of each other."""
     import jax
 
     import numpy as np
@@ -841,14 +847,18 @@ def _expert_mass_shared(loss_fn, L: int, E: int, total: int) -> dict[str, Any]:
     from sparcom_jax.parallel.processes import share_map
 
     owner = total % jax.process_count()
+    C = len(CATEGORIES)
 
-    def one(i):  # every category's [L, E] flattened, NaN where it has no scored token (or on no pass)
-        mass = baseline_expert_mass(loss_fn) if i == owner else {}
-        return np.concatenate([np.ravel(mass.get(c, np.full((L, E), np.nan))) for c in CATEGORIES])
+    def one(i):  # [category losses, category has a loss, every category's [L, E] flattened (NaN: no
+        # scored token)]; NaN everywhere on no pass
+        losses, mass = baseline_expert_mass(loss_fn) if i == owner else ({}, {})
+        return np.concatenate([[losses.get(c, np.nan) for c in CATEGORIES], [c in losses for c in CATEGORIES]]
+                              + [np.ravel(mass.get(c, np.full((L, E), np.nan))) for c in CATEGORIES])
 
-    row = share_map(one, owner + 1, len(CATEGORIES) * L * E, "ablate: expert mass")[owner]
-    row = row.reshape(len(CATEGORIES), L, E)
-    return {c: row[i] for i, c in enumerate(CATEGORIES) if np.isfinite(row[i]).all()}
+    row = share_map(one, owner + 1, 2 * C + C * L * E, "ablate: expert mass")[owner]
+    mass = row[2 * C:].reshape(C, L, E)
+    return ({c: float(row[i]) for i, c in enumerate(CATEGORIES) if row[C + i]},
+            {c: mass[i] for i, c in enumerate(CATEGORIES) if np.isfinite(mass[i]).all()})
 
 
 class _Counting:

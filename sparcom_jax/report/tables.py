@@ -250,26 +250,33 @@ MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_g
                "random_mass_own_tokens_max", "random_experts_mean"]
 
 
+def _own(m: list | None, i: int):
+    """Category i's own entry [i][i] of a [C][C] matrix; None without the matrix."""
+    return None if m is None else m[i][i]
+
+
+def _column(m: list | None, i: int) -> list:
+    """The entries of column i of a [R][C] list that are not None; [] without the list."""
+    return [r[i] for r in m or [] if r[i] is not None]
+
+
+def _mean(vals: list):
+    return sum(vals) / len(vals) if vals else None
+
+
 def mass_rows(d: dict) -> list[list]:
     """Per ablated category, the mass-matched control (`d["mass_matched"]`): the own-category
     excess, its spread, the share of draws as harmful and p; the routing mass the set and its
     draws dropped on the category's own held-out tokens (mean, min, max over draws); the
     draws' mean number of experts."""
-    mm = d["mass_matched"]
-
-    def col(key, i):
-        return [r[i] for r in mm[key] or [] if r[i] is not None]
-
-    def stat(f, vals):
-        return f(vals) if vals else None
-
-    def mean(vals):
-        return sum(vals) / len(vals)
-
-    return [[c, d["set_sizes"][c], *(mm[k][i][i] for k in ("excess", "excess_std", "random_ge_fraction", "p_value")),
-             mm["set_mass"].get(c), stat(mean, col("random_mass", i)), stat(min, col("random_mass", i)),
-             stat(max, col("random_mass", i)), stat(mean, col("random_sizes", i))]
-            for i, c in enumerate(CATEGORIES)]
+    mm, rows = d["mass_matched"], []
+    for i, c in enumerate(CATEGORIES):
+        mass = _column(mm["random_mass"], i)
+        rows.append([c, d["set_sizes"][c], *(_own(mm[k], i) for k in ("excess", "excess_std", "random_ge_fraction",
+                                                                        "p_value")),
+                     mm["set_mass"].get(c), _mean(mass), min(mass, default=None), max(mass, default=None),
+                     _mean(_column(mm["random_sizes"], i))])
+    return rows
 
 
 def ablation_rows(d: dict) -> list[list]:
@@ -279,13 +286,10 @@ def ablation_rows(d: dict) -> list[list]:
     units that no unit outside it matches), the Monte-Carlo p, and
     the held-out records (all, those scored) and response tokens the category's loss rests on."""
     def own(key, i):
-        m = d.get(key)
-        return None if m is None else m[i][i]
+        return _own(d.get(key), i)
 
     def col_mean(key, i):
-        m = d.get(key)
-        vals = [r[i] for r in m or [] if r[i] is not None]
-        return sum(vals) / len(vals) if vals else None
+        return _mean(_column(d.get(key), i))
 
     def of(key, c):  # a {category: value} entry, None where the file has none
         return (d.get(key) or {}).get(c)
