@@ -32,13 +32,17 @@ import numpy as np
 import tensorstore as ts
 
 from sparcom_jax.errors import StaleResultError
-from sparcom_jax.fileio import DirLock, atomic_write
+from sparcom_jax.fileio import DirLock, atomic_write, remove_path
 from sparcom_jax.fingerprint import changed_records, describe, stale_keys
 from sparcom_jax.stats.counts import Counts, array_text
 
 # The layout of a store (meta.json's keys, the arrays and their meaning). Bump it when that
 # changes: a store of another version is refused (`check_version`), never read as this one.
 STORE_VERSION = 1
+
+# Rows per chunk of a store (the zarr chunk along N, and the unit of progress): a lazy read of
+# a few rows reads only their chunks, and a write holds one chunk of every array in memory.
+CHUNK_ROWS = 256
 
 
 def check_version(header: Mapping[str, Any], path: str | Path, fix: str) -> None:
@@ -249,7 +253,8 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
     return counts.to_numpy() if in_memory else counts
 
 
-def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False) -> Path:
+def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False,
+                chunk_rows: int = CHUNK_ROWS) -> Path:
     """Write counts held in memory (a collection made without `out=`) to a count store.
 
     The store is the one `collect_instructions(..., out=path)` writes, read back with
@@ -257,31 +262,45 @@ def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False) ->
     keep it. It carries the counts' labels, meta and, for counts read from a store, that
     store's input fingerprint; counts collected in memory have none (only a collection
     with `out=` records its inputs), so a collection pointed at their store refuses to reuse it.
+    It is written `chunk_rows` rows at a time, so counts read lazily from another store are
+    never held whole in memory.
 
     Args:
       counts: any Counts (arrays in memory, or lazily read from another store).
       path: the store directory; it must not hold a store already unless `overwrite`.
-      overwrite: replace a store there.
+      overwrite: replace a store there (removed before the new one is written).
+      chunk_rows: rows per chunk, as `collect_instructions(..., chunk_rows=)`.
 
     Returns:
       The store directory.
 
     Raises:
       StaleResultError: `path` holds a store (and not `overwrite`).
+      ValueError: `overwrite` and the counts are read from the store at `path` itself (it
+        would be removed before they are read).
     """
     p = Path(path)
-    if read_header(p) is not None and not overwrite:
-        raise StaleResultError(f"{p}: a count store is already here; choose a new directory, or pass "
-                               "overwrite=True to replace it")
+    if read_header(p) is not None:
+        if not overwrite:
+            raise StaleResultError(f"{p}: a count store is already here; choose a new directory, or pass "
+                                   "overwrite=True to replace it")
+        source = (counts.meta or {}).get("store")
+        if source is not None and Path(source).resolve() == p.resolve():
+            raise ValueError(f"{p}: these counts are read from this store, which overwrite=True would remove "
+                             "before reading them; save them to another directory")
+        # A store of the same counts would be resumed as complete, not written again.
+        remove_path(p)
     arrays = {"tokens": counts.tokens, **counts.arrays(), **counts.sums()}
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     meta = {k: v for k, v in (counts.meta or {}).items() if k not in ("store", "fingerprint")}
     store = CountStore(p, shapes, ids=counts.ids, categories=counts.categories, sources=counts.sources,
-                       groups=counts.groups, meta=meta, chunk_rows=max(counts.n, 1), overwrite=True,
+                       groups=counts.groups, meta=meta, chunk_rows=chunk_rows,
                        fingerprint=(counts.meta or {}).get("fingerprint"),
                        dtypes={k: np.asarray(v[:0]).dtype for k, v in arrays.items()})
     try:
-        store.write_chunk(0, {k: np.asarray(v[:]) for k, v in arrays.items()})
+        for k, start in enumerate(range(0, counts.n, store.chunk_rows)):
+            stop = min(start + store.chunk_rows, counts.n)  # a tensorstore slice may not pass the end
+            store.write_chunk(k, {name: v[start:stop] for name, v in arrays.items()})
     finally:
         store.close()
     return p
