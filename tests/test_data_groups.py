@@ -505,6 +505,20 @@ def test_a_free_word_slot_costs_about_one_check_per_filler(monkeypatch):
     assert len(links) < 2 * k
 
 
+def _template_families(rng) -> list[frozenset[str]]:
+    """Word sets of a few templates with slots beside free sets of common words, sorted."""
+    vocab = [f"w{k}" for k in range(int(rng.integers(4, 9)))]
+    sets = set()
+    for t in range(int(rng.integers(1, 4))):
+        core = set(rng.choice(vocab, size=int(rng.integers(2, 7))).tolist())
+        for k in range(int(rng.integers(5, 30))):
+            fill = {f"f{t}x{k}y{j}" if rng.random() < 0.7 else str(rng.choice(vocab))
+                    for j in range(int(rng.integers(1, 4)))}
+            sets.add(frozenset(core | fill))
+    sets |= {frozenset(rng.choice(vocab, size=int(rng.integers(0, 7))).tolist()) for _ in range(20)}
+    return sorted(sets, key=sorted)
+
+
 def test_the_forest_of_word_sets_connects_what_all_joined_pairs_connect(monkeypatch):
     """`_set_forest` on many small families (templates with slots beside free sets of common words,
     so that probe words find large components and a few sets outside them): its pairs are joined
@@ -515,16 +529,7 @@ def test_the_forest_of_word_sets_connects_what_all_joined_pairs_connect(monkeypa
 
     for seed in range(40):
         rng = np.random.default_rng(500 + seed)
-        vocab = [f"w{k}" for k in range(int(rng.integers(4, 9)))]
-        sets = set()
-        for t in range(int(rng.integers(1, 4))):
-            core = set(rng.choice(vocab, size=int(rng.integers(2, 7))).tolist())
-            for k in range(int(rng.integers(5, 30))):
-                fill = {f"f{t}x{k}y{j}" if rng.random() < 0.7 else str(rng.choice(vocab))
-                        for j in range(int(rng.integers(1, 4)))}
-                sets.add(frozenset(core | fill))
-        sets |= {frozenset(rng.choice(vocab, size=int(rng.integers(0, 7))).tolist()) for _ in range(20)}
-        sets = sorted(sets, key=sorted)
+        sets = _template_families(rng)
         monkeypatch.setattr(splits, "_BATCH", int(rng.integers(1, 64)))
         for threshold in (0.75, 0.6, 0.5, 1 / 3, 0.2):
             joined = {(i, j) for i in range(len(sets)) for j in range(i + 1, len(sets)) if len(sets[i] | sets[j])
@@ -546,3 +551,20 @@ def test_the_forest_of_word_sets_connects_what_all_joined_pairs_connect(monkeypa
                 return [root(i) for i in range(len(sets))]
 
             assert parts(list(zip(u.tolist(), v.tolist()))) == parts(sorted(joined)), (seed, threshold)
+
+
+def test_the_forest_checks_a_candidate_pair_found_twice_once(monkeypatch):
+    """A pair found by several probe words (or by the template pass and the prefix pass) was checked
+    again and, when joined, added again as an edge of the forest."""
+    import numpy as np
+
+    from sparcom_jax.data import splits
+
+    checked_pairs = []
+    joined = splits._PrefixIndex.joined
+    monkeypatch.setattr(splits._PrefixIndex, "joined",
+                        lambda self, x, y: checked_pairs.append(list(zip(x.tolist(), y.tolist()))) or joined(self, x, y))
+    sets = _template_families(np.random.default_rng(522))  # a family that found repeats
+    (u, v), checked = splits._set_forest(sets, 0.5, 50)
+    assert all(len(set(c)) == len(c) for c in checked_pairs), checked_pairs
+    assert len(set(zip(u.tolist(), v.tolist()))) == u.size and checked == sum(map(len, checked_pairs))

@@ -318,6 +318,9 @@ def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tup
             group = np.minimum(lx, ly) * n + np.maximum(lx, ly)
             by = np.lexsort((y, x, group))  # deterministic: the same records give the same links
             x, y, group = x[by], y[by], group[by]
+            # A pair found by several probe words or passes, checked once (its repeats are adjacent now).
+            fresh = np.concatenate([[True], (x[1:] != x[:-1]) | (y[1:] != y[:-1])]) if x.size else np.zeros(0, bool)
+            x, y, group = x[fresh], y[fresh], group[fresh]
             head = np.concatenate([[True], group[1:] != group[:-1]]) if group.size else np.zeros(0, bool)
             now = np.arange(group.size) - np.flatnonzero(head)[np.cumsum(head) - 1] < quota
             ok = ix.joined(x[now], y[now])
