@@ -78,7 +78,7 @@ class FieldAnalysis:
         absent = [c for c in CATEGORIES if not s["n_per_category"][c]]
         rows = [("|S(c)|", per_category_text(s["per_category_count"], absent)),
                 ("unique", per_category_text(s["unique"], absent)),
-                ("general / union", f"{s['general']} / {s['union']}")]
+                ("general / union", f"{'-' if s['general'] is None else s['general']} / {s['union']}")]
         if absent:
             rows.append(("no instructions", f"{', '.join(SHORT_NAMES[c] for c in absent)} (shown as -; general: in "
                                             f"all {C - len(absent)} categories that have instructions)"))
@@ -173,7 +173,9 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "per_layer": by_category(count),
         "per_layer_share": by_category(share),
         "union_per_layer": union_l,
-        "general_per_layer": gen["general_mask"].reshape(sets.shape[1], -1).sum(1),
+        # NaN (shown as -) where general is undefined (fewer than two categories), not 0.
+        "general_per_layer": (np.full(sets.shape[1], np.nan) if np.isnan(gen["general"])
+                              else gen["general_mask"].reshape(sets.shape[1], -1).sum(1)),
         "phases": {**by_category([ev.locate_phases(p, n_perm, seed) for p in count]),
                    "union": ev.locate_phases(union_l, n_perm, seed)},
         "mean_instruction_set_size": by_category(mean_size),

@@ -420,6 +420,10 @@ def _category_table(name: str, section: str, s: dict) -> TableBlock:
 def _general_text(name: str, section: str, s: dict) -> TextBlock:
     """The general set as a count and a share of the union, each with its interval."""
     units = UNIT_WORD[section]
+    if s["general"] is None:
+        return TextBlock(f"{name}: general {units} are undefined with fewer than two categories that have "
+                         f"instructions (in every set would mean in the one set); {s['union']} {units} are in "
+                         "at least one set (the union).")
     share = "undefined (no unit is in any set)" if s["general_share"] is None else f"{s['general_share']:.1%}"
     txt = (f"{name}: {s['general']} {units} are in all six categories' sets (general), {share} of the "
            f"{s['union']} {units} in at least one set (the union)")
