@@ -190,8 +190,8 @@ def _grouping_text(g: dict | None) -> str:
         return ""
     t, n = g["text_groups"]["total"], g["near_groups"]["total"]
     near = (f"{n} groups of near-duplicates (records of one category whose instructions' word sets, numbers "
-            f"alike, have a Jaccard of at least {g['threshold']}, joined through chains; {g['near_pairs']} pairs "
-            f"of differently worded records joined directly, the largest group {g['largest_near_group']} records)")
+            f"alike, have a Jaccard of at least {g['threshold']}, joined through chains; {g['near_reworded']} records "
+            f"share their group with another wording, the largest group {g['largest_near_group']} records)")
     if g["group_by"] == "near":
         return (f"Near-duplicates: the {g['records']} analysed records form {t} groups of identical instruction "
                 f"text and {near}. Groups are the unit of the split, the bootstrap and the permutation tests "
