@@ -470,3 +470,12 @@ def test_general_units_are_undefined_with_fewer_than_two_categories():
     assert s["general_per_layer"] == [None, None]
     assert f"general / union   - / {s['union']}" in repr(analysis)
     assert "undefined with fewer than two categories" in _general_text("base", "isn", s).text
+
+
+def test_absent_categories_are_those_counted_zero_in_either_form():
+    # One helper for what three reprs each built: a sequence in CATEGORIES order or a mapping; a
+    # category left out of the mapping or counted None (not known) is not shown as absent.
+    from sparcom_jax.categories import absent_categories
+
+    assert absent_categories(np.array([2, 0, 1, 0, 3, 0])) == ["code", "generation", "summarization"]
+    assert absent_categories({"code": 0, "math": None, "classification": 4}) == ["code"]
