@@ -454,6 +454,17 @@ def test_saving_counts_over_a_store_of_the_same_counts_replaces_it_and_refuses_i
     with pytest.raises(ValueError, match="read from this store, which overwrite=True would remove"):
         sj.save_counts(sj.open_counts(path), path, overwrite=True)
     assert sj.open_counts(path).n == counts.n  # the refusal left the store whole
+    import json
+    import os
+    import socket
+
+    from sparcom_jax.errors import LockedError
+
+    # Another live process writing the store: refused, not removed under it.
+    (path / ".sparcom.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(LockedError, match="another run is writing this count store"):
+        sj.save_counts(counts, path, overwrite=True)
+    assert sj.open_counts(path).n == counts.n
 
 
 def test_saving_lazily_read_counts_reads_and_writes_them_a_chunk_at_a_time(tmp_path, monkeypatch):

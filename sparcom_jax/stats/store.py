@@ -32,7 +32,7 @@ import numpy as np
 import tensorstore as ts
 
 from sparcom_jax.errors import StaleResultError
-from sparcom_jax.fileio import DirLock, atomic_write, remove_path
+from sparcom_jax.fileio import DirLock, atomic_write
 from sparcom_jax.fingerprint import changed_records, describe, stale_keys
 from sparcom_jax.stats.counts import Counts, array_text
 
@@ -154,7 +154,7 @@ class CountStore:
                         f"{meta_path}: this store was made for different inputs ({what}), so it cannot be "
                         "resumed or reused; choose a new output directory, or overwrite it (overwrite=True, "
                         "or --overwrite on the command line)")
-                self._clear()
+                _clear(self.path)
             else:
                 self.done_chunks = _done_chunks(self.path) or 0
         if not meta_path.exists():
@@ -169,14 +169,6 @@ class CountStore:
             self.done_chunks = 0
         self.dtypes = {name: np.dtype(header["dtypes"][name]) for name in shapes}
         self._arrays = {name: ts.open(_spec(self.path / name), open=True).result() for name in shapes}
-
-    def _clear(self) -> None:
-        """Remove the store's files (not its lock): meta first, so a crash leaves no store."""
-        (self.path / "meta.json").unlink(missing_ok=True)
-        (self.path / "progress.json").unlink(missing_ok=True)
-        for child in self.path.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
 
     def close(self) -> None:
         """Release the store's lock (the files stay)."""
@@ -193,6 +185,15 @@ class CountStore:
             f.result()
         self.done_chunks = k + 1
         atomic_write(self.path / "progress.json", json.dumps({"done_chunks": self.done_chunks}))
+
+
+def _clear(path: Path) -> None:
+    """Remove the store's files at `path` (not its lock): meta first, so a crash leaves no store."""
+    (path / "meta.json").unlink(missing_ok=True)
+    (path / "progress.json").unlink(missing_ok=True)
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
 
 
 def _done_chunks(path: Path) -> int | None:
@@ -278,6 +279,7 @@ def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False,
       StaleResultError: `path` holds a store (and not `overwrite`).
       ValueError: `overwrite` and the counts are read from the store at `path` itself (it
         would be removed before they are read).
+      LockedError: another live process is writing the store at `path`.
     """
     p = Path(path)
     if read_header(p) is not None:
@@ -288,8 +290,10 @@ def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False,
         if source is not None and Path(source).resolve() == p.resolve():
             raise ValueError(f"{p}: these counts are read from this store, which overwrite=True would remove "
                              "before reading them; save them to another directory")
-        # A store of the same counts would be resumed as complete, not written again.
-        remove_path(p)
+        # A store of the same counts would be resumed as complete, not written again; under its
+        # lock, so that a store another process is writing is refused, not removed.
+        with DirLock(p, "count store"):
+            _clear(p)
     arrays = {"tokens": counts.tokens, **counts.arrays(), **counts.sums()}
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     meta = {k: v for k, v in (counts.meta or {}).items() if k not in ("store", "fingerprint")}
