@@ -29,10 +29,10 @@ unless said otherwise):
 
 Each set is measured in a fresh process (an empty cache, and its own peak memory): first
 `group_keys(records, "near")`, what a split and the counts' group ids need; then the rest of
-one `grouping_summary` call (the count of joined pairs of different texts; the groups come
-from the cache). Prints, per set: records, CPU seconds (they vary less than wall seconds on a
+one `grouping_summary` call (the records that share their group with another wording; the
+groups come from the cache). Prints, per set: records, CPU seconds (they vary less than wall seconds on a
 shared machine) and the process's peak resident memory, for the groups and, after them, for
-the summary; the pairs the summary counts, the near groups, and a digest of every record's
+the summary; the reworded records the summary counts, the near groups, and a digest of every record's
 near group key, so two versions can be checked to group alike. `--before` runs the groups of
 the same sets under another checkout too (in memory and time limits: `--limit-gb`,
 `--limit-s`, `--before-max`; the summary: `--summary-limit-s`); `--md` writes the table into that file's "groups" section (`bench_common`).
@@ -144,7 +144,7 @@ def measure(data: str, per_category: int, threshold: float, summary: bool) -> No
         cpu = time.process_time()
         got = grouping_summary(records, "near", threshold)
         assert got["near_groups"]["total"] == groups
-        print(json.dumps({"summary_cpu": time.process_time() - cpu, "pairs": got["near_pairs"],
+        print(json.dumps({"summary_cpu": time.process_time() - cpu, "reworded": got["near_reworded"],
                           "summary_peak_mb": _peak_mb()}), flush=True)
 
 
@@ -208,8 +208,8 @@ def main() -> None:
         return
     rows = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.rows] if args.rows else
             [(d, n) for d in args.data for n in (args.per_category if d != "shipped" else [0])])
-    head = ["data", "records", *(["groups, before"] if args.before else []), "groups", "summary (count)",
-            "pairs", "near groups", "digest"]
+    head = ["data", "records", *(["groups, before"] if args.before else []), "groups", "summary",
+            "reworded", "near groups", "digest"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     print(" | ".join(head))
     for data, n in rows:
@@ -224,15 +224,15 @@ def main() -> None:
             same = "" if "digest" not in old else " (same groups)" if old["digest"] == now["digest"] else " (OTHER GROUPS)"
             cells.append(_cell(old, "cpu", "peak_mb") + same)
         cells += [_cell(now, "cpu", "peak_mb"), _cell(now, "summary_cpu", "summary_peak_mb") if args.summary else "-",
-                  f"{now['pairs']:,}" if "pairs" in now else "-", f"{now['groups']:,}", now["digest"]]
+                  f"{now['reworded']:,}" if "reworded" in now else "-", f"{now['groups']:,}", now["digest"]]
         print(" | ".join(cells), flush=True)
         lines.append("| " + " | ".join(cells) + " |")
     if args.md:
         from bench_common import device_name, replace_section
 
         body = (f"{device_name()}, one run of `scripts/bench_groups.py` (CPU seconds and peak resident memory of a "
-                f"fresh process, records and imports included; the summary column is the count after the groups, "
-                f"its memory the process peak by then, stopped at {args.summary_limit_s:g} s of wall time; the version before, "
+                f"fresh process, records and imports included; the summary column is the rest of one grouping_summary "
+                f"call after the groups (reworded: its near_reworded), its memory the process peak by then, stopped at {args.summary_limit_s:g} s of wall time; the version before, "
                 f"stopped at {args.limit_s:g} s of wall time or {args.limit_gb:g} GB of address space).\n\n" + "\n".join(lines))
         replace_section(args.md, "groups", body, title="Near-duplicate grouping (`scripts/bench_groups.py`)")
 

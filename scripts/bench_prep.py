@@ -104,7 +104,7 @@ def main() -> None:
                 "each step and the peak resident memory after it (imports included: `datasets` for JSON lines). "
                 "load: `load_instructions` (parse and validate); split: `split_records` train/identify/ablate "
                 "0.5/0.3/0.2 grouped `near` (the near groups of every record); digest: the train part's ids; "
-                "summary: `grouping_summary` of the identify part (its groups and the pair count).\n\n" + "\n".join(lines))
+                "summary: `grouping_summary` of the identify part (its groups and `near_reworded`).\n\n" + "\n".join(lines))
         replace_section(args.md, "prep", body, title="Record preparation before the model (`scripts/bench_prep.py`)")
 
 

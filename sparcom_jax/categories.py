@@ -52,6 +52,15 @@ def normalize_category(name: str) -> str:
     raise ValueError(f"unknown category {name!r}{hint or ';'} Valid categories: {valid}")
 
 
+def absent_categories(n_per_category: Mapping[str, Any] | Sequence[Any]) -> list[str]:
+    """The categories without instructions, in CATEGORIES order: those whose count in
+    `n_per_category` (a {category: n} mapping or a sequence in CATEGORIES order) is 0; a
+    category left out or counted None is not known to be absent."""
+    if not isinstance(n_per_category, Mapping):
+        n_per_category = dict(zip(CATEGORIES, n_per_category))
+    return [c for c in CATEGORIES if c in n_per_category and n_per_category[c] == 0]
+
+
 def per_category_text(values: Mapping[str, Any] | Sequence[Any], unmeasured: Iterable[str] = ()) -> str:
     """"CLS 2, CODE 3, ..." for per-category values (a {category: value} mapping, where
     absent categories are left out, or a sequence in CATEGORIES order); for reprs.

@@ -446,3 +446,36 @@ def test_a_study_of_some_categories_counts_general_units_over_those_it_has():
     assert "|S(c)|            CLS %d, CODE %d, QA %d, GEN -, MATH -, SUM -" % tuple(sets[:3].sum(1)) in text
     assert f"general / union   {in_all_three} / {int(sets.any(0).sum())}" in text
     assert "no instructions   GEN, MATH, SUM (shown as -; general: in all 3 categories that have instructions)" in text
+
+
+def test_general_units_are_undefined_with_fewer_than_two_categories():
+    # With no category present generality() raised ("cannot reshape array of size 0"); with one,
+    # general == union and general_share == 1.0 read as "every selected unit is general".
+    from sparcom_jax.analysis import analyze_model
+    from sparcom_jax.report.writer import _general_text
+
+    sets = np.zeros((6, 2, 3), bool)
+    sets[0, 0, :2] = sets[1, 0, 1:] = True  # CLS {0, 1}, CODE {1, 2}: by hand, general {1} of 3
+    one, none = np.eye(6, dtype=bool)[0], np.zeros(6, bool)
+    g = generality(sets, one | np.eye(6, dtype=bool)[1])
+    assert (g["general"], g["union"], g["general_share"]) == (1, 3, pytest.approx(1 / 3))
+    for present, union in ((one, 2), (none, 0)):
+        g = generality(sets, present)
+        assert np.isnan(g["general"]) and np.isnan(g["general_share"]) and g["union"] == union
+        assert not g["general_mask"].any() and g["general_mask"].shape == (2, 3)
+    counts = small_counts(n=4, shape=(2, 8), categories=["code"] * 4)
+    analysis = analyze_model(counts, IdentifyConfig(eps=0.4), n_boot=3, n_perm=0)
+    s = analysis["isn"].summary
+    assert s["union"] > 0 and s["general"] is None and s["general_share"] is None
+    assert s["general_per_layer"] == [None, None]
+    assert f"general / union   - / {s['union']}" in repr(analysis)
+    assert "undefined with fewer than two categories" in _general_text("base", "isn", s).text
+
+
+def test_absent_categories_are_those_counted_zero_in_either_form():
+    # One helper for what three reprs each built: a sequence in CATEGORIES order or a mapping; a
+    # category left out of the mapping or counted None (not known) is not shown as absent.
+    from sparcom_jax.categories import absent_categories
+
+    assert absent_categories(np.array([2, 0, 1, 0, 3, 0])) == ["code", "generation", "summarization"]
+    assert absent_categories({"code": 0, "math": None, "classification": 4}) == ["code"]

@@ -443,6 +443,53 @@ def test_counts_collected_in_memory_can_be_saved_as_a_store_and_read_back(tmp_pa
     assert sj.open_counts(path).n == 6
 
 
+def test_saving_counts_over_a_store_of_the_same_counts_replaces_it_and_refuses_its_own_source(tmp_path):
+    # overwrite=True over a store of the same counts raised "RuntimeError: chunks must be written in
+    # order: expected 1, got 0" (the matching store was resumed as complete), and so did saving counts
+    # read lazily from the target itself.
+    counts = _study_counts(n_per_category=1, L=2, F=8)
+    path = sj.save_counts(counts, tmp_path / "saved")
+    sj.save_counts(counts, path, overwrite=True)
+    np.testing.assert_array_equal(sj.open_counts(path).neuron_active[:], counts.neuron_active)
+    with pytest.raises(ValueError, match="read from this store, which overwrite=True would remove"):
+        sj.save_counts(sj.open_counts(path), path, overwrite=True)
+    assert sj.open_counts(path).n == counts.n  # the refusal left the store whole
+    import json
+    import os
+    import socket
+
+    from sparcom_jax.errors import LockedError
+
+    # Another live process writing the store: refused, not removed under it.
+    (path / ".sparcom.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(LockedError, match="another run is writing this count store"):
+        sj.save_counts(counts, path, overwrite=True)
+    assert sj.open_counts(path).n == counts.n
+
+
+def test_saving_lazily_read_counts_reads_and_writes_them_a_chunk_at_a_time(tmp_path, monkeypatch):
+    # Each array was written as one zarr chunk of all N rows (every later row read read the whole
+    # array) from one read of the whole source.
+    import tensorstore as ts
+
+    from sparcom_jax.stats import store
+
+    counts = _study_counts(n_per_category=1, L=2, F=8)
+    src = sj.save_counts(counts, tmp_path / "src", chunk_rows=4)
+    rows_read = []
+    read = store.LazyArray.__getitem__
+    monkeypatch.setattr(store.LazyArray, "__getitem__",
+                        lambda self, idx: rows_read.append(len(r := read(self, idx))) or r)
+    out = sj.save_counts(sj.open_counts(src), tmp_path / "copy", chunk_rows=4)
+    assert max(rows_read) == 4 and sum(rows_read) == 2 * counts.n  # tokens and neuron_active, once
+    monkeypatch.undo()
+    for path in (src, out):
+        layout = ts.open(store._spec(path / "neuron_active"), open=True).result().chunk_layout
+        assert layout.read_chunk.shape[0] == 4
+    np.testing.assert_array_equal(sj.open_counts(out).neuron_active[:], counts.neuron_active)
+    assert store.read_header(out)["chunk_rows"] == 4
+
+
 def test_help_on_the_package_names_every_public_name():
     # help(sparcom_jax) listed four functions: a first session could not find analyze_model there.
     import re

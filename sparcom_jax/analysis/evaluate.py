@@ -221,13 +221,15 @@ def generality(sets: np.ndarray, present: np.ndarray | None = None) -> dict:
       dict with `general` (units in all present categories' sets), `union` (units in
       any set), `general_share` (general / union, NaN if the union is empty),
       `breadth_histogram` int [C]: entry k-1 counts units in exactly k sets, and
-      `general_mask` bool [*U].
+      `general_mask` bool [*U]. With fewer than two categories present "in every set" is
+      only "in the one set" (general would equal the union, a share of 1): `general` and
+      `general_share` are then NaN and `general_mask` is all False.
     """
     present = np.ones(sets.shape[0], bool) if present is None else np.asarray(present, bool)
-    breadth = sets[present].reshape(int(present.sum()), -1).sum(0)
+    breadth = sets.reshape(sets.shape[0], -1)[present].sum(0)
     n_sets = int(present.sum())
-    general_mask = (breadth == n_sets) & (n_sets > 0)
-    general = int(general_mask.sum())
+    general_mask = (breadth == n_sets) & (n_sets > 1)
+    general = int(general_mask.sum()) if n_sets > 1 else np.nan
     union = int((breadth > 0).sum())
     return {
         "general": general,

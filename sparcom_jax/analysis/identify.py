@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from sparcom_jax.analysis.common import C, SECTIONS, by_category, category_labels
-from sparcom_jax.categories import CATEGORIES, per_category_text
+from sparcom_jax.categories import absent_categories, per_category_text
 from sparcom_jax.stats.counts import Counts
 
 _RULES = ("top", "absolute")
@@ -278,7 +278,7 @@ class Identification:
 
     def __repr__(self) -> str:
         shape = ", ".join(map(str, self.unit_shape))
-        absent = [c for c, n in zip(CATEGORIES, self.n_per_category) if not n]
+        absent = absent_categories(self.n_per_category)
         kept = ("dropped" if self.instruction_bits is None
                 else f"kept [{self.n}, {self.n_units}]" + (" bit-packed" if self.packed else ""))
         return "\n".join([

@@ -33,7 +33,7 @@ from sparcom_jax.analysis.uncertainty import (
     bootstrap, cluster_index, instruction_bootstrap, one_unit_note, paired_intervals, paired_set_intervals,
     permutation_test, series_dominance, series_figures, set_figures, units_per_category,
 )
-from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, per_category_text
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, absent_categories, per_category_text
 from sparcom_jax.stats.counts import Counts
 
 SUMMARY_VERSION = 1
@@ -75,10 +75,10 @@ class FieldAnalysis:
     def _lines(self) -> list[str]:
         """The headline figures, one per line (the first names the section)."""
         s = self.summary
-        absent = [c for c in CATEGORIES if not s["n_per_category"][c]]
+        absent = absent_categories(s["n_per_category"])
         rows = [("|S(c)|", per_category_text(s["per_category_count"], absent)),
                 ("unique", per_category_text(s["unique"], absent)),
-                ("general / union", f"{s['general']} / {s['union']}")]
+                ("general / union", f"{'-' if s['general'] is None else s['general']} / {s['union']}")]
         if absent:
             rows.append(("no instructions", f"{', '.join(SHORT_NAMES[c] for c in absent)} (shown as -; general: in "
                                             f"all {C - len(absent)} categories that have instructions)"))
@@ -173,7 +173,9 @@ def field_summary(ident: Identification, instruction_matrix: np.ndarray | None =
         "per_layer": by_category(count),
         "per_layer_share": by_category(share),
         "union_per_layer": union_l,
-        "general_per_layer": gen["general_mask"].reshape(sets.shape[1], -1).sum(1),
+        # NaN (shown as -) where general is undefined (fewer than two categories), not 0.
+        "general_per_layer": (np.full(sets.shape[1], np.nan) if np.isnan(gen["general"])
+                              else gen["general_mask"].reshape(sets.shape[1], -1).sum(1)),
         "phases": {**by_category([ev.locate_phases(p, n_perm, seed) for p in count]),
                    "union": ev.locate_phases(union_l, n_perm, seed)},
         "mean_instruction_set_size": by_category(mean_size),
@@ -714,7 +716,7 @@ class Comparison(dict):
                 ("gained", "gained"), ("lost", "lost"))
         for sec, moves in self["moves"].items():
             per = self[sec]
-            absent = [c for c in CATEGORIES if per[c].get("n_instructions") == 0]
+            absent = absent_categories({c: per[c].get("n_instructions") for c in CATEGORIES})
             lines.append(f"  {sec}")
             lines += [f"    {label:<17} {per_category_text({c: per[c][key] for c in CATEGORIES}, absent)}"
                       for key, label in rows]
@@ -884,7 +886,7 @@ def compare_series(
                          "(analyze_model(..., name='step500')) or pass (name, analysis) pairs")
     analyses = [_as_analysis(x, cfg, n, analyze_kw) for n, x in items]
     check_comparable(analyses)
-    out: dict[str, Any] = {"names": [n for n, _ in items]}
+    out: dict[str, Any] = {"names": names}
     sections = [s for s in analyses[0].fields if all(s in a.fields for a in analyses)]
     keys = ("retained", "gained", "lost", "jaccard")
     for sec in sections:

@@ -318,6 +318,9 @@ def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tup
             group = np.minimum(lx, ly) * n + np.maximum(lx, ly)
             by = np.lexsort((y, x, group))  # deterministic: the same records give the same links
             x, y, group = x[by], y[by], group[by]
+            # A pair found by several probe words or passes, checked once (its repeats are adjacent now).
+            fresh = np.concatenate([[True], (x[1:] != x[:-1]) | (y[1:] != y[:-1])]) if x.size else np.zeros(0, bool)
+            x, y, group = x[fresh], y[fresh], group[fresh]
             head = np.concatenate([[True], group[1:] != group[:-1]]) if group.size else np.zeros(0, bool)
             now = np.arange(group.size) - np.flatnonzero(head)[np.cumsum(head) - 1] < quota
             ok = ix.joined(x[now], y[now])
@@ -358,8 +361,8 @@ def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tup
 
 
 def _category_sets(records: Sequence[Record], keys: Sequence[str], threshold: float):
-    """The records of each category by distinct word set: what `near_pairs`, `_near_links` and
-    `_near_pair_count` search (`keys`: the records' `group_key`s), so that records sharing one word set are
+    """The records of each category by distinct word set: what `near_pairs` and `_near_links`
+    search (`keys`: the records' `group_key`s), so that records sharing one word set are
     handled once as a set.
 
     Yields, per category with records:
@@ -467,22 +470,7 @@ def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float
     return links, checked
 
 
-def _near_pair_count(records: Sequence[Record], keys: Sequence[str], threshold: float) -> int:
-    """How many `near_pairs` join records of different texts (what `grouping_summary` reports),
-    counted from the sets' sizes without listing them: n_u n_v per joined pair of sets (different
-    word sets are different texts; `_joined_chunks`, every joined pair, a chunk at a time), and per
-    joining set the pairs of its records less those of one text. Its time grows with the joined
-    pairs of distinct word sets: k (k - 1) / 2 for a free word slot filled by k words."""
-    pairs = 0
-    for idx, of, n_of, _, self_join, sets in _category_sets(records, keys, threshold):
-        for u, v in _joined_chunks(sets, threshold, _CHUNK):
-            pairs += int((n_of[u] * n_of[v]).sum())
-        n_text = np.asarray(list(Counter(keys[i] for i in idx[self_join[of]].tolist()).values()), np.int64)
-        pairs += int((n_of * (n_of - 1) // 2)[self_join].sum() - (n_text * (n_text - 1) // 2).sum())
-    return pairs
-
-
-# The last few `_near_links` and `_near_pair_count` results, by the records' (category,
+# The last few `_near_links` results, by the records' (category,
 # `group_key`) and the threshold: a run groups one record set many times (its split, every
 # model's counts, the report's data section), and the search takes seconds for hundreds of
 # thousands of records (docs/data.md).
@@ -491,7 +479,7 @@ _PAIRS_CACHE_SIZE = 8
 
 
 def _once(search, records: Sequence[Record], keys: Sequence[str], threshold: float):
-    """`search(records, keys, threshold)` (`_near_links` or `_near_pair_count`), computed once for the
+    """`search(records, keys, threshold)` (`_near_links`), computed once for the
     same records' texts and categories."""
     key = (search.__name__, digest([[r.category, k] for r, k in zip(records, keys)]), float(threshold))
     if key not in _PAIRS_CACHE:
@@ -563,13 +551,17 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
 
     Returns:
       {"group_by", "threshold" (of the near rule, measured even when grouping by text),
-      "records", "text_groups", "near_groups" (per category and "total"), "near_pairs"
-      (pairs of records with different texts that the near rule joins directly),
-      "largest_near_group"}.
+      "records", "text_groups", "near_groups" (per category and "total"), "near_reworded"
+      (records whose near group holds another wording: a text not identical to theirs),
+      "largest_near_group"}. Linear in the records once the groups are found (the pairs that
+      the rule joins directly grow as k (k - 1) / 2 for a template slot of k fillers; `near_pairs`
+      lists them).
     """
     text = group_keys(records, "text")
     near = _near_groups(records, text, threshold)
-    pairs = _once(_near_pair_count, records, text, threshold)
+    wordings: dict[tuple[str, str], set[str]] = {}
+    for r, t, k in zip(records, text, near):
+        wordings.setdefault((r.category, k), set()).add(t)
 
     def per_cat(keys):
         got = {c: len({k for r, k in zip(records, keys) if r.category == c}) for c in CATEGORIES}
@@ -578,7 +570,7 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
     sizes = Counter((r.category, k) for r, k in zip(records, near))
     return {"group_by": by, "threshold": threshold, "records": len(records),
             "text_groups": per_cat(text), "near_groups": per_cat(near),
-            "near_pairs": pairs,
+            "near_reworded": sum(len(wordings[r.category, k]) > 1 for r, k in zip(records, near)),
             "largest_near_group": max(sizes.values(), default=0)}
 
 

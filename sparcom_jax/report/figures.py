@@ -196,7 +196,7 @@ def generality_uniqueness(sections: Mapping[str, dict], title: str, *, units: st
         ks = sorted(hist, key=int)
         share = "n/a" if s["general_share"] is None else f"{s['general_share']:.1%}"
         ax_breadth.bar(np.arange(len(ks)) - 0.4 + width * (k + 0.5), [hist[b] for b in ks], width,
-                       color=f"C{k}", label=f"{name}: general {s['general']} ({share} of union)")
+                       color=f"C{k}", label=f"{name}: general {'-' if s['general'] is None else s['general']} ({share} of union)")
         ax_breadth.set_xticks(range(len(ks)), ks)
     for ax in (ax_size, ax_ratio):
         ax.set_xticks(x, SHORT)

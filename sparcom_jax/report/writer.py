@@ -190,8 +190,8 @@ def _grouping_text(g: dict | None) -> str:
         return ""
     t, n = g["text_groups"]["total"], g["near_groups"]["total"]
     near = (f"{n} groups of near-duplicates (records of one category whose instructions' word sets, numbers "
-            f"alike, have a Jaccard of at least {g['threshold']}, joined through chains; {g['near_pairs']} pairs "
-            f"of differently worded records joined directly, the largest group {g['largest_near_group']} records)")
+            f"alike, have a Jaccard of at least {g['threshold']}, joined through chains; {g['near_reworded']} records "
+            f"share their group with another wording, the largest group {g['largest_near_group']} records)")
     if g["group_by"] == "near":
         return (f"Near-duplicates: the {g['records']} analysed records form {t} groups of identical instruction "
                 f"text and {near}. Groups are the unit of the split, the bootstrap and the permutation tests "
@@ -420,6 +420,10 @@ def _category_table(name: str, section: str, s: dict) -> TableBlock:
 def _general_text(name: str, section: str, s: dict) -> TextBlock:
     """The general set as a count and a share of the union, each with its interval."""
     units = UNIT_WORD[section]
+    if s["general"] is None:
+        return TextBlock(f"{name}: general {units} are undefined with fewer than two categories that have "
+                         f"instructions (in every set would mean in the one set); {s['union']} {units} are in "
+                         "at least one set (the union).")
     share = "undefined (no unit is in any set)" if s["general_share"] is None else f"{s['general_share']:.1%}"
     txt = (f"{name}: {s['general']} {units} are in all six categories' sets (general), {share} of the "
            f"{s['union']} {units} in at least one set (the union)")

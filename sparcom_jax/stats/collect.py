@@ -29,7 +29,7 @@ from sparcom_jax.parallel.processes import gather, key_id, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, position_error, unpad, validate_sequences
-from sparcom_jax.stats.store import CountStore, open_counts
+from sparcom_jax.stats.store import CHUNK_ROWS, CountStore, open_counts
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def check_batch_size(batch_size) -> None:
 
 def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, batch_size: int = 8, *,
                    mesh=None, buckets: Sequence[int] | None = None, progress: bool = True,
-                   out: str | Path | None = None, chunk_rows: int = 256, ids: Sequence[str] | None = None,
+                   out: str | Path | None = None, chunk_rows: int = CHUNK_ROWS, ids: Sequence[str] | None = None,
                    categories: Sequence[str] | None = None, meta: dict | None = None,
                    sources: Sequence[str] | None = None, groups: Sequence[str] | None = None,
                    fingerprint: dict | None = None,

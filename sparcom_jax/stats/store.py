@@ -40,6 +40,10 @@ from sparcom_jax.stats.counts import Counts, array_text
 # changes: a store of another version is refused (`check_version`), never read as this one.
 STORE_VERSION = 1
 
+# Rows per chunk of a store (the zarr chunk along N, and the unit of progress): a lazy read of
+# a few rows reads only their chunks, and a write holds one chunk of every array in memory.
+CHUNK_ROWS = 256
+
 
 def check_version(header: Mapping[str, Any], path: str | Path, fix: str) -> None:
     """Refuse a store whose meta.json `header` has another format version than `STORE_VERSION`.
@@ -150,7 +154,7 @@ class CountStore:
                         f"{meta_path}: this store was made for different inputs ({what}), so it cannot be "
                         "resumed or reused; choose a new output directory, or overwrite it (overwrite=True, "
                         "or --overwrite on the command line)")
-                self._clear()
+                _clear(self.path)
             else:
                 self.done_chunks = _done_chunks(self.path) or 0
         if not meta_path.exists():
@@ -165,14 +169,6 @@ class CountStore:
             self.done_chunks = 0
         self.dtypes = {name: np.dtype(header["dtypes"][name]) for name in shapes}
         self._arrays = {name: ts.open(_spec(self.path / name), open=True).result() for name in shapes}
-
-    def _clear(self) -> None:
-        """Remove the store's files (not its lock): meta first, so a crash leaves no store."""
-        (self.path / "meta.json").unlink(missing_ok=True)
-        (self.path / "progress.json").unlink(missing_ok=True)
-        for child in self.path.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
 
     def close(self) -> None:
         """Release the store's lock (the files stay)."""
@@ -189,6 +185,15 @@ class CountStore:
             f.result()
         self.done_chunks = k + 1
         atomic_write(self.path / "progress.json", json.dumps({"done_chunks": self.done_chunks}))
+
+
+def _clear(path: Path) -> None:
+    """Remove the store's files at `path` (not its lock): meta first, so a crash leaves no store."""
+    (path / "meta.json").unlink(missing_ok=True)
+    (path / "progress.json").unlink(missing_ok=True)
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
 
 
 def _done_chunks(path: Path) -> int | None:
@@ -249,7 +254,8 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
     return counts.to_numpy() if in_memory else counts
 
 
-def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False) -> Path:
+def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False,
+                chunk_rows: int = CHUNK_ROWS) -> Path:
     """Write counts held in memory (a collection made without `out=`) to a count store.
 
     The store is the one `collect_instructions(..., out=path)` writes, read back with
@@ -257,31 +263,48 @@ def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False) ->
     keep it. It carries the counts' labels, meta and, for counts read from a store, that
     store's input fingerprint; counts collected in memory have none (only a collection
     with `out=` records its inputs), so a collection pointed at their store refuses to reuse it.
+    It is written `chunk_rows` rows at a time, so counts read lazily from another store are
+    never held whole in memory.
 
     Args:
       counts: any Counts (arrays in memory, or lazily read from another store).
       path: the store directory; it must not hold a store already unless `overwrite`.
-      overwrite: replace a store there.
+      overwrite: replace a store there (removed before the new one is written).
+      chunk_rows: rows per chunk, as `collect_instructions(..., chunk_rows=)`.
 
     Returns:
       The store directory.
 
     Raises:
       StaleResultError: `path` holds a store (and not `overwrite`).
+      ValueError: `overwrite` and the counts are read from the store at `path` itself (it
+        would be removed before they are read).
+      LockedError: another live process is writing the store at `path`.
     """
     p = Path(path)
-    if read_header(p) is not None and not overwrite:
-        raise StaleResultError(f"{p}: a count store is already here; choose a new directory, or pass "
-                               "overwrite=True to replace it")
+    if read_header(p) is not None:
+        if not overwrite:
+            raise StaleResultError(f"{p}: a count store is already here; choose a new directory, or pass "
+                                   "overwrite=True to replace it")
+        source = (counts.meta or {}).get("store")
+        if source is not None and Path(source).resolve() == p.resolve():
+            raise ValueError(f"{p}: these counts are read from this store, which overwrite=True would remove "
+                             "before reading them; save them to another directory")
+        # A store of the same counts would be resumed as complete, not written again; under its
+        # lock, so that a store another process is writing is refused, not removed.
+        with DirLock(p, "count store"):
+            _clear(p)
     arrays = {"tokens": counts.tokens, **counts.arrays(), **counts.sums()}
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     meta = {k: v for k, v in (counts.meta or {}).items() if k not in ("store", "fingerprint")}
     store = CountStore(p, shapes, ids=counts.ids, categories=counts.categories, sources=counts.sources,
-                       groups=counts.groups, meta=meta, chunk_rows=max(counts.n, 1), overwrite=True,
+                       groups=counts.groups, meta=meta, chunk_rows=chunk_rows,
                        fingerprint=(counts.meta or {}).get("fingerprint"),
                        dtypes={k: np.asarray(v[:0]).dtype for k, v in arrays.items()})
     try:
-        store.write_chunk(0, {k: np.asarray(v[:]) for k, v in arrays.items()})
+        for k, start in enumerate(range(0, counts.n, store.chunk_rows)):
+            stop = min(start + store.chunk_rows, counts.n)  # a tensorstore slice may not pass the end
+            store.write_chunk(k, {name: v[start:stop] for name, v in arrays.items()})
     finally:
         store.close()
     return p
