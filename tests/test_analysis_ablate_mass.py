@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from sparcom_jax.analysis.ablate import AblationResult, ablation_matrix, mass_matched_random, mass_prefix
+from sparcom_jax.analysis.ablate import (AblationResult, ablation_matrix, mass_matched_random, mass_prefix,
+                                         run_in_order)
 from sparcom_jax.categories import CATEGORIES
 
 
@@ -34,13 +35,15 @@ def test_mass_prefix_is_the_closest_prefix_by_brute_force():
     assert mass_prefix(np.array([0.1, 0.1]), 5.0) == 2  # all of them fall short: all
 
 
-def brute_draw(mask, mass, seed):
-    rng = np.random.default_rng(seed)
+def brute_draw(mask, mass, seed, target=None):
+    """The draw by hand; `seed` an int or a generator; `target` float [L] (default the set's estimate)."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     out = np.zeros_like(mask)
     for l in range(mask.shape[0]):
         if mask[l].any():
             free = rng.permutation(np.flatnonzero(~mask[l]))
-            out[l, free[:brute_prefix(mass[l, free], mass[l, mask[l]].sum())]] = True
+            goal = mass[l, mask[l]].sum() if target is None else target[l]
+            out[l, free[:brute_prefix(mass[l, free], goal)]] = True
     return out
 
 
@@ -73,15 +76,21 @@ def test_mass_matched_random_by_brute_force_outside_the_set_and_per_seed():
 
 class MassModel:
     """loss_c(mask) = 1 + mass_c(mask) + 0.5 |mask ∩ S(c)|: the set hurts more than its mass.
-    Reports the mass a mask drops on each category (`last_category_mass`) and overall."""
+    Reports the mass a mask drops on each category (`last_category_mass`) and overall, and each
+    expert's mass in the pass (`last_expert_mass`). With `shift`, a mask removing a layer-0
+    expert multiplies the later layers' masses of the experts it removes there by `shift` (the
+    routing moves onto them, as it did on the demo's Mixtral)."""
 
-    def __init__(self, sets, mass):
-        self.sets, self.mass, self.masks = sets, mass, []
+    def __init__(self, sets, mass, shift=1.0):
+        self.sets, self.mass, self.shift, self.masks = sets, mass, shift, []
 
     def __call__(self, mask):
         self.masks.append(None if mask is None else mask.copy())
         m = np.zeros_like(next(iter(self.sets.values()))) if mask is None else mask
-        by_cat = {c: float(self.mass[c][m].sum()) for c in CATEGORIES}
+        moved = {c: v * np.where(m & m[0].any() & (np.arange(len(m)) > 0)[:, None], self.shift, 1.0)
+                 for c, v in self.mass.items()}
+        self.last_expert_mass = moved
+        by_cat = {c: float(moved[c][m].sum()) for c in CATEGORIES}
         self.last_category_mass = None if mask is None else by_cat
         self.last_dropped_mass = None if mask is None else float(np.mean(list(by_cat.values())))
         return {c: 1.0 + by_cat[c] + 0.5 * float((m & self.sets[c]).sum()) for c in CATEGORIES}
@@ -110,22 +119,25 @@ def test_ablation_matrix_runs_the_mass_matched_control_on_its_own_stream():
     # The frequency-matched draws stay the seed's: the mass-matched ones come after, from [seed, 2].
     assert np.array_equal(r.random_draws, plain.random_draws)
     rng = np.random.default_rng([7, 2])
-    per = 1 + 4 + 4
+    # The baseline and the sets with their frequency-matched draws as without the control, then
+    # the mass-matched draws (they need the sets' passes), in category order.
+    assert all(np.array_equal(x, y) for x, y in zip(model.masks[:len(plain_model.masks)], plain_model.masks,
+                                                      strict=False))
+    per = 4
     for a, cat in enumerate(CATEGORIES):
         if cat == "math":
             continue
         k = [c for c in CATEGORIES if c != "math"].index(cat)
-        block = model.masks[1 + k * per:1 + (k + 1) * per]
-        assert np.array_equal(block[0], sets[cat])
-        assert all(np.array_equal(x, y) for x, y in zip(block[1:5], plain_model.masks[2 + k * 5:1 + (k + 1) * 5]))
-        for d, m in enumerate(block[5:]):
+        block = model.masks[len(plain_model.masks) + k * per:len(plain_model.masks) + (k + 1) * per]
+        assert np.array_equal(model.masks[1 + k * 5], sets[cat])
+        for d, m in enumerate(block):
             assert np.array_equal(m, mass_matched_random(sets[cat], mass[cat], rng))
             assert r.mass_random_sizes[d, a] == m.sum()
             assert r.mass_random_mass[d, a] == pytest.approx(mass[cat][m].sum())  # measured, on a's tokens
             assert r.mass_random_draws[d, a] == pytest.approx(
                 [mass[b][m].sum() + 0.5 * (m & sets[b]).sum() for b in CATEGORIES])
         assert r.set_category_mass[a] == pytest.approx(mass[cat][sets[cat]].sum())
-    assert len(model.masks) == 1 + 5 * per
+    assert len(model.masks) == len(plain_model.masks) + 5 * per == 1 + 5 * (1 + 4 + 4)
     m_ = CATEGORIES.index("math")
     assert np.all(r.mass_random_draws[:, m_] == 0) and r.mass_random_sizes[:, m_].sum() == 0
     # Excess and p-value against these draws, brute force.
@@ -204,3 +216,126 @@ def test_the_report_shows_the_mass_matched_control(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "Mass-matched control (2 draws per category" in page
     assert "own-category excess over 2 mass-matched random draws" in page
+
+
+def test_mass_matched_random_reaches_the_target_given_per_layer_by_brute_force():
+    rng = np.random.default_rng(2)
+    for trial in range(200):
+        L, E = int(rng.integers(1, 5)), int(rng.integers(2, 9))
+        mass = rng.dirichlet(np.ones(E), size=L) / L
+        mask = rng.random((L, E)) < 0.3
+        mask[mask.all(1), 0] = False
+        target = rng.random(L) * 0.6 / L
+        draw = mass_matched_random(mask, mass, np.random.default_rng(trial), target=target)
+        assert np.array_equal(draw, brute_draw(mask, mass, trial, target))
+        assert not (draw & mask).any() and np.array_equal(draw.any(1), mask.any(1))
+    # By hand: the set's own expert estimated at 0.1, but it dropped 0.3 when removed: three of
+    # the 0.1-experts, not one.
+    mass, mask = np.full((1, 5), 0.1), np.eye(1, 5, dtype=bool)
+    assert mass_matched_random(mask, mass, np.random.default_rng(0)).sum() == 1
+    assert mass_matched_random(mask, mass, np.random.default_rng(0), target=np.array([0.3])).sum() == 3
+
+
+def test_the_mass_matched_draws_match_the_mass_each_set_dropped_in_its_own_pass():
+    """The routing moves onto a set's later experts when its layer-0 experts are removed
+    (MassModel's shift): the draws match that measured mass per layer, not the estimate."""
+    sets, mass = setup(L=3, E=8)
+    for c in CATEGORIES:  # a second expert in the last layer: more mass to move there
+        sets[c][2, np.argsort(mass[c][2])[-2]] = c != "math"
+    model = MassModel(sets, mass, shift=2.0)
+    rounds = []
+
+    def counted(loss_fn, masks):
+        rounds.append(len(masks))
+        return run_in_order(loss_fn, masks)
+
+    r = ablation_matrix(sets, model, n_random=3, seed=5, kind="experts", expert_mass=mass, run=counted)
+    assert rounds == [1 + 5 * (1 + 3), 5 * 3]  # the baseline, sets and frequency-matched draws; then these
+    rng = np.random.default_rng([5, 2])
+    ests = []
+    for a, cat in enumerate(CATEGORIES):
+        s = sets[cat]
+        est = (mass[cat] * s).sum(1)
+        if cat == "math":
+            assert (r.set_layer_mass[a] == 0).all() and (r.set_layer_estimate[a] == 0).all()
+            continue
+        measured = est * np.array([1.0, 2.0, 2.0])  # layer 0 as estimated, the later layers doubled
+        np.testing.assert_allclose(r.set_layer_mass[a], measured, rtol=1e-12)
+        np.testing.assert_allclose(r.set_layer_estimate[a], est, rtol=1e-12)
+        assert r.set_category_mass[a] == pytest.approx(measured.sum())
+        k = [c for c in CATEGORIES if c != "math"].index(cat)
+        for d, m in enumerate(model.masks[-15:][3 * k:3 * k + 3]):
+            state = rng.bit_generator.state
+            assert np.array_equal(m, brute_draw(s, mass[cat], rng, measured))
+            rng.bit_generator.state = state
+            ests.append(brute_draw(s, mass[cat], rng, est))
+            assert r.mass_random_sizes[d, a] == m.sum()
+            # The draws' mass, estimated, is near the measured set mass in every layer (within one
+            # expert), or the draw holds every expert outside the set.
+            for l in np.flatnonzero(s.any(1)):
+                gap = abs((mass[cat][l] * m[l]).sum() - measured[l])
+                assert gap <= mass[cat][l][~s[l]].max() + 1e-12 or m[l].sum() == (~s[l]).sum()
+    # Matching the estimate would have drawn other sets: the check can tell the two rules apart.
+    assert any(not np.array_equal(x, y) for x, y in zip(ests, [m for m in model.masks[-15:]]))
+    again = ablation_matrix(sets, MassModel(sets, mass, shift=2.0), n_random=3, seed=5, kind="experts",
+                            expert_mass=mass)
+    for key in ("mass_random_draws", "mass_random_sizes", "set_layer_mass", "random_draws"):
+        assert np.array_equal(getattr(again, key), getattr(r, key), equal_nan=True), key
+    # Recorded, and read back (files of the earlier rule, without them, load with None).
+    d = json.loads(json.dumps(r.to_dict()))["mass_matched"]
+    assert d["set_layer_mass"]["code"] == pytest.approx(list(r.set_layer_mass[CATEGORIES.index("code")]))
+    back = AblationResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    np.testing.assert_array_equal(back.set_layer_estimate, r.set_layer_estimate)
+    old = json.loads(json.dumps(r.to_dict()))
+    del old["mass_matched"]["set_layer_mass"], old["mass_matched"]["set_layer_estimate"]
+    assert AblationResult.from_dict(old).set_layer_mass is None
+    assert AblationResult.from_dict(old).to_dict()["mass_matched"]["set_layer_mass"] is None
+    with pytest.raises(ValueError, match="last_expert_mass"):  # no measured mass to match
+        ablation_matrix(sets, lambda m: {c: 1.0 for c in CATEGORIES}, n_random=1, kind="experts", expert_mass=mass)
+
+
+def test_the_pipeline_shares_both_rounds_evenly_and_every_process_draws_the_same(monkeypatch):
+    """Two simulated processes (the allgather answered as in test_parallel_processes): the
+    second round's passes are numbered on from the first's, so process k runs the check's
+    passes k, k+2, ... of one sequence, and both end with the single process's result."""
+    import jax
+
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline.stages import _PassesShared
+
+    sets, mass = setup(L=3, E=8)
+    base = {c: 1.0 for c in CATEGORIES}
+    kw = dict(n_random=2, seed=3, kind="experts", expert_mass=mass, baseline=base)
+    alone_model = MassModel(sets, mass, shift=2.0)
+    alone = ablation_matrix(sets, alone_model, **kw)
+    n1 = 5 * (1 + 2)
+    assert len(alone_model.masks) == n1 + 5 * 2
+    p, sent = 2, {}
+
+    def as_process(k):
+        monkeypatch.setattr(jax, "process_count", lambda: p)
+        monkeypatch.setattr(jax, "process_index", lambda: k)
+        calls = iter(range(99))
+
+        def gather(values):
+            a = np.asarray(values, np.int64)
+            if a.ndim < 2:  # raise_together's error flags: nobody failed
+                return np.stack([a] * p)
+            j = next(calls)
+            sent[k, j] = a
+            return np.stack([a if i == k else sent.get((i, j), np.zeros_like(a)) for i in range(p)])
+
+        monkeypatch.setattr(processes, "gather", gather)
+        model = MassModel(sets, mass, shift=2.0)
+        return ablation_matrix(sets, model, run=_PassesShared(), **kw), model.masks
+
+    for _ in range(3):  # until every process has the others' rows of both rounds
+        got = [as_process(k) for k in range(p)]
+    for k, (res, ran) in enumerate(got):
+        assert len(ran) == len(alone_model.masks[k::p])
+        assert all(np.array_equal(x, y) for x, y in zip(ran, alone_model.masks[k::p]))
+        for key in ("isn", "random_draws", "mass_random_draws", "mass_random_sizes", "mass_random_mass",
+                    "set_layer_mass", "set_category_mass", "dropped_mass"):
+            np.testing.assert_array_equal(getattr(res, key), getattr(alone, key), err_msg=key)
+    # (The first round has 15 passes: numbering the second from 0 again would give its first
+    # pass, the check's 16th, to process 0, and the shares could drift apart by a pass a round.)

@@ -13,9 +13,10 @@ attribute ``loss_fn.last_dropped_mass``; it is recorded when present, and so is
 
 Mass-matched controls (experts only, `expert_mass`): random expert sets outside the
 tested set that drop, per layer, as much routing mass on the ablated category's tokens
-as the set (`mass_matched_random`), from each expert's mass in the baseline pass
-(`baseline_expert_mass`, from ``loss_fn.last_expert_mass``); what each draw actually
-dropped is recorded.
+as the set dropped when it was removed (its experts' mass in its own pass, per layer,
+from ``loss_fn.last_expert_mass``), the candidates valued at their mass in the baseline
+pass (`baseline_expert_mass`); so the sets' passes run first and the draws in a second
+round (`mass_matched_random`). What each draw actually dropped is recorded.
 
 Random controls: for each category set and draw, a random set with the same
 number of units in every matching group (a layer; a (layer, expert) pair for
@@ -38,9 +39,9 @@ from sparcom_jax.analysis.identify import Identification
 from sparcom_jax.categories import CATEGORIES, normalize_category, per_category_text
 
 LossFn = Callable[[np.ndarray | None], Mapping[str, float]]
-# (loss_fn, masks) -> [(losses, dropped mass or NaN, {category: mass dropped on its tokens} or None)]
-# of every mask, in order.
-PassResult = tuple[Mapping[str, float], float, Mapping[str, float] | None]
+# (loss_fn, masks) -> [(losses, dropped mass or NaN, {category: mass dropped on its tokens} or None,
+# {category: float [L] the same per layer} or None)] of every mask, in order.
+PassResult = tuple[Mapping[str, float], float, Mapping[str, float] | None, Mapping[str, np.ndarray] | None]
 MaskRunner = Callable[[LossFn, Sequence[np.ndarray | None]], list[PassResult]]
 
 # Leading mask axes that form one matching group, per kind.
@@ -133,6 +134,10 @@ class AblationResult:
         held-out tokens (measured), or None.
       mass_random_mass: float [M, C] the same for each mass-matched draw (measured), or None.
       mass_random_sizes: int [M, C] experts in each mass-matched draw, or None.
+      set_layer_mass: float [C, L] per layer, the routing mass S(a) dropped on a's own
+        held-out tokens, measured in its own pass: what the mass-matched draws match; or None.
+      set_layer_estimate: float [C, L] the same as the unablated model estimates it (its
+        experts' baseline mass), beside it to show how removing the set moved the routing; or None.
     """
 
     kind: str
@@ -156,6 +161,8 @@ class AblationResult:
     set_category_mass: np.ndarray | None = None
     mass_random_mass: np.ndarray | None = None
     mass_random_sizes: np.ndarray | None = None
+    set_layer_mass: np.ndarray | None = None
+    set_layer_estimate: np.ndarray | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -312,7 +319,9 @@ class AblationResult:
                 "excess": self.mass_excess, "excess_std": spread["std"],
                 "random_ge_fraction": spread["random_ge_fraction"], "p_value": spread["p_value"],
                 "random_draws": d, "set_mass": by_category(self.set_category_mass),
-                "random_mass": self.mass_random_mass, "random_sizes": self.mass_random_sizes}
+                "random_mass": self.mass_random_mass, "random_sizes": self.mass_random_sizes,
+                **{f"set_layer_{k}": None if v is None else by_category(v)
+                   for k, v in (("mass", self.set_layer_mass), ("estimate", self.set_layer_estimate))}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AblationResult":
@@ -333,7 +342,10 @@ class AblationResult:
             mass_random_draws=arr(mm["random_draws"]) if mm["random_draws"] else np.zeros((0, C, C)),
             set_category_mass=arr([mm["set_mass"][c] for c in CATEGORIES]),
             mass_random_mass=arr(mm["random_mass"]) if mm["random_mass"] else np.zeros((0, C)),
-            mass_random_sizes=arr(mm["random_sizes"], np.int64) if mm["random_sizes"] else np.zeros((0, C), np.int64))
+            mass_random_sizes=arr(mm["random_sizes"], np.int64) if mm["random_sizes"] else np.zeros((0, C), np.int64),
+            # (absent from files of the rule that matched the unablated estimate)
+            **{f"set_layer_{k}": None if mm.get(f"set_layer_{k}") is None
+               else arr([mm[f"set_layer_{k}"][c] for c in CATEGORIES]) for k in ("mass", "estimate")})
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
                    n_random=d["n_random"], seed=d["seed"],
@@ -508,7 +520,8 @@ def mass_prefix(mass_in_order: np.ndarray, target: float) -> int:
     return up + 1
 
 
-def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Generator,
+                        target: np.ndarray | None = None) -> np.ndarray:
     """A random expert set outside `mask` dropping, per layer, about the routing mass `mask` drops.
 
     In every layer where the set has experts, the experts outside it are put in a uniformly
@@ -520,6 +533,8 @@ def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Gener
       mass: float [L, E] each expert's estimated routing mass (e.g. its mean softmax
         probability on the category's held-out tokens in the unablated model).
       rng: generator (draw order: layer, then one permutation of its free experts).
+      target: float [L] the mass to reach per layer (e.g. what the set dropped, measured in
+        its own pass); None: the set's estimate, mass[l, mask[l]].sum().
 
     Returns:
       bool [L, E], never holding an expert of `mask`.
@@ -527,8 +542,9 @@ def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Gener
     out = np.zeros_like(mask)
     for l in np.flatnonzero(mask.any(1)):
         free = rng.permutation(np.flatnonzero(~mask[l]))
+        goal = float(mass[l, mask[l]].sum() if target is None else target[l])
         if free.size:
-            out[l, free[:mass_prefix(mass[l, free], float(mass[l, mask[l]].sum()))]] = True
+            out[l, free[:mass_prefix(mass[l, free], goal)]] = True
     return out
 
 
@@ -568,9 +584,23 @@ def category_mass(loss_fn) -> dict[str, float] | None:
     return None if v is None else {normalize_category(k): float(x) for k, x in v.items()}
 
 
+def category_layer_mass(loss_fn, mask: np.ndarray | None) -> dict[str, np.ndarray] | None:
+    """{category: float [L] the routing mass `mask` (bool [L, E]) dropped on the category's tokens
+    in the last call of `loss_fn`, per layer}, from its `last_expert_mass` (each expert's
+    probability in that pass); None when it gives none or `mask` is not an expert mask."""
+    got = getattr(loss_fn, "last_expert_mass", None)
+    if got is None or mask is None:
+        return None
+    m = np.asarray(mask, bool)
+    out = {normalize_category(k): (np.asarray(v, np.float64) * m).sum(1) for k, v in got.items()
+           if np.shape(v) == m.shape}
+    return out or None
+
+
 def run_in_order(loss_fn: LossFn, masks: Sequence[np.ndarray | None]) -> list[PassResult]:
     """The default `MaskRunner`: `loss_fn` on each mask in turn, with the mass each call dropped."""
-    return [(loss_fn(m), dropped_mass(loss_fn), category_mass(loss_fn)) for m in masks]
+    return [(loss_fn(m), dropped_mass(loss_fn), category_mass(loss_fn), category_layer_mass(loss_fn, m))
+            for m in masks]
 
 
 def full_layers(expert_sets: Mapping[str, np.ndarray]) -> str:
@@ -623,14 +653,19 @@ def ablation_matrix(
       neighbours: each unit of a set is replaced by one drawn among the
         `neighbours` free units of its group nearest to it in frequency (see
         `matched_random`).
-      run: evaluates the masks, all drawn first (baseline None unless `baseline` is
-        given, then per category its set and its draws): `run_in_order` by default; the pipeline passes one
-        that shares them among processes. The draws do not depend on the losses, so
-        the result is the same whichever runs them.
+      run: evaluates the masks, all of a round drawn first (baseline None unless `baseline`
+        is given, then per category its set and its draws; with `expert_mass`, a second
+        call with the mass-matched draws, in category order): `run_in_order` by default;
+        the pipeline passes one that shares them among processes. The draws depend only
+        on the seed and, for the mass-matched ones, on the first round's masses, so the
+        result is the same whichever runs them.
       expert_mass: experts only: {category: float [L, E] each expert's routing mass on
         the category's held-out tokens} (`baseline_expert_mass`); when given, also
         `n_random` mass-matched sets per category (`mass_matched_random`, on their own
-        random stream) from these estimates; a category without an entry gets NaN.
+        random stream): per layer, they reach the mass the set dropped on the category's
+        tokens as measured in the set's own pass (`loss_fn.last_expert_mass`, which the
+        loss_fn must then report), the candidates valued at these estimates; a category
+        without an entry gets NaN.
       baseline: {category: mean loss} of the unablated model when already measured (the
         pass `baseline_expert_mass` made); None: measured as the first pass.
 
@@ -669,12 +704,14 @@ def ablation_matrix(
     # Its own stream: the draws stay those of the seed whether or not it is measured.
     closest_rng = np.random.default_rng([seed, 1])
     expert_mass = {normalize_category(k): np.asarray(v, np.float64) for k, v in (expert_mass or {}).items()}
-    mass_draws = mass_sizes = mass_mass = set_mass = None
+    mass_draws = mass_sizes = mass_mass = set_mass = layer_mass = layer_est = None
     if mass_matched:
         mass_draws = np.full((n_random, C, C), np.nan)
         mass_sizes = np.zeros((n_random, C), np.int64)
         mass_mass = np.full((n_random, C), np.nan)
         set_mass = np.full(C, np.nan)
+        n_layers = next((v.shape[0] for v in sets.values()), 0)
+        layer_mass, layer_est = np.full((C, n_layers), np.nan), np.full((C, n_layers), np.nan)
     # Its own stream too: the frequency-matched draws stay the seed's with or without it.
     mass_rng = np.random.default_rng([seed, 2])
     masks: list[np.ndarray | None] = [None] if baseline is None else []  # the baseline first
@@ -689,7 +726,7 @@ def ablation_matrix(
             isn[a] = draws[:, a] = 0.0
             dropped[a] = rdropped[:, a] = 0.0
             if mass_matched:
-                mass_draws[:, a] = mass_mass[:, a] = set_mass[a] = 0.0
+                mass_draws[:, a] = mass_mass[:, a] = set_mass[a] = layer_mass[a] = layer_est[a] = 0.0
             continue
         masks.append(mask)
         slots.append((a, "set", 0))
@@ -705,17 +742,32 @@ def ablation_matrix(
                 rand_freq[d, a] = freq64[rmask].mean()
             masks.append(rmask)
             slots.append((a, "random", d))
-        # A category none of whose held-out tokens is scored has no mass to match: NaN.
-        for d in range(n_random if cat in expert_mass else 0):
-            rmask = mass_matched_random(mask, expert_mass[cat], mass_rng)
-            mass_sizes[d, a] = rmask.sum()
-            masks.append(rmask)
-            slots.append((a, "mass", d))
     results = run(loss_fn, masks)
     if baseline is None:
-        (baseline, _, _), *results = results
+        (baseline, *_), *results = results
+    # Second round: removing a set's early experts can move the later layers' routing onto
+    # its later experts, so the draws match the mass the set dropped in its own pass, per
+    # layer, not its unablated estimate. A category none of whose held-out tokens is scored
+    # has no mass to match: NaN.
+    masks, slots2 = [], []
+    for (a, which, _), (_, _, _, by_layer) in zip(slots, results, strict=True):
+        cat = CATEGORIES[a]
+        if which != "set" or not n_random or cat not in expert_mass:
+            continue
+        if by_layer is None or cat not in by_layer:
+            raise ValueError("the mass-matched control needs a loss_fn that reports each expert's routing mass "
+                             "after an ablated call (`last_expert_mass`, as sparcom_jax.stats.losses.CategoryLoss "
+                             f"of kind 'experts' does): none for {cat}'s set")
+        layer_mass[a], layer_est[a] = by_layer[cat], (expert_mass[cat] * sets[cat]).sum(1)
+        for d in range(n_random):
+            rmask = mass_matched_random(sets[cat], expert_mass[cat], mass_rng, target=layer_mass[a])
+            mass_sizes[d, a] = rmask.sum()
+            masks.append(rmask)
+            slots2.append((a, "mass", d))
+    if masks:
+        results += run(loss_fn, masks)
     baseline = {normalize_category(k): float(v) for k, v in baseline.items()}
-    for (a, which, d), (losses, mass, by_cat) in zip(slots, results, strict=True):
+    for (a, which, d), (losses, mass, by_cat, _) in zip(slots + slots2, results, strict=True):
         own = np.nan if by_cat is None else by_cat.get(CATEGORIES[a], np.nan)  # on a's own tokens
         if which == "set":
             isn[a], dropped[a] = _row(losses, baseline), mass
@@ -736,7 +788,8 @@ def ablation_matrix(
                   "exclude_tested_set": True},
         set_frequency=set_freq, random_frequency=rand_freq, coverage=getattr(loss_fn, "coverage", None),
         closest_frequency=close_freq, above_others=above, mass_random_draws=mass_draws,
-        set_category_mass=set_mass, mass_random_mass=mass_mass, mass_random_sizes=mass_sizes)
+        set_category_mass=set_mass, mass_random_mass=mass_mass, mass_random_sizes=mass_sizes,
+        set_layer_mass=layer_mass, set_layer_estimate=layer_est)
 
 
 def ablate_identification(ident, loss_fn: LossFn, **kw) -> AblationResult:

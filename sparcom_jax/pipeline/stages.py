@@ -695,6 +695,12 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
     return out / "ablate" / f"{safe(label)}_{kind}.json"
 
 
+# The mass-matched control's rule, in the experts' fingerprint: the draws match, per layer, the
+# mass the set dropped in its own pass. Results of the first rule (`True`: matched to the set's
+# unablated estimate, which removing the set's early experts can move) are refused.
+MASS_RULE = "measured_set_mass"
+
+
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
     """What one causal-check result depends on, but for the tokens of its held-out records
     (`held_out_fingerprint`, which needs the tokenizer: the stage adds them)."""
@@ -704,7 +710,7 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
             "ablation": {"kind": kind, "n_random": a.n_random, "neighbours": a.neighbours, "seed": cfg.seed,
                          "expert_mode": a.expert_mode,
                          # experts only, and absent when off: results made without it still match then
-                         **({"mass_matched": True} if kind == "experts" and a.mass_matched else {})},
+                         **({"mass_matched": MASS_RULE} if kind == "experts" and a.mass_matched else {})},
             # The text and category of each record, not only its id: the loss is measured on them.
             "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
             "template": template_for(spec, cfg),
@@ -770,7 +776,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                         f.unlink(missing_ok=True)
                 continue
             if model is None:
-                # Each process runs its share of the passes alone, on its own devices (`_passes_shared`).
+                # Each process runs its share of the passes alone, on its own devices (`_PassesShared`).
                 mesh = make_mesh(cfg.mesh, local=True) if mesh is None else mesh
                 # The counting numerics (dtype and gate dtype) chose the sets: the loss is measured in them.
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
@@ -791,11 +797,11 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 mine = len(range(jax.process_index(), total, jax.process_count()))
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
                     # With the mass-matched control the baseline is the pass that measures the masses,
-                    # the last in turn (`total - 1`); without, the first of `_passes_shared`.
+                    # the last in turn (`total - 1`); without, the first of `_PassesShared`.
                     base, mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts,
                                                       total - 1) if mass_matched else (None, None))
                     res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                neighbours=a.neighbours, run=_passes_shared, expert_mass=mass,
+                                                neighbours=a.neighbours, run=_PassesShared(), expert_mass=mass,
                                                 baseline=base)
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
@@ -806,36 +812,56 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     return written
 
 
-def _passes_shared(loss_fn, masks) -> list[tuple[dict[str, float], float, dict[str, float] | None]]:
-    """The causal check's `MaskRunner` over processes: process k runs the passes k, k+P, ...
-    (each over every held-out record, on its own devices: `make_mesh(local=True)`), and every
-    process gets every pass's losses as the process that ran it has them. A pass is the same
-    program on every process's devices, so the result is the one process's, in 1/P of the time."""
-    import numpy as np
+class _PassesShared:
+    """The causal check's `MaskRunner` over processes: the passes of all its calls are numbered
+    in turn (a second call, the mass-matched draws, goes on from where the first stopped) and
+    process k runs the passes k, k+P, ... (each over every held-out record, on its own devices:
+    `make_mesh(local=True)`), so the processes' shares stay within one pass of each other over
+    the whole check; every process gets every pass's losses and masses as the process that ran
+    it has them, so every process draws the same second round. A pass is the same program on
+    every process's devices, so the result is the one process's, in 1/P of the time."""
 
-    from sparcom_jax.analysis.ablate import category_mass, dropped_mass
-    from sparcom_jax.categories import CATEGORIES, normalize_category
-    from sparcom_jax.parallel.processes import share_map
+    def __init__(self):
+        self.done = 0  # passes of the earlier calls
 
-    def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none),
-        # mass dropped on each category's tokens (NaN: none)]
-        losses = {normalize_category(k): float(v) for k, v in loss_fn(masks[i]).items()}
-        by_cat = category_mass(loss_fn) or {}
-        return ([losses.get(c, np.nan) for c in CATEGORIES] + [c in losses for c in CATEGORIES]
-                + [dropped_mass(loss_fn)] + [by_cat.get(c, np.nan) for c in CATEGORIES])
+    def __call__(self, loss_fn, masks):
+        import numpy as np
 
-    n = len(CATEGORIES)
-    rows = share_map(one, len(masks), 3 * n + 1, "ablate")
-    return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n]),
-             {c: float(r[2 * n + 1 + j]) for j, c in enumerate(CATEGORIES) if np.isfinite(r[2 * n + 1 + j])}
-             or None) for r in rows]
+        from sparcom_jax.analysis.ablate import category_layer_mass, category_mass, dropped_mass
+        from sparcom_jax.categories import CATEGORIES, normalize_category
+        from sparcom_jax.parallel.processes import share_map
+
+        n, start = len(CATEGORIES), self.done
+        L = next((np.shape(m)[0] for m in masks if m is not None), 0)  # (one shape for all of a check's masks)
+
+        def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none),
+            # mass dropped on each category's tokens (NaN: none), the same per layer [C * L]];
+            # the earlier calls' passes are not run again: NaN
+            if i < start:
+                return np.full(3 * n + 1 + n * L, np.nan)
+            mask = masks[i - start]
+            losses = {normalize_category(k): float(v) for k, v in loss_fn(mask).items()}
+            by_cat, by_layer = category_mass(loss_fn) or {}, category_layer_mass(loss_fn, mask) or {}
+            return np.concatenate([[losses.get(c, np.nan) for c in CATEGORIES], [c in losses for c in CATEGORIES],
+                                   [dropped_mass(loss_fn)], [by_cat.get(c, np.nan) for c in CATEGORIES]]
+                                  + [by_layer.get(c, np.full(L, np.nan)) for c in CATEGORIES])
+
+        rows = share_map(one, start + len(masks), 3 * n + 1 + n * L, "ablate")[start:]
+        self.done += len(masks)
+
+        def finite(values):
+            return {c: v for c, v in zip(CATEGORIES, values) if np.isfinite(v).all()} or None
+
+        return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n]),
+                 finite([float(x) for x in r[2 * n + 1:3 * n + 1]]), finite(r[3 * n + 1:].reshape(n, L)))
+                for r in rows]
 
 
 def _expert_mass_shared(loss_fn, L: int, E: int, total: int) -> tuple[dict[str, float], dict[str, Any]]:
     """`baseline_expert_mass` (the baseline losses and each category's float [L, E] masses) run
     by one process and given to every process bit for bit, so that every process draws the same
     mass-matched sets; it is the check's baseline too (`ablation_matrix(baseline=)`). It runs
-    first but is numbered after the `total` passes of `_passes_shared`: on the process that
+    first but is numbered after the `total` passes of `_PassesShared`: on the process that
     pass falls to (`total` mod the processes), so the processes' shares stay within one pass
     of each other."""
     import jax
