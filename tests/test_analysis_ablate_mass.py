@@ -294,14 +294,14 @@ def test_the_mass_matched_draws_match_the_mass_each_set_dropped_in_its_own_pass(
         ablation_matrix(sets, lambda m: {c: 1.0 for c in CATEGORIES}, n_random=1, kind="experts", expert_mass=mass)
 
 
-def test_the_pipeline_shares_both_rounds_evenly_and_every_process_draws_the_same(monkeypatch):
-    """Two simulated processes (the allgather answered as in test_parallel_processes): the
-    second round's passes are numbered on from the first's, so process k runs the check's
-    passes k, k+2, ... of one sequence, and both end with the single process's result."""
+def test_the_pipeline_shares_each_round_and_every_process_draws_the_same(monkeypatch):
+    """Two simulated processes (the allgather answered as in test_parallel_processes): process
+    k runs the passes k, k+2, ... of each round (both share it evenly) and every process ends
+    with the single process's result."""
     import jax
 
     from sparcom_jax.parallel import processes
-    from sparcom_jax.pipeline.stages import _PassesShared
+    from sparcom_jax.pipeline.stages import _passes_shared
 
     sets, mass = setup(L=3, E=8)
     base = {c: 1.0 for c in CATEGORIES}
@@ -327,15 +327,14 @@ def test_the_pipeline_shares_both_rounds_evenly_and_every_process_draws_the_same
 
         monkeypatch.setattr(processes, "gather", gather)
         model = MassModel(sets, mass, shift=2.0)
-        return ablation_matrix(sets, model, run=_PassesShared(), **kw), model.masks
+        return ablation_matrix(sets, model, run=_passes_shared, **kw), model.masks
 
     for _ in range(3):  # until every process has the others' rows of both rounds
         got = [as_process(k) for k in range(p)]
     for k, (res, ran) in enumerate(got):
-        assert len(ran) == len(alone_model.masks[k::p])
-        assert all(np.array_equal(x, y) for x, y in zip(ran, alone_model.masks[k::p]))
+        share = alone_model.masks[:n1][k::p] + alone_model.masks[n1:][k::p]  # its passes of each round
+        assert len(ran) == len(share)
+        assert all(np.array_equal(x, y) for x, y in zip(ran, share))
         for key in ("isn", "random_draws", "mass_random_draws", "mass_random_sizes", "mass_random_mass",
                     "set_layer_mass", "set_category_mass", "dropped_mass"):
             np.testing.assert_array_equal(getattr(res, key), getattr(alone, key), err_msg=key)
-    # (The first round has 15 passes: numbering the second from 0 again would give its first
-    # pass, the check's 16th, to process 0, and the shares could drift apart by a pass a round.)

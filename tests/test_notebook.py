@@ -467,6 +467,28 @@ def test_saving_counts_over_a_store_of_the_same_counts_replaces_it_and_refuses_i
     assert sj.open_counts(path).n == counts.n
 
 
+def test_saving_counts_with_overwrite_clears_under_the_writers_own_lock(tmp_path, monkeypatch):
+    # save_counts(overwrite=True) cleared under a lock of its own and released it before the
+    # store's writer took the lock again: a writer that got in between left a store that the
+    # save then refused (StaleResultError) instead of replacing it.
+    from sparcom_jax.stats import store
+
+    counts, other = _study_counts(n_per_category=1, L=2, F=8), _study_counts(n_per_category=2, L=2, F=8)
+    path = sj.save_counts(counts, tmp_path / "saved")
+    real, intruded = store.CountStore, []
+
+    class Intruded(real):
+        def __init__(self, *a, **k):
+            if not intruded:  # another writer, just before this one takes the lock
+                intruded.append(1)
+                sj.save_counts(other, path, overwrite=True)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(store, "CountStore", Intruded)
+    sj.save_counts(counts, path, overwrite=True)
+    assert intruded and sj.open_counts(path).n == counts.n
+
+
 def test_saving_lazily_read_counts_reads_and_writes_them_a_chunk_at_a_time(tmp_path, monkeypatch):
     # Each array was written as one zarr chunk of all N rows (every later row read read the whole
     # array) from one read of the whole source.

@@ -520,6 +520,11 @@ def mass_prefix(mass_in_order: np.ndarray, target: float) -> int:
     return up + 1
 
 
+def mask_layer_mass(mass: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """float [L]: per layer, the mass (float [L, E]) of the experts in `mask` (bool [L, E])."""
+    return (np.asarray(mass, np.float64) * mask).sum(1)
+
+
 def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Generator,
                         target: np.ndarray | None = None) -> np.ndarray:
     """A random expert set outside `mask` dropping, per layer, about the routing mass `mask` drops.
@@ -534,17 +539,17 @@ def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Gener
         probability on the category's held-out tokens in the unablated model).
       rng: generator (draw order: layer, then one permutation of its free experts).
       target: float [L] the mass to reach per layer (e.g. what the set dropped, measured in
-        its own pass); None: the set's estimate, mass[l, mask[l]].sum().
+        its own pass); None: the set's estimate, `mask_layer_mass(mass, mask)`.
 
     Returns:
       bool [L, E], never holding an expert of `mask`.
     """
     out = np.zeros_like(mask)
+    target = mask_layer_mass(mass, mask) if target is None else target
     for l in np.flatnonzero(mask.any(1)):
         free = rng.permutation(np.flatnonzero(~mask[l]))
-        goal = float(mass[l, mask[l]].sum() if target is None else target[l])
         if free.size:
-            out[l, free[:mass_prefix(mass[l, free], goal)]] = True
+            out[l, free[:mass_prefix(mass[l, free], float(target[l]))]] = True
     return out
 
 
@@ -592,8 +597,7 @@ def category_layer_mass(loss_fn, mask: np.ndarray | None) -> dict[str, np.ndarra
     if got is None or mask is None:
         return None
     m = np.asarray(mask, bool)
-    out = {normalize_category(k): (np.asarray(v, np.float64) * m).sum(1) for k, v in got.items()
-           if np.shape(v) == m.shape}
+    out = {normalize_category(k): mask_layer_mass(v, m) for k, v in got.items() if np.shape(v) == m.shape}
     return out or None
 
 
@@ -758,7 +762,7 @@ def ablation_matrix(
             raise ValueError("the mass-matched control needs a loss_fn that reports each expert's routing mass "
                              "after an ablated call (`last_expert_mass`, as sparcom_jax.stats.losses.CategoryLoss "
                              f"of kind 'experts' does): none for {cat}'s set")
-        layer_mass[a], layer_est[a] = by_layer[cat], (expert_mass[cat] * sets[cat]).sum(1)
+        layer_mass[a], layer_est[a] = by_layer[cat], mask_layer_mass(expert_mass[cat], sets[cat])
         for d in range(n_random):
             rmask = mass_matched_random(sets[cat], expert_mass[cat], mass_rng, target=layer_mass[a])
             mass_sizes[d, a] = rmask.sum()

@@ -310,6 +310,9 @@ def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tup
 
     def check(x, y):  # candidates (x, y), any order or repeats: join components a few pairs at a time
         nonlocal checked
+        # A pair found by several probe words or passes within one call, checked once (repeats
+        # across calls, in other batches, are not deduped).
+        x, y = np.unique(np.stack([x, y], 1), axis=0).T
         quota = 1
         while x.size:
             lx, ly = _roots(label, x), _roots(label, y)
@@ -318,9 +321,6 @@ def _set_forest(sets: list[frozenset[str]], threshold: float, chunk: int) -> tup
             group = np.minimum(lx, ly) * n + np.maximum(lx, ly)
             by = np.lexsort((y, x, group))  # deterministic: the same records give the same links
             x, y, group = x[by], y[by], group[by]
-            # A pair found by several probe words or passes, checked once (its repeats are adjacent now).
-            fresh = np.concatenate([[True], (x[1:] != x[:-1]) | (y[1:] != y[:-1])]) if x.size else np.zeros(0, bool)
-            x, y, group = x[fresh], y[fresh], group[fresh]
             head = np.concatenate([[True], group[1:] != group[:-1]]) if group.size else np.zeros(0, bool)
             now = np.arange(group.size) - np.flatnonzero(head)[np.cumsum(head) - 1] < quota
             ok = ix.joined(x[now], y[now])
@@ -474,18 +474,18 @@ def _near_links(records: Sequence[Record], keys: Sequence[str], threshold: float
 # `group_key`) and the threshold: a run groups one record set many times (its split, every
 # model's counts, the report's data section), and the search takes seconds for hundreds of
 # thousands of records (docs/data.md).
-_PAIRS_CACHE: dict[tuple[str, str, float], object] = {}
+_PAIRS_CACHE: dict[tuple[str, float], object] = {}
 _PAIRS_CACHE_SIZE = 8
 
 
-def _once(search, records: Sequence[Record], keys: Sequence[str], threshold: float):
-    """`search(records, keys, threshold)` (`_near_links`), computed once for the
-    same records' texts and categories."""
-    key = (search.__name__, digest([[r.category, k] for r, k in zip(records, keys)]), float(threshold))
+def _near_links_once(records: Sequence[Record], keys: Sequence[str], threshold: float):
+    """`_near_links(records, keys, threshold)`, computed once for the same records' texts and
+    categories."""
+    key = (digest([[r.category, k] for r, k in zip(records, keys)]), float(threshold))
     if key not in _PAIRS_CACHE:
         while len(_PAIRS_CACHE) >= _PAIRS_CACHE_SIZE:
             _PAIRS_CACHE.pop(next(iter(_PAIRS_CACHE)))
-        _PAIRS_CACHE[key] = search(records, keys, threshold)
+        _PAIRS_CACHE[key] = _near_links(records, keys, threshold)
     return _PAIRS_CACHE[key]
 
 
@@ -519,7 +519,7 @@ def group_keys(records: Sequence[Record], by: GroupBy = "text", threshold: float
 def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: float) -> list[str]:
     """`group_keys(records, "near", threshold)` from the records' `group_key`s `keys`."""
     _check_threshold(threshold)
-    links = _once(_near_links, records, keys, threshold)[0]
+    links = _near_links_once(records, keys, threshold)[0]
     parent = list(range(len(records)))
 
     def root(i: int) -> int:

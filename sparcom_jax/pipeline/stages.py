@@ -776,7 +776,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                         f.unlink(missing_ok=True)
                 continue
             if model is None:
-                # Each process runs its share of the passes alone, on its own devices (`_PassesShared`).
+                # Each process runs its share of the passes alone, on its own devices (`_passes_shared`).
                 mesh = make_mesh(cfg.mesh, local=True) if mesh is None else mesh
                 # The counting numerics (dtype and gate dtype) chose the sets: the loss is measured in them.
                 model = load_spec_model(spec, dtype=cfg.collect.dtype, mesh=mesh, moe_impl=cfg.collect.moe_impl,
@@ -794,14 +794,16 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
                                        encoded=held_enc)
-                mine = len(range(jax.process_index(), total, jax.process_count()))
+                # Each call numbers its passes from 0 (process k runs k, k+P, ...); the mass pass is process 0's.
+                first = len(with_set) * (1 + a.n_random) + (0 if mass_matched else 1)
+                rounds = [1, first, total - 1 - first] if mass_matched else [first]
+                mine = sum(len(range(jax.process_index(), r, jax.process_count())) for r in rounds)
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
-                    # With the mass-matched control the baseline is the pass that measures the masses,
-                    # the last in turn (`total - 1`); without, the first of `_PassesShared`.
-                    base, mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts,
-                                                      total - 1) if mass_matched else (None, None))
+                    # With the mass-matched control the baseline is the pass that measures the masses.
+                    base, mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts)
+                                  if mass_matched else (None, None))
                     res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                neighbours=a.neighbours, run=_PassesShared(), expert_mass=mass,
+                                                neighbours=a.neighbours, run=_passes_shared, expert_mass=mass,
                                                 baseline=base)
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
@@ -812,76 +814,60 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     return written
 
 
-class _PassesShared:
-    """The causal check's `MaskRunner` over processes: the passes of all its calls are numbered
-    in turn (a second call, the mass-matched draws, goes on from where the first stopped) and
-    process k runs the passes k, k+P, ... (each over every held-out record, on its own devices:
-    `make_mesh(local=True)`), so the processes' shares stay within one pass of each other over
-    the whole check; every process gets every pass's losses and masses as the process that ran
-    it has them, so every process draws the same second round. A pass is the same program on
-    every process's devices, so the result is the one process's, in 1/P of the time."""
+def _passes_shared(loss_fn, masks):
+    """The causal check's `MaskRunner` over processes: `share_map` gives process k the passes
+    k, k+P, ... of the call (each over every held-out record, on its own devices:
+    `make_mesh(local=True)`) and every process every pass's losses and masses as the process
+    that ran it has them, so every process draws the same second round. A pass is the same
+    program on every process's devices, so the result is the one process's, in 1/P of the
+    time (each call ends in the gather: a round of R passes takes ceil(R/P) passes)."""
+    import numpy as np
 
-    def __init__(self):
-        self.done = 0  # passes of the earlier calls
+    from sparcom_jax.analysis.ablate import category_layer_mass, category_mass, dropped_mass
+    from sparcom_jax.categories import CATEGORIES, normalize_category
+    from sparcom_jax.parallel.processes import share_map
 
-    def __call__(self, loss_fn, masks):
-        import numpy as np
+    n = len(CATEGORIES)
+    L = next((np.shape(m)[0] for m in masks if m is not None), 0)  # (one shape for all of a check's masks)
 
-        from sparcom_jax.analysis.ablate import category_layer_mass, category_mass, dropped_mass
-        from sparcom_jax.categories import CATEGORIES, normalize_category
-        from sparcom_jax.parallel.processes import share_map
+    def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none),
+        # mass dropped on each category's tokens (NaN: none), the same per layer [C * L]]
+        mask = masks[i]
+        losses = {normalize_category(k): float(v) for k, v in loss_fn(mask).items()}
+        by_cat, by_layer = category_mass(loss_fn) or {}, category_layer_mass(loss_fn, mask) or {}
+        return np.concatenate([[losses.get(c, np.nan) for c in CATEGORIES], [c in losses for c in CATEGORIES],
+                               [dropped_mass(loss_fn)], [by_cat.get(c, np.nan) for c in CATEGORIES]]
+                              + [by_layer.get(c, np.full(L, np.nan)) for c in CATEGORIES])
 
-        n, start = len(CATEGORIES), self.done
-        L = next((np.shape(m)[0] for m in masks if m is not None), 0)  # (one shape for all of a check's masks)
+    rows = share_map(one, len(masks), 3 * n + 1 + n * L, "ablate")
 
-        def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none),
-            # mass dropped on each category's tokens (NaN: none), the same per layer [C * L]];
-            # the earlier calls' passes are not run again: NaN
-            if i < start:
-                return np.full(3 * n + 1 + n * L, np.nan)
-            mask = masks[i - start]
-            losses = {normalize_category(k): float(v) for k, v in loss_fn(mask).items()}
-            by_cat, by_layer = category_mass(loss_fn) or {}, category_layer_mass(loss_fn, mask) or {}
-            return np.concatenate([[losses.get(c, np.nan) for c in CATEGORIES], [c in losses for c in CATEGORIES],
-                                   [dropped_mass(loss_fn)], [by_cat.get(c, np.nan) for c in CATEGORIES]]
-                                  + [by_layer.get(c, np.full(L, np.nan)) for c in CATEGORIES])
+    def finite(values):
+        return {c: v for c, v in zip(CATEGORIES, values) if np.isfinite(v).all()} or None
 
-        rows = share_map(one, start + len(masks), 3 * n + 1 + n * L, "ablate")[start:]
-        self.done += len(masks)
-
-        def finite(values):
-            return {c: v for c, v in zip(CATEGORIES, values) if np.isfinite(v).all()} or None
-
-        return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n]),
-                 finite([float(x) for x in r[2 * n + 1:3 * n + 1]]), finite(r[3 * n + 1:].reshape(n, L)))
-                for r in rows]
+    return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n]),
+             finite([float(x) for x in r[2 * n + 1:3 * n + 1]]), finite(r[3 * n + 1:].reshape(n, L)))
+            for r in rows]
 
 
-def _expert_mass_shared(loss_fn, L: int, E: int, total: int) -> tuple[dict[str, float], dict[str, Any]]:
+def _expert_mass_shared(loss_fn, L: int, E: int) -> tuple[dict[str, float], dict[str, Any]]:
     """`baseline_expert_mass` (the baseline losses and each category's float [L, E] masses) run
-    by one process and given to every process bit for bit, so that every process draws the same
-    mass-matched sets; it is the check's baseline too (`ablation_matrix(baseline=)`). It runs
-    first but is numbered after the `total` passes of `_PassesShared`: on the process that
-    pass falls to (`total` mod the processes), so the processes' shares stay within one pass
-    of each other."""
-    import jax
-
+    by process 0 and given to every process bit for bit, so that every process draws the same
+    mass-matched sets; it is the check's baseline too (`ablation_matrix(baseline=)`)."""
     import numpy as np
 
     from sparcom_jax.analysis.ablate import baseline_expert_mass
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.parallel.processes import share_map
 
-    owner = total % jax.process_count()
     C = len(CATEGORIES)
 
-    def one(i):  # [category losses, category has a loss, every category's [L, E] flattened (NaN: no
-        # scored token)]; NaN everywhere on no pass
-        losses, mass = baseline_expert_mass(loss_fn) if i == owner else ({}, {})
+    def one(_):  # [category losses, category has a loss, every category's [L, E] flattened (NaN: no
+        # scored token)]
+        losses, mass = baseline_expert_mass(loss_fn)
         return np.concatenate([[losses.get(c, np.nan) for c in CATEGORIES], [c in losses for c in CATEGORIES]]
                               + [np.ravel(mass.get(c, np.full((L, E), np.nan))) for c in CATEGORIES])
 
-    row = share_map(one, owner + 1, 2 * C + C * L * E, "ablate: expert mass")[owner]
+    row = share_map(one, 1, 2 * C + C * L * E, "ablate: expert mass")[0]
     mass = row[2 * C:].reshape(C, L, E)
     return ({c: float(row[i]) for i, c in enumerate(CATEGORIES) if row[C + i]},
             {c: mass[i] for i, c in enumerate(CATEGORIES) if np.isfinite(mass[i]).all()})

@@ -101,6 +101,9 @@ class CountStore:
         an existing store is resumed only when it has the same fingerprint, and the same
         record ids and categories, and sources and group keys where both sides have them.
       overwrite: replace an existing store made for other inputs instead of refusing.
+      replace: replace any existing store, even one made for these inputs (which would
+        otherwise be resumed); cleared under this writer's lock, so no other writer gets in
+        between.
       dtypes: {field: numpy dtype} where it is not int32 (the float sums).
       token_digests: `sparcom_jax.fingerprint.record_digests` of the rows' tokens, kept so
         that a refusal can name the records whose tokens changed (`changed_records`).
@@ -112,18 +115,19 @@ class CountStore:
 
     def __init__(self, path: str | Path, shapes: dict[str, tuple[int, ...]], *, ids, categories, meta: dict,
                  chunk_rows: int, sources=None, groups=None, fingerprint: Mapping[str, Any] | None = None,
-                 overwrite: bool = False, dtypes: Mapping[str, Any] | None = None, token_digests: str | None = None):
+                 overwrite: bool = False, replace: bool = False, dtypes: Mapping[str, Any] | None = None,
+                 token_digests: str | None = None):
         self.path = Path(path)
         self.chunk_rows = int(chunk_rows)
         self.lock = DirLock(self.path, "count store").acquire()
         try:
             self._open(shapes, dict(ids=ids, categories=categories, sources=sources, groups=groups), meta,
-                       dict(fingerprint or {}), overwrite, dict(dtypes or {}), token_digests)
+                       dict(fingerprint or {}), overwrite, replace, dict(dtypes or {}), token_digests)
         except BaseException:
             self.lock.release()
             raise
 
-    def _open(self, shapes, labels, meta, fingerprint, overwrite, dtypes, token_digests):
+    def _open(self, shapes, labels, meta, fingerprint, overwrite, replace, dtypes, token_digests):
         n = shapes["tokens"][0]
         header = {"version": STORE_VERSION, "n": n, "chunk_rows": self.chunk_rows,
                   "shapes": {k: list(v) for k, v in shapes.items()},
@@ -145,8 +149,8 @@ class CountStore:
             if old_model != meta.get("model"):
                 mismatch.append("meta.model")
             changed = stale_keys(old.get("fingerprint"), fingerprint)
-            if mismatch or changed:
-                if not overwrite:
+            if replace or mismatch or changed:
+                if not (overwrite or replace):
                     what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint,
                                                           details={"tokens": changed_records(old, header)})]
                                                  if changed else []))
@@ -290,17 +294,16 @@ def save_counts(counts: Counts, path: str | Path, *, overwrite: bool = False,
         if source is not None and Path(source).resolve() == p.resolve():
             raise ValueError(f"{p}: these counts are read from this store, which overwrite=True would remove "
                              "before reading them; save them to another directory")
-        # A store of the same counts would be resumed as complete, not written again; under its
-        # lock, so that a store another process is writing is refused, not removed.
-        with DirLock(p, "count store"):
-            _clear(p)
     arrays = {"tokens": counts.tokens, **counts.arrays(), **counts.sums()}
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     meta = {k: v for k, v in (counts.meta or {}).items() if k not in ("store", "fingerprint")}
     store = CountStore(p, shapes, ids=counts.ids, categories=counts.categories, sources=counts.sources,
                        groups=counts.groups, meta=meta, chunk_rows=chunk_rows,
                        fingerprint=(counts.meta or {}).get("fingerprint"),
-                       dtypes={k: np.asarray(v[:0]).dtype for k, v in arrays.items()})
+                       # A store of the same counts would be resumed as complete, not written again:
+                       # replaced, under the writer's own lock (a store another process is writing is
+                       # refused, not removed, and no writer gets in between).
+                       replace=overwrite, dtypes={k: np.asarray(v[:0]).dtype for k, v in arrays.items()})
     try:
         for k, start in enumerate(range(0, counts.n, store.chunk_rows)):
             stop = min(start + store.chunk_rows, counts.n)  # a tensorstore slice may not pass the end
