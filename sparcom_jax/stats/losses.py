@@ -43,8 +43,9 @@ def _loss_step(graphdef, state, ids_BT, valid_BT, target_BT, ablate=None):
     loss_B, n_B = next_token_loss(out.logits, ids_BT, targets_BT)
     res = {"loss_sum": loss_B, "n_targets": n_B}
     if out.stats is not None and "router_probs" in out.stats:
-        res["expert_mass_sum"] = jnp.einsum("BLTE,BT->BLE", out.stats["router_probs"],
-                                            targets_BT.astype(jnp.float32))
+        # A masked sum, not a product: a matmul would run in TF32 / bfloat16 passes on accelerators.
+        res["expert_mass_sum"] = jnp.sum(jnp.where(targets_BT[:, None, :, None], out.stats["router_probs"], 0.0),
+                                         axis=2)
     return res
 
 
