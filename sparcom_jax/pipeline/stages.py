@@ -814,6 +814,25 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     return written
 
 
+def _loss_cells(losses) -> list[float]:
+    """{category: mean loss} as 2C numbers a shared pass row carries: the losses (NaN: none),
+    then whether each category has one; `_loss_dict` reads them back."""
+    import numpy as np
+
+    from sparcom_jax.categories import CATEGORIES, normalize_category
+
+    losses = {normalize_category(k): float(v) for k, v in losses.items()}
+    return [losses.get(c, np.nan) for c in CATEGORIES] + [c in losses for c in CATEGORIES]
+
+
+def _loss_dict(cells) -> dict[str, float]:
+    """The {category: mean loss} of `_loss_cells`' 2C numbers."""
+    from sparcom_jax.categories import CATEGORIES
+
+    n = len(CATEGORIES)
+    return {c: float(cells[j]) for j, c in enumerate(CATEGORIES) if cells[n + j]}
+
+
 def _passes_shared(loss_fn, masks):
     """The causal check's `MaskRunner` over processes: `share_map` gives process k the passes
     k, k+P, ... of the call (each over every held-out record, on its own devices:
@@ -824,7 +843,7 @@ def _passes_shared(loss_fn, masks):
     import numpy as np
 
     from sparcom_jax.analysis.ablate import category_layer_mass, category_mass, dropped_mass
-    from sparcom_jax.categories import CATEGORIES, normalize_category
+    from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.parallel.processes import share_map
 
     n = len(CATEGORIES)
@@ -833,10 +852,9 @@ def _passes_shared(loss_fn, masks):
     def one(i):  # [category losses (NaN: none), category has a loss, dropped mass (NaN: none),
         # mass dropped on each category's tokens (NaN: none), the same per layer [C * L]]
         mask = masks[i]
-        losses = {normalize_category(k): float(v) for k, v in loss_fn(mask).items()}
+        cells = _loss_cells(loss_fn(mask))
         by_cat, by_layer = category_mass(loss_fn) or {}, category_layer_mass(loss_fn, mask) or {}
-        return np.concatenate([[losses.get(c, np.nan) for c in CATEGORIES], [c in losses for c in CATEGORIES],
-                               [dropped_mass(loss_fn)], [by_cat.get(c, np.nan) for c in CATEGORIES]]
+        return np.concatenate([cells, [dropped_mass(loss_fn)], [by_cat.get(c, np.nan) for c in CATEGORIES]]
                               + [by_layer.get(c, np.full(L, np.nan)) for c in CATEGORIES])
 
     rows = share_map(one, len(masks), 3 * n + 1 + n * L, "ablate")
@@ -844,7 +862,7 @@ def _passes_shared(loss_fn, masks):
     def finite(values):
         return {c: v for c, v in zip(CATEGORIES, values) if np.isfinite(v).all()} or None
 
-    return [({c: float(r[j]) for j, c in enumerate(CATEGORIES) if r[n + j]}, float(r[2 * n]),
+    return [(_loss_dict(r[:2 * n]), float(r[2 * n]),
              finite([float(x) for x in r[2 * n + 1:3 * n + 1]]), finite(r[3 * n + 1:].reshape(n, L)))
             for r in rows]
 
@@ -864,12 +882,12 @@ def _expert_mass_shared(loss_fn, L: int, E: int) -> tuple[dict[str, float], dict
     def one(_):  # [category losses, category has a loss, every category's [L, E] flattened (NaN: no
         # scored token)]
         losses, mass = baseline_expert_mass(loss_fn)
-        return np.concatenate([[losses.get(c, np.nan) for c in CATEGORIES], [c in losses for c in CATEGORIES]]
+        return np.concatenate([_loss_cells(losses)]
                               + [np.ravel(mass.get(c, np.full((L, E), np.nan))) for c in CATEGORIES])
 
     row = share_map(one, 1, 2 * C + C * L * E, "ablate: expert mass")[0]
     mass = row[2 * C:].reshape(C, L, E)
-    return ({c: float(row[i]) for i, c in enumerate(CATEGORIES) if row[C + i]},
+    return (_loss_dict(row[:2 * C]),
             {c: mass[i] for i, c in enumerate(CATEGORIES) if np.isfinite(mass[i]).all()})
 
 
