@@ -186,3 +186,28 @@ def test_a_report_of_another_format_version_is_refused(done, tmp_path):
     edit_json(out / "report" / "summary.json", lambda d: d.update(summary_version=99))
     with pytest.raises(StaleResultError, match=r"summary.json: summary_version 99, written by another sparcom_jax"):
         sj.open_run(out)
+
+
+def test_a_config_of_another_version_names_the_key_and_what_to_do(done, tmp_path):
+    out = copy_of(done, tmp_path)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["identify"]["future_option"] = 1
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"config.yaml: unknown key 'identify.future_option'.*written by "
+                                          r"another sparcom_jax"):
+        sj.open_run(out)
+
+
+def test_a_count_store_of_another_format_version_is_refused(done, tmp_path):
+    out = copy_of(done, tmp_path)
+    edit_json(out / "counts" / "base" / "meta.json", lambda d: d.update(version=2))
+    with pytest.raises(StaleResultError, match=r"counts/base/meta.json: a count store of format version 2"):
+        sj.open_run(out).analyses
+
+
+def test_a_demo_output_names_the_runs_to_open(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"pairs": [{"name": "llama"}]}))
+    (tmp_path / "pairs" / "llama").mkdir(parents=True)
+    (tmp_path / "pairs" / "llama" / "config.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match=rf"`sparcom demo`.*sj.open_run\('{tmp_path}/pairs/llama'\)"):
+        sj.open_run(tmp_path)

@@ -82,7 +82,11 @@ def _load_config(out: Path) -> ExperimentConfig:
         pairs = sorted(p.name for p in (out / "pairs").glob("*") if (p / "config.yaml").is_file())
         raise ConfigError(f"{out}: the output of `sparcom demo`, one run per model pair; open one pair's run: "
                           + (", ".join(f"sj.open_run({str(out / 'pairs' / p)!r})" for p in pairs) or "none finished"))
-    return load_config(path)
+    try:
+        return load_config(path)
+    except ConfigError as e:  # a key or value this version does not know
+        raise ConfigError(f"{e} (open_run reads {path} as this sparcom_jax's config: one written by another "
+                          "sparcom_jax must be opened with that version, one edited since must be put back)") from None
 
 
 def _check_format(summary: dict[str, Any], path: Path, out: Path) -> None:
