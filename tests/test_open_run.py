@@ -6,6 +6,9 @@ causal check) is made once; each test that changes something works on a copy of 
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ import yaml
 import sparcom_jax as sj
 from sparcom_jax.analysis.common import jsonable
 from sparcom_jax.config import ConfigError, ExperimentConfig
-from sparcom_jax.errors import StaleResultError
+from sparcom_jax.errors import LockedError, StaleResultError
+from sparcom_jax.fileio import LOCK_NAME
 from sparcom_jax.pipeline import reopen
 from sparcom_jax.pipeline.stages import run_stage
 from sparcom_jax.report.export import set_records
@@ -211,3 +215,18 @@ def test_a_demo_output_names_the_runs_to_open(tmp_path):
     (tmp_path / "pairs" / "llama" / "config.yaml").write_text("name: x\n")
     with pytest.raises(ConfigError, match=rf"`sparcom demo`.*sj.open_run\('{tmp_path}/pairs/llama'\)"):
         sj.open_run(tmp_path)
+
+
+def test_a_run_a_command_is_writing_now_is_refused_and_a_dead_ones_lock_is_not(done, tmp_path):
+    out = copy_of(done, tmp_path)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(json.dumps({"pid": writer.pid, "host": socket.gethostname(), "started": 0,
+                                                 "command": "sparcom ablate"}))
+        with pytest.raises(LockedError, match=rf"pid {writer.pid} .*sparcom ablate.*has finished"):
+            sj.open_run(out)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert "report" in sj.open_run(out).stages  # its process is gone: the lock was left behind
+    assert (out / LOCK_NAME).is_file()  # and is left where it is (opening writes nothing)

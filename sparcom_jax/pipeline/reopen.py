@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, load_config, read_yaml
-from sparcom_jax.errors import StaleResultError
+from sparcom_jax.errors import LockedError, StaleResultError
+from sparcom_jax.fileio import LOCK_NAME, DirLock
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, read_fingerprint, with_method
 from sparcom_jax.pipeline.common import counts_root, model_list, safe
 from sparcom_jax.pipeline.provenance import stale
@@ -52,8 +54,10 @@ def open_run(out: str | Path) -> "Run":
       ConfigError: `out` is not a sparcom output directory, its run never finished (naming
         the first missing stage and the command that finishes it), or its config no longer loads.
       StaleResultError: the report was written by another version of the output format.
+      LockedError: a sparcom command is writing into `out` now.
     """
     out = Path(out)
+    _not_being_written(out)
     cfg = _load_config(out)
     summary_path = out / _MARKS["report"]
     if not summary_path.is_file():
@@ -65,6 +69,18 @@ def open_run(out: str | Path) -> "Run":
     summary = json.loads(summary_path.read_text())
     _check_format(summary, summary_path, out)
     return Run(out, cfg, summary)
+
+
+def _not_being_written(out: Path) -> None:
+    """Refuse a run directory that a live sparcom command holds (OUT/.sparcom.lock): its outputs
+    may change, or be half replaced, while they are read."""
+    held = DirLock(out, "run").held_by()
+    if held is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+        raise LockedError(f"{out}: a sparcom command is writing into this run now (pid {held.get('pid')} on host "
+                          f"{held.get('host')}, since {since}: {held.get('command', '?')}), so its outputs may change "
+                          f"while they are read; open it when that command has finished (if it is gone, delete "
+                          f"{out / LOCK_NAME})")
 
 
 def _load_config(out: Path) -> ExperimentConfig:
@@ -190,6 +206,7 @@ class Run:
             message names the file, what differs and the fix).
           ConfigError: the counts are gone or incomplete.
         """
+        _not_being_written(self.out)
         self._check_settings()  # before any count is read: a changed rule is refused at once
         try:
             an = analyze_all(self.config, self.out, full=True)
