@@ -166,13 +166,14 @@ def test_missing_counts_are_refused_naming_the_store(done, tmp_path):
         r.analyses
 
 
-@pytest.mark.parametrize("removed,missing", [(["report"], "report"), (["report", "evaluate"], "evaluate"),
-                                             (["report", "counts/tuned"], "collect")])
-def test_a_run_that_never_finished_names_the_missing_stage_and_how_to_finish(done, tmp_path, removed, missing):
+@pytest.mark.parametrize("removed,missing,where", [
+    (["report"], "report", "report/summary.json"), (["report", "evaluate"], "evaluate", "evaluate/fingerprint.json"),
+    (["report", "ablate"], "ablate", "ablate"), (["report", "counts/tuned"], "collect", "counts")])
+def test_a_run_that_never_finished_names_the_missing_stage_and_how_to_finish(done, tmp_path, removed, missing, where):
     out = copy_of(done, tmp_path)
     for d in removed:
         shutil.rmtree(out / d)
-    with pytest.raises(ConfigError, match=rf"never finished: its {missing} stage has no output.*"
+    with pytest.raises(ConfigError, match=rf"never finished: its {missing} stage has no output \({out}/{where}\).*"
                                           rf"sparcom run --config {out}/config.yaml --out {out}"):
         sj.open_run(out)
 

@@ -63,10 +63,14 @@ def open_run(out: str | Path) -> "Run":
     if not summary_path.is_file():
         missing = next((s for s in _expected_stages(cfg, out) if s not in _done_stages(cfg, out)), "report")
         raise ConfigError(
-            f"{out}: this run never finished: its {missing} stage has no output ({_where(missing, out)}), so there "
+            f"{out}: this run never finished: its {missing} stage has no output ({_where(missing, cfg, out)}), so there "
             f"is no report to reopen; finish it with `sparcom run --config {out / 'config.yaml'} --out {out}` "
             "(it reuses the finished stages), then open it again")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_text())
+    except ValueError as e:  # written atomically by the report stage: changed by something else since
+        raise ConfigError(f"{summary_path}: not readable JSON ({e}); write the report again with `sparcom report "
+                          f"--config {out / 'config.yaml'} --out {out}`") from None
     _check_format(summary, summary_path, out)
     return Run(out, cfg, summary)
 
@@ -152,8 +156,9 @@ def _counted(root: Path) -> bool:
     return all(is_complete(p) for p in sorted(root.glob("process_*")) or [root])
 
 
-def _where(stage: str, out: Path) -> str:
-    return str(out / _MARKS[stage]) if stage in _MARKS else f"{out / stage}/"
+def _where(stage: str, cfg: ExperimentConfig, out: Path) -> Path:
+    """Where the output that marks `stage` done would be."""
+    return counts_root(cfg, out) if stage == "collect" else out / _MARKS.get(stage, stage)
 
 
 class Run:
@@ -267,8 +272,7 @@ class Run:
         for name, m in models.items():
             sec = next((v for k, v in m.items() if k != "meta" and isinstance(v, dict)), {})
             sizes[name] = (sec.get("n_instructions"), sum(1 for v in (sec.get("n_per_category") or {}).values() if v))
-        counted = {s for s in sizes.values()}
-        shown = (f"{n} records, {c} categories" for n, c in counted)
+        shown = (f"{n} records, {c} categories" for n, c in dict.fromkeys(sizes.values()))
         built = "built" if "analyses" in self.__dict__ else "rebuilt on first use of .analyses"
         lines = [f"Run({str(self.out)!r}): experiment {self.summary.get('experiment', self.config.name)!r}",
                  f"  models: {', '.join(models) or 'none'} ({'; '.join(shown)})",
