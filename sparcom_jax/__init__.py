@@ -12,6 +12,7 @@ docs/notebook.md; every name below has its own help():
     analysis = sj.analyze_model(counts, sj.IdentifyConfig(eps=0.01), name="base")
     comparison = sj.compare_models(analysis_base, analysis_tuned)       # compare_series: a run
     sj.write_report("out/report", sj.build_summary([analysis_base, analysis_tuned], comparison=comparison))
+    run = sj.open_run("runs/llama2")   # a finished `sparcom run --out runs/llama2`, back in Python
 
 Models: load_model, save_model, init_model, abstract_model, ModelConfig, CausalLM,
 load_tokenizer, default_tokenizer, make_mesh. Data: load_instructions, Record,
@@ -19,7 +20,7 @@ sample_balanced, encode_record, encode_records, content_caps, CATEGORIES, SHORT_
 normalize_category. Counts: collect_instructions, collect_counts, Counts, save_counts,
 open_counts. Analysis: IdentifyConfig, analyze_model, compare_models, compare_series,
 make_loss_fn, ablation_matrix, build_summary, write_report. Fine-tuning: TrainConfig,
-finetune, export_series.
+finetune, export_series. CLI runs: open_run, Run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _EXPORTS = {name: module for module, names in {
                              "ablation_matrix", "build_summary"],
     "sparcom_jax.report": ["write_report"],
     "sparcom_jax.train": ["TrainConfig", "finetune", "export_series"],
+    "sparcom_jax.pipeline.reopen": ["open_run", "Run"],
 }.items() for name in names}
 
 __all__ = sorted(_EXPORTS)

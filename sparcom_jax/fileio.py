@@ -197,9 +197,7 @@ class DirLock:
                 if held is None:
                     continue  # released meanwhile: try again
                 pid, host = held.get("pid"), held.get("host")
-                ours = host == me["host"] and pid == me["pid"] and str(self.path) not in _HELD
-                dead = host == me["host"] and isinstance(pid, int) and not _pid_alive(pid)
-                if ours or dead:
+                if self._left_behind(held):
                     self.stale_taken = held
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.path)
@@ -213,6 +211,21 @@ class DirLock:
                 f.write(json.dumps(me))
             _HELD.add(str(self.path))
             return self
+
+    def _left_behind(self, held: dict) -> bool:
+        """Whether the lock `held` was left by a process gone from this host (or by an earlier,
+        crashed call in this process): taken over, not waited for."""
+        pid, host = held.get("pid"), held.get("host")
+        if host != socket.gethostname():
+            return False
+        return (pid == os.getpid() and str(self.path) not in _HELD) or (isinstance(pid, int) and not _pid_alive(pid))
+
+    def held_by(self) -> dict | None:
+        """Who holds the lock now ({"pid", "host", "started", "command"}; {} when unreadable), or
+        None when it is free or left behind (`_left_behind`). Reads only: for readers that must
+        not write into the directory (`sparcom_jax.pipeline.reopen.open_run`)."""
+        held = self._read()
+        return None if held is None or self._left_behind(held) else held
 
     def release(self) -> None:
         if str(self.path) in _HELD:

@@ -26,6 +26,7 @@ Modules:
     plan       the dry-run memory plan (`memory_plan`, `format_plan`)
     check      `selfcheck`: load a model, run a forward, compare with transformers
     demo       the embedded demo (`run_demo`) and its merged summary
+    reopen     `open_run`: a finished run's config, summary, counts and checked analyses, from Python
 """
 
 from sparcom_jax.console import fmt_bytes, fmt_count
