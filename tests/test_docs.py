@@ -9,6 +9,8 @@
   name real config keys of the config it points at.
 - The config schema in docs/cli.md and the TrainConfig table in docs/training.md state
   the code's defaults.
+- Every config key the prose names in backticks (`ablation.n_random`, `data.max_length=256`)
+  exists, unless listed as a summary.json key or other name in NOT_CONFIG.
 """
 
 from __future__ import annotations
@@ -232,3 +234,50 @@ def test_the_analyze_model_signature_states_the_defaults():
     assert documented == code
     options = {k for k, p in field.items() if p.kind is p.KEYWORD_ONLY}
     assert options == set(documented), f"undocumented: {sorted(options - set(documented))}"
+
+
+# Backticked dotted names in the prose that start with a config section but are summary.json
+# keys, Python or file names, not config keys (a prefix ending in "." covers a summary subtree).
+NOT_CONFIG = ("ablation.neurons.", "ablation.experts.", "ablation.expert_neurons.", "ablation.ise",
+              "ablation.ise_random", "ablation.isn", "ablation.random", "ablation.experts",
+              "ablation.expert_neurons", "series.names", "series.json", "data.content_cut", "data.splits",
+              "data.grouping", "data.jsonl", "report.excluded", "report.skipped", "report.export_sets")
+
+
+def _config_key_exists(key: str) -> bool:
+    """Whether `key` (a.b.c) is a field path of ExperimentConfig or DemoConfig (through the
+    optional sections `finetuned` and `train_data` too)."""
+    from sparcom_jax.config import DataSpec, DemoConfig, ExperimentConfig, ModelSpec
+
+    optional = {"finetuned": ModelSpec, "train_data": DataSpec}
+    for obj in (ExperimentConfig, DemoConfig):
+        for part in key.split("."):
+            f = {f.name: f for f in dataclasses.fields(obj)}.get(part) if dataclasses.is_dataclass(obj) else None
+            if f is None:
+                break
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            obj = type(default) if dataclasses.is_dataclass(default) else optional.get(part)
+        else:
+            return True
+    return False
+
+
+def _prose_config_keys() -> list[tuple[str, str]]:
+    """(page:line, key) of every `section.key` (optionally `=value` or `: value`) in backticks
+    whose first part is a config section."""
+    from sparcom_jax.config import DemoConfig, ExperimentConfig
+
+    sections = sorted({f.name for c in (ExperimentConfig, DemoConfig) for f in dataclasses.fields(c)})
+    key = re.compile(r"`((?:%s)(?:\.\w+)+)(?:\s*[=:][^`]*)?`" % "|".join(sections))
+    return [(f"{page.name}:{n}", k) for page in PAGES for n, ln in enumerate(page.read_text().splitlines(), 1)
+            for k in key.findall(ln)]
+
+
+def test_config_keys_named_in_the_prose_exist():
+    found = _prose_config_keys()
+    assert len(found) > 50, "the scan found too few keys: its pattern no longer matches the docs"
+    bad = [f"{where}: {k}" for where, k in found
+           if not _config_key_exists(k) and not any(k == n or n.endswith(".") and k.startswith(n)
+                                                    for n in NOT_CONFIG)]
+    assert bad == [], "config keys named in the docs that the config does not have (or add a summary key to " \
+                      "NOT_CONFIG): " + "; ".join(bad)
