@@ -11,6 +11,8 @@
   the code's defaults.
 - Every config key the prose names in backticks (`ablation.n_random`, `data.max_length=256`)
   exists, unless listed as a summary.json key or other name in NOT_CONFIG.
+- Every repository path the prose names (`tests/...`, `scripts/...`, `models/moe.py`) exists,
+  a `file.py: Name` is defined there, and every `...Error` / `...Warning` named is a real type.
 """
 
 from __future__ import annotations
@@ -281,3 +283,59 @@ def test_config_keys_named_in_the_prose_exist():
                                                     for n in NOT_CONFIG)]
     assert bad == [], "config keys named in the docs that the config does not have (or add a summary key to " \
                       "NOT_CONFIG): " + "; ".join(bad)
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether the module at `path` defines `name` at its top level (def, class or assignment)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
+            else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return True
+    return False
+
+
+def _named_files() -> list[tuple[str, str, str]]:
+    """(page:line, path, name or "") of every backticked `path.py` (`path.py: Name`) and every
+    repository path (tests/, scripts/, configs/, docs/) the prose names; a .py path not found
+    from the repository root is read from sparcom_jax/ (architecture.md names modules so), a
+    bare one from any of its packages."""
+    ref = re.compile(r"`([\w/]+\.py)(?:: (\w+))?`|(?<![\w/.-])((?:tests|scripts|configs|docs)/[\w./-]*\w)")
+    out = []
+    for page in PAGES:
+        for n, ln in enumerate(page.read_text().splitlines(), 1):
+            for py, name, path in ref.findall(ln):
+                out.append((f"{page.name}:{n}", py or path, name))
+    return out
+
+
+def test_files_and_names_the_prose_points_to_exist():
+    found = _named_files()
+    assert len(found) > 50, "the scan found too few paths: its pattern no longer matches the docs"
+    bad = []
+    for where, path, name in found:
+        if path.startswith("scripts/bench_") and not path.endswith(".py"):  # "scripts/bench_*.py"
+            continue
+        # A bare module name (`params.py` in the models/ row) is looked for in every package.
+        where_to = [ROOT / path, ROOT / "sparcom_jax" / path] + (
+            [] if "/" in path else sorted((ROOT / "sparcom_jax").rglob(path)))
+        file = next((p for p in where_to if p.exists()), None)
+        if file is None:
+            bad.append(f"{where}: {path} does not exist")
+        elif name and not _defines(file, name):
+            bad.append(f"{where}: {path} defines no {name}")
+    assert bad == [], "; ".join(bad)
+
+
+def test_error_types_the_prose_names_exist():
+    import builtins
+
+    import sparcom_jax
+
+    defined = {m.group(1) for f in Path(sparcom_jax.__file__).parent.rglob("*.py")
+               for m in re.finditer(r"^class (\w+(?:Error|Warning))\(", f.read_text(), re.M)}
+    named = {(page.name, m) for page in PAGES for m in re.findall(r"`(\w+(?:Error|Warning))`", page.read_text())}
+    assert len(named) > 5
+    assert sorted(f"{p}: {e}" for p, e in named if e not in defined and not hasattr(builtins, e)) == []
