@@ -248,8 +248,8 @@ ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "exces
 
 
 MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_ge_fraction_own", "p_own",
-               "set_mass_own_tokens", "set_mass_own_tokens_estimate", "random_mass_own_tokens_mean", "random_mass_own_tokens_min",
-               "random_mass_own_tokens_max", "random_experts_mean"]
+               "set_mass_own_tokens", "set_mass_own_tokens_estimate", "random_mass_own_tokens_mean",
+               "random_mass_own_tokens_min", "random_mass_own_tokens_max", "random_experts_mean"]
 
 
 MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift"]
