@@ -13,6 +13,8 @@
   exists, unless listed as a summary.json key or other name in NOT_CONFIG.
 - Every repository path the prose names (`tests/...`, `scripts/...`, `models/moe.py`) exists,
   a `file.py: Name` is defined there, and every `...Error` / `...Warning` named is a real type.
+- Every keyword of a call written inline in the prose (`load_model(path, dtype="float32")`)
+  is one that a sparcom_jax function of that name takes.
 """
 
 from __future__ import annotations
@@ -339,3 +341,49 @@ def test_error_types_the_prose_names_exist():
     named = {(page.name, m) for page in PAGES for m in re.findall(r"`(\w+(?:Error|Warning))`", page.read_text())}
     assert len(named) > 5
     assert sorted(f"{p}: {e}" for p, e in named if e not in defined and not hasattr(builtins, e)) == []
+
+
+def _package_callables() -> dict[str, list]:
+    """{name: the sparcom_jax functions and classes of that name}, from every module."""
+    import pkgutil
+
+    import sparcom_jax
+
+    out: dict[str, list] = {}
+    for mod in pkgutil.walk_packages(sparcom_jax.__path__, "sparcom_jax."):
+        for name, obj in vars(importlib.import_module(mod.name)).items():
+            if callable(obj) and getattr(obj, "__module__", "").startswith("sparcom_jax") \
+                    and not any(obj is o for o in out.get(name, [])):
+                out.setdefault(name, []).append(obj)
+    return out
+
+
+def _takes(fn, keyword: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == keyword and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def test_inline_calls_in_the_prose_use_real_keywords():
+    """`ablation_matrix(sets, fn, *, n_random=19, ...)` in a sentence: every keyword is one that
+    a sparcom_jax function or class of that name takes."""
+    fns = _package_callables()
+    call = re.compile(r"`(?:sj\.)?(?:\w+\.)*(\w+)\(([^`]*)\)`")
+    checked, bad = 0, []
+    for page in PAGES:
+        for m in call.finditer(page.read_text()):
+            name, args = m.groups()
+            try:
+                node = ast.parse(f"f({args})", mode="eval").body
+            except SyntaxError:  # a signature with `*` or "kind"|"kind" alternatives: keywords read below
+                node = None
+            keys = ([k.arg for k in node.keywords if k.arg] if node is not None
+                    else re.findall(r"(?:^|[(,*]\s*)(\w+)=", args.replace("\n", " ")))
+            if name not in fns or not keys:
+                continue
+            checked += 1
+            bad += [f"{page.name}: {name}({k}=...)" for k in keys if not any(_takes(f, k) for f in fns[name])]
+    assert checked > 20, "the scan found too few calls: its pattern no longer matches the docs"
+    assert bad == [], "keywords the function does not take: " + "; ".join(bad)
