@@ -14,7 +14,7 @@
 - Every repository path the prose names (`tests/...`, `scripts/...`, `models/moe.py`) exists,
   a `file.py: Name` is defined there, and every `...Error` / `...Warning` named is a real type.
 - Every keyword of a call written inline in the prose (`load_model(path, dtype="float32")`)
-  is one that a sparcom_jax function of that name takes.
+  is one that a sparcom_jax function of that name takes, with its default as the value.
 """
 
 from __future__ import annotations
@@ -358,32 +358,61 @@ def _package_callables() -> dict[str, list]:
     return out
 
 
-def _takes(fn, keyword: str) -> bool:
+def _params(fn) -> list:
     try:
-        params = inspect.signature(fn).parameters.values()
+        return list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return True
-    return any(p.name == keyword and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
+        return []
 
 
-def test_inline_calls_in_the_prose_use_real_keywords():
-    """`ablation_matrix(sets, fn, *, n_random=19, ...)` in a sentence: every keyword is one that
-    a sparcom_jax function or class of that name takes."""
-    fns = _package_callables()
+def _takes(fn, keyword: str) -> bool:
+    params = _params(fn)
+    return not params or any(p.name == keyword and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD
+                             for p in params)
+
+
+def _inline_calls(fns: dict) -> list[tuple[str, str, dict]]:
+    """(page, name, {keyword: ast node}) of every call of a sparcom_jax name written inline in
+    the prose; a signature's `*` and "a"|"b" alternatives (the first kept) are read as a call."""
     call = re.compile(r"`(?:sj\.)?(?:\w+\.)*(\w+)\(([^`]*)\)`")
-    checked, bad = 0, []
+    out = []
     for page in PAGES:
         for m in call.finditer(page.read_text()):
-            name, args = m.groups()
+            name, args = m.group(1), " ".join(m.group(2).split())
+            args = re.sub(r'("\w+")(?:\|"\w+")+', r"\1", re.sub(r"(^|,)\s*\*\s*,", r"\1", args))
+            if name not in fns:
+                continue
             try:
                 node = ast.parse(f"f({args})", mode="eval").body
-            except SyntaxError:  # a signature with `*` or "kind"|"kind" alternatives: keywords read below
-                node = None
-            keys = ([k.arg for k in node.keywords if k.arg] if node is not None
-                    else re.findall(r"(?:^|[(,*]\s*)(\w+)=", args.replace("\n", " ")))
-            if name not in fns or not keys:
+            except SyntaxError:  # `path=None, ...`: the elided rest after a keyword
+                node = ast.parse("f({})".format(re.sub(r",\s*\.\.\.\s*$", "", args)), mode="eval").body
+            out.append((page.name, name, {k.arg: k.value for k in node.keywords if k.arg}))
+    return out
+
+
+# Calls the prose gives with other values than the defaults, as examples of a use.
+EXAMPLE_CALLS = {("benchmarks.md", "init_model")}
+
+
+def test_inline_calls_in_the_prose_use_real_keywords_and_defaults():
+    """`ablation_matrix(sets, fn, *, n_random=19, ...)` in a sentence: every keyword is one that
+    a sparcom_jax function or class of that name takes, and a literal value given is its
+    default (values with `...` and the (page, name) pairs in EXAMPLE_CALLS excepted)."""
+    fns = _package_callables()
+    calls = _inline_calls(fns)
+    assert sum(bool(k) for *_, k in calls) > 20, "the scan found too few calls: its pattern no longer matches"
+    bad = []
+    for page, name, keys in calls:
+        for k, node in keys.items():
+            if not any(_takes(f, k) for f in fns[name]):
+                bad.append(f"{page}: {name}({k}=...) is not a keyword it takes")
                 continue
-            checked += 1
-            bad += [f"{page.name}: {name}({k}=...)" for k in keys if not any(_takes(f, k) for f in fns[name])]
-    assert checked > 20, "the scan found too few calls: its pattern no longer matches the docs"
-    assert bad == [], "keywords the function does not take: " + "; ".join(bad)
+            try:
+                value = ast.literal_eval(node)
+            except ValueError:
+                continue
+            defaults = [p.default for f in fns[name] for p in _params(f) if p.name == k and p.default is not p.empty]
+            elided = any(isinstance(n, ast.Constant) and n.value is Ellipsis for n in ast.walk(node))
+            if not elided and (page, name) not in EXAMPLE_CALLS and defaults and value not in defaults:
+                bad.append(f"{page}: {name}({k}={value!r}), the code's default is {defaults[0]!r}")
+    assert bad == [], "; ".join(bad)
