@@ -416,3 +416,36 @@ def test_inline_calls_in_the_prose_use_real_keywords_and_defaults():
             if not elided and (page, name) not in EXAMPLE_CALLS and defaults and value not in defaults:
                 bad.append(f"{page}: {name}({k}={value!r}), the code's default is {defaults[0]!r}")
     assert bad == [], "; ".join(bad)
+
+
+# Imports against architecture.md's floors that the page names as its exception.
+FLOOR_EXCEPTIONS = {("models/transformer.py", "sparcom_jax.parallel.sharding")}
+
+
+def test_each_floor_imports_only_from_the_floors_below():
+    """architecture.md: 'Each floor imports only from the floors below it'; its floor table
+    assigns every module and package of sparcom_jax to a floor."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    floors = {name.rstrip("/").removesuffix(".py"): int(m.group(1))
+              for m in re.finditer(r"^\| (\d) \| (.*?) \|", text, re.M)
+              for name in re.findall(r"`([\w./]+)`", m.group(2))}
+    package = ROOT / "sparcom_jax"
+    bad = []
+    for f in sorted(package.rglob("*.py")):
+        rel = f.relative_to(package).as_posix()
+        if rel == "__init__.py":  # the package's front door re-exports every floor
+            continue
+        mine = floors.get(rel.split("/")[0].removesuffix(".py"))
+        if mine is None:
+            bad.append(f"{rel} is on no floor of architecture.md's table")
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                parts = name.split(".")
+                theirs = floors.get(parts[1]) if parts[0] == "sparcom_jax" and len(parts) > 1 else None
+                if theirs is not None and theirs > mine and (rel, name) not in FLOOR_EXCEPTIONS:
+                    bad.append(f"{rel} (floor {mine}) imports {name} (floor {theirs})")
+    assert len(floors) > 15, "the floor table was not found in architecture.md"
+    assert bad == [], "; ".join(bad)
