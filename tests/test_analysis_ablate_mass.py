@@ -338,3 +338,48 @@ def test_the_pipeline_shares_each_round_and_every_process_draws_the_same(monkeyp
         for key in ("isn", "random_draws", "mass_random_draws", "mass_random_sizes", "mass_random_mass",
                     "set_layer_mass", "set_category_mass", "dropped_mass"):
             np.testing.assert_array_equal(getattr(res, key), getattr(alone, key), err_msg=key)
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path) as fh:
+        rows = [row for row in csv.reader(fh) if not row[0].startswith("#")]
+    return rows[0], rows[1:]
+
+
+def test_the_report_shows_each_sets_estimated_and_measured_mass_per_layer(tmp_path):
+    """The sets' per-layer masses (MassModel's shift doubles the later layers' in the set's own
+    pass) in a per-layer table beside the mass-matched control's, their totals in its table."""
+    from sparcom_jax.report import write_report
+
+    sets, mass = setup(L=3, E=8)
+    r = ablation_matrix(sets, MassModel(sets, mass, shift=2.0), n_random=2, seed=0, kind="experts",
+                        expert_mass=mass)
+    d = json.loads(json.dumps(r.to_dict()))
+    write_report(tmp_path / "new", {"identification": {"rule": "top"}, "models": {}, "ablation": {"experts": d}},
+                 dpi=20)
+    header, rows = _csv_rows(tmp_path / "new" / "tables" / "ablation_experts_mass_matched_per_layer.csv")
+    assert header == ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift"]
+    assert [(c, int(j)) for c, j, *_ in rows] == [(c, j) for c in CATEGORIES for j in range(3)]
+    mheader, mrows = _csv_rows(tmp_path / "new" / "tables" / "ablation_experts_mass_matched.csv")
+    for a, cat in enumerate(CATEGORIES):
+        est = (mass[cat] * sets[cat]).sum(1)  # by hand: the set's experts' baseline mass per layer
+        measured = est * np.array([1.0, 2.0, 2.0])  # layer 0 untouched, the later layers' routing doubled
+        got = np.array([[float(x) for x in row[2:]] for row in rows[3 * a:3 * a + 3]])
+        np.testing.assert_allclose(got, np.stack([est, measured, measured - est], 1), atol=1e-6)
+        row = mrows[a]
+        assert float(row[mheader.index("set_mass_own_tokens_estimate")]) == pytest.approx(est.sum(), abs=1e-6)
+        assert float(row[mheader.index("set_mass_own_tokens")]) == pytest.approx(measured.sum(), abs=1e-6)
+    assert any(float(row[4]) > 0 for row in rows)  # the shift the table is there to show
+    page = (tmp_path / "new" / "index.html").read_text()
+    assert "its gap to set_mass_own_tokens is the later layers&#x27; routing moving onto" in page
+    assert "set_mass_own_tokens_estimate</th>" in page
+    # A file of the earlier rule has no per-layer masses: no table, empty cells, no sentence.
+    del d["mass_matched"]["set_layer_mass"], d["mass_matched"]["set_layer_estimate"]
+    write_report(tmp_path / "old", {"identification": {"rule": "top"}, "models": {}, "ablation": {"experts": d}},
+                 dpi=20)
+    assert not (tmp_path / "old" / "tables" / "ablation_experts_mass_matched_per_layer.csv").exists()
+    mheader, mrows = _csv_rows(tmp_path / "old" / "tables" / "ablation_experts_mass_matched.csv")
+    assert {row[mheader.index("set_mass_own_tokens_estimate")] for row in mrows} == {""}
+    assert "set_mass_own_tokens is the later layers" not in (tmp_path / "old" / "index.html").read_text()

@@ -9,6 +9,12 @@
   name real config keys of the config it points at.
 - The config schema in docs/cli.md and the TrainConfig table in docs/training.md state
   the code's defaults.
+- Every config key the prose names in backticks (`ablation.n_random`, `data.max_length=256`)
+  exists, unless listed as a summary.json key or other name in NOT_CONFIG.
+- Every repository path the prose names (`tests/...`, `scripts/...`, `models/moe.py`) exists,
+  a `file.py: Name` is defined there, and every `...Error` / `...Warning` named is a real type.
+- Every keyword of a call written inline in the prose (`load_model(path, dtype="float32")`)
+  is one that a sparcom_jax function of that name takes, with its default as the value.
 """
 
 from __future__ import annotations
@@ -232,3 +238,214 @@ def test_the_analyze_model_signature_states_the_defaults():
     assert documented == code
     options = {k for k, p in field.items() if p.kind is p.KEYWORD_ONLY}
     assert options == set(documented), f"undocumented: {sorted(options - set(documented))}"
+
+
+# Backticked dotted names in the prose that start with a config section but are summary.json
+# keys, Python or file names, not config keys (a prefix ending in "." covers a summary subtree).
+NOT_CONFIG = ("ablation.neurons.", "ablation.experts.", "ablation.expert_neurons.", "ablation.ise",
+              "ablation.ise_random", "ablation.isn", "ablation.random", "ablation.experts",
+              "ablation.expert_neurons", "series.names", "series.json", "data.content_cut", "data.splits",
+              "data.grouping", "data.jsonl", "report.excluded", "report.skipped", "report.export_sets")
+
+
+def _config_key_exists(key: str) -> bool:
+    """Whether `key` (a.b.c) is a field path of ExperimentConfig or DemoConfig (through the
+    optional sections `finetuned` and `train_data` too)."""
+    from sparcom_jax.config import DataSpec, DemoConfig, ExperimentConfig, ModelSpec
+
+    optional = {"finetuned": ModelSpec, "train_data": DataSpec}
+    for obj in (ExperimentConfig, DemoConfig):
+        for part in key.split("."):
+            f = {f.name: f for f in dataclasses.fields(obj)}.get(part) if dataclasses.is_dataclass(obj) else None
+            if f is None:
+                break
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            obj = type(default) if dataclasses.is_dataclass(default) else optional.get(part)
+        else:
+            return True
+    return False
+
+
+def _prose_config_keys() -> list[tuple[str, str]]:
+    """(page:line, key) of every `section.key` (optionally `=value` or `: value`) in backticks
+    whose first part is a config section."""
+    from sparcom_jax.config import DemoConfig, ExperimentConfig
+
+    sections = sorted({f.name for c in (ExperimentConfig, DemoConfig) for f in dataclasses.fields(c)})
+    key = re.compile(r"`((?:%s)(?:\.\w+)+)(?:\s*[=:][^`]*)?`" % "|".join(sections))
+    return [(f"{page.name}:{n}", k) for page in PAGES for n, ln in enumerate(page.read_text().splitlines(), 1)
+            for k in key.findall(ln)]
+
+
+def test_config_keys_named_in_the_prose_exist():
+    found = _prose_config_keys()
+    assert len(found) > 50, "the scan found too few keys: its pattern no longer matches the docs"
+    bad = [f"{where}: {k}" for where, k in found
+           if not _config_key_exists(k) and not any(k == n or n.endswith(".") and k.startswith(n)
+                                                    for n in NOT_CONFIG)]
+    assert bad == [], "config keys named in the docs that the config does not have (or add a summary key to " \
+                      "NOT_CONFIG): " + "; ".join(bad)
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether the module at `path` defines `name` at its top level (def, class or assignment)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
+            else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return True
+    return False
+
+
+def _named_files() -> list[tuple[str, str, str]]:
+    """(page:line, path, name or "") of every backticked `path.py` (`path.py: Name`) and every
+    repository path (tests/, scripts/, configs/, docs/) the prose names; a .py path not found
+    from the repository root is read from sparcom_jax/ (architecture.md names modules so), a
+    bare one from any of its packages."""
+    ref = re.compile(r"`([\w/]+\.py)(?:: (\w+))?`|(?<![\w/.-])((?:tests|scripts|configs|docs)/[\w./-]*\w)")
+    out = []
+    for page in PAGES:
+        for n, ln in enumerate(page.read_text().splitlines(), 1):
+            for py, name, path in ref.findall(ln):
+                out.append((f"{page.name}:{n}", py or path, name))
+    return out
+
+
+def test_files_and_names_the_prose_points_to_exist():
+    found = _named_files()
+    assert len(found) > 50, "the scan found too few paths: its pattern no longer matches the docs"
+    bad = []
+    for where, path, name in found:
+        if path.startswith("scripts/bench_") and not path.endswith(".py"):  # "scripts/bench_*.py"
+            continue
+        # A bare module name (`params.py` in the models/ row) is looked for in every package.
+        where_to = [ROOT / path, ROOT / "sparcom_jax" / path] + (
+            [] if "/" in path else sorted((ROOT / "sparcom_jax").rglob(path)))
+        file = next((p for p in where_to if p.exists()), None)
+        if file is None:
+            bad.append(f"{where}: {path} does not exist")
+        elif name and not _defines(file, name):
+            bad.append(f"{where}: {path} defines no {name}")
+    assert bad == [], "; ".join(bad)
+
+
+def test_error_types_the_prose_names_exist():
+    import builtins
+
+    import sparcom_jax
+
+    defined = {m.group(1) for f in Path(sparcom_jax.__file__).parent.rglob("*.py")
+               for m in re.finditer(r"^class (\w+(?:Error|Warning))\(", f.read_text(), re.M)}
+    named = {(page.name, m) for page in PAGES for m in re.findall(r"`(\w+(?:Error|Warning))`", page.read_text())}
+    assert len(named) > 5
+    assert sorted(f"{p}: {e}" for p, e in named if e not in defined and not hasattr(builtins, e)) == []
+
+
+def _package_callables() -> dict[str, list]:
+    """{name: the sparcom_jax functions and classes of that name}, from every module."""
+    import pkgutil
+
+    import sparcom_jax
+
+    out: dict[str, list] = {}
+    for mod in pkgutil.walk_packages(sparcom_jax.__path__, "sparcom_jax."):
+        for name, obj in vars(importlib.import_module(mod.name)).items():
+            if callable(obj) and getattr(obj, "__module__", "").startswith("sparcom_jax") \
+                    and not any(obj is o for o in out.get(name, [])):
+                out.setdefault(name, []).append(obj)
+    return out
+
+
+def _params(fn) -> list:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _takes(fn, keyword: str) -> bool:
+    params = _params(fn)
+    return not params or any(p.name == keyword and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD
+                             for p in params)
+
+
+def _inline_calls(fns: dict) -> list[tuple[str, str, dict]]:
+    """(page, name, {keyword: ast node}) of every call of a sparcom_jax name written inline in
+    the prose; a signature's `*` and "a"|"b" alternatives (the first kept) are read as a call."""
+    call = re.compile(r"`(?:sj\.)?(?:\w+\.)*(\w+)\(([^`]*)\)`")
+    out = []
+    for page in PAGES:
+        for m in call.finditer(page.read_text()):
+            name, args = m.group(1), " ".join(m.group(2).split())
+            args = re.sub(r'("\w+")(?:\|"\w+")+', r"\1", re.sub(r"(^|,)\s*\*\s*,", r"\1", args))
+            if name not in fns:
+                continue
+            try:
+                node = ast.parse(f"f({args})", mode="eval").body
+            except SyntaxError:  # `path=None, ...`: the elided rest after a keyword
+                node = ast.parse("f({})".format(re.sub(r",\s*\.\.\.\s*$", "", args)), mode="eval").body
+            out.append((page.name, name, {k.arg: k.value for k in node.keywords if k.arg}))
+    return out
+
+
+# Calls the prose gives with other values than the defaults, as examples of a use.
+EXAMPLE_CALLS = {("benchmarks.md", "init_model")}
+
+
+def test_inline_calls_in_the_prose_use_real_keywords_and_defaults():
+    """`ablation_matrix(sets, fn, *, n_random=19, ...)` in a sentence: every keyword is one that
+    a sparcom_jax function or class of that name takes, and a literal value given is its
+    default (values with `...` and the (page, name) pairs in EXAMPLE_CALLS excepted)."""
+    fns = _package_callables()
+    calls = _inline_calls(fns)
+    assert sum(bool(k) for *_, k in calls) > 20, "the scan found too few calls: its pattern no longer matches"
+    bad = []
+    for page, name, keys in calls:
+        for k, node in keys.items():
+            if not any(_takes(f, k) for f in fns[name]):
+                bad.append(f"{page}: {name}({k}=...) is not a keyword it takes")
+                continue
+            try:
+                value = ast.literal_eval(node)
+            except ValueError:
+                continue
+            defaults = [p.default for f in fns[name] for p in _params(f) if p.name == k and p.default is not p.empty]
+            elided = any(isinstance(n, ast.Constant) and n.value is Ellipsis for n in ast.walk(node))
+            if not elided and (page, name) not in EXAMPLE_CALLS and defaults and value not in defaults:
+                bad.append(f"{page}: {name}({k}={value!r}), the code's default is {defaults[0]!r}")
+    assert bad == [], "; ".join(bad)
+
+
+# Imports against architecture.md's floors that the page names as its exception.
+FLOOR_EXCEPTIONS = {("models/transformer.py", "sparcom_jax.parallel.sharding")}
+
+
+def test_each_floor_imports_only_from_the_floors_below():
+    """architecture.md: 'Each floor imports only from the floors below it'; its floor table
+    assigns every module and package of sparcom_jax to a floor."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    floors = {name.rstrip("/").removesuffix(".py"): int(m.group(1))
+              for m in re.finditer(r"^\| (\d) \| (.*?) \|", text, re.M)
+              for name in re.findall(r"`([\w./]+)`", m.group(2))}
+    package = ROOT / "sparcom_jax"
+    bad = []
+    for f in sorted(package.rglob("*.py")):
+        rel = f.relative_to(package).as_posix()
+        if rel == "__init__.py":  # the package's front door re-exports every floor
+            continue
+        mine = floors.get(rel.split("/")[0].removesuffix(".py"))
+        if mine is None:
+            bad.append(f"{rel} is on no floor of architecture.md's table")
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                parts = name.split(".")
+                theirs = floors.get(parts[1]) if parts[0] == "sparcom_jax" and len(parts) > 1 else None
+                if theirs is not None and theirs > mine and (rel, name) not in FLOOR_EXCEPTIONS:
+                    bad.append(f"{rel} (floor {mine}) imports {name} (floor {theirs})")
+    assert len(floors) > 15, "the floor table was not found in architecture.md"
+    assert bad == [], "; ".join(bad)

@@ -237,6 +237,8 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
         for k in ("excess", "p_value"):
             yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
         yield Table(f"ablation_{kind}_mass_matched", MASS_HEADER, mass_rows(d))
+        if mm.get("set_layer_mass") is not None:  # (absent from files of the rule that matched the estimate)
+            yield Table(f"ablation_{kind}_mass_matched_per_layer", MASS_LAYER_HEADER, mass_layer_rows(mm))
 
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
@@ -246,8 +248,11 @@ ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "exces
 
 
 MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_ge_fraction_own", "p_own",
-               "set_mass_own_tokens", "random_mass_own_tokens_mean", "random_mass_own_tokens_min",
-               "random_mass_own_tokens_max", "random_experts_mean"]
+               "set_mass_own_tokens", "set_mass_own_tokens_estimate", "random_mass_own_tokens_mean",
+               "random_mass_own_tokens_min", "random_mass_own_tokens_max", "random_experts_mean"]
+
+
+MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift"]
 
 
 def _own(m: list | None, i: int):
@@ -264,18 +269,40 @@ def _mean(vals: list):
     return sum(vals) / len(vals) if vals else None
 
 
+def _total(vals: list | None):
+    """The sum of a list of floats; None without the list or where an entry is None."""
+    return None if vals is None or None in vals else sum(vals)
+
+
 def mass_rows(d: dict) -> list[list]:
     """Per ablated category, the mass-matched control (`d["mass_matched"]`): the own-category
-    excess, its spread, the share of draws as harmful and p; the routing mass the set and its
-    draws dropped on the category's own held-out tokens (mean, min, max over draws); the
-    draws' mean number of experts."""
+    excess, its spread, the share of draws as harmful and p; the routing mass the set dropped
+    on the category's own held-out tokens and the unablated model's estimate of it (its
+    layers' `set_layer_estimate` summed; None in files without it), and the mass its draws
+    dropped (mean, min, max over draws); the draws' mean number of experts."""
     mm, rows = d["mass_matched"], []
     for i, c in enumerate(CATEGORIES):
         mass = _column(mm["random_mass"], i)
         rows.append([c, d["set_sizes"][c], *(_own(mm[k], i) for k in ("excess", "excess_std", "random_ge_fraction",
                                                                         "p_value")),
-                     mm["set_mass"].get(c), _mean(mass), min(mass, default=None), max(mass, default=None),
+                     mm["set_mass"].get(c), _total((mm.get("set_layer_estimate") or {}).get(c)),
+                     _mean(mass), min(mass, default=None), max(mass, default=None),
                      _mean(_column(mm["random_sizes"], i))])
+    return rows
+
+
+def mass_layer_rows(mm: dict) -> list[list]:
+    """Per ablated category and layer, from the mass-matched control's dict `mm`: the routing
+    mass the set's experts carry on the category's own held-out tokens as the unablated model
+    estimates it (`set_layer_estimate`), the mass they dropped in the set's own pass
+    (`set_layer_mass`, what the draws match) and the shift, measured minus estimate (None
+    where either is None)."""
+    est, meas = mm.get("set_layer_estimate") or {}, mm["set_layer_mass"]
+    rows = []
+    for c in CATEGORIES:
+        for j, m in enumerate(meas.get(c) or []):
+            e = (est.get(c) or [None] * (j + 1))[j]
+            rows.append([c, j, e, m, None if e is None or m is None else m - e])
     return rows
 
 

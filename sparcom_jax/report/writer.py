@@ -102,6 +102,12 @@ CAPTIONS = {
         "on fewer experts; one that does not is no more harmful than the mass it removes. The mass is "
         "matched on average over tokens, not token by token, and only on the category's own tokens (the "
         "other columns' tokens lose other masses)."),
+    "ablation_mass_layers": (
+        " set_mass_own_tokens_estimate is the set's mass as the unablated model estimates it; its gap to "
+        "set_mass_own_tokens is the later layers' routing moving onto (or off) the set's own experts once its "
+        "earlier ones are removed, shown per layer in tables/ablation_{kind}_mass_matched_per_layer.csv "
+        "(set_mass_estimate, set_mass_measured and their shift; each layer's mass is divided by the number of "
+        "layers, so a category's layers sum to its total)."),
     "ablation_controls": " Left: the instruction-specific set; middle: random sets matched to it "
                          "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
                          "means each category's set hurts its own category more than removing as many comparable "
@@ -673,7 +679,9 @@ def write_report(
             blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['mass_matched']['n_random']} "
                                      "mass-matched random draws and the routing mass they dropped",
                                      MASS_HEADER, mass_rows(d)))
-            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"])))
+            layers = d["mass_matched"].get("set_layer_mass") is not None  # (not in files of the earlier rule)
+            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"]) + (
+                CAPTIONS["ablation_mass_layers"].format(kind=kind) if layers else "")))
         if not d["n_random"]:
             blocks.append(TextBlock(
                 "No random control sets were drawn (ablation.n_random=0): the loss increases above cannot "
