@@ -19,8 +19,8 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, changed_records, digest, digest_arrays, read_fingerprint, record_digests, with_method,
-    write_fingerprint,
+    FINGERPRINT_FILE, changed_records, digest, digest_arrays, read_fingerprint, record_digests, served_by,
+    with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -28,8 +28,8 @@ from sparcom_jax.pipeline.common import (
     require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
-    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, served_by, spec_model_fingerprint,
-    spec_tokenizer, stale, token_changes,
+    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
+    stale, token_changes,
 )
 
 # --------------------------------------------------------------------------- #
