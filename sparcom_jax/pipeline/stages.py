@@ -235,8 +235,12 @@ def count_jobs(cfg: ExperimentConfig, out: Path) -> list[CountJob]:
     base model's, the tuned model under the base model's template (the same-template
     control, "<tuned> under <template> template"); with collect.precision_check, the last
     model in every other precision ("<model> in <precision>")."""
+    return jobs_of(cfg, model_list(cfg, out))
+
+
+def jobs_of(cfg: ExperimentConfig, specs: list[ModelSpec]) -> list[CountJob]:
+    """`count_jobs` of the models `specs` (base first, the tuned model last)."""
     c = cfg.collect
-    specs = model_list(cfg, out)
     jobs = study_jobs(cfg, specs)
     last = jobs[-1]
     if c.template_control and len(specs) > 1 and last.template != jobs[0].template:
@@ -682,7 +686,11 @@ ABLATION_SECTIONS = {"neurons": "isn", "experts": "ise", "expert_neurons": "expe
 
 def ablation_models(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
     """The models the causal check runs on (`ablation.model`)."""
-    specs = model_list(cfg, out)
+    return ablated_of(cfg, model_list(cfg, out))
+
+
+def ablated_of(cfg: ExperimentConfig, specs: list[ModelSpec]) -> list[ModelSpec]:
+    """`ablation_models` of the models `specs` (base first, the tuned model last)."""
     which = cfg.ablation.model
     if which == "base" or len(specs) == 1:
         return [specs[0]]
