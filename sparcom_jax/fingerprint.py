@@ -413,6 +413,22 @@ def stale_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[st
     return keys
 
 
+def served_by(fp: dict[str, Any], stored: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`fp` (the fingerprint of a count store: `collect_counts`', the pipeline's
+    `collect_fingerprint`) as counts stored with fingerprint `stored` serve it.
+
+    Counts collected with the activation sums (`collect_counts(sums=True)`, collect.sums)
+    hold everything a collection without them needs: the same counts of the same records
+    in the same order, the float sums beside them. Such a store is reused, or an
+    unfinished one completed, as it was made (with the sums): `fp` gets "sums": True. The
+    other way, a store without the sums stays stale for a collection that asks for them
+    (they were never counted).
+    """
+    if fp.get("sums") is False and (stored or {}).get("sums") is True:
+        return {**fp, "sums": True}
+    return fp
+
+
 def _is_digest(v: Any) -> bool:
     return isinstance(v, str) and re.fullmatch(f"({WEIGHTS_DIGEST})?[0-9a-f]{{16}}", v) is not None
 

@@ -871,3 +871,65 @@ def test_data_warnings_are_one_plain_line(tmp_path, capsys):
     with pytest.warns(DataWarning, match=r"\['context'\] are not read"):  # --debug: Python's own form, with its source
         code, _, err = run_cli(capsys, *args, "--debug")
     assert code == 0 and "sparcom: warning" not in err
+
+
+def _last_error(err: str) -> str:
+    return [line for line in err.splitlines() if line.startswith("sparcom: error: ")][-1]
+
+
+def test_dry_run_refuses_training_records_cut_before_their_response_as_finetuning_does(tmp_path, capsys):
+    # train.allow_cut_responses false (the default) refuses such records, but only when the real run
+    # fine-tunes; the dry run had the records and the tokenizer and said "config valid".
+    cfg = str(write_tiny(tmp_path))
+    cut = ("train.allow_cut_responses=false", "train.max_length=16", "train.buckets=[16]")
+    code, out, err = run_cli(capsys, "finetune", "--config", cfg, "--dry-run", *cut)
+    assert code == 2 and "config valid" not in out
+    dry = _last_error(err)
+    code, _, err = run_cli(capsys, "finetune", "--config", cfg, "--out", str(tmp_path / "o"), *cut)
+    assert code == 2 and _last_error(err) == dry
+    assert "before their response begins" in dry and dry.endswith("set allow_cut_responses=true to train on the "
+                                                                  "other records anyway")
+    # Allowed, it is said as the run says it, and the plan is printed.
+    code, out, err = run_cli(capsys, "finetune", "--config", cfg, "--dry-run", *cut[1:])
+    assert code == 0 and "sparcom: warning: max_length=16 cuts " in err
+    assert "  train data        12 records (read and tokenized: responses checked against train.max_length=16)" in out
+
+
+def test_dry_run_refuses_records_longer_than_the_model_s_context_as_collection_does(tmp_path, capsys):
+    # data.max_length above max_position_embeddings (64 here) stopped the collection of each such model,
+    # after the models before it were counted; the dry run passed it.
+    cfg = str(write_tiny(tmp_path))
+    long = ("data.max_length=100", "collect.buckets=null")
+    code, out, err = run_cli(capsys, "collect", "--config", cfg, "--dry-run", *long)
+    assert code == 2 and "config valid" not in out
+    dry = _last_error(err)
+    code, _, err = run_cli(capsys, "collect", "--config", cfg, "--out", str(tmp_path / "o"), *long)
+    assert code == 2
+    real = _last_error(err)[len("sparcom: error: "):]
+    assert dry == f"sparcom: error: collect base (plain template): {real}"
+    assert "longer than the model's context (max_position_embeddings=64" in real
+    # The causal check scores the held-out records with the same refusal (its loss): checked where it runs.
+    code, _, err = run_cli(capsys, "ablate", "--config", cfg, "--dry-run", *long, "ablation.enabled=true")
+    assert code == 2
+    assert _last_error(err).startswith("sparcom: error: ablate base (plain template): ")
+    assert "longer than the model's context (max_position_embeddings=64" in err
+    # Within the context, or records too short to reach it, pass.
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", "data.max_length=64", "collect.buckets=null")
+    assert code == 0 and "  note" not in out
+    code, out, _ = run_cli(capsys, "collect", "--config", cfg, "--dry-run", *long, "data.n_per_category=1",
+                           "data.group_by=text", f"data.path={_short_records(tmp_path)}")
+    assert code == 0, out
+    # Without the tokenizer here it cannot be checked: the plan says so.
+    code, out, _ = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                           "data.max_length=8192", f"base.path={tmp_path / 'nope'}")
+    assert code == 0
+    assert ("  note              data.max_length=8192 is above the context of llama2-7b (max_position_embeddings="
+            "4096): the run refuses its records longer than 4096 tokens (not checked here") in out
+
+
+def _short_records(tmp_path: Path) -> Path:
+    path = tmp_path / "short.jsonl"
+    cats = ("classification", "code", "general_qa", "generation", "math", "summarization")
+    path.write_text("".join(json.dumps({"id": f"{c}-{k}", "category": c, "instruction": f"Do {c} {k}.",
+                                        "output": "ok"}) + "\n" for c in cats for k in range(3)))
+    return path

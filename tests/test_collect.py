@@ -1000,3 +1000,38 @@ def test_counts_above_255_leave_the_device_whole():
     c = sj.collect_counts(_tiny_llama(), [seq] * 4, scopes, batch_size=4, progress=False)
     assert c.tokens.tolist() == [600, 200, 200, 200] and c.neuron_active[0].max() > 255
     np.testing.assert_array_equal(c.neuron_active[0], c.neuron_active[1:].sum(0))
+
+
+def test_a_store_with_the_sums_serves_a_collection_without_them(tmp_path):
+    """collect_counts(sums=False) refused a store made with sums=True as "made for different
+    inputs", though it holds the same counts and the pipeline reuses it (`served_by`). Now it
+    is reused (or an unfinished one finished, with its sums), and the result is what a
+    collection without the sums gives; a store of other tokens is still refused."""
+    model = _tiny_llama()
+    seqs, scopes = make_inputs(n=10)
+    plain = sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False)
+    done, part = tmp_path / "done", tmp_path / "part"
+    sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=done, chunk_rows=3, sums=True)
+    # _stop_after_chunks=0 stops any chunk that would run: a reused store runs none.
+    reused = sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=done, chunk_rows=3,
+                               _stop_after_chunks=0)
+    assert reused.sums() == {} and reused.meta["fingerprint"]["sums"] is True
+    np.testing.assert_array_equal(reused.neuron_active[:], plain.neuron_active)
+    with pytest.raises(KeyboardInterrupt):
+        sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=part, chunk_rows=3, sums=True,
+                          _stop_after_chunks=1)
+    finished = sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=part, chunk_rows=3)
+    np.testing.assert_array_equal(finished.neuron_active[:], plain.neuron_active)
+    assert finished.sums() == {} and set(sj.open_counts(part).sums()) == {"neuron_act_sum"}
+    np.testing.assert_allclose(sj.open_counts(part).neuron_act_sum[:], sj.open_counts(done).neuron_act_sum[:],
+                               rtol=1e-5)
+    # Less than asked, or other inputs, is refused as before.
+    sj.collect_counts(model, seqs, scopes, progress=False, out=tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"different inputs .*sums"):
+        sj.collect_counts(model, seqs, scopes, progress=False, out=tmp_path / "bare", sums=True)
+    with pytest.raises(ValueError, match=r"different inputs .*tokens"):
+        sj.collect_counts(model, seqs[:9] + seqs[:1], scopes[:9] + scopes[:1], progress=False, out=done, chunk_rows=3)
+    # Replaced for other inputs, the store is counted as asked: without the sums.
+    sj.collect_counts(model, seqs[:9] + seqs[:1], scopes[:9] + scopes[:1], progress=False, out=done, chunk_rows=3,
+                      overwrite=True)
+    assert sj.open_counts(done).sums() == {}

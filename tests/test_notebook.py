@@ -540,6 +540,28 @@ def test_a_comparison_of_some_categories_shows_the_missing_ones_as_missing():
     assert "    no instructions   GEN, MATH, SUM (shown as -)" in lines
 
 
+def test_a_series_of_some_categories_shows_the_missing_ones_as_missing():
+    # compare_series over three categories displayed "GEN 0->0" sizes and "GEN n/a->n/a" Jaccards
+    # for the three it had no records of, and its dict did not say which categories were measured.
+    from sparcom_jax.stats.counts import Counts
+
+    rng = np.random.default_rng(0)
+    names = ["classification", "code", "general_qa"] * 2
+    rule = sj.IdentifyConfig(eps=0.2)
+    steps = [sj.analyze_model(Counts(tokens=np.full(6, 10, np.int32), categories=names, ids=list("abcdef"),
+                                     neuron_active=rng.integers(0, 11, (6, 2, 8)).astype(np.int32)),
+                              rule, name=name, n_boot=0, n_perm=0) for name in ("step0", "step1", "final")]
+    series = sj.compare_series(steps)
+    t = series["isn"]
+    assert [t["n_instructions"][c] for c in sj.CATEGORIES] == [2, 2, 2, 0, 0, 0]
+    lines = repr(series).splitlines()
+    sizes = "->".join(map(str, t["per_category_count"]["code"]))
+    assert any(line.startswith("    |S(c)| ") and f"CODE {sizes}, " in line
+               and line.endswith("GEN -, MATH -, SUM -") for line in lines), lines
+    assert any(line.startswith("    jaccard vs first ") and line.endswith("GEN -, MATH -, SUM -") for line in lines)
+    assert "    no instructions   GEN, MATH, SUM (shown as -)" in lines
+
+
 def test_a_series_takes_analyses_under_their_names_and_refuses_repeated_names():
     # compare_series([a, b]) failed with "KeyError: 'base' has no section 0" (the pair unpacking
     # indexed the analysis).

@@ -837,11 +837,15 @@ class SeriesComparison(dict):
         for sec, t in self.items():
             if sec == "names":
                 continue
+            absent = absent_categories(t.get("n_instructions") or {})  # absent in a dict of an earlier version
             lines += [f"  {sec}",
-                      f"    {'|S(c)|':<17} {per_category_text({c: path(v) for c, v in t['per_category_count'].items()})}",
+                      f"    {'|S(c)|':<17} "
+                      f"{per_category_text({c: path(v) for c, v in t['per_category_count'].items()}, absent)}",
                       f"    {'jaccard vs first':<17} "
-                      f"{per_category_text({c: path(v) for c, v in t['vs_base']['jaccard'].items()})}",
+                      f"{per_category_text({c: path(v) for c, v in t['vs_base']['jaccard'].items()}, absent)}",
                       f"    {'diagonal':<17} {path(t['diagonal_dominance'])}"]
+            if absent:
+                lines.append(f"    {'no instructions':<17} {', '.join(SHORT_NAMES[c] for c in absent)} (shown as -)")
         lines.append("  every number: the dict's keys (docs/analysis.md)")
         return "\n".join(lines)
 
@@ -860,7 +864,9 @@ def compare_series(
 
     Returns:
       A `SeriesComparison` (a dict that displays its trends): {"names": [S],
-      "<section>": trends}, where each trend is a list over the series (per
+      "<section>": trends}, where n_instructions is {category: records} (the same
+      records at every checkpoint; 0: the category was not measured, and its figures
+      say nothing: displayed as -) and each trend is a list over the series (per
       category where it applies): per_category_count, unique,
       unique_ratio, general, general_share, union, diagonal_dominance,
       mean_frequency, per_layer ([S][L] per category), phases (boundaries),
@@ -891,7 +897,8 @@ def compare_series(
     keys = ("retained", "gained", "lost", "jaccard")
     for sec in sections:
         sums = [a[sec].summary for a in analyses]
-        t: dict[str, Any] = {}
+        # The same records at every checkpoint (check_comparable): 0 marks a category not measured.
+        t: dict[str, Any] = {"n_instructions": by_category(analyses[0][sec].ident.n_per_category)}
         for k in ("per_category_count", "unique", "unique_ratio", "mean_frequency", "per_layer"):
             t[k] = {c: [s[k][c] for s in sums] for c in CATEGORIES}
         for k in ("general", "general_share", "union", "diagonal_dominance"):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import Any
 from sparcom_jax.config import ConfigError, ExperimentConfig
 from sparcom_jax.console import fmt_bytes, fmt_count
 from sparcom_jax.pipeline.common import (
-    ablate_records, check_model_names, has_weights, identify_records, model_config,
-    require_tokenizers, resolve_mesh, stages_run,
+    ablate_records, check_model_names, has_weights, identify_records, model_config, own_train_files,
+    require_tokenizers, resolve_mesh, stages_run, template_for, train_records,
 )
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4}
@@ -126,13 +127,29 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
     return int(x + mask + layer_weights + max(attention, ffn))
 
 
+def _paths(path) -> list:
+    """A data spec's path(s) as a list (None: the shipped set)."""
+    return path if isinstance(path, list) else [path]
+
+
+def _here(paths) -> bool:
+    """Whether every data file of `paths` is on this machine (None: the shipped set is)."""
+    return all(p is None or Path(p).exists() for p in paths)
+
+
+def _tokenizer_here(spec) -> bool:
+    """Whether the model's tokenizer can be read without its weights: its directory is here
+    (`require_tokenizers` checked its tokenizer files), or it is a random `init` model."""
+    return not spec.path or has_weights(spec)
+
+
 def _n_instructions(cfg: ExperimentConfig, ablates: bool = False) -> tuple[int | None, str]:
     """(identify records the counts will hold, or None when unknown; where that came from).
     `ablates`: the stage runs the causal check, so its held-out part is checked too."""
     from sparcom_jax.categories import CATEGORIES
 
-    paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
-    if all(p is None or Path(p).exists() for p in paths):
+    paths = _paths(cfg.data.path)
+    if _here(paths):
         # Records are cheap to read: a data file that cannot be used, or an identify part too
         # small for data.n_per_category, fails the dry run as it would fail the run.
         n = len(identify_records(cfg))
@@ -145,6 +162,88 @@ def _n_instructions(cfg: ExperimentConfig, ablates: bool = False) -> tuple[int |
         n = cfg.data.n_per_category * len(CATEGORIES)
         return n, f"{note}; planned for {n} records, data.n_per_category x 6)"
     return None, f"{note}; record count unknown)"
+
+
+def train_check(cfg: ExperimentConfig) -> str:
+    """Refuse, as fine-tuning would before any compute, training records that train.max_length
+    cuts before their response begins (`check_responses_cut`: with train.allow_cut_responses
+    a warning), when the records and the base model's tokenizer are on this machine.
+
+    Returns:
+      What was checked, for the plan's "train data" line.
+    """
+    from sparcom_jax.pipeline.provenance import spec_tokenizer
+    from sparcom_jax.pipeline.stages import train_config, train_encoding
+    from sparcom_jax.train import check_responses_cut
+
+    paths = _paths(cfg.data.path) + (_paths(cfg.train_data.path) if own_train_files(cfg) else [])
+    absent = ", ".join(str(p) for p in paths if p is not None and not Path(p).exists())
+    why = (f"{absent} not on this machine" if absent else
+           None if _tokenizer_here(cfg.base) else f"the tokenizer of {cfg.base.label} is not on this machine")
+    if why:
+        return f"not checked ({why}): a record that train.max_length cuts before its response is refused when found"
+    tcfg, records, tok = train_config(cfg), train_records(cfg), spec_tokenizer(cfg.base)
+    check_responses_cut(train_encoding(tcfg, records, tok), records, tok, tcfg)
+    return f"{len(records)} records (read and tokenized: responses checked against train.max_length={tcfg.max_length})"
+
+
+def context_check(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[str]:
+    """Refuse, as the run would, sequences longer than a model's context (`position_error`:
+    collection refuses them, and the causal check's loss), when the records and the
+    model's tokenizer are on this machine; else note what the run will check.
+
+    Sequences are cut to data.max_length, so only a model whose max_position_embeddings is
+    below it (or data.max_length null) has any to check: its records are encoded under every
+    template it is counted with (`jobs_of`), the held-out ones under its own (`ablated_of`).
+
+    Returns:
+      Notes for the models that could not be checked here.
+    """
+    from sparcom_jax.data import encode_records
+    from sparcom_jax.pipeline.stages import ablated_of, jobs_of
+    from sparcom_jax.stats.losses import encode_held_out
+
+    specs = cfg.models()
+    parts = []
+    if "collect" in stages:
+        encode = functools.partial(encode_records, scope=cfg.data.scope)
+        parts.append(("collect", identify_records, encode, [(j.spec, j.template) for j in jobs_of(cfg, specs)]))
+    if "ablate" in stages and cfg.ablation.enabled:
+        parts.append(("ablate", ablate_records, encode_held_out,
+                      [(s, template_for(s, cfg)) for s in ablated_of(cfg, specs)]))
+    notes = [_context_of(cfg, stage, records, encode, spec, template)
+             for stage, records, encode, pairs in parts
+             for spec, template in {(s.label, t): (s, t) for s, t in pairs}.values()]
+    return list(dict.fromkeys(n for n in notes if n))
+
+
+def _context_of(cfg: ExperimentConfig, stage: str, records, encode, spec, template: str) -> str | None:
+    """`context_check` of one model under one template: raises the run's refusal, or returns
+    a note when it cannot be checked here (None: nothing to check, or checked)."""
+    import warnings
+
+    from sparcom_jax.pipeline.provenance import spec_tokenizer
+    from sparcom_jax.stats.runner import position_error
+
+    m = cfg.data.max_length
+    try:
+        mcfg = model_config(spec, cfg)[0]
+    except ConfigError:  # no architecture: the run refuses the model itself
+        return None
+    limit = mcfg.max_position_embeddings
+    if m is not None and m <= limit:
+        return None
+    if not (_here(_paths(cfg.data.path)) and _tokenizer_here(spec)):
+        return (f"data.max_length={m} is above the context of {spec.label} (max_position_embeddings={limit}): "
+                f"the run refuses its records longer than {limit} tokens (not checked here: its tokenizer or "
+                "the records are not on this machine)")
+    with warnings.catch_warnings():  # truncation: the run reports it, once
+        warnings.simplefilter("ignore")
+        enc = encode(records(cfg), spec_tokenizer(spec), template=template, max_length=m)
+    error = position_error(mcfg, enc.lengths, enc.record_ids)
+    if error is not None:
+        raise ConfigError(f"{stage} {spec.label} ({template} template): {error}")
+    return None
 
 
 def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None = None) -> dict[str, Any]:
@@ -197,6 +296,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         t = cfg.train
         t.check_mesh(data)  # the batch must split over the data axis
         t.check_model(mcfg.max_position_embeddings)
+        plan["train_data"] = train_check(cfg)
         p = param_plan(mcfg, "float32", data, model, "fsdp")
         opt = {"adamw": 2, "lion": 1, "sgd": 1}.get(t.optimizer, 2)
         state = p["bytes"] * (2 + opt)  # master weights + grads + optimizer moments, float32
@@ -227,6 +327,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         plan["count_store"] = {"n_instructions": N, "bytes_per_instruction": per_instr,
                                "fields": {k: list(v) for k, v in count_fields(mcfg, cfg.collect.sums).items()},
                                "bytes_per_model": None if N is None else per_instr * N, "models": len(specs)}
+    plan["notes"] = context_check(cfg, stages)
     if {"identify", "evaluate", "compare", "report"} & set(stages) and N is not None:
         plan["analysis_host"] = analysis_plan(cfg, cnt, N, len(specs), stages, plan["count_store"])
     plan["rows"] = rows
@@ -274,6 +375,9 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     if plan.get("data"):
         lines.append(f"  data              {plan['data']}")
+    if plan.get("train_data"):
+        lines.append(f"  train data        {plan['train_data']}")
+    lines += [f"  note              {n}" for n in plan.get("notes", ())]
     if plan["architecture_differs"]:
         lines.append(f"  note              architecture differs for {', '.join(plan['architecture_differs'])}")
     p = plan.get("params") or plan.get("train_params")

@@ -124,20 +124,6 @@ def collect_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, templat
     return with_method(fp), enc
 
 
-def served_by(fp: dict[str, Any], stored: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`fp` (a `collect_fingerprint`) as counts stored with fingerprint `stored` serve it.
-
-    Counts collected with the activation sums (collect.sums) hold everything a run without
-    them needs: the same counts of the same records in the same order, the float sums
-    beside them. Such a store is reused, or an unfinished one completed, as it was made (with
-    the sums): `fp` gets "sums": True. The other way, a store without the sums stays stale
-    for a run that asks for them (they were never counted).
-    """
-    if fp.get("sums") is False and (stored or {}).get("sums") is True:
-        return {**fp, "sums": True}
-    return fp
-
-
 # `describe`'s detail for a causal-check result stored without its held-out tokens.
 HELD_OUT_TOKENS_UNKNOWN = (
     "or not: the result was stored by an earlier sparcom_jax, which did not fingerprint the held-out "

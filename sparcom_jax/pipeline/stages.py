@@ -19,8 +19,8 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, changed_records, digest, digest_arrays, read_fingerprint, record_digests, with_method,
-    write_fingerprint,
+    FINGERPRINT_FILE, changed_records, digest, digest_arrays, read_fingerprint, record_digests, served_by,
+    with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -28,8 +28,8 @@ from sparcom_jax.pipeline.common import (
     require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
-    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, served_by, spec_model_fingerprint,
-    spec_tokenizer, stale, token_changes,
+    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
+    stale, token_changes,
 )
 
 # --------------------------------------------------------------------------- #
@@ -235,8 +235,12 @@ def count_jobs(cfg: ExperimentConfig, out: Path) -> list[CountJob]:
     base model's, the tuned model under the base model's template (the same-template
     control, "<tuned> under <template> template"); with collect.precision_check, the last
     model in every other precision ("<model> in <precision>")."""
+    return jobs_of(cfg, model_list(cfg, out))
+
+
+def jobs_of(cfg: ExperimentConfig, specs: list[ModelSpec]) -> list[CountJob]:
+    """`count_jobs` of the models `specs` (base first, the tuned model last)."""
     c = cfg.collect
-    specs = model_list(cfg, out)
     jobs = study_jobs(cfg, specs)
     last = jobs[-1]
     if c.template_control and len(specs) > 1 and last.template != jobs[0].template:
@@ -682,7 +686,11 @@ ABLATION_SECTIONS = {"neurons": "isn", "experts": "ise", "expert_neurons": "expe
 
 def ablation_models(cfg: ExperimentConfig, out: Path) -> list[ModelSpec]:
     """The models the causal check runs on (`ablation.model`)."""
-    specs = model_list(cfg, out)
+    return ablated_of(cfg, model_list(cfg, out))
+
+
+def ablated_of(cfg: ExperimentConfig, specs: list[ModelSpec]) -> list[ModelSpec]:
+    """`ablation_models` of the models `specs` (base first, the tuned model last)."""
     which = cfg.ablation.model
     if which == "base" or len(specs) == 1:
         return [specs[0]]

@@ -8,6 +8,7 @@ head is skipped. Definitions are METHOD.md's step 1.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 import math
@@ -24,12 +25,12 @@ from flax import nnx
 
 from sparcom_jax.console import fmt_bytes
 from sparcom_jax.errors import HostMemoryError
-from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint, record_digests
+from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint, record_digests, served_by, stale_keys
 from sparcom_jax.parallel.processes import gather, key_id, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, position_error, unpad, validate_sequences
-from sparcom_jax.stats.store import CHUNK_ROWS, CountStore, open_counts
+from sparcom_jax.stats.store import CHUNK_ROWS, STORE_VERSION, CountStore, open_counts, read_header
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,9 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         error names a record by its id and category).
       fingerprint: components that identify the inputs (`sparcom_jax.fingerprint`);
         merged over the ones computed here (model, dtype, tokens). A store is
-        resumed or reused only for the same fingerprint and labels (`CountStore`).
+        resumed or reused only for the same fingerprint and labels (`CountStore`); one
+        made with the sums serves a collection without them (`served_by`: reused, or
+        finished with its sums; the result leaves them out).
       overwrite: replace a store made for other inputs instead of refusing.
       sums: also collect, in-graph, the float32 sums beside the counts (`Counts`
         ``neuron_act_sum``, ``expert_weight_sum``, ``expert_neuron_act_sum``): the
@@ -400,6 +403,13 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     too_long = position_error(cfg, [len(s) for s in seqs], labels["ids"])
     if too_long is not None:  # raised here, like validate_sequences' errors: before any collective
         raise too_long
+    asked = sums
+    if out is not None:
+        out = Path(out)
+        if jax.process_count() > 1:
+            out = out / f"process_{jax.process_index()}"
+        fp = _as_served(out, _store_fingerprint(model, seqs, scps, sums, fingerprint))
+        sums = sums or fp["sums"] is True  # a store with the sums serves a collection without them
     fields = count_fields(cfg, sums)
     shapes = {"tokens": (n,), **{k: (n,) + s for k, s in fields.items()}}
     if out is None and check_memory:  # before any model work: the result's pages fill late in the run
@@ -414,17 +424,6 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     runner.fit_to([len(s) for s in seqs])  # one bucket set for every chunk (and a resumed run)
     bar = _Progress(sum(len(s) for s in seqs), progress, "collect")
     if out is not None:
-        out = Path(out)
-        if jax.process_count() > 1:
-            out = out / f"process_{jax.process_index()}"
-        given = dict(fingerprint or {})
-        # A caller's model digest (the pipeline's, of the model's files) stands; computing it again
-        # here read every byte of the weights a second time when the digest cache is off.
-        fp = {"model": given["model"] if "model" in given else model_fingerprint(model),
-              "dtype": jnp.dtype(model.dtype).name, "tokens": digest_arrays(seqs, scps), "sums": bool(sums)}
-        if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
-            fp["gate_dtype"] = model.gate_dtype
-        fp.update(given)
         store = error = None
         try:
             store = CountStore(out, shapes, **labels, meta=meta, chunk_rows=chunk_rows, fingerprint=fp,
@@ -489,11 +488,43 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     bar.close(padding)
     if store is not None:
         counts = open_counts(out)
+        if sums and not asked:  # the sums of a store that served the collection: left out, as not asked for
+            counts = dataclasses.replace(counts, **dict.fromkeys(Counts.SUM_FIELDS.values()))
     else:
         counts = Counts(tokens=result.pop("tokens"), **labels, meta=meta, **result)
     counts.meta.update(padding_fraction=padding, tokens_per_s=bar.tokens_per_s,
                        compilations=compile_stats(since=compiled_before))
     return counts
+
+
+def _store_fingerprint(model, seqs, scps, sums: bool, given: Mapping | None) -> dict:
+    """The fingerprint of a count store of `seqs` (and `scps`) counted by `model`: the model,
+    dtype, gate dtype, tokens and `sums`, under the caller's components (`given`)."""
+    given = dict(given or {})
+    # A caller's model digest (the pipeline's, of the model's files) stands; computing it again
+    # here read every byte of the weights a second time when the digest cache is off.
+    fp = {"model": given["model"] if "model" in given else model_fingerprint(model),
+          "dtype": jnp.dtype(model.dtype).name, "tokens": digest_arrays(seqs, scps), "sums": bool(sums)}
+    if model.gate_dtype != fp["dtype"]:  # the gate's precision changes counts (absent: as the dtype)
+        fp["gate_dtype"] = model.gate_dtype
+    fp.update(given)
+    return fp
+
+
+def _as_served(path: Path, fp: dict) -> dict:
+    """`fp`, the fingerprint of a collection into the store at `path`, with "sums": True when
+    that store holds the activation sums beside counts of the same inputs (`served_by`: it is
+    reused, or finished as it was made, with its sums).
+
+    Decided by every process together: the sums choose the program they all run. A store
+    of other inputs, or one without the sums when they are asked for, is refused (or
+    replaced) by `CountStore` as before.
+    """
+    header = read_header(path)
+    stored = (header or {}).get("fingerprint")
+    served = served_by(fp, stored)
+    serves = served is not fp and header.get("version") == STORE_VERSION and not stale_keys(stored, served)
+    return {**fp, "sums": True} if gather(serves).any() else fp
 
 
 def check_scope_coverage(enc, max_length: int | None) -> dict[str, int]:
