@@ -871,3 +871,39 @@ def test_data_warnings_are_one_plain_line(tmp_path, capsys):
     with pytest.warns(DataWarning, match=r"\['context'\] are not read"):  # --debug: Python's own form, with its source
         code, _, err = run_cli(capsys, *args, "--debug")
     assert code == 0 and "sparcom: warning" not in err
+
+
+# What a surviving process's collective raised (CPU, gloo) when another process of the run was killed
+# mid-collect (kill -9 of either process, measured on 2 processes of `sparcom collect`).
+LOST_PEER = ("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+             "[127.0.0.1]:24448: Connection reset by peer")
+
+
+@pytest.mark.parametrize("message, lost", [(LOST_PEER, True), ("RESOURCE_EXHAUSTED: Out of memory allocating", False)])
+def test_a_process_that_lost_another_says_so_in_one_line_and_how_to_resume(message, lost, tmp_path, capsys,
+                                                                            monkeypatch):
+    # The survivor printed a 60-line traceback ending in gloo's error, which did not say that another
+    # process had gone, nor that the work done is kept and how to resume it. Another runtime error
+    # (a bug, an accelerator out of memory) keeps its traceback.
+    import jax
+
+    from sparcom_jax import cli, pipeline
+
+    def run_stage(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(message)
+
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+    monkeypatch.setattr(cli, "_other_processes", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    left = []
+    monkeypatch.setattr(cli, "_leave_at_once", left.append)  # (it ends the process)
+    main(["collect", "--config", str(write_tiny(tmp_path)), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    if not lost:
+        assert left == [1] and "Traceback" in err and message in err
+        return
+    assert left == [2] and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("sparcom: error: process 0 of 2 lost contact with another process of the run "
+                          f"({message})"), err
+    assert "its own log says why" in err and "start the same command on every host again to resume" in err
+
