@@ -907,3 +907,18 @@ def test_a_process_that_lost_another_says_so_in_one_line_and_how_to_resume(messa
                           f"({message})"), err
     assert "its own log says why" in err and "start the same command on every host again to resume" in err
 
+
+def test_the_dry_run_of_a_pod_says_each_process_s_devices_or_that_it_planned_no_processes(capsys):
+    # A v5e-32 is 8 hosts of 4 chips: the plan said "4 processes" (mixtral_8x7b.yaml's v4-32) and nothing of
+    # the devices each holds, and with mesh.num_processes left at 1 it checked no host's share, silently.
+    code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "mixtral_8x7b.yaml"), "--dry-run",
+                             "--devices", "32")
+    assert code == 0 and "32 devices = data 8 x model 4, 4 processes of 8 devices each" in out, err
+    assert "not planned" not in out
+    code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                             "--devices", "32", "--distributed")
+    assert code == 0 and "32 devices = data 32 x model 1 (jax.distributed.initialize)" in out, err
+    assert "processes         not planned (mesh.num_processes=1" in out and "a v5e-32 8" in out
+    code, out, _ = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                           "--devices", "32")
+    assert code == 0 and "processes " not in out  # one host: nothing to plan
