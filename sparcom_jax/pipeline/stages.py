@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
@@ -1117,15 +1117,26 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         ablate_records(cfg)
 
 
-def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> list:
+def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     """What every process of a multi-host run must agree on before a stage: the stage,
     --overwrite and the config, without its paths (each host may mount the files at its own
-    path). What the paths hold is compared where it is used (the records and model digests by
-    `collect`, the ablated model and records by `ablate`), and the output directory is probed
-    (`check_shared`)."""
+    path), by dotted name (`identify.eps`), so that a refusal can name what differs. What the
+    paths hold is compared where it is used (the records and model digests by `collect`, the
+    ablated model and records by `ablate`), and the output directory is probed (`check_shared`)."""
     from sparcom_jax.config import to_dict
 
-    return [stage, bool(overwrite), to_dict(cfg, paths=False)]
+    return {"command": stage, "--overwrite": bool(overwrite), **_dotted(to_dict(cfg, paths=False))}
+
+
+def _dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves by dotted key; lists and empty dicts are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
@@ -1140,8 +1151,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     """
     from sparcom_jax.parallel.processes import check_same, together
 
-    check_same(run_key(stage, cfg, overwrite), "the command (stage, --overwrite) or config",
-               "start every process with the same command line and config file")
+    key = run_key(stage, cfg, overwrite)
+    check_same(key, "the command (stage, --overwrite) or config",
+               "start every process with the same command line and config file", parts=key)
     with contextlib.ExitStack() as held:
         # A host that cannot write --out, or another run's lock: every process stops.
         with together(f"{stage}: locking the output directory"):
