@@ -165,6 +165,24 @@ def test_collect_replaces_the_stores_another_number_of_processes_left(tmp_path, 
     assert code == 0, err
 
 
+
+@pytest.mark.parametrize("left, processes, kept", [
+    ({0, 1}, 3, set()), ({0, 1, 2}, 2, set()), ({0, 1, 2}, 3, {0, 1, 2}), ({0, 2}, 2, set()), ({1}, 2, set())])
+def test_collect_replaces_the_process_stores_of_another_number_of_processes(left, processes, kept, tmp_path):
+    # A 2-process collection rerun on 3 processes (or 3 on 2) kept process_0 and process_1, which hold
+    # another share of the records, and refused them as stores "made with other inputs or settings
+    # (records ... changed; tokenized text ... changed)", asking for --overwrite (measured on 3 real
+    # processes over a 2-process OUT). The stores one collection leaves are process_0 .. process_<P-1>
+    # (each process opens its own before any counting), so another set is another number of processes.
+    from sparcom_jax.pipeline.stages import _clear_other_layout
+
+    for k in left:
+        (tmp_path / f"process_{k}").mkdir()
+        (tmp_path / f"process_{k}" / "meta.json").write_text("{}")
+    (tmp_path / ".lock").write_text("")  # hidden files (the store's lock) are not the layout's
+    _clear_other_layout(tmp_path, processes)
+    assert {p.name for p in tmp_path.iterdir()} == {f"process_{k}" for k in kept} | {".lock"}
+
 def test_only_process_0_writes_shared_outputs_and_every_process_waits_for_it(tmp_path, capsys, monkeypatch):
     # Another process of a multi-host run computes the same analyses: it writes none of them,
     # removes nothing (processes deleting one tree at once fail on each other's deletions), and

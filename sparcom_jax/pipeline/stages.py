@@ -412,13 +412,18 @@ def _clear_other_layout(dest: Path, processes: int) -> None:
     (P processes, each counting its `_process_share`). Another run's layout can be
     neither resumed nor merged with this one's (its shares are other records), and left
     beside it, it is what the analysis would read; so the current layout replaces it.
+    Every process of a collection opens its store before any counting, so a run of P
+    processes leaves exactly process_0 .. process_<P-1>: any other set of them was left by
+    another number of processes (its process_0 holds another share), or by one stopped
+    before all its stores were opened (nothing counted).
     """
     if not dest.is_dir():
         return
     ours = {f"process_{k}" for k in range(processes)} if processes > 1 else set()
+    left = {p.name for p in dest.iterdir() if p.name.startswith("process_")}
     for p in sorted(dest.iterdir()):
         part = p.name.startswith("process_")
-        other = (not part or p.name not in ours) if processes > 1 else part
+        other = (not part or left != ours) if processes > 1 else part
         if other and not p.name.startswith("."):  # hidden: the store's lock, another process's temporary files
             log(f"{dest}: removing {p.name}, left by a collection with another number of processes")
             remove_path(p)
