@@ -183,6 +183,36 @@ def test_collect_replaces_the_process_stores_of_another_number_of_processes(left
     _clear_other_layout(tmp_path, processes)
     assert {p.name for p in tmp_path.iterdir()} == {f"process_{k}" for k in kept} | {".lock"}
 
+
+def test_analysis_of_process_stores_with_one_missing_names_it(tmp_path, capsys):
+    # A 3-process OUT copied without process_2 (or process_1) to where it is analysed: the analysis took
+    # the stores there for a 2-process run and refused them as "made with other inputs or settings
+    # (records ... changed; tokenized text ... changed)", asking for `sparcom collect --overwrite`.
+    import shutil
+
+    cfg = write_tiny(tmp_path)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
+    assert code == 0, err
+    store = out / "counts" / "base"
+    ids = json.loads((store / "meta.json").read_text())["ids"]
+    for k in range(3):  # what a 3-process run leaves: process k holds records k, k+3, ...
+        shutil.copytree(store, store / f"process_{k}", ignore=shutil.ignore_patterns("process_*", ".*"))
+        header = json.loads((store / f"process_{k}" / "meta.json").read_text())
+        (store / f"process_{k}" / "meta.json").write_text(json.dumps(dict(header, ids=ids[k::3])))
+    for p in store.iterdir():
+        if not p.name.startswith(("process_", ".")):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for gone in ("process_2", "process_1"):
+        shutil.move(store / gone, tmp_path / gone)
+        code, _, err = run_cli(capsys, "identify", "--config", str(cfg), "--out", str(out))
+        last = err.rstrip("\n").splitlines()[-1]
+        assert code == 2 and "Traceback" not in err, err
+        assert last.startswith(f"sparcom: error: {store}: the count stores of a 3-process collection are not all "
+                               f"here ({gone} is missing)"), err
+        assert "copy every process_<k> directory of it, or run `sparcom collect` again" in last
+        shutil.move(tmp_path / gone, store / gone)
+
 def test_only_process_0_writes_shared_outputs_and_every_process_waits_for_it(tmp_path, capsys, monkeypatch):
     # Another process of a multi-host run computes the same analyses: it writes none of them,
     # removes nothing (processes deleting one tree at once fail on each other's deletions), and

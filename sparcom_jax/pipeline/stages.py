@@ -449,6 +449,8 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     root = counts_root(cfg, out) / safe(label)
     parts = sorted(root.glob("process_*"), key=lambda p: int(p.name.split("_")[1]))
     records = identify_records(cfg)
+    if parts:
+        _check_every_share(root, parts, [r.id for r in records])
     caps = content_caps if content_caps is not None else study_content_caps(cfg, out)
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
     # One model digest and tokenizer for every process's store: the digest read all the weights
@@ -490,6 +492,29 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
             "grouping rule, changed where no counted token did; run `sparcom collect --overwrite` first, or "
             "choose another --out")
     return counts
+
+
+def _check_every_share(root: Path, parts: Sequence[Path], ids: Sequence[str]) -> None:
+    """Refuse process stores that are not the whole of one collection (a copy of OUT without
+    one of them): taken for the stores of fewer processes, each was refused as made from other
+    records. Process 0 holds records 0, P, 2P, ... of a P-process collection, so its ids tell P.
+
+    Raises:
+      ConfigError: naming the missing stores.
+    """
+    from sparcom_jax.stats.store import read_header
+
+    have = {int(p.name.split("_")[1]) for p in parts}
+    first = ((read_header(parts[0]) or {}).get("ids") or []) if 0 in have else []
+    step = ids.index(first[1]) if len(first) > 1 and first[1] in ids else 0
+    made_by = step if step and list(first) == list(ids[::step]) else 0  # (records changed: the stores say)
+    total = max(max(have) + 1, made_by)
+    missing = sorted(set(range(total)) - have)
+    if missing:
+        raise ConfigError(
+            f"{root}: the count stores of a {total}-process collection are not all here "
+            f"({', '.join(f'process_{k}' for k in missing)} {'is' if len(missing) == 1 else 'are'} missing); copy "
+            "every process_<k> directory of it, or run `sparcom collect` again (it counts them anew)")
 
 
 def merge_shares(cs, root):
