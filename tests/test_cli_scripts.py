@@ -92,6 +92,27 @@ def test_tpu_launch_fails_when_sparcom_fails_on_a_worker(tmp_path):
     assert "no weights" in (tmp_path / "sparcom_jax" / "logs" / "sparcom-collect.log").read_text()
 
 
+
+def test_tpu_launch_quotes_the_workdir_and_log_in_the_remote_command(tmp_path):
+    # --workdir and --log went into the remote shell line unquoted: a name with a space (or a shell
+    # character) split into two words there, and the worker ran something else.
+    import os
+
+    r = bash("tpu_launch.sh", "--name", "n", "--zone", "z", "--workdir", "my runs/sparcom", "--log",
+             "logs/first try.log", "--dry-run", "--", "collect", "--config", "c.yaml")
+    assert r.returncode == 0, r.stderr
+    (ssh,) = commands(r.stdout)
+    remote = ssh[ssh.index("--command") + 1]
+    fake = tmp_path / "my runs" / "sparcom" / ".venv" / "bin" / "sparcom"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho \"ran $*\"\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", "-c", remote], env=dict(os.environ, HOME=str(tmp_path)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    log = tmp_path / "my runs" / "sparcom" / "logs" / "first try.log"
+    assert log.read_text() == "ran collect --config c.yaml --distributed\n"
+
 def test_tpu_launch_needs_a_command():
     r = bash("tpu_launch.sh", "--name", "n", "--zone", "z", "--dry-run")
     assert r.returncode == 2 and "no sparcom command" in r.stderr
