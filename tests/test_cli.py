@@ -970,3 +970,22 @@ def test_the_dry_run_of_a_pod_says_each_process_s_devices_or_that_it_planned_no_
     code, out, _ = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
                            "--devices", "32")
     assert code == 0 and "processes " not in out  # one host: nothing to plan
+
+
+def test_a_pod_with_another_number_of_hosts_than_the_config_says_is_told(monkeypatch, capsys):
+    # mixtral_8x7b.yaml says 4 processes (a v4-32); on a v5e-32 jax.distributed finds 8 hosts itself
+    # (no coordinator: mesh.num_processes is not passed to it). The run went on silently, though its dry
+    # run had planned (and checked the model axis against) 4 hosts of 8 devices.
+    import jax
+
+    from sparcom_jax.pipeline import init_distributed
+
+    mesh = load_config(CONFIGS / "mixtral_8x7b.yaml").mesh
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: joined.append(kw))
+    for found, said in ((8, True), (4, False)):
+        monkeypatch.setattr(jax, "process_count", lambda: found)
+        assert init_distributed(mesh) and "num_processes" not in joined[-1]
+        err = capsys.readouterr().err
+        assert ("mesh.num_processes=4, but jax.distributed found 8 processes" in err) == said, err
+        assert ("set mesh.num_processes=8 so that dry runs plan this pod" in err) == said, err
