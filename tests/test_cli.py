@@ -989,3 +989,71 @@ def test_a_pod_with_another_number_of_hosts_than_the_config_says_is_told(monkeyp
         err = capsys.readouterr().err
         assert ("mesh.num_processes=4, but jax.distributed found 8 processes" in err) == said, err
         assert ("set mesh.num_processes=8 so that dry runs plan this pod" in err) == said, err
+
+
+# A tiny Mixtral-style pair through every stage (counts, sets, evaluation, comparison, both expert kinds'
+# causal check, the report): few records, few draws.
+POD_PAIR = """\
+name: pod
+base:
+  name: moe
+  init: &moe {model_type: mixtral, hidden_size: 32, intermediate_size: 16, num_hidden_layers: 2,
+              num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 48, num_local_experts: 4,
+              num_experts_per_tok: 2}
+finetuned: {name: moe-ft, template: chat, seed: 1, init: *moe}
+data: {n_per_category: 2, max_length: 48}
+identify: {n_boot: 3, n_perm: 9}
+collect: {batch_size: 4, buckets: [48]}
+ablation: {n_random: 1, max_records: 2, batch_size: 4}
+"""
+
+# `sparcom run` as process pid of n (argv: pid, n, port, config, out), one device each.
+RUN_ON_PROCESSES = """
+import os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+pid, n, port, config, out = sys.argv[1:]
+argv = ["run", "--config", config, "--out", out]
+if n != "1":
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    os.environ["SPARCOM_PROCESS_ID"] = pid
+    argv += ["--distributed", f"mesh.coordinator=127.0.0.1:{port}", f"mesh.num_processes={n}"]
+from sparcom_jax import cli
+sys.exit(cli.main(argv))
+"""
+
+
+@pytest.mark.slow
+def test_a_two_process_run_writes_what_one_process_writes(tmp_path):
+    """The whole study on 2 processes (gloo) against 1 process with the same devices per process: every
+    output file alike, byte for byte (JSON by content: the merged counts' fingerprint, quoted in the
+    analyses' meta, lists its keys in another order), but the mesh in config.yaml and the output
+    directory's own path (the count stores, laid out per process, are compared through the analyses
+    that read them)."""
+    from launch import clean_env, run_processes
+
+    (tmp_path / "pod.yaml").write_text(POD_PAIR)
+    (tmp_path / "run.py").write_text(RUN_ON_PROCESSES)
+    outs = {n: tmp_path / f"on{n}" for n in (1, 2)}
+    run_processes(lambda i, port: [str(tmp_path / "run.py"), str(i), "2", port, str(tmp_path / "pod.yaml"),
+                                   str(outs[2])], timeout=600)
+    subprocess.run([sys.executable, str(tmp_path / "run.py"), "0", "1", "0", str(tmp_path / "pod.yaml"),
+                    str(outs[1])], check=True, env=clean_env(), timeout=600, capture_output=True)
+
+    def files(out):
+        got = {}
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out)
+            if p.is_file() and rel.parts[0] != "counts" and not p.name.startswith("."):
+                data = p.read_bytes().replace(str(out).encode(), b"OUT")
+                if rel.name == "config.yaml":  # the mesh (processes, coordinator) is how it ran
+                    data = re.sub(rb"\nmesh:\n(  .*\n)*", b"\n", data)
+                got[str(rel)] = json.loads(data) if p.suffix == ".json" else data
+        return got
+
+    one, two = files(outs[1]), files(outs[2])
+    assert sorted(one) == sorted(two)
+    assert {"report/summary.json", "ablate/moe-ft_experts.json", "ablate/moe-ft_expert_neurons.json",
+            "identify/moe-ft/ise.json", "compare/comparison.json", "evaluate/moe.json"} <= set(one)
+    assert [name for name in one if one[name] != two[name]] == []
+    assert sorted(p.name for p in (outs[2] / "counts" / "moe").iterdir()) == ["process_0", "process_1"]
