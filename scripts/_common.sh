@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the TPU/GPU scripts (sourced): run CMD... runs it, or with DRY_RUN=1 prints it
 # shell-quoted after "+ "; die prints one error line and exits 2.
 

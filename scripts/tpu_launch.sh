@@ -45,7 +45,8 @@ LOG="${LOG:-logs/sparcom-$STAGE.log}"
 
 SPARCOM="$(quote_all .venv/bin/sparcom "$@" --distributed)"
 # pipefail: the status is sparcom's, not tee's (a failed run would otherwise report success).
-REMOTE="set -o pipefail && cd ~/$WORKDIR && mkdir -p $(dirname "$LOG") && $SPARCOM 2>&1 | tee -a $LOG"
+# The workdir and log are quoted for the worker's shell (a space in either split it into two words).
+REMOTE="set -o pipefail && cd ~/$(_q "$WORKDIR") && mkdir -p $(_q "$(dirname "$LOG")") && $SPARCOM 2>&1 | tee -a $(_q "$LOG")"
 CMD=(gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE")
 [ -n "$PROJECT" ] && CMD+=(--project "$PROJECT")
 CMD+=(--worker=all --command "$REMOTE")

@@ -37,6 +37,10 @@ _MACHINE_ERRORS = {
     errno.EACCES: "fix its permissions, or choose another path",
     errno.EPERM: "fix its permissions, or choose another path",
 }
+# What a process's collective says when another process of the run is gone (killed, out of
+# memory, its host restarted or off the network): gloo on CPU, the coordination service elsewhere.
+_LOST_PROCESS = ("connection closed by peer", "connection reset by peer", "heartbeat", "unavailable:",
+                 "disconnected")
 INTERRUPTED = ("sparcom: interrupted; finished work in the output directory is kept: run the same command "
                "again to resume (counts and training continue from their last saved chunk or checkpoint)")
 
@@ -397,6 +401,33 @@ def _run(args) -> int:
             traceback.print_exc()
         print(f"sparcom: error: {_machine_error(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _lost_process(e):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"sparcom: error: {_lost_process_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _lost_process(e: Exception) -> bool:
+    """Whether `e` is this process's collective failing because another process of the run is gone."""
+    if not _other_processes():
+        return False
+    import jax
+
+    return isinstance(e, jax.errors.JaxRuntimeError) and any(s in str(e).lower() for s in _LOST_PROCESS)
+
+
+def _lost_process_line(e: Exception) -> str:
+    """The one line of a process whose collective failed because another process is gone: it cannot
+    name the process (the collective does not say), so it says where to look and how to resume."""
+    import jax
+
+    return (f"process {jax.process_index()} of {jax.process_count()} lost contact with another process of the run "
+            f"({_one_line(e)[:300]}): that process stopped (killed, out of memory, its host restarted or lost the "
+            "network) and its own log says why; finished work in the output directory is kept: start the same "
+            "command on every host again to resume it (counts from their last finished chunk)")
 
 
 if __name__ == "__main__":  # pragma: no cover

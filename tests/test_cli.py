@@ -165,6 +165,54 @@ def test_collect_replaces_the_stores_another_number_of_processes_left(tmp_path, 
     assert code == 0, err
 
 
+
+@pytest.mark.parametrize("left, processes, kept", [
+    ({0, 1}, 3, set()), ({0, 1, 2}, 2, set()), ({0, 1, 2}, 3, {0, 1, 2}), ({0, 2}, 2, set()), ({1}, 2, set())])
+def test_collect_replaces_the_process_stores_of_another_number_of_processes(left, processes, kept, tmp_path):
+    # A 2-process collection rerun on 3 processes (or 3 on 2) kept process_0 and process_1, which hold
+    # another share of the records, and refused them as stores "made with other inputs or settings
+    # (records ... changed; tokenized text ... changed)", asking for --overwrite (measured on 3 real
+    # processes over a 2-process OUT). The stores one collection leaves are process_0 .. process_<P-1>
+    # (each process opens its own before any counting), so another set is another number of processes.
+    from sparcom_jax.pipeline.stages import _clear_other_layout
+
+    for k in left:
+        (tmp_path / f"process_{k}").mkdir()
+        (tmp_path / f"process_{k}" / "meta.json").write_text("{}")
+    (tmp_path / ".lock").write_text("")  # hidden files (the store's lock) are not the layout's
+    _clear_other_layout(tmp_path, processes)
+    assert {p.name for p in tmp_path.iterdir()} == {f"process_{k}" for k in kept} | {".lock"}
+
+
+def test_analysis_of_process_stores_with_one_missing_names_it(tmp_path, capsys):
+    # A 3-process OUT copied without process_2 (or process_1) to where it is analysed: the analysis took
+    # the stores there for a 2-process run and refused them as "made with other inputs or settings
+    # (records ... changed; tokenized text ... changed)", asking for `sparcom collect --overwrite`.
+    import shutil
+
+    cfg = write_tiny(tmp_path)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
+    assert code == 0, err
+    store = out / "counts" / "base"
+    ids = json.loads((store / "meta.json").read_text())["ids"]
+    for k in range(3):  # what a 3-process run leaves: process k holds records k, k+3, ...
+        shutil.copytree(store, store / f"process_{k}", ignore=shutil.ignore_patterns("process_*", ".*"))
+        header = json.loads((store / f"process_{k}" / "meta.json").read_text())
+        (store / f"process_{k}" / "meta.json").write_text(json.dumps(dict(header, ids=ids[k::3])))
+    for p in store.iterdir():
+        if not p.name.startswith(("process_", ".")):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for gone in ("process_2", "process_1"):
+        shutil.move(store / gone, tmp_path / gone)
+        code, _, err = run_cli(capsys, "identify", "--config", str(cfg), "--out", str(out))
+        last = err.rstrip("\n").splitlines()[-1]
+        assert code == 2 and "Traceback" not in err, err
+        assert last.startswith(f"sparcom: error: {store}: the count stores of a 3-process collection are not all "
+                               f"here ({gone} is missing)"), err
+        assert "copy every process_<k> directory of it, or run `sparcom collect` again" in last
+        shutil.move(tmp_path / gone, store / gone)
+
 def test_only_process_0_writes_shared_outputs_and_every_process_waits_for_it(tmp_path, capsys, monkeypatch):
     # Another process of a multi-host run computes the same analyses: it writes none of them,
     # removes nothing (processes deleting one tree at once fail on each other's deletions), and
@@ -933,3 +981,141 @@ def _short_records(tmp_path: Path) -> Path:
     path.write_text("".join(json.dumps({"id": f"{c}-{k}", "category": c, "instruction": f"Do {c} {k}.",
                                         "output": "ok"}) + "\n" for c in cats for k in range(3)))
     return path
+
+
+# What a surviving process's collective raised (CPU, gloo) when another process of the run was killed
+# mid-collect (kill -9 of either process, measured on 2 processes of `sparcom collect`).
+LOST_PEER = ("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+             "[127.0.0.1]:24448: Connection reset by peer")
+
+
+@pytest.mark.parametrize("message, lost", [(LOST_PEER, True), ("RESOURCE_EXHAUSTED: Out of memory allocating", False)])
+def test_a_process_that_lost_another_says_so_in_one_line_and_how_to_resume(message, lost, tmp_path, capsys,
+                                                                            monkeypatch):
+    # The survivor printed a 60-line traceback ending in gloo's error, which did not say that another
+    # process had gone, nor that the work done is kept and how to resume it. Another runtime error
+    # (a bug, an accelerator out of memory) keeps its traceback.
+    import jax
+
+    from sparcom_jax import cli, pipeline
+
+    def run_stage(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(message)
+
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+    monkeypatch.setattr(cli, "_other_processes", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    left = []
+    monkeypatch.setattr(cli, "_leave_at_once", left.append)  # (it ends the process)
+    main(["collect", "--config", str(write_tiny(tmp_path)), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    if not lost:
+        assert left == [1] and "Traceback" in err and message in err
+        return
+    assert left == [2] and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("sparcom: error: process 0 of 2 lost contact with another process of the run "
+                          f"({message})"), err
+    assert "its own log says why" in err and "start the same command on every host again to resume" in err
+
+
+def test_the_dry_run_of_a_pod_says_each_process_s_devices_or_that_it_planned_no_processes(capsys):
+    # A v5e-32 is 8 hosts of 4 chips: the plan said "4 processes" (mixtral_8x7b.yaml's v4-32) and nothing of
+    # the devices each holds, and with mesh.num_processes left at 1 it checked no host's share, silently.
+    code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "mixtral_8x7b.yaml"), "--dry-run",
+                             "--devices", "32")
+    assert code == 0 and "32 devices = data 8 x model 4, 4 processes of 8 devices each" in out, err
+    assert "not planned" not in out
+    code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                             "--devices", "32", "--distributed")
+    assert code == 0 and "32 devices = data 32 x model 1 (jax.distributed.initialize)" in out, err
+    assert "processes         not planned (mesh.num_processes=1" in out and "a v5e-32 8" in out
+    code, out, _ = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                           "--devices", "32")
+    assert code == 0 and "processes " not in out  # one host: nothing to plan
+
+
+def test_a_pod_with_another_number_of_hosts_than_the_config_says_is_told(monkeypatch, capsys):
+    # mixtral_8x7b.yaml says 4 processes (a v4-32); on a v5e-32 jax.distributed finds 8 hosts itself
+    # (no coordinator: mesh.num_processes is not passed to it). The run went on silently, though its dry
+    # run had planned (and checked the model axis against) 4 hosts of 8 devices.
+    import jax
+
+    from sparcom_jax.pipeline import init_distributed
+
+    mesh = load_config(CONFIGS / "mixtral_8x7b.yaml").mesh
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: joined.append(kw))
+    for found, said in ((8, True), (4, False)):
+        monkeypatch.setattr(jax, "process_count", lambda: found)
+        assert init_distributed(mesh) and "num_processes" not in joined[-1]
+        err = capsys.readouterr().err
+        assert ("mesh.num_processes=4, but jax.distributed found 8 processes" in err) == said, err
+        assert ("set mesh.num_processes=8 so that dry runs plan this pod" in err) == said, err
+
+
+# A tiny Mixtral-style pair through every stage (counts, sets, evaluation, comparison, both expert kinds'
+# causal check, the report): few records, few draws.
+POD_PAIR = """\
+name: pod
+base:
+  name: moe
+  init: &moe {model_type: mixtral, hidden_size: 32, intermediate_size: 16, num_hidden_layers: 2,
+              num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 48, num_local_experts: 4,
+              num_experts_per_tok: 2}
+finetuned: {name: moe-ft, template: chat, seed: 1, init: *moe}
+data: {n_per_category: 2, max_length: 48}
+identify: {n_boot: 3, n_perm: 9}
+collect: {batch_size: 4, buckets: [48]}
+ablation: {n_random: 1, max_records: 2, batch_size: 4}
+"""
+
+# `sparcom run` as process pid of n (argv: pid, n, port, config, out), one device each.
+RUN_ON_PROCESSES = """
+import os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+pid, n, port, config, out = sys.argv[1:]
+argv = ["run", "--config", config, "--out", out]
+if n != "1":
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    os.environ["SPARCOM_PROCESS_ID"] = pid
+    argv += ["--distributed", f"mesh.coordinator=127.0.0.1:{port}", f"mesh.num_processes={n}"]
+from sparcom_jax import cli
+sys.exit(cli.main(argv))
+"""
+
+
+@pytest.mark.slow
+def test_a_two_process_run_writes_what_one_process_writes(tmp_path):
+    """The whole study on 2 processes (gloo) against 1 process with the same devices per process: every
+    output file alike, byte for byte (JSON by content: the merged counts' fingerprint, quoted in the
+    analyses' meta, lists its keys in another order), but the mesh in config.yaml and the output
+    directory's own path (the count stores, laid out per process, are compared through the analyses
+    that read them)."""
+    from launch import clean_env, run_processes
+
+    (tmp_path / "pod.yaml").write_text(POD_PAIR)
+    (tmp_path / "run.py").write_text(RUN_ON_PROCESSES)
+    outs = {n: tmp_path / f"on{n}" for n in (1, 2)}
+    run_processes(lambda i, port: [str(tmp_path / "run.py"), str(i), "2", port, str(tmp_path / "pod.yaml"),
+                                   str(outs[2])], timeout=600)
+    subprocess.run([sys.executable, str(tmp_path / "run.py"), "0", "1", "0", str(tmp_path / "pod.yaml"),
+                    str(outs[1])], check=True, env=clean_env(), timeout=600, capture_output=True)
+
+    def files(out):
+        got = {}
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out)
+            if p.is_file() and rel.parts[0] != "counts" and not p.name.startswith("."):
+                data = p.read_bytes().replace(str(out).encode(), b"OUT")
+                if rel.name == "config.yaml":  # the mesh (processes, coordinator) is how it ran
+                    data = re.sub(rb"\nmesh:\n(  .*\n)*", b"\n", data)
+                got[str(rel)] = json.loads(data) if p.suffix == ".json" else data
+        return got
+
+    one, two = files(outs[1]), files(outs[2])
+    assert sorted(one) == sorted(two)
+    assert {"report/summary.json", "ablate/moe-ft_experts.json", "ablate/moe-ft_expert_neurons.json",
+            "identify/moe-ft/ise.json", "compare/comparison.json", "evaluate/moe.json"} <= set(one)
+    assert [name for name in one if one[name] != two[name]] == []
+    assert sorted(p.name for p in (outs[2] / "counts" / "moe").iterdir()) == ["process_0", "process_1"]

@@ -20,6 +20,20 @@ def commands(stdout: str) -> list[list[str]]:
     return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
 
 
+def run_on_a_worker(launch: subprocess.CompletedProcess, home: Path, workdir: str, sparcom: str):
+    """Run the remote command a `tpu_launch.sh --dry-run` printed, as a worker whose home is `home`
+    and whose `~/<workdir>/.venv/bin/sparcom` is a shell script of `sparcom`'s lines."""
+    import os
+
+    (ssh,) = commands(launch.stdout)
+    remote = ssh[ssh.index("--command") + 1]
+    fake = home / workdir / ".venv" / "bin" / "sparcom"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f"#!/bin/sh\n{sparcom}\n")
+    fake.chmod(0o755)
+    return subprocess.run(["bash", "-c", remote], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                          text=True, timeout=60)
+
 def test_tpu_setup_dry_run_creates_copies_and_installs_with_the_tpu_extra():
     r = bash("tpu_setup.sh", "--name", "sparcom-v4", "--zone", "us-central2-b", "--accelerator-type", "v4-32",
              "--project", "proj", "--spot", "--dry-run")
@@ -78,19 +92,22 @@ def test_tpu_launch_fails_when_sparcom_fails_on_a_worker(tmp_path):
     # The remote command pipes sparcom into tee for the log: without pipefail its status was
     # tee's, and a run that failed on every worker reported success.
     r = bash("tpu_launch.sh", "--name", "n", "--zone", "z", "--dry-run", "--", "collect", "--config", "c.yaml")
-    (ssh,) = commands(r.stdout)
-    remote = ssh[ssh.index("--command") + 1]
-    fake = tmp_path / "sparcom_jax" / ".venv" / "bin" / "sparcom"
-    fake.parent.mkdir(parents=True)
-    fake.write_text("#!/bin/sh\necho \"sparcom: error: no weights\"\nexit 2\n")
-    fake.chmod(0o755)
-    import os
-
-    done = subprocess.run(["bash", "-c", remote], env=dict(os.environ, HOME=str(tmp_path)), capture_output=True,
-                          text=True, timeout=60)
+    done = run_on_a_worker(r, tmp_path, "sparcom_jax", "echo \"sparcom: error: no weights\"\nexit 2")
     assert done.returncode == 2
     assert "no weights" in (tmp_path / "sparcom_jax" / "logs" / "sparcom-collect.log").read_text()
 
+
+
+def test_tpu_launch_quotes_the_workdir_and_log_in_the_remote_command(tmp_path):
+    # --workdir and --log went into the remote shell line unquoted: a name with a space (or a shell
+    # character) split into two words there, and the worker ran something else.
+    r = bash("tpu_launch.sh", "--name", "n", "--zone", "z", "--workdir", "my runs/sparcom", "--log",
+             "logs/first try.log", "--dry-run", "--", "collect", "--config", "c.yaml")
+    assert r.returncode == 0, r.stderr
+    done = run_on_a_worker(r, tmp_path, "my runs/sparcom", "echo \"ran $*\"")
+    assert done.returncode == 0, done.stderr
+    log = tmp_path / "my runs" / "sparcom" / "logs" / "first try.log"
+    assert log.read_text() == "ran collect --config c.yaml --distributed\n"
 
 def test_tpu_launch_needs_a_command():
     r = bash("tpu_launch.sh", "--name", "n", "--zone", "z", "--dry-run")

@@ -234,3 +234,36 @@ def test_the_coordination_client_is_jax_distributed_s(monkeypatch):
     client = Coordination()
     monkeypatch.setattr(distributed.global_state, "client", client)
     assert processes._coordination() is client
+
+
+def test_check_same_names_the_settings_that_differ(monkeypatch):
+    """Eight hosts each read their own config: "the config of process 3 differs" left the user diffing
+    files by hand. With `parts` the refusal names the settings that differ (the processes compare one
+    id per setting, in a gather of a fixed size, so processes of another version still meet)."""
+    mine = {"stage": "collect", "identify.eps": 0.01, "data.seed": 0, "mesh.model": 4}
+    theirs = {**mine, "identify.eps": 0.02, "mesh.model": 2}
+    processes.check_same(mine, "the config", "fix it", parts=mine)  # one process: itself
+
+    def play(k, keys, first=mine):
+        """Process 0 of 2 holding `first`, process 1 holding `keys`; the refusal `k` raises."""
+        as_process(monkeypatch, k, 2)
+        held = [first, keys]
+
+        def gather(v):
+            a = np.asarray(v)
+            if a.ndim == 0:
+                return np.array([[processes.key_id(h)] for h in held])
+            return np.stack([processes.part_ids(h) for h in held])
+
+        monkeypatch.setattr(processes, "gather", gather)
+        with pytest.raises(ConfigError) as e:
+            processes.check_same(held[k], "the config", "fix it", parts=held[k])
+        return str(e.value)
+
+    for k in (0, 1):  # both processes name the same settings
+        assert play(k, theirs) == ("the config of process(es) 1 of 2 differ from process 0's (identify.eps, "
+                                   "mesh.model); fix it")
+    many = {**mine, **{f"train.x{i}": i for i in range(300)}}  # more settings than ids: still named
+    named = play(0, {**many, "train.x299": -1}, many).split("(")[2].split(")")[0].split(", ")
+    assert "train.x299" in named and len(named) <= 2  # at most one more, sharing its slot
+    assert "(it has other settings: another version of sparcom_jax?)" in play(0, {**mine, "new.key": 1})

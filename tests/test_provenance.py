@@ -1121,7 +1121,23 @@ def test_processes_that_read_another_config_records_or_model_stop_together(done,
     monkeypatch.setattr(processes, "gather_keys", gather_keys)
     with pytest.raises(ConfigError) as e:
         run_stage(stage, exp(), done)
-    assert str(e.value).startswith(f"{named} of process(es) 1 of 2 differ from process 0's; "), str(e.value)
+    assert str(e.value).startswith(f"{named} of process(es) 1 of 2 differ from process 0's"), str(e.value)
+
+
+def test_a_process_with_another_config_is_refused_naming_the_settings_that_differ(tmp_path, monkeypatch):
+    """Eight hosts, each reading its own copy of the config: the refusal said only that process 1's
+    config differed. Process 1 of 2 here was started with identify.eps=0.1 and --overwrite."""
+    from sparcom_jax.errors import ConfigError
+    from sparcom_jax.parallel import processes
+
+    held = [stages.run_key("identify", exp(), False), stages.run_key("identify", exp("identify.eps=0.1"), True)]
+    monkeypatch.setattr(processes, "gather_keys", lambda key: np.array([processes.key_id(k) for k in held]))
+    monkeypatch.setattr(processes, "gather", lambda ids: np.stack([processes.part_ids(k) for k in held]))
+    with pytest.raises(ConfigError) as e:
+        run_stage("identify", exp(), tmp_path / "out")
+    assert str(e.value) == ("the command (stage, --overwrite) or config of process(es) 1 of 2 differ from process "
+                            "0's (--overwrite, identify.eps); start every process with the same command line and "
+                            "config file")
 
 
 def test_a_process_waiting_for_process_0s_lock_stops_with_its_error(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import jax
@@ -55,7 +55,7 @@ def gather_keys(key) -> np.ndarray:
     return gather(key_id(key)).reshape(-1)
 
 
-def check_same(key, what: str, fix: str) -> None:
+def check_same(key, what: str, fix: str, parts: Mapping[str, Any] | None = None) -> None:
     """Refuse, on every process, a run whose processes hold different `key`s (a JSON-able
     value: the config, a digest of the records or of the weights).
 
@@ -63,14 +63,50 @@ def check_same(key, what: str, fix: str) -> None:
     whose files differ counts or evaluates other inputs, and its results would be merged
     with the others' as if they were one run's.
 
+    Args:
+      parts: `key` as named settings ({"identify.eps": 0.01, ...}): the refusal then names
+        those that differ (`differing`).
+
     Raises:
       ConfigError: naming the processes whose `key` differs from process 0's.
     """
     keys = gather_keys(key)
     differ = np.flatnonzero(keys != keys[0])
     if len(differ):
+        named = "" if parts is None else differing(parts)
+        where = f" ({named})" if named else ""
         raise ConfigError(f"{what} of process(es) {', '.join(map(str, differ))} of {len(keys)} differ from "
-                          f"process 0's; {fix}")
+                          f"process 0's{where}; {fix}")
+
+
+# Ids per process in `differing`'s gather: one size whatever the settings, so that processes holding
+# other settings (another version of sparcom_jax) still meet in it.
+_PART_SLOTS = 1024
+
+
+def _slot(name: str) -> int:
+    return 1 + key_id(name) % (_PART_SLOTS - 1)
+
+
+def part_ids(parts: Mapping[str, Any]) -> np.ndarray:
+    """int64 [_PART_SLOTS]: slot 0 the id of the settings' names; each setting's (name, value) id
+    added (modulo 2**28) into the slot its name falls in."""
+    ids = np.zeros(_PART_SLOTS, np.int64)
+    ids[0] = key_id(sorted(parts))
+    for name, value in parts.items():
+        ids[_slot(name)] = (ids[_slot(name)] + key_id([name, value])) % 2 ** 28
+    return ids
+
+
+def differing(parts: Mapping[str, Any]) -> str:
+    """The settings of `parts` whose values differ between processes, comma-separated (a setting
+    that shares its slot with one that differs is named too), or a note that the processes hold
+    other settings. Every process must call it (a gather)."""
+    every = gather(part_ids(parts))  # [P, slots]
+    if (every[:, 0] != every[0, 0]).any():
+        return "it has other settings: another version of sparcom_jax?"
+    slots = set(np.flatnonzero((every != every[0]).any(axis=0)).tolist())
+    return ", ".join(sorted(name for name in parts if _slot(name) in slots))
 
 
 @contextlib.contextmanager

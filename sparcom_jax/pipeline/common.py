@@ -215,6 +215,11 @@ def init_distributed(mesh: MeshSpec) -> bool:
             "one host with mesh.distributed=false mesh.num_processes=1") from None
     log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
         f"{jax.device_count()} devices")
+    if mesh.num_processes > 1 and jax.process_count() != mesh.num_processes:  # found by jax (TPU VMs)
+        log(f"note: mesh.num_processes={mesh.num_processes}, but jax.distributed found {jax.process_count()} "
+            "processes: the run uses those it found (results do not depend on their number); set "
+            f"mesh.num_processes={jax.process_count()} so that dry runs plan this pod (each host's devices, "
+            "the model axis within a host, each host's merged counts)")
     return True
 
 

@@ -370,9 +370,16 @@ def format_plan(plan: dict[str, Any]) -> str:
         "  models            " + ", ".join(
             f"{n} ({'weights found' if ok else 'weights not present'})" for n, ok in plan["weights_present"].items()),
         f"  mesh              {m['devices']} devices = data {m['data']} x model {m['model']}"
-        + (f", {m['num_processes']} processes" if m["num_processes"] > 1 else "")
+        + (f", {m['num_processes']} processes of {m['devices'] // m['num_processes']} devices each"
+           if m["num_processes"] > 1 else "")
         + (" (jax.distributed.initialize)" if m["distributed"] else ""),
     ]
+    if m["distributed"] and m["num_processes"] == 1:
+        # On a TPU VM jax.distributed finds the hosts itself, so a config may leave the count at 1: the
+        # plan then checks nothing of a host's share.
+        lines.append("  processes         not planned (mesh.num_processes=1; jax.distributed finds them at run time): "
+                     "set mesh.num_processes to the number of hosts (a v4-32 has 4, a v5e-32 8) to check that the "
+                     "model axis stays within a host and to plan each host's merged counts")
     if plan.get("data"):
         lines.append(f"  data              {plan['data']}")
     if plan.get("train_data"):

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, ModelSpec
 from sparcom_jax.data import content_caps as record_content_caps, encode_records, resolve_tokenizer, sample_balanced
@@ -416,13 +416,18 @@ def _clear_other_layout(dest: Path, processes: int) -> None:
     (P processes, each counting its `_process_share`). Another run's layout can be
     neither resumed nor merged with this one's (its shares are other records), and left
     beside it, it is what the analysis would read; so the current layout replaces it.
+    Every process of a collection opens its store before any counting, so a run of P
+    processes leaves exactly process_0 .. process_<P-1>: any other set of them was left by
+    another number of processes (its process_0 holds another share), or by one stopped
+    before all its stores were opened (nothing counted).
     """
     if not dest.is_dir():
         return
     ours = {f"process_{k}" for k in range(processes)} if processes > 1 else set()
+    left = {p.name for p in dest.iterdir() if p.name.startswith("process_")}
     for p in sorted(dest.iterdir()):
         part = p.name.startswith("process_")
-        other = (not part or p.name not in ours) if processes > 1 else part
+        other = (not part or left != ours) if processes > 1 else part
         if other and not p.name.startswith("."):  # hidden: the store's lock, another process's temporary files
             log(f"{dest}: removing {p.name}, left by a collection with another number of processes")
             remove_path(p)
@@ -448,6 +453,8 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     root = counts_root(cfg, out) / safe(label)
     parts = sorted(root.glob("process_*"), key=lambda p: int(p.name.split("_")[1]))
     records = identify_records(cfg)
+    if parts:
+        _check_every_share(root, parts, [r.id for r in records])
     caps = content_caps if content_caps is not None else study_content_caps(cfg, out)
     shares = [records[k::len(parts)] for k in range(len(parts))] if parts else [records]
     # One model digest and tokenizer for every process's store: the digest read all the weights
@@ -489,6 +496,29 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
             "grouping rule, changed where no counted token did; run `sparcom collect --overwrite` first, or "
             "choose another --out")
     return counts
+
+
+def _check_every_share(root: Path, parts: Sequence[Path], ids: Sequence[str]) -> None:
+    """Refuse process stores that are not the whole of one collection (a copy of OUT without
+    one of them): taken for the stores of fewer processes, each was refused as made from other
+    records. Process 0 holds records 0, P, 2P, ... of a P-process collection, so its ids tell P.
+
+    Raises:
+      ConfigError: naming the missing stores.
+    """
+    from sparcom_jax.stats.store import read_header
+
+    have = {int(p.name.split("_")[1]) for p in parts}
+    first = ((read_header(parts[0]) or {}).get("ids") or []) if 0 in have else []
+    step = ids.index(first[1]) if len(first) > 1 and first[1] in ids else 0
+    made_by = step if step and list(first) == list(ids[::step]) else 0  # (records changed: the stores say)
+    total = max(max(have) + 1, made_by)
+    missing = sorted(set(range(total)) - have)
+    if missing:
+        raise ConfigError(
+            f"{root}: the count stores of a {total}-process collection are not all here "
+            f"({', '.join(f'process_{k}' for k in missing)} {'is' if len(missing) == 1 else 'are'} missing); copy "
+            "every process_<k> directory of it, or run `sparcom collect` again (it counts them anew)")
 
 
 def merge_shares(cs, root):
@@ -1125,15 +1155,26 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         ablate_records(cfg)
 
 
-def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> list:
+def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     """What every process of a multi-host run must agree on before a stage: the stage,
     --overwrite and the config, without its paths (each host may mount the files at its own
-    path). What the paths hold is compared where it is used (the records and model digests by
-    `collect`, the ablated model and records by `ablate`), and the output directory is probed
-    (`check_shared`)."""
+    path), by dotted name (`identify.eps`), so that a refusal can name what differs. What the
+    paths hold is compared where it is used (the records and model digests by `collect`, the
+    ablated model and records by `ablate`), and the output directory is probed (`check_shared`)."""
     from sparcom_jax.config import to_dict
 
-    return [stage, bool(overwrite), to_dict(cfg, paths=False)]
+    return {"command": stage, "--overwrite": bool(overwrite), **_dotted(to_dict(cfg, paths=False))}
+
+
+def _dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves by dotted key; lists and empty dicts are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
@@ -1148,8 +1189,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, out: Path, *, overwrite: bool =
     """
     from sparcom_jax.parallel.processes import check_same, together
 
-    check_same(run_key(stage, cfg, overwrite), "the command (stage, --overwrite) or config",
-               "start every process with the same command line and config file")
+    key = run_key(stage, cfg, overwrite)
+    check_same(key, "the command (stage, --overwrite) or config",
+               "start every process with the same command line and config file", parts=key)
     with contextlib.ExitStack() as held:
         # A host that cannot write --out, or another run's lock: every process stops.
         with together(f"{stage}: locking the output directory"):
