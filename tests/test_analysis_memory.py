@@ -165,3 +165,18 @@ def test_instruction_jaccard_in_float32_equals_the_float64_quotient_rounded():
     assert np.isnan(got[0, 1]) and len(np.unique(want[np.isfinite(want)])) > 1000
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(instruction_jaccard(ident, budget_bytes=4 * 1000 * 7), want)  # 7-row blocks
+
+
+def test_dry_run_with_one_of_several_data_files_absent_plans_for_the_sample_and_names_the_absent_one(tmp_path):
+    """data.path lists two files and one is not on this machine: the records are not read (the run
+    would read them where both are), the plan is for data.n_per_category x 6, and the note names the
+    file that is absent, not the one that is there."""
+    from sparcom_jax.config import load_config
+    from sparcom_jax.pipeline import memory_plan
+
+    present, absent = tmp_path / "present.jsonl", tmp_path / "absent.jsonl"
+    present.write_text("")  # not a usable records file: reading it would fail the plan
+    over = [f"data.path=[{present}, {absent}]", "data.n_per_category=200"]
+    plan = memory_plan(load_config(CONFIGS / "llama2_7b.yaml", over), "evaluate")
+    assert plan["count_store"]["n_instructions"] == 1200
+    assert f"({absent} not on this machine: not checked; planned for 1200 records" in plan["data"]

@@ -369,6 +369,17 @@ def test_a_max_length_that_cut_nothing_more_leaves_counts_current(tmp_path):
         CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 256, "tokens": "b" * 16})
 
 
+def test_overwrite_recomputes_stale_outputs_and_says_why(tmp_path, capsys):
+    """With --overwrite a difference is no error: `stale` answers True (recompute) and logs what
+    differs; matching outputs are still reused, silently."""
+    made = {"tokens": "a" * 16, "scope": "content"}
+    assert stale(tmp_path, made, {**made, "scope": "all"}, overwrite=True) is True
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: recomputing (--overwrite): data.scope: 'content' -> 'all'" in err
+    assert stale(tmp_path, made, dict(made), overwrite=True) is False
+    assert capsys.readouterr().err == ""
+
+
 def test_details_given_as_a_function_are_computed_only_for_a_refusal(tmp_path):
     # Naming changed records hashes every record's tokens: every stage checks every store, and
     # computed before each check, the names cost that on runs where nothing changed.

@@ -653,6 +653,22 @@ def test_collect_fingerprint_covers_the_record_labels():
         assert collect_fingerprint(cfg, cfg.base, relabelled, "plain")[0]["records"] != fp["records"]
 
 
+def test_a_store_serves_a_run_by_its_activation_sums_only_when_it_holds_them():
+    """`served_by`: a store with the sums serves a run without them (fingerprinted as made, with
+    them); a store without them, or no store at all, leaves the run's fingerprint as asked, so a
+    new collection counts no sums nobody asked for and a run that asks for them is refused."""
+    from sparcom_jax.pipeline.provenance import served_by, stale
+
+    without, with_sums = {"model": "m", "sums": False}, {"model": "m", "sums": True}
+    assert served_by(without, None) == without
+    assert served_by(without, {"model": "m", "sums": False}) == without
+    assert served_by(without, with_sums) == with_sums
+    assert served_by(with_sums, without) == with_sums
+    assert not stale("OUT/counts/m", with_sums, served_by(without, with_sums), overwrite=False)
+    with pytest.raises(StaleResultError, match=r"collect\.sums"):
+        stale("OUT/counts/m", without, served_by(with_sums, without), overwrite=False)
+
+
 def test_the_stores_of_a_multi_process_run_hash_the_weights_once(tmp_path, monkeypatch):
     """open_model_counts checks each process's store against its share's fingerprint; each check
     hashed every weights file again: with the digest cache off (or unwritable), P times per model,

@@ -371,10 +371,11 @@ def test_finetune_takes_records_and_tokenizer_as_collection_does(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("warmup", [0, 1, 3])
+@pytest.mark.parametrize("warmup", [0, 1, 3, 8])
 def test_schedule_matches_the_warmup_cosine_formula(warmup):
     """lr(t) = peak * t / W during warm-up, then end + (peak - end) * (1 + cos(pi (t - W) / (N - W))) / 2,
-    written out here; W = 0 starts at the peak and W = 1 at 0 (a short warm-up is still a warm-up)."""
+    written out here; W = 0 starts at the peak and W = 1 at 0 (a short warm-up is still a warm-up);
+    W = N - 1, the longest warm-up a run accepts, decays to the end value in its one last step."""
     import math
 
     peak, frac, n = 2e-3, 0.25, 9
@@ -402,6 +403,50 @@ def test_sgd_uses_b1_as_heavy_ball_momentum():
         for f in factors:
             u, state = tx.update(g, state, params)
             np.testing.assert_allclose(np.asarray(u["embed"]), -f * g["embed"], rtol=1e-6, err_msg=f"b1={b1}")
+
+
+def _two_updates(cfg, g1, g2):
+    """The updates of `cfg`'s optimizer for gradients g1 then g2 on embed[0, :2] (zero elsewhere)."""
+    from sparcom_jax.train import make_optimizer
+
+    tx, _ = make_optimizer(cfg, 2)
+    params = _tiny_params()
+    state, out = tx.init(params), []
+    for g in (g1, g2):
+        grads = jax.tree.map(np.zeros_like, params)
+        grads["embed"][0, :2] = g
+        u, state = tx.update(grads, state, params)
+        out.append(np.asarray(u["embed"][0, :2], np.float64))
+    return out
+
+
+def test_adamw_updates_are_the_bias_corrected_moments_with_b1_b2_and_eps():
+    """AdamW with lr 1 and no decay, written out: m_t = b1 m + (1 - b1) g, v_t = b2 v + (1 - b2) g^2,
+    update = -(m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps). eps = 0.5 and b1 != b2 make each
+    setting visible (the reference test's eps is optax's default, so dropping `eps` went unseen)."""
+    b1, b2, eps = 0.5, 0.8, 0.5
+    g1, g2 = np.array([1.0, -2.0]), np.array([3.0, 0.5])
+    cfg = TrainConfig(optimizer="adamw", b1=b1, b2=b2, eps=eps, weight_decay=0.0, clip_norm=None, learning_rate=1.0,
+                      warmup_steps=0, end_lr_fraction=1.0, total_steps=2)
+    m = v = 0.0
+    for t, (g, got) in enumerate(zip((g1, g2), _two_updates(cfg, g1, g2)), start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+        want = -(m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"step {t}")
+
+
+def test_lion_steps_by_the_sign_of_the_b1_blend_and_keeps_its_moment_with_b2():
+    """Lion with lr 1 and no decay, written out: update = -sign(b1 m + (1 - b1) g), then
+    m = b2 m + (1 - b2) g. The second gradient is chosen so that swapping b1 and b2 flips the signs."""
+    b1, b2 = 0.9, 0.5
+    g1, g2 = np.array([1.0, 1.0]), np.array([-0.5, -3.0])
+    cfg = TrainConfig(optimizer="lion", b1=b1, b2=b2, weight_decay=0.0, clip_norm=None, learning_rate=1.0,
+                      warmup_steps=0, end_lr_fraction=1.0, total_steps=2)
+    m = 0.0
+    for t, (g, got) in enumerate(zip((g1, g2), _two_updates(cfg, g1, g2)), start=1):
+        np.testing.assert_array_equal(got, -np.sign(b1 * m + (1 - b1) * g), err_msg=f"step {t}")
+        m = b2 * m + (1 - b2) * g
+    assert (np.sign(b2 * (1 - b1) * g1 + (1 - b2) * g2) != np.sign(b1 * (1 - b2) * g1 + (1 - b1) * g2)).all()
 
 
 def test_eval_loss_is_token_weighted_per_category_and_ignores_empty_rows():
