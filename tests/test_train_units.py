@@ -551,3 +551,34 @@ def test_the_eval_batch_and_max_length_are_checked_against_the_mesh_and_the_mode
     cfg.check_model(64)
     with pytest.raises(TrainConfigError, match=r"^max_length=64 is longer than the model's max_position_embeddings=63"):
         cfg.check_model(63)
+
+
+def test_a_base_and_the_run_it_became_are_checksummed_by_one_program(tmp_path, monkeypatch):
+    """The demo fine-tunes the result of its pretraining: the first base lay on one device, the
+    second in the train state's shardings, so the checksum of each base compiled a program of
+    its own (one per placement). Both are checksummed in the train state's shardings now."""
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.fingerprint import params_checksum
+    from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.train import finetune
+
+    seen = []
+
+    def checksum(params):
+        seen.append({x.sharding for x in jax.tree.leaves(params)})
+        return params_checksum(params)
+
+    monkeypatch.setattr(loop, "params_checksum", checksum)
+    model = init_model(ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=8, intermediate_size=16), seed=0)
+    before = params_checksum(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    cfg = TrainConfig(batch_size=6, max_length=64, buckets=(64,), total_steps=1, warmup_steps=0,
+                      allow_cut_responses=True)
+    records = load_instructions(n_per_category=1)
+    first = finetune(model, records, default_tokenizer(), cfg, tmp_path / "a", progress=False)
+    finetune(first.model, records, default_tokenizer(), cfg, tmp_path / "b", progress=False)
+    assert len(seen) == 2 and seen[0] == seen[1], seen
+    # The placement leaves the value alone: the run records the checksum of the base as it was.
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["base_checksum"] == before
+

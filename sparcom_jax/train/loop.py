@@ -41,7 +41,7 @@ from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENI
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
-                                    make_train_step, pure_params)
+                                    make_train_step, master_shardings, pure_params)
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,11 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                               buckets=resolve_buckets(ev_enc.lengths, cfg.max_length, cfg.buckets), pad_id=pad_id)
     # The run's checkpoints descend from the base it started with: resumed with another model
     # of the same architecture, the series would still start ("before") at the first one.
-    base_checksum = params_checksum(pure_params(model))
+    # Checksummed where the train state will hold them (`init_state` starts from these): a base on one
+    # device and the result of an earlier run (the demo's pretraining, then its fine-tuning) share one
+    # compiled checksum program instead of one per placement.
+    base_params = jax.device_put(pure_params(model), master_shardings(model.config, mesh))
+    base_checksum = params_checksum(base_params)
     if prev is not None and prev.get("base_checksum", base_checksum) != base_checksum:
         raise TrainConfigError(f"out_dir={run_dir} holds a run that started from another base model (same "
                                "architecture, other weights); resume it with its own base model, or use a new "
@@ -339,6 +343,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                              async_save=cfg.async_checkpointing)
     start = ckpt.latest_step() if resume else None
     if start is not None:
+        del base_params  # the state comes from the checkpoint
         state, meta = ckpt.restore(start, abstract_state(model.config, tx, sh))
         if meta.get("data_fingerprint") != fingerprint or meta.get("train_fingerprint") != cfg.fingerprint():
             raise TrainConfigError(f"checkpoint {start} in {run_dir} was written by another run configuration")
@@ -351,7 +356,8 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                                     f"{total_steps}; resuming from its checkpoint there"),
                   file=sys.stderr, flush=True)
     else:
-        state, tokens_seen = init_state(pure_params(model), tx, sh), 0
+        state, tokens_seen = init_state(base_params, tx, sh), 0
+        del base_params
     metrics = MetricsWriter(run_dir / METRICS_FILE, resume_step=start, enabled=lead)
     if start is not None:
         metrics.write(type="resume", step=start)

@@ -73,13 +73,18 @@ class Shardings(NamedTuple):
     replicated: NamedSharding
 
 
+def master_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict | None = None) -> dict:
+    """Shardings of the float32 master weights on `mesh` (FSDP rules by default): the train
+    state's `params`, as a nested dict like `pure_params`."""
+    rules = FSDP_RULES if rules is None else rules
+    flat = param_shardings(nnx.state(abstract_model(cfg, dtype="float32"), nnx.Param), mesh, rules)
+    return traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
+
+
 def make_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                    rules: dict | None = None) -> Shardings:
     """Shardings for the train state on `mesh` (FSDP rules by default)."""
-    rules = FSDP_RULES if rules is None else rules
-    model = abstract_model(cfg, dtype="float32")
-    flat = param_shardings(nnx.state(model, nnx.Param), mesh, rules)
-    params_sh = traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
+    params_sh = master_shardings(cfg, mesh, rules)
     replicated = NamedSharding(mesh, P())
     abs_params = abstract_params(cfg)
     abs_opt = jax.eval_shape(tx.init, abs_params)
