@@ -582,3 +582,39 @@ def test_a_base_and_the_run_it_became_are_checksummed_by_one_program(tmp_path, m
     # The placement leaves the value alone: the run records the checksum of the base as it was.
     assert json.loads((tmp_path / "a" / "run.json").read_text())["base_checksum"] == before
 
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sgd"])
+def test_a_step_given_its_rate_updates_as_the_schedule_in_graph_and_shares_one_program(optimizer):
+    """The demo's pretraining and fine-tuning differ only in their schedules (learning_rate,
+    total_steps), which were constants of the train step: each compiled its own. Given the rate
+    as an input, the step updates bit for bit as the step with the schedule in its program, and
+    two schedules lower to one program."""
+    from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.train import make_optimizer
+    from sparcom_jax.train.step import compute_graphdef, init_state, make_shardings, make_train_step, pure_params
+
+    model = init_model(ModelConfig(model_type="llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=8, intermediate_size=16), seed=0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, (1, 4, 12)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    targets = rng.random(ids.shape) < 0.7
+    graphdef, mesh = compute_graphdef(model.config, "float32"), make_mesh(1, 1)
+    lowered = []
+    for cfg, steps in ((TrainConfig(optimizer=optimizer, learning_rate=3e-3, warmup_steps=2, b1=0.9), 5),
+                       (TrainConfig(optimizer=optimizer, learning_rate=1e-3, warmup_steps=1, b1=0.9), 3)):
+        tx, sched = make_optimizer(cfg, steps)
+        sh = make_shardings(model.config, tx, mesh)
+        in_graph = make_train_step(graphdef, tx, sh, sched)
+        given = make_train_step(graphdef, tx, sh, tx_at=lambda lr, cfg=cfg, steps=steps: make_optimizer(
+            cfg, steps, learning_rate=lambda _: lr)[0])
+        a, b = init_state(pure_params(model), tx, sh), init_state(pure_params(model), tx, sh)
+        for s in range(steps):
+            a, ma = in_graph(a, ids, mask, targets)
+            b, mb = given(b, np.asarray(jax.jit(sched)(np.int32(s))), ids, mask, targets)
+            assert float(ma["lr"]) == float(mb["lr"]) and float(ma["loss"]) == float(mb["loss"])
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        lowered.append(given.lower(b, np.float32(0), ids, mask, targets).as_text())
+    assert lowered[0] == lowered[1]
