@@ -596,3 +596,70 @@ def test_the_eval_batch_and_max_length_are_checked_against_the_mesh_and_the_mode
     cfg.check_model(64)
     with pytest.raises(TrainConfigError, match=r"^max_length=64 is longer than the model's max_position_embeddings=63"):
         cfg.check_model(63)
+
+
+def test_a_base_and_the_run_it_became_are_checksummed_by_one_program(tmp_path, monkeypatch):
+    """The demo fine-tunes the result of its pretraining: the first base lay on one device, the
+    second in the train state's shardings, so the checksum of each base compiled a program of
+    its own (one per placement). Both are checksummed in the train state's shardings now."""
+    import sparcom_jax.train.loop as loop
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.fingerprint import params_checksum
+    from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.train import finetune
+
+    seen = []
+
+    def checksum(params):
+        seen.append({x.sharding for x in jax.tree.leaves(params)})
+        return params_checksum(params)
+
+    monkeypatch.setattr(loop, "params_checksum", checksum)
+    model = init_model(ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=8, intermediate_size=16), seed=0)
+    before = params_checksum(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    cfg = TrainConfig(batch_size=6, max_length=64, buckets=(64,), total_steps=1, warmup_steps=0,
+                      allow_cut_responses=True)
+    records = load_instructions(n_per_category=1)
+    first = finetune(model, records, default_tokenizer(), cfg, tmp_path / "a", progress=False)
+    finetune(first.model, records, default_tokenizer(), cfg, tmp_path / "b", progress=False)
+    assert len(seen) == 2 and seen[0] == seen[1], seen
+    # The placement leaves the value alone: the run records the checksum of the base as it was.
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["base_checksum"] == before
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sgd"])
+def test_a_step_given_its_rate_updates_as_the_schedule_in_graph_and_shares_one_program(optimizer):
+    """The demo's pretraining and fine-tuning differ only in their schedules (learning_rate,
+    total_steps), which were constants of the train step: each compiled its own. Given the rate
+    as an input, the step updates bit for bit as the step with the schedule in its program, and
+    two schedules lower to one program."""
+    from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.parallel.mesh import make_mesh
+    from sparcom_jax.train import make_optimizer
+    from sparcom_jax.train.step import compute_graphdef, init_state, make_shardings, make_train_step, pure_params
+
+    model = init_model(ModelConfig(model_type="llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=8, intermediate_size=16), seed=0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, (1, 4, 12)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    targets = rng.random(ids.shape) < 0.7
+    graphdef, mesh = compute_graphdef(model.config, "float32"), make_mesh(1, 1)
+    lowered = []
+    for cfg, steps in ((TrainConfig(optimizer=optimizer, learning_rate=3e-3, warmup_steps=2, b1=0.9), 5),
+                       (TrainConfig(optimizer=optimizer, learning_rate=1e-3, warmup_steps=1, b1=0.9), 3)):
+        tx, sched = make_optimizer(cfg, steps)
+        sh = make_shardings(model.config, tx, mesh)
+        in_graph = make_train_step(graphdef, tx, sh, sched)
+        given = make_train_step(graphdef, tx, sh, tx_at=lambda lr, cfg=cfg, steps=steps: make_optimizer(
+            cfg, steps, learning_rate=lambda _: lr)[0])
+        a, b = init_state(pure_params(model), tx, sh), init_state(pure_params(model), tx, sh)
+        for s in range(steps):
+            a, ma = in_graph(a, ids, mask, targets)
+            b, mb = given(b, np.asarray(jax.jit(sched)(np.int32(s))), ids, mask, targets)
+            assert float(ma["lr"]) == float(mb["lr"]) and float(ma["loss"]) == float(mb["loss"])
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        lowered.append(given.lower(b, np.float32(0), ids, mask, targets).as_text())
+    assert lowered[0] == lowered[1]

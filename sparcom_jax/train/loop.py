@@ -41,7 +41,7 @@ from sparcom_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_FILE, TOKENI
 from sparcom_jax.train.config import _NON_NUMERIC_FIELDS, TrainConfig, TrainConfigError
 from sparcom_jax.train.optim import make_optimizer
 from sparcom_jax.train.step import (abstract_state, compute_graphdef, init_state, make_eval_step, make_shardings,
-                                    make_train_step, pure_params)
+                                    make_train_step, master_shardings, pure_params)
 
 log = logging.getLogger(__name__)
 
@@ -226,15 +226,21 @@ _CADENCE = {k: TrainConfig.__dataclass_fields__[k].default for k in _NON_NUMERIC
 
 @functools.lru_cache(maxsize=4)
 def _programs(model_cfg, cfg: TrainConfig, total_steps: int, mesh: Mesh):
-    """Optimizer, shardings and the jitted steps, reused by later calls with the same settings.
+    """Optimizer, shardings, the jitted learning-rate schedule (step -> rate) and the jitted steps,
+    reused by later calls with the same settings.
 
     A new jit-wrapped closure would compile again; caching them lets a resumed or
     repeated run in the same process (a notebook, the resume test) skip compilation.
+    The train step takes each step's rate as an input (`make_train_step`'s `tx_at`): runs
+    that differ only in their schedule (the demo's pretraining and fine-tuning) share its
+    program through the persistent compilation cache, the same floats as the schedule in-graph.
     """
     tx, sched = make_optimizer(cfg, total_steps)
     sh = make_shardings(model_cfg, tx, mesh)
     graphdef = compute_graphdef(model_cfg, cfg.compute_dtype)
-    return tx, sh, make_train_step(graphdef, tx, sh, sched), make_eval_step(graphdef, sh)
+    tx_at = lambda lr: make_optimizer(cfg, total_steps, learning_rate=lambda _count: lr)[0]  # noqa: E731
+    return (tx, sh, jax.jit(sched), make_train_step(graphdef, tx, sh, tx_at=tx_at),
+            make_eval_step(graphdef, sh))
 
 
 def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, out_dir: str | Path, *,
@@ -311,7 +317,11 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                               buckets=resolve_buckets(ev_enc.lengths, cfg.max_length, cfg.buckets), pad_id=pad_id)
     # The run's checkpoints descend from the base it started with: resumed with another model
     # of the same architecture, the series would still start ("before") at the first one.
-    base_checksum = params_checksum(pure_params(model))
+    # Checksummed where the train state will hold them (`init_state` starts from these): a base on one
+    # device and the result of an earlier run (the demo's pretraining, then its fine-tuning) share one
+    # compiled checksum program instead of one per placement.
+    base_params = jax.device_put(pure_params(model), master_shardings(model.config, mesh))
+    base_checksum = params_checksum(base_params)
     if prev is not None and prev.get("base_checksum", base_checksum) != base_checksum:
         raise TrainConfigError(f"out_dir={run_dir} holds a run that started from another base model (same "
                                "architecture, other weights); resume it with its own base model, or use a new "
@@ -334,11 +344,12 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                 tokenizer.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
 
     # ---- state ----
-    tx, sh, train_step, eval_step = _programs(model.config, dataclasses.replace(cfg, **_CADENCE), total_steps, mesh)
+    tx, sh, rate, train_step, eval_step = _programs(model.config, dataclasses.replace(cfg, **_CADENCE), total_steps, mesh)
     ckpt = TrainCheckpointer(run_dir, save_every=cfg.save_every, keep_last=cfg.keep_last, final_step=total_steps,
                              async_save=cfg.async_checkpointing)
     start = ckpt.latest_step() if resume else None
     if start is not None:
+        del base_params  # the state comes from the checkpoint
         state, meta = ckpt.restore(start, abstract_state(model.config, tx, sh))
         if meta.get("data_fingerprint") != fingerprint or meta.get("train_fingerprint") != cfg.fingerprint():
             raise TrainConfigError(f"checkpoint {start} in {run_dir} was written by another run configuration")
@@ -351,7 +362,8 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                                     f"{total_steps}; resuming from its checkpoint there"),
                   file=sys.stderr, flush=True)
     else:
-        state, tokens_seen = init_state(pure_params(model), tx, sh), 0
+        state, tokens_seen = init_state(base_params, tx, sh), 0
+        del base_params
     metrics = MetricsWriter(run_dir / METRICS_FILE, resume_step=start, enabled=lead)
     if start is not None:
         metrics.write(type="resume", step=start)
@@ -380,8 +392,11 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
             t_last = time.perf_counter()
             tok_since = 0
             for s in range(first, total_steps):
-                state, m = train_step(state, *(put_batch(x, sh.batch_ABT, global_batch=True)
-                                               for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
+                # The rate of the optimizer's step s (its update count, as the state's step, is s), as
+                # a host scalar: every process passes the same value to the replicated input.
+                lr = np.asarray(rate(np.int32(s)))
+                state, m = train_step(state, lr, *(put_batch(x, sh.batch_ABT, global_batch=True)
+                                                   for x in (batch.ids_ABT, batch.mask_ABT, batch.targets_ABT)))
                 cur = batch
                 # Prepare the next batch on the host while the device runs this step.
                 batch = data.batch(s + 1) if s + 1 < total_steps else None

@@ -32,23 +32,28 @@ def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
                                               max(total_steps, cfg.warmup_steps + 1), end)
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: TrainConfig, total_steps: int, *, learning_rate: optax.Schedule | None = None,
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The gradient transformation for `cfg` and its learning-rate schedule.
 
     The gradient is clipped by global norm first (before the moments see it), then
     the optimizer applies the schedule and the masked decoupled weight decay.
+    `learning_rate` (step count -> rate) replaces the schedule in the transformation
+    (same state structure): the train step passes each step's rate in
+    (`sparcom_jax.train.step.make_train_step`'s `tx_at`).
     """
     sched = lr_schedule(cfg, total_steps)
+    rate = sched if learning_rate is None else learning_rate
     if cfg.optimizer == "adamw":
-        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        opt = optax.adamw(rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                           mask=decay_mask)
     elif cfg.optimizer == "lion":
-        opt = optax.lion(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+        opt = optax.lion(rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     elif cfg.optimizer == "sgd":
         opt = optax.chain(
             optax.trace(decay=cfg.b1) if cfg.b1 > 0 else optax.identity(),
             optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-            optax.scale_by_learning_rate(sched),
+            optax.scale_by_learning_rate(rate),
         )
     else:  # TrainConfig.validate rejects these first; kept for direct callers
         raise ValueError(f"optimizer={cfg.optimizer!r} is not supported")

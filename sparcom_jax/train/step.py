@@ -73,13 +73,18 @@ class Shardings(NamedTuple):
     replicated: NamedSharding
 
 
+def master_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict | None = None) -> dict:
+    """Shardings of the float32 master weights on `mesh` (FSDP rules by default): the train
+    state's `params`, as a nested dict like `pure_params`."""
+    rules = FSDP_RULES if rules is None else rules
+    flat = param_shardings(nnx.state(abstract_model(cfg, dtype="float32"), nnx.Param), mesh, rules)
+    return traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
+
+
 def make_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                    rules: dict | None = None) -> Shardings:
     """Shardings for the train state on `mesh` (FSDP rules by default)."""
-    rules = FSDP_RULES if rules is None else rules
-    model = abstract_model(cfg, dtype="float32")
-    flat = param_shardings(nnx.state(model, nnx.Param), mesh, rules)
-    params_sh = traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
+    params_sh = master_shardings(cfg, mesh, rules)
     replicated = NamedSharding(mesh, P())
     abs_params = abstract_params(cfg)
     abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -127,19 +132,34 @@ def token_losses(graphdef, params: dict, ids_BT, mask_BT, targets_BT):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, sh: Shardings,
-                    schedule: optax.Schedule | None = None) -> Callable:
+                    schedule: optax.Schedule | None = None, *,
+                    tx_at: Callable[[Any], optax.GradientTransformation] | None = None) -> Callable:
     """jit(train_step)(state, ids_ABT, mask_ABT, targets_ABT) -> (state, metrics); the state is donated.
 
     Metrics: loss (per target token), grad_norm (before clipping), targets (count)
-    and, with `schedule`, lr (the learning rate this update used).
+    and, with `schedule` or `tx_at`, lr (the learning rate this update used).
 
     Gradients of the summed token loss are accumulated over the A micro-batches
     by a `lax.scan` (one compiled body, whatever A), then divided by the number
     of target tokens of the whole step: the loss is a per-token mean over the
     global batch, identical for any split into micro-batches or devices.
+
+    With `tx_at` (learning rate -> the optimizer scaling by it, `make_optimizer(...,
+    learning_rate=...)`), the step takes this update's learning rate as an input:
+    jit(train_step)(state, lr, ids_ABT, mask_ABT, targets_ABT), lr a float32 scalar (the
+    schedule's value at the optimizer's step). The program then holds no schedule: runs that
+    differ only in learning_rate, warmup_steps, total_steps or end_lr_fraction compile the
+    same program (the persistent compilation cache gives it to the second), e.g. the demo's
+    pretraining and fine-tuning. `tx` still gives the optimizer state's structure.
     """
 
     def train_step(state: TrainState, ids_ABT, mask_ABT, targets_ABT):
+        return _step(state, None, ids_ABT, mask_ABT, targets_ABT)
+
+    def rated_step(state: TrainState, lr, ids_ABT, mask_ABT, targets_ABT):
+        return _step(state, lr, ids_ABT, mask_ABT, targets_ABT)
+
+    def _step(state: TrainState, lr, ids_ABT, mask_ABT, targets_ABT):
         def micro(carry, xs):
             g_acc, l_acc, n_acc = carry
             ids, mask, tgt = xs
@@ -157,17 +177,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, sh: Shardings,
         denom = jnp.maximum(n, 1.0)  # a step without targets gives a zero gradient, not NaN
         g = jax.tree.map(lambda x: x / denom, g)
         grad_norm = optax.global_norm(g)
-        updates, opt_state = tx.update(g, state.opt_state, state.params)
+        updates, opt_state = (tx if lr is None else tx_at(lr)).update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": l / denom, "grad_norm": grad_norm, "targets": n}
-        if schedule is not None:  # in-graph: no eager schedule ops (and compiles) on the host
+        if lr is not None:
+            metrics["lr"] = lr
+        elif schedule is not None:  # in-graph: no eager schedule ops (and compiles) on the host
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(train_step,
-                   in_shardings=(sh.state, sh.batch_ABT, sh.batch_ABT, sh.batch_ABT),
-                   out_shardings=(sh.state, sh.replicated),
-                   donate_argnums=0)
+    if tx_at is None:
+        return jax.jit(train_step, in_shardings=(sh.state, sh.batch_ABT, sh.batch_ABT, sh.batch_ABT),
+                       out_shardings=(sh.state, sh.replicated), donate_argnums=0)
+    rated_step.__name__ = "train_step"  # the program's name in logs, profiles and the compilation cache
+    return jax.jit(rated_step, in_shardings=(sh.state, sh.replicated, sh.batch_ABT, sh.batch_ABT, sh.batch_ABT),
+                   out_shardings=(sh.state, sh.replicated), donate_argnums=0)
 
 
 def make_eval_step(graphdef, sh: Shardings) -> Callable:
