@@ -12,9 +12,11 @@ shows the traceback. Ctrl-C says how to resume (exit status 130).
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import errno
+import gc
 import re
 import signal
 import sys
@@ -297,6 +299,55 @@ def _interrupt_held():
         raise KeyboardInterrupt
 
 
+def _where_python_drops_it(frame) -> bool:
+    """Whether an exception raised in `frame` would be printed as "Exception ignored" and dropped:
+    the frame or one it was called from is a garbage-collector callback (jax runs one at every
+    collection) or a `__del__` method."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+# The Ctrl-C that `_on_ctrl_c` sends again, while it waits (see there).
+_resent: list[threading.Timer] = []
+
+
+def _on_ctrl_c(signum, frame):
+    """Ctrl-C as Python's own handler takes it (KeyboardInterrupt), except where Python would
+    drop the exception: there it is sent again 10 ms later, from a timer thread (sent from here,
+    Python would run this handler again at once, inside the same callback)."""
+    if _where_python_drops_it(frame):
+        timer = threading.Timer(0.01, _thread.interrupt_main, (signal.SIGINT,))
+        timer.daemon = True
+        timer.start()
+        _resent.append(timer)
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_never_dropped():
+    """Take Ctrl-C with `_on_ctrl_c` while the command runs. With Python's handler a Ctrl-C that
+    landed in jax's garbage-collection callback was printed as "Exception ignored ...
+    KeyboardInterrupt" and dropped: the command went on as if it had not been pressed (a
+    fine-tuning run to its last step, exit status 0). A handler set by someone else (an ignored
+    Ctrl-C of a background job, a notebook's) is left alone."""
+    own = (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+           and threading.current_thread() is threading.main_thread())
+    if own:
+        signal.signal(signal.SIGINT, _on_ctrl_c)
+    try:
+        yield
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            while _resent:  # a Ctrl-C within the command's last 10 ms: it has finished
+                _resent.pop().cancel()
+
+
 COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}
 
 
@@ -344,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    with _plain_data_warnings(args.debug):
+    with _plain_data_warnings(args.debug), _ctrl_c_never_dropped():
         return _run(args)
 
 
