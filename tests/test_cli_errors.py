@@ -48,3 +48,33 @@ def test_ctrl_c_inside_a_gc_callback_still_stops_the_command(tmp_path, capsys, m
         signal.signal(signal.SIGINT, old)
     assert code == 130 and after == [] and err.startswith("sparcom: interrupted; "), err
     assert "Exception ignored" not in err
+
+
+def test_outputs_get_the_permissions_the_umask_gives_new_files(tmp_path):
+    # Outputs are written under a temporary name and renamed; tempfile makes that name 0600
+    # (a directory 0700) whatever the umask, so every result, OUT/config.yaml and the report
+    # were readable by their owner alone: colleagues sharing the run, or a web server showing
+    # index.html, got "Permission denied".
+    import os
+    import stat
+
+    from sparcom_jax.fileio import atomic_dir, atomic_write, write_json
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.txt", "x")
+        write_json(tmp_path / "b.json", {})
+        with atomic_dir(tmp_path / "report") as d:
+            atomic_write(d / "index.html", "<html>")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what open() makes under this umask
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert mode(plain) == 0o640
+    for p in (tmp_path / "a.txt", tmp_path / "b.json", tmp_path / "report" / "index.html"):
+        assert mode(p) == 0o640, (p, oct(mode(p)))
+    assert mode(tmp_path / "report") == 0o750
