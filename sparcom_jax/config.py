@@ -200,6 +200,7 @@ class DataSpec:
             if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1.0) > 1e-6:
                 raise ConfigError(f"split: shares {self.split} must be > 0 and sum to 1")
         _check_min(self, 1, "n_per_category", "max_length")
+        _check_min(self, 0, "seed", "split_seed")  # numpy's generators take no negative seed
         if not 0 < self.group_threshold <= 1:
             raise ConfigError(f"group_threshold: {self.group_threshold} is not a Jaccard in (0, 1]; the near-duplicate "
                               "rule joins records whose instructions' word sets overlap at least this much (e.g. 0.6)")
@@ -483,6 +484,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         _expand_paths(self)
+        _check_min(self, 0, "seed")
         if self.identify.ties == "break" and not self.collect.sums:
             raise ConfigError("identify.ties=break breaks ties by activation strength, which needs "
                               "collect.sums=true; set it, or identify.ties=keep")

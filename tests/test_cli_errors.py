@@ -78,3 +78,16 @@ def test_outputs_get_the_permissions_the_umask_gives_new_files(tmp_path):
     for p in (tmp_path / "a.txt", tmp_path / "b.json", tmp_path / "report" / "index.html"):
         assert mode(p) == 0o640, (p, oct(mode(p)))
     assert mode(tmp_path / "report") == 0o750
+
+
+def test_a_negative_seed_is_refused_naming_its_key(capsys):
+    # data.seed=-1 stopped the run with "the identify part of data.split has too few records
+    # (expected non-negative integer)" (numpy's refusal, taken for a sampling one), and
+    # train_data.seed=-1 with "train_data.n_per_category=8: expected non-negative integer".
+    from test_cli import CONFIGS
+
+    for override in ("data.seed=-1", "data.split_seed=-2", "train_data.seed=-1", "seed=-3"):
+        key, value = override.split("=")
+        code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run", override)
+        assert code == 2 and out == "", override
+        assert err == f"sparcom: error: override '{override}': {key} must be >= 0, got {value}\n"
