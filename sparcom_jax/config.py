@@ -572,6 +572,8 @@ class DemoConfig:
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):  # a section: its keys, not the class's name
+        return f"a mapping of keys ({', '.join(f.name for f in dataclasses.fields(tp))})"
     if isinstance(tp, type) and not typing.get_args(tp):
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
                 "dict": "mapping", "list": "list"}.get(tp.__name__, tp.__name__)

@@ -91,3 +91,20 @@ def test_a_negative_seed_is_refused_naming_its_key(capsys):
         code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run", override)
         assert code == 2 and out == "", override
         assert err == f"sparcom: error: override '{override}': {key} must be >= 0, got {value}\n"
+
+
+def test_a_section_given_another_type_says_a_mapping_of_its_keys(tmp_path, capsys):
+    # "identify: expected IdentifySpec, got [1, 2] (list)" named a Python class the user never sees.
+    from test_cli import CONFIGS
+
+    code, _, err = run_cli(capsys, "identify", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                           "identify=[1, 2]")
+    assert code == 2 and "IdentifySpec" not in err
+    assert err.startswith("sparcom: error: override 'identify=[1, 2]': identify: expected a mapping of keys (rule, "
+                          "eps, threshold, "), err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase: /data/models/llama\n")
+    code, _, err = run_cli(capsys, "identify", "--config", str(bad), "--dry-run")
+    assert code == 2 and "ModelSpec" not in err
+    assert err.startswith(f"sparcom: error: {bad}: base: expected a mapping of keys (name, path, "), err
+    assert err.rstrip().endswith("got '/data/models/llama' (str)")
