@@ -108,3 +108,16 @@ def test_a_section_given_another_type_says_a_mapping_of_its_keys(tmp_path, capsy
     assert code == 2 and "ModelSpec" not in err
     assert err.startswith(f"sparcom: error: {bad}: base: expected a mapping of keys (name, path, "), err
     assert err.rstrip().endswith("got '/data/models/llama' (str)")
+
+
+def test_a_mesh_the_devices_cannot_hold_is_refused_by_the_run_too(tmp_path, capsys):
+    # The dry run refused mesh.model=3 on one device; the run made no mesh (one device) and went on,
+    # unsharded, as if the setting were not there.
+    cfg = write_tiny(tmp_path)
+    for override, says in (("mesh.model=3", "mesh.model=3 does not divide the "),
+                           ("mesh.data=2", "mesh.data=2 x mesh.model=1 = 2, but there are ")):
+        out = tmp_path / override.replace("=", "")
+        code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out), override)
+        assert code == 2 and err.startswith(f"sparcom: error: {says}"), (override, err)
+        assert not (out / "counts").exists()
+
