@@ -44,6 +44,15 @@ def _check_min(spec: Any, minimum: int, *keys: str) -> None:
             raise ConfigError(f"{k} must be >= {minimum}, got {v}")
 
 
+def _check_buckets(collect: Any, data: Any) -> None:
+    """Refuse collect.buckets whose largest length is below data.max_length (as TrainConfig refuses
+    its own): a record that long fits no bucket, and the run stopped at its first batch."""
+    if collect.buckets and max(collect.buckets) < data.max_length:
+        raise ConfigError(f"collect.buckets: the largest bucket ({max(collect.buckets)}) is below data.max_length="
+                          f"{data.max_length}, so a record that long would fit none; add a bucket of "
+                          f"{data.max_length}, or lower data.max_length")
+
+
 _UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 
@@ -485,6 +494,7 @@ class ExperimentConfig:
     def __post_init__(self):
         _expand_paths(self)
         _check_min(self, 0, "seed")
+        _check_buckets(self.collect, self.data)
         if self.identify.ties == "break" and not self.collect.sums:
             raise ConfigError("identify.ties=break breaks ties by activation strength, which needs "
                               "collect.sums=true; set it, or identify.ties=keep")
@@ -563,6 +573,7 @@ class DemoConfig:
 
     def __post_init__(self):
         _expand_paths(self)
+        _check_buckets(self.collect, self.data)
 
 
 # --------------------------------------------------------------------------- #

@@ -121,3 +121,18 @@ def test_a_mesh_the_devices_cannot_hold_is_refused_by_the_run_too(tmp_path, caps
         assert code == 2 and err.startswith(f"sparcom: error: {says}"), (override, err)
         assert not (out / "counts").exists()
 
+
+def test_collect_buckets_below_max_length_are_refused_by_the_dry_run(capsys):
+    # The run loaded the first model and stopped at its first batch with "a sequence has 64
+    # tokens, more than the largest bucket (16); ... add a bucket", naming no config key.
+    from test_cli import CONFIGS
+
+    code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                             "collect.buckets=[16, 512]")
+    assert code == 2 and out == ""
+    assert err == ("sparcom: error: override 'collect.buckets=[16, 512]': collect.buckets: the largest bucket (512) is "
+                   "below data.max_length=1024, so a record that long would fit none; add a bucket of 1024, or lower "
+                   "data.max_length\n")
+    code, _, _ = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                         "collect.buckets=[16, 1024]")
+    assert code == 0
