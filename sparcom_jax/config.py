@@ -180,6 +180,9 @@ class DataSpec:
 
     def __post_init__(self):
         _expand_paths(self)
+        if self.path is not None and (not self.path or (isinstance(self.path, list) and "" in self.path)):
+            raise ConfigError(f"path: empty ({self.path!r}); name a data file or directory (or a list of them), "
+                              "or null for the shipped set")
         if self.adapter not in (None, "auto"):
             from sparcom_jax.data.adapters import get_adapter
 

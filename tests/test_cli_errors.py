@@ -136,3 +136,16 @@ def test_collect_buckets_below_max_length_are_refused_by_the_dry_run(capsys):
     code, _, _ = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
                          "collect.buckets=[16, 1024]")
     assert code == 0
+
+
+def test_an_empty_data_path_is_refused_naming_the_key(capsys):
+    # data.path="" was read as the current directory ("'.': not a directory written by datasets'
+    # save_to_disk"), data.path=[] as records held in memory ("records: no records (an empty list)").
+    from test_cli import CONFIGS
+
+    for value in ('""', "[]", '[a.jsonl, ""]'):
+        code, out, err = run_cli(capsys, "collect", "--config", str(CONFIGS / "llama2_7b.yaml"), "--dry-run",
+                                 f"data.path={value}")
+        assert code == 2 and out == "", value
+        assert err.startswith(f"sparcom: error: override 'data.path={value}': data.path: empty ("), err
+        assert err.endswith("); name a data file or directory (or a list of them), or null for the shipped set\n")
