@@ -16,7 +16,6 @@ import _thread
 import argparse
 import contextlib
 import errno
-import gc
 import re
 import signal
 import sys
@@ -299,53 +298,41 @@ def _interrupt_held():
         raise KeyboardInterrupt
 
 
-def _where_python_drops_it(frame) -> bool:
-    """Whether an exception raised in `frame` would be printed as "Exception ignored" and dropped:
-    the frame or one it was called from is a garbage-collector callback (jax runs one at every
-    collection) or a `__del__` method."""
-    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
-
-
-# The Ctrl-C that `_on_ctrl_c` sends again, while it waits (see there).
+# The Ctrl-Cs `_resend_dropped_ctrl_c` sends again, while they wait.
 _resent: list[threading.Timer] = []
 
 
-def _on_ctrl_c(signum, frame):
-    """Ctrl-C as Python's own handler takes it (KeyboardInterrupt), except where Python would
-    drop the exception: there it is sent again 10 ms later, from a timer thread (sent from here,
-    Python would run this handler again at once, inside the same callback)."""
-    if _where_python_drops_it(frame):
+def _resend_dropped_ctrl_c(previous):
+    """A `sys.unraisablehook` that sends a dropped Ctrl-C again, 10 ms later, from a timer thread
+    (sent from here, it would land in the same callback); other exceptions go to `previous`."""
+    def hook(unraisable):
+        if unraisable.exc_type is not KeyboardInterrupt:
+            return previous(unraisable)
         timer = threading.Timer(0.01, _thread.interrupt_main, (signal.SIGINT,))
         timer.daemon = True
         timer.start()
         _resent.append(timer)
-        return
-    raise KeyboardInterrupt
+    return hook
 
 
 @contextlib.contextmanager
 def _ctrl_c_never_dropped():
-    """Take Ctrl-C with `_on_ctrl_c` while the command runs. With Python's handler a Ctrl-C that
-    landed in jax's garbage-collection callback was printed as "Exception ignored ...
-    KeyboardInterrupt" and dropped: the command went on as if it had not been pressed (a
-    fine-tuning run to its last step, exit status 0). A handler set by someone else (an ignored
-    Ctrl-C of a background job, a notebook's) is left alone."""
-    own = (signal.getsignal(signal.SIGINT) is signal.default_int_handler
-           and threading.current_thread() is threading.main_thread())
-    if own:
-        signal.signal(signal.SIGINT, _on_ctrl_c)
+    """Never lose a Ctrl-C while the command runs. Python raises KeyboardInterrupt wherever the
+    main thread is when Ctrl-C comes; in a garbage-collection callback (jax runs one at every
+    collection), a weakref callback or a `__del__` method it prints "Exception ignored ...
+    KeyboardInterrupt" and drops it, and the command went on as if Ctrl-C had not been pressed
+    (a fine-tuning run to its last step, exit status 0). Such a dropped Ctrl-C is sent again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = sys.unraisablehook
+    sys.unraisablehook = _resend_dropped_ctrl_c(previous)
     try:
         yield
     finally:
-        if own:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            while _resent:  # a Ctrl-C within the command's last 10 ms: it has finished
-                _resent.pop().cancel()
+        sys.unraisablehook = previous
+        while _resent:  # a Ctrl-C within the command's last 10 ms: it has finished
+            _resent.pop().cancel()
 
 
 COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}
