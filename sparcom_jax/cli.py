@@ -12,6 +12,7 @@ shows the traceback. Ctrl-C says how to resume (exit status 130).
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import errno
@@ -301,6 +302,43 @@ def _interrupt_held():
         raise KeyboardInterrupt
 
 
+# The Ctrl-Cs `_resend_dropped_ctrl_c` sends again, while they wait.
+_resent: list[threading.Timer] = []
+
+
+def _resend_dropped_ctrl_c(previous):
+    """A `sys.unraisablehook` that sends a dropped Ctrl-C again, 10 ms later, from a timer thread
+    (sent from here, it would land in the same callback); other exceptions go to `previous`."""
+    def hook(unraisable):
+        if unraisable.exc_type is not KeyboardInterrupt:
+            return previous(unraisable)
+        timer = threading.Timer(0.01, _thread.interrupt_main, (signal.SIGINT,))
+        timer.daemon = True
+        timer.start()
+        _resent.append(timer)
+    return hook
+
+
+@contextlib.contextmanager
+def _ctrl_c_never_dropped():
+    """Never lose a Ctrl-C while the command runs. Python raises KeyboardInterrupt wherever the
+    main thread is when Ctrl-C comes; in a garbage-collection callback (jax runs one at every
+    collection), a weakref callback or a `__del__` method it prints "Exception ignored ...
+    KeyboardInterrupt" and drops it, and the command went on as if Ctrl-C had not been pressed
+    (a fine-tuning run to its last step, exit status 0). Such a dropped Ctrl-C is sent again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = sys.unraisablehook
+    sys.unraisablehook = _resend_dropped_ctrl_c(previous)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        while _resent:  # a Ctrl-C within the command's last 10 ms: it has finished
+            _resent.pop().cancel()
+
+
 COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}
 
 
@@ -348,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    with _plain_data_warnings(args.debug):
+    with _plain_data_warnings(args.debug), _ctrl_c_never_dropped():
         return _run(args)
 
 

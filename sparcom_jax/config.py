@@ -44,6 +44,15 @@ def _check_min(spec: Any, minimum: int, *keys: str) -> None:
             raise ConfigError(f"{k} must be >= {minimum}, got {v}")
 
 
+def _check_buckets(collect: Any, data: Any) -> None:
+    """Refuse collect.buckets whose largest length is below data.max_length (as TrainConfig refuses
+    its own): a record that long fits no bucket, and the run stopped at its first batch."""
+    if collect.buckets and max(collect.buckets) < data.max_length:
+        raise ConfigError(f"collect.buckets: the largest bucket ({max(collect.buckets)}) is below data.max_length="
+                          f"{data.max_length}, so a record that long would fit none; add a bucket of "
+                          f"{data.max_length}, or lower data.max_length")
+
+
 _UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 
@@ -171,6 +180,9 @@ class DataSpec:
 
     def __post_init__(self):
         _expand_paths(self)
+        if self.path is not None and (not self.path or (isinstance(self.path, list) and "" in self.path)):
+            raise ConfigError(f"path: empty ({self.path!r}); name a data file or directory (or a list of them), "
+                              "or null for the shipped set")
         if self.adapter not in (None, "auto"):
             from sparcom_jax.data.adapters import get_adapter
 
@@ -200,6 +212,7 @@ class DataSpec:
             if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1.0) > 1e-6:
                 raise ConfigError(f"split: shares {self.split} must be > 0 and sum to 1")
         _check_min(self, 1, "n_per_category", "max_length")
+        _check_min(self, 0, "seed", "split_seed")  # numpy's generators take no negative seed
         if not 0 < self.group_threshold <= 1:
             raise ConfigError(f"group_threshold: {self.group_threshold} is not a Jaccard in (0, 1]; the near-duplicate "
                               "rule joins records whose instructions' word sets overlap at least this much (e.g. 0.6)")
@@ -483,6 +496,8 @@ class ExperimentConfig:
 
     def __post_init__(self):
         _expand_paths(self)
+        _check_min(self, 0, "seed")
+        _check_buckets(self.collect, self.data)
         if self.identify.ties == "break" and not self.collect.sums:
             raise ConfigError("identify.ties=break breaks ties by activation strength, which needs "
                               "collect.sums=true; set it, or identify.ties=keep")
@@ -561,6 +576,7 @@ class DemoConfig:
 
     def __post_init__(self):
         _expand_paths(self)
+        _check_buckets(self.collect, self.data)
 
 
 # --------------------------------------------------------------------------- #
@@ -570,6 +586,8 @@ class DemoConfig:
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):  # a section: its keys, not the class's name
+        return f"a mapping of keys ({', '.join(f.name for f in dataclasses.fields(tp))})"
     if isinstance(tp, type) and not typing.get_args(tp):
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
                 "dict": "mapping", "list": "list"}.get(tp.__name__, tp.__name__)

@@ -18,6 +18,25 @@ from typing import Any
 from sparcom_jax.errors import LockedError
 
 
+def _umask() -> int:
+    """This process's file-creation mask. Read from /proc where it is shown: setting the mask
+    to read it back would, for that moment, give other threads' new files another mask."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file (directory) made by tempfile, 0600 (0700), the mode a plain open()
+    (mkdir) would have given it: an output renamed into place keeps its mode, and results
+    readable by their owner alone cannot be shared."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
     """Write `data` to a temporary file in the same directory, then rename it.
 
@@ -37,6 +56,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            _usual_mode(tmp)
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -121,6 +141,7 @@ def atomic_dir(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
     try:
+        _usual_mode(tmp, directory=True)
         yield tmp
         old = tmp.with_name(f"{tmp.name}.old")  # unique, as tmp's name is
         if path.exists():

@@ -99,7 +99,8 @@ def test_unknown_key_in_a_list_item(tmp_path):
     ("name: x\nidentify:\n  eps: [1]\n", "identify.eps", "expected number"),
     ("name: x\ndata:\n  scope: prompts\n", "data.scope", "did you mean 'prompt'"),
     ("name: x\ncollect:\n  moe_impl: raged\n", "collect.moe_impl", "did you mean 'ragged'"),
-    ("name: x\nmesh: 8\n", "mesh", "expected MeshSpec, got 8"),
+    ("name: x\nmesh: 8\n", "mesh", "expected a mapping of keys (devices, data, model, num_processes, coordinator, "
+                                    "distributed, init_timeout), got 8"),
     ("name: x\ntrain:\n  learning_rate: fast\n", "train.learning_rate", "expected number, got 'fast'"),
     ("name: [a]\n", "name", "expected string"),
 ])

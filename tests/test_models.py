@@ -711,3 +711,58 @@ def test_truncated_safetensors_file_is_named_with_the_fix(sharded, hf_checkpoint
     with pytest.raises(CheckpointError, match=rf"{victim}: not a readable safetensors file .*truncated or "
                                               r"corrupted.*Download it again, or re-save"):
         sj.load_model(d)
+
+
+def _sharded(hf_checkpoint, tmp_path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "ck"
+    AutoModelForCausalLM.from_pretrained(str(hf_checkpoint("llama"))).save_pretrained(str(d), max_shard_size="20KB")
+    return d
+
+
+def test_a_safetensors_index_without_a_weight_map_is_named(hf_checkpoint, tmp_path):
+    # A weight_map written as a list failed with "AttributeError: 'list' object has no attribute 'items'".
+    d = _sharded(hf_checkpoint, tmp_path)
+    index = d / "model.safetensors.index.json"
+    names = list(json.loads(index.read_text())["weight_map"])
+    for bad in ({"weight_map": names}, names, {"metadata": {}}):
+        index.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=rf"{index}: not a valid safetensors index \(it needs \"weight_map\": "
+                                                  r"\{tensor name: shard file name\}, .*download the model again"):
+            sj.load_model(d)
+
+
+def test_an_index_mapping_a_tensor_to_a_shard_without_it_is_named(hf_checkpoint, tmp_path):
+    # The shard exists but does not hold the tensor (index and shards from different saves):
+    # safetensors' own "File does not contain tensor ..." came with a traceback.
+    d = _sharded(hf_checkpoint, tmp_path)
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = sorted(set(data["weight_map"].values()))
+    assert len(shards) > 1
+    data["weight_map"]["model.norm.weight"] = shards[0] if data["weight_map"]["model.norm.weight"] != shards[0] \
+        else shards[1]
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"{index}: maps 'model\.norm\.weight' to .*safetensors, which does "
+                                              r"not hold it; .*download the model again"):
+        sj.load_model(d)
+
+
+@pytest.mark.parametrize("damaged, what", [("tokenizer.json", "{"), ("config.json", "{bad")])
+def test_a_damaged_tokenizer_is_named_with_the_fix(hf_checkpoint, tmp_path, damaged, what):
+    # A damaged tokenizer.json said only "Expecting property name ...: line 2 column 1", naming no
+    # file; a damaged config.json (read by AutoTokenizer first) was transformers' OSError with a traceback.
+    import shutil
+
+    from sparcom_jax.checkpoints.hf import load_tokenizer
+    from sparcom_jax.data.tokenizer import TOKENIZER_DIR
+
+    d = _copy(hf_checkpoint("llama"), tmp_path / "ck")
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, d / f.name)
+    assert load_tokenizer(d) is not None  # intact, it loads
+    (d / damaged).write_text(what)
+    with pytest.raises(CheckpointError, match=rf"{d}: its tokenizer cannot be loaded \(.*\); a tokenizer file .*"
+                                              r"download the model's tokenizer files again"):
+        load_tokenizer(d)

@@ -44,6 +44,20 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match its config or our expectations; says which file and tensor."""
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard file map of a safetensors index, checked."""
+    try:
+        wm = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index}:{e.lineno}: not a valid safetensors index (invalid JSON: {e.msg}); "
+                              "download the model again") from None
+    wm = wm.get("weight_map") if isinstance(wm, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(fn, str) for fn in wm.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (it needs \"weight_map\": {{tensor name: "
+                              "shard file name}, as save_pretrained writes it); download the model again")
+    return wm
+
+
 def _norm(idx: tuple, shape: tuple) -> tuple[slice, ...]:
     idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
     return tuple(slice(*s.indices(n)) for s, n in zip(idx, shape))
@@ -74,10 +88,7 @@ class TensorReader:
         index = self.path / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
         if index.exists():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            wm = _weight_map(index)
             for name, fn in wm.items():
                 p = self.path / fn
                 if not p.exists():
@@ -93,7 +104,17 @@ class TensorReader:
 
     def _handle(self, p: Path):
         if p not in self._handles:
-            self._handles[p] = _open(p)
+            f = _open(p)
+            held = set(f.keys())
+            absent = sorted(n for n, where in self.where.items() if where == p and n not in held)
+            if absent:
+                more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+                shown = ", ".join(repr(n) for n in absent[:3]) + more
+                raise CheckpointError(
+                    f"{self.path / 'model.safetensors.index.json'}: maps {shown} to {p.name}, which does not hold "
+                    f"{'it' if len(absent) == 1 else 'them'}; the index and the shards are from different downloads "
+                    "or saves: download the model again (index and every shard)")
+            self._handles[p] = f
         return self._handles[p]
 
     def has(self, name: str) -> bool:
@@ -261,7 +282,14 @@ def load_tokenizer(path: str | Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # transformers / tokenizers raise OSError, ValueError, JSON and bare Exceptions
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(
+            f"{p}: its tokenizer cannot be loaded ({why[:300]}); a tokenizer file (or the config.json "
+            "transformers reads with it) is damaged or from another model: download the model's tokenizer "
+            f"files again ({', '.join(TOKENIZER_FILES[:3])}, ...) together with config.json") from e
 
 
 def load_model(path: str | Path, dtype="float32", mesh=None, *, param_dtype=None, rules=None,

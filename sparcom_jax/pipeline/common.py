@@ -287,7 +287,10 @@ def make_mesh(mesh: MeshSpec, *, local: bool = False):
     from sparcom_jax.parallel.mesh import make_mesh as _make
 
     if not local or jax.process_count() == 1:
-        return None if jax.device_count() == 1 else _make(data=mesh.data, model=mesh.model)
+        if jax.device_count() > 1:
+            return _make(data=mesh.data, model=mesh.model)
+        resolve_mesh(mesh, devices=1)  # axes one device cannot hold are refused, as the dry run refuses them
+        return None
     if jax.local_device_count() == 1:
         return None
     data = None if mesh.data is None else mesh.data // jax.process_count()
