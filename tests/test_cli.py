@@ -145,10 +145,9 @@ def test_dry_run_refuses_a_model_axis_over_hosts_for_collection_only(capsys):
     assert code == 0, err
 
 
-def test_collect_replaces_the_stores_another_number_of_processes_left(tmp_path, capsys):
-    # A count directory holds one store (one process) or process_0..process_<P-1>. Stores of
-    # other shares left beside it were what the analysis read (and refused, asking for the
-    # very collect that had just said "already complete").
+def _collected_with_process_copies(tmp_path, capsys, processes):
+    """A tiny config collected by one process, its store copied to process_0 .. process_<P-1>
+    beside it (the layout a P-process collection leaves); returns (config, OUT, store)."""
     import shutil
 
     cfg = write_tiny(tmp_path)
@@ -156,14 +155,21 @@ def test_collect_replaces_the_stores_another_number_of_processes_left(tmp_path, 
     code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
     assert code == 0, err
     store = out / "counts" / "base"
-    for k in range(2):  # what a two-process run left
+    for k in range(processes):
         shutil.copytree(store, store / f"process_{k}", ignore=shutil.ignore_patterns("process_*", ".*"))
+    return cfg, out, store
+
+
+def test_collect_replaces_the_stores_another_number_of_processes_left(tmp_path, capsys):
+    # A count directory holds one store (one process) or process_0..process_<P-1>. Stores of
+    # other shares left beside it were what the analysis read (and refused, asking for the
+    # very collect that had just said "already complete").
+    cfg, out, store = _collected_with_process_copies(tmp_path, capsys, 2)  # what a two-process run left
     code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
     assert code == 0 and "removing process_0, left by a collection with another number of processes" in err
     assert not list(store.glob("process_*")) and (store / "meta.json").is_file()
     code, _, err = run_cli(capsys, "evaluate", "--config", str(cfg), "--out", str(out))
     assert code == 0, err
-
 
 
 @pytest.mark.parametrize("left, processes, kept", [
@@ -190,14 +196,9 @@ def test_analysis_of_process_stores_with_one_missing_names_it(tmp_path, capsys):
     # (records ... changed; tokenized text ... changed)", asking for `sparcom collect --overwrite`.
     import shutil
 
-    cfg = write_tiny(tmp_path)
-    out = tmp_path / "o"
-    code, _, err = run_cli(capsys, "collect", "--config", str(cfg), "--out", str(out))
-    assert code == 0, err
-    store = out / "counts" / "base"
+    cfg, out, store = _collected_with_process_copies(tmp_path, capsys, 3)
     ids = json.loads((store / "meta.json").read_text())["ids"]
     for k in range(3):  # what a 3-process run leaves: process k holds records k, k+3, ...
-        shutil.copytree(store, store / f"process_{k}", ignore=shutil.ignore_patterns("process_*", ".*"))
         header = json.loads((store / f"process_{k}" / "meta.json").read_text())
         (store / f"process_{k}" / "meta.json").write_text(json.dumps(dict(header, ids=ids[k::3])))
     for p in store.iterdir():

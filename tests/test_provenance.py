@@ -657,7 +657,8 @@ def test_a_store_serves_a_run_by_its_activation_sums_only_when_it_holds_them():
     """`served_by`: a store with the sums serves a run without them (fingerprinted as made, with
     them); a store without them, or no store at all, leaves the run's fingerprint as asked, so a
     new collection counts no sums nobody asked for and a run that asks for them is refused."""
-    from sparcom_jax.pipeline.provenance import served_by, stale
+    from sparcom_jax.fingerprint import served_by
+    from sparcom_jax.pipeline.provenance import stale
 
     without, with_sums = {"model": "m", "sums": False}, {"model": "m", "sums": True}
     assert served_by(without, None) == without
