@@ -301,11 +301,15 @@ def test_the_report_shows_the_mass_matched_control(tmp_path):
         assert float(code[header.index(f"random_mass_own_tokens_{key}")]) == pytest.approx(
             f(r.mass_random_mass[:, a]), abs=1e-5)
     assert float(code[header.index("random_experts_mean")]) == pytest.approx(r.mass_random_sizes[:, a].mean())
+    gap = r.mass_random_mass[:, a] - r.set_category_mass[a]  # each draw's error, by hand
+    assert float(code[header.index("random_mass_error_mean")]) == pytest.approx(gap.mean(), abs=1e-6)
+    assert float(code[header.index("random_mass_error_abs_mean")]) == pytest.approx(np.abs(gap).mean(), abs=1e-6)
     with open(tmp_path / "tables" / "ablation_experts_baseline.csv") as fh:  # the frequency-matched table as it was
         assert next(row for row in csv.reader(fh) if not row[0].startswith("#")) == ABLATION_HEADER
     assert (tmp_path / "tables" / "ablation_experts_mass_matched_p_value.csv").is_file()
     page = (tmp_path / "index.html").read_text()
     assert "Mass-matched control (2 draws per category" in page
+    assert "a mean beyond 10% of the set" in page  # the tolerance of the warning, said where the errors are
     assert "own-category excess over 2 mass-matched random draws" in page
 
 
@@ -445,20 +449,26 @@ def test_the_report_shows_each_sets_estimated_and_measured_mass_per_layer(tmp_pa
     from sparcom_jax.report import write_report
 
     sets, mass = setup(L=3, E=8)
-    r = ablation_matrix(sets, MassModel(sets, mass, shift=2.0), n_random=2, seed=0, kind="experts",
-                        expert_mass=mass)
+    model = MassModel(sets, mass, shift=2.0)
+    r = ablation_matrix(sets, model, n_random=2, seed=0, kind="experts", expert_mass=mass)
+    r_masks = {c: model.masks[-10:][2 * k:2 * k + 2] for k, c in enumerate(c for c in CATEGORIES if c != "math")}
+    r_masks["math"] = [np.zeros((3, 8), bool)] * 2  # an empty set: no draw, nothing dropped
     d = json.loads(json.dumps(r.to_dict()))
     write_report(tmp_path / "new", {"identification": {"rule": "top"}, "models": {}, "ablation": {"experts": d}},
                  dpi=20)
     header, rows = _csv_rows(tmp_path / "new" / "tables" / "ablation_experts_mass_matched_per_layer.csv")
-    assert header == ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift"]
+    assert header == ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift", "random_mass_mean",
+                      "random_error_mean", "random_error_abs_mean"]
     assert [(c, int(j)) for c, j, *_ in rows] == [(c, j) for c in CATEGORIES for j in range(3)]
     mheader, mrows = _csv_rows(tmp_path / "new" / "tables" / "ablation_experts_mass_matched.csv")
     for a, cat in enumerate(CATEGORIES):
         est = (mass[cat] * sets[cat]).sum(1)  # by hand: the set's experts' baseline mass per layer
         measured = est * np.array([1.0, 2.0, 2.0])  # layer 0 untouched, the later layers' routing doubled
         got = np.array([[float(x) for x in row[2:]] for row in rows[3 * a:3 * a + 3]])
-        np.testing.assert_allclose(got, np.stack([est, measured, measured - est], 1), atol=1e-6)
+        draws = np.array([mask_layer_mass(mass[cat], m) for m in r_masks[cat]]) * [1.0, 2.0, 2.0]  # measured
+        np.testing.assert_allclose(got, np.stack([est, measured, measured - est, draws.mean(0),
+                                                  (draws - measured).mean(0), np.abs(draws - measured).mean(0)], 1),
+                                   atol=1e-6)
         row = mrows[a]
         assert float(row[mheader.index("set_mass_own_tokens_estimate")]) == pytest.approx(est.sum(), abs=1e-6)
         assert float(row[mheader.index("set_mass_own_tokens")]) == pytest.approx(measured.sum(), abs=1e-6)
@@ -468,11 +478,14 @@ def test_the_report_shows_each_sets_estimated_and_measured_mass_per_layer(tmp_pa
     assert "set_mass_own_tokens_estimate</th>" in page
     # A file of the earlier rule has no per-layer masses: no table, empty cells, no sentence.
     del d["mass_matched"]["set_layer_mass"], d["mass_matched"]["set_layer_estimate"]
+    for k in [k for k in d["mass_matched"] if k.startswith(("error_", "random_layer_"))]:
+        del d["mass_matched"][k]  # nor the draws' errors, kept since
     write_report(tmp_path / "old", {"identification": {"rule": "top"}, "models": {}, "ablation": {"experts": d}},
                  dpi=20)
     assert not (tmp_path / "old" / "tables" / "ablation_experts_mass_matched_per_layer.csv").exists()
     mheader, mrows = _csv_rows(tmp_path / "old" / "tables" / "ablation_experts_mass_matched.csv")
     assert {row[mheader.index("set_mass_own_tokens_estimate")] for row in mrows} == {""}
+    assert {row[mheader.index("random_mass_error_mean")] for row in mrows} == {""}
     assert "set_mass_own_tokens is the later layers" not in (tmp_path / "old" / "index.html").read_text()
 
 
