@@ -225,9 +225,12 @@ def test_ablation_matrix_runs_the_mass_matched_control_on_its_own_stream():
             assert np.array_equal(m, mass_matched_random(sets[cat], mass[cat], rng))
             assert r.mass_random_sizes[d, a] == m.sum()
             assert r.mass_random_mass[d, a] == pytest.approx(mass[cat][m].sum())  # measured, on a's tokens
+            # ... and on every category's tokens (only a's own is matched)
+            np.testing.assert_allclose(r.mass_random_mass_matrix[d, a], [mass[b][m].sum() for b in CATEGORIES])
             assert r.mass_random_draws[d, a] == pytest.approx(
                 [mass[b][m].sum() + 0.5 * (m & sets[b]).sum() for b in CATEGORIES])
         assert r.set_category_mass[a] == pytest.approx(mass[cat][sets[cat]].sum())
+        np.testing.assert_allclose(r.set_mass_matrix[a], [mass[b][sets[cat]].sum() for b in CATEGORIES])
     assert len(model.masks) == len(plain_model.masks) + 5 * per == 1 + 5 * (1 + 4 + 4)
     m_ = CATEGORIES.index("math")
     assert np.all(r.mass_random_draws[:, m_] == 0) and r.mass_random_sizes[:, m_].sum() == 0
@@ -244,7 +247,8 @@ def test_ablation_matrix_runs_the_mass_matched_control_on_its_own_stream():
     assert d["mass_matched"]["n_random"] == 4
     assert np.allclose(np.array(d["mass_matched"]["excess"], float), r.mass_excess, equal_nan=True)
     back = AblationResult.from_dict(d)
-    for key in ("mass_random_draws", "mass_random_mass", "mass_random_sizes", "set_category_mass"):
+    for key in ("mass_random_draws", "mass_random_mass", "mass_random_sizes", "set_category_mass",
+                "set_mass_matrix", "mass_random_mass_matrix"):
         assert np.array_equal(getattr(back, key), getattr(r, key), equal_nan=True), key
     assert back.mass_random_sizes.dtype == np.int64
     assert AblationResult.from_dict(json.loads(json.dumps(plain.to_dict()))).mass_random_draws is None
@@ -307,6 +311,12 @@ def test_the_report_shows_the_mass_matched_control(tmp_path):
     with open(tmp_path / "tables" / "ablation_experts_baseline.csv") as fh:  # the frequency-matched table as it was
         assert next(row for row in csv.reader(fh) if not row[0].startswith("#")) == ABLATION_HEADER
     assert (tmp_path / "tables" / "ablation_experts_mass_matched_p_value.csv").is_file()
+    # The masses on every category's tokens: the set's, and the draws' mean (only the diagonal matched).
+    for name, want in (("set_mass_matrix", r.set_mass_matrix), ("random_mass_matrix_mean",
+                                                                 r.mass_random_mass_matrix.mean(0))):
+        header, rows = _csv_rows(tmp_path / "tables" / f"ablation_experts_mass_matched_{name}.csv")
+        assert [row[0] for row in rows] == list(CATEGORIES)
+        np.testing.assert_allclose([[float(x) for x in row[1:]] for row in rows], want, atol=1e-6)
     page = (tmp_path / "index.html").read_text()
     assert "Mass-matched control (2 draws per category" in page
     assert "a mean beyond 10% of the set" in page  # the tolerance of the warning, said where the errors are

@@ -147,6 +147,11 @@ class AblationResult:
         `set_layer_mass`, see `mass_errors`); or None (also in files made before it was kept).
       mass_random_layer_estimate: float [M, C, L] the same as the unablated model estimates it:
         what the selection rule (`mass_fill`) matched to the target; or None.
+      set_mass_matrix: float [C, C] the routing mass S(a) dropped (row a) on each category b's
+        held-out tokens (column b), measured; its diagonal is `set_category_mass`. Only the
+        diagonal is matched: the off-diagonal cells of the mass-matched excess compare the set
+        with draws whose mass on b's tokens can differ (see `mass_random_mass_matrix`). Or None.
+      mass_random_mass_matrix: float [M, C, C] the same for each mass-matched draw, or None.
     """
 
     kind: str
@@ -174,6 +179,8 @@ class AblationResult:
     set_layer_estimate: np.ndarray | None = None
     mass_random_layer_mass: np.ndarray | None = None
     mass_random_layer_estimate: np.ndarray | None = None
+    set_mass_matrix: np.ndarray | None = None
+    mass_random_mass_matrix: np.ndarray | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -383,6 +390,9 @@ class AblationResult:
                 "random_mass": self.mass_random_mass, "random_sizes": self.mass_random_sizes,
                 **{f"set_layer_{k}": None if v is None else by_category(v)
                    for k, v in (("mass", self.set_layer_mass), ("estimate", self.set_layer_estimate))},
+                "set_mass_matrix": self.set_mass_matrix, "random_mass_matrix": self.mass_random_mass_matrix,
+                "random_mass_matrix_mean": None if self.mass_random_mass_matrix is None or not d.shape[0]
+                else self.mass_random_mass_matrix.mean(0),
                 "random_layer_mass": self.mass_random_layer_mass,
                 "random_layer_estimate": self.mass_random_layer_estimate,
                 **{f"error_{k}": None if v is None else by_category(v)
@@ -402,6 +412,9 @@ class AblationResult:
             v = d.get(key)
             return None if v is None else arr([v[c] for c in CATEGORIES], dtype)
 
+        def per_draw(v, *tail):  # [M, ...] (None: absent from older files; []: no draws)
+            return None if v is None else arr(v) if v else np.zeros((0, *tail))
+
         mm = d.get("mass_matched")
         mass = {} if mm is None else dict(
             mass_random_draws=arr(mm["random_draws"]) if mm["random_draws"] else np.zeros((0, C, C)),
@@ -412,9 +425,9 @@ class AblationResult:
             **{f"set_layer_{k}": None if mm.get(f"set_layer_{k}") is None
                else arr([mm[f"set_layer_{k}"][c] for c in CATEGORIES]) for k in ("mass", "estimate")},
             # (absent from files made before the draws' own masses per layer were kept)
-            **{f"mass_random_layer_{k}": None if mm.get(f"random_layer_{k}") is None
-               else arr(mm[f"random_layer_{k}"]) if mm[f"random_layer_{k}"] else np.zeros((0, C, 0))
-               for k in ("mass", "estimate")})
+            **{f"mass_random_layer_{k}": per_draw(mm.get(f"random_layer_{k}"), C, 0) for k in ("mass", "estimate")},
+            set_mass_matrix=arr(mm.get("set_mass_matrix")),
+            mass_random_mass_matrix=per_draw(mm.get("random_mass_matrix"), C, C))
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
                    n_random=d["n_random"], seed=d["seed"],
@@ -799,6 +812,7 @@ def ablation_matrix(
     closest_rng = np.random.default_rng([seed, 1])
     expert_mass = {normalize_category(k): np.asarray(v, np.float64) for k, v in (expert_mass or {}).items()}
     mass_draws = mass_sizes = mass_mass = set_mass = layer_mass = layer_est = draw_layer = draw_est = None
+    set_cross = draw_cross = None
     if mass_matched:
         mass_draws = np.full((n_random, C, C), np.nan)
         mass_sizes = np.zeros((n_random, C), np.int64)
@@ -807,6 +821,7 @@ def ablation_matrix(
         n_layers = next((v.shape[0] for v in sets.values()), 0)
         layer_mass, layer_est = np.full((C, n_layers), np.nan), np.full((C, n_layers), np.nan)
         draw_layer, draw_est = np.full((n_random, C, n_layers), np.nan), np.full((n_random, C, n_layers), np.nan)
+        set_cross, draw_cross = np.full((C, C), np.nan), np.full((n_random, C, C), np.nan)
     # Its own stream too: the frequency-matched draws stay the seed's with or without it.
     mass_rng = np.random.default_rng([seed, 2])
     masks: list[np.ndarray | None] = [None] if baseline is None else []  # the baseline first
@@ -822,7 +837,7 @@ def ablation_matrix(
             dropped[a] = rdropped[:, a] = 0.0
             if mass_matched:
                 mass_draws[:, a] = mass_mass[:, a] = set_mass[a] = layer_mass[a] = layer_est[a] = 0.0
-                draw_layer[:, a] = draw_est[:, a] = 0.0
+                draw_layer[:, a] = draw_est[:, a] = set_cross[a] = draw_cross[:, a] = 0.0
             continue
         masks.append(mask)
         slots.append((a, "set", 0))
@@ -864,15 +879,16 @@ def ablation_matrix(
         results += run(loss_fn, masks)
     baseline = {normalize_category(k): float(v) for k, v in baseline.items()}
     for (a, which, d), (losses, mass, by_cat, by_layer) in zip(slots + slots2, results, strict=True):
-        own = np.nan if by_cat is None else by_cat.get(CATEGORIES[a], np.nan)  # on a's own tokens
+        on_tokens = np.array([np.nan if by_cat is None else by_cat.get(c, np.nan) for c in CATEGORIES])
+        own = on_tokens[a]  # on a's own tokens
         if which == "set":
             isn[a], dropped[a] = _row(losses, baseline), mass
             if mass_matched:
-                set_mass[a] = own
+                set_mass[a], set_cross[a] = own, on_tokens
         elif which == "random":
             draws[d, a], rdropped[d, a] = _row(losses, baseline), mass
         else:
-            mass_draws[d, a], mass_mass[d, a] = _row(losses, baseline), own
+            mass_draws[d, a], mass_mass[d, a], draw_cross[d, a] = _row(losses, baseline), own, on_tokens
             draw_layer[d, a] = (by_layer or {}).get(CATEGORIES[a], np.nan)  # (none: a loss_fn without it)
     rand = draws.mean(0) if n_random else np.full((C, C), np.nan)
     has_mass = np.isfinite(dropped[sizes > 0]).any()
@@ -887,7 +903,7 @@ def ablation_matrix(
         closest_frequency=close_freq, above_others=above, mass_random_draws=mass_draws,
         set_category_mass=set_mass, mass_random_mass=mass_mass, mass_random_sizes=mass_sizes,
         set_layer_mass=layer_mass, set_layer_estimate=layer_est, mass_random_layer_mass=draw_layer,
-        mass_random_layer_estimate=draw_est)
+        mass_random_layer_estimate=draw_est, set_mass_matrix=set_cross, mass_random_mass_matrix=draw_cross)
 
 
 def ablate_identification(ident, loss_fn: LossFn, **kw) -> AblationResult:

@@ -234,8 +234,9 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
     yield Table(f"ablation_{kind}_baseline", ABLATION_HEADER, ablation_rows(d))
     mm = d.get("mass_matched")  # the mass-matched control (experts), where it ran
     if mm:
-        for k in ("excess", "p_value"):
-            yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
+        for k in ("excess", "p_value", "set_mass_matrix", "random_mass_matrix_mean"):
+            if mm.get(k) is not None:  # (the masses on every category's tokens: not in older files)
+                yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
         yield Table(f"ablation_{kind}_mass_matched", MASS_HEADER, mass_rows(d))
         if mm.get("set_layer_mass") is not None:  # (absent from files of the rule that matched the estimate)
             yield Table(f"ablation_{kind}_mass_matched_per_layer", MASS_LAYER_HEADER, mass_layer_rows(mm))

@@ -106,8 +106,12 @@ CAPTIONS = {
         "random_mass_error_mean and random_mass_error_abs_mean are a draw's mass minus the set's, mean "
         "signed and absolute over draws: a mean beyond {tol:.0%} of the set's mass is flagged under the table "
         "(the control is then harsher or milder than the set). The mass is "
-        "matched on average over tokens, not token by token, and only on the category's own tokens (the "
-        "other columns' tokens lose other masses)."),
+        "matched on average over tokens, not token by token, and only on the category's own tokens: the "
+        "other columns' tokens lose other masses (tables/ablation_{kind}_mass_matched_set_mass_matrix.csv "
+        "and _random_mass_matrix_mean.csv, rows ablated, columns the tokens it was dropped on), more by the "
+        "draws than by the set where the set's experts are specific to its category, less where the other "
+        "category uses them too: an off-diagonal cell of the mass-matched excess mixes the set's effect "
+        "with that mass difference, and only a cell whose sign goes against it says more."),
     "ablation_mass_layers": (
         " set_mass_own_tokens_estimate is the set's mass as the unablated model estimates it; its gap to "
         "set_mass_own_tokens is the later layers' routing moving onto (or off) the set's own experts once its "
@@ -688,7 +692,7 @@ def write_report(
                                      MASS_HEADER, mass_rows(d)))
             layers = d["mass_matched"].get("set_layer_mass") is not None  # (not in files of the earlier rule)
             tol = d["mass_matched"].get("error_tolerance") or MASS_TOLERANCE  # (not in files made before it)
-            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"], tol=tol) + (
+            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"], tol=tol, kind=kind) + (
                 CAPTIONS["ablation_mass_layers"].format(kind=kind) if layers else "")))
         if not d["n_random"]:
             blocks.append(TextBlock(
