@@ -280,7 +280,7 @@ class AblationResult:
         if err["mean"] is None or not np.isfinite(err["mean"][a]) or not self.set_sizes[a]:
             return []
         sm, mean = self.set_category_mass[a], err["mean"][a]
-        if abs(mean) <= MASS_TOLERANCE * sm:
+        if not sm > 0 or abs(mean) <= MASS_TOLERANCE * sm:  # (a set dropping no mass has no share to miss by)
             return []
         harsh = ("harsher than the set: its excess against them is understated" if mean > 0
                  else "milder than the set: its excess against them is overstated")
