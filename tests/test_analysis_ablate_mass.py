@@ -551,6 +551,8 @@ def test_each_draws_mass_per_layer_its_error_and_a_warning_beyond_the_tolerance(
     mm = d["mass_matched"]
     assert mm["error_mean"]["code"] == pytest.approx(0.12) and mm["error_tolerance"] == MASS_TOLERANCE
     assert np.allclose(mm["error_layer_mean"]["code"], [0, 0.04, 0.08])
+    np.testing.assert_allclose(mm["random_layer_error"], shifted.mass_random_layer_mass - shifted.set_layer_mass[None])
+    assert np.allclose(mm["random_layer_error"][2][CATEGORIES.index("code")], [0, 0.04, 0.08])  # each draw's
     back = AblationResult.from_dict(d)
     for key in ("mass_random_layer_mass", "mass_random_layer_estimate"):
         np.testing.assert_array_equal(getattr(back, key), getattr(shifted, key))

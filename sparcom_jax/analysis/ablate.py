@@ -395,6 +395,8 @@ class AblationResult:
                 else self.mass_random_mass_matrix.mean(0),
                 "random_layer_mass": self.mass_random_layer_mass,
                 "random_layer_estimate": self.mass_random_layer_estimate,
+                "random_layer_error": None if self.mass_random_layer_mass is None or self.set_layer_mass is None
+                else self.mass_random_layer_mass - self.set_layer_mass[None],  # (derived: not read back)
                 **{f"error_{k}": None if v is None else by_category(v)
                    for k, v in self.mass_errors().items()}, "error_tolerance": MASS_TOLERANCE}
 
