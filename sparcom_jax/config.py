@@ -417,9 +417,10 @@ class AblationSpec:
         "pre" removes them before the softmax (every token's weights rescale when
         the model does not renormalise, norm_topk_prob=false).
       mass_matched: for experts, also draw n_random random expert sets per category that
-        drop as much routing mass on the category's held-out tokens as its set dropped in
-        its own pass, layer by layer (`sparcom_jax.analysis.ablate.mass_matched_random`;
-        they may hold more experts; drawn after the sets' passes). On by default: a frequency-matched draw cannot take the experts a set
+        drop on average as much routing mass on the category's held-out tokens as its set
+        dropped in its own pass, layer by layer (`sparcom_jax.analysis.ablate.mass_matched_random`:
+        each layer filled without over- or undershooting on average, each draw within one
+        expert; they may hold more experts; drawn after the sets' passes). On by default: a frequency-matched draw cannot take the experts a set
         holds when they are their layers' busiest, so its excess mixes specificity with
         a larger disruption of the routing, and this control is the one that separates
         them. It costs n_random more passes per category and one baseline pass, for

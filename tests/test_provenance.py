@@ -728,11 +728,14 @@ def test_the_mass_matched_control_is_fingerprinted_for_experts_only():
     assert on.ablation.mass_matched and not off.ablation.mass_matched
     fp_on, fp_off = ({k: ablation_fingerprint(c, c.finetuned, recs, k, {}) for k in ("neurons", "experts")}
                      for c in (on, off))
-    assert fp_on["experts"]["ablation"] == {**fp_off["experts"]["ablation"], "mass_matched": "measured_set_mass"}
+    assert fp_on["experts"]["ablation"] == {**fp_off["experts"]["ablation"],
+                                            "mass_matched": "measured_set_mass/unbiased_fill"}
     assert _as_compared(fp_on["experts"]) != _as_compared(fp_off["experts"])
-    # A result of the first rule (draws matched to the set's unablated estimate) is refused.
-    first_rule = {**fp_on["experts"], "ablation": {**fp_on["experts"]["ablation"], "mass_matched": True}}
-    assert _as_compared(first_rule) != _as_compared(fp_on["experts"])
+    # Results of the earlier rules are refused: draws matched to the set's unablated estimate
+    # (True), then to its measured mass by the closest prefix of a random order.
+    for earlier in (True, "measured_set_mass"):
+        old = {**fp_on["experts"], "ablation": {**fp_on["experts"]["ablation"], "mass_matched": earlier}}
+        assert _as_compared(old) != _as_compared(fp_on["experts"])
     assert _as_compared(fp_on["neurons"]) == _as_compared(fp_off["neurons"])
     assert "mass_matched" not in fp_on["neurons"]["ablation"]
 

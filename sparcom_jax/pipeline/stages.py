@@ -734,9 +734,11 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 
 
 # The mass-matched control's rule, in the experts' fingerprint: the draws match, per layer, the
-# mass the set dropped in its own pass. Results of the first rule (`True`: matched to the set's
-# unablated estimate, which removing the set's early experts can move) are refused.
-MASS_RULE = "measured_set_mass"
+# mass the set dropped in its own pass, each layer filled without bias (`mass_fill`). Results of
+# the earlier rules are refused: `True` (matched to the set's unablated estimate, which removing
+# the set's early experts can move) and "measured_set_mass" (the closest prefix of a random
+# order, which overshot small targets).
+MASS_RULE = "measured_set_mass/unbiased_fill"
 
 
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:

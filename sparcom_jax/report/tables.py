@@ -234,8 +234,9 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
     yield Table(f"ablation_{kind}_baseline", ABLATION_HEADER, ablation_rows(d))
     mm = d.get("mass_matched")  # the mass-matched control (experts), where it ran
     if mm:
-        for k in ("excess", "p_value"):
-            yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
+        for k in ("excess", "p_value", "set_mass_matrix", "random_mass_matrix_mean"):
+            if mm.get(k) is not None:  # (the masses on every category's tokens: not in older files)
+                yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
         yield Table(f"ablation_{kind}_mass_matched", MASS_HEADER, mass_rows(d))
         if mm.get("set_layer_mass") is not None:  # (absent from files of the rule that matched the estimate)
             yield Table(f"ablation_{kind}_mass_matched_per_layer", MASS_LAYER_HEADER, mass_layer_rows(mm))
@@ -249,10 +250,12 @@ ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "exces
 
 MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_ge_fraction_own", "p_own",
                "set_mass_own_tokens", "set_mass_own_tokens_estimate", "random_mass_own_tokens_mean",
-               "random_mass_own_tokens_min", "random_mass_own_tokens_max", "random_experts_mean"]
+               "random_mass_own_tokens_min", "random_mass_own_tokens_max", "random_mass_error_mean",
+               "random_mass_error_abs_mean", "random_experts_mean"]
 
 
-MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift"]
+MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift", "random_mass_mean",
+                     "random_error_mean", "random_error_abs_mean"]
 
 
 def _own(m: list | None, i: int):
@@ -279,7 +282,8 @@ def mass_rows(d: dict) -> list[list]:
     excess, its spread, the share of draws as harmful and p; the routing mass the set dropped
     on the category's own held-out tokens and the unablated model's estimate of it (its
     layers' `set_layer_estimate` summed; None in files without it), and the mass its draws
-    dropped (mean, min, max over draws); the draws' mean number of experts."""
+    dropped (mean, min, max over draws) and its mean signed and absolute error against the
+    set's (None in files made before they were kept); the draws' mean number of experts."""
     mm, rows = d["mass_matched"], []
     for i, c in enumerate(CATEGORIES):
         mass = _column(mm["random_mass"], i)
@@ -287,6 +291,7 @@ def mass_rows(d: dict) -> list[list]:
                                                                         "p_value")),
                      mm["set_mass"].get(c), _total((mm.get("set_layer_estimate") or {}).get(c)),
                      _mean(mass), min(mass, default=None), max(mass, default=None),
+                     *((mm.get(f"error_{k}") or {}).get(c) for k in ("mean", "abs_mean")),
                      _mean(_column(mm["random_sizes"], i))])
     return rows
 
@@ -296,13 +301,17 @@ def mass_layer_rows(mm: dict) -> list[list]:
     mass the set's experts carry on the category's own held-out tokens as the unablated model
     estimates it (`set_layer_estimate`), the mass they dropped in the set's own pass
     (`set_layer_mass`, what the draws match) and the shift, measured minus estimate (None
-    where either is None)."""
+    where either is None); the mass the mass-matched draws dropped there (measured in their
+    passes, mean over draws) and their mean signed and absolute error against the set's (None
+    in files made before they were kept)."""
     est, meas = mm.get("set_layer_estimate") or {}, mm["set_layer_mass"]
+    err, abs_err = mm.get("error_layer_mean") or {}, mm.get("error_layer_abs_mean") or {}
     rows = []
     for c in CATEGORIES:
         for j, m in enumerate(meas.get(c) or []):
-            e = (est.get(c) or [None] * (j + 1))[j]
-            rows.append([c, j, e, m, None if e is None or m is None else m - e])
+            e, de, ae = ((v.get(c) or [None] * (j + 1))[j] for v in (est, err, abs_err))
+            rows.append([c, j, e, m, None if e is None or m is None else m - e,
+                         None if de is None or m is None else m + de, de, ae])
     return rows
 
 

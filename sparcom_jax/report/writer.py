@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from sparcom_jax.analysis.ablate import MASS_TOLERANCE
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.analysis.uncertainty import one_unit_note
@@ -90,24 +91,34 @@ CAPTIONS = {
                 "switched off.",
     "ablation_mass": (
         "Mass-matched control ({n} draws per category; the table above): random experts outside the set, "
-        "taken in each layer in random order until their mass on the category's own held-out tokens (each "
-        "expert's in the unablated model) reaches what the set's experts dropped in that layer in the set's "
-        "own pass (one expert fewer when that comes closer; at least one per layer). It answers what the frequency-matched draws cannot "
+        "taken in each layer in random order while their mass on the category's own held-out tokens (each "
+        "expert's in the unablated model) still fits under what the set's experts dropped in that layer in "
+        "the set's own pass, then the lightest one left with the probability that makes the expected mass "
+        "the set's (at least one per layer), so the draws neither over- nor undershoot on average. It "
+        "answers what the frequency-matched draws cannot "
         "where the set holds its layers' busiest experts: does removing the set hurt more than removing as "
         "much routing mass elsewhere? set_mass_own_tokens and random_mass_own_tokens_mean (min, max) are the "
         "masses actually dropped (mean per token and layer; removing a set's early experts moves the later "
         "routing, so the set drops more than the unablated model predicts, which is why the draws aim at its "
         "measured mass); random_experts_mean is the draws' size: they usually "
         "remove more, less busy experts than the set, so a set that still hurts more concentrates its effect "
-        "on fewer experts; one that does not is no more harmful than the mass it removes. The mass is "
-        "matched on average over tokens, not token by token, and only on the category's own tokens (the "
-        "other columns' tokens lose other masses)."),
+        "on fewer experts; one that does not is no more harmful than the mass it removes. "
+        "random_mass_error_mean and random_mass_error_abs_mean are a draw's mass minus the set's, mean "
+        "signed and absolute over draws: a mean beyond {tol:.0%} of the set's mass is flagged under the table "
+        "(the control is then harsher or milder than the set). The mass is "
+        "matched on average over tokens, not token by token, and only on the category's own tokens: the "
+        "other columns' tokens lose other masses (tables/ablation_{kind}_mass_matched_set_mass_matrix.csv "
+        "and _random_mass_matrix_mean.csv, rows ablated, columns the tokens it was dropped on), more by the "
+        "draws than by the set where the set's experts are specific to its category, less where the other "
+        "category uses them too: an off-diagonal cell of the mass-matched excess mixes the set's effect "
+        "with that mass difference, and only a cell whose sign goes against it says more."),
     "ablation_mass_layers": (
         " set_mass_own_tokens_estimate is the set's mass as the unablated model estimates it; its gap to "
         "set_mass_own_tokens is the later layers' routing moving onto (or off) the set's own experts once its "
         "earlier ones are removed, shown per layer in tables/ablation_{kind}_mass_matched_per_layer.csv "
-        "(set_mass_estimate, set_mass_measured and their shift; each layer's mass is divided by the number of "
-        "layers, so a category's layers sum to its total)."),
+        "(set_mass_estimate, set_mass_measured and their shift; beside them the draws' mass there, "
+        "random_mass_mean, and its mean signed and absolute error against the set's; each layer's mass is "
+        "divided by the number of layers, so a category's layers sum to its total)."),
     "ablation_controls": " Left: the instruction-specific set; middle: random sets matched to it "
                          "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
                          "means each category's set hurts its own category more than removing as many comparable "
@@ -680,7 +691,8 @@ def write_report(
                                      "mass-matched random draws and the routing mass they dropped",
                                      MASS_HEADER, mass_rows(d)))
             layers = d["mass_matched"].get("set_layer_mass") is not None  # (not in files of the earlier rule)
-            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"]) + (
+            tol = d["mass_matched"].get("error_tolerance") or MASS_TOLERANCE  # (not in files made before it)
+            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"], tol=tol, kind=kind) + (
                 CAPTIONS["ablation_mass_layers"].format(kind=kind) if layers else "")))
         if not d["n_random"]:
             blocks.append(TextBlock(
