@@ -50,6 +50,19 @@ def test_merged_pairs_list_every_pairs_outputs_made_under_other_versions():
     assert m["merged_from"] == {}
 
 
+def test_the_demo_summary_names_a_pairs_training_made_under_other_versions(tmp_path):
+    from sparcom_jax.fingerprint import environment, write_fingerprint
+    from sparcom_jax.pipeline import demo
+
+    env = environment()
+    write_fingerprint(tmp_path / "train" / "llama", "demo-train", {"x": 1})
+    assert demo._train_changes(tmp_path, "llama") == []
+    old = {**env, "packages": {**env["packages"], "optax": "0.2.4"}}
+    write_fingerprint(tmp_path / "train" / "moe", "demo-train", {"x": 1}, made_under=old)
+    assert demo._train_changes(tmp_path, "moe") == [
+        {"stage": "finetune", "output": "train/moe", "package": "optax", "old": "0.2.4", "new": env["packages"]["optax"]}]
+
+
 def test_a_demo_stopped_before_it_finishes_leaves_the_config_of_the_outputs_there(tmp_path, monkeypatch):
     # e.g. `sparcom demo --fast --out d finetune.total_steps=5` into a finished demo: refused
     from sparcom_jax.errors import StaleResultError

@@ -1529,6 +1529,13 @@ def test_work_reused_under_other_versions_is_named_once_and_listed_in_the_summar
     run = sj.open_run(out)
     assert run.environment == environment() and run.environment_changes == changes
     assert "2 reused output(s) made under other versions" in repr(run)
+    # a stage run alone says it too: the report reads the counts without collect having run
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone)
+    run_stage("report", exp(), alone)
+    err = capfd.readouterr().err
+    assert f"analyse: reusing {alone / 'counts' / 'base'}, made under other versions than this run's (jax 0.4.30" in err
+    assert f"report: reusing {alone / 'ablate' / 'tuned_neurons.json'}, made under other versions" in err
 
 
 def test_a_fine_tuning_run_reused_under_other_versions_keeps_its_own_and_says_so(tuned, tmp_path, monkeypatch,
