@@ -382,9 +382,12 @@ def _environment_blocks(summary: dict) -> list:
                              [*(["pair"] if pair else []), "output", "made by", "package", "made under", "now"], rows))
     blocks.append(TextBlock(
         "These outputs were reused, not recomputed (package versions are not part of the fingerprints), so the "
-        "numbers on this page mix two environments: the same inputs and settings can give other counts, sets "
-        "and losses under another jax, numpy or transformers, or on another backend. To have every number from "
-        "one environment, remove these outputs (or run into a new --out) and run again."))
+        "numbers on this page come from more than one environment: the same inputs and settings can give other "
+        "counts, sets and losses under another jax, numpy or transformers, or on another backend. Counts made on "
+        "an accelerator and reported on a CPU differ in backend only, as expected; outputs set against each other "
+        "(before and after: each model's counts record theirs in summary.json's models.<model>.meta.environment) "
+        "should share one environment. To recompute an output under this one, remove it (or run into a new "
+        "--out) and run again: --overwrite alone keeps what still matches its settings."))
     return blocks
 
 
