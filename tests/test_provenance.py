@@ -1470,12 +1470,6 @@ def test_collect_asks_the_processes_about_the_stores_sums_only_when_the_config_l
 # The environment: recorded with every output, named when reused work was made under another
 # --------------------------------------------------------------------------- #
 
-def edit_json(path, change):
-    d = json.loads(path.read_text())
-    change(d)
-    path.write_text(json.dumps(d))
-
-
 def test_every_stage_records_the_environment_it_ran_under(done):
     from sparcom_jax.fingerprint import environment, environment_line
 
@@ -1499,6 +1493,7 @@ def test_work_reused_under_other_versions_is_named_once_and_listed_in_the_summar
     import shutil
 
     import jax
+    from test_open_run import edit_json
 
     import sparcom_jax as sj
     from sparcom_jax.fingerprint import UNRECORDED, environment
@@ -1543,6 +1538,7 @@ def test_a_fine_tuning_run_reused_under_other_versions_keeps_its_own_and_says_so
     import shutil
 
     import flax
+    from test_open_run import edit_json
 
     from sparcom_jax.fingerprint import environment
 
