@@ -27,6 +27,12 @@ its size and mtime were restored. A call that hashed something prunes the cache
 (`prune_digest_cache`): entries of files that are gone or changed go (some hundred
 checked per call), then the least recently used beyond `MAX_ENTRIES`.
 The tokenizer is not in it: the stages fingerprint the tokens it produced.
+
+Package versions are not in any fingerprint (a patch release must not force recomputing a
+week of counts). Every output records them beside its fingerprint instead (`environment`:
+python, the packages, JAX's backend and devices, sparcom_jax's commit), and a stage that
+reuses work made under other versions of what can change a number says so
+(`environment_changes`, `sparcom_jax.pipeline.provenance.note_environment`).
 """
 
 from __future__ import annotations
@@ -477,13 +483,16 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 
 def write_fingerprint(directory: str | os.PathLike, stage: str, components: Mapping[str, Any],
-                      token_digests: str | None = None) -> Path:
-    """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}, and the
-    records' `token_digests` when given) atomically."""
+                      token_digests: str | None = None, made_under: Mapping[str, Any] | None = None) -> Path:
+    """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}, the records'
+    `token_digests` when given, and the "environment" the outputs were made under: `made_under`,
+    default this process's `environment()`; an empty one is left out) atomically."""
     from sparcom_jax.fileio import write_json
 
     path = Path(directory) / FINGERPRINT_FILE
+    made_under = environment() if made_under is None else made_under
     beside = {"token_digests": token_digests} if token_digests else {}
+    beside.update({"environment": dict(made_under)} if made_under else {})
     write_json(path, {"stage": stage, "components": dict(components), "digest": digest(dict(components)), **beside})
     return path
 
@@ -499,3 +508,108 @@ def read_fingerprint(directory: str | os.PathLike, *, whole: bool = False) -> di
         return dict(stored) if whole else dict(stored["components"])
     except (json.JSONDecodeError, KeyError, TypeError):
         return {}  # unreadable: differs from anything
+
+
+# --------------------------------------------------------------------------- #
+# The software a result was made with
+# --------------------------------------------------------------------------- #
+
+# The distributions whose versions every output records (`environment`).
+ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "transformers",
+                        "tokenizers", "numpy", "datasets", "safetensors")
+# What can change a number from the same inputs and settings: the packages that compute or tokenize,
+# and the accelerator. Not in the fingerprints (a patch release must not force recomputing a week of
+# counts); a stage that reuses work made under other values says so (`environment_changes`).
+RESULT_AFFECTING = ("jax", "jaxlib", "flax", "optax", "numpy", "transformers", "tokenizers", "backend",
+                    "device_kind")
+# `environment_changes`' entry for an output made before environments were recorded.
+UNRECORDED = {"package": "(all)", "old": "not recorded (an earlier sparcom_jax)", "new": "this run's"}
+
+
+@functools.cache
+def _package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in ("sparcom_jax", *ENVIRONMENT_PACKAGES)}
+
+
+# The directory above the package: a git checkout's root when sparcom_jax is run from one.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def checkout(root: Path = SOURCE_ROOT) -> dict[str, Any]:
+    """{"commit", "dirty"}: the git commit checked out at `root` (default: where this sparcom_jax
+    is imported from) and whether tracked files differ from it; {} when `root` is no git
+    checkout's root (an installed package) or git cannot tell. One `git status`, cached."""
+    import subprocess
+
+    if not (root / ".git").exists():  # (a worktree's .git is a file)
+        return {}
+    try:
+        # No optional locks: other processes of a run may be reading the same checkout.
+        res = subprocess.run(["git", "-C", str(root), "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    lines = res.stdout.splitlines()
+    commit = next((ln.split()[2] for ln in lines if ln.startswith("# branch.oid ")), None)
+    if res.returncode != 0 or commit is None or commit == "(initial)":
+        return {}
+    return {"commit": commit, "dirty": any(not ln.startswith("#") for ln in lines)}
+
+
+def environment() -> dict[str, Any]:
+    """The software and devices this process computes with, as every output records it: python,
+    platform, the versions of `ENVIRONMENT_PACKAGES` (None: not installed), JAX's backend, device
+    kind and count, and sparcom_jax's version with, when imported from a git checkout, its
+    commit and whether tracked files were modified ("dirty").
+
+    Cheap after the first call (the versions and the one `git status` are cached); it asks JAX
+    for its devices, so call it where JAX is in use (after `jax.distributed.initialize`).
+    """
+    import platform
+
+    import jax
+
+    versions = dict(_package_versions())
+    devices = jax.devices()
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": {k: v for k, v in versions.items() if k != "sparcom_jax"},
+            "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
+            "process_count": jax.process_count(),
+            "sparcom_jax": {"version": versions["sparcom_jax"], **checkout()}}
+
+
+def _affecting(env: Mapping[str, Any]) -> dict[str, Any]:
+    packages = env.get("packages") or {}
+    return {k: packages.get(k, env.get(k)) for k in RESULT_AFFECTING}
+
+
+def environment_changes(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """How the `environment` an output was made under (`stored`) differs from `current` in what can
+    change a number (`RESULT_AFFECTING`): [{"package", "old", "new"}], [] when it does not, and
+    [`UNRECORDED`] for an output that recorded none (made before environments were recorded)."""
+    if not stored:
+        return [dict(UNRECORDED)]
+    old, new = _affecting(stored), _affecting(current)
+    return [{"package": k, "old": old[k], "new": new[k]} for k in RESULT_AFFECTING if old[k] != new[k]]
+
+
+def environment_line(env: Mapping[str, Any] | None) -> str:
+    """One line naming an `environment`: "python 3.11.7, jax 0.10.2 (cpu, 1 x cpu), ..."."""
+    if not env:
+        return "not recorded"
+    p = env.get("packages") or {}
+    src = env.get("sparcom_jax") or {}
+    commit = f" @ {src['commit'][:12]}" + (" (modified)" if src.get("dirty") else "") if src.get("commit") else ""
+    shown = ", ".join(f"{k} {p[k]}" for k in ENVIRONMENT_PACKAGES if p.get(k) and k not in ("jax",))
+    return (f"sparcom_jax {src.get('version')}{commit}; python {env.get('python')}, jax {p.get('jax')} "
+            f"({env.get('backend')}, {env.get('device_count')} x {env.get('device_kind')}), {shown}; "
+            f"{env.get('platform')}")

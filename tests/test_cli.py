@@ -1103,6 +1103,14 @@ def test_a_two_process_run_writes_what_one_process_writes(tmp_path):
     subprocess.run([sys.executable, str(tmp_path / "run.py"), "0", "1", "0", str(tmp_path / "pod.yaml"),
                     str(outs[1])], check=True, env=clean_env(), timeout=600, capture_output=True)
 
+    envs = {}  # the environments the outputs record: how each run ran, compared apart
+
+    def without_environment(d, out):
+        if isinstance(d, dict):
+            envs.setdefault(out, []).extend([d["environment"]] if "environment" in d else [])
+            return {k: without_environment(v, out) for k, v in d.items() if k != "environment"}
+        return [without_environment(v, out) for v in d] if isinstance(d, list) else d
+
     def files(out):
         got = {}
         for p in sorted(out.rglob("*")):
@@ -1111,7 +1119,8 @@ def test_a_two_process_run_writes_what_one_process_writes(tmp_path):
                 data = p.read_bytes().replace(str(out).encode(), b"OUT")
                 if rel.name == "config.yaml":  # the mesh (processes, coordinator) is how it ran
                     data = re.sub(rb"\nmesh:\n(  .*\n)*", b"\n", data)
-                got[str(rel)] = json.loads(data) if p.suffix == ".json" else data
+                data = re.sub(rb"(# environment: |Software: )[^\n<]*", rb"\1ENV", data)  # (the device count)
+                got[str(rel)] = without_environment(json.loads(data), out) if p.suffix == ".json" else data
         return got
 
     one, two = files(outs[1]), files(outs[2])
@@ -1119,4 +1128,9 @@ def test_a_two_process_run_writes_what_one_process_writes(tmp_path):
     assert {"report/summary.json", "ablate/moe-ft_experts.json", "ablate/moe-ft_expert_neurons.json",
             "identify/moe-ft/ise.json", "compare/comparison.json", "evaluate/moe.json"} <= set(one)
     assert [name for name in one if one[name] != two[name]] == []
+    # every output of a run records one environment; the two runs' differ in their processes and devices only
+    env = {n: envs[outs[n]][0] for n in (1, 2)}
+    assert all(e == env[n] for n in (1, 2) for e in envs[outs[n]]) and len(envs[outs[1]]) == len(envs[outs[2]]) > 5
+    assert {k for k in env[1] if env[1][k] != env[2][k]} == {"process_count", "device_count"}
+    assert (env[1]["process_count"], env[2]["process_count"]) == (1, 2)
     assert sorted(p.name for p in (outs[2] / "counts" / "moe").iterdir()) == ["process_0", "process_1"]

@@ -42,6 +42,27 @@ def test_merge_pair_summaries_unites_models_and_merges_sections_key_by_key():
     assert merge_pair_summaries({})["merged_from"] == {}
 
 
+def test_merged_pairs_list_every_pairs_outputs_made_under_other_versions():
+    old = {"stage": "collect", "output": "counts/x", "package": "jax", "old": "0.4.30", "new": "0.10.2"}
+    m = merge_pair_summaries({"dense": {"environment_changes": [old]}, "moe": {"environment_changes": []},
+                              "other": {"environment_changes": [{**old, "package": "numpy"}]}})
+    assert m["environment_changes"] == [{"pair": "dense", **old}, {"pair": "other", **old, "package": "numpy"}]
+    assert m["merged_from"] == {}
+
+
+def test_the_demo_summary_names_a_pairs_training_made_under_other_versions(tmp_path):
+    from sparcom_jax.fingerprint import environment, write_fingerprint
+    from sparcom_jax.pipeline import demo
+
+    env = environment()
+    write_fingerprint(tmp_path / "train" / "llama", "demo-train", {"x": 1})
+    assert demo._train_changes(tmp_path, "llama") == []
+    old = {**env, "packages": {**env["packages"], "optax": "0.2.4"}}
+    write_fingerprint(tmp_path / "train" / "moe", "demo-train", {"x": 1}, made_under=old)
+    assert demo._train_changes(tmp_path, "moe") == [
+        {"stage": "finetune", "output": "train/moe", "package": "optax", "old": "0.2.4", "new": env["packages"]["optax"]}]
+
+
 def test_a_demo_stopped_before_it_finishes_leaves_the_config_of_the_outputs_there(tmp_path, monkeypatch):
     # e.g. `sparcom demo --fast --out d finetune.total_steps=5` into a finished demo: refused
     from sparcom_jax.errors import StaleResultError
@@ -166,6 +187,9 @@ def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
     assert summary["data"]["n_per_category"] == 4 and summary["scope"] == "content"
     assert summary["comparison"]["before"] == "llama-base" and summary["merged_from"]["comparison.before"] == "llama"
     assert summary["merged_from"]["series.names"] == "llama" and "identification" not in summary["merged_from"]
+    # the software it ran under; a fresh demo reuses nothing made under other versions
+    assert set(summary["environment"]["packages"]) >= {"jax", "jaxlib", "flax", "numpy", "transformers"}
+    assert summary["environment_changes"] == [] and "environment_changes" not in summary["merged_from"]
 
     html = (out / "report" / "index.html").read_text()
     assert 'id="llama"' in html and 'id="mixtral"' in html

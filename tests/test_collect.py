@@ -463,7 +463,10 @@ def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_co
     made = sorted(p.name for p in (tmp_path / "run" / "ablate").iterdir())
     assert made == sorted(p.name for p in (tmp_path / "single" / "ablate").iterdir()) == ["moe_experts.json"]
     for name in made:
-        assert (tmp_path / "run" / "ablate" / name).read_text() == (tmp_path / "single" / "ablate" / name).read_text()
+        run, single = (json.loads((tmp_path / d / "ablate" / name).read_text()) for d in ("run", "single"))
+        # the environment each ran under names its processes and devices; all else is the same
+        envs = run.pop("environment"), single.pop("environment")
+        assert run == single and [(e["process_count"], e["device_count"]) for e in envs] == [(2, 4), (1, 2)]
     scored = json.loads((tmp_path / "single" / "ablate" / "moe_experts.json").read_text())
     assert all(isinstance(v, float) for v in scored["baseline"].values()) and len(scored["baseline"]) == 6  # not all None
     alone = json.loads((tmp_path / "single" / "passes.json").read_text())

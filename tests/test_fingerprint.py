@@ -425,3 +425,81 @@ def test_an_in_memory_model_with_two_weights_swapped_is_another_model():
     swapped[[1, 2]] = swapped[[2, 1]]
     w[...] = swapped.reshape(w.shape)
     assert F.model_fingerprint(model(params)) != ref
+
+
+# --------------------------------------------------------------------------- #
+# The environment every output records
+# --------------------------------------------------------------------------- #
+
+def test_environment_names_the_versions_backend_and_devices_this_process_runs():
+    import platform
+    from importlib import metadata
+
+    import jax
+
+    env = F.environment()
+    assert env["python"] == platform.python_version() and env["platform"] == platform.platform()
+    assert env["packages"] == {name: metadata.version(name) for name in F.ENVIRONMENT_PACKAGES}
+    assert env["packages"]["jax"] == jax.__version__ and "torch" not in env["packages"]
+    assert (env["backend"], env["device_count"], env["process_count"]) == (
+        jax.default_backend(), jax.device_count(), jax.process_count())
+    assert env["device_kind"] == jax.devices()[0].device_kind
+    assert env["sparcom_jax"]["version"] == metadata.version("sparcom_jax")
+    assert env["sparcom_jax"].items() >= F.checkout().items()
+    json.dumps(env)  # recorded as JSON
+
+
+def git(root, *args):
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_checkout_gives_the_commit_and_whether_tracked_files_were_modified(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git(repo, "add", "a.py")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    head = git(repo, "rev-parse", "HEAD")
+    assert F.checkout(repo) == {"commit": head, "dirty": False}
+    (repo / "untracked.txt").write_text("outputs beside the code do not make it dirty\n")
+    F.checkout.cache_clear()
+    assert F.checkout(repo) == {"commit": head, "dirty": False}
+    (repo / "a.py").write_text("x = 2\n")
+    F.checkout.cache_clear()
+    assert F.checkout(repo) == {"commit": head, "dirty": True}
+    assert F.checkout(tmp_path) == {}  # not a checkout (an installed package): no commit
+
+
+def test_environment_changes_name_the_result_affecting_packages_and_the_backend_only():
+    env = F.environment()
+
+    def other(**kw):
+        packages = {**env["packages"], **{k: v for k, v in kw.items() if k in env["packages"]}}
+        return {**env, **{k: v for k, v in kw.items() if k not in env["packages"]}, "packages": packages}
+
+    assert F.environment_changes(env, env) == []
+    # a patch release of a package that does not compute, another platform or device count: no change
+    assert F.environment_changes(other(datasets="0.0.1", tensorstore="0.0.1", platform="x", device_count=99), env) == []
+    assert F.environment_changes(other(jax="0.4.0", numpy="1.26.0"), env) == [
+        {"package": "jax", "old": "0.4.0", "new": env["packages"]["jax"]},
+        {"package": "numpy", "old": "1.26.0", "new": env["packages"]["numpy"]}]
+    assert F.environment_changes(other(backend="gpu", device_kind="NVIDIA H200"), env) == [
+        {"package": "backend", "old": "gpu", "new": env["backend"]},
+        {"package": "device_kind", "old": "NVIDIA H200", "new": env["device_kind"]}]
+    assert F.environment_changes(None, env) == F.environment_changes({}, env) == [F.UNRECORDED]
+
+
+def test_fingerprint_files_record_the_environment_beside_the_components(tmp_path):
+    F.write_fingerprint(tmp_path / "a", "identify", {"x": 1})
+    whole = F.read_fingerprint(tmp_path / "a", whole=True)
+    assert whole["environment"] == F.environment() and F.read_fingerprint(tmp_path / "a") == {"x": 1}
+    made = {"python": "3.0", "packages": {"jax": "0.1"}}
+    F.write_fingerprint(tmp_path / "b", "identify", {"x": 1}, made_under=made)
+    assert F.read_fingerprint(tmp_path / "b", whole=True)["environment"] == made
+    F.write_fingerprint(tmp_path / "c", "identify", {"x": 1}, made_under={})  # made before it was recorded
+    assert "environment" not in F.read_fingerprint(tmp_path / "c", whole=True)
+    # the digest is of the components alone: the versions never make work stale
+    assert F.read_fingerprint(tmp_path / "a", whole=True)["digest"] == F.read_fingerprint(tmp_path / "b", whole=True)["digest"]

@@ -1467,3 +1467,97 @@ def test_collect_asks_the_processes_about_the_stores_sums_only_when_the_config_l
         run_stage("collect", cfg, out)  # every store already complete (one with the sums serves both)
         asked.append(len(flags))
     assert asked[0] < asked[1], asked  # the same run else, one question fewer per store
+
+
+# --------------------------------------------------------------------------- #
+# The environment: recorded with every output, named when reused work was made under another
+# --------------------------------------------------------------------------- #
+
+def test_every_stage_records_the_environment_it_ran_under(done):
+    from sparcom_jax.fingerprint import environment, environment_line
+
+    env = environment()
+    for stage in ("identify", "evaluate", "compare"):
+        assert json.loads((done / stage / "fingerprint.json").read_text())["environment"] == env
+    stores = sorted((done / "counts").rglob("meta.json"))
+    assert len(stores) == 3 and all(json.loads(p.read_text())["meta"]["environment"] == env for p in stores)
+    assert json.loads((done / "ablate" / "tuned_neurons.json").read_text())["environment"] == env
+    summary = json.loads((done / "report" / "summary.json").read_text())
+    assert summary["environment"] == env and summary["environment_changes"] == []
+    assert summary["models"]["base"]["meta"]["environment"] == env  # each model's counts', beside its numbers
+    page = (done / "report" / "index.html").read_text()
+    assert f"Software: sparcom_jax {env['sparcom_jax']['version']}" in page and "under the same versions" in page
+    table = next((done / "report" / "tables").glob("*.csv")).read_text().splitlines()
+    assert table[1] == f"# environment: {environment_line(env)}" and f"jax {env['packages']['jax']} (" in table[1]
+
+
+def test_work_reused_under_other_versions_is_named_once_and_listed_in_the_summary(done, tmp_path, monkeypatch,
+                                                                                   capfd):
+    import shutil
+
+    import jax
+    from test_open_run import edit_json
+
+    import sparcom_jax as sj
+    from sparcom_jax.fingerprint import UNRECORDED, environment
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    # the base model's counts made under another jax; the causal check by a sparcom_jax that recorded none
+    edit_json(out / "counts" / "base" / "meta.json", lambda h: h["meta"]["environment"]["packages"].update(jax="0.4.30"))
+    edit_json(out / "ablate" / "tuned_neurons.json", lambda d: d.pop("environment"))
+    no_weights(monkeypatch)
+    capfd.readouterr()
+    run_stage("run", exp(), out)
+    err = capfd.readouterr().err
+    line = (f"collect: reusing {out / 'counts' / 'base'}, made under other versions than this run's "
+            f"(jax 0.4.30 -> {jax.__version__}); its numbers mix the two")
+    assert line in err and err.count("counts/base, made under") == 1  # said once, though every stage reuses them
+    assert (f"ablate: reusing {out / 'ablate' / 'tuned_neurons.json'}, made under other versions than this run's "
+            "((all) not recorded (an earlier sparcom_jax) -> this run's)") in err
+    assert "counts/tuned, made under" not in err  # made under this run's versions
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    changes = [{"stage": "collect", "output": "counts/base", "package": "jax", "old": "0.4.30", "new": jax.__version__},
+               {"stage": "ablate", "output": "ablate/tuned_neurons.json", **UNRECORDED}]
+    assert summary["environment_changes"] == changes and summary["environment"] == environment()
+    page = (out / "report" / "index.html").read_text()
+    assert "Outputs made under other versions than this report" in page and "0.4.30" in page
+    # reused, not recomputed: the counts still say what made them
+    assert json.loads((out / "counts" / "base" / "meta.json").read_text())["meta"]["environment"]["packages"]["jax"] == "0.4.30"
+    run = sj.open_run(out)
+    assert run.environment == environment() and run.environment_changes == changes
+    assert "2 reused output(s) made under other versions" in repr(run)
+    # a stage run alone says it too: the report reads the counts without collect having run
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone)
+    run_stage("report", exp(), alone)
+    err = capfd.readouterr().err
+    assert f"analyse: reusing {alone / 'counts' / 'base'}, made under other versions than this run's (jax 0.4.30" in err
+    assert f"report: reusing {alone / 'ablate' / 'tuned_neurons.json'}, made under other versions" in err
+
+
+def test_a_fine_tuning_run_reused_under_other_versions_keeps_its_own_and_says_so(tuned, tmp_path, monkeypatch,
+                                                                                capfd):
+    import shutil
+
+    import flax
+    from test_open_run import edit_json
+
+    from sparcom_jax.fingerprint import environment
+
+    src, cfg = tuned
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    edit_json(out / "train" / "fingerprint.json", lambda f: f["environment"]["packages"].update(flax="0.10.0"))
+    capfd.readouterr()
+    run_stage("finetune", from_dict(ExperimentConfig, cfg, "t"), out)
+    changed = f"made under other versions than this run's (flax 0.10.0 -> {flax.__version__})"
+    assert f"finetune: reusing {out / 'train'}, {changed}" in capfd.readouterr().err
+    kept = json.loads((out / "train" / "fingerprint.json").read_text())["environment"]
+    assert kept == {**environment(), "packages": {**environment()["packages"], "flax": "0.10.0"}}
+    # the stages after finetune use its checkpoints: they say it too
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    no_weights(monkeypatch)
+    stages.preflight("collect", from_dict(ExperimentConfig, cfg, "t"), other)
+    assert f"collect: reusing {other / 'train'}, {changed}" in capfd.readouterr().err

@@ -182,6 +182,19 @@ def test_demo_page_says_what_tiny_models_cannot_show(tmp_path):
     assert DEMO_CAVEAT in doc and doc.index(DEMO_CAVEAT) < doc.index('id="pair"')
 
 
+def test_demo_page_names_reused_outputs_made_under_other_versions(tmp_path):
+    page = tmp_path / "pair" / "report" / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html><head><title>t</title></head><body><h1>pair</h1><p>x</p></body></html>")
+    change = {"stage": "finetune", "output": "train/pair", "package": "flax", "old": "0.10.0", "new": "0.12.8"}
+    doc = write_demo_report(tmp_path / "out", {"pair": {"environment_changes": [change]}}, {"pair": page},
+                            "demo").read_text()
+    assert "other versions than this demo's: pair: train/pair (flax 0.10.0 -&gt; 0.12.8)" in doc
+    clean = write_demo_report(tmp_path / "clean", {"pair": {"environment_changes": []}}, {"pair": page},
+                              "demo").read_text()
+    assert "other versions" not in clean
+
+
 def test_an_estimate_outside_its_interval_is_flagged_with_its_bias(tmp_path):
     # Noise units just below the consensus cut join the sets in resamples: the union grows and the
     # general share falls below its own interval (see test_analysis_uncertainty).

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -149,7 +150,9 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
             pout.mkdir(parents=True, exist_ok=True)
             res = run_all(exp, pout, overwrite=overwrite)
             save_resolved(exp, pout)
-            summaries[pair.name] = json.loads(Path(res["summary"]).read_text())
+            summaries[pair.name] = summary = json.loads(Path(res["summary"]).read_text())
+            # The pair's models were tuned here, not by its run: their training's versions join its list.
+            summary["environment_changes"] = _train_changes(out, pair.name) + summary["environment_changes"]
             pages[pair.name] = Path(res["report"])
         report = write_demo_report(out / "report", summaries, pages, title=cfg.report.title or "sparcom demo")
         # Last, as the stages do: a demo stopped by outputs made with other settings (or an error,
@@ -158,6 +161,17 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return {"report": str(report), "summary": str(out / "report" / "summary.json"),
             "checkpoints": str(out / "checkpoints"), "out": str(out)}
+
+
+def _train_changes(out: Path, pair: str) -> list[dict[str, Any]]:
+    """The environment changes (`note_environment`) of a pair's training (OUT/train/<pair>) from this
+    process's, its path relative to OUT."""
+    from sparcom_jax.fingerprint import read_fingerprint
+    from sparcom_jax.pipeline.provenance import note_environment
+
+    run = out / "train" / pair
+    made = (read_fingerprint(run, whole=True) or {}).get("environment")
+    return [{**c, "output": f"train/{pair}"} for c in note_environment("demo", run, made, made_by="finetune")]
 
 
 # Said at the top of the demo page: readers publish what the tool shows.
@@ -195,9 +209,16 @@ def _write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, 
                      f" · files in <code>{name}/</code></p></section>")
     toc = "".join(f'<li><a href="#{n}">{n}</a></li>' for n in pages)
     head = re.sub(r"<title>.*?</title>", f"<title>{title}</title>", head or "<html><body>")
-    doc = f"{head}<h1>{title}</h1><p>{DEMO_CAVEAT}</p><p>Model pairs:</p><ul>{toc}</ul>{''.join(parts)}</body></html>"
+    merged = merge_pair_summaries(summaries)
+    # (each pair's page lists its own; the pairs' training is the demo's)
+    mixed = "; ".join(f"{c['pair']}: {c['output']} ({c['package']} {c['old']} -> {c['new']})"
+                      for c in merged["environment_changes"])
+    mixed = (f"<p>Reused outputs made under other versions than this demo's: {html_escape(mixed)}. Its numbers "
+             "mix two environments.</p>") if mixed else ""
+    doc = (f"{head}<h1>{title}</h1><p>{DEMO_CAVEAT}</p>{mixed}<p>Model pairs:</p><ul>{toc}</ul>{''.join(parts)}"
+           "</body></html>")
     atomic_write(rdir / "index.html", doc)
-    write_json(rdir / "summary.json", merge_pair_summaries(summaries))
+    write_json(rdir / "summary.json", merged)
 
 
 # Summary sections merged key by key across pairs (model names are unique) -> how many levels
@@ -212,7 +233,8 @@ def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
     "models", "model_paths" and "templates" become the union of the pairs'; "comparison",
     "series" and "ablation" are merged key by key (a dense pair brings comparison.isn,
     ablation.isn and ablation.random; an MoE pair comparison.ise, ablation.ise, ...),
-    "controls" one level deeper (controls.same_template.isn, .ise, ...); every other key (identification, data, scope, ...) is taken from the first pair
+    "controls" one level deeper (controls.same_template.isn, .ise, ...), "environment_changes" is
+    every pair's list, each entry with its "pair"; every other key (identification, data, scope, ...) is taken from the first pair
     that has it. Where pairs give one key different values, the first pair's value
     is kept (two mappings with no key in common, e.g. comparison.moves, are united)
     and "merged_from" maps the dotted key to the pair it was kept from.
@@ -248,6 +270,10 @@ def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
                 merge(merged.setdefault(key, {}), value, _MERGE_DEPTH[key], pair, key)
             else:
                 put(merged, key, value, pair, key)
+    # Every pair's outputs made under other versions, each named with its pair.
+    merged["environment_changes"] = [{"pair": pair, **c} for pair, summary in summaries.items()
+                                     for c in summary.get("environment_changes") or ()]
+    merged_from.pop("environment_changes", None)
     merged["merged_from"] = merged_from
     merged["pairs"] = dict(summaries)
     return merged

@@ -32,6 +32,14 @@ Fingerprints (`sparcom_jax.fingerprint`) per stage:
 
 Every stage's fingerprint also holds `sparcom_jax.fingerprint.METHOD_VERSION` (`with_method`; absent while it is
 1), so that results made before a change of what a stage computes are refused.
+
+Beside each fingerprint (fingerprint.json, a count store's meta.json "meta", each ablate file, and
+summary.json) every stage records the `sparcom_jax.fingerprint.environment` it computed under:
+python, the packages' versions, the JAX backend and devices, sparcom_jax's commit. Versions are not
+in the fingerprint (a patch release must not force recomputing a week of counts); a stage that
+reuses work made under other versions of what can change a number says so
+(`note_environment`: one line naming the stage, the output and each package old -> new), and the
+report lists every such change in summary.json's "environment_changes".
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ from typing import Any, Callable, Mapping
 from sparcom_jax.config import ExperimentConfig, ModelSpec
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fingerprint import (
-    changed_records, describe, digest, digest_arrays, model_files_fingerprint, record_digests, stale_keys,
-    with_method,
+    changed_records, describe, digest, digest_arrays, environment, environment_changes, model_files_fingerprint,
+    record_digests, stale_keys, with_method,
 )
 from sparcom_jax.pipeline.common import log, template_for
 
@@ -190,3 +198,24 @@ def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[
         raise StaleResultError(f"{where}: made with other inputs or settings ({what}); {fix}")
     log(f"{where}: recomputing (--overwrite): {what}")
     return True
+
+
+_said: set[str] = set()  # the environment changes this process has logged (each once)
+
+
+def note_environment(stage: str, output: str | Path, made_under: Mapping[str, Any] | None, *,
+                     made_by: str | None = None, current: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The changes (`environment_changes`) between the environment an output that `stage` reuses
+    was made under (`made_under`, None: not recorded) and `current` (default this process's), as
+    summary.json's "environment_changes" entries {"stage" (`made_by`, the stage that made the
+    output; default `stage`), "output", "package", "old", "new"}. When there are some, logs one
+    line naming the stage, the output and each change (once per process and output: the stages
+    of one run reuse the same counts)."""
+    changes = environment_changes(made_under, current or environment())
+    if changes:
+        what = ", ".join(f"{c['package']} {c['old']} -> {c['new']}" for c in changes)
+        if f"{output}: {what}" not in _said:
+            _said.add(f"{output}: {what}")
+            log(f"{stage}: reusing {output}, made under other versions than this run's ({what}); its numbers "
+                "mix the two (summary.json's environment_changes lists every such output)")
+    return [{"stage": made_by or stage, "output": str(output), **c} for c in changes]

@@ -26,7 +26,7 @@ from typing import Any
 from sparcom_jax.config import ConfigError, ExperimentConfig, load_config, read_yaml
 from sparcom_jax.errors import LockedError, StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock
-from sparcom_jax.fingerprint import FINGERPRINT_FILE, read_fingerprint, with_method
+from sparcom_jax.fingerprint import FINGERPRINT_FILE, environment_line, read_fingerprint, with_method
 from sparcom_jax.pipeline.common import counts_root, model_list, safe
 from sparcom_jax.pipeline.provenance import stale
 from sparcom_jax.pipeline.stages import (
@@ -170,12 +170,20 @@ class Run:
       summary: the report's summary.json (dict).
       report_dir: OUT/report (index.html, tables, figures).
       stages: the stages whose outputs are in `out`, in run order.
+      environment: the software the report was made with (summary.json's "environment":
+        python, package versions, JAX backend and devices, sparcom_jax's commit); None for a
+        report of a sparcom_jax that did not record it.
+      environment_changes: the outputs the report reused that were made under other versions
+        of what can change a number ([{"stage", "output", "package", "old", "new"}]; [] when
+        none, None when not recorded).
     """
 
     def __init__(self, out: Path, config: ExperimentConfig, summary: dict[str, Any]):
         self.out, self.config, self.summary = out, config, summary
         self.report_dir = out / "report"
         self.stages = _done_stages(config, out)
+        self.environment = summary.get("environment")
+        self.environment_changes = summary.get("environment_changes")
 
     @property
     def models(self) -> list[str]:
@@ -279,5 +287,8 @@ class Run:
                  f"  controls: {', '.join(self.summary.get('controls') or {}) or 'none'}",
                  f"  stages: {', '.join(self.stages)}",
                  f"  report: {self.report_dir / 'index.html'}",
+                 f"  environment: {environment_line(self.environment)}"
+                 + (f" ({len(self.environment_changes)} reused output(s) made under other versions: "
+                    ".environment_changes)" if self.environment_changes else ""),
                  f"  analyses: {built} (checked against the report)"]
         return "\n".join(lines)

@@ -19,8 +19,8 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, changed_records, digest, digest_arrays, read_fingerprint, record_digests, served_by,
-    with_method, write_fingerprint,
+    FINGERPRINT_FILE, changed_records, digest, digest_arrays, environment, read_fingerprint, record_digests,
+    served_by, with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -28,8 +28,8 @@ from sparcom_jax.pipeline.common import (
     require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
-    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, spec_model_fingerprint, spec_tokenizer,
-    stale, token_changes,
+    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, note_environment, spec_model_fingerprint,
+    spec_tokenizer, stale, token_changes,
 )
 
 # --------------------------------------------------------------------------- #
@@ -78,12 +78,13 @@ def _run_token_changes(run_dir: Path, stored: dict | None, current: dict[str, An
     return token_changes({"ids": enc.record_ids, "token_digests": whole.get("token_digests")}, enc)
 
 
-def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
+def check_checkpoints_current(cfg: ExperimentConfig, out: Path, stage: str = "checkpoints") -> None:
     """Refuse the fine-tuned checkpoints in OUT/checkpoints when the `finetune` run that made
     them had another fingerprint than the current config gives (base model, train settings,
     records or their tokens): the stages would analyse a model not tuned as the config says,
     and save that config as OUT/config.yaml. Nothing to check when the config names its
-    fine-tuned model, or no fine-tuning finished in OUT.
+    fine-tuned model, or no fine-tuning finished in OUT. Checkpoints made under other package
+    versions are used, and `stage` says so (`note_environment`).
 
     Raises:
       StaleResultError: naming what differs; the stages after finetune cannot recompute it.
@@ -98,6 +99,8 @@ def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
           fix="run `sparcom finetune --overwrite` first (it tunes and exports them again), or restore the "
               "settings they were tuned with",
           details=lambda: _run_token_changes(out / "train", stored, current, enc))
+    note_environment(stage, out / "train", (read_fingerprint(out / "train", whole=True) or {}).get("environment"),
+                     made_by="finetune")
 
 
 def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
@@ -109,13 +112,19 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     `overwrite` is removed, with `extra` paths that derive from it). The fingerprint is
     then written before any work, so an interrupted run is checked when resumed; with
     the digest of each record's tokens of `encoded` (the `EncodedSet` of its "tokens"),
-    so that a refusal names the records that changed.
+    so that a refusal names the records that changed. Work that is kept keeps the environment
+    it was made under in the fingerprint (`note_environment` says when it differs from this one).
     """
     stored = read_fingerprint(directory)
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
     details = (lambda: _run_token_changes(directory, stored, components, encoded)) if encoded is not None else None
     clear = (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite,
                                                         details=details)
+    made_under = None  # (this process's)
+    if stored is not None and not clear and any(p.name not in (LOCK_NAME, FINGERPRINT_FILE)
+                                                for p in directory.iterdir()):
+        made_under = (read_fingerprint(directory, whole=True) or {}).get("environment") or {}
+        note_environment(stage, directory, made_under)
     with primary_writes(f"{stage}: removing {directory}") as writes:
         # one remover: processes removing one tree at once fail on each other's deletions
         for p in (directory, *extra) if clear and writes else ():
@@ -125,7 +134,8 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
         if writes:
             directory.mkdir(parents=True, exist_ok=True)
             write_fingerprint(directory, stage, components,
-                              record_digests(encoded.ids, encoded.scopes) if encoded is not None else None)
+                              record_digests(encoded.ids, encoded.scopes) if encoded is not None else None,
+                              made_under=made_under)
 
 
 def _shared_json(path: Path, obj: Any) -> str:
@@ -382,6 +392,8 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             error = e
         # Decided by all processes together: each collection is one program over all of them.
         raise_together(error, f"collect {job.label}")
+        if resume:  # its counts so far are kept: made under which versions?
+            note_environment("collect", mine, (header.get("meta") or {}).get("environment"))
         # Whether the sums are counted chooses the program every process runs: one choice for all
         # (the config is the same on every process, `run_key`: only the stores' may differ).
         sums = cfg.collect.sums or bool(gather(fp["sums"]).any())
@@ -578,6 +590,7 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
         with timed(f"analyse [{i}/{len(jobs)}] {job.label}"):
             counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype,
                                        content_caps=caps)
+            note_environment("analyse", counts.meta.get("store"), counts.meta.get("environment"), made_by="collect")
             kw = _analysis_kwargs(cfg, full and not job.control, draws=full and job.control == "same_template")
             ma = analyze_model(counts, icfg, name=job.label, **kw)
             ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
@@ -848,7 +861,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
-                                                               "held_out": held_out})
+                                                               "held_out": held_out, "environment": environment()})
             written["_results"][(spec.label, kind)] = res
         del model
     return written
@@ -985,11 +998,13 @@ def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**fp, "identify": IdentifyConfig.parameters_used(fp["identify"], field)}
 
 
-def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool, **fix):
+def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool,
+                     stage: str = "ablate", **fix):
     """The AblationResult stored in `f` when it was made with fingerprint `fp` (compared
-    `_as_compared`); None when there is no file, or `overwrite` recomputes it (made with
-    other settings, without it: `stale` raises, naming the held-out records whose tokens
-    changed from `held_out`, `held_out_fingerprint`'s digests)."""
+    `_as_compared`; `stage`, reusing it, says when it was made under other package versions);
+    None when there is no file, or `overwrite` recomputes it (made with other settings, without
+    it: `stale` raises, naming the held-out records whose tokens changed from `held_out`,
+    `held_out_fingerprint`'s digests)."""
     from sparcom_jax.analysis import AblationResult
 
     if not f.is_file():
@@ -1005,6 +1020,7 @@ def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, o
 
     if stale(f, _as_compared(old), _as_compared(fp), overwrite=overwrite, details=why, **fix):
         return None
+    note_environment(stage, f, stored.get("environment"), made_by="ablate")
     return AblationResult.from_dict(stored)
 
 
@@ -1026,7 +1042,7 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
             held = held or held_out_fingerprint(cfg, spec, records)
             fp = {**ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")), **held[0]}
             found[(spec.label, kind)] = _stored_ablation(
-                f, fp, held[1], overwrite=False,
+                f, fp, held[1], overwrite=False, stage="report",
                 fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
     return found
 
@@ -1067,6 +1083,30 @@ def _compared(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict[str,
     return {k: c["_" + k] for k in ("comparison", "series", "controls", "precision")}
 
 
+def input_environments(cfg: ExperimentConfig, out: Path, analyses: Analyses,
+                       ablation: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
+    """summary.json's "environment_changes": every output the report's numbers come from (the
+    fine-tuning run, each model's counts, the causal checks shown) that was made under other
+    versions of what can change a number than the report's (`note_environment`), with its
+    path relative to OUT where it is under it."""
+    inputs = []
+    if fine_tunes(cfg) and (out / "train" / FINGERPRINT_FILE).is_file():
+        inputs.append(("finetune", out / "train", (read_fingerprint(out / "train", whole=True) or {}).get("environment")))
+    for ma in (*analyses.models.values(), *analyses.controls.values()):
+        inputs.append(("collect", Path(ma.meta.get("store") or ma.name), ma.meta.get("environment")))
+    for label, kind in ablation:
+        f = _ablation_file(out, label, kind)
+        if f.is_file():
+            inputs.append(("ablate", f, json.loads(f.read_text()).get("environment")))
+    current = environment()
+    changes = [c for stage, path, env in inputs
+               for c in note_environment("report", path, env, made_by=stage, current=current)]
+    for c in changes:
+        with contextlib.suppress(ValueError):  # (outside OUT: collect.store)
+            c["output"] = str(Path(c["output"]).relative_to(out))
+    return changes
+
+
 def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None,
                  compared: dict[str, Any] | None = None, ablation: dict | None = None, **_) -> dict[str, Any]:
     """Assemble summary.json and write the report directory (OUT/report/); `compared` is
@@ -1093,7 +1133,8 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
         controls=c.get("controls") or None, precision=c["precision"],
         extra={"experiment": cfg.name, "ablation_model": abl_model,
                "ablation_not_shown": sorted({k[0] for k in ablation} - {abl_model}),
-               "fingerprint": _analysis_fingerprint(cfg, analyses, True)},
+               "fingerprint": _analysis_fingerprint(cfg, analyses, True), "environment": environment(),
+               "environment_changes": input_environments(cfg, out, analyses, ablation)},
     )
     rdir = out / "report"
     with primary_writes(f"report: writing {rdir}") as writes:
@@ -1152,7 +1193,7 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         require_tokenizers(cfg, specs, stages_run(stage))
         identify_records(cfg)
     if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
-        check_checkpoints_current(cfg, out)
+        check_checkpoints_current(cfg, out, stage)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
 

@@ -23,6 +23,7 @@ from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.analysis.uncertainty import one_unit_note
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+from sparcom_jax.fingerprint import environment_line
 from sparcom_jax.report.export import export_sets
 from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_html
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
@@ -374,6 +375,33 @@ def _rule_blocks(summary: dict) -> list:
     return [TableBlock("Which finding each identification rule can support", ["rule", "what it can show"], rows)]
 
 
+def _environment_blocks(summary: dict) -> list:
+    """The software the report was made with, and every output it shows that was made under other
+    versions of what can change a number (summary.json's "environment_changes")."""
+    if "environment" not in summary:  # (a summary of an earlier sparcom_jax)
+        return []
+    blocks: list = [TextBlock(f"Software: {environment_line(summary['environment'])}.")]
+    changes = summary.get("environment_changes") or []
+    if not changes:
+        blocks.append(TextBlock("Every output these numbers come from was made under the same versions of jax, "
+                                "jaxlib, flax, optax, numpy, transformers and tokenizers, on the same backend."))
+        return blocks
+    pair = any("pair" in c for c in changes)
+    rows = [[*([c.get("pair")] if pair else []), c["output"], c["stage"], c["package"], c["old"], c["new"]]
+            for c in changes]
+    blocks.append(TableBlock("Outputs made under other versions than this report's",
+                             [*(["pair"] if pair else []), "output", "made by", "package", "made under", "now"], rows))
+    blocks.append(TextBlock(
+        "These outputs were reused, not recomputed (package versions are not part of the fingerprints), so the "
+        "numbers on this page come from more than one environment: the same inputs and settings can give other "
+        "counts, sets and losses under another jax, numpy or transformers, or on another backend. Counts made on "
+        "an accelerator and reported on a CPU differ in backend only, as expected; outputs set against each other "
+        "(before and after: each model's counts record theirs in summary.json's models.<model>.meta.environment) "
+        "should share one environment. To recompute an output under this one, remove it (or run into a new "
+        "--out) and run again: --overwrite alone keeps what still matches its settings."))
+    return blocks
+
+
 def _template_text(summary: dict, comp: dict) -> str | None:
     t = summary.get("templates") or {}
     if not t:
@@ -533,9 +561,10 @@ def write_report(
     written["summary"].append(write_json(os.path.join(out, "summary.json"), summary))
 
     rule = " ".join(f"{k}={v}" for k, v in summary["identification"].items())
+    software = [f"environment: {environment_line(summary['environment'])}"] if "environment" in summary else []
     for t in all_tables(summary):
         written["tables"].append(write_csv(os.path.join(out, "tables", t.name + ".csv"), t.header, t.rows,
-                                           comments=[f"identification: {rule}"]))
+                                           comments=[f"identification: {rule}", *software]))
 
     for name, ma in (analyses or {}).items():
         for fa in ma.fields.values():
@@ -563,6 +592,7 @@ def write_report(
     if tmpl:
         blocks.append(TextBlock(tmpl))
     blocks.extend(_rule_blocks(summary))
+    blocks.extend(_environment_blocks(summary))
 
     sections = [s for s in SECTION_TITLES if any(s in m for m in models.values())]
     series = summary.get("series") or {}

@@ -25,7 +25,9 @@ from flax import nnx
 
 from sparcom_jax.console import fmt_bytes
 from sparcom_jax.errors import HostMemoryError
-from sparcom_jax.fingerprint import digest, digest_arrays, model_fingerprint, record_digests, served_by, stale_keys
+from sparcom_jax.fingerprint import (
+    digest, digest_arrays, environment, model_fingerprint, record_digests, served_by, stale_keys,
+)
 from sparcom_jax.parallel.processes import gather, key_id, raise_together
 from sparcom_jax.runtime import compile_stats, ensure_compilation_cache
 from sparcom_jax.stats.counts import Counts
@@ -365,7 +367,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         chunks of `chunk_rows` and an interrupted run resumes where it stopped.
         In a multi-process run each process writes ``out/process_<k>``.
       ids, categories, sources, groups, meta: stored with the counts (a non-finite
-        error names a record by its id and category).
+        error names a record by its id and category); meta gets the model, its numerics
+        and the `environment` computed under where it does not give them.
       fingerprint: components that identify the inputs (`sparcom_jax.fingerprint`);
         merged over the ones computed here (model, dtype, tokens). A store is
         resumed or reused only for the same fingerprint and labels (`CountStore`); one
@@ -417,7 +420,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     meta = dict(meta or {})
     for key, value in (("model", getattr(model, "source_path", None)), ("model_type", cfg.model_type),
                        ("moe_dispatch", model.moe_dispatch), ("attention", model.dispatch.attention),
-                       ("dtype", jnp.dtype(model.dtype).name), ("gate_dtype", model.gate_dtype)):
+                       ("dtype", jnp.dtype(model.dtype).name), ("gate_dtype", model.gate_dtype),
+                       ("environment", environment())):  # (a resumed store keeps its first run's)
         meta.setdefault(key, value)
 
     runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
