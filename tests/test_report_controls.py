@@ -228,3 +228,50 @@ def test_series_text_says_when_the_trends_carry_no_interval():
     from sparcom_jax.report.writer import _series_change_text
 
     assert "carry no intervals" in _series_change_text({"bootstrap": None}, ["a", "b"])
+
+
+def test_a_series_of_some_categories_leaves_the_missing_ones_out_of_its_tables_and_figure(tmp_path):
+    """A series over three categories wrote 0 sizes, uniques and retained/gained/lost (and a change of
+    +0 [0, 0]) for the three it had no records of in tables/series_isn*.csv, and drew them as flat
+    lines at 0: a reader takes that for a measured empty set. Their cells are now empty, their
+    lines not drawn, and the caption and legend say why; measured categories keep their values."""
+    from sparcom_jax.analysis import compare_series
+    from sparcom_jax.report import figures as F
+
+    keep = N_PER * 3  # classification, code, general_qa: the records of the first three categories
+    ms = {}
+    for i, n in enumerate(("base", "mid", "tuned")):
+        c = dense_counts(i, shift=0.1 * i)
+        ms[n] = analyze_model(Counts(tokens=c.tokens[:keep], neuron_active=c.neuron_active[:keep],
+                                     categories=c.categories[:keep], ids=c.ids[:keep]),
+                              IdentifyConfig(eps=0.1), name=n, n_boot=8, n_perm=0, top_units=0)
+    series = compare_series(list(ms.items()))
+    write_report(tmp_path, build_summary(ms, series=series), dpi=20)
+    absent, present = CATEGORIES[3:], CATEGORIES[:3]
+    t = series["isn"]
+    assert all(t["per_category_count"][c] == [0, 0, 0] for c in absent)  # in the data: 0 ...
+    with open(tmp_path / "tables" / "series_isn.csv") as f:
+        rows = list(csv.DictReader(r for r in f if not r.startswith("#")))
+    for r in rows:  # ... in the table: nothing
+        figures = {k: v for k, v in r.items() if k not in ("checkpoint", "category", "n_instructions")}
+        if r["category"] in absent:
+            assert r["n_instructions"] == "0" and set(figures.values()) == {""}, r
+        else:
+            assert r["n_instructions"] == str(N_PER) and r["size"] != "" and r["size_low"] != "", r
+    sizes = {(r["checkpoint"], r["category"]): r["size"] for r in rows}
+    assert all(sizes[(n, c)] == str(t["per_category_count"][c][i]) for i, n in enumerate(ms) for c in present)
+    with open(tmp_path / "tables" / "series_isn_change.csv") as f:
+        change = list(csv.DictReader(r for r in f if not r.startswith("#")))
+    assert {r["change"] for r in change if r["category"] in absent} == {""}
+    assert all(r["change"] != "" for r in change if r["category"] in present)
+    fig = F.series_trends(list(ms), t, "series")
+    drawn = {line.get_label() for line in fig.axes[0].get_lines()}
+    assert drawn == {"CLS", "CODE", "QA"}
+    assert "GEN, MATH, SUM" in fig.axes[0].get_legend().get_title().get_text()
+    page = htmllib.unescape((tmp_path / "index.html").read_text())
+    assert ("GEN, MATH, SUM have no instructions in this study: nothing was measured for them, so they are not "
+            "drawn and their cells in the series tables are empty, not 0.") in page
+    said = page[page.index("Change from base to tuned"):]
+    said = said.split(". A change")[0]
+    assert "(GEN, MATH, SUM: no instructions)" in said and not any(f"{s} +" in said for s in ("GEN", "MATH", "SUM"))
+    assert all(f"{s} +" in said or f"{s} -" in said for s in ("CLS", "CODE", "QA"))

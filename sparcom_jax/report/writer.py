@@ -28,7 +28,7 @@ from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
     ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, MASS_HEADER, TOP_HEADER, ablation_rows,
     all_tables, boot_values, dominance_rows, interval, length_rows, mass_rows, matrix_table, precision_table,
-    safe_name, top_instruction_rows,
+    safe_name, top_instruction_rows, unmeasured,
 )
 
 SECTION_TITLES = {
@@ -271,8 +271,9 @@ def _outside_text(s: dict) -> str:
             "resamples chance alone also puts estimates outside")
 
 
-def _interval_list(e: dict, fmt: str, per_category: bool) -> str:
-    """'CLS +3 [-1, 5], ...' (or one value) of an {estimate, low, high} entry."""
+def _interval_list(e: dict, fmt: str, per_category: bool, skip: Sequence[str] = ()) -> str:
+    """'CLS +3 [-1, 5], ...' (or one value) of an {estimate, low, high} entry, without the
+    categories in `skip`."""
     def one(est, lo, hi):
         if est is None:
             return "undefined"
@@ -281,7 +282,8 @@ def _interval_list(e: dict, fmt: str, per_category: bool) -> str:
     if not per_category:
         return one(e["estimate"], e.get("low"), e.get("high"))
     low, high = e.get("low") or {}, e.get("high") or {}
-    return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], low.get(c), high.get(c))}" for c in CATEGORIES)
+    return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], low.get(c), high.get(c))}" for c in CATEGORIES
+                     if c not in skip)
 
 
 
@@ -300,9 +302,12 @@ def _series_change_text(t: dict, names: Sequence[str]) -> str:
                 "instructions drawn.")
     ch = b["change"]
     unit = _resampled(b)
-    parts = [f"|S(c)| {_interval_list(ch['per_category_count'], '+.4g', True)}",
-             f"unique ratio {_interval_list(ch['unique_ratio'], '+.3g', True)}",
+    absent = unmeasured(t)
+    parts = [f"|S(c)| {_interval_list(ch['per_category_count'], '+.4g', True, absent)}",
+             f"unique ratio {_interval_list(ch['unique_ratio'], '+.3g', True, absent)}",
              f"general share {_interval_list(ch['general_share'], '+.3g', False)}"]
+    if absent:
+        parts[1] += f" ({', '.join(SHORT_NAMES[c] for c in absent)}: no instructions)"
     if "diagonal_dominance" in ch:
         parts.append(f"diagonal dominance {_interval_list(ch['diagonal_dominance'], '+.3g', False)}")
     return (f"Change from {names[0]} to {names[-1]}, with {b['ci']:.0%} paired bootstrap intervals over "
@@ -311,6 +316,16 @@ def _series_change_text(t: dict, names: Sequence[str]) -> str:
             "variation with the instructions drawn; one that excludes 0 is a change on these records, not "
             "evidence that it is monotone in between (the per-checkpoint intervals are in the series tables) "
             "or larger than two runs of the same weights would differ.")
+
+
+def _unmeasured_text(t: dict) -> str | None:
+    """What the series figure and tables do with the categories the study has no instructions of."""
+    absent = unmeasured(t)
+    if not absent:
+        return None
+    return (f"{', '.join(SHORT_NAMES[c] for c in absent)} {'has' if len(absent) == 1 else 'have'} no instructions "
+            "in this study: nothing was measured for them, so they are not drawn and their cells in the series "
+            "tables are empty, not 0.")
 
 
 def _template_effect_text(ctrl: Mapping[str, dict]) -> str | None:
@@ -644,7 +659,8 @@ def write_report(
         if sec in series:
             add(F.series_trends(series["names"], series[sec], f"{SECTION_TITLES[sec]}: along the series"),
                 f"series_{sec}.png", "Checkpoint series",
-                " ".join(filter(None, (CAPTIONS["series"], _series_template_text(summary, series["names"])))))
+                " ".join(filter(None, (CAPTIONS["series"], _series_template_text(summary, series["names"]),
+                                       _unmeasured_text(series[sec])))))
             blocks.append(TextBlock(_series_change_text(series[sec], series["names"])))
 
     ablation = summary.get("ablation") or {}
