@@ -235,7 +235,9 @@ def comparison_bars(section: Mapping[str, dict], title: str, before: str, after:
     for i, c in enumerate(CATEGORIES):
         j = section[c]["jaccard"]
         top = np.nansum([ret[i], max(lost[i], gain[i])])
-        ax.text(i, top, "J=n/a" if j is None else f"J={j:.2f}", ha="center", va="bottom", fontsize=8)
+        # A category without instructions has 0 units on either side (no bars): nothing was measured.
+        label = "no\nrecords" if section[c].get("n_instructions") == 0 else "J=n/a" if j is None else f"J={j:.2f}"
+        ax.text(i, top, label, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, SHORT)
     ax.set_ylabel("units (left bar: before, right bar: after)")
     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the J= labels

@@ -203,7 +203,9 @@ _PAIRED = ("retained", "gained", "lost", "jaccard")
 
 
 def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> Iterator[Table]:
-    """Tables of comparison.<section> (or of a control comparison, with its prefix)."""
+    """Tables of comparison.<section> (or of a control comparison, with its prefix); a category
+    without instructions has empty cells (nothing was measured), not 0."""
+    comp = measured_comparison(comp)
     effect = any(comp[c].get("template_effect") for c in CATEGORIES)  # a same-template control
     parts = ("estimate", "low", "high")
     yield Table(f"{prefix}_{section}",
@@ -350,12 +352,30 @@ def measured_only(t: dict) -> dict:
     return {**_blank(t, absent), "n_instructions": t.get("n_instructions")} if absent else t
 
 
+def unmeasured_compared(entry: dict) -> list[str]:
+    """The categories a comparison section {category: figures} has no instructions of."""
+    return absent_categories({c: (entry.get(c) or {}).get("n_instructions") for c in CATEGORIES})
+
+
+def measured_comparison(entry: dict) -> dict:
+    """A comparison section {category: figures} with every figure of a category without
+    instructions (`unmeasured_compared`) made None, as `measured_only` does for a series."""
+    absent = unmeasured_compared(entry)
+    return {c: {**_none_like(v), "n_instructions": 0} if c in absent else v for c, v in entry.items()}
+
+
 def _blank(v: Any, absent: set[str]) -> Any:
     if not isinstance(v, dict):
         return v
     per_category = set(v) == set(CATEGORIES)
-    return {k: (None if not isinstance(x, list) else [None] * len(x)) if per_category and k in absent
-            else _blank(x, absent) for k, x in v.items()}
+    return {k: _none_like(x) if per_category and k in absent else _blank(x, absent) for k, x in v.items()}
+
+
+def _none_like(v: Any) -> Any:
+    """`v` with no value in it: a dict's entries and a list's items None, keeping the keys and length."""
+    if isinstance(v, dict):
+        return {k: _none_like(x) for k, x in v.items()}
+    return [None] * len(v) if isinstance(v, list) else None
 
 
 def series_tables(section: str, names: list[str], t: dict) -> Iterator[Table]:
