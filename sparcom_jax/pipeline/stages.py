@@ -339,7 +339,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
     from sparcom_jax.parallel.processes import check_same, gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
     from sparcom_jax.stats.store import (
-        STORE_VERSION, check_version, holds_counts, is_complete, read_header, rows_done,
+        STORE_VERSION, check_version, holds_work, is_complete, read_header, rows_done,
     )
 
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
@@ -366,7 +366,7 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         check_same(fp["model"], f"collect {job.label}: the model files",
                    "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
-        if header is not None and not holds_counts(mine):  # stopped before its first chunk: nothing to keep
+        if header is not None and not holds_work(mine):  # stopped before its first chunk: nothing to keep
             log(f"collect [{i}/{len(jobs)}] {job.label}: an earlier collection into {dest} stopped before it "
                 "finished a chunk (no record counted); counting from the start")
             header = None  # the store resumes from row 0 with the same settings, or is made again with others

@@ -103,7 +103,7 @@ class CountStore:
         an existing store is resumed only when it has the same fingerprint, and the same
         record ids and categories, and sources and group keys where both sides have them.
       overwrite: replace an existing store made for other inputs instead of refusing (one that
-        holds no counts yet, `holds_counts`, is replaced without it).
+        holds no counts yet, `holds_work`, is replaced without it).
       replace: replace any existing store, even one made for these inputs (which would
         otherwise be resumed); cleared under this writer's lock, so no other writer gets in
         between.
@@ -158,7 +158,7 @@ class CountStore:
                     what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint,
                                                           details={"tokens": changed_records(old, header)})]
                                                  if changed else []))
-                    if holds_counts(self.path):
+                    if holds_work(self.path):
                         raise StaleResultError(
                             f"{meta_path}: this store was made for different inputs ({what}), so it cannot be "
                             "resumed or reused; choose a new output directory, or overwrite it (overwrite=True, "
@@ -226,13 +226,15 @@ def rows_done(path: str | Path) -> int:
     return 0 if header is None or done is None else min(done * header["chunk_rows"], header["n"])
 
 
-def holds_counts(path: str | Path) -> bool:
-    """Whether `path` holds a store with counted rows (a finished chunk), or one of another format
-    version (whose progress is not read). A collection stopped before it finished its first chunk
-    leaves a store without any: replacing it loses no work, so it is not protected as one with
-    counts is (a rerun with other inputs makes it again instead of asking for overwrite)."""
+def holds_work(path: str | Path) -> bool:
+    """Whether `path` holds a store with finished work: a finished chunk, or all of them (a store
+    of no records is finished as it is made), or a store of another format version (whose
+    progress is not read). A collection stopped before it finished its first chunk leaves a store
+    without any: replacing it loses nothing, so it is not protected as one with counts is (a rerun
+    with other inputs makes it again instead of asking for overwrite)."""
     header = read_header(path)
-    return header is not None and (header.get("version") != STORE_VERSION or rows_done(path) > 0)
+    return header is not None and (header.get("version") != STORE_VERSION or rows_done(path) > 0
+                                   or is_complete(path))
 
 
 def is_complete(path: str | Path) -> bool:
