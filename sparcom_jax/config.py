@@ -19,7 +19,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
@@ -764,25 +764,54 @@ def _homes(cls: type, prefix: str, key: str | None) -> list[str]:
     return [repr(h) for h in found]
 
 
-def to_dict(cfg: Any, paths: bool = True) -> dict:
+def to_dict(cfg: Any, paths: bool = True, base: str | os.PathLike | None = None) -> dict:
     """A plain, YAML-safe dict of a config dataclass (nested); paths=False: with every path
-    field (`_path`) None."""
+    field (`_path`) None; `base`: with every relative path joined to it (`absolute_path`)."""
     d = dataclasses.asdict(cfg)
     if not paths:
-        _blank_paths(cfg, d)
+        _map_paths(cfg, d, lambda name, v: None)
+    elif base is not None:
+        _map_paths(cfg, d, lambda name, v: [absolute_path(x, base) for x in v] if isinstance(v, list)
+                   else absolute_path(v, base))
     return d
 
 
-def _blank_paths(cfg: Any, d: Any) -> None:
+def absolute_path(value: Any, base: str | os.PathLike) -> Any:
+    """A path field's value as a command that read it from the directory `base` found it:
+    a relative path joined to `base` ("." parts dropped, ".." kept, as the file system
+    resolves it); absolute paths, None and non-strings as they are."""
+    if not isinstance(value, str) or os.path.isabs(value):
+        return value
+    return str(Path(base) / value)
+
+
+def relative_paths(cfg: Any) -> dict[str, str]:
+    """{dotted field: value} of every relative path in a config (`_path` fields; a list's
+    entries as field[i]), e.g. {"data.path": "data/mine.jsonl"}."""
+    found: dict[str, str] = {}
+
+    def note(name: str, v: Any) -> Any:
+        for i, x in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(x, str) and not os.path.isabs(x):
+                found[f"{name}[{i}]" if isinstance(v, list) else name] = x
+        return v
+
+    _map_paths(cfg, dataclasses.asdict(cfg), note)
+    return found
+
+
+def _map_paths(cfg: Any, d: Any, fn: Callable[[str, Any], Any], prefix: str = "") -> None:
+    """Replace, in `d` (`dataclasses.asdict(cfg)`), each path field's value v by fn(dotted name, v)."""
     if isinstance(cfg, list):
-        for x, dx in zip(cfg, d):
-            _blank_paths(x, dx)
+        for i, (x, dx) in enumerate(zip(cfg, d)):
+            _map_paths(x, dx, fn, f"{prefix}[{i}]")
     elif dataclasses.is_dataclass(cfg):
         for f in dataclasses.fields(cfg):
+            name = f"{prefix}.{f.name}" if prefix else f.name
             if f.metadata.get("path"):
-                d[f.name] = None
+                d[f.name] = fn(name, d[f.name])
             else:
-                _blank_paths(getattr(cfg, f.name), d[f.name])
+                _map_paths(getattr(cfg, f.name), d[f.name], fn, name)
 
 
 # --------------------------------------------------------------------------- #
@@ -985,12 +1014,13 @@ def check_architecture(cfg: Any, source: str = "config") -> None:
             raise ConfigError(str(e)) from None
 
 
-def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (temp file in the same directory, then rename)."""
+def dump_config(cfg: Any, path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """Write the resolved config as YAML (temp file in the same directory, then rename);
+    `base`: with its relative paths joined to it (`to_dict`)."""
     from sparcom_jax.fileio import atomic_write
 
     p = Path(path)
-    atomic_write(p, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False))
+    atomic_write(p, yaml.safe_dump(to_dict(cfg, base=base), sort_keys=False, default_flow_style=False))
     return p
 
 

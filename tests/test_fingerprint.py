@@ -327,9 +327,11 @@ def test_a_store_refused_for_changed_tokens_names_the_records_that_changed(tmp_p
     labels = dict(ids=["a", "b", "c"], categories=["math", "code", "math"], meta={}, chunk_rows=2,
                   shapes={"tokens": (3,)})
 
-    def store(seqs, masks):
-        return CountStore(tmp_path / "s", **labels, fingerprint={"tokens": F.digest_arrays(seqs, masks)},
-                          token_digests=F.record_digests(seqs, masks)).close()
+    def store(seqs, masks):  # with a finished chunk: a store without one is made again, not refused
+        s = CountStore(tmp_path / "s", **labels, fingerprint={"tokens": F.digest_arrays(seqs, masks)},
+                       token_digests=F.record_digests(seqs, masks))
+        s.write_chunk(0, {"tokens": np.array([3, 2])})
+        s.close()
 
     store(ids, scopes)
     # The same tokens in another integer type are the same record.
@@ -363,7 +365,9 @@ def test_a_max_length_that_cut_nothing_more_leaves_counts_current(tmp_path):
     with pytest.raises(StaleResultError, match=r"data.scope: 'content' -> 'all'"):  # only max_length goes
         stale(tmp_path, made, {**made, "max_length": 1024, "scope": "all"}, overwrite=False)
     labels = dict(ids=["a"], categories=["math"], meta={}, chunk_rows=1, shapes={"tokens": (1,)})
-    CountStore(tmp_path / "s", **labels, fingerprint=made).close()
+    s = CountStore(tmp_path / "s", **labels, fingerprint=made)
+    s.write_chunk(0, {"tokens": [3]})  # counts to keep: a store without any is made again, not refused
+    s.close()
     CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 1024}).close()  # resumed, not refused
     with pytest.raises(StaleResultError):
         CountStore(tmp_path / "s", **labels, fingerprint={**made, "max_length": 256, "tokens": "b" * 16})

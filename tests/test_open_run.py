@@ -134,13 +134,40 @@ def test_a_stage_rerun_with_other_settings_since_the_report_is_refused(done, tmp
         sj.open_run(out).analyses
 
 
-@pytest.mark.parametrize("stage, model, read", [("evaluate", "tuned", "analyses"), ("compare", "base", "comparison")])
-def test_an_output_made_from_other_counts_than_the_report_is_refused(stage, model, read, done, tmp_path):
+def test_a_stored_output_made_from_other_counts_than_the_report_is_refused_when_read(done, tmp_path):
     out = copy_of(done, tmp_path)
-    edit_json(out / stage / "fingerprint.json",
-              lambda d: d["components"]["counts"].update({model: "0123456789abcdef"}))
-    with pytest.raises(StaleResultError, match=rf"{stage}/fingerprint.json: .*counts changed \({model}"):
-        getattr(sj.open_run(out), read)
+    edit_json(out / "compare" / "fingerprint.json",
+              lambda d: d["components"]["counts"].update({"base": "0123456789abcdef"}))
+    with pytest.raises(StaleResultError, match=r"compare/fingerprint.json: .*counts changed \(base"):
+        sj.open_run(out).comparison
+
+
+def test_outputs_the_report_was_not_made_with_are_named_and_the_analyses_still_the_reports(done, tmp_path, capfd):
+    """`sparcom report` rerun with another rule after `identify` rewrites the report (and compare/),
+    not identify/ or evaluate/. `.analyses` was refused, naming identify/fingerprint.json, though
+    the analyses it rebuilds are the report's: they are handed back now, with a note (in the repr
+    and the log) naming the directories whose files are not the report's and what differs; reading
+    such a file through the run (`.comparison`) is still refused (test above)."""
+    out = copy_of(done, tmp_path)
+    run_stage("report", exp("identify.eps=0.1", "ablation.enabled=false"), out)
+    r = sj.open_run(out)
+    capfd.readouterr()
+    text = repr(r)
+    assert (f"  not the report's: {out}/identify, {out}/evaluate (identify settings changed (eps: 0.05 -> 0.1)); "
+            "the analyses are the report's (its set lists: report/sets/)") in text
+    an = r.analyses
+    for name, ma in an.models.items():
+        assert jsonable(ma.summary()) == r.summary["models"][name]  # what the report shows
+        listed = json.loads((out / "report" / "sets" / f"{name}_isn.json").read_text())["sets"]
+        assert {c: [(u["layer"], u["index"]) for u in v] for c, v in set_records(ma["isn"].ident).items()} == {
+            c: [(u["layer"], u["index"]) for u in v] for c, v in listed.items()}
+    assert (f"{out}/identify: not made with the report's settings and counts (identify settings changed (eps: 0.05 "
+            "-> 0.1)), so its files are not what the report shows") in capfd.readouterr().err
+    assert r.comparison["isn"] == r.summary["comparison"]["isn"]  # compare/ was rewritten with the report
+    edit_json(out / "evaluate" / "fingerprint.json",  # evaluate/ from other counts: named as such
+              lambda d: d["components"]["counts"].update({"tuned": "0123456789abcdef"}))
+    assert "counts changed (tuned" in repr(sj.open_run(out))
+    assert "not the report's" not in repr(sj.open_run(done))
 
 
 def test_counts_recollected_with_other_settings_are_refused(done, tmp_path):
@@ -224,3 +251,65 @@ def test_a_run_a_command_is_writing_now_is_refused_and_a_dead_ones_lock_is_not(d
         writer.wait()
     assert "report" in sj.open_run(out).stages  # its process is gone: the lock was left behind
     assert (out / LOCK_NAME).is_file()  # and is left where it is (opening writes nothing)
+
+
+def _started_in(tmp_path, records):
+    """A directory a run was started in, holding its data file data/recs.jsonl (a copy of `records`)."""
+    start = tmp_path / "start"
+    (start / "data").mkdir(parents=True)
+    shutil.copy(records, start / "data" / "recs.jsonl")
+    return start
+
+
+def _other_files_in(tmp_path):
+    """Another directory, with another data/recs.jsonl (the shipped set less its first record)."""
+    from sparcom_jax.data.loaders import SHIPPED_PATH
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "recs.jsonl").write_text("".join(SHIPPED_PATH.read_text().splitlines(True)[1:]))
+    return elsewhere
+
+
+def test_a_relative_data_path_is_read_as_the_run_read_it_from_any_directory(done, tmp_path, monkeypatch):
+    """OUT/config.yaml kept data.path as given ("data/recs.jsonl") and open_run read it from the
+    current directory: from another one the run's records were not found, or other records were
+    read. The run now saves it absolute, as it read it."""
+    from sparcom_jax.data.loaders import SHIPPED_PATH
+    from sparcom_jax.pipeline.common import save_resolved
+
+    out = copy_of(done, tmp_path)
+    start = _started_in(tmp_path, SHIPPED_PATH)  # the records of `done` (the shipped set), from a file
+    monkeypatch.chdir(start)
+    save_resolved(exp("data.path=data/recs.jsonl"), out)  # as every stage does when it has finished
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["path"] == str(start / "data" / "recs.jsonl")
+    monkeypatch.chdir(_other_files_in(tmp_path))
+    r = sj.open_run(out)
+    assert r.config.data.path == str(start / "data" / "recs.jsonl")
+    assert jsonable(r.analyses.models["tuned"].summary())["isn"] == r.summary["models"]["tuned"]["isn"]
+
+
+def test_a_run_saved_with_relative_paths_is_read_from_here_or_refused_naming_the_path(done, tmp_path, monkeypatch):
+    """A config.yaml saved before the paths were made absolute: the directory the run was started in
+    is not known. From there it opens as before; from a directory without the file the refusal names
+    the field, the path it tried and the fix; where another file of that name is read, the analyses'
+    refusal (other records) says that the path was read from here."""
+    from sparcom_jax.config import dump_config
+    from sparcom_jax.data.loaders import SHIPPED_PATH
+
+    out = copy_of(done, tmp_path)
+    dump_config(exp("data.path=data/recs.jsonl"), out / "config.yaml")  # as saved before: relative
+    start = _started_in(tmp_path, SHIPPED_PATH)
+    monkeypatch.chdir(start)
+    r = sj.open_run(out)
+    assert jsonable(r.analyses.models["base"].summary())["isn"] == r.summary["models"]["base"]["isn"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"config.yaml: data.path is the relative path 'data/recs.jsonl', and "
+                                          rf"{tmp_path}/data/recs.jsonl does not exist: .*open it from that "
+                                          r"directory, or write the absolute paths into the config file"):
+        sj.open_run(out)
+    monkeypatch.chdir(_other_files_in(tmp_path))
+    with pytest.raises(StaleResultError, match=r"records .*config.yaml names data.path 'data/recs.jsonl' relative "
+                                               r"to the directory the run was started in, read here from "
+                                               rf"{tmp_path}/elsewhere: if the run was started elsewhere"):
+        sj.open_run(out).analyses

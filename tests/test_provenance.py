@@ -428,8 +428,8 @@ def test_a_resumed_collection_says_so(tmp_path, capfd):
     assert f"{out}: an earlier run (pid {int(dead.stdout)}, started " in err
     assert "stopped without finishing; its finished work is checked and reused, the rest is resumed or redone" in err
     assert "collect [1/3] base: already complete with the same settings" in err
-    assert (f"collect [2/3] tuned: an earlier collection into {store} stopped before it finished (0 of 12 records "
-            "counted); resuming it with the same settings") in err
+    assert (f"collect [2/3] tuned: an earlier collection into {store} stopped before it finished a chunk (no "
+            "record counted); counting from the start") in err
     assert json.loads((store / "progress.json").read_text())["done_chunks"] == 1
 
 
@@ -453,7 +453,7 @@ def test_stages_refuse_to_analyse_the_base_alone_while_fine_tuning_is_unfinished
     assert [s.label for s in model_list(cfg, out, finetune_pending=True)] == ["base"]
 
 
-def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
+def _tiny_model_and_records():
     import sparcom_jax as sj
     from sparcom_jax.models.config import ModelConfig
     from sparcom_jax.pipeline.common import with_vocab
@@ -461,7 +461,13 @@ def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
     tok = sj.default_tokenizer()
     model = sj.init_model(ModelConfig.from_hf_config(with_vocab(TINY_ARCH, tok)), seed=0)
     model.tokenizer = tok
-    recs = sj.load_instructions(n_per_category=2)
+    return model, sj.load_instructions(n_per_category=2)
+
+
+def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
+    import sparcom_jax as sj
+
+    model, recs = _tiny_model_and_records()
     out = tmp_path / "store"
     kw = dict(template="plain", max_length=48, batch_size=4, chunk_rows=4, progress=False, out=out)
     with pytest.raises(KeyboardInterrupt):
@@ -477,6 +483,61 @@ def test_an_interrupted_store_is_never_completed_with_other_settings(tmp_path):
     np.testing.assert_array_equal(redone.neuron_active[:], fresh.neuron_active)
     np.testing.assert_array_equal(redone.tokens[:], fresh.tokens)
     assert redone.meta["scope"] == "all" and redone.meta["fingerprint"]["scope"] == "all"
+
+
+def test_a_store_stopped_before_its_first_chunk_makes_way_for_other_settings(tmp_path, capfd):
+    """A collection stopped before any chunk was finished (Ctrl-C, or its first chunk failed) left a
+    store that holds no counts, yet the rerun with other settings (the fix of what failed) was
+    refused with "--overwrite". It now starts afresh and says what changed; the result is what a
+    fresh collection with the new settings gives."""
+    import sparcom_jax as sj
+
+    model, recs = _tiny_model_and_records()
+    out = tmp_path / "store"
+    kw = dict(template="plain", max_length=48, batch_size=4, chunk_rows=4, progress=False, out=out)
+    with pytest.raises(KeyboardInterrupt):
+        sj.collect_instructions(model, recs, scope="prompt", _stop_after_chunks=0, **kw)
+    assert json.loads((out / "progress.json").read_text())["done_chunks"] == 0 and (out / "meta.json").is_file()
+    capfd.readouterr()
+    redone = sj.collect_instructions(model, recs, scope="all", **kw)
+    assert "scope: 'prompt' -> 'all'" in capfd.readouterr().err
+    fresh = sj.collect_instructions(model, recs, scope="all", template="plain", max_length=48, batch_size=4,
+                                    progress=False)
+    np.testing.assert_array_equal(redone.neuron_active[:], fresh.neuron_active)
+    assert redone.meta["fingerprint"]["scope"] == "all" and not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("finished", [0, 1])
+def test_collect_reruns_over_an_unstarted_store_but_not_over_finished_chunks(tmp_path, monkeypatch, capfd,
+                                                                            finished):
+    """The pipeline's own check refused the unstarted store before the store was opened. A store
+    with a finished chunk made with other settings is still refused, naming the setting, and
+    resumed with the same settings."""
+    from sparcom_jax.stats import collect
+
+    real, stop = collect.collect_instructions, [finished]
+
+    def chunked(*a, **k):  # chunks of 4 records (of 12); the first run stops after `finished` of them
+        return real(*a, **k, chunk_rows=4, _stop_after_chunks=stop.pop() if stop else None)
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(collect, "collect_instructions", chunked)  # imported by the stage when it runs
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("collect", exp(), out)
+    store = out / "counts" / "base"
+    assert json.loads((store / "progress.json").read_text())["done_chunks"] == finished
+    if finished:
+        with pytest.raises(StaleResultError, match=r"data.max_length: 48 -> 40.*--overwrite"):
+            run_stage("collect", exp("data.max_length=40"), out)
+        capfd.readouterr()
+        run_stage("collect", exp(), out)
+        assert (f"collect [1/3] base: an earlier collection into {store} stopped before it finished (4 of 12 "
+                "records counted); resuming it with the same settings") in capfd.readouterr().err
+        return
+    run_stage("collect", exp("data.max_length=40"), out)
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["fingerprint"]["max_length"] == 40 and json.loads((store / "progress.json").read_text()) == {
+        "done_chunks": 3}
 
 
 @pytest.fixture

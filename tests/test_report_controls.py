@@ -5,6 +5,7 @@ controls and precision."""
 import csv
 import html as htmllib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -228,3 +229,85 @@ def test_series_text_says_when_the_trends_carry_no_interval():
     from sparcom_jax.report.writer import _series_change_text
 
     assert "carry no intervals" in _series_change_text({"bootstrap": None}, ["a", "b"])
+
+
+def _three_categories():
+    """Analyses of three models of the records of the first three categories (none of GEN, MATH, SUM)."""
+    keep = N_PER * 3
+    ms = {}
+    for i, n in enumerate(("base", "mid", "tuned")):
+        c = dense_counts(i, shift=0.1 * i)
+        ms[n] = analyze_model(Counts(tokens=c.tokens[:keep], neuron_active=c.neuron_active[:keep],
+                                     categories=c.categories[:keep], ids=c.ids[:keep]),
+                              IdentifyConfig(eps=0.1), name=n, n_boot=8, n_perm=0, top_units=0)
+    return ms
+
+
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(r for r in f if not r.startswith("#")))
+
+
+def test_a_series_of_some_categories_leaves_the_missing_ones_out_of_its_tables_and_figure(tmp_path):
+    """A series over three categories wrote 0 sizes, uniques and retained/gained/lost (and a change of
+    +0 [0, 0]) for the three it had no records of in tables/series_isn*.csv, and drew them as flat
+    lines at 0: a reader takes that for a measured empty set. Their cells are now empty, their
+    lines not drawn, and the caption and legend say why; measured categories keep their values."""
+    from sparcom_jax.analysis import compare_series
+    from sparcom_jax.report import figures as F
+
+    ms = _three_categories()
+    series = compare_series(list(ms.items()))
+    write_report(tmp_path, build_summary(ms, series=series), dpi=20)
+    absent, present = CATEGORIES[3:], CATEGORIES[:3]
+    t = series["isn"]
+    assert all(t["per_category_count"][c] == [0, 0, 0] for c in absent)  # in the data: 0 ...
+    rows = _csv_rows(tmp_path / "tables" / "series_isn.csv")
+    for r in rows:  # ... in the table: nothing
+        figures = {k: v for k, v in r.items() if k not in ("checkpoint", "category", "n_instructions")}
+        if r["category"] in absent:
+            assert r["n_instructions"] == "0" and set(figures.values()) == {""}, r
+        else:
+            assert r["n_instructions"] == str(N_PER) and r["size"] != "" and r["size_low"] != "", r
+    sizes = {(r["checkpoint"], r["category"]): r["size"] for r in rows}
+    assert all(sizes[(n, c)] == str(t["per_category_count"][c][i]) for i, n in enumerate(ms) for c in present)
+    change = _csv_rows(tmp_path / "tables" / "series_isn_change.csv")
+    assert {r["change"] for r in change if r["category"] in absent} == {""}
+    assert all(r["change"] != "" for r in change if r["category"] in present)
+    fig = F.series_trends(list(ms), t, "series")
+    drawn = {line.get_label() for line in fig.axes[0].get_lines()}
+    assert drawn == {"CLS", "CODE", "QA"}
+    assert "GEN, MATH, SUM" in fig.axes[0].get_legend().get_title().get_text()
+    page = htmllib.unescape((tmp_path / "index.html").read_text())
+    assert ("GEN, MATH, SUM have no instructions in this study: nothing was measured for them, so they are not "
+            "drawn and their cells in the series tables are empty, not 0.") in page
+    said = page[page.index("Change from base to tuned"):]
+    said = said.split(". A change")[0]
+    assert "(GEN, MATH, SUM: no instructions)" in said and not any(f"{s} +" in said for s in ("GEN", "MATH", "SUM"))
+    assert all(f"{s} +" in said or f"{s} -" in said for s in ("CLS", "CODE", "QA"))
+
+
+def test_a_comparison_of_some_categories_leaves_the_missing_ones_out_of_its_tables_and_figure(tmp_path):
+    """The before/after comparison likewise wrote 0 sizes and retained/gained/lost for the categories
+    without records (CSV and page) and drew them as empty bars under "J=n/a"."""
+    from sparcom_jax.report import figures as F
+
+    ms = _three_categories()
+    comp = compare_models(ms["base"], ms["tuned"])
+    write_report(tmp_path, build_summary(ms, comparison=comp), dpi=20)
+    absent = CATEGORIES[3:]
+    assert all(comp["isn"][c]["retained"] == 0 and comp["isn"][c]["size_before"] == 0 for c in absent)
+    for name in ("comparison_isn", "comparison_isn_per_layer"):
+        for r in _csv_rows(tmp_path / "tables" / f"{name}.csv"):
+            figures = {k: v for k, v in r.items() if k not in ("category", "layer")}
+            assert (set(figures.values()) == {""}) == (r["category"] in absent), (name, r)
+    page = htmllib.unescape((tmp_path / "index.html").read_text())
+    assert "(– for GEN, MATH, SUM: no instructions, nothing measured)" in page
+    table = page[page.index("base → tuned: neurons per category"):]
+    table = table[:table.index("</table>")]
+    assert re.search(r"<tr><td>generation</td>(<td>–</td>){6,}</tr>", table)  # |S| before/after, retained, ...
+    assert "<tr><td>code</td><td>–</td>" not in table
+    assert "GEN, MATH, SUM have no instructions: nothing was measured, so they have no bars" in page
+    fig = F.comparison_bars(comp["isn"], "comparison", "base", "tuned")
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels[3:] == ["no\nrecords"] * 3 and all(x.startswith("J=") for x in labels[:3])

@@ -190,16 +190,17 @@ def test_a_store_is_not_reused_for_records_with_other_labels(label, tmp_path):
     from sparcom_jax.errors import StaleResultError
     from sparcom_jax.stats.store import CountStore, read_header
 
-    def store(labels, **kw):
+    def store(labels, **kw):  # finished: a store without a finished chunk is made again, not refused
         s = CountStore(tmp_path, {"tokens": (2,)}, ids=["a", "b"], categories=["code", "math"],
                        **{label: labels}, meta={}, chunk_rows=2, **kw)
+        s.write_chunk(0, {"tokens": np.array([3, 4])}) if s.done_chunks == 0 else None
         s.close()
         return s
 
     store(["g1", "g2"])
     with pytest.raises(StaleResultError, match=f"made for different inputs \\({label}\\)"):
         store(["g1", "g1"])
-    assert store(None).done_chunks == 0 and read_header(tmp_path)[label] == ["g1", "g2"]
+    assert store(None).done_chunks == 1 and read_header(tmp_path)[label] == ["g1", "g2"]  # reused
     store(["g1", "g1"], overwrite=True)
     assert read_header(tmp_path)[label] == ["g1", "g1"]
 
@@ -318,3 +319,10 @@ def test_a_store_of_no_records_is_complete_and_reads_back_empty(tmp_path):
     assert rows_done(tmp_path) == 0 and is_complete(tmp_path)
     got = open_counts(tmp_path, in_memory=True)
     assert got.neuron_active.shape == (0, 2, 3) and got.tokens.shape == (0,)
+    # Finished as it was made (no chunk to write): kept for other inputs like any finished store,
+    # not made again as an unstarted one is.
+    from sparcom_jax.errors import StaleResultError
+
+    with pytest.raises(StaleResultError, match="made for different inputs"):
+        CountStore(tmp_path, {"tokens": (0,), "neuron_active": (0, 2, 3)}, ids=[], categories=[],
+                   meta={"model": "other"}, chunk_rows=4)

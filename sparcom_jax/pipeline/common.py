@@ -166,10 +166,12 @@ def out_dir(cfg: ExperimentConfig | DemoConfig, out: str | os.PathLike | None) -
 
 
 def save_resolved(cfg: Any, out: Path) -> Path:
-    """Write the resolved config next to the outputs (OUT/config.yaml)."""
+    """Write the resolved config next to the outputs (OUT/config.yaml), its relative paths
+    made absolute against the current directory, as the command read them: the run's files
+    are found from any directory (`sparcom run --config OUT/config.yaml`, `open_run`)."""
     with primary_writes(f"writing {out / 'config.yaml'}") as writes:
         if writes:
-            dump_config(cfg, out / "config.yaml")
+            dump_config(cfg, out / "config.yaml", base=os.getcwd())
     return out / "config.yaml"
 
 

@@ -177,6 +177,19 @@ def token_changes(header: Mapping[str, Any] | None, enc) -> dict[str, str | None
 Details = Mapping[str, str | None]
 
 
+def changes(stored: Mapping[str, Any] | None, current: Mapping[str, Any],
+            details: Details | Callable[[], Details | None] | None = None) -> str | None:
+    """What differs between outputs fingerprinted `stored` and the fingerprint `current`, in
+    one phrase with the names the user knows (`describe`, `LABELS`), or None when they match
+    (`stale_keys`). `details` as in `stale`."""
+    keys = stale_keys(stored, current)
+    if not keys:
+        return None
+    if callable(details):
+        details = details()
+    return describe(keys, stored, current, LABELS, details=details)
+
+
 def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[str, Any],
           *, overwrite: bool, fix: str = "re-run with --overwrite to recompute it, or choose another --out",
           details: Details | Callable[[], Details | None] | None = None) -> bool:
@@ -188,12 +201,9 @@ def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[
     returns True. `details` may be a function returning them: it is called only when the
     fingerprints differ (naming changed records hashes every record's tokens).
     """
-    keys = stale_keys(stored, current)
-    if not keys:
+    what = changes(stored, current, details)
+    if what is None:
         return False
-    if callable(details):
-        details = details()
-    what = describe(keys, stored, current, LABELS, details=details)
     if not overwrite:
         raise StaleResultError(f"{where}: made with other inputs or settings ({what}); {fix}")
     log(f"{where}: recomputing (--overwrite): {what}")

@@ -5,14 +5,15 @@ stores, each analysis stage's outputs with the fingerprint of what they were mad
 from, and the report (OUT/report/summary.json). `Run` gives them back as the stages
 had them: the typed config, the summary, the counts of any model, and the analyses
 rebuilt by the report stage's own function (`analyze_all`: the same records, split,
-rule and draws), checked against the fingerprints the identify, evaluate, compare
-and report stages stored. Analyses that would disagree with the report (the config
-or the counts changed since it was written) are refused with the difference named,
-never handed back.
+rule and draws), checked against the fingerprint the report stored. Analyses that
+would disagree with the report (the config or the counts changed since it was written)
+are refused with the difference named, never handed back; the identify, evaluate and
+compare outputs not made as the report was are named (`Run.outdated`), and reading
+compare's files through the run is refused for them.
 
-Opening reads only: nothing is written into OUT (no lock, no config.yaml). Paths in
-the config that were relative are read from the current directory, as the command
-line read them (open the run from the directory it was started in).
+Opening reads only: nothing is written into OUT (no lock, no config.yaml). The config's
+paths are absolute, as the command read them (`save_resolved`); a run saved before that
+kept relative paths, which are read from the current directory (`_check_relative_paths`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparcom_jax.config import ConfigError, ExperimentConfig, load_config, read_yaml
+from sparcom_jax.config import ConfigError, ExperimentConfig, load_config, read_yaml, relative_paths
 from sparcom_jax.errors import LockedError, StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, environment_line, read_fingerprint, with_method
-from sparcom_jax.pipeline.common import counts_root, model_list, safe
-from sparcom_jax.pipeline.provenance import stale
+from sparcom_jax.pipeline.common import counts_root, log, model_list, safe
+from sparcom_jax.pipeline.provenance import changes, stale
 from sparcom_jax.pipeline.stages import (
     ABLATION_SECTIONS, Analyses, _ablation_file, _analysis_fingerprint, _analysis_kwargs, ablation_models,
     analyze_all, count_jobs, fine_tunes, load_ablations, open_model_counts,
@@ -59,6 +60,7 @@ def open_run(out: str | Path) -> "Run":
     out = Path(out)
     _not_being_written(out)
     cfg = _load_config(out)
+    _check_relative_paths(cfg, out / "config.yaml")
     summary_path = out / _MARKS["report"]
     if not summary_path.is_file():
         missing = next((s for s in _expected_stages(cfg, out) if s not in _done_stages(cfg, out)), "report")
@@ -107,6 +109,38 @@ def _load_config(out: Path) -> ExperimentConfig:
     except ConfigError as e:  # a key or value this version does not know
         raise ConfigError(f"{e} (open_run reads {path} as this sparcom_jax's config: one written by another "
                           "sparcom_jax must be opened with that version, one edited since must be put back)") from None
+
+
+def _check_relative_paths(cfg: ExperimentConfig, path: Path) -> None:
+    """Refuse a relative path of the config that names nothing from the current directory.
+
+    A run saves its config with absolute paths (`save_resolved`); one saved before that
+    keeps the paths as they were given, relative to a directory it did not record. They
+    are read from the current directory, as the command read them; one that is not there
+    means the run was started elsewhere (or the file is gone).
+    """
+    missing = {k: v for k, v in _relative(cfg).items() if not Path(v).exists()}
+    if missing:
+        k, v = next(iter(missing.items()))
+        raise ConfigError(
+            f"{path}: {k} is the relative path {v!r}, and {Path.cwd() / v} does not exist"
+            + (f" (nor do {', '.join(list(missing)[1:])})" if len(missing) > 1 else "")
+            + ": this run was saved before sparcom_jax recorded absolute paths, so the directory it was started "
+            "in is not known; open it from that directory, or write the absolute paths into the config file")
+
+
+def _relative(cfg: ExperimentConfig) -> dict[str, str]:
+    """The config's relative paths that open_run reads (not out_dir: the run's OUT is given to it)."""
+    return {k: v for k, v in relative_paths(cfg).items() if k != "out_dir"}
+
+
+def _relative_note(cfg: ExperimentConfig) -> str:
+    """What an error of a run whose config names relative paths adds (they were read from here)."""
+    rel = _relative(cfg)
+    if not rel:
+        return ""
+    return (f" (config.yaml names {', '.join(f'{k} {v!r}' for k, v in rel.items())} relative to the directory the "
+            f"run was started in, read here from {Path.cwd()}: if the run was started elsewhere, open it from there)")
 
 
 def _check_format(summary: dict[str, Any], path: Path, out: Path) -> None:
@@ -212,7 +246,9 @@ class Run:
     def analyses(self) -> Analyses:
         """Every model's `ModelAnalysis` (`.models`, in series order) and the controls'
         (`.controls`), rebuilt as the report stage built them (`analyze_all`) and checked
-        against the fingerprints stored by the report, evaluate, identify and compare stages.
+        against the fingerprint the report stored. Output directories of the other stages that
+        were not made as the report was (`outdated`) are named in the log: these analyses are
+        the report's, their files are not.
 
         Raises:
           StaleResultError: the config or the counts changed since the report was written (the
@@ -223,16 +259,39 @@ class Run:
         self._check_settings()  # before any count is read: a changed rule is refused at once
         try:
             an = analyze_all(self.config, self.out, full=True)
-        except ValueError as e:  # counts removed, unfinished or made with other settings
-            raise type(e)(f"{self.out}: the report's analyses cannot be rebuilt: {e}") from None
-        full, ident = _analysis_fingerprint(self.config, an, True), _analysis_fingerprint(self.config, an, False)
-        checks = [(self.report_dir / "summary.json", self.summary["fingerprint"], full)]
-        checks += [(self.out / s / FINGERPRINT_FILE, read_fingerprint(self.out / s), fp)
-                   for s, fp in (("evaluate", full), ("identify", ident), ("compare", full))]
-        for where, stored, current in checks:
-            if stored is not None:  # a stage not run since (`sparcom report` alone) has none
-                stale(where, stored, current, overwrite=False, fix=self._fix())
+        except ValueError as e:  # counts removed, unfinished or made with other settings (or other files read)
+            raise type(e)(f"{self.out}: the report's analyses cannot be rebuilt: {e}{_relative_note(self.config)}"
+                          ) from None
+        # The report's own fingerprint decides: these analyses are handed back only as it was made.
+        stale(self.report_dir / "summary.json", self.summary["fingerprint"],
+              _analysis_fingerprint(self.config, an, True), overwrite=False, fix=self._fix())
+        for where, what in self.outdated.items():  # files on disk these analyses do not describe
+            log(f"{where}: not made with the report's settings and counts ({what}), so its files are not what the "
+                f"report shows; these analyses are (the report's set lists are in {self.report_dir / 'sets'}); "
+                f"{self._update()} brings it up to date")
         return an
+
+    @functools.cached_property
+    def outdated(self) -> dict[Path, str]:
+        """The stage output directories (identify, evaluate, compare) whose files were made with other
+        settings or counts than the report, each with what differs; {} when all are the report's.
+
+        `sparcom report` rerun with other settings rewrites the report (and compare/), not
+        identify/ or evaluate/: their files then disagree with the report, while `analyses`
+        (checked against the report) do not. `comparison` and `series` refuse a compare/ listed
+        here. Read from the stored fingerprints: nothing is recomputed.
+        """
+        report = self.summary["fingerprint"]
+        # identify/ holds the sets alone: the report's rule and counts, without its uncertainty settings.
+        sets = with_method({"identify": report.get("identify"), "analysis": _analysis_kwargs(self.config, False),
+                            "counts": report.get("counts")})
+        found = {}
+        for stage, current in (("identify", sets), ("evaluate", report), ("compare", report)):
+            stored = read_fingerprint(self.out / stage)  # None: not run in this directory (`sparcom report` alone)
+            what = None if stored is None else changes(stored, current)
+            if what is not None:
+                found[self.out / stage] = what
+        return found
 
     def _check_settings(self) -> None:
         """Refuse a config whose rule or analysis settings are not the report's (no count read)."""
@@ -244,8 +303,11 @@ class Run:
     def _fix(self) -> str:
         cfg = self.out / "config.yaml"
         return (f"{cfg} (the settings of the last command run in {self.out}) or the counts changed since; bring "
-                f"the outputs up to date with `sparcom run --config {cfg} --out {self.out}` (it reuses what still "
-                "matches), or put back the settings they were made with")
+                f"the outputs up to date with {self._update()} (it reuses what still matches), or put back the "
+                "settings they were made with")
+
+    def _update(self) -> str:
+        return f"`sparcom run --config {self.out / 'config.yaml'} --out {self.out}`"
 
     @property
     def comparison(self) -> dict[str, Any] | None:
@@ -291,4 +353,12 @@ class Run:
                  + (f" ({len(self.environment_changes)} reused output(s) made under other versions: "
                     ".environment_changes)" if self.environment_changes else ""),
                  f"  analyses: {built} (checked against the report)"]
-        return "\n".join(lines)
+        return "\n".join(lines + self._outdated_lines())
+
+    def _outdated_lines(self) -> list[str]:
+        """The repr's lines on the output directories that are not the report's (`outdated`)."""
+        by_what: dict[str, list[str]] = {}
+        for where, what in self.outdated.items():
+            by_what.setdefault(what, []).append(str(where))
+        return [f"  not the report's: {', '.join(ds)} ({what}); the analyses are the report's (its set lists: "
+                "report/sets/)" for what, ds in by_what.items()]

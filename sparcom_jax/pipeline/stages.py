@@ -341,13 +341,16 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
 
     Stores go to `collect.store` or OUT/counts/<label>. A complete store made with the
     same fingerprint is kept, a partial one resumed; one made with other settings
-    stops the run unless `overwrite`.
+    stops the run unless `overwrite`, or unless it holds no counts (stopped before its
+    first chunk: it is made again).
     """
     import jax
 
     from sparcom_jax.parallel.processes import check_same, gather, raise_together
     from sparcom_jax.stats.collect import collect_instructions
-    from sparcom_jax.stats.store import STORE_VERSION, check_version, is_complete, read_header, rows_done
+    from sparcom_jax.stats.store import (
+        STORE_VERSION, check_version, holds_work, is_complete, read_header, rows_done,
+    )
 
     jobs = count_jobs(cfg, out) if models is None else study_jobs(cfg, models)
     require_models([j.spec for j in jobs])
@@ -373,6 +376,10 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
         check_same(fp["model"], f"collect {job.label}: the model files",
                    "give every host the same model files")
         header, error, done, resume = read_header(mine), None, False, False
+        if header is not None and not holds_work(mine):  # stopped before its first chunk: nothing to keep
+            log(f"collect [{i}/{len(jobs)}] {job.label}: an earlier collection into {dest} stopped before it "
+                "finished a chunk (no record counted); counting from the start")
+            header = None  # the store resumes from row 0 with the same settings, or is made again with others
         try:
             if header is not None and not overwrite:  # a store of another format is never resumed or reused
                 check_version(header, mine, "re-run with --overwrite to count again, or choose another --out")

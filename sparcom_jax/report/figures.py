@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from sparcom_jax.analysis.evaluate import category_order
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
-from sparcom_jax.report.tables import SHORT
+from sparcom_jax.report.tables import SHORT, unmeasured
 
 
 class NotebookFigure(Figure):
@@ -235,7 +235,9 @@ def comparison_bars(section: Mapping[str, dict], title: str, before: str, after:
     for i, c in enumerate(CATEGORIES):
         j = section[c]["jaccard"]
         top = np.nansum([ret[i], max(lost[i], gain[i])])
-        ax.text(i, top, "J=n/a" if j is None else f"J={j:.2f}", ha="center", va="bottom", fontsize=8)
+        # A category without instructions has 0 units on either side (no bars): nothing was measured.
+        label = "no\nrecords" if section[c].get("n_instructions") == 0 else "J=n/a" if j is None else f"J={j:.2f}"
+        ax.text(i, top, label, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, SHORT)
     ax.set_ylabel("units (left bar: before, right bar: after)")
     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the J= labels
@@ -300,6 +302,9 @@ def expert_heatmaps(per_category: Mapping[str, Sequence], title: str, *, label: 
 def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
     """The comparison figures along a checkpoint series.
 
+    Categories without instructions (n_instructions 0) are not drawn: their 0 sizes
+    measure nothing; the legend names them.
+
     Args:
       names: checkpoint names, in order.
       trends: series.<section> from compare_series.
@@ -308,6 +313,7 @@ def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
     fig = _fig(13, 7)
     axes = fig.subplots(2, 3).ravel()
     x = np.arange(len(names))
+    absent = unmeasured(trends)  # no instructions: their 0s are not measurements, so no line is drawn
     panels = [
         ("per_category_count", "|S(c)|"),
         ("unique_ratio", "|U(c)| / |S(c)|"),
@@ -317,7 +323,8 @@ def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
     for ax, (key, lab) in zip(axes, panels):
         d = trends[key[0]][key[1]] if isinstance(key, tuple) else trends[key]
         for k, c in enumerate(CATEGORIES):
-            ax.plot(x, _arr(d[c]), marker=".", color=f"C{k}", label=SHORT_NAMES[c])
+            if c not in absent:
+                ax.plot(x, _arr(d[c]), marker=".", color=f"C{k}", label=SHORT_NAMES[c])
         ax.set_title(lab, fontsize=10)
     per = (trends.get("bootstrap") or {}).get("per_checkpoint") or {}
     for ax, key, title, color in ((axes[4], "general_share", "generality: general share of the union", "C0"),
@@ -328,7 +335,8 @@ def series_trends(names: Sequence[str], trends: dict, title: str) -> Figure:
         ax.set_title(title, fontsize=10)
     for ax in axes:
         ax.set_xticks(x, names, rotation=30, fontsize=7)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, title_fontsize=7, title=(
+        f"not drawn, no instructions:\n{', '.join(SHORT_NAMES[c] for c in absent)}" if absent else None))
     _suptitle(fig, title)
     return fig
 

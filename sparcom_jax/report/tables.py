@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 from sparcom_jax.analysis.common import SECTIONS
 from sparcom_jax.analysis.compare import SET_KEYS
-from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, absent_categories
 
 SHORT = [SHORT_NAMES[c] for c in CATEGORIES]
 ABLATION_CORNER = "ablated \\ evaluated"
@@ -203,7 +203,9 @@ _PAIRED = ("retained", "gained", "lost", "jaccard")
 
 
 def comparison_tables(section: str, comp: dict, prefix: str = "comparison") -> Iterator[Table]:
-    """Tables of comparison.<section> (or of a control comparison, with its prefix)."""
+    """Tables of comparison.<section> (or of a control comparison, with its prefix); a category
+    without instructions has empty cells (nothing was measured), not 0."""
+    comp = measured_comparison(comp)
     effect = any(comp[c].get("template_effect") for c in CATEGORIES)  # a same-template control
     parts = ("estimate", "low", "high")
     yield Table(f"{prefix}_{section}",
@@ -345,9 +347,52 @@ _SERIES_CATEGORY = (("size", "per_category_count"), ("unique_ratio", "unique_rat
 _SERIES_MODEL = ("general_share", "diagonal_dominance")
 
 
+def unmeasured(t: dict) -> list[str]:
+    """The categories a series.<section> `t` has no instructions of (none in a series written
+    before it carried n_instructions)."""
+    return absent_categories(t.get("n_instructions") or {})
+
+
+def measured_only(t: dict) -> dict:
+    """series.<section> `t` with every per-category figure of a category without instructions
+    (`unmeasured`) made None, its intervals and first-to-last change included: the series holds
+    0 there (an empty set, no change), which tables and figures would show as a measured 0."""
+    absent = set(unmeasured(t))
+    return {**_blank(t, absent), "n_instructions": t.get("n_instructions")} if absent else t
+
+
+def unmeasured_compared(entry: dict) -> list[str]:
+    """The categories a comparison section {category: figures} has no instructions of."""
+    return absent_categories({c: (entry.get(c) or {}).get("n_instructions") for c in CATEGORIES})
+
+
+def measured_comparison(entry: dict) -> dict:
+    """A comparison section {category: figures} with every figure of a category without
+    instructions (`unmeasured_compared`) made None, as `measured_only` does for a series."""
+    absent = unmeasured_compared(entry)
+    return {c: {**_none_like(v), "n_instructions": 0} if c in absent else v for c, v in entry.items()}
+
+
+def _blank(v: Any, absent: set[str]) -> Any:
+    if not isinstance(v, dict):
+        return v
+    per_category = set(v) == set(CATEGORIES)
+    return {k: _none_like(x) if per_category and k in absent else _blank(x, absent) for k, x in v.items()}
+
+
+def _none_like(v: Any) -> Any:
+    """`v` with no value in it: a dict's entries and a list's items None, keeping the keys and length."""
+    if isinstance(v, dict):
+        return {k: _none_like(x) for k, x in v.items()}
+    return [None] * len(v) if isinstance(v, list) else None
+
+
 def series_tables(section: str, names: list[str], t: dict) -> Iterator[Table]:
     """Tables of series.<section>: the trends with their paired intervals (empty cells without a
-    bootstrap), and the change of each trend from the first to the last checkpoint."""
+    bootstrap, and for a category without instructions: nothing was measured), and the change
+    of each trend from the first to the last checkpoint."""
+    n_instructions = t.get("n_instructions") or {}
+    t = measured_only(t)
     boot = t.get("bootstrap") or {}
     per = boot.get("per_checkpoint") or {}
 
@@ -358,12 +403,13 @@ def series_tables(section: str, names: list[str], t: dict) -> Iterator[Table]:
     rows = []
     for i, n in enumerate(names):
         for c in CATEGORIES:
-            rows.append([n, c, t["per_category_count"][c][i], t["unique"][c][i], t["unique_ratio"][c][i],
+            rows.append([n, c, n_instructions.get(c), t["per_category_count"][c][i], t["unique"][c][i],
+                         t["unique_ratio"][c][i],
                          t["vs_base"]["jaccard"][c][i], t["vs_previous"]["jaccard"][c][i],
                          t["vs_previous"]["retained"][c][i], t["vs_previous"]["gained"][c][i],
                          t["vs_previous"]["lost"][c][i], *[x for _, f in _SERIES_CATEGORY for x in bounds(f, i, c)]])
     yield Table(f"series_{section}",
-                ["checkpoint", "category", "size", "unique", "unique_ratio", "jaccard_vs_first",
+                ["checkpoint", "category", "n_instructions", "size", "unique", "unique_ratio", "jaccard_vs_first",
                  "jaccard_vs_previous", "retained_vs_previous", "gained_vs_previous", "lost_vs_previous",
                  *[f"{col}_{b}" for col, _ in _SERIES_CATEGORY for b in ("low", "high")]],
                 rows)

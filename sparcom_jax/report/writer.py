@@ -30,7 +30,7 @@ from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
     ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, MASS_HEADER, TOP_HEADER, ablation_rows,
     all_tables, boot_values, dominance_rows, interval, length_rows, mass_rows, matrix_table, precision_table,
-    safe_name, top_instruction_rows,
+    measured_comparison, safe_name, top_instruction_rows, unmeasured, unmeasured_compared,
 )
 
 SECTION_TITLES = {
@@ -283,8 +283,9 @@ def _outside_text(s: dict) -> str:
             "resamples chance alone also puts estimates outside")
 
 
-def _interval_list(e: dict, fmt: str, per_category: bool) -> str:
-    """'CLS +3 [-1, 5], ...' (or one value) of an {estimate, low, high} entry."""
+def _interval_list(e: dict, fmt: str, per_category: bool, skip: Sequence[str] = ()) -> str:
+    """'CLS +3 [-1, 5], ...' (or one value) of an {estimate, low, high} entry, without the
+    categories in `skip`."""
     def one(est, lo, hi):
         if est is None:
             return "undefined"
@@ -293,7 +294,8 @@ def _interval_list(e: dict, fmt: str, per_category: bool) -> str:
     if not per_category:
         return one(e["estimate"], e.get("low"), e.get("high"))
     low, high = e.get("low") or {}, e.get("high") or {}
-    return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], low.get(c), high.get(c))}" for c in CATEGORIES)
+    return ", ".join(f"{SHORT_NAMES[c]} {one(e['estimate'][c], low.get(c), high.get(c))}" for c in CATEGORIES
+                     if c not in skip)
 
 
 
@@ -312,9 +314,12 @@ def _series_change_text(t: dict, names: Sequence[str]) -> str:
                 "instructions drawn.")
     ch = b["change"]
     unit = _resampled(b)
-    parts = [f"|S(c)| {_interval_list(ch['per_category_count'], '+.4g', True)}",
-             f"unique ratio {_interval_list(ch['unique_ratio'], '+.3g', True)}",
+    absent = unmeasured(t)
+    parts = [f"|S(c)| {_interval_list(ch['per_category_count'], '+.4g', True, absent)}",
+             f"unique ratio {_interval_list(ch['unique_ratio'], '+.3g', True, absent)}",
              f"general share {_interval_list(ch['general_share'], '+.3g', False)}"]
+    if absent:
+        parts[1] += f" ({', '.join(SHORT_NAMES[c] for c in absent)}: no instructions)"
     if "diagonal_dominance" in ch:
         parts.append(f"diagonal dominance {_interval_list(ch['diagonal_dominance'], '+.3g', False)}")
     return (f"Change from {names[0]} to {names[-1]}, with {b['ci']:.0%} paired bootstrap intervals over "
@@ -323,6 +328,27 @@ def _series_change_text(t: dict, names: Sequence[str]) -> str:
             "variation with the instructions drawn; one that excludes 0 is a change on these records, not "
             "evidence that it is monotone in between (the per-checkpoint intervals are in the series tables) "
             "or larger than two runs of the same weights would differ.")
+
+
+def _no_instructions(absent: Sequence[str]) -> str:
+    """'GEN, MATH have no instructions' of categories `absent`."""
+    return f"{', '.join(SHORT_NAMES[c] for c in absent)} {'has' if len(absent) == 1 else 'have'} no instructions"
+
+
+def _no_records_text(entry: Mapping[str, dict]) -> str:
+    """What the comparison figure does with the categories without instructions ("" without any)."""
+    absent = unmeasured_compared(entry)
+    return (f" {_no_instructions(absent)}: nothing was measured, so they have no bars (marked \"no records\")."
+            if absent else "")
+
+
+def _unmeasured_text(t: dict) -> str | None:
+    """What the series figure and tables do with the categories the study has no instructions of."""
+    absent = unmeasured(t)
+    if not absent:
+        return None
+    return (f"{_no_instructions(absent)} in this study: nothing was measured for them, so they are not drawn and "
+            "their cells in the series tables are empty, not 0.")
 
 
 def _template_effect_text(ctrl: Mapping[str, dict]) -> str | None:
@@ -434,7 +460,12 @@ def _set_table(title: str, entry: Mapping[str, dict], key: str | None = None,
                shift: bool = False) -> TableBlock:
     """retained/gained/lost per category of a comparison section (or its `key` sub-entry),
     with the mean frequency over all units before and after when `shift`, and the paired
-    bootstrap interval of the Jaccard where the main comparison has one."""
+    bootstrap interval of the Jaccard where the main comparison has one. A category without
+    instructions shows – (`measured_comparison`), and the title says why."""
+    absent = unmeasured_compared(entry)
+    if absent:
+        title += f" (– for {', '.join(SHORT_NAMES[c] for c in absent)}: no instructions, nothing measured)"
+    entry = measured_comparison(entry)
     get = (lambda c: entry[c]) if key is None else (lambda c: entry[c].get(key) or {})
     fs = ("mean_before", "mean_after")
     boot = key is None and any(entry[c].get("bootstrap") for c in CATEGORIES)
@@ -651,7 +682,7 @@ def write_report(
             if any(comp[sec][c]["size_before"] or comp[sec][c]["size_after"] for c in CATEGORIES):
                 add(F.comparison_bars(comp[sec], f"{SECTION_TITLES[sec]}: {b} → {a}", b, a),
                     f"comparison_{sec}.png", f"Comparison {b} → {a}",
-                    CAPTIONS["comparison"].format(before=b, after=a))
+                    CAPTIONS["comparison"].format(before=b, after=a) + _no_records_text(comp[sec]))
             rules = comp.get("rules") or {}
             main_rule = (rules.get("main") or {}).get("identification", {}).get("rule", "main rule")
             blocks.append(_set_table(f"{b} → {a}: {units} per category ({main_rule}, main rule)", comp[sec]))
@@ -685,7 +716,8 @@ def write_report(
         if sec in series:
             add(F.series_trends(series["names"], series[sec], f"{SECTION_TITLES[sec]}: along the series"),
                 f"series_{sec}.png", "Checkpoint series",
-                " ".join(filter(None, (CAPTIONS["series"], _series_template_text(summary, series["names"])))))
+                " ".join(filter(None, (CAPTIONS["series"], _series_template_text(summary, series["names"]),
+                                       _unmeasured_text(series[sec])))))
             blocks.append(TextBlock(_series_change_text(series[sec], series["names"])))
 
     ablation = summary.get("ablation") or {}

@@ -374,7 +374,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
         resumed or reused only for the same fingerprint and labels (`CountStore`); one
         made with the sums serves a collection without them (`served_by`: reused, or
         finished with its sums; the result leaves them out).
-      overwrite: replace a store made for other inputs instead of refusing.
+      overwrite: replace a store made for other inputs instead of refusing (one that holds
+        no counts yet, stopped before its first chunk, is replaced without it).
       sums: also collect, in-graph, the float32 sums beside the counts (`Counts`
         ``neuron_act_sum``, ``expert_weight_sum``, ``expert_neuron_act_sum``): the
         strength of a unit on the tokens where it fires, e.g. to break ties.

@@ -17,8 +17,9 @@ Layout of a store directory::
 Chunks are written in order and `progress.json` is replaced atomically after
 each, so an interrupted collection resumes from the last completed chunk, and only
 when the resuming run has the same fingerprint: a half-finished store is never
-completed with counts of other inputs or settings. One writer at a time holds the
-store's lock.
+completed with counts of other inputs or settings (one stopped before its first chunk
+holds no counts: a collection of other inputs makes it again). One writer at a time holds
+the store's lock.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 import tensorstore as ts
 
+from sparcom_jax.console import log
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import DirLock, atomic_write
 from sparcom_jax.fingerprint import changed_records, describe, stale_keys
@@ -100,7 +102,8 @@ class CountStore:
       fingerprint: components of the inputs' fingerprint (`sparcom_jax.fingerprint`);
         an existing store is resumed only when it has the same fingerprint, and the same
         record ids and categories, and sources and group keys where both sides have them.
-      overwrite: replace an existing store made for other inputs instead of refusing.
+      overwrite: replace an existing store made for other inputs instead of refusing (one that
+        holds no counts yet, `holds_work`, is replaced without it).
       replace: replace any existing store, even one made for these inputs (which would
         otherwise be resumed); cleared under this writer's lock, so no other writer gets in
         between.
@@ -109,7 +112,8 @@ class CountStore:
         that a refusal can name the records whose tokens changed (`changed_records`).
 
     Raises:
-      StaleResultError: the directory holds a store made for other inputs (and not `overwrite`).
+      StaleResultError: the directory holds a store with counts made for other inputs (and not
+        `overwrite`).
       LockedError: another live process is writing this store.
     """
 
@@ -154,10 +158,13 @@ class CountStore:
                     what = ", ".join(mismatch + ([describe(changed, old.get("fingerprint"), fingerprint,
                                                           details={"tokens": changed_records(old, header)})]
                                                  if changed else []))
-                    raise StaleResultError(
-                        f"{meta_path}: this store was made for different inputs ({what}), so it cannot be "
-                        "resumed or reused; choose a new output directory, or overwrite it (overwrite=True, "
-                        "or --overwrite on the command line)")
+                    if holds_work(self.path):
+                        raise StaleResultError(
+                            f"{meta_path}: this store was made for different inputs ({what}), so it cannot be "
+                            "resumed or reused; choose a new output directory, or overwrite it (overwrite=True, "
+                            "or --overwrite on the command line)")
+                    log(f"{self.path}: a collection for different inputs ({what}) stopped here before it "
+                        "finished a chunk; the store holds no counts, so it is made again for these")
                 _clear(self.path)
             else:
                 self.done_chunks = _done_chunks(self.path) or 0
@@ -217,6 +224,17 @@ def rows_done(path: str | Path) -> int:
     p = Path(path)
     header, done = read_header(p), _done_chunks(p)
     return 0 if header is None or done is None else min(done * header["chunk_rows"], header["n"])
+
+
+def holds_work(path: str | Path) -> bool:
+    """Whether `path` holds a store with finished work: a finished chunk, or all of them (a store
+    of no records is finished as it is made), or a store of another format version (whose
+    progress is not read). A collection stopped before it finished its first chunk leaves a store
+    without any: replacing it loses nothing, so it is not protected as one with counts is (a rerun
+    with other inputs makes it again instead of asking for overwrite)."""
+    header = read_header(path)
+    return header is not None and (header.get("version") != STORE_VERSION or rows_done(path) > 0
+                                   or is_complete(path))
 
 
 def is_complete(path: str | Path) -> bool:
