@@ -4,7 +4,15 @@ checkpoint on disk complete or absent, says what it saved, and the same call res
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+import shlex
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from test_train_loop import MODEL, _random_model
@@ -67,3 +75,56 @@ def test_ctrl_c_inside_orbax_save_lets_that_save_finish_whole(setup, tmp_path, m
     monkeypatch.setattr(ocp.CheckpointManager, "_get_old_steps_to_remove", inner)
     res = finetune(model, records, tok, TrainConfig(**SETTINGS), run, progress=False)
     assert sorted(res.losses) == [3, 4] and res.checkpoint_steps == [0, 4]
+
+
+def _interrupt_when(out: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    """Send Ctrl-C (SIGINT) to `proc` once its metrics file shows a train step >= `step`."""
+    metrics, end = out / "train" / "metrics.jsonl", time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        rows = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(json.loads(r).get("type") == "train" and json.loads(r)["step"] >= step for r in rows if r.endswith("}")):
+            proc.send_signal(signal.SIGINT)
+            return
+        time.sleep(0.02)
+    pytest.fail(f"the run never reached step {step} (exit status {proc.poll()})")
+
+
+@pytest.mark.slow  # two `sparcom finetune` processes: about a minute on a loaded 2-core machine
+def test_ctrl_c_mid_training_exits_130_saying_what_is_saved_and_the_same_command_resumes(tmp_path):
+    # Ctrl-C took 3-18 s to end a tiny `sparcom finetune` (the interpreter's shutdown, after the
+    # message); a save under way could be left to writer threads that failed as it shut down.
+    from test_cli import write_tiny
+
+    from sparcom_jax.train import checkpoint_steps
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "sparcom_jax.cli", "finetune", "--config", str(write_tiny(tmp_path)), "--out", str(out),
+           "train.total_steps=30", "train.save_every=5", "train.async_checkpointing=true"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # as in a terminal: Ctrl-C not ignored, whatever this process's own handler
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _interrupt_when(out, proc, 7)
+        _, err = proc.communicate(timeout=60)  # a bound that catches a hang, not a timing
+    finally:
+        proc.kill()
+    lines = [ln for ln in err.splitlines() if "step/s" not in ln]
+    assert proc.returncode == 130, err[-3000:]
+    assert lines[-1].startswith("sparcom: interrupted; ") and lines[-1].endswith(shlex.join(["sparcom", *cmd[3:]]))
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    said = re.search(r"fine-tuning interrupted after step (\d+) of 30: checkpoints of steps ([\d, ]+) are in (\S+); "
+                     r"the same call resumes from step (\d+)$", lines[-2])
+    assert said, lines[-2]
+    saved = [int(s) for s in said[2].split(", ")]
+    # the checkpoints on disk are those said, none half written (the resumed run exports each one)
+    assert sorted(int(p.name) for p in (out / "train" / "checkpoints").iterdir()) == saved == checkpoint_steps(out / "train")
+    assert saved[0] == 0 and 5 <= saved[-1] == int(said[4]) <= int(said[1]) < 30
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"stopped after step {saved[-1]} of 30; resuming from its checkpoint there" in again.stderr
+    steps = [r["step"] for r in map(json.loads, (out / "train" / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "train"]
+    assert steps == list(range(1, 31))
+    assert json.loads((out / "checkpoints" / "series.json").read_text())[-1]["step"] == 30
