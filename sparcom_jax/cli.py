@@ -365,7 +365,24 @@ def main(argv: list[str] | None = None) -> int:
         _leave_at_once(status)
     if status == 130 and argv is None:
         _leave_interrupted(status)
+    if argv is None:
+        _ctrl_c_ends_the_shutdown(status)
     return status
+
+
+def _ctrl_c_ends_the_shutdown(status: int) -> None:
+    """The command has finished: a Ctrl-C from now on, in the interpreter's shutdown, ends the
+    process with the command's status. It raised KeyboardInterrupt in jax's `atexit` clean-up,
+    which printed "Exception ignored in atexit callback" and its traceback under the outputs."""
+    import os
+
+    def leave(*_):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, leave)
 
 
 def _leave_interrupted(status: int) -> None:

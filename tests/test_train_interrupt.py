@@ -128,3 +128,19 @@ def test_ctrl_c_mid_training_exits_130_saying_what_is_saved_and_the_same_command
              if r["type"] == "train"]
     assert steps == list(range(1, 31))
     assert json.loads((out / "checkpoints" / "series.json").read_text())[-1]["step"] == 30
+
+
+def test_ctrl_c_after_the_command_finished_ends_it_with_its_status_and_no_traceback(tmp_path):
+    # A Ctrl-C in the interpreter's shutdown (3 s of it on a tiny finetune) raised KeyboardInterrupt
+    # in jax's atexit clean-up: "Exception ignored in atexit callback" and a traceback under the outputs.
+    script = ("import atexit, signal, sys\n"
+              "import jax\n"  # its atexit clean-up runs after the one registered below
+              "atexit.register(signal.raise_signal, signal.SIGINT)\n"
+              "from sparcom_jax.cli import main\n"
+              "sys.exit(main())\n")
+    (tmp_path / "run.py").write_text(script)
+    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), "run", "--config", "configs/llama2_7b.yaml", "--dry-run"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert r.returncode == 0 and "nothing written" in r.stdout, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr[-2000:]
