@@ -363,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     if status and _other_processes():
         _leave_at_once(status)
-    if status == 130 and argv is None:
-        _leave_interrupted(status)
     if argv is None:
         _ctrl_c_ends_the_shutdown(status)
+        if status == 130:
+            _leave_interrupted(status)
     return status
 
 
@@ -387,7 +387,7 @@ def _ctrl_c_ends_the_shutdown(status: int) -> None:
 
 def _leave_interrupted(status: int) -> None:
     """End a process that Ctrl-C stopped once its message is out, without the interpreter's
-    shutdown. That shutdown took 3-18 s after the message on a tiny fine-tuning run (collecting
+    shutdown. That shutdown took 2-18 s after the message on a tiny fine-tuning run (collecting
     every object of jax's and the models' heap, XLA's compile threads, the threads of a
     checkpoint write given up by a second Ctrl-C, which failed as the interpreter went away).
     The work worth keeping is done by then (checkpoint writes waited for, outputs renamed into
