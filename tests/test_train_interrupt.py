@@ -101,9 +101,12 @@ def test_ctrl_c_mid_training_exits_130_saying_what_is_saved_and_the_same_command
     cmd = [sys.executable, "-m", "sparcom_jax.cli", "finetune", "--config", str(write_tiny(tmp_path)), "--out", str(out),
            "train.total_steps=30", "train.save_every=5", "train.async_checkpointing=true"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # as in a terminal: Ctrl-C not ignored, whatever this process's own handler
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # as from a terminal: a handled signal is reset at exec, an ignored one (a background job) stays ignored
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    finally:
+        signal.signal(signal.SIGINT, old)
     try:
         _interrupt_when(out, proc, 7)
         _, err = proc.communicate(timeout=60)  # a bound that catches a hang, not a timing
@@ -134,13 +137,13 @@ def test_ctrl_c_after_the_command_finished_ends_it_with_its_status_and_no_traceb
     # A Ctrl-C in the interpreter's shutdown (3 s of it on a tiny finetune) raised KeyboardInterrupt
     # in jax's atexit clean-up: "Exception ignored in atexit callback" and a traceback under the outputs.
     script = ("import atexit, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal
               "import jax\n"  # its atexit clean-up runs after the one registered below
               "atexit.register(signal.raise_signal, signal.SIGINT)\n"
               "from sparcom_jax.cli import main\n"
               "sys.exit(main())\n")
     (tmp_path / "run.py").write_text(script)
     r = subprocess.run([sys.executable, str(tmp_path / "run.py"), "run", "--config", "configs/llama2_7b.yaml", "--dry-run"],
-                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0 and "nothing written" in r.stdout, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr[-2000:]
