@@ -7,7 +7,10 @@ count formats live here too, so every layer (stats, pipeline, scripts) can print
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 
 _T0 = time.perf_counter()
@@ -17,6 +20,31 @@ def log(msg: str) -> None:
     """A progress line on stderr (stdout stays for results), stamped with the elapsed time."""
     el = time.perf_counter() - _T0
     print(f"[sparcom {int(el // 60):d}:{el % 60:04.1f}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def interrupt_held():
+    """Hold Ctrl-C until the block ends, then raise it (KeyboardInterrupt).
+
+    For work that an interrupt would leave torn: jax's native start-up (an interrupt there
+    aborted the process with a C++ terminate and a core dump) and orbax's start of a
+    checkpoint save (interrupted there, the save's writer threads went on without the
+    thread that completes the checkpoint, so it was never completed, and failed as the
+    interpreter shut down). A Ctrl-C that Python ignores (a background job) stays ignored;
+    off the main thread, where no handler can be set, nothing is held.
+    """
+    got: list[int] = []
+    old = signal.getsignal(signal.SIGINT)
+    hold = old not in (signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: got.append(1))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
 
 
 def fmt_bytes(n: float) -> str:

@@ -32,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from sparcom_jax.console import interrupt_held
 from sparcom_jax.fileio import write_json
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.train.step import TrainState, abstract_params, merge_params
@@ -139,11 +140,15 @@ class TrainCheckpointer:
     def save(self, state: TrainState, meta: dict) -> bool:
         """Save `state` at ``meta["step"]`` if the policy says so; returns whether it did."""
         step = int(meta["step"])
-        return self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta),
-        ))
+        # Ctrl-C is held until orbax has started the save whole: raised inside it (after the writer
+        # threads started, before the thread that completes the checkpoint), the checkpoint was
+        # never completed and its writers failed as the interpreter shut down.
+        with interrupt_held():
+            return self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -163,6 +168,10 @@ class TrainCheckpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+    def saving(self) -> bool:
+        """Whether a checkpoint is being written in the background."""
+        return self.manager.is_saving_in_progress()
 
     def close(self) -> None:
         self.manager.close()

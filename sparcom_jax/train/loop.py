@@ -220,6 +220,27 @@ def _evaluate(eval_step, params, batches, categories: list[str], sh) -> dict[str
             "tokens": {c: int(n_sum[c]) for c in sorted(n_sum)}}
 
 
+def _finish_interrupted(ckpt: TrainCheckpointer, run_dir: Path, losses: dict[int, float], first: int,
+                        total_steps: int, *, say: bool) -> None:
+    """After Ctrl-C: let the checkpoint being written land, close the manager, and say what is
+    saved and where the run resumes (when `say`). A second Ctrl-C gives the write up: orbax
+    writes a checkpoint under a temporary name and renames it when complete, so one given up
+    is never read (a resume removes it)."""
+    if say and ckpt.saving():
+        print(f"{run_dir}: interrupted; finishing the checkpoint being written (Ctrl-C again gives it up)",
+              file=sys.stderr, flush=True)
+    ckpt.wait()
+    kept = ckpt.all_steps()
+    ckpt.close()
+    if not say:
+        return
+    done = max(losses, default=first)
+    saved = (f"checkpoints of steps {', '.join(map(str, kept))} are in {ckpt.directory}; the same call resumes "
+             f"from step {kept[-1]}" if kept else "no checkpoint was saved yet; the same call starts it again")
+    print(f"{run_dir}: fine-tuning interrupted after step {done} of {total_steps}: {saved}", file=sys.stderr,
+          flush=True)
+
+
 # Cadence fields do not enter the compiled programs; normalising them lets those be reused.
 _CADENCE = {k: TrainConfig.__dataclass_fields__[k].default for k in _NON_NUMERIC_FIELDS}
 
@@ -384,6 +405,7 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
     losses: dict[int, float] = {}
     # orbax's threads log a failed write (a full disk) at length before the save raises it: held,
     # so that the one-line error comes first (and alone)
+    interrupted = False
     with orbax_errors_held():
         try:
             if start is None:
@@ -424,12 +446,19 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                     t_last, tok_since = time.perf_counter(), 0  # eval and save time are not training time
                 if stop:
                     break
-        finally:
+        except KeyboardInterrupt:
+            interrupted = True
             bar.close()
-            ckpt.wait()  # async writes must land before the caller reads (or the process exits)
-            kept = ckpt.all_steps()
-            ckpt.close()
             metrics.close()
+            _finish_interrupted(ckpt, run_dir, losses, first, total_steps, say=progress and lead)
+            raise
+        finally:
+            if not interrupted:
+                bar.close()
+                ckpt.wait()  # async writes must land before the caller reads (or the process exits)
+                kept = ckpt.all_steps()
+                ckpt.close()
+                metrics.close()
 
     gd, _, rest = nnx.split(model, nnx.Param, ...)
     tuned = nnx.merge(gd, nnx.State(state.params), rest)
