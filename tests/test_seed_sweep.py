@@ -33,10 +33,10 @@ def _block(diag_excess, diag_p, sizes, mass=None):
 
 def _summary(seed):
     """Seed-dependent synthetic experts (with the mass-matched control) and expert neurons."""
-    ex = [0.1 * (seed + 1), -0.2, 0.0, 0.3 - 0.1 * seed, None, 0.05]
+    ex = [0.1 * (seed + 1) ** 2, -0.2, 0.0, 0.3 - 0.1 * seed, 0.0, 0.05]  # (GEN: no set, its 0 not an excess)
     p = [0.05, 1.0, 0.5, 0.05 if seed < 2 else 0.1, None, 0.05]
     sizes = [2, 3, 4, 2 + seed, 0, 3]
-    mass = ([e - 0.05 if e is not None else None for e in ex], [0.05, 1.0, 0.9, 0.35, None, 0.1])
+    mass = ([e - 0.05 for e in ex], [0.05, 1.0, 0.9, 0.35, None, 0.1])
     return {"ablation": {"experts": _block(ex, p, sizes, mass),
                          "expert_neurons": _block([0.01] * C, [0.5] * C, [10] * C)}}
 
@@ -50,9 +50,9 @@ def test_rows_take_the_diagonal_of_each_control():
     exp = {r["category"]: r for r in rows if r["kind"] == "experts"}
     assert len(rows) == 2 * C
     cls, math = exp[CATEGORIES[0]], exp[CATEGORIES[3]]
-    assert (cls["excess"], cls["p"], cls["set_size"]) == (pytest.approx(0.2), 0.05, 2)
+    assert (cls["excess"], cls["p"], cls["set_size"]) == (pytest.approx(0.4), 0.05, 2)
     assert (math["excess"], math["mass_excess"], math["mass_p"]) == (pytest.approx(0.2), pytest.approx(0.15), 0.35)
-    assert exp[CATEGORIES[4]]["excess"] is None and exp[CATEGORIES[4]]["set_size"] == 0
+    assert exp[CATEGORIES[4]]["set_size"] == 0
     neurons = [r for r in rows if r["kind"] == "expert_neurons"]
     assert all(r["mass_excess"] is None and r["excess"] == 0.01 for r in neurons)
 
@@ -65,9 +65,9 @@ def test_a_missing_ablation_block_is_named():
 def test_pass_counts_medians_and_ranges_by_hand():
     s = seed_sweep.summarise(_rows(), alpha=0.05)
     cls = s[("mixtral", "experts", CATEGORIES[0])]
-    # excess 0.1, 0.2, 0.3, every p = 0.05 (passes: p <= alpha); mass 0.05, 0.15, 0.25, p 0.05.
+    # excess 0.1, 0.4, 0.9 (median 0.4, mean 0.47), every p = 0.05 (passes: p <= alpha); mass 0.05, 0.35, 0.85.
     assert (cls["seeds"], cls["random"]["n"], cls["random"]["passed"]) == (3, 3, 3)
-    assert (cls["random"]["median"], cls["random"]["low"], cls["random"]["high"]) == pytest.approx((0.2, 0.1, 0.3))
+    assert (cls["random"]["median"], cls["random"]["low"], cls["random"]["high"]) == pytest.approx((0.4, 0.1, 0.9))
     assert cls["mass-matched"]["passed"] == 3 and cls["mass-matched"]["low"] == pytest.approx(0.05)
     math = s[("mixtral", "experts", CATEGORIES[3])]
     # excess 0.3, 0.2, 0.1 with p 0.05, 0.05, 0.1: two of three pass; mass p 0.35: none.
@@ -80,7 +80,7 @@ def test_pass_counts_medians_and_ranges_by_hand():
 def test_the_table_says_it_per_category():
     lines = seed_sweep.table(_rows(), alpha=0.05)
     by_cat = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines if ln.startswith("| ")}
-    assert "| 3 of 3 | +0.200 [+0.100, +0.300] | 3 of 3 | +0.150 [+0.050, +0.250] |" in by_cat[CATEGORIES[0]]
+    assert "| 3 of 3 | +0.400 [+0.100, +0.900] | 3 of 3 | +0.350 [+0.050, +0.850] |" in by_cat[CATEGORIES[0]]
     assert "| 3 (2-4) | 2 of 3 | +0.200 [+0.100, +0.300] | 0 of 3 |" in by_cat[CATEGORIES[3]]
     assert "no set" in by_cat[CATEGORIES[4]] and "| - |" in by_cat[CATEGORIES[4]]
     assert by_cat[CATEGORIES[1]].endswith("| 10 | 0 of 3 | +0.010 [+0.010, +0.010] |")  # expert neurons
@@ -94,7 +94,8 @@ def _result(rows, seeds):
 
 def test_the_docs_section_is_rewritten_in_place(tmp_path):
     page = tmp_path / "analysis.md"
-    page.write_text("# A\n\nbefore\n\n<!-- seed_sweep:mixtral:start -->\nold table\n<!-- seed_sweep:mixtral:end -->\n\nafter\n")
+    page.write_text("# A\n\nbefore\n\n<!-- seed_sweep:mixtral:start -->\nold table\n"
+                    "<!-- seed_sweep:mixtral:end -->\n\nafter\n")
     seed_sweep.write_docs(_result(_rows((0,)), [0]), str(page))
     seed_sweep.write_docs(_result(_rows(), [0, 1, 2]), str(page))
     text = page.read_text()
@@ -114,3 +115,14 @@ def test_a_seed_sets_init_and_data_order_but_not_the_records():
     assert [p.name for p in cfg.pairs] == ["mixtral"]
     with pytest.raises(SystemExit, match="not a demo pair"):
         seed_sweep.sweep_config(0, ["gpt"], fast=True)
+
+
+def test_the_table_is_rewritten_from_a_saved_sweep(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    page, saved = tmp_path / "analysis.md", tmp_path / "sweep.json"
+    page.write_text("# A\n")
+    write_json(saved, {seed_sweep.SECTION: _result(_rows(), [0, 1, 2])})
+    assert seed_sweep.main(["--from-json", str(saved), "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# A\n\n<!-- seed_sweep:mixtral:start -->\n") and "3 seeds (0, 1, 2)" in text
