@@ -5,6 +5,7 @@ for K seeds and tabulate, per category, how many seeds pass and how far the exce
     PYTHONPATH=$PWD python scripts/seed_sweep.py --seeds 5 --work runs/seed_sweep        # the MoE pair
     PYTHONPATH=$PWD python scripts/seed_sweep.py --seeds 5 --pairs mixtral,llama --fast  # a smoke run
     PYTHONPATH=$PWD python scripts/seed_sweep.py --from-json runs/seed_sweep/seed_sweep.json  # table only
+    PYTHONPATH=$PWD python scripts/seed_sweep.py --from-json A/seed_sweep.json B/seed_sweep.json  # merged
 
 A seed here is a new training run: `seed` (the model's initialisation, and with it the
 analysis' bootstrap, permutation and random-draw streams), `pretrain.seed` and
@@ -240,6 +241,38 @@ def section_key(pairs) -> str:
     return f"{SECTION}:{'+'.join(pairs)}"
 
 
+def load_sweep(path: str) -> dict:
+    """The sweep saved in the results JSON at `path` (its key 'seed_sweep')."""
+    try:
+        return json.loads(Path(path).read_text())[SECTION]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--from-json {path}: no seed sweep read ({type(e).__name__}: {e}); give the "
+                         f"--json file a sweep wrote (default WORK/seed_sweep.json)") from None
+
+
+# What sweeps must share to be one table (the code may differ by commits that left the package alone).
+SAME = ("pairs", "fast", "overrides", "alpha")
+
+
+def merge_sweeps(sweeps: list[dict]) -> dict:
+    """Several sweeps of the same settings and distinct seeds (e.g. run side by side) as one."""
+    first = sweeps[0]
+    for i, s in enumerate(sweeps[1:], 2):
+        other = [k for k in SAME if s[k] != first[k]]
+        if other:
+            raise SystemExit(f"--from-json: sweep {i} differs from sweep 1 in {', '.join(other)} "
+                             f"({', '.join(f'{k}={s[k]!r} against {first[k]!r}' for k in other)}); "
+                             "merge only sweeps of the same settings")
+    seeds = [x for s in sweeps for x in s["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--from-json: a seed is in more than one sweep ({seeds}); give each seed once")
+    seconds = [x for s in sweeps for x in s["seconds"]]
+    join = lambda k: "; ".join(dict.fromkeys(s[k] for s in sweeps))  # noqa: E731
+    return {**first, "seeds": seeds, "rows": [r for s in sweeps for r in s["rows"]], "seconds": seconds,
+            "n_random": [x for s in sweeps for x in s["n_random"]], "seconds_per_seed": float(np.mean(seconds)),
+            "code": join("code"), "stamp": join("stamp"), "versions": join("versions")}
+
+
 def write_docs(result: dict, path: str | None) -> None:
     if path:
         replace_section(Path(path), section_key(result["pairs"]), section(result))
@@ -259,11 +292,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="results JSON (default WORK/seed_sweep.json), key 'seed_sweep'")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "analysis.md"), help="page whose section is rewritten")
     ap.add_argument("--no-docs", action="store_true", help="write no docs table")
-    ap.add_argument("--from-json", default=None, help="only rewrite the table from a results JSON")
+    ap.add_argument("--from-json", nargs="+", default=None,
+                    help="only rewrite the table from results JSONs (several: sweeps of other seeds, merged)")
     args = ap.parse_args(argv)
     docs = None if args.no_docs else args.docs
     if args.from_json:
-        write_docs(json.loads(Path(args.from_json).read_text())[SECTION], docs)
+        write_docs(merge_sweeps([load_sweep(f) for f in args.from_json]), docs)
         return 0
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     seeds = ([int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds)))

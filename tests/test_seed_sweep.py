@@ -86,10 +86,10 @@ def test_the_table_says_it_per_category():
     assert by_cat[CATEGORIES[1]].endswith("| 10 | 0 of 3 | +0.010 [+0.010, +0.010] |")  # expert neurons
 
 
-def _result(rows, seeds):
+def _result(rows, seeds, **kw):
     return {"rows": rows, "alpha": 0.05, "seeds": list(seeds), "pairs": ["mixtral"], "fast": False,
-            "n_random": [19] * len(seeds), "code": "abc1234", "stamp": "Machine: test", "versions": "numpy x",
-            "seconds_per_seed": 60.0}
+            "overrides": [], "n_random": [19] * len(seeds), "code": "abc1234", "stamp": "Machine: test",
+            "versions": "numpy x", "seconds": [60.0] * len(seeds), "seconds_per_seed": 60.0, **kw}
 
 
 def test_the_docs_section_is_rewritten_in_place(tmp_path):
@@ -126,3 +126,35 @@ def test_the_table_is_rewritten_from_a_saved_sweep(tmp_path):
     assert seed_sweep.main(["--from-json", str(saved), "--docs", str(page)]) == 0
     text = page.read_text()
     assert text.startswith("# A\n\n<!-- seed_sweep:mixtral:start -->\n") and "3 seeds (0, 1, 2)" in text
+
+
+def test_sweeps_of_other_seeds_merge_into_one_table(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    page, a, b = tmp_path / "analysis.md", tmp_path / "a.json", tmp_path / "b.json"
+    write_json(a, {seed_sweep.SECTION: _result(_rows((0, 1)), [0, 1])})
+    write_json(b, {seed_sweep.SECTION: _result(_rows((2,)), [2], seconds=[90.0], code="def5678")})
+    seed_sweep.main(["--from-json", str(a), str(b), "--docs", str(page)])
+    merged = page.read_text()
+    assert "3 seeds (0, 1, 2)" in merged and "code abc1234; def5678" in merged and "70 s per seed" in merged
+    page.unlink()
+    single = tmp_path / "one.json"
+    write_json(single, {seed_sweep.SECTION: _result(_rows(), [0, 1, 2])})
+    seed_sweep.main(["--from-json", str(single), "--docs", str(page)])
+    # The merged table is the table of one sweep of the three seeds.
+    assert merged.split("| category |", 1)[1] == page.read_text().split("| category |", 1)[1]
+
+
+def test_sweeps_that_cannot_merge_are_refused_by_name(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    a, b, c = (tmp_path / f"{x}.json" for x in "abc")
+    write_json(a, {seed_sweep.SECTION: _result(_rows((0,)), [0])})
+    write_json(b, {seed_sweep.SECTION: _result(_rows((1,)), [1], fast=True)})
+    write_json(c, {seed_sweep.SECTION: _result(_rows((0,)), [0])})
+    with pytest.raises(SystemExit, match="differs from sweep 1 in fast"):
+        seed_sweep.main(["--from-json", str(a), str(b), "--no-docs"])
+    with pytest.raises(SystemExit, match="more than one sweep"):
+        seed_sweep.main(["--from-json", str(a), str(c), "--no-docs"])
+    with pytest.raises(SystemExit, match="no seed sweep read"):
+        seed_sweep.main(["--from-json", str(tmp_path / "missing.json"), "--no-docs"])
