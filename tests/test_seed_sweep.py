@@ -1,0 +1,160 @@
+"""scripts/seed_sweep.py's bookkeeping on synthetic summaries (no demo run): the rows it reads
+from a pair's ablation block, the pass counts and ranges it tabulates, and the docs section it
+rewrites in place."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import seed_sweep  # noqa: E402
+
+from sparcom_jax.categories import CATEGORIES  # noqa: E402
+
+C = len(CATEGORIES)
+
+
+def _matrix(diag, off=9.0):
+    """C x C with `diag` on the diagonal and `off` elsewhere (off-diagonal cells must not be read)."""
+    return [[diag[i] if i == j else off for j in range(C)] for i in range(C)]
+
+
+def _block(diag_excess, diag_p, sizes, mass=None):
+    block = {"categories": list(CATEGORIES), "excess": _matrix(diag_excess), "p_value": _matrix(diag_p, 0.0),
+             "set_sizes": dict(zip(CATEGORIES, sizes)), "mass_matched": None}
+    if mass:
+        block["mass_matched"] = {"excess": _matrix(mass[0]), "p_value": _matrix(mass[1], 0.0)}
+    return block
+
+
+def _summary(seed):
+    """Seed-dependent synthetic experts (with the mass-matched control) and expert neurons."""
+    ex = [0.1 * (seed + 1) ** 2, -0.2, 0.0, 0.3 - 0.1 * seed, 0.0, 0.05]  # (GEN: no set, its 0 not an excess)
+    p = [0.05, 1.0, 0.5, 0.05 if seed < 2 else 0.1, None, 0.05]
+    sizes = [2, 3, 4, 2 + seed, 0, 3]
+    mass = ([e - 0.05 for e in ex], [0.05, 1.0, 0.9, 0.35, None, 0.1])
+    return {"ablation": {"experts": _block(ex, p, sizes, mass),
+                         "expert_neurons": _block([0.01] * C, [0.5] * C, [10] * C)}}
+
+
+def _rows(seeds=(0, 1, 2)):
+    return [r for s in seeds for r in seed_sweep.seed_rows(s, "mixtral", _summary(s))]
+
+
+def test_rows_take_the_diagonal_of_each_control():
+    rows = _rows((1,))
+    exp = {r["category"]: r for r in rows if r["kind"] == "experts"}
+    assert len(rows) == 2 * C
+    cls, math = exp[CATEGORIES[0]], exp[CATEGORIES[3]]
+    assert (cls["excess"], cls["p"], cls["set_size"]) == (pytest.approx(0.4), 0.05, 2)
+    assert (math["excess"], math["mass_excess"], math["mass_p"]) == (pytest.approx(0.2), pytest.approx(0.15), 0.35)
+    assert exp[CATEGORIES[4]]["set_size"] == 0
+    neurons = [r for r in rows if r["kind"] == "expert_neurons"]
+    assert all(r["mass_excess"] is None and r["excess"] == 0.01 for r in neurons)
+
+
+def test_a_missing_ablation_block_is_named():
+    with pytest.raises(SystemExit, match="ablation.expert_neurons"):
+        seed_sweep.seed_rows(0, "mixtral", {"ablation": {"experts": _block([0.0] * C, [1.0] * C, [1] * C)}})
+
+
+def test_pass_counts_medians_and_ranges_by_hand():
+    s = seed_sweep.summarise(_rows(), alpha=0.05)
+    cls = s[("mixtral", "experts", CATEGORIES[0])]
+    # excess 0.1, 0.4, 0.9 (median 0.4, mean 0.47), every p = 0.05 (passes: p <= alpha); mass 0.05, 0.35, 0.85.
+    assert (cls["seeds"], cls["random"]["n"], cls["random"]["passed"]) == (3, 3, 3)
+    assert (cls["random"]["median"], cls["random"]["low"], cls["random"]["high"]) == pytest.approx((0.4, 0.1, 0.9))
+    assert cls["mass-matched"]["passed"] == 3 and cls["mass-matched"]["low"] == pytest.approx(0.05)
+    math = s[("mixtral", "experts", CATEGORIES[3])]
+    # excess 0.3, 0.2, 0.1 with p 0.05, 0.05, 0.1: two of three pass; mass p 0.35: none.
+    assert (math["random"]["passed"], math["mass-matched"]["passed"]) == (2, 0)
+    assert (math["size"]["median"], math["size"]["low"], math["size"]["high"]) == (3, 2, 4)
+    empty = s[("mixtral", "experts", CATEGORIES[4])]
+    assert empty["random"] == {"n": 0, "passed": 0, "median": None, "low": None, "high": None}
+
+
+def test_the_table_says_it_per_category():
+    lines = seed_sweep.table(_rows(), alpha=0.05)
+    by_cat = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines if ln.startswith("| ")}
+    assert "| 3 of 3 | +0.400 [+0.100, +0.900] | 3 of 3 | +0.350 [+0.050, +0.850] |" in by_cat[CATEGORIES[0]]
+    assert "| 3 (2-4) | 2 of 3 | +0.200 [+0.100, +0.300] | 0 of 3 |" in by_cat[CATEGORIES[3]]
+    assert "no set" in by_cat[CATEGORIES[4]] and "| - |" in by_cat[CATEGORIES[4]]
+    assert by_cat[CATEGORIES[1]].endswith("| 10 | 0 of 3 | +0.010 [+0.010, +0.010] |")  # expert neurons
+
+
+def _result(rows, seeds, **kw):
+    return {"rows": rows, "alpha": 0.05, "seeds": list(seeds), "pairs": ["mixtral"], "fast": False,
+            "overrides": [], "n_random": [19] * len(seeds), "code": "abc1234", "stamp": "Machine: test",
+            "versions": "numpy x", "seconds": [60.0] * len(seeds), "seconds_per_seed": 60.0, **kw}
+
+
+def test_the_docs_section_is_rewritten_in_place(tmp_path):
+    page = tmp_path / "analysis.md"
+    page.write_text("# A\n\nbefore\n\n<!-- seed_sweep:mixtral:start -->\nold table\n"
+                    "<!-- seed_sweep:mixtral:end -->\n\nafter\n")
+    seed_sweep.write_docs(_result(_rows((0,)), [0]), str(page))
+    seed_sweep.write_docs(_result(_rows(), [0, 1, 2]), str(page))
+    text = page.read_text()
+    assert text.startswith("# A\n\nbefore\n\n<!-- seed_sweep:mixtral:start -->\n") and text.endswith(
+        "<!-- seed_sweep:mixtral:end -->\n\nafter\n")
+    assert text.count("seed_sweep:mixtral:start") == 1 and "old table" not in text and "1 seed (0)" not in text
+    assert "3 seeds (0, 1, 2)" in text and "code abc1234" in text and "smallest p is 0.05" in text
+    # The per-seed table: one column per seed, MATH's seed 2 with its size, both excesses and p.
+    math = next(ln for ln in text.splitlines() if ln.startswith(f"| {CATEGORIES[3]} | 2:"))
+    assert math.endswith("| 4: +0.10 (0.10); +0.05 (0.35) |")
+
+
+def test_a_seed_sets_init_and_data_order_but_not_the_records():
+    cfg = seed_sweep.sweep_config(3, ["mixtral"], fast=True)
+    assert (cfg.seed, cfg.pretrain.seed, cfg.finetune.seed) == (3, 3, 3)
+    assert (cfg.data.seed, cfg.data.split_seed) == (0, 0)
+    assert [p.name for p in cfg.pairs] == ["mixtral"]
+    with pytest.raises(SystemExit, match="not a demo pair"):
+        seed_sweep.sweep_config(0, ["gpt"], fast=True)
+
+
+def test_the_table_is_rewritten_from_a_saved_sweep(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    page, saved = tmp_path / "analysis.md", tmp_path / "sweep.json"
+    page.write_text("# A\n")
+    write_json(saved, {seed_sweep.SECTION: _result(_rows(), [0, 1, 2])})
+    assert seed_sweep.main(["--from-json", str(saved), "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# A\n\n<!-- seed_sweep:mixtral:start -->\n") and "3 seeds (0, 1, 2)" in text
+
+
+def test_sweeps_of_other_seeds_merge_into_one_table(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    page, a, b = tmp_path / "analysis.md", tmp_path / "a.json", tmp_path / "b.json"
+    write_json(a, {seed_sweep.SECTION: _result(_rows((0, 1)), [0, 1])})
+    write_json(b, {seed_sweep.SECTION: _result(_rows((2,)), [2], seconds=[90.0], code="def5678")})
+    seed_sweep.main(["--from-json", str(a), str(b), "--docs", str(page)])
+    merged = page.read_text()
+    assert "3 seeds (0, 1, 2)" in merged and "code abc1234; def5678" in merged and "70 s per seed" in merged
+    page.unlink()
+    single = tmp_path / "one.json"
+    write_json(single, {seed_sweep.SECTION: _result(_rows(), [0, 1, 2])})
+    seed_sweep.main(["--from-json", str(single), "--docs", str(page)])
+    # The merged table is the table of one sweep of the three seeds.
+    assert merged.split("| category |", 1)[1] == page.read_text().split("| category |", 1)[1]
+
+
+def test_sweeps_that_cannot_merge_are_refused_by_name(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    a, b, c = (tmp_path / f"{x}.json" for x in "abc")
+    write_json(a, {seed_sweep.SECTION: _result(_rows((0,)), [0])})
+    write_json(b, {seed_sweep.SECTION: _result(_rows((1,)), [1], fast=True)})
+    write_json(c, {seed_sweep.SECTION: _result(_rows((0,)), [0])})
+    with pytest.raises(SystemExit, match="differs from sweep 1 in fast"):
+        seed_sweep.main(["--from-json", str(a), str(b), "--no-docs"])
+    with pytest.raises(SystemExit, match="more than one sweep"):
+        seed_sweep.main(["--from-json", str(a), str(c), "--no-docs"])
+    with pytest.raises(SystemExit, match="no seed sweep read"):
+        seed_sweep.main(["--from-json", str(tmp_path / "missing.json"), "--no-docs"])
