@@ -730,3 +730,20 @@ def test_export_series_writes_every_checkpoint_under_its_series_name(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(pure_params(bf16))} == {np.dtype("float32")}
     with pytest.raises(FileNotFoundError, match=r"run\.json: not found; .* is not a fine-tuning run directory"):
         read_run(tmp_path / "hf")
+
+
+def test_a_checkpoint_a_killed_run_left_unfinished_is_removed(tmp_path):
+    # orbax writes a checkpoint under a temporary name and renames it when complete; a run killed
+    # mid-save leaves the temporary directory, which a resumed run never reads and must not keep.
+    import jax.numpy as jnp
+
+    from sparcom_jax.train.checkpointing import TrainCheckpointer
+    from sparcom_jax.train.step import TrainState
+
+    left = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1010101"
+    left.mkdir(parents=True)
+    ck = TrainCheckpointer(tmp_path, save_every=2, keep_last=2, final_step=8, async_save=False)
+    assert ck.save(TrainState(jnp.int32(0), {"w": jnp.zeros(3)}, {"m": jnp.zeros(2)}), {"step": 0})
+    ck.wait()
+    ck.close()
+    assert sorted(p.name for p in left.parent.iterdir()) == ["0"]
