@@ -263,8 +263,7 @@ class IdentifySpec(IdentifyConfig):
             super().__post_init__()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if min(self.n_boot, self.n_perm, self.top_units, self.top_per_unit) < 0:
-            raise ConfigError("n_boot, n_perm, top_units and top_per_unit must be >= 0")
+        _check_min(self, 0, "n_boot", "n_perm", "top_units", "top_per_unit")  # names the key and its value
         if not isinstance(self.instruction_level, bool):
             from sparcom_jax.analysis.common import SECTIONS
 

@@ -369,6 +369,10 @@ def test_a_comparison_or_series_with_one_side_lacking_a_step_leaves_that_step_ou
         assert boot is not None and "diagonal_dominance" not in boot["per_checkpoint"]
     both = compare_series([("a", full), ("a2", full)])["isn"]["bootstrap"]
     assert "diagonal_dominance" in both["per_checkpoint"]  # the key the test looks for is the right one
+    for series in ((with_c, without), (without, with_c)):  # the contrast trends need every checkpoint's
+        assert compare_series(list(series))["isn"]["contrast_per_category_count"] is None
+    sizes = compare_series([with_c, dataclasses.replace(with_c, name="a2")])["isn"]["contrast_per_category_count"]
+    assert sizes == {c: [v] * 2 for c, v in with_c["isn"].summary["contrast"]["per_category_count"].items()}
 
 
 def test_compare_models_hand_values():
@@ -399,7 +403,9 @@ def test_compare_models_hand_values():
 def test_compare_rejects_different_shapes():
     other = hand_counts()
     other.neuron_active = np.concatenate([other.neuron_active] * 2, axis=1)
-    with pytest.raises(ValueError, match="differ in units"):
+    # named by the comparison (models, section, shapes), not by compare_sets' shape check below it
+    with pytest.raises(ValueError, match=r"'before' \(isn \[2, 5\]\) and 'after' \(isn \[4, 5\]\) differ in units: "
+                                         r"no unit of one is a unit of the other"):
         compare_models(hand_counts(), other, CFG, n_boot=0, n_perm=0)
 
 
@@ -457,6 +463,7 @@ def test_compare_series_trends():
                           ("final", hand_counts())], CFG, **kw)
     t = ser["isn"]
     assert ser["names"] == ["base", "mid", "final"]
+    assert t["n_instructions"] == dict.fromkeys(CATEGORIES, 2)  # 0 would mark every category as not measured
     assert t["vs_base"]["jaccard"]["classification"] == pytest.approx([1.0, 0.6, 1.0])
     assert t["vs_previous"]["jaccard"]["classification"][0] is None
     assert t["vs_previous"]["gained"]["classification"][1:] == [1, 1]
@@ -533,3 +540,64 @@ def test_compare_names_the_rule_that_differs_and_ignores_the_chunk():
         compare_models(before, other)
     with pytest.raises(ValueError, match=rf"'before' and 'after' were {rule}"):
         compare_series([("a", before), ("b", other)])
+
+
+# ---------------------------------------------------------------- study: options and refusals
+
+def _two_fields():
+    c = hand_counts()
+    c.expert_routed = c.neuron_active.copy()  # a second field: [N, L, E=5]
+    return c
+
+
+def test_analyze_model_options_reach_the_fields_they_name():
+    kw = dict(n_boot=0, n_perm=0, top_units=0)
+    m = analyze_model(_two_fields(), CFG, instruction_level=["expert_routed"], **kw)
+    assert m["isn"].instruction_matrix is None and m["isn"].summary["diagonal_dominance"] is None
+    assert m["ise"].instruction_matrix.shape == (12, 12) and m["ise"].summary["diagonal_dominance"] is not None
+    # S(I) [N, *U] are freed after the analysis unless asked for (N x U bools per field)
+    assert m["ise"].ident.instruction_bits is None  # (held for its N x N overlap, then freed)
+    kept = analyze_model(hand_counts(), CFG, keep_instruction_sets=True, **kw)["isn"].ident
+    assert [as_set(r) for r in kept.instruction_sets()] == [x for sets in HAND.values() for x in sets]
+
+
+def test_analyze_model_names_a_rule_key_given_as_an_option():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'eps'; eps belong\(s\) to the rule: pass "
+                                        r"sj\.IdentifyConfig\(eps=0\.2\) as the second argument"):
+        analyze_model(hand_counts(), CFG, eps=0.2)
+    with pytest.raises(TypeError, match=r"'n_boots'; see help\(sparcom_jax\.analysis\.analyze_field\)"):
+        analyze_model(hand_counts(), CFG, n_boots=3)
+
+
+def test_compare_refuses_other_max_lengths_but_not_a_setting_one_side_does_not_record():
+    kw = dict(n_boot=0, n_perm=0, top_units=0)
+    a, b = hand_counts(), hand_counts()
+    a.meta, b.meta = {"max_length": 64, "dtype": "float32"}, {"max_length": 128, "dtype": "float32"}
+    with pytest.raises(ValueError, match=r"'before' and 'after' were counted with different max_length \(64 vs 128\)"):
+        compare_models(a, b, CFG, **kw)
+    b.meta = {}  # counts made in Python without the settings: nothing to compare them on
+    assert compare_models(a, b, CFG, **kw)["isn"]["code"]["jaccard"] == 1.0
+
+
+def test_a_series_is_not_empty_and_keeps_the_sections_every_checkpoint_has():
+    with pytest.raises(ValueError, match="an empty series"):
+        compare_series([])
+    kw = dict(n_boot=0, n_perm=0, top_units=0)
+    both = analyze_model(_two_fields(), CFG, name="a", **kw)
+    dense = analyze_model(_two_fields(), CFG, name="b", fields=["neuron_active"], **kw)
+    for series in ((both, dense), (dense, both)):
+        assert sorted(compare_series(list(series))) == ["isn", "names"]
+
+
+def test_build_summary_refuses_a_rule_other_than_the_models():
+    kw = dict(n_boot=0, n_perm=0, top_units=0)
+    from sparcom_jax.analysis.study import build_summary
+
+    a = analyze_model(hand_counts(), CFG, name="a", **kw)
+    other = IdentifyConfig(eps=0.2, q=0.5)
+    b = analyze_model(hand_counts(), other, name="b", **kw)
+    with pytest.raises(ValueError, match=r"models were identified with different rules; pass config="):
+        build_summary([a, b])
+    with pytest.raises(ValueError, match="config differs from the rule the models were identified with"):
+        build_summary([a], config=other)
+    assert build_summary([a])["identification"] == build_summary([a], config=CFG)["identification"] == CFG.to_dict()

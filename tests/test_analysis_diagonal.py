@@ -143,6 +143,12 @@ def test_human_subset_removes_the_duplicates_diagonal():
     # A prefix, not a substring: "not human-written" stays out.
     relabelled = ["not human-written" if i == 0 else x for i, x in enumerate(sources)]
     assert subset_diagonal(m, labels, relabelled, "human", n_perm=0)["n"] == 17
+    # Two human sources: the subset's test shuffles within each, as the full test does.
+    two = [f"{x}-{i % 2}" if x.startswith("human") else x for i, x in enumerate(sources)]
+    h2 = subset_diagonal(m, labels, two, "human", n_perm=19, seed=0)["permutation"]
+    keep = np.arange(18)
+    direct = permutation_test(m[np.ix_(keep, keep)], labels[keep], n_perm=19, seed=0, strata=two[:18])
+    assert h2["n_strata"] == 2 and h2["p_value"] == direct["p_value"] and h2["null_mean"] == direct["null_mean"]
 
 
 def test_analyze_model_stratifies_and_reports_the_human_subset():
@@ -150,6 +156,8 @@ def test_analyze_model_stratifies_and_reports_the_human_subset():
     counts.sources = ["human-written" if i % 2 else "template-varied" for i in range(counts.n)]
     s = analyze_model(counts, IdentifyConfig(eps=6 / 60), n_boot=5, n_perm=19, top_units=0).summary()["isn"]
     assert s["permutation"]["stratified_by"] == "source" and s["permutation"]["n_strata"] == 2
+    # the length-matched test keeps the sources too (length bins within each source)
+    assert s["length_matched"]["stratified_by"] == "prompt length and source"
     h = s["human_subset"]
     assert h["n"] == 12
     ident = identify(counts, "neuron_active", IdentifyConfig(eps=6 / 60))
@@ -163,6 +171,7 @@ def test_analyze_model_stratifies_and_reports_the_human_subset():
     counts.sources = None
     s2 = analyze_model(counts, IdentifyConfig(eps=6 / 60), n_boot=0, n_perm=19, top_units=0).summary()["isn"]
     assert s2["permutation"]["stratified_by"] is None and s2["human_subset"] is None
+    assert s2["length_matched"]["stratified_by"] == "prompt length"
 
 
 def test_analyze_model_between_groups_is_stratified_by_source_as_the_main_test():
@@ -179,6 +188,8 @@ def test_analyze_model_between_groups_is_stratified_by_source_as_the_main_test()
     direct = between_groups(instruction_jaccard(ident), ident.labels, counts.groups, n_perm=19, seed=4,
                             strata=counts.sources, n_boot=3, ci=0.8)
     assert s["permutation"]["stratified_by"] == "source" and s == direct
+    free = between_groups(instruction_jaccard(ident), ident.labels, counts.groups, n_perm=19, seed=4)
+    assert free["permutation"]["stratified_by"] is None and free["permutation"]["n_strata"] is None
     # Without the instruction matrix there is no diagonal to take the group pairs out of.
     alone = analyze_model(counts, cfg, n_boot=0, n_perm=0, top_units=0, instruction_level=False)
     assert alone.summary()["isn"]["between_groups"] is None

@@ -103,6 +103,7 @@ def test_unknown_key_in_a_list_item(tmp_path):
                                     "distributed, init_timeout), got 8"),
     ("name: x\ntrain:\n  learning_rate: fast\n", "train.learning_rate", "expected number, got 'fast'"),
     ("name: [a]\n", "name", "expected string"),
+    ("name: x\nidentify:\n  eps: true\n", "identify.eps", "expected number, got True"),  # not eps=1.0
 ])
 def test_wrong_type_names_key_type_and_value(tmp_path, text, key, expected):
     p = write(tmp_path, text)
@@ -126,11 +127,42 @@ def test_value_checks_name_the_section(tmp_path):
     ("data: {split: {identify: 0.5, ablate: 0.6}}", r"data\.split: shares .* sum to 1"),
     ("data: {split: {identify: 1.0, ablate: 0.0}}", r"data\.split: shares .* must be > 0"),
     ("data: {max_length: 0}", r"data\.max_length must be >= 1, got 0"),
+    ("data: {split: {identify: 0.5, ablate: 0.45}}", r"data\.split: shares .* sum to 1"),  # 5% of records in no part
 ])
 def test_data_section_checks_split_and_sizes(tmp_path, text, expected):
     # Both checks of DataSpec run (a second __post_init__ once silently replaced the split's).
     with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, f"name: x\n{text}\n"))
+
+
+def test_split_shares_that_sum_to_one_in_floating_point_load(tmp_path):
+    # 0.7 + 0.2 + 0.1 is 0.9999999999999999: a split the user wrote right must not be refused
+    split = {"train": 0.7, "identify": 0.2, "ablate": 0.1}
+    assert sum(split.values()) != 1.0
+    assert load_config(write(tmp_path, BASE + f"data: {{split: {split}}}\n")).data.split == split
+
+
+def test_a_top_level_that_is_not_a_mapping_is_named(tmp_path):
+    p = write(tmp_path, "- name: x\n- base: {path: /m}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: the top level must be a mapping of keys, got list"
+
+
+def test_cross_section_refusals_name_both_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"identify\.ties=break .* needs collect\.sums=true"):
+        load_config(write(tmp_path, BASE), ["collect.sums=false"])
+    assert not load_config(write(tmp_path, BASE), ["collect.sums=false", "identify.ties=keep"]).collect.sums
+    for override in ("train.mesh_data=2", "train.mesh_model=2"):
+        with pytest.raises(ConfigError, match=r"the mesh is set once, in the mesh: section"):
+            load_config(write(tmp_path, BASE), [override])
+
+
+def test_demo_buckets_below_the_data_max_length_are_refused():
+    with pytest.raises(ConfigError, match=r"collect\.buckets: the largest bucket \(128\) is below data\.max_length=256"):
+        load_config(None, ["collect.buckets=[64, 128]"], cls=DemoConfig)
+    assert load_config(None, ["collect.buckets=[64, 128]", "data.max_length=128"], cls=DemoConfig).collect.buckets \
+        == [64, 128]
 
 
 def test_missing_required_key_and_invalid_yaml(tmp_path):
@@ -236,6 +268,9 @@ def test_override_errors_name_the_override():
         load_config(CONFIGS / "llama2_7b.yaml", ["collect.batch_size=x"])
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_override("identify.eps")
+    for text in ("=3", "data..max_length=3", ".seed=1", "seed.=1"):  # not "unknown key 'data.'"
+        with pytest.raises(ConfigError, match=f"override {re.escape(repr(text))}: empty key"):
+            parse_override(text)
     with pytest.raises(ConfigError, match="'series' has 0 item"):
         load_config(CONFIGS / "llama2_7b.yaml", ["series.0.path=/x"])
 
@@ -296,6 +331,16 @@ BASE = "name: x\nbase: {path: /m}\n"
     ("ablation", "max_records", 0, 1),
     ("ablation", "n_random", -1, 0),
     ("mesh", "num_processes", 0, 1),
+    ("mesh", "devices", 0, 1),
+    ("mesh", "data", 0, 1),
+    ("mesh", "model", 0, 1),
+    ("mesh", "init_timeout", 0, 1),
+    ("ablation", "neighbours", 0, 1),
+    # "n_boot, n_perm, top_units and top_per_unit must be >= 0" named neither the key nor the value
+    ("identify", "n_boot", -1, 0),
+    ("identify", "n_perm", -1, 0),
+    ("identify", "top_units", -2, 0),
+    ("identify", "top_per_unit", -1, 0),
 ])
 def test_out_of_range_values_name_the_dotted_key(tmp_path, section, key, value, minimum):
     p = write(tmp_path, BASE + f"{section}:\n  {key}: {value}\n")
@@ -339,6 +384,7 @@ def test_valid_adapters_thresholds_and_instruction_fields_load(tmp_path):
         "identify.instruction_level=[neuron_active, expert_routed, expert_neuron_active]"])
     assert cfg.data.adapter == "auto" and cfg.train_data.adapter == "dolly" and cfg.identify.threshold == 1
     assert load_config(write(tmp_path, BASE), ["identify.threshold=0"]).identify.threshold == 0
+    assert load_config(write(tmp_path, BASE), ["data.group_threshold=1"]).data.group_threshold == 1  # in (0, 1]
 
 
 @pytest.mark.parametrize("buckets", ["[]", "[16, 0]"])

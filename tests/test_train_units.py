@@ -280,8 +280,10 @@ def test_callbacks_into_closed_event_loops_are_held_with_the_orbax_errors(monkey
             sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
             other = unraisable(ValueError("another library's"))
             sys.unraisablehook(other)
+            other_runtime = unraisable(RuntimeError("another library's"))  # only the closed loops are held
+            sys.unraisablehook(other_runtime)
             raise OSError(28, "No space left on device")
-    assert passed == [other] and sys.unraisablehook == passed.append  # the others at once; the hook restored
+    assert passed == [other, other_runtime] and sys.unraisablehook == passed.append  # the others at once; the hook restored
     assert "1 callbacks into event loops orbax had closed" in e.value.__notes__[0]
     assert capsys.readouterr().err == ""
     with orbax_errors_held():  # nothing raised: reported when the block ends
@@ -663,3 +665,85 @@ def test_a_step_given_its_rate_updates_as_the_schedule_in_graph_and_shares_one_p
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         lowered.append(given.lower(b, np.float32(0), ids, mask, targets).as_text())
     assert lowered[0] == lowered[1]
+
+
+# --- a run directory's checkpoints exported as Hugging Face directories -------------------------
+
+def _saved_run(run_dir):
+    """A run directory as finetune leaves it (run.json, the tokenizer, checkpoints at 0, 3 and the last
+    step 5 for save_every=3), each checkpoint holding a tiny model's weights plus its step number."""
+    import jax.numpy as jnp
+
+    from sparcom_jax.data.tokenizer import default_tokenizer
+    from sparcom_jax.fileio import write_json
+    from sparcom_jax.models.transformer import init_model
+    from sparcom_jax.train.checkpointing import RUN_FILE, TOKENIZER_SUBDIR, TrainCheckpointer
+    from sparcom_jax.train.step import TrainState, pure_params
+
+    tok = default_tokenizer()
+    cfg = ModelConfig.from_hf_config(dict(
+        model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False))
+    params = pure_params(init_model(cfg, seed=0))
+    write_json(run_dir / RUN_FILE, {"model_config": cfg.to_hf_config(), "total_steps": 5})
+    tok.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
+    ck = TrainCheckpointer(run_dir, save_every=3, keep_last=5, final_step=5, async_save=False)
+    for s in range(6):
+        if ck.should_save(s):
+            ck.save(TrainState(jnp.int32(s), jax.tree.map(lambda x: x + s, params), {"m": jnp.zeros(2)}),
+                    {"step": s})
+    ck.close()
+    return params
+
+
+def _safetensors_dtypes(path):
+    raw = (path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_export_series_writes_every_checkpoint_under_its_series_name(tmp_path):
+    from sparcom_jax.checkpoints.hf import load_model
+    from sparcom_jax.train import checkpoint_steps, export_series, load_checkpoint_model, read_run
+    from sparcom_jax.train.step import pure_params
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    params = _saved_run(run)
+    assert checkpoint_steps(run) == [0, 3, 5] and checkpoint_steps(tmp_path / "none") == []
+    series = export_series(run, out)
+    assert [(n, p) for n, p in series] == [(n, out / n) for n in ("before", "step_000003", "after")]
+    assert [(d["name"], d["step"], d["path"]) for d in json.loads((out / "series.json").read_text())] \
+        == [("before", 0, str(out / "before")), ("step_000003", 3, str(out / "step_000003")), ("after", 5, str(out / "after"))]
+    for (name, path), step in zip(series, (0, 3, 5)):  # each directory holds its own step's weights
+        jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), np.asarray(want) + step),
+                     pure_params(load_model(path)), params)
+        assert (path / "tokenizer.json").exists() and _safetensors_dtypes(path) == {"F32"}
+    # steps in any order are exported in step order; bfloat16 storage on request
+    picked = export_series(run, tmp_path / "two", steps=[5, 0], dtype="bfloat16")
+    assert [n for n, _ in picked] == ["before", "after"] and _safetensors_dtypes(picked[1][1]) == {"BF16"}
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step\(s\) \[4\]; available: \[0, 3, 5\]"):
+        export_series(run, tmp_path / "bad", steps=[0, 4])
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 4; available: \[0, 3, 5\]"):
+        load_checkpoint_model(run, 4)
+    bf16 = load_checkpoint_model(run, 3, dtype="bfloat16")  # bfloat16 compute over the float32 master weights
+    assert {x.dtype for x in jax.tree.leaves(pure_params(bf16))} == {np.dtype("float32")}
+    with pytest.raises(FileNotFoundError, match=r"run\.json: not found; .* is not a fine-tuning run directory"):
+        read_run(tmp_path / "hf")
+
+
+def test_a_checkpoint_a_killed_run_left_unfinished_is_removed(tmp_path):
+    # orbax writes a checkpoint under a temporary name and renames it when complete; a run killed
+    # mid-save leaves the temporary directory, which a resumed run never reads and must not keep.
+    import jax.numpy as jnp
+
+    from sparcom_jax.train.checkpointing import TrainCheckpointer
+    from sparcom_jax.train.step import TrainState
+
+    left = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1010101"
+    left.mkdir(parents=True)
+    ck = TrainCheckpointer(tmp_path, save_every=2, keep_last=2, final_step=8, async_save=False)
+    assert ck.save(TrainState(jnp.int32(0), {"w": jnp.zeros(3)}, {"m": jnp.zeros(2)}), {"step": 0})
+    ck.wait()
+    ck.close()
+    assert sorted(p.name for p in left.parent.iterdir()) == ["0"]
