@@ -308,8 +308,14 @@ def main(argv=None) -> int:
     result = {"seeds": [], "pairs": args.pairs, "fast": args.fast, "overrides": args.override,
               "alpha": args.alpha, "rows": [], "n_random": [], "seconds": [], "code": code_version(),
               "stamp": stamp(), "versions": _versions(), "seconds_per_seed": 0.0}
+    from sparcom_jax.errors import ConfigError, LockedError
+
     for seed in seeds:
-        rows, n_random, took = run_seed(seed, args)
+        try:
+            rows, n_random, took = run_seed(seed, args)
+        except (ConfigError, LockedError) as e:  # stale outputs (--overwrite), a bad override, a busy WORK
+            done = f"; the seeds finished before it are in {json_path}" if result["seeds"] else ""
+            raise SystemExit(f"seed_sweep: seed {seed}: {e}{done}") from None
         result["seeds"].append(seed)
         result["rows"] += rows
         result["n_random"].append(n_random)

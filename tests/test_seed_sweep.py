@@ -158,3 +158,20 @@ def test_sweeps_that_cannot_merge_are_refused_by_name(tmp_path):
         seed_sweep.main(["--from-json", str(a), str(c), "--no-docs"])
     with pytest.raises(SystemExit, match="no seed sweep read"):
         seed_sweep.main(["--from-json", str(tmp_path / "missing.json"), "--no-docs"])
+
+
+def test_a_refused_seed_is_one_line_naming_it_and_the_finished_seeds(tmp_path, monkeypatch):
+    from sparcom_jax.errors import StaleResultError
+
+    def run_seed(seed, args):
+        if seed == 1:
+            raise StaleResultError("OUT/ablate/x.json: made with other inputs or settings (...); re-run with --overwrite")
+        return [], 19, 1.0
+
+    monkeypatch.setattr(seed_sweep, "run_seed", run_seed)
+    with pytest.raises(SystemExit) as e:
+        seed_sweep.main(["--seed-list", "0,1", "--work", str(tmp_path), "--no-docs"])
+    msg = str(e.value)
+    assert msg.startswith("seed_sweep: seed 1: OUT/ablate/x.json") and "--overwrite" in msg
+    assert str(tmp_path / "seed_sweep.json") in msg
+    assert seed_sweep.load_sweep(tmp_path / "seed_sweep.json")["seeds"] == [0]
