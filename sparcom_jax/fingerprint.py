@@ -510,6 +510,12 @@ def read_fingerprint(directory: str | os.PathLike, *, whole: bool = False) -> di
         return {}  # unreadable: differs from anything
 
 
+def made_under(directory: str | os.PathLike) -> dict | None:
+    """The `environment` the output in `directory` recorded in its fingerprint.json; None when
+    it has none (no fingerprint, or one written before environments were recorded)."""
+    return (read_fingerprint(directory, whole=True) or {}).get("environment")
+
+
 # --------------------------------------------------------------------------- #
 # The software a result was made with
 # --------------------------------------------------------------------------- #

@@ -166,12 +166,12 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
 def _train_changes(out: Path, pair: str) -> list[dict[str, Any]]:
     """The environment changes (`note_environment`) of a pair's training (OUT/train/<pair>) from this
     process's, its path relative to OUT."""
-    from sparcom_jax.fingerprint import read_fingerprint
+    from sparcom_jax.fingerprint import made_under
     from sparcom_jax.pipeline.provenance import note_environment
 
     run = out / "train" / pair
-    made = (read_fingerprint(run, whole=True) or {}).get("environment")
-    return [{**c, "output": f"train/{pair}"} for c in note_environment("demo", run, made, made_by="finetune")]
+    changes = note_environment("demo", run, made_under(run), made_by="finetune")
+    return [{**c, "output": f"train/{pair}"} for c in changes]
 
 
 # Said at the top of the demo page: readers publish what the tool shows.

@@ -19,8 +19,8 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, changed_records, digest, digest_arrays, environment, read_fingerprint, record_digests,
-    served_by, with_method, write_fingerprint,
+    FINGERPRINT_FILE, changed_records, digest, digest_arrays, environment, made_under, read_fingerprint,
+    record_digests, served_by, with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -99,8 +99,7 @@ def check_checkpoints_current(cfg: ExperimentConfig, out: Path, stage: str = "ch
           fix="run `sparcom finetune --overwrite` first (it tunes and exports them again), or restore the "
               "settings they were tuned with",
           details=lambda: _run_token_changes(out / "train", stored, current, enc))
-    note_environment(stage, out / "train", (read_fingerprint(out / "train", whole=True) or {}).get("environment"),
-                     made_by="finetune")
+    note_environment(stage, out / "train", made_under(out / "train"), made_by="finetune")
 
 
 def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
@@ -120,11 +119,11 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     details = (lambda: _run_token_changes(directory, stored, components, encoded)) if encoded is not None else None
     clear = (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite,
                                                         details=details)
-    made_under = None  # (this process's)
+    kept_env = None  # (this process's)
     if stored is not None and not clear and any(p.name not in (LOCK_NAME, FINGERPRINT_FILE)
                                                 for p in directory.iterdir()):
-        made_under = (read_fingerprint(directory, whole=True) or {}).get("environment") or {}
-        note_environment(stage, directory, made_under)
+        kept_env = made_under(directory) or {}
+        note_environment(stage, directory, kept_env)
     with primary_writes(f"{stage}: removing {directory}") as writes:
         # one remover: processes removing one tree at once fail on each other's deletions
         for p in (directory, *extra) if clear and writes else ():
@@ -135,7 +134,7 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
             directory.mkdir(parents=True, exist_ok=True)
             write_fingerprint(directory, stage, components,
                               record_digests(encoded.ids, encoded.scopes) if encoded is not None else None,
-                              made_under=made_under)
+                              made_under=kept_env)
 
 
 def _shared_json(path: Path, obj: Any) -> str:
@@ -1098,7 +1097,7 @@ def input_environments(cfg: ExperimentConfig, out: Path, analyses: Analyses,
     path relative to OUT where it is under it."""
     inputs = []
     if fine_tunes(cfg) and (out / "train" / FINGERPRINT_FILE).is_file():
-        inputs.append(("finetune", out / "train", (read_fingerprint(out / "train", whole=True) or {}).get("environment")))
+        inputs.append(("finetune", out / "train", made_under(out / "train")))
     for ma in (*analyses.models.values(), *analyses.controls.values()):
         inputs.append(("collect", Path(ma.meta.get("store") or ma.name), ma.meta.get("environment")))
     for label, kind in ablation:
