@@ -448,17 +448,16 @@ def finetune(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfig, ou
                     break
         except KeyboardInterrupt:
             interrupted = True
-            bar.close()
-            metrics.close()
-            _finish_interrupted(ckpt, run_dir, losses, first, total_steps, say=progress and lead)
             raise
         finally:
-            if not interrupted:
-                bar.close()
+            bar.close()
+            metrics.close()
+            if interrupted:
+                _finish_interrupted(ckpt, run_dir, losses, first, total_steps, say=progress and lead)
+            else:
                 ckpt.wait()  # async writes must land before the caller reads (or the process exits)
                 kept = ckpt.all_steps()
                 ckpt.close()
-                metrics.close()
 
     gd, _, rest = nnx.split(model, nnx.Param, ...)
     tuned = nnx.merge(gd, nnx.State(state.params), rest)
