@@ -483,16 +483,19 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 
 def write_fingerprint(directory: str | os.PathLike, stage: str, components: Mapping[str, Any],
-                      token_digests: str | None = None, made_under: Mapping[str, Any] | None = None) -> Path:
+                      token_digests: str | None = None, made_under: Mapping[str, Any] | None = None,
+                      environments: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}, the records'
     `token_digests` when given, and the "environment" the outputs were made under: `made_under`,
-    default this process's `environment()`; an empty one is left out) atomically."""
+    default this process's `environment()`; an empty one is left out; with `environments`, every
+    environment and the part each made, `with_environment`) atomically."""
     from sparcom_jax.fileio import write_json
 
     path = Path(directory) / FINGERPRINT_FILE
     made_under = environment() if made_under is None else made_under
     beside = {"token_digests": token_digests} if token_digests else {}
     beside.update({"environment": dict(made_under)} if made_under else {})
+    beside.update({"environments": [dict(p) for p in environments]} if environments else {})
     write_json(path, {"stage": stage, "components": dict(components), "digest": digest(dict(components)), **beside})
     return path
 
@@ -603,7 +606,8 @@ def environment() -> dict[str, Any]:
             "sparcom_jax": {"version": versions["sparcom_jax"], **checkout()}}
 
 
-def _affecting(env: Mapping[str, Any]) -> dict[str, Any]:
+def result_values(env: Mapping[str, Any]) -> dict[str, Any]:
+    """An environment's values of what can change a number (`RESULT_AFFECTING`), by name."""
     packages = env.get("packages") or {}
     return {k: packages.get(k, env.get(k)) for k in RESULT_AFFECTING}
 
@@ -614,7 +618,7 @@ def environment_changes(stored: Mapping[str, Any] | None, current: Mapping[str, 
     [`UNRECORDED`] for an output that recorded none (made before environments were recorded)."""
     if not stored:
         return [dict(UNRECORDED)]
-    old, new = _affecting(stored), _affecting(current)
+    old, new = result_values(stored), result_values(current)
     return [{"package": k, "old": old[k], "new": new[k]} for k in RESULT_AFFECTING if old[k] != new[k]]
 
 

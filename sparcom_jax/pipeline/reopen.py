@@ -208,8 +208,13 @@ class Run:
         python, package versions, JAX backend and devices, sparcom_jax's commit); None for a
         report of a sparcom_jax that did not record it.
       environment_changes: the outputs the report reused that were made under other versions
-        of what can change a number ([{"stage", "output", "package", "old", "new"}]; [] when
+        of what can change a number ([{"stage", "output", "part", "package", "old", "new",
+        "matters"}]: "matters" says whether the change can alter a number of the report; [] when
         none, None when not recorded).
+      environment_parts: the outputs made under several environments (a collection or
+        fine-tuning run resumed under other software: [{"stage", "output", "parts": [{"part",
+        "environment"}], "text"}], "text" e.g. "counts/base made under jax 0.10.1 (chunks 0-3)
+        and jax 0.10.2 (chunks 4-7)"; [] when none, or the report predates the list).
     """
 
     def __init__(self, out: Path, config: ExperimentConfig, summary: dict[str, Any]):
@@ -218,6 +223,7 @@ class Run:
         self.stages = _done_stages(config, out)
         self.environment = summary.get("environment")
         self.environment_changes = summary.get("environment_changes")
+        self.environment_parts = summary.get("environment_parts") or []
 
     @property
     def models(self) -> list[str]:
@@ -352,6 +358,7 @@ class Run:
                  f"  environment: {environment_line(self.environment)}"
                  + (f" ({len(self.environment_changes)} reused output(s) made under other versions: "
                     ".environment_changes)" if self.environment_changes else ""),
+                 *(f"  made in parts: {p['text']}" for p in self.environment_parts),
                  f"  analyses: {built} (checked against the report)"]
         return "\n".join(lines + self._outdated_lines())
 
