@@ -30,9 +30,10 @@ The tokenizer is not in it: the stages fingerprint the tokens it produced.
 
 Package versions are not in any fingerprint (a patch release must not force recomputing a
 week of counts). Every output records them beside its fingerprint instead (`environment`:
-python, the packages, JAX's backend and devices, sparcom_jax's commit), and a stage that
-reuses work made under other versions of what can change a number says so
-(`environment_changes`, `sparcom_jax.pipeline.provenance.note_environment`).
+python, the packages, JAX's backend and devices, sparcom_jax's commit; work resumed under
+another keeps each with the part it made, `with_environment`), and a stage that reuses work
+made under other versions says so where that can change a number there (`environment_changes`,
+`MODEL_COMPUTE`, `sparcom_jax.pipeline.provenance.note_environment`).
 """
 
 from __future__ import annotations

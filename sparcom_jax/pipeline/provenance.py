@@ -35,11 +35,16 @@ Every stage's fingerprint also holds `sparcom_jax.fingerprint.METHOD_VERSION` (`
 
 Beside each fingerprint (fingerprint.json, a count store's meta.json "meta", each ablate file, and
 summary.json) every stage records the `sparcom_jax.fingerprint.environment` it computed under:
-python, the packages' versions, the JAX backend and devices, sparcom_jax's commit. Versions are not
-in the fingerprint (a patch release must not force recomputing a week of counts); a stage that
-reuses work made under other versions of what can change a number says so
-(`note_environment`: one line naming the stage, the output and each package old -> new), and the
-report lists every such change in summary.json's "environment_changes".
+python, the packages' versions, the JAX backend and devices, sparcom_jax's commit; work resumed
+under another environment keeps every one with the chunks or steps each made
+(`sparcom_jax.fingerprint.with_environment`). Versions are not in the fingerprint (a patch release
+must not force recomputing a week of counts); a stage that reuses work made under other versions
+says so where the change can alter a number there (`note_environment` with the stage's fields:
+beside new model computation, or a resumed training run; `note_mixed` for the numpy stages, which
+are affected only where the outputs they set against each other differ; docs/cli.md, "What an
+environment change can affect"), and the report lists every change in summary.json's
+"environment_changes" (with "matters") and every output of several environments in its
+"environment_parts".
 """
 
 from __future__ import annotations
