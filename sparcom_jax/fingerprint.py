@@ -30,9 +30,10 @@ The tokenizer is not in it: the stages fingerprint the tokens it produced.
 
 Package versions are not in any fingerprint (a patch release must not force recomputing a
 week of counts). Every output records them beside its fingerprint instead (`environment`:
-python, the packages, JAX's backend and devices, sparcom_jax's commit), and a stage that
-reuses work made under other versions of what can change a number says so
-(`environment_changes`, `sparcom_jax.pipeline.provenance.note_environment`).
+python, the packages, JAX's backend and devices, sparcom_jax's commit; work resumed under
+another keeps each with the part it made, `with_environment`), and a stage that reuses work
+made under other versions says so where that can change a number there (`environment_changes`,
+`MODEL_COMPUTE`, `sparcom_jax.pipeline.provenance.note_environment`).
 """
 
 from __future__ import annotations
@@ -483,16 +484,19 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 
 def write_fingerprint(directory: str | os.PathLike, stage: str, components: Mapping[str, Any],
-                      token_digests: str | None = None, made_under: Mapping[str, Any] | None = None) -> Path:
+                      token_digests: str | None = None, made_under: Mapping[str, Any] | None = None,
+                      environments: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write ``<directory>/fingerprint.json`` ({"stage", "components", "digest"}, the records'
     `token_digests` when given, and the "environment" the outputs were made under: `made_under`,
-    default this process's `environment()`; an empty one is left out) atomically."""
+    default this process's `environment()`; an empty one is left out; with `environments`, every
+    environment and the part each made, `with_environment`) atomically."""
     from sparcom_jax.fileio import write_json
 
     path = Path(directory) / FINGERPRINT_FILE
     made_under = environment() if made_under is None else made_under
     beside = {"token_digests": token_digests} if token_digests else {}
     beside.update({"environment": dict(made_under)} if made_under else {})
+    beside.update({"environments": [dict(p) for p in environments]} if environments else {})
     write_json(path, {"stage": stage, "components": dict(components), "digest": digest(dict(components)), **beside})
     return path
 
@@ -528,6 +532,16 @@ ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "t
 # counts); a stage that reuses work made under other values says so (`environment_changes`).
 RESULT_AFFECTING = ("jax", "jaxlib", "flax", "optax", "numpy", "transformers", "tokenizers", "backend",
                     "device_kind")
+# What a change of each can affect depends on the work that reuses an output (docs/cli.md,
+# "Environments: what a change can affect"): new model computation set beside or against the
+# output's own (a resumed collection, counts that choose the sets an ablation then measures) can
+# differ through the numerics of the model code and the device; training also through the
+# optimizer and numpy (batch order); a stage that only reads finished outputs with numpy
+# (identify, evaluate, compare, report) cannot, except where it sets outputs of other such
+# environments against each other. transformers and tokenizers act only through the tokens,
+# which every fingerprint holds: a change of tokens is refused, one without cannot change a number.
+MODEL_COMPUTE = ("jax", "jaxlib", "flax", "backend", "device_kind")
+TRAINING = (*MODEL_COMPUTE, "optax", "numpy")
 # `environment_changes`' entry for an output made before environments were recorded.
 UNRECORDED = {"package": "(all)", "old": "not recorded (an earlier sparcom_jax)", "new": "this run's"}
 
@@ -593,7 +607,8 @@ def environment() -> dict[str, Any]:
             "sparcom_jax": {"version": versions["sparcom_jax"], **checkout()}}
 
 
-def _affecting(env: Mapping[str, Any]) -> dict[str, Any]:
+def result_values(env: Mapping[str, Any]) -> dict[str, Any]:
+    """An environment's values of what can change a number (`RESULT_AFFECTING`), by name."""
     packages = env.get("packages") or {}
     return {k: packages.get(k, env.get(k)) for k in RESULT_AFFECTING}
 
@@ -604,8 +619,69 @@ def environment_changes(stored: Mapping[str, Any] | None, current: Mapping[str, 
     [`UNRECORDED`] for an output that recorded none (made before environments were recorded)."""
     if not stored:
         return [dict(UNRECORDED)]
-    old, new = _affecting(stored), _affecting(current)
+    old, new = result_values(stored), result_values(current)
     return [{"package": k, "old": old[k], "new": new[k]} for k in RESULT_AFFECTING if old[k] != new[k]]
+
+
+def environment_parts(holder: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Every environment an output was made under, with the part each made: the "environments" of
+    `holder` (a count store's meta, a fingerprint.json: [{"environment", "from", "unit"}], "from"
+    the units, chunks or steps, done before it took over), else its one "environment" (an output
+    made in one go, or before the list was kept) from 0; [] when it recorded none."""
+    holder = holder or {}
+    if holder.get("environments"):
+        return [dict(p) for p in holder["environments"]]
+    return [{"environment": holder["environment"], "from": 0}] if holder.get("environment") else []
+
+
+def with_environment(holder: Mapping[str, Any], env: Mapping[str, Any], start: int, unit: str) -> dict | None:
+    """`holder` (as `environment_parts` reads it) with `env` making the `unit`s from `start` on, or
+    None when it made the last part already (nothing to record). A part that made nothing (its
+    successor starts where it started: a resume stopped before its first unit) is replaced; the
+    "environment" stays the first part's, as earlier readers take it."""
+    parts = environment_parts(holder) or ([{"environment": None, "from": 0}] if start else [])
+    if parts and parts[-1]["environment"] == env:
+        return None
+    kept = [p for p in parts if p["from"] < start]
+    parts = [{**p, "unit": unit} for p in kept + ([] if kept and kept[-1]["environment"] == env else
+                                                  [{"environment": dict(env), "from": int(start)}])]
+    out = {k: v for k, v in holder.items() if k not in ("environment", "environments")}
+    out.update({"environment": parts[0]["environment"]} if parts[0]["environment"] else {})
+    out.update({"environments": parts} if len(parts) > 1 else {})
+    return out
+
+
+def part_ranges(parts: Sequence[Mapping[str, Any]], total: int | None, first: int = 0) -> list[str]:
+    """The part each of `environment_parts` made, as "chunks 0-3" (units numbered from `first`,
+    `total` units in all; None: unknown, the last part runs "on")."""
+    out = []
+    for i, p in enumerate(parts):
+        unit = p.get("unit", "unit")
+        lo = p["from"] + first
+        hi = parts[i + 1]["from"] + first - 1 if i + 1 < len(parts) else (None if total is None else total + first - 1)
+        out.append(f"{unit}s {lo}-{hi}" if hi is not None and hi != lo else f"{unit} {lo}" if hi == lo
+                   else f"{unit}s {lo} on")
+    return out
+
+
+def _flat(env: Mapping[str, Any]) -> dict[str, Any]:
+    """An environment's values by one name each (packages, backend, device kind, python, the commit)."""
+    src = env.get("sparcom_jax") or {}
+    return {**(env.get("packages") or {}), "backend": env.get("backend"), "device_kind": env.get("device_kind"),
+            "devices": env.get("device_count"), "python": env.get("python"),
+            "sparcom_jax": (src.get("commit") or "")[:12] + (" (modified)" if src.get("dirty") else "")
+            or src.get("version")}
+
+
+def parts_line(what: str, parts: Sequence[Mapping[str, Any]], ranges: Sequence[str]) -> str:
+    """One phrase naming the environments of an output's parts by what differs between them:
+    "counts of llama made under jax 0.10.1 (chunks 0-3) and jax 0.10.2 (chunks 4-7)"."""
+    flats = [_flat(p["environment"]) if p["environment"] else {} for p in parts]
+    known = [f for f in flats if f]
+    keys = [k for k in (known or [{}])[0] if len({repr(f.get(k)) for f in known}) > 1] or ["jax", "backend"]
+    named = [(", ".join(f"{k} {f.get(k)}" for k in keys) if f else "versions not recorded") + f" ({r})"
+             for f, r in zip(flats, ranges)]
+    return f"{what} made under " + (" and ".join(named) if len(named) < 3 else ", ".join(named[:-1]) + " and " + named[-1])
 
 
 def environment_line(env: Mapping[str, Any] | None) -> str:

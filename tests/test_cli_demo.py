@@ -60,7 +60,8 @@ def test_the_demo_summary_names_a_pairs_training_made_under_other_versions(tmp_p
     old = {**env, "packages": {**env["packages"], "optax": "0.2.4"}}
     write_fingerprint(tmp_path / "train" / "moe", "demo-train", {"x": 1}, made_under=old)
     assert demo._train_changes(tmp_path, "moe") == [
-        {"stage": "finetune", "output": "train/moe", "package": "optax", "old": "0.2.4", "new": env["packages"]["optax"]}]
+        {"stage": "finetune", "output": "train/moe", "package": "optax", "old": "0.2.4", "new": env["packages"]["optax"],
+         "matters": False}]  # (recorded; fixed weights counted afresh mix nothing)
 
 
 def test_a_demo_stopped_before_it_finishes_leaves_the_config_of_the_outputs_there(tmp_path, monkeypatch):

@@ -122,6 +122,45 @@ def test_interrupted_collection_resumes_to_the_same_result(hf_checkpoint, tmp_pa
         sj.collect_counts(model, seqs[:5], None, out=out, chunk_rows=3, progress=False)
 
 
+def faked_jax(monkeypatch, version):
+    """`environment()` as under another jax (what a resume after an upgrade records)."""
+    import sparcom_jax.fingerprint as F
+
+    real = F._package_versions()
+    monkeypatch.setattr(F, "_package_versions", lambda: {**real, "jax": version})
+
+
+def test_a_store_resumed_under_another_environment_records_both_and_the_chunks_each_made(
+        hf_checkpoint, tmp_path, monkeypatch):
+    from sparcom_jax.fingerprint import environment, environment_parts, part_ranges, parts_line
+
+    model = sj.load_model(hf_checkpoint("llama"))
+    seqs, scopes = make_inputs(n=10)
+    out = tmp_path / "store"
+    with monkeypatch.context() as m:
+        faked_jax(m, "0.0.1")
+        old = environment()
+        with pytest.raises(KeyboardInterrupt):
+            sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=out, chunk_rows=3,
+                              _stop_after_chunks=2)
+    assert "environments" not in json.loads((out / "meta.json").read_text())["meta"]  # one run: one environment
+    new = environment()
+    with pytest.raises(KeyboardInterrupt):  # a resume that makes no chunk: its environment made nothing yet
+        sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=out, chunk_rows=3,
+                          _stop_after_chunks=0)
+    sj.collect_counts(model, seqs, scopes, batch_size=2, progress=False, out=out, chunk_rows=3)
+    meta = sj.open_counts(out).meta
+    assert meta["environment"] == old  # the first, as readers of one environment take it
+    parts = environment_parts(meta)
+    assert parts == [{"environment": old, "from": 0, "unit": "chunk"}, {"environment": new, "from": 2, "unit": "chunk"}]
+    assert part_ranges(parts, 4) == ["chunks 0-1", "chunks 2-3"]
+    assert parts_line("counts", parts, part_ranges(parts, 4)) == (
+        f"counts made under jax 0.0.1 (chunks 0-1) and jax {new['packages']['jax']} (chunks 2-3)")
+    # a store made in one go, or before the list was kept, reads as one part
+    assert environment_parts({"environment": new}) == [{"environment": new, "from": 0}]
+    assert environment_parts({}) == []
+
+
 def test_bad_inputs_are_named(hf_checkpoint):
     model = sj.load_model(hf_checkpoint("llama"))
     with pytest.raises(ValueError, match=r"sequence 1: token id 500 is outside"):

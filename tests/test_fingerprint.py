@@ -496,6 +496,26 @@ def test_environment_changes_name_the_result_affecting_packages_and_the_backend_
     assert F.environment_changes(None, env) == F.environment_changes({}, env) == [F.UNRECORDED]
 
 
+def test_with_environment_keeps_every_environment_and_the_part_each_made():
+    a, b = {"packages": {"jax": "0.10.1"}}, {"packages": {"jax": "0.10.2"}}
+    assert F.with_environment({"environment": a}, a, 4, "chunk") is None  # the same: nothing to record
+    two = F.with_environment({"environment": a, "x": 1}, b, 4, "chunk")
+    assert two == {"x": 1, "environment": a, "environments": [{"environment": a, "from": 0, "unit": "chunk"},
+                                                              {"environment": b, "from": 4, "unit": "chunk"}]}
+    # a resume that made nothing before the next one: its part is replaced, and the same again merges
+    assert F.with_environment(two, a, 4, "chunk") == {"x": 1, "environment": a}
+    assert F.environment_parts(F.with_environment(two, {"packages": {}}, 4, "chunk"))[1]["environment"] == {"packages": {}}
+    # work before environments were recorded: its part stays, not recorded, and no first environment is claimed
+    old = F.with_environment({}, b, 3, "step")
+    assert "environment" not in old and [p["environment"] for p in old["environments"]] == [None, b]
+    assert F.part_ranges(old["environments"], 5, first=1) == ["steps 1-3", "steps 4-5"]
+    assert F.parts_line("train", old["environments"], ["steps 1-3", "steps 4-5"]) == (
+        "train made under versions not recorded (steps 1-3) and jax 0.10.2, backend None (steps 4-5)")
+    assert F.with_environment({}, b, 0, "step") == {"environment": b}  # all made now
+    assert F.part_ranges([{"from": 0, "unit": "chunk"}, {"from": 2, "unit": "chunk"}], None) == ["chunks 0-1",
+                                                                                                 "chunks 2 on"]
+
+
 def test_fingerprint_files_record_the_environment_beside_the_components(tmp_path):
     F.write_fingerprint(tmp_path / "a", "identify", {"x": 1})
     whole = F.read_fingerprint(tmp_path / "a", whole=True)

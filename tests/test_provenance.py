@@ -1552,8 +1552,8 @@ def test_every_stage_records_the_environment_it_ran_under(done):
     assert table[1] == f"# environment: {environment_line(env)}" and f"jax {env['packages']['jax']} (" in table[1]
 
 
-def test_work_reused_under_other_versions_is_named_once_and_listed_in_the_summary(done, tmp_path, monkeypatch,
-                                                                                   capfd):
+def test_counts_set_against_counts_of_other_versions_are_named_once_and_listed_in_the_summary(
+        done, tmp_path, monkeypatch, capfd):
     import shutil
 
     import jax
@@ -1571,18 +1571,20 @@ def test_work_reused_under_other_versions_is_named_once_and_listed_in_the_summar
     capfd.readouterr()
     run_stage("run", exp(), out)
     err = capfd.readouterr().err
-    line = (f"collect: reusing {out / 'counts' / 'base'}, made under other versions than this run's "
-            f"(jax 0.4.30 -> {jax.__version__}); its numbers mix the two")
-    assert line in err and err.count("counts/base, made under") == 1  # said once, though every stage reuses them
-    assert (f"ablate: reusing {out / 'ablate' / 'tuned_neurons.json'}, made under other versions than this run's "
-            "((all) not recorded (an earlier sparcom_jax) -> this run's)") in err
-    assert "counts/tuned, made under" not in err  # made under this run's versions
+    # before and after counted under two jax versions: the comparison mixes them, said once
+    line = (f"analyse: outputs set against each other here were made under different versions ("
+            f"{out / 'counts' / 'base'}: jax 0.4.30; {out / 'counts' / 'tuned'}: jax {jax.__version__}; ")
+    assert line in err and err.count("analyse: outputs set against each other") == 1, err
+    assert f"; {out / 'ablate' / 'tuned_neurons.json'}: not recorded)" in err  # the report adds the causal check
+    assert "made under other versions than this run's" not in err  # reused whole: nothing new beside them
     summary = json.loads((out / "report" / "summary.json").read_text())
-    changes = [{"stage": "collect", "output": "counts/base", "package": "jax", "old": "0.4.30", "new": jax.__version__},
-               {"stage": "ablate", "output": "ablate/tuned_neurons.json", **UNRECORDED}]
+    changes = [{"stage": "collect", "output": "counts/base", "package": "jax", "old": "0.4.30", "new": jax.__version__,
+                "matters": True},
+               {"stage": "ablate", "output": "ablate/tuned_neurons.json", **UNRECORDED, "matters": True}]
     assert summary["environment_changes"] == changes and summary["environment"] == environment()
+    assert summary["environment_parts"] == []
     page = (out / "report" / "index.html").read_text()
-    assert "Outputs made under other versions than this report" in page and "0.4.30" in page
+    assert "Outputs set against each other, made under other versions" in page and "0.4.30" in page
     # reused, not recomputed: the counts still say what made them
     assert json.loads((out / "counts" / "base" / "meta.json").read_text())["meta"]["environment"]["packages"]["jax"] == "0.4.30"
     run = sj.open_run(out)
@@ -1593,32 +1595,135 @@ def test_work_reused_under_other_versions_is_named_once_and_listed_in_the_summar
     shutil.copytree(out, alone)
     run_stage("report", exp(), alone)
     err = capfd.readouterr().err
-    assert f"analyse: reusing {alone / 'counts' / 'base'}, made under other versions than this run's (jax 0.4.30" in err
-    assert f"report: reusing {alone / 'ablate' / 'tuned_neurons.json'}, made under other versions" in err
+    assert f"({alone / 'counts' / 'base'}: jax 0.4.30; " in err
+    assert f"{alone / 'ablate' / 'tuned_neurons.json'}: not recorded" in err
 
 
-def test_a_fine_tuning_run_reused_under_other_versions_keeps_its_own_and_says_so(tuned, tmp_path, monkeypatch,
-                                                                                capfd):
+def test_a_store_resumed_under_other_versions_is_said_and_shown_with_the_chunks_each_made(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """A collection stopped after its first chunk under another jax, resumed under this one: collect
+    says so (new chunks beside old), the store records both, and the summary, the page's Software
+    line and open_run name them with their chunks."""
+    import functools
+
+    import jax
+
+    import sparcom_jax as sj
+    import sparcom_jax.fingerprint as F
+    import sparcom_jax.stats.collect as C
+
+    real_collect, real_versions = C.collect_counts, F._package_versions()
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(F, "_package_versions", lambda: {**real_versions, "jax": "0.0.1"})
+        m.setattr(C, "collect_counts", functools.partial(real_collect, chunk_rows=4, _stop_after_chunks=1))
+        with pytest.raises(KeyboardInterrupt):
+            run_stage("collect", exp(), out)
+    monkeypatch.setattr(C, "collect_counts", functools.partial(real_collect, chunk_rows=4))
+    capfd.readouterr()
+    run_stage("run", exp(), out)
+    err = capfd.readouterr().err
+    assert (f"collect: reusing {out / 'counts' / 'base'}, made under other versions than this run's (jax 0.0.1 -> "
+            f"{jax.__version__}); its numbers mix the two") in err
+    text = f"counts/base made under jax 0.0.1 (chunk 0) and jax {jax.__version__} (chunks 1-2)"
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert [p["text"] for p in summary["environment_parts"]] == [text]
+    assert [p["part"] for p in summary["environment_parts"][0]["parts"]] == ["chunk 0", "chunks 1-2"]
+    assert summary["environment_changes"] == [{"stage": "collect", "output": "counts/base", "part": "chunk 0",
+                                               "package": "jax", "old": "0.0.1", "new": jax.__version__,
+                                               "matters": True}]
+    assert len(summary["models"]["base"]["meta"]["environments"]) == 2
+    page = (out / "report" / "index.html").read_text()
+    software = next(ln for ln in page.splitlines() if "Software: " in ln)
+    assert text in software
+    run = sj.open_run(out)
+    assert run.environment_parts == summary["environment_parts"] and f"made in parts: {text}" in repr(run)
+
+
+def other_device(env):
+    return {**env, "backend": "tpu", "device_kind": "TPU v5 lite"}
+
+
+def test_counts_made_on_another_backend_are_recorded_quietly_where_only_numpy_reads_them(done, tmp_path,
+                                                                                        monkeypatch, capfd):
+    """Counts and causal checks all made on an accelerator, the report written on a CPU: numpy
+    recomputes the same numbers from the same integer counts and losses, so nothing is said; the
+    changes are recorded (not "matters"). The causal check recomputed from those counts runs new
+    model computation beside them: that one says so."""
+    import shutil
+
+    from test_open_run import edit_json
+
+    from sparcom_jax.fingerprint import environment
+
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    for meta in (out / "counts").rglob("meta.json"):
+        edit_json(meta, lambda h: h["meta"].update(environment=other_device(h["meta"]["environment"])))
+    edit_json(out / "ablate" / "tuned_neurons.json", lambda d: d.update(environment=other_device(d["environment"])))
+    no_weights(monkeypatch)
+    capfd.readouterr()
+    run_stage("report", exp(), out)
+    err = capfd.readouterr().err
+    assert "other versions" not in err and "set against each other" not in err, err
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    changes = summary["environment_changes"]
+    env = environment()
+    assert {(c["output"], c["package"], c["old"], c["new"], c["matters"]) for c in changes} == {
+        (o, k, v, env[k], False) for o in ("counts/base", "counts/tuned", "counts/tuned_under_plain_template",
+                                           "ablate/tuned_neurons.json")
+        for k, v in (("backend", "tpu"), ("device_kind", "TPU v5 lite"))}
+    page = (out / "report" / "index.html").read_text()
+    assert "cannot change a number here" in page and "Outputs set against each other" not in page
+    # the causal check measured again: losses of this backend on sets the TPU counts chose
+    (out / "ablate" / "tuned_neurons.json").unlink()
+    monkeypatch.undo()
+    run_stage("ablate", exp(), out)
+    err = capfd.readouterr().err
+    assert (f"ablate: reusing {out / 'counts' / 'tuned'}, made under other versions than this run's (backend tpu -> "
+            f"{env['backend']}, device_kind TPU v5 lite -> {env['device_kind']}); its numbers mix the two") in err
+
+
+def test_a_fine_tuning_run_resumed_under_other_versions_records_both_and_says_so(tuned, tmp_path, monkeypatch,
+                                                                                  capfd):
     import shutil
 
     import flax
     from test_open_run import edit_json
 
-    from sparcom_jax.fingerprint import environment
+    from sparcom_jax.fingerprint import environment, parts_line
+    from sparcom_jax.train.checkpointing import CHECKPOINT_SUBDIR
 
     src, cfg = tuned
     out = tmp_path / "out"
     shutil.copytree(src, out)
     edit_json(out / "train" / "fingerprint.json", lambda f: f["environment"]["packages"].update(flax="0.10.0"))
+    first = json.loads((out / "train" / "fingerprint.json").read_text())
+    changed = f"made under other versions than this run's (flax 0.10.0 -> {flax.__version__})"
+    # finished, and reused as it is: nothing new is trained beside it, nothing said or recorded anew
     capfd.readouterr()
     run_stage("finetune", from_dict(ExperimentConfig, cfg, "t"), out)
-    changed = f"made under other versions than this run's (flax 0.10.0 -> {flax.__version__})"
-    assert f"finetune: reusing {out / 'train'}, {changed}" in capfd.readouterr().err
-    kept = json.loads((out / "train" / "fingerprint.json").read_text())["environment"]
-    assert kept == {**environment(), "packages": {**environment()["packages"], "flax": "0.10.0"}}
-    # the stages after finetune use its checkpoints: they say it too
+    assert "made under other versions" not in capfd.readouterr().err
+    assert json.loads((out / "train" / "fingerprint.json").read_text()) == first
+    # nor by the stages that count its checkpoints (fixed weights, counted afresh)
     other = tmp_path / "other"
     shutil.copytree(out, other)
-    no_weights(monkeypatch)
-    stages.preflight("collect", from_dict(ExperimentConfig, cfg, "t"), other)
-    assert f"collect: reusing {other / 'train'}, {changed}" in capfd.readouterr().err
+    with monkeypatch.context() as m:
+        no_weights(m)
+        stages.preflight("collect", from_dict(ExperimentConfig, cfg, "t"), other)
+    assert "made under other versions" not in capfd.readouterr().err
+    # stopped after step 1 of 2 under flax 0.10.0, resumed under this one: step 2 continues step 1
+    shutil.rmtree(out / "train" / CHECKPOINT_SUBDIR / "2")
+    run_stage("finetune", from_dict(ExperimentConfig, cfg, "t"), out)
+    assert f"finetune: reusing {out / 'train'}, {changed}" in capfd.readouterr().err
+    kept = json.loads((out / "train" / "fingerprint.json").read_text())
+    old = {**environment(), "packages": {**environment()["packages"], "flax": "0.10.0"}}
+    assert kept["environment"] == old  # the first, as readers of one environment take it
+    assert kept["environments"] == [{"environment": old, "from": 0, "unit": "step"},
+                                    {"environment": environment(), "from": 1, "unit": "step"}]
+    parts = stages.train_parts(out / "train")
+    assert [p["part"] for p in parts] == ["step 1", "step 2"]
+    assert parts_line("train", parts, ["step 1", "step 2"]) == (
+        f"train made under flax 0.10.0 (step 1) and flax {flax.__version__} (step 2)")
+
+

@@ -193,6 +193,10 @@ def test_demo_page_names_reused_outputs_made_under_other_versions(tmp_path):
     clean = write_demo_report(tmp_path / "clean", {"pair": {"environment_changes": []}}, {"pair": page},
                               "demo").read_text()
     assert "other versions" not in clean
+    # recorded, but one that cannot change a number (`matters`) is not said to mix anything
+    quiet = write_demo_report(tmp_path / "quiet", {"pair": {"environment_changes": [{**change, "matters": False}]}},
+                              {"pair": page}, "demo").read_text()
+    assert "other versions" not in quiet
 
 
 def test_an_estimate_outside_its_interval_is_flagged_with_its_bias(tmp_path):

@@ -166,11 +166,12 @@ def run_demo(out: str | os.PathLike, fast: bool = False, cfg: DemoConfig | None 
 def _train_changes(out: Path, pair: str) -> list[dict[str, Any]]:
     """The environment changes (`note_environment`) of a pair's training (OUT/train/<pair>) from this
     process's, its path relative to OUT."""
-    from sparcom_jax.fingerprint import made_under
-    from sparcom_jax.pipeline.provenance import note_environment
+    from sparcom_jax.pipeline.provenance import READ_ONLY, note_environment
+    from sparcom_jax.pipeline.stages import train_parts
 
     run = out / "train" / pair
-    changes = note_environment("demo", run, made_under(run), made_by="finetune")
+    # (fixed weights counted afresh: recorded, never mixed; `input_environments`)
+    changes = note_environment("demo", run, train_parts(run), made_by="finetune", fields=READ_ONLY)
     return [{**c, "output": f"train/{pair}"} for c in changes]
 
 
@@ -212,7 +213,7 @@ def _write_demo_report(rdir: Path, summaries: dict[str, dict], pages: dict[str, 
     merged = merge_pair_summaries(summaries)
     # (each pair's page lists its own; the pairs' training is the demo's)
     mixed = "; ".join(f"{c['pair']}: {c['output']} ({c['package']} {c['old']} -> {c['new']})"
-                      for c in merged["environment_changes"])
+                      for c in merged["environment_changes"] if c.get("matters", True))  # (recorded: all)
     mixed = (f"<p>Reused outputs made under other versions than this demo's: {html_escape(mixed)}. Its numbers "
              "mix two environments.</p>") if mixed else ""
     doc = (f"{head}<h1>{title}</h1><p>{DEMO_CAVEAT}</p>{mixed}<p>Model pairs:</p><ul>{toc}</ul>{''.join(parts)}"
@@ -233,8 +234,8 @@ def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
     "models", "model_paths" and "templates" become the union of the pairs'; "comparison",
     "series" and "ablation" are merged key by key (a dense pair brings comparison.isn,
     ablation.isn and ablation.random; an MoE pair comparison.ise, ablation.ise, ...),
-    "controls" one level deeper (controls.same_template.isn, .ise, ...), "environment_changes" is
-    every pair's list, each entry with its "pair"; every other key (identification, data, scope, ...) is taken from the first pair
+    "controls" one level deeper (controls.same_template.isn, .ise, ...), "environment_changes" and
+    "environment_parts" are every pair's lists, each entry with its "pair"; every other key (identification, data, scope, ...) is taken from the first pair
     that has it. Where pairs give one key different values, the first pair's value
     is kept (two mappings with no key in common, e.g. comparison.moves, are united)
     and "merged_from" maps the dotted key to the pair it was kept from.
@@ -270,10 +271,10 @@ def merge_pair_summaries(summaries: Mapping[str, dict]) -> dict[str, Any]:
                 merge(merged.setdefault(key, {}), value, _MERGE_DEPTH[key], pair, key)
             else:
                 put(merged, key, value, pair, key)
-    # Every pair's outputs made under other versions, each named with its pair.
-    merged["environment_changes"] = [{"pair": pair, **c} for pair, summary in summaries.items()
-                                     for c in summary.get("environment_changes") or ()]
-    merged_from.pop("environment_changes", None)
+    # Every pair's outputs made under other versions (or under several), each named with its pair.
+    for key in ("environment_changes", "environment_parts"):
+        merged[key] = [{"pair": pair, **c} for pair, summary in summaries.items() for c in summary.get(key) or ()]
+        merged_from.pop(key, None)
     merged["merged_from"] = merged_from
     merged["pairs"] = dict(summaries)
     return merged

@@ -35,23 +35,29 @@ Every stage's fingerprint also holds `sparcom_jax.fingerprint.METHOD_VERSION` (`
 
 Beside each fingerprint (fingerprint.json, a count store's meta.json "meta", each ablate file, and
 summary.json) every stage records the `sparcom_jax.fingerprint.environment` it computed under:
-python, the packages' versions, the JAX backend and devices, sparcom_jax's commit. Versions are not
-in the fingerprint (a patch release must not force recomputing a week of counts); a stage that
-reuses work made under other versions of what can change a number says so
-(`note_environment`: one line naming the stage, the output and each package old -> new), and the
-report lists every such change in summary.json's "environment_changes".
+python, the packages' versions, the JAX backend and devices, sparcom_jax's commit; work resumed
+under another environment keeps every one with the chunks or steps each made
+(`sparcom_jax.fingerprint.with_environment`). Versions are not in the fingerprint (a patch release
+must not force recomputing a week of counts); a stage that reuses work made under other versions
+says so where the change can alter a number there (`note_environment` with the stage's fields:
+beside new model computation, or a resumed training run; `note_mixed` for the numpy stages, which
+are affected only where the outputs they set against each other differ; docs/cli.md, "What an
+environment change can affect"), and the report lists every change in summary.json's
+"environment_changes" (with "matters") and every output of several environments in its
+"environment_parts".
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from sparcom_jax.config import ExperimentConfig, ModelSpec
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fingerprint import (
-    changed_records, describe, digest, digest_arrays, environment, environment_changes, model_files_fingerprint,
-    record_digests, stale_keys, with_method,
+    MODEL_COMPUTE, RESULT_AFFECTING, UNRECORDED, changed_records, describe, digest, digest_arrays, environment,
+    environment_changes, environment_parts, model_files_fingerprint, part_ranges, record_digests, result_values,
+    stale_keys, with_method,
 )
 from sparcom_jax.pipeline.common import log, template_for
 
@@ -212,20 +218,92 @@ def stale(where: str | Path, stored: Mapping[str, Any] | None, current: Mapping[
 
 _said: set[str] = set()  # the environment changes this process has logged (each once)
 
+# Where a stage reuses an output, the environment values whose change can alter its numbers
+# (`sparcom_jax.fingerprint.MODEL_COMPUTE`, `TRAINING`; docs/cli.md, "What an environment change can
+# affect"). Reading finished outputs with numpy, or counting fine-tuned weights (fixed files,
+# fingerprinted by content) afresh, sets no computation of two environments against each other.
+READ_ONLY: tuple[str, ...] = ()
 
-def note_environment(stage: str, output: str | Path, made_under: Mapping[str, Any] | None, *,
-                     made_by: str | None = None, current: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The changes (`environment_changes`) between the environment an output that `stage` reuses
-    was made under (`made_under`, None: not recorded) and `current` (default this process's), as
-    summary.json's "environment_changes" entries {"stage" (`made_by`, the stage that made the
-    output; default `stage`), "output", "package", "old", "new"}. When there are some, logs one
-    line naming the stage, the output and each change (once per process and output: the stages
-    of one run reuse the same counts)."""
-    changes = environment_changes(made_under, current or environment())
-    if changes:
-        what = ", ".join(f"{c['package']} {c['old']} -> {c['new']}" for c in changes)
-        if f"{output}: {what}" not in _said:
-            _said.add(f"{output}: {what}")
-            log(f"{stage}: reusing {output}, made under other versions than this run's ({what}); its numbers "
-                "mix the two (summary.json's environment_changes lists every such output)")
-    return [{"stage": made_by or stage, "output": str(output), **c} for c in changes]
+
+def output_parts(holder: Mapping[str, Any] | None, total: int | None = None, first: int = 0) -> list[dict[str, Any]]:
+    """`environment_parts` of an output's record (a count store's meta, a fingerprint.json), each
+    with the "part" it made (`part_ranges`: "chunks 0-3", of `total` units numbered from
+    `first`) when there are several."""
+    parts = environment_parts(holder)
+    if len(parts) > 1:
+        for p, r in zip(parts, part_ranges(parts, total, first)):
+            p["part"] = r
+    return parts
+
+
+def note_environment(stage: str, output: str | Path, made_under: Mapping[str, Any] | list | None, *,
+                     made_by: str | None = None, current: Mapping[str, Any] | None = None,
+                     fields: Sequence[str] = RESULT_AFFECTING) -> list[dict[str, Any]]:
+    """The changes (`environment_changes`) between the environment(s) an output that `stage` reuses
+    was made under (`made_under`: one environment, None when not recorded, or the output's
+    `output_parts`) and `current` (default this process's), as summary.json's
+    "environment_changes" entries {"stage" (`made_by`, the stage that made the output; default
+    `stage`), "output", "part" (the part of an output of several environments), "package",
+    "old", "new", "matters"}.
+
+    Every change is recorded; "matters" says whether it can change a number where `stage`
+    reuses the output: `fields` are the values that can (`MODEL_COMPUTE` beside new model
+    computation, `TRAINING` for a resumed run, `READ_ONLY` where it cannot), and an output that
+    recorded none may differ in any of them. Those that matter are logged in one line naming
+    the stage, the output and each change (once per process and output: the stages of one run
+    reuse the same counts)."""
+    parts = made_under if isinstance(made_under, list) else [{"environment": made_under}]
+    current = current or environment()
+    entries = []
+    for p in parts or [{"environment": None}]:
+        for c in environment_changes(p["environment"], current):
+            matters = c["package"] in fields or (c == UNRECORDED and bool(fields))
+            entries.append({"stage": made_by or stage, "output": str(output), **({"part": p["part"]} if "part" in p
+                                                                                  else {}), **c, "matters": matters})
+    _say(stage, f"reusing {output}, made under other versions than this run's", [c for c in entries if c["matters"]])
+    return entries
+
+
+def _say(stage: str, what: str, changes: list[dict[str, Any]]) -> None:
+    """One line (once per process) naming `changes` that can matter."""
+    if not changes:
+        return
+    named = ", ".join(f"{c['package']} {c['old']} -> {c['new']}" + (f" ({c['part']})" if "part" in c else "")
+                      for c in changes)
+    if f"{what} ({named})" not in _said:
+        _said.add(f"{what} ({named})")
+        log(f"{stage}: {what} ({named}); its numbers mix the two (summary.json's environment_changes lists every "
+            "such output)")
+
+
+def note_mixed(stage: str, outputs: Sequence[tuple[str, str | Path, list]], *,
+               current: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`note_environment` entries of model computations that a stage reading them with numpy sets
+    against each other (`outputs`: (made_by, output, `output_parts`), e.g. the counts before and
+    after fine-tuning, the parts of one store, the causal checks). Against this process's
+    environment nothing matters (`READ_ONLY`: numpy recomputes from integer counts and stored
+    losses); among them a difference in `MODEL_COMPUTE` does, so an entry "matters" when its
+    value is one the outputs do not share (or was not recorded), and those are logged."""
+    current = current or environment()
+    entries = [c for made_by, output, parts in outputs
+               for c in note_environment(stage, output, parts, made_by=made_by, current=current, fields=READ_ONLY)]
+    values: dict[str, set] = {k: set() for k in MODEL_COMPUTE}
+    for _, _, parts in outputs:
+        for p in parts or [{"environment": None}]:
+            for k, v in (result_values(p["environment"]) if p["environment"] else {}).items():
+                if k in values:
+                    values[k].add(v)
+    mixed = {k for k, v in values.items() if len(v) > 1}
+    for c in entries:
+        c["matters"] = c["package"] in mixed or c == {**c, **UNRECORDED}
+    unknown = sorted({c["output"] for c in entries if c["matters"] and c["package"] == UNRECORDED["package"]})
+    named = [f"{output}" + (f" ({p['part']})" if "part" in p else "") + ": "
+             + ", ".join(f"{k} {result_values(p['environment'])[k]}" for k in sorted(mixed))
+             for _, output, parts in outputs for p in parts if p["environment"] and mixed]
+    named += [f"{output}: not recorded" for output in unknown]
+    line = f"{stage}: outputs set against each other here were made under different versions ({'; '.join(named)})"
+    if named and line not in _said:
+        _said.add(line)
+        log(f"{line}: the differences between them mix the two; recompute one under the other's versions "
+            "(summary.json's environment_changes lists them)")
+    return entries

@@ -13,7 +13,10 @@ compare's files through the run is refused for them.
 
 Opening reads only: nothing is written into OUT (no lock, no config.yaml). The config's
 paths are absolute, as the command read them (`save_resolved`); a run saved before that
-kept relative paths, which are read from the current directory (`_check_relative_paths`).
+kept relative paths, which are read from the current directory. One that is not there is
+refused when something that reads it is asked for (`Run.analyses`, `counts`, `ablations`,
+`stages`: `_check_relative_paths`), not when the run is opened: its summary, report,
+environment and stored comparison need none.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from sparcom_jax.pipeline.stages import (
     ABLATION_SECTIONS, Analyses, _ablation_file, _analysis_fingerprint, _analysis_kwargs, ablation_models,
     analyze_all, count_jobs, fine_tunes, load_ablations, open_model_counts,
 )
+
+# The config's path fields listing the finished stages reads (`Run.stages`): where the counts are, and
+# the records a fine-tuned model's train part is checked against.
+_STAGES_READ = ("collect.store", "data.", "train_data.")
 
 # The stages whose finished outputs a reopened run lists, each with the file that marks it done
 # (collect and ablate are judged by their stores and result files: `_done_stages`).
@@ -60,9 +67,9 @@ def open_run(out: str | Path) -> "Run":
     out = Path(out)
     _not_being_written(out)
     cfg = _load_config(out)
-    _check_relative_paths(cfg, out / "config.yaml")
     summary_path = out / _MARKS["report"]
     if not summary_path.is_file():
+        _check_relative_paths(cfg, out / "config.yaml")  # (naming the stage that is missing reads them)
         missing = next((s for s in _expected_stages(cfg, out) if s not in _done_stages(cfg, out)), "report")
         raise ConfigError(
             f"{out}: this run never finished: its {missing} stage has no output ({_where(missing, cfg, out)}), so there "
@@ -111,15 +118,17 @@ def _load_config(out: Path) -> ExperimentConfig:
                           "sparcom_jax must be opened with that version, one edited since must be put back)") from None
 
 
-def _check_relative_paths(cfg: ExperimentConfig, path: Path) -> None:
-    """Refuse a relative path of the config that names nothing from the current directory.
+def _check_relative_paths(cfg: ExperimentConfig, path: Path, needs: tuple[str, ...] | None = None) -> None:
+    """Refuse a relative path of the config that names nothing from the current directory, among
+    the fields `needs` (dotted names or their prefixes, "data." for every data path; None: all).
 
     A run saves its config with absolute paths (`save_resolved`); one saved before that
     keeps the paths as they were given, relative to a directory it did not record. They
     are read from the current directory, as the command read them; one that is not there
     means the run was started elsewhere (or the file is gone).
     """
-    missing = {k: v for k, v in _relative(cfg).items() if not Path(v).exists()}
+    missing = {k: v for k, v in _relative(cfg).items()
+               if not Path(v).exists() and (needs is None or k.startswith(needs))}
     if missing:
         k, v = next(iter(missing.items()))
         raise ConfigError(
@@ -208,16 +217,33 @@ class Run:
         python, package versions, JAX backend and devices, sparcom_jax's commit); None for a
         report of a sparcom_jax that did not record it.
       environment_changes: the outputs the report reused that were made under other versions
-        of what can change a number ([{"stage", "output", "package", "old", "new"}]; [] when
+        of what can change a number ([{"stage", "output", "part", "package", "old", "new",
+        "matters"}]: "matters" says whether the change can alter a number of the report; [] when
         none, None when not recorded).
+      environment_parts: the outputs made under several environments (a collection or
+        fine-tuning run resumed under other software: [{"stage", "output", "parts": [{"part",
+        "environment"}], "text"}], "text" e.g. "counts/base made under jax 0.10.1 (chunks 0-3)
+        and jax 0.10.2 (chunks 4-7)"; [] when none, or the report predates the list).
     """
 
     def __init__(self, out: Path, config: ExperimentConfig, summary: dict[str, Any]):
         self.out, self.config, self.summary = out, config, summary
         self.report_dir = out / "report"
-        self.stages = _done_stages(config, out)
         self.environment = summary.get("environment")
         self.environment_changes = summary.get("environment_changes")
+        self.environment_parts = summary.get("environment_parts") or []
+
+    def _needs(self, fields: tuple[str, ...] | None = None) -> None:
+        """Refuse, naming the field, the path tried and the fix, a relative path of the config that
+        what is asked for reads and that is not there (`_check_relative_paths`; `fields`: None, all)."""
+        _check_relative_paths(self.config, self.out / "config.yaml", fields)
+
+    @functools.cached_property
+    def stages(self) -> list[str]:
+        """The stages whose outputs are in `out`, in run order (read from the count stores' directory
+        and, for a fine-tuned run with a split, the records it was tuned on)."""
+        self._needs(_STAGES_READ)
+        return _done_stages(self.config, self.out)
 
     @property
     def models(self) -> list[str]:
@@ -233,6 +259,7 @@ class Run:
           KeyError: no counts of that model (and template) in this run; the message lists them.
           StaleResultError: the stored counts were made with other inputs or settings.
         """
+        self._needs()
         jobs = [j for j in count_jobs(self.config, self.out) if model in (j.label, j.spec.label)
                 and template in (None, j.template)]
         if not jobs:
@@ -257,6 +284,7 @@ class Run:
         """
         _not_being_written(self.out)
         self._check_settings()  # before any count is read: a changed rule is refused at once
+        self._needs()
         try:
             an = analyze_all(self.config, self.out, full=True)
         except ValueError as e:  # counts removed, unfinished or made with other settings (or other files read)
@@ -334,6 +362,7 @@ class Run:
         """The causal checks the ablate stage stored, {(model, kind): AblationResult}, loaded (not
         recomputed) after the report stage's checks against this run's config and counts
         (`load_ablations`: they need `analyses`); {} when the run made none."""
+        self._needs()
         return load_ablations(self.config, self.out, self.analyses)
 
     def __repr__(self) -> str:
@@ -344,14 +373,19 @@ class Run:
             sizes[name] = (sec.get("n_instructions"), sum(1 for v in (sec.get("n_per_category") or {}).values() if v))
         shown = (f"{n} records, {c} categories" for n, c in dict.fromkeys(sizes.values()))
         built = "built" if "analyses" in self.__dict__ else "rebuilt on first use of .analyses"
+        try:
+            stages = ", ".join(self.stages)
+        except ConfigError as e:  # a relative path the listing reads is not here
+            stages = f"not listed here ({str(e).split(': ', 2)[1]})"
         lines = [f"Run({str(self.out)!r}): experiment {self.summary.get('experiment', self.config.name)!r}",
                  f"  models: {', '.join(models) or 'none'} ({'; '.join(shown)})",
                  f"  controls: {', '.join(self.summary.get('controls') or {}) or 'none'}",
-                 f"  stages: {', '.join(self.stages)}",
+                 f"  stages: {stages}",
                  f"  report: {self.report_dir / 'index.html'}",
                  f"  environment: {environment_line(self.environment)}"
                  + (f" ({len(self.environment_changes)} reused output(s) made under other versions: "
                     ".environment_changes)" if self.environment_changes else ""),
+                 *(f"  made in parts: {p['text']}" for p in self.environment_parts),
                  f"  analyses: {built} (checked against the report)"]
         return "\n".join(lines + self._outdated_lines())
 

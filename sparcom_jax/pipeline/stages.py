@@ -19,8 +19,8 @@ from sparcom_jax.data import content_caps as record_content_caps, encode_records
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock, atomic_dir, prepare_out_dir, remove_path, write_json
 from sparcom_jax.fingerprint import (
-    FINGERPRINT_FILE, changed_records, digest, digest_arrays, environment, made_under, read_fingerprint,
-    record_digests, served_by, with_method, write_fingerprint,
+    FINGERPRINT_FILE, MODEL_COMPUTE, TRAINING, changed_records, digest, digest_arrays, environment,
+    parts_line, read_fingerprint, record_digests, served_by, with_environment, with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
     ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
@@ -28,8 +28,8 @@ from sparcom_jax.pipeline.common import (
     require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
 from sparcom_jax.pipeline.provenance import (
-    HELD_OUT_TOKENS_UNKNOWN, collect_fingerprint, held_out_fingerprint, note_environment, spec_model_fingerprint,
-    spec_tokenizer, stale, token_changes,
+    HELD_OUT_TOKENS_UNKNOWN, READ_ONLY, collect_fingerprint, held_out_fingerprint, note_environment, note_mixed,
+    output_parts, spec_model_fingerprint, spec_tokenizer, stale, token_changes,
 )
 
 # --------------------------------------------------------------------------- #
@@ -78,13 +78,14 @@ def _run_token_changes(run_dir: Path, stored: dict | None, current: dict[str, An
     return token_changes({"ids": enc.record_ids, "token_digests": whole.get("token_digests")}, enc)
 
 
-def check_checkpoints_current(cfg: ExperimentConfig, out: Path, stage: str = "checkpoints") -> None:
+def check_checkpoints_current(cfg: ExperimentConfig, out: Path) -> None:
     """Refuse the fine-tuned checkpoints in OUT/checkpoints when the `finetune` run that made
     them had another fingerprint than the current config gives (base model, train settings,
     records or their tokens): the stages would analyse a model not tuned as the config says,
     and save that config as OUT/config.yaml. Nothing to check when the config names its
     fine-tuned model, or no fine-tuning finished in OUT. Checkpoints made under other package
-    versions are used, and `stage` says so (`note_environment`).
+    versions are used as they are: counting fixed weights afresh mixes no two environments (the
+    report records the run's in summary.json's "environment_changes", `input_environments`).
 
     Raises:
       StaleResultError: naming what differs; the stages after finetune cannot recompute it.
@@ -99,7 +100,6 @@ def check_checkpoints_current(cfg: ExperimentConfig, out: Path, stage: str = "ch
           fix="run `sparcom finetune --overwrite` first (it tunes and exports them again), or restore the "
               "settings they were tuned with",
           details=lambda: _run_token_changes(out / "train", stored, current, enc))
-    note_environment(stage, out / "train", made_under(out / "train"), made_by="finetune")
 
 
 def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwrite: bool,
@@ -111,19 +111,19 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
     `overwrite` is removed, with `extra` paths that derive from it). The fingerprint is
     then written before any work, so an interrupted run is checked when resumed; with
     the digest of each record's tokens of `encoded` (the `EncodedSet` of its "tokens"),
-    so that a refusal names the records that changed. Work that is kept keeps the environment
-    it was made under in the fingerprint (`note_environment` says when it differs from this one).
+    so that a refusal names the records that changed. Work that is kept keeps the environments
+    it was made under in the fingerprint, with this one's from the step a resumed run goes on
+    from (`resumed_environments`).
     """
     stored = read_fingerprint(directory)
     has_files = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
     details = (lambda: _run_token_changes(directory, stored, components, encoded)) if encoded is not None else None
     clear = (stored is not None or has_files) and stale(directory, stored, components, overwrite=overwrite,
                                                         details=details)
-    kept_env = None  # (this process's)
+    kept_env = None  # (this process's, from the start)
     if stored is not None and not clear and any(p.name not in (LOCK_NAME, FINGERPRINT_FILE)
                                                 for p in directory.iterdir()):
-        kept_env = made_under(directory) or {}
-        note_environment(stage, directory, kept_env)
+        kept_env = resumed_environments(stage, directory)
     with primary_writes(f"{stage}: removing {directory}") as writes:
         # one remover: processes removing one tree at once fail on each other's deletions
         for p in (directory, *extra) if clear and writes else ():
@@ -134,7 +134,38 @@ def guard_dir(directory: Path, stage: str, components: dict[str, Any], *, overwr
             directory.mkdir(parents=True, exist_ok=True)
             write_fingerprint(directory, stage, components,
                               record_digests(encoded.ids, encoded.scopes) if encoded is not None else None,
-                              made_under=kept_env)
+                              made_under=None if kept_env is None else kept_env.get("environment", {}),
+                              environments=(kept_env or {}).get("environments"))
+
+
+def run_progress(run_dir: Path) -> tuple[int, int | None]:
+    """(steps done: the last checkpoint's, the run's total steps; None before run.json is written)
+    of a fine-tuning run directory."""
+    from sparcom_jax.train import checkpoint_steps, read_run
+
+    total = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        total = int(read_run(run_dir)["total_steps"])
+    return max(checkpoint_steps(run_dir), default=0), total
+
+
+def train_parts(run_dir: Path) -> list[dict[str, Any]]:
+    """`output_parts` of a fine-tuning run (steps numbered from 1)."""
+    return output_parts(read_fingerprint(run_dir, whole=True), run_progress(run_dir)[1], first=1)
+
+
+def resumed_environments(stage: str, run_dir: Path) -> dict[str, Any]:
+    """The environment record ({"environment", "environments"}: `with_environment`) a kept
+    fine-tuning run's fingerprint.json goes on with: its own, and, when the run resumes
+    (checkpoints short of its total steps), this process's making the steps after its last
+    checkpoint. A resumed run's new steps continue the old ones, so a change of `TRAINING`'s
+    values is said (`note_environment`); a finished run reused as it is records nothing new."""
+    whole = read_fingerprint(run_dir, whole=True) or {}
+    kept = {k: whole[k] for k in ("environment", "environments") if k in whole}
+    done, total = run_progress(run_dir)
+    resumes = total is None or done < total
+    note_environment(stage, run_dir, output_parts(kept, total, first=1), fields=TRAINING if resumes else READ_ONLY)
+    return (with_environment(kept, environment(), done, "step") if resumes else None) or kept
 
 
 def _shared_json(path: Path, obj: Any) -> str:
@@ -398,8 +429,8 @@ def collect_stage(cfg: ExperimentConfig, out: Path, *, progress: bool = True, ov
             error = e
         # Decided by all processes together: each collection is one program over all of them.
         raise_together(error, f"collect {job.label}")
-        if resume:  # its counts so far are kept: made under which versions?
-            note_environment("collect", mine, (header.get("meta") or {}).get("environment"))
+        if resume:  # its counts so far are kept: made under which versions? (they matter beside new chunks)
+            note_environment("collect", mine, store_parts(header), fields=READ_ONLY if done else MODEL_COMPUTE)
         # Whether the sums are counted chooses the program every process runs: one choice for all
         # (the config is the same on every process, `run_key`: only the stores' may differ).
         sums = cfg.collect.sums or bool(gather(fp["sums"]).any())
@@ -596,12 +627,29 @@ def analyze_all(cfg: ExperimentConfig, out: Path, *, full: bool = True) -> Analy
         with timed(f"analyse [{i}/{len(jobs)}] {job.label}"):
             counts = open_model_counts(cfg, out, job.spec, job.template, job.label, job.dtype, job.gate_dtype,
                                        content_caps=caps)
-            note_environment("analyse", counts.meta.get("store"), counts.meta.get("environment"), made_by="collect")
             kw = _analysis_kwargs(cfg, full and not job.control, draws=full and job.control == "same_template")
             ma = analyze_model(counts, icfg, name=job.label, **kw)
             ma.meta.update(template=job.template, precision=job.dtype, gate_dtype=job.gate_dtype)
         (controls if job.control else models)[job.control or job.label] = ma
+    note_mixed("analyse", [("collect", ma.meta.get("store") or ma.name, counts_parts(ma.meta))
+                           for ma in (*models.values(), *controls.values())])
     return Analyses(models, controls)
+
+
+def store_parts(header: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """`output_parts` of a count store by its meta.json `header` (chunks numbered from 0)."""
+    header = header or {}
+    n, rows = header.get("n"), header.get("chunk_rows")
+    return output_parts(header.get("meta"), -(-n // rows) if n is not None and rows else None)
+
+
+def counts_parts(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`store_parts` of the store counts (or their analysis) were read from, by their `meta`."""
+    from sparcom_jax.stats.store import read_header
+
+    store = meta.get("store")
+    header = read_header(store) if store else None
+    return store_parts(header) if header else output_parts(meta)
 
 
 def _analysis_fingerprint(cfg: ExperimentConfig, an: Analyses, full: bool) -> dict[str, Any]:
@@ -834,6 +882,9 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if writes:
                         f.unlink(missing_ok=True)
                 continue
+            # The counts chose the sets whose losses this run measures: their versions matter here.
+            note_environment("ablate", ma.meta.get("store") or ma.name, counts_parts(ma.meta), made_by="collect",
+                             fields=MODEL_COMPUTE)
             if model is None:
                 # Each process runs its share of the passes alone, on its own devices (`_passes_shared`).
                 mesh = make_mesh(cfg.mesh, local=True) if mesh is None else mesh
@@ -1004,10 +1055,9 @@ def _as_compared(fp: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**fp, "identify": IdentifyConfig.parameters_used(fp["identify"], field)}
 
 
-def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool,
-                     stage: str = "ablate", **fix):
+def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, overwrite: bool, **fix):
     """The AblationResult stored in `f` when it was made with fingerprint `fp` (compared
-    `_as_compared`; `stage`, reusing it, says when it was made under other package versions);
+    `_as_compared`; reused whole, its environment is recorded by the report, `input_environments`);
     None when there is no file, or `overwrite` recomputes it (made with other settings, without
     it: `stale` raises, naming the held-out records whose tokens changed from `held_out`,
     `held_out_fingerprint`'s digests)."""
@@ -1026,7 +1076,6 @@ def _stored_ablation(f: Path, fp: dict[str, Any], held_out: dict[str, Any], *, o
 
     if stale(f, _as_compared(old), _as_compared(fp), overwrite=overwrite, details=why, **fix):
         return None
-    note_environment(stage, f, stored.get("environment"), made_by="ablate")
     return AblationResult.from_dict(stored)
 
 
@@ -1048,7 +1097,7 @@ def load_ablations(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict
             held = held or held_out_fingerprint(cfg, spec, records)
             fp = {**ablation_fingerprint(cfg, spec, records, kind, ma.meta.get("fingerprint")), **held[0]}
             found[(spec.label, kind)] = _stored_ablation(
-                f, fp, held[1], overwrite=False, stage="report",
+                f, fp, held[1], overwrite=False,
                 fix="run `sparcom ablate --overwrite` first, or set ablation.enabled=false")
     return found
 
@@ -1090,27 +1139,45 @@ def _compared(cfg: ExperimentConfig, out: Path, analyses: Analyses) -> dict[str,
 
 
 def input_environments(cfg: ExperimentConfig, out: Path, analyses: Analyses,
-                       ablation: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
-    """summary.json's "environment_changes": every output the report's numbers come from (the
-    fine-tuning run, each model's counts, the causal checks shown) that was made under other
-    versions of what can change a number than the report's (`note_environment`), with its
-    path relative to OUT where it is under it."""
-    inputs = []
-    if fine_tunes(cfg) and (out / "train" / FINGERPRINT_FILE).is_file():
-        inputs.append(("finetune", out / "train", made_under(out / "train")))
-    for ma in (*analyses.models.values(), *analyses.controls.values()):
-        inputs.append(("collect", Path(ma.meta.get("store") or ma.name), ma.meta.get("environment")))
+                       ablation: Mapping[tuple[str, str], Any]) -> dict[str, list[dict[str, Any]]]:
+    """summary.json's environments of the outputs the report's numbers come from (the fine-tuning
+    run, each model's counts, the causal checks shown), paths relative to OUT where under it:
+
+    - "environment_changes": each output, and each part of one made under several, made under
+      other versions of what can change a number than the report's (`note_environment`), with
+      whether the change can alter a number here ("matters": where the counts and causal checks
+      set against each other differ among themselves, `note_mixed`; the report's own numpy and
+      the fine-tuned weights, fixed files, cannot);
+    - "environment_parts": each output made under several environments (a resumed collection or
+      training run) {"stage", "output", "parts": [{"part", "environment"}], "text"}: "counts/base
+      made under jax 0.10.1 (chunks 0-3) and jax 0.10.2 (chunks 4-7)".
+    """
+    computed = [("collect", str(ma.meta.get("store") or ma.name), counts_parts(ma.meta))
+                for ma in (*analyses.models.values(), *analyses.controls.values())]
     for label, kind in ablation:
         f = _ablation_file(out, label, kind)
         if f.is_file():
-            inputs.append(("ablate", f, json.loads(f.read_text()).get("environment")))
+            computed.append(("ablate", str(f), output_parts(json.loads(f.read_text()))))
     current = environment()
-    changes = [c for stage, path, env in inputs
-               for c in note_environment("report", path, env, made_by=stage, current=current)]
-    for c in changes:
+    changes, trained = [], []
+    if fine_tunes(cfg) and (out / "train" / FINGERPRINT_FILE).is_file():
+        trained = [("finetune", str(out / "train"), train_parts(out / "train"))]
+        changes += note_environment("report", out / "train", trained[0][2], made_by="finetune", current=current,
+                                    fields=READ_ONLY)
+    changes += note_mixed("report", computed, current=current)
+
+    def shown(path: str) -> str:
         with contextlib.suppress(ValueError):  # (outside OUT: collect.store)
-            c["output"] = str(Path(c["output"]).relative_to(out))
-    return changes
+            return str(Path(path).relative_to(out))
+        return path
+
+    for c in changes:
+        c["output"] = shown(c["output"])
+    several = [{"stage": stage, "output": shown(path),
+                "parts": [{"part": p["part"], "environment": p["environment"]} for p in parts],
+                "text": parts_line(shown(path), parts, [p["part"] for p in parts])}
+               for stage, path, parts in trained + computed if len(parts) > 1]
+    return {"environment_changes": changes, "environment_parts": several}
 
 
 def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None = None,
@@ -1140,7 +1207,7 @@ def report_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
         extra={"experiment": cfg.name, "ablation_model": abl_model,
                "ablation_not_shown": sorted({k[0] for k in ablation} - {abl_model}),
                "fingerprint": _analysis_fingerprint(cfg, analyses, True), "environment": environment(),
-               "environment_changes": input_environments(cfg, out, analyses, ablation)},
+               **input_environments(cfg, out, analyses, ablation)},
     )
     rdir = out / "report"
     with primary_writes(f"report: writing {rdir}") as writes:
@@ -1199,7 +1266,7 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
         require_tokenizers(cfg, specs, stages_run(stage))
         identify_records(cfg)
     if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
-        check_checkpoints_current(cfg, out, stage)
+        check_checkpoints_current(cfg, out)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
         ablate_records(cfg)
 

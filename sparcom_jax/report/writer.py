@@ -402,30 +402,49 @@ def _rule_blocks(summary: dict) -> list:
 
 
 def _environment_blocks(summary: dict) -> list:
-    """The software the report was made with, and every output it shows that was made under other
-    versions of what can change a number (summary.json's "environment_changes")."""
+    """The software the report was made with, every output made under several environments (a
+    resumed collection or training run: summary.json's "environment_parts"), and every output it
+    shows that was made under other versions of what can change a number (summary.json's
+    "environment_changes"): those set against each other in other versions first (they can
+    change a number), then those that cannot (recorded)."""
     if "environment" not in summary:  # (a summary of an earlier sparcom_jax)
         return []
-    blocks: list = [TextBlock(f"Software: {environment_line(summary['environment'])}.")]
+    blocks: list = [TextBlock(f"Software: {environment_line(summary['environment'])}." + "".join(
+        f" {p.get('pair') + ': ' if p.get('pair') else ''}{p['text']}." for p in summary.get("environment_parts") or ()))]
     changes = summary.get("environment_changes") or []
     if not changes:
         blocks.append(TextBlock("Every output these numbers come from was made under the same versions of jax, "
                                 "jaxlib, flax, optax, numpy, transformers and tokenizers, on the same backend."))
         return blocks
-    pair = any("pair" in c for c in changes)
-    rows = [[*([c.get("pair")] if pair else []), c["output"], c["stage"], c["package"], c["old"], c["new"]]
-            for c in changes]
-    blocks.append(TableBlock("Outputs made under other versions than this report's",
-                             [*(["pair"] if pair else []), "output", "made by", "package", "made under", "now"], rows))
-    blocks.append(TextBlock(
-        "These outputs were reused, not recomputed (package versions are not part of the fingerprints), so the "
-        "numbers on this page come from more than one environment: the same inputs and settings can give other "
-        "counts, sets and losses under another jax, numpy or transformers, or on another backend. Counts made on "
-        "an accelerator and reported on a CPU differ in backend only, as expected; outputs set against each other "
-        "(before and after: each model's counts record theirs in summary.json's models.<model>.meta.environment) "
-        "should share one environment. To recompute an output under this one, remove it (or run into a new "
-        "--out) and run again: --overwrite alone keeps what still matches its settings."))
+    matter = [c for c in changes if c.get("matters", True)]  # (a summary without "matters": all)
+    quiet = [c for c in changes if not c.get("matters", True)]
+    if matter:
+        blocks.append(_changes_table("Outputs set against each other, made under other versions", matter))
+        blocks.append(TextBlock(
+            "These outputs were reused, not recomputed (package versions are not part of the fingerprints), and "
+            "the counts and causal checks on this page were not all made under the same jax, jaxlib, flax and "
+            "device: the same inputs and settings can give other counts, sets and losses under another of these, "
+            "so differences between them (before and after, a store's chunks, the sets a causal check measured) "
+            "mix the two. Each model's counts record theirs in summary.json's models.<model>.meta.environment(s). "
+            "To recompute an output under this environment, remove it (or run into a new --out) and run again: "
+            "--overwrite alone keeps what still matches its settings."))
+    if quiet:
+        blocks.append(_changes_table("Outputs made under other versions that cannot change a number here", quiet))
+        blocks.append(TextBlock(
+            "Recorded, not a concern for this page: its numbers are computed here by numpy from stored integer "
+            "counts and losses, which another jax, backend or device kind here cannot change, and the fine-tuned "
+            "weights are files counted afresh. Counts made on an accelerator and reported on a CPU differ in backend "
+            "only. What each change can affect is in docs/cli.md, \"What an environment change can affect\"."))
     return blocks
+
+
+def _changes_table(title: str, changes: list) -> TableBlock:
+    """`_environment_blocks`' table of summary.json "environment_changes" entries."""
+    pair, part = any("pair" in c for c in changes), any("part" in c for c in changes)
+    rows = [[*([c.get("pair")] if pair else []), c["output"], *([c.get("part", "")] if part else []), c["stage"],
+             c["package"], c["old"], c["new"]] for c in changes]
+    return TableBlock(title, [*(["pair"] if pair else []), "output", *(["part"] if part else []), "made by",
+                              "package", "made under", "now"], rows)
 
 
 def _template_text(summary: dict, comp: dict) -> str | None:

@@ -422,7 +422,7 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
     for key, value in (("model", getattr(model, "source_path", None)), ("model_type", cfg.model_type),
                        ("moe_dispatch", model.moe_dispatch), ("attention", model.dispatch.attention),
                        ("dtype", jnp.dtype(model.dtype).name), ("gate_dtype", model.gate_dtype),
-                       ("environment", environment())):  # (a resumed store keeps its first run's)
+                       ("environment", environment())):  # (a resumed store adds this run's: note_environment)
         meta.setdefault(key, value)
 
     runner = BatchRunner(model, _count_sums_step if sums else _count_step, batch_size, mesh=mesh, buckets=buckets)
@@ -444,6 +444,8 @@ def collect_counts(model, sequences: Sequence, scopes: Sequence | None = None, b
             raise
         chunk = store.chunk_rows
         start = store.done_chunks
+        if start * chunk < n:  # chunks to make here: under this run's environment
+            store.note_environment(environment())
         # Tokens of chunks already done count as progress.
         bar(sum(len(s) for s in seqs[:start * chunk]))
     else:

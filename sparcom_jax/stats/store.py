@@ -3,7 +3,8 @@
 Layout of a store directory::
 
     meta.json          n, fields and shapes, record ids, categories, sources and group keys
-                       (absent in stores written before they were kept), provenance, the
+                       (absent in stores written before they were kept), provenance (with the
+                       environment of each run that wrote chunks: `CountStore.note_environment`), the
                        fingerprint of the inputs (model, records, tokens, settings) and a short
                        digest of each record's tokens (names the records that changed)
     progress.json      {"done_chunks": k}: rows [0, k * chunk_rows) are complete
@@ -35,7 +36,7 @@ import tensorstore as ts
 from sparcom_jax.console import log
 from sparcom_jax.errors import StaleResultError
 from sparcom_jax.fileio import DirLock, atomic_write
-from sparcom_jax.fingerprint import changed_records, describe, stale_keys
+from sparcom_jax.fingerprint import changed_records, describe, stale_keys, with_environment
 from sparcom_jax.stats.counts import Counts, array_text
 
 # The layout of a store (meta.json's keys, the arrays and their meaning). Bump it when that
@@ -180,6 +181,16 @@ class CountStore:
             self.done_chunks = 0
         self.dtypes = {name: np.dtype(header["dtypes"][name]) for name in shapes}
         self._arrays = {name: ts.open(_spec(self.path / name), open=True).result() for name in shapes}
+
+    def note_environment(self, env: Mapping[str, Any]) -> None:
+        """Record that `env` (`sparcom_jax.fingerprint.environment`) makes the chunks from the next
+        one on: a collection resumed under other software keeps every environment and the chunks
+        each made (meta.json's meta.environments, `with_environment`), rewritten atomically."""
+        meta_path = self.path / "meta.json"
+        header = json.loads(meta_path.read_text())
+        meta = with_environment(header.get("meta") or {}, env, self.done_chunks, "chunk")
+        if meta is not None:
+            atomic_write(meta_path, json.dumps({**header, "meta": meta}))
 
     def close(self) -> None:
         """Release the store's lock (the files stay)."""
