@@ -9,7 +9,6 @@ finished, and the next `finetune` removes what a kill left.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from test_train_units import _saved_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Builds the run of `_saved_run` with save_every=1, keep_last=1: the save of step 2 deletes step 1.
-# Its 4th file removal kills the process, as a preemption would, mid-deletion.
+# Builds the run of `_saved_run` with save_every=1, keep_last=1: the save of step 2 drops step 1.
+# The 4th file removed from then on (one of step 1's) kills the process, as a preemption would.
 _KILLED_MID_DELETION = """
 import os, signal, sys
 from pathlib import Path
@@ -146,3 +145,30 @@ def test_a_step_missing_data_files_is_named_when_read(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{run.absolute() / 'checkpoints' / '3'}: orbax could not read this "
                                               r"checkpoint \(.*\)\. .*delete that directory"):
         load_checkpoint_model(run, 3)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_dropped_step_is_off_the_disk_before_the_next_save_is_written(tmp_path, async_save):
+    # Renamed aside, a dropped step still fills the disk until its files are removed: that happens
+    # before the next save writes (with async saves, once the save that dropped it has finished),
+    # so the disk never holds more checkpoints than orbax's own deletion left on it.
+    import jax.numpy as jnp
+
+    from sparcom_jax.train.checkpointing import TrainCheckpointer
+    from sparcom_jax.train.step import TrainState
+
+    ck = TrainCheckpointer(tmp_path, save_every=1, keep_last=1, final_step=4, async_save=async_save)
+    on_disk, save = {}, ck.manager.save
+
+    def seen(step, *a, **k):  # every step directory, under its number or renamed aside, as orbax starts a save
+        on_disk[step] = sorted(int(p.name) for p in [*ck.directory.glob("*"), *ck.directory.glob("*/*")]
+                               if p.is_dir() and p.name.isdigit())
+        return save(step, *a, **k)
+
+    ck.manager.save = seen
+    for s in range(5):
+        ck.save(TrainState(jnp.int32(s), {"w": jnp.full(3, float(s))}, {"m": jnp.zeros(2)}), {"step": s})
+    ck.close()
+    # keep_last=1 plus step 0: each save finds step 0 and the one before it alone
+    assert on_disk == {0: [], 1: [0], 2: [0, 1], 3: [0, 2], 4: [0, 3]}
+    assert sorted(p.name for p in ck.directory.iterdir()) == ["0", "4"]  # and no deletion folder is left

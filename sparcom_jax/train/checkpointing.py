@@ -190,7 +190,6 @@ class TrainCheckpointer:
     def __init__(self, run_dir: str | Path, *, save_every: int, keep_last: int, final_step: int,
                  async_save: bool = True):
         self.directory = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
-        self.async_save = async_save
         with together(f"removing what a killed run left in {self.directory}"):
             self._remove_left(unfinished=True)  # before the manager lists the steps
         keep = ocm.AnyPreservationPolicy([ocm.LatestN(keep_last), ocm.CustomSteps([0, final_step])])
@@ -217,20 +216,18 @@ class TrainCheckpointer:
         step = int(meta["step"])
         if self.should_save(step):
             # The steps the previous save dropped are renamed aside once it has finished: removed
-            # before this one is written, so that the disk never holds more than before.
+            # before this one is written, so that the disk never holds more than orbax's own
+            # deletion left on it.
             self.wait()
         # Ctrl-C is held until orbax has started the save whole: raised inside it (after the writer
         # threads started, before the thread that completes the checkpoint), the checkpoint was
         # never completed and its writers failed as the interpreter shut down.
         with interrupt_held():
-            saved = self.manager.save(step, args=ocp.args.Composite(
+            return self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta),
             ))
-        if saved and not self.async_save:
-            self._remove_left()  # the steps this save dropped
-        return saved
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
