@@ -55,8 +55,9 @@ TOKENIZER_SUBDIR = "tokenizer"
 # orbax's todelete_subdir: a step being deleted is renamed in here (one atomic rename) before its
 # files are removed, so a kill mid-deletion never leaves a half-deleted step under its number.
 DELETING_SUBDIR = ".deleting"
-# Written by orbax, with the commit time and the items, before it renames a new step to its number
-# (orbax 0.11 and later; local file systems). A step directory without it lost it in a deletion.
+# orbax's record of a step, with its items and commit time: written into the temporary directory
+# before the rename that gives a new step its number (orbax 0.12.8, constraints.txt, on a local or
+# mounted file system). A step directory without it lost it in a deletion.
 STEP_METADATA = "_CHECKPOINT_METADATA"
 ITEMS = ("params", "opt_state", "meta")
 
