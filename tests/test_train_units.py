@@ -669,7 +669,7 @@ def test_a_step_given_its_rate_updates_as_the_schedule_in_graph_and_shares_one_p
 
 # --- a run directory's checkpoints exported as Hugging Face directories -------------------------
 
-def _saved_run(run_dir):
+def _saved_run(run_dir, *, save_every=3, keep_last=5):
     """A run directory as finetune leaves it (run.json, the tokenizer, checkpoints at 0, 3 and the last
     step 5 for save_every=3), each checkpoint holding a tiny model's weights plus its step number."""
     import jax.numpy as jnp
@@ -687,7 +687,7 @@ def _saved_run(run_dir):
     params = pure_params(init_model(cfg, seed=0))
     write_json(run_dir / RUN_FILE, {"model_config": cfg.to_hf_config(), "total_steps": 5})
     tok.save_pretrained(str(run_dir / TOKENIZER_SUBDIR))
-    ck = TrainCheckpointer(run_dir, save_every=3, keep_last=5, final_step=5, async_save=False)
+    ck = TrainCheckpointer(run_dir, save_every=save_every, keep_last=keep_last, final_step=5, async_save=False)
     for s in range(6):
         if ck.should_save(s):
             ck.save(TrainState(jnp.int32(s), jax.tree.map(lambda x: x + s, params), {"m": jnp.zeros(2)}),

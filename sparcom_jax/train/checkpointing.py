@@ -15,6 +15,14 @@ writing in a background thread, so training continues while a checkpoint is
 written; a checkpoint appears on disk only once complete (orbax writes to a
 temporary directory and renames it), so a killed run never leaves a half
 checkpoint that a resume would read.
+
+Deletion is atomic in the same way: orbax renames a step it drops into
+``checkpoints/.deleting/`` (its `todelete_subdir`, a name it never lists) and the
+files are removed there, so a kill mid-deletion leaves no half-deleted step under
+its number; what it leaves in ``.deleting`` is removed by the next
+`TrainCheckpointer`. Readers refuse a step directory that is not finished (one that
+an earlier version's deletion cut short: `UnfinishedCheckpointError`), and the next
+`finetune` removes it.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from sparcom_jax.checkpoints.hf import CheckpointError
 from sparcom_jax.console import interrupt_held
-from sparcom_jax.fileio import write_json
+from sparcom_jax.fileio import remove_path, write_json
 from sparcom_jax.models.config import ModelConfig
+from sparcom_jax.parallel.processes import together
 from sparcom_jax.train.step import TrainState, abstract_params, merge_params
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,64 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 TOKENIZER_SUBDIR = "tokenizer"
+# orbax's todelete_subdir: a step being deleted is renamed in here (one atomic rename) before its
+# files are removed, so a kill mid-deletion never leaves a half-deleted step under its number.
+DELETING_SUBDIR = ".deleting"
+# orbax's record of a step, with its items and commit time: written into the temporary directory
+# before the rename that gives a new step its number (orbax 0.12.8, constraints.txt, on a local or
+# mounted file system). A step directory without it lost it in a deletion.
+STEP_METADATA = "_CHECKPOINT_METADATA"
+ITEMS = ("params", "opt_state", "meta")
+
+
+class UnfinishedCheckpointError(CheckpointError):
+    """A step directory that is not a finished checkpoint: a deletion (or a write) that a kill cut short."""
+
+
+def unfinished_reason(step_dir: Path) -> str | None:
+    """Why `step_dir` is not a finished train checkpoint, or None when it is.
+
+    orbax writes a step under a temporary name and renames it once complete, with
+    `STEP_METADATA` (holding the commit time) and a directory per item; a deletion
+    that a kill cut short removed some of them. (Files it removed deeper in an item
+    are found when the step is read: `_restore` names the step then.)
+    """
+    try:
+        meta = json.loads((step_dir / STEP_METADATA).read_text())
+    except (OSError, ValueError):
+        return f"{STEP_METADATA} is missing or unreadable"
+    if not isinstance(meta, dict) or not meta.get("commit_timestamp_nsecs"):
+        return f"{STEP_METADATA} records no commit"
+    gone = [i for i in dict.fromkeys([*ITEMS, *(meta.get("item_handlers") or {})])
+            if not (step_dir / i).is_dir() or not any((step_dir / i).iterdir())]
+    return f"item(s) {', '.join(gone)} missing" if gone else None
+
+
+def _step_dir(directory: Path, step: int) -> Path:
+    return directory / str(step)  # orbax's standard step name (no prefix, no padding)
+
+
+def _refuse_unfinished(directory: Path, steps) -> None:
+    bad = {s: why for s in steps if (why := unfinished_reason(_step_dir(directory, s)))}
+    if bad:
+        where = "; ".join(f"{_step_dir(directory, s)} ({why})" for s, why in sorted(bad.items()))
+        raise UnfinishedCheckpointError(
+            f"unfinished checkpoint(s): {where}. A run killed while a checkpoint was deleted leaves one so; run "
+            f"the same finetune again (it resumes the run and removes them), or delete those directories")
+
+
+def _remove_left(directory: Path, *, unfinished: bool) -> None:
+    """Remove `DELETING_SUBDIR`, where orbax renamed the steps it dropped (called when no save is in
+    progress: orbax renames into it from its saves' thread), and with `unfinished` the step
+    directories that are not finished (moved there first, so that a kill now leaves nothing
+    half-removed under a step's number)."""
+    trash = directory / DELETING_SUBDIR
+    for p in sorted(directory.iterdir()) if unfinished and directory.is_dir() else ():
+        if p.name.isdigit() and p.is_dir() and (why := unfinished_reason(p)):
+            log.warning("%s: an unfinished checkpoint (%s), left by a killed run: removed", p, why)
+            trash.mkdir(exist_ok=True)
+            os.replace(p, trash / f"{p.name}.unfinished")
+    remove_path(trash)
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -123,6 +191,8 @@ class TrainCheckpointer:
     def __init__(self, run_dir: str | Path, *, save_every: int, keep_last: int, final_step: int,
                  async_save: bool = True):
         self.directory = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
+        with together(f"removing what a killed run left in {self.directory}"):
+            self._remove_left(unfinished=True)  # before the manager lists the steps
         keep = ocm.AnyPreservationPolicy([ocm.LatestN(keep_last), ocm.CustomSteps([0, final_step])])
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
@@ -131,8 +201,13 @@ class TrainCheckpointer:
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,  # a killed run can leave an unfinished (never read) temp dir
+            todelete_subdir=DELETING_SUBDIR,  # a dropped step is renamed aside whole; `_remove_left` removes it
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _remove_left(self, *, unfinished: bool = False) -> None:
+        if jax.process_index() == 0:  # the process that deletes (orbax's primary host)
+            _remove_left(self.directory, unfinished=unfinished)
 
     def should_save(self, step: int) -> bool:
         return self.manager.should_save(step)
@@ -140,6 +215,11 @@ class TrainCheckpointer:
     def save(self, state: TrainState, meta: dict) -> bool:
         """Save `state` at ``meta["step"]`` if the policy says so; returns whether it did."""
         step = int(meta["step"])
+        if self.should_save(step):
+            # The steps the previous save dropped are renamed aside once it has finished: removed
+            # before this one is written, so that the disk never holds more than orbax's own
+            # deletion left on it.
+            self.wait()
         # Ctrl-C is held until orbax has started the save whole: raised inside it (after the writer
         # threads started, before the thread that completes the checkpoint), the checkpoint was
         # never completed and its writers failed as the interpreter shut down.
@@ -158,16 +238,15 @@ class TrainCheckpointer:
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
         """Restore the state at `step` into `target`'s shapes and shardings (any mesh)."""
-        r = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target.params),
-            opt_state=ocp.args.StandardRestore(target.opt_state),
-            meta=ocp.args.JsonRestore(),
-        ))
+        r = _restore(self.manager, step, params=ocp.args.StandardRestore(target.params),
+                     opt_state=ocp.args.StandardRestore(target.opt_state), meta=ocp.args.JsonRestore())
         step_arr = jax.device_put(jax.numpy.asarray(int(r.meta["step"]), jax.numpy.int32), target.step.sharding)
         return TrainState(step_arr, r.params, r.opt_state), dict(r.meta)
 
     def wait(self) -> None:
+        """Wait for the save in progress, then remove the steps it dropped."""
         self.manager.wait_until_finished()
+        self._remove_left()
 
     def saving(self) -> bool:
         """Whether a checkpoint is being written in the background."""
@@ -175,22 +254,42 @@ class TrainCheckpointer:
 
     def close(self) -> None:
         self.manager.close()
+        self._remove_left()
 
 
 # --------------------------------------------------------------------------- #
 # Export
 # --------------------------------------------------------------------------- #
 
+def _restore(mngr: ocp.CheckpointManager, step: int, **items):
+    """orbax's restore of `items` of `step`; a step it cannot read (files a deletion removed) is named."""
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # tensorstore's NOT_FOUND, orbax's KeyError for an item, ...
+        raise CheckpointError(
+            f"{_step_dir(Path(mngr.directory), step)}: orbax could not read this checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}). A run killed while it was "
+            "deleted leaves a checkpoint so; delete that directory (a resumed run then continues from the latest "
+            "checkpoint left)") from e
+
+
 def checkpoint_steps(run_dir: str | Path) -> list[int]:
-    """The steps with a complete checkpoint in a run directory."""
+    """The steps with a complete checkpoint in a run directory.
+
+    Raises:
+      UnfinishedCheckpointError: a step directory is not finished (a deletion a kill cut
+        short); the message names it and the fix.
+    """
     d = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
     if not d.exists():
         return []
     mngr = ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
-        return sorted(mngr.all_steps())
+        steps = sorted(mngr.all_steps())
     finally:
         mngr.close()
+    _refuse_unfinished(d, steps)
+    return steps
 
 
 def load_checkpoint_model(run_dir: str | Path, step: int, *, dtype: str = "float32"):
@@ -205,9 +304,10 @@ def load_checkpoint_model(run_dir: str | Path, step: int, *, dtype: str = "float
     try:
         if step not in mngr.all_steps():
             raise FileNotFoundError(f"{d}: no checkpoint for step {step}; available: {sorted(mngr.all_steps())}")
+        _refuse_unfinished(d, [step])
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), abstract_params(cfg))
-        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+        params = _restore(mngr, step, params=ocp.args.StandardRestore(target)).params
     finally:
         mngr.close()
     return merge_params(nnx.graphdef(abstract_model(cfg, dtype=dtype, param_dtype="float32")), params)
