@@ -259,15 +259,18 @@ def cmd_selfcheck(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from sparcom_jax import pipeline
     from sparcom_jax.config import apply_overrides, load_config
 
     if args.devices is not None and not args.dry_run:
         raise ValueError(f"--devices {args.devices} plans a dry run's mesh and is used only with --dry-run; a run "
                          "uses the devices it sees (set mesh.data / mesh.model to shape them)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a config error is told before jax is imported (~3 s)
     if args.distributed and not cfg.mesh.distributed:
         cfg = apply_overrides(cfg, ["mesh.distributed=true"])
+    if not args.dry_run:
+        _start_jax()
+    from sparcom_jax import pipeline
+
     out = pipeline.out_dir(cfg, args.out)
     if args.dry_run:
         plan = pipeline.memory_plan(cfg, args.command, devices=args.devices)
@@ -282,6 +285,15 @@ def cmd_stage(args) -> int:
     res = pipeline.run_stage(args.command, cfg, out, overwrite=args.overwrite)
     _print_outputs(res, out)
     return 0
+
+
+def _start_jax() -> None:
+    """Import jax and open the persistent compilation cache, before the command's first compile.
+    Ctrl-C is held meanwhile: an interrupt in jax's native start-up aborted the process."""
+    with interrupt_held():
+        from sparcom_jax.runtime import ensure_compilation_cache  # imports jax
+
+        ensure_compilation_cache()
 
 
 # The Ctrl-Cs `_resend_dropped_ctrl_c` sends again, while they wait.
@@ -484,11 +496,9 @@ def _plain_data_warnings(debug: bool):
 
 def _run(args) -> int:
     try:
-        if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
-            with interrupt_held():  # an interrupt in jax's native start-up aborted the process
-                from sparcom_jax.runtime import ensure_compilation_cache  # imports jax
-
-                ensure_compilation_cache()
+        # A dry run compiles nothing; a stage starts jax once its config has loaded (`cmd_stage`).
+        if not getattr(args, "dry_run", False) and args.command not in STAGE_HELP:
+            _start_jax()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"{INTERRUPTED}: {args.command_line}", file=sys.stderr)

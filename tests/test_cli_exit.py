@@ -78,6 +78,18 @@ def test_a_finished_command_leaves_without_jax_clean_up_once_threads_atexit_and_
     assert seen["left_open.txt"] == "written before the exit"  # flushed, as the shutdown's closing flushes it
 
 
+def test_a_config_error_keeps_its_status_and_imports_no_jax(tmp_path):
+    # The config is read before jax, orbax and the pipeline are imported: the error took ~4 s, 3 s of it imports.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nidentfy: {eps: 0.1}\n")
+    r, seen = console(tmp_path, "run", "--config", str(bad))
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
+    assert r.stderr.startswith(f"sparcom: error: {bad}: unknown key 'identfy' (did you mean 'identify'?)")
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert json.loads(seen["atexit.json"]) == {"jax_imported": False}
+    assert seen["thread.txt"] == "finished" and seen["left_open.txt"] == "written before the exit"
+
+
 @pytest.mark.slow  # a tiny `sparcom run` (finetune with async checkpoints, collect, ..., report): ~40 s on 2 cores
 def test_every_output_of_a_run_that_left_at_once_reads_back_whole(tmp_path):
     # The command waits for its checkpoint writes, closes its orbax managers and count stores and
