@@ -258,7 +258,10 @@ def cli_section(got: dict[str, dict[str, list[dict]]], names: dict[str, str], re
         "|---|" + "---|" * len(trees),
         *[f"| {label} | " + " | ".join(median_cell(got[t][label]) for t in trees) + " |" for label in labels],
         "",
-        "Re-run with `python scripts/bench_startup.py --cli --ref REV` (REV: the revision to compare with).",
+        "The time from the last output line to the exit is what a process spends once its output is "
+        "complete (docs/cli.md, \"Errors\"); `--help` and a bad argument import neither jax nor the pipeline, "
+        "so their ends were short already. Re-run with `python scripts/bench_startup.py --cli --ref REV` "
+        "(REV: the revision to compare with).",
     ])
 
 
