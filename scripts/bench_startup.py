@@ -21,6 +21,16 @@ process reaches its first counted batch in <= 10 s.
 
 Writes (or replaces) the section ``<!-- startup:<machine>:start -->`` ...
 ``<!-- startup:<machine>:end -->`` in docs/benchmarks.md; other sections are left alone.
+
+With ``--cli`` it times the ends of short ``sparcom`` commands instead (section
+``cli-ends:<machine>``): ``--help``, a bad argument, a config error, ``run --dry-run`` on a
+shipped config, ``report`` on a finished tiny run and a two-step tiny ``finetune``, each in
+fresh processes (``python -m sparcom_jax.cli``, unbuffered output), median of ``--repeats``
+(default 5): the wall time, the time to its first output line (start-up) and from its last
+output line to the process's exit (the shutdown). ``--ref REV`` times that git revision too,
+in the same session, alternating the two trees round by round (as ``bench_ab.py`` does):
+
+    python scripts/bench_startup.py --cli --ref main
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ import json
 import os
 import subprocess
 import sys
+import statistics
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +143,152 @@ def fmt_row(r: dict) -> str:
             f"{get(w, 'compile_seconds', '.2f')} |")
 
 
+# --------------------------------------------------------------------------- #
+# --cli: the ends of short `sparcom` commands
+
+# A two-layer random Llama (nothing downloaded): the finished run `report` reads, and the timed finetune.
+TINY_EXPERIMENT = {
+    "name": "bench-tiny",
+    "base": {"name": "base", "init": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                      "max_position_embeddings": 64}},
+    "data": {"n_per_category": 2, "max_length": 48}, "train_data": {"n_per_category": 2},
+    "train": {"total_steps": 2, "save_every": 1, "batch_size": 4, "warmup_steps": 0, "max_length": 48,
+              "buckets": [48], "allow_cut_responses": True},
+    "identify": {"eps": 0.05, "n_boot": 0, "n_perm": 0}, "collect": {"batch_size": 12, "buckets": [48]},
+    "ablation": {"enabled": False},
+}
+
+
+def cli_commands(tmp: Path, tree: str) -> list[tuple[str, list[str], int]]:
+    """(label, arguments of `sparcom`, expected exit status) of each timed command; `tree` names the
+    tree's own finished run and finetune outputs under `tmp` (`cli_setup` made the run)."""
+    tiny, run = str(tmp / "tiny.yaml"), str(tmp / f"run-{tree}")
+    return [
+        ("`sparcom --help`", ["--help"], 0),
+        ("a bad argument (`run --bogus`)", ["run", "--bogus"], 2),
+        ("a config error (an unknown key)", ["run", "--config", str(tmp / "bad.yaml")], 2),
+        ("`run --dry-run` (configs/llama2_7b.yaml)", ["run", "--config", "configs/llama2_7b.yaml", "--dry-run"], 0),
+        ("`report` on a finished tiny run", ["report", "--config", tiny, "--out", run], 0),
+        ("`finetune`, tiny, 2 steps", ["finetune", "--config", tiny, "--out", f"{run}-finetune", "--overwrite"], 0),
+    ]
+
+
+def cli_env(tree: Path, tmp: Path) -> dict:
+    """The environment of a timed command: the tree's package, unbuffered output (each line is
+    timed as it is printed), one compilation cache for the session (warmed by `cli_setup`)."""
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1", SPARCOM_JAX_CACHE=str(tmp / "cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
+
+
+def time_command(cmd: list[str], cwd: Path, env: dict, timeout: float) -> dict:
+    """Run `cmd` once: wall seconds, seconds to its first and from its last output line (stdout and
+    stderr) to its exit, its exit status and the tail of its output."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    stamps, lines = [], []
+    try:
+        for line in proc.stdout:
+            stamps.append(time.perf_counter())
+            lines.append(line.decode(errors="replace"))
+        status = proc.wait()
+    finally:
+        killer.cancel()
+    end = time.perf_counter()
+    first, last = (stamps[0], stamps[-1]) if stamps else (end, end)
+    return {"wall_s": end - t0, "first_line_s": first - t0, "tail_s": end - last, "status": status,
+            "output": "".join(lines[-20:])}
+
+
+def cli_setup(tmp: Path, trees: dict[str, Path], timeout: float) -> None:
+    """The configs, and one finished tiny `sparcom run` per tree (what its `report` reads)."""
+    import yaml
+
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(TINY_EXPERIMENT, sort_keys=False))
+    (tmp / "bad.yaml").write_text(yaml.safe_dump({**TINY_EXPERIMENT, "identfy": {"eps": 0.05}}, sort_keys=False))
+    for name, tree in trees.items():
+        r = time_command([sys.executable, "-m", "sparcom_jax.cli", "run", "--config", str(tmp / "tiny.yaml"),
+                          "--out", str(tmp / f"run-{name}")], tree, cli_env(tree, tmp), timeout)
+        if r["status"]:
+            raise SystemExit(f"bench_startup: the tiny run of {tree} failed (exit {r['status']}):\n{r['output']}")
+
+
+def bench_cli(trees: dict[str, Path], repeats: int, timeout: float, tmp: Path) -> dict[str, dict[str, list[dict]]]:
+    """{tree: {command label: [one dict of `time_command` per round]}}, the trees alternated round by round."""
+    cli_setup(tmp, trees, timeout)
+    got: dict[str, dict[str, list[dict]]] = {name: {} for name in trees}
+    for r in range(repeats):
+        for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            for label, argv, expected in cli_commands(tmp, name):
+                m = time_command([sys.executable, "-m", "sparcom_jax.cli", *argv], trees[name],
+                                 cli_env(trees[name], tmp), timeout)
+                if m["status"] != expected:
+                    print(f"{name}: {label} exited {m['status']}, not {expected}:\n{m['output']}", file=sys.stderr)
+                    m["error"] = f"exit status {m['status']}, not {expected}"
+                got[name].setdefault(label, []).append(m)
+                print(f"round {r + 1} {name}: {label}: {m['wall_s']:.2f} s, last line to exit {m['tail_s']:.2f} s",
+                      flush=True)
+    return got
+
+
+def median_cell(runs: list[dict]) -> str:
+    """`wall (first line / last line to exit)`, medians in seconds; the error of a run that failed."""
+    bad = [m["error"] for m in runs if "error" in m]
+    if bad:
+        return f"failed: {bad[0]}"
+    med = {k: statistics.median(m[k] for m in runs) for k in ("wall_s", "first_line_s", "tail_s")}
+    return f"**{med['wall_s']:.2f}** ({med['first_line_s']:.2f} / {med['tail_s']:.2f})"
+
+
+def cli_section(got: dict[str, dict[str, list[dict]]], names: dict[str, str], repeats: int) -> str:
+    """The `cli-ends` section: a row per command, a column per tree."""
+    trees = list(got)
+    labels = list(got[trees[0]])
+    head = " | ".join(f"{names[t]}: s (first line / last line to exit)" for t in trees)
+    return "\n".join([
+        f"{stamp()}; each cell the median of {repeats} fresh processes (`python -m sparcom_jax.cli`, "
+        "unbuffered output), the trees alternated round by round; wall seconds from spawn to exit, in "
+        "brackets from spawn to the first output line (start-up) and from the last output line to the exit "
+        f"(the shutdown); 1-minute load average {os.getloadavg()[0]:.1f} at the end.",
+        "",
+        f"| command | {head} |",
+        "|---|" + "---|" * len(trees),
+        *[f"| {label} | " + " | ".join(median_cell(got[t][label]) for t in trees) + " |" for label in labels],
+        "",
+        "The time from the last output line to the exit is what a process spends once its output is "
+        "complete (docs/cli.md, \"Errors\"); `--help` and a bad argument import neither jax nor the pipeline, "
+        "so their ends were short already. Re-run with `python scripts/bench_startup.py --cli --ref REV` "
+        "(REV: the revision to compare with).",
+    ])
+
+
+def main_cli(args) -> int:
+    from bench_ab import unpack
+
+    with tempfile.TemporaryDirectory(prefix="bench_cli_") as d:
+        tmp = Path(d)
+        trees, names = {"tree": ROOT}, {"tree": subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+            or "this tree"}
+        if args.ref:
+            (tmp / "ref").mkdir()
+            names["ref"] = f"{unpack(args.ref, tmp / 'ref')[:9]} (ref)"
+            trees = {"ref": tmp / "ref", **trees}
+        got = bench_cli(trees, args.repeats, args.child_timeout, tmp)
+    update_results(args.json, "cli_ends", got)
+    body = cli_section(got, names, args.repeats)
+    print(body)
+    if not args.no_write:
+        machine = device_name()
+        replace_section(Path(args.doc), f"cli-ends:{machine}", body,
+                        title=f"Seconds at the ends of short commands (`scripts/bench_startup.py --cli`) — {machine}")
+        print(f"wrote {args.doc}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="small", help="preset (small, gpu) or comma-separated shape keys "
@@ -144,10 +302,16 @@ def main(argv=None) -> int:
                                                             "(default 8 on CPU, 32 otherwise)")
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="default 2 (5 with --cli)")
+    ap.add_argument("--cli", action="store_true", help="time the ends of short `sparcom` commands instead")
+    ap.add_argument("--ref", default=None, help="with --cli: a git revision to time in the same session")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    if args.cli:
+        args.repeats = args.repeats or 5
+        return main_cli(args)
+    args.repeats = args.repeats or 2
     import jax
 
     cpu = jax.default_backend() == "cpu"

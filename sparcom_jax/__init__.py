@@ -52,12 +52,19 @@ _EXPORTS = {name: module for module, names in {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sparcom_jax' has no attribute {name!r}")
+def _lazy_exports(namespace: dict, exports: dict[str, str]):
+    """The module `__getattr__` (PEP 562) of a package whose names `exports` maps to the modules
+    defining them: each is imported on first use and kept in `namespace` (the package's globals)."""
+    def __getattr__(name: str):
+        if name in exports:
+            value = getattr(importlib.import_module(exports[name]), name)
+            namespace[name] = value
+            return value
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+    return __getattr__
+
+
+__getattr__ = _lazy_exports(globals(), _EXPORTS)
 
 
 def __dir__():

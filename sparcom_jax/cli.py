@@ -259,15 +259,18 @@ def cmd_selfcheck(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from sparcom_jax import pipeline
     from sparcom_jax.config import apply_overrides, load_config
 
     if args.devices is not None and not args.dry_run:
         raise ValueError(f"--devices {args.devices} plans a dry run's mesh and is used only with --dry-run; a run "
                          "uses the devices it sees (set mesh.data / mesh.model to shape them)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a config error is told before jax is imported (~3 s)
     if args.distributed and not cfg.mesh.distributed:
         cfg = apply_overrides(cfg, ["mesh.distributed=true"])
+    if not args.dry_run:
+        _start_jax()
+    from sparcom_jax import pipeline
+
     out = pipeline.out_dir(cfg, args.out)
     if args.dry_run:
         plan = pipeline.memory_plan(cfg, args.command, devices=args.devices)
@@ -282,6 +285,15 @@ def cmd_stage(args) -> int:
     res = pipeline.run_stage(args.command, cfg, out, overwrite=args.overwrite)
     _print_outputs(res, out)
     return 0
+
+
+def _start_jax() -> None:
+    """Import jax and open the persistent compilation cache, before the command's first compile.
+    Ctrl-C is held meanwhile: an interrupt in jax's native start-up aborted the process."""
+    with interrupt_held():
+        from sparcom_jax.runtime import ensure_compilation_cache  # imports jax
+
+        ensure_compilation_cache()
 
 
 # The Ctrl-Cs `_resend_dropped_ctrl_c` sends again, while they wait.
@@ -345,15 +357,18 @@ def _leave_at_once(status: int) -> None:
 
     print(f"sparcom: process {jax.process_index()} of {jax.process_count()} stops here (exit status {status}) "
           "without waiting for the others (those still running stop at their next step)", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_std()
     os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `sparcom` console script; returns the exit status (in a multi-process
-    run, a process that stops with an error exits at once: `_leave_at_once`; a command run from
-    the process's own command line, argv None, that Ctrl-C stopped too: `_leave_interrupted`)."""
+    """Entry point of the `sparcom` console script; returns the exit status. Called with argv None
+    from the top level of the script Python started (the console script, `python -m sparcom_jax.cli`),
+    it runs the process's own command line and ends the process once the command's outputs are out
+    (`_leave`), without the interpreter's shutdown. In a multi-process run, a process that stops
+    with an error exits at once (`_leave_at_once`) and one that succeeds takes the normal exit
+    (jax.distributed's shutdown waits for the others there)."""
+    ends_process = argv is None and _runs_the_command_line(sys._getframe(1))
     try:
         status = _main(argv)
     except BaseException:
@@ -363,11 +378,24 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     if status and _other_processes():
         _leave_at_once(status)
-    if argv is None:
+    if ends_process:
         _ctrl_c_ends_the_shutdown(status)
-        if status == 130:
-            _leave_interrupted(status)
+        if not _other_processes():
+            _leave(status)
     return status
+
+
+def _runs_the_command_line(caller) -> bool:
+    """Whether `main()`, called from the frame `caller`, runs the command line of its own process,
+    which may end with the command: called from the top level of the script Python started (the
+    `sparcom` console script, `python -m sparcom_jax.cli`, `python -c`), on the main thread, in no
+    interactive session. A REPL, IPython or a Jupyter kernel (whose cells run as `__main__` too)
+    outlives the command, and so does a program that calls `main()` from one of its functions."""
+    if caller is None or caller.f_code.co_name != "<module>" or caller.f_globals.get("__name__") != "__main__":
+        return False
+    ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    return (threading.current_thread() is threading.main_thread() and not sys.flags.interactive
+            and not hasattr(sys, "ps1") and (ipython is None or ipython() is None))
 
 
 def _ctrl_c_ends_the_shutdown(status: int) -> None:
@@ -377,35 +405,64 @@ def _ctrl_c_ends_the_shutdown(status: int) -> None:
     import os
 
     def leave(*_):
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_std()
         os._exit(status)
 
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, leave)
 
 
-def _leave_interrupted(status: int) -> None:
-    """End a process that Ctrl-C stopped once its message is out, without the interpreter's
-    shutdown. That shutdown took 2-18 s after the message on a tiny fine-tuning run (collecting
-    every object of jax's and the models' heap, XLA's compile threads, the threads of a
-    checkpoint write given up by a second Ctrl-C, which failed as the interpreter went away).
-    The work worth keeping is done by then (checkpoint writes waited for, outputs renamed into
-    place); the `atexit` functions still run, so logs are flushed, but for jax's: it clears the
-    backends (1-2 s of the 2.1 s a `sparcom run` took to end), which the process leaving frees
-    anyway, and shuts jax.distributed down, which a single process (the only one here:
-    `_leave_at_once`) has not started."""
+def _leave(status: int) -> None:
+    """End the process with `status` once the command's outputs are out, without the interpreter's
+    shutdown. That shutdown took ~3 s after a finished tiny `sparcom finetune` or `report` (collecting
+    ~430k objects of jax's and the models' heap with XLA's compile threads running, and jax's
+    `atexit` clean-up clearing the backends for 1-2 s), and 2-18 s after an interrupted one (also
+    the threads of a checkpoint write given up by a second Ctrl-C, which failed as the interpreter
+    went away). What the shutdown would finish is finished first, as it would: the threads that are
+    not daemons are waited for (Python's own `threading._shutdown`, with executors' workers; not
+    after Ctrl-C, status 130, where a given-up write must not hold the exit), every `atexit`
+    function runs (logs flushed, temporary directories removed) but jax's, and files left open are
+    flushed (`_flush_open_files`). The command itself has waited for its checkpoint writes, closed
+    its orbax managers and count stores and renamed its outputs into place. jax's clean-up clears
+    the backends, which the process leaving frees anyway, and shuts jax.distributed down, which a
+    single process (the only one here: `_leave_at_once` and `main`) has not started."""
     import atexit
     import os
 
+    if status != 130:
+        threading._shutdown()
     if "jax" in sys.modules:
         from jax._src import api
 
         atexit.unregister(getattr(api, "clean_up", None))
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_open_files()
+    _flush_std()
     os._exit(status)
+
+
+def _flush_open_files() -> None:
+    """Flush every file object still open for writing, as the interpreter's shutdown does when it
+    closes them: a library's unclosed log or output file keeps what it wrote. Found among the
+    objects the garbage collector tracks (0.1-0.2 s over the ~410k after a tiny finetune), by exact
+    type: isinstance would read each object's __class__, which some objects compute (torch warned
+    of a deprecated name there), and testing the io ABCs took 3x as long."""
+    import gc
+    import io
+
+    writers = {io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom}
+    for f in [obj for obj in gc.get_objects() if type(obj) in writers]:
+        with contextlib.suppress(Exception):  # closed, read-only, a pipe whose reader has gone
+            if not f.closed and f.writable():
+                f.flush()
+
+
+def _flush_std() -> None:
+    """Flush stdout and stderr; one whose reader has gone (`sparcom ... | head`) is let go, as
+    `_run` does with a broken pipe."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
 
 
 def _main(argv: list[str] | None) -> int:
@@ -439,11 +496,9 @@ def _plain_data_warnings(debug: bool):
 
 def _run(args) -> int:
     try:
-        if not getattr(args, "dry_run", False):  # a dry run compiles nothing (and needs no jax import)
-            with interrupt_held():  # an interrupt in jax's native start-up aborted the process
-                from sparcom_jax.runtime import ensure_compilation_cache  # imports jax
-
-                ensure_compilation_cache()
+        # A dry run compiles nothing; a stage starts jax once its config has loaded (`cmd_stage`).
+        if not getattr(args, "dry_run", False) and args.command not in STAGE_HELP:
+            _start_jax()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"{INTERRUPTED}: {args.command_line}", file=sys.stderr)

@@ -20,6 +20,7 @@ import bench_ab  # noqa: E402
 import bench_collect  # noqa: E402
 import bench_common  # noqa: E402
 import bench_precision  # noqa: E402
+import bench_startup  # noqa: E402
 import gpu_check_report  # noqa: E402
 
 
@@ -209,3 +210,34 @@ def test_bench_ab_overlap_of_ranges(a, b, expected):
 def test_bench_ab_names_a_revision_that_is_not_a_commit(tmp_path):
     with pytest.raises(SystemExit, match="not-a-rev.*is not a commit"):
         bench_ab.unpack("not-a-rev", tmp_path)
+
+
+def test_bench_startup_cli_alternates_the_trees_and_reports_each_commands_medians(tmp_path, monkeypatch):
+    calls, n = [], {}
+
+    def fake_time(cmd, cwd, env, timeout):  # rounds of a tree: walls 1, 2, 6 s (ref) or 0.1, 0.2, 0.6 s (tree)
+        name = "tree" if cwd == bench_startup.ROOT else "ref"
+        k = n[(name, tuple(cmd))] = n.get((name, tuple(cmd)), -1) + 1
+        calls.append(name)
+        wall = (1, 2, 6)[k] * (1 if name == "ref" else 0.1)
+        status = 2 if "--bogus" in cmd else 0
+        return {"wall_s": wall, "first_line_s": wall / 4, "tail_s": wall / 2, "status": status, "output": ""}
+
+    monkeypatch.setattr(bench_startup, "time_command", fake_time)
+    monkeypatch.setattr(bench_startup, "cli_setup", lambda tmp, trees, timeout: None)
+    out = tmp_path / "b.md"
+    assert bench_startup.main(["--cli", "--ref", "HEAD", "--repeats", "3", "--doc", str(out)]) == 0
+    per_tree = len(bench_startup.cli_commands(tmp_path, "tree"))
+    assert calls == ["ref"] * per_tree + ["tree"] * per_tree * 2 + ["ref"] * per_tree * 2 + ["tree"] * per_tree
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| `sparcom --help`"))
+    # medians 2 s (ref) and 0.2 s (tree) (the means would be 3 and 0.3), a quarter and a half of them
+    assert row == "| `sparcom --help` | **2.00** (0.50 / 1.00) | **0.20** (0.05 / 0.10) |"
+
+
+def test_bench_startup_cli_times_the_first_and_last_line_and_the_exit(tmp_path):
+    script = "import time; print('first', flush=True); time.sleep(0.3); print('last', flush=True); time.sleep(0.6)"
+    m = bench_startup.time_command([sys.executable, "-c", script], tmp_path, None, 60)
+    assert m["status"] == 0 and m["output"] == "first\nlast\n"
+    assert m["tail_s"] >= 0.6 and m["wall_s"] - m["first_line_s"] >= 0.9 and m["first_line_s"] < m["wall_s"] - 0.9
+    failed = bench_startup.median_cell([{"wall_s": 1, "first_line_s": 0, "tail_s": 0}, {"error": "exit status 1, not 0"}])
+    assert failed == "failed: exit status 1, not 0"

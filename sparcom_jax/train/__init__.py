@@ -7,15 +7,18 @@
 See docs/training.md.
 """
 
-from sparcom_jax.train.checkpointing import (TrainCheckpointer, UnfinishedCheckpointError, checkpoint_steps, export_hf,
-                                             export_series, load_checkpoint_model, read_run, series_name)
-from sparcom_jax.train.config import OPTIMIZERS, TrainConfig, TrainConfigError
-from sparcom_jax.train.loop import METRICS_FILE, FinetuneResult, check_responses_cut, finetune, read_metrics
-from sparcom_jax.train.optim import decay_mask, lr_schedule, make_optimizer
+from sparcom_jax import _lazy_exports
 
-__all__ = [
-    "METRICS_FILE", "OPTIMIZERS", "FinetuneResult", "TrainCheckpointer", "TrainConfig", "TrainConfigError",
-    "UnfinishedCheckpointError",
-    "check_responses_cut", "checkpoint_steps", "decay_mask", "export_hf", "export_series", "finetune", "load_checkpoint_model",
-    "lr_schedule", "make_optimizer", "read_metrics", "read_run", "series_name",
-]
+# name -> module that defines it; imported on first use, so that reading a config (its `train`
+# section is `TrainConfig`, from train.config) imports neither jax nor orbax: `sparcom` took ~4 s
+# to report a config error, 3 s of it importing them.
+_EXPORTS = {name: f"sparcom_jax.train.{module}" for module, names in {
+    "checkpointing": ["TrainCheckpointer", "UnfinishedCheckpointError", "checkpoint_steps", "export_hf",
+                      "export_series", "load_checkpoint_model", "read_run", "series_name"],
+    "config": ["OPTIMIZERS", "TrainConfig", "TrainConfigError"],
+    "loop": ["METRICS_FILE", "FinetuneResult", "check_responses_cut", "finetune", "read_metrics"],
+    "optim": ["decay_mask", "lr_schedule", "make_optimizer"],
+}.items() for name in names}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = _lazy_exports(globals(), _EXPORTS)
