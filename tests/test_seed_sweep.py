@@ -195,3 +195,11 @@ def test_the_llama_neurons_get_a_per_seed_table(tmp_path):
     assert code == f"| {CATEGORIES[1]} | 77: +0.12 (0.05) | 78: +0.13 (0.05) |"  # no mass-matched cell
     qa = next(ln for ln in text.splitlines() if ln.startswith(f"| {CATEGORIES[2]} | 77:"))
     assert qa.endswith("| 78: +0.01 (0.10) |")
+
+
+def test_a_sweep_of_both_pairs_names_the_pair_of_each_per_seed_table():
+    rows = _rows((0,)) + seed_sweep.seed_rows(0, "llama", _llama_summary(0))
+    text = seed_sweep.section(_result(rows, [0], pairs=["mixtral", "llama"]))
+    assert "Experts (mixtral) per seed: set size: excess vs random (p); excess vs mass-matched (p)." in text
+    assert "Neurons (llama) per seed: set size: excess vs random (p)." in text
+    assert text.index("Experts (mixtral) per seed") < text.index("Neurons (llama) per seed")
