@@ -159,24 +159,29 @@ def table(rows: list[dict], alpha: float) -> list[str]:
     return lines
 
 
-def per_seed_table(rows: list[dict]) -> list[str]:
-    """Per category and seed, the experts' excess (p) against both controls: which seed gave what."""
-    exp = [r for r in rows if r["kind"] == "experts"]
-    seeds = list(dict.fromkeys(r["seed"] for r in exp))
-    if not exp:
+def per_seed_table(rows: list[dict], pair: str) -> list[str]:
+    """Per category and seed, the excess (p) of `pair`'s main unit (its first kind: the MoE's
+    experts, the Llama's neurons) against each of its controls: which seed gave what."""
+    kind, label, mass = PAIR_KINDS[pair][0]
+    unit = [r for r in rows if r["pair"] == pair and r["kind"] == kind]
+    if not unit:
         return []
-    by = {(r["category"], r["seed"]): r for r in exp}
+    seeds = list(dict.fromkeys(r["seed"] for r in unit))
+    by = {(r["category"], r["seed"]): r for r in unit}
 
     def cell(r):
         if r is None or not r["set_size"] or r["excess"] is None:
             return "no set"
-        mass = "" if r["mass_excess"] is None else f"; {r['mass_excess']:+.2f} ({r['mass_p']:.2f})"
-        return f"{r['set_size']}: {r['excess']:+.2f} ({r['p']:.2f}){mass}"
+        against_mass = "" if r["mass_excess"] is None else f"; {r['mass_excess']:+.2f} ({r['mass_p']:.2f})"
+        return f"{r['set_size']}: {r['excess']:+.2f} ({r['p']:.2f}){against_mass}"
 
-    lines = ["| category | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    for cat in dict.fromkeys(r["category"] for r in exp):
+    controls = "excess vs random (p)" + ("; excess vs mass-matched (p)" if mass else "")
+    several = len({r["pair"] for r in rows}) > 1
+    lines = [f"{label.capitalize()}{f' ({pair})' if several else ''} per seed: set size: {controls}.", "",
+             "| category | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for cat in dict.fromkeys(r["category"] for r in unit):
         lines.append(f"| {cat} | " + " | ".join(cell(by.get((cat, s))) for s in seeds) + " |")
-    return lines
+    return [*lines, ""]
 
 
 def code_version() -> str:
@@ -205,9 +210,8 @@ def section(result: dict) -> str:
     body = [f"_{cap}_", "", f"Per category: the set size (median, range over seeds), the seeds whose own-category "
             f"excess has p ≤ {alpha:g} out of the seeds with a set, and the median [min, max] of that excess "
             "(nats per token) over those seeds.", "", *table(rows, alpha)]
-    per_seed = per_seed_table(rows)
-    if per_seed:
-        body += ["Experts per seed: set size: excess vs random (p); excess vs mass-matched (p).", "", *per_seed, ""]
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        body += per_seed_table(rows, pair)
     return "\n".join(body)
 
 

@@ -175,3 +175,31 @@ def test_a_refused_seed_is_one_line_naming_it_and_the_finished_seeds(tmp_path, m
     assert msg.startswith("seed_sweep: seed 1: OUT/ablate/x.json") and "--overwrite" in msg
     assert str(tmp_path / "seed_sweep.json") in msg
     assert seed_sweep.load_sweep(tmp_path / "seed_sweep.json")["seeds"] == [0]
+
+
+def _llama_summary(seed):
+    """Seed-dependent synthetic Llama neurons (no mass-matched control)."""
+    ex = [-0.1, 0.12 + 0.01 * seed, 0.01, 0.04, 0.1, -0.02]
+    p = [1.0, 0.05, 0.1 if seed else 0.05, 0.05, 0.05, 0.95]
+    return {"ablation": {"neurons": _block(ex, p, [77 + seed] * C)}}
+
+
+def test_the_llama_neurons_get_a_per_seed_table(tmp_path):
+    rows = [r for s in (0, 1) for r in seed_sweep.seed_rows(s, "llama", _llama_summary(s))]
+    page = tmp_path / "analysis.md"
+    seed_sweep.write_docs(_result(rows, [0, 1], pairs=["llama"]), str(page))
+    text = page.read_text()
+    assert "Neurons per seed: set size: excess vs random (p)." in text
+    assert "| category | seed 0 | seed 1 |" in text
+    code = next(ln for ln in text.splitlines() if ln.startswith(f"| {CATEGORIES[1]} | 77:"))
+    assert code == f"| {CATEGORIES[1]} | 77: +0.12 (0.05) | 78: +0.13 (0.05) |"  # no mass-matched cell
+    qa = next(ln for ln in text.splitlines() if ln.startswith(f"| {CATEGORIES[2]} | 77:"))
+    assert qa.endswith("| 78: +0.01 (0.10) |")
+
+
+def test_a_sweep_of_both_pairs_names_the_pair_of_each_per_seed_table():
+    rows = _rows((0,)) + seed_sweep.seed_rows(0, "llama", _llama_summary(0))
+    text = seed_sweep.section(_result(rows, [0], pairs=["mixtral", "llama"]))
+    assert "Experts (mixtral) per seed: set size: excess vs random (p); excess vs mass-matched (p)." in text
+    assert "Neurons (llama) per seed: set size: excess vs random (p)." in text
+    assert text.index("Experts (mixtral) per seed") < text.index("Neurons (llama) per seed")
