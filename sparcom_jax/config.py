@@ -425,8 +425,8 @@ class AblationSpec:
         them. It costs n_random more passes per category and one baseline pass, for
         experts only (the neurons' checks have their own, `neuron_mass_matched`); false leaves it out.
       neuron_mass_matched: for neurons and expert neurons, the firing-mass-matched control:
-        n_random random units per category outside the set, per layer (per expert for expert
-        neurons), whose firing frequencies on the category's identification records sum on
+        n_random random units per category outside the set, per layer (from any expert of
+        the layer for expert neurons), whose firing frequencies on the category's identification records sum on
         average to the set's (the same `mass_fill` as the experts', each draw within one
         unit). "where_warned" (default) draws them only for the categories whose
         frequency-matched draws fire less than 0.9 x the set (the matching warning: there a

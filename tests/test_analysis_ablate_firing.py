@@ -1,5 +1,5 @@
 """The firing-mass-matched control for neurons and expert neurons: random units outside the set
-whose firing on the category's records sums, per layer (expert), to the set's on average."""
+whose firing on the category's records sums, per layer, to the set's on average."""
 
 from __future__ import annotations
 
@@ -12,31 +12,31 @@ from sparcom_jax.analysis.ablate import AblationResult, ablation_matrix, mass_ma
 from sparcom_jax.categories import CATEGORIES
 
 
-def group_masses(mask: np.ndarray, mass: np.ndarray, lead: int) -> dict[tuple, float]:
-    """{group index: summed mass of the mask's units there}, by explicit loops over the units."""
-    out: dict[tuple, float] = {}
+def group_masses(mask: np.ndarray, mass: np.ndarray) -> dict[int, float]:
+    """{layer: summed mass of the mask's units there}, by explicit loops over the units."""
+    out: dict[int, float] = {}
     for idx in np.ndindex(mask.shape):
-        g = idx[:lead]
-        out[g] = out.get(g, 0.0) + (float(mass[idx]) if mask[idx] else 0.0)
+        out[idx[0]] = out.get(idx[0], 0.0) + (float(mass[idx]) if mask[idx] else 0.0)
     return out
 
 
-@pytest.mark.parametrize("shape, lead", [((3, 40), 1), ((2, 3, 30), 2)])
-def test_the_expected_mass_is_the_sets_in_every_group_and_no_draw_takes_a_set_unit(shape, lead):
-    """Over many draws the mean mass per group (layer; (layer, expert)) is the set's there, to
-    the Monte-Carlo error; each draw is within one unit of it and never holds a unit of the set."""
+@pytest.mark.parametrize("shape", [(3, 40), (2, 3, 30)])
+def test_the_expected_mass_is_the_sets_in_every_layer_and_no_draw_takes_a_set_unit(shape):
+    """Over many draws the mean mass per layer is the set's there, to the Monte-Carlo error (for
+    expert neurons drawn from every expert of the layer); each draw is within one unit of it and
+    never holds a unit of the set."""
     rng = np.random.default_rng(5)
     mass = rng.random(shape) ** 2  # skewed, as firing frequencies are: a few busy units
     mass[rng.random(shape) < 0.15] = 0.0  # never-firing units
-    # The set: each group's busiest units (what frequency matching cannot match), 3 per group.
+    # The set: each group's (layer's; expert's) busiest units, which frequency matching cannot match.
     flat = mass.reshape(-1, shape[-1])
     mask = np.zeros_like(flat, bool)
     for g, row in enumerate(flat):
         mask[g, np.argsort(row)[-3:]] = True
     mask = mask.reshape(shape)
-    target = group_masses(mask, mass, lead)
-    draws = [mass_matched_random(mask, mass, rng, lead=lead) for _ in range(3000)]
-    got = [group_masses(d, mass, lead) for d in draws]
+    target = group_masses(mask, mass)
+    draws = [mass_matched_random(mask, mass, rng) for _ in range(3000)]
+    got = [group_masses(d, mass) for d in draws]
     for g, t in target.items():
         per_draw = np.array([x[g] for x in got])
         free = mass[g][~mask[g]]
@@ -83,7 +83,6 @@ def test_ablation_matrix_runs_the_firing_mass_draws_and_records_their_masses(kin
     sets, fm, freq = setup(lead_shape=shape)
     model = FiringModel(fm)
     r = ablation_matrix(sets, model, n_random=4, seed=3, kind=kind, frequency=freq, firing_mass=fm)
-    lead = 2 if kind == "expert_neurons" else 1
     # The masks of the control: per category after its set and frequency-matched draws (one round).
     assert len(model.masks) == 1 + len(CATEGORIES) * (1 + 2 * 4)
     for a, c in enumerate(CATEGORIES):
@@ -100,9 +99,9 @@ def test_ablation_matrix_runs_the_firing_mass_draws_and_records_their_masses(kin
             assert r.mass_random_sizes[d, a] == m.sum()
             # The loss: the draw's own pass, minus the baseline.
             np.testing.assert_allclose(r.mass_random_draws[d, a], [fm[b][m].sum() for b in CATEGORIES])
-            # Each draw within one unit of the set's mass in every group.
-            for g, t in group_masses(sets[c], fm[c], lead).items():
-                assert abs(group_masses(m, fm[c], lead)[g] - t) <= fm[c][g].max() + 1e-12
+            # Each draw within one unit of the set's mass in every layer.
+            for g, t in group_masses(sets[c], fm[c]).items():
+                assert abs(group_masses(m, fm[c])[g] - t) <= fm[c][g].max() + 1e-12
     np.testing.assert_allclose(r.mass_excess, r.isn - r.mass_random_draws.mean(0))
     # The frequency-matched draws are those of the seed with or without the control.
     plain = ablation_matrix(sets, FiringModel(fm), n_random=4, seed=3, kind=kind, frequency=freq)

@@ -11,12 +11,15 @@ each call the callback may expose the routing mass the mask dropped as a float
 attribute ``loss_fn.last_dropped_mass``; it is recorded when present, and so is
 ``loss_fn.last_category_mass`` ({category: the mass dropped on its tokens}).
 
-Mass-matched controls (experts only, `expert_mass`): random expert sets outside the
-tested set that drop, per layer, as much routing mass on the ablated category's tokens
-as the set dropped when it was removed (its experts' mass in its own pass, per layer,
+Mass-matched controls (`mass_matched_random`). Experts (`expert_mass`): random expert sets
+outside the tested set that drop, per layer, as much routing mass on the ablated category's
+tokens as the set dropped when it was removed (its experts' mass in its own pass, per layer,
 from ``loss_fn.last_expert_mass``), the candidates valued at their mass in the baseline
 pass (`baseline_expert_mass`); so the sets' passes run first and the draws in a second
-round (`mass_matched_random`). What each draw actually dropped is recorded.
+round. What each draw actually dropped is recorded. Neurons and expert neurons
+(`firing_mass`): random units outside the set that fire, per layer, on average as often on
+the category's identification records as the set (the counts give every unit's firing, so
+the draws run in the same round as the others).
 
 Random controls: for each category set and draw, a random set with the same
 number of units in every matching group (a layer; a (layer, expert) pair for
@@ -675,32 +678,32 @@ def mask_layer_mass(mass: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Generator,
-                        target: np.ndarray | None = None, lead: int = 1) -> np.ndarray:
-    """A random set outside `mask` removing, per group, on average the mass `mask` removes.
+                        target: np.ndarray | None = None) -> np.ndarray:
+    """A random set outside `mask` removing, per layer, on average the mass `mask` removes.
 
-    In every group (a layer; a (layer, expert) pair for expert neurons: the first `lead` axes)
-    where the set has units, the units outside it are put in a uniformly random order and
-    filled in by `mass_fill`: each one that still fits under the set's mass is taken, then the
-    lightest left with the probability that makes the expected mass the set's. A draw's mass
-    in a group is within one unit of the target, and over draws it is the target on average
-    (unless every unit outside the set outweighs it: one is still taken). The draw holds as
-    many units as that takes, more than the set where the set holds its group's busiest.
+    In every layer where the set has units, the units outside it (for expert neurons: of
+    every expert of the layer) are put in a uniformly random order and filled in by
+    `mass_fill`: each one that still fits under the set's mass is taken, then the lightest
+    left with the probability that makes the expected mass the set's. A draw's mass in a
+    layer is within one unit of the target, and over draws it is the target on average
+    (unless every unit outside the set outweighs it: one is still taken; or all of them
+    together fall short: all are taken). The draw holds as many units as that takes, more
+    than the set where the set holds its layer's busiest.
 
     Args:
-      mask: bool [*G, W] the tested set ([L, E] experts, [L, F] neurons, [L, E, G] expert neurons).
-      mass: float [*G, W] each unit's mass: for experts its estimated routing mass (e.g. its
-        mean softmax probability on the category's held-out tokens in the unablated model),
-        for neurons its firing frequency on the category's records.
-      rng: generator (draw order: group, then one permutation of its free units and one
+      mask: bool [L, ...] the tested set ([L, E] experts, [L, F] neurons, [L, E, G] expert neurons).
+      mass: float, the mask's shape: each unit's mass: for experts its estimated routing mass
+        (e.g. its mean softmax probability on the category's held-out tokens in the unablated
+        model), for neurons its firing frequency on the category's records.
+      rng: generator (draw order: layer, then one permutation of its free units and one
         uniform number for the rounding).
-      target: float [*G] the mass to reach per group (e.g. what the set dropped, measured in
+      target: float [L] the mass to reach per layer (e.g. what the set dropped, measured in
         its own pass); None: the set's own mass there.
-      lead: leading axes forming a group.
 
     Returns:
-      bool [*G, W], never holding a unit of `mask`.
+      bool, the mask's shape, never holding a unit of `mask`.
     """
-    rows = np.asarray(mask, bool).reshape(int(np.prod(mask.shape[:lead])), -1)
+    rows = np.asarray(mask, bool).reshape(mask.shape[0], -1)
     m = np.asarray(mass, np.float64).reshape(rows.shape)
     target = (m * rows).sum(1) if target is None else np.asarray(target, np.float64).reshape(-1)
     out = np.zeros_like(rows)
@@ -836,9 +839,9 @@ def ablation_matrix(
       firing_mass: neurons and expert neurons only: {category: float, the sets' shape: each
         unit's firing frequency on the category's records} (`Identification.category_mean`,
         from the identification counts); when given, also `n_random` firing-mass-matched sets
-        per category (`mass_matched_random`, per group, on their own random stream): random
-        units outside the set whose summed frequency on the category's records is, per group,
-        on average the set's (within one unit in each draw). They need no pass of their own
+        per category (`mass_matched_random`, on their own random stream): random units outside
+        the set whose summed frequency on the category's records is, per layer, on average the
+        set's (within one unit in each draw); for expert neurons from any expert of the layer. They need no pass of their own
         to be drawn, so they run in the same round as the other masks. A category without an
         entry gets NaN.
       mass_where: with `firing_mass`: "always" (every category with a set) or "where_warned"
@@ -942,7 +945,7 @@ def ablation_matrix(
         set_cross[a], layer_mass[a] = _firing(firing_mass, mask, cat)
         set_mass[a], layer_est[a] = set_cross[a, a], layer_mass[a]
         for d in range(n_random):
-            rmask = mass_matched_random(mask, firing_mass[cat], mass_rng, lead=lead)
+            rmask = mass_matched_random(mask, firing_mass[cat], mass_rng)
             draw_cross[d, a], draw_layer[d, a] = _firing(firing_mass, rmask, cat)
             mass_sizes[d, a], mass_mass[d, a], draw_est[d, a] = rmask.sum(), draw_cross[d, a, a], draw_layer[d, a]
             masks.append(rmask)

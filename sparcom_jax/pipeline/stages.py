@@ -759,7 +759,7 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 # order, which overshot small targets).
 MASS_RULE = "measured_set_mass/unbiased_fill"
 # The neurons' (and expert neurons') firing-mass-matched control, in their fingerprint with the
-# categories it runs for (`ablation.neuron_mass_matched`): per group, random units outside the set
+# categories it runs for (`ablation.neuron_mass_matched`): per layer, random units outside the set
 # whose frequencies on the category's identification records sum on average to the set's (`mass_fill`).
 NEURON_MASS_RULE = "identification_firing/unbiased_fill"
 
@@ -856,18 +856,19 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             # draws only where the category has scored held-out tokens (else no mass to match).
             scored = {normalize_category(c) for c, v in response_coverage(held_enc).items() if v["response_tokens"]}
             with_set = {c for i, c in enumerate(CATEGORIES) if sets[i].any()}
-            total = (1 + len(with_set) * (1 + a.n_random) + (a.n_random * len(scored & with_set) if mass_matched else 0)
-                     + (a.n_random * len(with_set) if firing == "always" else 0))
-            more = (f", and {a.n_random} per category whose frequency-matched draws fire less than its set"
+            firing_draws = a.n_random * len(with_set) if firing == "always" else 0  # (where_warned: known once drawn)
+            total = 1 + len(with_set) * (1 + a.n_random) + (a.n_random * len(scored & with_set) if mass_matched else 0)
+            total += firing_draws
+            more = (f", and {a.n_random} more per category whose frequency-matched draws fire less than its set"
                     if firing == "where_warned" else "")
-            with timed(f"ablate {spec.label}: {kind} ({total} passes{more} over {len(records)} held-out records)"):
+            with timed(f"ablate {spec.label}: {kind} ({total} passes over {len(records)} held-out records{more})"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
                 loss_fn = make_loss_fn(model, records, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
                                        encoded=held_enc)
                 # Each call numbers its passes from 0 (process k runs k, k+P, ...); the mass pass is process 0's.
-                first = len(with_set) * (1 + a.n_random) + (0 if mass_matched else 1)
+                first = len(with_set) * (1 + a.n_random) + (0 if mass_matched else 1) + firing_draws
                 rounds = [1, first, total - 1 - first] if mass_matched else [first]
                 mine = sum(len(range(jax.process_index(), r, jax.process_count())) for r in rounds)
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:

@@ -122,7 +122,7 @@ CAPTIONS = {
         "divided by the number of layers, so a category's layers sum to its total)."),
     "ablation_firing_mass": (
         "Firing-mass-matched control ({n} draws per category; the table above): random {units} outside the "
-        "set, taken in each layer (each expert, for expert neurons) in random order while their firing on "
+        "set, taken in each layer (from all its experts, for expert neurons) in random order while their firing on "
         "the category's own records still fits under the set's there, then the lightest one left with the "
         "probability that makes the expected mass the set's, so the draws neither over- nor undershoot on "
         "average. A unit's mass is its firing frequency on the category's identification records (the counts "
