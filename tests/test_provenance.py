@@ -811,8 +811,8 @@ def test_the_neurons_firing_mass_control_is_fingerprinted_with_its_categories():
     from sparcom_jax.pipeline.stages import _as_compared, ablation_fingerprint
 
     recs = load_instructions(n_per_category=1)
-    modes = ("where_warned", "always", "never")
-    assert exp().ablation.neuron_mass_matched == "where_warned"
+    modes = ("always", "where_warned", "never")
+    assert exp().ablation.neuron_mass_matched == "always"
     fps = {m: {k: _as_compared(ablation_fingerprint(c, c.finetuned, recs, k, {}))
                for k in ("neurons", "expert_neurons", "experts")}
            for m, c in ((m, exp(f"ablation.neuron_mass_matched={m}")) for m in modes)}
