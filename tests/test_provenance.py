@@ -1096,7 +1096,8 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
     for (ids, kw, masks), name in zip(calls, ["base", "tuned"], strict=True):
         assert ids == held and kw["kind"] == "neurons" and kw["expert_mode"] == "pre"
         expected = []
-        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, neighbours=3)
+        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, neighbours=3,
+                              firing_matched="always")  # (ablation.neuron_mass_matched's default)
         assert masks[0] is None and len(masks) == len(expected) > 3
         assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))
     # the two models' sets differ, so a swap would show
