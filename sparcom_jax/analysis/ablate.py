@@ -841,9 +841,9 @@ def ablation_matrix(
         from the identification counts); when given, also `n_random` firing-mass-matched sets
         per category (`mass_matched_random`, on their own random stream): random units outside
         the set whose summed frequency on the category's records is, per layer, on average the
-        set's (within one unit in each draw); for expert neurons from any expert of the layer. They need no pass of their own
-        to be drawn, so they run in the same round as the other masks. A category without an
-        entry gets NaN.
+        set's (within one unit in each draw); for expert neurons from any expert of the layer.
+        They need no pass of their own to be drawn, so they run in the same round as the
+        other masks. A category without an entry gets NaN.
       mass_where: with `firing_mass`: "always" (every category with a set) or "where_warned"
         (only the categories whose frequency-matched draws fire on average below
         (1 - FREQUENCY_GAP) x the set, the `matching_warnings` test, known before any pass;
