@@ -176,3 +176,21 @@ def test_the_report_shows_the_firing_mass_control(tmp_path):
     assert "own-category excess over 2 firing-mass-matched random draws" in page
     assert "Firing-mass-matched control (2 draws per category" in page
     assert "Mass-matched control (" not in page  # (the experts' caption, about routing mass)
+
+
+def test_the_report_says_which_categories_where_warned_drew_for(tmp_path):
+    """With mass_where="where_warned" the page says the other categories' rows are empty on purpose."""
+    from sparcom_jax.report import write_report
+
+    sets, fm, freq = setup()
+    r = ablation_matrix(sets, FiringModel(fm), n_random=2, seed=0, kind="neurons", frequency=freq, firing_mass=fm,
+                        mass_where="where_warned")
+    d = json.loads(json.dumps(r.to_dict()))
+    write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"neurons": d}}, dpi=20)
+    page = (tmp_path / "index.html").read_text()
+    assert "Drawn only for the categories whose frequency-matched draws fire on average more than 10% " in page
+    always = ablation_matrix(sets, FiringModel(fm), n_random=2, seed=0, kind="neurons", frequency=freq,
+                             firing_mass=fm)
+    write_report(tmp_path / "always", {"identification": {"rule": "top"}, "models": {},
+                                       "ablation": {"neurons": json.loads(json.dumps(always.to_dict()))}}, dpi=20)
+    assert "Drawn only for" not in (tmp_path / "always" / "index.html").read_text()
