@@ -19,7 +19,8 @@ the same settings (and refuses other settings unless --overwrite).
 
 Per seed, pair and category it keeps, from the pair's summary.json `ablation` block: the set
 size (`set_sizes`), the own-category excess (the diagonal of `excess`) and its `p_value`, and
-for experts the same against the mass-matched draws (`mass_matched.excess`, `.p_value`). The
+the same against the mass-matched draws (`mass_matched.excess`, `.p_value`: routing mass for
+experts, firing mass for neurons and expert neurons, where they ran). The
 rows go to --json as each seed finishes; the table (per category: seeds with p <= --alpha out
 of the seeds with a set, median and range of the excess, for each control) replaces the
 section <!-- seed_sweep:PAIRS:start --> ... <!-- seed_sweep:PAIRS:end --> of --docs (PAIRS: the
@@ -45,10 +46,13 @@ from bench_common import replace_section, stamp, update_results  # noqa: E402
 SECTION = "seed_sweep"
 # The settings a seed sets: the model's initialisation (and the analysis' draws), the data order.
 SEED_KEYS = ("seed", "pretrain.seed", "finetune.seed")
-# (summary ablation kind, its label, whether it has the mass-matched control) per pair.
+# (summary ablation kind, its label, whether it has the mass-matched control) per pair: the
+# experts' routing mass, the neurons' firing mass (`ablation.neuron_mass_matched`; with
+# "where_warned" only the categories whose frequency-matched draws fire less than the set have it,
+# the others count as seeds without a value).
 PAIR_KINDS = {
-    "mixtral": (("experts", "experts", True), ("expert_neurons", "expert neurons", False)),
-    "llama": (("neurons", "neurons", False),),
+    "mixtral": (("experts", "experts", True), ("expert_neurons", "expert neurons", True)),
+    "llama": (("neurons", "neurons", True),),
 }
 CONTROLS = (("excess", "p", "random"), ("mass_excess", "mass_p", "mass-matched"))
 
@@ -118,9 +122,9 @@ def summarise(rows: list[dict], alpha: float) -> dict:
     return out
 
 
-def _fmt_excess(a: dict) -> str:
+def _fmt_excess(a: dict, empty: str = "no set") -> str:
     if not a["n"]:
-        return "no set"
+        return empty
     return f"{a['median']:+.3f} [{a['low']:+.3f}, {a['high']:+.3f}]"
 
 
@@ -152,8 +156,9 @@ def table(rows: list[dict], alpha: float) -> list[str]:
             for kind, _, mass in kinds:
                 s = summ[(pair, kind, cat)]
                 cells += [_fmt_size(s["size"]), _fmt_pass(s["random"]), _fmt_excess(s["random"])]
-                if mass:
-                    cells += [_fmt_pass(s["mass-matched"]), _fmt_excess(s["mass-matched"])]
+                if mass:  # (a set without the control: neurons' "where_warned" drew none for it)
+                    cells += [_fmt_pass(s["mass-matched"]),
+                              _fmt_excess(s["mass-matched"], "not drawn" if s["size"]["high"] else "no set")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines

@@ -423,7 +423,18 @@ class AblationSpec:
         holds when they are their layers' busiest, so its excess mixes specificity with
         a larger disruption of the routing, and this control is the one that separates
         them. It costs n_random more passes per category and one baseline pass, for
-        experts only (the neurons' checks are untouched); false leaves it out.
+        experts only (the neurons' checks have their own, `neuron_mass_matched`); false leaves it out.
+      neuron_mass_matched: for neurons and expert neurons, the firing-mass-matched control:
+        n_random random units per category outside the set, per layer (from any expert of
+        the layer for expert neurons), whose firing frequencies on the category's identification records sum on
+        average to the set's (the same `mass_fill` as the experts', each draw within one
+        unit). "always" (default) for every category with a set; "where_warned" only for
+        the categories whose frequency-matched draws fire less than 0.9 x the set (the
+        matching warning); "never" leaves it out. It costs n_random passes per category it
+        runs for, doubling the neurons' check; on by default because it changes conclusions
+        where no frequency warning is given (the full demo's Llama: MATH's ISNs beat every
+        frequency-matched draw, p = 0.05, but not the firing-mass-matched ones, p = 0.30;
+        docs/analysis.md, "Firing-mass-matched control").
     """
 
     enabled: bool = True
@@ -436,6 +447,7 @@ class AblationSpec:
     neighbours: int = 2
     expert_mode: Literal["post", "pre"] = "post"
     mass_matched: bool = True
+    neuron_mass_matched: Literal["always", "where_warned", "never"] = "always"
 
     def __post_init__(self):
         _check_min(self, 0, "n_random")

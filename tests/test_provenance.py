@@ -798,7 +798,78 @@ def test_the_mass_matched_control_is_fingerprinted_for_experts_only():
         old = {**fp_on["experts"], "ablation": {**fp_on["experts"]["ablation"], "mass_matched": earlier}}
         assert _as_compared(old) != _as_compared(fp_on["experts"])
     assert _as_compared(fp_on["neurons"]) == _as_compared(fp_off["neurons"])
-    assert "mass_matched" not in fp_on["neurons"]["ablation"]
+    # (the neurons' entry is their own control's, `ablation.neuron_mass_matched`)
+    assert fp_on["neurons"]["ablation"]["mass_matched"] == fp_off["neurons"]["ablation"]["mass_matched"]
+
+
+def test_the_neurons_firing_mass_control_is_fingerprinted_with_its_categories():
+    """A neurons or expert-neurons result made under another `ablation.neuron_mass_matched` is
+    refused (another control, or the same for other categories); "never" leaves the
+    fingerprint as it was before the control existed, so those results still match; the
+    experts' fingerprint does not depend on it."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import _as_compared, ablation_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+    modes = ("always", "where_warned", "never")
+    assert exp().ablation.neuron_mass_matched == "always"
+    fps = {m: {k: _as_compared(ablation_fingerprint(c, c.finetuned, recs, k, {}))
+               for k in ("neurons", "expert_neurons", "experts")}
+           for m, c in ((m, exp(f"ablation.neuron_mass_matched={m}")) for m in modes)}
+    for kind in ("neurons", "expert_neurons"):
+        got = [fps[m][kind] for m in modes]
+        assert all(x != y for i, x in enumerate(got) for y in got[i + 1:]), kind
+        assert "mass_matched" not in fps["never"][kind]["ablation"]
+        assert {fps[m][kind]["ablation"]["mass_matched"] for m in modes[:2]} == {
+            f"identification_firing/unbiased_fill/{m}" for m in modes[:2]}
+    assert fps["always"]["experts"] == fps["never"]["experts"] == fps["where_warned"]["experts"]
+
+
+def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, monkeypatch):
+    """ablation.neuron_mass_matched=always: the stage draws the firing-mass-matched sets from the
+    identification's category means (outside each set), runs them in the one round it counts, stores
+    them under mass_matched and refuses to reuse the result once the setting changes."""
+    import shutil
+
+    import sparcom_jax.stats.losses as losses
+    from sparcom_jax.categories import CATEGORIES
+
+    calls, ends = [], []
+
+    def make_loss_fn(model, records, tok=None, **kw):
+        def loss(mask):
+            calls.append(mask)
+            return {c: 1.0 + (0 if mask is None else float(np.sum(mask))) for c in CATEGORIES}
+        return loss
+
+    class Counting(stages._Counting):
+        def __exit__(self, *exc):
+            ends.append((self.bar.n, self.bar.total))
+            super().__exit__(*exc)
+
+    monkeypatch.setattr(losses, "make_loss_fn", make_loss_fn)
+    monkeypatch.setattr(stages, "_Counting", Counting)
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cfg = exp("ablation.neuron_mass_matched=always", "ablation.n_random=2")
+    res = stages.ablate_stage(cfg, out, overwrite=True)["_results"][("tuned", "neurons")]
+    ident = stages.analyze_all(cfg, out, full=False).models["tuned"]["isn"].ident
+    with_set = [a for a, c in enumerate(CATEGORIES) if ident.category_sets[a].any()]
+    assert with_set and len(calls) == 1 + len(with_set) * (1 + 2 * 2)
+    assert ends == [(len(calls), len(calls))]
+    for a in with_set:
+        s = ident.category_sets[a]
+        np.testing.assert_allclose(res.set_category_mass[a], ident.category_mean[a][s].sum(), rtol=1e-6)
+        assert np.isfinite(res.mass_random_draws[:, a]).all()
+    for m in calls[1:]:  # the mass-matched draws: the last two masks of each category
+        assert m is not None
+    per_cat = [calls[1 + i * 5:1 + (i + 1) * 5] for i in range(len(with_set))]
+    for a, masks in zip(with_set, per_cat):
+        assert all(not (m & ident.category_sets[a]).any() for m in masks[3:])
+    stored = json.loads((out / "ablate" / "tuned_neurons.json").read_text())
+    assert stored["mass_matched"]["where"] == "always" and stored["mass_matched"]["mass"] == "firing"
+    with pytest.raises(StaleResultError, match="neuron_mass_matched|mass_matched"):
+        run_stage("ablate", exp("ablation.neuron_mass_matched=never", "ablation.n_random=2"), out)
 
 
 def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):
@@ -1025,7 +1096,8 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
     for (ids, kw, masks), name in zip(calls, ["base", "tuned"], strict=True):
         assert ids == held and kw["kind"] == "neurons" and kw["expert_mode"] == "pre"
         expected = []
-        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, neighbours=3)
+        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, neighbours=3,
+                              firing_matched="always")  # (ablation.neuron_mass_matched's default)
         assert masks[0] is None and len(masks) == len(expected) > 3
         assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))
     # the two models' sets differ, so a swap would show

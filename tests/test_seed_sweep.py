@@ -83,7 +83,23 @@ def test_the_table_says_it_per_category():
     assert "| 3 of 3 | +0.400 [+0.100, +0.900] | 3 of 3 | +0.350 [+0.050, +0.850] |" in by_cat[CATEGORIES[0]]
     assert "| 3 (2-4) | 2 of 3 | +0.200 [+0.100, +0.300] | 0 of 3 |" in by_cat[CATEGORIES[3]]
     assert "no set" in by_cat[CATEGORIES[4]] and "| - |" in by_cat[CATEGORIES[4]]
-    assert by_cat[CATEGORIES[1]].endswith("| 10 | 0 of 3 | +0.010 [+0.010, +0.010] |")  # expert neurons
+    # expert neurons: a set, but no firing-mass-matched draws in these summaries ("where_warned" drew none)
+    assert by_cat[CATEGORIES[1]].endswith("| 10 | 0 of 3 | +0.010 [+0.010, +0.010] | - | not drawn |")
+
+
+def test_neuron_kinds_carry_their_firing_mass_control():
+    """The Llama's neurons and the MoE's expert neurons report the firing-mass-matched control
+    (`mass_matched` in their ablation block) as the experts report theirs: rows and columns."""
+    mass = ([0.02 * i for i in range(C)], [0.05 if i % 2 else 0.5 for i in range(C)])
+    summary = {"ablation": {"neurons": _block([0.1] * C, [0.05] * C, [7] * C, mass)}}
+    rows = seed_sweep.seed_rows(0, "llama", summary)
+    assert [r["mass_excess"] for r in rows] == pytest.approx(mass[0])
+    assert [r["mass_p"] for r in rows] == mass[1]
+    lines = seed_sweep.table(rows, alpha=0.05)
+    assert "neurons: p ≤ 0.05 vs mass-matched" in lines[2]
+    by_cat = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines if ln.startswith("| ")}
+    assert by_cat[CATEGORIES[1]].endswith("| 1 of 1 | +0.020 [+0.020, +0.020] |")
+    assert by_cat[CATEGORIES[2]].endswith("| 0 of 1 | +0.040 [+0.040, +0.040] |")
 
 
 def _result(rows, seeds, **kw):

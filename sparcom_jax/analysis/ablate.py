@@ -11,12 +11,15 @@ each call the callback may expose the routing mass the mask dropped as a float
 attribute ``loss_fn.last_dropped_mass``; it is recorded when present, and so is
 ``loss_fn.last_category_mass`` ({category: the mass dropped on its tokens}).
 
-Mass-matched controls (experts only, `expert_mass`): random expert sets outside the
-tested set that drop, per layer, as much routing mass on the ablated category's tokens
-as the set dropped when it was removed (its experts' mass in its own pass, per layer,
+Mass-matched controls (`mass_matched_random`). Experts (`expert_mass`): random expert sets
+outside the tested set that drop, per layer, as much routing mass on the ablated category's
+tokens as the set dropped when it was removed (its experts' mass in its own pass, per layer,
 from ``loss_fn.last_expert_mass``), the candidates valued at their mass in the baseline
 pass (`baseline_expert_mass`); so the sets' passes run first and the draws in a second
-round (`mass_matched_random`). What each draw actually dropped is recorded.
+round. What each draw actually dropped is recorded. Neurons and expert neurons
+(`firing_mass`): random units outside the set that fire, per layer, on average as often on
+the category's identification records as the set (the counts give every unit's firing, so
+the draws run in the same round as the others).
 
 Random controls: for each category set and draw, a random set with the same
 number of units in every matching group (a layer; a (layer, expert) pair for
@@ -68,6 +71,8 @@ FREQUENCY_GAP = 0.1
 # (or less) than the set are flagged (`matching_warnings`): that control is then harsher
 # (milder) than the set, and the excess against it understated (overstated).
 MASS_TOLERANCE = 0.1
+# Which categories a neuron check gives firing-mass-matched draws (`ablation_matrix(mass_where=)`).
+MASS_WHERE = ("always", "where_warned")
 
 
 def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[str]:
@@ -152,6 +157,14 @@ class AblationResult:
         diagonal is matched: the off-diagonal cells of the mass-matched excess compare the set
         with draws whose mass on b's tokens can differ (see `mass_random_mass_matrix`). Or None.
       mass_random_mass_matrix: float [M, C, C] the same for each mass-matched draw, or None.
+      mass_where: which categories got mass-matched draws: "always" (each with a set) or
+        "where_warned" (neurons: those whose frequency-matched draws fire less than the set,
+        `fires_less`); None where the control did not run. For experts the mass is the
+        routing mass, measured in the passes; for neurons and expert neurons it is the
+        firing mass, each unit's frequency on the category's identification records
+        (`Identification.category_mean`) summed over the set: the expected number of its
+        units firing per token (so `set_layer_mass` and `set_layer_estimate` agree, and a
+        draw's measured and estimated mass are the same number).
     """
 
     kind: str
@@ -181,6 +194,7 @@ class AblationResult:
     mass_random_layer_estimate: np.ndarray | None = None
     set_mass_matrix: np.ndarray | None = None
     mass_random_mass_matrix: np.ndarray | None = None
+    mass_where: str | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -191,7 +205,8 @@ class AblationResult:
             "  own-category loss increase beyond random, mean ± sd over draws (nats per response token):",
             "    " + per_category_text([f"{e:+.3g} ± {d:.2g}" for e, d in zip(own, sd)]),
             *([] if self.mass_random_draws is None else [
-                "  own-category excess beyond the mass-matched expert draws:",
+                f"  own-category excess beyond the {self._mass_words()[3]}-matched {self.kind[:-1].replace('_', ' ')} "
+                "draws:",
                 "    " + per_category_text([f"{e:+.3g}" for e in np.diag(self.mass_excess)])]),
             *(f"  warning: {w}" for w in coverage_warnings(self.coverage) + self.matching_warnings()),
         ])
@@ -219,7 +234,7 @@ class AblationResult:
             parts, why = [], []
             if self.set_frequency is not None and self.random_frequency is not None:
                 sf, rf = self.set_frequency[a], self.random_frequency[:, a]
-                if np.isfinite(sf) and np.isfinite(rf).all() and rf.mean() < (1 - FREQUENCY_GAP) * sf:
+                if fires_less(sf, rf):
                     close = ("" if self.closest_frequency is None
                              else f"; each replaced by its nearest outside the set: {self.closest_frequency[a]:.3g}")
                     parts.append(f"its matched random {unit} fire less often than its set ({rf.mean():.3g} "
@@ -284,11 +299,12 @@ class AblationResult:
             return []
         harsh = ("harsher than the set: its excess against them is understated" if mean > 0
                  else "milder than the set: its excess against them is overstated")
-        rule = ("" if err["estimate_mean"] is None else
+        rule = ("" if err["estimate_mean"] is None or self.kind != "experts" else
                 f"; valued at their unablated estimates they drop {err['estimate_mean'][a]:+.3f} beside the "
                 "set's mass (the selection's own error, the rest is the routing the draws moved)")
-        return [f"{CATEGORIES[a]}: its mass-matched draws dropped on average {sm + mean:.3g} of the routing "
-                f"mass on its own tokens against the set's {sm:.3g} ({mean / sm:+.0%}, mean |error| "
+        _, verb, what, name = self._mass_words()
+        return [f"{CATEGORIES[a]}: its {name}-matched draws {verb} on average {sm + mean:.3g} of the {what} "
+                f"against the set's {sm:.3g} ({mean / sm:+.0%}, mean |error| "
                 f"{err['abs_mean'][a]:.3f}; tolerance {MASS_TOLERANCE:.0%}){rule}: that control is {harsh}"]
 
     def _mass_outcome(self, a: int) -> str:
@@ -299,9 +315,17 @@ class AblationResult:
         d = self.mass_random_draws.shape[0]
         ex, p = self.mass_excess[a, a], self.excess_spread(self.mass_random_draws)["p_value"][a, a]
         sm, rm, n = self.set_category_mass[a], self.mass_random_mass[:, a], self.mass_random_sizes[:, a]
-        return (f"; the mass-matched control ({d} draws of {n.mean():.3g} experts outside the set, against its "
-                f"{self.set_sizes[a]}) dropped {np.mean(rm):.3g} of the routing mass on its own tokens (the set "
+        units, verb, what, name = self._mass_words()
+        return (f"; the {name}-matched control ({d} draws of {n.mean():.3g} {units} outside the set, against its "
+                f"{self.set_sizes[a]}) {verb} {np.mean(rm):.3g} of the {what} (the set "
                 f"{sm:.3g}) and gives an own-category excess of {ex:+.3g} (p = {p:.2g})")
+
+    def _mass_words(self) -> tuple[str, str, str, str]:
+        """(units, verb, what their mass is, the control's name) for the mass-matched lines of this kind."""
+        if self.kind == "experts":
+            return "experts", "dropped", "routing mass on its own tokens", "mass"
+        return (self.kind.replace("_", " "), "carried", "firing mass on its own records (firings per token, "
+                "from the identification counts)", "firing-mass")
 
     @property
     def excess(self) -> np.ndarray:
@@ -383,7 +407,9 @@ class AblationResult:
             return None
         spread = self.excess_spread(self.mass_random_draws)
         d = self.mass_random_draws
-        return {"n_random": int(d.shape[0]), "random": d.mean(0) if d.shape[0] else np.full((C, C), np.nan),
+        return {"n_random": int(d.shape[0]), "where": self.mass_where,
+                "mass": "routing" if self.kind == "experts" else "firing",
+                "random": d.mean(0) if d.shape[0] else np.full((C, C), np.nan),
                 "excess": self.mass_excess, "excess_std": spread["std"],
                 "random_ge_fraction": spread["random_ge_fraction"], "p_value": spread["p_value"],
                 "random_draws": d, "set_mass": by_category(self.set_category_mass),
@@ -428,7 +454,7 @@ class AblationResult:
                else arr([mm[f"set_layer_{k}"][c] for c in CATEGORIES]) for k in ("mass", "estimate")},
             # (absent from files made before the draws' own masses per layer were kept)
             **{f"mass_random_layer_{k}": per_draw(mm.get(f"random_layer_{k}"), C, 0) for k in ("mass", "estimate")},
-            set_mass_matrix=arr(mm.get("set_mass_matrix")),
+            set_mass_matrix=arr(mm.get("set_mass_matrix")), mass_where=mm.get("where", "always"),
             mass_random_mass_matrix=per_draw(mm.get("random_mass_matrix"), C, C))
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
@@ -580,6 +606,31 @@ def random_like(mask: np.ndarray, rng: np.random.Generator, frequency: np.ndarra
     return matched_random(mask, rng, frequency, neighbours=neighbours, exclude=exclude, lead=lead)[0]
 
 
+def fires_less(set_frequency: float, random_frequency: np.ndarray) -> bool:
+    """Whether the random draws (float [D] mean frequencies) fire on average below
+    (1 - FREQUENCY_GAP) x the set's mean frequency: the frequency matching's warning."""
+    rf = np.asarray(random_frequency, np.float64)
+    return bool(np.isfinite(set_frequency) and rf.size and np.isfinite(rf).all()
+                and rf.mean() < (1 - FREQUENCY_GAP) * set_frequency)
+
+
+def _check_firing_mass(firing_mass: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> None:
+    """Refuse a firing mass that does not fit the sets or is not a finite frequency >= 0."""
+    for cat, v in firing_mass.items():
+        if v.shape != shape:
+            raise ValueError(f"firing_mass[{cat!r}] has shape {v.shape}, the sets {shape}")
+        if not (np.isfinite(v) & (v >= 0)).all():
+            raise ValueError(f"firing_mass[{cat!r}]: every unit needs a finite firing frequency >= 0 "
+                             "(e.g. Identification.category_mean)")
+
+
+def _firing(firing_mass: Mapping[str, np.ndarray], mask: np.ndarray, cat: str) -> tuple[list[float], np.ndarray]:
+    """The firing mass of `mask` on every category's records ([C], NaN where none is given) and
+    on `cat`'s per layer ([L])."""
+    return ([firing_mass[c][mask].sum() if c in firing_mass else np.nan for c in CATEGORIES],
+            mask_layer_mass(firing_mass[cat], mask))
+
+
 def mass_fill(mass_in_order: np.ndarray, target: float, u: float) -> np.ndarray:
     """Which units, taken in the given order, drop on average exactly `target`.
 
@@ -620,42 +671,48 @@ def mass_fill(mass_in_order: np.ndarray, target: float, u: float) -> np.ndarray:
 
 
 def mask_layer_mass(mass: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """float [L]: per layer, the mass (float [L, E]) of the experts in `mask` (bool [L, E])."""
-    return (np.asarray(mass, np.float64) * mask).sum(1)
+    """float [L]: per layer, the mass (float [L, ...]: [L, E] experts, [L, F] neurons, [L, E, G]
+    expert neurons) of the units in `mask` (bool, the same shape)."""
+    m = np.asarray(mass, np.float64) * mask
+    return m.reshape(m.shape[0], -1).sum(1)
 
 
 def mass_matched_random(mask: np.ndarray, mass: np.ndarray, rng: np.random.Generator,
                         target: np.ndarray | None = None) -> np.ndarray:
-    """A random expert set outside `mask` dropping, per layer, on average the routing mass `mask` drops.
+    """A random set outside `mask` removing, per layer, on average the mass `mask` removes.
 
-    In every layer where the set has experts, the experts outside it are put in a uniformly
-    random order and filled in by `mass_fill`: each one that still fits under the set's mass
-    is taken, then the lightest left with the probability that makes the expected mass the
-    set's. A draw's mass in a layer is within one expert of the target, and over draws it is
-    the target on average (unless every expert outside the set outweighs it: one is still
-    taken). The draw holds as many experts as that takes, more than the set where the set
-    holds its layer's busiest.
+    In every layer where the set has units, the units outside it (for expert neurons: of
+    every expert of the layer) are put in a uniformly random order and filled in by
+    `mass_fill`: each one that still fits under the set's mass is taken, then the lightest
+    left with the probability that makes the expected mass the set's. A draw's mass in a
+    layer is within one unit of the target, and over draws it is the target on average
+    (unless every unit outside the set outweighs it: one is still taken; or all of them
+    together fall short: all are taken). The draw holds as many units as that takes, more
+    than the set where the set holds its layer's busiest.
 
     Args:
-      mask: bool [L, E] the tested set.
-      mass: float [L, E] each expert's estimated routing mass (e.g. its mean softmax
-        probability on the category's held-out tokens in the unablated model).
-      rng: generator (draw order: layer, then one permutation of its free experts and one
+      mask: bool [L, ...] the tested set ([L, E] experts, [L, F] neurons, [L, E, G] expert neurons).
+      mass: float, the mask's shape: each unit's mass: for experts its estimated routing mass
+        (e.g. its mean softmax probability on the category's held-out tokens in the unablated
+        model), for neurons its firing frequency on the category's records.
+      rng: generator (draw order: layer, then one permutation of its free units and one
         uniform number for the rounding).
       target: float [L] the mass to reach per layer (e.g. what the set dropped, measured in
-        its own pass); None: the set's estimate, `mask_layer_mass(mass, mask)`.
+        its own pass); None: the set's own mass there.
 
     Returns:
-      bool [L, E], never holding an expert of `mask`.
+      bool, the mask's shape, never holding a unit of `mask`.
     """
-    out = np.zeros_like(mask)
-    target = mask_layer_mass(mass, mask) if target is None else target
-    for l in np.flatnonzero(mask.any(1)):
-        free = rng.permutation(np.flatnonzero(~mask[l]))
+    rows = np.asarray(mask, bool).reshape(mask.shape[0], -1)
+    m = np.asarray(mass, np.float64).reshape(rows.shape)
+    target = (m * rows).sum(1) if target is None else np.asarray(target, np.float64).reshape(-1)
+    out = np.zeros_like(rows)
+    for g in np.flatnonzero(rows.any(1)):
+        free = rng.permutation(np.flatnonzero(~rows[g]))
         u = rng.random()
         if free.size:
-            out[l, free[mass_fill(mass[l, free], float(target[l]), u)]] = True
-    return out
+            out[g, free[mass_fill(m[g, free], float(target[g]), u)]] = True
+    return out.reshape(mask.shape)
 
 
 def _row(losses: Mapping[str, float], baseline: dict[str, float]) -> np.ndarray:
@@ -741,6 +798,8 @@ def ablation_matrix(
     run: MaskRunner = run_in_order,
     expert_mass: Mapping[str, np.ndarray] | None = None,
     baseline: Mapping[str, float] | None = None,
+    firing_mass: Mapping[str, np.ndarray] | None = None,
+    mass_where: str = "always",
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
@@ -777,6 +836,18 @@ def ablation_matrix(
         without an entry gets NaN.
       baseline: {category: mean loss} of the unablated model when already measured (the
         pass `baseline_expert_mass` made); None: measured as the first pass.
+      firing_mass: neurons and expert neurons only: {category: float, the sets' shape: each
+        unit's firing frequency on the category's records} (`Identification.category_mean`,
+        from the identification counts); when given, also `n_random` firing-mass-matched sets
+        per category (`mass_matched_random`, on their own random stream): random units outside
+        the set whose summed frequency on the category's records is, per layer, on average the
+        set's (within one unit in each draw); for expert neurons from any expert of the layer.
+        They need no pass of their own to be drawn, so they run in the same round as the
+        other masks. A category without an entry gets NaN.
+      mass_where: with `firing_mass`: "always" (every category with a set) or "where_warned"
+        (only the categories whose frequency-matched draws fire on average below
+        (1 - FREQUENCY_GAP) x the set, the `matching_warnings` test, known before any pass;
+        the others get NaN).
 
     Returns:
       An AblationResult. Random sets are always drawn outside the tested set
@@ -785,9 +856,16 @@ def ablation_matrix(
     """
     if kind not in KIND_LEAD:
         raise ValueError(f"kind must be one of {tuple(KIND_LEAD)}, got {kind!r}")
-    mass_matched = expert_mass is not None
-    if mass_matched and kind != "experts":
-        raise ValueError(f"expert_mass matches routing mass, which only experts have (kind {kind!r})")
+    mass_matched = expert_mass is not None or firing_mass is not None
+    if expert_mass is not None and kind != "experts":
+        raise ValueError(f"expert_mass matches routing mass, which only experts have (kind {kind!r}); "
+                         "neurons take firing_mass")
+    if firing_mass is not None and kind == "experts":
+        raise ValueError("firing_mass matches neurons' firing; experts take expert_mass (routing mass)")
+    routing = expert_mass is not None  # measured in the passes (firing mass: from the counts)
+    if mass_where not in MASS_WHERE or (mass_where != "always" and firing_mass is None):
+        raise ValueError(f"mass_where must be one of {MASS_WHERE}, and 'where_warned' needs firing_mass; "
+                         f"got {mass_where!r}")
     lead = KIND_LEAD[kind]
     sets = {normalize_category(k): np.asarray(v, dtype=bool) for k, v in category_sets.items()}
     if kind == "experts" and (full := full_layers(sets)):
@@ -826,6 +904,10 @@ def ablation_matrix(
         set_cross, draw_cross = np.full((C, C), np.nan), np.full((n_random, C, C), np.nan)
     # Its own stream too: the frequency-matched draws stay the seed's with or without it.
     mass_rng = np.random.default_rng([seed, 2])
+    firing_mass = None if firing_mass is None else {normalize_category(k): np.asarray(v, np.float64)
+                                                    for k, v in firing_mass.items()}
+    if firing_mass is not None and sets:
+        _check_firing_mass(firing_mass, next(iter(sets.values())).shape)
     masks: list[np.ndarray | None] = [None] if baseline is None else []  # the baseline first
     # (ablated category, "set" / "random" / "mass", draw) of the masks after the baseline
     slots: list[tuple[int, str, int]] = []
@@ -855,6 +937,19 @@ def ablation_matrix(
                 rand_freq[d, a] = freq64[rmask].mean()
             masks.append(rmask)
             slots.append((a, "random", d))
+        if firing_mass is None or cat not in firing_mass or not n_random or (
+                mass_where == "where_warned" and not (frequency is not None
+                                                      and fires_less(set_freq[a], rand_freq[:, a]))):
+            continue
+        # Firing mass: the identification counts give every unit's, so the draws need no pass first.
+        set_cross[a], layer_mass[a] = _firing(firing_mass, mask, cat)
+        set_mass[a], layer_est[a] = set_cross[a, a], layer_mass[a]
+        for d in range(n_random):
+            rmask = mass_matched_random(mask, firing_mass[cat], mass_rng)
+            draw_cross[d, a], draw_layer[d, a] = _firing(firing_mass, rmask, cat)
+            mass_sizes[d, a], mass_mass[d, a], draw_est[d, a] = rmask.sum(), draw_cross[d, a, a], draw_layer[d, a]
+            masks.append(rmask)
+            slots.append((a, "mass", d))
     results = run(loss_fn, masks)
     if baseline is None:
         (baseline, *_), *results = results
@@ -865,7 +960,7 @@ def ablation_matrix(
     masks, slots2 = [], []
     for (a, which, _), (_, _, _, by_layer) in zip(slots, results, strict=True):
         cat = CATEGORIES[a]
-        if which != "set" or not n_random or cat not in expert_mass:
+        if which != "set" or not n_random or cat not in expert_mass or firing_mass is not None:
             continue
         if by_layer is None or cat not in by_layer:
             raise ValueError("the mass-matched control needs a loss_fn that reports each expert's routing mass "
@@ -885,13 +980,15 @@ def ablation_matrix(
         own = on_tokens[a]  # on a's own tokens
         if which == "set":
             isn[a], dropped[a] = _row(losses, baseline), mass
-            if mass_matched:
+            if routing:  # (routing mass: measured in the pass; firing mass: counted before)
                 set_mass[a], set_cross[a] = own, on_tokens
         elif which == "random":
             draws[d, a], rdropped[d, a] = _row(losses, baseline), mass
         else:
-            mass_draws[d, a], mass_mass[d, a], draw_cross[d, a] = _row(losses, baseline), own, on_tokens
-            draw_layer[d, a] = (by_layer or {}).get(CATEGORIES[a], np.nan)  # (none: a loss_fn without it)
+            mass_draws[d, a] = _row(losses, baseline)
+            if routing:
+                mass_mass[d, a], draw_cross[d, a] = own, on_tokens
+                draw_layer[d, a] = (by_layer or {}).get(CATEGORIES[a], np.nan)  # (none: a loss_fn without it)
     rand = draws.mean(0) if n_random else np.full((C, C), np.nan)
     has_mass = np.isfinite(dropped[sizes > 0]).any()
     return AblationResult(
@@ -905,10 +1002,11 @@ def ablation_matrix(
         closest_frequency=close_freq, above_others=above, mass_random_draws=mass_draws,
         set_category_mass=set_mass, mass_random_mass=mass_mass, mass_random_sizes=mass_sizes,
         set_layer_mass=layer_mass, set_layer_estimate=layer_est, mass_random_layer_mass=draw_layer,
-        mass_random_layer_estimate=draw_est, set_mass_matrix=set_cross, mass_random_mass_matrix=draw_cross)
+        mass_random_layer_estimate=draw_est, set_mass_matrix=set_cross, mass_random_mass_matrix=draw_cross,
+        mass_where=mass_where if mass_matched else None)
 
 
-def ablate_identification(ident, loss_fn: LossFn, **kw) -> AblationResult:
+def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None = None, **kw) -> AblationResult:
     """ablation_matrix on an identification's category sets, random sets matched on the
     units' mean frequency over all instructions (kind from the count field).
 
@@ -916,7 +1014,11 @@ def ablate_identification(ident, loss_fn: LossFn, **kw) -> AblationResult:
       ident: the ablated model's identification, or one section of its analysis
         (`analysis["isn"]`, whose `.ident` it is).
       loss_fn: see ablation_matrix.
-      **kw: n_random, seed, neighbours, run, expert_mass (see ablation_matrix).
+      firing_matched: neurons and expert neurons: "always" or "where_warned" adds the
+        firing-mass-matched control, each unit's mass its frequency on the category's
+        instructions (`category_mean`: the counts the sets were identified from); the
+        `mass_where` of ablation_matrix. None: not drawn.
+      **kw: n_random, seed, neighbours, run, expert_mass, baseline (see ablation_matrix).
 
     Raises:
       TypeError: a whole ModelAnalysis (which section to ablate is the caller's choice), or
@@ -931,5 +1033,7 @@ def ablate_identification(ident, loss_fn: LossFn, **kw) -> AblationResult:
         raise TypeError(f"ablate_identification ablates one section's sets: pass analysis[section].ident "
                         f"for one of the analysis' sections{sections}, e.g. analysis['isn'].ident; got "
                         f"{type(ident).__name__}")
+    if firing_matched is not None:
+        kw.update(firing_mass=by_category(ident.category_mean), mass_where=firing_matched)
     return ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
                            frequency=ident.unit_frequency(), **kw)

@@ -806,6 +806,10 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 # the set's early experts can move) and "measured_set_mass" (the closest prefix of a random
 # order, which overshot small targets).
 MASS_RULE = "measured_set_mass/unbiased_fill"
+# The neurons' (and expert neurons') firing-mass-matched control, in their fingerprint with the
+# categories it runs for (`ablation.neuron_mass_matched`): per layer, random units outside the set
+# whose frequencies on the category's identification records sum on average to the set's (`mass_fill`).
+NEURON_MASS_RULE = "identification_firing/unbiased_fill"
 
 
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
@@ -817,7 +821,10 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
             "ablation": {"kind": kind, "n_random": a.n_random, "neighbours": a.neighbours, "seed": cfg.seed,
                          "expert_mode": a.expert_mode,
                          # experts only, and absent when off: results made without it still match then
-                         **({"mass_matched": MASS_RULE} if kind == "experts" and a.mass_matched else {})},
+                         **({"mass_matched": MASS_RULE} if kind == "experts" and a.mass_matched else {}),
+                         # neurons: absent when "never" (results made before it existed were made so)
+                         **({"mass_matched": f"{NEURON_MASS_RULE}/{a.neuron_mass_matched}"}
+                            if kind != "experts" and a.neuron_mass_matched != "never" else {})},
             # The text and category of each record, not only its id: the loss is measured on them.
             "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
             "template": template_for(spec, cfg),
@@ -893,19 +900,26 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                         gate_dtype=cfg.collect.gate_dtype)
             sets = ma[section].ident.category_sets
             mass_matched = kind == "experts" and a.mass_matched and a.n_random > 0  # (no draws: no pass for it)
+            # Neurons: firing-mass-matched draws, valued from the counts (no pass of their own: one round).
+            firing = (a.neuron_mass_matched if kind != "experts" and a.n_random > 0
+                      and a.neuron_mass_matched != "never" else None)
             # The baseline, then per category with a set: the set and its draws; the mass-matched
             # draws only where the category has scored held-out tokens (else no mass to match).
             scored = {normalize_category(c) for c, v in response_coverage(held_enc).items() if v["response_tokens"]}
             with_set = {c for i, c in enumerate(CATEGORIES) if sets[i].any()}
+            firing_draws = a.n_random * len(with_set) if firing == "always" else 0  # (where_warned: known once drawn)
             total = 1 + len(with_set) * (1 + a.n_random) + (a.n_random * len(scored & with_set) if mass_matched else 0)
-            with timed(f"ablate {spec.label}: {kind} ({total} passes over {len(records)} held-out records)"):
+            total += firing_draws
+            more = (f", and {a.n_random} more per category whose frequency-matched draws fire less than its set"
+                    if firing == "where_warned" else "")
+            with timed(f"ablate {spec.label}: {kind} ({total} passes over {len(records)} held-out records{more})"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
                 loss_fn = make_loss_fn(model, records, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
                                        encoded=held_enc)
                 # Each call numbers its passes from 0 (process k runs k, k+P, ...); the mass pass is process 0's.
-                first = len(with_set) * (1 + a.n_random) + (0 if mass_matched else 1)
+                first = len(with_set) * (1 + a.n_random) + (0 if mass_matched else 1) + firing_draws
                 rounds = [1, first, total - 1 - first] if mass_matched else [first]
                 mine = sum(len(range(jax.process_index(), r, jax.process_count())) for r in rounds)
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
@@ -913,8 +927,9 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     base, mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts)
                                   if mass_matched else (None, None))
                     res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                neighbours=a.neighbours, run=_passes_shared, expert_mass=mass,
-                                                baseline=base)
+                                                neighbours=a.neighbours, expert_mass=mass, baseline=base,
+                                                run=fn.counted(_passes_shared) if firing else _passes_shared,
+                                                firing_matched=firing)
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
@@ -1020,6 +1035,18 @@ class _Counting:
             return self.fn(mask)
         finally:
             self.bar.update(1)
+
+    def counted(self, run):
+        """`run` (a MaskRunner) that first sets the bar's total to this process's share of its
+        masks: for a check of one round whose size is known only once drawn (neurons with
+        `ablation.neuron_mass_matched: where_warned`)."""
+        import jax
+
+        def runner(loss_fn, masks):
+            self.bar.total = len(range(jax.process_index(), len(masks), jax.process_count()))
+            self.bar.refresh()
+            return run(loss_fn, masks)
+        return runner
 
     @property
     def last_dropped_mass(self):

@@ -234,12 +234,12 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
             continue
         yield matrix_table(f"ablation_{kind}_{k}", d[k], corner=ABLATION_CORNER)
     yield Table(f"ablation_{kind}_baseline", ABLATION_HEADER, ablation_rows(d))
-    mm = d.get("mass_matched")  # the mass-matched control (experts), where it ran
+    mm = d.get("mass_matched")  # the mass-matched control (experts: routing; neurons: firing), where it ran
     if mm:
         for k in ("excess", "p_value", "set_mass_matrix", "random_mass_matrix_mean"):
             if mm.get(k) is not None:  # (the masses on every category's tokens: not in older files)
                 yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
-        yield Table(f"ablation_{kind}_mass_matched", MASS_HEADER, mass_rows(d))
+        yield Table(f"ablation_{kind}_mass_matched", mass_header(d["kind"]), mass_rows(d))
         if mm.get("set_layer_mass") is not None:  # (absent from files of the rule that matched the estimate)
             yield Table(f"ablation_{kind}_mass_matched_per_layer", MASS_LAYER_HEADER, mass_layer_rows(mm))
 
@@ -254,6 +254,11 @@ MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_g
                "set_mass_own_tokens", "set_mass_own_tokens_estimate", "random_mass_own_tokens_mean",
                "random_mass_own_tokens_min", "random_mass_own_tokens_max", "random_mass_error_mean",
                "random_mass_error_abs_mean", "random_experts_mean"]
+
+
+def mass_header(kind: str) -> list[str]:
+    """MASS_HEADER with the draws' size named for the kind ("experts", "neurons", "expert_neurons")."""
+    return MASS_HEADER[:-1] + [f"random_{kind}_mean"]
 
 
 MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift", "random_mass_mean",

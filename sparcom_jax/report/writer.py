@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sparcom_jax.analysis.ablate import MASS_TOLERANCE
+from sparcom_jax.analysis.ablate import FREQUENCY_GAP, MASS_TOLERANCE
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.analysis.uncertainty import one_unit_note
@@ -28,8 +28,8 @@ from sparcom_jax.report.export import export_sets
 from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_html
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
-    ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, MASS_HEADER, TOP_HEADER, ablation_rows,
-    all_tables, boot_values, dominance_rows, interval, length_rows, mass_rows, matrix_table, precision_table,
+    ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, TOP_HEADER, ablation_rows, all_tables,
+    boot_values, dominance_rows, interval, length_rows, mass_header, mass_rows, matrix_table, precision_table,
     measured_comparison, safe_name, top_instruction_rows, unmeasured, unmeasured_compared,
 )
 
@@ -120,6 +120,30 @@ CAPTIONS = {
         "(set_mass_estimate, set_mass_measured and their shift; beside them the draws' mass there, "
         "random_mass_mean, and its mean signed and absolute error against the set's; each layer's mass is "
         "divided by the number of layers, so a category's layers sum to its total)."),
+    "ablation_firing_mass": (
+        "Firing-mass-matched control ({n} draws per category; the table above): random {units} outside the "
+        "set, taken in each layer (from all its experts, for expert neurons) in random order while their firing on "
+        "the category's own records still fits under the set's there, then the lightest one left with the "
+        "probability that makes the expected mass the set's, so the draws neither over- nor undershoot on "
+        "average. A unit's mass is its firing frequency on the category's identification records (the counts "
+        "the sets were chosen from), so set_mass_own_tokens is the expected number of the set's units that "
+        "fire per token of the category, and random_mass_own_tokens_mean (min, max) the draws'. It answers "
+        "what the frequency-matched draws cannot where the set holds its layers' busiest units: does "
+        "removing the set hurt more than removing as much firing elsewhere in the same layers? "
+        "random_{kind}_mean is the draws' size: they hold more, less busy units than the set, so a set that "
+        "still hurts more concentrates its effect on fewer units; one that does not is no more harmful than "
+        "the firing it removes. random_mass_error_mean and _abs_mean are a draw's mass minus the set's "
+        "(mean signed and absolute; beyond {tol:.0%} of the set's mass is flagged under the table). The mass "
+        "is counted on the identification records, not measured on the held-out ones the loss uses: the sets "
+        "were chosen for firing often there, so on new records they may fire somewhat less than counted, "
+        "which makes this control, if anything, harsher than the set. It is matched on the category's own "
+        "records only (tables/ablation_{kind}_mass_matched_set_mass_matrix.csv and "
+        "_random_mass_matrix_mean.csv give every category's), so an off-diagonal cell mixes the set's effect "
+        "with a difference of firing on the other category's records."),
+    "ablation_firing_where": (
+        " Drawn only for the categories whose frequency-matched draws fire on average more than {gap:.0%} "
+        "less often than the set (ablation.neuron_mass_matched: where_warned, the categories a matching warning names); "
+        "the other rows are empty."),
     "ablation_controls": " Left: the instruction-specific set; middle: random sets matched to it "
                          "({matching}; mean of {n} draws); right: their difference. A red diagonal on the right "
                          "means each category's set hurts its own category more than removing as many comparable "
@@ -380,6 +404,24 @@ def _fmt_bias(key: str, v) -> str:
 def _has_value(m) -> bool:
     """Whether a nested list (None = undefined) holds any number."""
     return m is not None and any(v is not None for row in m for v in row)
+
+
+def _mass_blocks(kind: str, d: dict) -> list:
+    """The mass-matched control's table and caption (experts: routing mass; neurons: firing mass)."""
+    mm, word = d["mass_matched"], kind.replace("_", " ")
+    tol = mm.get("error_tolerance") or MASS_TOLERANCE  # (not in files made before it)
+    if kind == "experts":
+        layers = mm.get("set_layer_mass") is not None  # (not in files of the earlier rule)
+        title = "mass-matched random draws and the routing mass they dropped"
+        text = CAPTIONS["ablation_mass"].format(n=mm["n_random"], tol=tol, kind=kind) + (
+            CAPTIONS["ablation_mass_layers"].format(kind=kind) if layers else "")
+    else:
+        title = "firing-mass-matched random draws and the firing mass they carry"
+        where = (CAPTIONS["ablation_firing_where"].format(gap=FREQUENCY_GAP) if mm.get("where") == "where_warned"
+                 else "")
+        text = CAPTIONS["ablation_firing_mass"].format(n=mm["n_random"], tol=tol, kind=kind, units=word) + where
+    return [TableBlock(f"Ablation ({word}): own-category excess over {mm['n_random']} {title}",
+                       mass_header(kind), mass_rows(d)), TextBlock(text)]
 
 
 def _matching_text(d: dict) -> str:
@@ -768,13 +810,7 @@ def write_report(
         for w in (d.get("coverage_warnings") or []) + (d.get("matching_warnings") or []):
             blocks.append(TextBlock(f"Warning: {w}."))
         if d.get("mass_matched"):
-            blocks.append(TableBlock(f"Ablation ({word}): own-category excess over {d['mass_matched']['n_random']} "
-                                     "mass-matched random draws and the routing mass they dropped",
-                                     MASS_HEADER, mass_rows(d)))
-            layers = d["mass_matched"].get("set_layer_mass") is not None  # (not in files of the earlier rule)
-            tol = d["mass_matched"].get("error_tolerance") or MASS_TOLERANCE  # (not in files made before it)
-            blocks.append(TextBlock(CAPTIONS["ablation_mass"].format(n=d["mass_matched"]["n_random"], tol=tol, kind=kind) + (
-                CAPTIONS["ablation_mass_layers"].format(kind=kind) if layers else "")))
+            blocks += _mass_blocks(kind, d)
         if not d["n_random"]:
             blocks.append(TextBlock(
                 "No random control sets were drawn (ablation.n_random=0): the loss increases above cannot "

@@ -1,0 +1,196 @@
+"""The firing-mass-matched control for neurons and expert neurons: random units outside the set
+whose firing on the category's records sums, per layer, to the set's on average."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparcom_jax.analysis.ablate import AblationResult, ablation_matrix, mass_matched_random
+from sparcom_jax.categories import CATEGORIES
+
+
+def group_masses(mask: np.ndarray, mass: np.ndarray) -> dict[int, float]:
+    """{layer: summed mass of the mask's units there}, by explicit loops over the units."""
+    out: dict[int, float] = {}
+    for idx in np.ndindex(mask.shape):
+        out[idx[0]] = out.get(idx[0], 0.0) + (float(mass[idx]) if mask[idx] else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 3, 30)])
+def test_the_expected_mass_is_the_sets_in_every_layer_and_no_draw_takes_a_set_unit(shape):
+    """Over many draws the mean mass per layer is the set's there, to the Monte-Carlo error (for
+    expert neurons drawn from every expert of the layer); each draw is within one unit of it and
+    never holds a unit of the set."""
+    rng = np.random.default_rng(5)
+    mass = rng.random(shape) ** 2  # skewed, as firing frequencies are: a few busy units
+    mass[rng.random(shape) < 0.15] = 0.0  # never-firing units
+    # The set: each group's (layer's; expert's) busiest units, which frequency matching cannot match.
+    flat = mass.reshape(-1, shape[-1])
+    mask = np.zeros_like(flat, bool)
+    for g, row in enumerate(flat):
+        mask[g, np.argsort(row)[-3:]] = True
+    mask = mask.reshape(shape)
+    target = group_masses(mask, mass)
+    draws = [mass_matched_random(mask, mass, rng) for _ in range(3000)]
+    got = [group_masses(d, mass) for d in draws]
+    for g, t in target.items():
+        per_draw = np.array([x[g] for x in got])
+        free = mass[g][~mask[g]]
+        assert free.sum() > t  # reachable: the fill can match it on average
+        se = per_draw.std() / np.sqrt(len(per_draw))
+        assert abs(per_draw.mean() - t) < 4 * se + 1e-9, (g, per_draw.mean(), t)
+        assert np.all(np.abs(per_draw - t) <= free.max() + 1e-12)  # within one unit of the target
+    assert not any((d & mask).any() for d in draws)
+    # The draws differ (random order and rounding), and hold more units than the set's busiest.
+    assert len({d.tobytes() for d in draws[:50]}) > 40
+    assert np.mean([d.sum() for d in draws]) > mask.sum()
+
+
+class FiringModel:
+    """A loss that grows with the firing mass removed on each category's records, so the
+    firing-mass-matched draws should hurt about as much as the set."""
+
+    def __init__(self, fm):
+        self.fm, self.masks = fm, []
+
+    def __call__(self, mask):
+        self.masks.append(mask)
+        return {c: 1.0 + (0.0 if mask is None else float((self.fm[c] * mask).sum())) for c in CATEGORIES}
+
+
+def setup(seed=0, L=3, F=30, lead_shape=None):
+    rng = np.random.default_rng(seed)
+    shape = lead_shape or (L, F)
+    freq = rng.random(shape) * 0.5
+    fm = {c: np.clip(freq + 0.1 * rng.standard_normal(shape), 0, 1) for c in CATEGORIES}
+    sets = {}
+    for i, c in enumerate(CATEGORIES):
+        score = fm[c] if i % 2 else rng.random(shape)  # odd categories: their busiest units (warned)
+        flat = score.reshape(-1, shape[-1])
+        m = np.zeros_like(flat, bool)
+        for g, row in enumerate(flat):
+            m[g, np.argsort(row)[-3:]] = True
+        sets[c] = m.reshape(shape)
+    return sets, fm, freq
+
+
+@pytest.mark.parametrize("kind, shape", [("neurons", (3, 30)), ("expert_neurons", (2, 3, 20))])
+def test_ablation_matrix_runs_the_firing_mass_draws_and_records_their_masses(kind, shape):
+    sets, fm, freq = setup(lead_shape=shape)
+    model = FiringModel(fm)
+    r = ablation_matrix(sets, model, n_random=4, seed=3, kind=kind, frequency=freq, firing_mass=fm)
+    # The masks of the control: per category after its set and frequency-matched draws (one round).
+    assert len(model.masks) == 1 + len(CATEGORIES) * (1 + 2 * 4)
+    for a, c in enumerate(CATEGORIES):
+        start = 1 + a * 9
+        assert model.masks[start] is sets[c] or np.array_equal(model.masks[start], sets[c])
+        mass_masks = model.masks[start + 5:start + 9]
+        assert not any((m & sets[c]).any() for m in mass_masks)
+        # Masses by hand: the set's and each draw's firing on every category's records.
+        np.testing.assert_allclose(r.set_mass_matrix[a], [fm[b][sets[c]].sum() for b in CATEGORIES])
+        np.testing.assert_allclose(r.set_category_mass[a], fm[c][sets[c]].sum())
+        for d, m in enumerate(mass_masks):
+            np.testing.assert_allclose(r.mass_random_mass[d, a], fm[c][m].sum())
+            np.testing.assert_allclose(r.mass_random_layer_mass[d, a], [fm[c][l][m[l]].sum() for l in range(shape[0])])
+            assert r.mass_random_sizes[d, a] == m.sum()
+            # The loss: the draw's own pass, minus the baseline.
+            np.testing.assert_allclose(r.mass_random_draws[d, a], [fm[b][m].sum() for b in CATEGORIES])
+            # Each draw within one unit of the set's mass in every layer.
+            for g, t in group_masses(sets[c], fm[c]).items():
+                assert abs(group_masses(m, fm[c])[g] - t) <= fm[c][g].max() + 1e-12
+    np.testing.assert_allclose(r.mass_excess, r.isn - r.mass_random_draws.mean(0))
+    # The frequency-matched draws are those of the seed with or without the control.
+    plain = ablation_matrix(sets, FiringModel(fm), n_random=4, seed=3, kind=kind, frequency=freq)
+    np.testing.assert_array_equal(plain.random_draws, r.random_draws)
+    assert plain.mass_random_draws is None and plain.to_dict()["mass_matched"] is None
+    # The dict carries it as the experts' does, and reads back.
+    d = json.loads(json.dumps(r.to_dict()))
+    mm = d["mass_matched"]
+    assert (mm["where"], mm["mass"], mm["n_random"]) == ("always", "firing", 4)
+    np.testing.assert_allclose(np.array(mm["excess"], float), r.mass_excess)
+    back = AblationResult.from_dict(d)
+    np.testing.assert_allclose(back.mass_excess, r.mass_excess)
+    assert back.mass_where == "always"
+
+
+def test_where_warned_draws_only_for_the_categories_the_frequency_matching_warns_about():
+    sets, fm, freq = setup()
+    busiest = np.zeros_like(freq, bool)
+    busiest[:, :3] = True
+    freq[busiest] = 1.0  # three units per layer fire twice as often as any other (at most 0.5)
+    for c in CATEGORIES[1::2]:  # their sets: those, which no frequency-matched draw can match
+        sets[c] = busiest
+    for c in CATEGORIES[::2]:  # the others: none of them
+        sets[c] = sets[c] & ~busiest
+    model = FiringModel(fm)
+    r = ablation_matrix(sets, model, n_random=3, seed=0, kind="neurons", frequency=freq, firing_mass=fm,
+                        mass_where="where_warned")
+    warned = {w.split(":")[0] for w in r.matching_warnings() if "fire less often" in w}
+    assert warned == set(CATEGORIES[1::2])
+    for a, c in enumerate(CATEGORIES):
+        assert np.isfinite(r.mass_random_draws[:, a]).all() == (c in warned), c
+    assert len(model.masks) == 1 + len(CATEGORIES) * 4 + 3 * len(warned)  # no pass for the others
+    # The warning line names the control's outcome; the dict says where it ran.
+    line = next(w for w in r.matching_warnings() if w.startswith(f"{CATEGORIES[1]}:"))
+    a = 1
+    assert (f"the firing-mass-matched control (3 draws of {r.mass_random_sizes[:, a].mean():.3g} neurons outside "
+            f"the set, against its 9) carried {r.mass_random_mass[:, a].mean():.3g} of the firing mass") in line
+    assert r.to_dict()["mass_matched"]["where"] == "where_warned"
+    assert "beyond the firing-mass-matched neuron draws" in repr(r)
+
+
+def test_bad_firing_mass_is_refused_by_name():
+    sets, fm, freq = setup()
+    with pytest.raises(ValueError, match="experts take expert_mass"):
+        ablation_matrix({c: m[:, :4] for c, m in sets.items()}, FiringModel(fm), n_random=1, kind="experts",
+                        firing_mass={c: m[:, :4] for c, m in fm.items()})
+    with pytest.raises(ValueError, match=r"firing_mass\['code'\] has shape \(3, 5\), the sets \(3, 30\)"):
+        ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass={**fm, "code": np.zeros((3, 5))})
+    with pytest.raises(ValueError, match=r"firing_mass\['math'\]: every unit needs a finite firing frequency"):
+        ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass={**fm, "math": -fm["math"]})
+    with pytest.raises(ValueError, match="mass_where must be one of"):
+        ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass=fm, mass_where="sometimes")
+
+
+def test_the_report_shows_the_firing_mass_control(tmp_path):
+    import csv
+
+    from sparcom_jax.report import write_report
+
+    sets, fm, freq = setup()
+    r = ablation_matrix(sets, FiringModel(fm), n_random=2, seed=0, kind="neurons", frequency=freq, firing_mass=fm)
+    d = json.loads(json.dumps(r.to_dict()))
+    write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"neurons": d}}, dpi=20)
+    with open(tmp_path / "tables" / "ablation_neurons_mass_matched.csv") as fh:
+        rows = [row for row in csv.reader(fh) if not row[0].startswith("#")]
+    header, a = rows[0], CATEGORIES.index("code")
+    code = rows[1 + a]
+    assert float(code[header.index("excess_own")]) == pytest.approx(r.mass_excess[a, a], abs=1e-5)
+    assert float(code[header.index("set_mass_own_tokens")]) == pytest.approx(fm["code"][sets["code"]].sum(), abs=1e-5)
+    assert float(code[header.index("random_neurons_mean")]) == pytest.approx(r.mass_random_sizes[:, a].mean())
+    page = (tmp_path / "index.html").read_text()
+    assert "own-category excess over 2 firing-mass-matched random draws" in page
+    assert "Firing-mass-matched control (2 draws per category" in page
+    assert "Mass-matched control (" not in page  # (the experts' caption, about routing mass)
+
+
+def test_the_report_says_which_categories_where_warned_drew_for(tmp_path):
+    """With mass_where="where_warned" the page says the other categories' rows are empty on purpose."""
+    from sparcom_jax.report import write_report
+
+    sets, fm, freq = setup()
+    r = ablation_matrix(sets, FiringModel(fm), n_random=2, seed=0, kind="neurons", frequency=freq, firing_mass=fm,
+                        mass_where="where_warned")
+    d = json.loads(json.dumps(r.to_dict()))
+    write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"neurons": d}}, dpi=20)
+    page = (tmp_path / "index.html").read_text()
+    assert "Drawn only for the categories whose frequency-matched draws fire on average more than 10% " in page
+    always = ablation_matrix(sets, FiringModel(fm), n_random=2, seed=0, kind="neurons", frequency=freq,
+                             firing_mass=fm)
+    write_report(tmp_path / "always", {"identification": {"rule": "top"}, "models": {},
+                                       "ablation": {"neurons": json.loads(json.dumps(always.to_dict()))}}, dpi=20)
+    assert "Drawn only for" not in (tmp_path / "always" / "index.html").read_text()
