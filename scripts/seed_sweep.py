@@ -324,19 +324,32 @@ STATS = (
 )
 
 
+# The statistics with one row per category (the others have one row, category ALL).
+PER_CATEGORY = {"per_category_dominance", "jaccard", "same_template_jaccard", "template_effect", "contrast_growth",
+                "frequency_shift"}
+
+
 def stat_rows(seed: int, pair: str, summary: dict) -> list[dict]:
-    """One row per (section, statistic, category) of STATS from one pair's summary.json."""
+    """One row per (section, statistic, category) of STATS from one pair's summary.json. A
+    statistic the run did not compute (a control off, a null field) gets rows without a value
+    that name the missing field (`missing`); a summary without the pair's sections is refused."""
     cats = list(summary.get("categories") or [])
     rows = []
     for sec in PAIR_SECTIONS[pair]:
+        try:
+            _at(summary, "models", _at(summary, "comparison", "after"), sec)
+        except MissingField as e:
+            raise SystemExit(f"seed {seed}, pair {pair}: summary.json has no {e.args[0]} (the tuned model's "
+                             f"section {sec}); give the summary of a demo run of pair {pair}") from None
         for key, _, _, get in STATS:
             try:
-                got = get(summary, sec, cats)
-            except MissingField as e:
-                raise SystemExit(f"seed {seed}, pair {pair}: summary.json has no {e.args[0]} (statistic {key}, "
-                                 f"section {sec}); it needs a full demo run's summary (every control on)") from None
+                got, missing = get(summary, sec, cats), None
+            except (KeyError, TypeError, IndexError) as e:  # MissingField: a step absent or null; else a field of it
+                where = e.args[0] if isinstance(e, MissingField) else f"{key} field {e}"
+                got, missing = [(c, None, None, None, None) for c in (cats if key in PER_CATEGORY else [ALL])], where
             rows += [{"seed": seed, "pair": pair, "section": sec, "stat": key, "category": c, "value": v,
-                      "low": lo, "high": hi, "p": p} for c, v, lo, hi, p in got]
+                      "low": lo, "high": hi, "p": p, **({"missing": missing} if missing else {})}
+                     for c, v, lo, hi, p in got]
     return rows
 
 
@@ -398,8 +411,21 @@ def stats_section(result: dict) -> str:
     body = [f"_{cap}_", "", "Per statistic and category: the value per seed (95 % bootstrap interval and p where "
             "the summary has them), the median [min, max] over the seeds, and the seeds whose value keeps the "
             "claim (the test in brackets) out of the seeds with a value. The statistics:", "",
-            *[f"- `{key}`: {what}" for key, what, _, _ in STATS], "", *stats_table(stats, alpha)]
+            *[f"- `{key}`: {what}" for key, what, _, _ in STATS], "", *_missing_lines(stats), *stats_table(stats, alpha)]
     return "\n".join(body)
+
+
+def _missing_lines(stats: list[dict]) -> list[str]:
+    """What some seed's summary did not hold (its cells show -), per statistic and section."""
+    gaps: dict[tuple, dict] = {}
+    for r in stats:
+        if r.get("missing"):
+            gaps.setdefault((r["pair"], r["section"], r["stat"], r["missing"]), {})[r["seed"]] = None
+    if not gaps:
+        return []
+    return ["Not computed in some runs (shown -): " + "; ".join(
+        f"{pair} `{sec}` `{key}` in seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))} (no `{path}`)"
+        for (pair, sec, key, path), s in gaps.items()) + ".", ""]
 
 
 def code_version() -> str:

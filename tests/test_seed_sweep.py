@@ -288,10 +288,28 @@ def test_the_moe_reads_both_sections_and_no_routing_frequency_shift():
     assert len([r for r in rows if r["section"] == "expert_neurons" and r["stat"] == "frequency_shift"]) == C
 
 
-def test_a_missing_statistic_field_is_named():
+def test_a_statistic_a_run_did_not_compute_is_shown_missing_and_named():
+    pair = _llama_pair(1)
+    pair["models"]["chat"]["isn"]["length_matched"] = None  # e.g. no permutations
+    del pair["controls"]["same_template"]["isn"]  # the same-template control off
+    pair["comparison"]["isn"][CATEGORIES[2]]["contrast"] = {"size_before": 3}  # a field of it absent
+    rows = seed_sweep.stat_rows(1, "llama", pair) + seed_sweep.stat_rows(0, "llama", _llama_pair(0))
+    lm = _stat(rows, "length_matched")
+    assert (lm["value"], lm["p"], lm["missing"]) == (None, None, "models.chat.isn.length_matched")
+    effect = [r for r in rows if r["stat"] == "template_effect" and r["seed"] == 1]
+    assert [r["category"] for r in effect] == list(CATEGORIES) and {r["value"] for r in effect} == {None}
+    assert _stat(rows, "contrast_growth", CATEGORIES[2])["missing"] == "contrast_growth field 'size_after'"
+    assert _stat(rows, "diagonal_dominance")["value"] is not None and "missing" not in _stat(rows, "diagonal_dominance")
+    text = seed_sweep.stats_section(_result([], [1, 0], pairs=["llama"], stats=rows))
+    assert "llama `isn` `length_matched` in seed 1 (no `models.chat.isn.length_matched`)" in text
+    assert "`template_effect` in seed 1 (no `controls.same_template.isn`)" in text
+    assert _line(text.splitlines(), "length_matched").endswith("| - | +0.250, p 0.01 | +0.250 [+0.250, +0.250] | 1 of 1 (p ≤ 0.05) |")
+
+
+def test_a_summary_without_the_pairs_sections_is_refused_by_name():
     pair = _llama_pair(0)
-    del pair["models"]["chat"]["isn"]["length_matched"]
-    with pytest.raises(SystemExit, match=r"seed 0, pair llama: summary.json has no models\.chat\.isn\.length_matched"):
+    del pair["models"]["chat"]["isn"]
+    with pytest.raises(SystemExit, match=r"seed 0, pair llama: summary.json has no models\.chat\.isn \(the tuned"):
         seed_sweep.stat_rows(0, "llama", pair)
 
 
