@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""How much do the demo's causal-check results move with the seed? Run the demo's model pairs
-for K seeds and tabulate, per category, how many seeds pass and how far the excess moves.
+"""How much do the demo's results move with the seed? Run the demo's model pairs for K seeds and
+tabulate, per category, how many seeds pass the causal check and how far the excess moves, and
+per statistic of identification, evaluation and comparison its value per seed.
 
     PYTHONPATH=$PWD python scripts/seed_sweep.py --seeds 5 --work runs/seed_sweep        # the MoE pair
     PYTHONPATH=$PWD python scripts/seed_sweep.py --seeds 5 --pairs mixtral,llama --fast  # a smoke run
     PYTHONPATH=$PWD python scripts/seed_sweep.py --from-json runs/seed_sweep/seed_sweep.json  # table only
     PYTHONPATH=$PWD python scripts/seed_sweep.py --from-json A/seed_sweep.json B/seed_sweep.json  # merged
+    PYTHONPATH=$PWD python scripts/seed_sweep.py --from-json S.json --runs WORK  # + statistics of WORK/seed<s>
 
 A seed here is a new training run: `seed` (the model's initialisation, and with it the
 analysis' bootstrap, permutation and random-draw streams), `pretrain.seed` and
@@ -25,6 +27,16 @@ rows go to --json as each seed finishes; the table (per category: seeds with p <
 of the seeds with a set, median and range of the excess, for each control) replaces the
 section <!-- seed_sweep:PAIRS:start --> ... <!-- seed_sweep:PAIRS:end --> of --docs (PAIRS: the
 pairs swept, joined by "+"), or is appended to the page when it has no such section.
+
+Per seed, pair and analysed section (`isn`; `ise`, `expert_neurons`) it also keeps the statistics
+the claims table of docs/analysis.md rests on (STATS: the tuned model's diagonal dominance with
+its interval and p, the length-matched, human-subset and between-groups diagonals, per-category
+dominance, the base-to-tuned change, set size against length, before/after Jaccard, the
+template effect, the absolute rule's counts, the phase fit), with the claim each would keep.
+Their table (per statistic and category: the value per seed, median [min, max], the seeds
+keeping the claim) goes to the section seed_sweep_stats:PAIRS. --runs WORK adds them to a saved
+sweep (--from-json) by reading WORK/seed<s>/report/summary.json, nothing recomputed or written
+there; a run whose causal-check results differ from the sweep's is refused as not its run.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_common import replace_section, stamp, update_results  # noqa: E402
 
 SECTION = "seed_sweep"
+STATS_SECTION = "seed_sweep_stats"  # the docs section of the identification/evaluation/comparison statistics
 # The settings a seed sets: the model's initialisation (and the analysis' draws), the data order.
 SEED_KEYS = ("seed", "pretrain.seed", "finetune.seed")
 # (summary ablation kind, its label, whether it has the mass-matched control) per pair: the
@@ -189,6 +202,237 @@ def per_seed_table(rows: list[dict], pair: str) -> list[str]:
     return [*lines, ""]
 
 
+# The identification, evaluation and comparison statistics the claims table of docs/analysis.md
+# ("What the demo's tiny models do and do not show") rests on, per analysed section of a pair.
+PAIR_SECTIONS = {"mixtral": ("ise", "expert_neurons"), "llama": ("isn",)}
+ALL = "all"  # the category of a statistic of the whole section
+
+
+class MissingField(KeyError):
+    """A summary.json field a statistic needs is absent (its path in the message)."""
+
+
+def _at(d, *path):
+    """d[path[0]][path[1]]...; MissingField naming the path when a step is absent or null."""
+    for i, k in enumerate(path):
+        try:
+            d = d[k]
+        except (KeyError, IndexError, TypeError):
+            d = None
+        if d is None:
+            raise MissingField(".".join(map(str, path[: i + 1])))
+    return d
+
+
+def _one(value, low=None, high=None, p=None, category=ALL):
+    return [(category, value, low, high, p)]
+
+
+def _per_cat(cats, values, low=None, high=None, p=None):
+    pick = lambda x, i, c: None if x is None else (x[c] if isinstance(x, dict) else x[i])  # noqa: E731
+    return [(c, pick(values, i, c), pick(low, i, c), pick(high, i, c), pick(p, i, c)) for i, c in enumerate(cats)]
+
+
+def _diagonal(s, sec, cats):
+    m = _at(s, "models", s["comparison"]["after"], sec)
+    b = _at(m, "bootstrap", "diagonal_dominance")
+    return _one(m["diagonal_dominance"], b["low"], b["high"], _at(m, "permutation", "p_value"))
+
+
+def _length_matched(s, sec, cats):
+    lm = _at(s, "models", s["comparison"]["after"], sec, "length_matched")
+    return _one(lm["null_mean"] / lm["statistic"] if lm["statistic"] else None, p=lm["p_value"])
+
+
+def _per_category(s, sec, cats):
+    m = _at(s, "models", s["comparison"]["after"], sec)
+    b = _at(m, "bootstrap", "per_category_dominance")
+    return _per_cat(cats, m["per_category_dominance"], b["low"], b["high"], _at(m, "permutation", "per_category_p_holm"))
+
+
+def _change(s, sec, cats):
+    c = _at(s, "series", sec, "bootstrap", "change", "diagonal_dominance")
+    return _one(c["estimate"], c["low"], c["high"])
+
+
+def _same_template_change(s, sec, cats):
+    return _one(_at(s, "controls", "same_template", "moves", sec, "diagonal_dominance", "delta"))
+
+
+def _subset(key):
+    def get(s, sec, cats):
+        m = _at(s, "models", s["comparison"]["after"], sec, key)
+        b = (m.get("bootstrap") or {}).get("diagonal_dominance") or {}
+        return _one(m["diagonal_dominance"], b.get("low"), b.get("high"), _at(m, "permutation", "p_value"))
+    return get
+
+
+def _spearman(s, sec, cats):
+    return _one(_at(s, "models", s["comparison"]["after"], sec, "set_size_vs_length", "ties_kept", "spearman"))
+
+
+def _jaccard(block):
+    def get(s, sec, cats):
+        comp = _at(s, *block, sec)
+        boot = [((comp[c].get("bootstrap") or {}).get("jaccard") or {}) for c in cats]
+        return [(c, comp[c]["jaccard"], b.get("low"), b.get("high"), None) for c, b in zip(cats, boot)]
+    return get
+
+
+def _template_effect(s, sec, cats):
+    ctrl = _at(s, "controls", "same_template", sec)
+    eff = [_at(ctrl, c, "template_effect", "jaccard") for c in cats]
+    return [(c, e["estimate"], e["low"], e["high"], None) for c, e in zip(cats, eff)]
+
+
+def _contrast_growth(s, sec, cats):
+    comp = _at(s, "comparison", sec)
+    out = []
+    for c in cats:
+        k = _at(comp, c, "contrast")
+        out.append((c, k["size_after"] / k["size_before"] - 1 if k["size_before"] else None, None, None, None))
+    return out
+
+
+def _frequency_shift(s, sec, cats):
+    if sec == "ise":  # every token routes to top-k experts: the mean routing frequency cannot move
+        return []
+    return [(c, _at(s, "comparison", sec, c, "frequency_shift", "delta"), None, None, None) for c in cats]
+
+
+def _phases(s, sec, cats):
+    ph = _at(s, "models", s["comparison"]["after"], sec, "phases", "union")
+    return _one(ph.get("explained"), p=ph.get("explained_p"))
+
+
+# (key, what it is, the claim a seed keeps, getter(pair summary, section, categories) -> [(category,
+# value, low, high, p)]). Claims: "p" p <= alpha; "ci>0" / "ci<0" the interval above / below 0;
+# ">0" / "<0" the value's sign; None: descriptive, no claim counted.
+STATS = (
+    ("diagonal_dominance", "diagonal dominance of the tuned model [95 % CI], permutation p", "p", _diagonal),
+    ("length_matched", "length-matched null mean as a share of the diagonal, length-matched p", "p", _length_matched),
+    ("per_category_dominance", "per-category dominance [95 % CI], Holm-adjusted p", "p", _per_category),
+    ("diagonal_change", "diagonal dominance, tuned minus base [95 % CI] (a fall keeps the claim)", "ci<0", _change),
+    ("same_template_change", "diagonal dominance, tuned under the base's template minus base (no interval)", "<0",
+     _same_template_change),
+    ("human_subset", "diagonal dominance on the human-written records, p", "p", _subset("human_subset")),
+    ("between_groups", "diagonal dominance without near-duplicate pairs [95 % CI], p", "p", _subset("between_groups")),
+    ("length_spearman", "Spearman of \\|S(I)\\| with prompt length, ties kept", "<0", _spearman),
+    ("jaccard", "before/after Jaccard of S(c) [95 % CI]", None, _jaccard(("comparison",))),
+    ("same_template_jaccard", "before/after Jaccard under one template [95 % CI]", None,
+     _jaccard(("controls", "same_template"))),
+    ("template_effect", "template effect on the Jaccard, main minus same-template [95 % CI]", "ci<0", _template_effect),
+    ("contrast_growth", "relative change of \\|S(c)\\| under the absolute rule, base to tuned (growth keeps the claim)",
+     ">0", _contrast_growth),
+    ("frequency_shift", "change of the mean frequency, base to tuned", ">0", _frequency_shift),
+    ("phases", "three-phase fit of the union profile: explained share, explained_p", "p", _phases),
+)
+
+
+# The statistics with one row per category (the others have one row, category ALL).
+PER_CATEGORY = {"per_category_dominance", "jaccard", "same_template_jaccard", "template_effect", "contrast_growth",
+                "frequency_shift"}
+
+
+def stat_rows(seed: int, pair: str, summary: dict) -> list[dict]:
+    """One row per (section, statistic, category) of STATS from one pair's summary.json. A
+    statistic the run did not compute (a control off, a null field) gets rows without a value
+    that name the missing field (`missing`); a summary without the pair's sections is refused."""
+    cats = list(summary.get("categories") or [])
+    rows = []
+    for sec in PAIR_SECTIONS[pair]:
+        try:
+            _at(summary, "models", _at(summary, "comparison", "after"), sec)
+        except MissingField as e:
+            raise SystemExit(f"seed {seed}, pair {pair}: summary.json has no {e.args[0]} (the tuned model's "
+                             f"section {sec}); give the summary of a demo run of pair {pair}") from None
+        for key, _, _, get in STATS:
+            try:
+                got, missing = get(summary, sec, cats), None
+            except (KeyError, TypeError, IndexError) as e:  # MissingField: a step absent or null; else a field of it
+                where = e.args[0] if isinstance(e, MissingField) else f"{key} field {e}"
+                got, missing = [(c, None, None, None, None) for c in (cats if key in PER_CATEGORY else [ALL])], where
+            rows += [{"seed": seed, "pair": pair, "section": sec, "stat": key, "category": c, "value": v,
+                      "low": lo, "high": hi, "p": p, **({"missing": missing} if missing else {})}
+                     for c, v, lo, hi, p in got]
+    return rows
+
+
+def keeps(claim: str | None, r: dict, alpha: float) -> bool | None:
+    """Whether row `r` keeps `claim` (None: no claim, or nothing to judge it by)."""
+    v, lo, hi, p = r["value"], r["low"], r["high"], r["p"]
+    test = {"p": p, "ci>0": lo, "ci<0": hi, ">0": v, "<0": v}.get(claim)
+    if test is None:
+        return None
+    return {"p": lambda: p <= alpha + 1e-12, "ci>0": lambda: lo > 0, "ci<0": lambda: hi < 0,
+            ">0": lambda: v > 0, "<0": lambda: v < 0}[claim]()
+
+
+def _claim_text(claim: str | None, alpha: float) -> str:
+    return {"p": f"p ≤ {alpha:g}", "ci>0": "CI above 0", "ci<0": "CI below 0", ">0": "above 0",
+            "<0": "below 0", None: "-"}[claim]
+
+
+def _fmt_stat(r: dict | None) -> str:
+    if r is None or r["value"] is None:
+        return "-"
+    out = f"{r['value']:+.3f}"
+    if r["low"] is not None:
+        out += f" [{r['low']:+.3f}, {r['high']:+.3f}]"
+    return out + ("" if r["p"] is None else f", p {r['p']:.3g}")
+
+
+def stats_table(stats: list[dict], alpha: float) -> list[str]:
+    """Per pair and section, one line per (statistic, category): the value per seed, the median
+    [min, max] over seeds, and the seeds that keep the statistic's claim out of those with a value."""
+    claims = {key: claim for key, _, claim, _ in STATS}
+    lines = []
+    for pair, sec in dict.fromkeys((r["pair"], r["section"]) for r in stats):
+        mine = [r for r in stats if (r["pair"], r["section"]) == (pair, sec)]
+        seeds = list(dict.fromkeys(r["seed"] for r in mine))
+        by = {(r["stat"], r["category"], r["seed"]): r for r in mine}
+        lines += [f"**{pair}, `{sec}`**", "", "| statistic | category | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | median [min, max] | seeds keeping the claim |", "|---|---|" + "---|" * (len(seeds) + 2)]
+        for key, cat in dict.fromkeys((r["stat"], r["category"]) for r in mine):
+            claim = claims[key]
+            rs = [by.get((key, cat, s)) for s in seeds]
+            have = [r for r in rs if r is not None and r["value"] is not None]
+            agg = aggregate([r["value"] for r in have], [None] * len(have), alpha)
+            spread = "-" if not agg["n"] else f"{agg['median']:+.3f} [{agg['low']:+.3f}, {agg['high']:+.3f}]"
+            kept = [keeps(claim, r, alpha) for r in have]
+            count = "-" if claim is None else f"{sum(k is True for k in kept)} of {sum(k is not None for k in kept)} ({_claim_text(claim, alpha)})"
+            lines.append(f"| `{key}` | {cat} | " + " | ".join(_fmt_stat(r) for r in rs) + f" | {spread} | {count} |")
+        lines.append("")
+    return lines
+
+
+def stats_section(result: dict) -> str:
+    """The docs section of the identification, evaluation and comparison statistics across seeds."""
+    stats, alpha, seeds = result["stats"], result["alpha"], result["seeds"]
+    cap = (f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) of the demo's "
+           f"{'fast' if result['fast'] else 'full'} mode, pairs {', '.join(result['pairs'])}, the tuned model (the "
+           f"comparison's `after`) against its base; read from each seed's report/summary.json "
+           f"({result.get('stats_from') or 'as the seed finished'}); code {result['code']}.")
+    body = [f"_{cap}_", "", "Per statistic and category: the value per seed (95 % bootstrap interval and p where "
+            "the summary has them), the median [min, max] over the seeds, and the seeds whose value keeps the "
+            "claim (the test in brackets) out of the seeds with a value. The statistics:", "",
+            *[f"- `{key}`: {what}" for key, what, _, _ in STATS], "", *_missing_lines(stats), *stats_table(stats, alpha)]
+    return "\n".join(body)
+
+
+def _missing_lines(stats: list[dict]) -> list[str]:
+    """What some seed's summary did not hold (its cells show -), per statistic and section."""
+    gaps: dict[tuple, dict] = {}
+    for r in stats:
+        if r.get("missing"):
+            gaps.setdefault((r["pair"], r["section"], r["stat"], r["missing"]), {})[r["seed"]] = None
+    if not gaps:
+        return []
+    return ["Not computed in some runs (shown -): " + "; ".join(
+        f"{pair} `{sec}` `{key}` in seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))} (no `{path}`)"
+        for (pair, sec, key, path), s in gaps.items()) + ".", ""]
+
+
 def code_version() -> str:
     """The commit, marked when the package or configs differ from it (the code the numbers ran)."""
     def git(*a):
@@ -232,8 +476,9 @@ def _versions() -> str:
     return ", ".join(out)
 
 
-def run_seed(seed: int, args) -> tuple[list[dict], int, float]:
-    """One demo run with seed `seed`: its rows, its number of random draws, its seconds."""
+def run_seed(seed: int, args) -> tuple[list[dict], list[dict], int, float]:
+    """One demo run with seed `seed`: its causal-check rows, its statistics' rows, its number of
+    random draws, its seconds."""
     from sparcom_jax.pipeline.demo import run_demo
 
     cfg = sweep_config(seed, args.pairs, args.fast, args.override)
@@ -242,7 +487,8 @@ def run_seed(seed: int, args) -> tuple[list[dict], int, float]:
     took = time.perf_counter() - t
     pairs = json.loads(Path(res["summary"]).read_text())["pairs"]
     rows = [r for p in args.pairs for r in seed_rows(seed, p, pairs[p])]
-    return rows, cfg.ablation.n_random, took
+    stats = [r for p in args.pairs for r in stat_rows(seed, p, pairs[p])]
+    return rows, stats, cfg.ablation.n_random, took
 
 
 def section_key(pairs) -> str:
@@ -277,14 +523,50 @@ def merge_sweeps(sweeps: list[dict]) -> dict:
         raise SystemExit(f"--from-json: a seed is in more than one sweep ({seeds}); give each seed once")
     seconds = [x for s in sweeps for x in s["seconds"]]
     join = lambda k: "; ".join(dict.fromkeys(s[k] for s in sweeps))  # noqa: E731
-    return {**first, "seeds": seeds, "rows": [r for s in sweeps for r in s["rows"]], "seconds": seconds,
+    stats = [r for s in sweeps for r in s.get("stats") or []]
+    return {**first, "seeds": seeds, "rows": [r for s in sweeps for r in s["rows"]], "stats": stats, "seconds": seconds,
             "n_random": [x for s in sweeps for x in s["n_random"]], "seconds_per_seed": float(np.mean(seconds)),
             "code": join("code"), "stamp": join("stamp"), "versions": join("versions")}
+
+
+def read_run(work: str, seed: int, pairs: list[str]) -> dict:
+    """{pair: summary} of the finished run WORK/seed<seed> (read only)."""
+    path = Path(work) / f"seed{seed}" / "report" / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--runs: {path}: no summary read ({type(e).__name__}: {e}); give the --work "
+                         f"directory whose seed<s> runs made the sweep") from None
+    missing = [p for p in pairs if p not in (summary.get("pairs") or {})]
+    if missing:
+        raise SystemExit(f"--runs: {path} has no pair {', '.join(missing)} (it has {', '.join(summary.get('pairs') or [])})")
+    return summary["pairs"]
+
+
+def stats_from_runs(result: dict, work: str) -> dict:
+    """`result` with its statistics read from the summaries of its runs WORK/seed<s>, checked to be
+    the sweep's runs: each run's causal-check rows must be the rows the sweep kept for that seed."""
+    stats, commits = [], []
+    for seed in result["seeds"]:
+        pairs = read_run(work, seed, result["pairs"])
+        kept = [r for r in result["rows"] if r["seed"] == seed]
+        found = [r for p in result["pairs"] for r in seed_rows(seed, p, pairs[p])]
+        if found != kept:
+            raise SystemExit(f"--runs: {Path(work) / f'seed{seed}'} is not this sweep's run of seed {seed}: its "
+                             "causal-check results differ from the sweep's (rerun or overwritten since); "
+                             "give the --work directory the sweep ran in, or rerun the sweep")
+        stats += [r for p in result["pairs"] for r in stat_rows(seed, p, pairs[p])]
+        env = next(iter(pairs.values())).get("environment") or {}
+        commits.append(str((env.get("sparcom_jax") or {}).get("commit") or "?")[:7])
+    where = f"{Path(work)}/seed<s>, runs at {', '.join(dict.fromkeys(commits))}"
+    return {**result, "stats": stats, "stats_from": where}
 
 
 def write_docs(result: dict, path: str | None) -> None:
     if path:
         replace_section(Path(path), section_key(result["pairs"]), section(result))
+        if result.get("stats"):
+            replace_section(Path(path), f"{STATS_SECTION}:{'+'.join(result['pairs'])}", stats_section(result))
         print(f"seed_sweep: table written to {path}", file=sys.stderr)
 
 
@@ -303,10 +585,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="write no docs table")
     ap.add_argument("--from-json", nargs="+", default=None,
                     help="only rewrite the table from results JSONs (several: sweeps of other seeds, merged)")
+    ap.add_argument("--runs", default=None, metavar="WORK",
+                    help="with --from-json: read the statistics from the finished runs WORK/seed<s> (read only)")
     args = ap.parse_args(argv)
     docs = None if args.no_docs else args.docs
+    if args.runs and not args.from_json:
+        raise SystemExit("--runs reads the statistics of a saved sweep's runs: give --from-json too")
     if args.from_json:
-        write_docs(merge_sweeps([load_sweep(f) for f in args.from_json]), docs)
+        result = merge_sweeps([load_sweep(f) for f in args.from_json])
+        if args.runs:
+            result = stats_from_runs(result, args.runs)
+            update_results(args.json, SECTION, result)
+        write_docs(result, docs)
         return 0
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     seeds = ([int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds)))
@@ -315,18 +605,19 @@ def main(argv=None) -> int:
     sweep_config(seeds[0], args.pairs, args.fast, args.override)  # bad pairs or overrides stop here
     json_path = args.json or str(Path(args.work) / "seed_sweep.json")
     result = {"seeds": [], "pairs": args.pairs, "fast": args.fast, "overrides": args.override,
-              "alpha": args.alpha, "rows": [], "n_random": [], "seconds": [], "code": code_version(),
+              "alpha": args.alpha, "rows": [], "stats": [], "n_random": [], "seconds": [], "code": code_version(),
               "stamp": stamp(), "versions": _versions(), "seconds_per_seed": 0.0}
     from sparcom_jax.errors import ConfigError, LockedError
 
     for seed in seeds:
         try:
-            rows, n_random, took = run_seed(seed, args)
+            rows, stats, n_random, took = run_seed(seed, args)
         except (ConfigError, LockedError) as e:  # stale outputs (--overwrite), a bad override, a busy WORK
             done = f"; the seeds finished before it are in {json_path}" if result["seeds"] else ""
             raise SystemExit(f"seed_sweep: seed {seed}: {e}{done}") from None
         result["seeds"].append(seed)
         result["rows"] += rows
+        result["stats"] += stats
         result["n_random"].append(n_random)
         result["seconds"].append(took)
         result["seconds_per_seed"] = float(np.mean(result["seconds"]))

@@ -182,7 +182,7 @@ def test_a_refused_seed_is_one_line_naming_it_and_the_finished_seeds(tmp_path, m
     def run_seed(seed, args):
         if seed == 1:
             raise StaleResultError("OUT/ablate/x.json: made with other inputs or settings (...); re-run with --overwrite")
-        return [], 19, 1.0
+        return [], seed_sweep.stat_rows(seed, "llama", _llama_pair(seed)), 19, 1.0
 
     monkeypatch.setattr(seed_sweep, "run_seed", run_seed)
     with pytest.raises(SystemExit) as e:
@@ -190,7 +190,8 @@ def test_a_refused_seed_is_one_line_naming_it_and_the_finished_seeds(tmp_path, m
     msg = str(e.value)
     assert msg.startswith("seed_sweep: seed 1: OUT/ablate/x.json") and "--overwrite" in msg
     assert str(tmp_path / "seed_sweep.json") in msg
-    assert seed_sweep.load_sweep(tmp_path / "seed_sweep.json")["seeds"] == [0]
+    saved = seed_sweep.load_sweep(tmp_path / "seed_sweep.json")
+    assert saved["seeds"] == [0] and saved["stats"] == _stats_rows((0,))  # the finished seed's statistics kept
 
 
 def _llama_summary(seed):
@@ -219,3 +220,202 @@ def test_a_sweep_of_both_pairs_names_the_pair_of_each_per_seed_table():
     assert "Experts (mixtral) per seed: set size: excess vs random (p); excess vs mass-matched (p)." in text
     assert "Neurons (llama) per seed: set size: excess vs random (p)." in text
     assert text.index("Experts (mixtral) per seed") < text.index("Neurons (llama) per seed")
+
+
+# --- the identification, evaluation and comparison statistics across seeds ---
+
+
+def _section_stats(seed, k):
+    """One analysed section's statistics for seed `seed` (k shifts the section's numbers)."""
+    d = 0.05 + 0.01 * seed + k
+    pcd = {c: 0.01 * (i + 1) + 0.001 * seed for i, c in enumerate(CATEGORIES)}
+    model = {"diagonal_dominance": d, "per_category_dominance": pcd,
+             "bootstrap": {"diagonal_dominance": {"low": d - 0.02, "high": d + 0.02},
+                           "per_category_dominance": {"low": [v - 0.015 for v in pcd.values()],
+                                                      "high": [v + 0.01 for v in pcd.values()]}},
+             "permutation": {"p_value": 0.005 if seed < 2 else 0.2, "per_category_p_holm": [0.03, 0.2, 0.03, 0.5, 0.04, 0.06]},
+             "length_matched": {"statistic": d, "null_mean": d / 4 * (1 + seed),
+                                "p_value": 0.05 if seed == 1 else 0.01},
+             "human_subset": {"diagonal_dominance": d / 2, "permutation": {"p_value": 0.1 * seed}},
+             "between_groups": {"diagonal_dominance": d - 0.01, "permutation": {"p_value": 0.005},
+                                "bootstrap": {"diagonal_dominance": {"low": d - 0.03, "high": d}}},
+             "set_size_vs_length": {"ties_kept": {"spearman": -0.5 + 0.3 * seed}},
+             "phases": {"union": {"explained": 0.9, "explained_p": 0.5 - 0.2 * seed}}}
+    jac = {c: {"jaccard": 0.1 * (i + 1), "bootstrap": {"jaccard": {"low": 0.05 * i, "high": 0.1 * (i + 2)}},
+               "contrast": {"size_before": 10 + i, "size_after": 9 + i + seed},
+               "frequency_shift": {"delta": 0.002 * (seed - 1)}} for i, c in enumerate(CATEGORIES)}
+    same = {c: {"jaccard": 0.2, "bootstrap": {"jaccard": {"low": 0.1, "high": 0.3}},
+                "template_effect": {"jaccard": {"estimate": -0.1 * seed, "low": -0.1 * seed - 0.05,
+                                                "high": -0.1 * seed + 0.05}}} for c in CATEGORIES}
+    change = {"estimate": -0.02 + 0.01 * seed, "low": -0.03 + 0.01 * seed, "high": -0.01 + 0.01 * seed}
+    return model, jac, same, change
+
+
+def _pair_summary(seed, ablation, sections):
+    """A pair summary: `ablation`, and per section the blocks the statistics read (tuned 'chat')."""
+    s = {"categories": list(CATEGORIES), **ablation, "models": {"chat": {}, "base": {}},
+         "comparison": {"before": "base", "after": "chat"}, "series": {},
+         "controls": {"same_template": {"moves": {}}}}
+    for k, sec in enumerate(sections):
+        model, jac, same, change = _section_stats(seed, 0.1 * k)
+        s["models"]["chat"][sec] = model
+        s["comparison"][sec] = jac
+        s["series"][sec] = {"bootstrap": {"change": {"diagonal_dominance": change}}}
+        s["controls"]["same_template"][sec] = same
+        s["controls"]["same_template"]["moves"][sec] = {"diagonal_dominance": {"delta": 0.01 - 0.01 * seed}}
+    return s
+
+
+def _llama_pair(seed):
+    return _pair_summary(seed, _llama_summary(seed), ["isn"])
+
+
+def _stat(rows, stat, category="all", section="isn"):
+    return next(r for r in rows if (r["stat"], r["category"], r["section"]) == (stat, category, section))
+
+
+def test_stat_rows_read_each_statistic_of_the_tuned_model():
+    rows = seed_sweep.stat_rows(1, "llama", _llama_pair(1))
+    model, jac, same, change = _section_stats(1, 0.0)
+    d = model["diagonal_dominance"]
+    diag = _stat(rows, "diagonal_dominance")
+    assert (diag["value"], diag["low"], diag["high"], diag["p"]) == pytest.approx((d, d - 0.02, d + 0.02, 0.005))
+    assert _stat(rows, "length_matched")["value"] == pytest.approx(0.5)  # null mean d/4 * 2 of d
+    math = _stat(rows, "per_category_dominance", CATEGORIES[4])
+    assert (math["value"], math["p"]) == (pytest.approx(0.051), 0.04)  # the dict by name, Holm p by position
+    assert math["low"] == pytest.approx(0.036)
+    growth = _stat(rows, "contrast_growth", CATEGORIES[2])
+    assert growth["value"] == pytest.approx((9 + 2 + 1) / (10 + 2) - 1)
+    assert _stat(rows, "template_effect", CATEGORIES[0])["high"] == pytest.approx(-0.05)
+    assert _stat(rows, "diagonal_change")["high"] == pytest.approx(0.0)
+    assert _stat(rows, "same_template_change")["value"] == pytest.approx(0.0)
+    bg = _stat(rows, "between_groups")
+    assert (bg["value"], bg["low"], bg["high"]) == pytest.approx((d - 0.01, d - 0.03, d))
+    hs = _stat(rows, "human_subset")
+    assert (hs["value"], hs["low"], hs["p"]) == (pytest.approx(d / 2), None, pytest.approx(0.1))
+    assert {r["seed"] for r in rows} == {1} and {r["pair"] for r in rows} == {"llama"}
+
+
+def test_the_moe_reads_both_sections_and_no_routing_frequency_shift():
+    pair = _pair_summary(0, _summary(0), ["ise", "expert_neurons"])
+    rows = seed_sweep.stat_rows(0, "mixtral", pair)
+    assert _stat(rows, "diagonal_dominance", section="expert_neurons")["value"] == pytest.approx(0.15)
+    assert not [r for r in rows if r["section"] == "ise" and r["stat"] == "frequency_shift"]
+    assert len([r for r in rows if r["section"] == "expert_neurons" and r["stat"] == "frequency_shift"]) == C
+
+
+def test_a_statistic_a_run_did_not_compute_is_shown_missing_and_named():
+    pair = _llama_pair(1)
+    pair["models"]["chat"]["isn"]["length_matched"] = None  # e.g. no permutations
+    del pair["controls"]["same_template"]["isn"]  # the same-template control off
+    pair["comparison"]["isn"][CATEGORIES[2]]["contrast"] = {"size_before": 3}  # a field of it absent
+    rows = seed_sweep.stat_rows(1, "llama", pair) + seed_sweep.stat_rows(0, "llama", _llama_pair(0))
+    lm = _stat(rows, "length_matched")
+    assert (lm["value"], lm["p"], lm["missing"]) == (None, None, "models.chat.isn.length_matched")
+    effect = [r for r in rows if r["stat"] == "template_effect" and r["seed"] == 1]
+    assert [r["category"] for r in effect] == list(CATEGORIES) and {r["value"] for r in effect} == {None}
+    assert _stat(rows, "contrast_growth", CATEGORIES[2])["missing"] == "contrast_growth field 'size_after'"
+    assert _stat(rows, "diagonal_dominance")["value"] is not None and "missing" not in _stat(rows, "diagonal_dominance")
+    text = seed_sweep.stats_section(_result([], [1, 0], pairs=["llama"], stats=rows))
+    assert "llama `isn` `length_matched` in seed 1 (no `models.chat.isn.length_matched`)" in text
+    assert "`template_effect` in seed 1 (no `controls.same_template.isn`)" in text
+    assert _line(text.splitlines(), "length_matched").endswith("| - | +0.250, p 0.01 | +0.250 [+0.250, +0.250] | 1 of 1 (p ≤ 0.05) |")
+
+
+def test_a_summary_without_the_pairs_sections_is_refused_by_name():
+    pair = _llama_pair(0)
+    del pair["models"]["chat"]["isn"]
+    with pytest.raises(SystemExit, match=r"seed 0, pair llama: summary.json has no models\.chat\.isn \(the tuned"):
+        seed_sweep.stat_rows(0, "llama", pair)
+
+
+def _stats_rows(seeds=(0, 1, 2)):
+    return [r for s in seeds for r in seed_sweep.stat_rows(s, "llama", _llama_pair(s))]
+
+
+def _line(lines, stat, category="all"):
+    return next(ln for ln in lines if ln.startswith(f"| `{stat}` | {category} |"))
+
+
+def test_the_statistics_table_gives_each_seed_the_spread_and_the_seeds_keeping_the_claim():
+    lines = seed_sweep.stats_table(_stats_rows(), alpha=0.05)
+    diag = _line(lines, "diagonal_dominance")
+    # diagonals 0.05, 0.06, 0.07; permutation p 0.005, 0.005, 0.2: two of three keep p <= 0.05.
+    assert diag.endswith("| +0.060 [+0.050, +0.070] | 2 of 3 (p ≤ 0.05) |")
+    assert "| +0.050 [+0.030, +0.070], p 0.005 |" in diag and "+0.070 [+0.050, +0.090], p 0.2" in diag
+    # Spearman -0.5, -0.2, +0.1: two below 0. The fall's intervals end at -0.01, 0.00, +0.01: one below 0.
+    assert _line(lines, "length_spearman").endswith("| 2 of 3 (below 0) |")
+    assert _line(lines, "length_matched").endswith("| 3 of 3 (p ≤ 0.05) |")  # seed 1's p = 0.05 exactly keeps it
+    assert _line(lines, "diagonal_change").endswith("| 1 of 3 (CI below 0) |")
+    # The template effect's intervals end at +0.05, -0.05, -0.15: two below 0; the Jaccard claims nothing.
+    assert _line(lines, "template_effect", CATEGORIES[3]).endswith("| 2 of 3 (CI below 0) |")
+    assert _line(lines, "jaccard", CATEGORIES[3]).endswith("| - |")
+    # The absolute rule's CLS count 10 -> 9, 10, 11: one grows; phases' explained_p 0.5, 0.3, 0.1: none.
+    assert _line(lines, "contrast_growth", CATEGORIES[0]).endswith("| -0.100 | +0.000 | +0.100 | +0.000 [-0.100, +0.100] | 1 of 3 (above 0) |")
+    assert _line(lines, "phases").endswith("| 0 of 3 (p ≤ 0.05) |")
+    # The human subset's p is 0 in seed 0, 0.1 and 0.2 after it.
+    assert _line(lines, "human_subset").endswith("| 1 of 3 (p ≤ 0.05) |")
+
+
+def test_a_seed_without_a_statistic_is_not_counted():
+    rows = _stats_rows((0, 1))
+    next(r for r in rows if r["seed"] == 1 and r["stat"] == "length_spearman")["value"] = None
+    hs = next(r for r in rows if r["seed"] == 1 and r["stat"] == "human_subset")
+    hs["value"], hs["p"] = None, 0.01  # a p without its value is not a seed with the statistic
+    lines = seed_sweep.stats_table(rows, alpha=0.05)
+    assert _line(lines, "length_spearman").endswith("| -0.500 | - | -0.500 [-0.500, -0.500] | 1 of 1 (below 0) |")
+    assert _line(lines, "human_subset").endswith("| - | +0.025 [+0.025, +0.025] | 1 of 1 (p ≤ 0.05) |")
+
+
+def _write_run(work, seed, pair):
+    from sparcom_jax.fileio import write_json
+
+    path = Path(work) / f"seed{seed}" / "report" / "summary.json"
+    path.parent.mkdir(parents=True)
+    write_json(path, {"pairs": {"llama": pair}})
+    return path
+
+
+def test_a_saved_sweep_gets_its_statistics_from_its_runs(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    work, saved, page, out = tmp_path / "work", tmp_path / "sweep.json", tmp_path / "analysis.md", tmp_path / "out.json"
+    rows = [r for s in (0, 1) for r in seed_sweep.seed_rows(s, "llama", _llama_summary(s))]
+    write_json(saved, {seed_sweep.SECTION: _result(rows, [0, 1], pairs=["llama"])})
+    runs = [_write_run(work, s, _llama_pair(s)) for s in (0, 1)]
+    before = [p.read_bytes() for p in runs]
+    assert seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--docs", str(page), "--json", str(out)]) == 0
+    text = page.read_text()
+    assert "<!-- seed_sweep:llama:start -->" in text and "<!-- seed_sweep_stats:llama:start -->" in text
+    assert _line(text.splitlines(), "diagonal_dominance").endswith("| 2 of 2 (p ≤ 0.05) |")
+    assert seed_sweep.load_sweep(out)["stats"] == _stats_rows((0, 1))
+    assert [p.read_bytes() for p in runs] == before  # the runs are only read
+
+
+def test_a_run_that_is_not_the_sweeps_is_refused(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    work, saved = tmp_path / "work", tmp_path / "sweep.json"
+    rows = [r for s in (0, 1) for r in seed_sweep.seed_rows(s, "llama", _llama_summary(s))]
+    write_json(saved, {seed_sweep.SECTION: _result(rows, [0, 1], pairs=["llama"])})
+    _write_run(work, 0, _llama_pair(0))
+    _write_run(work, 1, _pair_summary(1, _llama_summary(2), ["isn"]))  # seed 2's causal check in seed1/
+    with pytest.raises(SystemExit, match="seed1 is not this sweep's run of seed 1"):
+        seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--no-docs"])
+    with pytest.raises(SystemExit, match="seed2.report.summary.json: no summary read"):
+        seed_sweep.stats_from_runs(_result(rows, [2], pairs=["llama"]), str(work))
+    with pytest.raises(SystemExit, match="--runs reads the statistics of a saved sweep"):
+        seed_sweep.main(["--runs", str(work), "--no-docs"])
+
+
+def test_merged_sweeps_keep_every_seeds_statistics(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    page, a, b = tmp_path / "analysis.md", tmp_path / "a.json", tmp_path / "b.json"
+    rows = lambda seeds: [r for s in seeds for r in seed_sweep.seed_rows(s, "llama", _llama_summary(s))]  # noqa: E731
+    write_json(a, {seed_sweep.SECTION: _result(rows((0, 1)), [0, 1], pairs=["llama"], stats=_stats_rows((0, 1)))})
+    write_json(b, {seed_sweep.SECTION: _result(rows((2,)), [2], pairs=["llama"], stats=_stats_rows((2,)))})
+    seed_sweep.main(["--from-json", str(a), str(b), "--docs", str(page)])
+    lines = page.read_text().splitlines()
+    assert "| statistic | category | seed 0 | seed 1 | seed 2 | median [min, max] | seeds keeping the claim |" in lines
+    assert _line(lines, "diagonal_dominance").endswith("| +0.060 [+0.050, +0.070] | 2 of 3 (p ≤ 0.05) |")
