@@ -101,3 +101,79 @@ def test_activations_per_device_agree_with_the_compiled_step_on_a_model_axis(com
     for model in (1, 4):
         planned = count_activation_bytes(cfg, dispatch, B, T, "float32", model)
         assert 0.7 <= compiled_temp[case, model] / planned <= 1.3, (model, compiled_temp[case, model], planned)
+
+
+def _config(**sections) -> ExperimentConfig:
+    return from_dict(ExperimentConfig, {"name": "plan", "architecture": LLAMA, **sections}, source="test")
+
+
+def _rows(plan) -> dict[str, tuple[int, int]]:
+    """{row name up to its first "[" or " (": (total, per device)}."""
+    return {name.split("[")[0].split(" (")[0].strip(): (total, per) for name, _, total, per in plan["rows"]}
+
+
+def test_collection_rows_on_a_data_and_model_mesh(compiled_temp):
+    """8 devices = data 2 x model 4, 16 sequences a batch: each device counts 8 rows, and its
+    activations are the step compiled for 8 rows on the model axis (the "dense FFN" case); the
+    total is the two data replicas'. The per-batch counts are [B, L, F] int32 per device."""
+    from sparcom_jax.pipeline.plan import memory_plan
+
+    L, F = LLAMA["num_hidden_layers"], LLAMA["intermediate_size"]
+    assert CASES["dense FFN"][3:] == (8, 128)
+    plan = memory_plan(_config(data={"n_per_category": 2, "max_length": 128}, collect={"batch_size": 16},
+                               mesh={"devices": 8, "model": 4}), "collect")
+    assert (plan["mesh"]["data"], plan["mesh"]["model"]) == (2, 4)
+    rows = _rows(plan)
+    total, per = rows["forward activations"]
+    assert 0.7 <= compiled_temp["dense FFN", 4] / per <= 1.3 and total == 2 * per
+    assert rows["counts neuron_active"] == (2 * 8 * L * F * 4, 8 * L * F * 4)
+    # the store: N records of int32 token counts, counts and float32 sums [L, F] (collect.sums)
+    store = plan["count_store"]
+    assert store["n_instructions"] == 12 and store["bytes_per_model"] == 12 * (4 + 2 * L * F * 4)
+
+
+def test_one_layer_s_weights_are_the_stacked_layers_over_their_count():
+    """The activation plan adds one scanned layer's weights: the "blocks" parameters (stacked
+    over the layers) divided by the layer count, without the embeddings, the final norm and
+    the head."""
+    from sparcom_jax.pipeline.plan import param_plan
+
+    for hf in (LLAMA, QWEN2_MOE):
+        for dtype in ("float32", "bfloat16"):
+            params = nnx.to_flat_state(nnx.state(sj.abstract_model(sj.ModelConfig.from_hf_config(hf), dtype=dtype),
+                                                 nnx.Param))
+            stacked = sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for k, v in params if k[0] == "blocks")
+            p = param_plan(sj.ModelConfig.from_hf_config(hf), dtype, 1, 1)
+            assert p["layer_bytes_per_device"] == stacked / hf["num_hidden_layers"], (hf["model_type"], dtype)
+            assert p["bytes"] == p["bytes_per_device"] == sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize
+                                                              for _, v in params)
+
+
+@pytest.mark.parametrize("optimizer,b1", [("adamw", 0.9), ("lion", 0.9), ("sgd", 0.9), ("sgd", 0.0)])
+def test_training_rows_are_the_state_optax_builds_and_one_micro_batch_s_logits_and_activations(optimizer, b1):
+    """The training state is float32 parameters, their gradients and the optimizer state that
+    `make_optimizer` builds for them (jax.eval_shape of its init: Adam's two moments, Lion's
+    one, SGD's momentum trace, none without momentum), split over the 8 devices by the FSDP
+    rules (all but the norms divide). Each device runs batch_size / grad_accum / data rows:
+    float32 logits and their gradient [B, T, V], and about 4 [B, T, D] activations per layer in
+    the compute dtype."""
+    from sparcom_jax.pipeline.plan import memory_plan
+    from sparcom_jax.pipeline.stages import train_config
+    from sparcom_jax.train.optim import make_optimizer
+
+    cfg = _config(finetuned=None, data={"n_per_category": 2, "max_length": 128}, train_data={"n_per_category": 2},
+                  train={"batch_size": 16, "grad_accum": 2, "max_length": 64, "optimizer": optimizer, "b1": b1,
+                         "compute_dtype": "bfloat16", "allow_cut_responses": True},
+                  mesh={"devices": 8, "model": 4})
+    with pytest.warns(Warning):  # the shipped records cut at 64 tokens: said, and allowed
+        rows = _rows(memory_plan(cfg, "finetune"))
+    params = nnx.to_pure_dict(nnx.state(sj.abstract_model(sj.ModelConfig.from_hf_config(LLAMA)), nnx.Param))
+    tx, _ = make_optimizer(train_config(cfg), 10)
+    moments = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(tx.init, params)) if x.ndim)
+    weights = sum(x.size * 4 for x in jax.tree.leaves(params))
+    total, per = rows["training state"]
+    assert total == 2 * weights + moments
+    assert abs(per * 8 / total - 1) < 0.01
+    B, T, V, D, L = 16 // 2 // 2, 64, LLAMA["vocab_size"], LLAMA["hidden_size"], LLAMA["num_hidden_layers"]
+    assert rows["logits+grad"] == (2 * 2 * B * T * V * 4, 2 * B * T * V * 4)
+    assert rows["saved activations ~4x"] == (2 * 4 * B * T * D * L * 2, 4 * B * T * D * L * 2)

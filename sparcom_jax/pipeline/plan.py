@@ -298,7 +298,8 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         t.check_model(mcfg.max_position_embeddings)
         plan["train_data"] = train_check(cfg)
         p = param_plan(mcfg, "float32", data, model, "fsdp")
-        opt = {"adamw": 2, "lion": 1, "sgd": 1}.get(t.optimizer, 2)
+        # Adam's two moments, Lion's one, SGD's momentum trace (none without momentum: make_optimizer)
+        opt = {"adamw": 2, "lion": 1, "sgd": 1 if t.b1 > 0 else 0}.get(t.optimizer, 2)
         state = p["bytes"] * (2 + opt)  # master weights + grads + optimizer moments, float32
         rows.append((f"training state (f32 params+grads+{opt} {t.optimizer} moments, FSDP)",
                      fmt_count(p["params"]), state, p["bytes_per_device"] * (2 + opt)))
