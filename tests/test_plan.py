@@ -177,3 +177,24 @@ def test_training_rows_are_the_state_optax_builds_and_one_micro_batch_s_logits_a
     B, T, V, D, L = 16 // 2 // 2, 64, LLAMA["vocab_size"], LLAMA["hidden_size"], LLAMA["num_hidden_layers"]
     assert rows["logits+grad"] == (2 * 2 * B * T * V * 4, 2 * B * T * V * 4)
     assert rows["saved activations ~4x"] == (2 * 4 * B * T * D * L * 2, 4 * B * T * D * L * 2)
+
+
+def test_every_process_holds_the_analysis_and_one_model_s_merged_counts(tmp_path):
+    """16 processes analyse (evaluate, compare and report in full; identify the sets alone):
+    each holds its analysis and one model's merged counts, the whole store of a model and
+    the share of it one process read (rounded up). The store of N = 6 records (one per
+    category of an absent data file) is N x (4 token bytes + int32 counts and float32 sums
+    [L, F]); 16 does not divide it."""
+    from sparcom_jax.pipeline.plan import memory_plan
+
+    L, F = LLAMA["num_hidden_layers"], LLAMA["intermediate_size"]
+    store = 6 * (4 + 2 * L * F * 4)
+    assert store % 16
+    cfg = _config(data={"path": str(tmp_path / "absent.jsonl"), "n_per_category": 1},
+                  mesh={"devices": 16, "num_processes": 16})
+    plans = {stage: memory_plan(cfg, stage)["analysis_host"] for stage in ("identify", "evaluate", "compare", "report")}
+    for stage, a in plans.items():
+        assert a["merged_counts"] == store + -(-store // 16)
+        assert a["per_process"] == a["peak"] + store + -(-store // 16), stage
+        assert a["full"] == (stage != "identify")
+    assert plans["report"]["peak"] == plans["evaluate"]["peak"] == plans["compare"]["peak"] > plans["identify"]["peak"]
