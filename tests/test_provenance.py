@@ -1367,6 +1367,60 @@ def test_train_fingerprint_records_each_setting_in_its_component():
     assert difference(base, train_fingerprint("b", quiet, recs, tok)) == []
 
 
+# Train settings that do not change the tuned weights (logging, evaluation batches, checkpoint
+# writing, the mesh, and whether records cut before their response are refused or trained on nothing).
+TRAIN_NOT_RESULT = {"log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model",
+                    "allow_cut_responses"}
+
+
+def _other_value(tcfg, name):
+    """`tcfg` with field `name` changed to another value it accepts."""
+    import dataclasses
+
+    from sparcom_jax.train import TrainConfigError
+
+    value = getattr(tcfg, name)
+    if isinstance(value, bool):
+        candidates = [not value]
+    elif isinstance(value, str):
+        candidates = {"optimizer": ["lion", "adamw"], "compute_dtype": ["bfloat16", "float32"],
+                      "template": ["chat", "plain"]}[name]
+    elif isinstance(value, tuple):
+        candidates = [(*value, value[-1] * 2)]
+    elif value is None:
+        candidates = [3, 0.5]
+    else:
+        candidates = [value * 2, value + 1, value / 2, value - 1]
+    for v in (v for v in candidates if v != value):
+        try:
+            return dataclasses.replace(tcfg, **{name: type(value)(v) if value is not None else v})
+        except (TrainConfigError, ValueError):
+            continue
+    raise AssertionError(f"no other valid value for train.{name}: add one to _other_value")
+
+
+def test_every_train_setting_that_changes_the_weights_is_in_the_run_s_fingerprint():
+    """Each TrainConfig field (new ones too) changes the fine-tuning run's "train" component,
+    but those that cannot change the tuned weights: checkpoints tuned with another seed,
+    batch size, schedule or decay are refused, not reused."""
+    import dataclasses
+
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import train_config, train_fingerprint
+    from sparcom_jax.train import TrainConfig
+
+    recs, tok = load_instructions(n_per_category=1), default_tokenizer()
+    tcfg = train_config(exp("train.buckets=[48, 64]", "train.max_length=48", "train.total_steps=40",
+                            "train.clip_norm=1.0"))
+    base = train_fingerprint("b", tcfg, recs, tok)
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert TRAIN_NOT_RESULT < set(fields)
+    for name in fields:
+        changed = difference(base, train_fingerprint("b", _other_value(tcfg, name), recs, tok))
+        assert ("train" in changed) == (name not in TRAIN_NOT_RESULT), (name, changed)
+
+
 def test_analysis_fingerprint_records_the_rule_the_settings_the_counts_and_the_groups():
     from types import SimpleNamespace
 
