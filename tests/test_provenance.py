@@ -1367,6 +1367,53 @@ def test_train_fingerprint_records_each_setting_in_its_component():
     assert difference(base, train_fingerprint("b", quiet, recs, tok)) == []
 
 
+def test_a_model_is_fingerprinted_by_its_files_or_by_its_architecture_and_seed(tmp_path):
+    """A random-init model is its architecture and its seed (another hidden size from the same
+    seed is another model); a model directory is the content of its files, whatever the spec's
+    init and seed say."""
+    import dataclasses
+
+    from sparcom_jax.fingerprint import model_files_fingerprint
+    from sparcom_jax.pipeline.provenance import spec_model_fingerprint
+
+    spec = exp().base
+    wider = dataclasses.replace(spec, init={**spec.init, "hidden_size": 64})
+    reseeded = dataclasses.replace(spec, seed=spec.seed + 1)
+    assert len({spec_model_fingerprint(s) for s in (spec, wider, reseeded)}) == 3
+    dirs = []
+    for name, weights in (("a", b"one"), ("b", b"two")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(weights)
+        dirs.append(dataclasses.replace(spec, path=str(tmp_path / name)))
+    a, b = (spec_model_fingerprint(s) for s in dirs)
+    assert a == model_files_fingerprint(tmp_path / "a") != b
+
+
+def test_held_out_tokens_cover_the_positions_the_loss_scores():
+    """The causal check's loss is measured on the scored positions (`scopes`) of the held-out
+    sequences: the same tokens scored elsewhere are another measurement, in the digest of the
+    whole set and in the record's own digest."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sparcom_jax.fingerprint import changed_records
+    from sparcom_jax.pipeline.provenance import held_out_fingerprint
+
+    cfg = exp()
+    ids = [np.arange(6, dtype=np.int32), np.arange(4, dtype=np.int32)]
+
+    def fp(*scored):
+        enc = SimpleNamespace(ids=ids, scopes=[np.arange(len(i)) >= k for i, k in zip(ids, scored)],
+                              record_ids=["a", "b"], categories=["math", "code"])
+        return held_out_fingerprint(cfg, cfg.finetuned, [], encoded=enc)
+
+    (tokens, index), (moved, moved_index) = fp(3, 2), fp(3, 1)
+    assert tokens != moved
+    assert changed_records(index, moved_index) == "1 of 2 records: 'b' (code)"
+
+
 # Train settings that do not change the tuned weights (logging, evaluation batches, checkpoint
 # writing, the mesh, and whether records cut before their response are refused or trained on nothing).
 TRAIN_NOT_RESULT = {"log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model",
