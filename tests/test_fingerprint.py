@@ -431,6 +431,42 @@ def test_an_in_memory_model_with_two_weights_swapped_is_another_model():
     assert F.model_fingerprint(model(params)) != ref
 
 
+def test_an_in_memory_model_of_another_architecture_with_the_same_weights_is_another_model():
+    """Settings that change the outputs without changing any parameter's shape or value (the
+    RoPE base, the norms' epsilon) make another model: the same seed draws the same weights."""
+    import sparcom_jax as sj
+
+    hf = dict(model_type="llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=16, vocab_size=16)
+    digests = {F.model_fingerprint(sj.init_model(sj.ModelConfig.from_hf_config({**hf, **change}), seed=0))
+               for change in ({}, {"rope_theta": 500.0}, {"rms_norm_eps": 1e-3})}
+    assert len(digests) == 3
+
+
+def test_token_digests_tell_where_each_sequence_and_each_group_ends():
+    """The tokens of a set of records are hashed with each sequence's shape and dtype and each
+    group apart: a token moved from one record to the next, or an array moved from the ids to
+    the scopes, is another set."""
+    import numpy as np
+
+    a, b, c = (np.array([1, 2], np.int32), np.array([3], np.int32), np.array([2, 3], np.int32))
+    one = np.array([1], np.int32)
+    assert F.digest_arrays([a, b]) != F.digest_arrays([one, c])  # the same stream, cut elsewhere
+    assert F.digest_arrays([a, b]) != F.digest_arrays([a.astype(np.int64), b.astype(np.int64)])
+    assert F.digest_arrays([a], [b]) != F.digest_arrays([a, b], []) != F.digest_arrays([a, b])
+    assert F.digest_arrays([a, b]) == F.digest_arrays([a.copy(), b.copy()])
+
+
+def test_a_component_present_on_one_side_only_differs():
+    """A setting recorded with the stored outputs but absent now (a gate dtype dropped from the
+    config), or absent then and present now, or recorded as None and now absent, differs."""
+    stored = {"model": "m", "gate_dtype": "float32", "max_length": None}
+    assert F.difference(stored, {"model": "m", "max_length": None}) == ["gate_dtype"]
+    assert F.difference({"model": "m"}, {"model": "m", "gate_dtype": "float32"}) == ["gate_dtype"]
+    assert F.difference(stored, {"model": "m", "gate_dtype": "float32"}) == ["max_length"]
+    assert F.stale_keys(stored, {"model": "m", "gate_dtype": "float32", "max_length": None}) == []
+
+
 # --------------------------------------------------------------------------- #
 # The environment every output records
 # --------------------------------------------------------------------------- #
