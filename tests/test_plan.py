@@ -132,6 +132,20 @@ def test_collection_rows_on_a_data_and_model_mesh(compiled_temp):
     assert store["n_instructions"] == 12 and store["bytes_per_model"] == 12 * (4 + 2 * L * F * 4)
 
 
+def test_collection_rows_plan_the_moe_strategy_the_config_asks_for(compiled_temp):
+    """collect.moe_impl=capacity on this CPU: the plan is that of the capacity buffer (the step
+    compiled with it, on the model axis), not of the expert loop "auto" picks here."""
+    from sparcom_jax.pipeline.plan import memory_plan
+
+    assert CASES["experts, capacity buffer"][0] is MIXTRAL and CASES["experts, capacity buffer"][3:] == (8, 128)
+    plan = memory_plan(_config(architecture=MIXTRAL, data={"n_per_category": 2, "max_length": 128},
+                               collect={"batch_size": 8, "moe_impl": "capacity"}, mesh={"devices": 4, "model": 4}),
+                       "collect")
+    (name, _, total, per), = [r for r in plan["rows"] if r[0].startswith("forward activations")]
+    assert name.endswith("capacity)") and total == per
+    assert 0.7 <= compiled_temp["experts, capacity buffer", 4] / per <= 1.3
+
+
 def test_one_layer_s_weights_are_the_stacked_layers_over_their_count():
     """The activation plan adds one scanned layer's weights: the "blocks" parameters (stacked
     over the layers) divided by the layer count, without the embeddings, the final norm and
