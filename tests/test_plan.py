@@ -149,7 +149,7 @@ def test_collection_rows_plan_the_moe_strategy_the_config_asks_for(compiled_temp
 def test_one_layer_s_weights_are_the_stacked_layers_over_their_count():
     """The activation plan adds one scanned layer's weights: the "blocks" parameters (stacked
     over the layers) divided by the layer count, without the embeddings, the final norm and
-    the head."""
+    the head. On one device the parameter rows count (and hold) every parameter."""
     from sparcom_jax.pipeline.plan import param_plan
 
     for hf in (LLAMA, QWEN2_MOE):
@@ -161,6 +161,7 @@ def test_one_layer_s_weights_are_the_stacked_layers_over_their_count():
             assert p["layer_bytes_per_device"] == stacked / hf["num_hidden_layers"], (hf["model_type"], dtype)
             assert p["bytes"] == p["bytes_per_device"] == sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize
                                                               for _, v in params)
+            assert p["params"] == p["params_per_device"] == sum(math.prod(v.shape) for _, v in params)
 
 
 @pytest.mark.parametrize("optimizer,b1", [("adamw", 0.9), ("lion", 0.9), ("sgd", 0.9), ("sgd", 0.0)])
