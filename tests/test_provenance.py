@@ -1345,6 +1345,20 @@ def test_ablation_fingerprint_records_each_setting_in_its_component():
     assert difference(base, fp("ablation.batch_size=5")) == []
 
 
+def test_an_ablation_of_experts_is_told_from_one_of_neurons_without_the_mass_rule():
+    """The kind is recorded itself, not only through the experts' mass-matched rule: with the
+    rule off, an experts result and a neurons result differ by their kind, by which the
+    reuse check picks the identify parameters its sets depend on (`_as_compared`)."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import ablation_fingerprint
+
+    cfg, recs = exp("ablation.mass_matched=false"), load_instructions(n_per_category=1)
+    neurons, experts = (ablation_fingerprint(cfg, cfg.finetuned, recs, kind, {}) for kind in ("neurons", "experts"))
+    assert difference(neurons, experts) == ["ablation"]
+    assert (neurons["ablation"]["kind"], experts["ablation"]["kind"]) == ("neurons", "experts")
+
+
 def test_train_fingerprint_records_each_setting_in_its_component():
     import dataclasses
 
