@@ -443,6 +443,14 @@ def test_an_in_memory_model_of_another_architecture_with_the_same_weights_is_ano
     assert len(digests) == 3
 
 
+def test_a_digest_is_of_the_content_whatever_the_order_of_its_keys():
+    """Settings read from YAML, overrides and code build the same mapping in other orders: its
+    digest (the ablation fingerprint's "counts", a random-init model's) must not refuse
+    equal settings."""
+    assert F.digest({"a": 1, "b": {"x": [1, 2], "y": None}}) == F.digest({"b": {"y": None, "x": [1, 2]}, "a": 1})
+    assert F.digest({"a": 1, "b": 2}) != F.digest({"a": 2, "b": 1})
+
+
 def test_token_digests_tell_where_each_sequence_and_each_group_ends():
     """The tokens of a set of records are hashed with each sequence's shape and dtype and each
     group apart: a token moved from one record to the next, or an array moved from the ids to
