@@ -443,6 +443,17 @@ def test_an_in_memory_model_of_another_architecture_with_the_same_weights_is_ano
     assert len(digests) == 3
 
 
+def test_a_damaged_fingerprint_file_differs_from_any_fingerprint_and_is_not_taken_for_none(tmp_path):
+    """No fingerprint.json means nothing to check (e.g. exports whose run directory was removed:
+    `check_checkpoints_current` passes them on); a damaged one must be refused, not passed on
+    as if there were none."""
+    assert F.read_fingerprint(tmp_path) is None
+    for damaged in ("{not json", '{"stage": "finetune"}', "[1, 2]"):
+        (tmp_path / F.FINGERPRINT_FILE).write_text(damaged)
+        stored = F.read_fingerprint(tmp_path)
+        assert stored is not None and F.stale_keys(stored, {"base": "b", "train": {}}) == ["base", "train"], damaged
+
+
 def test_a_digest_is_of_the_content_whatever_the_order_of_its_keys():
     """Settings read from YAML, overrides and code build the same mapping in other orders: its
     digest (the ablation fingerprint's "counts", a random-init model's) must not refuse
