@@ -454,6 +454,15 @@ def test_a_damaged_fingerprint_file_differs_from_any_fingerprint_and_is_not_take
         assert stored is not None and F.stale_keys(stored, {"base": "b", "train": {}}) == ["base", "train"], damaged
 
 
+def test_max_length_is_told_through_the_tokens_only_where_the_tokens_are_fingerprinted():
+    """A causal-check result records data.max_length beside its held-out tokens, not "tokens":
+    another max_length is stale there, though the same max_length change beside equal counted
+    tokens is not."""
+    assert F.stale_keys({"max_length": 48, "records": "r"}, {"max_length": 40, "records": "r"}) == ["max_length"]
+    assert F.stale_keys({"max_length": 48, "tokens": "t"}, {"max_length": 40, "tokens": "t"}) == []
+    assert F.stale_keys({"max_length": 48, "tokens": "t"}, {"max_length": 40, "tokens": "u"}) == ["max_length", "tokens"]
+
+
 def test_a_digest_is_of_the_content_whatever_the_order_of_its_keys():
     """Settings read from YAML, overrides and code build the same mapping in other orders: its
     digest (the ablation fingerprint's "counts", a random-init model's) must not refuse

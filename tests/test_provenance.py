@@ -1428,6 +1428,26 @@ def test_held_out_tokens_cover_the_positions_the_loss_scores():
     assert changed_records(index, moved_index) == "1 of 2 records: 'b' (code)"
 
 
+def test_a_fine_tuning_run_s_tokens_cover_the_positions_it_trains_on():
+    """The loss of fine-tuning is taken on the response positions (the scopes of
+    `train_encoding`): the same tokens trained on elsewhere are another run."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sparcom_jax.data import default_tokenizer
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import train_config, train_fingerprint
+
+    tcfg, ids = train_config(exp()), [np.arange(6, dtype=np.int32)]
+
+    def fp(first):
+        enc = SimpleNamespace(ids=ids, scopes=[np.arange(6) >= first], record_ids=["a"])
+        return train_fingerprint("b", tcfg, [], default_tokenizer(), enc=enc)
+
+    assert difference(fp(3), fp(2)) == ["tokens"]
+
+
 # Train settings that do not change the tuned weights (logging, evaluation batches, checkpoint
 # writing, the mesh, and whether records cut before their response are refused or trained on nothing).
 TRAIN_NOT_RESULT = {"log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model",
