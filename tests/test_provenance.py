@@ -1359,6 +1359,19 @@ def test_an_ablation_of_experts_is_told_from_one_of_neurons_without_the_mass_rul
     assert (neurons["ablation"]["kind"], experts["ablation"]["kind"]) == ("neurons", "experts")
 
 
+def test_a_causal_check_is_compared_by_the_rule_parameters_its_sets_use():
+    """The reuse check cuts the identify rule to the parameters the kind's sets depend on
+    (`_as_compared`): eps, which every set uses, still refuses the result."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import _as_compared, ablation_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+    for kind in ("neurons", "experts"):
+        a, b = (ablation_fingerprint(c, c.finetuned, recs, kind, {}) for c in (exp(), exp("identify.eps=0.1")))
+        assert _as_compared(a) != _as_compared(b), kind
+        assert _as_compared(a)["identify"]["eps"] == 0.05
+
+
 def test_train_fingerprint_records_each_setting_in_its_component():
     import dataclasses
 
