@@ -431,6 +431,70 @@ def test_an_in_memory_model_with_two_weights_swapped_is_another_model():
     assert F.model_fingerprint(model(params)) != ref
 
 
+def test_an_in_memory_model_of_another_architecture_with_the_same_weights_is_another_model():
+    """Settings that change the outputs without changing any parameter's shape or value (the
+    RoPE base, the norms' epsilon) make another model: the same seed draws the same weights."""
+    import sparcom_jax as sj
+
+    hf = dict(model_type="llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=16, vocab_size=16)
+    digests = {F.model_fingerprint(sj.init_model(sj.ModelConfig.from_hf_config({**hf, **change}), seed=0))
+               for change in ({}, {"rope_theta": 500.0}, {"rms_norm_eps": 1e-3})}
+    assert len(digests) == 3
+
+
+def test_a_damaged_fingerprint_file_differs_from_any_fingerprint_and_is_not_taken_for_none(tmp_path):
+    """No fingerprint.json means nothing to check (e.g. exports whose run directory was removed:
+    `check_checkpoints_current` passes them on); a damaged one must be refused, not passed on
+    as if there were none."""
+    assert F.read_fingerprint(tmp_path) is None
+    for damaged in ("{not json", '{"stage": "finetune"}', "[1, 2]"):
+        (tmp_path / F.FINGERPRINT_FILE).write_text(damaged)
+        stored = F.read_fingerprint(tmp_path)
+        assert stored is not None and F.stale_keys(stored, {"base": "b", "train": {}}) == ["base", "train"], damaged
+
+
+def test_max_length_is_told_through_the_tokens_only_where_the_tokens_are_fingerprinted():
+    """A causal-check result records data.max_length beside its held-out tokens, not "tokens":
+    another max_length is stale there, though the same max_length change beside equal counted
+    tokens is not."""
+    assert F.stale_keys({"max_length": 48, "records": "r"}, {"max_length": 40, "records": "r"}) == ["max_length"]
+    assert F.stale_keys({"max_length": 48, "tokens": "t"}, {"max_length": 40, "tokens": "t"}) == []
+    assert F.stale_keys({"max_length": 48, "tokens": "t"}, {"max_length": 40, "tokens": "u"}) == ["max_length", "tokens"]
+
+
+def test_a_digest_is_of_the_content_whatever_the_order_of_its_keys():
+    """Settings read from YAML, overrides and code build the same mapping in other orders: its
+    digest (the ablation fingerprint's "counts", a random-init model's) must not refuse
+    equal settings."""
+    assert F.digest({"a": 1, "b": {"x": [1, 2], "y": None}}) == F.digest({"b": {"y": None, "x": [1, 2]}, "a": 1})
+    assert F.digest({"a": 1, "b": 2}) != F.digest({"a": 2, "b": 1})
+
+
+def test_token_digests_tell_where_each_sequence_and_each_group_ends():
+    """The tokens of a set of records are hashed with each sequence's shape and dtype and each
+    group apart: a token moved from one record to the next, or an array moved from the ids to
+    the scopes, is another set."""
+    import numpy as np
+
+    a, b, c = (np.array([1, 2], np.int32), np.array([3], np.int32), np.array([2, 3], np.int32))
+    one = np.array([1], np.int32)
+    assert F.digest_arrays([a, b]) != F.digest_arrays([one, c])  # the same stream, cut elsewhere
+    assert F.digest_arrays([a, b]) != F.digest_arrays([a.astype(np.int64), b.astype(np.int64)])
+    assert F.digest_arrays([a], [b]) != F.digest_arrays([a, b], []) != F.digest_arrays([a, b])
+    assert F.digest_arrays([a, b]) == F.digest_arrays([a.copy(), b.copy()])
+
+
+def test_a_component_present_on_one_side_only_differs():
+    """A setting recorded with the stored outputs but absent now (a gate dtype dropped from the
+    config), or absent then and present now, or recorded as None and now absent, differs."""
+    stored = {"model": "m", "gate_dtype": "float32", "max_length": None}
+    assert F.difference(stored, {"model": "m", "max_length": None}) == ["gate_dtype"]
+    assert F.difference({"model": "m"}, {"model": "m", "gate_dtype": "float32"}) == ["gate_dtype"]
+    assert F.difference(stored, {"model": "m", "gate_dtype": "float32"}) == ["max_length"]
+    assert F.stale_keys(stored, {"model": "m", "gate_dtype": "float32", "max_length": None}) == []
+
+
 # --------------------------------------------------------------------------- #
 # The environment every output records
 # --------------------------------------------------------------------------- #

@@ -1417,6 +1417,33 @@ def test_ablation_fingerprint_records_each_setting_in_its_component():
     assert difference(base, fp("ablation.batch_size=5")) == []
 
 
+def test_an_ablation_of_experts_is_told_from_one_of_neurons_without_the_mass_rule():
+    """The kind is recorded itself, not only through the experts' mass-matched rule: with the
+    rule off, an experts result and a neurons result differ by their kind, by which the
+    reuse check picks the identify parameters its sets depend on (`_as_compared`)."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import ablation_fingerprint
+
+    cfg, recs = exp("ablation.mass_matched=false"), load_instructions(n_per_category=1)
+    neurons, experts = (ablation_fingerprint(cfg, cfg.finetuned, recs, kind, {}) for kind in ("neurons", "experts"))
+    assert difference(neurons, experts) == ["ablation"]
+    assert (neurons["ablation"]["kind"], experts["ablation"]["kind"]) == ("neurons", "experts")
+
+
+def test_a_causal_check_is_compared_by_the_rule_parameters_its_sets_use():
+    """The reuse check cuts the identify rule to the parameters the kind's sets depend on
+    (`_as_compared`): eps, which every set uses, still refuses the result."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import _as_compared, ablation_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+    for kind in ("neurons", "experts"):
+        a, b = (ablation_fingerprint(c, c.finetuned, recs, kind, {}) for c in (exp(), exp("identify.eps=0.1")))
+        assert _as_compared(a) != _as_compared(b), kind
+        assert _as_compared(a)["identify"]["eps"] == 0.05
+
+
 def test_train_fingerprint_records_each_setting_in_its_component():
     import dataclasses
 
@@ -1437,6 +1464,127 @@ def test_train_fingerprint_records_each_setting_in_its_component():
     quiet = dataclasses.replace(tcfg, log_every=7, eval_batch_size=3, async_checkpointing=not tcfg.async_checkpointing,
                                 mesh_data=1, mesh_model=1)
     assert difference(base, train_fingerprint("b", quiet, recs, tok)) == []
+
+
+def test_a_model_is_fingerprinted_by_its_files_or_by_its_architecture_and_seed(tmp_path):
+    """A random-init model is its architecture and its seed (another hidden size from the same
+    seed is another model); a model directory is the content of its files, whatever the spec's
+    init and seed say."""
+    import dataclasses
+
+    from sparcom_jax.fingerprint import model_files_fingerprint
+    from sparcom_jax.pipeline.provenance import spec_model_fingerprint
+
+    spec = exp().base
+    wider = dataclasses.replace(spec, init={**spec.init, "hidden_size": 64})
+    reseeded = dataclasses.replace(spec, seed=spec.seed + 1)
+    assert len({spec_model_fingerprint(s) for s in (spec, wider, reseeded)}) == 3
+    dirs = []
+    for name, weights in (("a", b"one"), ("b", b"two")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(weights)
+        dirs.append(dataclasses.replace(spec, path=str(tmp_path / name)))
+    a, b = (spec_model_fingerprint(s) for s in dirs)
+    assert a == model_files_fingerprint(tmp_path / "a") != b
+
+
+def test_held_out_tokens_cover_the_positions_the_loss_scores():
+    """The causal check's loss is measured on the scored positions (`scopes`) of the held-out
+    sequences: the same tokens scored elsewhere are another measurement, in the digest of the
+    whole set and in the record's own digest."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sparcom_jax.fingerprint import changed_records
+    from sparcom_jax.pipeline.provenance import held_out_fingerprint
+
+    cfg = exp()
+    ids = [np.arange(6, dtype=np.int32), np.arange(4, dtype=np.int32)]
+
+    def fp(*scored):
+        enc = SimpleNamespace(ids=ids, scopes=[np.arange(len(i)) >= k for i, k in zip(ids, scored)],
+                              record_ids=["a", "b"], categories=["math", "code"])
+        return held_out_fingerprint(cfg, cfg.finetuned, [], encoded=enc)
+
+    (tokens, index), (moved, moved_index) = fp(3, 2), fp(3, 1)
+    assert tokens != moved
+    assert changed_records(index, moved_index) == "1 of 2 records: 'b' (code)"
+
+
+def test_a_fine_tuning_run_s_tokens_cover_the_positions_it_trains_on():
+    """The loss of fine-tuning is taken on the response positions (the scopes of
+    `train_encoding`): the same tokens trained on elsewhere are another run."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sparcom_jax.data import default_tokenizer
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import train_config, train_fingerprint
+
+    tcfg, ids = train_config(exp()), [np.arange(6, dtype=np.int32)]
+
+    def fp(first):
+        enc = SimpleNamespace(ids=ids, scopes=[np.arange(6) >= first], record_ids=["a"])
+        return train_fingerprint("b", tcfg, [], default_tokenizer(), enc=enc)
+
+    assert difference(fp(3), fp(2)) == ["tokens"]
+
+
+# Train settings that do not change the tuned weights (logging, evaluation batches, checkpoint
+# writing, the mesh, and whether records cut before their response are refused or trained on nothing).
+TRAIN_NOT_RESULT = {"log_every", "eval_batch_size", "async_checkpointing", "mesh_data", "mesh_model",
+                    "allow_cut_responses"}
+
+
+def _other_value(tcfg, name):
+    """`tcfg` with field `name` changed to another value it accepts."""
+    import dataclasses
+
+    from sparcom_jax.train import TrainConfigError
+
+    value = getattr(tcfg, name)
+    if isinstance(value, bool):
+        candidates = [not value]
+    elif isinstance(value, str):
+        candidates = {"optimizer": ["lion", "adamw"], "compute_dtype": ["bfloat16", "float32"],
+                      "template": ["chat", "plain"]}[name]
+    elif isinstance(value, tuple):
+        candidates = [(*value, value[-1] * 2)]
+    elif value is None:
+        candidates = [3, 0.5]
+    else:
+        candidates = [value * 2, value + 1, value / 2, value - 1]
+    for v in (v for v in candidates if v != value):
+        try:
+            return dataclasses.replace(tcfg, **{name: type(value)(v) if value is not None else v})
+        except (TrainConfigError, ValueError):
+            continue
+    raise AssertionError(f"no other valid value for train.{name}: add one to _other_value")
+
+
+def test_every_train_setting_that_changes_the_weights_is_in_the_run_s_fingerprint():
+    """Each TrainConfig field (new ones too) changes the fine-tuning run's "train" component,
+    but those that cannot change the tuned weights: checkpoints tuned with another seed,
+    batch size, schedule or decay are refused, not reused."""
+    import dataclasses
+
+    from sparcom_jax.data import default_tokenizer, load_instructions
+    from sparcom_jax.fingerprint import difference
+    from sparcom_jax.pipeline.stages import train_config, train_fingerprint
+    from sparcom_jax.train import TrainConfig
+
+    recs, tok = load_instructions(n_per_category=1), default_tokenizer()
+    tcfg = train_config(exp("train.buckets=[48, 64]", "train.max_length=48", "train.total_steps=40",
+                            "train.clip_norm=1.0"))
+    base = train_fingerprint("b", tcfg, recs, tok)
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert TRAIN_NOT_RESULT < set(fields)
+    for name in fields:
+        changed = difference(base, train_fingerprint("b", _other_value(tcfg, name), recs, tok))
+        assert ("train" in changed) == (name not in TRAIN_NOT_RESULT), (name, changed)
 
 
 def test_analysis_fingerprint_records_the_rule_the_settings_the_counts_and_the_groups():
