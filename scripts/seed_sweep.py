@@ -193,7 +193,8 @@ def per_seed_table(rows: list[dict], pair: str) -> list[str]:
         against_mass = "" if r["mass_excess"] is None else f"; {r['mass_excess']:+.2f} ({r['mass_p']:.2f})"
         return f"{r['set_size']}: {r['excess']:+.2f} ({r['p']:.2f}){against_mass}"
 
-    controls = "excess vs random (p)" + ("; excess vs mass-matched (p)" if mass else "")
+    drawn = mass and any(r["mass_excess"] is not None for r in unit)  # (not in sweeps made before it)
+    controls = "excess vs random (p)" + ("; excess vs mass-matched (p)" if drawn else "")
     several = len({r["pair"] for r in rows}) > 1
     lines = [f"{label.capitalize()}{f' ({pair})' if several else ''} per seed: set size: {controls}.", "",
              "| category | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
