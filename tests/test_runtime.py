@@ -169,7 +169,9 @@ ENTRY_POINT = textwrap.dedent("""
             finetune(None, [], None, TrainConfig(), "/nonexistent/run")
         elif which == "cli":
             from sparcom_jax.cli import main
-            main(["collect", "--config", "/nonexistent/config.yaml"])  # exits 2 before loading any model
+            # a real config whose weights are not on this machine: the command starts jax (and with
+            # it the cache), then stops at the missing model (a config error stops before jax)
+            main(["collect", "--config", sys.argv[2], "--out", sys.argv[3]])
     except Exception:
         pass
     print("DIR", jax.config.jax_compilation_cache_dir)
@@ -181,8 +183,9 @@ def test_every_entry_point_turns_the_cache_on(entry, tmp_path):
     (tmp_path / "entry.py").write_text(ENTRY_POINT)
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME")}
     env["SPARCOM_JAX_CACHE"] = str(tmp_path / "c")
-    r = subprocess.run([sys.executable, str(tmp_path / "entry.py"), entry], env=env, capture_output=True, text=True,
-                       timeout=300)
+    config = Path(__file__).resolve().parents[1] / "configs" / "llama2_7b.yaml"
+    r = subprocess.run([sys.executable, str(tmp_path / "entry.py"), entry, str(config), str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"DIR {tmp_path / 'c'}" in r.stdout.splitlines(), r.stdout + r.stderr[-2000:]
 
