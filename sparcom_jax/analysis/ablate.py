@@ -960,7 +960,7 @@ def ablation_matrix(
     masks, slots2 = [], []
     for (a, which, _), (_, _, _, by_layer) in zip(slots, results, strict=True):
         cat = CATEGORIES[a]
-        if which != "set" or not n_random or cat not in expert_mass or firing_mass is not None:
+        if which != "set" or not n_random or cat not in expert_mass:  # (firing mass: drawn in round one)
             continue
         if by_layer is None or cat not in by_layer:
             raise ValueError("the mass-matched control needs a loss_fn that reports each expert's routing mass "

@@ -295,8 +295,8 @@ def note_mixed(stage: str, outputs: Sequence[tuple[str, str | Path, list]], *,
                     values[k].add(v)
     mixed = {k for k, v in values.items() if len(v) > 1}
     for c in entries:
-        c["matters"] = c["package"] in mixed or c == {**c, **UNRECORDED}
-    unknown = sorted({c["output"] for c in entries if c["matters"] and c["package"] == UNRECORDED["package"]})
+        c["matters"] = c["package"] in mixed or c["package"] == UNRECORDED["package"]
+    unknown = sorted({c["output"] for c in entries if c["package"] == UNRECORDED["package"]})
     named = [f"{output}" + (f" ({p['part']})" if "part" in p else "") + ": "
              + ", ".join(f"{k} {result_values(p['environment'])[k]}" for k in sorted(mixed))
              for _, output, parts in outputs for p in parts if p["environment"] and mixed]
