@@ -442,22 +442,25 @@ def stats_table(stats: list[dict], alpha: float) -> list[str]:
 
 
 def holm_lines(stats: list[dict], alpha: float) -> list[str]:
-    """For one pair and section, per statistic of HOLM: the category-seed tests that pass, and how
-    many would pass by chance alone (upper bounds that hold however the tests depend on each other)."""
-    out = []
+    """For one pair and section, per statistic of HOLM: the category-seed tests that pass and the
+    seeds with a pass, each beside what chance alone would give (upper bounds that hold however
+    the tests depend on each other)."""
+    parts, cats = [], 0
     for key in HOLM:
         tested = [r for r in stats if r["stat"] == key and r["value"] is not None and r["p"] is not None]
         if not tested:
             continue
         seeds = list(dict.fromkeys(r["seed"] for r in tested))
         passed = [r for r in tested if keeps("p", r, alpha)]
-        cats = max(sum(r["seed"] == s for r in tested) for s in seeds)
-        out.append(f"- `{key}`: {len(passed)} of {len(tested)} category-seed tests pass (Holm p ≤ {alpha:g}), in "
-                   f"{len({r['seed'] for r in passed})} of {len(seeds)} seeds at least one. By chance alone (no "
-                   f"category's diagonal real) at most {alpha * len(tested):.2g} of the {len(tested)} would pass on "
-                   f"average, and Holm keeps the chance of any pass among a seed's {cats} categories at most "
-                   f"{alpha:g}: at most {alpha * len(seeds):.2g} of the {len(seeds)} seeds would show one.")
-    return [*out, ""] if out else []
+        cats = max(cats, *(sum(r["seed"] == s for r in tested) for s in seeds))
+        parts.append(f"`{key}` {len(passed)} of {len(tested)} tests [≤ {alpha * len(tested):.2g}], in "
+                     f"{len({r['seed'] for r in passed})} of {len(seeds)} seeds [≤ {alpha * len(seeds):.2g}]")
+    if not parts:
+        return []
+    return [f"Per-category tests passing (p ≤ {alpha:g}, Holm-adjusted over a seed's {cats} categories), and in "
+            f"brackets what chance alone would give if no category's diagonal were real: at most {alpha:g} x "
+            f"the tests would pass on average and, Holm keeping the chance of any pass within a seed at most "
+            f"{alpha:g}, at most {alpha:g} x the seeds would show one: " + "; ".join(parts) + ".", ""]
 
 
 def stats_section(result: dict) -> str:
