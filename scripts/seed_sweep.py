@@ -31,10 +31,12 @@ pairs swept, joined by "+"), or is appended to the page when it has no such sect
 Per seed, pair and analysed section (`isn`; `ise`, `expert_neurons`) it also keeps the statistics
 the claims table of docs/analysis.md rests on (STATS: the tuned model's diagonal dominance with
 its interval and p, the length-matched, human-subset and between-groups diagonals, per-category
-dominance, the base-to-tuned change, set size against length, before/after Jaccard, the
-template effect, the absolute rule's counts, the phase fit), with the claim each would keep.
+dominance with its Holm-adjusted p under all three shuffles, the base-to-tuned change, set size
+against length, before/after Jaccard, the template effect, the absolute rule's counts, the phase
+fit, the precision check's Jaccard with the float32 sets), with the claim each would keep.
 Their table (per statistic and category: the value per seed, median [min, max], the seeds
-keeping the claim) goes to the section seed_sweep_stats:PAIRS. --runs WORK adds them to a saved
+keeping the claim; under it, per Holm-adjusted per-category test, the category-seed tests that
+pass and what chance alone would give) goes to the section seed_sweep_stats:PAIRS. --runs WORK adds them to a saved
 sweep (--from-json) by reading WORK/seed<s>/report/summary.json, nothing recomputed or written
 there; a run whose causal-check results differ from the sweep's is refused as not its run.
 """
@@ -245,10 +247,19 @@ def _length_matched(s, sec, cats):
     return _one(lm["null_mean"] / lm["statistic"] if lm["statistic"] else None, p=lm["p_value"])
 
 
-def _per_category(s, sec, cats):
-    m = _at(s, "models", s["comparison"]["after"], sec)
-    b = _at(m, "bootstrap", "per_category_dominance")
-    return _per_cat(cats, m["per_category_dominance"], b["low"], b["high"], _at(m, "permutation", "per_category_p_holm"))
+def _per_category(*block):
+    """Per-category dominance of the tuned model's section (or of its sub-block `block`, e.g. the
+    between-groups diagonal) with its bootstrap interval and the Holm-adjusted permutation p."""
+    def get(s, sec, cats):
+        m = _at(s, "models", s["comparison"]["after"], sec, *block)
+        b = _at(m, "bootstrap", "per_category_dominance")
+        return _per_cat(cats, m["per_category_dominance"], b["low"], b["high"], _at(m, "permutation", "per_category_p_holm"))
+    return get
+
+
+def _length_matched_per_category(s, sec, cats):
+    lm = _at(s, "models", s["comparison"]["after"], sec, "length_matched")
+    return _per_cat(cats, lm["per_category_statistic"], p=_at(lm, "per_category_p_holm"))
 
 
 def _change(s, sec, cats):
@@ -301,6 +312,15 @@ def _frequency_shift(s, sec, cats):
     return [(c, _at(s, "comparison", sec, c, "frequency_shift", "delta"), None, None, None) for c in cats]
 
 
+def _precision(variant):
+    """The Jaccard of each category set of the tuned model counted in `variant` with its float32
+    set (summary `precision`, keyed "<section> <variant>": `pipeline.stages.precision_agreement`)."""
+    def get(s, sec, cats):
+        jac = _at(s, "precision", f"{sec} {variant}")
+        return [(c, jac.get(c), None, None, None) for c in cats]
+    return get
+
+
 def _phases(s, sec, cats):
     ph = _at(s, "models", s["comparison"]["after"], sec, "phases", "union")
     return _one(ph.get("explained"), p=ph.get("explained_p"))
@@ -308,16 +328,20 @@ def _phases(s, sec, cats):
 
 # (key, what it is, the claim a seed keeps, getter(pair summary, section, categories) -> [(category,
 # value, low, high, p)]). Claims: "p" p <= alpha; "ci>0" / "ci<0" the interval above / below 0;
-# ">0" / "<0" the value's sign; None: descriptive, no claim counted.
+# ">0" / "<0" the value's sign; "jaccard" the value >= PRECISION_JACCARD; None: descriptive, no claim counted.
 STATS = (
     ("diagonal_dominance", "diagonal dominance of the tuned model [95 % CI], permutation p", "p", _diagonal),
     ("length_matched", "length-matched null mean as a share of the diagonal, length-matched p", "p", _length_matched),
-    ("per_category_dominance", "per-category dominance [95 % CI], Holm-adjusted p", "p", _per_category),
+    ("length_matched_per_category", "per-category dominance, Holm-adjusted p of the length-matched shuffles", "p",
+     _length_matched_per_category),
+    ("per_category_dominance", "per-category dominance [95 % CI], Holm-adjusted p", "p", _per_category()),
     ("diagonal_change", "diagonal dominance, tuned minus base [95 % CI] (a fall keeps the claim)", "ci<0", _change),
     ("same_template_change", "diagonal dominance, tuned under the base's template minus base (no interval)", "<0",
      _same_template_change),
     ("human_subset", "diagonal dominance on the human-written records, p", "p", _subset("human_subset")),
     ("between_groups", "diagonal dominance without near-duplicate pairs [95 % CI], p", "p", _subset("between_groups")),
+    ("between_groups_per_category", "per-category dominance without near-duplicate pairs [95 % CI], Holm-adjusted p "
+     "(whole groups shuffled)", "p", _per_category("between_groups")),
     ("length_spearman", "Spearman of \\|S(I)\\| with prompt length, ties kept", "<0", _spearman),
     ("jaccard", "before/after Jaccard of S(c) [95 % CI]", None, _jaccard(("comparison",))),
     ("same_template_jaccard", "before/after Jaccard under one template [95 % CI]", None,
@@ -327,12 +351,22 @@ STATS = (
      ">0", _contrast_growth),
     ("frequency_shift", "change of the mean frequency, base to tuned", ">0", _frequency_shift),
     ("phases", "three-phase fit of the union profile: explained share, explained_p", "p", _phases),
+    ("precision_bfloat16", "Jaccard of the tuned model's S(c) counted in bfloat16 with its float32 S(c)", "jaccard",
+     _precision("bfloat16")),
+    ("precision_f32_gate", "the same, bfloat16 with the gate (its input and weights) in float32", "jaccard",
+     _precision("bfloat16 with float32 gate and weights")),
 )
+# A set that keeps the precision claim: its Jaccard with the float32 set at least this (our choice of
+# "close to 1": at equal sizes, at most about 2.5 % of the set's units swapped).
+PRECISION_JACCARD = 0.95
+# The statistics whose p-values are Holm-adjusted over a seed's categories: the per-category tests
+# counted together under the table, with what chance alone would give.
+HOLM = ("length_matched_per_category", "per_category_dominance", "between_groups_per_category")
 
 
 # The statistics with one row per category (the others have one row, category ALL).
-PER_CATEGORY = {"per_category_dominance", "jaccard", "same_template_jaccard", "template_effect", "contrast_growth",
-                "frequency_shift"}
+PER_CATEGORY = {*HOLM, "jaccard", "same_template_jaccard", "template_effect", "contrast_growth", "frequency_shift",
+                "precision_bfloat16", "precision_f32_gate"}
 
 
 def stat_rows(seed: int, pair: str, summary: dict) -> list[dict]:
@@ -362,16 +396,16 @@ def stat_rows(seed: int, pair: str, summary: dict) -> list[dict]:
 def keeps(claim: str | None, r: dict, alpha: float) -> bool | None:
     """Whether row `r` keeps `claim` (None: no claim, or nothing to judge it by)."""
     v, lo, hi, p = r["value"], r["low"], r["high"], r["p"]
-    test = {"p": p, "ci>0": lo, "ci<0": hi, ">0": v, "<0": v}.get(claim)
+    test = {"p": p, "ci>0": lo, "ci<0": hi, ">0": v, "<0": v, "jaccard": v}.get(claim)
     if test is None:
         return None
     return {"p": lambda: p <= alpha + 1e-12, "ci>0": lambda: lo > 0, "ci<0": lambda: hi < 0,
-            ">0": lambda: v > 0, "<0": lambda: v < 0}[claim]()
+            ">0": lambda: v > 0, "<0": lambda: v < 0, "jaccard": lambda: v >= PRECISION_JACCARD - 1e-12}[claim]()
 
 
 def _claim_text(claim: str | None, alpha: float) -> str:
     return {"p": f"p ≤ {alpha:g}", "ci>0": "CI above 0", "ci<0": "CI below 0", ">0": "above 0",
-            "<0": "below 0", None: "-"}[claim]
+            "<0": "below 0", "jaccard": f"≥ {PRECISION_JACCARD:g}", None: "-"}[claim]
 
 
 def _fmt_stat(r: dict | None) -> str:
@@ -403,8 +437,30 @@ def stats_table(stats: list[dict], alpha: float) -> list[str]:
             kept = [keeps(claim, r, alpha) for r in have]
             count = "-" if claim is None else f"{sum(k is True for k in kept)} of {sum(k is not None for k in kept)} ({_claim_text(claim, alpha)})"
             lines.append(f"| `{key}` | {cat} | " + " | ".join(_fmt_stat(r) for r in rs) + f" | {spread} | {count} |")
-        lines.append("")
+        lines += ["", *holm_lines(mine, alpha)]
     return lines
+
+
+def holm_lines(stats: list[dict], alpha: float) -> list[str]:
+    """For one pair and section, per statistic of HOLM: the category-seed tests that pass and the
+    seeds with a pass, each beside what chance alone would give (upper bounds that hold however
+    the tests depend on each other)."""
+    parts, cats = [], 0
+    for key in HOLM:
+        tested = [r for r in stats if r["stat"] == key and r["value"] is not None and r["p"] is not None]
+        if not tested:
+            continue
+        seeds = list(dict.fromkeys(r["seed"] for r in tested))
+        passed = [r for r in tested if keeps("p", r, alpha)]
+        cats = max(cats, *(sum(r["seed"] == s for r in tested) for s in seeds))
+        parts.append(f"`{key}` {len(passed)} of {len(tested)} tests [≤ {alpha * len(tested):.2g}], in "
+                     f"{len({r['seed'] for r in passed})} of {len(seeds)} seeds [≤ {alpha * len(seeds):.2g}]")
+    if not parts:
+        return []
+    return [f"Per-category tests passing (p ≤ {alpha:g}, Holm-adjusted over a seed's {cats} categories), and in "
+            f"brackets what chance alone would give if no category's diagonal were real: at most {alpha:g} x "
+            f"the tests would pass on average and, Holm keeping the chance of any pass within a seed at most "
+            f"{alpha:g}, at most {alpha:g} x the seeds would show one: " + "; ".join(parts) + ".", ""]
 
 
 def stats_section(result: dict) -> str:

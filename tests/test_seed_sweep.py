@@ -225,20 +225,37 @@ def test_a_sweep_of_both_pairs_names_the_pair_of_each_per_seed_table():
 # --- the identification, evaluation and comparison statistics across seeds ---
 
 
-def _section_stats(seed, k):
-    """One analysed section's statistics for seed `seed` (k shifts the section's numbers)."""
-    d = 0.05 + 0.01 * seed + k
+# Holm-adjusted per-category p-values of the between-groups and the length-matched tests (each list
+# differs from the others and from the raw p-values, so a p read from the wrong block shows); 0.05
+# exactly passes at alpha 0.05, 0.0501 does not.
+BG_HOLM = [0.05, 0.03, 0.5, 0.0501, 0.03, 0.01]
+LM_HOLM = [0.2, 0.05, 0.06, 0.3, 1.0, 0.04]
+
+
+def _section_stats(seed, k, base=False):
+    """One analysed section's statistics for seed `seed` (k shifts the section's numbers; `base`: the
+    base model's, every per-category p-value list reversed, so reading the wrong model shows)."""
+    d = 0.05 + 0.01 * seed + k + (0.3 if base else 0)
     pcd = {c: 0.01 * (i + 1) + 0.001 * seed for i, c in enumerate(CATEGORIES)}
+    bgd = {c: v - 0.002 * (i + 1) for i, (c, v) in enumerate(pcd.items())}
+    order = (lambda x: x[::-1]) if base else (lambda x: list(x))  # noqa: E731
     model = {"diagonal_dominance": d, "per_category_dominance": pcd,
              "bootstrap": {"diagonal_dominance": {"low": d - 0.02, "high": d + 0.02},
                            "per_category_dominance": {"low": [v - 0.015 for v in pcd.values()],
                                                       "high": [v + 0.01 for v in pcd.values()]}},
-             "permutation": {"p_value": 0.005 if seed < 2 else 0.2, "per_category_p_holm": [0.03, 0.2, 0.03, 0.5, 0.04, 0.06]},
+             "permutation": {"p_value": 0.005 if seed < 2 else 0.2, "per_category_p_holm": order([0.03, 0.2, 0.03, 0.5, 0.04, 0.06]),
+                             "per_category_p_value": [0.001] * C},
              "length_matched": {"statistic": d, "null_mean": d / 4 * (1 + seed),
-                                "p_value": 0.05 if seed == 1 else 0.01},
+                                "p_value": 0.05 if seed == 1 else 0.01,
+                                "per_category_statistic": [v + 0.003 for v in pcd.values()],
+                                "per_category_p_holm": order(LM_HOLM), "per_category_p_value": [0.002] * C},
              "human_subset": {"diagonal_dominance": d / 2, "permutation": {"p_value": 0.1 * seed}},
-             "between_groups": {"diagonal_dominance": d - 0.01, "permutation": {"p_value": 0.005},
-                                "bootstrap": {"diagonal_dominance": {"low": d - 0.03, "high": d}}},
+             "between_groups": {"diagonal_dominance": d - 0.01, "per_category_dominance": bgd,
+                                "permutation": {"p_value": 0.005, "per_category_p_holm": order(BG_HOLM),
+                                                "per_category_p_value": [0.003] * C},
+                                "bootstrap": {"diagonal_dominance": {"low": d - 0.03, "high": d},
+                                              "per_category_dominance": {"low": [v - 0.02 for v in bgd.values()],
+                                                                         "high": [v + 0.02 for v in bgd.values()]}}},
              "set_size_vs_length": {"ties_kept": {"spearman": -0.5 + 0.3 * seed}},
              "phases": {"union": {"explained": 0.9, "explained_p": 0.5 - 0.2 * seed}}}
     jac = {c: {"jaccard": 0.1 * (i + 1), "bootstrap": {"jaccard": {"low": 0.05 * i, "high": 0.1 * (i + 2)}},
@@ -251,14 +268,30 @@ def _section_stats(seed, k):
     return model, jac, same, change
 
 
+def _precision(seed, k):
+    """The precision check's Jaccard per category of one section, under the pipeline's own names of
+    its variants (so a renamed variant fails here): bfloat16, and the float32-gate variant (its own
+    numbers); 0.95 exactly keeps the claim, 0.949 does not."""
+    from sparcom_jax.pipeline.stages import PRECISIONS
+
+    bf16 = [1.0, 0.95, 0.949, 0.97 - 0.01 * seed, 0.9 + k, 0.99]
+    variants = [name for name in PRECISIONS if name != "float32"]  # float32 is the reference
+    assert variants == ["bfloat16", "bfloat16 with float32 gate and weights"]
+    return {variants[0]: dict(zip(CATEGORIES, bf16)), variants[1]: dict(zip(CATEGORIES, [v - 0.005 for v in bf16]))}
+
+
 def _pair_summary(seed, ablation, sections):
-    """A pair summary: `ablation`, and per section the blocks the statistics read (tuned 'chat')."""
+    """A pair summary: `ablation`, and per section the blocks the statistics read (tuned 'chat';
+    the base model's own numbers beside it)."""
     s = {"categories": list(CATEGORIES), **ablation, "models": {"chat": {}, "base": {}},
          "comparison": {"before": "base", "after": "chat"}, "series": {},
-         "controls": {"same_template": {"moves": {}}}}
+         "controls": {"same_template": {"moves": {}}},
+         "precision": {"reference": "chat (float32)", "note": "the study's counts are in float32"}}
     for k, sec in enumerate(sections):
         model, jac, same, change = _section_stats(seed, 0.1 * k)
         s["models"]["chat"][sec] = model
+        s["models"]["base"][sec] = _section_stats(seed, 0.1 * k, base=True)[0]
+        s["precision"].update({f"{sec} {variant}": jac for variant, jac in _precision(seed, 0.01 * k).items()})
         s["comparison"][sec] = jac
         s["series"][sec] = {"bootstrap": {"change": {"diagonal_dominance": change}}}
         s["controls"]["same_template"][sec] = same
@@ -419,3 +452,95 @@ def test_merged_sweeps_keep_every_seeds_statistics(tmp_path):
     lines = page.read_text().splitlines()
     assert "| statistic | category | seed 0 | seed 1 | seed 2 | median [min, max] | seeds keeping the claim |" in lines
     assert _line(lines, "diagonal_dominance").endswith("| +0.060 [+0.050, +0.070] | 2 of 3 (p ≤ 0.05) |")
+
+
+# --- precision and the per-category tests of the between-groups and length-matched diagonals ---
+
+
+def test_the_per_category_tests_read_their_own_blocks_of_the_tuned_model():
+    seed = 1
+    rows = seed_sweep.stat_rows(seed, "llama", _llama_pair(seed))
+    for i, c in enumerate(CATEGORIES):
+        pcd = 0.01 * (i + 1) + 0.001 * seed  # the tuned model's per-category dominance (see _section_stats)
+        bg = _stat(rows, "between_groups_per_category", c)
+        assert bg["value"] == pytest.approx(pcd - 0.002 * (i + 1))
+        assert (bg["low"], bg["high"]) == pytest.approx((bg["value"] - 0.02, bg["value"] + 0.02))
+        assert bg["p"] == BG_HOLM[i]  # Holm-adjusted, not the raw p, not the base model's (reversed)
+        lm = _stat(rows, "length_matched_per_category", c)
+        assert (lm["value"], lm["low"], lm["high"], lm["p"]) == (pytest.approx(pcd + 0.003), None, None, LM_HOLM[i])
+        assert _stat(rows, "per_category_dominance", c)["value"] == pytest.approx(pcd)  # unchanged beside them
+
+
+def test_precision_is_each_sections_jaccard_per_variant():
+    pair = _pair_summary(2, _summary(2), ["ise", "expert_neurons"])
+    rows = seed_sweep.stat_rows(2, "mixtral", pair)
+    for k, sec in enumerate(("ise", "expert_neurons")):
+        want = _precision(2, 0.01 * k)
+        for c in CATEGORIES:
+            bf16, gate = _stat(rows, "precision_bfloat16", c, sec), _stat(rows, "precision_f32_gate", c, sec)
+            assert (bf16["value"], gate["value"]) == (want["bfloat16"][c], want["bfloat16 with float32 gate and weights"][c])
+            assert (bf16["low"], bf16["p"]) == (None, None)
+    # the two sections differ in MATH (0.90 and 0.91): each row has its own section's
+    assert _stat(rows, "precision_bfloat16", CATEGORIES[4], "expert_neurons")["value"] == pytest.approx(0.91)
+
+
+def test_a_run_without_the_precision_check_shows_it_missing():
+    pair = _llama_pair(0)
+    pair["precision"] = None  # collect.precision_check off
+    rows = seed_sweep.stat_rows(0, "llama", pair)
+    missing = [r for r in rows if r["stat"] == "precision_bfloat16"]
+    assert [r["category"] for r in missing] == list(CATEGORIES)
+    assert {(r["value"], r["missing"]) for r in missing} == {(None, "precision")}
+    text = seed_sweep.stats_section(_result([], [0], pairs=["llama"], stats=rows))
+    assert "llama `isn` `precision_bfloat16` in seed 0 (no `precision`)" in text
+
+
+def test_a_run_holding_both_pairs_gives_each_pair_its_own_statistics(tmp_path):
+    from sparcom_jax.fileio import write_json
+
+    work, saved = tmp_path / "work", tmp_path / "sweep.json"
+    rows = seed_sweep.seed_rows(0, "llama", _llama_summary(0))
+    write_json(saved, {seed_sweep.SECTION: _result(rows, [0], pairs=["llama"])})
+    other = _pair_summary(3, _llama_summary(0), ["isn"])  # another pair's numbers (seed 3's) under isn
+    for sec in other["models"]["chat"].values():
+        sec["between_groups"]["permutation"]["per_category_p_holm"] = [0.9] * C
+    path = Path(work) / "seed0" / "report" / "summary.json"
+    path.parent.mkdir(parents=True)
+    write_json(path, {"pairs": {"mixtral": other, "llama": _llama_pair(0)}})
+    stats = seed_sweep.stats_from_runs(_result(rows, [0], pairs=["llama"]), str(work))["stats"]
+    assert [_stat(stats, "between_groups_per_category", c)["p"] for c in CATEGORIES] == BG_HOLM
+    assert [_stat(stats, "precision_bfloat16", c)["value"] for c in CATEGORIES] == list(_precision(0, 0)["bfloat16"].values())
+
+
+def test_the_new_claims_count_p_and_jaccard_at_their_bounds():
+    lines = seed_sweep.stats_table(_stats_rows(), alpha=0.05)
+    # Holm p 0.05 exactly keeps p <= 0.05 in every seed; 0.0501 in none.
+    assert _line(lines, "between_groups_per_category", CATEGORIES[0]).endswith("| 3 of 3 (p ≤ 0.05) |")
+    assert _line(lines, "between_groups_per_category", CATEGORIES[3]).endswith("| 0 of 3 (p ≤ 0.05) |")
+    assert _line(lines, "length_matched_per_category", CATEGORIES[1]).endswith("| 3 of 3 (p ≤ 0.05) |")
+    assert _line(lines, "length_matched_per_category", CATEGORIES[2]).endswith("| 0 of 3 (p ≤ 0.05) |")
+    # Jaccard 0.95 exactly keeps >= 0.95, 0.949 does not; GEN's 0.97, 0.96, 0.95 all do; the gate
+    # variant's (0.005 lower) 0.945 for CODE does not.
+    assert _line(lines, "precision_bfloat16", CATEGORIES[1]).endswith("| 3 of 3 (≥ 0.95) |")
+    assert _line(lines, "precision_bfloat16", CATEGORIES[2]).endswith("| 0 of 3 (≥ 0.95) |")
+    assert _line(lines, "precision_bfloat16", CATEGORIES[3]).endswith(
+        "| +0.970 | +0.960 | +0.950 | +0.960 [+0.950, +0.970] | 3 of 3 (≥ 0.95) |")
+    assert _line(lines, "precision_f32_gate", CATEGORIES[1]).endswith("| 0 of 3 (≥ 0.95) |")
+
+
+def test_the_holm_tests_are_counted_with_what_chance_gives():
+    lines = seed_sweep.stats_table(_stats_rows(), alpha=0.05)
+    line = next(ln for ln in lines if ln.startswith("Per-category tests passing"))
+    assert "(p ≤ 0.05, Holm-adjusted over a seed's 6 categories)" in line
+    # Per seed: 3 of the main Holm p-values pass, 4 of BG_HOLM, 2 of LM_HOLM; three seeds of six
+    # categories, so chance gives at most 0.05 x 18 = 0.9 tests and 0.05 x 3 = 0.15 seeds.
+    for key, passed in (("per_category_dominance", 9), ("between_groups_per_category", 12),
+                        ("length_matched_per_category", 6)):
+        assert f"`{key}` {passed} of 18 tests [≤ 0.9], in 3 of 3 seeds [≤ 0.15]" in line
+    rows = _stats_rows((0, 1))
+    for r in rows:  # seed 1 without the between-groups test: not counted
+        if r["seed"] == 1 and r["stat"] == "between_groups_per_category":
+            r["value"] = None
+    line = next(ln for ln in seed_sweep.stats_table(rows, alpha=0.05) if ln.startswith("Per-category tests passing"))
+    assert "`between_groups_per_category` 4 of 6 tests [≤ 0.3], in 1 of 1 seeds [≤ 0.05]" in line
+    assert "`per_category_dominance` 6 of 12 tests [≤ 0.6], in 2 of 2 seeds [≤ 0.1]" in line
