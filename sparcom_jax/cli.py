@@ -477,9 +477,10 @@ def _without_jax_clean_up() -> Callable[[], None] | None:
 
 
 # The file types of the io module whose flush writes all they hold (subclasses of them too); the
-# others of the io module hold nothing that is not already with the system (raw files, memory).
+# others hold nothing that is not already with the system: raw files (a raw file's write goes to
+# the system, by io.RawIOBase's contract: a socket's, a Python class's), memory, readers.
 _FLUSHED = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.BufferedRWPair)
-_HOLD_NOTHING = (io.FileIO, io.BytesIO, io.StringIO, io.BufferedReader)
+_HOLD_NOTHING = (io.RawIOBase, io.FileIO, io.BytesIO, io.StringIO, io.BufferedReader)
 
 
 def _flush_open_files() -> list:

@@ -59,6 +59,17 @@ class Tee(io.TextIOWrapper):  # a Python subclass of a file type, written and ne
 tee = Tee(open(marks / "tee.txt", "wb"))
 tee.write("written through a subclass")
 
+
+class Raw(io.RawIOBase):  # a raw file of Python's: what it writes goes to the system at once
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return len(b)
+
+
+raw = Raw()  # open, writable, nothing held: no reason for the normal exit
+
 # A user's log file behind a buffer that only logging's own `atexit` shutdown empties.
 held = logging.handlers.MemoryHandler(capacity=1000, flushLevel=logging.CRITICAL,
                                       target=logging.FileHandler(marks / "log.txt"))
