@@ -16,6 +16,7 @@ import _thread
 import argparse
 import contextlib
 import errno
+import io
 import re
 import shlex
 import signal
@@ -23,6 +24,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from sparcom_jax.console import interrupt_held
 from sparcom_jax.fileio import prepare_out_dir
@@ -380,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         _leave_at_once(status)
     if ends_process:
         _ctrl_c_ends_the_shutdown(status)
-        if not _other_processes():
-            _leave(status)
+        hooks = _fast_exit_hooks()
+        if hooks is not None and not _other_processes():
+            _leave(status, *hooks)  # returns where the normal exit has work only it can do
     return status
 
 
@@ -412,17 +415,36 @@ def _ctrl_c_ends_the_shutdown(status: int) -> None:
         signal.signal(signal.SIGINT, leave)
 
 
-def _leave(status: int) -> None:
+def _fast_exit_hooks() -> tuple[Callable[[], None], Callable[[], None]] | None:
+    """CPython's own steps of its shutdown that `_leave` takes (present in 3.11-3.14, but not part
+    of Python's API): wait for the threads that are not daemons (`threading._shutdown`, which also
+    runs the `threading._register_atexit` functions, such as executors' shutdowns) and run the
+    `atexit` functions (`atexit._run_exitfuncs`). None on an interpreter without one of them (another
+    implementation, a CPython that dropped or renamed one), whose command takes the normal exit:
+    slower, never skipping that work. 3.14's `threading._shutdown` is 3.13's, its main thread's handle
+    renamed (`_os_thread_handle`), which `_leave` does not touch."""
+    import atexit
+
+    wait_for_threads = getattr(threading, "_shutdown", None)
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if sys.implementation.name != "cpython" or not (callable(wait_for_threads) and callable(run_exitfuncs)):
+        return None
+    return wait_for_threads, run_exitfuncs
+
+
+def _leave(status: int, wait_for_threads: Callable[[], None], run_exitfuncs: Callable[[], None]) -> None:
     """End the process with `status` once the command's outputs are out, without the interpreter's
     shutdown. That shutdown took ~3 s after a finished tiny `sparcom finetune` or `report` (collecting
     ~430k objects of jax's and the models' heap with XLA's compile threads running, and jax's
     `atexit` clean-up clearing the backends for 1-2 s), and 2-18 s after an interrupted one (also
     the threads of a checkpoint write given up by a second Ctrl-C, which failed as the interpreter
-    went away). What the shutdown would finish is finished first, as it would: the threads that are
-    not daemons are waited for (Python's own `threading._shutdown`, with executors' workers; not
-    after Ctrl-C, status 130, where a given-up write must not hold the exit), every `atexit`
-    function runs (logs flushed, temporary directories removed) but jax's, and files left open are
-    flushed (`_flush_open_files`). The command itself has waited for its checkpoint writes, closed
+    went away). What the shutdown would finish is finished first, in its order, with its own steps
+    (`_fast_exit_hooks`): the threads that are not daemons are waited for (not after Ctrl-C, status
+    130, where a given-up write must not hold the exit), every `atexit` function runs (logging's
+    shutdown flushes and closes every log handler, temporary directories are removed) but jax's, and
+    files left open are flushed (`_flush_open_files`). A file that only closing completes (a gzip
+    file's end) is left to the interpreter's shutdown, which closes it: then this returns and the
+    command takes the normal exit. The command itself has waited for its checkpoint writes, closed
     its orbax managers and count stores and renamed its outputs into place. jax's clean-up clears
     the backends, which the process leaving frees anyway, and shuts jax.distributed down, which a
     single process (the only one here: `_leave_at_once` and `main`) has not started."""
@@ -430,31 +452,78 @@ def _leave(status: int) -> None:
     import os
 
     if status != 130:
-        threading._shutdown()
-    if "jax" in sys.modules:
-        from jax._src import api
-
-        atexit.unregister(getattr(api, "clean_up", None))
-    atexit._run_exitfuncs()
-    _flush_open_files()
+        wait_for_threads()
+    jax_clean_up = _without_jax_clean_up()
+    run_exitfuncs()
+    if _flush_open_files():
+        if jax_clean_up is not None:
+            atexit.register(jax_clean_up)  # the normal exit is left all it would have done
+        return
     _flush_std()
     os._exit(status)
 
 
-def _flush_open_files() -> None:
-    """Flush every file object still open for writing, as the interpreter's shutdown does when it
-    closes them: a library's unclosed log or output file keeps what it wrote. Found among the
-    objects the garbage collector tracks (0.1-0.2 s over the ~410k after a tiny finetune), by exact
-    type: isinstance would read each object's __class__, which some objects compute (torch warned
-    of a deprecated name there), and testing the io ABCs took 3x as long."""
-    import gc
-    import io
+def _without_jax_clean_up() -> Callable[[], None] | None:
+    """Take jax's `atexit` clean-up off the list (returned; None where jax is not imported)."""
+    import atexit
 
-    writers = {io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom}
-    for f in [obj for obj in gc.get_objects() if type(obj) in writers]:
-        with contextlib.suppress(Exception):  # closed, read-only, a pipe whose reader has gone
-            if not f.closed and f.writable():
-                f.flush()
+    if "jax" not in sys.modules:
+        return None
+    from jax._src import api
+
+    clean_up = getattr(api, "clean_up", None)
+    atexit.unregister(clean_up)
+    return clean_up
+
+
+# The file types of the io module whose flush writes all they hold (subclasses of them too); the
+# others hold nothing that is not already with the system: raw files (a raw file's write goes to
+# the system, by io.RawIOBase's contract: a socket's, a Python class's), memory, readers.
+_FLUSHED = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.BufferedRWPair)
+_HOLD_NOTHING = (io.RawIOBase, io.FileIO, io.BytesIO, io.StringIO, io.BufferedReader)
+
+
+def _flush_open_files() -> list:
+    """Flush every file object still open for writing, as the interpreter's shutdown does when it
+    closes them: a library's unclosed log or output file keeps what it wrote. Returns the open ones
+    a flush cannot complete: any other `io.IOBase` (a gzip, bz2 or lzma file, whose end is written
+    on closing, or a Python class with a buffer of its own), for the interpreter's shutdown to close.
+    Found among the objects the garbage collector tracks (0.1-0.2 s over the ~410k after a tiny
+    finetune), by type (`_file_kind`, once for each type): isinstance would read each object's
+    __class__, which some objects compute (torch warned of a deprecated name there)."""
+    import gc
+
+    kinds: dict[type, str | None] = {}
+    left = []
+    for obj in gc.get_objects():
+        t = type(obj)
+        kind = kinds[t] if t in kinds else kinds.setdefault(t, _file_kind(t))
+        if kind is not None and _open_for_writing(obj):
+            if kind == "flush":
+                with contextlib.suppress(Exception):  # a pipe whose reader has gone
+                    obj.flush()
+            else:
+                left.append(obj)
+    return left
+
+
+def _file_kind(t: type) -> str | None:
+    """What leaving does with an open file object of type `t`: "flush" it, or leave it to the
+    "close" of the interpreter's shutdown; None for no file object, or one that holds nothing.
+    Read from the type's bases: `issubclass(t, io.IOBase)`, an ABC's check, took 0.2 ms a type
+    (0.37 s for the ~1700 types after a tiny `sparcom run`)."""
+    bases = getattr(t, "__mro__", ())
+    if any(b in bases for b in _FLUSHED):
+        return "flush"
+    if any(b in bases for b in _HOLD_NOTHING) or io.IOBase not in bases:
+        return None
+    return "close"
+
+
+def _open_for_writing(f) -> bool:
+    with contextlib.suppress(Exception):  # a file object's own methods may fail in any way here
+        return not f.closed and f.writable()
+    return False
 
 
 def _flush_std() -> None:

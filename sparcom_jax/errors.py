@@ -5,6 +5,8 @@ exit status 2); the message names the file, key or field and says how to fix it.
 
 - `ConfigError`: a setting (experiment YAML, config.json, training settings) that
   cannot work.
+- `MissingPathError`: a relative path of a saved run's config that is not found from here;
+  its `file` and `what` are the config and the missing path (for a program to show).
 - `StaleResultError`: a stage found earlier outputs made with other inputs or
   settings; it names what differs and the flag that recomputes them.
 - `LockedError`: another run is writing the same output right now.
@@ -19,6 +21,15 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the key, the file and the fix."""
+
+
+class MissingPathError(ConfigError):
+    """A relative path of a saved config names nothing from the current directory. `file` is the
+    config; `what` says which path is missing, in words (the message without the file and the fix)."""
+
+    def __init__(self, message: str, *, file: object = None, what: str = ""):
+        super().__init__(message)
+        self.file, self.what = file, what
 
 
 class StaleResultError(ConfigError):

@@ -4,6 +4,7 @@ the other libraries' exit work is done; only where `main()` runs its own process
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -18,15 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The console script's shape (`sys.exit(main())` at a script's top level), with what other code of
 # the process could have left for the interpreter's shutdown to finish, each leaving a mark in MARKS.
+# SETUP is run before `main`; a test that takes a private hook of the fast exit away (`_leave`) gives
+# it back after `main` has returned (RESTORE), as the interpreter's own exit calls it.
 CONSOLE_SCRIPT = """\
-import atexit, json, sys, threading, time
+import atexit, io, json, logging, logging.handlers, sys, threading, time
 from pathlib import Path
 
 marks = Path(sys.argv.pop(1))
 
 
 def last():  # registered before jax is imported, so it runs after jax's atexit clean-up (had that run)
-    seen = {"jax_imported": "jax" in sys.modules}
+    seen = {{"jax_imported": "jax" in sys.modules}}
     if seen["jax_imported"]:
         from jax._src import xla_bridge
 
@@ -48,21 +51,62 @@ threading.Thread(target=after_the_command).start()
 left_open = open(marks / "left_open.txt", "w")  # a library's file, written and never closed
 left_open.write("written before the exit")
 
+
+class Tee(io.TextIOWrapper):  # a Python subclass of a file type, written and never closed
+    pass
+
+
+tee = Tee(open(marks / "tee.txt", "wb"))
+tee.write("written through a subclass")
+
+
+class Raw(io.RawIOBase):  # a raw file of Python's: what it writes goes to the system at once
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return len(b)
+
+
+raw = Raw()  # open, writable, nothing held: no reason for the normal exit
+
+# A user's log file behind a buffer that only logging's own `atexit` shutdown empties.
+held = logging.handlers.MemoryHandler(capacity=1000, flushLevel=logging.CRITICAL,
+                                      target=logging.FileHandler(marks / "log.txt"))
+logging.getLogger("sparcom_jax").addHandler(held)
+logging.getLogger("sparcom_jax").setLevel(logging.INFO)
+logging.getLogger("sparcom_jax.cli").info("logged before the command")
+
+
+class Finalized:  # its __del__ runs in the interpreter's shutdown, never after os._exit
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __del__(self, open=open):
+        with open(self.path, "w") as f:
+            f.write("the interpreter's shutdown ran")
+
+
+finalized = Finalized(marks / "finalized.txt")
+{setup}
 from sparcom_jax.cli import main
 
-sys.exit(main())
+status = main()
+{restore}
+sys.exit(status)
 """
 
 
-def console(tmp_path: Path, *argv: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, dict]:
+def console(tmp_path: Path, *argv: str, timeout: float = 120, setup: str = "",
+            restore: str = "") -> tuple[subprocess.CompletedProcess, dict]:
     """Run `sparcom ARGV` through CONSOLE_SCRIPT (stdout a pipe, so block-buffered); its marks."""
     marks = tmp_path / "marks"
     marks.mkdir()
     script = tmp_path / "sparcom_console.py"
-    script.write_text(CONSOLE_SCRIPT)
+    script.write_text(CONSOLE_SCRIPT.format(setup=setup, restore=restore))
     r = subprocess.run([sys.executable, str(script), str(marks), *argv], capture_output=True, text=True,
                        timeout=timeout, cwd=ROOT)
-    seen = {p.name: p.read_text() for p in marks.iterdir()}
+    seen = {p.name: p.read_text(errors="replace") for p in marks.iterdir()}
     return r, seen
 
 
@@ -75,7 +119,15 @@ def test_a_finished_command_leaves_without_jax_clean_up_once_threads_atexit_and_
     # the other atexit functions ran; jax's clean-up did not (the backends are still there after it)
     assert json.loads(seen["atexit.json"]) == {"jax_imported": True, "backends_left": True}
     assert seen["thread.txt"] == "finished"  # waited for, as the interpreter waits for such threads
+    assert_nothing_written_was_lost(seen)
+    assert "finalized.txt" not in seen  # it left at once
+
+
+def assert_nothing_written_was_lost(seen: dict) -> None:
+    """What CONSOLE_SCRIPT wrote and left for the exit is in its files."""
     assert seen["left_open.txt"] == "written before the exit"  # flushed, as the shutdown's closing flushes it
+    assert seen["tee.txt"] == "written through a subclass"
+    assert "logged before the command" in seen["log.txt"]  # logging's atexit shutdown emptied the buffer
 
 
 def test_a_config_error_keeps_its_status_and_imports_no_jax(tmp_path):
@@ -87,7 +139,43 @@ def test_a_config_error_keeps_its_status_and_imports_no_jax(tmp_path):
     assert r.stderr.startswith(f"sparcom: error: {bad}: unknown key 'identfy' (did you mean 'identify'?)")
     assert r.stderr.count("\n") == 1, r.stderr
     assert json.loads(seen["atexit.json"]) == {"jax_imported": False}
-    assert seen["thread.txt"] == "finished" and seen["left_open.txt"] == "written before the exit"
+    assert seen["thread.txt"] == "finished" and "finalized.txt" not in seen
+    assert_nothing_written_was_lost(seen)
+
+
+# The private hooks of CPython the fast exit calls, each as the test takes it away and gives it back.
+HOOKS = {"threading._shutdown": ("saved = threading._shutdown\ndel threading._shutdown",
+                                 "threading._shutdown = saved"),
+         "atexit._run_exitfuncs": ("import atexit\nsaved = atexit._run_exitfuncs\ndel atexit._run_exitfuncs", "")}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_an_interpreter_without_a_hook_of_the_fast_exit_takes_the_normal_exit(tmp_path, hook):
+    # The fast exit waits for threads and runs the atexit functions through hooks that are not
+    # Python's API (present in 3.11-3.14); where one is missing, the command ends as Python ends it.
+    setup, restore = HOOKS[hook]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nidentfy: {eps: 0.1}\n")
+    r, seen = console(tmp_path, "run", "--config", str(bad), setup=setup, restore=restore)
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
+    assert r.stderr.startswith(f"sparcom: error: {bad}: unknown key") and r.stderr.count("\n") == 1, r.stderr
+    assert seen["finalized.txt"] == "the interpreter's shutdown ran"
+    assert json.loads(seen["atexit.json"]) == {"jax_imported": False} and seen["thread.txt"] == "finished"
+    assert_nothing_written_was_lost(seen)
+
+
+def test_a_file_that_only_closing_completes_takes_the_normal_exit(tmp_path):
+    # A gzip file's end (and what it still holds) is written when it is closed, which the
+    # interpreter's shutdown does and a flush does not: left open, it is not left behind.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nidentfy: {eps: 0.1}\n")
+    setup = ("import gzip\nzipped = gzip.open(marks / 'zipped.gz', 'wt')\n"
+             "zipped.write('written into a gzip file')")
+    r, seen = console(tmp_path, "run", "--config", str(bad), setup=setup)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert gzip.decompress((tmp_path / "marks" / "zipped.gz").read_bytes()) == b"written into a gzip file"
+    assert seen["finalized.txt"] == "the interpreter's shutdown ran" and seen["thread.txt"] == "finished"
+    assert_nothing_written_was_lost(seen)
 
 
 @pytest.mark.slow  # a tiny `sparcom run` (finetune with async checkpoints, collect, ..., report): ~40 s on 2 cores
@@ -137,7 +225,7 @@ def _weights(model):
 def leaving(monkeypatch):
     """`main` with its command replaced by a set status; what `_leave` was asked to end with."""
     left: list[int] = []
-    monkeypatch.setattr(cli, "_leave", left.append)
+    monkeypatch.setattr(cli, "_leave", lambda status, *hooks: left.append(status))
     monkeypatch.setattr(cli, "_ctrl_c_ends_the_shutdown", lambda status: None)  # (it sets this process's handler)
     monkeypatch.setattr(cli, "_other_processes", lambda: False)
     status = {"value": 0}

@@ -271,6 +271,21 @@ def _other_files_in(tmp_path):
     return elsewhere
 
 
+def test_the_repr_names_a_missing_relative_path_in_directories_whose_names_hold_a_colon(done, tmp_path, monkeypatch):
+    # The repr's stage line names the missing path from the error's fields: it took the message apart
+    # at ': ', which the directories' names here hold too.
+    from sparcom_jax.config import dump_config
+
+    out = shutil.copytree(done, tmp_path / "run: one" / "out")
+    dump_config(exp("data.path=data/recs.jsonl"), out / "config.yaml")  # as saved before: relative
+    here = tmp_path / "here: now"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    r = sj.open_run(out)
+    assert (f"  stages: not listed here (data.path is the relative path 'data/recs.jsonl', and "
+            f"{here / 'data' / 'recs.jsonl'} does not exist)\n") in repr(r)
+
+
 def test_a_relative_data_path_is_read_as_the_run_read_it_from_any_directory(done, tmp_path, monkeypatch):
     """OUT/config.yaml kept data.path as given ("data/recs.jsonl") and open_run read it from the
     current directory: from another one the run's records were not found, or other records were

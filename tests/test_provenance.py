@@ -1795,7 +1795,10 @@ def test_counts_set_against_counts_of_other_versions_are_named_once_and_listed_i
     line = (f"analyse: outputs set against each other here were made under different versions ("
             f"{out / 'counts' / 'base'}: jax 0.4.30; {out / 'counts' / 'tuned'}: jax {jax.__version__}; ")
     assert line in err and err.count("analyse: outputs set against each other") == 1, err
-    assert f"; {out / 'ablate' / 'tuned_neurons.json'}: not recorded)" in err  # the report adds the causal check
+    # the report adds the causal check, naming only it: each output is named once in the run
+    assert (f"report: outputs set against each other here were made under different versions "
+            f"({out / 'ablate' / 'tuned_neurons.json'}: not recorded; beside the outputs named above)") in err, err
+    assert err.count(f"{out / 'counts' / 'base'}: jax 0.4.30") == 1, err
     assert "made under other versions than this run's" not in err  # reused whole: nothing new beside them
     summary = json.loads((out / "report" / "summary.json").read_text())
     changes = [{"stage": "collect", "output": "counts/base", "package": "jax", "old": "0.4.30", "new": jax.__version__,

@@ -301,9 +301,20 @@ def note_mixed(stage: str, outputs: Sequence[tuple[str, str | Path, list]], *,
              + ", ".join(f"{k} {result_values(p['environment'])[k]}" for k in sorted(mixed))
              for _, output, parts in outputs for p in parts if p["environment"] and mixed]
     named += [f"{output}: not recorded" for output in unknown]
-    line = f"{stage}: outputs set against each other here were made under different versions ({'; '.join(named)})"
-    if named and line not in _said:
-        _said.add(line)
-        log(f"{line}: the differences between them mix the two; recompute one under the other's versions "
-            "(summary.json's environment_changes lists them)")
+    _say_mixed(stage, named)
     return entries
+
+
+def _say_mixed(stage: str, named: list[str]) -> None:
+    """The line of `note_mixed`, naming each output (with its versions) once per process: the stages
+    of one `sparcom run` set the same counts against each other (analyse, for identify, evaluate
+    and compare; then the report, with the causal checks), and the report's line names only what
+    it adds (a causal check made under other versions) beside the outputs named above."""
+    new = [n for n in dict.fromkeys(named) if n not in _said]
+    if not new:
+        return
+    _said.update(new)
+    log(f"{stage}: outputs set against each other here were made under different versions ({'; '.join(new)}"
+        + ("; beside the outputs named above" if len(new) < len(set(named)) else "")
+        + "): the differences between them mix the two; recompute one under the other's versions "
+        "(summary.json's environment_changes lists them)")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sparcom_jax.config import ConfigError, ExperimentConfig, load_config, read_yaml, relative_paths
-from sparcom_jax.errors import LockedError, StaleResultError
+from sparcom_jax.errors import LockedError, MissingPathError, StaleResultError
 from sparcom_jax.fileio import LOCK_NAME, DirLock
 from sparcom_jax.fingerprint import FINGERPRINT_FILE, environment_line, read_fingerprint, with_method
 from sparcom_jax.pipeline.common import counts_root, log, model_list, safe
@@ -131,11 +131,12 @@ def _check_relative_paths(cfg: ExperimentConfig, path: Path, needs: tuple[str, .
                if not Path(v).exists() and (needs is None or k.startswith(needs))}
     if missing:
         k, v = next(iter(missing.items()))
-        raise ConfigError(
-            f"{path}: {k} is the relative path {v!r}, and {Path.cwd() / v} does not exist"
-            + (f" (nor do {', '.join(list(missing)[1:])})" if len(missing) > 1 else "")
-            + ": this run was saved before sparcom_jax recorded absolute paths, so the directory it was started "
-            "in is not known; open it from that directory, or write the absolute paths into the config file")
+        what = (f"{k} is the relative path {v!r}, and {Path.cwd() / v} does not exist"
+                + (f" (nor do {', '.join(list(missing)[1:])})" if len(missing) > 1 else ""))
+        raise MissingPathError(
+            f"{path}: {what}: this run was saved before sparcom_jax recorded absolute paths, so the directory it was "
+            "started in is not known; open it from that directory, or write the absolute paths into the config file",
+            file=path, what=what)
 
 
 def _relative(cfg: ExperimentConfig) -> dict[str, str]:
@@ -375,8 +376,8 @@ class Run:
         built = "built" if "analyses" in self.__dict__ else "rebuilt on first use of .analyses"
         try:
             stages = ", ".join(self.stages)
-        except ConfigError as e:  # a relative path the listing reads is not here
-            stages = f"not listed here ({str(e).split(': ', 2)[1]})"
+        except MissingPathError as e:  # a relative path the listing reads is not here
+            stages = f"not listed here ({e.what})"
         lines = [f"Run({str(self.out)!r}): experiment {self.summary.get('experiment', self.config.name)!r}",
                  f"  models: {', '.join(models) or 'none'} ({'; '.join(shown)})",
                  f"  controls: {', '.join(self.summary.get('controls') or {}) or 'none'}",
