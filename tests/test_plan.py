@@ -46,6 +46,14 @@ CASES = {
     "experts, tiles": (MIXTRAL, "tiled", "cpu", "blocked", 8, 128, [(1, 1), (1, 4), (4, 1)]),
     "shared expert": (QWEN2_MOE, "auto", "gpu", "blocked", 8, 128, [(1, 1), (1, 4)]),
 }
+# The causal check's loss forward, as CASES: the float32 logits the largest (a vocabulary of
+# 8,192, split over the model axis), and the MoE strategies of forwards that count nothing
+# ("auto" on CPU: the tiles).
+LOSS_CASES = {
+    "logits": (dict(LLAMA, vocab_size=8192), "auto", "cpu", "blocked", 8, 128, [(1, 4)]),
+    "experts, tiles": (MIXTRAL, "auto", "cpu", "blocked", 8, 128, [(1, 1), (1, 4), (4, 1)]),
+    "experts, capacity buffer": (MIXTRAL, "auto", "gpu", "blocked", 8, 128, [(4, 1)]),
+}
 
 SHARDED_STEPS = textwrap.dedent("""
     import os, sys, json
@@ -57,9 +65,10 @@ SHARDED_STEPS = textwrap.dedent("""
     from sparcom_jax.models.dispatch import Dispatch
     from sparcom_jax.parallel.sharding import param_shardings
     from sparcom_jax.stats.collect import _count_sums_step
+    from sparcom_jax.stats.losses import _loss_step
     from sparcom_jax.stats.runner import _compiled
 
-    def memory(hf, impl, backend, attention, B, T, data, model):
+    def memory(kind, hf, impl, backend, attention, B, T, data, model):
         cfg = sj.ModelConfig.from_hf_config(hf)
         dispatch = Dispatch.choose(impl, backend=backend, attention=attention)
         graphdef, state = nnx.split(sj.abstract_model(cfg, moe_impl=dispatch))
@@ -70,34 +79,41 @@ SHARDED_STEPS = textwrap.dedent("""
         rows = NamedSharding(mesh, P("data"))
         ids = jax.ShapeDtypeStruct((B * data, T), jnp.int32, sharding=rows)
         valid = jax.ShapeDtypeStruct((B * data, T), jnp.bool_, sharding=rows)
-        # the program the collection runs (BatchRunner: outputs split over the data axis), with the sums
-        step = _compiled(graphdef, _count_sums_step, rows).lower(state, ids, valid, valid, None).compile()
+        # the program the collection (with the sums) or the causal check runs (BatchRunner: outputs
+        # split over the data axis)
+        fn = _count_sums_step if kind == "count" else _loss_step
+        step = _compiled(graphdef, fn, rows).lower(state, ids, valid, valid, None).compile()
         mem = step.memory_analysis()  # per device: the program each device runs
         return mem.temp_size_in_bytes, mem.output_size_in_bytes
 
-    print("MEMORY", json.dumps({f"{name}|{data}|{model}": memory(*args[:6], data, model)
-                                for name, args in json.loads(sys.argv[1]).items() for data, model in args[6]}))
+    print("MEMORY", json.dumps({f"{kind}|{name}|{data}|{model}": memory(kind, *args[:6], data, model)
+                                for kind, cases in json.loads(sys.argv[1]).items()
+                                for name, args in cases.items() for data, model in args[6]}))
 """)
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """{(case, data axis, model axis): (temporary bytes, output bytes) per device of the counting
-    step with the sums, as the collection compiles it}, all compiled in one process of 4 CPU devices."""
+    step with the sums, as the collection compiles it; ("loss", case, data, model): the same of
+    the causal check's loss step}, all compiled in one process of 4 CPU devices."""
     script = tmp_path_factory.mktemp("plan") / "steps.py"
     script.write_text(SHARDED_STEPS)
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, str(script), json.dumps(CASES)], env=env, timeout=600, capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, str(script), json.dumps({"count": CASES, "loss": LOSS_CASES})], env=env,
+                       timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    out = json.loads(r.stdout.split("MEMORY")[1])
-    return {(k.split("|")[0], *map(int, k.split("|")[1:])): tuple(v) for k, v in out.items()}
+    out = {}
+    for key, v in json.loads(r.stdout.split("MEMORY")[1]).items():
+        kind, name, data, model = key.split("|")
+        out[(*(() if kind == "count" else ("loss",)), name, int(data), int(model))] = tuple(v)
+    return out
 
 
-def _dispatch(case):
+def _dispatch(case, cases=CASES):
     from sparcom_jax.models.dispatch import Dispatch
 
-    hf, impl, backend, attention = CASES[case][:4]
+    hf, impl, backend, attention = cases[case][:4]
     return sj.ModelConfig.from_hf_config(hf), Dispatch.choose(impl, backend=backend, attention=attention)
 
 
@@ -138,6 +154,39 @@ def test_a_batch_s_counts_are_what_the_compiled_step_returns_to_each_device(comp
     for data, model in meshes:
         out = compiled[case, data, model][1]
         assert 0 <= out - sum(step_nbytes(cfg, B, T, sums=True).values()) <= 64, (data, model, out)
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_the_causal_check_s_activations_agree_with_its_compiled_loss_step(compiled, case):
+    """The plan's loss-forward bytes (`loss_activation_bytes`) against the causal check's loss
+    step compiled on that mesh, per device, within the stated 30%: its float32 logits and their
+    log-probabilities (4x too small if planned whole on a model axis of 4, and absent from the
+    plan before), and the MoE forward's routed buffers with the strategy of forwards that count
+    nothing, which keeps no activations in the tiles."""
+    from sparcom_jax.pipeline.plan import loss_activation_bytes
+
+    cfg, dispatch = _dispatch(case, LOSS_CASES)
+    B, T, meshes = LOSS_CASES[case][4:]
+    for data, model in meshes:
+        planned = loss_activation_bytes(cfg, dispatch, B, T, "float32", model, data)
+        temp = compiled["loss", case, data, model][0]
+        assert 0.7 <= temp / planned <= 1.3, (data, model, temp, planned)
+
+
+def test_the_causal_check_s_row_plans_each_process_s_own_devices(compiled):
+    """The ablate stage plans its loss forward: each process runs its passes alone on its own
+    devices, so 8 devices of 2 processes (data 8) run the passes on meshes of data 4, and
+    ablation.batch_size 32 is 8 rows per device, whose MoE layer sorts the 4 devices' rows
+    together: the loss step compiled for 8 rows on a data axis of 4 (planned on the whole data
+    axis of 8, 2x too large)."""
+    from sparcom_jax.pipeline.plan import memory_plan
+
+    assert LOSS_CASES["experts, tiles"][4:6] == (8, 128)
+    plan = memory_plan(_config(architecture=MIXTRAL, data={"n_per_category": 2, "max_length": 128},
+                               ablation={"batch_size": 32}, mesh={"devices": 8, "num_processes": 2}), "ablate")
+    (name, _, total, per), = [r for r in plan["rows"] if r[0].startswith("forward activations")]
+    assert "causal check, B=8/device" in name and "tiled" in name and total == 8 * per
+    assert 0.7 <= compiled["loss", "experts, tiles", 4, 1][0] / per <= 1.3
 
 
 def _config(**sections) -> ExperimentConfig:

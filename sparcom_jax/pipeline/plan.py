@@ -62,8 +62,10 @@ def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis")
             "not_divisible": sorted(replicated - {s.split("->")[0] for s in sharded})}
 
 
-def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1, data: int = 1) -> int:
-    """Estimated bytes of the counting forward's temporaries for one [B, T] batch on one device.
+def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1, data: int = 1,
+                           counting: bool = True) -> int:
+    """Estimated bytes of the counting forward's temporaries for one [B, T] batch on one device
+    (with `counting` False, of a forward that counts nothing, up to its final norm).
 
     The weights and the per-batch counts (their own plan rows) are not included. What
     one scanned layer holds at its peak, the larger of its attention and its FFN, plus
@@ -89,7 +91,8 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
 
     Args:
       mcfg: the architecture; dispatch: the `Dispatch` the run uses; B: sequences per
-      device; T: the padded length; dtype: compute dtype; model, data: the mesh's axes.
+      device; T: the padded length; dtype: compute dtype; model, data: the mesh's axes;
+      counting: plan `dispatch.moe_counting` and the counts' reducer, else `dispatch.moe_forward`.
     """
     it = _ITEMSIZE[dtype]
     D, d = mcfg.hidden_size, mcfg.head_dim
@@ -111,23 +114,25 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
         scores = 3 * B * H * T * T * 4
     attention = x + B * T * (2 * H + 2 * K) * d * it + scores
     if mcfg.is_moe:
-        ffn = x + _routed_bytes(mcfg, dispatch, B * data, T, it, model)
+        ffn = x + _routed_bytes(mcfg, dispatch, B * data, T, it, model, counting)
         if mcfg.has_shared_expert:
             ffn += 3 * B * T * mcfg.shared_expert_intermediate_size // model * it
     else:
         ffn = x + 3 * B * T * mcfg.intermediate_size // model * it
     layer_weights = param_plan(mcfg, dtype, 1, model)["layer_bytes_per_device"]
-    if mcfg.is_moe and dispatch.moe_counting in ("looped", "tiled"):  # the experts a device lacks, gathered
+    strategy = dispatch.moe_counting if counting else dispatch.moe_forward
+    if mcfg.is_moe and strategy in ("looped", "tiled"):  # the experts a device lacks, gathered
         layer_weights += 3 * mcfg.num_experts * mcfg.hidden_size * mcfg.moe_intermediate_size * it * (model - 1) // model
     return int(x + mask + layer_weights + max(attention, ffn))
 
 
-def _routed_bytes(mcfg, dispatch, B: int, T: int, it: int, model: int) -> int:
-    """Bytes of the routed experts' buffers of a counting forward over B sequences of T
-    tokens (the whole batch, every data device's rows), `it` bytes an element."""
+def _routed_bytes(mcfg, dispatch, B: int, T: int, it: int, model: int, counting: bool) -> int:
+    """Bytes of the routed experts' buffers of a forward over B sequences of T tokens (the
+    whole batch, every data device's rows), `it` bytes an element; `counting`: as in
+    `count_activation_bytes`."""
     E, G, k, D = mcfg.num_experts, mcfg.moe_intermediate_size, mcfg.top_k, mcfg.hidden_size
     M = B * T * k
-    strategy = dispatch.moe_counting
+    strategy = dispatch.moe_counting if counting else dispatch.moe_forward
     G_buf = 2 * G
     if strategy == "capacity":
         cap = max(min(M, -(-math.ceil(f * M / E) // 8) * 8) for f in dispatch.capacity_factors)
@@ -147,7 +152,19 @@ def _routed_bytes(mcfg, dispatch, B: int, T: int, it: int, model: int) -> int:
     reducer = M * G * (4 if dispatch.count_method == "segment" else 2)
     if strategy == "tiled":  # XLA reuses the scan's stacked activations for the reducer's operand
         gathered, reducer = M * (D + G) * it, 0
+    if not counting and strategy in ("looped", "tiled"):  # they keep no activations, only the rows in and out
+        gathered, reducer, G_buf = 2 * M * D * it, 0, 0
     return buf_rows * (2 * D + G_buf) * it + gathered + reducer
+
+
+def loss_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1, data: int = 1) -> int:
+    """Estimated bytes of the causal check's loss forward's temporaries for one [B, T] batch on
+    one device: the larger of its body (`count_activation_bytes` of a forward that counts
+    nothing) and the float32 logits with their log-probabilities, [B, T, V] each, split over
+    the model axis with the vocabulary (XLA holds the two apart). Arguments as there."""
+    body = count_activation_bytes(mcfg, dispatch, B, T, dtype, model, data, counting=False)
+    V = mcfg.vocab_size
+    return max(body, 2 * B * T * (V // model if V % model == 0 else V) * 4)
 
 
 def _paths(path) -> list:
@@ -332,16 +349,23 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         rows.append((f"logits+grad [B={B},T={t.max_length},V] f32 per device", "", logits * 2 * data, logits * 2))
         act = B * t.max_length * mcfg.hidden_size * _ITEMSIZE[t.compute_dtype] * L * 4
         rows.append(("saved activations ~4x[B,T,D] x L per device", "", act * data, act))
-    if "collect" in stages:
-        from sparcom_jax.models.dispatch import Dispatch
+    from sparcom_jax.models.dispatch import Dispatch
 
+    dispatch = Dispatch.choose(cfg.collect.moe_impl, dtype=cfg.collect.dtype, head_dim=mcfg.head_dim)
+    T = cfg.data.max_length
+    if "collect" in stages:
         B = max(1, math.ceil(cfg.collect.batch_size / data))
-        T = cfg.data.max_length
-        dispatch = Dispatch.choose(cfg.collect.moe_impl, dtype=cfg.collect.dtype, head_dim=mcfg.head_dim)
         act = count_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model, data)
         what = dispatch.moe_counting if mcfg.is_moe else "dense"
         rows.append((f"forward activations (counting, B={B}/device, T={T}, {what})", "", act * data, act))
         rows += count_rows(mcfg, B, T, cfg.collect.sums, data)
+    if "ablate" in stages and cfg.ablation.enabled:
+        # Each process runs its passes alone, on its own devices (`make_mesh(local=True)`).
+        local = max(1, data // cfg.mesh.num_processes)
+        B = max(1, math.ceil(cfg.ablation.batch_size / local))
+        act = loss_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model, local)
+        what = dispatch.moe_forward if mcfg.is_moe else "dense"
+        rows.append((f"forward activations (causal check, B={B}/device, T={T}, {what}, logits)", "", act * data, act))
     if {"collect", "identify", "evaluate", "compare", "ablate", "report"} & set(stages):
         N, plan["data"] = _n_instructions(cfg, ablates="ablate" in stages and cfg.ablation.enabled)
         # The store holds the float32 sums beside the counts when collect.sums is on.
