@@ -127,7 +127,7 @@ def test_activations_per_device_agree_with_the_compiled_step_on_model_and_data_a
     assignments of every device's rows together, so each device holds the routed buffers of
     the whole batch: planned for its own rows, the capacity buffer's case is 3x too small on
     a data axis of 4. The expert loop and the tiles gather a layer's experts to every device
-    of the model axis: planned as split, 1.2x too small."""
+    of the model axis: planned as split, 1.16x too small."""
     from sparcom_jax.pipeline.plan import count_activation_bytes
 
     cfg, dispatch = _dispatch(case)
@@ -160,7 +160,7 @@ def test_a_batch_s_counts_are_what_the_compiled_step_returns_to_each_device(comp
 def test_the_causal_check_s_activations_agree_with_its_compiled_loss_step(compiled, case):
     """The plan's loss-forward bytes (`loss_activation_bytes`) against the causal check's loss
     step compiled on that mesh, per device, within the stated 30%: its float32 logits and their
-    log-probabilities (4x too small if planned whole on a model axis of 4, and absent from the
+    log-probabilities (4x too large if planned unsplit on a model axis of 4; absent from the
     plan before), and the MoE forward's routed buffers with the strategy of forwards that count
     nothing, which keeps no activations in the tiles."""
     from sparcom_jax.pipeline.plan import loss_activation_bytes
