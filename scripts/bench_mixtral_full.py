@@ -8,7 +8,8 @@ Steps, each reported even when a later one fails:
   1. the dry-run memory plan (`sparcom_jax.pipeline.plan.memory_plan`, stage "collect",
      one device) of an experiment with this architecture, batch and maximum length:
      its per-device rows for the bf16 parameters, one layer's forward activations and
-     one batch of counts, summed, are the predicted peak;
+     the counts of the batches in flight (without the sums, as collect_counts runs here),
+     summed, are the predicted peak;
   2. `sj.init_model(cfg, dtype=..., seed=0)` with random weights made directly on the
      device (no weights file), and with `mesh=sj.make_mesh()` where init_model takes a
      mesh; the device's peak memory after it;
@@ -51,7 +52,9 @@ def planned_peak(hf: dict, n: int, batch: int, max_len: int, dtype: str) -> tupl
     cfg = from_dict(ExperimentConfig, {
         "name": "bench-mixtral-full", "architecture": hf,
         "data": {"n_per_category": -(-n // len(CATEGORIES)), "max_length": max_len},
-        "collect": {"batch_size": batch, "dtype": dtype}, "mesh": {"devices": 1}}, source="bench_mixtral_full")
+        # collect_counts below counts without the sums (ties broken by them need them: kept here)
+        "collect": {"batch_size": batch, "dtype": dtype, "sums": False}, "identify": {"ties": "keep"},
+        "mesh": {"devices": 1}}, source="bench_mixtral_full")
     rows = [r for r in memory_plan(cfg, "collect", devices=1)["rows"] if r[0] != "parameters (float32)"]
     return int(sum(r[3] for r in rows)), [(r[0], int(r[3])) for r in rows]
 

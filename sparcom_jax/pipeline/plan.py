@@ -62,20 +62,28 @@ def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis")
             "not_divisible": sorted(replicated - {s.split("->")[0] for s in sharded})}
 
 
-def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1) -> int:
-    """Estimated bytes of the counting forward's temporaries for one [B, T] batch on one device.
+def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1, data: int = 1,
+                           counting: bool = True) -> int:
+    """Estimated bytes of the counting forward's temporaries for one [B, T] batch on one device
+    (with `counting` False, of a forward that counts nothing, up to its final norm).
 
-    The weights and the per-layer counts (their own plan rows) are not included. What
+    The weights and the per-batch counts (their own plan rows) are not included. What
     one scanned layer holds at its peak, the larger of its attention and its FFN, plus
     what lives through the whole forward: the residual stream, the attention mask (the
     blocked attention's additive bias), and one layer's weights (a scan step may copy its
-    slice of the stacked parameters). Sizes follow the attention kernel and MoE strategy
+    slice of the stacked parameters; the expert loop and the tile scan, which take one
+    expert's weights at a traced index, gather the layer's whole expert stack to every
+    device of the model axis). Sizes follow the attention kernel and MoE strategy
     `dispatch` runs ("capacity" at its largest capacity, which every batch's buffers are
-    allocated for) and the model axis (`model`) that splits heads, FFN neurons and
-    experts. XLA fuses
-    elementwise work differently per backend, so this is an estimate: on CPU within 30%
-    of the compiled program's own memory analysis for float32 models, on one device
-    (tests/test_memory.py) and per device of a 4-device model axis (tests/test_plan.py).
+    allocated for), the model axis (`model`) that splits heads, FFN neurons and experts,
+    and the data axis (`data`): an MoE layer sorts the token-expert assignments of the
+    whole batch at once, so every device holds the routed buffers of all `data` devices'
+    rows (and computes them: a data axis does not split the routed experts' work).
+    XLA fuses elementwise work differently per backend, so this is an estimate: on CPU
+    within 30% of the compiled program's own memory analysis for float32 models, on one
+    device (tests/test_memory.py) and per device of a 4-device model axis and of data axes
+    of 2 and 4 (tests/test_plan.py); the MoE strategies measured 0.74-1.12x (compiled /
+    planned; B 4 and 8, T 128 and 300), 0.83-0.95x in the tests' cases.
     A shared expert is planned beside the routed experts' buffers, which XLA does not hold
     at once: where the two are of a size it plans too much (1.8x the compiled step for a
     shared FFN 8x an expert's on the capacity path, 8 experts; within 30% when either is
@@ -83,7 +91,8 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
 
     Args:
       mcfg: the architecture; dispatch: the `Dispatch` the run uses; B: sequences per
-      device; T: the padded length; dtype: compute dtype; model: the model axis size.
+      device; T: the padded length; dtype: compute dtype; model, data: the mesh's axes;
+      counting: plan `dispatch.moe_counting` and the counts' reducer, else `dispatch.moe_forward`.
     """
     it = _ITEMSIZE[dtype]
     D, d = mcfg.hidden_size, mcfg.head_dim
@@ -105,31 +114,57 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
         scores = 3 * B * H * T * T * 4
     attention = x + B * T * (2 * H + 2 * K) * d * it + scores
     if mcfg.is_moe:
-        E, G, k = mcfg.num_experts, mcfg.moe_intermediate_size, mcfg.top_k
-        M = B * T * k
-        strategy = dispatch.moe_counting
-        G_buf = 2 * G
-        if strategy == "capacity":
-            cap = max(min(M, -(-math.ceil(f * M / E) // 8) * 8) for f in dispatch.capacity_factors)
-            buf_rows = E // model * cap
-        elif strategy == "looped":  # its buffer holds the gate activations, not the up products
-            buf_rows = M + E * dispatch.loop_tail + dispatch.loop_tile
-            G_buf = G
-        elif strategy == "tiled":
-            buf_rows = M + E * dispatch.scan_tile
-        else:  # ragged_dot: the assignments themselves
-            buf_rows = M
-        # The routed rows in and out with their gate (and up) products, the rows in and
-        # out in assignment order and their activations gathered back (the expert loop
-        # works in place in its buffer), and the count reducer's operand.
-        gathered = 0 if strategy == "looped" else M * (2 * D + G) * it
-        ffn = x + buf_rows * (2 * D + G_buf) * it + gathered + M * G * (4 if dispatch.count_method == "segment" else 2)
+        ffn = x + _routed_bytes(mcfg, dispatch, B * data, T, it, model, counting)
         if mcfg.has_shared_expert:
             ffn += 3 * B * T * mcfg.shared_expert_intermediate_size // model * it
     else:
         ffn = x + 3 * B * T * mcfg.intermediate_size // model * it
     layer_weights = param_plan(mcfg, dtype, 1, model)["layer_bytes_per_device"]
+    strategy = dispatch.moe_counting if counting else dispatch.moe_forward
+    if mcfg.is_moe and strategy in ("looped", "tiled"):  # the experts a device lacks, gathered
+        layer_weights += 3 * mcfg.num_experts * mcfg.hidden_size * mcfg.moe_intermediate_size * it * (model - 1) // model
     return int(x + mask + layer_weights + max(attention, ffn))
+
+
+def _routed_bytes(mcfg, dispatch, B: int, T: int, it: int, model: int, counting: bool) -> int:
+    """Bytes of the routed experts' buffers of a forward over B sequences of T tokens (the
+    whole batch, every data device's rows), `it` bytes an element; `counting`: as in
+    `count_activation_bytes`."""
+    E, G, k, D = mcfg.num_experts, mcfg.moe_intermediate_size, mcfg.top_k, mcfg.hidden_size
+    M = B * T * k
+    strategy = dispatch.moe_counting if counting else dispatch.moe_forward
+    G_buf = 2 * G
+    if strategy == "capacity":
+        cap = max(min(M, -(-math.ceil(f * M / E) // 8) * 8) for f in dispatch.capacity_factors)
+        buf_rows = E // model * cap
+    elif strategy == "looped":  # its buffer holds the gate activations, not the up products
+        buf_rows = M + E * dispatch.loop_tail + dispatch.loop_tile
+        G_buf = G
+    elif strategy == "tiled":  # the scan stacks each tile's gate activations, not its up products
+        buf_rows = M + E * dispatch.scan_tile
+        G_buf = G
+    else:  # ragged_dot: the assignments themselves
+        buf_rows = M
+    # The routed rows in and out with their gate (and up) products, the rows in and
+    # out in assignment order and their activations gathered back (the expert loop
+    # works in place in its buffer), and the count reducer's operand.
+    gathered = 0 if strategy == "looped" else M * (2 * D + G) * it
+    reducer = M * G * (4 if dispatch.count_method == "segment" else 2)
+    if strategy == "tiled":  # XLA reuses the scan's stacked activations for the reducer's operand
+        gathered, reducer = M * (D + G) * it, 0
+    if not counting and strategy in ("looped", "tiled"):  # they keep no activations, only the rows in and out
+        gathered, reducer, G_buf = 2 * M * D * it, 0, 0
+    return buf_rows * (2 * D + G_buf) * it + gathered + reducer
+
+
+def loss_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1, data: int = 1) -> int:
+    """Estimated bytes of the causal check's loss forward's temporaries for one [B, T] batch on
+    one device: the larger of its body (`count_activation_bytes` of a forward that counts
+    nothing) and the float32 logits with their log-probabilities, [B, T, V] each, split over
+    the model axis with the vocabulary (XLA holds the two apart). Arguments as there."""
+    body = count_activation_bytes(mcfg, dispatch, B, T, dtype, model, data, counting=False)
+    V = mcfg.vocab_size
+    return max(body, 2 * B * T * (V // model if V % model == 0 else V) * 4)
 
 
 def _paths(path) -> list:
@@ -314,18 +349,23 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         rows.append((f"logits+grad [B={B},T={t.max_length},V] f32 per device", "", logits * 2 * data, logits * 2))
         act = B * t.max_length * mcfg.hidden_size * _ITEMSIZE[t.compute_dtype] * L * 4
         rows.append(("saved activations ~4x[B,T,D] x L per device", "", act * data, act))
-    if "collect" in stages:
-        from sparcom_jax.models.dispatch import Dispatch
+    from sparcom_jax.models.dispatch import Dispatch
 
+    dispatch = Dispatch.choose(cfg.collect.moe_impl, dtype=cfg.collect.dtype, head_dim=mcfg.head_dim)
+    T = cfg.data.max_length
+    if "collect" in stages:
         B = max(1, math.ceil(cfg.collect.batch_size / data))
-        T = cfg.data.max_length
-        dispatch = Dispatch.choose(cfg.collect.moe_impl, dtype=cfg.collect.dtype, head_dim=mcfg.head_dim)
-        act = count_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model)
+        act = count_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model, data)
         what = dispatch.moe_counting if mcfg.is_moe else "dense"
         rows.append((f"forward activations (counting, B={B}/device, T={T}, {what})", "", act * data, act))
-        for name, shp in cnt.items():
-            per = math.prod(shp) * 4
-            rows.append((f"counts {name} [B,{','.join(_axis_names(name))}] int32", f"B={B}", per * B * data, per * B))
+        rows += count_rows(mcfg, B, T, cfg.collect.sums, data)
+    if "ablate" in stages and cfg.ablation.enabled:
+        # Each process runs its passes alone, on its own devices (`make_mesh(local=True)`).
+        local = max(1, data // cfg.mesh.num_processes)
+        B = max(1, math.ceil(cfg.ablation.batch_size / local))
+        act = loss_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model, local)
+        what = dispatch.moe_forward if mcfg.is_moe else "dense"
+        rows.append((f"forward activations (causal check, B={B}/device, T={T}, {what}, logits)", "", act * data, act))
     if {"collect", "identify", "evaluate", "compare", "ablate", "report"} & set(stages):
         N, plan["data"] = _n_instructions(cfg, ablates="ablate" in stages and cfg.ablation.enabled)
         # The store holds the float32 sums beside the counts when collect.sums is on.
@@ -360,9 +400,34 @@ def analysis_plan(cfg: ExperimentConfig, unit_shapes: dict[str, tuple[int, ...]]
             "merged_counts": merged, "processes": procs, "per_process": est["peak_all"] + merged}
 
 
+def count_rows(mcfg, B: int, T: int, sums: bool, data: int) -> list[tuple[str, str, int, int]]:
+    """The plan's rows of the counts (and sums) a collection leaves on each device: those of
+    one counting step over B rows per device padded to T (`step_nbytes`: the counts in their
+    transfer dtype, for every unit, since the step's outputs are split over the data axis only),
+    for each of the batches in flight. The runner fetches a batch's counts PIPELINE_DEPTH
+    batches after it dispatched it, so that many wait on the device beside the one counted.
+    The tokens and non-finite flags they come with, B x (4 + L) bytes, are left out."""
+    from sparcom_jax.stats.collect import step_dtypes, step_nbytes
+    from sparcom_jax.stats.runner import PIPELINE_DEPTH
+
+    flight = PIPELINE_DEPTH + 1
+    nbytes = step_nbytes(mcfg, B, T, sums)
+    rows = []
+    for name, dtype in step_dtypes(mcfg, T, sums).items():
+        per = nbytes[name] * flight
+        rows.append((f"counts {name} [B,{','.join(_axis_names(name))}] {dtype.name}, {flight} batches in flight",
+                     f"B={B}", per * data, per))
+    return rows
+
+
+_AXES = {"neuron_active": ("L", "F"), "expert_routed": ("L", "E"), "expert_neuron_active": ("L", "E", "G")}
+
+
 def _axis_names(field: str) -> tuple[str, ...]:
-    return {"neuron_active": ("L", "F"), "expert_routed": ("L", "E"),
-            "expert_neuron_active": ("L", "E", "G")}[field]
+    """The axes of a count field or of the sums beside it (`Counts.SUM_FIELDS`)."""
+    from sparcom_jax.stats.counts import Counts
+
+    return _AXES.get(field) or _AXES[{v: k for k, v in Counts.SUM_FIELDS.items()}[field]]
 
 
 def format_plan(plan: dict[str, Any]) -> str:

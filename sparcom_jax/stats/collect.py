@@ -238,6 +238,22 @@ def transfer_dtype(T: int):
     return jnp.uint8 if T < 2 ** 8 else jnp.uint16 if T < 2 ** 16 else jnp.int32
 
 
+def step_dtypes(cfg, T: int, sums: bool = False) -> dict[str, np.dtype]:
+    """The dtype each `count_fields` array leaves a counting step (`_count_step`) in, for
+    sequences padded to T: counts in `transfer_dtype(T)`, sums in float32."""
+    return {k: np.dtype(_field_dtype(k) if k in Counts.SUM_FIELDS.values() else transfer_dtype(T))
+            for k in count_fields(cfg, sums)}
+
+
+def step_nbytes(cfg, rows: int, T: int, sums: bool = False) -> dict[str, int]:
+    """Bytes of each array one counting step returns for `rows` sequences padded to T, as
+    they sit on the device until the host fetches them: each `count_fields` array in its
+    `step_dtypes` dtype, the counted tokens int32 and the non-finite flags bool [rows, L]."""
+    dtypes = step_dtypes(cfg, T, sums)
+    out = {k: rows * math.prod(s) * dtypes[k].itemsize for k, s in count_fields(cfg, sums).items()}
+    return {**out, "tokens": rows * 4, "nonfinite": rows * cfg.num_layers}
+
+
 def _count_step(graphdef, state, ids_BT, valid_BT, scope_BT, extra=None, sums: bool = False):
     model = nnx.merge(graphdef, state)
     count_BT = scope_BT & valid_BT
