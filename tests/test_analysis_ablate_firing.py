@@ -194,3 +194,77 @@ def test_the_report_says_which_categories_where_warned_drew_for(tmp_path):
     write_report(tmp_path / "always", {"identification": {"rule": "top"}, "models": {},
                                        "ablation": {"neurons": json.loads(json.dumps(always.to_dict()))}}, dpi=20)
     assert "Drawn only for" not in (tmp_path / "always" / "index.html").read_text()
+
+
+class HeldOutFiring(FiringModel):
+    """A FiringModel whose baseline pass also counts each unit's firing on the held-out records."""
+
+    def __call__(self, mask):
+        self.last_unit_firing = dict(self.fm) if mask is None else None
+        return super().__call__(mask)
+
+
+def disagreeing_identification():
+    """An identification where neuron i of each layer fires on i of 10 tokens of every category's
+    records (the sets: neuron 9 of each layer), and held-out firings that rank the neurons otherwise."""
+    from sparcom_jax.analysis import IdentifyConfig, identify
+    from sparcom_jax.stats.counts import Counts
+
+    n = 12
+    na = np.tile(np.arange(10, dtype=np.int32), (n, 2, 1))
+    counts = Counts(tokens=np.full(n, 10), neuron_active=na, categories=[CATEGORIES[k // 2] for k in range(n)])
+    ident = identify(counts, "neuron_active", IdentifyConfig(eps=0.1))
+    rng = np.random.default_rng(4)
+    held = {c: rng.random((2, 10)) * 0.3 for c in CATEGORIES}  # the set fires 0.9 on identification records
+    return ident, held
+
+
+def test_the_firing_draws_follow_the_held_out_firing_the_baseline_pass_counts():
+    from sparcom_jax.analysis import ablate_identification
+
+    ident, held = disagreeing_identification()
+    sets = ident.sets()
+    assert all(np.array_equal(np.flatnonzero(s.reshape(-1)), [9, 19]) for s in sets.values())
+    model = HeldOutFiring(held)
+    r = ablate_identification(ident, model, n_random=6, seed=1, firing_matched="always")
+    assert model.masks[0] is None and r.baseline == {c: 1.0 for c in CATEGORIES}  # one baseline pass, counted
+    assert sum(m is None for m in model.masks) == 1
+    assert r.mass_source == "held_out"
+    ident_r = ablate_identification(ident, HeldOutFiring(held), n_random=6, seed=1, firing_matched="always",
+                                    firing_source="identification")
+    assert ident_r.mass_source == "identification"
+    for a, c in enumerate(CATEGORIES):
+        s = sets[c]
+        np.testing.assert_allclose(r.set_category_mass[a], held[c][s].sum())
+        np.testing.assert_allclose(r.set_layer_mass[a], held[c][:, 9])
+        np.testing.assert_allclose(ident_r.set_category_mass[a], 1.8, rtol=1e-6)  # 0.9 per layer, counted
+        draws = model.masks[1 + a * 13 + 7:1 + a * 13 + 13]  # after the baseline: per category its set, 6, 6
+        for d, m in enumerate(draws):
+            assert not (m & s).any()
+            np.testing.assert_allclose(r.mass_random_mass[d, a], held[c][m].sum())
+            for l in range(2):  # within one unit of the set's held-out firing in each layer
+                assert abs(held[c][l][m[l]].sum() - held[c][l, 9]) <= held[c][l, :9].max() + 1e-12
+        # Matched on the identification's firing, the draws carry 1.8 there (within one unit per
+        # layer); matched on the held-out firing, far less: the two sources give other draws.
+        assert abs(ident_r.mass_random_mass[:, a].mean() - 1.8) <= 0.2
+        assert r.mass_random_mass[:, a].mean() < 0.6
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["mass_matched"]["source"] == "held_out"
+    assert AblationResult.from_dict(d).mass_source == "held_out"
+    assert "counted on its held-out records" in r._mass_words()[2]
+
+
+def test_a_held_out_firing_source_needs_a_loss_that_counts_it_and_old_files_say_identification():
+    from sparcom_jax.analysis import ablate_identification
+
+    ident, held = disagreeing_identification()
+    with pytest.raises(ValueError, match="last_unit_firing.*firing_source='identification'"):
+        ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always")
+    with pytest.raises(ValueError, match="firing_source must be one of"):
+        ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_matched="always", firing_source="test")
+    r = ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always",
+                              firing_source="identification")
+    d = json.loads(json.dumps(r.to_dict()))
+    del d["mass_matched"]["source"]  # as written before the source was recorded
+    assert AblationResult.from_dict(d).mass_source == "identification"
+    assert "from the identification counts" in AblationResult.from_dict(d)._mass_words()[2]
