@@ -176,6 +176,37 @@ def test_the_report_shows_the_firing_mass_control(tmp_path):
     assert "own-category excess over 2 firing-mass-matched random draws" in page
     assert "Firing-mass-matched control (2 draws per category" in page
     assert "Mass-matched control (" not in page  # (the experts' caption, about routing mass)
+    assert "which ones was not recorded" in page  # (a caller's own masses: their records not said)
+
+
+@pytest.mark.parametrize("source", ["held_out", "identification", "absent"])
+def test_the_report_says_where_the_firing_was_counted(tmp_path, source):
+    """Held-out firing: the caption says so and the set's identification firing is its estimate, the
+    gap per layer in the per-layer table; identification firing (and files made before the source
+    was recorded): the caption says the control is harsher by an amount the run does not measure."""
+    import csv
+
+    from sparcom_jax.analysis import ablate_identification
+    from sparcom_jax.report import write_report
+
+    ident, held = disagreeing_identification()
+    r = ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_matched="always",
+                              firing_source="identification" if source == "absent" else source)
+    d = json.loads(json.dumps(r.to_dict()))
+    if source == "absent":
+        del d["mass_matched"]["source"]
+    write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"neurons": d}}, dpi=20)
+    page = (tmp_path / "index.html").read_text()
+    held_words = "counted in the unablated pass on the held-out records the loss is measured on"
+    assert (held_words in page) == (source == "held_out")
+    assert ("by an amount this run does not measure" in page) == (source != "held_out")
+    with open(tmp_path / "tables" / "ablation_neurons_mass_matched_per_layer.csv") as fh:
+        rows = [row for row in csv.reader(fh) if not row[0].startswith("#")]
+    header, code = rows[0], [row for row in rows[1:] if row[0] == "code"]
+    for l, row in enumerate(code):
+        assert float(row[header.index("set_mass_measured")]) == pytest.approx(
+            held["code"][l, 9] if source == "held_out" else 0.9, abs=1e-6)
+        assert float(row[header.index("set_mass_estimate")]) == pytest.approx(0.9, abs=1e-6)
 
 
 def test_the_report_says_which_categories_where_warned_drew_for(tmp_path):
@@ -238,6 +269,9 @@ def test_the_firing_draws_follow_the_held_out_firing_the_baseline_pass_counts():
         np.testing.assert_allclose(r.set_category_mass[a], held[c][s].sum())
         np.testing.assert_allclose(r.set_layer_mass[a], held[c][:, 9])
         np.testing.assert_allclose(ident_r.set_category_mass[a], 1.8, rtol=1e-6)  # 0.9 per layer, counted
+        # Beside the held-out firing, the identification's: how much less the set fires on new records.
+        np.testing.assert_allclose(r.set_layer_estimate[a], [0.9, 0.9], rtol=1e-6)
+        np.testing.assert_array_equal(ident_r.set_layer_estimate[a], ident_r.set_layer_mass[a])
         draws = model.masks[1 + a * 13 + 7:1 + a * 13 + 13]  # after the baseline: per category its set, 6, 6
         for d, m in enumerate(draws):
             assert not (m & s).any()

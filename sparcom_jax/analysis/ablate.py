@@ -18,8 +18,10 @@ from ``loss_fn.last_expert_mass``), the candidates valued at their mass in the b
 pass (`baseline_expert_mass`); so the sets' passes run first and the draws in a second
 round. What each draw actually dropped is recorded. Neurons and expert neurons
 (`firing_mass`): random units outside the set that fire, per layer, on average as often on
-the category's identification records as the set (the counts give every unit's firing, so
-the draws run in the same round as the others).
+the category's held-out records as the set, each unit's firing counted in the unablated
+pass (``loss_fn.last_unit_firing``, `baseline_unit_firing`; or on the identification
+records, `ablate_identification(firing_source="identification")`); every unit's firing is
+known before the ablated passes, so the draws run in the same round as the others.
 
 Random controls: for each category set and draw, a random set with the same
 number of units in every matching group (a layer; a (layer, expert) pair for
@@ -149,7 +151,10 @@ class AblationResult:
       set_layer_mass: float [C, L] per layer, the routing mass S(a) dropped on a's own
         held-out tokens, measured in its own pass: what the mass-matched draws match; or None.
       set_layer_estimate: float [C, L] the same as the unablated model estimates it (its
-        experts' baseline mass), beside it to show how removing the set moved the routing; or None.
+        experts' baseline mass), beside it to show how removing the set moved the routing; for
+        neurons with held-out firing (`mass_source`), the set's firing on the category's
+        identification records, beside it to show how much less (or more) the set fires on
+        new records than on those it was chosen from; or None.
       mass_random_layer_mass: float [M, C, L] per mass-matched draw and layer, the mass it
         dropped on a's own tokens, measured in its pass (its error is this minus
         `set_layer_mass`, see `mass_errors`); or None (also in files made before it was kept).
@@ -164,10 +169,10 @@ class AblationResult:
         "where_warned" (neurons: those whose frequency-matched draws fire less than the set,
         `fires_less`); None where the control did not run. For experts the mass is the
         routing mass, measured in the passes; for neurons and expert neurons it is the
-        firing mass, each unit's frequency on the category's identification records
-        (`Identification.category_mean`) summed over the set: the expected number of its
-        units firing per token (so `set_layer_mass` and `set_layer_estimate` agree, and a
-        draw's measured and estimated mass are the same number).
+        firing mass, each unit's firing frequency on the category's records (`mass_source`)
+        summed over the set: the expected number of its units firing per token (so a draw's
+        measured and estimated mass are the same number, and so are the set's but for
+        `set_layer_estimate` under held-out firing).
       mass_source: where the masses were measured: "held_out" (experts always: the routing
         mass in the passes; neurons and expert neurons by default: each unit's firing counted
         in the unablated pass on the category's held-out records, `CategoryLoss.last_unit_firing`)
@@ -1088,5 +1093,18 @@ def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None 
         elif kw.get("firing_mass") is None:  # the baseline pass counts it
             kw["baseline"], kw["firing_mass"] = baseline_unit_firing(loss_fn)
         kw.update(mass_where=firing_matched, firing_source=firing_source)
-    return ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
-                           frequency=ident.unit_frequency(), **kw)
+    res = ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
+                          frequency=ident.unit_frequency(), **kw)
+    if firing_matched is not None and firing_source == "held_out":
+        _identification_estimate(res, ident)
+    return res
+
+
+def _identification_estimate(res: AblationResult, ident: Identification) -> None:
+    """Beside the held-out firing the draws matched, each set's firing per layer on its category's
+    identification records (`set_layer_estimate`, where the control ran): what the counts the set
+    was chosen from predicted, so that the gap shows how much less (regression to the mean) or
+    more the set fires on new records."""
+    for a in range(C):
+        if np.isfinite(res.set_layer_mass[a]).all():
+            res.set_layer_estimate[a] = mask_layer_mass(ident.category_mean[a], ident.category_sets[a])
