@@ -868,7 +868,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
         ma = analyses.models[spec.label]
         model = None
         # The tokens fingerprinted are those the loss is measured on: encoded once, for both.
-        held_enc = encode_held_out(records, spec_tokenizer(spec), template=template_for(spec, cfg),
+        tokenizer = spec_tokenizer(spec)
+        held_enc = encode_held_out(records, tokenizer, template=template_for(spec, cfg),
                                    max_length=cfg.data.max_length)
         tokens_fp, held_out = held_out_fingerprint(cfg, spec, records, encoded=held_enc)
         for kind, section in ABLATION_SECTIONS.items():
@@ -922,7 +923,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if firing == "where_warned" else "")
             with timed(f"ablate {spec.label}: {kind} ({total} passes over {len(records)} held-out records{more})"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
-                loss_fn = make_loss_fn(model, records, kind=kind, template=template_for(spec, cfg),
+                # (the tokenizer: for the firing's content tokens, found in `held_enc`'s sequences)
+                loss_fn = make_loss_fn(model, records, tokenizer, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
                                        encoded=held_enc, firing_scope=cfg.data.scope if held_out_firing else None)
