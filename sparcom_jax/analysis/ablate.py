@@ -876,8 +876,9 @@ def ablation_matrix(
       baseline: {category: mean loss} of the unablated model when already measured (the
         pass `baseline_expert_mass` made); None: measured as the first pass.
       firing_mass: neurons and expert neurons only: {category: float, the sets' shape: each
-        unit's firing frequency on the category's records} (`Identification.category_mean`,
-        from the identification counts); when given, also `n_random` firing-mass-matched sets
+        unit's firing frequency on the category's records} (on its held-out records, from the
+        unablated pass, `baseline_unit_firing`; or `Identification.category_mean`, from the
+        identification counts: say which in `firing_source`); when given, also `n_random` firing-mass-matched sets
         per category (`mass_matched_random`, on their own random stream): random units outside
         the set whose summed frequency on the category's records is, per layer, on average the
         set's (within one unit in each draw); for expert neurons from any expert of the layer.
