@@ -500,7 +500,8 @@ def test_processes_with_uneven_empty_or_resumed_shares_count_what_one_process_co
     subprocess.run([sys.executable, str(tmp_path / "one.py"), str(tmp_path / "pod.yaml"), str(tmp_path / "single")],
                    check=True, env=clean_env(), timeout=300)
     made = sorted(p.name for p in (tmp_path / "run" / "ablate").iterdir())
-    assert made == sorted(p.name for p in (tmp_path / "single" / "ablate").iterdir()) == ["moe_expert_neurons.json", "moe_experts.json"]
+    assert made == sorted(p.name for p in (tmp_path / "single" / "ablate").iterdir()) == [
+        "moe_expert_neurons.json", "moe_experts.json"]
     for name in made:
         run, single = (json.loads((tmp_path / d / "ablate" / name).read_text()) for d in ("run", "single"))
         # the environment each ran under names its processes and devices; all else is the same

@@ -324,7 +324,8 @@ def held_out_firing_scopes(encoded, scope: str, records=None, tokenizer=None, *,
 def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", template: str = "plain",
                  batch_size: int = 8, max_length: int | None = 512, mesh=None,
                  buckets: Sequence[int] | None = None, expert_mode: str = "post",
-                 encoded=None, firing_scope: str | None = "prompt") -> Callable[[np.ndarray | None], Mapping[str, float]]:
+                 encoded=None, firing_scope: str | None = "prompt"
+                 ) -> Callable[[np.ndarray | None], Mapping[str, float]]:
     """The `loss_fn` for `ablation_matrix`: mask (or None) -> {category: mean response loss}.
 
     `records`: as in `collect_instructions` (Records, a file, dicts, a DataFrame);
