@@ -426,15 +426,21 @@ class AblationSpec:
         experts only (the neurons' checks have their own, `neuron_mass_matched`); false leaves it out.
       neuron_mass_matched: for neurons and expert neurons, the firing-mass-matched control:
         n_random random units per category outside the set, per layer (from any expert of
-        the layer for expert neurons), whose firing frequencies on the category's identification records sum on
-        average to the set's (the same `mass_fill` as the experts', each draw within one
-        unit). "always" (default) for every category with a set; "where_warned" only for
+        the layer for expert neurons), whose firing frequencies on the category's records
+        (`neuron_mass_source`) sum on average to the set's (the same `mass_fill` as the
+        experts', each draw within one unit). "always" (default) for every category with a set; "where_warned" only for
         the categories whose frequency-matched draws fire less than 0.9 x the set (the
         matching warning); "never" leaves it out. It costs n_random passes per category it
         runs for, doubling the neurons' check; on by default because it changes conclusions
         where no frequency warning is given (the full demo's Llama: MATH's ISNs beat every
         frequency-matched draw, p = 0.05, but not the firing-mass-matched ones, p = 0.30;
         docs/analysis.md, "Firing-mass-matched control").
+      neuron_mass_source: which records that control's firing is counted on: "held_out"
+        (default: the category's held-out records, the ones its loss is measured on, on the
+        token scope the sets were identified on, data.scope; counted in the unablated pass,
+        which the check runs anyway) or "identification" (the counts the sets were chosen
+        from: a set chosen for firing often there may fire less on new records, so its
+        draws would be matched to a firing it does not have where the loss is measured).
     """
 
     enabled: bool = True
@@ -448,6 +454,7 @@ class AblationSpec:
     expert_mode: Literal["post", "pre"] = "post"
     mass_matched: bool = True
     neuron_mass_matched: Literal["always", "where_warned", "never"] = "always"
+    neuron_mass_source: Literal["held_out", "identification"] = "held_out"
 
     def __post_init__(self):
         _check_min(self, 0, "n_random")

@@ -176,6 +176,37 @@ def test_the_report_shows_the_firing_mass_control(tmp_path):
     assert "own-category excess over 2 firing-mass-matched random draws" in page
     assert "Firing-mass-matched control (2 draws per category" in page
     assert "Mass-matched control (" not in page  # (the experts' caption, about routing mass)
+    assert "which ones was not recorded" in page  # (a caller's own masses: their records not said)
+
+
+@pytest.mark.parametrize("source", ["held_out", "identification", "absent"])
+def test_the_report_says_where_the_firing_was_counted(tmp_path, source):
+    """Held-out firing: the caption says so and the set's identification firing is its estimate, the
+    gap per layer in the per-layer table; identification firing (and files made before the source
+    was recorded): the caption says the control is harsher by an amount the run does not measure."""
+    import csv
+
+    from sparcom_jax.analysis import ablate_identification
+    from sparcom_jax.report import write_report
+
+    ident, held = disagreeing_identification()
+    r = ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_matched="always",
+                              firing_source="identification" if source == "absent" else source)
+    d = json.loads(json.dumps(r.to_dict()))
+    if source == "absent":
+        del d["mass_matched"]["source"]
+    write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"neurons": d}}, dpi=20)
+    page = (tmp_path / "index.html").read_text()
+    held_words = "counted in the unablated pass on the held-out records the loss is measured on"
+    assert (held_words in page) == (source == "held_out")
+    assert ("by an amount this run does not measure" in page) == (source != "held_out")
+    with open(tmp_path / "tables" / "ablation_neurons_mass_matched_per_layer.csv") as fh:
+        rows = [row for row in csv.reader(fh) if not row[0].startswith("#")]
+    header, code = rows[0], [row for row in rows[1:] if row[0] == "code"]
+    for l, row in enumerate(code):
+        assert float(row[header.index("set_mass_measured")]) == pytest.approx(
+            held["code"][l, 9] if source == "held_out" else 0.9, abs=1e-6)
+        assert float(row[header.index("set_mass_estimate")]) == pytest.approx(0.9, abs=1e-6)
 
 
 def test_the_report_says_which_categories_where_warned_drew_for(tmp_path):
@@ -194,3 +225,123 @@ def test_the_report_says_which_categories_where_warned_drew_for(tmp_path):
     write_report(tmp_path / "always", {"identification": {"rule": "top"}, "models": {},
                                        "ablation": {"neurons": json.loads(json.dumps(always.to_dict()))}}, dpi=20)
     assert "Drawn only for" not in (tmp_path / "always" / "index.html").read_text()
+
+
+class HeldOutFiring(FiringModel):
+    """A FiringModel whose baseline pass also counts each unit's firing on the held-out records."""
+
+    def __call__(self, mask):
+        self.last_unit_firing = dict(self.fm) if mask is None else None
+        return super().__call__(mask)
+
+
+def disagreeing_identification():
+    """An identification where neuron i of each layer fires on i of 10 tokens of every category's
+    records (the sets: neuron 9 of each layer), and held-out firings that rank the neurons otherwise."""
+    from sparcom_jax.analysis import IdentifyConfig, identify
+    from sparcom_jax.stats.counts import Counts
+
+    n = 12
+    na = np.tile(np.arange(10, dtype=np.int32), (n, 2, 1))
+    counts = Counts(tokens=np.full(n, 10), neuron_active=na, categories=[CATEGORIES[k // 2] for k in range(n)])
+    ident = identify(counts, "neuron_active", IdentifyConfig(eps=0.1))
+    rng = np.random.default_rng(4)
+    held = {c: rng.random((2, 10)) * 0.3 for c in CATEGORIES}  # the set fires 0.9 on identification records
+    return ident, held
+
+
+def test_the_firing_draws_follow_the_held_out_firing_the_baseline_pass_counts():
+    from sparcom_jax.analysis import ablate_identification
+
+    ident, held = disagreeing_identification()
+    sets = ident.sets()
+    assert all(np.array_equal(np.flatnonzero(s.reshape(-1)), [9, 19]) for s in sets.values())
+    model = HeldOutFiring(held)
+    r = ablate_identification(ident, model, n_random=6, seed=1, firing_matched="always")
+    assert model.masks[0] is None and r.baseline == {c: 1.0 for c in CATEGORIES}  # one baseline pass, counted
+    assert sum(m is None for m in model.masks) == 1
+    assert r.mass_source == "held_out"
+    ident_r = ablate_identification(ident, HeldOutFiring(held), n_random=6, seed=1, firing_matched="always",
+                                    firing_source="identification")
+    assert ident_r.mass_source == "identification"
+    for a, c in enumerate(CATEGORIES):
+        s = sets[c]
+        np.testing.assert_allclose(r.set_category_mass[a], held[c][s].sum())
+        np.testing.assert_allclose(r.set_layer_mass[a], held[c][:, 9])
+        np.testing.assert_allclose(ident_r.set_category_mass[a], 1.8, rtol=1e-6)  # 0.9 per layer, counted
+        # Beside the held-out firing, the identification's: how much less the set fires on new records.
+        np.testing.assert_allclose(r.set_layer_estimate[a], [0.9, 0.9], rtol=1e-6)
+        np.testing.assert_array_equal(ident_r.set_layer_estimate[a], ident_r.set_layer_mass[a])
+        draws = model.masks[1 + a * 13 + 7:1 + a * 13 + 13]  # after the baseline: per category its set, 6, 6
+        for d, m in enumerate(draws):
+            assert not (m & s).any()
+            np.testing.assert_allclose(r.mass_random_mass[d, a], held[c][m].sum())
+            for l in range(2):  # within one unit of the set's held-out firing in each layer
+                assert abs(held[c][l][m[l]].sum() - held[c][l, 9]) <= held[c][l, :9].max() + 1e-12
+        # Matched on the identification's firing, the draws carry 1.8 there (within one unit per
+        # layer); matched on the held-out firing, far less: the two sources give other draws.
+        assert abs(ident_r.mass_random_mass[:, a].mean() - 1.8) <= 0.2
+        assert r.mass_random_mass[:, a].mean() < 0.6
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["mass_matched"]["source"] == "held_out"
+    assert AblationResult.from_dict(d).mass_source == "held_out"
+    assert "counted on its held-out records" in r._mass_words()[2]
+
+
+def test_a_held_out_firing_source_needs_a_loss_that_counts_it_and_old_files_say_identification():
+    from sparcom_jax.analysis import ablate_identification
+
+    ident, held = disagreeing_identification()
+    with pytest.raises(ValueError, match="last_unit_firing.*firing_source='identification'"):
+        ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always")
+    with pytest.raises(ValueError, match="firing_source must be one of"):
+        ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_matched="always", firing_source="test")
+    r = ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always",
+                              firing_source="identification")
+    d = json.loads(json.dumps(r.to_dict()))
+    del d["mass_matched"]["source"]  # as written before the source was recorded
+    assert AblationResult.from_dict(d).mass_source == "identification"
+    assert "from the identification counts" in AblationResult.from_dict(d)._mass_words()[2]
+
+
+def test_every_process_draws_from_the_held_out_firing_process_0_counted(monkeypatch):
+    """Two simulated processes (the allgather answered as in test_parallel_processes): only process
+    0 runs the baseline pass that counts the firing, and both end with its losses and firing bit for
+    bit (a category without held-out records stays out), so both draw the same sets."""
+    import jax
+
+    from sparcom_jax.analysis.ablate import baseline_unit_firing
+    from sparcom_jax.parallel import processes
+    from sparcom_jax.pipeline.stages import _baseline_shared
+
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 4)
+    firing = {c: rng.random(shape) for c in CATEGORIES if c != "math"}
+    ran, p, sent = [], 2, {}
+
+    def as_process(k):
+        monkeypatch.setattr(jax, "process_count", lambda: p)
+        monkeypatch.setattr(jax, "process_index", lambda: k)
+        calls = iter(range(99))
+
+        def gather(values):
+            a = np.asarray(values, np.int64)
+            if a.ndim < 2:  # raise_together's error flags: nobody failed
+                return np.stack([a] * p)
+            j = next(calls)
+            sent[k, j] = a
+            return np.stack([a if i == k else sent.get((i, j), np.zeros_like(a)) for i in range(p)])
+
+        monkeypatch.setattr(processes, "gather", gather)
+        model = HeldOutFiring({c: v * (k + 1) for c, v in firing.items()})  # process 1's would differ
+        ran.append((k, model))
+        return _baseline_shared(model, baseline_unit_firing, shape, "unit firing")
+
+    for _ in range(2):  # until every process has process 0's row
+        got = [as_process(k) for k in range(p)]
+    assert all(model.masks == ([None] if k == 0 else []) for k, model in ran)
+    for losses, mass in got:
+        assert losses == {c: 1.0 for c in CATEGORIES}
+        assert set(mass) == set(firing)
+        for c, v in firing.items():
+            np.testing.assert_array_equal(mass[c], v)

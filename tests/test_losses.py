@@ -332,3 +332,66 @@ def test_mass_matched_expert_draws_drop_about_the_sets_measured_mass(hf_checkpoi
     n = {c: sum(int(sc[1:].sum()) for sc, cc in zip(enc.scopes, enc.categories) if cc == c) for c in mass}
     assert loss.last_dropped_mass == pytest.approx(
         sum(loss.last_category_mass[c] * n[c] for c in n) / sum(n.values()), rel=1e-9)
+
+
+def prompt_scopes(enc):
+    """The tokens before each record's response: where the identification counts (scope "prompt")."""
+    return [~sc for sc in enc.scopes]
+
+
+@pytest.mark.parametrize("name, kind, field", [("llama", "neurons", "neuron_active"),
+                                               ("qwen2_moe", "expert_neurons", "expert_neuron_active")])
+def test_baseline_counts_each_units_held_out_firing_as_hooked_transformers(hf_checkpoint, name, kind, field):
+    from torch_reference import torch_counts
+
+    enc = encoded_set()
+    fire = prompt_scopes(enc)
+    loss = CategoryLoss(sj.load_model(hf_checkpoint(name)), enc, kind=kind, batch_size=3, firing_scopes=fire)
+    plain = CategoryLoss(sj.load_model(hf_checkpoint(name)), enc, kind=kind, batch_size=3)
+    base = loss(None)
+    ref = torch_counts(make_torch_model(name), enc.ids, fire)
+    freq = ref[field] / ref["tokens"].reshape((-1,) + (1,) * (ref[field].ndim - 1))  # every record has a prompt
+    cats = np.array(enc.categories)
+    assert set(loss.last_unit_firing) == set(cats)
+    for c, got in loss.last_unit_firing.items():
+        np.testing.assert_allclose(got, freq[cats == c].mean(0), rtol=1e-12, atol=0)
+        assert loss.firing_records[c] == (cats == c).sum()
+    assert len({float(v.sum()) for v in loss.last_unit_firing.values()}) == 3, "one firing for all: the test is blind"
+    assert base == plain(None)  # counting leaves the losses as they were, bit for bit
+    assert plain.last_unit_firing is None
+    mask = np.zeros(next(iter(loss.last_unit_firing.values())).shape, bool)
+    mask[:, 0] = True
+    assert loss(mask) == plain(mask) and loss.last_unit_firing is None  # an ablated pass counts nothing
+
+
+def test_the_firing_count_and_the_ablated_passes_share_one_compiled_program(hf_checkpoint):
+    from sparcom_jax.runtime import compile_stats, track_compilations
+
+    track_compilations()
+    enc = encoded_set()
+    # A bucket and batch no other test uses, so that no program is compiled already.
+    loss = CategoryLoss(sj.load_model(hf_checkpoint("llama")), enc, kind="neurons", batch_size=5, buckets=(29,),
+                        firing_scopes=prompt_scopes(enc))
+    before = compile_stats()
+    loss(None)
+    first = compile_stats(since=before)
+    loss(np.eye(2, 48, dtype=bool))
+    again = compile_stats(since=before)
+    programs = [d["compilations"] + d["cache_hits"] for d in (first, again)]
+    assert programs[0] >= 1 and programs[1] == programs[0], programs
+
+
+@pytest.mark.filterwarnings("ignore::sparcom_jax.data.DataWarning")  # (records cut at 64 tokens, on purpose)
+def test_held_out_firing_scopes_follow_the_prompt_length_and_content_matches_a_fresh_encoding():
+    from sparcom_jax.data import encode_records, load_instructions, resolve_tokenizer
+    from sparcom_jax.stats.losses import encode_held_out, held_out_firing_scopes
+
+    recs = load_instructions(n_per_category=2, seed=0)
+    tok = resolve_tokenizer()
+    enc = encode_held_out(recs, tok, max_length=64)
+    for scope in ("prompt", "response", "all", "content"):
+        got = held_out_firing_scopes(enc, scope, recs, tok, max_length=64)
+        ref = encode_records(recs, tok, scope=scope, max_length=64)
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref.scopes, strict=True)), scope
+    with pytest.raises(ValueError, match="firing scope 'prompts'"):
+        held_out_firing_scopes(enc, "prompts")

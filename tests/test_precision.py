@@ -23,7 +23,7 @@ import sparcom_jax as sj
 from sparcom_jax.models.dispatch import Dispatch
 from sparcom_jax.models.layers import attend, attention_bias
 from sparcom_jax.stats.collect import _count_step, _count_sums_step
-from sparcom_jax.stats.losses import _loss_step, ablation_arrays
+from sparcom_jax.stats.losses import FIRING, FIRING_FIELDS, SCORED, _loss_step, ablation_arrays
 
 PRODUCTS = ("dot_general", "ragged_dot_general")
 HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
@@ -111,7 +111,10 @@ def test_loss_step_carries_highest_precision(kind):
     mask = {"neurons": np.zeros((L, F), bool), "experts": np.eye(L, E, dtype=bool),
             "expert_neurons": np.zeros((L, E, G), bool)}[kind]
     abl = ablation_arrays(model, mask, kind)
-    closed = jax.make_jaxpr(lambda s: _loss_step(graphdef, s, ids, valid, valid, abl))(state)
+    # Every token scored and (neuron kinds) counted: the firing count's program is the ablated passes' too.
+    codes = np.asarray(valid, np.int32) * (SCORED | FIRING)
+    extra = {"ablate": abl, **({"count": jnp.asarray(True)} if kind in FIRING_FIELDS else {})}
+    closed = jax.make_jaxpr(lambda s: _loss_step(graphdef, s, ids, valid, codes, extra))(state)
     assert_all(closed, HIGHEST, min_count=10)
 
 

@@ -821,24 +821,62 @@ def test_the_neurons_firing_mass_control_is_fingerprinted_with_its_categories():
         assert all(x != y for i, x in enumerate(got) for y in got[i + 1:]), kind
         assert "mass_matched" not in fps["never"][kind]["ablation"]
         assert {fps[m][kind]["ablation"]["mass_matched"] for m in modes[:2]} == {
-            f"identification_firing/unbiased_fill/{m}" for m in modes[:2]}
+            f"held_out_firing/unbiased_fill/{m}" for m in modes[:2]}
     assert fps["always"]["experts"] == fps["never"]["experts"] == fps["where_warned"]["experts"]
+
+
+def test_the_firing_mass_source_is_fingerprinted_and_the_identification_source_keeps_older_results():
+    """`ablation.neuron_mass_source`: a result whose firing was counted on the other records is
+    refused; "identification" gives the fingerprint results had before the source was chosen (they
+    counted it there), so they still match under it; "never" and the experts do not depend on it."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import _as_compared, ablation_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+    assert exp().ablation.neuron_mass_source == "held_out"
+
+    def fp(kind, *over):
+        c = exp(*over)
+        return _as_compared(ablation_fingerprint(c, c.finetuned, recs, kind, {}))
+
+    for kind in ("neurons", "expert_neurons"):
+        held, ident = fp(kind), fp(kind, "ablation.neuron_mass_source=identification")
+        assert held != ident
+        assert ident["ablation"]["mass_matched"] == "identification_firing/unbiased_fill/always"  # (as before)
+        assert fp(kind, "ablation.neuron_mass_matched=never") == fp(
+            kind, "ablation.neuron_mass_matched=never", "ablation.neuron_mass_source=identification")
+    assert fp("experts") == fp("experts", "ablation.neuron_mass_source=identification")
+
+
+def held_out_firing(shape, seed=7):
+    """{category: float `shape`}: a firing on the held-out records no identification gives."""
+    from sparcom_jax.categories import CATEGORIES
+
+    rng = np.random.default_rng(seed)
+    return {c: rng.random(shape) * 0.3 for c in CATEGORIES}
 
 
 def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, monkeypatch):
     """ablation.neuron_mass_matched=always: the stage draws the firing-mass-matched sets from the
-    identification's category means (outside each set), runs them in the one round it counts, stores
-    them under mass_matched and refuses to reuse the result once the setting changes."""
+    firing its baseline pass counts on the held-out records (data.scope; outside each set), runs them
+    in the one round it counts, stores them under mass_matched and refuses to reuse the result once
+    the setting changes."""
     import shutil
 
     import sparcom_jax.stats.losses as losses
     from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.stats.losses import ablation_shape
 
-    calls, ends = [], []
+    calls, ends, scopes = [], [], []
+    firing = {}
 
     def make_loss_fn(model, records, tok=None, **kw):
+        scopes.append(kw["firing_scope"])
+        firing.update(held_out_firing(ablation_shape(model.config, kw["kind"])))
+
         def loss(mask):
             calls.append(mask)
+            loss.last_unit_firing = firing if mask is None else None  # (the baseline pass counts it)
             return {c: 1.0 + (0 if mask is None else float(np.sum(mask))) for c in CATEGORIES}
         return loss
 
@@ -856,10 +894,12 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     ident = stages.analyze_all(cfg, out, full=False).models["tuned"]["isn"].ident
     with_set = [a for a, c in enumerate(CATEGORIES) if ident.category_sets[a].any()]
     assert with_set and len(calls) == 1 + len(with_set) * (1 + 2 * 2)
-    assert ends == [(len(calls), len(calls))]
+    assert ends == [(len(calls), len(calls))] and scopes == [cfg.data.scope]
+    assert calls[0] is None  # the baseline pass first: it counts the firing
     for a in with_set:
         s = ident.category_sets[a]
-        np.testing.assert_allclose(res.set_category_mass[a], ident.category_mean[a][s].sum(), rtol=1e-6)
+        np.testing.assert_allclose(res.set_category_mass[a], firing[CATEGORIES[a]][s].sum(), rtol=1e-12)
+        assert not np.isclose(res.set_category_mass[a], ident.category_mean[a][s].sum())
         assert np.isfinite(res.mass_random_draws[:, a]).all()
     for m in calls[1:]:  # the mass-matched draws: the last two masks of each category
         assert m is not None
@@ -868,6 +908,7 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
         assert all(not (m & ident.category_sets[a]).any() for m in masks[3:])
     stored = json.loads((out / "ablate" / "tuned_neurons.json").read_text())
     assert stored["mass_matched"]["where"] == "always" and stored["mass_matched"]["mass"] == "firing"
+    assert stored["mass_matched"]["source"] == "held_out"
     with pytest.raises(StaleResultError, match="neuron_mass_matched|mass_matched"):
         run_stage("ablate", exp("ablation.neuron_mass_matched=never", "ablation.n_random=2"), out)
 
@@ -1071,18 +1112,20 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
     from sparcom_jax.analysis.ablate import ablate_identification
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.pipeline.common import ablate_records, identify_records
+    from sparcom_jax.stats.losses import ablation_shape
 
-    def recorder(masks):
+    def recorder(masks, shape):
         def loss(mask):
             masks.append(None if mask is None else np.array(mask))
             return {c: 1.0 for c in CATEGORIES}
+        loss.last_unit_firing = held_out_firing(shape)
         return loss
 
     calls = []
 
     def make_loss_fn(model, records, tok=None, **kw):
         calls.append(([r.id for r in records], kw, []))
-        return recorder(calls[-1][2])
+        return recorder(calls[-1][2], ablation_shape(model.config, kw["kind"]))
 
     monkeypatch.setattr(losses, "make_loss_fn", make_loss_fn)
     out = tmp_path / "out"
@@ -1096,7 +1139,8 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
     for (ids, kw, masks), name in zip(calls, ["base", "tuned"], strict=True):
         assert ids == held and kw["kind"] == "neurons" and kw["expert_mode"] == "pre"
         expected = []
-        ablate_identification(models[name]["isn"].ident, recorder(expected), n_random=2, seed=3, neighbours=3,
+        ablate_identification(models[name]["isn"].ident, recorder(expected, models[name]["isn"].ident.unit_shape),
+                              n_random=2, seed=3, neighbours=3,
                               firing_matched="always")  # (ablation.neuron_mass_matched's default)
         assert masks[0] is None and len(masks) == len(expected) > 3
         assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))

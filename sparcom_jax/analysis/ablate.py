@@ -18,8 +18,10 @@ from ``loss_fn.last_expert_mass``), the candidates valued at their mass in the b
 pass (`baseline_expert_mass`); so the sets' passes run first and the draws in a second
 round. What each draw actually dropped is recorded. Neurons and expert neurons
 (`firing_mass`): random units outside the set that fire, per layer, on average as often on
-the category's identification records as the set (the counts give every unit's firing, so
-the draws run in the same round as the others).
+the category's held-out records as the set, each unit's firing counted in the unablated
+pass (``loss_fn.last_unit_firing``, `baseline_unit_firing`; or on the identification
+records, `ablate_identification(firing_source="identification")`); every unit's firing is
+known before the ablated passes, so the draws run in the same round as the others.
 
 Random controls: for each category set and draw, a random set with the same
 number of units in every matching group (a layer; a (layer, expert) pair for
@@ -73,6 +75,9 @@ FREQUENCY_GAP = 0.1
 MASS_TOLERANCE = 0.1
 # Which categories a neuron check gives firing-mass-matched draws (`ablation_matrix(mass_where=)`).
 MASS_WHERE = ("always", "where_warned")
+# Where the firing-mass-matched control's masses are counted (`ablate_identification(firing_source=)`):
+# on the held-out records the loss is measured on (in the unablated pass), or the identification's.
+FIRING_SOURCES = ("held_out", "identification")
 
 
 def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[str]:
@@ -146,7 +151,10 @@ class AblationResult:
       set_layer_mass: float [C, L] per layer, the routing mass S(a) dropped on a's own
         held-out tokens, measured in its own pass: what the mass-matched draws match; or None.
       set_layer_estimate: float [C, L] the same as the unablated model estimates it (its
-        experts' baseline mass), beside it to show how removing the set moved the routing; or None.
+        experts' baseline mass), beside it to show how removing the set moved the routing; for
+        neurons with held-out firing (`mass_source`), the set's firing on the category's
+        identification records, beside it to show how much less (or more) the set fires on
+        new records than on those it was chosen from; or None.
       mass_random_layer_mass: float [M, C, L] per mass-matched draw and layer, the mass it
         dropped on a's own tokens, measured in its pass (its error is this minus
         `set_layer_mass`, see `mass_errors`); or None (also in files made before it was kept).
@@ -161,10 +169,15 @@ class AblationResult:
         "where_warned" (neurons: those whose frequency-matched draws fire less than the set,
         `fires_less`); None where the control did not run. For experts the mass is the
         routing mass, measured in the passes; for neurons and expert neurons it is the
-        firing mass, each unit's frequency on the category's identification records
-        (`Identification.category_mean`) summed over the set: the expected number of its
-        units firing per token (so `set_layer_mass` and `set_layer_estimate` agree, and a
-        draw's measured and estimated mass are the same number).
+        firing mass, each unit's firing frequency on the category's records (`mass_source`)
+        summed over the set: the expected number of its units firing per token (so a draw's
+        measured and estimated mass are the same number, and so are the set's but for
+        `set_layer_estimate` under held-out firing).
+      mass_source: where the masses were measured: "held_out" (experts always: the routing
+        mass in the passes; neurons and expert neurons by default: each unit's firing counted
+        in the unablated pass on the category's held-out records, `CategoryLoss.last_unit_firing`)
+        or "identification" (the firing of the identification counts, `category_mean`); None
+        where the control did not run or the caller did not say.
     """
 
     kind: str
@@ -195,6 +208,7 @@ class AblationResult:
     set_mass_matrix: np.ndarray | None = None
     mass_random_mass_matrix: np.ndarray | None = None
     mass_where: str | None = None
+    mass_source: str | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -324,8 +338,10 @@ class AblationResult:
         """(units, verb, what their mass is, the control's name) for the mass-matched lines of this kind."""
         if self.kind == "experts":
             return "experts", "dropped", "routing mass on its own tokens", "mass"
-        return (self.kind.replace("_", " "), "carried", "firing mass on its own records (firings per token, "
-                "from the identification counts)", "firing-mass")
+        where = ("counted on its held-out records in the unablated pass" if self.mass_source == "held_out"
+                 else "from the identification counts")
+        return (self.kind.replace("_", " "), "carried", f"firing mass on its own records (firings per token, {where})",
+                "firing-mass")
 
     @property
     def excess(self) -> np.ndarray:
@@ -408,7 +424,7 @@ class AblationResult:
         spread = self.excess_spread(self.mass_random_draws)
         d = self.mass_random_draws
         return {"n_random": int(d.shape[0]), "where": self.mass_where,
-                "mass": "routing" if self.kind == "experts" else "firing",
+                "mass": "routing" if self.kind == "experts" else "firing", "source": self.mass_source,
                 "random": d.mean(0) if d.shape[0] else np.full((C, C), np.nan),
                 "excess": self.mass_excess, "excess_std": spread["std"],
                 "random_ge_fraction": spread["random_ge_fraction"], "p_value": spread["p_value"],
@@ -455,6 +471,8 @@ class AblationResult:
             # (absent from files made before the draws' own masses per layer were kept)
             **{f"mass_random_layer_{k}": per_draw(mm.get(f"random_layer_{k}"), C, 0) for k in ("mass", "estimate")},
             set_mass_matrix=arr(mm.get("set_mass_matrix")), mass_where=mm.get("where", "always"),
+            # (absent from files made before the neurons' firing was measured on the held-out records)
+            mass_source=mm.get("source", "identification" if mm.get("mass") == "firing" else "held_out"),
             mass_random_mass_matrix=per_draw(mm.get("random_mass_matrix"), C, C))
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
@@ -735,11 +753,31 @@ def baseline_expert_mass(loss_fn) -> tuple[dict[str, float], dict[str, np.ndarra
     Raises:
       ValueError: `loss_fn` reports no per-expert mass.
     """
+    return _baseline_measure(loss_fn, "last_expert_mass", "each expert's routing mass after a call "
+                             "(`last_expert_mass`, as sparcom_jax.stats.losses.CategoryLoss of kind 'experts' does)")
+
+
+def baseline_unit_firing(loss_fn) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The unablated model's pass: ({category: mean loss}, {category: float, the sets' shape:
+    each unit's firing frequency on the category's held-out records}), from one baseline call
+    of `loss_fn` and its `last_unit_firing` (`CategoryLoss` with `firing_scopes`, which
+    `make_loss_fn(firing_scope=...)` gives); the `baseline` and `firing_mass` of `ablation_matrix`.
+
+    Raises:
+      ValueError: `loss_fn` counts no firing.
+    """
+    return _baseline_measure(loss_fn, "last_unit_firing", "each unit's firing in its baseline pass "
+                             "(`last_unit_firing`, as sparcom_jax.stats.losses.make_loss_fn(firing_scope=...) "
+                             "of kind 'neurons' or 'expert_neurons' does); or take the identification's firing "
+                             "(firing_source='identification')")
+
+
+def _baseline_measure(loss_fn, attr: str, what: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The baseline losses of one unablated call of `loss_fn` and its per-category `attr` after it."""
     losses = loss_fn(None)
-    got = getattr(loss_fn, "last_expert_mass", None)
+    got = getattr(loss_fn, attr, None)
     if got is None:
-        raise ValueError("the mass-matched control needs a loss_fn that reports each expert's routing mass after a "
-                         "call (`last_expert_mass`, as sparcom_jax.stats.losses.CategoryLoss of kind 'experts' does)")
+        raise ValueError(f"the mass-matched control needs a loss_fn that reports {what}")
     return ({normalize_category(k): float(v) for k, v in losses.items()},
             {normalize_category(k): np.asarray(v, np.float64) for k, v in got.items()})
 
@@ -800,6 +838,7 @@ def ablation_matrix(
     baseline: Mapping[str, float] | None = None,
     firing_mass: Mapping[str, np.ndarray] | None = None,
     mass_where: str = "always",
+    firing_source: str | None = None,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
@@ -837,8 +876,9 @@ def ablation_matrix(
       baseline: {category: mean loss} of the unablated model when already measured (the
         pass `baseline_expert_mass` made); None: measured as the first pass.
       firing_mass: neurons and expert neurons only: {category: float, the sets' shape: each
-        unit's firing frequency on the category's records} (`Identification.category_mean`,
-        from the identification counts); when given, also `n_random` firing-mass-matched sets
+        unit's firing frequency on the category's records} (on its held-out records, from the
+        unablated pass, `baseline_unit_firing`; or `Identification.category_mean`, from the
+        identification counts: say which in `firing_source`); when given, also `n_random` firing-mass-matched sets
         per category (`mass_matched_random`, on their own random stream): random units outside
         the set whose summed frequency on the category's records is, per layer, on average the
         set's (within one unit in each draw); for expert neurons from any expert of the layer.
@@ -848,6 +888,9 @@ def ablation_matrix(
         (only the categories whose frequency-matched draws fire on average below
         (1 - FREQUENCY_GAP) x the set, the `matching_warnings` test, known before any pass;
         the others get NaN).
+      firing_source: with `firing_mass`, the records it was counted on, recorded in the result
+        (`AblationResult.mass_source`): "held_out" (the loss's own records, `baseline_unit_firing`)
+        or "identification" (`Identification.category_mean`); None: not said.
 
     Returns:
       An AblationResult. Random sets are always drawn outside the tested set
@@ -863,6 +906,8 @@ def ablation_matrix(
     if firing_mass is not None and kind == "experts":
         raise ValueError("firing_mass matches neurons' firing; experts take expert_mass (routing mass)")
     routing = expert_mass is not None  # measured in the passes (firing mass: from the counts)
+    if firing_source not in (None, *FIRING_SOURCES):
+        raise ValueError(f"firing_source must be one of {FIRING_SOURCES} (or None), got {firing_source!r}")
     if mass_where not in MASS_WHERE or (mass_where != "always" and firing_mass is None):
         raise ValueError(f"mass_where must be one of {MASS_WHERE}, and 'where_warned' needs firing_mass; "
                          f"got {mass_where!r}")
@@ -1003,10 +1048,12 @@ def ablation_matrix(
         set_category_mass=set_mass, mass_random_mass=mass_mass, mass_random_sizes=mass_sizes,
         set_layer_mass=layer_mass, set_layer_estimate=layer_est, mass_random_layer_mass=draw_layer,
         mass_random_layer_estimate=draw_est, set_mass_matrix=set_cross, mass_random_mass_matrix=draw_cross,
-        mass_where=mass_where if mass_matched else None)
+        mass_where=mass_where if mass_matched else None,
+        mass_source=("held_out" if routing else firing_source) if mass_matched else None)
 
 
-def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None = None, **kw) -> AblationResult:
+def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None = None,
+                          firing_source: str = "held_out", **kw) -> AblationResult:
     """ablation_matrix on an identification's category sets, random sets matched on the
     units' mean frequency over all instructions (kind from the count field).
 
@@ -1015,14 +1062,20 @@ def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None 
         (`analysis["isn"]`, whose `.ident` it is).
       loss_fn: see ablation_matrix.
       firing_matched: neurons and expert neurons: "always" or "where_warned" adds the
-        firing-mass-matched control, each unit's mass its frequency on the category's
-        instructions (`category_mean`: the counts the sets were identified from); the
-        `mass_where` of ablation_matrix. None: not drawn.
-      **kw: n_random, seed, neighbours, run, expert_mass, baseline (see ablation_matrix).
+        firing-mass-matched control (the `mass_where` of ablation_matrix). None: not drawn.
+      firing_source: where a unit's firing (that control's mass) is counted: "held_out"
+        (default): on the category's held-out records, the ones the loss is measured on, in
+        the unablated pass (`baseline_unit_firing`: the loss_fn must count it, as
+        `make_loss_fn(firing_scope=...)` does, on the scope the sets were identified on; that
+        pass is the check's baseline); "identification": on the records the sets were
+        identified from (`category_mean`), which the sets were chosen for firing often on.
+        A `firing_mass` (and `baseline`) in `kw` already measured is taken as it is.
+      **kw: n_random, seed, neighbours, run, expert_mass, baseline, firing_mass (see ablation_matrix).
 
     Raises:
       TypeError: a whole ModelAnalysis (which section to ablate is the caller's choice), or
         anything else that is not an identification, naming the sections to pick from.
+      ValueError: an unknown `firing_source`, or "held_out" with a loss_fn that counts no firing.
     """
     from sparcom_jax.analysis.study import FieldAnalysis, ModelAnalysis  # study imports this module
 
@@ -1033,7 +1086,26 @@ def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None 
         raise TypeError(f"ablate_identification ablates one section's sets: pass analysis[section].ident "
                         f"for one of the analysis' sections{sections}, e.g. analysis['isn'].ident; got "
                         f"{type(ident).__name__}")
+    if firing_source not in FIRING_SOURCES:
+        raise ValueError(f"firing_source must be one of {FIRING_SOURCES}, got {firing_source!r}")
     if firing_matched is not None:
-        kw.update(firing_mass=by_category(ident.category_mean), mass_where=firing_matched)
-    return ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
-                           frequency=ident.unit_frequency(), **kw)
+        if kw.get("firing_mass") is None and firing_source == "identification":
+            kw["firing_mass"] = by_category(ident.category_mean)
+        elif kw.get("firing_mass") is None:  # the baseline pass counts it
+            kw["baseline"], kw["firing_mass"] = baseline_unit_firing(loss_fn)
+        kw.update(mass_where=firing_matched, firing_source=firing_source)
+    res = ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
+                          frequency=ident.unit_frequency(), **kw)
+    if firing_matched is not None and firing_source == "held_out":
+        _identification_estimate(res, ident)
+    return res
+
+
+def _identification_estimate(res: AblationResult, ident: Identification) -> None:
+    """Beside the held-out firing the draws matched, each set's firing per layer on its category's
+    identification records (`set_layer_estimate`, where the control ran): what the counts the set
+    was chosen from predicted, so that the gap shows how much less (regression to the mean) or
+    more the set fires on new records."""
+    for a in range(C):
+        if np.isfinite(res.set_layer_mass[a]).all():
+            res.set_layer_estimate[a] = mask_layer_mass(ident.category_mean[a], ident.category_sets[a])

@@ -808,8 +808,10 @@ def _ablation_file(out: Path, label: str, kind: str) -> Path:
 MASS_RULE = "measured_set_mass/unbiased_fill"
 # The neurons' (and expert neurons') firing-mass-matched control, in their fingerprint with the
 # categories it runs for (`ablation.neuron_mass_matched`): per layer, random units outside the set
-# whose frequencies on the category's identification records sum on average to the set's (`mass_fill`).
-NEURON_MASS_RULE = "identification_firing/unbiased_fill"
+# whose frequencies on the category's records sum on average to the set's (`mass_fill`), the records
+# of `ablation.neuron_mass_source`: {source}_firing, so that results of one source are never served
+# for the other (those made before the source was chosen counted the identification's).
+NEURON_MASS_RULE = "{source}_firing/unbiased_fill"
 
 
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
@@ -823,7 +825,8 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
                          # experts only, and absent when off: results made without it still match then
                          **({"mass_matched": MASS_RULE} if kind == "experts" and a.mass_matched else {}),
                          # neurons: absent when "never" (results made before it existed were made so)
-                         **({"mass_matched": f"{NEURON_MASS_RULE}/{a.neuron_mass_matched}"}
+                         **({"mass_matched": NEURON_MASS_RULE.format(source=a.neuron_mass_source)
+                             + f"/{a.neuron_mass_matched}"}
                             if kind != "experts" and a.neuron_mass_matched != "never" else {})},
             # The text and category of each record, not only its id: the loss is measured on them.
             "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
@@ -843,7 +846,10 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     """
     import jax
 
-    from sparcom_jax.analysis.ablate import ablate_identification, coverage_warnings, full_layers
+    import numpy as np
+
+    from sparcom_jax.analysis.ablate import (ablate_identification, baseline_expert_mass, baseline_unit_firing,
+                                             coverage_warnings, full_layers)
     from sparcom_jax.categories import CATEGORIES, normalize_category
     from sparcom_jax.parallel.processes import check_same
     from sparcom_jax.stats.losses import encode_held_out, make_loss_fn, response_coverage
@@ -862,7 +868,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
         ma = analyses.models[spec.label]
         model = None
         # The tokens fingerprinted are those the loss is measured on: encoded once, for both.
-        held_enc = encode_held_out(records, spec_tokenizer(spec), template=template_for(spec, cfg),
+        tokenizer = spec_tokenizer(spec)
+        held_enc = encode_held_out(records, tokenizer, template=template_for(spec, cfg),
                                    max_length=cfg.data.max_length)
         tokens_fp, held_out = held_out_fingerprint(cfg, spec, records, encoded=held_enc)
         for kind, section in ABLATION_SECTIONS.items():
@@ -900,9 +907,11 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                         gate_dtype=cfg.collect.gate_dtype)
             sets = ma[section].ident.category_sets
             mass_matched = kind == "experts" and a.mass_matched and a.n_random > 0  # (no draws: no pass for it)
-            # Neurons: firing-mass-matched draws, valued from the counts (no pass of their own: one round).
+            # Neurons: firing-mass-matched draws, no pass of their own (one round), valued at the firing
+            # counted in the baseline pass (held_out) or from the counts (identification).
             firing = (a.neuron_mass_matched if kind != "experts" and a.n_random > 0
                       and a.neuron_mass_matched != "never" else None)
+            held_out_firing = firing is not None and a.neuron_mass_source == "held_out"
             # The baseline, then per category with a set: the set and its draws; the mass-matched
             # draws only where the category has scored held-out tokens (else no mass to match).
             scored = {normalize_category(c) for c, v in response_coverage(held_enc).items() if v["response_tokens"]}
@@ -914,22 +923,27 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     if firing == "where_warned" else "")
             with timed(f"ablate {spec.label}: {kind} ({total} passes over {len(records)} held-out records{more})"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
-                loss_fn = make_loss_fn(model, records, kind=kind, template=template_for(spec, cfg),
+                # (the tokenizer: for the firing's content tokens, found in `held_enc`'s sequences)
+                loss_fn = make_loss_fn(model, records, tokenizer, kind=kind, template=template_for(spec, cfg),
                                        batch_size=a.batch_size, max_length=cfg.data.max_length, mesh=mesh,
                                        buckets=cfg.collect.buckets or None, expert_mode=a.expert_mode,
-                                       encoded=held_enc)
+                                       encoded=held_enc, firing_scope=cfg.data.scope if held_out_firing else None)
                 # Each call numbers its passes from 0 (process k runs k, k+P, ...); the mass pass is process 0's.
-                first = len(with_set) * (1 + a.n_random) + (0 if mass_matched else 1) + firing_draws
-                rounds = [1, first, total - 1 - first] if mass_matched else [first]
+                measured = mass_matched or held_out_firing  # (the baseline pass first: it measures the masses)
+                first = len(with_set) * (1 + a.n_random) + (0 if measured else 1) + firing_draws
+                rounds = [1, first, total - 1 - first] if mass_matched else [1, first] if measured else [first]
                 mine = sum(len(range(jax.process_index(), r, jax.process_count())) for r in rounds)
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
-                    # With the mass-matched control the baseline is the pass that measures the masses.
-                    base, mass = (_expert_mass_shared(fn, model.config.num_layers, model.config.num_experts)
-                                  if mass_matched else (None, None))
+                    # With a mass-matched control the baseline is the pass that measures the masses.
+                    shape = np.shape(sets[0])
+                    base, mass = (_baseline_shared(fn, baseline_expert_mass, shape, "expert mass") if mass_matched
+                                  else _baseline_shared(fn, baseline_unit_firing, shape, "unit firing")
+                                  if held_out_firing else (None, None))
                     res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                neighbours=a.neighbours, expert_mass=mass, baseline=base,
+                                                neighbours=a.neighbours, baseline=base,
+                                                **({"firing_mass": mass} if held_out_firing else {"expert_mass": mass}),
                                                 run=fn.counted(_passes_shared) if firing else _passes_shared,
-                                                firing_matched=firing)
+                                                firing_matched=firing, firing_source=a.neuron_mass_source)
             for w in coverage_warnings(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
@@ -992,26 +1006,25 @@ def _passes_shared(loss_fn, masks):
             for r in rows]
 
 
-def _expert_mass_shared(loss_fn, L: int, E: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """`baseline_expert_mass` (the baseline losses and each category's float [L, E] masses) run
-    by process 0 and given to every process bit for bit, so that every process draws the same
-    mass-matched sets; it is the check's baseline too (`ablation_matrix(baseline=)`)."""
+def _baseline_shared(loss_fn, measure, shape: tuple[int, ...], what: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """`measure(loss_fn)` (`baseline_expert_mass` or `baseline_unit_firing`: the baseline losses
+    and each category's masses, float `shape`; `what` they are, for an error) run by process 0
+    and given to every process bit for bit, so that every process draws the same mass-matched
+    sets; it is the check's baseline too (`ablation_matrix(baseline=)`)."""
     import numpy as np
 
-    from sparcom_jax.analysis.ablate import baseline_expert_mass
     from sparcom_jax.categories import CATEGORIES
     from sparcom_jax.parallel.processes import share_map
 
-    C = len(CATEGORIES)
+    C, size = len(CATEGORIES), int(np.prod(shape))
 
-    def one(_):  # [category losses, category has a loss, every category's [L, E] flattened (NaN: no
-        # scored token)]
-        losses, mass = baseline_expert_mass(loss_fn)
+    def one(_):  # [category losses, category has a loss, every category's masses flattened (NaN: none)]
+        losses, mass = measure(loss_fn)
         return np.concatenate([_loss_cells(losses)]
-                              + [np.ravel(mass.get(c, np.full((L, E), np.nan))) for c in CATEGORIES])
+                              + [np.ravel(mass.get(c, np.full(shape, np.nan))) for c in CATEGORIES])
 
-    row = share_map(one, 1, 2 * C + C * L * E, "ablate: expert mass")[0]
-    mass = row[2 * C:].reshape(C, L, E)
+    row = share_map(one, 1, 2 * C + C * size, f"ablate: {what}")[0]
+    mass = row[2 * C:].reshape(C, *shape)
     return (_loss_dict(row[:2 * C]),
             {c: mass[i] for i, c in enumerate(CATEGORIES) if np.isfinite(mass[i]).all()})
 
@@ -1019,7 +1032,7 @@ def _expert_mass_shared(loss_fn, L: int, E: int) -> tuple[dict[str, float], dict
 class _Counting:
     """A loss_fn with a progress bar over its calls (each is a pass over the records); it
     passes on the routing masses of the last call (`last_dropped_mass`, `last_category_mass`,
-    `last_expert_mass`)."""
+    `last_expert_mass`) and the units' firing (`last_unit_firing`)."""
 
     def __init__(self, fn, total: int, desc: str):
         self.fn, self.total, self.desc = fn, total, desc
@@ -1043,7 +1056,8 @@ class _Counting:
         import jax
 
         def runner(loss_fn, masks):
-            self.bar.total = len(range(jax.process_index(), len(masks), jax.process_count()))
+            # (after the passes already made: the baseline, where it measured the firing)
+            self.bar.total = self.bar.n + len(range(jax.process_index(), len(masks), jax.process_count()))
             self.bar.refresh()
             return run(loss_fn, masks)
         return runner
@@ -1059,6 +1073,10 @@ class _Counting:
     @property
     def last_expert_mass(self):
         return getattr(self.fn, "last_expert_mass", None)
+
+    @property
+    def last_unit_firing(self):
+        return getattr(self.fn, "last_unit_firing", None)
 
     @property
     def coverage(self):

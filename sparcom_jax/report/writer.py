@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sparcom_jax.analysis.ablate import FREQUENCY_GAP, MASS_TOLERANCE
+from sparcom_jax.analysis.ablate import FIRING_SOURCES, FREQUENCY_GAP, MASS_TOLERANCE
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.analysis.uncertainty import one_unit_note
@@ -125,21 +125,32 @@ CAPTIONS = {
         "set, taken in each layer (from all its experts, for expert neurons) in random order while their firing on "
         "the category's own records still fits under the set's there, then the lightest one left with the "
         "probability that makes the expected mass the set's, so the draws neither over- nor undershoot on "
-        "average. A unit's mass is its firing frequency on the category's identification records (the counts "
-        "the sets were chosen from), so set_mass_own_tokens is the expected number of the set's units that "
-        "fire per token of the category, and random_mass_own_tokens_mean (min, max) the draws'. It answers "
+        "average. A unit's mass is its firing frequency on the category's {records}, so set_mass_own_tokens is "
+        "the expected number of the set's units that fire per token of the category, and "
+        "random_mass_own_tokens_mean (min, max) the draws'. It answers "
         "what the frequency-matched draws cannot where the set holds its layers' busiest units: does "
         "removing the set hurt more than removing as much firing elsewhere in the same layers? "
         "random_{kind}_mean is the draws' size: they hold more, less busy units than the set, so a set that "
         "still hurts more concentrates its effect on fewer units; one that does not is no more harmful than "
         "the firing it removes. random_mass_error_mean and _abs_mean are a draw's mass minus the set's "
-        "(mean signed and absolute; beyond {tol:.0%} of the set's mass is flagged under the table). The mass "
-        "is counted on the identification records, not measured on the held-out ones the loss uses: the sets "
-        "were chosen for firing often there, so on new records they may fire somewhat less than counted, "
-        "which makes this control, if anything, harsher than the set. It is matched on the category's own "
+        "(mean signed and absolute; beyond {tol:.0%} of the set's mass is flagged under the table). {source}"
+        "It is matched on the category's own "
         "records only (tables/ablation_{kind}_mass_matched_set_mass_matrix.csv and "
         "_random_mass_matrix_mean.csv give every category's), so an off-diagonal cell mixes the set's effect "
         "with a difference of firing on the other category's records."),
+    "ablation_firing_held_out": (
+        "The firing is counted in the unablated pass on the held-out records the loss is measured on, on the "
+        "token scope the sets were identified on (ablation.neuron_mass_source: held_out), so the set and its "
+        "draws are matched where they are scored. set_mass_own_tokens_estimate is the set's firing on the "
+        "identification records it was chosen from (per layer in "
+        "tables/ablation_{kind}_mass_matched_per_layer.csv, set_mass_estimate against set_mass_measured): a set "
+        "chosen for firing often there usually fires less on new records (regression to the mean), by the "
+        "shift shown. "),
+    "ablation_firing_identification": (
+        "The firing is the identification counts' (ablation.neuron_mass_source: identification), not measured "
+        "on the held-out records the loss uses: the sets were chosen for firing often there, so on new "
+        "records they may fire less than counted, which makes this control harsher than the set by an "
+        "amount this run does not measure. "),
     "ablation_firing_where": (
         " Drawn only for the categories whose frequency-matched draws fire on average more than {gap:.0%} "
         "less often than the set (ablation.neuron_mass_matched: where_warned, the categories a matching warning names); "
@@ -419,7 +430,13 @@ def _mass_blocks(kind: str, d: dict) -> list:
         title = "firing-mass-matched random draws and the firing mass they carry"
         where = (CAPTIONS["ablation_firing_where"].format(gap=FREQUENCY_GAP) if mm.get("where") == "where_warned"
                  else "")
-        text = CAPTIONS["ablation_firing_mass"].format(n=mm["n_random"], tol=tol, kind=kind, units=word) + where
+        # (files without a source counted the identification's; None: a caller's own masses, not said)
+        src = mm.get("source", "identification")
+        records = {"held_out": "held-out records (those its loss is measured on)",
+                   "identification": "identification records"}.get(src, "records (which ones was not recorded)")
+        source = CAPTIONS[f"ablation_firing_{src}"].format(kind=kind) if src in FIRING_SOURCES else ""
+        text = CAPTIONS["ablation_firing_mass"].format(n=mm["n_random"], tol=tol, kind=kind, units=word,
+                                                       records=records, source=source) + where
     return [TableBlock(f"Ablation ({word}): own-category excess over {mm['n_random']} {title}",
                        mass_header(kind), mass_rows(d)), TextBlock(text)]
 

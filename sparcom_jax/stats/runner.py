@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -156,9 +156,13 @@ class BatchRunner:
       mesh: optional ("data", "model") mesh; None runs on the default device.
       buckets: fixed bucket lengths (None: at most `MAX_BUCKETS` lengths fitted to the
         sequences of each run for the least padding, see `fitted_buckets`).
+      coded_scopes: the scopes are small non-negative int codes (e.g. bit flags of several
+        token sets) that `step` decodes, passed as int32 [B, T] (0 on padding); False (default):
+        bool masks, passed as bool [B, T].
     """
 
-    def __init__(self, model, step: Callable, batch_size: int, mesh=None, buckets: Sequence[int] | None = None):
+    def __init__(self, model, step: Callable, batch_size: int, mesh=None, buckets: Sequence[int] | None = None,
+                 coded_scopes: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_mesh(mesh, "collect_counts / make_loss_fn")
@@ -184,6 +188,7 @@ class BatchRunner:
         self._fn = _compiled(graphdef, step, self.batch_sharding)
         self.state = state
         self.padding_fraction = 0.0
+        self.coded_scopes = coded_scopes
 
     def fit_to(self, lengths) -> tuple[int, ...] | None:
         """Fix the buckets of every later `run` (unless given) by fitting them to these lengths.
@@ -227,19 +232,27 @@ class BatchRunner:
 
         return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, self.mesh, P("data")))
 
-    def run(self, seqs: list[np.ndarray], scopes: list[np.ndarray] | None, on_batch=None, extra=None):
-        """Yield (row indices, result dict of numpy [R, ...]) for every batch, in schedule order."""
+    def run(self, seqs: list[np.ndarray], scopes: list[np.ndarray] | None, on_batch=None, extra=None,
+            fetch: Collection[str] | None = None):
+        """Yield (row indices, result dict of numpy [R, ...]) for every batch, in schedule order.
+
+        `fetch`: the result keys brought to the host (None: all); the others never leave the
+        device (a pass that does not need a large output does not pay for its transfer).
+        """
         if extra is not None and self.mesh is not None:
             extra = jax.device_put(extra, self.replicated)
         lengths = np.array([len(s) for s in seqs], np.int64)
         pending: collections.deque = collections.deque()
         for idx, T in self._schedule(lengths):
             ids, valid = pad_batch([seqs[i] for i in idx], T, rows=self.rows)
-            # bool even for a padding-only step (no scope to take the dtype from): every process
-            # runs the same program.
-            scope = valid if scopes is None else pad_batch([scopes[i] for i in idx], T, rows=self.rows)[0] > 0
+            # bool (int32 codes) even for a padding-only step (no scope to take the dtype from):
+            # every process runs the same program.
+            scope = valid if scopes is None else pad_batch([scopes[i] for i in idx], T, rows=self.rows)[0]
+            scope = scope.astype(np.int32) if self.coded_scopes else scope > 0
             out = self._fn(self.state, *(put_batch(x, self.batch_sharding, global_batch=False)
                                          for x in (ids, valid, scope)), extra)
+            if fetch is not None:
+                out = {k: v for k, v in out.items() if k in fetch}
             pending.append((idx, out, int(valid.sum())))
             # Results are fetched PIPELINE_DEPTH batches behind the dispatch, so the device
             # always has queued work while the host copies counts out and prepares batches.
