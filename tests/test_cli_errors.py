@@ -181,3 +181,25 @@ def test_an_empty_data_path_is_refused_naming_the_key(capsys):
         assert code == 2 and out == "", value
         assert err.startswith(f"sparcom: error: override 'data.path={value}': data.path: empty ("), err
         assert err.endswith("); name a data file or directory (or a list of them), or null for the shipped set\n")
+
+
+def test_a_causal_check_on_records_without_responses_is_refused_before_any_work(tmp_path, capsys):
+    # A data file with empty `output`s (allowed for counting prompts) ran the whole study and a causal
+    # check of end-of-sequence losses; the dry run said nothing, the run only warned about few records.
+    import json
+
+    data = tmp_path / "prompts.jsonl"
+    cats = ["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
+    data.write_text("".join(json.dumps({"id": f"{c}{i}", "category": c, "instruction": f"Task {i} of kind {c}: go.",
+                                        "output": ""}) + "\n" for c in cats for i in range(4)))
+    cfg = write_tiny(tmp_path)
+    args = ["--config", str(cfg), "ablation.enabled=true", f"data.path={data}", "data.n_per_category=null",
+            "data.split={identify: 0.5, ablate: 0.5}", "data.group_by=text"]
+    for argv in (["ablate", "--dry-run"], ["ablate", "--out", str(tmp_path / "out")]):
+        code, out, err = run_cli(capsys, *argv, *args)
+        assert code == 2 and out == "", argv
+        assert err.startswith("sparcom: error: 12 of 12 held-out records have no reference response"), err
+        assert err.endswith("or turn the causal check off (ablation.enabled: false in a config)\n")
+        assert not (tmp_path / "out" / "counts").exists()
+    code, _, _ = run_cli(capsys, "ablate", "--dry-run", *args, "ablation.enabled=false")
+    assert code == 0

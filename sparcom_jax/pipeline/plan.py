@@ -159,7 +159,9 @@ def _n_instructions(cfg: ExperimentConfig, ablates: bool = False) -> tuple[int |
         # small for data.n_per_category, fails the dry run as it would fail the run.
         n = len(identify_records(cfg))
         if ablates:
-            ablate_records(cfg)
+            from sparcom_jax.data.records import check_responses
+
+            check_responses(ablate_records(cfg))
         return n, f"{cfg.data.path or 'the shipped set'} (read and checked: {n} records to count)"
     absent = ", ".join(str(p) for p in paths if not Path(p).exists())
     note = f"{cfg.data.path} ({absent + ' ' if len(paths) > 1 else ''}not on this machine: not checked"

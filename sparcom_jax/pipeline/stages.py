@@ -1282,7 +1282,9 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     """The checks every stage makes before any work or output: the models it needs exist (with
     their tokenizers, where it tokenizes: `require_tokenizers`, as the dry run), the records
     load, split and sample, and fine-tuned checkpoints in OUT were tuned as the config says
-    (`check_checkpoints_current`)."""
+    (`check_checkpoints_current`), and the causal check's records have responses (`check_responses`)."""
+    from sparcom_jax.data.records import check_responses
+
     if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
         require_tokenizers(cfg, [cfg.base], ("finetune",))
@@ -1295,7 +1297,7 @@ def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
         check_checkpoints_current(cfg, out)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
-        ablate_records(cfg)
+        check_responses(ablate_records(cfg))
 
 
 def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
