@@ -89,11 +89,13 @@ class TensorReader:
         self.where: dict[str, Path] = {}
         if index.exists():
             wm = _weight_map(index)
-            for name, fn in wm.items():
-                p = self.path / fn
-                if not p.exists():
-                    raise CheckpointError(f"{index}: tensor {name!r} points to missing file {fn}")
-                self.where[name] = p
+            absent = sorted({fn for fn in wm.values() if not (self.path / fn).exists()})
+            if absent:
+                raise CheckpointError(
+                    f"{index}: names {len(absent)} shard file(s) that are not in {self.path} ({', '.join(absent[:3])}"
+                    f"{', ...' if len(absent) > 3 else ''}; {len(set(wm.values()))} named in all): an unfinished "
+                    "download? Download the missing files too (or the model again)")
+            self.where = {name: self.path / fn for name, fn in wm.items()}
         else:
             for p in files:
                 with _open(p) as f:

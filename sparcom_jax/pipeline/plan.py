@@ -15,7 +15,7 @@ from typing import Any
 from sparcom_jax.config import ConfigError, ExperimentConfig
 from sparcom_jax.console import fmt_bytes, fmt_count
 from sparcom_jax.pipeline.common import (
-    ablate_records, check_model_names, has_weights, identify_records, model_config, own_train_files,
+    ablate_records, check_model_dirs, check_model_names, has_weights, identify_records, model_config, own_train_files,
     require_tokenizers, resolve_mesh, stages_run, template_for, train_records,
 )
 
@@ -280,6 +280,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
     weights = {s.label: has_weights(s) for s in specs}
     stages = stages_run(stage)
     require_tokenizers(cfg, specs, stages)
+    check_model_dirs(cfg, specs, stages, weights=False)  # (planned before the weights are downloaded)
     L = mcfg.num_layers
     plan: dict[str, Any] = {
         "stage": stage, "experiment": cfg.name, "model_type": mcfg.model_type, "architecture_source": source,
