@@ -62,6 +62,22 @@ def test_json_file_holding_json_lines(tmp_path):
     assert load_instructions(write_jsonl(tmp_path / "a.json", ROWS)) == EXPECTED
 
 
+def test_jsonl_file_holding_one_json_list(tmp_path):
+    # json.dump(records, f) under a .jsonl name: every line was "malformed JSON" ("mine.jsonl:1:
+    # malformed JSON (Expecting value at column 2) ... (11 more invalid record(s) ...)").
+    p = tmp_path / "mine.jsonl"
+    p.write_text(json.dumps(ROWS, indent=1), encoding="utf-8")
+    assert load_instructions(p) == EXPECTED
+    p.write_text(json.dumps([{k: v for k, v in r.items() if k != "id"} for r in ROWS]), encoding="utf-8")
+    assert [r.id for r in load_instructions(p)] == ["mine:item 1", "mine:item 2", "mine:item 3"]
+    p.write_text(json.dumps([ROWS[0], 7]), encoding="utf-8")  # a list item that is no record: named as in a .json
+    with pytest.raises(ValueError, match=r"mine\.jsonl:item 2: expected a JSON object, got int"):
+        load_instructions(p)
+    p.write_text("[" + json.dumps(ROWS[0]) + "\n", encoding="utf-8")  # an unclosed list: its line, as before
+    with pytest.raises(ValueError, match=r"mine\.jsonl:1: malformed JSON"):
+        load_instructions(p)
+
+
 def test_csv_with_numeric_ids_empty_cells_and_multiline(tmp_path):
     rows = [dict(r, id=str(i)) for i, r in enumerate(ROWS, start=1)]
     rows[0]["instruction"] = "Add 2 and 3.\nShow your work."

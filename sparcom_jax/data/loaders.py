@@ -157,14 +157,17 @@ def _load_json_subset(file: Path, lines: list[str], all_good: bool):
 
 def _read_json(file: Path) -> _Table:
     text = _read_text(file)
-    if file.suffix.lower() in _JSONL_SUFFIXES:
+    jsonl = file.suffix.lower() in _JSONL_SUFFIXES
+    # A .jsonl file holding one JSON list (json.dump(records, f) under a .jsonl name) is read as
+    # the list it is: read line by line, each of its lines was "malformed JSON".
+    if jsonl and not text.lstrip().startswith("["):
         return _read_json_lines(file, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         # A .json file may hold JSON Lines; accept it when every line is an object.
         lines = [ln for ln in text.splitlines() if ln.strip()]
-        if len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines):
+        if jsonl or (len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines)):
             return _read_json_lines(file, text)
         raise ValueError(str(_json_error(file, err.lineno, err))) from err
     if not isinstance(data, list):
