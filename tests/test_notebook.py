@@ -589,3 +589,21 @@ def test_a_mesh_that_is_not_a_mesh_is_named_with_how_to_build_one(tmp_path):
         sj.collect_counts(model, [np.array([1, 2, 3])], mesh=8, progress=False)
     with pytest.raises(TypeError, match=f"^finetune: {build}tuple"):
         sj.finetune(model, [], None, sj.TrainConfig(), tmp_path / "run", mesh=(1, 1))
+
+
+def test_a_random_model_saved_and_loaded_back_counts_with_the_tokenizer_it_showed(tmp_path):
+    # sj.save_model(sj.init_model(cfg), DIR) wrote no tokenizer, though the model's display said it
+    # uses "the shipped tokenizer": loaded back, every collection refused it ("no tokenizer beside
+    # the weights ...; download the model's tokenizer files into it too").
+    cfg = sj.ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=8, intermediate_size=16)
+    model = sj.init_model(cfg, seed=3)
+    assert "the shipped tokenizer" in repr(model)
+    loaded = sj.load_model(sj.save_model(model, tmp_path / "m"))
+    assert loaded.tokenizer is not None and loaded.tokenizer.get_vocab() == sj.default_tokenizer().get_vocab()
+    records = sj.load_instructions(n_per_category=1)
+    here, back = (sj.collect_instructions(m, records, progress=False) for m in (model, loaded))
+    np.testing.assert_array_equal(here.neuron_active, back.neuron_active)
+    # A model read from a directory without tokenizer files is saved without one, as before.
+    bare = sj.save_model(sj.load_model(tmp_path / "m", with_tokenizer=False), tmp_path / "bare")
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors"]

@@ -349,8 +349,9 @@ def save_model(model: CausalLM, path: str | Path, *, tokenizer=None, dtype: str 
     """Write `model` as a Hugging Face directory that transformers loads unchanged.
 
     Writes config.json, model.safetensors and the tokenizer files (from `tokenizer`
-    or ``model.tokenizer``). The directory appears atomically: everything is
-    written to a temporary sibling first, then renamed.
+    or ``model.tokenizer``; for a model not loaded from a directory, a random one, the
+    shipped tokenizer its collections use, so that it loads back usable). The directory
+    appears atomically: everything is written to a temporary sibling first, then renamed.
     """
     from safetensors.numpy import save_file
 
@@ -366,6 +367,10 @@ def save_model(model: CausalLM, path: str | Path, *, tokenizer=None, dtype: str 
         hf["torch_dtype"] = "bfloat16" if any_t.dtype == jnp.bfloat16 else str(any_t.dtype)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tok is None and not getattr(model, "source_path", None):
+            from sparcom_jax.data import resolve_tokenizer
+
+            tok = resolve_tokenizer(model)  # (the shipped one: the model's display names it)
         if tok is not None:
             tok.save_pretrained(str(tmp))
     return path
