@@ -203,3 +203,33 @@ def test_a_causal_check_on_records_without_responses_is_refused_before_any_work(
         assert not (tmp_path / "out" / "counts").exists()
     code, _, _ = run_cli(capsys, "ablate", "--dry-run", *args, "ablation.enabled=false")
     assert code == 0
+
+
+def test_a_relative_path_found_beside_the_config_but_not_here_names_both(tmp_path, capsys, monkeypatch):
+    # A config written beside its data and run from another directory: the dry run said the data
+    # was "not on this machine: not checked" and passed; the run stopped at the first path it read.
+    import json
+
+    from test_cli import TINY
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "mine.jsonl").write_text("".join(json.dumps({"category": c, "instruction": f"Do {c} task {i}.",
+                                                          "output": "ok"}) + "\n"
+                                              for c in ("CLS", "CODE", "QA", "GEN", "MATH", "SUM") for i in range(12)))
+    (study / "my.yaml").write_text(TINY.replace("data: {n_per_category: 2,",
+                                                "data: {path: mine.jsonl, group_by: text, n_per_category: 2,"))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["collect", "--dry-run"], ["collect", "--out", "out"]):
+        code, out, err = run_cli(capsys, *argv, "--config", "study/my.yaml")
+        assert code == 2 and out == "", argv
+        assert err == (f"sparcom: error: study/my.yaml: data.path: 'mine.jsonl' is not in the current directory "
+                       f"({tmp_path}) but is beside the config (study/mine.jsonl); relative paths in a config are "
+                       "read from the directory sparcom runs in: run it from study, or write the path as it is from "
+                       "here (study/mine.jsonl), or absolute\n")
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run_cli(capsys, "collect", "--dry-run", "--config", "study/my.yaml", "data.path=study/mine.jsonl")
+    assert code == 0
+    monkeypatch.chdir(study)  # from the config's own directory the same file is read
+    code, _, _ = run_cli(capsys, "collect", "--dry-run", "--config", "my.yaml")
+    assert code == 0
