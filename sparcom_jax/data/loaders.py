@@ -557,6 +557,9 @@ def load_instructions(
     adapter_excluded: list[Excluded] = []
     records: list[Record] = []
     seen: dict[str, tuple[str, bool]] = {}  # id -> (where first seen, derived)
+    if isinstance(path, (Mapping, Record)):  # (a dict's keys were read as file names: "category: no such file")
+        raise ValueError(f"{IN_MEMORY}: one record ({type(path).__name__}) where a list of records or a file is "
+                         "expected; pass a list of them, [record]")
     if isinstance(path, Iterable) and not isinstance(path, (str, os.PathLike)) and not hasattr(path, "columns"):
         path = list(path)  # a generator (or a `datasets.Dataset`) is read once
     tables = [_rows_table(path)] if _is_rows(path) else map(read_table, _as_paths(path))
