@@ -233,3 +233,15 @@ def test_a_relative_path_found_beside_the_config_but_not_here_names_both(tmp_pat
     monkeypatch.chdir(study)  # from the config's own directory the same file is read
     code, _, _ = run_cli(capsys, "collect", "--dry-run", "--config", "my.yaml")
     assert code == 0
+
+
+def test_a_stage_run_before_collect_says_how_to_run_collect(tmp_path, capsys):
+    # `sparcom identify --config my.yaml --out OUT` on an OUT without counts said "run `sparcom
+    # collect` first", which, run as written, stops for want of --config.
+    cfg = write_tiny(tmp_path)
+    code, _, err = run_cli(capsys, "identify", "--config", str(cfg), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        f"sparcom: error: {tmp_path}/out/counts/base: no counts of base here: this stage reads the counts `sparcom "
+        "collect` writes; run that first with the same --config and --out (or `sparcom run`, every stage in order, "
+        "reusing what is done)")

@@ -513,7 +513,9 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:
-            raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
+            raise ConfigError(f"{part}: no counts of {label} here: this stage reads the counts `sparcom collect` "
+                              "writes; run that first with the same --config and --out (or `sparcom run`, every "
+                              "stage in order, reusing what is done)")
         fp, enc = collect_fingerprint(cfg, spec, recs, template, **settings)
         stale(part, header.get("fingerprint"), served_by(fp, header.get("fingerprint")), overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out",
