@@ -925,6 +925,8 @@ def broken_models(tmp_path) -> tuple[Path, dict[str, tuple[Path, str]]]:
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
         "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    d = copy("shape", "/model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape (16, 16) but")
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "intermediate_size": 32}))
     d = copy("nochat", "")
     broken["nochat"] = (d, f"model 'llama2-7b-chat': the chat template is its prompt template, but its tokenizer ({d}) has none")
     (d / "chat_template.jinja").unlink()
@@ -932,15 +934,15 @@ def broken_models(tmp_path) -> tuple[Path, dict[str, tuple[Path, str]]]:
 
 
 def test_a_model_that_cannot_be_loaded_is_refused_before_the_models_before_it_are_counted(tmp_path, capsys):
-    # The fine-tuned model's directory (an unsupported model_type, a shard not downloaded, a tokenizer
-    # without the chat template it is counted under) passed the dry run, and the run stopped at it only
-    # after collecting the base model: hours for a 7B model.
+    # The fine-tuned model's directory (an unsupported model_type, a shard not downloaded, a config.json
+    # whose sizes the weights do not have, a tokenizer without the chat template it is counted under)
+    # passed the dry run, and the run stopped at it only after collecting the base model: hours for a 7B.
     good, broken = broken_models(tmp_path)
     cfg = str(CONFIGS / "llama2_7b.yaml")
     for name, (d, says) in broken.items():
         args = ("--config", cfg, f"base.path={good}", f"finetuned.path={d}", "data.n_per_category=2",
                 "data.max_length=64")
-        if name != "shard":  # a dry run plans before the weights are downloaded: their files are not checked
+        if name not in ("shard", "shape"):  # a dry run plans before the weights are downloaded: not read
             code, out, err = run_cli(capsys, "run", "--dry-run", *args)
             assert code == 2 and "config valid" not in out, name
             assert err.startswith(f"sparcom: error: {says}"), err

@@ -229,6 +229,21 @@ def _check_tensors(cfg: ModelConfig, tensors: list[Tensors], r: TensorReader, co
             f"{shown}. The config may not match the weights (e.g. wrong num_hidden_layers or model_type).")
 
 
+def check_checkpoint(path: str | Path) -> ModelConfig:
+    """What `load_model` checks before it reads a weight, without reading one: config.json, the
+    weights files, and every tensor's name, dtype and shape against config.json (safetensors
+    headers only), for a check of every model before any work (`pipeline.check_model_dirs`).
+
+    Raises:
+      ConfigError, CheckpointError: as `load_model` would, naming the file and field or tensor.
+    """
+    p = Path(path)
+    cfg = ModelConfig.from_pretrained(p)
+    r = TensorReader(p)
+    _check_tensors(cfg, parameter_tensors(abstract_model(cfg), r), r, str(p / "config.json"))
+    return cfg
+
+
 def load_params(model: CausalLM, path: str | Path, *, mesh=None, rules=None) -> None:
     """Fill `model` (possibly abstract) in place with the weights of HF directory `path`."""
     from sparcom_jax.parallel.sharding import param_shardings
