@@ -261,12 +261,13 @@ def cmd_selfcheck(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from sparcom_jax.config import apply_overrides, load_config
+    from sparcom_jax.config import apply_overrides, check_paths_from_here, load_config
 
     if args.devices is not None and not args.dry_run:
         raise ValueError(f"--devices {args.devices} plans a dry run's mesh and is used only with --dry-run; a run "
                          "uses the devices it sees (set mesh.data / mesh.model to shape them)")
     cfg = load_config(args.config, args.overrides)  # a config error is told before jax is imported (~3 s)
+    check_paths_from_here(cfg, args.config)
     if args.distributed and not cfg.mesh.distributed:
         cfg = apply_overrides(cfg, ["mesh.distributed=true"])
     if not args.dry_run:

@@ -818,6 +818,27 @@ def relative_paths(cfg: Any) -> dict[str, str]:
     return found
 
 
+def check_paths_from_here(cfg: Any, config_path: str | os.PathLike) -> None:
+    """Refuse a relative input path of the config (models, data) that is not there from the
+    current directory but is beside the config file: relative paths are read from the directory
+    sparcom runs in, as on the command line, so a config written beside its models and data and
+    run from another directory stopped at the first one read, saying only that it "does not exist".
+
+    Raises:
+      ConfigError: naming the key, both places and the two fixes.
+    """
+    here = Path(config_path).parent
+    if here.resolve() == Path.cwd().resolve():
+        return
+    for key, value in relative_paths(cfg).items():
+        if key.startswith(("out_dir", "collect.store")) or Path(value).exists() or not (here / value).exists():
+            continue  # (outputs, which a run makes; inputs found here, or nowhere: the run names those)
+        raise ConfigError(
+            f"{config_path}: {key}: {value!r} is not in the current directory ({os.getcwd()}) but is beside the "
+            f"config ({here / value}); relative paths in a config are read from the directory sparcom runs in: run "
+            f"it from {here}, or write the path as it is from here ({here / value}), or absolute")
+
+
 def _map_paths(cfg: Any, d: Any, fn: Callable[[str, Any], Any], prefix: str = "") -> None:
     """Replace, in `d` (`dataclasses.asdict(cfg)`), each path field's value v by fn(dotted name, v)."""
     if isinstance(cfg, list):

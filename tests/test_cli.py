@@ -899,6 +899,62 @@ def test_a_run_refuses_weights_without_their_tokenizer_before_any_work(tmp_path,
         assert not (out / "counts").exists()
 
 
+def broken_models(tmp_path) -> tuple[Path, dict[str, tuple[Path, str]]]:
+    """A loadable tiny model directory (weights, tokenizer with a chat template), and copies of it
+    broken as downloads and hand edits break them: {name: (directory, the error's start as the fine-tuned
+    model of configs/llama2_7b.yaml)}."""
+    import shutil
+
+    import sparcom_jax as sj
+
+    good = tmp_path / "good"
+    cfg = sj.ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=8, intermediate_size=16)
+    sj.save_model(sj.init_model(cfg), good, tokenizer=sj.default_tokenizer())
+    broken = {}
+
+    def copy(name: str, says: str) -> Path:
+        d = shutil.copytree(good, tmp_path / name)
+        broken[name] = (d, f"model 'llama2-7b-chat': {d}{says}")
+        return d
+
+    d = copy("gpt2", "/config.json: model_type 'gpt2' is not supported")
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "gpt2"}))
+    d = copy("shard", "/model.safetensors.index.json: names 1 shard file(s) that are not in")
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    d = copy("shape", "/model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape (16, 16) but")
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "intermediate_size": 32}))
+    d = copy("nochat", "")
+    broken["nochat"] = (d, f"model 'llama2-7b-chat': the chat template is its prompt template, but its tokenizer ({d}) has none")
+    (d / "chat_template.jinja").unlink()
+    return good, broken
+
+
+def test_a_model_that_cannot_be_loaded_is_refused_before_the_models_before_it_are_counted(tmp_path, capsys):
+    # The fine-tuned model's directory (an unsupported model_type, a shard not downloaded, a config.json
+    # whose sizes the weights do not have, a tokenizer without the chat template it is counted under)
+    # passed the dry run, and the run stopped at it only after collecting the base model: hours for a 7B.
+    good, broken = broken_models(tmp_path)
+    cfg = str(CONFIGS / "llama2_7b.yaml")
+    for name, (d, says) in broken.items():
+        args = ("--config", cfg, f"base.path={good}", f"finetuned.path={d}", "data.n_per_category=2",
+                "data.max_length=64")
+        if name not in ("shard", "shape"):  # a dry run plans before the weights are downloaded: not read
+            code, out, err = run_cli(capsys, "run", "--dry-run", *args)
+            assert code == 2 and "config valid" not in out, name
+            assert err.startswith(f"sparcom: error: {says}"), err
+        out = tmp_path / f"out-{name}"
+        code, _, err = run_cli(capsys, "collect", *args, "--out", str(out))
+        assert code == 2 and err.startswith(f"sparcom: error: {says}"), err
+        assert not (out / "counts").exists()
+    code, _, _ = run_cli(capsys, "run", "--dry-run", "--config", cfg, f"base.path={good}",
+                         f"finetuned.path={broken['shard'][0]}", "data.n_per_category=2", "data.max_length=64")
+    assert code == 0
+
+
 def test_data_warnings_are_one_plain_line(tmp_path, capsys):
     # A data file's warning came as Python prints it: the library's file and line, then a line
     # of its code ("  return load_instructions(d.path, ..."), before the message that matters.

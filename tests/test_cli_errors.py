@@ -181,3 +181,67 @@ def test_an_empty_data_path_is_refused_naming_the_key(capsys):
         assert code == 2 and out == "", value
         assert err.startswith(f"sparcom: error: override 'data.path={value}': data.path: empty ("), err
         assert err.endswith("); name a data file or directory (or a list of them), or null for the shipped set\n")
+
+
+def test_a_causal_check_on_records_without_responses_is_refused_before_any_work(tmp_path, capsys):
+    # A data file with empty `output`s (allowed for counting prompts) ran the whole study and a causal
+    # check of end-of-sequence losses; the dry run said nothing, the run only warned about few records.
+    import json
+
+    data = tmp_path / "prompts.jsonl"
+    cats = ["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
+    data.write_text("".join(json.dumps({"id": f"{c}{i}", "category": c, "instruction": f"Task {i} of kind {c}: go.",
+                                        "output": ""}) + "\n" for c in cats for i in range(4)))
+    cfg = write_tiny(tmp_path)
+    args = ["--config", str(cfg), "ablation.enabled=true", f"data.path={data}", "data.n_per_category=null",
+            "data.split={identify: 0.5, ablate: 0.5}", "data.group_by=text"]
+    for argv in (["ablate", "--dry-run"], ["ablate", "--out", str(tmp_path / "out")]):
+        code, out, err = run_cli(capsys, *argv, *args)
+        assert code == 2 and out == "", argv
+        assert err.startswith("sparcom: error: 12 of 12 held-out records have no reference response"), err
+        assert err.endswith("or turn the causal check off (ablation.enabled: false in a config)\n")
+        assert not (tmp_path / "out" / "counts").exists()
+    code, _, _ = run_cli(capsys, "ablate", "--dry-run", *args, "ablation.enabled=false")
+    assert code == 0
+
+
+def test_a_relative_path_found_beside_the_config_but_not_here_names_both(tmp_path, capsys, monkeypatch):
+    # A config written beside its data and run from another directory: the dry run said the data
+    # was "not on this machine: not checked" and passed; the run stopped at the first path it read.
+    import json
+
+    from test_cli import TINY
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "mine.jsonl").write_text("".join(json.dumps({"category": c, "instruction": f"Do {c} task {i}.",
+                                                          "output": "ok"}) + "\n"
+                                              for c in ("CLS", "CODE", "QA", "GEN", "MATH", "SUM") for i in range(12)))
+    (study / "my.yaml").write_text(TINY.replace("data: {n_per_category: 2,",
+                                                "data: {path: mine.jsonl, group_by: text, n_per_category: 2,"))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["collect", "--dry-run"], ["collect", "--out", "out"]):
+        code, out, err = run_cli(capsys, *argv, "--config", "study/my.yaml")
+        assert code == 2 and out == "", argv
+        assert err == (f"sparcom: error: study/my.yaml: data.path: 'mine.jsonl' is not in the current directory "
+                       f"({tmp_path}) but is beside the config (study/mine.jsonl); relative paths in a config are "
+                       "read from the directory sparcom runs in: run it from study, or write the path as it is from "
+                       "here (study/mine.jsonl), or absolute\n")
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run_cli(capsys, "collect", "--dry-run", "--config", "study/my.yaml", "data.path=study/mine.jsonl")
+    assert code == 0
+    monkeypatch.chdir(study)  # from the config's own directory the same file is read
+    code, _, _ = run_cli(capsys, "collect", "--dry-run", "--config", "my.yaml")
+    assert code == 0
+
+
+def test_a_stage_run_before_collect_says_how_to_run_collect(tmp_path, capsys):
+    # `sparcom identify --config my.yaml --out OUT` on an OUT without counts said "run `sparcom
+    # collect` first", which, run as written, stops for want of --config.
+    cfg = write_tiny(tmp_path)
+    code, _, err = run_cli(capsys, "identify", "--config", str(cfg), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        f"sparcom: error: {tmp_path}/out/counts/base: no counts of base here: this stage reads the counts `sparcom "
+        "collect` writes; run that first with the same --config and --out (or `sparcom run`, every stage in order, "
+        "reusing what is done)")

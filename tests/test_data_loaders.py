@@ -62,6 +62,22 @@ def test_json_file_holding_json_lines(tmp_path):
     assert load_instructions(write_jsonl(tmp_path / "a.json", ROWS)) == EXPECTED
 
 
+def test_jsonl_file_holding_one_json_list(tmp_path):
+    # json.dump(records, f) under a .jsonl name: every line was "malformed JSON" ("mine.jsonl:1:
+    # malformed JSON (Expecting value at column 2) ... (11 more invalid record(s) ...)").
+    p = tmp_path / "mine.jsonl"
+    p.write_text(json.dumps(ROWS, indent=1), encoding="utf-8")
+    assert load_instructions(p) == EXPECTED
+    p.write_text(json.dumps([{k: v for k, v in r.items() if k != "id"} for r in ROWS]), encoding="utf-8")
+    assert [r.id for r in load_instructions(p)] == ["mine:item 1", "mine:item 2", "mine:item 3"]
+    p.write_text(json.dumps([ROWS[0], 7]), encoding="utf-8")  # a list item that is no record: named as in a .json
+    with pytest.raises(ValueError, match=r"mine\.jsonl:item 2: expected a JSON object, got int"):
+        load_instructions(p)
+    p.write_text("[" + json.dumps(ROWS[0]) + "\n", encoding="utf-8")  # an unclosed list: its line, as before
+    with pytest.raises(ValueError, match=r"mine\.jsonl:1: malformed JSON"):
+        load_instructions(p)
+
+
 def test_csv_with_numeric_ids_empty_cells_and_multiline(tmp_path):
     rows = [dict(r, id=str(i)) for i, r in enumerate(ROWS, start=1)]
     rows[0]["instruction"] = "Add 2 and 3.\nShow your work."
@@ -280,6 +296,38 @@ def test_csv_error_names_the_line(tmp_path):
     rows[1]["category"] = "cod"
     p = write_csv(tmp_path / "bad.csv", rows)
     with pytest.raises(ValueError, match=r"bad\.csv:4: unknown category 'cod'.*did you mean 'code'"):
+        load_instructions(p)
+
+
+def test_a_csv_row_of_more_or_fewer_cells_than_the_header_is_named_by_its_line(tmp_path):
+    # One cell too many (an unquoted comma) was "could not be read as csv: An error occurred while
+    # generating the dataset; check the file format", with no line; one too few was read with the
+    # missing fields empty: MATH's record loaded without its response, and nothing said so.
+    p = tmp_path / "rows.csv"
+    p.write_text("id,category,instruction,input,output\n"
+                 "a1,CODE,Write code,,print(1)\n"
+                 "a2,MATH,What is 2+2\n"
+                 "a3,QA,Why?,,Because\n"
+                 "a4,QA,Who, or what?,,Nobody\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^.*rows\.csv:3: 3 cells where the header has 5; quote a cell that holds "
+                                         r"',' \(\"like, this\"\), or give the row every column\n\(1 more invalid"):
+        load_instructions(p)
+    with pytest.warns(DataWarning, match=r"rows\.csv:5: 6 cells where the header has 5"):
+        recs, report = load_instructions(p, lenient=True, return_report=True)
+    assert [(r.id, r.output) for r in recs] == [("a1", "print(1)"), ("a3", "Because")]
+    assert [(x.where, x.what) for x in report.skipped] == [("3", "3 cells where the header has 5"),
+                                                          ("5", "6 cells where the header has 5")]
+
+
+def test_a_csv_separated_by_semicolons_says_so(tmp_path):
+    # Spreadsheets save CSV with ';' in many locales: every row was one cell, and the error was
+    # "missing required column(s) ['category', 'instruction', 'output'] ... (columns found:
+    # ['id;category;instruction;input;output'])", after pandas printed its own parser error.
+    p = tmp_path / "semi.csv"
+    p.write_text("id;category;instruction;input;output\na1;CODE;Write code;;print(1)\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"semi\.csv:1: the header is one column, 'id;category;instruction;input;"
+                                         r"output': its columns are separated by ';', where a \.csv file's are by ',';"
+                                         r" save it with ',' between columns"):
         load_instructions(p)
 
 

@@ -395,3 +395,25 @@ def test_held_out_firing_scopes_follow_the_prompt_length_and_content_matches_a_f
         assert all(np.array_equal(a, b) for a, b in zip(got, ref.scopes, strict=True)), scope
     with pytest.raises(ValueError, match="firing scope 'prompts'"):
         held_out_firing_scopes(enc, "prompts")
+
+
+def test_held_out_records_without_a_response_are_refused_or_warned_about():
+    # `output` may be "" for counting prompts (docs/notebook.md), but the causal check scored such a
+    # record on its end-of-sequence token alone: a file without responses gave a causal check of
+    # end-of-sequence losses, with a warning that asked for more held-out records.
+    from sparcom_jax.data import DataWarning
+    from sparcom_jax.stats.losses import make_loss_fn, response_targets
+
+    model, recs = cut_records()
+    no_cls = [dict(recs[0], output="  "), *recs[1:]]
+    with pytest.raises(ValueError, match=r"^1 of 3 held-out records have no reference response \('output' is empty: "
+                                         r"CLS 1 of 1; e\.g\. 'c1'\): .*, and CLS \(classification\) would be scored "
+                                         r"on nothing else; .*ablation\.enabled: false in a config\)$"):
+        make_loss_fn(model, no_cls, max_length=None)
+    blank_m2 = [*recs[:2], dict(recs[2], output="")]
+    with pytest.warns(DataWarning, match=r"^1 of 3 held-out records have no reference response \('output' is "
+                                         r"empty: MATH 1 of 2; e\.g\. 'm2'\).*end-of-sequence token alone .*; give them"):
+        fn = make_loss_fn(model, blank_m2, max_length=None)
+    # What the message says: the record without a response is scored on one token, the end of sequence.
+    targets = response_targets(fn.encoded).tolist()
+    assert targets[2] == 1 and targets[1] > 1

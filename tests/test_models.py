@@ -487,6 +487,20 @@ def test_an_unusable_config_field_is_named(tmp_path, change, message):
         sj.load_model(tmp_path)
 
 
+def test_a_misspelled_config_field_is_named_beside_the_missing_one(tmp_path):
+    # A hand-edited config.json with 'num_hiden_layers' said only that 'num_hidden_layers' is missing
+    # and to copy it from the published config.json.
+    cfg = {k: v for k, v in VARIANTS_CONFIG_LLAMA.items() if k != "num_hidden_layers"}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hiden_layers": 2}))
+    with pytest.raises(ConfigError, match=r"config\.json: required field 'num_hidden_layers' is missing \(or null\) "
+                                          r"\(it has 'num_hiden_layers': a misspelling\? name it 'num_hidden_layers'\);"):
+        sj.load_model(tmp_path)
+    # A field named unlike it is no misspelling: the message is as before.
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 2}))
+    with pytest.raises(ConfigError, match=r"required field 'num_hidden_layers' is missing \(or null\); copy it"):
+        sj.load_model(tmp_path)
+
+
 def test_numbers_written_as_text_still_read():
     # YAML 1.1 reads 1e-5 (no dot) as text: an `architecture:` block may hold it so
     cfg = ModelConfig.from_hf_config({**VARIANTS_CONFIG_LLAMA, "rms_norm_eps": "1e-5", "hidden_size": "32"})

@@ -589,3 +589,46 @@ def test_a_mesh_that_is_not_a_mesh_is_named_with_how_to_build_one(tmp_path):
         sj.collect_counts(model, [np.array([1, 2, 3])], mesh=8, progress=False)
     with pytest.raises(TypeError, match=f"^finetune: {build}tuple"):
         sj.finetune(model, [], None, sj.TrainConfig(), tmp_path / "run", mesh=(1, 1))
+
+
+def test_a_random_model_saved_and_loaded_back_counts_with_the_tokenizer_it_showed(tmp_path):
+    # sj.save_model(sj.init_model(cfg), DIR) wrote no tokenizer, though the model's display said it
+    # uses "the shipped tokenizer": loaded back, every collection refused it ("no tokenizer beside
+    # the weights ...; download the model's tokenizer files into it too").
+    cfg = sj.ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=8, intermediate_size=16)
+    model = sj.init_model(cfg, seed=3)
+    assert "the shipped tokenizer" in repr(model)
+    loaded = sj.load_model(sj.save_model(model, tmp_path / "m"))
+    assert loaded.tokenizer is not None and loaded.tokenizer.get_vocab() == sj.default_tokenizer().get_vocab()
+    records = sj.load_instructions(n_per_category=1)
+    here, back = (sj.collect_instructions(m, records, progress=False) for m in (model, loaded))
+    np.testing.assert_array_equal(here.neuron_active, back.neuron_active)
+    # A model read from a directory without tokenizer files is saved without one, as before.
+    bare = sj.save_model(sj.load_model(tmp_path / "m", with_tokenizer=False), tmp_path / "bare")
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_notebooks_slips_with_records_rules_and_stores_are_named_with_the_fix(tmp_path):
+    # One record dict for a list was read as file names ("category: no such file or directory");
+    # eps="1%" failed with "'<' not supported between instances of 'float' and 'str'"; a run's
+    # folder given to open_counts said "no count store here; make one", with its stores below it.
+    one = {"category": "math", "instruction": "What is 2 + 2?", "output": "4"}
+    with pytest.raises(ValueError, match=r"^records: one record \(dict\) where a list of records or a file is "
+                                         r"expected; pass a list of them, \[record\]$"):
+        sj.load_instructions(one)
+    assert len(sj.load_instructions([one])) == 1
+    with pytest.raises(ValueError, match=r"^eps must be a number, a share of 1 \(0\.01 for 1 %\), got '1%'$"):
+        sj.IdentifyConfig(eps="1%")
+    assert sj.IdentifyConfig(eps=np.float32(0.5)).eps == 0.5
+    run = tmp_path / "run"
+    (run / "counts").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: x\n")
+    sj.save_counts(_study_counts(2, L=1, F=8), run / "counts" / "base")
+    with pytest.raises(ValueError, match=rf"^{run}: no count store here \(meta\.json missing\); the stores "
+                                         rf"{run}/counts/base are below it: open one, sj\.open_counts\("
+                                         rf"'{run}/counts/base'\), or the whole run: sj\.open_run\('{run}'\)$"):
+        sj.open_counts(run)
+    with pytest.raises(ValueError, match=r"no count store here \(meta\.json missing\); make one with "):
+        sj.open_counts(tmp_path / "elsewhere")
+    assert sj.open_counts(run / "counts" / "base").categories == _study_counts(2, L=1, F=8).categories

@@ -206,6 +206,21 @@ def test_a_directory_that_is_not_a_run_says_so(tmp_path):
         sj.open_run(tmp_path)
 
 
+def test_a_file_or_folder_inside_a_run_names_the_run_to_open(done, tmp_path):
+    # Opening the report's summary.json or OUT/config.yaml (the files a user has at hand) said a
+    # command was writing into the run: "pid None on host None, since 1970-01-01 ...".
+    for inside in ("config.yaml", "report/summary.json", "report/index.html"):
+        with pytest.raises(ConfigError, match=rf"^{done / inside}: a file, not a run's output directory; open the "
+                                              rf"run's directory: sj\.open_run\('{done}'\)$"):
+            sj.open_run(done / inside)
+    with pytest.raises(ConfigError, match=rf"^{done / 'report'}: inside the run {done}, not its output directory; "
+                                          rf"open the run's directory: sj\.open_run\('{done}'\)$"):
+        sj.open_run(done / "report")
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(ConfigError, match=r": a file, not a run's output directory; pass the --out directory of a "):
+        sj.open_run(tmp_path / "notes.txt")
+
+
 def test_a_report_of_another_format_version_is_refused(done, tmp_path):
     out = copy_of(done, tmp_path)
     edit_json(out / "report" / "summary.json", lambda d: d.update(summary_version=99))

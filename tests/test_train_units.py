@@ -747,3 +747,28 @@ def test_a_checkpoint_a_killed_run_left_unfinished_is_removed(tmp_path):
     ck.wait()
     ck.close()
     assert sorted(p.name for p in left.parent.iterdir()) == ["0"]
+
+
+def test_training_records_without_a_response_are_refused_or_warned_about():
+    # Records with output "" (fine for counting prompts) were trained on their end-of-sequence token
+    # alone: a category of them taught the model to stop at once, and nothing said so.
+    from sparcom_jax.data import DataWarning, default_tokenizer, encode_records, load_instructions
+    from sparcom_jax.train import TrainConfig, check_responses_cut
+
+    tok, cfg = default_tokenizer(), TrainConfig(max_length=256)
+    rows = [{"id": f"{c}{i}", "category": c, "instruction": f"Do the {c} task number {i}.", "output": "Done."}
+            for c in ("MATH", "CODE") for i in range(2)]
+    for i in (0, 1):  # every MATH record: refused
+        rows[i]["output"] = ""
+    records = load_instructions(rows)
+    enc = encode_records(records, tok, template=cfg.template, scope="response", max_length=cfg.max_length)
+    with pytest.raises(ValueError, match=r"^2 of 4 training records have no reference response \('output' is empty: "
+                                         r"MATH 2 of 2; e\.g\. 'MATH0', 'MATH1'\): fine-tuning trains on the response "
+                                         r"tokens, .*, and MATH \(math\) would be trained on nothing else; .* or leave "
+                                         r"those records out of the training records$"):
+        check_responses_cut(enc, records, tok, cfg)
+    rows[1]["output"] = "Five."  # one of two: a warning
+    records = load_instructions(rows)
+    enc = encode_records(records, tok, template=cfg.template, scope="response", max_length=cfg.max_length)
+    with pytest.warns(DataWarning, match=r"^1 of 4 training records .*MATH 1 of 2; e\.g\. 'MATH0'"):
+        check_responses_cut(enc, records, tok, cfg)

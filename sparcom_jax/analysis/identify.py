@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -91,6 +92,10 @@ class IdentifyConfig:
         if self.ties == "break" and self.rule != "top":
             raise ValueError("ties='break' applies to rule='top' only (an absolute threshold has "
                              "no cut to break ties at); use ties='keep'")
+        for name in ("eps", "eps_experts", "q", "threshold"):  # ('1%' failed as "'<' not supported ...")
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise ValueError(f"{name} must be a number, a share of 1 (0.01 for 1 %), got {v!r}")
         for name in ("eps", "eps_experts"):
             v = getattr(self, name)
             if v is not None and not 0.0 < v <= 1.0:

@@ -89,11 +89,13 @@ class TensorReader:
         self.where: dict[str, Path] = {}
         if index.exists():
             wm = _weight_map(index)
-            for name, fn in wm.items():
-                p = self.path / fn
-                if not p.exists():
-                    raise CheckpointError(f"{index}: tensor {name!r} points to missing file {fn}")
-                self.where[name] = p
+            absent = sorted({fn for fn in wm.values() if not (self.path / fn).exists()})
+            if absent:
+                raise CheckpointError(
+                    f"{index}: names {len(absent)} shard file(s) that are not in {self.path} ({', '.join(absent[:3])}"
+                    f"{', ...' if len(absent) > 3 else ''}; {len(set(wm.values()))} named in all): an unfinished "
+                    "download? Download the missing files too (or the model again)")
+            self.where = {name: self.path / fn for name, fn in wm.items()}
         else:
             for p in files:
                 with _open(p) as f:
@@ -227,6 +229,21 @@ def _check_tensors(cfg: ModelConfig, tensors: list[Tensors], r: TensorReader, co
             f"{shown}. The config may not match the weights (e.g. wrong num_hidden_layers or model_type).")
 
 
+def check_checkpoint(path: str | Path) -> ModelConfig:
+    """What `load_model` checks before it reads a weight, without reading one: config.json, the
+    weights files, and every tensor's name, dtype and shape against config.json (safetensors
+    headers only), for a check of every model before any work (`pipeline.check_model_dirs`).
+
+    Raises:
+      ConfigError, CheckpointError: as `load_model` would, naming the file and field or tensor.
+    """
+    p = Path(path)
+    cfg = ModelConfig.from_pretrained(p)
+    r = TensorReader(p)
+    _check_tensors(cfg, parameter_tensors(abstract_model(cfg), r), r, str(p / "config.json"))
+    return cfg
+
+
 def load_params(model: CausalLM, path: str | Path, *, mesh=None, rules=None) -> None:
     """Fill `model` (possibly abstract) in place with the weights of HF directory `path`."""
     from sparcom_jax.parallel.sharding import param_shardings
@@ -347,8 +364,9 @@ def save_model(model: CausalLM, path: str | Path, *, tokenizer=None, dtype: str 
     """Write `model` as a Hugging Face directory that transformers loads unchanged.
 
     Writes config.json, model.safetensors and the tokenizer files (from `tokenizer`
-    or ``model.tokenizer``). The directory appears atomically: everything is
-    written to a temporary sibling first, then renamed.
+    or ``model.tokenizer``; for a model not loaded from a directory, a random one, the
+    shipped tokenizer its collections use, so that it loads back usable). The directory
+    appears atomically: everything is written to a temporary sibling first, then renamed.
     """
     from safetensors.numpy import save_file
 
@@ -364,6 +382,10 @@ def save_model(model: CausalLM, path: str | Path, *, tokenizer=None, dtype: str 
         hf["torch_dtype"] = "bfloat16" if any_t.dtype == jnp.bfloat16 else str(any_t.dtype)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tok is None and not getattr(model, "source_path", None):
+            from sparcom_jax.data import resolve_tokenizer
+
+            tok = resolve_tokenizer(model)  # (the shipped one: the model's display names it)
         if tok is not None:
             tok.save_pretrained(str(tmp))
     return path

@@ -32,7 +32,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from sparcom_jax.categories import normalize_category
 from sparcom_jax.data.adapters import Adapter, detect_adapter, get_adapter
@@ -157,14 +157,17 @@ def _load_json_subset(file: Path, lines: list[str], all_good: bool):
 
 def _read_json(file: Path) -> _Table:
     text = _read_text(file)
-    if file.suffix.lower() in _JSONL_SUFFIXES:
+    jsonl = file.suffix.lower() in _JSONL_SUFFIXES
+    # A .jsonl file holding one JSON list (json.dump(records, f) under a .jsonl name) is read as
+    # the list it is: read line by line, each of its lines was "malformed JSON".
+    if jsonl and not text.lstrip().startswith("["):
         return _read_json_lines(file, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         # A .json file may hold JSON Lines; accept it when every line is an object.
         lines = [ln for ln in text.splitlines() if ln.strip()]
-        if len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines):
+        if jsonl or (len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines)):
             return _read_json_lines(file, text)
         raise ValueError(str(_json_error(file, err.lineno, err))) from err
     if not isinstance(data, list):
@@ -188,26 +191,43 @@ def _read_json(file: Path) -> _Table:
     return _Table(str(file), rows, where, columns, problems)
 
 
-def _csv_lines(text: str, sep: str) -> tuple[list[int], list[str]]:
-    """The line each CSV data row starts on (1-based), skipping blank lines as pandas
-    does, and the header's column names."""
-    starts, header = [], []
+def _csv_rows(text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
+    """(the line it starts on, 1-based; its cells) of every CSV row, the header's first,
+    skipping blank lines as pandas does."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
     prev = 0
     for row in reader:
         if row:
-            starts.append(prev + 1)
-            header = header or row
+            yield prev + 1, row
         prev = reader.line_num
-    return starts[1:], header  # the first row is the header
+
+
+def _csv_lines(text: str, sep: str) -> tuple[list[int], list[str], dict[int, list[str]]]:
+    """The line each CSV data row starts on, the header's column names, and the rows of another
+    number of cells than the header, by line."""
+    starts, header, ragged = [], [], {}
+    for line, row in _csv_rows(text, sep):
+        starts.append(line)
+        header = header or row
+        if len(row) != len(header):
+            ragged[line] = row
+    return starts[1:], header, ragged  # the first row is the header
+
+
+def _ragged_problem(file: Path, line: int, row: list[str], header: list[str], sep: str) -> Problem:
+    """A CSV row of more or fewer cells than the header: pandas refused the first kind with no
+    line ("could not be read as csv: An error occurred while generating the dataset") and read
+    the second with its last fields empty, a record's output lost without a word."""
+    return Problem(str(file), str(line), f"{len(row)} cells where the header has {len(header)}",
+                   f"quote a cell that holds {sep!r} (\"like{sep} this\"), or give the row every column")
 
 
 def _read_csv(file: Path, sep: str) -> _Table:
     text = _read_text(file)
     try:
-        lines, header = _csv_lines(text, sep)
+        lines, header, ragged = _csv_lines(text, sep)
     except csv.Error:
-        lines, header = None, []
+        lines, header, ragged = None, [], {}
     if lines == []:  # datasets cannot read a header without rows; say what is wrong instead
         raise _empty_file(file, f"only the header line, columns {header}")
     # Empty cells stay "" (an empty optional input, or an empty instruction that
@@ -216,18 +236,33 @@ def _read_csv(file: Path, sep: str) -> _Table:
     # ("007" -> 7, "0.10" -> 0.1, a 20-digit number rounded), changing ids and answers.
     import datasets
 
+    other = next((o for o in (";", "\t", "|", ",") if len(header) == 1 and o != sep and o in header[0]), None)
+    if other:  # (a semicolon CSV, as spreadsheets write it in many locales): every row one cell
+        raise ValueError(f"{file}:1: the header is one column, {header[0][:80]!r}: its columns are separated by "
+                         f"{other!r}, where a {file.suffix} file's are by {sep!r}; save it with {sep!r} between "
+                         f"columns (pandas: df.to_csv(path, index=False){', or name it .tsv' if other == chr(9) else ''})")
     dup = sorted({c for c in header if header.count(c) > 1})
     if dup:  # pandas would rename the second copy ("input.1") and the record read the first
         raise ValueError(f"{file}:1: column(s) {dup} appear more than once in the header; "
                          "give every column its own name")
     features = datasets.Features({c: datasets.Value("string") for c in header}) if header else None
-    rows, columns = _datasets_load("csv", file, sep=sep, na_filter=False, features=features)
-    lines = lines or []
+    problems = [_ragged_problem(file, n, row, header, sep) for n, row in ragged.items()]
+    lines = [n for n in lines or [] if n not in ragged]
+    if not problems:
+        rows, columns = _datasets_load("csv", file, sep=sep, na_filter=False, features=features)
+    elif not lines:
+        rows, columns = [], header
+    else:  # hand datasets only the rows that fit the header (lenient mode reads them)
+        with tempfile.TemporaryDirectory(prefix="sparcom_data_") as tmp:
+            part = Path(tmp) / file.name
+            with open(part, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f, delimiter=sep).writerows(row for n, row in _csv_rows(text, sep) if n not in ragged)
+            rows, columns = _datasets_load("csv", part, sep=sep, na_filter=False, features=features)
     if len(lines) == len(rows):
         where = [str(n) for n in lines]
     else:  # unusual quoting: fall back to row numbers rather than guess lines
         where = [f"row {i}" for i in range(1, len(rows) + 1)]
-    return _Table(str(file), rows, where, columns, [])
+    return _Table(str(file), rows, where, columns, problems)
 
 
 def _read_parquet(file: Path) -> _Table:
@@ -522,6 +557,9 @@ def load_instructions(
     adapter_excluded: list[Excluded] = []
     records: list[Record] = []
     seen: dict[str, tuple[str, bool]] = {}  # id -> (where first seen, derived)
+    if isinstance(path, (Mapping, Record)):  # (a dict's keys were read as file names: "category: no such file")
+        raise ValueError(f"{IN_MEMORY}: one record ({type(path).__name__}) where a list of records or a file is "
+                         "expected; pass a list of them, [record]")
     if isinstance(path, Iterable) and not isinstance(path, (str, os.PathLike)) and not hasattr(path, "columns"):
         path = list(path)  # a generator (or a `datasets.Dataset`) is read once
     tables = [_rows_table(path)] if _is_rows(path) else map(read_table, _as_paths(path))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+import warnings
+from collections import Counter
+from typing import Any, Mapping, Sequence
 
-from sparcom_jax.categories import SHORT_NAMES, normalize_category
+from sparcom_jax.categories import CATEGORIES, SHORT_NAMES, normalize_category
 
 #: Fields a row must carry (after field mapping / adapters).
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "category", "instruction", "output")
@@ -207,3 +209,46 @@ def validate_row(
         )
     values["id"] = values["id"].strip()
     return Record(**values)
+
+
+# What reads a record's reference response, as `check_responses` says it: (the records, what is
+# done with the response tokens, to a record without one, the other way out than responses).
+_RESPONSE_USES = {
+    "causal check": ("held-out", "the causal check scores", "scored on",
+                     "turn the causal check off (ablation.enabled: false in a config)"),
+    "fine-tuning": ("training", "fine-tuning trains on", "trained on",
+                    "leave those records out of the training records"),
+}
+
+
+def check_responses(records: Sequence, use: str = "causal check") -> None:
+    """Refuse records of which a category has no reference response at all, and warn about the
+    ones without among others (a `DataWarning`), naming the categories and records.
+
+    The causal check scores each category's loss on the response tokens of its held-out
+    records, and fine-tuning trains on those of its training records; a record whose `output`
+    is empty (or blank), allowed for counting prompts, keeps only its end-of-sequence token
+    (after any blank text) there, so a category of such records would be scored (tuned) on that
+    token alone, and each such record among others dilutes its category's loss.
+
+    Args:
+      records: `Record`s (as `as_records` returns them).
+      use: "causal check" or "fine-tuning" (the wording of the messages).
+
+    Raises:
+      ValueError: a category whose records all lack a response.
+    """
+    part, reads, done, off = _RESPONSE_USES[use]
+    empty = [r for r in records if not r.output.strip()]
+    if not empty:
+        return
+    missing, every = Counter(r.category for r in empty), Counter(r.category for r in records)
+    per = ", ".join(f"{SHORT_NAMES[c]} {missing[c]} of {every[c]}" for c in CATEGORIES if missing[c])
+    what = (f"{len(empty)} of {len(records)} {part} records have no reference response ('output' is empty: {per}; "
+            f"e.g. {', '.join(repr(r.id) for r in empty[:3])}): {reads} the response tokens, so such a record is "
+            f"{done} its end-of-sequence token alone (after any blank text), not on a response")
+    unscored = [c for c in CATEGORIES if missing[c] and missing[c] == every[c]]
+    if unscored:
+        raise ValueError(f"{what}, and {', '.join(f'{SHORT_NAMES[c]} ({c})' for c in unscored)} would be {done} "
+                         f"nothing else; give those records their responses (the 'output' field), or {off}")
+    warnings.warn(f"{what}; give them their responses, or leave them out", DataWarning, stacklevel=3)

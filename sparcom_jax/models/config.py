@@ -12,6 +12,7 @@ both work); `to_hf_config` writes one back that transformers loads unchanged.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,14 @@ from typing import Any
 from sparcom_jax.errors import ConfigError
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+def _misspelled(key: str, hf: dict) -> str:
+    """" (it has 'num_hiden_layers': ...)" when `hf` holds a set key spelled like the missing `key`
+    (a hand-edited config.json), else ""."""
+    close = difflib.get_close_matches(key, [k for k in hf if isinstance(k, str) and hf[k] is not None], n=1,
+                                      cutoff=0.85)
+    return f" (it has {close[0]!r}: a misspelling? name it {key!r})" if close else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,8 +262,8 @@ class ModelConfig:
             v = get(key, None, *alts)
             if v is None:
                 if default is _REQUIRED:
-                    raise ConfigError(f"{source}: required field {key!r} is missing (or null); copy it from the "
-                                      "model's published config.json")
+                    raise ConfigError(f"{source}: required field {key!r} is missing (or null){_misspelled(key, hf)}; "
+                                      "copy it from the model's published config.json")
                 return default
             try:
                 return cast(v)

@@ -384,6 +384,35 @@ def require_tokenizers(cfg: ExperimentConfig, specs: Sequence[ModelSpec], stages
             raise ConfigError(f"model {s.label!r}: {missing_tokenizer(s.path)}")
 
 
+def check_model_dirs(cfg: ExperimentConfig, specs: Sequence[ModelSpec], stages: Sequence[str], *,
+                     weights: bool = True) -> None:
+    """Fail before any work when one of `stages` loads a model (finetune, collect, ablate) whose
+    directory is here but cannot be used: its config.json (not JSON, a field missing, a model_type
+    not supported), its weights (no *.safetensors, a shard the index names missing, a tensor
+    missing, unexpected, quantized or of a shape config.json does not imply: `check_checkpoint`;
+    not with `weights=False`, as a dry run plans before the weights are downloaded) or, under the
+    chat template, a tokenizer without one. The run found each only when it reached that model,
+    after collecting the ones before it (hours for a 7B model). Reads no tensor, only the
+    safetensors headers."""
+    if not {"finetune", "collect", "ablate"} & set(stages):
+        return
+    from sparcom_jax.checkpoints.hf import check_checkpoint, has_tokenizer
+    from sparcom_jax.models.config import ModelConfig
+    from sparcom_jax.pipeline.provenance import spec_tokenizer
+
+    for s in (s for s in specs if has_weights(s)):
+        try:
+            check_checkpoint(s.path) if weights else ModelConfig.from_pretrained(s.path)
+        except ValueError as e:  # (ConfigError, CheckpointError: they name the file)
+            raise ConfigError(f"model {s.label!r}: {e}") from None
+        if template_for(s, cfg) == "chat" and has_tokenizer(s.path) and not spec_tokenizer(s).chat_template:
+            raise ConfigError(
+                f"model {s.label!r}: the chat template is its prompt template, but its tokenizer ({s.path}) has "
+                "none (a base model's usually has none); set its template: plain in the config, or add the chat "
+                "template of the model it was tuned as (chat_template.jinja, or chat_template in "
+                "tokenizer_config.json)")
+
+
 def load_spec_model(spec: ModelSpec, dtype: str = "float32", mesh=None, moe_impl: str = "auto",
                     gate_dtype: str | None = None):
     """Load a model from its HF directory, or build it from `init` (random weights).

@@ -15,7 +15,7 @@ from typing import Any
 from sparcom_jax.config import ConfigError, ExperimentConfig
 from sparcom_jax.console import fmt_bytes, fmt_count
 from sparcom_jax.pipeline.common import (
-    ablate_records, check_model_names, has_weights, identify_records, model_config, own_train_files,
+    ablate_records, check_model_dirs, check_model_names, has_weights, identify_records, model_config, own_train_files,
     require_tokenizers, resolve_mesh, stages_run, template_for, train_records,
 )
 
@@ -194,7 +194,9 @@ def _n_instructions(cfg: ExperimentConfig, ablates: bool = False) -> tuple[int |
         # small for data.n_per_category, fails the dry run as it would fail the run.
         n = len(identify_records(cfg))
         if ablates:
-            ablate_records(cfg)
+            from sparcom_jax.data.records import check_responses
+
+            check_responses(ablate_records(cfg))
         return n, f"{cfg.data.path or 'the shipped set'} (read and checked: {n} records to count)"
     absent = ", ".join(str(p) for p in paths if not Path(p).exists())
     note = f"{cfg.data.path} ({absent + ' ' if len(paths) > 1 else ''}not on this machine: not checked"
@@ -313,6 +315,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
     weights = {s.label: has_weights(s) for s in specs}
     stages = stages_run(stage)
     require_tokenizers(cfg, specs, stages)
+    check_model_dirs(cfg, specs, stages, weights=False)  # (planned before the weights are downloaded)
     L = mcfg.num_layers
     plan: dict[str, Any] = {
         "stage": stage, "experiment": cfg.name, "model_type": mcfg.model_type, "architecture_source": source,

@@ -65,6 +65,7 @@ def open_run(out: str | Path) -> "Run":
       LockedError: a sparcom command is writing into `out` now.
     """
     out = Path(out)
+    _not_inside_a_run(out)
     _not_being_written(out)
     cfg = _load_config(out)
     summary_path = out / _MARKS["report"]
@@ -82,6 +83,21 @@ def open_run(out: str | Path) -> "Run":
                           f"--config {out / 'config.yaml'} --out {out}`") from None
     _check_format(summary, summary_path, out)
     return Run(out, cfg, summary)
+
+
+def _not_inside_a_run(out: Path) -> None:
+    """Refuse a file, or a directory without config.yaml, with the run directory it lies in when
+    there is one (OUT/report/summary.json, OUT/config.yaml, OUT/report/ for OUT): a file was
+    read as a run locked by a command that never ran ("pid None ... since 1970")."""
+    if not out.exists() or (out / "config.yaml").is_file():
+        return  # (`_load_config` says what is missing)
+    run = next((p for p in out.parents if (p / "config.yaml").is_file() and (p / "report").is_dir()), None)
+    what = "a file, not a run's output directory" if not out.is_dir() else None
+    if run is not None:
+        raise ConfigError(f"{out}: {what or 'inside the run ' + str(run) + ', not its output directory'}; open the "
+                          f"run's directory: sj.open_run({str(run)!r})")
+    if what:
+        raise ConfigError(f"{out}: {what}; pass the --out directory of a `sparcom run`")
 
 
 def _not_being_written(out: Path) -> None:

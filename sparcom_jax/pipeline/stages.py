@@ -23,7 +23,7 @@ from sparcom_jax.fingerprint import (
     parts_line, read_fingerprint, record_digests, served_by, with_environment, with_method, write_fingerprint,
 )
 from sparcom_jax.pipeline.common import (
-    ablate_records, barrier, check_shared, counts_root, group_records, identify_records, is_primary,
+    ablate_records, barrier, check_model_dirs, check_shared, counts_root, group_records, identify_records, is_primary,
     load_spec_model, log, log_stale_lock, make_mesh, model_list, own_train_files, primary_writes, record_parts,
     require_models, require_tokenizers, safe, save_resolved, stages_run, template_for, timed, train_records,
 )
@@ -513,7 +513,9 @@ def open_model_counts(cfg: ExperimentConfig, out: Path, spec: ModelSpec, templat
     for part, recs in zip(parts or [root], shares):
         header = read_header(part)
         if header is None:
-            raise ConfigError(f"{part}: no counts of {label} here; run `sparcom collect` first")
+            raise ConfigError(f"{part}: no counts of {label} here: this stage reads the counts `sparcom collect` "
+                              "writes; run that first with the same --config and --out (or `sparcom run`, every "
+                              "stage in order, reusing what is done)")
         fp, enc = collect_fingerprint(cfg, spec, recs, template, **settings)
         stale(part, header.get("fingerprint"), served_by(fp, header.get("fingerprint")), overwrite=False,
               fix="run `sparcom collect --overwrite` first, or choose another --out",
@@ -1298,22 +1300,27 @@ STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 
 def preflight(stage: str, cfg: ExperimentConfig, out: Path) -> None:
     """The checks every stage makes before any work or output: the models it needs exist (with
-    their tokenizers, where it tokenizes: `require_tokenizers`, as the dry run), the records
+    their tokenizers, where it tokenizes: `require_tokenizers`, as the dry run) and can be loaded
+    (`check_model_dirs`), the records
     load, split and sample, and fine-tuned checkpoints in OUT were tuned as the config says
-    (`check_checkpoints_current`)."""
+    (`check_checkpoints_current`), and the causal check's records have responses (`check_responses`)."""
+    from sparcom_jax.data.records import check_responses
+
     if stage == "finetune" or (stage == "run" and fine_tunes(cfg)):
         require_models([cfg.base])
         require_tokenizers(cfg, [cfg.base], ("finetune",))
+        check_model_dirs(cfg, [cfg.base], ("finetune",))
         train_records(cfg)
     if stage != "finetune":
         specs = model_list(cfg, out, finetune_pending=stage == "run" and fine_tunes(cfg))
         require_models(specs)
         require_tokenizers(cfg, specs, stages_run(stage))
+        check_model_dirs(cfg, specs, stages_run(stage))
         identify_records(cfg)
     if stage not in ("finetune", "run"):  # (`run` fine-tunes first, and its finetune checks them)
         check_checkpoints_current(cfg, out)
     if stage in ("ablate", "run") and cfg.ablation.enabled:
-        ablate_records(cfg)
+        check_responses(ablate_records(cfg))
 
 
 def run_key(stage: str, cfg: ExperimentConfig, overwrite: bool) -> dict[str, Any]:

@@ -341,11 +341,17 @@ def make_loss_fn(model, records, tokenizer=None, *, kind: str = "neurons", templ
 
     Raises:
       ValueError: a category of `records` has no response token within `max_length` (its
-        prompts fill it), so its losses would be missing from every pass.
+        prompts fill it), so its losses would be missing from every pass; or no record of a
+        category has a reference response (`check_responses`, made unless `encoded` is given:
+        the pipeline checks the records before any work).
     """
     from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
-    from sparcom_jax.data import resolve_tokenizer
+    from sparcom_jax.data import as_records, resolve_tokenizer
+    from sparcom_jax.data.records import check_responses
 
+    if encoded is None:
+        records = as_records(records, "make_loss_fn")
+        check_responses(records)
     tok = None if encoded is not None and firing_scope != "content" else resolve_tokenizer(model, tokenizer)
     enc = encoded if encoded is not None else encode_held_out(records, tok, template=template, max_length=max_length)
     coverage = response_coverage(enc)

@@ -255,6 +255,18 @@ def is_complete(path: str | Path) -> bool:
     return header is not None and done is not None and done * header["chunk_rows"] >= header["n"]
 
 
+def _stores_below(p: Path) -> str:
+    """"the stores ... are below it: open one, ..." when count stores lie in `p` or in `p`/counts (a
+    run's output directory, or its counts/ folder, given for one of its stores), else ""."""
+    found = sorted(d for root in (p, p / "counts") if root.is_dir() for d in root.iterdir()
+                   if read_header(d) is not None)
+    if not found:
+        return ""
+    run = f", or the whole run: sj.open_run({str(p)!r})" if (p / "config.yaml").is_file() else ""
+    return (f"the stores {', '.join(str(d) for d in found)} are below it: open one, "
+            f"sj.open_counts({str(found[0])!r}){run}")
+
+
 def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
     """Open a count store lazily (arrays are read slice by slice).
 
@@ -265,8 +277,9 @@ def open_counts(path: str | Path, *, in_memory: bool = False) -> Counts:
     p = Path(path)
     meta = read_header(p)
     if meta is None:
-        raise ValueError(f"{p}: no count store here (meta.json missing); make one with "
-                         "sj.collect_instructions(model, records, out=...) or `sparcom collect`")
+        raise ValueError(f"{p}: no count store here (meta.json missing); "
+                         + (_stores_below(p) or "make one with sj.collect_instructions(model, records, out=...) "
+                            "or `sparcom collect`"))
     if not is_complete(p):
         raise ValueError(f"{p}: the collection that writes this store has not finished; run the same "
                          "sj.collect_instructions or collect_counts call (same out=) or `sparcom collect` command again "

@@ -167,6 +167,7 @@ def _check_inputs(model: CausalLM, records: Sequence, tokenizer, cfg: TrainConfi
 def check_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> None:
     """Refuse training records that `max_length` cuts before their response begins, or with
     `cfg.allow_cut_responses` warn about them (a `DataWarning`); either names the categories.
+    Records without a response at all are refused or warned about first (`check_responses`).
 
     Such a record has no loss target: it is trained on nothing, while the run still
     lists it among its records. Prompts are longest in some categories (a summary
@@ -179,10 +180,13 @@ def check_responses_cut(enc, records: Sequence, tokenizer, cfg: TrainConfig) -> 
 
     Raises:
       TrainConfigError: some records keep no response token, and not `cfg.allow_cut_responses`.
+      ValueError: no training record of a category has a response (`check_responses`).
     """
     from sparcom_jax.data import DataWarning, encode_records
+    from sparcom_jax.data.records import check_responses
     from sparcom_jax.stats.losses import response_targets
 
+    check_responses(records, "fine-tuning")
     lost = np.flatnonzero(response_targets(enc) == 0).tolist()
     if not lost:
         return
