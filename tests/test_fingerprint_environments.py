@@ -19,6 +19,12 @@ RESUMED_TRAINING = BESIDE_NEW_COMPUTATION | {"optax", "numpy"}
 NEVER = {"transformers", "tokenizers"}  # (they act through the tokens, which are fingerprinted)
 
 
+@pytest.fixture(autouse=True)
+def said_afresh(monkeypatch):
+    """Each test starts with nothing said yet (what a process has logged is kept module-wide)."""
+    monkeypatch.setattr(P, "_said", set())
+
+
 def env(python="3.11.7", commit="0123456789abcdef", dirty=False, version="0.3.0", device_count=1, **values):
     """An environment as `F.environment` writes one; `values` set a package or backend / device_kind."""
     packages = {"jax": "0.10.1", "jaxlib": "0.10.1", "flax": "0.12.0", "optax": "0.2.5", "numpy": "2.3.0",
