@@ -544,3 +544,55 @@ def test_the_holm_tests_are_counted_with_what_chance_gives():
     line = next(ln for ln in seed_sweep.stats_table(rows, alpha=0.05) if ln.startswith("Per-category tests passing"))
     assert "`between_groups_per_category` 4 of 6 tests [≤ 0.3], in 1 of 1 seeds [≤ 0.05]" in line
     assert "`per_category_dominance` 6 of 12 tests [≤ 0.6], in 2 of 2 seeds [≤ 0.1]" in line
+
+
+# --------------------------------------------------------------------------- #
+# --runs: edges of reading a saved sweep's runs (written against hand-made mutants of
+# read_run / stats_from_runs / stats_table that the tests above let through)
+# --------------------------------------------------------------------------- #
+
+def _saved_llama_sweep(tmp_path, seeds=(0, 1), **kw):
+    from sparcom_jax.fileio import write_json
+
+    saved = tmp_path / "sweep.json"
+    rows = [r for s in seeds for r in seed_sweep.seed_rows(s, "llama", _llama_summary(s))]
+    write_json(saved, {seed_sweep.SECTION: _result(rows, list(seeds), pairs=["llama"], **kw)})
+    return saved
+
+
+def test_runs_that_cannot_be_read_are_refused_naming_the_summary(tmp_path):
+    work = tmp_path / "work"
+    saved = _saved_llama_sweep(tmp_path, seeds=(0,))
+    path = _write_run(work, 0, _llama_pair(0))
+    path.write_text('{"pairs": {"llama": ')  # (cut mid-write)
+    with pytest.raises(SystemExit, match=r"--runs: .*seed0.report.summary\.json: no summary read \(JSONDecodeError"):
+        seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--no-docs"])
+    path.write_text('{"pairs": {"mixtral": {}}}')  # another pair's run
+    with pytest.raises(SystemExit, match=r"summary\.json has no pair llama \(it has mixtral\)"):
+        seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--no-docs"])
+    path.write_text('{"models": {}}')  # not a demo's summary
+    with pytest.raises(SystemExit, match=r"summary\.json has no pair llama \(it has \)"):
+        seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--no-docs"])
+
+
+def test_the_statistics_caption_names_the_runs_and_their_commits_once(tmp_path):
+    """The caption says where the statistics were read and at which commit(s), each named once
+    (7 characters); a saved sweep's statistics of earlier runs are replaced, not added to."""
+    work, page, out = tmp_path / "work", tmp_path / "analysis.md", tmp_path / "out.json"
+    stale = [{**r, "value": 9.0} for r in _stats_rows((0,))]
+    saved = _saved_llama_sweep(tmp_path, stats=stale)
+    for s in (0, 1):
+        pair = _llama_pair(s)
+        pair["environment"] = {"sparcom_jax": {"commit": "0123456789abcdef", "dirty": False}}
+        _write_run(work, s, pair)
+    seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--docs", str(page), "--json", str(out)])
+    text = page.read_text()
+    assert f"read from each seed's report/summary.json ({work}/seed<s>, runs at 0123456); code abc1234." in text
+    assert seed_sweep.load_sweep(out)["stats"] == _stats_rows((0, 1))
+
+
+def test_a_seed_with_a_value_but_nothing_to_judge_its_claim_by_is_not_counted():
+    rows = _stats_rows((0, 1))
+    next(r for r in rows if r["seed"] == 1 and r["stat"] == "phases")["p"] = None  # (an explained share, no p)
+    line = _line(seed_sweep.stats_table(rows, alpha=0.05), "phases")
+    assert line.endswith("| +0.900, p 0.5 | +0.900 | +0.900 [+0.900, +0.900] | 0 of 1 (p ≤ 0.05) |")
