@@ -42,3 +42,30 @@ def run_processes(argv: Callable[[int, str], list[str]], n: int = 2, timeout: fl
         for p in procs:
             p.kill()
     return outs
+
+
+def simulate_process(monkeypatch, k: int, p: int, sent: dict) -> None:
+    """Make this process act as process `k` of `p` without jax.distributed: `jax.process_index`
+    and `process_count` answer so, and `sparcom_jax.parallel.processes.gather` answers its j-th
+    call with the rows every process sent in its own j-th call so far (`sent`, shared by the
+    simulated processes; zeros for one not yet run), as the allgather would. Run the processes
+    in turn, and again until every one has the others' rows. Error-flag gathers (1-D, from
+    `raise_together`) report that nobody failed."""
+    import jax
+    import numpy as np
+
+    from sparcom_jax.parallel import processes
+
+    monkeypatch.setattr(jax, "process_count", lambda: p)
+    monkeypatch.setattr(jax, "process_index", lambda: k)
+    calls = iter(range(1 << 30))
+
+    def gather(values):
+        a = np.asarray(values, np.int64)
+        if a.ndim < 2:
+            return np.stack([a] * p)
+        j = next(calls)
+        sent[k, j] = a
+        return np.stack([a if i == k else sent.get((i, j), np.zeros_like(a)) for i in range(p)])
+
+    monkeypatch.setattr(processes, "gather", gather)

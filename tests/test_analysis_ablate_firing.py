@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sparcom_jax.analysis.ablate import AblationResult, ablation_matrix, mass_matched_random
+from launch import simulate_process
 from sparcom_jax.categories import CATEGORIES
 
 
@@ -305,13 +306,10 @@ def test_a_held_out_firing_source_needs_a_loss_that_counts_it_and_old_files_say_
 
 
 def test_every_process_draws_from_the_held_out_firing_process_0_counted(monkeypatch):
-    """Two simulated processes (the allgather answered as in test_parallel_processes): only process
+    """Two simulated processes (`launch.simulate_process`): only process
     0 runs the baseline pass that counts the firing, and both end with its losses and firing bit for
     bit (a category without held-out records stays out), so both draw the same sets."""
-    import jax
-
     from sparcom_jax.analysis.ablate import baseline_unit_firing
-    from sparcom_jax.parallel import processes
     from sparcom_jax.pipeline.stages import _baseline_shared
 
     rng = np.random.default_rng(0)
@@ -320,19 +318,7 @@ def test_every_process_draws_from_the_held_out_firing_process_0_counted(monkeypa
     ran, p, sent = [], 2, {}
 
     def as_process(k):
-        monkeypatch.setattr(jax, "process_count", lambda: p)
-        monkeypatch.setattr(jax, "process_index", lambda: k)
-        calls = iter(range(99))
-
-        def gather(values):
-            a = np.asarray(values, np.int64)
-            if a.ndim < 2:  # raise_together's error flags: nobody failed
-                return np.stack([a] * p)
-            j = next(calls)
-            sent[k, j] = a
-            return np.stack([a if i == k else sent.get((i, j), np.zeros_like(a)) for i in range(p)])
-
-        monkeypatch.setattr(processes, "gather", gather)
+        simulate_process(monkeypatch, k, p, sent)
         model = HeldOutFiring({c: v * (k + 1) for c, v in firing.items()})  # process 1's would differ
         ran.append((k, model))
         return _baseline_shared(model, baseline_unit_firing, shape, "unit firing")

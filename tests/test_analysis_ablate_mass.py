@@ -9,6 +9,7 @@ import pytest
 
 from sparcom_jax.analysis.ablate import (AblationResult, ablation_matrix, mask_layer_mass, mass_fill,
                                          mass_matched_random, run_in_order)
+from launch import simulate_process
 from sparcom_jax.categories import CATEGORIES
 
 
@@ -400,12 +401,9 @@ def test_the_mass_matched_draws_match_the_mass_each_set_dropped_in_its_own_pass(
 
 
 def test_the_pipeline_shares_each_round_and_every_process_draws_the_same(monkeypatch):
-    """Two simulated processes (the allgather answered as in test_parallel_processes): process
+    """Two simulated processes (`launch.simulate_process`): process
     k runs the passes k, k+2, ... of each round (both share it evenly) and every process ends
     with the single process's result."""
-    import jax
-
-    from sparcom_jax.parallel import processes
     from sparcom_jax.pipeline.stages import _passes_shared
 
     sets, mass = setup(L=3, E=8)
@@ -418,19 +416,7 @@ def test_the_pipeline_shares_each_round_and_every_process_draws_the_same(monkeyp
     p, sent = 2, {}
 
     def as_process(k):
-        monkeypatch.setattr(jax, "process_count", lambda: p)
-        monkeypatch.setattr(jax, "process_index", lambda: k)
-        calls = iter(range(99))
-
-        def gather(values):
-            a = np.asarray(values, np.int64)
-            if a.ndim < 2:  # raise_together's error flags: nobody failed
-                return np.stack([a] * p)
-            j = next(calls)
-            sent[k, j] = a
-            return np.stack([a if i == k else sent.get((i, j), np.zeros_like(a)) for i in range(p)])
-
-        monkeypatch.setattr(processes, "gather", gather)
+        simulate_process(monkeypatch, k, p, sent)
         model = MassModel(sets, mass, shift=2.0)
         return ablation_matrix(sets, model, run=_passes_shared, **kw), model.masks
 
