@@ -32,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.dispatch import Dispatch
 from sparcom_jax.models.layers import GatedFFN, activation, expert_mlp, precision_of
 from sparcom_jax.models.params import HFLayout, ParamDecl, create, linear
+from sparcom_jax.parallel.sharding import data_shards
 
 
 def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None, drop_pre=None):
@@ -296,31 +298,8 @@ class MoEFFN(nnx.Module):
         y_buf, a_buf = loop(True)() if out_needed is None else jax.lax.cond(out_needed, loop(True), loop(False))
         return y_buf[pos], a_buf[pos] if counting else None
 
-    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None, sums: bool = False):
-        """Returns (out [B, T, D], stats dict or None).
-
-        Args:
-          x_BTD: FFN input (after the pre-norm).
-          valid_BT: bool, real tokens.
-          count_mask_BT: bool, tokens to count; None skips all counting.
-          ablate: optional dict with "expert_drop" bool [E] and "expert_drop_pre" bool []
-            (see `route`), "expert_neuron_keep" float [E, G], "neuron_keep" float [F]
-            (shared expert).
-          out_needed: traced bool (None means True): False lets "looped" skip the up
-            and down products (counts-only last layer; other strategies compute them).
-          sums: also return the activation and router-probability sums.
-
-        Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
-        int32 [B, E, G], "nonfinite" bool [B] (a non-finite expert activation on a real
-        token) and, with a shared expert, its `neuron_stats`; with `sums` also
-        "expert_weight_sum" float32 [B, E] (router probabilities, before any
-        renormalisation, over counted routed tokens) and "expert_neuron_act_sum"
-        float32 [B, E, G] (A over counted routed tokens where A > 0).
-        With "expert_drop": "router_probs" float32 [B, T, E], every expert's softmax
-        probability before any is removed (the removed experts' sum is the routing mass
-        the ablation dropped; the kept ones' measure each expert's mass in the pass).
-        """
-        ablate = ablate or {}
+    def _routed(self, x_BTD, valid_BT, count_mask_BT, *, ablate, out_needed, sums):
+        """The routed experts of `__call__` on rows [B, T, D]: (out [B, T, D], stats dict)."""
         dt = self.dtype
         B, T, D = x_BTD.shape
         E, k = self.router.shape[-1], self.top_k
@@ -370,14 +349,46 @@ class MoEFFN(nnx.Module):
             stats["router_probs"] = probs_XE.reshape(B, T, E)
         y_XkD = y_MD[inv].reshape(B * T, k, D)
         out_XD = jnp.einsum("XkD,Xk->XD", y_XkD.astype(jnp.float32), w_Xk, precision=self.precision)
-        out_BTD = out_XD.astype(dt).reshape(B, T, D)
+        return out_XD.astype(dt).reshape(B, T, D), stats
 
+    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None, sums: bool = False):
+        """Returns (out [B, T, D], stats dict or None).
+
+        Args:
+          x_BTD: FFN input (after the pre-norm).
+          valid_BT: bool, real tokens.
+          count_mask_BT: bool, tokens to count; None skips all counting.
+          ablate: optional dict with "expert_drop" bool [E] and "expert_drop_pre" bool []
+            (see `route`), "expert_neuron_keep" float [E, G], "neuron_keep" float [F]
+            (shared expert).
+          out_needed: traced bool (None means True): False lets "looped" skip the up
+            and down products (counts-only last layer; other strategies compute them).
+          sums: also return the activation and router-probability sums.
+
+        Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
+        int32 [B, E, G], "nonfinite" bool [B] (a non-finite expert activation on a real
+        token) and, with a shared expert, its `neuron_stats`; with `sums` also
+        "expert_weight_sum" float32 [B, E] (router probabilities, before any
+        renormalisation, over counted routed tokens) and "expert_neuron_act_sum"
+        float32 [B, E, G] (A over counted routed tokens where A > 0).
+        With "expert_drop": "router_probs" float32 [B, T, E], every expert's softmax
+        probability before any is removed (the removed experts' sum is the routing mass
+        the ablation dropped; the kept ones' measure each expert's mass in the pass).
+        """
+        ablate = ablate or {}
+        routed = functools.partial(self._routed, ablate=ablate, out_needed=out_needed, sums=sums)
+        if data_shards(x_BTD.shape[0]) > 1:
+            # Each data shard routes, sorts and dispatches its own rows (the whole batch's sort
+            # made XLA gather every shard's rows to every device); the model axis stays automatic.
+            routed = jax.shard_map(routed, in_specs=P("data"), out_specs=P("data"), axis_names=frozenset({"data"}),
+                                   check_vma=False)
+        out_BTD, stats = routed(x_BTD, valid_BT, count_mask_BT)
         if self.has_shared:
             sh, sh_stats = self.shared_expert(x_BTD, valid_BT, count_mask_BT, ablate.get("neuron_keep"), out_needed,
                                               sums)
-            g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(dt),
+            g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(self.dtype),
                                           precision=self.precision))
             out_BTD = out_BTD + g * sh
-            if counting:
+            if count_mask_BT is not None:
                 stats.update(sh_stats, nonfinite=stats["nonfinite"] | sh_stats["nonfinite"])
         return out_BTD, stats or None
