@@ -38,7 +38,6 @@ from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.dispatch import Dispatch
 from sparcom_jax.models.layers import GatedFFN, activation, expert_mlp, precision_of
 from sparcom_jax.models.params import HFLayout, ParamDecl, create, linear
-from sparcom_jax.parallel.sharding import data_shards
 
 
 def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None, drop_pre=None):
@@ -71,6 +70,15 @@ def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None, drop_pre=None):
     p, idx = jax.lax.top_k(probs, k)
     w = p / jnp.sum(p, axis=-1, keepdims=True) if norm_topk_prob else p
     return w, idx.astype(jnp.int32), p, full
+
+
+def data_shards(rows: int) -> int:
+    """How many data shards a traced [rows, ...] batch is split into: the "data" axis of the
+    mesh the program is traced under (`sparcom_jax.parallel.sharding.with_mesh`), or 1
+    without one or when the axis does not divide `rows` (then the rows are not split)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    n = 1 if mesh.empty or "data" not in mesh.axis_names else int(mesh.shape["data"])
+    return n if rows % n == 0 else 1
 
 
 def group_layout(e_sorted_M, group_sizes_E, tile: int):

@@ -77,18 +77,10 @@ def batch_sharding(mesh: Mesh | None, ndim: int = 2):
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
 
 
-def data_shards(rows: int) -> int:
-    """How many data shards a traced [rows, ...] batch is split into: the "data" axis of
-    the mesh the program is traced under (`with_mesh`), or 1 without one or when the axis
-    does not divide `rows` (then the batch is not split either)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    n = 1 if mesh.empty or "data" not in mesh.axis_names else int(mesh.shape["data"])
-    return n if rows % n == 0 else 1
-
-
 def with_mesh(fn, mesh: Mesh | None):
     """`fn` traced under `mesh` (its abstract mesh), so that code that splits work over the
-    data axis by hand (`data_shards`, the MoE layer) sees it; `fn` itself without a mesh."""
+    data axis by hand (the MoE layer, `sparcom_jax.models.moe.data_shards`) sees it; `fn`
+    itself without a mesh."""
     if mesh is None:
         return fn
 
