@@ -155,3 +155,56 @@ def test_a_data_axis_splits_the_routed_experts_work(work, impl):
     assert flops1 > 0 and temp1 > 0
     assert flops4 / flops1 < 1.1, (flops4, flops1)
     assert temp4 / temp1 < 1.1, (temp4, temp1)
+
+
+TRAIN_STEPS = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    import numpy as np, jax, jax.numpy as jnp, optax
+    from flax import nnx, traverse_util
+    import sparcom_jax as sj
+    from sparcom_jax.train.step import init_state, make_shardings, make_train_step, pure_params
+
+    cfg = sj.ModelConfig.from_hf_config(dict(
+        model_type="qwen2_moe", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=32))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(3, 96, size=(2, 8, 24)), jnp.int32)  # 2 micro-batches of 8 rows
+    mask = jnp.asarray(np.arange(24) < rng.integers(5, 25, size=(2, 8, 1)))
+    targets = mask & jnp.asarray(np.arange(24) > 0)
+    params = pure_params(sj.init_model(cfg, seed=1))
+    tx = optax.sgd(0.5)
+    out = {}
+    for impl in sys.argv[2].split(","):
+        graphdef = nnx.graphdef(sj.abstract_model(cfg, param_dtype="float32", moe_impl=impl))
+        for data, model in [(1, 1)] + [tuple(m) for m in eval(sys.argv[3])]:
+            mesh = sj.make_mesh(data=data, model=model, devices=jax.devices()[:data * model])
+            sh = make_shardings(cfg, tx, mesh)
+            state, metrics = make_train_step(graphdef, tx, sh)(init_state(params, tx, sh), ids, mask, targets)
+            out[f"{impl}|{data}|{model}|loss"] = np.asarray(metrics["loss"])
+            out[f"{impl}|{data}|{model}|grad_norm"] = np.asarray(metrics["grad_norm"])
+            for k, v in traverse_util.flatten_dict(state.params, sep="/").items():
+                out[f"{impl}|{data}|{model}|{k}"] = np.asarray(v)
+    np.savez(sys.argv[1], **out)
+""")
+
+
+@pytest.mark.parametrize("impl", ["tiled", "capacity"])
+def test_a_training_step_on_data_and_model_axes_equals_one_device_s(tmp_path, impl):
+    """The fine-tuning step (gradients through each data shard's routed experts, FSDP
+    weights over the data axis) gives one device's loss, gradient norm and updated weights
+    on data axes of 2 and 4 and data 2 x model 2, to float rounding: "tiled" (CPU training)
+    and "capacity" (GPU)."""
+    (tmp_path / "train.py").write_text(TRAIN_STEPS)
+    r = subprocess.run([sys.executable, str(tmp_path / "train.py"), str(tmp_path / "out.npz"), impl,
+                        json.dumps([(2, 1), (4, 1), (2, 2)])], env=clean_env(), timeout=600, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    one = {k.split("|", 3)[3]: got[k] for k in got.files if k.startswith(f"{impl}|1|1|")}
+    assert len(one) > 10 and one["grad_norm"] > 0
+    for data, model in [(2, 1), (4, 1), (2, 2)]:
+        for name, want in one.items():
+            np.testing.assert_allclose(got[f"{impl}|{data}|{model}|{name}"], want, rtol=2e-5, atol=1e-6,
+                                       err_msg=f"{impl} {name} on data {data} x model {model}")

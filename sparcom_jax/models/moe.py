@@ -306,7 +306,22 @@ class MoEFFN(nnx.Module):
         y_buf, a_buf = loop(True)() if out_needed is None else jax.lax.cond(out_needed, loop(True), loop(False))
         return y_buf[pos], a_buf[pos] if counting else None
 
-    def _routed(self, x_BTD, valid_BT, count_mask_BT, *, ablate, out_needed, sums):
+    def _routed_per_shard(self, x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums):
+        """`_routed` on each data shard's own rows, under `jax.shard_map` over "data" (the
+        model axis stays automatic). Sorted over the whole batch, XLA gathered every shard's
+        rows to every device, which then did the routed work of all of them. The layer's
+        weights and the ablation masks enter as replicated arguments, not closed over: a
+        gradient through the tiles' scan failed on closed-over weights (jax 0.10)."""
+        graphdef, state = nnx.split(self)
+
+        def shard(state, ablate, out_needed, x_BTD, valid_BT, count_mask_BT):
+            return nnx.merge(graphdef, state)._routed(x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums)
+
+        return jax.shard_map(shard, in_specs=(P(), P(), P(), P("data"), P("data"), P("data")), out_specs=P("data"),
+                             axis_names=frozenset({"data"}), check_vma=False)(
+            state, ablate, out_needed, x_BTD, valid_BT, count_mask_BT)
+
+    def _routed(self, x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums):
         """The routed experts of `__call__` on rows [B, T, D]: (out [B, T, D], stats dict)."""
         dt = self.dtype
         B, T, D = x_BTD.shape
@@ -384,13 +399,10 @@ class MoEFFN(nnx.Module):
         the ablation dropped; the kept ones' measure each expert's mass in the pass).
         """
         ablate = ablate or {}
-        routed = functools.partial(self._routed, ablate=ablate, out_needed=out_needed, sums=sums)
         if data_shards(x_BTD.shape[0]) > 1:
-            # Each data shard routes, sorts and dispatches its own rows (the whole batch's sort
-            # made XLA gather every shard's rows to every device); the model axis stays automatic.
-            routed = jax.shard_map(routed, in_specs=P("data"), out_specs=P("data"), axis_names=frozenset({"data"}),
-                                   check_vma=False)
-        out_BTD, stats = routed(x_BTD, valid_BT, count_mask_BT)
+            out_BTD, stats = self._routed_per_shard(x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums)
+        else:
+            out_BTD, stats = self._routed(x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums)
         if self.has_shared:
             sh, sh_stats = self.shared_expert(x_BTD, valid_BT, count_mask_BT, ablate.get("neuron_keep"), out_needed,
                                               sums)
