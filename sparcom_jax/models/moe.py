@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.dispatch import Dispatch
@@ -69,6 +70,15 @@ def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None, drop_pre=None):
     p, idx = jax.lax.top_k(probs, k)
     w = p / jnp.sum(p, axis=-1, keepdims=True) if norm_topk_prob else p
     return w, idx.astype(jnp.int32), p, full
+
+
+def data_shards(rows: int) -> int:
+    """How many data shards a traced [rows, ...] batch is split into: the "data" axis of the
+    mesh the program is traced under (`sparcom_jax.parallel.sharding.with_mesh`), or 1
+    without one or when the axis does not divide `rows` (then the rows are not split)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    n = 1 if mesh.empty or "data" not in mesh.axis_names else int(mesh.shape["data"])
+    return n if rows % n == 0 else 1
 
 
 def group_layout(e_sorted_M, group_sizes_E, tile: int):
@@ -296,31 +306,23 @@ class MoEFFN(nnx.Module):
         y_buf, a_buf = loop(True)() if out_needed is None else jax.lax.cond(out_needed, loop(True), loop(False))
         return y_buf[pos], a_buf[pos] if counting else None
 
-    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None, sums: bool = False):
-        """Returns (out [B, T, D], stats dict or None).
+    def _routed_per_shard(self, x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums):
+        """`_routed` on each data shard's own rows, under `jax.shard_map` over "data" (the
+        model axis stays automatic). Sorted over the whole batch, XLA gathered every shard's
+        rows to every device, which then did the routed work of all of them. The layer's
+        weights and the ablation masks enter as replicated arguments, not closed over: a
+        gradient through the tiles' scan failed on closed-over weights (jax 0.10)."""
+        graphdef, state = nnx.split(self)
 
-        Args:
-          x_BTD: FFN input (after the pre-norm).
-          valid_BT: bool, real tokens.
-          count_mask_BT: bool, tokens to count; None skips all counting.
-          ablate: optional dict with "expert_drop" bool [E] and "expert_drop_pre" bool []
-            (see `route`), "expert_neuron_keep" float [E, G], "neuron_keep" float [F]
-            (shared expert).
-          out_needed: traced bool (None means True): False lets "looped" skip the up
-            and down products (counts-only last layer; other strategies compute them).
-          sums: also return the activation and router-probability sums.
+        def shard(state, ablate, out_needed, x_BTD, valid_BT, count_mask_BT):
+            return nnx.merge(graphdef, state)._routed(x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums)
 
-        Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
-        int32 [B, E, G], "nonfinite" bool [B] (a non-finite expert activation on a real
-        token) and, with a shared expert, its `neuron_stats`; with `sums` also
-        "expert_weight_sum" float32 [B, E] (router probabilities, before any
-        renormalisation, over counted routed tokens) and "expert_neuron_act_sum"
-        float32 [B, E, G] (A over counted routed tokens where A > 0).
-        With "expert_drop": "router_probs" float32 [B, T, E], every expert's softmax
-        probability before any is removed (the removed experts' sum is the routing mass
-        the ablation dropped; the kept ones' measure each expert's mass in the pass).
-        """
-        ablate = ablate or {}
+        return jax.shard_map(shard, in_specs=(P(), P(), P(), P("data"), P("data"), P("data")), out_specs=P("data"),
+                             axis_names=frozenset({"data"}), check_vma=False)(
+            state, ablate, out_needed, x_BTD, valid_BT, count_mask_BT)
+
+    def _routed(self, x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums):
+        """The routed experts of `__call__` on rows [B, T, D]: (out [B, T, D], stats dict)."""
         dt = self.dtype
         B, T, D = x_BTD.shape
         E, k = self.router.shape[-1], self.top_k
@@ -370,14 +372,43 @@ class MoEFFN(nnx.Module):
             stats["router_probs"] = probs_XE.reshape(B, T, E)
         y_XkD = y_MD[inv].reshape(B * T, k, D)
         out_XD = jnp.einsum("XkD,Xk->XD", y_XkD.astype(jnp.float32), w_Xk, precision=self.precision)
-        out_BTD = out_XD.astype(dt).reshape(B, T, D)
+        return out_XD.astype(dt).reshape(B, T, D), stats
 
+    def __call__(self, x_BTD, valid_BT, count_mask_BT=None, ablate=None, out_needed=None, sums: bool = False):
+        """Returns (out [B, T, D], stats dict or None).
+
+        Args:
+          x_BTD: FFN input (after the pre-norm).
+          valid_BT: bool, real tokens.
+          count_mask_BT: bool, tokens to count; None skips all counting.
+          ablate: optional dict with "expert_drop" bool [E] and "expert_drop_pre" bool []
+            (see `route`), "expert_neuron_keep" float [E, G], "neuron_keep" float [F]
+            (shared expert).
+          out_needed: traced bool (None means True): False lets "looped" skip the up
+            and down products (counts-only last layer; other strategies compute them).
+          sums: also return the activation and router-probability sums.
+
+        Stats (when counting): "expert_routed" int32 [B, E], "expert_neuron_active"
+        int32 [B, E, G], "nonfinite" bool [B] (a non-finite expert activation on a real
+        token) and, with a shared expert, its `neuron_stats`; with `sums` also
+        "expert_weight_sum" float32 [B, E] (router probabilities, before any
+        renormalisation, over counted routed tokens) and "expert_neuron_act_sum"
+        float32 [B, E, G] (A over counted routed tokens where A > 0).
+        With "expert_drop": "router_probs" float32 [B, T, E], every expert's softmax
+        probability before any is removed (the removed experts' sum is the routing mass
+        the ablation dropped; the kept ones' measure each expert's mass in the pass).
+        """
+        ablate = ablate or {}
+        if data_shards(x_BTD.shape[0]) > 1:
+            out_BTD, stats = self._routed_per_shard(x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums)
+        else:
+            out_BTD, stats = self._routed(x_BTD, valid_BT, count_mask_BT, ablate, out_needed, sums)
         if self.has_shared:
             sh, sh_stats = self.shared_expert(x_BTD, valid_BT, count_mask_BT, ablate.get("neuron_keep"), out_needed,
                                               sums)
-            g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(dt),
+            g = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, self.shared_expert_gate[...].astype(self.dtype),
                                           precision=self.precision))
             out_BTD = out_BTD + g * sh
-            if counting:
+            if count_mask_BT is not None:
                 stats.update(sh_stats, nonfinite=stats["nonfinite"] | sh_stats["nonfinite"])
         return out_BTD, stats or None

@@ -75,3 +75,19 @@ def batch_sharding(mesh: Mesh | None, ndim: int = 2):
     if mesh is None:
         return None
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
+def with_mesh(fn, mesh: Mesh | None):
+    """`fn` traced under `mesh` (its abstract mesh), so that code that splits work over the
+    data axis by hand (the MoE layer, `sparcom_jax.models.moe.data_shards`) sees it; `fn`
+    itself without a mesh."""
+    if mesh is None:
+        return fn
+
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    # the program's name in logs, profiles and the compilation cache: the step's own
+    traced.__name__ = traced.__qualname__ = getattr(getattr(fn, "func", fn), "__name__", "step")
+    return traced

@@ -62,7 +62,7 @@ def param_plan(mcfg, dtype: str, data: int, model: int, rules: str = "analysis")
             "not_divisible": sorted(replicated - {s.split("->")[0] for s in sharded})}
 
 
-def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1, data: int = 1,
+def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1,
                            counting: bool = True) -> int:
     """Estimated bytes of the counting forward's temporaries for one [B, T] batch on one device
     (with `counting` False, of a forward that counts nothing, up to its final norm).
@@ -75,10 +75,9 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
     expert's weights at a traced index, gather the layer's whole expert stack to every
     device of the model axis). Sizes follow the attention kernel and MoE strategy
     `dispatch` runs ("capacity" at its largest capacity, which every batch's buffers are
-    allocated for), the model axis (`model`) that splits heads, FFN neurons and experts,
-    and the data axis (`data`): an MoE layer sorts the token-expert assignments of the
-    whole batch at once, so every device holds the routed buffers of all `data` devices'
-    rows (and computes them: a data axis does not split the routed experts' work).
+    allocated for), and the model axis (`model`) that splits heads, FFN neurons and
+    experts. A data axis changes nothing but B: each device holds its own rows' buffers
+    (an MoE layer routes and sorts each data shard's rows apart).
     XLA fuses elementwise work differently per backend, so this is an estimate: on CPU
     within 30% of the compiled program's own memory analysis for float32 models, on one
     device (tests/test_memory.py) and per device of a 4-device model axis and of data axes
@@ -91,7 +90,7 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
 
     Args:
       mcfg: the architecture; dispatch: the `Dispatch` the run uses; B: sequences per
-      device; T: the padded length; dtype: compute dtype; model, data: the mesh's axes;
+      device; T: the padded length; dtype: compute dtype; model: the mesh's model axis;
       counting: plan `dispatch.moe_counting` and the counts' reducer, else `dispatch.moe_forward`.
     """
     it = _ITEMSIZE[dtype]
@@ -114,7 +113,7 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
         scores = 3 * B * H * T * T * 4
     attention = x + B * T * (2 * H + 2 * K) * d * it + scores
     if mcfg.is_moe:
-        ffn = x + _routed_bytes(mcfg, dispatch, B * data, T, it, model, counting)
+        ffn = x + _routed_bytes(mcfg, dispatch, B, T, it, model, counting)
         if mcfg.has_shared_expert:
             ffn += 3 * B * T * mcfg.shared_expert_intermediate_size // model * it
     else:
@@ -127,9 +126,8 @@ def count_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: in
 
 
 def _routed_bytes(mcfg, dispatch, B: int, T: int, it: int, model: int, counting: bool) -> int:
-    """Bytes of the routed experts' buffers of a forward over B sequences of T tokens (the
-    whole batch, every data device's rows), `it` bytes an element; `counting`: as in
-    `count_activation_bytes`."""
+    """Bytes of the routed experts' buffers of a forward over B sequences of T tokens (one
+    device's rows), `it` bytes an element; `counting`: as in `count_activation_bytes`."""
     E, G, k, D = mcfg.num_experts, mcfg.moe_intermediate_size, mcfg.top_k, mcfg.hidden_size
     M = B * T * k
     strategy = dispatch.moe_counting if counting else dispatch.moe_forward
@@ -157,12 +155,12 @@ def _routed_bytes(mcfg, dispatch, B: int, T: int, it: int, model: int, counting:
     return buf_rows * (2 * D + G_buf) * it + gathered + reducer
 
 
-def loss_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1, data: int = 1) -> int:
+def loss_activation_bytes(mcfg, dispatch, B: int, T: int, dtype: str, model: int = 1) -> int:
     """Estimated bytes of the causal check's loss forward's temporaries for one [B, T] batch on
     one device: the larger of its body (`count_activation_bytes` of a forward that counts
     nothing) and the float32 logits with their log-probabilities, [B, T, V] each, split over
     the model axis with the vocabulary (XLA holds the two apart). Arguments as there."""
-    body = count_activation_bytes(mcfg, dispatch, B, T, dtype, model, data, counting=False)
+    body = count_activation_bytes(mcfg, dispatch, B, T, dtype, model, counting=False)
     V = mcfg.vocab_size
     return max(body, 2 * B * T * (V // model if V % model == 0 else V) * 4)
 
@@ -358,7 +356,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
     T = cfg.data.max_length
     if "collect" in stages:
         B = max(1, math.ceil(cfg.collect.batch_size / data))
-        act = count_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model, data)
+        act = count_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model)
         what = dispatch.moe_counting if mcfg.is_moe else "dense"
         rows.append((f"forward activations (counting, B={B}/device, T={T}, {what})", "", act * data, act))
         rows += count_rows(mcfg, B, T, cfg.collect.sums, data)
@@ -366,7 +364,7 @@ def memory_plan(cfg: ExperimentConfig, stage: str = "run", devices: int | None =
         # Each process runs its passes alone, on its own devices (`make_mesh(local=True)`).
         local = max(1, data // cfg.mesh.num_processes)
         B = max(1, math.ceil(cfg.ablation.batch_size / local))
-        act = loss_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model, local)
+        act = loss_activation_bytes(mcfg, dispatch, B, T, cfg.collect.dtype, model)
         what = dispatch.moe_forward if mcfg.is_moe else "dense"
         rows.append((f"forward activations (causal check, B={B}/device, T={T}, {what}, logits)", "", act * data, act))
     if {"collect", "identify", "evaluate", "compare", "ablate", "report"} & set(stages):

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparcom_jax.data.batching import fit_buckets, pad_batch, plan_batches
 from sparcom_jax.parallel.mesh import check_mesh, check_rows_in_one_process
-from sparcom_jax.parallel.sharding import state_shardings
+from sparcom_jax.parallel.sharding import state_shardings, with_mesh
 from sparcom_jax.runtime import put_batch
 
 
@@ -141,8 +141,11 @@ def _allgather_ragged(a: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, step: Callable, out_sharding):
-    """One jitted function per (model structure, step, output sharding), reused across calls."""
-    return jax.jit(functools.partial(step, graphdef), out_shardings=out_sharding)
+    """One jitted function per (model structure, step, output sharding), reused across calls;
+    traced under the output sharding's mesh (`with_mesh`: an MoE layer sorts each data
+    shard's rows apart)."""
+    fn = with_mesh(functools.partial(step, graphdef), None if out_sharding is None else out_sharding.mesh)
+    return jax.jit(fn, out_shardings=out_sharding)
 
 
 class BatchRunner:

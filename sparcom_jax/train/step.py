@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sparcom_jax.models.config import ModelConfig
 from sparcom_jax.models.transformer import CausalLM, abstract_model
 from sparcom_jax.next_token import next_token_loss
-from sparcom_jax.parallel.sharding import FSDP_RULES, param_shardings
+from sparcom_jax.parallel.sharding import FSDP_RULES, param_shardings, with_mesh
 
 
 class TrainState(NamedTuple):
@@ -186,11 +186,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, sh: Shardings,
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics
 
+    # Traced under the mesh (`with_mesh`): an MoE layer routes each data shard's rows apart.
     if tx_at is None:
-        return jax.jit(train_step, in_shardings=(sh.state, sh.batch_ABT, sh.batch_ABT, sh.batch_ABT),
+        return jax.jit(with_mesh(train_step, sh.replicated.mesh),
+                       in_shardings=(sh.state, sh.batch_ABT, sh.batch_ABT, sh.batch_ABT),
                        out_shardings=(sh.state, sh.replicated), donate_argnums=0)
     rated_step.__name__ = "train_step"  # the program's name in logs, profiles and the compilation cache
-    return jax.jit(rated_step, in_shardings=(sh.state, sh.replicated, sh.batch_ABT, sh.batch_ABT, sh.batch_ABT),
+    return jax.jit(with_mesh(rated_step, sh.replicated.mesh),
+                   in_shardings=(sh.state, sh.replicated, sh.batch_ABT, sh.batch_ABT, sh.batch_ABT),
                    out_shardings=(sh.state, sh.replicated), donate_argnums=0)
 
 
@@ -200,6 +203,7 @@ def make_eval_step(graphdef, sh: Shardings) -> Callable:
     def eval_step(params, ids_BT, mask_BT, targets_BT):
         return token_losses(graphdef, params, ids_BT, mask_BT, targets_BT)
 
-    return jax.jit(eval_step, in_shardings=(sh.state.params, sh.batch_BT, sh.batch_BT, sh.batch_BT),
+    return jax.jit(with_mesh(eval_step, sh.replicated.mesh),
+                   in_shardings=(sh.state.params, sh.batch_BT, sh.batch_BT, sh.batch_BT),
                    out_shardings=(sh.replicated, sh.replicated))
 
