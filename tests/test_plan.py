@@ -81,8 +81,11 @@ SHARDED_STEPS = textwrap.dedent("""
         valid = jax.ShapeDtypeStruct((B * data, T), jnp.bool_, sharding=rows)
         # the program the collection (with the sums) or the causal check runs (BatchRunner: outputs
         # split over the data axis)
-        fn = _count_sums_step if kind == "count" else _loss_step
-        step = _compiled(graphdef, fn, rows).lower(state, ids, valid, valid, None).compile()
+        if kind == "count":
+            step = _compiled(graphdef, _count_sums_step, rows).lower(state, ids, valid, valid, None).compile()
+        else:  # the loss step takes each token's code (scored / counted bits) and its extra inputs
+            code = jax.ShapeDtypeStruct((B * data, T), jnp.int8, sharding=rows)  # as scope_codes makes them
+            step = _compiled(graphdef, _loss_step, rows).lower(state, ids, valid, code, {"ablate": None}).compile()
         mem = step.memory_analysis()  # per device: the program each device runs
         return mem.temp_size_in_bytes, mem.output_size_in_bytes
 
