@@ -594,9 +594,10 @@ def read_run(work: str, seed: int, pairs: list[str]) -> dict:
     except (OSError, ValueError) as e:
         raise SystemExit(f"--runs: {path}: no summary read ({type(e).__name__}: {e}); give the --work "
                          f"directory whose seed<s> runs made the sweep") from None
-    missing = [p for p in pairs if p not in (summary.get("pairs") or {})]
+    have = list(summary.get("pairs") or {})
+    missing = [p for p in pairs if p not in have]
     if missing:
-        raise SystemExit(f"--runs: {path} has no pair {', '.join(missing)} (it has {', '.join(summary.get('pairs') or [])})")
+        raise SystemExit(f"--runs: {path} has no pair {', '.join(missing)} (it has {', '.join(have) or 'none'})")
     return summary["pairs"]
 
 

@@ -41,6 +41,10 @@ def normalize_category(name: str) -> str:
     key = str(name).strip().lower()
     if key in _ALIASES:
         return _ALIASES[key]
+    valid = ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
+    if re.fullmatch(r"[+-]?\d+(\.\d*)?", key):
+        raise ValueError(f"unknown category {name!r}: categories are names, not numbers: {valid}"
+                         f"{_index_hint(key)}")
     letters = re.sub(r"[^a-z]", "", key)
     # Spelling slips only: fuzzy matching against the 2-3 letter short names, or at a low
     # cutoff, offered another dataset's labels a wrong category ('closed_qa' -> classification,
@@ -48,8 +52,19 @@ def normalize_category(name: str) -> str:
     close = [letters] if letters in _ALIASES else difflib.get_close_matches(
         key, [a for a in _ALIASES if len(a) > 3], n=1, cutoff=0.5)
     hint = f"; did you mean {_ALIASES[close[0]]!r}?" if close else ""
-    valid = ", ".join(f"{c} ({SHORT_NAMES[c]})" for c in CATEGORIES)
     raise ValueError(f"unknown category {name!r}{hint or ';'} Valid categories: {valid}")
+
+
+def _index_hint(number: str) -> str:
+    """For a category given as a number: which category that index of CATEGORIES names
+    (0-5), if the number may be one; the number itself is never accepted."""
+    value = float(number)
+    if not value.is_integer() or not 0 <= value < len(CATEGORIES):
+        return ""
+    i = int(value)
+    return (f"; if {number} is an index into that list (from 0), it is {CATEGORIES[i]!r}: write "
+            f"{CATEGORIES[i]!r} (a number is not read as an index: another dataset's labels may count from 1 "
+            "or follow another order)")
 
 
 def absent_categories(n_per_category: Mapping[str, Any] | Sequence[Any]) -> list[str]:

@@ -383,7 +383,8 @@ def test_frequency_match_of_the_draws_is_recorded():
 def test_the_records_each_categorys_loss_rests_on_are_recorded_and_thin_ones_flagged():
     # The demo's held-out SUM records: long prompts cut 5 of 8 at max_length, so SUM's loss
     # rested on 3 records without a word in the result.
-    from sparcom_jax.analysis.ablate import MIN_SCORED_FRACTION, MIN_SCORED_RECORDS, coverage_warnings
+    from sparcom_jax.analysis.ablate import (MIN_SCORED_FRACTION, MIN_SCORED_RECORDS, coverage_log_lines,
+                                             coverage_warnings)
 
     assert (MIN_SCORED_RECORDS, MIN_SCORED_FRACTION) == (5, 0.5)
     cov = {c: {"records": 8, "scored_records": 8, "response_tokens": 80} for c in CATEGORIES}
@@ -403,9 +404,14 @@ def test_the_records_each_categorys_loss_rests_on_are_recorded_and_thin_ones_fla
             "summarization: its causal-check loss rests on 3 of 8 held-out records (21 response tokens); the "
             "prompts of the rest fill max_length: raise data.max_length"]
     assert coverage_warnings(cov) == want
-    assert repr(r).splitlines()[-3:] == [f"  warning: {w}" for w in want]
+    # In a log (the ablate stage's, repr): one line naming the three, each with its numbers.
+    line = ("the causal-check loss of 3 categories rests on few held-out records (scored of held-out): code 5 of 12 "
+            "(40 response tokens), general_qa 4 of 6 (30 response tokens), summarization 3 of 8 (21 response "
+            "tokens): the prompts of the rest fill max_length: raise data.max_length")
+    assert coverage_log_lines(cov) == [line]
+    assert repr(r).splitlines()[-1] == f"  warning: {line}" and repr(r).count("warning") == 1
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["coverage_warnings"] == want
+    assert d["coverage_warnings"] == want  # the result (and the report) keep one line per category
     assert AblationResult.from_dict(d).coverage == cov
     from sparcom_jax.report.tables import ABLATION_HEADER, ablation_rows
     row = dict(zip(ABLATION_HEADER, ablation_rows(d)[CATEGORIES.index("summarization")]))
@@ -415,6 +421,14 @@ def test_the_records_each_categorys_loss_rests_on_are_recorded_and_thin_ones_fla
     assert coverage_warnings(few) == ["generation: its causal-check loss rests on only 2 held-out records (9 "
                                       "response tokens): raise ablation.max_records or hold out more records "
                                       "(data.split)"]
+    assert coverage_log_lines(few) == coverage_warnings(few)  # one flagged: its own line
+    # Both fixes: each names its categories.
+    both = {**few, "summarization": cov["summarization"], "math": cov["math"]}
+    assert coverage_log_lines(both) == [
+        "the causal-check loss of 2 categories rests on few held-out records (scored of held-out): summarization "
+        "3 of 8 (21 response tokens): the prompts of the rest fill max_length: raise data.max_length; generation "
+        "2 of 2 (9 response tokens): raise ablation.max_records or hold out more records (data.split)"]
+    assert coverage_log_lines(None) == []
     # A callback that does not say leaves the result silent about it.
     bare = ablation_matrix(sets, Model(sets), n_random=1)
     assert bare.coverage is None and bare.to_dict()["coverage_warnings"] == [] and "warning" not in repr(bare)

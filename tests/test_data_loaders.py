@@ -246,9 +246,23 @@ def test_a_missing_relative_path_says_what_it_is_relative_to(tmp_path, monkeypat
         load_instructions("data/mine.jsonl")
 
 
-def test_unknown_category_without_a_close_name(tmp_path):
+def test_a_category_given_as_a_number_is_told_categories_are_names(tmp_path):
+    """`category: 3` got the list of valid names but no word on why 3 is not one; a number
+    0-5 may be an index into CATEGORIES, which the message names without accepting it."""
+    from sparcom_jax.categories import CATEGORIES, normalize_category
+
     msg = _error(tmp_path, [json.dumps(ROWS[0]), json.dumps(dict(ROWS[1], category=3))])
-    assert "bad.jsonl:2: unknown category '3'; Valid categories: classification (CLS)," in msg
+    assert "bad.jsonl:2: unknown category '3': categories are names, not numbers: classification (CLS)," in msg
+    assert f"if 3 is an index into that list (from 0), it is {CATEGORIES[3]!r}" in msg
+    assert "map your labels with category_map=" in msg  # the loader's fix still follows
+    for number, index in ((0, 0), ("5", 5), (" 2.0", 2), (1.0, 1)):
+        with pytest.raises(ValueError, match=f"categories are names, not numbers: .*index into that list "
+                                             f"\\(from 0\\), it is '{CATEGORIES[index]}'"):
+            normalize_category(number)
+    for number in (6, "7", "2.5", "-1", "12"):  # no index of the six
+        with pytest.raises(ValueError) as e:
+            normalize_category(number)
+        assert "categories are names, not numbers" in str(e.value) and "index" not in str(e.value), e.value
 
 
 def test_empty_instruction(tmp_path):

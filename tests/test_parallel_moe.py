@@ -208,3 +208,50 @@ def test_a_training_step_on_data_and_model_axes_equals_one_device_s(tmp_path, im
         for name, want in one.items():
             np.testing.assert_allclose(got[f"{impl}|{data}|{model}|{name}"], want, rtol=2e-5, atol=1e-6,
                                        err_msg=f"{impl} {name} on data {data} x model {model}")
+
+
+UNSPLIT_ROWS = textwrap.dedent("""
+    import os, sys, json, warnings
+    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    import numpy as np, jax, jax.numpy as jnp
+    from flax import nnx
+    import sparcom_jax as sj
+
+    # A library user's own mesh: the model called under jax.set_mesh, not through BatchRunner.
+    cfg = sj.ModelConfig.from_hf_config(dict(
+        model_type="mixtral", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2))
+    model = sj.init_model(cfg, seed=0, moe_impl="looped")
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids, valid: nnx.merge(graphdef, state).forward(ids, valid).logits)
+    other = jax.jit(lambda state, ids, valid: nnx.merge(graphdef, state).forward(ids, valid).logits.sum())
+    mesh = sj.make_mesh(data=4, model=1, devices=jax.devices()[:4])
+    out = []
+    with jax.set_mesh(mesh), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in sys.argv[1].split(","):  # "6b": 6 rows through another program (a new trace)
+            rows = int(call.rstrip("b"))
+            ids = jnp.full((rows, 8), 5, jnp.int32)
+            (other if call.endswith("b") else forward)(state, ids, jnp.ones((rows, 8), bool)).block_until_ready()
+            out.append([rows, [str(w.message) for w in caught if "MoE layer" in str(w.message)]])
+            caught.clear()
+    print("WARNED", json.dumps(out))
+""")
+
+
+def test_rows_the_data_axis_does_not_divide_warn_once_per_shape(tmp_path):
+    """A batch of 6 rows under a user's mesh with a data axis of 4 is sorted whole on every
+    device (correct, up to 4x the work): one warning per shape, not per layer or call,
+    naming the rows, the axis size and the fix; 8 rows (split) say nothing, nor do 6 rows
+    again, in the same program or traced anew in another."""
+    (tmp_path / "run.py").write_text(UNSPLIT_ROWS)
+    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), "8,6,6,6b,7"], env=clean_env(), timeout=600,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    calls = json.loads(r.stdout.split("WARNED")[1])
+    assert [rows for rows, _ in calls] == [8, 6, 6, 6, 7]
+    assert [len(msgs) for _, msgs in calls] == [0, 1, 0, 0, 1], calls
+    for (rows, (msg,)), pad in ((calls[1], 8), (calls[4], 8)):
+        for part in (f"{rows} rows", "'data' axis has 4 devices", "pad the batch to a multiple of 4",
+                     f"(e.g. {pad})"):
+            assert part in msg, msg

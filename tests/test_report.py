@@ -13,6 +13,7 @@ from sparcom_jax.analysis import (
     IdentifyConfig, ablation_matrix, analyze_model, build_summary, compare_models, compare_series,
     identify,
 )
+from sparcom_jax.analysis.ablate import coverage_warnings
 from sparcom_jax.categories import CATEGORIES, SHORT_NAMES
 from sparcom_jax.report import atomic_write, export_sets, write_report
 from sparcom_jax.report import io as rio
@@ -308,6 +309,14 @@ def test_the_page_prints_the_matching_warnings(tmp_path):
     ablation = ablation_matrix(sets, fake_loss(every), n_random=1, frequency=np.where(sets["code"], 1.0, 0.1))
     (line,) = ablation.matching_warnings()
     assert line.startswith("code: its matched random neurons fire less often than its set (0.1 against 1")
+    # Two categories whose loss rests on few records: the log puts them on one line, the
+    # page keeps one warning per category.
+    ablation.coverage = {"code": {"records": 8, "scored_records": 2, "response_tokens": 9},
+                         "math": {"records": 3, "scored_records": 3, "response_tokens": 12}}
+    thin = coverage_warnings(ablation.coverage)
+    assert [w.split(":")[0] for w in thin] == ["code", "math"]
     write_report(tmp_path, build_summary({"base": base}, ablation=ablation, scope="prompt"),
                  analyses={"base": base}, dpi=30)
-    assert f"Warning: {line}." in (tmp_path / "index.html").read_text()
+    page = (tmp_path / "index.html").read_text()
+    for w in [line, *thin]:
+        assert f"Warning: {w}." in page, w

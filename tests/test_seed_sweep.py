@@ -570,9 +570,10 @@ def test_runs_that_cannot_be_read_are_refused_naming_the_summary(tmp_path):
     path.write_text('{"pairs": {"mixtral": {}}}')  # another pair's run
     with pytest.raises(SystemExit, match=r"summary\.json has no pair llama \(it has mixtral\)"):
         seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--no-docs"])
-    path.write_text('{"models": {}}')  # not a demo's summary
-    with pytest.raises(SystemExit, match=r"summary\.json has no pair llama \(it has \)"):
-        seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--no-docs"])
+    for text in ('{"models": {}}', '{"pairs": {}}'):  # not a demo's summary; one of no pair
+        path.write_text(text)
+        with pytest.raises(SystemExit, match=r"summary\.json has no pair llama \(it has none\)$"):
+            seed_sweep.main(["--from-json", str(saved), "--runs", str(work), "--no-docs"])
 
 
 def test_the_statistics_caption_names_the_runs_and_their_commits_once(tmp_path):

@@ -80,6 +80,28 @@ MASS_WHERE = ("always", "where_warned")
 FIRING_SOURCES = ("held_out", "identification")
 
 
+def _thin_coverage(coverage: Mapping[str, Mapping[str, int]] | None) -> list[tuple[str, int, int, int, bool]]:
+    """(category, scored records, held-out records, response tokens, whether prompts cut
+    records away) of each category whose loss rests on few held-out records, in CATEGORIES
+    order: its scored records are fewer than MIN_SCORED_RECORDS or below
+    MIN_SCORED_FRACTION of its held-out records."""
+    out = []
+    for cat in CATEGORIES:
+        cov = (coverage or {}).get(cat)
+        if not cov or not cov["records"]:
+            continue
+        n, k, t = cov["records"], cov["scored_records"], cov["response_tokens"]
+        if k < MIN_SCORED_FRACTION * n or MIN_SCORED_RECORDS > k < n:
+            out.append((cat, k, n, t, True))
+        elif k < MIN_SCORED_RECORDS:  # nothing was cut: there are few held-out records
+            out.append((cat, k, n, t, False))
+    return out
+
+
+_CUT_FIX = "the prompts of the rest fill max_length: raise data.max_length"
+_FEW_FIX = "raise ablation.max_records or hold out more records (data.split)"
+
+
 def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[str]:
     """One line per category whose loss rests on few held-out records.
 
@@ -92,21 +114,24 @@ def coverage_warnings(coverage: Mapping[str, Mapping[str, int]] | None) -> list[
       The lines, in CATEGORIES order: a category is flagged when its scored records are
       fewer than MIN_SCORED_RECORDS or below MIN_SCORED_FRACTION of its held-out records,
       with the fix: a longer max_length when prompts cut records away, more held-out
-      records when none was cut.
+      records when none was cut. `coverage_log_lines` puts them on one line for a log.
     """
-    lines = []
-    for cat in CATEGORIES:
-        cov = (coverage or {}).get(cat)
-        if not cov or not cov["records"]:
-            continue
-        n, k, t = cov["records"], cov["scored_records"], cov["response_tokens"]
-        if k < MIN_SCORED_FRACTION * n or MIN_SCORED_RECORDS > k < n:
-            lines.append(f"{cat}: its causal-check loss rests on {k} of {n} held-out records ({t} response "
-                         f"tokens); the prompts of the rest fill max_length: raise data.max_length")
-        elif k < MIN_SCORED_RECORDS:  # nothing was cut: there are few held-out records
-            lines.append(f"{cat}: its causal-check loss rests on only {k} held-out records ({t} response "
-                         f"tokens): raise ablation.max_records or hold out more records (data.split)")
-    return lines
+    return [f"{cat}: its causal-check loss rests on {k} of {n} held-out records ({t} response tokens); {_CUT_FIX}"
+            if cut else f"{cat}: its causal-check loss rests on only {k} held-out records ({t} response tokens): "
+            f"{_FEW_FIX}" for cat, k, n, t, cut in _thin_coverage(coverage)]
+
+
+def coverage_log_lines(coverage: Mapping[str, Mapping[str, int]] | None) -> list[str]:
+    """`coverage_warnings` for a log: the one category's line when one is flagged, else one
+    line naming every flagged category with its numbers (scored of held-out records,
+    response tokens), grouped by fix; [] when none is."""
+    thin = _thin_coverage(coverage)
+    if len(thin) < 2:
+        return coverage_warnings(coverage)
+    groups = [", ".join(f"{cat} {k} of {n} ({t} response tokens)" for cat, k, n, t, c in thin if c == cut) + f": {fix}"
+              for cut, fix in ((True, _CUT_FIX), (False, _FEW_FIX)) if any(c == cut for *_, c in thin)]
+    return [f"the causal-check loss of {len(thin)} categories rests on few held-out records (scored of held-out): "
+            + "; ".join(groups)]
 
 
 @dataclasses.dataclass(repr=False)
@@ -222,7 +247,7 @@ class AblationResult:
                 f"  own-category excess beyond the {self._mass_words()[3]}-matched {self.kind[:-1].replace('_', ' ')} "
                 "draws:",
                 "    " + per_category_text([f"{e:+.3g}" for e in np.diag(self.mass_excess)])]),
-            *(f"  warning: {w}" for w in coverage_warnings(self.coverage) + self.matching_warnings()),
+            *(f"  warning: {w}" for w in coverage_log_lines(self.coverage) + self.matching_warnings()),
         ])
 
     def matching_warnings(self) -> list[str]:

@@ -27,6 +27,7 @@ strategies differ only in how rows reach the body; which one runs is fixed by
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -75,10 +76,32 @@ def route(logits_XE, k: int, norm_topk_prob: bool, drop_E=None, drop_pre=None):
 def data_shards(rows: int) -> int:
     """How many data shards a traced [rows, ...] batch is split into: the "data" axis of the
     mesh the program is traced under (`sparcom_jax.parallel.sharding.with_mesh`), or 1
-    without one or when the axis does not divide `rows` (then the rows are not split)."""
+    without one or when the axis does not divide `rows` (then the rows are not split, and
+    a warning says so once per (rows, axis size))."""
     mesh = jax.sharding.get_abstract_mesh()
     n = 1 if mesh.empty or "data" not in mesh.axis_names else int(mesh.shape["data"])
-    return n if rows % n == 0 else 1
+    if rows % n == 0:
+        return n
+    _warn_unsplit(rows, n)
+    return 1
+
+
+_UNSPLIT_WARNED: set[tuple[int, int]] = set()
+
+
+def _warn_unsplit(rows: int, n: int) -> None:
+    """Warn (once per shape, not once per MoE layer or retrace) that a batch of `rows` rows
+    is not split over a data axis of `n`: correct, but every device does the whole batch's
+    routed-expert work."""
+    if (rows, n) in _UNSPLIT_WARNED:
+        return
+    _UNSPLIT_WARNED.add((rows, n))
+    warnings.warn(
+        f"MoE layer: a batch of {rows} rows on a mesh whose 'data' axis has {n} devices: {n} does not "
+        f"divide {rows}, so the rows are not split over the data axis and every device routes and "
+        f"computes the whole batch's experts (correct, but up to {n}x slower); pad the batch to a "
+        f"multiple of {n} rows (e.g. {-(-rows // n) * n}) with rows whose valid mask is False",
+        stacklevel=2)
 
 
 def group_layout(e_sorted_M, group_sizes_E, tile: int):

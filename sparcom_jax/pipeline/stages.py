@@ -851,7 +851,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
     import numpy as np
 
     from sparcom_jax.analysis.ablate import (ablate_identification, baseline_expert_mass, baseline_unit_firing,
-                                             coverage_warnings, full_layers)
+                                             coverage_log_lines, full_layers)
     from sparcom_jax.categories import CATEGORIES, normalize_category
     from sparcom_jax.parallel.processes import check_same
     from sparcom_jax.stats.losses import encode_held_out, make_loss_fn, response_coverage
@@ -946,7 +946,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                                 **({"firing_mass": mass} if held_out_firing else {"expert_mass": mass}),
                                                 run=fn.counted(_passes_shared) if firing else _passes_shared,
                                                 firing_matched=firing, firing_source=a.neuron_mass_source)
-            for w in coverage_warnings(res.coverage) + res.matching_warnings():
+            for w in coverage_log_lines(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
                                                                "held_out": held_out, "environment": environment()})
