@@ -118,7 +118,9 @@ def test_ablation_matrix_runs_the_firing_mass_draws_and_records_their_masses(kin
     assert back.mass_where == "always"
 
 
-def test_where_warned_draws_only_for_the_categories_the_frequency_matching_warns_about():
+def warned_setup():
+    """`setup` whose odd categories' sets are their layers' three busiest units, which no
+    frequency-matched draw can match (warned about), and whose other sets hold none of them."""
     sets, fm, freq = setup()
     busiest = np.zeros_like(freq, bool)
     busiest[:, :3] = True
@@ -127,6 +129,11 @@ def test_where_warned_draws_only_for_the_categories_the_frequency_matching_warns
         sets[c] = busiest
     for c in CATEGORIES[::2]:  # the others: none of them
         sets[c] = sets[c] & ~busiest
+    return sets, fm, freq
+
+
+def test_where_warned_draws_only_for_the_categories_the_frequency_matching_warns_about():
+    sets, fm, freq = warned_setup()
     model = FiringModel(fm)
     r = ablation_matrix(sets, model, n_random=3, seed=0, kind="neurons", frequency=freq, firing_mass=fm,
                         mass_where="where_warned")
@@ -402,3 +409,17 @@ def test_the_report_shows_the_held_out_firing_records_and_their_warning(tmp_path
     page = (tmp_path / "index.html").read_text()
     assert "held_out_firing_records is how many of the category" in page
     assert "code: the held-out firing its firing-mass-matched draws are matched to rests on 3 held-out" in page
+
+
+def test_the_firing_records_warning_names_only_the_categories_the_control_ran_for():
+    """where_warned: a category without firing-mass draws was matched to nothing, so its few
+    records are no warning; nor is an empty set's."""
+    sets, fm, freq = warned_setup()
+    sets[CATEGORIES[3]] = np.zeros_like(sets[CATEGORIES[3]])
+    model = FiringModel(fm)
+    model.firing_records = {c: 1 for c in CATEGORIES}
+    r = ablation_matrix(sets, model, n_random=3, seed=0, kind="neurons", frequency=freq, firing_mass=fm,
+                        mass_where="where_warned", firing_source="held_out")
+    drawn = [c for a, c in enumerate(CATEGORIES) if r.set_sizes[a] and np.isfinite(r.mass_random_draws[:, a]).all()]
+    assert drawn == [CATEGORIES[1], CATEGORIES[5]]
+    assert [w.split(":")[0] for w in firing_warnings(r)] == drawn
