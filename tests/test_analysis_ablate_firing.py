@@ -118,7 +118,9 @@ def test_ablation_matrix_runs_the_firing_mass_draws_and_records_their_masses(kin
     assert back.mass_where == "always"
 
 
-def test_where_warned_draws_only_for_the_categories_the_frequency_matching_warns_about():
+def warned_setup():
+    """`setup` whose odd categories' sets are their layers' three busiest units, which no
+    frequency-matched draw can match (warned about), and whose other sets hold none of them."""
     sets, fm, freq = setup()
     busiest = np.zeros_like(freq, bool)
     busiest[:, :3] = True
@@ -127,6 +129,11 @@ def test_where_warned_draws_only_for_the_categories_the_frequency_matching_warns
         sets[c] = busiest
     for c in CATEGORIES[::2]:  # the others: none of them
         sets[c] = sets[c] & ~busiest
+    return sets, fm, freq
+
+
+def test_where_warned_draws_only_for_the_categories_the_frequency_matching_warns_about():
+    sets, fm, freq = warned_setup()
     model = FiringModel(fm)
     r = ablation_matrix(sets, model, n_random=3, seed=0, kind="neurons", frequency=freq, firing_mass=fm,
                         mass_where="where_warned")
@@ -331,3 +338,88 @@ def test_every_process_draws_from_the_held_out_firing_process_0_counted(monkeypa
         assert set(mass) == set(firing)
         for c, v in firing.items():
             np.testing.assert_array_equal(mass[c], v)
+
+
+def held_out_result(firing_records, records=None, source="held_out"):
+    """ablate_identification with held-out firing whose loss_fn reports `firing_records` and, with
+    `records` ({category: held-out records}), the coverage of its loss."""
+    from sparcom_jax.analysis import ablate_identification
+
+    ident, held = disagreeing_identification()
+    model = HeldOutFiring(held)
+    model.firing_records = firing_records
+    if records is not None:
+        model.coverage = {c: {"records": n, "scored_records": n, "response_tokens": 10 * n} for c, n in records.items()}
+    return ablate_identification(ident, model, n_random=2, firing_matched="always", firing_source=source)
+
+
+def firing_warnings(r):
+    return [w for w in r.matching_warnings() if "held-out firing" in w]
+
+
+def test_the_result_records_the_held_out_records_the_firing_rests_on_and_old_files_load():
+    counts = {c: 7 + i for i, c in enumerate(CATEGORIES)}
+    r = held_out_result(counts)
+    assert r.firing_records == counts
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["mass_matched"]["firing_records"] == counts
+    assert AblationResult.from_dict(d).firing_records == counts
+    del d["mass_matched"]["firing_records"]  # as written before it was kept
+    old = AblationResult.from_dict(d)
+    assert old.firing_records is None and not firing_warnings(old)
+    # The identification's firing rests on other records: nothing to record.
+    assert held_out_result(counts, source="identification").firing_records is None
+
+
+def test_few_held_out_firing_records_are_warned_about_exactly_below_the_coverage_thresholds():
+    from sparcom_jax.analysis.ablate import MIN_SCORED_FRACTION, MIN_SCORED_RECORDS
+
+    few, n = MIN_SCORED_RECORDS, 2 * MIN_SCORED_RECORDS + 2
+    share = int(np.ceil(MIN_SCORED_FRACTION * n))  # the fewest records not under the share
+    cases = {  # category: (records with a counted token, held-out records, warned)
+        CATEGORIES[0]: (few - 1, few - 1, True), CATEGORIES[1]: (few, few, False),
+        CATEGORIES[2]: (share - 1, n, True), CATEGORIES[3]: (share, n, False),
+        CATEGORIES[4]: (0, n, True), CATEGORIES[5]: (n, n, False)}
+    assert share - 1 >= few  # (the third warns for the share, not the count)
+    r = held_out_result({c: k for c, (k, _, _) in cases.items()}, {c: m for c, (_, m, _) in cases.items()})
+    lines = firing_warnings(r)
+    assert [w.split(":")[0] for w in lines] == [c for c, (_, _, warned) in cases.items() if warned]
+    for w in lines:
+        k, m, _ = cases[w.split(":")[0]]
+        assert f"rests on {k} of its {m} held-out records" in w
+        assert "target is noisy" in w and "data.split" in w and "ablation.max_records" in w
+    assert lines == [w for w in r.to_dict()["matching_warnings"] if "held-out firing" in w]
+    # Without the loss's coverage, only the count is checked.
+    r = held_out_result({c: k for c, (k, _, _) in cases.items()})
+    assert [w.split(":")[0] for w in firing_warnings(r)] == [CATEGORIES[0], CATEGORIES[4]]
+
+
+def test_the_report_shows_the_held_out_firing_records_and_their_warning(tmp_path):
+    import csv
+
+    from sparcom_jax.report import write_report
+
+    counts = {c: 3 if c == "code" else 9 for c in CATEGORIES}
+    d = json.loads(json.dumps(held_out_result(counts).to_dict()))
+    write_report(tmp_path, {"identification": {"rule": "top"}, "models": {}, "ablation": {"neurons": d}}, dpi=20)
+    with open(tmp_path / "tables" / "ablation_neurons_mass_matched.csv") as fh:
+        rows = [row for row in csv.reader(fh) if not row[0].startswith("#")]
+    header = rows[0]
+    assert {row[0]: int(row[header.index("held_out_firing_records")]) for row in rows[1:]} == counts
+    page = (tmp_path / "index.html").read_text()
+    assert "held_out_firing_records is how many of the category" in page
+    assert "code: the held-out firing its firing-mass-matched draws are matched to rests on 3 held-out" in page
+
+
+def test_the_firing_records_warning_names_only_the_categories_the_control_ran_for():
+    """where_warned: a category without firing-mass draws was matched to nothing, so its few
+    records are no warning; nor is an empty set's."""
+    sets, fm, freq = warned_setup()
+    sets[CATEGORIES[3]] = np.zeros_like(sets[CATEGORIES[3]])
+    model = FiringModel(fm)
+    model.firing_records = {c: 1 for c in CATEGORIES}
+    r = ablation_matrix(sets, model, n_random=3, seed=0, kind="neurons", frequency=freq, firing_mass=fm,
+                        mass_where="where_warned", firing_source="held_out")
+    drawn = [c for a, c in enumerate(CATEGORIES) if r.set_sizes[a] and np.isfinite(r.mass_random_draws[:, a]).all()]
+    assert drawn == [CATEGORIES[1], CATEGORIES[5]]
+    assert [w.split(":")[0] for w in firing_warnings(r)] == drawn

@@ -364,6 +364,34 @@ def test_baseline_counts_each_units_held_out_firing_as_hooked_transformers(hf_ch
     assert loss(mask) == plain(mask) and loss.last_unit_firing is None  # an ablated pass counts nothing
 
 
+def test_firing_records_count_the_records_with_a_counted_token_and_the_rest_count_0(hf_checkpoint):
+    """`firing_records`: per category, the records whose firing scope holds a token, known before any
+    pass (every process has it); the baseline's mean firing counts the others as 0."""
+    enc = encoded_set()
+    fire = prompt_scopes(enc)
+    for i in (0, 4, 6):  # no counted token: two of the first category's three records, one of the second's
+        fire[i] = np.zeros_like(fire[i])
+    by_hand = {}
+    for c, f in zip(enc.categories, fire):
+        by_hand[c] = by_hand.get(c, 0) + int(f.any())
+    assert sorted(by_hand.values()) == [1, 2, 2]
+    model = sj.load_model(hf_checkpoint("llama"))
+    loss = CategoryLoss(model, enc, kind="neurons", batch_size=3, firing_scopes=fire)
+    assert loss.firing_records == by_hand  # (before any pass)
+    assert CategoryLoss(model, enc, kind="neurons", batch_size=3).firing_records is None
+    loss(None)
+    assert loss.firing_records == by_hand
+    # The first category's firing is its one counted record's, over its three records.
+    keep = [3]
+    alone = CategoryLoss(model, SimpleNamespace(ids=[enc.ids[i] for i in keep], scopes=[enc.scopes[i] for i in keep],
+                                                categories=[enc.categories[i] for i in keep]),
+                         kind="neurons", batch_size=3, firing_scopes=[fire[i] for i in keep])
+    alone(None)
+    c = enc.categories[3]
+    assert alone.firing_records == {c: 1}
+    np.testing.assert_allclose(loss.last_unit_firing[c] * 3, alone.last_unit_firing[c], rtol=1e-12)
+
+
 def test_the_firing_count_and_the_ablated_passes_share_one_compiled_program(hf_checkpoint):
     from sparcom_jax.runtime import compile_stats, track_compilations
 

@@ -878,7 +878,10 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
             calls.append(mask)
             loss.last_unit_firing = firing if mask is None else None  # (the baseline pass counts it)
             return {c: 1.0 + (0 if mask is None else float(np.sum(mask))) for c in CATEGORIES}
+        loss.firing_records = counted  # (known from the scopes: every process has it)
         return loss
+
+    counted = {c: 4 + i for i, c in enumerate(CATEGORIES)}
 
     class Counting(stages._Counting):
         def __exit__(self, *exc):
@@ -909,6 +912,7 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     stored = json.loads((out / "ablate" / "tuned_neurons.json").read_text())
     assert stored["mass_matched"]["where"] == "always" and stored["mass_matched"]["mass"] == "firing"
     assert stored["mass_matched"]["source"] == "held_out"
+    assert stored["mass_matched"]["firing_records"] == counted == res.firing_records  # (through `_Counting`)
     with pytest.raises(StaleResultError, match="neuron_mass_matched|mass_matched"):
         run_stage("ablate", exp("ablation.neuron_mass_matched=never", "ablation.n_random=2"), out)
 

@@ -203,6 +203,11 @@ class AblationResult:
         in the unablated pass on the category's held-out records, `CategoryLoss.last_unit_firing`)
         or "identification" (the firing of the identification counts, `category_mean`); None
         where the control did not run or the caller did not say.
+      firing_records: with held-out firing (`mass_source` "held_out", neurons and expert neurons),
+        {category: its held-out records with a token in the counted scope}
+        (`CategoryLoss.firing_records`): how many records each category's firing, the
+        control's target, rests on (see `matching_warnings`); None otherwise (also in
+        files made before it was kept).
     """
 
     kind: str
@@ -234,6 +239,7 @@ class AblationResult:
     mass_random_mass_matrix: np.ndarray | None = None
     mass_where: str | None = None
     mass_source: str | None = None
+    firing_records: dict[str, int] | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -261,7 +267,10 @@ class AblationResult:
           effect of removing busier units, whatever they are specific to. Experts are
           also flagged when the set drops more routing mass than every draw: their
           excess cannot then be told apart from a larger disruption of the routing.
-          Expert lines give the mass of the set and of the draws.
+          Expert lines give the mass of the set and of the draws. Lines also flag mass-matched
+          draws that missed their set's mass (`MASS_TOLERANCE`) and, with held-out firing, a
+          category whose firing rests on few held-out records (`firing_records`, under the
+          thresholds of `coverage_warnings`): that control's target is then noisy.
         """
         if not self.n_random:
             return []
@@ -293,8 +302,28 @@ class AblationResult:
                                  f"(at most {rdm.max():.3g})")
             if why:
                 lines.append(f"{cat}: " + "; ".join(parts) + ": " + "; and ".join(why) + self._mass_outcome(a))
-            lines += self._mass_error_warning(a)
+            lines += self._mass_error_warning(a) + self._firing_records_warning(a)
         return lines
+
+    def _firing_records_warning(self, a: int) -> list[str]:
+        """Category `a`'s line when the held-out firing its firing-mass-matched draws were matched
+        to rests on fewer than MIN_SCORED_RECORDS records, or on fewer than MIN_SCORED_FRACTION
+        of its held-out records (the thresholds of `coverage_warnings`); [] otherwise, and where
+        its control did not run."""
+        cat = CATEGORIES[a]
+        if (self.firing_records is None or cat not in self.firing_records or not self.set_sizes[a]
+                or self.set_category_mass is None or not np.isfinite(self.set_category_mass[a])):
+            return []
+        k, n = self.firing_records[cat], ((self.coverage or {}).get(cat) or {}).get("records")
+        few, low = k < MIN_SCORED_RECORDS, n is not None and k < MIN_SCORED_FRACTION * n
+        if not (few or low):
+            return []
+        of = "" if n is None else f" of its {n}"
+        rest = ("" if not low else "; the others have no token in the scope the sets were identified on "
+                "(data.scope) and count 0")
+        return [f"{cat}: the held-out firing its firing-mass-matched draws are matched to rests on {k}{of} "
+                f"held-out records{rest}: that control's target is noisy, so its excess is too; hold out "
+                "more records (data.split, ablation.max_records)"]
 
     def mass_errors(self) -> dict[str, np.ndarray | None]:
         """How closely the mass-matched draws matched their sets' mass on the category's own tokens.
@@ -465,7 +494,8 @@ class AblationResult:
                 "random_layer_error": None if self.mass_random_layer_mass is None or self.set_layer_mass is None
                 else self.mass_random_layer_mass - self.set_layer_mass[None],  # (derived: not read back)
                 **{f"error_{k}": None if v is None else by_category(v)
-                   for k, v in self.mass_errors().items()}, "error_tolerance": MASS_TOLERANCE}
+                   for k, v in self.mass_errors().items()}, "error_tolerance": MASS_TOLERANCE,
+                "firing_records": self.firing_records}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AblationResult":
@@ -498,7 +528,8 @@ class AblationResult:
             set_mass_matrix=arr(mm.get("set_mass_matrix")), mass_where=mm.get("where", "always"),
             # (absent from files made before the neurons' firing was measured on the held-out records)
             mass_source=mm.get("source", "identification" if mm.get("mass") == "firing" else "held_out"),
-            mass_random_mass_matrix=per_draw(mm.get("random_mass_matrix"), C, C))
+            mass_random_mass_matrix=per_draw(mm.get("random_mass_matrix"), C, C),
+            firing_records=mm.get("firing_records"))  # (absent from files made before it was kept)
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
                    n_random=d["n_random"], seed=d["seed"],
@@ -1074,7 +1105,14 @@ def ablation_matrix(
         set_layer_mass=layer_mass, set_layer_estimate=layer_est, mass_random_layer_mass=draw_layer,
         mass_random_layer_estimate=draw_est, set_mass_matrix=set_cross, mass_random_mass_matrix=draw_cross,
         mass_where=mass_where if mass_matched else None,
-        mass_source=("held_out" if routing else firing_source) if mass_matched else None)
+        mass_source=("held_out" if routing else firing_source) if mass_matched else None,
+        firing_records=_firing_records(loss_fn) if firing_mass is not None and firing_source == "held_out" else None)
+
+
+def _firing_records(loss_fn) -> dict[str, int] | None:
+    """{category: held-out records its firing was counted on} (`loss_fn.firing_records`), None without it."""
+    got = getattr(loss_fn, "firing_records", None)
+    return None if got is None else {normalize_category(k): int(v) for k, v in got.items()}
 
 
 def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None = None,

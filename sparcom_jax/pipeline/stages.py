@@ -1034,7 +1034,8 @@ def _baseline_shared(loss_fn, measure, shape: tuple[int, ...], what: str) -> tup
 class _Counting:
     """A loss_fn with a progress bar over its calls (each is a pass over the records); it
     passes on the routing masses of the last call (`last_dropped_mass`, `last_category_mass`,
-    `last_expert_mass`) and the units' firing (`last_unit_firing`)."""
+    `last_expert_mass`) and the units' firing (`last_unit_firing`, and the records it rests on,
+    `firing_records`)."""
 
     def __init__(self, fn, total: int, desc: str):
         self.fn, self.total, self.desc = fn, total, desc
@@ -1079,6 +1080,10 @@ class _Counting:
     @property
     def last_unit_firing(self):
         return getattr(self.fn, "last_unit_firing", None)
+
+    @property
+    def firing_records(self):
+        return getattr(self.fn, "firing_records", None)
 
     @property
     def coverage(self):

@@ -257,8 +257,9 @@ MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_g
 
 
 def mass_header(kind: str) -> list[str]:
-    """MASS_HEADER with the draws' size named for the kind ("experts", "neurons", "expert_neurons")."""
-    return MASS_HEADER[:-1] + [f"random_{kind}_mean"]
+    """MASS_HEADER with the draws' size named for the kind ("experts", "neurons", "expert_neurons"),
+    and for the neuron kinds the held-out records the firing was counted on."""
+    return MASS_HEADER[:-1] + [f"random_{kind}_mean"] + ([] if kind == "experts" else ["held_out_firing_records"])
 
 
 MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift", "random_mass_mean",
@@ -290,7 +291,9 @@ def mass_rows(d: dict) -> list[list]:
     on the category's own held-out tokens and the unablated model's estimate of it (its
     layers' `set_layer_estimate` summed; None in files without it), and the mass its draws
     dropped (mean, min, max over draws) and its mean signed and absolute error against the
-    set's (None in files made before they were kept); the draws' mean number of experts."""
+    set's (None in files made before they were kept); the draws' mean number of experts; for
+    neurons and expert neurons, the held-out records the firing was counted on (None with the
+    identification's firing and in files made before it was kept)."""
     mm, rows = d["mass_matched"], []
     for i, c in enumerate(CATEGORIES):
         mass = _column(mm["random_mass"], i)
@@ -299,7 +302,8 @@ def mass_rows(d: dict) -> list[list]:
                      mm["set_mass"].get(c), _total((mm.get("set_layer_estimate") or {}).get(c)),
                      _mean(mass), min(mass, default=None), max(mass, default=None),
                      *((mm.get(f"error_{k}") or {}).get(c) for k in ("mean", "abs_mean")),
-                     _mean(_column(mm["random_sizes"], i))])
+                     _mean(_column(mm["random_sizes"], i)),
+                     *([] if d["kind"] == "experts" else [(mm.get("firing_records") or {}).get(c)])])
     return rows
 
 

@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sparcom_jax.analysis.ablate import FIRING_SOURCES, FREQUENCY_GAP, MASS_TOLERANCE
+from sparcom_jax.analysis.ablate import (FIRING_SOURCES, FREQUENCY_GAP, MASS_TOLERANCE, MIN_SCORED_FRACTION,
+                                         MIN_SCORED_RECORDS)
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.analysis.uncertainty import one_unit_note
@@ -145,7 +146,10 @@ CAPTIONS = {
         "identification records it was chosen from (per layer in "
         "tables/ablation_{kind}_mass_matched_per_layer.csv, set_mass_estimate against set_mass_measured): a set "
         "chosen for firing often there usually fires less on new records (regression to the mean), by the "
-        "shift shown. "),
+        "shift shown. held_out_firing_records is how many of the category's held-out records have a token in "
+        "that scope, the records its firing, the draws' target, rests on: fewer than {few} or under "
+        "{share:.0%} of its held-out records (the loss coverage's thresholds) is flagged under the table, "
+        "that target being noisy. "),
     "ablation_firing_identification": (
         "The firing is the identification counts' (ablation.neuron_mass_source: identification), not measured "
         "on the held-out records the loss uses: the sets were chosen for firing often there, so on new "
@@ -434,7 +438,9 @@ def _mass_blocks(kind: str, d: dict) -> list:
         src = mm.get("source", "identification")
         records = {"held_out": "held-out records (those its loss is measured on)",
                    "identification": "identification records"}.get(src, "records (which ones was not recorded)")
-        source = CAPTIONS[f"ablation_firing_{src}"].format(kind=kind) if src in FIRING_SOURCES else ""
+        source = (CAPTIONS[f"ablation_firing_{src}"].format(kind=kind, few=MIN_SCORED_RECORDS,
+                                                             share=MIN_SCORED_FRACTION)
+                  if src in FIRING_SOURCES else "")
         text = CAPTIONS["ablation_firing_mass"].format(n=mm["n_random"], tol=tol, kind=kind, units=word,
                                                        records=records, source=source) + where
     return [TableBlock(f"Ablation ({word}): own-category excess over {mm['n_random']} {title}",

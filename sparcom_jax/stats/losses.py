@@ -138,7 +138,9 @@ class CategoryLoss:
         record with none of those tokens counts 0, as in `Identification.category_mean`)};
         None after any other call. Counted in the unablated pass: the activation of a unit
         before any mask.
-      firing_records: after that call, {category: its records with a token in `firing_scopes`}.
+      firing_records: with `firing_scopes`, {category: its records with a token in `firing_scopes`}
+        (those `last_unit_firing` rests on; the others count 0 in its mean), known from the scopes
+        alone, so every process has it without a pass; None without `firing_scopes`.
       coverage: {category: {"records": its records in `encoded`, "scored_records":
         those that keep a response token within the cut, "response_tokens": the
         tokens its loss averages over}} (read by `ablation_matrix`, which flags
@@ -160,7 +162,7 @@ class CategoryLoss:
         self.counts_firing = firing_scopes is not None
         self.codes = scope_codes(encoded, firing_scopes, kind)
         self.last_unit_firing: dict[str, np.ndarray] | None = None
-        self.firing_records: dict[str, int] | None = None
+        self.firing_records = None if firing_scopes is None else firing_record_counts(encoded.categories, self.codes)
         self.last_dropped_mass: float | None = None
         self.last_category_mass: dict[str, float] | None = None
         self.last_expert_mass: dict[str, np.ndarray] | None = None
@@ -195,7 +197,7 @@ class CategoryLoss:
                 if firing is not None:
                     firing.add(cat, res, j)
         L = cfg.num_layers
-        self.last_unit_firing, self.firing_records = (None, None) if firing is None else firing.means()
+        self.last_unit_firing = None if firing is None else firing.means()
         # Per token and layer, so that a mask's mass is the sum of its experts' entries.
         self.last_expert_mass = {c: m / (counts[c] * L) for c, m in mass.items() if counts[c]} or None
         dropped = self.kind == "experts" and mask is not None and self.last_expert_mass is not None
@@ -216,18 +218,24 @@ class _FiringSums:
         self.field = field
         self.total: dict[str, np.ndarray] = {}
         self.records: dict[str, int] = collections.Counter()
-        self.counted: dict[str, int] = collections.Counter()
 
     def add(self, cat: str, res: dict, j: int) -> None:
         t = int(res["fired_tokens"][j])
         freq = np.asarray(res[self.field][j], np.float64) / max(t, 1)  # (all 0 when no token is counted)
         self.total[cat] = self.total.get(cat, 0.0) + freq
         self.records[cat] += 1
-        self.counted[cat] += t > 0
 
-    def means(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        return ({c: v / self.records[c] for c, v in self.total.items()},
-                {c: self.counted[c] for c in self.total})
+    def means(self) -> dict[str, np.ndarray]:
+        return {c: v / self.records[c] for c, v in self.total.items()}
+
+
+def firing_record_counts(categories: Sequence[str], codes: Sequence[np.ndarray]) -> dict[str, int]:
+    """{category: its sequences with a token coded FIRING} (`scope_codes`): the records the
+    baseline pass counts firing on, the rest counting 0 in the category's mean firing."""
+    counts: dict[str, int] = collections.Counter()
+    for cat, code in zip(categories, codes, strict=True):
+        counts[cat] += bool((np.asarray(code) & FIRING).any())
+    return dict(counts)
 
 
 def ablation_shape(cfg, kind: str) -> tuple[int, ...]:
