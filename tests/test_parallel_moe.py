@@ -25,12 +25,16 @@ from launch import clean_env
 STRATEGIES = ("looped", "tiled", "capacity", "ragged", "grouped")
 MESHES = ((2, 1), (4, 1), (1, 2), (2, 2))
 
-SHARDED_RUNS = textwrap.dedent("""
-    import os, sys
+# What every script below starts with: 4 simulated CPU devices, set before jax is imported.
+PRELUDE = textwrap.dedent("""
+    import os, sys, json, warnings
     os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    import numpy as np, jax
+    import numpy as np, jax, jax.numpy as jnp
     from flax import nnx
     import sparcom_jax as sj
+""")
+
+SHARDED_RUNS = PRELUDE + textwrap.dedent("""
     from sparcom_jax.stats.runner import BatchRunner
 
     def logits_step(graphdef, state, ids, valid, scope, extra):
@@ -97,11 +101,7 @@ def test_counts_on_data_and_model_axes_equal_one_device_s(sharded, impl):
                                            err_msg=f"{impl} {name} on data {data} x model {model}")
 
 
-COMPILED_WORK = textwrap.dedent("""
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    import jax, jax.numpy as jnp
-    from flax import nnx
+COMPILED_WORK = PRELUDE + textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import sparcom_jax as sj
     from sparcom_jax.models.dispatch import Dispatch
@@ -157,9 +157,7 @@ def test_a_data_axis_splits_the_routed_experts_work(work, impl):
     assert temp4 / temp1 < 1.1, (temp4, temp1)
 
 
-TRAIN_STEPS = textwrap.dedent("""
-    import os, sys
-    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+TRAIN_STEPS = PRELUDE + textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp, optax
     from flax import nnx, traverse_util
     import sparcom_jax as sj
@@ -210,12 +208,7 @@ def test_a_training_step_on_data_and_model_axes_equals_one_device_s(tmp_path, im
                                        err_msg=f"{impl} {name} on data {data} x model {model}")
 
 
-UNSPLIT_ROWS = textwrap.dedent("""
-    import os, sys, json, warnings
-    os.environ["XLA_FLAGS"] = os.environ.get("SPARCOM_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    import numpy as np, jax, jax.numpy as jnp
-    from flax import nnx
-    import sparcom_jax as sj
+UNSPLIT_ROWS = PRELUDE + textwrap.dedent("""
 
     # A library user's own mesh: the model called under jax.set_mesh, not through BatchRunner.
     cfg = sj.ModelConfig.from_hf_config(dict(
