@@ -17,9 +17,12 @@ XLA_O0 = "--xla_backend_optimization_level=0"
 os.environ.setdefault("SPARCOM_TEST_XLA_FLAGS", f"--xla_cpu_collective_call_terminate_timeout_seconds=600 {XLA_O0}")
 # This process and the subprocesses that inherit its environment (read when jax starts a backend).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_O0}".strip()
-# Compiled programs of the test models go to a cache of the checkout's own (shared by the
-# workers and kept between runs), not into the user's ~/.cache.
-os.environ.setdefault("SPARCOM_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+# Compiled programs of the test models go to a cache of the checkout's own (kept between runs),
+# not into the user's ~/.cache: one per test worker, shared with the subprocesses it starts. With
+# one cache for both workers a fresh clone's CI run twice lost a worker to a segfault inside jax's
+# executable (de)serialization for that cache (2026-12-02, test_precision; not reproduced alone).
+os.environ.setdefault("SPARCOM_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"
+                                               / os.environ.get("PYTEST_XDIST_WORKER", "main")))
 # Likewise the digests of the test checkpoints' weights files.
 os.environ.setdefault("SPARCOM_JAX_DIGEST_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "digests"))
 
