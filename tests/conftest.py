@@ -21,12 +21,20 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_O0}".strip()
 # not into the user's ~/.cache: one per test worker, shared with the subprocesses it starts. With
 # one cache for both workers a fresh clone's CI run twice lost a worker to a segfault inside jax's
 # executable (de)serialization for that cache (2026-12-02, test_precision; not reproduced alone).
-os.environ.setdefault("SPARCOM_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"
-                                               / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+# (set in pytest_configure: a worker learns its id there, after this module is imported)
+_CACHE_ROOT = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"
+_OWN_CACHE = os.environ.get("SPARCOM_JAX_CACHE", str(_CACHE_ROOT)).startswith(str(_CACHE_ROOT))  # (workers
+# inherit the controller's choice)
 # Likewise the digests of the test checkpoints' weights files.
 os.environ.setdefault("SPARCOM_JAX_DIGEST_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "digests"))
 
 from hf_fixtures import write_checkpoint  # noqa: E402
+
+
+def pytest_configure(config):
+    if _OWN_CACHE:
+        worker = getattr(config, "workerinput", {}).get("workerid", "main")
+        os.environ["SPARCOM_JAX_CACHE"] = str(_CACHE_ROOT / worker)
 
 
 @pytest.fixture(scope="session")
