@@ -17,13 +17,10 @@ XLA_O0 = "--xla_backend_optimization_level=0"
 os.environ.setdefault("SPARCOM_TEST_XLA_FLAGS", f"--xla_cpu_collective_call_terminate_timeout_seconds=600 {XLA_O0}")
 # This process and the subprocesses that inherit its environment (read when jax starts a backend).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_O0}".strip()
-# No persistent compilation cache in the test run (the cache's own tests set one per test): three
-# fresh-clone CI runs in a row (2026-12-02) lost a test worker to a segfault inside jax's executable
-# serialisation for that cache, always in test_precision after the files before it in that worker,
-# with the cache shared by the workers and with one per worker; never with one process. Unexplained;
-# this keeps the suite off that path (every test compiles afresh).
-os.environ.setdefault("SPARCOM_JAX_CACHE", "off")
-# The digests of the test checkpoints' weights files: a cache of the checkout's own, kept between runs.
+# Compiled programs of the test models go to a cache of the checkout's own (shared by the
+# workers and kept between runs), not into the user's ~/.cache.
+os.environ.setdefault("SPARCOM_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+# Likewise the digests of the test checkpoints' weights files.
 os.environ.setdefault("SPARCOM_JAX_DIGEST_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "digests"))
 
 from hf_fixtures import write_checkpoint  # noqa: E402
