@@ -25,6 +25,15 @@ Entries an unbounded cache left in the directory (an earlier sparcom_jax, a proc
 without filelock, the user's own JAX settings) get the access time the bounded cache
 needs (`adopt_unbounded_entries`); without it every later write would fail.
 
+Memory mappings. Linux caps the memory mappings of one process (``vm.max_map_count``,
+65530 by default). XLA's CPU back end keeps the machine code of every compiled program in
+mappings of its own (about 10 for a tiny program, more for one with many kernels) for as long
+as a jitted function caches the program. A process that compiles thousands of programs (a long
+notebook session, a test suite) reaches the cap, and the next mapping fails inside XLA as a
+segmentation fault that names nothing. The compile listener (below) warns once when the
+process holds `MAPS_WARN_FRACTION` of the cap; `release_compiled_programs` frees the cached
+programs (they come back from the persistent cache when called again).
+
 Compile counting. `compile_stats` reports how many XLA programs this process
 compiled, how many it loaded from the cache and the time spent on both, from
 JAX's monitoring events (counting starts with the first `ensure_compilation_cache`
@@ -37,6 +46,7 @@ import importlib.util
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -66,6 +76,11 @@ _tracking = False
 _programs = 0
 _hits = 0
 _seconds = 0.0
+# Share of vm.max_map_count at which the compile listener warns (see the module docstring),
+# and how many compilations apart it looks (reading /proc/self/maps takes ~25 ms at 40k mappings).
+MAPS_WARN_FRACTION = 0.75
+MAPS_CHECK_EVERY = 8
+_maps_warned = False
 
 
 def default_cache_dir() -> Path:
@@ -168,6 +183,51 @@ def _on_duration(event: str, duration: float, **_) -> None:
         with _lock:
             _programs += 1
             _seconds += duration
+            check = _programs % MAPS_CHECK_EVERY == 1
+        if check:
+            warn_near_map_limit()
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """(memory mappings this process holds, the most Linux allows one process), or None where
+    ``/proc`` does not say (not Linux)."""
+    try:
+        cap = int(Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps", "rb") as f:
+            held = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return held, cap
+
+
+def warn_near_map_limit(fraction: float | None = None) -> bool:
+    """Warn (once per process) when this process holds `fraction` (default `MAPS_WARN_FRACTION`)
+    or more of the memory mappings Linux allows it; returns whether it is that near."""
+    global _maps_warned
+    maps = memory_maps()
+    if maps is None or maps[0] < (MAPS_WARN_FRACTION if fraction is None else fraction) * maps[1]:
+        return False
+    if not _maps_warned:
+        _maps_warned = True
+        held, cap = maps
+        warnings.warn(
+            f"this process holds {held:,} of the {cap:,} memory mappings Linux allows one process "
+            "(vm.max_map_count): XLA keeps the machine code of every compiled program in mappings of "
+            "its own while a jitted function caches it, and at the cap the process ends with a "
+            "segmentation fault. Free the cached programs with sparcom_jax.runtime.release_compiled_programs() "
+            "(jax.clear_caches(); they load again from the compilation cache), start a new process, or "
+            "raise the cap (sudo sysctl -w vm.max_map_count=262144)", RuntimeWarning, stacklevel=2)
+    return True
+
+
+def release_compiled_programs() -> None:
+    """Free the compiled programs that jitted functions cache in this process (`jax.clear_caches`
+    and a garbage collection), with the memory mappings that hold their machine code. The next
+    call of each function compiles again or loads its program from the persistent cache."""
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
 
 
 def track_compilations() -> None:

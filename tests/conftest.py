@@ -26,6 +26,22 @@ os.environ.setdefault("SPARCOM_JAX_DIGEST_CACHE", str(Path(__file__).resolve().p
 from hf_fixtures import write_checkpoint  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _free_compiled_programs_near_the_map_cap():
+    """A worker runs hundreds of tests' programs, and XLA keeps each compiled program's machine
+    code in memory mappings of its own while jitted functions cache it: at Linux's cap
+    (vm.max_map_count, 65530) the worker died with a segmentation fault inside XLA (seen in
+    tests/test_precision.py after five other files). Past a third of the cap the cached programs
+    are freed (they load again from the compilation cache)."""
+    yield
+    if "jax" in sys.modules:
+        from sparcom_jax import runtime
+
+        maps = runtime.memory_maps()
+        if maps is not None and maps[0] > maps[1] / 3:
+            runtime.release_compiled_programs()
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: hf_checkpoint(variant, fused=False) -> directory, cached for the session."""

@@ -245,3 +245,54 @@ def test_entries_an_unbounded_cache_left_do_not_stop_new_writes(tmp_path):
         (cache / "jit_old-0123-cache").stat().st_mtime_ns
     new = {n for n in names if n.endswith("-cache")} - {"jit_old-0123-cache"}
     assert new and all(n[:-len("-cache")] + "-atime" in names for n in new)  # the program was cached
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")
+def test_released_programs_give_back_their_memory_mappings():
+    """Compiled programs hold mappings until released; release gives them back (the guard the
+    test suite's conftest and the compile listener's advice rely on)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sparcom_jax import runtime
+
+    runtime.release_compiled_programs()
+    held, cap = runtime.memory_maps()
+    assert 0 < held < cap and cap == int(Path("/proc/sys/vm/max_map_count").read_text())
+    f = jax.jit(lambda x: jnp.tanh(x) @ x.T + jnp.exp(x).max())
+    for n in range(1, 31):  # 30 programs (one per shape), kept by f's cache
+        f(jnp.ones((n, 4))).block_until_ready()
+    grown = runtime.memory_maps()[0]
+    assert grown > held + 30, (held, grown)
+    runtime.release_compiled_programs()
+    assert runtime.memory_maps()[0] < held + (grown - held) / 3, (held, grown)
+
+
+def test_compilations_near_the_map_cap_warn_once(monkeypatch):
+    import warnings
+
+    from sparcom_jax import runtime
+
+    seen = {"maps": (1000, 65530)}
+    monkeypatch.setattr(runtime, "memory_maps", lambda: seen["maps"])
+    monkeypatch.setattr(runtime, "_maps_warned", False)
+    monkeypatch.setattr(runtime, "_programs", 0)
+    compile_event = lambda: runtime._on_duration(runtime.BACKEND_COMPILE_EVENT, 0.01)  # noqa: E731
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in range(2 * runtime.MAPS_CHECK_EVERY):
+            compile_event()
+        assert got == [] and not runtime.warn_near_map_limit()  # 1.5% of the cap: quiet
+        seen["maps"] = (int(runtime.MAPS_WARN_FRACTION * 65530) - 1, 65530)
+        assert not runtime.warn_near_map_limit() and got == []  # just below the fraction
+        seen["maps"] = (50_000, 65530)
+        for _ in range(runtime.MAPS_CHECK_EVERY):  # the next check falls within these
+            compile_event()
+        assert len(got) == 1 and issubclass(got[0].category, RuntimeWarning)
+        msg = str(got[0].message)
+        assert "50,000 of the 65,530" in msg and "vm.max_map_count" in msg and "release_compiled_programs" in msg
+        for _ in range(3 * runtime.MAPS_CHECK_EVERY):
+            compile_event()
+        assert runtime.warn_near_map_limit() and len(got) == 1  # near, but said once per process
+    monkeypatch.setattr(runtime, "memory_maps", lambda: None)  # not Linux: nothing to say
+    assert not runtime.warn_near_map_limit(fraction=0.0)
