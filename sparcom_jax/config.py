@@ -198,8 +198,14 @@ class DataSpec:
             raise ConfigError(f"fields: {e}") from None
         from sparcom_jax.categories import normalize_category
 
+        from sparcom_jax.data.records import label_map
+
+        try:  # here too: a dry run refuses it before any record is read
+            label_map(self.category_map)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for label, category in (self.category_map or {}).items():
-            try:  # here too: a dry run refuses it before any record is read
+            try:
                 normalize_category(category)
             except ValueError as e:
                 raise ConfigError(f"category_map: {label!r} -> {e}") from None
@@ -664,7 +670,14 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         if not isinstance(value, dict):
             raise _type_error(key, tp, value, src)
         vt = args[1] if args else Any
-        return {str(k): _coerce(v, vt, _join(key, k), src) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            name = _key_text(k, key, src)
+            if name in out:
+                raise ConfigError(f"{src}: {key}: two keys are both {name!r} (one written as a number, one as text); "
+                                  "keep one")
+            out[name] = _coerce(v, vt, _join(key, name), src)
+        return out
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _type_error(key, tp, value, src)
@@ -685,6 +698,23 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):  # bool, str and other plain types
         return value
     raise _type_error(key, tp, value, src)
+
+
+def _key_text(k: Any, key: str, src: str) -> str:
+    """A mapping's key as the text it names: YAML reads an unquoted 0 or 2.0 as a number (here "0",
+    "2", as a data file's number label is read), and unquoted yes/no/on/off/true/false, null and
+    dates as no text at all (refused with the fix: `str` gave "True", which no file's label is)."""
+    if isinstance(k, str):
+        return k
+    if isinstance(k, int) and not isinstance(k, bool):
+        return str(k)
+    if isinstance(k, float) and k.is_integer():
+        return str(int(k))
+    if isinstance(k, float):
+        return str(k)
+    raise ConfigError(f"{src}: {key}: the key {k!r} ({type(k).__name__}) is not text: YAML reads unquoted "
+                      "yes/no/on/off/true/false, null and dates as such; quote it as the data writes it "
+                      "(e.g. 'yes': code, not yes: code)")
 
 
 def _type_error(key: str, tp: Any, value: Any, src: str) -> ConfigError:

@@ -449,6 +449,30 @@ def test_data_category_map_maps_a_file_s_own_labels(tmp_path):
         load_config(write(tmp_path, base + ", category_map: {qa_open: quiz}}\n"))
 
 
+def test_data_category_map_keys_written_as_numbers_map_the_files_number_labels(tmp_path):
+    # A dataset labelling categories 0, 1, 2: the unquoted YAML keys are numbers, the file's labels
+    # (JSON numbers or text) are read as text; 2.0 named the label "2.0", which no label is.
+    import json
+
+    from sparcom_jax.pipeline.common import record_parts
+
+    f = tmp_path / "num.jsonl"
+    f.write_text("".join(json.dumps({"id": f"r{i}", "category": c, "instruction": f"Do {i}.", "output": "ok"}) + "\n"
+                         for i, c in enumerate([0, "1", 2, 1])))
+    base = f"name: x\nbase: {{path: /m}}\ndata: {{path: {f}, split: null, category_map: "
+    cfg = load_config(write(tmp_path, base + "{0: code, 1: math, 2.0: SUM}}\n"))
+    assert cfg.data.category_map == {"0": "code", "1": "math", "2": "SUM"}
+    from sparcom_jax.data import DataWarning
+
+    with pytest.warns(DataWarning, match="covers 3 of the 6"):
+        assert [r.category for r in record_parts(cfg)[0]["identify"]] == ["code", "math", "summarization", "math"]
+    for bad, what in (("{yes: code}", r"the key True \(bool\) is not text.*'yes': code, not yes: code"),
+                      ("{null: code}", r"the key None \(NoneType\) is not text"),
+                      ("{1: code, '1': math}", r"two keys are both '1'.*keep one")):
+        with pytest.raises(ConfigError, match=r"(?s)c\.yaml: data\.category_map: " + what):
+            load_config(write(tmp_path, base + bad + "}\n"))
+
+
 def test_a_key_in_the_wrong_section_names_the_section_that_has_it(tmp_path):
     # n_boot copied under ablation: (it belongs to identify) was only "unknown" with the
     # ablation keys listed, leaving the user to search the schema for it.

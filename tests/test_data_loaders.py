@@ -552,3 +552,17 @@ def test_unknown_category_hints_are_spelling_slips_never_another_datasets_label(
         with pytest.raises(ValueError) as e:
             normalize_category(label)
         assert "did you mean" not in str(e.value) and "Valid categories: classification (CLS)" in str(e.value)
+
+
+def test_category_map_keys_given_as_numbers_map_number_labels(tmp_path):
+    p = tmp_path / "num.jsonl"
+    p.write_text("".join(json.dumps({"id": f"r{i}", "category": c, "instruction": f"Do {i}.", "output": "ok"}) + "\n"
+                         for i, c in enumerate([0, "1", 2.0, 1])))
+    recs = load_instructions(p, category_map={0: "code", 1.0: "math", "2": "sum"})
+    assert [r.category for r in recs] == ["code", "math", "summarization", "math"]
+    with pytest.raises(ValueError, match=r"category_map: the key True \(bool\) can never be a file's label"):
+        load_instructions(p, category_map={True: "code"})
+    with pytest.raises(ValueError, match=r"the keys 1 and '1' are both the label '1', mapped to 'code' and 'math'"):
+        load_instructions(p, category_map={1: "code", "1": "math"})
+    assert [r.category for r in load_instructions(p, category_map={1: "math", "1": "math", 0: "code", 2: "sum"})] == [
+        "code", "math", "summarization", "math"]  # two spellings of one mapping are one

@@ -44,6 +44,7 @@ from sparcom_jax.data.records import (
     LoadReport,
     Problem,
     Record,
+    label_map,
     validate_row,
 )
 from sparcom_jax.data.sampling import sample_balanced
@@ -552,6 +553,7 @@ def load_instructions(
         check_fields(fields, adapter)
     except ValueError as e:
         raise ValueError(f"fields: {e}") from None
+    category_map = label_map(category_map)
     keep_cats = None if categories is None else {normalize_category(c) for c in categories}
     problems: list[Problem] = []
     adapter_excluded: list[Excluded] = []

@@ -137,6 +137,29 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
+def label_map(category_map: Mapping[Any, str] | None) -> dict[str, str] | None:
+    """`category_map` keyed by the text a file's label is read as (`_as_text`): a key 0 or 2.0 (an
+    unquoted number in YAML) maps the label "0" or "2", as a key "0" would. A key no label can be
+    read as (YAML reads unquoted true/false/yes/no/on/off, null and dates as such) is refused with
+    the fix, and so are two keys read as one label."""
+    if not category_map:
+        return None
+    out: dict[str, str] = {}
+    first: dict[str, Any] = {}
+    for key, category in category_map.items():
+        text = _as_text(key)
+        if text is None:
+            raise ValueError(f"category_map: the key {key!r} ({type(key).__name__}) can never be a file's label (YAML "
+                             "reads unquoted true/false/yes/no/on/off, null and dates as such); give the label as the "
+                             "file writes it, as text (e.g. 'yes', not True)")
+        text = text.strip()
+        if text in out and out[text] != category:
+            raise ValueError(f"category_map: the keys {first[text]!r} and {key!r} are both the label {text!r}, mapped to "
+                             f"{out[text]!r} and {category!r}; keep one")
+        out[text], first[text] = category, key
+    return out
+
+
 def validate_row(
     row: Mapping[str, Any],
     file: str,
