@@ -552,3 +552,71 @@ def test_unknown_category_hints_are_spelling_slips_never_another_datasets_label(
         with pytest.raises(ValueError) as e:
             normalize_category(label)
         assert "did you mean" not in str(e.value) and "Valid categories: classification (CLS)" in str(e.value)
+
+
+# --- copies: one record under two ids, one text under two categories ----------------------
+
+
+def _warned(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+
+
+def test_a_record_repeated_under_another_id_is_named_with_its_file_and_line(tmp_path):
+    # The copy differs in case and spacing only; it counted as a second instruction of MATH.
+    copy = dict(ROWS[0], id="r1-again", instruction="  add 2 AND 3. ", output="5 ")
+    p = write_jsonl(tmp_path / "a.jsonl", [*ROWS, copy])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs, report = load_instructions(p, return_report=True)
+    said = _warned(caught)
+    assert len(said) == 1 and len(recs) == 4  # said once, nothing dropped
+    assert said[0].startswith(
+        f"1 record(s) repeat another record of their category under another id (instruction, input and response "
+        f"alike, case and spacing ignored; MATH 1; e.g. 'r1' ({p}:1) and 'r1-again' ({p}:4)): ")
+    assert "weighs double" in said[0] and said[0].endswith("keep one record of each (remove the other ids)")
+    assert report.repeated == [("r1", "r1-again")] and report.cross_category == []
+    assert report.summary().endswith("; 1 repeat another record, 0 instruction text(s) under two or more categories")
+
+
+@pytest.mark.parametrize("other", [{"output": "6"}, {"input": "x = 1"}])
+def test_one_instruction_with_another_input_or_response_in_its_category_is_no_copy(tmp_path, other):
+    p = write_jsonl(tmp_path / "a.jsonl", [*ROWS, dict(ROWS[0], id="r4", **other)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recs, report = load_instructions(p, return_report=True)
+    assert len(recs) == 4 and report.repeated == report.cross_category == []
+
+
+def test_one_instruction_under_two_categories_is_named_with_categories_files_and_lines(tmp_path):
+    # A CSV (lines counted from the header, line 1) and the same record labelled CODE: only the
+    # cross-category case is said (a copy of one category would be the other warning).
+    p = write_csv(tmp_path / "a.csv", [*ROWS, dict(ROWS[0], id="x", category="code")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs, report = load_instructions(p, return_report=True)
+    said = _warned(caught)
+    assert len(said) == 1 and len(recs) == 4
+    assert said[0].startswith(
+        f"1 instruction text(s) appear under two or more categories (2 records; texts per category: CODE 1, "
+        f"MATH 1; case and spacing ignored; e.g. 'r1' (math, {p}:2) and 'x' (code, {p}:5)): ")
+    assert "overlap is inflated" in said[0] and "keeps all records of such a text in one part" in said[0]
+    assert said[0].endswith("give each text the one category it belongs to (relabel or remove the other copies)")
+    assert report.cross_category == [("r1", "x")] and report.repeated == []
+
+
+def test_copies_among_records_in_memory_name_their_items():
+    rows = [dict(r) for r in ROWS] + [dict(ROWS[2], id="q2", category="SUM")]
+    with pytest.warns(DataWarning, match=re.escape("e.g. 'r3' (general_qa, records:item 3) and 'q2' "
+                                                   "(summarization, records:item 4))")):
+        load_instructions(rows)
+
+
+def test_a_clean_file_and_the_shipped_set_load_without_a_word():
+    # Records sharing an input or a response across categories are no copies: only their
+    # instruction decides.
+    rows = [dict(ROWS[0]), dict(ROWS[1], output="5"), dict(ROWS[2], input="s = 'abc'")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_instructions(rows)) == 3
+        _, report = load_instructions(return_report=True)
+    assert report.repeated == report.cross_category == []
