@@ -27,7 +27,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from sparcom_jax.categories import CATEGORIES
-from sparcom_jax.data.records import Record
+from sparcom_jax.data.records import Record, normalise_text
 from sparcom_jax.fingerprint import digest
 
 GroupBy = Literal["text", "near"]
@@ -40,12 +40,11 @@ DEFAULT_GROUP_BY: GroupBy = "near"
 NEAR_THRESHOLD = 0.6
 _NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*\b")
 _WORD = re.compile(r"\w+")
-_SPACE = re.compile(r"\s+")
 
 
 def group_key(record: Record) -> str:
     """The instruction text that identical-text groups share: lower-cased, whitespace collapsed."""
-    return _SPACE.sub(" ", record.instruction.strip().lower())
+    return normalise_text(record.instruction)
 
 
 def near_words(record: Record) -> frozenset[str]:
@@ -578,6 +577,32 @@ def _rank(seed: int, category: str, key: str) -> str:
     return hashlib.sha256(f"{seed}\0{category}\0{key}".encode()).hexdigest()
 
 
+def _linked_groups(records: Sequence[Record], keys: Sequence[str]) -> dict[tuple[str, str], tuple[str, str]]:
+    """The groups (category, key) that share an identical instruction text (`group_key`) with a
+    group of another category, joined (union-find): {group: the first group of its set}, for the
+    groups so joined only (none in records without such texts)."""
+    by_text: dict[str, list[tuple[str, str]]] = {}
+    for r, k in zip(records, keys):
+        g = (r.category, k)
+        at = by_text.setdefault(group_key(r), [])
+        if g not in at:
+            at.append(g)
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(g):
+        while parent.setdefault(g, g) != g:
+            g = parent[g]
+        return g
+
+    for at in by_text.values():
+        if len({c for c, _ in at}) > 1:
+            for g in at[1:]:
+                a, b = root(at[0]), root(g)
+                if a != b:
+                    parent[b] = a
+    return {g: root(g) for g in parent}
+
+
 def split_records(records: Sequence[Record], fractions: Mapping[str, float], seed: int = 0,
                   by: GroupBy = "text", threshold: float = NEAR_THRESHOLD) -> dict[str, list[Record]]:
     """Cut `records` into disjoint parts with the given shares of every category.
@@ -586,6 +611,13 @@ def split_records(records: Sequence[Record], fractions: Mapping[str, float], see
     hash of their key and dealt out in that order: a group goes to the part furthest
     below its target share of the category's records (ties to the earlier part). Parts
     keep the input order of their records.
+
+    An instruction text under two or more categories (`group_key`, case and spacing ignored)
+    keeps all its records in one part: the groups holding it are linked across categories, and
+    a linked group follows the part its set got in the first category (in `CATEGORIES` order)
+    that dealt one of them; in a later category such groups are placed before the others are
+    dealt, so the deal of the rest makes up for them. Records without such texts are dealt as
+    before the links existed (the same parts for the same records, seed and grouping).
 
     Args:
       records: the records (unique ids).
@@ -604,6 +636,8 @@ def split_records(records: Sequence[Record], fractions: Mapping[str, float], see
     if not names or any(s <= 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
         raise ValueError(f"split shares {dict(fractions)} must be > 0 and sum to 1")
     keys = group_keys(records, by, threshold)
+    linked = _linked_groups(records, keys)
+    placed: dict[tuple[str, str], int] = {}  # a linked set -> its part, once one of its groups is dealt
     where: dict[str, str] = {}
     for cat in CATEGORIES:
         groups: dict[str, list[Record]] = {}
@@ -612,9 +646,18 @@ def split_records(records: Sequence[Record], fractions: Mapping[str, float], see
                 groups.setdefault(k, []).append(r)
         total = sum(len(g) for g in groups.values())
         got = [0] * len(names)
-        for key in sorted(groups, key=lambda k: _rank(seed, cat, k)):
-            # The part with the largest shortfall against its target share.
-            j = max(range(len(names)), key=lambda i: (shares[i] * total - got[i], -i))
+        order = sorted(groups, key=lambda k: _rank(seed, cat, k))
+        # Groups whose set an earlier category placed go first: the free ones then make up for them.
+        first = [k for k in order if linked.get((cat, k)) in placed] + \
+                [k for k in order if linked.get((cat, k)) not in placed]
+        for key in first:
+            link = linked.get((cat, key))
+            if link in placed:
+                j = placed[link]
+            else:  # the part with the largest shortfall against its target share
+                j = max(range(len(names)), key=lambda i: (shares[i] * total - got[i], -i))
+                if link is not None:
+                    placed[link] = j
             got[j] += len(groups[key])
             for r in groups[key]:
                 where[r.id] = names[j]
