@@ -455,7 +455,7 @@ def test_sample_balanced_bounds_default_seed_and_counts():
 
 
 def test_load_with_n_per_category(tmp_path):
-    rows = [{"id": f"{c}{i}", "category": c, "instruction": f"q {i}", "output": "a"}
+    rows = [{"id": f"{c}{i}", "category": c, "instruction": f"{c} q {i}", "output": "a"}
             for c in ("math", "code") for i in range(5)]
     p = write_jsonl(tmp_path / "s.jsonl", rows)
     recs = load_instructions(p, n_per_category=3, seed=0)
@@ -573,7 +573,7 @@ def test_a_record_repeated_under_another_id_is_named_with_its_file_and_line(tmp_
     assert said[0].startswith(
         f"1 record(s) repeat another record of their category under another id (instruction, input and response "
         f"alike, case and spacing ignored; MATH 1; e.g. 'r1' ({p}:1) and 'r1-again' ({p}:4)): ")
-    assert "weighs double" in said[0] and said[0].endswith("keep one record of each (remove the other ids)")
+    assert "weighs once per copy" in said[0] and said[0].endswith("keep one record of each (remove the other ids)")
     assert report.repeated == [("r1", "r1-again")] and report.cross_category == []
     assert report.summary().endswith("; 1 repeat another record, 0 instruction text(s) under two or more categories")
 
@@ -587,10 +587,13 @@ def test_one_instruction_with_another_input_or_response_in_its_category_is_no_co
     assert len(recs) == 4 and report.repeated == report.cross_category == []
 
 
-def test_one_instruction_under_two_categories_is_named_with_categories_files_and_lines(tmp_path):
+@pytest.mark.parametrize("other_input, prompts", [("", 1), ("x = 1", 0)])
+def test_one_instruction_under_two_categories_is_named_with_categories_files_and_lines(tmp_path, other_input,
+                                                                                        prompts):
     # A CSV (lines counted from the header, line 1) and the same record labelled CODE: only the
-    # cross-category case is said (a copy of one category would be the other warning).
-    p = write_csv(tmp_path / "a.csv", [*ROWS, dict(ROWS[0], id="x", category="code")])
+    # cross-category case is said (a copy of one category would be the other warning); with
+    # another input the instruction is still shared, but the prompt is not the same.
+    p = write_csv(tmp_path / "a.csv", [*ROWS, dict(ROWS[0], id="x", category="code", input=other_input)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recs, report = load_instructions(p, return_report=True)
@@ -598,7 +601,8 @@ def test_one_instruction_under_two_categories_is_named_with_categories_files_and
     assert len(said) == 1 and len(recs) == 4
     assert said[0].startswith(
         f"1 instruction text(s) appear under two or more categories (2 records; texts per category: CODE 1, "
-        f"MATH 1; case and spacing ignored; e.g. 'r1' (math, {p}:2) and 'x' (code, {p}:5)): ")
+        f"MATH 1; {prompts} of the texts with one input under two categories too, the same prompt; case and "
+        f"spacing ignored; e.g. 'r1' (math, {p}:2) and 'x' (code, {p}:5)): ")
     assert "overlap is inflated" in said[0] and "keeps all records of such a text in one part" in said[0]
     assert said[0].endswith("give each text the one category it belongs to (relabel or remove the other copies)")
     assert report.cross_category == [("r1", "x")] and report.repeated == []

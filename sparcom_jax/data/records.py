@@ -298,6 +298,14 @@ def find_duplicates(records: Sequence[Record]) -> tuple[list[list[int]], list[li
             [g for g in text.values() if len({records[i].category for i in g}) > 1])
 
 
+def _one_prompt_twice(records: Sequence[Record], group: list[int]) -> bool:
+    """Whether records of `group` (one instruction text) under two categories have one input too."""
+    cats: dict[bytes, set[str]] = {}
+    for i in group:
+        cats.setdefault(_hash(records[i].instruction, records[i].input), set()).add(records[i].category)
+    return any(len(c) > 1 for c in cats.values())
+
+
 def _examples(records: Sequence[Record], groups: list[list[int]], where: Mapping[str, str],
               category: bool) -> str:
     """The first three groups, each as "'a' (file:line) and 'b' (file:line)" (the category after
@@ -337,7 +345,7 @@ def check_duplicates(records: Sequence[Record], where: Mapping[str, str] | None 
             f"{sum(copies.values())} record(s) repeat another record of their category under another id "
             f"(instruction, input and response alike, case and spacing ignored; {per}; e.g. "
             f"{_examples(records, repeated, where, category=False)}): each copy counts as an instruction of its "
-            "own, so a repeated record weighs double in its category's sets (the consensus share, the pooled "
+            "own, so a repeated record weighs once per copy in its category's sets (the consensus share, the pooled "
             "mean), counts and instruction-level overlaps (a copy pair has Jaccard 1); the split keeps copies in "
             "one part and the bootstrap and permutation tests (identify.resample: group) draw them as one, but "
             "every point estimate counts each copy; keep one record of each (remove the other ids)",
@@ -345,14 +353,15 @@ def check_duplicates(records: Sequence[Record], where: Mapping[str, str] | None 
     if crossed:
         cats = Counter(c for g in crossed for c in sorted({records[i].category for i in g}))
         per = ", ".join(f"{SHORT_NAMES[c]} {cats[c]}" for c in CATEGORIES if cats[c])
+        prompts = sum(_one_prompt_twice(records, g) for g in crossed)
         warnings.warn(
             f"{len(crossed)} instruction text(s) appear under two or more categories ({sum(map(len, crossed))} "
-            f"records; texts per category: {per}; case and spacing ignored; e.g. "
-            f"{_examples(records, crossed, where, category=True)}): the text counts as an instruction of each "
-            "of its categories, so their sets share what it activates (their overlap is inflated, their "
-            "uniqueness lowered) and its label contradicts itself; a split (data.split) keeps all records of "
-            "such a text in one part, so none is identified on for one category and held out or fine-tuned "
-            "on for another; give each text the one category it belongs to (relabel or remove the other "
-            "copies)",
+            f"records; texts per category: {per}; {prompts} of the texts with one input under two categories too, "
+            f"the same prompt; case and spacing ignored; e.g. {_examples(records, crossed, where, category=True)}): "
+            "such a text counts as an instruction of each of its categories, so their sets share what it "
+            "activates (their overlap is inflated, their uniqueness lowered), and the same prompt under two "
+            "labels contradicts itself; a split (data.split) keeps all records of such a text in one part, so "
+            "none is identified on for one category and held out or fine-tuned on for another; give each text "
+            "the one category it belongs to (relabel or remove the other copies)",
             DataWarning, stacklevel=3)
     return tuple([tuple(records[i].id for i in g) for g in groups] for groups in (repeated, crossed))
