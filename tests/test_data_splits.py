@@ -1,5 +1,7 @@
 """split_records: disjoint, category-stratified, near-duplicate-grouped parts (hand-counted)."""
 
+import re
+
 import pytest
 
 from sparcom_jax.categories import CATEGORIES
@@ -19,6 +21,16 @@ def records(per_category, dup=None):
 
 def test_group_key_ignores_case_and_spacing():
     assert group_key(Record(id="a", category="math", instruction="  Add\tTWO \n numbers ")) == "add two numbers"
+
+
+def test_group_keys_are_those_of_the_regular_expression_they_were_made_with():
+    # Stored group ids digest these keys: the faster str.split must split where r"\s+" did,
+    # for every character either calls whitespace (no-break, ideographic, separators, ...).
+    spaces = "".join(c for c in map(chr, range(0x110000)) if c.isspace() or re.match(r"\s", c))
+    assert len(spaces) > 20 and "\u00a0" in spaces and "\u3000" in spaces
+    for text in (f"{spaces}Ab{spaces}CD{spaces[::-1]}e{spaces}", f"x{spaces[5:9]}\u0130y", "\u2028a\x1cB\x85"):
+        rec = Record(id="a", category="math", instruction=text)
+        assert group_key(rec) == re.sub(r"\s+", " ", text.strip().lower())
 
 
 def test_parts_are_disjoint_cover_everything_and_keep_input_order():
