@@ -10,6 +10,8 @@ from. `split_records` cuts one set into disjoint parts:
   category whose instructions share most of their words one group, joined through
   chains of such pairs; "text" (these functions' default) joins only identical
   instruction text (case and spacing ignored);
+- one instruction text under several categories in one part across them (`split_records`),
+  so no text is identified on for one category and held out or tuned on for another;
 - deterministic for a seed and a record set. It is not stable per record: groups are
   dealt out against category totals, so adding or removing records can move others to
   another part (the pipeline refuses checkpoints tuned on another train part).
