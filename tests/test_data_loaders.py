@@ -613,6 +613,13 @@ def test_copies_among_records_in_memory_name_their_items():
     with pytest.warns(DataWarning, match=re.escape("e.g. 'r3' (general_qa, records:item 3) and 'q2' "
                                                    "(summarization, records:item 4))")):
         load_instructions(rows)
+    # One text under four categories: three ids named, the rest counted.
+    rows += [dict(ROWS[2], id="q3", category="CLS"), dict(ROWS[2], id="q4", category="GEN")]
+    with pytest.warns(DataWarning, match=re.escape(
+            "(4 records; texts per category: CLS 1, QA 1, GEN 1, SUM 1; 1 of the texts with one input under two "
+            "categories too, the same prompt; case and spacing ignored; e.g. 'r3' (general_qa, records:item 3), "
+            "'q2' (summarization, records:item 4) and 'q3' (classification, records:item 5) (+1 more)): ")):
+        load_instructions(rows)
 
 
 def test_a_clean_file_and_the_shipped_set_load_without_a_word():
