@@ -634,3 +634,24 @@ def test_a_part_left_without_a_category_by_its_copies_says_so(tmp_path):
             rf"summarization: {len(held)} record\(s\) in {len(held)} group\(s\) \(identify {len(held)}, ablate 0\), "
             rf"{len(held)} of them with an instruction text under another category too, in that text's part")):
         ablate_records(cfg)
+
+
+def test_the_data_section_and_page_count_the_copies_among_the_analysed_records():
+    from sparcom_jax.report.writer import _grouping_text
+
+    recs = records()  # TEXTS[5] is TEXTS[0]'s text under MATH
+    clean = [r for r in recs if r.id != "r5"]
+    copied = recs + [Record("again", CLS, TEXTS[0][1].upper()), Record("more", CLS, TEXTS[0][1])]
+    counted = {name: (s["repeated_records"], s["cross_category_texts"], _grouping_text(s))
+               for name, s in [("clean", grouping_summary(clean)), ("copied", grouping_summary(copied))]}
+    assert counted["clean"][:2] == (0, 0) and "Copies" not in counted["clean"][2]
+    assert counted["copied"][:2] == (2, 1)
+    assert counted["copied"][2].endswith(
+        " Copies: 2 analysed record(s) repeat another record of their category under another id (instruction, input "
+        "and response alike): each copy counts as an instruction of its own in the sets, counts and overlaps (the "
+        "bootstrap and permutation tests draw it with its original as one unit when they resample groups, "
+        "identify.resample: group). Copies: 1 instruction text(s) appear under two or more categories: each counts "
+        "as an instruction of each of its categories, which inflates their overlap and lowers their uniqueness (the "
+        "split keeps such a text in one part).")
+    old = {k: v for k, v in grouping_summary(copied).items() if k not in ("repeated_records", "cross_category_texts")}
+    assert "Copies" not in _grouping_text(old)  # a summary made before copies were counted reads as before

@@ -29,7 +29,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from sparcom_jax.categories import CATEGORIES
-from sparcom_jax.data.records import Record, normalise_text
+from sparcom_jax.data.records import Record, find_duplicates, normalise_text
 from sparcom_jax.fingerprint import digest
 
 GroupBy = Literal["text", "near"]
@@ -554,7 +554,10 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
       {"group_by", "threshold" (of the near rule, measured even when grouping by text),
       "records", "text_groups", "near_groups" (per category and "total"), "near_reworded"
       (records whose near group holds another wording: a text not identical to theirs),
-      "largest_near_group"}. Linear in the records once the groups are found (the pairs that
+      "largest_near_group", "repeated_records" (records that repeat another record of their
+      category, instruction, input and response alike: copies beyond the first), and
+      "cross_category_texts" (instruction texts under two or more categories;
+      `sparcom_jax.data.records.find_duplicates`)}. Linear in the records once the groups are found (the pairs that
       the rule joins directly grow as k (k - 1) / 2 for a template slot of k fillers; `near_pairs`
       lists them).
     """
@@ -569,10 +572,12 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
         return {**got, "total": sum(got.values())}
 
     sizes = Counter((r.category, k) for r, k in zip(records, near))
+    repeated, crossed = find_duplicates(records)
     return {"group_by": by, "threshold": threshold, "records": len(records),
             "text_groups": per_cat(text), "near_groups": per_cat(near),
             "near_reworded": sum(len(wordings[r.category, k]) > 1 for r, k in zip(records, near)),
-            "largest_near_group": max(sizes.values(), default=0)}
+            "largest_near_group": max(sizes.values(), default=0),
+            "repeated_records": sum(len(g) - 1 for g in repeated), "cross_category_texts": len(crossed)}
 
 
 def _rank(seed: int, category: str, key: str) -> str:
