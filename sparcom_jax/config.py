@@ -144,7 +144,8 @@ class DataSpec:
         paper), "response" or "all".
       max_length: sequences are cut to this many tokens.
       split: shares of the disjoint parts the records are cut into (stratified by
-        category, near-duplicates kept together; see `sparcom_jax.data.splits`):
+        category, near-duplicates kept together, and one instruction text under several
+        categories too; see `sparcom_jax.data.splits`):
         "train" (fine-tuning, when the run fine-tunes on these records), "identify"
         (counts and identification; `n_per_category` samples from it) and "ablate"
         (the causal check's loss). The parts are the same whichever stage runs; a pair

@@ -8,7 +8,7 @@ import pytest
 
 from sparcom_jax.categories import CATEGORIES
 from sparcom_jax.config import ConfigError, DataSpec, ExperimentConfig, apply_overrides, from_dict
-from sparcom_jax.data import Record
+from sparcom_jax.data import DataWarning, Record
 from sparcom_jax.data.splits import (
     group_ids, group_key, group_keys, grouping_summary, near_pairs, near_words, split_records,
 )
@@ -586,3 +586,72 @@ def test_the_grouping_summary_does_not_search_every_joined_pair(monkeypatch):
     recs = [rec(i, CLS, f"What is the capital of c{i}?") for i in range(30)] + [rec(30, CLS, "Name a prime.")]
     s = grouping_summary(recs, "near", 0.6)
     assert (s["near_reworded"], s["near_groups"]["total"], s["largest_near_group"]) == (30, 2, 30)
+
+
+def _distinct_rows(k: int = 8) -> list[dict]:
+    """k records of every category, every instruction its own and no near-duplicate of another."""
+    return [{"id": f"{c}{i}", "category": c, "output": "ok", "instruction": f"{c} item {i} {'x' * i} {'y' * (9 - i)}"}
+            for c in CATEGORIES for i in range(k)]
+
+
+def test_a_run_says_once_that_a_text_is_under_two_categories_and_keeps_its_copies_in_one_part(tmp_path):
+    # Three CLS texts copied under MATH: the stages read the records once, say it once, and the
+    # train, identify and ablate parts never hold a text and its copy apart.
+    from sparcom_jax.pipeline.common import ablate_records, identify_records, train_records
+
+    rows = _distinct_rows()
+    rows += [dict(rows[i], id=f"copy{i}", category=MATH) for i in range(3)]
+    path = tmp_path / "copies.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seed in range(4):
+        cfg = _cfg(f"data.path={path}", "data.split={train: 0.5, identify: 0.3, ablate: 0.2}",
+                   f"data.split_seed={seed}", "data.n_per_category=null")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            part = {r.id: name for name, recs in [("train", train_records(cfg)), ("identify", identify_records(cfg)),
+                                                  ("ablate", ablate_records(cfg))] for r in recs}
+        said = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+        assert len(said) == 1 and said[0].startswith("3 instruction text(s) appear under two or more categories")
+        assert f"'{CLS}0' ({CLS}, {path}:1) and 'copy0' ({MATH}, {path}:49)" in said[0]
+        assert all(part[f"{CLS}{i}"] == part[f"copy{i}"] for i in range(3)), seed
+
+
+def test_a_part_left_without_a_category_by_its_copies_says_so(tmp_path):
+    # SUM holds only copies of CLS texts that went to identify: its records follow them, so the
+    # ablate part has no SUM record, and the refusal says why.
+    from sparcom_jax.pipeline.common import ablate_records
+
+    rows = [r for r in _distinct_rows() if r["category"] != "summarization"]
+    cls = [Record(**r) for r in rows if r["category"] == CLS]
+    split = {"identify": 0.6, "ablate": 0.4}
+    held = [r for r in split_records(cls, split, seed=0, by="near")["identify"]]
+    rows += [{"id": f"s{i}", "category": "summarization", "output": "ok", "instruction": r.instruction}
+             for i, r in enumerate(held)]
+    path = tmp_path / "copies.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(f"data.path={path}", "data.split={identify: 0.6, ablate: 0.4}", "data.n_per_category=null")
+    with pytest.warns(DataWarning), pytest.raises(ConfigError, match=(
+            rf"summarization: {len(held)} record\(s\) in {len(held)} group\(s\) \(identify {len(held)}, ablate 0\), "
+            rf"{len(held)} of them with an instruction text under another category too, in that text's part")):
+        ablate_records(cfg)
+
+
+def test_the_data_section_and_page_count_the_copies_among_the_analysed_records():
+    from sparcom_jax.report.writer import _grouping_text
+
+    recs = records()  # TEXTS[5] is TEXTS[0]'s text under MATH
+    clean = [r for r in recs if r.id != "r5"]
+    copied = recs + [Record("again", CLS, TEXTS[0][1].upper()), Record("more", CLS, TEXTS[0][1])]
+    counted = {name: (s["repeated_records"], s["cross_category_texts"], _grouping_text(s))
+               for name, s in [("clean", grouping_summary(clean)), ("copied", grouping_summary(copied))]}
+    assert counted["clean"][:2] == (0, 0) and "Copies" not in counted["clean"][2]
+    assert counted["copied"][:2] == (2, 1)
+    assert counted["copied"][2].endswith(
+        " Copies: 2 analysed record(s) repeat another record of their category under another id (instruction, input "
+        "and response alike): each copy counts as an instruction of its own in the sets, counts and overlaps (the "
+        "bootstrap and permutation tests draw it with its original as one unit when they resample groups, "
+        "identify.resample: group). Copies: 1 instruction text(s) appear under two or more categories: each counts "
+        "as an instruction of each of its categories, which inflates their overlap and lowers their uniqueness (the "
+        "split keeps such a text in one part).")
+    old = {k: v for k, v in grouping_summary(copied).items() if k not in ("repeated_records", "cross_category_texts")}
+    assert "Copies" not in _grouping_text(old)  # a summary made before copies were counted reads as before

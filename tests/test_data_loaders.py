@@ -455,7 +455,7 @@ def test_sample_balanced_bounds_default_seed_and_counts():
 
 
 def test_load_with_n_per_category(tmp_path):
-    rows = [{"id": f"{c}{i}", "category": c, "instruction": f"q {i}", "output": "a"}
+    rows = [{"id": f"{c}{i}", "category": c, "instruction": f"{c} q {i}", "output": "a"}
             for c in ("math", "code") for i in range(5)]
     p = write_jsonl(tmp_path / "s.jsonl", rows)
     recs = load_instructions(p, n_per_category=3, seed=0)
@@ -566,3 +566,82 @@ def test_category_map_keys_given_as_numbers_map_number_labels(tmp_path):
         load_instructions(p, category_map={1: "code", "1": "math"})
     assert [r.category for r in load_instructions(p, category_map={1: "math", "1": "math", 0: "code", 2: "sum"})] == [
         "code", "math", "summarization", "math"]  # two spellings of one mapping are one
+
+
+# --- copies: one record under two ids, one text under two categories ----------------------
+
+
+def _warned(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+
+
+def test_a_record_repeated_under_another_id_is_named_with_its_file_and_line(tmp_path):
+    # The copy differs in case and spacing only; it counted as a second instruction of MATH.
+    copy = dict(ROWS[0], id="r1-again", instruction="  add 2 AND 3. ", output="5 ")
+    p = write_jsonl(tmp_path / "a.jsonl", [*ROWS, copy])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs, report = load_instructions(p, return_report=True)
+    said = _warned(caught)
+    assert len(said) == 1 and len(recs) == 4  # said once, nothing dropped
+    assert said[0].startswith(
+        f"1 record(s) repeat another record of their category under another id (instruction, input and response "
+        f"alike, case and spacing ignored; MATH 1; e.g. 'r1' ({p}:1) and 'r1-again' ({p}:4)): ")
+    assert "weighs once per copy" in said[0] and said[0].endswith("keep one record of each (remove the other ids)")
+    assert report.repeated == [("r1", "r1-again")] and report.cross_category == []
+    assert report.summary().endswith("; 1 repeat another record, 0 instruction text(s) under two or more categories")
+
+
+@pytest.mark.parametrize("other", [{"output": "6"}, {"input": "x = 1"}])
+def test_one_instruction_with_another_input_or_response_in_its_category_is_no_copy(tmp_path, other):
+    p = write_jsonl(tmp_path / "a.jsonl", [*ROWS, dict(ROWS[0], id="r4", **other)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recs, report = load_instructions(p, return_report=True)
+    assert len(recs) == 4 and report.repeated == report.cross_category == []
+
+
+@pytest.mark.parametrize("other_input, prompts", [("", 1), ("x = 1", 0)])
+def test_one_instruction_under_two_categories_is_named_with_categories_files_and_lines(tmp_path, other_input,
+                                                                                        prompts):
+    # A CSV (lines counted from the header, line 1) and the same record labelled CODE: only the
+    # cross-category case is said (a copy of one category would be the other warning); with
+    # another input the instruction is still shared, but the prompt is not the same.
+    p = write_csv(tmp_path / "a.csv", [*ROWS, dict(ROWS[0], id="x", category="code", input=other_input)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs, report = load_instructions(p, return_report=True)
+    said = _warned(caught)
+    assert len(said) == 1 and len(recs) == 4
+    assert said[0].startswith(
+        f"1 instruction text(s) appear under two or more categories (2 records; texts per category: CODE 1, "
+        f"MATH 1; {prompts} of the texts with one input under two categories too, the same prompt; case and "
+        f"spacing ignored; e.g. 'r1' (math, {p}:2) and 'x' (code, {p}:5)): ")
+    assert "overlap is inflated" in said[0] and "keeps all records of such a text in one part" in said[0]
+    assert said[0].endswith("give each text the one category it belongs to (relabel or remove the other copies)")
+    assert report.cross_category == [("r1", "x")] and report.repeated == []
+
+
+def test_copies_among_records_in_memory_name_their_items():
+    rows = [dict(r) for r in ROWS] + [dict(ROWS[2], id="q2", category="SUM")]
+    with pytest.warns(DataWarning, match=re.escape("e.g. 'r3' (general_qa, records:item 3) and 'q2' "
+                                                   "(summarization, records:item 4))")):
+        load_instructions(rows)
+    # One text under four categories: three ids named, the rest counted.
+    rows += [dict(ROWS[2], id="q3", category="CLS"), dict(ROWS[2], id="q4", category="GEN")]
+    with pytest.warns(DataWarning, match=re.escape(
+            "(4 records; texts per category: CLS 1, QA 1, GEN 1, SUM 1; 1 of the texts with one input under two "
+            "categories too, the same prompt; case and spacing ignored; e.g. 'r3' (general_qa, records:item 3), "
+            "'q2' (summarization, records:item 4) and 'q3' (classification, records:item 5) (+1 more)): ")):
+        load_instructions(rows)
+
+
+def test_a_clean_file_and_the_shipped_set_load_without_a_word():
+    # Records sharing an input or a response across categories are no copies: only their
+    # instruction decides.
+    rows = [dict(ROWS[0]), dict(ROWS[1], output="5"), dict(ROWS[2], input="s = 'abc'")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_instructions(rows)) == 3
+        _, report = load_instructions(return_report=True)
+    assert report.repeated == report.cross_category == []

@@ -44,6 +44,7 @@ from sparcom_jax.data.records import (
     LoadReport,
     Problem,
     Record,
+    check_duplicates,
     label_map,
     validate_row,
 )
@@ -537,6 +538,10 @@ def load_instructions(
         labels are checked (e.g. {"brainstorm": "generation"}).
       return_report: also return the `LoadReport`.
 
+    Copies among the returned records are named in a `DataWarning` (`check_duplicates`, kept in
+    the report): records of one category alike in instruction, input and response under
+    different ids, and one instruction text under two or more categories.
+
     Returns:
       The records in file order (or sampled), and the report if asked for.
 
@@ -640,6 +645,7 @@ def load_instructions(
     if n_per_category is not None:
         records = sample_balanced(records, n_per_category, seed=seed, categories=keep_cats)
     report.n_loaded = len(records)
+    report.repeated, report.cross_category = check_duplicates(records, {i: at for i, (at, _) in seen.items()})
     return (records, report) if return_report else records
 
 

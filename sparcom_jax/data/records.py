@@ -10,6 +10,7 @@ to fix it, so strict and lenient loading share one set of rules.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import warnings
 from collections import Counter
@@ -103,6 +104,10 @@ class LoadReport:
       excluded: valid rows left out on purpose (categories outside the six,
         or outside `categories=`), with the reason.
       n_loaded: records returned (after any balanced sampling).
+      repeated: the ids of each set of returned records of one category alike in instruction,
+        input and response (`find_duplicates`), first id first.
+      cross_category: the ids of each set of returned records sharing one instruction text
+        under two or more categories (`find_duplicates`), first id first.
     """
 
     files: list[str] = dataclasses.field(default_factory=list)
@@ -110,12 +115,17 @@ class LoadReport:
     skipped: list[Problem] = dataclasses.field(default_factory=list)
     excluded: list[Excluded] = dataclasses.field(default_factory=list)
     n_loaded: int = 0
+    repeated: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    cross_category: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
+        copies = sum(len(g) - 1 for g in self.repeated)
+        dups = (f"; {copies} repeat another record, {len(self.cross_category)} instruction text(s) under "
+                "two or more categories" if copies or self.cross_category else "")
         return (
             f"read {self.n_rows} rows from {len(self.files)} file(s): "
             f"{self.n_loaded} loaded, {len(self.skipped)} skipped as invalid, "
-            f"{len(self.excluded)} excluded"
+            f"{len(self.excluded)} excluded{dups}"
         )
 
 
@@ -275,3 +285,107 @@ def check_responses(records: Sequence, use: str = "causal check") -> None:
         raise ValueError(f"{what}, and {', '.join(f'{SHORT_NAMES[c]} ({c})' for c in unscored)} would be {done} "
                          f"nothing else; give those records their responses (the 'output' field), or {off}")
     warnings.warn(f"{what}; give them their responses, or leave them out", DataWarning, stacklevel=3)
+
+
+def normalise_text(text: str) -> str:
+    """Text as copies are told apart (and the split groups identical instructions):
+    lower-cased, whitespace collapsed, ends stripped.
+
+    str.split splits on the characters the regular expression `\\s+` matches (checked over
+    every code point), five times faster: group keys, and so stored group ids, are those of
+    `re.sub(r"\\s+", " ", text.strip().lower())`.
+    """
+    return " ".join(text.lower().split())
+
+
+def _hash(*texts: str) -> bytes:
+    """A 128-bit digest of the normalised texts (what the duplicate search keeps per record)."""
+    return hashlib.blake2b("\0".join(map(normalise_text, texts)).encode(), digest_size=16).digest()
+
+
+def find_duplicates(records: Sequence[Record]) -> tuple[list[list[int]], list[list[int]]]:
+    """The records that repeat one another, found by hashing their normalised fields (linear).
+
+    Returns:
+      (repeated, cross_category), lists of index groups, each ascending and in the order of its
+      first record: repeated, the records of one category alike in instruction, input and
+      response (`normalise_text`) under different ids; cross_category, the records sharing one
+      instruction text (`normalise_text`, whatever their input) when it is under two or more
+      categories.
+    """
+    same: dict[bytes, list[int]] = {}
+    text: dict[bytes, list[int]] = {}
+    for i, r in enumerate(records):
+        same.setdefault(_hash(r.category, r.instruction, r.input, r.output), []).append(i)
+        text.setdefault(_hash(r.instruction), []).append(i)
+    return ([g for g in same.values() if len(g) > 1],
+            [g for g in text.values() if len({records[i].category for i in g}) > 1])
+
+
+def _one_prompt_twice(records: Sequence[Record], group: list[int]) -> bool:
+    """Whether records of `group` (one instruction text) under two categories have one input too."""
+    cats: dict[bytes, set[str]] = {}
+    for i in group:
+        cats.setdefault(_hash(records[i].instruction, records[i].input), set()).add(records[i].category)
+    return any(len(c) > 1 for c in cats.values())
+
+
+def _examples(records: Sequence[Record], groups: list[list[int]], where: Mapping[str, str],
+              category: bool) -> str:
+    """The first three groups, each as "'a' (file:line) and 'b' (file:line)" (the category after
+    each id when `category`), at most three records a group."""
+    def one(i: int) -> str:
+        r = records[i]
+        at = [r.category] if category else []
+        at += [where[r.id]] if r.id in where else []
+        return repr(r.id) + (f" ({', '.join(at)})" if at else "")
+
+    said = []
+    for g in groups[:3]:
+        ids = [one(i) for i in g[:3]]
+        said.append(", ".join(ids[:-1]) + f" and {ids[-1]}" + (f" (+{len(g) - 3} more)" if len(g) > 3 else ""))
+    return "; ".join(said)
+
+
+def check_duplicates(records: Sequence[Record], where: Mapping[str, str] | None = None
+                     ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """Warn, once per case, about records that repeat one another (`find_duplicates`): a
+    `DataWarning` naming how many, the first ids with their file and line, what the copies do
+    to the results and the fix.
+
+    Args:
+      records: the loaded records.
+      where: id -> "file:line" (or "file:row n"), named beside the ids when given.
+
+    Returns:
+      (repeated, cross_category): the ids of each group (`LoadReport`).
+    """
+    where = where or {}
+    repeated, crossed = find_duplicates(records)
+    if repeated:
+        copies = Counter(records[g[0]].category for g in repeated for _ in g[1:])
+        per = ", ".join(f"{SHORT_NAMES[c]} {copies[c]}" for c in CATEGORIES if copies[c])
+        warnings.warn(
+            f"{sum(copies.values())} record(s) repeat another record of their category under another id "
+            f"(instruction, input and response alike, case and spacing ignored; {per}; e.g. "
+            f"{_examples(records, repeated, where, category=False)}): each copy counts as an instruction of its "
+            "own, so a repeated record weighs once per copy in its category's sets (the consensus share, the pooled "
+            "mean), counts and instruction-level overlaps (a copy pair has Jaccard 1); the split keeps copies in "
+            "one part and the bootstrap and permutation tests (identify.resample: group) draw them as one, but "
+            "every point estimate counts each copy; keep one record of each (remove the other ids)",
+            DataWarning, stacklevel=3)
+    if crossed:
+        cats = Counter(c for g in crossed for c in sorted({records[i].category for i in g}))
+        per = ", ".join(f"{SHORT_NAMES[c]} {cats[c]}" for c in CATEGORIES if cats[c])
+        prompts = sum(_one_prompt_twice(records, g) for g in crossed)
+        warnings.warn(
+            f"{len(crossed)} instruction text(s) appear under two or more categories ({sum(map(len, crossed))} "
+            f"records; texts per category: {per}; {prompts} of the texts with one input under two categories too, "
+            f"the same prompt; case and spacing ignored; e.g. {_examples(records, crossed, where, category=True)}): "
+            "such a text counts as an instruction of each of its categories, so their sets share what it "
+            "activates (their overlap is inflated, their uniqueness lowered), and the same prompt under two "
+            "labels contradicts itself; a split (data.split) keeps all records of such a text in one part, so "
+            "none is identified on for one category and held out or fine-tuned on for another; give each text "
+            "the one category it belongs to (relabel or remove the other copies)",
+            DataWarning, stacklevel=3)
+    return tuple([tuple(records[i].id for i in g) for g in groups] for groups in (repeated, crossed))

@@ -10,6 +10,8 @@ from. `split_records` cuts one set into disjoint parts:
   category whose instructions share most of their words one group, joined through
   chains of such pairs; "text" (these functions' default) joins only identical
   instruction text (case and spacing ignored);
+- one instruction text under several categories in one part across them (`split_records`),
+  so no text is identified on for one category and held out or tuned on for another;
 - deterministic for a seed and a record set. It is not stable per record: groups are
   dealt out against category totals, so adding or removing records can move others to
   another part (the pipeline refuses checkpoints tuned on another train part).
@@ -27,7 +29,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from sparcom_jax.categories import CATEGORIES
-from sparcom_jax.data.records import Record
+from sparcom_jax.data.records import Record, find_duplicates, normalise_text
 from sparcom_jax.fingerprint import digest
 
 GroupBy = Literal["text", "near"]
@@ -40,12 +42,11 @@ DEFAULT_GROUP_BY: GroupBy = "near"
 NEAR_THRESHOLD = 0.6
 _NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*\b")
 _WORD = re.compile(r"\w+")
-_SPACE = re.compile(r"\s+")
 
 
 def group_key(record: Record) -> str:
     """The instruction text that identical-text groups share: lower-cased, whitespace collapsed."""
-    return _SPACE.sub(" ", record.instruction.strip().lower())
+    return normalise_text(record.instruction)
 
 
 def near_words(record: Record) -> frozenset[str]:
@@ -553,7 +554,10 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
       {"group_by", "threshold" (of the near rule, measured even when grouping by text),
       "records", "text_groups", "near_groups" (per category and "total"), "near_reworded"
       (records whose near group holds another wording: a text not identical to theirs),
-      "largest_near_group"}. Linear in the records once the groups are found (the pairs that
+      "largest_near_group", "repeated_records" (records that repeat another record of their
+      category, instruction, input and response alike: copies beyond the first), and
+      "cross_category_texts" (instruction texts under two or more categories;
+      `sparcom_jax.data.records.find_duplicates`)}. Linear in the records once the groups are found (the pairs that
       the rule joins directly grow as k (k - 1) / 2 for a template slot of k fillers; `near_pairs`
       lists them).
     """
@@ -568,14 +572,42 @@ def grouping_summary(records: Sequence[Record], by: GroupBy = "near",
         return {**got, "total": sum(got.values())}
 
     sizes = Counter((r.category, k) for r, k in zip(records, near))
+    repeated, crossed = find_duplicates(records)
     return {"group_by": by, "threshold": threshold, "records": len(records),
             "text_groups": per_cat(text), "near_groups": per_cat(near),
             "near_reworded": sum(len(wordings[r.category, k]) > 1 for r, k in zip(records, near)),
-            "largest_near_group": max(sizes.values(), default=0)}
+            "largest_near_group": max(sizes.values(), default=0),
+            "repeated_records": sum(len(g) - 1 for g in repeated), "cross_category_texts": len(crossed)}
 
 
 def _rank(seed: int, category: str, key: str) -> str:
     return hashlib.sha256(f"{seed}\0{category}\0{key}".encode()).hexdigest()
+
+
+def _linked_groups(records: Sequence[Record], keys: Sequence[str]) -> dict[tuple[str, str], tuple[str, str]]:
+    """The groups (category, key) that share an identical instruction text (`group_key`) with a
+    group of another category, joined (union-find): {group: the first group of its set}, for the
+    groups so joined only (none in records without such texts)."""
+    by_text: dict[str, list[tuple[str, str]]] = {}
+    for r, k in zip(records, keys):
+        g = (r.category, k)
+        at = by_text.setdefault(group_key(r), [])
+        if g not in at:
+            at.append(g)
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(g):
+        while parent.setdefault(g, g) != g:
+            g = parent[g]
+        return g
+
+    for at in by_text.values():
+        if len({c for c, _ in at}) > 1:
+            for g in at[1:]:
+                a, b = root(at[0]), root(g)
+                if a != b:
+                    parent[b] = a
+    return {g: root(g) for g in parent}
 
 
 def split_records(records: Sequence[Record], fractions: Mapping[str, float], seed: int = 0,
@@ -586,6 +618,13 @@ def split_records(records: Sequence[Record], fractions: Mapping[str, float], see
     hash of their key and dealt out in that order: a group goes to the part furthest
     below its target share of the category's records (ties to the earlier part). Parts
     keep the input order of their records.
+
+    An instruction text under two or more categories (`group_key`, case and spacing ignored)
+    keeps all its records in one part: the groups holding it are linked across categories, and
+    a linked group follows the part its set got in the first category (in `CATEGORIES` order)
+    that dealt one of them; in a later category such groups are placed before the others are
+    dealt, so the deal of the rest makes up for them. Records without such texts are dealt as
+    before the links existed (the same parts for the same records, seed and grouping).
 
     Args:
       records: the records (unique ids).
@@ -604,6 +643,8 @@ def split_records(records: Sequence[Record], fractions: Mapping[str, float], see
     if not names or any(s <= 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
         raise ValueError(f"split shares {dict(fractions)} must be > 0 and sum to 1")
     keys = group_keys(records, by, threshold)
+    linked = _linked_groups(records, keys)
+    placed: dict[tuple[str, str], int] = {}  # a linked set -> its part, once one of its groups is dealt
     where: dict[str, str] = {}
     for cat in CATEGORIES:
         groups: dict[str, list[Record]] = {}
@@ -612,9 +653,18 @@ def split_records(records: Sequence[Record], fractions: Mapping[str, float], see
                 groups.setdefault(k, []).append(r)
         total = sum(len(g) for g in groups.values())
         got = [0] * len(names)
-        for key in sorted(groups, key=lambda k: _rank(seed, cat, k)):
-            # The part with the largest shortfall against its target share.
-            j = max(range(len(names)), key=lambda i: (shares[i] * total - got[i], -i))
+        order = sorted(groups, key=lambda k: _rank(seed, cat, k))
+        # Groups whose set an earlier category placed go first: the free ones then make up for them.
+        first = [k for k in order if linked.get((cat, k)) in placed] + \
+                [k for k in order if linked.get((cat, k)) not in placed]
+        for key in first:
+            link = linked.get((cat, key))
+            if link in placed:
+                j = placed[link]
+            else:  # the part with the largest shortfall against its target share
+                j = max(range(len(names)), key=lambda i: (shares[i] * total - got[i], -i))
+                if link is not None:
+                    placed[link] = j
             got[j] += len(groups[key])
             for r in groups[key]:
                 where[r.id] = names[j]

@@ -631,6 +631,7 @@ def _check_part_categories(cfg: ExperimentConfig, parts: dict[str, list], name: 
       ConfigError: naming the part, the categories, their records and groups, and the fixes.
     """
     from sparcom_jax.categories import CATEGORIES
+    from sparcom_jax.data.records import find_duplicates
 
     every = [r for part in parts.values() for r in part]
     there = {r.category for r in parts[name]}
@@ -638,11 +639,15 @@ def _check_part_categories(cfg: ExperimentConfig, parts: dict[str, list], name: 
     if not missing:
         return
     groups = dict(zip((r.id for r in every), group_records(cfg, every)))
+    crossed = {every[i].id for g in find_duplicates(every)[1] for i in g}
     said = []
     for c in missing:
         recs = [r for r in every if r.category == c]
         where = ", ".join(f"{p} {sum(r.category == c for r in part)}" for p, part in parts.items())
-        said.append(f"{c}: {len(recs)} record(s) in {len({groups[r.id] for r in recs})} group(s) ({where})")
+        linked = sum(r.id in crossed for r in recs)
+        follow = (f", {linked} of them with an instruction text under another category too, in that text's part"
+                  if linked else "")
+        said.append(f"{c}: {len(recs)} record(s) in {len({groups[r.id] for r in recs})} group(s) ({where}){follow}")
     less = "" if cfg.data.group_by == "text" else ", or group less (a higher data.group_threshold, or data.group_by: text)"
     raise ConfigError(
         f"{cfg.data.path or 'the shipped set'}: data.split {dict(cfg.data.split)} leaves the {name!r} part "

@@ -251,13 +251,31 @@ def _grouping_text(g: dict | None) -> str:
             f"alike, have a Jaccard of at least {g['threshold']}, joined through chains; {g['near_reworded']} records "
             f"share their group with another wording, the largest group {g['largest_near_group']} records)")
     if g["group_by"] == "near":
-        return (f"Near-duplicates: the {g['records']} analysed records form {t} groups of identical instruction "
+        said = (f"Near-duplicates: the {g['records']} analysed records form {t} groups of identical instruction "
                 f"text and {near}. Groups are the unit of the split, the bootstrap and the permutation tests "
                 "(data.group_by: near), so templated variants of one instruction count once.")
-    return (f"Near-duplicates: the {g['records']} analysed records are grouped by identical instruction text "
-            f"only (data.group_by: text), {t} groups; the near-duplicate rule would give {near}. Templated "
-            "variants whose texts differ count as independent records here, which makes intervals too narrow "
-            "and p-values too small when they share a category.")
+    else:
+        said = (f"Near-duplicates: the {g['records']} analysed records are grouped by identical instruction text "
+                f"only (data.group_by: text), {t} groups; the near-duplicate rule would give {near}. Templated "
+                "variants whose texts differ count as independent records here, which makes intervals too narrow "
+                "and p-values too small when they share a category.")
+    return said + _copies_text(g.get("repeated_records", 0), g.get("cross_category_texts", 0))
+
+
+def _copies_text(repeated: int, crossed: int) -> str:
+    """What copies among the analysed records do to the figures (docs/data.md, "Copies"); "" without any
+    (or in a summary made before they were counted)."""
+    said = []
+    if repeated:
+        said.append(f"{repeated} analysed record(s) repeat another record of their category under another id "
+                    "(instruction, input and response alike): each copy counts as an instruction of its own in "
+                    "the sets, counts and overlaps (the bootstrap and permutation tests draw it with its original "
+                    "as one unit when they resample groups, identify.resample: group)")
+    if crossed:
+        said.append(f"{crossed} instruction text(s) appear under two or more categories: each counts as an "
+                    "instruction of each of its categories, which inflates their overlap and lowers their "
+                    "uniqueness (the split keeps such a text in one part)")
+    return "".join(f" Copies: {s}." for s in said)
 
 
 def _between_groups_text(s: dict) -> str:
