@@ -850,7 +850,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
 
     import numpy as np
 
-    from sparcom_jax.analysis.ablate import (ablate_identification, baseline_expert_mass, baseline_unit_firing,
+    from sparcom_jax.analysis.ablate import (ablate_identification, baseline_expert_mass, baseline_firing_magnitude,
                                              coverage_log_lines, full_layers)
     from sparcom_jax.categories import CATEGORIES, normalize_category
     from sparcom_jax.parallel.processes import check_same
@@ -938,12 +938,15 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
                     # With a mass-matched control the baseline is the pass that measures the masses.
                     shape = np.shape(sets[0])
+                    # (held-out firing: each unit's firing and, behind it, its activation magnitude)
                     base, mass = (_baseline_shared(fn, baseline_expert_mass, shape, "expert mass") if mass_matched
-                                  else _baseline_shared(fn, baseline_unit_firing, shape, "unit firing")
+                                  else _baseline_shared(fn, baseline_firing_magnitude, (2, *shape), "unit firing")
                                   if held_out_firing else (None, None))
+                    masses = ({"firing_mass": {c: m[0] for c, m in mass.items()},
+                               "firing_magnitude": {c: m[1] for c, m in mass.items()}} if held_out_firing
+                              else {"expert_mass": mass})
                     res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                neighbours=a.neighbours, baseline=base,
-                                                **({"firing_mass": mass} if held_out_firing else {"expert_mass": mass}),
+                                                neighbours=a.neighbours, baseline=base, **masses,
                                                 run=fn.counted(_passes_shared) if firing else _passes_shared,
                                                 firing_matched=firing, firing_source=a.neuron_mass_source)
             for w in coverage_log_lines(res.coverage) + res.matching_warnings():
@@ -1009,7 +1012,7 @@ def _passes_shared(loss_fn, masks):
 
 
 def _baseline_shared(loss_fn, measure, shape: tuple[int, ...], what: str) -> tuple[dict[str, float], dict[str, Any]]:
-    """`measure(loss_fn)` (`baseline_expert_mass` or `baseline_unit_firing`: the baseline losses
+    """`measure(loss_fn)` (`baseline_expert_mass` or `baseline_firing_magnitude`: the baseline losses
     and each category's masses, float `shape`; `what` they are, for an error) run by process 0
     and given to every process bit for bit, so that every process draws the same mass-matched
     sets; it is the check's baseline too (`ablation_matrix(baseline=)`)."""
@@ -1034,8 +1037,8 @@ def _baseline_shared(loss_fn, measure, shape: tuple[int, ...], what: str) -> tup
 class _Counting:
     """A loss_fn with a progress bar over its calls (each is a pass over the records); it
     passes on the routing masses of the last call (`last_dropped_mass`, `last_category_mass`,
-    `last_expert_mass`) and the units' firing (`last_unit_firing`, and the records it rests on,
-    `firing_records`)."""
+    `last_expert_mass`) and the units' firing (`last_unit_firing`, its activation magnitude
+    `last_unit_magnitude`, and the records it rests on, `firing_records`)."""
 
     def __init__(self, fn, total: int, desc: str):
         self.fn, self.total, self.desc = fn, total, desc
@@ -1067,7 +1070,7 @@ class _Counting:
 
     # What the check reads off the loss_fn after a call, passed on (None where it gives none).
     PASSED_ON = ("last_dropped_mass", "last_category_mass", "last_expert_mass", "last_unit_firing",
-                 "firing_records", "coverage")
+                 "last_unit_magnitude", "firing_records", "coverage")
 
     def __getattr__(self, name):  # (only for names the instance itself lacks)
         if name in _Counting.PASSED_ON:
