@@ -919,6 +919,18 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     assert stored["mass_matched"]["firing_records"] == counted == res.firing_records  # (through `_Counting`)
     assert stored["mass_matched"]["magnitude"]["set"] == pytest.approx(
         {c: float(v) for c, v in zip(CATEGORIES, res.magnitude()["set"])}, nan_ok=True)
+    # A result stored before the magnitude was kept: reused as not measured; --overwrite measures it.
+    del stored["mass_matched"]["magnitude"]
+    (out / "ablate" / "tuned_neurons.json").write_text(json.dumps(stored))
+    n = len(calls)
+    old = stages.ablate_stage(cfg, out)["_results"][("tuned", "neurons")]
+    assert len(calls) == n and old.magnitude() is None
+    again = stages.ablate_stage(cfg, out, overwrite=True)["_results"][("tuned", "neurons")]
+    assert len(calls) == 2 * n and again.magnitude() is not None
+    np.testing.assert_array_equal(again.magnitude()["set"], res.magnitude()["set"])
+    # Measured: --overwrite reuses it as any result of the same settings.
+    assert stages.ablate_stage(cfg, out, overwrite=True)["_results"][("tuned", "neurons")].magnitude() is not None
+    assert len(calls) == 2 * n
     with pytest.raises(StaleResultError, match="neuron_mass_matched|mass_matched"):
         run_stage("ablate", exp("ablation.neuron_mass_matched=never", "ablation.n_random=2"), out)
 

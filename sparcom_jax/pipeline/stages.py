@@ -883,8 +883,13 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             check_same(fp, f"ablate {spec.label}: {kind}: the model files, held-out records or counts",
                        "give every host the same model and data files")
             res = _stored_ablation(f, fp, held_out, overwrite=overwrite)
+            unmeasured = res is not None and _magnitude_unmeasured(res, a)
+            if unmeasured and overwrite:
+                res = None  # (the same passes again, the activation magnitude measured beside the firing)
             if res is not None:
-                log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
+                log(f"ablate {spec.label}: {kind}: reusing {f} (same settings"
+                    + ("; made before the activation magnitude was kept: not measured, --overwrite measures it)"
+                       if unmeasured else ")"))
                 written[f"{spec.label}_{kind}"] = str(f)
                 written["_results"][(spec.label, kind)] = res
                 continue
@@ -956,6 +961,15 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             written["_results"][(spec.label, kind)] = res
         del model
     return written
+
+
+def _magnitude_unmeasured(res, a) -> bool:
+    """Whether a stored neuron (expert-neuron) result lacks the activation magnitude the current
+    settings `a` (`cfg.ablation`) measure beside the held-out firing: made before it was kept.
+    Not in the fingerprint, so such a result is still reused (shown as not measured, never as
+    measured); `--overwrite` recomputes it."""
+    return (res.kind != "experts" and a.neuron_mass_source == "held_out" and res.mass_random_draws is not None
+            and res.mass_random_draws.shape[0] > 0 and res.set_layer_magnitude is None)
 
 
 def _loss_cells(losses) -> list[float]:
