@@ -178,3 +178,45 @@ def test_the_identification_firing_measures_no_magnitude_and_bad_magnitudes_are_
                                          r"magnitude >= 0 \(e.g. CategoryLoss.last_unit_magnitude\)"):
         ablation_matrix(sets, MagnitudeModel(firing, magnitude), n_random=1, firing_mass=firing,
                         firing_magnitude={**magnitude, "math": np.full((L, F), np.nan)})
+
+
+def test_every_process_gets_the_firing_and_the_magnitude_process_0_measured(monkeypatch):
+    """The stage's shared baseline (two simulated processes): only process 0 runs the pass; both
+    end with its firing and, stacked behind it, its magnitude, each category's own, bit for bit."""
+    from launch import simulate_process
+    from sparcom_jax.analysis.ablate import baseline_firing_magnitude
+    from sparcom_jax.pipeline.stages import _baseline_shared
+
+    rng = np.random.default_rng(1)
+    shape = (L, F)
+    firing = {c: rng.random(shape) for c in CATEGORIES if c != "code"}
+    magnitude = {c: rng.random(shape) * 3 for c in firing}
+    ran, p, sent = [], 2, {}
+
+    def as_process(k):
+        simulate_process(monkeypatch, k, p, sent)
+        model = MagnitudeModel({c: v * (k + 1) for c, v in firing.items()},
+                               {c: v * (k + 2) for c, v in magnitude.items()})  # process 1's would differ
+        ran.append((k, model))
+        return _baseline_shared(model, baseline_firing_magnitude, (2, *shape), "unit firing")
+
+    for _ in range(2):  # until every process has process 0's row
+        got = [as_process(k) for k in range(p)]
+    assert all(model.masks == ([None] if k == 0 else []) for k, model in ran)
+    for losses, both in got:
+        assert losses == {c: 1.0 for c in CATEGORIES} and set(both) == set(firing)
+        for c in firing:
+            np.testing.assert_array_equal(both[c][0], firing[c])
+            np.testing.assert_array_equal(both[c][1], magnitude[c] * 2)
+    # A loss_fn that counts the firing but measures no magnitude is refused by name.
+    with pytest.raises(ValueError, match="last_unit_magnitude"):
+        baseline_firing_magnitude(FiringOnly(firing, magnitude))
+
+
+class FiringOnly(MagnitudeModel):
+    """A loss_fn whose baseline counts the firing and measures no magnitude."""
+
+    def __call__(self, mask):
+        out = super().__call__(mask)
+        self.last_unit_magnitude = None
+        return out
