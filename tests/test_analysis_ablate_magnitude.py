@@ -99,7 +99,7 @@ def test_a_set_clearly_stronger_than_its_matched_draws_is_warned_about_and_a_mat
     lines = magnitude_lines(r)
     assert [w.split(":")[0] for w in lines] == [strong]
     assert (f"carry {over * L * K:.3g} of positive activation per token on its held-out records, its "
-            f"firing-mass-matched draws {L * K:.3g} on average ({over:.2f} x, more than 100% of the 3 draws") in lines[0]
+            f"firing-mass-matched draws {L * K:.3g} on average ({over:.2f} x; more than 3 of the 3 draws") in lines[0]
     assert "part of its excess over that control can be the removal of more activation" in lines[0]
     assert lines == [w for w in r.to_dict()["matching_warnings"] if "positive activation" in w]
     # Weaker than its draws: not the objection (the set removes less activation), no line.

@@ -357,7 +357,7 @@ class AblationResult:
         d, units = self.mass_random_layer_magnitude.shape[0], self.kind.replace("_", " ")
         return [f"{CATEGORIES[a]}: its set's {units} carry {mag['set'][a]:.3g} of positive activation per token on "
                 f"its held-out records, its firing-mass-matched draws {mag['random_mean'][a]:.3g} on average "
-                f"({mag['ratio'][a]:.2f} x, more than {mag['random_below'][a]:.0%} of the {d} draws; "
+                f"({mag['ratio'][a]:.2f} x; more than {round(mag['random_below'][a] * d)} of the {d} draws; "
                 f"tolerance {MAGNITUDE_GAP:.0%}): matched on how often they fire, the set's units fire more "
                 "strongly, so part of its excess over that control can be the removal of more activation, "
                 "not what the units are specific to"]
