@@ -102,6 +102,7 @@ def test_a_set_clearly_stronger_than_its_matched_draws_is_warned_about_and_a_mat
             f"firing-mass-matched draws {L * K:.3g} on average ({over:.2f} x; more than 3 of the 3 draws") in lines[0]
     assert "part of its excess over that control can be the removal of more activation" in lines[0]
     assert lines == [w for w in r.to_dict()["matching_warnings"] if "positive activation" in w]
+    assert f"{over:.3g} x" in repr(r) and "activation magnitude of the set over" in repr(r)
     # Weaker than its draws: not the objection (the set removes less activation), no line.
     sets, firing, magnitude = uniform_case({strong: 0.5})
     r = ablation_matrix(sets, MagnitudeModel(firing, magnitude), n_random=3, firing_mass=firing,
@@ -152,7 +153,7 @@ def test_the_magnitude_is_kept_with_its_measure_and_a_file_without_it_says_not_m
     d["matching_warnings"] = [w for w in d["matching_warnings"] if "positive activation" not in w]
     old = AblationResult.from_dict(d)
     assert old.set_layer_magnitude is None and old.magnitude() is None and not magnitude_lines(old)
-    assert old.to_dict()["mass_matched"]["magnitude"] is None
+    assert old.to_dict()["mass_matched"]["magnitude"] is None and "activation magnitude" not in repr(old)
     page, rows, layers = page_and_table("old", d)
     assert all(row[rows[0].index("magnitude_ratio")] == "" for row in rows[1:])
     assert all(row[layers[0].index("set_magnitude")] == "" for row in layers[1:])

@@ -271,6 +271,9 @@ class AblationResult:
                 f"  own-category excess beyond the {self._mass_words()[3]}-matched {self.kind[:-1].replace('_', ' ')} "
                 "draws:",
                 "    " + per_category_text([f"{e:+.3g}" for e in np.diag(self.mass_excess)])]),
+            *([] if self.magnitude() is None else [
+                "  activation magnitude of the set over its firing-mass-matched draws' (mean):",
+                "    " + per_category_text([f"{r:.3g} x" for r in self.magnitude()["ratio"]])]),
             *(f"  warning: {w}" for w in coverage_log_lines(self.coverage) + self.matching_warnings()),
         ])
 
