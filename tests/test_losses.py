@@ -10,6 +10,7 @@ import torch
 from hf_fixtures import make_torch_model
 
 import sparcom_jax as sj
+from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.losses import CategoryLoss
 
 
@@ -349,19 +350,28 @@ def test_baseline_counts_each_units_held_out_firing_as_hooked_transformers(hf_ch
     loss = CategoryLoss(sj.load_model(hf_checkpoint(name)), enc, kind=kind, batch_size=3, firing_scopes=fire)
     plain = CategoryLoss(sj.load_model(hf_checkpoint(name)), enc, kind=kind, batch_size=3)
     base = loss(None)
-    ref = torch_counts(make_torch_model(name), enc.ids, fire)
-    freq = ref[field] / ref["tokens"].reshape((-1,) + (1,) * (ref[field].ndim - 1))  # every record has a prompt
+    ref = torch_counts(make_torch_model(name), enc.ids, fire, sums=True)
+    per_token = ref["tokens"].reshape((-1,) + (1,) * (ref[field].ndim - 1))  # every record has a prompt
+    freq = ref[field] / per_token
+    # The magnitude: A summed where A > 0 on the same tokens (float64 in the hooks, float32 in-graph).
+    magnitude = ref[Counts.SUM_FIELDS[field]] / per_token
     cats = np.array(enc.categories)
-    assert set(loss.last_unit_firing) == set(cats)
+    assert set(loss.last_unit_firing) == set(cats) == set(loss.last_unit_magnitude)
     for c, got in loss.last_unit_firing.items():
         np.testing.assert_allclose(got, freq[cats == c].mean(0), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(loss.last_unit_magnitude[c], magnitude[cats == c].mean(0), rtol=1e-5, atol=1e-7)
         assert loss.firing_records[c] == (cats == c).sum()
     assert len({float(v.sum()) for v in loss.last_unit_firing.values()}) == 3, "one firing for all: the test is blind"
+    # Not the firing under another name: a unit's magnitude is its strength times its frequency.
+    mag = np.concatenate([v.ravel() for v in loss.last_unit_magnitude.values()])
+    fr = np.concatenate([v.ravel() for v in loss.last_unit_firing.values()])
+    assert mag.max() > 0 and not np.allclose(mag[fr > 0] / fr[fr > 0], (mag[fr > 0] / fr[fr > 0]).mean())
     assert base == plain(None)  # counting leaves the losses as they were, bit for bit
-    assert plain.last_unit_firing is None
+    assert plain.last_unit_firing is None and plain.last_unit_magnitude is None
     mask = np.zeros(next(iter(loss.last_unit_firing.values())).shape, bool)
     mask[:, 0] = True
-    assert loss(mask) == plain(mask) and loss.last_unit_firing is None  # an ablated pass counts nothing
+    # an ablated pass counts nothing
+    assert loss(mask) == plain(mask) and loss.last_unit_firing is None and loss.last_unit_magnitude is None
 
 
 def test_firing_records_count_the_records_with_a_counted_token_and_the_rest_count_0(hf_checkpoint):

@@ -868,15 +868,17 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     from sparcom_jax.stats.losses import ablation_shape
 
     calls, ends, scopes = [], [], []
-    firing = {}
+    firing, magnitude = {}, {}
 
     def make_loss_fn(model, records, tok=None, **kw):
         scopes.append(kw["firing_scope"])
         firing.update(held_out_firing(ablation_shape(model.config, kw["kind"])))
+        magnitude.update(held_out_firing(ablation_shape(model.config, kw["kind"]), seed=8))
 
         def loss(mask):
             calls.append(mask)
             loss.last_unit_firing = firing if mask is None else None  # (the baseline pass counts it)
+            loss.last_unit_magnitude = magnitude if mask is None else None  # (and the magnitude beside it)
             return {c: 1.0 + (0 if mask is None else float(np.sum(mask))) for c in CATEGORIES}
         loss.firing_records = counted  # (known from the scopes: every process has it)
         return loss
@@ -902,6 +904,8 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     for a in with_set:
         s = ident.category_sets[a]
         np.testing.assert_allclose(res.set_category_mass[a], firing[CATEGORIES[a]][s].sum(), rtol=1e-12)
+        # (shared by process 0 behind the firing: each category's own, not swapped with the firing)
+        np.testing.assert_allclose(res.magnitude()["set"][a], magnitude[CATEGORIES[a]][s].sum(), rtol=1e-12)
         assert not np.isclose(res.set_category_mass[a], ident.category_mean[a][s].sum())
         assert np.isfinite(res.mass_random_draws[:, a]).all()
     for m in calls[1:]:  # the mass-matched draws: the last two masks of each category
@@ -913,6 +917,20 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     assert stored["mass_matched"]["where"] == "always" and stored["mass_matched"]["mass"] == "firing"
     assert stored["mass_matched"]["source"] == "held_out"
     assert stored["mass_matched"]["firing_records"] == counted == res.firing_records  # (through `_Counting`)
+    assert stored["mass_matched"]["magnitude"]["set"] == pytest.approx(
+        {c: float(v) for c, v in zip(CATEGORIES, res.magnitude()["set"])}, nan_ok=True)
+    # A result stored before the magnitude was kept: reused as not measured; --overwrite measures it.
+    del stored["mass_matched"]["magnitude"]
+    (out / "ablate" / "tuned_neurons.json").write_text(json.dumps(stored))
+    n = len(calls)
+    old = stages.ablate_stage(cfg, out)["_results"][("tuned", "neurons")]
+    assert len(calls) == n and old.magnitude() is None
+    again = stages.ablate_stage(cfg, out, overwrite=True)["_results"][("tuned", "neurons")]
+    assert len(calls) == 2 * n and again.magnitude() is not None
+    np.testing.assert_array_equal(again.magnitude()["set"], res.magnitude()["set"])
+    # Measured: --overwrite reuses it as any result of the same settings.
+    assert stages.ablate_stage(cfg, out, overwrite=True)["_results"][("tuned", "neurons")].magnitude() is not None
+    assert len(calls) == 2 * n
     with pytest.raises(StaleResultError, match="neuron_mass_matched|mass_matched"):
         run_stage("ablate", exp("ablation.neuron_mass_matched=never", "ablation.n_random=2"), out)
 
@@ -1123,6 +1141,7 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
             masks.append(None if mask is None else np.array(mask))
             return {c: 1.0 for c in CATEGORIES}
         loss.last_unit_firing = held_out_firing(shape)
+        loss.last_unit_magnitude = held_out_firing(shape, seed=8)
         return loss
 
     calls = []

@@ -73,6 +73,15 @@ FREQUENCY_GAP = 0.1
 # (or less) than the set are flagged (`matching_warnings`): that control is then harsher
 # (milder) than the set, and the excess against it understated (overstated).
 MASS_TOLERANCE = 0.1
+# A firing-mass-matched set carrying more than (1 + MAGNITUDE_GAP) x its draws' mean activation
+# magnitude is flagged (`matching_warnings`): with the firing matched, its units fire more strongly,
+# and part of its excess over that control can be the removal of more activation.
+MAGNITUDE_GAP = 0.1
+# What `AblationResult.set_layer_magnitude` measures (recorded in to_dict(): a file without it
+# did not measure it): each unit's activation A summed where A > 0 (a unit fires when A > 0) over
+# the tokens its firing is counted on, per token of a record, averaged over the category's
+# held-out records, in the unablated pass (`CategoryLoss.last_unit_magnitude`).
+MAGNITUDE_MEASURE = "positive_activation_per_token/held_out_firing_scope"
 # Which categories a neuron check gives firing-mass-matched draws (`ablation_matrix(mass_where=)`).
 MASS_WHERE = ("always", "where_warned")
 # Where the firing-mass-matched control's masses are counted (`ablate_identification(firing_source=)`):
@@ -208,6 +217,13 @@ class AblationResult:
         (`CategoryLoss.firing_records`): how many records each category's firing, the
         control's target, rests on (see `matching_warnings`); None otherwise (also in
         files made before it was kept).
+      set_layer_magnitude: float [C, L] with held-out firing, per layer, the activation magnitude
+        S(a)'s units carry on a's held-out records (each unit's `CategoryLoss.last_unit_magnitude`:
+        its positive activation per token, where its firing is counted, summed over the set), where
+        the firing-mass-matched control ran (NaN elsewhere); None where it was not measured (the
+        identification's firing, a loss_fn without it, files made before it was kept).
+      mass_random_layer_magnitude: float [M, C, L] the same for each firing-mass-matched draw; see
+        `magnitude` and `matching_warnings`.
     """
 
     kind: str
@@ -240,6 +256,8 @@ class AblationResult:
     mass_where: str | None = None
     mass_source: str | None = None
     firing_records: dict[str, int] | None = None
+    set_layer_magnitude: np.ndarray | None = None
+    mass_random_layer_magnitude: np.ndarray | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -253,6 +271,9 @@ class AblationResult:
                 f"  own-category excess beyond the {self._mass_words()[3]}-matched {self.kind[:-1].replace('_', ' ')} "
                 "draws:",
                 "    " + per_category_text([f"{e:+.3g}" for e in np.diag(self.mass_excess)])]),
+            *([] if self.magnitude() is None else [
+                "  activation magnitude of the set over its firing-mass-matched draws' (mean):",
+                "    " + per_category_text([f"{r:.3g} x" for r in self.magnitude()["ratio"]])]),
             *(f"  warning: {w}" for w in coverage_log_lines(self.coverage) + self.matching_warnings()),
         ])
 
@@ -270,7 +291,10 @@ class AblationResult:
           Expert lines give the mass of the set and of the draws. Lines also flag mass-matched
           draws that missed their set's mass (`MASS_TOLERANCE`) and, with held-out firing, a
           category whose firing rests on few held-out records (`firing_records`, under the
-          thresholds of `coverage_warnings`): that control's target is then noisy.
+          thresholds of `coverage_warnings`): that control's target is then noisy. And a set
+          whose units carry more than (1 + MAGNITUDE_GAP) x the activation magnitude of its
+          firing-mass-matched draws (`magnitude`): matched on how often they fire, not on how
+          strongly, so part of its excess over them can be the removal of more activation.
         """
         if not self.n_random:
             return []
@@ -302,8 +326,44 @@ class AblationResult:
                                  f"(at most {rdm.max():.3g})")
             if why:
                 lines.append(f"{cat}: " + "; ".join(parts) + ": " + "; and ".join(why) + self._mass_outcome(a))
-            lines += self._mass_error_warning(a) + self._firing_records_warning(a)
+            lines += self._mass_error_warning(a) + self._firing_records_warning(a) + self._magnitude_warning(a)
         return lines
+
+    def magnitude(self) -> dict[str, np.ndarray] | None:
+        """The activation magnitude the sets and their firing-mass-matched draws carry on each
+        category's own held-out records (`set_layer_magnitude` summed over layers).
+
+        Returns:
+          float [C] `set`, `random_mean` (over the draws), `ratio` (set / random_mean) and
+          `random_below` (the share of draws carrying less than the set); NaN where the control
+          did not run or had no draws. None where the magnitude was not measured.
+        """
+        if self.set_layer_magnitude is None or self.mass_random_layer_magnitude is None:
+            return None
+        s, r = self.set_layer_magnitude.sum(-1), self.mass_random_layer_magnitude.sum(-1)
+        if not r.shape[0]:
+            nan = np.full(C, np.nan)
+            return {"set": s, "random_mean": nan, "ratio": nan, "random_below": nan}
+        mean = r.mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(mean > 0, s / mean, np.where(s > 0, np.inf, np.nan))
+        below = np.where(np.isfinite(r).all(0), (r < s[None]).mean(0), np.nan)
+        return {"set": s, "random_mean": mean, "ratio": np.where(np.isfinite(s), ratio, np.nan),
+                "random_below": below}
+
+    def _magnitude_warning(self, a: int) -> list[str]:
+        """Category `a`'s line when its set carries more than (1 + MAGNITUDE_GAP) x its firing-mass-matched
+        draws' mean activation magnitude ([] otherwise, and where it was not measured)."""
+        mag = self.magnitude()
+        if mag is None or not self.set_sizes[a] or not mag["ratio"][a] > 1 + MAGNITUDE_GAP:
+            return []
+        d, units = self.mass_random_layer_magnitude.shape[0], self.kind.replace("_", " ")
+        return [f"{CATEGORIES[a]}: its set's {units} carry {mag['set'][a]:.3g} of positive activation per token on "
+                f"its held-out records, its firing-mass-matched draws {mag['random_mean'][a]:.3g} on average "
+                f"({mag['ratio'][a]:.2f} x; more than {round(mag['random_below'][a] * d)} of the {d} draws; "
+                f"tolerance {MAGNITUDE_GAP:.0%}): matched on how often they fire, the set's units fire more "
+                "strongly, so part of its excess over that control can be the removal of more activation, "
+                "not what the units are specific to"]
 
     def _firing_records_warning(self, a: int) -> list[str]:
         """Category `a`'s line when the held-out firing its firing-mass-matched draws were matched
@@ -495,7 +555,16 @@ class AblationResult:
                 else self.mass_random_layer_mass - self.set_layer_mass[None],  # (derived: not read back)
                 **{f"error_{k}": None if v is None else by_category(v)
                    for k, v in self.mass_errors().items()}, "error_tolerance": MASS_TOLERANCE,
-                "firing_records": self.firing_records}
+                "firing_records": self.firing_records, "magnitude": self._magnitude_dict()}
+
+    def _magnitude_dict(self) -> dict | None:
+        """The activation magnitude's part of the mass-matched control's dict; None where it was not
+        measured (so a file without it says so, `from_dict`)."""
+        mag = self.magnitude()
+        if mag is None:
+            return None
+        return {"measure": MAGNITUDE_MEASURE, "gap": MAGNITUDE_GAP, **{k: by_category(v) for k, v in mag.items()},
+                "set_layer": by_category(self.set_layer_magnitude), "random_layer": self.mass_random_layer_magnitude}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AblationResult":
@@ -515,7 +584,10 @@ class AblationResult:
             return None if v is None else arr(v) if v else np.zeros((0, *tail))
 
         mm = d.get("mass_matched")
+        mag = (mm or {}).get("magnitude")  # (None: not measured, also in files made before it was kept)
         mass = {} if mm is None else dict(
+            set_layer_magnitude=None if mag is None else arr([mag["set_layer"][c] for c in CATEGORIES]),
+            mass_random_layer_magnitude=None if mag is None else per_draw(mag["random_layer"], C, 0),
             mass_random_draws=arr(mm["random_draws"]) if mm["random_draws"] else np.zeros((0, C, C)),
             set_category_mass=arr([mm["set_mass"][c] for c in CATEGORIES]),
             mass_random_mass=arr(mm["random_mass"]) if mm["random_mass"] else np.zeros((0, C)),
@@ -688,14 +760,15 @@ def fires_less(set_frequency: float, random_frequency: np.ndarray) -> bool:
                 and rf.mean() < (1 - FREQUENCY_GAP) * set_frequency)
 
 
-def _check_firing_mass(firing_mass: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> None:
-    """Refuse a firing mass that does not fit the sets or is not a finite frequency >= 0."""
+def _check_firing_mass(firing_mass: Mapping[str, np.ndarray], shape: tuple[int, ...], name: str = "firing_mass",
+                       what: str = "firing frequency", source: str = "Identification.category_mean") -> None:
+    """Refuse a firing mass (or `name`: a unit's `what`) that does not fit the sets or is not finite and >= 0."""
     for cat, v in firing_mass.items():
         if v.shape != shape:
-            raise ValueError(f"firing_mass[{cat!r}] has shape {v.shape}, the sets {shape}")
+            raise ValueError(f"{name}[{cat!r}] has shape {v.shape}, the sets {shape}")
         if not (np.isfinite(v) & (v >= 0)).all():
-            raise ValueError(f"firing_mass[{cat!r}]: every unit needs a finite firing frequency >= 0 "
-                             "(e.g. Identification.category_mean)")
+            raise ValueError(f"{name}[{cat!r}]: every unit needs a finite {what} >= 0 "
+                             f"(e.g. {source})")
 
 
 def _firing(firing_mass: Mapping[str, np.ndarray], mask: np.ndarray, cat: str) -> tuple[list[float], np.ndarray]:
@@ -828,6 +901,29 @@ def baseline_unit_firing(loss_fn) -> tuple[dict[str, float], dict[str, np.ndarra
                              "(firing_source='identification')")
 
 
+def unit_magnitude(loss_fn) -> dict[str, np.ndarray] | None:
+    """{category: each unit's activation magnitude} the last (baseline) call of `loss_fn` measured
+    beside the firing (`last_unit_magnitude`, `CategoryLoss` with `firing_scopes`); None without it."""
+    got = getattr(loss_fn, "last_unit_magnitude", None)
+    return None if got is None else {normalize_category(k): np.asarray(v, np.float64) for k, v in got.items()}
+
+
+def baseline_firing_magnitude(loss_fn) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """`baseline_unit_firing` with each category's `unit_magnitude` stacked behind its firing:
+    ({category: mean loss}, {category: float [2, *the sets' shape]}), so that one shared
+    baseline carries both (the pipeline's `_baseline_shared`).
+
+    Raises:
+      ValueError: `loss_fn` counts no firing, or measures no magnitude beside it.
+    """
+    losses, firing = baseline_unit_firing(loss_fn)
+    magnitude = unit_magnitude(loss_fn)
+    if magnitude is None or set(magnitude) != set(firing):
+        raise ValueError("the activation magnitude needs a loss_fn that measures it beside the firing "
+                         "(`last_unit_magnitude`, as sparcom_jax.stats.losses.make_loss_fn(firing_scope=...) does)")
+    return losses, {c: np.stack([f, magnitude[c]]) for c, f in firing.items()}
+
+
 def _baseline_measure(loss_fn, attr: str, what: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The baseline losses of one unablated call of `loss_fn` and its per-category `attr` after it."""
     losses = loss_fn(None)
@@ -895,6 +991,7 @@ def ablation_matrix(
     firing_mass: Mapping[str, np.ndarray] | None = None,
     mass_where: str = "always",
     firing_source: str | None = None,
+    firing_magnitude: Mapping[str, np.ndarray] | None = None,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
@@ -947,6 +1044,12 @@ def ablation_matrix(
       firing_source: with `firing_mass`, the records it was counted on, recorded in the result
         (`AblationResult.mass_source`): "held_out" (the loss's own records, `baseline_unit_firing`)
         or "identification" (`Identification.category_mean`); None: not said.
+      firing_magnitude: with `firing_mass`, {category: float, the sets' shape: each unit's
+        activation magnitude on the records the firing was counted on, on the same tokens}
+        (`CategoryLoss.last_unit_magnitude`, from the pass that counted the firing): summed over
+        each set and each firing-mass-matched draw, per layer (`set_layer_magnitude`,
+        `mass_random_layer_magnitude`). A diagnostic, not a matching: the draws stay matched on
+        firing. None: not measured.
 
     Returns:
       An AblationResult. Random sets are always drawn outside the tested set
@@ -961,6 +1064,8 @@ def ablation_matrix(
                          "neurons take firing_mass")
     if firing_mass is not None and kind == "experts":
         raise ValueError("firing_mass matches neurons' firing; experts take expert_mass (routing mass)")
+    if firing_magnitude is not None and firing_mass is None:
+        raise ValueError("firing_magnitude is measured beside the firing-mass-matched control: give firing_mass too")
     routing = expert_mass is not None  # measured in the passes (firing mass: from the counts)
     if firing_source not in (None, *FIRING_SOURCES):
         raise ValueError(f"firing_source must be one of {FIRING_SOURCES} (or None), got {firing_source!r}")
@@ -1003,12 +1108,18 @@ def ablation_matrix(
         layer_mass, layer_est = np.full((C, n_layers), np.nan), np.full((C, n_layers), np.nan)
         draw_layer, draw_est = np.full((n_random, C, n_layers), np.nan), np.full((n_random, C, n_layers), np.nan)
         set_cross, draw_cross = np.full((C, C), np.nan), np.full((n_random, C, C), np.nan)
+    set_mag = None if firing_magnitude is None else np.full((C, n_layers), np.nan)
+    draw_mag = None if firing_magnitude is None else np.full((n_random, C, n_layers), np.nan)
     # Its own stream too: the frequency-matched draws stay the seed's with or without it.
     mass_rng = np.random.default_rng([seed, 2])
     firing_mass = None if firing_mass is None else {normalize_category(k): np.asarray(v, np.float64)
                                                     for k, v in firing_mass.items()}
+    firing_magnitude = None if firing_magnitude is None else {normalize_category(k): np.asarray(v, np.float64)
+                                                              for k, v in firing_magnitude.items()}
     if firing_mass is not None and sets:
         _check_firing_mass(firing_mass, next(iter(sets.values())).shape)
+        _check_firing_mass(firing_magnitude or {}, next(iter(sets.values())).shape, "firing_magnitude",
+                           "activation magnitude", "CategoryLoss.last_unit_magnitude")
     masks: list[np.ndarray | None] = [None] if baseline is None else []  # the baseline first
     # (ablated category, "set" / "random" / "mass", draw) of the masks after the baseline
     slots: list[tuple[int, str, int]] = []
@@ -1023,6 +1134,8 @@ def ablation_matrix(
             if mass_matched:
                 mass_draws[:, a] = mass_mass[:, a] = set_mass[a] = layer_mass[a] = layer_est[a] = 0.0
                 draw_layer[:, a] = draw_est[:, a] = set_cross[a] = draw_cross[:, a] = 0.0
+            if set_mag is not None:
+                set_mag[a] = draw_mag[:, a] = 0.0
             continue
         masks.append(mask)
         slots.append((a, "set", 0))
@@ -1045,9 +1158,14 @@ def ablation_matrix(
         # Firing mass: the identification counts give every unit's, so the draws need no pass first.
         set_cross[a], layer_mass[a] = _firing(firing_mass, mask, cat)
         set_mass[a], layer_est[a] = set_cross[a, a], layer_mass[a]
+        magnitude = None if firing_magnitude is None else firing_magnitude.get(cat)
+        if magnitude is not None:
+            set_mag[a] = mask_layer_mass(magnitude, mask)
         for d in range(n_random):
             rmask = mass_matched_random(mask, firing_mass[cat], mass_rng)
             draw_cross[d, a], draw_layer[d, a] = _firing(firing_mass, rmask, cat)
+            if magnitude is not None:
+                draw_mag[d, a] = mask_layer_mass(magnitude, rmask)
             mass_sizes[d, a], mass_mass[d, a], draw_est[d, a] = rmask.sum(), draw_cross[d, a, a], draw_layer[d, a]
             masks.append(rmask)
             slots.append((a, "mass", d))
@@ -1106,7 +1224,8 @@ def ablation_matrix(
         mass_random_layer_estimate=draw_est, set_mass_matrix=set_cross, mass_random_mass_matrix=draw_cross,
         mass_where=mass_where if mass_matched else None,
         mass_source=("held_out" if routing else firing_source) if mass_matched else None,
-        firing_records=_firing_records(loss_fn) if firing_mass is not None and firing_source == "held_out" else None)
+        firing_records=_firing_records(loss_fn) if firing_mass is not None and firing_source == "held_out" else None,
+        set_layer_magnitude=set_mag, mass_random_layer_magnitude=draw_mag)
 
 
 def _firing_records(loss_fn) -> dict[str, int] | None:
@@ -1133,7 +1252,10 @@ def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None 
         pass is the check's baseline); "identification": on the records the sets were
         identified from (`category_mean`), which the sets were chosen for firing often on.
         A `firing_mass` (and `baseline`) in `kw` already measured is taken as it is.
-      **kw: n_random, seed, neighbours, run, expert_mass, baseline, firing_mass (see ablation_matrix).
+        With held-out firing counted here, the units' activation magnitude the same pass
+        measured (`unit_magnitude`) is summed beside it (`AblationResult.magnitude`).
+      **kw: n_random, seed, neighbours, run, expert_mass, baseline, firing_mass, firing_magnitude
+        (see ablation_matrix).
 
     Raises:
       TypeError: a whole ModelAnalysis (which section to ablate is the caller's choice), or
@@ -1154,8 +1276,9 @@ def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None 
     if firing_matched is not None:
         if kw.get("firing_mass") is None and firing_source == "identification":
             kw["firing_mass"] = by_category(ident.category_mean)
-        elif kw.get("firing_mass") is None:  # the baseline pass counts it
+        elif kw.get("firing_mass") is None:  # the baseline pass counts it, and the magnitude beside it
             kw["baseline"], kw["firing_mass"] = baseline_unit_firing(loss_fn)
+            kw.setdefault("firing_magnitude", unit_magnitude(loss_fn))
         kw.update(mass_where=firing_matched, firing_source=firing_source)
     res = ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
                           frequency=ident.unit_frequency(), **kw)

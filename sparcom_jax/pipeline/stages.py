@@ -850,7 +850,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
 
     import numpy as np
 
-    from sparcom_jax.analysis.ablate import (ablate_identification, baseline_expert_mass, baseline_unit_firing,
+    from sparcom_jax.analysis.ablate import (ablate_identification, baseline_expert_mass, baseline_firing_magnitude,
                                              coverage_log_lines, full_layers)
     from sparcom_jax.categories import CATEGORIES, normalize_category
     from sparcom_jax.parallel.processes import check_same
@@ -883,8 +883,13 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             check_same(fp, f"ablate {spec.label}: {kind}: the model files, held-out records or counts",
                        "give every host the same model and data files")
             res = _stored_ablation(f, fp, held_out, overwrite=overwrite)
+            unmeasured = res is not None and _magnitude_unmeasured(res, a)
+            if unmeasured and overwrite:
+                res = None  # (the same passes again, the activation magnitude measured beside the firing)
             if res is not None:
-                log(f"ablate {spec.label}: {kind}: reusing {f} (same settings)")
+                log(f"ablate {spec.label}: {kind}: reusing {f} (same settings"
+                    + ("; made before the activation magnitude was kept: not measured, --overwrite measures it)"
+                       if unmeasured else ")"))
                 written[f"{spec.label}_{kind}"] = str(f)
                 written["_results"][(spec.label, kind)] = res
                 continue
@@ -938,12 +943,15 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
                     # With a mass-matched control the baseline is the pass that measures the masses.
                     shape = np.shape(sets[0])
+                    # (held-out firing: each unit's firing and, behind it, its activation magnitude)
                     base, mass = (_baseline_shared(fn, baseline_expert_mass, shape, "expert mass") if mass_matched
-                                  else _baseline_shared(fn, baseline_unit_firing, shape, "unit firing")
+                                  else _baseline_shared(fn, baseline_firing_magnitude, (2, *shape), "unit firing")
                                   if held_out_firing else (None, None))
+                    masses = ({"firing_mass": {c: m[0] for c, m in mass.items()},
+                               "firing_magnitude": {c: m[1] for c, m in mass.items()}} if held_out_firing
+                              else {"expert_mass": mass})
                     res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
-                                                neighbours=a.neighbours, baseline=base,
-                                                **({"firing_mass": mass} if held_out_firing else {"expert_mass": mass}),
+                                                neighbours=a.neighbours, baseline=base, **masses,
                                                 run=fn.counted(_passes_shared) if firing else _passes_shared,
                                                 firing_matched=firing, firing_source=a.neuron_mass_source)
             for w in coverage_log_lines(res.coverage) + res.matching_warnings():
@@ -953,6 +961,15 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             written["_results"][(spec.label, kind)] = res
         del model
     return written
+
+
+def _magnitude_unmeasured(res, a) -> bool:
+    """Whether a stored neuron (expert-neuron) result lacks the activation magnitude the current
+    settings `a` (`cfg.ablation`) measure beside the held-out firing: made before it was kept.
+    Not in the fingerprint, so such a result is still reused (shown as not measured, never as
+    measured); `--overwrite` recomputes it."""
+    return (res.kind != "experts" and a.neuron_mass_source == "held_out" and res.mass_random_draws is not None
+            and res.mass_random_draws.shape[0] > 0 and res.set_layer_magnitude is None)
 
 
 def _loss_cells(losses) -> list[float]:
@@ -1009,7 +1026,7 @@ def _passes_shared(loss_fn, masks):
 
 
 def _baseline_shared(loss_fn, measure, shape: tuple[int, ...], what: str) -> tuple[dict[str, float], dict[str, Any]]:
-    """`measure(loss_fn)` (`baseline_expert_mass` or `baseline_unit_firing`: the baseline losses
+    """`measure(loss_fn)` (`baseline_expert_mass` or `baseline_firing_magnitude`: the baseline losses
     and each category's masses, float `shape`; `what` they are, for an error) run by process 0
     and given to every process bit for bit, so that every process draws the same mass-matched
     sets; it is the check's baseline too (`ablation_matrix(baseline=)`)."""
@@ -1034,8 +1051,8 @@ def _baseline_shared(loss_fn, measure, shape: tuple[int, ...], what: str) -> tup
 class _Counting:
     """A loss_fn with a progress bar over its calls (each is a pass over the records); it
     passes on the routing masses of the last call (`last_dropped_mass`, `last_category_mass`,
-    `last_expert_mass`) and the units' firing (`last_unit_firing`, and the records it rests on,
-    `firing_records`)."""
+    `last_expert_mass`) and the units' firing (`last_unit_firing`, its activation magnitude
+    `last_unit_magnitude`, and the records it rests on, `firing_records`)."""
 
     def __init__(self, fn, total: int, desc: str):
         self.fn, self.total, self.desc = fn, total, desc
@@ -1067,7 +1084,7 @@ class _Counting:
 
     # What the check reads off the loss_fn after a call, passed on (None where it gives none).
     PASSED_ON = ("last_dropped_mass", "last_category_mass", "last_expert_mass", "last_unit_firing",
-                 "firing_records", "coverage")
+                 "last_unit_magnitude", "firing_records", "coverage")
 
     def __getattr__(self, name):  # (only for names the instance itself lacks)
         if name in _Counting.PASSED_ON:

@@ -241,7 +241,8 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
                 yield matrix_table(f"ablation_{kind}_mass_matched_{k}", mm[k], corner=ABLATION_CORNER)
         yield Table(f"ablation_{kind}_mass_matched", mass_header(d["kind"]), mass_rows(d))
         if mm.get("set_layer_mass") is not None:  # (absent from files of the rule that matched the estimate)
-            yield Table(f"ablation_{kind}_mass_matched_per_layer", MASS_LAYER_HEADER, mass_layer_rows(mm))
+            yield Table(f"ablation_{kind}_mass_matched_per_layer", mass_layer_header(d["kind"]),
+                        mass_layer_rows(mm, d["kind"]))
 
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
@@ -258,12 +259,24 @@ MASS_HEADER = ["category", "set_size", "excess_own", "excess_own_std", "random_g
 
 def mass_header(kind: str) -> list[str]:
     """MASS_HEADER with the draws' size named for the kind ("experts", "neurons", "expert_neurons"),
-    and for the neuron kinds the held-out records the firing was counted on."""
-    return MASS_HEADER[:-1] + [f"random_{kind}_mean"] + ([] if kind == "experts" else ["held_out_firing_records"])
+    and for the neuron kinds the held-out records the firing was counted on and MAGNITUDE_HEADER."""
+    return MASS_HEADER[:-1] + [f"random_{kind}_mean"] + (
+        [] if kind == "experts" else ["held_out_firing_records", *MAGNITUDE_HEADER])
+
+
+# Neuron kinds: the activation magnitude the set and its firing-mass-matched draws carry
+# (`AblationResult.magnitude`; empty where it was not measured).
+MAGNITUDE_HEADER = ["set_magnitude_own_records", "random_magnitude_mean", "magnitude_ratio"]
+MAGNITUDE_KEYS = ("set", "random_mean", "ratio")
 
 
 MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift", "random_mass_mean",
                      "random_error_mean", "random_error_abs_mean"]
+
+
+def mass_layer_header(kind: str) -> list[str]:
+    """MASS_LAYER_HEADER, for the neuron kinds with the set's and the draws' activation magnitude per layer."""
+    return MASS_LAYER_HEADER + ([] if kind == "experts" else ["set_magnitude", "random_magnitude_mean"])
 
 
 def _own(m: list | None, i: int):
@@ -293,7 +306,8 @@ def mass_rows(d: dict) -> list[list]:
     dropped (mean, min, max over draws) and its mean signed and absolute error against the
     set's (None in files made before they were kept); the draws' mean number of experts; for
     neurons and expert neurons, the held-out records the firing was counted on (None with the
-    identification's firing and in files made before it was kept)."""
+    identification's firing and in files made before it was kept) and the activation magnitude the
+    set and its draws carry there, and their ratio (`MAGNITUDE_HEADER`; None where not measured)."""
     mm, rows = d["mass_matched"], []
     for i, c in enumerate(CATEGORIES):
         mass = _column(mm["random_mass"], i)
@@ -303,26 +317,36 @@ def mass_rows(d: dict) -> list[list]:
                      _mean(mass), min(mass, default=None), max(mass, default=None),
                      *((mm.get(f"error_{k}") or {}).get(c) for k in ("mean", "abs_mean")),
                      _mean(_column(mm["random_sizes"], i)),
-                     *([] if d["kind"] == "experts" else [(mm.get("firing_records") or {}).get(c)])])
+                     *([] if d["kind"] == "experts" else [(mm.get("firing_records") or {}).get(c),
+                                                          *(_magnitude(mm, k, c) for k in MAGNITUDE_KEYS)])])
     return rows
 
 
-def mass_layer_rows(mm: dict) -> list[list]:
+def _magnitude(mm: dict, key: str, c: str):
+    """Category c's `key` of the mass-matched control's activation magnitude; None where not measured."""
+    return ((mm.get("magnitude") or {}).get(key) or {}).get(c)
+
+
+def mass_layer_rows(mm: dict, kind: str = "experts") -> list[list]:
     """Per ablated category and layer, from the mass-matched control's dict `mm`: the routing
     mass the set's experts carry on the category's own held-out tokens as the unablated model
     estimates it (`set_layer_estimate`), the mass they dropped in the set's own pass
     (`set_layer_mass`, what the draws match) and the shift, measured minus estimate (None
     where either is None); the mass the mass-matched draws dropped there (measured in their
     passes, mean over draws) and their mean signed and absolute error against the set's (None
-    in files made before they were kept)."""
+    in files made before they were kept); for the neuron kinds (`kind`) the activation magnitude
+    the set and its draws (mean) carry in the layer (None where it was not measured)."""
     est, meas = mm.get("set_layer_estimate") or {}, mm["set_layer_mass"]
     err, abs_err = mm.get("error_layer_mean") or {}, mm.get("error_layer_abs_mean") or {}
+    mag = mm.get("magnitude") or {}
+    draw_mag = mag.get("random_layer") or []
     rows = []
-    for c in CATEGORIES:
+    for i, c in enumerate(CATEGORIES):
         for j, m in enumerate(meas.get(c) or []):
-            e, de, ae = ((v.get(c) or [None] * (j + 1))[j] for v in (est, err, abs_err))
+            e, de, ae, sm = ((v.get(c) or [None] * (j + 1))[j] for v in (est, err, abs_err, mag.get("set_layer") or {}))
             rows.append([c, j, e, m, None if e is None or m is None else m - e,
-                         None if de is None or m is None else m + de, de, ae])
+                         None if de is None or m is None else m + de, de, ae,
+                         *([] if kind == "experts" else [sm, _mean([r[i][j] for r in draw_mag if r[i][j] is not None])])])
     return rows
 
 

@@ -155,6 +155,25 @@ CAPTIONS = {
         "on the held-out records the loss uses: the sets were chosen for firing often there, so on new "
         "records they may fire less than counted, which makes this control harsher than the set by an "
         "amount this run does not measure. "),
+    "ablation_firing_magnitude": (
+        " set_magnitude_own_records is the activation the set's {units} carry on the category's held-out "
+        "records, counted in the same unablated pass as their firing: each unit's activation summed over the "
+        "tokens where it fires (A > 0) in that scope, per token of a record, averaged over the records and "
+        "summed over the set; random_magnitude_mean is the draws' (mean over draws), magnitude_ratio the set's "
+        "over it (per layer in tables/ablation_{kind}_mass_matched_per_layer.csv, set_magnitude and "
+        "random_magnitude_mean). The draws are matched on how often their units fire, not on how strongly: a "
+        "ratio above 1 + {gap:.0%} is flagged under the table, switching the set off then removing more "
+        "activation than switching off the draws, so part of its excess over them can be that magnitude "
+        "rather than what the units are specific to. A ratio near 1 removes that explanation, but does not "
+        "show specificity: what a unit's activation does downstream also depends on its up and down "
+        "projection weights, which this does not measure, and switching it off also removes its negative "
+        "activations (SiLU, GELU) and its activations outside the counted scope (e.g. on the response "
+        "tokens), which are not summed here."),
+    "ablation_firing_no_magnitude": (
+        " The activation magnitude the set and its draws carry was not measured for this result (it is "
+        "counted beside the held-out firing, ablation.neuron_mass_source: held_out; results made before it "
+        "was kept do not have it): whether the set's units fire more strongly than the draws' is not known "
+        "here; sparcom ablate --overwrite measures it."),
     "ablation_firing_where": (
         " Drawn only for the categories whose frequency-matched draws fire on average more than {gap:.0%} "
         "less often than the set (ablation.neuron_mass_matched: where_warned, the categories a matching warning names); "
@@ -459,8 +478,10 @@ def _mass_blocks(kind: str, d: dict) -> list:
         source = (CAPTIONS[f"ablation_firing_{src}"].format(kind=kind, few=MIN_SCORED_RECORDS,
                                                              share=MIN_SCORED_FRACTION)
                   if src in FIRING_SOURCES else "")
+        magnitude = (CAPTIONS["ablation_firing_magnitude"].format(units=word, kind=kind, gap=mm["magnitude"]["gap"])
+                     if mm.get("magnitude") else CAPTIONS["ablation_firing_no_magnitude"])
         text = CAPTIONS["ablation_firing_mass"].format(n=mm["n_random"], tol=tol, kind=kind, units=word,
-                                                       records=records, source=source) + where
+                                                       records=records, source=source) + where + magnitude
     return [TableBlock(f"Ablation ({word}): own-category excess over {mm['n_random']} {title}",
                        mass_header(kind), mass_rows(d)), TextBlock(text)]
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from sparcom_jax.next_token import next_token_loss, target_mask
+from sparcom_jax.stats.counts import Counts
 from sparcom_jax.stats.runner import BatchRunner, position_error
 
 ABLATION_KINDS = ("neurons", "experts", "expert_neurons")
@@ -36,6 +37,9 @@ EXPERT_MODES = ("post", "pre")
 SCORED, FIRING = 1, 2
 # Ablation kind -> the forward's per-sequence count of that kind's units (`neuron_stats`, MoE stats).
 FIRING_FIELDS = {"neurons": "neuron_active", "expert_neurons": "expert_neuron_active"}
+# Ablation kind -> the float32 sum of those units' activation A over the same counted tokens where
+# A > 0 (the forward's `sums`): the activation magnitude their firing carries (`last_unit_magnitude`).
+MAGNITUDE_FIELDS = {k: Counts.SUM_FIELDS[v] for k, v in FIRING_FIELDS.items()}
 
 
 def _loss_step(graphdef, state, ids_BT, valid_BT, code_BT, extra):
@@ -48,14 +52,16 @@ def _loss_step(graphdef, state, ids_BT, valid_BT, code_BT, extra):
     "expert_drop" mask (all False for a baseline), "expert_mass_sum" float32 [B, L, E]: each
     expert's softmax probability in this pass, summed over the scored prediction positions (the
     removed experts' part is the routing mass dropped); with "count", "fired_tokens" int32 [B]
-    (the real tokens the codes mark FIRING, none unless "count" is True) and the counts of
-    `FIRING_FIELDS` the model has on them (int32 [B, L, F], [B, L, E, G]). One program either
+    (the real tokens the codes mark FIRING, none unless "count" is True), the counts of
+    `FIRING_FIELDS` the model has on them (int32 [B, L, F], [B, L, E, G]) and the float32 sums of
+    `MAGNITUDE_FIELDS` beside them (A over the same tokens where A > 0). One program either
     way: "count" is traced, so the ablated passes run the same compilation as the baseline
-    (their counts, all 0, are never fetched; `CategoryLoss`).
+    (their counts and sums, all 0, are never fetched; `CategoryLoss`).
     """
     count = extra.get("count")
     count_BT = None if count is None else ((code_BT & FIRING) > 0) & valid_BT & count
-    out = nnx.merge(graphdef, state).forward(ids_BT, valid_BT, ablate=extra["ablate"], count_mask=count_BT)
+    out = nnx.merge(graphdef, state).forward(ids_BT, valid_BT, ablate=extra["ablate"], count_mask=count_BT,
+                                             sums=count_BT is not None)
     targets_BT = target_mask((code_BT & SCORED) > 0, valid_BT)
     loss_B, n_B = next_token_loss(out.logits, ids_BT, targets_BT)
     res = {"loss_sum": loss_B, "n_targets": n_B}
@@ -65,7 +71,8 @@ def _loss_step(graphdef, state, ids_BT, valid_BT, code_BT, extra):
                                          axis=2)
     if count_BT is not None:
         res["fired_tokens"] = count_BT.sum(-1, dtype=jnp.int32)
-        res.update({k: out.stats[k] for k in FIRING_FIELDS.values() if k in out.stats})
+        res.update({k: out.stats[k] for k in (*FIRING_FIELDS.values(), *MAGNITUDE_FIELDS.values())
+                    if k in out.stats})
     return res
 
 
@@ -138,6 +145,12 @@ class CategoryLoss:
         record with none of those tokens counts 0, as in `Identification.category_mean`)};
         None after any other call. Counted in the unablated pass: the activation of a unit
         before any mask.
+      last_unit_magnitude: after the same baseline call, {category: float64, the same shape: each
+        unit's activation magnitude on the category's records, the sum of its A over the tokens
+        of `firing_scopes` where A > 0 (the tokens `last_unit_firing` counts; summed in float32
+        in-graph) over the record's tokens there, averaged over the category's records like the
+        firing}: the mean positive activation per token, so that a set's sum is the activation
+        its firing carries (`ablation_matrix(firing_magnitude=)`); None after any other call.
       firing_records: with `firing_scopes`, {category: its records with a token in `firing_scopes`}
         (those `last_unit_firing` rests on; the others count 0 in its mean), known from the scopes
         alone, so every process has it without a pass; None without `firing_scopes`.
@@ -162,6 +175,7 @@ class CategoryLoss:
         self.counts_firing = firing_scopes is not None
         self.codes = scope_codes(encoded, firing_scopes, kind)
         self.last_unit_firing: dict[str, np.ndarray] | None = None
+        self.last_unit_magnitude: dict[str, np.ndarray] | None = None
         self.firing_records = None if firing_scopes is None else firing_record_counts(encoded.categories, self.codes)
         self.last_dropped_mass: float | None = None
         self.last_category_mass: dict[str, float] | None = None
@@ -182,11 +196,12 @@ class CategoryLoss:
         if self.counts_firing:
             extra["count"] = jnp.asarray(baseline)
             if baseline:
-                fetch |= {"fired_tokens", FIRING_FIELDS[self.kind]}
+                fetch |= {"fired_tokens", FIRING_FIELDS[self.kind], MAGNITUDE_FIELDS[self.kind]}
         sums: dict[str, float] = collections.defaultdict(float)
         counts: dict[str, int] = collections.defaultdict(int)
         mass: dict[str, np.ndarray] = {}
-        firing = _FiringSums(FIRING_FIELDS.get(self.kind)) if self.counts_firing and baseline else None
+        firing = (_FiringSums((FIRING_FIELDS[self.kind], MAGNITUDE_FIELDS[self.kind]))
+                  if self.counts_firing and baseline else None)
         for idx, res in self.runner.run(self.encoded.ids, self.codes, extra=extra, fetch=fetch):
             for j, (i, s, n) in enumerate(zip(idx, res["loss_sum"], res["n_targets"])):
                 cat = self.encoded.categories[i]
@@ -197,7 +212,7 @@ class CategoryLoss:
                 if firing is not None:
                     firing.add(cat, res, j)
         L = cfg.num_layers
-        self.last_unit_firing = None if firing is None else firing.means()
+        self.last_unit_firing, self.last_unit_magnitude = (None, None) if firing is None else firing.means()
         # Per token and layer, so that a mask's mass is the sum of its experts' entries.
         self.last_expert_mass = {c: m / (counts[c] * L) for c, m in mass.items() if counts[c]} or None
         dropped = self.kind == "experts" and mask is not None and self.last_expert_mass is not None
@@ -211,22 +226,24 @@ class CategoryLoss:
 
 
 class _FiringSums:
-    """Per category, the sum over its records of each unit's firing frequency (its active
-    tokens over the record's counted tokens; 0 for a record with none) and the record count."""
+    """Per category, the sum over its records of each of `fields`' per-token means (the field of
+    the record over its counted tokens: firing frequency, mean positive activation; 0 for a record
+    with none) and the record count."""
 
-    def __init__(self, field: str):
-        self.field = field
-        self.total: dict[str, np.ndarray] = {}
+    def __init__(self, fields: tuple[str, ...]):
+        self.fields = fields
+        self.total: dict[str, list] = {}
         self.records: dict[str, int] = collections.Counter()
 
     def add(self, cat: str, res: dict, j: int) -> None:
-        t = int(res["fired_tokens"][j])
-        freq = np.asarray(res[self.field][j], np.float64) / max(t, 1)  # (all 0 when no token is counted)
-        self.total[cat] = self.total.get(cat, 0.0) + freq
+        t = max(int(res["fired_tokens"][j]), 1)  # (all 0 when no token is counted)
+        per_token = [np.asarray(res[f][j], np.float64) / t for f in self.fields]
+        self.total[cat] = [a + b for a, b in zip(self.total.get(cat, [0.0] * len(self.fields)), per_token)]
         self.records[cat] += 1
 
-    def means(self) -> dict[str, np.ndarray]:
-        return {c: v / self.records[c] for c, v in self.total.items()}
+    def means(self) -> tuple[dict[str, np.ndarray], ...]:
+        """One {category: mean over its records} per field, in `fields` order."""
+        return tuple({c: v[i] / self.records[c] for c, v in self.total.items()} for i in range(len(self.fields)))
 
 
 def firing_record_counts(categories: Sequence[str], codes: Sequence[np.ndarray]) -> dict[str, int]:
