@@ -448,6 +448,17 @@ class AblationSpec:
         which the check runs anyway) or "identification" (the counts the sets were chosen
         from: a set chosen for firing often there may fire less on new records, so its
         draws would be matched to a firing it does not have where the loss is measured).
+      neuron_magnitude_matched: for neurons and expert neurons, beside the firing-mass-matched
+        control (where it runs, with neuron_mass_source: held_out, which measures each unit's
+        activation magnitude in the same unablated pass): n_random random units per category
+        outside the set whose activation magnitude on the category's held-out records sums, per
+        layer, on average to the set's (the same `mass_fill`, each unit valued at its magnitude).
+        "always" (default) for every category that control runs for; "where_warned" only where
+        the set carries more than 1.1 x its firing-mass-matched draws' magnitude (the magnitude
+        warning); "never" leaves it out. Matched on firing, a set of strongly firing units removes
+        more activation than its draws (the fast demo's Llama: 3.3-3.4 x), so that control cannot
+        rule out "the set matters because its units fire strongly"; this one can. It costs
+        n_random passes per category it runs for (docs/analysis.md, "Magnitude-matched control").
     """
 
     enabled: bool = True
@@ -462,6 +473,7 @@ class AblationSpec:
     mass_matched: bool = True
     neuron_mass_matched: Literal["always", "where_warned", "never"] = "always"
     neuron_mass_source: Literal["held_out", "identification"] = "held_out"
+    neuron_magnitude_matched: Literal["always", "where_warned", "never"] = "always"
 
     def __post_init__(self):
         _check_min(self, 0, "n_random")

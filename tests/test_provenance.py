@@ -898,7 +898,9 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     res = stages.ablate_stage(cfg, out, overwrite=True)["_results"][("tuned", "neurons")]
     ident = stages.analyze_all(cfg, out, full=False).models["tuned"]["isn"].ident
     with_set = [a for a, c in enumerate(CATEGORIES) if ident.category_sets[a].any()]
-    assert with_set and len(calls) == 1 + len(with_set) * (1 + 2 * 2)
+    # per category: its set, 2 frequency-matched, 2 firing-mass-matched and 2 magnitude-matched draws
+    # (ablation.neuron_magnitude_matched: always, the default)
+    assert with_set and len(calls) == 1 + len(with_set) * (1 + 3 * 2)
     assert ends == [(len(calls), len(calls))] and scopes == [cfg.data.scope]
     assert calls[0] is None  # the baseline pass first: it counts the firing
     for a in with_set:
@@ -908,11 +910,13 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
         np.testing.assert_allclose(res.magnitude()["set"][a], magnitude[CATEGORIES[a]][s].sum(), rtol=1e-12)
         assert not np.isclose(res.set_category_mass[a], ident.category_mean[a][s].sum())
         assert np.isfinite(res.mass_random_draws[:, a]).all()
-    for m in calls[1:]:  # the mass-matched draws: the last two masks of each category
+    for m in calls[1:]:  # the mass- and magnitude-matched draws: the last four masks of each category
         assert m is not None
-    per_cat = [calls[1 + i * 5:1 + (i + 1) * 5] for i in range(len(with_set))]
+    per_cat = [calls[1 + i * 7:1 + (i + 1) * 7] for i in range(len(with_set))]
     for a, masks in zip(with_set, per_cat):
         assert all(not (m & ident.category_sets[a]).any() for m in masks[3:])
+        np.testing.assert_allclose(res.magnitude_random_layer_magnitude[:, a],
+                                   [(magnitude[CATEGORIES[a]] * m).sum(1) for m in masks[5:]], rtol=1e-12)
     stored = json.loads((out / "ablate" / "tuned_neurons.json").read_text())
     assert stored["mass_matched"]["where"] == "always" and stored["mass_matched"]["mass"] == "firing"
     assert stored["mass_matched"]["source"] == "held_out"

@@ -82,7 +82,9 @@ MAGNITUDE_GAP = 0.1
 # the tokens its firing is counted on, per token of a record, averaged over the category's
 # held-out records, in the unablated pass (`CategoryLoss.last_unit_magnitude`).
 MAGNITUDE_MEASURE = "positive_activation_per_token/held_out_firing_scope"
-# Which categories a neuron check gives firing-mass-matched draws (`ablation_matrix(mass_where=)`).
+# Which categories a neuron check gives firing-mass-matched draws (`ablation_matrix(mass_where=)`), and
+# magnitude-matched ones (`ablation_matrix(magnitude_where=)`: "where_warned" there means the categories whose
+# set carries more than (1 + MAGNITUDE_GAP) x its firing-mass-matched draws' activation magnitude).
 MASS_WHERE = ("always", "where_warned")
 # Where the firing-mass-matched control's masses are counted (`ablate_identification(firing_source=)`):
 # on the held-out records the loss is measured on (in the unablated pass), or the identification's.
@@ -224,6 +226,19 @@ class AblationResult:
         identification's firing, a loss_fn without it, files made before it was kept).
       mass_random_layer_magnitude: float [M, C, L] the same for each firing-mass-matched draw; see
         `magnitude` and `matching_warnings`.
+      magnitude_random_draws: float [N, C, C] loss increases of the magnitude-matched draws (random units
+        outside the set carrying, per layer, on average the set's `set_layer_magnitude`: the same
+        `mass_fill` as the firing-mass-matched draws, each unit valued at its magnitude), or None where
+        that control was not run (also in files made before it existed); NaN rows for categories it
+        did not run for.
+      magnitude_random_sizes: int [N, C] units in each magnitude-matched draw, or None.
+      magnitude_random_layer_magnitude: float [N, C, L] per magnitude-matched draw and layer, the
+        magnitude it carries on a's held-out records (what it was matched on), or None.
+      magnitude_random_layer_firing: float [N, C, L] the same draws' firing mass there (their units'
+        held-out firing summed): matched in magnitude, they fire more often than the set where its
+        units fire strongly (`magnitude_matched`'s `firing_ratio`); or None.
+      magnitude_where: "always" or "where_warned" (only the categories whose set carries more than
+        (1 + MAGNITUDE_GAP) x its firing-mass-matched draws' magnitude); None where not run.
     """
 
     kind: str
@@ -258,6 +273,11 @@ class AblationResult:
     firing_records: dict[str, int] | None = None
     set_layer_magnitude: np.ndarray | None = None
     mass_random_layer_magnitude: np.ndarray | None = None
+    magnitude_random_draws: np.ndarray | None = None
+    magnitude_random_sizes: np.ndarray | None = None
+    magnitude_random_layer_magnitude: np.ndarray | None = None
+    magnitude_random_layer_firing: np.ndarray | None = None
+    magnitude_where: str | None = None
 
     def __repr__(self) -> str:
         own = np.diag(self.excess)
@@ -274,6 +294,9 @@ class AblationResult:
             *([] if self.magnitude() is None else [
                 "  activation magnitude of the set over its firing-mass-matched draws' (mean):",
                 "    " + per_category_text([f"{r:.3g} x" for r in self.magnitude()["ratio"]])]),
+            *([] if self.magnitude_excess is None else [
+                f"  own-category excess beyond the magnitude-matched {self.kind[:-1].replace('_', ' ')} draws:",
+                "    " + per_category_text([f"{e:+.3g}" for e in np.diag(self.magnitude_excess)])]),
             *(f"  warning: {w}" for w in coverage_log_lines(self.coverage) + self.matching_warnings()),
         ])
 
@@ -326,7 +349,8 @@ class AblationResult:
                                  f"(at most {rdm.max():.3g})")
             if why:
                 lines.append(f"{cat}: " + "; ".join(parts) + ": " + "; and ".join(why) + self._mass_outcome(a))
-            lines += self._mass_error_warning(a) + self._firing_records_warning(a) + self._magnitude_warning(a)
+            lines += (self._mass_error_warning(a) + self._firing_records_warning(a) + self._magnitude_warning(a)
+                      + self._magnitude_error_warning(a))
         return lines
 
     def magnitude(self) -> dict[str, np.ndarray] | None:
@@ -355,7 +379,7 @@ class AblationResult:
         """Category `a`'s line when its set carries more than (1 + MAGNITUDE_GAP) x its firing-mass-matched
         draws' mean activation magnitude ([] otherwise, and where it was not measured)."""
         mag = self.magnitude()
-        if mag is None or not self.set_sizes[a] or not mag["ratio"][a] > 1 + MAGNITUDE_GAP:
+        if mag is None or not self.set_sizes[a] or not stronger(mag["set"][a], self.mass_random_layer_magnitude[:, a]):
             return []
         d, units = self.mass_random_layer_magnitude.shape[0], self.kind.replace("_", " ")
         return [f"{CATEGORIES[a]}: its set's {units} carry {mag['set'][a]:.3g} of positive activation per token on "
@@ -363,7 +387,60 @@ class AblationResult:
                 f"({mag['ratio'][a]:.2f} x; more than {round(mag['random_below'][a] * d)} of the {d} draws; "
                 f"tolerance {MAGNITUDE_GAP:.0%}): matched on how often they fire, the set's units fire more "
                 "strongly, so part of its excess over that control can be the removal of more activation, "
-                "not what the units are specific to"]
+                "not what the units are specific to" + self._magnitude_outcome(a)]
+
+    def _magnitude_outcome(self, a: int) -> str:
+        """Where the magnitude-matched control ran for category `a`: what it found, for its warning line."""
+        got = self.magnitude_matched()
+        if got is None or not np.isfinite(got["random_mean"][a]):
+            return ""
+        n, p = self.magnitude_random_draws.shape[0], self.excess_spread(self.magnitude_random_draws)["p_value"][a, a]
+        return (f"; the magnitude-matched control ({n} draws of {got['random_size_mean'][a]:.3g} units outside the "
+                f"set, carrying {got['random_mean'][a]:.3g} of it and firing {got['firing_ratio'][a]:.2f} x "
+                f"as often as the set) gives an own-category excess of {self.magnitude_excess[a, a]:+.3g} "
+                f"(p = {p:.2g})")
+
+    def magnitude_matched(self) -> dict[str, np.ndarray] | None:
+        """How closely the magnitude-matched draws matched their sets, on each category's own held-out records.
+
+        Returns:
+          float [C]: `set` and `random_mean`, the activation magnitude the set and its draws (mean)
+          carry (`set_layer_magnitude` summed over layers); `error_mean` and `error_abs_mean`, a draw's
+          magnitude minus the set's, mean signed and absolute over draws; `set_firing` and
+          `random_firing_mean`, the firing mass they carry there (expected units firing per token);
+          `firing_ratio`, the draws' firing over the set's (above 1: matched in magnitude, the draws
+          fire more often, on weaker units); `random_size_mean`, the draws' units. NaN for a category
+          without draws. None where that control was not run.
+        """
+        if self.magnitude_random_draws is None or self.magnitude_random_layer_magnitude is None:
+            return None
+        s, sf = self.set_layer_magnitude.sum(-1), self.set_layer_mass.sum(-1)
+        r, rf = self.magnitude_random_layer_magnitude.sum(-1), self.magnitude_random_layer_firing.sum(-1)
+        if not r.shape[0]:
+            nan = np.full(C, np.nan)
+            return {"set": s, "random_mean": nan, "error_mean": nan, "error_abs_mean": nan, "set_firing": sf,
+                    "random_firing_mean": nan, "firing_ratio": nan, "random_size_mean": nan}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = rf.mean(0) / sf
+        return {"set": s, "random_mean": r.mean(0), "error_mean": (r - s).mean(0),
+                "error_abs_mean": np.abs(r - s).mean(0), "set_firing": sf, "random_firing_mean": rf.mean(0),
+                "firing_ratio": np.where(sf > 0, ratio, np.nan),
+                "random_size_mean": self.magnitude_random_sizes.mean(0).astype(np.float64)}
+
+    def _magnitude_error_warning(self, a: int) -> list[str]:
+        """Category `a`'s line when its magnitude-matched draws carried on average more than MASS_TOLERANCE
+        of the set's activation magnitude more or less than the set ([] otherwise)."""
+        got = self.magnitude_matched()
+        if got is None or not self.set_sizes[a] or not np.isfinite(got["error_mean"][a]):
+            return []
+        sm, mean = got["set"][a], got["error_mean"][a]
+        if not sm > 0 or abs(mean) <= MASS_TOLERANCE * sm:
+            return []
+        harsh = ("harsher than the set: its excess against them is understated" if mean > 0
+                 else "milder than the set: its excess against them is overstated")
+        return [f"{CATEGORIES[a]}: its magnitude-matched draws carried on average {sm + mean:.3g} of positive "
+                f"activation per token against the set's {sm:.3g} ({mean / sm:+.0%}, mean |error| "
+                f"{got['error_abs_mean'][a]:.3g}; tolerance {MASS_TOLERANCE:.0%}): that control is {harsh}"]
 
     def _firing_records_warning(self, a: int) -> list[str]:
         """Category `a`'s line when the held-out firing its firing-mass-matched draws were matched
@@ -468,6 +545,12 @@ class AblationResult:
         d = self.mass_random_draws
         return None if d is None else self.isn - (d.mean(0) if d.shape[0] else np.nan)
 
+    @property
+    def magnitude_excess(self) -> np.ndarray | None:
+        """float [C, C] loss increase beyond the magnitude-matched control (mean over its draws), or None."""
+        d = self.magnitude_random_draws
+        return None if d is None else self.isn - (d.mean(0) if d.shape[0] else np.nan)
+
     def excess_spread(self, draws: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Spread of the per-draw excess isn - random_draws[d] over the D draws (or over
         the float [D, C, C] `draws` given, e.g. `mass_random_draws`).
@@ -529,20 +612,17 @@ class AblationResult:
             "coverage": self.coverage,
             "coverage_warnings": coverage_warnings(self.coverage),
             "mass_matched": self._mass_dict(),
+            "magnitude_matched": self._magnitude_matched_dict(),
         })
 
     def _mass_dict(self) -> dict | None:
         """The mass-matched control's part of to_dict(), or None when it was not run."""
         if self.mass_random_draws is None:
             return None
-        spread = self.excess_spread(self.mass_random_draws)
         d = self.mass_random_draws
-        return {"n_random": int(d.shape[0]), "where": self.mass_where,
+        return {**self._control_dict(d, self.mass_where),
                 "mass": "routing" if self.kind == "experts" else "firing", "source": self.mass_source,
-                "random": d.mean(0) if d.shape[0] else np.full((C, C), np.nan),
-                "excess": self.mass_excess, "excess_std": spread["std"],
-                "random_ge_fraction": spread["random_ge_fraction"], "p_value": spread["p_value"],
-                "random_draws": d, "set_mass": by_category(self.set_category_mass),
+                "set_mass": by_category(self.set_category_mass),
                 "random_mass": self.mass_random_mass, "random_sizes": self.mass_random_sizes,
                 **{f"set_layer_{k}": None if v is None else by_category(v)
                    for k, v in (("mass", self.set_layer_mass), ("estimate", self.set_layer_estimate))},
@@ -556,6 +636,28 @@ class AblationResult:
                 **{f"error_{k}": None if v is None else by_category(v)
                    for k, v in self.mass_errors().items()}, "error_tolerance": MASS_TOLERANCE,
                 "firing_records": self.firing_records, "magnitude": self._magnitude_dict()}
+
+    def _control_dict(self, d: np.ndarray, where: str | None) -> dict:
+        """A control's draws `d` (float [M, C, C]) as to_dict() keeps them: their number, the categories
+        they were drawn for (`where`), their mean, the excess over it with its spread and p-value."""
+        spread = self.excess_spread(d)
+        return {"n_random": int(d.shape[0]), "where": where,
+                "random": d.mean(0) if d.shape[0] else np.full((C, C), np.nan),
+                "excess": self.isn - (d.mean(0) if d.shape[0] else np.nan), "excess_std": spread["std"],
+                "excess_percentiles": {str(q): spread[f"p{q}"] for q in EXCESS_PERCENTILES},
+                "random_ge_fraction": spread["random_ge_fraction"], "p_value": spread["p_value"], "random_draws": d}
+
+    def _magnitude_matched_dict(self) -> dict | None:
+        """The magnitude-matched control's part of to_dict(); None where it was not run (so a file without
+        it says so, `from_dict`)."""
+        got = self.magnitude_matched()
+        if got is None:
+            return None
+        return {**self._control_dict(self.magnitude_random_draws, self.magnitude_where), "measure": MAGNITUDE_MEASURE,
+                **{k: by_category(v) for k, v in got.items()}, "error_tolerance": MASS_TOLERANCE,
+                "random_sizes": self.magnitude_random_sizes,
+                "random_layer_magnitude": self.magnitude_random_layer_magnitude,
+                "random_layer_firing": self.magnitude_random_layer_firing}
 
     def _magnitude_dict(self) -> dict | None:
         """The activation magnitude's part of the mass-matched control's dict; None where it was not
@@ -602,6 +704,13 @@ class AblationResult:
             mass_source=mm.get("source", "identification" if mm.get("mass") == "firing" else "held_out"),
             mass_random_mass_matrix=per_draw(mm.get("random_mass_matrix"), C, C),
             firing_records=mm.get("firing_records"))  # (absent from files made before it was kept)
+        mg = d.get("magnitude_matched")  # (None: not run, also in files made before it existed)
+        if mg is not None:
+            mass.update(magnitude_random_draws=per_draw(mg["random_draws"], C, C), magnitude_where=mg["where"],
+                        magnitude_random_sizes=arr(mg["random_sizes"], np.int64) if mg["random_sizes"]
+                        else np.zeros((0, C), np.int64),
+                        **{f"magnitude_random_layer_{k}": per_draw(mg[f"random_layer_{k}"], C, 0)
+                           for k in ("magnitude", "firing")})
         return cls(kind=d["kind"], baseline=d["baseline"], isn=arr(d["isn"]), random=arr(d["random"]),
                    random_draws=draws, set_sizes=per_cat("set_sizes", np.int64),
                    n_random=d["n_random"], seed=d["seed"],
@@ -758,6 +867,16 @@ def fires_less(set_frequency: float, random_frequency: np.ndarray) -> bool:
     rf = np.asarray(random_frequency, np.float64)
     return bool(np.isfinite(set_frequency) and rf.size and np.isfinite(rf).all()
                 and rf.mean() < (1 - FREQUENCY_GAP) * set_frequency)
+
+
+def stronger(set_magnitude: float, random_magnitude: np.ndarray) -> bool:
+    """Whether a set's activation magnitude is above (1 + MAGNITUDE_GAP) x its firing-mass-matched draws'
+    mean (float [D], or [D, L] per layer, summed): the magnitude warning's test, and the categories
+    `magnitude_where="where_warned"` draws magnitude-matched sets for."""
+    r = np.asarray(random_magnitude, np.float64)
+    r = r.reshape(r.shape[0], -1).sum(1) if r.ndim > 1 else r
+    return bool(np.isfinite(set_magnitude) and r.size and np.isfinite(r).all()
+                and set_magnitude > (1 + MAGNITUDE_GAP) * r.mean())
 
 
 def _check_firing_mass(firing_mass: Mapping[str, np.ndarray], shape: tuple[int, ...], name: str = "firing_mass",
@@ -992,6 +1111,7 @@ def ablation_matrix(
     mass_where: str = "always",
     firing_source: str | None = None,
     firing_magnitude: Mapping[str, np.ndarray] | None = None,
+    magnitude_where: str | None = None,
 ) -> AblationResult:
     """Loss increase of every category when each category's set is switched off.
 
@@ -1050,6 +1170,13 @@ def ablation_matrix(
         each set and each firing-mass-matched draw, per layer (`set_layer_magnitude`,
         `mass_random_layer_magnitude`). A diagnostic, not a matching: the draws stay matched on
         firing. None: not measured.
+      magnitude_where: with `firing_magnitude`, also `n_random` magnitude-matched sets per category
+        where the firing-mass-matched control runs (`mass_matched_random` valued at each unit's
+        magnitude, on their own random stream `[seed, 3]`: the other draws stay the same): random
+        units outside the set carrying, per layer, on average the set's activation magnitude
+        (within one unit in each draw). "always" (every such category) or "where_warned" (those whose
+        set carries more than (1 + MAGNITUDE_GAP) x its firing-mass-matched draws' mean, `stronger`,
+        known before any pass); None: not drawn. They run in the same round as the others.
 
     Returns:
       An AblationResult. Random sets are always drawn outside the tested set
@@ -1066,6 +1193,9 @@ def ablation_matrix(
         raise ValueError("firing_mass matches neurons' firing; experts take expert_mass (routing mass)")
     if firing_magnitude is not None and firing_mass is None:
         raise ValueError("firing_magnitude is measured beside the firing-mass-matched control: give firing_mass too")
+    if magnitude_where not in (None, *MASS_WHERE) or (magnitude_where is not None and firing_magnitude is None):
+        raise ValueError(f"magnitude_where must be one of {MASS_WHERE} (or None), and needs firing_magnitude (each "
+                         f"unit's activation magnitude, CategoryLoss.last_unit_magnitude); got {magnitude_where!r}")
     routing = expert_mass is not None  # measured in the passes (firing mass: from the counts)
     if firing_source not in (None, *FIRING_SOURCES):
         raise ValueError(f"firing_source must be one of {FIRING_SOURCES} (or None), got {firing_source!r}")
@@ -1110,6 +1240,12 @@ def ablation_matrix(
         set_cross, draw_cross = np.full((C, C), np.nan), np.full((n_random, C, C), np.nan)
     set_mag = None if firing_magnitude is None else np.full((C, n_layers), np.nan)
     draw_mag = None if firing_magnitude is None else np.full((n_random, C, n_layers), np.nan)
+    # The magnitude-matched draws: losses, units, and per layer the magnitude and firing they carry.
+    mag_draws = None if magnitude_where is None else np.full((n_random, C, C), np.nan)
+    mag_sizes = None if magnitude_where is None else np.zeros((n_random, C), np.int64)
+    mag_layer = None if magnitude_where is None else np.full((n_random, C, n_layers), np.nan)
+    mag_firing = None if magnitude_where is None else np.full((n_random, C, n_layers), np.nan)
+    mag_rng = np.random.default_rng([seed, 3])  # (its own stream: the other draws stay the seed's)
     # Its own stream too: the frequency-matched draws stay the seed's with or without it.
     mass_rng = np.random.default_rng([seed, 2])
     firing_mass = None if firing_mass is None else {normalize_category(k): np.asarray(v, np.float64)
@@ -1136,6 +1272,8 @@ def ablation_matrix(
                 draw_layer[:, a] = draw_est[:, a] = set_cross[a] = draw_cross[:, a] = 0.0
             if set_mag is not None:
                 set_mag[a] = draw_mag[:, a] = 0.0
+            if mag_draws is not None:
+                mag_draws[:, a] = mag_layer[:, a] = mag_firing[:, a] = 0.0
             continue
         masks.append(mask)
         slots.append((a, "set", 0))
@@ -1169,6 +1307,16 @@ def ablation_matrix(
             mass_sizes[d, a], mass_mass[d, a], draw_est[d, a] = rmask.sum(), draw_cross[d, a, a], draw_layer[d, a]
             masks.append(rmask)
             slots.append((a, "mass", d))
+        if magnitude is None or magnitude_where is None or (
+                magnitude_where == "where_warned" and not stronger(set_mag[a].sum(), draw_mag[:, a])):
+            continue
+        # Matched on how strongly the units fire, by the same fill valued at each unit's magnitude.
+        for d in range(n_random):
+            rmask = mass_matched_random(mask, magnitude, mag_rng)
+            mag_layer[d, a], mag_firing[d, a] = mask_layer_mass(magnitude, rmask), mask_layer_mass(firing_mass[cat], rmask)
+            mag_sizes[d, a] = rmask.sum()
+            masks.append(rmask)
+            slots.append((a, "magnitude", d))
     results = run(loss_fn, masks)
     if baseline is None:
         (baseline, *_), *results = results
@@ -1203,6 +1351,8 @@ def ablation_matrix(
                 set_mass[a], set_cross[a] = own, on_tokens
         elif which == "random":
             draws[d, a], rdropped[d, a] = _row(losses, baseline), mass
+        elif which == "magnitude":
+            mag_draws[d, a] = _row(losses, baseline)
         else:
             mass_draws[d, a] = _row(losses, baseline)
             if routing:
@@ -1225,7 +1375,9 @@ def ablation_matrix(
         mass_where=mass_where if mass_matched else None,
         mass_source=("held_out" if routing else firing_source) if mass_matched else None,
         firing_records=_firing_records(loss_fn) if firing_mass is not None and firing_source == "held_out" else None,
-        set_layer_magnitude=set_mag, mass_random_layer_magnitude=draw_mag)
+        set_layer_magnitude=set_mag, mass_random_layer_magnitude=draw_mag, magnitude_random_draws=mag_draws,
+        magnitude_random_sizes=mag_sizes, magnitude_random_layer_magnitude=mag_layer,
+        magnitude_random_layer_firing=mag_firing, magnitude_where=magnitude_where)
 
 
 def _firing_records(loss_fn) -> dict[str, int] | None:
@@ -1235,7 +1387,8 @@ def _firing_records(loss_fn) -> dict[str, int] | None:
 
 
 def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None = None,
-                          firing_source: str = "held_out", **kw) -> AblationResult:
+                          firing_source: str = "held_out", magnitude_matched: str | None = None,
+                          **kw) -> AblationResult:
     """ablation_matrix on an identification's category sets, random sets matched on the
     units' mean frequency over all instructions (kind from the count field).
 
@@ -1254,6 +1407,8 @@ def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None 
         A `firing_mass` (and `baseline`) in `kw` already measured is taken as it is.
         With held-out firing counted here, the units' activation magnitude the same pass
         measured (`unit_magnitude`) is summed beside it (`AblationResult.magnitude`).
+      magnitude_matched: with `firing_matched` and held-out firing: "always" or "where_warned" adds the
+        magnitude-matched control (the `magnitude_where` of ablation_matrix); None: not drawn.
       **kw: n_random, seed, neighbours, run, expert_mass, baseline, firing_mass, firing_magnitude
         (see ablation_matrix).
 
@@ -1280,6 +1435,14 @@ def ablate_identification(ident, loss_fn: LossFn, *, firing_matched: str | None 
             kw["baseline"], kw["firing_mass"] = baseline_unit_firing(loss_fn)
             kw.setdefault("firing_magnitude", unit_magnitude(loss_fn))
         kw.update(mass_where=firing_matched, firing_source=firing_source)
+        if magnitude_matched is not None:
+            if kw.get("firing_magnitude") is None:
+                raise ValueError("magnitude_matched needs each unit's activation magnitude, measured beside the "
+                                 "held-out firing (firing_source='held_out', a loss_fn reporting "
+                                 "last_unit_magnitude, or firing_magnitude given)")
+            kw["magnitude_where"] = magnitude_matched
+    elif magnitude_matched is not None:
+        raise ValueError("magnitude_matched runs beside the firing-mass-matched control: give firing_matched too")
     res = ablation_matrix(ident.sets(), loss_fn, kind=FIELD_KIND[ident.field],
                           frequency=ident.unit_frequency(), **kw)
     if firing_matched is not None and firing_source == "held_out":

@@ -814,6 +814,21 @@ MASS_RULE = "measured_set_mass/unbiased_fill"
 # of `ablation.neuron_mass_source`: {source}_firing, so that results of one source are never served
 # for the other (those made before the source was chosen counted the identification's).
 NEURON_MASS_RULE = "{source}_firing/unbiased_fill"
+# The neurons' (and expert neurons') magnitude-matched control, in their fingerprint with the categories
+# it runs for (`ablation.neuron_magnitude_matched`), where it can run (`magnitude_control`): absent
+# otherwise, so results made before it existed (or without it) match only settings that do not ask for it.
+MAGNITUDE_RULE = "held_out_positive_activation/unbiased_fill"
+
+
+def magnitude_control(a, kind: str) -> str | None:
+    """Which categories the magnitude-matched control runs for under `a` (`cfg.ablation`) for `kind`:
+    "always" or "where_warned"; None where it does not run: experts, no draws, "never", or without the
+    held-out firing-mass-matched control (the unablated pass that counts that firing measures the
+    magnitude beside it)."""
+    if (kind == "experts" or not a.n_random or a.neuron_magnitude_matched == "never"
+            or a.neuron_mass_matched == "never" or a.neuron_mass_source != "held_out"):
+        return None
+    return a.neuron_magnitude_matched
 
 
 def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: str, counts_fp) -> dict[str, Any]:
@@ -829,7 +844,9 @@ def ablation_fingerprint(cfg: ExperimentConfig, spec: ModelSpec, records, kind: 
                          # neurons: absent when "never" (results made before it existed were made so)
                          **({"mass_matched": NEURON_MASS_RULE.format(source=a.neuron_mass_source)
                              + f"/{a.neuron_mass_matched}"}
-                            if kind != "experts" and a.neuron_mass_matched != "never" else {})},
+                            if kind != "experts" and a.neuron_mass_matched != "never" else {}),
+                         **({"magnitude_matched": f"{MAGNITUDE_RULE}/{m}"}
+                            if (m := magnitude_control(a, kind)) else {})},
             # The text and category of each record, not only its id: the loss is measured on them.
             "records": digest([[r.id, r.category, r.instruction, r.input, r.output] for r in records]),
             "template": template_for(spec, cfg),
@@ -919,15 +936,25 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
             firing = (a.neuron_mass_matched if kind != "experts" and a.n_random > 0
                       and a.neuron_mass_matched != "never" else None)
             held_out_firing = firing is not None and a.neuron_mass_source == "held_out"
+            magnitude = magnitude_control(a, kind)
+            if magnitude is None and kind != "experts" and a.n_random and a.neuron_magnitude_matched != "never":
+                log(f"ablate {spec.label}: {kind}: no magnitude-matched control (ablation.neuron_magnitude_matched: "
+                    f"{a.neuron_magnitude_matched}): it needs the firing-mass-matched control on the held-out "
+                    "records, which measures each unit's magnitude (ablation.neuron_mass_matched: always or "
+                    "where_warned, ablation.neuron_mass_source: held_out)")
             # The baseline, then per category with a set: the set and its draws; the mass-matched
             # draws only where the category has scored held-out tokens (else no mass to match).
             scored = {normalize_category(c) for c, v in response_coverage(held_enc).items() if v["response_tokens"]}
             with_set = {c for i, c in enumerate(CATEGORIES) if sets[i].any()}
             firing_draws = a.n_random * len(with_set) if firing == "always" else 0  # (where_warned: known once drawn)
             total = 1 + len(with_set) * (1 + a.n_random) + (a.n_random * len(scored & with_set) if mass_matched else 0)
-            total += firing_draws
+            # (magnitude-matched draws beside the firing-matched ones: where_warned is known once drawn)
+            magnitude_draws = firing_draws if magnitude == "always" else 0
+            total += firing_draws + magnitude_draws
             more = (f", and {a.n_random} more per category whose frequency-matched draws fire less than its set"
-                    if firing == "where_warned" else "")
+                    if firing == "where_warned" else "") + (
+                f", and {a.n_random} more per category whose set carries more activation than its firing-matched "
+                "draws" if magnitude == "where_warned" else "")
             with timed(f"ablate {spec.label}: {kind} ({total} passes over {len(records)} held-out records{more})"):
                 # The collection's bucket lengths: the same padded shapes, fewer compilations.
                 # (the tokenizer: for the firing's content tokens, found in `held_enc`'s sequences)
@@ -937,7 +964,7 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                                        encoded=held_enc, firing_scope=cfg.data.scope if held_out_firing else None)
                 # Each call numbers its passes from 0 (process k runs k, k+P, ...); the mass pass is process 0's.
                 measured = mass_matched or held_out_firing  # (the baseline pass first: it measures the masses)
-                first = len(with_set) * (1 + a.n_random) + (0 if measured else 1) + firing_draws
+                first = len(with_set) * (1 + a.n_random) + (0 if measured else 1) + firing_draws + magnitude_draws
                 rounds = [1, first, total - 1 - first] if mass_matched else [1, first] if measured else [first]
                 mine = sum(len(range(jax.process_index(), r, jax.process_count())) for r in rounds)
                 with _Counting(loss_fn, mine, f"ablate {kind}") as fn:
@@ -953,7 +980,8 @@ def ablate_stage(cfg: ExperimentConfig, out: Path, *, analyses: Analyses | None 
                     res = ablate_identification(ma[section].ident, fn, n_random=a.n_random, seed=cfg.seed,
                                                 neighbours=a.neighbours, baseline=base, **masses,
                                                 run=fn.counted(_passes_shared) if firing else _passes_shared,
-                                                firing_matched=firing, firing_source=a.neuron_mass_source)
+                                                firing_matched=firing, firing_source=a.neuron_mass_source,
+                                                magnitude_matched=magnitude)
             for w in coverage_log_lines(res.coverage) + res.matching_warnings():
                 log(f"ablate {spec.label}: {kind}: warning: {w}")
             written[f"{spec.label}_{kind}"] = _shared_json(f, {**res.to_dict(), "fingerprint": fp,
