@@ -1168,7 +1168,8 @@ def test_ablate_stage_switches_off_each_models_own_sets_on_the_held_out_records(
         expected = []
         ablate_identification(models[name]["isn"].ident, recorder(expected, models[name]["isn"].ident.unit_shape),
                               n_random=2, seed=3, neighbours=3,
-                              firing_matched="always")  # (ablation.neuron_mass_matched's default)
+                              firing_matched="always",  # (ablation.neuron_mass_matched's default)
+                              magnitude_matched="always")  # (and ablation.neuron_magnitude_matched's)
         assert masks[0] is None and len(masks) == len(expected) > 3
         assert all(np.array_equal(m, e) for m, e in zip(masks[1:], expected[1:]))
     # the two models' sets differ, so a swap would show
