@@ -937,6 +937,41 @@ def test_the_ablate_stage_runs_the_neurons_firing_mass_control(done, tmp_path, m
     assert len(calls) == 2 * n
     with pytest.raises(StaleResultError, match="neuron_mass_matched|mass_matched"):
         run_stage("ablate", exp("ablation.neuron_mass_matched=never", "ablation.n_random=2"), out)
+    # A result without the magnitude-matched draws is not served to settings that ask for them.
+    without = exp("ablation.neuron_magnitude_matched=never", "ablation.n_random=2")
+    with pytest.raises(StaleResultError, match="magnitude_matched"):
+        run_stage("ablate", without, out)
+    n = len(calls)
+    assert stages.ablate_stage(without, out, overwrite=True)["_results"][("tuned", "neurons")].magnitude_matched() is None
+    assert len(calls) == n + 1 + len(with_set) * (1 + 2 * 2)  # (no magnitude-matched passes)
+    with pytest.raises(StaleResultError, match="magnitude_matched"):
+        run_stage("ablate", cfg, out)
+
+
+def test_the_magnitude_matched_control_is_fingerprinted_where_it_runs():
+    """`ablation.neuron_magnitude_matched`: each mode its own fingerprint for neurons and expert neurons;
+    absent where the control does not run ("never", no firing-mass-matched control on the held-out
+    records, no draws), so results made before it existed match those settings; experts unaffected."""
+    from sparcom_jax.data import load_instructions
+    from sparcom_jax.pipeline.stages import MAGNITUDE_RULE, _as_compared, ablation_fingerprint
+
+    recs = load_instructions(n_per_category=1)
+    assert exp().ablation.neuron_magnitude_matched == "always"
+
+    def fp(kind, *over):
+        c = exp(*over)
+        return _as_compared(ablation_fingerprint(c, c.finetuned, recs, kind, {}))["ablation"]
+
+    for kind in ("neurons", "expert_neurons"):
+        got = {m: fp(kind, f"ablation.neuron_magnitude_matched={m}") for m in ("always", "where_warned", "never")}
+        assert got["always"]["magnitude_matched"] == f"{MAGNITUDE_RULE}/always"
+        assert got["where_warned"]["magnitude_matched"] == f"{MAGNITUDE_RULE}/where_warned"
+        assert "magnitude_matched" not in got["never"]
+        assert {k: v for k, v in got["always"].items() if k != "magnitude_matched"} == got["never"]
+        for off in ("ablation.neuron_mass_matched=never", "ablation.neuron_mass_source=identification",
+                    "ablation.n_random=0"):
+            assert "magnitude_matched" not in fp(kind, off), off
+    assert fp("experts") == fp("experts", "ablation.neuron_magnitude_matched=never")
 
 
 def test_an_edited_records_file_is_read_again_in_the_same_process(tmp_path):

@@ -243,6 +243,12 @@ def ablation_tables(kind: str, d: dict) -> Iterator[Table]:
         if mm.get("set_layer_mass") is not None:  # (absent from files of the rule that matched the estimate)
             yield Table(f"ablation_{kind}_mass_matched_per_layer", mass_layer_header(d["kind"]),
                         mass_layer_rows(mm, d["kind"]))
+    mg = d.get("magnitude_matched")  # neurons: the magnitude-matched control, where it ran
+    if mg:
+        for k in ("excess", "p_value"):
+            yield matrix_table(f"ablation_{kind}_magnitude_matched_{k}", mg[k], corner=ABLATION_CORNER)
+        yield Table(f"ablation_{kind}_magnitude_matched", magnitude_matched_header(d["kind"]),
+                    magnitude_matched_rows(d))
 
 
 ABLATION_HEADER = ["category", "baseline_loss", "set_size", "excess_own", "excess_own_std",
@@ -268,6 +274,41 @@ def mass_header(kind: str) -> list[str]:
 # (`AblationResult.magnitude`; empty where it was not measured).
 MAGNITUDE_HEADER = ["set_magnitude_own_records", "random_magnitude_mean", "magnitude_ratio"]
 MAGNITUDE_KEYS = ("set", "random_mean", "ratio")
+
+
+# Neuron kinds: the magnitude-matched control (`AblationResult.magnitude_matched`), after the CONTROL_HEADER
+# columns: the magnitude the set and its draws carry, the draws' error, and the firing they carry with it.
+MAGNITUDE_MATCHED_HEADER = ["set_magnitude_own_records", "random_magnitude_mean", "random_magnitude_error_mean",
+                            "random_magnitude_error_abs_mean", "set_firing_own_records", "random_firing_mean",
+                            "random_firing_ratio"]
+MAGNITUDE_MATCHED_KEYS = ("set", "random_mean", "error_mean", "error_abs_mean", "set_firing", "random_firing_mean",
+                          "firing_ratio")
+# A control's own-category columns (its dict's [C][C] entries on the diagonal).
+CONTROL_HEADER = ["excess_own", "excess_own_std", "random_ge_fraction_own", "p_own"]
+CONTROL_KEYS = ("excess", "excess_std", "random_ge_fraction", "p_value")
+
+
+def magnitude_matched_header(kind: str) -> list[str]:
+    """The magnitude-matched control's table header for a neuron kind ("neurons", "expert_neurons")."""
+    return ["category", "set_size", *CONTROL_HEADER, *MAGNITUDE_MATCHED_HEADER, f"random_{kind}_mean"]
+
+
+def magnitude_matched_rows(d: dict) -> list[list]:
+    """Per ablated category, the magnitude-matched control (`d["magnitude_matched"]`): the own-category
+    excess, its spread, the share of draws as harmful and p; the activation magnitude the set and its
+    draws (mean) carry on the category's held-out records, a draw's error against the set's (mean signed
+    and absolute); the firing mass they carry there and the draws' over the set's; the draws' mean size.
+    Empty cells where it did not run for the category."""
+    mg = d["magnitude_matched"]
+    return [[c, d["set_sizes"][c], *_control_cells(mg, i),
+             *((mg.get(k) or {}).get(c) for k in MAGNITUDE_MATCHED_KEYS),
+             _mean(_column(mg["random_sizes"], i)) if _own(mg["p_value"], i) is not None else None]
+            for i, c in enumerate(CATEGORIES)]
+
+
+def _control_cells(ctrl: dict, i: int) -> list:
+    """Category i's own-category cells of a control's dict (CONTROL_KEYS)."""
+    return [_own(ctrl[k], i) for k in CONTROL_KEYS]
 
 
 MASS_LAYER_HEADER = ["category", "layer", "set_mass_estimate", "set_mass_measured", "shift", "random_mass_mean",
@@ -311,8 +352,7 @@ def mass_rows(d: dict) -> list[list]:
     mm, rows = d["mass_matched"], []
     for i, c in enumerate(CATEGORIES):
         mass = _column(mm["random_mass"], i)
-        rows.append([c, d["set_sizes"][c], *(_own(mm[k], i) for k in ("excess", "excess_std", "random_ge_fraction",
-                                                                        "p_value")),
+        rows.append([c, d["set_sizes"][c], *_control_cells(mm, i),
                      mm["set_mass"].get(c), _total((mm.get("set_layer_estimate") or {}).get(c)),
                      _mean(mass), min(mass, default=None), max(mass, default=None),
                      *((mm.get(f"error_{k}") or {}).get(c) for k in ("mean", "abs_mean")),

@@ -18,8 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sparcom_jax.analysis.ablate import (FIRING_SOURCES, FREQUENCY_GAP, MASS_TOLERANCE, MIN_SCORED_FRACTION,
-                                         MIN_SCORED_RECORDS)
+from sparcom_jax.analysis.ablate import (FIRING_SOURCES, FREQUENCY_GAP, MAGNITUDE_GAP, MASS_TOLERANCE,
+                                         MIN_SCORED_FRACTION, MIN_SCORED_RECORDS)
 from sparcom_jax.analysis.compare import SET_KEYS
 from sparcom_jax.analysis.study import ModelAnalysis
 from sparcom_jax.analysis.uncertainty import one_unit_note
@@ -30,7 +30,8 @@ from sparcom_jax.report.html import FigureBlock, TableBlock, TextBlock, render_h
 from sparcom_jax.report.io import atomic_write, write_csv, write_json
 from sparcom_jax.report.tables import (
     ABLATION_CORNER, ABLATION_HEADER, DOMINANCE_HEADER, LENGTH_HEADER, TOP_HEADER, ablation_rows, all_tables,
-    boot_values, dominance_rows, interval, length_rows, mass_header, mass_rows, matrix_table, precision_table,
+    boot_values, dominance_rows, interval, length_rows, magnitude_matched_header, magnitude_matched_rows, mass_header,
+    mass_rows, matrix_table, precision_table,
     measured_comparison, safe_name, top_instruction_rows, unmeasured, unmeasured_compared,
 )
 
@@ -174,6 +175,28 @@ CAPTIONS = {
         "counted beside the held-out firing, ablation.neuron_mass_source: held_out; results made before it "
         "was kept do not have it): whether the set's units fire more strongly than the draws' is not known "
         "here; sparcom ablate --overwrite measures it."),
+    "ablation_magnitude_matched": (
+        "Magnitude-matched control ({n} draws per category; the table above): random {units} outside the set, "
+        "filled in each layer by the same rule as the firing-mass-matched draws but each unit valued at its "
+        "activation magnitude on the category's held-out records (its positive activation per token, counted in "
+        "the unablated pass beside its firing), so the draws carry on average the set's magnitude, "
+        "set_magnitude_own_records against random_magnitude_mean (a draw's error, mean signed and absolute, "
+        "beyond {tol:.0%} of the set's is flagged under the table). It shows whether removing the set hurts its "
+        "category more than removing as much activation elsewhere in the same layers, which answers the "
+        "objection that the set matters because its units fire strongly; it cannot show that the excess is "
+        "specific to the category, nor match how often the units fire: matched in magnitude, the draws fire "
+        "random_firing_ratio times as often as the set (random_firing_mean against set_firing_own_records; "
+        "above 1, more, weaker units), so a set that beats both this control and the firing-mass-matched one "
+        "hurts more than removing as much firing and as much activation, each alone; the up and down "
+        "projection weights that carry a unit's activation downstream, and its negative activations, are "
+        "still not matched.{where}"),
+    "ablation_magnitude_where": (
+        " Drawn only for the categories whose set carries more than 1 + {gap:.0%} times its firing-mass-matched "
+        "draws' magnitude (ablation.neuron_magnitude_matched: where_warned); the other rows are empty."),
+    "ablation_no_magnitude_matched": (
+        " No magnitude-matched control was run for this result (ablation.neuron_magnitude_matched: never, "
+        "no held-out firing to measure the magnitude beside, or a result made before it existed): whether the "
+        "set hurts more than removing as much activation is not tested here."),
     "ablation_firing_where": (
         " Drawn only for the categories whose frequency-matched draws fire on average more than {gap:.0%} "
         "less often than the set (ablation.neuron_mass_matched: where_warned, the categories a matching warning names); "
@@ -482,8 +505,23 @@ def _mass_blocks(kind: str, d: dict) -> list:
                      if mm.get("magnitude") else CAPTIONS["ablation_firing_no_magnitude"])
         text = CAPTIONS["ablation_firing_mass"].format(n=mm["n_random"], tol=tol, kind=kind, units=word,
                                                        records=records, source=source) + where + magnitude
-    return [TableBlock(f"Ablation ({word}): own-category excess over {mm['n_random']} {title}",
-                       mass_header(kind), mass_rows(d)), TextBlock(text)]
+    blocks = [TableBlock(f"Ablation ({word}): own-category excess over {mm['n_random']} {title}",
+                         mass_header(kind), mass_rows(d)), TextBlock(text)]
+    return blocks + ([] if kind == "experts" else _magnitude_matched_blocks(kind, d))
+
+
+def _magnitude_matched_blocks(kind: str, d: dict) -> list:
+    """The magnitude-matched control's table and caption (neuron kinds), or the line saying it was not run."""
+    mg, word = d.get("magnitude_matched"), kind.replace("_", " ")
+    if not mg:
+        return [TextBlock(CAPTIONS["ablation_no_magnitude_matched"].strip())]
+    where = (CAPTIONS["ablation_magnitude_where"].format(gap=MAGNITUDE_GAP) if mg.get("where") == "where_warned"
+             else "")
+    return [TableBlock(f"Ablation ({word}): own-category excess over {mg['n_random']} magnitude-matched random "
+                       "draws and the activation and firing they carry", magnitude_matched_header(kind),
+                       magnitude_matched_rows(d)),
+            TextBlock(CAPTIONS["ablation_magnitude_matched"].format(n=mg["n_random"], units=word, where=where,
+                                                                     tol=mg.get("error_tolerance") or MASS_TOLERANCE))]
 
 
 def _matching_text(d: dict) -> str:
