@@ -22,6 +22,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -299,21 +300,39 @@ def _start_jax() -> None:
         ensure_compilation_cache()
 
 
-# The Ctrl-Cs `_resend_dropped_ctrl_c` sends again, while they wait.
-_resent: list[threading.Timer] = []
+class _CtrlCResender:
+    """Sends a dropped Ctrl-C again from a thread of its own, 10 ms after it was dropped (sent from
+    the callback that dropped it, it would land in that callback again). The thread is started
+    with the command, before any callback runs: the hook (`hook`) only puts a note in a queue,
+    one call into C, where a second Ctrl-C cannot interrupt it. A hook that started a timer
+    thread itself waited for that thread to start, and on a loaded machine the timer's own
+    Ctrl-C landed in that wait, inside the hook, and was dropped for good (the command exited 0)."""
 
+    def __init__(self, previous):
+        import queue
 
-def _resend_dropped_ctrl_c(previous):
-    """A `sys.unraisablehook` that sends a dropped Ctrl-C again, 10 ms later, from a timer thread
-    (sent from here, it would land in the same callback); other exceptions go to `previous`."""
-    def hook(unraisable):
+        self.previous, self.notes = previous, queue.SimpleQueue()
+        self.lock, self.active = threading.Lock(), True
+        self.thread = threading.Thread(target=self._run, name="sparcom-ctrl-c", daemon=True)
+        self.thread.start()
+
+    def hook(self, unraisable) -> None:
         if unraisable.exc_type is not KeyboardInterrupt:
-            return previous(unraisable)
-        timer = threading.Timer(0.01, _thread.interrupt_main, (signal.SIGINT,))
-        timer.daemon = True
-        timer.start()
-        _resent.append(timer)
-    return hook
+            return self.previous(unraisable)
+        self.notes.put(True)
+
+    def _run(self) -> None:
+        while self.notes.get():
+            time.sleep(0.01)
+            with self.lock:
+                if self.active:
+                    _thread.interrupt_main(signal.SIGINT)
+
+    def close(self) -> None:
+        """No Ctrl-C is sent after this (one dropped in the command's last 10 ms: it has finished)."""
+        with self.lock:
+            self.active = False
+        self.notes.put(False)
 
 
 @contextlib.contextmanager
@@ -327,13 +346,13 @@ def _ctrl_c_never_dropped():
         yield
         return
     previous = sys.unraisablehook
-    sys.unraisablehook = _resend_dropped_ctrl_c(previous)
+    resender = _CtrlCResender(previous)
+    sys.unraisablehook = resender.hook
     try:
         yield
     finally:
         sys.unraisablehook = previous
-        while _resent:  # a Ctrl-C within the command's last 10 ms: it has finished
-            _resent.pop().cancel()
+        resender.close()
 
 
 COMMANDS = {"demo": cmd_demo, "selfcheck": cmd_selfcheck, **{s: cmd_stage for s in STAGE_HELP}}

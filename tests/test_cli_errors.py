@@ -52,8 +52,9 @@ def _ctrl_c_in_a_finalizer():
     Thing()
 
 
+@pytest.mark.parametrize("loaded", [False, True], ids=["", "threads_slow_to_start"])
 @pytest.mark.parametrize("where", [_ctrl_c_in_a_gc_callback, _ctrl_c_in_a_weakref_callback, _ctrl_c_in_a_finalizer])
-def test_ctrl_c_where_python_drops_exceptions_still_stops_the_command(where, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_where_python_drops_exceptions_still_stops_the_command(where, loaded, tmp_path, capsys, monkeypatch):
     # jax runs a Python callback at every garbage collection (jax._src.lib._xla_gc_callback), and
     # collections run weakref callbacks and __del__ methods. A Ctrl-C landing in one raised
     # KeyboardInterrupt there, where Python prints "Exception ignored" and drops it: a fine-tuning
@@ -71,6 +72,16 @@ def test_ctrl_c_where_python_drops_exceptions_still_stops_the_command(where, tmp
         return {}
 
     monkeypatch.setattr(pipeline, "run_stage", stage)
+    if loaded:  # a busy machine: a started thread runs for a while before its starter wakes up
+        import threading
+
+        start = threading.Thread.start
+
+        def slow_start(self):
+            start(self)
+            time.sleep(0.05)  # (the resent Ctrl-C, 10 ms after, landed here: in the hook, dropped)
+
+        monkeypatch.setattr(threading.Thread, "start", slow_start)
     old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     hook = sys.unraisablehook
     try:
