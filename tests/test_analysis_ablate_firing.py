@@ -162,6 +162,9 @@ def test_bad_firing_mass_is_refused_by_name():
         ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass={**fm, "math": -fm["math"]})
     with pytest.raises(ValueError, match="mass_where must be one of"):
         ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass=fm, mass_where="sometimes")
+    with pytest.raises(ValueError, match=r"^firing_source must be one of \('held_out', 'identification'\) \(or None\), "
+                                         r"got 'held-out'$"):
+        ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass=fm, firing_source="held-out")
 
 
 def test_the_report_shows_the_firing_mass_control(tmp_path):
@@ -304,6 +307,8 @@ def test_a_held_out_firing_source_needs_a_loss_that_counts_it_and_old_files_say_
         ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always")
     with pytest.raises(ValueError, match="firing_source must be one of"):
         ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_matched="always", firing_source="test")
+    with pytest.raises(ValueError, match="firing_source must be one of"):  # (refused without the control too)
+        ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_source="test")
     r = ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always",
                               firing_source="identification")
     d = json.loads(json.dumps(r.to_dict()))
