@@ -603,6 +603,16 @@ def test_the_statistics_caption_names_the_runs_and_their_commits_once(tmp_path):
     assert seed_sweep.load_sweep(out)["stats"] == _stats_rows((0, 1))
 
 
+def test_a_value_or_interval_bound_of_exactly_0_keeps_no_sign_claim():
+    def row(v):
+        return {"value": v, "low": v, "high": v, "p": None}
+
+    for claim in (">0", "<0", "ci>0", "ci<0"):
+        assert seed_sweep.keeps(claim, row(0.0), 0.05) is False, claim
+    assert seed_sweep.keeps(">0", row(1e-9), 0.05) and seed_sweep.keeps("<0", row(-1e-9), 0.05)
+    assert seed_sweep.keeps("ci>0", row(1e-9), 0.05) and seed_sweep.keeps("ci<0", row(-1e-9), 0.05)
+
+
 def test_a_seed_with_a_value_but_nothing_to_judge_its_claim_by_is_not_counted():
     rows = _stats_rows((0, 1))
     next(r for r in rows if r["seed"] == 1 and r["stat"] == "phases")["p"] = None  # (an explained share, no p)
