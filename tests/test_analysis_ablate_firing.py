@@ -393,6 +393,11 @@ def test_few_held_out_firing_records_are_warned_about_exactly_below_the_coverage
         k, m, _ = cases[w.split(":")[0]]
         assert f"rests on {k} of its {m} held-out records" in w
         assert "target is noisy" in w and "data.split" in w and "ablation.max_records" in w
+        # the records left out are named only where the share is under the threshold (not for few alone)
+        low = k < MIN_SCORED_FRACTION * m
+        assert ("; the others have no token in the scope the sets were identified on (data.scope) and count 0"
+                in w) == low, w
+    assert {k < MIN_SCORED_FRACTION * m for k, m, warned in cases.values() if warned} == {True, False}
     assert lines == [w for w in r.to_dict()["matching_warnings"] if "held-out firing" in w]
     # Without the loss's coverage, only the count is checked.
     r = held_out_result({c: k for c, (k, _, _) in cases.items()})
