@@ -162,6 +162,9 @@ def test_bad_firing_mass_is_refused_by_name():
         ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass={**fm, "math": -fm["math"]})
     with pytest.raises(ValueError, match="mass_where must be one of"):
         ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass=fm, mass_where="sometimes")
+    with pytest.raises(ValueError, match=r"^firing_source must be one of \('held_out', 'identification'\) \(or None\), "
+                                         r"got 'held-out'$"):
+        ablation_matrix(sets, FiringModel(fm), n_random=1, firing_mass=fm, firing_source="held-out")
 
 
 def test_the_report_shows_the_firing_mass_control(tmp_path):
@@ -304,6 +307,8 @@ def test_a_held_out_firing_source_needs_a_loss_that_counts_it_and_old_files_say_
         ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always")
     with pytest.raises(ValueError, match="firing_source must be one of"):
         ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_matched="always", firing_source="test")
+    with pytest.raises(ValueError, match="firing_source must be one of"):  # (refused without the control too)
+        ablate_identification(ident, HeldOutFiring(held), n_random=2, firing_source="test")
     r = ablate_identification(ident, FiringModel(held), n_random=2, firing_matched="always",
                               firing_source="identification")
     d = json.loads(json.dumps(r.to_dict()))
@@ -388,6 +393,11 @@ def test_few_held_out_firing_records_are_warned_about_exactly_below_the_coverage
         k, m, _ = cases[w.split(":")[0]]
         assert f"rests on {k} of its {m} held-out records" in w
         assert "target is noisy" in w and "data.split" in w and "ablation.max_records" in w
+        # the records left out are named only where the share is under the threshold (not for few alone)
+        low = k < MIN_SCORED_FRACTION * m
+        assert ("; the others have no token in the scope the sets were identified on (data.scope) and count 0"
+                in w) == low, w
+    assert {k < MIN_SCORED_FRACTION * m for k, m, warned in cases.values() if warned} == {True, False}
     assert lines == [w for w in r.to_dict()["matching_warnings"] if "held-out firing" in w]
     # Without the loss's coverage, only the count is checked.
     r = held_out_result({c: k for c, (k, _, _) in cases.items()})

@@ -178,6 +178,40 @@ def test_a_file_that_only_closing_completes_takes_the_normal_exit(tmp_path):
     assert_nothing_written_was_lost(seen)
 
 
+def config_error_exit(tmp_path: Path, setup: str, restore: str = "") -> dict:
+    """CONSOLE_SCRIPT's marks after `sparcom run` of a config with an unknown key (status 2, one line)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nidentfy: {eps: 0.1}\n")
+    r, seen = console(tmp_path, "run", "--config", str(bad), setup=setup, restore=restore)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    return seen
+
+
+def test_a_file_open_for_reading_or_that_cannot_say_keeps_the_fast_exit(tmp_path):
+    # Only a file open for writing can hold what closing writes: a gzip file left open for reading,
+    # or a file object whose writable() fails, is no reason for the slower normal exit.
+    setup = ("import gzip\nwith gzip.open(marks / 'read.gz', 'wt') as f:\n    f.write('read back')\n"
+             "reading = gzip.open(marks / 'read.gz', 'rt')\nassert reading.read() == 'read back'\n"
+             "class Unsure(io.IOBase):\n    def writable(self):\n        raise OSError('cannot tell')\n"
+             "unsure = Unsure()")
+    seen = config_error_exit(tmp_path, setup)
+    assert seen["thread.txt"] == "finished" and "finalized.txt" not in seen  # it left at once
+    assert_nothing_written_was_lost(seen)
+
+
+def test_the_normal_exit_a_file_left_to_closing_asks_for_gets_jax_clean_up_back(tmp_path):
+    # The fast exit takes jax's atexit clean-up off the list before it runs the others (which it
+    # empties); when a file sends the command to the normal exit after all, the clean-up is put back
+    # for that exit to run, the one function left on the list when `main` returns.
+    setup = ("import gzip, jax\njax.devices()\nzipped = gzip.open(marks / 'zipped.gz', 'wt')\n"
+             "zipped.write('written into a gzip file')")
+    restore = "(marks / 'left.txt').write_text(str(atexit._ncallbacks()))"  # (the fast exit's run emptied it)
+    seen = config_error_exit(tmp_path, setup, restore)
+    assert seen["finalized.txt"] == "the interpreter's shutdown ran"
+    assert json.loads(seen["atexit.json"]) == {"jax_imported": True, "backends_left": True}  # (before it)
+    assert seen["left.txt"] == "1"  # jax's clean-up, put back
+
+
 @pytest.mark.slow  # a tiny `sparcom run` (finetune with async checkpoints, collect, ..., report): ~40 s on 2 cores
 def test_every_output_of_a_run_that_left_at_once_reads_back_whole(tmp_path):
     # The command waits for its checkpoint writes, closes its orbax managers and count stores and

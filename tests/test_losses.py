@@ -387,7 +387,7 @@ def test_firing_records_count_the_records_with_a_counted_token_and_the_rest_coun
     assert sorted(by_hand.values()) == [1, 2, 2]
     model = sj.load_model(hf_checkpoint("llama"))
     loss = CategoryLoss(model, enc, kind="neurons", batch_size=3, firing_scopes=fire)
-    assert loss.firing_records == by_hand  # (before any pass)
+    assert loss.firing_records == by_hand and loss.last_unit_firing is None  # (before any pass)
     assert CategoryLoss(model, enc, kind="neurons", batch_size=3).firing_records is None
     loss(None)
     assert loss.firing_records == by_hand
@@ -400,6 +400,27 @@ def test_firing_records_count_the_records_with_a_counted_token_and_the_rest_coun
     c = enc.categories[3]
     assert alone.firing_records == {c: 1}
     np.testing.assert_allclose(loss.last_unit_firing[c] * 3, alone.last_unit_firing[c], rtol=1e-12)
+
+
+def test_scope_codes_mark_both_scopes_and_refuse_firing_scopes_that_do_not_fit():
+    """One code per token: SCORED on the response, FIRING on the firing scope (both where they
+    overlap); firing scopes one short, of another length, or for experts are refused, not cut."""
+    from sparcom_jax.stats.losses import FIRING, SCORED, scope_codes
+
+    enc = encoded_set()
+    fire = [np.ones_like(sc) if i % 2 else ~sc for i, sc in enumerate(enc.scopes)]
+    codes = scope_codes(enc, fire, "neurons")
+    assert len(codes) == len(enc.ids)
+    for c, sc, f in zip(codes, enc.scopes, fire, strict=True):
+        np.testing.assert_array_equal(c, sc * SCORED + f * FIRING)
+    assert all(np.array_equal(c, sc * SCORED) for c, sc in zip(scope_codes(enc, None, "experts"), enc.scopes))
+    with pytest.raises(ValueError, match=r"^firing_scopes has 7 masks for 8 sequences$"):
+        scope_codes(enc, fire[:-1], "neurons")
+    short = [*fire[:2], fire[2][:-1], *fire[3:]]
+    with pytest.raises(ValueError, match=rf"^firing_scopes\[2\] has shape \({len(fire[2]) - 1},\), its sequence "):
+        scope_codes(enc, short, "expert_neurons")
+    with pytest.raises(ValueError, match="kind 'experts' has none"):
+        scope_codes(enc, fire, "experts")
 
 
 def test_the_firing_count_and_the_ablated_passes_share_one_compiled_program(hf_checkpoint):
@@ -433,6 +454,54 @@ def test_held_out_firing_scopes_follow_the_prompt_length_and_content_matches_a_f
         assert all(np.array_equal(a, b) for a, b in zip(got, ref.scopes, strict=True)), scope
     with pytest.raises(ValueError, match="firing scope 'prompts'"):
         held_out_firing_scopes(enc, "prompts")
+
+
+@pytest.mark.filterwarnings("ignore::sparcom_jax.data.DataWarning")  # (the mismatched encodings are cut too)
+def test_content_firing_scopes_of_other_records_than_the_scored_ones_are_refused():
+    """"content" encodes the records again: one record of another sequence (not all of them), or a
+    record fewer, would count firing on tokens the scored sequences do not have."""
+    import dataclasses
+    import warnings
+
+    from sparcom_jax.data import DataWarning, load_instructions, resolve_tokenizer
+    from sparcom_jax.stats.losses import encode_held_out, held_out_firing_scopes
+
+    recs = load_instructions(n_per_category=2, seed=0)
+    tok = resolve_tokenizer()
+    with pytest.warns(DataWarning, match="^truncated "):
+        enc = encode_held_out(recs, tok, max_length=64)
+    with warnings.catch_warnings():  # the cut records were reported once, when `enc` was made
+        warnings.simplefilter("error", DataWarning)
+        held_out_firing_scopes(enc, "content", recs, tok, max_length=64)
+    one_other = [*recs[:-1], dataclasses.replace(recs[-1], instruction=recs[-1].instruction + " Briefly.")]
+    with pytest.raises(ValueError, match="^the held-out records' content tokens come from other sequences than the "
+                                         "scored ones: encode both with the same records"):
+        held_out_firing_scopes(enc, "content", one_other, tok, max_length=64)
+    with pytest.raises(ValueError, match="longer than"):  # (zip's strict check: no scope list one sequence short)
+        held_out_firing_scopes(enc, "content", recs[:-1], tok, max_length=64)
+
+
+def test_a_loss_fn_on_a_given_encoding_counts_firing_on_the_scope_asked_for_and_none_without_one():
+    """The pipeline passes its fingerprinted encoding: "content" encodes the records again with the
+    tokenizer (the other scopes read the prompt lengths); no firing scope, or experts, count none."""
+    from sparcom_jax.data import as_records, encode_records, resolve_tokenizer
+    from sparcom_jax.stats.losses import FIRING, encode_held_out, make_loss_fn
+
+    model, recs = cut_records()
+    tok = resolve_tokenizer(model)
+    enc = encode_held_out(recs, tok, max_length=None)
+    content = list(encode_records(as_records(recs), tok, scope="content", max_length=None).scopes)
+    prompt = [np.arange(len(ids)) < n for ids, n in zip(enc.ids, enc.prompt_lens)]
+    assert not all(np.array_equal(a, b) for a, b in zip(content, prompt))  # (the test tells them apart)
+    for scope, want in (("content", content), ("prompt", prompt)):
+        fn = make_loss_fn(model, recs, tok, encoded=enc, firing_scope=scope, max_length=None)
+        assert fn.encoded is enc
+        got = [(c & FIRING) > 0 for c in fn.codes]
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), scope
+        assert fn.firing_records == {"classification": 1, "math": 2}
+    for kw in ({"firing_scope": None}, {"kind": "experts", "firing_scope": "prompt"}):
+        fn = make_loss_fn(model, recs, tok, encoded=enc, max_length=None, **kw)
+        assert fn.firing_records is None and not any((c & FIRING).any() for c in fn.codes), kw
 
 
 def test_held_out_records_without_a_response_are_refused_or_warned_about():

@@ -546,6 +546,17 @@ def test_the_holm_tests_are_counted_with_what_chance_gives():
     assert "`per_category_dominance` 6 of 12 tests [≤ 0.6], in 2 of 2 seeds [≤ 0.1]" in line
 
 
+def test_a_holm_statistic_no_seed_tested_is_left_out_of_the_count_and_none_gives_no_line():
+    rows = [r for r in _stats_rows((0, 1)) if r["stat"] != "length_matched_per_category"]
+    line = next(ln for ln in seed_sweep.stats_table(rows, alpha=0.05) if ln.startswith("Per-category tests passing"))
+    assert "length_matched" not in line and "(p ≤ 0.05, Holm-adjusted over a seed's 6 categories)" in line
+    assert "`per_category_dominance` 6 of 12 tests [≤ 0.6], in 2 of 2 seeds [≤ 0.1]" in line
+    assert "`between_groups_per_category` 8 of 12 tests [≤ 0.6], in 2 of 2 seeds [≤ 0.1]" in line
+    rows = [r for r in rows if r["stat"] not in seed_sweep.HOLM]
+    assert seed_sweep.holm_lines(rows, 0.05) == []
+    assert not any(ln.startswith("Per-category tests passing") for ln in seed_sweep.stats_table(rows, alpha=0.05))
+
+
 # --------------------------------------------------------------------------- #
 # --runs: edges of reading a saved sweep's runs (written against hand-made mutants of
 # read_run / stats_from_runs / stats_table that the tests above let through)
@@ -590,6 +601,16 @@ def test_the_statistics_caption_names_the_runs_and_their_commits_once(tmp_path):
     text = page.read_text()
     assert f"read from each seed's report/summary.json ({work}/seed<s>, runs at 0123456); code abc1234." in text
     assert seed_sweep.load_sweep(out)["stats"] == _stats_rows((0, 1))
+
+
+def test_a_value_or_interval_bound_of_exactly_0_keeps_no_sign_claim():
+    def row(v):
+        return {"value": v, "low": v, "high": v, "p": None}
+
+    for claim in (">0", "<0", "ci>0", "ci<0"):
+        assert seed_sweep.keeps(claim, row(0.0), 0.05) is False, claim
+    assert seed_sweep.keeps(">0", row(1e-9), 0.05) and seed_sweep.keeps("<0", row(-1e-9), 0.05)
+    assert seed_sweep.keeps("ci>0", row(1e-9), 0.05) and seed_sweep.keeps("ci<0", row(-1e-9), 0.05)
 
 
 def test_a_seed_with_a_value_but_nothing_to_judge_its_claim_by_is_not_counted():
