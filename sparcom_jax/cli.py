@@ -463,8 +463,9 @@ def _leave(status: int, wait_for_threads: Callable[[], None], run_exitfuncs: Cal
     130, where a given-up write must not hold the exit), every `atexit` function runs (logging's
     shutdown flushes and closes every log handler, temporary directories are removed) but jax's, and
     files left open are flushed (`_flush_open_files`). A file that only closing completes (a gzip
-    file's end) is left to the interpreter's shutdown, which closes it: then this returns and the
-    command takes the normal exit. The command itself has waited for its checkpoint writes, closed
+    file's end) is left to the interpreter's shutdown: then this returns and the command takes the
+    normal exit, which may close it (not always: once jax's backends are up, a plain script's gzip
+    file left open lost its end-of-stream marker at the normal exit too). The command itself has waited for its checkpoint writes, closed
     its orbax managers and count stores and renamed its outputs into place. jax's clean-up clears
     the backends, which the process leaving frees anyway, and shuts jax.distributed down, which a
     single process (the only one here: `_leave_at_once` and `main`) has not started."""
