@@ -542,13 +542,16 @@ class AblationResult:
     @property
     def mass_excess(self) -> np.ndarray | None:
         """float [C, C] loss increase beyond the mass-matched control (mean over its draws), or None."""
-        d = self.mass_random_draws
-        return None if d is None else self.isn - (d.mean(0) if d.shape[0] else np.nan)
+        return self._excess_over(self.mass_random_draws)
 
     @property
     def magnitude_excess(self) -> np.ndarray | None:
         """float [C, C] loss increase beyond the magnitude-matched control (mean over its draws), or None."""
-        d = self.magnitude_random_draws
+        return self._excess_over(self.magnitude_random_draws)
+
+    def _excess_over(self, d: np.ndarray | None) -> np.ndarray | None:
+        """float [C, C] `isn` minus the mean of a control's draws `d` (float [M, C, C]; NaN without
+        draws), or None where that control was not run."""
         return None if d is None else self.isn - (d.mean(0) if d.shape[0] else np.nan)
 
     def excess_spread(self, draws: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -643,7 +646,7 @@ class AblationResult:
         spread = self.excess_spread(d)
         return {"n_random": int(d.shape[0]), "where": where,
                 "random": d.mean(0) if d.shape[0] else np.full((C, C), np.nan),
-                "excess": self.isn - (d.mean(0) if d.shape[0] else np.nan), "excess_std": spread["std"],
+                "excess": self._excess_over(d), "excess_std": spread["std"],
                 "excess_percentiles": {str(q): spread[f"p{q}"] for q in EXCESS_PERCENTILES},
                 "random_ge_fraction": spread["random_ge_fraction"], "p_value": spread["p_value"], "random_draws": d}
 
