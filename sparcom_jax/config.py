@@ -716,15 +716,13 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
 def _key_text(k: Any, key: str, src: str) -> str:
     """A mapping's key as the text it names: YAML reads an unquoted 0 or 2.0 as a number (here "0",
     "2", as a data file's number label is read), and unquoted yes/no/on/off/true/false, null and
-    dates as no text at all (refused with the fix: `str` gave "True", which no file's label is)."""
-    if isinstance(k, str):
-        return k
-    if isinstance(k, int) and not isinstance(k, bool):
-        return str(k)
-    if isinstance(k, float) and k.is_integer():
-        return str(int(k))
-    if isinstance(k, float):
-        return str(k)
+    dates as no text at all (refused with the fix: `str` gave "True", which no file's label is).
+    The same reading as a data file's cells (`sparcom_jax.data.records._as_text`)."""
+    from sparcom_jax.data.records import _as_text
+
+    text = _as_text(k)
+    if text is not None:
+        return text
     raise ConfigError(f"{src}: {key}: the key {k!r} ({type(k).__name__}) is not text: YAML reads unquoted "
                       "yes/no/on/off/true/false, null and dates as such; quote it as the data writes it "
                       "(e.g. 'yes': code, not yes: code)")
