@@ -521,7 +521,15 @@ def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: floa
     """`group_keys(records, "near", threshold)` from the records' `group_key`s `keys`."""
     _check_threshold(threshold)
     links = _near_links_once(records, keys, threshold)[0]
-    parent = list(range(len(records)))
+    first: dict[tuple[str, str], int] = {}
+    same_text = [(first.setdefault((r.category, k), i), i) for i, (r, k) in enumerate(zip(records, keys))]
+    return [keys[r] for r in _joined(len(records), [*same_text, *links.tolist()])]
+
+
+def _joined(n: int, pairs) -> list[int]:
+    """Union-find over items 0..n-1 joined by `pairs` (and chains of them): each item's set, named
+    by its earliest item."""
+    parent = list(range(n))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -529,12 +537,10 @@ def _near_groups(records: Sequence[Record], keys: Sequence[str], threshold: floa
             i = parent[i]
         return i
 
-    first: dict[tuple[str, str], int] = {}
-    same_text = [(first.setdefault((r.category, k), i), i) for i, (r, k) in enumerate(zip(records, keys))]
-    for i, j in [*same_text, *links.tolist()]:
+    for i, j in pairs:
         a, b = root(i), root(j)
-        parent[max(a, b)] = min(a, b)  # the root stays the earliest record of its group
-    return [keys[root(i)] for i in range(len(records))]
+        parent[max(a, b)] = min(a, b)  # the root stays the earliest item of its set
+    return [root(i) for i in range(n)]
 
 
 def group_ids(records: Sequence[Record], by: GroupBy = "text", threshold: float = NEAR_THRESHOLD) -> list[str]:
@@ -594,20 +600,14 @@ def _linked_groups(records: Sequence[Record], keys: Sequence[str]) -> dict[tuple
         at = by_text.setdefault(group_key(r), [])
         if g not in at:
             at.append(g)
-    parent: dict[tuple[str, str], tuple[str, str]] = {}
-
-    def root(g):
-        while parent.setdefault(g, g) != g:
-            g = parent[g]
-        return g
-
+    index: dict[tuple[str, str], int] = {}  # the groups on a text of several categories, numbered
+    pairs = []
     for at in by_text.values():
         if len({c for c, _ in at}) > 1:
-            for g in at[1:]:
-                a, b = root(at[0]), root(g)
-                if a != b:
-                    parent[b] = a
-    return {g: root(g) for g in parent}
+            ids = [index.setdefault(g, len(index)) for g in at]
+            pairs += [(ids[0], i) for i in ids[1:]]
+    groups = list(index)
+    return {g: groups[r] for g, r in zip(groups, _joined(len(groups), pairs))}
 
 
 def split_records(records: Sequence[Record], fractions: Mapping[str, float], seed: int = 0,
